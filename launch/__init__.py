@@ -1,0 +1,1 @@
+"""Training program and process management for the two-tower AlexNet."""

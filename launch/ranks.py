@@ -1,0 +1,156 @@
+"""Starting, watching and stopping the ranks of one run.
+
+``run_ranks`` spawns one process per rank on this machine, rendezvouses them
+through a TCPStore that the parent owns on the loopback address, and watches
+them: when one rank fails (an exception, a signal, the out-of-memory killer)
+the others are stopped, and the caller gets a :class:`RankFailure` naming the
+rank and the cause. Nothing is left running, and nothing waits forever: every
+process group has a collective timeout, and the whole run a deadline if given.
+Tests use the same helper as the launcher.
+"""
+
+import datetime
+import os
+import queue as queue_module
+import signal
+import time
+import traceback
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+LOOPBACK = "127.0.0.1"
+DEFAULT_COLLECTIVE_TIMEOUT_S = 300.0
+_GRACE_S = 5.0  # how long the other ranks get to stop by themselves once one has failed
+
+
+class RankFailure(RuntimeError):
+    """One or more ranks of a run failed; ``failures`` maps rank -> cause."""
+
+    def __init__(self, failures: dict, first: int):
+        self.failures, self.first = failures, first
+        lines = [f"rank {first} failed: {failures[first]}"]
+        lines += [f"rank {r} then stopped: {why}" for r, why in sorted(failures.items()) if r != first]
+        super().__init__("\n".join(lines))
+
+
+def init_process_group(backend: str, rank: int, world_size: int, timeout_s: float, store=None) -> None:
+    """Joins the default process group; with no ``store`` the torchrun environment (env://) is used."""
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
+    if store is None:
+        dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout)
+    else:
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
+
+
+def _describe_exit(exitcode: int) -> str:
+    if exitcode < 0:
+        name = signal.Signals(-exitcode).name
+        hint = " (the out-of-memory killer sends this)" if name == "SIGKILL" else ""
+        return f"killed by {name}{hint}"
+    return f"exited with code {exitcode} without reporting an error"
+
+
+def _rank_main(rank, world_size, port, backend, collective_timeout_s, threads, fn, args, results):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                      MASTER_ADDR=LOOPBACK, MASTER_PORT=str(port))
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        store = dist.TCPStore(LOOPBACK, port, world_size, is_master=False,
+                              timeout=datetime.timedelta(seconds=collective_timeout_s))
+        init_process_group(backend, rank, world_size, collective_timeout_s, store=store)
+        value = fn(rank, *args)
+    except KeyboardInterrupt:
+        results.put((rank, "error", "interrupted"))
+        raise SystemExit(130)
+    except BaseException as exc:  # reported to the parent, which decides what the run's error is
+        detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+        results.put((rank, "error", detail, traceback.format_exc()))
+        raise SystemExit(1)
+    results.put((rank, "ok", value))
+    # Leave the group only on success; a failed peer would make this block.
+    dist.destroy_process_group()
+
+
+def _stop(procs, grace_s: float) -> None:
+    deadline = time.monotonic() + grace_s
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+    for p in procs:
+        if p.is_alive():
+            p.terminate()
+    for p in procs:
+        p.join(2.0)
+        if p.is_alive():
+            p.kill()
+            p.join()
+
+
+def run_ranks(fn: Callable, args: Sequence = (), world_size: int = 2, backend: str = "gloo",
+              timeout_s: Optional[float] = None, collective_timeout_s: float = DEFAULT_COLLECTIVE_TIMEOUT_S,
+              threads_per_rank: Optional[int] = None, on_start: Optional[Callable] = None) -> list:
+    """Runs ``fn(rank, *args)`` in ``world_size`` fresh processes joined in one process
+    group; returns the ranks' return values in rank order.
+
+    ``fn`` and ``args`` must be picklable (a module-level function). ``timeout_s``
+    bounds the whole run; ``collective_timeout_s`` bounds any one collective.
+    ``on_start(processes)`` is called once all ranks have started.
+    Raises :class:`RankFailure` if any rank fails, after stopping the others.
+    """
+    if threads_per_rank is None and backend == "gloo":
+        threads_per_rank = max(1, (os.cpu_count() or 1) // world_size)
+    store = dist.TCPStore(LOOPBACK, 0, world_size, is_master=True, wait_for_workers=False,
+                          timeout=datetime.timedelta(seconds=collective_timeout_s))
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_rank_main, name=f"rank{rank}", daemon=True,
+                         args=(rank, world_size, store.port, backend, collective_timeout_s, threads_per_rank, fn, args, results))
+             for rank in range(world_size)]
+    for p in procs:
+        p.start()
+    if on_start is not None:
+        on_start(procs)
+    values, failures, first = {}, {}, None
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    failed_at = None
+    try:
+        while len(values) < world_size:
+            try:
+                message = results.get(timeout=0.1)
+            except queue_module.Empty:
+                message = None
+            if message is not None:
+                rank, status = message[0], message[1]
+                if status == "ok":
+                    values[rank] = message[2]
+                else:
+                    failures.setdefault(rank, message[2])
+                    first = rank if first is None else first
+                    failed_at = failed_at or time.monotonic()
+            for rank, p in enumerate(procs):
+                if rank not in values and rank not in failures and p.exitcode is not None and results.empty():
+                    failures[rank] = _describe_exit(p.exitcode)
+                    # A rank that died without a word is the cause; the others' errors follow from it.
+                    first = rank if first is None or p.exitcode < 0 else first
+                    failed_at = failed_at or time.monotonic()
+            now = time.monotonic()
+            if failed_at is not None and (now - failed_at > _GRACE_S or len(values) + len(failures) == world_size):
+                break
+            if deadline is not None and now > deadline:
+                for rank in range(world_size):
+                    if rank not in values:
+                        failures.setdefault(rank, f"still running after the run's time limit of {timeout_s:.0f} s")
+                first = first if first is not None else min(failures)
+                break
+    except KeyboardInterrupt:
+        _stop(procs, grace_s=_GRACE_S)
+        raise
+    _stop(procs, grace_s=0.0 if failures else _GRACE_S)
+    if failures:
+        raise RankFailure(failures, first)
+    return [values[rank] for rank in range(world_size)]

@@ -1,0 +1,146 @@
+"""The two towers compute the reference's function: logits, loss, every gradient,
+the weights after SGD steps, and exactly the expected traffic between them.
+
+Each case runs two real processes over gloo. Inside each rank the reference is
+built from the same seed, so both sides start from identical weights and see
+identical inputs; the rank returns error magnitudes and the parent asserts.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from launch.ranks import run_ranks
+from towers import Tower, build_reference, shard_state_dict, unshard_state_dicts
+
+SEED, BATCH, CLASSES = 7, 2, 1000
+TIMEOUT_S = 240  # bound on one two-process case; a failure never hangs the suite
+
+
+def _inputs(dtype):
+    g = torch.Generator().manual_seed(SEED + 1)
+    # Raw-pixel scale (0-255 minus a mean), as the network sees it in training.
+    images = (torch.rand(BATCH, 3, 224, 224, generator=g, dtype=torch.float64) * 255 - 120).to(dtype)
+    labels = torch.randint(0, CLASSES, (BATCH,), generator=g)
+    return images, labels
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-300)).item()
+
+
+def _sgd(params):
+    return torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=5e-4)
+
+
+def _parity_worker(rank, fc8_placement, dtype, sgd_steps):
+    torch.manual_seed(SEED)
+    group = torch.distributed.group.WORLD
+    reference = build_reference(CLASSES, seed=SEED, dropout=0.0).to(dtype)
+    tower = Tower(group, CLASSES, dropout=0.0, fc8_placement=fc8_placement).to(dtype)
+    tower.load_state_dict(shard_state_dict(reference.state_dict(), rank, fc8_placement))
+    images, labels = _inputs(dtype)
+
+    ref_logits = reference(images)
+    ref_loss = F.cross_entropy(ref_logits, labels)
+    ref_loss.backward()
+    logits = tower(images)
+    loss = F.cross_entropy(logits, labels)
+    loss.backward()
+
+    ref_grads = shard_state_dict({k: p.grad for k, p in reference.named_parameters()}, rank, fc8_placement)
+    grad_errors = {k: _rel(p.grad, ref_grads[k]) for k, p in tower.named_parameters()}
+    assert set(ref_grads) == set(grad_errors), "tower and shard of the reference hold different parameters"
+    out = {
+        "logits": _rel(logits, ref_logits), "loss": _rel(loss, ref_loss),
+        "grads": grad_errors, "exchanges": tower.exchange_log.as_dict(),
+        "grad_norm": min(p.grad.norm().item() for p in tower.parameters()),
+    }
+    if sgd_steps:
+        ref_opt, opt = _sgd(reference.parameters()), _sgd(tower.parameters())
+        for step in range(sgd_steps):
+            if step:  # step 0 reuses the gradients computed above
+                for model, optimizer in ((reference, ref_opt), (tower, opt)):
+                    optimizer.zero_grad()
+                    F.cross_entropy(model(images), labels).backward()
+            ref_opt.step()
+            opt.step()
+        shards = [None, None]
+        shards[rank] = tower.state_dict()
+        torch.distributed.all_gather_object(shards, shards[rank])
+        rebuilt = unshard_state_dicts(shards, fc8_placement)
+        out["weights"] = {k: _rel(rebuilt[k], v) for k, v in reference.state_dict().items()}
+        out["moved"] = min(_rel(rebuilt[k], v) for k, v in build_reference(CLASSES, SEED).state_dict().items())
+    return out
+
+
+# Tolerances: float64 runs the same sums in a different order (the towers split
+# conv2/4/5 per tower, concatenations reorder nothing else): 1e-10 relative is
+# about 1e6 ulps, far above reordering noise. float32: 1e-5 relative.
+TOLERANCES = {torch.float64: 1e-10, torch.float32: 1e-5}
+
+
+@pytest.mark.parametrize("fc8_placement", ["tower0", "split"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+def test_forward_backward_and_sgd_match_reference(fc8_placement, dtype):
+    sgd_steps = 3 if dtype == torch.float64 else 0
+    results = run_ranks(_parity_worker, (fc8_placement, dtype, sgd_steps), timeout_s=TIMEOUT_S)
+    tol = TOLERANCES[dtype]
+    for rank, r in enumerate(results):
+        assert r["logits"] < tol, f"rank {rank} logits"
+        assert r["loss"] < tol, f"rank {rank} loss"
+        worst = max(r["grads"], key=r["grads"].get)
+        # Gradients pass through more reordered sums than the logits: allow 10x.
+        assert r["grads"][worst] < 10 * tol, f"rank {rank} gradient of {worst}: {r['grads'][worst]:.3g}"
+        assert r["grad_norm"] > 0, "a parameter got no gradient: the comparison would be vacuous"
+        if sgd_steps:
+            worst = max(r["weights"], key=r["weights"].get)
+            assert r["weights"][worst] < 10 * tol, f"weights of {worst} after {sgd_steps} SGD steps"
+            assert r["moved"] > 1e-6, "SGD steps did not change the weights: the comparison would be vacuous"
+    expected_params = {"tower0": ({"fc8.weight", "fc8.bias"}, set()), "split": ({"fc8.weight", "fc8.bias"},) * 2}
+    for rank, r in enumerate(results):
+        assert expected_params[fc8_placement][rank] <= set(r["grads"]) or fc8_placement == "tower0" and rank == 1
+    assert "fc8.weight" not in results[1]["grads"] if fc8_placement == "tower0" else "fc8.weight" in results[1]["grads"]
+
+
+def _expected_exchanges(rank, fc8_placement):
+    """Per call, the shape this tower sends and receives, by exchange and direction
+    (numbers written out from the paper's Figure 2 for BATCH images)."""
+    n = BATCH
+    both = {
+        "conv3_input": (n, 128, 13, 13),  # each tower's pooled conv2 maps
+        "fc6_input": (n, 128 * 6 * 6),  # each tower's pooled conv5 maps, flattened
+        "fc7_input": (n, 2048),
+    }
+    sent = {(name, d): shape for name, shape in both.items() for d in ("forward", "backward")}
+    received = dict(sent)
+    if fc8_placement == "split":
+        sent[("fc8_input", "forward")] = received[("fc8_input", "forward")] = (n, 2048)
+        sent[("fc8_input", "backward")] = received[("fc8_input", "backward")] = (n, 2048)
+        sent[("logits", "forward")] = received[("logits", "forward")] = (n, CLASSES // 2)
+    elif rank == 0:  # FC8 whole on tower 0
+        received[("fc8_input", "forward")] = (n, 2048)
+        sent[("fc8_input", "backward")] = (n, 2048)
+        sent[("logits", "forward")] = (n, CLASSES)
+    else:
+        sent[("fc8_input", "forward")] = (n, 2048)
+        received[("fc8_input", "backward")] = (n, 2048)
+        received[("logits", "forward")] = (n, CLASSES)
+    return sent, received
+
+
+@pytest.mark.parametrize("fc8_placement", ["tower0", "split"])
+def test_exchanges_are_exactly_the_papers(fc8_placement):
+    results = run_ranks(_parity_worker, (fc8_placement, torch.float32, 0), timeout_s=TIMEOUT_S)
+    numel = lambda shape: torch.Size(shape).numel()
+    for rank, r in enumerate(results):
+        sent, received = _expected_exchanges(rank, fc8_placement)
+        log = r["exchanges"]
+        assert set(log) == {f"{n}/{d}" for n, d in set(sent) | set(received)}, f"rank {rank} exchanged elsewhere"
+        for key in set(sent) | set(received):
+            entry = log["/".join(key)]
+            assert entry["calls"] == 1, f"{key} called {entry['calls']} times in one step"
+            assert entry["sent_bytes"] == 4 * numel(sent.get(key, ())) * (key in sent), key
+            assert entry["received_bytes"] == 4 * numel(received.get(key, ())) * (key in received), key
+            assert entry["shapes"] == ([list(sent[key])] if key in sent else []) or \
+                entry["shapes"] == ([tuple(sent[key])] if key in sent else []), key

@@ -1,0 +1,238 @@
+"""The places where the two towers talk, as autograd-aware collectives.
+
+Three layers, as in Megatron-LM's mappings: private collective helpers, one
+``torch.autograd.Function`` per exchange (forward and backward collective
+described in its docstring), and public snake_case wrappers. Each takes the
+process group explicitly and works on NCCL and gloo alike.
+
+Shape legend: N images, C channels (or features) one tower holds, K classes.
+Every wrapper records what it moved in an :class:`ExchangeLog`.
+"""
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+WORLD_SIZE = 2
+
+
+@dataclass
+class TransferStats:
+    calls: int = 0
+    sent_elements: int = 0
+    received_elements: int = 0
+    sent_bytes: int = 0
+    received_bytes: int = 0
+    shapes: set = field(default_factory=set)  # per-call shape of what this tower sent
+
+
+class ExchangeLog:
+    """Counts one tower's traffic to the other, per exchange and direction.
+
+    Keys are ``(name, direction)`` with direction "forward" or "backward".
+    Only bytes that cross to the other tower count (never a tower's copy to itself).
+    """
+
+    def __init__(self):
+        self.stats = defaultdict(TransferStats)
+        self.enabled = True
+
+    def record(self, name: str, direction: str, sent: Optional[torch.Tensor], received: Optional[torch.Tensor]) -> None:
+        if not self.enabled:
+            return
+        s = self.stats[(name, direction)]
+        s.calls += 1
+        if sent is not None:
+            s.sent_elements += sent.numel()
+            s.sent_bytes += sent.numel() * sent.element_size()
+            s.shapes.add(tuple(sent.shape))
+        if received is not None:
+            s.received_elements += received.numel()
+            s.received_bytes += received.numel() * received.element_size()
+
+    def reset(self) -> None:
+        self.stats.clear()
+
+    @property
+    def sent_bytes(self) -> int:
+        return sum(s.sent_bytes for s in self.stats.values())
+
+    @property
+    def received_bytes(self) -> int:
+        return sum(s.received_bytes for s in self.stats.values())
+
+    def as_dict(self) -> dict:
+        return {
+            f"{name}/{direction}": {
+                "calls": s.calls,
+                "sent_bytes": s.sent_bytes,
+                "received_bytes": s.received_bytes,
+                "sent_elements": s.sent_elements,
+                "received_elements": s.received_elements,
+                "shapes": sorted(s.shapes),
+            }
+            for (name, direction), s in sorted(self.stats.items())
+        }
+
+
+# ---------------------------------------------------------------- collective helpers
+
+def _other(group) -> int:
+    """Global rank of the other tower."""
+    return dist.get_global_rank(group, 1 - dist.get_rank(group))
+
+
+def _all_gather_stacked(x: torch.Tensor, group) -> torch.Tensor:
+    """2 x (shape of x): both towers' tensors, tower 0's first."""
+    stacked = x.new_empty((WORLD_SIZE, *x.shape))
+    if dist.get_backend(group) == dist.Backend.NCCL:
+        dist.all_gather_into_tensor(stacked, x.contiguous(), group=group)
+    else:  # gloo: the list form is supported by every release
+        dist.all_gather(list(stacked.unbind(0)), x.contiguous(), group=group)
+    return stacked
+
+
+def _reduce_scatter_pair(halves: torch.Tensor, group) -> torch.Tensor:
+    """``halves`` is 2 x (shard shape), this tower's contribution to both shards;
+    returns the sum over both towers of the shard this tower owns.
+    On two ranks a reduce-scatter is one all-to-all and an add; the all-to-all
+    form runs on gloo releases that lack ``reduce_scatter_tensor``."""
+    received = torch.empty_like(halves)
+    dist.all_to_all_single(received, halves.contiguous(), group=group)
+    return received.sum(dim=0)
+
+
+def _cat_stacked(stacked: torch.Tensor) -> torch.Tensor:
+    """2 x N x C x ... -> N x 2C x ... (tower 0's channels first)."""
+    n = stacked.shape[1]
+    return stacked.movedim(0, 1).reshape(n, -1, *stacked.shape[3:])
+
+
+def _split_channels(x: torch.Tensor) -> torch.Tensor:
+    """N x 2C x ... -> 2 x N x C x ..."""
+    return torch.stack(x.chunk(WORLD_SIZE, dim=1))
+
+
+# ---------------------------------------------------------------- autograd functions
+
+class _GatherChannels(torch.autograd.Function):
+    """Forward: all-gather, N x C x ... from each tower -> N x 2C x ... on both.
+    Backward: reduce-scatter, N x 2C x ... on each tower -> N x C x ..., the sum of both
+    towers' gradients for this tower's C channels (both towers' next layers read them)."""
+
+    @staticmethod
+    def forward(ctx, x, group, log, name):
+        ctx.group, ctx.log, ctx.name = group, log, name
+        stacked = _all_gather_stacked(x, group)
+        log.record(name, "forward", sent=x, received=x)
+        return _cat_stacked(stacked)
+
+    @staticmethod
+    def backward(ctx, grad):
+        halves = _split_channels(grad)
+        own = _reduce_scatter_pair(halves, ctx.group)
+        theirs = halves[1 - dist.get_rank(ctx.group)]
+        ctx.log.record(ctx.name, "backward", sent=theirs, received=own)
+        return own, None, None, None
+
+
+class _GatherToFirst(torch.autograd.Function):
+    """Forward: tower 1 sends N x C to tower 0, which returns N x 2C; tower 1 returns N x 0,
+    a placeholder that keeps its backward in the graph.
+    Backward: tower 0 sends the gradient of tower 1's C columns back; only tower 0 read them."""
+
+    @staticmethod
+    def forward(ctx, x, group, log, name):
+        ctx.group, ctx.log, ctx.name = group, log, name
+        x = x.contiguous()
+        ctx.shard_shape = x.shape
+        if dist.get_rank(group) == 0:
+            theirs = torch.empty_like(x)
+            dist.recv(theirs, src=_other(group), group=group)
+            log.record(name, "forward", sent=None, received=theirs)
+            return torch.cat([x, theirs], dim=1)
+        dist.send(x, dst=_other(group), group=group)
+        log.record(name, "forward", sent=x, received=None)
+        return x.new_empty((x.shape[0], 0))
+
+    @staticmethod
+    def backward(ctx, grad):
+        if dist.get_rank(ctx.group) == 0:
+            own, theirs = grad.chunk(WORLD_SIZE, dim=1)
+            theirs = theirs.contiguous()
+            dist.send(theirs, dst=_other(ctx.group), group=ctx.group)
+            ctx.log.record(ctx.name, "backward", sent=theirs, received=None)
+            return own, None, None, None
+        own = grad.new_empty(ctx.shard_shape)
+        dist.recv(own, src=_other(ctx.group), group=ctx.group)
+        ctx.log.record(ctx.name, "backward", sent=None, received=own)
+        return own, None, None, None
+
+
+class _BroadcastFromFirst(torch.autograd.Function):
+    """Forward: tower 0's N x K logits are sent to tower 1, which passes the N x 0
+    placeholder of ``_GatherToFirst`` as ``y``. Both return N x K.
+    Backward: nothing moves. The loss is computed identically on both towers, so
+    tower 0's gradient is already complete and tower 1's copy is dropped."""
+
+    @staticmethod
+    def forward(ctx, y, num_classes, group, log, name):
+        ctx.is_first, ctx.placeholder_shape = dist.get_rank(group) == 0, y.shape
+        if ctx.is_first:
+            out = y.contiguous().clone()
+            dist.broadcast(out, src=dist.get_global_rank(group, 0), group=group)
+            log.record(name, "forward", sent=out, received=None)
+        else:
+            out = y.new_empty((y.shape[0], num_classes))
+            dist.broadcast(out, src=dist.get_global_rank(group, 0), group=group)
+            log.record(name, "forward", sent=None, received=out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        if ctx.is_first:
+            return grad, None, None, None, None
+        return grad.new_zeros(ctx.placeholder_shape), None, None, None, None
+
+
+class _GatherReplicated(torch.autograd.Function):
+    """Forward: all-gather, N x K/2 from each tower -> N x K on both.
+    Backward: nothing moves; each tower keeps the gradient of its own K/2 columns.
+    For outputs that feed a computation replicated on both towers (the loss), where
+    each tower's own gradient is already the whole gradient."""
+
+    @staticmethod
+    def forward(ctx, x, group, log, name):
+        ctx.rank = dist.get_rank(group)
+        stacked = _all_gather_stacked(x, group)
+        log.record(name, "forward", sent=x, received=x)
+        return _cat_stacked(stacked)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.chunk(WORLD_SIZE, dim=1)[ctx.rank].contiguous(), None, None, None
+
+
+# ---------------------------------------------------------------- public wrappers
+
+def gather_channels(x: torch.Tensor, group, log: ExchangeLog, name: str) -> torch.Tensor:
+    """N x C x ... on each tower -> N x 2C x ... on both; gradients summed back (see _GatherChannels)."""
+    return _GatherChannels.apply(x, group, log, name)
+
+
+def gather_to_first(x: torch.Tensor, group, log: ExchangeLog, name: str) -> torch.Tensor:
+    """N x C on each tower -> N x 2C on tower 0, an N x 0 placeholder on tower 1."""
+    return _GatherToFirst.apply(x, group, log, name)
+
+
+def broadcast_from_first(y: torch.Tensor, num_classes: int, group, log: ExchangeLog, name: str) -> torch.Tensor:
+    """Tower 0's N x K (tower 1 passes its placeholder) -> N x K on both."""
+    return _BroadcastFromFirst.apply(y, num_classes, group, log, name)
+
+
+def gather_replicated(x: torch.Tensor, group, log: ExchangeLog, name: str) -> torch.Tensor:
+    """N x K/2 on each tower -> N x K on both, for a replicated consumer such as the loss."""
+    return _GatherReplicated.apply(x, group, log, name)
