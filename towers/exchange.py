@@ -11,6 +11,7 @@ Every wrapper records what it moved in an :class:`ExchangeLog`.
 
 from collections import defaultdict
 from dataclasses import dataclass, field
+import time
 from typing import Optional
 
 import torch
@@ -26,6 +27,7 @@ class TransferStats:
     received_elements: int = 0
     sent_bytes: int = 0
     received_bytes: int = 0
+    seconds: float = 0.0  # wall time inside the collective (see ExchangeLog.synchronize)
     shapes: set = field(default_factory=set)  # per-call shape of what this tower sent
 
 
@@ -34,16 +36,25 @@ class ExchangeLog:
 
     Keys are ``(name, direction)`` with direction "forward" or "backward".
     Only bytes that cross to the other tower count (never a tower's copy to itself).
+    Time is measured around each collective; on a GPU it means something only with
+    ``synchronize=True``, which waits for the device before and after (benchmarks only:
+    it serialises the stream).
     """
 
-    def __init__(self):
+    def __init__(self, synchronize: bool = False):
         self.stats = defaultdict(TransferStats)
-        self.enabled = True
+        self.synchronize = synchronize
 
-    def record(self, name: str, direction: str, sent: Optional[torch.Tensor], received: Optional[torch.Tensor]) -> None:
-        if not self.enabled:
-            return
+    def clock(self, like: torch.Tensor) -> float:
+        if self.synchronize and like.is_cuda:
+            torch.cuda.synchronize(like.device)
+        return time.perf_counter()
+
+    def record(self, name: str, direction: str, sent: Optional[torch.Tensor], received: Optional[torch.Tensor],
+               started: float) -> None:
+        like = sent if sent is not None else received
         s = self.stats[(name, direction)]
+        s.seconds += self.clock(like) - started
         s.calls += 1
         if sent is not None:
             s.sent_elements += sent.numel()
@@ -55,6 +66,10 @@ class ExchangeLog:
 
     def reset(self) -> None:
         self.stats.clear()
+
+    @property
+    def seconds(self) -> float:
+        return sum(s.seconds for s in self.stats.values())
 
     @property
     def sent_bytes(self) -> int:
@@ -72,6 +87,7 @@ class ExchangeLog:
                 "received_bytes": s.received_bytes,
                 "sent_elements": s.sent_elements,
                 "received_elements": s.received_elements,
+                "seconds": s.seconds,
                 "shapes": sorted(s.shapes),
             }
             for (name, direction), s in sorted(self.stats.items())
@@ -126,16 +142,18 @@ class _GatherChannels(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group, log, name):
         ctx.group, ctx.log, ctx.name = group, log, name
+        started = log.clock(x)
         stacked = _all_gather_stacked(x, group)
-        log.record(name, "forward", sent=x, received=x)
+        log.record(name, "forward", sent=x, received=x, started=started)
         return _cat_stacked(stacked)
 
     @staticmethod
     def backward(ctx, grad):
         halves = _split_channels(grad)
+        started = ctx.log.clock(grad)
         own = _reduce_scatter_pair(halves, ctx.group)
         theirs = halves[1 - dist.get_rank(ctx.group)]
-        ctx.log.record(ctx.name, "backward", sent=theirs, received=own)
+        ctx.log.record(ctx.name, "backward", sent=theirs, received=own, started=started)
         return own, None, None, None
 
 
@@ -149,26 +167,28 @@ class _GatherToFirst(torch.autograd.Function):
         ctx.group, ctx.log, ctx.name = group, log, name
         x = x.contiguous()
         ctx.shard_shape = x.shape
+        started = log.clock(x)
         if dist.get_rank(group) == 0:
             theirs = torch.empty_like(x)
             dist.recv(theirs, src=_other(group), group=group)
-            log.record(name, "forward", sent=None, received=theirs)
+            log.record(name, "forward", sent=None, received=theirs, started=started)
             return torch.cat([x, theirs], dim=1)
         dist.send(x, dst=_other(group), group=group)
-        log.record(name, "forward", sent=x, received=None)
+        log.record(name, "forward", sent=x, received=None, started=started)
         return x.new_empty((x.shape[0], 0))
 
     @staticmethod
     def backward(ctx, grad):
+        started = ctx.log.clock(grad)
         if dist.get_rank(ctx.group) == 0:
             own, theirs = grad.chunk(WORLD_SIZE, dim=1)
             theirs = theirs.contiguous()
             dist.send(theirs, dst=_other(ctx.group), group=ctx.group)
-            ctx.log.record(ctx.name, "backward", sent=theirs, received=None)
+            ctx.log.record(ctx.name, "backward", sent=theirs, received=None, started=started)
             return own, None, None, None
         own = grad.new_empty(ctx.shard_shape)
         dist.recv(own, src=_other(ctx.group), group=ctx.group)
-        ctx.log.record(ctx.name, "backward", sent=None, received=own)
+        ctx.log.record(ctx.name, "backward", sent=None, received=own, started=started)
         return own, None, None, None
 
 
@@ -181,14 +201,11 @@ class _BroadcastFromFirst(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y, num_classes, group, log, name):
         ctx.is_first, ctx.placeholder_shape = dist.get_rank(group) == 0, y.shape
-        if ctx.is_first:
-            out = y.contiguous().clone()
-            dist.broadcast(out, src=dist.get_global_rank(group, 0), group=group)
-            log.record(name, "forward", sent=out, received=None)
-        else:
-            out = y.new_empty((y.shape[0], num_classes))
-            dist.broadcast(out, src=dist.get_global_rank(group, 0), group=group)
-            log.record(name, "forward", sent=None, received=out)
+        out = y.contiguous().clone() if ctx.is_first else y.new_empty((y.shape[0], num_classes))
+        started = log.clock(out)
+        dist.broadcast(out, src=dist.get_global_rank(group, 0), group=group)
+        log.record(name, "forward", sent=out if ctx.is_first else None, received=None if ctx.is_first else out,
+                   started=started)
         return out
 
     @staticmethod
@@ -207,8 +224,9 @@ class _GatherReplicated(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group, log, name):
         ctx.rank = dist.get_rank(group)
+        started = log.clock(x)
         stacked = _all_gather_stacked(x, group)
-        log.record(name, "forward", sent=x, received=x)
+        log.record(name, "forward", sent=x, received=x, started=started)
         return _cat_stacked(stacked)
 
     @staticmethod
