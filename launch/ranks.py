@@ -55,13 +55,16 @@ def _describe_exit(exitcode: int) -> str:
     return f"exited with code {exitcode} without reporting an error"
 
 
-def _rank_main(rank, world_size, port, backend, collective_timeout_s, threads, fn, args, results):
+def _rank_main(rank, world_size, addr, port, backend, collective_timeout_s, threads, fn, args, results):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
-                      MASTER_ADDR=LOOPBACK, MASTER_PORT=str(port))
+                      MASTER_ADDR=addr, MASTER_PORT=str(port))
+    if addr == LOOPBACK:  # gloo and NCCL would otherwise listen on the host's outward interface
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")
     if threads:
         torch.set_num_threads(threads)
     try:
-        store = dist.TCPStore(LOOPBACK, port, world_size, is_master=False,
+        store = dist.TCPStore(addr, port, world_size, is_master=False,
                               timeout=datetime.timedelta(seconds=collective_timeout_s))
         init_process_group(backend, rank, world_size, collective_timeout_s, store=store)
         value = fn(rank, *args)
@@ -93,23 +96,25 @@ def _stop(procs, grace_s: float) -> None:
 
 def run_ranks(fn: Callable, args: Sequence = (), world_size: int = 2, backend: str = "gloo",
               timeout_s: Optional[float] = None, collective_timeout_s: float = DEFAULT_COLLECTIVE_TIMEOUT_S,
-              threads_per_rank: Optional[int] = None, on_start: Optional[Callable] = None) -> list:
+              threads_per_rank: Optional[int] = None, on_start: Optional[Callable] = None,
+              addr: str = LOOPBACK) -> list:
     """Runs ``fn(rank, *args)`` in ``world_size`` fresh processes joined in one process
     group; returns the ranks' return values in rank order.
 
     ``fn`` and ``args`` must be picklable (a module-level function). ``timeout_s``
     bounds the whole run; ``collective_timeout_s`` bounds any one collective.
-    ``on_start(processes)`` is called once all ranks have started.
+    ``on_start(processes)`` is called once all ranks have started. The rendezvous
+    store listens on ``addr``, the loopback address unless the caller says otherwise.
     Raises :class:`RankFailure` if any rank fails, after stopping the others.
     """
     if threads_per_rank is None and backend == "gloo":
         threads_per_rank = max(1, (os.cpu_count() or 1) // world_size)
-    store = dist.TCPStore(LOOPBACK, 0, world_size, is_master=True, wait_for_workers=False,
+    store = dist.TCPStore(addr, 0, world_size, is_master=True, wait_for_workers=False,
                           timeout=datetime.timedelta(seconds=collective_timeout_s))
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     procs = [ctx.Process(target=_rank_main, name=f"rank{rank}", daemon=True,
-                         args=(rank, world_size, store.port, backend, collective_timeout_s, threads_per_rank, fn, args, results))
+                         args=(rank, world_size, addr, store.port, backend, collective_timeout_s, threads_per_rank, fn, args, results))
              for rank in range(world_size)]
     for p in procs:
         p.start()

@@ -1,0 +1,58 @@
+"""Sharding is data: pure functions between the reference's state_dict and the towers'."""
+
+import pytest
+import torch
+
+from towers import build_reference, shard_state_dict, unshard_state_dicts
+
+HALF_CONV1_TO_FC7 = 28_434_112  # paper-spec.md: exactly half of conv1-FC7 per tower
+FC8 = 4_097_000
+
+
+@pytest.fixture(scope="module")
+def reference_state():
+    return build_reference(seed=11).state_dict()
+
+
+def _numel(state):
+    return sum(v.numel() for v in state.values())
+
+
+@pytest.mark.parametrize("placement", ["tower0", "split"])
+def test_shard_then_unshard_is_lossless(reference_state, placement):
+    towers = [shard_state_dict(reference_state, r, placement) for r in (0, 1)]
+    rebuilt = unshard_state_dicts(towers, placement)
+    assert list(rebuilt) == list(reference_state)
+    assert all(torch.equal(rebuilt[k], v) for k, v in reference_state.items())
+
+
+def test_tower_shares_match_the_paper(reference_state):
+    t0, t1 = (shard_state_dict(reference_state, r, "tower0") for r in (0, 1))
+    assert _numel(t0) == HALF_CONV1_TO_FC7 + FC8 and _numel(t1) == HALF_CONV1_TO_FC7
+    assert "fc8.weight" not in t1
+    s0, s1 = (shard_state_dict(reference_state, r, "split") for r in (0, 1))
+    assert _numel(s0) == _numel(s1) == HALF_CONV1_TO_FC7 + FC8 // 2
+    assert t0["conv1.weight"].shape == (48, 3, 11, 11) and t0["conv2.weight"].shape == (128, 48, 5, 5)
+    assert t0["conv3.weight"].shape == (192, 256, 3, 3) and t0["fc6.weight"].shape == (2048, 9216)
+    assert s1["fc8.weight"].shape == (500, 4096)
+
+
+def test_tower_halves_are_the_reference_rows(reference_state):
+    t1 = shard_state_dict(reference_state, 1, "split")
+    assert torch.equal(t1["conv4.weight"], reference_state["conv4.weight"][192:])
+    assert torch.equal(t1["fc8.bias"], reference_state["fc8.bias"][500:])
+
+
+def test_shards_are_copies(reference_state):
+    t0 = shard_state_dict(reference_state, 0)
+    t0["conv1.weight"].zero_()
+    assert reference_state["conv1.weight"].abs().sum() > 0
+
+
+def test_bad_arguments_are_refused(reference_state):
+    with pytest.raises(ValueError, match="fc8_placement"):
+        shard_state_dict(reference_state, 0, "gpu1")
+    with pytest.raises(ValueError, match="tower_rank"):
+        shard_state_dict(reference_state, 2)
+    with pytest.raises(ValueError, match="expected 2"):
+        unshard_state_dicts([shard_state_dict(reference_state, 0)])
