@@ -11,6 +11,7 @@ Tests use the same helper as the launcher.
 
 import datetime
 import os
+import pickle
 import queue as queue_module
 import signal
 import time
@@ -75,7 +76,8 @@ def _rank_main(rank, world_size, addr, port, backend, collective_timeout_s, thre
         detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
         results.put((rank, "error", detail, traceback.format_exc()))
         raise SystemExit(1)
-    results.put((rank, "ok", value))
+    # By value: torch's queue would pass tensors as shared-memory handles, which die with this process.
+    results.put((rank, "ok", pickle.dumps(value)))
     # Leave the group only on success; a failed peer would make this block.
     dist.destroy_process_group()
 
@@ -132,7 +134,7 @@ def run_ranks(fn: Callable, args: Sequence = (), world_size: int = 2, backend: s
             if message is not None:
                 rank, status = message[0], message[1]
                 if status == "ok":
-                    values[rank] = message[2]
+                    values[rank] = pickle.loads(message[2])
                 else:
                     failures.setdefault(rank, message[2])
                     first = rank if first is None else first

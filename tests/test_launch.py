@@ -1,0 +1,162 @@
+"""python -m launch.two_gpu as a user runs it: real processes, real files.
+
+Runs are tiny (a generated dataset of 30 training images, batch 4) but go through
+everything a long run does: both ranks, the data pipeline on rank 0, checkpoints,
+evaluation. Every subprocess has a timeout, so a hang fails instead of blocking.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from launch import data as data_module
+from launch.checkpoint import load_checkpoint, load_reference, save_reference
+from launch.ranks import run_ranks
+from launch.train import Plan, evaluate, restore_training_state, save_training_state
+from launch.step import paper_optimizer, train_step
+from towers import Tower, build_reference, shard_state_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN_TIMEOUT_S = 300
+TINY = ["--batch-size", "4", "--lr", "0.001", "--log-every", "2", "--workers", "0"]
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    """Ten classes, 3 training and 1 validation image each: 7 steps of 4 per epoch."""
+    return data_module.builtin_dataset(tmp_path_factory.mktemp("data") / "tiny", train_per_class=3, val_per_class=1)
+
+
+def launch(*args, env=None, check=True):
+    result = subprocess.run([sys.executable, "-m", "launch.two_gpu", *map(str, args)], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+    if check and result.returncode != 0:
+        raise AssertionError(f"exit {result.returncode}\n{result.stderr[-3000:]}")
+    return result
+
+
+def test_short_run_writes_its_results_and_eval_only_agrees(tiny_data, tmp_path):
+    result = launch("--data", tiny_data, "--out", tmp_path, "--run-name", "run", "--epochs", "1", *TINY)
+    run = tmp_path / "run"
+    assert {"config.json", "metrics.jsonl", "summary.json", "checkpoint.pt", "train.log"} <= {p.name for p in run.iterdir()}
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train_lines = [r for r in records if r["event"] == "train"]
+    assert [r["step"] for r in train_lines] == [2, 4, 6, 7]
+    assert all(r["images_per_s"] > 0 and r["ms_per_step"] > 0 and r["lr"] > 0 for r in train_lines)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 7 and summary["epochs"] == 1 and summary["centre"]["images"] == 10
+    assert summary["ten_patch"]["test"] == "ten-patch"
+    assert "step 7/7" in result.stderr and "ETA" in result.stderr and str(run.resolve()) in result.stderr
+    assert "[rank 1]" not in result.stderr  # only rank 0 prints
+    payload = load_checkpoint(run)
+    assert payload["progress"]["global_step"] == 7 and set(payload["rng"]) == {"rank0", "rank1"}
+
+    again = launch("--data", tiny_data, "--out", tmp_path, "--run-name", "eval", "--eval-only", run,
+                   "--fc8-placement", "split", "--workers", "0")
+    evaluated = json.loads(again.stderr.split("done: ", 1)[1].splitlines()[0].join(['"', '"']))
+    top1 = f"top-1 error {100 * summary['centre']['top1_error']:.2f}%"
+    ten = f"ten-patch test: top-1 {100 * summary['ten_patch']['top1_error']:.2f}%"
+    assert top1 in evaluated and ten in evaluated  # the checkpoint loads under the other FC8 placement too
+
+
+def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tiny_data, tmp_path):
+    common = ["--data", tiny_data, "--out", tmp_path, "--epochs", "2", "--val-limit", "4", "--no-ten-crop", *TINY]
+    launch(*common, "--run-name", "whole")
+    launch(*common, "--run-name", "parts", "--max-steps", "5")  # stops inside the first epoch
+    assert load_checkpoint(tmp_path / "parts")["progress"]["global_step"] == 5
+    launch("--resume", tmp_path / "parts", "--workers", "0")
+    whole, parts = load_checkpoint(tmp_path / "whole"), load_checkpoint(tmp_path / "parts")
+    assert parts["progress"]["global_step"] == whole["progress"]["global_step"] == 14
+    # Exactly equal, not close: same data, same dropout masks, same arithmetic.
+    for key, value in whole["model"].items():
+        assert torch.equal(value, parts["model"][key]), key
+    for key, value in whole["momentum_buffer"].items():
+        assert torch.equal(value, parts["momentum_buffer"][key]), key
+    assert not torch.equal(whole["model"]["fc6.weight"], build_reference(10, init="caffe").fc6.weight)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_torchrun_environment_is_honoured(tiny_data, tmp_path):
+    port = _free_port()
+    procs = []
+    for rank in range(2):
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "launch.two_gpu", "--data", str(tiny_data), "--out", str(tmp_path), "--run-name",
+             "tr", "--max-steps", "2", "--val-limit", "4", "--no-ten-crop", *TINY], cwd=ROOT, env=env,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    try:
+        outputs = [p.communicate(timeout=RUN_TIMEOUT_S) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
+    assert "done:" in outputs[0][1] and "done:" not in outputs[1][1]
+    assert load_checkpoint(tmp_path / "tr")["progress"]["global_step"] == 2
+
+
+def _checkpoint_worker(rank, data_root, tmp):
+    """Two towers train two steps and save; then evaluate in ten-crop and on fixed images.
+    Also load a checkpoint written by the single-device reference."""
+    group = torch.distributed.group.WORLD
+    torch.manual_seed(rank)
+    bundle = data_module.open_data(data_root) if rank == 0 else None
+    plan = Plan([str(i) for i in range(10)], 7, 10)
+    tower = Tower(group, 10, dropout=0.5)
+    tower.load_state_dict(shard_state_dict(build_reference(10, seed=5, init="caffe").state_dict(), rank))
+    optimizer = paper_optimizer(tower.parameters())
+    images = torch.randn(4, 3, 224, 224, generator=torch.Generator().manual_seed(9)) * 60
+    labels = torch.arange(4)
+    for _ in range(2):
+        train_step(tower, optimizer, images, labels)
+    from launch.config import TrainConfig
+    from launch.train import Progress
+    save_training_state(Path(tmp) / "towers.pt", tower, optimizer, Progress(global_step=2), TrainConfig(), plan.classes, group)
+    tower.eval()
+    with torch.no_grad():
+        saved_logits = tower(images)
+    ten = evaluate(tower, bundle, plan, 4, torch.device("cpu"), group, ten_crop=True)
+    restore_training_state(Path(tmp) / "reference.pt", tower, optimizer, 10, group, with_training=False)
+    with torch.no_grad():
+        loaded_logits = tower(images)
+    return {"saved_logits": saved_logits, "ten": ten, "loaded_logits": loaded_logits, "images": images}
+
+
+def test_checkpoints_move_between_towers_and_reference_and_ten_crop_is_the_average(tiny_data, tmp_path):
+    reference = build_reference(10, seed=8, init="caffe")
+    save_reference(tmp_path / "reference.pt", reference)
+    out = run_ranks(_checkpoint_worker, (str(tiny_data), str(tmp_path)), timeout_s=RUN_TIMEOUT_S)[0]
+
+    # float32, different summation order between the towers and the grouped reference: 1e-5 relative.
+    loaded = load_reference(tmp_path / "towers.pt").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(out["images"]), out["saved_logits"], rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(reference.eval()(out["images"]), out["loaded_logits"], rtol=1e-5, atol=1e-4)
+
+    # The ten-patch test equals the average of ten single-patch evaluations, each run on
+    # the single-device model saved by the towers, one view at a time.
+    bundle = data_module.open_data(tiny_data)
+    probs, labels = [], []
+    with torch.no_grad():
+        for views, batch_labels in data_module.eval_batches(bundle, 4, ten_crop=True):
+            per_view = [F.softmax(loaded(views[:, v]), dim=1) for v in range(10)]
+            probs.append(torch.stack(per_view).mean(dim=0))
+            labels.append(batch_labels)
+    probs, labels = torch.cat(probs), torch.cat(labels)
+    top5 = probs.topk(5, dim=1).indices
+    assert out["ten"]["images"] == len(labels) == 10
+    assert out["ten"]["top1_error"] == pytest.approx(1 - (top5[:, 0] == labels).float().mean().item())
+    assert out["ten"]["top5_error"] == pytest.approx(1 - (top5 == labels[:, None]).any(1).float().mean().item())
