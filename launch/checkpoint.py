@@ -37,6 +37,8 @@ def checkpoint_payload(model_state: dict, *, num_classes: int, **extra) -> dict:
 def save_checkpoint(path: Path, payload: dict) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.tmp-*"):  # left by a save that was killed
+        stale.unlink(missing_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
@@ -72,13 +74,13 @@ def load_checkpoint(path, num_classes: Optional[int] = None) -> dict:
     """Loads and checks a checkpoint; raises CheckpointError naming the problem and the fix."""
     path = resolve_path(path)
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as exc:
+        culprit = next((line.strip() for line in str(exc).splitlines() if "GLOBAL" in line), "an unsupported object")
         raise CheckpointError(
             f"refusing to load {path}: it holds Python objects other than tensors and plain data, and "
-            f"unpickling them could run code ({str(exc).splitlines()[0][:200]}). Only checkpoints written by "
-            f"this project load; re-save the weights as a plain state_dict") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as exc:
+            f"unpickling them could run code ({culprit}). Only checkpoints written by this project load") from None
+    except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, OSError) as exc:
         raise CheckpointError(f"{path} is truncated or not a checkpoint ({type(exc).__name__}: "
                               f"{str(exc).splitlines()[0][:200]}); resume from an earlier one") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:

@@ -9,11 +9,14 @@ process group has a collective timeout, and the whole run a deadline if given.
 Tests use the same helper as the launcher.
 """
 
+import ctypes
 import datetime
 import os
 import pickle
 import queue as queue_module
 import signal
+import socket
+import threading
 import time
 import traceback
 from typing import Callable, Optional, Sequence
@@ -56,7 +59,19 @@ def _describe_exit(exitcode: int) -> str:
     return f"exited with code {exitcode} without reporting an error"
 
 
-def _rank_main(rank, world_size, addr, port, backend, collective_timeout_s, threads, fn, args, results):
+def _die_with_parent(parent_pid: int) -> None:
+    """Linux: the kernel sends SIGTERM to this rank if the launching process dies,
+    however it dies (even by SIGKILL), so no rank outlives its launcher."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def _rank_main(rank, world_size, addr, port, backend, collective_timeout_s, threads, fn, args, results, parent_pid):
+    _die_with_parent(parent_pid)
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                       MASTER_ADDR=addr, MASTER_PORT=str(port))
     if addr == LOOPBACK:  # gloo and NCCL would otherwise listen on the host's outward interface
@@ -80,6 +95,10 @@ def _rank_main(rank, world_size, addr, port, backend, collective_timeout_s, thre
     results.put((rank, "ok", pickle.dumps(value)))
     # Leave the group only on success; a failed peer would make this block.
     dist.destroy_process_group()
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
 
 
 def _stop(procs, grace_s: float) -> None:
@@ -111,15 +130,22 @@ def run_ranks(fn: Callable, args: Sequence = (), world_size: int = 2, backend: s
     """
     if threads_per_rank is None and backend == "gloo":
         threads_per_rank = max(1, (os.cpu_count() or 1) // world_size)
-    store = dist.TCPStore(addr, 0, world_size, is_master=True, wait_for_workers=False,
-                          timeout=datetime.timedelta(seconds=collective_timeout_s))
+    # TCPStore on its own would listen on every interface; hand it a socket bound to ``addr``.
+    listener = socket.create_server((addr, 0), family=socket.getaddrinfo(addr, 0)[0][0])
+    store = dist.TCPStore(addr, listener.getsockname()[1], world_size, is_master=True, wait_for_workers=False,
+                          timeout=datetime.timedelta(seconds=collective_timeout_s), master_listen_fd=listener.fileno())
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     procs = [ctx.Process(target=_rank_main, name=f"rank{rank}", daemon=True,
-                         args=(rank, world_size, addr, store.port, backend, collective_timeout_s, threads_per_rank, fn, args, results))
+                         args=(rank, world_size, addr, store.port, backend, collective_timeout_s, threads_per_rank, fn, args,
+                               results, os.getpid()))
              for rank in range(world_size)]
     for p in procs:
         p.start()
+    # SIGTERM to the launcher stops the ranks as Ctrl-C does (then the launcher exits).
+    previous_sigterm = None
+    if threading.current_thread() is threading.main_thread():
+        previous_sigterm = signal.signal(signal.SIGTERM, _raise_interrupt)
     if on_start is not None:
         on_start(procs)
     values, failures, first = {}, {}, None
@@ -147,6 +173,11 @@ def run_ranks(fn: Callable, args: Sequence = (), world_size: int = 2, backend: s
                     failed_at = failed_at or time.monotonic()
             now = time.monotonic()
             if failed_at is not None and (now - failed_at > _GRACE_S or len(values) + len(failures) == world_size):
+                silent = [r for r in range(world_size) if r not in values and r not in failures]
+                for rank in silent:
+                    failures[rank] = "did not respond (hung or stopped); ended by the launcher"
+                if silent and "timed out" in str(failures[first]).lower():
+                    first = silent[0]  # the others timed out waiting for it
                 break
             if deadline is not None and now > deadline:
                 for rank in range(world_size):
@@ -157,6 +188,10 @@ def run_ranks(fn: Callable, args: Sequence = (), world_size: int = 2, backend: s
     except KeyboardInterrupt:
         _stop(procs, grace_s=_GRACE_S)
         raise
+    finally:
+        if previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, previous_sigterm)
+        listener.close()
     _stop(procs, grace_s=0.0 if failures else _GRACE_S)
     if failures:
         raise RankFailure(failures, first)

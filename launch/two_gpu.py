@@ -54,6 +54,10 @@ def resumed_config(config: TrainConfig) -> TrainConfig:
         raise CheckpointError(f"{config.resume} holds weights but no training state (saved from the single-device "
                               f"model?): use it with --eval-only, or start a new run")
     defaults = vars(build_parser().parse_args([]))
+    if set(defaults) - set(saved):
+        raise CheckpointError(f"{config.resume} lacks parts of its run's recipe "
+                              f"({', '.join(sorted(set(defaults) - set(saved)))}), so it cannot be resumed: "
+                              f"evaluate it with --eval-only, or train afresh")
     saved["lr_milestones"] = tuple(saved["lr_milestones"])
     merged = dict(saved)
     for name, value in dataclasses.asdict(config).items():
@@ -76,6 +80,9 @@ def prepare_run(config: TrainConfig) -> Path:
     bundle = data_module.open_data(config.data)
     log.info("data: %s (%d classes, %d training and %d validation images)", bundle.root, len(bundle.classes),
              len(bundle.train), len(bundle.val))
+    for checkpoint in (config.eval_only, config.resume):
+        if checkpoint:  # checked here, before any rank starts, so a bad one gets a plain error
+            load_checkpoint(checkpoint, num_classes=len(bundle.classes))
     if not config.eval_only and data_module.batches_per_epoch(bundle, config.batch_size) == 0:
         raise ValueError(f"--batch-size {config.batch_size} is larger than the {len(bundle.train)} training images: "
                          f"choose a smaller one")
