@@ -80,11 +80,22 @@ def _parity_worker(rank, fc8_placement, dtype, sgd_steps):
 TOLERANCES = {torch.float64: 1e-10, torch.float32: 1e-5}
 
 
+_runs = {}
+
+
+def _run(fc8_placement, dtype):
+    """One two-process run per case, shared by the tests below (float64 adds three SGD steps)."""
+    if (fc8_placement, dtype) not in _runs:
+        sgd_steps = 3 if dtype == torch.float64 else 0
+        _runs[fc8_placement, dtype] = run_ranks(_parity_worker, (fc8_placement, dtype, sgd_steps), timeout_s=TIMEOUT_S)
+    return _runs[fc8_placement, dtype]
+
+
 @pytest.mark.parametrize("fc8_placement", ["tower0", "split"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
 def test_forward_backward_and_sgd_match_reference(fc8_placement, dtype):
     sgd_steps = 3 if dtype == torch.float64 else 0
-    results = run_ranks(_parity_worker, (fc8_placement, dtype, sgd_steps), timeout_s=TIMEOUT_S)
+    results = _run(fc8_placement, dtype)
     tol = TOLERANCES[dtype]
     for rank, r in enumerate(results):
         assert r["logits"] < tol, f"rank {rank} logits"
@@ -97,10 +108,8 @@ def test_forward_backward_and_sgd_match_reference(fc8_placement, dtype):
             worst = max(r["weights"], key=r["weights"].get)
             assert r["weights"][worst] < 10 * tol, f"weights of {worst} after {sgd_steps} SGD steps"
             assert r["moved"] > 1e-6, "SGD steps did not change the weights: the comparison would be vacuous"
-    expected_params = {"tower0": ({"fc8.weight", "fc8.bias"}, set()), "split": ({"fc8.weight", "fc8.bias"},) * 2}
-    for rank, r in enumerate(results):
-        assert expected_params[fc8_placement][rank] <= set(r["grads"]) or fc8_placement == "tower0" and rank == 1
-    assert "fc8.weight" not in results[1]["grads"] if fc8_placement == "tower0" else "fc8.weight" in results[1]["grads"]
+    assert "fc8.weight" in results[0]["grads"]
+    assert ("fc8.weight" in results[1]["grads"]) == (fc8_placement == "split")
 
 
 def _expected_exchanges(rank, fc8_placement):
@@ -131,7 +140,7 @@ def _expected_exchanges(rank, fc8_placement):
 
 @pytest.mark.parametrize("fc8_placement", ["tower0", "split"])
 def test_exchanges_are_exactly_the_papers(fc8_placement):
-    results = run_ranks(_parity_worker, (fc8_placement, torch.float32, 0), timeout_s=TIMEOUT_S)
+    results = _run(fc8_placement, torch.float32)  # one forward and one backward
     numel = lambda shape: torch.Size(shape).numel()
     for rank, r in enumerate(results):
         sent, received = _expected_exchanges(rank, fc8_placement)
@@ -142,5 +151,4 @@ def test_exchanges_are_exactly_the_papers(fc8_placement):
             assert entry["calls"] == 1, f"{key} called {entry['calls']} times in one step"
             assert entry["sent_bytes"] == 4 * numel(sent.get(key, ())) * (key in sent), key
             assert entry["received_bytes"] == 4 * numel(received.get(key, ())) * (key in received), key
-            assert entry["shapes"] == ([list(sent[key])] if key in sent else []) or \
-                entry["shapes"] == ([tuple(sent[key])] if key in sent else []), key
+            assert entry["shapes"] == ([tuple(sent[key])] if key in sent else []), key
