@@ -151,6 +151,8 @@ def _main_under_torchrun(config: TrainConfig, backend: str) -> int:
     if world_size != WORLD_SIZE:
         raise ValueError(f"the towers need exactly {WORLD_SIZE} ranks, torchrun gave {world_size}: "
                          f"use --nproc-per-node 2 (or two nodes of 1)")
+    if backend == "gloo":  # share the cores among the ranks on this machine, as run_ranks does
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world_size))))
     init_process_group(backend, rank, world_size, config.timeout)
     run_dir = prepare_run(config) if rank == 0 else None
     dist.barrier()
