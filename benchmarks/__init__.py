@@ -1,0 +1,1 @@
+"""Benchmark harness for the two-tower AlexNet: ``python -m benchmarks.run --help``."""

@@ -1,0 +1,360 @@
+"""report.md and the charts, written from the ``results`` dict that ``benchmarks.run`` also saves
+as results.json (so a report can be redrawn from a results.json alone: ``write_report(json.load(f), folder)``)."""
+
+from pathlib import Path
+
+import numpy as np
+
+MODE_ORDER = ("single", "towers", "ddp", "torchvision")
+IMAGES_CHART = "images_per_s_vs_batch.png"
+BYTES_CHART = "bytes_per_step_vs_batch.png"
+SECTIONS = ("Machine and software", "Configuration", "Main table", "How each number is taken",
+            "Towers: traffic per exchange", "Batch-size sweep", "Precision and memory format",
+            "Projection to a two-GPU machine", "Not measured")
+
+
+def _mb(n) -> str:
+    return f"{n / 1e6:.2f}"
+
+
+def _span(values) -> str:
+    low, high = min(values) / 1e6, max(values) / 1e6
+    return f"{low:.0f}" if round(low) == round(high) else f"{low:.0f}-{high:.0f}"
+
+
+def _load(values) -> str:
+    return "unknown" if values is None else " / ".join(f"{v:.2f}" for v in values)
+
+
+def _ranks(values, fmt) -> str:
+    return " / ".join(fmt(v) for v in values)
+
+
+def _find(results, mode, batch, precision="fp32", memory_format="contiguous"):
+    return next((r for r in results["runs"] if (r["mode"], r["batch"], r["precision"], r["memory_format"]) ==
+                 (mode, batch, precision, memory_format)), None)
+
+
+def _devices(run) -> str:
+    devices = sorted(set(run["devices"]))
+    return f"{run['ranks']} x {', '.join(devices)}, {_ranks(run['threads'], str)} threads"
+
+
+def _comm(run) -> str:
+    if run["comm_ms"] is None:
+        return "—"
+    comm = _ranks(run["comm_ms"], lambda v: f"{v:.1f}")
+    if run["mode"] == "towers":
+        return f"exchange {comm}"
+    return f"all-reduce {comm} (alone {_ranks(run['allreduce_alone_ms'], lambda v: f'{v:.1f}')})"
+
+
+def _traffic(run) -> str:
+    """The four bytes cells of the main table."""
+    if run["ranks"] == 1:
+        return "0 (one device) | 0 | 0 | 0"
+    return (f"{_ranks(run['bytes_per_rank'], _mb)} MB | {_ranks(run['bytes_per_rank_analytic'], _mb)} MB "
+            f"| {_mb(run['bytes_total'])} MB | {_mb(run['bytes_total_analytic'])} MB")
+
+
+def _share(run) -> str:
+    return "—" if run["peak"] is None else f"{100 * run['peak']['share']:.1f} % of {run['peak']['math']}"
+
+
+def main_table(results) -> list:
+    batch = results["config"]["batch"]
+    kinds = "; ".join(sorted({r["memory_kind"] for r in results["runs"] if r["batch"] == batch}))
+    lines = ["| mode | device (ranks x device, threads/rank) | global batch | images/s | ms/step median [p10, p90] "
+             "| exchange or all-reduce ms (per rank) | compute ms (per rank) | bytes/step per rank: measured "
+             f"| analytic | bytes/step total: measured | analytic | peak memory per rank (MB: {kinds}) "
+             "| param memory per rank (MB) | GFLOP/s | % of peak |",
+             "|" + "---|" * 15]
+    for mode in MODE_ORDER:
+        run = _find(results, mode, batch)
+        if run is None:
+            if mode in results["config"]["modes"]:
+                lines.append(f"| {mode} | not measured (see 'Not measured') |" + " |" * 13)
+            continue
+        s = run["step_ms"]
+        lines.append(
+            f"| {mode} | {_devices(run)} | {batch} | {run['images_per_s']:.1f} "
+            f"| {s['median']:.1f} [{s['p10']:.1f}, {s['p90']:.1f}] | {_comm(run)} "
+            f"| {_ranks(run['compute_ms'], lambda v: f'{v:.1f}')} "
+            f"| {_traffic(run)} "
+            f"| {_ranks(run['peak_memory_bytes'], _mb)} | {_ranks(run['param_bytes'], _mb)} "
+            f"| {run['gflop_per_s']:.1f} | {_share(run)} |")
+    return lines
+
+
+def methods(results) -> list:
+    a, cfg = results["analytic"], results["config"]
+    memory_kinds = sorted({r["memory_kind"] for r in results["runs"]})
+    rss = [r["rss_at_start_bytes"][0] for r in results["runs"] if "RSS" in r["memory_kind"]]
+    return [
+        f"- **Timing.** Each run is a fresh process (one per rank) started by `launch.ranks.run_ranks`; it runs "
+        f"{cfg['warmup']} untimed warm-up step(s), then {cfg['steps']} timed calls of `launch.step.train_step` "
+        "(forward, cross-entropy, backward, SGD with momentum and weight decay), each between two "
+        "`torch.cuda.synchronize` on a GPU. A step of a two-rank mode lasts as long as its slower rank's. "
+        "ms/step is the median with the 10th and 90th percentiles; images/s = global batch / median step.",
+        "- **Exchange (towers).** Wall time inside the collectives, from `Tower.exchange_log` (`seconds` per "
+        "exchange; `synchronize = True` on a GPU so that it waits for the device before and after each). It "
+        "includes waiting for the other tower (tower 0 computes FC8 and the loss alone, so tower 1 waits in the "
+        "logits broadcast). Compute = step minus exchange, per step, median per rank.",
+        "- **All-reduce (ddp).** Not timed inside the hook, because DDP overlaps it with the backward pass: the "
+        "same number of steps is also timed under `no_sync()` (nothing all-reduced: compute only), and "
+        "all-reduce ms = median step - median `no_sync` step, per rank: the all-reduce time *not* hidden "
+        "behind the backward (a difference of two medians: noise can make it negative when the all-reduce is "
+        "well hidden). Compute = the median `no_sync` step. \"alone\": the median time of one `all_reduce` of "
+        "a buffer as large as all the gradients, timed by itself after the steps (the link's cost with nothing "
+        "to hide it behind).",
+        "- **Bytes.** Per rank: bytes this rank sends per step. towers, measured: `ExchangeLog.sent_bytes` over "
+        "the timed steps / steps; analytic: `benchmarks.traffic.tower_sent_elements` (each tower's half of the "
+        "inputs of conv3, FC6, FC7 both ways, FC8's input and the logits by FC8 placement, from the layer "
+        f"shapes) x batch x bytes per element (4 fp32, 2 bf16). ddp, measured: a comm hook "
+        "(`benchmarks.workers.counting_allreduce_hook`, DDP's default all-reduce) counts each gradient bucket's "
+        f"bytes, times the ring all-reduce factor 2(n-1)/n = {a['ring_factor']:g} for n = 2; analytic: "
+        f"{a['num_params']:,} parameters x 4 bytes x {a['ring_factor']:g}. Total = sum over ranks. "
+        "MB = 10^6 bytes.",
+        f"- **Memory.** {'; '.join(memory_kinds)}. "
+        + (f"On the CPU this is the whole process: the Python/torch runtime alone held "
+           f"{_span(rss)} MB when the worker started (results.json: `rss_at_start_bytes`). " if rss else "")
+        + "Param memory = bytes of the rank's parameters (tower 0 holds FC8 when it is whole there).",
+        f"- **FLOPs.** `benchmarks.flops`: forward MACs per layer from the layer shapes (conv: output elements x "
+        f"in_channels/groups x kh x kw; FC: in x out), training = 3 x forward, 2 FLOPs per MAC "
+        f"({a['training_flops_per_mac']} FLOPs per MAC per image); ReLU, LRN, pooling and the optimizer are not "
+        f"counted. Reference: {a['macs_per_image']['single'] / 1e6:.1f} M MACs per image (both towers together "
+        f"the same; tower 0 / tower 1: {_ranks(a['macs_per_image']['towers'], lambda v: f'{v / 1e6:.1f}')} M), "
+        f"torchvision's AlexNet {a['macs_per_image']['torchvision'] / 1e6:.1f} M. GFLOP/s = training FLOPs of the "
+        "global batch / median step. % of peak only on a GPU in `benchmarks.flops.GPU_PEAK_TFLOPS` (dense "
+        "figures), against the peak of the math used (fp32 convolutions run as TF32 on cuDNN by default) times "
+        "the number of GPUs.",
+    ]
+
+
+def exchange_table(results) -> list:
+    run = _find(results, "towers", results["config"]["batch"])
+    if run is None:
+        return ["towers was not measured at the main batch."]
+    lines = [f"Global batch {run['batch']}, fp32; bytes sent per step by each tower (MB).", "",
+             "| exchange/direction | tower 0 measured | tower 0 analytic | tower 1 measured | tower 1 analytic "
+             "| bytes per element |", "|---|---|---|---|---|---|"]
+    keys = sorted(set(run["exchanges"][0]) | set(run["exchanges"][1]))
+    for key in keys:
+        cells = []
+        for rank in range(2):
+            e = run["exchanges"][rank].get(key)
+            cells += [_mb(e["sent_bytes_per_step"]) if e else "—", _mb(e["sent_bytes_per_step_analytic"]) if e else "—"]
+        size = {run["exchanges"][r][key]["bytes_per_element"] for r in range(2) if key in run["exchanges"][r]}
+        lines.append(f"| {key} | {' | '.join(cells)} | {', '.join(f'{s:g}' for s in sorted(size))} |")
+    return lines
+
+
+def crossover_lines(results) -> list:
+    a, placement = results["analytic"], results["config"]["fc8_placement"]
+    per_image = [sum(t.values()) for t in a["towers_sent_elements_per_image"]]
+    c = a["crossover_batch"]
+    return [
+        f"Towers: {sum(per_image):,} elements cross per image per step (tower 0 / tower 1 sends "
+        f"{per_image[0]:,} / {per_image[1]:,}; FC8 {placement}), i.e. {4 * sum(per_image) / 1e3:.1f} kB per image in "
+        f"fp32, growing with the batch. Data parallel: 2 ranks x 2(n-1)/n x {a['num_params']:,} x 4 bytes = "
+        f"{2 * a['ddp_bytes_per_rank'] / 1e6:.1f} MB per step, whatever the batch.",
+        "",
+        f"**Crossover** (equal total bytes per step): **{c['fp32'][placement]:.0f} images** per step with fp32 "
+        f"activations (FC8 {placement}; {c['fp32']['split' if placement == 'tower0' else 'tower0']:.0f} with FC8 "
+        f"{'split' if placement == 'tower0' else 'tower0'}), {c['bf16'][placement]:.0f} with bf16 activations "
+        "(DDP's gradients stay fp32 under autocast). Below it the towers move fewer bytes than data parallel.",
+    ]
+
+
+def sweep_tables(results) -> list:
+    batches = sorted({r["batch"] for r in results["runs"] if r["precision"] == "fp32" and r["memory_format"] == "contiguous"})
+    modes = [m for m in MODE_ORDER if any(_find(results, m, b) for b in batches)]
+    lines = ["images/s (ms/step median), fp32, contiguous:", "",
+             "| global batch | " + " | ".join(modes) + " |", "|---|" + "---|" * len(modes)]
+    for b in batches:
+        cells = [(lambda r: f"{r['images_per_s']:.1f} ({r['step_ms']['median']:.1f})" if r else "—")(_find(results, m, b))
+                 for m in modes]
+        lines.append(f"| {b} | " + " | ".join(cells) + " |")
+    lines += ["", "Bytes per step, all ranks together (MB), measured / analytic:", "",
+              "| global batch | towers | ddp |", "|---|---|---|"]
+    for b in batches:
+        cells = [(lambda r: f"{_mb(r['bytes_total'])} / {_mb(r['bytes_total_analytic'])}" if r else "—")(_find(results, m, b))
+                 for m in ("towers", "ddp")]
+        if cells != ["—", "—"]:
+            lines.append(f"| {b} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def precision_table(results) -> list:
+    batch = results["config"]["batch"]
+    lines = [f"Global batch {batch}. Speed-up is against the same mode in fp32, contiguous. Analytic bytes for bf16 "
+             "assume every exchanged activation is bf16; where autocast leaves one in fp32 (see bytes per "
+             "element in results.json) the measured figure is higher.", "",
+             "| mode | precision | memory format | images/s | ms/step median [p10, p90] | speed-up "
+             "| bytes/step total measured / analytic (MB) | peak memory per rank (MB) |", "|---|---|---|---|---|---|---|---|"]
+    combinations = dict.fromkeys([("fp32", "contiguous")] + [(p, f) for p in results["config"]["precisions"]
+                                                               for f in results["config"]["memory_formats"]])
+    for mode in (m for m in MODE_ORDER if m in results["config"]["precision_modes"]):
+        base = _find(results, mode, batch)
+        for precision, memory_format in combinations:
+            run = _find(results, mode, batch, precision, memory_format)
+            if run is None:
+                lines.append(f"| {mode} | {precision} | {memory_format} | not measured | | | | |")
+                continue
+            s = run["step_ms"]
+            speedup = f"{base['step_ms']['median'] / s['median']:.2f}x" if base else "—"
+            lines.append(f"| {mode} | {precision} | {memory_format} | {run['images_per_s']:.1f} "
+                         f"| {s['median']:.1f} [{s['p10']:.1f}, {s['p90']:.1f}] | {speedup} "
+                         f"| {_mb(run['bytes_total'])} / {_mb(run['bytes_total_analytic'])} "
+                         f"| {_ranks(run['peak_memory_bytes'], _mb)} |")
+    return lines
+
+
+def projection_lines(results) -> list:
+    p = results["projection"]
+    if "skipped" in p:
+        return [f"Not projected: {p['skipped']}."]
+    lines = [
+        "**PROJECTION, not a measurement**: the step time two GPUs joined by each link would take, from "
+        "compute times measured here and the link's bandwidth.", "",
+        f"- towers step = per-tower compute ({p['tower_compute_ms']:.1f} ms, {p['tower_compute_source']}) "
+        f"+ bytes the busier tower sends ({_mb(p['towers_bytes_per_direction'])} MB, analytic, fp32) / bandwidth "
+        f"+ {p['towers_calls']} collectives x {p['latency_us']:g} us.",
+    ]
+    if p["ddp_compute_ms"] is not None:
+        lines.append(f"- ddp step = one rank's compute ({p['ddp_compute_ms']:.1f} ms, {p['ddp_compute_source']}) "
+                     f"+ ring all-reduce bytes per rank ({_mb(p['ddp_bytes_per_direction'])} MB) / bandwidth + "
+                     f"{p['ddp_calls']:g} buckets x {p['latency_us']:g} us (serial); overlapped = the larger of the two "
+                     "(DDP's best case, all-reduce hidden behind the backward).")
+    lines += [
+        "- Assumptions: full-duplex link at the stated bandwidth each way, both directions busy at once; "
+        "the towers' exchanges block the next layer (no overlap with compute); both towers equally fast, "
+        "their compute unchanged by the link (measured compute of a rank process here includes none of "
+        "its waiting); the projected GPUs compute as fast as the device measured here (on a CPU the "
+        "projection only shows how traffic would weigh against this machine's compute).", "",
+        f"Global batch {p['batch']}, fp32. Measured here (ms/step): single {p['single_ms']:.1f}; towers "
+        + (f"{p['measured']['towers']:.1f} on {', '.join(sorted(set(p['measured_devices']['towers'])))}"
+           if p["measured"]["towers"] else "not measured")
+        + "; ddp "
+        + (f"{p['measured']['ddp']:.1f} on {', '.join(sorted(set(p['measured_devices']['ddp'])))}"
+           if p["measured"]["ddp"] else "not measured") + ".", "",
+        "| link | GB/s per direction | towers: link ms | towers ms/step | towers images/s | vs single "
+        "| ddp: link ms | ddp ms/step serial / overlapped | ddp images/s (serial) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for link in p["links"]:
+        towers = f"{link['towers_link_ms']:.2f} | {link['towers_ms']:.1f} | {p['batch'] / link['towers_ms'] * 1e3:.1f} " \
+                 f"| {p['single_ms'] / link['towers_ms']:.2f}x"
+        ddp = (f"{link['ddp_link_ms']:.2f} | {link['ddp_serial_ms']:.1f} / {link['ddp_overlapped_ms']:.1f} "
+               f"| {p['batch'] / link['ddp_serial_ms'] * 1e3:.1f}") if "ddp_serial_ms" in link else "— | — | —"
+        lines.append(f"| {link['link']} | {link['gb_per_s']:g} | {towers} | {ddp} |")
+    return lines
+
+
+def _batch_axis(ax) -> None:
+    from matplotlib.ticker import ScalarFormatter
+    ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.set_xlabel("global batch (images per step)")
+
+
+def chart_images_per_s(results, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for mode in MODE_ORDER:
+        runs = sorted((r for r in results["runs"] if r["mode"] == mode and r["precision"] == "fp32"
+                       and r["memory_format"] == "contiguous"), key=lambda r: r["batch"])
+        if runs:
+            ax.plot([r["batch"] for r in runs], [r["images_per_s"] for r in runs], marker="o", label=mode)
+    _batch_axis(ax)
+    ax.set_ylabel("images/s (median step)")
+    ax.set_title(f"Training throughput, fp32 — {results['machine']['hostname']}")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def chart_bytes(results, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    a, placement = results["analytic"], results["config"]["fc8_placement"]
+    crossover = a["crossover_batch"]["fp32"][placement]
+    towers_per_image = 4 * sum(sum(t.values()) for t in a["towers_sent_elements_per_image"])
+    ddp_total = 2 * a["ddp_bytes_per_rank"]
+    batches = [r["batch"] for r in results["runs"]] or [1]
+    n = np.geomspace(max(1, min(batches) / 2), max(2 * crossover, 2 * max(batches)), 200)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.plot(n, towers_per_image * n / 1e6, color="C1", label="towers, analytic (activations)")
+    ax.plot(n, np.full_like(n, ddp_total / 1e6), color="C2", label="ddp, analytic (gradients, ring)")
+    for mode, color in (("towers", "C1"), ("ddp", "C2")):
+        runs = [r for r in results["runs"] if r["mode"] == mode and r["precision"] == "fp32"
+                and r["memory_format"] == "contiguous"]
+        if runs:
+            ax.scatter([r["batch"] for r in runs], [r["bytes_total"] / 1e6 for r in runs], color=color,
+                       edgecolor="black", zorder=3, label=f"{mode}, measured")
+    ax.axvline(crossover, color="grey", linestyle="--")
+    ax.annotate(f"crossover ≈ {crossover:.0f} images", (crossover, ddp_total / 1e6), textcoords="offset points",
+                xytext=(-10, -30), ha="right", fontsize=9)
+    _batch_axis(ax)
+    ax.set_yscale("log")
+    ax.set_ylabel("MB per step, all ranks (fp32)")
+    ax.set_title("Bytes moved per step (single, torchvision: none)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(results: dict, folder: Path) -> None:
+    folder = Path(folder)
+    chart_images_per_s(results, folder / IMAGES_CHART)
+    chart_bytes(results, folder / BYTES_CHART)
+    m, cfg = results["machine"], results["config"]
+    plan = m["device_plan"]
+    two_rank_threads = sorted({t for r in results["runs"] if r["ranks"] == 2 for t in r["threads"]})
+    one_rank_threads = sorted({t for r in results["runs"] if r["ranks"] == 1 for t in r["threads"]})
+    lines = [
+        f"# AlexNet: one device, two towers, data parallel — {m['hostname']}, {results['date']}", "",
+        f"## {SECTIONS[0]}", "",
+        f"- host `{m['hostname']}`, {m['platform']}, Python {m['python']}",
+        f"- CPU: {m['cpu_model']}, {m['cpu_count']} logical cores",
+        f"- GPUs: {', '.join(m['gpus']) or 'none'}",
+        f"- torch {m['torch']} (CUDA {m['cuda']}), torchvision {m['torchvision']}",
+        f"- devices: {plan['note']}; two-rank backend: {plan['backend'] or '—'}",
+        f"- load average (1, 5, 15 min) at start {_load(m['load_average']['start'])}, at end "
+        f"{_load(m['load_average']['end'])}: other work on the machine slows every mode, the more threads the more",
+        f"- threads per process: single-device modes {', '.join(map(str, one_rank_threads)) or '—'}, "
+        f"two-rank modes {', '.join(map(str, two_rank_threads)) or '—'} per rank", "",
+        f"## {SECTIONS[1]}", "",
+        f"- command: `{results['command']}`",
+        f"- main table: global batch {cfg['batch']}, fp32, contiguous; {cfg['warmup']} warm-up + {cfg['steps']} "
+        f"timed steps per run; seed {cfg['seed']}; FC8 placement {cfg['fc8_placement']}; dropout 0.5 as in training",
+        f"- data: synthetic float32 N x 3 x 224 x 224 images at raw-pixel scale, random labels, resident on the "
+        "device; towers: both ranks get the whole global batch; ddp: each rank half of it",
+        f"- batch sweep: {', '.join(map(str, cfg['batches']))} over {', '.join(cfg['sweep_modes'])}; precision "
+        f"sweep: {', '.join(cfg['precisions'])} x {', '.join(cfg['memory_formats'])} over "
+        f"{', '.join(cfg['precision_modes'])}",
+        f"- the whole run took {results['elapsed_s']:.0f} s", "",
+        f"## {SECTIONS[2]}", "", *main_table(results), "",
+        f"## {SECTIONS[3]}", "", *methods(results), "",
+        f"## {SECTIONS[4]}", "", *exchange_table(results), "",
+        f"## {SECTIONS[5]}", "", *sweep_tables(results), "", *crossover_lines(results), "",
+        f"![images/s against batch size]({IMAGES_CHART})", "",
+        f"![bytes per step against batch size, crossover marked]({BYTES_CHART})", "",
+        f"## {SECTIONS[6]}", "", *precision_table(results), "",
+        f"## {SECTIONS[7]}", "", *projection_lines(results), "",
+        f"## {SECTIONS[8]}", "",
+    ]
+    lines += [f"- {n['mode']}, batch {n['batch']}, {n['precision']}, {n['memory_format']}: {n['reason']}"
+              for n in results["not_measured"]] or ["Everything planned was measured."]
+    diverged = [f"{r['mode']} (batch {r['batch']}, {r['precision']}, {r['memory_format']})" for r in results["runs"]
+                if not all(loss is not None and np.isfinite(loss) for loss in r["final_loss"])]
+    if diverged:  # the arithmetic timed is the same, but non-finite values can run slower on some CPUs
+        lines += ["", f"Note: the loss became non-finite in {', '.join(diverged)} (random labels at raw-pixel scale)."]
+    (folder / "report.md").write_text("\n".join(lines) + "\n")

@@ -1,0 +1,473 @@
+"""Benchmark: the same training step run four ways, timed, with its traffic counted.
+
+    python -m benchmarks.run --quick     # a small run, under 5 minutes on a 2-core CPU
+    python -m benchmarks.run             # the full run: give it an idle machine
+    python -m benchmarks.run --help      # every option
+
+Every mode times ``launch.step.train_step`` on the same global batch of synthetic
+float32 N x 3 x 224 x 224 images at raw-pixel scale, resident on the device, with
+random labels; warm-up steps are not timed.
+
+  single       the reference (towers.build_reference) on one device
+  towers       the paper's two towers (towers.Tower, weights from towers.shard_state_dict
+               of the same reference) on two ranks, each seeing the whole global batch
+  ddp          the reference under DistributedDataParallel on two ranks, half the batch each
+  torchvision  torchvision.models.alexnet(num_classes=1000) on one device
+
+Devices: with two GPUs the two-rank modes use NCCL, rank r on cuda:r; without a GPU
+everything runs on the CPU, two-rank modes over gloo with cpu_count // 2 threads per
+rank and single-device modes with all threads. With one GPU (which cannot host two
+NCCL ranks) the single-device modes run on it and the two-rank modes are skipped,
+with the reason in the report; the projection then estimates a tower's compute from
+the single-GPU step (``--one-gpu-two-rank cpu`` runs them on the CPU over gloo instead,
+at the GPU's batch sizes: slow, and not comparable with the GPU rows).
+
+Each run is a fresh process (or pair) started by ``launch.ranks.run_ranks``. Output:
+``benchmarks/reports/<machine>-<YYYY-MM-DD>/`` (or ``--out``) with report.md,
+results.json and two PNG charts.
+"""
+
+import argparse
+from dataclasses import asdict, dataclass, field, fields, replace
+import datetime
+import json
+import logging
+import math
+import os
+from pathlib import Path
+import platform
+import re
+import shlex
+import socket
+import sys
+import tempfile
+import time
+from typing import NamedTuple, Optional
+
+import numpy as np
+import torch
+
+from launch.ranks import RankFailure, run_ranks
+from towers import AlexNet
+
+from . import flops, traffic
+from .workers import WORKERS, weights_worker
+
+logger = logging.getLogger(__name__)
+
+MODES = ("single", "towers", "ddp", "torchvision")
+TWO_RANK_MODES = ("towers", "ddp")
+PRECISIONS = ("fp32", "bf16")
+MEMORY_FORMATS = ("contiguous", "channels_last")
+ELEMENT_SIZE = {"fp32": 4, "bf16": 2}  # bytes of an exchanged activation, as the analytic figure assumes
+DDP_BUCKET_CAP_BYTES = 25 * 2**20  # DistributedDataParallel's default bucket_cap_mb
+REPORTS_DIR = Path(__file__).resolve().parent / "reports"
+
+
+def option(default, help: str, type=str, choices=None, many: bool = False):
+    """A config field and its command-line option: ``many`` takes a comma-separated list."""
+    return field(default=default, metadata={"help": help, "type": type, "choices": choices, "many": many})
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """Everything a run depends on; the command line is generated from these fields.
+    ``None`` means "chosen by device and --quick" (see ``DEFAULTS``)."""
+
+    modes: tuple = option(MODES, "modes of the main table", choices=MODES, many=True)
+    batch: Optional[int] = option(None, "global batch of the main table and the precision sweep "
+                                        "[GPU 128, CPU 16, --quick: GPU 64, CPU 8]", type=int)
+    warmup: Optional[int] = option(None, "untimed steps before the timed ones [GPU 10, CPU 2, --quick 1]", type=int)
+    steps: Optional[int] = option(None, "timed steps per run [GPU 50, CPU 20, --quick: GPU 10, CPU 3]", type=int)
+    batches: Optional[tuple] = option(None, "global batches of the batch-size sweep "
+                                            "[GPU 32,64,128,256,512; CPU 4,8,16,32; --quick: GPU 16,128, CPU 16]",
+                                      type=int, many=True)
+    sweep_modes: tuple = option(MODES, "modes of the batch-size sweep", choices=MODES, many=True)
+    precisions: tuple = option(PRECISIONS, "precision sweep: fp32, and bf16 autocast (train_step's autocast_dtype)",
+                               choices=PRECISIONS, many=True)
+    memory_formats: tuple = option(MEMORY_FORMATS, "memory-format sweep: images and conv weights contiguous "
+                                                   "(NCHW) or channels_last (NHWC)", choices=MEMORY_FORMATS, many=True)
+    precision_modes: Optional[tuple] = option(None, "modes of the precision/memory-format sweep "
+                                                    "[all; --quick on CPU: towers]", choices=MODES, many=True)
+    bf16_slowdown_limit: float = option(4.0, "if the first bf16 run is this many times slower than fp32 "
+                                             "(bf16 emulated on this device), the other bf16 runs are marked "
+                                             "'not measured on this device'", type=float)
+    fc8_placement: str = option("tower0", "towers' FC8: whole on tower 0 (the authors' layout) or split 500+500",
+                                choices=("tower0", "split"))
+    seed: int = option(0, "seed of the reference's weights, the synthetic batch and dropout", type=int)
+    device: str = option("auto", "auto: GPUs when present; cpu: force the CPU; cuda: fail without a GPU",
+                         choices=("auto", "cpu", "cuda"))
+    one_gpu_two_rank: str = option("skip", "with exactly one GPU (which cannot host two NCCL ranks): skip towers/ddp, "
+                                           "or run them on the CPU over gloo", choices=("skip", "cpu"))
+    links: tuple = option(("nvlink=300", "pcie4=25"), "links of the projection, NAME=GB/s per direction "
+                                                      "(10^9 bytes/s)", many=True)
+    link_latency_us: float = option(10.0, "projection: start-up cost of each collective on the link, microseconds",
+                                    type=float)
+    rank_timeout_s: float = option(1800.0, "a run still going after this many seconds is stopped and marked failed",
+                                   type=float)
+    out: Optional[str] = option(None, "output folder [benchmarks/reports/<machine>-<YYYY-MM-DD>]")
+    quick: bool = option(False, "small defaults that finish in under 5 minutes on a 2-core CPU", type=bool)
+
+
+DEFAULTS = {  # (device of the single-device modes, --quick) -> defaults for the None fields
+    ("cuda", False): dict(batch=128, warmup=10, steps=50, batches=(32, 64, 128, 256, 512), precision_modes=MODES),
+    ("cpu", False): dict(batch=16, warmup=2, steps=20, batches=(4, 8, 16, 32), precision_modes=MODES),
+    ("cuda", True): dict(batch=64, warmup=3, steps=10, batches=(16, 128), precision_modes=MODES),
+    ("cpu", True): dict(batch=8, warmup=1, steps=3, batches=(16,), precision_modes=("towers",)),
+}
+
+
+def _comma_list(item_type, choices):
+    def parse(text):
+        values = [item_type(v.strip()) for v in text.split(",") if v.strip()]
+        bad = [v for v in values if choices and v not in choices]
+        if not values or bad:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {', '.join(map(str, choices or ['values']))}; got {text!r}")
+        return tuple(values)
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in fields(BenchConfig):
+        meta, flag = f.metadata, "--" + f.name.replace("_", "-")
+        help_text = meta["help"]
+        if f.default is not None and meta["type"] is not bool:
+            help_text += f" (default: {','.join(map(str, f.default)) if meta['many'] else f.default})"
+        if meta["type"] is bool:
+            parser.add_argument(flag, action="store_true", help=help_text)
+        elif meta["many"]:
+            parser.add_argument(flag, type=_comma_list(meta["type"], meta["choices"]), default=f.default,
+                                metavar="A,B,...", help=help_text)
+        else:
+            parser.add_argument(flag, type=meta["type"], choices=meta["choices"], default=f.default, help=help_text)
+    return parser
+
+
+class DevicePlan(NamedTuple):
+    single: str  # device of single/torchvision: "cuda" or "cpu"
+    two_rank: Optional[str]  # device of towers/ddp, None when skipped
+    backend: Optional[str]  # "nccl" or "gloo"
+    gpu_name: Optional[str]
+    note: str  # why it is so, for the report
+
+
+def plan_devices(config: BenchConfig) -> DevicePlan:
+    gpus = 0 if config.device == "cpu" else torch.cuda.device_count()
+    if config.device == "cuda" and gpus == 0:
+        raise ValueError("--device cuda, but torch sees no CUDA device; use --device cpu or auto")
+    if gpus == 0:
+        return DevicePlan("cpu", "cpu", "gloo", None, "no GPU: every mode on the CPU, two-rank modes over gloo")
+    name = torch.cuda.get_device_name(0)
+    if gpus >= 2:
+        return DevicePlan("cuda", "cuda", "nccl", name, f"{gpus} GPUs: two-rank modes over NCCL, rank r on cuda:r")
+    if config.one_gpu_two_rank == "skip":
+        return DevicePlan("cuda", None, None, name, "one GPU, which cannot host two NCCL ranks: towers and ddp "
+                                                   "skipped (--one-gpu-two-rank skip)")
+    return DevicePlan("cuda", "cpu", "gloo", name, "one GPU, which cannot host two NCCL ranks: single and "
+                                                  "torchvision on the GPU, towers and ddp on the CPU over gloo "
+                                                  "(not comparable with the GPU rows)")
+
+
+def resolve(config: BenchConfig, devices: DevicePlan) -> BenchConfig:
+    """Fills the None fields and checks the values."""
+    defaults = DEFAULTS[(devices.single, config.quick)]
+    config = replace(config, **{k: v for k, v in defaults.items() if getattr(config, k) is None})
+    if config.steps < 1 or config.warmup < 0:
+        raise ValueError(f"--steps must be at least 1 and --warmup at least 0, got {config.steps} and {config.warmup}")
+    ddp_batches = ((config.batch,) if "ddp" in config.modes + config.precision_modes else ()) + \
+        (config.batches if "ddp" in config.sweep_modes else ())
+    if min((config.batch,) + config.batches) < 1 or any(b % 2 for b in ddp_batches):
+        raise ValueError(f"batches must be positive, and even where ddp runs (it halves the global batch): "
+                         f"--batch {config.batch} --batches {','.join(map(str, config.batches))}")
+    for link in config.links:
+        name, _, gb_s = link.partition("=")
+        if not name or not re.fullmatch(r"\d+(\.\d+)?", gb_s):
+            raise ValueError(f"--links takes NAME=GB/s items such as nvlink=300; got {link!r}")
+    return config
+
+
+class RunKey(NamedTuple):
+    mode: str
+    batch: int
+    precision: str
+    memory_format: str
+
+
+def plan_runs(config: BenchConfig) -> list:
+    """Every distinct run, fp32 before bf16 (the bf16 check compares with fp32)."""
+    main = [RunKey(m, config.batch, "fp32", "contiguous") for m in config.modes]
+    sweep = [RunKey(m, b, "fp32", "contiguous") for b in sorted(config.batches) for m in config.sweep_modes]
+    # the projection's DDP compute: one rank's work is the single net on half the batch
+    half = ([RunKey("single", config.batch // 2, "fp32", "contiguous")]
+            if config.batch % 2 == 0 and "single" in config.modes else [])
+    precisions = sorted(config.precisions, key=PRECISIONS.index)
+    sweep_pf = [RunKey(m, config.batch, p, f) for p in precisions for f in config.memory_formats
+                for m in config.precision_modes]
+    return list(dict.fromkeys(main + sweep + half + sweep_pf))
+
+
+def run_spec(key: RunKey, config: BenchConfig, devices: DevicePlan, weights: dict) -> dict:
+    two_rank = key.mode in TWO_RANK_MODES
+    return {**key._asdict(), "warmup": config.warmup, "steps": config.steps, "seed": config.seed,
+            "fc8_placement": config.fc8_placement, "device": devices.two_rank if two_rank else devices.single,
+            "backend": devices.backend if two_rank else "none (one process)", **weights}
+
+
+def execute(spec: dict, config: BenchConfig, devices: DevicePlan) -> list:
+    worker = WORKERS[spec["mode"]]
+    if spec["mode"] in TWO_RANK_MODES:
+        return run_ranks(worker, (spec,), world_size=2, backend=devices.backend, timeout_s=config.rank_timeout_s)
+    # one rank, all threads; its process group (gloo, size 1) is never used
+    return run_ranks(worker, (spec,), world_size=1, backend="gloo", timeout_s=config.rank_timeout_s,
+                     threads_per_rank=os.cpu_count() or 1)
+
+
+def analytic_figures(config: BenchConfig) -> dict:
+    reference = flops.reference_layers()
+    tv = flops.torchvision_layers()
+    num_params = flops.count_params(AlexNet)
+    crossover = {p: {placement: traffic.crossover_batch(reference, placement, num_params, ELEMENT_SIZE[p])
+                     for placement in ("tower0", "split")} for p in PRECISIONS}
+    return {
+        "reference_layers": {k: asdict(v) for k, v in reference.items()},
+        "torchvision_layers": {k: asdict(v) for k, v in tv.items()},
+        "macs_per_image": {
+            "single": sum(l.macs for l in reference.values()),
+            "ddp": sum(l.macs for l in reference.values()),
+            "towers": [flops.tower_macs(reference, r, config.fc8_placement) for r in range(2)],
+            "torchvision": sum(l.macs for l in tv.values()),
+        },
+        "num_params": num_params,
+        "towers_sent_elements_per_image": traffic.tower_sent_elements(reference, config.fc8_placement),
+        "towers_calls_per_step": traffic.exchange_calls(reference, config.fc8_placement),
+        "ddp_payload_bytes_per_rank": traffic.ddp_payload_bytes(num_params),
+        "ring_factor": traffic.ring_factor(2),
+        "ddp_bytes_per_rank": traffic.ddp_bytes_per_rank(num_params),
+        "crossover_batch": crossover,
+        "training_flops_per_mac": flops.TRAINING_FLOPS_PER_MAC,
+    }
+
+
+def _percentiles(seconds: list) -> dict:
+    p10, median, p90 = np.percentile(np.array(seconds) * 1e3, [10, 50, 90])
+    return {"median": float(median), "p10": float(p10), "p90": float(p90)}
+
+
+def _exact(value: float):
+    return int(value) if float(value).is_integer() else value
+
+
+def summarize(spec: dict, ranks: list, analytic: dict, devices: DevicePlan) -> dict:
+    """One run's numbers from its ranks' raw results. A step ends when the slowest rank's does."""
+    mode, batch, steps = spec["mode"], spec["batch"], spec["steps"]
+    step_s = [max(per_rank) for per_rank in zip(*(r["step_s"] for r in ranks))]
+    step_ms = _percentiles(step_s)
+    run = {
+        **{k: spec[k] for k in ("mode", "batch", "precision", "memory_format", "device", "backend", "warmup", "steps")},
+        "ranks": len(ranks), "devices": [r["device"] for r in ranks], "threads": [r["threads"] for r in ranks],
+        "step_ms": step_ms, "step_ms_raw": [s * 1e3 for s in step_s],
+        "images_per_s": batch / (step_ms["median"] / 1e3),
+        "peak_memory_bytes": [r["peak_memory_bytes"] for r in ranks], "memory_kind": ranks[0]["memory_kind"],
+        "rss_at_start_bytes": [r["rss_at_start_bytes"] for r in ranks],
+        "param_bytes": [r["param_bytes"] for r in ranks], "final_loss": [r["final_loss"] for r in ranks],
+    }
+    if mode == "towers":
+        element_size = ELEMENT_SIZE[spec["precision"]]
+        run["comm_ms"] = [_percentiles(r["comm_s"])["median"] for r in ranks]
+        run["compute_ms"] = [_percentiles([s - c for s, c in zip(r["step_s"], r["comm_s"])])["median"] for r in ranks]
+        assert all(r["sent_bytes"] % steps == 0 for r in ranks), "exchange traffic differs between steps"
+        run["bytes_per_rank"] = [r["sent_bytes"] // steps for r in ranks]
+        run["bytes_per_rank_analytic"] = [n * batch * element_size
+                                          for n in (sum(t.values()) for t in analytic["towers_sent_elements_per_image"])]
+        run["calls_per_step"] = [r["calls"] / steps for r in ranks]
+        run["exchanges"] = [{key: {"calls_per_step": e["calls"] / steps,
+                                   "sent_bytes_per_step": e["sent_bytes"] / steps,
+                                   "received_bytes_per_step": e["received_bytes"] / steps,
+                                   "bytes_per_element": (e["sent_bytes"] or e["received_bytes"]) /
+                                                        max(1, e["sent_elements"] or e["received_elements"]),
+                                   "sent_bytes_per_step_analytic": sent.get(key, 0) * batch * element_size}
+                             for key, e in r["exchanges"].items()}
+                            for r, sent in zip(ranks, analytic["towers_sent_elements_per_image"])]
+    elif mode == "ddp":
+        run["comm_ms"] = [_percentiles(r["step_s"])["median"] - _percentiles(r["compute_only_s"])["median"] for r in ranks]
+        run["compute_ms"] = [_percentiles(r["compute_only_s"])["median"] for r in ranks]
+        run["allreduce_alone_ms"] = [_percentiles(r["allreduce_alone_s"])["median"] for r in ranks]
+        run["payload_bytes_per_rank"] = [r["payload_bytes"] / steps for r in ranks]
+        run["buckets_per_step"] = [r["buckets"] / steps for r in ranks]
+        run["bytes_per_rank"] = [_exact(analytic["ring_factor"] * r["payload_bytes"] / steps) for r in ranks]
+        run["bytes_per_rank_analytic"] = [_exact(analytic["ddp_bytes_per_rank"])] * len(ranks)
+    else:
+        run["comm_ms"] = None
+        run["compute_ms"] = [step_ms["median"]]
+        run["bytes_per_rank"] = run["bytes_per_rank_analytic"] = [0]
+    run["bytes_total"] = sum(run["bytes_per_rank"])
+    run["bytes_total_analytic"] = sum(run["bytes_per_rank_analytic"])
+    macs = analytic["macs_per_image"][mode]
+    run["flops_per_step"] = flops.training_flops(sum(macs) if isinstance(macs, list) else macs, batch)
+    flop_per_s = run["flops_per_step"] / (step_ms["median"] / 1e3)
+    run["gflop_per_s"] = flop_per_s / 1e9
+    run["peak"] = None
+    known = devices.gpu_name and flops.gpu_peak(devices.gpu_name)
+    if spec["device"] == "cuda" and known:
+        math_mode = "bf16" if spec["precision"] == "bf16" else flops.fp32_math()
+        tflops = known[1][math_mode]
+        run["peak"] = {"gpu": known[0], "math": math_mode, "tflop_per_s_per_device": tflops, "devices": len(ranks),
+                       "share": flop_per_s / (tflops * 1e12 * len(ranks))}
+    return run
+
+
+def projection(runs: dict, config: BenchConfig, analytic: dict) -> dict:
+    """Step time on a two-GPU machine with the given links, from measured compute times."""
+    single = runs.get(RunKey("single", config.batch, "fp32", "contiguous"))
+    towers = runs.get(RunKey("towers", config.batch, "fp32", "contiguous"))
+    ddp = runs.get(RunKey("ddp", config.batch, "fp32", "contiguous"))
+    half = runs.get(RunKey("single", config.batch // 2, "fp32", "contiguous"))
+    if single is None:
+        return {"skipped": "the single mode was not measured at the main batch, so there is no compute time to project from"}
+    macs = analytic["macs_per_image"]
+    if towers is not None and towers["devices"][0].split(":")[0] == single["devices"][0].split(":")[0]:
+        tower_compute_ms, tower_source = max(towers["compute_ms"]), "measured: towers' compute (step minus exchange), slower rank"
+    else:
+        tower_compute_ms = single["step_ms"]["median"] * max(macs["towers"]) / macs["single"]
+        tower_source = "estimated: single step x the busier tower's share of the FLOPs (towers not measured on this device)"
+    if half is not None:
+        ddp_compute_ms, ddp_source = half["step_ms"]["median"], f"measured: single at batch {half['batch']}"
+    else:
+        ddp_compute_ms, ddp_source = None, "not measured (odd batch or single not run at half the batch)"
+    tower_bytes = max(sum(t.values()) for t in analytic["towers_sent_elements_per_image"]) * config.batch * 4
+    ddp_bytes = analytic["ddp_bytes_per_rank"]
+    ddp_calls = (ddp["buckets_per_step"][0] if ddp else
+                 math.ceil(analytic["ddp_payload_bytes_per_rank"] / DDP_BUCKET_CAP_BYTES))
+    links = []
+    for link in config.links:
+        name, _, gb_s = link.partition("=")
+        gb_s = float(gb_s)
+        tower_link_s = traffic.link_time_s(tower_bytes, analytic["towers_calls_per_step"], gb_s, config.link_latency_us)
+        entry = {"link": name, "gb_per_s": gb_s, "towers_link_ms": tower_link_s * 1e3,
+                 "towers_ms": tower_compute_ms + tower_link_s * 1e3}
+        if ddp_compute_ms is not None:
+            ddp_link_ms = traffic.link_time_s(ddp_bytes, ddp_calls, gb_s, config.link_latency_us) * 1e3
+            entry.update(ddp_link_ms=ddp_link_ms, ddp_serial_ms=ddp_compute_ms + ddp_link_ms,
+                         ddp_overlapped_ms=max(ddp_compute_ms, ddp_link_ms))
+        links.append(entry)
+    return {
+        "batch": config.batch, "single_ms": single["step_ms"]["median"],
+        "tower_compute_ms": tower_compute_ms, "tower_compute_source": tower_source,
+        "ddp_compute_ms": ddp_compute_ms, "ddp_compute_source": ddp_source,
+        "towers_bytes_per_direction": tower_bytes, "towers_calls": analytic["towers_calls_per_step"],
+        "ddp_bytes_per_direction": ddp_bytes, "ddp_calls": ddp_calls, "latency_us": config.link_latency_us,
+        "measured": {m: r["step_ms"]["median"] if r else None for m, r in (("towers", towers), ("ddp", ddp))},
+        "measured_devices": {m: r["devices"] if r else None for m, r in (("towers", towers), ("ddp", ddp))},
+        "links": links,
+    }
+
+
+def machine_info(devices: DevicePlan) -> dict:
+    import torchvision
+    cpu_model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu_model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {
+        "hostname": socket.gethostname(), "platform": platform.platform(), "python": platform.python_version(),
+        "cpu_model": cpu_model, "cpu_count": os.cpu_count(),
+        "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if devices.gpu_name else [],
+        "torch": torch.__version__, "torchvision": torchvision.__version__, "cuda": torch.version.cuda,
+        "device_plan": devices._asdict(),
+    }
+
+
+def _load_average() -> Optional[list]:
+    """1, 5 and 15 minute load averages: other work on the machine slows every mode."""
+    return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def default_out(devices: DevicePlan) -> Path:
+    machine = _slug(socket.gethostname() + "-" + (devices.gpu_name or "cpu"))
+    return REPORTS_DIR / f"{machine}-{datetime.date.today().isoformat()}"
+
+
+def _bf16_unsupported(key: RunKey, devices: DevicePlan) -> Optional[str]:
+    device = devices.two_rank if key.mode in TWO_RANK_MODES else devices.single
+    if key.precision == "bf16" and device == "cuda" and not torch.cuda.is_bf16_supported():
+        return "not measured on this device: the GPU has no bf16 support"
+    return None
+
+
+def measure(keys: list, config: BenchConfig, devices: DevicePlan, analytic: dict) -> tuple:
+    """Runs every planned run, each in fresh processes; returns ({key: run}, [not measured, with why])."""
+    runs, not_measured, bf16_reason = {}, [], None
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="alexnet-bench-") as folder:
+        # the reference from the seed and its two tower shards, as files every run loads
+        weights = run_ranks(weights_worker, (config.seed, config.fc8_placement, folder), world_size=1,
+                            timeout_s=config.rank_timeout_s)[0]
+        for index, key in enumerate(keys, 1):
+            reason = _bf16_unsupported(key, devices) or (bf16_reason if key.precision == "bf16" else None)
+            if key.mode in TWO_RANK_MODES and devices.two_rank is None:
+                reason = f"skipped: {devices.note}"
+            if reason:
+                not_measured.append({**key._asdict(), "reason": reason})
+                continue
+            spec = run_spec(key, config, devices, weights)
+            try:
+                ranks = execute(spec, config, devices)
+            except RankFailure as failure:
+                logger.warning("[%d/%d] %s failed: %s", index, len(keys), key, failure)
+                not_measured.append({**key._asdict(), "reason": f"failed: {str(failure).splitlines()[0]}"})
+                continue
+            run = runs[key] = summarize(spec, ranks, analytic, devices)
+            logger.info("[%d/%d] %-11s batch %4d %s %-13s %8.1f images/s  %8.1f ms/step [p10 %.1f, p90 %.1f]  (%.0f s)",
+                        index, len(keys), key.mode, key.batch, key.precision, key.memory_format, run["images_per_s"],
+                        run["step_ms"]["median"], run["step_ms"]["p10"], run["step_ms"]["p90"],
+                        time.perf_counter() - started)
+            fp32 = runs.get(key._replace(precision="fp32")) or runs.get(key._replace(precision="fp32", memory_format="contiguous"))
+            if key.precision == "bf16" and bf16_reason is None and fp32 is not None:
+                slowdown = run["step_ms"]["median"] / fp32["step_ms"]["median"]
+                if slowdown > config.bf16_slowdown_limit:
+                    bf16_reason = (f"not measured on this device: bf16 autocast ran {slowdown:.1f}x slower than fp32 "
+                                   f"in {key.mode} (limit --bf16-slowdown-limit {config.bf16_slowdown_limit})")
+    return runs, not_measured
+
+
+def main(argv=None) -> Path:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    config = BenchConfig(**vars(build_parser().parse_args(argv)))
+    devices = plan_devices(config)
+    config = resolve(config, devices)
+    out = Path(config.out) if config.out else default_out(devices)
+    out.mkdir(parents=True, exist_ok=True)
+    started, load_at_start = time.perf_counter(), _load_average()
+    analytic = analytic_figures(config)
+    keys = plan_runs(config)
+    logger.info("%s; %d runs; writing to %s", devices.note, len(keys), out)
+    runs, not_measured = measure(keys, config, devices, analytic)
+    results = {
+        "machine": {**machine_info(devices), "load_average": {"start": load_at_start, "end": _load_average()}},
+        "config": asdict(config),
+        "command": "python -m benchmarks.run " + shlex.join(sys.argv[1:] if argv is None else argv),
+        "date": datetime.date.today().isoformat(), "analytic": analytic,
+        "runs": list(runs.values()), "not_measured": not_measured,
+        "projection": projection(runs, config, analytic),
+        "elapsed_s": time.perf_counter() - started,
+    }
+    (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    from .report import write_report  # matplotlib is imported only here, never in the ranks
+    write_report(results, out)
+    logger.info("done in %.0f s: %s", time.perf_counter() - started, out / "report.md")
+    return out
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except ValueError as error:
+        sys.exit(f"error: {error}")

@@ -1,0 +1,211 @@
+"""The ranks' side of a benchmark: build one mode's model, time ``train_step``, count traffic.
+
+Each worker is a module-level function for :func:`launch.ranks.run_ranks`: it gets a
+plain dict (the run's spec, see ``benchmarks.run.run_spec``) and returns a plain dict.
+Every mode builds its model up front and hands it to the same timing loop around
+:func:`launch.step.train_step`. Single-device modes run as one rank, so that every
+run is a fresh process and its peak memory is its own.
+
+Weights come from files the parent wrote once per run (the reference built from the
+seed, and each tower's shard of it via ``towers.shard_state_dict``), loaded into a
+model made on the meta device: a rank's peak memory is then what training needs, not
+what building the whole reference in float64 once needed.
+"""
+
+from contextlib import nullcontext
+import resource
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+from torch.nn.parallel import DistributedDataParallel
+
+from launch.step import paper_optimizer, train_step
+from towers import AlexNet, Tower, build_reference, shard_state_dict
+
+NUM_CLASSES = 1000
+AUTOCAST = {"fp32": None, "bf16": torch.bfloat16}
+MEMORY_FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
+
+
+def synthetic_batch(batch: int, seed: int, device: torch.device, memory_format: str):
+    """N x 3 x 224 x 224 float32 images at raw-pixel scale (0..255 less a mean of 120)
+    and random labels, drawn on the CPU so every rank gets the identical batch."""
+    generator = torch.Generator().manual_seed(seed + 1)
+    images = torch.rand(batch, 3, 224, 224, generator=generator) * 255 - 120
+    labels = torch.randint(0, NUM_CLASSES, (batch,), generator=generator)
+    return images.to(device, memory_format=MEMORY_FORMATS[memory_format]), labels.to(device)
+
+
+def _device(spec: dict, rank: int) -> torch.device:
+    return torch.device(f"cuda:{rank}") if spec["device"] == "cuda" else torch.device("cpu")
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _peak_rss_bytes() -> int:
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024  # Linux reports KiB
+
+
+def _start(spec: dict, rank: int) -> tuple:
+    torch.manual_seed(spec["seed"])  # same dropout stream on every rank
+    device = _device(spec, rank)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    return device, _peak_rss_bytes()
+
+
+def _load(build, state_path: str, device: torch.device, memory_format: str) -> torch.nn.Module:
+    with torch.device("meta"):
+        model = build()
+    model.load_state_dict(torch.load(state_path, map_location=device, weights_only=True), assign=True)
+    return model.to(memory_format=MEMORY_FORMATS[memory_format])
+
+
+def _run_steps(model, optimizer, images, labels, spec: dict, steps: int, counter=None, context=nullcontext):
+    """``steps`` calls of train_step. Returns each step's wall seconds and, if ``counter``
+    (a running total of seconds) is given, how much of each step it accrued."""
+    autocast_dtype = AUTOCAST[spec["precision"]]
+    step_s, counted_s, loss = [], [], None
+    for _ in range(steps):
+        before = counter() if counter else 0.0
+        _synchronize(images.device)
+        started = time.perf_counter()
+        with context():
+            loss = train_step(model, optimizer, images, labels, autocast_dtype=autocast_dtype).loss
+        _synchronize(images.device)
+        step_s.append(time.perf_counter() - started)
+        counted_s.append(counter() - before if counter else 0.0)
+    return step_s, counted_s, None if loss is None else loss.item()
+
+
+def _finish(model, device: torch.device, rss_at_start: int, loss: float) -> dict:
+    if device.type == "cuda":
+        peak, kind = torch.cuda.max_memory_allocated(device), "cuda.max_memory_allocated"
+    else:
+        peak, kind = _peak_rss_bytes(), "peak RSS of the rank process (getrusage)"
+    return {
+        "device": str(device) if device.type == "cpu" else f"{device} ({torch.cuda.get_device_name(device)})",
+        "threads": torch.get_num_threads(),
+        "param_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
+        "peak_memory_bytes": peak, "memory_kind": kind, "rss_at_start_bytes": rss_at_start,
+        "final_loss": loss,
+    }
+
+
+def weights_worker(rank: int, seed: int, fc8_placement: str, folder: str) -> dict:
+    """Builds the reference from ``seed`` and saves it and both towers' shards of it.
+    Runs in a process of its own so that the parent stays small: on Linux a spawned
+    process inherits its parent's peak RSS (getrusage's ru_maxrss survives exec)."""
+    reference = build_reference(seed=seed).state_dict()
+    paths = {"reference_path": f"{folder}/reference.pt", "shard_paths": [f"{folder}/tower{r}.pt" for r in range(2)]}
+    torch.save(reference, paths["reference_path"])
+    for tower_rank, path in enumerate(paths["shard_paths"]):
+        torch.save(shard_state_dict(reference, tower_rank, fc8_placement), path)
+    return paths
+
+
+def single_worker(rank: int, spec: dict) -> dict:
+    """``single``: the reference on one device; ``torchvision``: torchvision's AlexNet (its own init)."""
+    device, rss_at_start = _start(spec, rank)
+    if spec["mode"] == "torchvision":
+        import torchvision  # slow to import: only in the rank that needs it
+        model = torchvision.models.alexnet(num_classes=NUM_CLASSES).to(device, memory_format=MEMORY_FORMATS[spec["memory_format"]])
+    else:
+        model = _load(lambda: AlexNet(NUM_CLASSES), spec["reference_path"], device, spec["memory_format"])
+    optimizer = paper_optimizer(model.parameters())
+    images, labels = synthetic_batch(spec["batch"], spec["seed"], device, spec["memory_format"])
+    _run_steps(model, optimizer, images, labels, spec, spec["warmup"])
+    step_s, _, loss = _run_steps(model, optimizer, images, labels, spec, spec["steps"])
+    return {"step_s": step_s, **_finish(model, device, rss_at_start, loss)}
+
+
+def towers_worker(rank: int, spec: dict) -> dict:
+    """One tower; both towers get the whole global batch. Exchange time and bytes come
+    from the tower's ExchangeLog, reset after the warm-up."""
+    device, rss_at_start = _start(spec, rank)
+    group = dist.group.WORLD
+    tower = _load(lambda: Tower(group, NUM_CLASSES, fc8_placement=spec["fc8_placement"]),
+                  spec["shard_paths"][rank], device, spec["memory_format"])
+    log = tower.exchange_log
+    log.synchronize = device.type == "cuda"  # time the collective, not the kernel launches queued before it
+    optimizer = paper_optimizer(tower.parameters())
+    images, labels = synthetic_batch(spec["batch"], spec["seed"], device, spec["memory_format"])
+    _run_steps(tower, optimizer, images, labels, spec, spec["warmup"])
+    log.reset()
+    step_s, exchange_s, loss = _run_steps(tower, optimizer, images, labels, spec, spec["steps"], counter=lambda: log.seconds)
+    exchanges = log.as_dict()
+    return {
+        "step_s": step_s, "comm_s": exchange_s,
+        "sent_bytes": log.sent_bytes, "received_bytes": log.received_bytes,
+        "calls": sum(e["calls"] for e in exchanges.values()), "exchanges": exchanges,
+        **_finish(tower, device, rss_at_start, loss),
+    }
+
+
+class AllReduceCounter:
+    """State of :func:`counting_allreduce_hook`: what this rank handed to all-reduce."""
+
+    def __init__(self):
+        self.payload_bytes, self.buckets = 0, 0
+
+
+def counting_allreduce_hook(counter: AllReduceCounter, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    """DDP's default all-reduce, counting each bucket's bytes on the way."""
+    buffer = bucket.buffer()
+    counter.payload_bytes += buffer.numel() * buffer.element_size()
+    counter.buckets += 1
+    return default_hooks.allreduce_hook(None, bucket)
+
+
+def ddp_worker(rank: int, spec: dict) -> dict:
+    """The reference under DistributedDataParallel, each rank on its half of the global batch.
+
+    Timed twice: normal steps (gradients all-reduced, bytes counted by the hook), then
+    the same number of steps under ``no_sync()`` (compute only, nothing all-reduced).
+    """
+    device, rss_at_start = _start(spec, rank)
+    reference = _load(lambda: AlexNet(NUM_CLASSES), spec["reference_path"], device, spec["memory_format"])
+    model = DistributedDataParallel(reference, device_ids=[device.index] if device.type == "cuda" else None)
+    counter = AllReduceCounter()
+    model.register_comm_hook(counter, counting_allreduce_hook)
+    optimizer = paper_optimizer(model.parameters())
+    images, labels = synthetic_batch(spec["batch"], spec["seed"], device, spec["memory_format"])
+    half = spec["batch"] // dist.get_world_size()
+    mine = slice(rank * half, (rank + 1) * half)
+    images = images[mine].clone(memory_format=MEMORY_FORMATS[spec["memory_format"]])
+    labels = labels[mine].clone()
+    _run_steps(model, optimizer, images, labels, spec, spec["warmup"])
+    counter.payload_bytes = counter.buckets = 0
+    step_s, _, loss = _run_steps(model, optimizer, images, labels, spec, spec["steps"])
+    payload_bytes, buckets = counter.payload_bytes, counter.buckets
+    _run_steps(model, optimizer, images, labels, spec, min(spec["warmup"], 1), context=model.no_sync)
+    compute_s, _, _ = _run_steps(model, optimizer, images, labels, spec, spec["steps"], context=model.no_sync)
+    finished = _finish(reference, device, rss_at_start, loss)  # before the buffer below adds to the peak
+    return {
+        "step_s": step_s, "compute_only_s": compute_s, "allreduce_alone_s": _time_allreduce(reference, spec["steps"]),
+        "payload_bytes": payload_bytes, "buckets": buckets, **finished,
+    }
+
+
+def _time_allreduce(model: torch.nn.Module, repeats: int) -> list:
+    """Seconds of one all-reduce of a buffer as large as all the gradients, with nothing else running."""
+    flat = torch.zeros(sum(p.numel() for p in model.parameters()), device=next(model.parameters()).device)
+    dist.all_reduce(flat)  # warm-up: the first call sets up the transport
+    seconds = []
+    for _ in range(repeats):
+        _synchronize(flat.device)
+        started = time.perf_counter()
+        dist.all_reduce(flat)
+        _synchronize(flat.device)
+        seconds.append(time.perf_counter() - started)
+    return seconds
+
+
+WORKERS = {"single": single_worker, "torchvision": single_worker, "towers": towers_worker, "ddp": ddp_worker}

@@ -1,0 +1,164 @@
+"""The benchmark harness: its analytic tables against the paper's numbers, and one real
+run of ``python -m benchmarks.run`` in a tiny configuration, checked for the report's
+structure and for traffic counted exactly as the layer shapes say. Speed is never asserted.
+"""
+
+import json
+import math
+from pathlib import Path
+import subprocess
+import sys
+
+import matplotlib.image
+import pytest
+
+from benchmarks import flops, run, traffic
+from towers import AlexNet
+
+REPO = Path(__file__).resolve().parents[1]
+PARAMS = 60_965_224  # paper-spec.md: parameters of the whole net
+# Elements one tower sends per image, from the paper's Figure 2 (paper-spec.md's table):
+# conv3's input is 128 x 13 x 13 maps per tower, FC6's 128 x 6 x 6, FC7's 2048; each crosses
+# forward (all-gather) and its gradient backward (reduce-scatter).
+BOTH_TOWERS = 2 * (128 * 13 * 13 + 128 * 6 * 6 + 2048)
+SENT_PER_IMAGE = {  # per FC8 placement: (tower 0, tower 1)
+    "tower0": (BOTH_TOWERS + 2048 + 1000, BOTH_TOWERS + 2048),  # FC7 output to tower 0 and its gradient back; logits to tower 1
+    "split": (BOTH_TOWERS + 2 * 2048 + 500,) * 2,  # FC7 output both ways, forward and backward; 500 logits each
+}
+RUN_TIMEOUT_S = 900  # bound on the harness subprocess; a failure never hangs the suite
+
+
+def test_flop_table_follows_the_layer_shapes():
+    layers = flops.reference_layers()
+    assert list(layers) == ["conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8"]
+    expected_macs = {  # output elements x inputs per output (conv2, conv4, conv5 see their own tower's maps)
+        "conv1": 96 * 55 * 55 * 3 * 11 * 11, "conv2": 256 * 27 * 27 * 48 * 5 * 5,
+        "conv3": 384 * 13 * 13 * 256 * 3 * 3, "conv4": 384 * 13 * 13 * 192 * 3 * 3,
+        "conv5": 256 * 13 * 13 * 192 * 3 * 3, "fc6": 9216 * 4096, "fc7": 4096 * 4096, "fc8": 4096 * 1000,
+    }
+    assert {name: layer.macs for name, layer in layers.items()} == expected_macs
+    assert layers["conv3"].in_shape == (256, 13, 13) and layers["fc6"].in_shape == (9216,)
+    assert flops.count_params(AlexNet) == PARAMS
+    for placement in ("tower0", "split"):  # the towers together do exactly the reference's work
+        assert sum(flops.tower_macs(layers, r, placement) for r in range(2)) == sum(expected_macs.values())
+    assert flops.training_flops(10, 3) == 10 * 3 * 2 * 3  # 2 FLOPs per MAC, training = 3 x forward
+
+
+@pytest.mark.parametrize("placement", ["tower0", "split"])
+def test_analytic_traffic_is_figure_2(placement):
+    layers = flops.reference_layers()
+    sent = traffic.tower_sent_elements(layers, placement)
+    assert tuple(sum(t.values()) for t in sent) == SENT_PER_IMAGE[placement]
+    assert traffic.towers_bytes_per_rank(layers, placement, batch=5, element_size=2) == \
+        [5 * 2 * n for n in SENT_PER_IMAGE[placement]]
+    # data parallel: each of 2 ranks sends 2(n-1)/n = 1 x its fp32 gradients
+    assert traffic.ddp_bytes_per_rank(PARAMS) == PARAMS * 4
+    crossover = traffic.crossover_batch(layers, placement, PARAMS, activation_size=4)
+    assert math.isclose(crossover, 2 * PARAMS * 4 / (4 * sum(SENT_PER_IMAGE[placement])))
+    assert 990 < crossover < 1040  # the issue's "about 990 images"
+
+
+def test_known_gpus_have_peaks():
+    assert flops.gpu_peak("NVIDIA H100 80GB HBM3")[0] == "H100"
+    assert flops.gpu_peak("NVIDIA H100 PCIe")[0] == "H100 PCIe"
+    assert flops.gpu_peak("NVIDIA A100-SXM4-40GB")[0] == "A100"
+    assert flops.gpu_peak("NVIDIA H200")[0] == "H200"
+    assert flops.gpu_peak("NVIDIA GeForce GTX 580") is None
+
+
+def test_odd_batch_with_ddp_is_a_user_error(tmp_path):
+    with pytest.raises(ValueError, match="even"):
+        run.main(["--device", "cpu", "--batch", "3", "--out", str(tmp_path)])
+
+
+def test_help_explains_every_option():
+    result = subprocess.run([sys.executable, "-m", "benchmarks.run", "--help"], cwd=REPO, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    for field in run.BenchConfig.__dataclass_fields__:
+        assert "--" + field.replace("_", "-") in result.stdout, field
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """One real harness run: batch 2 (1 warm-up + 2 timed steps), a sweep to batch 4 for the
+    towers, and one bf16 channels_last towers run."""
+    out = tmp_path_factory.mktemp("bench") / "report"
+    command = [sys.executable, "-m", "benchmarks.run", "--device", "cpu", "--batch", "2", "--warmup", "1",
+               "--steps", "2", "--batches", "4", "--sweep-modes", "towers", "--precision-modes", "towers",
+               "--precisions", "bf16", "--memory-formats", "channels_last", "--out", str(out)]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return out, json.loads((out / "results.json").read_text())
+
+
+def _run(results, mode, batch=2, precision="fp32", memory_format="contiguous"):
+    matches = [r for r in results["runs"]
+               if (r["mode"], r["batch"], r["precision"], r["memory_format"]) == (mode, batch, precision, memory_format)]
+    assert len(matches) == 1, (mode, batch, precision, memory_format)
+    return matches[0]
+
+
+def test_report_has_every_part(tiny_run):
+    out, results = tiny_run
+    report = (out / "report.md").read_text()
+    for section in ("Machine and software", "Configuration", "Main table", "How each number is taken",
+                    "Towers: traffic per exchange", "Batch-size sweep", "Precision and memory format",
+                    "Projection to a two-GPU machine", "Not measured"):
+        assert f"## {section}\n" in report, section
+    main = report.split("## Main table\n", 1)[1].split("\n## ", 1)[0]
+    assert "| mode | device" in main and "images/s" in main and "% of peak" in main
+    for mode in ("single", "towers", "ddp", "torchvision"):
+        row = next(line for line in main.splitlines() if line.startswith(f"| {mode} |"))
+        assert "not measured" not in row, row
+    assert "crossover" in report.lower() and "PROJECTION" in report
+    for chart in ("images_per_s_vs_batch.png", "bytes_per_step_vs_batch.png"):
+        path = out / chart
+        assert path.stat().st_size > 0 and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        height, width = matplotlib.image.imread(path).shape[:2]
+        assert height > 100 and width > 100
+        assert f"]({chart})" in report
+
+
+def test_results_hold_every_run_and_field(tiny_run):
+    _, results = tiny_run
+    for key in ("machine", "config", "command", "analytic", "runs", "not_measured", "projection", "elapsed_s"):
+        assert key in results, key
+    assert results["not_measured"] == []
+    fields = ("step_ms", "images_per_s", "comm_ms", "compute_ms", "bytes_per_rank", "bytes_per_rank_analytic",
+              "bytes_total", "bytes_total_analytic", "peak_memory_bytes", "param_bytes", "flops_per_step",
+              "gflop_per_s", "threads")
+    for mode in ("single", "towers", "ddp", "torchvision"):
+        r = _run(results, mode)
+        assert all(f in r for f in fields), mode
+        assert len(r["step_ms_raw"]) == 2 and r["images_per_s"] > 0 and r["gflop_per_s"] > 0
+        assert r["step_ms"]["p10"] <= r["step_ms"]["median"] <= r["step_ms"]["p90"]
+        assert all(m > 0 for m in r["peak_memory_bytes"])
+        assert all(math.isfinite(c) for c in r["compute_ms"])
+    assert _run(results, "towers", 4)["batch"] == 4 and _run(results, "towers", 2, "bf16", "channels_last")
+    # the towers hold the reference's parameters between them, tower 0 with FC8
+    single, towers = _run(results, "single"), _run(results, "towers")
+    assert single["param_bytes"] == [PARAMS * 4] and sum(towers["param_bytes"]) == PARAMS * 4
+    assert towers["param_bytes"][0] - towers["param_bytes"][1] == (4096 * 1000 + 1000) * 4
+    assert {link["link"] for link in results["projection"]["links"]} == {"nvlink", "pcie4"}
+
+
+@pytest.mark.parametrize("batch", [2, 4])
+def test_towers_traffic_is_exactly_the_analytic_figure(tiny_run, batch):
+    _, results = tiny_run
+    towers = _run(results, "towers", batch)
+    assert towers["bytes_per_rank"] == towers["bytes_per_rank_analytic"]
+    assert towers["bytes_per_rank"] == [4 * batch * n for n in SENT_PER_IMAGE["tower0"]]
+    assert towers["bytes_total"] == towers["bytes_total_analytic"]
+    for exchanges in towers["exchanges"]:
+        for key, e in exchanges.items():
+            assert e["sent_bytes_per_step"] == e["sent_bytes_per_step_analytic"], key
+            assert e["calls_per_step"] == 1, key
+
+
+def test_ddp_traffic_is_every_gradient_once(tiny_run):
+    _, results = tiny_run
+    ddp = _run(results, "ddp")
+    assert ddp["payload_bytes_per_rank"] == [PARAMS * 4] * 2  # counted by the comm hook
+    assert len(ddp["allreduce_alone_ms"]) == 2 and min(ddp["allreduce_alone_ms"]) > 0
+    assert ddp["bytes_per_rank"] == ddp["bytes_per_rank_analytic"] == [PARAMS * 4] * 2  # x 2(n-1)/n = 1
