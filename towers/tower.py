@@ -65,6 +65,14 @@ def build_fc8(fc8_placement: str, tower_rank: int, in_features: int, num_classes
     return FC8OnOtherTower(num_classes, group, log)
 
 
+def as_autocast_dtype(x: torch.Tensor) -> torch.Tensor:
+    """Under autocast, the dtype the next layer computes in. LRN and pooling keep fp32,
+    but conv3 would cast its input anyway: casting before the exchange moves half the bytes."""
+    if torch.is_autocast_enabled(x.device.type):
+        return x.to(torch.get_autocast_dtype(x.device.type))
+    return x
+
+
 class Tower(nn.Module):
     """This rank's tower. ``group`` is the two-rank process group; the tower's
     index in it (``dist.get_rank(group)``) decides which half it holds.
@@ -100,7 +108,7 @@ class Tower(nn.Module):
         log, group = self.exchange_log, self.group
         x = overlapping_pool(self.lrn1(F.relu(self.conv1(x))))  # N x 48 x 27 x 27
         x = overlapping_pool(self.lrn2(F.relu(self.conv2(x))))  # N x 128 x 13 x 13
-        x = gather_channels(x, group, log, "conv3_input")  # exchange: N x 256 x 13 x 13
+        x = gather_channels(as_autocast_dtype(x), group, log, "conv3_input")  # exchange: N x 256 x 13 x 13
         x = F.relu(self.conv3(x))
         x = F.relu(self.conv4(x))
         x = overlapping_pool(F.relu(self.conv5(x)))  # N x 128 x 6 x 6
