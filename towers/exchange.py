@@ -127,6 +127,14 @@ def _cat_stacked(stacked: torch.Tensor) -> torch.Tensor:
     return stacked.movedim(0, 1).reshape(n, -1, *stacked.shape[3:])
 
 
+def _gather_cat(x: torch.Tensor, group, log: "ExchangeLog", name: str) -> torch.Tensor:
+    """N x C x ... on each tower -> N x 2C x ... on both, logged as a forward exchange."""
+    started = log.clock(x)
+    stacked = _all_gather_stacked(x, group)
+    log.record(name, "forward", sent=x, received=x, started=started)
+    return _cat_stacked(stacked)
+
+
 def _split_channels(x: torch.Tensor) -> torch.Tensor:
     """N x 2C x ... -> 2 x N x C x ..."""
     return torch.stack(x.chunk(WORLD_SIZE, dim=1))
@@ -142,10 +150,7 @@ class _GatherChannels(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group, log, name):
         ctx.group, ctx.log, ctx.name = group, log, name
-        started = log.clock(x)
-        stacked = _all_gather_stacked(x, group)
-        log.record(name, "forward", sent=x, received=x, started=started)
-        return _cat_stacked(stacked)
+        return _gather_cat(x, group, log, name)
 
     @staticmethod
     def backward(ctx, grad):
@@ -224,10 +229,7 @@ class _GatherReplicated(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group, log, name):
         ctx.rank = dist.get_rank(group)
-        started = log.clock(x)
-        stacked = _all_gather_stacked(x, group)
-        log.record(name, "forward", sent=x, received=x, started=started)
-        return _cat_stacked(stacked)
+        return _gather_cat(x, group, log, name)
 
     @staticmethod
     def backward(ctx, grad):
