@@ -1,0 +1,111 @@
+"""Pre-resize a raw ImageNet-layout tree to the paper's 256x256 base images, once.
+
+    python -m launch.prepare SRC DST [--workers N] [--quality 95]
+
+SRC holds train/CLASS/* and val/CLASS/* in any image format (.jpg .jpeg .png .bmp
+.gif .webp .tif .tiff, any case, any colour mode). Every image is converted to RGB,
+its shorter side rescaled to 256 and its central 256x256 patch written as a JPEG
+(quality 95) to the same place under DST (file name with .jpg). Unreadable files are
+skipped and listed, also in DST/unreadable.txt; other files are ignored. Then the
+training-set statistics (mean image, RGB PCA) are computed and cached in DST, as
+the authors did once before training. The training program then decodes small
+JPEGs only, with no resizing. An interrupted run can be restarted: files already
+written (each one is written atomically) are kept.
+"""
+
+import argparse
+import logging
+import os
+import sys
+import time
+from multiprocessing import Pool
+from pathlib import Path
+
+from PIL import Image
+
+from launch.data import DECODE_ERRORS, DataError, load_image, open_data, scan_layout
+
+log = logging.getLogger(__name__)
+
+
+def _convert(job):
+    """(source, error message or None): writes the base image of ``source`` to ``target``."""
+    source, target, quality = job
+    try:
+        pixels = load_image(source)
+    except DECODE_ERRORS as exc:
+        return source, f"{type(exc).__name__}: {exc}"
+    partial = f"{target}.partial-{os.getpid()}"
+    Image.fromarray(pixels).save(partial, format="JPEG", quality=quality)
+    os.replace(partial, target)
+    return source, None
+
+
+def plan_jobs(src: Path, dst: Path, quality: int):
+    """(jobs still to do, number already done) for every image of SRC."""
+    classes, files, _ = scan_layout(src)
+    jobs, done = [], 0
+    for split in ("train", "val"):
+        for name, images in zip(classes, files[split]):
+            folder = dst / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            stems = [Path(path).stem for path, _ in images]
+            for (path, _), stem in zip(images, stems):
+                relative = Path(path).relative_to(src / split / name)
+                # a.png and a.jpg in one folder would both become a.jpg: keep the full name then
+                base = stem if stems.count(stem) == 1 else relative.name
+                target = folder / relative.parent / f"{base}.jpg"
+                target.parent.mkdir(parents=True, exist_ok=True)
+                if target.is_file():
+                    done += 1
+                else:
+                    jobs.append((path, str(target), quality))
+    return jobs, done
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m launch.prepare", description=__doc__.split("\n\n", 2)[2],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("src", type=Path, metavar="SRC", help="raw tree with train/CLASS/ and val/CLASS/ folders")
+    parser.add_argument("dst", type=Path, metavar="DST", help="where the 256x256 JPEGs go (same layout)")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                        help="processes that decode and resize (default: one per CPU core)")
+    parser.add_argument("--quality", type=int, default=95, help="JPEG quality of the written images (default: 95)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.workers < 1:
+        parser.error("--workers must be at least 1")
+    src, dst = args.src.expanduser().resolve(), args.dst.expanduser().resolve()
+    if dst == src or src in dst.parents:
+        parser.error(f"DST {dst} must lie outside SRC {src}")
+    try:
+        jobs, done = plan_jobs(src, dst, args.quality)
+    except (DataError, OSError) as exc:  # a bad SRC, or a DST that cannot be written
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    total = len(jobs) + done
+    log.info("%d images in %s: %d to convert, %d already in %s", total, src, len(jobs), done, dst)
+    unreadable, start = [], time.monotonic()
+    with Pool(args.workers) as pool:
+        for count, (source, error) in enumerate(pool.imap_unordered(_convert, jobs, chunksize=16), 1):
+            if error is not None:
+                unreadable.append((source, error))
+                log.warning("skipped unreadable %s (%s)", source, error)
+            if count % 1000 == 0 or count == len(jobs):
+                rate = count / max(time.monotonic() - start, 1e-9)
+                log.info("converted %d/%d (%.0f images/s)", count, len(jobs), rate)
+    if unreadable:
+        listing = dst / "unreadable.txt"
+        listing.write_text("".join(f"{source}\t{error}\n" for source, error in unreadable))
+        log.warning("%d unreadable files skipped; listed in %s", len(unreadable), listing)
+    try:
+        bundle = open_data(dst)
+    except DataError as exc:
+        print(f"error: the prepared tree cannot be used: {exc}", file=sys.stderr)
+        return 1
+    log.info("%s", bundle.describe())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
