@@ -1,6 +1,7 @@
 """The single-device reference against the paper's numbers and formulas."""
 
 import ast
+import math
 from pathlib import Path
 
 import pytest
@@ -62,6 +63,12 @@ def test_lrn_is_the_papers_formula():
     torch.testing.assert_close(LocalResponseNorm(groups=1)(a), expected, rtol=1e-12, atol=0)
     wrong_alpha = F.local_response_norm(a, 5, alpha=1e-4, beta=0.75, k=2.0)  # torch's own convention, alpha/n
     assert (wrong_alpha - expected).abs().max() > 1e-2
+    torch.testing.assert_close(F.local_response_norm(a, 5, alpha=5e-4, beta=0.75, k=2.0), expected, rtol=1e-12, atol=0)
+
+
+def test_lrn_gradient():
+    a = (torch.randn(2, 12, 3, 3, dtype=torch.float64) * 30).requires_grad_()
+    assert torch.autograd.gradcheck(LocalResponseNorm(groups=2), (a,))
 
 
 def test_lrn_never_crosses_the_halves():
@@ -100,6 +107,17 @@ def test_caffe_initialisation_differs_where_documented():
     assert torch.all(model.conv2.bias == 0.1) and torch.all(model.conv1.bias == 0)
     with pytest.raises(ValueError, match="init scheme"):
         build_reference(init="xavier")
+
+
+def test_scaled_initialisation_follows_fan_in():
+    model = build_reference(seed=0, init="scaled")
+    fan_in = {"conv1": 3 * 11 * 11, "conv2": 48 * 5 * 5, "conv3": 256 * 3 * 3, "conv4": 192 * 3 * 3,
+              "conv5": 192 * 3 * 3, "fc6": 9216, "fc7": 4096}  # per group: conv2/4/5 see half the maps
+    for name, n in fan_in.items():
+        expected = 0.6 * math.sqrt(2 / n)
+        assert abs(getattr(model, name).weight.std().item() - expected) < expected * 0.05, name
+    assert abs(model.fc8.weight.std().item() - 0.001) < 0.001 * 0.05
+    assert all(torch.all(getattr(model, name).bias == 0) for name in LAYER_PARAMS)
 
 
 def test_reference_has_no_distributed_code():
