@@ -24,7 +24,7 @@ def _opt(default, help, **argparse_kwargs):
 class TrainConfig:
     data: Optional[str] = _opt(None, "ImageNet-layout folder: DATA/train/CLASS/*.jpg and DATA/val/CLASS/*.jpg "
                                      "(JPEG, PNG and other formats, any colour mode). Default: a built-in generated "
-                                     "dataset of ten drawn shapes, made once and cached")
+                                     "dataset of ten drawn texture classes, made once and cached")
     out: str = _opt("runs", "folder that receives one sub-folder per run (log, metrics, checkpoint, summary)")
     run_name: Optional[str] = _opt(None, "name of this run's folder under --out (default: date and time)")
     epochs: Optional[int] = _opt(None, "epochs to train (paper: 90; built-in dataset: see the recipe it prints)")
@@ -32,15 +32,17 @@ class TrainConfig:
     lr: Optional[float] = _opt(None, "initial learning rate (paper: 0.01)")
     momentum: float = _opt(0.9, "SGD momentum (paper: 0.9)")
     weight_decay: float = _opt(5e-4, "SGD weight decay (paper: 0.0005)")
-    schedule: str = _opt("plateau", "learning-rate schedule: 'plateau' divides by 10 when validation error stops "
+    schedule: Optional[str] = _opt(None, "learning-rate schedule: 'plateau' divides by 10 when validation error stops "
                                     "improving (the paper); 'fixed' divides by 10 at --lr-milestones (the authors' "
-                                    "0.01/0.001/0.0001/0.00001 run)", choices=("plateau", "fixed"))
+                                    "0.01/0.001/0.0001/0.00001 run; paper recipe: plateau)", choices=("plateau", "fixed"))
     patience: int = _opt(2, "plateau schedule: epochs without a lower validation error before dividing the rate")
     max_reductions: int = _opt(3, "plateau schedule: how many times at most the rate is divided by 10 (paper: 3)")
-    lr_milestones: tuple = _opt((30, 60, 80), "fixed schedule: epochs at which the rate is divided by 10", nargs="+", type=int)
+    lr_milestones: Optional[tuple] = _opt(None, "fixed schedule: epochs at which the rate is divided by 10 "
+                                                "(paper recipe: 30 60 80)", nargs="+", type=int)
     warmup_steps: Optional[int] = _opt(None, "steps of linear learning-rate warm-up (paper: 0)")
     init: Optional[str] = _opt(None, "weight initialisation: 'paper' (N(0, 0.01^2), biases 1 in conv2/4/5 and "
-                                     "FC6/7) or 'caffe' (biases 0.1, FC6/FC7 std 0.005)", choices=tuple(INIT_SCHEMES))
+                                     "FC6/7), 'caffe' (biases 0.1, FC6/FC7 std 0.005) or 'scaled' (std 0.6 sqrt(2/fan-in), "
+                                     "FC8 std 0.001, biases 0)", choices=tuple(INIT_SCHEMES))
     dropout: float = _opt(0.5, "dropout probability on the outputs of FC6 and FC7 (paper: 0.5)")
     fc8_placement: str = _opt("tower0", "'tower0': FC8 whole on tower 0 (the authors' 2012 layout); 'split': 500 + "
                                         "500 neurons, logits gathered for the loss", choices=FC8_PLACEMENTS)
@@ -92,14 +94,17 @@ class TrainConfig:
 
 
 # The paper's recipe (section 5), used with --data.
-PAPER_RECIPE = dict(epochs=90, batch_size=128, lr=0.01, warmup_steps=0, init="paper")
+PAPER_RECIPE = dict(epochs=90, batch_size=128, lr=0.01, schedule="plateau", lr_milestones=(30, 60, 80),
+                    warmup_steps=0, init="paper")
 
-# The built-in dataset's recipe. Deviations from the paper, printed at start: the
-# Caffe reference's initialisation and a short warm-up. With the paper's biases of
-# 1 the output barely depends on the input at the start (between-image spread of
-# the logits about 0.004), and the loss stays at ln 10 for the hundreds of steps a
-# CPU run can afford.
-BUILTIN_RECIPE = dict(epochs=4, batch_size=32, lr=0.01, warmup_steps=20, init="caffe")
+# The built-in dataset's recipe, printed at start where it differs from the paper's.
+# With the paper's initialisation (or the Caffe reference's) the output barely
+# depends on the input at the start, on raw 0-255 pixels, and the loss stays at
+# ln 10 for the hundreds of steps a CPU run can afford; the fan-in-scaled
+# initialisation learns from the first steps. Three epochs of 93 steps, the rate
+# divided by 10 for the last one, and a short warm-up.
+BUILTIN_RECIPE = dict(epochs=3, batch_size=32, lr=0.005, schedule="fixed", lr_milestones=(2,), warmup_steps=20,
+                      init="scaled")
 
 
 def resolve(config: TrainConfig) -> TrainConfig:
@@ -134,5 +139,6 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_config(argv=None) -> TrainConfig:
     args = build_parser().parse_args(argv)
     config = TrainConfig(**vars(args))
-    config.lr_milestones = tuple(config.lr_milestones)
+    if config.lr_milestones is not None:
+        config.lr_milestones = tuple(config.lr_milestones)
     return config

@@ -136,7 +136,9 @@ def run_ranks(fn: Callable, args: Sequence = (), world_size: int = 2, backend: s
                           timeout=datetime.timedelta(seconds=collective_timeout_s), master_listen_fd=listener.fileno())
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    procs = [ctx.Process(target=_rank_main, name=f"rank{rank}", daemon=True,
+    # Not daemonic, so that a rank may start DataLoader workers; PR_SET_PDEATHSIG ends a
+    # rank whose launcher dies, and _stop below ends them all otherwise.
+    procs = [ctx.Process(target=_rank_main, name=f"rank{rank}",
                          args=(rank, world_size, addr, store.port, backend, collective_timeout_s, threads_per_rank, fn, args,
                                results, os.getpid()))
              for rank in range(world_size)]

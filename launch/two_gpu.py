@@ -58,7 +58,8 @@ def resumed_config(config: TrainConfig) -> TrainConfig:
         raise CheckpointError(f"{config.resume} lacks parts of its run's recipe "
                               f"({', '.join(sorted(set(defaults) - set(saved)))}), so it cannot be resumed: "
                               f"evaluate it with --eval-only, or train afresh")
-    saved["lr_milestones"] = tuple(saved["lr_milestones"])
+    if saved["lr_milestones"] is not None:
+        saved["lr_milestones"] = tuple(saved["lr_milestones"])
     merged = dict(saved)
     for name, value in dataclasses.asdict(config).items():
         if name in RUN_CONTROL or (name in EXTENDABLE and value != defaults[name]):
@@ -72,7 +73,7 @@ def resumed_config(config: TrainConfig) -> TrainConfig:
 def prepare_run(config: TrainConfig) -> Path:
     """On rank 0 (or the launching process): make the data, the run folder and its config.json."""
     if config.data is None:
-        log.info("data: the built-in dataset (ten generated shape classes), no download needed")
+        log.info("data: the built-in dataset (ten generated texture classes), no download needed")
         deviation = {k: f"{v} (paper: {PAPER_RECIPE[k]})" for k, v in deviations(config).items()}
         if deviation:
             log.info("recipe: the paper's, except for the built-in dataset: %s",
