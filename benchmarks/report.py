@@ -5,6 +5,8 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.workers import LR
+
 MODE_ORDER = ("single", "towers", "ddp", "torchvision")
 IMAGES_CHART = "images_per_s_vs_batch.png"
 BYTES_CHART = "bytes_per_step_vs_batch.png"
@@ -93,7 +95,8 @@ def methods(results) -> list:
     return [
         f"- **Timing.** Each run is a fresh process (one per rank) started by `launch.ranks.run_ranks`; it runs "
         f"{cfg['warmup']} untimed warm-up step(s), then {cfg['steps']} timed calls of `launch.step.train_step` "
-        "(forward, cross-entropy, backward, SGD with momentum and weight decay), each between two "
+        f"(forward, cross-entropy, backward, SGD with momentum 0.9 and weight decay 5e-4 at learning rate "
+        f"{LR:g}, small enough that the loss stays finite on the repeated batch), each between two "
         "`torch.cuda.synchronize` on a GPU. A step of a two-rank mode lasts as long as its slower rank's. "
         "ms/step is the median with the 10th and 90th percentiles; images/s = global batch / median step.",
         "- **Exchange (towers).** Wall time inside the collectives, from `Tower.exchange_log` (`seconds` per "

@@ -453,7 +453,7 @@ def main(argv=None) -> Path:
     results = {
         "machine": {**machine_info(devices), "load_average": {"start": load_at_start, "end": _load_average()}},
         "config": asdict(config),
-        "command": "python -m benchmarks.run " + shlex.join(sys.argv[1:] if argv is None else argv),
+        "command": " ".join(["python -m benchmarks.run", shlex.join(sys.argv[1:] if argv is None else argv)]).strip(),
         "date": datetime.date.today().isoformat(), "analytic": analytic,
         "runs": list(runs.values()), "not_measured": not_measured,
         "projection": projection(runs, config, analytic),
