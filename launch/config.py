@@ -101,7 +101,7 @@ PAPER_RECIPE = dict(epochs=90, batch_size=128, lr=0.01, schedule="plateau", lr_m
 # With the paper's initialisation (or the Caffe reference's) the output barely
 # depends on the input at the start, on raw 0-255 pixels, and the loss stays at
 # ln 10 for the hundreds of steps a CPU run can afford; the fan-in-scaled
-# initialisation learns from the first steps. Three epochs of 93 steps, the rate
+# initialisation learns from the first steps. Three epochs of 78 steps, the rate
 # divided by 10 for the last one, and a short warm-up.
 BUILTIN_RECIPE = dict(epochs=3, batch_size=32, lr=0.005, schedule="fixed", lr_milestones=(2,), warmup_steps=20,
                       init="scaled")
