@@ -81,10 +81,10 @@ def test_help_explains_every_option():
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    """One real harness run: batch 2 (1 warm-up + 2 timed steps), a sweep to batch 4 for the
-    towers, and one bf16 channels_last towers run."""
+    """One real harness run in the quick mode, made smaller still: batch 2 (1 warm-up + 2 timed
+    steps), a sweep to batch 4 for the towers, and one bf16 channels_last towers run."""
     out = tmp_path_factory.mktemp("bench") / "report"
-    command = [sys.executable, "-m", "benchmarks.run", "--device", "cpu", "--batch", "2", "--warmup", "1",
+    command = [sys.executable, "-m", "benchmarks.run", "--quick", "--device", "cpu", "--batch", "2", "--warmup", "1",
                "--steps", "2", "--batches", "4", "--sweep-modes", "towers", "--precision-modes", "towers",
                "--precisions", "bf16", "--memory-formats", "channels_last", "--out", str(out)]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
