@@ -35,6 +35,7 @@ def checkpoint_payload(model_state: dict, *, num_classes: int, **extra) -> dict:
 
 
 def save_checkpoint(path: Path, payload: dict) -> None:
+    """Writes ``payload`` with torch.save atomically: a temporary file, synced, renamed over ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     for stale in path.parent.glob(f".{path.name}.tmp-*"):  # left by a save that was killed

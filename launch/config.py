@@ -65,6 +65,10 @@ class TrainConfig:
     master_addr: Optional[str] = _opt(None, "rendezvous address for ranks started by this program (default "
                                             "127.0.0.1: nothing listens beyond this machine)")
 
+    def __post_init__(self):
+        if self.lr_milestones is not None:  # argparse and JSON give lists
+            self.lr_milestones = tuple(self.lr_milestones)
+
     def validate(self) -> None:
         """Raises ValueError naming the fix for an impossible value."""
         positive = {"epochs": self.epochs, "batch_size": self.batch_size, "log_every": self.log_every,
@@ -138,7 +142,4 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_config(argv=None) -> TrainConfig:
     args = build_parser().parse_args(argv)
-    config = TrainConfig(**vars(args))
-    if config.lr_milestones is not None:
-        config.lr_milestones = tuple(config.lr_milestones)
-    return config
+    return TrainConfig(**vars(args))

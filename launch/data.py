@@ -57,6 +57,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from launch.checkpoint import save_checkpoint
+
 log = logging.getLogger(__name__)
 
 BASE_SIZE = 256  # section 2: shorter side rescaled to 256, central 256x256 patch
@@ -340,19 +342,6 @@ def _stats_key(root: Path, train_files: list, sample: int, imagenet: bool) -> st
     return digest.hexdigest()[:20]
 
 
-def _save_atomic(payload: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; the cache is not
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def load_or_compute_stats(root: Path, train: ImageFolderSplit, train_files: list, cache_dir: Optional[Path] = None,
                           sample: int = STATS_SAMPLE) -> DataStats:
     """The DataStats of a training set, from its cache file if one matches the current
@@ -380,9 +369,9 @@ def load_or_compute_stats(root: Path, train: ImageFolderSplit, train_files: list
     payload = {"key": key, "mean": stats.mean, "eigval": stats.eigval, "eigvec": stats.eigvec,
                "images": stats.images, "pca_source": stats.pca_source}
     try:
-        _save_atomic(payload, root / name)
+        save_checkpoint(root / name, payload)
     except OSError:
-        _save_atomic(payload, fallback)
+        save_checkpoint(fallback, payload)
     return stats
 
 

@@ -58,14 +58,12 @@ def resumed_config(config: TrainConfig) -> TrainConfig:
         raise CheckpointError(f"{config.resume} lacks parts of its run's recipe "
                               f"({', '.join(sorted(set(defaults) - set(saved)))}), so it cannot be resumed: "
                               f"evaluate it with --eval-only, or train afresh")
-    if saved["lr_milestones"] is not None:
-        saved["lr_milestones"] = tuple(saved["lr_milestones"])
-    merged = dict(saved)
+    merged = dataclasses.asdict(TrainConfig(**saved))  # as a fresh parse gives it (tuples, not lists)
     for name, value in dataclasses.asdict(config).items():
         if name in RUN_CONTROL or (name in EXTENDABLE and value != defaults[name]):
             merged[name] = value
-        elif value != defaults[name] and value != saved.get(name):
-            raise ValueError(f"--{name.replace('_', '-')} {value} differs from the resumed run's {saved.get(name)}: "
+        elif value != defaults[name] and value != merged[name]:
+            raise ValueError(f"--{name.replace('_', '-')} {value} differs from the resumed run's {merged[name]}: "
                              f"a resumed run keeps its recipe, so drop the option (or start a new run)")
     return TrainConfig(**merged)
 

@@ -215,14 +215,14 @@ def test_stats_are_cached_keyed_and_fall_back_to_cache_dir(tmp_path, monkeypatch
 
     # A changed training set gets new statistics; a read-only data folder caches in cache_dir.
     _save(root / "train" / "a" / "new.jpg", _rgb(99))
-    real_save = data._save_atomic
+    real_save = data.save_checkpoint
 
-    def read_only(payload, path):
+    def read_only(path, payload):
         if path.parent == root:
             raise PermissionError(f"read-only: {path}")
-        real_save(payload, path)
+        real_save(path, payload)
 
-    monkeypatch.setattr(data, "_save_atomic", read_only)
+    monkeypatch.setattr(data, "save_checkpoint", read_only)
     changed = data.open_data(root, cache_dir=cache).stats
     assert changed.images == 7 and not torch.equal(changed.mean, stats.mean)
     assert len(list((cache / "stats").glob(".alexnet-stats-*.pt"))) == 1
