@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from towers.reference import INPUT_SIZE, AlexNet
-from towers.sharding import WORLD_SIZE
+from towers import TOWERS
 
 TRAINING_FLOPS_PER_MAC = 2 * 3  # 2 FLOPs per MAC; forward + backward = 3 x forward
 
@@ -88,8 +88,8 @@ def tower_macs(reference: Dict[str, Layer], tower_rank: int, fc8_placement: str)
         if name == "fc8" and fc8_placement == "tower0":
             total += layer.macs if tower_rank == 0 else 0
         else:
-            assert layer.macs % WORLD_SIZE == 0, name
-            total += layer.macs // WORLD_SIZE
+            assert layer.macs % TOWERS == 0, name
+            total += layer.macs // TOWERS
     return total
 
 

@@ -144,10 +144,10 @@ def exchange_table(results) -> list:
     keys = sorted(set(run["exchanges"][0]) | set(run["exchanges"][1]))
     for key in keys:
         cells = []
-        for rank in range(2):
-            e = run["exchanges"][rank].get(key)
+        for exchanges in run["exchanges"]:
+            e = exchanges.get(key)
             cells += [_mb(e["sent_bytes_per_step"]) if e else "—", _mb(e["sent_bytes_per_step_analytic"]) if e else "—"]
-        size = {run["exchanges"][r][key]["bytes_per_element"] for r in range(2) if key in run["exchanges"][r]}
+        size = {e[key]["bytes_per_element"] for e in run["exchanges"] if key in e}
         lines.append(f"| {key} | {' | '.join(cells)} | {', '.join(f'{s:g}' for s in sorted(size))} |")
     return lines
 

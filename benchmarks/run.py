@@ -28,7 +28,7 @@ results.json and two PNG charts.
 """
 
 import argparse
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, replace
 import datetime
 import json
 import logging
@@ -47,8 +47,9 @@ from typing import NamedTuple, Optional
 import numpy as np
 import torch
 
-from launch.ranks import RankFailure, run_ranks
-from towers import AlexNet
+from launch.cli import add_options, option
+from launch.ranks import RankFailure, cpu_threads_per_rank, run_ranks
+from towers import FC8_PLACEMENTS, TOWERS, AlexNet
 
 from . import flops, traffic
 from .workers import WORKERS, weights_worker
@@ -62,11 +63,6 @@ MEMORY_FORMATS = ("contiguous", "channels_last")
 ELEMENT_SIZE = {"fp32": 4, "bf16": 2}  # bytes of an exchanged activation, as the analytic figure assumes
 DDP_BUCKET_CAP_BYTES = 25 * 2**20  # DistributedDataParallel's default bucket_cap_mb
 REPORTS_DIR = Path(__file__).resolve().parent / "reports"
-
-
-def option(default, help: str, type=str, choices=None, many: bool = False):
-    """A config field and its command-line option: ``many`` takes a comma-separated list."""
-    return field(default=default, metadata={"help": help, "type": type, "choices": choices, "many": many})
 
 
 @dataclass(frozen=True)
@@ -93,7 +89,7 @@ class BenchConfig:
                                              "(bf16 emulated on this device), the other bf16 runs are marked "
                                              "'not measured on this device'", type=float)
     fc8_placement: str = option("tower0", "towers' FC8: whole on tower 0 (the authors' layout) or split 500+500",
-                                choices=("tower0", "split"))
+                                choices=FC8_PLACEMENTS)
     seed: int = option(0, "seed of the reference's weights, the synthetic batch and dropout", type=int)
     device: str = option("auto", "auto: GPUs when present; cpu: force the CPU; cuda: fail without a GPU",
                          choices=("auto", "cpu", "cuda"))
@@ -106,7 +102,7 @@ class BenchConfig:
     rank_timeout_s: float = option(1800.0, "a run still going after this many seconds is stopped and marked failed",
                                    type=float)
     out: Optional[str] = option(None, "output folder [benchmarks/reports/<machine>-<YYYY-MM-DD>]")
-    quick: bool = option(False, "small defaults that finish in under 5 minutes on a 2-core CPU", type=bool)
+    quick: bool = option(False, "small defaults that finish in under 5 minutes on a 2-core CPU", action="store_true")
 
 
 DEFAULTS = {  # (device of the single-device modes, --quick) -> defaults for the None fields
@@ -117,31 +113,10 @@ DEFAULTS = {  # (device of the single-device modes, --quick) -> defaults for the
 }
 
 
-def _comma_list(item_type, choices):
-    def parse(text):
-        values = [item_type(v.strip()) for v in text.split(",") if v.strip()]
-        bad = [v for v in values if choices and v not in choices]
-        if not values or bad:
-            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {', '.join(map(str, choices or ['values']))}; got {text!r}")
-        return tuple(values)
-    return parse
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in fields(BenchConfig):
-        meta, flag = f.metadata, "--" + f.name.replace("_", "-")
-        help_text = meta["help"]
-        if f.default is not None and meta["type"] is not bool:
-            help_text += f" (default: {','.join(map(str, f.default)) if meta['many'] else f.default})"
-        if meta["type"] is bool:
-            parser.add_argument(flag, action="store_true", help=help_text)
-        elif meta["many"]:
-            parser.add_argument(flag, type=_comma_list(meta["type"], meta["choices"]), default=f.default,
-                                metavar="A,B,...", help=help_text)
-        else:
-            parser.add_argument(flag, type=meta["type"], choices=meta["choices"], default=f.default, help=help_text)
+    add_options(parser, BenchConfig)
     return parser
 
 
@@ -218,10 +193,10 @@ def run_spec(key: RunKey, config: BenchConfig, devices: DevicePlan, weights: dic
 def execute(spec: dict, config: BenchConfig, devices: DevicePlan) -> list:
     worker = WORKERS[spec["mode"]]
     if spec["mode"] in TWO_RANK_MODES:
-        return run_ranks(worker, (spec,), world_size=2, backend=devices.backend, timeout_s=config.rank_timeout_s)
+        return run_ranks(worker, (spec,), world_size=TOWERS, backend=devices.backend, timeout_s=config.rank_timeout_s)
     # one rank, all threads; its process group (gloo, size 1) is never used
     return run_ranks(worker, (spec,), world_size=1, backend="gloo", timeout_s=config.rank_timeout_s,
-                     threads_per_rank=os.cpu_count() or 1)
+                     threads_per_rank=cpu_threads_per_rank(1))
 
 
 def analytic_figures(config: BenchConfig) -> dict:
@@ -229,14 +204,14 @@ def analytic_figures(config: BenchConfig) -> dict:
     tv = flops.torchvision_layers()
     num_params = flops.count_params(AlexNet)
     crossover = {p: {placement: traffic.crossover_batch(reference, placement, num_params, ELEMENT_SIZE[p])
-                     for placement in ("tower0", "split")} for p in PRECISIONS}
+                     for placement in FC8_PLACEMENTS} for p in PRECISIONS}
     return {
         "reference_layers": {k: asdict(v) for k, v in reference.items()},
         "torchvision_layers": {k: asdict(v) for k, v in tv.items()},
         "macs_per_image": {
             "single": sum(l.macs for l in reference.values()),
             "ddp": sum(l.macs for l in reference.values()),
-            "towers": [flops.tower_macs(reference, r, config.fc8_placement) for r in range(2)],
+            "towers": [flops.tower_macs(reference, r, config.fc8_placement) for r in range(TOWERS)],
             "torchvision": sum(l.macs for l in tv.values()),
         },
         "num_params": num_params,

@@ -13,7 +13,7 @@ each rank (reduce-scatter then all-gather), whatever the batch.
 
 from typing import Dict, List
 
-from towers.sharding import WORLD_SIZE
+from towers import TOWERS
 
 from .flops import Layer
 
@@ -29,8 +29,8 @@ def tower_sent_elements(reference: Dict[str, Layer], fc8_placement: str) -> List
     ``ExchangeLog.as_dict``). ``reference`` is :func:`benchmarks.flops.reference_layers`."""
     def share(layer):  # one tower's half of that layer's input
         elements = reference[layer].in_elements
-        assert elements % WORLD_SIZE == 0, layer
-        return elements // WORLD_SIZE
+        assert elements % TOWERS == 0, layer
+        return elements // TOWERS
 
     classes = reference["fc8"].out_shape[0]
     sent = [{}, {}]
@@ -41,7 +41,7 @@ def tower_sent_elements(reference: Dict[str, Layer], fc8_placement: str) -> List
     if fc8_placement == "split":
         for tower in sent:
             tower["fc8_input/forward"] = tower["fc8_input/backward"] = share("fc8")
-            tower["logits/forward"] = classes // WORLD_SIZE  # all-gather of its 500 logits
+            tower["logits/forward"] = classes // TOWERS  # all-gather of its 500 logits
     else:  # FC8 whole on tower 0
         sent[1]["fc8_input/forward"] = share("fc8")
         sent[0]["fc8_input/backward"] = share("fc8")  # gradient of tower 1's FC7 output
@@ -65,13 +65,13 @@ def ddp_payload_bytes(num_params: int, grad_element_size: int = 4) -> int:
     return num_params * grad_element_size
 
 
-def ddp_bytes_per_rank(num_params: int, world_size: int = WORLD_SIZE, grad_element_size: int = 4) -> float:
+def ddp_bytes_per_rank(num_params: int, world_size: int = TOWERS, grad_element_size: int = 4) -> float:
     """Bytes one rank sends per step in a ring all-reduce of all gradients."""
     return ring_factor(world_size) * ddp_payload_bytes(num_params, grad_element_size)
 
 
 def crossover_batch(reference: Dict[str, Layer], fc8_placement: str, num_params: int, activation_size: int,
-                    grad_element_size: int = 4, world_size: int = WORLD_SIZE) -> float:
+                    grad_element_size: int = 4, world_size: int = TOWERS) -> float:
     """The global batch at which the towers' activation traffic (both towers together)
     equals data parallel's gradient traffic (all ranks together)."""
     towers_per_image = sum(towers_bytes_per_rank(reference, fc8_placement, 1, activation_size))

@@ -13,8 +13,6 @@ what building the whole reference in float64 once needed.
 """
 
 from contextlib import nullcontext
-import resource
-import sys
 import time
 
 import torch
@@ -22,8 +20,9 @@ import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 
+from launch.meter import peak_memory
 from launch.step import paper_optimizer, train_step
-from towers import AlexNet, Tower, build_reference, shard_state_dict
+from towers import TOWERS, AlexNet, Tower, build_reference, shard_state_dict
 
 NUM_CLASSES = 1000
 AUTOCAST = {"fp32": None, "bf16": torch.bfloat16}
@@ -54,17 +53,12 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _peak_rss_bytes() -> int:
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss if sys.platform == "darwin" else rss * 1024  # Linux reports KiB
-
-
 def _start(spec: dict, rank: int) -> tuple:
     torch.manual_seed(spec["seed"])  # same dropout stream on every rank
     device = _device(spec, rank)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    return device, _peak_rss_bytes()
+    return device, peak_memory(torch.device("cpu"))[0]
 
 
 def _load(build, state_path: str, device: torch.device, memory_format: str) -> torch.nn.Module:
@@ -92,10 +86,7 @@ def _run_steps(model, optimizer, images, labels, spec: dict, steps: int, counter
 
 
 def _finish(model, device: torch.device, rss_at_start: int, loss: float) -> dict:
-    if device.type == "cuda":
-        peak, kind = torch.cuda.max_memory_allocated(device), "cuda.max_memory_allocated"
-    else:
-        peak, kind = _peak_rss_bytes(), "peak RSS of the rank process (getrusage)"
+    peak, kind = peak_memory(device)
     return {
         "device": str(device) if device.type == "cpu" else f"{device} ({torch.cuda.get_device_name(device)})",
         "threads": torch.get_num_threads(),
@@ -110,7 +101,7 @@ def weights_worker(rank: int, seed: int, fc8_placement: str, folder: str) -> dic
     Runs in a process of its own so that the parent stays small: on Linux a spawned
     process inherits its parent's peak RSS (getrusage's ru_maxrss survives exec)."""
     reference = build_reference(seed=seed).state_dict()
-    paths = {"reference_path": f"{folder}/reference.pt", "shard_paths": [f"{folder}/tower{r}.pt" for r in range(2)]}
+    paths = {"reference_path": f"{folder}/reference.pt", "shard_paths": [f"{folder}/tower{r}.pt" for r in range(TOWERS)]}
     torch.save(reference, paths["reference_path"])
     for tower_rank, path in enumerate(paths["shard_paths"]):
         torch.save(shard_state_dict(reference, tower_rank, fc8_placement), path)
@@ -139,17 +130,17 @@ def towers_worker(rank: int, spec: dict) -> dict:
     group = dist.group.WORLD
     tower = _load(lambda: Tower(group, NUM_CLASSES, fc8_placement=spec["fc8_placement"]),
                   spec["shard_paths"][rank], device, spec["memory_format"])
-    log = tower.exchange_log
-    log.synchronize = device.type == "cuda"  # time the collective, not the kernel launches queued before it
+    exchange_log = tower.exchange_log
+    exchange_log.synchronize = device.type == "cuda"  # time the collective, not the kernel launches queued before it
     optimizer = paper_optimizer(tower.parameters(), lr=LR)
     images, labels = synthetic_batch(spec["batch"], spec["seed"], device, spec["memory_format"])
     _run_steps(tower, optimizer, images, labels, spec, spec["warmup"])
-    log.reset()
-    step_s, exchange_s, loss = _run_steps(tower, optimizer, images, labels, spec, spec["steps"], counter=lambda: log.seconds)
-    exchanges = log.as_dict()
+    exchange_log.reset()
+    step_s, exchange_s, loss = _run_steps(tower, optimizer, images, labels, spec, spec["steps"], counter=lambda: exchange_log.seconds)
+    exchanges = exchange_log.as_dict()
     return {
         "step_s": step_s, "comm_s": exchange_s,
-        "sent_bytes": log.sent_bytes, "received_bytes": log.received_bytes,
+        "sent_bytes": exchange_log.sent_bytes, "received_bytes": exchange_log.received_bytes,
         "calls": sum(e["calls"] for e in exchanges.values()), "exchanges": exchanges,
         **_finish(tower, device, rss_at_start, loss),
     }

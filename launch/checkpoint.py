@@ -6,17 +6,29 @@ with ``torch.save`` and loaded with ``weights_only=True``, so that loading one
 never runs code from it. It is written to a temporary file in the same folder,
 synced, and renamed over the old one: a crash during the save leaves the
 previous checkpoint whole.
+
+The towers save and restore through the collectives at the end of this module: the
+other rank ships its half to rank 0, which writes one unsharded checkpoint, and on
+restore rank 0 sends each rank its half.
 """
 
+import dataclasses
+import errno
+import io
 import os
 import pickle
+import shutil
 import zipfile
 from pathlib import Path
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 
-from towers.reference import AlexNet
+from towers import AlexNet, Tower, shard_state_dict, unshard_state_dicts
+
+from .config import TrainConfig
+from .schedule import Progress
 
 FORMAT = "alexnet-towers/checkpoint"
 VERSION = 1
@@ -35,18 +47,31 @@ def checkpoint_payload(model_state: dict, *, num_classes: int, **extra) -> dict:
 
 
 def save_checkpoint(path: Path, payload: dict) -> None:
-    """Writes ``payload`` with torch.save atomically: a temporary file, synced, renamed over ``path``."""
+    """Writes ``payload`` with torch.save atomically: a temporary file, synced, renamed over ``path``.
+
+    The payload is serialised in memory first, so its size is known before the disk is
+    touched: a disk too full for it raises ``OSError(ENOSPC)`` saying how much is needed,
+    and the previous file at ``path`` stays whole."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     for stale in path.parent.glob(f".{path.name}.tmp-*"):  # left by a save that was killed
         stale.unlink(missing_ok=True)
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    data = buffer.getbuffer()
+    if len(data) > shutil.disk_usage(path.parent).free:
+        raise _disk_full(path, len(data))
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            torch.save(payload, f)
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):  # the space went between the check and the write
+            raise _disk_full(path, len(data)) from None
+        raise
     finally:
         tmp.unlink(missing_ok=True)
     dir_fd = os.open(path.parent, os.O_RDONLY)
@@ -54,6 +79,13 @@ def save_checkpoint(path: Path, payload: dict) -> None:
         os.fsync(dir_fd)  # the rename itself survives a power cut
     finally:
         os.close(dir_fd)
+
+
+def _disk_full(path: Path, needed: int) -> OSError:
+    free = shutil.disk_usage(path.parent).free
+    kept = "the previous one is whole" if path.exists() else "nothing was written"
+    return OSError(errno.ENOSPC, f"no space left for {path}: it needs {needed / 1e6:.1f} MB and the disk holding "
+                                 f"{path.parent} has {free / 1e6:.1f} MB free ({kept}); free some space there")
 
 
 def resolve_path(path) -> Path:
@@ -71,8 +103,9 @@ def _expected_shapes(num_classes: int) -> dict:
         return {k: tuple(v.shape) for k, v in AlexNet(num_classes).state_dict().items()}
 
 
-def load_checkpoint(path, num_classes: Optional[int] = None) -> dict:
-    """Loads and checks a checkpoint; raises CheckpointError naming the problem and the fix."""
+def load_checkpoint(path, classes: Optional[list] = None) -> dict:
+    """Loads and checks a checkpoint, and that it was trained on ``classes`` (the data's class
+    names, in order) if given; raises CheckpointError naming the problem and the fix."""
     path = resolve_path(path)
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -92,9 +125,15 @@ def load_checkpoint(path, num_classes: Optional[int] = None) -> dict:
     if arch.get("name") != ARCH:
         raise CheckpointError(f"{path} holds architecture {arch.get('name')!r}, not {ARCH!r}")
     saved_classes = arch.get("num_classes")
-    if num_classes is not None and saved_classes != num_classes:
-        raise CheckpointError(f"{path} was trained for {saved_classes} classes but the data has {num_classes}: "
+    if classes is not None and saved_classes != len(classes):
+        raise CheckpointError(f"{path} was trained for {saved_classes} classes but the data has {len(classes)}: "
                               f"use the dataset it was trained on, or start a new run")
+    saved_names = payload.get("classes")  # absent from a checkpoint saved from the reference
+    if classes is not None and saved_names is not None and list(saved_names) != list(classes):
+        changed = [f"{a} -> {b}" for a, b in zip(saved_names, classes) if a != b]
+        raise CheckpointError(f"{path} was trained on other classes than the data's ({len(changed)} differ: "
+                              f"{', '.join(changed[:3])}{' ...' if len(changed) > 3 else ''}): use the dataset it "
+                              f"was trained on, or start a new run")
     expected = _expected_shapes(saved_classes)
     got = {k: tuple(v.shape) for k, v in payload["model"].items()}
     if got != expected:
@@ -115,3 +154,69 @@ def load_reference(path, dropout: float = 0.5) -> AlexNet:
 def save_reference(path, model: AlexNet, **extra) -> None:
     """Saves a reference model as a checkpoint that the towers can evaluate or resume from."""
     save_checkpoint(path, checkpoint_payload(model.state_dict(), num_classes=model.num_classes, **extra))
+
+
+# ---------------------------------------------------------------- across the towers
+
+def _rng_state(device) -> dict:
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict, device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def save_training_state(path: Path, tower: Tower, optimizer, progress: Progress, config: TrainConfig,
+                        classes: list, train_images: int, group) -> None:
+    """Collective: rank 1 ships its half to rank 0, which writes one unsharded checkpoint.
+    ``classes`` and ``train_images`` let a resumed run check that its data is the same."""
+    rank = dist.get_rank(group)
+    momentum = {name: optimizer.state[p]["momentum_buffer"].cpu()
+                for name, p in tower.named_parameters() if optimizer.state[p].get("momentum_buffer") is not None}
+    mine = {"model": {k: v.cpu() for k, v in tower.state_dict().items()}, "momentum": momentum,
+            "rng": _rng_state(next(tower.parameters()).device)}
+    gathered = [None] * dist.get_world_size(group) if rank == 0 else None
+    dist.gather_object(mine, gathered, dst=dist.get_global_rank(group, 0), group=group)
+    if rank != 0:
+        return
+    placement = config.fc8_placement
+    extra = {
+        "momentum_buffer": unshard_state_dicts([g["momentum"] for g in gathered], placement) if momentum else {},
+        "progress": dataclasses.asdict(progress),
+        "rng": {f"rank{r}": g["rng"] for r, g in enumerate(gathered)},
+        "config": {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()},
+        "classes": list(classes),
+        "train_images": train_images,
+    }
+    model = unshard_state_dicts([g["model"] for g in gathered], placement)
+    save_checkpoint(path, checkpoint_payload(model, num_classes=len(classes), **extra))
+
+
+def restore_training_state(path, tower: Tower, optimizer, classes: list, group, with_training: bool) -> Optional[Progress]:
+    """Collective: rank 0 loads an unsharded checkpoint and sends each rank its half.
+    With ``with_training`` also the momentum, the RNG states and the progress."""
+    rank, device = dist.get_rank(group), next(tower.parameters()).device
+    placement = tower.fc8_placement
+    shards = None
+    if rank == 0:
+        payload = load_checkpoint(path, classes)
+        momentum = payload.get("momentum_buffer", {}) if with_training else {}
+        shards = [{"model": shard_state_dict(payload["model"], r, placement),
+                   "momentum": shard_state_dict(momentum, r, placement) if momentum else {},
+                   "rng": payload.get("rng", {}).get(f"rank{r}") if with_training else None,
+                   "progress": payload.get("progress") if with_training else None} for r in range(dist.get_world_size(group))]
+    received = [None]
+    dist.scatter_object_list(received, shards, src=dist.get_global_rank(group, 0), group=group)
+    mine = received[0]
+    tower.load_state_dict(mine["model"])
+    for name, p in tower.named_parameters():
+        if name in mine["momentum"]:
+            optimizer.state[p]["momentum_buffer"] = mine["momentum"][name].to(device)
+    if mine["rng"] is not None:
+        _set_rng_state(mine["rng"], device)
+    return Progress(**mine["progress"]) if mine["progress"] else None

@@ -7,62 +7,62 @@ deviation in ``BUILTIN_RECIPE`` for the built-in dataset.
 
 import argparse
 import dataclasses
+import math
 import os
-import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
+from towers import FC8_PLACEMENTS
 from towers.reference import INIT_SCHEMES
-from towers.sharding import FC8_PLACEMENTS
 
+from .cli import add_options, option
 
-def _opt(default, help, **argparse_kwargs):
-    return field(default=default, metadata={"help": help, **argparse_kwargs})
+MAX_TIMEOUT_S = 7 * 24 * 3600.0  # longer waits are no protection against a hung peer
 
 
 @dataclass
 class TrainConfig:
-    data: Optional[str] = _opt(None, "ImageNet-layout folder: DATA/train/CLASS/*.jpg and DATA/val/CLASS/*.jpg "
+    data: Optional[str] = option(None, "ImageNet-layout folder: DATA/train/CLASS/*.jpg and DATA/val/CLASS/*.jpg "
                                      "(JPEG, PNG and other formats, any colour mode). Default: a built-in generated "
                                      "dataset of ten drawn texture classes, made once and cached")
-    out: str = _opt("runs", "folder that receives one sub-folder per run (log, metrics, checkpoint, summary)")
-    run_name: Optional[str] = _opt(None, "name of this run's folder under --out (default: date and time)")
-    epochs: Optional[int] = _opt(None, "epochs to train (paper: 90; built-in dataset: see the recipe it prints)")
-    batch_size: Optional[int] = _opt(None, "images per step, seen by both towers (paper: 128)")
-    lr: Optional[float] = _opt(None, "initial learning rate (paper: 0.01)")
-    momentum: float = _opt(0.9, "SGD momentum (paper: 0.9)")
-    weight_decay: float = _opt(5e-4, "SGD weight decay (paper: 0.0005)")
-    schedule: Optional[str] = _opt(None, "learning-rate schedule: 'plateau' divides by 10 when validation error stops "
+    out: str = option("runs", "folder that receives one sub-folder per run (log, metrics, checkpoint, summary)")
+    run_name: Optional[str] = option(None, "name of this run's folder under --out (default: date and time)")
+    epochs: Optional[int] = option(None, "epochs to train (paper: 90; built-in dataset: see the recipe it prints)")
+    batch_size: Optional[int] = option(None, "images per step, seen by both towers (paper: 128)")
+    lr: Optional[float] = option(None, "initial learning rate (paper: 0.01)")
+    momentum: float = option(0.9, "SGD momentum (paper: 0.9)")
+    weight_decay: float = option(5e-4, "SGD weight decay (paper: 0.0005)")
+    schedule: Optional[str] = option(None, "learning-rate schedule: 'plateau' divides by 10 when validation error stops "
                                     "improving (the paper); 'fixed' divides by 10 at --lr-milestones (the authors' "
                                     "0.01/0.001/0.0001/0.00001 run; paper recipe: plateau)", choices=("plateau", "fixed"))
-    patience: int = _opt(2, "plateau schedule: epochs without a lower validation error before dividing the rate")
-    max_reductions: int = _opt(3, "plateau schedule: how many times at most the rate is divided by 10 (paper: 3)")
-    lr_milestones: Optional[tuple] = _opt(None, "fixed schedule: epochs at which the rate is divided by 10 "
+    patience: int = option(2, "plateau schedule: epochs without a lower validation error before dividing the rate")
+    max_reductions: int = option(3, "plateau schedule: how many times at most the rate is divided by 10 (paper: 3)")
+    lr_milestones: Optional[tuple] = option(None, "fixed schedule: epochs at which the rate is divided by 10 "
                                                 "(paper recipe: 30 60 80)", nargs="+", type=int)
-    warmup_steps: Optional[int] = _opt(None, "steps of linear learning-rate warm-up (paper: 0)")
-    init: Optional[str] = _opt(None, "weight initialisation: 'paper' (N(0, 0.01^2), biases 1 in conv2/4/5 and "
+    warmup_steps: Optional[int] = option(None, "steps of linear learning-rate warm-up (paper: 0)")
+    init: Optional[str] = option(None, "weight initialisation: 'paper' (N(0, 0.01^2), biases 1 in conv2/4/5 and "
                                      "FC6/7), 'caffe' (biases 0.1, FC6/FC7 std 0.005) or 'scaled' (std 0.6 sqrt(2/fan-in), "
                                      "FC8 std 0.001, biases 0)", choices=tuple(INIT_SCHEMES))
-    dropout: float = _opt(0.5, "dropout probability on the outputs of FC6 and FC7 (paper: 0.5)")
-    fc8_placement: str = _opt("tower0", "'tower0': FC8 whole on tower 0 (the authors' 2012 layout); 'split': 500 + "
+    dropout: float = option(0.5, "dropout probability on the outputs of FC6 and FC7 (paper: 0.5)")
+    fc8_placement: str = option("tower0", "'tower0': FC8 whole on tower 0 (the authors' 2012 layout); 'split': 500 + "
                                         "500 neurons, logits gathered for the loss", choices=FC8_PLACEMENTS)
-    seed: int = _opt(0, "seed of the initial weights, the data order and the augmentation")
-    backend: str = _opt("auto", "'auto': NCCL with tower r on GPU r when two GPUs are visible, else gloo on the CPU",
+    seed: int = option(0, "seed of the initial weights, the data order and the augmentation")
+    backend: str = option("auto", "'auto': NCCL with tower r on GPU r when two GPUs are visible, else gloo on the CPU",
                         choices=("auto", "nccl", "gloo"))
-    workers: Optional[int] = _opt(None, "data-loading processes on rank 0 (default: a quarter of the CPU cores, "
+    workers: Optional[int] = option(None, "data-loading processes on rank 0 (default: a quarter of the CPU cores, "
                                         "at least 1)")
-    log_every: int = _opt(10, "steps between log lines")
-    checkpoint_every: int = _opt(0, "steps between checkpoints within an epoch (0: at the end of each epoch only)")
-    max_steps: Optional[int] = _opt(None, "stop after this many training steps in all (for short trials)")
-    val_limit: Optional[int] = _opt(None, "evaluate on the first N validation images only")
-    ten_crop: bool = _opt(True, "after training, also evaluate with the paper's ten-patch test",
+    log_every: int = option(10, "steps between log lines")
+    checkpoint_every: int = option(0, "steps between checkpoints within an epoch (0: at the end of each epoch only)")
+    max_steps: Optional[int] = option(None, "stop after this many training steps in all (for short trials)")
+    val_limit: Optional[int] = option(None, "evaluate on the first N validation images only")
+    ten_crop: bool = option(True, "after training, also evaluate with the paper's ten-patch test",
                           action=argparse.BooleanOptionalAction)
-    resume: Optional[str] = _opt(None, "continue from a checkpoint file or a run folder (its checkpoint.pt)")
-    eval_only: Optional[str] = _opt(None, "evaluate this checkpoint (from the towers or the single-device "
+    resume: Optional[str] = option(None, "continue from a checkpoint file or a run folder (its checkpoint.pt)")
+    eval_only: Optional[str] = option(None, "evaluate this checkpoint (from the towers or the single-device "
                                           "reference) and exit")
-    timeout: float = _opt(300.0, "seconds a rank waits for the other in any one exchange before the run "
+    timeout: float = option(300.0, "seconds a rank waits for the other in any one exchange before the run "
                                  "stops with an error naming the rank")
-    master_addr: Optional[str] = _opt(None, "rendezvous address for ranks started by this program (default "
+    master_addr: Optional[str] = option(None, "rendezvous address for ranks started by this program (default "
                                             "127.0.0.1: nothing listens beyond this machine)")
 
     def __post_init__(self):
@@ -71,11 +71,17 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raises ValueError naming the fix for an impossible value."""
+        for name in ("lr", "momentum", "weight_decay", "dropout", "timeout"):
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):
+                raise ValueError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
         positive = {"epochs": self.epochs, "batch_size": self.batch_size, "log_every": self.log_every,
                     "max_steps": self.max_steps, "val_limit": self.val_limit, "timeout": self.timeout}
         for name, value in positive.items():
             if value is not None and value <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
+        if self.timeout > MAX_TIMEOUT_S:
+            raise ValueError(f"--timeout must be at most {MAX_TIMEOUT_S:.0f} seconds (a week), got {self.timeout}")
         if self.lr is not None and not 0 < self.lr < 10:
             raise ValueError(f"--lr must be a positive rate below 10, got {self.lr}")
         if not 0 <= self.momentum < 1:
@@ -84,6 +90,10 @@ class TrainConfig:
             raise ValueError(f"--weight-decay must not be negative, got {self.weight_decay}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"--dropout must lie in [0, 1), got {self.dropout}")
+        if not 0 <= self.seed < 2**32:
+            raise ValueError(f"--seed must be an integer from 0 to {2**32 - 1}, got {self.seed}")
+        if self.lr_milestones is not None and min(self.lr_milestones) < 1:
+            raise ValueError(f"--lr-milestones must be epochs from 1 on, got {' '.join(map(str, self.lr_milestones))}")
         for name in ("patience", "max_reductions", "checkpoint_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must not be negative, got {getattr(self, name)}")
@@ -127,16 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m launch.two_gpu",
         description="Train the 2012 AlexNet split over two towers (one process each) with the paper's recipe. "
                     "Starts both ranks itself, or runs under 'torchrun --nproc-per-node 2 -m launch.two_gpu'.")
-    hints = typing.get_type_hints(TrainConfig)
-    for f in dataclasses.fields(TrainConfig):
-        kwargs = dict(f.metadata)
-        if f.default is not None and "action" not in kwargs:
-            kwargs["help"] += f" (default: {' '.join(map(str, f.default)) if isinstance(f.default, tuple) else f.default})"
-        kind = typing.get_args(hints[f.name])[0] if typing.get_origin(hints[f.name]) is typing.Union else hints[f.name]
-        if "action" not in kwargs:
-            kwargs.setdefault("type", kind)
-            kwargs.setdefault("metavar", f.name.upper() if kind is not str or "choices" not in kwargs else None)
-        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=f.default, **kwargs)
+    add_options(parser, TrainConfig)
     return parser
 
 

@@ -23,7 +23,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from launch.data import DECODE_ERRORS, DataError, load_image, open_data, scan_layout
+from launch.data import DataError, open_data, scan_layout
+from launch.images import DECODE_ERRORS, load_image, skip_reason
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ def _convert(job):
     try:
         pixels = load_image(source)
     except DECODE_ERRORS as exc:
-        return source, f"{type(exc).__name__}: {exc}"
+        return source, skip_reason(source, exc)
     partial = f"{target}.partial-{os.getpid()}"
     Image.fromarray(pixels).save(partial, format="JPEG", quality=quality)
     os.replace(partial, target)
@@ -43,7 +44,10 @@ def _convert(job):
 
 def plan_jobs(src: Path, dst: Path, quality: int):
     """(jobs still to do, number already done) for every image of SRC."""
-    classes, files, _ = scan_layout(src)
+    classes, files, skipped = scan_layout(src)
+    for split in ("train", "val"):
+        if skipped[split].describe():
+            log.warning("%s/: skipped %s", split, skipped[split].describe())
     jobs, done = [], 0
     for split in ("train", "val"):
         for name, images in zip(classes, files[split]):
@@ -90,14 +94,14 @@ def main(argv=None) -> int:
         for count, (source, error) in enumerate(pool.imap_unordered(_convert, jobs, chunksize=16), 1):
             if error is not None:
                 unreadable.append((source, error))
-                log.warning("skipped unreadable %s (%s)", source, error)
+                log.warning("skipped %s", error)
             if count % 1000 == 0 or count == len(jobs):
                 rate = count / max(time.monotonic() - start, 1e-9)
                 log.info("converted %d/%d (%.0f images/s)", count, len(jobs), rate)
     if unreadable:
         listing = dst / "unreadable.txt"
         listing.write_text("".join(f"{source}\t{error}\n" for source, error in unreadable))
-        log.warning("%d unreadable files skipped; listed in %s", len(unreadable), listing)
+        log.warning("%d files skipped (unreadable or refused); listed in %s", len(unreadable), listing)
     try:
         bundle = open_data(dst)
     except DataError as exc:

@@ -11,6 +11,7 @@ Tests use the same helper as the launcher.
 
 import ctypes
 import datetime
+import ipaddress
 import os
 import pickle
 import queue as queue_module
@@ -38,6 +39,20 @@ class RankFailure(RuntimeError):
         lines = [f"rank {first} failed: {failures[first]}"]
         lines += [f"rank {r} then stopped: {why}" for r, why in sorted(failures.items()) if r != first]
         super().__init__("\n".join(lines))
+
+
+def cpu_threads_per_rank(ranks_here: int) -> int:
+    """CPU threads for each of ``ranks_here`` ranks sharing this machine's cores."""
+    return max(1, (os.cpu_count() or 1) // ranks_here)
+
+
+def is_loopback(addr: str) -> bool:
+    """Whether ``addr`` (a name or an address) resolves to loopback addresses only."""
+    try:
+        infos = socket.getaddrinfo(addr, None)
+    except socket.gaierror:
+        return False
+    return all(ipaddress.ip_address(info[4][0].split("%")[0]).is_loopback for info in infos)
 
 
 def init_process_group(backend: str, rank: int, world_size: int, timeout_s: float, store=None) -> None:
@@ -74,7 +89,7 @@ def _rank_main(rank, world_size, addr, port, backend, collective_timeout_s, thre
     _die_with_parent(parent_pid)
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                       MASTER_ADDR=addr, MASTER_PORT=str(port))
-    if addr == LOOPBACK:  # gloo and NCCL would otherwise listen on the host's outward interface
+    if is_loopback(addr):  # gloo and NCCL would otherwise listen on the host's outward interface
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
         os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")
     if threads:
@@ -129,11 +144,14 @@ def run_ranks(fn: Callable, args: Sequence = (), world_size: int = 2, backend: s
     Raises :class:`RankFailure` if any rank fails, after stopping the others.
     """
     if threads_per_rank is None and backend == "gloo":
-        threads_per_rank = max(1, (os.cpu_count() or 1) // world_size)
+        threads_per_rank = cpu_threads_per_rank(world_size)
     # TCPStore on its own would listen on every interface; hand it a socket bound to ``addr``.
     listener = socket.create_server((addr, 0), family=socket.getaddrinfo(addr, 0)[0][0])
     store = dist.TCPStore(addr, listener.getsockname()[1], world_size, is_master=True, wait_for_workers=False,
                           timeout=datetime.timedelta(seconds=collective_timeout_s), master_listen_fd=listener.fileno())
+    # The store owns the descriptor now and closes it when it is destroyed. Were the socket to
+    # close it as well, the store would later close a number the next run's listener reuses.
+    listener.detach()
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     # Not daemonic, so that a rank may start DataLoader workers; PR_SET_PDEATHSIG ends a
@@ -193,7 +211,7 @@ def run_ranks(fn: Callable, args: Sequence = (), world_size: int = 2, backend: s
     finally:
         if previous_sigterm is not None:
             signal.signal(signal.SIGTERM, previous_sigterm)
-        listener.close()
+        del store  # closes the listener now, not when a traceback holding this frame is dropped
     _stop(procs, grace_s=0.0 if failures else _GRACE_S)
     if failures:
         raise RankFailure(failures, first)

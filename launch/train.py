@@ -7,11 +7,10 @@ The functions ``train_one_epoch``, ``evaluate`` and ``main`` follow torchvision'
 classification reference.
 """
 
-import dataclasses
 import json
 import logging
 import math
-import resource
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -22,15 +21,21 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from towers import Tower, build_reference, shard_state_dict, unshard_state_dicts
+from towers import Tower, build_reference, shard_state_dict
 
 from . import data as data_module
-from .checkpoint import FILENAME, checkpoint_payload, load_checkpoint, save_checkpoint
+from .checkpoint import FILENAME, load_checkpoint, restore_training_state, save_training_state
 from .config import TrainConfig
+from .meter import Metrics, ProgressBar, StepMeter, duration, peak_memory
+from .schedule import Progress, base_rate, end_of_epoch_schedule, learning_rate
 from .step import paper_optimizer, train_step
 
 log = logging.getLogger(__name__)
 IMAGE_SHAPE = (3, 224, 224)
+
+
+# A training loss this many times ln(classes) (the loss of a uniform guess) has run away.
+DIVERGED_LOSS_FACTOR = 10
 
 
 class NonFiniteLoss(RuntimeError):
@@ -43,18 +48,7 @@ class Plan:
     classes: list
     batches_per_epoch: int
     val_images: int
-
-
-@dataclass
-class Progress:
-    """Where training stands; saved in every checkpoint."""
-    epoch: int = 0  # the epoch in progress (0-based)
-    batch: int = 0  # batches of it already done
-    global_step: int = 0
-    lr: float = 0.0  # base rate of the schedule, before warm-up
-    best_error: float = math.inf
-    bad_epochs: int = 0
-    reductions: int = 0
+    train_images: int
 
 
 # ---------------------------------------------------------------- data on rank 0, broadcast to rank 1
@@ -67,29 +61,29 @@ def _next_quietly(iterator: Iterator):
         return next(iterator, None)
 
 
-def shared_batches(source: Optional[Iterable], sizes: Iterable[int], device, group, views: int = 1) -> Iterator:
-    """Yields (images, labels) on both ranks: rank 0 draws them from ``source`` and
-    broadcasts them; rank 1 passes ``source=None`` and receives. ``sizes`` (known to
-    both ranks) gives each batch's number of labelled items, each ``views`` images
-    (10 for the ten-patch test), and so how many batches there are."""
+def shared_batches(source: Optional[Iterable], batches: int, device, group, views: int = 1) -> Iterator:
+    """Yields ``batches`` (images, labels) on both ranks: rank 0 draws them from ``source``
+    and broadcasts each batch's number of labelled items, then the batch itself; rank 1
+    passes ``source=None`` and receives. Each item is ``views`` images (10 for the
+    ten-patch test). A batch may be short, even empty (evaluation leaves out unusable images)."""
     iterator = iter(source) if source is not None else None
-    for size in sizes:
+    for _ in range(batches):
+        count = torch.zeros(1, dtype=torch.int64, device=device)
         if iterator is not None:
             item = _next_quietly(iterator)
-            assert item is not None and len(item[1]) == size, "the data does not match the plan of batches"
+            assert item is not None, "the data ran out before the plan of batches"
+            count += len(item[1])
+        dist.broadcast(count, src=dist.get_global_rank(group, 0), group=group)
+        size = int(count.item())
+        if iterator is not None:
             images = item[0].to(device, non_blocking=True).reshape(size * views, *IMAGE_SHAPE)
             labels = item[1].to(device, non_blocking=True)
         else:
             images = torch.empty((size * views, *IMAGE_SHAPE), device=device)
             labels = torch.empty((size,), dtype=torch.int64, device=device)
-        dist.broadcast(images, src=0, group=group)
-        dist.broadcast(labels, src=0, group=group)
+        dist.broadcast(images, src=dist.get_global_rank(group, 0), group=group)
+        dist.broadcast(labels, src=dist.get_global_rank(group, 0), group=group)
         yield images, labels
-
-
-def eval_sizes(val_images: int, batch_size: int) -> list:
-    full, rest = divmod(val_images, batch_size)
-    return [batch_size] * full + ([rest] if rest else [])
 
 
 # ---------------------------------------------------------------- model, optimizer and their state
@@ -101,150 +95,6 @@ def build_tower(config: TrainConfig, num_classes: int, group, device) -> Tower:
     tower = Tower(group, num_classes, config.dropout, config.fc8_placement)
     tower.load_state_dict(shard_state_dict(reference.state_dict(), dist.get_rank(group), config.fc8_placement))
     return tower.to(device)
-
-
-def _rng_state(device) -> dict:
-    state = {"cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def _set_rng_state(state: dict, device) -> None:
-    torch.set_rng_state(state["cpu"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
-def save_training_state(path: Path, tower: Tower, optimizer, progress: Progress, config: TrainConfig,
-                        classes: list, group) -> None:
-    """Collective: rank 1 ships its half to rank 0, which writes one unsharded checkpoint."""
-    rank = dist.get_rank(group)
-    momentum = {name: optimizer.state[p]["momentum_buffer"].cpu()
-                for name, p in tower.named_parameters() if optimizer.state[p].get("momentum_buffer") is not None}
-    mine = {"model": {k: v.cpu() for k, v in tower.state_dict().items()}, "momentum": momentum,
-            "rng": _rng_state(next(tower.parameters()).device)}
-    gathered = [None] * dist.get_world_size(group) if rank == 0 else None
-    dist.gather_object(mine, gathered, dst=dist.get_global_rank(group, 0), group=group)
-    if rank != 0:
-        return
-    placement = config.fc8_placement
-    extra = {
-        "momentum_buffer": unshard_state_dicts([g["momentum"] for g in gathered], placement) if momentum else {},
-        "progress": dataclasses.asdict(progress),
-        "rng": {f"rank{r}": g["rng"] for r, g in enumerate(gathered)},
-        "config": {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()},
-        "classes": list(classes),
-    }
-    model = unshard_state_dicts([g["model"] for g in gathered], placement)
-    save_checkpoint(path, checkpoint_payload(model, num_classes=len(classes), **extra))
-
-
-def restore_training_state(path, tower: Tower, optimizer, num_classes: int, group, with_training: bool) -> Optional[Progress]:
-    """Collective: rank 0 loads an unsharded checkpoint and sends each rank its half.
-    With ``with_training`` also the momentum, the RNG states and the progress."""
-    rank, device = dist.get_rank(group), next(tower.parameters()).device
-    placement = tower.fc8_placement
-    shards = None
-    if rank == 0:
-        payload = load_checkpoint(path, num_classes)
-        momentum = payload.get("momentum_buffer", {}) if with_training else {}
-        shards = [{"model": shard_state_dict(payload["model"], r, placement),
-                   "momentum": shard_state_dict(momentum, r, placement) if momentum else {},
-                   "rng": payload.get("rng", {}).get(f"rank{r}") if with_training else None,
-                   "progress": payload.get("progress") if with_training else None} for r in range(2)]
-    received = [None]
-    dist.scatter_object_list(received, shards, src=dist.get_global_rank(group, 0), group=group)
-    mine = received[0]
-    tower.load_state_dict(mine["model"])
-    for name, p in tower.named_parameters():
-        if name in mine["momentum"]:
-            optimizer.state[p]["momentum_buffer"] = mine["momentum"][name].to(device)
-    if mine["rng"] is not None:
-        _set_rng_state(mine["rng"], device)
-    return Progress(**mine["progress"]) if mine["progress"] else None
-
-
-# ---------------------------------------------------------------- what rank 0 shows and writes
-
-class StepMeter:
-    """Rolling numbers for the step line: loss, top-1, images/s, ms/step, ETA."""
-
-    def __init__(self, window: int = 20):
-        self.window, self.times, self.losses, self.hits, self.images = window, [], [], [], []
-        self.last = time.perf_counter()
-
-    def update(self, loss: float, correct: int, images: int) -> None:
-        now = time.perf_counter()
-        for series, value in ((self.times, now - self.last), (self.losses, loss), (self.hits, correct), (self.images, images)):
-            series.append(value)
-            del series[:-self.window]
-        self.last = now
-
-    def restart_clock(self) -> None:
-        self.last = time.perf_counter()
-
-    @property
-    def ms_per_step(self) -> float:
-        return 1000 * sum(self.times) / max(1, len(self.times))
-
-    @property
-    def images_per_s(self) -> float:
-        return sum(self.images) / max(1e-9, sum(self.times))
-
-    @property
-    def loss(self) -> float:
-        return sum(self.losses) / max(1, len(self.losses))
-
-    @property
-    def top1(self) -> float:
-        return sum(self.hits) / max(1, sum(self.images))
-
-
-def peak_memory_bytes(device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # peak RSS of this rank's process
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(max(0, seconds))
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
-
-
-class ProgressBar:
-    """A one-line bar on a terminal (rank 0 only); nothing when stderr is not a terminal."""
-
-    def __init__(self, enabled: bool):
-        self.enabled = enabled and sys.stderr.isatty()
-        self.shown = False
-
-    def show(self, done: int, total: int, text: str) -> None:
-        if not self.enabled:
-            return
-        width = 24
-        filled = int(width * done / max(1, total))
-        sys.stderr.write(f"\r\033[K[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {text}")
-        sys.stderr.flush()
-        self.shown = True
-
-    def clear(self) -> None:
-        if self.shown:
-            sys.stderr.write("\r\033[K")
-            sys.stderr.flush()
-            self.shown = False
-
-
-class Metrics:
-    """metrics.jsonl: one JSON object per line, appended (a resumed run continues the file)."""
-
-    def __init__(self, path: Optional[Path]):
-        self.path = path
-
-    def write(self, **record) -> None:
-        if self.path is not None:
-            with open(self.path, "a") as f:
-                f.write(json.dumps({"time": time.time(), **record}) + "\n")
 
 
 # ---------------------------------------------------------------- evaluation and training
@@ -263,7 +113,9 @@ def evaluate(tower: Tower, bundle, plan: Plan, batch_size: int, device, group, t
     was_training = tower.training
     tower.eval()
     top1 = top5 = seen = 0
-    for images, labels in shared_batches(source, eval_sizes(plan.val_images, batch_size), device, group, views):
+    for images, labels in shared_batches(source, math.ceil(plan.val_images / batch_size), device, group, views):
+        if not len(labels):
+            continue
         probs = F.softmax(tower(images).float(), dim=1)
         probs = probs.view(len(labels), views, -1).mean(dim=1)
         best = probs.topk(min(5, probs.shape[1]), dim=1).indices
@@ -271,32 +123,16 @@ def evaluate(tower: Tower, bundle, plan: Plan, batch_size: int, device, group, t
         top5 += (best == labels[:, None]).any(dim=1).sum().item()
         seen += len(labels)
     tower.train(was_training)
+    if seen == 0:
+        raise data_module.DataError(f"none of the {plan.val_images} validation images could be used (each one "
+                                    f"skipped is logged above): replace them")
     return {"top1_error": 1 - top1 / seen, "top5_error": 1 - top5 / seen, "images": seen,
-            "test": "ten-patch" if ten_crop else "centre patch"}
+            "skipped": plan.val_images - seen, "test": "ten-patch" if ten_crop else "centre patch"}
 
 
-def learning_rate(config: TrainConfig, progress: Progress) -> float:
-    """The schedule's rate with linear warm-up over the first ``warmup_steps`` steps."""
-    if config.warmup_steps and progress.global_step < config.warmup_steps:
-        return progress.lr * (progress.global_step + 1) / config.warmup_steps
-    return progress.lr
-
-
-def end_of_epoch_schedule(config: TrainConfig, progress: Progress, val_error: float) -> None:
-    """Section 5: divide the rate by 10 when the validation error stops improving
-    ('plateau'), or at fixed epochs ('fixed', the authors' released run)."""
-    if config.schedule == "fixed":
-        progress.lr = config.lr * 0.1 ** sum(progress.epoch >= m for m in config.lr_milestones)
-        return
-    if val_error < progress.best_error:
-        progress.best_error, progress.bad_epochs = val_error, 0
-        return
-    progress.bad_epochs += 1
-    if progress.bad_epochs >= config.patience and progress.reductions < config.max_reductions:
-        progress.lr /= 10
-        progress.reductions += 1
-        progress.bad_epochs = 0
-        log.info("validation error stopped improving: learning rate now %.g", progress.lr)
+def describe_evaluation(result: dict) -> str:
+    skipped = f", {result['skipped']} unusable left out" if result["skipped"] else ""
+    return f"{result['test']}, {result['images']} images{skipped}"
 
 
 def train_one_epoch(tower, optimizer, bundle, plan: Plan, config: TrainConfig, progress: Progress, device, group,
@@ -315,7 +151,7 @@ def train_one_epoch(tower, optimizer, bundle, plan: Plan, config: TrainConfig, p
     if config.max_steps is not None:
         total_steps = min(total_steps, config.max_steps)
     tower.train()
-    for images, labels in shared_batches(source, [config.batch_size] * steps_left, device, group):
+    for images, labels in shared_batches(source, steps_left, device, group):
         lr = learning_rate(config, progress)
         for param_group in optimizer.param_groups:
             param_group["lr"] = lr
@@ -323,31 +159,48 @@ def train_one_epoch(tower, optimizer, bundle, plan: Plan, config: TrainConfig, p
         loss = result.loss.item()
         progress.batch += 1
         progress.global_step += 1
+        progress.loss = loss
         if not math.isfinite(loss):
-            raise NonFiniteLoss(
-                f"the loss became {loss} at epoch {progress.epoch + 1}, step {progress.global_step}; the run stops "
-                f"and keeps its last good checkpoint{' in ' + str(run_dir) if run_dir else ''}. Lower --lr or "
-                f"lengthen --warmup-steps, and resume or start again")
+            raise NonFiniteLoss(f"the loss became {loss} at epoch {progress.epoch + 1}, step {progress.global_step}; "
+                                f"the run stops. {_after_divergence(config, run_dir, len(plan.classes))}")
         meter.update(loss, int(result.correct), len(labels))
         eta = (total_steps - progress.global_step) * meter.ms_per_step / 1000
         line = (f"epoch {progress.epoch + 1}/{config.epochs} step {progress.batch}/{plan.batches_per_epoch} "
                 f"loss {meter.loss:.4f} top-1 {100 * meter.top1:5.1f}% | {meter.images_per_s:6.1f} img/s "
-                f"{meter.ms_per_step:7.0f} ms/step lr {lr:.2g} mem {peak_memory_bytes(device) / 2**30:.2f} GiB "
-                f"| ETA {_duration(eta)}")
+                f"{meter.ms_per_step:7.0f} ms/step lr {lr:.2g} mem {peak_memory(device)[0] / 2**30:.2f} GiB "
+                f"| ETA {duration(eta)}")
         bar.show(progress.global_step, total_steps, line)
         if progress.global_step % config.log_every == 0 or progress.batch == plan.batches_per_epoch:
             bar.clear()
             log.info(line)
             metrics.write(event="train", epoch=progress.epoch + 1, step=progress.global_step, loss=meter.loss,
                           top1=meter.top1, images_per_s=meter.images_per_s, ms_per_step=meter.ms_per_step, lr=lr,
-                          peak_memory_bytes=peak_memory_bytes(device))
+                          peak_memory_bytes=peak_memory(device)[0])
         if config.checkpoint_every and progress.global_step % config.checkpoint_every == 0 \
                 and progress.batch < plan.batches_per_epoch:
             save_training_state(run_dir / FILENAME if run_dir else None, tower, optimizer, progress, config,
-                                plan.classes, group)
+                                plan.classes, plan.train_images, group)
         meter.restart_clock()  # the step line and checkpoints are not the step's time
     bar.clear()
     return progress.batch == plan.batches_per_epoch
+
+
+def _after_divergence(config: TrainConfig, run_dir: Optional[Path], num_classes: int) -> str:
+    """Advice that works. A resumed run may lower --lr, but only a checkpoint saved before
+    the loss ran away is worth resuming: its loss is compared with that of guessing
+    uniformly, ln(classes). Given by rank 0, which writes the checkpoints."""
+    if run_dir is None:
+        return "Rank 0 says what to do next"
+    lower = f"{config.lr / 10:g}"
+    start_again = f"start again with a lower --lr (such as {lower}) or a longer --warmup-steps"
+    if not (run_dir / FILENAME).exists():
+        return f"No checkpoint was written yet: {start_again}"
+    saved = load_checkpoint(run_dir / FILENAME)["progress"]
+    if not saved.get("loss", 0.0) < DIVERGED_LOSS_FACTOR * math.log(num_classes):  # older checkpoints hold no loss
+        return (f"The loss had already run away by the last checkpoint (step {saved['global_step']}, loss "
+                f"{saved['loss']:.3g}), so resuming it would not help: {start_again}")
+    return (f"Go on from the last checkpoint (step {saved['global_step']}, loss {saved['loss']:.3g}) at a lower rate: "
+            f"--resume {run_dir} --lr {lower} (or a longer --warmup-steps)")
 
 
 # ---------------------------------------------------------------- one rank's whole run
@@ -367,12 +220,13 @@ def setup_logging(rank: int, run_dir: Optional[Path]) -> None:
 
 
 def default_workers() -> int:
-    import os
     return min(4, (os.cpu_count() or 1) // 4)
 
 
-def run_rank(rank: int, config: TrainConfig, run_dir: Optional[str], backend: str) -> Optional[dict]:
+def run_rank(rank: int, config: TrainConfig, run_dir: Optional[str], backend: str,
+             bundle: Optional[data_module.DataBundle] = None) -> Optional[dict]:
     """The program of one rank (spawned by ``launch.two_gpu`` or started by torchrun).
+    Rank 0 is handed the data its launcher opened (``bundle``): the tree is scanned once.
     Returns the run's summary on rank 0."""
     started = time.time()
     group = dist.group.WORLD
@@ -382,11 +236,12 @@ def run_rank(rank: int, config: TrainConfig, run_dir: Optional[str], backend: st
     torch.manual_seed(config.seed + 1 + rank)  # each tower its own dropout masks, as on two GPUs
     workers = config.workers if config.workers is not None else default_workers()
 
-    bundle = data_module.open_data(config.data) if rank == 0 else None
+    bundle = bundle if rank == 0 else None
     plan = [None]
     if rank == 0:
         val_images = len(bundle.val) if config.val_limit is None else min(config.val_limit, len(bundle.val))
-        plan = [Plan(list(bundle.classes), data_module.batches_per_epoch(bundle, config.batch_size), val_images)]
+        plan = [Plan(list(bundle.classes), data_module.batches_per_epoch(bundle, config.batch_size), val_images,
+                     len(bundle.train))]
     dist.broadcast_object_list(plan, src=dist.get_global_rank(group, 0), group=group)
     plan = plan[0]
 
@@ -402,7 +257,7 @@ def run_rank(rank: int, config: TrainConfig, run_dir: Optional[str], backend: st
                "data": str(bundle.root) if bundle else None}
 
     if config.eval_only:
-        restore_training_state(config.eval_only, tower, optimizer, len(plan.classes), group, with_training=False)
+        restore_training_state(config.eval_only, tower, optimizer, plan.classes, group, with_training=False)
         summary["checkpoint"] = config.eval_only
         summary["centre"] = evaluate_now()
         if config.ten_crop:
@@ -412,9 +267,11 @@ def run_rank(rank: int, config: TrainConfig, run_dir: Optional[str], backend: st
 
     progress = Progress(lr=config.lr)
     if config.resume:
-        progress = restore_training_state(config.resume, tower, optimizer, len(plan.classes), group,
+        progress = restore_training_state(config.resume, tower, optimizer, plan.classes, group,
                                           with_training=True) or progress
-        log.info("resumed from %s at epoch %d, step %d", config.resume, progress.epoch + 1, progress.global_step)
+        progress.lr = base_rate(config, progress)  # --lr may have changed on resume
+        log.info("resumed from %s at epoch %d, step %d, learning rate %g", config.resume, progress.epoch + 1,
+                 progress.global_step, progress.lr)
     checkpoint = run_dir / FILENAME if run_dir else None
     steps_at_start, train_seconds = progress.global_step, 0.0
     last_eval = None
@@ -424,17 +281,16 @@ def run_rank(rank: int, config: TrainConfig, run_dir: Optional[str], backend: st
                                    metrics, bar, workers)
         train_seconds += time.time() - epoch_started
         if not finished:  # --max-steps reached within the epoch
-            save_training_state(checkpoint, tower, optimizer, progress, config, plan.classes, group)
+            save_training_state(checkpoint, tower, optimizer, progress, config, plan.classes, plan.train_images, group)
             last_eval = None
             break
         last_eval = evaluate_now()
         progress.epoch, progress.batch = progress.epoch + 1, 0
         end_of_epoch_schedule(config, progress, last_eval["top1_error"])
-        log.info("epoch %d/%d: validation top-1 error %.2f%%, top-5 error %.2f%% (%s, %d images)", progress.epoch,
-                 config.epochs, 100 * last_eval["top1_error"], 100 * last_eval["top5_error"], last_eval["test"],
-                 last_eval["images"])
+        log.info("epoch %d/%d: validation top-1 error %.2f%%, top-5 error %.2f%% (%s)", progress.epoch, config.epochs,
+                 100 * last_eval["top1_error"], 100 * last_eval["top5_error"], describe_evaluation(last_eval))
         metrics.write(event="eval", epoch=progress.epoch, step=progress.global_step, lr=progress.lr, **last_eval)
-        save_training_state(checkpoint, tower, optimizer, progress, config, plan.classes, group)
+        save_training_state(checkpoint, tower, optimizer, progress, config, plan.classes, plan.train_images, group)
 
     summary["centre"] = last_eval or evaluate_now()
     if config.ten_crop:

@@ -4,13 +4,20 @@ With no launcher it starts both ranks itself (rendezvous on 127.0.0.1); under
 ``torchrun --nproc-per-node 2 -m launch.two_gpu`` it uses the ranks torchrun
 gives. NCCL with tower r on GPU r when two GPUs are visible, gloo on the CPU
 otherwise. Run with --help for every option.
+
+Everything a user can get wrong is checked here, in the launching process, before
+any rank starts and before a run folder is made: the options, the data, a
+checkpoint and whether it fits the data, the run folder. Each gets one line naming
+the fix and exit code 2.
 """
 
 import dataclasses
 import datetime
+import fcntl
 import json
 import logging
 import os
+import socket
 import sys
 from pathlib import Path
 from typing import Optional
@@ -18,38 +25,52 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from towers import TOWERS
+
 from . import data as data_module
-from .checkpoint import CheckpointError, load_checkpoint, resolve_path
-from .config import BUILTIN_RECIPE, PAPER_RECIPE, TrainConfig, build_parser, deviations, parse_config, resolve
-from .ranks import LOOPBACK, RankFailure, init_process_group, run_ranks
-from .train import run_rank
+from .checkpoint import FILENAME, CheckpointError, load_checkpoint, resolve_path
+from .config import PAPER_RECIPE, TrainConfig, build_parser, deviations, parse_config, resolve
+from .ranks import LOOPBACK, RankFailure, init_process_group, run_ranks, cpu_threads_per_rank
+from .train import describe_evaluation, run_rank
 
 log = logging.getLogger("launch.two_gpu")
-WORLD_SIZE = 2
 
 # Options that steer one invocation: a resumed run takes them from its own command line.
 RUN_CONTROL = {"resume", "eval_only", "max_steps", "workers", "log_every", "checkpoint_every", "ten_crop",
-               "val_limit", "timeout", "backend", "master_addr", "out", "run_name"}
-# The rest is the run's recipe, kept from the checkpoint; of it, only --epochs may be changed (to train longer).
-EXTENDABLE = {"epochs"}
+               "timeout", "backend", "master_addr", "out", "run_name"}
+# The rest is the run's recipe, kept from the checkpoint. Of it, a resumed run may change --epochs (to
+# train longer), and --lr and --warmup-steps (to go on after a loss that diverged; the schedule keeps
+# its reductions, see launch.schedule.base_rate). --val-limit stays: the plateau schedule compares the
+# evaluations of one fixed set of images.
+CHANGEABLE_ON_RESUME = {"epochs", "lr", "warmup_steps"}
+LOCK_NAME = ".lock"  # held by the run using the folder (see lock_run_folder)
 
 
 def choose_backend(requested: str) -> str:
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if requested == "nccl" and gpus < WORLD_SIZE:
+    if requested == "nccl" and gpus < TOWERS:
         raise ValueError(f"--backend nccl needs two GPUs (one per tower) and this machine shows {gpus}: two NCCL "
                          f"ranks cannot share one GPU. Use --backend gloo (the CPU) or run on a machine with two")
     if requested == "auto":
-        if gpus >= WORLD_SIZE:
+        if gpus >= TOWERS:
             return "nccl"
         if gpus == 1:
             log.warning("one GPU found: two NCCL ranks cannot share it, so both towers run on the CPU with gloo")
     return "nccl" if requested == "nccl" else "gloo"
 
 
-def resumed_config(config: TrainConfig) -> TrainConfig:
+def check_master_addr(addr: str) -> None:
+    """The rendezvous listens on ``addr``: it must name an address of this machine."""
+    try:
+        socket.create_server((addr, 0), family=socket.getaddrinfo(addr, 0)[0][0]).close()
+    except OSError as exc:  # socket.gaierror too: a name that does not resolve
+        raise ValueError(f"--master-addr {addr} cannot be listened on here ({exc.strerror or exc}): give an address "
+                         f"of this machine, such as {LOOPBACK} (the default)") from None
+
+
+def resumed_config(config: TrainConfig, payload: dict) -> TrainConfig:
     """A resumed run keeps the recipe saved in its checkpoint; options that would change it are refused."""
-    saved = load_checkpoint(config.resume).get("config")
+    saved = payload.get("config")
     if saved is None:
         raise CheckpointError(f"{config.resume} holds weights but no training state (saved from the single-device "
                               f"model?): use it with --eval-only, or start a new run")
@@ -60,7 +81,7 @@ def resumed_config(config: TrainConfig) -> TrainConfig:
                               f"evaluate it with --eval-only, or train afresh")
     merged = dataclasses.asdict(TrainConfig(**saved))  # as a fresh parse gives it (tuples, not lists)
     for name, value in dataclasses.asdict(config).items():
-        if name in RUN_CONTROL or (name in EXTENDABLE and value != defaults[name]):
+        if name in RUN_CONTROL or (name in CHANGEABLE_ON_RESUME and value != defaults[name]):
             merged[name] = value
         elif value != defaults[name] and value != merged[name]:
             raise ValueError(f"--{name.replace('_', '-')} {value} differs from the resumed run's {merged[name]}: "
@@ -68,8 +89,69 @@ def resumed_config(config: TrainConfig) -> TrainConfig:
     return TrainConfig(**merged)
 
 
-def prepare_run(config: TrainConfig) -> Path:
-    """On rank 0 (or the launching process): make the data, the run folder and its config.json."""
+def check_resumable(config: TrainConfig, payload: dict, bundle) -> None:
+    """A resumed run must find the training set it left, and something left to train."""
+    run, progress = resolve_path(config.resume).parent, payload["progress"]
+    saved_images, train_images = payload.get("train_images"), len(bundle.train)
+    batches = data_module.batches_per_epoch(bundle, config.batch_size)
+    if (saved_images is not None and saved_images != train_images) or progress["batch"] > batches:
+        had = f"{saved_images} training images" if saved_images is not None else f"at least {progress['batch']} batches"
+        raise data_module.DataError(
+            f"the training set changed since {run} was saved: it had {had}, {bundle.root / 'train'} now has "
+            f"{train_images} ({batches} batches of {config.batch_size}), so the run cannot continue where it "
+            f"stopped: resume with the data it was trained on, or start a new run")
+    if progress["epoch"] >= config.epochs:
+        raise ValueError(f"{run} has finished its {config.epochs} epochs: train it longer with --resume {run} "
+                         f"--epochs N (N > {config.epochs}), or evaluate it with --eval-only {run}")
+    if config.max_steps is not None and progress["global_step"] >= config.max_steps:
+        raise ValueError(f"{run} has taken {progress['global_step']} steps, as many as --max-steps {config.max_steps}: "
+                         f"give a larger --max-steps, or none")
+
+
+def lock_run_folder(run_dir: Path):
+    """An exclusive lock on the run folder, held while the returned file stays open, and
+    released by the system when this process ends, however it ends."""
+    lock = open(run_dir / LOCK_NAME, "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "another process"
+        lock.close()
+        raise ValueError(f"{run_dir} is in use by another run ({holder}): wait for it to end, or choose "
+                         f"another --run-name") from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"process {os.getpid()} on {socket.gethostname()}\n")
+    lock.flush()
+    return lock
+
+
+def new_run_folder(config: TrainConfig) -> Path:
+    """--out/--run-name, made if missing; without --run-name, the date and time (made unique)."""
+    out = Path(config.out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file: give a folder (it is made if missing)")
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    names = [config.run_name] if config.run_name else [stamp] + [f"{stamp}-{i}" for i in range(2, 100)]
+    for name in names:
+        run_dir = out / name
+        try:
+            run_dir.mkdir(parents=True, exist_ok=bool(config.run_name))
+            return run_dir
+        except FileExistsError:
+            if config.run_name:  # a file of that name
+                raise ValueError(f"{run_dir} is a file: choose another --run-name") from None
+        except OSError as exc:
+            raise ValueError(f"cannot make the run folder {run_dir} ({exc.strerror}): give an --out folder "
+                             f"you can write") from None
+    raise ValueError(f"{out} already holds runs named {stamp}*: give a --run-name")
+
+
+def prepare_run(config: TrainConfig, checkpoint: Optional[dict]):
+    """On rank 0 (or the launching process): open the data (the one scan of it), check it
+    against the options and the checkpoint, then lock the run folder and write its
+    config.json. Returns (run folder, data bundle, lock)."""
     if config.data is None:
         log.info("data: the built-in dataset (ten generated texture classes), no download needed")
         deviation = {k: f"{v} (paper: {PAPER_RECIPE[k]})" for k, v in deviations(config).items()}
@@ -79,30 +161,39 @@ def prepare_run(config: TrainConfig) -> Path:
     bundle = data_module.open_data(config.data)
     log.info("data: %s (%d classes, %d training and %d validation images)", bundle.root, len(bundle.classes),
              len(bundle.train), len(bundle.val))
-    for checkpoint in (config.eval_only, config.resume):
-        if checkpoint:  # checked here, before any rank starts, so a bad one gets a plain error
-            load_checkpoint(checkpoint, num_classes=len(bundle.classes))
+    if config.fc8_placement == "split" and len(bundle.classes) % TOWERS:
+        raise ValueError(f"--fc8-placement split gives each tower half of FC8's neurons and needs an even number of "
+                         f"classes; the data has {len(bundle.classes)}: use --fc8-placement tower0")
+    if checkpoint is not None:  # checked here, before any rank starts, so a bad one gets a plain error
+        load_checkpoint(config.resume or config.eval_only, classes=bundle.classes)
+    if config.resume:
+        check_resumable(config, checkpoint, bundle)
     if not config.eval_only and data_module.batches_per_epoch(bundle, config.batch_size) == 0:
         raise ValueError(f"--batch-size {config.batch_size} is larger than the {len(bundle.train)} training images: "
                          f"choose a smaller one")
-    if config.resume:
-        run_dir = resolve_path(config.resume).parent
-    else:
-        name = config.run_name or datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-        run_dir = Path(config.out) / name
-        if (run_dir / "checkpoint.pt").exists():
-            raise ValueError(f"{run_dir} already holds a run: resume it with --resume {run_dir}, or choose "
-                             f"another --run-name")
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
+    run_dir = resolve_path(config.resume).parent if config.resume else new_run_folder(config)
+    lock = lock_run_folder(run_dir)
+    try:
+        if not config.resume:
+            if (run_dir / FILENAME).exists():
+                raise ValueError(f"{run_dir} already holds a run: resume it with --resume {run_dir}, or choose "
+                                 f"another --run-name")
+            others = sorted(p.name for p in run_dir.iterdir() if p.name != LOCK_NAME)
+            if others:
+                raise ValueError(f"{run_dir} holds another run's files ({', '.join(others[:4])}): choose another "
+                                 f"--run-name, or remove them")
+            (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
+    except BaseException:
+        lock.close()
+        raise
     log.info("results: %s", run_dir.resolve())
-    return run_dir
+    return run_dir, bundle, lock
 
 
 def report(summary: dict) -> None:
     centre = summary["centre"]
     line = (f"validation top-1 error {100 * centre['top1_error']:.2f}%, top-5 error "
-            f"{100 * centre['top5_error']:.2f}% ({centre['test']}, {centre['images']} images)")
+            f"{100 * centre['top5_error']:.2f}% ({describe_evaluation(centre)})")
     if "ten_patch" in summary:
         ten = summary["ten_patch"]
         line += f"; ten-patch test: top-1 {100 * ten['top1_error']:.2f}%, top-5 {100 * ten['top5_error']:.2f}%"
@@ -116,21 +207,29 @@ def _torchrun_env() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
+def _configure(argv) -> tuple:
+    """(config, checkpoint payload or None, backend) from the command line; raises ValueError."""
+    config = parse_config(argv)
+    config.validate()
+    checkpoint = load_checkpoint(config.resume or config.eval_only) if config.resume or config.eval_only else None
+    if config.resume:
+        config = resumed_config(config, checkpoint)
+    config = resolve(config)
+    config.validate()
+    return config, checkpoint, choose_backend(config.backend)
+
+
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    run_dir = lock = config = None
     try:
-        config = parse_config(argv)
-        config.validate()
-        if config.resume:
-            config = resumed_config(config)
-        config = resolve(config)
-        config.validate()
-        backend = choose_backend(config.backend)
+        config, checkpoint, backend = _configure(argv)
         if _torchrun_env():
-            return _main_under_torchrun(config, backend)
-        run_dir = prepare_run(config)
+            return _main_under_torchrun(config, checkpoint, backend)
         addr = config.master_addr or LOOPBACK
-        summary = run_ranks(run_rank, (config, str(run_dir), backend), world_size=WORLD_SIZE, backend=backend,
+        check_master_addr(addr)
+        run_dir, bundle, lock = prepare_run(config, checkpoint)
+        summary = run_ranks(run_rank, (config, str(run_dir), backend, bundle), world_size=TOWERS, backend=backend,
                             collective_timeout_s=config.timeout, addr=addr)[0]
     except (ValueError, CheckpointError) as exc:  # DataError is a ValueError
         log.error("error: %s", exc)
@@ -139,23 +238,46 @@ def main(argv=None) -> int:
         log.error("the run stopped: %s", exc)
         return 1
     except KeyboardInterrupt:
-        log.error("interrupted: both ranks stopped; resume with --resume and the run folder")
+        log.error("interrupted: both ranks stopped; %s", _after_interrupt(config, run_dir))
         return 130
+    finally:
+        if lock is not None:
+            lock.close()
     report(summary)
     return 0
 
 
-def _main_under_torchrun(config: TrainConfig, backend: str) -> int:
+def _after_interrupt(config: Optional[TrainConfig], run_dir: Optional[Path]) -> str:
+    if config is not None and config.eval_only:
+        return "nothing to resume: run the evaluation again"
+    if run_dir is not None and (run_dir / FILENAME).exists():
+        return f"resume with --resume {run_dir}"
+    return "no checkpoint was written yet, so there is nothing to resume: start the run again"
+
+
+def _main_under_torchrun(config: TrainConfig, checkpoint: Optional[dict], backend: str) -> int:
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    if world_size != WORLD_SIZE:
-        raise ValueError(f"the towers need exactly {WORLD_SIZE} ranks, torchrun gave {world_size}: "
+    if world_size != TOWERS:
+        raise ValueError(f"the towers need exactly {TOWERS} ranks, torchrun gave {world_size}: "
                          f"use --nproc-per-node 2 (or two nodes of 1)")
     if backend == "gloo":  # share the cores among the ranks on this machine, as run_ranks does
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world_size))))
+        torch.set_num_threads(cpu_threads_per_rank(int(os.environ.get("LOCAL_WORLD_SIZE", world_size))))
     init_process_group(backend, rank, world_size, config.timeout)
-    run_dir = prepare_run(config) if rank == 0 else None
-    dist.barrier()
-    summary = run_rank(rank, config, str(run_dir) if run_dir else None, backend)
+    run_dir = bundle = lock = None
+    outcome = [None]  # rank 0 tells the other rank whether the run can start, and if not, why
+    try:
+        if rank == 0:
+            try:
+                run_dir, bundle, lock = prepare_run(config, checkpoint)
+            except (ValueError, CheckpointError) as exc:
+                outcome = [str(exc)]
+        dist.broadcast_object_list(outcome, src=0)
+        if outcome[0] is not None:
+            raise ValueError(outcome[0])
+        summary = run_rank(rank, config, str(run_dir) if run_dir else None, backend, bundle)
+    finally:
+        if lock is not None:
+            lock.close()
     dist.destroy_process_group()
     if rank == 0:
         report(summary)

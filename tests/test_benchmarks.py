@@ -5,7 +5,6 @@ structure and for traffic counted exactly as the layer shapes say. Speed is neve
 
 import json
 import math
-from pathlib import Path
 import subprocess
 import sys
 
@@ -15,9 +14,10 @@ import pytest
 from benchmarks import flops, run, traffic
 from towers import AlexNet
 
-REPO = Path(__file__).resolve().parents[1]
-PARAMS = 60_965_224  # paper-spec.md: parameters of the whole net
-# Elements one tower sends per image, from the paper's Figure 2 (paper-spec.md's table):
+from conftest import ROOT
+
+PARAMS = 60_965_224  # parameters of the whole net: the layer shapes of section 3.5 and Figure 2
+# Elements one tower sends per image, from the paper's Figure 2 (the partition table in the README):
 # conv3's input is 128 x 13 x 13 maps per tower, FC6's 128 x 6 x 6, FC7's 2048; each crosses
 # forward (all-gather) and its gradient backward (reduce-scatter).
 BOTH_TOWERS = 2 * (128 * 13 * 13 + 128 * 6 * 6 + 2048)
@@ -72,7 +72,7 @@ def test_odd_batch_with_ddp_is_a_user_error(tmp_path):
 
 
 def test_help_explains_every_option():
-    result = subprocess.run([sys.executable, "-m", "benchmarks.run", "--help"], cwd=REPO, capture_output=True,
+    result = subprocess.run([sys.executable, "-m", "benchmarks.run", "--help"], cwd=ROOT, capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     for field in run.BenchConfig.__dataclass_fields__:
@@ -87,7 +87,7 @@ def tiny_run(tmp_path_factory):
     command = [sys.executable, "-m", "benchmarks.run", "--quick", "--device", "cpu", "--batch", "2", "--warmup", "1",
                "--steps", "2", "--batches", "4", "--sweep-modes", "towers", "--precision-modes", "towers",
                "--precisions", "bf16", "--memory-formats", "channels_last", "--out", str(out)]
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
     assert result.returncode == 0, result.stderr[-4000:]
     return out, json.loads((out / "results.json").read_text())
 
@@ -99,6 +99,7 @@ def _run(results, mode, batch=2, precision="fp32", memory_format="contiguous"):
     return matches[0]
 
 
+@pytest.mark.slow
 def test_report_has_every_part(tiny_run):
     out, results = tiny_run
     report = (out / "report.md").read_text()
@@ -120,6 +121,7 @@ def test_report_has_every_part(tiny_run):
         assert f"]({chart})" in report
 
 
+@pytest.mark.slow
 def test_results_hold_every_run_and_field(tiny_run):
     _, results = tiny_run
     for key in ("machine", "config", "command", "analytic", "runs", "not_measured", "projection", "elapsed_s"):
@@ -143,6 +145,7 @@ def test_results_hold_every_run_and_field(tiny_run):
     assert {link["link"] for link in results["projection"]["links"]} == {"nvlink", "pcie4"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("batch", [2, 4])
 def test_towers_traffic_is_exactly_the_analytic_figure(tiny_run, batch):
     _, results = tiny_run
@@ -156,6 +159,7 @@ def test_towers_traffic_is_exactly_the_analytic_figure(tiny_run, batch):
             assert e["calls_per_step"] == 1, key
 
 
+@pytest.mark.slow
 def test_ddp_traffic_is_every_gradient_once(tiny_run):
     _, results = tiny_run
     ddp = _run(results, "ddp")

@@ -1,7 +1,10 @@
-"""The data pipeline on real files: layout errors, colour modes, corrupt files, the
-built-in dataset, cached statistics, deterministic batches, ten-crop, and the
-prepare tool as a real subprocess. Everything is made in tmp_path."""
+"""The data pipeline on real files: layout errors, symbolic links, colour modes, the
+resize, corrupt and refused files, the built-in dataset, cached statistics,
+deterministic batches, ten-crop, and the prepare tool as a real subprocess.
+Everything is made in tmp_path."""
 
+import json
+import logging
 import os
 import subprocess
 import sys
@@ -12,8 +15,8 @@ import pytest
 import torch
 from PIL import Image
 
-from launch import data
-from launch.data import DataError
+from launch import builtin, data, images, stats
+from launch.images import DataError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -113,33 +116,120 @@ def test_layout_errors_name_the_fix(tmp_path, make, expected):
         assert fragment in str(info.value), str(info.value)
 
 
+# --------------------------------------------------------------------------- links
+
+def _relative(files: dict, root: Path) -> dict:
+    return {split: [[os.path.relpath(path, root) for path, _ in images] for images in per_class]
+            for split, per_class in files.items()}
+
+
+# scan_layout in a child process, so that a scan that never ends fails the test on its
+# timeout instead of hanging the run.
+_SCAN = """
+import dataclasses, json, sys
+from launch import data
+classes, files, skipped = data.scan_layout(sys.argv[1])
+print(json.dumps({"files": {split: [[path for path, _ in images] for images in per_class]
+                            for split, per_class in files.items()},
+                  "skipped": {split: dataclasses.asdict(s) for split, s in skipped.items()}}))
+"""
+
+
+def test_links_back_into_the_class_folder_are_skipped(tmp_path):
+    root = _simple_tree(tmp_path / "data", train=1, val=1)
+    _save(root / "train" / "a" / "sub" / "deep.jpg", _rgb(7))
+    os.symlink(".", root / "train" / "a" / "self")
+    os.symlink("..", root / "train" / "a" / "sub" / "up")  # the class folder again
+    # Two loops: walked, they branch at every level until the paths grow too long.
+    done = subprocess.run([sys.executable, "-c", _SCAN, str(root)], cwd=REPO, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    found = json.loads(done.stdout)
+    train = root / "train"
+    assert found["files"]["train"] == [[str(train / "a" / "0.jpg"), str(train / "a" / "sub" / "deep.jpg")],
+                                       [str(train / "b" / "0.jpg")]]
+    assert found["skipped"]["train"]["looping_links"] == [str(train / "a" / "self"), str(train / "a" / "sub" / "up")]
+    assert found["skipped"]["train"]["duplicates"] == [] and found["skipped"]["train"]["other_class"] == []
+
+
+def test_link_to_the_split_folder_does_not_relabel_other_classes(tmp_path, caplog):
+    root = _simple_tree(tmp_path / "data", train=2, val=1)
+    os.symlink("..", root / "train" / "a" / "up")  # train/a/up/b/ holds class b's images
+    caplog.set_level(logging.INFO, logger="launch.data")
+    bundle = data.open_data(root, cache_dir=tmp_path / "cache")
+    assert [(os.path.relpath(path, root), label) for path, label in bundle.train.samples] == [
+        ("train/a/0.jpg", 0), ("train/a/1.jpg", 0), ("train/b/0.jpg", 1), ("train/b/1.jpg", 1)]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [f"train/: skipped folder links that loop (to a folder already walked in their class, or one "
+                        f"holding their class folder): 1, e.g. {root / 'train' / 'a' / 'up'}"]
+
+
+def test_class_folder_linked_from_another_disk_works(tmp_path, caplog):
+    root = _simple_tree(tmp_path / "data", train=1, val=1)
+    elsewhere = tmp_path / "other_disk"
+    for split in ("train", "val"):
+        _save(elsewhere / split / "c" / "0.jpg", _rgb(50 + len(split)))
+        os.symlink(elsewhere / split / "c", root / split / "c")
+    caplog.set_level(logging.INFO, logger="launch.data")
+    bundle = data.open_data(root, cache_dir=tmp_path / "cache")
+    assert bundle.classes == ["a", "b", "c"]
+    assert [(os.path.relpath(path, root), label) for path, label in bundle.train.samples] == [
+        ("train/a/0.jpg", 0), ("train/b/0.jpg", 1), ("train/c/0.jpg", 2)]
+    assert bundle.stats.images == 3 and not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_links_count_once_and_only_for_their_own_class(tmp_path):
+    root = _simple_tree(tmp_path / "data", train=2, val=1)
+    elsewhere = tmp_path / "other_disk"
+    _save(elsewhere / "extra" / "e.jpg", _rgb(53))
+    _save(elsewhere / "loose.jpg", _rgb(54))
+    train = root / "train"
+    os.symlink(elsewhere / "extra", train / "a" / "extra")  # a sub-folder elsewhere
+    os.symlink(elsewhere / "loose.jpg", train / "b" / "linked.jpg")  # an image elsewhere
+    os.symlink("../b", train / "a" / "b_too")  # another class's folder
+    os.symlink("../b/0.jpg", train / "a" / "stolen.jpg")  # another class's image
+    os.symlink("0.jpg", train / "a" / "again.jpg")  # the same image under a second name
+    os.symlink("gone.jpg", train / "a" / "dangling.jpg")  # a link to nothing
+    classes, files, skipped = data.scan_layout(root)
+    assert _relative(files, root) == {
+        "train": [["train/a/0.jpg", "train/a/1.jpg", "train/a/extra/e.jpg"],
+                  ["train/b/0.jpg", "train/b/1.jpg", "train/b/linked.jpg"]],
+        "val": [["val/a/0.jpg"], ["val/b/0.jpg"]]}
+    # b_too/linked.jpg too: found in class b's folder, although it links to a file outside every class.
+    b_too = [str(train / "a" / "b_too" / name) for name in ("0.jpg", "1.jpg", "linked.jpg")]
+    assert skipped["train"] == data.Skipped(other_class=[str(train / "a" / "stolen.jpg"), *b_too],
+                                            duplicates=[str(train / "a" / "again.jpg")],
+                                            broken_links=[str(train / "a" / "dangling.jpg")])
+    assert skipped["val"] == data.Skipped()
+
+
 # --------------------------------------------------------------------------- decoding
 
 def test_every_mode_becomes_256_rgb(tmp_path):
     odd = _mixed_tree(tmp_path)
-    classes, files, ignored = data.scan_layout(tmp_path)
+    classes, files, skipped = data.scan_layout(tmp_path)
     paths = {Path(p).name: p for images in files["train"] for p, _ in images}
     assert odd["fake"] in paths.values() and "notes.txt" not in paths  # .jpg by name is kept until decoded
-    assert ignored == {"train": 1, "val": 0}
+    assert skipped == {"train": data.Skipped(other_files=1), "val": data.Skipped()}
     for name, path in paths.items():
         if path in odd.values():
             continue
-        pixels = data.load_image(path)
+        pixels = images.load_image(path)
         assert pixels.shape == (256, 256, 3) and pixels.dtype == np.uint8, name
     # Uniform images keep their value through the resize, so the conversions can be checked exactly.
-    assert (data.load_image(paths["grey.png"]) == 77).all()
-    assert (data.load_image(paths["clear.png"]) == data.TRANSPARENT_BACKGROUND).all()  # alpha 0: background only
-    assert (data.load_image(paths["deep.png"]) == 255).all()  # 16-bit white scaled, not clipped
-    cmyk = data.load_image(paths["cmyk.jpg"]).reshape(-1, 3).mean(0)
+    assert (images.load_image(paths["grey.png"]) == 77).all()
+    assert (images.load_image(paths["clear.png"]) == images.TRANSPARENT_BACKGROUND).all()  # alpha 0: background only
+    assert (images.load_image(paths["deep.png"]) == 255).all()  # 16-bit white scaled, not clipped
+    cmyk = images.load_image(paths["cmyk.jpg"]).reshape(-1, 3).mean(0)
     assert np.allclose(cmyk, Image.new("CMYK", (1, 1), (10, 20, 30, 40)).convert("RGB").getpixel((0, 0)), atol=3)
 
 
 def test_resize_center_takes_the_central_patch():
     # 512 x 256: the shorter side is already 256, so the result is columns 128..383 exactly.
     pixels = np.random.default_rng(0).integers(0, 256, (256, 512, 3), dtype=np.uint8)
-    out = np.asarray(data.resize_center(Image.fromarray(pixels)))
+    out = np.asarray(images.resize_center(Image.fromarray(pixels)))
     assert np.array_equal(out, pixels[:, 128:384])
-    assert data.resize_center(Image.new("RGB", (50, 30))).size == (256, 256)
+    assert images.resize_center(Image.new("RGB", (50, 30))).size == (256, 256)
 
 
 def test_corrupt_files_are_replaced_and_counted(tmp_path):
@@ -150,7 +240,8 @@ def test_corrupt_files_are_replaced_and_counted(tmp_path):
     index = {path: i for i, (path, _) in enumerate(train.samples)}
     for name in ("fake", "truncated"):  # each stands in the next file of its class: rgb.bmp, whole.jpg
         image, label, skipped = train.load(index[odd[name]])
-        assert skipped == [index[odd[name]]] and image.shape == (3, 256, 256)
+        assert [i for i, _ in skipped] == [index[odd[name]]] and image.shape == (3, 256, 256)
+        assert skipped[0][1].startswith(f"{odd[name]}: unreadable (")
         assert torch.equal(image, train[index[odd[name]] + 1][0]) and label == train.samples[index[odd[name]] + 1][1]
     assert train.corrupt == {odd["fake"], odd["truncated"]}  # the statistics read every training image
     # The batch iterators count too, also when worker processes decode.
@@ -160,6 +251,94 @@ def test_corrupt_files_are_replaced_and_counted(tmp_path):
     assert train.corrupt == {odd["fake"], odd["truncated"]}
 
 
+def _resize_then_crop(image: Image.Image, size: int = 256) -> Image.Image:
+    """resize_center as it was: the whole image resized, then the central patch cut out."""
+    width, height = image.size
+    scale = size / min(width, height)
+    new_size = (max(size, round(width * scale)), max(size, round(height * scale)))
+    if new_size != image.size:
+        image = image.resize(new_size, Image.BILINEAR)
+    left, top = (new_size[0] - size) // 2, (new_size[1] - size) // 2
+    return image.crop((left, top, left + size, top + size))
+
+
+@pytest.mark.parametrize("size", [(300, 200), (640, 480), (50, 30), (256, 256), (375, 500), (1000, 257)])
+def test_resize_center_equals_resizing_then_cropping(size):
+    # Noise: every pixel differs from its neighbours, the hardest case for rounding.
+    pixels = np.random.default_rng(size[0]).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    image = Image.fromarray(pixels)
+    difference = np.abs(np.asarray(images.resize_center(image), dtype=np.int16)
+                        - np.asarray(_resize_then_crop(image), dtype=np.int16))
+    # Tolerance: the same filter at the same scale and centre, but PIL takes the box in
+    # float32, so some filter weights differ in their last bits and a sum that lands on
+    # .5 rounds the other way: 1 grey level at most, on well under 1% of the values.
+    assert difference.max() <= 1 and (difference > 0).mean() < 0.01
+
+
+# resize_center in a child with 1 GiB of address space to spare: resizing the whole
+# 1 x 20000 image first (256 x 5,120,000 pixels) took about 6 GB.
+_THIN_RESIZE = """
+import resource
+from PIL import Image
+from launch import images
+spare = int(open("/proc/self/statm").read().split()[0]) * resource.getpagesize() + 2 ** 30
+resource.setrlimit(resource.RLIMIT_AS, (spare, spare))
+print(images.resize_center(Image.new("RGB", (1, 20000), (9, 9, 9))).size)
+"""
+
+
+def test_thin_image_is_refused_and_resizing_it_costs_the_output_only(tmp_path):
+    path = _save(tmp_path / "thin.png", Image.new("RGB", (1, 20000), (9, 9, 9)))
+    assert path.stat().st_size < 1000  # a tiny file
+    with pytest.raises(images.ImageRejected, match=r"aspect ratio 20000\.0:1 \(1 x 20000 pixels\) above 20:1") as info:
+        images.load_image(path)
+    assert str(info.value).startswith(f"{path}: ")
+    done = subprocess.run([sys.executable, "-c", _THIN_RESIZE], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == "(256, 256)", done.stderr
+
+
+@pytest.mark.parametrize("size", [(150, 100), (300, 200)], ids=["above-the-limit", "above-twice-the-limit"])
+def test_image_above_the_pixel_limit_is_refused_as_too_large(tmp_path, monkeypatch, size):
+    path = _save(tmp_path / "big.png", _rgb(0, size))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)  # read at each call
+    with pytest.raises(images.ImageRejected) as info:
+        images.load_image(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: too large: ") and "10000" in message, message
+    if size == (150, 100):  # PIL opens it (only above twice the limit it refuses), so its size is known
+        assert "150 x 100 pixels" in message
+
+
+def test_skipped_images_are_logged_with_their_reason(tmp_path, monkeypatch, caplog):
+    root = _simple_tree(tmp_path / "data", train=2, val=1)
+    big = _save(root / "train" / "a" / "big.png", _rgb(1, (300, 250)))
+    thin = _save(root / "train" / "a" / "thin.png", Image.new("RGB", (1, 30)))
+    fake = root / "train" / "b" / "fake.jpg"
+    fake.write_text("this is not an image")
+    # PIL checks crops against twice the limit too: above half of 256 x 256, only big.png
+    # is refused. DataLoader workers are forked, so they see the limit as well.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 70_000)
+    reasons = {str(big): "too large: 300 x 250 pixels, above the limit of 70000 pixels",
+               str(thin): "aspect ratio 30.0:1", str(fake): "unreadable ("}
+    caplog.set_level(logging.WARNING, logger="launch.data")
+
+    def check_log(bundle, when):
+        lines = {path: r.getMessage() for r in caplog.records for path in reasons
+                 if r.getMessage().startswith(f"skipped image {path}: ")}
+        assert set(lines) == set(reasons), (when, [r.getMessage() for r in caplog.records])
+        for path, reason in reasons.items():
+            assert lines[path].startswith(f"skipped image {path}: {reason}"), (when, lines[path])
+        assert bundle.train.corrupt == set(reasons), when
+
+    bundle = data.open_data(root, cache_dir=tmp_path / "cache")  # the statistics read every training image
+    assert bundle.stats.images == 4
+    check_log(bundle, "statistics")
+    caplog.clear()
+    bundle.train.corrupt = set()
+    assert len(list(data.train_batches(bundle, batch_size=len(bundle.train), seed=0, epoch=0, workers=2))) == 1
+    check_log(bundle, "batches decoded in worker processes")
+
+
 # --------------------------------------------------------------------------- built-in dataset
 
 def _files(root: Path) -> dict:
@@ -167,19 +346,19 @@ def _files(root: Path) -> dict:
 
 
 def test_builtin_dataset_is_deterministic_and_atomic(tmp_path, monkeypatch):
-    first = data.builtin_dataset(tmp_path / "one", train_per_class=2, val_per_class=1)
-    second = data.builtin_dataset(tmp_path / "two", train_per_class=2, val_per_class=1)
+    first = builtin.builtin_dataset(tmp_path / "one", train_per_class=2, val_per_class=1)
+    second = builtin.builtin_dataset(tmp_path / "two", train_per_class=2, val_per_class=1)
     files = _files(first)
     assert files == _files(second)
     assert len([f for f in files if f.endswith(".jpg")]) == 30
     bundle = data.open_data(first, cache_dir=tmp_path / "cache")
-    assert bundle.classes == sorted(data.BUILTIN_CLASSES)
-    assert data.builtin_dataset(first) == first  # made once, then reused
+    assert bundle.classes == sorted(builtin.BUILTIN_CLASSES)
+    assert builtin.builtin_dataset(first) == first  # made once, then reused
 
     # A pre-existing staging folder of a killed run does not count as the dataset.
     target = tmp_path / "three"
     (tmp_path / ".three.partial-killed" / "train" / "circle").mkdir(parents=True)
-    real_draw, calls = data.draw_builtin, []
+    real_draw, calls = builtin.draw_builtin, []
 
     def failing_draw(*args, **kwargs):
         calls.append(1)
@@ -187,13 +366,13 @@ def test_builtin_dataset_is_deterministic_and_atomic(tmp_path, monkeypatch):
             raise KeyboardInterrupt  # an interruption halfway through
         return real_draw(*args, **kwargs)
 
-    monkeypatch.setattr(data, "draw_builtin", failing_draw)
+    monkeypatch.setattr(builtin, "draw_builtin", failing_draw)
     with pytest.raises(KeyboardInterrupt):
-        data.builtin_dataset(target, train_per_class=2, val_per_class=1)
+        builtin.builtin_dataset(target, train_per_class=2, val_per_class=1)
     assert not target.exists()
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".three")) == [".three.partial-killed"]
-    monkeypatch.setattr(data, "draw_builtin", real_draw)
-    assert _files(data.builtin_dataset(target, train_per_class=2, val_per_class=1)) == files
+    monkeypatch.setattr(builtin, "draw_builtin", real_draw)
+    assert _files(builtin.builtin_dataset(target, train_per_class=2, val_per_class=1)) == files
 
 
 # --------------------------------------------------------------------------- statistics
@@ -201,32 +380,32 @@ def test_builtin_dataset_is_deterministic_and_atomic(tmp_path, monkeypatch):
 def test_stats_are_cached_keyed_and_fall_back_to_cache_dir(tmp_path, monkeypatch):
     root = _simple_tree(tmp_path / "data")
     cache = tmp_path / "cache"
-    stats = data.open_data(root, cache_dir=cache).stats
-    assert stats.mean.shape == (3, 256, 256) and stats.mean.dtype == torch.float32 and stats.images == 6
+    first = data.open_data(root, cache_dir=cache).stats
+    assert first.mean.shape == (3, 256, 256) and first.mean.dtype == torch.float32 and first.images == 6
     assert len(list(root.glob(".alexnet-stats-*.pt"))) == 1
 
     def no_compute(*args, **kwargs):
         raise AssertionError("statistics recomputed although cached")
 
     with monkeypatch.context() as m:
-        m.setattr(data, "compute_stats", no_compute)
+        m.setattr(stats, "compute_stats", no_compute)
         again = data.open_data(root, cache_dir=cache).stats
-    assert torch.equal(again.mean, stats.mean) and torch.equal(again.eigvec, stats.eigvec)
+    assert torch.equal(again.mean, first.mean) and torch.equal(again.eigvec, first.eigvec)
 
     # A changed training set gets new statistics; a read-only data folder caches in cache_dir.
     _save(root / "train" / "a" / "new.jpg", _rgb(99))
-    real_save = data.save_checkpoint
+    real_save = stats.save_checkpoint
 
     def read_only(path, payload):
         if path.parent == root:
             raise PermissionError(f"read-only: {path}")
         real_save(path, payload)
 
-    monkeypatch.setattr(data, "save_checkpoint", read_only)
+    monkeypatch.setattr(stats, "save_checkpoint", read_only)
     changed = data.open_data(root, cache_dir=cache).stats
-    assert changed.images == 7 and not torch.equal(changed.mean, stats.mean)
+    assert changed.images == 7 and not torch.equal(changed.mean, first.mean)
     assert len(list((cache / "stats").glob(".alexnet-stats-*.pt"))) == 1
-    monkeypatch.setattr(data, "compute_stats", no_compute)
+    monkeypatch.setattr(stats, "compute_stats", no_compute)
     assert torch.equal(data.open_data(root, cache_dir=cache).stats.mean, changed.mean)
 
 
@@ -234,28 +413,28 @@ def test_pca_convention_against_numpy(tmp_path):
     # Known covariance C = Q diag(lambda) Q^T: eigval must be sqrt(lambda), decreasing.
     q, _ = np.linalg.qr(np.random.default_rng(0).normal(size=(3, 3)))
     variances = np.array([400.0, 90.0, 4.0])
-    eigval, eigvec = data.pca_from_covariance(q @ np.diag(variances) @ q.T)
+    eigval, eigvec = stats.pca_from_covariance(q @ np.diag(variances) @ q.T)
     assert np.allclose(eigval, np.sqrt(variances))
     assert np.allclose(np.abs(eigvec.T @ q), np.eye(3), atol=1e-9)  # the same axes, up to sign
     assert np.allclose(eigvec @ np.diag(eigval ** 2) @ eigvec.T, q @ np.diag(variances) @ q.T)
 
     # End to end on lossless 256x256 images: against numpy's covariance of the same pixels.
     rng = np.random.default_rng(1)
-    images = [np.clip(rng.multivariate_normal([120, 130, 110], q @ np.diag(variances) @ q.T, (256, 256)), 0, 255)
+    arrays = [np.clip(rng.multivariate_normal([120, 130, 110], q @ np.diag(variances) @ q.T, (256, 256)), 0, 255)
               .round().astype(np.uint8) for _ in range(3)]
-    for i, pixels in enumerate(images):
+    for i, pixels in enumerate(arrays):
         _save(tmp_path / "train" / "x" / f"{i}.png", Image.fromarray(pixels))
-    _save(tmp_path / "val" / "x" / "0.png", Image.fromarray(images[0]))
-    stats = data.open_data(tmp_path, cache_dir=tmp_path / "cache").stats
-    all_pixels = np.concatenate([p.reshape(-1, 3) for p in images]).astype(np.float64)
+    _save(tmp_path / "val" / "x" / "0.png", Image.fromarray(arrays[0]))
+    computed = data.open_data(tmp_path, cache_dir=tmp_path / "cache").stats
+    all_pixels = np.concatenate([p.reshape(-1, 3) for p in arrays]).astype(np.float64)
     numpy_variances = np.sort(np.linalg.eigvalsh(np.cov(all_pixels.T, bias=True)))[::-1]
-    assert np.allclose(stats.eigval.double().numpy() ** 2, numpy_variances, rtol=1e-4)
-    assert np.allclose(stats.mean.numpy(), np.mean(images, axis=0).transpose(2, 0, 1), atol=1e-3)
+    assert np.allclose(computed.eigval.double().numpy() ** 2, numpy_variances, rtol=1e-4)
+    assert np.allclose(computed.mean.numpy(), np.mean(arrays, axis=0).transpose(2, 0, 1), atol=1e-3)
 
     # ImageNet: the published numbers, scaled to 0-255, in the same convention.
-    imagenet = data.compute_stats(data.open_data(tmp_path, cache_dir=tmp_path / "cache").train, use_imagenet_pca=True)
-    assert torch.allclose(imagenet.eigval, torch.tensor(data.IMAGENET_EIGVAL) * 255)
-    assert data._is_imagenet([f"n{i:08d}" for i in range(1000)]) and not data._is_imagenet(["a"] * 1000)
+    imagenet = stats.compute_stats(data.open_data(tmp_path, cache_dir=tmp_path / "cache").train, use_imagenet_pca=True)
+    assert torch.allclose(imagenet.eigval, torch.tensor(stats.IMAGENET_EIGVAL) * 255)
+    assert stats._is_imagenet([f"n{i:08d}" for i in range(1000)]) and not stats._is_imagenet(["a"] * 1000)
 
 
 # --------------------------------------------------------------------------- batches
@@ -263,7 +442,7 @@ def test_pca_convention_against_numpy(tmp_path):
 @pytest.fixture(scope="module")
 def small_bundle(tmp_path_factory):
     root = tmp_path_factory.mktemp("builtin") / "shapes"
-    data.builtin_dataset(root, train_per_class=2, val_per_class=1)
+    builtin.builtin_dataset(root, train_per_class=2, val_per_class=1)
     return data.open_data(root, cache_dir=root.parent / "cache")
 
 
@@ -275,8 +454,8 @@ def test_train_batches_are_a_pure_function_of_seed_epoch_position(small_bundle):
     assert full[0][1].dtype == torch.int64
     with_workers = list(data.train_batches(small_bundle, batch_size=6, seed=3, epoch=0, workers=2))
     resumed = list(data.train_batches(small_bundle, batch_size=6, seed=3, epoch=0, start_batch=2))
-    for (images, labels), (other_images, other_labels) in zip(full, with_workers):
-        assert torch.equal(images, other_images) and torch.equal(labels, other_labels)
+    for (batch, labels), (other_batch, other_labels) in zip(full, with_workers):
+        assert torch.equal(batch, other_batch) and torch.equal(labels, other_labels)
     assert len(resumed) == 1 and torch.equal(resumed[0][0], full[2][0]) and torch.equal(resumed[0][1], full[2][1])
     assert torch.equal(torch.get_rng_state(), rng_state), "iterating must not touch the global RNG (dropout)"
     epoch1 = list(data.train_batches(small_bundle, batch_size=6, seed=3, epoch=1))
@@ -284,22 +463,22 @@ def test_train_batches_are_a_pure_function_of_seed_epoch_position(small_bundle):
 
 
 def test_augmentation_changes_with_epoch_and_follows_the_paper(small_bundle):
-    stats = small_bundle.stats
+    data_stats = small_bundle.stats
     views = []
     for epoch in (0, 1):
         order = data.epoch_order(len(small_bundle.train), seed=0, epoch=epoch)
         position = int(np.flatnonzero(order == 0)[0])  # wherever image 0 landed
-        item = data._TrainPositions(small_bundle.train, stats, 0, epoch, order, 0, len(order))[position]
+        item = data._TrainPositions(small_bundle.train, data_stats, 0, epoch, order, 0, len(order))[position]
         views.append(item[0])
     assert not torch.equal(views[0], views[1])
 
     image = small_bundle.train[0][0]
-    plain = data.augment(image, stats, 5, 7, False, np.zeros(3))
-    assert torch.equal(plain, image[:, 5:229, 7:231].float() - stats.mean[:, 5:229, 7:231])
-    assert torch.equal(data.augment(image, stats, 5, 7, True, np.zeros(3)), plain.flip(2))
+    plain = data.augment(image, data_stats, 5, 7, False, np.zeros(3))
+    assert torch.equal(plain, image[:, 5:229, 7:231].float() - data_stats.mean[:, 5:229, 7:231])
+    assert torch.equal(data.augment(image, data_stats, 5, 7, True, np.zeros(3)), plain.flip(2))
     alpha = np.array([0.1, -0.2, 0.05])
-    shifted = data.augment(image, stats, 5, 7, False, alpha) - plain
-    expected = sum(alpha[i] * stats.eigval[i].item() * stats.eigvec[:, i] for i in range(3))
+    shifted = data.augment(image, data_stats, 5, 7, False, alpha) - plain
+    expected = sum(alpha[i] * data_stats.eigval[i].item() * data_stats.eigvec[:, i] for i in range(3))
     assert torch.allclose(shifted, expected.float().view(3, 1, 1).expand_as(shifted), atol=1e-4)
 
 
@@ -326,6 +505,7 @@ def _prepare(*args):
                           capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow  # the tool as a subprocess, with its worker pool
 def test_prepare_tool_end_to_end(tmp_path):
     src, dst = tmp_path / "raw", tmp_path / "prepared"
     odd = _mixed_tree(src)
@@ -348,3 +528,16 @@ def test_prepare_tool_end_to_end(tmp_path):
     assert bad.returncode != 0 and "does not exist" in bad.stderr and "Traceback" not in bad.stderr
     helped = _prepare("--help")
     assert helped.returncode == 0 and "--workers" in helped.stdout and "256" in helped.stdout
+
+
+def test_evaluation_counts_each_usable_image_once(tmp_path, caplog):
+    root = _simple_tree(tmp_path / "data", train=3, val=3)
+    (root / "val" / "a" / "1.jpg").write_bytes(b"not a jpeg")  # the middle one of class a
+    bundle = data.open_data(root, cache_dir=tmp_path / "cache")
+    for ten_crop in (False, True):
+        batches = list(data.eval_batches(bundle, batch_size=2, ten_crop=ten_crop))
+        # Left out, not replaced by its neighbour (which would count twice): 5 of 6, in order.
+        assert torch.cat([labels for _, labels in batches]).tolist() == [0, 0, 1, 1, 1]
+        assert [len(labels) for _, labels in batches] == [1, 2, 2]  # the first batch lost one
+        assert all(images.shape[:2] == ((len(labels), 10) if ten_crop else (len(labels), 3)) for images, labels in batches)
+    assert "1.jpg: unreadable" in caplog.text and "it is left out" in caplog.text  # logged once, with what it means

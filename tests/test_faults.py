@@ -15,81 +15,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from launch import data as data_module
 from launch.checkpoint import FORMAT, checkpoint_payload, load_checkpoint, save_checkpoint, save_reference
 from launch.two_gpu import main
 from towers import build_reference
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import TINY as _TINY
+from conftest import ROOT, Run, launch
+
 BOUND_S = 60  # a failure must end the whole run within this long
-TINY = ["--batch-size", "4", "--lr", "0.001", "--log-every", "1", "--workers", "0", "--val-limit", "4", "--no-ten-crop"]
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-    return data_module.builtin_dataset(tmp_path_factory.mktemp("data") / "tiny", train_per_class=3, val_per_class=1)
-
-
-class Run:
-    """The launcher in a process group of its own, as a shell starts a foreground job."""
-
-    def __init__(self, *args, run_dir: Path):
-        self.run_dir = run_dir
-        self.log = open(run_dir.parent / f"{run_dir.name}.stderr", "w+")
-        self.proc = subprocess.Popen([sys.executable, "-m", "launch.two_gpu", *map(str, args)], cwd=ROOT,
-                                     stdout=subprocess.DEVNULL, stderr=self.log, start_new_session=True)
-
-    def steps(self) -> int:
-        path = self.run_dir / "metrics.jsonl"
-        lines = path.read_text().splitlines() if path.exists() else []
-        return max([json.loads(l)["step"] for l in lines if '"train"' in l] or [0])
-
-    def wait_for_step(self, step: int, timeout_s: float = 240) -> None:
-        deadline = time.monotonic() + timeout_s
-        while self.steps() < step:
-            assert self.proc.poll() is None, f"the run ended early:\n{self.stderr()}"
-            assert time.monotonic() < deadline, "training did not start in time"
-            time.sleep(0.2)
-
-    def ranks(self) -> list:
-        """PIDs of the two rank processes, rank 0 first (started first)."""
-        found = []
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                stat = (entry / "stat").read_text()
-                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            except OSError:
-                continue
-            fields = stat.rsplit(")", 1)[1].split()
-            if int(fields[1]) == self.proc.pid and "spawn_main" in cmdline and "resource_tracker" not in cmdline:
-                found.append((int(fields[19]), int(entry.name)))  # (start time, pid)
-        assert len(found) == 2, f"expected two rank processes, found {found}"
-        return [pid for _, pid in sorted(found)]
-
-    def wait(self, timeout_s: float = BOUND_S) -> int:
-        try:
-            return self.proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            raise AssertionError(f"the run did not end within {timeout_s} s:\n{self.stderr()}")
-
-    def stderr(self) -> str:
-        self.log.seek(0)
-        return self.log.read()
-
-    def leftovers(self) -> list:
-        """Processes of the run's group still alive (zombies excluded)."""
-        alive = []
-        for entry in Path("/proc").iterdir():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except (OSError, IndexError):
-                continue
-            if int(fields[2]) == self.proc.pid and fields[0] != "Z":
-                alive.append(int(entry.name))
-        return alive
+TINY = [*_TINY, "--log-every", "1", "--val-limit", "4", "--no-ten-crop"]
 
 
 def _no_leftovers(run: Run, timeout_s: float = 10) -> None:
@@ -106,6 +40,7 @@ def _start(tiny_data, tmp_path, *extra, name="run"):
 
 # ---------------------------------------------------------------- a dead or hung peer never hangs the other
 
+@pytest.mark.slow
 def test_a_killed_rank_ends_the_run_naming_it(tiny_data, tmp_path):
     run = _start(tiny_data, tmp_path)
     run.wait_for_step(2)
@@ -116,15 +51,19 @@ def test_a_killed_rank_ends_the_run_naming_it(tiny_data, tmp_path):
     _no_leftovers(run)
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_both_ranks(tiny_data, tmp_path):
     run = _start(tiny_data, tmp_path)
     run.wait_for_step(1)
     os.killpg(run.proc.pid, signal.SIGINT)  # a terminal's Ctrl-C reaches the whole foreground group
     assert run.wait() == 130
     assert "interrupted" in run.stderr() and "Traceback" not in run.stderr()
+    assert not (run.run_dir / "checkpoint.pt").exists()  # step 1 of 7: no checkpoint yet
+    assert "nothing to resume: start the run again" in run.stderr()
     _no_leftovers(run)
 
 
+@pytest.mark.slow
 def test_ranks_do_not_outlive_a_killed_launcher(tiny_data, tmp_path):
     run = _start(tiny_data, tmp_path)
     run.wait_for_step(1)
@@ -140,6 +79,7 @@ def test_ranks_do_not_outlive_a_killed_launcher(tiny_data, tmp_path):
     assert not alive, f"ranks {alive} outlived their launcher"
 
 
+@pytest.mark.slow
 def test_a_hung_rank_is_found_by_the_timeout(tiny_data, tmp_path):
     run = _start(tiny_data, tmp_path, "--timeout", "5")
     run.wait_for_step(1)
@@ -152,6 +92,7 @@ def test_a_hung_rank_is_found_by_the_timeout(tiny_data, tmp_path):
 
 # ---------------------------------------------------------------- nothing lost
 
+@pytest.mark.slow
 def test_a_save_killed_midway_leaves_the_previous_checkpoint(tmp_path):
     path = tmp_path / "checkpoint.pt"
     save_checkpoint(path, checkpoint_payload(build_reference(10, seed=1).state_dict(), num_classes=10, step=1))
@@ -172,6 +113,70 @@ def test_a_save_killed_midway_leaves_the_previous_checkpoint(tmp_path):
     assert not list(tmp_path.glob(".checkpoint.pt.tmp-*")), "the killed save's temporary file was not cleared"
 
 
+_FULL_DISK = r"""
+import json, logging, os, sys
+from pathlib import Path
+from launch import builtin, stats
+from launch.checkpoint import checkpoint_payload, load_checkpoint, save_checkpoint
+from towers import build_reference
+
+logging.basicConfig(level=logging.WARNING, format="%(message)s")
+big, small = Path(sys.argv[1]), Path(sys.argv[2])
+path = big / "run" / "checkpoint.pt"
+save_checkpoint(path, checkpoint_payload(build_reference(10, seed=1).state_dict(), num_classes=10, step=1))
+out = {}
+try:  # a second one does not fit beside the first (it is written beside it, then renamed over it)
+    save_checkpoint(path, checkpoint_payload(build_reference(10, seed=2).state_dict(), num_classes=10, step=2))
+except OSError as exc:
+    out["error"] = str(exc)
+out["kept_step"] = load_checkpoint(path)["step"]
+out["leftovers"] = sorted(p.name for p in path.parent.iterdir() if p.name != "checkpoint.pt")
+
+data = builtin.builtin_dataset(small / "data", train_per_class=2, val_per_class=1)
+with open(small / "filler", "wb") as f:  # the rest of the data's disk
+    try:
+        while True:
+            f.write(bytes(65536))
+            f.flush()
+    except OSError:
+        pass
+from launch.data import open_data
+bundle = open_data(data, cache_dir=small / "cache")
+out["stats_images"] = bundle.stats.images
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+def test_a_full_disk_is_named_and_loses_nothing(tmp_path):
+    """A real full disk: small tmpfs mounts in a mount namespace of the test's own."""
+    big, small, program = tmp_path / "big", tmp_path / "small", tmp_path / "full_disk.py"
+    big.mkdir(), small.mkdir()
+    program.write_text(_FULL_DISK)
+    script = (f"mount -t tmpfs -o size=300m tmpfs {big} && mount -t tmpfs -o size=3m tmpfs {small} && "
+              f"exec {sys.executable} {program} {big} {small}")
+    try:
+        result = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script], cwd=ROOT,
+                                capture_output=True, text=True, timeout=BOUND_S * 3)
+    except FileNotFoundError:
+        pytest.skip("no unshare command: cannot make a small disk without touching the machine's mounts")
+    if result.returncode != 0 and "mount" in result.stderr and not result.stdout:
+        pytest.skip(f"cannot mount a small disk here: {result.stderr.strip()[:200]}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout.splitlines()[-1])
+    # a checkpoint of 10 classes is 228 MB (57 million float32 weights): a second does not fit beside it on 300 MB
+    assert "No space left" not in out["error"] and "unexpected pos" not in out["error"]
+    assert "no space left for" in out["error"] and "MB free" in out["error"]
+    assert 227 < float(out["error"].split("it needs ", 1)[1].split(" MB")[0]) < 229  # the weights and a little more
+    assert "the previous one is whole" in out["error"]
+    assert out["kept_step"] == 1 and out["leftovers"] == []
+    # The statistics are computed, and the failure to cache them on the full disk is a warning.
+    assert out["stats_images"] == 20
+    assert "could not cache the training-set statistics" in result.stderr
+    assert "will be computed again next time" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
 def test_a_run_killed_anywhere_resumes_to_the_uninterrupted_weights(tiny_data, tmp_path):
     common = ["--data", tiny_data, "--out", tmp_path, "--epochs", "2", "--checkpoint-every", "2", *TINY]
     whole = Run(*common, "--run-name", "whole", run_dir=tmp_path / "whole")
@@ -195,16 +200,34 @@ def test_a_run_killed_anywhere_resumes_to_the_uninterrupted_weights(tiny_data, t
         assert torch.equal(a["momentum_buffer"][key], b["momentum_buffer"][key]), key
 
 
+@pytest.mark.slow
 def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_data, tmp_path):
     run = Run("--data", tiny_data, "--out", tmp_path, "--run-name", "nan", "--epochs", "20", "--checkpoint-every", "1",
-              *TINY[:2], "--lr", "5", *TINY[4:], run_dir=tmp_path / "nan")
+              *TINY, "--lr", "5", run_dir=tmp_path / "nan")
     assert run.wait(timeout_s=300) == 1
     err = run.stderr()
-    assert "the loss became" in err and "last good checkpoint" in err
+    assert "the loss became" in err
     payload = load_checkpoint(tmp_path / "nan")
     assert all(torch.isfinite(v).all() for v in payload["model"].values())
     failed_step = int(err.split("the loss became", 1)[1].split("step ", 1)[1].split(";", 1)[0])
     assert payload["progress"]["global_step"] < failed_step
+    # At 5, the loss runs away (about 1e12) a step before it becomes NaN: the last
+    # checkpoint is finite but not worth resuming, and the program says so.
+    assert "had already run away by the last checkpoint" in err and "start again with a lower --lr" in err
+
+    # A sane checkpoint, then a rate that diverges: the advice is to resume that checkpoint
+    # at a lower rate, and doing so works.
+    sane = Run("--data", tiny_data, "--out", tmp_path, "--run-name", "sane", "--epochs", "20", "--max-steps", "2",
+               *TINY, run_dir=tmp_path / "sane")
+    assert sane.wait(timeout_s=300) == 0, sane.stderr()
+    diverged = Run("--resume", tmp_path / "sane", "--lr", "5", "--max-steps", "20", run_dir=tmp_path / "sane")
+    assert diverged.wait(timeout_s=300) == 1
+    assert "Go on from the last checkpoint (step 2, loss " in diverged.stderr()
+    assert f"--resume {tmp_path / 'sane'} --lr 0.5" in diverged.stderr()
+    resumed = Run("--resume", tmp_path / "sane", "--lr", "0.0005", "--max-steps", "4", run_dir=tmp_path / "sane")
+    assert resumed.wait(timeout_s=300) == 0, resumed.stderr()
+    assert "learning rate 0.0005" in resumed.stderr()
+    assert load_checkpoint(tmp_path / "sane")["progress"]["global_step"] == 4
 
 
 # ---------------------------------------------------------------- bad input: a clear error naming the fix
@@ -244,6 +267,65 @@ def test_bad_data_and_options_get_clear_errors(tiny_data, layouts, tmp_path, cap
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("checkpoint.pt"))
 
 
+@pytest.mark.parametrize("option, value, words", [
+    ("--timeout", "inf", "--timeout must be a finite number"), ("--timeout", "nan", "--timeout must be a finite"),
+    ("--timeout", "1e12", "--timeout must be at most"), ("--weight-decay", "nan", "--weight-decay must be a finite"),
+    ("--weight-decay", "inf", "--weight-decay must be a finite"), ("--seed", "-1", "--seed must be an integer"),
+    ("--lr-milestones", "0", "--lr-milestones must be epochs from 1 on"),
+    ("--master-addr", "192.0.2.1", "--master-addr 192.0.2.1 cannot be listened on"),
+    ("--master-addr", "no-such-host.invalid", "--master-addr no-such-host.invalid cannot be listened on"),
+])
+def test_bad_options_name_the_option_and_leave_no_run_folder(tiny_data, tmp_path, caplog, option, value, words):
+    err = _error_of(["--data", tiny_data, "--out", tmp_path / "runs", option, value], caplog)
+    assert words in err and "Traceback" not in err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_options_that_depend_on_the_data_or_the_disk_leave_no_run_folder(tiny_data, tmp_path, caplog):
+    five = _five_classes(tiny_data, tmp_path)
+    err = _error_of(["--data", five, "--out", tmp_path / "runs", "--fc8-placement", "split"], caplog)
+    assert "needs an even number of classes; the data has 5: use --fc8-placement tower0" in err
+    assert not (tmp_path / "runs").exists()
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a folder")
+    assert f"--out {a_file} is a file" in _error_of(["--data", tiny_data, "--out", a_file, *TINY], caplog)
+    assert "is a file: choose another --run-name" in _error_of(
+        ["--data", tiny_data, "--out", tmp_path, "--run-name", "a-file", *TINY], caplog)
+
+
+def test_a_run_folder_holds_one_run(tiny_data, tmp_path, caplog):
+    from launch.two_gpu import lock_run_folder
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    (earlier / "train.log").write_text("a run that stopped before its first checkpoint\n")
+    err = _error_of(["--data", tiny_data, "--out", tmp_path, "--run-name", "earlier", *TINY], caplog)
+    assert "holds another run's files (train.log)" in err
+    assert (earlier / "train.log").read_text().startswith("a run that stopped") and not (earlier / "config.json").exists()
+
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    lock = lock_run_folder(busy)  # as a run holds it while it runs
+    try:
+        err = _error_of(["--data", tiny_data, "--out", tmp_path, "--run-name", "busy", *TINY], caplog)
+        assert f"{busy} is in use by another run (process {os.getpid()}" in err
+    finally:
+        lock.close()
+
+
+def test_a_checkpoint_of_other_classes_is_refused(tiny_data, tmp_path, caplog):
+    import shutil
+    renamed = tmp_path / "renamed"
+    shutil.copytree(tiny_data, renamed)
+    first = sorted(os.listdir(renamed / "train"))[0]
+    for split in ("train", "val"):  # same number of classes, one of them another
+        (renamed / split / first).rename(renamed / split / "zzz_other")
+    trained = tmp_path / "trained.pt"
+    save_reference(trained, build_reference(10), classes=sorted(os.listdir(tiny_data / "train")))
+    err = _error_of(["--data", renamed, "--out", tmp_path / "runs", "--eval-only", trained], caplog)
+    assert "was trained on other classes than the data's" in err and f"{first} -> " in err
+    assert not (tmp_path / "runs").exists()
+
+
 def test_bad_checkpoints_get_clear_errors_and_run_no_code(tiny_data, tmp_path, caplog):
     args = ["--data", tiny_data, "--out", tmp_path / "runs", "--eval-only"]
     good = tmp_path / "good.pt"
@@ -269,6 +351,7 @@ def test_bad_checkpoints_get_clear_errors_and_run_no_code(tiny_data, tmp_path, c
     assert "no checkpoint at" in _error_of([*args, tmp_path / "missing.pt"], caplog)
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_changed_recipe_and_weights_only_checkpoints(tiny_data, tmp_path, caplog):
     weights_only = tmp_path / "reference.pt"
     save_reference(weights_only, build_reference(10))
@@ -278,6 +361,36 @@ def test_resume_refuses_a_changed_recipe_and_weights_only_checkpoints(tiny_data,
     assert full.wait(timeout_s=300) == 0, full.stderr()
     err = _error_of(["--resume", tmp_path / "real", "--fc8-placement", "split"], caplog)
     assert "--fc8-placement split differs from the resumed run's tower0" in err
+    err = _error_of(["--resume", tmp_path / "real", "--val-limit", "8"], caplog)  # the schedule compares one set
+    assert "--val-limit 8 differs from the resumed run's 4" in err
+    assert "has taken 1 steps, as many as --max-steps 1" in _error_of(["--resume", tmp_path / "real", "--max-steps", "1"],
+                                                                      caplog)
+
+    # The same run moved to a copy of its data with fewer training images, or other class names.
+    import shutil
+    payload = load_checkpoint(tmp_path / "real")
+    for change in ("shrunk", "renamed"):
+        data = tmp_path / f"data-{change}"
+        shutil.copytree(tiny_data, data)
+        first = sorted(os.listdir(data / "train"))[0]
+        if change == "shrunk":
+            next(iter(sorted((data / "train" / first).iterdir()))).unlink()
+        else:
+            for split in ("train", "val"):
+                (data / split / first).rename(data / split / "zzz_other")
+        moved = dict(payload, config=dict(payload["config"], data=str(data)))
+        save_checkpoint(tmp_path / f"moved-{change}" / "checkpoint.pt", moved)
+        err = _error_of(["--resume", tmp_path / f"moved-{change}"], caplog)
+        expected = ("the training set changed since" if change == "shrunk" else "was trained on other classes")
+        assert expected in err and "Traceback" not in err, err
+
+    epochs = payload["config"]["epochs"]
+    finished = dict(payload, progress=dict(payload["progress"], epoch=epochs, batch=0))  # as after its last epoch
+    save_checkpoint(tmp_path / "finished" / "checkpoint.pt", finished)
+    (tmp_path / "finished" / "summary.json").write_text("{}")
+    err = _error_of(["--resume", tmp_path / "finished"], caplog)
+    assert f"has finished its {epochs} epochs: train it longer with --resume" in err
+    assert (tmp_path / "finished" / "summary.json").read_text() == "{}"  # not rewritten
 
 
 class _RunsCommand:
@@ -318,8 +431,24 @@ def _listening_addresses(pids) -> set:
     return found
 
 
-def test_the_run_listens_on_the_loopback_address_only(tiny_data, tmp_path):
-    run = _start(tiny_data, tmp_path)
+@pytest.mark.slow
+def test_two_runs_cannot_share_a_run_folder(tiny_data, tmp_path):
+    first = _start(tiny_data, tmp_path, name="shared")
+    try:
+        first.wait_for_step(1)
+        second = launch("--data", tiny_data, "--out", tmp_path, "--run-name", "shared", *TINY, check=False)
+        assert second.returncode == 2 and f"{tmp_path / 'shared'} is in use by another run" in second.stderr
+        resumed = launch("--resume", tmp_path / "shared", check=False)  # no checkpoint yet: refused all the same
+        assert resumed.returncode == 2, resumed.stderr
+    finally:
+        os.killpg(first.proc.pid, signal.SIGKILL)
+        first.wait()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("master_addr", [None, "localhost"])
+def test_the_run_listens_on_the_loopback_address_only(tiny_data, tmp_path, master_addr):
+    run = _start(tiny_data, tmp_path, *(["--master-addr", master_addr] if master_addr else []))
     try:
         run.wait_for_step(1)
         addresses = _listening_addresses([run.proc.pid, *run.ranks()])

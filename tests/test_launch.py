@@ -17,29 +17,20 @@ import torch
 import torch.nn.functional as F
 
 from launch import data as data_module
-from launch.checkpoint import load_checkpoint, load_reference, save_reference
+from launch.checkpoint import load_checkpoint, load_reference, restore_training_state, save_reference, save_training_state
 from launch.ranks import run_ranks
-from launch.train import Plan, evaluate, restore_training_state, save_training_state
+from launch.train import Plan, evaluate
+from launch.config import TrainConfig
+from launch.schedule import Progress
 from launch.step import paper_optimizer, train_step
 from towers import Tower, build_reference, shard_state_dict
 
-ROOT = Path(__file__).resolve().parents[1]
-RUN_TIMEOUT_S = 300
-TINY = ["--batch-size", "4", "--lr", "0.001", "--log-every", "2", "--workers", "0"]
+from conftest import ROOT, RUN_TIMEOUT_S, launch
+from conftest import TINY as _TINY
 
+TINY = [*_TINY, "--log-every", "2"]
 
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-    """Ten classes, 3 training and 1 validation image each: 7 steps of 4 per epoch."""
-    return data_module.builtin_dataset(tmp_path_factory.mktemp("data") / "tiny", train_per_class=3, val_per_class=1)
-
-
-def launch(*args, env=None, check=True):
-    result = subprocess.run([sys.executable, "-m", "launch.two_gpu", *map(str, args)], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
-    if check and result.returncode != 0:
-        raise AssertionError(f"exit {result.returncode}\n{result.stderr[-3000:]}")
-    return result
+pytestmark = pytest.mark.slow  # every test here runs the program or two ranks
 
 
 def test_short_run_writes_its_results_and_eval_only_agrees(tiny_data, tmp_path):
@@ -98,7 +89,7 @@ def _checkpoint_worker(rank, data_root, tmp):
     group = torch.distributed.group.WORLD
     torch.manual_seed(rank)
     bundle = data_module.open_data(data_root) if rank == 0 else None
-    plan = Plan([str(i) for i in range(10)], 7, 10)
+    plan = Plan([str(i) for i in range(10)], 7, 10, 30)
     tower = Tower(group, 10, dropout=0.5)
     tower.load_state_dict(shard_state_dict(build_reference(10, seed=5, init="caffe").state_dict(), rank))
     optimizer = paper_optimizer(tower.parameters())
@@ -106,14 +97,13 @@ def _checkpoint_worker(rank, data_root, tmp):
     labels = torch.arange(4)
     for _ in range(2):
         train_step(tower, optimizer, images, labels)
-    from launch.config import TrainConfig
-    from launch.train import Progress
-    save_training_state(Path(tmp) / "towers.pt", tower, optimizer, Progress(global_step=2), TrainConfig(), plan.classes, group)
+    save_training_state(Path(tmp) / "towers.pt", tower, optimizer, Progress(global_step=2), TrainConfig(), plan.classes,
+                        plan.train_images, group)
     tower.eval()
     with torch.no_grad():
         saved_logits = tower(images)
     ten = evaluate(tower, bundle, plan, 4, torch.device("cpu"), group, ten_crop=True)
-    restore_training_state(Path(tmp) / "reference.pt", tower, optimizer, 10, group, with_training=False)
+    restore_training_state(Path(tmp) / "reference.pt", tower, optimizer, plan.classes, group, with_training=False)
     with torch.no_grad():
         loaded_logits = tower(images)
     return {"saved_logits": saved_logits, "ten": ten, "loaded_logits": loaded_logits, "images": images}
@@ -144,3 +134,19 @@ def test_checkpoints_move_between_towers_and_reference_and_ten_crop_is_the_avera
     assert out["ten"]["images"] == len(labels) == 10
     assert out["ten"]["top1_error"] == pytest.approx(1 - (top5[:, 0] == labels).float().mean().item())
     assert out["ten"]["top5_error"] == pytest.approx(1 - (top5 == labels[:, None]).any(1).float().mean().item())
+
+
+def test_resume_with_fc8_split_continues_exactly(tiny_data, tmp_path):
+    """FC8 split 500+500 (here 5+5) is sharded differently from the default; a checkpoint
+    is unsharded all the same, and a run stopped and resumed equals one that was not."""
+    common = ["--data", tiny_data, "--out", tmp_path, "--fc8-placement", "split", "--val-limit", "4",
+              "--no-ten-crop", *TINY]
+    launch(*common, "--run-name", "whole", "--max-steps", "6")
+    launch(*common, "--run-name", "parts", "--max-steps", "3")
+    assert load_checkpoint(tmp_path / "parts")["progress"]["global_step"] == 3
+    launch("--resume", tmp_path / "parts", "--max-steps", "6", "--no-ten-crop")
+    whole, parts = load_checkpoint(tmp_path / "whole"), load_checkpoint(tmp_path / "parts")
+    assert parts["config"]["fc8_placement"] == "split" and parts["progress"]["global_step"] == 6
+    for key in whole["model"]:  # exactly: the same batches, dropout masks and arithmetic
+        assert torch.equal(whole["model"][key], parts["model"][key]), key
+        assert torch.equal(whole["momentum_buffer"][key], parts["momentum_buffer"][key]), key

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from towers import AlexNet, LocalResponseNorm, build_reference
 
-# paper-spec.md, "Sizes to check against".
+# Sizes that follow from the layer shapes of section 3.5 and Figure 2 of the paper.
 LAYER_PARAMS = {"conv1": 34_944, "conv2": 307_456, "conv3": 885_120, "conv4": 663_936, "conv5": 442_624,
                 "fc6": 37_752_832, "fc7": 16_781_312, "fc8": 4_097_000}
 

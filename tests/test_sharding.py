@@ -5,7 +5,7 @@ import torch
 
 from towers import build_reference, shard_state_dict, unshard_state_dicts
 
-HALF_CONV1_TO_FC7 = 28_434_112  # paper-spec.md: exactly half of conv1-FC7 per tower
+HALF_CONV1_TO_FC7 = 28_434_112  # each tower holds exactly half of conv1-FC7 (Figure 2)
 FC8 = 4_097_000
 
 

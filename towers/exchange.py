@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-WORLD_SIZE = 2
+from .reference import TOWERS
 
 
 @dataclass
@@ -103,7 +103,7 @@ def _other(group) -> int:
 
 def _all_gather_stacked(x: torch.Tensor, group) -> torch.Tensor:
     """2 x (shape of x): both towers' tensors, tower 0's first."""
-    stacked = x.new_empty((WORLD_SIZE, *x.shape))
+    stacked = x.new_empty((TOWERS, *x.shape))
     if dist.get_backend(group) == dist.Backend.NCCL:
         dist.all_gather_into_tensor(stacked, x.contiguous(), group=group)
     else:  # gloo: the list form is supported by every release
@@ -127,17 +127,17 @@ def _cat_stacked(stacked: torch.Tensor) -> torch.Tensor:
     return stacked.movedim(0, 1).reshape(n, -1, *stacked.shape[3:])
 
 
-def _gather_cat(x: torch.Tensor, group, log: "ExchangeLog", name: str) -> torch.Tensor:
+def _gather_cat(x: torch.Tensor, group, exchange_log: "ExchangeLog", name: str) -> torch.Tensor:
     """N x C x ... on each tower -> N x 2C x ... on both, logged as a forward exchange."""
-    started = log.clock(x)
+    started = exchange_log.clock(x)
     stacked = _all_gather_stacked(x, group)
-    log.record(name, "forward", sent=x, received=x, started=started)
+    exchange_log.record(name, "forward", sent=x, received=x, started=started)
     return _cat_stacked(stacked)
 
 
 def _split_channels(x: torch.Tensor) -> torch.Tensor:
     """N x 2C x ... -> 2 x N x C x ..."""
-    return torch.stack(x.chunk(WORLD_SIZE, dim=1))
+    return torch.stack(x.chunk(TOWERS, dim=1))
 
 
 # ---------------------------------------------------------------- autograd functions
@@ -148,17 +148,17 @@ class _GatherChannels(torch.autograd.Function):
     towers' gradients for this tower's C channels (both towers' next layers read them)."""
 
     @staticmethod
-    def forward(ctx, x, group, log, name):
-        ctx.group, ctx.log, ctx.name = group, log, name
-        return _gather_cat(x, group, log, name)
+    def forward(ctx, x, group, exchange_log, name):
+        ctx.group, ctx.exchange_log, ctx.name = group, exchange_log, name
+        return _gather_cat(x, group, exchange_log, name)
 
     @staticmethod
     def backward(ctx, grad):
         halves = _split_channels(grad)
-        started = ctx.log.clock(grad)
+        started = ctx.exchange_log.clock(grad)
         own = _reduce_scatter_pair(halves, ctx.group)
         theirs = halves[1 - dist.get_rank(ctx.group)]
-        ctx.log.record(ctx.name, "backward", sent=theirs, received=own, started=started)
+        ctx.exchange_log.record(ctx.name, "backward", sent=theirs, received=own, started=started)
         return own, None, None, None
 
 
@@ -168,32 +168,32 @@ class _GatherToFirst(torch.autograd.Function):
     Backward: tower 0 sends the gradient of tower 1's C columns back; only tower 0 read them."""
 
     @staticmethod
-    def forward(ctx, x, group, log, name):
-        ctx.group, ctx.log, ctx.name = group, log, name
+    def forward(ctx, x, group, exchange_log, name):
+        ctx.group, ctx.exchange_log, ctx.name = group, exchange_log, name
         x = x.contiguous()
         ctx.shard_shape = x.shape
-        started = log.clock(x)
+        started = exchange_log.clock(x)
         if dist.get_rank(group) == 0:
             theirs = torch.empty_like(x)
             dist.recv(theirs, src=_other(group), group=group)
-            log.record(name, "forward", sent=None, received=theirs, started=started)
+            exchange_log.record(name, "forward", sent=None, received=theirs, started=started)
             return torch.cat([x, theirs], dim=1)
         dist.send(x, dst=_other(group), group=group)
-        log.record(name, "forward", sent=x, received=None, started=started)
+        exchange_log.record(name, "forward", sent=x, received=None, started=started)
         return x.new_empty((x.shape[0], 0))
 
     @staticmethod
     def backward(ctx, grad):
-        started = ctx.log.clock(grad)
+        started = ctx.exchange_log.clock(grad)
         if dist.get_rank(ctx.group) == 0:
-            own, theirs = grad.chunk(WORLD_SIZE, dim=1)
+            own, theirs = grad.chunk(TOWERS, dim=1)
             theirs = theirs.contiguous()
             dist.send(theirs, dst=_other(ctx.group), group=ctx.group)
-            ctx.log.record(ctx.name, "backward", sent=theirs, received=None, started=started)
+            ctx.exchange_log.record(ctx.name, "backward", sent=theirs, received=None, started=started)
             return own, None, None, None
         own = grad.new_empty(ctx.shard_shape)
         dist.recv(own, src=_other(ctx.group), group=ctx.group)
-        ctx.log.record(ctx.name, "backward", sent=None, received=own, started=started)
+        ctx.exchange_log.record(ctx.name, "backward", sent=None, received=own, started=started)
         return own, None, None, None
 
 
@@ -204,12 +204,12 @@ class _BroadcastFromFirst(torch.autograd.Function):
     tower 0's gradient is already complete and tower 1's copy is dropped."""
 
     @staticmethod
-    def forward(ctx, y, num_classes, group, log, name):
+    def forward(ctx, y, num_classes, group, exchange_log, name):
         ctx.is_first, ctx.placeholder_shape = dist.get_rank(group) == 0, y.shape
         out = y.contiguous().clone() if ctx.is_first else y.new_empty((y.shape[0], num_classes))
-        started = log.clock(out)
+        started = exchange_log.clock(out)
         dist.broadcast(out, src=dist.get_global_rank(group, 0), group=group)
-        log.record(name, "forward", sent=out if ctx.is_first else None, received=None if ctx.is_first else out,
+        exchange_log.record(name, "forward", sent=out if ctx.is_first else None, received=None if ctx.is_first else out,
                    started=started)
         return out
 
@@ -227,32 +227,32 @@ class _GatherReplicated(torch.autograd.Function):
     each tower's own gradient is already the whole gradient."""
 
     @staticmethod
-    def forward(ctx, x, group, log, name):
+    def forward(ctx, x, group, exchange_log, name):
         ctx.rank = dist.get_rank(group)
-        return _gather_cat(x, group, log, name)
+        return _gather_cat(x, group, exchange_log, name)
 
     @staticmethod
     def backward(ctx, grad):
-        return grad.chunk(WORLD_SIZE, dim=1)[ctx.rank].contiguous(), None, None, None
+        return grad.chunk(TOWERS, dim=1)[ctx.rank].contiguous(), None, None, None
 
 
 # ---------------------------------------------------------------- public wrappers
 
-def gather_channels(x: torch.Tensor, group, log: ExchangeLog, name: str) -> torch.Tensor:
+def gather_channels(x: torch.Tensor, group, exchange_log: ExchangeLog, name: str) -> torch.Tensor:
     """N x C x ... on each tower -> N x 2C x ... on both; gradients summed back (see _GatherChannels)."""
-    return _GatherChannels.apply(x, group, log, name)
+    return _GatherChannels.apply(x, group, exchange_log, name)
 
 
-def gather_to_first(x: torch.Tensor, group, log: ExchangeLog, name: str) -> torch.Tensor:
+def gather_to_first(x: torch.Tensor, group, exchange_log: ExchangeLog, name: str) -> torch.Tensor:
     """N x C on each tower -> N x 2C on tower 0, an N x 0 placeholder on tower 1."""
-    return _GatherToFirst.apply(x, group, log, name)
+    return _GatherToFirst.apply(x, group, exchange_log, name)
 
 
-def broadcast_from_first(y: torch.Tensor, num_classes: int, group, log: ExchangeLog, name: str) -> torch.Tensor:
+def broadcast_from_first(y: torch.Tensor, num_classes: int, group, exchange_log: ExchangeLog, name: str) -> torch.Tensor:
     """Tower 0's N x K (tower 1 passes its placeholder) -> N x K on both."""
-    return _BroadcastFromFirst.apply(y, num_classes, group, log, name)
+    return _BroadcastFromFirst.apply(y, num_classes, group, exchange_log, name)
 
 
-def gather_replicated(x: torch.Tensor, group, log: ExchangeLog, name: str) -> torch.Tensor:
+def gather_replicated(x: torch.Tensor, group, exchange_log: ExchangeLog, name: str) -> torch.Tensor:
     """N x K/2 on each tower -> N x K on both, for a replicated consumer such as the loss."""
-    return _GatherReplicated.apply(x, group, log, name)
+    return _GatherReplicated.apply(x, group, exchange_log, name)

@@ -13,6 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# The paper's two GPUs: every layer's kernels or neurons are split into this many
+# towers. The one definition of the number; everything else derives from it.
+TOWERS = 2
+
 # Per-layer (out_channels or out_features) of the whole net; each tower holds half.
 CONV_CHANNELS = (96, 256, 384, 384, 256)
 FC_FEATURES = (4096, 4096)
@@ -74,12 +78,12 @@ class AlexNet(nn.Module):
             raise ValueError(f"num_classes must be at least 2, got {num_classes}")
         c1, c2, c3, c4, c5 = CONV_CHANNELS
         self.conv1 = nn.Conv2d(3, c1, kernel_size=11, stride=4, padding=2)
-        self.lrn1 = LocalResponseNorm(groups=2)
-        self.conv2 = nn.Conv2d(c1, c2, kernel_size=5, padding=2, groups=2)
-        self.lrn2 = LocalResponseNorm(groups=2)
+        self.lrn1 = LocalResponseNorm(groups=TOWERS)
+        self.conv2 = nn.Conv2d(c1, c2, kernel_size=5, padding=2, groups=TOWERS)
+        self.lrn2 = LocalResponseNorm(groups=TOWERS)
         self.conv3 = nn.Conv2d(c2, c3, kernel_size=3, padding=1)  # sees all maps of both halves
-        self.conv4 = nn.Conv2d(c3, c4, kernel_size=3, padding=1, groups=2)
-        self.conv5 = nn.Conv2d(c4, c5, kernel_size=3, padding=1, groups=2)
+        self.conv4 = nn.Conv2d(c3, c4, kernel_size=3, padding=1, groups=TOWERS)
+        self.conv5 = nn.Conv2d(c4, c5, kernel_size=3, padding=1, groups=TOWERS)
         self.fc6 = nn.Linear(c5 * 6 * 6, FC_FEATURES[0])
         self.fc7 = nn.Linear(FC_FEATURES[0], FC_FEATURES[1])
         self.fc8 = nn.Linear(FC_FEATURES[1], num_classes)

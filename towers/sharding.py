@@ -11,9 +11,8 @@ from typing import Mapping, Sequence
 
 import torch
 
-from .reference import LAYERS
+from .reference import LAYERS, TOWERS
 
-WORLD_SIZE = 2
 FC8_PLACEMENTS = ("tower0", "split")  # whole on tower 0 (the authors' 2012 layout) | 500 + 500
 
 
@@ -35,14 +34,14 @@ def _is_halved(key: str, fc8_placement: str) -> bool:
 def shard_state_dict(reference: Mapping[str, torch.Tensor], tower_rank: int, fc8_placement: str = "tower0") -> dict:
     """The state_dict of tower ``tower_rank`` cut out of a reference state_dict."""
     check_placement(fc8_placement)
-    if tower_rank not in range(WORLD_SIZE):
-        raise ValueError(f"tower_rank must be 0 or 1, got {tower_rank}")
+    if tower_rank not in range(TOWERS):
+        raise ValueError(f"tower_rank must lie in range({TOWERS}), got {tower_rank}")
     tower = {}
     for key, value in reference.items():
         if _is_halved(key, fc8_placement):
-            if value.shape[0] % WORLD_SIZE:
+            if value.shape[0] % TOWERS:
                 raise ValueError(f"{key} has {value.shape[0]} rows, which do not split into two towers")
-            tower[key] = value.chunk(WORLD_SIZE, dim=0)[tower_rank].clone()
+            tower[key] = value.chunk(TOWERS, dim=0)[tower_rank].clone()
         elif tower_rank == 0:  # FC8 whole on tower 0
             tower[key] = value.clone()
     return tower
@@ -51,8 +50,8 @@ def shard_state_dict(reference: Mapping[str, torch.Tensor], tower_rank: int, fc8
 def unshard_state_dicts(towers: Sequence[Mapping[str, torch.Tensor]], fc8_placement: str = "tower0") -> dict:
     """The reference state_dict rebuilt from both towers' state_dicts (inverse of ``shard_state_dict``)."""
     check_placement(fc8_placement)
-    if len(towers) != WORLD_SIZE:
-        raise ValueError(f"expected {WORLD_SIZE} tower state_dicts, got {len(towers)}")
+    if len(towers) != TOWERS:
+        raise ValueError(f"expected {TOWERS} tower state_dicts, got {len(towers)}")
     reference = {}
     for key, value in towers[0].items():
         if _is_halved(key, fc8_placement):

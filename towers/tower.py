@@ -14,55 +14,55 @@ import torch.nn.functional as F
 from torch import nn
 
 from .exchange import ExchangeLog, broadcast_from_first, gather_channels, gather_replicated, gather_to_first
-from .reference import CONV_CHANNELS, FC_FEATURES, POOL5_SHAPE, LocalResponseNorm, overlapping_pool
-from .sharding import WORLD_SIZE, check_placement
+from .reference import CONV_CHANNELS, FC_FEATURES, POOL5_SHAPE, TOWERS, LocalResponseNorm, overlapping_pool
+from .sharding import check_placement
 
 
 class FC8OnTower0(nn.Linear):
     """Tower 0's FC8 when the layer is whole on tower 0 (the authors' 2012 layout),
     fed by both towers' FC7 outputs; the logits go back to tower 1 for its copy of the loss."""
 
-    def __init__(self, in_features: int, num_classes: int, group, log: ExchangeLog):
+    def __init__(self, in_features: int, num_classes: int, group, exchange_log: ExchangeLog):
         super().__init__(in_features, num_classes)
-        self.group, self.log = group, log
+        self.group, self.exchange_log = group, exchange_log
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = gather_to_first(x, self.group, self.log, "fc8_input")  # exchange: N x 2048 from tower 1
-        return broadcast_from_first(super().forward(x), self.out_features, self.group, self.log, "logits")  # exchange: N x K to tower 1
+        x = gather_to_first(x, self.group, self.exchange_log, "fc8_input")  # exchange: N x 2048 from tower 1
+        return broadcast_from_first(super().forward(x), self.out_features, self.group, self.exchange_log, "logits")  # exchange: N x K to tower 1
 
 
 class FC8OnOtherTower(nn.Module):
     """Tower 1's side of ``FC8OnTower0``: no parameters; sends its FC7 output, receives the logits."""
 
-    def __init__(self, num_classes: int, group, log: ExchangeLog):
+    def __init__(self, num_classes: int, group, exchange_log: ExchangeLog):
         super().__init__()
-        self.num_classes, self.group, self.log = num_classes, group, log
+        self.num_classes, self.group, self.exchange_log = num_classes, group, exchange_log
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        placeholder = gather_to_first(x, self.group, self.log, "fc8_input")  # exchange: N x 2048 to tower 0
-        return broadcast_from_first(placeholder, self.num_classes, self.group, self.log, "logits")  # exchange: N x K from tower 0
+        placeholder = gather_to_first(x, self.group, self.exchange_log, "fc8_input")  # exchange: N x 2048 to tower 0
+        return broadcast_from_first(placeholder, self.num_classes, self.group, self.exchange_log, "logits")  # exchange: N x K from tower 0
 
 
 class FC8Split(nn.Linear):
     """Half of FC8's neurons (500 of 1000) on each tower; the logits are gathered for the loss."""
 
-    def __init__(self, in_features: int, num_classes: int, group, log: ExchangeLog):
-        if num_classes % WORLD_SIZE:
+    def __init__(self, in_features: int, num_classes: int, group, exchange_log: ExchangeLog):
+        if num_classes % TOWERS:
             raise ValueError(f"fc8_placement='split' needs an even number of classes, got {num_classes}; use 'tower0'")
-        super().__init__(in_features, num_classes // WORLD_SIZE)
-        self.group, self.log = group, log
+        super().__init__(in_features, num_classes // TOWERS)
+        self.group, self.exchange_log = group, exchange_log
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = gather_channels(x, self.group, self.log, "fc8_input")  # exchange: N x 2048 from each
-        return gather_replicated(super().forward(x), self.group, self.log, "logits")  # exchange: N x K/2 from each
+        x = gather_channels(x, self.group, self.exchange_log, "fc8_input")  # exchange: N x 2048 from each
+        return gather_replicated(super().forward(x), self.group, self.exchange_log, "logits")  # exchange: N x K/2 from each
 
 
-def build_fc8(fc8_placement: str, tower_rank: int, in_features: int, num_classes: int, group, log: ExchangeLog) -> nn.Module:
+def build_fc8(fc8_placement: str, tower_rank: int, in_features: int, num_classes: int, group, exchange_log: ExchangeLog) -> nn.Module:
     if fc8_placement == "split":
-        return FC8Split(in_features, num_classes, group, log)
+        return FC8Split(in_features, num_classes, group, exchange_log)
     if tower_rank == 0:
-        return FC8OnTower0(in_features, num_classes, group, log)
-    return FC8OnOtherTower(num_classes, group, log)
+        return FC8OnTower0(in_features, num_classes, group, exchange_log)
+    return FC8OnOtherTower(num_classes, group, exchange_log)
 
 
 def as_autocast_dtype(x: torch.Tensor) -> torch.Tensor:
@@ -84,36 +84,36 @@ class Tower(nn.Module):
     def __init__(self, group, num_classes: int = 1000, dropout: float = 0.5, fc8_placement: str = "tower0"):
         super().__init__()
         check_placement(fc8_placement)
-        if dist.get_world_size(group) != WORLD_SIZE:
-            raise ValueError(f"a tower needs a process group of exactly {WORLD_SIZE} ranks, got {dist.get_world_size(group)}")
+        if dist.get_world_size(group) != TOWERS:
+            raise ValueError(f"a tower needs a process group of exactly {TOWERS} ranks, got {dist.get_world_size(group)}")
         self.group, self.tower_rank = group, dist.get_rank(group)
         self.fc8_placement, self.num_classes = fc8_placement, num_classes
         self.exchange_log = ExchangeLog()
-        c1, c2, c3, c4, c5 = (c // WORLD_SIZE for c in CONV_CHANNELS)
-        f6, f7 = (f // WORLD_SIZE for f in FC_FEATURES)
+        c1, c2, c3, c4, c5 = (c // TOWERS for c in CONV_CHANNELS)
+        f6, f7 = (f // TOWERS for f in FC_FEATURES)
         pool5_features = POOL5_SHAPE[0] * POOL5_SHAPE[1] * POOL5_SHAPE[2]
         self.conv1 = nn.Conv2d(3, c1, kernel_size=11, stride=4, padding=2)
         self.lrn1 = LocalResponseNorm(groups=1)  # this tower's 48 maps only
         self.conv2 = nn.Conv2d(c1, c2, kernel_size=5, padding=2)
         self.lrn2 = LocalResponseNorm(groups=1)
-        self.conv3 = nn.Conv2d(WORLD_SIZE * c2, c3, kernel_size=3, padding=1)
+        self.conv3 = nn.Conv2d(TOWERS * c2, c3, kernel_size=3, padding=1)
         self.conv4 = nn.Conv2d(c3, c4, kernel_size=3, padding=1)
         self.conv5 = nn.Conv2d(c4, c5, kernel_size=3, padding=1)
         self.fc6 = nn.Linear(pool5_features, f6)
-        self.fc7 = nn.Linear(WORLD_SIZE * f6, f7)
-        self.fc8 = build_fc8(fc8_placement, self.tower_rank, WORLD_SIZE * f7, num_classes, group, self.exchange_log)
+        self.fc7 = nn.Linear(TOWERS * f6, f7)
+        self.fc8 = build_fc8(fc8_placement, self.tower_rank, TOWERS * f7, num_classes, group, self.exchange_log)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        log, group = self.exchange_log, self.group
+        exchange_log, group = self.exchange_log, self.group
         x = overlapping_pool(self.lrn1(F.relu(self.conv1(x))))  # N x 48 x 27 x 27
         x = overlapping_pool(self.lrn2(F.relu(self.conv2(x))))  # N x 128 x 13 x 13
-        x = gather_channels(as_autocast_dtype(x), group, log, "conv3_input")  # exchange: N x 256 x 13 x 13
+        x = gather_channels(as_autocast_dtype(x), group, exchange_log, "conv3_input")  # exchange: N x 256 x 13 x 13
         x = F.relu(self.conv3(x))
         x = F.relu(self.conv4(x))
         x = overlapping_pool(F.relu(self.conv5(x)))  # N x 128 x 6 x 6
-        x = gather_channels(x.flatten(1), group, log, "fc6_input")  # exchange: N x 9216, channel-major as in the reference
+        x = gather_channels(x.flatten(1), group, exchange_log, "fc6_input")  # exchange: N x 9216, channel-major as in the reference
         x = self.dropout(F.relu(self.fc6(x)))
-        x = gather_channels(x, group, log, "fc7_input")  # exchange: N x 4096
+        x = gather_channels(x, group, exchange_log, "fc7_input")  # exchange: N x 4096
         x = self.dropout(F.relu(self.fc7(x)))
         return self.fc8(x)  # exchanges: FC8's input and the logits (see the FC8 classes)

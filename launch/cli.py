@@ -1,0 +1,47 @@
+"""Command lines generated from dataclasses: one field, one option, the field's
+``help`` its documentation. Used by the training program and the benchmarks alike."""
+
+import argparse
+import dataclasses
+import typing
+from dataclasses import field
+
+
+def option(default, help: str, *, many: bool = False, **argparse_kwargs):
+    """A dataclass field that is also the command-line option ``--field-name``.
+    ``many``: a comma-separated list (``type`` and ``choices`` then apply to each item).
+    The rest goes to ``add_argument``; ``type`` is inferred from the annotation if not given."""
+    return field(default=default, metadata={"help": help, "many": many, **argparse_kwargs})
+
+
+def comma_list(item_type=str, choices=None):
+    """An argparse type: 'a,b,c' -> a tuple of ``item_type``, each one of ``choices`` if given."""
+    def parse(text):
+        values = [item_type(v.strip()) for v in text.split(",") if v.strip()]
+        if not values or any(choices and v not in choices for v in values):
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list of "
+                                             f"{', '.join(map(str, choices or ['values']))}; got {text!r}")
+        return tuple(values)
+    return parse
+
+
+def add_options(parser: argparse.ArgumentParser, config_class) -> None:
+    """One option per field of ``config_class``, each defaulting to the field's default."""
+    hints = typing.get_type_hints(config_class)
+    for f in dataclasses.fields(config_class):
+        kwargs = dict(f.metadata)
+        many = kwargs.pop("many")
+        hint = hints[f.name]
+        if typing.get_origin(hint) is typing.Union:  # Optional[X] -> X
+            hint = next(a for a in typing.get_args(hint) if a is not type(None))
+        if "action" not in kwargs:  # argparse documents the default of a flag itself
+            if f.default is not None:
+                shown = ("," if many else " ").join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
+                kwargs["help"] += f" (default: {shown})"
+            if many:
+                kwargs["type"] = comma_list(kwargs.pop("type", str), kwargs.pop("choices", None))
+                kwargs.setdefault("metavar", "A,B,...")
+            else:
+                kwargs.setdefault("type", hint)
+                kwargs.setdefault("metavar", None if hint is str and "choices" in kwargs else f.name.upper())
+        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=f.default, **kwargs)

@@ -1,0 +1,93 @@
+"""What rank 0 shows and writes while training: the step line's rolling numbers, a
+progress bar on a terminal, metrics.jsonl, and peak memory."""
+
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+
+class StepMeter:
+    """Rolling numbers for the step line: loss, top-1, images/s, ms/step, ETA."""
+
+    def __init__(self, window: int = 20):
+        self.window, self.times, self.losses, self.hits, self.images = window, [], [], [], []
+        self.last = time.perf_counter()
+
+    def update(self, loss: float, correct: int, images: int) -> None:
+        now = time.perf_counter()
+        for series, value in ((self.times, now - self.last), (self.losses, loss), (self.hits, correct), (self.images, images)):
+            series.append(value)
+            del series[:-self.window]
+        self.last = now
+
+    def restart_clock(self) -> None:
+        self.last = time.perf_counter()
+
+    @property
+    def ms_per_step(self) -> float:
+        return 1000 * sum(self.times) / max(1, len(self.times))
+
+    @property
+    def images_per_s(self) -> float:
+        return sum(self.images) / max(1e-9, sum(self.times))
+
+    @property
+    def loss(self) -> float:
+        return sum(self.losses) / max(1, len(self.losses))
+
+    @property
+    def top1(self) -> float:
+        return sum(self.hits) / max(1, sum(self.images))
+
+
+def peak_memory(device) -> tuple:
+    """(bytes, what was measured): the CUDA allocator's peak on a GPU, else this process's peak RSS."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device), "cuda.max_memory_allocated"
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return (rss if sys.platform == "darwin" else rss * 1024), "peak RSS of the rank process (getrusage)"  # Linux: KiB
+
+
+def duration(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+class ProgressBar:
+    """A one-line bar on a terminal (rank 0 only); nothing when stderr is not a terminal."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled and sys.stderr.isatty()
+        self.shown = False
+
+    def show(self, done: int, total: int, text: str) -> None:
+        if not self.enabled:
+            return
+        width = 24
+        filled = int(width * done / max(1, total))
+        sys.stderr.write(f"\r\033[K[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {text}")
+        sys.stderr.flush()
+        self.shown = True
+
+    def clear(self) -> None:
+        if self.shown:
+            sys.stderr.write("\r\033[K")
+            sys.stderr.flush()
+            self.shown = False
+
+
+class Metrics:
+    """metrics.jsonl: one JSON object per line, appended (a resumed run continues the file)."""
+
+    def __init__(self, path: Optional[Path]):
+        self.path = path
+
+    def write(self, **record) -> None:
+        if self.path is not None:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"time": time.time(), **record}) + "\n")

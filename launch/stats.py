@@ -1,0 +1,157 @@
+"""Training-set statistics (sections 2 and 4.1): the per-pixel mean image and the
+PCA of the RGB pixel values, computed once from a sample of the training images and
+cached.
+
+The cache file is stored next to the data as ``.alexnet-stats-<key>.pt``, or in
+``<cache>/stats`` (``launch.builtin.default_cache_dir()``) when the data folder
+cannot be written, keyed by the names and sizes of the training files so that a
+changed dataset never gets stale statistics.
+"""
+
+import hashlib
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Optional
+
+import numpy as np
+import torch
+
+from .builtin import default_cache_dir
+from .checkpoint import save_checkpoint
+from .images import BASE_SIZE, DECODE_ERRORS, DataError, load_image, skip_reason
+
+if TYPE_CHECKING:
+    from .data import ImageFolderSplit
+
+log = logging.getLogger(__name__)
+
+STATS_SAMPLE = 2000  # training images read for the mean image and the RGB covariance
+STATS_VERSION = 1  # part of the cache key: bump when the computation changes
+
+# The PCA of ImageNet's RGB pixels as published with fb.resnet.torch and used by most
+# reproductions, on the 0-1 scale. Although called eigenvalues, these numbers are the
+# standard deviations along the principal components (their squares would be the
+# covariance's eigenvalues); see DataStats for the convention used throughout.
+IMAGENET_EIGVAL = (0.2175, 0.0188, 0.0045)
+IMAGENET_EIGVEC = ((-0.5675, 0.7192, 0.4009),
+                   (-0.5808, -0.0045, -0.8140),
+                   (-0.5836, -0.6948, 0.4203))  # columns are the eigenvectors
+_WORDNET_ID = re.compile(r"n\d{8}")
+
+
+@dataclass
+class DataStats:
+    """Training-set statistics on the 0-255 scale.
+
+    Convention for the PCA: ``eigval[i]`` is the standard deviation of the pixels along
+    the principal component ``eigvec[:, i]``, i.e. the square root of the i-th eigenvalue
+    of the RGB covariance, in decreasing order. This puts computed statistics on the
+    same footing as the widely used ImageNet numbers (IMAGENET_EIGVAL), which behave as
+    standard deviations. The colour shift of section 4.1 is eigvec @ (alpha * eigval).
+    """
+    mean: torch.Tensor  # 3 x 256 x 256 float32, the per-pixel mean base image
+    eigval: torch.Tensor  # 3, float32, std along each principal component, decreasing
+    eigvec: torch.Tensor  # 3 x 3 float32, columns are the principal components
+    images: int = 0  # how many training images the statistics were computed from
+    pca_source: str = "computed"  # or "imagenet": the published ImageNet PCA
+
+
+
+
+def pca_from_covariance(covariance: np.ndarray):
+    """(eigval, eigvec) in the DataStats convention: sqrt of the covariance's eigenvalues,
+    decreasing, with the eigenvectors as columns, each signed so its largest entry is positive."""
+    values, vectors = np.linalg.eigh(np.asarray(covariance, dtype=np.float64))
+    order = np.argsort(values)[::-1]
+    values, vectors = values[order], vectors[:, order]
+    signs = np.sign(vectors[np.abs(vectors).argmax(axis=0), np.arange(3)])
+    return np.sqrt(np.clip(values, 0.0, None)), vectors * signs
+
+
+def _is_imagenet(classes) -> bool:
+    return len(classes) == 1000 and all(_WORDNET_ID.fullmatch(c) for c in classes)
+
+
+def compute_stats(train: "ImageFolderSplit", sample: int = STATS_SAMPLE, use_imagenet_pca: bool = False) -> DataStats:
+    """Mean base image and RGB PCA from ``sample`` training images spread evenly over the
+    (class-sorted) list, so that every class contributes. Unreadable and refused files
+    (see ``load_image``) are skipped."""
+    picks = np.unique(np.linspace(0, len(train) - 1, min(sample, len(train))).round().astype(np.int64))
+    # numpy, in float64: sums of uint8 values stay exact here (< 2^53), and torch's
+    # strided uint8 -> float64 conversion of an HWC image is several times slower.
+    pixel_sum = np.zeros((BASE_SIZE, BASE_SIZE, 3), dtype=np.float64)
+    colour_outer = np.zeros((3, 3), dtype=np.float64)
+    used = 0
+    for index in picks.tolist():
+        path = train.samples[index][0]
+        try:
+            pixels = load_image(path)
+        except DECODE_ERRORS as error:
+            train.record_skipped([(index, skip_reason(path, error))])
+            continue
+        pixel_sum += pixels
+        flat = pixels.reshape(-1, 3).astype(np.float64)
+        colour_outer += flat.T @ flat
+        used += 1
+    if used == 0:
+        raise DataError(f"none of the {len(picks)} training images sampled for the statistics could be used "
+                        f"(each was unreadable or refused; see the warnings above): replace or remove them")
+    count = used * BASE_SIZE * BASE_SIZE
+    colour_mean = pixel_sum.sum(axis=(0, 1)) / count
+    covariance = colour_outer / count - np.outer(colour_mean, colour_mean)
+    if use_imagenet_pca:
+        eigval, eigvec = np.array(IMAGENET_EIGVAL) * 255.0, np.array(IMAGENET_EIGVEC)
+    else:
+        eigval, eigvec = pca_from_covariance(covariance)
+    mean = torch.from_numpy((pixel_sum / used).transpose(2, 0, 1).astype(np.float32))  # 3 x 256 x 256
+    return DataStats(mean=mean.contiguous(), eigval=torch.tensor(eigval, dtype=torch.float32),
+                     eigvec=torch.tensor(eigvec, dtype=torch.float32), images=used,
+                     pca_source="imagenet" if use_imagenet_pca else "computed")
+
+
+def _stats_key(root: Path, train_files: list, sample: int, imagenet: bool) -> str:
+    digest = hashlib.sha256(f"stats v{STATS_VERSION} sample={sample} imagenet={imagenet}\n".encode())
+    for path, size in train_files:
+        digest.update(f"{os.path.relpath(path, root)}\t{size}\n".encode())
+    return digest.hexdigest()[:20]
+
+
+def load_or_compute_stats(root: Path, train: "ImageFolderSplit", train_files: list, cache_dir: Optional[Path] = None,
+                          sample: int = STATS_SAMPLE) -> DataStats:
+    """The DataStats of a training set, from its cache file if one matches the current
+    files (names and sizes), else computed and cached next to the data, or in
+    ``cache_dir/stats`` where the data folder cannot be written."""
+    imagenet = _is_imagenet(train.classes)
+    key = _stats_key(root, train_files, sample, imagenet)
+    name = f".alexnet-stats-{key}.pt"
+    fallback = Path(cache_dir or default_cache_dir()) / "stats" / name
+    for candidate in (root / name, fallback):
+        if candidate.is_file():
+            try:
+                saved = torch.load(candidate, weights_only=True)
+                stats = DataStats(saved["mean"], saved["eigval"], saved["eigvec"], int(saved["images"]),
+                                  str(saved["pca_source"]))
+                if saved["key"] != key or stats.mean.shape != (3, BASE_SIZE, BASE_SIZE):
+                    raise ValueError("written for other data")
+            except Exception as exc:  # an unreadable or foreign cache is recomputed, never trusted
+                log.warning("ignoring unusable statistics cache %s (%s)", candidate, exc)
+                continue
+            log.info("training-set statistics from %s", candidate)
+            return stats
+    log.info("computing training-set statistics from up to %d images of %s", sample, root / "train")
+    stats = compute_stats(train, sample, use_imagenet_pca=imagenet)
+    payload = {"key": key, "mean": stats.mean, "eigval": stats.eigval, "eigvec": stats.eigvec,
+               "images": stats.images, "pca_source": stats.pca_source}
+    for target in (root / name, fallback):  # the data folder may be read-only or full
+        try:
+            save_checkpoint(target, payload)
+            break
+        except OSError as exc:
+            log.warning("could not cache the training-set statistics in %s (%s)", target.parent, exc.strerror or exc)
+    else:
+        log.warning("the statistics are not cached: they will be computed again next time")
+    return stats
+

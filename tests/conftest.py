@@ -1,0 +1,98 @@
+"""What the tests share: the repository root, a tiny generated dataset, and the
+program run as a user runs it (a real process, every wait bounded)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from launch import builtin
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN_TIMEOUT_S = 300  # any one run of the program; a hang fails instead of blocking the suite
+# Options that make a run of the program tiny: batch 4 of the 30 training images, the
+# loader inside the rank.
+TINY = ["--batch-size", "4", "--lr", "0.001", "--workers", "0"]
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    """The built-in generator with ten classes of 3 training and 1 validation image: 7 steps of 4 per epoch."""
+    return builtin.builtin_dataset(tmp_path_factory.mktemp("data") / "tiny", train_per_class=3, val_per_class=1)
+
+
+def launch(*args, env=None, check=True) -> subprocess.CompletedProcess:
+    """``python -m launch.two_gpu ARGS`` to the end; with ``check``, a non-zero exit fails the test."""
+    result = subprocess.run([sys.executable, "-m", "launch.two_gpu", *map(str, args)], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+    if check and result.returncode != 0:
+        raise AssertionError(f"exit {result.returncode}\n{result.stderr[-3000:]}")
+    return result
+
+
+class Run:
+    """The program in the background, in a process group of its own as a shell starts a
+    foreground job, for tests that act on it while it runs."""
+
+    def __init__(self, *args, run_dir: Path):
+        self.run_dir = run_dir
+        self.log = open(run_dir.parent / f"{run_dir.name}.stderr", "w+")
+        self.proc = subprocess.Popen([sys.executable, "-m", "launch.two_gpu", *map(str, args)], cwd=ROOT,
+                                     stdout=subprocess.DEVNULL, stderr=self.log, start_new_session=True)
+
+    def steps(self) -> int:
+        path = self.run_dir / "metrics.jsonl"
+        lines = path.read_text().splitlines() if path.exists() else []
+        return max([json.loads(l)["step"] for l in lines if '"train"' in l] or [0])
+
+    def wait_for_step(self, step: int, timeout_s: float = 240) -> None:
+        deadline = time.monotonic() + timeout_s
+        while self.steps() < step:
+            assert self.proc.poll() is None, f"the run ended early:\n{self.stderr()}"
+            assert time.monotonic() < deadline, "training did not start in time"
+            time.sleep(0.2)
+
+    def ranks(self) -> list:
+        """PIDs of the two rank processes, rank 0 first (started first)."""
+        found = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                stat = (entry / "stat").read_text()
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            fields = stat.rsplit(")", 1)[1].split()
+            if int(fields[1]) == self.proc.pid and "spawn_main" in cmdline and "resource_tracker" not in cmdline:
+                found.append((int(fields[19]), int(entry.name)))  # (start time, pid)
+        assert len(found) == 2, f"expected two rank processes, found {found}"
+        return [pid for _, pid in sorted(found)]
+
+    def wait(self, timeout_s: float = 60) -> int:
+        try:
+            return self.proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            raise AssertionError(f"the run did not end within {timeout_s} s:\n{self.stderr()}")
+
+    def stderr(self) -> str:
+        self.log.seek(0)
+        return self.log.read()
+
+    def leftovers(self) -> list:
+        """Processes of the run's group still alive (zombies excluded)."""
+        alive = []
+        for entry in Path("/proc").iterdir():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            if int(fields[2]) == self.proc.pid and fields[0] != "Z":
+                alive.append(int(entry.name))
+        return alive

@@ -1,0 +1,42 @@
+"""launch.ranks on its own: the whole run's deadline, loopback detection, threads per rank."""
+
+import os
+import time
+
+import pytest
+
+from launch.ranks import RankFailure, cpu_threads_per_rank, is_loopback, run_ranks
+
+
+def _sleep(rank, seconds):
+    time.sleep(seconds)
+    return rank
+
+
+@pytest.mark.slow
+def test_the_whole_run_deadline_stops_ranks_that_run_too_long():
+    started = time.monotonic()
+    with pytest.raises(RankFailure) as info:
+        run_ranks(_sleep, (120,), timeout_s=3)
+    assert time.monotonic() - started < 30  # the deadline, plus starting and stopping two processes
+    assert "still running after the run's time limit of 3 s" in str(info.value)
+    assert set(info.value.failures) == {0, 1}
+
+
+@pytest.mark.slow
+def test_ranks_within_the_deadline_return_in_rank_order():
+    assert run_ranks(_sleep, (0,), timeout_s=60) == [0, 1]
+
+
+@pytest.mark.parametrize("addr, expected", [("127.0.0.1", True), ("localhost", True), ("::1", True),
+                                            ("127.0.0.2", True), ("0.0.0.0", False), ("192.0.2.1", False),
+                                            ("no-such-host.invalid", False)])
+def test_loopback_addresses_are_recognised_by_any_name(addr, expected):
+    assert is_loopback(addr) is expected
+
+
+def test_threads_share_the_cores():
+    cores = os.cpu_count() or 1
+    assert cpu_threads_per_rank(1) == cores
+    assert cpu_threads_per_rank(2) == max(1, cores // 2)
+    assert cpu_threads_per_rank(4 * cores) == 1  # never zero

@@ -1,0 +1,30 @@
+"""The Tower's own checks of its arguments, in one process (a process group of one rank)."""
+
+import pytest
+import torch.distributed as dist
+
+from towers import ExchangeLog, Tower
+from towers.tower import FC8Split
+
+
+@pytest.fixture(scope="module")
+def group_of_one():
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield dist.group.WORLD
+    dist.destroy_process_group()
+
+
+def test_a_tower_needs_a_group_of_two(group_of_one):
+    with pytest.raises(ValueError, match="exactly 2 ranks, got 1"):
+        Tower(group_of_one, 10)
+
+
+def test_an_unknown_fc8_placement_is_refused(group_of_one):
+    with pytest.raises(ValueError, match="fc8_placement must be one of"):
+        Tower(group_of_one, 10, fc8_placement="middle")
+
+
+def test_split_fc8_needs_an_even_class_count():
+    with pytest.raises(ValueError, match="even number of classes, got 7; use 'tower0'"):
+        FC8Split(4096, 7, group=None, exchange_log=ExchangeLog())
+    assert FC8Split(4096, 8, group=None, exchange_log=ExchangeLog()).out_features == 4  # half on each tower
