@@ -6,6 +6,11 @@ Training adds random 224 crops, horizontal reflections and the PCA colour shift 
 base image; evaluation takes the centre crop, or the ten patches (four corners,
 centre, and their reflections).
 
+Split between host and device: the loader decodes and crops, and hands out uint8
+pixels (a quarter of the bytes of float32, which matters when one rank loads and
+broadcasts to the other); the mean subtraction, the reflection and the colour shift run
+on the rank's device (:func:`augment`, :func:`eval_views`).
+
 Exact resume: every random choice for a training sample (its place in the shuffled
 order, crop, reflection, colour shift) is a pure function of (seed, epoch, position in
 the epoch), so a run that starts at batch k sees exactly the batches a full run sees
@@ -34,7 +39,7 @@ import os
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional, Union
+from typing import Iterator, NamedTuple, Optional, Union
 
 import numpy as np
 import torch
@@ -295,11 +300,11 @@ def _collate(items):
 
 
 class _TrainPositions(Dataset):
-    """Item k is the training sample at position ``first + k`` of epoch ``epoch``: a pure
-    function of (seed, epoch, position)."""
+    """Item k is the uint8 224 crop of the training sample at position ``first + k`` of
+    epoch ``epoch``, at the place ``train_augmentation`` draws for that position."""
 
-    def __init__(self, images: ImageFolderSplit, stats: DataStats, seed: int, epoch: int, order: np.ndarray, first: int, count: int):
-        self.images, self.stats, self.seed, self.epoch = images, stats, seed, epoch
+    def __init__(self, images: ImageFolderSplit, seed: int, epoch: int, order: np.ndarray, first: int, count: int):
+        self.images, self.seed, self.epoch = images, seed, epoch
         self.order, self.first, self.count = order, first, count
 
     def __len__(self) -> int:
@@ -308,23 +313,52 @@ class _TrainPositions(Dataset):
     def __getitem__(self, k: int):
         position = self.first + k
         image, label, skipped = self.images.load(int(self.order[position]))
-        rng = np.random.default_rng([_AUGMENT_STREAM, self.seed, self.epoch, position])
-        top, left = rng.integers(0, BASE_SIZE - CROP_SIZE + 1, size=2)
-        flip = rng.random() < 0.5
-        alpha = rng.normal(0.0, PCA_ALPHA_STD, size=3)
-        return augment(image, self.stats, int(top), int(left), bool(flip), alpha), label, skipped
+        top, left = _draw(self.seed, self.epoch, position)[:2]
+        return image[:, top:top + CROP_SIZE, left:left + CROP_SIZE].contiguous(), label, skipped
 
 
-def augment(image: torch.Tensor, stats: DataStats, top: int, left: int, flip: bool, alpha) -> torch.Tensor:
-    """Section 4.1 for one 3 x 256 x 256 uint8 base image: the 224 crop at (top, left)
-    minus the mean image cropped at the same place, reflected if ``flip``, plus the
-    colour shift eigvec @ (alpha * eigval) added to every pixel. Returns 3 x 224 x 224 float32."""
-    window = (slice(None), slice(top, top + CROP_SIZE), slice(left, left + CROP_SIZE))
-    x = image[window].float() - stats.mean[window]
-    if flip:
-        x = x.flip(2)
-    shift = stats.eigvec @ (torch.as_tensor(alpha, dtype=torch.float32) * stats.eigval)
-    return (x + shift.view(3, 1, 1)).contiguous()
+def _draw(seed: int, epoch: int, position: int) -> tuple:
+    """(top, left, flip, alpha) of one training sample: a pure function of (seed, epoch, position)."""
+    rng = np.random.default_rng([_AUGMENT_STREAM, seed, epoch, position])
+    top, left = rng.integers(0, BASE_SIZE - CROP_SIZE + 1, size=2)
+    flip = rng.random() < 0.5
+    return int(top), int(left), bool(flip), rng.normal(0.0, PCA_ALPHA_STD, size=3)
+
+
+class Augmentation(NamedTuple):
+    """Section 4.1's random choices for a batch of N training samples."""
+    top: torch.Tensor  # N int64: row of the 224 crop in the 256 base image
+    left: torch.Tensor  # N int64: its column
+    flip: torch.Tensor  # N bool: horizontal reflection
+    alpha: torch.Tensor  # N x 3 float32: the PCA colour shift's coefficients, ~ N(0, 0.1^2)
+
+    def to(self, device) -> "Augmentation":
+        return Augmentation(*(t.to(device) for t in self))
+
+
+def train_augmentation(seed: int, epoch: int, first: int, count: int) -> Augmentation:
+    """The choices for positions first .. first + count - 1 of epoch ``epoch``. Known to
+    every rank without communication: each one is a function of (seed, epoch, position)."""
+    draws = [_draw(seed, epoch, position) for position in range(first, first + count)]
+    return Augmentation(torch.tensor([d[0] for d in draws], dtype=torch.int64),
+                        torch.tensor([d[1] for d in draws], dtype=torch.int64),
+                        torch.tensor([d[2] for d in draws], dtype=torch.bool),
+                        torch.tensor(np.array([d[3] for d in draws]), dtype=torch.float32).reshape(count, 3))
+
+
+def augment(crops: torch.Tensor, choices: Augmentation, stats: DataStats) -> torch.Tensor:
+    """Section 4.1 on the device of ``crops`` (N x 3 x 224 x 224 uint8, cut at ``choices``'
+    places): minus the mean image cut at the same places, reflected where ``flip``, plus
+    the colour shift eigvec @ (alpha * eigval) added to every pixel. N x 3 x 224 x 224 float32."""
+    device = crops.device
+    choices = choices.to(device)
+    offsets = torch.arange(CROP_SIZE, device=device)
+    rows, cols = choices.top[:, None] + offsets, choices.left[:, None] + offsets  # N x 224 each
+    mean = stats.mean.to(device)[:, rows[:, :, None], cols[:, None, :]].transpose(0, 1)  # N x 3 x 224 x 224
+    x = crops.float() - mean
+    x = torch.where(choices.flip[:, None, None, None], x.flip(3), x)
+    shift = (choices.alpha * stats.eigval.to(device)) @ stats.eigvec.to(device).T  # N x 3
+    return x + shift[:, :, None, None]
 
 
 def epoch_order(num_images: int, seed: int, epoch: int) -> np.ndarray:
@@ -338,18 +372,20 @@ def batches_per_epoch(bundle: DataBundle, batch_size: int) -> int:
     return len(bundle.train) // batch_size  # drop_last: a partial batch would change the step's statistics
 
 
-def _loader(dataset: Dataset, batch_size: int, workers: int) -> DataLoader:
+def _loader(dataset: Dataset, batch_size: int, workers: int, pin_memory: bool) -> DataLoader:
     # A private generator: DataLoader draws its workers' base seed from it, which would
     # otherwise advance the global RNG (and so change dropout) on every new iterator.
+    # Pinned memory lets the copy to a GPU run while the GPU computes.
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=_collate,
-                      generator=torch.Generator().manual_seed(0), persistent_workers=False)
+                      generator=torch.Generator().manual_seed(0), persistent_workers=False, pin_memory=pin_memory)
 
 
 def train_batches(bundle: DataBundle, batch_size: int, seed: int, epoch: int, start_batch: int = 0,
-                  workers: int = 0) -> Iterator:
-    """Batches (N x 3 x 224 x 224 float32 images, N int64 labels) of epoch ``epoch``,
+                  workers: int = 0, pin_memory: bool = False) -> Iterator:
+    """Batches (N x 3 x 224 x 224 uint8 crops, N int64 labels) of epoch ``epoch``,
     shuffled by a permutation seeded by (seed, epoch), only full batches, starting at
-    batch ``start_batch`` without decoding the skipped ones."""
+    batch ``start_batch`` without decoding the skipped ones. The rest of the
+    augmentation is :func:`augment` with :func:`train_augmentation`, on the device."""
     total = batches_per_epoch(bundle, batch_size)
     if total == 0:
         raise ValueError(f"batch size {batch_size} is larger than the training set ({len(bundle.train)} images): "
@@ -359,14 +395,15 @@ def train_batches(bundle: DataBundle, batch_size: int, seed: int, epoch: int, st
     if seed < 0 or epoch < 0:
         raise ValueError(f"seed and epoch must be non-negative, got seed={seed}, epoch={epoch}")
     order = epoch_order(len(bundle.train), seed, epoch)
-    positions = _TrainPositions(bundle.train, bundle.stats, seed, epoch, order, start_batch * batch_size,
+    positions = _TrainPositions(bundle.train, seed, epoch, order, start_batch * batch_size,
                                 (total - start_batch) * batch_size)
-    return _batches(positions, bundle.train, batch_size, workers)  # not a generator itself: errors come at the call
+    # not a generator itself: errors come at the call
+    return _batches(positions, bundle.train, batch_size, workers, pin_memory=pin_memory)
 
 
 def _batches(dataset: Dataset, split: ImageFolderSplit, batch_size: int, workers: int,
-             substituted: bool = True) -> Iterator:
-    for images, labels, skipped in _loader(dataset, batch_size, workers):
+             substituted: bool = True, pin_memory: bool = False) -> Iterator:
+    for images, labels, skipped in _loader(dataset, batch_size, workers, pin_memory):
         split.record_skipped(skipped, substituted)  # here, in the calling process, whichever process decoded
         yield images, labels
 
@@ -377,8 +414,11 @@ def _ten_crop_corners():
 
 
 class _EvalImages(Dataset):
-    def __init__(self, images: ImageFolderSplit, mean: torch.Tensor, indices: list, ten_crop: bool):
-        self.images, self.mean, self.indices, self.ten_crop = images, mean, indices, ten_crop
+    """uint8 images to evaluate: the 224 centre crop, or the whole 256 base image for the
+    ten-patch test (its views are cut on the device by :func:`eval_views`)."""
+
+    def __init__(self, images: ImageFolderSplit, indices: list, ten_crop: bool):
+        self.images, self.indices, self.ten_crop = images, indices, ten_crop
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -387,14 +427,22 @@ class _EvalImages(Dataset):
         # Each image counts once: an unusable one is left out, not replaced by its neighbour
         # (which would then be counted twice).
         image, label, skipped = self.images.load(self.indices[k], substitute=False)
-        if image is None:
-            return None, label, skipped
-        centred = image.float() - self.mean  # 3 x 256 x 256
-        if not self.ten_crop:
-            return center_crop(centred), label, skipped
-        views = [centred[:, t:t + CROP_SIZE, l:l + CROP_SIZE] for t, l in _ten_crop_corners()]
-        views += [v.flip(2) for v in views]
-        return torch.stack(views), label, skipped  # 10 x 3 x 224 x 224
+        if image is None or self.ten_crop:
+            return image, label, skipped
+        return center_crop(image), label, skipped
+
+
+def eval_views(images: torch.Tensor, stats: DataStats, ten_crop: bool) -> torch.Tensor:
+    """The network's input from ``eval_batches``' uint8 images, on their device: the centre
+    crops minus the mean's centre (N x 3 x 224 x 224 float32), or for the ten-patch test
+    N x 10 x 3 x 224 x 224, views 0-4 the top-left, top-right, bottom-left, bottom-right
+    and centre patches, 5-9 their horizontal reflections."""
+    mean = stats.mean.to(images.device)
+    if not ten_crop:
+        return images.float() - center_crop(mean)
+    centred = images.float() - mean  # N x 3 x 256 x 256
+    views = [centred[..., t:t + CROP_SIZE, l:l + CROP_SIZE] for t, l in _ten_crop_corners()]
+    return torch.stack(views + [v.flip(-1) for v in views], dim=1)
 
 
 def center_crop(x: torch.Tensor) -> torch.Tensor:
@@ -413,13 +461,12 @@ def eval_indices(num_images: int, limit: Optional[int]) -> list:
 
 
 def eval_batches(bundle: DataBundle, batch_size: int, ten_crop: bool = False, workers: int = 0,
-                 limit: Optional[int] = None) -> Iterator:
-    """The validation set in order, last partial batch kept: (N x 3 x 224 x 224 centre
-    crops, or N x 10 x 3 x 224 x 224 for the ten-patch test, and N int64 labels). Views
-    0-4 are the top-left, top-right, bottom-left, bottom-right and centre patches, 5-9
-    their horizontal reflections. Unusable images are left out (logged), so N may fall
-    short of ``batch_size`` in any batch."""
+                 limit: Optional[int] = None, pin_memory: bool = False) -> Iterator:
+    """The validation set in order, last partial batch kept: (N x 3 x 224 x 224 uint8 centre
+    crops, or N x 3 x 256 x 256 uint8 base images for the ten-patch test, and N int64
+    labels); :func:`eval_views` makes the network's input of them. Unusable images are
+    left out (logged), so N may fall short of ``batch_size`` in any batch."""
     if batch_size < 1:
         raise ValueError(f"batch size must be at least 1, got {batch_size}")
-    dataset = _EvalImages(bundle.val, bundle.stats.mean, eval_indices(len(bundle.val), limit), ten_crop)
-    return _batches(dataset, bundle.val, batch_size, workers, substituted=False)
+    dataset = _EvalImages(bundle.val, eval_indices(len(bundle.val), limit), ten_crop)
+    return _batches(dataset, bundle.val, batch_size, workers, substituted=False, pin_memory=pin_memory)

@@ -20,7 +20,7 @@ import socket
 import threading
 import time
 import traceback
-from typing import Callable, Optional, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -39,6 +39,34 @@ class RankFailure(RuntimeError):
         lines = [f"rank {first} failed: {failures[first]}"]
         lines += [f"rank {r} then stopped: {why}" for r, why in sorted(failures.items()) if r != first]
         super().__init__("\n".join(lines))
+
+
+class Placement(NamedTuple):
+    """Where the towers run and how they talk."""
+    backend: str  # "nccl" or "gloo"
+    device: str  # "cuda" or "cpu"; with nccl tower r uses GPU r, with gloo on "cuda" both use GPU 0
+    why: str
+
+    def describe(self) -> str:
+        devices = ["cuda:0", "cuda:1"] if self.backend == "nccl" else [f"{self.device}{':0' * (self.device == 'cuda')}"] * 2
+        return f"tower 0 on {devices[0]}, tower 1 on {devices[1]}, exchanging over {self.backend}: {self.why}"
+
+
+def choose_placement(requested_backend: str, gpus: int) -> Placement:
+    """The towers' devices and backend for ``gpus`` visible GPUs; ``requested_backend``
+    is 'auto', 'nccl' or 'gloo' (gloo: the CPU). Raises ValueError naming the fix."""
+    if requested_backend == "nccl" and gpus < 2:
+        raise ValueError(f"--backend nccl needs two GPUs (one per tower) and this machine shows {gpus}: two NCCL "
+                         f"ranks cannot share one GPU. Leave --backend at auto (on one GPU both towers share it "
+                         f"over gloo), or use --backend gloo (the CPU)")
+    if requested_backend == "gloo":
+        return Placement("gloo", "cpu", "--backend gloo puts both towers on the CPU")
+    if gpus >= 2:
+        return Placement("nccl", "cuda", f"{gpus} GPUs visible, one per tower")
+    if gpus == 1:
+        return Placement("gloo", "cuda", "one GPU visible: both towers share it, one process each; NCCL refuses two "
+                                         "ranks on one GPU, gloo stages the CUDA tensors through host memory")
+    return Placement("gloo", "cpu", "no GPU visible")
 
 
 def cpu_threads_per_rank(ranks_here: int) -> int:

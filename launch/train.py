@@ -24,14 +24,16 @@ import torch.nn.functional as F
 from towers import Tower, build_reference, shard_state_dict
 
 from . import data as data_module
+from .images import BASE_SIZE, CROP_SIZE
 from .checkpoint import FILENAME, load_checkpoint, restore_training_state, save_training_state
 from .config import TrainConfig
+from .ranks import Placement
 from .meter import Metrics, ProgressBar, StepMeter, duration, peak_memory
 from .schedule import Progress, base_rate, end_of_epoch_schedule, learning_rate
 from .step import paper_optimizer, train_step
 
 log = logging.getLogger(__name__)
-IMAGE_SHAPE = (3, 224, 224)
+IMAGE_SHAPE = (3, CROP_SIZE, CROP_SIZE)
 
 
 # A training loss this many times ln(classes) (the loss of a uniform guess) has run away.
@@ -49,6 +51,7 @@ class Plan:
     batches_per_epoch: int
     val_images: int
     train_images: int
+    stats: data_module.DataStats  # for the augmentation on each rank's device
 
 
 # ---------------------------------------------------------------- data on rank 0, broadcast to rank 1
@@ -61,29 +64,51 @@ def _next_quietly(iterator: Iterator):
         return next(iterator, None)
 
 
-def shared_batches(source: Optional[Iterable], batches: int, device, group, views: int = 1) -> Iterator:
-    """Yields ``batches`` (images, labels) on both ranks: rank 0 draws them from ``source``
-    and broadcasts each batch's number of labelled items, then the batch itself; rank 1
-    passes ``source=None`` and receives. Each item is ``views`` images (10 for the
-    ten-patch test). A batch may be short, even empty (evaluation leaves out unusable images)."""
+class InputBytes:
+    """Bytes of input each rank sends (rank 0) or receives (the other) per batch."""
+
+    def __init__(self):
+        self.bytes, self.batches = 0, 0
+
+    def add(self, *tensors) -> None:
+        self.bytes += sum(t.numel() * t.element_size() for t in tensors)
+        self.batches += 1
+
+    @property
+    def per_batch(self) -> float:
+        return self.bytes / max(1, self.batches)
+
+
+def shared_batches(source: Optional[Iterable], batches: int, item_shape: tuple, device, group,
+                   counter: Optional[InputBytes] = None) -> Iterator:
+    """Yields ``batches`` (uint8 images, labels) on ``device`` on both ranks: rank 0 draws
+    them from ``source`` and broadcasts each batch's number of items, then the batch;
+    the other rank passes ``source=None`` and receives. Items are ``item_shape`` uint8
+    images. A batch may be short, even empty (evaluation leaves out unusable images).
+    Over gloo the batch crosses in host memory (pinned where a GPU is to receive it) and
+    is then copied to the device without waiting; over NCCL it crosses on the device."""
+    src = dist.get_global_rank(group, 0)
+    via = device if dist.get_backend(group) == dist.Backend.NCCL else torch.device("cpu")
+    pinned = via.type == "cpu" and device.type == "cuda"
     iterator = iter(source) if source is not None else None
     for _ in range(batches):
-        count = torch.zeros(1, dtype=torch.int64, device=device)
+        count = torch.zeros(1, dtype=torch.int64, device=via)
         if iterator is not None:
             item = _next_quietly(iterator)
             assert item is not None, "the data ran out before the plan of batches"
             count += len(item[1])
-        dist.broadcast(count, src=dist.get_global_rank(group, 0), group=group)
+        dist.broadcast(count, src=src, group=group)
         size = int(count.item())
         if iterator is not None:
-            images = item[0].to(device, non_blocking=True).reshape(size * views, *IMAGE_SHAPE)
-            labels = item[1].to(device, non_blocking=True)
+            images, labels = item[0].to(via, non_blocking=True), item[1].to(via, non_blocking=True)
         else:
-            images = torch.empty((size * views, *IMAGE_SHAPE), device=device)
-            labels = torch.empty((size,), dtype=torch.int64, device=device)
-        dist.broadcast(images, src=dist.get_global_rank(group, 0), group=group)
-        dist.broadcast(labels, src=dist.get_global_rank(group, 0), group=group)
-        yield images, labels
+            images = torch.empty((size, *item_shape), dtype=torch.uint8, device=via, pin_memory=pinned)
+            labels = torch.empty((size,), dtype=torch.int64, device=via, pin_memory=pinned)
+        dist.broadcast(images, src=src, group=group)
+        dist.broadcast(labels, src=src, group=group)
+        if counter is not None:
+            counter.add(count, images, labels)
+        yield images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
 
 
 # ---------------------------------------------------------------- model, optimizer and their state
@@ -109,14 +134,17 @@ def evaluate(tower: Tower, bundle, plan: Plan, batch_size: int, device, group, t
         batch_size = max(1, batch_size // 4)  # ten images per item
     source = None
     if bundle is not None:
-        source = data_module.eval_batches(bundle, batch_size, ten_crop=ten_crop, workers=workers, limit=plan.val_images)
+        source = data_module.eval_batches(bundle, batch_size, ten_crop=ten_crop, workers=workers, limit=plan.val_images,
+                                          pin_memory=device.type == "cuda")
+    item_shape = (3, BASE_SIZE, BASE_SIZE) if ten_crop else IMAGE_SHAPE  # the ten views are cut on the device
     was_training = tower.training
     tower.eval()
     top1 = top5 = seen = 0
-    for images, labels in shared_batches(source, math.ceil(plan.val_images / batch_size), device, group, views):
+    for images, labels in shared_batches(source, math.ceil(plan.val_images / batch_size), item_shape, device, group):
         if not len(labels):
             continue
-        probs = F.softmax(tower(images).float(), dim=1)
+        inputs = data_module.eval_views(images, plan.stats, ten_crop).reshape(-1, *IMAGE_SHAPE)
+        probs = F.softmax(tower(inputs).float(), dim=1)
         probs = probs.view(len(labels), views, -1).mean(dim=1)
         best = probs.topk(min(5, probs.shape[1]), dim=1).indices
         top1 += (best[:, 0] == labels).sum().item()
@@ -136,7 +164,8 @@ def describe_evaluation(result: dict) -> str:
 
 
 def train_one_epoch(tower, optimizer, bundle, plan: Plan, config: TrainConfig, progress: Progress, device, group,
-                    run_dir: Optional[Path], metrics: Metrics, bar: ProgressBar, workers: int) -> bool:
+                    run_dir: Optional[Path], metrics: Metrics, bar: ProgressBar, workers: int,
+                    input_bytes: InputBytes) -> bool:
     """Trains from ``progress.batch`` to the end of the epoch; returns False when
     ``max_steps`` stopped it early."""
     steps_left = plan.batches_per_epoch - progress.batch
@@ -145,13 +174,18 @@ def train_one_epoch(tower, optimizer, bundle, plan: Plan, config: TrainConfig, p
     source = None
     if bundle is not None:
         source = data_module.train_batches(bundle, config.batch_size, config.seed, progress.epoch,
-                                           start_batch=progress.batch, workers=workers)
+                                           start_batch=progress.batch, workers=workers,
+                                           pin_memory=device.type == "cuda")
     meter = StepMeter()
     total_steps = config.epochs * plan.batches_per_epoch
     if config.max_steps is not None:
         total_steps = min(total_steps, config.max_steps)
     tower.train()
-    for images, labels in shared_batches(source, steps_left, device, group):
+    for crops, labels in shared_batches(source, steps_left, IMAGE_SHAPE, device, group, input_bytes):
+        # Both ranks draw the same choices for the batch's positions: nothing more crosses.
+        choices = data_module.train_augmentation(config.seed, progress.epoch, progress.batch * config.batch_size,
+                                                 len(labels))
+        images = data_module.augment(crops, choices, plan.stats)
         lr = learning_rate(config, progress)
         for param_group in optimizer.param_groups:
             param_group["lr"] = lr
@@ -223,14 +257,14 @@ def default_workers() -> int:
     return min(4, (os.cpu_count() or 1) // 4)
 
 
-def run_rank(rank: int, config: TrainConfig, run_dir: Optional[str], backend: str,
+def run_rank(rank: int, config: TrainConfig, run_dir: Optional[str], placement: Placement,
              bundle: Optional[data_module.DataBundle] = None) -> Optional[dict]:
     """The program of one rank (spawned by ``launch.two_gpu`` or started by torchrun).
     Rank 0 is handed the data its launcher opened (``bundle``): the tree is scanned once.
     Returns the run's summary on rank 0."""
     started = time.time()
     group = dist.group.WORLD
-    device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+    device = torch.device("cuda", torch.cuda.current_device()) if placement.device == "cuda" else torch.device("cpu")
     run_dir = Path(run_dir) if run_dir is not None and rank == 0 else None
     setup_logging(rank, run_dir)
     torch.manual_seed(config.seed + 1 + rank)  # each tower its own dropout masks, as on two GPUs
@@ -241,7 +275,7 @@ def run_rank(rank: int, config: TrainConfig, run_dir: Optional[str], backend: st
     if rank == 0:
         val_images = len(bundle.val) if config.val_limit is None else min(config.val_limit, len(bundle.val))
         plan = [Plan(list(bundle.classes), data_module.batches_per_epoch(bundle, config.batch_size), val_images,
-                     len(bundle.train))]
+                     len(bundle.train), bundle.stats)]
     dist.broadcast_object_list(plan, src=dist.get_global_rank(group, 0), group=group)
     plan = plan[0]
 
@@ -252,7 +286,7 @@ def run_rank(rank: int, config: TrainConfig, run_dir: Optional[str], backend: st
     bar = ProgressBar(enabled=rank == 0)
     evaluate_now = lambda ten_crop=False: evaluate(tower, bundle, plan, config.batch_size, device, group,
                                                    ten_crop, workers)
-    summary = {"run_dir": str(run_dir) if run_dir else None, "backend": backend, "device": str(device),
+    summary = {"run_dir": str(run_dir) if run_dir else None, "backend": placement.backend, "device": str(device),
                "fc8_placement": config.fc8_placement, "classes": len(plan.classes),
                "data": str(bundle.root) if bundle else None}
 
@@ -273,13 +307,15 @@ def run_rank(rank: int, config: TrainConfig, run_dir: Optional[str], backend: st
         log.info("resumed from %s at epoch %d, step %d, learning rate %g", config.resume, progress.epoch + 1,
                  progress.global_step, progress.lr)
     checkpoint = run_dir / FILENAME if run_dir else None
-    steps_at_start, train_seconds = progress.global_step, 0.0
+    steps_at_start, train_seconds, train_exchange_bytes = progress.global_step, 0.0, 0
+    input_bytes = InputBytes()
     last_eval = None
     while progress.epoch < config.epochs:
-        epoch_started = time.time()
+        epoch_started, exchanged_before = time.time(), tower.exchange_log.sent_bytes
         finished = train_one_epoch(tower, optimizer, bundle, plan, config, progress, device, group, run_dir,
-                                   metrics, bar, workers)
+                                   metrics, bar, workers, input_bytes)
         train_seconds += time.time() - epoch_started
+        train_exchange_bytes += tower.exchange_log.sent_bytes - exchanged_before
         if not finished:  # --max-steps reached within the epoch
             save_training_state(checkpoint, tower, optimizer, progress, config, plan.classes, plan.train_images, group)
             last_eval = None
@@ -299,7 +335,10 @@ def run_rank(rank: int, config: TrainConfig, run_dir: Optional[str], backend: st
     summary.update(epochs=progress.epoch, steps=progress.global_step, checkpoint=str(checkpoint) if checkpoint else None,
                    train_seconds=train_seconds, wall_seconds=time.time() - started,
                    images_per_s=steps * config.batch_size / max(train_seconds, 1e-9),
-                   exchanged_bytes_sent=tower.exchange_log.sent_bytes)
+                   exchanged_bytes_sent=tower.exchange_log.sent_bytes,
+                   # per training step and rank: the batch as delivered, and what this tower sent the other
+                   input_bytes_per_step=input_bytes.per_batch,
+                   exchange_bytes_per_step=train_exchange_bytes / max(1, steps))
     if rank == 0:
         metrics.write(event="summary", **summary)
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

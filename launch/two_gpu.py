@@ -30,7 +30,7 @@ from towers import TOWERS
 from . import data as data_module
 from .checkpoint import FILENAME, CheckpointError, load_checkpoint, resolve_path
 from .config import PAPER_RECIPE, TrainConfig, build_parser, deviations, parse_config, resolve
-from .ranks import LOOPBACK, RankFailure, init_process_group, run_ranks, cpu_threads_per_rank
+from .ranks import LOOPBACK, RankFailure, choose_placement, cpu_threads_per_rank, init_process_group, run_ranks
 from .train import describe_evaluation, run_rank
 
 log = logging.getLogger("launch.two_gpu")
@@ -44,19 +44,6 @@ RUN_CONTROL = {"resume", "eval_only", "max_steps", "workers", "log_every", "chec
 # evaluations of one fixed set of images.
 CHANGEABLE_ON_RESUME = {"epochs", "lr", "warmup_steps"}
 LOCK_NAME = ".lock"  # held by the run using the folder (see lock_run_folder)
-
-
-def choose_backend(requested: str) -> str:
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if requested == "nccl" and gpus < TOWERS:
-        raise ValueError(f"--backend nccl needs two GPUs (one per tower) and this machine shows {gpus}: two NCCL "
-                         f"ranks cannot share one GPU. Use --backend gloo (the CPU) or run on a machine with two")
-    if requested == "auto":
-        if gpus >= TOWERS:
-            return "nccl"
-        if gpus == 1:
-            log.warning("one GPU found: two NCCL ranks cannot share it, so both towers run on the CPU with gloo")
-    return "nccl" if requested == "nccl" else "gloo"
 
 
 def check_master_addr(addr: str) -> None:
@@ -208,7 +195,7 @@ def _torchrun_env() -> bool:
 
 
 def _configure(argv) -> tuple:
-    """(config, checkpoint payload or None, backend) from the command line; raises ValueError."""
+    """(config, checkpoint payload or None, placement) from the command line; raises ValueError."""
     config = parse_config(argv)
     config.validate()
     checkpoint = load_checkpoint(config.resume or config.eval_only) if config.resume or config.eval_only else None
@@ -216,20 +203,24 @@ def _configure(argv) -> tuple:
         config = resumed_config(config, checkpoint)
     config = resolve(config)
     config.validate()
-    return config, checkpoint, choose_backend(config.backend)
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    placement = choose_placement(config.backend, gpus)
+    log.info("placement: %s", placement.describe())
+    return config, checkpoint, placement
 
 
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     run_dir = lock = config = None
     try:
-        config, checkpoint, backend = _configure(argv)
+        config, checkpoint, placement = _configure(argv)
         if _torchrun_env():
-            return _main_under_torchrun(config, checkpoint, backend)
+            return _main_under_torchrun(config, checkpoint, placement)
         addr = config.master_addr or LOOPBACK
         check_master_addr(addr)
         run_dir, bundle, lock = prepare_run(config, checkpoint)
-        summary = run_ranks(run_rank, (config, str(run_dir), backend, bundle), world_size=TOWERS, backend=backend,
+        summary = run_ranks(run_rank, (config, str(run_dir), placement, bundle), world_size=TOWERS,
+                            backend=placement.backend,
                             collective_timeout_s=config.timeout, addr=addr)[0]
     except (ValueError, CheckpointError) as exc:  # DataError is a ValueError
         log.error("error: %s", exc)
@@ -255,14 +246,14 @@ def _after_interrupt(config: Optional[TrainConfig], run_dir: Optional[Path]) -> 
     return "no checkpoint was written yet, so there is nothing to resume: start the run again"
 
 
-def _main_under_torchrun(config: TrainConfig, checkpoint: Optional[dict], backend: str) -> int:
+def _main_under_torchrun(config: TrainConfig, checkpoint: Optional[dict], placement) -> int:
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     if world_size != TOWERS:
         raise ValueError(f"the towers need exactly {TOWERS} ranks, torchrun gave {world_size}: "
                          f"use --nproc-per-node 2 (or two nodes of 1)")
-    if backend == "gloo":  # share the cores among the ranks on this machine, as run_ranks does
+    if placement.backend == "gloo":  # share the cores among the ranks on this machine, as run_ranks does
         torch.set_num_threads(cpu_threads_per_rank(int(os.environ.get("LOCAL_WORLD_SIZE", world_size))))
-    init_process_group(backend, rank, world_size, config.timeout)
+    init_process_group(placement.backend, rank, world_size, config.timeout)
     run_dir = bundle = lock = None
     outcome = [None]  # rank 0 tells the other rank whether the run can start, and if not, why
     try:
@@ -274,7 +265,7 @@ def _main_under_torchrun(config: TrainConfig, checkpoint: Optional[dict], backen
         dist.broadcast_object_list(outcome, src=0)
         if outcome[0] is not None:
             raise ValueError(outcome[0])
-        summary = run_rank(rank, config, str(run_dir) if run_dir else None, backend, bundle)
+        summary = run_rank(rank, config, str(run_dir) if run_dir else None, placement, bundle)
     finally:
         if lock is not None:
             lock.close()

@@ -450,7 +450,7 @@ def test_train_batches_are_a_pure_function_of_seed_epoch_position(small_bundle):
     rng_state = torch.get_rng_state()
     full = list(data.train_batches(small_bundle, batch_size=6, seed=3, epoch=0))
     assert data.batches_per_epoch(small_bundle, 6) == len(full) == 3  # 20 images: drop_last
-    assert full[0][0].shape == (6, 3, 224, 224) and full[0][0].dtype == torch.float32
+    assert full[0][0].shape == (6, 3, 224, 224) and full[0][0].dtype == torch.uint8
     assert full[0][1].dtype == torch.int64
     with_workers = list(data.train_batches(small_bundle, batch_size=6, seed=3, epoch=0, workers=2))
     resumed = list(data.train_batches(small_bundle, batch_size=6, seed=3, epoch=0, start_batch=2))
@@ -464,30 +464,53 @@ def test_train_batches_are_a_pure_function_of_seed_epoch_position(small_bundle):
 
 def test_augmentation_changes_with_epoch_and_follows_the_paper(small_bundle):
     data_stats = small_bundle.stats
-    views = []
-    for epoch in (0, 1):
-        order = data.epoch_order(len(small_bundle.train), seed=0, epoch=epoch)
-        position = int(np.flatnonzero(order == 0)[0])  # wherever image 0 landed
-        item = data._TrainPositions(small_bundle.train, data_stats, 0, epoch, order, 0, len(order))[position]
-        views.append(item[0])
-    assert not torch.equal(views[0], views[1])
+    choices = [data.train_augmentation(seed=0, epoch=epoch, first=0, count=20) for epoch in (0, 1)]
+    assert not torch.equal(choices[0].alpha, choices[1].alpha) and not torch.equal(choices[0].top, choices[1].top)
+    assert choices[0].flip.any() and not choices[0].flip.all()  # about half reflected
 
     image = small_bundle.train[0][0]
-    plain = data.augment(image, data_stats, 5, 7, False, np.zeros(3))
+    crop = image[None, :, 5:229, 7:231]  # as the loader cuts it at (5, 7)
+    at = lambda flip, alpha: data.Augmentation(torch.tensor([5]), torch.tensor([7]), torch.tensor([flip]),
+                                                torch.tensor([alpha], dtype=torch.float32))
+    plain = data.augment(crop, at(False, [0.0, 0.0, 0.0]), data_stats)[0]
     assert torch.equal(plain, image[:, 5:229, 7:231].float() - data_stats.mean[:, 5:229, 7:231])
-    assert torch.equal(data.augment(image, data_stats, 5, 7, True, np.zeros(3)), plain.flip(2))
-    alpha = np.array([0.1, -0.2, 0.05])
-    shifted = data.augment(image, data_stats, 5, 7, False, alpha) - plain
+    assert torch.equal(data.augment(crop, at(True, [0.0, 0.0, 0.0]), data_stats)[0], plain.flip(2))
+    alpha = [0.1, -0.2, 0.05]
+    shifted = data.augment(crop, at(False, alpha), data_stats)[0] - plain
     expected = sum(alpha[i] * data_stats.eigval[i].item() * data_stats.eigvec[:, i] for i in range(3))
     assert torch.allclose(shifted, expected.float().view(3, 1, 1).expand_as(shifted), atol=1e-4)
 
 
+def test_the_batched_augmentation_is_the_per_image_one(small_bundle):
+    """What the loader used to hand out (float32, augmented image by image on the CPU)
+    against uint8 crops augmented as a batch, as each rank does on its device."""
+    data_stats = small_bundle.stats
+    (crops, labels), = list(data.train_batches(small_bundle, batch_size=20, seed=4, epoch=2))
+    assert crops.dtype == torch.uint8 and crops.shape == (20, 3, 224, 224)
+    choices = data.train_augmentation(seed=4, epoch=2, first=0, count=20)
+    batched = data.augment(crops, choices, data_stats)
+    order = data.epoch_order(len(small_bundle.train), seed=4, epoch=2)
+    for k in range(20):
+        image = small_bundle.train[int(order[k])][0]
+        top, left = int(choices.top[k]), int(choices.left[k])
+        window = (slice(None), slice(top, top + 224), slice(left, left + 224))
+        x = image[window].float() - data_stats.mean[window]
+        if choices.flip[k]:
+            x = x.flip(2)
+        x = x + (data_stats.eigvec @ (choices.alpha[k] * data_stats.eigval)).view(3, 1, 1)
+        # The colour shift is a 3 x 3 product, summed in another order as a batch: at most
+        # an ulp or two of values of a few hundred (1e-5 absolute is about 300 ulps at 256).
+        torch.testing.assert_close(batched[k], x, rtol=0, atol=1e-5)
+
+
 def test_eval_batches_and_ten_crop(small_bundle):
-    centre = list(data.eval_batches(small_bundle, batch_size=4))
+    centre = [(data.eval_views(images, small_bundle.stats, ten_crop=False), labels)
+              for images, labels in data.eval_batches(small_bundle, batch_size=4)]
     assert [len(labels) for _, labels in centre] == [4, 4, 2]  # in order, last partial batch kept
     labels = torch.cat([l for _, l in centre])
     assert torch.equal(labels, torch.tensor([label for _, label in small_bundle.val.samples]))
-    ten = list(data.eval_batches(small_bundle, batch_size=4, ten_crop=True))
+    ten = [(data.eval_views(images, small_bundle.stats, ten_crop=True), labels)
+           for images, labels in data.eval_batches(small_bundle, batch_size=4, ten_crop=True)]
     views = torch.cat([images for images, _ in ten])
     assert views.shape == (10, 10, 3, 224, 224)
     assert torch.equal(views[:, 4], torch.cat([images for images, _ in centre]))
@@ -539,5 +562,6 @@ def test_evaluation_counts_each_usable_image_once(tmp_path, caplog):
         # Left out, not replaced by its neighbour (which would count twice): 5 of 6, in order.
         assert torch.cat([labels for _, labels in batches]).tolist() == [0, 0, 1, 1, 1]
         assert [len(labels) for _, labels in batches] == [1, 2, 2]  # the first batch lost one
-        assert all(images.shape[:2] == ((len(labels), 10) if ten_crop else (len(labels), 3)) for images, labels in batches)
+        size = 256 if ten_crop else 224  # uint8 base images or centre crops: the views are cut on the device
+        assert all(images.shape == (len(labels), 3, size, size) for images, labels in batches)
     assert "1.jpg: unreadable" in caplog.text and "it is left out" in caplog.text  # logged once, with what it means

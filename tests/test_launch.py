@@ -44,6 +44,9 @@ def test_short_run_writes_its_results_and_eval_only_agrees(tiny_data, tmp_path):
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 7 and summary["epochs"] == 1 and summary["centre"]["images"] == 10
     assert summary["ten_patch"]["test"] == "ten-patch"
+    # The batch crosses as uint8 crops: a quarter of float32 images (plus the count and the labels).
+    assert summary["input_bytes_per_step"] == 8 + 4 * 3 * 224 * 224 + 4 * 8
+    assert summary["exchange_bytes_per_step"] > 0
     assert "step 7/7" in result.stderr and "ETA" in result.stderr and str(run.resolve()) in result.stderr
     assert "[rank 1]" not in result.stderr  # only rank 0 prints
     payload = load_checkpoint(run)
@@ -88,8 +91,9 @@ def _checkpoint_worker(rank, data_root, tmp):
     Also load a checkpoint written by the single-device reference."""
     group = torch.distributed.group.WORLD
     torch.manual_seed(rank)
-    bundle = data_module.open_data(data_root) if rank == 0 else None
-    plan = Plan([str(i) for i in range(10)], 7, 10, 30)
+    opened = data_module.open_data(data_root)
+    bundle = opened if rank == 0 else None  # only rank 0 reads images; both know the statistics
+    plan = Plan([str(i) for i in range(10)], 7, 10, 30, opened.stats)
     tower = Tower(group, 10, dropout=0.5)
     tower.load_state_dict(shard_state_dict(build_reference(10, seed=5, init="caffe").state_dict(), rank))
     optimizer = paper_optimizer(tower.parameters())
@@ -125,7 +129,8 @@ def test_checkpoints_move_between_towers_and_reference_and_ten_crop_is_the_avera
     bundle = data_module.open_data(tiny_data)
     probs, labels = [], []
     with torch.no_grad():
-        for views, batch_labels in data_module.eval_batches(bundle, 4, ten_crop=True):
+        for images, batch_labels in data_module.eval_batches(bundle, 4, ten_crop=True):
+            views = data_module.eval_views(images, bundle.stats, ten_crop=True)
             per_view = [F.softmax(loaded(views[:, v]), dim=1) for v in range(10)]
             probs.append(torch.stack(per_view).mean(dim=0))
             labels.append(batch_labels)

@@ -37,15 +37,18 @@ def _sgd(params):
     return torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=5e-4)
 
 
-def _parity_worker(rank, fc8_placement, dtype, sgd_steps, autocast=False):
+def _parity_worker(rank, fc8_placement, dtype, sgd_steps, autocast=False, device="cpu"):
     torch.manual_seed(SEED)
+    if device == "cuda":  # the arithmetic of the CPU: no TF32 (tests/test_gpu.py)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     group = torch.distributed.group.WORLD
-    reference = build_reference(CLASSES, seed=SEED, dropout=0.0).to(dtype)
+    reference = build_reference(CLASSES, seed=SEED, dropout=0.0).to(device, dtype)
     tower = Tower(group, CLASSES, dropout=0.0, fc8_placement=fc8_placement).to(dtype)
     tower.load_state_dict(shard_state_dict(reference.state_dict(), rank, fc8_placement))
-    images, labels = _inputs(dtype)
+    tower.to(device)
+    images, labels = (t.to(device) for t in _inputs(dtype))
 
-    compute = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+    compute = torch.autocast(device, dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
     with compute:
         ref_logits = reference(images)
         ref_loss = F.cross_entropy(ref_logits.float(), labels)
@@ -76,7 +79,7 @@ def _parity_worker(rank, fc8_placement, dtype, sgd_steps, autocast=False):
         torch.distributed.all_gather_object(shards, shards[rank])
         rebuilt = unshard_state_dicts(shards, fc8_placement)
         out["weights"] = {k: _rel(rebuilt[k], v) for k, v in reference.state_dict().items()}
-        out["moved"] = min(_rel(rebuilt[k], v) for k, v in build_reference(CLASSES, SEED).state_dict().items())
+        out["moved"] = min(_rel(rebuilt[k], v.to(device)) for k, v in build_reference(CLASSES, SEED).state_dict().items())
     return out
 
 

@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from launch.ranks import RankFailure, cpu_threads_per_rank, is_loopback, run_ranks
+from launch.ranks import RankFailure, choose_placement, cpu_threads_per_rank, is_loopback, run_ranks
 
 
 def _sleep(rank, seconds):
@@ -40,3 +40,16 @@ def test_threads_share_the_cores():
     assert cpu_threads_per_rank(1) == cores
     assert cpu_threads_per_rank(2) == max(1, cores // 2)
     assert cpu_threads_per_rank(4 * cores) == 1  # never zero
+
+
+def test_placement_follows_the_gpus_visible():
+    assert choose_placement("auto", 0)[:2] == ("gloo", "cpu")
+    one = choose_placement("auto", 1)  # both towers on the one GPU, over gloo
+    assert one[:2] == ("gloo", "cuda") and "NCCL refuses two ranks on one GPU" in one.why
+    assert "tower 0 on cuda:0, tower 1 on cuda:0, exchanging over gloo" in one.describe()
+    assert choose_placement("auto", 2)[:2] == ("nccl", "cuda")
+    assert "tower 0 on cuda:0, tower 1 on cuda:1, exchanging over nccl" in choose_placement("auto", 8).describe()
+    assert choose_placement("gloo", 2)[:2] == ("gloo", "cpu")
+    for gpus in (0, 1):
+        with pytest.raises(ValueError, match="--backend nccl needs two GPUs"):
+            choose_placement("nccl", gpus)

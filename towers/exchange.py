@@ -96,11 +96,6 @@ class ExchangeLog:
 
 # ---------------------------------------------------------------- collective helpers
 
-def _other(group) -> int:
-    """Global rank of the other tower."""
-    return dist.get_global_rank(group, 1 - dist.get_rank(group))
-
-
 def _all_gather_stacked(x: torch.Tensor, group) -> torch.Tensor:
     """2 x (shape of x): both towers' tensors, tower 0's first."""
     stacked = x.new_empty((TOWERS, *x.shape))
@@ -119,6 +114,25 @@ def _reduce_scatter_pair(halves: torch.Tensor, group) -> torch.Tensor:
     received = torch.empty_like(halves)
     dist.all_to_all_single(received, halves.contiguous(), group=group)
     return received.sum(dim=0)
+
+
+def _one_way(x: torch.Tensor, group, receiver: int) -> torch.Tensor:
+    """Moves the sender's N x ... ``x`` to tower ``receiver``, which passes a tensor of the
+    same shape and gets it back filled; the sender gets an empty tensor.
+
+    One all_to_all_single with uneven splits rather than send/recv: gloo runs the
+    collectives on CUDA tensors (staging them through host memory) but not send/recv,
+    and two towers sharing one GPU must talk over gloo."""
+    rows, me = x.shape[0], dist.get_rank(group)
+    nothing = [0] * TOWERS
+    from_other = list(nothing)
+    from_other[1 - me] = rows
+    if me == receiver:
+        received = torch.empty_like(x)
+        dist.all_to_all_single(received, x.new_empty((0, *x.shape[1:])), from_other, nothing, group=group)
+        return received
+    dist.all_to_all_single(x.new_empty((0, *x.shape[1:])), x, nothing, from_other, group=group)
+    return x.new_empty((0, *x.shape[1:]))
 
 
 def _cat_stacked(stacked: torch.Tensor) -> torch.Tensor:
@@ -174,11 +188,10 @@ class _GatherToFirst(torch.autograd.Function):
         ctx.shard_shape = x.shape
         started = exchange_log.clock(x)
         if dist.get_rank(group) == 0:
-            theirs = torch.empty_like(x)
-            dist.recv(theirs, src=_other(group), group=group)
+            theirs = _one_way(x, group, receiver=0)
             exchange_log.record(name, "forward", sent=None, received=theirs, started=started)
             return torch.cat([x, theirs], dim=1)
-        dist.send(x, dst=_other(group), group=group)
+        _one_way(x, group, receiver=0)
         exchange_log.record(name, "forward", sent=x, received=None, started=started)
         return x.new_empty((x.shape[0], 0))
 
@@ -188,11 +201,10 @@ class _GatherToFirst(torch.autograd.Function):
         if dist.get_rank(ctx.group) == 0:
             own, theirs = grad.chunk(TOWERS, dim=1)
             theirs = theirs.contiguous()
-            dist.send(theirs, dst=_other(ctx.group), group=ctx.group)
+            _one_way(theirs, ctx.group, receiver=1)
             ctx.exchange_log.record(ctx.name, "backward", sent=theirs, received=None, started=started)
             return own, None, None, None
-        own = grad.new_empty(ctx.shard_shape)
-        dist.recv(own, src=_other(ctx.group), group=ctx.group)
+        own = _one_way(grad.new_empty(ctx.shard_shape), ctx.group, receiver=1)
         ctx.exchange_log.record(ctx.name, "backward", sent=None, received=own, started=started)
         return own, None, None, None
 

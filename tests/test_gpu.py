@@ -1,0 +1,67 @@
+"""On a CUDA GPU: the reference against the CPU, the two towers sharing one GPU against the
+reference, and the program training on the GPU with checkpoints that move to the CPU.
+Skipped, with the reason, where torch sees no GPU."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from launch.checkpoint import load_reference
+from launch.ranks import run_ranks
+from towers import build_reference
+
+from conftest import TINY, launch
+from test_parity import BATCH, CLASSES, SEED, _inputs, _parity_worker, _rel
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+TIMEOUT_S = 300
+
+
+def test_the_reference_on_the_gpu_computes_what_it_computes_on_the_cpu():
+    images, labels = _inputs(torch.float64)
+    results = {}
+    for device in ("cpu", "cuda"):
+        model = build_reference(CLASSES, seed=SEED, dropout=0.0).to(device, torch.float64)
+        logits = model(images.to(device))
+        F.cross_entropy(logits, labels.to(device)).backward()
+        results[device] = (logits.cpu(), {k: p.grad.cpu() for k, p in model.named_parameters()})
+    # float64 in both; cuDNN and the CPU sum in other orders: 1e-10 relative is ~1e6 ulps.
+    assert _rel(results["cuda"][0], results["cpu"][0]) < 1e-10
+    for key, grad in results["cpu"][1].items():
+        assert _rel(results["cuda"][1][key], grad) < 1e-9, key  # longer chains of sums: 10x
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["float32", "bf16-autocast"])
+def test_two_towers_sharing_one_gpu_match_the_reference(autocast):
+    """Both ranks on cuda:0, exchanging CUDA tensors over gloo, as a one-GPU run does."""
+    results = run_ranks(_parity_worker, ("tower0", torch.float32, 0, autocast, "cuda"), backend="gloo",
+                        timeout_s=TIMEOUT_S)
+    for rank, r in enumerate(results):
+        if autocast:  # the tolerances of test_parity's bf16 test, for the same reasons
+            assert r["logits"] < 1e-3 and r["loss"] < 1e-3, rank
+            assert max(r["grads"].values()) < 4e-2, rank
+        else:
+            # float32 with TF32 off: cuDNN picks other algorithms for the towers' convolutions
+            # than for the grouped ones of the reference; 1e-5 relative as on the CPU, 10x for gradients.
+            assert r["logits"] < 1e-5 and r["loss"] < 1e-5, rank
+            worst = max(r["grads"], key=r["grads"].get)
+            assert r["grads"][worst] < 1e-4, (rank, worst, r["grads"][worst])
+        assert r["exchanges"]["conv3_input/forward"]["sent_bytes"] == (2 if autocast else 4) * BATCH * 128 * 13 * 13
+
+
+def test_the_program_trains_on_the_gpu_and_its_checkpoint_evaluates_on_the_cpu(tiny_data, tmp_path):
+    run = launch("--data", tiny_data, "--out", tmp_path, "--run-name", "gpu", "--max-steps", "3", "--val-limit", "6",
+                 "--no-ten-crop", *TINY)
+    assert "tower 0 on cuda:0, tower 1 on cuda:0" in run.stderr or "tower 0 on cuda:0, tower 1 on cuda:1" in run.stderr
+    summary = json.loads((tmp_path / "gpu" / "summary.json").read_text())
+    assert summary["device"].startswith("cuda") and summary["steps"] == 3
+    assert summary["input_bytes_per_step"] == 8 + 4 * 3 * 224 * 224 + 4 * 8  # count, uint8 crops, int64 labels
+    on_cpu = launch("--data", tiny_data, "--out", tmp_path, "--run-name", "cpu", "--eval-only", tmp_path / "gpu",
+                    "--backend", "gloo", "--val-limit", "6", "--no-ten-crop", "--workers", "0")
+    assert "tower 0 on cpu" in on_cpu.stderr
+    centre = summary["centre"]
+    assert f"top-1 error {100 * centre['top1_error']:.2f}%" in on_cpu.stderr  # the same predictions on the CPU
+    model = load_reference(tmp_path / "gpu").eval()  # and in the single-device reference
+    assert all(torch.isfinite(p).all() for p in model.parameters())
