@@ -173,7 +173,8 @@ def _set_rng_state(state: dict, device) -> None:
 
 def save_training_state(path: Path, tower: Tower, optimizer, progress: Progress, config: TrainConfig,
                         classes: list, train_images: int, group) -> None:
-    """Collective: rank 1 ships its half to rank 0, which writes one unsharded checkpoint.
+    """Collective: rank 1 ships its half to rank 0, which writes one unsharded checkpoint
+    (in a group of one, ``tower`` is the reference and its state is saved as it is).
     ``classes`` and ``train_images`` let a resumed run check that its data is the same."""
     rank = dist.get_rank(group)
     momentum = {name: optimizer.state[p]["momentum_buffer"].cpu()
@@ -185,31 +186,34 @@ def save_training_state(path: Path, tower: Tower, optimizer, progress: Progress,
     if rank != 0:
         return
     placement = config.fc8_placement
+    unshard = (lambda states: states[0]) if len(gathered) == 1 else (lambda states: unshard_state_dicts(states, placement))
     extra = {
-        "momentum_buffer": unshard_state_dicts([g["momentum"] for g in gathered], placement) if momentum else {},
+        "momentum_buffer": unshard([g["momentum"] for g in gathered]) if momentum else {},
         "progress": dataclasses.asdict(progress),
         "rng": {f"rank{r}": g["rng"] for r, g in enumerate(gathered)},
         "config": {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()},
         "classes": list(classes),
         "train_images": train_images,
     }
-    model = unshard_state_dicts([g["model"] for g in gathered], placement)
+    model = unshard([g["model"] for g in gathered])
     save_checkpoint(path, checkpoint_payload(model, num_classes=len(classes), **extra))
 
 
 def restore_training_state(path, tower: Tower, optimizer, classes: list, group, with_training: bool) -> Optional[Progress]:
-    """Collective: rank 0 loads an unsharded checkpoint and sends each rank its half.
-    With ``with_training`` also the momentum, the RNG states and the progress."""
+    """Collective: rank 0 loads an unsharded checkpoint and sends each rank its half (in a
+    group of one, the whole to the reference). With ``with_training`` also the momentum,
+    the RNG states and the progress."""
     rank, device = dist.get_rank(group), next(tower.parameters()).device
-    placement = tower.fc8_placement
+    ranks = dist.get_world_size(group)
+    shard = (lambda state, r: dict(state)) if ranks == 1 else (lambda state, r: shard_state_dict(state, r, tower.fc8_placement))
     shards = None
     if rank == 0:
         payload = load_checkpoint(path, classes)
         momentum = payload.get("momentum_buffer", {}) if with_training else {}
-        shards = [{"model": shard_state_dict(payload["model"], r, placement),
-                   "momentum": shard_state_dict(momentum, r, placement) if momentum else {},
+        shards = [{"model": shard(payload["model"], r),
+                   "momentum": shard(momentum, r) if momentum else {},
                    "rng": payload.get("rng", {}).get(f"rank{r}") if with_training else None,
-                   "progress": payload.get("progress") if with_training else None} for r in range(dist.get_world_size(group))]
+                   "progress": payload.get("progress") if with_training else None} for r in range(ranks)]
     received = [None]
     dist.scatter_object_list(received, shards, src=dist.get_global_rank(group, 0), group=group)
     mine = received[0]

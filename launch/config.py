@@ -46,6 +46,9 @@ class TrainConfig:
     dropout: float = option(0.5, "dropout probability on the outputs of FC6 and FC7 (paper: 0.5)")
     fc8_placement: str = option("tower0", "'tower0': FC8 whole on tower 0 (the authors' 2012 layout); 'split': 500 + "
                                         "500 neurons, logits gathered for the loss", choices=FC8_PLACEMENTS)
+    layout: str = option("towers", "'towers': the paper's two towers, one process each; 'single': the single-device "
+                                   "reference in one process, with the same data, recipe and checkpoints",
+                         choices=("towers", "single"))
     seed: int = option(0, "seed of the initial weights, the data order and the augmentation")
     backend: str = option("auto", "'auto': NCCL with tower r on GPU r when two GPUs are visible, else gloo on the CPU",
                         choices=("auto", "nccl", "gloo"))

@@ -47,14 +47,26 @@ class Placement(NamedTuple):
     device: str  # "cuda" or "cpu"; with nccl tower r uses GPU r, with gloo on "cuda" both use GPU 0
     why: str
 
+    ranks: int = 2
+
     def describe(self) -> str:
-        devices = ["cuda:0", "cuda:1"] if self.backend == "nccl" else [f"{self.device}{':0' * (self.device == 'cuda')}"] * 2
+        first = f"{self.device}{':0' * (self.device == 'cuda')}"
+        if self.ranks == 1:
+            return f"the single-device reference on {first}, one process: {self.why}"
+        devices = ["cuda:0", "cuda:1"] if self.backend == "nccl" else [first] * 2
         return f"tower 0 on {devices[0]}, tower 1 on {devices[1]}, exchanging over {self.backend}: {self.why}"
 
 
-def choose_placement(requested_backend: str, gpus: int) -> Placement:
-    """The towers' devices and backend for ``gpus`` visible GPUs; ``requested_backend``
-    is 'auto', 'nccl' or 'gloo' (gloo: the CPU). Raises ValueError naming the fix."""
+def choose_placement(requested_backend: str, gpus: int, ranks: int = 2) -> Placement:
+    """The devices and backend of ``ranks`` ranks (2: the towers; 1: the reference) for
+    ``gpus`` visible GPUs; ``requested_backend`` is 'auto', 'nccl' or 'gloo' (gloo: the
+    CPU). Raises ValueError naming the fix."""
+    if ranks == 1:  # a process group of one, which never talks: gloo whatever the device
+        if requested_backend == "nccl" and gpus == 0:
+            raise ValueError("--backend nccl needs a GPU and this machine shows none: leave --backend at auto")
+        if requested_backend == "gloo" or gpus == 0:
+            return Placement("gloo", "cpu", "--backend gloo" if gpus else "no GPU visible", ranks=1)
+        return Placement("gloo", "cuda", f"{gpus} GPU(s) visible", ranks=1)
     if requested_backend == "nccl" and gpus < 2:
         raise ValueError(f"--backend nccl needs two GPUs (one per tower) and this machine shows {gpus}: two NCCL "
                          f"ranks cannot share one GPU. Leave --backend at auto (on one GPU both towers share it "

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from towers import Tower, build_reference, shard_state_dict
+from towers import ExchangeLog, Tower, build_reference, shard_state_dict
 
 from . import data as data_module
 from .images import BASE_SIZE, CROP_SIZE
@@ -113,10 +113,12 @@ def shared_batches(source: Optional[Iterable], batches: int, item_shape: tuple, 
 
 # ---------------------------------------------------------------- model, optimizer and their state
 
-def build_tower(config: TrainConfig, num_classes: int, group, device) -> Tower:
-    """This rank's half of the reference built from the seed: a two-tower run starts
-    from exactly the weights of a single-device run with the same seed."""
+def build_model(config: TrainConfig, num_classes: int, group, device) -> torch.nn.Module:
+    """The reference built from the seed (``--layout single``), or this rank's tower cut
+    out of it: a two-tower run starts from exactly the weights of a single-device run."""
     reference = build_reference(num_classes, seed=config.seed, dropout=config.dropout, init=config.init)
+    if config.layout == "single":
+        return reference.to(device)
     tower = Tower(group, num_classes, config.dropout, config.fc8_placement)
     tower.load_state_dict(shard_state_dict(reference.state_dict(), dist.get_rank(group), config.fc8_placement))
     return tower.to(device)
@@ -279,7 +281,8 @@ def run_rank(rank: int, config: TrainConfig, run_dir: Optional[str], placement: 
     dist.broadcast_object_list(plan, src=dist.get_global_rank(group, 0), group=group)
     plan = plan[0]
 
-    tower = build_tower(config, len(plan.classes), group, device)
+    tower = build_model(config, len(plan.classes), group, device)
+    exchange_log = tower.exchange_log if isinstance(tower, Tower) else ExchangeLog()  # the reference: nothing crosses
     optimizer = paper_optimizer(tower.parameters(), lr=config.lr, momentum=config.momentum,
                                 weight_decay=config.weight_decay)
     metrics = Metrics(run_dir / "metrics.jsonl" if run_dir else None)
@@ -287,7 +290,7 @@ def run_rank(rank: int, config: TrainConfig, run_dir: Optional[str], placement: 
     evaluate_now = lambda ten_crop=False: evaluate(tower, bundle, plan, config.batch_size, device, group,
                                                    ten_crop, workers)
     summary = {"run_dir": str(run_dir) if run_dir else None, "backend": placement.backend, "device": str(device),
-               "fc8_placement": config.fc8_placement, "classes": len(plan.classes),
+               "layout": config.layout, "fc8_placement": config.fc8_placement, "classes": len(plan.classes),
                "data": str(bundle.root) if bundle else None}
 
     if config.eval_only:
@@ -311,11 +314,11 @@ def run_rank(rank: int, config: TrainConfig, run_dir: Optional[str], placement: 
     input_bytes = InputBytes()
     last_eval = None
     while progress.epoch < config.epochs:
-        epoch_started, exchanged_before = time.time(), tower.exchange_log.sent_bytes
+        epoch_started, exchanged_before = time.time(), exchange_log.sent_bytes
         finished = train_one_epoch(tower, optimizer, bundle, plan, config, progress, device, group, run_dir,
                                    metrics, bar, workers, input_bytes)
         train_seconds += time.time() - epoch_started
-        train_exchange_bytes += tower.exchange_log.sent_bytes - exchanged_before
+        train_exchange_bytes += exchange_log.sent_bytes - exchanged_before
         if not finished:  # --max-steps reached within the epoch
             save_training_state(checkpoint, tower, optimizer, progress, config, plan.classes, plan.train_images, group)
             last_eval = None
@@ -335,7 +338,7 @@ def run_rank(rank: int, config: TrainConfig, run_dir: Optional[str], placement: 
     summary.update(epochs=progress.epoch, steps=progress.global_step, checkpoint=str(checkpoint) if checkpoint else None,
                    train_seconds=train_seconds, wall_seconds=time.time() - started,
                    images_per_s=steps * config.batch_size / max(train_seconds, 1e-9),
-                   exchanged_bytes_sent=tower.exchange_log.sent_bytes,
+                   exchanged_bytes_sent=exchange_log.sent_bytes,
                    # per training step and rank: the batch as delivered, and what this tower sent the other
                    input_bytes_per_step=input_bytes.per_batch,
                    exchange_bytes_per_step=train_exchange_bytes / max(1, steps))

@@ -37,7 +37,7 @@ log = logging.getLogger("launch.two_gpu")
 
 # Options that steer one invocation: a resumed run takes them from its own command line.
 RUN_CONTROL = {"resume", "eval_only", "max_steps", "workers", "log_every", "checkpoint_every", "ten_crop",
-               "timeout", "backend", "master_addr", "out", "run_name"}
+               "timeout", "backend", "master_addr", "out", "run_name", "layout"}
 # The rest is the run's recipe, kept from the checkpoint. Of it, a resumed run may change --epochs (to
 # train longer), and --lr and --warmup-steps (to go on after a loss that diverged; the schedule keeps
 # its reductions, see launch.schedule.base_rate). --val-limit stays: the plateau schedule compares the
@@ -204,7 +204,7 @@ def _configure(argv) -> tuple:
     config = resolve(config)
     config.validate()
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    placement = choose_placement(config.backend, gpus)
+    placement = choose_placement(config.backend, gpus, ranks=TOWERS if config.layout == "towers" else 1)
     log.info("placement: %s", placement.describe())
     return config, checkpoint, placement
 
@@ -219,7 +219,7 @@ def main(argv=None) -> int:
         addr = config.master_addr or LOOPBACK
         check_master_addr(addr)
         run_dir, bundle, lock = prepare_run(config, checkpoint)
-        summary = run_ranks(run_rank, (config, str(run_dir), placement, bundle), world_size=TOWERS,
+        summary = run_ranks(run_rank, (config, str(run_dir), placement, bundle), world_size=placement.ranks,
                             backend=placement.backend,
                             collective_timeout_s=config.timeout, addr=addr)[0]
     except (ValueError, CheckpointError) as exc:  # DataError is a ValueError
@@ -248,9 +248,9 @@ def _after_interrupt(config: Optional[TrainConfig], run_dir: Optional[Path]) -> 
 
 def _main_under_torchrun(config: TrainConfig, checkpoint: Optional[dict], placement) -> int:
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    if world_size != TOWERS:
-        raise ValueError(f"the towers need exactly {TOWERS} ranks, torchrun gave {world_size}: "
-                         f"use --nproc-per-node 2 (or two nodes of 1)")
+    if world_size != placement.ranks:
+        raise ValueError(f"--layout {config.layout} needs exactly {placement.ranks} ranks, torchrun gave {world_size}: "
+                         f"use --nproc-per-node {placement.ranks}")
     if placement.backend == "gloo":  # share the cores among the ranks on this machine, as run_ranks does
         torch.set_num_threads(cpu_threads_per_rank(int(os.environ.get("LOCAL_WORLD_SIZE", world_size))))
     init_process_group(placement.backend, rank, world_size, config.timeout)

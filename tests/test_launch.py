@@ -155,3 +155,27 @@ def test_resume_with_fc8_split_continues_exactly(tiny_data, tmp_path):
     for key in whole["model"]:  # exactly: the same batches, dropout masks and arithmetic
         assert torch.equal(whole["model"][key], parts["model"][key]), key
         assert torch.equal(whole["momentum_buffer"][key], parts["momentum_buffer"][key]), key
+
+
+def test_the_single_layout_trains_the_same_function_and_shares_checkpoints(tiny_data, tmp_path):
+    """--layout single: the reference in one process, through the same program. Without
+    dropout and from the same seed it takes the towers' steps, loss for loss."""
+    common = ["--data", tiny_data, "--out", tmp_path, "--max-steps", "4", "--dropout", "0", "--val-limit", "6",
+              "--no-ten-crop", *TINY, "--log-every", "1"]
+    single = launch(*common, "--run-name", "single", "--layout", "single")
+    assert "the single-device reference on cpu, one process" in single.stderr
+    launch(*common, "--run-name", "towers")
+    losses = {}
+    for name in ("single", "towers"):
+        records = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        losses[name] = torch.tensor([r["loss"] for r in records if r["event"] == "train"])
+    assert len(losses["single"]) == 4
+    # float32, the grouped convolutions of the reference against the towers' halves: the
+    # parity tests' 1e-5 per forward, grown over four SGD steps; 1e-4 relative.
+    torch.testing.assert_close(losses["single"], losses["towers"], rtol=1e-4, atol=0)
+    summary = json.loads((tmp_path / "single" / "summary.json").read_text())
+    assert summary["layout"] == "single" and summary["exchange_bytes_per_step"] == 0
+    # The single run's checkpoint evaluates under the towers, with the same result.
+    again = launch("--data", tiny_data, "--out", tmp_path, "--run-name", "eval", "--eval-only", tmp_path / "single",
+                   "--val-limit", "6", "--no-ten-crop", "--workers", "0")
+    assert f"top-1 error {100 * summary['centre']['top1_error']:.2f}%" in again.stderr
