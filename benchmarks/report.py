@@ -12,7 +12,7 @@ IMAGES_CHART = "images_per_s_vs_batch.png"
 BYTES_CHART = "bytes_per_step_vs_batch.png"
 SECTIONS = ("Machine and software", "Configuration", "Main table", "How each number is taken",
             "Towers: traffic per exchange", "Batch-size sweep", "Precision and memory format",
-            "Projection to a two-GPU machine", "Not measured")
+            "Projection to a two-GPU machine", "Data loader", "Not measured")
 
 
 def _mb(n) -> str:
@@ -314,6 +314,27 @@ def chart_bytes(results, path: Path) -> None:
     plt.close(fig)
 
 
+def loader_lines(results) -> list:
+    loader = results["loader"]
+    batch = loader["by_workers"][0]["batch"]
+    lines = [f"The training loader alone (`launch.data.train_batches`: decode, base image, 224 crop, uint8 batch "
+             f"of {batch}) on {loader['data']} ({loader['train_images']} training images), by DataLoader worker "
+             f"processes; one warm-up batch, then {loader['by_workers'][0]['batches']} timed.", "",
+             "| workers | images/s | ms per batch |", "|---|---|---|"]
+    lines += [f"| {w['workers']} | {w['images_per_s']:.1f} | {1000 * w['seconds'] / w['batches']:.1f} |"
+              for w in loader["by_workers"]]
+    towers = [r for r in results["runs"] if r["mode"] == "towers" and r["batch"] == results["config"]["batch"]
+              and r["precision"] == "fp32" and r["memory_format"] == "contiguous"]
+    lines += ["", f"- the rest of the augmentation (mean, reflection, colour shift) on {loader['device']}: "
+              f"{loader['augment_ms_per_batch']:.1f} ms per batch of {batch}"]
+    if towers:
+        lines.append(f"- the towers' training step takes {towers[0]['images_per_s']:.1f} images/s at this batch: "
+                     f"the loader keeps up with it from the fewest workers above that rate")
+    lines.append(f"- input crossing from rank 0 to the other tower per image: {loader['input_bytes_per_image']:,} "
+                 f"bytes (uint8 crop and label) against {loader['float32_bytes_per_image']:,} as float32 images")
+    return lines
+
+
 def write_report(results: dict, folder: Path) -> None:
     folder = Path(folder)
     chart_images_per_s(results, folder / IMAGES_CHART)
@@ -352,7 +373,8 @@ def write_report(results: dict, folder: Path) -> None:
         f"![bytes per step against batch size, crossover marked]({BYTES_CHART})", "",
         f"## {SECTIONS[6]}", "", *precision_table(results), "",
         f"## {SECTIONS[7]}", "", *projection_lines(results), "",
-        f"## {SECTIONS[8]}", "",
+        f"## {SECTIONS[8]}", "", *loader_lines(results), "",
+        f"## {SECTIONS[9]}", "",
     ]
     lines += [f"- {n['mode']}, batch {n['batch']}, {n['precision']}, {n['memory_format']}: {n['reason']}"
               for n in results["not_measured"]] or ["Everything planned was measured."]

@@ -52,6 +52,7 @@ from launch.ranks import RankFailure, cpu_threads_per_rank, run_ranks
 from towers import FC8_PLACEMENTS, TOWERS, AlexNet
 
 from . import flops, traffic
+from .loader import measure_loader
 from .workers import WORKERS, weights_worker
 
 logger = logging.getLogger(__name__)
@@ -102,6 +103,13 @@ class BenchConfig:
     rank_timeout_s: float = option(1800.0, "a run still going after this many seconds is stopped and marked failed",
                                    type=float)
     out: Optional[str] = option(None, "output folder [benchmarks/reports/<machine>-<YYYY-MM-DD>]")
+    loader_workers: Optional[tuple] = option(None, "the data-loader benchmark: numbers of worker processes "
+                                                   "[0, 1, 2, 4, ... up to the CPU cores; --quick: 0,1]", type=int,
+                                             many=True)
+    loader_batches: Optional[int] = option(None, "the data-loader benchmark: timed batches of --batch images per "
+                                                 "number of workers [20, --quick 3]", type=int)
+    loader_data: Optional[str] = option(None, "the data-loader benchmark's ImageNet-layout folder [the built-in "
+                                              "dataset: pre-resized 256x256 JPEGs]")
     quick: bool = option(False, "small defaults that finish in under 5 minutes on a 2-core CPU", action="store_true")
 
 
@@ -148,6 +156,10 @@ def plan_devices(config: BenchConfig) -> DevicePlan:
 def resolve(config: BenchConfig, devices: DevicePlan) -> BenchConfig:
     """Fills the None fields and checks the values."""
     defaults = DEFAULTS[(devices.single, config.quick)]
+    cores = os.cpu_count() or 1
+    defaults = dict(defaults, loader_workers=(0, 1) if config.quick else
+                    (0,) + tuple(2 ** i for i in range(cores.bit_length()) if 2 ** i <= cores),
+                    loader_batches=3 if config.quick else 20)
     config = replace(config, **{k: v for k, v in defaults.items() if getattr(config, k) is None})
     if config.steps < 1 or config.warmup < 0:
         raise ValueError(f"--steps must be at least 1 and --warmup at least 0, got {config.steps} and {config.warmup}")
@@ -425,13 +437,17 @@ def main(argv=None) -> Path:
     keys = plan_runs(config)
     logger.info("%s; %d runs; writing to %s", devices.note, len(keys), out)
     runs, not_measured = measure(keys, config, devices, analytic)
+    logger.info("data loader: %s workers, %d batches of %d", ",".join(map(str, config.loader_workers)),
+                config.loader_batches, config.batch)
+    loader = measure_loader(config.loader_workers, config.batch, config.loader_batches, devices.single,
+                            config.loader_data)
     results = {
         "machine": {**machine_info(devices), "load_average": {"start": load_at_start, "end": _load_average()}},
         "config": asdict(config),
         "command": " ".join(["python -m benchmarks.run", shlex.join(sys.argv[1:] if argv is None else argv)]).strip(),
         "date": datetime.date.today().isoformat(), "analytic": analytic,
         "runs": list(runs.values()), "not_measured": not_measured,
-        "projection": projection(runs, config, analytic),
+        "projection": projection(runs, config, analytic), "loader": loader,
         "elapsed_s": time.perf_counter() - started,
     }
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str))

@@ -82,11 +82,13 @@ def test_help_explains_every_option():
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """One real harness run in the quick mode, made smaller still: batch 2 (1 warm-up + 2 timed
-    steps), a sweep to batch 4 for the towers, and one bf16 channels_last towers run."""
+    steps), a sweep to batch 4 for the towers, one bf16 channels_last towers run, and the
+    loader with 0 and 2 workers on the built-in data."""
     out = tmp_path_factory.mktemp("bench") / "report"
     command = [sys.executable, "-m", "benchmarks.run", "--quick", "--device", "cpu", "--batch", "2", "--warmup", "1",
                "--steps", "2", "--batches", "4", "--sweep-modes", "towers", "--precision-modes", "towers",
-               "--precisions", "bf16", "--memory-formats", "channels_last", "--out", str(out)]
+               "--precisions", "bf16", "--memory-formats", "channels_last", "--loader-workers", "0,2",
+               "--loader-batches", "2", "--out", str(out)]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
     assert result.returncode == 0, result.stderr[-4000:]
     return out, json.loads((out / "results.json").read_text())
@@ -105,7 +107,7 @@ def test_report_has_every_part(tiny_run):
     report = (out / "report.md").read_text()
     for section in ("Machine and software", "Configuration", "Main table", "How each number is taken",
                     "Towers: traffic per exchange", "Batch-size sweep", "Precision and memory format",
-                    "Projection to a two-GPU machine", "Not measured"):
+                    "Projection to a two-GPU machine", "Data loader", "Not measured"):
         assert f"## {section}\n" in report, section
     main = report.split("## Main table\n", 1)[1].split("\n## ", 1)[0]
     assert "| mode | device" in main and "images/s" in main and "% of peak" in main
@@ -119,6 +121,18 @@ def test_report_has_every_part(tiny_run):
         height, width = matplotlib.image.imread(path).shape[:2]
         assert height > 100 and width > 100
         assert f"]({chart})" in report
+
+
+@pytest.mark.slow
+def test_the_loader_is_measured_by_workers(tiny_run):
+    out, results = tiny_run
+    loader = results["loader"]
+    assert [w["workers"] for w in loader["by_workers"]] == [0, 2]
+    assert all(w["images_per_s"] > 0 and w["batches"] == 2 and w["batch"] == 2 for w in loader["by_workers"])
+    assert loader["augment_ms_per_batch"] > 0 and loader["device"] == "cpu"
+    assert loader["float32_bytes_per_image"] - 8 == 4 * (loader["input_bytes_per_image"] - 8)  # uint8: a quarter
+    section = (out / "report.md").read_text().split("## Data loader\n", 1)[1].split("\n## ", 1)[0]
+    assert "| workers | images/s | ms per batch |" in section and "| 2 |" in section
 
 
 @pytest.mark.slow

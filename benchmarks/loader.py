@@ -1,0 +1,59 @@
+"""The data path alone: how many training images per second the loader hands out, by
+number of DataLoader worker processes, and what the device-side augmentation costs.
+
+The loader is the one training uses (``launch.data.train_batches``): decode the JPEG,
+bring it to the 256 base image, cut the 224 crop, collate uint8 batches. The rest of
+section 4.1 (mean, reflection, colour shift) runs on the rank's device
+(``launch.data.augment``) and is timed there on its own. Default data: the built-in
+set, pre-resized 256x256 JPEGs as ``launch.prepare`` makes of ImageNet.
+"""
+
+import time
+from typing import Optional
+
+import torch
+
+from launch import data as data_module
+from launch.images import CROP_SIZE
+
+
+def _images_per_s(bundle, batch: int, batches: int, workers: int) -> dict:
+    total = data_module.batches_per_epoch(bundle, batch)
+    batches = min(batches, total - 1)  # one more is the warm-up (workers starting, first decode)
+    iterator = iter(data_module.train_batches(bundle, batch, seed=0, epoch=0, workers=workers))
+    next(iterator)
+    started = time.perf_counter()
+    for _ in range(batches):
+        next(iterator)
+    seconds = time.perf_counter() - started
+    del iterator  # stops the workers
+    return {"workers": workers, "batches": batches, "batch": batch, "seconds": seconds,
+            "images_per_s": batches * batch / seconds}
+
+
+def _augment_ms(bundle, batch: int, device: torch.device, repeats: int = 5) -> float:
+    crops = torch.randint(0, 256, (batch, 3, CROP_SIZE, CROP_SIZE), dtype=torch.uint8, device=device)
+    choices = data_module.train_augmentation(seed=0, epoch=0, first=0, count=batch)
+    times = []
+    for _ in range(repeats + 1):  # the first is a warm-up
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        started = time.perf_counter()
+        data_module.augment(crops, choices, bundle.stats)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - started)
+    return 1000 * sorted(times[1:])[repeats // 2]
+
+
+def measure_loader(workers: tuple, batch: int, batches: int, device: str, data: Optional[str] = None) -> dict:
+    """images/s of the loader for each number of ``workers``, and the device-side
+    augmentation's ms per batch on ``device``."""
+    bundle = data_module.open_data(data)
+    return {
+        "data": str(bundle.root), "train_images": len(bundle.train), "device": device,
+        "by_workers": [_images_per_s(bundle, batch, batches, w) for w in workers],
+        "augment_ms_per_batch": _augment_ms(bundle, batch, torch.device(device)),
+        # what one rank broadcasts per image: uint8 crop (and an int64 label), against float32 images
+        "input_bytes_per_image": 3 * CROP_SIZE * CROP_SIZE + 8, "float32_bytes_per_image": 4 * 3 * CROP_SIZE * CROP_SIZE + 8,
+    }
