@@ -359,7 +359,7 @@ def write_report(results: dict, folder: Path) -> None:
         f"- command: `{results['command']}`",
         f"- main table: global batch {cfg['batch']}, fp32, contiguous; {cfg['warmup']} warm-up + {cfg['steps']} "
         f"timed steps per run; seed {cfg['seed']}; FC8 placement {cfg['fc8_placement']}; dropout 0.5 as in training",
-        f"- data: synthetic float32 N x 3 x 224 x 224 images at raw-pixel scale, random labels, resident on the "
+        "- data: synthetic float32 N x 3 x 224 x 224 images at raw-pixel scale, random labels, resident on the "
         "device; towers: both ranks get the whole global batch; ddp: each rank half of it",
         f"- batch sweep: {', '.join(map(str, cfg['batches']))} over {', '.join(cfg['sweep_modes'])}; precision "
         f"sweep: {', '.join(cfg['precisions'])} x {', '.join(cfg['memory_formats'])} over "

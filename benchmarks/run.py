@@ -17,10 +17,9 @@ random labels; warm-up steps are not timed.
 Devices: with two GPUs the two-rank modes use NCCL, rank r on cuda:r; without a GPU
 everything runs on the CPU, two-rank modes over gloo with cpu_count // 2 threads per
 rank and single-device modes with all threads. With one GPU (which cannot host two
-NCCL ranks) the single-device modes run on it and the two-rank modes are skipped,
-with the reason in the report; the projection then estimates a tower's compute from
-the single-GPU step (``--one-gpu-two-rank cpu`` runs them on the CPU over gloo instead,
-at the GPU's batch sizes: slow, and not comparable with the GPU rows).
+NCCL ranks) the two-rank modes share it, one process each, over gloo, as the training
+program does (``--one-gpu-two-rank skip`` leaves them out, and the projection then
+estimates a tower's compute from the single-GPU step; ``cpu`` runs them on the CPU).
 
 Each run is a fresh process (or pair) started by ``launch.ranks.run_ranks``. Output:
 ``benchmarks/reports/<machine>-<YYYY-MM-DD>/`` (or ``--out``) with report.md,
@@ -94,8 +93,9 @@ class BenchConfig:
     seed: int = option(0, "seed of the reference's weights, the synthetic batch and dropout", type=int)
     device: str = option("auto", "auto: GPUs when present; cpu: force the CPU; cuda: fail without a GPU",
                          choices=("auto", "cpu", "cuda"))
-    one_gpu_two_rank: str = option("skip", "with exactly one GPU (which cannot host two NCCL ranks): skip towers/ddp, "
-                                           "or run them on the CPU over gloo", choices=("skip", "cpu"))
+    one_gpu_two_rank: str = option("gpu", "with exactly one GPU (which cannot host two NCCL ranks): towers/ddp "
+                                          "share it, one process each, over gloo (as the training program does); or "
+                                          "skip them; or run them on the CPU over gloo", choices=("gpu", "skip", "cpu"))
     links: tuple = option(("nvlink=300", "pcie4=25"), "links of the projection, NAME=GB/s per direction "
                                                       "(10^9 bytes/s)", many=True)
     link_latency_us: float = option(10.0, "projection: start-up cost of each collective on the link, microseconds",
@@ -145,6 +145,10 @@ def plan_devices(config: BenchConfig) -> DevicePlan:
     name = torch.cuda.get_device_name(0)
     if gpus >= 2:
         return DevicePlan("cuda", "cuda", "nccl", name, f"{gpus} GPUs: two-rank modes over NCCL, rank r on cuda:r")
+    if config.one_gpu_two_rank == "gpu":
+        return DevicePlan("cuda", "cuda", "gloo", name, "one GPU: two-rank modes share it, one process each, over gloo "
+                                                       "(NCCL refuses two ranks on one GPU); their compute contends for "
+                                                       "the one GPU")
     if config.one_gpu_two_rank == "skip":
         return DevicePlan("cuda", None, None, name, "one GPU, which cannot host two NCCL ranks: towers and ddp "
                                                    "skipped (--one-gpu-two-rank skip)")

@@ -45,7 +45,9 @@ def synthetic_batch(batch: int, seed: int, device: torch.device, memory_format: 
 
 
 def _device(spec: dict, rank: int) -> torch.device:
-    return torch.device(f"cuda:{rank}") if spec["device"] == "cuda" else torch.device("cpu")
+    if spec["device"] != "cuda":
+        return torch.device("cpu")
+    return torch.device("cuda", rank if spec["backend"] == "nccl" else 0)  # over gloo, the ranks share GPU 0
 
 
 def _synchronize(device: torch.device) -> None:

@@ -1,4 +1,5 @@
-"""What each rank runs: build its tower, train with the paper's recipe, evaluate, checkpoint.
+"""What each rank runs: build its tower (or, with --layout single, the reference), train
+with the paper's recipe, evaluate, checkpoint.
 
 Rank 0 alone reads and decodes the data and broadcasts every batch, so both
 towers see the identical images and augmentation and no image is decoded twice.
@@ -127,7 +128,7 @@ def build_model(config: TrainConfig, num_classes: int, group, device) -> torch.n
 # ---------------------------------------------------------------- evaluation and training
 
 @torch.no_grad()
-def evaluate(tower: Tower, bundle, plan: Plan, batch_size: int, device, group, ten_crop: bool = False,
+def evaluate(model: torch.nn.Module, bundle, plan: Plan, batch_size: int, device, group, ten_crop: bool = False,
              workers: int = 0) -> dict:
     """Top-1 and top-5 error on the validation images: the centre patch, or the ten-patch
     test (four corners and centre and their reflections, softmax averaged)."""
@@ -139,20 +140,20 @@ def evaluate(tower: Tower, bundle, plan: Plan, batch_size: int, device, group, t
         source = data_module.eval_batches(bundle, batch_size, ten_crop=ten_crop, workers=workers, limit=plan.val_images,
                                           pin_memory=device.type == "cuda")
     item_shape = (3, BASE_SIZE, BASE_SIZE) if ten_crop else IMAGE_SHAPE  # the ten views are cut on the device
-    was_training = tower.training
-    tower.eval()
+    was_training = model.training
+    model.eval()
     top1 = top5 = seen = 0
     for images, labels in shared_batches(source, math.ceil(plan.val_images / batch_size), item_shape, device, group):
         if not len(labels):
             continue
         inputs = data_module.eval_views(images, plan.stats, ten_crop).reshape(-1, *IMAGE_SHAPE)
-        probs = F.softmax(tower(inputs).float(), dim=1)
+        probs = F.softmax(model(inputs).float(), dim=1)
         probs = probs.view(len(labels), views, -1).mean(dim=1)
         best = probs.topk(min(5, probs.shape[1]), dim=1).indices
         top1 += (best[:, 0] == labels).sum().item()
         top5 += (best == labels[:, None]).any(dim=1).sum().item()
         seen += len(labels)
-    tower.train(was_training)
+    model.train(was_training)
     if seen == 0:
         raise data_module.DataError(f"none of the {plan.val_images} validation images could be used (each one "
                                     f"skipped is logged above): replace them")
@@ -165,7 +166,7 @@ def describe_evaluation(result: dict) -> str:
     return f"{result['test']}, {result['images']} images{skipped}"
 
 
-def train_one_epoch(tower, optimizer, bundle, plan: Plan, config: TrainConfig, progress: Progress, device, group,
+def train_one_epoch(model, optimizer, bundle, plan: Plan, config: TrainConfig, progress: Progress, device, group,
                     run_dir: Optional[Path], metrics: Metrics, bar: ProgressBar, workers: int,
                     input_bytes: InputBytes) -> bool:
     """Trains from ``progress.batch`` to the end of the epoch; returns False when
@@ -182,7 +183,7 @@ def train_one_epoch(tower, optimizer, bundle, plan: Plan, config: TrainConfig, p
     total_steps = config.epochs * plan.batches_per_epoch
     if config.max_steps is not None:
         total_steps = min(total_steps, config.max_steps)
-    tower.train()
+    model.train()
     for crops, labels in shared_batches(source, steps_left, IMAGE_SHAPE, device, group, input_bytes):
         # Both ranks draw the same choices for the batch's positions: nothing more crosses.
         choices = data_module.train_augmentation(config.seed, progress.epoch, progress.batch * config.batch_size,
@@ -191,7 +192,7 @@ def train_one_epoch(tower, optimizer, bundle, plan: Plan, config: TrainConfig, p
         lr = learning_rate(config, progress)
         for param_group in optimizer.param_groups:
             param_group["lr"] = lr
-        result = train_step(tower, optimizer, images, labels)
+        result = train_step(model, optimizer, images, labels)
         loss = result.loss.item()
         progress.batch += 1
         progress.global_step += 1
@@ -214,7 +215,7 @@ def train_one_epoch(tower, optimizer, bundle, plan: Plan, config: TrainConfig, p
                           peak_memory_bytes=peak_memory(device)[0])
         if config.checkpoint_every and progress.global_step % config.checkpoint_every == 0 \
                 and progress.batch < plan.batches_per_epoch:
-            save_training_state(run_dir / FILENAME if run_dir else None, tower, optimizer, progress, config,
+            save_training_state(run_dir / FILENAME if run_dir else None, model, optimizer, progress, config,
                                 plan.classes, plan.train_images, group)
         meter.restart_clock()  # the step line and checkpoints are not the step's time
     bar.clear()
@@ -281,20 +282,20 @@ def run_rank(rank: int, config: TrainConfig, run_dir: Optional[str], placement: 
     dist.broadcast_object_list(plan, src=dist.get_global_rank(group, 0), group=group)
     plan = plan[0]
 
-    tower = build_model(config, len(plan.classes), group, device)
-    exchange_log = tower.exchange_log if isinstance(tower, Tower) else ExchangeLog()  # the reference: nothing crosses
-    optimizer = paper_optimizer(tower.parameters(), lr=config.lr, momentum=config.momentum,
+    model = build_model(config, len(plan.classes), group, device)
+    exchange_log = model.exchange_log if isinstance(model, Tower) else ExchangeLog()  # the reference: nothing crosses
+    optimizer = paper_optimizer(model.parameters(), lr=config.lr, momentum=config.momentum,
                                 weight_decay=config.weight_decay)
     metrics = Metrics(run_dir / "metrics.jsonl" if run_dir else None)
     bar = ProgressBar(enabled=rank == 0)
-    evaluate_now = lambda ten_crop=False: evaluate(tower, bundle, plan, config.batch_size, device, group,
+    evaluate_now = lambda ten_crop=False: evaluate(model, bundle, plan, config.batch_size, device, group,
                                                    ten_crop, workers)
     summary = {"run_dir": str(run_dir) if run_dir else None, "backend": placement.backend, "device": str(device),
                "layout": config.layout, "fc8_placement": config.fc8_placement, "classes": len(plan.classes),
                "data": str(bundle.root) if bundle else None}
 
     if config.eval_only:
-        restore_training_state(config.eval_only, tower, optimizer, plan.classes, group, with_training=False)
+        restore_training_state(config.eval_only, model, optimizer, plan.classes, group, with_training=False)
         summary["checkpoint"] = config.eval_only
         summary["centre"] = evaluate_now()
         if config.ten_crop:
@@ -304,7 +305,7 @@ def run_rank(rank: int, config: TrainConfig, run_dir: Optional[str], placement: 
 
     progress = Progress(lr=config.lr)
     if config.resume:
-        progress = restore_training_state(config.resume, tower, optimizer, plan.classes, group,
+        progress = restore_training_state(config.resume, model, optimizer, plan.classes, group,
                                           with_training=True) or progress
         progress.lr = base_rate(config, progress)  # --lr may have changed on resume
         log.info("resumed from %s at epoch %d, step %d, learning rate %g", config.resume, progress.epoch + 1,
@@ -315,12 +316,12 @@ def run_rank(rank: int, config: TrainConfig, run_dir: Optional[str], placement: 
     last_eval = None
     while progress.epoch < config.epochs:
         epoch_started, exchanged_before = time.time(), exchange_log.sent_bytes
-        finished = train_one_epoch(tower, optimizer, bundle, plan, config, progress, device, group, run_dir,
+        finished = train_one_epoch(model, optimizer, bundle, plan, config, progress, device, group, run_dir,
                                    metrics, bar, workers, input_bytes)
         train_seconds += time.time() - epoch_started
         train_exchange_bytes += exchange_log.sent_bytes - exchanged_before
         if not finished:  # --max-steps reached within the epoch
-            save_training_state(checkpoint, tower, optimizer, progress, config, plan.classes, plan.train_images, group)
+            save_training_state(checkpoint, model, optimizer, progress, config, plan.classes, plan.train_images, group)
             last_eval = None
             break
         last_eval = evaluate_now()
@@ -329,7 +330,7 @@ def run_rank(rank: int, config: TrainConfig, run_dir: Optional[str], placement: 
         log.info("epoch %d/%d: validation top-1 error %.2f%%, top-5 error %.2f%% (%s)", progress.epoch, config.epochs,
                  100 * last_eval["top1_error"], 100 * last_eval["top5_error"], describe_evaluation(last_eval))
         metrics.write(event="eval", epoch=progress.epoch, step=progress.global_step, lr=progress.lr, **last_eval)
-        save_training_state(checkpoint, tower, optimizer, progress, config, plan.classes, plan.train_images, group)
+        save_training_state(checkpoint, model, optimizer, progress, config, plan.classes, plan.train_images, group)
 
     summary["centre"] = last_eval or evaluate_now()
     if config.ten_crop:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from launch import data as data_module
 from launch.checkpoint import load_checkpoint, load_reference, restore_training_state, save_reference, save_training_state
 from launch.ranks import run_ranks
-from launch.train import Plan, evaluate
+from launch.train import IMAGE_SHAPE, InputBytes, Plan, evaluate, shared_batches
 from launch.config import TrainConfig
 from launch.schedule import Progress
 from launch.step import paper_optimizer, train_step
@@ -179,3 +179,28 @@ def test_the_single_layout_trains_the_same_function_and_shares_checkpoints(tiny_
     again = launch("--data", tiny_data, "--out", tmp_path, "--run-name", "eval", "--eval-only", tmp_path / "single",
                    "--val-limit", "6", "--no-ten-crop", "--workers", "0")
     assert f"top-1 error {100 * summary['centre']['top1_error']:.2f}%" in again.stderr
+
+
+def _delivery_worker(rank, data_root):
+    """Batches 1 and 2 of epoch 0 as training receives them: uint8 crops broadcast by rank 0,
+    augmented on each rank from the choices each rank draws itself."""
+    group = torch.distributed.group.WORLD
+    bundle = data_module.open_data(data_root)
+    source = data_module.train_batches(bundle, 4, seed=1, epoch=0, start_batch=1) if rank == 0 else None
+    counter, batches = InputBytes(), []
+    for index, (crops, labels) in enumerate(shared_batches(source, 2, IMAGE_SHAPE, torch.device("cpu"), group, counter)):
+        choices = data_module.train_augmentation(seed=1, epoch=0, first=(1 + index) * 4, count=len(labels))
+        batches.append((data_module.augment(crops, choices, bundle.stats), labels))
+    return batches, counter.per_batch
+
+
+def test_both_ranks_train_on_identical_batches_delivered_in_a_quarter_of_the_bytes(tiny_data):
+    ranks = run_ranks(_delivery_worker, (str(tiny_data),), timeout_s=RUN_TIMEOUT_S)
+    bundle = data_module.open_data(tiny_data)
+    in_one_process = list(data_module.train_batches(bundle, 4, seed=1, epoch=0, start_batch=1))[:2]
+    for index, ((mine, labels), (theirs, their_labels)) in enumerate(zip(*(r[0] for r in ranks))):
+        assert torch.equal(mine, theirs) and torch.equal(labels, their_labels)  # bit for bit
+        choices = data_module.train_augmentation(seed=1, epoch=0, first=(1 + index) * 4, count=4)
+        assert torch.equal(mine, data_module.augment(in_one_process[index][0], choices, bundle.stats))
+    # per batch of 4: the count, the uint8 crops and the labels; float32 images were 4 x 602,112 bytes
+    assert ranks[0][1] == ranks[1][1] == 8 + 4 * 3 * 224 * 224 + 4 * 8
