@@ -35,6 +35,12 @@ def launch(*args, env=None, check=True) -> subprocess.CompletedProcess:
     return result
 
 
+def _as_foreground_job() -> None:
+    # A shell hands a foreground job the default SIGINT, whatever it ignores itself; the
+    # suite may run in the background (where SIGINT is ignored and the child inherits that).
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Run:
     """The program in the background, in a process group of its own as a shell starts a
     foreground job, for tests that act on it while it runs."""
@@ -43,7 +49,8 @@ class Run:
         self.run_dir = run_dir
         self.log = open(run_dir.parent / f"{run_dir.name}.stderr", "w+")
         self.proc = subprocess.Popen([sys.executable, "-m", "launch.two_gpu", *map(str, args)], cwd=ROOT,
-                                     stdout=subprocess.DEVNULL, stderr=self.log, start_new_session=True)
+                                     stdout=subprocess.DEVNULL, stderr=self.log, start_new_session=True,
+                                     preexec_fn=_as_foreground_job)
 
     def steps(self) -> int:
         path = self.run_dir / "metrics.jsonl"
