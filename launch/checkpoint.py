@@ -125,15 +125,8 @@ def load_checkpoint(path, classes: Optional[list] = None) -> dict:
     if arch.get("name") != ARCH:
         raise CheckpointError(f"{path} holds architecture {arch.get('name')!r}, not {ARCH!r}")
     saved_classes = arch.get("num_classes")
-    if classes is not None and saved_classes != len(classes):
-        raise CheckpointError(f"{path} was trained for {saved_classes} classes but the data has {len(classes)}: "
-                              f"use the dataset it was trained on, or start a new run")
-    saved_names = payload.get("classes")  # absent from a checkpoint saved from the reference
-    if classes is not None and saved_names is not None and list(saved_names) != list(classes):
-        changed = [f"{a} -> {b}" for a, b in zip(saved_names, classes) if a != b]
-        raise CheckpointError(f"{path} was trained on other classes than the data's ({len(changed)} differ: "
-                              f"{', '.join(changed[:3])}{' ...' if len(changed) > 3 else ''}): use the dataset it "
-                              f"was trained on, or start a new run")
+    if classes is not None:
+        check_classes(payload, path, classes)
     expected = _expected_shapes(saved_classes)
     got = {k: tuple(v.shape) for k, v in payload["model"].items()}
     if got != expected:
@@ -141,6 +134,21 @@ def load_checkpoint(path, classes: Optional[list] = None) -> dict:
         raise CheckpointError(f"{path} does not hold the 2012 AlexNet's weights: these entries differ: "
                               f"{', '.join(wrong[:6])}")
     return payload
+
+
+def check_classes(payload: dict, path, classes: list) -> None:
+    """Raises CheckpointError when the checkpoint at ``path`` was trained on other classes
+    than ``classes`` (the data's class names, in order)."""
+    saved_classes = payload["arch"]["num_classes"]
+    if saved_classes != len(classes):
+        raise CheckpointError(f"{path} was trained for {saved_classes} classes but the data has {len(classes)}: "
+                              f"use the dataset it was trained on, or start a new run")
+    saved_names = payload.get("classes")  # absent from a checkpoint saved from the reference
+    if saved_names is not None and list(saved_names) != list(classes):
+        changed = [f"{a} -> {b}" for a, b in zip(saved_names, classes) if a != b]
+        raise CheckpointError(f"{path} was trained on other classes than the data's ({len(changed)} differ: "
+                              f"{', '.join(changed[:3])}{' ...' if len(changed) > 3 else ''}): use the dataset it "
+                              f"was trained on, or start a new run")
 
 
 def load_reference(path, dropout: float = 0.5) -> AlexNet:

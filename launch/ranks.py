@@ -46,8 +46,7 @@ class Placement(NamedTuple):
     backend: str  # "nccl" or "gloo"
     device: str  # "cuda" or "cpu"; with nccl tower r uses GPU r, with gloo on "cuda" both use GPU 0
     why: str
-
-    ranks: int = 2
+    ranks: int = 2  # 2: the towers; 1: the reference (--layout single)
 
     def describe(self) -> str:
         first = f"{self.device}{':0' * (self.device == 'cuda')}"

@@ -28,7 +28,7 @@ import torch.distributed as dist
 from towers import TOWERS
 
 from . import data as data_module
-from .checkpoint import FILENAME, CheckpointError, load_checkpoint, resolve_path
+from .checkpoint import FILENAME, CheckpointError, check_classes, load_checkpoint, resolve_path
 from .config import PAPER_RECIPE, TrainConfig, build_parser, deviations, parse_config, resolve
 from .ranks import LOOPBACK, RankFailure, choose_placement, cpu_threads_per_rank, init_process_group, run_ranks
 from .train import describe_evaluation, run_rank
@@ -152,7 +152,7 @@ def prepare_run(config: TrainConfig, checkpoint: Optional[dict]):
         raise ValueError(f"--fc8-placement split gives each tower half of FC8's neurons and needs an even number of "
                          f"classes; the data has {len(bundle.classes)}: use --fc8-placement tower0")
     if checkpoint is not None:  # checked here, before any rank starts, so a bad one gets a plain error
-        load_checkpoint(config.resume or config.eval_only, classes=bundle.classes)
+        check_classes(checkpoint, resolve_path(config.resume or config.eval_only), bundle.classes)
     if config.resume:
         check_resumable(config, checkpoint, bundle)
     if not config.eval_only and data_module.batches_per_epoch(bundle, config.batch_size) == 0:
