@@ -242,6 +242,11 @@ def _after_divergence(config: TrainConfig, run_dir: Optional[Path], num_classes:
 
 # ---------------------------------------------------------------- one rank's whole run
 
+def _sent_bytes(exchange_log: ExchangeLog) -> dict:
+    """'name/direction' -> the bytes this tower has sent there so far."""
+    return {key: stats["sent_bytes"] for key, stats in exchange_log.as_dict().items()}
+
+
 def setup_logging(rank: int, run_dir: Optional[Path]) -> None:
     """Rank 0 prints the step lines and keeps train.log; the other rank reports only warnings."""
     root = logging.getLogger()
@@ -311,15 +316,17 @@ def run_rank(rank: int, config: TrainConfig, run_dir: Optional[str], placement: 
         log.info("resumed from %s at epoch %d, step %d, learning rate %g", config.resume, progress.epoch + 1,
                  progress.global_step, progress.lr)
     checkpoint = run_dir / FILENAME if run_dir else None
-    steps_at_start, train_seconds, train_exchange_bytes = progress.global_step, 0.0, 0
+    steps_at_start, train_seconds = progress.global_step, 0.0
+    train_exchanges = {}  # (name, direction) -> bytes this tower sent while training
     input_bytes = InputBytes()
     last_eval = None
     while progress.epoch < config.epochs:
-        epoch_started, exchanged_before = time.time(), exchange_log.sent_bytes
+        epoch_started, sent_before = time.time(), _sent_bytes(exchange_log)
         finished = train_one_epoch(model, optimizer, bundle, plan, config, progress, device, group, run_dir,
                                    metrics, bar, workers, input_bytes)
         train_seconds += time.time() - epoch_started
-        train_exchange_bytes += exchange_log.sent_bytes - exchanged_before
+        for key, sent in _sent_bytes(exchange_log).items():
+            train_exchanges[key] = train_exchanges.get(key, 0) + sent - sent_before.get(key, 0)
         if not finished:  # --max-steps reached within the epoch
             save_training_state(checkpoint, model, optimizer, progress, config, plan.classes, plan.train_images, group)
             last_eval = None
@@ -336,13 +343,18 @@ def run_rank(rank: int, config: TrainConfig, run_dir: Optional[str], placement: 
     if config.ten_crop:
         summary["ten_patch"] = evaluate_now(ten_crop=True)
     steps = progress.global_step - steps_at_start
+    by_tower = [None] * dist.get_world_size(group)
+    dist.all_gather_object(by_tower, {key: sent / max(1, steps) for key, sent in train_exchanges.items()}, group=group)
     summary.update(epochs=progress.epoch, steps=progress.global_step, checkpoint=str(checkpoint) if checkpoint else None,
                    train_seconds=train_seconds, wall_seconds=time.time() - started,
                    images_per_s=steps * config.batch_size / max(train_seconds, 1e-9),
                    exchanged_bytes_sent=exchange_log.sent_bytes,
                    # per training step and rank: the batch as delivered, and what this tower sent the other
                    input_bytes_per_step=input_bytes.per_batch,
-                   exchange_bytes_per_step=train_exchange_bytes / max(1, steps))
+                   exchange_bytes_per_step=sum(train_exchanges.values()) / max(1, steps),
+                   # per exchange and direction: the bytes each tower sent per training step, tower 0's first
+                   exchanges_per_step={key: [tower.get(key, 0.0) for tower in by_tower]
+                                       for key in sorted(set().union(*by_tower))})
     if rank == 0:
         metrics.write(event="summary", **summary)
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -16,6 +16,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from benchmarks.flops import reference_layers
+from benchmarks.traffic import tower_sent_elements
 from launch import data as data_module
 from launch.checkpoint import load_checkpoint, load_reference, restore_training_state, save_reference, save_training_state
 from launch.ranks import run_ranks
@@ -46,7 +48,11 @@ def test_short_run_writes_its_results_and_eval_only_agrees(tiny_data, tmp_path):
     assert summary["ten_patch"]["test"] == "ten-patch"
     # The batch crosses as uint8 crops: a quarter of float32 images (plus the count and the labels).
     assert summary["input_bytes_per_step"] == 8 + 4 * 3 * 224 * 224 + 4 * 8
-    assert summary["exchange_bytes_per_step"] > 0
+    # Per exchange and direction, what each tower sent per step: the analytic figures, to the byte.
+    analytic = tower_sent_elements(reference_layers(10), "tower0")
+    assert summary["exchanges_per_step"] == {key: [4 * 4 * tower.get(key, 0) for tower in analytic]
+                                             for key in set().union(*analytic)}
+    assert summary["exchange_bytes_per_step"] == 4 * 4 * sum(analytic[0].values())
     assert "step 7/7" in result.stderr and "ETA" in result.stderr and str(run.resolve()) in result.stderr
     assert "[rank 1]" not in result.stderr  # only rank 0 prints
     payload = load_checkpoint(run)
