@@ -180,10 +180,12 @@ def _set_rng_state(state: dict, device) -> None:
 
 
 def save_training_state(path: Path, tower: Tower, optimizer, progress: Progress, config: TrainConfig,
-                        classes: list, train_images: int, group) -> None:
+                        classes: list, train_images: int, group, data_mean: Optional[torch.Tensor] = None) -> None:
     """Collective: rank 1 ships its half to rank 0, which writes one unsharded checkpoint
     (in a group of one, ``tower`` is the reference and its state is saved as it is).
-    ``classes`` and ``train_images`` let a resumed run check that its data is the same."""
+    ``classes`` and ``train_images`` let a resumed run check that its data is the same;
+    ``data_mean`` (3 x 256 x 256, the training set's mean image) lets the checkpoint
+    classify new images on its own."""
     rank = dist.get_rank(group)
     momentum = {name: optimizer.state[p]["momentum_buffer"].cpu()
                 for name, p in tower.named_parameters() if optimizer.state[p].get("momentum_buffer") is not None}
@@ -203,6 +205,8 @@ def save_training_state(path: Path, tower: Tower, optimizer, progress: Progress,
         "classes": list(classes),
         "train_images": train_images,
     }
+    if data_mean is not None:
+        extra["data_mean"] = data_mean.detach().to("cpu", torch.float32)
     model = unshard([g["model"] for g in gathered])
     save_checkpoint(path, checkpoint_payload(model, num_classes=len(classes), **extra))
 

@@ -216,7 +216,7 @@ def train_one_epoch(model, optimizer, bundle, plan: Plan, config: TrainConfig, p
         if config.checkpoint_every and progress.global_step % config.checkpoint_every == 0 \
                 and progress.batch < plan.batches_per_epoch:
             save_training_state(run_dir / FILENAME if run_dir else None, model, optimizer, progress, config,
-                                plan.classes, plan.train_images, group)
+                                plan.classes, plan.train_images, group, plan.stats.mean)
         meter.restart_clock()  # the step line and checkpoints are not the step's time
     bar.clear()
     return progress.batch == plan.batches_per_epoch
@@ -328,7 +328,8 @@ def run_rank(rank: int, config: TrainConfig, run_dir: Optional[str], placement: 
         for key, sent in _sent_bytes(exchange_log).items():
             train_exchanges[key] = train_exchanges.get(key, 0) + sent - sent_before.get(key, 0)
         if not finished:  # --max-steps reached within the epoch
-            save_training_state(checkpoint, model, optimizer, progress, config, plan.classes, plan.train_images, group)
+            save_training_state(checkpoint, model, optimizer, progress, config, plan.classes, plan.train_images, group,
+                                plan.stats.mean)
             last_eval = None
             break
         last_eval = evaluate_now()
@@ -337,7 +338,8 @@ def run_rank(rank: int, config: TrainConfig, run_dir: Optional[str], placement: 
         log.info("epoch %d/%d: validation top-1 error %.2f%%, top-5 error %.2f%% (%s)", progress.epoch, config.epochs,
                  100 * last_eval["top1_error"], 100 * last_eval["top5_error"], describe_evaluation(last_eval))
         metrics.write(event="eval", epoch=progress.epoch, step=progress.global_step, lr=progress.lr, **last_eval)
-        save_training_state(checkpoint, model, optimizer, progress, config, plan.classes, plan.train_images, group)
+        save_training_state(checkpoint, model, optimizer, progress, config, plan.classes, plan.train_images, group,
+                            plan.stats.mean)
 
     summary["centre"] = last_eval or evaluate_now()
     if config.ten_crop:

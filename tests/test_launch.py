@@ -57,6 +57,7 @@ def test_short_run_writes_its_results_and_eval_only_agrees(tiny_data, tmp_path):
     assert "[rank 1]" not in result.stderr  # only rank 0 prints
     payload = load_checkpoint(run)
     assert payload["progress"]["global_step"] == 7 and set(payload["rng"]) == {"rank0", "rank1"}
+    assert payload["data_mean"].shape == (3, 256, 256) and 0 < payload["data_mean"].mean() < 255
 
     again = launch("--data", tiny_data, "--out", tmp_path, "--run-name", "eval", "--eval-only", run,
                    "--fc8-placement", "split", "--workers", "0")
