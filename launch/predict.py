@@ -1,0 +1,221 @@
+"""python -m launch.predict CHECKPOINT IMAGE [IMAGE ...]: classify images with a trained net.
+
+CHECKPOINT is a checkpoint file or a run folder (its checkpoint.pt), from the towers
+or from the single-device reference. Each image goes through the program's own
+evaluation: decoded as training decodes it (:func:`launch.images.load_image`: any
+format and colour mode PIL reads, the same refusals), brought to the 256 base image,
+the training set's mean image subtracted, then the centre 224 patch or, with
+--ten-crop, the paper's ten patches with their softmaxes averaged
+(:func:`launch.data.eval_views`). The net is the single-device reference rebuilt by
+:func:`launch.checkpoint.load_reference`, in eval mode.
+
+The mean image and the class names come from the checkpoint. An older checkpoint
+without the mean image (or one saved from the reference without class names) needs
+--data, the data it was trained on.
+
+Output: per image, its path and its top-5 classes with their probabilities (all
+classes when there are fewer), or with --json one JSON object per line. An image that
+cannot be used gets one line on stderr and the others are still classified; the exit
+code is then 1. A bad checkpoint or option: one line naming the fix, exit code 2.
+"""
+
+import argparse
+import json
+import logging
+import sys
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Iterator, List, NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+
+from .checkpoint import CheckpointError, check_classes, load_checkpoint, load_reference, resolve_path
+from .cli import add_options, option
+from .data import DataStats, center_crop, eval_views, open_data
+from .images import BASE_SIZE, DECODE_ERRORS, ImageRejected, load_image
+from .train import IMAGE_SHAPE
+
+log = logging.getLogger("launch.predict")
+
+TEN_PATCHES = 10  # four corners, the centre, and their reflections (section 4.1)
+
+
+@dataclass
+class PredictOptions:
+    ten_crop: bool = option(False, "average the softmax over the paper's ten patches (four corners, centre and "
+                                   "their reflections) instead of taking the centre patch", action="store_true")
+    top: int = option(5, "classes shown per image (all of them when the net has fewer)")
+    batch_size: int = option(16, "images per forward pass (ten patches each with --ten-crop)")
+    device: str = option("auto", "'auto': the GPU when there is one, else the CPU", choices=("auto", "cpu", "cuda"))
+    data: Optional[str] = option(None, "the ImageNet-layout folder the checkpoint was trained on; needed only for "
+                                       "a checkpoint that holds no mean image or no class names (older ones)")
+    json: bool = option(False, "one JSON object per line and image, for scripts: {\"image\", \"predictions\": "
+                               "[{\"class\", \"probability\"}, ...]} or {\"image\", \"error\"}", action="store_true")
+
+    def validate(self) -> None:
+        """Raises ValueError naming the fix for an impossible value."""
+        for name in ("top", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+
+
+class Prediction(NamedTuple):
+    path: str
+    probabilities: Optional[torch.Tensor]  # num_classes float32, on the CPU; None when the image failed
+    error: Optional[str]  # why the image could not be used, naming it; None when it was classified
+
+
+@dataclass
+class Classifier:
+    model: torch.nn.Module  # the single-device reference, in eval mode, on ``device``
+    classes: list  # class names, in the order of the net's outputs
+    stats: DataStats  # the training set's statistics; only the mean image is used
+    device: torch.device
+
+    @torch.no_grad()
+    def probabilities(self, base_images: torch.Tensor, ten_crop: bool) -> torch.Tensor:
+        """N x 3 x 256 x 256 uint8 base images -> N x num_classes softmax, as the
+        program's evaluation computes it (launch.train.evaluate)."""
+        base_images = base_images.to(self.device)
+        images = base_images if ten_crop else center_crop(base_images)
+        inputs = eval_views(images, self.stats, ten_crop).reshape(-1, *IMAGE_SHAPE)
+        probs = F.softmax(self.model(inputs).float(), dim=1)
+        return probs.view(len(base_images), TEN_PATCHES if ten_crop else 1, -1).mean(dim=1).cpu()
+
+    def classify(self, paths: List[str], batch_size: int, ten_crop: bool = False) -> Iterator[Prediction]:
+        """A Prediction per path, in order; the usable images of every ``batch_size`` paths go
+        through the net together."""
+        for start in range(0, len(paths), batch_size):
+            chunk = paths[start:start + batch_size]
+            decoded = [decode(path) for path in chunk]
+            usable = [image for image in decoded if isinstance(image, torch.Tensor)]
+            probs = iter(self.probabilities(torch.stack(usable), ten_crop)) if usable else iter(())
+            for path, image in zip(chunk, decoded):
+                if isinstance(image, torch.Tensor):
+                    yield Prediction(path, next(probs), None)
+                else:
+                    yield Prediction(path, None, image)
+
+
+def decode(path: str):
+    """The 3 x 256 x 256 uint8 base image of ``path``, as training decodes it, or the
+    reason it cannot be used (a str naming the file)."""
+    if Path(path).is_dir():
+        return f"{path}: a folder, not an image"
+    try:
+        pixels = load_image(path)
+    except ImageRejected as error:  # its message names the file, the limit and the fix
+        return str(error)
+    except FileNotFoundError:
+        return f"{path}: no such file"
+    except PermissionError:
+        return f"{path}: permission denied"
+    except DECODE_ERRORS as error:
+        return f"{path}: not a readable image ({type(error).__name__}: {error})"
+    return torch.from_numpy(pixels).permute(2, 0, 1).contiguous()
+
+
+def choose_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA GPU is visible here: use --device cpu (or auto)")
+    return torch.device(name)
+
+
+def open_classifier(checkpoint, data: Optional[str] = None, device="cpu") -> Classifier:
+    """The net of ``checkpoint`` (a file or a run folder) with its class names and the
+    mean image of its training set, taken from the checkpoint or, where it lacks them,
+    from ``data``. Raises CheckpointError or ValueError (DataError) naming the fix."""
+    path = resolve_path(checkpoint)
+    payload = load_checkpoint(path)
+    classes, mean = payload.get("classes"), payload.get("data_mean")
+    missing = [what for what, value in (("class names", classes), ("mean image of its training set", mean))
+               if value is None]
+    if missing and data is None:
+        raise CheckpointError(f"{path} holds no {' and no '.join(missing)} (saved by an older version, or from the "
+                              f"single-device model without them): give --data DIR, the data it was trained on")
+    stats = None
+    if missing:
+        bundle = open_data(data)
+        check_classes(payload, path, bundle.classes)  # the data it was trained on, or its mean would be wrong
+        classes = classes if classes is not None else bundle.classes
+        stats = bundle.stats if mean is None else None
+    elif data is not None:
+        log.info("%s holds its class names and mean image: --data is not needed and not read", path)
+    if stats is None:
+        if tuple(mean.shape) != (3, BASE_SIZE, BASE_SIZE):
+            raise CheckpointError(f"{path} holds a mean image of shape {tuple(mean.shape)}, not 3 x {BASE_SIZE} x "
+                                  f"{BASE_SIZE}: it was not saved by this program")
+        # eval_views subtracts the mean alone; the PCA is for training's colour shift, not saved.
+        stats = DataStats(mean=mean.to(torch.float32), eigval=torch.zeros(3), eigvec=torch.eye(3))
+    classes = [str(name) for name in classes]
+    if len(classes) != payload["arch"]["num_classes"]:
+        raise CheckpointError(f"{path} names {len(classes)} classes but its net has {payload['arch']['num_classes']} "
+                              f"outputs: it was not saved by this program")
+    model = load_reference(path).eval().to(device)  # load_reference rebuilds whatever net the checkpoint records
+    return Classifier(model, classes, stats, torch.device(device))
+
+
+def top_classes(probabilities: torch.Tensor, classes: list, k: int) -> list:
+    """[(class name, probability)] of the ``k`` most probable classes, most probable first."""
+    best = probabilities.topk(min(k, len(classes)))
+    return [(classes[i], p) for p, i in zip(best.values.tolist(), best.indices.tolist())]
+
+
+def format_block(path: str, top: list) -> str:
+    """The image's path, then one line per class: probability in percent, right-aligned, and the name."""
+    return "\n".join([path] + [f"{100 * p:7.1f}%  {name}" for name, p in top])
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line naming the fix, as every other user error gets
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m launch.predict",
+                     description="Classify images with a trained checkpoint: each image's most probable classes, "
+                                 "computed as the program's evaluation computes them.")
+    parser.add_argument("checkpoint", metavar="CHECKPOINT", help="a checkpoint file, or a run folder (its checkpoint.pt)")
+    parser.add_argument("images", metavar="IMAGE", nargs="+", help="image files, any format and colour mode PIL reads")
+    add_options(parser, PredictOptions)
+    return parser
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    args = vars(build_parser().parse_args(argv))
+    checkpoint, paths = args.pop("checkpoint"), args.pop("images")
+    options = PredictOptions(**{f.name: args[f.name] for f in fields(PredictOptions)})
+    try:
+        options.validate()
+        classifier = open_classifier(checkpoint, options.data, choose_device(options.device))
+    except (ValueError, CheckpointError) as exc:  # DataError is a ValueError
+        log.error("error: %s", exc)
+        return 2
+    failed = shown = 0
+    try:
+        for prediction in classifier.classify(paths, options.batch_size, options.ten_crop):
+            if prediction.error is not None:
+                failed += 1
+                log.error("error: %s", prediction.error)
+                if options.json:
+                    print(json.dumps({"image": prediction.path, "error": prediction.error}), flush=True)
+                continue
+            top = top_classes(prediction.probabilities, classifier.classes, options.top)
+            if options.json:
+                print(json.dumps({"image": prediction.path,
+                                  "predictions": [{"class": name, "probability": p} for name, p in top]}), flush=True)
+            else:
+                print(("\n" if shown else "") + format_block(prediction.path, top), flush=True)
+                shown += 1
+    except KeyboardInterrupt:
+        log.error("interrupted")
+        return 130
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,303 @@
+"""python -m launch.predict: predictions equal the reference's own softmax on the
+evaluation's input; unusable images are named and skipped; bad checkpoints and
+options stop the program with one line.
+
+The fast tests call the module in this process on checkpoints saved from the
+reference; the slow ones run the program as a user does (a real process, bounded)."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from launch.builtin import BUILTIN_CLASSES
+from launch.checkpoint import CheckpointError, FILENAME, checkpoint_payload, load_reference, save_reference
+from launch.data import open_data
+from launch.images import load_image
+from launch.predict import format_block, open_classifier, top_classes
+from towers import build_reference
+
+from conftest import ROOT, RUN_TIMEOUT_S, TINY, launch
+
+CLASSES = list(BUILTIN_CLASSES)  # the tiny data's classes, so that --data can stand in for what a checkpoint lacks
+PREFERRED = 6  # the class the biased checkpoint is made to prefer
+# float32 on the CPU; the program and the hand computation batch the patches differently,
+# and the convolution may sum in another order for another batch size.
+PROB_TOL = dict(rtol=1e-5, atol=1e-6)
+
+
+def _net(seed: int = 3):
+    """A reference whose softmax differs clearly between images. With any of the inits,
+    the logits of all images share one large common part (the FC7 features are all
+    positive), so one class wins everywhere; FC8 is rescaled and its bias set so that
+    the logits of a few calibration textures have mean 0 and a spread of about 2."""
+    model = build_reference(len(CLASSES), seed=seed, init="scaled").eval()
+    mean = _mean_image()
+    patches = torch.stack([(torch.from_numpy(_texture(256, 256, seed=100 + i)).permute(2, 0, 1).float() - mean)
+                           [:, 16:240, 16:240] for i in range(8)])
+    with torch.no_grad():
+        model.fc8.weight.mul_(2 / model(patches).std(dim=0).mean())
+        model.fc8.bias.sub_(model(patches).mean(dim=0))
+    return model
+
+
+def _mean_image() -> torch.Tensor:
+    """A mean image that varies over the 256 x 256, so that subtracting the wrong part of it shows."""
+    generator = torch.Generator().manual_seed(5)
+    return (100 + 60 * torch.rand(3, 256, 256, generator=generator)).contiguous()
+
+
+def _save(path, model, **extra):
+    """What save_reference writes, without its fsync (seconds per 230 MB file on a busy disk)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(checkpoint_payload(model.state_dict(), num_classes=model.num_classes, **extra), path)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("checkpoints")
+    mean = _mean_image()
+    saved = {"full": folder / "full.pt", "old": folder / "old.pt", "bare": folder / "bare.pt"}
+    model = _net()
+    _save(saved["full"], model, classes=CLASSES, data_mean=mean)
+    _save(saved["old"], model, classes=CLASSES)  # as saved before checkpoints kept the mean
+    _save(saved["bare"], model)  # from the reference, without class names or mean
+    return {**saved, "mean": mean}
+
+
+def _texture(height: int, width: int, seed: int) -> np.ndarray:
+    """height x width x 3 uint8: a smooth random colour pattern plus noise, photograph-like."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width] / max(height, width)
+    channels = [np.sin(2 * np.pi * (rng.uniform(1, 6) * x + rng.uniform(1, 6) * y) + rng.uniform(0, 6))
+                for _ in range(3)]
+    pixels = 128 + 90 * np.stack(channels, axis=-1) + rng.normal(0, 12, (height, width, 3))
+    return np.clip(pixels, 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    """Images of several sizes and formats: wider, taller, square, smaller than the crop."""
+    folder = tmp_path_factory.mktemp("photos")
+    paths = []
+    for seed, (height, width, suffix) in enumerate([(300, 420, "png"), (500, 260, "jpg"), (256, 256, "bmp"),
+                                                    (150, 200, "webp")]):
+        path = folder / f"photo{seed}.{suffix}"
+        Image.fromarray(_texture(height, width, seed)).save(path)
+        paths.append(str(path))
+    return paths
+
+
+def _by_hand(model, mean: torch.Tensor, path: str, ten_crop: bool) -> torch.Tensor:
+    """Section 4.1's test computed directly: the base image minus the mean, the centre 224
+    patch (offset 16), or the four corners, the centre and their reflections with their
+    softmaxes averaged."""
+    centred = torch.from_numpy(load_image(path)).permute(2, 0, 1).float() - mean
+    corners = [(16, 16)] if not ten_crop else [(0, 0), (0, 32), (32, 0), (32, 32), (16, 16)]
+    patches = [centred[:, top:top + 224, left:left + 224] for top, left in corners]
+    if ten_crop:
+        patches += [patch.flip(-1) for patch in patches]
+    with torch.no_grad():
+        return F.softmax(model.eval()(torch.stack(patches)), dim=1).mean(dim=0)
+
+
+def _predictions(classifier, paths, ten_crop=False, batch_size=3):
+    return list(classifier.classify([str(p) for p in paths], batch_size, ten_crop))
+
+
+def _predict(*args, check=None) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "-m", "launch.predict", *map(str, args)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+    if check is not None:
+        assert result.returncode == check, f"exit {result.returncode}\n{result.stderr[-3000:]}"
+    return result
+
+
+# ---------------------------------------------------------------- in this process
+
+@pytest.mark.parametrize("ten_crop", [False, True], ids=["centre", "ten-patch"])
+def test_predictions_are_the_reference_softmax_of_the_evaluation_patches(checkpoints, photos, ten_crop):
+    classifier = open_classifier(checkpoints["full"])
+    model = load_reference(checkpoints["full"])
+    assert classifier.classes == CLASSES and not classifier.model.training
+    photos = photos[:2] if ten_crop else photos  # a wide and a tall one: ten patches each take a while on a CPU
+    predictions = _predictions(classifier, photos, ten_crop)  # batches of 3 and 1, or one of 2
+    assert [p.path for p in predictions] == photos and all(p.error is None for p in predictions)
+    for prediction in predictions:
+        expected = _by_hand(model, checkpoints["mean"], prediction.path, ten_crop)
+        torch.testing.assert_close(prediction.probabilities, expected, **PROB_TOL)
+    # The images differ in what the net says of them: the comparison above is not of constants.
+    probabilities = torch.stack([p.probabilities for p in predictions])
+    assert (probabilities[0] - probabilities[1]).abs().max() > 0.1
+    assert probabilities.max(dim=1).values.min() > 2 / len(CLASSES)
+
+
+def test_ten_patches_differ_from_the_centre_patch(checkpoints, photos):
+    classifier = open_classifier(checkpoints["full"])
+    centre = _predictions(classifier, photos[:1])[0].probabilities
+    ten = _predictions(classifier, photos[:1], ten_crop=True)[0].probabilities
+    assert not torch.allclose(centre, ten, **PROB_TOL)
+    torch.testing.assert_close(ten.sum(), torch.tensor(1.0))
+
+
+def test_every_colour_mode_classifies_and_grey_equals_its_rgb_copy(checkpoints, tmp_path):
+    rgb = Image.fromarray(_texture(240, 320, seed=11))
+    grey = rgb.convert("L")
+    files = {"L": (grey, "png"), "P": (rgb.convert("P"), "png"), "RGBA": (rgb.convert("RGBA"), "png"),
+             "CMYK": (rgb.convert("CMYK"), "jpg"), "I;16": (Image.fromarray(np.asarray(grey, np.uint16) * 257), "png"),
+             "grey as RGB": (grey.convert("RGB"), "png")}
+    paths = []
+    for mode, (image, suffix) in files.items():
+        path = tmp_path / f"{mode.replace(';', '').replace(' ', '_')}.{suffix}"
+        image.save(path)
+        with Image.open(path) as reopened:  # what the file holds is the mode meant
+            assert reopened.mode == {"grey as RGB": "RGB"}.get(mode, mode)
+        paths.append(path)
+    classifier = open_classifier(checkpoints["full"])
+    model = load_reference(checkpoints["full"])
+    predictions = dict(zip(files, _predictions(classifier, paths, batch_size=len(paths))))
+    for mode, prediction in predictions.items():
+        assert prediction.error is None, mode
+        torch.testing.assert_close(prediction.probabilities, _by_hand(model, checkpoints["mean"], prediction.path,
+                                                                      False), **PROB_TOL)
+    # 8-bit grey, 16-bit grey (x257) and grey stored as RGB are one picture to the net.
+    for mode in ("L", "I;16"):
+        torch.testing.assert_close(predictions[mode].probabilities, predictions["grey as RGB"].probabilities,
+                                   **PROB_TOL)
+
+
+def test_unusable_files_are_named_and_the_others_classified(checkpoints, photos, tmp_path):
+    text = tmp_path / "notes.jpg"
+    text.write_text("not an image\n")
+    strip = tmp_path / "strip.png"
+    Image.new("RGB", (2100, 100)).save(strip)  # aspect ratio 21:1, refused as training refuses it
+    folder = tmp_path / "folder.png"
+    folder.mkdir()
+    paths = [tmp_path / "missing.png", text, photos[0], folder, strip, photos[1]]
+    predictions = _predictions(open_classifier(checkpoints["full"]), paths, batch_size=4)
+    assert [p.path for p in predictions] == [str(p) for p in paths]
+    errors = {p.path: p.error for p in predictions if p.error is not None}
+    assert set(errors) == {str(tmp_path / "missing.png"), str(text), str(folder), str(strip)}
+    assert errors[str(tmp_path / "missing.png")].endswith(": no such file")
+    assert errors[str(folder)].endswith(": a folder, not an image")
+    assert "not a readable image (UnidentifiedImageError" in errors[str(text)]
+    assert "aspect ratio 21.0:1" in errors[str(strip)]
+    assert all(error.startswith(path) for path, error in errors.items())
+    assert all(p.probabilities is not None for p in predictions if p.path in photos[:2])
+
+
+def test_a_checkpoint_without_mean_or_names_needs_the_data_it_was_trained_on(checkpoints, tiny_data):
+    with pytest.raises(CheckpointError, match=r"no mean image of its training set .*give --data DIR"):
+        open_classifier(checkpoints["old"])
+    with pytest.raises(CheckpointError, match=r"no class names and no mean image .*give --data DIR"):
+        open_classifier(checkpoints["bare"])
+    data_mean = open_data(tiny_data).stats.mean
+    for kind in ("old", "bare"):
+        classifier = open_classifier(checkpoints[kind], data=str(tiny_data))
+        assert classifier.classes == CLASSES
+        torch.testing.assert_close(classifier.stats.mean, data_mean, rtol=0, atol=0)
+    # With the mean saved in the checkpoint, --data is neither needed nor read.
+    assert open_classifier(checkpoints["full"], data="/nonexistent").stats.mean.equal(checkpoints["mean"])
+
+
+def test_missing_checkpoint_is_refused(tmp_path):
+    with pytest.raises(CheckpointError, match="no checkpoint at"):
+        open_classifier(tmp_path / "nothing.pt")
+
+
+def test_top_classes_are_ordered_and_all_of_them_when_fewer_than_asked():
+    probabilities = torch.tensor([0.1, 0.6, 0.3])
+    top = top_classes(probabilities, ["a", "b", "c"], 5)
+    assert [name for name, _ in top] == ["b", "c", "a"]
+    assert [p for _, p in top] == pytest.approx([0.6, 0.3, 0.1])
+    assert top_classes(probabilities, ["a", "b", "c"], 1) == [("b", pytest.approx(0.6))]
+    block = format_block("x.jpg", [("dots", 1.0), ("grid", 0.0604)])
+    assert block.splitlines() == ["x.jpg", "  100.0%  dots", "    6.0%  grid"]
+
+
+# ---------------------------------------------------------------- the program, as a user runs it
+
+@pytest.mark.slow
+def test_the_preferred_class_comes_first_from_a_run_folder(tmp_path, photos):
+    run = tmp_path / "run"
+    model = _net(seed=4)
+    with torch.no_grad():
+        model.fc8.bias[PREFERRED] = 40.0  # logits elsewhere stay within a few units: class 6 wins by far
+    save_reference(run / FILENAME, model, classes=CLASSES, data_mean=_mean_image())
+    result = _predict(run, photos[0], photos[1], check=0)
+    blocks = [block.splitlines() for block in result.stdout.strip().split("\n\n")]
+    assert [block[0] for block in blocks] == photos[:2]
+    for block in blocks:
+        assert len(block) == 1 + 5
+        assert block[1] == f"  100.0%  {CLASSES[PREFERRED]}"
+        names = [line.split("%  ")[1] for line in block[1:]]
+        assert len(set(names)) == 5 and set(names) <= set(CLASSES)
+    assert result.stderr == ""
+
+
+@pytest.mark.slow
+def test_json_output_equals_the_reference_and_bad_images_exit_1(checkpoints, photos, tmp_path):
+    text = tmp_path / "text.jpg"
+    text.write_text("hello\n")
+    folder = tmp_path / "a folder"
+    folder.mkdir()
+    missing = tmp_path / "missing.jpg"
+    good = photos[0]
+    result = _predict(checkpoints["full"], missing, text, good, folder, "--json", "--ten-crop", "--top", "10",
+                      "--batch-size", "2", check=1)
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["image"] for r in records] == [str(missing), str(text), good, str(folder)]
+    assert [("error" in r) for r in records] == [True, True, False, True]
+    expected = _by_hand(load_reference(checkpoints["full"]), checkpoints["mean"], good, ten_crop=True)
+    got = {p["class"]: p["probability"] for p in records[2]["predictions"]}
+    assert list(got) == [CLASSES[i] for i in expected.argsort(descending=True).tolist()]
+    torch.testing.assert_close(torch.tensor([got[name] for name in CLASSES]), expected, **PROB_TOL)
+    # One line on stderr per bad image, naming it; nothing else.
+    lines = result.stderr.splitlines()
+    assert len(lines) == 3 and all(line.startswith("error: ") for line in lines)
+    for line, path in zip(lines, (missing, text, folder)):
+        assert line.startswith(f"error: {path}: ")
+
+    text_output = _predict(checkpoints["full"], missing, good, check=1)
+    assert text_output.stdout.splitlines()[0] == good and len(text_output.stdout.splitlines()) == 6
+    assert text_output.stderr.splitlines() == [f"error: {missing}: no such file"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["missing checkpoint", "no mean", "not a checkpoint", "bad option", "no image"])
+def test_bad_checkpoints_and_options_stop_with_one_line(checkpoints, photos, tmp_path, case):
+    not_checkpoint = tmp_path / "weights.pt"
+    not_checkpoint.write_bytes(b"\x00" * 100)
+    args, expected = {
+        "missing checkpoint": ([tmp_path / "nothing", photos[0]], "no checkpoint at"),
+        "no mean": ([checkpoints["old"], photos[0]], "give --data DIR"),
+        "not a checkpoint": ([not_checkpoint, photos[0]], "truncated or not a checkpoint"),
+        "bad option": ([checkpoints["full"], photos[0], "--batch-size", "0"], "--batch-size must be at least 1"),
+        "no image": ([checkpoints["full"]], "required: IMAGE"),
+    }[case]
+    result = _predict(*args, check=2)
+    assert result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], result.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal where no GPU is visible")
+def test_device_cuda_without_a_gpu_is_refused(checkpoints, photos):
+    result = _predict(checkpoints["full"], photos[0], "--device", "cuda", check=2)
+    assert result.stderr.splitlines() == ["error: --device cuda: no CUDA GPU is visible here: use --device cpu (or auto)"]
+
+
+@pytest.mark.slow
+def test_a_checkpoint_written_by_the_towers_classifies(tiny_data, tmp_path):
+    launch("--data", tiny_data, "--out", tmp_path, "--run-name", "run", "--max-steps", "1", "--no-ten-crop", *TINY)
+    val_images = sorted((tiny_data / "val").glob("*/*"))
+    result = _predict(tmp_path / "run", *val_images, "--top", "3", "--ten-crop", check=0)
+    blocks = [block.splitlines() for block in result.stdout.strip().split("\n\n")]
+    assert [block[0] for block in blocks] == [str(p) for p in val_images]
+    assert all(len(block) == 4 and {line.split("%  ")[1] for line in block[1:]} <= set(CLASSES) for block in blocks)
