@@ -9,7 +9,8 @@ previous checkpoint whole.
 
 The towers save and restore through the collectives at the end of this module: the
 other rank ships its half to rank 0, which writes one unsharded checkpoint, and on
-restore rank 0 sends each rank its half.
+restore rank 0 sends each rank its half. With replicas of the towers, replica 0
+does this for all of them.
 """
 
 import dataclasses
@@ -28,6 +29,7 @@ import torch.distributed as dist
 from towers import AlexNet, Tower, shard_state_dict, unshard_state_dicts
 
 from .config import TrainConfig
+from .mesh import Mesh
 from .schedule import Progress
 
 FORMAT = "alexnet-towers/checkpoint"
@@ -180,19 +182,24 @@ def _set_rng_state(state: dict, device) -> None:
 
 
 def save_training_state(path: Path, tower: Tower, optimizer, progress: Progress, config: TrainConfig,
-                        classes: list, train_images: int, group, data_mean: Optional[torch.Tensor] = None) -> None:
-    """Collective: rank 1 ships its half to rank 0, which writes one unsharded checkpoint
-    (in a group of one, ``tower`` is the reference and its state is saved as it is).
+                        classes: list, train_images: int, mesh: Mesh, data_mean: Optional[torch.Tensor] = None) -> None:
+    """Collective over every rank: replica 0's towers ship their halves to rank 0, which
+    writes one unsharded checkpoint (with one rank per replica, ``tower`` is the whole net
+    and is saved as it is). The other replicas hold the same weights and momentum (their
+    gradients are averaged), so only their random states are gathered, one per rank.
     ``classes`` and ``train_images`` let a resumed run check that its data is the same;
     ``data_mean`` (3 x 256 x 256, the training set's mean image) lets the checkpoint
     classify new images on its own."""
-    rank = dist.get_rank(group)
+    rank = dist.get_rank()
+    rng_states = [None] * dist.get_world_size() if rank == 0 else None
+    dist.gather_object(_rng_state(next(tower.parameters()).device), rng_states, dst=0)
+    if mesh.replica != 0:
+        return
     momentum = {name: optimizer.state[p]["momentum_buffer"].cpu()
                 for name, p in tower.named_parameters() if optimizer.state[p].get("momentum_buffer") is not None}
-    mine = {"model": {k: v.cpu() for k, v in tower.state_dict().items()}, "momentum": momentum,
-            "rng": _rng_state(next(tower.parameters()).device)}
-    gathered = [None] * dist.get_world_size(group) if rank == 0 else None
-    dist.gather_object(mine, gathered, dst=dist.get_global_rank(group, 0), group=group)
+    mine = {"model": {k: v.cpu() for k, v in tower.state_dict().items()}, "momentum": momentum}
+    gathered = [None] * mesh.towers if rank == 0 else None
+    dist.gather_object(mine, gathered, dst=0, group=mesh.tower_group)
     if rank != 0:
         return
     placement = config.fc8_placement
@@ -200,7 +207,7 @@ def save_training_state(path: Path, tower: Tower, optimizer, progress: Progress,
     extra = {
         "momentum_buffer": unshard([g["momentum"] for g in gathered]) if momentum else {},
         "progress": dataclasses.asdict(progress),
-        "rng": {f"rank{r}": g["rng"] for r, g in enumerate(gathered)},
+        "rng": {f"rank{r}": state for r, state in enumerate(rng_states)},
         "config": {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()},
         "classes": list(classes),
         "train_images": train_images,
@@ -211,28 +218,47 @@ def save_training_state(path: Path, tower: Tower, optimizer, progress: Progress,
     save_checkpoint(path, checkpoint_payload(model, num_classes=len(classes), **extra))
 
 
-def restore_training_state(path, tower: Tower, optimizer, classes: list, group, with_training: bool) -> Optional[Progress]:
-    """Collective: rank 0 loads an unsharded checkpoint and sends each rank its half (in a
-    group of one, the whole to the reference). With ``with_training`` also the momentum,
-    the RNG states and the progress."""
-    rank, device = dist.get_rank(group), next(tower.parameters()).device
-    ranks = dist.get_world_size(group)
-    shard = (lambda state, r: dict(state)) if ranks == 1 else (lambda state, r: shard_state_dict(state, r, tower.fc8_placement))
-    shards = None
+def restore_training_state(path, tower: Tower, optimizer, classes: list, mesh: Mesh,
+                           with_training: bool) -> Optional[Progress]:
+    """Collective over every rank: rank 0 loads an unsharded checkpoint and sends replica
+    0's towers their halves (with one rank per replica, the whole net), which then pass
+    them on to the same tower of every other replica. With ``with_training`` also the
+    momentum, the progress, and each rank's random state as saved; a rank the saved run
+    did not have (more replicas now) keeps the state it was seeded with. The number of
+    replicas may differ from the saved run's: the weights do not depend on it."""
+    rank, device = dist.get_rank(), next(tower.parameters()).device
+    payload = load_checkpoint(path, classes) if rank == 0 else None
+    if mesh.replica == 0:
+        shard = ((lambda state, t: dict(state)) if mesh.towers == 1
+                 else (lambda state, t: shard_state_dict(state, t, tower.fc8_placement)))
+        shards = None
+        if rank == 0:
+            momentum = payload.get("momentum_buffer", {}) if with_training else {}
+            shards = [{"model": shard(payload["model"], t), "momentum": shard(momentum, t) if momentum else {}}
+                      for t in range(mesh.towers)]
+        received = [None]
+        dist.scatter_object_list(received, shards, src=0, group=mesh.tower_group)
+        tower.load_state_dict(received[0]["model"])
+        for name, p in tower.named_parameters():
+            if name in received[0]["momentum"]:
+                optimizer.state[p]["momentum_buffer"] = received[0]["momentum"][name].to(device)
+    states = None
     if rank == 0:
-        payload = load_checkpoint(path, classes)
-        momentum = payload.get("momentum_buffer", {}) if with_training else {}
-        shards = [{"model": shard(payload["model"], r),
-                   "momentum": shard(momentum, r) if momentum else {},
-                   "rng": payload.get("rng", {}).get(f"rank{r}") if with_training else None,
-                   "progress": payload.get("progress") if with_training else None} for r in range(ranks)]
+        saved_rng = payload.get("rng", {}) if with_training else {}
+        states = [{"rng": saved_rng.get(f"rank{r}"), "progress": payload.get("progress") if with_training else None,
+                   "momentum": bool(with_training and payload.get("momentum_buffer"))}
+                  for r in range(dist.get_world_size())]
     received = [None]
-    dist.scatter_object_list(received, shards, src=dist.get_global_rank(group, 0), group=group)
+    dist.scatter_object_list(received, states, src=0)
     mine = received[0]
-    tower.load_state_dict(mine["model"])
-    for name, p in tower.named_parameters():
-        if name in mine["momentum"]:
-            optimizer.state[p]["momentum_buffer"] = mine["momentum"][name].to(device)
+    if mesh.replica_group is not None:  # replica 0 -> the same tower of the others, by reference to tower index
+        source = dist.get_global_rank(mesh.replica_group, 0)
+        with torch.no_grad():
+            for p in tower.parameters():
+                dist.broadcast(p.detach(), src=source, group=mesh.replica_group)
+                if mine["momentum"]:
+                    buffer = optimizer.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+                    dist.broadcast(buffer, src=source, group=mesh.replica_group)
     if mine["rng"] is not None:
         _set_rng_state(mine["rng"], device)
     return Progress(**mine["progress"]) if mine["progress"] else None

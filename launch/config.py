@@ -49,6 +49,10 @@ class TrainConfig:
     layout: str = option("towers", "'towers': the paper's two towers, one process each; 'single': the single-device "
                                    "reference in one process, with the same data, recipe and checkpoints",
                          choices=("towers", "single"))
+    replicas: Optional[int] = option(None, "replicas of the net trained data-parallel, a D x 2 mesh of ranks for the "
+                                         "towers: each replica trains on its D-th of every --batch-size batch and each "
+                                         "tower's gradients are averaged over the replicas (default 1; under torchrun, "
+                                         "WORLD_SIZE / 2)")
     seed: int = option(0, "seed of the initial weights, the data order and the augmentation")
     backend: str = option("auto", "'auto': NCCL with tower r on GPU r when two GPUs are visible, else gloo on the CPU",
                         choices=("auto", "nccl", "gloo"))
@@ -79,7 +83,8 @@ class TrainConfig:
             if value is not None and not math.isfinite(value):
                 raise ValueError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
         positive = {"epochs": self.epochs, "batch_size": self.batch_size, "log_every": self.log_every,
-                    "max_steps": self.max_steps, "val_limit": self.val_limit, "timeout": self.timeout}
+                    "max_steps": self.max_steps, "val_limit": self.val_limit, "timeout": self.timeout,
+                    "replicas": self.replicas}
         for name, value in positive.items():
             if value is not None and value <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
@@ -104,6 +109,9 @@ class TrainConfig:
             raise ValueError(f"--warmup-steps must not be negative, got {self.warmup_steps}")
         if self.workers is not None and self.workers < 0:
             raise ValueError(f"--workers must not be negative, got {self.workers}")
+        if self.replicas is not None and self.batch_size is not None and self.batch_size % self.replicas:
+            raise ValueError(f"--batch-size {self.batch_size} does not split evenly over {self.replicas} replicas: "
+                             f"give a batch size divisible by {self.replicas} (each replica trains on an equal share)")
         if self.resume and self.eval_only:
             raise ValueError("--resume and --eval-only exclude each other: give one")
         if self.run_name is not None and (os.sep in self.run_name or self.run_name in ("", ".", "..")):

@@ -266,9 +266,11 @@ def scan_layout(root: Union[str, Path]):
     return names, files, skipped
 
 
-def open_data(data_dir: Optional[Union[str, Path]], *, cache_dir: Optional[Path] = None) -> DataBundle:
+def open_data(data_dir: Optional[Union[str, Path]], *, cache_dir: Optional[Path] = None,
+              stats: Optional[DataStats] = None) -> DataBundle:
     """Opens an ImageNet-layout folder (``data_dir``) or, for None, the built-in dataset
     (made in ``cache_dir`` if given, else ``default_cache_dir()``, on first use).
+    ``stats`` given (by a rank that received them) are used instead of the cache's.
     Raises DataError with the fix when the folder cannot be used."""
     builtin = data_dir is None
     root = builtin_dataset(None if cache_dir is None else Path(cache_dir) / BUILTIN_NAME) if builtin else Path(data_dir).expanduser()
@@ -284,7 +286,8 @@ def open_data(data_dir: Optional[Union[str, Path]], *, cache_dir: Optional[Path]
         if links:
             log.warning("%s/: skipped %s", split, links)
     train_files = [f for images in files["train"] for f in images]
-    stats = load_or_compute_stats(root, splits["train"], train_files, cache_dir)
+    if stats is None:
+        stats = load_or_compute_stats(root, splits["train"], train_files, cache_dir)
     return DataBundle(root, classes, splits["train"], splits["val"], stats, builtin)
 
 
@@ -300,18 +303,17 @@ def _collate(items):
 
 
 class _TrainPositions(Dataset):
-    """Item k is the uint8 224 crop of the training sample at position ``first + k`` of
+    """Item k is the uint8 224 crop of the training sample at position ``positions[k]`` of
     epoch ``epoch``, at the place ``train_augmentation`` draws for that position."""
 
-    def __init__(self, images: ImageFolderSplit, seed: int, epoch: int, order: np.ndarray, first: int, count: int):
-        self.images, self.seed, self.epoch = images, seed, epoch
-        self.order, self.first, self.count = order, first, count
+    def __init__(self, images: ImageFolderSplit, seed: int, epoch: int, order: np.ndarray, positions: np.ndarray):
+        self.images, self.seed, self.epoch, self.order, self.positions = images, seed, epoch, order, positions
 
     def __len__(self) -> int:
-        return self.count
+        return len(self.positions)
 
     def __getitem__(self, k: int):
-        position = self.first + k
+        position = int(self.positions[k])
         image, label, skipped = self.images.load(int(self.order[position]))
         top, left = _draw(self.seed, self.epoch, position)[:2]
         return image[:, top:top + CROP_SIZE, left:left + CROP_SIZE].contiguous(), label, skipped
@@ -380,12 +382,22 @@ def _loader(dataset: Dataset, batch_size: int, workers: int, pin_memory: bool) -
                       generator=torch.Generator().manual_seed(0), persistent_workers=False, pin_memory=pin_memory)
 
 
+def share_of_batch(batch_size: int, share: tuple) -> tuple:
+    """(first position within a batch, size) of share ``share = (index, shares)`` of every batch."""
+    index, shares = share
+    assert batch_size % shares == 0 and 0 <= index < shares, (batch_size, share)
+    size = batch_size // shares
+    return index * size, size
+
+
 def train_batches(bundle: DataBundle, batch_size: int, seed: int, epoch: int, start_batch: int = 0,
-                  workers: int = 0, pin_memory: bool = False) -> Iterator:
+                  workers: int = 0, pin_memory: bool = False, share: tuple = (0, 1)) -> Iterator:
     """Batches (N x 3 x 224 x 224 uint8 crops, N int64 labels) of epoch ``epoch``,
     shuffled by a permutation seeded by (seed, epoch), only full batches, starting at
     batch ``start_batch`` without decoding the skipped ones. The rest of the
-    augmentation is :func:`augment` with :func:`train_augmentation`, on the device."""
+    augmentation is :func:`augment` with :func:`train_augmentation`, on the device.
+    With ``share = (i, n)`` only the i-th n-th of each batch is loaded (N = batch_size / n):
+    the n shares of a batch are its images in order, whatever n is."""
     total = batches_per_epoch(bundle, batch_size)
     if total == 0:
         raise ValueError(f"batch size {batch_size} is larger than the training set ({len(bundle.train)} images): "
@@ -395,10 +407,12 @@ def train_batches(bundle: DataBundle, batch_size: int, seed: int, epoch: int, st
     if seed < 0 or epoch < 0:
         raise ValueError(f"seed and epoch must be non-negative, got seed={seed}, epoch={epoch}")
     order = epoch_order(len(bundle.train), seed, epoch)
-    positions = _TrainPositions(bundle.train, seed, epoch, order, start_batch * batch_size,
-                                (total - start_batch) * batch_size)
+    first, size = share_of_batch(batch_size, share)
+    starts = np.arange(start_batch, total, dtype=np.int64) * batch_size + first
+    positions = (starts[:, None] + np.arange(size)).reshape(-1)
     # not a generator itself: errors come at the call
-    return _batches(positions, bundle.train, batch_size, workers, pin_memory=pin_memory)
+    return _batches(_TrainPositions(bundle.train, seed, epoch, order, positions), bundle.train, size, workers,
+                    pin_memory=pin_memory)
 
 
 def _batches(dataset: Dataset, split: ImageFolderSplit, batch_size: int, workers: int,
@@ -460,13 +474,20 @@ def eval_indices(num_images: int, limit: Optional[int]) -> list:
     return np.unique(np.linspace(0, num_images - 1, limit).round().astype(np.int64)).tolist()
 
 
+def eval_share(num_images: int, limit: Optional[int], share: tuple = (0, 1)) -> list:
+    """The validation indices that share ``share = (i, n)`` evaluates: every n-th, from the i-th."""
+    index, shares = share
+    return eval_indices(num_images, limit)[index::shares]
+
+
 def eval_batches(bundle: DataBundle, batch_size: int, ten_crop: bool = False, workers: int = 0,
-                 limit: Optional[int] = None, pin_memory: bool = False) -> Iterator:
+                 limit: Optional[int] = None, pin_memory: bool = False, share: tuple = (0, 1)) -> Iterator:
     """The validation set in order, last partial batch kept: (N x 3 x 224 x 224 uint8 centre
     crops, or N x 3 x 256 x 256 uint8 base images for the ten-patch test, and N int64
     labels); :func:`eval_views` makes the network's input of them. Unusable images are
-    left out (logged), so N may fall short of ``batch_size`` in any batch."""
+    left out (logged), so N may fall short of ``batch_size`` in any batch. With ``share``
+    only that share of the images (see :func:`eval_share`)."""
     if batch_size < 1:
         raise ValueError(f"batch size must be at least 1, got {batch_size}")
-    dataset = _EvalImages(bundle.val, eval_indices(len(bundle.val), limit), ten_crop)
+    dataset = _EvalImages(bundle.val, eval_share(len(bundle.val), limit, share), ten_crop)
     return _batches(dataset, bundle.val, batch_size, workers, substituted=False, pin_memory=pin_memory)

@@ -42,42 +42,58 @@ class RankFailure(RuntimeError):
 
 
 class Placement(NamedTuple):
-    """Where the towers run and how they talk."""
+    """Where the ranks run and how they talk."""
     backend: str  # "nccl" or "gloo"
-    device: str  # "cuda" or "cpu"; with nccl tower r uses GPU r, with gloo on "cuda" both use GPU 0
+    device: str  # "cuda" or "cpu"; with nccl rank r uses GPU LOCAL_RANK, with gloo on "cuda" the ranks share the GPUs
     why: str
-    ranks: int = 2  # 2: the towers; 1: the reference (--layout single)
+    ranks: int = 2  # in all: towers x replicas
+    towers: int = 2  # ranks per replica: 2, the paper's towers; 1, a single-device net
+
+    @property
+    def replicas(self) -> int:
+        return self.ranks // self.towers
 
     def describe(self) -> str:
         first = f"{self.device}{':0' * (self.device == 'cuda')}"
         if self.ranks == 1:
             return f"the single-device reference on {first}, one process: {self.why}"
-        devices = ["cuda:0", "cuda:1"] if self.backend == "nccl" else [first] * 2
-        return f"tower 0 on {devices[0]}, tower 1 on {devices[1]}, exchanging over {self.backend}: {self.why}"
+        if self.ranks == 2 and self.towers == 2:
+            devices = ["cuda:0", "cuda:1"] if self.backend == "nccl" else [first] * 2
+            return f"tower 0 on {devices[0]}, tower 1 on {devices[1]}, exchanging over {self.backend}: {self.why}"
+        net = "the two towers" if self.towers == 2 else "the single-device net"
+        where = {"nccl": "one GPU per rank", "gloo": "the CPU" if self.device == "cpu" else "sharing the GPUs"}
+        return (f"{self.replicas} replicas of {net} on {self.ranks} ranks ({where[self.backend]}), talking over "
+                f"{self.backend}: {self.why}")
 
 
-def choose_placement(requested_backend: str, gpus: int, ranks: int = 2) -> Placement:
-    """The devices and backend of ``ranks`` ranks (2: the towers; 1: the reference) for
-    ``gpus`` visible GPUs; ``requested_backend`` is 'auto', 'nccl' or 'gloo' (gloo: the
-    CPU). Raises ValueError naming the fix."""
+def choose_placement(requested_backend: str, gpus: int, ranks: int = 2, towers: Optional[int] = None,
+                     ranks_here: Optional[int] = None) -> Placement:
+    """The devices and backend of ``ranks`` ranks in replicas of ``towers`` (default: 2 for
+    two or more ranks) for ``gpus`` GPUs visible on each machine, which runs ``ranks_here``
+    of the ranks (default: all). ``requested_backend`` is 'auto', 'nccl' or 'gloo' (gloo:
+    the CPU). Raises ValueError naming the fix."""
+    towers = towers or min(ranks, 2)
+    ranks_here = ranks_here or ranks
+    shape = dict(ranks=ranks, towers=towers)
     if ranks == 1:  # a process group of one, which never talks: gloo whatever the device
         if requested_backend == "nccl" and gpus == 0:
             raise ValueError("--backend nccl needs a GPU and this machine shows none: leave --backend at auto")
         if requested_backend == "gloo" or gpus == 0:
-            return Placement("gloo", "cpu", "--backend gloo" if gpus else "no GPU visible", ranks=1)
-        return Placement("gloo", "cuda", f"{gpus} GPU(s) visible", ranks=1)
-    if requested_backend == "nccl" and gpus < 2:
-        raise ValueError(f"--backend nccl needs two GPUs (one per tower) and this machine shows {gpus}: two NCCL "
-                         f"ranks cannot share one GPU. Leave --backend at auto (on one GPU both towers share it "
+            return Placement("gloo", "cpu", "--backend gloo" if gpus else "no GPU visible", **shape)
+        return Placement("gloo", "cuda", f"{gpus} GPU(s) visible", **shape)
+    if requested_backend == "nccl" and gpus < ranks_here:
+        raise ValueError(f"--backend nccl needs one GPU per rank ({ranks_here} here) and this machine shows {gpus}: "
+                         f"NCCL refuses two ranks on one GPU. Leave --backend at auto (ranks then share the GPUs "
                          f"over gloo), or use --backend gloo (the CPU)")
     if requested_backend == "gloo":
-        return Placement("gloo", "cpu", "--backend gloo puts both towers on the CPU")
-    if gpus >= 2:
-        return Placement("nccl", "cuda", f"{gpus} GPUs visible, one per tower")
-    if gpus == 1:
-        return Placement("gloo", "cuda", "one GPU visible: both towers share it, one process each; NCCL refuses two "
-                                         "ranks on one GPU, gloo stages the CUDA tensors through host memory")
-    return Placement("gloo", "cpu", "no GPU visible")
+        return Placement("gloo", "cpu", "--backend gloo puts every rank on the CPU", **shape)
+    if gpus >= ranks_here:
+        return Placement("nccl", "cuda", f"{gpus} GPUs visible, one per rank", **shape)
+    if gpus >= 1:
+        return Placement("gloo", "cuda", f"{gpus} GPU(s) visible for {ranks_here} ranks: ranks share a GPU, one "
+                                         f"process each; NCCL refuses two ranks on one GPU, gloo stages the CUDA "
+                                         f"tensors through host memory", **shape)
+    return Placement("gloo", "cpu", "no GPU visible", **shape)
 
 
 def cpu_threads_per_rank(ranks_here: int) -> int:

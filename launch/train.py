@@ -1,9 +1,13 @@
 """What each rank runs: build its tower (or, with --layout single, the reference), train
 with the paper's recipe, evaluate, checkpoint.
 
-Rank 0 alone reads and decodes the data and broadcasts every batch, so both
-towers see the identical images and augmentation and no image is decoded twice.
-Rank 0 alone writes files; the other rank ships its half of the state to it.
+The ranks form D replicas of the towers (:mod:`launch.mesh`; D = 1 unless asked for).
+Each replica's first tower reads and decodes its share of every batch (a D-th) and
+broadcasts it to the other tower, so both towers see the identical images and
+augmentation and no image is decoded twice. Each tower's gradients are averaged
+over the replicas by DistributedDataParallel on the replica group, bucket by bucket
+while the backward pass goes on; the step line and evaluations sum over replicas.
+Rank 0 alone writes files; the other tower of replica 0 ships its half of the state to it.
 The functions ``train_one_epoch``, ``evaluate`` and ``main`` follow torchvision's
 classification reference.
 """
@@ -21,13 +25,15 @@ from typing import Iterable, Iterator, Optional
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 
-from towers import ExchangeLog, Tower, build_reference, shard_state_dict
+from towers import TOWERS, ExchangeLog, Tower, build_reference, shard_state_dict
 
 from . import data as data_module
 from .images import BASE_SIZE, CROP_SIZE
 from .checkpoint import FILENAME, load_checkpoint, restore_training_state, save_training_state
 from .config import TrainConfig
+from .mesh import Mesh, build_mesh
 from .ranks import Placement
 from .meter import Metrics, ProgressBar, StepMeter, duration, peak_memory
 from .schedule import Progress, base_rate, end_of_epoch_schedule, learning_rate
@@ -47,7 +53,7 @@ class NonFiniteLoss(RuntimeError):
 
 @dataclass
 class Plan:
-    """What both ranks must know about the data; rank 0 reads it and tells rank 1."""
+    """What every rank must know about the data; rank 0 reads it and tells the others."""
     classes: list
     batches_per_epoch: int
     val_images: int
@@ -128,22 +134,26 @@ def build_model(config: TrainConfig, num_classes: int, group, device) -> torch.n
 # ---------------------------------------------------------------- evaluation and training
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, bundle, plan: Plan, batch_size: int, device, group, ten_crop: bool = False,
+def evaluate(model: torch.nn.Module, bundle, plan: Plan, batch_size: int, device, mesh: Mesh, ten_crop: bool = False,
              workers: int = 0) -> dict:
     """Top-1 and top-5 error on the validation images: the centre patch, or the ten-patch
-    test (four corners and centre and their reflections, softmax averaged)."""
+    test (four corners and centre and their reflections, softmax averaged). Each replica
+    evaluates every D-th image; the counts are summed over the replicas."""
     views = 10 if ten_crop else 1
     if ten_crop:
         batch_size = max(1, batch_size // 4)  # ten images per item
+    share = (mesh.replica, mesh.replicas)
+    images_here = len(data_module.eval_share(plan.val_images, None, share))
     source = None
-    if bundle is not None:
+    if mesh.loads_data:
         source = data_module.eval_batches(bundle, batch_size, ten_crop=ten_crop, workers=workers, limit=plan.val_images,
-                                          pin_memory=device.type == "cuda")
+                                          pin_memory=device.type == "cuda", share=share)
     item_shape = (3, BASE_SIZE, BASE_SIZE) if ten_crop else IMAGE_SHAPE  # the ten views are cut on the device
     was_training = model.training
     model.eval()
     top1 = top5 = seen = 0
-    for images, labels in shared_batches(source, math.ceil(plan.val_images / batch_size), item_shape, device, group):
+    for images, labels in shared_batches(source, math.ceil(images_here / batch_size), item_shape, device,
+                                         mesh.tower_group):
         if not len(labels):
             continue
         inputs = data_module.eval_views(images, plan.stats, ten_crop).reshape(-1, *IMAGE_SHAPE)
@@ -154,6 +164,8 @@ def evaluate(model: torch.nn.Module, bundle, plan: Plan, batch_size: int, device
         top5 += (best == labels[:, None]).any(dim=1).sum().item()
         seen += len(labels)
     model.train(was_training)
+    counts = mesh.replica_sum(torch.tensor([top1, top5, seen], dtype=torch.int64, device=device))
+    top1, top5, seen = counts.tolist()
     if seen == 0:
         raise data_module.DataError(f"none of the {plan.val_images} validation images could be used (each one "
                                     f"skipped is logged above): replace them")
@@ -166,41 +178,48 @@ def describe_evaluation(result: dict) -> str:
     return f"{result['test']}, {result['images']} images{skipped}"
 
 
-def train_one_epoch(model, optimizer, bundle, plan: Plan, config: TrainConfig, progress: Progress, device, group,
+def train_one_epoch(model, optimizer, bundle, plan: Plan, config: TrainConfig, progress: Progress, device, mesh: Mesh,
                     run_dir: Optional[Path], metrics: Metrics, bar: ProgressBar, workers: int,
-                    input_bytes: InputBytes) -> bool:
+                    input_bytes: InputBytes, trainer: Optional[torch.nn.Module] = None) -> bool:
     """Trains from ``progress.batch`` to the end of the epoch; returns False when
-    ``max_steps`` stopped it early."""
+    ``max_steps`` stopped it early. ``trainer`` is ``model`` as the step runs it (under
+    DistributedDataParallel when there are replicas); ``model`` is what is saved."""
+    trainer = trainer or model
+    share_first, share_size = data_module.share_of_batch(config.batch_size, (mesh.replica, mesh.replicas))
     steps_left = plan.batches_per_epoch - progress.batch
     if config.max_steps is not None:
         steps_left = min(steps_left, config.max_steps - progress.global_step)
     source = None
-    if bundle is not None:
+    if mesh.loads_data:
         source = data_module.train_batches(bundle, config.batch_size, config.seed, progress.epoch,
                                            start_batch=progress.batch, workers=workers,
-                                           pin_memory=device.type == "cuda")
+                                           pin_memory=device.type == "cuda", share=(mesh.replica, mesh.replicas))
     meter = StepMeter()
     total_steps = config.epochs * plan.batches_per_epoch
     if config.max_steps is not None:
         total_steps = min(total_steps, config.max_steps)
     model.train()
-    for crops, labels in shared_batches(source, steps_left, IMAGE_SHAPE, device, group, input_bytes):
-        # Both ranks draw the same choices for the batch's positions: nothing more crosses.
-        choices = data_module.train_augmentation(config.seed, progress.epoch, progress.batch * config.batch_size,
-                                                 len(labels))
+    for crops, labels in shared_batches(source, steps_left, IMAGE_SHAPE, device, mesh.tower_group, input_bytes):
+        # Both towers draw the same choices for the batch's positions: nothing more crosses.
+        choices = data_module.train_augmentation(config.seed, progress.epoch,
+                                                 progress.batch * config.batch_size + share_first, share_size)
         images = data_module.augment(crops, choices, plan.stats)
         lr = learning_rate(config, progress)
         for param_group in optimizer.param_groups:
             param_group["lr"] = lr
-        result = train_step(model, optimizer, images, labels)
-        loss = result.loss.item()
+        result = train_step(trainer, optimizer, images, labels)
+        # The whole batch's loss and hits: summed over the replicas' shares (a no-op for one).
+        totals = mesh.replica_sum(torch.stack([result.loss.double() * len(labels), result.correct.double(),
+                                               torch.tensor(len(labels), dtype=torch.float64, device=device)]))
+        loss_sum, correct, images_seen = totals.tolist()
+        loss = loss_sum / images_seen
         progress.batch += 1
         progress.global_step += 1
         progress.loss = loss
         if not math.isfinite(loss):
             raise NonFiniteLoss(f"the loss became {loss} at epoch {progress.epoch + 1}, step {progress.global_step}; "
                                 f"the run stops. {_after_divergence(config, run_dir, len(plan.classes))}")
-        meter.update(loss, int(result.correct), len(labels))
+        meter.update(loss, int(correct), int(images_seen))
         eta = (total_steps - progress.global_step) * meter.ms_per_step / 1000
         line = (f"epoch {progress.epoch + 1}/{config.epochs} step {progress.batch}/{plan.batches_per_epoch} "
                 f"loss {meter.loss:.4f} top-1 {100 * meter.top1:5.1f}% | {meter.images_per_s:6.1f} img/s "
@@ -210,13 +229,14 @@ def train_one_epoch(model, optimizer, bundle, plan: Plan, config: TrainConfig, p
         if progress.global_step % config.log_every == 0 or progress.batch == plan.batches_per_epoch:
             bar.clear()
             log.info(line)
+            # loss and top1: means over the last steps, as on the step line; step_loss: this step's alone
             metrics.write(event="train", epoch=progress.epoch + 1, step=progress.global_step, loss=meter.loss,
-                          top1=meter.top1, images_per_s=meter.images_per_s, ms_per_step=meter.ms_per_step, lr=lr,
+                          step_loss=loss, top1=meter.top1, images_per_s=meter.images_per_s, ms_per_step=meter.ms_per_step, lr=lr,
                           peak_memory_bytes=peak_memory(device)[0])
         if config.checkpoint_every and progress.global_step % config.checkpoint_every == 0 \
                 and progress.batch < plan.batches_per_epoch:
             save_training_state(run_dir / FILENAME if run_dir else None, model, optimizer, progress, config,
-                                plan.classes, plan.train_images, group, plan.stats.mean)
+                                plan.classes, plan.train_images, mesh, plan.stats.mean)
         meter.restart_clock()  # the step line and checkpoints are not the step's time
     bar.clear()
     return progress.batch == plan.batches_per_epoch
@@ -261,6 +281,18 @@ def setup_logging(rank: int, run_dir: Optional[Path]) -> None:
         root.addHandler(logfile)
 
 
+def _replica_data(rank: int, config: TrainConfig, plan: Plan, bundle) -> data_module.DataBundle:
+    """The data a replica's first tower loads: the launcher's (``bundle``), or, under
+    torchrun, the folder opened here with rank 0's statistics, checked to be the same set."""
+    if bundle is None:
+        bundle = data_module.open_data(config.data, stats=plan.stats)
+    if list(bundle.classes) != plan.classes or len(bundle.train) != plan.train_images:
+        raise data_module.DataError(f"rank {rank} sees other data at {bundle.root} ({len(bundle.classes)} classes, "
+                                    f"{len(bundle.train)} training images) than rank 0 ({len(plan.classes)}, "
+                                    f"{plan.train_images}): give every machine the same --data")
+    return bundle
+
+
 def default_workers() -> int:
     return min(4, (os.cpu_count() or 1) // 4)
 
@@ -268,24 +300,30 @@ def default_workers() -> int:
 def run_rank(rank: int, config: TrainConfig, run_dir: Optional[str], placement: Placement,
              bundle: Optional[data_module.DataBundle] = None) -> Optional[dict]:
     """The program of one rank (spawned by ``launch.two_gpu`` or started by torchrun).
-    Rank 0 is handed the data its launcher opened (``bundle``): the tree is scanned once.
+    Ranks started by the launcher are handed the data it opened (``bundle``), so the tree
+    is scanned once; under torchrun each replica's first tower opens it itself.
     Returns the run's summary on rank 0."""
     started = time.time()
-    group = dist.group.WORLD
-    device = torch.device("cuda", torch.cuda.current_device()) if placement.device == "cuda" else torch.device("cpu")
+    mesh = build_mesh(TOWERS if config.layout == "towers" else 1, config.timeout)
+    group = mesh.tower_group
+    device = torch.device("cpu")
+    if placement.device == "cuda":
+        # NCCL: one GPU per rank; gloo: the ranks of this machine take turns on its GPUs.
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
+        torch.cuda.set_device(device)
     run_dir = Path(run_dir) if run_dir is not None and rank == 0 else None
     setup_logging(rank, run_dir)
     torch.manual_seed(config.seed + 1 + rank)  # each tower its own dropout masks, as on two GPUs
     workers = config.workers if config.workers is not None else default_workers()
 
-    bundle = bundle if rank == 0 else None
     plan = [None]
     if rank == 0:
         val_images = len(bundle.val) if config.val_limit is None else min(config.val_limit, len(bundle.val))
         plan = [Plan(list(bundle.classes), data_module.batches_per_epoch(bundle, config.batch_size), val_images,
                      len(bundle.train), bundle.stats)]
-    dist.broadcast_object_list(plan, src=dist.get_global_rank(group, 0), group=group)
+    dist.broadcast_object_list(plan, src=0)
     plan = plan[0]
+    bundle = _replica_data(rank, config, plan, bundle) if mesh.loads_data else None
 
     model = build_model(config, len(plan.classes), group, device)
     exchange_log = model.exchange_log if isinstance(model, Tower) else ExchangeLog()  # the reference: nothing crosses
@@ -293,14 +331,14 @@ def run_rank(rank: int, config: TrainConfig, run_dir: Optional[str], placement: 
                                 weight_decay=config.weight_decay)
     metrics = Metrics(run_dir / "metrics.jsonl" if run_dir else None)
     bar = ProgressBar(enabled=rank == 0)
-    evaluate_now = lambda ten_crop=False: evaluate(model, bundle, plan, config.batch_size, device, group,
+    evaluate_now = lambda ten_crop=False: evaluate(model, bundle, plan, config.batch_size, device, mesh,
                                                    ten_crop, workers)
     summary = {"run_dir": str(run_dir) if run_dir else None, "backend": placement.backend, "device": str(device),
-               "layout": config.layout, "fc8_placement": config.fc8_placement, "classes": len(plan.classes),
-               "data": str(bundle.root) if bundle else None}
+               "layout": config.layout, "replicas": mesh.replicas, "fc8_placement": config.fc8_placement,
+               "classes": len(plan.classes), "data": str(bundle.root) if bundle else None}
 
     if config.eval_only:
-        restore_training_state(config.eval_only, model, optimizer, plan.classes, group, with_training=False)
+        restore_training_state(config.eval_only, model, optimizer, plan.classes, mesh, with_training=False)
         summary["checkpoint"] = config.eval_only
         summary["centre"] = evaluate_now()
         if config.ten_crop:
@@ -310,25 +348,32 @@ def run_rank(rank: int, config: TrainConfig, run_dir: Optional[str], placement: 
 
     progress = Progress(lr=config.lr)
     if config.resume:
-        progress = restore_training_state(config.resume, model, optimizer, plan.classes, group,
+        progress = restore_training_state(config.resume, model, optimizer, plan.classes, mesh,
                                           with_training=True) or progress
         progress.lr = base_rate(config, progress)  # --lr may have changed on resume
         log.info("resumed from %s at epoch %d, step %d, learning rate %g", config.resume, progress.epoch + 1,
                  progress.global_step, progress.lr)
     checkpoint = run_dir / FILENAME if run_dir else None
+    trainer = model
+    if mesh.replica_group is not None:
+        # Gradients averaged over the replicas in buckets, each all-reduce started as soon
+        # as its gradients are ready, while the backward pass (and the towers' exchanges
+        # on the tower group) goes on.
+        trainer = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
+                                          process_group=mesh.replica_group)
     steps_at_start, train_seconds = progress.global_step, 0.0
     train_exchanges = {}  # (name, direction) -> bytes this tower sent while training
     input_bytes = InputBytes()
     last_eval = None
     while progress.epoch < config.epochs:
         epoch_started, sent_before = time.time(), _sent_bytes(exchange_log)
-        finished = train_one_epoch(model, optimizer, bundle, plan, config, progress, device, group, run_dir,
-                                   metrics, bar, workers, input_bytes)
+        finished = train_one_epoch(model, optimizer, bundle, plan, config, progress, device, mesh, run_dir,
+                                   metrics, bar, workers, input_bytes, trainer)
         train_seconds += time.time() - epoch_started
         for key, sent in _sent_bytes(exchange_log).items():
             train_exchanges[key] = train_exchanges.get(key, 0) + sent - sent_before.get(key, 0)
         if not finished:  # --max-steps reached within the epoch
-            save_training_state(checkpoint, model, optimizer, progress, config, plan.classes, plan.train_images, group,
+            save_training_state(checkpoint, model, optimizer, progress, config, plan.classes, plan.train_images, mesh,
                                 plan.stats.mean)
             last_eval = None
             break
@@ -338,7 +383,7 @@ def run_rank(rank: int, config: TrainConfig, run_dir: Optional[str], placement: 
         log.info("epoch %d/%d: validation top-1 error %.2f%%, top-5 error %.2f%% (%s)", progress.epoch, config.epochs,
                  100 * last_eval["top1_error"], 100 * last_eval["top5_error"], describe_evaluation(last_eval))
         metrics.write(event="eval", epoch=progress.epoch, step=progress.global_step, lr=progress.lr, **last_eval)
-        save_training_state(checkpoint, model, optimizer, progress, config, plan.classes, plan.train_images, group,
+        save_training_state(checkpoint, model, optimizer, progress, config, plan.classes, plan.train_images, mesh,
                             plan.stats.mean)
 
     summary["centre"] = last_eval or evaluate_now()

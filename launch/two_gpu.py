@@ -37,7 +37,7 @@ log = logging.getLogger("launch.two_gpu")
 
 # Options that steer one invocation: a resumed run takes them from its own command line.
 RUN_CONTROL = {"resume", "eval_only", "max_steps", "workers", "log_every", "checkpoint_every", "ten_crop",
-               "timeout", "backend", "master_addr", "out", "run_name", "layout"}
+               "timeout", "backend", "master_addr", "out", "run_name", "layout", "replicas"}
 # The rest is the run's recipe, kept from the checkpoint. Of it, a resumed run may change --epochs (to
 # train longer), and --lr and --warmup-steps (to go on after a loss that diverged; the schedule keeps
 # its reductions, see launch.schedule.base_rate). --val-limit stays: the plateau schedule compares the
@@ -201,12 +201,29 @@ def _configure(argv) -> tuple:
     checkpoint = load_checkpoint(config.resume or config.eval_only) if config.resume or config.eval_only else None
     if config.resume:
         config = resumed_config(config, checkpoint)
-    config = resolve(config)
+    towers = TOWERS if config.layout == "towers" else 1
+    config = dataclasses.replace(resolve(config), replicas=_replicas(config, towers))
     config.validate()
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    placement = choose_placement(config.backend, gpus, ranks=TOWERS if config.layout == "towers" else 1)
+    placement = choose_placement(config.backend, gpus, ranks=towers * config.replicas, towers=towers,
+                                 ranks_here=int(os.environ.get("LOCAL_WORLD_SIZE", 0)) or None)
     log.info("placement: %s", placement.describe())
     return config, checkpoint, placement
+
+
+def _replicas(config: TrainConfig, towers: int) -> int:
+    """--replicas, or under torchrun the number its ranks make."""
+    if not _torchrun_env():
+        return config.replicas or 1
+    world_size = int(os.environ["WORLD_SIZE"])
+    net = f"--layout {config.layout}"
+    if world_size % towers:
+        raise ValueError(f"torchrun gave {world_size} ranks and {net} needs {towers} per replica: use an even "
+                         f"--nproc-per-node (and --nnodes)")
+    if config.replicas is not None and config.replicas * towers != world_size:
+        raise ValueError(f"--replicas {config.replicas} needs {config.replicas * towers} ranks and torchrun gave "
+                         f"{world_size}: drop --replicas under torchrun (the ranks decide it)")
+    return world_size // towers
 
 
 def main(argv=None) -> int:
@@ -248,9 +265,7 @@ def _after_interrupt(config: Optional[TrainConfig], run_dir: Optional[Path]) -> 
 
 def _main_under_torchrun(config: TrainConfig, checkpoint: Optional[dict], placement) -> int:
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    if world_size != placement.ranks:
-        raise ValueError(f"--layout {config.layout} needs exactly {placement.ranks} ranks, torchrun gave {world_size}: "
-                         f"use --nproc-per-node {placement.ranks}")
+    assert world_size == placement.ranks, (world_size, placement)
     if placement.backend == "gloo":  # share the cores among the ranks on this machine, as run_ranks does
         torch.set_num_threads(cpu_threads_per_rank(int(os.environ.get("LOCAL_WORLD_SIZE", world_size))))
     init_process_group(placement.backend, rank, world_size, config.timeout)

@@ -64,8 +64,8 @@ class Run:
             assert time.monotonic() < deadline, "training did not start in time"
             time.sleep(0.2)
 
-    def ranks(self) -> list:
-        """PIDs of the two rank processes, rank 0 first (started first)."""
+    def ranks(self, count: int = 2) -> list:
+        """PIDs of the ``count`` rank processes, rank 0 first (started first)."""
         found = []
         for entry in Path("/proc").iterdir():
             if not entry.name.isdigit():
@@ -78,7 +78,7 @@ class Run:
             fields = stat.rsplit(")", 1)[1].split()
             if int(fields[1]) == self.proc.pid and "spawn_main" in cmdline and "resource_tracker" not in cmdline:
                 found.append((int(fields[19]), int(entry.name)))  # (start time, pid)
-        assert len(found) == 2, f"expected two rank processes, found {found}"
+        assert len(found) == count, f"expected {count} rank processes, found {found}"
         return [pid for _, pid in sorted(found)]
 
     def wait(self, timeout_s: float = 60) -> int:

@@ -262,7 +262,7 @@ def test_bad_data_and_options_get_clear_errors(tiny_data, layouts, tmp_path, cap
     for option, value, words in [("--batch-size", 0, "must be positive"), ("--lr", -1, "--lr"),
                                  ("--epochs", 0, "must be positive"), ("--dropout", 1.5, "--dropout"),
                                  ("--batch-size", 1000, "larger than the 30 training images"),
-                                 ("--backend", "nccl", "two GPUs")]:
+                                 ("--backend", "nccl", "needs one GPU per rank")]:
         assert words in _error_of(["--data", tiny_data, *out, option, value], caplog), option
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("checkpoint.pt"))
 

@@ -73,12 +73,15 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_torchrun_environment_is_honoured(tiny_data, tmp_path):
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_torchrun_environment_is_honoured(tiny_data, tmp_path, world_size):
+    """As torchrun starts the program: 2 ranks are the towers, 4 are two replicas of them
+    (the second replica's first tower opens the data itself)."""
     port = _free_port()
     procs = []
-    for rank in range(2):
-        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    for rank in range(world_size):
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                   LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "launch.two_gpu", "--data", str(tiny_data), "--out", str(tmp_path), "--run-name",
              "tr", "--max-steps", "2", "--val-limit", "4", "--no-ten-crop", *TINY], cwd=ROOT, env=env,
@@ -88,9 +91,11 @@ def test_torchrun_environment_is_honoured(tiny_data, tmp_path):
     finally:
         for p in procs:
             p.kill()
-    assert [p.returncode for p in procs] == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
-    assert "done:" in outputs[0][1] and "done:" not in outputs[1][1]
-    assert load_checkpoint(tmp_path / "tr")["progress"]["global_step"] == 2
+    assert [p.returncode for p in procs] == [0] * world_size, "".join(err[-2000:] for _, err in outputs)
+    assert "done:" in outputs[0][1] and not any("done:" in err for _, err in outputs[1:])
+    payload = load_checkpoint(tmp_path / "tr")
+    assert payload["progress"]["global_step"] == 2 and len(payload["rng"]) == world_size
+    assert json.loads((tmp_path / "tr" / "summary.json").read_text())["replicas"] == world_size // 2
 
 
 def _checkpoint_worker(rank, data_root, tmp):

@@ -51,8 +51,20 @@ def test_placement_follows_the_gpus_visible():
     assert "tower 0 on cuda:0, tower 1 on cuda:1, exchanging over nccl" in choose_placement("auto", 8).describe()
     assert choose_placement("gloo", 2)[:2] == ("gloo", "cpu")
     for gpus in (0, 1):
-        with pytest.raises(ValueError, match="--backend nccl needs two GPUs"):
+        with pytest.raises(ValueError, match=r"--backend nccl needs one GPU per rank \(2 here\)"):
             choose_placement("nccl", gpus)
+
+
+def test_replicas_take_one_gpu_per_rank_or_share_them_over_gloo():
+    eight = choose_placement("auto", 8, ranks=8)  # 4 replicas of the towers
+    assert eight[:2] == ("nccl", "cuda") and eight.replicas == 4
+    assert "4 replicas of the two towers on 8 ranks (one GPU per rank)" in eight.describe()
+    assert choose_placement("auto", 4, ranks=8)[:2] == ("gloo", "cuda")  # too few GPUs here: they are shared
+    assert choose_placement("auto", 2, ranks=8, ranks_here=2)[:2] == ("nccl", "cuda")  # torchrun, 2 per machine
+    assert "4 replicas of the two towers on 8 ranks (the CPU)" in choose_placement("auto", 0, ranks=8).describe()
+    assert choose_placement("auto", 0, ranks=3, towers=1).replicas == 3
+    with pytest.raises(ValueError, match=r"needs one GPU per rank \(4 here\) and this machine shows 2"):
+        choose_placement("nccl", 2, ranks=4)
 
 
 def test_the_single_layout_is_one_rank_on_one_device():
