@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from towers.reference import INPUT_SIZE, AlexNet
-from towers import TOWERS
+from towers import TOWERS, shard_state_dict
 
 TRAINING_FLOPS_PER_MAC = 2 * 3  # 2 FLOPs per MAC; forward + backward = 3 x forward
 
@@ -77,6 +77,13 @@ def torchvision_layers(num_classes: int = 1000) -> Dict[str, Layer]:
 def count_params(build: Callable[[], nn.Module]) -> int:
     with torch.device("meta"):
         return sum(p.numel() for p in build().parameters())
+
+
+def tower_param_counts(fc8_placement: str, num_classes: int = 1000) -> list:
+    """Parameters each tower holds: its shard of the reference (towers.sharding), counted on the meta device."""
+    with torch.device("meta"):
+        reference = AlexNet(num_classes).state_dict()
+    return [sum(v.numel() for v in shard_state_dict(reference, r, fc8_placement).values()) for r in range(TOWERS)]
 
 
 def tower_macs(reference: Dict[str, Layer], tower_rank: int, fc8_placement: str) -> int:

@@ -7,12 +7,13 @@ import numpy as np
 
 from benchmarks.workers import LR
 
-MODE_ORDER = ("single", "towers", "ddp", "torchvision")
+MODE_ORDER = ("single", "towers", "ddp", "hybrid", "torchvision")
 IMAGES_CHART = "images_per_s_vs_batch.png"
 BYTES_CHART = "bytes_per_step_vs_batch.png"
 SECTIONS = ("Machine and software", "Configuration", "Main table", "How each number is taken",
             "Towers: traffic per exchange", "Batch-size sweep", "Precision and memory format",
-            "Projection to a two-GPU machine", "Data loader", "Not measured")
+            "Projection to a two-GPU machine", "Data loader", "Hybrid: replicas of the towers",
+            "Projection to eight GPUs: replicas of the towers or data parallel", "Not measured")
 
 
 def _mb(n) -> str:
@@ -254,6 +255,70 @@ def projection_lines(results) -> list:
     return lines
 
 
+def hybrid_lines(results) -> list:
+    run = _find(results, "hybrid", results["config"]["batch"])
+    if run is None:
+        return ["hybrid was not measured at the main batch (see 'Not measured')."]
+    per_rank = lambda key, fmt=lambda v: f"{v:.1f}": _ranks(run[key], fmt)
+    hidden = _ranks(run["hidden_share"], lambda v: "—" if v is None else f"{100 * v:.0f} %")
+    return [
+        f"{run['replicas']} replicas of the two towers on {run['ranks']} ranks ({_devices(run)}): rank r is tower "
+        f"r % 2 of replica r // 2 (`launch.mesh`). Global batch {run['batch']}, {run['batch'] // run['replicas']} "
+        "images per replica; per rank, in rank order:", "",
+        "| images/s | ms/step | compute + exchanges ms (`no_sync`) | exchange ms | all-reduce added ms "
+        "| all-reduce alone ms | hidden behind the backward |", "|---|---|---|---|---|---|---|",
+        f"| {run['images_per_s']:.1f} | {run['step_ms']['median']:.1f} | {per_rank('compute_ms')} "
+        f"| {per_rank('exchange_ms')} | {per_rank('comm_ms')} | {per_rank('allreduce_alone_ms')} | {hidden} |", "",
+        "Bytes each rank sends per step (MB), measured against the analytic figure:", "",
+        "| | measured | analytic |", "|---|---|---|",
+        f"| exchanges with the other tower of its replica | {per_rank('exchange_bytes_per_rank', _mb)} "
+        f"| {per_rank('exchange_bytes_per_rank_analytic', _mb)} |",
+        f"| gradient all-reduce over the replicas (ring, x 2(D-1)/D) | {per_rank('gradient_bytes_per_rank', _mb)} "
+        f"| {per_rank('gradient_bytes_per_rank_analytic', _mb)} |", "",
+        "- How: `DistributedDataParallel` wraps each tower over its replica group (the ranks holding the same half "
+        "in every replica) and all-reduces its gradients in buckets, each started as soon as its gradients are "
+        "ready, so the all-reduce runs while the backward pass (and the towers' backward exchanges, on the other "
+        "group) goes on. Measured as in ddp: all-reduce added = median step - median `no_sync` step; hidden = "
+        "1 - added / alone. Exchanges: from the tower's `ExchangeLog`; all-reduce bytes: the counting comm hook "
+        f"({_ranks(run['buckets_per_step'], lambda v: f'{v:g}')} buckets per step), x the ring factor; analytic: "
+        "`benchmarks.traffic.hybrid_bytes_per_rank` (each tower's exchanges on its replica's images, and "
+        "`benchmarks.flops.tower_param_counts` x 4 bytes).",
+    ]
+
+
+def mesh_projection_lines(results) -> list:
+    p = results.get("mesh_projection")
+    if not p:
+        return ["Not projected."]
+    lines = [
+        f"**PROJECTION, not a measurement**: {p['gpus']} GPUs joined by {p['link']} ({p['gb_per_s']:g} GB/s per "
+        f"direction, {p['latency_us']:g} us per collective) as {p['replicas']} replicas of the two towers, or as "
+        f"{p['gpus']} data-parallel ranks of the whole net, by global batch.", "",
+        f"- compute per image (whole net, training): {p['per_image_ms'] * 1e3:.2f} us, {p['compute_source']}; a "
+        f"tower does {100 * p['tower_share']:.1f} % of it (the busier one).",
+        f"- hybrid step = tower compute on batch / {p['replicas']} + the towers' exchanges (they block the next "
+        f"layer) + what the all-reduce of the tower's gradients over {p['replicas']} replicas "
+        f"({_mb(p['hybrid_gradient_bytes_per_rank'])} MB per rank) does not hide behind the backward "
+        f"({p['backward_share']:.2f} of the compute).",
+        f"- data parallel step = compute on batch / {p['gpus']} + what the all-reduce of all gradients over "
+        f"{p['gpus']} ranks ({_mb(p['ddp_gradient_bytes_per_rank'])} MB per rank) does not hide behind the backward.",
+        "", "| global batch | hybrid: compute / exchanges / all-reduce ms | hybrid ms/step | data parallel: compute / "
+        "all-reduce ms | data parallel ms/step | faster |", "|---|---|---|---|---|---|",
+    ]
+    for r in p["rows"]:
+        faster = "hybrid" if r["hybrid_ms"] < r["ddp_ms"] else "data parallel"
+        lines.append(f"| {r['batch']} | {r['hybrid_compute_ms']:.2f} / {r['hybrid_exchange_ms']:.2f} / "
+                     f"{r['hybrid_allreduce_ms']:.2f} | {r['hybrid_ms']:.2f} | {r['ddp_compute_ms']:.2f} / "
+                     f"{r['ddp_allreduce_ms']:.2f} | {r['ddp_ms']:.2f} | {faster} |")
+    names = {"hybrid": "hybrid", "ddp": "data parallel"}
+    if p["changes"]:
+        lines += [""] + [f"- From a global batch of **{c['batch']}** on, {names[c['to']]} is faster "
+                         f"({names[c['from']]} below it)." for c in p["changes"]]
+    else:
+        lines += ["", f"- {names[p['faster_at_the_largest']]} is faster at every batch projected."]
+    return lines
+
+
 def _batch_axis(ax) -> None:
     from matplotlib.ticker import ScalarFormatter
     ax.set_xscale("log", base=2)
@@ -341,7 +406,7 @@ def write_report(results: dict, folder: Path) -> None:
     chart_bytes(results, folder / BYTES_CHART)
     m, cfg = results["machine"], results["config"]
     plan = m["device_plan"]
-    two_rank_threads = sorted({t for r in results["runs"] if r["ranks"] == 2 for t in r["threads"]})
+    two_rank_threads = sorted({t for r in results["runs"] if r["ranks"] > 1 for t in r["threads"]})
     one_rank_threads = sorted({t for r in results["runs"] if r["ranks"] == 1 for t in r["threads"]})
     lines = [
         f"# AlexNet: one device, two towers, data parallel — {m['hostname']}, {results['date']}", "",
@@ -354,7 +419,7 @@ def write_report(results: dict, folder: Path) -> None:
         f"- load average (1, 5, 15 min) at start {_load(m['load_average']['start'])}, at end "
         f"{_load(m['load_average']['end'])}: other work on the machine slows every mode, the more threads the more",
         f"- threads per process: single-device modes {', '.join(map(str, one_rank_threads)) or '—'}, "
-        f"two-rank modes {', '.join(map(str, two_rank_threads)) or '—'} per rank", "",
+        f"multi-rank modes {', '.join(map(str, two_rank_threads)) or '—'} per rank", "",
         f"## {SECTIONS[1]}", "",
         f"- command: `{results['command']}`",
         f"- main table: global batch {cfg['batch']}, fp32, contiguous; {cfg['warmup']} warm-up + {cfg['steps']} "
@@ -374,7 +439,9 @@ def write_report(results: dict, folder: Path) -> None:
         f"## {SECTIONS[6]}", "", *precision_table(results), "",
         f"## {SECTIONS[7]}", "", *projection_lines(results), "",
         f"## {SECTIONS[8]}", "", *loader_lines(results), "",
-        f"## {SECTIONS[9]}", "",
+        f"## {SECTIONS[9]}", "", *hybrid_lines(results), "",
+        f"## {SECTIONS[10]}", "", *mesh_projection_lines(results), "",
+        f"## {SECTIONS[11]}", "",
     ]
     lines += [f"- {n['mode']}, batch {n['batch']}, {n['precision']}, {n['memory_format']}: {n['reason']}"
               for n in results["not_measured"]] or ["Everything planned was measured."]

@@ -12,9 +12,11 @@ random labels; warm-up steps are not timed.
   towers       the paper's two towers (towers.Tower, weights from towers.shard_state_dict
                of the same reference) on two ranks, each seeing the whole global batch
   ddp          the reference under DistributedDataParallel on two ranks, half the batch each
+  hybrid       two replicas of the towers on four ranks (a 2 x 2 mesh, launch.mesh), half
+               the batch per replica, each tower's gradients averaged over the replicas
   torchvision  torchvision.models.alexnet(num_classes=1000) on one device
 
-Devices: with two GPUs the two-rank modes use NCCL, rank r on cuda:r; without a GPU
+Devices: with two GPUs the two-rank modes use NCCL, rank r on cuda:r (hybrid needs four); without a GPU
 everything runs on the CPU, two-rank modes over gloo with cpu_count // 2 threads per
 rank and single-device modes with all threads. With one GPU (which cannot host two
 NCCL ranks) the two-rank modes share it, one process each, over gloo, as the training
@@ -56,8 +58,11 @@ from .workers import WORKERS, weights_worker
 
 logger = logging.getLogger(__name__)
 
-MODES = ("single", "towers", "ddp", "torchvision")
-TWO_RANK_MODES = ("towers", "ddp")
+MODES = ("single", "towers", "ddp", "hybrid", "torchvision")
+RANKS = {"towers": TOWERS, "ddp": 2, "hybrid": 2 * TOWERS}  # the rest: one
+MULTI_RANK_MODES = tuple(RANKS)
+HYBRID_REPLICAS = RANKS["hybrid"] // TOWERS
+SWEEP_MODES = ("single", "towers", "ddp", "torchvision")
 PRECISIONS = ("fp32", "bf16")
 MEMORY_FORMATS = ("contiguous", "channels_last")
 ELEMENT_SIZE = {"fp32": 4, "bf16": 2}  # bytes of an exchanged activation, as the analytic figure assumes
@@ -78,7 +83,7 @@ class BenchConfig:
     batches: Optional[tuple] = option(None, "global batches of the batch-size sweep "
                                             "[GPU 32,64,128,256,512; CPU 4,8,16,32; --quick: GPU 16,128, CPU 16]",
                                       type=int, many=True)
-    sweep_modes: tuple = option(MODES, "modes of the batch-size sweep", choices=MODES, many=True)
+    sweep_modes: tuple = option(SWEEP_MODES, "modes of the batch-size sweep", choices=MODES, many=True)
     precisions: tuple = option(PRECISIONS, "precision sweep: fp32, and bf16 autocast (train_step's autocast_dtype)",
                                choices=PRECISIONS, many=True)
     memory_formats: tuple = option(MEMORY_FORMATS, "memory-format sweep: images and conv weights contiguous "
@@ -114,9 +119,9 @@ class BenchConfig:
 
 
 DEFAULTS = {  # (device of the single-device modes, --quick) -> defaults for the None fields
-    ("cuda", False): dict(batch=128, warmup=10, steps=50, batches=(32, 64, 128, 256, 512), precision_modes=MODES),
-    ("cpu", False): dict(batch=16, warmup=2, steps=20, batches=(4, 8, 16, 32), precision_modes=MODES),
-    ("cuda", True): dict(batch=64, warmup=3, steps=10, batches=(16, 128), precision_modes=MODES),
+    ("cuda", False): dict(batch=128, warmup=10, steps=50, batches=(32, 64, 128, 256, 512), precision_modes=SWEEP_MODES),
+    ("cpu", False): dict(batch=16, warmup=2, steps=20, batches=(4, 8, 16, 32), precision_modes=SWEEP_MODES),
+    ("cuda", True): dict(batch=64, warmup=3, steps=10, batches=(16, 128), precision_modes=SWEEP_MODES),
     ("cpu", True): dict(batch=8, warmup=1, steps=3, batches=(16,), precision_modes=("towers",)),
 }
 
@@ -167,11 +172,12 @@ def resolve(config: BenchConfig, devices: DevicePlan) -> BenchConfig:
     config = replace(config, **{k: v for k, v in defaults.items() if getattr(config, k) is None})
     if config.steps < 1 or config.warmup < 0:
         raise ValueError(f"--steps must be at least 1 and --warmup at least 0, got {config.steps} and {config.warmup}")
-    ddp_batches = ((config.batch,) if "ddp" in config.modes + config.precision_modes else ()) + \
-        (config.batches if "ddp" in config.sweep_modes else ())
+    split = ("ddp", "hybrid")
+    ddp_batches = ((config.batch,) if set(split) & set(config.modes + config.precision_modes) else ()) + \
+        (config.batches if set(split) & set(config.sweep_modes) else ())
     if min((config.batch,) + config.batches) < 1 or any(b % 2 for b in ddp_batches):
-        raise ValueError(f"batches must be positive, and even where ddp runs (it halves the global batch): "
-                         f"--batch {config.batch} --batches {','.join(map(str, config.batches))}")
+        raise ValueError(f"batches must be positive, and even where ddp or hybrid runs (they halve the global "
+                         f"batch): --batch {config.batch} --batches {','.join(map(str, config.batches))}")
     for link in config.links:
         name, _, gb_s = link.partition("=")
         if not name or not re.fullmatch(r"\d+(\.\d+)?", gb_s):
@@ -200,16 +206,18 @@ def plan_runs(config: BenchConfig) -> list:
 
 
 def run_spec(key: RunKey, config: BenchConfig, devices: DevicePlan, weights: dict) -> dict:
-    two_rank = key.mode in TWO_RANK_MODES
+    two_rank = key.mode in MULTI_RANK_MODES
     return {**key._asdict(), "warmup": config.warmup, "steps": config.steps, "seed": config.seed,
             "fc8_placement": config.fc8_placement, "device": devices.two_rank if two_rank else devices.single,
-            "backend": devices.backend if two_rank else "none (one process)", **weights}
+            "backend": devices.backend if two_rank else "none (one process)",
+            "collective_timeout_s": config.rank_timeout_s, **weights}
 
 
 def execute(spec: dict, config: BenchConfig, devices: DevicePlan) -> list:
     worker = WORKERS[spec["mode"]]
-    if spec["mode"] in TWO_RANK_MODES:
-        return run_ranks(worker, (spec,), world_size=TOWERS, backend=devices.backend, timeout_s=config.rank_timeout_s)
+    if spec["mode"] in MULTI_RANK_MODES:
+        return run_ranks(worker, (spec,), world_size=RANKS[spec["mode"]], backend=devices.backend,
+                         timeout_s=config.rank_timeout_s)
     # one rank, all threads; its process group (gloo, size 1) is never used
     return run_ranks(worker, (spec,), world_size=1, backend="gloo", timeout_s=config.rank_timeout_s,
                      threads_per_rank=cpu_threads_per_rank(1))
@@ -221,6 +229,7 @@ def analytic_figures(config: BenchConfig) -> dict:
     num_params = flops.count_params(AlexNet)
     crossover = {p: {placement: traffic.crossover_batch(reference, placement, num_params, ELEMENT_SIZE[p])
                      for placement in FC8_PLACEMENTS} for p in PRECISIONS}
+    tower_params = flops.tower_param_counts(config.fc8_placement)
     return {
         "reference_layers": {k: asdict(v) for k, v in reference.items()},
         "torchvision_layers": {k: asdict(v) for k, v in tv.items()},
@@ -228,6 +237,7 @@ def analytic_figures(config: BenchConfig) -> dict:
             "single": sum(l.macs for l in reference.values()),
             "ddp": sum(l.macs for l in reference.values()),
             "towers": [flops.tower_macs(reference, r, config.fc8_placement) for r in range(TOWERS)],
+            "hybrid": [flops.tower_macs(reference, r, config.fc8_placement) for r in range(TOWERS)],
             "torchvision": sum(l.macs for l in tv.values()),
         },
         "num_params": num_params,
@@ -237,6 +247,8 @@ def analytic_figures(config: BenchConfig) -> dict:
         "ring_factor": traffic.ring_factor(2),
         "ddp_bytes_per_rank": traffic.ddp_bytes_per_rank(num_params),
         "crossover_batch": crossover,
+        "tower_params": tower_params,
+        "hybrid_replicas": HYBRID_REPLICAS,
         "training_flops_per_mac": flops.TRAINING_FLOPS_PER_MAC,
     }
 
@@ -281,6 +293,30 @@ def summarize(spec: dict, ranks: list, analytic: dict, devices: DevicePlan) -> d
                                    "sent_bytes_per_step_analytic": sent.get(key, 0) * batch * element_size}
                              for key, e in r["exchanges"].items()}
                             for r, sent in zip(ranks, analytic["towers_sent_elements_per_image"])]
+    elif mode == "hybrid":
+        replicas = ranks[0]["replicas"]
+        figures = traffic.hybrid_bytes_per_rank(flops.reference_layers(), spec["fc8_placement"], batch, replicas,
+                                                ELEMENT_SIZE[spec["precision"]], analytic["tower_params"])
+        towers = [r["tower"] for r in ranks]
+        run["replicas"] = replicas
+        run["exchange_ms"] = [_percentiles(r["comm_s"])["median"] for r in ranks]
+        run["compute_ms"] = [_percentiles(r["compute_only_s"])["median"] for r in ranks]
+        # what the gradient all-reduce added to the step: DDP overlaps it with the backward pass
+        run["comm_ms"] = [_percentiles(r["step_s"])["median"] - c for r, c in zip(ranks, run["compute_ms"])]
+        run["allreduce_alone_ms"] = [_percentiles(r["allreduce_alone_s"])["median"] for r in ranks]
+        run["hidden_share"] = [max(0.0, min(1.0, 1 - c / a)) if a > 0 else None
+                               for c, a in zip(run["comm_ms"], run["allreduce_alone_ms"])]
+        assert all(r["sent_bytes"] % steps == 0 for r in ranks), "exchange traffic differs between steps"
+        run["exchange_bytes_per_rank"] = [r["sent_bytes"] // steps for r in ranks]
+        run["exchange_bytes_per_rank_analytic"] = [figures["exchange"][t] for t in towers]
+        run["payload_bytes_per_rank"] = [r["payload_bytes"] / steps for r in ranks]
+        run["buckets_per_step"] = [r["buckets"] / steps for r in ranks]
+        run["gradient_bytes_per_rank"] = [_exact(traffic.ring_factor(replicas) * r["payload_bytes"] / steps)
+                                          for r in ranks]
+        run["gradient_bytes_per_rank_analytic"] = [_exact(figures["gradients"][t]) for t in towers]
+        run["bytes_per_rank"] = [e + g for e, g in zip(run["exchange_bytes_per_rank"], run["gradient_bytes_per_rank"])]
+        run["bytes_per_rank_analytic"] = [e + g for e, g in zip(run["exchange_bytes_per_rank_analytic"],
+                                                                run["gradient_bytes_per_rank_analytic"])]
     elif mode == "ddp":
         run["comm_ms"] = [_percentiles(r["step_s"])["median"] - _percentiles(r["compute_only_s"])["median"] for r in ranks]
         run["compute_ms"] = [_percentiles(r["compute_only_s"])["median"] for r in ranks]
@@ -355,6 +391,73 @@ def projection(runs: dict, config: BenchConfig, analytic: dict) -> dict:
     }
 
 
+# The mesh projection: 8 GPUs as 4 replicas of the towers, or as 8 data-parallel ranks.
+PROJECTED_GPUS = 8
+PROJECTED_BATCHES = tuple(2 ** k for k in range(5, 14))  # 32 .. 8192
+# Compute per image where no GPU was measured: this GPU's dense peak of this math at this share.
+ASSUMED_GPU, ASSUMED_MATH, ASSUMED_SHARE = "H100", "bf16", 0.4
+BACKWARD_SHARE = 2 / 3  # of a step's compute: the part an all-reduce can hide behind (backward = 2 x forward)
+
+
+def mesh_projection(runs: dict, config: BenchConfig, analytic: dict) -> dict:
+    """Step time of PROJECTED_GPUS GPUs on the first --links link: hybrid (replicas of the
+    towers) against plain data parallel, over global batches, and where each wins.
+
+    Per step, each way: compute (per-image time x the rank's images, a tower doing its share
+    of the FLOPs), plus what the gradient all-reduce does not hide behind the backward pass
+    (DDP's buckets start as gradients are ready; at best they hide behind the backward's
+    share of the compute), plus for hybrid the towers' exchanges, which block the next
+    layer. Exchanges and all-reduces use the ring and link model of the two-GPU projection."""
+    name, _, gb_s = config.links[0].partition("=")
+    gb_s = float(gb_s)
+    macs = analytic["macs_per_image"]
+    single = runs.get(RunKey("single", config.batch, "fp32", "contiguous"))
+    if single is not None and single["device"] == "cuda":
+        per_image_ms = single["step_ms"]["median"] / config.batch
+        element_size, source = 4, f"measured: the single mode's fp32 step on {single['devices'][0]}, per image"
+    else:
+        tflops = flops.GPU_PEAK_TFLOPS[ASSUMED_GPU][ASSUMED_MATH]
+        per_image_ms = flops.training_flops(macs["single"], 1) / (tflops * 1e12 * ASSUMED_SHARE) * 1e3
+        element_size = ELEMENT_SIZE[ASSUMED_MATH]
+        source = (f"assumed, no GPU measured: {ASSUMED_GPU} at {100 * ASSUMED_SHARE:.0f} % of its dense "
+                  f"{ASSUMED_MATH} peak ({tflops:g} TFLOP/s), {ASSUMED_MATH} activations")
+    replicas = PROJECTED_GPUS // TOWERS
+    tower_share = max(macs["towers"]) / macs["single"]
+    reference = flops.reference_layers()
+    hybrid_grad_bytes = traffic.ring_factor(replicas) * max(analytic["tower_params"]) * 4
+    ddp_grad_bytes = traffic.ring_factor(PROJECTED_GPUS) * analytic["num_params"] * 4
+    buckets = lambda params: math.ceil(params * 4 / DDP_BUCKET_CAP_BYTES)
+    link = lambda nbytes, calls: traffic.link_time_s(nbytes, calls, gb_s, config.link_latency_us) * 1e3
+
+    def step_ms(batch: int) -> tuple:
+        compute = per_image_ms * tower_share * batch / replicas
+        exchange = link(max(traffic.towers_bytes_per_rank(reference, config.fc8_placement, batch / replicas,
+                                                          element_size)), analytic["towers_calls_per_step"])
+        grad = link(hybrid_grad_bytes, buckets(max(analytic["tower_params"])))
+        hybrid = compute + exchange + max(0.0, grad - BACKWARD_SHARE * compute)
+        ddp_compute = per_image_ms * batch / PROJECTED_GPUS
+        ddp_grad = link(ddp_grad_bytes, buckets(analytic["num_params"]))
+        ddp = ddp_compute + max(0.0, ddp_grad - BACKWARD_SHARE * ddp_compute)
+        return {"batch": batch, "hybrid_compute_ms": compute, "hybrid_exchange_ms": exchange,
+                "hybrid_allreduce_ms": grad, "hybrid_ms": hybrid, "ddp_compute_ms": ddp_compute,
+                "ddp_allreduce_ms": ddp_grad, "ddp_ms": ddp}
+
+    rows = [step_ms(b) for b in PROJECTED_BATCHES]
+    # where the faster way changes, to the multiple of PROJECTED_GPUS
+    changes, previous = [], None
+    for batch in range(PROJECTED_GPUS, 2 * PROJECTED_BATCHES[-1] + 1, PROJECTED_GPUS):
+        row = step_ms(batch)
+        faster = "hybrid" if row["hybrid_ms"] < row["ddp_ms"] else "ddp"
+        if previous is not None and faster != previous:
+            changes.append({"batch": batch, "from": previous, "to": faster})
+        previous = faster
+    return {"gpus": PROJECTED_GPUS, "replicas": replicas, "link": name, "gb_per_s": gb_s,
+            "latency_us": config.link_latency_us, "per_image_ms": per_image_ms, "compute_source": source,
+            "element_size": element_size, "tower_share": tower_share, "backward_share": BACKWARD_SHARE,
+            "hybrid_gradient_bytes_per_rank": hybrid_grad_bytes, "ddp_gradient_bytes_per_rank": ddp_grad_bytes,
+            "rows": rows, "changes": changes, "faster_at_the_largest": previous}
+
+
 def machine_info(devices: DevicePlan) -> dict:
     import torchvision
     cpu_model = platform.processor() or platform.machine()
@@ -387,7 +490,7 @@ def default_out(devices: DevicePlan) -> Path:
 
 
 def _bf16_unsupported(key: RunKey, devices: DevicePlan) -> Optional[str]:
-    device = devices.two_rank if key.mode in TWO_RANK_MODES else devices.single
+    device = devices.two_rank if key.mode in MULTI_RANK_MODES else devices.single
     if key.precision == "bf16" and device == "cuda" and not torch.cuda.is_bf16_supported():
         return "not measured on this device: the GPU has no bf16 support"
     return None
@@ -403,8 +506,11 @@ def measure(keys: list, config: BenchConfig, devices: DevicePlan, analytic: dict
                             timeout_s=config.rank_timeout_s)[0]
         for index, key in enumerate(keys, 1):
             reason = _bf16_unsupported(key, devices) or (bf16_reason if key.precision == "bf16" else None)
-            if key.mode in TWO_RANK_MODES and devices.two_rank is None:
+            if key.mode in MULTI_RANK_MODES and devices.two_rank is None:
                 reason = f"skipped: {devices.note}"
+            elif key.mode == "hybrid" and devices.backend == "nccl" and torch.cuda.device_count() < RANKS["hybrid"]:
+                reason = (f"skipped: NCCL needs one GPU per rank and hybrid has {RANKS['hybrid']} ranks; this machine "
+                          f"shows {torch.cuda.device_count()} GPUs")
             if reason:
                 not_measured.append({**key._asdict(), "reason": reason})
                 continue
@@ -451,7 +557,8 @@ def main(argv=None) -> Path:
         "command": " ".join(["python -m benchmarks.run", shlex.join(sys.argv[1:] if argv is None else argv)]).strip(),
         "date": datetime.date.today().isoformat(), "analytic": analytic,
         "runs": list(runs.values()), "not_measured": not_measured,
-        "projection": projection(runs, config, analytic), "loader": loader,
+        "projection": projection(runs, config, analytic), "mesh_projection": mesh_projection(runs, config, analytic),
+        "loader": loader,
         "elapsed_s": time.perf_counter() - started,
     }
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str))

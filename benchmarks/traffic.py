@@ -82,3 +82,12 @@ def link_time_s(bytes_per_direction: float, calls: int, bandwidth_gb_s: float, l
     """Seconds to move ``bytes_per_direction`` over a full-duplex link of ``bandwidth_gb_s``
     (10^9 bytes/s each way) in ``calls`` transfers of ``latency_us`` start-up each."""
     return bytes_per_direction / (bandwidth_gb_s * 1e9) + calls * latency_us * 1e-6
+
+
+def hybrid_bytes_per_rank(reference: Dict[str, Layer], fc8_placement: str, batch: int, replicas: int,
+                          element_size: int, tower_params: List[int], grad_element_size: int = 4) -> Dict[str, list]:
+    """Per tower index, the bytes one rank of ``replicas`` replicas of the towers sends per
+    step: its exchanges with the other tower on its replica's ``batch / replicas`` images,
+    and its ring all-reduce of its tower's gradients over the replicas."""
+    return {"exchange": towers_bytes_per_rank(reference, fc8_placement, batch // replicas, element_size),
+            "gradients": [ring_factor(replicas) * params * grad_element_size for params in tower_params]}

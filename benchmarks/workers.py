@@ -20,6 +20,7 @@ import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 
+from launch.mesh import build_mesh
 from launch.meter import peak_memory
 from launch.step import paper_optimizer, train_step
 from towers import TOWERS, AlexNet, Tower, build_reference, shard_state_dict
@@ -48,6 +49,13 @@ def _device(spec: dict, rank: int) -> torch.device:
     if spec["device"] != "cuda":
         return torch.device("cpu")
     return torch.device("cuda", rank if spec["backend"] == "nccl" else 0)  # over gloo, the ranks share GPU 0
+
+
+def _share(images: torch.Tensor, labels: torch.Tensor, index: int, shares: int, memory_format: str) -> tuple:
+    """Share ``index`` of ``shares`` equal parts of the global batch, as a rank of a data-parallel mode gets it."""
+    size = len(labels) // shares
+    mine = slice(index * size, (index + 1) * size)
+    return images[mine].clone(memory_format=MEMORY_FORMATS[memory_format]), labels[mine].clone()
 
 
 def _synchronize(device: torch.device) -> None:
@@ -149,10 +157,10 @@ def towers_worker(rank: int, spec: dict) -> dict:
 
 
 class AllReduceCounter:
-    """State of :func:`counting_allreduce_hook`: what this rank handed to all-reduce."""
+    """State of :func:`counting_allreduce_hook`: what this rank handed to all-reduce over ``group``."""
 
-    def __init__(self):
-        self.payload_bytes, self.buckets = 0, 0
+    def __init__(self, group=None):
+        self.payload_bytes, self.buckets, self.group = 0, 0, group
 
 
 def counting_allreduce_hook(counter: AllReduceCounter, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
@@ -160,7 +168,7 @@ def counting_allreduce_hook(counter: AllReduceCounter, bucket: dist.GradBucket) 
     buffer = bucket.buffer()
     counter.payload_bytes += buffer.numel() * buffer.element_size()
     counter.buckets += 1
-    return default_hooks.allreduce_hook(None, bucket)
+    return default_hooks.allreduce_hook(counter.group, bucket)
 
 
 def ddp_worker(rank: int, spec: dict) -> dict:
@@ -176,10 +184,7 @@ def ddp_worker(rank: int, spec: dict) -> dict:
     model.register_comm_hook(counter, counting_allreduce_hook)
     optimizer = paper_optimizer(model.parameters(), lr=LR)
     images, labels = synthetic_batch(spec["batch"], spec["seed"], device, spec["memory_format"])
-    half = spec["batch"] // dist.get_world_size()
-    mine = slice(rank * half, (rank + 1) * half)
-    images = images[mine].clone(memory_format=MEMORY_FORMATS[spec["memory_format"]])
-    labels = labels[mine].clone()
+    images, labels = _share(images, labels, rank, dist.get_world_size(), spec["memory_format"])
     _run_steps(model, optimizer, images, labels, spec, spec["warmup"])
     counter.payload_bytes = counter.buckets = 0
     step_s, _, loss = _run_steps(model, optimizer, images, labels, spec, spec["steps"])
@@ -193,18 +198,56 @@ def ddp_worker(rank: int, spec: dict) -> dict:
     }
 
 
-def _time_allreduce(model: torch.nn.Module, repeats: int) -> list:
-    """Seconds of one all-reduce of a buffer as large as all the gradients, with nothing else running."""
+def hybrid_worker(rank: int, spec: dict) -> dict:
+    """One tower of D replicas of the towers (a D x 2 mesh, ``launch.mesh``), as the
+    training program runs them: the tower's exchanges on its replica's tower group, its
+    gradients averaged over the replica group by DistributedDataParallel, each replica
+    on its D-th of the global batch. Timed like ``ddp``: normal steps (exchange time
+    from the ExchangeLog, all-reduce bytes from the hook), then steps under ``no_sync()``
+    (compute and exchanges, nothing all-reduced), then the all-reduce alone."""
+    device, rss_at_start = _start(spec, rank)
+    mesh = build_mesh(TOWERS, timeout_s=spec["collective_timeout_s"])
+    tower = _load(lambda: Tower(mesh.tower_group, NUM_CLASSES, fc8_placement=spec["fc8_placement"]),
+                  spec["shard_paths"][mesh.tower], device, spec["memory_format"])
+    exchange_log = tower.exchange_log
+    exchange_log.synchronize = device.type == "cuda"
+    model = DistributedDataParallel(tower, device_ids=[device.index] if device.type == "cuda" else None,
+                                    process_group=mesh.replica_group)
+    counter = AllReduceCounter(mesh.replica_group)
+    model.register_comm_hook(counter, counting_allreduce_hook)
+    optimizer = paper_optimizer(model.parameters(), lr=LR)
+    images, labels = synthetic_batch(spec["batch"], spec["seed"], device, spec["memory_format"])
+    images, labels = _share(images, labels, mesh.replica, mesh.replicas, spec["memory_format"])
+    _run_steps(model, optimizer, images, labels, spec, spec["warmup"])
+    exchange_log.reset()
+    counter.payload_bytes = counter.buckets = 0
+    step_s, exchange_s, loss = _run_steps(model, optimizer, images, labels, spec, spec["steps"],
+                                          counter=lambda: exchange_log.seconds)
+    payload_bytes, buckets, sent_bytes = counter.payload_bytes, counter.buckets, exchange_log.sent_bytes
+    _run_steps(model, optimizer, images, labels, spec, min(spec["warmup"], 1), context=model.no_sync)
+    compute_s, _, _ = _run_steps(model, optimizer, images, labels, spec, spec["steps"], context=model.no_sync)
+    finished = _finish(tower, device, rss_at_start, loss)
+    return {
+        "step_s": step_s, "comm_s": exchange_s, "compute_only_s": compute_s,
+        "allreduce_alone_s": _time_allreduce(tower, spec["steps"], mesh.replica_group),
+        "payload_bytes": payload_bytes, "buckets": buckets, "sent_bytes": sent_bytes, "replicas": mesh.replicas,
+        "tower": mesh.tower, **finished,
+    }
+
+
+def _time_allreduce(model: torch.nn.Module, repeats: int, group=None) -> list:
+    """Seconds of one all-reduce over ``group`` of a buffer as large as all the gradients, with nothing else running."""
     flat = torch.zeros(sum(p.numel() for p in model.parameters()), device=next(model.parameters()).device)
-    dist.all_reduce(flat)  # warm-up: the first call sets up the transport
+    dist.all_reduce(flat, group=group)  # warm-up: the first call sets up the transport
     seconds = []
     for _ in range(repeats):
         _synchronize(flat.device)
         started = time.perf_counter()
-        dist.all_reduce(flat)
+        dist.all_reduce(flat, group=group)
         _synchronize(flat.device)
         seconds.append(time.perf_counter() - started)
     return seconds
 
 
-WORKERS = {"single": single_worker, "torchvision": single_worker, "towers": towers_worker, "ddp": ddp_worker}
+WORKERS = {"single": single_worker, "torchvision": single_worker, "towers": towers_worker, "ddp": ddp_worker,
+           "hybrid": hybrid_worker}

@@ -25,6 +25,8 @@ SENT_PER_IMAGE = {  # per FC8 placement: (tower 0, tower 1)
     "tower0": (BOTH_TOWERS + 2048 + 1000, BOTH_TOWERS + 2048),  # FC7 output to tower 0 and its gradient back; logits to tower 1
     "split": (BOTH_TOWERS + 2 * 2048 + 500,) * 2,  # FC7 output both ways, forward and backward; 500 logits each
 }
+# Tower 1 with FC8 whole on tower 0: half of conv1-FC7 (the paper-spec's per-tower figure).
+TOWER1_PARAMS = 28_434_112
 RUN_TIMEOUT_S = 900  # bound on the harness subprocess; a failure never hangs the suite
 
 
@@ -107,11 +109,12 @@ def test_report_has_every_part(tiny_run):
     report = (out / "report.md").read_text()
     for section in ("Machine and software", "Configuration", "Main table", "How each number is taken",
                     "Towers: traffic per exchange", "Batch-size sweep", "Precision and memory format",
-                    "Projection to a two-GPU machine", "Data loader", "Not measured"):
+                    "Projection to a two-GPU machine", "Data loader", "Hybrid: replicas of the towers",
+                    "Projection to eight GPUs: replicas of the towers or data parallel", "Not measured"):
         assert f"## {section}\n" in report, section
     main = report.split("## Main table\n", 1)[1].split("\n## ", 1)[0]
     assert "| mode | device" in main and "images/s" in main and "% of peak" in main
-    for mode in ("single", "towers", "ddp", "torchvision"):
+    for mode in ("single", "towers", "ddp", "hybrid", "torchvision"):
         row = next(line for line in main.splitlines() if line.startswith(f"| {mode} |"))
         assert "not measured" not in row, row
     assert "crossover" in report.lower() and "PROJECTION" in report
@@ -144,7 +147,7 @@ def test_results_hold_every_run_and_field(tiny_run):
     fields = ("step_ms", "images_per_s", "comm_ms", "compute_ms", "bytes_per_rank", "bytes_per_rank_analytic",
               "bytes_total", "bytes_total_analytic", "peak_memory_bytes", "param_bytes", "flops_per_step",
               "gflop_per_s", "threads")
-    for mode in ("single", "towers", "ddp", "torchvision"):
+    for mode in ("single", "towers", "ddp", "hybrid", "torchvision"):
         r = _run(results, mode)
         assert all(f in r for f in fields), mode
         assert len(r["step_ms_raw"]) == 2 and r["images_per_s"] > 0 and r["gflop_per_s"] > 0
@@ -180,3 +183,34 @@ def test_ddp_traffic_is_every_gradient_once(tiny_run):
     assert ddp["payload_bytes_per_rank"] == [PARAMS * 4] * 2  # counted by the comm hook
     assert len(ddp["allreduce_alone_ms"]) == 2 and min(ddp["allreduce_alone_ms"]) > 0
     assert ddp["bytes_per_rank"] == ddp["bytes_per_rank_analytic"] == [PARAMS * 4] * 2  # x 2(n-1)/n = 1
+
+
+@pytest.mark.slow
+def test_hybrid_traffic_is_exactly_the_analytic_figure(tiny_run):
+    out, results = tiny_run
+    hybrid = _run(results, "hybrid")
+    assert hybrid["ranks"] == 4 and hybrid["replicas"] == 2
+    # Each replica's towers exchange on their replica's half of the batch (1 image of 2) ...
+    assert hybrid["exchange_bytes_per_rank"] == hybrid["exchange_bytes_per_rank_analytic"] == \
+        [4 * 1 * n for n in SENT_PER_IMAGE["tower0"]] * 2
+    # ... and each tower's gradients are all-reduced over the 2 replicas: 2(n-1)/n = 1 x its parameters.
+    tower_params = [PARAMS - TOWER1_PARAMS, TOWER1_PARAMS]
+    assert hybrid["payload_bytes_per_rank"] == [4 * n for n in tower_params] * 2  # counted by the comm hook
+    assert hybrid["gradient_bytes_per_rank"] == hybrid["gradient_bytes_per_rank_analytic"] == \
+        [4 * n for n in tower_params] * 2
+    assert all(ms > 0 for ms in hybrid["allreduce_alone_ms"])
+    section = (out / "report.md").read_text().split("## Hybrid: replicas of the towers\n", 1)[1].split("\n## ", 1)[0]
+    assert "hidden behind the backward" in section and "| gradient all-reduce" in section
+    projection = results["mesh_projection"]
+    assert projection["gpus"] == 8 and projection["replicas"] == 4
+    assert [r["batch"] for r in projection["rows"]][:2] == [32, 64]
+    # Hybrid all-reduces a tower's gradients over 4 ranks, data parallel all of them over 8.
+    assert projection["hybrid_gradient_bytes_per_rank"] == 2 * 3 / 4 * 4 * (PARAMS - TOWER1_PARAMS)
+    assert projection["ddp_gradient_bytes_per_rank"] == 2 * 7 / 8 * 4 * PARAMS
+
+
+def test_towers_hold_the_references_parameters_between_them():
+    for placement in ("tower0", "split"):
+        counts = flops.tower_param_counts(placement)
+        assert sum(counts) == PARAMS
+    assert flops.tower_param_counts("tower0") == [PARAMS - TOWER1_PARAMS, TOWER1_PARAMS]
