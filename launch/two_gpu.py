@@ -43,6 +43,7 @@ RUN_CONTROL = {"resume", "eval_only", "max_steps", "workers", "log_every", "chec
 # its reductions, see launch.schedule.base_rate). --val-limit stays: the plateau schedule compares the
 # evaluations of one fixed set of images.
 CHANGEABLE_ON_RESUME = {"epochs", "lr", "warmup_steps"}
+MAX_LOCAL_RANKS_PER_CORE = 4  # --replicas beyond this many processes per core only thrash the machine
 LOCK_NAME = ".lock"  # held by the run using the folder (see lock_run_folder)
 
 
@@ -214,7 +215,12 @@ def _configure(argv) -> tuple:
 def _replicas(config: TrainConfig, towers: int) -> int:
     """--replicas, or under torchrun the number its ranks make."""
     if not _torchrun_env():
-        return config.replicas or 1
+        replicas = config.replicas or 1
+        most = MAX_LOCAL_RANKS_PER_CORE * (os.cpu_count() or 1) // towers
+        if replicas > most:
+            raise ValueError(f"--replicas {replicas} would start {replicas * towers} processes on this machine's "
+                             f"{os.cpu_count()} cores: use at most {most} here, or torchrun across machines")
+        return replicas
     world_size = int(os.environ["WORLD_SIZE"])
     net = f"--layout {config.layout}"
     if world_size % towers:

@@ -175,6 +175,7 @@ def test_a_resumed_run_with_two_replicas_continues_bit_for_bit(tiny_data, tmp_pa
 @pytest.mark.parametrize("args, message", [
     (["--replicas", "3", "--batch-size", "4"], "--batch-size 4 does not split evenly over 3 replicas"),
     (["--replicas", "0"], "--replicas must be positive, got 0"),
+    (["--replicas", "100000"], "--replicas 100000 would start 200000 processes on this machine's"),
 ])
 def test_bad_replica_options_are_refused(tiny_data, tmp_path, args, message):
     result = launch("--data", tiny_data, "--out", tmp_path, "--run-name", "bad", *args, check=False)
