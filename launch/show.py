@@ -38,13 +38,14 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from towers import TOWERS, AlexNet, shard_state_dict
+from towers.reference import LAYERS
 
 from . import data as data_module
 from .checkpoint import FILENAME, CheckpointError, check_classes, load_checkpoint, load_reference
@@ -413,19 +414,39 @@ def draw_traffic(run: RunFolder, out: Path) -> Path:
 
 # --------------------------------------------------------------------------- neighbours (Figure 4)
 
-def fc7_features(model: AlexNet, images: torch.Tensor) -> torch.Tensor:
-    """The last hidden layer's output, FC7 after its ReLU (N x 4096), for network inputs
-    ``images`` (N x 3 x 224 x 224, the mean subtracted), in eval mode. Read by a hook on
-    fc7, so the model runs its own forward unchanged."""
+HIDDEN_LAYERS = LAYERS[:-1]  # each followed by a ReLU; FC7 is the last hidden layer
+
+
+class HiddenOutputs(NamedTuple):
+    fc7: torch.Tensor  # N x 4096: FC7's output after its ReLU
+    silent: list  # per image, the first hidden layer whose output is all zero after its ReLU, or None
+
+
+def hidden_outputs(model: AlexNet, images: torch.Tensor) -> HiddenOutputs:
+    """FC7's output after its ReLU for network inputs ``images`` (N x 3 x 224 x 224, the
+    mean subtracted), in eval mode, and for each image the first layer that is silent
+    (every ReLU off). Images silent at one layer get one and the same output from every
+    later layer (its biases alone), so they all lie at distance 0 from each other in FC7.
+    Read by forward hooks, so the model runs its own forward unchanged."""
     assert not model.training, "FC7 features are taken in eval mode (dropout off)"
-    captured = []
-    handle = model.fc7.register_forward_hook(lambda module, inputs, output: captured.append(F.relu(output)))
+    fc7, all_off = [], {}
+
+    def watch(name):
+        def hook(module, inputs, output):
+            all_off[name] = (output <= 0).flatten(1).all(dim=1).tolist()
+            if name == "fc7":
+                fc7.append(F.relu(output))
+        return hook
+
+    handles = [getattr(model, name).register_forward_hook(watch(name)) for name in HIDDEN_LAYERS]
     try:
         with torch.inference_mode():
             model(images)
     finally:
-        handle.remove()
-    return captured[0]
+        for handle in handles:
+            handle.remove()
+    silent = [next((name for name in HIDDEN_LAYERS if all_off[name][i]), None) for i in range(len(images))]
+    return HiddenOutputs(fc7[0], silent)
 
 
 @dataclass
@@ -433,6 +454,7 @@ class Images:
     indices: list  # positions in the split of the images that could be used
     crops: torch.Tensor  # N x 3 x 224 x 224 uint8, the centre patches as the network sees them (before the mean)
     features: torch.Tensor  # N x 4096 float32, on the CPU
+    silent: list  # per image, the first layer whose output is all zero (see hidden_outputs), or None
 
 
 def split_features(model: AlexNet, split: data_module.ImageFolderSplit, indices: list, stats: DataStats,
@@ -440,7 +462,7 @@ def split_features(model: AlexNet, split: data_module.ImageFolderSplit, indices:
     """FC7 features of the centre patches of ``split``'s images at ``indices``, batch by
     batch, the network's input made by ``eval_views`` with ``stats.mean``; unusable
     images are left out (and counted in ``split.corrupt``)."""
-    kept, crops, features = [], [], []
+    kept, crops, features, silent = [], [], [], []
     for first in range(0, len(indices), batch_size):
         batch, positions = [], []
         for index in indices[first:first + batch_size]:
@@ -453,13 +475,22 @@ def split_features(model: AlexNet, split: data_module.ImageFolderSplit, indices:
             continue
         uint8 = torch.stack(batch)
         inputs = data_module.eval_views(uint8.to(device), stats, ten_crop=False)
-        features.append(fc7_features(model, inputs).float().cpu())
+        outputs = hidden_outputs(model, inputs)
+        features.append(outputs.fc7.float().cpu())
+        silent += outputs.silent
         kept += positions
         if keep_crops:
             crops.append(uint8)
     if not kept:
         raise Skipped(f"none of the {len(indices)} {split.split}/ images chosen could be decoded")
-    return Images(kept, torch.cat(crops) if keep_crops else torch.empty(0), torch.cat(features))
+    return Images(kept, torch.cat(crops) if keep_crops else torch.empty(0), torch.cat(features), silent)
+
+
+def describe_silent(silent: list) -> str:
+    """"conv5's output is all zero for 12" (per layer, in network order) for the images'
+    first silent layers (see hidden_outputs); "" if none."""
+    counts = {name: silent.count(name) for name in HIDDEN_LAYERS if name in silent}
+    return ", ".join(f"{name}'s output is all zero for {count}" for name, count in counts.items())
 
 
 def nearest(queries: torch.Tensor, pool: torch.Tensor, k: int):
@@ -494,6 +525,11 @@ def find_neighbours(model: AlexNet, bundle: data_module.DataBundle, mean: torch.
     queries = split_features(model, bundle.val, query_indices, stats, batch_size, device, keep_crops=True)
     searched = split_features(model, bundle.train, pool_indices, stats, batch_size, device, keep_crops=False)
     log.info("Figure 4: features in %.0f s", time.perf_counter() - started)
+    for images, what in ((queries, "validation images shown"), (searched, "training images searched")):
+        silent = describe_silent(images.silent)
+        if silent:
+            log.warning("Figure 4: %s (of the %d %s; every ReLU off): all images silent at one layer get one "
+                        "FC7 output, so they tie at distance 0", silent, len(images.silent), what)
     distances, indices = nearest(queries.features, searched.features, NEIGHBOURS)
     return Neighbours(queries, searched, distances, indices, len(bundle.train))
 
@@ -516,6 +552,10 @@ def _open_neighbour_data(run: RunFolder, options: ShowOptions, payload: dict):
     return bundle, mean
 
 
+def _silent_note(layer: Optional[str]) -> str:
+    return f", {layer} silent" if layer else ""
+
+
 def choose_device(name: str) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
@@ -534,13 +574,15 @@ def draw_neighbours(run: RunFolder, out: Path, options: ShowOptions) -> Path:
     fig, axes = plt.subplots(rows, columns, figsize=(1.75 * columns, 2.05 * rows + 0.8), squeeze=False)
     for row, query in enumerate(found.queries.indices):
         query_label = bundle.val.samples[query][1]
-        cells = [(found.queries.crops[row], f"validation\n{classes[query_label]}", "black")]
+        cells = [(found.queries.crops[row], f"validation\n{classes[query_label]}"
+                  + _silent_note(found.queries.silent[row]), "black")]
         for distance, pool_row in zip(found.distances[row].tolist(), found.indices[row].tolist()):
             index = found.pool.indices[pool_row]
             label = bundle.train.samples[index][1]
             colour = "darkgreen" if label == query_label else "firebrick"
             image = bundle.train.load(index, substitute=False)[0]  # decoded again: only the few shown
-            cells.append((data_module.center_crop(image), f"{classes[label]}\ndistance {distance:.1f}", colour))
+            cells.append((data_module.center_crop(image), f"{classes[label]}\ndistance {distance:.1f}"
+                          + _silent_note(found.pool.silent[pool_row]), colour))
         for ax, (crop, title, colour) in zip(axes[row], cells):
             ax.imshow(crop.permute(1, 2, 0).numpy())
             ax.set_title(title, fontsize=8, color=colour)
@@ -549,10 +591,15 @@ def draw_neighbours(run: RunFolder, out: Path, options: ShowOptions) -> Path:
         for spine in axes[row][0].spines.values():
             spine.set_linewidth(2.5)
     searched = len(found.pool.indices)
-    fig.suptitle(f"Validation images (left) and the {columns - 1} training images nearest to each in FC7's output "
-                 f"(4096-d, after ReLU; Euclidean), as in the paper's Figure 4\nsearched {searched} of the "
-                 f"{found.train_images} training images (--neighbour-pool); centre 224 patches; label green when "
-                 f"the class is the validation image's", fontsize=9)
+    title = (f"Validation images (left) and the {columns - 1} training images nearest to each in FC7's output "
+             f"(4096-d, after ReLU; Euclidean), as in the paper's Figure 4\nsearched {searched} of the "
+             f"{found.train_images} training images (--neighbour-pool); centre 224 patches; label green when the "
+             f"class is the validation image's")
+    silent = describe_silent(found.pool.silent)
+    if silent:
+        title += (f"\n{silent} (of the training images searched; every ReLU off): those get one FC7 output and "
+                  f"tie at distance 0 (marked 'silent'), so their order means nothing")
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     return _save(fig, out / "neighbours.png")
 

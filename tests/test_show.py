@@ -2,6 +2,7 @@
 crafted here (a reference's checkpoint, hand-written metrics, summary and config), the
 nearest neighbours of Figure 4, and its errors as a user meets them."""
 
+import copy
 import json
 import logging
 import shutil
@@ -227,6 +228,20 @@ def test_a_validation_image_that_is_also_a_training_image_is_its_own_nearest_nei
         # The same pixels through the same net (in batches of other sizes): distance 0 up to
         # float32 rounding, against distances of the order of the features' size to the others.
         assert found.distances[row, 0] <= 1e-4 * found.distances[row, 1]
+
+
+def test_images_for_which_a_layer_is_silent_are_marked(reference, tiny_bundle):
+    model = copy.deepcopy(reference).eval()
+    with torch.no_grad():
+        model.conv5.bias[:128] = -1e6  # the first half of conv5 off for every image
+        images = torch.randn(3, 3, 224, 224, generator=torch.Generator().manual_seed(0)) * 50
+        assert show.hidden_outputs(model, images).silent == [None] * 3
+        model.conv5.bias[128:] = -1e6  # and now the whole layer
+        outputs = show.hidden_outputs(model, images)
+    assert outputs.silent == ["conv5"] * 3
+    assert torch.equal(outputs.fc7[0], outputs.fc7[1]) and torch.equal(outputs.fc7[0], outputs.fc7[2])
+    assert outputs.fc7.min() >= 0  # read after FC7's ReLU
+    assert show.describe_silent(outputs.silent + [None]) == "conv5's output is all zero for 3"
 
 
 # --------------------------------------------------------------------------- errors
