@@ -251,10 +251,15 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+def median(values: torch.Tensor) -> float:
+    """The median, halfway between the middle two of an even count (torch.median takes the lower)."""
+    return values.double().quantile(0.5).item()
+
+
 def _tower_label(rank: int, shares: torch.Tensor) -> str:
     first = rank * len(shares)
     return (f"tower {rank} (kernels {first}-{first + len(shares) - 1}): colour share mean {shares.mean():.2f}, "
-            f"median {shares.median():.2f}")
+            f"median {median(shares):.2f}")
 
 
 def draw_kernels(run: RunFolder, out: Path) -> Path:
@@ -284,7 +289,7 @@ def draw_colour(run: RunFolder, out: Path) -> Path:
     shares = tower_colour_shares(run.checkpoint()["model"]["conv1.weight"])
     for rank, values in enumerate(shares):
         log.info("conv1 colour share, tower %d: mean %.3f, median %.3f (%d kernels)", rank, values.mean(),
-                 values.median(), len(values))
+                 median(values), len(values))
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(9, 3.8))
     jitter = np.random.default_rng(0).uniform(-0.18, 0.18, size=max(len(s) for s in shares))
@@ -292,12 +297,12 @@ def draw_colour(run: RunFolder, out: Path) -> Path:
         y = TOWERS - 1 - rank  # tower 0 on top, as in the kernels picture
         ax.scatter(values.numpy(), y + jitter[:len(values)], s=22, color=f"C{rank}", alpha=0.75, edgecolor="none",
                    label=f"tower {rank}: one dot per kernel")
-        ax.vlines(values.median().item(), y - 0.32, y + 0.32, color="black", linewidth=1.2, linestyle="--",
+        ax.vlines(median(values), y - 0.32, y + 0.32, color="black", linewidth=1.2, linestyle="--",
                   label="median of the tower" if rank == 0 else None)
         ax.scatter([values.mean().item()], [y + 0.4], marker="v", s=70, color="black", zorder=3,
                    label="mean of the tower" if rank == 0 else None)
     ax.axvline(2 / 3, color="grey", linestyle=":", linewidth=1.2, label="random kernels: about 2/3")
-    ax.set_yticks(range(TOWERS), [f"tower {r}\nmean {shares[r].mean():.2f}\nmedian {shares[r].median():.2f}"
+    ax.set_yticks(range(TOWERS), [f"tower {r}\nmean {shares[r].mean():.2f}\nmedian {median(shares[r]):.2f}"
                                   for r in reversed(range(TOWERS))])
     ax.set_ylim(-0.6, TOWERS - 0.3)
     ax.set_xlim(-0.02, 1.02)
@@ -646,27 +651,33 @@ def main(argv=None) -> int:
     options = ShowOptions(**args)
     drawers = {"kernels": draw_kernels, "colour": draw_colour, "curves": draw_curves, "traffic": draw_traffic,
                "neighbours": lambda run, out: draw_neighbours(run, out, options)}
+    # The neighbours first: a --data that cannot be used is an error, and it comes before
+    # anything is written. The paths are printed in the order of PICTURES.
+    order = ["neighbours"] + [name for name in PICTURES if name != "neighbours"]
     try:
         options.validate()
         run = _open_run(run_dir)
         out, made = _output_folder(run, options.out)
-        written, skipped = [], []
-        for name in (p for p in PICTURES if p in options.only):
-            try:
-                written.append(drawers[name](run, out))
-            except Skipped as why:
-                skipped.append(f"{name}: {why}")
-        if not written:
-            if made:
+        written, skipped = {}, []
+        try:
+            for name in (name for name in order if name in options.only):
+                try:
+                    written[name] = drawers[name](run, out)
+                except Skipped as why:
+                    skipped.append(f"{name}: {why}")
+        finally:
+            if made and not any(out.iterdir()):
                 out.rmdir()  # nothing was written into it
+        if not written:
             raise ValueError(f"nothing to draw in {run.path} yet ({'; '.join(skipped)})")
     except ValueError as exc:
         log.error("error: %s", exc)
         return 2
     for note in skipped:
         log.warning("skipped %s", note)
-    for path in written:
-        print(path, flush=True)
+    for name in PICTURES:
+        if name in written:
+            print(written[name], flush=True)
     return 0
 
 
