@@ -71,7 +71,7 @@ class ShowOptions:
     images: int = option(5, "neighbours picture: validation images shown, spread evenly over the classes",
                          metavar="N")
     neighbour_pool: int = option(2000, "neighbours picture: training images searched, spread evenly over the "
-                                       "classes (all of them if fewer); on a 2-core CPU about 10 per second",
+                                       "classes (all of them if fewer); about 10 a second on a busy 2-core CPU",
                                  metavar="N")
     batch_size: int = option(64, "neighbours picture: images per forward pass", metavar="N")
     device: str = option("auto", "neighbours picture: 'auto' uses a GPU when there is one, else the CPU",
