@@ -1,0 +1,277 @@
+"""python -m launch.show: the colour measure, the pictures it writes from a run folder
+crafted here (a reference's checkpoint, hand-written metrics, summary and config), the
+nearest neighbours of Figure 4, and its errors as a user meets them."""
+
+import copy
+import json
+import logging
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from launch import show
+from launch.checkpoint import checkpoint_payload, save_checkpoint
+from launch.data import open_data
+from towers import build_reference
+
+from conftest import ROOT, RUN_TIMEOUT_S, TINY, launch
+
+KERNEL_SHAPE = (3, 11, 11)
+
+
+def grey_kernels(count: int, seed: int = 0) -> torch.Tensor:
+    """Kernels with R = G = B at every pixel."""
+    return torch.randn(count, 1, 11, 11, generator=torch.Generator().manual_seed(seed)).expand(count, *KERNEL_SHAPE)
+
+
+def chroma_kernels(count: int, seed: int = 1) -> torch.Tensor:
+    """Kernels with R + G + B = 0 at every pixel."""
+    w = torch.randn(count, *KERNEL_SHAPE, generator=torch.Generator().manual_seed(seed))
+    return w - w.mean(dim=1, keepdim=True)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return build_reference(num_classes=10, seed=0, init="scaled")
+
+
+@pytest.fixture(scope="module")
+def tiny_bundle(tiny_data):
+    return open_data(tiny_data)
+
+
+def write_run(folder: Path, state: dict = None, *, bundle=None, data=None, layout: str = "towers",
+              metrics: list = (), summary: dict = None) -> Path:
+    """A run folder as launch.two_gpu leaves it: config.json, and what is given of
+    checkpoint.pt (a reference-layout state_dict), metrics.jsonl and summary.json."""
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"data": None if data is None else str(data), "batch_size": 4,
+                                                    "layout": layout, "fc8_placement": "tower0"}))
+    if state is not None:
+        save_checkpoint(folder / "checkpoint.pt", checkpoint_payload(
+            state, num_classes=len(bundle.classes), classes=list(bundle.classes), data_mean=bundle.stats.mean))
+    if metrics:
+        (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in metrics))
+    if summary is not None:
+        (folder / "summary.json").write_text(json.dumps(summary))
+    return folder
+
+
+def train_record(step: int, loss: float, epoch: int = 1) -> dict:
+    return {"event": "train", "epoch": epoch, "step": step, "loss": loss, "top1": 0.5, "lr": 0.01}
+
+
+def eval_record(epoch: int, step: int, top1_error: float) -> dict:
+    return {"event": "eval", "epoch": epoch, "step": step, "top1_error": top1_error, "top5_error": top1_error / 2,
+            "lr": 0.01}
+
+
+METRICS = [train_record(2, 2.3), train_record(4, 2.2), eval_record(1, 4, 0.8), train_record(6, 2.0, epoch=2),
+           train_record(8, 1.9, epoch=2), eval_record(2, 8, 0.7)]
+# What each tower sent per step at batch 4 with FC8 on tower 0 (as summary.json holds it).
+EXCHANGES = {"conv3_input/backward": [346112.0, 346112.0], "conv3_input/forward": [346112.0, 346112.0],
+             "fc6_input/backward": [73728.0, 73728.0], "fc6_input/forward": [73728.0, 73728.0],
+             "fc7_input/backward": [32768.0, 32768.0], "fc7_input/forward": [32768.0, 32768.0],
+             "fc8_input/backward": [32768.0, 0.0], "fc8_input/forward": [0.0, 32768.0],
+             "logits/forward": [160.0, 0.0]}
+SUMMARY = {"steps": 8, "centre": {"top1_error": 0.7, "top5_error": 0.35}, "fc8_placement": "tower0",
+           "exchanges_per_step": EXCHANGES}
+
+
+def run_show(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "launch.show", *map(str, args)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=RUN_TIMEOUT_S)
+
+
+def check_png(path: Path) -> tuple:
+    with Image.open(path) as image:
+        assert image.format == "PNG"
+        image.load()  # decodes every pixel: a truncated file fails here
+        width, height = image.size
+    assert 500 <= width <= 3000 and 250 <= height <= 3000, (path, image.size)
+    return width, height
+
+
+# --------------------------------------------------------------------------- the colour measure
+
+def test_colour_share_is_0_for_grey_1_for_pure_colour_and_the_colour_energy_share_between():
+    assert torch.allclose(show.colour_share(grey_kernels(8)), torch.zeros(8, dtype=torch.float64), atol=1e-12)
+    assert torch.allclose(show.colour_share(chroma_kernels(8)), torch.ones(8, dtype=torch.float64), atol=1e-12)
+    # A grey offset is not part of the pattern, and a constant kernel has no pattern at all.
+    assert torch.allclose(show.colour_share(chroma_kernels(8) + 5.0), torch.ones(8, dtype=torch.float64), atol=1e-12)
+    assert show.colour_share(torch.full((1, *KERNEL_SHAPE), 3.0)).item() == 0.0
+    # Grey (overall mean removed) and pure colour are orthogonal: the share is the colour part's energy share.
+    grey = grey_kernels(4, seed=2) - grey_kernels(4, seed=2).mean(dim=(1, 2, 3), keepdim=True)
+    colour = chroma_kernels(4, seed=3) * torch.tensor([0.1, 0.5, 1.0, 3.0]).view(4, 1, 1, 1)
+    expected = colour.pow(2).sum(dim=(1, 2, 3)) / (grey.pow(2).sum(dim=(1, 2, 3)) + colour.pow(2).sum(dim=(1, 2, 3)))
+    torch.testing.assert_close(show.colour_share(grey + colour), expected.double(), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("init", ["paper", "scaled"])
+def test_a_freshly_initialised_net_gives_about_two_thirds_for_both_towers(init):
+    shares = show.tower_colour_shares(build_reference(num_classes=10, seed=3, init=init).conv1.weight)
+    assert [len(s) for s in shares] == [48, 48]
+    # Each kernel's share is Beta(121, 60.5)-distributed about 242/362 (std 0.035), so a mean of 48 lies
+    # within 0.015 of it with overwhelming probability.
+    for values in shares:
+        assert abs(values.mean().item() - 242 / 362) < 0.02 and 0.5 < values.min() and values.max() < 0.85
+
+
+def test_tower_rows_come_from_the_right_halves(reference, tiny_bundle, tmp_path, caplog):
+    state = dict(reference.state_dict())
+    state["conv1.weight"] = torch.cat([grey_kernels(48), chroma_kernels(48)])  # tower 0 grey, tower 1 coloured
+    shares = show.tower_colour_shares(state["conv1.weight"])
+    assert shares[0].max() < 1e-12 and shares[1].min() > 1 - 1e-12
+    grids = [show.kernel_grid(k) for k in show.tower_kernels(state["conv1.weight"])]
+    assert np.ptp(grids[0], axis=2).max() == 0 and np.ptp(grids[1], axis=2).max() > 0.5  # grey: R = G = B
+
+    run = write_run(tmp_path / "run", state, bundle=tiny_bundle)
+    with caplog.at_level(logging.INFO, logger="launch.show"):
+        assert show.main([str(run), "--only", "kernels,colour"]) == 0
+    assert "tower 0: mean 0.000, median 0.000" in caplog.text and "tower 1: mean 1.000, median 1.000" in caplog.text
+    with Image.open(run / "show" / "kernels.png") as image:
+        pixels = np.asarray(image.convert("RGB"), dtype=np.int16)
+    saturation = pixels.max(axis=2) - pixels.min(axis=2)
+    half = pixels.shape[0] // 2  # tower 0's block lies in the upper half, tower 1's in the lower
+    assert (saturation[:half] > 40).sum() == 0 and (saturation[half:] > 40).sum() > 50_000
+
+
+# --------------------------------------------------------------------------- metrics.jsonl
+
+def test_curves_keep_the_last_record_of_each_step_after_resumes(tmp_path):
+    records = [train_record(10, 2.3), train_record(20, 2.2), train_record(30, 2.1), eval_record(1, 30, 0.9),
+               train_record(40, 2.0, 2), train_record(50, 1.9, 2),
+               # resumed from the end of epoch 1 (step 30): steps 40 and 50 again, then further
+               train_record(40, 1.5, 2), train_record(50, 1.4, 2), train_record(60, 1.3, 2), eval_record(2, 60, 0.6),
+               # resumed from a checkpoint at step 20: the epoch-1 evaluation at step 30 is redone
+               train_record(30, 2.05), eval_record(1, 30, 0.85), train_record(40, 1.45, 2)]
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records) + '{"event": "train", "st')  # being written
+    metrics = show.read_metrics(path)
+    assert [(r["step"], r["loss"]) for r in metrics.train] == [(10, 2.3), (20, 2.2), (30, 2.05), (40, 1.45)]
+    assert [(r["epoch"], r["top1_error"]) for r in metrics.evals] == [(1, 0.85)]
+
+    path.write_text("".join(json.dumps(r) + "\n" for r in records[:10]))
+    metrics = show.read_metrics(path)
+    assert [(r["step"], r["loss"]) for r in metrics.train] == [(10, 2.3), (20, 2.2), (30, 2.1), (40, 1.5), (50, 1.4),
+                                                               (60, 1.3)]
+    assert [(r["epoch"], r["top1_error"]) for r in metrics.evals] == [(1, 0.9), (2, 0.6)]
+
+
+# --------------------------------------------------------------------------- the pictures
+
+def test_every_picture_is_written_from_a_run_folder(reference, tiny_data, tiny_bundle, tmp_path, capsys, caplog):
+    run = write_run(tmp_path / "run", reference.state_dict(), bundle=tiny_bundle, data=tiny_data, metrics=METRICS,
+                    summary=SUMMARY)
+    with caplog.at_level(logging.INFO, logger="launch.show"):
+        assert show.main([str(run), "--images", "2", "--neighbour-pool", "10"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed == [str(run / "show" / f"{name}.png") for name in show.PICTURES]
+    sizes = {Path(p).stem: check_png(Path(p)) for p in printed}
+    assert sizes["kernels"][0] > 1000  # 16 kernels of 66 pixels a row
+    assert "FC7 features of 2 validation and 10 training images" in caplog.text
+    assert not list((run / "show").glob(".*"))  # no temporary files left
+
+
+def test_what_cannot_be_drawn_yet_is_skipped_with_the_reason(tiny_data, tmp_path, capsys, caplog):
+    run = write_run(tmp_path / "run", data=tiny_data, metrics=METRICS[:2])  # a run in its first epoch
+    with caplog.at_level(logging.INFO, logger="launch.show"):
+        assert show.main([str(run)]) == 0
+    assert capsys.readouterr().out.splitlines() == [str(run / "show" / "curves.png")]
+    check_png(run / "show" / "curves.png")
+    for name in ("kernels", "colour", "neighbours"):
+        assert f"skipped {name}: no checkpoint.pt yet" in caplog.text
+    assert "skipped traffic: no summary.json" in caplog.text
+
+    single = write_run(tmp_path / "single", data=tiny_data, layout="single", metrics=METRICS, summary=SUMMARY)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="launch.show"):
+        assert show.main([str(single), "--only", "curves,traffic"]) == 0
+    assert "skipped traffic: a --layout single run has no towers" in caplog.text
+
+
+def test_a_data_folder_that_is_gone_skips_figure_4_and_a_bad_data_option_is_an_error(reference, tiny_bundle,
+                                                                                     tmp_path, caplog):
+    run = write_run(tmp_path / "run", reference.state_dict(), bundle=tiny_bundle, data=tmp_path / "gone")
+    with caplog.at_level(logging.INFO, logger="launch.show"):
+        assert show.main([str(run), "--only", "colour,neighbours"]) == 0
+    assert "skipped neighbours: the run's data cannot be used" in caplog.text and "--data DIR" in caplog.text
+    shutil.rmtree(run / "show")
+    assert show.main([str(run), "--data", str(tmp_path / "elsewhere")]) == 2
+    assert not (run / "show").exists()  # the error comes before any picture is drawn
+
+
+# --------------------------------------------------------------------------- Figure 4
+
+def test_a_validation_image_that_is_also_a_training_image_is_its_own_nearest_neighbour(reference, tiny_data,
+                                                                                       tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data / "train", data / "train")
+    for folder in sorted((data / "train").iterdir()):  # val/: a copy of each class's second training image
+        (data / "val" / folder.name).mkdir(parents=True)
+        second = sorted(folder.iterdir())[1]
+        shutil.copy(second, data / "val" / folder.name / f"copy_of_{second.name}")
+    bundle = open_data(data)
+    found = show.find_neighbours(reference, bundle, bundle.stats.mean, images=10, pool=30, batch_size=8,
+                                 device=torch.device("cpu"))
+    assert len(found.queries.indices) == 10 and len(found.pool.indices) == 30
+    assert found.distances.shape == (10, show.NEIGHBOURS)
+    assert (found.distances[:, 1:] >= found.distances[:, :-1]).all()  # nearest first
+    for row, query in enumerate(found.queries.indices):
+        val_path = bundle.val.samples[query][0]
+        nearest_path = bundle.train.samples[found.pool.indices[found.indices[row, 0]]][0]
+        assert Path(nearest_path).name == Path(val_path).name.removeprefix("copy_of_")
+        # The same pixels through the same net (in batches of other sizes): distance 0 up to
+        # float32 rounding, against distances of the order of the features' size to the others.
+        assert found.distances[row, 0] <= 1e-4 * found.distances[row, 1]
+
+
+def test_images_for_which_a_layer_is_silent_are_marked(reference, tiny_bundle):
+    model = copy.deepcopy(reference).eval()
+    with torch.no_grad():
+        model.conv5.bias[:128] = -1e6  # the first half of conv5 off for every image
+        images = torch.randn(3, 3, 224, 224, generator=torch.Generator().manual_seed(0)) * 50
+        assert show.hidden_outputs(model, images).silent == [None] * 3
+        model.conv5.bias[128:] = -1e6  # and now the whole layer
+        outputs = show.hidden_outputs(model, images)
+    assert outputs.silent == ["conv5"] * 3
+    assert torch.equal(outputs.fc7[0], outputs.fc7[1]) and torch.equal(outputs.fc7[0], outputs.fc7[2])
+    assert outputs.fc7.min() >= 0  # read after FC7's ReLU
+    assert show.describe_silent(outputs.silent + [None]) == "conv5's output is all zero for 3"
+
+
+# --------------------------------------------------------------------------- errors
+
+@pytest.mark.parametrize("case", ["missing", "no config.json", "nothing to draw"])
+def test_a_bad_run_dir_gives_one_line_and_exit_2(tmp_path, case):
+    run = tmp_path / "run"
+    if case != "missing":
+        run.mkdir()
+    if case == "nothing to draw":
+        (run / "config.json").write_text(json.dumps({"data": None, "batch_size": 4, "layout": "towers"}))
+    result = run_show(run)
+    assert result.returncode == 2 and result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and str(run) in lines[0], result.stderr
+    expected = {"missing": "does not exist", "no config.json": "not a run folder", "nothing to draw": "nothing to draw"}
+    assert expected[case] in lines[0]
+    assert not (run / "show").exists()  # no empty folder left behind
+
+
+# --------------------------------------------------------------------------- the real program
+
+@pytest.mark.slow
+def test_a_real_run_is_drawn(tiny_data, tmp_path):
+    launch("--data", tiny_data, "--out", tmp_path, "--run-name", "run", "--epochs", "1", "--log-every", "2", *TINY)
+    result = run_show(tmp_path / "run", "--neighbour-pool", "30", "--images", "2")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [str(tmp_path / "run" / "show" / f"{name}.png") for name in show.PICTURES]
+    for path in result.stdout.splitlines():
+        check_png(Path(path))
+    assert "conv1 colour share, tower 0: mean" in result.stderr and "skipped" not in result.stderr
