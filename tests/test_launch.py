@@ -20,6 +20,7 @@ from benchmarks.flops import reference_layers
 from benchmarks.traffic import tower_sent_elements
 from launch import data as data_module
 from launch.checkpoint import load_checkpoint, load_reference, restore_training_state, save_reference, save_training_state
+from launch.mesh import build_mesh
 from launch.ranks import run_ranks
 from launch.train import IMAGE_SHAPE, InputBytes, Plan, evaluate, shared_batches
 from launch.config import TrainConfig
@@ -101,7 +102,8 @@ def test_torchrun_environment_is_honoured(tiny_data, tmp_path, world_size):
 def _checkpoint_worker(rank, data_root, tmp):
     """Two towers train two steps and save; then evaluate in ten-crop and on fixed images.
     Also load a checkpoint written by the single-device reference."""
-    group = torch.distributed.group.WORLD
+    mesh = build_mesh(towers=2, timeout_s=60)  # one replica: its tower group is the default group
+    group = mesh.tower_group
     torch.manual_seed(rank)
     opened = data_module.open_data(data_root)
     bundle = opened if rank == 0 else None  # only rank 0 reads images; both know the statistics
@@ -114,12 +116,12 @@ def _checkpoint_worker(rank, data_root, tmp):
     for _ in range(2):
         train_step(tower, optimizer, images, labels)
     save_training_state(Path(tmp) / "towers.pt", tower, optimizer, Progress(global_step=2), TrainConfig(), plan.classes,
-                        plan.train_images, group)
+                        plan.train_images, mesh)
     tower.eval()
     with torch.no_grad():
         saved_logits = tower(images)
-    ten = evaluate(tower, bundle, plan, 4, torch.device("cpu"), group, ten_crop=True)
-    restore_training_state(Path(tmp) / "reference.pt", tower, optimizer, plan.classes, group, with_training=False)
+    ten = evaluate(tower, bundle, plan, 4, torch.device("cpu"), mesh, ten_crop=True)
+    restore_training_state(Path(tmp) / "reference.pt", tower, optimizer, plan.classes, mesh, with_training=False)
     with torch.no_grad():
         loaded_logits = tower(images)
     return {"saved_logits": saved_logits, "ten": ten, "loaded_logits": loaded_logits, "images": images}
