@@ -17,6 +17,8 @@ towers (tests/test_parity.py checks it for every variant) at a lower cost on a C
 The one-tower net always runs in one process (``--layout one-tower``).
 """
 
+import argparse
+import dataclasses
 import datetime
 import json
 import logging
@@ -30,11 +32,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
+from launch import data as data_module
 from launch.cli import add_options, option
 from launch.config import parse_config, resolve
 from launch.meter import StepMeter
 
-from .run import REPORTS_DIR, machine_info, plan_devices, BenchConfig
+from .run import REPORTS_DIR, BenchConfig, machine_info, plan_devices
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +61,7 @@ PAPER_EFFECTS = {
 }
 PAPER_TANH_SLOWDOWN = 6  # section 3.1, Figure 1: ReLUs reach 25 % training error six times faster than tanh
 CHART = "ablations.png"
+CONDITIONS_SUFFIX = ".conditions.json"  # <runs>/<variant>.conditions.json: how the run went (time, load)
 
 
 @dataclass(frozen=True)
@@ -85,8 +89,7 @@ class AblationError(RuntimeError):
     pass
 
 
-def build_parser():
-    import argparse
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.ablations",
                                      description="Train the paper's net and its ablations (sections 3.1-3.4) with "
                                                  "the same seed and budget, and write a report.")
@@ -124,9 +127,13 @@ def train(config: AblationConfig, variant: str, runs: Path) -> tuple:
     logger.info("%s: %s", variant, shlex.join(["python", *command[1:]]))
     stderr_path = runs / f"{variant}.stderr"
     runs.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
+    started, load_at_start = time.perf_counter(), os.getloadavg()
     with open(stderr_path, "w") as stderr:
         returncode = subprocess.run(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=stderr).returncode
+    # beside the run folder, for a report made later from the same runs (--reuse)
+    conditions = {"command": shlex.join(["python", *command[1:]]), "wall_s": time.perf_counter() - started,
+                  "load_average": {"start": load_at_start, "end": os.getloadavg()}}
+    (runs / f"{variant}{CONDITIONS_SUFFIX}").write_text(json.dumps(conditions, indent=1) + "\n")
     if returncode != 0:
         lines = stderr_path.read_text().strip().splitlines()
         why = next((line for line in reversed(lines) if line.startswith(("error:", "the run stopped:"))),
@@ -157,29 +164,39 @@ def check_reusable(run_dir: Path, options: list) -> None:
 
 # ---------------------------------------------------------------- reading the runs
 
+def training_curve(records: list) -> list:
+    """Per training step (metrics.jsonl written with --log-every 1): the step line's
+    training error and loss, which cover the last ``StepMeter().window`` steps of the
+    epoch, fewer in an epoch's first steps (``full_window`` False there)."""
+    train_records = [r for r in records if r["event"] == "train"]
+    first_step = {}  # epoch -> its first step
+    for r in train_records:
+        first_step.setdefault(r["epoch"], r["step"])
+    window = StepMeter().window
+    return [{"step": r["step"], "train_error": 1 - r["top1"], "loss": r["loss"],
+             "full_window": r["step"] - first_step[r["epoch"]] + 1 >= window} for r in train_records]
+
+
+def steps_to_error(curve: list, error: float = TARGET_TRAIN_ERROR) -> Optional[int]:
+    """The first step whose full window's training error is at most ``error``; None if none."""
+    return next((p["step"] for p in curve if p["full_window"] and p["train_error"] <= error), None)
+
+
 def read_run(run_dir: Path, failure: Optional[str] = None) -> dict:
     """A run's numbers: validation errors (summary.json) and the training curve (metrics.jsonl);
     of a run that stopped (``failure``), the curve only."""
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    train_records = [r for r in records if r["event"] == "train"]
-    first_step = {}  # epoch -> its first step (every step is logged: --log-every 1)
-    for r in train_records:
-        first_step.setdefault(r["epoch"], r["step"])
-    window = StepMeter().window
-    curve = [{"step": r["step"], "train_error": 1 - r["top1"], "loss": r["loss"],
-              # the step line's training figures cover the last `window` steps of the epoch,
-              # fewer in an epoch's first steps
-              "full_window": r["step"] - first_step[r["epoch"]] + 1 >= window} for r in train_records]
-    reached = next((p["step"] for p in curve if p["full_window"] and p["train_error"] <= TARGET_TRAIN_ERROR), None)
+    curve = training_curve(records)
+    conditions = run_dir.parent / f"{run_dir.name}{CONDITIONS_SUFFIX}"
+    numbers = {"run_dir": str(run_dir), "failed": failure, "curve": curve, "steps_to_target": steps_to_error(curve),
+               "conditions": json.loads(conditions.read_text()) if conditions.exists() else None}
     if failure is not None:
-        return {"run_dir": str(run_dir), "failed": failure, "steps": curve[-1]["step"] if curve else 0, "curve": curve,
-                "steps_to_target": reached, "window": window}
+        return {**numbers, "steps": curve[-1]["step"] if curve else 0}
     summary = json.loads((run_dir / "summary.json").read_text())
-    return {"run_dir": str(run_dir), "failed": None, "steps": summary["steps"], "centre": summary["centre"],
-            "ten_patch": summary.get("ten_patch"), "images_per_s": summary["images_per_s"],
-            "train_seconds": summary["train_seconds"], "device": summary["device"], "layout": summary["layout"],
-            "evals": [r for r in records if r["event"] == "eval"], "curve": curve,
-            "steps_to_target": reached, "window": window}
+    return {**numbers, "steps": summary["steps"], "centre": summary["centre"], "ten_patch": summary.get("ten_patch"),
+            "images_per_s": summary["images_per_s"], "train_seconds": summary["train_seconds"],
+            "device": summary["device"], "layout": summary["layout"],
+            "evals": [r for r in records if r["event"] == "eval"]}
 
 
 def noise_floor(results: dict) -> dict:
@@ -333,12 +350,9 @@ def write_report(results: dict, info: dict, out: Path) -> None:
         "## Machine and configuration", "",
         f"- host `{info['machine']['hostname']}`, {info['machine']['cpu_model']}, {info['machine']['cpu_count']} "
         f"logical cores, GPUs: {', '.join(info['machine']['gpus']) or 'none'}; torch {info['machine']['torch']}",
-        f"- load average (1, 5, 15 min) at start {' / '.join(f'{x:.2f}' for x in info['load_average']['start'])}, "
-        f"at end {' / '.join(f'{x:.2f}' for x in info['load_average']['end'])}: other work on the machine slows "
-        f"the runs (images/s), never their results",
         f"- command: `{info['command']}`",
-        f"- each run: `python -m launch.two_gpu {' '.join(info['common_options'])}` plus the variant's options; "
-        f"the whole report took {info['elapsed_s'] / 60:.0f} min",
+        f"- each run: `python -m launch.two_gpu {' '.join(info['common_options'])}` plus the variant's options "
+        f"(each run's own command, wall time and the machine's load are listed under Runs)",
         f"- data: {info['data']}",
         f"- recipe (every run): {info['recipe']}",
         f"- the two-tower variants ran as `--layout {info['config']['layout']}`"
@@ -369,10 +383,23 @@ def write_report(results: dict, info: dict, out: Path) -> None:
                          f"{_verdict(d1, floor['difference_floor_points'], p1)}.")
     lines.append("- **ReLU against tanh** (section 3.1, Figure 1, measured there on CIFAR-10 with a four-layer net): "
                  + " ".join(tanh_lines(results)))
-    lines += ["", "## Run folders", ""]
-    lines += [f"- {variant}: `{r['run_dir']}` (checkpoint.pt, metrics.jsonl, summary.json, train.log)"
-              for variant, r in results.items()]
+    lines += ["", "## Runs", "", "Each folder holds checkpoint.pt, metrics.jsonl, summary.json and train.log. Other "
+              "work on the machine slows a run (its images/s and wall time), never its results.", ""]
+    lines += [run_line(variant, r) for variant, r in results.items()]
     (out / "report.md").write_text("\n".join(lines) + "\n")
+
+
+def run_line(variant: str, r: dict) -> str:
+    line = f"- {variant}: `{r['run_dir']}`"
+    if not r["failed"]:
+        line += (f"; {r['steps']} steps trained in {r['train_seconds'] / 60:.1f} min ({r['images_per_s']:.1f} images/s) "
+                 f"on {r['device']}, --layout {r['layout']}")
+    conditions = r["conditions"]
+    if conditions is not None:
+        load = conditions["load_average"]
+        line += (f"; wall time {conditions['wall_s'] / 60:.1f} min; load average (1 min) {load['start'][0]:.1f} at "
+                 f"its start, {load['end'][0]:.1f} at its end")
+    return line
 
 
 def _recipe(run_dir: Path) -> str:
@@ -386,7 +413,6 @@ def _recipe(run_dir: Path) -> str:
 
 
 def _data_description(config: AblationConfig) -> str:
-    from launch import data as data_module
     bundle = data_module.open_data(config.data)
     name = "the built-in dataset (ten generated texture classes)" if config.data is None else str(bundle.root)
     return (f"{name}: {len(bundle.classes)} classes, {len(bundle.train)} training and {len(bundle.val)} validation "
@@ -397,12 +423,13 @@ def main(argv=None) -> Path:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     args = sys.argv[1:] if argv is None else list(argv)
     config = AblationConfig(**vars(build_parser().parse_args(args)))
+    if config.data is not None:  # the runs start in the repository's root
+        config = dataclasses.replace(config, data=str(Path(config.data).resolve()))
     today = datetime.date.today().isoformat()
     machine = machine_info(plan_devices(BenchConfig()))
     out = Path(config.out) if config.out else REPORTS_DIR / f"ablations-{machine['hostname']}-{today}"
-    runs = Path(config.runs) if config.runs else ROOT / "runs" / f"ablations-{today}"
+    runs = Path(config.runs).resolve() if config.runs else ROOT / "runs" / f"ablations-{today}"
     out.mkdir(parents=True, exist_ok=True)
-    started, load_at_start = time.perf_counter(), list(os.getloadavg())
     results = {}
     for variant in config.variants:
         results[variant] = r = read_run(*train(config, variant, runs))
@@ -416,8 +443,6 @@ def main(argv=None) -> Path:
         "command": shlex.join(["python", "-m", "benchmarks.ablations", *args]),
         "common_options": shared_options(config, runs),
         "recipe": _recipe(first), "data": _data_description(config),
-        "load_average": {"start": load_at_start, "end": list(os.getloadavg())},
-        "elapsed_s": time.perf_counter() - started,
     }
     (out / "results.json").write_text(json.dumps({"info": info, "noise": noise_floor(results), "runs": results},
                                                  indent=1))
