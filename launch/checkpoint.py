@@ -144,7 +144,7 @@ def load_checkpoint(path, classes: Optional[list] = None) -> dict:
     got = {k: tuple(v.shape) for k, v in payload["model"].items()}
     if got != expected:
         wrong = sorted(set(expected) ^ set(got)) + sorted(k for k in expected if k in got and got[k] != expected[k])
-        raise CheckpointError(f"{path} does not hold the weights of the 2012 AlexNet it records "
+        raise CheckpointError(f"{path} does not hold the 2012 AlexNet's weights for the architecture it records "
                               f"({architecture.describe()}): these entries differ: {', '.join(wrong[:6])}")
     return payload
 

@@ -82,7 +82,8 @@ def resumed_config(config: TrainConfig, payload: dict) -> TrainConfig:
         if name in RUN_CONTROL or (name in CHANGEABLE_ON_RESUME and value != defaults[name]):
             merged[name] = value
         elif value != defaults[name] and value != merged[name]:
-            raise ValueError(f"{_as_option(name, value)} differs from the resumed run's {_as_option(name, merged[name])}: "
+            had = _as_option(name, merged[name]) if isinstance(value, bool) else merged[name]
+            raise ValueError(f"{_as_option(name, value)} differs from the resumed run's {had}: "
                              f"a resumed run keeps its recipe, so drop the option (or start a new run)")
     return TrainConfig(**merged)
 
