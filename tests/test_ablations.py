@@ -1,6 +1,6 @@
 """The paper's experiments as options of the program, and ``python -m benchmarks.ablations``.
 
-The slow tests share one tiny ablation: every variant trained for two steps on the tiny
+The slow tests share one tiny ablation: every variant trained for one epoch on the tiny
 dataset, the two-tower variants as towers (two processes each), so that the options
 are checked end to end in the towers layout; the built-in report runs them as the
 single-device reference.
@@ -24,7 +24,7 @@ from towers import Architecture
 from conftest import ROOT, RUN_TIMEOUT_S, launch
 
 ABLATION_TIMEOUT_S = 5 * RUN_TIMEOUT_S  # five tiny runs; a hang fails instead of blocking the suite
-TINY_BUDGET = ["--max-steps", "2", "--batch-size", "4", "--lr", "0.001", "--workers", "0"]
+TINY_BUDGET = ["--epochs", "1", "--batch-size", "4", "--lr", "0.001", "--workers", "0"]  # 7 steps of 4 images
 
 
 def _written_curve(tmp_path, errors_per_epoch, batch=10):
@@ -52,16 +52,17 @@ def test_steps_to_25_percent_count_only_full_windows(tmp_path):
     # The epoch-2 window reaches 0 % error at its first step but holds one batch; once full it
     # holds 5 perfect and 15 of 40 %: 30 %, and more after. Epoch 3's window is at 10 % once full.
     assert min(p["train_error"] for p in curve if per_epoch < p["step"] <= 2 * per_epoch) == 0.0
-    assert ablations.steps_to_error(curve) == 2 * per_epoch + window
-    assert ablations.steps_to_error(curve, error=0.05) is None
+    assert ablations.steps_to_error(curve, 0.25) == 2 * per_epoch + window
+    assert ablations.steps_to_error(curve, 0.05) is None
 
 
 def test_tanh_that_never_gets_there_gives_a_lower_bound():
-    results = {"full": {"steps_to_target": 40, "steps": 200, "failed": None},
-               "tanh": {"steps_to_target": None, "steps": 200, "failed": None}}
-    assert "tanh not within 200 steps, so ReLU was at least 5.0x faster (a lower bound" in ablations.tanh_lines(results)[0]
-    results["tanh"]["steps_to_target"] = 120
-    assert "ReLU 3.0x faster" in ablations.tanh_lines(results)[0]
+    results = {"full": {"steps_to": {"25 %": 40, "50 %": 10}, "steps": 200, "failed": None},
+               "tanh": {"steps_to": {"25 %": None, "50 %": 30}, "steps": 200, "failed": None}}
+    to_25, to_50 = ablations.tanh_lines(results)
+    assert "To 25 % training error: ReLU at step 40, tanh not within 200 steps, so ReLU was at least 5.0x faster " \
+           "(a lower bound" in to_25
+    assert "To 50 % training error: ReLU at step 10, tanh at step 30: ReLU 3.0x faster" in to_50
 
 
 # ---------------------------------------------------------------- one tiny ablation, run as a user runs it
@@ -93,19 +94,20 @@ def test_report_has_a_row_per_variant_with_the_runs_numbers(ablation):
     for variant, row in rows.items():
         run = folder / "runs" / variant
         summary = json.loads((run / "summary.json").read_text())
-        assert summary["steps"] == 2
+        assert summary["steps"] == 7
         assert summary["layout"] == ("one-tower" if variant == "one-tower" else "towers")
         centre = summary["centre"]
         assert row["val top-1 error %"] == f"{100 * centre['top1_error']:.1f}"
         assert row["val top-5 error %"] == f"{100 * centre['top5_error']:.1f}"
         assert row["images/s"] == f"{summary['images_per_s']:.1f}"
+        assert row["val top-1 error % by epoch"] == f"{100 * centre['top1_error']:.1f}"  # one epoch, one evaluation
         if variant != "full":
             delta = 100 * (centre["top1_error"] - full["top1_error"])
             assert row["top-1 / top-5 vs full (points)"].startswith(f"{delta:+.1f} / ")
-        train_errors = [1 - json.loads(line)["top1"] for line in (run / "metrics.jsonl").read_text().splitlines()
-                        if '"train"' in line]
-        assert len(train_errors) == 2  # every step logged
-        assert row["steps to 25 % training error"] == "not within 2"  # two steps never fill a 20-step window
+        train_records = [line for line in (run / "metrics.jsonl").read_text().splitlines() if '"train"' in line]
+        assert len(train_records) == 7  # every step logged
+        # seven steps never fill a 20-step window
+        assert row["steps to 25 % / 50 % training error"] == "not within 7 / not within 7"
     # ten validation images: one image is 10 points, the floor of a difference far above the paper's effects
     assert "an error moves in steps of 10.0 points (one image)" in report
     assert "The paper's effects are smaller than that floor" in report
@@ -186,7 +188,7 @@ def test_the_one_tower_layout_keeps_its_net(ablation, tiny_data, tmp_path):
     assert line.endswith("holds the paper's two-tower net, not the one-tower net that --layout one-tower builds: use "
                          "--layout towers or --layout single")
 
-    launch("--resume", run, "--layout", "one-tower", "--max-steps", "3", "--no-ten-crop")
+    launch("--resume", run, "--layout", "one-tower", "--epochs", "2", "--max-steps", "9", "--no-ten-crop")
     resumed = load_checkpoint(run)
-    assert resumed["progress"]["global_step"] == 3 and resumed["arch"]["net"] == "one-tower"
+    assert resumed["progress"]["global_step"] == 9 and resumed["arch"]["net"] == "one-tower"
     assert not torch.equal(resumed["model"]["conv1.weight"], payload["model"]["conv1.weight"])
