@@ -32,10 +32,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
+import torch
+
 from launch import data as data_module
 from launch.cli import add_options, option
-from launch.config import parse_config, resolve
+from launch.config import TrainConfig, parse_config, resolve
 from launch.meter import StepMeter
+from launch.train import build_model
 
 from .run import REPORTS_DIR, BenchConfig, machine_info, plan_devices
 
@@ -198,10 +201,28 @@ def read_run(run_dir: Path, failure: Optional[str] = None) -> dict:
     if failure is not None:
         return {**numbers, "steps": curve[-1]["step"] if curve else 0}
     summary = json.loads((run_dir / "summary.json").read_text())
-    return {**numbers, "steps": summary["steps"], "centre": summary["centre"], "ten_patch": summary.get("ten_patch"),
+    return {**numbers, "steps": summary["steps"], "classes": summary["classes"], "centre": summary["centre"],
+            "ten_patch": summary.get("ten_patch"),
             "images_per_s": summary["images_per_s"], "train_seconds": summary["train_seconds"],
             "device": summary["device"], "layout": summary["layout"],
             "evals": [r for r in records if r["event"] == "eval"]}
+
+
+@torch.no_grad()
+def initial_activation_scale(run_dir: Path, bundle) -> float:
+    """The standard deviation of pool5's output (FC6's input) in the run's net as it
+    started, on its first training batch as training saw it: how large the activations
+    that the initialisation scheme gives this variant are."""
+    config = TrainConfig(**json.loads((run_dir / "config.json").read_text()))
+    if config.layout == "towers":  # the same weights and function in one process
+        config = dataclasses.replace(config, layout="single")
+    model = build_model(config, len(bundle.classes), None, torch.device("cpu")).eval()
+    crops, labels = next(iter(data_module.train_batches(bundle, config.batch_size, config.seed, epoch=0)))
+    choices = data_module.train_augmentation(config.seed, 0, 0, len(labels))
+    pool5 = []
+    model.fc6.register_forward_pre_hook(lambda module, args: pool5.append(args[0]))
+    model(data_module.augment(crops, choices, bundle.stats))
+    return pool5[0].std().item()
 
 
 def noise_floor(results: dict) -> dict:
@@ -213,7 +234,8 @@ def noise_floor(results: dict) -> dict:
     if not finished:
         raise AblationError("no run finished, so there is nothing to compare: see each run's .stderr file")
     n = min(r["centre"]["images"] for r in finished)
-    p = sum(r["centre"]["top1_error"] for r in finished) / len(finished)
+    typical = [r for r in finished if learned(r)] or finished  # a run at chance would inflate the floor
+    p = sum(r["centre"]["top1_error"] for r in typical) / len(typical)
     p = min(max(p, 1 / n), 1 - 1 / n)
     standard_error = math.sqrt(p * (1 - p) / n)
     return {"images": n, "granularity_points": 100 / n, "error_used": p, "standard_error_points": 100 * standard_error,
@@ -222,6 +244,21 @@ def noise_floor(results: dict) -> dict:
 
 def _points(error: float) -> str:
     return f"{100 * error:.1f}"
+
+
+def learned(r: dict) -> bool:
+    """False for a run whose training loss ended at that of a uniform guess, ln(classes)
+    (within 1 %): it fell to chance and stayed there."""
+    return abs(r["curve"][-1]["loss"] - math.log(r["classes"])) > 0.01 * math.log(r["classes"])
+
+
+def not_learned_line(variant: str, r: dict) -> str:
+    peak = max(r["curve"], key=lambda p: p["loss"])
+    return (f"- **{variant} did not learn.** Its training loss (mean of the last {StepMeter().window} steps) peaked "
+            f"at {peak['loss']:.2f} at step {peak['step']} and ended at {r['curve'][-1]['loss']:.3f}, the loss of a "
+            f"uniform guess over {r['classes']} classes (ln {r['classes']} = {math.log(r['classes']):.3f}); its "
+            f"validation error, {_points(r['centre']['top1_error'])} %, is chance. A failure to train under this "
+            f"recipe, one seed: not the effect on generalisation that the paper measured.")
 
 
 def _direction(delta: float, floor: float) -> str:
@@ -276,7 +313,8 @@ def table(results: dict, floor: dict) -> list:
     ten = any(r.get("ten_patch") for r in results.values())
     header = ("| variant | what changes | val top-1 error % | val top-5 error % | top-1 / top-5 vs full (points) "
               "| the paper (points) | direction here | val top-1 error % by epoch "
-              f"| steps to {' / '.join(map(_percent, TRAIN_ERROR_TARGETS))} training error | images/s |")
+              f"| steps to {' / '.join(map(_percent, TRAIN_ERROR_TARGETS))} training error | FC6 input std at step 1 "
+              "| images/s |")
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     descriptions = {"full": "the paper's net (the baseline)", "no-lrn": "no LRN after conv1 and conv2",
                     "non-overlapping": "2x2 pooling windows, stride 2 (not 3x3)", "tanh": "tanh for every ReLU",
@@ -286,7 +324,7 @@ def table(results: dict, floor: dict) -> list:
                              for step in r["steps_to"].values())
         if r["failed"]:
             lines.append(f"| {variant} | {descriptions[variant]} | stopped at step {r['steps']}: {r['failed']} | — | — "
-                         f"| — | — | — | {reached} | — |")
+                         f"| — | — | — | {reached} | {r['initial_scale']:.2f} | — |")
             continue
         centre = r["centre"]
         errors = f"{_points(centre['top1_error'])}", f"{_points(centre['top5_error'])}"
@@ -302,12 +340,13 @@ def table(results: dict, floor: dict) -> list:
             if variant in PAPER_EFFECTS:
                 p1, p5, _ = PAPER_EFFECTS[variant]
                 paper = f"+{p1} / +{p5}"
-                direction = _direction(d1, floor["difference_floor_points"])
+                direction = (_direction(d1, floor["difference_floor_points"]) if learned(r) else
+                             "did not learn (see below)")
             else:
                 paper, direction = f"ReLU about {PAPER_TANH_SLOWDOWN}x faster to 25 % (errors not given)", "see below"
         by_epoch = " / ".join(_points(e["top1_error"]) for e in r["evals"]) or "—"
         lines.append(f"| {variant} | {descriptions[variant]} | {errors[0]} | {errors[1]} | {delta} | {paper} | "
-                     f"{direction} | {by_epoch} | {reached} | {r['images_per_s']:.1f} |")
+                     f"{direction} | {by_epoch} | {reached} | {r['initial_scale']:.2f} | {r['images_per_s']:.1f} |")
     return lines
 
 
@@ -393,7 +432,8 @@ def write_report(results: dict, info: dict, out: Path) -> None:
         f"Validation errors are of the centre patch of the {floor['images']} validation images. Training error is "
         f"the step line's: top-1 error over the last {StepMeter().window} training batches (dropout on, augmented "
         f"images); a step counts for a training-error mark only when its window holds {StepMeter().window} batches of the "
-        f"same epoch.", "",
+        f"same epoch. FC6 input std at step 1: the standard deviation of pool5's output in the net as it started, on "
+        f"its first training batch (the scale of the activations the initialisation gives each variant).", "",
         f"![training error by step, and validation error by variant]({CHART})", "",
         "## What this does and does not show", "",
         f"- **Noise.** One seed on {floor['images']} validation images: an error moves in steps of "
@@ -406,11 +446,15 @@ def write_report(results: dict, info: dict, out: Path) -> None:
         "- **Top-5 error** on ten classes counts a miss only when the true class is among the five least likely: it "
         "says little here.",
     ]
+    lines += [not_learned_line(variant, r) for variant, r in results.items() if not r["failed"] and not learned(r)]
     for variant, (p1, p5, source) in PAPER_EFFECTS.items():
         if variant in results and full is not None and not results[variant]["failed"]:
-            d1 = 100 * (results[variant]["centre"]["top1_error"] - full["centre"]["top1_error"])
+            r = results[variant]
+            d1 = 100 * (r["centre"]["top1_error"] - full["centre"]["top1_error"])
+            verdict = (_verdict(d1, floor["difference_floor_points"], p1) if learned(r) and learned(full) else
+                       "a run that did not learn compares nothing about generalisation")
             lines.append(f"- **{variant}** ({source}): here {d1:+.1f} points of top-1 error against the full net; "
-                         f"{_verdict(d1, floor['difference_floor_points'], p1)}.")
+                         f"{verdict}.")
     lines.append("- **ReLU against tanh** (section 3.1, Figure 1, measured there on CIFAR-10 with a four-layer net): "
                  + " ".join(tanh_lines(results)))
     lines += ["", "## Runs", "", "Each folder holds checkpoint.pt, metrics.jsonl, summary.json and train.log. Other "
@@ -442,8 +486,7 @@ def _recipe(run_dir: Path) -> str:
             + (f", at most {saved['max_steps']} steps" if saved["max_steps"] else ""))
 
 
-def _data_description(config: AblationConfig) -> str:
-    bundle = data_module.open_data(config.data)
+def _data_description(config: AblationConfig, bundle) -> str:
     name = "the built-in dataset (ten generated texture classes)" if config.data is None else str(bundle.root)
     return (f"{name}: {len(bundle.classes)} classes, {len(bundle.train)} training and {len(bundle.val)} validation "
             f"images")
@@ -459,9 +502,10 @@ def main(argv=None) -> Path:
     machine = machine_info(plan_devices(BenchConfig()))
     out = Path(config.out) if config.out else REPORTS_DIR / f"ablations-{machine['hostname']}-{today}"
     runs = Path(config.runs).resolve() if config.runs else ROOT / "runs" / f"ablations-{today}"
-    results = {}
+    results, bundle = {}, data_module.open_data(config.data)
     for variant in config.variants:
         results[variant] = r = read_run(*train(config, variant, runs))
+        r["initial_scale"] = initial_activation_scale(Path(r["run_dir"]), bundle)
         if r["failed"]:
             continue
         logger.info("%s: validation top-1 error %.1f %%, top-5 %.1f %%; first step at each training error: %s",
@@ -471,7 +515,7 @@ def main(argv=None) -> Path:
         "machine": machine, "date": today, "config": asdict(config),
         "command": shlex.join(["python", "-m", "benchmarks.ablations", *args]),
         "common_options": shared_options(config, runs),
-        "recipe": _recipe(first), "data": _data_description(config),
+        "recipe": _recipe(first), "data": _data_description(config, bundle),
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps({"info": info, "noise": noise_floor(results), "runs": results},

@@ -108,6 +108,9 @@ def test_report_has_a_row_per_variant_with_the_runs_numbers(ablation):
         assert len(train_records) == 7  # every step logged
         # seven steps never fill a 20-step window
         assert row["steps to 25 % / 50 % training error"] == "not within 7 / not within 7"
+    # At the same initial weights LRN divides every map by at least k^beta = 2^0.75: without it the
+    # activations reaching FC6 are larger.
+    assert float(rows["no-lrn"]["FC6 input std at step 1"]) > float(rows["full"]["FC6 input std at step 1"]) > 0
     # ten validation images: one image is 10 points, the floor of a difference far above the paper's effects
     assert "an error moves in steps of 10.0 points (one image)" in report
     assert "The paper's effects are smaller than that floor" in report
