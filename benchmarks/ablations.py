@@ -303,7 +303,23 @@ def tanh_lines(results: dict) -> list:
                          f"{tanh / relu:.1f}x faster (the paper: about {PAPER_TANH_SLOWDOWN}x to 25 %); {direction}.")
     lines += [f"(The {v} run stopped at step {results[v]['steps']}: {results[v]['failed']}.)"
               for v in ("full", "tanh") if results[v]["failed"]]
+    for variant, name in (("full", "ReLU"), ("tanh", "tanh")):
+        rise = largest_rise(results[variant]["curve"])
+        if rise is not None and rise[0] >= 0.1:
+            lines.append(f"The {name} run's training error did not fall steadily: it rose by {100 * rise[0]:.0f} "
+                         f"points between steps {rise[1]} and {rise[2]}, so one run's step count says little.")
     return lines
+
+
+def largest_rise(curve: list) -> Optional[tuple]:
+    """(rise, from step, to step): the largest increase of the full-window training error."""
+    best, lowest = None, None
+    for p in (p for p in curve if p["full_window"]):
+        if lowest is None or p["train_error"] < lowest["train_error"]:
+            lowest = p
+        elif best is None or p["train_error"] - lowest["train_error"] > best[0]:
+            best = (p["train_error"] - lowest["train_error"], lowest["step"], p["step"])
+    return best
 
 
 def table(results: dict, floor: dict) -> list:
@@ -355,14 +371,15 @@ def chart(results: dict, floor: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, (curves, bars) = plt.subplots(1, 2, figsize=(13, 5.5))
-    for variant, r in results.items():
+    for variant, r in results.items():  # gaps where the window holds fewer steps (an epoch's first steps)
         steps = [p["step"] for p in r["curve"]]
-        curves.plot(steps, [100 * p["train_error"] for p in r["curve"]], label=variant, linewidth=1.2)
+        curves.plot(steps, [100 * p["train_error"] if p["full_window"] else math.nan for p in r["curve"]],
+                    label=variant, linewidth=1.2)
     for target in TRAIN_ERROR_TARGETS:
         curves.axhline(100 * target, color="grey", linestyle="--", linewidth=0.8)
     curves.set(xlabel="training step", ylabel=f"training top-1 error %, last {StepMeter().window} steps",
                title="Training error (dropout on, augmented batches)", ylim=(0, 100))
-    curves.legend()
+    curves.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=5)
     names = [v for v, r in results.items() if not r["failed"]]
     top1 = [100 * results[v]["centre"]["top1_error"] for v in names]
     bars.bar(names, top1, yerr=floor["standard_error_points"], capsize=4, color="#7a9cc6",
@@ -418,7 +435,10 @@ def write_report(results: dict, info: dict, out: Path) -> None:
         "## Machine and configuration", "",
         f"- host `{info['machine']['hostname']}`, {info['machine']['cpu_model']}, {info['machine']['cpu_count']} "
         f"logical cores, GPUs: {', '.join(info['machine']['gpus']) or 'none'}; torch {info['machine']['torch']}",
-        f"- command: `{info['command']}`",
+        f"- command: `{info['command']}`" + (" (runs already finished in --runs were read, not trained again: "
+                                             "each was trained by this command without --reuse, with the "
+                                             "options checked against its config.json)"
+                                             if info["config"]["reuse"] else ""),
         f"- each run: `python -m launch.two_gpu {' '.join(info['common_options'])}` plus the variant's options "
         f"(each run's own command, wall time and the machine's load are listed under Runs)",
         f"- data: {info['data']}",
@@ -472,7 +492,7 @@ def run_line(variant: str, r: dict) -> str:
     if conditions is not None:
         load = conditions["load_average"]
         line += (f"; wall time {conditions['wall_s'] / 60:.1f} min; load average (1 min) {load['start'][0]:.1f} at "
-                 f"its start, {load['end'][0]:.1f} at its end")
+                 f"its start, {load['end'][0]:.1f} at its end; command `{conditions['command']}`")
     return line
 
 
