@@ -54,11 +54,14 @@ def test_steps_to_25_percent_count_only_full_windows(tmp_path):
     assert min(p["train_error"] for p in curve if per_epoch < p["step"] <= 2 * per_epoch) == 0.0
     assert ablations.steps_to_error(curve, 0.25) == 2 * per_epoch + window
     assert ablations.steps_to_error(curve, 0.05) is None
+    # Epoch 2's full window starts at 30 % and climbs to 40 % as the perfect steps leave it.
+    rise, low, high = ablations.largest_rise(curve)
+    assert (low, high) == (per_epoch + window, per_epoch + window + 5) and rise == pytest.approx(0.1)
 
 
 def test_tanh_that_never_gets_there_gives_a_lower_bound():
-    results = {"full": {"steps_to": {"25 %": 40, "50 %": 10}, "steps": 200, "failed": None},
-               "tanh": {"steps_to": {"25 %": None, "50 %": 30}, "steps": 200, "failed": None}}
+    results = {"full": {"steps_to": {"25 %": 40, "50 %": 10}, "steps": 200, "failed": None, "curve": []},
+               "tanh": {"steps_to": {"25 %": None, "50 %": 30}, "steps": 200, "failed": None, "curve": []}}
     to_25, to_50 = ablations.tanh_lines(results)
     assert "To 25 % training error: ReLU at step 40, tanh not within 200 steps, so ReLU was at least 5.0x faster " \
            "(a lower bound" in to_25
