@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from towers import AlexNet, Tower, shard_state_dict, unshard_state_dicts
+from towers import AlexNet, Architecture, Tower, shard_state_dict, unshard_state_dicts
 
 from .config import TrainConfig
 from .mesh import Mesh
@@ -42,10 +42,18 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used, with the reason and the fix."""
 
 
-def checkpoint_payload(model_state: dict, *, num_classes: int, **extra) -> dict:
-    """A checkpoint dict from a reference-layout state_dict (plus optimizer state, schedule, ...)."""
-    return {"format": FORMAT, "version": VERSION, "arch": {"name": ARCH, "num_classes": num_classes},
+def checkpoint_payload(model_state: dict, *, num_classes: int, architecture: Architecture = Architecture(),
+                       **extra) -> dict:
+    """A checkpoint dict from a reference-layout state_dict (plus optimizer state, schedule, ...).
+    ``arch`` records what rebuilds the net: the classes and the ``Architecture``'s fields."""
+    arch = {"name": ARCH, "num_classes": num_classes, **dataclasses.asdict(architecture)}
+    return {"format": FORMAT, "version": VERSION, "arch": arch,
             "model": {k: v.detach().cpu() for k, v in model_state.items()}, **extra}
+
+
+def checkpoint_architecture(payload: dict) -> Architecture:
+    """The net a loaded checkpoint holds (see ``load_checkpoint``)."""
+    return Architecture(**{f.name: payload["arch"][f.name] for f in dataclasses.fields(Architecture)})
 
 
 def save_checkpoint(path: Path, payload: dict) -> None:
@@ -100,9 +108,9 @@ def resolve_path(path) -> Path:
     return path
 
 
-def _expected_shapes(num_classes: int) -> dict:
+def _expected_shapes(num_classes: int, architecture: Architecture) -> dict:
     with torch.device("meta"):
-        return {k: tuple(v.shape) for k, v in AlexNet(num_classes).state_dict().items()}
+        return {k: tuple(v.shape) for k, v in AlexNet(num_classes, architecture=architecture).state_dict().items()}
 
 
 def load_checkpoint(path, classes: Optional[list] = None) -> dict:
@@ -126,15 +134,20 @@ def load_checkpoint(path, classes: Optional[list] = None) -> dict:
     arch = payload.get("arch", {})
     if arch.get("name") != ARCH:
         raise CheckpointError(f"{path} holds architecture {arch.get('name')!r}, not {ARCH!r}")
+    try:  # a checkpoint saved before the architecture was recorded holds the paper's net: the defaults
+        architecture = Architecture(**{f.name: arch.get(f.name, f.default) for f in dataclasses.fields(Architecture)})
+    except (ValueError, TypeError) as exc:
+        raise CheckpointError(f"{path} records an architecture this program cannot build ({exc})") from None
+    payload["arch"] = {**arch, **dataclasses.asdict(architecture)}
     saved_classes = arch.get("num_classes")
     if classes is not None:
         check_classes(payload, path, classes)
-    expected = _expected_shapes(saved_classes)
+    expected = _expected_shapes(saved_classes, architecture)
     got = {k: tuple(v.shape) for k, v in payload["model"].items()}
     if got != expected:
         wrong = sorted(set(expected) ^ set(got)) + sorted(k for k in expected if k in got and got[k] != expected[k])
-        raise CheckpointError(f"{path} does not hold the 2012 AlexNet's weights: these entries differ: "
-                              f"{', '.join(wrong[:6])}")
+        raise CheckpointError(f"{path} does not hold the 2012 AlexNet's weights for the architecture it records "
+                              f"({architecture.describe()}): these entries differ: {', '.join(wrong[:6])}")
     return payload
 
 
@@ -154,16 +167,19 @@ def check_classes(payload: dict, path, classes: list) -> None:
 
 
 def load_reference(path, dropout: float = 0.5) -> AlexNet:
-    """The single-device reference with a checkpoint's weights (from the towers or from the reference)."""
+    """The single-device net with a checkpoint's weights (from the towers or from a single
+    process), built with the architecture the checkpoint records (``model.architecture``)."""
     payload = load_checkpoint(path)
-    model = AlexNet(payload["arch"]["num_classes"], dropout)
+    model = AlexNet(payload["arch"]["num_classes"], dropout, checkpoint_architecture(payload))
     model.load_state_dict(payload["model"])
     return model
 
 
 def save_reference(path, model: AlexNet, **extra) -> None:
-    """Saves a reference model as a checkpoint that the towers can evaluate or resume from."""
-    save_checkpoint(path, checkpoint_payload(model.state_dict(), num_classes=model.num_classes, **extra))
+    """Saves a reference model as a checkpoint that the towers can evaluate or resume from
+    (the one-tower net's, only in one process)."""
+    save_checkpoint(path, checkpoint_payload(model.state_dict(), num_classes=model.num_classes,
+                                             architecture=model.architecture, **extra))
 
 
 # ---------------------------------------------------------------- across the towers
@@ -215,7 +231,7 @@ def save_training_state(path: Path, tower: Tower, optimizer, progress: Progress,
     if data_mean is not None:
         extra["data_mean"] = data_mean.detach().to("cpu", torch.float32)
     model = unshard([g["model"] for g in gathered])
-    save_checkpoint(path, checkpoint_payload(model, num_classes=len(classes), **extra))
+    save_checkpoint(path, checkpoint_payload(model, num_classes=len(classes), architecture=tower.architecture, **extra))
 
 
 def restore_training_state(path, tower: Tower, optimizer, classes: list, mesh: Mesh,

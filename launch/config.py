@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from towers import FC8_PLACEMENTS
-from towers.reference import INIT_SCHEMES
+from towers.reference import ACTIVATIONS, INIT_SCHEMES, POOLINGS
 
 from .cli import add_options, option
 
@@ -47,8 +47,18 @@ class TrainConfig:
     fc8_placement: str = option("tower0", "'tower0': FC8 whole on tower 0 (the authors' 2012 layout); 'split': 500 + "
                                         "500 neurons, logits gathered for the loss", choices=FC8_PLACEMENTS)
     layout: str = option("towers", "'towers': the paper's two towers, one process each; 'single': the single-device "
-                                   "reference in one process, with the same data, recipe and checkpoints",
-                         choices=("towers", "single"))
+                                   "reference in one process, with the same data, recipe and checkpoints; 'one-tower': "
+                                   "section 3.2's one-GPU net, in one process (48/128/192/192 kernels in conv1-conv4, "
+                                   "conv5 and the FC layers whole, no groups)",
+                         choices=("towers", "single", "one-tower"))
+    lrn: bool = option(True, "response normalisation after conv1 and conv2 (section 3.3; --no-lrn leaves it out)",
+                       action=argparse.BooleanOptionalAction)
+    pooling: str = option("overlapping", "max-pooling after LRN1, LRN2 and conv5 (section 3.4): 'overlapping' 3x3 "
+                                         "windows with stride 2 (the paper), or 'non-overlapping' 2x2 with stride 2 (the "
+                                         "same output sizes, 55 -> 27 -> 13 -> 6, but the last row and column of each "
+                                         "odd-sized map are never seen)", choices=tuple(POOLINGS))
+    activation: str = option("relu", "the nonlinearity after every layer but FC8: 'relu' (the paper) or 'tanh' "
+                                     "(section 3.1, Figure 1)", choices=tuple(ACTIVATIONS))
     replicas: Optional[int] = option(None, "replicas of the net trained data-parallel, a D x 2 mesh of ranks for the "
                                          "towers: each replica trains on its D-th of every --batch-size batch and each "
                                          "tower's gradients are averaged over the replicas (default 1; under torchrun, "

@@ -27,7 +27,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from towers import TOWERS, ExchangeLog, Tower, build_reference, shard_state_dict
+from towers import TOWERS, Architecture, ExchangeLog, Tower, build_reference, shard_state_dict
 
 from . import data as data_module
 from .images import BASE_SIZE, CROP_SIZE
@@ -120,13 +120,22 @@ def shared_batches(source: Optional[Iterable], batches: int, item_shape: tuple, 
 
 # ---------------------------------------------------------------- model, optimizer and their state
 
+def architecture(config: TrainConfig) -> Architecture:
+    """The net the options ask for: --layout one-tower builds section 3.2's one-GPU net,
+    the other layouts the paper's two-tower net; --lrn, --pooling and --activation apply to both."""
+    return Architecture(net="one-tower" if config.layout == "one-tower" else "two-tower", lrn=config.lrn,
+                        pooling=config.pooling, activation=config.activation)
+
+
 def build_model(config: TrainConfig, num_classes: int, group, device) -> torch.nn.Module:
-    """The reference built from the seed (``--layout single``), or this rank's tower cut
-    out of it: a two-tower run starts from exactly the weights of a single-device run."""
-    reference = build_reference(num_classes, seed=config.seed, dropout=config.dropout, init=config.init)
-    if config.layout == "single":
+    """The reference built from the seed (``--layout single`` and ``one-tower``), or this
+    rank's tower cut out of it: a two-tower run starts from exactly the weights of a
+    single-device run."""
+    reference = build_reference(num_classes, seed=config.seed, dropout=config.dropout, init=config.init,
+                                architecture=architecture(config))
+    if config.layout != "towers":
         return reference.to(device)
-    tower = Tower(group, num_classes, config.dropout, config.fc8_placement)
+    tower = Tower(group, num_classes, config.dropout, config.fc8_placement, reference.architecture)
     tower.load_state_dict(shard_state_dict(reference.state_dict(), dist.get_rank(group), config.fc8_placement))
     return tower.to(device)
 

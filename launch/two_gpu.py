@@ -28,10 +28,10 @@ import torch.distributed as dist
 from towers import TOWERS
 
 from . import data as data_module
-from .checkpoint import FILENAME, CheckpointError, check_classes, load_checkpoint, resolve_path
+from .checkpoint import FILENAME, CheckpointError, check_classes, checkpoint_architecture, load_checkpoint, resolve_path
 from .config import PAPER_RECIPE, TrainConfig, build_parser, deviations, parse_config, resolve
 from .ranks import LOOPBACK, RankFailure, choose_placement, cpu_threads_per_rank, init_process_group, run_ranks
-from .train import describe_evaluation, run_rank
+from .train import architecture, describe_evaluation, run_rank
 
 log = logging.getLogger("launch.two_gpu")
 
@@ -44,6 +44,8 @@ RUN_CONTROL = {"resume", "eval_only", "max_steps", "workers", "log_every", "chec
 # evaluations of one fixed set of images.
 CHANGEABLE_ON_RESUME = {"epochs", "lr", "warmup_steps"}
 MAX_LOCAL_RANKS_PER_CORE = 4  # --replicas beyond this many processes per core only thrash the machine
+# Recipe fields that a checkpoint's arch records: --eval-only takes them from the checkpoint.
+ARCHITECTURE_OPTIONS = ("lrn", "pooling", "activation")
 LOCK_NAME = ".lock"  # held by the run using the folder (see lock_run_folder)
 
 
@@ -56,12 +58,21 @@ def check_master_addr(addr: str) -> None:
                          f"of this machine, such as {LOOPBACK} (the default)") from None
 
 
+def _as_option(name: str, value) -> str:
+    flag = name.replace("_", "-")
+    if isinstance(value, bool):
+        return f"--{flag}" if value else f"--no-{flag}"
+    return f"--{flag} {value}"
+
+
 def resumed_config(config: TrainConfig, payload: dict) -> TrainConfig:
     """A resumed run keeps the recipe saved in its checkpoint; options that would change it are refused."""
     saved = payload.get("config")
     if saved is None:
         raise CheckpointError(f"{config.resume} holds weights but no training state (saved from the single-device "
                               f"model?): use it with --eval-only, or start a new run")
+    # saved before these options existed: the architecture is in the checkpoint's arch record all the same
+    saved = {**{name: payload["arch"][name] for name in ARCHITECTURE_OPTIONS}, **saved}
     defaults = vars(build_parser().parse_args([]))
     if set(defaults) - set(saved):
         raise CheckpointError(f"{config.resume} lacks parts of its run's recipe "
@@ -72,9 +83,33 @@ def resumed_config(config: TrainConfig, payload: dict) -> TrainConfig:
         if name in RUN_CONTROL or (name in CHANGEABLE_ON_RESUME and value != defaults[name]):
             merged[name] = value
         elif value != defaults[name] and value != merged[name]:
-            raise ValueError(f"--{name.replace('_', '-')} {value} differs from the resumed run's {merged[name]}: "
+            had = _as_option(name, merged[name]) if isinstance(value, bool) else merged[name]
+            raise ValueError(f"{_as_option(name, value)} differs from the resumed run's {had}: "
                              f"a resumed run keeps its recipe, so drop the option (or start a new run)")
     return TrainConfig(**merged)
+
+
+def evaluated_config(config: TrainConfig, payload: dict) -> TrainConfig:
+    """--eval-only evaluates the net that the checkpoint holds: its LRN, pooling and
+    activation come from the checkpoint; an option that names another is refused."""
+    defaults, saved = vars(build_parser().parse_args([])), payload["arch"]
+    for name in ARCHITECTURE_OPTIONS:
+        value = getattr(config, name)
+        if value != defaults[name] and value != saved[name]:
+            raise ValueError(f"{_as_option(name, value)}: {config.eval_only} holds a net with "
+                             f"{_as_option(name, saved[name])}, and is evaluated as it was trained: drop the option")
+    return dataclasses.replace(config, **{name: saved[name] for name in ARCHITECTURE_OPTIONS})
+
+
+def check_layout_holds(config: TrainConfig, payload: dict) -> None:
+    """The one-tower net of section 3.2 runs only as --layout one-tower, and that layout holds nothing else."""
+    path, saved_net = config.resume or config.eval_only, checkpoint_architecture(payload).net
+    if saved_net == "one-tower" and config.layout != "one-tower":
+        raise ValueError(f"{path} holds the one-tower net of section 3.2 (half the kernels in conv1-conv4), which "
+                         f"--layout {config.layout} cannot hold: add --layout one-tower")
+    if saved_net != "one-tower" and config.layout == "one-tower":
+        raise ValueError(f"{path} holds the paper's two-tower net, not the one-tower net that --layout one-tower "
+                         f"builds: use --layout towers or --layout single")
 
 
 def check_resumable(config: TrainConfig, payload: dict, bundle) -> None:
@@ -202,6 +237,10 @@ def _configure(argv) -> tuple:
     checkpoint = load_checkpoint(config.resume or config.eval_only) if config.resume or config.eval_only else None
     if config.resume:
         config = resumed_config(config, checkpoint)
+    if config.eval_only:
+        config = evaluated_config(config, checkpoint)
+    if checkpoint is not None:
+        check_layout_holds(config, checkpoint)
     towers = TOWERS if config.layout == "towers" else 1
     config = dataclasses.replace(resolve(config), replicas=_replicas(config, towers))
     config.validate()
@@ -209,6 +248,7 @@ def _configure(argv) -> tuple:
     placement = choose_placement(config.backend, gpus, ranks=towers * config.replicas, towers=towers,
                                  ranks_here=int(os.environ.get("LOCAL_WORLD_SIZE", 0)) or None)
     log.info("placement: %s", placement.describe())
+    log.info("architecture: %s", architecture(config).describe())
     return config, checkpoint, placement
 
 

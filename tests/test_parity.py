@@ -1,5 +1,6 @@
 """The two towers compute the reference's function: logits, loss, every gradient,
-the weights after SGD steps, and exactly the expected traffic between them.
+the weights after SGD steps, and exactly the expected traffic between them; for the
+paper's net and for each variant the towers hold (no LRN, non-overlapping pooling, tanh).
 
 Each case runs two real processes over gloo. Inside each rank the reference is
 built from the same seed, so both sides start from identical weights and see
@@ -13,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from launch.ranks import run_ranks
-from towers import Tower, build_reference, shard_state_dict, unshard_state_dicts
+from towers import Architecture, Tower, build_reference, shard_state_dict, unshard_state_dicts
 
 pytestmark = pytest.mark.slow  # two real processes per case
 
@@ -37,13 +38,13 @@ def _sgd(params):
     return torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=5e-4)
 
 
-def _parity_worker(rank, fc8_placement, dtype, sgd_steps, autocast=False, device="cpu"):
+def _parity_worker(rank, fc8_placement, dtype, sgd_steps, autocast=False, device="cpu", architecture=Architecture()):
     torch.manual_seed(SEED)
     if device == "cuda":  # the arithmetic of the CPU: no TF32 (tests/test_gpu.py)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     group = torch.distributed.group.WORLD
-    reference = build_reference(CLASSES, seed=SEED, dropout=0.0).to(device, dtype)
-    tower = Tower(group, CLASSES, dropout=0.0, fc8_placement=fc8_placement).to(dtype)
+    reference = build_reference(CLASSES, seed=SEED, dropout=0.0, architecture=architecture).to(device, dtype)
+    tower = Tower(group, CLASSES, dropout=0.0, fc8_placement=fc8_placement, architecture=architecture).to(dtype)
     tower.load_state_dict(shard_state_dict(reference.state_dict(), rank, fc8_placement))
     tower.to(device)
     images, labels = (t.to(device) for t in _inputs(dtype))
@@ -79,7 +80,8 @@ def _parity_worker(rank, fc8_placement, dtype, sgd_steps, autocast=False, device
         torch.distributed.all_gather_object(shards, shards[rank])
         rebuilt = unshard_state_dicts(shards, fc8_placement)
         out["weights"] = {k: _rel(rebuilt[k], v) for k, v in reference.state_dict().items()}
-        out["moved"] = min(_rel(rebuilt[k], v.to(device)) for k, v in build_reference(CLASSES, SEED).state_dict().items())
+        initial = build_reference(CLASSES, SEED, architecture=architecture).state_dict()
+        out["moved"] = min(_rel(rebuilt[k], v.to(device)) for k, v in initial.items())
     return out
 
 
@@ -101,12 +103,7 @@ def _run(fc8_placement, dtype, autocast=False):
     return _runs[fc8_placement, dtype, autocast]
 
 
-@pytest.mark.parametrize("fc8_placement", ["tower0", "split"])
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
-def test_forward_backward_and_sgd_match_reference(fc8_placement, dtype):
-    sgd_steps = 3 if dtype == torch.float64 else 0
-    results = _run(fc8_placement, dtype)
-    tol = TOLERANCES[dtype]
+def _assert_parity(results, tol, sgd_steps):
     for rank, r in enumerate(results):
         assert r["logits"] < tol, f"rank {rank} logits"
         assert r["loss"] < tol, f"rank {rank} loss"
@@ -118,6 +115,14 @@ def test_forward_backward_and_sgd_match_reference(fc8_placement, dtype):
             worst = max(r["weights"], key=r["weights"].get)
             assert r["weights"][worst] < 10 * tol, f"weights of {worst} after {sgd_steps} SGD steps"
             assert r["moved"] > 1e-6, "SGD steps did not change the weights: the comparison would be vacuous"
+
+
+@pytest.mark.parametrize("fc8_placement", ["tower0", "split"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+def test_forward_backward_and_sgd_match_reference(fc8_placement, dtype):
+    sgd_steps = 3 if dtype == torch.float64 else 0
+    results = _run(fc8_placement, dtype)
+    _assert_parity(results, TOLERANCES[dtype], sgd_steps)
     assert "fc8.weight" in results[0]["grads"]
     assert ("fc8.weight" in results[1]["grads"]) == (fc8_placement == "split")
 
@@ -179,3 +184,11 @@ def test_towers_under_bf16_autocast_match_the_reference():
         assert r["grads"][worst] < 4e-2, f"rank {rank} gradient of {worst}: {r['grads'][worst]:.3g}"
         # conv3's input crosses in bf16: half the bytes of float32
         assert r["exchanges"]["conv3_input/forward"]["sent_bytes"] == 2 * BATCH * 128 * 13 * 13
+
+
+@pytest.mark.parametrize("architecture", [Architecture(lrn=False), Architecture(pooling="non-overlapping"),
+                                          Architecture(activation="tanh")], ids=["no-lrn", "non-overlapping", "tanh"])
+def test_every_variant_of_the_towers_matches_its_reference(architecture):
+    """Each tower honours the variant: float64, three SGD steps, the tolerances above."""
+    results = run_ranks(_parity_worker, ("tower0", torch.float64, 3, False, "cpu", architecture), timeout_s=TIMEOUT_S)
+    _assert_parity(results, TOLERANCES[torch.float64], sgd_steps=3)

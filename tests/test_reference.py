@@ -7,8 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
-from towers import AlexNet, LocalResponseNorm, build_reference
+from launch.checkpoint import CheckpointError, checkpoint_payload, load_checkpoint, load_reference, save_reference
+from towers import AlexNet, Architecture, LocalResponseNorm, Tower, build_reference
+from towers.reference import POOLINGS
 
 # Sizes that follow from the layer shapes of section 3.5 and Figure 2 of the paper.
 LAYER_PARAMS = {"conv1": 34_944, "conv2": 307_456, "conv3": 885_120, "conv4": 663_936, "conv5": 442_624,
@@ -129,3 +132,144 @@ def test_reference_has_no_distributed_code():
         elif isinstance(node, ast.ImportFrom):
             imported.add(node.module or "")
     assert imported and not any("distributed" in name for name in imported)
+
+
+# ---------------------------------------------------------------- the variants of sections 3.1-3.4
+
+VARIANTS = {
+    "paper": Architecture(),
+    "no-lrn": Architecture(lrn=False),
+    "non-overlapping": Architecture(pooling="non-overlapping"),
+    "tanh": Architecture(activation="tanh"),
+    "one-tower": Architecture(net="one-tower"),
+}
+
+
+def test_both_poolings_give_the_papers_sizes():
+    # Section 3.4: s = z = 2 gives outputs of the same size as s = 2, z = 3. With this net's padding
+    # it holds in floor mode, (n - z) // s + 1: pool1 55 -> 27, pool2 27 -> 13, pool5 13 -> 6 for both
+    # (ceil mode would give 2 x 2 windows 28, 14 and 7).
+    for window, stride in POOLINGS.values():
+        assert [(n - window) // stride + 1 for n in (55, 27, 13)] == [27, 13, 6], (window, stride)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_spatial_sizes_of_every_variant(variant):
+    model = AlexNet(10, architecture=VARIANTS[variant]).eval()
+    shapes = {}
+    for name in ("conv1", "conv2", "conv3", "conv4", "conv5"):
+        getattr(model, name).register_forward_hook(lambda m, i, o, name=name: shapes.__setitem__(name, o.shape[1:]))
+    model.fc6.register_forward_pre_hook(lambda m, args: shapes.__setitem__("pool5", args[0].shape[1:]))
+    with torch.no_grad():
+        model(torch.zeros(1, 3, 224, 224))
+    channels = (48, 128, 192, 192, 256) if variant == "one-tower" else (96, 256, 384, 384, 256)
+    assert [tuple(shapes[f"conv{i + 1}"]) for i in range(5)] == [
+        (channels[0], 55, 55), (channels[1], 27, 27), (channels[2], 13, 13), (channels[3], 13, 13), (channels[4], 13, 13)]
+    assert tuple(shapes["pool5"]) == (256 * 6 * 6,)  # conv5 keeps 256 kernels in the one-tower net too
+
+
+def test_non_overlapping_pooling_leaves_the_last_row_and_column_unseen():
+    # 55, 27 and 13 are odd: 2 x 2 windows with stride 2 end one row and column short.
+    x = torch.randn(1, 4, 55, 55)
+    changed = x.clone()
+    changed[:, :, -1, :] += 100
+    changed[:, :, :, -1] += 100
+    non_overlapping, overlapping = AlexNet(architecture=VARIANTS["non-overlapping"]).pool, AlexNet().pool
+    assert torch.equal(non_overlapping(x), non_overlapping(changed))
+    assert not torch.equal(overlapping(x), overlapping(changed))
+    assert non_overlapping(x).shape == overlapping(x).shape == (1, 4, 27, 27)
+
+
+def test_one_tower_net_has_the_footnotes_shape():
+    model = AlexNet(architecture=VARIANTS["one-tower"])
+    # Weights + biases, by hand: conv1 48*3*11*11 + 48 = 17,472; conv2 128*48*5*5 + 128 = 153,728;
+    # conv3 192*128*3*3 + 192 = 221,376; conv4 192*192*3*3 + 192 = 331,968; conv5 256*192*3*3 + 256
+    # = 442,624 (as in the two-tower net); FC6-FC8 as in the two-tower net.
+    expected = {"conv1": 17_472, "conv2": 153_728, "conv3": 221_376, "conv4": 331_968, "conv5": 442_624,
+                "fc6": 37_752_832, "fc7": 16_781_312, "fc8": 4_097_000}
+    assert {name: _count(getattr(model, name)) for name in expected} == expected
+    # 1,167,168 in the convolutions + 58,631,144 in the FC layers: "about the same number of
+    # parameters" as the two-tower net's 60,965,224 (section 3.2's footnote)
+    assert _count(model) == 59_798_312
+    assert all(layer.groups == 1 for layer in model.modules() if isinstance(layer, torch.nn.Conv2d))
+    assert model.lrn1.groups == model.lrn2.groups == 1  # one device: the neighbourhood spans all 48 / 128 maps
+    with pytest.raises(ValueError, match="two-tower net only"):
+        Tower(None, 1000, architecture=VARIANTS["one-tower"])  # refused before any process group is needed
+
+
+class _Calls(TorchFunctionMode):
+    """Counts the torch functions a forward pass calls, by name."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", str(func))
+        self.counts[name] = self.counts.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("variant", ["paper", "tanh"])
+def test_tanh_replaces_every_relu(variant):
+    model = AlexNet(10, architecture=VARIANTS[variant]).eval()
+    with torch.no_grad(), _Calls() as calls:
+        model(torch.randn(1, 3, 224, 224))
+    nonlinearities = {name: calls.counts.get(name, 0) for name in ("relu", "tanh")}
+    # after conv1-conv5, FC6 and FC7: seven, never after FC8
+    assert nonlinearities == ({"relu": 0, "tanh": 7} if variant == "tanh" else {"relu": 7, "tanh": 0})
+
+
+def test_no_lrn_is_the_reference_with_identity_for_lrn():
+    without = build_reference(10, seed=2, architecture=VARIANTS["no-lrn"]).eval()
+    reference = build_reference(10, seed=2).eval()
+    x = torch.randn(2, 3, 224, 224) * 60
+    with torch.no_grad():
+        with_lrn = reference(x)
+        reference.lrn1 = reference.lrn2 = torch.nn.Identity()
+        assert torch.equal(without(x), reference(x))  # the same weights from the seed, the same arithmetic
+    assert not torch.equal(with_lrn, reference(x))  # LRN changes the output at raw-pixel scale
+
+
+def test_unknown_choices_are_refused():
+    for wrong in (dict(pooling="average"), dict(activation="sigmoid"), dict(net="three-tower"), dict(lrn="no")):
+        with pytest.raises(ValueError):
+            Architecture(**wrong)
+
+
+@pytest.mark.parametrize("architecture", [Architecture(net="one-tower"),
+                                          Architecture(lrn=False, pooling="non-overlapping", activation="tanh")],
+                         ids=["one-tower", "no-lrn-non-overlapping-tanh"])
+def test_checkpoints_rebuild_the_architecture_they_hold(architecture, tmp_path):
+    model = build_reference(10, seed=4, architecture=architecture).eval()
+    save_reference(tmp_path / "model.pt", model)
+    payload = load_checkpoint(tmp_path / "model.pt")
+    assert {k: payload["arch"][k] for k in ("net", "lrn", "pooling", "activation")} == vars(architecture)
+    loaded = load_reference(tmp_path / "model.pt").eval()
+    assert loaded.architecture == architecture
+    x = torch.randn(1, 3, 224, 224) * 60
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+
+def _placeholder_weights(architecture=Architecture()):
+    """Weights of the right shapes that take a few bytes on disk: one zero, expanded."""
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in AlexNet(10, architecture=architecture).state_dict().items()}
+    return {k: torch.zeros(()).expand(shape) for k, shape in shapes.items()}
+
+
+def test_a_checkpoint_without_the_architecture_holds_the_papers_net(tmp_path):
+    """Saved before the architecture was recorded: only name and classes in its arch."""
+    payload = checkpoint_payload(_placeholder_weights(), num_classes=10)
+    payload["arch"] = {"name": payload["arch"]["name"], "num_classes": 10}
+    torch.save(payload, tmp_path / "old.pt")
+    assert load_reference(tmp_path / "old.pt").architecture == Architecture()
+    payload["arch"]["pooling"] = "average"
+    torch.save(payload, tmp_path / "unknown.pt")
+    with pytest.raises(CheckpointError, match="architecture this program cannot build"):
+        load_checkpoint(tmp_path / "unknown.pt")
+    payload["arch"].update(pooling="overlapping", net="one-tower")  # the record disagrees with the weights
+    torch.save(payload, tmp_path / "mislabelled.pt")
+    with pytest.raises(CheckpointError, match="conv1.weight"):
+        load_checkpoint(tmp_path / "mislabelled.pt")

@@ -5,9 +5,14 @@ towers in :mod:`towers.tower` and imports nothing from ``torch.distributed``.
 The two GPUs of the paper survive here only as structure: ``groups=2`` on
 conv2, conv4 and conv5, and a response normalisation that never crosses the
 boundary between the two halves of the channels.
+
+The same module builds the variants of the paper's experiments (sections 3.1-3.4),
+chosen by an :class:`Architecture`: tanh for ReLU, no LRN, non-overlapping pooling,
+and the one-GPU net with half the kernels.
 """
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +27,18 @@ CONV_CHANNELS = (96, 256, 384, 384, 256)
 FC_FEATURES = (4096, 4096)
 POOL5_SHAPE = (256, 6, 6)  # channels, height, width after the last max-pool
 INPUT_SIZE = 224
+
+# Section 3.2's one-GPU net, by its footnote: half the kernels in conv1-conv4, but conv5
+# (and so pool5's 256 x 6 x 6) and the FC layers as in the two-tower net; no groups.
+ONE_TOWER_CONV_CHANNELS = (48, 128, 192, 192, 256)
+# net -> (conv channels, groups of conv2/conv4/conv5 and of the LRN)
+NETS = {"two-tower": (CONV_CHANNELS, TOWERS), "one-tower": (ONE_TOWER_CONV_CHANNELS, 1)}
+
+# pooling -> (window z, stride s) of section 3.4. With this net's padding both give
+# 55 -> 27 -> 13 -> 6 (floor mode): (55 - 3) // 2 + 1 = (55 - 2) // 2 + 1 = 27, and so on.
+# The sizes are odd, so 2 x 2 windows leave the last row and column of each map unseen.
+POOLINGS = {"overlapping": (3, 2), "non-overlapping": (2, 2)}
+ACTIVATIONS = {"relu": F.relu, "tanh": torch.tanh}  # section 3.1: the nonlinearity after every layer but FC8
 
 # Layers whose bias the paper sets to 1 (section 5); all other biases are 0.
 BIAS_ONE_LAYERS = ("conv2", "conv4", "conv5", "fc6", "fc7")
@@ -60,30 +77,64 @@ class LocalResponseNorm(nn.Module):
         return f"groups={self.groups}, size={self.size}, alpha={self.alpha} (paper convention), beta={self.beta}, k={self.k}"
 
 
-def overlapping_pool(x: torch.Tensor) -> torch.Tensor:
-    """Section 3.4: 3x3 windows with stride 2."""
-    return F.max_pool2d(x, kernel_size=3, stride=2)
+@dataclass(frozen=True)
+class Architecture:
+    """The choices the paper's experiments vary; the defaults are the paper's net."""
+    net: str = "two-tower"  # 'two-tower': the paper's; 'one-tower': section 3.2's one-GPU net (NETS)
+    lrn: bool = True  # section 3.3: response normalisation after conv1 and conv2
+    pooling: str = "overlapping"  # section 3.4: POOLINGS
+    activation: str = "relu"  # section 3.1: ACTIVATIONS
+
+    def __post_init__(self):
+        for name, allowed in (("net", NETS), ("pooling", POOLINGS), ("activation", ACTIVATIONS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if not isinstance(self.lrn, bool):
+            raise ValueError(f"lrn must be True or False, got {self.lrn!r}")
+
+    def describe(self) -> str:
+        """The differences from the paper's net, in words ('the paper's net' if none)."""
+        changes = []
+        if self.net == "one-tower":
+            changes.append("the one-GPU net of section 3.2 (48/128/192/192/256 kernels, no groups)")
+        if not self.lrn:
+            changes.append("no LRN")
+        if self.pooling != "overlapping":
+            changes.append(f"{self.pooling} pooling")
+        if self.activation != "relu":
+            changes.append(f"{self.activation} for ReLU")
+        return ", ".join(changes) or "the paper's net"
+
+
+def max_pool(pooling: str):
+    """The max-pooling after LRN1, LRN2 and conv5 (section 3.4)."""
+    window, stride = POOLINGS[pooling]
+    return nn.MaxPool2d(kernel_size=window, stride=stride)
 
 
 class AlexNet(nn.Module):
-    """The paper's net on one device. Input: N x 3 x 224 x 224; output: N x num_classes logits.
+    """The paper's net on one device (or a variant: ``architecture``). Input:
+    N x 3 x 224 x 224; output: N x num_classes logits.
 
     conv1 uses padding 2 so that 224 maps to 55 (torchvision's convention; the
     paper's 224 with an 11/4 kernel does not divide evenly).
     """
 
-    def __init__(self, num_classes: int = 1000, dropout: float = 0.5):
+    def __init__(self, num_classes: int = 1000, dropout: float = 0.5, architecture: Architecture = Architecture()):
         super().__init__()
         if num_classes < 2:
             raise ValueError(f"num_classes must be at least 2, got {num_classes}")
-        c1, c2, c3, c4, c5 = CONV_CHANNELS
+        self.architecture = architecture
+        (c1, c2, c3, c4, c5), groups = NETS[architecture.net]
         self.conv1 = nn.Conv2d(3, c1, kernel_size=11, stride=4, padding=2)
-        self.lrn1 = LocalResponseNorm(groups=TOWERS)
-        self.conv2 = nn.Conv2d(c1, c2, kernel_size=5, padding=2, groups=TOWERS)
-        self.lrn2 = LocalResponseNorm(groups=TOWERS)
+        self.lrn1 = LocalResponseNorm(groups=groups) if architecture.lrn else nn.Identity()
+        self.conv2 = nn.Conv2d(c1, c2, kernel_size=5, padding=2, groups=groups)
+        self.lrn2 = LocalResponseNorm(groups=groups) if architecture.lrn else nn.Identity()
         self.conv3 = nn.Conv2d(c2, c3, kernel_size=3, padding=1)  # sees all maps of both halves
-        self.conv4 = nn.Conv2d(c3, c4, kernel_size=3, padding=1, groups=TOWERS)
-        self.conv5 = nn.Conv2d(c4, c5, kernel_size=3, padding=1, groups=TOWERS)
+        self.conv4 = nn.Conv2d(c3, c4, kernel_size=3, padding=1, groups=groups)
+        self.conv5 = nn.Conv2d(c4, c5, kernel_size=3, padding=1, groups=groups)
+        self.pool = max_pool(architecture.pooling)
+        self.activation = ACTIVATIONS[architecture.activation]
         self.fc6 = nn.Linear(c5 * 6 * 6, FC_FEATURES[0])
         self.fc7 = nn.Linear(FC_FEATURES[0], FC_FEATURES[1])
         self.fc8 = nn.Linear(FC_FEATURES[1], num_classes)
@@ -94,13 +145,14 @@ class AlexNet(nn.Module):
         return self.fc8.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = overlapping_pool(self.lrn1(F.relu(self.conv1(x))))  # N x 96 x 27 x 27
-        x = overlapping_pool(self.lrn2(F.relu(self.conv2(x))))  # N x 256 x 13 x 13
-        x = F.relu(self.conv3(x))
-        x = F.relu(self.conv4(x))
-        x = overlapping_pool(F.relu(self.conv5(x)))  # N x 256 x 6 x 6
-        x = self.dropout(F.relu(self.fc6(x.flatten(1))))
-        x = self.dropout(F.relu(self.fc7(x)))
+        act = self.activation
+        x = self.pool(self.lrn1(act(self.conv1(x))))  # N x 96 x 27 x 27
+        x = self.pool(self.lrn2(act(self.conv2(x))))  # N x 256 x 13 x 13
+        x = act(self.conv3(x))
+        x = act(self.conv4(x))
+        x = self.pool(act(self.conv5(x)))  # N x 256 x 6 x 6
+        x = self.dropout(act(self.fc6(x.flatten(1))))
+        x = self.dropout(act(self.fc7(x)))
         return self.fc8(x)
 
 
@@ -146,5 +198,6 @@ def init_weights(model: nn.Module, seed: int, scheme: str = "paper") -> nn.Modul
     return model
 
 
-def build_reference(num_classes: int = 1000, seed: int = 0, dropout: float = 0.5, init: str = "paper") -> AlexNet:
-    return init_weights(AlexNet(num_classes, dropout), seed, init)
+def build_reference(num_classes: int = 1000, seed: int = 0, dropout: float = 0.5, init: str = "paper",
+                    architecture: Architecture = Architecture()) -> AlexNet:
+    return init_weights(AlexNet(num_classes, dropout, architecture), seed, init)

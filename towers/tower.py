@@ -10,11 +10,11 @@ Every tower returns the full N x K logits, so the loss and everything after it
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from .exchange import ExchangeLog, broadcast_from_first, gather_channels, gather_replicated, gather_to_first
-from .reference import CONV_CHANNELS, FC_FEATURES, POOL5_SHAPE, TOWERS, LocalResponseNorm, overlapping_pool
+from .reference import (ACTIVATIONS, CONV_CHANNELS, FC_FEATURES, POOL5_SHAPE, TOWERS, Architecture, LocalResponseNorm,
+                        max_pool)
 from .sharding import check_placement
 
 
@@ -78,42 +78,49 @@ class Tower(nn.Module):
     index in it (``dist.get_rank(group)``) decides which half it holds.
 
     Parameter names match the reference's (``conv1.weight``, ..., ``fc8.weight``),
-    so :mod:`towers.sharding` maps between them by name alone.
+    so :mod:`towers.sharding` maps between them by name alone. ``architecture``'s LRN,
+    pooling and activation are the reference's; its net must be the two-tower one.
     """
 
-    def __init__(self, group, num_classes: int = 1000, dropout: float = 0.5, fc8_placement: str = "tower0"):
+    def __init__(self, group, num_classes: int = 1000, dropout: float = 0.5, fc8_placement: str = "tower0",
+                 architecture: Architecture = Architecture()):
         super().__init__()
         check_placement(fc8_placement)
+        if architecture.net != "two-tower":
+            raise ValueError(f"the towers hold the two-tower net only, not the {architecture.net} net: build that one "
+                             f"as the reference AlexNet on one device")
         if dist.get_world_size(group) != TOWERS:
             raise ValueError(f"a tower needs a process group of exactly {TOWERS} ranks, got {dist.get_world_size(group)}")
         self.group, self.tower_rank = group, dist.get_rank(group)
-        self.fc8_placement, self.num_classes = fc8_placement, num_classes
+        self.fc8_placement, self.num_classes, self.architecture = fc8_placement, num_classes, architecture
         self.exchange_log = ExchangeLog()
         c1, c2, c3, c4, c5 = (c // TOWERS for c in CONV_CHANNELS)
         f6, f7 = (f // TOWERS for f in FC_FEATURES)
         pool5_features = POOL5_SHAPE[0] * POOL5_SHAPE[1] * POOL5_SHAPE[2]
         self.conv1 = nn.Conv2d(3, c1, kernel_size=11, stride=4, padding=2)
-        self.lrn1 = LocalResponseNorm(groups=1)  # this tower's 48 maps only
+        self.lrn1 = LocalResponseNorm(groups=1) if architecture.lrn else nn.Identity()  # this tower's 48 maps only
         self.conv2 = nn.Conv2d(c1, c2, kernel_size=5, padding=2)
-        self.lrn2 = LocalResponseNorm(groups=1)
+        self.lrn2 = LocalResponseNorm(groups=1) if architecture.lrn else nn.Identity()
         self.conv3 = nn.Conv2d(TOWERS * c2, c3, kernel_size=3, padding=1)
         self.conv4 = nn.Conv2d(c3, c4, kernel_size=3, padding=1)
         self.conv5 = nn.Conv2d(c4, c5, kernel_size=3, padding=1)
+        self.pool = max_pool(architecture.pooling)
+        self.activation = ACTIVATIONS[architecture.activation]
         self.fc6 = nn.Linear(pool5_features, f6)
         self.fc7 = nn.Linear(TOWERS * f6, f7)
         self.fc8 = build_fc8(fc8_placement, self.tower_rank, TOWERS * f7, num_classes, group, self.exchange_log)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        exchange_log, group = self.exchange_log, self.group
-        x = overlapping_pool(self.lrn1(F.relu(self.conv1(x))))  # N x 48 x 27 x 27
-        x = overlapping_pool(self.lrn2(F.relu(self.conv2(x))))  # N x 128 x 13 x 13
+        exchange_log, group, act = self.exchange_log, self.group, self.activation
+        x = self.pool(self.lrn1(act(self.conv1(x))))  # N x 48 x 27 x 27
+        x = self.pool(self.lrn2(act(self.conv2(x))))  # N x 128 x 13 x 13
         x = gather_channels(as_autocast_dtype(x), group, exchange_log, "conv3_input")  # exchange: N x 256 x 13 x 13
-        x = F.relu(self.conv3(x))
-        x = F.relu(self.conv4(x))
-        x = overlapping_pool(F.relu(self.conv5(x)))  # N x 128 x 6 x 6
+        x = act(self.conv3(x))
+        x = act(self.conv4(x))
+        x = self.pool(act(self.conv5(x)))  # N x 128 x 6 x 6
         x = gather_channels(x.flatten(1), group, exchange_log, "fc6_input")  # exchange: N x 9216, channel-major as in the reference
-        x = self.dropout(F.relu(self.fc6(x)))
+        x = self.dropout(act(self.fc6(x)))
         x = gather_channels(x, group, exchange_log, "fc7_input")  # exchange: N x 4096
-        x = self.dropout(F.relu(self.fc7(x)))
+        x = self.dropout(act(self.fc7(x)))
         return self.fc8(x)  # exchanges: FC8's input and the logits (see the FC8 classes)

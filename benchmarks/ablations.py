@@ -1,0 +1,553 @@
+"""Ablations: the paper's experiments of sections 3.1-3.4, each trained by the training program.
+
+    python -m benchmarks.ablations                  # the built-in dataset and its recipe, every variant
+    python -m benchmarks.ablations --epochs 1       # a shorter budget
+    python -m benchmarks.ablations --help           # every option
+
+Trains the paper's net ("full") and each variant (no LRN, non-overlapping pooling,
+tanh for ReLU, the one-tower net of section 3.2) with ``python -m launch.two_gpu``,
+one run after the other, with the same data, seed, recipe and budget; then reads
+each run's metrics.jsonl and summary.json and writes report.md, results.json and
+ablations.png into the report folder. The run folders (checkpoints of about 240 MB
+each) go to --runs, outside the repository by default.
+
+The variants of the two-tower net run as the single-device reference (``--layout
+single``) unless --layout towers is given: it computes the same function as the
+towers (tests/test_parity.py checks it for every variant) at a lower cost on a CPU.
+The one-tower net always runs in one process (``--layout one-tower``).
+"""
+
+import argparse
+import dataclasses
+import datetime
+import json
+import logging
+import math
+import os
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from launch import data as data_module
+from launch.cli import add_options, option
+from launch.config import TrainConfig, parse_config, resolve
+from launch.meter import StepMeter
+from launch.train import build_model
+
+from .run import REPORTS_DIR, BenchConfig, machine_info, plan_devices
+
+logger = logging.getLogger(__name__)
+
+ROOT = Path(__file__).resolve().parents[1]
+# Training errors whose first step is reported: 25 % is Figure 1's (steps until the training
+# error first reaches it); 50 % is a level that a short CPU budget reaches, so that a ratio
+# can be measured where 25 % is out of reach.
+TRAIN_ERROR_TARGETS = (0.25, 0.5)
+# variant -> options of launch.two_gpu that make it (the two-tower variants also get --layout)
+VARIANTS = {
+    "full": [],
+    "no-lrn": ["--no-lrn"],
+    "non-overlapping": ["--pooling", "non-overlapping"],
+    "tanh": ["--activation", "tanh"],
+    "one-tower": ["--layout", "one-tower"],
+}
+# What the paper credits each change with: the variant's validation error minus the full
+# net's, in points of top-1 / top-5 error (ILSVRC-2012, one CNN), and where it says so.
+PAPER_EFFECTS = {
+    "no-lrn": (1.4, 1.2, "section 3.3: response normalisation lowers top-1/top-5 error by 1.4/1.2 points"),
+    "non-overlapping": (0.4, 0.3, "section 3.4: overlapping pooling lowers top-1/top-5 error by 0.4/0.3 points"),
+    "one-tower": (1.7, 1.2, "section 3.2: the two-tower net beats the one-GPU net with half the kernels by "
+                            "1.7/1.2 points"),
+}
+PAPER_TANH_SLOWDOWN = 6  # section 3.1, Figure 1: ReLUs reach 25 % training error six times faster than tanh
+CHART = "ablations.png"
+CONDITIONS_SUFFIX = ".conditions.json"  # <runs>/<variant>.conditions.json: how the run went (time, load)
+
+
+@dataclass(frozen=True)
+class AblationConfig:
+    variants: tuple = option(tuple(VARIANTS), "variants to train (full: the paper's net, the baseline of the others)",
+                             choices=tuple(VARIANTS), many=True)
+    data: Optional[str] = option(None, "ImageNet-layout folder [the built-in dataset]")
+    epochs: Optional[int] = option(None, "epochs of every run [the dataset's recipe]", type=int)
+    max_steps: Optional[int] = option(None, "stop every run after this many steps [none]", type=int)
+    batch_size: Optional[int] = option(None, "images per step [the dataset's recipe]", type=int)
+    lr: Optional[float] = option(None, "initial learning rate [the dataset's recipe]", type=float)
+    seed: int = option(0, "seed of every run: initial weights, data order, augmentation, dropout", type=int)
+    layout: str = option("single", "how the two-tower variants run: 'single' (the reference in one process, the "
+                                   "same function as the towers) or 'towers' (two processes)",
+                         choices=("single", "towers"))
+    ten_crop: bool = option(False, "also evaluate every run with the ten-patch test", action="store_true")
+    workers: Optional[int] = option(None, "data-loading processes of every run [launch.two_gpu's default]", type=int)
+    out: Optional[str] = option(None, "report folder [benchmarks/reports/ablations-<host>-<YYYY-MM-DD>]")
+    runs: Optional[str] = option(None, "folder of the run folders, one per variant [runs/ablations-<YYYY-MM-DD>]")
+    reuse: bool = option(False, "a variant whose run folder already holds a finished run is read, not trained "
+                                "again (it must have been trained with these options)", action="store_true")
+
+
+class AblationError(RuntimeError):
+    pass
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.ablations",
+                                     description="Train the paper's net and its ablations (sections 3.1-3.4) with "
+                                                 "the same seed and budget, and write a report.")
+    add_options(parser, AblationConfig)
+    return parser
+
+
+def shared_options(config: AblationConfig, runs: Path) -> list:
+    """The options of launch.two_gpu that every variant's run gets."""
+    options = ["--out", str(runs), "--seed", str(config.seed), "--log-every", "1"]
+    for name in ("data", "epochs", "max_steps", "batch_size", "lr", "workers"):
+        value = getattr(config, name)
+        if value is not None:
+            options += ["--" + name.replace("_", "-"), str(value)]
+    return options + ["--ten-crop" if config.ten_crop else "--no-ten-crop"]
+
+
+def run_options(config: AblationConfig, variant: str, runs: Path) -> list:
+    """The options of launch.two_gpu for one variant's run."""
+    layout = [] if "--layout" in VARIANTS[variant] else ["--layout", config.layout]
+    return shared_options(config, runs) + ["--run-name", variant] + layout + VARIANTS[variant]
+
+
+def train(config: AblationConfig, variant: str, runs: Path) -> tuple:
+    """Runs the training program for ``variant`` (or, with --reuse, takes its finished run).
+    Returns (run folder, None) or, when the run stopped on its own (a loss that ran away is
+    a result too), (run folder, why); options the program refuses raise AblationError."""
+    run_dir = runs / variant
+    options = run_options(config, variant, runs)
+    if config.reuse and (run_dir / "summary.json").exists():
+        check_reusable(run_dir, options)
+        logger.info("%s: reusing the finished run in %s", variant, run_dir)
+        return run_dir, None
+    command = [sys.executable, "-m", "launch.two_gpu", *options]
+    logger.info("%s: %s", variant, shlex.join(["python", *command[1:]]))
+    stderr_path = runs / f"{variant}.stderr"
+    runs.mkdir(parents=True, exist_ok=True)
+    started, load_at_start = time.perf_counter(), os.getloadavg()
+    with open(stderr_path, "w") as stderr:
+        returncode = subprocess.run(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=stderr).returncode
+    # beside the run folder, for a report made later from the same runs (--reuse)
+    conditions = {"command": shlex.join(["python", *command[1:]]), "wall_s": time.perf_counter() - started,
+                  "load_average": {"start": load_at_start, "end": os.getloadavg()}}
+    (runs / f"{variant}{CONDITIONS_SUFFIX}").write_text(json.dumps(conditions, indent=1) + "\n")
+    if returncode != 0:
+        lines = stderr_path.read_text().strip().splitlines()
+        why = next((line for line in reversed(lines) if line.startswith(("error:", "the run stopped:"))),
+                   lines[-1] if lines else f"exit {returncode}")
+        if returncode == 2 or not (run_dir / "metrics.jsonl").exists():  # refused, or stopped before training
+            raise AblationError(f"the {variant} run failed (exit {returncode}): {why.removeprefix('error: ')} (its "
+                                f"output: {stderr_path})")
+        logger.warning("%s: the run stopped after %.0f s: %s", variant, time.perf_counter() - started, why)
+        return run_dir, why
+    logger.info("%s: done in %.0f s", variant, time.perf_counter() - started)
+    return run_dir, None
+
+
+# Options of launch.two_gpu that say where and how a run ran, not what it computed.
+NOT_COMPARED_ON_REUSE = {"out", "run_name", "log_every", "workers", "timeout", "backend", "master_addr",
+                         "checkpoint_every"}
+
+
+def check_reusable(run_dir: Path, options: list) -> None:
+    """A run is reused only if its config.json holds what ``options`` would have given it."""
+    saved = json.loads((run_dir / "config.json").read_text())
+    wanted = json.loads(json.dumps(asdict(resolve(parse_config(options)))))  # tuples as JSON gives them back
+    differ = sorted(name for name in wanted if name not in NOT_COMPARED_ON_REUSE and saved.get(name) != wanted[name])
+    if differ:
+        name = differ[0]
+        raise AblationError(f"{run_dir} was trained with {name} = {saved.get(name)}, not {wanted[name]}: give "
+                            f"another --runs folder, or leave out --reuse")
+
+
+# ---------------------------------------------------------------- reading the runs
+
+def training_curve(records: list) -> list:
+    """Per training step (metrics.jsonl written with --log-every 1): the step line's
+    training error and loss, which cover the last ``StepMeter().window`` steps of the
+    epoch, fewer in an epoch's first steps (``full_window`` False there)."""
+    train_records = [r for r in records if r["event"] == "train"]
+    first_step = {}  # epoch -> its first step
+    for r in train_records:
+        first_step.setdefault(r["epoch"], r["step"])
+    window = StepMeter().window
+    return [{"step": r["step"], "train_error": 1 - r["top1"], "loss": r["loss"],
+             "full_window": r["step"] - first_step[r["epoch"]] + 1 >= window} for r in train_records]
+
+
+def steps_to_error(curve: list, error: float) -> Optional[int]:
+    """The first step whose full window's training error is at most ``error``; None if none."""
+    return next((p["step"] for p in curve if p["full_window"] and p["train_error"] <= error), None)
+
+
+def read_run(run_dir: Path, failure: Optional[str] = None) -> dict:
+    """A run's numbers: validation errors (summary.json) and the training curve (metrics.jsonl);
+    of a run that stopped (``failure``), the curve only."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    curve = training_curve(records)
+    conditions = run_dir.parent / f"{run_dir.name}{CONDITIONS_SUFFIX}"
+    numbers = {"run_dir": str(run_dir), "failed": failure, "curve": curve,
+               "steps_to": {_percent(target): steps_to_error(curve, target) for target in TRAIN_ERROR_TARGETS},
+               "conditions": json.loads(conditions.read_text()) if conditions.exists() else None}
+    if failure is not None:
+        return {**numbers, "steps": curve[-1]["step"] if curve else 0}
+    summary = json.loads((run_dir / "summary.json").read_text())
+    return {**numbers, "steps": summary["steps"], "classes": summary["classes"], "centre": summary["centre"],
+            "ten_patch": summary.get("ten_patch"),
+            "images_per_s": summary["images_per_s"], "train_seconds": summary["train_seconds"],
+            "device": summary["device"], "layout": summary["layout"],
+            "evals": [r for r in records if r["event"] == "eval"]}
+
+
+@torch.no_grad()
+def initial_activation_scale(run_dir: Path, bundle) -> float:
+    """The standard deviation of pool5's output (FC6's input) in the run's net as it
+    started, on its first training batch as training saw it: how large the activations
+    that the initialisation scheme gives this variant are."""
+    config = TrainConfig(**json.loads((run_dir / "config.json").read_text()))
+    if config.layout == "towers":  # the same weights and function in one process
+        config = dataclasses.replace(config, layout="single")
+    model = build_model(config, len(bundle.classes), None, torch.device("cpu")).eval()
+    crops, labels = next(iter(data_module.train_batches(bundle, config.batch_size, config.seed, epoch=0)))
+    choices = data_module.train_augmentation(config.seed, 0, 0, len(labels))
+    pool5 = []
+    model.fc6.register_forward_pre_hook(lambda module, args: pool5.append(args[0]))
+    model(data_module.augment(crops, choices, bundle.stats))
+    return pool5[0].std().item()
+
+
+def noise_floor(results: dict) -> dict:
+    """How large a difference of two validation errors means something here. Each error is a
+    proportion of n images: its granularity is 1/n, its binomial standard error sqrt(p(1-p)/n);
+    the difference of two such errors has about sqrt(2) times that. A difference within two of
+    those standard errors is noise (and one seed adds the spread between seeds, not measured)."""
+    finished = [r for r in results.values() if not r["failed"]]
+    if not finished:
+        raise AblationError("no run finished, so there is nothing to compare: see each run's .stderr file")
+    n = min(r["centre"]["images"] for r in finished)
+    typical = [r for r in finished if learned(r)] or finished  # a run at chance would inflate the floor
+    p = sum(r["centre"]["top1_error"] for r in typical) / len(typical)
+    p = min(max(p, 1 / n), 1 - 1 / n)
+    standard_error = math.sqrt(p * (1 - p) / n)
+    return {"images": n, "granularity_points": 100 / n, "error_used": p, "standard_error_points": 100 * standard_error,
+            "difference_floor_points": 100 * 2 * math.sqrt(2) * standard_error}
+
+
+def _points(error: float) -> str:
+    return f"{100 * error:.1f}"
+
+
+def learned(r: dict) -> bool:
+    """False for a run whose training loss ended at that of a uniform guess, ln(classes)
+    (within 1 %): it fell to chance and stayed there."""
+    return abs(r["curve"][-1]["loss"] - math.log(r["classes"])) > 0.01 * math.log(r["classes"])
+
+
+def not_learned_line(variant: str, r: dict) -> str:
+    peak = max(r["curve"], key=lambda p: p["loss"])
+    return (f"- **{variant} did not learn.** Its training loss (mean of the last {StepMeter().window} steps) peaked "
+            f"at {peak['loss']:.2f} at step {peak['step']} and ended at {r['curve'][-1]['loss']:.3f}, the loss of a "
+            f"uniform guess over {r['classes']} classes (ln {r['classes']} = {math.log(r['classes']):.3f}); its "
+            f"validation error, {_points(r['centre']['top1_error'])} %, is chance. A failure to train under this "
+            f"recipe, one seed: not the effect on generalisation that the paper measured.")
+
+
+def _direction(delta: float, floor: float) -> str:
+    if abs(delta) < floor:
+        return f"within noise (±{floor:.1f})"
+    return "the paper's" if delta > 0 else "the opposite"
+
+
+def _verdict(delta: float, floor: float, paper: float) -> str:
+    if abs(delta) < floor:
+        return (f"not resolved: {delta:+.1f} lies within the noise floor of ±{floor:.1f}, and the paper's "
+                f"{paper:+.1f} is far smaller than that floor" if paper < floor else
+                f"not resolved: {delta:+.1f} lies within the noise floor of ±{floor:.1f}")
+    return "the paper's direction" if delta > 0 else "the opposite of the paper's direction"
+
+
+def _percent(error: float) -> str:
+    return f"{100 * error:.0f} %"
+
+
+def tanh_lines(results: dict) -> list:
+    """ReLU (the full net) against tanh: steps to each of TRAIN_ERROR_TARGETS, and their ratio."""
+    if "full" not in results or "tanh" not in results:
+        return ["ReLU against tanh needs both the full and the tanh runs."]
+    lines = []
+    for target in map(_percent, TRAIN_ERROR_TARGETS):
+        relu, tanh = results["full"]["steps_to"][target], results["tanh"]["steps_to"][target]
+        relu_budget, tanh_budget = results["full"]["steps"], results["tanh"]["steps"]
+        if relu is None and tanh is None:
+            lines.append(f"To {target} training error: neither ReLU nor tanh got there within {tanh_budget} steps; "
+                         f"no ratio measured.")
+        elif relu is None:
+            lines.append(f"To {target} training error: tanh at step {tanh}, ReLU not within {relu_budget} steps: "
+                         f"the opposite of the paper's direction.")
+        elif tanh is None:
+            lines.append(f"To {target} training error: ReLU at step {relu}, tanh not within {tanh_budget} steps, so "
+                         f"ReLU was at least {tanh_budget / relu:.1f}x faster (a lower bound; the paper: about "
+                         f"{PAPER_TANH_SLOWDOWN}x to 25 %).")
+        else:
+            direction = "the paper's direction" if tanh > relu else "not the paper's direction"
+            lines.append(f"To {target} training error: ReLU at step {relu}, tanh at step {tanh}: ReLU "
+                         f"{tanh / relu:.1f}x faster (the paper: about {PAPER_TANH_SLOWDOWN}x to 25 %); {direction}.")
+    lines += [f"(The {v} run stopped at step {results[v]['steps']}: {results[v]['failed']}.)"
+              for v in ("full", "tanh") if results[v]["failed"]]
+    for variant, name in (("full", "ReLU"), ("tanh", "tanh")):
+        rise = largest_rise(results[variant]["curve"])
+        if rise is not None and rise[0] >= 0.1:
+            lines.append(f"The {name} run's training error did not fall steadily: it rose by {100 * rise[0]:.0f} "
+                         f"points between steps {rise[1]} and {rise[2]}, so one run's step count says little.")
+    return lines
+
+
+def largest_rise(curve: list) -> Optional[tuple]:
+    """(rise, from step, to step): the largest increase of the full-window training error."""
+    best, lowest = None, None
+    for p in (p for p in curve if p["full_window"]):
+        if lowest is None or p["train_error"] < lowest["train_error"]:
+            lowest = p
+        elif best is None or p["train_error"] - lowest["train_error"] > best[0]:
+            best = (p["train_error"] - lowest["train_error"], lowest["step"], p["step"])
+    return best
+
+
+def table(results: dict, floor: dict) -> list:
+    full = results.get("full")
+    if full is not None and full["failed"]:
+        full = None
+    ten = any(r.get("ten_patch") for r in results.values())
+    header = ("| variant | what changes | val top-1 error % | val top-5 error % | top-1 / top-5 vs full (points) "
+              "| the paper (points) | direction here | val top-1 error % by epoch "
+              f"| steps to {' / '.join(map(_percent, TRAIN_ERROR_TARGETS))} training error | FC6 input std at step 1 "
+              "| images/s |")
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    descriptions = {"full": "the paper's net (the baseline)", "no-lrn": "no LRN after conv1 and conv2",
+                    "non-overlapping": "2x2 pooling windows, stride 2 (not 3x3)", "tanh": "tanh for every ReLU",
+                    "one-tower": "one-GPU net: 48/128/192/192/256 kernels, no groups"}
+    for variant, r in results.items():
+        reached = " / ".join(str(step) if step is not None else f"not within {r['steps']}"
+                             for step in r["steps_to"].values())
+        if r["failed"]:
+            lines.append(f"| {variant} | {descriptions[variant]} | stopped at step {r['steps']}: {r['failed']} | — | — "
+                         f"| — | — | — | {reached} | {r['initial_scale']:.2f} | — |")
+            continue
+        centre = r["centre"]
+        errors = f"{_points(centre['top1_error'])}", f"{_points(centre['top5_error'])}"
+        if ten and r["ten_patch"]:
+            errors = tuple(f"{e} (ten-patch {_points(r['ten_patch'][k])})"
+                           for e, k in zip(errors, ("top1_error", "top5_error")))
+        if variant == "full" or full is None:
+            delta = paper = direction = "—"
+        else:
+            d1 = 100 * (centre["top1_error"] - full["centre"]["top1_error"])
+            d5 = 100 * (centre["top5_error"] - full["centre"]["top5_error"])
+            delta = f"{d1:+.1f} / {d5:+.1f}"
+            if variant in PAPER_EFFECTS:
+                p1, p5, _ = PAPER_EFFECTS[variant]
+                paper = f"+{p1} / +{p5}"
+                direction = (_direction(d1, floor["difference_floor_points"]) if learned(r) else
+                             "did not learn (see below)")
+            else:
+                paper, direction = f"ReLU about {PAPER_TANH_SLOWDOWN}x faster to 25 % (errors not given)", "see below"
+        by_epoch = " / ".join(_points(e["top1_error"]) for e in r["evals"]) or "—"
+        lines.append(f"| {variant} | {descriptions[variant]} | {errors[0]} | {errors[1]} | {delta} | {paper} | "
+                     f"{direction} | {by_epoch} | {reached} | {r['initial_scale']:.2f} | {r['images_per_s']:.1f} |")
+    return lines
+
+
+def chart(results: dict, floor: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (curves, bars) = plt.subplots(1, 2, figsize=(13, 5.5))
+    for variant, r in results.items():  # gaps where the window holds fewer steps (an epoch's first steps)
+        steps = [p["step"] for p in r["curve"]]
+        curves.plot(steps, [100 * p["train_error"] if p["full_window"] else math.nan for p in r["curve"]],
+                    label=variant, linewidth=1.2)
+    for target in TRAIN_ERROR_TARGETS:
+        curves.axhline(100 * target, color="grey", linestyle="--", linewidth=0.8)
+    curves.set(xlabel="training step", ylabel=f"training top-1 error %, last {StepMeter().window} steps",
+               title="Training error (dropout on, augmented batches)", ylim=(0, 100))
+    curves.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=5)
+    names = [v for v, r in results.items() if not r["failed"]]
+    top1 = [100 * results[v]["centre"]["top1_error"] for v in names]
+    bars.bar(names, top1, yerr=floor["standard_error_points"], capsize=4, color="#7a9cc6",
+             label=f"measured (± one binomial standard error, {floor['images']} images)")
+    if "full" in names:
+        base = 100 * results["full"]["centre"]["top1_error"]
+        expected = [(i, base + PAPER_EFFECTS[v][0]) for i, v in enumerate(names) if v in PAPER_EFFECTS]
+        if expected:
+            bars.scatter(*zip(*expected), marker="_", s=400, color="#c0392b", zorder=3,
+                         label="the full net's error plus the paper's effect")
+    bars.set(ylabel="validation top-1 error % (centre patch)", title="Validation error by variant")
+    bars.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def swing_lines(results: dict) -> list:
+    """How far one run's validation error moved between its evaluations: training this short
+    is unstable, which no binomial floor accounts for."""
+    swings = {v: max(abs(b["top1_error"] - a["top1_error"]) for a, b in zip(r["evals"], r["evals"][1:]))
+              for v, r in results.items() if not r["failed"] and len(r["evals"]) > 1}
+    if not swings:
+        return []
+    variant = max(swings, key=swings.get)
+    return [f"- **Instability.** Between two end-of-epoch evaluations of one run the validation top-1 error moved by "
+            f"up to {100 * swings[variant]:.1f} points ({variant}; every run's by epoch in the table): where the "
+            f"training stops decides much of the final number, beyond the binomial noise above."]
+
+
+def scale_line(floor: dict) -> str:
+    largest = max(top1 for top1, _, _ in PAPER_EFFECTS.values())
+    paper = (f"LRN's {PAPER_EFFECTS['no-lrn'][0]}, overlapping pooling's {PAPER_EFFECTS['non-overlapping'][0]} and "
+             f"the two towers' {PAPER_EFFECTS['one-tower'][0]} points of top-1 error were measured on the 50,000 "
+             f"ILSVRC-2012 validation images after 90 epochs")
+    if largest < floor["difference_floor_points"]:
+        return (f"- **The paper's effects are smaller than that floor.** {paper}; here a difference of that size is "
+                f"invisible, so agreeing or disagreeing with their direction by less than "
+                f"{floor['difference_floor_points']:.1f} points is chance.")
+    return f"- **Scale.** {paper}; this validation set resolves differences of that size."
+
+
+def write_report(results: dict, info: dict, out: Path) -> None:
+    floor = noise_floor(results)
+    chart(results, floor, out / CHART)
+    full = results.get("full")
+    if full is not None and full["failed"]:
+        full = None
+    data_name = "the built-in data" if info["config"]["data"] is None else info["config"]["data"]
+    lines = [
+        f"# AlexNet ablations: the paper's experiments on {data_name} — {info['machine']['hostname']}, {info['date']}",
+        "",
+        "## Machine and configuration", "",
+        f"- host `{info['machine']['hostname']}`, {info['machine']['cpu_model']}, {info['machine']['cpu_count']} "
+        f"logical cores, GPUs: {', '.join(info['machine']['gpus']) or 'none'}; torch {info['machine']['torch']}",
+        f"- command: `{info['command']}`" + (" (runs already finished in --runs were read, not trained again: "
+                                             "each was trained by this command without --reuse, with the "
+                                             "options checked against its config.json)"
+                                             if info["config"]["reuse"] else ""),
+        f"- each run: `python -m launch.two_gpu {' '.join(info['common_options'])}` plus the variant's options "
+        f"(each run's own command, wall time and the machine's load are listed under Runs)",
+        f"- data: {info['data']}",
+        f"- recipe (every run): {info['recipe']}",
+        f"- the two-tower variants ran as `--layout {info['config']['layout']}`"
+        + (" (the single-device reference: the same function as the towers, checked in float64 for every "
+           "variant by tests/test_parity.py, at a lower cost on a CPU); " if info["config"]["layout"] == "single"
+           else "; ") + "the one-tower net ran as `--layout one-tower` (one process, no groups)", "",
+        "## Results", "",
+        *table(results, floor), "",
+        f"Validation errors are of the centre patch of the {floor['images']} validation images. Training error is "
+        f"the step line's: top-1 error over the last {StepMeter().window} training batches (dropout on, augmented "
+        f"images); a step counts for a training-error mark only when its window holds {StepMeter().window} batches of the "
+        f"same epoch. FC6 input std at step 1: the standard deviation of pool5's output in the net as it started, on "
+        f"its first training batch (the scale of the activations the initialisation gives each variant).", "",
+        f"![training error by step, and validation error by variant]({CHART})", "",
+        "## What this does and does not show", "",
+        f"- **Noise.** One seed on {floor['images']} validation images: an error moves in steps of "
+        f"{floor['granularity_points']:.1f} points (one image), and at the runs' mean error of "
+        f"{100 * floor['error_used']:.0f} % its binomial standard error is {floor['standard_error_points']:.1f} points; "
+        f"a difference between two runs of less than {floor['difference_floor_points']:.1f} points (two standard "
+        f"errors of a difference) means nothing. The spread between seeds, not measured, adds to it.",
+        *swing_lines(results),
+        scale_line(floor),
+        "- **Top-5 error** on ten classes counts a miss only when the true class is among the five least likely: it "
+        "says little here.",
+    ]
+    lines += [not_learned_line(variant, r) for variant, r in results.items() if not r["failed"] and not learned(r)]
+    for variant, (p1, p5, source) in PAPER_EFFECTS.items():
+        if variant in results and full is not None and not results[variant]["failed"]:
+            r = results[variant]
+            d1 = 100 * (r["centre"]["top1_error"] - full["centre"]["top1_error"])
+            verdict = (_verdict(d1, floor["difference_floor_points"], p1) if learned(r) and learned(full) else
+                       "a run that did not learn compares nothing about generalisation")
+            lines.append(f"- **{variant}** ({source}): here {d1:+.1f} points of top-1 error against the full net; "
+                         f"{verdict}.")
+    lines.append("- **ReLU against tanh** (section 3.1, Figure 1, measured there on CIFAR-10 with a four-layer net): "
+                 + " ".join(tanh_lines(results)))
+    lines += ["", "## Runs", "", "Each folder holds checkpoint.pt, metrics.jsonl, summary.json and train.log. Other "
+              "work on the machine slows a run (its images/s and wall time), never its results.", ""]
+    lines += [run_line(variant, r) for variant, r in results.items()]
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+
+
+def run_line(variant: str, r: dict) -> str:
+    line = f"- {variant}: `{r['run_dir']}`"
+    if not r["failed"]:
+        line += (f"; {r['steps']} steps trained in {r['train_seconds'] / 60:.1f} min ({r['images_per_s']:.1f} images/s) "
+                 f"on {r['device']}, --layout {r['layout']}")
+    conditions = r["conditions"]
+    if conditions is not None:
+        load = conditions["load_average"]
+        line += (f"; wall time {conditions['wall_s'] / 60:.1f} min; load average (1 min) {load['start'][0]:.1f} at "
+                 f"its start, {load['end'][0]:.1f} at its end; command `{conditions['command']}`")
+    return line
+
+
+def _recipe(run_dir: Path) -> str:
+    saved = json.loads((run_dir / "config.json").read_text())
+    return (f"{saved['epochs']} epochs, batch {saved['batch_size']}, lr {saved['lr']} ({saved['schedule']} schedule"
+            + (f", divided by 10 at epochs {', '.join(map(str, saved['lr_milestones']))}"
+               if saved["schedule"] == "fixed" else "") +
+            f"), {saved['warmup_steps']} warm-up steps, init '{saved['init']}', dropout {saved['dropout']}, "
+            f"momentum {saved['momentum']}, weight decay {saved['weight_decay']}, seed {saved['seed']}"
+            + (f", at most {saved['max_steps']} steps" if saved["max_steps"] else ""))
+
+
+def _data_description(config: AblationConfig, bundle) -> str:
+    name = "the built-in dataset (ten generated texture classes)" if config.data is None else str(bundle.root)
+    return (f"{name}: {len(bundle.classes)} classes, {len(bundle.train)} training and {len(bundle.val)} validation "
+            f"images")
+
+
+def main(argv=None) -> Path:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    args = sys.argv[1:] if argv is None else list(argv)
+    config = AblationConfig(**vars(build_parser().parse_args(args)))
+    if config.data is not None:  # the runs start in the repository's root
+        config = dataclasses.replace(config, data=str(Path(config.data).resolve()))
+    today = datetime.date.today().isoformat()
+    machine = machine_info(plan_devices(BenchConfig()))
+    out = Path(config.out) if config.out else REPORTS_DIR / f"ablations-{machine['hostname']}-{today}"
+    runs = Path(config.runs).resolve() if config.runs else ROOT / "runs" / f"ablations-{today}"
+    results, bundle = {}, data_module.open_data(config.data)
+    for variant in config.variants:
+        results[variant] = r = read_run(*train(config, variant, runs))
+        r["initial_scale"] = initial_activation_scale(Path(r["run_dir"]), bundle)
+        if r["failed"]:
+            continue
+        logger.info("%s: validation top-1 error %.1f %%, top-5 %.1f %%; first step at each training error: %s",
+                    variant, 100 * r["centre"]["top1_error"], 100 * r["centre"]["top5_error"], r["steps_to"])
+    first = Path(results[config.variants[0]]["run_dir"])
+    info = {
+        "machine": machine, "date": today, "config": asdict(config),
+        "command": shlex.join(["python", "-m", "benchmarks.ablations", *args]),
+        "common_options": shared_options(config, runs),
+        "recipe": _recipe(first), "data": _data_description(config, bundle),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps({"info": info, "noise": noise_floor(results), "runs": results},
+                                                 indent=1))
+    write_report(results, info, out)
+    logger.info("report: %s", out / "report.md")
+    return out
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, AblationError) as error:  # options refused here or by a run, a --reuse that does not fit
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,200 @@
+"""The paper's experiments as options of the program, and ``python -m benchmarks.ablations``.
+
+The slow tests share one tiny ablation: every variant trained for one epoch on the tiny
+dataset, the two-tower variants as towers (two processes each), so that the options
+are checked end to end in the towers layout; the built-in report runs them as the
+single-device reference.
+"""
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+
+import matplotlib.image
+import pytest
+import torch
+
+from benchmarks import ablations
+from launch.checkpoint import load_checkpoint, load_reference
+from launch.meter import Metrics, StepMeter
+from towers import Architecture
+
+from conftest import ROOT, RUN_TIMEOUT_S, launch
+
+ABLATION_TIMEOUT_S = 5 * RUN_TIMEOUT_S  # five tiny runs; a hang fails instead of blocking the suite
+TINY_BUDGET = ["--epochs", "1", "--batch-size", "4", "--lr", "0.001", "--workers", "0"]  # 7 steps of 4 images
+
+
+def _written_curve(tmp_path, errors_per_epoch, batch=10):
+    """metrics.jsonl as train_one_epoch writes it with --log-every 1: a fresh StepMeter each epoch,
+    one record per step; ``errors_per_epoch`` holds each step's error, epoch by epoch."""
+    metrics, step = Metrics(tmp_path / "metrics.jsonl"), 0
+    for epoch, errors in enumerate(errors_per_epoch, 1):
+        meter = StepMeter()
+        for error in errors:
+            step += 1
+            meter.update(1.0, round(batch * (1 - error)), batch)
+            metrics.write(event="train", epoch=epoch, step=step, loss=meter.loss, top1=meter.top1)
+    return [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_steps_to_25_percent_count_only_full_windows(tmp_path):
+    window, per_epoch = StepMeter().window, 30
+    records = _written_curve(tmp_path, [
+        [0.5] * per_epoch,  # epoch 1: half wrong
+        [0.0] * 5 + [0.4] * (per_epoch - 5),  # epoch 2: five perfect steps, alone in the window at first
+        [0.1] * per_epoch,  # epoch 3: 10 % wrong
+    ])
+    curve = ablations.training_curve(records)
+    assert len(curve) == 3 * per_epoch
+    # The epoch-2 window reaches 0 % error at its first step but holds one batch; once full it
+    # holds 5 perfect and 15 of 40 %: 30 %, and more after. Epoch 3's window is at 10 % once full.
+    assert min(p["train_error"] for p in curve if per_epoch < p["step"] <= 2 * per_epoch) == 0.0
+    assert ablations.steps_to_error(curve, 0.25) == 2 * per_epoch + window
+    assert ablations.steps_to_error(curve, 0.05) is None
+    # Epoch 2's full window starts at 30 % and climbs to 40 % as the perfect steps leave it.
+    rise, low, high = ablations.largest_rise(curve)
+    assert (low, high) == (per_epoch + window, per_epoch + window + 5) and rise == pytest.approx(0.1)
+
+
+def test_tanh_that_never_gets_there_gives_a_lower_bound():
+    results = {"full": {"steps_to": {"25 %": 40, "50 %": 10}, "steps": 200, "failed": None, "curve": []},
+               "tanh": {"steps_to": {"25 %": None, "50 %": 30}, "steps": 200, "failed": None, "curve": []}}
+    to_25, to_50 = ablations.tanh_lines(results)
+    assert "To 25 % training error: ReLU at step 40, tanh not within 200 steps, so ReLU was at least 5.0x faster " \
+           "(a lower bound" in to_25
+    assert "To 50 % training error: ReLU at step 10, tanh at step 30: ReLU 3.0x faster" in to_50
+
+
+# ---------------------------------------------------------------- one tiny ablation, run as a user runs it
+
+@pytest.fixture(scope="module")
+def ablation(tiny_data, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ablation")
+    args = ["--data", str(tiny_data), *TINY_BUDGET, "--layout", "towers", "--seed", "3", "--out",
+            str(folder / "report"), "--runs", str(folder / "runs")]
+    result = subprocess.run([sys.executable, "-m", "benchmarks.ablations", *args], cwd=ROOT, capture_output=True,
+                            text=True, timeout=ABLATION_TIMEOUT_S)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return folder, args
+
+
+def _table_rows(report: str) -> dict:
+    rows = [line.split(" | ") for line in report.splitlines() if line.startswith("| ") and "---" not in line]
+    header = [cell.strip("| ") for cell in rows[0]]
+    return {cells[0].strip("| "): dict(zip(header, (c.strip("| ") for c in cells))) for cells in rows[1:]}
+
+
+@pytest.mark.slow
+def test_report_has_a_row_per_variant_with_the_runs_numbers(ablation):
+    folder, _ = ablation
+    report = (folder / "report" / "report.md").read_text()
+    rows = _table_rows(report)
+    assert list(rows) == list(ablations.VARIANTS)
+    full = json.loads((folder / "runs" / "full" / "summary.json").read_text())["centre"]
+    for variant, row in rows.items():
+        run = folder / "runs" / variant
+        summary = json.loads((run / "summary.json").read_text())
+        assert summary["steps"] == 7
+        assert summary["layout"] == ("one-tower" if variant == "one-tower" else "towers")
+        centre = summary["centre"]
+        assert row["val top-1 error %"] == f"{100 * centre['top1_error']:.1f}"
+        assert row["val top-5 error %"] == f"{100 * centre['top5_error']:.1f}"
+        assert row["images/s"] == f"{summary['images_per_s']:.1f}"
+        assert row["val top-1 error % by epoch"] == f"{100 * centre['top1_error']:.1f}"  # one epoch, one evaluation
+        if variant != "full":
+            delta = 100 * (centre["top1_error"] - full["top1_error"])
+            assert row["top-1 / top-5 vs full (points)"].startswith(f"{delta:+.1f} / ")
+        train_records = [line for line in (run / "metrics.jsonl").read_text().splitlines() if '"train"' in line]
+        assert len(train_records) == 7  # every step logged
+        # seven steps never fill a 20-step window
+        assert row["steps to 25 % / 50 % training error"] == "not within 7 / not within 7"
+    # At the same initial weights LRN divides every map by at least k^beta = 2^0.75: without it the
+    # activations reaching FC6 are larger.
+    assert float(rows["no-lrn"]["FC6 input std at step 1"]) > float(rows["full"]["FC6 input std at step 1"]) > 0
+    # ten validation images: one image is 10 points, the floor of a difference far above the paper's effects
+    assert "an error moves in steps of 10.0 points (one image)" in report
+    assert "The paper's effects are smaller than that floor" in report
+    assert "python -m benchmarks.ablations --data" in report and "--layout towers" in report
+    assert matplotlib.image.imread(folder / "report" / ablations.CHART).shape[2] in (3, 4)
+    saved = json.loads((folder / "report" / "results.json").read_text())
+    assert set(saved["runs"]) == set(ablations.VARIANTS)
+
+
+@pytest.mark.slow
+def test_reuse_reads_finished_runs_and_refuses_runs_of_other_options(ablation, tmp_path):
+    folder, args = ablation
+    checkpoint = folder / "runs" / "tanh" / "checkpoint.pt"
+    trained_at = checkpoint.stat().st_mtime_ns
+    out = ablations.main([*args, "--reuse", "--out", str(tmp_path / "again")])
+    assert checkpoint.stat().st_mtime_ns == trained_at  # read, not trained again
+    assert _table_rows((out / "report.md").read_text()) == _table_rows((folder / "report" / "report.md").read_text())
+    with pytest.raises(ablations.AblationError, match="seed = 3, not 4"):
+        ablations.main([*args, "--reuse", "--seed", "4", "--out", str(tmp_path / "other")])
+
+
+@pytest.mark.slow
+def test_the_options_reach_the_towers_checkpoint_and_evaluation(ablation, tiny_data, tmp_path):
+    folder, _ = ablation
+    for variant, architecture in (("no-lrn", Architecture(lrn=False)),
+                                  ("non-overlapping", Architecture(pooling="non-overlapping")),
+                                  ("tanh", Architecture(activation="tanh"))):
+        run = folder / "runs" / variant
+        assert load_reference(run).architecture == architecture  # saved by the two towers
+        assert "exchanges_per_step" in json.loads((run / "summary.json").read_text())
+    run = folder / "runs" / "tanh"
+    summary = json.loads((run / "summary.json").read_text())
+    # Evaluation takes the checkpoint's architecture, whatever the layout
+    again = launch("--data", tiny_data, "--out", tmp_path, "--run-name", "eval", "--eval-only", run, "--layout", "single",
+                   "--no-ten-crop", "--workers", "0")
+    assert "architecture: tanh for ReLU" in again.stderr
+    assert f"top-1 error {100 * summary['centre']['top1_error']:.2f}%" in again.stderr
+    # and refuses an option that names another one
+    refused = launch("--data", tiny_data, "--out", tmp_path, "--run-name", "no", "--eval-only", run, "--no-lrn",
+                     check=False)
+    assert refused.returncode == 2
+    assert refused.stderr.strip().splitlines()[-1] == (
+        f"error: --no-lrn: {run} holds a net with --lrn, and is evaluated as it was trained: drop the option")
+    assert not (tmp_path / "no").exists()
+
+
+def _error_line(result) -> str:
+    assert result.returncode == 2, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.stderr
+    return errors[0]
+
+
+@pytest.mark.slow
+def test_the_one_tower_layout_keeps_its_net(ablation, tiny_data, tmp_path):
+    folder, _ = ablation
+    run = tmp_path / "one-tower"
+    shutil.copytree(folder / "runs" / "one-tower", run)  # resumed below: the shared run stays as it was
+    payload = load_checkpoint(run)
+    assert payload["arch"]["net"] == "one-tower" and payload["config"]["layout"] == "one-tower"
+    model = load_reference(run)
+    assert model.conv1.out_channels == 48 and model.conv5.out_channels == 256
+    assert all(m.groups == 1 for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+
+    # never loaded into the towers or the two-tower reference: one line naming the fix
+    for layout in ("towers", "single"):
+        line = _error_line(launch("--data", tiny_data, "--out", tmp_path, "--run-name", "e", "--eval-only", run,
+                                  "--layout", layout, check=False))
+        assert re.fullmatch(rf"error: {re.escape(str(run))} holds the one-tower net .* --layout {layout} cannot "
+                            rf"hold: add --layout one-tower", line), line
+    line = _error_line(launch("--resume", run, "--max-steps", "3", check=False))  # the layout is not in the recipe
+    assert line.endswith("--layout towers cannot hold: add --layout one-tower")
+    line = _error_line(launch("--resume", run, "--layout", "one-tower", "--activation", "tanh", check=False))
+    assert "--activation tanh differs from the resumed run's relu" in line
+    # and a two-tower checkpoint is never loaded into the one-tower net
+    line = _error_line(launch("--data", tiny_data, "--out", tmp_path, "--run-name", "e", "--eval-only",
+                              folder / "runs" / "full", "--layout", "one-tower", check=False))
+    assert line.endswith("holds the paper's two-tower net, not the one-tower net that --layout one-tower builds: use "
+                         "--layout towers or --layout single")
+
+    launch("--resume", run, "--layout", "one-tower", "--epochs", "2", "--max-steps", "9", "--no-ten-crop")
+    resumed = load_checkpoint(run)
+    assert resumed["progress"]["global_step"] == 9 and resumed["arch"]["net"] == "one-tower"
+    assert not torch.equal(resumed["model"]["conv1.weight"], payload["model"]["conv1.weight"])
