@@ -34,7 +34,7 @@ def test_the_builtin_dataset_trains_with_the_small_recipe_at_its_size():
     train_images = builtin.BUILTIN_TRAIN_PER_CLASS * len(builtin.BUILTIN_CLASSES)  # 2,500: 78 steps of 32
     config = _resolved(train_images)
     assert config.recipe == "small"
-    assert _recipe(config) == dict(epochs=3, batch_size=32, lr=0.005, schedule="fixed", lr_milestones=(2,),
+    assert _recipe(config) == dict(epochs=3, batch_size=32, lr=0.0025, schedule="fixed", lr_milestones=(2,),
                                    warmup_steps=20, init="scaled")
 
 
@@ -55,7 +55,7 @@ def test_data_gets_the_papers_recipe_whatever_its_size(train_images):
 ])
 def test_small_recipe_is_sized_to_the_training_set(train_images, epochs, milestone):
     config = _resolved(train_images, data="photos", recipe="small")
-    assert _recipe(config) == dict(epochs=epochs, batch_size=32, lr=0.005, schedule="fixed",
+    assert _recipe(config) == dict(epochs=epochs, batch_size=32, lr=0.0025, schedule="fixed",
                                    lr_milestones=(milestone,), warmup_steps=20, init="scaled")
 
 
@@ -88,7 +88,7 @@ def test_options_given_win_over_the_recipe():
 def test_before_the_data_is_opened_only_the_small_recipes_length_is_left_open():
     config = resolve(TrainConfig(recipe="small"))
     assert config.epochs is None and config.lr_milestones is None
-    assert (config.batch_size, config.lr, config.init) == (32, 0.005, "scaled")
+    assert (config.batch_size, config.lr, config.init) == (32, 0.0025, "scaled")
     assert _recipe(resolve(TrainConfig(data="photos"))) == PAPER_RECIPE
 
 
