@@ -29,7 +29,7 @@ from towers import TOWERS
 
 from . import data as data_module
 from .checkpoint import FILENAME, CheckpointError, check_classes, checkpoint_architecture, load_checkpoint, resolve_path
-from .config import PAPER_RECIPE, TrainConfig, build_parser, deviations, parse_config, resolve
+from .config import TrainConfig, build_parser, describe_recipe, parse_config, recipe_warning, resolve
 from .ranks import LOOPBACK, RankFailure, choose_placement, cpu_threads_per_rank, init_process_group, run_ranks
 from .train import architecture, describe_evaluation, run_rank
 
@@ -73,6 +73,9 @@ def resumed_config(config: TrainConfig, payload: dict) -> TrainConfig:
                               f"model?): use it with --eval-only, or start a new run")
     # saved before these options existed: the architecture is in the checkpoint's arch record all the same
     saved = {**{name: payload["arch"][name] for name in ARCHITECTURE_OPTIONS}, **saved}
+    # saved before --recipe existed: its recipe fields were filled all the same, from the
+    # recipe that was then the dataset's default
+    saved = {"recipe": "paper" if saved.get("data") is not None else "small", **saved}
     defaults = vars(build_parser().parse_args([]))
     if set(defaults) - set(saved):
         raise CheckpointError(f"{config.resume} lacks parts of its run's recipe "
@@ -172,18 +175,21 @@ def new_run_folder(config: TrainConfig) -> Path:
 
 
 def prepare_run(config: TrainConfig, checkpoint: Optional[dict]):
-    """On rank 0 (or the launching process): open the data (the one scan of it), check it
-    against the options and the checkpoint, then lock the run folder and write its
-    config.json. Returns (run folder, data bundle, lock)."""
+    """On rank 0 (or the launching process): open the data (the one scan of it), size the
+    recipe to it, check it against the options and the checkpoint, then lock the run folder
+    and write its config.json. Returns (config with its recipe complete, run folder, data
+    bundle, lock)."""
     if config.data is None:
         log.info("data: the built-in dataset (ten generated texture classes), no download needed")
-        deviation = {k: f"{v} (paper: {PAPER_RECIPE[k]})" for k, v in deviations(config).items()}
-        if deviation:
-            log.info("recipe: the paper's, except for the built-in dataset: %s",
-                     ", ".join(f"{k}={v}" for k, v in deviation.items()))
     bundle = data_module.open_data(config.data)
     log.info("data: %s (%d classes, %d training and %d validation images)", bundle.root, len(bundle.classes),
              len(bundle.train), len(bundle.val))
+    config = resolve(config, train_images=len(bundle.train))
+    if not config.eval_only:
+        log.info("%s", describe_recipe(config, len(bundle.train)))
+        warning = recipe_warning(config, len(bundle.train))
+        if warning:
+            log.warning("%s", warning)
     if config.fc8_placement == "split" and len(bundle.classes) % TOWERS:
         raise ValueError(f"--fc8-placement split gives each tower half of FC8's neurons and needs an even number of "
                          f"classes; the data has {len(bundle.classes)}: use --fc8-placement tower0")
@@ -210,7 +216,7 @@ def prepare_run(config: TrainConfig, checkpoint: Optional[dict]):
         lock.close()
         raise
     log.info("results: %s", run_dir.resolve())
-    return run_dir, bundle, lock
+    return config, run_dir, bundle, lock
 
 
 def report(summary: dict) -> None:
@@ -281,7 +287,7 @@ def main(argv=None) -> int:
             return _main_under_torchrun(config, checkpoint, placement)
         addr = config.master_addr or LOOPBACK
         check_master_addr(addr)
-        run_dir, bundle, lock = prepare_run(config, checkpoint)
+        config, run_dir, bundle, lock = prepare_run(config, checkpoint)
         summary = run_ranks(run_rank, (config, str(run_dir), placement, bundle), world_size=placement.ranks,
                             backend=placement.backend,
                             collective_timeout_s=config.timeout, addr=addr)[0]
@@ -316,16 +322,20 @@ def _main_under_torchrun(config: TrainConfig, checkpoint: Optional[dict], placem
         torch.set_num_threads(cpu_threads_per_rank(int(os.environ.get("LOCAL_WORLD_SIZE", world_size))))
     init_process_group(placement.backend, rank, world_size, config.timeout)
     run_dir = bundle = lock = None
-    outcome = [None]  # rank 0 tells the other rank whether the run can start, and if not, why
+    # Rank 0 tells the other ranks whether the run can start, and if not, why; if so, the
+    # recipe it sized to the data.
+    outcome = [None, None]
     try:
         if rank == 0:
             try:
-                run_dir, bundle, lock = prepare_run(config, checkpoint)
+                config, run_dir, bundle, lock = prepare_run(config, checkpoint)
+                outcome = [None, config]
             except (ValueError, CheckpointError) as exc:
-                outcome = [str(exc)]
+                outcome = [str(exc), None]
         dist.broadcast_object_list(outcome, src=0)
         if outcome[0] is not None:
             raise ValueError(outcome[0])
+        config = outcome[1]
         summary = run_rank(rank, config, str(run_dir) if run_dir else None, placement, bundle)
     finally:
         if lock is not None:

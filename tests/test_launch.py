@@ -77,7 +77,8 @@ def _free_port():
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_torchrun_environment_is_honoured(tiny_data, tmp_path, world_size):
     """As torchrun starts the program: 2 ranks are the towers, 4 are two replicas of them
-    (the second replica's first tower opens the data itself)."""
+    (the second replica's first tower opens the data itself). With the small recipe, whose
+    length rank 0 sizes to the data it opens and hands the other ranks."""
     port = _free_port()
     procs = []
     for rank in range(world_size):
@@ -85,8 +86,8 @@ def test_torchrun_environment_is_honoured(tiny_data, tmp_path, world_size):
                    LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "launch.two_gpu", "--data", str(tiny_data), "--out", str(tmp_path), "--run-name",
-             "tr", "--max-steps", "2", "--val-limit", "4", "--no-ten-crop", *TINY], cwd=ROOT, env=env,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+             "tr", "--max-steps", "2", "--val-limit", "4", "--no-ten-crop", "--recipe", "small", *TINY],
+            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     try:
         outputs = [p.communicate(timeout=RUN_TIMEOUT_S) for p in procs]
     finally:
@@ -96,6 +97,7 @@ def test_torchrun_environment_is_honoured(tiny_data, tmp_path, world_size):
     assert "done:" in outputs[0][1] and not any("done:" in err for _, err in outputs[1:])
     payload = load_checkpoint(tmp_path / "tr")
     assert payload["progress"]["global_step"] == 2 and len(payload["rng"]) == world_size
+    assert payload["config"]["epochs"] == 29  # 7 steps of 4 an epoch: 29 epochs make 200 steps
     assert json.loads((tmp_path / "tr" / "summary.json").read_text())["replicas"] == world_size // 2
 
 

@@ -1,0 +1,186 @@
+"""--recipe: which values fill the recipe options, sized how to the training set; the
+warning when the paper's recipe meets a small set; a resumed run keeps its recipe."""
+
+import dataclasses
+import json
+import logging
+import math
+
+import pytest
+
+from launch import builtin
+from launch.checkpoint import load_checkpoint
+from launch.config import (PAPER_RECIPE, PAPER_RECIPE_MIN_IMAGES, SMALL_MIN_EPOCHS, SMALL_MIN_STEPS, TrainConfig,
+                           build_parser, describe_recipe, parse_config, recipe_warning, resolve)
+from launch.two_gpu import main, resumed_config
+
+from conftest import TINY, launch
+
+RECIPE_FIELDS = tuple(PAPER_RECIPE)
+
+
+def _resolved(train_images: int, **options) -> TrainConfig:
+    """As the program resolves a command line: before the data is opened, then with its size."""
+    return resolve(resolve(TrainConfig(**options)), train_images=train_images)
+
+
+def _recipe(config: TrainConfig) -> dict:
+    return {name: getattr(config, name) for name in RECIPE_FIELDS}
+
+
+# ---------------------------------------------------------------- resolution
+
+def test_the_builtin_dataset_trains_with_the_small_recipe_at_its_size():
+    train_images = builtin.BUILTIN_TRAIN_PER_CLASS * len(builtin.BUILTIN_CLASSES)  # 2,500: 78 steps of 32
+    config = _resolved(train_images)
+    assert config.recipe == "small"
+    assert _recipe(config) == dict(epochs=3, batch_size=32, lr=0.0025, schedule="fixed", lr_milestones=(2,),
+                                   warmup_steps=20, init="scaled")
+
+
+@pytest.mark.parametrize("train_images", [330, 10_000, 1_281_167])
+def test_data_gets_the_papers_recipe_whatever_its_size(train_images):
+    config = _resolved(train_images, data="photos")
+    assert config.recipe == "paper" and _recipe(config) == PAPER_RECIPE
+
+
+# train images -> (epochs, milestone) at batch 32, by the documented rule: the fewest epochs
+# that make 200 steps of train_images // 32, at least 3, the rate divided by 10 for the last third
+@pytest.mark.parametrize("train_images, epochs, milestone", [
+    (100, 67, 45),     # 3 steps an epoch
+    (330, 20, 14),     # 10 steps
+    (360, 19, 13),     # 11 steps
+    (6_400, 3, 2),     # 200 steps: three epochs, 600 steps
+    (50_000, 3, 2),    # 1,562 steps: the length grows with the data
+])
+def test_small_recipe_is_sized_to_the_training_set(train_images, epochs, milestone):
+    config = _resolved(train_images, data="photos", recipe="small")
+    assert _recipe(config) == dict(epochs=epochs, batch_size=32, lr=0.0025, schedule="fixed",
+                                   lr_milestones=(milestone,), warmup_steps=20, init="scaled")
+
+
+@pytest.mark.parametrize("batch_size", [8, 32, 64])
+@pytest.mark.parametrize("train_images", [64, 200, 333, 1_000, 2_500, 7_000, 20_000])
+def test_small_recipe_takes_the_fewest_epochs_that_make_enough_steps(train_images, batch_size):
+    config = _resolved(train_images, data="photos", recipe="small", batch_size=batch_size)
+    steps_per_epoch = train_images // batch_size
+    assert config.epochs >= SMALL_MIN_EPOCHS and config.epochs * steps_per_epoch >= SMALL_MIN_STEPS
+    if config.epochs > SMALL_MIN_EPOCHS:  # one epoch fewer would be too short
+        assert (config.epochs - 1) * steps_per_epoch < SMALL_MIN_STEPS
+    # the rate is divided by 10 once, for the last third of the epochs (at least the last one)
+    (milestone,) = config.lr_milestones
+    assert 1 <= config.epochs - milestone <= math.ceil(config.epochs / 3)
+
+
+def test_options_given_win_over_the_recipe():
+    config = _resolved(330, data="photos", recipe="small", epochs=6, lr=0.01, init="paper", warmup_steps=0)
+    # the milestone follows the epochs given; the rest comes from the recipe
+    assert _recipe(config) == dict(epochs=6, batch_size=32, lr=0.01, schedule="fixed", lr_milestones=(4,),
+                                   warmup_steps=0, init="paper")
+    assert _resolved(330, data="photos", recipe="small", batch_size=16).epochs == 10  # 20 steps an epoch
+    assert _resolved(330, data="photos", recipe="small", lr_milestones=(3, 5)).lr_milestones == (3, 5)
+    assert _resolved(330, data="photos", recipe="small", schedule="plateau").schedule == "plateau"
+    assert _recipe(_resolved(330, recipe="paper")) == PAPER_RECIPE  # the built-in data with the paper's recipe
+    given = _resolved(330, data="photos", epochs=5, batch_size=4)
+    assert (given.recipe, given.epochs, given.batch_size, given.lr) == ("paper", 5, 4, 0.01)
+
+
+def test_before_the_data_is_opened_only_the_small_recipes_length_is_left_open():
+    config = resolve(TrainConfig(recipe="small"))
+    assert config.epochs is None and config.lr_milestones is None
+    assert (config.batch_size, config.lr, config.init) == (32, 0.0025, "scaled")
+    assert _recipe(resolve(TrainConfig(data="photos"))) == PAPER_RECIPE
+
+
+def test_the_recipe_line_says_what_was_chosen_and_why():
+    line = describe_recipe(_resolved(360, data="photos", recipe="small", lr=0.01), 360)
+    assert line.startswith("recipe: small (--recipe small; 19 epochs of 11 steps for 360 training images")
+    assert "--epochs 19 --batch-size 32 --lr 0.01 --schedule fixed --lr-milestones 13" in line
+    assert line.endswith("given as options: --lr 0.01")
+    line = describe_recipe(_resolved(2_500), 2_500)
+    assert "recipe: small (the default for the built-in dataset; 3 epochs of 78 steps" in line
+    assert "given" not in line
+    line = describe_recipe(_resolved(1_281_167, data="imagenet"), 1_281_167)
+    assert line.startswith("recipe: paper (the default with --data; section 5")
+    assert "--epochs 90 --batch-size 128 --lr 0.01 --schedule plateau" in line
+    assert "--lr-milestones" not in line  # the plateau schedule has none
+
+
+def test_the_papers_recipe_warns_below_its_threshold_only():
+    below, at = PAPER_RECIPE_MIN_IMAGES - 1, PAPER_RECIPE_MIN_IMAGES
+    warning = recipe_warning(_resolved(below, data="photos"), below)
+    assert f"has {below}" in warning and "--recipe small" in warning
+    assert recipe_warning(_resolved(at, data="photos"), at) is None
+    assert recipe_warning(_resolved(330, data="photos", recipe="small"), 330) is None
+
+
+def test_help_explains_the_recipes():
+    text = " ".join(build_parser().format_help().split())
+    assert "--recipe {paper,small}" in text
+    for words in ("'paper' with --data, 'small' for the built-in dataset", f"at least {SMALL_MIN_STEPS} steps",
+                  f"{PAPER_RECIPE_MIN_IMAGES:,} training images"):
+        assert words in text
+    assert parse_config(["--recipe", "small"]).recipe == "small"
+    with pytest.raises(SystemExit) as exit_info:
+        parse_config(["--recipe", "imagenet"])
+    assert exit_info.value.code == 2
+
+
+# ---------------------------------------------------------------- through the program
+
+def _log_of(argv, caplog) -> str:
+    caplog.clear()
+    caplog.set_level(logging.INFO)
+    assert main([str(a) for a in argv]) == 2
+    return caplog.text
+
+
+def test_the_program_warns_when_the_papers_recipe_meets_a_small_set(tiny_data, tmp_path, caplog):
+    # Each command fails after the recipe is chosen (a batch larger than the 30 training images),
+    # so nothing trains and no run folder is made.
+    out = ["--data", tiny_data, "--out", tmp_path / "runs", "--batch-size", "64"]
+    text = _log_of(out, caplog)
+    assert "recipe: paper (the default with --data" in text
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "this set has 30" in warnings[0] and "--recipe small" in warnings[0]
+    text = _log_of([*out, "--recipe", "small"], caplog)
+    assert "recipe: small (--recipe small" in text and "given as options: --batch-size 64" in text
+    assert not [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_resumed_run_keeps_its_recipe():
+    saved = _resolved(360, data="photos", recipe="small")
+    payload = {"config": dataclasses.asdict(saved)}
+    assert resumed_config(TrainConfig(resume="run"), payload).recipe == "small"
+    assert resumed_config(TrainConfig(resume="run", recipe="small"), payload).recipe == "small"
+    with pytest.raises(ValueError, match="--recipe paper differs from the resumed run's small"):
+        resumed_config(TrainConfig(resume="run", recipe="paper"), payload)
+    # saved before --recipe existed: the recipe that was the dataset's default, its values kept
+    for data, recipe in (("photos", "paper"), (None, "small")):
+        old = dataclasses.asdict(dataclasses.replace(saved, data=data))
+        del old["recipe"]
+        resumed = resumed_config(TrainConfig(resume="run"), {"config": old})
+        assert resumed.recipe == recipe and _recipe(resumed) == _recipe(saved)
+
+
+@pytest.mark.slow
+def test_a_small_run_and_its_resumption_keep_the_recipe_sized_at_the_start(tiny_data, tmp_path):
+    # 30 training images at batch 4: 7 steps an epoch, so 29 epochs make 200 steps
+    started = launch("--data", tiny_data, "--out", tmp_path, "--run-name", "run", "--recipe", "small",
+                     "--max-steps", "1", "--no-ten-crop", "--val-limit", "4", *TINY)
+    run = tmp_path / "run"
+    config = json.loads((run / "config.json").read_text())
+    assert (config["recipe"], config["epochs"], config["lr_milestones"]) == ("small", 29, [20])
+    assert "recipe: small (--recipe small; 29 epochs of 7 steps for 30 training images at batch 4" in started.stderr
+    assert "warning" not in started.stderr
+
+    resumed = launch("--resume", run, "--max-steps", "2", "--epochs", "40", "--workers", "0")
+    saved = load_checkpoint(run)
+    assert saved["progress"]["global_step"] == 2
+    # --epochs may grow on resume; the milestone stays where the run's recipe put it
+    assert (saved["config"]["recipe"], saved["config"]["epochs"], saved["config"]["lr_milestones"]) == \
+        ("small", 40, [20])
+    assert "recipe: small (kept from the resumed run" in resumed.stderr
+    refused = launch("--resume", run, "--max-steps", "3", "--recipe", "paper", check=False)
+    assert refused.returncode == 2 and "--recipe paper differs from the resumed run's small" in refused.stderr
