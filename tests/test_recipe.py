@@ -12,7 +12,7 @@ from launch import builtin
 from launch.checkpoint import load_checkpoint
 from launch.config import (PAPER_RECIPE, PAPER_RECIPE_MIN_IMAGES, SMALL_MIN_EPOCHS, SMALL_MIN_STEPS, TrainConfig,
                            build_parser, describe_recipe, parse_config, recipe_warning, resolve)
-from launch.two_gpu import main, resumed_config
+from launch.two_gpu import ARCHITECTURE_OPTIONS, main, resumed_config
 
 from conftest import TINY, launch
 
@@ -151,7 +151,8 @@ def test_the_program_warns_when_the_papers_recipe_meets_a_small_set(tiny_data, t
 
 def test_a_resumed_run_keeps_its_recipe():
     saved = _resolved(360, data="photos", recipe="small")
-    payload = {"config": dataclasses.asdict(saved)}
+    arch = {name: getattr(saved, name) for name in ARCHITECTURE_OPTIONS}  # as a checkpoint's arch records it
+    payload = {"config": dataclasses.asdict(saved), "arch": arch}
     assert resumed_config(TrainConfig(resume="run"), payload).recipe == "small"
     assert resumed_config(TrainConfig(resume="run", recipe="small"), payload).recipe == "small"
     with pytest.raises(ValueError, match="--recipe paper differs from the resumed run's small"):
@@ -160,7 +161,7 @@ def test_a_resumed_run_keeps_its_recipe():
     for data, recipe in (("photos", "paper"), (None, "small")):
         old = dataclasses.asdict(dataclasses.replace(saved, data=data))
         del old["recipe"]
-        resumed = resumed_config(TrainConfig(resume="run"), {"config": old})
+        resumed = resumed_config(TrainConfig(resume="run"), {"config": old, "arch": arch})
         assert resumed.recipe == recipe and _recipe(resumed) == _recipe(saved)
 
 
