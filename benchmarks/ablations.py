@@ -156,13 +156,17 @@ def train(config: AblationConfig, variant: str, runs: Path) -> tuple:
 # Options of launch.two_gpu that say where and how a run ran, not what it computed.
 NOT_COMPARED_ON_REUSE = {"out", "run_name", "log_every", "workers", "timeout", "backend", "master_addr",
                          "checkpoint_every"}
+# Filled by the program once it knows the training set's size (the small recipe's length),
+# or by where it runs (replicas): compared only where the options give them.
+FILLED_BY_THE_RUN = {"epochs", "lr_milestones", "replicas"}
 
 
 def check_reusable(run_dir: Path, options: list) -> None:
     """A run is reused only if its config.json holds what ``options`` would have given it."""
     saved = json.loads((run_dir / "config.json").read_text())
     wanted = json.loads(json.dumps(asdict(resolve(parse_config(options)))))  # tuples as JSON gives them back
-    differ = sorted(name for name in wanted if name not in NOT_COMPARED_ON_REUSE and saved.get(name) != wanted[name])
+    differ = sorted(name for name in wanted if name not in NOT_COMPARED_ON_REUSE and saved.get(name) != wanted[name]
+                    and not (name in FILLED_BY_THE_RUN and wanted[name] is None))
     if differ:
         name = differ[0]
         raise AblationError(f"{run_dir} was trained with {name} = {saved.get(name)}, not {wanted[name]}: give "
