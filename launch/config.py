@@ -109,9 +109,9 @@ class TrainConfig:
                                          "tower's gradients are averaged over the replicas (default 1; under torchrun, "
                                          "WORLD_SIZE / 2)")
     seed: int = option(0, "seed of the initial weights, the data order and the augmentation")
-    backend: str = option("auto", "'auto': NCCL with tower r on GPU r when two GPUs are visible, else gloo on the CPU",
-                        choices=("auto", "nccl", "gloo"))
-    workers: Optional[int] = option(None, "data-loading processes on rank 0 (default: a quarter of the CPU cores, "
+    backend: str = option("auto", "'auto': NCCL with rank r on GPU r when every rank has a GPU of its own, else "
+                                  "gloo (the ranks sharing the GPUs, or on the CPU)", choices=("auto", "nccl", "gloo"))
+    workers: Optional[int] = option(None, "data-loading processes of each replica's first tower (default: a quarter of the CPU cores, "
                                         "at least 1)")
     log_every: int = option(10, "steps between log lines")
     checkpoint_every: int = option(0, "steps between checkpoints within an epoch (0: at the end of each epoch only)")

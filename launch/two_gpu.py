@@ -1,9 +1,10 @@
 """python -m launch.two_gpu: train the 2012 AlexNet split over two towers.
 
-With no launcher it starts both ranks itself (rendezvous on 127.0.0.1); under
-``torchrun --nproc-per-node 2 -m launch.two_gpu`` it uses the ranks torchrun
-gives. NCCL with tower r on GPU r when two GPUs are visible, gloo on the CPU
-otherwise. Run with --help for every option.
+With no launcher it starts both ranks itself (rendezvous on 127.0.0.1), or 2·D ranks
+for ``--replicas D``; under ``torchrun --nproc-per-node N -m launch.two_gpu`` (N even)
+it uses the ranks torchrun gives, N / 2 replicas of the towers (launch.mesh). NCCL with
+rank r on GPU r when every rank has a GPU of its own, gloo otherwise. Run with --help
+for every option.
 
 Everything a user can get wrong is checked here, in the launching process, before
 any rank starts and before a run folder is made: the options, the data, a
