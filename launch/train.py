@@ -27,7 +27,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from towers import TOWERS, Architecture, ExchangeLog, Tower, build_reference, shard_state_dict
+from towers import Architecture, ExchangeLog, Tower, build_reference, shard_state_dict
 
 from . import data as data_module
 from .images import BASE_SIZE, CROP_SIZE
@@ -313,7 +313,7 @@ def run_rank(rank: int, config: TrainConfig, run_dir: Optional[str], placement: 
     is scanned once; under torchrun each replica's first tower opens it itself.
     Returns the run's summary on rank 0."""
     started = time.time()
-    mesh = build_mesh(TOWERS if config.layout == "towers" else 1, config.timeout)
+    mesh = build_mesh(placement.towers, config.timeout)
     group = mesh.tower_group
     device = torch.device("cpu")
     if placement.device == "cuda":
