@@ -56,11 +56,11 @@ class Placement(NamedTuple):
     def describe(self) -> str:
         first = f"{self.device}{':0' * (self.device == 'cuda')}"
         if self.ranks == 1:
-            return f"the single-device reference on {first}, one process: {self.why}"
+            return f"the whole net on {first}, one process: {self.why}"  # which net: the architecture line
         if self.ranks == 2 and self.towers == 2:
             devices = ["cuda:0", "cuda:1"] if self.backend == "nccl" else [first] * 2
             return f"tower 0 on {devices[0]}, tower 1 on {devices[1]}, exchanging over {self.backend}: {self.why}"
-        net = "the two towers" if self.towers == 2 else "the single-device net"
+        net = "the two towers" if self.towers == 2 else "the whole net"
         where = {"nccl": "one GPU per rank", "gloo": "the CPU" if self.device == "cpu" else "sharing the GPUs"}
         return (f"{self.replicas} replicas of {net} on {self.ranks} ranks ({where[self.backend]}), talking over "
                 f"{self.backend}: {self.why}")

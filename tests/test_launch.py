@@ -179,7 +179,7 @@ def test_the_single_layout_trains_the_same_function_and_shares_checkpoints(tiny_
     common = ["--data", tiny_data, "--out", tmp_path, "--max-steps", "4", "--dropout", "0", "--val-limit", "6",
               "--no-ten-crop", *TINY, "--log-every", "1"]
     single = launch(*common, "--run-name", "single", "--layout", "single")
-    assert "the single-device reference on cpu, one process" in single.stderr
+    assert "the whole net on cpu, one process" in single.stderr
     launch(*common, "--run-name", "towers")
     losses = {}
     for name in ("single", "towers"):

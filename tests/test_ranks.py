@@ -70,6 +70,6 @@ def test_replicas_take_one_gpu_per_rank_or_share_them_over_gloo():
 def test_the_single_layout_is_one_rank_on_one_device():
     assert choose_placement("auto", 0, ranks=1)[:3] == ("gloo", "cpu", "no GPU visible")
     assert choose_placement("auto", 1, ranks=1)[:2] == ("gloo", "cuda")  # a group of one never talks
-    assert "the single-device reference on cuda:0, one process" in choose_placement("auto", 2, ranks=1).describe()
+    assert "the whole net on cuda:0, one process" in choose_placement("auto", 2, ranks=1).describe()
     with pytest.raises(ValueError, match="--backend nccl needs a GPU"):
         choose_placement("nccl", 0, ranks=1)
