@@ -191,6 +191,68 @@ def _rng_state(device) -> dict:
     return state
 
 
+def _layout(tensors: dict) -> list:
+    return [(name, tuple(t.shape), t.dtype) for name, t in tensors.items()]
+
+
+def _flat(tensors: dict, length: int, dtype, device) -> torch.Tensor:
+    """The tensors end to end in one vector of ``length`` (padded with zeros) of ``dtype``,
+    which holds every one of them exactly (the widest of their dtypes)."""
+    out = torch.zeros(length, dtype=dtype, device=device)
+    torch.cat([t.detach().reshape(-1).to(device, dtype) for t in tensors.values()] or [out[:0]],
+              out=out[:sum(t.numel() for t in tensors.values())])
+    return out
+
+
+def _unflat(vector: torch.Tensor, layout: list) -> dict:
+    """The tensors of ``layout`` from ``vector``, each a copy with storage of its own (a view
+    would make torch.save write the whole vector with it)."""
+    tensors, start = {}, 0
+    for name, shape, dtype in layout:
+        count = int(torch.Size(shape).numel())
+        tensors[name] = vector[start:start + count].view(shape).to(dtype, copy=True)
+        start += count
+    return tensors
+
+
+def _common_format(layouts: list) -> tuple:
+    """The length and dtype of the vector that carries each rank's tensors of ``layouts``."""
+    length = max(sum(int(torch.Size(shape).numel()) for _, shape, _ in layout) for layout in layouts)
+    dtypes = [dtype for layout in layouts for _, _, dtype in layout] or [torch.float32]
+    dtype = dtypes[0]
+    for other in dtypes[1:]:
+        dtype = torch.promote_types(dtype, other)
+    return length, dtype
+
+
+def _gather_tensors(tensors: dict, group, device) -> Optional[list]:
+    """Each rank's dict of tensors, in group order, at the group's first rank (None on the
+    others): one tensor gather on ``device``. Pickled through ``gather_object``, a tower's
+    weights and momentum (hundreds of MB) took seconds a save."""
+    layouts = [None] * dist.get_world_size(group)
+    dist.all_gather_object(layouts, _layout(tensors), group=group)
+    length, dtype = _common_format(layouts)
+    first = dist.get_global_rank(group, 0)
+    received = [torch.empty(length, dtype=dtype, device=device) for _ in layouts] if dist.get_rank() == first else None
+    dist.gather(_flat(tensors, length, dtype, device), received, dst=first, group=group)
+    return None if received is None else [_unflat(v.cpu(), layout) for v, layout in zip(received, layouts)]
+
+
+def _scatter_tensors(parts: Optional[list], group, device) -> dict:
+    """The inverse of ``_gather_tensors``: the group's first rank holds one dict of tensors
+    per rank of the group (``parts``, None on the others) and each rank receives its own,
+    on ``device``."""
+    first = dist.get_global_rank(group, 0)
+    box = [[_layout(part) for part in parts] if dist.get_rank() == first else None]
+    dist.broadcast_object_list(box, src=first, group=group)
+    layouts = box[0]
+    length, dtype = _common_format(layouts)
+    mine = torch.empty(length, dtype=dtype, device=device)
+    sent = [_flat(part, length, dtype, device) for part in parts] if dist.get_rank() == first else None
+    dist.scatter(mine, sent, src=first, group=group)
+    return _unflat(mine, layouts[dist.get_group_rank(group, dist.get_rank())])
+
+
 def _set_rng_state(state: dict, device) -> None:
     torch.set_rng_state(state["cpu"])
     if device.type == "cuda" and "cuda" in state:
@@ -211,13 +273,15 @@ def save_training_state(path: Path, tower: Tower, optimizer, progress: Progress,
     dist.gather_object(_rng_state(next(tower.parameters()).device), rng_states, dst=0)
     if mesh.replica != 0:
         return
-    momentum = {name: optimizer.state[p]["momentum_buffer"].cpu()
-                for name, p in tower.named_parameters() if optimizer.state[p].get("momentum_buffer") is not None}
-    mine = {"model": {k: v.cpu() for k, v in tower.state_dict().items()}, "momentum": momentum}
-    gathered = [None] * mesh.towers if rank == 0 else None
-    dist.gather_object(mine, gathered, dst=0, group=mesh.tower_group)
+    mine = {f"model/{k}": v for k, v in tower.state_dict().items()}
+    mine.update({f"momentum/{name}": optimizer.state[p]["momentum_buffer"] for name, p in tower.named_parameters()
+                 if optimizer.state[p].get("momentum_buffer") is not None})
+    everyone = _gather_tensors(mine, mesh.tower_group, next(tower.parameters()).device)
     if rank != 0:
         return
+    gathered = [{part: {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith(part + "/")}
+                 for part in ("model", "momentum")} for tensors in everyone]
+    momentum = gathered[0]["momentum"]
     placement = config.fc8_placement
     unshard = (lambda states: states[0]) if len(gathered) == 1 else (lambda states: unshard_state_dicts(states, placement))
     extra = {
@@ -250,14 +314,14 @@ def restore_training_state(path, tower: Tower, optimizer, classes: list, mesh: M
         shards = None
         if rank == 0:
             momentum = payload.get("momentum_buffer", {}) if with_training else {}
-            shards = [{"model": shard(payload["model"], t), "momentum": shard(momentum, t) if momentum else {}}
+            shards = [{**{f"model/{k}": v for k, v in shard(payload["model"], t).items()},
+                       **{f"momentum/{k}": v for k, v in (shard(momentum, t) if momentum else {}).items()}}
                       for t in range(mesh.towers)]
-        received = [None]
-        dist.scatter_object_list(received, shards, src=0, group=mesh.tower_group)
-        tower.load_state_dict(received[0]["model"])
+        received = _scatter_tensors(shards, mesh.tower_group, device)
+        tower.load_state_dict({k.split("/", 1)[1]: v for k, v in received.items() if k.startswith("model/")})
         for name, p in tower.named_parameters():
-            if name in received[0]["momentum"]:
-                optimizer.state[p]["momentum_buffer"] = received[0]["momentum"][name].to(device)
+            if f"momentum/{name}" in received:
+                optimizer.state[p]["momentum_buffer"] = received[f"momentum/{name}"]
     states = None
     if rank == 0:
         saved_rng = payload.get("rng", {}) if with_training else {}
