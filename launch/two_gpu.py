@@ -249,7 +249,8 @@ def _configure(argv) -> tuple:
     if checkpoint is not None:
         check_layout_holds(config, checkpoint)
     towers = TOWERS if config.layout == "towers" else 1
-    config = dataclasses.replace(resolve(config), replicas=_replicas(config, towers))
+    saved_replicas = checkpoint["config"].get("replicas") if config.resume else None
+    config = dataclasses.replace(resolve(config), replicas=_replicas(config, towers, saved_replicas))
     config.validate()
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     placement = choose_placement(config.backend, gpus, ranks=towers * config.replicas, towers=towers,
@@ -259,10 +260,11 @@ def _configure(argv) -> tuple:
     return config, checkpoint, placement
 
 
-def _replicas(config: TrainConfig, towers: int) -> int:
-    """--replicas, or under torchrun the number its ranks make."""
+def _replicas(config: TrainConfig, towers: int, resumed: Optional[int] = None) -> int:
+    """--replicas, else those of the run resumed (``resumed``), else 1; under torchrun the
+    number its ranks make."""
     if not _torchrun_env():
-        replicas = config.replicas or 1
+        replicas = config.replicas or resumed or 1
         most = MAX_LOCAL_RANKS_PER_CORE * (os.cpu_count() or 1) // towers
         if replicas > most:
             raise ValueError(f"--replicas {replicas} would start {replicas * towers} processes on this machine's "

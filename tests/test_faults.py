@@ -178,19 +178,24 @@ def test_a_full_disk_is_named_and_loses_nothing(tmp_path):
 
 @pytest.mark.slow
 def test_a_run_killed_anywhere_resumes_to_the_uninterrupted_weights(tiny_data, tmp_path):
-    common = ["--data", tiny_data, "--out", tmp_path, "--epochs", "2", "--checkpoint-every", "2", *TINY]
+    """Two replicas of the towers, dropout on: the checkpoint holds four ranks' random states
+    and replica 0's weights, which the other replica receives on resume. (One replica's
+    exact resume: tests/test_launch.py.)"""
+    common = ["--data", tiny_data, "--out", tmp_path, "--epochs", "2", "--checkpoint-every", "4", "--no-ten-crop",
+              "--replicas", "2", *TINY]
     whole = Run(*common, "--run-name", "whole", run_dir=tmp_path / "whole")
     assert whole.wait(timeout_s=300) == 0, whole.stderr()
     parts = Run(*common, "--run-name", "parts", run_dir=tmp_path / "parts")
     parts.wait_for_step(5)  # a checkpoint exists at step 4; the kill may land inside the next save
     os.killpg(parts.proc.pid, signal.SIGKILL)
     parts.wait()
-    killed_at = load_checkpoint(tmp_path / "parts")["progress"]["global_step"]
-    assert 4 <= killed_at < 14
+    killed = load_checkpoint(tmp_path / "parts")
+    assert 4 <= killed["progress"]["global_step"] < 14 and set(killed["rng"]) == {f"rank{r}" for r in range(4)}
     # Resumed with DataLoader worker processes inside rank 0 (the other runs load in the rank itself):
     # the batches are a function of (seed, epoch, position) alone.
-    resumed = Run("--resume", tmp_path / "parts", "--workers", "2", "--no-ten-crop", run_dir=tmp_path / "parts")
+    resumed = Run("--resume", tmp_path / "parts", "--workers", "2", run_dir=tmp_path / "parts")
     assert resumed.wait(timeout_s=300) == 0, resumed.stderr()
+    assert json.loads((tmp_path / "parts" / "summary.json").read_text())["replicas"] == 2  # kept by --resume
     a, b = load_checkpoint(tmp_path / "whole"), load_checkpoint(tmp_path / "parts")
     assert a["progress"]["global_step"] == b["progress"]["global_step"] == 14
     # Exactly equal, not close: the same batches, augmentation and dropout masks, the same arithmetic.
