@@ -13,7 +13,8 @@ BYTES_CHART = "bytes_per_step_vs_batch.png"
 SECTIONS = ("Machine and software", "Configuration", "Main table", "How each number is taken",
             "Towers: traffic per exchange", "Batch-size sweep", "Precision and memory format",
             "Projection to a two-GPU machine", "Data loader", "Hybrid: replicas of the towers",
-            "Projection to eight GPUs: replicas of the towers or data parallel", "Not measured")
+            "Projection to eight GPUs: replicas of the towers or data parallel",
+            "The training program against the synthetic step", "Not measured")
 
 
 def _mb(n) -> str:
@@ -400,6 +401,37 @@ def loader_lines(results) -> list:
     return lines
 
 
+def program_lines(results) -> list:
+    program = results.get("program") or []
+    if not program:
+        return ["Not run."]
+    lines = ["`python -m launch.two_gpu` itself on real JPEGs: the loader, the uint8 hand-over and the augmentation on "
+             "the device are in every step. A step's time is its own `step_ms` in metrics.jsonl (the wait for its "
+             "batch and the step), after the run's first steps; the synthetic rate is the main table's, same mode and "
+             "batch, fp32, contiguous.", "",
+             "| mode | batch | device | loader workers | timed steps | program images/s (median step) | mean images/s "
+             "(every timed step) | synthetic images/s | program / synthetic | 90 ImageNet epochs at this rate |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    failed = []
+    for p in program:
+        if "failed" in p:
+            failed.append(f"- {p['mode']}: {p['failed']} (`{p['command']}`)")
+            continue
+        synthetic = _find(results, p["mode"], p["batch"])
+        rate = f"{synthetic['images_per_s']:.1f}" if synthetic else "—"
+        ratio = f"{100 * p['images_per_s'] / synthetic['images_per_s']:.0f} %" if synthetic else "—"
+        hours = p["paper_training_hours"]
+        lines.append(f"| {p['mode']} | {p['batch']} | {p['device']} | {p['workers']} | {p['timed_steps']} "
+                     f"| {p['images_per_s']:.1f} | {p['mean_images_per_s']:.1f} | {rate} | {ratio} "
+                     f"| {hours:,.0f} h ({hours / 24:,.1f} days) |")
+    done = [p for p in program if "failed" not in p]
+    if done:
+        lines += ["", f"- data: {done[0]['data']}; commands: " + "; ".join(f"`python {p['command']}`" for p in done),
+                  "- 90 epochs: 90 x 1,281,167 ImageNet training images at the program's median-step rate, "
+                  "evaluations and checkpoints left out (the paper: five to six days on two GTX 580s)"]
+    return lines + failed
+
+
 def write_report(results: dict, folder: Path) -> None:
     folder = Path(folder)
     chart_images_per_s(results, folder / IMAGES_CHART)
@@ -441,7 +473,8 @@ def write_report(results: dict, folder: Path) -> None:
         f"## {SECTIONS[8]}", "", *loader_lines(results), "",
         f"## {SECTIONS[9]}", "", *hybrid_lines(results), "",
         f"## {SECTIONS[10]}", "", *mesh_projection_lines(results), "",
-        f"## {SECTIONS[11]}", "",
+        f"## {SECTIONS[11]}", "", *program_lines(results), "",
+        f"## {SECTIONS[12]}", "",
     ]
     lines += [f"- {n['mode']}, batch {n['batch']}, {n['precision']}, {n['memory_format']}: {n['reason']}"
               for n in results["not_measured"]] or ["Everything planned was measured."]

@@ -54,6 +54,7 @@ from towers import FC8_PLACEMENTS, TOWERS, AlexNet
 
 from . import flops, traffic
 from .loader import measure_loader
+from .program import PROGRAM_LAYOUTS, measure_program
 from .workers import WORKERS, weights_worker
 
 logger = logging.getLogger(__name__)
@@ -63,6 +64,7 @@ RANKS = {"towers": TOWERS, "ddp": 2, "hybrid": 2 * TOWERS}  # the rest: one
 MULTI_RANK_MODES = tuple(RANKS)
 HYBRID_REPLICAS = RANKS["hybrid"] // TOWERS
 SWEEP_MODES = ("single", "towers", "ddp", "torchvision")
+PROGRAM_MODES = tuple(PROGRAM_LAYOUTS)
 PRECISIONS = ("fp32", "bf16")
 MEMORY_FORMATS = ("contiguous", "channels_last")
 ELEMENT_SIZE = {"fp32": 4, "bf16": 2}  # bytes of an exchanged activation, as the analytic figure assumes
@@ -115,6 +117,9 @@ class BenchConfig:
                                                  "number of workers [20, --quick 3]", type=int)
     loader_data: Optional[str] = option(None, "the data-loader benchmark's ImageNet-layout folder [the built-in "
                                               "dataset: pre-resized 256x256 JPEGs]")
+    program_modes: tuple = option(PROGRAM_MODES, "the training program (python -m launch.two_gpu) on the loader's "
+                                                 "data in these layouts, --warmup + --steps steps at --batch, against "
+                                                 "the main table", choices=PROGRAM_MODES, many=True)
     quick: bool = option(False, "small defaults that finish in under 5 minutes on a 2-core CPU", action="store_true")
 
 
@@ -551,6 +556,10 @@ def main(argv=None) -> Path:
                 config.loader_batches, config.batch)
     loader = measure_loader(config.loader_workers, config.batch, config.loader_batches, devices.single,
                             config.loader_data)
+    logger.info("the training program: %s, %d + %d steps of %d", ",".join(config.program_modes), config.warmup,
+                config.steps, config.batch)
+    program = measure_program(config.program_modes, config.batch, config.steps, config.warmup, devices.single,
+                              config.loader_data, None, config.rank_timeout_s)
     results = {
         "machine": {**machine_info(devices), "load_average": {"start": load_at_start, "end": _load_average()}},
         "config": asdict(config),
@@ -558,7 +567,7 @@ def main(argv=None) -> Path:
         "date": datetime.date.today().isoformat(), "analytic": analytic,
         "runs": list(runs.values()), "not_measured": not_measured,
         "projection": projection(runs, config, analytic), "mesh_projection": mesh_projection(runs, config, analytic),
-        "loader": loader,
+        "loader": loader, "program": program,
         "elapsed_s": time.perf_counter() - started,
     }
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str))

@@ -238,9 +238,11 @@ def train_one_epoch(model, optimizer, bundle, plan: Plan, config: TrainConfig, p
         if progress.global_step % config.log_every == 0 or progress.batch == plan.batches_per_epoch:
             bar.clear()
             log.info(line)
-            # loss and top1: means over the last steps, as on the step line; step_loss: this step's alone
+            # loss and top1: means over the last steps, as on the step line; step_loss and step_ms: this
+            # step's alone (its time: the wait for its batch and the step)
             metrics.write(event="train", epoch=progress.epoch + 1, step=progress.global_step, loss=meter.loss,
-                          step_loss=loss, top1=meter.top1, images_per_s=meter.images_per_s, ms_per_step=meter.ms_per_step, lr=lr,
+                          step_loss=loss, step_ms=1000 * meter.times[-1], top1=meter.top1,
+                          images_per_s=meter.images_per_s, ms_per_step=meter.ms_per_step, lr=lr,
                           peak_memory_bytes=peak_memory(device)[0])
         if config.checkpoint_every and progress.global_step % config.checkpoint_every == 0 \
                 and progress.batch < plan.batches_per_epoch:

@@ -11,7 +11,7 @@ import sys
 import matplotlib.image
 import pytest
 
-from benchmarks import flops, run, traffic
+from benchmarks import flops, program, run, traffic
 from towers import AlexNet
 
 from conftest import ROOT
@@ -85,12 +85,12 @@ def test_help_explains_every_option():
 def tiny_run(tmp_path_factory):
     """One real harness run in the quick mode, made smaller still: batch 2 (1 warm-up + 2 timed
     steps), a sweep to batch 4 for the towers, one bf16 channels_last towers run, and the
-    loader with 0 and 2 workers on the built-in data."""
+    loader with 0 and 2 workers, and the training program as towers, on the built-in data."""
     out = tmp_path_factory.mktemp("bench") / "report"
     command = [sys.executable, "-m", "benchmarks.run", "--quick", "--device", "cpu", "--batch", "2", "--warmup", "1",
                "--steps", "2", "--batches", "4", "--sweep-modes", "towers", "--precision-modes", "towers",
                "--precisions", "bf16", "--memory-formats", "channels_last", "--loader-workers", "0,2",
-               "--loader-batches", "2", "--out", str(out)]
+               "--loader-batches", "2", "--program-modes", "towers", "--out", str(out)]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
     assert result.returncode == 0, result.stderr[-4000:]
     return out, json.loads((out / "results.json").read_text())
@@ -110,7 +110,8 @@ def test_report_has_every_part(tiny_run):
     for section in ("Machine and software", "Configuration", "Main table", "How each number is taken",
                     "Towers: traffic per exchange", "Batch-size sweep", "Precision and memory format",
                     "Projection to a two-GPU machine", "Data loader", "Hybrid: replicas of the towers",
-                    "Projection to eight GPUs: replicas of the towers or data parallel", "Not measured"):
+                    "Projection to eight GPUs: replicas of the towers or data parallel",
+                    "The training program against the synthetic step", "Not measured"):
         assert f"## {section}\n" in report, section
     main = report.split("## Main table\n", 1)[1].split("\n## ", 1)[0]
     assert "| mode | device" in main and "images/s" in main and "% of peak" in main
@@ -136,6 +137,34 @@ def test_the_loader_is_measured_by_workers(tiny_run):
     assert loader["float32_bytes_per_image"] - 8 == 4 * (loader["input_bytes_per_image"] - 8)  # uint8: a quarter
     section = (out / "report.md").read_text().split("## Data loader\n", 1)[1].split("\n## ", 1)[0]
     assert "| workers | images/s | ms per batch |" in section and "| 2 |" in section
+
+
+@pytest.mark.slow
+def test_the_training_program_is_timed_from_its_own_steps(tiny_run):
+    out, results = tiny_run
+    [towers] = results["program"]
+    assert "failed" not in towers, towers
+    assert towers["mode"] == "towers" and towers["batch"] == 2 and towers["device"] == "cpu"
+    assert towers["timed_steps"] == 2 and towers["warmup_steps"] == 1  # --steps after --warmup
+    assert towers["images_per_s"] == pytest.approx(1000 * 2 / towers["median_step_ms"])
+    assert towers["input_bytes_per_step"] == 8 + 2 * 3 * 224 * 224 + 2 * 8  # uint8 crops and labels
+    assert towers["paper_training_hours"] == pytest.approx(90 * 1_281_167 / towers["images_per_s"] / 3600)
+    section = (out / "report.md").read_text().split("## The training program against the synthetic step\n", 1)[1]
+    row = next(line for line in section.splitlines() if line.startswith("| towers | 2 |"))
+    synthetic = next(r for r in results["runs"] if (r["mode"], r["batch"], r["precision"], r["memory_format"]) ==
+                     ("towers", 2, "fp32", "contiguous"))
+    assert f"| {synthetic['images_per_s']:.1f} | {100 * towers['images_per_s'] / synthetic['images_per_s']:.0f} % |" in row
+    assert "python -m launch.two_gpu --layout towers --batch-size 2 --max-steps 3" in section
+
+
+def test_the_steady_rate_leaves_out_the_warm_up():
+    records = [{"event": "train", "step": s, "step_ms": ms} for s, ms in enumerate([900, 100, 120, 80, 300], 1)]
+    rate = program.steady_rate(records + [{"event": "eval", "step": 5}], batch=4, warmup=1)
+    assert rate["timed_steps"] == 4 and rate["median_step_ms"] == 110 and rate["mean_step_ms"] == 150
+    assert rate["images_per_s"] == pytest.approx(4000 / 110) and rate["mean_images_per_s"] == pytest.approx(4000 / 150)
+    with pytest.raises(ValueError, match="no training step after the 5 warm-up steps"):
+        program.steady_rate(records, batch=4, warmup=5)
+    assert program.paper_training_hours(1_281_167 * 90 / 3600) == pytest.approx(1.0)
 
 
 @pytest.mark.slow

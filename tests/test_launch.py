@@ -45,6 +45,8 @@ def test_short_run_writes_its_results_and_eval_only_agrees(tiny_data, tmp_path):
     assert [r["step"] for r in train_lines] == [2, 4, 6, 7]
     assert all(r["images_per_s"] > 0 and r["ms_per_step"] > 0 and r["lr"] > 0 for r in train_lines)
     summary = json.loads((run / "summary.json").read_text())
+    # each step's own time (the benchmark's program rate): within the epoch's training time
+    assert all(0 < r["step_ms"] for r in train_lines) and sum(r["step_ms"] for r in train_lines) < 1000 * summary["train_seconds"]
     assert summary["steps"] == 7 and summary["epochs"] == 1 and summary["centre"]["images"] == 10
     assert summary["ten_patch"]["test"] == "ten-patch"
     # The batch crosses as uint8 crops: a quarter of float32 images (plus the count and the labels).

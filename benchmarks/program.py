@@ -1,0 +1,81 @@
+"""The training program as a user runs it, against the synthetic step of the same layout.
+
+``python -m launch.two_gpu`` trains on real JPEGs (the built-in set unless ``--loader-data``)
+at the main table's batch, fp32, with checkpoints only at the end: the loader, the
+input hand-over and the device-side augmentation are all in its steps. Its rate is
+taken from ``metrics.jsonl`` (``--log-every 1``), where each step records ``step_ms``,
+its own time including the wait for its batch; the first steps of the run are its
+warm-up and are left out. From that rate follows how long the paper's 90 epochs of
+ImageNet's training set would take.
+"""
+
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+IMAGENET_TRAIN_IMAGES = 1_281_167  # ILSVRC-2012's training set
+PAPER_EPOCHS = 90
+PROGRAM_LAYOUTS = {"towers": "towers", "single": "single"}  # benchmark mode -> the program's --layout
+
+
+def program_command(layout: str, batch: int, steps: int, out: Path, device: str, data: Optional[str],
+                    workers: Optional[int]) -> list:
+    command = [sys.executable, "-m", "launch.two_gpu", "--layout", layout, "--batch-size", str(batch),
+               "--max-steps", str(steps), "--log-every", "1", "--checkpoint-every", "0", "--val-limit", str(batch),
+               "--no-ten-crop", "--out", str(out), "--run-name", layout]
+    if device == "cpu":
+        command += ["--backend", "gloo"]  # the program's way to keep off a GPU
+    if data:
+        command += ["--data", data]
+    if workers is not None:
+        command += ["--workers", str(workers)]
+    return command
+
+
+def steady_rate(records: list, batch: int, warmup: int) -> dict:
+    """images/s from the train records' ``step_ms`` after the first ``warmup`` steps: the
+    median step (steady state) and the mean (epoch starts and slow batches included)."""
+    times = [r["step_ms"] for r in records if r.get("event") == "train" and r["step"] > warmup]
+    if not times:
+        raise ValueError(f"no training step after the {warmup} warm-up steps to time")
+    median, mean = statistics.median(times), statistics.fmean(times)
+    return {"timed_steps": len(times), "median_step_ms": median, "mean_step_ms": mean,
+            "images_per_s": 1000 * batch / median, "mean_images_per_s": 1000 * batch / mean}
+
+
+def paper_training_hours(images_per_s: float) -> float:
+    """Hours for 90 epochs of ImageNet's training set at ``images_per_s``."""
+    return PAPER_EPOCHS * IMAGENET_TRAIN_IMAGES / images_per_s / 3600
+
+
+def measure_program(modes: tuple, batch: int, steps: int, warmup: int, device: str, data: Optional[str],
+                    workers: Optional[int], timeout_s: float) -> list:
+    """One short run of the program per mode of ``modes`` that it can train (towers,
+    single); a run that fails is recorded with the reason, not raised."""
+    results = []
+    for mode in (m for m in modes if m in PROGRAM_LAYOUTS):
+        with tempfile.TemporaryDirectory(prefix="alexnet-program-") as folder:
+            command = program_command(PROGRAM_LAYOUTS[mode], batch, warmup + steps, Path(folder), device, data, workers)
+            entry = {"mode": mode, "batch": batch, "command": " ".join(command[1:])}
+            try:
+                done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                results.append({**entry, "failed": f"still running after {timeout_s:.0f} s"})
+                continue
+            if done.returncode != 0:
+                last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+                results.append({**entry, "failed": f"exit {done.returncode}: {last}"})
+                continue
+            run = Path(folder) / PROGRAM_LAYOUTS[mode]
+            records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+            summary = json.loads((run / "summary.json").read_text())
+            rate = steady_rate(records, batch, warmup)
+            results.append({**entry, **rate, "warmup_steps": warmup, "device": summary["device"],
+                            "data": summary["data"], "workers": json.loads((run / "config.json").read_text())["workers"],
+                            "input_bytes_per_step": summary["input_bytes_per_step"],
+                            "paper_training_hours": paper_training_hours(rate["images_per_s"])})
+    return results
