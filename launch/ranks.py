@@ -113,8 +113,8 @@ def is_loopback(addr: str) -> bool:
 def init_process_group(backend: str, rank: int, world_size: int, timeout_s: float, store=None) -> None:
     """Joins the default process group; with no ``store`` the torchrun environment (env://) is used."""
     timeout = datetime.timedelta(seconds=timeout_s)
-    if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
+    if backend == "nccl":  # GPU LOCAL_RANK; ranks beyond the GPUs share them, which only a test arranges
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
     if store is None:
         dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout)
     else:
