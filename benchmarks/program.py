@@ -17,16 +17,18 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
+from launch.train import default_workers
+
 IMAGENET_TRAIN_IMAGES = 1_281_167  # ILSVRC-2012's training set
 PAPER_EPOCHS = 90
 PROGRAM_LAYOUTS = {"towers": "towers", "single": "single"}  # benchmark mode -> the program's --layout
 
 
-def program_command(layout: str, batch: int, steps: int, out: Path, device: str, data: Optional[str],
+def program_command(layout: str, batch: int, steps: int, device: str, data: Optional[str],
                     workers: Optional[int]) -> list:
-    command = [sys.executable, "-m", "launch.two_gpu", "--layout", layout, "--batch-size", str(batch),
-               "--max-steps", str(steps), "--log-every", "1", "--checkpoint-every", "0", "--val-limit", str(batch),
-               "--no-ten-crop", "--out", str(out), "--run-name", layout]
+    """``python -m launch.two_gpu`` with the options of a timed run, less where it writes."""
+    command = ["-m", "launch.two_gpu", "--layout", layout, "--batch-size", str(batch), "--max-steps", str(steps),
+               "--log-every", "1", "--checkpoint-every", "0", "--val-limit", str(batch), "--no-ten-crop"]
     if device == "cpu":
         command += ["--backend", "gloo"]  # the program's way to keep off a GPU
     if data:
@@ -59,10 +61,11 @@ def measure_program(modes: tuple, batch: int, steps: int, warmup: int, device: s
     results = []
     for mode in (m for m in modes if m in PROGRAM_LAYOUTS):
         with tempfile.TemporaryDirectory(prefix="alexnet-program-") as folder:
-            command = program_command(PROGRAM_LAYOUTS[mode], batch, warmup + steps, Path(folder), device, data, workers)
+            command = program_command(PROGRAM_LAYOUTS[mode], batch, warmup + steps, device, data, workers)
             entry = {"mode": mode, "batch": batch, "command": " ".join(command[1:])}
             try:
-                done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s)
+                done = subprocess.run([sys.executable, *command, "--out", folder, "--run-name", "run"],
+                                      capture_output=True, text=True, timeout=timeout_s)
             except subprocess.TimeoutExpired:
                 results.append({**entry, "failed": f"still running after {timeout_s:.0f} s"})
                 continue
@@ -70,12 +73,12 @@ def measure_program(modes: tuple, batch: int, steps: int, warmup: int, device: s
                 last = (done.stderr.strip().splitlines() or ["no output"])[-1]
                 results.append({**entry, "failed": f"exit {done.returncode}: {last}"})
                 continue
-            run = Path(folder) / PROGRAM_LAYOUTS[mode]
+            run = Path(folder) / "run"
             records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
             summary = json.loads((run / "summary.json").read_text())
             rate = steady_rate(records, batch, warmup)
             results.append({**entry, **rate, "warmup_steps": warmup, "device": summary["device"],
-                            "data": summary["data"], "workers": json.loads((run / "config.json").read_text())["workers"],
+                            "data": summary["data"], "workers": default_workers() if workers is None else workers,
                             "input_bytes_per_step": summary["input_bytes_per_step"],
                             "paper_training_hours": paper_training_hours(rate["images_per_s"])})
     return results

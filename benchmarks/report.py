@@ -415,7 +415,7 @@ def program_lines(results) -> list:
     failed = []
     for p in program:
         if "failed" in p:
-            failed.append(f"- {p['mode']}: {p['failed']} (`{p['command']}`)")
+            failed.append(f"- {p['mode']}: {p['failed']} (`python -m {p['command']}`)")
             continue
         synthetic = _find(results, p["mode"], p["batch"])
         rate = f"{synthetic['images_per_s']:.1f}" if synthetic else "—"
@@ -426,7 +426,7 @@ def program_lines(results) -> list:
                      f"| {hours:,.0f} h ({hours / 24:,.1f} days) |")
     done = [p for p in program if "failed" not in p]
     if done:
-        lines += ["", f"- data: {done[0]['data']}; commands: " + "; ".join(f"`python {p['command']}`" for p in done),
+        lines += ["", f"- data: {done[0]['data']}; commands: " + "; ".join(f"`python -m {p['command']}`" for p in done),
                   "- 90 epochs: 90 x 1,281,167 ImageNet training images at the program's median-step rate, "
                   "evaluations and checkpoints left out (the paper: five to six days on two GTX 580s)"]
     return lines + failed
