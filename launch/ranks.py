@@ -114,7 +114,7 @@ def init_process_group(backend: str, rank: int, world_size: int, timeout_s: floa
     """Joins the default process group; with no ``store`` the torchrun environment (env://) is used."""
     timeout = datetime.timedelta(seconds=timeout_s)
     if backend == "nccl":  # GPU LOCAL_RANK; ranks beyond the GPUs share them, which only a test arranges
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)) % max(1, torch.cuda.device_count()))
     if store is None:
         dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout)
     else:
