@@ -200,4 +200,6 @@ def init_weights(model: nn.Module, seed: int, scheme: str = "paper") -> nn.Modul
 
 def build_reference(num_classes: int = 1000, seed: int = 0, dropout: float = 0.5, init: str = "paper",
                     architecture: Architecture = Architecture()) -> AlexNet:
-    return init_weights(AlexNet(num_classes, dropout, architecture), seed, init)
+    with torch.device("meta"):  # no default initialisation: init_weights draws every parameter
+        model = AlexNet(num_classes, dropout, architecture)
+    return init_weights(model.to_empty(device="cpu"), seed, init)
