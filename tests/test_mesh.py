@@ -15,7 +15,7 @@ from torch.nn.parallel import DistributedDataParallel
 from launch.checkpoint import load_checkpoint
 from launch.mesh import build_mesh, coordinates
 from launch.ranks import run_ranks
-from towers import TOWERS, Tower, build_reference, shard_state_dict
+from towers import FC8_PLACEMENTS, TOWERS, Tower, build_reference, shard_state_dict
 
 from conftest import TINY, Run, launch
 
@@ -90,10 +90,21 @@ def _hybrid_worker(rank, fc8_placement, sgd_steps):
     return out
 
 
+def _both_placements_worker(rank, sgd_steps):
+    """Both FC8 placements in one start of the four ranks."""
+    return {placement: _hybrid_worker(rank, placement, sgd_steps) for placement in FC8_PLACEMENTS}
+
+
+@pytest.fixture(scope="module")
+def hybrid_results():
+    by_rank = run_ranks(_both_placements_worker, (3,), world_size=2 * REPLICAS, timeout_s=TIMEOUT_S)
+    return {placement: [r[placement] for r in by_rank] for placement in FC8_PLACEMENTS}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("fc8_placement", ["tower0", "split"])
-def test_two_replicas_of_the_towers_match_the_reference_on_the_global_batch(fc8_placement):
-    results = run_ranks(_hybrid_worker, (fc8_placement, 3), world_size=2 * REPLICAS, timeout_s=TIMEOUT_S)
+@pytest.mark.parametrize("fc8_placement", FC8_PLACEMENTS)
+def test_two_replicas_of_the_towers_match_the_reference_on_the_global_batch(hybrid_results, fc8_placement):
+    results = hybrid_results[fc8_placement]
     for rank, r in enumerate(results):
         assert r["tower_ranks"] == [rank // 2 * 2, rank // 2 * 2 + 1] and r["replica_ranks"] == [rank % 2, rank % 2 + 2]
     for rank, r in enumerate(results[:TOWERS]):  # replica 0, which trained the reference beside its towers
@@ -153,11 +164,16 @@ def test_two_replicas_log_the_losses_of_one_and_resume_across_replica_counts(tin
     assert json.loads((tmp_path / "split" / "summary.json").read_text())["replicas"] == 1
     resumed, _ = _losses(tmp_path / "split")
     assert resumed == pytest.approx(losses_one, rel=1e-4)
-    weights = load_checkpoint(tmp_path / "split")["model"]
+    weights, initial = load_checkpoint(tmp_path / "split")["model"], build_reference(CLASSES, seed=0).state_dict()
     for key, value in load_checkpoint(one)["model"].items():
-        # float32, 7 steps of a loss still climbing (lr 0.001 on raw pixels): measured up to
-        # 3e-6 apart on weights of about 1e-2; 1e-5 is a thousandth of their spread.
-        torch.testing.assert_close(weights[key], value, rtol=1e-3, atol=1e-5)
+        # Measured against how far training moved each tensor: float32 rounding, amplified by
+        # 7 steps of a loss that climbs from 2.3 to 12 (lr 0.001 on raw pixels), left up to
+        # 0.75 % of the move (torch 2.14, 2-core CPU), as much as the D = 2 run that never
+        # resumed ("two") differs from "one". Momentum lost on resume, or a half in the wrong
+        # place, moves a tensor by a large part of its whole move.
+        moved = (value - initial[key]).double().norm()
+        assert moved > 0, key
+        assert (weights[key] - value).double().norm() / moved < 0.03, key
 
 
 @pytest.mark.parametrize("args, message", [
