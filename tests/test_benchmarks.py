@@ -82,15 +82,16 @@ def test_help_explains_every_option():
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
+def tiny_run(tmp_path_factory, tiny_data):
     """One real harness run in the quick mode, made smaller still: batch 2 (1 warm-up + 2 timed
     steps), a sweep to batch 4 for the towers, one bf16 channels_last towers run, and the
-    loader with 0 and 2 workers, and the training program as towers, on the built-in data."""
+    loader with 0 and 2 workers, and the training program as towers, on the tiny dataset's
+    JPEGs (the built-in set's generator, made smaller)."""
     out = tmp_path_factory.mktemp("bench") / "report"
     command = [sys.executable, "-m", "benchmarks.run", "--quick", "--device", "cpu", "--batch", "2", "--warmup", "1",
                "--steps", "2", "--batches", "4", "--sweep-modes", "towers", "--precision-modes", "towers",
                "--precisions", "bf16", "--memory-formats", "channels_last", "--loader-workers", "0,2",
-               "--loader-batches", "2", "--program-modes", "towers", "--out", str(out)]
+               "--loader-batches", "2", "--loader-data", str(tiny_data), "--program-modes", "towers", "--out", str(out)]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
     assert result.returncode == 0, result.stderr[-4000:]
     return out, json.loads((out / "results.json").read_text())

@@ -181,23 +181,25 @@ def test_a_run_killed_anywhere_resumes_to_the_uninterrupted_weights(tiny_data, t
     """Two replicas of the towers, dropout on: the checkpoint holds four ranks' random states
     and replica 0's weights, which the other replica receives on resume. (One replica's
     exact resume: tests/test_launch.py.)"""
-    common = ["--data", tiny_data, "--out", tmp_path, "--epochs", "2", "--checkpoint-every", "4", "--no-ten-crop",
+    # Epoch 1 is steps 1-7, epoch 2 ends at --max-steps 10. The run to be killed also saves at step 5
+    # (--checkpoint-every steers saving only, not training).
+    common = ["--data", tiny_data, "--out", tmp_path, "--epochs", "2", "--max-steps", "10", "--no-ten-crop",
               "--replicas", "2", *TINY]
     whole = Run(*common, "--run-name", "whole", run_dir=tmp_path / "whole")
     assert whole.wait(timeout_s=300) == 0, whole.stderr()
-    parts = Run(*common, "--run-name", "parts", run_dir=tmp_path / "parts")
-    parts.wait_for_step(5)  # a checkpoint exists at step 4; the kill may land inside the next save
+    parts = Run(*common, "--checkpoint-every", "5", "--run-name", "parts", run_dir=tmp_path / "parts")
+    parts.wait_for_step(6)  # a checkpoint exists at step 5; the kill may land inside the next save
     os.killpg(parts.proc.pid, signal.SIGKILL)
     parts.wait()
     killed = load_checkpoint(tmp_path / "parts")
-    assert 4 <= killed["progress"]["global_step"] < 14 and set(killed["rng"]) == {f"rank{r}" for r in range(4)}
+    assert 5 <= killed["progress"]["global_step"] < 10 and set(killed["rng"]) == {f"rank{r}" for r in range(4)}
     # Resumed with DataLoader worker processes inside rank 0 (the other runs load in the rank itself):
     # the batches are a function of (seed, epoch, position) alone.
-    resumed = Run("--resume", tmp_path / "parts", "--workers", "2", run_dir=tmp_path / "parts")
+    resumed = Run("--resume", tmp_path / "parts", "--workers", "2", "--max-steps", "10", run_dir=tmp_path / "parts")
     assert resumed.wait(timeout_s=300) == 0, resumed.stderr()
     assert json.loads((tmp_path / "parts" / "summary.json").read_text())["replicas"] == 2  # kept by --resume
     a, b = load_checkpoint(tmp_path / "whole"), load_checkpoint(tmp_path / "parts")
-    assert a["progress"]["global_step"] == b["progress"]["global_step"] == 14
+    assert a["progress"]["global_step"] == b["progress"]["global_step"] == 10 and b["progress"]["epoch"] == 1
     # Exactly equal, not close: the same batches, augmentation and dropout masks, the same arithmetic.
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
