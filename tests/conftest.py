@@ -26,6 +26,16 @@ def tiny_data(tmp_path_factory):
     return builtin.builtin_dataset(tmp_path_factory.mktemp("data") / "tiny", train_per_class=3, val_per_class=1)
 
 
+@pytest.fixture(scope="session")
+def trained_run(tiny_data, tmp_path_factory):
+    """(run folder, the program's output) of one finished run of the towers on the tiny dataset:
+    one epoch of 7 steps, a log line every 2, the ten-patch test. Tests that only read a run
+    share it; a test that would change it works on a copy."""
+    out = tmp_path_factory.mktemp("trained")
+    result = launch("--data", tiny_data, "--out", out, "--run-name", "run", "--epochs", "1", "--log-every", "2", *TINY)
+    return out / "run", result
+
+
 def launch(*args, env=None, check=True) -> subprocess.CompletedProcess:
     """``python -m launch.two_gpu ARGS`` to the end; with ``check``, a non-zero exit fails the test."""
     result = subprocess.run([sys.executable, "-m", "launch.two_gpu", *map(str, args)], cwd=ROOT, env=env,

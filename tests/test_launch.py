@@ -36,9 +36,8 @@ TINY = [*_TINY, "--log-every", "2"]
 pytestmark = pytest.mark.slow  # every test here runs the program or two ranks
 
 
-def test_short_run_writes_its_results_and_eval_only_agrees(tiny_data, tmp_path):
-    result = launch("--data", tiny_data, "--out", tmp_path, "--run-name", "run", "--epochs", "1", *TINY)
-    run = tmp_path / "run"
+def test_short_run_writes_its_results_and_eval_only_agrees(trained_run, tiny_data, tmp_path):
+    run, result = trained_run  # --epochs 1 --log-every 2, the tiny options
     assert {"config.json", "metrics.jsonl", "summary.json", "checkpoint.pt", "train.log"} <= {p.name for p in run.iterdir()}
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     train_lines = [r for r in records if r["event"] == "train"]

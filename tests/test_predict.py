@@ -22,7 +22,7 @@ from launch.images import load_image
 from launch.predict import format_block, open_classifier, top_classes
 from towers import build_reference
 
-from conftest import ROOT, RUN_TIMEOUT_S, TINY, launch
+from conftest import ROOT, RUN_TIMEOUT_S
 
 CLASSES = list(BUILTIN_CLASSES)  # the tiny data's classes, so that --data can stand in for what a checkpoint lacks
 PREFERRED = 6  # the class the biased checkpoint is made to prefer
@@ -294,10 +294,9 @@ def test_device_cuda_without_a_gpu_is_refused(checkpoints, photos):
 
 
 @pytest.mark.slow
-def test_a_checkpoint_written_by_the_towers_classifies(tiny_data, tmp_path):
-    launch("--data", tiny_data, "--out", tmp_path, "--run-name", "run", "--max-steps", "1", "--no-ten-crop", *TINY)
+def test_a_checkpoint_written_by_the_towers_classifies(trained_run, tiny_data):
     val_images = sorted((tiny_data / "val").glob("*/*"))
-    result = _predict(tmp_path / "run", *val_images, "--top", "3", "--ten-crop", check=0)
+    result = _predict(trained_run[0], *val_images, "--top", "3", "--ten-crop", check=0)
     blocks = [block.splitlines() for block in result.stdout.strip().split("\n\n")]
     assert [block[0] for block in blocks] == [str(p) for p in val_images]
     assert all(len(block) == 4 and {line.split("%  ")[1] for line in block[1:]} <= set(CLASSES) for block in blocks)

@@ -20,7 +20,7 @@ from launch.checkpoint import checkpoint_payload, save_checkpoint
 from launch.data import open_data
 from towers import build_reference
 
-from conftest import ROOT, RUN_TIMEOUT_S, TINY, launch
+from conftest import ROOT, RUN_TIMEOUT_S
 
 KERNEL_SHAPE = (3, 11, 11)
 
@@ -267,8 +267,8 @@ def test_a_bad_run_dir_gives_one_line_and_exit_2(tmp_path, case):
 # --------------------------------------------------------------------------- the real program
 
 @pytest.mark.slow
-def test_a_real_run_is_drawn(tiny_data, tmp_path):
-    launch("--data", tiny_data, "--out", tmp_path, "--run-name", "run", "--epochs", "1", "--log-every", "2", *TINY)
+def test_a_real_run_is_drawn(trained_run, tmp_path):
+    shutil.copytree(trained_run[0], tmp_path / "run")  # the pictures go into the run folder; the shared one stays as it is
     result = run_show(tmp_path / "run", "--neighbour-pool", "30", "--images", "2")
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == [str(tmp_path / "run" / "show" / f"{name}.png") for name in show.PICTURES]
