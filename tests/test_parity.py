@@ -2,9 +2,9 @@
 the weights after SGD steps, and exactly the expected traffic between them; for the
 paper's net and for each variant the towers hold (no LRN, non-overlapping pooling, tanh).
 
-Each case runs two real processes over gloo. Inside each rank the reference is
-built from the same seed, so both sides start from identical weights and see
-identical inputs; the rank returns error magnitudes and the parent asserts.
+Two real processes over gloo run every case, one after the other. Inside each rank
+the reference is built from the same seed, so both sides start from identical weights
+and see identical inputs; the rank returns error magnitudes and the parent asserts.
 """
 
 import contextlib
@@ -16,10 +16,10 @@ import torch.nn.functional as F
 from launch.ranks import run_ranks
 from towers import Architecture, Tower, build_reference, shard_state_dict
 
-pytestmark = pytest.mark.slow  # two real processes per case
+pytestmark = pytest.mark.slow  # two real processes
 
 SEED, BATCH, CLASSES = 7, 2, 1000
-TIMEOUT_S = 240  # bound on one two-process case; a failure never hangs the suite
+TIMEOUT_S = 240  # bound on one case in the two processes; a failure never hangs the suite
 
 
 def _inputs(dtype):
@@ -89,16 +89,30 @@ def _parity_worker(rank, fc8_placement, dtype, sgd_steps, autocast=False, device
 TOLERANCES = {torch.float64: 1e-10, torch.float32: 1e-5}
 
 
-_runs = {}
+VARIANTS = {"no-lrn": Architecture(lrn=False), "non-overlapping": Architecture(pooling="non-overlapping"),
+            "tanh": Architecture(activation="tanh")}
 
 
-def _run(fc8_placement, dtype, autocast=False):
-    """One two-process run per case, shared by the tests below (float64 adds three SGD steps)."""
-    if (fc8_placement, dtype, autocast) not in _runs:
-        sgd_steps = 3 if dtype == torch.float64 else 0
-        _runs[fc8_placement, dtype, autocast] = run_ranks(_parity_worker, (fc8_placement, dtype, sgd_steps, autocast),
-                                                          timeout_s=TIMEOUT_S)
-    return _runs[fc8_placement, dtype, autocast]
+def _case(fc8_placement, dtype, autocast=False, architecture=Architecture()) -> tuple:
+    """_parity_worker's arguments after the rank; float64 adds three SGD steps."""
+    return fc8_placement, dtype, 3 if dtype == torch.float64 else 0, autocast, "cpu", architecture
+
+
+CASES = [_case(placement, dtype) for placement in ("tower0", "split") for dtype in (torch.float64, torch.float32)]
+CASES += [_case("tower0", torch.float32, autocast=True)]
+CASES += [_case("tower0", torch.float64, architecture=architecture) for architecture in VARIANTS.values()]
+
+
+def _cases_worker(rank, cases):
+    return [_parity_worker(rank, *case) for case in cases]
+
+
+@pytest.fixture(scope="module")
+def parity():
+    """Every case's results (per rank), from one start of the two processes: a start costs
+    seconds of imports and set-up, more than most cases' arithmetic."""
+    by_rank = run_ranks(_cases_worker, (CASES,), timeout_s=TIMEOUT_S * len(CASES))
+    return {case: [ranks[i] for ranks in by_rank] for i, case in enumerate(CASES)}
 
 
 def _assert_parity(results, tol, sgd_steps):
@@ -117,10 +131,10 @@ def _assert_parity(results, tol, sgd_steps):
 
 @pytest.mark.parametrize("fc8_placement", ["tower0", "split"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
-def test_forward_backward_and_sgd_match_reference(fc8_placement, dtype):
-    sgd_steps = 3 if dtype == torch.float64 else 0
-    results = _run(fc8_placement, dtype)
-    _assert_parity(results, TOLERANCES[dtype], sgd_steps)
+def test_forward_backward_and_sgd_match_reference(parity, fc8_placement, dtype):
+    case = _case(fc8_placement, dtype)
+    results = parity[case]
+    _assert_parity(results, TOLERANCES[dtype], sgd_steps=case[2])
     assert "fc8.weight" in results[0]["grads"]
     assert ("fc8.weight" in results[1]["grads"]) == (fc8_placement == "split")
 
@@ -152,8 +166,8 @@ def _expected_exchanges(rank, fc8_placement):
 
 
 @pytest.mark.parametrize("fc8_placement", ["tower0", "split"])
-def test_exchanges_are_exactly_the_papers(fc8_placement):
-    results = _run(fc8_placement, torch.float32)  # one forward and one backward
+def test_exchanges_are_exactly_the_papers(parity, fc8_placement):
+    results = parity[_case(fc8_placement, torch.float32)]  # one forward and one backward
     numel = lambda shape: torch.Size(shape).numel()
     for rank, r in enumerate(results):
         sent, received = _expected_exchanges(rank, fc8_placement)
@@ -167,9 +181,9 @@ def test_exchanges_are_exactly_the_papers(fc8_placement):
             assert entry["shapes"] == ([tuple(sent[key])] if key in sent else []), key
 
 
-def test_towers_under_bf16_autocast_match_the_reference():
+def test_towers_under_bf16_autocast_match_the_reference(parity):
     """float32 weights, bf16 autocast, as a GPU run with --precision bf16 computes."""
-    results = _run("tower0", torch.float32, autocast=True)
+    results = parity[_case("tower0", torch.float32, autocast=True)]
     for rank, r in enumerate(results):
         # Both sides round every convolution and matmul input to bf16 (8 significant bits:
         # a relative step of 2^-8 = 0.4 %). Forward, the roundings fall in the same places
@@ -184,9 +198,8 @@ def test_towers_under_bf16_autocast_match_the_reference():
         assert r["exchanges"]["conv3_input/forward"]["sent_bytes"] == 2 * BATCH * 128 * 13 * 13
 
 
-@pytest.mark.parametrize("architecture", [Architecture(lrn=False), Architecture(pooling="non-overlapping"),
-                                          Architecture(activation="tanh")], ids=["no-lrn", "non-overlapping", "tanh"])
-def test_every_variant_of_the_towers_matches_its_reference(architecture):
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_every_variant_of_the_towers_matches_its_reference(parity, variant):
     """Each tower honours the variant: float64, three SGD steps, the tolerances above."""
-    results = run_ranks(_parity_worker, ("tower0", torch.float64, 3, False, "cpu", architecture), timeout_s=TIMEOUT_S)
+    results = parity[_case("tower0", torch.float64, architecture=VARIANTS[variant])]
     _assert_parity(results, TOLERANCES[torch.float64], sgd_steps=3)
