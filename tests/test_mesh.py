@@ -135,42 +135,38 @@ NO_DROPOUT = [*TINY, "--dropout", "0", "--log-every", "1", "--no-ten-crop"]
 
 @pytest.mark.slow
 def test_two_replicas_log_the_losses_of_one_and_resume_across_replica_counts(tiny_data, tmp_path):
-    one = tmp_path / "one"
+    """One run that changes its replicas twice, against a run with one replica all along: a
+    checkpoint holds one net whatever the replicas. Steps 1-3 with two, 4-5 with one, 6-7 with two."""
+    one, run = tmp_path / "one", tmp_path / "run"
     launch("--data", tiny_data, "--out", tmp_path, "--run-name", "one", "--epochs", "1", *NO_DROPOUT)
-    result = launch("--data", tiny_data, "--out", tmp_path, "--run-name", "two", "--epochs", "1", "--replicas", "2",
-                    *NO_DROPOUT)
-    two = tmp_path / "two"
+    result = launch("--data", tiny_data, "--out", tmp_path, "--run-name", "run", "--epochs", "1", "--max-steps", "3",
+                    "--replicas", "2", *NO_DROPOUT)
+    assert "2 replicas of the two towers on 4 ranks (the CPU)" in result.stderr
+    launch("--resume", run, "--replicas", "1", "--max-steps", "5", *NO_DROPOUT)
+    assert json.loads((run / "summary.json").read_text())["replicas"] == 1
+    result = launch("--resume", run, "--replicas", "2", *NO_DROPOUT)
     assert "2 replicas of the two towers on 4 ranks (the CPU)" in result.stderr
     losses_one, evals_one = _losses(one)
-    losses_two, evals_two = _losses(two)
+    losses, evals = _losses(run)
     # The same 7 batches of 4 in the same order; each replica trains on 2 of each and the
     # towers' gradients are averaged: the whole batch's loss, float32 rounding apart.
-    assert len(losses_one) == len(losses_two) == 7
-    assert losses_two == pytest.approx(losses_one, rel=1e-4)
+    assert len(losses_one) == len(losses) == 7
+    assert losses == pytest.approx(losses_one, rel=1e-4)
     assert losses_one[0] != losses_one[-1]  # it trained: the comparison is not of constants
-    # Evaluation covers the whole validation set, split between the replicas.
-    assert evals_two[0]["images"] == evals_one[0]["images"] == 10
-    assert evals_two[0]["top1_error"] == evals_one[0]["top1_error"]
-    summary = json.loads((two / "summary.json").read_text())
+    # The end of the epoch was evaluated by two replicas, each on half of the validation set.
+    assert evals[0]["images"] == evals_one[0]["images"] == 10
+    assert evals[0]["top1_error"] == evals_one[0]["top1_error"]
+    summary = json.loads((run / "summary.json").read_text())
     assert summary["replicas"] == 2 and summary["centre"]["images"] == 10
     assert summary["input_bytes_per_step"] == 8 + 2 * 3 * 224 * 224 + 2 * 8  # each replica loads 2 of the 4
-    assert set(load_checkpoint(two)["rng"]) == {"rank0", "rank1", "rank2", "rank3"}
-
-    # A checkpoint holds one net whatever the replicas: D = 2 for 3 steps, then D = 1 for
-    # the rest of the epoch, matches D = 1 all along (float32 rounding apart).
-    launch("--data", tiny_data, "--out", tmp_path, "--run-name", "split", "--epochs", "1", "--max-steps", "3",
-           "--replicas", "2", *NO_DROPOUT)
-    launch("--resume", tmp_path / "split", "--replicas", "1", *NO_DROPOUT[:-1])
-    assert json.loads((tmp_path / "split" / "summary.json").read_text())["replicas"] == 1
-    resumed, _ = _losses(tmp_path / "split")
-    assert resumed == pytest.approx(losses_one, rel=1e-4)
-    weights, initial = load_checkpoint(tmp_path / "split")["model"], build_reference(CLASSES, seed=0).state_dict()
+    assert set(load_checkpoint(run)["rng"]) == {"rank0", "rank1", "rank2", "rank3"}
+    weights, initial = load_checkpoint(run)["model"], build_reference(CLASSES, seed=0).state_dict()
     for key, value in load_checkpoint(one)["model"].items():
         # Measured against how far training moved each tensor: float32 rounding, amplified by
         # 7 steps of a loss that climbs from 2.3 to 12 (lr 0.001 on raw pixels), left up to
-        # 0.75 % of the move (torch 2.14, 2-core CPU), as much as the D = 2 run that never
-        # resumed ("two") differs from "one". Momentum lost on resume, or a half in the wrong
-        # place, moves a tensor by a large part of its whole move.
+        # 0.75 % of the move (torch 2.14, 2-core CPU), as much as a run with two replicas all
+        # along differs from "one". Momentum lost on resume, or a half in the wrong place,
+        # moves a tensor by a large part of its whole move.
         moved = (value - initial[key]).double().norm()
         assert moved > 0, key
         assert (weights[key] - value).double().norm() / moved < 0.03, key
