@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from benchmarks import ablations
+from launch import two_gpu
 from launch.checkpoint import load_checkpoint, load_reference
 from launch.meter import Metrics, StepMeter
 from towers import Architecture
@@ -136,7 +137,7 @@ def test_reuse_reads_finished_runs_and_refuses_runs_of_other_options(ablation, t
 
 
 @pytest.mark.slow
-def test_the_options_reach_the_towers_checkpoint_and_evaluation(ablation, tiny_data, tmp_path):
+def test_the_options_reach_the_towers_checkpoint_and_evaluation(ablation, tiny_data, tmp_path, caplog):
     folder, _ = ablation
     for variant, architecture in (("no-lrn", Architecture(lrn=False)),
                                   ("non-overlapping", Architecture(pooling="non-overlapping")),
@@ -152,23 +153,24 @@ def test_the_options_reach_the_towers_checkpoint_and_evaluation(ablation, tiny_d
     assert "architecture: tanh for ReLU" in again.stderr
     assert f"top-1 error {100 * summary['centre']['top1_error']:.2f}%" in again.stderr
     # and refuses an option that names another one
-    refused = launch("--data", tiny_data, "--out", tmp_path, "--run-name", "no", "--eval-only", run, "--no-lrn",
-                     check=False)
-    assert refused.returncode == 2
-    assert refused.stderr.strip().splitlines()[-1] == (
-        f"error: --no-lrn: {run} holds a net with --lrn, and is evaluated as it was trained: drop the option")
+    line = _error_line(["--data", tiny_data, "--out", tmp_path, "--run-name", "no", "--eval-only", run, "--no-lrn"],
+                       caplog)
+    assert line == f"error: --no-lrn: {run} holds a net with --lrn, and is evaluated as it was trained: drop the option"
     assert not (tmp_path / "no").exists()
 
 
-def _error_line(result) -> str:
-    assert result.returncode == 2, result.stderr[-2000:]
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, result.stderr
+def _error_line(argv, caplog) -> str:
+    """The one error line of ``python -m launch.two_gpu ARGV``, which stops with exit code 2
+    before any rank starts: run in this process."""
+    caplog.clear()
+    assert two_gpu.main([str(a) for a in argv]) == 2, caplog.text
+    errors = [r.getMessage() for r in caplog.records if r.getMessage().startswith("error:")]
+    assert len(errors) == 1, caplog.text
     return errors[0]
 
 
 @pytest.mark.slow
-def test_the_one_tower_layout_keeps_its_net(ablation, tiny_data, tmp_path):
+def test_the_one_tower_layout_keeps_its_net(ablation, tiny_data, tmp_path, caplog):
     folder, _ = ablation
     run = tmp_path / "one-tower"
     shutil.copytree(folder / "runs" / "one-tower", run)  # resumed below: the shared run stays as it was
@@ -180,17 +182,17 @@ def test_the_one_tower_layout_keeps_its_net(ablation, tiny_data, tmp_path):
 
     # never loaded into the towers or the two-tower reference: one line naming the fix
     for layout in ("towers", "single"):
-        line = _error_line(launch("--data", tiny_data, "--out", tmp_path, "--run-name", "e", "--eval-only", run,
-                                  "--layout", layout, check=False))
+        line = _error_line(["--data", tiny_data, "--out", tmp_path, "--run-name", "e", "--eval-only", run,
+                            "--layout", layout], caplog)
         assert re.fullmatch(rf"error: {re.escape(str(run))} holds the one-tower net .* --layout {layout} cannot "
                             rf"hold: add --layout one-tower", line), line
-    line = _error_line(launch("--resume", run, "--max-steps", "3", check=False))  # the layout is not in the recipe
+    line = _error_line(["--resume", run, "--max-steps", "3"], caplog)  # the layout is not in the recipe
     assert line.endswith("--layout towers cannot hold: add --layout one-tower")
-    line = _error_line(launch("--resume", run, "--layout", "one-tower", "--activation", "tanh", check=False))
+    line = _error_line(["--resume", run, "--layout", "one-tower", "--activation", "tanh"], caplog)
     assert "--activation tanh differs from the resumed run's relu" in line
     # and a two-tower checkpoint is never loaded into the one-tower net
-    line = _error_line(launch("--data", tiny_data, "--out", tmp_path, "--run-name", "e", "--eval-only",
-                              folder / "runs" / "full", "--layout", "one-tower", check=False))
+    line = _error_line(["--data", tiny_data, "--out", tmp_path, "--run-name", "e", "--eval-only",
+                        folder / "runs" / "full", "--layout", "one-tower"], caplog)
     assert line.endswith("holds the paper's two-tower net, not the one-tower net that --layout one-tower builds: use "
                          "--layout towers or --layout single")
 
