@@ -18,6 +18,7 @@ RUN_TIMEOUT_S = 300  # any one run of the program; a hang fails instead of block
 # Options that make a run of the program tiny: batch 4 of the 30 training images, the
 # loader inside the rank.
 TINY = ["--batch-size", "4", "--lr", "0.001", "--workers", "0"]
+TRAINED_RUN = ["--epochs", "1", "--log-every", "2", "--fc8-placement", "split", *TINY]  # the options of trained_run
 
 
 @pytest.fixture(scope="session")
@@ -29,10 +30,10 @@ def tiny_data(tmp_path_factory):
 @pytest.fixture(scope="session")
 def trained_run(tiny_data, tmp_path_factory):
     """(run folder, the program's output) of one finished run of the towers on the tiny dataset:
-    one epoch of 7 steps, a log line every 2, the ten-patch test. Tests that only read a run
-    share it; a test that would change it works on a copy."""
+    FC8 split between the towers, one epoch of 7 steps, a log line every 2, the ten-patch test.
+    Tests that only read a run share it; a test that would change it works on a copy."""
     out = tmp_path_factory.mktemp("trained")
-    result = launch("--data", tiny_data, "--out", out, "--run-name", "run", "--epochs", "1", "--log-every", "2", *TINY)
+    result = launch("--data", tiny_data, "--out", out, "--run-name", "run", *TRAINED_RUN)
     return out / "run", result
 
 

@@ -28,7 +28,7 @@ from launch.schedule import Progress
 from launch.step import paper_optimizer, train_step
 from towers import Tower, build_reference, shard_state_dict
 
-from conftest import ROOT, RUN_TIMEOUT_S, launch
+from conftest import ROOT, RUN_TIMEOUT_S, TRAINED_RUN, launch
 from conftest import TINY as _TINY
 
 TINY = [*_TINY, "--log-every", "2"]
@@ -37,7 +37,7 @@ pytestmark = pytest.mark.slow  # every test here runs the program or two ranks
 
 
 def test_short_run_writes_its_results_and_eval_only_agrees(trained_run, tiny_data, tmp_path):
-    run, result = trained_run  # --epochs 1 --log-every 2, the tiny options
+    run, result = trained_run  # FC8 split, --epochs 1 --log-every 2, the tiny options
     assert {"config.json", "metrics.jsonl", "summary.json", "checkpoint.pt", "train.log"} <= {p.name for p in run.iterdir()}
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     train_lines = [r for r in records if r["event"] == "train"]
@@ -51,7 +51,7 @@ def test_short_run_writes_its_results_and_eval_only_agrees(trained_run, tiny_dat
     # The batch crosses as uint8 crops: a quarter of float32 images (plus the count and the labels).
     assert summary["input_bytes_per_step"] == 8 + 4 * 3 * 224 * 224 + 4 * 8
     # Per exchange and direction, what each tower sent per step: the analytic figures, to the byte.
-    analytic = tower_sent_elements(reference_layers(10), "tower0")
+    analytic = tower_sent_elements(reference_layers(10), "split")
     assert summary["exchanges_per_step"] == {key: [4 * 4 * tower.get(key, 0) for tower in analytic]
                                              for key in set().union(*analytic)}
     assert summary["exchange_bytes_per_step"] == 4 * 4 * sum(analytic[0].values())
@@ -62,7 +62,7 @@ def test_short_run_writes_its_results_and_eval_only_agrees(trained_run, tiny_dat
     assert payload["data_mean"].shape == (3, 256, 256) and 0 < payload["data_mean"].mean() < 255
 
     again = launch("--data", tiny_data, "--out", tmp_path, "--run-name", "eval", "--eval-only", run,
-                   "--fc8-placement", "split", "--workers", "0")
+                   "--fc8-placement", "tower0", "--workers", "0")
     evaluated = json.loads(again.stderr.split("done: ", 1)[1].splitlines()[0].join(['"', '"']))
     top1 = f"top-1 error {100 * summary['centre']['top1_error']:.2f}%"
     ten = f"ten-patch test: top-1 {100 * summary['ten_patch']['top1_error']:.2f}%"
@@ -158,17 +158,16 @@ def test_checkpoints_move_between_towers_and_reference_and_ten_crop_is_the_avera
     assert out["ten"]["top5_error"] == pytest.approx(1 - (top5 == labels[:, None]).any(1).float().mean().item())
 
 
-def test_resume_with_fc8_split_continues_exactly(tiny_data, tmp_path):
+def test_resume_with_fc8_split_continues_exactly(trained_run, tiny_data, tmp_path):
     """FC8 split 500+500 (here 5+5) is sharded differently from the default; a checkpoint
-    is unsharded all the same, and a run stopped and resumed equals one that was not."""
-    common = ["--data", tiny_data, "--out", tmp_path, "--fc8-placement", "split", "--val-limit", "4",
-              "--no-ten-crop", *TINY]
-    launch(*common, "--run-name", "whole", "--max-steps", "6")
-    launch(*common, "--run-name", "parts", "--max-steps", "3")
+    is unsharded all the same, and a run stopped and resumed equals one that was not
+    (trained_run, which had FC8 split too)."""
+    launch("--data", tiny_data, "--out", tmp_path, "--run-name", "parts", *TRAINED_RUN, "--max-steps", "3",
+           "--no-ten-crop")
     assert load_checkpoint(tmp_path / "parts")["progress"]["global_step"] == 3
-    launch("--resume", tmp_path / "parts", "--max-steps", "6", "--no-ten-crop")
-    whole, parts = load_checkpoint(tmp_path / "whole"), load_checkpoint(tmp_path / "parts")
-    assert parts["config"]["fc8_placement"] == "split" and parts["progress"]["global_step"] == 6
+    launch("--resume", tmp_path / "parts", "--no-ten-crop")
+    whole, parts = load_checkpoint(trained_run[0]), load_checkpoint(tmp_path / "parts")
+    assert parts["config"]["fc8_placement"] == "split" and parts["progress"]["global_step"] == 7
     for key in whole["model"]:  # exactly: the same batches, dropout masks and arithmetic
         assert torch.equal(whole["model"][key], parts["model"][key]), key
         assert torch.equal(whole["momentum_buffer"][key], parts["momentum_buffer"][key]), key
