@@ -101,9 +101,14 @@ def _disk_full(path: Path, needed: int) -> OSError:
 def resolve_path(path) -> Path:
     """A checkpoint file, or a run folder holding one."""
     path = Path(path)
-    if path.is_dir():
-        path = path / FILENAME
-    if not path.is_file():
+    try:
+        if path.is_dir():
+            path = path / FILENAME
+        found = path.is_file()
+    except OSError as exc:  # a name too long, a folder on the way that cannot be read, ...
+        raise CheckpointError(f"cannot look for a checkpoint at {path} ({exc.strerror or exc}): give a checkpoint "
+                              f"file or a run folder you can read") from None
+    if not found:
         raise CheckpointError(f"no checkpoint at {path}: give a checkpoint file or a run folder that holds {FILENAME}")
     return path
 

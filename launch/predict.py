@@ -101,9 +101,9 @@ class Classifier:
 def decode(path: str):
     """The 3 x 256 x 256 uint8 base image of ``path``, as training decodes it, or the
     reason it cannot be used (a str naming the file)."""
-    if Path(path).is_dir():
-        return f"{path}: a folder, not an image"
     try:
+        if Path(path).is_dir():
+            return f"{path}: a folder, not an image"
         pixels = load_image(path)
     except ImageRejected as error:  # its message names the file, the limit and the fix
         return str(error)

@@ -178,11 +178,13 @@ def test_unusable_files_are_named_and_the_others_classified(checkpoints, photos,
     Image.new("RGB", (2100, 100)).save(strip)  # aspect ratio 21:1, refused as training refuses it
     folder = tmp_path / "folder.png"
     folder.mkdir()
-    paths = [tmp_path / "missing.png", text, photos[0], folder, strip, photos[1]]
+    too_long = tmp_path / ("x" * 300 + ".jpg")  # the system refuses the name (ENAMETOOLONG) before any read
+    paths = [tmp_path / "missing.png", text, photos[0], folder, strip, too_long, photos[1]]
     predictions = _predictions(open_classifier(checkpoints["full"]), paths, batch_size=4)
     assert [p.path for p in predictions] == [str(p) for p in paths]
     errors = {p.path: p.error for p in predictions if p.error is not None}
-    assert set(errors) == {str(tmp_path / "missing.png"), str(text), str(folder), str(strip)}
+    assert set(errors) == {str(tmp_path / "missing.png"), str(text), str(folder), str(strip), str(too_long)}
+    assert "File name too long" in errors[str(too_long)]
     assert errors[str(tmp_path / "missing.png")].endswith(": no such file")
     assert errors[str(folder)].endswith(": a folder, not an image")
     assert "not a readable image (UnidentifiedImageError" in errors[str(text)]
