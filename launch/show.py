@@ -48,7 +48,8 @@ from towers import TOWERS, AlexNet, shard_state_dict
 from towers.reference import LAYERS
 
 from . import data as data_module
-from .checkpoint import FILENAME, CheckpointError, check_classes, load_checkpoint, load_reference
+from .checkpoint import (FILENAME, CheckpointError, check_classes, checkpoint_architecture, load_checkpoint,
+                         load_reference)
 from .cli import add_options, option
 from .stats import DataStats
 
@@ -207,11 +208,6 @@ def colour_share(kernels: torch.Tensor) -> torch.Tensor:
     return torch.where(energy > 0, colour / energy.clamp_min(torch.finfo(w.dtype).tiny), torch.zeros_like(energy))
 
 
-def tower_colour_shares(conv1_weight: torch.Tensor) -> list:
-    """colour_share of each tower's conv1 kernels, tower 0 first."""
-    return [colour_share(kernels) for kernels in tower_kernels(conv1_weight)]
-
-
 def kernel_grid(kernels: torch.Tensor, columns: int = 16, scale: int = 6, gap: int = 3) -> np.ndarray:
     """K x 3 x h x w kernels as one RGB image (H x W x 3, values in [0, 1]): each kernel
     scaled to its own range (all three channels together, so its hues stay), enlarged
@@ -256,58 +252,71 @@ def median(values: torch.Tensor) -> float:
     return values.double().quantile(0.5).item()
 
 
-def _tower_label(rank: int, shares: torch.Tensor) -> str:
-    first = rank * len(shares)
-    return (f"tower {rank} (kernels {first}-{first + len(shares) - 1}): colour share mean {shares.mean():.2f}, "
+def conv1_groups(payload: dict) -> list:
+    """(name, K x 3 x 11 x 11 kernels) per tower of a checkpoint's conv1, tower 0 first; the
+    one-tower net of section 3.2 (one device, no towers) is one group of its 48 kernels."""
+    weight = payload["model"]["conv1.weight"]
+    if checkpoint_architecture(payload).net == "one-tower":
+        return [("one-tower net", weight)]
+    return [(f"tower {rank}", kernels) for rank, kernels in enumerate(tower_kernels(weight))]
+
+
+def _group_label(name: str, first: int, shares: torch.Tensor) -> str:
+    return (f"{name} (kernels {first}-{first + len(shares) - 1}): colour share mean {shares.mean():.2f}, "
             f"median {median(shares):.2f}")
 
 
 def draw_kernels(run: RunFolder, out: Path) -> Path:
-    weight = run.checkpoint()["model"]["conv1.weight"]
-    grids = [kernel_grid(kernels) for kernels in tower_kernels(weight)]
-    shares = tower_colour_shares(weight)
+    groups = conv1_groups(run.checkpoint())
+    grids = [kernel_grid(kernels) for _, kernels in groups]
+    shares = [colour_share(kernels) for _, kernels in groups]
     # Laid out in pixels so that every enlarged kernel pixel is a whole number of screen pixels.
-    grid_h, grid_w = grids[0].shape[:2]
+    grid_h, grid_w = max(g.shape[0] for g in grids), grids[0].shape[1]
     margin, title_h, label_h, between = 20, 56, 28, 18
-    width, height = grid_w + 2 * margin, title_h + TOWERS * (label_h + grid_h) + (TOWERS - 1) * between + margin
+    rows = len(groups)
+    width, height = grid_w + 2 * margin, title_h + rows * (label_h + grid_h) + (rows - 1) * between + margin
     fig = _pyplot().figure(figsize=(width / DPI, height / DPI), dpi=DPI)
-    fig.suptitle("conv1's 96 kernels (11 x 11 x 3), each scaled to its own range, as in the paper's Figure 3\n"
-                 "which tower turns colour-specific is chance; colour share: see colour.png",
+    split = ("which tower turns colour-specific is chance" if rows > 1 else
+             "section 3.2's one-GPU net: half the paper's kernels, on one device")
+    fig.suptitle(f"conv1's {sum(len(k) for _, k in groups)} kernels (11 x 11 x 3), each scaled to its own range, as "
+                 f"in the paper's Figure 3\n{split}; colour share: see colour.png",
                  y=1 - 6 / height, va="top", fontsize=11)
-    top = title_h
-    for rank, grid in enumerate(grids):
+    top, first = title_h, 0
+    for (name, _), grid, values in zip(groups, grids, shares):
         top += label_h
-        ax = fig.add_axes((margin / width, 1 - (top + grid_h) / height, grid_w / width, grid_h / height))
+        ax = fig.add_axes((margin / width, 1 - (top + grid.shape[0]) / height, grid_w / width, grid.shape[0] / height))
         ax.imshow(grid, interpolation="nearest")
         ax.set_axis_off()
-        ax.set_title(_tower_label(rank, shares[rank]), loc="left", fontsize=10, pad=6)
-        top += grid_h + between
+        ax.set_title(_group_label(name, first, values), loc="left", fontsize=10, pad=6)
+        top, first = top + grid_h + between, first + len(values)
     return _save(fig, out / "kernels.png")
 
 
 def draw_colour(run: RunFolder, out: Path) -> Path:
-    shares = tower_colour_shares(run.checkpoint()["model"]["conv1.weight"])
-    for rank, values in enumerate(shares):
-        log.info("conv1 colour share, tower %d: mean %.3f, median %.3f (%d kernels)", rank, values.mean(),
+    groups = conv1_groups(run.checkpoint())
+    names, shares = [name for name, _ in groups], [colour_share(kernels) for _, kernels in groups]
+    for name, values in zip(names, shares):
+        log.info("conv1 colour share, %s: mean %.3f, median %.3f (%d kernels)", name, values.mean(),
                  median(values), len(values))
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(9, 3.8))
+    fig, ax = plt.subplots(figsize=(9, 3.8 if len(groups) > 1 else 2.6))
     jitter = np.random.default_rng(0).uniform(-0.18, 0.18, size=max(len(s) for s in shares))
-    for rank, values in enumerate(shares):
-        y = TOWERS - 1 - rank  # tower 0 on top, as in the kernels picture
-        ax.scatter(values.numpy(), y + jitter[:len(values)], s=22, color=f"C{rank}", alpha=0.75, edgecolor="none",
-                   label=f"tower {rank}: one dot per kernel")
+    for row, (name, values) in enumerate(zip(names, shares)):
+        y = len(groups) - 1 - row  # tower 0 on top, as in the kernels picture
+        ax.scatter(values.numpy(), y + jitter[:len(values)], s=22, color=f"C{row}", alpha=0.75, edgecolor="none",
+                   label=f"{name}: one dot per kernel")
         ax.vlines(median(values), y - 0.32, y + 0.32, color="black", linewidth=1.2, linestyle="--",
-                  label="median of the tower" if rank == 0 else None)
+                  label="median" if row == 0 else None)
         ax.scatter([values.mean().item()], [y + 0.4], marker="v", s=70, color="black", zorder=3,
-                   label="mean of the tower" if rank == 0 else None)
+                   label="mean" if row == 0 else None)
     ax.axvline(2 / 3, color="grey", linestyle=":", linewidth=1.2, label="random kernels: about 2/3")
-    ax.set_yticks(range(TOWERS), [f"tower {r}\nmean {shares[r].mean():.2f}\nmedian {median(shares[r]):.2f}"
-                                  for r in reversed(range(TOWERS))])
-    ax.set_ylim(-0.6, TOWERS - 0.3)
+    ax.set_yticks(range(len(groups)), [f"{name}\nmean {values.mean():.2f}\nmedian {median(values):.2f}"
+                                       for name, values in reversed(list(zip(names, shares)))])
+    ax.set_ylim(-0.6, len(groups) - 0.3)
     ax.set_xlim(-0.02, 1.02)
     ax.set_xlabel("colour share: ||w - grey(w)||² / ||w||²  (0: grey, colour-agnostic; 1: pure colour)")
-    ax.set_title("How colour-specific are each tower's conv1 kernels?")
+    ax.set_title("How colour-specific are each tower's conv1 kernels?" if len(groups) > 1 else
+                 "How colour-specific are the one-tower net's conv1 kernels?")
     ax.grid(True, axis="x", alpha=0.3)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8, frameon=False)
     fig.tight_layout()
@@ -381,8 +390,8 @@ def draw_curves(run: RunFolder, out: Path) -> Path:
 
 
 def draw_traffic(run: RunFolder, out: Path) -> Path:
-    if run.config.get("layout") == "single":
-        raise Skipped("a --layout single run has no towers, so nothing crosses between them")
+    if run.config.get("layout") in ("single", "one-tower"):
+        raise Skipped(f"a --layout {run.config['layout']} run has no towers, so nothing crosses between them")
     summary = run.summary()
     per_step = summary.get("exchanges_per_step")
     if not per_step:

@@ -18,7 +18,7 @@ from PIL import Image
 from launch import show
 from launch.checkpoint import checkpoint_payload, save_checkpoint
 from launch.data import open_data
-from towers import build_reference
+from towers import Architecture, build_reference
 
 from conftest import ROOT, RUN_TIMEOUT_S
 
@@ -49,13 +49,16 @@ def tiny_bundle(tiny_data):
 def write_run(folder: Path, state: dict = None, *, bundle=None, data=None, layout: str = "towers",
               metrics: list = (), summary: dict = None) -> Path:
     """A run folder as launch.two_gpu leaves it: config.json, and what is given of
-    checkpoint.pt (a reference-layout state_dict), metrics.jsonl and summary.json."""
+    checkpoint.pt (a reference-layout state_dict; the one-tower net's for that layout),
+    metrics.jsonl and summary.json."""
     folder.mkdir(parents=True)
     (folder / "config.json").write_text(json.dumps({"data": None if data is None else str(data), "batch_size": 4,
                                                     "layout": layout, "fc8_placement": "tower0"}))
     if state is not None:
+        architecture = Architecture(net="one-tower" if layout == "one-tower" else "two-tower")
         save_checkpoint(folder / "checkpoint.pt", checkpoint_payload(
-            state, num_classes=len(bundle.classes), classes=list(bundle.classes), data_mean=bundle.stats.mean))
+            state, num_classes=len(bundle.classes), architecture=architecture, classes=list(bundle.classes),
+            data_mean=bundle.stats.mean))
     if metrics:
         (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in metrics))
     if summary is not None:
@@ -115,7 +118,8 @@ def test_colour_share_is_0_for_grey_1_for_pure_colour_and_the_colour_energy_shar
 
 @pytest.mark.parametrize("init", ["paper", "scaled"])
 def test_a_freshly_initialised_net_gives_about_two_thirds_for_both_towers(init):
-    shares = show.tower_colour_shares(build_reference(num_classes=10, seed=3, init=init).conv1.weight)
+    weight = build_reference(num_classes=10, seed=3, init=init).conv1.weight
+    shares = [show.colour_share(kernels) for kernels in show.tower_kernels(weight)]
     assert [len(s) for s in shares] == [48, 48]
     # Each kernel's share is Beta(121, 60.5)-distributed about 242/362 (std 0.035), so a mean of 48 lies
     # within 0.015 of it with overwhelming probability.
@@ -126,7 +130,7 @@ def test_a_freshly_initialised_net_gives_about_two_thirds_for_both_towers(init):
 def test_tower_rows_come_from_the_right_halves(reference, tiny_bundle, tmp_path, caplog):
     state = dict(reference.state_dict())
     state["conv1.weight"] = torch.cat([grey_kernels(48), chroma_kernels(48)])  # tower 0 grey, tower 1 coloured
-    shares = show.tower_colour_shares(state["conv1.weight"])
+    shares = [show.colour_share(k) for k in show.tower_kernels(state["conv1.weight"])]
     assert shares[0].max() < 1e-12 and shares[1].min() > 1 - 1e-12
     grids = [show.kernel_grid(k) for k in show.tower_kernels(state["conv1.weight"])]
     assert np.ptp(grids[0], axis=2).max() == 0 and np.ptp(grids[1], axis=2).max() > 0.5  # grey: R = G = B
@@ -140,6 +144,22 @@ def test_tower_rows_come_from_the_right_halves(reference, tiny_bundle, tmp_path,
     saturation = pixels.max(axis=2) - pixels.min(axis=2)
     half = pixels.shape[0] // 2  # tower 0's block lies in the upper half, tower 1's in the lower
     assert (saturation[:half] > 40).sum() == 0 and (saturation[half:] > 40).sum() > 50_000
+
+
+def test_the_one_tower_net_is_drawn_as_one_group_of_kernels(reference, tiny_bundle, tmp_path, caplog, capsys):
+    """Section 3.2's one-GPU net has no towers: its 48 kernels are one group, and nothing crosses."""
+    state = build_reference(num_classes=10, seed=0, architecture=Architecture(net="one-tower")).state_dict()
+    run = write_run(tmp_path / "run", state, bundle=tiny_bundle, layout="one-tower", summary=SUMMARY)
+    with caplog.at_level(logging.INFO, logger="launch.show"):
+        assert show.main([str(run), "--only", "kernels,colour,traffic"]) == 0
+    assert capsys.readouterr().out.splitlines() == [str(run / "show" / f"{name}.png") for name in ("kernels", "colour")]
+    assert "conv1 colour share, one-tower net: mean" in caplog.text and "(48 kernels)" in caplog.text
+    assert "tower 1" not in caplog.text
+    assert "skipped traffic: a --layout one-tower run has no towers" in caplog.text
+    width, height = check_png(run / "show" / "kernels.png")
+    two = write_run(tmp_path / "two", reference.state_dict(), bundle=tiny_bundle)
+    assert show.main([str(two), "--only", "kernels"]) == 0
+    assert check_png(two / "show" / "kernels.png")[1] > height  # a block of 48 kernels per tower, not one
 
 
 # --------------------------------------------------------------------------- metrics.jsonl
