@@ -131,6 +131,8 @@ class TrainConfig:
     def __post_init__(self):
         if self.lr_milestones is not None:  # argparse and JSON give lists
             self.lr_milestones = tuple(self.lr_milestones)
+        if self.data is not None:  # as config.json and the checkpoint keep it: found from any working folder
+            self.data = os.path.abspath(os.path.expanduser(self.data))
 
     def validate(self) -> None:
         """Raises ValueError naming the fix for an impossible value."""

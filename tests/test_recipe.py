@@ -5,6 +5,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 
 import pytest
 
@@ -189,3 +190,12 @@ def test_a_small_run_and_its_resumption_keep_the_recipe_sized_at_the_start(tiny_
     assert "recipe: small (kept from the resumed run" in resumed.stderr
     refused = launch("--resume", run, "--max-steps", "3", "--recipe", "paper", check=False)
     assert refused.returncode == 2 and "--recipe paper differs from the resumed run's small" in refused.stderr
+
+
+def test_the_data_folder_is_kept_as_an_absolute_path(tmp_path, monkeypatch):
+    """config.json and checkpoints keep --data: a run resumed, or drawn by launch.show, from
+    another working folder must find the same data."""
+    monkeypatch.chdir(tmp_path)
+    assert parse_config(["--data", "images"]).data == str(tmp_path / "images")
+    assert parse_config(["--data", "~/images"]).data == os.path.expanduser("~/images")
+    assert parse_config([]).data is None  # the built-in dataset
