@@ -138,7 +138,11 @@ def check_resumable(config: TrainConfig, payload: dict, bundle) -> None:
 def lock_run_folder(run_dir: Path):
     """An exclusive lock on the run folder, held while the returned file stays open, and
     released by the system when this process ends, however it ends."""
-    lock = open(run_dir / LOCK_NAME, "a+")
+    try:
+        lock = open(run_dir / LOCK_NAME, "a+")
+    except OSError as exc:  # a folder of someone else's, a read-only disk
+        raise ValueError(f"cannot write in the run folder {run_dir} ({exc.strerror}): resume a run you can write, or "
+                         f"give an --out folder you can write") from None
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

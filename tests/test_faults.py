@@ -6,6 +6,7 @@ group, injects the fault from outside (signals, broken files), and bounds every 
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -248,7 +249,6 @@ def _error_of(argv, caplog) -> str:
 @pytest.fixture
 def layouts(tmp_path, tiny_data):
     """Broken copies of the tiny dataset."""
-    import shutil
     made = {}
     for name in ("no_val", "other_classes", "empty_class"):
         made[name] = tmp_path / name
@@ -319,8 +319,20 @@ def test_a_run_folder_holds_one_run(tiny_data, tmp_path, caplog):
         lock.close()
 
 
+def test_a_run_folder_that_cannot_be_written_is_named(tiny_data, tmp_path, caplog):
+    folder = tmp_path / "immutable"
+    folder.mkdir()
+    # An immutable folder: no file can be made in it, not even by root (as the tests may run).
+    if shutil.which("chattr") is None or subprocess.run(["chattr", "+i", folder], capture_output=True).returncode:
+        pytest.skip("chattr +i does not work here")
+    try:
+        err = _error_of(["--data", tiny_data, "--out", tmp_path, "--run-name", "immutable", *TINY], caplog)
+    finally:
+        subprocess.run(["chattr", "-i", folder], check=True)
+    assert f"cannot write in the run folder {folder} (Operation not permitted)" in err and "Traceback" not in err
+
+
 def test_a_checkpoint_of_other_classes_is_refused(tiny_data, tmp_path, caplog):
-    import shutil
     renamed = tmp_path / "renamed"
     shutil.copytree(tiny_data, renamed)
     first = sorted(os.listdir(renamed / "train"))[0]
@@ -374,7 +386,6 @@ def test_resume_refuses_a_changed_recipe_and_weights_only_checkpoints(tiny_data,
                                                                       caplog)
 
     # The same run moved to a copy of its data with fewer training images, or other class names.
-    import shutil
     payload = load_checkpoint(tmp_path / "real")
     for change in ("shrunk", "renamed"):
         data = tmp_path / f"data-{change}"
@@ -409,7 +420,6 @@ class _RunsCommand:
 
 
 def _five_classes(tiny_data, tmp_path):
-    import shutil
     five = tmp_path / "five"
     for split in ("train", "val"):
         for name in sorted(os.listdir(tiny_data / split))[:5]:
