@@ -125,13 +125,24 @@ def train(config: AblationConfig, variant: str, runs: Path) -> tuple:
     a result too), (run folder, why); options the program refuses raise AblationError."""
     run_dir = runs / variant
     options = run_options(config, variant, runs)
+    stderr_path = runs / f"{variant}.stderr"
+    if run_dir.exists() and not config.reuse:
+        raise AblationError(f"{run_dir} already holds a run: add --reuse to read the runs already in --runs "
+                            f"{runs} (trained with these options), or give another --runs folder")
     if config.reuse and (run_dir / "summary.json").exists():
         check_reusable(run_dir, options)
         logger.info("%s: reusing the finished run in %s", variant, run_dir)
         return run_dir, None
+    if config.reuse and run_dir.exists():  # a run that stopped on its own is a result too, as when it was trained
+        check_reusable(run_dir, options)
+        why = _stopped(stderr_path)
+        if why is None:
+            raise AblationError(f"{run_dir} holds a run that neither finished nor stopped on its own (interrupted?): "
+                                f"resume it with python -m launch.two_gpu --resume {run_dir}, or remove it")
+        logger.info("%s: reusing the run in %s, which stopped: %s", variant, run_dir, why)
+        return run_dir, why
     command = [sys.executable, "-m", "launch.two_gpu", *options]
     logger.info("%s: %s", variant, shlex.join(["python", *command[1:]]))
-    stderr_path = runs / f"{variant}.stderr"
     runs.mkdir(parents=True, exist_ok=True)
     started, load_at_start = time.perf_counter(), os.getloadavg()
     with open(stderr_path, "w") as stderr:
@@ -153,6 +164,13 @@ def train(config: AblationConfig, variant: str, runs: Path) -> tuple:
     return run_dir, None
 
 
+def _stopped(stderr_path: Path) -> Optional[str]:
+    """Why the run whose output is ``stderr_path`` stopped on its own (a loss that ran away, a
+    rank that died), or None if it says no such thing."""
+    lines = stderr_path.read_text().splitlines() if stderr_path.exists() else []
+    return next((line for line in reversed(lines) if line.startswith("the run stopped:")), None)
+
+
 # Options of launch.two_gpu that say where and how a run ran, not what it computed.
 NOT_COMPARED_ON_REUSE = {"out", "run_name", "log_every", "workers", "timeout", "backend", "master_addr",
                          "checkpoint_every"}
@@ -163,6 +181,8 @@ FILLED_BY_THE_RUN = {"epochs", "lr_milestones", "replicas"}
 
 def check_reusable(run_dir: Path, options: list) -> None:
     """A run is reused only if its config.json holds what ``options`` would have given it."""
+    if not (run_dir / "config.json").is_file():
+        raise AblationError(f"{run_dir} holds no run (no config.json): remove it, or give another --runs folder")
     saved = json.loads((run_dir / "config.json").read_text())
     wanted = json.loads(json.dumps(asdict(resolve(parse_config(options)))))  # tuples as JSON gives them back
     differ = sorted(name for name in wanted if name not in NOT_COMPARED_ON_REUSE and saved.get(name) != wanted[name]

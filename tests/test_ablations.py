@@ -6,6 +6,7 @@ are checked end to end in the towers layout; the built-in report runs them as th
 single-device reference.
 """
 
+import dataclasses
 import json
 import re
 import shutil
@@ -19,6 +20,7 @@ import torch
 from benchmarks import ablations
 from launch import two_gpu
 from launch.checkpoint import load_checkpoint, load_reference
+from launch.config import parse_config, resolve
 from launch.meter import Metrics, StepMeter
 from towers import Architecture
 
@@ -67,6 +69,32 @@ def test_tanh_that_never_gets_there_gives_a_lower_bound():
     assert "To 25 % training error: ReLU at step 40, tanh not within 200 steps, so ReLU was at least 5.0x faster " \
            "(a lower bound" in to_25
     assert "To 50 % training error: ReLU at step 10, tanh at step 30: ReLU 3.0x faster" in to_50
+
+
+def test_reuse_takes_a_run_that_stopped_and_refuses_one_that_was_interrupted(tmp_path, monkeypatch):
+    """A run that stopped on its own (its loss ran away) is a result, read again by --reuse; one
+    that was interrupted is not; and without --reuse an existing run folder is never trained over."""
+    def no_training(*args, **kwargs):
+        raise AssertionError("a run was started")
+
+    monkeypatch.setattr(ablations.subprocess, "run", no_training)
+    runs, config = tmp_path / "runs", ablations.AblationConfig(data=str(tmp_path / "data"), seed=2, reuse=True)
+    run = runs / "tanh"
+    run.mkdir(parents=True)
+    options = ablations.run_options(config, "tanh", runs)
+    (run / "config.json").write_text(json.dumps(dataclasses.asdict(resolve(parse_config(options)))))
+    (run / "metrics.jsonl").write_text("")
+    stopped = "the run stopped: rank 0 failed: NonFiniteLoss: the loss became nan at epoch 1, step 6"
+    (runs / "tanh.stderr").write_text(f"epoch 1/3 step 5/78 loss 9.1\n{stopped}\n")
+    assert ablations.train(config, "tanh", runs) == (run, stopped)
+
+    (runs / "tanh.stderr").write_text("epoch 1/3 step 5/78 loss 2.1\ninterrupted: both ranks stopped; ...\n")
+    with pytest.raises(ablations.AblationError, match="neither finished nor stopped on its own .* --resume"):
+        ablations.train(config, "tanh", runs)
+    with pytest.raises(ablations.AblationError, match="already holds a run: add --reuse"):
+        ablations.train(dataclasses.replace(config, reuse=False), "tanh", runs)
+    with pytest.raises(ablations.AblationError, match="seed = 2, not 3"):
+        ablations.train(dataclasses.replace(config, seed=3), "tanh", runs)
 
 
 # ---------------------------------------------------------------- one tiny ablation, run as a user runs it
