@@ -125,15 +125,21 @@ class RunFolder:
             raise Skipped("no summary.json: the run writes it when it ends, so it is still going or was stopped; "
                           "draw this again once it has finished")
         try:
-            return json.loads(path.read_text())
-        except ValueError as exc:
+            summary = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
             raise Skipped(f"summary.json is unreadable ({exc}): the run may be writing it; try again") from None
+        if not isinstance(summary, dict):
+            raise Skipped("summary.json is not a JSON object: it was not written by python -m launch.two_gpu")
+        return summary
 
     def metrics(self) -> "Metrics":
         path = self.path / "metrics.jsonl"
         if not path.is_file():
             raise Skipped("no metrics.jsonl yet: the run writes its first line after --log-every steps")
-        metrics = read_metrics(path)
+        try:
+            metrics = read_metrics(path)
+        except OSError as exc:
+            raise Skipped(f"metrics.jsonl cannot be read ({exc.strerror})") from None
         if not metrics.train:
             raise Skipped("metrics.jsonl has no training records yet")
         return metrics
@@ -159,9 +165,11 @@ def read_metrics(path: Path) -> Metrics:
         try:
             record = json.loads(line)
         except ValueError:
+            record = None
+        event = record.get("event") if isinstance(record, dict) else None
+        if record is None or (event in ("train", "eval") and not isinstance(record.get("step"), int)):
             unreadable += 1
             continue
-        event = record.get("event")
         if event == "train":
             if train and record["step"] <= train[-1]["step"]:
                 train = [r for r in train if r["step"] < record["step"]]

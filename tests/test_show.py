@@ -172,7 +172,10 @@ def test_curves_keep_the_last_record_of_each_step_after_resumes(tmp_path):
                # resumed from a checkpoint at step 20: the epoch-1 evaluation at step 30 is redone
                train_record(30, 2.05), eval_record(1, 30, 0.85), train_record(40, 1.45, 2)]
     path = tmp_path / "metrics.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in records) + '{"event": "train", "st')  # being written
+    # Lines that are not the program's records are left out: JSON that is no object, a train record without
+    # its step, and the last line of a run that is writing it.
+    odd = 'null\n[1, 2]\n{"event": "train", "loss": 2.0}\n'
+    path.write_text(odd + "".join(json.dumps(r) + "\n" for r in records) + '{"event": "train", "st')
     metrics = show.read_metrics(path)
     assert [(r["step"], r["loss"]) for r in metrics.train] == [(10, 2.3), (20, 2.2), (30, 2.05), (40, 1.45)]
     assert [(r["epoch"], r["top1_error"]) for r in metrics.evals] == [(1, 0.85)]
