@@ -46,10 +46,20 @@ def _augment_ms(bundle, batch: int, device: torch.device, repeats: int = 5) -> f
     return 1000 * sorted(times[1:])[repeats // 2]
 
 
-def measure_loader(workers: tuple, batch: int, batches: int, device: str, data: Optional[str] = None) -> dict:
-    """images/s of the loader for each number of ``workers``, and the device-side
-    augmentation's ms per batch on ``device``."""
+def open_loader_data(data: Optional[str], batch: int) -> data_module.DataBundle:
+    """The loader benchmark's data, which must hold a warm-up batch and a timed one of
+    ``batch`` training images; raises ValueError (DataError) naming the fix."""
     bundle = data_module.open_data(data)
+    if data_module.batches_per_epoch(bundle, batch) < 2:
+        raise ValueError(f"the data-loader benchmark needs two batches of {batch} training images (a warm-up and a "
+                         f"timed one) and {bundle.root} has {len(bundle.train)}: give a larger --loader-data or a "
+                         f"smaller --batch")
+    return bundle
+
+
+def measure_loader(workers: tuple, batch: int, batches: int, device: str, bundle: data_module.DataBundle) -> dict:
+    """images/s of the loader on ``bundle`` (see open_loader_data) for each number of
+    ``workers``, and the device-side augmentation's ms per batch on ``device``."""
     return {
         "data": str(bundle.root), "train_images": len(bundle.train), "device": device,
         "by_workers": [_images_per_s(bundle, batch, batches, w) for w in workers],

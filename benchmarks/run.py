@@ -53,7 +53,7 @@ from launch.ranks import RankFailure, cpu_threads_per_rank, run_ranks
 from towers import FC8_PLACEMENTS, TOWERS, AlexNet
 
 from . import flops, traffic
-from .loader import measure_loader
+from .loader import measure_loader, open_loader_data
 from .program import PROGRAM_LAYOUTS, measure_program
 from .workers import WORKERS, weights_worker
 
@@ -545,6 +545,7 @@ def main(argv=None) -> Path:
     config = BenchConfig(**vars(build_parser().parse_args(argv)))
     devices = plan_devices(config)
     config = resolve(config, devices)
+    loader_data = open_loader_data(config.loader_data, config.batch)  # a bad folder fails before anything runs
     out = Path(config.out) if config.out else default_out(devices)
     out.mkdir(parents=True, exist_ok=True)
     started, load_at_start = time.perf_counter(), _load_average()
@@ -554,8 +555,7 @@ def main(argv=None) -> Path:
     runs, not_measured = measure(keys, config, devices, analytic)
     logger.info("data loader: %s workers, %d batches of %d", ",".join(map(str, config.loader_workers)),
                 config.loader_batches, config.batch)
-    loader = measure_loader(config.loader_workers, config.batch, config.loader_batches, devices.single,
-                            config.loader_data)
+    loader = measure_loader(config.loader_workers, config.batch, config.loader_batches, devices.single, loader_data)
     logger.info("the training program: %s, %d + %d steps of %d", ",".join(config.program_modes), config.warmup,
                 config.steps, config.batch)
     program = measure_program(config.program_modes, config.batch, config.steps, config.warmup, devices.single,
@@ -580,5 +580,6 @@ def main(argv=None) -> Path:
 if __name__ == "__main__":
     try:
         main()
-    except ValueError as error:
-        sys.exit(f"error: {error}")
+    except ValueError as error:  # the user's options or data: one line, exit code 2
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)

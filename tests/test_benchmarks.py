@@ -73,6 +73,18 @@ def test_odd_batch_with_ddp_is_a_user_error(tmp_path):
         run.main(["--device", "cpu", "--batch", "3", "--out", str(tmp_path)])
 
 
+def test_loader_data_too_small_for_the_batch_fails_before_anything_runs(tiny_data, tmp_path):
+    out = tmp_path / "report"
+    result = subprocess.run([sys.executable, "-m", "benchmarks.run", "--device", "cpu", "--batch", "16",
+                             "--loader-data", str(tiny_data), "--out", str(out)], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: the data-loader benchmark needs two batches of 16 training images (a warm-up and a timed one) and "
+        f"{tiny_data} has 30: give a larger --loader-data or a smaller --batch")
+    assert not out.exists()
+
+
 def test_help_explains_every_option():
     result = subprocess.run([sys.executable, "-m", "benchmarks.run", "--help"], cwd=ROOT, capture_output=True,
                             text=True, timeout=120)
