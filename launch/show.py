@@ -279,7 +279,7 @@ def draw_kernels(run: RunFolder, out: Path) -> Path:
     grids = [kernel_grid(kernels) for _, kernels in groups]
     shares = [colour_share(kernels) for _, kernels in groups]
     # Laid out in pixels so that every enlarged kernel pixel is a whole number of screen pixels.
-    grid_h, grid_w = max(g.shape[0] for g in grids), grids[0].shape[1]
+    grid_h, grid_w = grids[0].shape[:2]  # every group holds 48 kernels
     margin, title_h, label_h, between = 20, 56, 28, 18
     rows = len(groups)
     width, height = grid_w + 2 * margin, title_h + rows * (label_h + grid_h) + (rows - 1) * between + margin
@@ -292,7 +292,7 @@ def draw_kernels(run: RunFolder, out: Path) -> Path:
     top, first = title_h, 0
     for (name, _), grid, values in zip(groups, grids, shares):
         top += label_h
-        ax = fig.add_axes((margin / width, 1 - (top + grid.shape[0]) / height, grid_w / width, grid.shape[0] / height))
+        ax = fig.add_axes((margin / width, 1 - (top + grid_h) / height, grid_w / width, grid_h / height))
         ax.imshow(grid, interpolation="nearest")
         ax.set_axis_off()
         ax.set_title(_group_label(name, first, values), loc="left", fontsize=10, pad=6)
