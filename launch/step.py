@@ -5,6 +5,7 @@ returns full N x K logits on the rank that calls it, so the step is the same
 code for every mode: the parallelism lives in the model it is handed.
 """
 
+from collections import defaultdict
 from contextlib import nullcontext
 from typing import NamedTuple, Optional
 
@@ -17,7 +18,7 @@ class StepResult(NamedTuple):
     correct: torch.Tensor  # number of top-1 hits in the batch, detached
 
 
-def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor,
+def train_step(model: torch.nn.Module, optimizer: "PaperSGD", images: torch.Tensor,
                labels: torch.Tensor, autocast_dtype: Optional[torch.dtype] = None) -> StepResult:
     autocast = (torch.autocast(images.device.type, dtype=autocast_dtype)
                 if autocast_dtype is not None else nullcontext())
@@ -30,6 +31,55 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, images:
     return StepResult(loss.detach(), (logits.argmax(dim=1) == labels).sum().detach())
 
 
-def paper_optimizer(params, lr: float = 0.01, momentum: float = 0.9, weight_decay: float = 5e-4) -> torch.optim.SGD:
+class PaperSGD:
+    """Section 5's update: SGD with momentum and weight decay, in the arithmetic of
+    ``torch.optim.SGD(params, lr, momentum, weight_decay=...)`` bit for bit (its momentum
+    buffer, its order of operations), so that checkpoints and results are those of torch's
+    optimizer. The paper writes the velocity in units of the weights (v = -lr * buffer):
+    the two agree while the rate is constant; at a rate drop the buffer keeps its size and
+    the velocity shrinks with the rate.
+
+    Written out for two reasons: torch's optimizers import the compiler (torch._dynamo) on
+    first use, more than a second at the start of every rank; and the weight decay is added
+    to the gradients in place, where torch's SGD allocates a copy of every gradient each
+    step (on a CPU, fresh memory costs more than the arithmetic). So after ``step`` a
+    parameter's ``.grad`` holds its gradient plus the decay. The multi-tensor
+    ``torch._foreach`` kernels are those torch's SGD uses on a GPU."""
+
+    def __init__(self, params, lr: float, momentum: float, weight_decay: float):
+        self.param_groups = [{"params": list(params), "lr": lr, "momentum": momentum, "weight_decay": weight_decay}]
+        self.state = defaultdict(dict)  # parameter -> {"momentum_buffer": tensor}, as torch.optim keeps it
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for group in self.param_groups:
+            for p in group["params"]:
+                if set_to_none:
+                    p.grad = None
+                elif p.grad is not None:
+                    p.grad.detach_().zero_()
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            steps = [p.grad for p in params]
+            if group["weight_decay"]:
+                torch._foreach_add_(steps, params, alpha=group["weight_decay"])
+            if group["momentum"]:
+                buffers = [self.state[p].get("momentum_buffer") for p in params]
+                old = [i for i, b in enumerate(buffers) if b is not None]
+                if old:
+                    torch._foreach_mul_([buffers[i] for i in old], group["momentum"])
+                    torch._foreach_add_([buffers[i] for i in old], [steps[i] for i in old])
+                for i, b in enumerate(buffers):
+                    if b is None:  # the first step: the buffer starts as the gradient
+                        buffers[i] = self.state[params[i]]["momentum_buffer"] = steps[i].clone()
+                steps = buffers
+            torch._foreach_add_(params, steps, alpha=-group["lr"])
+
+
+def paper_optimizer(params, lr: float = 0.01, momentum: float = 0.9, weight_decay: float = 5e-4) -> PaperSGD:
     """Section 5: SGD, momentum 0.9, weight decay 0.0005. Each tower has its own."""
-    return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    return PaperSGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)

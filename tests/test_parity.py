@@ -8,12 +8,15 @@ and see identical inputs; the rank returns error magnitudes and the parent asser
 """
 
 import contextlib
+import copy
+import functools
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from launch.ranks import run_ranks
+from launch.step import paper_optimizer
 from towers import Architecture, Tower, build_reference, shard_state_dict
 
 pytestmark = pytest.mark.slow  # two real processes
@@ -34,8 +37,10 @@ def _rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-300)).item()
 
 
-def _sgd(params):
-    return torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=5e-4)
+@functools.lru_cache(maxsize=None)
+def _initial_reference(architecture):
+    """Drawn once per process and architecture: drawing takes longer than most cases' arithmetic."""
+    return build_reference(CLASSES, seed=SEED, dropout=0.0, architecture=architecture)
 
 
 def _parity_worker(rank, fc8_placement, dtype, sgd_steps, autocast=False, device="cpu", architecture=Architecture()):
@@ -43,7 +48,7 @@ def _parity_worker(rank, fc8_placement, dtype, sgd_steps, autocast=False, device
     if device == "cuda":  # the arithmetic of the CPU: no TF32 (tests/test_gpu.py)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     group = torch.distributed.group.WORLD
-    reference = build_reference(CLASSES, seed=SEED, dropout=0.0, architecture=architecture).to(device, dtype)
+    reference = copy.deepcopy(_initial_reference(architecture)).to(device, dtype)
     tower = Tower(group, CLASSES, dropout=0.0, fc8_placement=fc8_placement, architecture=architecture).to(dtype)
     tower.load_state_dict(shard_state_dict(reference.state_dict(), rank, fc8_placement))
     tower.to(device)
@@ -68,7 +73,9 @@ def _parity_worker(rank, fc8_placement, dtype, sgd_steps, autocast=False, device
         "grad_norm": min(p.grad.norm().item() for p in tower.parameters()),
     }
     if sgd_steps:
-        ref_opt, opt = _sgd(reference.parameters()), _sgd(tower.parameters())
+        # the reference with torch's SGD, the tower with the program's (the same arithmetic: test_recipe)
+        ref_opt = torch.optim.SGD(reference.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+        opt = paper_optimizer(tower.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
         for step in range(sgd_steps):
             if step:  # step 0 reuses the gradients computed above
                 for model, optimizer in ((reference, ref_opt), (tower, opt)):

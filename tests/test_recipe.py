@@ -199,3 +199,38 @@ def test_the_data_folder_is_kept_as_an_absolute_path(tmp_path, monkeypatch):
     assert parse_config(["--data", "images"]).data == str(tmp_path / "images")
     assert parse_config(["--data", "~/images"]).data == os.path.expanduser("~/images")
     assert parse_config([]).data is None  # the built-in dataset
+
+
+# ---------------------------------------------------------------- the update rule
+
+def test_the_papers_sgd_is_torchs_sgd_bit_for_bit():
+    """paper_optimizer writes torch.optim.SGD's arithmetic out (without importing the compiler):
+    the same weights and momentum buffers after every step, across a rate drop, with a
+    parameter that gets no gradient, and with gradients zeroed rather than dropped."""
+    import torch
+
+    from launch.step import paper_optimizer
+
+    generator = torch.Generator().manual_seed(0)
+    shapes = [(7, 3, 5, 5), (7,), (11, 13), (4,)]
+    ours = [torch.randn(s, generator=generator, requires_grad=True) for s in shapes]
+    theirs = [p.detach().clone().requires_grad_() for p in ours]
+    initial = [p.detach().clone() for p in ours]
+    mine = paper_optimizer(ours, lr=0.01, momentum=0.9, weight_decay=5e-4)
+    torchs = torch.optim.SGD(theirs, lr=0.01, momentum=0.9, weight_decay=5e-4)
+    for step in range(5):
+        if step == 3:  # the schedule divides the rate by ten
+            for optimizer in (mine, torchs):
+                optimizer.param_groups[0]["lr"] /= 10
+        grads = [torch.randn(s, generator=generator) for s in shapes[:-1]]  # the last one gets none
+        for params, optimizer in ((ours, mine), (theirs, torchs)):
+            optimizer.zero_grad(set_to_none=step % 2 == 0)
+            for p, g in zip(params, grads):
+                p.grad = g.clone() if p.grad is None else p.grad.add_(g)
+            optimizer.step()
+        for a, b in zip(ours, theirs):
+            assert torch.equal(a, b), step
+        for a, b in zip(ours[:-1], theirs[:-1]):
+            assert torch.equal(mine.state[a]["momentum_buffer"], torchs.state[b]["momentum_buffer"]), step
+    assert "momentum_buffer" not in mine.state[ours[-1]] and torch.equal(ours[-1], initial[-1])
+    assert not any(torch.equal(p, p0) for p, p0 in zip(ours[:-1], initial))  # the comparison is not vacuous

@@ -192,8 +192,7 @@ def init_weights(model: nn.Module, seed: int, scheme: str = "paper") -> nn.Modul
         for name in LAYERS:
             layer = getattr(model, name)
             std, bias = INIT_SCHEMES[scheme](name, layer)
-            weight = torch.randn(layer.weight.shape, generator=generator, dtype=torch.float64) * std
-            layer.weight.copy_(weight)
+            layer.weight.copy_(torch.randn(layer.weight.shape, generator=generator, dtype=torch.float64).mul_(std))
             layer.bias.fill_(bias)
     return model
 
@@ -202,4 +201,8 @@ def build_reference(num_classes: int = 1000, seed: int = 0, dropout: float = 0.5
                     architecture: Architecture = Architecture()) -> AlexNet:
     with torch.device("meta"):  # no default initialisation: init_weights draws every parameter
         model = AlexNet(num_classes, dropout, architecture)
-    return init_weights(model.to_empty(device="cpu"), seed, init)
+    for name in LAYERS:  # storage for init_weights to fill (Module.to_empty would import sympy, 0.4 s)
+        layer = getattr(model, name)
+        layer.weight, layer.bias = (nn.Parameter(torch.empty(p.shape)) for p in (layer.weight, layer.bias))
+    assert not any(t.is_meta for t in model.state_dict().values()), "a tensor init_weights does not draw"
+    return init_weights(model, seed, init)
