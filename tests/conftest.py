@@ -1,6 +1,7 @@
 """What the tests share: the repository root, a tiny generated dataset, and the
 program run as a user runs it (a real process, every wait bounded)."""
 
+import functools
 import json
 import os
 import signal
@@ -10,8 +11,10 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from launch import builtin
+from towers import AlexNet, Architecture, build_reference
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN_TIMEOUT_S = 300  # any one run of the program; a hang fails instead of blocking the suite
@@ -35,6 +38,25 @@ def trained_run(tiny_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("trained")
     result = launch("--data", tiny_data, "--out", out, "--run-name", "run", *TRAINED_RUN)
     return out / "run", result
+
+
+@functools.lru_cache(maxsize=None)
+def _initial_weights(classes: int, seed: int) -> dict:
+    return build_reference(classes, seed=seed, dropout=0.0).state_dict()
+
+
+def reference_from_seed(classes: int, seed: int, dtype=torch.float32, device="cpu",
+                        architecture: Architecture = Architecture()) -> AlexNet:
+    """build_reference(classes, seed, dropout=0) in ``dtype`` on ``device``, with its weights
+    drawn once per process (a draw takes seconds; tests that start several nets from one
+    seed copy it). Every variant of the architecture has the paper's shapes, so the same
+    weights serve them all."""
+    with torch.device("meta"):  # no initialisation of its own: it takes the drawn weights
+        reference = AlexNet(classes, dropout=0.0, architecture=architecture)
+    weights = {k: v.to(device, dtype, copy=True) for k, v in _initial_weights(classes, seed).items()}
+    reference.load_state_dict(weights, assign=True)
+    assert all(p.requires_grad for p in reference.parameters())
+    return reference
 
 
 def launch(*args, env=None, check=True) -> subprocess.CompletedProcess:

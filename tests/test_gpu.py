@@ -11,9 +11,8 @@ import torch.nn.functional as F
 
 from launch.checkpoint import load_reference
 from launch.ranks import run_ranks
-from towers import build_reference
 
-from conftest import TINY, launch
+from conftest import TINY, launch, reference_from_seed
 from test_parity import BATCH, CLASSES, SEED, _inputs, _parity_worker, _rel
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -24,7 +23,7 @@ def test_the_reference_on_the_gpu_computes_what_it_computes_on_the_cpu():
     images, labels = _inputs(torch.float64)
     results = {}
     for device in ("cpu", "cuda"):
-        model = build_reference(CLASSES, seed=SEED, dropout=0.0).to(device, torch.float64)
+        model = reference_from_seed(CLASSES, SEED, torch.float64, device)
         logits = model(images.to(device))
         F.cross_entropy(logits, labels.to(device)).backward()
         results[device] = (logits.cpu(), {k: p.grad.cpu() for k, p in model.named_parameters()})

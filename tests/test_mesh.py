@@ -15,9 +15,10 @@ from torch.nn.parallel import DistributedDataParallel
 from launch.checkpoint import load_checkpoint
 from launch.mesh import build_mesh, coordinates
 from launch.ranks import run_ranks
+from launch.step import paper_optimizer
 from towers import FC8_PLACEMENTS, TOWERS, Tower, build_reference, shard_state_dict
 
-from conftest import TINY, Run, launch
+from conftest import TINY, Run, launch, reference_from_seed
 
 SEED, CLASSES, REPLICAS = 11, 10, 2
 GLOBAL_BATCH = 4  # 2 images per replica
@@ -50,13 +51,14 @@ def _hybrid_worker(rank, fc8_placement, sgd_steps):
     labels = torch.randint(0, CLASSES, (GLOBAL_BATCH,), generator=g)
     share = slice(mesh.replica * GLOBAL_BATCH // REPLICAS, (mesh.replica + 1) * GLOBAL_BATCH // REPLICAS)
 
-    reference = build_reference(CLASSES, seed=SEED, dropout=0.0).double()
+    reference = reference_from_seed(CLASSES, SEED, torch.float64)  # drawn once for both placements
     tower = Tower(mesh.tower_group, CLASSES, dropout=0.0, fc8_placement=fc8_placement).double()
     tower.load_state_dict(shard_state_dict(reference.state_dict(), mesh.tower, fc8_placement))
     reference = reference if mesh.replica == 0 else None
     initial = {k: v.clone() for k, v in tower.state_dict().items()}
     trainer = DistributedDataParallel(tower, process_group=mesh.replica_group)
-    sgd = lambda params: torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=5e-4)
+    # the program's optimizer: torch.optim.SGD's arithmetic (tests/test_recipe.py)
+    sgd = lambda params: paper_optimizer(params, lr=0.01, momentum=0.9, weight_decay=5e-4)
     opt = sgd(tower.parameters())
     ref_opt = sgd(reference.parameters()) if reference is not None else None
     out = {"tower_ranks": tower_ranks, "replica_ranks": replica_ranks}
@@ -115,7 +117,7 @@ def test_two_replicas_of_the_towers_match_the_reference_on_the_global_batch(hybr
         worst = max(r["grads"], key=r["grads"].get)
         # Gradients: the average of two replicas' means, and more reordered sums: 10x.
         assert r["grads"][worst] < 1e-9, f"rank {rank} gradient of {worst}: {r['grads'][worst]:.3g}"
-        assert set(r["grads"]) == set(shard_state_dict(build_reference(CLASSES).state_dict(), rank, fc8_placement))
+        assert set(r["grads"]) == set(shard_state_dict(reference_from_seed(CLASSES, SEED).state_dict(), rank, fc8_placement))
         worst = max(r["weights"], key=r["weights"].get)
         assert r["weights"][worst] < 1e-9, f"rank {rank}: weights of {worst} after 3 SGD steps"
         assert r["moved"] > 1e-6, "SGD did not change the weights: the comparison would be vacuous"

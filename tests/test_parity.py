@@ -8,8 +8,6 @@ and see identical inputs; the rank returns error magnitudes and the parent asser
 """
 
 import contextlib
-import copy
-import functools
 
 import pytest
 import torch
@@ -17,7 +15,9 @@ import torch.nn.functional as F
 
 from launch.ranks import run_ranks
 from launch.step import paper_optimizer
-from towers import Architecture, Tower, build_reference, shard_state_dict
+from towers import Architecture, Tower, shard_state_dict
+
+from conftest import reference_from_seed
 
 pytestmark = pytest.mark.slow  # two real processes
 
@@ -37,18 +37,12 @@ def _rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-300)).item()
 
 
-@functools.lru_cache(maxsize=None)
-def _initial_reference(architecture):
-    """Drawn once per process and architecture: drawing takes longer than most cases' arithmetic."""
-    return build_reference(CLASSES, seed=SEED, dropout=0.0, architecture=architecture)
-
-
 def _parity_worker(rank, fc8_placement, dtype, sgd_steps, autocast=False, device="cpu", architecture=Architecture()):
     torch.manual_seed(SEED)
     if device == "cuda":  # the arithmetic of the CPU: no TF32 (tests/test_gpu.py)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     group = torch.distributed.group.WORLD
-    reference = copy.deepcopy(_initial_reference(architecture)).to(device, dtype)
+    reference = reference_from_seed(CLASSES, SEED, dtype, device, architecture)
     tower = Tower(group, CLASSES, dropout=0.0, fc8_placement=fc8_placement, architecture=architecture).to(dtype)
     tower.load_state_dict(shard_state_dict(reference.state_dict(), rank, fc8_placement))
     tower.to(device)
@@ -73,9 +67,9 @@ def _parity_worker(rank, fc8_placement, dtype, sgd_steps, autocast=False, device
         "grad_norm": min(p.grad.norm().item() for p in tower.parameters()),
     }
     if sgd_steps:
-        # the reference with torch's SGD, the tower with the program's (the same arithmetic: test_recipe)
-        ref_opt = torch.optim.SGD(reference.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-        opt = paper_optimizer(tower.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+        # the program's optimizer on both sides: torch.optim.SGD's arithmetic (tests/test_recipe.py)
+        ref_opt, opt = (paper_optimizer(m.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+                        for m in (reference, tower))
         for step in range(sgd_steps):
             if step:  # step 0 reuses the gradients computed above
                 for model, optimizer in ((reference, ref_opt), (tower, opt)):
