@@ -27,7 +27,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from towers import Architecture, ExchangeLog, Tower, build_reference, shard_state_dict
+from towers import AlexNet, Architecture, ExchangeLog, Tower, allocate, build_reference, shard_state_dict
 
 from . import data as data_module
 from .images import BASE_SIZE, CROP_SIZE
@@ -127,10 +127,16 @@ def architecture(config: TrainConfig) -> Architecture:
                         pooling=config.pooling, activation=config.activation)
 
 
-def build_model(config: TrainConfig, num_classes: int, group, device) -> torch.nn.Module:
+def build_model(config: TrainConfig, num_classes: int, group, device, draw: bool = True) -> torch.nn.Module:
     """The reference built from the seed (``--layout single`` and ``one-tower``), or this
     rank's tower cut out of it: a two-tower run starts from exactly the weights of a
-    single-device run."""
+    single-device run. With ``draw`` False the weights are left undrawn (a draw takes
+    seconds) for a rank that receives them: from a checkpoint, or from another replica."""
+    if not draw:
+        with torch.device("meta"):
+            model = (AlexNet(num_classes, config.dropout, architecture(config)) if config.layout != "towers" else
+                     Tower(group, num_classes, config.dropout, config.fc8_placement, architecture(config)))
+        return allocate(model).to(device)
     reference = build_reference(num_classes, seed=config.seed, dropout=config.dropout, init=config.init,
                                 architecture=architecture(config))
     if config.layout != "towers":
@@ -336,7 +342,10 @@ def run_rank(rank: int, config: TrainConfig, run_dir: Optional[str], placement: 
     plan = plan[0]
     bundle = _replica_data(rank, config, plan, bundle) if mesh.loads_data else None
 
-    model = build_model(config, len(plan.classes), group, device)
+    # A resumed or evaluated run loads every weight; replicas after the first receive replica
+    # 0's when DistributedDataParallel is built below (it broadcasts them).
+    model = build_model(config, len(plan.classes), group, device,
+                        draw=mesh.replica == 0 and not (config.resume or config.eval_only))
     exchange_log = model.exchange_log if isinstance(model, Tower) else ExchangeLog()  # the reference: nothing crosses
     optimizer = paper_optimizer(model.parameters(), lr=config.lr, momentum=config.momentum,
                                 weight_decay=config.weight_decay)
@@ -403,7 +412,7 @@ def run_rank(rank: int, config: TrainConfig, run_dir: Optional[str], placement: 
     steps = progress.global_step - steps_at_start
     by_tower = [None] * dist.get_world_size(group)
     dist.all_gather_object(by_tower, {key: sent / max(1, steps) for key, sent in train_exchanges.items()}, group=group)
-    summary.update(epochs=progress.epoch, steps=progress.global_step, checkpoint=str(checkpoint) if checkpoint else None,
+    summary.update(epochs=progress.epoch, steps=progress.global_step, steps_this_run=steps, checkpoint=str(checkpoint) if checkpoint else None,
                    train_seconds=train_seconds, wall_seconds=time.time() - started,
                    images_per_s=steps * config.batch_size / max(train_seconds, 1e-9),
                    exchanged_bytes_sent=exchange_log.sent_bytes,

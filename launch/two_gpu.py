@@ -233,8 +233,9 @@ def report(summary: dict) -> None:
         line += f"; ten-patch test: top-1 {100 * ten['top1_error']:.2f}%, top-5 {100 * ten['top5_error']:.2f}%"
     log.info("done: %s", line)
     if summary.get("train_seconds"):
-        log.info("trained %d steps in %.0f s (%.1f images/s); wall time %.0f s; results in %s", summary["steps"],
-                 summary["train_seconds"], summary["images_per_s"], summary["wall_seconds"], summary["run_dir"])
+        log.info("trained %d steps, to step %d, in %.0f s (%.1f images/s); wall time %.0f s; results in %s",
+                 summary["steps_this_run"], summary["steps"], summary["train_seconds"], summary["images_per_s"],
+                 summary["wall_seconds"], summary["run_dir"])
 
 
 def _torchrun_env() -> bool:

@@ -22,6 +22,7 @@ RUN_TIMEOUT_S = 300  # any one run of the program; a hang fails instead of block
 # loader inside the rank.
 TINY = ["--batch-size", "4", "--lr", "0.001", "--workers", "0"]
 TRAINED_RUN = ["--epochs", "1", "--log-every", "2", "--fc8-placement", "split", *TINY]  # the options of trained_run
+NO_DROPOUT = [*TINY, "--dropout", "0", "--log-every", "1", "--no-ten-crop"]  # with --epochs 1: no_dropout_run's
 
 
 @pytest.fixture(scope="session")
@@ -38,6 +39,15 @@ def trained_run(tiny_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("trained")
     result = launch("--data", tiny_data, "--out", out, "--run-name", "run", *TRAINED_RUN)
     return out / "run", result
+
+
+@pytest.fixture(scope="session")
+def no_dropout_run(tiny_data, tmp_path_factory):
+    """The run folder of the towers trained one epoch (7 steps) without dropout, every step
+    logged: the losses that other layouts and replica counts must reproduce. Read only."""
+    out = tmp_path_factory.mktemp("no-dropout")
+    launch("--data", tiny_data, "--out", out, "--run-name", "run", "--epochs", "1", *NO_DROPOUT)
+    return out / "run"
 
 
 @functools.lru_cache(maxsize=None)

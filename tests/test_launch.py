@@ -28,7 +28,7 @@ from launch.schedule import Progress
 from launch.step import paper_optimizer, train_step
 from towers import Tower, build_reference, shard_state_dict
 
-from conftest import ROOT, RUN_TIMEOUT_S, TRAINED_RUN, launch
+from conftest import NO_DROPOUT, ROOT, RUN_TIMEOUT_S, TRAINED_RUN, launch
 from conftest import TINY as _TINY
 
 TINY = [*_TINY, "--log-every", "2"]
@@ -165,7 +165,8 @@ def test_resume_with_fc8_split_continues_exactly(trained_run, tiny_data, tmp_pat
     launch("--data", tiny_data, "--out", tmp_path, "--run-name", "parts", *TRAINED_RUN, "--max-steps", "3",
            "--no-ten-crop")
     assert load_checkpoint(tmp_path / "parts")["progress"]["global_step"] == 3
-    launch("--resume", tmp_path / "parts", "--no-ten-crop")
+    resumed = launch("--resume", tmp_path / "parts", "--no-ten-crop")
+    assert "trained 4 steps, to step 7, in" in resumed.stderr
     whole, parts = load_checkpoint(trained_run[0]), load_checkpoint(tmp_path / "parts")
     assert parts["config"]["fc8_placement"] == "split" and parts["progress"]["global_step"] == 7
     for key in whole["model"]:  # exactly: the same batches, dropout masks and arithmetic
@@ -173,18 +174,16 @@ def test_resume_with_fc8_split_continues_exactly(trained_run, tiny_data, tmp_pat
         assert torch.equal(whole["momentum_buffer"][key], parts["momentum_buffer"][key]), key
 
 
-def test_the_single_layout_trains_the_same_function_and_shares_checkpoints(tiny_data, tmp_path):
+def test_the_single_layout_trains_the_same_function_and_shares_checkpoints(tiny_data, no_dropout_run, tmp_path):
     """--layout single: the reference in one process, through the same program. Without
-    dropout and from the same seed it takes the towers' steps, loss for loss."""
-    common = ["--data", tiny_data, "--out", tmp_path, "--max-steps", "4", "--dropout", "0", "--val-limit", "6",
-              "--no-ten-crop", *TINY, "--log-every", "1"]
-    single = launch(*common, "--run-name", "single", "--layout", "single")
+    dropout and from the same seed it takes the towers' steps (no_dropout_run), loss for loss."""
+    single = launch("--data", tiny_data, "--out", tmp_path, "--max-steps", "4", "--val-limit", "6", "--epochs", "1",
+                    *NO_DROPOUT, "--run-name", "single", "--layout", "single")
     assert "the whole net on cpu, one process" in single.stderr
-    launch(*common, "--run-name", "towers")
     losses = {}
-    for name in ("single", "towers"):
-        records = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
-        losses[name] = torch.tensor([r["loss"] for r in records if r["event"] == "train"])
+    for name, run in (("single", tmp_path / "single"), ("towers", no_dropout_run)):
+        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        losses[name] = torch.tensor([r["loss"] for r in records if r["event"] == "train"][:4])
     assert len(losses["single"]) == 4
     # float32, the grouped convolutions of the reference against the towers' halves: the
     # parity tests' 1e-5 per forward, grown over four SGD steps; 1e-4 relative.

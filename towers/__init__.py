@@ -1,11 +1,11 @@
 """AlexNet (Krizhevsky, Sutskever, Hinton 2012) split into the paper's two towers."""
 
 from .exchange import ExchangeLog
-from .reference import TOWERS, AlexNet, Architecture, LocalResponseNorm, build_reference, init_weights
+from .reference import TOWERS, AlexNet, Architecture, LocalResponseNorm, allocate, build_reference, init_weights
 from .sharding import FC8_PLACEMENTS, shard_state_dict, unshard_state_dicts
 from .tower import Tower
 
 __all__ = [
     "AlexNet", "Architecture", "ExchangeLog", "FC8_PLACEMENTS", "LocalResponseNorm", "TOWERS", "Tower",
-    "build_reference", "init_weights", "shard_state_dict", "unshard_state_dicts",
+    "allocate", "build_reference", "init_weights", "shard_state_dict", "unshard_state_dicts",
 ]
