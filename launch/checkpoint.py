@@ -203,19 +203,20 @@ def _layout(tensors: dict) -> list:
 def _flat(tensors: dict, length: int, dtype, device) -> torch.Tensor:
     """The tensors end to end in one vector of ``length`` (padded with zeros) of ``dtype``,
     which holds every one of them exactly (the widest of their dtypes)."""
-    out = torch.zeros(length, dtype=dtype, device=device)
-    torch.cat([t.detach().reshape(-1).to(device, dtype) for t in tensors.values()] or [out[:0]],
-              out=out[:sum(t.numel() for t in tensors.values())])
+    out, used = torch.empty(length, dtype=dtype, device=device), sum(t.numel() for t in tensors.values())
+    torch.cat([t.detach().reshape(-1).to(device, dtype) for t in tensors.values()] or [out[:0]], out=out[:used])
+    out[used:].zero_()
     return out
 
 
-def _unflat(vector: torch.Tensor, layout: list) -> dict:
-    """The tensors of ``layout`` from ``vector``, each a copy with storage of its own (a view
-    would make torch.save write the whole vector with it)."""
+def _unflat(vector: torch.Tensor, layout: list, copy: bool = True) -> dict:
+    """The tensors of ``layout`` from ``vector``: each a copy with storage of its own, or with
+    ``copy`` False views into ``vector`` where the dtype allows (torch.save writes a view's
+    whole storage: only for a caller that copies them, or saves all of them)."""
     tensors, start = {}, 0
     for name, shape, dtype in layout:
         count = int(torch.Size(shape).numel())
-        tensors[name] = vector[start:start + count].view(shape).to(dtype, copy=True)
+        tensors[name] = vector[start:start + count].view(shape).to(dtype, copy=copy)
         start += count
     return tensors
 
@@ -232,7 +233,7 @@ def _common_format(layouts: list) -> tuple:
 
 def _gather_tensors(tensors: dict, group, device) -> Optional[list]:
     """Each rank's dict of tensors, in group order, at the group's first rank (None on the
-    others): one tensor gather on ``device``. Pickled through ``gather_object``, a tower's
+    others): one tensor gather on ``device``. The tensors are views into one vector per rank. Pickled through ``gather_object``, a tower's
     weights and momentum (hundreds of MB) took seconds a save."""
     layouts = [None] * dist.get_world_size(group)
     dist.all_gather_object(layouts, _layout(tensors), group=group)
@@ -240,7 +241,7 @@ def _gather_tensors(tensors: dict, group, device) -> Optional[list]:
     first = dist.get_global_rank(group, 0)
     received = [torch.empty(length, dtype=dtype, device=device) for _ in layouts] if dist.get_rank() == first else None
     dist.gather(_flat(tensors, length, dtype, device), received, dst=first, group=group)
-    return None if received is None else [_unflat(v.cpu(), layout) for v, layout in zip(received, layouts)]
+    return None if received is None else [_unflat(v.cpu(), layout, copy=False) for v, layout in zip(received, layouts)]
 
 
 def _scatter_tensors(parts: Optional[list], group, device) -> dict:
@@ -288,6 +289,8 @@ def save_training_state(path: Path, tower: Tower, optimizer, progress: Progress,
                  for part in ("model", "momentum")} for tensors in everyone]
     momentum = gathered[0]["momentum"]
     placement = config.fc8_placement
+    # Two towers: unsharding copies every tensor out of the gathered vectors. One rank: the
+    # vector holds exactly the weights and momentum, all saved, so its views are saved as they are.
     unshard = (lambda states: states[0]) if len(gathered) == 1 else (lambda states: unshard_state_dicts(states, placement))
     extra = {
         "momentum_buffer": unshard([g["momentum"] for g in gathered]) if momentum else {},
