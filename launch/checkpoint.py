@@ -233,8 +233,9 @@ def _common_format(layouts: list) -> tuple:
 
 def _gather_tensors(tensors: dict, group, device) -> Optional[list]:
     """Each rank's dict of tensors, in group order, at the group's first rank (None on the
-    others): one tensor gather on ``device``. The tensors are views into one vector per rank. Pickled through ``gather_object``, a tower's
-    weights and momentum (hundreds of MB) took seconds a save."""
+    others): one tensor gather on ``device``, the tensors views into one vector per rank.
+    Pickled through ``gather_object``, a tower's weights and momentum (hundreds of MB) took
+    seconds a save."""
     layouts = [None] * dist.get_world_size(group)
     dist.all_gather_object(layouts, _layout(tensors), group=group)
     length, dtype = _common_format(layouts)
@@ -291,7 +292,8 @@ def save_training_state(path: Path, tower: Tower, optimizer, progress: Progress,
     placement = config.fc8_placement
     # Two towers: unsharding copies every tensor out of the gathered vectors. One rank: the
     # vector holds exactly the weights and momentum, all saved, so its views are saved as they are.
-    unshard = (lambda states: states[0]) if len(gathered) == 1 else (lambda states: unshard_state_dicts(states, placement))
+    unshard = ((lambda states: states[0]) if len(gathered) == 1 else
+               (lambda states: unshard_state_dicts(states, placement)))
     extra = {
         "momentum_buffer": unshard([g["momentum"] for g in gathered]) if momentum else {},
         "progress": dataclasses.asdict(progress),

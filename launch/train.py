@@ -132,18 +132,18 @@ def build_model(config: TrainConfig, num_classes: int, group, device, draw: bool
     rank's tower cut out of it: a two-tower run starts from exactly the weights of a
     single-device run. With ``draw`` False the weights are left undrawn (a draw takes
     seconds) for a rank that receives them: from a checkpoint, or from another replica."""
-    if not draw:
-        with torch.device("meta"):
-            model = (AlexNet(num_classes, config.dropout, architecture(config)) if config.layout != "towers" else
-                     Tower(group, num_classes, config.dropout, config.fc8_placement, architecture(config)))
-        return allocate(model).to(device)
-    reference = build_reference(num_classes, seed=config.seed, dropout=config.dropout, init=config.init,
-                                architecture=architecture(config))
-    if config.layout != "towers":
+    net = architecture(config)
+    reference = (build_reference(num_classes, seed=config.seed, dropout=config.dropout, init=config.init,
+                                 architecture=net) if draw else None)
+    if config.layout != "towers" and reference is not None:
         return reference.to(device)
-    tower = Tower(group, num_classes, config.dropout, config.fc8_placement, reference.architecture)
-    tower.load_state_dict(shard_state_dict(reference.state_dict(), dist.get_rank(group), config.fc8_placement))
-    return tower.to(device)
+    with torch.device("meta"):  # storage only, filled below, from a checkpoint or by another replica
+        model = (AlexNet(num_classes, config.dropout, net) if config.layout != "towers" else
+                 Tower(group, num_classes, config.dropout, config.fc8_placement, net))
+    model = allocate(model)
+    if reference is not None:
+        model.load_state_dict(shard_state_dict(reference.state_dict(), dist.get_rank(group), config.fc8_placement))
+    return model.to(device)
 
 
 # ---------------------------------------------------------------- evaluation and training
@@ -412,7 +412,8 @@ def run_rank(rank: int, config: TrainConfig, run_dir: Optional[str], placement: 
     steps = progress.global_step - steps_at_start
     by_tower = [None] * dist.get_world_size(group)
     dist.all_gather_object(by_tower, {key: sent / max(1, steps) for key, sent in train_exchanges.items()}, group=group)
-    summary.update(epochs=progress.epoch, steps=progress.global_step, steps_this_run=steps, checkpoint=str(checkpoint) if checkpoint else None,
+    summary.update(epochs=progress.epoch, steps=progress.global_step, steps_this_run=steps,
+                   checkpoint=str(checkpoint) if checkpoint else None,
                    train_seconds=train_seconds, wall_seconds=time.time() - started,
                    images_per_s=steps * config.batch_size / max(train_seconds, 1e-9),
                    exchanged_bytes_sent=exchange_log.sent_bytes,
