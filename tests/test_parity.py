@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from launch.ranks import run_ranks
 from launch.step import paper_optimizer
-from towers import Architecture, Tower, shard_state_dict
+from towers import Architecture, Tower, compile_blocks, shard_state_dict
 
 from conftest import reference_from_seed
 
@@ -37,7 +37,11 @@ def _rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-300)).item()
 
 
-def _parity_worker(rank, fc8_placement, dtype, sgd_steps, autocast=False, device="cpu", architecture=Architecture()):
+def _parity_worker(rank, fc8_placement, dtype, sgd_steps, autocast=False, device="cpu", architecture=Architecture(),
+                   compile_backend=None, memory_format=torch.contiguous_format):
+    """``compile_backend``: the tower's blocks go through torch.compile with this backend
+    (towers.compile_blocks); the reference stays eager. ``memory_format``: of the images and
+    of both nets' convolution weights."""
     torch.manual_seed(SEED)
     if device == "cuda":  # the arithmetic of the CPU: no TF32 (tests/test_gpu.py)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
@@ -45,9 +49,15 @@ def _parity_worker(rank, fc8_placement, dtype, sgd_steps, autocast=False, device
     reference = reference_from_seed(CLASSES, SEED, dtype, device, architecture)
     tower = Tower(group, CLASSES, dropout=0.0, fc8_placement=fc8_placement, architecture=architecture).to(dtype)
     tower.load_state_dict(shard_state_dict(reference.state_dict(), rank, fc8_placement))
-    tower.to(device)
+    tower.to(device, memory_format=memory_format)
+    reference.to(memory_format=memory_format)
+    if compile_backend:
+        from torch._dynamo.utils import counters  # imported only here: the compiler takes a second to import
+        graphs_before = counters["stats"]["unique_graphs"]
+        compile_blocks(tower, backend=compile_backend)
     initial = {k: v.clone() for k, v in tower.state_dict().items()} if sgd_steps else None
     images, labels = (t.to(device) for t in _inputs(dtype))
+    images = images.contiguous(memory_format=memory_format)
 
     compute = torch.autocast(device, dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
     with compute:
@@ -81,6 +91,9 @@ def _parity_worker(rank, fc8_placement, dtype, sgd_steps, autocast=False, device
         mine = shard_state_dict(reference.state_dict(), rank, fc8_placement)
         out["weights"] = {k: _rel(v, mine[k]) for k, v in tower.state_dict().items()}
         out["moved"] = min(_rel(v, initial[k]) for k, v in tower.state_dict().items())
+    if compile_backend:  # one graph per block, none recompiled by the SGD steps, no break inside a block
+        out["compiled_graphs"] = counters["stats"]["unique_graphs"] - graphs_before
+        out["graph_breaks"] = sum(counters["graph_break"].values())
     return out
 
 
@@ -94,14 +107,23 @@ VARIANTS = {"no-lrn": Architecture(lrn=False), "non-overlapping": Architecture(p
             "tanh": Architecture(activation="tanh")}
 
 
-def _case(fc8_placement, dtype, autocast=False, architecture=Architecture()) -> tuple:
+def _case(fc8_placement, dtype, autocast=False, architecture=Architecture(), compile_backend=None,
+          memory_format=torch.contiguous_format) -> tuple:
     """_parity_worker's arguments after the rank; float64 adds three SGD steps."""
-    return fc8_placement, dtype, 3 if dtype == torch.float64 else 0, autocast, "cpu", architecture
+    return (fc8_placement, dtype, 3 if dtype == torch.float64 else 0, autocast, "cpu", architecture, compile_backend,
+            memory_format)
 
 
 CASES = [_case(placement, dtype) for placement in ("tower0", "split") for dtype in (torch.float64, torch.float32)]
 CASES += [_case("tower0", torch.float32, autocast=True)]
 CASES += [_case("tower0", torch.float64, architecture=architecture) for architecture in VARIANTS.values()]
+# torch.compile's tracing and autograd without code generation (aot_eager): the kernels are eager's,
+# so the float64 tolerance holds. tests/test_gpu.py compiles with the default backend, inductor.
+COMPILED = _case("tower0", torch.float64, compile_backend="aot_eager")
+CASES += [COMPILED]
+# channels_last: the convolutions' gradients arrive at the backward exchanges in another memory layout
+CHANNELS_LAST = _case("tower0", torch.float32, memory_format=torch.channels_last)
+CASES += [CHANNELS_LAST]
 
 
 def _cases_worker(rank, cases):
@@ -204,3 +226,21 @@ def test_every_variant_of_the_towers_matches_its_reference(parity, variant):
     """Each tower honours the variant: float64, three SGD steps, the tolerances above."""
     results = parity[_case("tower0", torch.float64, architecture=VARIANTS[variant])]
     _assert_parity(results, TOLERANCES[torch.float64], sgd_steps=3)
+
+
+def test_the_towers_compiled_block_by_block_match_the_reference(parity):
+    """towers.compile_blocks: each run of layers between two exchanges one graph; the exchanges
+    run as written between them, so the traffic is the eager towers'."""
+    results, eager = parity[COMPILED], parity[_case("tower0", torch.float64)]
+    _assert_parity(results, TOLERANCES[torch.float64], sgd_steps=3)
+    traffic = lambda log: {k: (e["calls"], e["sent_bytes"], e["received_bytes"], e["shapes"]) for k, e in log.items()}
+    for rank, r in enumerate(results):
+        assert r["compiled_graphs"] == len(Tower.BLOCKS) and r["graph_breaks"] == 0, (rank, r["compiled_graphs"])
+        assert traffic(r["exchanges"]) == traffic(eager[rank]["exchanges"]), rank
+
+
+def test_the_towers_in_channels_last_match_the_reference(parity):
+    """Images and convolution weights in channels_last (NHWC), as the benchmark's memory-format
+    sweep runs them: conv3's input gradient then reaches the backward exchange in NHWC, and the
+    reduce-scatter must hand the collective contiguous buffers whatever the layout."""
+    _assert_parity(parity[CHANNELS_LAST], TOLERANCES[torch.float32], sgd_steps=0)

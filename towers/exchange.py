@@ -110,9 +110,12 @@ def _reduce_scatter_pair(halves: torch.Tensor, group) -> torch.Tensor:
     """``halves`` is 2 x (shard shape), this tower's contribution to both shards;
     returns the sum over both towers of the shard this tower owns.
     On two ranks a reduce-scatter is one all-to-all and an add; the all-to-all
-    form runs on gloo releases that lack ``reduce_scatter_tensor``."""
+    form runs on gloo releases that lack ``reduce_scatter_tensor``. Both buffers are
+    contiguous: a collective reads and writes memory in order, whatever the strides
+    (a gradient from a channels_last convolution has others)."""
+    halves = halves.contiguous()
     received = torch.empty_like(halves)
-    dist.all_to_all_single(received, halves.contiguous(), group=group)
+    dist.all_to_all_single(received, halves, group=group)
     return received.sum(dim=0)
 
 

@@ -111,16 +111,46 @@ class Tower(nn.Module):
         self.fc8 = build_fc8(fc8_placement, self.tower_rank, TOWERS * f7, num_classes, group, self.exchange_log)
         self.dropout = nn.Dropout(dropout)
 
+    # The runs of layers between two exchanges, in the order forward calls them: what
+    # compile_blocks hands to torch.compile, one graph each, the exchanges left outside.
+    BLOCKS = ("conv1_to_pool2", "conv3_to_pool5", "fc6_block", "fc7_block")
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        exchange_log, group, act = self.exchange_log, self.group, self.activation
-        x = self.pool(self.lrn1(act(self.conv1(x))))  # N x 48 x 27 x 27
-        x = self.pool(self.lrn2(act(self.conv2(x))))  # N x 128 x 13 x 13
+        exchange_log, group = self.exchange_log, self.group
+        x = self.conv1_to_pool2(x)  # N x 128 x 13 x 13
         x = gather_channels(as_autocast_dtype(x), group, exchange_log, "conv3_input")  # exchange: N x 256 x 13 x 13
-        x = act(self.conv3(x))
-        x = act(self.conv4(x))
-        x = self.pool(act(self.conv5(x)))  # N x 128 x 6 x 6
-        x = gather_channels(x.flatten(1), group, exchange_log, "fc6_input")  # exchange: N x 9216, channel-major as in the reference
-        x = self.dropout(act(self.fc6(x)))
+        x = self.conv3_to_pool5(x)  # N x 4608
+        x = gather_channels(x, group, exchange_log, "fc6_input")  # exchange: N x 9216, channel-major as in the reference
+        x = self.fc6_block(x)  # N x 2048
         x = gather_channels(x, group, exchange_log, "fc7_input")  # exchange: N x 4096
-        x = self.dropout(act(self.fc7(x)))
+        x = self.fc7_block(x)  # N x 2048
         return self.fc8(x)  # exchanges: FC8's input and the logits (see the FC8 classes)
+
+    def conv1_to_pool2(self, x: torch.Tensor) -> torch.Tensor:
+        act = self.activation
+        x = self.pool(self.lrn1(act(self.conv1(x))))  # N x 48 x 27 x 27
+        return self.pool(self.lrn2(act(self.conv2(x))))  # N x 128 x 13 x 13
+
+    def conv3_to_pool5(self, x: torch.Tensor) -> torch.Tensor:
+        act = self.activation
+        x = act(self.conv4(act(self.conv3(x))))
+        return self.pool(act(self.conv5(x))).flatten(1)  # N x 128 x 6 x 6, flattened channel-major
+
+    def fc6_block(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.activation(self.fc6(x)))
+
+    def fc7_block(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.activation(self.fc7(x)))
+
+
+def compile_blocks(model: nn.Module, **options) -> nn.Module:
+    """``torch.compile`` for this package's models, in place: a Tower's ``BLOCKS`` one by one
+    (the exchanges run as written, between the compiled graphs, as torchtitan compiles a
+    model block by block around its communication), any other module whole. ``options``
+    go to ``torch.compile`` (``backend``, ``mode``, ...). Returns ``model``."""
+    if isinstance(model, Tower):
+        for name in Tower.BLOCKS:
+            setattr(model, name, torch.compile(getattr(model, name), **options))
+    else:
+        model.compile(**options)
+    return model
