@@ -14,7 +14,11 @@ SECTIONS = ("Machine and software", "Configuration", "Main table", "How each num
             "Towers: traffic per exchange", "Batch-size sweep", "Precision and memory format",
             "Projection to a two-GPU machine", "Data loader", "Hybrid: replicas of the towers",
             "Projection to eight GPUs: replicas of the towers or data parallel",
-            "The training program against the synthetic step", "Not measured")
+            "The training program against the synthetic step", "Speed goals", "Not measured")
+PRECISION_ORDER = ("fp32", "bf16")
+# The goals of the GPU work, checked in the section "Speed goals".
+GOAL_REFERENCE_VS_TORCHVISION = 1.0  # the reference at least as fast as torchvision's AlexNet, like for like
+GOAL_PROGRAM_SHARE = 0.8  # the program on real JPEGs at 80 % or more of the synthetic rate of its layout
 
 
 def _mb(n) -> str:
@@ -34,9 +38,15 @@ def _ranks(values, fmt) -> str:
     return " / ".join(fmt(v) for v in values)
 
 
-def _find(results, mode, batch, precision="fp32", memory_format="contiguous"):
-    return next((r for r in results["runs"] if (r["mode"], r["batch"], r["precision"], r["memory_format"]) ==
-                 (mode, batch, precision, memory_format)), None)
+def _find(results, mode, batch, precision="fp32", memory_format="contiguous", compiled=False):
+    return next((r for r in results["runs"] if (r["mode"], r["batch"], r["precision"], r["memory_format"],
+                                                r.get("compiled", False)) ==
+                 (mode, batch, precision, memory_format, compiled)), None)
+
+
+def _variant(run) -> str:
+    """A run's precision, memory format and compilation in words."""
+    return f"{run['precision']}, {run['memory_format']}" + (", compiled" if run.get("compiled") else "")
 
 
 def _devices(run) -> str:
@@ -195,20 +205,25 @@ def precision_table(results) -> list:
     lines = [f"Global batch {batch}. Speed-up is against the same mode in fp32, contiguous. Analytic bytes for bf16 "
              "assume every exchanged activation is bf16; where autocast leaves one in fp32 (see bytes per "
              "element in results.json) the measured figure is higher.", "",
-             "| mode | precision | memory format | images/s | ms/step median [p10, p90] | speed-up "
-             "| bytes/step total measured / analytic (MB) | peak memory per rank (MB) |", "|---|---|---|---|---|---|---|---|"]
-    combinations = dict.fromkeys([("fp32", "contiguous")] + [(p, f) for p in results["config"]["precisions"]
-                                                               for f in results["config"]["memory_formats"]])
-    for mode in (m for m in MODE_ORDER if m in results["config"]["precision_modes"]):
+             "| mode | precision | memory format | torch.compile | images/s | ms/step median [p10, p90] | speed-up "
+             "| bytes/step total measured / analytic (MB) | peak memory per rank (MB) |", "|" + "---|" * 9]
+    cfg = results["config"]
+    swept = [(p, f) for p in cfg["precisions"] for f in cfg["memory_formats"]]
+    compiled_modes = cfg.get("compile_modes", ())
+    for mode in (m for m in MODE_ORDER if m in cfg["precision_modes"] or m in compiled_modes):
         base = _find(results, mode, batch)
-        for precision, memory_format in combinations:
-            run = _find(results, mode, batch, precision, memory_format)
+        combinations = dict.fromkeys(([("fp32", "contiguous", False)] + [(p, f, False) for p, f in swept]
+                                      if mode in cfg["precision_modes"] else []) +
+                                     ([(p, f, True) for p, f in swept] if mode in compiled_modes else []))
+        for precision, memory_format, compiled in combinations:
+            run = _find(results, mode, batch, precision, memory_format, compiled)
+            compile_cell = "yes" if compiled else "no"
             if run is None:
-                lines.append(f"| {mode} | {precision} | {memory_format} | not measured | | | | |")
+                lines.append(f"| {mode} | {precision} | {memory_format} | {compile_cell} | not measured | | | | |")
                 continue
             s = run["step_ms"]
             speedup = f"{base['step_ms']['median'] / s['median']:.2f}x" if base else "—"
-            lines.append(f"| {mode} | {precision} | {memory_format} | {run['images_per_s']:.1f} "
+            lines.append(f"| {mode} | {precision} | {memory_format} | {compile_cell} | {run['images_per_s']:.1f} "
                          f"| {s['median']:.1f} [{s['p10']:.1f}, {s['p90']:.1f}] | {speedup} "
                          f"| {_mb(run['bytes_total'])} / {_mb(run['bytes_total_analytic'])} "
                          f"| {_ranks(run['peak_memory_bytes'], _mb)} |")
@@ -432,6 +447,56 @@ def program_lines(results) -> list:
     return lines + failed
 
 
+def speed_goal_lines(results) -> list:
+    """The three goals of the GPU work, each checked against the runs of this report."""
+    cfg, macs = results["config"], results["analytic"]["macs_per_image"]
+    order = lambda r: (r["batch"], PRECISION_ORDER.index(r["precision"]), r["memory_format"], r.get("compiled", False))
+    pairs = [(r, tv) for r in sorted((r for r in results["runs"] if r["mode"] == "single"), key=order)
+             if (tv := _find(results, "torchvision", r["batch"], r["precision"], r["memory_format"],
+                             r.get("compiled", False)))]
+    verdict = lambda ok: "met" if ok else "**not met**"
+    lines = [f"**1. The reference (single) at least as fast as torchvision's AlexNet**, like for like: the same "
+             f"device, batch, precision, memory format and compilation. The reference computes "
+             f"{macs['single'] / macs['torchvision']:.2f} times torchvision's multiply-adds per image, and a "
+             f"response normalisation that torchvision's net leaves out.", ""]
+    if pairs:
+        lines += ["| batch | variant | single images/s | torchvision images/s | single / torchvision | goal |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {r['batch']} | {_variant(r)} | {r['images_per_s']:.1f} | {tv['images_per_s']:.1f} "
+                  f"| {r['images_per_s'] / tv['images_per_s']:.2f} "
+                  f"| {verdict(r['images_per_s'] >= GOAL_REFERENCE_VS_TORCHVISION * tv['images_per_s'])} |"
+                  for r, tv in pairs]
+        for precision in sorted({r["precision"] for r, _ in pairs}, key=PRECISION_ORDER.index):
+            at_batch = [(r, tv) for r, tv in pairs if r["precision"] == precision and r["batch"] == cfg["batch"]]
+            if len(at_batch) > 1:
+                best, best_tv = (max((pair[i] for pair in at_batch), key=lambda run: run["images_per_s"])
+                                 for i in (0, 1))
+                lines += ["", f"- fastest of each at batch {cfg['batch']} in {precision}: single "
+                              f"{best['images_per_s']:.1f} images/s ({_variant(best)}), torchvision "
+                              f"{best_tv['images_per_s']:.1f} ({_variant(best_tv)})"]
+    else:
+        lines.append("Not measured: no single and torchvision runs of the same batch and variant.")
+    lines += ["", f"**2. The training program at {100 * GOAL_PROGRAM_SHARE:.0f} % or more of the synthetic step "
+                  "rate** of the same layout and batch (fp32, contiguous; the section above):", ""]
+    checked = [(p, _find(results, p["mode"], p["batch"])) for p in results.get("program") or [] if "failed" not in p]
+    checked = [(p, synthetic) for p, synthetic in checked if synthetic]
+    lines += [f"- {p['mode']}: {100 * p['images_per_s'] / s['images_per_s']:.0f} % ({p['images_per_s']:.1f} against "
+              f"{s['images_per_s']:.1f} images/s): "
+              f"{verdict(p['images_per_s'] >= GOAL_PROGRAM_SHARE * s['images_per_s'])}" for p, s in checked] or \
+        ["- not measured: no program run beside a synthetic run of its layout and batch"]
+    lines += ["", "**3. The share of the GPU's dense bf16 peak reached** (training FLOPs as in 'How each number is "
+                  "taken', per GPU):", ""]
+    bf16 = [r for r in results["runs"] if r["peak"] and r["peak"]["math"] == "bf16"]
+    if bf16:
+        best = max(bf16, key=lambda r: r["peak"]["share"])
+        lines.append(f"- at most {100 * best['peak']['share']:.1f} % of the {best['peak']['gpu']}'s "
+                     f"{best['peak']['tflop_per_s_per_device']:g} TFLOP/s: {best['mode']}, batch {best['batch']}, "
+                     f"{_variant(best)}, {best['gflop_per_s'] / 1e3:.1f} TFLOP/s over {best['peak']['devices']} GPU(s)")
+    else:
+        lines.append("- not measured: no bf16 run on a GPU whose peak `benchmarks.flops.GPU_PEAK_TFLOPS` knows")
+    return lines
+
+
 def write_report(results: dict, folder: Path) -> None:
     folder = Path(folder)
     chart_images_per_s(results, folder / IMAGES_CHART)
@@ -460,7 +525,8 @@ def write_report(results: dict, folder: Path) -> None:
         "device; towers: both ranks get the whole global batch; ddp: each rank half of it",
         f"- batch sweep: {', '.join(map(str, cfg['batches']))} over {', '.join(cfg['sweep_modes'])}; precision "
         f"sweep: {', '.join(cfg['precisions'])} x {', '.join(cfg['memory_formats'])} over "
-        f"{', '.join(cfg['precision_modes'])}",
+        f"{', '.join(cfg['precision_modes'])}; compiled (torch.compile, backend "
+        f"{cfg.get('compile_backend', 'inductor')}): {', '.join(cfg.get('compile_modes', ())) or 'none'}",
         f"- the whole run took {results['elapsed_s']:.0f} s", "",
         f"## {SECTIONS[2]}", "", *main_table(results), "",
         f"## {SECTIONS[3]}", "", *methods(results), "",
@@ -474,11 +540,12 @@ def write_report(results: dict, folder: Path) -> None:
         f"## {SECTIONS[9]}", "", *hybrid_lines(results), "",
         f"## {SECTIONS[10]}", "", *mesh_projection_lines(results), "",
         f"## {SECTIONS[11]}", "", *program_lines(results), "",
-        f"## {SECTIONS[12]}", "",
+        f"## {SECTIONS[12]}", "", *speed_goal_lines(results), "",
+        f"## {SECTIONS[13]}", "",
     ]
-    lines += [f"- {n['mode']}, batch {n['batch']}, {n['precision']}, {n['memory_format']}: {n['reason']}"
+    lines += [f"- {n['mode']}, batch {n['batch']}, {_variant(n)}: {n['reason']}"
               for n in results["not_measured"]] or ["Everything planned was measured."]
-    diverged = [f"{r['mode']} (batch {r['batch']}, {r['precision']}, {r['memory_format']})" for r in results["runs"]
+    diverged = [f"{r['mode']} (batch {r['batch']}, {_variant(r)})" for r in results["runs"]
                 if not all(loss is not None and np.isfinite(loss) for loss in r["final_loss"])]
     if diverged:  # the arithmetic timed is the same, but non-finite values can run slower on some CPUs
         lines += ["", f"Note: the loss became non-finite in {', '.join(diverged)} (random labels at raw-pixel scale)."]

@@ -64,6 +64,7 @@ RANKS = {"towers": TOWERS, "ddp": 2, "hybrid": 2 * TOWERS}  # the rest: one
 MULTI_RANK_MODES = tuple(RANKS)
 HYBRID_REPLICAS = RANKS["hybrid"] // TOWERS
 SWEEP_MODES = ("single", "towers", "ddp", "torchvision")
+COMPILE_MODES = ("single", "towers", "torchvision")
 PROGRAM_MODES = tuple(PROGRAM_LAYOUTS)
 PRECISIONS = ("fp32", "bf16")
 MEMORY_FORMATS = ("contiguous", "channels_last")
@@ -92,6 +93,12 @@ class BenchConfig:
                                                    "(NCHW) or channels_last (NHWC)", choices=MEMORY_FORMATS, many=True)
     precision_modes: Optional[tuple] = option(None, "modes of the precision/memory-format sweep "
                                                     "[all; --quick on CPU: towers]", choices=MODES, many=True)
+    compile_modes: tuple = option((), "modes also timed under torch.compile (towers.compile_blocks: a tower block by "
+                                      "block, its exchanges between the graphs; the others whole) at the main batch, "
+                                      "in every precision and memory format of the precision sweep; the first "
+                                      "warm-up step compiles", choices=COMPILE_MODES, many=True)
+    compile_backend: str = option("inductor", "torch.compile's backend for --compile-modes ('aot_eager': the tracing "
+                                              "without code generation)")
     bf16_slowdown_limit: float = option(4.0, "if the first bf16 run is this many times slower than fp32 "
                                              "(bf16 emulated on this device), the other bf16 runs are marked "
                                              "'not measured on this device'", type=float)
@@ -177,6 +184,8 @@ def resolve(config: BenchConfig, devices: DevicePlan) -> BenchConfig:
     config = replace(config, **{k: v for k, v in defaults.items() if getattr(config, k) is None})
     if config.steps < 1 or config.warmup < 0:
         raise ValueError(f"--steps must be at least 1 and --warmup at least 0, got {config.steps} and {config.warmup}")
+    if config.compile_modes and config.warmup < 1:
+        raise ValueError("--compile-modes needs --warmup 1 or more: the first step compiles, and is not to be timed")
     split = ("ddp", "hybrid")
     ddp_batches = ((config.batch,) if set(split) & set(config.modes + config.precision_modes) else ()) + \
         (config.batches if set(split) & set(config.sweep_modes) else ())
@@ -195,6 +204,7 @@ class RunKey(NamedTuple):
     batch: int
     precision: str
     memory_format: str
+    compiled: bool = False
 
 
 def plan_runs(config: BenchConfig) -> list:
@@ -207,13 +217,15 @@ def plan_runs(config: BenchConfig) -> list:
     precisions = sorted(config.precisions, key=PRECISIONS.index)
     sweep_pf = [RunKey(m, config.batch, p, f) for p in precisions for f in config.memory_formats
                 for m in config.precision_modes]
-    return list(dict.fromkeys(main + sweep + half + sweep_pf))
+    compiled = [RunKey(m, config.batch, p, f, True) for p in precisions for f in config.memory_formats
+                for m in config.compile_modes]
+    return list(dict.fromkeys(main + sweep + half + sweep_pf + compiled))
 
 
 def run_spec(key: RunKey, config: BenchConfig, devices: DevicePlan, weights: dict) -> dict:
     two_rank = key.mode in MULTI_RANK_MODES
     return {**key._asdict(), "warmup": config.warmup, "steps": config.steps, "seed": config.seed,
-            "fc8_placement": config.fc8_placement, "device": devices.two_rank if two_rank else devices.single,
+            "fc8_placement": config.fc8_placement, "compile_backend": config.compile_backend, "device": devices.two_rank if two_rank else devices.single,
             "backend": devices.backend if two_rank else "none (one process)",
             "collective_timeout_s": config.rank_timeout_s, **weights}
 
@@ -273,7 +285,8 @@ def summarize(spec: dict, ranks: list, analytic: dict, devices: DevicePlan) -> d
     step_s = [max(per_rank) for per_rank in zip(*(r["step_s"] for r in ranks))]
     step_ms = _percentiles(step_s)
     run = {
-        **{k: spec[k] for k in ("mode", "batch", "precision", "memory_format", "device", "backend", "warmup", "steps")},
+        **{k: spec[k] for k in ("mode", "batch", "precision", "memory_format", "compiled", "device", "backend",
+                                 "warmup", "steps")},
         "ranks": len(ranks), "devices": [r["device"] for r in ranks], "threads": [r["threads"] for r in ranks],
         "step_ms": step_ms, "step_ms_raw": [s * 1e3 for s in step_s],
         "images_per_s": batch / (step_ms["median"] / 1e3),
@@ -527,8 +540,9 @@ def measure(keys: list, config: BenchConfig, devices: DevicePlan, analytic: dict
                 not_measured.append({**key._asdict(), "reason": f"failed: {str(failure).splitlines()[0]}"})
                 continue
             run = runs[key] = summarize(spec, ranks, analytic, devices)
-            logger.info("[%d/%d] %-11s batch %4d %s %-13s %8.1f images/s  %8.1f ms/step [p10 %.1f, p90 %.1f]  (%.0f s)",
-                        index, len(keys), key.mode, key.batch, key.precision, key.memory_format, run["images_per_s"],
+            logger.info("[%d/%d] %-11s batch %4d %s %-13s%s %8.1f images/s  %8.1f ms/step [p10 %.1f, p90 %.1f]  "
+                        "(%.0f s)", index, len(keys), key.mode, key.batch, key.precision, key.memory_format,
+                        " compiled" * key.compiled, run["images_per_s"],
                         run["step_ms"]["median"], run["step_ms"]["p10"], run["step_ms"]["p90"],
                         time.perf_counter() - started)
             fp32 = runs.get(key._replace(precision="fp32")) or runs.get(key._replace(precision="fp32", memory_format="contiguous"))

@@ -37,7 +37,7 @@ def add_options(parser: argparse.ArgumentParser, config_class) -> None:
         if "action" not in kwargs:  # argparse documents the default of a flag itself
             if f.default is not None:
                 shown = ("," if many else " ").join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
-                kwargs["help"] += f" (default: {shown})"
+                kwargs["help"] += f" (default: {shown if shown != '' else 'none'})"
             if many:
                 kwargs["type"] = comma_list(kwargs.pop("type", str), kwargs.pop("choices", None))
                 kwargs.setdefault("metavar", "A,B,...")

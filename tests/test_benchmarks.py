@@ -96,23 +96,26 @@ def test_help_explains_every_option():
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, tiny_data):
     """One real harness run in the quick mode, made smaller still: batch 2 (1 warm-up + 2 timed
-    steps), a sweep to batch 4 for the towers, one bf16 channels_last towers run, and the
-    loader with 0 and 2 workers, and the training program as towers, on the tiny dataset's
-    JPEGs (the built-in set's generator, made smaller)."""
+    steps), a sweep to batch 4 for the towers, one bf16 channels_last towers run, eager and
+    compiled (torch.compile's tracing without code generation: inductor's would take a minute
+    on a 2-core CPU), the loader with 0 and 2 workers, and the training program as towers, on
+    the tiny dataset's JPEGs (the built-in set's generator, made smaller)."""
     out = tmp_path_factory.mktemp("bench") / "report"
     command = [sys.executable, "-m", "benchmarks.run", "--quick", "--device", "cpu", "--batch", "2", "--warmup", "1",
                "--steps", "2", "--batches", "4", "--sweep-modes", "towers", "--precision-modes", "towers",
-               "--precisions", "bf16", "--memory-formats", "channels_last", "--loader-workers", "0,2",
+               "--precisions", "bf16", "--memory-formats", "channels_last", "--compile-modes", "towers",
+               "--compile-backend", "aot_eager", "--loader-workers", "0,2",
                "--loader-batches", "2", "--loader-data", str(tiny_data), "--program-modes", "towers", "--out", str(out)]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
     assert result.returncode == 0, result.stderr[-4000:]
     return out, json.loads((out / "results.json").read_text())
 
 
-def _run(results, mode, batch=2, precision="fp32", memory_format="contiguous"):
+def _run(results, mode, batch=2, precision="fp32", memory_format="contiguous", compiled=False):
+    key = (mode, batch, precision, memory_format, compiled)
     matches = [r for r in results["runs"]
-               if (r["mode"], r["batch"], r["precision"], r["memory_format"]) == (mode, batch, precision, memory_format)]
-    assert len(matches) == 1, (mode, batch, precision, memory_format)
+               if (r["mode"], r["batch"], r["precision"], r["memory_format"], r["compiled"]) == key]
+    assert len(matches) == 1, key
     return matches[0]
 
 
@@ -124,7 +127,7 @@ def test_report_has_every_part(tiny_run):
                     "Towers: traffic per exchange", "Batch-size sweep", "Precision and memory format",
                     "Projection to a two-GPU machine", "Data loader", "Hybrid: replicas of the towers",
                     "Projection to eight GPUs: replicas of the towers or data parallel",
-                    "The training program against the synthetic step", "Not measured"):
+                    "The training program against the synthetic step", "Speed goals", "Not measured"):
         assert f"## {section}\n" in report, section
     main = report.split("## Main table\n", 1)[1].split("\n## ", 1)[0]
     assert "| mode | device" in main and "images/s" in main and "% of peak" in main
@@ -168,6 +171,35 @@ def test_the_training_program_is_timed_from_its_own_steps(tiny_run):
                      ("towers", 2, "fp32", "contiguous"))
     assert f"| {synthetic['images_per_s']:.1f} | {100 * towers['images_per_s'] / synthetic['images_per_s']:.0f} % |" in row
     assert "python -m launch.two_gpu --layout towers --batch-size 2 --max-steps 3" in section
+
+
+@pytest.mark.slow
+def test_the_speed_goals_are_checked_against_the_runs(tiny_run):
+    out, results = tiny_run
+    section = (out / "report.md").read_text().split("## Speed goals\n", 1)[1].split("\n## ", 1)[0]
+    single, torchvision = _run(results, "single"), _run(results, "torchvision")
+    ratio = single["images_per_s"] / torchvision["images_per_s"]
+    row = next(line for line in section.splitlines() if line.startswith("| 2 | fp32, contiguous |"))
+    assert row.endswith(f"| {ratio:.2f} | {'met' if ratio >= 1 else '**not met**'} |"), row
+    [program] = results["program"]
+    share = program["images_per_s"] / _run(results, "towers")["images_per_s"]
+    assert f"- towers: {100 * share:.0f} % (" in section
+    assert "no bf16 run on a GPU" in section  # a CPU has no peak to reach
+
+
+@pytest.mark.slow
+def test_the_towers_compiled_block_by_block_are_timed_with_the_same_traffic(tiny_run):
+    out, results = tiny_run
+    eager, compiled = (_run(results, "towers", 2, "bf16", "channels_last", c) for c in (False, True))
+    assert compiled["bytes_per_rank"] == eager["bytes_per_rank"] == compiled["bytes_per_rank_analytic"]
+    assert compiled["calls_per_step"] == eager["calls_per_step"]  # every exchange, once a step, outside the graphs
+    section = (out / "report.md").read_text().split("## Precision and memory format\n", 1)[1].split("\n## ", 1)[0]
+    assert "| towers | bf16 | channels_last | yes |" in section and "| towers | bf16 | channels_last | no |" in section
+
+
+def test_compiled_runs_need_a_warm_up_step(tmp_path):
+    with pytest.raises(ValueError, match="--compile-modes needs --warmup 1 or more"):
+        run.main(["--device", "cpu", "--compile-modes", "single", "--warmup", "0", "--out", str(tmp_path)])
 
 
 def test_the_steady_rate_leaves_out_the_warm_up():
