@@ -109,6 +109,15 @@ class TrainConfig:
                                          "towers: each replica trains on its D-th of every --batch-size batch and each "
                                          "tower's gradients are averaged over the replicas (default 1; under torchrun, "
                                          "WORLD_SIZE / 2)")
+    precision: str = option("fp32", "arithmetic of the forward pass: 'fp32', or 'bf16' autocast (convolutions and "
+                                    "matrix products in bfloat16; the weights, gradients, optimizer and loss in "
+                                    "float32; conv3's input crosses between the towers in bfloat16)",
+                            choices=("fp32", "bf16"))
+    compile: Optional[str] = option(None, "torch.compile the net with this backend ('inductor' generates fused "
+                                          "kernels; 'aot_eager' only traces): a tower block by block, its exchanges "
+                                          "running between the graphs as written; the single-device nets whole. The "
+                                          "first step and the first evaluation compile (a minute or more)",
+                                    metavar="BACKEND")
     seed: int = option(0, "seed of the initial weights, the data order and the augmentation")
     backend: str = option("auto", "'auto': NCCL with rank r on GPU r when every rank has a GPU of its own, else "
                                   "gloo (the ranks sharing the GPUs, or on the CPU)", choices=("auto", "nccl", "gloo"))

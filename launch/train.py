@@ -27,7 +27,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from towers import AlexNet, Architecture, ExchangeLog, Tower, allocate, build_reference, shard_state_dict
+from towers import AlexNet, Architecture, ExchangeLog, Tower, allocate, build_reference, compile_blocks, shard_state_dict
 
 from . import data as data_module
 from .images import BASE_SIZE, CROP_SIZE
@@ -127,6 +127,9 @@ def architecture(config: TrainConfig) -> Architecture:
                         pooling=config.pooling, activation=config.activation)
 
 
+AUTOCAST = {"fp32": None, "bf16": torch.bfloat16}  # --precision -> train_step's autocast_dtype
+
+
 def build_model(config: TrainConfig, num_classes: int, group, device, draw: bool = True) -> torch.nn.Module:
     """The reference built from the seed (``--layout single`` and ``one-tower``), or this
     rank's tower cut out of it: a two-tower run starts from exactly the weights of a
@@ -150,7 +153,7 @@ def build_model(config: TrainConfig, num_classes: int, group, device, draw: bool
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, bundle, plan: Plan, batch_size: int, device, mesh: Mesh, ten_crop: bool = False,
-             workers: int = 0) -> dict:
+             workers: int = 0, autocast_dtype: Optional[torch.dtype] = None) -> dict:
     """Top-1 and top-5 error on the validation images: the centre patch, or the ten-patch
     test (four corners and centre and their reflections, softmax averaged). Each replica
     evaluates every D-th image; the counts are summed over the replicas."""
@@ -172,7 +175,9 @@ def evaluate(model: torch.nn.Module, bundle, plan: Plan, batch_size: int, device
         if not len(labels):
             continue
         inputs = data_module.eval_views(images, plan.stats, ten_crop).reshape(-1, *IMAGE_SHAPE)
-        probs = F.softmax(model(inputs).float(), dim=1)
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            logits = model(inputs)
+        probs = F.softmax(logits.float(), dim=1)
         probs = probs.view(len(labels), views, -1).mean(dim=1)
         best = probs.topk(min(5, probs.shape[1]), dim=1).indices
         top1 += (best[:, 0] == labels).sum().item()
@@ -222,7 +227,7 @@ def train_one_epoch(model, optimizer, bundle, plan: Plan, config: TrainConfig, p
         lr = learning_rate(config, progress)
         for param_group in optimizer.param_groups:
             param_group["lr"] = lr
-        result = train_step(trainer, optimizer, images, labels)
+        result = train_step(trainer, optimizer, images, labels, autocast_dtype=AUTOCAST[config.precision])
         # The whole batch's loss and hits: summed over the replicas' shares (a no-op for one).
         totals = mesh.replica_sum(torch.stack([result.loss.double() * len(labels), result.correct.double(),
                                                torch.tensor(len(labels), dtype=torch.float64, device=device)]))
@@ -347,14 +352,17 @@ def run_rank(rank: int, config: TrainConfig, run_dir: Optional[str], placement: 
     model = build_model(config, len(plan.classes), group, device,
                         draw=mesh.replica == 0 and not (config.resume or config.eval_only))
     exchange_log = model.exchange_log if isinstance(model, Tower) else ExchangeLog()  # the reference: nothing crosses
+    if config.compile:  # the weights and their names stay the model's: checkpoints are unchanged
+        compile_blocks(model, backend=config.compile)
     optimizer = paper_optimizer(model.parameters(), lr=config.lr, momentum=config.momentum,
                                 weight_decay=config.weight_decay)
     metrics = Metrics(run_dir / "metrics.jsonl" if run_dir else None)
     bar = ProgressBar(enabled=rank == 0)
     evaluate_now = lambda ten_crop=False: evaluate(model, bundle, plan, config.batch_size, device, mesh,
-                                                   ten_crop, workers)
+                                                   ten_crop, workers, AUTOCAST[config.precision])
     summary = {"run_dir": str(run_dir) if run_dir else None, "backend": placement.backend, "device": str(device),
                "layout": config.layout, "replicas": mesh.replicas, "fc8_placement": config.fc8_placement,
+               "precision": config.precision, "compile": config.compile,
                "classes": len(plan.classes), "data": str(bundle.root) if bundle else None}
 
     if config.eval_only:

@@ -38,7 +38,7 @@ log = logging.getLogger("launch.two_gpu")
 
 # Options that steer one invocation: a resumed run takes them from its own command line.
 RUN_CONTROL = {"resume", "eval_only", "max_steps", "workers", "log_every", "checkpoint_every", "ten_crop",
-               "timeout", "backend", "master_addr", "out", "run_name", "layout", "replicas"}
+               "timeout", "backend", "master_addr", "out", "run_name", "layout", "replicas", "precision", "compile"}
 # The rest is the run's recipe, kept from the checkpoint. Of it, a resumed run may change --epochs (to
 # train longer), and --lr and --warmup-steps (to go on after a loss that diverged; the schedule keeps
 # its reductions, see launch.schedule.base_rate). --val-limit stays: the plateau schedule compares the
@@ -78,9 +78,10 @@ def resumed_config(config: TrainConfig, payload: dict) -> TrainConfig:
     # recipe that was then the dataset's default
     saved = {"recipe": "paper" if saved.get("data") is not None else "small", **saved}
     defaults = vars(build_parser().parse_args([]))
-    if set(defaults) - set(saved):
+    missing = set(defaults) - set(saved) - RUN_CONTROL  # this run's own options fill those
+    if missing:
         raise CheckpointError(f"{config.resume} lacks parts of its run's recipe "
-                              f"({', '.join(sorted(set(defaults) - set(saved)))}), so it cannot be resumed: "
+                              f"({', '.join(sorted(missing))}), so it cannot be resumed: "
                               f"evaluate it with --eval-only, or train afresh")
     merged = dataclasses.asdict(TrainConfig(**saved))  # as a fresh parse gives it (tuples, not lists)
     for name, value in dataclasses.asdict(config).items():
@@ -233,8 +234,8 @@ def report(summary: dict) -> None:
         line += f"; ten-patch test: top-1 {100 * ten['top1_error']:.2f}%, top-5 {100 * ten['top5_error']:.2f}%"
     log.info("done: %s", line)
     if summary.get("train_seconds"):
-        log.info("trained %d steps, to step %d, in %.0f s (%.1f images/s); wall time %.0f s; results in %s",
-                 summary["steps_this_run"], summary["steps"], summary["train_seconds"], summary["images_per_s"],
+        log.info("trained %d step%s, to step %d, in %.0f s (%.1f images/s); wall time %.0f s; results in %s",
+                 summary["steps_this_run"], "s" * (summary["steps_this_run"] != 1), summary["steps"], summary["train_seconds"], summary["images_per_s"],
                  summary["wall_seconds"], summary["run_dir"])
 
 
@@ -257,12 +258,32 @@ def _configure(argv) -> tuple:
     saved_replicas = checkpoint["config"].get("replicas") if config.resume else None
     config = dataclasses.replace(resolve(config), replicas=_replicas(config, towers, saved_replicas))
     config.validate()
+    check_compile_backend(config)
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     placement = choose_placement(config.backend, gpus, ranks=towers * config.replicas, towers=towers,
                                  ranks_here=int(os.environ.get("LOCAL_WORLD_SIZE", 0)) or None)
     log.info("placement: %s", placement.describe())
     log.info("architecture: %s", architecture(config).describe())
+    log.info("arithmetic: %s", describe_arithmetic(config))
     return config, checkpoint, placement
+
+
+def check_compile_backend(config: TrainConfig) -> None:
+    if config.compile is None:
+        return
+    import torch._dynamo  # the compiler: imported only when asked for (a second or more)
+    backends = torch._dynamo.list_backends(exclude_tags=())
+    if config.compile not in backends:
+        raise ValueError(f"--compile {config.compile}: torch.compile has no such backend here; give one of "
+                         f"{', '.join(b for b in ('inductor', 'aot_eager', 'eager') if b in backends)}")
+
+
+def describe_arithmetic(config: TrainConfig) -> str:
+    precision = "bf16 autocast, float32 weights" if config.precision == "bf16" else "float32"
+    if config.compile is None:
+        return f"{precision}, eager"
+    what = "a tower's four blocks between its exchanges" if config.layout == "towers" else "the whole net"
+    return f"{precision}, torch.compile with {config.compile} ({what})"
 
 
 def _replicas(config: TrainConfig, towers: int, resumed: Optional[int] = None) -> int:

@@ -91,3 +91,18 @@ def test_the_program_trains_on_the_gpu_and_its_checkpoint_evaluates_on_the_cpu(t
     assert f"top-1 error {100 * centre['top1_error']:.2f}%" in on_cpu.stderr  # the same predictions on the CPU
     model = load_reference(tmp_path / "gpu").eval()  # and in the single-device reference
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_the_single_layout_trains_on_the_gpu_in_bf16_compiled_and_goes_on_as_towers_on_the_cpu(tiny_data, tmp_path):
+    """--layout single on the GPU in the program's fastest arithmetic (bf16 autocast, compiled
+    by inductor); its checkpoint resumes as the two towers on the CPU, eager, in float32."""
+    run = launch("--data", tiny_data, "--out", tmp_path, "--run-name", "single", "--layout", "single", "--max-steps", "3",
+                 "--val-limit", "6", "--no-ten-crop", "--precision", "bf16", "--compile", "inductor", *TINY)
+    assert "the whole net on cuda:0, one process" in run.stderr
+    summary = json.loads((tmp_path / "single" / "summary.json").read_text())
+    assert summary["device"].startswith("cuda") and summary["steps"] == 3
+    assert (summary["precision"], summary["compile"], summary["layout"]) == ("bf16", "inductor", "single")
+    resumed = launch("--resume", tmp_path / "single", "--backend", "gloo", "--max-steps", "4", "--no-ten-crop",
+                     "--workers", "0")
+    assert "tower 0 on cpu" in resumed.stderr and "arithmetic: float32, eager" in resumed.stderr
+    assert json.loads((tmp_path / "single" / "summary.json").read_text())["steps"] == 4
