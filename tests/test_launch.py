@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from benchmarks.flops import reference_layers
 from benchmarks.traffic import tower_sent_elements
 from launch import data as data_module
+from launch import two_gpu
 from launch.checkpoint import load_checkpoint, load_reference, restore_training_state, save_reference, save_training_state
 from launch.mesh import build_mesh
 from launch.ranks import run_ranks
@@ -199,22 +200,25 @@ def test_the_single_layout_trains_the_same_function_and_shares_checkpoints(tiny_
 
 def test_bf16_and_compiled_towers_train_and_go_on_in_float32(tiny_data, tmp_path):
     """--precision and --compile choose how a run computes, not what it trains: the checkpoint
-    holds float32 weights, and a resumed run may compute otherwise. The compiler here is
-    aot_eager (torch.compile's tracing without code generation: inductor would take a minute
-    on a 2-core CPU; tests/test_gpu.py trains with inductor on the GPU)."""
+    holds float32 weights, and a resumed run computes as its own command line says. The
+    compiler here is aot_eager (torch.compile's tracing without code generation: inductor
+    would take a minute on a 2-core CPU; tests/test_gpu.py trains with inductor on the GPU)."""
     run = launch("--data", tiny_data, "--out", tmp_path, "--run-name", "bf16", *TINY, "--max-steps", "3",
                  "--val-limit", "6", "--no-ten-crop", "--precision", "bf16", "--compile", "aot_eager")
     assert ("arithmetic: bf16 autocast, float32 weights, torch.compile with aot_eager (a tower's four blocks "
             "between its exchanges)") in run.stderr
     summary = json.loads((tmp_path / "bf16" / "summary.json").read_text())
-    assert summary["precision"] == "bf16" and summary["compile"] == "aot_eager"
+    assert summary["precision"] == "bf16" and summary["compile"] == "aot_eager" and summary["steps"] == 3
     # conv3's input crosses in bf16: half the bytes of float32 (4 images of 128 x 13 x 13)
     assert summary["exchanges_per_step"]["conv3_input/forward"] == [2 * 4 * 128 * 13 * 13] * 2
-    assert all(v.dtype == torch.float32 for v in load_checkpoint(tmp_path / "bf16")["model"].values())
-    resumed = launch("--resume", tmp_path / "bf16", "--max-steps", "5", "--precision", "fp32", "--no-ten-crop")
-    assert "arithmetic: float32, eager" in resumed.stderr and "trained 2 steps, to step 5" in resumed.stderr
     records = [json.loads(line) for line in (tmp_path / "bf16" / "metrics.jsonl").read_text().splitlines()]
     assert all(math.isfinite(r["step_loss"]) for r in records if r["event"] == "train")
+    assert all(v.dtype == torch.float32 for v in load_checkpoint(tmp_path / "bf16")["model"].values())
+    for argv, arithmetic in ((["--precision", "bf16"], ("bf16", None)), ([], ("fp32", None)),
+                             (["--compile", "eager"], ("fp32", "eager"))):
+        config, _, _ = two_gpu._configure([*map(str, ("--resume", tmp_path / "bf16", "--max-steps", "4")), *argv])
+        assert (config.precision, config.compile) == arithmetic, argv
+        assert config.lr == 0.001 and config.batch_size == 4  # the recipe stays the run's
 
 
 def _delivery_worker(rank, data_root):
