@@ -185,6 +185,8 @@ def check_reusable(run_dir: Path, options: list) -> None:
         raise AblationError(f"{run_dir} holds no run (no config.json): remove it, or give another --runs folder")
     saved = json.loads((run_dir / "config.json").read_text())
     wanted = json.loads(json.dumps(asdict(resolve(parse_config(options)))))  # tuples as JSON gives them back
+    # a run saved before an option existed ran as its default does
+    saved = {**json.loads(json.dumps(asdict(parse_config([])))), **saved}
     differ = sorted(name for name in wanted if name not in NOT_COMPARED_ON_REUSE and saved.get(name) != wanted[name]
                     and not (name in FILLED_BY_THE_RUN and wanted[name] is None))
     if differ:

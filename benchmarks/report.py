@@ -44,6 +44,11 @@ def _find(results, mode, batch, precision="fp32", memory_format="contiguous", co
                  (mode, batch, precision, memory_format, compiled)), None)
 
 
+def _plain(run) -> bool:
+    """A run of the main table and the batch sweep: fp32, contiguous, eager."""
+    return run["precision"] == "fp32" and run["memory_format"] == "contiguous" and not run.get("compiled")
+
+
 def _variant(run) -> str:
     """A run's precision, memory format and compilation in words."""
     return f"{run['precision']}, {run['memory_format']}" + (", compiled" if run.get("compiled") else "")
@@ -182,7 +187,7 @@ def crossover_lines(results) -> list:
 
 
 def sweep_tables(results) -> list:
-    batches = sorted({r["batch"] for r in results["runs"] if r["precision"] == "fp32" and r["memory_format"] == "contiguous"})
+    batches = sorted({r["batch"] for r in results["runs"] if _plain(r)})
     modes = [m for m in MODE_ORDER if any(_find(results, m, b) for b in batches)]
     lines = ["images/s (ms/step median), fp32, contiguous:", "",
              "| global batch | " + " | ".join(modes) + " |", "|---|" + "---|" * len(modes)]
@@ -348,8 +353,7 @@ def chart_images_per_s(results, path: Path) -> None:
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for mode in MODE_ORDER:
-        runs = sorted((r for r in results["runs"] if r["mode"] == mode and r["precision"] == "fp32"
-                       and r["memory_format"] == "contiguous"), key=lambda r: r["batch"])
+        runs = sorted((r for r in results["runs"] if r["mode"] == mode and _plain(r)), key=lambda r: r["batch"])
         if runs:
             ax.plot([r["batch"] for r in runs], [r["images_per_s"] for r in runs], marker="o", label=mode)
     _batch_axis(ax)
@@ -376,8 +380,7 @@ def chart_bytes(results, path: Path) -> None:
     ax.plot(n, towers_per_image * n / 1e6, color="C1", label="towers, analytic (activations)")
     ax.plot(n, np.full_like(n, ddp_total / 1e6), color="C2", label="ddp, analytic (gradients, ring)")
     for mode, color in (("towers", "C1"), ("ddp", "C2")):
-        runs = [r for r in results["runs"] if r["mode"] == mode and r["precision"] == "fp32"
-                and r["memory_format"] == "contiguous"]
+        runs = [r for r in results["runs"] if r["mode"] == mode and _plain(r)]
         if runs:
             ax.scatter([r["batch"] for r in runs], [r["bytes_total"] / 1e6 for r in runs], color=color,
                        edgecolor="black", zorder=3, label=f"{mode}, measured")
@@ -405,7 +408,7 @@ def loader_lines(results) -> list:
     lines += [f"| {w['workers']} | {w['images_per_s']:.1f} | {1000 * w['seconds'] / w['batches']:.1f} |"
               for w in loader["by_workers"]]
     towers = [r for r in results["runs"] if r["mode"] == "towers" and r["batch"] == results["config"]["batch"]
-              and r["precision"] == "fp32" and r["memory_format"] == "contiguous"]
+              and _plain(r)]
     lines += ["", f"- the rest of the augmentation (mean, reflection, colour shift) on {loader['device']}: "
               f"{loader['augment_ms_per_batch']:.1f} ms per batch of {batch}"]
     if towers:

@@ -186,6 +186,11 @@ def resolve(config: BenchConfig, devices: DevicePlan) -> BenchConfig:
         raise ValueError(f"--steps must be at least 1 and --warmup at least 0, got {config.steps} and {config.warmup}")
     if config.compile_modes and config.warmup < 1:
         raise ValueError("--compile-modes needs --warmup 1 or more: the first step compiles, and is not to be timed")
+    if config.compile_modes:
+        import torch._dynamo  # the compiler: imported only when asked for (a second or more)
+        if config.compile_backend not in torch._dynamo.list_backends(exclude_tags=()):
+            raise ValueError(f"--compile-backend {config.compile_backend}: torch.compile has no such backend here; "
+                             f"give inductor or aot_eager")
     split = ("ddp", "hybrid")
     ddp_batches = ((config.batch,) if set(split) & set(config.modes + config.precision_modes) else ()) + \
         (config.batches if set(split) & set(config.sweep_modes) else ())
@@ -358,8 +363,9 @@ def summarize(spec: dict, ranks: list, analytic: dict, devices: DevicePlan) -> d
     if spec["device"] == "cuda" and known:
         math_mode = "bf16" if spec["precision"] == "bf16" else flops.fp32_math()
         tflops = known[1][math_mode]
-        run["peak"] = {"gpu": known[0], "math": math_mode, "tflop_per_s_per_device": tflops, "devices": len(ranks),
-                       "share": flop_per_s / (tflops * 1e12 * len(ranks))}
+        gpus = len({r["device"] for r in ranks})  # over gloo on one GPU, two ranks share it
+        run["peak"] = {"gpu": known[0], "math": math_mode, "tflop_per_s_per_device": tflops, "devices": gpus,
+                       "share": flop_per_s / (tflops * 1e12 * gpus)}
     return run
 
 

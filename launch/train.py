@@ -319,6 +319,14 @@ def default_workers() -> int:
     return min(4, (os.cpu_count() or 1) // 4)
 
 
+def compile_counts(config: TrainConfig) -> dict:
+    """What torch.compile made in this process: graphs (recompilations included) and breaks."""
+    if not config.compile:
+        return {}
+    from torch._dynamo.utils import counters
+    return {"compiled_graphs": counters["stats"]["unique_graphs"], "graph_breaks": sum(counters["graph_break"].values())}
+
+
 def run_rank(rank: int, config: TrainConfig, run_dir: Optional[str], placement: Placement,
              bundle: Optional[data_module.DataBundle] = None) -> Optional[dict]:
     """The program of one rank (spawned by ``launch.two_gpu`` or started by torchrun).
@@ -371,6 +379,7 @@ def run_rank(rank: int, config: TrainConfig, run_dir: Optional[str], placement: 
         summary["centre"] = evaluate_now()
         if config.ten_crop:
             summary["ten_patch"] = evaluate_now(ten_crop=True)
+        summary.update(compile_counts(config))
         metrics.write(event="eval_only", **summary)
         return summary if rank == 0 else None
 
@@ -430,7 +439,7 @@ def run_rank(rank: int, config: TrainConfig, run_dir: Optional[str], placement: 
                    exchange_bytes_per_step=sum(train_exchanges.values()) / max(1, steps),
                    # per exchange and direction: the bytes each tower sent per training step, tower 0's first
                    exchanges_per_step={key: [tower.get(key, 0.0) for tower in by_tower]
-                                       for key in sorted(set().union(*by_tower))})
+                                       for key in sorted(set().union(*by_tower))}, **compile_counts(config))
     if rank == 0:
         metrics.write(event="summary", **summary)
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -235,8 +235,11 @@ def report(summary: dict) -> None:
     log.info("done: %s", line)
     if summary.get("train_seconds"):
         log.info("trained %d step%s, to step %d, in %.0f s (%.1f images/s); wall time %.0f s; results in %s",
-                 summary["steps_this_run"], "s" * (summary["steps_this_run"] != 1), summary["steps"], summary["train_seconds"], summary["images_per_s"],
-                 summary["wall_seconds"], summary["run_dir"])
+                 summary["steps_this_run"], "s" * (summary["steps_this_run"] != 1), summary["steps"],
+                 summary["train_seconds"], summary["images_per_s"], summary["wall_seconds"], summary["run_dir"])
+    if summary.get("compile"):
+        log.info("torch.compile (%s) made %d graphs on rank 0, recompilations included, with %d graph breaks",
+                 summary["compile"], summary["compiled_graphs"], summary["graph_breaks"])
 
 
 def _torchrun_env() -> bool:
@@ -262,6 +265,9 @@ def _configure(argv) -> tuple:
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     placement = choose_placement(config.backend, gpus, ranks=towers * config.replicas, towers=towers,
                                  ranks_here=int(os.environ.get("LOCAL_WORLD_SIZE", 0)) or None)
+    if config.precision == "bf16" and placement.device == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError(f"--precision bf16: {torch.cuda.get_device_name(0)} has no bfloat16 arithmetic; use "
+                         f"--precision fp32")
     log.info("placement: %s", placement.describe())
     log.info("architecture: %s", architecture(config).describe())
     log.info("arithmetic: %s", describe_arithmetic(config))

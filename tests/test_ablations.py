@@ -162,6 +162,19 @@ def test_reuse_reads_finished_runs_and_refuses_runs_of_other_options(ablation, t
     assert _table_rows((out / "report.md").read_text()) == _table_rows((folder / "report" / "report.md").read_text())
     with pytest.raises(ablations.AblationError, match="seed = 3, not 4"):
         ablations.main([*args, "--reuse", "--seed", "4", "--out", str(tmp_path / "other")])
+    # A run saved before an option existed ran as that option's default: still reusable.
+    older = tmp_path / "older"
+    older.mkdir()
+    saved = json.loads((folder / "runs" / "full" / "config.json").read_text())
+    options = ablations.run_options(ablations.AblationConfig(**vars(ablations.build_parser().parse_args(args))),
+                                    "full", folder / "runs")
+    for config in ({k: v for k, v in saved.items() if k not in ("precision", "compile")}, {**saved, "precision": "bf16"}):
+        (older / "config.json").write_text(json.dumps(config))
+        if config.get("precision") == "bf16":
+            with pytest.raises(ablations.AblationError, match="precision = bf16, not fp32"):
+                ablations.check_reusable(older, options)
+        else:
+            ablations.check_reusable(older, options)
 
 
 @pytest.mark.slow

@@ -102,6 +102,7 @@ def test_the_single_layout_trains_on_the_gpu_in_bf16_compiled_and_goes_on_as_tow
     summary = json.loads((tmp_path / "single" / "summary.json").read_text())
     assert summary["device"].startswith("cuda") and summary["steps"] == 3
     assert (summary["precision"], summary["compile"], summary["layout"]) == ("bf16", "inductor", "single")
+    assert summary["compiled_graphs"] >= 1 and summary["graph_breaks"] == 0, summary  # the whole net, unbroken
     resumed = launch("--resume", tmp_path / "single", "--backend", "gloo", "--max-steps", "4", "--no-ten-crop",
                      "--workers", "0")
     assert "tower 0 on cpu" in resumed.stderr and "arithmetic: float32, eager" in resumed.stderr

@@ -204,11 +204,14 @@ def test_bf16_and_compiled_towers_train_and_go_on_in_float32(tiny_data, tmp_path
     compiler here is aot_eager (torch.compile's tracing without code generation: inductor
     would take a minute on a 2-core CPU; tests/test_gpu.py trains with inductor on the GPU)."""
     run = launch("--data", tiny_data, "--out", tmp_path, "--run-name", "bf16", *TINY, "--max-steps", "3",
-                 "--val-limit", "6", "--no-ten-crop", "--precision", "bf16", "--compile", "aot_eager")
+                 "--val-limit", "4", "--no-ten-crop", "--precision", "bf16", "--compile", "aot_eager")
     assert ("arithmetic: bf16 autocast, float32 weights, torch.compile with aot_eager (a tower's four blocks "
             "between its exchanges)") in run.stderr
     summary = json.loads((tmp_path / "bf16" / "summary.json").read_text())
     assert summary["precision"] == "bf16" and summary["compile"] == "aot_eager" and summary["steps"] == 3
+    # compiled: a graph per block at least (evaluation, in eval mode without gradients, makes more), none broken
+    assert summary["compiled_graphs"] >= 4 and summary["graph_breaks"] == 0, summary
+    assert f"torch.compile (aot_eager) made {summary['compiled_graphs']} graphs on rank 0" in run.stderr
     # conv3's input crosses in bf16: half the bytes of float32 (4 images of 128 x 13 x 13)
     assert summary["exchanges_per_step"]["conv3_input/forward"] == [2 * 4 * 128 * 13 * 13] * 2
     records = [json.loads(line) for line in (tmp_path / "bf16" / "metrics.jsonl").read_text().splitlines()]
