@@ -6,16 +6,17 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.workers import LR
+from launch.step import AUTOCAST
 
 MODE_ORDER = ("single", "towers", "ddp", "hybrid", "torchvision")
 IMAGES_CHART = "images_per_s_vs_batch.png"
 BYTES_CHART = "bytes_per_step_vs_batch.png"
+PRECISION_ORDER = tuple(AUTOCAST)
 SECTIONS = ("Machine and software", "Configuration", "Main table", "How each number is taken",
             "Towers: traffic per exchange", "Batch-size sweep", "Precision and memory format",
             "Projection to a two-GPU machine", "Data loader", "Hybrid: replicas of the towers",
             "Projection to eight GPUs: replicas of the towers or data parallel",
             "The training program against the synthetic step", "Speed goals", "Not measured")
-PRECISION_ORDER = ("fp32", "bf16")
 # The goals of the GPU work, checked in the section "Speed goals".
 GOAL_REFERENCE_VS_TORCHVISION = 1.0  # the reference at least as fast as torchvision's AlexNet, like for like
 GOAL_PROGRAM_SHARE = 0.8  # the program on real JPEGs at 80 % or more of the synthetic rate of its layout

@@ -50,7 +50,8 @@ import torch
 
 from launch.cli import add_options, option
 from launch.ranks import RankFailure, cpu_threads_per_rank, run_ranks
-from towers import FC8_PLACEMENTS, TOWERS, AlexNet
+from launch.step import AUTOCAST
+from towers import FC8_PLACEMENTS, TOWERS, AlexNet, check_compile_backend
 
 from . import flops, traffic
 from .loader import measure_loader, open_loader_data
@@ -66,7 +67,7 @@ HYBRID_REPLICAS = RANKS["hybrid"] // TOWERS
 SWEEP_MODES = ("single", "towers", "ddp", "torchvision")
 COMPILE_MODES = ("single", "towers", "torchvision")
 PROGRAM_MODES = tuple(PROGRAM_LAYOUTS)
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = tuple(AUTOCAST)
 MEMORY_FORMATS = ("contiguous", "channels_last")
 ELEMENT_SIZE = {"fp32": 4, "bf16": 2}  # bytes of an exchanged activation, as the analytic figure assumes
 DDP_BUCKET_CAP_BYTES = 25 * 2**20  # DistributedDataParallel's default bucket_cap_mb
@@ -187,10 +188,7 @@ def resolve(config: BenchConfig, devices: DevicePlan) -> BenchConfig:
     if config.compile_modes and config.warmup < 1:
         raise ValueError("--compile-modes needs --warmup 1 or more: the first step compiles, and is not to be timed")
     if config.compile_modes:
-        import torch._dynamo  # the compiler: imported only when asked for (a second or more)
-        if config.compile_backend not in torch._dynamo.list_backends(exclude_tags=()):
-            raise ValueError(f"--compile-backend {config.compile_backend}: torch.compile has no such backend here; "
-                             f"give inductor or aot_eager")
+        check_compile_backend(config.compile_backend, "--compile-backend")
     split = ("ddp", "hybrid")
     ddp_batches = ((config.batch,) if set(split) & set(config.modes + config.precision_modes) else ()) + \
         (config.batches if set(split) & set(config.sweep_modes) else ())
@@ -230,7 +228,8 @@ def plan_runs(config: BenchConfig) -> list:
 def run_spec(key: RunKey, config: BenchConfig, devices: DevicePlan, weights: dict) -> dict:
     two_rank = key.mode in MULTI_RANK_MODES
     return {**key._asdict(), "warmup": config.warmup, "steps": config.steps, "seed": config.seed,
-            "fc8_placement": config.fc8_placement, "compile_backend": config.compile_backend, "device": devices.two_rank if two_rank else devices.single,
+            "fc8_placement": config.fc8_placement, "compile_backend": config.compile_backend,
+            "device": devices.two_rank if two_rank else devices.single,
             "backend": devices.backend if two_rank else "none (one process)",
             "collective_timeout_s": config.rank_timeout_s, **weights}
 

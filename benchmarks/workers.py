@@ -22,11 +22,10 @@ from torch.nn.parallel import DistributedDataParallel
 
 from launch.mesh import build_mesh
 from launch.meter import peak_memory
-from launch.step import paper_optimizer, train_step
+from launch.step import AUTOCAST, paper_optimizer, train_step
 from towers import TOWERS, AlexNet, Tower, build_reference, compile_blocks, shard_state_dict
 
 NUM_CLASSES = 1000
-AUTOCAST = {"fp32": None, "bf16": torch.bfloat16}
 MEMORY_FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
 
 

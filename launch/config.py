@@ -17,6 +17,7 @@ from towers import FC8_PLACEMENTS
 from towers.reference import ACTIVATIONS, INIT_SCHEMES, POOLINGS
 
 from .cli import add_options, option
+from .step import AUTOCAST
 
 MAX_TIMEOUT_S = 7 * 24 * 3600.0  # longer waits are no protection against a hung peer
 
@@ -112,7 +113,7 @@ class TrainConfig:
     precision: str = option("fp32", "arithmetic of the forward pass: 'fp32', or 'bf16' autocast (convolutions and "
                                     "matrix products in bfloat16; the weights, gradients, optimizer and loss in "
                                     "float32; conv3's input crosses between the towers in bfloat16)",
-                            choices=("fp32", "bf16"))
+                            choices=tuple(AUTOCAST))
     compile: Optional[str] = option(None, "torch.compile the net with this backend ('inductor' generates fused "
                                           "kernels; 'aot_eager' only traces): a tower block by block, its exchanges "
                                           "running between the graphs as written; the single-device nets whole. The "

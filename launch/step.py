@@ -13,6 +13,10 @@ import torch
 import torch.nn.functional as F
 
 
+# Precision -> train_step's autocast_dtype: the program's --precision and the benchmark's sweep.
+AUTOCAST = {"fp32": None, "bf16": torch.bfloat16}
+
+
 class StepResult(NamedTuple):
     loss: torch.Tensor  # scalar, detached
     correct: torch.Tensor  # number of top-1 hits in the batch, detached

@@ -37,7 +37,7 @@ from .mesh import Mesh, build_mesh
 from .ranks import Placement
 from .meter import Metrics, ProgressBar, StepMeter, duration, peak_memory
 from .schedule import Progress, base_rate, end_of_epoch_schedule, learning_rate
-from .step import paper_optimizer, train_step
+from .step import AUTOCAST, paper_optimizer, train_step
 
 log = logging.getLogger(__name__)
 IMAGE_SHAPE = (3, CROP_SIZE, CROP_SIZE)
@@ -125,9 +125,6 @@ def architecture(config: TrainConfig) -> Architecture:
     the other layouts the paper's two-tower net; --lrn, --pooling and --activation apply to both."""
     return Architecture(net="one-tower" if config.layout == "one-tower" else "two-tower", lrn=config.lrn,
                         pooling=config.pooling, activation=config.activation)
-
-
-AUTOCAST = {"fp32": None, "bf16": torch.bfloat16}  # --precision -> train_step's autocast_dtype
 
 
 def build_model(config: TrainConfig, num_classes: int, group, device, draw: bool = True) -> torch.nn.Module:

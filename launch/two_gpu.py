@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from towers import TOWERS
+from towers import TOWERS, check_compile_backend
 
 from . import data as data_module
 from .checkpoint import FILENAME, CheckpointError, check_classes, checkpoint_architecture, load_checkpoint, resolve_path
@@ -261,7 +261,8 @@ def _configure(argv) -> tuple:
     saved_replicas = checkpoint["config"].get("replicas") if config.resume else None
     config = dataclasses.replace(resolve(config), replicas=_replicas(config, towers, saved_replicas))
     config.validate()
-    check_compile_backend(config)
+    if config.compile is not None:
+        check_compile_backend(config.compile, "--compile")
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     placement = choose_placement(config.backend, gpus, ranks=towers * config.replicas, towers=towers,
                                  ranks_here=int(os.environ.get("LOCAL_WORLD_SIZE", 0)) or None)
@@ -272,16 +273,6 @@ def _configure(argv) -> tuple:
     log.info("architecture: %s", architecture(config).describe())
     log.info("arithmetic: %s", describe_arithmetic(config))
     return config, checkpoint, placement
-
-
-def check_compile_backend(config: TrainConfig) -> None:
-    if config.compile is None:
-        return
-    import torch._dynamo  # the compiler: imported only when asked for (a second or more)
-    backends = torch._dynamo.list_backends(exclude_tags=())
-    if config.compile not in backends:
-        raise ValueError(f"--compile {config.compile}: torch.compile has no such backend here; give one of "
-                         f"{', '.join(b for b in ('inductor', 'aot_eager', 'eager') if b in backends)}")
 
 
 def describe_arithmetic(config: TrainConfig) -> str:

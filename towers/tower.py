@@ -143,6 +143,16 @@ class Tower(nn.Module):
         return self.dropout(self.activation(self.fc7(x)))
 
 
+def check_compile_backend(backend: str, option: str) -> None:
+    """Raises ValueError, naming ``option``, if torch.compile has no backend ``backend`` here.
+    Imports the compiler (a second or more): call it only when compiling."""
+    import torch._dynamo
+    backends = torch._dynamo.list_backends(exclude_tags=())
+    if backend not in backends:
+        raise ValueError(f"{option} {backend}: torch.compile has no such backend here; give one of "
+                         f"{', '.join(b for b in ('inductor', 'aot_eager', 'eager') if b in backends)}")
+
+
 def compile_blocks(model: nn.Module, **options) -> nn.Module:
     """``torch.compile`` for this package's models, in place: a Tower's ``BLOCKS`` one by one
     (the exchanges run as written, between the compiled graphs, as torchtitan compiles a
