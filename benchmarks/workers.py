@@ -107,8 +107,7 @@ def _finish(model, device: torch.device, rss_at_start: int, loss: float) -> dict
 
 def weights_worker(rank: int, seed: int, fc8_placement: str, folder: str) -> dict:
     """Builds the reference from ``seed`` and saves it and both towers' shards of it.
-    Runs in a process of its own so that the parent stays small: on Linux a spawned
-    process inherits its parent's peak RSS (getrusage's ru_maxrss survives exec)."""
+    Runs in a process of its own so that the harness's process stays small."""
     reference = build_reference(seed=seed).state_dict()
     paths = {"reference_path": f"{folder}/reference.pt", "shard_paths": [f"{folder}/tower{r}.pt" for r in range(TOWERS)]}
     torch.save(reference, paths["reference_path"])

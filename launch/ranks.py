@@ -1,8 +1,8 @@
 """Starting, watching and stopping the ranks of one run.
 
-``run_ranks`` spawns one process per rank on this machine, rendezvouses them
-through a TCPStore that the parent owns on the loopback address, and watches
-them: when one rank fails (an exception, a signal, the out-of-memory killer)
+``run_ranks`` starts one process per rank on this machine (forked from
+launch.rank_server, with torch already imported), rendezvouses them through a
+TCPStore that the parent owns on the loopback address, and watches them: when one rank fails (an exception, a signal, the out-of-memory killer)
 the others are stopped, and the caller gets a :class:`RankFailure` naming the
 rank and the cause. Nothing is left running, and nothing waits forever: every
 process group has a collective timeout, and the whole run a deadline if given.
@@ -25,6 +25,8 @@ from typing import Callable, NamedTuple, Optional, Sequence
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from . import rank_server
 
 LOOPBACK = "127.0.0.1"
 DEFAULT_COLLECTIVE_TIMEOUT_S = 300.0
@@ -130,8 +132,9 @@ def _describe_exit(exitcode: int) -> str:
 
 
 def _die_with_parent(parent_pid: int) -> None:
-    """Linux: the kernel sends SIGTERM to this rank if the launching process dies,
-    however it dies (even by SIGKILL), so no rank outlives its launcher."""
+    """Linux: the kernel sends SIGTERM to this rank if its parent, the rank server, dies,
+    however it dies (even by SIGKILL); the server ends with the launcher (launch.rank_server),
+    so no rank outlives its launcher."""
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
     except (OSError, AttributeError):
@@ -140,8 +143,14 @@ def _die_with_parent(parent_pid: int) -> None:
         os._exit(1)
 
 
-def _rank_main(rank, world_size, addr, port, backend, collective_timeout_s, threads, fn, args, results, parent_pid):
+def _rank_main(rank, world_size, addr, port, backend, collective_timeout_s, threads, fn, args, results, parent_pid,
+               environ):
     _die_with_parent(parent_pid)
+    rank_server.detach()
+    # The launcher's environment as it is now, as a spawned process would have it (the server's dates from its start).
+    for name in set(os.environ) - set(environ):
+        del os.environ[name]
+    os.environ.update(environ)
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                       MASTER_ADDR=addr, MASTER_PORT=str(port))
     if is_loopback(addr):  # gloo and NCCL would otherwise listen on the host's outward interface
@@ -189,7 +198,7 @@ def run_ranks(fn: Callable, args: Sequence = (), world_size: int = 2, backend: s
               timeout_s: Optional[float] = None, collective_timeout_s: float = DEFAULT_COLLECTIVE_TIMEOUT_S,
               threads_per_rank: Optional[int] = None, on_start: Optional[Callable] = None,
               addr: str = LOOPBACK) -> list:
-    """Runs ``fn(rank, *args)`` in ``world_size`` fresh processes joined in one process
+    """Runs ``fn(rank, *args)`` in ``world_size`` new processes joined in one process
     group; returns the ranks' return values in rank order.
 
     ``fn`` and ``args`` must be picklable (a module-level function). ``timeout_s``
@@ -207,13 +216,14 @@ def run_ranks(fn: Callable, args: Sequence = (), world_size: int = 2, backend: s
     # The store owns the descriptor now and closes it when it is destroyed. Were the socket to
     # close it as well, the store would later close a number the next run's listener reuses.
     listener.detach()
-    ctx = mp.get_context("spawn")
+    rank_server.start()
+    ctx = mp.get_context("forkserver")
     results = ctx.Queue()
     # Not daemonic, so that a rank may start DataLoader workers; PR_SET_PDEATHSIG ends a
     # rank whose launcher dies, and _stop below ends them all otherwise.
     procs = [ctx.Process(target=_rank_main, name=f"rank{rank}",
                          args=(rank, world_size, addr, store.port, backend, collective_timeout_s, threads_per_rank, fn, args,
-                               results, os.getpid()))
+                               results, rank_server.pid(), dict(os.environ)))
              for rank in range(world_size)]
     for p in procs:
         p.start()

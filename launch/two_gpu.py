@@ -12,6 +12,13 @@ checkpoint and whether it fits the data, the run folder. Each gets one line nami
 the fix and exit code 2.
 """
 
+import sys
+
+from launch import rank_server  # torch-free
+
+if __name__ == "__main__":
+    rank_server.start_early(sys.argv)  # imports torch for the ranks while this process imports it for itself
+
 import dataclasses
 import datetime
 import fcntl
@@ -19,7 +26,6 @@ import json
 import logging
 import os
 import socket
-import sys
 from pathlib import Path
 from typing import Optional
 
@@ -373,4 +379,8 @@ def _main_under_torchrun(config: TrainConfig, checkpoint: Optional[dict], placem
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        code = main()
+    finally:
+        rank_server.stop()  # not left to finish its imports after a refusal, holding this program's output open
+    sys.exit(code)

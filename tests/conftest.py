@@ -78,6 +78,13 @@ def launch(*args, env=None, check=True) -> subprocess.CompletedProcess:
     return result
 
 
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
 def _as_foreground_job() -> None:
     # A shell hands a foreground job the default SIGINT, whatever it ignores itself; the
     # suite may run in the background (where SIGINT is ignored and the child inherits that).
@@ -108,21 +115,21 @@ class Run:
             time.sleep(0.2)
 
     def ranks(self, count: int = 2) -> list:
-        """PIDs of the ``count`` rank processes, rank 0 first (started first)."""
-        found = []
+        """PIDs of the ``count`` rank processes, rank 0 first (started first): the children of
+        the launcher's rank server (launch.rank_server)."""
+        parents = {}  # pid -> (parent pid, start time)
         for entry in Path("/proc").iterdir():
             if not entry.name.isdigit():
                 continue
             try:
-                stat = (entry / "stat").read_text()
-                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
             except OSError:
                 continue
-            fields = stat.rsplit(")", 1)[1].split()
-            if int(fields[1]) == self.proc.pid and "spawn_main" in cmdline and "resource_tracker" not in cmdline:
-                found.append((int(fields[19]), int(entry.name)))  # (start time, pid)
+            parents[int(entry.name)] = (int(fields[1]), int(fields[19]))
+        servers = {pid for pid, (parent, _) in parents.items() if parent == self.proc.pid and "forkserver" in cmdline(pid)}
+        found = sorted((started, pid) for pid, (parent, started) in parents.items() if parent in servers)
         assert len(found) == count, f"expected {count} rank processes, found {found}"
-        return [pid for _, pid in sorted(found)]
+        return [pid for _, pid in found]
 
     def wait(self, timeout_s: float = 60) -> int:
         try:

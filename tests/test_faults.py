@@ -21,7 +21,7 @@ from launch.two_gpu import main
 from towers import build_reference
 
 from conftest import TINY as _TINY
-from conftest import ROOT, Run, launch
+from conftest import ROOT, Run, cmdline, launch
 
 BOUND_S = 60  # a failure must end the whole run within this long
 TINY = [*_TINY, "--log-every", "1", "--val-limit", "4", "--no-ten-crop"]
@@ -447,6 +447,18 @@ def _listening_addresses(pids) -> set:
             if fields[9] in inodes and fields[3] == "0A":  # 0A: LISTEN
                 found.add(fields[1].rsplit(":", 1)[0])
     return found
+
+
+@pytest.mark.slow
+def test_a_refused_run_leaves_no_process_behind(tmp_path):
+    """The rank server starts with the program, before the options are read; a refusal ends
+    it at once (left alone it would finish importing torch first, holding the output open)."""
+    run = Run("--data", tmp_path / "nowhere", "--out", tmp_path, run_dir=tmp_path / "refused")
+    assert run.wait() == 2 and "does not exist" in run.stderr()
+    # The server was ended and reaped before the launcher exited; multiprocessing's resource
+    # tracker ends by itself once the launcher's end of its pipe closes.
+    assert [pid for pid in run.leftovers() if "resource_tracker" not in cmdline(pid)] == []
+    _no_leftovers(run)
 
 
 @pytest.mark.slow

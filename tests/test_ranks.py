@@ -1,11 +1,16 @@
 """launch.ranks on its own: the whole run's deadline, loopback detection, threads per rank."""
 
 import os
+import subprocess
+import sys
 import time
 
 import pytest
 
+from launch import rank_server
 from launch.ranks import RankFailure, choose_placement, cpu_threads_per_rank, is_loopback, run_ranks
+
+from conftest import ROOT
 
 
 def _sleep(rank, seconds):
@@ -26,6 +31,46 @@ def test_the_whole_run_deadline_stops_ranks_that_run_too_long():
 @pytest.mark.slow
 def test_ranks_within_the_deadline_return_in_rank_order():
     assert run_ranks(_sleep, (0,), timeout_s=60) == [0, 1]
+
+
+def _environment_and_parent(rank, names):
+    return {name: os.environ.get(name) for name in names}, os.getppid()
+
+
+@pytest.mark.slow
+def test_ranks_get_the_environment_of_the_moment_they_start(monkeypatch):
+    """The rank server forks the ranks with the environment it started with; each rank
+    takes the caller's as it is when run_ranks is called, as a spawned process would."""
+    monkeypatch.setenv("ALEXNET_TEST_GONE", "set before")
+    run_ranks(_sleep, (0,), timeout_s=60)  # the server runs from here on
+    monkeypatch.setenv("ALEXNET_TEST_NEW", "set after the server started")
+    monkeypatch.delenv("ALEXNET_TEST_GONE")
+    names = ("ALEXNET_TEST_NEW", "ALEXNET_TEST_GONE")
+    (first, parent), (second, _) = run_ranks(_environment_and_parent, (names,), timeout_s=60)
+    assert first == second == {"ALEXNET_TEST_NEW": "set after the server started", "ALEXNET_TEST_GONE": None}
+    assert parent == rank_server.pid() != os.getpid()  # forked from the server, not from this process
+
+
+_SCRIPT = """
+import os
+from launch.ranks import run_ranks
+
+def rank_of_a_script(rank, word):
+    return f"{word} from rank {rank}"
+
+if __name__ == "__main__":
+    print(run_ranks(rank_of_a_script, ("hello",), timeout_s=60))
+"""
+
+
+@pytest.mark.slow
+def test_a_script_can_run_ranks_of_a_function_it_defines(tmp_path):
+    script = tmp_path / "script.py"
+    script.write_text(_SCRIPT)
+    result = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == "['hello from rank 0', 'hello from rank 1']"
 
 
 @pytest.mark.parametrize("addr, expected", [("127.0.0.1", True), ("localhost", True), ("::1", True),
