@@ -28,6 +28,13 @@ Each run is a fresh process (or pair) started by ``launch.ranks.run_ranks``. Out
 results.json and two PNG charts.
 """
 
+import sys
+
+from launch import rank_server  # torch-free
+
+if __name__ == "__main__":
+    rank_server.start_early(sys.argv)  # imports torch for the ranks while this process imports it for itself
+
 import argparse
 from dataclasses import asdict, dataclass, replace
 import datetime
@@ -40,7 +47,6 @@ import platform
 import re
 import shlex
 import socket
-import sys
 import tempfile
 import time
 from typing import NamedTuple, Optional
@@ -602,3 +608,5 @@ if __name__ == "__main__":
     except ValueError as error:  # the user's options or data: one line, exit code 2
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        rank_server.stop()
