@@ -2,10 +2,11 @@
 
 ``run_ranks`` starts one process per rank on this machine (forked from
 launch.rank_server, with torch already imported), rendezvouses them through a
-TCPStore that the parent owns on the loopback address, and watches them: when one rank fails (an exception, a signal, the out-of-memory killer)
-the others are stopped, and the caller gets a :class:`RankFailure` naming the
-rank and the cause. Nothing is left running, and nothing waits forever: every
-process group has a collective timeout, and the whole run a deadline if given.
+TCPStore that the parent owns on the loopback address, and watches them: when
+one rank fails (an exception, a signal, the out-of-memory killer) the others
+are stopped, and the caller gets a :class:`RankFailure` naming the rank and the
+cause. Nothing is left running, and nothing waits forever: every process group
+has a collective timeout, and the whole run a deadline if given.
 Tests use the same helper as the launcher.
 """
 
@@ -220,7 +221,7 @@ def run_ranks(fn: Callable, args: Sequence = (), world_size: int = 2, backend: s
     ctx = mp.get_context("forkserver")
     results = ctx.Queue()
     # Not daemonic, so that a rank may start DataLoader workers; PR_SET_PDEATHSIG ends a
-    # rank whose launcher dies, and _stop below ends them all otherwise.
+    # rank whose launcher dies (through the server), and _stop below ends them all otherwise.
     procs = [ctx.Process(target=_rank_main, name=f"rank{rank}",
                          args=(rank, world_size, addr, store.port, backend, collective_timeout_s, threads_per_rank, fn, args,
                                results, rank_server.pid(), dict(os.environ)))
