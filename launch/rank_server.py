@@ -9,14 +9,15 @@ the server has are those numpy's OpenBLAS starts on import, which OpenBLAS stops
 around a fork. ``python -m launch.two_gpu`` starts it first thing, so that its imports
 overlap the launcher's own. Torch-free, so that it can be imported before torch.
 
-Each rank closes the server's liveness pipe as it starts (``detach``): the server
-then ends when the launcher does, however the launcher ends, and the ranks' parent-
-death signal (launch.ranks) ends the ranks.
+Each rank closes its copy of the server's liveness pipe as it starts (``as_rank``):
+the server then ends when the launcher does, however the launcher ends, and the
+ranks' parent-death signal (launch.ranks) ends the ranks.
 """
 
 import multiprocessing.forkserver as forkserver
 import os
 import signal
+from multiprocessing import reduction, util
 
 # launch.train imports launch.ranks, towers and torch, which a rank of any caller needs. Each rank
 # then imports the caller's main module itself, as a spawned process does (multiprocessing's
@@ -25,9 +26,15 @@ PRELOAD = ["launch.train"]
 
 
 def start() -> None:
-    """Starts the server if it is not running (at most once per process; later calls return at once)."""
+    """Starts the server if it is not running (at most once per process; later calls return at once).
+    It starts with SIGINT ignored, so that a Ctrl-C during its imports does not print its
+    traceback beside the launcher's; the ranks handle SIGINT again (``as_rank``)."""
     forkserver.set_forkserver_preload(PRELOAD)
-    forkserver.ensure_running()
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # an ignored signal stays ignored across exec
+    try:
+        forkserver.ensure_running()
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def start_early(argv: list) -> None:
@@ -47,9 +54,14 @@ def stop() -> None:
         return
     try:
         os.kill(server._forkserver_pid, signal.SIGKILL)
-    except ProcessLookupError:
+        os.waitpid(server._forkserver_pid, 0)
+    except (ProcessLookupError, ChildProcessError):  # gone already, or reaped for us (SIGCHLD ignored)
         pass
-    server._stop()  # closes this end of the liveness pipe, reaps the server, forgets its address
+    os.close(server._forkserver_alive_fd)
+    address = server._forkserver_address
+    if address and not util.is_abstract_socket_namespace(address) and os.path.exists(address):
+        os.unlink(address)
+    server._forkserver_pid = server._forkserver_alive_fd = server._forkserver_address = None
 
 
 def pid() -> int:
@@ -57,10 +69,44 @@ def pid() -> int:
     return forkserver._forkserver._forkserver_pid
 
 
-def detach() -> None:
-    """In a rank: close its copy of the launcher's end of the server's liveness pipe (each
-    forked process receives one), so that the server sees the launcher's end close when
-    the launcher ends."""
+class Output:
+    """The caller's standard output and error as they are when a rank is started, handed to
+    the rank (``as_rank``): the server's date from its start, and a caller may have
+    redirected its own since (pytest captures each test's)."""
+
+    def __reduce__(self):  # pickled as the rank starts: the descriptors travel with it
+        return _output_in_rank, tuple(reduction.DupFd(fd) if _is_open(fd) else None for fd in (1, 2))
+
+
+def _is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+        return True
+    except OSError:
+        return False
+
+
+def _output_in_rank(*received):
+    return tuple(None if fd is None else fd.detach() for fd in received)
+
+
+def as_rank(output) -> None:
+    """First thing in a rank: takes the caller's output (``Output``) as its own, handles
+    Ctrl-C again, has what it starts itself (DataLoader workers) spawned rather than
+    forked from a server of its own, which would outlive the rank if it were killed, and
+    closes its copy of the launcher's end of the server's liveness pipe (each forked
+    process receives one), so that the server sees the launcher's end close when the
+    launcher ends."""
+    for fd, target in zip(output, (1, 2)):
+        if fd is not None:
+            os.dup2(fd, target)
+            os.close(fd)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    import multiprocessing
+    multiprocessing.set_start_method("spawn", force=True)
+    # Its own temporary folder, as a spawned rank has: the launcher's (inherited with the process
+    # object) goes when the launcher exits, under what the rank's workers would still remove.
+    multiprocessing.current_process()._config.pop("tempdir", None)
     fd = getattr(forkserver._forkserver, "_forkserver_alive_fd", None)
     if fd is not None:
         os.close(fd)

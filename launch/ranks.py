@@ -145,9 +145,9 @@ def _die_with_parent(parent_pid: int) -> None:
 
 
 def _rank_main(rank, world_size, addr, port, backend, collective_timeout_s, threads, fn, args, results, parent_pid,
-               environ):
+               environ, output):
     _die_with_parent(parent_pid)
-    rank_server.detach()
+    rank_server.as_rank(output)
     # The launcher's environment as it is now, as a spawned process would have it (the server's dates from its start).
     for name in set(os.environ) - set(environ):
         del os.environ[name]
@@ -224,10 +224,14 @@ def run_ranks(fn: Callable, args: Sequence = (), world_size: int = 2, backend: s
     # rank whose launcher dies (through the server), and _stop below ends them all otherwise.
     procs = [ctx.Process(target=_rank_main, name=f"rank{rank}",
                          args=(rank, world_size, addr, store.port, backend, collective_timeout_s, threads_per_rank, fn, args,
-                               results, rank_server.pid(), dict(os.environ)))
+                               results, rank_server.pid(), dict(os.environ), rank_server.Output()))
              for rank in range(world_size)]
-    for p in procs:
-        p.start()
+    for rank, p in enumerate(procs):
+        try:
+            p.start()
+        except (OSError, EOFError) as exc:  # the server died (killed) before it forked this rank
+            _stop(procs[:rank], grace_s=0.0)
+            raise RankFailure({rank: f"could not be started: the rank server ended ({exc!r})"}, rank) from None
     # SIGTERM to the launcher stops the ranks as Ctrl-C does (then the launcher exits).
     previous_sigterm = None
     if threading.current_thread() is threading.main_thread():
