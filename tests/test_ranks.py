@@ -51,6 +51,20 @@ def test_ranks_get_the_environment_of_the_moment_they_start(monkeypatch):
     assert parent == rank_server.pid() != os.getpid()  # forked from the server, not from this process
 
 
+def _print_rank(rank, word):
+    print(f"{word} from rank {rank}", file=sys.stderr, flush=True)
+    return rank
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("word", ["first", "second"])
+def test_ranks_write_to_the_callers_output_as_it_is_when_they_start(capfd, word):
+    """pytest points each test's output somewhere new; the rank server started before."""
+    run_ranks(_print_rank, (word,), timeout_s=60)
+    err = capfd.readouterr().err
+    assert f"{word} from rank 0" in err and f"{word} from rank 1" in err, err
+
+
 _SCRIPT = """
 import os
 from launch.ranks import run_ranks
