@@ -17,6 +17,7 @@ ranks' parent-death signal (launch.ranks) ends the ranks.
 import multiprocessing.forkserver as forkserver
 import os
 import signal
+import threading
 from multiprocessing import reduction, util
 
 # launch.train imports launch.ranks, towers and torch, which a rank of any caller needs. Each rank
@@ -30,6 +31,9 @@ def start() -> None:
     It starts with SIGINT ignored, so that a Ctrl-C during its imports does not print its
     traceback beside the launcher's; the ranks handle SIGINT again (``as_rank``)."""
     forkserver.set_forkserver_preload(PRELOAD)
+    if threading.current_thread() is not threading.main_thread():  # only the main thread sets handlers
+        forkserver.ensure_running()
+        return
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # an ignored signal stays ignored across exec
     try:
         forkserver.ensure_running()
