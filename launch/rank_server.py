@@ -73,13 +73,17 @@ def pid() -> int:
     return forkserver._forkserver._forkserver_pid
 
 
-class Output:
-    """The caller's standard output and error as they are when a rank is started, handed to
-    the rank (``as_rank``): the server's date from its start, and a caller may have
-    redirected its own since (pytest captures each test's)."""
+class Caller:
+    """What a spawned rank would inherit from its caller as the rank starts, handed to the
+    rank (``as_rank``): the environment and the standard output and error. The server's
+    date from its start, and a caller may have changed its own since (pytest redirects
+    each test's output)."""
+
+    def __init__(self):
+        self.environ = dict(os.environ)
 
     def __reduce__(self):  # pickled as the rank starts: the descriptors travel with it
-        return _output_in_rank, tuple(reduction.DupFd(fd) if _is_open(fd) else None for fd in (1, 2))
+        return _caller_in_rank, (self.environ, *(reduction.DupFd(fd) if _is_open(fd) else None for fd in (1, 2)))
 
 
 def _is_open(fd: int) -> bool:
@@ -90,17 +94,21 @@ def _is_open(fd: int) -> bool:
         return False
 
 
-def _output_in_rank(*received):
-    return tuple(None if fd is None else fd.detach() for fd in received)
+def _caller_in_rank(environ, *output):
+    return environ, tuple(None if fd is None else fd.detach() for fd in output)
 
 
-def as_rank(output) -> None:
-    """First thing in a rank: takes the caller's output (``Output``) as its own, handles
-    Ctrl-C again, has what it starts itself (DataLoader workers) spawned rather than
+def as_rank(caller) -> None:
+    """First thing in a rank: takes the caller's environment and output (``Caller``) as its
+    own, handles Ctrl-C again, has what it starts itself (DataLoader workers) spawned rather than
     forked from a server of its own, which would outlive the rank if it were killed, and
     closes its copy of the launcher's end of the server's liveness pipe (each forked
     process receives one), so that the server sees the launcher's end close when the
     launcher ends."""
+    environ, output = caller
+    for name in set(os.environ) - set(environ):
+        del os.environ[name]
+    os.environ.update(environ)
     for fd, target in zip(output, (1, 2)):
         if fd is not None:
             os.dup2(fd, target)

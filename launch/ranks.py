@@ -145,13 +145,9 @@ def _die_with_parent(parent_pid: int) -> None:
 
 
 def _rank_main(rank, world_size, addr, port, backend, collective_timeout_s, threads, fn, args, results, parent_pid,
-               environ, output):
+               caller):
     _die_with_parent(parent_pid)
-    rank_server.as_rank(output)
-    # The launcher's environment as it is now, as a spawned process would have it (the server's dates from its start).
-    for name in set(os.environ) - set(environ):
-        del os.environ[name]
-    os.environ.update(environ)
+    rank_server.as_rank(caller)
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                       MASTER_ADDR=addr, MASTER_PORT=str(port))
     if is_loopback(addr):  # gloo and NCCL would otherwise listen on the host's outward interface
@@ -224,7 +220,7 @@ def run_ranks(fn: Callable, args: Sequence = (), world_size: int = 2, backend: s
     # rank whose launcher dies (through the server), and _stop below ends them all otherwise.
     procs = [ctx.Process(target=_rank_main, name=f"rank{rank}",
                          args=(rank, world_size, addr, store.port, backend, collective_timeout_s, threads_per_rank, fn, args,
-                               results, rank_server.pid(), dict(os.environ), rank_server.Output()))
+                               results, rank_server.pid(), rank_server.Caller()))
              for rank in range(world_size)]
     for rank, p in enumerate(procs):
         try:
