@@ -51,6 +51,20 @@ def test_ranks_get_the_environment_of_the_moment_they_start(monkeypatch):
     assert parent == rank_server.pid() != os.getpid()  # forked from the server, not from this process
 
 
+def _cuda_usable(rank):
+    import torch
+    return not torch.cuda._is_in_bad_fork()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not __import__("torch").backends.cuda.is_built(), reason="this torch has no CUDA to poison")
+def test_the_rank_server_leaves_cuda_untouched_for_the_ranks():
+    """A process forked after CUDA's driver started cannot use the GPU ("Cannot re-initialize
+    CUDA in forked subprocess"); even torch.cuda.is_available() starts the driver. So the server
+    must not touch CUDA while it imports. torch marks a fork after that as bad, GPU or none."""
+    assert run_ranks(_cuda_usable, timeout_s=60) == [True, True]
+
+
 def _print_rank(rank, word):
     print(f"{word} from rank {rank}", file=sys.stderr, flush=True)
     return rank
