@@ -55,19 +55,27 @@ def paper_training_hours(images_per_s: float) -> float:
 
 
 def measure_program(modes: tuple, batch: int, steps: int, warmup: int, device: str, data: Optional[str],
-                    workers: Optional[int], timeout_s: float) -> list:
+                    workers: Optional[int], timeout_s: float, deadline=None) -> list:
     """One short run of the program per mode of ``modes`` that it can train (towers,
-    single); a run that fails is recorded with the reason, not raised."""
+    single); a run that fails is recorded with the reason, not raised. ``deadline``
+    (benchmarks.run.Deadline) may stop a run sooner, and leaves the rest not run."""
     results = []
     for mode in (m for m in modes if m in PROGRAM_LAYOUTS):
         with tempfile.TemporaryDirectory(prefix="alexnet-program-") as folder:
             command = program_command(PROGRAM_LAYOUTS[mode], batch, warmup + steps, device, data, workers)
             entry = {"mode": mode, "batch": batch, "command": " ".join(command[1:])}
+            if deadline is not None:
+                timeout_s = deadline.timeout(timeout_s)
+                if timeout_s <= 0:
+                    results.append({**entry, "failed": deadline.reason})
+                    continue
             try:
                 done = subprocess.run([sys.executable, *command, "--out", folder, "--run-name", "run"],
                                       capture_output=True, text=True, timeout=timeout_s)
             except subprocess.TimeoutExpired:
-                results.append({**entry, "failed": f"still running after {timeout_s:.0f} s"})
+                cut = deadline is not None and deadline.left() <= 0
+                results.append({**entry, "failed": f"{deadline.reason} while it ran" if cut else
+                                f"still running after {timeout_s:.0f} s"})
                 continue
             if done.returncode != 0:
                 last = (done.stderr.strip().splitlines() or ["no output"])[-1]

@@ -1,7 +1,14 @@
 """report.md and the charts, written from the ``results`` dict that ``benchmarks.run`` also saves
-as results.json (so a report can be redrawn from a results.json alone: ``write_report(json.load(f), folder)``)."""
+as results.json, after every run. A report can be redrawn from a results.json alone, that of a
+benchmark stopped before its end included:
 
+    python -m benchmarks.report FOLDER    # FOLDER/results.json -> FOLDER/report.md and the charts
+"""
+
+import argparse
+import json
 from pathlib import Path
+import sys
 
 import numpy as np
 
@@ -361,7 +368,8 @@ def chart_images_per_s(results, path: Path) -> None:
     ax.set_ylabel("images/s (median step)")
     ax.set_title(f"Training throughput, fp32 — {results['machine']['hostname']}")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
+    if ax.get_legend_handles_labels()[0]:  # nothing to name when no run was measured
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -401,6 +409,9 @@ def chart_bytes(results, path: Path) -> None:
 
 def loader_lines(results) -> list:
     loader = results["loader"]
+    if not loader or "skipped" in loader:  # a results.json of a benchmark stopped before, or a --time-limit
+        why = loader["skipped"] if loader else "not measured: the benchmark ended before it"
+        return [f"{why[0].upper()}{why[1:]}."]
     batch = loader["by_workers"][0]["batch"]
     lines = [f"The training loader alone (`launch.data.train_batches`: decode, base image, 224 crop, uint8 batch "
              f"of {batch}) on {loader['data']} ({loader['train_images']} training images), by DataLoader worker "
@@ -424,6 +435,10 @@ def program_lines(results) -> list:
     program = results.get("program") or []
     if not program:
         return ["Not run."]
+    done = [p for p in program if "failed" not in p]
+    failed = [f"- {p['mode']}: {p['failed']} (`python -m {p['command']}`)" for p in program if "failed" in p]
+    if not done:
+        return failed
     lines = ["`python -m launch.two_gpu` itself on real JPEGs: the loader, the uint8 hand-over and the augmentation on "
              "the device are in every step. A step's time is its own `step_ms` in metrics.jsonl (the wait for its "
              "batch and the step), after the run's first steps; the synthetic rate is the main table's, same mode and "
@@ -431,11 +446,7 @@ def program_lines(results) -> list:
              "| mode | batch | device | loader workers | timed steps | program images/s (median step) | mean images/s "
              "(every timed step) | synthetic images/s | program / synthetic | 90 ImageNet epochs at this rate |",
              "|---|---|---|---|---|---|---|---|---|---|"]
-    failed = []
-    for p in program:
-        if "failed" in p:
-            failed.append(f"- {p['mode']}: {p['failed']} (`python -m {p['command']}`)")
-            continue
+    for p in done:
         synthetic = _find(results, p["mode"], p["batch"])
         rate = f"{synthetic['images_per_s']:.1f}" if synthetic else "—"
         ratio = f"{100 * p['images_per_s'] / synthetic['images_per_s']:.0f} %" if synthetic else "—"
@@ -443,11 +454,9 @@ def program_lines(results) -> list:
         lines.append(f"| {p['mode']} | {p['batch']} | {p['device']} | {p['workers']} | {p['timed_steps']} "
                      f"| {p['images_per_s']:.1f} | {p['mean_images_per_s']:.1f} | {rate} | {ratio} "
                      f"| {hours:,.0f} h ({hours / 24:,.1f} days) |")
-    done = [p for p in program if "failed" not in p]
-    if done:
-        lines += ["", f"- data: {done[0]['data']}; commands: " + "; ".join(f"`python -m {p['command']}`" for p in done),
-                  "- 90 epochs: 90 x 1,281,167 ImageNet training images at the program's median-step rate, "
-                  "evaluations and checkpoints left out (the paper: five to six days on two GTX 580s)"]
+    lines += ["", f"- data: {done[0]['data']}; commands: " + "; ".join(f"`python -m {p['command']}`" for p in done),
+              "- 90 epochs: 90 x 1,281,167 ImageNet training images at the program's median-step rate, "
+              "evaluations and checkpoints left out (the paper: five to six days on two GTX 580s)"]
     return lines + failed
 
 
@@ -547,10 +556,33 @@ def write_report(results: dict, folder: Path) -> None:
         f"## {SECTIONS[12]}", "", *speed_goal_lines(results), "",
         f"## {SECTIONS[13]}", "",
     ]
-    lines += [f"- {n['mode']}, batch {n['batch']}, {_variant(n)}: {n['reason']}"
-              for n in results["not_measured"]] or ["Everything planned was measured."]
+    lines += [f"- {n['mode']}, batch {n['batch']}, {_variant(n)}: {n['reason']}" for n in results["not_measured"]]
+    never = results.get("planned_runs", 0) - len(results["runs"]) - len(results["not_measured"])
+    if never > 0:  # a results.json of a benchmark stopped from outside
+        lines.append(f"- {never} more planned runs never started: the benchmark was stopped before them")
+    elif not results["not_measured"]:
+        lines.append("Everything planned was measured.")
     diverged = [f"{r['mode']} (batch {r['batch']}, {_variant(r)})" for r in results["runs"]
                 if not all(loss is not None and np.isfinite(loss) for loss in r["final_loss"])]
     if diverged:  # the arithmetic timed is the same, but non-finite values can run slower on some CPUs
         lines += ["", f"Note: the loss became non-finite in {', '.join(diverged)} (random labels at raw-pixel scale)."]
     (folder / "report.md").write_text("\n".join(lines) + "\n")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.report",
+                                     description="Redraws report.md and the charts in FOLDER from FOLDER/results.json.")
+    parser.add_argument("folder", type=Path, help="a folder that python -m benchmarks.run wrote")
+    folder = parser.parse_args(argv).folder
+    try:
+        results = json.loads((folder / "results.json").read_text())
+    except (OSError, ValueError) as error:
+        print(f"error: {folder / 'results.json'} cannot be read ({error}): give a folder that python -m "
+              f"benchmarks.run wrote", file=sys.stderr)
+        sys.exit(2)
+    write_report(results, folder)
+    print(folder / "report.md")
+
+
+if __name__ == "__main__":
+    main()

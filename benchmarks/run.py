@@ -134,6 +134,9 @@ class BenchConfig:
     program_modes: tuple = option(PROGRAM_MODES, "the training program (python -m launch.two_gpu) on the loader's "
                                                  "data in these layouts, --warmup + --steps steps at --batch, against "
                                                  "the main table", choices=PROGRAM_MODES, many=True)
+    time_limit: Optional[float] = option(None, "seconds the whole benchmark may take: no run starts after them, a "
+                                               "run still going then is stopped, and the report holds what was "
+                                               "measured, the rest listed as not measured [no limit]", type=float)
     quick: bool = option(False, "small defaults that finish in under 5 minutes on a 2-core CPU", action="store_true")
 
 
@@ -201,6 +204,8 @@ def resolve(config: BenchConfig, devices: DevicePlan) -> BenchConfig:
     if min((config.batch,) + config.batches) < 1 or any(b % 2 for b in ddp_batches):
         raise ValueError(f"batches must be positive, and even where ddp or hybrid runs (they halve the global "
                          f"batch): --batch {config.batch} --batches {','.join(map(str, config.batches))}")
+    if config.time_limit is not None and not config.time_limit > 0:
+        raise ValueError(f"--time-limit must be a positive number of seconds, got {config.time_limit:g}")
     for link in config.links:
         name, _, gb_s = link.partition("=")
         if not name or not re.fullmatch(r"\d+(\.\d+)?", gb_s):
@@ -216,9 +221,14 @@ class RunKey(NamedTuple):
     compiled: bool = False
 
 
+def main_runs(config: BenchConfig) -> list:
+    """The main table's runs: each mode at the main batch, fp32, contiguous."""
+    return [RunKey(m, config.batch, "fp32", "contiguous") for m in config.modes]
+
+
 def plan_runs(config: BenchConfig) -> list:
     """Every distinct run, fp32 before bf16 (the bf16 check compares with fp32)."""
-    main = [RunKey(m, config.batch, "fp32", "contiguous") for m in config.modes]
+    main = main_runs(config)
     sweep = [RunKey(m, b, "fp32", "contiguous") for b in sorted(config.batches) for m in config.sweep_modes]
     # the projection's DDP compute: one rank's work is the single net on half the batch
     half = ([RunKey("single", config.batch // 2, "fp32", "contiguous")]
@@ -240,13 +250,12 @@ def run_spec(key: RunKey, config: BenchConfig, devices: DevicePlan, weights: dic
             "collective_timeout_s": config.rank_timeout_s, **weights}
 
 
-def execute(spec: dict, config: BenchConfig, devices: DevicePlan) -> list:
+def execute(spec: dict, config: BenchConfig, devices: DevicePlan, timeout_s: float) -> list:
     worker = WORKERS[spec["mode"]]
     if spec["mode"] in MULTI_RANK_MODES:
-        return run_ranks(worker, (spec,), world_size=RANKS[spec["mode"]], backend=devices.backend,
-                         timeout_s=config.rank_timeout_s)
+        return run_ranks(worker, (spec,), world_size=RANKS[spec["mode"]], backend=devices.backend, timeout_s=timeout_s)
     # one rank, all threads; its process group (gloo, size 1) is never used
-    return run_ranks(worker, (spec,), world_size=1, backend="gloo", timeout_s=config.rank_timeout_s,
+    return run_ranks(worker, (spec,), world_size=1, backend="gloo", timeout_s=timeout_s,
                      threads_per_rank=cpu_threads_per_rank(1))
 
 
@@ -525,44 +534,123 @@ def _bf16_unsupported(key: RunKey, devices: DevicePlan) -> Optional[str]:
     return None
 
 
-def measure(keys: list, config: BenchConfig, devices: DevicePlan, analytic: dict) -> tuple:
-    """Runs every planned run, each in fresh processes; returns ({key: run}, [not measured, with why])."""
-    runs, not_measured, bf16_reason = {}, [], None
-    started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="alexnet-bench-") as folder:
-        # the reference from the seed and its two tower shards, as files every run loads
-        weights = run_ranks(weights_worker, (config.seed, config.fc8_placement, folder), world_size=1,
-                            timeout_s=config.rank_timeout_s)[0]
-        for index, key in enumerate(keys, 1):
-            reason = _bf16_unsupported(key, devices) or (bf16_reason if key.precision == "bf16" else None)
+class Deadline:
+    """--time-limit: once it passes no run starts, and a run under way is stopped at it."""
+
+    def __init__(self, seconds: Optional[float]):
+        self.seconds = seconds
+        self.end = None if seconds is None else time.monotonic() + seconds
+
+    def left(self) -> float:
+        return math.inf if self.end is None else self.end - time.monotonic()
+
+    def timeout(self, limit_s: float) -> float:
+        """A run's time limit: ``limit_s``, or what is left before the deadline if less."""
+        return min(limit_s, self.left())
+
+    @property
+    def reason(self) -> str:
+        return f"not measured: the benchmark's --time-limit of {self.seconds:g} s was reached"
+
+
+class Bench:
+    """One benchmark's runs, in fresh processes each, and its results.json, written anew after
+    every run (so that a benchmark stopped from outside leaves what it measured, from which
+    ``report.write_report`` can draw the report)."""
+
+    def __init__(self, config: BenchConfig, devices: DevicePlan, out: Path, argv):
+        self.config, self.devices, self.out = config, devices, out
+        self.deadline, self.started = Deadline(config.time_limit), time.perf_counter()
+        self.analytic = analytic_figures(config)
+        self.keys = plan_runs(config)
+        self.runs, self.not_measured, self.bf16_reason, self.weights = {}, [], None, None
+        self.results = {
+            "machine": {**machine_info(devices), "load_average": {"start": _load_average(), "end": None}},
+            "config": asdict(config),
+            "command": " ".join(["python -m benchmarks.run", shlex.join(sys.argv[1:] if argv is None else argv)]).strip(),
+            "date": datetime.date.today().isoformat(), "analytic": self.analytic,
+            "planned_runs": len(self.keys), "loader": None, "program": None,
+        }
+
+    def save(self) -> dict:
+        runs = self.runs
+        self.results.update(runs=list(runs.values()), not_measured=self.not_measured,
+                            projection=projection(runs, self.config, self.analytic),
+                            mesh_projection=mesh_projection(runs, self.config, self.analytic),
+                            elapsed_s=time.perf_counter() - self.started)
+        self.results["machine"]["load_average"]["end"] = _load_average()
+        partial = self.out / "results.json.partial"
+        partial.write_text(json.dumps(self.results, indent=1, default=str))
+        os.replace(partial, self.out / "results.json")
+        return self.results
+
+    def measure(self, keys: list, folder: str) -> None:
+        """Runs the planned runs of ``keys``; the weights every run loads are drawn into ``folder`` first."""
+        config, devices = self.config, self.devices
+        for key in keys:
+            index = len(self.runs) + len(self.not_measured) + 1
+            reason = _bf16_unsupported(key, devices) or (self.bf16_reason if key.precision == "bf16" else None)
             if key.mode in MULTI_RANK_MODES and devices.two_rank is None:
                 reason = f"skipped: {devices.note}"
             elif key.mode == "hybrid" and devices.backend == "nccl" and torch.cuda.device_count() < RANKS["hybrid"]:
                 reason = (f"skipped: NCCL needs one GPU per rank and hybrid has {RANKS['hybrid']} ranks; this machine "
                           f"shows {torch.cuda.device_count()} GPUs")
+            elif self.deadline.left() <= 0:
+                reason = self.deadline.reason
             if reason:
-                not_measured.append({**key._asdict(), "reason": reason})
+                self.not_measured.append({**key._asdict(), "reason": reason})
                 continue
-            spec = run_spec(key, config, devices, weights)
+            if self.weights is None:  # the reference from the seed and its two tower shards, as files every run loads
+                self.weights = run_ranks(weights_worker, (config.seed, config.fc8_placement, folder), world_size=1,
+                                         timeout_s=config.rank_timeout_s)[0]
+            spec = run_spec(key, config, devices, self.weights)
             try:
-                ranks = execute(spec, config, devices)
+                ranks = execute(spec, config, devices, self.deadline.timeout(config.rank_timeout_s))
             except RankFailure as failure:
-                logger.warning("[%d/%d] %s failed: %s", index, len(keys), key, failure)
-                not_measured.append({**key._asdict(), "reason": f"failed: {str(failure).splitlines()[0]}"})
+                logger.warning("[%d/%d] %s failed: %s", index, len(self.keys), key, failure)
+                why = (f"{self.deadline.reason} while it ran" if self.deadline.left() <= 0 else
+                       f"failed: {str(failure).splitlines()[0]}")
+                self.not_measured.append({**key._asdict(), "reason": why})
+                self.save()
                 continue
-            run = runs[key] = summarize(spec, ranks, analytic, devices)
+            run = self.runs[key] = summarize(spec, ranks, self.analytic, devices)
             logger.info("[%d/%d] %-11s batch %4d %s %-13s%s %8.1f images/s  %8.1f ms/step [p10 %.1f, p90 %.1f]  "
-                        "(%.0f s)", index, len(keys), key.mode, key.batch, key.precision, key.memory_format,
+                        "(%.0f s)", index, len(self.keys), key.mode, key.batch, key.precision, key.memory_format,
                         " compiled" * key.compiled, run["images_per_s"],
                         run["step_ms"]["median"], run["step_ms"]["p10"], run["step_ms"]["p90"],
-                        time.perf_counter() - started)
-            fp32 = runs.get(key._replace(precision="fp32")) or runs.get(key._replace(precision="fp32", memory_format="contiguous"))
-            if key.precision == "bf16" and bf16_reason is None and fp32 is not None:
+                        time.perf_counter() - self.started)
+            self.save()
+            fp32 = (self.runs.get(key._replace(precision="fp32"))
+                    or self.runs.get(key._replace(precision="fp32", memory_format="contiguous")))
+            if key.precision == "bf16" and self.bf16_reason is None and fp32 is not None:
                 slowdown = run["step_ms"]["median"] / fp32["step_ms"]["median"]
                 if slowdown > config.bf16_slowdown_limit:
-                    bf16_reason = (f"not measured on this device: bf16 autocast ran {slowdown:.1f}x slower than fp32 "
-                                   f"in {key.mode} (limit --bf16-slowdown-limit {config.bf16_slowdown_limit})")
-    return runs, not_measured
+                    self.bf16_reason = (f"not measured on this device: bf16 autocast ran {slowdown:.1f}x slower than "
+                                        f"fp32 in {key.mode} (limit --bf16-slowdown-limit {config.bf16_slowdown_limit})")
+
+    def run(self, loader_data) -> dict:
+        """The main table first, then the data loader and the training program (measured against the
+        main table), then the sweeps: what a --time-limit cuts short is the least needed."""
+        config, devices, keys = self.config, self.devices, self.keys
+        main = [k for k in keys if k in set(main_runs(config))]
+        logger.info("%s; %d runs; writing to %s", devices.note, len(keys), self.out)
+        with tempfile.TemporaryDirectory(prefix="alexnet-bench-") as folder:
+            self.measure(main, folder)
+            if self.deadline.left() > 0:
+                logger.info("data loader: %s workers, %d batches of %d", ",".join(map(str, config.loader_workers)),
+                            config.loader_batches, config.batch)
+                self.results["loader"] = measure_loader(config.loader_workers, config.batch, config.loader_batches,
+                                                        devices.single, loader_data)
+            else:
+                self.results["loader"] = {"skipped": self.deadline.reason}
+            logger.info("the training program: %s, %d + %d steps of %d", ",".join(config.program_modes),
+                        config.warmup, config.steps, config.batch)
+            self.results["program"] = measure_program(config.program_modes, config.batch, config.steps, config.warmup,
+                                                      devices.single, config.loader_data, None, config.rank_timeout_s,
+                                                      self.deadline)
+            self.save()
+            self.measure([k for k in keys if k not in main], folder)
+        return self.save()
 
 
 def main(argv=None) -> Path:
@@ -573,32 +661,11 @@ def main(argv=None) -> Path:
     loader_data = open_loader_data(config.loader_data, config.batch)  # a bad folder fails before anything runs
     out = Path(config.out) if config.out else default_out(devices)
     out.mkdir(parents=True, exist_ok=True)
-    started, load_at_start = time.perf_counter(), _load_average()
-    analytic = analytic_figures(config)
-    keys = plan_runs(config)
-    logger.info("%s; %d runs; writing to %s", devices.note, len(keys), out)
-    runs, not_measured = measure(keys, config, devices, analytic)
-    logger.info("data loader: %s workers, %d batches of %d", ",".join(map(str, config.loader_workers)),
-                config.loader_batches, config.batch)
-    loader = measure_loader(config.loader_workers, config.batch, config.loader_batches, devices.single, loader_data)
-    logger.info("the training program: %s, %d + %d steps of %d", ",".join(config.program_modes), config.warmup,
-                config.steps, config.batch)
-    program = measure_program(config.program_modes, config.batch, config.steps, config.warmup, devices.single,
-                              config.loader_data, None, config.rank_timeout_s)
-    results = {
-        "machine": {**machine_info(devices), "load_average": {"start": load_at_start, "end": _load_average()}},
-        "config": asdict(config),
-        "command": " ".join(["python -m benchmarks.run", shlex.join(sys.argv[1:] if argv is None else argv)]).strip(),
-        "date": datetime.date.today().isoformat(), "analytic": analytic,
-        "runs": list(runs.values()), "not_measured": not_measured,
-        "projection": projection(runs, config, analytic), "mesh_projection": mesh_projection(runs, config, analytic),
-        "loader": loader, "program": program,
-        "elapsed_s": time.perf_counter() - started,
-    }
-    (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    bench = Bench(config, devices, out, argv)
+    results = bench.run(loader_data)
     from .report import write_report  # matplotlib is imported only here, never in the ranks
     write_report(results, out)
-    logger.info("done in %.0f s: %s", time.perf_counter() - started, out / "report.md")
+    logger.info("done in %.0f s: %s", time.perf_counter() - bench.started, out / "report.md")
     return out
 
 

@@ -5,6 +5,7 @@ structure and for traffic counted exactly as the layer shapes say. Speed is neve
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 
@@ -83,6 +84,57 @@ def test_loader_data_too_small_for_the_batch_fails_before_anything_runs(tiny_dat
         f"error: the data-loader benchmark needs two batches of 16 training images (a warm-up and a timed one) and "
         f"{tiny_data} has 30: give a larger --loader-data or a smaller --batch")
     assert not out.exists()
+
+
+def test_a_time_limit_must_be_positive(tmp_path):
+    for limit in ("0", "-5", "nan"):
+        with pytest.raises(ValueError, match=f"--time-limit must be a positive number of seconds, got {limit}"):
+            run.main(["--device", "cpu", "--time-limit", limit, "--out", str(tmp_path)])
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+def test_a_benchmark_cut_short_by_its_time_limit_reports_what_it_measured(tiny_data, tmp_path, monkeypatch):
+    """results.json is written anew after every run, and the deadline is checked before each:
+    here the deadline passes as soon as the first run's results are on disk."""
+    out, stopped_here = tmp_path / "report", tmp_path / "stopped"
+
+    class AfterTheFirstRun(run.Deadline):
+        def left(self):
+            if not (out / "results.json").exists():
+                return math.inf
+            if not stopped_here.exists():  # what a benchmark killed at this moment would leave
+                stopped_here.mkdir()
+                shutil.copy(out / "results.json", stopped_here)
+            return -1.0
+
+    monkeypatch.setattr(run, "Deadline", AfterTheFirstRun)
+    run.main(["--device", "cpu", "--quick", "--batch", "2", "--loader-data", str(tiny_data), "--time-limit", "60",
+              "--out", str(out)])
+    results = json.loads((out / "results.json").read_text())
+    assert [(r["mode"], r["batch"]) for r in results["runs"]] == [("single", 2)]  # the main table's first mode
+    reason = "not measured: the benchmark's --time-limit of 60 s was reached"
+    config = run.BenchConfig(device="cpu", quick=True, batch=2)
+    assert len(results["not_measured"]) == len(run.plan_runs(run.resolve(config, run.plan_devices(config)))) - 1 > 5
+    assert {n["reason"] for n in results["not_measured"]} == {reason}
+    assert results["loader"] == {"skipped": reason}
+    assert [(p["mode"], p["failed"]) for p in results["program"]] == [("towers", reason), ("single", reason)]
+    report = (out / "report.md").read_text()
+    assert "## Data loader\n\nNot measured: the benchmark's --time-limit of 60 s was reached.\n" in report
+    assert f"- towers, batch 2, fp32, contiguous: {reason}" in report
+    assert sorted(p.name for p in out.iterdir()) == ["bytes_per_step_vs_batch.png", "images_per_s_vs_batch.png",
+                                                     "report.md", "results.json"]  # no partial file left
+    # the report of a benchmark stopped from outside, drawn from the results.json it left
+    result = subprocess.run([sys.executable, "-m", "benchmarks.report", str(stopped_here)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = (stopped_here / "report.md").read_text()
+    assert "| single | 1 x cpu" in report and "| towers | not measured" in report
+    assert f"- {len(results['not_measured'])} more planned runs never started: the benchmark was stopped" in report
+    assert "## Data loader\n\nNot measured: the benchmark ended before it.\n" in report
+    result = subprocess.run([sys.executable, "-m", "benchmarks.report", str(tmp_path)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr.startswith(f"error: {tmp_path / 'results.json'} cannot be read")
 
 
 def test_help_explains_every_option():
