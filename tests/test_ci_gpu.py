@@ -1,0 +1,86 @@
+""".ci/gpu, the script that runs the GPU tests and the benchmark on a machine with a GPU:
+its refusals, and how GPU_BUDGET_S shares a lent machine's time between the two stages.
+Here a stand-in for Python answers the script's GPU check and records what each stage was
+asked to run; the stages themselves are tested elsewhere (tests/test_gpu.py, test_benchmarks.py)."""
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT
+
+SCRIPT = ROOT / ".ci" / "gpu"
+# A Python with a GPU, as far as .ci/gpu can tell: the environment report and the GPU check
+# succeed, and each stage prints its command (a stage may be told to take a while).
+STAND_IN = """#!/usr/bin/env bash
+case "$*" in
+    *"-m pytest"*) echo "tests: $*"; [[ -n ${STAND_IN_TESTS_S:-} ]] && exec sleep "$STAND_IN_TESTS_S"; exit 0;;
+    *"-m benchmarks.run"*) echo "benchmark: $*";;
+esac
+"""
+
+
+def _gpu(out, *args, python=None, **env):
+    environ = {k: v for k, v in os.environ.items() if k != "GPU_BUDGET_S"}
+    environ.update(PYTHON=str(python or sys.executable), **env)
+    return subprocess.run(["bash", str(SCRIPT), str(out), *args], cwd=ROOT, env=environ, capture_output=True,
+                          text=True, timeout=120)
+
+
+@pytest.fixture
+def stand_in(tmp_path):
+    path = tmp_path / "python"
+    path.write_text(STAND_IN)
+    path.chmod(0o755)
+    return path
+
+
+@pytest.mark.parametrize("args, env, message", [
+    (("bench-all",), {}, "error: stage must be tests, bench or all, got 'bench-all'"),
+    (("tests", "--batches", "128"), {}, "error: the tests stage takes no options, got '--batches 128'"),
+    (("all",), {"GPU_BUDGET_S": "ten"}, "error: GPU_BUDGET_S must be a whole number of seconds, got 'ten'"),
+    (("all",), {"GPU_BUDGET_S": "0"}, "error: GPU_BUDGET_S must be a whole number of seconds, got '0'"),
+])
+def test_bad_use_is_refused_before_anything_runs(tmp_path, stand_in, args, env, message):
+    result = _gpu(tmp_path / "out", *args, python=stand_in, **env)
+    assert result.returncode == 2 and result.stderr.strip().splitlines()[-1].startswith(message), result.stderr
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_a_python_that_sees_no_gpu_is_refused(tmp_path):
+    """Otherwise every GPU test would be skipped and the stage would pass."""
+    result = _gpu(tmp_path, "tests")
+    assert result.returncode == 2, result.stderr
+    assert "sees no CUDA GPU here (environment.txt says what it found)" in result.stderr
+    assert "GPUs: none" in (tmp_path / "environment.txt").read_text()
+
+
+def test_a_budget_leaves_the_benchmark_what_the_tests_did_not_use(tmp_path, stand_in):
+    result = _gpu(tmp_path, "all", "--batches", "128,256", python=stand_in, GPU_BUDGET_S="300")
+    assert result.returncode == 0, result.stderr
+    assert "tests: -m pytest -m gpu " in (tmp_path / "gpu-tests.log").read_text()
+    command = (tmp_path / "benchmark.log").read_text()
+    limit = re.search(r"^benchmark: -m benchmarks.run --device cuda --out \S+/report --time-limit (\d+) "
+                      r"--batches 128,256$", command, re.M)
+    assert limit and 260 <= int(limit[1]) <= 270, command  # 300 s, less 30 for the report, less the seconds spent
+
+
+def test_without_a_budget_nothing_is_bounded(tmp_path, stand_in):
+    result = _gpu(tmp_path, "bench", python=stand_in)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "benchmark.log").read_text().strip().endswith(f"--out {tmp_path}/report")
+
+
+@pytest.mark.slow
+def test_tests_that_outrun_their_share_are_stopped_and_leave_the_benchmark_too_little(tmp_path, stand_in):
+    result = _gpu(tmp_path, "all", python=stand_in, GPU_BUDGET_S="20", STAND_IN_TESTS_S="100")
+    assert result.returncode == 124, result.stderr  # timeout's code: the first stage that failed
+    log = (tmp_path / "gpu-tests.log").read_text()
+    assert log.strip().splitlines()[-1] == "error: the GPU tests were stopped after their 9 s of GPU_BUDGET_S=20"
+    assert re.search(r"error: -?\d+ s of GPU_BUDGET_S=20 left for the benchmark: not started", result.stderr)
+    assert not (tmp_path / "benchmark.log").exists()
