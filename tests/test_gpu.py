@@ -58,25 +58,6 @@ def test_two_towers_sharing_one_gpu_match_the_reference(autocast, compile_backen
             assert r["compiled_graphs"] == len(Tower.BLOCKS) and r["graph_breaks"] == 0, rank
 
 
-def _towers_over_nccl_with_a_host_id_each(rank, *args):
-    # NCCL refuses two ranks on one GPU ("Duplicate GPU detected") unless each rank takes
-    # itself for another host, and then talks over its socket transport. Test-only: the
-    # program never runs NCCL this way. NCCL reads the id when the first collective
-    # creates its communicator, which is after this line.
-    os.environ["NCCL_HOSTID"] = f"tower-{rank}"
-    return _parity_worker(rank, *args)
-
-
-def test_two_towers_on_one_gpu_over_nccl_match_the_reference():
-    # The case takes seconds when NCCL accepts the ranks; a refusal or a hang fails within a minute or two.
-    results = run_ranks(_towers_over_nccl_with_a_host_id_each, ("tower0", torch.float32, 0, False, "cuda"),
-                        backend="nccl", timeout_s=120, collective_timeout_s=60)
-    for rank, r in enumerate(results):  # float32, TF32 off: the tolerances of the gloo case above
-        assert r["logits"] < 1e-5 and r["loss"] < 1e-5, rank
-        assert max(r["grads"].values()) < 1e-4, rank
-        assert r["exchanges"]["conv3_input/forward"]["sent_bytes"] == 4 * BATCH * 128 * 13 * 13
-
-
 def test_the_program_trains_on_the_gpu_and_its_checkpoint_evaluates_on_the_cpu(tiny_data, tmp_path):
     run = launch("--data", tiny_data, "--out", tmp_path, "--run-name", "gpu", "--max-steps", "3", "--val-limit", "6",
                  "--no-ten-crop", *TINY)
@@ -107,3 +88,23 @@ def test_the_single_layout_trains_on_the_gpu_in_bf16_compiled_and_goes_on_as_tow
                      "--workers", "0")
     assert "tower 0 on cpu" in resumed.stderr and "arithmetic: float32, eager" in resumed.stderr
     assert json.loads((tmp_path / "single" / "summary.json").read_text())["steps"] == 4
+
+
+def _towers_over_nccl_with_a_host_id_each(rank, *args):
+    # NCCL refuses two ranks on one GPU ("Duplicate GPU detected") unless each rank takes
+    # itself for another host, and then talks over its socket transport. Test-only: the
+    # program never runs NCCL this way. NCCL reads the id when the first collective
+    # creates its communicator, which is after this line.
+    os.environ["NCCL_HOSTID"] = f"tower-{rank}"
+    return _parity_worker(rank, *args)
+
+
+def test_two_towers_on_one_gpu_over_nccl_match_the_reference():
+    # The case takes seconds when NCCL accepts the ranks; a refusal or a hang fails within 90 s.
+    # Last in this file: on a machine lent for a fixed time, a hang here costs no other test.
+    results = run_ranks(_towers_over_nccl_with_a_host_id_each, ("tower0", torch.float32, 0, False, "cuda"),
+                        backend="nccl", timeout_s=90, collective_timeout_s=45)
+    for rank, r in enumerate(results):  # float32, TF32 off: the tolerances of the gloo case above
+        assert r["logits"] < 1e-5 and r["loss"] < 1e-5, rank
+        assert max(r["grads"].values()) < 1e-4, rank
+        assert r["exchanges"]["conv3_input/forward"]["sent_bytes"] == 4 * BATCH * 128 * 13 * 13
