@@ -408,9 +408,9 @@ def chart_bytes(results, path: Path) -> None:
 
 
 def loader_lines(results) -> list:
-    loader = results["loader"]
+    loader = results.get("loader")
     if not loader or "skipped" in loader:  # a results.json of a benchmark stopped before, or a --time-limit
-        why = loader["skipped"] if loader else "not measured: the benchmark ended before it"
+        why = loader["skipped"] if loader else "not measured: results.json holds no figures of it"
         return [f"{why[0].upper()}{why[1:]}."]
     batch = loader["by_workers"][0]["batch"]
     lines = [f"The training loader alone (`launch.data.train_batches`: decode, base image, 224 crop, uint8 batch "

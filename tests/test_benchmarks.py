@@ -131,7 +131,7 @@ def test_a_benchmark_cut_short_by_its_time_limit_reports_what_it_measured(tiny_d
     report = (stopped_here / "report.md").read_text()
     assert "| single | 1 x cpu" in report and "| towers | not measured" in report
     assert f"- {len(results['not_measured'])} more planned runs never started: the benchmark was stopped" in report
-    assert "## Data loader\n\nNot measured: the benchmark ended before it.\n" in report
+    assert "## Data loader\n\nNot measured: results.json holds no figures of it.\n" in report
     result = subprocess.run([sys.executable, "-m", "benchmarks.report", str(tmp_path)], cwd=ROOT,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and result.stderr.startswith(f"error: {tmp_path / 'results.json'} cannot be read")
