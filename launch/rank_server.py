@@ -14,6 +14,7 @@ the server then ends when the launcher does, however the launcher ends, and the
 ranks' parent-death signal (launch.ranks) ends the ranks.
 """
 
+import atexit
 import multiprocessing.forkserver as forkserver
 import os
 import signal
@@ -66,6 +67,26 @@ def stop() -> None:
     if address and not util.is_abstract_socket_namespace(address) and os.path.exists(address):
         os.unlink(address)
     server._forkserver_pid = server._forkserver_alive_fd = server._forkserver_address = None
+
+
+@atexit.register
+def _remove_the_socket_as_the_server_ends() -> None:
+    """In the server (which imports this module with ``PRELOAD``), as it ends because its
+    launcher has: removes its socket and, if nothing else is left in it, the launcher's
+    multiprocessing folder that holds it. A launcher removes that folder as it exits, unless
+    it was killed by SIGKILL; the server ends after the launcher has, so never under its feet.
+    Elsewhere (the server's address unset, or set with the server's pid, as in its callers) nothing."""
+    server = forkserver._forkserver
+    address = server._forkserver_address
+    if server._forkserver_pid is not None or not isinstance(address, str) or util.is_abstract_socket_namespace(address):
+        return
+    folder = os.path.dirname(address)
+    try:
+        os.unlink(address)
+        if os.path.basename(folder).startswith("pymp-"):
+            os.rmdir(folder)
+    except OSError:  # gone already, or not empty
+        pass
 
 
 def pid() -> int:

@@ -68,10 +68,14 @@ def test_ctrl_c_stops_both_ranks(tiny_data, tmp_path):
 
 
 @pytest.mark.slow
-def test_ranks_do_not_outlive_a_killed_launcher(tiny_data, tmp_path):
+def test_ranks_do_not_outlive_a_killed_launcher(tiny_data, tmp_path, monkeypatch):
+    temporary = tmp_path / "tmp"  # the launcher's: multiprocessing's folder, with the rank server's socket
+    temporary.mkdir()
+    monkeypatch.setenv("TMPDIR", str(temporary))
     run = _start(tiny_data, tmp_path)
     run.wait_for_step(1)
     ranks = run.ranks()
+    assert [p.name[:5] for p in temporary.iterdir()] == ["pymp-"]
     os.kill(run.proc.pid, signal.SIGKILL)
     run.wait()
     deadline = time.monotonic() + 20
@@ -81,6 +85,10 @@ def test_ranks_do_not_outlive_a_killed_launcher(tiny_data, tmp_path):
     alive = [pid for pid in ranks if Path(f"/proc/{pid}/stat").exists()
              and Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"]
     assert not alive, f"ranks {alive} outlived their launcher"
+    # A launcher killed so cannot remove its temporary folder; the rank server, ending after it, does.
+    while any(temporary.iterdir()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(temporary.rglob("*")), sorted(temporary.rglob("*"))
 
 
 @pytest.mark.slow
