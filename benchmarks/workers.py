@@ -66,6 +66,7 @@ def _start(spec: dict, rank: int) -> tuple:
     torch.manual_seed(spec["seed"])  # same dropout stream on every rank
     device = _device(spec, rank)
     if device.type == "cuda":
+        torch.cuda.set_device(device)  # starts CUDA: a gloo rank has not yet, and its allocator has no statistics before
         torch.cuda.reset_peak_memory_stats(device)
     return device, peak_memory(torch.device("cpu"))[0]
 
