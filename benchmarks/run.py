@@ -227,7 +227,9 @@ def main_runs(config: BenchConfig) -> list:
 
 
 def plan_runs(config: BenchConfig) -> list:
-    """Every distinct run, fp32 before bf16 (the bf16 check compares with fp32)."""
+    """Every distinct run, fp32 before bf16 (the bf16 check compares with fp32), in the order of
+    need should a --time-limit cut them short: the main table, the precision and memory-format
+    sweep, the projection's half batch, the batch-size sweep, the compiled runs (slow to start)."""
     main = main_runs(config)
     sweep = [RunKey(m, b, "fp32", "contiguous") for b in sorted(config.batches) for m in config.sweep_modes]
     # the projection's DDP compute: one rank's work is the single net on half the batch
@@ -238,7 +240,7 @@ def plan_runs(config: BenchConfig) -> list:
                 for m in config.precision_modes]
     compiled = [RunKey(m, config.batch, p, f, True) for p in precisions for f in config.memory_formats
                 for m in config.compile_modes]
-    return list(dict.fromkeys(main + sweep + half + sweep_pf + compiled))
+    return list(dict.fromkeys(main + sweep_pf + half + sweep + compiled))
 
 
 def run_spec(key: RunKey, config: BenchConfig, devices: DevicePlan, weights: dict) -> dict:
@@ -558,9 +560,9 @@ class Bench:
     every run (so that a benchmark stopped from outside leaves what it measured, from which
     ``report.write_report`` can draw the report)."""
 
-    def __init__(self, config: BenchConfig, devices: DevicePlan, out: Path, argv):
+    def __init__(self, config: BenchConfig, devices: DevicePlan, out: Path, argv, deadline: Deadline):
         self.config, self.devices, self.out = config, devices, out
-        self.deadline, self.started = Deadline(config.time_limit), time.perf_counter()
+        self.deadline, self.started = deadline, time.perf_counter()
         self.analytic = analytic_figures(config)
         self.keys = plan_runs(config)
         self.runs, self.not_measured, self.bf16_reason, self.weights = {}, [], None, None
@@ -658,10 +660,11 @@ def main(argv=None) -> Path:
     config = BenchConfig(**vars(build_parser().parse_args(argv)))
     devices = plan_devices(config)
     config = resolve(config, devices)
+    deadline = Deadline(config.time_limit)  # from here: the built-in data may be made first, and CUDA started
     loader_data = open_loader_data(config.loader_data, config.batch)  # a bad folder fails before anything runs
     out = Path(config.out) if config.out else default_out(devices)
     out.mkdir(parents=True, exist_ok=True)
-    bench = Bench(config, devices, out, argv)
+    bench = Bench(config, devices, out, argv, deadline)
     results = bench.run(loader_data)
     from .report import write_report  # matplotlib is imported only here, never in the ranks
     write_report(results, out)
