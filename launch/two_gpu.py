@@ -277,12 +277,14 @@ def _configure(argv) -> tuple:
                          f"--precision fp32")
     log.info("placement: %s", placement.describe())
     log.info("architecture: %s", architecture(config).describe())
-    log.info("arithmetic: %s", describe_arithmetic(config))
+    log.info("arithmetic: %s", describe_arithmetic(config, placement.device))
     return config, checkpoint, placement
 
 
-def describe_arithmetic(config: TrainConfig) -> str:
+def describe_arithmetic(config: TrainConfig, device: str = "cpu") -> str:
     precision = "bf16 autocast, float32 weights" if config.precision == "bf16" else "float32"
+    if device == "cuda" and config.precision != "bf16" and torch.backends.cudnn.allow_tf32:
+        precision += " (convolutions in TF32, cuDNN's default on a GPU)"
     if config.compile is None:
         return f"{precision}, eager"
     what = "a tower's four blocks between its exchanges" if config.layout == "towers" else "the whole net"

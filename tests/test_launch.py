@@ -225,6 +225,16 @@ def test_bf16_and_compiled_towers_train_and_go_on_in_float32(tiny_data, tmp_path
         assert config.lr == 0.001 and config.batch_size == 4  # the recipe stays the run's
 
 
+def test_the_arithmetic_is_named_as_the_device_does_it(monkeypatch):
+    assert two_gpu.describe_arithmetic(TrainConfig()) == "float32, eager"
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)  # torch's default
+    assert two_gpu.describe_arithmetic(TrainConfig(), "cuda") == (
+        "float32 (convolutions in TF32, cuDNN's default on a GPU), eager")
+    assert two_gpu.describe_arithmetic(TrainConfig(precision="bf16"), "cuda") == "bf16 autocast, float32 weights, eager"
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    assert two_gpu.describe_arithmetic(TrainConfig(), "cuda") == "float32, eager"
+
+
 def _delivery_worker(rank, data_root):
     """Batches 1 and 2 of epoch 0 as training receives them: uint8 crops broadcast by rank 0,
     augmented on each rank from the choices each rank draws itself."""
