@@ -42,9 +42,19 @@ def test_two_towers_sharing_one_gpu_match_the_reference(autocast, compile_backen
     results = run_ranks(_parity_worker, ("tower0", torch.float32, 0, autocast, "cuda", Architecture(), compile_backend),
                         backend="gloo", timeout_s=TIMEOUT_S)
     for rank, r in enumerate(results):
-        if autocast:  # the tolerances of test_parity's bf16 test, for the same reasons
-            assert r["logits"] < 1e-3 and r["loss"] < 1e-3, rank
-            assert max(r["grads"].values()) < 4e-2, rank
+        if autocast:
+            # On the CPU the bf16 roundings of both nets fall in the same places (test_parity's bf16
+            # test). Here a tower's products have other shapes than the reference's (FC6 and FC7
+            # half as wide), cuBLAS and cuDNN pick other kernels that sum in other orders, and a sum
+            # rounded to bf16 may land one step (0.4 %) away. The split must then cost no more than
+            # bf16 itself: |towers - ref| <= |towers - exact| + |exact - ref|, each of the two
+            # about bf16's own error (the reference's against float32), hence at most twice that
+            # (and never more than the CPU's tolerances would allow, were they the larger).
+            bf16 = r["bf16_error"]
+            for what in ("logits", "loss"):
+                assert r[what] <= max(1e-3, 2 * bf16[what]), (rank, what, r[what], bf16[what])
+            for key, error in r["grads"].items():
+                assert error <= max(4e-2, 2 * bf16["grads"][key]), (rank, key, error, bf16["grads"][key])
         else:
             # float32 with TF32 off: cuDNN picks other algorithms for the towers' convolutions
             # than for the grouped ones of the reference; 1e-5 relative as on the CPU, 10x for gradients.
@@ -77,8 +87,9 @@ def test_the_program_trains_on_the_gpu_and_its_checkpoint_evaluates_on_the_cpu(t
 def test_the_single_layout_trains_on_the_gpu_in_bf16_compiled_and_goes_on_as_towers_on_the_cpu(tiny_data, tmp_path):
     """--layout single on the GPU in the program's fastest arithmetic (bf16 autocast, compiled
     by inductor); its checkpoint resumes as the two towers on the CPU, eager, in float32."""
+    # --val-limit 4: one batch of 4 to evaluate, one compilation (a last batch of 2 would make another)
     run = launch("--data", tiny_data, "--out", tmp_path, "--run-name", "single", "--layout", "single", "--max-steps", "3",
-                 "--val-limit", "6", "--no-ten-crop", "--precision", "bf16", "--compile", "inductor", *TINY)
+                 "--val-limit", "4", "--no-ten-crop", "--precision", "bf16", "--compile", "inductor", *TINY)
     assert "the whole net on cuda:0, one process" in run.stderr
     summary = json.loads((tmp_path / "single" / "summary.json").read_text())
     assert summary["device"].startswith("cuda") and summary["steps"] == 3
@@ -96,6 +107,7 @@ def _towers_over_nccl_with_a_host_id_each(rank, *args):
     # program never runs NCCL this way. NCCL reads the id when the first collective
     # creates its communicator, which is after this line.
     os.environ["NCCL_HOSTID"] = f"tower-{rank}"
+    os.environ["NCCL_IB_DISABLE"] = "1"  # between "hosts", the socket transport even where InfiniBand is
     return _parity_worker(rank, *args)
 
 
