@@ -81,6 +81,6 @@ def test_tests_that_outrun_their_share_are_stopped_and_leave_the_benchmark_too_l
     result = _gpu(tmp_path, "all", python=stand_in, GPU_BUDGET_S="20", STAND_IN_TESTS_S="100")
     assert result.returncode == 124, result.stderr  # timeout's code: the first stage that failed
     log = (tmp_path / "gpu-tests.log").read_text()
-    assert log.strip().splitlines()[-1] == "error: the GPU tests were stopped after their 9 s of GPU_BUDGET_S=20"
+    assert log.strip().splitlines()[-1] == "error: the GPU tests were stopped after their 10 s of GPU_BUDGET_S=20"
     assert re.search(r"error: -?\d+ s of GPU_BUDGET_S=20 left for the benchmark: not started", result.stderr)
     assert not (tmp_path / "benchmark.log").exists()
