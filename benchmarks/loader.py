@@ -57,12 +57,21 @@ def open_loader_data(data: Optional[str], batch: int) -> data_module.DataBundle:
     return bundle
 
 
-def measure_loader(workers: tuple, batch: int, batches: int, device: str, bundle: data_module.DataBundle) -> dict:
+def measure_loader(workers: tuple, batch: int, batches: int, device: str, bundle: data_module.DataBundle,
+                   deadline=None) -> dict:
     """images/s of the loader on ``bundle`` (see open_loader_data) for each number of
-    ``workers``, and the device-side augmentation's ms per batch on ``device``."""
+    ``workers``, and the device-side augmentation's ms per batch on ``device``. Past the
+    ``deadline`` (benchmarks.run.Deadline), the numbers of workers left are not measured."""
+    by_workers, skipped = [], []
+    for count in workers:
+        if by_workers and deadline is not None and deadline.left() <= 0:
+            skipped.append(count)
+        else:
+            by_workers.append(_images_per_s(bundle, batch, batches, count))
     return {
         "data": str(bundle.root), "train_images": len(bundle.train), "device": device,
-        "by_workers": [_images_per_s(bundle, batch, batches, w) for w in workers],
+        "by_workers": by_workers, "not_measured_workers": skipped,
+        "not_measured_reason": deadline.reason if skipped else None,
         "augment_ms_per_batch": _augment_ms(bundle, batch, torch.device(device)),
         # what one rank broadcasts per image: uint8 crop (and an int64 label), against float32 images
         "input_bytes_per_image": 3 * CROP_SIZE * CROP_SIZE + 8, "float32_bytes_per_image": 4 * 3 * CROP_SIZE * CROP_SIZE + 8,

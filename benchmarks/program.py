@@ -10,6 +10,7 @@ ImageNet's training set would take.
 """
 
 import json
+import signal
 import statistics
 import subprocess
 import sys
@@ -36,6 +37,26 @@ def program_command(layout: str, batch: int, steps: int, device: str, data: Opti
     if workers is not None:
         command += ["--workers", str(workers)]
     return command
+
+
+STOP_GRACE_S = 20.0  # how long a program told to stop (Ctrl-C) gets to end its ranks and remove its files
+
+
+def _run(argv: list, timeout_s: float) -> subprocess.CompletedProcess:
+    """``subprocess.run`` of ``argv``, output captured, except that a child that outlives
+    ``timeout_s``, or a benchmark interrupted meanwhile, is stopped as Ctrl-C stops the program
+    (its ranks ended, its files removed), and killed only if it has not ended after STOP_GRACE_S."""
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as child:
+        try:
+            out, err = child.communicate(timeout=timeout_s)
+        except BaseException:
+            child.send_signal(signal.SIGINT)
+            try:
+                child.communicate(timeout=STOP_GRACE_S)
+            except subprocess.TimeoutExpired:
+                child.kill()
+            raise
+    return subprocess.CompletedProcess(argv, child.returncode, out, err)
 
 
 def steady_rate(records: list, batch: int, warmup: int) -> dict:
@@ -70,8 +91,7 @@ def measure_program(modes: tuple, batch: int, steps: int, warmup: int, device: s
                     results.append({**entry, "failed": deadline.reason})
                     continue
             try:
-                done = subprocess.run([sys.executable, *command, "--out", folder, "--run-name", "run"],
-                                      capture_output=True, text=True, timeout=timeout_s)
+                done = _run([sys.executable, *command, "--out", folder, "--run-name", "run"], timeout_s)
             except subprocess.TimeoutExpired:
                 cut = deadline is not None and deadline.left() <= 0
                 results.append({**entry, "failed": f"{deadline.reason} while it ran" if cut else

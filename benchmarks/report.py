@@ -419,6 +419,7 @@ def loader_lines(results) -> list:
              "| workers | images/s | ms per batch |", "|---|---|---|"]
     lines += [f"| {w['workers']} | {w['images_per_s']:.1f} | {1000 * w['seconds'] / w['batches']:.1f} |"
               for w in loader["by_workers"]]
+    lines += [f"| {w} | {loader['not_measured_reason']} | |" for w in loader.get("not_measured_workers", ())]
     towers = [r for r in results["runs"] if r["mode"] == "towers" and r["batch"] == results["config"]["batch"]
               and _plain(r)]
     lines += ["", f"- the rest of the augmentation (mean, reflection, colour shift) on {loader['device']}: "
@@ -432,9 +433,11 @@ def loader_lines(results) -> list:
 
 
 def program_lines(results) -> list:
-    program = results.get("program") or []
+    program = results.get("program")
+    if program is None:
+        return ["Not measured: results.json holds no figures of it."]
     if not program:
-        return ["Not run."]
+        return ["Not run (--program-modes)."]
     done = [p for p in program if "failed" not in p]
     failed = [f"- {p['mode']}: {p['failed']} (`python -m {p['command']}`)" for p in program if "failed" in p]
     if not done:
@@ -512,8 +515,6 @@ def speed_goal_lines(results) -> list:
 
 def write_report(results: dict, folder: Path) -> None:
     folder = Path(folder)
-    chart_images_per_s(results, folder / IMAGES_CHART)
-    chart_bytes(results, folder / BYTES_CHART)
     m, cfg = results["machine"], results["config"]
     plan = m["device_plan"]
     two_rank_threads = sorted({t for r in results["runs"] if r["ranks"] > 1 for t in r["threads"]})
@@ -566,6 +567,9 @@ def write_report(results: dict, folder: Path) -> None:
                 if not all(loss is not None and np.isfinite(loss) for loss in r["final_loss"])]
     if diverged:  # the arithmetic timed is the same, but non-finite values can run slower on some CPUs
         lines += ["", f"Note: the loss became non-finite in {', '.join(diverged)} (random labels at raw-pixel scale)."]
+    # the text first, then the files: a results.json that cannot make a report changes none of them
+    chart_images_per_s(results, folder / IMAGES_CHART)
+    chart_bytes(results, folder / BYTES_CHART)
     (folder / "report.md").write_text("\n".join(lines) + "\n")
 
 
@@ -574,13 +578,23 @@ def main(argv=None) -> None:
                                      description="Redraws report.md and the charts in FOLDER from FOLDER/results.json.")
     parser.add_argument("folder", type=Path, help="a folder that python -m benchmarks.run wrote")
     folder = parser.parse_args(argv).folder
+    path = folder / "results.json"
     try:
-        results = json.loads((folder / "results.json").read_text())
+        results = json.loads(path.read_text())
     except (OSError, ValueError) as error:
-        print(f"error: {folder / 'results.json'} cannot be read ({error}): give a folder that python -m "
-              f"benchmarks.run wrote", file=sys.stderr)
+        print(f"error: {path} cannot be read ({error}): give a folder that python -m benchmarks.run wrote",
+              file=sys.stderr)
         sys.exit(2)
-    write_report(results, folder)
+    try:
+        write_report(results, folder)
+    except (KeyError, TypeError, AttributeError, IndexError) as error:
+        print(f"error: {path} is not what python -m benchmarks.run writes ({type(error).__name__}: {error}): "
+              f"give a folder that it wrote", file=sys.stderr)
+        sys.exit(2)
+    except OSError as error:
+        print(f"error: cannot write the report in {folder} ({error.strerror}): copy {path} to a folder that can "
+              f"be written and give that", file=sys.stderr)
+        sys.exit(2)
     print(folder / "report.md")
 
 

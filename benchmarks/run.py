@@ -204,7 +204,7 @@ def resolve(config: BenchConfig, devices: DevicePlan) -> BenchConfig:
     if min((config.batch,) + config.batches) < 1 or any(b % 2 for b in ddp_batches):
         raise ValueError(f"batches must be positive, and even where ddp or hybrid runs (they halve the global "
                          f"batch): --batch {config.batch} --batches {','.join(map(str, config.batches))}")
-    if config.time_limit is not None and not config.time_limit > 0:
+    if config.time_limit is not None and not 0 < config.time_limit < math.inf:
         raise ValueError(f"--time-limit must be a positive number of seconds, got {config.time_limit:g}")
     for link in config.links:
         name, _, gb_s = link.partition("=")
@@ -581,10 +581,20 @@ class Bench:
                             mesh_projection=mesh_projection(runs, self.config, self.analytic),
                             elapsed_s=time.perf_counter() - self.started)
         self.results["machine"]["load_average"]["end"] = _load_average()
-        partial = self.out / "results.json.partial"
-        partial.write_text(json.dumps(self.results, indent=1, default=str))
-        os.replace(partial, self.out / "results.json")
+        with tempfile.NamedTemporaryFile("w", dir=self.out, prefix=".results.json.", delete=False) as partial:
+            partial.write(json.dumps(self.results, indent=1, default=str))
+        os.replace(partial.name, self.out / "results.json")  # whole or not at all, whoever else writes here
         return self.results
+
+    def draw_weights(self, folder: str) -> None:
+        """The reference from the seed and its two tower shards, as files in ``folder`` that every run
+        loads; left undrawn if the deadline comes first."""
+        try:
+            self.weights = run_ranks(weights_worker, (self.config.seed, self.config.fc8_placement, folder),
+                                     world_size=1, timeout_s=self.deadline.timeout(self.config.rank_timeout_s))[0]
+        except RankFailure:
+            if self.deadline.left() > 0:
+                raise
 
     def measure(self, keys: list, folder: str) -> None:
         """Runs the planned runs of ``keys``; the weights every run loads are drawn into ``folder`` first."""
@@ -597,14 +607,13 @@ class Bench:
             elif key.mode == "hybrid" and devices.backend == "nccl" and torch.cuda.device_count() < RANKS["hybrid"]:
                 reason = (f"skipped: NCCL needs one GPU per rank and hybrid has {RANKS['hybrid']} ranks; this machine "
                           f"shows {torch.cuda.device_count()} GPUs")
-            elif self.deadline.left() <= 0:
+            if not reason and self.weights is None and self.deadline.left() > 0:
+                self.draw_weights(folder)
+            if not reason and self.deadline.left() <= 0:
                 reason = self.deadline.reason
             if reason:
                 self.not_measured.append({**key._asdict(), "reason": reason})
                 continue
-            if self.weights is None:  # the reference from the seed and its two tower shards, as files every run loads
-                self.weights = run_ranks(weights_worker, (config.seed, config.fc8_placement, folder), world_size=1,
-                                         timeout_s=config.rank_timeout_s)[0]
             spec = run_spec(key, config, devices, self.weights)
             try:
                 ranks = execute(spec, config, devices, self.deadline.timeout(config.rank_timeout_s))
@@ -642,11 +651,13 @@ class Bench:
                 logger.info("data loader: %s workers, %d batches of %d", ",".join(map(str, config.loader_workers)),
                             config.loader_batches, config.batch)
                 self.results["loader"] = measure_loader(config.loader_workers, config.batch, config.loader_batches,
-                                                        devices.single, loader_data)
+                                                        devices.single, loader_data, self.deadline)
             else:
                 self.results["loader"] = {"skipped": self.deadline.reason}
-            logger.info("the training program: %s, %d + %d steps of %d", ",".join(config.program_modes),
-                        config.warmup, config.steps, config.batch)
+            self.save()
+            if self.deadline.left() > 0:
+                logger.info("the training program: %s, %d + %d steps of %d", ",".join(config.program_modes),
+                            config.warmup, config.steps, config.batch)
             self.results["program"] = measure_program(config.program_modes, config.batch, config.steps, config.warmup,
                                                       devices.single, config.loader_data, None, config.rank_timeout_s,
                                                       self.deadline)
@@ -663,20 +674,39 @@ def main(argv=None) -> Path:
     deadline = Deadline(config.time_limit)  # from here: the built-in data may be made first, and CUDA started
     loader_data = open_loader_data(config.loader_data, config.batch)  # a bad folder fails before anything runs
     out = Path(config.out) if config.out else default_out(devices)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"--out {out}: cannot make that folder ({error.strerror}); give a folder that can be written") \
+            from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out}: this folder cannot be written; give another")
     bench = Bench(config, devices, out, argv, deadline)
-    results = bench.run(loader_data)
+    try:
+        results = bench.run(loader_data)
+    except KeyboardInterrupt:
+        logger.error("stopped: %s holds the runs measured so far; python -m benchmarks.report %s draws their report",
+                     out / "results.json", out)
+        raise
     from .report import write_report  # matplotlib is imported only here, never in the ranks
     write_report(results, out)
     logger.info("done in %.0f s: %s", time.perf_counter() - bench.started, out / "report.md")
     return out
 
 
+def _stop(signum, frame):
+    raise KeyboardInterrupt  # a SIGTERM stops the benchmark as Ctrl-C does: runs ended, temporary files removed
+
+
 if __name__ == "__main__":
+    import signal
+    signal.signal(signal.SIGTERM, _stop)
     try:
         main()
     except ValueError as error:  # the user's options or data: one line, exit code 2
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # said in main's last log line
+        sys.exit(130)
     finally:
         rank_server.stop()

@@ -5,17 +5,21 @@ structure and for traffic counted exactly as the layer shapes say. Speed is neve
 
 import json
 import math
+import os
+from pathlib import Path
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import matplotlib.image
 import pytest
 
-from benchmarks import flops, program, run, traffic
+from benchmarks import flops, program, report, run, traffic
 from towers import AlexNet
 
-from conftest import ROOT
+from conftest import ROOT, cmdline
 
 PARAMS = 60_965_224  # parameters of the whole net: the layer shapes of section 3.5 and Figure 2
 # Elements one tower sends per image, from the paper's Figure 2 (the partition table in the README):
@@ -86,11 +90,44 @@ def test_loader_data_too_small_for_the_batch_fails_before_anything_runs(tiny_dat
     assert not out.exists()
 
 
-def test_a_time_limit_must_be_positive(tmp_path):
-    for limit in ("0", "-5", "nan"):
+def test_a_time_limit_must_be_a_positive_number_of_seconds(tmp_path):
+    for limit in ("0", "-5", "nan", "inf"):
         with pytest.raises(ValueError, match=f"--time-limit must be a positive number of seconds, got {limit}"):
             run.main(["--device", "cpu", "--time-limit", limit, "--out", str(tmp_path)])
     assert not any(tmp_path.iterdir())
+
+
+def test_an_out_folder_that_cannot_be_made_is_refused(tiny_data, tmp_path):
+    afile = tmp_path / "a-file"
+    afile.write_text("")
+    for out, why in ((afile, "File exists"), (afile / "report", "Not a directory")):
+        with pytest.raises(ValueError, match=f"--out {out}: cannot make that folder \\({why}\\); give a folder"):
+            run.main(["--device", "cpu", "--batch", "2", "--loader-data", str(tiny_data), "--out", str(out)])
+
+
+def test_the_loader_stops_measuring_at_the_deadline(tiny_data):
+    class Passed(run.Deadline):
+        def left(self):
+            return -1.0
+
+    bundle = run.open_loader_data(str(tiny_data), 2)
+    loader = run.measure_loader((0, 1, 2), 2, 1, "cpu", bundle, Passed(10))
+    assert [w["workers"] for w in loader["by_workers"]] == [0]  # the first is always measured
+    assert loader["not_measured_workers"] == [1, 2]
+    lines = report.loader_lines({"loader": loader, "runs": [], "config": {"batch": 2}})
+    assert "| 1 | not measured: the benchmark's --time-limit of 10 s was reached | |" in lines
+
+
+@pytest.mark.parametrize("content", ["[1, 2]", "null", "{}", '{"runs": []}'])
+def test_a_report_is_drawn_only_from_a_results_json(tmp_path, capsys, content):
+    (tmp_path / "results.json").write_text(content)
+    with pytest.raises(SystemExit) as exit:
+        report.main([str(tmp_path)])
+    assert exit.value.code == 2
+    message = capsys.readouterr().err
+    assert message.startswith(f"error: {tmp_path / 'results.json'} is not what python -m benchmarks.run writes (")
+    assert len(message.strip().splitlines()) == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["results.json"]  # nothing drawn
 
 
 @pytest.mark.slow
@@ -135,6 +172,54 @@ def test_a_benchmark_cut_short_by_its_time_limit_reports_what_it_measured(tiny_d
     result = subprocess.run([sys.executable, "-m", "benchmarks.report", str(tmp_path)], cwd=ROOT,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and result.stderr.startswith(f"error: {tmp_path / 'results.json'} cannot be read")
+
+
+@pytest.mark.slow
+def test_a_benchmark_stopped_while_the_program_runs_leaves_nothing_running_or_behind(tiny_data, tmp_path):
+    """SIGTERM, as a scheduler or a timeout sends it, while the training program (a child
+    process with ranks of its own) runs: everything ends, the temporary folders go."""
+    temporary, out = tmp_path / "tmp", tmp_path / "report"
+    temporary.mkdir()
+    log = open(tmp_path / "log", "w+")
+    bench = subprocess.Popen([sys.executable, "-m", "benchmarks.run", "--quick", "--device", "cpu", "--batch", "2",
+                              "--modes", "single", "--program-modes", "towers", "--loader-workers", "0",
+                              "--loader-data", str(tiny_data), "--out", str(out)],
+                             cwd=ROOT, env=dict(os.environ, TMPDIR=str(temporary)), stdout=log, stderr=log,
+                             start_new_session=True)
+    try:
+        deadline = time.monotonic() + RUN_TIMEOUT_S
+        while not _session(bench.pid, "launch.two_gpu") or len(_session(bench.pid, "forkserver")) < 4:
+            assert bench.poll() is None and time.monotonic() < deadline, Path(log.name).read_text()[-3000:]
+            time.sleep(0.2)  # until the program's two ranks run (forked from its server, beside the harness's)
+        os.kill(bench.pid, signal.SIGTERM)
+        assert bench.wait(timeout=120) == 130
+    finally:
+        if bench.poll() is None:
+            os.killpg(bench.pid, signal.SIGKILL)
+    text = Path(log.name).read_text()
+    assert f"stopped: {out / 'results.json'} holds the runs measured so far; python -m benchmarks.report" in text
+    assert "Traceback" not in text, text[-3000:]
+    deadline = time.monotonic() + 20
+    while (_session(bench.pid) or any(p.name != "torchinductor_root" for p in temporary.iterdir())) \
+            and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _session(bench.pid), [cmdline(pid) for pid in _session(bench.pid)]
+    assert [p.name for p in temporary.iterdir() if p.name != "torchinductor_root"] == []  # a cache, not ours
+    results = json.loads((out / "results.json").read_text())
+    assert [r["mode"] for r in results["runs"]] == ["single"] and results["loader"]["by_workers"]
+
+
+def _session(sid: int, word: str = "") -> list:
+    """Live processes of session ``sid`` whose command line holds ``word``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[3]) == sid and fields[0] != "Z" and word in cmdline(int(entry.name)):
+            found.append(int(entry.name))
+    return found
 
 
 def test_help_explains_every_option():
