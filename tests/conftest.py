@@ -98,9 +98,13 @@ class Run:
     def __init__(self, *args, run_dir: Path):
         self.run_dir = run_dir
         self.log = open(run_dir.parent / f"{run_dir.name}.stderr", "w+")
+        # Temporary files in the test's folder: a run whose whole group a test kills with SIGKILL
+        # cannot remove its multiprocessing folder, and the machine's /tmp is not the test's.
+        temporary = run_dir.parent / "tmp"
+        temporary.mkdir(exist_ok=True)
         self.proc = subprocess.Popen([sys.executable, "-m", "launch.two_gpu", *map(str, args)], cwd=ROOT,
-                                     stdout=subprocess.DEVNULL, stderr=self.log, start_new_session=True,
-                                     preexec_fn=_as_foreground_job)
+                                     env=dict(os.environ, TMPDIR=str(temporary)), stdout=subprocess.DEVNULL,
+                                     stderr=self.log, start_new_session=True, preexec_fn=_as_foreground_job)
 
     def steps(self) -> int:
         path = self.run_dir / "metrics.jsonl"

@@ -68,11 +68,9 @@ def test_ctrl_c_stops_both_ranks(tiny_data, tmp_path):
 
 
 @pytest.mark.slow
-def test_ranks_do_not_outlive_a_killed_launcher(tiny_data, tmp_path, monkeypatch):
-    temporary = tmp_path / "tmp"  # the launcher's: multiprocessing's folder, with the rank server's socket
-    temporary.mkdir()
-    monkeypatch.setenv("TMPDIR", str(temporary))
+def test_ranks_do_not_outlive_a_killed_launcher(tiny_data, tmp_path):
     run = _start(tiny_data, tmp_path)
+    temporary = tmp_path / "tmp"  # the launcher's (conftest.Run): multiprocessing's folder, with the rank server's socket
     run.wait_for_step(1)
     ranks = run.ranks()
     assert [p.name[:5] for p in temporary.iterdir()] == ["pymp-"]
