@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import torch
@@ -85,6 +86,19 @@ def cmdline(pid: int) -> str:
         return ""
 
 
+def live_processes(*, group: Optional[int] = None, session: Optional[int] = None) -> list:
+    """PIDs of the live processes (zombies excluded) of a process group, or of a session."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split() if entry.name.isdigit() else None
+        except (OSError, IndexError):
+            continue
+        if fields and fields[0] != "Z" and group in (None, int(fields[2])) and session in (None, int(fields[3])):
+            found.append(int(entry.name))
+    return found
+
+
 def _as_foreground_job() -> None:
     # A shell hands a foreground job the default SIGINT, whatever it ignores itself; the
     # suite may run in the background (where SIGINT is ignored and the child inherits that).
@@ -148,12 +162,4 @@ class Run:
 
     def leftovers(self) -> list:
         """Processes of the run's group still alive (zombies excluded)."""
-        alive = []
-        for entry in Path("/proc").iterdir():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except (OSError, IndexError):
-                continue
-            if int(fields[2]) == self.proc.pid and fields[0] != "Z":
-                alive.append(int(entry.name))
-        return alive
+        return live_processes(group=self.proc.pid)

@@ -19,7 +19,7 @@ import pytest
 from benchmarks import flops, program, report, run, traffic
 from towers import AlexNet
 
-from conftest import ROOT, cmdline
+from conftest import ROOT, cmdline, live_processes
 
 PARAMS = 60_965_224  # parameters of the whole net: the layer shapes of section 3.5 and Figure 2
 # Elements one tower sends per image, from the paper's Figure 2 (the partition table in the README):
@@ -211,15 +211,7 @@ def test_a_benchmark_stopped_while_the_program_runs_leaves_nothing_running_or_be
 
 def _session(sid: int, word: str = "") -> list:
     """Live processes of session ``sid`` whose command line holds ``word``."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if int(fields[3]) == sid and fields[0] != "Z" and word in cmdline(int(entry.name)):
-            found.append(int(entry.name))
-    return found
+    return [pid for pid in live_processes(session=sid) if word in cmdline(pid)]
 
 
 def test_help_explains_every_option():
