@@ -55,7 +55,7 @@ import numpy as np
 import torch
 
 from launch.cli import add_options, option
-from launch.ranks import RankFailure, cpu_threads_per_rank, run_ranks
+from launch.ranks import RankFailure, cpu_threads_per_rank, raise_interrupt, run_ranks
 from launch.step import AUTOCAST
 from towers import FC8_PLACEMENTS, TOWERS, AlexNet, check_compile_backend
 
@@ -694,13 +694,9 @@ def main(argv=None) -> Path:
     return out
 
 
-def _stop(signum, frame):
-    raise KeyboardInterrupt  # a SIGTERM stops the benchmark as Ctrl-C does: runs ended, temporary files removed
-
-
 if __name__ == "__main__":
     import signal
-    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGTERM, raise_interrupt)  # as Ctrl-C: runs ended, temporary files removed
     try:
         main()
     except ValueError as error:  # the user's options or data: one line, exit code 2

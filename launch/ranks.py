@@ -173,7 +173,8 @@ def _rank_main(rank, world_size, addr, port, backend, collective_timeout_s, thre
     dist.destroy_process_group()
 
 
-def _raise_interrupt(signum, frame):
+def raise_interrupt(signum, frame):
+    """A signal handler: the signal stops the program as Ctrl-C does."""
     raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
 
 
@@ -231,7 +232,7 @@ def run_ranks(fn: Callable, args: Sequence = (), world_size: int = 2, backend: s
     # SIGTERM to the launcher stops the ranks as Ctrl-C does (then the launcher exits).
     previous_sigterm = None
     if threading.current_thread() is threading.main_thread():
-        previous_sigterm = signal.signal(signal.SIGTERM, _raise_interrupt)
+        previous_sigterm = signal.signal(signal.SIGTERM, raise_interrupt)
     if on_start is not None:
         on_start(procs)
     values, failures, first = {}, {}, None
