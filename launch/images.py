@@ -90,6 +90,8 @@ def resize_center(image: Image.Image, size: int = BASE_SIZE) -> Image.Image:
     ordinary shape: given a box, PIL may order them the other way, and the rounding of
     the intermediate image then moves many pixels by one grey level."""
     width, height = image.size
+    if width == height == size:  # a base image already (the built-in set, launch.prepare's output): as it is
+        return image
     scale = size / min(width, height)
     new_width, new_height = max(size, round(width * scale)), max(size, round(height * scale))
     x_first, x_last, left, right = _source_span(width, new_width, size)
