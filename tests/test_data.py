@@ -483,9 +483,33 @@ def test_augmentation_changes_with_epoch_and_follows_the_paper(small_bundle):
     assert torch.allclose(shifted, expected.float().view(3, 1, 1).expand_as(shifted), atol=1e-4)
 
 
-def test_the_batched_augmentation_is_the_per_image_one(small_bundle):
+def test_each_position_has_its_choices_whatever_the_range_drawn():
+    """The choices are drawn a block of positions at a time: a range across a block's end, or
+    one position alone, gets what the positions get in a larger range."""
+    first = data.DRAW_BLOCK - 100
+    whole = data.train_augmentation(seed=2, epoch=1, first=first, count=300)
+    for start, count in [(data.DRAW_BLOCK - 5, 10), (data.DRAW_BLOCK + 7, 1), (first, 1), (first + 299, 1)]:
+        data._draw_block.cache_clear()
+        part = data.train_augmentation(seed=2, epoch=1, first=start, count=count)
+        for got, expected in zip(part, whole):
+            assert torch.equal(got, expected[start - first:start - first + count])
+    # Over many positions: section 4.1's distributions, each block drawn anew.
+    many = data.train_augmentation(seed=0, epoch=0, first=0, count=20 * data.DRAW_BLOCK)
+    assert set(many.top.tolist()) == set(many.left.tolist()) == set(range(256 - 224 + 1))
+    assert abs(many.flip.double().mean() - 0.5) < 0.01  # 20,480 coin flips: 0.0035 standard deviation
+    assert abs(many.alpha.double().std() - 0.1) < 0.002 and abs(many.alpha.double().mean()) < 0.002
+    assert not torch.equal(many.alpha[:data.DRAW_BLOCK], many.alpha[data.DRAW_BLOCK:2 * data.DRAW_BLOCK])
+
+
+@pytest.mark.parametrize("block", [None, 7], ids=["one block", "blocks of 7"])
+def test_the_batched_augmentation_is_the_per_image_one(small_bundle, monkeypatch, request, block):
     """What the loader used to hand out (float32, augmented image by image on the CPU)
-    against uint8 crops augmented as a batch, as each rank does on its device."""
+    against uint8 crops augmented as a batch, as each rank does on its device; with blocks
+    of 7 positions, the loader's crops are cut where train_augmentation says across blocks."""
+    if block is not None:
+        monkeypatch.setattr(data, "DRAW_BLOCK", block)
+    data._draw_block.cache_clear()
+    request.addfinalizer(data._draw_block.cache_clear)  # no block of 7 left for the other tests
     data_stats = small_bundle.stats
     (crops, labels), = list(data.train_batches(small_bundle, batch_size=20, seed=4, epoch=2))
     assert crops.dtype == torch.uint8 and crops.shape == (20, 3, 224, 224)
