@@ -4,7 +4,7 @@
 at the main table's batch, fp32, with checkpoints only at the end: the loader, the
 input hand-over and the device-side augmentation are all in its steps. Its rate is
 taken from ``metrics.jsonl`` (``--log-every 1``), where each step records ``step_ms``,
-its own time including the wait for its batch; the first steps of the run are its
+its own time including the wait for its batch (``input_ms``); the first steps of the run are its
 warm-up and are left out. From that rate follows how long the paper's 90 epochs of
 ImageNet's training set would take.
 """
@@ -61,12 +61,15 @@ def _run(argv: list, timeout_s: float) -> subprocess.CompletedProcess:
 
 def steady_rate(records: list, batch: int, warmup: int) -> dict:
     """images/s from the train records' ``step_ms`` after the first ``warmup`` steps: the
-    median step (steady state) and the mean (epoch starts and slow batches included)."""
-    times = [r["step_ms"] for r in records if r.get("event") == "train" and r["step"] > warmup]
-    if not times:
+    median step (steady state) and the mean (epoch starts and slow batches included); and
+    the median of the steps' waits for their batches (``input_ms``, part of ``step_ms``)."""
+    timed = [r for r in records if r.get("event") == "train" and r["step"] > warmup]
+    if not timed:
         raise ValueError(f"no training step after the {warmup} warm-up steps to time")
+    times = [r["step_ms"] for r in timed]
     median, mean = statistics.median(times), statistics.fmean(times)
     return {"timed_steps": len(times), "median_step_ms": median, "mean_step_ms": mean,
+            "median_input_ms": statistics.median(r["input_ms"] for r in timed),
             "images_per_s": 1000 * batch / median, "mean_images_per_s": 1000 * batch / mean}
 
 

@@ -444,18 +444,22 @@ def program_lines(results) -> list:
         return failed
     lines = ["`python -m launch.two_gpu` itself on real JPEGs: the loader, the uint8 hand-over and the augmentation on "
              "the device are in every step. A step's time is its own `step_ms` in metrics.jsonl (the wait for its "
-             "batch and the step), after the run's first steps; the synthetic rate is the main table's, same mode and "
-             "batch, fp32, contiguous.", "",
+             "batch, `input_ms`, and the step), after the run's first steps; the synthetic rate is the main table's, "
+             "same mode and batch, fp32, contiguous. The wait for the batch (loading, the hand-over between the ranks) "
+             "is time in which the device has nothing to do.", "",
              "| mode | batch | device | loader workers | timed steps | program images/s (median step) | mean images/s "
-             "(every timed step) | synthetic images/s | program / synthetic | 90 ImageNet epochs at this rate |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "(every timed step) | median step ms (of which waiting for the batch) | synthetic images/s "
+             "| program / synthetic | 90 ImageNet epochs at this rate |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for p in done:
         synthetic = _find(results, p["mode"], p["batch"])
         rate = f"{synthetic['images_per_s']:.1f}" if synthetic else "—"
         ratio = f"{100 * p['images_per_s'] / synthetic['images_per_s']:.0f} %" if synthetic else "—"
         hours = p["paper_training_hours"]
+        waited = f" ({p['median_input_ms']:.1f})" if "median_input_ms" in p else ""  # not in older results
         lines.append(f"| {p['mode']} | {p['batch']} | {p['device']} | {p['workers']} | {p['timed_steps']} "
-                     f"| {p['images_per_s']:.1f} | {p['mean_images_per_s']:.1f} | {rate} | {ratio} "
+                     f"| {p['images_per_s']:.1f} | {p['mean_images_per_s']:.1f} | {p['median_step_ms']:.1f}{waited} "
+                     f"| {rate} | {ratio} "
                      f"| {hours:,.0f} h ({hours / 24:,.1f} days) |")
     lines += ["", f"- data: {done[0]['data']}; commands: " + "; ".join(f"`python -m {p['command']}`" for p in done),
               "- 90 epochs: 90 x 1,281,167 ImageNet training images at the program's median-step rate, "

@@ -217,6 +217,9 @@ def train_one_epoch(model, optimizer, bundle, plan: Plan, config: TrainConfig, p
         total_steps = min(total_steps, config.max_steps)
     model.train()
     for crops, labels in shared_batches(source, steps_left, IMAGE_SHAPE, device, mesh.tower_group, input_bytes):
+        # The wait for this batch (loading, the hand-over between ranks, its copy queued to the device):
+        # on a GPU, time in which the device has nothing to do, as each step ends by reading its loss.
+        input_ms = 1000 * (time.perf_counter() - meter.last)
         # Both towers draw the same choices for the batch's positions: nothing more crosses.
         choices = data_module.train_augmentation(config.seed, progress.epoch,
                                                  progress.batch * config.batch_size + share_first, share_size)
@@ -246,10 +249,10 @@ def train_one_epoch(model, optimizer, bundle, plan: Plan, config: TrainConfig, p
         if progress.global_step % config.log_every == 0 or progress.batch == plan.batches_per_epoch:
             bar.clear()
             log.info(line)
-            # loss and top1: means over the last steps, as on the step line; step_loss and step_ms: this
-            # step's alone (its time: the wait for its batch and the step)
+            # loss and top1: means over the last steps, as on the step line; step_loss, step_ms and input_ms:
+            # this step's alone (its time: the wait for its batch, input_ms, and the step)
             metrics.write(event="train", epoch=progress.epoch + 1, step=progress.global_step, loss=meter.loss,
-                          step_loss=loss, step_ms=1000 * meter.times[-1], top1=meter.top1,
+                          step_loss=loss, step_ms=1000 * meter.times[-1], input_ms=input_ms, top1=meter.top1,
                           images_per_s=meter.images_per_s, ms_per_step=meter.ms_per_step, lr=lr,
                           peak_memory_bytes=peak_memory(device)[0])
         if config.checkpoint_every and progress.global_step % config.checkpoint_every == 0 \

@@ -295,13 +295,15 @@ def test_the_training_program_is_timed_from_its_own_steps(tiny_run):
     assert towers["mode"] == "towers" and towers["batch"] == 2 and towers["device"] == "cpu"
     assert towers["timed_steps"] == 2 and towers["warmup_steps"] == 1  # --steps after --warmup
     assert towers["images_per_s"] == pytest.approx(1000 * 2 / towers["median_step_ms"])
+    assert 0 < towers["median_input_ms"] < towers["median_step_ms"]  # part of the step: 0 workers, loaded in rank 0
     assert towers["input_bytes_per_step"] == 8 + 2 * 3 * 224 * 224 + 2 * 8  # uint8 crops and labels
     assert towers["paper_training_hours"] == pytest.approx(90 * 1_281_167 / towers["images_per_s"] / 3600)
     section = (out / "report.md").read_text().split("## The training program against the synthetic step\n", 1)[1]
     row = next(line for line in section.splitlines() if line.startswith("| towers | 2 |"))
     synthetic = next(r for r in results["runs"] if (r["mode"], r["batch"], r["precision"], r["memory_format"]) ==
                      ("towers", 2, "fp32", "contiguous"))
-    assert f"| {synthetic['images_per_s']:.1f} | {100 * towers['images_per_s'] / synthetic['images_per_s']:.0f} % |" in row
+    assert f"| {towers['median_step_ms']:.1f} ({towers['median_input_ms']:.1f}) | {synthetic['images_per_s']:.1f} | " \
+           f"{100 * towers['images_per_s'] / synthetic['images_per_s']:.0f} % |" in row
     assert "python -m launch.two_gpu --layout towers --batch-size 2 --max-steps 3" in section
 
 
@@ -341,9 +343,11 @@ def test_compiled_runs_need_a_warm_up_step_and_a_backend_that_exists(tmp_path):
 
 
 def test_the_steady_rate_leaves_out_the_warm_up():
-    records = [{"event": "train", "step": s, "step_ms": ms} for s, ms in enumerate([900, 100, 120, 80, 300], 1)]
+    records = [{"event": "train", "step": s, "step_ms": ms, "input_ms": ms / 10}
+               for s, ms in enumerate([900, 100, 120, 80, 300], 1)]
     rate = program.steady_rate(records + [{"event": "eval", "step": 5}], batch=4, warmup=1)
     assert rate["timed_steps"] == 4 and rate["median_step_ms"] == 110 and rate["mean_step_ms"] == 150
+    assert rate["median_input_ms"] == 11  # of the timed steps only
     assert rate["images_per_s"] == pytest.approx(4000 / 110) and rate["mean_images_per_s"] == pytest.approx(4000 / 150)
     with pytest.raises(ValueError, match="no training step after the 5 warm-up steps"):
         program.steady_rate(records, batch=4, warmup=5)

@@ -48,6 +48,7 @@ def test_short_run_writes_its_results_and_eval_only_agrees(trained_run, tiny_dat
     summary = json.loads((run / "summary.json").read_text())
     # each step's own time (the benchmark's program rate): within the epoch's training time
     assert all(0 < r["step_ms"] for r in train_lines) and sum(r["step_ms"] for r in train_lines) < 1000 * summary["train_seconds"]
+    assert all(0 < r["input_ms"] < r["step_ms"] for r in train_lines)  # the wait for the batch: part of the step
     assert summary["steps"] == 7 and summary["epochs"] == 1 and summary["centre"]["images"] == 10
     assert summary["ten_patch"]["test"] == "ten-patch"
     # The batch crosses as uint8 crops: a quarter of float32 images (plus the count and the labels).
