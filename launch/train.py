@@ -93,12 +93,17 @@ def shared_batches(source: Optional[Iterable], batches: int, item_shape: tuple, 
     the other rank passes ``source=None`` and receives. Items are ``item_shape`` uint8
     images. A batch may be short, even empty (evaluation leaves out unusable images).
     Over gloo the batch crosses in host memory (pinned where a GPU is to receive it) and
-    is then copied to the device without waiting; over NCCL it crosses on the device."""
+    is then copied to the device without waiting; over NCCL it crosses on the device.
+    The next batch starts crossing, without waiting, before a batch is yielded: the
+    hand-over runs while the caller computes on the batch (both ranks start the same
+    collectives in the same order, so they pair up whatever runs between them)."""
     src = dist.get_global_rank(group, 0)
     via = device if dist.get_backend(group) == dist.Backend.NCCL else torch.device("cpu")
     pinned = via.type == "cpu" and device.type == "cuda"
     iterator = iter(source) if source is not None else None
-    for _ in range(batches):
+
+    def start_next() -> tuple:
+        """(images, labels, their broadcasts under way) of the next batch; its size crosses first."""
         count = torch.zeros(1, dtype=torch.int64, device=via)
         if iterator is not None:
             item = _next_quietly(iterator)
@@ -111,10 +116,16 @@ def shared_batches(source: Optional[Iterable], batches: int, item_shape: tuple, 
         else:
             images = torch.empty((size, *item_shape), dtype=torch.uint8, device=via, pin_memory=pinned)
             labels = torch.empty((size,), dtype=torch.int64, device=via, pin_memory=pinned)
-        dist.broadcast(images, src=src, group=group)
-        dist.broadcast(labels, src=src, group=group)
         if counter is not None:
             counter.add(count, images, labels)
+        return images, labels, [dist.broadcast(t, src=src, group=group, async_op=True) for t in (images, labels)]
+
+    following = start_next() if batches > 0 else None
+    for index in range(batches):
+        images, labels, crossing = following
+        for work in crossing:
+            work.wait()
+        following = start_next() if index + 1 < batches else None
         yield images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
 
 
