@@ -18,7 +18,6 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
-from launch.train import default_workers
 
 IMAGENET_TRAIN_IMAGES = 1_281_167  # ILSVRC-2012's training set
 PAPER_EPOCHS = 90
@@ -109,7 +108,7 @@ def measure_program(modes: tuple, batch: int, steps: int, warmup: int, device: s
             summary = json.loads((run / "summary.json").read_text())
             rate = steady_rate(records, batch, warmup)
             results.append({**entry, **rate, "warmup_steps": warmup, "device": summary["device"],
-                            "data": summary["data"], "workers": default_workers() if workers is None else workers,
+                            "data": summary["data"], "workers": summary["workers"],
                             "input_bytes_per_step": summary["input_bytes_per_step"],
                             "paper_training_hours": paper_training_hours(rate["images_per_s"])})
     return results

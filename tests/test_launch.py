@@ -24,7 +24,7 @@ from launch import two_gpu
 from launch.checkpoint import load_checkpoint, load_reference, restore_training_state, save_reference, save_training_state
 from launch.mesh import build_mesh
 from launch.ranks import run_ranks
-from launch.train import IMAGE_SHAPE, InputBytes, Plan, evaluate, shared_batches
+from launch.train import IMAGE_SHAPE, InputBytes, Plan, default_workers, evaluate, shared_batches
 from launch.config import TrainConfig
 from launch.schedule import Progress
 from launch.step import paper_optimizer, train_step
@@ -50,6 +50,7 @@ def test_short_run_writes_its_results_and_eval_only_agrees(trained_run, tiny_dat
     assert all(0 < r["step_ms"] for r in train_lines) and sum(r["step_ms"] for r in train_lines) < 1000 * summary["train_seconds"]
     assert all(0 < r["input_ms"] < r["step_ms"] for r in train_lines)  # the wait for the batch: part of the step
     assert summary["steps"] == 7 and summary["epochs"] == 1 and summary["centre"]["images"] == 10
+    assert summary["workers"] == 0  # --workers 0, as the tiny runs load
     assert summary["ten_patch"]["test"] == "ten-patch"
     # The batch crosses as uint8 crops: a quarter of float32 images (plus the count and the labels).
     assert summary["input_bytes_per_step"] == 8 + 4 * 3 * 224 * 224 + 4 * 8
@@ -71,6 +72,18 @@ def test_short_run_writes_its_results_and_eval_only_agrees(trained_run, tiny_dat
     ten = f"ten-patch test: top-1 {100 * summary['ten_patch']['top1_error']:.2f}%"
     assert top1 in evaluated and ten in evaluated  # the checkpoint loads under the other FC8 placement too
 
+
+def test_default_workers_feed_a_gpu_and_leave_the_cpu_to_compute(monkeypatch):
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    assert default_workers(on_gpu=True, ranks_here=2, loaders_here=1) == 14  # two towers on one GPU
+    assert default_workers(on_gpu=True, ranks_here=1, loaders_here=1) == 15  # --layout single
+    assert default_workers(on_gpu=True, ranks_here=4, loaders_here=2) == 6  # two replicas of the towers
+    assert default_workers(on_gpu=False, ranks_here=2, loaders_here=1) == 4
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    assert default_workers(on_gpu=True, ranks_here=2, loaders_here=1) == 16
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert default_workers(on_gpu=True, ranks_here=2, loaders_here=1) == 1
+    assert default_workers(on_gpu=False, ranks_here=2, loaders_here=1) == 0
 
 def _free_port():
     with socket.socket() as s:
