@@ -366,7 +366,7 @@ def run_rank(rank: int, config: TrainConfig, run_dir: Optional[str], placement: 
     workers = config.workers if config.workers is not None else \
         default_workers(device.type == "cuda", ranks_here, max(1, ranks_here // mesh.towers))
     log.info("data: %d DataLoader worker processes for each rank that loads%s", workers,
-             "" if config.workers is not None else " (--workers: the default here)")
+             "" if config.workers is not None else " (the default on this machine; --workers sets it)")
 
     plan = [None]
     if rank == 0:
