@@ -263,7 +263,9 @@ def run_ranks(fn: Callable, args: Sequence = (), world_size: int = 2, backend: s
                 silent = [r for r in range(world_size) if r not in values and r not in failures]
                 for rank in silent:
                     failures[rank] = "did not respond (hung or stopped); ended by the launcher"
-                if silent and "timed out" in str(failures[first]).lower():
+                # gloo says "Timed out ..." of the wait that ran out, and "Application timeout caused
+                # pair closure" of another wait on the same peer (a batch crossing beside the step)
+                if silent and any(word in str(failures[first]).lower() for word in ("timed out", "timeout")):
                     first = silent[0]  # the others timed out waiting for it
                 break
             if deadline is not None and now > deadline:

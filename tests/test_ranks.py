@@ -28,6 +28,24 @@ def test_the_whole_run_deadline_stops_ranks_that_run_too_long():
     assert set(info.value.failures) == {0, 1}
 
 
+def _hang_or_time_out(rank, message):
+    if rank == 1:
+        time.sleep(120)  # hung: it never answers
+    raise RuntimeError(message)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("message", ["[gloo] Timed out waiting 15000ms for recv operation to complete",
+                                     "Application timeout caused pair closure"])
+def test_a_rank_that_went_silent_is_named_before_those_that_timed_out_on_it(message):
+    """Both of gloo's words for a wait that ran out (the second when another wait on the same
+    peer, such as the next batch crossing, ran out first) put the blame on the silent rank."""
+    with pytest.raises(RankFailure) as info:
+        run_ranks(_hang_or_time_out, (message,), timeout_s=60)
+    assert info.value.first == 1 and str(info.value).startswith("rank 1 failed: did not respond")
+    assert message in info.value.failures[0]
+
+
 @pytest.mark.slow
 def test_ranks_within_the_deadline_return_in_rank_order():
     assert run_ranks(_sleep, (0,), timeout_s=60) == [0, 1]
