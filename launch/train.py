@@ -326,12 +326,17 @@ def _replica_data(rank: int, config: TrainConfig, plan: Plan, bundle) -> data_mo
     return bundle
 
 
+def usable_cores() -> int:
+    """The CPU cores this process may run on (a container's or taskset's limit, where the OS says)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def default_workers(on_gpu: bool, ranks_here: int, loaders_here: int) -> int:
     """DataLoader workers of each rank that loads, when --workers is not given. On a GPU
     the cores are there to feed it: those the ranks' own processes leave, shared by the
     ranks that load, at least 1 and at most 16 (the number torchvision's reference trains
     with). On the CPU the ranks compute on the cores: a quarter of them, at most 4."""
-    cores = os.cpu_count() or 1
+    cores = usable_cores()
     if on_gpu:
         return max(1, min(16, (cores - ranks_here) // loaders_here))
     return min(4, cores // 4)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from benchmarks.flops import reference_layers
 from benchmarks.traffic import tower_sent_elements
 from launch import data as data_module
-from launch import two_gpu
+from launch import train, two_gpu
 from launch.checkpoint import load_checkpoint, load_reference, restore_training_state, save_reference, save_training_state
 from launch.mesh import build_mesh
 from launch.ranks import run_ranks
@@ -74,16 +74,17 @@ def test_short_run_writes_its_results_and_eval_only_agrees(trained_run, tiny_dat
 
 
 def test_default_workers_feed_a_gpu_and_leave_the_cpu_to_compute(monkeypatch):
-    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(train, "usable_cores", lambda: 16)
     assert default_workers(on_gpu=True, ranks_here=2, loaders_here=1) == 14  # two towers on one GPU
     assert default_workers(on_gpu=True, ranks_here=1, loaders_here=1) == 15  # --layout single
     assert default_workers(on_gpu=True, ranks_here=4, loaders_here=2) == 6  # two replicas of the towers
     assert default_workers(on_gpu=False, ranks_here=2, loaders_here=1) == 4
-    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(train, "usable_cores", lambda: 64)
     assert default_workers(on_gpu=True, ranks_here=2, loaders_here=1) == 16
-    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(train, "usable_cores", lambda: 2)
     assert default_workers(on_gpu=True, ranks_here=2, loaders_here=1) == 1
     assert default_workers(on_gpu=False, ranks_here=2, loaders_here=1) == 0
+    assert 1 <= train.usable_cores() <= os.cpu_count()
 
 def _free_port():
     with socket.socket() as s:
