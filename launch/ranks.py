@@ -16,6 +16,7 @@ import ipaddress
 import os
 import pickle
 import queue as queue_module
+import re
 import signal
 import socket
 import threading
@@ -164,13 +165,23 @@ def _rank_main(rank, world_size, addr, port, backend, collective_timeout_s, thre
         results.put((rank, "error", "interrupted"))
         raise SystemExit(130)
     except BaseException as exc:  # reported to the parent, which decides what the run's error is
-        detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
-        results.put((rank, "error", detail, traceback.format_exc()))
+        results.put((rank, "error", _error_line(exc)))
         raise SystemExit(1)
     # By value: torch's queue would pass tensors as shared-memory handles, which die with this process.
     results.put((rank, "ok", pickle.dumps(value)))
     # Leave the group only on success; a failed peer would make this block.
     dist.destroy_process_group()
+
+
+def _error_line(exc: BaseException) -> str:
+    """The exception as its last line of a traceback shows it. An error that a DataLoader
+    worker raised arrives with the worker's whole traceback in its message: of that, the
+    worker's own last line, and which worker."""
+    detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+    worker = re.match(r"[\w.]+: Caught \w+ (in DataLoader worker process \d+)\.\nOriginal Traceback", detail)
+    if worker:
+        detail = f"{detail.splitlines()[-1]} ({worker.group(1)})"
+    return detail
 
 
 def raise_interrupt(signum, frame):
@@ -283,5 +294,7 @@ def run_ranks(fn: Callable, args: Sequence = (), world_size: int = 2, backend: s
         del store  # closes the listener now, not when a traceback holding this frame is dropped
     _stop(procs, grace_s=0.0 if failures else _GRACE_S)
     if failures:
+        # Ranks that stopped on the same error (a mistake each found for itself): the lowest is named first
+        first = min(rank for rank, why in failures.items() if why == failures[first])
         raise RankFailure(failures, first)
     return [values[rank] for rank in range(world_size)]

@@ -6,8 +6,10 @@ import sys
 import time
 
 import pytest
+import torch
 
 from launch import rank_server
+from launch.images import DataError
 from launch.ranks import RankFailure, choose_placement, cpu_threads_per_rank, is_loopback, run_ranks
 
 from conftest import ROOT
@@ -44,6 +46,38 @@ def test_a_rank_that_went_silent_is_named_before_those_that_timed_out_on_it(mess
         run_ranks(_hang_or_time_out, (message,), timeout_s=60)
     assert info.value.first == 1 and str(info.value).startswith("rank 1 failed: did not respond")
     assert message in info.value.failures[0]
+
+
+def _same_mistake(rank):
+    time.sleep(0.5 * (1 - rank))  # rank 1 reports first
+    raise ValueError("the folder holds no images")
+
+
+class _Empty(torch.utils.data.Dataset):
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, index):
+        raise DataError("no usable image in train/: every file failed to decode")
+
+
+def _load_in_a_worker(rank):
+    next(iter(torch.utils.data.DataLoader(_Empty(), num_workers=1)))
+
+
+@pytest.mark.slow
+def test_ranks_that_stop_on_the_same_error_are_named_from_the_lowest():
+    with pytest.raises(RankFailure) as info:
+        run_ranks(_same_mistake, timeout_s=60)
+    assert info.value.first == 0 and set(info.value.failures) == {0, 1}
+
+
+@pytest.mark.slow
+def test_an_error_from_a_dataloader_worker_is_its_own_line_not_the_workers_traceback():
+    with pytest.raises(RankFailure) as info:
+        run_ranks(_load_in_a_worker, timeout_s=60)
+    assert info.value.failures[0] == ("launch.images.DataError: no usable image in train/: every file failed to "
+                                      "decode (in DataLoader worker process 0)")
 
 
 @pytest.mark.slow
