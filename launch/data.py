@@ -48,6 +48,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .builtin import BUILTIN_NAME, builtin_dataset
 from .images import BASE_SIZE, CROP_SIZE, DECODE_ERRORS, IMAGE_EXTENSIONS, DataError, load_image, skip_reason
+from .ranks import die_with_parent
 from .stats import DataStats, load_or_compute_stats
 
 log = logging.getLogger(__name__)
@@ -392,7 +393,15 @@ def _loader(dataset: Dataset, batch_size: int, workers: int, pin_memory: bool) -
     # otherwise advance the global RNG (and so change dropout) on every new iterator.
     # Pinned memory lets the copy to a GPU run while the GPU computes.
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=_collate,
-                      generator=torch.Generator().manual_seed(0), persistent_workers=False, pin_memory=pin_memory)
+                      generator=torch.Generator().manual_seed(0), persistent_workers=False, pin_memory=pin_memory,
+                      worker_init_fn=functools.partial(_end_with, os.getpid()))
+
+
+def _end_with(parent_pid: int, worker_id: int) -> None:
+    """A worker ends with the process that started it. DataLoader's own check is not enough:
+    a worker whose parent was killed while the worker was still starting watches its new
+    parent instead, and waits for batches forever."""
+    die_with_parent(parent_pid)
 
 
 def share_of_batch(batch_size: int, share: tuple) -> tuple:

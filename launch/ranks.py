@@ -133,10 +133,12 @@ def _describe_exit(exitcode: int) -> str:
     return f"exited with code {exitcode} without reporting an error"
 
 
-def _die_with_parent(parent_pid: int) -> None:
-    """Linux: the kernel sends SIGTERM to this rank if its parent, the rank server, dies,
-    however it dies (even by SIGKILL); the server ends with the launcher (launch.rank_server),
-    so no rank outlives its launcher."""
+def die_with_parent(parent_pid: int) -> None:
+    """Linux: the kernel sends SIGTERM to this process if its parent (``parent_pid``) dies,
+    however it dies (even by SIGKILL); if the parent is gone already, this process ends now.
+    A rank calls it for its parent, the rank server, which ends with the launcher
+    (launch.rank_server), so no rank outlives its launcher; a rank's DataLoader workers
+    call it for their rank (launch.data)."""
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
     except (OSError, AttributeError):
@@ -147,7 +149,7 @@ def _die_with_parent(parent_pid: int) -> None:
 
 def _rank_main(rank, world_size, addr, port, backend, collective_timeout_s, threads, fn, args, results, parent_pid,
                caller):
-    _die_with_parent(parent_pid)
+    die_with_parent(parent_pid)
     rank_server.as_rank(caller)
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                       MASTER_ADDR=addr, MASTER_PORT=str(port))

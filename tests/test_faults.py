@@ -21,7 +21,7 @@ from launch.two_gpu import main
 from towers import build_reference
 
 from conftest import TINY as _TINY
-from conftest import ROOT, Run, cmdline, launch
+from conftest import ROOT, Run, cmdline, launch, live_processes
 
 BOUND_S = 60  # a failure must end the whole run within this long
 TINY = [*_TINY, "--log-every", "1", "--val-limit", "4", "--no-ten-crop"]
@@ -87,6 +87,54 @@ def test_ranks_do_not_outlive_a_killed_launcher(tiny_data, tmp_path):
     while any(temporary.iterdir()) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not any(temporary.rglob("*")), sorted(temporary.rglob("*"))
+
+
+_LOADING_PROCESS = """
+import multiprocessing, sys
+multiprocessing.set_start_method("spawn")  # as in a rank (launch.rank_server.as_rank)
+from launch import data
+batches = data.train_batches(data.open_data(sys.argv[1]), 4, seed=0, epoch=0, workers=2)
+print("starting its workers", flush=True)
+next(batches)
+"""
+
+
+def _processes_marked(marker: str) -> list:
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and marker.encode() in (entry / "environ").read_bytes():
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    alive = set(live_processes())
+    return [pid for pid in found if pid in alive]
+
+
+@pytest.mark.slow
+def test_dataloader_workers_end_with_a_process_killed_while_they_start(tiny_data):
+    """A rank killed while its DataLoader workers still import torch: the workers end too, not
+    only those that had started waiting for batches."""
+    marker = f"ALEXNET_TEST_LOADER={os.getpid()}-{time.monotonic_ns()}"
+    loading = subprocess.Popen([sys.executable, "-c", _LOADING_PROCESS, str(tiny_data)], cwd=ROOT, text=True,
+                               stdout=subprocess.PIPE, env=dict(os.environ, ALEXNET_TEST_LOADER=marker.split("=")[1]))
+    try:
+        assert loading.stdout.readline() == "starting its workers\n"
+        deadline = time.monotonic() + BOUND_S
+        while len(_processes_marked(marker)) < 3:  # the process and its two workers
+            assert time.monotonic() < deadline and loading.poll() is None, "the workers did not start"
+            time.sleep(0.05)
+    finally:
+        loading.kill()
+        loading.wait()
+    assert len(_processes_marked(marker)) >= 2  # the workers, and the resource tracker they share
+    deadline = time.monotonic() + BOUND_S
+    while _processes_marked(marker) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    left = _processes_marked(marker)
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert not left, f"{left} (DataLoader workers, resource tracker) outlived the process that started them"
 
 
 @pytest.mark.slow
