@@ -38,7 +38,7 @@ from . import data as data_module
 from .checkpoint import FILENAME, CheckpointError, check_classes, checkpoint_architecture, load_checkpoint, resolve_path
 from .config import TrainConfig, build_parser, describe_recipe, parse_config, recipe_warning, resolve
 from .ranks import LOOPBACK, RankFailure, choose_placement, cpu_threads_per_rank, init_process_group, run_ranks
-from .train import architecture, describe_evaluation, run_rank
+from .train import architecture, describe_evaluation, run_rank, usable_cores
 
 log = logging.getLogger("launch.two_gpu")
 
@@ -50,7 +50,7 @@ RUN_CONTROL = {"resume", "eval_only", "max_steps", "workers", "log_every", "chec
 # its reductions, see launch.schedule.base_rate). --val-limit stays: the plateau schedule compares the
 # evaluations of one fixed set of images.
 CHANGEABLE_ON_RESUME = {"epochs", "lr", "warmup_steps"}
-MAX_LOCAL_RANKS_PER_CORE = 4  # --replicas beyond this many processes per core only thrash the machine
+MAX_PROCESSES_PER_CORE = 4  # ranks (--replicas) or loaders (--workers): beyond this many per core they only thrash the machine
 # Recipe fields that a checkpoint's arch records: --eval-only takes them from the checkpoint.
 ARCHITECTURE_OPTIONS = ("lrn", "pooling", "activation")
 LOCK_NAME = ".lock"  # held by the run using the folder (see lock_run_folder)
@@ -267,6 +267,10 @@ def _configure(argv) -> tuple:
     saved_replicas = checkpoint["config"].get("replicas") if config.resume else None
     config = dataclasses.replace(resolve(config), replicas=_replicas(config, towers, saved_replicas))
     config.validate()
+    if config.workers is not None and config.workers > MAX_PROCESSES_PER_CORE * usable_cores():
+        raise ValueError(f"--workers {config.workers} would start that many loading processes for each loading rank "
+                         f"on the {usable_cores()} cores this program may use: give at most "
+                         f"{MAX_PROCESSES_PER_CORE * usable_cores()}, or leave --workers out for this machine's default")
     if config.compile is not None:
         check_compile_backend(config.compile, "--compile")
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -296,7 +300,7 @@ def _replicas(config: TrainConfig, towers: int, resumed: Optional[int] = None) -
     number its ranks make."""
     if not _torchrun_env():
         replicas = config.replicas or resumed or 1
-        most = MAX_LOCAL_RANKS_PER_CORE * (os.cpu_count() or 1) // towers
+        most = MAX_PROCESSES_PER_CORE * (os.cpu_count() or 1) // towers
         if replicas > most:
             raise ValueError(f"--replicas {replicas} would start {replicas * towers} processes on this machine's "
                              f"{os.cpu_count()} cores: use at most {most} here, or torchrun across machines")

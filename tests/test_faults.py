@@ -339,6 +339,7 @@ def test_bad_data_and_options_get_clear_errors(tiny_data, layouts, tmp_path, cap
     ("--master-addr", "192.0.2.1", "--master-addr 192.0.2.1 cannot be listened on"),
     ("--master-addr", "no-such-host.invalid", "--master-addr no-such-host.invalid cannot be listened on"),
     ("--compile", "turbo", "--compile turbo: torch.compile has no such backend here; give one of inductor"),
+    ("--workers", "100000", "--workers 100000 would start that many loading processes"),
 ])
 def test_bad_options_name_the_option_and_leave_no_run_folder(tiny_data, tmp_path, caplog, option, value, words):
     err = _error_of(["--data", tiny_data, "--out", tmp_path / "runs", option, value], caplog)
