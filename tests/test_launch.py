@@ -30,7 +30,7 @@ from launch.schedule import Progress
 from launch.step import paper_optimizer, train_step
 from towers import Tower, build_reference, shard_state_dict
 
-from conftest import NO_DROPOUT, ROOT, RUN_TIMEOUT_S, TRAINED_RUN, launch
+from conftest import NO_DROPOUT, ROOT, RUN_TIMEOUT_S, launch
 from conftest import TINY as _TINY
 
 TINY = [*_TINY, "--log-every", "2"]
@@ -173,22 +173,6 @@ def test_checkpoints_move_between_towers_and_reference_and_ten_crop_is_the_avera
     assert out["ten"]["images"] == len(labels) == 10
     assert out["ten"]["top1_error"] == pytest.approx(1 - (top5[:, 0] == labels).float().mean().item())
     assert out["ten"]["top5_error"] == pytest.approx(1 - (top5 == labels[:, None]).any(1).float().mean().item())
-
-
-def test_resume_with_fc8_split_continues_exactly(trained_run, tiny_data, tmp_path):
-    """FC8 split 500+500 (here 5+5) is sharded differently from the default; a checkpoint
-    is unsharded all the same, and a run stopped and resumed equals one that was not
-    (trained_run, which had FC8 split too)."""
-    launch("--data", tiny_data, "--out", tmp_path, "--run-name", "parts", *TRAINED_RUN, "--max-steps", "3",
-           "--no-ten-crop")
-    assert load_checkpoint(tmp_path / "parts")["progress"]["global_step"] == 3
-    resumed = launch("--resume", tmp_path / "parts", "--no-ten-crop")
-    assert "trained 4 steps, to step 7, in" in resumed.stderr
-    whole, parts = load_checkpoint(trained_run[0]), load_checkpoint(tmp_path / "parts")
-    assert parts["config"]["fc8_placement"] == "split" and parts["progress"]["global_step"] == 7
-    for key in whole["model"]:  # exactly: the same batches, dropout masks and arithmetic
-        assert torch.equal(whole["model"][key], parts["model"][key]), key
-        assert torch.equal(whole["momentum_buffer"][key], parts["momentum_buffer"][key]), key
 
 
 def test_the_single_layout_trains_the_same_function_and_shares_checkpoints(tiny_data, no_dropout_run, tmp_path):

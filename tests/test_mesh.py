@@ -100,7 +100,7 @@ def _both_placements_worker(rank, sgd_steps):
 
 @pytest.fixture(scope="module")
 def hybrid_results():
-    by_rank = run_ranks(_both_placements_worker, (3,), world_size=2 * REPLICAS, timeout_s=TIMEOUT_S)
+    by_rank = run_ranks(_both_placements_worker, (2,), world_size=2 * REPLICAS, timeout_s=TIMEOUT_S)
     return {placement: [r[placement] for r in by_rank] for placement in FC8_PLACEMENTS}
 
 
@@ -121,7 +121,7 @@ def test_two_replicas_of_the_towers_match_the_reference_on_the_global_batch(hybr
         names = shard_state_dict(reference_from_seed(CLASSES, SEED).state_dict(), rank, fc8_placement)
         assert set(r["grads"]) == set(names)
         worst = max(r["weights"], key=r["weights"].get)
-        assert r["weights"][worst] < 1e-9, f"rank {rank}: weights of {worst} after 3 SGD steps"
+        assert r["weights"][worst] < 1e-9, f"rank {rank}: weights of {worst} after 2 SGD steps"
         assert r["moved"] > 1e-6, "SGD did not change the weights: the comparison would be vacuous"
         # Replica 1's tower of the same index took exactly the same steps: the averaged gradients are the same.
         assert results[rank + TOWERS]["fingerprint"] == r["fingerprint"]
