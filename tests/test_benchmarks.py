@@ -78,6 +78,7 @@ def test_odd_batch_with_ddp_is_a_user_error(tmp_path):
         run.main(["--device", "cpu", "--batch", "3", "--out", str(tmp_path)])
 
 
+@pytest.mark.slow  # a real process
 def test_loader_data_too_small_for_the_batch_fails_before_anything_runs(tiny_data, tmp_path):
     out = tmp_path / "report"
     result = subprocess.run([sys.executable, "-m", "benchmarks.run", "--device", "cpu", "--batch", "16",
@@ -214,6 +215,7 @@ def _session(sid: int, word: str = "") -> list:
     return [pid for pid in live_processes(session=sid) if word in cmdline(pid)]
 
 
+@pytest.mark.slow  # a real process
 def test_help_explains_every_option():
     result = subprocess.run([sys.executable, "-m", "benchmarks.run", "--help"], cwd=ROOT, capture_output=True,
                             text=True, timeout=120)

@@ -56,6 +56,7 @@ def test_bad_use_is_refused_before_anything_runs(tmp_path, stand_in, args, env, 
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
+@pytest.mark.slow  # the script with the real Python, which imports torch several times
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
 def test_a_python_that_sees_no_gpu_is_refused(tmp_path):
     """Otherwise every GPU test would be skipped and the stage would pass."""

@@ -271,6 +271,7 @@ def test_images_for_which_a_layer_is_silent_are_marked(reference, tiny_bundle):
 
 # --------------------------------------------------------------------------- errors
 
+@pytest.mark.slow  # a real process each
 @pytest.mark.parametrize("case", ["missing", "no config.json", "nothing to draw"])
 def test_a_bad_run_dir_gives_one_line_and_exit_2(tmp_path, case):
     run = tmp_path / "run"
