@@ -127,14 +127,16 @@ def test_dataloader_workers_end_with_a_process_killed_while_they_start(tiny_data
     finally:
         loading.kill()
         loading.wait()
-    assert len(_processes_marked(marker)) >= 2  # the workers, and the resource tracker they share
-    deadline = time.monotonic() + BOUND_S
-    while _processes_marked(marker) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    left = _processes_marked(marker)
-    for pid in left:
-        os.kill(pid, signal.SIGKILL)
-    assert not left, f"{left} (DataLoader workers, resource tracker) outlived the process that started them"
+    try:
+        assert len(_processes_marked(marker)) >= 2  # the workers, and the resource tracker they share
+        deadline = time.monotonic() + BOUND_S
+        while _processes_marked(marker) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        left = _processes_marked(marker)
+        assert not left, f"{left} (DataLoader workers, resource tracker) outlived the process that started them"
+    finally:  # whatever failed, nothing is left running
+        for pid in _processes_marked(marker):
+            os.kill(pid, signal.SIGKILL)
 
 
 @pytest.mark.slow
