@@ -267,10 +267,11 @@ def _configure(argv) -> tuple:
     saved_replicas = checkpoint["config"].get("replicas") if config.resume else None
     config = dataclasses.replace(resolve(config), replicas=_replicas(config, towers, saved_replicas))
     config.validate()
-    if config.workers is not None and config.workers > MAX_PROCESSES_PER_CORE * usable_cores():
+    cores = usable_cores()
+    if config.workers is not None and config.workers > MAX_PROCESSES_PER_CORE * cores:
         raise ValueError(f"--workers {config.workers} would start that many loading processes for each loading rank "
-                         f"on the {usable_cores()} cores this program may use: give at most "
-                         f"{MAX_PROCESSES_PER_CORE * usable_cores()}, or leave --workers out for this machine's default")
+                         f"on the {cores} cores this program may use: give at most {MAX_PROCESSES_PER_CORE * cores}, "
+                         f"or leave --workers out for this machine's default")
     if config.compile is not None:
         check_compile_backend(config.compile, "--compile")
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0

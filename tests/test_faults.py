@@ -115,9 +115,10 @@ def _processes_marked(marker: str) -> list:
 def test_dataloader_workers_end_with_a_process_killed_while_they_start(tiny_data):
     """A rank killed while its DataLoader workers still import torch: the workers end too, not
     only those that had started waiting for batches."""
-    marker = f"ALEXNET_TEST_LOADER={os.getpid()}-{time.monotonic_ns()}"
+    tag = f"{os.getpid()}-{time.monotonic_ns()}"
+    marker = f"ALEXNET_TEST_LOADER={tag}"  # in the environment of the process and of all it starts
     loading = subprocess.Popen([sys.executable, "-c", _LOADING_PROCESS, str(tiny_data)], cwd=ROOT, text=True,
-                               stdout=subprocess.PIPE, env=dict(os.environ, ALEXNET_TEST_LOADER=marker.split("=")[1]))
+                               stdout=subprocess.PIPE, env=dict(os.environ, ALEXNET_TEST_LOADER=tag))
     try:
         assert loading.stdout.readline() == "starting its workers\n"
         deadline = time.monotonic() + BOUND_S
