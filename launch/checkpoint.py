@@ -15,7 +15,6 @@ does this for all of them.
 
 import dataclasses
 import errno
-import io
 import os
 import pickle
 import shutil
@@ -59,28 +58,30 @@ def checkpoint_architecture(payload: dict) -> Architecture:
 def save_checkpoint(path: Path, payload: dict) -> None:
     """Writes ``payload`` with torch.save atomically: a temporary file, synced, renamed over ``path``.
 
-    The payload is serialised in memory first, so its size is known before the disk is
-    touched: a disk too full for it raises ``OSError(ENOSPC)`` saying how much is needed,
-    and the previous file at ``path`` stays whole."""
+    Its size is known before the disk is touched (its tensors' bytes, and a margin for the
+    rest): a disk too full for it raises ``OSError(ENOSPC)`` saying how much is needed, and
+    the previous file at ``path`` stays whole. It is serialised straight into the file, not
+    first into memory, which would hold a second copy of the weights and momentum."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     for stale in path.parent.glob(f".{path.name}.tmp-*"):  # left by a save that was killed
         stale.unlink(missing_ok=True)
-    buffer = io.BytesIO()
-    torch.save(payload, buffer)
-    data = buffer.getbuffer()
-    if len(data) > shutil.disk_usage(path.parent).free:
-        raise _disk_full(path, len(data))
+    needed = _saved_bytes(payload)
+    if needed > shutil.disk_usage(path.parent).free:
+        raise _disk_full(path, needed)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            f.write(data)
+            torch.save(payload, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as exc:
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):  # the space went between the check and the write
-            raise _disk_full(path, len(data)) from None
+    except (OSError, RuntimeError) as exc:
+        # A write that failed inside torch.save surfaces as torch's RuntimeError from closing
+        # the archive, with the write's OSError as its context.
+        cause = exc if isinstance(exc, OSError) else exc.__context__
+        if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):  # the space went after the check
+            raise _disk_full(path, needed) from None
         raise
     finally:
         tmp.unlink(missing_ok=True)
@@ -89,6 +90,22 @@ def save_checkpoint(path: Path, payload: dict) -> None:
         os.fsync(dir_fd)  # the rename itself survives a power cut
     finally:
         os.close(dir_fd)
+
+
+def _saved_bytes(payload) -> int:
+    """About what torch.save writes of ``payload``: each tensor storage whole and once, 64
+    bytes of alignment and a zip record per storage, and 1 MB for the pickled rest."""
+    storages, pending = {}, [payload]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, torch.Tensor):
+            storage = item.untyped_storage()
+            storages[storage.data_ptr(), storage.nbytes()] = storage.nbytes()
+        elif isinstance(item, dict):
+            pending.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            pending.extend(item)
+    return sum(storages.values()) + 256 * len(storages) + (1 << 20)
 
 
 def _disk_full(path: Path, needed: int) -> OSError:

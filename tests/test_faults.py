@@ -177,7 +177,7 @@ def test_a_save_killed_midway_leaves_the_previous_checkpoint(tmp_path):
 _FULL_DISK = r"""
 import json, logging, os, sys
 from pathlib import Path
-from launch import builtin, stats
+from launch import builtin, checkpoint, stats
 from launch.checkpoint import checkpoint_payload, load_checkpoint, save_checkpoint
 from towers import build_reference
 
@@ -190,6 +190,13 @@ try:  # a second one does not fit beside the first (it is written beside it, the
     save_checkpoint(path, checkpoint_payload(build_reference(10, seed=2).state_dict(), num_classes=10, step=2))
 except OSError as exc:
     out["error"] = str(exc)
+real_usage = checkpoint.shutil.disk_usage  # the space taken after the check: the write itself fails
+checkpoint.shutil.disk_usage = lambda folder: real_usage(folder)._replace(free=1 << 40)
+try:
+    save_checkpoint(path, checkpoint_payload(build_reference(10, seed=3).state_dict(), num_classes=10, step=3))
+except OSError as exc:
+    out["error_while_writing"] = str(exc)
+checkpoint.shutil.disk_usage = real_usage
 out["kept_step"] = load_checkpoint(path)["step"]
 out["leftovers"] = sorted(p.name for p in path.parent.iterdir() if p.name != "checkpoint.pt")
 
@@ -230,6 +237,8 @@ def test_a_full_disk_is_named_and_loses_nothing(tmp_path):
     assert "no space left for" in out["error"] and "MB free" in out["error"]
     assert 227 < float(out["error"].split("it needs ", 1)[1].split(" MB")[0]) < 229  # the weights and a little more
     assert "the previous one is whole" in out["error"]
+    assert out["error_while_writing"].startswith(f"[Errno 28] no space left for {big / 'run' / 'checkpoint.pt'}: ")
+    assert "the previous one is whole" in out["error_while_writing"]
     assert out["kept_step"] == 1 and out["leftovers"] == []
     # The statistics are computed, and the failure to cache them on the full disk is a warning.
     assert out["stats_images"] == 20
