@@ -35,7 +35,7 @@ from typing import Optional
 import torch
 
 from launch import data as data_module
-from launch.cli import add_options, option
+from launch.cli import add_options, option, quick_exit
 from launch.config import TrainConfig, parse_config, resolve
 from launch.meter import StepMeter
 from launch.train import build_model
@@ -572,8 +572,9 @@ def main(argv=None) -> Path:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, AblationError) as error:  # options refused here or by a run, a --reuse that does not fit
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    with quick_exit():
+        try:
+            main()
+        except (ValueError, AblationError) as error:  # options refused here or by a run, a --reuse that does not fit
+            print(f"error: {error}", file=sys.stderr)
+            sys.exit(2)

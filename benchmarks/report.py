@@ -13,6 +13,7 @@ import sys
 import numpy as np
 
 from benchmarks.workers import LR
+from launch.cli import quick_exit
 from launch.step import AUTOCAST
 
 MODE_ORDER = ("single", "towers", "ddp", "hybrid", "torchvision")
@@ -603,4 +604,5 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with quick_exit():
+        main()

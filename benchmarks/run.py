@@ -54,7 +54,7 @@ from typing import NamedTuple, Optional
 import numpy as np
 import torch
 
-from launch.cli import add_options, option
+from launch.cli import add_options, option, quick_exit
 from launch.ranks import RankFailure, cpu_threads_per_rank, raise_interrupt, run_ranks
 from launch.step import AUTOCAST
 from towers import FC8_PLACEMENTS, TOWERS, AlexNet, check_compile_backend
@@ -697,12 +697,13 @@ def main(argv=None) -> Path:
 if __name__ == "__main__":
     import signal
     signal.signal(signal.SIGTERM, raise_interrupt)  # as Ctrl-C: runs ended, temporary files removed
-    try:
-        main()
-    except ValueError as error:  # the user's options or data: one line, exit code 2
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:  # said in main's last log line
-        sys.exit(130)
-    finally:
-        rank_server.stop()
+    with quick_exit():
+        try:
+            main()
+        except ValueError as error:  # the user's options or data: one line, exit code 2
+            print(f"error: {error}", file=sys.stderr)
+            sys.exit(2)
+        except KeyboardInterrupt:  # said in main's last log line
+            sys.exit(130)
+        finally:
+            rank_server.stop()

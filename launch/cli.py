@@ -1,8 +1,14 @@
 """Command lines generated from dataclasses: one field, one option, the field's
-``help`` its documentation. Used by the training program and the benchmarks alike."""
+``help`` its documentation; and how a command-line program ends. Used by the training
+program and the benchmarks alike."""
 
 import argparse
+import atexit
+import contextlib
 import dataclasses
+import os
+import sys
+import threading
 import typing
 from dataclasses import field
 
@@ -45,3 +51,33 @@ def add_options(parser: argparse.ArgumentParser, config_class) -> None:
                 kwargs.setdefault("type", hint)
                 kwargs.setdefault("metavar", None if hint is str and "choices" in kwargs else f.name.upper())
         parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=f.default, **kwargs)
+
+
+@contextlib.contextmanager
+def quick_exit():
+    """The body of a program's ``if __name__ == "__main__":``. Its end, or ``sys.exit(code)``
+    within it (argparse's included), ends the process as the interpreter would, less the
+    interpreter's own teardown: other threads are waited for, the exit handlers run
+    (logging's, multiprocessing's clean-up), and the output is flushed; the collection and
+    freeing of every object is skipped. With torch imported that teardown takes about a
+    second on a 2-core CPU, after the program has done its work. Any other exception
+    leaves the block as usual. Only for programs that close their files: a buffered file
+    left open would lose what it holds, as it would on SIGKILL."""
+    try:
+        yield
+        code = 0
+    except SystemExit as exc:
+        code = exc.code
+    if code is not None and not isinstance(code, int):  # as sys.exit("message") does
+        print(code, file=sys.stderr)
+        code = 1
+    for thread in threading.enumerate():
+        if thread is not threading.current_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()  # the interpreter's own first step of the teardown
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except OSError:  # a reader that went away (a closed pipe): the interpreter's exit status for it
+        code = code or 120
+    os._exit(code or 0)

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoint import CheckpointError, check_classes, load_checkpoint, load_reference, resolve_path
-from .cli import add_options, option
+from .cli import add_options, option, quick_exit
 from .data import DataStats, center_crop, eval_views, open_data
 from .images import BASE_SIZE, DECODE_ERRORS, ImageRejected, load_image
 from .train import IMAGE_SHAPE
@@ -218,4 +218,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with quick_exit():
+        sys.exit(main())

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from launch.cli import quick_exit
 from launch.data import DataError, open_data, scan_layout
 from launch.images import DECODE_ERRORS, load_image, skip_reason
 
@@ -112,4 +113,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with quick_exit():
+        sys.exit(main())

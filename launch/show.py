@@ -50,7 +50,7 @@ from towers.reference import LAYERS
 from . import data as data_module
 from .checkpoint import (FILENAME, CheckpointError, check_classes, checkpoint_architecture, load_checkpoint,
                          load_reference)
-from .cli import add_options, option
+from .cli import add_options, option, quick_exit
 from .stats import DataStats
 
 log = logging.getLogger(__name__)
@@ -699,4 +699,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with quick_exit():
+        sys.exit(main())

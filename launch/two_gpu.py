@@ -36,6 +36,7 @@ from towers import TOWERS, check_compile_backend
 
 from . import data as data_module
 from .checkpoint import FILENAME, CheckpointError, check_classes, checkpoint_architecture, load_checkpoint, resolve_path
+from .cli import quick_exit
 from .config import TrainConfig, build_parser, describe_recipe, parse_config, recipe_warning, resolve
 from .ranks import LOOPBACK, RankFailure, choose_placement, cpu_threads_per_rank, init_process_group, run_ranks
 from .train import architecture, describe_evaluation, run_rank, usable_cores
@@ -386,8 +387,9 @@ def _main_under_torchrun(config: TrainConfig, checkpoint: Optional[dict], placem
 
 
 if __name__ == "__main__":
-    try:
-        code = main()
-    finally:
-        rank_server.stop()  # not left to finish its imports after a refusal, holding this program's output open
-    sys.exit(code)
+    with quick_exit():
+        try:
+            code = main()
+        finally:
+            rank_server.stop()  # not left to finish its imports after a refusal, holding this program's output open
+        sys.exit(code)

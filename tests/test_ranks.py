@@ -198,3 +198,32 @@ def test_the_single_layout_is_one_rank_on_one_device():
     assert "the whole net on cuda:0, one process" in choose_placement("auto", 2, ranks=1).describe()
     with pytest.raises(ValueError, match="--backend nccl needs a GPU"):
         choose_placement("nccl", 0, ranks=1)
+
+
+_ENDING = r"""
+import atexit, sys, threading, time
+from launch.cli import quick_exit
+
+class Collected:
+    def __del__(self):
+        print("torn down")  # what the interpreter's teardown would do, and quick_exit skips
+
+kept = Collected()
+with quick_exit():
+    atexit.register(print, "exit handler ran")
+    threading.Thread(target=lambda: (time.sleep(0.5), print("thread finished"))).start()
+    print("buffered output")  # stdout is a pipe: held in Python's buffer until flushed
+    code = sys.argv[1]
+    if code != "end":
+        sys.exit(int(code) if code.isdigit() else code)
+"""
+
+
+@pytest.mark.parametrize("how, exit_code", [("end", 0), ("0", 0), ("3", 3), ("a message", 1)])
+def test_a_program_ending_quickly_ends_as_sys_exit_would_less_the_teardown(how, exit_code):
+    buffered = {name: value for name, value in os.environ.items() if name != "PYTHONUNBUFFERED"}
+    result = subprocess.run([sys.executable, "-c", _ENDING, how], cwd=ROOT, env=buffered, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == exit_code, result.stderr
+    assert result.stdout.splitlines() == ["buffered output", "thread finished", "exit handler ran"]
+    assert result.stderr == ("a message\n" if how == "a message" else "")
