@@ -21,7 +21,7 @@ from launch.two_gpu import main
 from towers import build_reference
 
 from conftest import TINY as _TINY
-from conftest import ROOT, TRAINED_RUN, Run, cmdline, launch, live_processes
+from conftest import ROOT, TRAINED_RUN, Run, cmdline, live_processes
 
 BOUND_S = 60  # a failure must end the whole run within this long
 TINY = [*_TINY, "--log-every", "1", "--val-limit", "4", "--no-ten-crop"]
@@ -527,14 +527,14 @@ def test_a_refused_run_leaves_no_process_behind(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_runs_cannot_share_a_run_folder(tiny_data, tmp_path):
+def test_two_runs_cannot_share_a_run_folder(tiny_data, tmp_path, caplog):
     first = _start(tiny_data, tmp_path, name="shared")
     try:
         first.wait_for_step(1)
-        second = launch("--data", tiny_data, "--out", tmp_path, "--run-name", "shared", *TINY, check=False)
-        assert second.returncode == 2 and f"{tmp_path / 'shared'} is in use by another run" in second.stderr
-        resumed = launch("--resume", tmp_path / "shared", check=False)  # no checkpoint yet: refused all the same
-        assert resumed.returncode == 2, resumed.stderr
+        # The second run in this process: refused before it starts a rank.
+        second = _error_of(["--data", tiny_data, "--out", tmp_path, "--run-name", "shared", *TINY], caplog)
+        assert f"{tmp_path / 'shared'} is in use by another run" in second
+        assert _error_of(["--resume", tmp_path / "shared"], caplog)  # no checkpoint yet: refused all the same
     finally:
         os.killpg(first.proc.pid, signal.SIGKILL)
         first.wait()

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from launch import predict
 from launch.builtin import BUILTIN_CLASSES
 from launch.checkpoint import CheckpointError, FILENAME, checkpoint_payload, load_reference, save_reference
 from launch.data import open_data
@@ -274,18 +275,36 @@ def test_json_output_equals_the_reference_and_bad_images_exit_1(checkpoints, pho
     assert text_output.stderr.splitlines() == [f"error: {missing}: no such file"]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("case", ["missing checkpoint", "no mean", "not a checkpoint", "bad option", "no image"])
-def test_bad_checkpoints_and_options_stop_with_one_line(checkpoints, photos, tmp_path, case):
+def _refusal(case, checkpoints, photos, tmp_path):
+    """(arguments, part of the one error line) of each way to call launch.predict wrongly."""
     not_checkpoint = tmp_path / "weights.pt"
     not_checkpoint.write_bytes(b"\x00" * 100)
-    args, expected = {
+    return {
         "missing checkpoint": ([tmp_path / "nothing", photos[0]], "no checkpoint at"),
         "no mean": ([checkpoints["old"], photos[0]], "give --data DIR"),
         "not a checkpoint": ([not_checkpoint, photos[0]], "truncated or not a checkpoint"),
         "bad option": ([checkpoints["full"], photos[0], "--batch-size", "0"], "--batch-size must be at least 1"),
         "no image": ([checkpoints["full"]], "required: IMAGE"),
     }[case]
+
+
+@pytest.mark.parametrize("case", ["missing checkpoint", "no mean", "not a checkpoint", "bad option", "no image"])
+def test_bad_checkpoints_and_options_are_refused_with_the_fix(checkpoints, photos, tmp_path, case, caplog, capsys):
+    """In this process (the program's log goes to caplog); the real process: the test below."""
+    args, expected = _refusal(case, checkpoints, photos, tmp_path)
+    try:
+        code = predict.main([str(a) for a in args])
+    except SystemExit as exc:  # argparse's refusals
+        code = exc.code
+    said = capsys.readouterr()
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] + said.err.splitlines()
+    assert code == 2 and said.out == ""
+    assert len(errors) == 1 and errors[0].startswith("error: ") and expected in errors[0], errors
+
+
+@pytest.mark.slow
+def test_a_refusal_is_one_line_and_exit_2_from_the_real_process(checkpoints, photos, tmp_path):
+    args, expected = _refusal("not a checkpoint", checkpoints, photos, tmp_path)
     result = _predict(*args, check=2)
     assert result.stdout == ""
     lines = result.stderr.splitlines()

@@ -271,21 +271,38 @@ def test_images_for_which_a_layer_is_silent_are_marked(reference, tiny_bundle):
 
 # --------------------------------------------------------------------------- errors
 
-@pytest.mark.slow  # a real process each
-@pytest.mark.parametrize("case", ["missing", "no config.json", "nothing to draw"])
-def test_a_bad_run_dir_gives_one_line_and_exit_2(tmp_path, case):
+def _bad_run_dir(tmp_path, case):
     run = tmp_path / "run"
     if case != "missing":
         run.mkdir()
     if case == "nothing to draw":
         (run / "config.json").write_text(json.dumps({"data": None, "batch_size": 4, "layout": "towers"}))
+    return run
+
+
+BAD_RUN_DIRS = {"missing": "does not exist", "no config.json": "not a run folder", "nothing to draw": "nothing to draw"}
+
+
+@pytest.mark.parametrize("case", BAD_RUN_DIRS)
+def test_a_bad_run_dir_is_refused_naming_it(tmp_path, case, caplog, capsys):
+    """In this process (the program's log goes to caplog); the real process: the test below."""
+    run = _bad_run_dir(tmp_path, case)
+    assert show.main([str(run)]) == 2 and capsys.readouterr().out == ""
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and errors[0].startswith("error: ") and str(run) in errors[0], errors
+    assert BAD_RUN_DIRS[case] in errors[0]
+    assert not (run / "show").exists()  # no empty folder left behind
+
+
+@pytest.mark.slow  # a real process
+def test_a_bad_run_dir_gives_one_line_and_exit_2(tmp_path):
+    run = _bad_run_dir(tmp_path, "nothing to draw")
     result = run_show(run)
     assert result.returncode == 2 and result.stdout == ""
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and str(run) in lines[0], result.stderr
-    expected = {"missing": "does not exist", "no config.json": "not a run folder", "nothing to draw": "nothing to draw"}
-    assert expected[case] in lines[0]
-    assert not (run / "show").exists()  # no empty folder left behind
+    assert BAD_RUN_DIRS["nothing to draw"] in lines[0]
+    assert not (run / "show").exists()
 
 
 # --------------------------------------------------------------------------- the real program
