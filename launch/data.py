@@ -304,24 +304,6 @@ def _collate(items):
     return images, labels, [i for _, _, skipped in items for i in skipped]
 
 
-class _TrainPositions(Dataset):
-    """Item k is the uint8 224 crop of the training sample at position ``positions[k]`` of
-    epoch ``epoch``, at the place ``train_augmentation`` draws for that position."""
-
-    def __init__(self, images: ImageFolderSplit, seed: int, epoch: int, order: np.ndarray, positions: np.ndarray):
-        self.images, self.seed, self.epoch, self.order, self.positions = images, seed, epoch, order, positions
-
-    def __len__(self) -> int:
-        return len(self.positions)
-
-    def __getitem__(self, k: int):
-        position = int(self.positions[k])
-        image, label, skipped = self.images.load(int(self.order[position]))
-        block, offset = divmod(position, DRAW_BLOCK)
-        top, left = _draw_block(self.seed, self.epoch, block)[0][offset].tolist()
-        return image[:, top:top + CROP_SIZE, left:left + CROP_SIZE].contiguous(), label, skipped
-
-
 # The choices are drawn for a block of positions at a time, one generator per (seed, epoch,
 # block): drawn position by position they took 40 us each, 5 ms per batch of 128 on the
 # training loop's thread, where a GPU's step waits for them.
@@ -388,15 +370,6 @@ def batches_per_epoch(bundle: DataBundle, batch_size: int) -> int:
     return len(bundle.train) // batch_size  # drop_last: a partial batch would change the step's statistics
 
 
-def _loader(dataset: Dataset, batch_size: int, workers: int, pin_memory: bool) -> DataLoader:
-    # A private generator: DataLoader draws its workers' base seed from it, which would
-    # otherwise advance the global RNG (and so change dropout) on every new iterator.
-    # Pinned memory lets the copy to a GPU run while the GPU computes.
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=_collate,
-                      generator=torch.Generator().manual_seed(0), persistent_workers=False, pin_memory=pin_memory,
-                      worker_init_fn=functools.partial(_end_with, os.getpid()))
-
-
 def _end_with(parent_pid: int, worker_id: int) -> None:
     """A worker ends with the process that started it. DataLoader's own check is not enough:
     a worker whose parent was killed while the worker was still starting watches its new
@@ -412,60 +385,155 @@ def share_of_batch(batch_size: int, share: tuple) -> tuple:
     return index * size, size
 
 
+class Loader:
+    """A rank's batches, for training and evaluation, from one DataLoader whose ``workers``
+    worker processes start with the first batch and live until :meth:`close` (or the end of
+    a ``with`` block): a new epoch or evaluation starts at once. A loader that started them
+    afresh each time waited 3 s for its first batch and 1 s for its workers to end (2
+    workers spawned on a 2-core CPU; each imports torch), twice an epoch. With ``workers``
+    0 the images are loaded in the calling process. Only the keys of the items travel to
+    the workers ((seed, epoch, position) or a validation index); each batch asked for ends
+    the iteration of the one before it."""
+
+    def __init__(self, bundle: DataBundle, workers: int = 0, pin_memory: bool = False):
+        self.bundle, self._requests, self._current = bundle, _Requests(), None
+        # A private generator: DataLoader draws its workers' base seed from it, which would
+        # otherwise advance the global RNG (and so change dropout) on every new iterator.
+        # Pinned memory lets the copy to a GPU run while the GPU computes.
+        self._loader = DataLoader(_Items(bundle.train, bundle.val), batch_sampler=self._requests,
+                                  num_workers=workers, collate_fn=_collate, persistent_workers=workers > 0,
+                                  generator=torch.Generator().manual_seed(0), pin_memory=pin_memory,
+                                  worker_init_fn=functools.partial(_end_with, os.getpid()))
+
+    def train(self, batch_size: int, seed: int, epoch: int, start_batch: int = 0,
+              share: tuple = (0, 1)) -> Iterator:
+        """Batches (N x 3 x 224 x 224 uint8 crops, N int64 labels) of epoch ``epoch``,
+        shuffled by a permutation seeded by (seed, epoch), only full batches, starting at
+        batch ``start_batch`` without decoding the skipped ones. The rest of the
+        augmentation is :func:`augment` with :func:`train_augmentation`, on the device.
+        With ``share = (i, n)`` only the i-th n-th of each batch is loaded (N = batch_size / n):
+        the n shares of a batch are its images in order, whatever n is."""
+        total = batches_per_epoch(self.bundle, batch_size)
+        if total == 0:
+            raise ValueError(f"batch size {batch_size} is larger than the training set ({len(self.bundle.train)} "
+                             f"images): use a smaller batch")
+        if not 0 <= start_batch <= total:
+            raise ValueError(f"start_batch {start_batch} is outside the epoch's {total} batches")
+        if seed < 0 or epoch < 0:
+            raise ValueError(f"seed and epoch must be non-negative, got seed={seed}, epoch={epoch}")
+        first, size = share_of_batch(batch_size, share)
+        keys = ([("train", seed, epoch, start * batch_size + first + k) for k in range(size)]
+                for start in range(start_batch, total))
+        return self._batches(keys, total - start_batch, self.bundle.train, substituted=True)  # errors come at the call
+
+    def eval(self, batch_size: int, ten_crop: bool = False, limit: Optional[int] = None,
+             share: tuple = (0, 1)) -> Iterator:
+        """The validation set in order, last partial batch kept: (N x 3 x 224 x 224 uint8 centre
+        crops, or N x 3 x 256 x 256 uint8 base images for the ten-patch test, and N int64
+        labels); :func:`eval_views` makes the network's input of them. Unusable images are
+        left out (logged), so N may fall short of ``batch_size`` in any batch. With ``share``
+        only that share of the images (see :func:`eval_share`)."""
+        if batch_size < 1:
+            raise ValueError(f"batch size must be at least 1, got {batch_size}")
+        indices = eval_share(len(self.bundle.val), limit, share)
+        keys = ([("val", index, ten_crop) for index in indices[start:start + batch_size]]
+                for start in range(0, len(indices), batch_size))
+        return self._batches(keys, -(-len(indices) // batch_size), self.bundle.val, substituted=False)
+
+    def _batches(self, keys: Iterator, count: int, split: ImageFolderSplit, substituted: bool) -> Iterator:
+        if self._current is not None:
+            self._current.close()  # its iteration is over: the DataLoader serves one at a time
+        self._requests.keys, self._requests.count = keys, count
+        self._current = self._iterate(split, substituted)
+        return self._current
+
+    def _iterate(self, split: ImageFolderSplit, substituted: bool) -> Iterator:
+        for images, labels, skipped in self._loader:
+            split.record_skipped(skipped, substituted)  # here, in the calling process, whichever process decoded
+            yield images, labels
+
+    def close(self) -> None:
+        """Ends the worker processes (waiting for them); the loader is not used after."""
+        if self._current is not None:
+            self._current.close()
+        iterator = getattr(self._loader, "_iterator", None)  # persistent workers: DataLoader keeps their iterator
+        if iterator is not None:
+            iterator._shutdown_workers()  # what DataLoader does when the iterator is collected, done now
+            self._loader._iterator = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class _Requests:
+    """The DataLoader's batch sampler: the keys of the batches asked for last. DataLoader
+    reads it in the calling process as an iteration starts; the workers see only keys."""
+
+    def __init__(self):
+        self.keys, self.count = iter(()), 0
+
+    def __iter__(self):
+        return self.keys
+
+    def __len__(self) -> int:
+        return self.count
+
+
+class _Items(Dataset):
+    """Items by key: ("train", seed, epoch, position) is the uint8 224 crop of the training
+    sample at that position of the epoch's order, at the place ``train_augmentation``
+    draws for it; ("val", index, ten_crop) the validation image's 224 centre crop, or its
+    whole 256 base image for the ten-patch test (the views are cut on the device by
+    :func:`eval_views`). An unusable validation image is left out, not replaced by its
+    neighbour (which would then be counted twice)."""
+
+    def __init__(self, train: ImageFolderSplit, val: ImageFolderSplit):
+        self.train, self.val = train, val
+
+    def __getitem__(self, key: tuple):
+        if key[0] == "val":
+            _, index, ten_crop = key
+            image, label, skipped = self.val.load(index, substitute=False)
+            if image is None or ten_crop:
+                return image, label, skipped
+            return center_crop(image), label, skipped
+        _, seed, epoch, position = key
+        image, label, skipped = self.train.load(int(_epoch_order(len(self.train), seed, epoch)[position]))
+        block, offset = divmod(position, DRAW_BLOCK)
+        top, left = _draw_block(seed, epoch, block)[0][offset].tolist()
+        return image[:, top:top + CROP_SIZE, left:left + CROP_SIZE].contiguous(), label, skipped
+
+
+@functools.lru_cache(maxsize=2)  # the epoch being loaded (and the one before, as a new one starts)
+def _epoch_order(num_images: int, seed: int, epoch: int) -> np.ndarray:
+    return epoch_order(num_images, seed, epoch)
+
+
 def train_batches(bundle: DataBundle, batch_size: int, seed: int, epoch: int, start_batch: int = 0,
                   workers: int = 0, pin_memory: bool = False, share: tuple = (0, 1)) -> Iterator:
-    """Batches (N x 3 x 224 x 224 uint8 crops, N int64 labels) of epoch ``epoch``,
-    shuffled by a permutation seeded by (seed, epoch), only full batches, starting at
-    batch ``start_batch`` without decoding the skipped ones. The rest of the
-    augmentation is :func:`augment` with :func:`train_augmentation`, on the device.
-    With ``share = (i, n)`` only the i-th n-th of each batch is loaded (N = batch_size / n):
-    the n shares of a batch are its images in order, whatever n is."""
-    total = batches_per_epoch(bundle, batch_size)
-    if total == 0:
-        raise ValueError(f"batch size {batch_size} is larger than the training set ({len(bundle.train)} images): "
-                         f"use a smaller batch")
-    if not 0 <= start_batch <= total:
-        raise ValueError(f"start_batch {start_batch} is outside the epoch's {total} batches")
-    if seed < 0 or epoch < 0:
-        raise ValueError(f"seed and epoch must be non-negative, got seed={seed}, epoch={epoch}")
-    order = epoch_order(len(bundle.train), seed, epoch)
-    first, size = share_of_batch(batch_size, share)
-    starts = np.arange(start_batch, total, dtype=np.int64) * batch_size + first
-    positions = (starts[:, None] + np.arange(size)).reshape(-1)
-    # not a generator itself: errors come at the call
-    return _batches(_TrainPositions(bundle.train, seed, epoch, order, positions), bundle.train, size, workers,
-                    pin_memory=pin_memory)
+    """:meth:`Loader.train` from a loader of its own, whose workers end with the epoch."""
+    loader = Loader(bundle, workers, pin_memory)
+    return _closing(loader.train(batch_size, seed, epoch, start_batch, share), loader)
 
 
-def _batches(dataset: Dataset, split: ImageFolderSplit, batch_size: int, workers: int,
-             substituted: bool = True, pin_memory: bool = False) -> Iterator:
-    for images, labels, skipped in _loader(dataset, batch_size, workers, pin_memory):
-        split.record_skipped(skipped, substituted)  # here, in the calling process, whichever process decoded
-        yield images, labels
+def eval_batches(bundle: DataBundle, batch_size: int, ten_crop: bool = False, workers: int = 0,
+                 limit: Optional[int] = None, pin_memory: bool = False, share: tuple = (0, 1)) -> Iterator:
+    """:meth:`Loader.eval` from a loader of its own, whose workers end with the evaluation."""
+    loader = Loader(bundle, workers, pin_memory)
+    return _closing(loader.eval(batch_size, ten_crop, limit, share), loader)
+
+
+def _closing(batches: Iterator, loader: Loader) -> Iterator:
+    with loader:
+        yield from batches
 
 
 def _ten_crop_corners():
     edge = BASE_SIZE - CROP_SIZE
     return ((0, 0), (0, edge), (edge, 0), (edge, edge), (edge // 2, edge // 2))  # (top, left): TL TR BL BR centre
-
-
-class _EvalImages(Dataset):
-    """uint8 images to evaluate: the 224 centre crop, or the whole 256 base image for the
-    ten-patch test (its views are cut on the device by :func:`eval_views`)."""
-
-    def __init__(self, images: ImageFolderSplit, indices: list, ten_crop: bool):
-        self.images, self.indices, self.ten_crop = images, indices, ten_crop
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, k: int):
-        # Each image counts once: an unusable one is left out, not replaced by its neighbour
-        # (which would then be counted twice).
-        image, label, skipped = self.images.load(self.indices[k], substitute=False)
-        if image is None or self.ten_crop:
-            return image, label, skipped
-        return center_crop(image), label, skipped
 
 
 def eval_views(images: torch.Tensor, stats: DataStats, ten_crop: bool) -> torch.Tensor:
@@ -500,16 +568,3 @@ def eval_share(num_images: int, limit: Optional[int], share: tuple = (0, 1)) -> 
     """The validation indices that share ``share = (i, n)`` evaluates: every n-th, from the i-th."""
     index, shares = share
     return eval_indices(num_images, limit)[index::shares]
-
-
-def eval_batches(bundle: DataBundle, batch_size: int, ten_crop: bool = False, workers: int = 0,
-                 limit: Optional[int] = None, pin_memory: bool = False, share: tuple = (0, 1)) -> Iterator:
-    """The validation set in order, last partial batch kept: (N x 3 x 224 x 224 uint8 centre
-    crops, or N x 3 x 256 x 256 uint8 base images for the ten-patch test, and N int64
-    labels); :func:`eval_views` makes the network's input of them. Unusable images are
-    left out (logged), so N may fall short of ``batch_size`` in any batch. With ``share``
-    only that share of the images (see :func:`eval_share`)."""
-    if batch_size < 1:
-        raise ValueError(f"batch size must be at least 1, got {batch_size}")
-    dataset = _EvalImages(bundle.val, eval_share(len(bundle.val), limit, share), ten_crop)
-    return _batches(dataset, bundle.val, batch_size, workers, substituted=False, pin_memory=pin_memory)

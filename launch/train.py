@@ -12,6 +12,7 @@ The functions ``train_one_epoch``, ``evaluate`` and ``main`` follow torchvision'
 classification reference.
 """
 
+import contextlib
 import json
 import logging
 import math
@@ -160,11 +161,12 @@ def build_model(config: TrainConfig, num_classes: int, group, device, draw: bool
 # ---------------------------------------------------------------- evaluation and training
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, bundle, plan: Plan, batch_size: int, device, mesh: Mesh, ten_crop: bool = False,
-             workers: int = 0, autocast_dtype: Optional[torch.dtype] = None) -> dict:
+def evaluate(model: torch.nn.Module, loader: Optional[data_module.Loader], plan: Plan, batch_size: int, device,
+             mesh: Mesh, ten_crop: bool = False, autocast_dtype: Optional[torch.dtype] = None) -> dict:
     """Top-1 and top-5 error on the validation images: the centre patch, or the ten-patch
     test (four corners and centre and their reflections, softmax averaged). Each replica
-    evaluates every D-th image; the counts are summed over the replicas."""
+    evaluates every D-th image; the counts are summed over the replicas. ``loader``: on
+    the ranks that load (None on the others)."""
     views = 10 if ten_crop else 1
     if ten_crop:
         batch_size = max(1, batch_size // 4)  # ten images per item
@@ -172,8 +174,7 @@ def evaluate(model: torch.nn.Module, bundle, plan: Plan, batch_size: int, device
     images_here = len(data_module.eval_share(plan.val_images, None, share))
     source = None
     if mesh.loads_data:
-        source = data_module.eval_batches(bundle, batch_size, ten_crop=ten_crop, workers=workers, limit=plan.val_images,
-                                          pin_memory=device.type == "cuda", share=share)
+        source = loader.eval(batch_size, ten_crop=ten_crop, limit=plan.val_images, share=share)
     item_shape = (3, BASE_SIZE, BASE_SIZE) if ten_crop else IMAGE_SHAPE  # the ten views are cut on the device
     was_training = model.training
     model.eval()
@@ -206,8 +207,8 @@ def describe_evaluation(result: dict) -> str:
     return f"{result['test']}, {result['images']} images{skipped}"
 
 
-def train_one_epoch(model, optimizer, bundle, plan: Plan, config: TrainConfig, progress: Progress, device, mesh: Mesh,
-                    run_dir: Optional[Path], metrics: Metrics, bar: ProgressBar, workers: int,
+def train_one_epoch(model, optimizer, loader: Optional[data_module.Loader], plan: Plan, config: TrainConfig,
+                    progress: Progress, device, mesh: Mesh, run_dir: Optional[Path], metrics: Metrics, bar: ProgressBar,
                     input_bytes: InputBytes, trainer: Optional[torch.nn.Module] = None) -> bool:
     """Trains from ``progress.batch`` to the end of the epoch; returns False when
     ``max_steps`` stopped it early. ``trainer`` is ``model`` as the step runs it (under
@@ -219,9 +220,8 @@ def train_one_epoch(model, optimizer, bundle, plan: Plan, config: TrainConfig, p
         steps_left = min(steps_left, config.max_steps - progress.global_step)
     source = None
     if mesh.loads_data:
-        source = data_module.train_batches(bundle, config.batch_size, config.seed, progress.epoch,
-                                           start_batch=progress.batch, workers=workers,
-                                           pin_memory=device.type == "cuda", share=(mesh.replica, mesh.replicas))
+        source = loader.train(config.batch_size, config.seed, progress.epoch, start_batch=progress.batch,
+                              share=(mesh.replica, mesh.replicas))
     meter = StepMeter()
     total_steps = config.epochs * plan.batches_per_epoch
     if config.max_steps is not None:
@@ -381,93 +381,99 @@ def run_rank(rank: int, config: TrainConfig, run_dir: Optional[str], placement: 
     dist.broadcast_object_list(plan, src=0)
     plan = plan[0]
     bundle = _replica_data(rank, config, plan, bundle) if mesh.loads_data else None
+    # One loader for the whole run: its worker processes start once, not each epoch and evaluation.
+    with (data_module.Loader(bundle, workers, pin_memory=device.type == "cuda") if bundle is not None
+          else contextlib.nullcontext()) as loader:
 
-    # A resumed or evaluated run loads every weight; replicas after the first receive replica
-    # 0's when DistributedDataParallel is built below (it broadcasts them).
-    model = build_model(config, len(plan.classes), group, device,
-                        draw=mesh.replica == 0 and not (config.resume or config.eval_only))
-    exchange_log = model.exchange_log if isinstance(model, Tower) else ExchangeLog()  # the reference: nothing crosses
-    if config.compile:  # the weights and their names stay the model's: checkpoints are unchanged
-        compile_blocks(model, backend=config.compile)
-    optimizer = paper_optimizer(model.parameters(), lr=config.lr, momentum=config.momentum,
-                                weight_decay=config.weight_decay)
-    metrics = Metrics(run_dir / "metrics.jsonl" if run_dir else None)
-    bar = ProgressBar(enabled=rank == 0)
-    evaluate_now = lambda ten_crop=False: evaluate(model, bundle, plan, config.batch_size, device, mesh,
-                                                   ten_crop, workers, AUTOCAST[config.precision])
-    summary = {"run_dir": str(run_dir) if run_dir else None, "backend": placement.backend, "device": str(device),
-               "layout": config.layout, "replicas": mesh.replicas, "fc8_placement": config.fc8_placement,
-               "precision": config.precision, "compile": config.compile, "workers": workers,
-               "classes": len(plan.classes), "data": str(bundle.root) if bundle else None}
+        # A resumed or evaluated run loads every weight; replicas after the first receive replica
+        # 0's when DistributedDataParallel is built below (it broadcasts them).
+        model = build_model(config, len(plan.classes), group, device,
+                            draw=mesh.replica == 0 and not (config.resume or config.eval_only))
+        # the reference: nothing crosses
+        exchange_log = model.exchange_log if isinstance(model, Tower) else ExchangeLog()
+        if config.compile:  # the weights and their names stay the model's: checkpoints are unchanged
+            compile_blocks(model, backend=config.compile)
+        optimizer = paper_optimizer(model.parameters(), lr=config.lr, momentum=config.momentum,
+                                    weight_decay=config.weight_decay)
+        metrics = Metrics(run_dir / "metrics.jsonl" if run_dir else None)
+        bar = ProgressBar(enabled=rank == 0)
+        evaluate_now = lambda ten_crop=False: evaluate(model, loader, plan, config.batch_size, device, mesh,
+                                                       ten_crop, AUTOCAST[config.precision])
+        summary = {"run_dir": str(run_dir) if run_dir else None, "backend": placement.backend, "device": str(device),
+                   "layout": config.layout, "replicas": mesh.replicas, "fc8_placement": config.fc8_placement,
+                   "precision": config.precision, "compile": config.compile, "workers": workers,
+                   "classes": len(plan.classes), "data": str(bundle.root) if bundle else None}
 
-    if config.eval_only:
-        restore_training_state(config.eval_only, model, optimizer, plan.classes, mesh, with_training=False)
-        summary["checkpoint"] = config.eval_only
-        summary["centre"] = evaluate_now()
-        if config.ten_crop:
-            summary["ten_patch"] = evaluate_now(ten_crop=True)
-        summary.update(compile_counts(config))
-        metrics.write(event="eval_only", **summary)
-        return summary if rank == 0 else None
+        if config.eval_only:
+            restore_training_state(config.eval_only, model, optimizer, plan.classes, mesh, with_training=False)
+            summary["checkpoint"] = config.eval_only
+            summary["centre"] = evaluate_now()
+            if config.ten_crop:
+                summary["ten_patch"] = evaluate_now(ten_crop=True)
+            summary.update(compile_counts(config))
+            metrics.write(event="eval_only", **summary)
+            return summary if rank == 0 else None
 
-    progress = Progress(lr=config.lr)
-    if config.resume:
-        progress = restore_training_state(config.resume, model, optimizer, plan.classes, mesh,
-                                          with_training=True) or progress
-        progress.lr = base_rate(config, progress)  # --lr may have changed on resume
-        log.info("resumed from %s at epoch %d, step %d, learning rate %g", config.resume, progress.epoch + 1,
-                 progress.global_step, progress.lr)
-    checkpoint = run_dir / FILENAME if run_dir else None
-    trainer = model
-    if mesh.replica_group is not None:
-        # Gradients averaged over the replicas in buckets, each all-reduce started as soon
-        # as its gradients are ready, while the backward pass (and the towers' exchanges
-        # on the tower group) goes on.
-        trainer = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
-                                          process_group=mesh.replica_group)
-    steps_at_start, train_seconds = progress.global_step, 0.0
-    train_exchanges = {}  # (name, direction) -> bytes this tower sent while training
-    input_bytes = InputBytes()
-    last_eval = None
-    while progress.epoch < config.epochs:
-        epoch_started, sent_before = time.time(), _sent_bytes(exchange_log)
-        finished = train_one_epoch(model, optimizer, bundle, plan, config, progress, device, mesh, run_dir,
-                                   metrics, bar, workers, input_bytes, trainer)
-        train_seconds += time.time() - epoch_started
-        for key, sent in _sent_bytes(exchange_log).items():
-            train_exchanges[key] = train_exchanges.get(key, 0) + sent - sent_before.get(key, 0)
-        if not finished:  # --max-steps reached within the epoch
+        progress = Progress(lr=config.lr)
+        if config.resume:
+            progress = restore_training_state(config.resume, model, optimizer, plan.classes, mesh,
+                                              with_training=True) or progress
+            progress.lr = base_rate(config, progress)  # --lr may have changed on resume
+            log.info("resumed from %s at epoch %d, step %d, learning rate %g", config.resume, progress.epoch + 1,
+                     progress.global_step, progress.lr)
+        checkpoint = run_dir / FILENAME if run_dir else None
+        trainer = model
+        if mesh.replica_group is not None:
+            # Gradients averaged over the replicas in buckets, each all-reduce started as soon
+            # as its gradients are ready, while the backward pass (and the towers' exchanges
+            # on the tower group) goes on.
+            trainer = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
+                                              process_group=mesh.replica_group)
+        steps_at_start, train_seconds = progress.global_step, 0.0
+        train_exchanges = {}  # (name, direction) -> bytes this tower sent while training
+        input_bytes = InputBytes()
+        last_eval = None
+        while progress.epoch < config.epochs:
+            epoch_started, sent_before = time.time(), _sent_bytes(exchange_log)
+            finished = train_one_epoch(model, optimizer, loader, plan, config, progress, device, mesh, run_dir,
+                                       metrics, bar, input_bytes, trainer)
+            train_seconds += time.time() - epoch_started
+            for key, sent in _sent_bytes(exchange_log).items():
+                train_exchanges[key] = train_exchanges.get(key, 0) + sent - sent_before.get(key, 0)
+            if not finished:  # --max-steps reached within the epoch
+                save_training_state(checkpoint, model, optimizer, progress, config, plan.classes, plan.train_images,
+                                    mesh, plan.stats.mean)
+                last_eval = None
+                break
+            last_eval = evaluate_now()
+            progress.epoch, progress.batch = progress.epoch + 1, 0
+            end_of_epoch_schedule(config, progress, last_eval["top1_error"])
+            log.info("epoch %d/%d: validation top-1 error %.2f%%, top-5 error %.2f%% (%s)", progress.epoch,
+                     config.epochs, 100 * last_eval["top1_error"], 100 * last_eval["top5_error"],
+                     describe_evaluation(last_eval))
+            metrics.write(event="eval", epoch=progress.epoch, step=progress.global_step, lr=progress.lr, **last_eval)
             save_training_state(checkpoint, model, optimizer, progress, config, plan.classes, plan.train_images, mesh,
                                 plan.stats.mean)
-            last_eval = None
-            break
-        last_eval = evaluate_now()
-        progress.epoch, progress.batch = progress.epoch + 1, 0
-        end_of_epoch_schedule(config, progress, last_eval["top1_error"])
-        log.info("epoch %d/%d: validation top-1 error %.2f%%, top-5 error %.2f%% (%s)", progress.epoch, config.epochs,
-                 100 * last_eval["top1_error"], 100 * last_eval["top5_error"], describe_evaluation(last_eval))
-        metrics.write(event="eval", epoch=progress.epoch, step=progress.global_step, lr=progress.lr, **last_eval)
-        save_training_state(checkpoint, model, optimizer, progress, config, plan.classes, plan.train_images, mesh,
-                            plan.stats.mean)
 
-    summary["centre"] = last_eval or evaluate_now()
-    if config.ten_crop:
-        summary["ten_patch"] = evaluate_now(ten_crop=True)
-    steps = progress.global_step - steps_at_start
-    by_tower = [None] * dist.get_world_size(group)
-    dist.all_gather_object(by_tower, {key: sent / max(1, steps) for key, sent in train_exchanges.items()}, group=group)
-    summary.update(epochs=progress.epoch, steps=progress.global_step, steps_this_run=steps,
-                   checkpoint=str(checkpoint) if checkpoint else None,
-                   train_seconds=train_seconds, wall_seconds=time.time() - started,
-                   images_per_s=steps * config.batch_size / max(train_seconds, 1e-9),
-                   exchanged_bytes_sent=exchange_log.sent_bytes,
-                   # per training step and rank: the batch as delivered, and what this tower sent the other
-                   input_bytes_per_step=input_bytes.per_batch,
-                   exchange_bytes_per_step=sum(train_exchanges.values()) / max(1, steps),
-                   # per exchange and direction: the bytes each tower sent per training step, tower 0's first
-                   exchanges_per_step={key: [tower.get(key, 0.0) for tower in by_tower]
-                                       for key in sorted(set().union(*by_tower))}, **compile_counts(config))
-    if rank == 0:
-        metrics.write(event="summary", **summary)
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary if rank == 0 else None
+        summary["centre"] = last_eval or evaluate_now()
+        if config.ten_crop:
+            summary["ten_patch"] = evaluate_now(ten_crop=True)
+        steps = progress.global_step - steps_at_start
+        by_tower = [None] * dist.get_world_size(group)
+        dist.all_gather_object(by_tower, {key: sent / max(1, steps) for key, sent in train_exchanges.items()},
+                               group=group)
+        summary.update(epochs=progress.epoch, steps=progress.global_step, steps_this_run=steps,
+                       checkpoint=str(checkpoint) if checkpoint else None,
+                       train_seconds=train_seconds, wall_seconds=time.time() - started,
+                       images_per_s=steps * config.batch_size / max(train_seconds, 1e-9),
+                       exchanged_bytes_sent=exchange_log.sent_bytes,
+                       # per training step and rank: the batch as delivered, and what this tower sent the other
+                       input_bytes_per_step=input_bytes.per_batch,
+                       exchange_bytes_per_step=sum(train_exchanges.values()) / max(1, steps),
+                       # per exchange and direction: the bytes each tower sent per training step, tower 0's first
+                       exchanges_per_step={key: [tower.get(key, 0.0) for tower in by_tower]
+                                           for key in sorted(set().union(*by_tower))}, **compile_counts(config))
+        if rank == 0:
+            metrics.write(event="summary", **summary)
+            (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        return summary if rank == 0 else None

@@ -5,6 +5,7 @@ Everything is made in tmp_path."""
 
 import json
 import logging
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -462,6 +463,33 @@ def test_train_batches_are_a_pure_function_of_seed_epoch_position(small_bundle):
     assert torch.equal(torch.get_rng_state(), rng_state), "iterating must not touch the global RNG (dropout)"
     epoch1 = list(data.train_batches(small_bundle, batch_size=6, seed=3, epoch=1))
     assert not torch.equal(torch.cat([b[1] for b in full]), torch.cat([b[1] for b in epoch1]))
+
+
+def _equal(batches, others) -> bool:
+    return len(batches) == len(others) and all(torch.equal(a, c) and torch.equal(b, d)
+                                               for (a, b), (c, d) in zip(batches, others))
+
+
+def test_one_loader_serves_every_epoch_and_evaluation_from_the_same_workers(small_bundle):
+    """launch.data.Loader, as a rank holds it for the whole run: its worker processes start
+    once; an iteration left midway (--max-steps, or a save and an evaluation) leaves nothing
+    in the batches asked for next, and closing it ends the workers."""
+    expected = {epoch: list(data.train_batches(small_bundle, 6, seed=3, epoch=epoch)) for epoch in (0, 1)}
+    centre, ten = list(data.eval_batches(small_bundle, 4)), list(data.eval_batches(small_bundle, 2, ten_crop=True))
+    before = set(multiprocessing.active_children())
+    with data.Loader(small_bundle, workers=2) as loader:
+        left = loader.train(6, seed=3, epoch=0)
+        assert _equal([next(left)], expected[0][:1])  # and the workers have the next batches in hand
+        workers = set(multiprocessing.active_children()) - before
+        assert len(workers) == 2
+        assert _equal(list(loader.eval(4)), centre)
+        with pytest.raises(StopIteration):
+            next(left)  # asking for other batches ended that iteration
+        assert _equal(list(loader.train(6, seed=3, epoch=1)), expected[1])
+        assert _equal(list(loader.train(6, seed=3, epoch=0, start_batch=1)), expected[0][1:])
+        assert _equal(list(loader.eval(2, ten_crop=True)), ten)
+        assert set(multiprocessing.active_children()) - before == workers  # the same processes throughout
+    assert not set(multiprocessing.active_children()) & workers
 
 
 def test_augmentation_changes_with_epoch_and_follows_the_paper(small_bundle):

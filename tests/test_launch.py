@@ -140,7 +140,7 @@ def _checkpoint_worker(rank, data_root, tmp):
     tower.eval()
     with torch.no_grad():
         saved_logits = tower(images)
-    ten = evaluate(tower, bundle, plan, 4, torch.device("cpu"), mesh, ten_crop=True)
+    ten = evaluate(tower, data_module.Loader(bundle) if bundle else None, plan, 4, torch.device("cpu"), mesh, ten_crop=True)
     restore_training_state(Path(tmp) / "reference.pt", tower, optimizer, plan.classes, mesh, with_training=False)
     with torch.no_grad():
         loaded_logits = tower(images)
