@@ -422,8 +422,8 @@ class Loader:
         if seed < 0 or epoch < 0:
             raise ValueError(f"seed and epoch must be non-negative, got seed={seed}, epoch={epoch}")
         first, size = share_of_batch(batch_size, share)
-        keys = ([("train", seed, epoch, start * batch_size + first + k) for k in range(size)]
-                for start in range(start_batch, total))
+        keys = ([("train", seed, epoch, batch * batch_size + first + k) for k in range(size)]
+                for batch in range(start_batch, total))
         return self._batches(keys, total - start_batch, self.bundle.train, substituted=True)  # errors come at the call
 
     def eval(self, batch_size: int, ten_crop: bool = False, limit: Optional[int] = None,
