@@ -78,11 +78,14 @@ def save_checkpoint(path: Path, payload: dict) -> None:
         os.replace(tmp, path)
     except (OSError, RuntimeError) as exc:
         # A write that failed inside torch.save surfaces as torch's RuntimeError from closing
-        # the archive, with the write's OSError as its context.
+        # the archive, with the write's OSError as its context: that OSError is the error.
         cause = exc if isinstance(exc, OSError) else exc.__context__
-        if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):  # the space went after the check
+        if not isinstance(cause, OSError):
+            raise
+        tmp.unlink(missing_ok=True)  # before the free space is measured for the message
+        if cause.errno in (errno.ENOSPC, errno.EDQUOT):  # the space went after the check
             raise _disk_full(path, needed) from None
-        raise
+        raise cause from None
     finally:
         tmp.unlink(missing_ok=True)
     dir_fd = os.open(path.parent, os.O_RDONLY)

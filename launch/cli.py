@@ -69,15 +69,17 @@ def quick_exit():
     except SystemExit as exc:
         code = exc.code
     if code is not None and not isinstance(code, int):  # as sys.exit("message") does
-        print(code, file=sys.stderr)
+        if sys.stderr is not None:
+            print(code, file=sys.stderr)
         code = 1
-    for thread in threading.enumerate():
-        if thread is not threading.current_thread() and not thread.daemon:
-            thread.join()
-    atexit._run_exitfuncs()  # the interpreter's own first step of the teardown
-    try:
-        sys.stdout.flush()
-        sys.stderr.flush()
-    except OSError:  # a reader that went away (a closed pipe): the interpreter's exit status for it
-        code = code or 120
+    # The interpreter's own first steps of its teardown: other threads are waited for (idle
+    # thread pools told to end first, as the interpreter does), then the exit handlers run.
+    threading._shutdown()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None:  # None: started with that descriptor closed
+                stream.flush()
+        except OSError:  # a reader that went away (a closed pipe): the interpreter's exit status for it
+            code = code or 120
     os._exit(code or 0)

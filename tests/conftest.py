@@ -37,10 +37,12 @@ def pytest_configure(config):
     if config.option.basetemp or "PYTEST_DEBUG_TEMPROOT" in os.environ:
         return
     try:
+        mounts = [line.split() for line in Path("/proc/mounts").read_text().splitlines()]
         free = shutil.disk_usage(MEMORY_TEMP_ROOT).free
     except OSError:
         return
-    if free >= MEMORY_TEMP_MIN_FREE and os.access(MEMORY_TEMP_ROOT, os.W_OK | os.X_OK):
+    tmpfs = any(fields[1:3] == [str(MEMORY_TEMP_ROOT), "tmpfs"] for fields in mounts)
+    if tmpfs and free >= MEMORY_TEMP_MIN_FREE and os.access(MEMORY_TEMP_ROOT, os.W_OK | os.X_OK):
         os.environ["PYTEST_DEBUG_TEMPROOT"] = str(MEMORY_TEMP_ROOT)
 
 

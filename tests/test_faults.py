@@ -4,6 +4,8 @@ Each test drives the real program (``python -m launch.two_gpu``) in its own proc
 group, injects the fault from outside (signals, broken files), and bounds every wait.
 """
 
+import errno
+import io
 import json
 import os
 import shutil
@@ -16,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from launch import checkpoint
 from launch.checkpoint import FORMAT, checkpoint_payload, load_checkpoint, save_checkpoint, save_reference
 from launch.two_gpu import main
 from towers import build_reference
@@ -172,6 +175,29 @@ def test_a_save_killed_midway_leaves_the_previous_checkpoint(tmp_path):
     assert torch.equal(payload["model"]["conv1.weight"], build_reference(10, seed=1).conv1.weight)
     save_checkpoint(path, checkpoint_payload(build_reference(10, seed=1).state_dict(), num_classes=10, step=2))
     assert not list(tmp_path.glob(".checkpoint.pt.tmp-*")), "the killed save's temporary file was not cleared"
+
+
+def test_a_failing_disk_is_reported_as_the_disks_error_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    """An I/O error in the middle of the write (torch.save reports it as its own RuntimeError
+    from closing the archive): the OSError itself reaches the caller, nothing is left behind."""
+    path = tmp_path / "checkpoint.pt"
+    payload = lambda step: checkpoint_payload(build_reference(10, seed=1).state_dict(), num_classes=10, step=step)
+    save_checkpoint(path, payload(1))
+
+    class Failing(io.FileIO):  # one write past the first MB fails, as a bad sector would
+        failed = False
+
+        def write(self, data):
+            if self.tell() > 1 << 20 and not Failing.failed:
+                Failing.failed = True
+                raise OSError(errno.EIO, "Input/output error")
+            return super().write(data)
+
+    monkeypatch.setattr(checkpoint, "open", lambda name, mode: io.BufferedWriter(Failing(name, mode)), raising=False)
+    with pytest.raises(OSError) as info:
+        save_checkpoint(path, payload(2))
+    assert info.value.errno == errno.EIO and not isinstance(info.value, RuntimeError)
+    assert load_checkpoint(path)["step"] == 1 and [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
 
 
 _FULL_DISK = r"""

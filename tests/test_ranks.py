@@ -201,7 +201,7 @@ def test_the_single_layout_is_one_rank_on_one_device():
 
 
 _ENDING = r"""
-import atexit, sys, threading, time
+import atexit, concurrent.futures, sys, threading, time
 from launch.cli import quick_exit
 
 class Collected:
@@ -209,9 +209,11 @@ class Collected:
         print("torn down")  # what the interpreter's teardown would do, and quick_exit skips
 
 kept = Collected()
+pool = concurrent.futures.ThreadPoolExecutor(1)  # left open: its idle thread must be told to end
 with quick_exit():
     atexit.register(print, "exit handler ran")
     threading.Thread(target=lambda: (time.sleep(0.5), print("thread finished"))).start()
+    pool.submit(print, "pooled")
     print("buffered output")  # stdout is a pipe: held in Python's buffer until flushed
     code = sys.argv[1]
     if code != "end":
@@ -220,10 +222,15 @@ with quick_exit():
 
 
 @pytest.mark.parametrize("how, exit_code", [("end", 0), ("0", 0), ("3", 3), ("a message", 1)])
-def test_a_program_ending_quickly_ends_as_sys_exit_would_less_the_teardown(how, exit_code):
+@pytest.mark.parametrize("closed", [None, 1, 2], ids=["", "stdout-closed", "stderr-closed"])
+def test_a_program_ending_quickly_ends_as_sys_exit_would_less_the_teardown(how, exit_code, closed):
     buffered = {name: value for name, value in os.environ.items() if name != "PYTHONUNBUFFERED"}
     result = subprocess.run([sys.executable, "-c", _ENDING, how], cwd=ROOT, env=buffered, capture_output=True,
-                            text=True, timeout=60)
+                            text=True, timeout=60, preexec_fn=None if closed is None else lambda: os.close(closed))
     assert result.returncode == exit_code, result.stderr
-    assert result.stdout.splitlines() == ["buffered output", "thread finished", "exit handler ran"]
-    assert result.stderr == ("a message\n" if how == "a message" else "")
+    if closed != 1:
+        assert sorted(result.stdout.splitlines()) == sorted(["pooled", "buffered output", "thread finished",
+                                                             "exit handler ran"])
+        assert result.stdout.splitlines()[-1] == "exit handler ran"
+    if closed != 2:
+        assert result.stderr == ("a message\n" if how == "a message" else "")
