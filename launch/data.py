@@ -134,7 +134,7 @@ def _class_folders(split_dir: Path) -> list:
 @dataclass
 class Skipped:
     """What the scan of one split left out, and why."""
-    other_files: int = 0  # files that are not images (by their extension)
+    other_files: int = 0  # files that are not images (by their extension), and hidden ones (macOS's ._x.jpg twins)
     looping_links: list = field(default_factory=list)  # folder links back into their own class's walk
     other_class: list = field(default_factory=list)  # images reached through a link into another class's folder
     duplicates: list = field(default_factory=list)  # images listed already, under another path (same real file)
@@ -169,7 +169,7 @@ def _images_in(folder: Path, name: str, owners: dict, seen: set, skipped: Skippe
     real_dirs = {str(folder): top}  # walked path -> real path, filled as the walk goes down
     visited = {top}
     images = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+    for dirpath, dirnames, filenames in os.walk(folder, onerror=_raise, followlinks=True):
         real_dir = real_dirs.pop(dirpath)
         kept = []
         for sub in sorted(dirnames):
@@ -190,7 +190,7 @@ def _images_in(folder: Path, name: str, owners: dict, seen: set, skipped: Skippe
         dir_owner = _owner(real_dir, owners)
         for file_name in sorted(filenames):
             path = os.path.join(dirpath, file_name)
-            if not file_name.lower().endswith(IMAGE_EXTENSIONS):
+            if file_name.startswith(".") or not file_name.lower().endswith(IMAGE_EXTENSIONS):
                 skipped.other_files += 1
                 continue
             # Another class's image if found in another class's folder (through a folder
@@ -222,6 +222,19 @@ def scan_layout(root: Union[str, Path]):
     walked already, or to one holding the class folder) is skipped, and so is an image
     that is listed already in the split (same real path) or whose real path lies in
     another class's real folder (the innermost one, where class folders nest)."""
+    try:
+        return _scan_layout(Path(root).expanduser())
+    except OSError as exc:  # a folder or file on the way that cannot be read
+        where = exc.filename or root
+        raise DataError(f"cannot read {where} ({exc.strerror or exc}): make the data folder readable (every "
+                        f"folder in it), or pass another data folder") from None
+
+
+def _raise(exc: OSError):
+    raise exc
+
+
+def _scan_layout(root: Path):
     root = Path(root).expanduser()
     layout_hint = "expected ROOT/train/CLASS/*.jpg and ROOT/val/CLASS/*.jpg with the same CLASS folders in both"
     if not root.is_dir():
@@ -282,8 +295,8 @@ def open_data(data_dir: Optional[Union[str, Path]], *, cache_dir: Optional[Path]
         samples = [(path, label) for label, images in enumerate(files[split]) for path, _ in images]
         splits[split] = ImageFolderSplit(split, classes, samples, skipped[split].other_files)
         if skipped[split].other_files:
-            log.info("%s/: ignored %d files that are not images (%s)", split, skipped[split].other_files,
-                     " ".join(IMAGE_EXTENSIONS))
+            log.info("%s/: ignored %d hidden files or files that are not images (%s)", split,
+                     skipped[split].other_files, " ".join(IMAGE_EXTENSIONS))
         links = skipped[split].describe()
         if links:
             log.warning("%s/: skipped %s", split, links)

@@ -50,7 +50,9 @@ RUN_CONTROL = {"resume", "eval_only", "max_steps", "workers", "log_every", "chec
 # train longer), and --lr and --warmup-steps (to go on after a loss that diverged; the schedule keeps
 # its reductions, see launch.schedule.base_rate). --val-limit stays: the plateau schedule compares the
 # evaluations of one fixed set of images.
-CHANGEABLE_ON_RESUME = {"epochs", "lr", "warmup_steps"}
+# --data may name the run's images at a new place (the class names and the training-image count are
+# checked against the checkpoint's, and the statistics computed from the images found there).
+CHANGEABLE_ON_RESUME = {"epochs", "lr", "warmup_steps", "data"}
 MAX_PROCESSES_PER_CORE = 4  # ranks (--replicas) or loaders (--workers): beyond this many per core they only thrash the machine
 # Recipe fields that a checkpoint's arch records: --eval-only takes them from the checkpoint.
 ARCHITECTURE_OPTIONS = ("lrn", "pooling", "activation")
@@ -85,6 +87,11 @@ def resumed_config(config: TrainConfig, payload: dict) -> TrainConfig:
     # recipe that was then the dataset's default
     saved = {"recipe": "paper" if saved.get("data") is not None else "small", **saved}
     defaults = vars(build_parser().parse_args([]))
+    for name in ("out", "run_name"):  # in RUN_CONTROL, but a resumed run goes on in its own folder
+        if getattr(config, name) != defaults[name]:
+            raise ValueError(f"{_as_option(name, getattr(config, name))}: a resumed run goes on in its own folder, "
+                             f"{resolve_path(config.resume).parent}; drop the option (to branch the run, copy "
+                             f"that folder and resume the copy)")
     missing = set(defaults) - set(saved) - RUN_CONTROL  # this run's own options fill those
     if missing:
         raise CheckpointError(f"{config.resume} lacks parts of its run's recipe "
@@ -194,6 +201,9 @@ def prepare_run(config: TrainConfig, checkpoint: Optional[dict]):
     bundle, lock)."""
     if config.data is None:
         log.info("data: the built-in dataset (ten generated texture classes), no download needed")
+    elif config.resume and not Path(config.data).expanduser().exists():
+        raise ValueError(f"{config.resume} was trained on {config.data}, which is not there now: give the images' "
+                         f"new place with --data")
     bundle = data_module.open_data(config.data)
     log.info("data: %s (%d classes, %d training and %d validation images)", bundle.root, len(bundle.classes),
              len(bundle.train), len(bundle.val))

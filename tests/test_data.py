@@ -61,6 +61,7 @@ def _mixed_tree(root: Path) -> dict:
     fake = train / "b" / "fake.jpg"
     fake.write_text("this is not an image")
     (train / "b" / "notes.txt").write_text("ignored")
+    (train / "a" / "._rgb.jpg").write_bytes(b"\0\5\26\7 macOS's resource fork of rgb.jpg")  # hidden: ignored
     _save(train / "b" / "z_last.jpg", _rgb(9))
     for name in ("a", "b"):
         _save(root / "val" / name / "v.jpg", _rgb(20 + len(name)))
@@ -115,6 +116,25 @@ def test_layout_errors_name_the_fix(tmp_path, make, expected):
         data.open_data(root, cache_dir=tmp_path / "cache")
     for fragment in expected:
         assert fragment in str(info.value), str(info.value)
+
+
+@pytest.mark.parametrize("unreadable", ["train", "train/b"], ids=["split", "class"])
+def test_a_folder_that_cannot_be_read_is_named(tmp_path, monkeypatch, unreadable):
+    # Simulated (the tests may run as root, who reads any folder): the error os.scandir gives
+    # for a folder without read permission, which os.walk would otherwise pass over in silence.
+    root = _simple_tree(tmp_path / "data")
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        if Path(path) == root / unreadable:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(DataError) as info:
+        data.open_data(root, cache_dir=tmp_path / "cache")
+    assert str(info.value) == (f"cannot read {root / unreadable} (Permission denied): make the data folder readable "
+                               f"(every folder in it), or pass another data folder")
 
 
 # --------------------------------------------------------------------------- links
@@ -211,7 +231,8 @@ def test_every_mode_becomes_256_rgb(tmp_path):
     classes, files, skipped = data.scan_layout(tmp_path)
     paths = {Path(p).name: p for images in files["train"] for p, _ in images}
     assert odd["fake"] in paths.values() and "notes.txt" not in paths  # .jpg by name is kept until decoded
-    assert skipped == {"train": data.Skipped(other_files=1), "val": data.Skipped()}
+    assert "._rgb.jpg" not in paths  # a hidden file, whatever its name says
+    assert skipped == {"train": data.Skipped(other_files=2), "val": data.Skipped()}
     for name, path in paths.items():
         if path in odd.values():
             continue
@@ -237,7 +258,7 @@ def test_corrupt_files_are_replaced_and_counted(tmp_path):
     odd = _mixed_tree(tmp_path)
     bundle = data.open_data(tmp_path, cache_dir=tmp_path / "cache")
     train = bundle.train
-    assert train.ignored_files == 1
+    assert train.ignored_files == 2
     index = {path: i for i, (path, _) in enumerate(train.samples)}
     for name in ("fake", "truncated"):  # each stands in the next file of its class: rgb.bmp, whole.jpg
         image, label, skipped = train.load(index[odd[name]])

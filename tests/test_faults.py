@@ -477,8 +477,22 @@ def test_resume_refuses_a_changed_recipe_and_weights_only_checkpoints(tiny_data,
     assert "has taken 1 steps, as many as --max-steps 1" in _error_of(["--resume", tmp_path / "real", "--max-steps", "1"],
                                                                       caplog)
 
-    # The same run moved to a copy of its data with fewer training images, or other class names.
+    for option in (["--out", tmp_path / "branch"], ["--run-name", "branch"]):  # never silently the old folder
+        err = _error_of(["--resume", tmp_path / "real", *option], caplog)
+        assert f"a resumed run goes on in its own folder, {tmp_path / 'real'}; drop the option" in err, err
+
+    # Its data moved: named by --data at the new place (the class names and counts checked).
     payload = load_checkpoint(tmp_path / "real")
+    shutil.copytree(tiny_data, tmp_path / "data-new-place")
+    save_checkpoint(tmp_path / "moved" / "checkpoint.pt", dict(payload, config=dict(payload["config"],
+                                                                                   data=str(tmp_path / "gone"))))
+    err = _error_of(["--resume", tmp_path / "moved"], caplog)
+    assert f"was trained on {tmp_path / 'gone'}, which is not there now: give the images' new place with --data" in err
+    # accepted: the refusal that comes after every check of the data
+    err = _error_of(["--resume", tmp_path / "moved", "--data", tmp_path / "data-new-place", "--max-steps", "1"], caplog)
+    assert "has taken 1 steps, as many as --max-steps 1" in err, err
+
+    # The same run moved to a copy of its data with fewer training images, or other class names.
     for change in ("shrunk", "renamed"):
         data = tmp_path / f"data-{change}"
         shutil.copytree(tiny_data, data)
