@@ -25,6 +25,7 @@ import logging
 import math
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -38,8 +39,10 @@ from launch import data as data_module
 from launch.cli import add_options, option, quick_exit
 from launch.config import TrainConfig, parse_config, resolve
 from launch.meter import StepMeter
+from launch.ranks import raise_interrupt
 from launch.train import build_model
 
+from .program import run_child
 from .run import REPORTS_DIR, BenchConfig, machine_info, plan_devices
 
 logger = logging.getLogger(__name__)
@@ -146,7 +149,7 @@ def train(config: AblationConfig, variant: str, runs: Path) -> tuple:
     runs.mkdir(parents=True, exist_ok=True)
     started, load_at_start = time.perf_counter(), os.getloadavg()
     with open(stderr_path, "w") as stderr:
-        returncode = subprocess.run(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=stderr).returncode
+        returncode = run_child(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=stderr).returncode
     # beside the run folder, for a report made later from the same runs (--reuse)
     conditions = {"command": shlex.join(["python", *command[1:]]), "wall_s": time.perf_counter() - started,
                   "load_average": {"start": load_at_start, "end": os.getloadavg()}}
@@ -548,6 +551,12 @@ def main(argv=None) -> Path:
     machine = machine_info(plan_devices(BenchConfig()))
     out = Path(config.out) if config.out else REPORTS_DIR / f"ablations-{machine['hostname']}-{today}"
     runs = Path(config.runs).resolve() if config.runs else ROOT / "runs" / f"ablations-{today}"
+    for flag, folder in (("--out", out), ("--runs", runs)):  # before the first run, not after the last
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise ValueError(f"{flag} {folder}: cannot make that folder ({error.strerror}); give a folder that can "
+                             f"be written") from None
     results, bundle = {}, data_module.open_data(config.data)
     for variant in config.variants:
         results[variant] = r = read_run(*train(config, variant, runs))
@@ -572,9 +581,14 @@ def main(argv=None) -> Path:
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, raise_interrupt)  # as Ctrl-C: the run in progress is stopped, not left behind
     with quick_exit():
         try:
             main()
         except (ValueError, AblationError) as error:  # options refused here or by a run, a --reuse that does not fit
             print(f"error: {error}", file=sys.stderr)
             sys.exit(2)
+        except KeyboardInterrupt:
+            print("interrupted: the run in progress was stopped (resume it with python -m launch.two_gpu --resume "
+                  "RUN_DIR, or remove it); the finished runs stay in --runs, read again with --reuse", file=sys.stderr)
+            sys.exit(130)

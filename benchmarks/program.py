@@ -41,11 +41,12 @@ def program_command(layout: str, batch: int, steps: int, device: str, data: Opti
 STOP_GRACE_S = 20.0  # how long a program told to stop (Ctrl-C) gets to end its ranks and remove its files
 
 
-def _run(argv: list, timeout_s: float) -> subprocess.CompletedProcess:
-    """``subprocess.run`` of ``argv``, output captured, except that a child that outlives
-    ``timeout_s``, or a benchmark interrupted meanwhile, is stopped as Ctrl-C stops the program
-    (its ranks ended, its files removed), and killed only if it has not ended after STOP_GRACE_S."""
-    with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as child:
+def run_child(argv: list, timeout_s: Optional[float] = None, **popen) -> subprocess.CompletedProcess:
+    """``subprocess.run`` of ``argv`` (``popen``: Popen's options), except that a child that
+    outlives ``timeout_s``, or a caller interrupted meanwhile (Ctrl-C, or SIGTERM made one),
+    is stopped as Ctrl-C stops the program (its ranks ended, its files removed), and killed
+    only if it has not ended after STOP_GRACE_S."""
+    with subprocess.Popen(argv, text=True, **popen) as child:
         try:
             out, err = child.communicate(timeout=timeout_s)
         except BaseException:
@@ -93,7 +94,8 @@ def measure_program(modes: tuple, batch: int, steps: int, warmup: int, device: s
                     results.append({**entry, "failed": deadline.reason})
                     continue
             try:
-                done = _run([sys.executable, *command, "--out", folder, "--run-name", "run"], timeout_s)
+                done = run_child([sys.executable, *command, "--out", folder, "--run-name", "run"], timeout_s,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
             except subprocess.TimeoutExpired:
                 cut = deadline is not None and deadline.left() <= 0
                 results.append({**entry, "failed": f"{deadline.reason} while it ran" if cut else

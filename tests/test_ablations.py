@@ -8,10 +8,14 @@ single-device reference.
 
 import dataclasses
 import json
+import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import matplotlib.image
 import pytest
@@ -24,7 +28,7 @@ from launch.config import parse_config, resolve
 from launch.meter import Metrics, StepMeter
 from towers import Architecture
 
-from conftest import ROOT, RUN_TIMEOUT_S, launch
+from conftest import ROOT, RUN_TIMEOUT_S, cmdline, launch, live_processes
 
 ABLATION_TIMEOUT_S = 5 * RUN_TIMEOUT_S  # five tiny runs; a hang fails instead of blocking the suite
 TINY_BUDGET = ["--epochs", "1", "--batch-size", "4", "--lr", "0.001", "--workers", "0"]  # 7 steps of 4 images
@@ -241,3 +245,30 @@ def test_the_one_tower_layout_keeps_its_net(ablation, tiny_data, tmp_path, caplo
     resumed = load_checkpoint(run)
     assert resumed["progress"]["global_step"] == 9 and resumed["arch"]["net"] == "one-tower"
     assert not torch.equal(resumed["model"]["conv1.weight"], payload["model"]["conv1.weight"])
+
+
+@pytest.mark.slow
+def test_an_ablation_stopped_while_a_run_trains_leaves_nothing_running(tiny_data, tmp_path):
+    """SIGTERM, as a scheduler sends it, while a variant trains: the run (a child process with
+    ranks of its own) is stopped as Ctrl-C stops it, not left to train on its own."""
+    log = open(tmp_path / "log", "w+")
+    ablation = subprocess.Popen([sys.executable, "-m", "benchmarks.ablations", "--data", str(tiny_data), *TINY_BUDGET,
+                                 "--epochs", "3", "--layout", "towers", "--variants", "full", "--runs", str(tmp_path / "runs"), "--out",
+                                 str(tmp_path / "report")], cwd=ROOT, stdout=log, stderr=log, start_new_session=True)
+    session = lambda word="": [pid for pid in live_processes(session=ablation.pid) if word in cmdline(pid)]
+    try:
+        deadline = time.monotonic() + RUN_TIMEOUT_S
+        while len(session("forkserver")) < 3:  # the program's rank server and its two ranks
+            assert ablation.poll() is None and time.monotonic() < deadline, Path(log.name).read_text()[-3000:]
+            time.sleep(0.2)
+        os.kill(ablation.pid, signal.SIGTERM)
+        assert ablation.wait(timeout=120) == 130
+    finally:
+        if ablation.poll() is None:
+            os.killpg(ablation.pid, signal.SIGKILL)
+    text = Path(log.name).read_text()
+    assert "interrupted: the run in progress was stopped" in text and "Traceback" not in text, text[-3000:]
+    deadline = time.monotonic() + 20
+    while session() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not session(), [cmdline(pid) for pid in session()]
