@@ -19,6 +19,7 @@ from launch.step import AUTOCAST
 MODE_ORDER = ("single", "towers", "ddp", "hybrid", "torchvision")
 IMAGES_CHART = "images_per_s_vs_batch.png"
 BYTES_CHART = "bytes_per_step_vs_batch.png"
+REPORT_FILES = ("results.json", "report.md", IMAGES_CHART, BYTES_CHART)  # what a benchmark writes in its folder
 PRECISION_ORDER = tuple(AUTOCAST)
 SECTIONS = ("Machine and software", "Configuration", "Main table", "How each number is taken",
             "Towers: traffic per exchange", "Batch-size sweep", "Precision and memory format",

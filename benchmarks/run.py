@@ -149,7 +149,8 @@ DEFAULTS = {  # (device of the single-device modes, --quick) -> defaults for the
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__,
+    # allow_abbrev=False: .ci/gpu refuses a --time-limit beside its own, which an abbreviation would pass
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__, allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_options(parser, BenchConfig)
     return parser
@@ -208,8 +209,15 @@ def resolve(config: BenchConfig, devices: DevicePlan) -> BenchConfig:
         raise ValueError(f"--time-limit must be a positive number of seconds, got {config.time_limit:g}")
     for link in config.links:
         name, _, gb_s = link.partition("=")
-        if not name or not re.fullmatch(r"\d+(\.\d+)?", gb_s):
-            raise ValueError(f"--links takes NAME=GB/s items such as nvlink=300; got {link!r}")
+        if not name or not re.fullmatch(r"\d+(\.\d+)?", gb_s) or float(gb_s) == 0:
+            raise ValueError(f"--links takes NAME=GB/s items such as nvlink=300, the GB/s above 0; got {link!r}")
+    if not 0 <= config.link_latency_us < math.inf:
+        raise ValueError(f"--link-latency-us must be a number of microseconds, 0 or more, got {config.link_latency_us:g}")
+    if not 1 <= config.rank_timeout_s < math.inf:
+        raise ValueError(f"--rank-timeout-s must be a number of seconds, at least 1, got {config.rank_timeout_s:g}")
+    if config.loader_batches < 1 or min(config.loader_workers) < 0:
+        raise ValueError(f"--loader-batches must be at least 1 and --loader-workers at least 0, got "
+                         f"{config.loader_batches} and {','.join(map(str, config.loader_workers))}")
     return config
 
 
@@ -681,12 +689,21 @@ def main(argv=None) -> Path:
             from None
     if not os.access(out, os.W_OK | os.X_OK):
         raise ValueError(f"--out {out}: this folder cannot be written; give another")
+    from .report import REPORT_FILES
+    earlier = [name for name in REPORT_FILES if (out / name).exists()]
+    for name in earlier:  # a report of another run must not stand beside this run's results, should it stop
+        (out / name).unlink()
+    if earlier:
+        logger.info("%s: removed the earlier benchmark's %s", out, ", ".join(earlier))
     bench = Bench(config, devices, out, argv, deadline)
     try:
         results = bench.run(loader_data)
     except KeyboardInterrupt:
-        logger.error("stopped: %s holds the runs measured so far; python -m benchmarks.report %s draws their report",
-                     out / "results.json", out)
+        if (out / "results.json").exists():
+            logger.error("stopped: %s holds the runs measured so far; python -m benchmarks.report %s draws their "
+                         "report", out / "results.json", out)
+        else:
+            logger.error("stopped before the first run was measured: nothing was written in %s", out)
         raise
     from .report import write_report  # matplotlib is imported only here, never in the ranks
     write_report(results, out)

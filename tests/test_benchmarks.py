@@ -98,6 +98,24 @@ def test_a_time_limit_must_be_a_positive_number_of_seconds(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("option, value, message", [
+    ("--links", "nvlink=0", "--links takes NAME=GB/s items such as nvlink=300, the GB/s above 0; got 'nvlink=0'"),
+    ("--link-latency-us", "-1000", "--link-latency-us must be a number of microseconds, 0 or more, got -1000"),
+    ("--link-latency-us", "nan", "--link-latency-us must be a number of microseconds, 0 or more, got nan"),
+    ("--rank-timeout-s", "0", "--rank-timeout-s must be a number of seconds, at least 1, got 0"),
+    ("--rank-timeout-s", "inf", "--rank-timeout-s must be a number of seconds, at least 1, got inf"),
+    ("--loader-batches", "0", "--loader-batches must be at least 1 and --loader-workers at least 0, got 0 and 0,1"),
+    ("--loader-workers", "0,-1", "--loader-batches must be at least 1 and --loader-workers at least 0, got 3 and 0,-1"),
+])
+def test_numbers_out_of_range_are_refused_before_anything_runs(tmp_path, option, value, message):
+    with pytest.raises(ValueError) as refused:  # otherwise they fail after the measuring, or give negative numbers
+        run.main(["--device", "cpu", "--quick", f"{option}={value}", "--out", str(tmp_path)])
+    assert str(refused.value) == message
+    assert not any(tmp_path.iterdir())
+    with pytest.raises(SystemExit):  # no abbreviations: .ci/gpu refuses a --time-limit beside its own
+        run.build_parser().parse_args(["--time", "60"])
+
+
 def test_an_out_folder_that_cannot_be_made_is_refused(tiny_data, tmp_path):
     afile = tmp_path / "a-file"
     afile.write_text("")
@@ -181,6 +199,9 @@ def test_a_benchmark_stopped_while_the_program_runs_leaves_nothing_running_or_be
     process with ranks of its own) runs: everything ends, the temporary folders go."""
     temporary, out = tmp_path / "tmp", tmp_path / "report"
     temporary.mkdir()
+    out.mkdir()
+    for name in report.REPORT_FILES:  # an earlier benchmark's, in the folder that this one writes to
+        (out / name).write_text("an earlier report")
     log = open(tmp_path / "log", "w+")
     bench = subprocess.Popen([sys.executable, "-m", "benchmarks.run", "--quick", "--device", "cpu", "--batch", "2",
                               "--modes", "single", "--program-modes", "towers", "--loader-workers", "0",
@@ -208,6 +229,7 @@ def test_a_benchmark_stopped_while_the_program_runs_leaves_nothing_running_or_be
     assert [p.name for p in temporary.iterdir() if p.name != "torchinductor_root"] == []  # a cache, not ours
     results = json.loads((out / "results.json").read_text())
     assert [r["mode"] for r in results["runs"]] == ["single"] and results["loader"]["by_workers"]
+    assert sorted(p.name for p in out.iterdir()) == ["results.json"]  # the earlier report gone, none drawn
 
 
 def _session(sid: int, word: str = "") -> list:
