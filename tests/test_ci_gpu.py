@@ -45,8 +45,8 @@ def stand_in(tmp_path):
     (("all",), {"GPU_BUDGET_S": "ten"}, "error: GPU_BUDGET_S must be a whole number of seconds (at most 999999), got 'ten'"),
     (("all",), {"GPU_BUDGET_S": "0"}, "error: GPU_BUDGET_S must be a whole number of seconds (at most 999999), got '0'"),
     (("all",), {"GPU_BUDGET_S": "9" * 20}, "error: GPU_BUDGET_S must be a whole number of seconds (at most 999999)"),
-    (("all",), {"GPU_BUDGET_S": "179"}, "error: GPU_BUDGET_S=179 is too little for the all stage(s): give 180 s or more"),
-    (("bench",), {"GPU_BUDGET_S": "89"}, "error: GPU_BUDGET_S=89 is too little for the bench stage(s): give 90 s or more"),
+    (("all",), {"GPU_BUDGET_S": "199"}, "error: GPU_BUDGET_S=199 is too little for the all stage(s): give 200 s or more"),
+    (("bench",), {"GPU_BUDGET_S": "99"}, "error: GPU_BUDGET_S=99 is too little for the bench stage(s): give 100 s or more"),
     (("bench", "--time-limit", "60"), {"GPU_BUDGET_S": "300"},
      "error: GPU_BUDGET_S sets the benchmark's --time-limit: give one or the other"),
 ])
@@ -77,9 +77,14 @@ def test_a_budget_leaves_the_benchmark_what_the_tests_did_not_use(tmp_path, stan
 
 
 def test_without_a_budget_nothing_is_bounded(tmp_path, stand_in):
+    (tmp_path / "report").mkdir()
+    (tmp_path / "report" / "report.md").write_text("an earlier benchmark's")
+    (tmp_path / "gpu-tests.log").write_text("an earlier run's tests")
     result = _gpu(tmp_path, "bench", python=stand_in)
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "benchmark.log").read_text().strip().endswith(f"--out {tmp_path}/report")
+    assert not (tmp_path / "report").exists()  # the earlier benchmark's report gone (the stand-in draws none)
+    assert (tmp_path / "gpu-tests.log").exists()  # the tests stage did not run: its log is left alone
 
 
 def test_tests_that_outrun_the_budget_are_stopped(tmp_path, stand_in):
