@@ -49,7 +49,7 @@ def plan_jobs(src: Path, dst: Path, quality: int):
     for split in ("train", "val"):
         if skipped[split].describe():
             log.warning("%s/: skipped %s", split, skipped[split].describe())
-    jobs, done = [], 0
+    jobs, done, planned = [], 0, {}  # planned: target -> source
     for split in ("train", "val"):
         for name, images in zip(classes, files[split]):
             folder = dst / split / name
@@ -60,6 +60,10 @@ def plan_jobs(src: Path, dst: Path, quality: int):
                 # a.png and a.jpg in one folder would both become a.jpg: keep the full name then
                 base = stem if stems.count(stem) == 1 else relative.name
                 target = folder / relative.parent / f"{base}.jpg"
+                if target in planned:  # such as x.png and x.png.webp beside x.jpg
+                    raise DataError(f"{planned[target]} and {path} would both be written to {target}: rename one "
+                                    f"of them in SRC")
+                planned[target] = path
                 target.parent.mkdir(parents=True, exist_ok=True)
                 if target.is_file():
                     done += 1
@@ -80,6 +84,8 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.workers < 1:
         parser.error("--workers must be at least 1")
+    if not 1 <= args.quality <= 100:  # Pillow would clamp it to 1 or 100, silently
+        parser.error(f"--quality must be 1 to 100 (JPEG's scale; default 95), got {args.quality}")
     src, dst = args.src.expanduser().resolve(), args.dst.expanduser().resolve()
     if dst == src or src in dst.parents:
         parser.error(f"DST {dst} must lie outside SRC {src}")

@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from launch import builtin, data, images, stats
+from launch import builtin, data, images, prepare, stats
 from launch.images import DataError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -626,6 +626,23 @@ def test_prepare_tool_end_to_end(tmp_path):
     assert bad.returncode != 0 and "does not exist" in bad.stderr and "Traceback" not in bad.stderr
     helped = _prepare("--help")
     assert helped.returncode == 0 and "--workers" in helped.stdout and "256" in helped.stdout
+
+
+def test_prepare_refuses_two_images_with_one_target_and_a_quality_out_of_range(tmp_path, capsys):
+    src = _simple_tree(tmp_path / "raw")
+    for name in ("0.png", "0.png.bmp"):  # beside 0.jpg: written as 0.jpg.jpg, 0.png.jpg, and 0.png.jpg again
+        _save(src / "train" / "a" / name, _rgb(50))
+    assert prepare.main([str(src), str(tmp_path / "prepared")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error == (f"error: {src / 'train/a/0.png'} and {src / 'train/a/0.png.bmp'} would both be written to "
+                     f"{tmp_path / 'prepared/train/a/0.png.jpg'}: rename one of them in SRC")
+    assert not list((tmp_path / "prepared").rglob("*.jpg"))  # refused before converting anything
+    for quality in ("0", "-5", "101"):
+        with pytest.raises(SystemExit) as refused:
+            prepare.main([str(src), str(tmp_path / "q"), "--quality", quality])
+        assert refused.value.code == 2
+        assert f"--quality must be 1 to 100 (JPEG's scale; default 95), got {quality}" in capsys.readouterr().err
+    assert not (tmp_path / "q").exists()
 
 
 def test_evaluation_counts_each_usable_image_once(tmp_path, caplog):
