@@ -159,6 +159,8 @@ class TrainConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
         if self.timeout > MAX_TIMEOUT_S:
             raise ValueError(f"--timeout must be at most {MAX_TIMEOUT_S:.0f} seconds (a week), got {self.timeout}")
+        if self.timeout < 1:  # below a second the ranks' first meeting itself times out
+            raise ValueError(f"--timeout must be at least 1 second, got {self.timeout:g}")
         if self.lr is not None and not 0 < self.lr < 10:
             raise ValueError(f"--lr must be a positive rate below 10, got {self.lr}")
         if not 0 <= self.momentum < 1:

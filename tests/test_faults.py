@@ -375,7 +375,8 @@ def test_bad_data_and_options_get_clear_errors(tiny_data, layouts, tmp_path, cap
 
 @pytest.mark.parametrize("option, value, words", [
     ("--timeout", "inf", "--timeout must be a finite number"), ("--timeout", "nan", "--timeout must be a finite"),
-    ("--timeout", "1e12", "--timeout must be at most"), ("--weight-decay", "nan", "--weight-decay must be a finite"),
+    ("--timeout", "1e12", "--timeout must be at most"), ("--timeout", "0.000001", "--timeout must be at least 1 second"),
+    ("--weight-decay", "nan", "--weight-decay must be a finite"),
     ("--weight-decay", "inf", "--weight-decay must be a finite"), ("--seed", "-1", "--seed must be an integer"),
     ("--lr-milestones", "0", "--lr-milestones must be epochs from 1 on"),
     ("--master-addr", "192.0.2.1", "--master-addr 192.0.2.1 cannot be listened on"),
