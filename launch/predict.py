@@ -22,6 +22,7 @@ code is then 1. A bad checkpoint or option: one line naming the fix, exit code 2
 import argparse
 import json
 import logging
+import os
 import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -214,6 +215,9 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         log.error("interrupted")
         return 130
+    except BrokenPipeError:  # the reader went away (| head): end silently, as a tool killed by SIGPIPE does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at the exit
+        return 141
     return 1 if failed else 0
 
 

@@ -302,6 +302,16 @@ def test_bad_checkpoints_and_options_are_refused_with_the_fix(checkpoints, photo
     assert len(errors) == 1 and errors[0].startswith("error: ") and expected in errors[0], errors
 
 
+@pytest.mark.slow  # a real process
+def test_a_reader_that_goes_away_ends_it_quietly(checkpoints, photos):
+    """``python -m launch.predict ... | head -1``: the pipe closes under the program."""
+    command = [sys.executable, "-m", "launch.predict", str(checkpoints["full"]), *photos, "--batch-size", "1"]
+    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()  # before the first line: its print meets a closed pipe
+    _, err = proc.communicate(timeout=RUN_TIMEOUT_S)
+    assert proc.returncode == 141 and err == "", err[-3000:]
+
+
 @pytest.mark.slow
 def test_a_refusal_is_one_line_and_exit_2_from_the_real_process(checkpoints, photos, tmp_path):
     args, expected = _refusal("not a checkpoint", checkpoints, photos, tmp_path)
