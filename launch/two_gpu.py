@@ -269,7 +269,29 @@ def report(summary: dict) -> None:
 
 
 def _torchrun_env() -> bool:
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    """Whether torchrun (or a launcher like it) started this process: RANK and WORLD_SIZE set,
+    which must then be whole numbers that fit, beside the rendezvous's MASTER_ADDR and MASTER_PORT."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return False
+    fix = "start the program with torchrun, or without these variables to have it start its own ranks"
+    values = {}
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_PORT"):
+        text = os.environ.get(name)
+        if text is None:
+            continue
+        try:
+            values[name] = int(text)
+        except ValueError:
+            raise ValueError(f"{name}={text!r} is not a whole number: {fix}") from None
+    if not 0 <= values["RANK"] < values["WORLD_SIZE"]:
+        raise ValueError(f"RANK={values['RANK']} and WORLD_SIZE={values['WORLD_SIZE']}: a rank lies in "
+                         f"0 ... WORLD_SIZE - 1: {fix}")
+    if values.get("LOCAL_WORLD_SIZE", 1) < 1:
+        raise ValueError(f"LOCAL_WORLD_SIZE={values['LOCAL_WORLD_SIZE']} must be at least 1: {fix}")
+    missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(name)]
+    if missing:
+        raise ValueError(f"RANK and WORLD_SIZE are set but {' and '.join(missing)} not: {fix}")
+    return True
 
 
 def _configure(argv) -> tuple:

@@ -345,6 +345,25 @@ def _error_of(argv, caplog) -> str:
     return caplog.text
 
 
+@pytest.mark.parametrize("env, words", [
+    ({"RANK": "0", "WORLD_SIZE": "abc"}, "WORLD_SIZE='abc' is not a whole number"),
+    ({"RANK": "5", "WORLD_SIZE": "2"}, "RANK=5 and WORLD_SIZE=2: a rank lies in 0 ... WORLD_SIZE - 1"),
+    ({"RANK": "0", "WORLD_SIZE": "0"}, "RANK=0 and WORLD_SIZE=0: a rank lies in 0 ... WORLD_SIZE - 1"),
+    ({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "0"}, "LOCAL_WORLD_SIZE=0 must be at least 1"),
+    ({"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "x"}, "MASTER_PORT='x' is not"),
+    ({"RANK": "0", "WORLD_SIZE": "2"}, "RANK and WORLD_SIZE are set but MASTER_ADDR and MASTER_PORT not"),
+], ids=["not-a-number", "rank-too-large", "no-ranks", "no-local-ranks", "port", "no-rendezvous"])
+def test_a_launcher_environment_that_does_not_fit_is_named(tiny_data, tmp_path, caplog, monkeypatch, env, words):
+    """What torchrun sets, set wrong by hand: refused before any rendezvous (which would wait --timeout)."""
+    for name in ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    err = _error_of(["--data", tiny_data, "--out", tmp_path / "runs"], caplog)
+    assert words in err and "start the program with torchrun, or without these variables" in err, err
+    assert not (tmp_path / "runs").exists()
+
+
 @pytest.fixture
 def layouts(tmp_path, tiny_data):
     """Broken copies of the tiny dataset."""
