@@ -25,7 +25,7 @@ from typing import Optional
 import numpy as np
 from PIL import Image
 
-from .images import BASE_SIZE
+from .images import BASE_SIZE, DataError
 
 log = logging.getLogger(__name__)
 
@@ -142,8 +142,11 @@ def builtin_dataset(root: Optional[Path] = None, *, train_per_class: int = BUILT
     root = Path(root) if root is not None else default_cache_dir() / BUILTIN_NAME
     if root.is_dir():
         return root
-    root.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.partial-", dir=root.parent))
+    try:
+        root.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.partial-", dir=root.parent))
+    except OSError as exc:  # a read-only or full cache folder
+        raise DataError(_cannot_make(root, exc)) from None
     staging.chmod(0o755)  # mkdtemp makes it private; the dataset is not
     log.info("generating the built-in dataset in %s", root)
     try:
@@ -154,7 +157,15 @@ def builtin_dataset(root: Optional[Path] = None, *, train_per_class: int = BUILT
             if not root.is_dir():  # not another process finishing first: a real error
                 raise
             shutil.rmtree(staging, ignore_errors=True)
+    except OSError as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise DataError(_cannot_make(root, exc)) from None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return root
+
+
+def _cannot_make(root: Path, exc: OSError) -> str:
+    return (f"cannot make the built-in dataset in {root.parent} ({exc.strerror or exc}): set XDG_CACHE_HOME to a "
+            f"folder with 70 MB free that you can write, or give --data")

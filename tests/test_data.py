@@ -398,6 +398,20 @@ def test_builtin_dataset_is_deterministic_and_atomic(tmp_path, monkeypatch):
     monkeypatch.setattr(builtin, "draw_builtin", real_draw)
     assert _files(builtin.builtin_dataset(target, train_per_class=2, val_per_class=1)) == files
 
+    # A cache folder that cannot be made, or a disk error halfway: one line naming the fix, nothing left.
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(DataError, match=f"cannot make the built-in dataset in {tmp_path / 'a-file'} \\(File "
+                                        f"exists\\): set XDG_CACHE_HOME to a folder"):
+        builtin.builtin_dataset(tmp_path / "a-file" / "four", train_per_class=2, val_per_class=1)
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(builtin, "draw_builtin", full_disk)
+    with pytest.raises(DataError, match="\\(No space left on device\\): set XDG_CACHE_HOME to a folder with 70 MB"):
+        builtin.builtin_dataset(tmp_path / "five", train_per_class=2, val_per_class=1)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith((".five", "five"))]
+
 
 # --------------------------------------------------------------------------- statistics
 
