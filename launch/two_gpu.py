@@ -25,7 +25,9 @@ import fcntl
 import json
 import logging
 import os
+import signal
 import socket
+import threading
 from pathlib import Path
 from typing import Optional
 
@@ -38,7 +40,8 @@ from . import data as data_module
 from .checkpoint import FILENAME, CheckpointError, check_classes, checkpoint_architecture, load_checkpoint, resolve_path
 from .cli import quick_exit
 from .config import TrainConfig, build_parser, describe_recipe, parse_config, recipe_warning, resolve
-from .ranks import LOOPBACK, RankFailure, choose_placement, cpu_threads_per_rank, init_process_group, run_ranks
+from .ranks import (LOOPBACK, RankFailure, choose_placement, cpu_threads_per_rank, init_process_group, raise_interrupt,
+                    run_ranks)
 from .train import architecture, describe_evaluation, run_rank, usable_cores
 
 log = logging.getLogger("launch.two_gpu")
@@ -361,14 +364,19 @@ def _replicas(config: TrainConfig, towers: int, resumed: Optional[int] = None) -
 
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    run_dir = lock = config = None
+    run_dir = lock = config = previous_sigterm = None
+    started = False  # the ranks
     try:
         config, checkpoint, placement = _configure(argv)
-        if _torchrun_env():
+        if _torchrun_env():  # torchrun's SIGTERM ends a rank as it always does, even inside a collective
+            started = True
             return _main_under_torchrun(config, checkpoint, placement)
+        if threading.current_thread() is threading.main_thread():  # SIGTERM as Ctrl-C, during the scan of the data too
+            previous_sigterm = signal.signal(signal.SIGTERM, raise_interrupt)
         addr = config.master_addr or LOOPBACK
         check_master_addr(addr)
         config, run_dir, bundle, lock = prepare_run(config, checkpoint)
+        started = True
         summary = run_ranks(run_rank, (config, str(run_dir), placement, bundle), world_size=placement.ranks,
                             backend=placement.backend,
                             collective_timeout_s=config.timeout, addr=addr)[0]
@@ -379,11 +387,16 @@ def main(argv=None) -> int:
         log.error("the run stopped: %s", exc)
         return 1
     except KeyboardInterrupt:
-        log.error("interrupted: both ranks stopped; %s", _after_interrupt(config, run_dir))
+        if not started:  # in the checks, or the scan of the data
+            log.error("interrupted before the ranks started: nothing was trained or written")
+        else:
+            log.error("interrupted: both ranks stopped; %s", _after_interrupt(config, run_dir))
         return 130
     finally:
         if lock is not None:
             lock.close()
+        if previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, previous_sigterm)
     report(summary)
     return 0
 

@@ -80,6 +80,31 @@ def test_ctrl_c_stops_both_ranks(tiny_data, tmp_path):
 
 
 @pytest.mark.slow
+def test_sigterm_before_the_ranks_start_is_a_clean_stop(tmp_path):
+    """While the built-in dataset is made (or a large --data scanned): SIGTERM stops the program
+    as Ctrl-C does, saying so, with nothing left half-made."""
+    cache, log = tmp_path / "cache", open(tmp_path / "log", "w+")
+    proc = subprocess.Popen([sys.executable, "-m", "launch.two_gpu", "--out", str(tmp_path / "runs")], cwd=ROOT,
+                            env=dict(os.environ, XDG_CACHE_HOME=str(cache)), stdout=log, stderr=log,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + BOUND_S
+        while not list(cache.glob("alexnet-towers/.textures10-*.partial-*/train/*/*.jpg")):  # drawing
+            assert proc.poll() is None and time.monotonic() < deadline, Path(log.name).read_text()[-3000:]
+            time.sleep(0.1)
+        os.kill(proc.pid, signal.SIGTERM)
+        assert proc.wait(timeout=BOUND_S) == 130
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    text = Path(log.name).read_text()
+    assert "interrupted before the ranks started: nothing was trained or written" in text, text[-3000:]
+    assert "Traceback" not in text
+    assert list(cache.glob("alexnet-towers/*")) == [] and not (tmp_path / "runs").exists()
+    assert not live_processes(session=proc.pid)
+
+
+@pytest.mark.slow
 def test_ranks_do_not_outlive_a_killed_launcher(tiny_data, tmp_path):
     run = _start(tiny_data, tmp_path)
     temporary = tmp_path / "tmp"  # the launcher's (conftest.Run): multiprocessing's folder, with the rank server's socket
