@@ -60,9 +60,6 @@ MAX_PROCESSES_PER_CORE = 4  # ranks (--replicas) or loaders (--workers): beyond 
 # Recipe fields that a checkpoint's arch records: --eval-only takes them from the checkpoint.
 ARCHITECTURE_OPTIONS = ("lrn", "pooling", "activation")
 LOCK_NAME = ".lock"  # held by the run using the folder (see lock_run_folder)
-# What a run leaves that stopped before its first checkpoint (Ctrl-C, a failure, a loss that ran away):
-# its advice is to start the run again, which the same command then does, in the same folder.
-STOPPED_EARLY = {"config.json", "train.log", "metrics.jsonl"}
 
 
 def check_master_addr(addr: str) -> None:
@@ -237,12 +234,6 @@ def prepare_run(config: TrainConfig, checkpoint: Optional[dict]):
                 raise ValueError(f"{run_dir} already holds a run: resume it with --resume {run_dir}, or choose "
                                  f"another --run-name")
             others = sorted(p.name for p in run_dir.iterdir() if p.name != LOCK_NAME)
-            if others and set(others) <= STOPPED_EARLY:  # a run of this name that wrote nothing worth keeping
-                log.info("%s held a run that stopped before its first checkpoint (%s): starting afresh in it",
-                         run_dir, ", ".join(others))
-                for name in others:
-                    (run_dir / name).unlink()
-                others = []
             if others:
                 raise ValueError(f"{run_dir} holds another run's files ({', '.join(others[:4])}): choose another "
                                  f"--run-name, or remove them")
