@@ -15,6 +15,7 @@ does this for all of them.
 
 import dataclasses
 import errno
+import math
 import os
 import pickle
 import shutil
@@ -109,6 +110,13 @@ def _saved_bytes(payload) -> int:
         elif isinstance(item, (list, tuple)):
             pending.extend(item)
     return sum(storages.values()) + 256 * len(storages) + (1 << 20)
+
+
+def training_checkpoint_bytes(num_classes: int, architecture: Architecture) -> int:
+    """About what a training run's checkpoint takes: the whole net's float32 weights and as much
+    momentum, and _saved_bytes's margin for the rest."""
+    numel = sum(math.prod(shape) for shape in _expected_shapes(num_classes, architecture).values())
+    return 2 * 4 * numel + (1 << 20)
 
 
 def _disk_full(path: Path, needed: int) -> OSError:

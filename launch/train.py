@@ -275,6 +275,12 @@ def train_one_epoch(model, optimizer, loader: Optional[data_module.Loader], plan
     return progress.batch == plan.batches_per_epoch
 
 
+def elsewhere_than(run_dir: Path) -> str:
+    """Where a run that stopped before its first checkpoint starts again: its folder keeps the
+    stopped run's log and metrics, and a new run never writes over another's files."""
+    return f"under another --run-name (or after removing {run_dir})"
+
+
 def _after_divergence(config: TrainConfig, run_dir: Optional[Path], num_classes: int) -> str:
     """Advice that works. A resumed run may lower --lr, but only a checkpoint saved before
     the loss ran away is worth resuming: its loss is compared with that of guessing
@@ -284,7 +290,7 @@ def _after_divergence(config: TrainConfig, run_dir: Optional[Path], num_classes:
     lower = f"{config.lr / 10:g}"
     start_again = f"start again with a lower --lr (such as {lower}) or a longer --warmup-steps"
     if not (run_dir / FILENAME).exists():
-        return f"No checkpoint was written yet: {start_again}"
+        return f"No checkpoint was written yet: {start_again}, {elsewhere_than(run_dir)}"
     saved = load_checkpoint(run_dir / FILENAME)["progress"]
     if not saved.get("loss", 0.0) < DIVERGED_LOSS_FACTOR * math.log(num_classes):  # older checkpoints hold no loss
         return (f"The loss had already run away by the last checkpoint (step {saved['global_step']}, loss "

@@ -25,6 +25,7 @@ import fcntl
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import threading
@@ -37,12 +38,13 @@ import torch.distributed as dist
 from towers import TOWERS, check_compile_backend
 
 from . import data as data_module
-from .checkpoint import FILENAME, CheckpointError, check_classes, checkpoint_architecture, load_checkpoint, resolve_path
+from .checkpoint import (FILENAME, CheckpointError, check_classes, checkpoint_architecture, load_checkpoint, resolve_path,
+                         training_checkpoint_bytes)
 from .cli import quick_exit
 from .config import TrainConfig, build_parser, describe_recipe, parse_config, recipe_warning, resolve
 from .ranks import (LOOPBACK, RankFailure, choose_placement, cpu_threads_per_rank, init_process_group, raise_interrupt,
                     run_ranks)
-from .train import architecture, describe_evaluation, run_rank, usable_cores
+from .train import architecture, describe_evaluation, elsewhere_than, run_rank, usable_cores
 
 log = logging.getLogger("launch.two_gpu")
 
@@ -197,6 +199,22 @@ def new_run_folder(config: TrainConfig) -> Path:
     raise ValueError(f"{out} already holds runs named {stamp}*: give a --run-name")
 
 
+def check_room_for_checkpoints(config: TrainConfig, num_classes: int) -> None:
+    """A disk that cannot hold the run's checkpoints is found now, not after the first epoch:
+    each save writes its file beside the one it replaces (a resumed run's is there already)."""
+    folder = resolve_path(config.resume).parent if config.resume else Path(config.out).expanduser().absolute()
+    while not folder.exists() and folder != folder.parent:  # --out is made later: the disk that will hold it
+        folder = folder.parent
+    size = training_checkpoint_bytes(num_classes, architecture(config))
+    needed = size if config.resume else 2 * size
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        raise ValueError(f"the disk holding {folder} has {free / 1e6:.1f} MB free and this run's checkpoints need "
+                         f"{needed / 1e6:.1f} MB (each written beside the one it replaces): free some space there, "
+                         + ("or move the run folder to a larger disk" if config.resume else "or give an --out on a "
+                            "larger disk"))
+
+
 def prepare_run(config: TrainConfig, checkpoint: Optional[dict]):
     """On rank 0 (or the launching process): open the data (the one scan of it), size the
     recipe to it, check it against the options and the checkpoint, then lock the run folder
@@ -226,6 +244,8 @@ def prepare_run(config: TrainConfig, checkpoint: Optional[dict]):
     if not config.eval_only and data_module.batches_per_epoch(bundle, config.batch_size) == 0:
         raise ValueError(f"--batch-size {config.batch_size} is larger than the {len(bundle.train)} training images: "
                          f"choose a smaller one")
+    if not config.eval_only:
+        check_room_for_checkpoints(config, len(bundle.classes))
     run_dir = resolve_path(config.resume).parent if config.resume else new_run_folder(config)
     lock = lock_run_folder(run_dir)
     try:
@@ -397,7 +417,8 @@ def _after_interrupt(config: Optional[TrainConfig], run_dir: Optional[Path]) -> 
         return "nothing to resume: run the evaluation again"
     if run_dir is not None and (run_dir / FILENAME).exists():
         return f"resume with --resume {run_dir}"
-    return "no checkpoint was written yet, so there is nothing to resume: start the run again"
+    again = f" {elsewhere_than(run_dir)}" if run_dir is not None else ""
+    return f"no checkpoint was written yet, so there is nothing to resume: start the run again{again}"
 
 
 def _main_under_torchrun(config: TrainConfig, checkpoint: Optional[dict], placement) -> int:

@@ -19,9 +19,11 @@ import pytest
 import torch
 
 from launch import checkpoint
-from launch.checkpoint import FORMAT, checkpoint_payload, load_checkpoint, save_checkpoint, save_reference
-from launch.two_gpu import main
-from towers import build_reference
+from launch.checkpoint import (FORMAT, checkpoint_payload, load_checkpoint, save_checkpoint, save_reference,
+                              training_checkpoint_bytes)
+from launch.config import parse_config
+from launch.two_gpu import check_room_for_checkpoints, main
+from towers import Architecture, build_reference
 
 from conftest import TINY as _TINY
 from conftest import ROOT, TRAINED_RUN, Run, cmdline, live_processes
@@ -66,7 +68,8 @@ def test_ctrl_c_stops_both_ranks(tiny_data, tmp_path):
     assert run.wait() == 130
     assert "interrupted" in run.stderr() and "Traceback" not in run.stderr()
     assert not (run.run_dir / "checkpoint.pt").exists()  # step 1 of 7: no checkpoint yet
-    assert "nothing to resume: start the run again" in run.stderr()
+    assert f"nothing to resume: start the run again under another --run-name (or after removing {run.run_dir})" \
+        in run.stderr()
     _no_leftovers(run)
 
 
@@ -435,6 +438,28 @@ def test_options_that_depend_on_the_data_or_the_disk_leave_no_run_folder(tiny_da
     assert f"--out {a_file} is a file" in _error_of(["--data", tiny_data, "--out", a_file, *TINY], caplog)
     assert "is a file: choose another --run-name" in _error_of(
         ["--data", tiny_data, "--out", tmp_path, "--run-name", "a-file", *TINY], caplog)
+
+
+def test_a_disk_too_small_for_the_checkpoints_is_found_before_training(tiny_data, tmp_path, caplog, monkeypatch):
+    """Not after the first epoch (hours on ImageNet): a new run needs room for two checkpoints
+    (the second written beside the first), a resumed one for one more."""
+    size = training_checkpoint_bytes(10, Architecture())
+    assert 455e6 < size < 460e6  # 57 million float32 weights, and as much momentum
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: real(path)._replace(free=int(1.5 * size)))
+    out = tmp_path / "runs" / "deeper"  # not made yet: its nearest folder's disk is measured
+    err = _error_of(["--data", tiny_data, "--out", out, *TINY], caplog)
+    assert (f"the disk holding {tmp_path} has {1.5 * size / 1e6:.1f} MB free and this run's checkpoints need "
+            f"{2 * size / 1e6:.1f} MB (each written beside the one it replaces): free some space there, or give an "
+            f"--out on a larger disk") in err, err
+    assert not (tmp_path / "runs").exists()
+    (tmp_path / "saved").mkdir()
+    (tmp_path / "saved" / "checkpoint.pt").write_bytes(b"")  # a resumed run's: room for one more is enough
+    resumed = parse_config(["--resume", str(tmp_path / "saved")])
+    check_room_for_checkpoints(resumed, 10)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: real(path)._replace(free=size - 1))
+    with pytest.raises(ValueError, match="free some space there, or move the run folder to a larger disk"):
+        check_room_for_checkpoints(resumed, 10)
 
 
 def test_a_run_folder_holds_one_run(tiny_data, tmp_path, caplog):
