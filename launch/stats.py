@@ -115,7 +115,8 @@ def compute_stats(train: "ImageFolderSplit", sample: int = STATS_SAMPLE, use_ima
 def _stats_key(root: Path, train_files: list, sample: int, imagenet: bool) -> str:
     digest = hashlib.sha256(f"stats v{STATS_VERSION} sample={sample} imagenet={imagenet}\n".encode())
     for path, size in train_files:
-        digest.update(f"{os.path.relpath(path, root)}\t{size}\n".encode())
+        # surrogateescape: a file name that is not UTF-8 hashes as its bytes (a UTF-8 one as before)
+        digest.update(f"{os.path.relpath(path, root)}\t{size}\n".encode("utf-8", "surrogateescape"))
     return digest.hexdigest()[:20]
 
 

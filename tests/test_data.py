@@ -447,6 +447,14 @@ def test_stats_are_cached_keyed_and_fall_back_to_cache_dir(tmp_path, monkeypatch
     assert torch.equal(data.open_data(root, cache_dir=cache).stats.mean, changed.mean)
 
 
+def test_a_file_name_that_is_not_utf8_is_read(tmp_path):
+    root = _simple_tree(tmp_path / "data")
+    latin1 = root / "train" / "a" / os.fsdecode(b"lat\xe9.jpg")  # a name written on a Latin-1 system
+    latin1.write_bytes((root / "train" / "a" / "0.jpg").read_bytes())
+    bundle = data.open_data(root, cache_dir=tmp_path / "cache")
+    assert str(latin1) in [path for path, _ in bundle.train.samples] and bundle.stats.images == 7
+
+
 def test_pca_convention_against_numpy(tmp_path):
     # Known covariance C = Q diag(lambda) Q^T: eigval must be sqrt(lambda), decreasing.
     q, _ = np.linalg.qr(np.random.default_rng(0).normal(size=(3, 3)))
