@@ -151,6 +151,14 @@ class Metrics:
     evals: list  # "eval" records, one per finished epoch, in step order
 
 
+# The fields the pictures draw of each kind of record: a record without them is unreadable.
+FIELDS = {"train": ("loss", "top1", "lr"), "eval": ("top1_error", "top5_error")}  # and a whole-number step
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def read_metrics(path: Path) -> Metrics:
     """The training and end-of-epoch records of metrics.jsonl as the run's final history.
 
@@ -167,7 +175,8 @@ def read_metrics(path: Path) -> Metrics:
         except ValueError:
             record = None
         event = record.get("event") if isinstance(record, dict) else None
-        if record is None or (event in ("train", "eval") and not isinstance(record.get("step"), int)):
+        if record is None or (event in FIELDS and not (isinstance(record.get("step"), int)
+                                                       and all(_number(record.get(k)) for k in FIELDS[event]))):
             unreadable += 1
             continue
         if event == "train":

@@ -173,8 +173,9 @@ def test_curves_keep_the_last_record_of_each_step_after_resumes(tmp_path):
                train_record(30, 2.05), eval_record(1, 30, 0.85), train_record(40, 1.45, 2)]
     path = tmp_path / "metrics.jsonl"
     # Lines that are not the program's records are left out: JSON that is no object, a train record without
-    # its step, and the last line of a run that is writing it.
-    odd = 'null\n[1, 2]\n{"event": "train", "loss": 2.0}\n'
+    # its step or its loss, an evaluation without its error, and the last line of a run that is writing it.
+    odd = ('null\n[1, 2]\n{"event": "train", "loss": 2.0}\n{"event": "train", "step": 5, "top1": 0.5, "lr": 0.01}\n'
+           '{"event": "eval", "step": 5, "top1_error": "high", "top5_error": 0.5}\n')
     path.write_text(odd + "".join(json.dumps(r) + "\n" for r in records) + '{"event": "train", "st')
     metrics = show.read_metrics(path)
     assert [(r["step"], r["loss"]) for r in metrics.train] == [(10, 2.3), (20, 2.2), (30, 2.05), (40, 1.45)]
