@@ -593,7 +593,7 @@ def main(argv=None) -> None:
         sys.exit(2)
     try:
         write_report(results, folder)
-    except (KeyError, TypeError, AttributeError, IndexError) as error:
+    except (KeyError, TypeError, AttributeError, IndexError, ValueError, ZeroDivisionError) as error:
         print(f"error: {path} is not what python -m benchmarks.run writes ({type(error).__name__}: {error}): "
               f"give a folder that it wrote", file=sys.stderr)
         sys.exit(2)

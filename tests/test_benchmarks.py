@@ -276,6 +276,22 @@ def _run(results, mode, batch=2, precision="fp32", memory_format="contiguous", c
 
 
 @pytest.mark.slow
+@pytest.mark.slow  # the real results
+@pytest.mark.parametrize("edit", ["a word for a number", "a zero count"])
+def test_a_hand_edited_results_json_is_refused_in_one_line(tiny_run, tmp_path, capsys, edit):
+    results = json.loads((tiny_run[0] / "results.json").read_text())
+    if edit == "a word for a number":
+        results["runs"][0]["images_per_s"] = "fast"
+    else:
+        results["loader"]["by_workers"][0]["batches"] = 0
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    with pytest.raises(SystemExit) as exit:
+        report.main([str(tmp_path)])
+    message = capsys.readouterr().err
+    assert exit.value.code == 2 and len(message.strip().splitlines()) == 1, message
+    assert message.startswith(f"error: {tmp_path / 'results.json'} is not what python -m benchmarks.run writes (")
+
+
 def test_report_has_every_part(tiny_run):
     out, results = tiny_run
     report = (out / "report.md").read_text()
