@@ -99,6 +99,22 @@ def launch(*args, env=None, check=True) -> subprocess.CompletedProcess:
     return result
 
 
+def terminate_when_ready(proc: subprocess.Popen, ready, log: Path, timeout_s: float = RUN_TIMEOUT_S) -> int:
+    """SIGTERM, as a scheduler or a timeout sends it, to ``proc`` (started in a session of its
+    own, its output in ``log``) once ``ready()`` holds; its exit code. A process that ends
+    first, or does not end within 120 s of the signal, fails the test; its session is killed."""
+    try:
+        deadline = time.monotonic() + timeout_s
+        while not ready():
+            assert proc.poll() is None and time.monotonic() < deadline, Path(log).read_text()[-3000:]
+            time.sleep(0.1)
+        os.kill(proc.pid, signal.SIGTERM)
+        return proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
 def cmdline(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()

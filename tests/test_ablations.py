@@ -8,10 +8,8 @@ single-device reference.
 
 import dataclasses
 import json
-import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -28,7 +26,7 @@ from launch.config import parse_config, resolve
 from launch.meter import Metrics, StepMeter
 from towers import Architecture
 
-from conftest import ROOT, RUN_TIMEOUT_S, cmdline, launch, live_processes
+from conftest import ROOT, RUN_TIMEOUT_S, cmdline, launch, live_processes, terminate_when_ready
 
 ABLATION_TIMEOUT_S = 5 * RUN_TIMEOUT_S  # five tiny runs; a hang fails instead of blocking the suite
 TINY_BUDGET = ["--epochs", "1", "--batch-size", "4", "--lr", "0.001", "--workers", "0"]  # 7 steps of 4 images
@@ -252,20 +250,13 @@ def test_an_ablation_stopped_while_a_run_trains_leaves_nothing_running(tiny_data
     """SIGTERM, as a scheduler sends it, while a variant trains: the run (a child process with
     ranks of its own) is stopped as Ctrl-C stops it, not left to train on its own."""
     log = open(tmp_path / "log", "w+")
-    ablation = subprocess.Popen([sys.executable, "-m", "benchmarks.ablations", "--data", str(tiny_data), *TINY_BUDGET,
-                                 "--epochs", "3", "--layout", "towers", "--variants", "full", "--runs", str(tmp_path / "runs"), "--out",
-                                 str(tmp_path / "report")], cwd=ROOT, stdout=log, stderr=log, start_new_session=True)
+    command = [sys.executable, "-m", "benchmarks.ablations", "--data", str(tiny_data), *TINY_BUDGET, "--epochs", "3",
+               "--layout", "towers", "--variants", "full", "--runs", str(tmp_path / "runs"), "--out",
+               str(tmp_path / "report")]
+    ablation = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=log, start_new_session=True)
     session = lambda word="": [pid for pid in live_processes(session=ablation.pid) if word in cmdline(pid)]
-    try:
-        deadline = time.monotonic() + RUN_TIMEOUT_S
-        while len(session("forkserver")) < 3:  # the program's rank server and its two ranks
-            assert ablation.poll() is None and time.monotonic() < deadline, Path(log.name).read_text()[-3000:]
-            time.sleep(0.2)
-        os.kill(ablation.pid, signal.SIGTERM)
-        assert ablation.wait(timeout=120) == 130
-    finally:
-        if ablation.poll() is None:
-            os.killpg(ablation.pid, signal.SIGKILL)
+    # once the program's rank server and its two ranks run
+    assert terminate_when_ready(ablation, lambda: len(session("forkserver")) >= 3, log.name) == 130
     text = Path(log.name).read_text()
     assert "interrupted: the run in progress was stopped" in text and "Traceback" not in text, text[-3000:]
     deadline = time.monotonic() + 20

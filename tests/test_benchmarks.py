@@ -8,7 +8,6 @@ import math
 import os
 from pathlib import Path
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -19,7 +18,7 @@ import pytest
 from benchmarks import flops, program, report, run, traffic
 from towers import AlexNet
 
-from conftest import ROOT, cmdline, live_processes
+from conftest import ROOT, cmdline, live_processes, terminate_when_ready
 
 PARAMS = 60_965_224  # parameters of the whole net: the layer shapes of section 3.5 and Figure 2
 # Elements one tower sends per image, from the paper's Figure 2 (the partition table in the README):
@@ -208,16 +207,9 @@ def test_a_benchmark_stopped_while_the_program_runs_leaves_nothing_running_or_be
                               "--loader-data", str(tiny_data), "--out", str(out)],
                              cwd=ROOT, env=dict(os.environ, TMPDIR=str(temporary)), stdout=log, stderr=log,
                              start_new_session=True)
-    try:
-        deadline = time.monotonic() + RUN_TIMEOUT_S
-        while not _session(bench.pid, "launch.two_gpu") or len(_session(bench.pid, "forkserver")) < 4:
-            assert bench.poll() is None and time.monotonic() < deadline, Path(log.name).read_text()[-3000:]
-            time.sleep(0.2)  # until the program's two ranks run (forked from its server, beside the harness's)
-        os.kill(bench.pid, signal.SIGTERM)
-        assert bench.wait(timeout=120) == 130
-    finally:
-        if bench.poll() is None:
-            os.killpg(bench.pid, signal.SIGKILL)
+    # once the program's two ranks run (forked from its server, beside the harness's)
+    ready = lambda: _session(bench.pid, "launch.two_gpu") and len(_session(bench.pid, "forkserver")) >= 4
+    assert terminate_when_ready(bench, ready, log.name, timeout_s=RUN_TIMEOUT_S) == 130
     text = Path(log.name).read_text()
     assert f"stopped: {out / 'results.json'} holds the runs measured so far; python -m benchmarks.report" in text
     assert "Traceback" not in text, text[-3000:]

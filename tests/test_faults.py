@@ -26,7 +26,7 @@ from launch.two_gpu import check_room_for_checkpoints, main
 from towers import Architecture, build_reference
 
 from conftest import TINY as _TINY
-from conftest import ROOT, TRAINED_RUN, Run, cmdline, live_processes
+from conftest import ROOT, TRAINED_RUN, Run, cmdline, live_processes, terminate_when_ready
 
 BOUND_S = 60  # a failure must end the whole run within this long
 TINY = [*_TINY, "--log-every", "1", "--val-limit", "4", "--no-ten-crop"]
@@ -81,16 +81,8 @@ def test_sigterm_before_the_ranks_start_is_a_clean_stop(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "launch.two_gpu", "--out", str(tmp_path / "runs")], cwd=ROOT,
                             env=dict(os.environ, XDG_CACHE_HOME=str(cache)), stdout=log, stderr=log,
                             start_new_session=True)
-    try:
-        deadline = time.monotonic() + BOUND_S
-        while not list(cache.glob("alexnet-towers/.textures10-*.partial-*/train/*/*.jpg")):  # drawing
-            assert proc.poll() is None and time.monotonic() < deadline, Path(log.name).read_text()[-3000:]
-            time.sleep(0.1)
-        os.kill(proc.pid, signal.SIGTERM)
-        assert proc.wait(timeout=BOUND_S) == 130
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+    drawing = lambda: list(cache.glob("alexnet-towers/.textures10-*.partial-*/train/*/*.jpg"))
+    assert terminate_when_ready(proc, drawing, log.name, timeout_s=BOUND_S) == 130
     text = Path(log.name).read_text()
     assert "interrupted before the ranks started: nothing was trained or written" in text, text[-3000:]
     assert "Traceback" not in text
