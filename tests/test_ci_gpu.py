@@ -56,6 +56,12 @@ def test_bad_use_is_refused_before_anything_runs(tmp_path, stand_in, args, env, 
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
+def test_no_folder_for_the_results_is_refused(stand_in):
+    result = subprocess.run(["bash", str(SCRIPT)], cwd=ROOT, env=dict(os.environ, PYTHON=str(stand_in)),
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr.startswith("error: give the folder for the results; usage:")
+
+
 @pytest.mark.slow  # the script with the real Python, which imports torch several times
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
 def test_a_python_that_sees_no_gpu_is_refused(tmp_path):
