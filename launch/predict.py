@@ -105,6 +105,8 @@ def decode(path: str):
     try:
         if Path(path).is_dir():
             return f"{path}: a folder, not an image"
+        if Path(path).exists() and not Path(path).is_file():  # a FIFO would wait for a writer forever
+            return f"{path}: not a regular file (a pipe, a device or a socket), not an image"
         pixels = load_image(path)
     except ImageRejected as error:  # its message names the file, the limit and the fix
         return str(error)

@@ -7,6 +7,7 @@ reference; the slow ones run the program as a user does (a real process, bounded
 
 import copy
 import json
+import os
 import subprocess
 import sys
 
@@ -184,11 +185,14 @@ def test_unusable_files_are_named_and_the_others_classified(checkpoints, photos,
     folder = tmp_path / "folder.png"
     folder.mkdir()
     too_long = tmp_path / ("x" * 300 + ".jpg")  # the system refuses the name (ENAMETOOLONG) before any read
-    paths = [tmp_path / "missing.png", text, photos[0], folder, strip, too_long, photos[1]]
+    pipe = tmp_path / "pipe.jpg"
+    os.mkfifo(pipe)  # opened, it would wait for a writer
+    paths = [tmp_path / "missing.png", text, photos[0], folder, strip, too_long, pipe, photos[1]]
     predictions = _predictions(open_classifier(checkpoints["full"]), paths, batch_size=4)
     assert [p.path for p in predictions] == [str(p) for p in paths]
     errors = {p.path: p.error for p in predictions if p.error is not None}
-    assert set(errors) == {str(tmp_path / "missing.png"), str(text), str(folder), str(strip), str(too_long)}
+    assert set(errors) == {str(tmp_path / "missing.png"), str(text), str(folder), str(strip), str(too_long), str(pipe)}
+    assert errors[str(pipe)].endswith(": not a regular file (a pipe, a device or a socket), not an image")
     assert "File name too long" in errors[str(too_long)]
     assert errors[str(tmp_path / "missing.png")].endswith(": no such file")
     assert errors[str(folder)].endswith(": a folder, not an image")
