@@ -267,7 +267,6 @@ def _run(results, mode, batch=2, precision="fp32", memory_format="contiguous", c
     return matches[0]
 
 
-@pytest.mark.slow
 @pytest.mark.slow  # the real results
 @pytest.mark.parametrize("edit", ["a word for a number", "a zero count"])
 def test_a_hand_edited_results_json_is_refused_in_one_line(tiny_run, tmp_path, capsys, edit):
@@ -284,6 +283,7 @@ def test_a_hand_edited_results_json_is_refused_in_one_line(tiny_run, tmp_path, c
     assert message.startswith(f"error: {tmp_path / 'results.json'} is not what python -m benchmarks.run writes (")
 
 
+@pytest.mark.slow
 def test_report_has_every_part(tiny_run):
     out, results = tiny_run
     report = (out / "report.md").read_text()
