@@ -87,7 +87,10 @@ def test_sigterm_before_the_ranks_start_is_a_clean_stop(tmp_path):
     assert "interrupted before the ranks started: nothing was trained or written" in text, text[-3000:]
     assert "Traceback" not in text
     assert list(cache.glob("alexnet-towers/*")) == [] and not (tmp_path / "runs").exists()
-    assert not live_processes(session=proc.pid)
+    deadline = time.monotonic() + 10  # multiprocessing's resource tracker ends when it sees the program gone
+    while live_processes(session=proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not live_processes(session=proc.pid), [cmdline(pid) for pid in live_processes(session=proc.pid)]
 
 
 @pytest.mark.slow
