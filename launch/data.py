@@ -235,7 +235,6 @@ def _raise(exc: OSError):
 
 
 def _scan_layout(root: Path):
-    root = Path(root).expanduser()
     layout_hint = "expected ROOT/train/CLASS/*.jpg and ROOT/val/CLASS/*.jpg with the same CLASS folders in both"
     if not root.is_dir():
         what = "is not a folder" if root.exists() else "does not exist"
