@@ -29,6 +29,7 @@ import torch.distributed as dist
 from towers import AlexNet, Architecture, Tower, shard_state_dict, unshard_state_dicts
 
 from .config import TrainConfig
+from .images import BASE_SIZE
 from .mesh import Mesh
 from .schedule import Progress
 
@@ -36,6 +37,7 @@ FORMAT = "alexnet-towers/checkpoint"
 VERSION = 1
 ARCH = "alexnet-2012"
 FILENAME = "checkpoint.pt"
+MEAN_SHAPE = (3, BASE_SIZE, BASE_SIZE)  # data_mean: the training set's mean image, at the size images are stored
 
 
 class CheckpointError(ValueError):
@@ -181,6 +183,11 @@ def load_checkpoint(path, classes: Optional[list] = None) -> dict:
         wrong = sorted(set(expected) ^ set(got)) + sorted(k for k in expected if k in got and got[k] != expected[k])
         raise CheckpointError(f"{path} does not hold the 2012 AlexNet's weights for the architecture it records "
                               f"({architecture.describe()}): these entries differ: {', '.join(wrong[:6])}")
+    mean = payload.get("data_mean")
+    if mean is not None and (not isinstance(mean, torch.Tensor) or tuple(mean.shape) != MEAN_SHAPE):
+        shape = tuple(mean.shape) if isinstance(mean, torch.Tensor) else type(mean).__name__
+        raise CheckpointError(f"{path} holds a mean image of shape {shape}, not {' x '.join(map(str, MEAN_SHAPE))}: "
+                              f"it was not saved by this program")
     return payload
 
 

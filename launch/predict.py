@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from .checkpoint import CheckpointError, check_classes, load_checkpoint, load_reference, resolve_path
 from .cli import add_options, option, quick_exit
 from .data import DataStats, center_crop, eval_views, open_data
-from .images import BASE_SIZE, DECODE_ERRORS, ImageRejected, load_image
+from .images import DECODE_ERRORS, ImageRejected, load_image
 from .train import IMAGE_SHAPE
 
 log = logging.getLogger("launch.predict")
@@ -148,9 +148,6 @@ def open_classifier(checkpoint, data: Optional[str] = None, device="cpu") -> Cla
     elif data is not None:
         log.info("%s holds its class names and mean image: --data is not needed and not read", path)
     if stats is None:
-        if tuple(mean.shape) != (3, BASE_SIZE, BASE_SIZE):
-            raise CheckpointError(f"{path} holds a mean image of shape {tuple(mean.shape)}, not 3 x {BASE_SIZE} x "
-                                  f"{BASE_SIZE}: it was not saved by this program")
         # eval_views subtracts the mean alone; the PCA is for training's colour shift, not saved.
         stats = DataStats(mean=mean.to(torch.float32), eigval=torch.zeros(3), eigvec=torch.eye(3))
     classes = [str(name) for name in classes]

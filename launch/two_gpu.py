@@ -239,6 +239,12 @@ def prepare_run(config: TrainConfig, checkpoint: Optional[dict]):
                          f"classes; the data has {len(bundle.classes)}: use --fc8-placement tower0")
     if checkpoint is not None:  # checked here, before any rank starts, so a bad one gets a plain error
         check_classes(checkpoint, resolve_path(config.resume or config.eval_only), bundle.classes)
+        if checkpoint.get("data_mean") is not None:
+            # The net goes on seeing its inputs minus the mean image it was trained with, not
+            # the mean of what --data holds now (another set, or the same one grown).
+            bundle = dataclasses.replace(bundle, stats=dataclasses.replace(
+                bundle.stats, mean=checkpoint["data_mean"].to(torch.float32).clone()))
+            log.info("data: the mean image subtracted is the one saved in the checkpoint, its training set's")
     if config.resume:
         check_resumable(config, checkpoint, bundle)
     if not config.eval_only and data_module.batches_per_epoch(bundle, config.batch_size) == 0:

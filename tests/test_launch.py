@@ -8,6 +8,7 @@ evaluation. Every subprocess has a timeout, so a hang fails instead of blocking.
 import json
 import math
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from benchmarks.flops import reference_layers
 from benchmarks.traffic import tower_sent_elements
@@ -65,8 +67,21 @@ def test_short_run_writes_its_results_and_eval_only_agrees(trained_run, tiny_dat
     assert payload["progress"]["global_step"] == 7 and set(payload["rng"]) == {"rank0", "rank1"}
     assert payload["data_mean"].shape == (3, 256, 256) and 0 < payload["data_mean"].mean() < 255
 
-    again = launch("--data", tiny_data, "--out", tmp_path, "--run-name", "eval", "--eval-only", run,
+    # Evaluated on the same validation images beside other training images (all black, so
+    # their mean is 0): the net is still given its inputs minus the mean image it was
+    # trained with, the checkpoint's, and scores as it did.
+    other = tmp_path / "other"
+    shutil.copytree(tiny_data, other)
+    for image in (other / "train").rglob("*.jpg"):
+        Image.new("RGB", (256, 256)).save(image)
+    again = launch("--data", other, "--out", tmp_path, "--run-name", "eval", "--eval-only", run,
                    "--fc8-placement", "tower0", "--workers", "0")
+    assert "the mean image subtracted is the one saved in the checkpoint" in again.stderr
+    config, checkpoint, _ = two_gpu._configure(["--data", str(other), "--out", str(tmp_path), "--run-name", "look",
+                                                "--eval-only", str(run)])
+    _, _, bundle, lock = two_gpu.prepare_run(config, checkpoint)
+    lock.close()
+    assert torch.equal(bundle.stats.mean, payload["data_mean"]) and bundle.stats.mean.max() > 0
     evaluated = json.loads(again.stderr.split("done: ", 1)[1].splitlines()[0].join(['"', '"']))
     top1 = f"top-1 error {100 * summary['centre']['top1_error']:.2f}%"
     ten = f"ten-patch test: top-1 {100 * summary['ten_patch']['top1_error']:.2f}%"
