@@ -189,6 +189,26 @@ class TrainConfig:
             raise ValueError(f"--run-name must be a plain folder name, got {self.run_name!r}")
 
 
+def check_schedule_options(config: TrainConfig) -> None:
+    """Refuses options of the learning-rate schedule that a new run would not use, which it
+    would otherwise ignore: --lr-milestones under 'plateau', --patience and --max-reductions
+    under 'fixed' (given other than their defaults). ``config``: as parsed, before resolve."""
+    if config.resume or config.eval_only:  # a resumed run keeps its schedule; an evaluation has none
+        return
+    recipe = config.recipe or default_recipe(config)
+    schedule = config.schedule or RECIPES[recipe]["schedule"]
+    origin = "--schedule" if config.schedule else f"the {recipe} recipe's"
+    if schedule == "plateau" and config.lr_milestones is not None:
+        raise ValueError(f"--lr-milestones divides the rate at fixed epochs, but this run's schedule is {origin} "
+                         f"plateau: add --schedule fixed, or drop --lr-milestones")
+    unused = [f"--{name.replace('_', '-')}" for name in ("patience", "max_reductions")
+              if getattr(config, name) != TrainConfig.__dataclass_fields__[name].default]
+    if schedule == "fixed" and unused:
+        raise ValueError(f"{' and '.join(unused)} act{'s' * (len(unused) == 1)} on the plateau schedule, but this "
+                         f"run's schedule is {origin} fixed: add --schedule plateau, or drop "
+                         f"{'it' if len(unused) == 1 else 'them'}")
+
+
 def small_epochs(train_images: int, batch_size: int) -> int:
     """The small recipe's length for a training set of ``train_images``."""
     steps_per_epoch = max(1, train_images // batch_size)

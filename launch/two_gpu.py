@@ -41,7 +41,8 @@ from . import data as data_module
 from .checkpoint import (FILENAME, CheckpointError, check_classes, checkpoint_architecture, load_checkpoint, resolve_path,
                          training_checkpoint_bytes)
 from .cli import quick_exit
-from .config import TrainConfig, build_parser, describe_recipe, parse_config, recipe_warning, resolve
+from .config import (TrainConfig, build_parser, check_schedule_options, describe_recipe, parse_config, recipe_warning,
+                     resolve)
 from .ranks import (LOOPBACK, RankFailure, choose_placement, cpu_threads_per_rank, init_process_group, raise_interrupt,
                     run_ranks)
 from .train import architecture, describe_evaluation, elsewhere_than, run_rank, usable_cores
@@ -318,6 +319,7 @@ def _configure(argv) -> tuple:
     """(config, checkpoint payload or None, placement) from the command line; raises ValueError."""
     config = parse_config(argv)
     config.validate()
+    check_schedule_options(config)
     checkpoint = load_checkpoint(config.resume or config.eval_only) if config.resume or config.eval_only else None
     if config.resume:
         config = resumed_config(config, checkpoint)

@@ -12,7 +12,7 @@ import pytest
 from launch import builtin
 from launch.checkpoint import load_checkpoint
 from launch.config import (PAPER_RECIPE, PAPER_RECIPE_MIN_IMAGES, SMALL_MIN_EPOCHS, SMALL_MIN_STEPS, TrainConfig,
-                           build_parser, describe_recipe, parse_config, recipe_warning, resolve)
+                           build_parser, check_schedule_options, describe_recipe, parse_config, recipe_warning, resolve)
 from launch.two_gpu import ARCHITECTURE_OPTIONS, main, resumed_config
 
 from conftest import TINY, launch
@@ -125,6 +125,31 @@ def test_help_explains_the_recipes():
     with pytest.raises(SystemExit) as exit_info:
         parse_config(["--recipe", "imagenet"])
     assert exit_info.value.code == 2
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--data", "photos", "--lr-milestones", "5"], "--lr-milestones divides the rate at fixed epochs, but this "
+                                                   "run's schedule is the paper recipe's plateau: add --schedule fixed"),
+    (["--schedule", "plateau", "--lr-milestones", "5"], "this run's schedule is --schedule plateau"),
+    (["--patience", "4"], "--patience acts on the plateau schedule, but this run's schedule is the small recipe's "
+                          "fixed: add --schedule plateau, or drop it"),
+    (["--data", "photos", "--schedule", "fixed", "--patience", "4", "--max-reductions", "1"],
+     "--patience and --max-reductions act on the plateau schedule"),
+])
+def test_options_of_the_schedule_not_used_are_refused(argv, words, tmp_path, caplog):
+    with pytest.raises(ValueError) as refused:
+        check_schedule_options(parse_config(argv))
+    assert words in str(refused.value)
+    assert words in _log_of([*argv, "--out", tmp_path], caplog)  # before the data is looked for
+    assert not any(tmp_path.iterdir())
+
+
+def test_options_of_the_schedule_used_are_accepted():
+    for argv in (["--data", "photos", "--schedule", "fixed", "--lr-milestones", "5"], ["--lr-milestones", "2"],
+                 ["--data", "photos", "--patience", "4", "--max-reductions", "1"],
+                 ["--recipe", "small", "--schedule", "plateau", "--patience", "1"],
+                 ["--resume", "run", "--patience", "4"]):  # a resumed run's schedule is checked against its own
+        check_schedule_options(parse_config(argv))
 
 
 # ---------------------------------------------------------------- through the program
