@@ -246,6 +246,20 @@ def test_every_mode_becomes_256_rgb(tmp_path):
     assert np.allclose(cmyk, Image.new("CMYK", (1, 1), (10, 20, 30, 40)).convert("RGB").getpixel((0, 0)), atol=3)
 
 
+def test_float_images_keep_their_brightness(tmp_path):
+    """Mode F (TIFF's 32-bit float greyscale): 0-1 scaled to 0-255, not clipped to black;
+    values beyond 1 read on the 0-255 scale; NaN as 0."""
+    def loaded(values) -> np.ndarray:
+        path = tmp_path / "float.tif"
+        Image.fromarray(np.array(values, dtype=np.float32).repeat(128, 0).repeat(128, 1), mode="F").save(path)
+        with Image.open(path) as image:
+            assert image.mode == "F"
+        return images.load_image(path)[::128, ::128, 0]  # 256 x 256: a base image, not resized
+    assert (loaded([[0.5, 1.0], [0.0, 0.25]]) == [[128, 255], [0, 64]]).all()
+    assert (loaded([[0.5, 200.0], [300.0, -3.0]]) == [[0, 200], [255, 0]]).all()
+    assert (loaded([[np.nan, 1.0], [0.2, 0.2]]) == [[0, 255], [51, 51]]).all()
+
+
 def test_resize_center_takes_the_central_patch():
     # 512 x 256: the shorter side is already 256, so the result is columns 128..383 exactly.
     pixels = np.random.default_rng(0).integers(0, 256, (256, 512, 3), dtype=np.uint8)
