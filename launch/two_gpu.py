@@ -403,7 +403,7 @@ def main(argv=None) -> int:
         log.error("error: %s", exc)
         return 2
     except RankFailure as exc:
-        log.error("the run stopped: %s", exc)
+        log.error("the run stopped: %s%s", exc, _after_failure(config, run_dir, exc))
         return 1
     except KeyboardInterrupt:
         if not started:  # in the checks, or the scan of the data
@@ -427,6 +427,17 @@ def _after_interrupt(config: Optional[TrainConfig], run_dir: Optional[Path]) -> 
         return f"resume with --resume {run_dir}"
     again = f" {elsewhere_than(run_dir)}" if run_dir is not None else ""
     return f"no checkpoint was written yet, so there is nothing to resume: start the run again{again}"
+
+
+def _after_failure(config: Optional[TrainConfig], run_dir: Optional[Path], failure: RankFailure) -> str:
+    """What to do once the cause of a rank's failure is fixed (a rank killed by the
+    out-of-memory killer, a hung peer, unusable data): go on from the last checkpoint, or
+    start again. A diverged loss's failure says itself what to do, from its loss."""
+    if config is None or run_dir is None or config.eval_only or "NonFiniteLoss:" in failure.failures[failure.first]:
+        return ""
+    if (run_dir / FILENAME).exists():
+        return f"\nonce the cause is fixed, go on from the last checkpoint with --resume {run_dir}"
+    return f"\nno checkpoint was written yet: once the cause is fixed, start the run again {elsewhere_than(run_dir)}"
 
 
 def _main_under_torchrun(config: TrainConfig, checkpoint: Optional[dict], placement) -> int:

@@ -50,12 +50,23 @@ def _start(tiny_data, tmp_path, *extra, name="run"):
 @pytest.mark.parametrize("rank", [0, 1])
 def test_a_killed_rank_ends_the_run_naming_it(tiny_data, tmp_path, rank):
     # Rank 0 loads the batches with DataLoader worker processes: they end with it.
-    run = _start(tiny_data, tmp_path, *(["--workers", "2"] if rank == 0 else []))
+    # Killed after a checkpoint (rank 0's case) or before the first (rank 1's), and told which way to go on.
+    run = _start(tiny_data, tmp_path, *(["--workers", "2", "--checkpoint-every", "2"] if rank == 0 else []))
     run.wait_for_step(2)
+    checkpoint = run.run_dir / "checkpoint.pt"
+    deadline = time.monotonic() + BOUND_S
+    while rank == 0 and not checkpoint.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
     os.kill(run.ranks()[rank], signal.SIGKILL)  # what the out-of-memory killer does
     assert run.wait() == 1
     err = run.stderr()
     assert f"rank {rank} failed: killed by SIGKILL" in err and "out-of-memory" in err
+    if rank == 0:
+        assert f"once the cause is fixed, go on from the last checkpoint with --resume {run.run_dir}" in err, err
+    else:
+        assert not checkpoint.exists()
+        assert f"no checkpoint was written yet: once the cause is fixed, start the run again under another " \
+               f"--run-name (or after removing {run.run_dir})" in err, err
     _no_leftovers(run)
     assert "Traceback" not in run.stderr()
 
