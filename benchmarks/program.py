@@ -9,7 +9,9 @@ warm-up and are left out. From that rate follows how long the paper's 90 epochs 
 ImageNet's training set would take.
 """
 
+import functools
 import json
+import os
 import signal
 import statistics
 import subprocess
@@ -17,6 +19,8 @@ import sys
 import tempfile
 from pathlib import Path
 from typing import Optional
+
+from launch.ranks import die_with_parent
 
 
 IMAGENET_TRAIN_IMAGES = 1_281_167  # ILSVRC-2012's training set
@@ -45,7 +49,15 @@ def run_child(argv: list, timeout_s: Optional[float] = None, **popen) -> subproc
     """``subprocess.run`` of ``argv`` (``popen``: Popen's options), except that a child that
     outlives ``timeout_s``, or a caller interrupted meanwhile (Ctrl-C, or SIGTERM made one),
     is stopped as Ctrl-C stops the program (its ranks ended, its files removed), and killed
-    only if it has not ended after STOP_GRACE_S."""
+    only if it has not ended after STOP_GRACE_S.
+
+    A caller killed outright (SIGKILL, the out-of-memory killer) cannot stop the child: on
+    Linux the kernel then sends the child SIGTERM (launch.ranks.die_with_parent), which the
+    program takes as Ctrl-C, so that it does not train on, orphaned. SIGTERM, not SIGINT: a
+    caller started in the background by a shell has SIGINT ignored, and its child with it.
+    The signal follows the death of the thread that started the child: call this from the
+    thread that lives as long as the caller (the main thread)."""
+    popen.setdefault("preexec_fn", functools.partial(die_with_parent, os.getpid()))
     with subprocess.Popen(argv, text=True, **popen) as child:
         try:
             out, err = child.communicate(timeout=timeout_s)

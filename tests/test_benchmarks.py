@@ -8,6 +8,7 @@ import math
 import os
 from pathlib import Path
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -222,6 +223,45 @@ def test_a_benchmark_stopped_while_the_program_runs_leaves_nothing_running_or_be
     results = json.loads((out / "results.json").read_text())
     assert [r["mode"] for r in results["runs"]] == ["single"] and results["loader"]["by_workers"]
     assert sorted(p.name for p in out.iterdir()) == ["results.json"]  # the earlier report gone, none drawn
+
+
+# The smallest caller of run_child: the training program as the benchmark starts it (its output
+# into the caller's), at a learning rate that keeps it training far longer than the test waits.
+PROGRAM_CALLER = """
+import sys
+from benchmarks.program import program_command, run_child
+command = program_command("towers", 2, 100_000, "cpu", sys.argv[1], 0)
+run_child([sys.executable, *command, "--lr", "0.0001", "--out", sys.argv[2], "--run-name", "run"])
+"""
+
+
+@pytest.mark.slow
+def test_the_program_ends_with_a_benchmark_killed_outright(tiny_data, tmp_path):
+    """SIGKILL (as the out-of-memory killer sends it) to the process that started the training
+    program through run_child, which cannot stop it then: the program, which would otherwise
+    train on orphaned, ends with its ranks."""
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    log = open(tmp_path / "log", "w+")
+    caller = subprocess.Popen([sys.executable, "-c", PROGRAM_CALLER, str(tiny_data), str(tmp_path)], cwd=ROOT,
+                              env=dict(os.environ, TMPDIR=str(temporary)), stdout=log, stderr=log,
+                              start_new_session=True)
+    try:
+        deadline = time.monotonic() + RUN_TIMEOUT_S
+        while not (tmp_path / "run" / "metrics.jsonl").exists():  # the program's ranks train
+            assert caller.poll() is None and time.monotonic() < deadline, Path(log.name).read_text()[-3000:]
+            time.sleep(0.1)
+        assert _session(caller.pid, "launch.two_gpu")
+        os.kill(caller.pid, signal.SIGKILL)
+        caller.wait(timeout=60)
+        deadline = time.monotonic() + 60
+        while _session(caller.pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _session(caller.pid), [cmdline(pid) for pid in _session(caller.pid)]
+        assert "interrupted: both ranks stopped" in Path(log.name).read_text()  # stopped as Ctrl-C stops it
+    finally:
+        if _session(caller.pid):
+            os.killpg(caller.pid, signal.SIGKILL)
 
 
 def _session(sid: int, word: str = "") -> list:
