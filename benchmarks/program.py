@@ -16,11 +16,12 @@ import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from typing import Optional
 
 from launch.ranks import die_with_parent
+
+from .scratch import temporary_folder
 
 
 IMAGENET_TRAIN_IMAGES = 1_281_167  # ILSVRC-2012's training set
@@ -97,7 +98,7 @@ def measure_program(modes: tuple, batch: int, steps: int, warmup: int, device: s
     (benchmarks.run.Deadline) may stop a run sooner, and leaves the rest not run."""
     results = []
     for mode in (m for m in modes if m in PROGRAM_LAYOUTS):
-        with tempfile.TemporaryDirectory(prefix="alexnet-program-") as folder:
+        with temporary_folder("alexnet-program-") as folder:
             command = program_command(PROGRAM_LAYOUTS[mode], batch, warmup + steps, device, data, workers)
             entry = {"mode": mode, "batch": batch, "command": " ".join(command[1:])}
             if deadline is not None:

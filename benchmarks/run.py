@@ -62,6 +62,7 @@ from towers import FC8_PLACEMENTS, TOWERS, AlexNet, check_compile_backend
 from . import flops, traffic
 from .loader import measure_loader, open_loader_data
 from .program import PROGRAM_LAYOUTS, measure_program
+from .scratch import remove_stale_folders, temporary_folder
 from .workers import WORKERS, weights_worker
 
 logger = logging.getLogger(__name__)
@@ -653,7 +654,7 @@ class Bench:
         config, devices, keys = self.config, self.devices, self.keys
         main = [k for k in keys if k in set(main_runs(config))]
         logger.info("%s; %d runs; writing to %s", devices.note, len(keys), self.out)
-        with tempfile.TemporaryDirectory(prefix="alexnet-bench-") as folder:
+        with temporary_folder("alexnet-bench-") as folder:
             self.measure(main, folder)
             if self.deadline.left() > 0:
                 logger.info("data loader: %s workers, %d batches of %d", ",".join(map(str, config.loader_workers)),
@@ -680,6 +681,10 @@ def main(argv=None) -> Path:
     devices = plan_devices(config)
     config = resolve(config, devices)
     deadline = Deadline(config.time_limit)  # from here: the built-in data may be made first, and CUDA started
+    stale = remove_stale_folders()  # the space a benchmark killed outright took, before this one takes its own
+    if stale:
+        logger.info("removed the temporary folders of benchmarks killed before they ended: %s",
+                    ", ".join(map(str, stale)))
     loader_data = open_loader_data(config.loader_data, config.batch)  # a bad folder fails before anything runs
     out = Path(config.out) if config.out else default_out(devices)
     try:

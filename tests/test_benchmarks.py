@@ -11,12 +11,13 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import matplotlib.image
 import pytest
 
-from benchmarks import flops, program, report, run, traffic
+from benchmarks import flops, program, report, run, scratch, traffic
 from towers import AlexNet
 
 from conftest import ROOT, cmdline, live_processes, terminate_when_ready
@@ -262,6 +263,52 @@ def test_the_program_ends_with_a_benchmark_killed_outright(tiny_data, tmp_path):
     finally:
         if _session(caller.pid):
             os.killpg(caller.pid, signal.SIGKILL)
+
+
+# A benchmark killed outright: its temporary folder, with what it held, stays behind.
+KILLED_HOLDER = """
+import sys
+from benchmarks.scratch import temporary_folder
+with temporary_folder(sys.argv[1]) as folder:
+    open(folder + "/weights.pt", "w").write("the reference's weights")
+    print(folder, flush=True)
+    sys.stdin.read()
+"""
+
+
+def test_the_temporary_folders_of_a_killed_benchmark_are_removed_by_the_next(tmp_path, monkeypatch):
+    """Folders of processes that ended without removing them go; those of a live process, of a
+    process this one cannot see (its lock held elsewhere), and anything named otherwise stay."""
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr(tempfile, "tempdir", None)  # found again from TMPDIR
+    left = []
+    for prefix in scratch.PREFIXES:
+        holder = subprocess.Popen([sys.executable, "-c", KILLED_HOLDER, prefix], cwd=ROOT, stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, text=True)
+        left.append(Path(holder.stdout.readline().strip()))
+        holder.kill()
+        assert holder.wait(timeout=60) == -9 and (left[-1] / "weights.pt").exists()
+    dead_pid = left[0].name.split("-")[2]
+    elsewhere = tmp_path / f"alexnet-program-{dead_pid}-abcdefgh"  # a process of another PID namespace
+    elsewhere.mkdir()
+    others = [tmp_path / "alexnet-bench-12345678", tmp_path / "alexnet-bench-notapid-abcdefgh"]
+    for folder in others:
+        folder.mkdir()
+    lock = os.open(elsewhere, os.O_RDONLY)
+    try:
+        scratch.fcntl.flock(lock, scratch.fcntl.LOCK_SH)
+        with scratch.temporary_folder("alexnet-bench-") as live:
+            assert scratch.remove_stale_folders() == sorted(left)
+            assert Path(live).is_dir() and elsewhere.is_dir() and all(folder.is_dir() for folder in others)
+    finally:
+        os.close(lock)
+    assert not Path(live).exists()
+    # benchmarks.run removes them first thing, before the options that name files are checked
+    left = tmp_path / f"alexnet-bench-{dead_pid}-abcdefgh"
+    left.mkdir()
+    with pytest.raises(ValueError, match="does not exist"):
+        run.main(["--device", "cpu", "--loader-data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out")])
+    assert not left.exists()
 
 
 def _session(sid: int, word: str = "") -> list:
