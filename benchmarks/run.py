@@ -590,9 +590,18 @@ class Bench:
                             mesh_projection=mesh_projection(runs, self.config, self.analytic),
                             elapsed_s=time.perf_counter() - self.started)
         self.results["machine"]["load_average"]["end"] = _load_average()
-        with tempfile.NamedTemporaryFile("w", dir=self.out, prefix=".results.json.", delete=False) as partial:
-            partial.write(json.dumps(self.results, indent=1, default=str))
-        os.replace(partial.name, self.out / "results.json")  # whole or not at all, whoever else writes here
+        path, partial = self.out / "results.json", None
+        try:
+            with tempfile.NamedTemporaryFile("w", dir=self.out, prefix=".results.json.", delete=False) as file:
+                partial = Path(file.name)
+                file.write(json.dumps(self.results, indent=1, default=str))
+            os.replace(partial, path)  # whole or not at all, whoever else writes here
+        except OSError as error:  # a full disk, or a folder that went or turned read-only
+            if partial is not None:
+                partial.unlink(missing_ok=True)
+            kept = f"; {path.name} there holds the runs measured before" if path.exists() else ""
+            raise ValueError(f"cannot write {path} ({error.strerror or error}): free space on that disk, or give "
+                             f"--out a folder that can be written{kept}") from None
         return self.results
 
     def draw_weights(self, folder: str) -> None:

@@ -3,6 +3,7 @@ run of ``python -m benchmarks.run`` in a tiny configuration, checked for the rep
 structure and for traffic counted exactly as the layer shapes say. Speed is never asserted.
 """
 
+import errno
 import json
 import math
 import os
@@ -148,6 +149,37 @@ def test_a_report_is_drawn_only_from_a_results_json(tmp_path, capsys, content):
     assert message.startswith(f"error: {tmp_path / 'results.json'} is not what python -m benchmarks.run writes (")
     assert len(message.strip().splitlines()) == 1
     assert [p.name for p in tmp_path.iterdir()] == ["results.json"]  # nothing drawn
+
+
+def test_a_full_disk_under_results_json_is_one_line_and_leaves_no_partial_file(tmp_path, monkeypatch):
+    """results.json is written anew after every run: a disk that fills meanwhile ends the
+    benchmark with one line (exit 2), the last whole results.json kept, no temporary beside it."""
+    config = run.BenchConfig(device="cpu", quick=True, batch=2)
+    devices = run.plan_devices(config)
+    bench = run.Bench(run.resolve(config, devices), devices, tmp_path, [], run.Deadline(None))
+    saved = bench.save()
+    written = (tmp_path / "results.json").read_text()
+    real = tempfile.NamedTemporaryFile
+
+    def full_disk(*args, **kwargs):  # writes part of the file, then the disk is full
+        file = real(*args, **kwargs)
+
+        def write(text):
+            file.file.write(text[:100])
+            file.file.flush()
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        file.write = write
+        return file
+
+    monkeypatch.setattr(tempfile, "NamedTemporaryFile", full_disk)
+    bench.not_measured.append({"mode": "towers", "reason": "a run measured after the first save"})
+    with pytest.raises(ValueError) as refused:
+        bench.save()
+    assert str(refused.value) == (f"cannot write {tmp_path / 'results.json'} (No space left on device): free space "
+                                  f"on that disk, or give --out a folder that can be written; results.json there "
+                                  f"holds the runs measured before")
+    assert [p.name for p in tmp_path.iterdir()] == ["results.json"]  # no .results.json.* left
+    assert (tmp_path / "results.json").read_text() == written and json.loads(written)["date"] == saved["date"]
 
 
 @pytest.mark.slow
