@@ -23,8 +23,9 @@ From checkpoint.pt and the run's data (or --data):
 A picture whose inputs are not there yet is skipped with a note saying why, and the
 others are drawn: a run in its first epoch has no checkpoint.pt unless it was started
 with --checkpoint-every, and a run that is still going or was stopped has no
-summary.json. When nothing at all can be drawn, or RUN_DIR is not a run folder, the
-program prints one line naming the fix and exits with status 2.
+summary.json. When nothing at all can be drawn, RUN_DIR is not a run folder, or a picture
+cannot be written (a full disk), the program prints one line naming the fix and exits with
+status 2; each picture is written whole or not at all.
 """
 
 import argparse
@@ -253,11 +254,15 @@ def _pyplot():
 
 
 def _save(fig, path: Path) -> Path:
-    """Writes the figure as a PNG atomically (a temporary file renamed over ``path``)."""
+    """Writes the figure as a PNG atomically (a temporary file renamed over ``path``). A
+    folder that fills up or turns read-only meanwhile raises ValueError naming it."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         fig.savefig(tmp, format="png", dpi=DPI)
         os.replace(tmp, path)
+    except OSError as exc:
+        raise ValueError(f"cannot write {path.name} in {path.parent} ({exc.strerror or exc}): free space on that "
+                         f"disk, or give a folder you can write with --out") from None
     finally:
         tmp.unlink(missing_ok=True)
         _pyplot().close(fig)

@@ -3,8 +3,10 @@ crafted here (a reference's checkpoint, hand-written metrics, summary and config
 nearest neighbours of Figure 4, and its errors as a user meets them."""
 
 import copy
+import errno
 import json
 import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -218,6 +220,30 @@ def test_what_cannot_be_drawn_yet_is_skipped_with_the_reason(tiny_data, tmp_path
     with caplog.at_level(logging.INFO, logger="launch.show"):
         assert show.main([str(single), "--only", "curves,traffic"]) == 0
     assert "skipped traffic: a --layout single run has no towers" in caplog.text
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_partial_picture(tmp_path, capsys, caplog, monkeypatch):
+    """The disk fills while the second picture is written: one line naming the folder, exit 2;
+    the first picture stays whole, nothing half-written beside it."""
+    import matplotlib.figure
+    run = write_run(tmp_path / "run", metrics=METRICS, summary=SUMMARY)
+    real, written = matplotlib.figure.Figure.savefig, []
+
+    def full_disk(fig, path, **kwargs):
+        if written:  # a part of the file, then the disk is full
+            Path(path).write_bytes(b"\x89PNG\r\n")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        written.append(path)
+        return real(fig, path, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", full_disk)
+    with caplog.at_level(logging.INFO, logger="launch.show"):
+        assert show.main([str(run), "--only", "curves,traffic"]) == 2
+    assert caplog.messages[-1] == (f"error: cannot write traffic.png in {run / 'show'} (No space left on device): "
+                                   f"free space on that disk, or give a folder you can write with --out")
+    assert capsys.readouterr().out == ""
+    assert [p.name for p in (run / "show").iterdir()] == ["curves.png"]
+    check_png(run / "show" / "curves.png")
 
 
 def test_a_data_folder_that_is_gone_skips_figure_4_and_a_bad_data_option_is_an_error(reference, tiny_bundle,
