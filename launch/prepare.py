@@ -10,12 +10,14 @@ skipped and listed, also in DST/unreadable.txt; other files are ignored. Then th
 training-set statistics (mean image, RGB PCA) are computed and cached in DST, as
 the authors did once before training. The training program then decodes small
 JPEGs only, with no resizing. An interrupted run can be restarted: files already
-written (each one is written atomically) are kept.
+written (each one is written atomically) are kept. A DST that cannot be written (a full
+disk) ends the run with one line naming it, exit code 2, and no part of a file left in it.
 """
 
 import argparse
 import logging
 import os
+import signal
 import sys
 import time
 from multiprocessing import Pool
@@ -38,9 +40,28 @@ def _convert(job):
     except DECODE_ERRORS as exc:
         return source, skip_reason(source, exc)
     partial = f"{target}.partial-{os.getpid()}"
-    Image.fromarray(pixels).save(partial, format="JPEG", quality=quality)
-    os.replace(partial, target)
+    try:
+        Image.fromarray(pixels).save(partial, format="JPEG", quality=quality)
+        os.replace(partial, target)
+    except BaseException:  # a full disk, Ctrl-C, the pool ended: no part of an image is left in DST
+        Path(partial).unlink(missing_ok=True)
+        raise
     return source, None
+
+
+def _end_quietly(signum, frame):
+    raise SystemExit(1)
+
+
+def _worker_start() -> None:
+    """The pool ends its workers with SIGTERM, the one writing an image too (once one has
+    failed): a worker takes it as an exception, so that ``_convert`` removes what it wrote."""
+    signal.signal(signal.SIGTERM, _end_quietly)
+
+
+def _cannot_write(dst: Path, exc: OSError) -> str:
+    return (f"error: cannot write to DST {dst} ({exc.strerror or exc}): free space on its disk, or give a DST that "
+            f"can be written; run again, and the images already written are kept")
 
 
 def plan_jobs(src: Path, dst: Path, quality: int):
@@ -91,23 +112,37 @@ def main(argv=None) -> int:
         parser.error(f"DST {dst} must lie outside SRC {src}")
     try:
         jobs, done = plan_jobs(src, dst, args.quality)
-    except (DataError, OSError) as exc:  # a bad SRC, or a DST that cannot be written
+    except DataError as exc:  # a bad SRC
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # its folders cannot be made in DST (SRC's errors are DataErrors)
+        print(_cannot_write(dst, exc), file=sys.stderr)
         return 2
     total = len(jobs) + done
     log.info("%d images in %s: %d to convert, %d already in %s", total, src, len(jobs), done, dst)
     unreadable, start = [], time.monotonic()
-    with Pool(args.workers) as pool:
-        for count, (source, error) in enumerate(pool.imap_unordered(_convert, jobs, chunksize=16), 1):
-            if error is not None:
-                unreadable.append((source, error))
-                log.warning("skipped %s", error)
-            if count % 1000 == 0 or count == len(jobs):
-                rate = count / max(time.monotonic() - start, 1e-9)
-                log.info("converted %d/%d (%.0f images/s)", count, len(jobs), rate)
+    with Pool(args.workers, initializer=_worker_start) as pool:
+        try:
+            for count, (source, error) in enumerate(pool.imap_unordered(_convert, jobs, chunksize=16), 1):
+                if error is not None:
+                    unreadable.append((source, error))
+                    log.warning("skipped %s", error)
+                if count % 1000 == 0 or count == len(jobs):
+                    rate = count / max(time.monotonic() - start, 1e-9)
+                    log.info("converted %d/%d (%.0f images/s)", count, len(jobs), rate)
+        except OSError as exc:  # a write (reads that fail are skipped): the pool's end stops the other workers
+            print(_cannot_write(dst, exc), file=sys.stderr)
+            return 2
     if unreadable:
         listing = dst / "unreadable.txt"
-        listing.write_text("".join(f"{source}\t{error}\n" for source, error in unreadable))
+        partial = listing.with_name(f"{listing.name}.partial-{os.getpid()}")
+        try:
+            partial.write_text("".join(f"{source}\t{error}\n" for source, error in unreadable))
+            os.replace(partial, listing)
+        except OSError as exc:
+            partial.unlink(missing_ok=True)
+            print(_cannot_write(dst, exc), file=sys.stderr)
+            return 2
         log.warning("%d files skipped (unreadable or refused); listed in %s", len(unreadable), listing)
     try:
         bundle = open_data(dst)

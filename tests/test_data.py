@@ -3,12 +3,14 @@ resize, corrupt and refused files, the built-in dataset, cached statistics,
 deterministic batches, ten-crop, and the prepare tool as a real subprocess.
 Everything is made in tmp_path."""
 
+import errno
 import json
 import logging
 import multiprocessing
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -662,6 +664,43 @@ def test_prepare_tool_end_to_end(tmp_path):
     assert bad.returncode != 0 and "does not exist" in bad.stderr and "Traceback" not in bad.stderr
     helped = _prepare("--help")
     assert helped.returncode == 0 and "--workers" in helped.stdout and "256" in helped.stdout
+
+
+def test_prepare_on_a_full_disk_is_one_line_and_leaves_no_part_of_an_image(tmp_path, monkeypatch, capfd):
+    """The disk fills while two workers write: one fails, the other is still writing when the
+    pool is ended. One line naming DST and the fix, exit 2, and no partial file in DST."""
+    src, dst, first = _simple_tree(tmp_path / "raw", train=10), tmp_path / "prepared", tmp_path / "first-write"
+
+    def full_disk(image, path, *args, **kwargs):  # in the workers, forked with it
+        Path(path).write_bytes(b"\xff\xd8\xff")  # a part of the JPEG
+        try:
+            os.close(os.open(first, os.O_CREAT | os.O_EXCL))
+        except FileExistsError:  # every write but the first: the disk is full
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)) from None
+        time.sleep(120)  # the first: still writing when the other has failed
+
+    monkeypatch.setattr(Image.Image, "save", full_disk)
+    # 24 images: two chunks of the pool's 16, one per worker
+    assert prepare.main([str(src), str(dst), "--workers", "2"]) == 2
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and err.splitlines()[-1:] == [
+        f"error: cannot write to DST {dst} (No space left on device): free space on its disk, or give a DST that can "
+        f"be written; run again, and the images already written are kept"]
+    assert first.exists() and [p for p in dst.rglob("*") if p.is_file()] == []
+
+    # the list of unreadable files, written once the images are: the images stay, no part of the list
+    monkeypatch.undo()
+    (src / "train" / "a" / "fake.jpg").write_text("not an image")
+    real = Path.write_text
+
+    def full_disk_for_the_list(path, text, *args, **kwargs):
+        real(path, text[:10], *args, **kwargs)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(Path, "write_text", full_disk_for_the_list)
+    assert prepare.main([str(src), str(dst), "--workers", "1"]) == 2
+    assert capfd.readouterr().err.splitlines()[-1].startswith(f"error: cannot write to DST {dst} (No space left")
+    assert sorted(p.name for p in dst.rglob("*") if p.is_file()) == sorted(p.name for p in src.rglob("[0-9].jpg"))
 
 
 def test_prepare_refuses_two_images_with_one_target_and_a_quality_out_of_range(tmp_path, capsys):
