@@ -7,6 +7,7 @@ benchmark stopped before its end included:
 
 import argparse
 import json
+import os
 from pathlib import Path
 import sys
 
@@ -357,6 +358,17 @@ def _batch_axis(ax) -> None:
     ax.set_xlabel("global batch (images per step)")
 
 
+def _write_whole(path: Path, write) -> None:
+    """``write(partial)``, then ``partial`` renamed over ``path``: a file of the report is whole
+    or not there, even where the disk fills up while it is written (the OSError is raised)."""
+    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    try:
+        write(partial)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
 def chart_images_per_s(results, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -373,8 +385,10 @@ def chart_images_per_s(results, path: Path) -> None:
     if ax.get_legend_handles_labels()[0]:  # nothing to name when no run was measured
         ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        _write_whole(path, lambda partial: fig.savefig(partial, dpi=120, format="png"))
+    finally:
+        plt.close(fig)
 
 
 def chart_bytes(results, path: Path) -> None:
@@ -405,8 +419,10 @@ def chart_bytes(results, path: Path) -> None:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        _write_whole(path, lambda partial: fig.savefig(partial, dpi=120, format="png"))
+    finally:
+        plt.close(fig)
 
 
 def loader_lines(results) -> list:
@@ -576,7 +592,7 @@ def write_report(results: dict, folder: Path) -> None:
     # the text first, then the files: a results.json that cannot make a report changes none of them
     chart_images_per_s(results, folder / IMAGES_CHART)
     chart_bytes(results, folder / BYTES_CHART)
-    (folder / "report.md").write_text("\n".join(lines) + "\n")
+    _write_whole(folder / "report.md", lambda partial: partial.write_text("\n".join(lines) + "\n"))
 
 
 def main(argv=None) -> None:

@@ -720,7 +720,11 @@ def main(argv=None) -> Path:
             logger.error("stopped before the first run was measured: nothing was written in %s", out)
         raise
     from .report import write_report  # matplotlib is imported only here, never in the ranks
-    write_report(results, out)
+    try:
+        write_report(results, out)
+    except OSError as error:  # each file of the report is whole or not there
+        raise ValueError(f"cannot write the report in {out} ({error.strerror or error}): free space on that disk, "
+                         f"then python -m benchmarks.report {out} draws it from its results.json") from None
     logger.info("done in %.0f s: %s", time.perf_counter() - bench.started, out / "report.md")
     return out
 

@@ -182,6 +182,33 @@ def test_a_full_disk_under_results_json_is_one_line_and_leaves_no_partial_file(t
     assert (tmp_path / "results.json").read_text() == written and json.loads(written)["date"] == saved["date"]
 
 
+def test_a_full_disk_under_the_report_is_one_line_and_leaves_no_partial_file(tiny_data, tmp_path, monkeypatch):
+    """The disk fills while the second chart is written, by benchmarks.run and by benchmarks.report:
+    one line naming the folder and the fix, each file of the report whole or not there."""
+    import matplotlib.figure
+    out, real = tmp_path / "report", matplotlib.figure.Figure.savefig
+
+    def full_disk(fig, path, **kwargs):
+        if "bytes" not in Path(path).name:
+            return real(fig, path, **kwargs)
+        Path(path).write_bytes(b"\x89PNG\r\n")  # a part of the file, then the disk is full
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", full_disk)
+    monkeypatch.setattr(run.Bench, "run", lambda bench, loader_data: bench.save())  # nothing measured
+    with pytest.raises(ValueError) as refused:
+        run.main(["--device", "cpu", "--quick", "--batch", "2", "--loader-data", str(tiny_data), "--out", str(out)])
+    assert str(refused.value) == (f"cannot write the report in {out} (No space left on device): free space on that "
+                                  f"disk, then python -m benchmarks.report {out} draws it from its results.json")
+    assert sorted(p.name for p in out.iterdir()) == [report.IMAGES_CHART, "results.json"]
+    matplotlib.image.imread(out / report.IMAGES_CHART)  # whole
+    (out / report.IMAGES_CHART).unlink()
+    with pytest.raises(SystemExit) as stopped:
+        report.main([str(out)])
+    assert stopped.value.code == 2
+    assert sorted(p.name for p in out.iterdir()) == [report.IMAGES_CHART, "results.json"]
+
+
 @pytest.mark.slow
 def test_a_benchmark_cut_short_by_its_time_limit_reports_what_it_measured(tiny_data, tmp_path, monkeypatch):
     """results.json is written anew after every run, and the deadline is checked before each:
