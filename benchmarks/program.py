@@ -43,19 +43,19 @@ def program_command(layout: str, batch: int, steps: int, device: str, data: Opti
     return command
 
 
-STOP_GRACE_S = 20.0  # how long a program told to stop (Ctrl-C) gets to end its ranks and remove its files
+STOP_GRACE_S = 20.0  # how long a program told to stop (SIGTERM, as Ctrl-C) gets to end its ranks and remove its files
 
 
 def run_child(argv: list, timeout_s: Optional[float] = None, **popen) -> subprocess.CompletedProcess:
     """``subprocess.run`` of ``argv`` (``popen``: Popen's options), except that a child that
     outlives ``timeout_s``, or a caller interrupted meanwhile (Ctrl-C, or SIGTERM made one),
-    is stopped as Ctrl-C stops the program (its ranks ended, its files removed), and killed
-    only if it has not ended after STOP_GRACE_S.
+    is sent SIGTERM, which the program takes as Ctrl-C (its ranks ended, its files removed),
+    and killed only if it has not ended after STOP_GRACE_S. SIGTERM, not SIGINT: a caller
+    started in the background by a shell has SIGINT ignored, and its child with it.
 
     A caller killed outright (SIGKILL, the out-of-memory killer) cannot stop the child: on
-    Linux the kernel then sends the child SIGTERM (launch.ranks.die_with_parent), which the
-    program takes as Ctrl-C, so that it does not train on, orphaned. SIGTERM, not SIGINT: a
-    caller started in the background by a shell has SIGINT ignored, and its child with it.
+    Linux the kernel then sends the child SIGTERM (launch.ranks.die_with_parent), so that
+    it does not train on, orphaned.
     The signal follows the death of the thread that started the child: call this from the
     thread that lives as long as the caller (the main thread)."""
     popen.setdefault("preexec_fn", functools.partial(die_with_parent, os.getpid()))
@@ -63,7 +63,7 @@ def run_child(argv: list, timeout_s: Optional[float] = None, **popen) -> subproc
         try:
             out, err = child.communicate(timeout=timeout_s)
         except BaseException:
-            child.send_signal(signal.SIGINT)
+            child.send_signal(signal.SIGTERM)
             try:
                 child.communicate(timeout=STOP_GRACE_S)
             except subprocess.TimeoutExpired:

@@ -10,6 +10,7 @@ import dataclasses
 import json
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -248,17 +249,21 @@ def test_the_one_tower_layout_keeps_its_net(ablation, tiny_data, tmp_path, caplo
 @pytest.mark.slow
 def test_an_ablation_stopped_while_a_run_trains_leaves_nothing_running(tiny_data, tmp_path):
     """SIGTERM, as a scheduler sends it, while a variant trains: the run (a child process with
-    ranks of its own) is stopped as Ctrl-C stops it, not left to train on its own."""
+    ranks of its own) is stopped as Ctrl-C stops it, not left to train on its own. Started as
+    a shell script's background job is, with SIGINT ignored (which its child inherits)."""
     log = open(tmp_path / "log", "w+")
     command = [sys.executable, "-m", "benchmarks.ablations", "--data", str(tiny_data), *TINY_BUDGET, "--epochs", "3",
                "--layout", "towers", "--variants", "full", "--runs", str(tmp_path / "runs"), "--out",
                str(tmp_path / "report")]
-    ablation = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=log, start_new_session=True)
+    ablation = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=log, start_new_session=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     session = lambda word="": [pid for pid in live_processes(session=ablation.pid) if word in cmdline(pid)]
     # once the program's rank server and its two ranks run
     assert terminate_when_ready(ablation, lambda: len(session("forkserver")) >= 3, log.name) == 130
     text = Path(log.name).read_text()
     assert "interrupted: the run in progress was stopped" in text and "Traceback" not in text, text[-3000:]
+    variant_log = next((tmp_path / "runs").glob("full*.stderr")).read_text()
+    assert "interrupted: both ranks stopped" in variant_log, variant_log[-3000:]
     deadline = time.monotonic() + 20
     while session() and time.monotonic() < deadline:
         time.sleep(0.2)
