@@ -43,6 +43,7 @@ from launch.ranks import raise_interrupt
 from launch.train import build_model
 
 from .program import run_child
+from .report import write_whole
 from .run import REPORTS_DIR, BenchConfig, machine_info, plan_devices
 
 logger = logging.getLogger(__name__)
@@ -153,7 +154,11 @@ def train(config: AblationConfig, variant: str, runs: Path) -> tuple:
     # beside the run folder, for a report made later from the same runs (--reuse)
     conditions = {"command": shlex.join(["python", *command[1:]]), "wall_s": time.perf_counter() - started,
                   "load_average": {"start": load_at_start, "end": os.getloadavg()}}
-    (runs / f"{variant}{CONDITIONS_SUFFIX}").write_text(json.dumps(conditions, indent=1) + "\n")
+    try:
+        write_whole(runs / f"{variant}{CONDITIONS_SUFFIX}",
+                    lambda partial: partial.write_text(json.dumps(conditions, indent=1) + "\n"))
+    except OSError as error:
+        raise _cannot_write(runs, error, "--runs") from None
     if returncode != 0:
         lines = stderr_path.read_text().strip().splitlines()
         why = next((line for line in reversed(lines) if line.startswith(("error:", "the run stopped:"))),
@@ -422,8 +427,10 @@ def chart(results: dict, floor: dict, path: Path) -> None:
     bars.set(ylabel="validation top-1 error % (centre patch)", title="Validation error by variant")
     bars.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        write_whole(path, lambda partial: fig.savefig(partial, dpi=120, format="png"))
+    finally:
+        plt.close(fig)
 
 
 def swing_lines(results: dict) -> list:
@@ -509,7 +516,7 @@ def write_report(results: dict, info: dict, out: Path) -> None:
     lines += ["", "## Runs", "", "Each folder holds checkpoint.pt, metrics.jsonl, summary.json and train.log. Other "
               "work on the machine slows a run (its images/s and wall time), never its results.", ""]
     lines += [run_line(variant, r) for variant, r in results.items()]
-    (out / "report.md").write_text("\n".join(lines) + "\n")
+    write_whole(out / "report.md", lambda partial: partial.write_text("\n".join(lines) + "\n"))
 
 
 def run_line(variant: str, r: dict) -> str:
@@ -539,6 +546,14 @@ def _data_description(config: AblationConfig, bundle) -> str:
     name = "the built-in dataset (ten generated texture classes)" if config.data is None else str(bundle.root)
     return (f"{name}: {len(bundle.classes)} classes, {len(bundle.train)} training and {len(bundle.val)} validation "
             f"images")
+
+
+def _cannot_write(path: Path, error: OSError, flag: str) -> AblationError:
+    """A disk that filled up (or a folder that turned read-only) under ``path``: no file was
+    left half-written (``write_whole``), and the runs trained so far stay in --runs."""
+    return AblationError(f"cannot write {path} ({error.strerror or error}): free space on that disk, or give {flag} a "
+                         f"folder that can be written; the finished runs stay in --runs, and the same command with "
+                         f"--reuse makes the report from them")
 
 
 def main(argv=None) -> Path:
@@ -573,9 +588,12 @@ def main(argv=None) -> Path:
         "recipe": _recipe(first), "data": _data_description(config, bundle),
     }
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps({"info": info, "noise": noise_floor(results), "runs": results},
-                                                 indent=1))
-    write_report(results, info, out)
+    try:
+        write_whole(out / "results.json", lambda partial: partial.write_text(
+            json.dumps({"info": info, "noise": noise_floor(results), "runs": results}, indent=1)))
+        write_report(results, info, out)
+    except OSError as error:
+        raise _cannot_write(out, error, "--out") from None
     logger.info("report: %s", out / "report.md")
     return out
 

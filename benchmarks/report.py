@@ -358,7 +358,7 @@ def _batch_axis(ax) -> None:
     ax.set_xlabel("global batch (images per step)")
 
 
-def _write_whole(path: Path, write) -> None:
+def write_whole(path: Path, write) -> None:
     """``write(partial)``, then ``partial`` renamed over ``path``: a file of the report is whole
     or not there, even where the disk fills up while it is written (the OSError is raised)."""
     partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
@@ -386,7 +386,7 @@ def chart_images_per_s(results, path: Path) -> None:
         ax.legend()
     fig.tight_layout()
     try:
-        _write_whole(path, lambda partial: fig.savefig(partial, dpi=120, format="png"))
+        write_whole(path, lambda partial: fig.savefig(partial, dpi=120, format="png"))
     finally:
         plt.close(fig)
 
@@ -420,7 +420,7 @@ def chart_bytes(results, path: Path) -> None:
     ax.legend(fontsize=8)
     fig.tight_layout()
     try:
-        _write_whole(path, lambda partial: fig.savefig(partial, dpi=120, format="png"))
+        write_whole(path, lambda partial: fig.savefig(partial, dpi=120, format="png"))
     finally:
         plt.close(fig)
 
@@ -592,7 +592,7 @@ def write_report(results: dict, folder: Path) -> None:
     # the text first, then the files: a results.json that cannot make a report changes none of them
     chart_images_per_s(results, folder / IMAGES_CHART)
     chart_bytes(results, folder / BYTES_CHART)
-    _write_whole(folder / "report.md", lambda partial: partial.write_text("\n".join(lines) + "\n"))
+    write_whole(folder / "report.md", lambda partial: partial.write_text("\n".join(lines) + "\n"))
 
 
 def main(argv=None) -> None:

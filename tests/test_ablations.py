@@ -7,7 +7,9 @@ single-device reference.
 """
 
 import dataclasses
+import errno
 import json
+import os
 import re
 import shutil
 import signal
@@ -178,6 +180,28 @@ def test_reuse_reads_finished_runs_and_refuses_runs_of_other_options(ablation, t
                 ablations.check_reusable(older, options)
         else:
             ablations.check_reusable(older, options)
+
+
+@pytest.mark.slow
+def test_a_full_disk_under_the_report_is_one_line_and_leaves_no_partial_file(ablation, tmp_path, monkeypatch):
+    """The disk fills while the chart is written: one line naming the folder, the fix and
+    --reuse; the results.json written before it is whole, and no part of the chart is left."""
+    import matplotlib.figure
+    folder, args = ablation
+
+    def full_disk(fig, path, **kwargs):
+        Path(path).write_bytes(b"\x89PNG\r\n")  # a part of the file, then the disk is full
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", full_disk)
+    out = tmp_path / "report"
+    with pytest.raises(ablations.AblationError) as refused:
+        ablations.main([*args, "--reuse", "--out", str(out)])
+    assert str(refused.value) == (f"cannot write {out} (No space left on device): free space on that disk, or give "
+                                  f"--out a folder that can be written; the finished runs stay in --runs, and the "
+                                  f"same command with --reuse makes the report from them")
+    assert [p.name for p in out.iterdir()] == ["results.json"]
+    assert set(json.loads((out / "results.json").read_text())["runs"]) == set(ablations.VARIANTS)
 
 
 @pytest.mark.slow
