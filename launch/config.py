@@ -295,3 +295,12 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_config(argv=None) -> TrainConfig:
     args = build_parser().parse_args(argv)
     return TrainConfig(**vars(args))
+
+
+def given_options(argv=None) -> set:
+    """The fields that the command line ``argv`` gives, at their default values too (which
+    ``parse_config`` cannot tell from options left out)."""
+    parser = build_parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv)))

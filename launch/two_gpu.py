@@ -41,17 +41,21 @@ from . import data as data_module
 from .checkpoint import (FILENAME, CheckpointError, check_classes, checkpoint_architecture, load_checkpoint, resolve_path,
                          training_checkpoint_bytes)
 from .cli import quick_exit
-from .config import (TrainConfig, build_parser, check_schedule_options, describe_recipe, parse_config, recipe_warning,
-                     resolve)
+from .config import (TrainConfig, build_parser, check_schedule_options, describe_recipe, given_options, parse_config,
+                     recipe_warning, resolve)
 from .ranks import (LOOPBACK, RankFailure, choose_placement, cpu_threads_per_rank, init_process_group, raise_interrupt,
                     run_ranks)
 from .train import architecture, describe_evaluation, elsewhere_than, run_rank, usable_cores
 
 log = logging.getLogger("launch.two_gpu")
 
-# Options that steer one invocation: a resumed run takes them from its own command line.
+# Options that steer one invocation: a resumed run takes them from its own command line. Of
+# them, the layout and the arithmetic are kept from the resumed run where the command line does
+# not give them (--replicas too, see _replicas), so that a plain --resume goes on as the run went.
+# (--compile, which has no value for "not compiled", is this command line's.)
 RUN_CONTROL = {"resume", "eval_only", "max_steps", "workers", "log_every", "checkpoint_every", "ten_crop",
                "timeout", "backend", "master_addr", "out", "run_name", "layout", "replicas", "precision", "compile"}
+KEPT_UNLESS_GIVEN = ("layout", "precision")
 # The rest is the run's recipe, kept from the checkpoint. Of it, a resumed run may change --epochs (to
 # train longer), and --lr and --warmup-steps (to go on after a loss that diverged; the schedule keeps
 # its reductions, see launch.schedule.base_rate). --val-limit stays: the plateau schedule compares the
@@ -81,8 +85,9 @@ def _as_option(name: str, value) -> str:
     return f"--{flag} {value}"
 
 
-def resumed_config(config: TrainConfig, payload: dict) -> TrainConfig:
-    """A resumed run keeps the recipe saved in its checkpoint; options that would change it are refused."""
+def resumed_config(config: TrainConfig, payload: dict, given: Optional[set] = None) -> TrainConfig:
+    """A resumed run keeps the recipe saved in its checkpoint; options that would change it are refused.
+    ``given``: the options the command line gave (default: those that differ from their defaults)."""
     saved = payload.get("config")
     if saved is None:
         raise CheckpointError(f"{config.resume} holds weights but no training state (saved from the single-device "
@@ -93,8 +98,10 @@ def resumed_config(config: TrainConfig, payload: dict) -> TrainConfig:
     # recipe that was then the dataset's default
     saved = {"recipe": "paper" if saved.get("data") is not None else "small", **saved}
     defaults = vars(build_parser().parse_args([]))
+    if given is None:
+        given = {name for name, value in dataclasses.asdict(config).items() if value != defaults[name]}
     for name in ("out", "run_name"):  # in RUN_CONTROL, but a resumed run goes on in its own folder
-        if getattr(config, name) != defaults[name]:
+        if name in given:
             raise ValueError(f"{_as_option(name, getattr(config, name))}: a resumed run goes on in its own folder, "
                              f"{resolve_path(config.resume).parent}; drop the option (to branch the run, copy "
                              f"that folder and resume the copy)")
@@ -105,22 +112,24 @@ def resumed_config(config: TrainConfig, payload: dict) -> TrainConfig:
                               f"evaluate it with --eval-only, or train afresh")
     merged = dataclasses.asdict(TrainConfig(**saved))  # as a fresh parse gives it (tuples, not lists)
     for name, value in dataclasses.asdict(config).items():
-        if name in RUN_CONTROL or (name in CHANGEABLE_ON_RESUME and value != defaults[name]):
+        if name in KEPT_UNLESS_GIVEN and name not in given:
+            continue
+        if name in RUN_CONTROL or (name in CHANGEABLE_ON_RESUME and name in given):
             merged[name] = value
-        elif value != defaults[name] and value != merged[name]:
+        elif name in given and value != merged[name]:
             had = _as_option(name, merged[name]) if isinstance(value, bool) else merged[name]
             raise ValueError(f"{_as_option(name, value)} differs from the resumed run's {had}: "
                              f"a resumed run keeps its recipe, so drop the option (or start a new run)")
     return TrainConfig(**merged)
 
 
-def evaluated_config(config: TrainConfig, payload: dict) -> TrainConfig:
+def evaluated_config(config: TrainConfig, payload: dict, given: Optional[set] = None) -> TrainConfig:
     """--eval-only evaluates the net that the checkpoint holds: its LRN, pooling and
     activation come from the checkpoint; an option that names another is refused."""
     defaults, saved = vars(build_parser().parse_args([])), payload["arch"]
     for name in ARCHITECTURE_OPTIONS:
         value = getattr(config, name)
-        if value != defaults[name] and value != saved[name]:
+        if (name in given if given is not None else value != defaults[name]) and value != saved[name]:
             raise ValueError(f"{_as_option(name, value)}: {config.eval_only} holds a net with "
                              f"{_as_option(name, saved[name])}, and is evaluated as it was trained: drop the option")
     return dataclasses.replace(config, **{name: saved[name] for name in ARCHITECTURE_OPTIONS})
@@ -317,14 +326,14 @@ def _torchrun_env() -> bool:
 
 def _configure(argv) -> tuple:
     """(config, checkpoint payload or None, placement) from the command line; raises ValueError."""
-    config = parse_config(argv)
+    config, given = parse_config(argv), given_options(argv)
     config.validate()
     check_schedule_options(config)
     checkpoint = load_checkpoint(config.resume or config.eval_only) if config.resume or config.eval_only else None
     if config.resume:
-        config = resumed_config(config, checkpoint)
+        config = resumed_config(config, checkpoint, given)
     if config.eval_only:
-        config = evaluated_config(config, checkpoint)
+        config = evaluated_config(config, checkpoint, given)
     if checkpoint is not None:
         check_layout_holds(config, checkpoint)
     towers = TOWERS if config.layout == "towers" else 1

@@ -556,7 +556,8 @@ def test_resume_refuses_a_changed_recipe_and_weights_only_checkpoints(tiny_data,
     assert "has taken 1 steps, as many as --max-steps 1" in _error_of(["--resume", tmp_path / "real", "--max-steps", "1"],
                                                                       caplog)
 
-    for option in (["--out", tmp_path / "branch"], ["--run-name", "branch"]):  # never silently the old folder
+    for option in (["--out", tmp_path / "branch"], ["--run-name", "branch"], ["--out", "runs"]):  # never silently
+        # the old folder (--out at its default value too)
         err = _error_of(["--resume", tmp_path / "real", *option], caplog)
         assert f"a resumed run goes on in its own folder, {tmp_path / 'real'}; drop the option" in err, err
 

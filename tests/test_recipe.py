@@ -12,7 +12,8 @@ import pytest
 from launch import builtin
 from launch.checkpoint import load_checkpoint
 from launch.config import (PAPER_RECIPE, PAPER_RECIPE_MIN_IMAGES, SMALL_MIN_EPOCHS, SMALL_MIN_STEPS, TrainConfig,
-                           build_parser, check_schedule_options, describe_recipe, parse_config, recipe_warning, resolve)
+                           build_parser, check_schedule_options, describe_recipe, given_options, parse_config,
+                           recipe_warning, resolve)
 from launch.two_gpu import ARCHITECTURE_OPTIONS, main, resumed_config
 
 from conftest import TINY, launch
@@ -193,6 +194,28 @@ def test_a_resumed_run_keeps_its_recipe():
         del old["recipe"]
         resumed = resumed_config(TrainConfig(resume="run"), {"config": old, "arch": arch})
         assert resumed.recipe == recipe and _recipe(resumed) == _recipe(saved)
+
+
+def test_options_given_at_their_default_values_count_on_resume():
+    """An option typed at its default value is as given as any other: refused where it would
+    change the resumed run's recipe. The layout and the arithmetic not given are the run's."""
+    saved = dataclasses.replace(_resolved(360, data="photos", recipe="small"), activation="tanh", dropout=0.0,
+                                layout="single", precision="bf16")
+    payload = {"config": dataclasses.asdict(saved), "arch": {name: getattr(saved, name) for name in ARCHITECTURE_OPTIONS}}
+
+    def resumed(*options):
+        argv = ["--resume", "run", *options]
+        return resumed_config(parse_config(argv), payload, given_options(argv))
+
+    for options, words in ((["--activation", "relu"], "--activation relu differs from the resumed run's tanh"),
+                           (["--dropout", "0.5"], "--dropout 0.5 differs from the resumed run's 0.0")):
+        with pytest.raises(ValueError) as refused:
+            resumed(*options)
+        assert words in str(refused.value)
+    assert resumed("--activation", "tanh", "--dropout", "0").activation == "tanh"  # the run's own values
+    assert (resumed().layout, resumed().precision) == ("single", "bf16")
+    assert (resumed("--layout", "towers", "--precision", "fp32").layout,
+            resumed("--precision", "fp32").precision) == ("towers", "fp32")
 
 
 @pytest.mark.slow
