@@ -146,6 +146,19 @@ def check_layout_holds(config: TrainConfig, payload: dict) -> None:
                          f"builds: use --layout towers or --layout single")
 
 
+def check_resumed_file(resume: str) -> None:
+    """A resumed run goes on in the folder of the checkpoint it resumes, saving as its
+    checkpoint.pt: a checkpoint file named otherwise must not lie beside another one, which
+    the run would write over (a copy kept of an earlier step, in its run's folder)."""
+    path = resolve_path(resume)
+    own = path.parent / FILENAME
+    if path.name != FILENAME and own.exists() and not own.samefile(path):
+        raise ValueError(f"--resume {path}: a resumed run goes on in that file's folder and saves as its {FILENAME}, "
+                         f"and {own} is another checkpoint, which it would write over: copy {path.name} into a "
+                         f"folder of its own as {FILENAME} (with the run's other files, if it should go on with "
+                         f"them), and resume that folder")
+
+
 def check_resumable(config: TrainConfig, payload: dict, bundle) -> None:
     """A resumed run must find the training set it left, and something left to train."""
     run, progress = resolve_path(config.resume).parent, payload["progress"]
@@ -331,6 +344,7 @@ def _configure(argv) -> tuple:
     check_schedule_options(config)
     checkpoint = load_checkpoint(config.resume or config.eval_only) if config.resume or config.eval_only else None
     if config.resume:
+        check_resumed_file(config.resume)
         config = resumed_config(config, checkpoint, given)
     if config.eval_only:
         config = evaluated_config(config, checkpoint, given)

@@ -556,6 +556,10 @@ def test_resume_refuses_a_changed_recipe_and_weights_only_checkpoints(tiny_data,
     assert "has taken 1 steps, as many as --max-steps 1" in _error_of(["--resume", tmp_path / "real", "--max-steps", "1"],
                                                                       caplog)
 
+    shutil.copy(tmp_path / "real" / "checkpoint.pt", tmp_path / "real" / "backup.pt")  # a copy kept of a step
+    err = _error_of(["--resume", tmp_path / "real" / "backup.pt"], caplog)
+    assert f"and {tmp_path / 'real' / 'checkpoint.pt'} is another checkpoint, which it would write over: copy " \
+           f"backup.pt into a folder of its own as checkpoint.pt" in err, err
     for option in (["--out", tmp_path / "branch"], ["--run-name", "branch"], ["--out", "runs"]):  # never silently
         # the old folder (--out at its default value too)
         err = _error_of(["--resume", tmp_path / "real", *option], caplog)
