@@ -212,9 +212,10 @@ def test_the_single_layout_trains_the_same_function_and_shares_checkpoints(tiny_
     assert f"top-1 error {100 * summary['centre']['top1_error']:.2f}%" in again.stderr
 
 
-def test_bf16_and_compiled_towers_train_and_go_on_in_float32(tiny_data, tmp_path):
+def test_bf16_and_compiled_towers_train_and_resume_in_either_arithmetic(tiny_data, tmp_path):
     """--precision and --compile choose how a run computes, not what it trains: the checkpoint
-    holds float32 weights, and a resumed run computes as its own command line says. The
+    holds float32 weights. A resumed run keeps its precision unless its command line gives
+    another, and compiles as its command line says. The
     backend here is 'eager' (dynamo's graphs run as they are: inductor would take a minute on
     a 2-core CPU; tests/test_parity.py traces the towers' backward too, with aot_eager, and
     tests/test_gpu.py trains with inductor on the GPU)."""
@@ -232,8 +233,9 @@ def test_bf16_and_compiled_towers_train_and_go_on_in_float32(tiny_data, tmp_path
     records = [json.loads(line) for line in (tmp_path / "bf16" / "metrics.jsonl").read_text().splitlines()]
     assert all(math.isfinite(r["step_loss"]) for r in records if r["event"] == "train")
     assert all(v.dtype == torch.float32 for v in load_checkpoint(tmp_path / "bf16")["model"].values())
-    for argv, arithmetic in ((["--precision", "bf16"], ("bf16", None)), ([], ("fp32", None)),
-                             (["--compile", "aot_eager"], ("fp32", "aot_eager"))):
+    for argv, arithmetic in ((["--precision", "bf16"], ("bf16", None)), ([], ("bf16", None)),
+                             (["--precision", "fp32"], ("fp32", None)),
+                             (["--compile", "aot_eager"], ("bf16", "aot_eager"))):
         config, _, _ = two_gpu._configure([*map(str, ("--resume", tmp_path / "bf16", "--max-steps", "4")), *argv])
         assert (config.precision, config.compile) == arithmetic, argv
         assert config.lr == 0.001 and config.batch_size == 4  # the recipe stays the run's
