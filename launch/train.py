@@ -257,7 +257,8 @@ def train_one_epoch(model, optimizer, loader: Optional[data_module.Loader], plan
                 f"{meter.ms_per_step:7.0f} ms/step lr {lr:.2g} mem {peak_memory(device)[0] / 2**30:.2f} GiB "
                 f"| ETA {duration(eta)}")
         bar.show(progress.global_step, total_steps, line)
-        if progress.global_step % config.log_every == 0 or progress.batch == plan.batches_per_epoch:
+        if progress.global_step % config.log_every == 0 or progress.batch == plan.batches_per_epoch \
+                or progress.global_step == total_steps:  # the last step of a run stopped by --max-steps too
             bar.clear()
             log.info(line)
             # loss and top1: means over the last steps, as on the step line; step_loss, step_ms and input_ms:

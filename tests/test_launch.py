@@ -232,6 +232,8 @@ def test_bf16_and_compiled_towers_train_and_resume_in_either_arithmetic(tiny_dat
     assert summary["exchanges_per_step"]["conv3_input/forward"] == [2 * 4 * 128 * 13 * 13] * 2
     records = [json.loads(line) for line in (tmp_path / "bf16" / "metrics.jsonl").read_text().splitlines()]
     assert all(math.isfinite(r["step_loss"]) for r in records if r["event"] == "train")
+    # --log-every 2, and the last step of a run that --max-steps ends within an epoch
+    assert [r["step"] for r in records if r["event"] == "train"] == [2, 3]
     assert all(v.dtype == torch.float32 for v in load_checkpoint(tmp_path / "bf16")["model"].values())
     for argv, arithmetic in ((["--precision", "bf16"], ("bf16", None)), ([], ("bf16", None)),
                              (["--precision", "fp32"], ("fp32", None)),
