@@ -456,11 +456,19 @@ def _after_failure(config: Optional[TrainConfig], run_dir: Optional[Path], failu
     """What to do once the cause of a rank's failure is fixed (a rank killed by the
     out-of-memory killer, a hung peer, unusable data): go on from the last checkpoint, or
     start again. A diverged loss's failure says itself what to do, from its loss."""
-    if config is None or run_dir is None or config.eval_only or "NonFiniteLoss:" in failure.failures[failure.first]:
+    if config is None or run_dir is None or "NonFiniteLoss:" in failure.failures[failure.first]:
         return ""
+    advice = ""
+    if any(word in str(failure).lower() for word in ("timed out", "timeout")):
+        advice = (f"\na rank waits at most --timeout {config.timeout:g} s for the other in an exchange: if the other "
+                  f"was busy rather than stuck (a checkpoint written to a slow disk, a long evaluation), give a "
+                  f"larger --timeout")
+    if config.eval_only:
+        return advice
     if (run_dir / FILENAME).exists():
-        return f"\nonce the cause is fixed, go on from the last checkpoint with --resume {run_dir}"
-    return f"\nno checkpoint was written yet: once the cause is fixed, start the run again {elsewhere_than(run_dir)}"
+        return f"{advice}\nonce the cause is fixed, go on from the last checkpoint with --resume {run_dir}"
+    return (f"{advice}\nno checkpoint was written yet: once the cause is fixed, start the run again "
+            f"{elsewhere_than(run_dir)}")
 
 
 def _main_under_torchrun(config: TrainConfig, checkpoint: Optional[dict], placement) -> int:
