@@ -185,8 +185,10 @@ class TrainConfig:
                              f"give a batch size divisible by {self.replicas} (each replica trains on an equal share)")
         if self.resume and self.eval_only:
             raise ValueError("--resume and --eval-only exclude each other: give one")
-        if self.run_name is not None and (os.sep in self.run_name or self.run_name in ("", ".", "..")):
-            raise ValueError(f"--run-name must be a plain folder name, got {self.run_name!r}")
+        if self.run_name is not None and (os.sep in self.run_name or self.run_name in ("", ".", "..")
+                                          or not self.run_name.isprintable() or len(os.fsencode(self.run_name)) > 255):
+            raise ValueError(f"--run-name must be a plain folder name (printable, at most 255 bytes, no {os.sep}), "
+                             f"got {self.run_name!r}")
 
 
 def check_schedule_options(config: TrainConfig) -> None:

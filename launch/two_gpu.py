@@ -178,14 +178,15 @@ def check_resumable(config: TrainConfig, payload: dict, bundle) -> None:
                          f"give a larger --max-steps, or none")
 
 
-def lock_run_folder(run_dir: Path):
+def lock_run_folder(run_dir: Path, resumed: bool = False):
     """An exclusive lock on the run folder, held while the returned file stays open, and
     released by the system when this process ends, however it ends."""
     try:
         lock = open(run_dir / LOCK_NAME, "a+")
     except OSError as exc:  # a folder of someone else's, a read-only disk
-        raise ValueError(f"cannot write in the run folder {run_dir} ({exc.strerror}): resume a run you can write, or "
-                         f"give an --out folder you can write") from None
+        fix = ("copy the folder to a place you can write and resume the copy" if resumed else
+               "give an --out folder you can write")
+        raise ValueError(f"cannot write in the run folder {run_dir} ({exc.strerror}): {fix}") from None
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -206,6 +207,9 @@ def new_run_folder(config: TrainConfig) -> Path:
     out = Path(config.out).expanduser()
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file: give a folder (it is made if missing)")
+    if out.is_symlink() and not out.exists():
+        raise ValueError(f"--out {out} is a symbolic link to {os.readlink(out)}, which is not there: make that "
+                         f"folder, or give another --out")
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     names = [config.run_name] if config.run_name else [stamp] + [f"{stamp}-{i}" for i in range(2, 100)]
     for name in names:
@@ -276,7 +280,8 @@ def prepare_run(config: TrainConfig, checkpoint: Optional[dict]):
     if not config.eval_only:
         check_room_for_checkpoints(config, len(bundle.classes))
     run_dir = resolve_path(config.resume).parent if config.resume else new_run_folder(config)
-    lock = lock_run_folder(run_dir)
+    made_lock = not (run_dir / LOCK_NAME).exists()
+    lock = lock_run_folder(run_dir, resumed=bool(config.resume))
     try:
         if not config.resume:
             if (run_dir / FILENAME).exists():
@@ -284,10 +289,12 @@ def prepare_run(config: TrainConfig, checkpoint: Optional[dict]):
                                  f"another --run-name")
             others = sorted(p.name for p in run_dir.iterdir() if p.name != LOCK_NAME)
             if others:
-                raise ValueError(f"{run_dir} holds another run's files ({', '.join(others[:4])}): choose another "
-                                 f"--run-name, or remove them")
+                raise ValueError(f"{run_dir} holds other files ({', '.join(others[:4])}): choose another "
+                                 f"--run-name (a run starts in a folder of its own)")
             (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
     except BaseException:
+        if made_lock and not config.resume:  # a folder refused is left as it was found
+            (run_dir / LOCK_NAME).unlink(missing_ok=True)
         lock.close()
         raise
     log.info("results: %s", run_dir.resolve())
@@ -329,6 +336,8 @@ def _torchrun_env() -> bool:
     if not 0 <= values["RANK"] < values["WORLD_SIZE"]:
         raise ValueError(f"RANK={values['RANK']} and WORLD_SIZE={values['WORLD_SIZE']}: a rank lies in "
                          f"0 ... WORLD_SIZE - 1: {fix}")
+    if not 0 < values.get("MASTER_PORT", 1) < 65536:
+        raise ValueError(f"MASTER_PORT={values['MASTER_PORT']} is not a port (1-65535): {fix}")
     if values.get("LOCAL_WORLD_SIZE", 1) < 1:
         raise ValueError(f"LOCAL_WORLD_SIZE={values['LOCAL_WORLD_SIZE']} must be at least 1: {fix}")
     missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(name)]

@@ -377,8 +377,10 @@ def _error_of(argv, caplog) -> str:
     ({"RANK": "0", "WORLD_SIZE": "0"}, "RANK=0 and WORLD_SIZE=0: a rank lies in 0 ... WORLD_SIZE - 1"),
     ({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "0"}, "LOCAL_WORLD_SIZE=0 must be at least 1"),
     ({"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "x"}, "MASTER_PORT='x' is not"),
+    ({"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "99999"},
+     "MASTER_PORT=99999 is not a port (1-65535)"),
     ({"RANK": "0", "WORLD_SIZE": "2"}, "RANK and WORLD_SIZE are set but MASTER_ADDR and MASTER_PORT not"),
-], ids=["not-a-number", "rank-too-large", "no-ranks", "no-local-ranks", "port", "no-rendezvous"])
+], ids=["not-a-number", "rank-too-large", "no-ranks", "no-local-ranks", "port", "port-too-large", "no-rendezvous"])
 def test_a_launcher_environment_that_does_not_fit_is_named(tiny_data, tmp_path, caplog, monkeypatch, env, words):
     """What torchrun sets, set wrong by hand: refused before any rendezvous (which would wait --timeout)."""
     for name in ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
@@ -424,6 +426,8 @@ def test_bad_data_and_options_get_clear_errors(tiny_data, layouts, tmp_path, cap
     ("--weight-decay", "nan", "--weight-decay must be a finite"),
     ("--weight-decay", "inf", "--weight-decay must be a finite"), ("--seed", "-1", "--seed must be an integer"),
     ("--lr-milestones", "0", "--lr-milestones must be epochs from 1 on"),
+    ("--run-name", "two\nlines", "--run-name must be a plain folder name"),
+    ("--run-name", "x" * 256, "--run-name must be a plain folder name (printable, at most 255 bytes"),
     ("--master-addr", "192.0.2.1", "--master-addr 192.0.2.1 cannot be listened on"),
     ("--master-addr", "no-such-host.invalid", "--master-addr no-such-host.invalid cannot be listened on"),
     ("--compile", "turbo", "--compile turbo: torch.compile has no such backend here; give one of inductor"),
@@ -475,8 +479,17 @@ def test_a_run_folder_holds_one_run(tiny_data, tmp_path, caplog):
     earlier.mkdir()
     (earlier / "train.log").write_text("a run that stopped before its first checkpoint\n")
     err = _error_of(["--data", tiny_data, "--out", tmp_path, "--run-name", "earlier", *TINY], caplog)
-    assert "holds another run's files (train.log)" in err
+    assert "holds other files (train.log): choose another --run-name" in err
     assert (earlier / "train.log").read_text().startswith("a run that stopped") and not (earlier / "config.json").exists()
+    assert sorted(p.name for p in earlier.iterdir()) == ["train.log"]  # left as it was found: no lock file
+    for resumed, fix in ((True, "copy the folder to a place you can write and resume the copy"),
+                         (False, "give an --out folder you can write")):  # --out is refused on resume
+        with pytest.raises(ValueError, match=f"cannot write in the run folder .*: {fix}"):
+            lock_run_folder(tmp_path / "vanished", resumed=resumed)
+    dangling = tmp_path / "dangling"
+    dangling.symlink_to(tmp_path / "gone")
+    err = _error_of(["--data", tiny_data, "--out", dangling, *TINY], caplog)
+    assert f"--out {dangling} is a symbolic link to {tmp_path / 'gone'}, which is not there: make that folder" in err
 
     busy = tmp_path / "busy"
     busy.mkdir()
