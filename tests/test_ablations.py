@@ -254,7 +254,7 @@ def test_the_one_tower_layout_keeps_its_net(ablation, tiny_data, tmp_path, caplo
                             "--layout", layout], caplog)
         assert re.fullmatch(rf"error: {re.escape(str(run))} holds the one-tower net .* --layout {layout} cannot "
                             rf"hold: add --layout one-tower", line), line
-    line = _error_line(["--resume", run, "--max-steps", "3"], caplog)  # the layout is not in the recipe
+    line = _error_line(["--resume", run, "--max-steps", "3", "--layout", "towers"], caplog)
     assert line.endswith("--layout towers cannot hold: add --layout one-tower")
     line = _error_line(["--resume", run, "--layout", "one-tower", "--activation", "tanh"], caplog)
     assert "--activation tanh differs from the resumed run's relu" in line
@@ -264,7 +264,7 @@ def test_the_one_tower_layout_keeps_its_net(ablation, tiny_data, tmp_path, caplo
     assert line.endswith("holds the paper's two-tower net, not the one-tower net that --layout one-tower builds: use "
                          "--layout towers or --layout single")
 
-    launch("--resume", run, "--layout", "one-tower", "--epochs", "2", "--max-steps", "9", "--no-ten-crop")
+    launch("--resume", run, "--epochs", "2", "--max-steps", "9", "--no-ten-crop")  # in the run's layout, one-tower
     resumed = load_checkpoint(run)
     assert resumed["progress"]["global_step"] == 9 and resumed["arch"]["net"] == "one-tower"
     assert not torch.equal(resumed["model"]["conv1.weight"], payload["model"]["conv1.weight"])
