@@ -36,14 +36,13 @@ from typing import Optional
 import torch
 
 from launch import data as data_module
-from launch.cli import add_options, option, quick_exit
+from launch.cli import add_options, option, quick_exit, write_whole
 from launch.config import TrainConfig, parse_config, resolve
 from launch.meter import StepMeter
 from launch.ranks import raise_interrupt
 from launch.train import build_model
 
 from .program import run_child
-from .report import write_whole
 from .run import REPORTS_DIR, BenchConfig, machine_info, plan_devices
 
 logger = logging.getLogger(__name__)

@@ -7,14 +7,13 @@ benchmark stopped before its end included:
 
 import argparse
 import json
-import os
 from pathlib import Path
 import sys
 
 import numpy as np
 
 from benchmarks.workers import LR
-from launch.cli import quick_exit
+from launch.cli import quick_exit, write_whole
 from launch.step import AUTOCAST
 
 MODE_ORDER = ("single", "towers", "ddp", "hybrid", "torchvision")
@@ -356,17 +355,6 @@ def _batch_axis(ax) -> None:
     ax.set_xscale("log", base=2)
     ax.xaxis.set_major_formatter(ScalarFormatter())
     ax.set_xlabel("global batch (images per step)")
-
-
-def write_whole(path: Path, write) -> None:
-    """``write(partial)``, then ``partial`` renamed over ``path``: a file of the report is whole
-    or not there, even where the disk fills up while it is written (the OSError is raised)."""
-    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    try:
-        write(partial)
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
 
 
 def chart_images_per_s(results, path: Path) -> None:

@@ -1,6 +1,6 @@
 """Command lines generated from dataclasses: one field, one option, the field's
-``help`` its documentation; and how a command-line program ends. Used by the training
-program and the benchmarks alike."""
+``help`` its documentation; how a command-line program writes its files and how it
+ends. Used by the training program, its tools and the benchmarks alike."""
 
 import argparse
 import atexit
@@ -11,6 +11,7 @@ import sys
 import threading
 import typing
 from dataclasses import field
+from pathlib import Path
 
 
 def option(default, help: str, *, many: bool = False, **argparse_kwargs):
@@ -51,6 +52,18 @@ def add_options(parser: argparse.ArgumentParser, config_class) -> None:
                 kwargs.setdefault("type", hint)
                 kwargs.setdefault("metavar", None if hint is str and "choices" in kwargs else f.name.upper())
         parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=f.default, **kwargs)
+
+
+def write_whole(path: Path, write) -> None:
+    """``write(partial)``, then ``partial`` (a hidden file beside ``path``) renamed over ``path``:
+    the file is whole or not there, even where the disk fills up while it is written, or the
+    writer is stopped (the error is raised, and the partial file removed)."""
+    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    try:
+        write(partial)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager

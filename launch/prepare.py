@@ -25,7 +25,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from launch.cli import quick_exit
+from launch.cli import quick_exit, write_whole
 from launch.data import DataError, open_data, scan_layout
 from launch.images import DECODE_ERRORS, load_image, skip_reason
 
@@ -39,13 +39,8 @@ def _convert(job):
         pixels = load_image(source)
     except DECODE_ERRORS as exc:
         return source, skip_reason(source, exc)
-    partial = f"{target}.partial-{os.getpid()}"
-    try:
-        Image.fromarray(pixels).save(partial, format="JPEG", quality=quality)
-        os.replace(partial, target)
-    except BaseException:  # a full disk, Ctrl-C, the pool ended: no part of an image is left in DST
-        Path(partial).unlink(missing_ok=True)
-        raise
+    # a full disk, Ctrl-C, the pool ended: no part of an image is left in DST
+    write_whole(Path(target), lambda partial: Image.fromarray(pixels).save(partial, format="JPEG", quality=quality))
     return source, None
 
 
@@ -135,12 +130,10 @@ def main(argv=None) -> int:
             return 2
     if unreadable:
         listing = dst / "unreadable.txt"
-        partial = listing.with_name(f"{listing.name}.partial-{os.getpid()}")
         try:
-            partial.write_text("".join(f"{source}\t{error}\n" for source, error in unreadable))
-            os.replace(partial, listing)
+            write_whole(listing, lambda partial: partial.write_text(
+                "".join(f"{source}\t{error}\n" for source, error in unreadable)))
         except OSError as exc:
-            partial.unlink(missing_ok=True)
             print(_cannot_write(dst, exc), file=sys.stderr)
             return 2
         log.warning("%d files skipped (unreadable or refused); listed in %s", len(unreadable), listing)

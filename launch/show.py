@@ -51,7 +51,7 @@ from towers.reference import LAYERS
 from . import data as data_module
 from .checkpoint import (FILENAME, CheckpointError, check_classes, checkpoint_architecture, load_checkpoint,
                          load_reference)
-from .cli import add_options, option, quick_exit
+from .cli import add_options, option, quick_exit, write_whole
 from .stats import DataStats
 
 log = logging.getLogger(__name__)
@@ -256,15 +256,12 @@ def _pyplot():
 def _save(fig, path: Path) -> Path:
     """Writes the figure as a PNG atomically (a temporary file renamed over ``path``). A
     folder that fills up or turns read-only meanwhile raises ValueError naming it."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        fig.savefig(tmp, format="png", dpi=DPI)
-        os.replace(tmp, path)
+        write_whole(path, lambda partial: fig.savefig(partial, format="png", dpi=DPI))
     except OSError as exc:
         raise ValueError(f"cannot write {path.name} in {path.parent} ({exc.strerror or exc}): free space on that "
                          f"disk, or give a folder you can write with --out") from None
     finally:
-        tmp.unlink(missing_ok=True)
         _pyplot().close(fig)
     return path
 

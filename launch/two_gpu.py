@@ -85,6 +85,16 @@ def _as_option(name: str, value) -> str:
     return f"--{flag} {value}"
 
 
+def _given(config: TrainConfig, given: Optional[set]) -> tuple:
+    """(the parser's defaults, the options the command line gave): ``given`` as found by
+    config.given_options, or where the caller has none, the options whose values differ
+    from their defaults."""
+    defaults = vars(build_parser().parse_args([]))
+    if given is None:
+        given = {name for name, value in dataclasses.asdict(config).items() if value != defaults[name]}
+    return defaults, given
+
+
 def resumed_config(config: TrainConfig, payload: dict, given: Optional[set] = None) -> TrainConfig:
     """A resumed run keeps the recipe saved in its checkpoint; options that would change it are refused.
     ``given``: the options the command line gave (default: those that differ from their defaults)."""
@@ -97,9 +107,7 @@ def resumed_config(config: TrainConfig, payload: dict, given: Optional[set] = No
     # saved before --recipe existed: its recipe fields were filled all the same, from the
     # recipe that was then the dataset's default
     saved = {"recipe": "paper" if saved.get("data") is not None else "small", **saved}
-    defaults = vars(build_parser().parse_args([]))
-    if given is None:
-        given = {name for name, value in dataclasses.asdict(config).items() if value != defaults[name]}
+    defaults, given = _given(config, given)
     for name in ("out", "run_name"):  # in RUN_CONTROL, but a resumed run goes on in its own folder
         if name in given:
             raise ValueError(f"{_as_option(name, getattr(config, name))}: a resumed run goes on in its own folder, "
@@ -126,10 +134,11 @@ def resumed_config(config: TrainConfig, payload: dict, given: Optional[set] = No
 def evaluated_config(config: TrainConfig, payload: dict, given: Optional[set] = None) -> TrainConfig:
     """--eval-only evaluates the net that the checkpoint holds: its LRN, pooling and
     activation come from the checkpoint; an option that names another is refused."""
-    defaults, saved = vars(build_parser().parse_args([])), payload["arch"]
+    _, given = _given(config, given)
+    saved = payload["arch"]
     for name in ARCHITECTURE_OPTIONS:
         value = getattr(config, name)
-        if (name in given if given is not None else value != defaults[name]) and value != saved[name]:
+        if name in given and value != saved[name]:
             raise ValueError(f"{_as_option(name, value)}: {config.eval_only} holds a net with "
                              f"{_as_option(name, saved[name])}, and is evaluated as it was trained: drop the option")
     return dataclasses.replace(config, **{name: saved[name] for name in ARCHITECTURE_OPTIONS})
