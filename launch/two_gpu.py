@@ -45,7 +45,7 @@ from .config import (TrainConfig, build_parser, check_schedule_options, describe
                      recipe_warning, resolve)
 from .ranks import (LOOPBACK, RankFailure, choose_placement, cpu_threads_per_rank, init_process_group, raise_interrupt,
                     run_ranks)
-from .train import architecture, describe_evaluation, elsewhere_than, run_rank, usable_cores
+from .train import architecture, describe_evaluation, elsewhere_than, run_rank, setup_logging, usable_cores
 
 log = logging.getLogger("launch.two_gpu")
 
@@ -427,6 +427,8 @@ def main(argv=None) -> int:
     run_dir = lock = config = previous_sigterm = None
     started = False  # the ranks
     try:
+        if _torchrun_env():  # each rank runs this program: rank 0 tells what it does, the others only what goes wrong
+            setup_logging(int(os.environ["RANK"]), None)
         config, checkpoint, placement = _configure(argv)
         if _torchrun_env():  # torchrun's SIGTERM ends a rank as it always does, even inside a collective
             started = True

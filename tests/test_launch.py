@@ -127,7 +127,8 @@ def test_torchrun_environment_is_honoured(tiny_data, tmp_path, world_size):
         for p in procs:
             p.kill()
     assert [p.returncode for p in procs] == [0] * world_size, "".join(err[-2000:] for _, err in outputs)
-    assert "done:" in outputs[0][1] and not any("done:" in err for _, err in outputs[1:])
+    for line in ("placement:", "architecture:", "arithmetic:", "done:"):  # told once, by rank 0
+        assert line in outputs[0][1] and not any(line in err for _, err in outputs[1:]), line
     payload = load_checkpoint(tmp_path / "tr")
     assert payload["progress"]["global_step"] == 2 and len(payload["rng"]) == world_size
     assert payload["config"]["epochs"] == 29  # 7 steps of 4 an epoch: 29 epochs make 200 steps
