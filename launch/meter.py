@@ -10,6 +10,8 @@ from typing import Optional
 
 import torch
 
+from .cli import write_whole
+
 
 class StepMeter:
     """Rolling numbers for the step line: loss, top-1, images/s, ms/step, ETA."""
@@ -86,6 +88,25 @@ class Metrics:
 
     def __init__(self, path: Optional[Path]):
         self.path = path
+
+    def resume_at(self, step: int, **record) -> None:
+        """A resumed run goes on from its checkpoint's ``step``: the records of later steps,
+        written before the run stopped and redone now, are dropped, as is a line cut short by
+        the stop; a 'resume' record marks the place. So each step is in the file once, as
+        the net in the checkpoint took it. The file is rewritten whole or left as it was."""
+        if self.path is None or not self.path.exists():
+            return
+
+        def kept(line: str) -> bool:
+            try:
+                value = json.loads(line)
+            except ValueError:
+                return False
+            return not isinstance(value, dict) or not isinstance(value.get("step"), int) or value["step"] <= step
+
+        lines = [line + "\n" for line in self.path.read_text().splitlines() if kept(line)]
+        lines.append(json.dumps({"time": time.time(), "event": "resume", "step": step, **record}) + "\n")
+        write_whole(self.path, lambda partial: partial.write_text("".join(lines)))
 
     def write(self, **record) -> None:
         if self.path is not None:

@@ -163,8 +163,9 @@ def _number(value) -> bool:
 def read_metrics(path: Path) -> Metrics:
     """The training and end-of-epoch records of metrics.jsonl as the run's final history.
 
-    A resumed run appends to the file from its checkpoint's step on, so a step can occur
-    more than once: a record at a step no later than one already read starts the resumed
+    A resumed run drops the records of the steps it redoes (launch.meter.Metrics.resume_at),
+    but a file joined from copies of a run, or written before the records were dropped, can
+    hold a step more than once: a record at a step no later than one already read starts the resumed
     history there, and the records it replaces (at that step or later) are dropped. So the
     last record of each step is kept, and nothing survives from an attempt that went past
     the checkpoint it was later resumed from. Unreadable lines (the last one of a run that

@@ -426,6 +426,7 @@ def run_rank(rank: int, config: TrainConfig, run_dir: Optional[str], placement: 
             progress = restore_training_state(config.resume, model, optimizer, plan.classes, mesh,
                                               with_training=True) or progress
             progress.lr = base_rate(config, progress)  # --lr may have changed on resume
+            metrics.resume_at(progress.global_step, epoch=progress.epoch + 1, checkpoint=str(config.resume))
             log.info("resumed from %s at epoch %d, step %d, learning rate %g", config.resume, progress.epoch + 1,
                      progress.global_step, progress.lr)
         checkpoint = run_dir / FILENAME if run_dir else None

@@ -321,7 +321,8 @@ def test_a_run_killed_anywhere_resumes_to_the_uninterrupted_weights(tiny_data, t
     assert 3 <= killed["progress"]["global_step"] < 7 and set(killed["rng"]) == {"rank0", "rank1"}
     # Resumed with DataLoader worker processes inside rank 0 (the tiny runs load in the rank itself):
     # the batches are a function of (seed, epoch, position) alone.
-    resumed = Run("--resume", tmp_path / "parts", "--workers", "2", "--no-ten-crop", run_dir=tmp_path / "parts")
+    resumed = Run("--resume", tmp_path / "parts", "--workers", "2", "--no-ten-crop", "--log-every", "2",
+                  run_dir=tmp_path / "parts")
     assert resumed.wait(timeout_s=300) == 0, resumed.stderr()
     a, b = load_checkpoint(trained_run[0]), load_checkpoint(tmp_path / "parts")
     assert a["progress"]["global_step"] == b["progress"]["global_step"] == 7
@@ -331,6 +332,19 @@ def test_a_run_killed_anywhere_resumes_to_the_uninterrupted_weights(tiny_data, t
         assert torch.equal(a["model"][key], b["model"][key]), key
     for key in a["momentum_buffer"]:
         assert torch.equal(a["momentum_buffer"][key], b["momentum_buffer"][key]), key
+    # metrics.jsonl holds each step once: the records written after the killed run's checkpoint
+    # (step 4 at least) are dropped for the resumed run's, after a record of the resume.
+    # Each step's own loss is the uninterrupted run's, exactly.
+    records = [json.loads(line) for line in (tmp_path / "parts" / "metrics.jsonl").read_text().splitlines()]
+    resumes = [i for i, r in enumerate(records) if r["event"] == "resume"]
+    assert len(resumes) == 1 and records[resumes[0]]["step"] == killed["progress"]["global_step"]
+    assert all(r["step"] <= killed["progress"]["global_step"] for r in records[:resumes[0]])
+    steps = [r["step"] for r in records if r["event"] == "train"]
+    assert steps == sorted(set(steps)) and steps[-1] == 7 and 4 in steps
+    uninterrupted = {r["step"]: r["step_loss"] for r in map(json.loads, (trained_run[0] / "metrics.jsonl").open())
+                     if r["event"] == "train"}
+    assert {r["step"]: r["step_loss"] for r in records if r["event"] == "train" and r["step"] in uninterrupted} \
+        == {step: uninterrupted[step] for step in steps if step in uninterrupted}
 
 
 @pytest.mark.slow

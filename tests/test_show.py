@@ -20,6 +20,7 @@ from PIL import Image
 from launch import show
 from launch.checkpoint import checkpoint_payload, save_checkpoint
 from launch.data import open_data
+from launch.meter import Metrics
 from towers import Architecture, build_reference
 
 from conftest import ROOT, RUN_TIMEOUT_S
@@ -188,6 +189,26 @@ def test_curves_keep_the_last_record_of_each_step_after_resumes(tmp_path):
     assert [(r["step"], r["loss"]) for r in metrics.train] == [(10, 2.3), (20, 2.2), (30, 2.1), (40, 1.5), (50, 1.4),
                                                                (60, 1.3)]
     assert [(r["epoch"], r["top1_error"]) for r in metrics.evals] == [(1, 0.9), (2, 0.6)]
+
+
+def test_a_resumed_run_drops_the_records_it_redoes(tmp_path):
+    """launch.meter.Metrics.resume_at, as a run resumed from its checkpoint at step 30 calls it:
+    the records of later steps go, as does the line a kill cut short; the others stay as they were."""
+    path = tmp_path / "metrics.jsonl"
+    kept = [train_record(10, 2.3), train_record(20, 2.2), train_record(30, 2.1), eval_record(1, 30, 0.9),
+            {"event": "summary", "centre": {}}]
+    lines = [json.dumps(r) + "\n" for r in [*kept, train_record(40, 2.0, 2), eval_record(2, 40, 0.8)]]
+    path.write_text("".join(lines[:5]) + lines[5] + lines[6] + '{"event": "train", "st')
+    Metrics(path).resume_at(30, epoch=2, checkpoint="run/checkpoint.pt")
+    written = [json.loads(line) for line in path.read_text().splitlines()]
+    assert written[:-1] == kept and path.read_text().startswith("".join(lines[:5]))
+    assert {k: v for k, v in written[-1].items() if k != "time"} == {"event": "resume", "step": 30, "epoch": 2,
+                                                                      "checkpoint": "run/checkpoint.pt"}
+    Metrics(path).write(**train_record(40, 1.5, 2))
+    assert [(r["step"], r["loss"]) for r in show.read_metrics(path).train] == [(10, 2.3), (20, 2.2), (30, 2.1),
+                                                                               (40, 1.5)]
+    Metrics(tmp_path / "none.jsonl").resume_at(30)  # a run folder without metrics yet: nothing to drop, no file
+    assert not (tmp_path / "none.jsonl").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]
 
 
 # --------------------------------------------------------------------------- the pictures
