@@ -67,6 +67,10 @@ MAX_PROCESSES_PER_CORE = 4  # ranks (--replicas) or loaders (--workers): beyond 
 # Recipe fields that a checkpoint's arch records: --eval-only takes them from the checkpoint.
 ARCHITECTURE_OPTIONS = ("lrn", "pooling", "activation")
 LOCK_NAME = ".lock"  # held by the run using the folder (see lock_run_folder)
+# Options that only training reads: --eval-only refuses them rather than ignore them. (--recipe
+# stays: it gives the evaluation's batch size where --batch-size does not.)
+TRAINING_ONLY = ("epochs", "lr", "momentum", "weight_decay", "schedule", "patience", "max_reductions", "lr_milestones",
+                 "warmup_steps", "init", "dropout", "seed", "log_every", "checkpoint_every", "max_steps")
 
 
 def check_master_addr(addr: str) -> None:
@@ -133,8 +137,14 @@ def resumed_config(config: TrainConfig, payload: dict, given: Optional[set] = No
 
 def evaluated_config(config: TrainConfig, payload: dict, given: Optional[set] = None) -> TrainConfig:
     """--eval-only evaluates the net that the checkpoint holds: its LRN, pooling and
-    activation come from the checkpoint; an option that names another is refused."""
+    activation come from the checkpoint; an option that names another is refused, as is an
+    option of training, which it would ignore."""
     _, given = _given(config, given)
+    unused = [f"--{name.replace('_', '-')}" for name in TRAINING_ONLY if name in given]
+    if unused:
+        raise ValueError(f"{' '.join(unused)}: --eval-only evaluates {config.eval_only} and trains nothing, so "
+                         f"{'this option does' if len(unused) == 1 else 'these options do'} nothing: drop "
+                         f"{'it' if len(unused) == 1 else 'them'}")
     saved = payload["arch"]
     for name in ARCHITECTURE_OPTIONS:
         value = getattr(config, name)

@@ -557,6 +557,10 @@ def test_bad_checkpoints_get_clear_errors_and_run_no_code(tiny_data, tmp_path, c
     assert "does not hold the 2012 AlexNet" in _error_of([*args, other_arch], caplog)
     torch.save(build_reference(10).state_dict(), tmp_path / "plain.pt")
     assert "not a checkpoint of this project" in _error_of([*args, tmp_path / "plain.pt"], caplog)
+    # the options of training, which an evaluation would ignore; at their default values too
+    assert f"error: --lr --seed: --eval-only evaluates {good} and trains nothing, so these options do nothing: drop them" \
+        in _error_of([*args, good, "--lr", "0.1", "--seed", "0", "--batch-size", "8"], caplog)
+    assert "so this option does nothing: drop it\n" in _error_of([*args, good, "--max-steps", "3"], caplog)
     save_reference(tmp_path / "odd-mean.pt", build_reference(10), data_mean=torch.zeros(3, 224, 224))
     assert "holds a mean image of shape (3, 224, 224), not 3 x 256 x 256" in _error_of(
         [*args, tmp_path / "odd-mean.pt"], caplog)
