@@ -199,7 +199,7 @@ def resolve(config: BenchConfig, devices: DevicePlan) -> BenchConfig:
     if config.compile_modes and config.warmup < 1:
         raise ValueError("--compile-modes needs --warmup 1 or more: the first step compiles, and is not to be timed")
     if config.compile_modes:
-        check_compile_backend(config.compile_backend, "--compile-backend")
+        check_compile_backend(config.compile_backend, "--compile-backend", devices.single)
     split = ("ddp", "hybrid")
     ddp_batches = ((config.batch,) if set(split) & set(config.modes + config.precision_modes) else ()) + \
         (config.batches if set(split) & set(config.sweep_modes) else ())

@@ -387,11 +387,11 @@ def _configure(argv) -> tuple:
         raise ValueError(f"--workers {config.workers} would start that many loading processes for each loading rank "
                          f"on the {cores} cores this program may use: give at most {MAX_PROCESSES_PER_CORE * cores}, "
                          f"or leave --workers out for this machine's default")
-    if config.compile is not None:
-        check_compile_backend(config.compile, "--compile")
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     placement = choose_placement(config.backend, gpus, ranks=towers * config.replicas, towers=towers,
                                  ranks_here=int(os.environ.get("LOCAL_WORLD_SIZE", 0)) or None)
+    if config.compile is not None:
+        check_compile_backend(config.compile, "--compile", placement.device)
     if config.precision == "bf16" and placement.device == "cuda" and not torch.cuda.is_bf16_supported():
         raise ValueError(f"--precision bf16: {torch.cuda.get_device_name(0)} has no bfloat16 arithmetic; use "
                          f"--precision fp32")

@@ -517,6 +517,10 @@ def test_compiled_runs_need_a_warm_up_step_and_a_backend_that_exists(tmp_path):
         run.main(["--device", "cpu", "--compile-modes", "single", "--warmup", "0", "--out", str(tmp_path)])
     with pytest.raises(ValueError, match="--compile-backend turbo: torch.compile has no such backend"):
         run.main(["--device", "cpu", "--compile-modes", "single", "--compile-backend", "turbo", "--out", str(tmp_path)])
+    from torch._inductor import config as inductor_config
+    with inductor_config.patch({"cpp.cxx": (None, "no-such-g++")}), \
+            pytest.raises(ValueError, match="--compile-backend inductor: on the CPU it builds its kernels with a C"):
+        run.main(["--device", "cpu", "--compile-modes", "single", "--out", str(tmp_path)])
     assert not any(tmp_path.iterdir())  # refused before anything was written
 
 

@@ -23,7 +23,7 @@ from launch.checkpoint import (FORMAT, checkpoint_payload, load_checkpoint, save
                               training_checkpoint_bytes)
 from launch.config import parse_config
 from launch.two_gpu import check_room_for_checkpoints, main
-from towers import Architecture, build_reference
+from towers import Architecture, build_reference, check_compile_backend
 
 from conftest import TINY as _TINY
 from conftest import ROOT, TRAINED_RUN, Run, cmdline, live_processes, terminate_when_ready
@@ -451,6 +451,19 @@ def test_bad_options_name_the_option_and_leave_no_run_folder(tiny_data, tmp_path
     err = _error_of(["--data", tiny_data, "--out", tmp_path / "runs", option, value], caplog)
     assert words in err and "Traceback" not in err
     assert not (tmp_path / "runs").exists()
+
+
+def test_inductor_on_the_cpu_without_a_compiler_is_refused_before_the_run(tiny_data, tmp_path, caplog, monkeypatch):
+    """Else the first step fails, after the ranks started and the run folder was made."""
+    from torch._inductor import config as inductor_config
+    monkeypatch.delenv("TORCH_INDUCTOR_INSTALL_GXX", raising=False)
+    with inductor_config.patch({"cpp.cxx": (None, "no-such-g++")}):
+        err = _error_of(["--data", tiny_data, "--out", tmp_path / "runs", "--compile", "inductor"], caplog)
+        assert ("--compile inductor: on the CPU it builds its kernels with a C++ compiler, and finds none here "
+                "(no-such-g++ is not on PATH): install g++ (or set CXX to a C++ compiler), or give aot_eager") in err
+        assert not (tmp_path / "runs").exists()
+        check_compile_backend("aot_eager", "--compile")  # which builds nothing
+        check_compile_backend("inductor", "--compile", "cuda")  # whose kernels are Triton's
 
 
 def test_options_that_depend_on_the_data_or_the_disk_leave_no_run_folder(tiny_data, tmp_path, caplog):

@@ -8,6 +8,9 @@ Every tower returns the full N x K logits, so the loss and everything after it
 (accuracy, the optimizer step) are written once for every mode.
 """
 
+import os
+import shutil
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -143,14 +146,25 @@ class Tower(nn.Module):
         return self.dropout(self.activation(self.fc7(x)))
 
 
-def check_compile_backend(backend: str, option: str) -> None:
-    """Raises ValueError, naming ``option``, if torch.compile has no backend ``backend`` here.
-    Imports the compiler (a second or more): call it only when compiling."""
+def check_compile_backend(backend: str, option: str, device: str = "cpu") -> None:
+    """Raises ValueError, naming ``option``, if torch.compile has no backend ``backend`` here,
+    or if it is inductor for the CPU (``device``) and finds no C++ compiler to build its
+    kernels with (else the first step would fail). Imports the compiler (a second or more):
+    call it only when compiling."""
     import torch._dynamo
     backends = torch._dynamo.list_backends(exclude_tags=())
     if backend not in backends:
         raise ValueError(f"{option} {backend}: torch.compile has no such backend here; give one of "
                          f"{', '.join(b for b in ('inductor', 'aot_eager', 'eager') if b in backends)}")
+    from torch._inductor import config  # imported with torch._dynamo
+    # inductor's own search (torch._inductor.cpp_builder.cpp_compiler_search) runs each candidate
+    # with --version; None stands for a g++ it installs with conda where asked to
+    candidates = config.cpp.cxx if isinstance(config.cpp.cxx, (list, tuple)) else (config.cpp.cxx,)
+    if backend == "inductor" and device == "cpu" and not os.getenv("TORCH_INDUCTOR_INSTALL_GXX") \
+            and not any(c is not None and shutil.which(c) for c in candidates):
+        raise ValueError(f"{option} inductor: on the CPU it builds its kernels with a C++ compiler, and finds none "
+                         f"here ({', '.join(c for c in candidates if c is not None)} is not on PATH): install g++ "
+                         f"(or set CXX to a C++ compiler), or give aot_eager, which compiles nothing")
 
 
 def compile_blocks(model: nn.Module, **options) -> nn.Module:
