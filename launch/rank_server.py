@@ -15,9 +15,11 @@ ranks' parent-death signal (launch.ranks) ends the ranks.
 """
 
 import atexit
+import logging
 import multiprocessing.forkserver as forkserver
 import os
 import signal
+import tempfile
 import threading
 from multiprocessing import reduction, util
 
@@ -27,10 +29,37 @@ from multiprocessing import reduction, util
 PRELOAD = ["launch.train"]
 
 
+# The longest address of an AF_UNIX socket in bytes (sun_path: 108 on Linux, less its final NUL),
+# and the part of it that multiprocessing adds to the temporary folder: its own folder in it and
+# a socket there (the server's; and a DataLoader worker's, to hand a batch's shared memory over).
+SOCKET_PATH_MAX = 107
+SOCKET_NAME = len("/pymp-12345678/listener-12345678")
+SHORT_TEMPORARY = ("/tmp", "/var/tmp", "/usr/tmp")  # where Python (3.14 on) falls back to as well
+
+
+def room_for_sockets() -> None:
+    """Points TMPDIR, for this process and all it starts, at the first of ``SHORT_TEMPORARY``
+    that it can write in where the temporary folder's path is too long to hold
+    multiprocessing's sockets, whose creation would fail ("AF_UNIX path too long"); says so
+    in a warning. Elsewhere nothing."""
+    current = tempfile.gettempdir()
+    if len(os.fsencode(current)) + SOCKET_NAME <= SOCKET_PATH_MAX:
+        return
+    usable = next((p for p in SHORT_TEMPORARY if os.path.isdir(p) and os.access(p, os.W_OK | os.X_OK)), None)
+    if usable is None:  # nothing better: the socket's creation names the problem
+        return
+    os.environ["TMPDIR"] = tempfile.tempdir = usable
+    logging.getLogger(__name__).warning(
+        "warning: the temporary folder %s is too long a path for the local sockets that the processes use "
+        "(%d bytes at most, with their names); this program keeps its temporary files in %s", current,
+        SOCKET_PATH_MAX, usable)
+
+
 def start() -> None:
     """Starts the server if it is not running (at most once per process; later calls return at once).
     It starts with SIGINT ignored, so that a Ctrl-C during its imports does not print its
     traceback beside the launcher's; the ranks handle SIGINT again (``as_rank``)."""
+    room_for_sockets()
     forkserver.set_forkserver_preload(PRELOAD)
     if threading.current_thread() is not threading.main_thread():  # only the main thread sets handlers
         forkserver.ensure_running()

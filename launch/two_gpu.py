@@ -504,6 +504,7 @@ def _after_failure(config: Optional[TrainConfig], run_dir: Optional[Path], failu
 def _main_under_torchrun(config: TrainConfig, checkpoint: Optional[dict], placement) -> int:
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     assert world_size == placement.ranks, (world_size, placement)
+    rank_server.room_for_sockets()  # for the DataLoader workers' (the server is torchrun's business)
     if placement.backend == "gloo":  # share the cores among the ranks on this machine, as run_ranks does
         torch.set_num_threads(cpu_threads_per_rank(int(os.environ.get("LOCAL_WORLD_SIZE", world_size))))
     init_process_group(placement.backend, rank, world_size, config.timeout)

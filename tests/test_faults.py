@@ -26,7 +26,7 @@ from launch.two_gpu import check_room_for_checkpoints, main
 from towers import Architecture, build_reference, check_compile_backend
 
 from conftest import TINY as _TINY
-from conftest import ROOT, TRAINED_RUN, Run, cmdline, live_processes, terminate_when_ready
+from conftest import ROOT, TRAINED_RUN, Run, cmdline, launch, live_processes, terminate_when_ready
 
 BOUND_S = 60  # a failure must end the whole run within this long
 TINY = [*_TINY, "--log-every", "1", "--val-limit", "4", "--no-ten-crop"]
@@ -707,6 +707,21 @@ def test_two_runs_cannot_share_a_run_folder(tiny_data, tmp_path, caplog):
     finally:
         os.killpg(first.proc.pid, signal.SIGKILL)
         first.wait()
+
+
+@pytest.mark.slow
+def test_a_temporary_folder_too_long_for_a_socket_is_replaced(tiny_data, tmp_path):
+    """multiprocessing makes sockets in TMPDIR (the rank server's; a DataLoader worker's, to hand
+    a batch over), and an AF_UNIX address holds 107 bytes at most: under a longer TMPDIR the
+    program starts nothing and says why, as DataLoader workers would, a warning apart."""
+    long = tmp_path / ("t" * 100)
+    long.mkdir()
+    result = launch("--data", tiny_data, "--out", tmp_path, "--run-name", "run", "--max-steps", "2", "--val-limit",
+                    "4", "--no-ten-crop", "--batch-size", "4", "--workers", "1", env=dict(os.environ, TMPDIR=str(long)))
+    assert (f"warning: the temporary folder {long} is too long a path for the local sockets that the processes use "
+            f"(107 bytes at most, with their names); this program keeps its temporary files in /tmp") in result.stderr
+    assert "1 DataLoader worker processes" in result.stderr and "Traceback" not in result.stderr
+    assert load_checkpoint(tmp_path / "run")["progress"]["global_step"] == 2 and not any(long.iterdir())
 
 
 @pytest.mark.slow

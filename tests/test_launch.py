@@ -111,12 +111,15 @@ def _free_port():
 def test_torchrun_environment_is_honoured(tiny_data, tmp_path, world_size):
     """As torchrun starts the program: 2 ranks are the towers, 4 are two replicas of them
     (the second replica's first tower opens the data itself). With the small recipe, whose
-    length rank 0 sizes to the data it opens and hands the other ranks."""
+    length rank 0 sizes to the data it opens and hands the other ranks. Under a TMPDIR too long
+    for multiprocessing's sockets (tests/test_faults.py), which each rank replaces."""
     port = _free_port()
     procs = []
+    long = tmp_path / ("t" * 100)
+    long.mkdir()
     for rank in range(world_size):
         env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
-                   LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+                   LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), TMPDIR=str(long))
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "launch.two_gpu", "--data", str(tiny_data), "--out", str(tmp_path), "--run-name",
              "tr", "--max-steps", "2", "--val-limit", "4", "--no-ten-crop", "--recipe", "small", *TINY],
@@ -129,6 +132,8 @@ def test_torchrun_environment_is_honoured(tiny_data, tmp_path, world_size):
     assert [p.returncode for p in procs] == [0] * world_size, "".join(err[-2000:] for _, err in outputs)
     for line in ("placement:", "architecture:", "arithmetic:", "done:"):  # told once, by rank 0
         assert line in outputs[0][1] and not any(line in err for _, err in outputs[1:]), line
+    for rank, (_, err) in enumerate(outputs):
+        assert f"{f'[rank {rank}] ' if rank else ''}warning: the temporary folder {long} is too long" in err, err
     payload = load_checkpoint(tmp_path / "tr")
     assert payload["progress"]["global_step"] == 2 and len(payload["rng"]) == world_size
     assert payload["config"]["epochs"] == 29  # 7 steps of 4 an epoch: 29 epochs make 200 steps
