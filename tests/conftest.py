@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Optional
@@ -44,6 +45,28 @@ def pytest_configure(config):
     tmpfs = any(fields[1:3] == [str(MEMORY_TEMP_ROOT), "tmpfs"] for fields in mounts)
     if tmpfs and free >= MEMORY_TEMP_MIN_FREE and os.access(MEMORY_TEMP_ROOT, os.W_OK | os.X_OK):
         os.environ["PYTEST_DEBUG_TEMPROOT"] = str(MEMORY_TEMP_ROOT)
+
+
+_TEMPORARY_ROOT = []  # the folder that short_temporary makes its folders in, once made
+
+
+def short_temporary() -> Path:
+    """A new empty folder to be a process's TMPDIR, at a short path. multiprocessing makes its
+    sockets in TMPDIR, and an AF_UNIX address holds at most 107 bytes, which a folder deep in
+    pytest's can exceed (deeper under pytest-xdist, longer with a long user name); the program
+    would then keep its temporary files in /tmp (launch.rank_server.room_for_sockets), out of
+    the test's sight. In the tests' temporary root (see pytest_configure); removed when the
+    tests end."""
+    if not _TEMPORARY_ROOT:
+        _TEMPORARY_ROOT.append(tempfile.mkdtemp(prefix="alexnet-tests-", dir=os.environ.get("PYTEST_DEBUG_TEMPROOT")))
+    return Path(tempfile.mkdtemp(dir=_TEMPORARY_ROOT[0]))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _remove_short_temporaries():
+    yield
+    if _TEMPORARY_ROOT:
+        shutil.rmtree(_TEMPORARY_ROOT.pop(), ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -148,12 +171,11 @@ class Run:
     def __init__(self, *args, run_dir: Path):
         self.run_dir = run_dir
         self.log = open(run_dir.parent / f"{run_dir.name}.stderr", "w+")
-        # Temporary files in the test's folder: a run whose whole group a test kills with SIGKILL
-        # cannot remove its multiprocessing folder, and the machine's /tmp is not the test's.
-        temporary = run_dir.parent / "tmp"
-        temporary.mkdir(exist_ok=True)
+        # Temporary files in a folder of the test's: a run whose whole group a test kills with
+        # SIGKILL cannot remove its multiprocessing folder, and the machine's /tmp is not the test's.
+        self.temporary = short_temporary()
         self.proc = subprocess.Popen([sys.executable, "-m", "launch.two_gpu", *map(str, args)], cwd=ROOT,
-                                     env=dict(os.environ, TMPDIR=str(temporary)), stdout=subprocess.DEVNULL,
+                                     env=dict(os.environ, TMPDIR=str(self.temporary)), stdout=subprocess.DEVNULL,
                                      stderr=self.log, start_new_session=True, preexec_fn=_as_foreground_job)
 
     def steps(self) -> int:

@@ -21,7 +21,7 @@ import pytest
 from benchmarks import flops, program, report, run, scratch, traffic
 from towers import AlexNet
 
-from conftest import ROOT, cmdline, live_processes, terminate_when_ready
+from conftest import ROOT, cmdline, live_processes, short_temporary, terminate_when_ready
 
 PARAMS = 60_965_224  # parameters of the whole net: the layer shapes of section 3.5 and Figure 2
 # Elements one tower sends per image, from the paper's Figure 2 (the partition table in the README):
@@ -257,8 +257,7 @@ def test_a_benchmark_cut_short_by_its_time_limit_reports_what_it_measured(tiny_d
 def test_a_benchmark_stopped_while_the_program_runs_leaves_nothing_running_or_behind(tiny_data, tmp_path):
     """SIGTERM, as a scheduler or a timeout sends it, while the training program (a child
     process with ranks of its own) runs: everything ends, the temporary folders go."""
-    temporary, out = tmp_path / "tmp", tmp_path / "report"
-    temporary.mkdir()
+    temporary, out = short_temporary(), tmp_path / "report"
     out.mkdir()
     for name in report.REPORT_FILES:  # an earlier benchmark's, in the folder that this one writes to
         (out / name).write_text("an earlier report")
@@ -300,8 +299,7 @@ def test_the_program_ends_with_a_benchmark_killed_outright(tiny_data, tmp_path):
     """SIGKILL (as the out-of-memory killer sends it) to the process that started the training
     program through run_child, which cannot stop it then: the program, which would otherwise
     train on orphaned, ends with its ranks."""
-    temporary = tmp_path / "tmp"
-    temporary.mkdir()
+    temporary = short_temporary()
     log = open(tmp_path / "log", "w+")
     caller = subprocess.Popen([sys.executable, "-c", PROGRAM_CALLER, str(tiny_data), str(tmp_path)], cwd=ROOT,
                               env=dict(os.environ, TMPDIR=str(temporary)), stdout=log, stderr=log,

@@ -107,7 +107,7 @@ def test_sigterm_before_the_ranks_start_is_a_clean_stop(tmp_path):
 @pytest.mark.slow
 def test_ranks_do_not_outlive_a_killed_launcher(tiny_data, tmp_path):
     run = _start(tiny_data, tmp_path)
-    temporary = tmp_path / "tmp"  # the launcher's (conftest.Run): multiprocessing's folder, with the rank server's socket
+    temporary = run.temporary  # the launcher's: multiprocessing's folder, with the rank server's socket
     run.wait_for_step(1)
     ranks = run.ranks()
     assert [p.name[:5] for p in temporary.iterdir()] == ["pymp-"]
