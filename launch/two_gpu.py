@@ -437,10 +437,11 @@ def main(argv=None) -> int:
     run_dir = lock = config = previous_sigterm = None
     started = False  # the ranks
     try:
-        if _torchrun_env():  # each rank runs this program: rank 0 tells what it does, the others only what goes wrong
+        under_torchrun = _torchrun_env()
+        if under_torchrun:  # each rank runs this program: rank 0 tells what it does, the others only what goes wrong
             setup_logging(int(os.environ["RANK"]), None)
         config, checkpoint, placement = _configure(argv)
-        if _torchrun_env():  # torchrun's SIGTERM ends a rank as it always does, even inside a collective
+        if under_torchrun:  # torchrun's SIGTERM ends a rank as it always does, even inside a collective
             started = True
             return _main_under_torchrun(config, checkpoint, placement)
         if threading.current_thread() is threading.main_thread():  # SIGTERM as Ctrl-C, during the scan of the data too

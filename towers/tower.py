@@ -156,12 +156,13 @@ def check_compile_backend(backend: str, option: str, device: str = "cpu") -> Non
     if backend not in backends:
         raise ValueError(f"{option} {backend}: torch.compile has no such backend here; give one of "
                          f"{', '.join(b for b in ('inductor', 'aot_eager', 'eager') if b in backends)}")
+    if backend != "inductor" or device != "cpu" or os.getenv("TORCH_INDUCTOR_INSTALL_GXX"):
+        return
     from torch._inductor import config  # imported with torch._dynamo
     # inductor's own search (torch._inductor.cpp_builder.cpp_compiler_search) runs each candidate
     # with --version; None stands for a g++ it installs with conda where asked to
     candidates = config.cpp.cxx if isinstance(config.cpp.cxx, (list, tuple)) else (config.cpp.cxx,)
-    if backend == "inductor" and device == "cpu" and not os.getenv("TORCH_INDUCTOR_INSTALL_GXX") \
-            and not any(c is not None and shutil.which(c) for c in candidates):
+    if not any(c is not None and shutil.which(c) for c in candidates):
         raise ValueError(f"{option} inductor: on the CPU it builds its kernels with a C++ compiler, and finds none "
                          f"here ({', '.join(c for c in candidates if c is not None)} is not on PATH): install g++ "
                          f"(or set CXX to a C++ compiler), or give aot_eager, which compiles nothing")
