@@ -5,8 +5,11 @@
 SRC holds train/CLASS/* and val/CLASS/* in any image format (.jpg .jpeg .png .bmp
 .gif .webp .tif .tiff, any case, any colour mode). Every image is converted to RGB,
 its shorter side rescaled to 256 and its central 256x256 patch written as a JPEG
-(quality 95) to the same place under DST (file name with .jpg). Unreadable files are
-skipped and listed, also in DST/unreadable.txt; other files are ignored. Then the
+(quality 95) to the same place under DST: a JPEG under its own name (a.jpeg: a.jpg), any
+other image under its whole name with .jpg added (a.png: a.png.jpg), whatever else its
+folder holds. Unreadable files are skipped and listed, also in DST/unreadable.txt; other
+files are ignored. Images in DST that no file of SRC becomes (SRC changed since, or
+DST holds other images) are refused, as training would read them. Then the
 training-set statistics (mean image, RGB PCA) are computed and cached in DST, as
 the authors did once before training. The training program then decodes small
 JPEGs only, with no resizing. An interrupted run can be restarted: files already
@@ -27,7 +30,7 @@ from PIL import Image
 
 from launch.cli import quick_exit, write_whole
 from launch.data import DataError, open_data, scan_layout
-from launch.images import DECODE_ERRORS, load_image, skip_reason
+from launch.images import DECODE_ERRORS, IMAGE_EXTENSIONS, load_image, skip_reason
 
 log = logging.getLogger(__name__)
 
@@ -59,33 +62,63 @@ def _cannot_write(dst: Path, exc: OSError) -> str:
             f"can be written; run again, and the images already written are kept")
 
 
+def target_name(relative: Path) -> Path:
+    """Where the base image of ``relative`` (a path in a class folder of SRC) goes in the class
+    folder of DST: a JPEG keeps its name (with .jpg), any other image's whole name gets .jpg, so
+    that a.png beside a.jpg has a name of its own. It depends on the name alone: a restarted
+    run finds the files of the last one, however SRC has changed since."""
+    if relative.suffix.lower() in (".jpg", ".jpeg"):
+        return relative.with_suffix(".jpg")
+    return relative.with_name(f"{relative.name}.jpg")
+
+
 def plan_jobs(src: Path, dst: Path, quality: int):
-    """(jobs still to do, number already done) for every image of SRC."""
+    """(jobs still to do, number already done) for every image of SRC. Raises DataError
+    where two images of SRC would be written to one file, or where DST holds images that
+    no image of SRC becomes."""
     classes, files, skipped = scan_layout(src)
     for split in ("train", "val"):
         if skipped[split].describe():
             log.warning("%s/: skipped %s", split, skipped[split].describe())
-    jobs, done, planned = [], 0, {}  # planned: target -> source
+    planned = {}  # target -> source
     for split in ("train", "val"):
         for name, images in zip(classes, files[split]):
-            folder = dst / split / name
-            folder.mkdir(parents=True, exist_ok=True)
-            stems = [Path(path).stem for path, _ in images]
-            for (path, _), stem in zip(images, stems):
-                relative = Path(path).relative_to(src / split / name)
-                # a.png and a.jpg in one folder would both become a.jpg: keep the full name then
-                base = stem if stems.count(stem) == 1 else relative.name
-                target = folder / relative.parent / f"{base}.jpg"
-                if target in planned:  # such as x.png and x.png.webp beside x.jpg
+            for path, _ in images:
+                target = dst / split / name / target_name(Path(path).relative_to(src / split / name))
+                if target in planned:  # such as a.jpg and a.JPEG, or a.png and a.png.jpg
                     raise DataError(f"{planned[target]} and {path} would both be written to {target}: rename one "
                                     f"of them in SRC")
                 planned[target] = path
-                target.parent.mkdir(parents=True, exist_ok=True)
-                if target.is_file():
-                    done += 1
-                else:
-                    jobs.append((path, str(target), quality))
+    stray = _stray_images(dst, planned)
+    if stray:
+        raise DataError(f"DST {dst} holds {len(stray)} image(s) that no image of SRC becomes, such as {stray[0]} "
+                        f"(SRC has changed since they were written, or DST holds other images): the training "
+                        f"program would read them as data. Remove them, or give a new DST, and run again")
+    jobs, done = [], 0
+    for split in ("train", "val"):
+        for name in classes:  # every class folder, though all its images be unreadable
+            (dst / split / name).mkdir(parents=True, exist_ok=True)
+    for target, path in planned.items():
+        if target.is_file():
+            done += 1
+        else:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            jobs.append((path, str(target), quality))
     return jobs, done
+
+
+def _stray_images(dst: Path, planned: dict) -> list:
+    """The images in DST's class folders that are not in ``planned``, sorted; hidden files (a
+    write cut short by SIGKILL) are left alone, as the training program leaves them."""
+    stray = []
+    for split in ("train", "val"):
+        if not (dst / split).is_dir():
+            continue
+        classes = [e.path for e in os.scandir(dst / split) if e.is_dir() and not e.name.startswith(".")]
+        for folder, _, names in (entry for top in classes for entry in os.walk(top)):
+            stray += [Path(folder, n) for n in names
+                      if not n.startswith(".") and n.lower().endswith(IMAGE_EXTENSIONS) and Path(folder, n) not in planned]
+    return sorted(stray)
 
 
 def main(argv=None) -> int:

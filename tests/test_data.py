@@ -705,19 +705,56 @@ def test_prepare_on_a_full_disk_is_one_line_and_leaves_no_part_of_an_image(tmp_p
 
 def test_prepare_refuses_two_images_with_one_target_and_a_quality_out_of_range(tmp_path, capsys):
     src = _simple_tree(tmp_path / "raw")
-    for name in ("0.png", "0.png.bmp"):  # beside 0.jpg: written as 0.jpg.jpg, 0.png.jpg, and 0.png.jpg again
-        _save(src / "train" / "a" / name, _rgb(50))
+    for name in ("0.png", "0.png.jpg"):  # beside 0.jpg: written as 0.jpg, 0.png.jpg, and 0.png.jpg again
+        _save(src / "train" / "a" / name, _rgb(50), format="PNG" if name == "0.png" else "JPEG")
     assert prepare.main([str(src), str(tmp_path / "prepared")]) == 2
     error = capsys.readouterr().err.strip()
-    assert error == (f"error: {src / 'train/a/0.png'} and {src / 'train/a/0.png.bmp'} would both be written to "
+    assert error == (f"error: {src / 'train/a/0.png'} and {src / 'train/a/0.png.jpg'} would both be written to "
                      f"{tmp_path / 'prepared/train/a/0.png.jpg'}: rename one of them in SRC")
-    assert not list((tmp_path / "prepared").rglob("*.jpg"))  # refused before converting anything
+    assert not (tmp_path / "prepared").exists()  # refused before writing anything
     for quality in ("0", "-5", "101"):
         with pytest.raises(SystemExit) as refused:
             prepare.main([str(src), str(tmp_path / "q"), "--quality", quality])
         assert refused.value.code == 2
         assert f"--quality must be 1 to 100 (JPEG's scale; default 95), got {quality}" in capsys.readouterr().err
     assert not (tmp_path / "q").exists()
+
+
+def _channel(path: Path) -> int:
+    """The colour channel that a one-colour image is: 0 red, 1 green, 2 blue."""
+    with Image.open(path) as image:
+        return int(np.asarray(image.convert("RGB")).mean(axis=(0, 1)).argmax())
+
+
+def test_prepare_names_each_image_by_its_own_name_and_refuses_images_that_src_no_longer_has(tmp_path, capsys):
+    """A restarted run finds the files of the last one by their names alone: an image added to
+    SRC beside one of the same stem gets a file of its own, never the one written for the
+    other. An image in DST that no image of SRC becomes would be trained on: refused, named."""
+    src, dst = _simple_tree(tmp_path / "raw", train=1, val=1), tmp_path / "prepared"
+    _save(src / "train" / "a" / "x.png", Image.new("RGB", (300, 300), "red"))
+    _save(src / "train" / "a" / "y.JPEG", Image.new("RGB", (300, 300), "blue"))
+    assert prepare.main([str(src), str(dst), "--workers", "1"]) == 0
+    written = lambda: sorted(p.relative_to(dst).as_posix() for p in dst.rglob("*.jpg"))
+    firsts = ["train/a/0.jpg", "train/b/0.jpg", "val/a/0.jpg", "val/b/0.jpg"]
+    assert written() == sorted([*firsts, "train/a/x.png.jpg", "train/a/y.jpg"])
+
+    _save(src / "train" / "a" / "x.jpg", Image.new("RGB", (300, 300), "lime"))  # the same stem as x.png
+    assert prepare.main([str(src), str(dst), "--workers", "1"]) == 0
+    assert written() == sorted([*firsts, "train/a/x.jpg", "train/a/x.png.jpg", "train/a/y.jpg"])
+    train_a = dst / "train" / "a"
+    assert [_channel(train_a / name) for name in ("x.png.jpg", "x.jpg", "y.jpg")] == [0, 1, 2]
+
+    (src / "train" / "a" / "x.png").unlink()
+    capsys.readouterr()
+    assert prepare.main([str(src), str(dst), "--workers", "1"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: DST {dst} holds 1 image(s) that no image of SRC becomes, such as {train_a / 'x.png.jpg'} (SRC has "
+        f"changed since they were written, or DST holds other images): the training program would read them as "
+        f"data. Remove them, or give a new DST, and run again")
+    (train_a / "x.png.jpg").unlink()
+    (train_a / ".x.png.jpg.partial-123").write_bytes(b"\xff\xd8")  # hidden, a write cut short: not data
+    assert prepare.main([str(src), str(dst), "--workers", "1"]) == 0
+    assert len(data.open_data(dst, cache_dir=tmp_path / "cache").train) == 4  # 0.jpg of a and b, x.jpg, y.jpg
 
 
 def test_evaluation_counts_each_usable_image_once(tmp_path, caplog):
