@@ -365,6 +365,17 @@ def _torchrun_env() -> bool:
     return True
 
 
+def check_rendezvous_address() -> None:
+    """Under torchrun: MASTER_ADDR must resolve, or the rendezvous would wait --timeout for nothing."""
+    addr = os.environ["MASTER_ADDR"]
+    try:
+        socket.getaddrinfo(addr, int(os.environ["MASTER_PORT"]))
+    except socket.gaierror as exc:
+        raise ValueError(f"MASTER_ADDR={addr!r} is not an address, nor a name that resolves ({exc.strerror}): give "
+                         f"the address of the machine of rank 0 (torchrun: --master-addr), start the program with "
+                         f"torchrun, or without these variables to have it start its own ranks") from None
+
+
 def _configure(argv) -> tuple:
     """(config, checkpoint payload or None, placement) from the command line; raises ValueError."""
     config, given = parse_config(argv), given_options(argv)
@@ -439,6 +450,7 @@ def main(argv=None) -> int:
     try:
         under_torchrun = _torchrun_env()
         if under_torchrun:  # each rank runs this program: rank 0 tells what it does, the others only what goes wrong
+            check_rendezvous_address()
             setup_logging(int(os.environ["RANK"]), None)
         config, checkpoint, placement = _configure(argv)
         if under_torchrun:  # torchrun's SIGTERM ends a rank as it always does, even inside a collective
@@ -508,7 +520,15 @@ def _main_under_torchrun(config: TrainConfig, checkpoint: Optional[dict], placem
     rank_server.room_for_sockets()  # for the DataLoader workers' (the server is torchrun's business)
     if placement.backend == "gloo":  # share the cores among the ranks on this machine, as run_ranks does
         torch.set_num_threads(cpu_threads_per_rank(int(os.environ.get("LOCAL_WORLD_SIZE", world_size))))
-    init_process_group(placement.backend, rank, world_size, config.timeout)
+    try:
+        init_process_group(placement.backend, rank, world_size, config.timeout)
+    except (dist.DistNetworkError, dist.DistStoreError) as exc:  # no rendezvous: a peer missing, a port taken
+        where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
+        log.error("error: rank %d could not meet the other ranks at %s (%s): start all %d ranks within --timeout "
+                  "%g s of each other, each with this MASTER_ADDR and MASTER_PORT (an address that every machine "
+                  "reaches, a port free on its machine), as torchrun does", rank, where,
+                  str(exc).strip().splitlines()[0], world_size, config.timeout)
+        return 1
     run_dir = bundle = lock = None
     # Rank 0 tells the other ranks whether the run can start, and if not, why; if so, the
     # recipe it sized to the data.

@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -394,7 +395,10 @@ def _error_of(argv, caplog) -> str:
     ({"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "99999"},
      "MASTER_PORT=99999 is not a port (1-65535)"),
     ({"RANK": "0", "WORLD_SIZE": "2"}, "RANK and WORLD_SIZE are set but MASTER_ADDR and MASTER_PORT not"),
-], ids=["not-a-number", "rank-too-large", "no-ranks", "no-local-ranks", "port", "port-too-large", "no-rendezvous"])
+    ({"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "rank0.invalid", "MASTER_PORT": "29500"},  # .invalid: never a host
+     "MASTER_ADDR='rank0.invalid' is not an address, nor a name that resolves"),
+], ids=["not-a-number", "rank-too-large", "no-ranks", "no-local-ranks", "port", "port-too-large", "no-rendezvous",
+        "no-such-host"])
 def test_a_launcher_environment_that_does_not_fit_is_named(tiny_data, tmp_path, caplog, monkeypatch, env, words):
     """What torchrun sets, set wrong by hand: refused before any rendezvous (which would wait --timeout)."""
     for name in ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
@@ -404,6 +408,43 @@ def test_a_launcher_environment_that_does_not_fit_is_named(tiny_data, tmp_path, 
     err = _error_of(["--data", tiny_data, "--out", tmp_path / "runs"], caplog)
     assert words in err and "start the program with torchrun, or without these variables" in err, err
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.slow
+def test_a_rendezvous_that_never_happens_ends_each_rank_in_one_line(tiny_data, tmp_path):
+    """Ranks started by hand with the torchrun environment, their peers missing: rank 0 waits
+    for the others in vain, rank 1 for rank 0's address; a rank 0 whose port is taken cannot
+    listen. Each ends after --timeout at most, in one line naming the fix, and writes nothing."""
+    taken = socket.create_server(("127.0.0.1", 0))
+    ports = [_free_port(), _free_port(), taken.getsockname()[1]]
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "launch.two_gpu", "--data", str(tiny_data), "--out", str(tmp_path / "runs"),
+         "--timeout", "2", *TINY], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                 MASTER_PORT=str(port)))
+        for rank, port in zip((0, 1, 0), ports)]
+    try:
+        errors = [p.communicate(timeout=BOUND_S)[1] for p in procs]
+    finally:
+        taken.close()
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [1, 1, 1], errors
+    for rank, port, err in zip((0, 1, 0), ports, errors):
+        assert "Traceback" not in err, err
+        *_, last = err.strip().splitlines()
+        assert last.startswith(f"{'[rank 1] ' * rank}error: rank {rank} could not meet the other ranks at "
+                               f"127.0.0.1:{port} ("), err
+        assert last.endswith("start all 2 ranks within --timeout 2 s of each other, each with this MASTER_ADDR and "
+                             "MASTER_PORT (an address that every machine reaches, a port free on its machine), as "
+                             "torchrun does"), err
+    assert not (tmp_path / "runs").exists()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.fixture
