@@ -139,6 +139,7 @@ class Skipped:
     other_class: list = field(default_factory=list)  # images reached through a link into another class's folder
     duplicates: list = field(default_factory=list)  # images listed already, under another path (same real file)
     broken_links: list = field(default_factory=list)  # image names that link to nothing
+    not_files: list = field(default_factory=list)  # image names of something else: a pipe, a device, a socket
 
     def describe(self) -> str:
         """One line on the links skipped, each kind with its first path; "" if none."""
@@ -146,7 +147,9 @@ class Skipped:
                                       "holding their class folder)"),
                  (self.other_class, "images reached through a link into another class's folder"),
                  (self.duplicates, "images listed already under another path (the same file through a link)"),
-                 (self.broken_links, "links to images that do not exist")]
+                 (self.broken_links, "links to images that do not exist"),
+                 (self.not_files, "image names of what is not a file (a pipe, a device), which a read would wait "
+                                  "on or never end")]
         return "; ".join(f"{what}: {len(paths)}, e.g. {paths[0]}" for paths, what in kinds if paths)
 
 
@@ -208,6 +211,8 @@ def _images_in(folder: Path, name: str, owners: dict, seen: set, skipped: Skippe
                 skipped.other_class.append(path)
             elif real in seen:
                 skipped.duplicates.append(path)
+            elif not stat.S_ISREG((os.stat(path) if link else status).st_mode):
+                skipped.not_files.append(path)
             else:
                 seen.add(real)
                 images.append((path, os.path.getsize(path) if link else status.st_size))

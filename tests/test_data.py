@@ -213,17 +213,22 @@ def test_links_count_once_and_only_for_their_own_class(tmp_path):
     os.symlink("../b/0.jpg", train / "a" / "stolen.jpg")  # another class's image
     os.symlink("0.jpg", train / "a" / "again.jpg")  # the same image under a second name
     os.symlink("gone.jpg", train / "a" / "dangling.jpg")  # a link to nothing
+    os.mkfifo(train / "b" / "pipe.jpg")  # a read would wait for a writer forever
+    os.symlink("pipe.jpg", train / "b" / "to_pipe.jpg")
     classes, files, skipped = data.scan_layout(root)
     assert _relative(files, root) == {
         "train": [["train/a/0.jpg", "train/a/1.jpg", "train/a/extra/e.jpg"],
                   ["train/b/0.jpg", "train/b/1.jpg", "train/b/linked.jpg"]],
         "val": [["val/a/0.jpg"], ["val/b/0.jpg"]]}
     # b_too/linked.jpg too: found in class b's folder, although it links to a file outside every class.
-    b_too = [str(train / "a" / "b_too" / name) for name in ("0.jpg", "1.jpg", "linked.jpg")]
+    b_too = [str(train / "a" / "b_too" / name) for name in ("0.jpg", "1.jpg", "linked.jpg", "pipe.jpg", "to_pipe.jpg")]
     assert skipped["train"] == data.Skipped(other_class=[str(train / "a" / "stolen.jpg"), *b_too],
                                             duplicates=[str(train / "a" / "again.jpg")],
-                                            broken_links=[str(train / "a" / "dangling.jpg")])
+                                            broken_links=[str(train / "a" / "dangling.jpg")],
+                                            not_files=[str(train / "b" / name) for name in ("pipe.jpg", "to_pipe.jpg")])
     assert skipped["val"] == data.Skipped()
+    assert "image names of what is not a file (a pipe, a device), which a read would wait on or never end: 2, " \
+           f"e.g. {train / 'b' / 'pipe.jpg'}" in skipped["train"].describe()
 
 
 # --------------------------------------------------------------------------- decoding
