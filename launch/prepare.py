@@ -18,6 +18,7 @@ disk) ends the run with one line naming it, exit code 2, and no part of a file l
 """
 
 import argparse
+import errno
 import logging
 import os
 import signal
@@ -53,13 +54,18 @@ def _end_quietly(signum, frame):
 
 def _worker_start() -> None:
     """The pool ends its workers with SIGTERM, the one writing an image too (once one has
-    failed): a worker takes it as an exception, so that ``_convert`` removes what it wrote."""
+    failed, or the program is interrupted): a worker takes it as an exception, so that
+    ``_convert`` removes what it wrote. A terminal's Ctrl-C, which reaches the workers too, is
+    left to the program, which ends them so."""
     signal.signal(signal.SIGTERM, _end_quietly)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _cannot_write(dst: Path, exc: OSError) -> str:
-    return (f"error: cannot write to DST {dst} ({exc.strerror or exc}): free space on its disk, or give a DST that "
-            f"can be written; run again, and the images already written are kept")
+    fix = ("make it writable" if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS) else
+           "free space on its disk")
+    return (f"error: cannot write to DST {dst} ({exc.strerror or exc}): {fix}, or give a DST that can be written; "
+            f"run again, and the images already written are kept")
 
 
 def target_name(relative: Path) -> Path:
@@ -138,8 +144,20 @@ def main(argv=None) -> int:
     src, dst = args.src.expanduser().resolve(), args.dst.expanduser().resolve()
     if dst == src or src in dst.parents:
         parser.error(f"DST {dst} must lie outside SRC {src}")
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # as Ctrl-C
     try:
-        jobs, done = plan_jobs(src, dst, args.quality)
+        return _prepare(src, dst, args.workers, args.quality)
+    except KeyboardInterrupt:
+        print("interrupted: the images written so far are kept, each one whole; run the same command again to go on",
+              file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _prepare(src: Path, dst: Path, workers: int, quality: int) -> int:
+    try:
+        jobs, done = plan_jobs(src, dst, quality)
     except DataError as exc:  # a bad SRC
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -149,7 +167,7 @@ def main(argv=None) -> int:
     total = len(jobs) + done
     log.info("%d images in %s: %d to convert, %d already in %s", total, src, len(jobs), done, dst)
     unreadable, start = [], time.monotonic()
-    with Pool(args.workers, initializer=_worker_start) as pool:
+    with Pool(workers, initializer=_worker_start) as pool:  # its end ends the workers, whatever is raised here
         try:
             for count, (source, error) in enumerate(pool.imap_unordered(_convert, jobs, chunksize=16), 1):
                 if error is not None:
@@ -158,26 +176,29 @@ def main(argv=None) -> int:
                 if count % 1000 == 0 or count == len(jobs):
                     rate = count / max(time.monotonic() - start, 1e-9)
                     log.info("converted %d/%d (%.0f images/s)", count, len(jobs), rate)
-        except OSError as exc:  # a write (reads that fail are skipped): the pool's end stops the other workers
+        except OSError as exc:  # a write (reads that fail are skipped)
             print(_cannot_write(dst, exc), file=sys.stderr)
             return 2
-    if unreadable:
-        listing = dst / "unreadable.txt"
-        try:
+    listing = dst / "unreadable.txt"  # of this run: the files of SRC that are not in DST
+    try:
+        if unreadable:  # a name as SRC's folder spells it, in whatever bytes
             write_whole(listing, lambda partial: partial.write_text(
-                "".join(f"{source}\t{error}\n" for source, error in unreadable)))
-        except OSError as exc:
-            print(_cannot_write(dst, exc), file=sys.stderr)
-            return 2
+                "".join(f"{source}\t{error}\n" for source, error in unreadable), encoding="utf-8",
+                errors="surrogateescape"))
+        else:
+            listing.unlink(missing_ok=True)
+    except OSError as exc:
+        print(_cannot_write(dst, exc), file=sys.stderr)
+        return 2
+    if unreadable:
         log.warning("%d files skipped (unreadable or refused); listed in %s", len(unreadable), listing)
     try:
         bundle = open_data(dst)
-    except DataError as exc:
+    except DataError as exc:  # such as a class whose every image is unreadable
         print(f"error: the prepared tree cannot be used: {exc}", file=sys.stderr)
-        return 1
+        return 2
     log.info("%s", bundle.describe())
     return 0
-
 
 if __name__ == "__main__":
     with quick_exit():

@@ -8,6 +8,8 @@ import json
 import logging
 import multiprocessing
 import os
+import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -760,6 +762,90 @@ def test_prepare_names_each_image_by_its_own_name_and_refuses_images_that_src_no
     (train_a / ".x.png.jpg.partial-123").write_bytes(b"\xff\xd8")  # hidden, a write cut short: not data
     assert prepare.main([str(src), str(dst), "--workers", "1"]) == 0
     assert len(data.open_data(dst, cache_dir=tmp_path / "cache").train) == 4  # 0.jpg of a and b, x.jpg, y.jpg
+
+
+def test_prepare_lists_the_unreadable_files_of_its_last_run_by_their_own_bytes(tmp_path):
+    """A name that is not UTF-8 is listed as its bytes are; a run that finds none unreadable
+    leaves no list of an earlier run's; a class with no readable image is refused (exit 2)."""
+    src, dst = _simple_tree(tmp_path / "raw", train=1, val=1), tmp_path / "prepared"
+    odd = os.path.join(os.fsencode(src / "train" / "a"), b"bad\xfe.png")
+    with open(odd, "wb") as f:
+        f.write(b"not an image")
+    assert prepare.main([str(src), str(dst), "--workers", "1"]) == 0
+    listed = (dst / "unreadable.txt").read_bytes()
+    assert listed.startswith(odd + b"\t") and listed.count(b"\n") == 1
+    os.unlink(odd)
+    assert prepare.main([str(src), str(dst), "--workers", "1"]) == 0
+    assert not (dst / "unreadable.txt").exists()
+
+    (src / "val" / "b" / "0.jpg").write_bytes(b"not a jpeg either")  # class b's only val image
+    shutil.rmtree(dst)
+    assert prepare.main([str(src), str(dst), "--workers", "1"]) == 2
+
+
+def test_prepare_names_the_fix_of_a_write_that_fails(tmp_path):
+    for code, fix in ((errno.ENOSPC, "free space on its disk"), (errno.EACCES, "make it writable"),
+                      (errno.EROFS, "make it writable")):
+        assert prepare._cannot_write(tmp_path, OSError(code, os.strerror(code))) == (
+            f"error: cannot write to DST {tmp_path} ({os.strerror(code)}): {fix}, or give a DST that can be written; "
+            f"run again, and the images already written are kept")
+
+
+_SLOW_TO_CONVERT = 60  # copies of one large image: seconds of work for one worker
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signal_name", ["SIGINT", "SIGTERM"])
+def test_prepare_interrupted_says_so_in_one_line_and_goes_on_when_run_again(tmp_path, signal_name):
+    """Ctrl-C (to the terminal's whole process group: the program and its workers) or SIGTERM
+    (to the program alone): one line and exit 130, no part of an image in DST, no process
+    left; the same command then converts the rest."""
+    src, dst = _simple_tree(tmp_path / "raw", train=1, val=1), tmp_path / "prepared"
+    big = _save(tmp_path / "big.jpg", _rgb(7, (2400, 1800)), quality=95)
+    for i in range(_SLOW_TO_CONVERT):
+        shutil.copy(big, src / "train" / "a" / f"big{i}.jpg")
+    command = [sys.executable, "-m", "launch.prepare", str(src), str(dst), "--workers", "2"]
+    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(dst.glob("train/a/big*.jpg")):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.05)
+        if signal_name == "SIGINT":
+            os.killpg(proc.pid, signal.SIGINT)
+        else:
+            os.kill(proc.pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, err
+    assert err.splitlines()[-1] == ("interrupted: the images written so far are kept, each one whole; run the same "
+                                    "command again to go on") and "Traceback" not in err, err
+    written = list(dst.glob("train/a/big*.jpg"))
+    assert 0 < len(written) < _SLOW_TO_CONVERT, "interrupted before the end"
+    assert not [p for p in dst.rglob(".*") if p.is_file()], "a part of an image is left"
+    deadline = time.monotonic() + 10
+    while _session(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _session(proc.pid), "the workers outlived the program"
+    kept = len(list(dst.rglob("*.jpg")))
+    again = _prepare(src, dst, "--workers", "2")
+    assert again.returncode == 0 and f"{kept} already in" in again.stderr, again.stderr
+    assert len(list(dst.glob("train/a/big*.jpg"))) == _SLOW_TO_CONVERT
+
+
+def _session(sid: int) -> list:
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split() if entry.name.isdigit() else None
+        except OSError:
+            continue
+        if fields and fields[0] != "Z" and int(fields[3]) == sid:
+            found.append(int(entry.name))
+    return found
 
 
 def test_evaluation_counts_each_usable_image_once(tmp_path, caplog):
