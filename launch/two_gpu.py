@@ -189,9 +189,11 @@ def check_resumable(config: TrainConfig, payload: dict, bundle) -> None:
             f"the training set changed since {run} was saved: it had {had}, {bundle.root / 'train'} now has "
             f"{train_images} ({batches} batches of {config.batch_size}), so the run cannot continue where it "
             f"stopped: resume with the data it was trained on, or start a new run")
-    if progress["epoch"] >= config.epochs:
-        raise ValueError(f"{run} has finished its {config.epochs} epochs: train it longer with --resume {run} "
-                         f"--epochs N (N > {config.epochs}), or evaluate it with --eval-only {run}")
+    done = progress["epoch"]
+    if done >= config.epochs:
+        fewer = f", and --epochs {config.epochs} asks for no more" if config.epochs < done else ""
+        raise ValueError(f"{run} has finished its {done} epochs{fewer}: train it longer with --resume {run} "
+                         f"--epochs N (N > {done}), or evaluate it with --eval-only {run}")
     if config.max_steps is not None and progress["global_step"] >= config.max_steps:
         raise ValueError(f"{run} has taken {progress['global_step']} steps, as many as --max-steps {config.max_steps}: "
                          f"give a larger --max-steps, or none")

@@ -683,7 +683,14 @@ def test_resume_refuses_a_changed_recipe_and_weights_only_checkpoints(tiny_data,
     save_checkpoint(tmp_path / "finished" / "checkpoint.pt", finished)
     (tmp_path / "finished" / "summary.json").write_text("{}")
     err = _error_of(["--resume", tmp_path / "finished"], caplog)
-    assert f"has finished its {epochs} epochs: train it longer with --resume" in err
+    assert f"has finished its {epochs} epochs: train it longer with --resume {tmp_path / 'finished'} --epochs N " \
+           f"(N > {epochs})" in err, err
+    longer = dict(finished, config=dict(payload["config"], epochs=epochs + 2),
+                  progress=dict(finished["progress"], epoch=epochs + 2))
+    save_checkpoint(tmp_path / "longer" / "checkpoint.pt", longer)
+    err = _error_of(["--resume", tmp_path / "longer", "--epochs", epochs + 1], caplog)  # fewer than it has done
+    assert f"has finished its {epochs + 2} epochs, and --epochs {epochs + 1} asks for no more: train it longer " \
+           f"with --resume {tmp_path / 'longer'} --epochs N (N > {epochs + 2})" in err, err
     assert (tmp_path / "finished" / "summary.json").read_text() == "{}"  # not rewritten
 
 
