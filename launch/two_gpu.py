@@ -382,6 +382,9 @@ def _configure(argv) -> tuple:
     """(config, checkpoint payload or None, placement) from the command line; raises ValueError."""
     config, given = parse_config(argv), given_options(argv)
     config.validate()
+    if "master_addr" in given and _torchrun_env():
+        raise ValueError("--master-addr is where the ranks that this program starts meet; torchrun's ranks meet where "
+                         "torchrun says (its --master-addr or --rdzv-endpoint): drop --master-addr under torchrun")
     check_schedule_options(config)
     checkpoint = load_checkpoint(config.resume or config.eval_only) if config.resume or config.eval_only else None
     if config.resume:

@@ -397,16 +397,24 @@ def _error_of(argv, caplog) -> str:
     ({"RANK": "0", "WORLD_SIZE": "2"}, "RANK and WORLD_SIZE are set but MASTER_ADDR and MASTER_PORT not"),
     ({"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "rank0.invalid", "MASTER_PORT": "29500"},  # .invalid: never a host
      "MASTER_ADDR='rank0.invalid' is not an address, nor a name that resolves"),
+    ({"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"},  # with --master-addr
+     "torchrun's ranks meet where torchrun says (its --master-addr or --rdzv-endpoint): drop --master-addr under "
+     "torchrun"),
 ], ids=["not-a-number", "rank-too-large", "no-ranks", "no-local-ranks", "port", "port-too-large", "no-rendezvous",
-        "no-such-host"])
+        "no-such-host", "master-addr-option"])
 def test_a_launcher_environment_that_does_not_fit_is_named(tiny_data, tmp_path, caplog, monkeypatch, env, words):
-    """What torchrun sets, set wrong by hand: refused before any rendezvous (which would wait --timeout)."""
+    """What torchrun sets, set wrong by hand, or an option of the ranks the program starts
+    itself given under torchrun: refused before any rendezvous (which would wait --timeout)."""
     for name in ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    err = _error_of(["--data", tiny_data, "--out", tmp_path / "runs"], caplog)
-    assert words in err and "start the program with torchrun, or without these variables" in err, err
+    monkeypatch.setattr("launch.two_gpu.setup_logging", lambda *args: None)  # a rank's, which this process keeps
+    option = ["--master-addr", "127.0.0.1"] if "drop --master-addr" in words else []
+    err = _error_of(["--data", tiny_data, "--out", tmp_path / "runs", *option], caplog)
+    assert words in err, err
+    if not option:
+        assert "start the program with torchrun, or without these variables" in err, err
     assert not (tmp_path / "runs").exists()
 
 
