@@ -25,7 +25,10 @@ others are drawn: a run in its first epoch has no checkpoint.pt unless it was st
 with --checkpoint-every, and a run that is still going or was stopped has no
 summary.json. When nothing at all can be drawn, RUN_DIR is not a run folder, or a picture
 cannot be written (a full disk), the program prints one line naming the fix and exits with
-status 2; each picture is written whole or not at all.
+status 2; each picture is written whole or not at all. Records of metrics.jsonl and
+summary.json that lack what a picture draws (a damaged line, a hand-edited file) are left
+out with a note. Ctrl-C or SIGTERM ends it with one line and status 130: the pictures
+finished stay, the one being written goes, and so does a folder made for them left empty.
 """
 
 import argparse
@@ -35,6 +38,7 @@ import json
 import logging
 import math
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -98,12 +102,15 @@ class RunFolder:
 
     def __init__(self, path: Path):
         self.path = path
+        config = path / "config.json"
         try:
-            self.config = json.loads((path / "config.json").read_text())
+            if config.exists() and not config.is_file():  # a FIFO would wait for a writer forever
+                raise ValueError("not a regular file but a pipe, a device, a folder or a socket")
+            self.config = json.loads(config.read_text())
             if not isinstance(self.config, dict):
                 raise ValueError("not a JSON object")
         except (OSError, ValueError) as exc:
-            what = "has no config.json" if not (path / "config.json").exists() else f"has an unreadable config.json ({exc})"
+            what = "has no config.json" if not config.exists() else f"has an unreadable config.json ({exc})"
             raise ValueError(f"{path} is not a run folder: it {what}; give a folder written by "
                              f"python -m launch.two_gpu (--out/--run-name)") from None
         self._checkpoint = None
@@ -153,7 +160,8 @@ class Metrics:
 
 
 # The fields the pictures draw of each kind of record: a record without them is unreadable.
-FIELDS = {"train": ("loss", "top1", "lr"), "eval": ("top1_error", "top5_error")}  # and a whole-number step
+ERRORS = ("top1_error", "top5_error")  # of an evaluation, as metrics.jsonl and summary.json's "centre" hold them
+FIELDS = {"train": ("loss", "top1", "lr"), "eval": ("epoch", *ERRORS)}  # and a whole-number step
 
 
 def _number(value) -> bool:
@@ -169,12 +177,12 @@ def read_metrics(path: Path) -> Metrics:
     history there, and the records it replaces (at that step or later) are dropped. So the
     last record of each step is kept, and nothing survives from an attempt that went past
     the checkpoint it was later resumed from. Unreadable lines (the last one of a run that
-    is writing it) are left out."""
+    is writing it, a damaged one, one that lacks what the curves draw) are left out."""
     train, evals, unreadable = [], [], 0
-    for line in path.read_text().splitlines():
+    for line in path.read_bytes().splitlines():
         try:
-            record = json.loads(line)
-        except ValueError:
+            record = json.loads(line.decode("utf-8"))
+        except ValueError:  # UnicodeDecodeError included: a damaged line
             record = None
         event = record.get("event") if isinstance(record, dict) else None
         if record is None or (event in FIELDS and not (isinstance(record.get("step"), int)
@@ -353,7 +361,14 @@ def _final_evaluation(run: RunFolder, evals: list) -> Optional[dict]:
     except Skipped:
         return None
     centre, steps = summary.get("centre"), summary.get("steps")
-    if not centre or steps is None or any(r["step"] == steps for r in evals):
+    if not centre or steps is None:
+        return None
+    if not (isinstance(steps, int) and isinstance(centre, dict) and all(_number(centre.get(k)) for k in ERRORS)):
+        log.warning("%s: left out its last evaluation: it needs a whole number of steps and a \"centre\" with "
+                    "%s as numbers, as python -m launch.two_gpu writes it", run.path / "summary.json",
+                    " and ".join(ERRORS))
+        return None
+    if any(r["step"] == steps for r in evals):
         return None
     return {"step": steps, **centre}
 
@@ -416,6 +431,10 @@ def draw_traffic(run: RunFolder, out: Path) -> Path:
     per_step = summary.get("exchanges_per_step")
     if not per_step:
         raise Skipped("summary.json has no exchanges_per_step (written by newer versions of launch.two_gpu)")
+    if not (isinstance(per_step, dict) and all(isinstance(sent, list) and len(sent) == TOWERS
+                                               and all(_number(b) for b in sent) for sent in per_step.values())):
+        raise Skipped(f"summary.json's exchanges_per_step is not as python -m launch.two_gpu writes it (per "
+                      f"exchange, the bytes each of the {TOWERS} towers sends)")
     # Keys are "name/direction"; sorted by name they come in the order of the network.
     names = sorted({key.split("/")[0] for key in per_step})
     plt = _pyplot()
@@ -573,6 +592,9 @@ def _open_neighbour_data(run: RunFolder, options: ShowOptions, payload: dict):
     --data that cannot be used is the user's error (ValueError); the run's own folder
     gone or changed skips the picture."""
     data_dir = options.data if options.data is not None else run.config.get("data")
+    if not isinstance(data_dir, (str, type(None))):
+        raise Skipped("config.json's \"data\" is not a folder name; give the data the run was trained on with "
+                      "--data DIR")
     try:
         bundle = data_module.open_data(data_dir)
         check_classes(payload, run.path / FILENAME, bundle.classes)
@@ -659,18 +681,33 @@ def _open_run(run_dir: str) -> RunFolder:
 
 
 def _output_folder(run: RunFolder, out: Optional[str]) -> tuple:
-    """(the folder for the PNGs, whether it was made here), made before anything is drawn
-    so that a folder that cannot be written fails at once."""
+    """(the folder for the PNGs, the folders made here for it, deepest first), made before
+    anything is drawn so that a folder that cannot be written fails at once."""
     folder = Path(out).expanduser() if out is not None else run.path / SHOW_FOLDER
-    made = not folder.exists()
+    made, missing = [], folder
+    while not missing.exists() and missing != missing.parent:
+        made.append(missing)
+        missing = missing.parent
     try:
         folder.mkdir(parents=True, exist_ok=True)
         if not os.access(folder, os.W_OK):
             raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
     except OSError as exc:
+        _remove_empty(made)
         raise ValueError(f"cannot write the pictures to {folder} ({exc.strerror}): give a folder you can write "
                          f"with --out") from None
     return folder, made
+
+
+def _remove_empty(folders: list) -> None:
+    """Removes ``folders`` (each inside the next) while they are empty."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except FileNotFoundError:
+            continue
+        except OSError:  # it holds a picture: it and the folders around it stay
+            return
 
 
 def main(argv=None) -> int:
@@ -678,6 +715,20 @@ def main(argv=None) -> int:
     args = vars(build_parser().parse_args(argv))
     run_dir = args.pop("run_dir")
     options = ShowOptions(**args)
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # a SIGTERM stops it as Ctrl-C does
+    try:
+        return _show(run_dir, options)
+    except KeyboardInterrupt:  # what was being written is removed by write_whole and _show
+        log.error("interrupted: the pictures written so far are kept, each one whole")
+        return 130
+    except BrokenPipeError:  # the reader went away (| head): end silently, as a tool killed by SIGPIPE does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at the exit
+        return 141
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _show(run_dir: str, options: ShowOptions) -> int:
     drawers = {"kernels": draw_kernels, "colour": draw_colour, "curves": draw_curves, "traffic": draw_traffic,
                "neighbours": lambda run, out: draw_neighbours(run, out, options)}
     # The neighbours first: a --data that cannot be used is an error, and it comes before
@@ -695,8 +746,7 @@ def main(argv=None) -> int:
                 except Skipped as why:
                     skipped.append(f"{name}: {why}")
         finally:
-            if made and not any(out.iterdir()):
-                out.rmdir()  # nothing was written into it
+            _remove_empty(made)  # when nothing was written into them
         if not written:
             raise ValueError(f"nothing to draw in {run.path} yet ({'; '.join(skipped)})")
     except ValueError as exc:

@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -23,7 +24,7 @@ from launch.data import open_data
 from launch.meter import Metrics
 from towers import Architecture, build_reference
 
-from conftest import ROOT, RUN_TIMEOUT_S
+from conftest import ROOT, RUN_TIMEOUT_S, terminate_when_ready
 
 KERNEL_SHAPE = (3, 11, 11)
 
@@ -191,6 +192,23 @@ def test_curves_keep_the_last_record_of_each_step_after_resumes(tmp_path):
     assert [(r["epoch"], r["top1_error"]) for r in metrics.evals] == [(1, 0.9), (2, 0.6)]
 
 
+def test_damaged_lines_and_evaluations_without_their_epoch_are_left_out_of_the_curves(tmp_path, caplog):
+    """A line that is not UTF-8 (a damaged disk, a foreign writer) and an evaluation without
+    its epoch (hand-edited) are left out; the curves are drawn from the other records."""
+    lines = [json.dumps(r).encode() + b"\n" for r in METRICS]
+    epochless = {k: v for k, v in eval_record(2, 6, 0.75).items() if k != "epoch"}
+    lines[3:3] = [b"\xff\xfe\n", json.dumps(epochless).encode() + b"\n"]
+    run = write_run(tmp_path / "run", summary=SUMMARY)
+    (run / "metrics.jsonl").write_bytes(b"".join(lines))
+    metrics = show.read_metrics(run / "metrics.jsonl")
+    assert [r["step"] for r in metrics.train] == [2, 4, 6, 8]
+    assert [(r["epoch"], r["step"]) for r in metrics.evals] == [(1, 4), (2, 8)]
+    with caplog.at_level(logging.INFO, logger="launch.show"):
+        assert show.main([str(run), "--only", "curves"]) == 0
+    assert f"{run / 'metrics.jsonl'}: left out 2 unreadable line(s)" in caplog.messages
+    check_png(run / "show" / "curves.png")
+
+
 def test_a_resumed_run_drops_the_records_it_redoes(tmp_path):
     """launch.meter.Metrics.resume_at, as a run resumed from its checkpoint at step 30 calls it:
     the records of later steps go, as does the line a kill cut short; the others stay as they were."""
@@ -241,6 +259,79 @@ def test_what_cannot_be_drawn_yet_is_skipped_with_the_reason(tiny_data, tmp_path
     with caplog.at_level(logging.INFO, logger="launch.show"):
         assert show.main([str(single), "--only", "curves,traffic"]) == 0
     assert "skipped traffic: a --layout single run has no towers" in caplog.text
+
+
+LEFT_OUT = "summary.json: left out its last evaluation: it needs a whole number of steps and a \"centre\""
+FOREIGN_SUMMARIES = {  # what a hand-edited summary.json holds, and what show says of it
+    "centre not an object": ({"centre": 5}, LEFT_OUT),
+    "centre without top-5": ({"centre": {"top1_error": 0.5}}, LEFT_OUT),
+    "centre's error not a number": ({"centre": {"top1_error": "x", "top5_error": 0.1}}, LEFT_OUT),
+    "steps not a number": ({"steps": "8"}, LEFT_OUT),
+    "exchanges not per tower": ({"exchanges_per_step": {"conv3_input/forward": [1.0]}},
+                                "skipped traffic: summary.json's exchanges_per_step is not as python -m "
+                                "launch.two_gpu writes it"),
+}
+
+
+@pytest.mark.parametrize("case", FOREIGN_SUMMARIES)
+def test_what_a_hand_edited_summary_lacks_is_left_out_with_a_note(tmp_path, case, capsys, caplog):
+    change, note = FOREIGN_SUMMARIES[case]
+    run = write_run(tmp_path / "run", metrics=METRICS[:2], summary={**SUMMARY, **change})  # stopped at step 8
+    with caplog.at_level(logging.INFO, logger="launch.show"):
+        assert show.main([str(run), "--only", "curves,traffic"]) == 0
+    assert note in caplog.text
+    assert capsys.readouterr().out.splitlines()[0] == str(run / "show" / "curves.png")
+    check_png(run / "show" / "curves.png")
+
+
+def test_a_hand_edited_data_folder_in_config_json_skips_figure_4(reference, tiny_bundle, tmp_path, caplog):
+    run = write_run(tmp_path / "run", reference.state_dict(), bundle=tiny_bundle)
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**config, "data": 5}))
+    with caplog.at_level(logging.INFO, logger="launch.show"):
+        assert show.main([str(run), "--only", "colour,neighbours"]) == 0
+    assert "skipped neighbours: config.json's \"data\" is not a folder name" in caplog.text
+    check_png(run / "show" / "colour.png")
+
+
+def _main_until_interrupted(args) -> object:
+    """show.main's exit code, or what escaped it: a KeyboardInterrupt let through would
+    otherwise stop the whole test session as the user's Ctrl-C does."""
+    try:
+        return show.main(args)
+    except KeyboardInterrupt:
+        return "KeyboardInterrupt escaped"
+
+
+def test_ctrl_c_removes_the_part_written_and_the_folders_made(tmp_path, capsys, caplog, monkeypatch):
+    """Ctrl-C (SIGTERM is made one) while a picture is written: one line, exit 130; the part
+    written goes, the pictures finished before stay, and folders made for --out go if empty."""
+    import matplotlib.figure
+    run = write_run(tmp_path / "run", metrics=METRICS, summary=SUMMARY)
+    real, started = matplotlib.figure.Figure.savefig, []
+
+    def stopped_at(picture):
+        def savefig(fig, path, **kwargs):
+            started.append(path)
+            if len(started) == picture:
+                Path(path).write_bytes(b"\x89PNG\r\n")
+                raise KeyboardInterrupt
+            return real(fig, path, **kwargs)
+        return savefig
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", stopped_at(1))
+    before = signal.getsignal(signal.SIGTERM)
+    out = tmp_path / "made" / "for" / "it"
+    assert _main_until_interrupted([str(run), "--only", "curves", "--out", str(out)]) == 130
+    assert not (tmp_path / "made").exists() and signal.getsignal(signal.SIGTERM) == before
+    assert caplog.messages == ["interrupted: the pictures written so far are kept, each one whole"]
+
+    started.clear()
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", stopped_at(2))
+    assert _main_until_interrupted([str(run), "--only", "curves,traffic"]) == 130
+    assert [p.name for p in (run / "show").iterdir()] == ["curves.png"]
+    check_png(run / "show" / "curves.png")
+    assert capsys.readouterr().out == ""
 
 
 def test_a_full_disk_is_one_line_and_leaves_no_partial_picture(tmp_path, capsys, caplog, monkeypatch):
@@ -325,10 +416,13 @@ def _bad_run_dir(tmp_path, case):
         run.mkdir()
     if case == "nothing to draw":
         (run / "config.json").write_text(json.dumps({"data": None, "batch_size": 4, "layout": "towers"}))
+    if case == "config.json a pipe":
+        os.mkfifo(run / "config.json")  # opened, it would wait for a writer
     return run
 
 
-BAD_RUN_DIRS = {"missing": "does not exist", "no config.json": "not a run folder", "nothing to draw": "nothing to draw"}
+BAD_RUN_DIRS = {"missing": "does not exist", "no config.json": "not a run folder", "nothing to draw": "nothing to draw",
+                "config.json a pipe": "not a run folder: it has an unreadable config.json (not a regular file"}
 
 
 @pytest.mark.parametrize("case", BAD_RUN_DIRS)
@@ -354,6 +448,54 @@ def test_a_bad_run_dir_gives_one_line_and_exit_2(tmp_path):
 
 
 # --------------------------------------------------------------------------- the real program
+
+# The program as python -m launch.show runs it, but each picture's writer stops after the first
+# bytes of the file and waits for a signal.
+STOPS_WHILE_WRITING = """
+import runpy, signal
+from pathlib import Path
+import matplotlib.figure
+
+def savefig(fig, path, **kwargs):
+    Path(path).write_bytes(b"\\x89PNG\\r\\n")
+    while True:
+        signal.pause()
+
+matplotlib.figure.Figure.savefig = savefig
+runpy.run_module("launch.show", run_name="__main__", alter_sys=True)
+"""
+
+
+@pytest.mark.slow  # a real process and a real signal
+def test_sigterm_while_a_picture_is_written_removes_it_and_the_folder_made(tmp_path):
+    """SIGTERM while curves.png is written, into the show/ folder made for it: one line,
+    exit 130, as on Ctrl-C; neither the part written nor the folder is left."""
+    run = write_run(tmp_path / "run", metrics=METRICS, summary=SUMMARY)
+    log = tmp_path / "show.log"
+    with open(log, "w") as err:
+        proc = subprocess.Popen([sys.executable, "-c", STOPS_WHILE_WRITING, str(run), "--only", "curves"], cwd=ROOT,
+                                stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+    code = terminate_when_ready(proc, lambda: any((run / "show").glob(".curves.png.partial-*")), log)
+    assert code == 130, log.read_text()[-3000:]
+    assert log.read_text().splitlines()[-1] == "interrupted: the pictures written so far are kept, each one whole"
+    assert "Traceback" not in log.read_text()
+    assert sorted(p.name for p in run.iterdir()) == ["config.json", "metrics.jsonl", "summary.json"]
+
+
+@pytest.mark.slow  # a real process
+def test_a_reader_that_goes_away_ends_it_quietly(tmp_path):
+    """``python -m launch.show RUN | true``: no reader is left when it prints the paths."""
+    run = write_run(tmp_path / "run", metrics=METRICS, summary=SUMMARY)
+    reader, writer = os.pipe()
+    os.close(reader)  # before the program starts: its print meets a closed pipe
+    try:
+        result = subprocess.run([sys.executable, "-m", "launch.show", str(run), "--only", "curves"], cwd=ROOT,
+                                stdout=writer, stderr=subprocess.PIPE, text=True, timeout=RUN_TIMEOUT_S)
+    finally:
+        os.close(writer)
+    assert result.returncode == 141 and result.stderr == "", result.stderr[-3000:]
+    check_png(run / "show" / "curves.png")
+
 
 @pytest.mark.slow
 def test_a_real_run_is_drawn(trained_run, tmp_path):
