@@ -206,6 +206,11 @@ def resolve(config: BenchConfig, devices: DevicePlan) -> BenchConfig:
     if min((config.batch,) + config.batches) < 1 or any(b % 2 for b in ddp_batches):
         raise ValueError(f"batches must be positive, and even where ddp or hybrid runs (they halve the global "
                          f"batch): --batch {config.batch} --batches {','.join(map(str, config.batches))}")
+    if not 0 <= config.seed < 2**32:
+        raise ValueError(f"--seed must be an integer from 0 to {2**32 - 1}, got {config.seed}")
+    if not 0 < config.bf16_slowdown_limit < math.inf:
+        raise ValueError(f"--bf16-slowdown-limit must be a positive number of times fp32's step, "
+                         f"got {config.bf16_slowdown_limit:g}")
     if config.time_limit is not None and not 0 < config.time_limit < math.inf:
         raise ValueError(f"--time-limit must be a positive number of seconds, got {config.time_limit:g}")
     for link in config.links:

@@ -106,6 +106,11 @@ def test_a_time_limit_must_be_a_positive_number_of_seconds(tmp_path):
     ("--link-latency-us", "nan", "--link-latency-us must be a number of microseconds, 0 or more, got nan"),
     ("--rank-timeout-s", "0", "--rank-timeout-s must be a number of seconds, at least 1, got 0"),
     ("--rank-timeout-s", "inf", "--rank-timeout-s must be a number of seconds, at least 1, got inf"),
+    ("--seed", "-1", "--seed must be an integer from 0 to 4294967295, got -1"),
+    ("--seed", "99999999999999999999999", "--seed must be an integer from 0 to 4294967295, got 99999999999999999999999"),
+    ("--bf16-slowdown-limit", "nan", "--bf16-slowdown-limit must be a positive number of times fp32's step, got nan"),
+    ("--bf16-slowdown-limit", "0", "--bf16-slowdown-limit must be a positive number of times fp32's step, got 0"),
+    ("--bf16-slowdown-limit", "-2", "--bf16-slowdown-limit must be a positive number of times fp32's step, got -2"),
     ("--loader-batches", "0", "--loader-batches must be at least 1 and --loader-workers at least 0, got 0 and 0,1"),
     ("--loader-workers", "0,-1", "--loader-batches must be at least 1 and --loader-workers at least 0, got 3 and 0,-1"),
 ])
