@@ -572,7 +572,9 @@ class Deadline:
 class Bench:
     """One benchmark's runs, in fresh processes each, and its results.json, written anew after
     every run (so that a benchmark stopped from outside leaves what it measured, from which
-    ``report.write_report`` can draw the report)."""
+    ``report.write_report`` can draw the report). An earlier benchmark's files in the folder
+    stay until this one's first results.json replaces theirs; its report goes then, not to
+    stand beside another benchmark's results."""
 
     def __init__(self, config: BenchConfig, devices: DevicePlan, out: Path, argv, deadline: Deadline):
         self.config, self.devices, self.out = config, devices, out
@@ -580,6 +582,7 @@ class Bench:
         self.analytic = analytic_figures(config)
         self.keys = plan_runs(config)
         self.runs, self.not_measured, self.bf16_reason, self.weights = {}, [], None, None
+        self.written = False  # whether results.json in ``out`` is this benchmark's
         self.results = {
             "machine": {**machine_info(devices), "load_average": {"start": _load_average(), "end": None}},
             "config": asdict(config),
@@ -604,10 +607,24 @@ class Bench:
         except OSError as error:  # a full disk, or a folder that went or turned read-only
             if partial is not None:
                 partial.unlink(missing_ok=True)
-            kept = f"; {path.name} there holds the runs measured before" if path.exists() else ""
+            kept = (f"; {path.name} there holds the runs measured before" if self.written else
+                    f"; {path.name} there is an earlier benchmark's, as it was" if path.exists() else "")
             raise ValueError(f"cannot write {path} ({error.strerror or error}): free space on that disk, or give "
                              f"--out a folder that can be written{kept}") from None
+        if not self.written:
+            self.written = True
+            self.remove_earlier_report()
         return self.results
+
+    def remove_earlier_report(self) -> None:
+        """The files of an earlier benchmark's report, which must not stand beside this one's results."""
+        from .report import REPORT_FILES
+        earlier = [name for name in REPORT_FILES if name != "results.json" and (self.out / name).exists()]
+        for name in earlier:
+            (self.out / name).unlink(missing_ok=True)
+        if earlier:
+            logger.info("%s: removed the earlier benchmark's %s, as results.json there is now this one's", self.out,
+                        ", ".join(earlier))
 
     def draw_weights(self, folder: str) -> None:
         """The reference from the seed and its two tower shards, as files in ``folder`` that every run
@@ -710,15 +727,14 @@ def main(argv=None) -> Path:
         raise ValueError(f"--out {out}: this folder cannot be written; give another")
     from .report import REPORT_FILES
     earlier = [name for name in REPORT_FILES if (out / name).exists()]
-    for name in earlier:  # a report of another run must not stand beside this run's results, should it stop
-        (out / name).unlink()
     if earlier:
-        logger.info("%s: removed the earlier benchmark's %s", out, ", ".join(earlier))
+        logger.info("%s holds an earlier benchmark's %s: kept until this one's first results are written", out,
+                    ", ".join(earlier))
     bench = Bench(config, devices, out, argv, deadline)
     try:
         results = bench.run(loader_data)
     except KeyboardInterrupt:
-        if (out / "results.json").exists():
+        if bench.written:
             logger.error("stopped: %s holds the runs measured so far; python -m benchmarks.report %s draws their "
                          "report", out / "results.json", out)
         else:

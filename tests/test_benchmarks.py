@@ -185,6 +185,40 @@ def test_a_full_disk_under_results_json_is_one_line_and_leaves_no_partial_file(t
                                   f"holds the runs measured before")
     assert [p.name for p in tmp_path.iterdir()] == ["results.json"]  # no .results.json.* left
     assert (tmp_path / "results.json").read_text() == written and json.loads(written)["date"] == saved["date"]
+    # a benchmark whose first results.json cannot be written: the one there is not its own
+    later = run.Bench(bench.config, devices, tmp_path, [], run.Deadline(None))
+    with pytest.raises(ValueError) as refused:
+        later.save()
+    assert str(refused.value).endswith("; results.json there is an earlier benchmark's, as it was")
+    assert (tmp_path / "results.json").read_text() == written
+
+
+@pytest.mark.parametrize("stopped", ["before the first results", "after the first results"])
+def test_an_earlier_benchmark_stays_until_the_first_results_replace_it(tiny_data, tmp_path, monkeypatch, caplog,
+                                                                       stopped):
+    """A second benchmark in the folder of a first (the default --out is one per machine and
+    day), stopped: before it has results, the first's files are as they were; after, its
+    results.json stands alone, the first's report gone with the first's results."""
+    out = tmp_path / "report"
+    out.mkdir()
+    for name in report.REPORT_FILES:
+        (out / name).write_text("an earlier report")
+
+    def interrupted(bench, loader_data):
+        if stopped == "after the first results":
+            bench.save()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run.Bench, "run", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run.main(["--device", "cpu", "--quick", "--batch", "2", "--loader-data", str(tiny_data), "--out", str(out)])
+    if stopped == "before the first results":
+        assert f"stopped before the first run was measured: nothing was written in {out}" in caplog.text
+        assert {p.name: p.read_text() for p in out.iterdir()} == dict.fromkeys(report.REPORT_FILES, "an earlier report")
+    else:
+        assert f"stopped: {out / 'results.json'} holds the runs measured so far" in caplog.text
+        assert [p.name for p in out.iterdir()] == ["results.json"]
+        assert json.loads((out / "results.json").read_text())["runs"] == []
 
 
 def test_a_full_disk_under_the_report_is_one_line_and_leaves_no_partial_file(tiny_data, tmp_path, monkeypatch):
