@@ -93,9 +93,10 @@ def _share(run) -> str:
 def main_table(results) -> list:
     batch = results["config"]["batch"]
     kinds = "; ".join(sorted({r["memory_kind"] for r in results["runs"] if r["batch"] == batch}))
+    memory = f"peak memory per rank (MB: {kinds})" if kinds else "peak memory per rank (MB)"
     lines = ["| mode | device (ranks x device, threads/rank) | global batch | images/s | ms/step median [p10, p90] "
              "| exchange or all-reduce ms (per rank) | compute ms (per rank) | bytes/step per rank: measured "
-             f"| analytic | bytes/step total: measured | analytic | peak memory per rank (MB: {kinds}) "
+             f"| analytic | bytes/step total: measured | analytic | {memory} "
              "| param memory per rank (MB) | GFLOP/s | % of peak |",
              "|" + "---|" * 15]
     for mode in MODE_ORDER:
@@ -117,7 +118,8 @@ def main_table(results) -> list:
 
 def methods(results) -> list:
     a, cfg = results["analytic"], results["config"]
-    memory_kinds = sorted({r["memory_kind"] for r in results["runs"]})
+    memory_kinds = "; ".join(sorted({r["memory_kind"] for r in results["runs"]})) or \
+        "No run was measured (see 'Not measured')"
     rss = [r["rss_at_start_bytes"][0] for r in results["runs"] if "RSS" in r["memory_kind"]]
     return [
         f"- **Timing.** Each run is a fresh process (one per rank) started by `launch.ranks.run_ranks`; it runs "
@@ -145,7 +147,7 @@ def methods(results) -> list:
         f"bytes, times the ring all-reduce factor 2(n-1)/n = {a['ring_factor']:g} for n = 2; analytic: "
         f"{a['num_params']:,} parameters x 4 bytes x {a['ring_factor']:g}. Total = sum over ranks. "
         "MB = 10^6 bytes.",
-        f"- **Memory.** {'; '.join(memory_kinds)}. "
+        f"- **Memory.** {memory_kinds}. "
         + (f"On the CPU this is the whole process: the Python/torch runtime alone held "
            f"{_span(rss)} MB when the worker started (results.json: `rss_at_start_bytes`). " if rss else "")
         + "Param memory = bytes of the rank's parameters (tower 0 holds FC8 when it is whole there).",
@@ -198,6 +200,8 @@ def crossover_lines(results) -> list:
 
 def sweep_tables(results) -> list:
     batches = sorted({r["batch"] for r in results["runs"] if _plain(r)})
+    if not batches:
+        return ["Not measured: no fp32, contiguous run (see 'Not measured')."]
     modes = [m for m in MODE_ORDER if any(_find(results, m, b) for b in batches)]
     lines = ["images/s (ms/step median), fp32, contiguous:", "",
              "| global batch | " + " | ".join(modes) + " |", "|---|" + "---|" * len(modes)]
@@ -205,13 +209,15 @@ def sweep_tables(results) -> list:
         cells = [(lambda r: f"{r['images_per_s']:.1f} ({r['step_ms']['median']:.1f})" if r else "—")(_find(results, m, b))
                  for m in modes]
         lines.append(f"| {b} | " + " | ".join(cells) + " |")
-    lines += ["", "Bytes per step, all ranks together (MB), measured / analytic:", "",
-              "| global batch | towers | ddp |", "|---|---|---|"]
+    rows = []
     for b in batches:
         cells = [(lambda r: f"{_mb(r['bytes_total'])} / {_mb(r['bytes_total_analytic'])}" if r else "—")(_find(results, m, b))
                  for m in ("towers", "ddp")]
         if cells != ["—", "—"]:
-            lines.append(f"| {b} | " + " | ".join(cells) + " |")
+            rows.append(f"| {b} | " + " | ".join(cells) + " |")
+    if rows:  # only the two-rank modes move bytes
+        lines += ["", "Bytes per step, all ranks together (MB), measured / analytic:", "",
+                  "| global batch | towers | ddp |", "|---|---|---|", *rows]
     return lines
 
 

@@ -221,6 +221,35 @@ def test_an_earlier_benchmark_stays_until_the_first_results_replace_it(tiny_data
         assert json.loads((out / "results.json").read_text())["runs"] == []
 
 
+def _table_widths(markdown: str) -> list:
+    """The number of cells of each line of each table, table by table."""
+    tables, table = [], []
+    for line in markdown.splitlines() + [""]:
+        if line.startswith("|"):
+            table.append(len(line.strip().strip("|").split("|")))
+        elif table:
+            tables.append(table)
+            table = []
+    return tables
+
+
+def test_a_report_of_nothing_measured_says_so_in_whole_sentences_and_tables(tmp_path):
+    config = run.BenchConfig(device="cpu", quick=True, batch=2, modes=("single",), batches=(4,),
+                             sweep_modes=("single",), time_limit=5)
+    devices = run.plan_devices(config)
+    bench = run.Bench(run.resolve(config, devices), devices, tmp_path, [], run.Deadline(5))
+    bench.not_measured = [{**key._asdict(), "reason": bench.deadline.reason} for key in bench.keys]
+    report.write_report(bench.save(), tmp_path)
+    text = (tmp_path / "report.md").read_text()
+    sweep = text.split("## Batch-size sweep\n\n", 1)[1].split("\n## ", 1)[0]
+    assert sweep.startswith("Not measured: no fp32, contiguous run (see 'Not measured').\n\nTowers: ")
+    assert "- **Memory.** No run was measured (see 'Not measured'). Param memory = " in text
+    assert "| peak memory per rank (MB) |" in text
+    tables = _table_widths(text)
+    assert len(tables) == 3  # the main table, the precision sweep and the eight-GPU projection
+    assert all(len(set(widths)) == 1 and len(widths) >= 3 for widths in tables), tables
+
+
 def test_a_full_disk_under_the_report_is_one_line_and_leaves_no_partial_file(tiny_data, tmp_path, monkeypatch):
     """The disk fills while the second chart is written, by benchmarks.run and by benchmarks.report:
     one line naming the folder and the fix, each file of the report whole or not there."""
