@@ -97,14 +97,14 @@ class Metrics:
         if self.path is None or not self.path.exists():
             return
 
-        def kept(line: str) -> bool:
+        def kept(line: bytes) -> bool:
             try:
-                value = json.loads(line)
-            except ValueError:
+                value = json.loads(line.decode("utf-8"))
+            except ValueError:  # UnicodeDecodeError too: a damaged line
                 return False
             return not isinstance(value, dict) or not isinstance(value.get("step"), int) or value["step"] <= step
 
-        lines = [line + "\n" for line in self.path.read_text().splitlines() if kept(line)]
+        lines = [line.decode("utf-8") + "\n" for line in self.path.read_bytes().splitlines() if kept(line)]
         lines.append(json.dumps({"time": time.time(), "event": "resume", "step": step, **record}) + "\n")
         write_whole(self.path, lambda partial: partial.write_text("".join(lines)))
 

@@ -211,12 +211,14 @@ def test_damaged_lines_and_evaluations_without_their_epoch_are_left_out_of_the_c
 
 def test_a_resumed_run_drops_the_records_it_redoes(tmp_path):
     """launch.meter.Metrics.resume_at, as a run resumed from its checkpoint at step 30 calls it:
-    the records of later steps go, as does the line a kill cut short; the others stay as they were."""
+    the records of later steps go, as do the line a kill cut short and a damaged one (not UTF-8);
+    the others stay as they were."""
     path = tmp_path / "metrics.jsonl"
     kept = [train_record(10, 2.3), train_record(20, 2.2), train_record(30, 2.1), eval_record(1, 30, 0.9),
             {"event": "summary", "centre": {}}]
     lines = [json.dumps(r) + "\n" for r in [*kept, train_record(40, 2.0, 2), eval_record(2, 40, 0.8)]]
-    path.write_text("".join(lines[:5]) + lines[5] + lines[6] + '{"event": "train", "st')
+    damaged = b"\x00\xff a damaged line\n"
+    path.write_bytes(("".join(lines[:6])).encode() + damaged + (lines[6] + '{"event": "train", "st').encode())
     Metrics(path).resume_at(30, epoch=2, checkpoint="run/checkpoint.pt")
     written = [json.loads(line) for line in path.read_text().splitlines()]
     assert written[:-1] == kept and path.read_text().startswith("".join(lines[:5]))
