@@ -138,8 +138,15 @@ def resumed_config(config: TrainConfig, payload: dict, given: Optional[set] = No
 def evaluated_config(config: TrainConfig, payload: dict, given: Optional[set] = None) -> TrainConfig:
     """--eval-only evaluates the net that the checkpoint holds: its LRN, pooling and
     activation come from the checkpoint; an option that names another is refused, as is an
-    option of training, which it would ignore."""
+    option of training, which it would ignore. Without --data, on the validation images of
+    the data it was trained on (the built-in set too), as a resumed run trains on them."""
     _, given = _given(config, given)
+    trained_on = (payload.get("config") or {}).get("data")
+    if "data" not in given and trained_on is not None:
+        if not Path(trained_on).expanduser().exists():
+            raise ValueError(f"{config.eval_only} was trained on {trained_on}, which is not there now: give the "
+                             f"images to evaluate it on with --data")
+        config = dataclasses.replace(config, data=trained_on)
     unused = [f"--{name.replace('_', '-')}" for name in TRAINING_ONLY if name in given]
     if unused:
         raise ValueError(f"{' '.join(unused)}: --eval-only evaluates {config.eval_only} and trains nothing, so "

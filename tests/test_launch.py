@@ -23,7 +23,8 @@ from benchmarks.flops import reference_layers
 from benchmarks.traffic import tower_sent_elements
 from launch import data as data_module
 from launch import train, two_gpu
-from launch.checkpoint import load_checkpoint, load_reference, restore_training_state, save_reference, save_training_state
+from launch.checkpoint import (load_checkpoint, load_reference, restore_training_state, save_checkpoint, save_reference,
+                              save_training_state)
 from launch.mesh import build_mesh
 from launch.ranks import run_ranks
 from launch.train import IMAGE_SHAPE, InputBytes, Plan, default_workers, evaluate, shared_batches
@@ -82,6 +83,14 @@ def test_short_run_writes_its_results_and_eval_only_agrees(trained_run, tiny_dat
     _, _, bundle, lock = two_gpu.prepare_run(config, checkpoint)
     lock.close()
     assert torch.equal(bundle.stats.mean, payload["data_mean"]) and bundle.stats.mean.max() > 0
+    # Without --data, the data it was trained on (not the built-in set), as --resume does; gone, it is refused.
+    config, _, _ = two_gpu._configure(["--out", str(tmp_path), "--eval-only", str(run)])
+    assert Path(config.data).resolve() == Path(tiny_data).resolve()
+    gone = tmp_path / "gone"
+    save_checkpoint(gone / "checkpoint.pt", dict(payload, config=dict(payload["config"], data=str(tmp_path / "nowhere"))))
+    with pytest.raises(ValueError, match=f"{gone} was trained on {tmp_path / 'nowhere'}, which is not there now: "
+                                         f"give the images to evaluate it on with --data"):
+        two_gpu._configure(["--out", str(tmp_path), "--eval-only", str(gone)])
     evaluated = json.loads(again.stderr.split("done: ", 1)[1].splitlines()[0].join(['"', '"']))
     top1 = f"top-1 error {100 * summary['centre']['top1_error']:.2f}%"
     ten = f"ten-patch test: top-1 {100 * summary['ten_patch']['top1_error']:.2f}%"
