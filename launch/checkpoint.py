@@ -166,7 +166,11 @@ def load_checkpoint(path, classes: Optional[list] = None) -> dict:
         raise CheckpointError(f"{path} is not a checkpoint of this project (no '{FORMAT}' marker)")
     if payload.get("version") != VERSION:
         raise CheckpointError(f"{path} has checkpoint version {payload.get('version')}; this program reads version {VERSION}")
-    arch = payload.get("arch", {})
+    arch, model = payload.get("arch", {}), payload.get("model")
+    if not (isinstance(arch, dict) and isinstance(model, dict) and all(isinstance(v, torch.Tensor) for v in model.values())
+            and type(arch.get("num_classes")) is int):
+        raise CheckpointError(f"{path} is not laid out as this program writes a checkpoint (an 'arch' record with its "
+                              f"num_classes, a 'model' of tensors): it was not saved by this program")
     if arch.get("name") != ARCH:
         raise CheckpointError(f"{path} holds architecture {arch.get('name')!r}, not {ARCH!r}")
     try:  # a checkpoint saved before the architecture was recorded holds the paper's net: the defaults
@@ -188,6 +192,12 @@ def load_checkpoint(path, classes: Optional[list] = None) -> dict:
         shape = tuple(mean.shape) if isinstance(mean, torch.Tensor) else type(mean).__name__
         raise CheckpointError(f"{path} holds a mean image of shape {shape}, not {' x '.join(map(str, MEAN_SHAPE))}: "
                               f"it was not saved by this program")
+    numbers = {**model, **({} if mean is None else {"data_mean": mean})}
+    broken = [k for k, v in numbers.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if broken:  # a net that diverged: its every output would be NaN
+        raise CheckpointError(f"{path} holds values that are not finite numbers (NaN or infinite) in "
+                              f"{', '.join(broken[:4])}{' ...' if len(broken) > 4 else ''}: the run diverged before "
+                              f"it was saved; use an earlier checkpoint, or train again with a lower --lr")
     return payload
 
 

@@ -627,6 +627,22 @@ def test_bad_checkpoints_get_clear_errors_and_run_no_code(tiny_data, tmp_path, c
     assert "holds a mean image of shape (3, 224, 224), not 3 x 256 x 256" in _error_of(
         [*args, tmp_path / "odd-mean.pt"], caplog)
 
+    diverged = build_reference(10)
+    with torch.no_grad():
+        diverged.fc8.weight[3, 7] = float("nan")
+    save_reference(tmp_path / "diverged.pt", diverged)
+    assert f"error: {tmp_path / 'diverged.pt'} holds values that are not finite numbers (NaN or infinite) in " \
+           f"fc8.weight: the run diverged before it was saved; use an earlier checkpoint" in _error_of(
+               [*args, tmp_path / "diverged.pt"], caplog)
+    payload = load_checkpoint(good)
+    for name, broken in (("arch", dict(payload, arch=[1, 2])),
+                         ("model", {k: v for k, v in payload.items() if k != "model"}),
+                         ("a weight", dict(payload, model=dict(payload["model"], **{"fc8.bias": "text"}))),
+                         ("num_classes", dict(payload, arch=dict(payload["arch"], num_classes="10")))):
+        torch.save(broken, tmp_path / "broken.pt")
+        assert f"{tmp_path / 'broken.pt'} is not laid out as this program writes a checkpoint" in _error_of(
+            [*args, tmp_path / "broken.pt"], caplog), name
+
     marker = tmp_path / "code-ran"
     crafted = tmp_path / "crafted.pt"
     torch.save({"format": FORMAT, "payload": _RunsCommand(f"touch {marker}")}, crafted)
