@@ -47,7 +47,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .builtin import BUILTIN_NAME, builtin_dataset
-from .images import BASE_SIZE, CROP_SIZE, DECODE_ERRORS, IMAGE_EXTENSIONS, DataError, load_image, skip_reason
+from .images import (BASE_SIZE, CROP_SIZE, DECODE_ERRORS, IMAGE_EXTENSIONS, DataError, is_image_name, load_image,
+                     skip_reason)
 from .ranks import die_with_parent
 from .stats import DataStats, load_or_compute_stats
 
@@ -193,7 +194,7 @@ def _images_in(folder: Path, name: str, owners: dict, seen: set, skipped: Skippe
         dir_owner = _owner(real_dir, owners)
         for file_name in sorted(filenames):
             path = os.path.join(dirpath, file_name)
-            if file_name.startswith(".") or not file_name.lower().endswith(IMAGE_EXTENSIONS):
+            if not is_image_name(file_name):
                 skipped.other_files += 1
                 continue
             # Another class's image if found in another class's folder (through a folder

@@ -18,6 +18,13 @@ from PIL import Image
 BASE_SIZE = 256  # section 2: shorter side rescaled to 256, central 256x256 patch
 CROP_SIZE = 224  # section 4.1: the network's input
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+def is_image_name(name: str) -> bool:
+    """Whether a data folder's scan reads the file ``name`` as an image: by its extension, any
+    case; never a hidden file (macOS's ._x.jpg twins, a write cut short)."""
+    return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
+
 TRANSPARENT_BACKGROUND = (128, 128, 128)  # mid-grey: close to the mean, so near 0 after subtraction
 # Longer side over shorter side. The central square of a longer image shows less than a
 # twentieth of it, blown up: a strip, a banner or a broken header rather than a picture

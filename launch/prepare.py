@@ -31,7 +31,7 @@ from PIL import Image
 
 from launch.cli import quick_exit, write_whole
 from launch.data import DataError, open_data, scan_layout
-from launch.images import DECODE_ERRORS, IMAGE_EXTENSIONS, load_image, skip_reason
+from launch.images import DECODE_ERRORS, is_image_name, load_image, skip_reason
 
 log = logging.getLogger(__name__)
 
@@ -101,9 +101,6 @@ def plan_jobs(src: Path, dst: Path, quality: int):
                         f"(SRC has changed since they were written, or DST holds other images): the training "
                         f"program would read them as data. Remove them, or give a new DST, and run again")
     jobs, done = [], 0
-    for split in ("train", "val"):
-        for name in classes:  # every class folder, though all its images be unreadable
-            (dst / split / name).mkdir(parents=True, exist_ok=True)
     for target, path in planned.items():
         if target.is_file():
             done += 1
@@ -114,16 +111,15 @@ def plan_jobs(src: Path, dst: Path, quality: int):
 
 
 def _stray_images(dst: Path, planned: dict) -> list:
-    """The images in DST's class folders that are not in ``planned``, sorted; hidden files (a
-    write cut short by SIGKILL) are left alone, as the training program leaves them."""
+    """The images in DST's class folders that are not in ``planned``, sorted: those that the
+    training program would read (not a hidden write cut short by SIGKILL)."""
     stray = []
     for split in ("train", "val"):
         if not (dst / split).is_dir():
             continue
         classes = [e.path for e in os.scandir(dst / split) if e.is_dir() and not e.name.startswith(".")]
         for folder, _, names in (entry for top in classes for entry in os.walk(top)):
-            stray += [Path(folder, n) for n in names
-                      if not n.startswith(".") and n.lower().endswith(IMAGE_EXTENSIONS) and Path(folder, n) not in planned]
+            stray += [Path(folder, n) for n in names if is_image_name(n) and Path(folder, n) not in planned]
     return sorted(stray)
 
 
@@ -199,6 +195,7 @@ def _prepare(src: Path, dst: Path, workers: int, quality: int) -> int:
         return 2
     log.info("%s", bundle.describe())
     return 0
+
 
 if __name__ == "__main__":
     with quick_exit():
