@@ -172,6 +172,10 @@ def _prepare(src: Path, dst: Path, workers: int, quality: int) -> int:
                 if count % 1000 == 0 or count == len(jobs):
                     rate = count / max(time.monotonic() - start, 1e-9)
                     log.info("converted %d/%d (%.0f images/s)", count, len(jobs), rate)
+            # Done: the workers end by themselves. Ending them with SIGTERM (the block's end) while
+            # they wait for work can leave one waiting for good, and this program waiting for it.
+            pool.close()
+            pool.join()
         except OSError as exc:  # a write (reads that fail are skipped)
             print(_cannot_write(dst, exc), file=sys.stderr)
             return 2
