@@ -165,8 +165,9 @@ def _owner(real_dir: str, owners: dict):
 
 
 def _images_in(folder: Path, name: str, owners: dict, seen: set, skipped: Skipped) -> list:
-    """Sorted [(path, size in bytes)] of the images under ``folder``, the folder of class
-    ``name``, recursively, following links. ``owners`` maps the real path of each class
+    """Sorted [(path, (size in bytes, modification time in ns))] of the images under
+    ``folder``, the folder of class ``name``, recursively, following links (a link's size
+    and time are its target's). ``owners`` maps the real path of each class
     folder of the split to its class; ``seen`` holds the real paths listed so far in the
     split. What is left out is counted in ``skipped``."""
     top = os.path.realpath(folder)
@@ -199,11 +200,14 @@ def _images_in(folder: Path, name: str, owners: dict, seen: set, skipped: Skippe
                 continue
             # Another class's image if found in another class's folder (through a folder
             # link), or if it is a link into another class's folder.
-            status = os.lstat(path)  # one call for the size and whether it is a link
+            status = os.lstat(path)
             link = stat.S_ISLNK(status.st_mode)
-            if link and not os.path.exists(path):
-                skipped.broken_links.append(path)
-                continue
+            if link:
+                try:
+                    status = os.stat(path)  # what it links to: its kind, size and time
+                except OSError:
+                    skipped.broken_links.append(path)
+                    continue
             real, owner = os.path.join(real_dir, file_name), dir_owner
             if link and owner in (None, name):
                 real = os.path.realpath(path)
@@ -212,17 +216,17 @@ def _images_in(folder: Path, name: str, owners: dict, seen: set, skipped: Skippe
                 skipped.other_class.append(path)
             elif real in seen:
                 skipped.duplicates.append(path)
-            elif not stat.S_ISREG((os.stat(path) if link else status).st_mode):
+            elif not stat.S_ISREG(status.st_mode):
                 skipped.not_files.append(path)
             else:
                 seen.add(real)
-                images.append((path, os.path.getsize(path) if link else status.st_size))
+                images.append((path, (status.st_size, status.st_mtime_ns)))
     return images
 
 
 def scan_layout(root: Union[str, Path]):
     """Checks an ImageNet-layout folder and lists it. Returns (classes, {split: [(path,
-    size)] per class}, {split: Skipped}); raises DataError naming the fix.
+    (size, mtime_ns))] per class}, {split: Skipped}); raises DataError naming the fix.
 
     Links are followed, but a folder link back into its own class's walk (to a folder
     walked already, or to one holding the class folder) is skipped, and so is an image

@@ -4,8 +4,9 @@ cached.
 
 The cache file is stored next to the data as ``.alexnet-stats-<key>.pt``, or in
 ``<cache>/stats`` (``launch.builtin.default_cache_dir()``) when the data folder
-cannot be written, keyed by the names and sizes of the training files so that a
-changed dataset never gets stale statistics.
+cannot be written, keyed by the names, sizes and modification times of the training
+files so that a changed dataset (an image added, removed, renamed or rewritten) never
+gets stale statistics.
 """
 
 import hashlib
@@ -114,16 +115,16 @@ def compute_stats(train: "ImageFolderSplit", sample: int = STATS_SAMPLE, use_ima
 
 def _stats_key(root: Path, train_files: list, sample: int, imagenet: bool) -> str:
     digest = hashlib.sha256(f"stats v{STATS_VERSION} sample={sample} imagenet={imagenet}\n".encode())
-    for path, size in train_files:
+    for path, (size, mtime_ns) in train_files:
         # surrogateescape: a file name that is not UTF-8 hashes as its bytes (a UTF-8 one as before)
-        digest.update(f"{os.path.relpath(path, root)}\t{size}\n".encode("utf-8", "surrogateescape"))
+        digest.update(f"{os.path.relpath(path, root)}\t{size}\t{mtime_ns}\n".encode("utf-8", "surrogateescape"))
     return digest.hexdigest()[:20]
 
 
 def load_or_compute_stats(root: Path, train: "ImageFolderSplit", train_files: list, cache_dir: Optional[Path] = None,
                           sample: int = STATS_SAMPLE) -> DataStats:
     """The DataStats of a training set, from its cache file if one matches the current
-    files (names and sizes), else computed and cached next to the data, or in
+    files (names, sizes and modification times), else computed and cached next to the data, or in
     ``cache_dir/stats`` where the data folder cannot be written."""
     imagenet = _is_imagenet(train.classes)
     key = _stats_key(root, train_files, sample, imagenet)

@@ -470,6 +470,25 @@ def test_stats_are_cached_keyed_and_fall_back_to_cache_dir(tmp_path, monkeypatch
     assert torch.equal(data.open_data(root, cache_dir=cache).stats.mean, changed.mean)
 
 
+def test_stats_follow_an_image_rewritten_in_place_at_the_same_size(tmp_path):
+    root = _simple_tree(tmp_path / "data")
+    image = _save(tmp_path / "elsewhere" / "same.bmp", _rgb(1))  # uncompressed: every 80x60 BMP has one size
+    linked = root / "train" / "a" / "linked.bmp"
+    os.symlink(image, linked)  # a link's size and time are its target's
+    first = data.open_data(root, cache_dir=tmp_path / "cache").stats
+    before = image.stat()
+    _save(image, Image.new("RGB", (80, 60), (255, 255, 255)))
+    later = before.st_mtime_ns + 10**9  # a later time, even where the file system's clock is coarse
+    os.utime(image, ns=(later, later))
+    assert image.stat().st_size == before.st_size
+    _, files, _ = data.scan_layout(root)
+    assert dict(files["train"][0])[str(linked)] == (before.st_size, later)
+    bundle = data.open_data(root, cache_dir=tmp_path / "cache")
+    assert not torch.equal(bundle.stats.mean, first.mean)
+    assert torch.equal(bundle.stats.mean, stats.compute_stats(bundle.train).mean)
+    assert len(list(root.glob(".alexnet-stats-*.pt"))) == 2  # the first images' statistics are kept, unused
+
+
 def test_a_file_name_that_is_not_utf8_is_read(tmp_path):
     root = _simple_tree(tmp_path / "data")
     latin1 = root / "train" / "a" / os.fsdecode(b"lat\xe9.jpg")  # a name written on a Latin-1 system
