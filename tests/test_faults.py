@@ -213,6 +213,26 @@ def test_a_save_killed_midway_leaves_the_previous_checkpoint(tmp_path):
     assert not list(tmp_path.glob(".checkpoint.pt.tmp-*")), "the killed save's temporary file was not cleared"
 
 
+def test_a_save_clears_only_the_temporary_files_of_killed_saves_on_this_machine(tmp_path):
+    """Two runs caching the same statistics at once: neither removes the other's file in the making."""
+    path, host = tmp_path / "stats.pt", socket.gethostname()
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        kept = [f".stats.pt.tmp-{host}-{alive.pid}", f".stats.pt.tmp-another-host-{ended.pid}"]
+        cleared = [f".stats.pt.tmp-{host}-{ended.pid}", f".stats.pt.tmp-{ended.pid}",  # the older name: this machine's
+                   f".stats.pt.tmp-{host}-{os.getpid()}"]
+        for name in kept + cleared:
+            (tmp_path / name).write_bytes(b"half a file")
+        save_checkpoint(path, {"mean": torch.ones(3)})
+    finally:
+        alive.kill()
+        alive.wait()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept + ["stats.pt"])
+    assert torch.equal(torch.load(path, weights_only=True)["mean"], torch.ones(3))
+
+
 def test_a_failing_disk_is_reported_as_the_disks_error_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     """An I/O error in the middle of the write (torch.save reports it as its own RuntimeError
     from closing the archive): the OSError itself reaches the caller, nothing is left behind."""
