@@ -18,13 +18,15 @@ disk) ends the run with one line naming it, exit code 2, and no part of a file l
 """
 
 import argparse
+import contextlib
 import errno
 import logging
+import multiprocessing
 import os
 import signal
 import sys
+import threading
 import time
-from multiprocessing import Pool
 from pathlib import Path
 
 from PIL import Image
@@ -59,6 +61,37 @@ def _worker_start() -> None:
     left to the program, which ends them so."""
     signal.signal(signal.SIGTERM, _end_quietly)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+WORKER_GRACE_S = 10  # for a worker told to end (SIGTERM) to do so, before it is killed
+
+
+@contextlib.contextmanager
+def _pool(workers: int):
+    """A Pool of ``workers`` processes, ended with the block (told to end, SIGTERM), the block
+    ended however. Its end cannot wait for good: a worker still there WORKER_GRACE_S
+    seconds after being told to end is killed (SIGKILL). A worker waiting for work has
+    been seen to outlive SIGTERM, which left the Pool's end waiting for it."""
+    pool = multiprocessing.Pool(workers, initializer=_worker_start)
+    try:
+        yield pool
+    finally:
+        backstop = threading.Timer(WORKER_GRACE_S, _kill_the_rest)
+        backstop.daemon = True
+        backstop.start()
+        try:
+            pool.terminate()
+        finally:
+            backstop.cancel()
+
+
+def _kill_the_rest() -> None:
+    for process in multiprocessing.active_children():  # the pool's workers: the program starts no other process
+        if process.exitcode is None:  # not ended yet, so its id is still its own
+            log.warning("a worker (process %d) did not end %d s after being told to: killed", process.pid,
+                        WORKER_GRACE_S)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(process.pid, signal.SIGKILL)
 
 
 def _cannot_write(dst: Path, exc: OSError) -> str:
@@ -163,8 +196,8 @@ def _prepare(src: Path, dst: Path, workers: int, quality: int) -> int:
     total = len(jobs) + done
     log.info("%d images in %s: %d to convert, %d already in %s", total, src, len(jobs), done, dst)
     unreadable, start = [], time.monotonic()
-    with Pool(workers, initializer=_worker_start) as pool:  # its end ends the workers, whatever is raised here
-        try:
+    try:
+        with _pool(workers) as pool:  # ended before the error is told, so that it is the last line
             for count, (source, error) in enumerate(pool.imap_unordered(_convert, jobs, chunksize=16), 1):
                 if error is not None:
                     unreadable.append((source, error))
@@ -173,12 +206,12 @@ def _prepare(src: Path, dst: Path, workers: int, quality: int) -> int:
                     rate = count / max(time.monotonic() - start, 1e-9)
                     log.info("converted %d/%d (%.0f images/s)", count, len(jobs), rate)
             # Done: the workers end by themselves. Ending them with SIGTERM (the block's end) while
-            # they wait for work can leave one waiting for good, and this program waiting for it.
+            # they wait for work can leave one waiting for good (see _pool).
             pool.close()
             pool.join()
-        except OSError as exc:  # a write (reads that fail are skipped)
-            print(_cannot_write(dst, exc), file=sys.stderr)
-            return 2
+    except OSError as exc:  # a write (reads that fail are skipped)
+        print(_cannot_write(dst, exc), file=sys.stderr)
+        return 2
     listing = dst / "unreadable.txt"  # of this run: the files of SRC that are not in DST
     try:
         if unreadable:  # a name as SRC's folder spells it, in whatever bytes

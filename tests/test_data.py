@@ -815,6 +815,47 @@ def test_prepare_names_the_fix_of_a_write_that_fails(tmp_path):
             f"run again, and the images already written are kept")
 
 
+# launch.prepare where one worker's write never ends, and outlives SIGTERM (as one on a disk
+# that does not answer, or one seen waiting for work), and the other's fills the disk, which
+# ends the pool.
+_STUCK_WORKER = """
+import errno, os, signal, sys, time
+from PIL import Image
+from launch import prepare
+prepare.WORKER_GRACE_S = 1
+
+def stuck_or_full(image, path, *args, **kwargs):
+    try:
+        os.close(os.open(sys.argv[-1], os.O_CREAT | os.O_EXCL))
+    except FileExistsError:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)) from None
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    time.sleep(3600)
+
+Image.Image.save = stuck_or_full
+sys.exit(prepare.main(sys.argv[1:-1]))
+"""
+
+
+def test_prepare_ends_even_where_a_worker_outlives_being_told_to_end(tmp_path):
+    src, dst = _simple_tree(tmp_path / "raw", train=10), tmp_path / "prepared"  # 24 images: a chunk per worker
+    proc = subprocess.Popen([sys.executable, "-c", _STUCK_WORKER, str(src), str(dst), "--workers", "2",
+                             str(tmp_path / "first-write")], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 2 and "Traceback" not in err, err
+    assert err.splitlines()[-1].startswith(f"error: cannot write to DST {dst} (No space left on device)")
+    assert "did not end 1 s after being told to: killed" in err
+    deadline = time.monotonic() + 10
+    while _session(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _session(proc.pid), "a worker outlived the program"
+
+
 _SLOW_TO_CONVERT = 60  # copies of one large image: seconds of work for one worker
 
 
