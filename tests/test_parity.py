@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from launch.ranks import run_ranks
 from launch.step import paper_optimizer
-from towers import Architecture, Tower, compile_blocks, shard_state_dict
+from towers import Architecture, Tower, build_reference, compile_blocks, init_weights, shard_state_dict
 
 from conftest import reference_from_seed
 
@@ -260,3 +260,48 @@ def test_the_towers_in_channels_last_match_the_reference(parity):
     sweep runs them: conv3's input gradient then reaches the backward exchange in NHWC, and the
     reduce-scatter must hand the collective contiguous buffers whatever the layout."""
     _assert_parity(parity[CHANNELS_LAST], TOLERANCES[torch.float32], sgd_steps=0)
+
+
+def _library_worker(rank, fc8_placement):
+    """The towers as a user's own script uses them: built with the default group, loaded with
+    the reference's halves, given images that require grad, an empty batch, a second derivative."""
+    torch.manual_seed(SEED)
+    tower = Tower(None, 10, dropout=0.0, fc8_placement=fc8_placement).double()  # None: the default group
+    drawn_after = torch.rand(4)  # the same on both ranks: building a tower leaves the stream as it was
+    reference = build_reference(10, seed=SEED, dropout=0.0, init="scaled").double()
+    tower.load_state_dict(shard_state_dict(reference.state_dict(), rank, fc8_placement))
+    images, labels = _inputs(torch.float64)
+    labels = labels % 10
+    grads = []
+    for net in (tower, reference):
+        x = images.clone().requires_grad_()
+        F.cross_entropy(net(x), labels).backward()
+        grads.append(x.grad)
+    x = images.clone().requires_grad_()
+    (first,) = torch.autograd.grad(tower(x).square().sum(), x, create_graph=True)
+    try:
+        first.sum().backward()
+        second = "computed"
+    except RuntimeError as exc:
+        second = str(exc)
+    try:
+        init_weights(tower, SEED)
+        init = "drawn"
+    except ValueError as exc:
+        init = str(exc)
+    return {"drawn_after": drawn_after, "input_grad": _rel(*grads), "empty": tuple(tower(images[:0]).shape),
+            "second": second, "init": init, "input_exchange": tower.exchange_log.as_dict()["input/backward"]}
+
+
+@pytest.mark.parametrize("fc8_placement", ["tower0", "split"])
+def test_a_users_own_script_gets_the_references_function(fc8_placement):
+    ranks = run_ranks(_library_worker, (fc8_placement,), timeout_s=TIMEOUT_S)
+    assert torch.equal(ranks[0]["drawn_after"], ranks[1]["drawn_after"])
+    for rank, r in enumerate(ranks):
+        assert r["input_grad"] < 1e-12, f"rank {rank}: the images' gradient is not the whole net's"
+        assert r["empty"] == (0, 10)
+        assert "marked with @once_differentiable" in r["second"], r["second"]  # refused, never silently zero
+        assert "a Tower holds half of one" in r["init"]
+        # two backward passes through the images (the second derivative's first): an all-reduce of them each
+        assert r["input_exchange"]["calls"] == 2
+        assert r["input_exchange"]["sent_bytes"] == 2 * BATCH * 3 * 224 * 224 * 8

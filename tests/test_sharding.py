@@ -56,3 +56,25 @@ def test_bad_arguments_are_refused(reference_state):
         shard_state_dict(reference_state, 2)
     with pytest.raises(ValueError, match="expected 2"):
         unshard_state_dicts([shard_state_dict(reference_state, 0)])
+    with pytest.raises(ValueError, match="tower_rank"):
+        shard_state_dict(reference_state, 1.0)
+    with pytest.raises(ValueError, match="unexpected parameter 'features.0.weight'"):  # torchvision's names
+        shard_state_dict({"features.0.weight": torch.zeros(64, 3, 11, 11)}, 0)
+    with pytest.raises(ValueError, match="'_orig_mod.'"):
+        shard_state_dict({"_orig_mod.conv1.weight": torch.zeros(96, 3, 11, 11)}, 0)
+
+
+@pytest.mark.parametrize("sharded, told", [("split", "tower0"), ("tower0", "split")])
+def test_unsharding_with_another_placement_than_the_sharding_is_refused(reference_state, sharded, told):
+    towers = [shard_state_dict(reference_state, rank, sharded) for rank in range(2)]
+    with pytest.raises(ValueError, match=f"fc8_placement='{sharded}' shards it, not '{told}'"):
+        unshard_state_dicts(towers, told)
+    towers[1]["junk"] = torch.zeros(1)
+    with pytest.raises(ValueError, match="unexpected parameter 'junk'"):
+        unshard_state_dicts(towers, sharded)
+    del towers[1]["junk"], towers[1]["conv1.bias"]
+    with pytest.raises(ValueError, match=r"only tower 0's: conv1.bias; only tower 1's: none"):
+        unshard_state_dicts(towers, sharded)
+    towers[1]["conv1.bias"] = torch.zeros(3)
+    with pytest.raises(ValueError, match=r"halves of conv1.bias differ in shape \(\(48,\) and \(3,\)\)"):
+        unshard_state_dicts(towers, sharded)

@@ -1,9 +1,10 @@
 """The Tower's own checks of its arguments, in one process (a process group of one rank)."""
 
 import pytest
+import torch
 import torch.distributed as dist
 
-from towers import ExchangeLog, Tower
+from towers import ExchangeLog, LocalResponseNorm, Tower
 from towers.tower import FC8Split
 
 
@@ -28,3 +29,13 @@ def test_split_fc8_needs_an_even_class_count():
     with pytest.raises(ValueError, match="even number of classes, got 7; use 'tower0'"):
         FC8Split(4096, 7, group=None, exchange_log=ExchangeLog())
     assert FC8Split(4096, 8, group=None, exchange_log=ExchangeLog()).out_features == 4  # half on each tower
+
+
+def test_a_tower_needs_two_classes_as_the_reference_does(group_of_one):
+    with pytest.raises(ValueError, match="num_classes must be at least 2, got 1"):
+        Tower(group_of_one, 1)
+
+
+def test_lrn_refuses_channels_that_do_not_split_into_its_groups():
+    with pytest.raises(ValueError, match="groups=5 got 96 channels"):
+        LocalResponseNorm(groups=5)(torch.zeros(1, 96, 4, 4))

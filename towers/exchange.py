@@ -3,7 +3,9 @@
 Three layers, as in Megatron-LM's mappings: private collective helpers, one
 ``torch.autograd.Function`` per exchange (forward and backward collective
 described in its docstring), and public snake_case wrappers. Each takes the
-process group explicitly and works on NCCL and gloo alike.
+process group explicitly and works on NCCL and gloo alike. The backward passes run
+their collectives outside autograd: a second derivative through an exchange is
+refused (``once_differentiable``) rather than silently zero.
 
 Shape legend: N images, C channels (or features) one tower holds, K classes.
 Every wrapper records what it moved in an :class:`ExchangeLog`.
@@ -16,6 +18,7 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
+from torch.autograd.function import once_differentiable
 
 from .reference import TOWERS
 
@@ -140,8 +143,7 @@ def _one_way(x: torch.Tensor, group, receiver: int) -> torch.Tensor:
 
 def _cat_stacked(stacked: torch.Tensor) -> torch.Tensor:
     """2 x N x C x ... -> N x 2C x ... (tower 0's channels first)."""
-    n = stacked.shape[1]
-    return stacked.movedim(0, 1).reshape(n, -1, *stacked.shape[3:])
+    return stacked.movedim(0, 1).reshape(stacked.shape[1], TOWERS * stacked.shape[2], *stacked.shape[3:])
 
 
 def _gather_cat(x: torch.Tensor, group, exchange_log: "ExchangeLog", name: str) -> torch.Tensor:
@@ -170,6 +172,7 @@ class _GatherChannels(torch.autograd.Function):
         return _gather_cat(x, group, exchange_log, name)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad):
         halves = _split_channels(grad)
         started = ctx.exchange_log.clock(grad)
@@ -199,6 +202,7 @@ class _GatherToFirst(torch.autograd.Function):
         return x.new_empty((x.shape[0], 0))
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad):
         started = ctx.exchange_log.clock(grad)
         if dist.get_rank(ctx.group) == 0:
@@ -229,6 +233,7 @@ class _BroadcastFromFirst(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad):
         if ctx.is_first:
             return grad, None, None, None, None
@@ -247,8 +252,29 @@ class _GatherReplicated(torch.autograd.Function):
         return _gather_cat(x, group, exchange_log, name)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad):
         return grad.chunk(TOWERS, dim=1)[ctx.rank].contiguous(), None, None, None
+
+
+class _SumGradients(torch.autograd.Function):
+    """Forward: nothing moves; ``x`` is a tensor both towers hold the same copy of (the images).
+    Backward: all-reduce, the sum of both towers' gradients of ``x``: each tower's own covers
+    only the half of the net it holds."""
+
+    @staticmethod
+    def forward(ctx, x, group, exchange_log, name):
+        ctx.group, ctx.exchange_log, ctx.name = group, exchange_log, name
+        return x.view_as(x)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        started = ctx.exchange_log.clock(grad)
+        total = grad.contiguous().clone()
+        dist.all_reduce(total, group=ctx.group)
+        ctx.exchange_log.record(ctx.name, "backward", sent=total, received=total, started=started)
+        return total, None, None, None
 
 
 # ---------------------------------------------------------------- public wrappers
@@ -271,3 +297,8 @@ def broadcast_from_first(y: torch.Tensor, num_classes: int, group, exchange_log:
 def gather_replicated(x: torch.Tensor, group, exchange_log: ExchangeLog, name: str) -> torch.Tensor:
     """N x K/2 on each tower -> N x K on both, for a replicated consumer such as the loss."""
     return _GatherReplicated.apply(x, group, exchange_log, name)
+
+
+def sum_gradients(x: torch.Tensor, group, exchange_log: ExchangeLog, name: str) -> torch.Tensor:
+    """``x`` as it is, both towers holding the same copy; its gradient is the sum of both towers'."""
+    return _SumGradients.apply(x, group, exchange_log, name)

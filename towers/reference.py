@@ -65,6 +65,9 @@ class LocalResponseNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, c, h, w = x.shape
+        if c % self.groups:
+            raise ValueError(f"LocalResponseNorm with groups={self.groups} got {c} channels, which do not split "
+                             f"into {self.groups} equal blocks")
         per_group = c // self.groups
         squares = (x * x).view(n, self.groups, per_group, h, w)
         padded = F.pad(squares, (0, 0, 0, 0, self.size // 2, (self.size - 1) // 2))  # zeros beyond each block
@@ -187,6 +190,11 @@ def init_weights(model: nn.Module, seed: int, scheme: str = "paper") -> nn.Modul
     layer order, so that the same seed gives the same net on any machine."""
     if scheme not in INIT_SCHEMES:
         raise ValueError(f"unknown init scheme {scheme!r}; choose one of {sorted(INIT_SCHEMES)}")
+    from .tower import Tower  # imported here: the tower module imports this one
+    if isinstance(model, Tower):  # it would draw both towers the same kernels, none of them the reference's
+        raise ValueError("init_weights draws a whole net; a Tower holds half of one: draw the reference and load "
+                         "this tower's half, tower.load_state_dict(shard_state_dict(build_reference(num_classes, "
+                         "seed).state_dict(), tower.tower_rank, tower.fc8_placement))")
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name in LAYERS:

@@ -23,7 +23,10 @@ def check_placement(fc8_placement: str) -> None:
 
 def _layer(key: str) -> str:
     layer = key.split(".", 1)[0]
-    assert layer in LAYERS, f"unexpected parameter {key!r}"
+    if layer not in LAYERS:
+        raise ValueError(f"unexpected parameter {key!r}: this package's nets name theirs {', '.join(LAYERS)} "
+                         f"(.weight, .bias); map another net's names first (torch.compile's wrapper adds "
+                         f"'_orig_mod.': pass the state_dict of the module it wraps)")
     return layer
 
 
@@ -34,7 +37,7 @@ def _is_halved(key: str, fc8_placement: str) -> bool:
 def shard_state_dict(reference: Mapping[str, torch.Tensor], tower_rank: int, fc8_placement: str = "tower0") -> dict:
     """The state_dict of tower ``tower_rank`` cut out of a reference state_dict."""
     check_placement(fc8_placement)
-    if tower_rank not in range(TOWERS):
+    if not isinstance(tower_rank, int) or tower_rank not in range(TOWERS):
         raise ValueError(f"tower_rank must lie in range({TOWERS}), got {tower_rank}")
     tower = {}
     for key, value in reference.items():
@@ -52,9 +55,22 @@ def unshard_state_dicts(towers: Sequence[Mapping[str, torch.Tensor]], fc8_placem
     check_placement(fc8_placement)
     if len(towers) != TOWERS:
         raise ValueError(f"expected {TOWERS} tower state_dicts, got {len(towers)}")
+    halved = {key for key in towers[0] if _is_halved(key, fc8_placement)}
+    if set(towers[1]) != halved:
+        other = {"tower0": "split", "split": "tower0"}[fc8_placement]
+        if {key for key in towers[1] if _layer(key) == "fc8"} != {key for key in halved if _layer(key) == "fc8"}:
+            raise ValueError(f"tower 1's state_dict {'holds' if fc8_placement == 'tower0' else 'lacks'} FC8, as "
+                             f"fc8_placement={other!r} shards it, not {fc8_placement!r}: pass the placement they "
+                             f"were sharded with")
+        only = lambda a, b: ", ".join(sorted(set(a) - set(b))[:5]) or "none"
+        raise ValueError(f"the two towers' state_dicts hold different layers (only tower 0's: "
+                         f"{only(halved, towers[1])}; only tower 1's: {only(towers[1], halved)})")
     reference = {}
     for key, value in towers[0].items():
         if _is_halved(key, fc8_placement):
+            if towers[1][key].shape != value.shape:
+                raise ValueError(f"the towers' halves of {key} differ in shape ({tuple(value.shape)} and "
+                                 f"{tuple(towers[1][key].shape)})")
             reference[key] = torch.cat([value, towers[1][key]], dim=0)
         else:
             reference[key] = value.clone()

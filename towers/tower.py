@@ -15,7 +15,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .exchange import ExchangeLog, broadcast_from_first, gather_channels, gather_replicated, gather_to_first
+from .exchange import (ExchangeLog, broadcast_from_first, gather_channels, gather_replicated, gather_to_first,
+                       sum_gradients)
 from .reference import (ACTIVATIONS, CONV_CHANNELS, FC_FEATURES, POOL5_SHAPE, TOWERS, Architecture, LocalResponseNorm,
                         max_pool)
 from .sharding import check_placement
@@ -77,12 +78,19 @@ def as_autocast_dtype(x: torch.Tensor) -> torch.Tensor:
 
 
 class Tower(nn.Module):
-    """This rank's tower. ``group`` is the two-rank process group; the tower's
-    index in it (``dist.get_rank(group)``) decides which half it holds.
+    """This rank's tower. ``group`` is the two-rank process group (None: the default
+    group); the tower's index in it (``dist.get_rank(group)``) decides which half it holds.
 
     Parameter names match the reference's (``conv1.weight``, ..., ``fc8.weight``),
     so :mod:`towers.sharding` maps between them by name alone. ``architecture``'s LRN,
     pooling and activation are the reference's; its net must be the two-tower one.
+
+    A new tower's weights are torch's default ones, placeholders: load this tower's half
+    of a reference, ``tower.load_state_dict(shard_state_dict(reference.state_dict(),
+    tower.tower_rank, tower.fc8_placement))``. Building it leaves the random stream as it
+    was, so that the two ranks' streams stay in step (FC8 may be on one tower only). Both
+    towers must be given the same images; where they require grad, their gradient is the
+    whole net's on both towers.
     """
 
     def __init__(self, group, num_classes: int = 1000, dropout: float = 0.5, fc8_placement: str = "tower0",
@@ -92,11 +100,19 @@ class Tower(nn.Module):
         if architecture.net != "two-tower":
             raise ValueError(f"the towers hold the two-tower net only, not the {architecture.net} net: build that one "
                              f"as the reference AlexNet on one device")
+        if num_classes < 2:  # as the reference
+            raise ValueError(f"num_classes must be at least 2, got {num_classes}")
         if dist.get_world_size(group) != TOWERS:
             raise ValueError(f"a tower needs a process group of exactly {TOWERS} ranks, got {dist.get_world_size(group)}")
+        group = dist.group.WORLD if group is None else group
         self.group, self.tower_rank = group, dist.get_rank(group)
         self.fc8_placement, self.num_classes, self.architecture = fc8_placement, num_classes, architecture
         self.exchange_log = ExchangeLog()
+        cuda = [torch.cuda.current_device()] if torch.cuda.is_initialized() else []
+        with torch.random.fork_rng(devices=cuda):
+            self._build_layers(group, num_classes, dropout, fc8_placement, architecture)
+
+    def _build_layers(self, group, num_classes, dropout, fc8_placement, architecture):
         c1, c2, c3, c4, c5 = (c // TOWERS for c in CONV_CHANNELS)
         f6, f7 = (f // TOWERS for f in FC_FEATURES)
         pool5_features = POOL5_SHAPE[0] * POOL5_SHAPE[1] * POOL5_SHAPE[2]
@@ -120,6 +136,8 @@ class Tower(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         exchange_log, group = self.exchange_log, self.group
+        if x.requires_grad:  # an image's gradient sums both towers' (never so in training)
+            x = sum_gradients(x, group, exchange_log, "input")
         x = self.conv1_to_pool2(x)  # N x 128 x 13 x 13
         x = gather_channels(as_autocast_dtype(x), group, exchange_log, "conv3_input")  # exchange: N x 256 x 13 x 13
         x = self.conv3_to_pool5(x)  # N x 4608
