@@ -36,13 +36,22 @@ _GRACE_S = 5.0  # how long the other ranks get to stop by themselves once one ha
 
 
 class RankFailure(RuntimeError):
-    """One or more ranks of a run failed; ``failures`` maps rank -> cause."""
+    """One or more ranks of a run failed; ``failures`` maps rank -> cause (one line), and
+    ``tracebacks`` rank -> the traceback of the exception it raised, where it raised one.
+    The first rank's traceback is also this error's cause, shown below it when uncaught."""
 
-    def __init__(self, failures: dict, first: int):
-        self.failures, self.first = failures, first
+    def __init__(self, failures: dict, first: int, tracebacks: Optional[dict] = None):
+        self.failures, self.first, self.tracebacks = failures, first, tracebacks or {}
         lines = [f"rank {first} failed: {failures[first]}"]
         lines += [f"rank {r} then stopped: {why}" for r, why in sorted(failures.items()) if r != first]
         super().__init__("\n".join(lines))
+
+
+class RankTraceback(Exception):
+    """A rank's traceback, as text: the cause of a RankFailure."""
+
+    def __str__(self):
+        return f"\n\nin the rank:\n{self.args[0]}"
 
 
 class Placement(NamedTuple):
@@ -163,15 +172,15 @@ def _rank_main(rank, world_size, addr, port, backend, collective_timeout_s, thre
         store = dist.TCPStore(addr, port, world_size, is_master=False,
                               timeout=datetime.timedelta(seconds=collective_timeout_s))
         init_process_group(backend, rank, world_size, collective_timeout_s, store=store)
-        value = fn(rank, *args)
+        # By value: torch's queue would pass tensors as shared-memory handles, which die with this process.
+        value = pickle.dumps(fn(rank, *args))
     except KeyboardInterrupt:
-        results.put((rank, "error", "interrupted"))
+        results.put((rank, "error", "interrupted", None))
         raise SystemExit(130)
     except BaseException as exc:  # reported to the parent, which decides what the run's error is
-        results.put((rank, "error", _error_line(exc)))
+        results.put((rank, "error", _error_line(exc), traceback.format_exc()))
         raise SystemExit(1)
-    # By value: torch's queue would pass tensors as shared-memory handles, which die with this process.
-    results.put((rank, "ok", pickle.dumps(value)))
+    results.put((rank, "ok", value))
     # Leave the group only on success; a failed peer would make this block.
     dist.destroy_process_group()
 
@@ -213,12 +222,17 @@ def run_ranks(fn: Callable, args: Sequence = (), world_size: int = 2, backend: s
     """Runs ``fn(rank, *args)`` in ``world_size`` new processes joined in one process
     group; returns the ranks' return values in rank order.
 
-    ``fn`` and ``args`` must be picklable (a module-level function). ``timeout_s``
-    bounds the whole run; ``collective_timeout_s`` bounds any one collective.
-    ``on_start(processes)`` is called once all ranks have started. The rendezvous
-    store listens on ``addr``, the loopback address unless the caller says otherwise.
-    Raises :class:`RankFailure` if any rank fails, after stopping the others.
+    ``fn``, ``args`` and what ``fn`` returns must be picklable (a module-level function;
+    in a script, one whose ranks start under ``if __name__ == "__main__":``, as the ranks
+    import the script). ``timeout_s`` bounds the whole run; ``collective_timeout_s``
+    bounds any one collective. ``on_start(processes)`` is called once all ranks have
+    started. The rendezvous store listens on ``addr``, the loopback address unless the
+    caller says otherwise. Raises :class:`RankFailure` if any rank fails, after stopping
+    the others; any other exception here (Ctrl-C, or one ``on_start`` raises) stops the
+    ranks before it is raised.
     """
+    if not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"world_size must be a whole number of ranks, at least 1, got {world_size!r}")
     if threads_per_rank is None and backend == "gloo":
         threads_per_rank = cpu_threads_per_rank(world_size)
     # TCPStore on its own would listen on every interface; hand it a socket bound to ``addr``.
@@ -247,12 +261,12 @@ def run_ranks(fn: Callable, args: Sequence = (), world_size: int = 2, backend: s
     previous_sigterm = None
     if threading.current_thread() is threading.main_thread():
         previous_sigterm = signal.signal(signal.SIGTERM, raise_interrupt)
-    if on_start is not None:
-        on_start(procs)
-    values, failures, first = {}, {}, None
+    values, failures, tracebacks, first = {}, {}, {}, None
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     failed_at = None
     try:
+        if on_start is not None:
+            on_start(procs)
         while len(values) < world_size:
             try:
                 message = results.get(timeout=0.1)
@@ -264,6 +278,8 @@ def run_ranks(fn: Callable, args: Sequence = (), world_size: int = 2, backend: s
                     values[rank] = pickle.loads(message[2])
                 else:
                     failures.setdefault(rank, message[2])
+                    if message[3] is not None:
+                        tracebacks.setdefault(rank, message[3])
                     first = rank if first is None else first
                     failed_at = failed_at or time.monotonic()
             for rank, p in enumerate(procs):
@@ -288,8 +304,11 @@ def run_ranks(fn: Callable, args: Sequence = (), world_size: int = 2, backend: s
                         failures.setdefault(rank, f"still running after the run's time limit of {timeout_s:.0f} s")
                 first = first if first is not None else min(failures)
                 break
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # the ranks have their own Ctrl-C, or SIGTERM from the rank server
         _stop(procs, grace_s=_GRACE_S)
+        raise
+    except BaseException:
+        _stop(procs, grace_s=0.0)
         raise
     finally:
         if previous_sigterm is not None:
@@ -299,5 +318,8 @@ def run_ranks(fn: Callable, args: Sequence = (), world_size: int = 2, backend: s
     if failures:
         # Ranks that stopped on the same error (a mistake each found for itself): the lowest is named first
         first = min(rank for rank, why in failures.items() if why == failures[first])
-        raise RankFailure(failures, first)
+        error = RankFailure(failures, first, tracebacks)
+        if first in tracebacks:
+            raise error from RankTraceback(tracebacks[first])
+        raise error
     return [values[rank] for rank in range(world_size)]

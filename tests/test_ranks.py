@@ -85,6 +85,44 @@ def test_ranks_within_the_deadline_return_in_rank_order():
     assert run_ranks(_sleep, (0,), timeout_s=60) == [0, 1]
 
 
+def _return_or_raise(rank):
+    if rank == 0:
+        return lambda: None  # cannot be pickled back to the caller
+    raise ValueError("a mistake in the rank's own code")
+
+
+@pytest.mark.slow
+def test_a_ranks_traceback_and_a_value_it_cannot_return_are_told():
+    with pytest.raises(RankFailure) as info:
+        run_ranks(_return_or_raise, timeout_s=60)
+    failure = info.value
+    assert "pickle" in failure.failures[0].lower(), failure.failures[0]  # not "exited without reporting an error"
+    assert failure.failures[1] == "ValueError: a mistake in the rank's own code"
+    assert set(failure.tracebacks) == {0, 1}
+    cause = str(failure.__cause__)  # what an uncaught RankFailure shows below it: the first rank's traceback
+    assert cause == f"\n\nin the rank:\n{failure.tracebacks[failure.first]}"
+    assert 'test_ranks.py", line' in cause and "in _return_or_raise" in cause
+
+
+@pytest.mark.slow
+def test_an_error_of_on_start_stops_the_ranks():
+    started = []
+
+    def on_start(processes):
+        started.extend(processes)
+        raise OSError("the caller's own error")
+
+    with pytest.raises(OSError, match="the caller's own error"):
+        run_ranks(_sleep, (120,), timeout_s=60, on_start=on_start)
+    assert len(started) == 2 and not any(p.is_alive() for p in started)
+
+
+@pytest.mark.parametrize("world_size", [0, -1, 2.0])
+def test_a_world_size_that_is_no_number_of_ranks_is_refused(world_size):
+    with pytest.raises(ValueError, match="world_size must be a whole number of ranks, at least 1"):
+        run_ranks(_sleep, (0,), world_size=world_size)
+
+
 def _environment_and_parent(rank, names):
     return {name: os.environ.get(name) for name in names}, os.getppid()
 
