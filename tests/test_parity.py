@@ -7,7 +7,11 @@ the reference is built from the same seed, so both sides start from identical we
 and see identical inputs; the rank returns error magnitudes and the parent asserts.
 """
 
+import ast
 import contextlib
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -17,7 +21,7 @@ from launch.ranks import run_ranks
 from launch.step import paper_optimizer
 from towers import Architecture, Tower, build_reference, compile_blocks, init_weights, shard_state_dict
 
-from conftest import reference_from_seed
+from conftest import ROOT, reference_from_seed
 
 pytestmark = pytest.mark.slow  # two real processes
 
@@ -305,3 +309,17 @@ def test_a_users_own_script_gets_the_references_function(fc8_placement):
         # two backward passes through the images (the second derivative's first): an all-reduce of them each
         assert r["input_exchange"]["calls"] == 2
         assert r["input_exchange"]["sent_bytes"] == 2 * BATCH * 3 * 224 * 224 * 8
+
+
+def test_the_readmes_script_runs_and_its_towers_compute_the_references_loss(tmp_path):
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## The towers in your own code", 1)[1]
+    script = tmp_path / "towers_script.py"
+    script.write_text(section.split("```python\n", 1)[1].split("```", 1)[0])
+    done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=TIMEOUT_S, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    per_rank = ast.literal_eval(done.stdout.strip().splitlines()[-1])
+    assert len(per_rank) == 2
+    for towers_loss, reference_loss in per_rank:
+        assert towers_loss == pytest.approx(reference_loss, rel=1e-5)  # float32: sums in another order
