@@ -152,8 +152,9 @@ def _disk_full(path: Path, needed: int) -> OSError:
 
 
 def resolve_path(path) -> Path:
-    """A checkpoint file, or a run folder holding one."""
-    path = Path(path)
+    """A checkpoint file, or a run folder holding one (``~`` is the home folder, as the shell
+    leaves it in ``--resume=~/run``)."""
+    path = Path(path).expanduser()
     try:
         if path.is_dir():
             path = path / FILENAME

@@ -142,11 +142,14 @@ class TrainConfig:
     def __post_init__(self):
         if self.lr_milestones is not None:  # argparse and JSON give lists
             self.lr_milestones = tuple(self.lr_milestones)
-        if self.data is not None:  # as config.json and the checkpoint keep it: found from any working folder
+        if self.data:  # as config.json and the checkpoint keep it: found from any working folder ("": validate)
             self.data = os.path.abspath(os.path.expanduser(self.data))
 
     def validate(self) -> None:
         """Raises ValueError naming the fix for an impossible value."""
+        for name in ("data", "out", "resume", "eval_only", "master_addr"):  # such as an unset "$VARIABLE"
+            if getattr(self, name) == "":
+                raise ValueError(f"--{name.replace('_', '-')} is empty: give a value, or leave the option out")
         for name in ("lr", "momentum", "weight_decay", "dropout", "timeout"):
             value = getattr(self, name)
             if value is not None and not math.isfinite(value):
@@ -173,6 +176,9 @@ class TrainConfig:
             raise ValueError(f"--seed must be an integer from 0 to {2**32 - 1}, got {self.seed}")
         if self.lr_milestones is not None and min(self.lr_milestones) < 1:
             raise ValueError(f"--lr-milestones must be epochs from 1 on, got {' '.join(map(str, self.lr_milestones))}")
+        if self.lr_milestones is not None and len(set(self.lr_milestones)) < len(self.lr_milestones):
+            raise ValueError(f"--lr-milestones {' '.join(map(str, self.lr_milestones))} names an epoch twice (the rate "
+                             f"would be divided by 100 there): give each epoch once")
         for name in ("patience", "max_reductions", "checkpoint_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must not be negative, got {getattr(self, name)}")
@@ -277,7 +283,14 @@ def describe_recipe(config: TrainConfig, train_images: int) -> str:
 
 
 def recipe_warning(config: TrainConfig, train_images: int) -> Optional[str]:
-    """A warning when the paper's recipe meets a training set far smaller than ImageNet's."""
+    """A warning when the paper's recipe meets a training set far smaller than ImageNet's, or
+    when the fixed schedule's milestones lie beyond the run's epochs."""
+    beyond = [m for m in config.lr_milestones or () if m >= config.epochs] if config.schedule == "fixed" else []
+    if beyond:
+        one = len(beyond) == 1
+        return (f"warning: the rate's milestone{'s' * (not one)} {' '.join(map(str, beyond))} (--lr-milestones) "
+                f"{'is' if one else 'are'} never reached in this run's {config.epochs} epochs: give milestones below "
+                f"--epochs")
     if config.recipe != "paper" or train_images >= PAPER_RECIPE_MIN_IMAGES:
         return None
     return (f"warning: the paper's recipe is made for 1.2 million training images and this set has {train_images} "

@@ -233,6 +233,13 @@ def lock_run_folder(run_dir: Path, resumed: bool = False):
 def new_run_folder(config: TrainConfig) -> Path:
     """--out/--run-name, made if missing; without --run-name, the date and time (made unique)."""
     out = Path(config.out).expanduser()
+    try:
+        return _new_run_folder(config, out)
+    except OSError as exc:  # a name too long, a folder on the way that cannot be read, ...
+        raise ValueError(f"cannot use --out {out} ({exc.strerror or exc}): give an --out folder you can write") from None
+
+
+def _new_run_folder(config: TrainConfig, out: Path) -> Path:
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file: give a folder (it is made if missing)")
     if out.is_symlink() and not out.exists():
@@ -254,12 +261,30 @@ def new_run_folder(config: TrainConfig) -> Path:
     raise ValueError(f"{out} already holds runs named {stamp}*: give a --run-name")
 
 
+def check_out_outside_the_images(config: TrainConfig, root: Path) -> None:
+    """A run folder in the data's train/ or val/ would be read as a class of its own by every
+    later scan of that data, this run's --resume included."""
+    try:
+        out = Path(config.out).expanduser().resolve()
+    except (OSError, RuntimeError):  # a link loop, a name too long: new_run_folder names the fault
+        return
+    for split in ("train", "val"):
+        images = (root / split).resolve()
+        if out == images or images in out.parents:
+            raise ValueError(f"--out {config.out} lies in the data's {split}/ ({images}), where a run folder would "
+                             f"be taken for a class of images: give an --out outside {images}")
+
+
 def check_room_for_checkpoints(config: TrainConfig, num_classes: int) -> None:
     """A disk that cannot hold the run's checkpoints is found now, not after the first epoch:
     each save writes its file beside the one it replaces (a resumed run's is there already)."""
     folder = resolve_path(config.resume).parent if config.resume else Path(config.out).expanduser().absolute()
-    while not folder.exists() and folder != folder.parent:  # --out is made later: the disk that will hold it
-        folder = folder.parent
+    try:
+        while not folder.exists() and folder != folder.parent:  # --out is made later: the disk that will hold it
+            folder = folder.parent
+    except OSError as exc:  # a name too long, a folder on the way that cannot be read, ...
+        raise ValueError(f"cannot use --out {config.out} ({exc.strerror or exc}): give an --out folder you can "
+                         f"write") from None
     size = training_checkpoint_bytes(num_classes, architecture(config))
     needed = size if config.resume else 2 * size
     free = shutil.disk_usage(folder).free
@@ -307,6 +332,8 @@ def prepare_run(config: TrainConfig, checkpoint: Optional[dict]):
                          f"choose a smaller one")
     if not config.eval_only:
         check_room_for_checkpoints(config, len(bundle.classes))
+    if not config.resume:
+        check_out_outside_the_images(config, bundle.root)
     run_dir = resolve_path(config.resume).parent if config.resume else new_run_folder(config)
     made_lock = not (run_dir / LOCK_NAME).exists()
     lock = lock_run_folder(run_dir, resumed=bool(config.resume))
@@ -411,8 +438,10 @@ def _configure(argv) -> tuple:
                          f"on the {cores} cores this program may use: give at most {MAX_PROCESSES_PER_CORE * cores}, "
                          f"or leave --workers out for this machine's default")
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    # torchrun's count of the ranks on this machine; a stray one is no concern of ranks this program starts
+    ranks_here = (int(os.environ.get("LOCAL_WORLD_SIZE", 0)) or None) if _torchrun_env() else None
     placement = choose_placement(config.backend, gpus, ranks=towers * config.replicas, towers=towers,
-                                 ranks_here=int(os.environ.get("LOCAL_WORLD_SIZE", 0)) or None)
+                                 ranks_here=ranks_here)
     if config.compile is not None:
         check_compile_backend(config.compile, "--compile", placement.device)
     if config.precision == "bf16" and placement.device == "cuda" and not torch.cuda.is_bf16_supported():

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from launch import checkpoint
+from launch import checkpoint, two_gpu
 from launch.checkpoint import (FORMAT, checkpoint_payload, load_checkpoint, save_checkpoint, save_reference,
                               training_checkpoint_bytes)
 from launch.config import parse_config
@@ -509,6 +509,10 @@ def test_bad_data_and_options_get_clear_errors(tiny_data, layouts, tmp_path, cap
     ("--weight-decay", "nan", "--weight-decay must be a finite"),
     ("--weight-decay", "inf", "--weight-decay must be a finite"), ("--seed", "-1", "--seed must be an integer"),
     ("--lr-milestones", "0", "--lr-milestones must be epochs from 1 on"),
+    # an unset "$VARIABLE": never the option left out (a new run, the current folder)
+    ("--eval-only", "", "--eval-only is empty: give a value"), ("--resume", "", "--resume is empty: give a value"),
+    ("--out", "", "--out is empty: give a value"), ("--data", "", "--data is empty: give a value"),
+    ("--master-addr", "", "--master-addr is empty: give a value"),
     ("--run-name", "two\nlines", "--run-name must be a plain folder name"),
     ("--run-name", "x" * 256, "--run-name must be a plain folder name (printable, at most 255 bytes"),
     ("--master-addr", "192.0.2.1", "--master-addr 192.0.2.1 cannot be listened on"),
@@ -545,6 +549,23 @@ def test_options_that_depend_on_the_data_or_the_disk_leave_no_run_folder(tiny_da
     assert f"--out {a_file} is a file" in _error_of(["--data", tiny_data, "--out", a_file, *TINY], caplog)
     assert "is a file: choose another --run-name" in _error_of(
         ["--data", tiny_data, "--out", tmp_path, "--run-name", "a-file", *TINY], caplog)
+    for split in ("train", "val"):  # a run folder there would be a class of images to every later scan
+        inside = tiny_data / split / "runs"
+        assert (f"--out {inside} lies in the data's {split}/ ({tiny_data.resolve() / split}), where a run folder would be "
+                f"taken for a class of images") in _error_of(["--data", tiny_data, "--out", inside, *TINY], caplog)
+        assert not inside.exists()
+    too_long = tmp_path / ("a" * 300)
+    err = _error_of(["--data", tiny_data, "--out", too_long, *TINY], caplog)
+    assert f"cannot use --out {too_long} (File name too long)" in err and "Traceback" not in err
+
+
+def test_a_count_of_ranks_per_machine_left_in_the_environment_is_torchruns_alone(tiny_data, tmp_path, monkeypatch):
+    """LOCAL_WORLD_SIZE set, but not RANK and WORLD_SIZE: the ranks this program starts itself."""
+    for name in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "-3")
+    _, _, placement = two_gpu._configure(["--data", str(tiny_data), "--out", str(tmp_path / "runs")])
+    assert (placement.backend, placement.device) == ("gloo", "cpu")
 
 
 def test_a_disk_too_small_for_the_checkpoints_is_found_before_training(tiny_data, tmp_path, caplog, monkeypatch):
@@ -829,3 +850,11 @@ def test_the_run_listens_on_the_loopback_address_only(tiny_data, tmp_path, maste
     loopback = {"0100007F", "00000000000000000000000001000000", "0000000000000000FFFF00000100007F"}
     assert addresses, "found no listening socket: the check would be vacuous"
     assert addresses <= loopback, f"listening beyond the loopback address: {addresses}"
+
+
+def test_a_checkpoint_given_as_tilde_slash_is_in_the_home_folder(tmp_path, monkeypatch):
+    """--resume=~/run: the shell leaves a ~ after = as it is."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "checkpoint.pt").write_bytes(b"")
+    assert checkpoint.resolve_path("~/run") == tmp_path / "run" / "checkpoint.pt"

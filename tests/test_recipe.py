@@ -116,6 +116,19 @@ def test_the_papers_recipe_warns_below_its_threshold_only():
     assert recipe_warning(_resolved(330, data="photos", recipe="small"), 330) is None
 
 
+def test_milestones_the_run_never_reaches_are_warned_of_and_an_epoch_named_twice_is_refused():
+    at = PAPER_RECIPE_MIN_IMAGES
+    warning = recipe_warning(_resolved(at, data="photos", schedule="fixed", epochs=10), at)
+    assert warning == ("warning: the rate's milestones 30 60 80 (--lr-milestones) are never reached in this run's 10 "
+                       "epochs: give milestones below --epochs")
+    assert recipe_warning(_resolved(at, data="photos", schedule="fixed", epochs=81), at) is None
+    assert "milestone 10 (--lr-milestones) is never reached" in recipe_warning(
+        _resolved(at, data="photos", schedule="fixed", epochs=10, lr_milestones=(5, 10)), at)
+    assert recipe_warning(_resolved(at, data="photos", epochs=10), at) is None  # plateau: no milestones
+    with pytest.raises(ValueError, match="--lr-milestones 2 2 names an epoch twice"):
+        TrainConfig(schedule="fixed", lr_milestones=(2, 2)).validate()
+
+
 def test_help_explains_the_recipes():
     text = " ".join(build_parser().format_help().split())
     assert "--recipe {paper,small}" in text
