@@ -190,7 +190,7 @@ def check_reusable(run_dir: Path, options: list) -> None:
     """A run is reused only if its config.json holds what ``options`` would have given it."""
     if not (run_dir / "config.json").is_file():
         raise AblationError(f"{run_dir} holds no run (no config.json): remove it, or give another --runs folder")
-    saved = json.loads((run_dir / "config.json").read_text())
+    saved = _read_json(run_dir / "config.json")
     wanted = json.loads(json.dumps(asdict(resolve(parse_config(options)))))  # tuples as JSON gives them back
     # a run saved before an option existed ran as its default does
     saved = {**json.loads(json.dumps(asdict(parse_config([])))), **saved}
@@ -203,6 +203,16 @@ def check_reusable(run_dir: Path, options: list) -> None:
 
 
 # ---------------------------------------------------------------- reading the runs
+
+def _read_json(path: Path, lines: bool = False):
+    """A run's JSON file (``lines``: one record per line), or AblationError naming it."""
+    try:
+        text = path.read_text()
+        return [json.loads(line) for line in text.splitlines()] if lines else json.loads(text)
+    except (OSError, ValueError) as error:  # ValueError: JSON (or UTF-8) damaged, such as by a hand edit
+        raise AblationError(f"cannot read {path} ({getattr(error, 'strerror', None) or error}): remove its run "
+                            f"folder to train that variant again") from None
+
 
 def training_curve(records: list) -> list:
     """Per training step (metrics.jsonl written with --log-every 1): the step line's
@@ -225,15 +235,15 @@ def steps_to_error(curve: list, error: float) -> Optional[int]:
 def read_run(run_dir: Path, failure: Optional[str] = None) -> dict:
     """A run's numbers: validation errors (summary.json) and the training curve (metrics.jsonl);
     of a run that stopped (``failure``), the curve only."""
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = _read_json(run_dir / "metrics.jsonl", lines=True)
     curve = training_curve(records)
     conditions = run_dir.parent / f"{run_dir.name}{CONDITIONS_SUFFIX}"
     numbers = {"run_dir": str(run_dir), "failed": failure, "curve": curve,
                "steps_to": {_percent(target): steps_to_error(curve, target) for target in TRAIN_ERROR_TARGETS},
-               "conditions": json.loads(conditions.read_text()) if conditions.exists() else None}
+               "conditions": _read_json(conditions) if conditions.exists() else None}
     if failure is not None:
         return {**numbers, "steps": curve[-1]["step"] if curve else 0}
-    summary = json.loads((run_dir / "summary.json").read_text())
+    summary = _read_json(run_dir / "summary.json")
     return {**numbers, "steps": summary["steps"], "classes": summary["classes"], "centre": summary["centre"],
             "ten_patch": summary.get("ten_patch"),
             "images_per_s": summary["images_per_s"], "train_seconds": summary["train_seconds"],
@@ -559,12 +569,16 @@ def main(argv=None) -> Path:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     args = sys.argv[1:] if argv is None else list(argv)
     config = AblationConfig(**vars(build_parser().parse_args(args)))
+    for name in ("data", "out", "runs"):  # such as an unset "$VARIABLE"
+        if getattr(config, name) == "":
+            raise ValueError(f"--{name} is empty: give a folder, or leave the option out")
     if config.data is not None:  # the runs start in the repository's root
-        config = dataclasses.replace(config, data=str(Path(config.data).resolve()))
+        config = dataclasses.replace(config, data=str(Path(config.data).expanduser().resolve()))
     today = datetime.date.today().isoformat()
     machine = machine_info(plan_devices(BenchConfig()))
-    out = Path(config.out) if config.out else REPORTS_DIR / f"ablations-{machine['hostname']}-{today}"
-    runs = Path(config.runs).resolve() if config.runs else ROOT / "runs" / f"ablations-{today}"
+    # ~ is the home folder here too, as the shell leaves it in --out=~/report
+    out = Path(config.out).expanduser() if config.out else REPORTS_DIR / f"ablations-{machine['hostname']}-{today}"
+    runs = Path(config.runs).expanduser().resolve() if config.runs else ROOT / "runs" / f"ablations-{today}"
     for flag, folder in (("--out", out), ("--runs", runs)):  # before the first run, not after the last
         try:
             folder.mkdir(parents=True, exist_ok=True)

@@ -22,12 +22,15 @@ def option(default, help: str, *, many: bool = False, **argparse_kwargs):
 
 
 def comma_list(item_type=str, choices=None):
-    """An argparse type: 'a,b,c' -> a tuple of ``item_type``, each one of ``choices`` if given."""
+    """An argparse type: 'a,b,c' -> a tuple of ``item_type``, each once, each one of ``choices`` if given."""
     def parse(text):
         values = [item_type(v.strip()) for v in text.split(",") if v.strip()]
         if not values or any(choices and v not in choices for v in values):
             raise argparse.ArgumentTypeError(f"expected a comma-separated list of "
                                              f"{', '.join(map(str, choices or ['values']))}; got {text!r}")
+        twice = next((v for i, v in enumerate(values) if v in values[:i]), None)
+        if twice is not None:
+            raise argparse.ArgumentTypeError(f"{text!r} names {twice} twice: give each once")
         return tuple(values)
     return parse
 

@@ -102,6 +102,30 @@ def test_reuse_takes_a_run_that_stopped_and_refuses_one_that_was_interrupted(tmp
         ablations.train(dataclasses.replace(config, seed=3), "tanh", runs)
 
 
+def test_a_damaged_run_file_a_variant_named_twice_and_a_home_folder_are_told_apart(tmp_path, monkeypatch):
+    run = tmp_path / "runs" / "tanh"
+    run.mkdir(parents=True)
+    (run / "metrics.jsonl").write_text('{"event": "train", "step": 1}\n{"event": "tra\n')  # cut short by a hand edit
+    with pytest.raises(ablations.AblationError, match=f"cannot read {run / 'metrics.jsonl'} .*: remove its run folder"):
+        ablations.read_run(run)
+    (run / "config.json").write_bytes(b"\xff")
+    with pytest.raises(ablations.AblationError, match=f"cannot read {run / 'config.json'} "):
+        ablations.check_reusable(run, [])
+    with pytest.raises(SystemExit):  # argparse: one line, exit 2
+        ablations.build_parser().parse_args(["--variants", "full,tanh,full"])
+    with pytest.raises(ValueError, match="--runs is empty"):
+        ablations.main(["--runs", ""])
+
+    # --out=~/x: no shell expands that ~
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(ablations.data_module, "open_data", lambda data: (_ for _ in ()).throw(OSError("stop")))
+    with pytest.raises(OSError, match="stop"):
+        ablations.main(["--out=~/report", "--runs=~/runs"])
+    assert (tmp_path / "home" / "report").is_dir() and (tmp_path / "home" / "runs").is_dir()
+    assert not (tmp_path / "~").exists()
+
+
 # ---------------------------------------------------------------- one tiny ablation, run as a user runs it
 
 @pytest.fixture(scope="module")
