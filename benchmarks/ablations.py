@@ -141,7 +141,7 @@ def train(config: AblationConfig, variant: str, runs: Path) -> tuple:
         why = _stopped(stderr_path)
         if why is None:
             raise AblationError(f"{run_dir} holds a run that neither finished nor stopped on its own (interrupted?): "
-                                f"resume it with python -m launch.two_gpu --resume {run_dir}, or remove it")
+                                f"resume it with python -m launch.two_gpu --resume {shlex.quote(str(run_dir))}, or remove it")
         logger.info("%s: reusing the run in %s, which stopped: %s", variant, run_dir, why)
         return run_dir, why
     command = [sys.executable, "-m", "launch.two_gpu", *options]

@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import os
+import shlex
 import sys
 import time
 from dataclasses import dataclass
@@ -297,7 +298,7 @@ def _after_divergence(config: TrainConfig, run_dir: Optional[Path], num_classes:
         return (f"The loss had already run away by the last checkpoint (step {saved['global_step']}, loss "
                 f"{saved['loss']:.3g}), so resuming it would not help: {start_again}")
     return (f"Go on from the last checkpoint (step {saved['global_step']}, loss {saved['loss']:.3g}) at a lower rate: "
-            f"--resume {run_dir} --lr {lower} (or a longer --warmup-steps)")
+            f"--resume {shlex.quote(str(run_dir))} --lr {lower} (or a longer --warmup-steps)")
 
 
 # ---------------------------------------------------------------- one rank's whole run

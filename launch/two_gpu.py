@@ -25,6 +25,7 @@ import fcntl
 import json
 import logging
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -199,8 +200,8 @@ def check_resumable(config: TrainConfig, payload: dict, bundle) -> None:
     done = progress["epoch"]
     if done >= config.epochs:
         fewer = f", and --epochs {config.epochs} asks for no more" if config.epochs < done else ""
-        raise ValueError(f"{run} has finished its {done} epochs{fewer}: train it longer with --resume {run} "
-                         f"--epochs N (N > {done}), or evaluate it with --eval-only {run}")
+        raise ValueError(f"{run} has finished its {done} epochs{fewer}: train it longer with --resume {shlex.quote(str(run))} "
+                         f"--epochs N (N > {done}), or evaluate it with --eval-only {shlex.quote(str(run))}")
     if config.max_steps is not None and progress["global_step"] >= config.max_steps:
         raise ValueError(f"{run} has taken {progress['global_step']} steps, as many as --max-steps {config.max_steps}: "
                          f"give a larger --max-steps, or none")
@@ -340,7 +341,7 @@ def prepare_run(config: TrainConfig, checkpoint: Optional[dict]):
     try:
         if not config.resume:
             if (run_dir / FILENAME).exists():
-                raise ValueError(f"{run_dir} already holds a run: resume it with --resume {run_dir}, or choose "
+                raise ValueError(f"{run_dir} already holds a run: resume it with --resume {shlex.quote(str(run_dir))}, or choose "
                                  f"another --run-name")
             others = sorted(p.name for p in run_dir.iterdir() if p.name != LOCK_NAME)
             if others:
@@ -531,7 +532,7 @@ def _after_interrupt(config: Optional[TrainConfig], run_dir: Optional[Path]) -> 
     if config is not None and config.eval_only:
         return "nothing to resume: run the evaluation again"
     if run_dir is not None and (run_dir / FILENAME).exists():
-        return f"resume with --resume {run_dir}"
+        return f"resume with --resume {shlex.quote(str(run_dir))}"
     again = f" {elsewhere_than(run_dir)}" if run_dir is not None else ""
     return f"no checkpoint was written yet, so there is nothing to resume: start the run again{again}"
 
@@ -550,7 +551,7 @@ def _after_failure(config: Optional[TrainConfig], run_dir: Optional[Path], failu
     if config.eval_only:
         return advice
     if (run_dir / FILENAME).exists():
-        return f"{advice}\nonce the cause is fixed, go on from the last checkpoint with --resume {run_dir}"
+        return f"{advice}\nonce the cause is fixed, go on from the last checkpoint with --resume {shlex.quote(str(run_dir))}"
     return (f"{advice}\nno checkpoint was written yet: once the cause is fixed, start the run again "
             f"{elsewhere_than(run_dir)}")
 

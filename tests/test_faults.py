@@ -559,6 +559,14 @@ def test_options_that_depend_on_the_data_or_the_disk_leave_no_run_folder(tiny_da
     assert f"cannot use --out {too_long} (File name too long)" in err and "Traceback" not in err
 
 
+def test_the_command_a_message_suggests_can_be_pasted_whatever_the_folders_name(tiny_data, tmp_path, caplog):
+    run = tmp_path / "my runs" / "first"
+    run.mkdir(parents=True)
+    (run / "checkpoint.pt").write_bytes(b"")
+    err = _error_of(["--data", tiny_data, "--out", tmp_path / "my runs", "--run-name", "first", *TINY], caplog)
+    assert f"already holds a run: resume it with --resume '{run}', or choose another --run-name" in err
+
+
 def test_a_count_of_ranks_per_machine_left_in_the_environment_is_torchruns_alone(tiny_data, tmp_path, monkeypatch):
     """LOCAL_WORLD_SIZE set, but not RANK and WORLD_SIZE: the ranks this program starts itself."""
     for name in ("RANK", "WORLD_SIZE"):
