@@ -297,12 +297,21 @@ def _library_worker(rank, fc8_placement):
             "second": second, "init": init, "input_exchange": tower.exchange_log.as_dict()["input/backward"]}
 
 
-@pytest.mark.parametrize("fc8_placement", ["tower0", "split"])
-def test_a_users_own_script_gets_the_references_function(fc8_placement):
-    ranks = run_ranks(_library_worker, (fc8_placement,), timeout_s=TIMEOUT_S)
-    assert torch.equal(ranks[0]["drawn_after"], ranks[1]["drawn_after"])
+def _library_cases(rank, placements):
+    return [_library_worker(rank, placement) for placement in placements]
+
+
+def test_a_users_own_script_gets_the_references_function():
+    placements = ("tower0", "split")
+    by_rank = run_ranks(_library_cases, (placements,), timeout_s=TIMEOUT_S)
+    for placement, ranks in zip(placements, zip(*by_rank)):  # (rank 0's, rank 1's) per placement
+        _assert_library_use(placement, ranks)
+
+
+def _assert_library_use(placement, ranks):
+    assert torch.equal(ranks[0]["drawn_after"], ranks[1]["drawn_after"]), placement
     for rank, r in enumerate(ranks):
-        assert r["input_grad"] < 1e-12, f"rank {rank}: the images' gradient is not the whole net's"
+        assert r["input_grad"] < 1e-12, f"{placement}, rank {rank}: the images' gradient is not the whole net's"
         assert r["empty"] == (0, 10)
         assert "marked with @once_differentiable" in r["second"], r["second"]  # refused, never silently zero
         assert "a Tower holds half of one" in r["init"]
