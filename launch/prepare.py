@@ -72,21 +72,21 @@ def _pool(workers: int):
     ended however. Its end cannot wait for good: a worker still there WORKER_GRACE_S
     seconds after being told to end is killed (SIGKILL). A worker waiting for work has
     been seen to outlive SIGTERM, which left the Pool's end waiting for it."""
+    others = set(multiprocessing.active_children())  # a caller's own processes, never the pool's
     pool = multiprocessing.Pool(workers, initializer=_worker_start)
     try:
         yield pool
     finally:
-        backstop = threading.Timer(WORKER_GRACE_S, _kill_the_rest)
+        backstop = threading.Timer(WORKER_GRACE_S, _kill_the_rest, [others])
         backstop.daemon = True
         backstop.start()
-        try:
-            pool.terminate()
-        finally:
-            backstop.cancel()
+        # Interrupted (a second Ctrl-C), the backstop stays: the exit's own end of the pool waits on the workers.
+        pool.terminate()
+        backstop.cancel()
 
 
-def _kill_the_rest() -> None:
-    for process in multiprocessing.active_children():  # the pool's workers: the program starts no other process
+def _kill_the_rest(others: set) -> None:
+    for process in set(multiprocessing.active_children()) - others:  # the pool's workers, replacements included
         if process.exitcode is None:  # not ended yet, so its id is still its own
             log.warning("a worker (process %d) did not end %d s after being told to: killed", process.pid,
                         WORKER_GRACE_S)

@@ -150,6 +150,10 @@ def load_or_compute_stats(root: Path, train: "ImageFolderSplit", train_files: li
     for target in (root / name, fallback):  # the data folder may be read-only or full
         try:
             save_checkpoint(target, payload)
+            if target.parent == root:  # the statistics of the training images as they were: never read again
+                for stale in root.glob(".alexnet-stats-*.pt"):
+                    if stale.name != name:
+                        stale.unlink(missing_ok=True)
             break
         except OSError as exc:
             log.warning("could not cache the training-set statistics in %s (%s)", target.parent, exc.strerror or exc)

@@ -486,7 +486,8 @@ def test_stats_follow_an_image_rewritten_in_place_at_the_same_size(tmp_path):
     bundle = data.open_data(root, cache_dir=tmp_path / "cache")
     assert not torch.equal(bundle.stats.mean, first.mean)
     assert torch.equal(bundle.stats.mean, stats.compute_stats(bundle.train).mean)
-    assert len(list(root.glob(".alexnet-stats-*.pt"))) == 2  # the first images' statistics are kept, unused
+    key = stats._stats_key(root, [f for images in files["train"] for f in images], stats.STATS_SAMPLE, False)
+    assert [p.name for p in root.glob(".alexnet-stats-*.pt")] == [f".alexnet-stats-{key}.pt"]  # the old one gone
 
 
 def test_a_file_name_that_is_not_utf8_is_read(tmp_path):
@@ -819,7 +820,7 @@ def test_prepare_names_the_fix_of_a_write_that_fails(tmp_path):
 # that does not answer, or one seen waiting for work), and the other's fills the disk, which
 # ends the pool.
 _STUCK_WORKER = """
-import errno, os, signal, sys, time
+import errno, multiprocessing, os, signal, sys, time
 from PIL import Image
 from launch import prepare
 prepare.WORKER_GRACE_S = 1
@@ -833,7 +834,12 @@ def stuck_or_full(image, path, *args, **kwargs):
     time.sleep(3600)
 
 Image.Image.save = stuck_or_full
-sys.exit(prepare.main(sys.argv[1:-1]))
+bystander = multiprocessing.Process(target=time.sleep, args=(60,))  # the caller's own: never the backstop's
+bystander.start()
+code = prepare.main(sys.argv[1:-1])
+print("bystander", "alive" if bystander.is_alive() else "killed")
+bystander.terminate()
+sys.exit(code)
 """
 
 
@@ -843,11 +849,12 @@ def test_prepare_ends_even_where_a_worker_outlives_being_told_to_end(tmp_path):
                              str(tmp_path / "first-write")], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
     try:
-        _, err = proc.communicate(timeout=60)
+        out, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 2 and "Traceback" not in err, err
+    assert out.split() == ["bystander", "alive"]
     assert err.splitlines()[-1].startswith(f"error: cannot write to DST {dst} (No space left on device)")
     assert "did not end 1 s after being told to: killed" in err
     deadline = time.monotonic() + 10
