@@ -176,9 +176,6 @@ class TrainConfig:
             raise ValueError(f"--seed must be an integer from 0 to {2**32 - 1}, got {self.seed}")
         if self.lr_milestones is not None and min(self.lr_milestones) < 1:
             raise ValueError(f"--lr-milestones must be epochs from 1 on, got {' '.join(map(str, self.lr_milestones))}")
-        if self.lr_milestones is not None and len(set(self.lr_milestones)) < len(self.lr_milestones):
-            raise ValueError(f"--lr-milestones {' '.join(map(str, self.lr_milestones))} names an epoch twice (the rate "
-                             f"would be divided by 100 there): give each epoch once")
         for name in ("patience", "max_reductions", "checkpoint_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must not be negative, got {getattr(self, name)}")
@@ -203,6 +200,10 @@ def check_schedule_options(config: TrainConfig) -> None:
     under 'fixed' (given other than their defaults). ``config``: as parsed, before resolve."""
     if config.resume or config.eval_only:  # a resumed run keeps its schedule; an evaluation has none
         return
+    milestones = config.lr_milestones or ()
+    if len(set(milestones)) < len(milestones):
+        raise ValueError(f"--lr-milestones {' '.join(map(str, milestones))} names an epoch twice (the rate would be "
+                         f"divided by 100 there): give each epoch once")
     recipe = config.recipe or default_recipe(config)
     schedule = config.schedule or RECIPES[recipe]["schedule"]
     origin = "--schedule" if config.schedule else f"the {recipe} recipe's"
@@ -282,20 +283,21 @@ def describe_recipe(config: TrainConfig, train_images: int) -> str:
     return line
 
 
-def recipe_warning(config: TrainConfig, train_images: int) -> Optional[str]:
-    """A warning when the paper's recipe meets a training set far smaller than ImageNet's, or
-    when the fixed schedule's milestones lie beyond the run's epochs."""
+def recipe_warnings(config: TrainConfig, train_images: int) -> list:
+    """Warnings: the paper's recipe meets a training set far smaller than ImageNet's; the
+    fixed schedule's milestones lie beyond the run's epochs."""
+    warnings = []
+    if config.recipe == "paper" and train_images < PAPER_RECIPE_MIN_IMAGES:
+        warnings.append(f"warning: the paper's recipe is made for 1.2 million training images and this set has "
+                        f"{train_images} (under {PAPER_RECIPE_MIN_IMAGES:,}): it will likely learn nothing here; "
+                        f"--recipe small sizes the run to the data")
     beyond = [m for m in config.lr_milestones or () if m >= config.epochs] if config.schedule == "fixed" else []
     if beyond:
         one = len(beyond) == 1
-        return (f"warning: the rate's milestone{'s' * (not one)} {' '.join(map(str, beyond))} (--lr-milestones) "
-                f"{'is' if one else 'are'} never reached in this run's {config.epochs} epochs: give milestones below "
-                f"--epochs")
-    if config.recipe != "paper" or train_images >= PAPER_RECIPE_MIN_IMAGES:
-        return None
-    return (f"warning: the paper's recipe is made for 1.2 million training images and this set has {train_images} "
-            f"(under {PAPER_RECIPE_MIN_IMAGES:,}): it will likely learn nothing here; --recipe small sizes the run "
-            f"to the data")
+        warnings.append(f"warning: the rate's milestone{'s' * (not one)} {' '.join(map(str, beyond))} "
+                        f"(--lr-milestones) {'is' if one else 'are'} never reached in this run's {config.epochs} "
+                        f"epochs: give milestones below --epochs")
+    return warnings
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -43,7 +43,7 @@ from .checkpoint import (FILENAME, CheckpointError, check_classes, checkpoint_ar
                          training_checkpoint_bytes)
 from .cli import quick_exit
 from .config import (TrainConfig, build_parser, check_schedule_options, describe_recipe, given_options, parse_config,
-                     recipe_warning, resolve)
+                     recipe_warnings, resolve)
 from .ranks import (LOOPBACK, RankFailure, choose_placement, cpu_threads_per_rank, init_process_group, raise_interrupt,
                     run_ranks)
 from .train import architecture, describe_evaluation, elsewhere_than, run_rank, setup_logging, usable_cores
@@ -312,8 +312,7 @@ def prepare_run(config: TrainConfig, checkpoint: Optional[dict]):
     config = resolve(config, train_images=len(bundle.train))
     if not config.eval_only:
         log.info("%s", describe_recipe(config, len(bundle.train)))
-        warning = recipe_warning(config, len(bundle.train))
-        if warning:
+        for warning in recipe_warnings(config, len(bundle.train)):
             log.warning("%s", warning)
     if config.fc8_placement == "split" and len(bundle.classes) % TOWERS:
         raise ValueError(f"--fc8-placement split gives each tower half of FC8's neurons and needs an even number of "

@@ -13,7 +13,7 @@ from launch import builtin
 from launch.checkpoint import load_checkpoint
 from launch.config import (PAPER_RECIPE, PAPER_RECIPE_MIN_IMAGES, SMALL_MIN_EPOCHS, SMALL_MIN_STEPS, TrainConfig,
                            build_parser, check_schedule_options, describe_recipe, given_options, parse_config,
-                           recipe_warning, resolve)
+                           recipe_warnings, resolve)
 from launch.two_gpu import ARCHITECTURE_OPTIONS, main, resumed_config
 
 from conftest import TINY, launch
@@ -110,23 +110,27 @@ def test_the_recipe_line_says_what_was_chosen_and_why():
 
 def test_the_papers_recipe_warns_below_its_threshold_only():
     below, at = PAPER_RECIPE_MIN_IMAGES - 1, PAPER_RECIPE_MIN_IMAGES
-    warning = recipe_warning(_resolved(below, data="photos"), below)
+    (warning,) = recipe_warnings(_resolved(below, data="photos"), below)
     assert f"has {below}" in warning and "--recipe small" in warning
-    assert recipe_warning(_resolved(at, data="photos"), at) is None
-    assert recipe_warning(_resolved(330, data="photos", recipe="small"), 330) is None
+    assert recipe_warnings(_resolved(at, data="photos"), at) == []
+    assert recipe_warnings(_resolved(330, data="photos", recipe="small"), 330) == []
 
 
 def test_milestones_the_run_never_reaches_are_warned_of_and_an_epoch_named_twice_is_refused():
     at = PAPER_RECIPE_MIN_IMAGES
-    warning = recipe_warning(_resolved(at, data="photos", schedule="fixed", epochs=10), at)
-    assert warning == ("warning: the rate's milestones 30 60 80 (--lr-milestones) are never reached in this run's 10 "
-                       "epochs: give milestones below --epochs")
-    assert recipe_warning(_resolved(at, data="photos", schedule="fixed", epochs=81), at) is None
-    assert "milestone 10 (--lr-milestones) is never reached" in recipe_warning(
-        _resolved(at, data="photos", schedule="fixed", epochs=10, lr_milestones=(5, 10)), at)
-    assert recipe_warning(_resolved(at, data="photos", epochs=10), at) is None  # plateau: no milestones
+    never = ("warning: the rate's milestones 30 60 80 (--lr-milestones) are never reached in this run's 10 epochs: "
+             "give milestones below --epochs")
+    assert recipe_warnings(_resolved(at, data="photos", schedule="fixed", epochs=10), at) == [never]
+    assert recipe_warnings(_resolved(at, data="photos", schedule="fixed", epochs=81), at) == []
+    (warning,) = recipe_warnings(_resolved(at, data="photos", schedule="fixed", epochs=10, lr_milestones=(5, 10)), at)
+    assert "milestone 10 (--lr-milestones) is never reached" in warning
+    assert recipe_warnings(_resolved(at, data="photos", epochs=10), at) == []  # plateau: no milestones
+    small_set = recipe_warnings(_resolved(500, data="photos", schedule="fixed", epochs=10), 500)
+    assert len(small_set) == 2 and "has 500" in small_set[0] and small_set[1] == never  # one does not hide the other
     with pytest.raises(ValueError, match="--lr-milestones 2 2 names an epoch twice"):
-        TrainConfig(schedule="fixed", lr_milestones=(2, 2)).validate()
+        check_schedule_options(TrainConfig(schedule="fixed", lr_milestones=(2, 2)))
+    # a run saved with such milestones (before they were refused) resumes as it was saved
+    check_schedule_options(TrainConfig(resume="run", lr_milestones=(2, 2)))
 
 
 def test_help_explains_the_recipes():
