@@ -542,7 +542,7 @@ def run_line(variant: str, r: dict) -> str:
 
 
 def _recipe(run_dir: Path) -> str:
-    saved = json.loads((run_dir / "config.json").read_text())
+    saved = _read_json(run_dir / "config.json")
     return (f"{saved['epochs']} epochs, batch {saved['batch_size']}, lr {saved['lr']} ({saved['schedule']} schedule"
             + (f", divided by 10 at epochs {', '.join(map(str, saved['lr_milestones']))}"
                if saved["schedule"] == "fixed" else "") +

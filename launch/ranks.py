@@ -51,7 +51,7 @@ class RankTraceback(Exception):
     """A rank's traceback, as text: the cause of a RankFailure."""
 
     def __str__(self):
-        return f"\n\nin the rank:\n{self.args[0]}"
+        return f"the rank's own traceback:\n{self.args[0]}"
 
 
 class Placement(NamedTuple):

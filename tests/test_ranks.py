@@ -100,8 +100,8 @@ def test_a_ranks_traceback_and_a_value_it_cannot_return_are_told():
     assert failure.failures[1] == "ValueError: a mistake in the rank's own code"
     assert set(failure.tracebacks) == {0, 1}
     cause = str(failure.__cause__)  # what an uncaught RankFailure shows below it: the first rank's traceback
-    assert cause == f"\n\nin the rank:\n{failure.tracebacks[failure.first]}"
-    assert 'test_ranks.py", line' in cause and "in _return_or_raise" in cause
+    assert cause == f"the rank's own traceback:\n{failure.tracebacks[failure.first]}"
+    assert 'test_ranks.py", line' in failure.tracebacks[1] and "in _return_or_raise" in failure.tracebacks[1]
 
 
 @pytest.mark.slow

@@ -67,8 +67,12 @@ def test_bad_arguments_are_refused(reference_state):
 @pytest.mark.parametrize("sharded, told", [("split", "tower0"), ("tower0", "split")])
 def test_unsharding_with_another_placement_than_the_sharding_is_refused(reference_state, sharded, told):
     towers = [shard_state_dict(reference_state, rank, sharded) for rank in range(2)]
-    with pytest.raises(ValueError, match=f"fc8_placement='{sharded}' shards it, not '{told}'"):
+    with pytest.raises(ValueError, match=f"FC8, as fc8_placement='{sharded}' shards it, not '{told}'"):
         unshard_state_dicts(towers, told)
+    if sharded == "tower0":  # (split's halves swapped cannot be told from the right order)
+        for placement in ("tower0", "split"):
+            with pytest.raises(ValueError, match="pass them in tower order, tower 0's first"):
+                unshard_state_dicts(towers[::-1], placement)
     towers[1]["junk"] = torch.zeros(1)
     with pytest.raises(ValueError, match="unexpected parameter 'junk'"):
         unshard_state_dicts(towers, sharded)

@@ -51,17 +51,22 @@ def shard_state_dict(reference: Mapping[str, torch.Tensor], tower_rank: int, fc8
 
 
 def unshard_state_dicts(towers: Sequence[Mapping[str, torch.Tensor]], fc8_placement: str = "tower0") -> dict:
-    """The reference state_dict rebuilt from both towers' state_dicts (inverse of ``shard_state_dict``)."""
+    """The reference state_dict rebuilt from both towers' state_dicts, in tower order (inverse
+    of ``shard_state_dict``)."""
     check_placement(fc8_placement)
     if len(towers) != TOWERS:
         raise ValueError(f"expected {TOWERS} tower state_dicts, got {len(towers)}")
+    has_fc8 = [[_layer(key) for key in tower].count("fc8") > 0 for tower in towers]  # every key checked
+    if has_fc8 == [False, True]:
+        raise ValueError("tower 1's state_dict holds FC8 and tower 0's does not: pass them in tower order, tower 0's "
+                         "first")
+    if has_fc8 != [True, fc8_placement == "split"]:
+        other = {"tower0": "split", "split": "tower0"}[fc8_placement]
+        raise ValueError(f"{'both towers hold' if has_fc8[1] else 'only tower 0 holds'} FC8, as "
+                         f"fc8_placement={other!r} shards it, not {fc8_placement!r}: pass the placement they were "
+                         f"sharded with")
     halved = {key for key in towers[0] if _is_halved(key, fc8_placement)}
     if set(towers[1]) != halved:
-        other = {"tower0": "split", "split": "tower0"}[fc8_placement]
-        if {key for key in towers[1] if _layer(key) == "fc8"} != {key for key in halved if _layer(key) == "fc8"}:
-            raise ValueError(f"tower 1's state_dict {'holds' if fc8_placement == 'tower0' else 'lacks'} FC8, as "
-                             f"fc8_placement={other!r} shards it, not {fc8_placement!r}: pass the placement they "
-                             f"were sharded with")
         only = lambda a, b: ", ".join(sorted(set(a) - set(b))[:5]) or "none"
         raise ValueError(f"the two towers' state_dicts hold different layers (only tower 0's: "
                          f"{only(halved, towers[1])}; only tower 1's: {only(towers[1], halved)})")

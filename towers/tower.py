@@ -89,8 +89,9 @@ class Tower(nn.Module):
     of a reference, ``tower.load_state_dict(shard_state_dict(reference.state_dict(),
     tower.tower_rank, tower.fc8_placement))``. Building it leaves the random stream as it
     was, so that the two ranks' streams stay in step (FC8 may be on one tower only). Both
-    towers must be given the same images; where they require grad, their gradient is the
-    whole net's on both towers.
+    towers must be given the same images, requiring grad on both or on neither: where they
+    do, their gradient is the whole net's on both towers, summed in backward by a
+    collective that both must join.
     """
 
     def __init__(self, group, num_classes: int = 1000, dropout: float = 0.5, fc8_placement: str = "tower0",
