@@ -863,6 +863,52 @@ def test_prepare_ends_even_where_a_worker_outlives_being_told_to_end(tmp_path):
     assert not _session(proc.pid), "a worker outlived the program"
 
 
+# launch.prepare run as its own __main__ does, every worker's write never ending and outliving SIGTERM.
+_STUCK_WORKERS = """
+import signal, sys, time
+from PIL import Image
+from launch import prepare
+from launch.cli import quick_exit
+prepare.WORKER_GRACE_S = 2
+
+def stuck(image, path, *args, **kwargs):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    time.sleep(3600)
+
+Image.Image.save = stuck
+with quick_exit():
+    sys.exit(prepare.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_prepare_interrupted_twice_while_its_pool_ends_still_ends_with_its_workers(tmp_path):
+    """The second Ctrl-C interrupts the pool's end; the exit's own end of the pool then waits on
+    the workers, which the backstop still kills."""
+    src, dst = _simple_tree(tmp_path / "raw", train=10), tmp_path / "prepared"
+    proc = subprocess.Popen([sys.executable, "-c", _STUCK_WORKERS, str(src), str(dst), "--workers", "2"], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while len(_session(proc.pid)) < 3:  # the program and its two workers
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.1)
+        time.sleep(1)  # the workers have begun their first write
+        proc.send_signal(signal.SIGINT)
+        time.sleep(1)  # the pool's end is waiting on the workers
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert "interrupted: the images written so far are kept" in err
+    deadline = time.monotonic() + 10
+    while _session(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _session(proc.pid), "a worker outlived the program"
+
+
 _SLOW_TO_CONVERT = 60  # copies of one large image: seconds of work for one worker
 
 
