@@ -36,7 +36,7 @@ from typing import Optional
 import torch
 
 from launch import data as data_module
-from launch.cli import add_options, option, quick_exit, write_whole
+from launch.cli import add_options, option, quick_exit, shell_word, write_whole
 from launch.config import TrainConfig, parse_config, resolve
 from launch.meter import StepMeter
 from launch.ranks import raise_interrupt
@@ -141,7 +141,7 @@ def train(config: AblationConfig, variant: str, runs: Path) -> tuple:
         why = _stopped(stderr_path)
         if why is None:
             raise AblationError(f"{run_dir} holds a run that neither finished nor stopped on its own (interrupted?): "
-                                f"resume it with python -m launch.two_gpu --resume {shlex.quote(str(run_dir))}, or remove it")
+                                f"resume it with python -m launch.two_gpu --resume {shell_word(run_dir)}, or remove it")
         logger.info("%s: reusing the run in %s, which stopped: %s", variant, run_dir, why)
         return run_dir, why
     command = [sys.executable, "-m", "launch.two_gpu", *options]

@@ -7,6 +7,7 @@ import atexit
 import contextlib
 import dataclasses
 import os
+import shlex
 import sys
 import threading
 import typing
@@ -55,6 +56,11 @@ def add_options(parser: argparse.ArgumentParser, config_class) -> None:
                 kwargs.setdefault("type", hint)
                 kwargs.setdefault("metavar", None if hint is str and "choices" in kwargs else f.name.upper())
         parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=f.default, **kwargs)
+
+
+def shell_word(path) -> str:
+    """``path`` as a shell reads it back, for a command that a message suggests."""
+    return shlex.quote(str(path))
 
 
 def write_whole(path: Path, write) -> None:

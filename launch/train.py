@@ -17,7 +17,6 @@ import json
 import logging
 import math
 import os
-import shlex
 import sys
 import time
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ from towers import AlexNet, Architecture, ExchangeLog, Tower, allocate, build_re
 from . import data as data_module
 from .images import BASE_SIZE, CROP_SIZE
 from .checkpoint import FILENAME, load_checkpoint, restore_training_state, save_training_state
+from .cli import shell_word
 from .config import TrainConfig
 from .mesh import Mesh, build_mesh
 from .ranks import Placement
@@ -298,7 +298,7 @@ def _after_divergence(config: TrainConfig, run_dir: Optional[Path], num_classes:
         return (f"The loss had already run away by the last checkpoint (step {saved['global_step']}, loss "
                 f"{saved['loss']:.3g}), so resuming it would not help: {start_again}")
     return (f"Go on from the last checkpoint (step {saved['global_step']}, loss {saved['loss']:.3g}) at a lower rate: "
-            f"--resume {shlex.quote(str(run_dir))} --lr {lower} (or a longer --warmup-steps)")
+            f"--resume {shell_word(run_dir)} --lr {lower} (or a longer --warmup-steps)")
 
 
 # ---------------------------------------------------------------- one rank's whole run

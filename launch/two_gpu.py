@@ -25,7 +25,6 @@ import fcntl
 import json
 import logging
 import os
-import shlex
 import shutil
 import signal
 import socket
@@ -41,7 +40,7 @@ from towers import TOWERS, check_compile_backend
 from . import data as data_module
 from .checkpoint import (FILENAME, CheckpointError, check_classes, checkpoint_architecture, load_checkpoint, resolve_path,
                          training_checkpoint_bytes)
-from .cli import quick_exit
+from .cli import quick_exit, shell_word
 from .config import (TrainConfig, build_parser, check_schedule_options, describe_recipe, given_options, parse_config,
                      recipe_warnings, resolve)
 from .ranks import (LOOPBACK, RankFailure, choose_placement, cpu_threads_per_rank, init_process_group, raise_interrupt,
@@ -200,8 +199,8 @@ def check_resumable(config: TrainConfig, payload: dict, bundle) -> None:
     done = progress["epoch"]
     if done >= config.epochs:
         fewer = f", and --epochs {config.epochs} asks for no more" if config.epochs < done else ""
-        raise ValueError(f"{run} has finished its {done} epochs{fewer}: train it longer with --resume {shlex.quote(str(run))} "
-                         f"--epochs N (N > {done}), or evaluate it with --eval-only {shlex.quote(str(run))}")
+        raise ValueError(f"{run} has finished its {done} epochs{fewer}: train it longer with --resume "
+                         f"{shell_word(run)} --epochs N (N > {done}), or evaluate it with --eval-only {shell_word(run)}")
     if config.max_steps is not None and progress["global_step"] >= config.max_steps:
         raise ValueError(f"{run} has taken {progress['global_step']} steps, as many as --max-steps {config.max_steps}: "
                          f"give a larger --max-steps, or none")
@@ -236,8 +235,13 @@ def new_run_folder(config: TrainConfig) -> Path:
     out = Path(config.out).expanduser()
     try:
         return _new_run_folder(config, out)
-    except OSError as exc:  # a name too long, a folder on the way that cannot be read, ...
-        raise ValueError(f"cannot use --out {out} ({exc.strerror or exc}): give an --out folder you can write") from None
+    except OSError as exc:
+        raise _cannot_use_out(out, exc) from None
+
+
+def _cannot_use_out(out, exc: OSError) -> ValueError:
+    """--out that cannot be examined or made: a name too long, a folder on the way that cannot be read, ..."""
+    return ValueError(f"cannot use --out {out} ({exc.strerror or exc}): give an --out folder you can write")
 
 
 def _new_run_folder(config: TrainConfig, out: Path) -> Path:
@@ -283,9 +287,8 @@ def check_room_for_checkpoints(config: TrainConfig, num_classes: int) -> None:
     try:
         while not folder.exists() and folder != folder.parent:  # --out is made later: the disk that will hold it
             folder = folder.parent
-    except OSError as exc:  # a name too long, a folder on the way that cannot be read, ...
-        raise ValueError(f"cannot use --out {config.out} ({exc.strerror or exc}): give an --out folder you can "
-                         f"write") from None
+    except OSError as exc:
+        raise _cannot_use_out(config.out, exc) from None
     size = training_checkpoint_bytes(num_classes, architecture(config))
     needed = size if config.resume else 2 * size
     free = shutil.disk_usage(folder).free
@@ -340,8 +343,8 @@ def prepare_run(config: TrainConfig, checkpoint: Optional[dict]):
     try:
         if not config.resume:
             if (run_dir / FILENAME).exists():
-                raise ValueError(f"{run_dir} already holds a run: resume it with --resume {shlex.quote(str(run_dir))}, or choose "
-                                 f"another --run-name")
+                raise ValueError(f"{run_dir} already holds a run: resume it with --resume {shell_word(run_dir)}, "
+                                 f"or choose another --run-name")
             others = sorted(p.name for p in run_dir.iterdir() if p.name != LOCK_NAME)
             if others:
                 raise ValueError(f"{run_dir} holds other files ({', '.join(others[:4])}): choose another "
@@ -531,7 +534,7 @@ def _after_interrupt(config: Optional[TrainConfig], run_dir: Optional[Path]) -> 
     if config is not None and config.eval_only:
         return "nothing to resume: run the evaluation again"
     if run_dir is not None and (run_dir / FILENAME).exists():
-        return f"resume with --resume {shlex.quote(str(run_dir))}"
+        return f"resume with --resume {shell_word(run_dir)}"
     again = f" {elsewhere_than(run_dir)}" if run_dir is not None else ""
     return f"no checkpoint was written yet, so there is nothing to resume: start the run again{again}"
 
@@ -550,7 +553,8 @@ def _after_failure(config: Optional[TrainConfig], run_dir: Optional[Path], failu
     if config.eval_only:
         return advice
     if (run_dir / FILENAME).exists():
-        return f"{advice}\nonce the cause is fixed, go on from the last checkpoint with --resume {shlex.quote(str(run_dir))}"
+        return (f"{advice}\nonce the cause is fixed, go on from the last checkpoint with --resume "
+                f"{shell_word(run_dir)}")
     return (f"{advice}\nno checkpoint was written yet: once the cause is fixed, start the run again "
             f"{elsewhere_than(run_dir)}")
 

@@ -56,7 +56,7 @@ def unshard_state_dicts(towers: Sequence[Mapping[str, torch.Tensor]], fc8_placem
     check_placement(fc8_placement)
     if len(towers) != TOWERS:
         raise ValueError(f"expected {TOWERS} tower state_dicts, got {len(towers)}")
-    has_fc8 = [[_layer(key) for key in tower].count("fc8") > 0 for tower in towers]  # every key checked
+    has_fc8 = ["fc8" in [_layer(key) for key in tower] for tower in towers]  # every key checked
     if has_fc8 == [False, True]:
         raise ValueError("tower 1's state_dict holds FC8 and tower 0's does not: pass them in tower order, tower 0's "
                          "first")
