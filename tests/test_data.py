@@ -269,6 +269,22 @@ def test_float_images_keep_their_brightness(tmp_path):
     assert (loaded([[np.nan, 1.0], [0.2, 0.2]]) == [[0, 255], [51, 51]]).all()
 
 
+def test_a_tiff_with_a_damaged_tag_is_unreadable(tmp_path):
+    """A TIFF whose strip offsets are of the wrong type (RATIONAL, not LONG) makes PIL
+    raise TypeError: the file is unreadable like any damaged image, not a crash of the
+    program reading it."""
+    path = tmp_path / "damaged.tif"
+    Image.new("RGB", (32, 32), (200, 10, 10)).save(path)
+    damaged = bytearray(path.read_bytes())
+    ifd = int.from_bytes(damaged[4:8], "little")
+    entries = [ifd + 2 + 12 * i for i in range(int.from_bytes(damaged[ifd:ifd + 2], "little"))]
+    strip_offsets = next(e for e in entries if int.from_bytes(damaged[e:e + 2], "little") == 273)
+    damaged[strip_offsets + 2] = 5  # the entry's type: 4 (LONG) becomes 5 (RATIONAL)
+    path.write_bytes(bytes(damaged))
+    with pytest.raises(images.DECODE_ERRORS):
+        images.load_image(path)
+
+
 def test_resize_center_takes_the_central_patch():
     # 512 x 256: the shorter side is already 256, so the result is columns 128..383 exactly.
     pixels = np.random.default_rng(0).integers(0, 256, (256, 512, 3), dtype=np.uint8)
