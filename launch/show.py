@@ -18,7 +18,7 @@ From summary.json, for --layout towers runs:
                   backward, sent by each tower
 From checkpoint.pt and the run's data (or --data):
   neighbours.png  the paper's Figure 4: validation images, each with the six training
-                  images nearest to it in FC7's output (4096-d, after ReLU)
+                  images nearest to it in FC7's output (4096-d, after its ReLU or tanh)
 
 A picture whose inputs are not there yet is skipped with a note saying why, and the
 others are drawn: a run in its first epoch has no checkpoint.pt unless it was started
@@ -467,28 +467,35 @@ def draw_traffic(run: RunFolder, out: Path) -> Path:
 
 # --------------------------------------------------------------------------- neighbours (Figure 4)
 
-HIDDEN_LAYERS = LAYERS[:-1]  # each followed by a ReLU; FC7 is the last hidden layer
+HIDDEN_LAYERS = LAYERS[:-1]  # each followed by the activation (ReLU, or tanh); FC7 is the last hidden layer
+
+
+def activation_name(model: AlexNet) -> str:
+    """"ReLU" or "tanh": the nonlinearity after each hidden layer of ``model``."""
+    return "ReLU" if model.activation is F.relu else model.activation.__name__
 
 
 class HiddenOutputs(NamedTuple):
-    fc7: torch.Tensor  # N x 4096: FC7's output after its ReLU
+    fc7: torch.Tensor  # N x 4096: FC7's output after its activation
     silent: list  # per image, the first hidden layer whose output is all zero after its ReLU, or None
 
 
 def hidden_outputs(model: AlexNet, images: torch.Tensor) -> HiddenOutputs:
-    """FC7's output after its ReLU for network inputs ``images`` (N x 3 x 224 x 224, the
-    mean subtracted), in eval mode, and for each image the first layer that is silent
-    (every ReLU off). Images silent at one layer get one and the same output from every
-    later layer (its biases alone), so they all lie at distance 0 from each other in FC7.
-    Read by forward hooks, so the model runs its own forward unchanged."""
+    """FC7's output after its activation for network inputs ``images`` (N x 3 x 224 x 224,
+    the mean subtracted), in eval mode, and for each image the first layer that is silent
+    (every ReLU off; never under tanh, which is off nowhere). Images silent at one layer
+    get one and the same output from every later layer (its biases alone), so they all lie
+    at distance 0 from each other in FC7. Read by forward hooks, so the model runs its own
+    forward unchanged."""
     assert not model.training, "FC7 features are taken in eval mode (dropout off)"
     fc7, all_off = [], {}
+    relu = model.activation is F.relu
 
     def watch(name):
         def hook(module, inputs, output):
-            all_off[name] = (output <= 0).flatten(1).all(dim=1).tolist()
+            all_off[name] = ((output <= 0).flatten(1).all(dim=1) & relu).tolist()
             if name == "fc7":
-                fc7.append(F.relu(output))
+                fc7.append(model.activation(output))
         return hook
 
     handles = [getattr(model, name).register_forward_hook(watch(name)) for name in HIDDEN_LAYERS]
@@ -561,6 +568,7 @@ class Neighbours:
     distances: torch.Tensor  # Q x k, nearest first
     indices: torch.Tensor  # Q x k, rows of ``pool``
     train_images: int  # in the training set
+    activation: str  # after FC7, where the features are read: activation_name
 
 
 def find_neighbours(model: AlexNet, bundle: data_module.DataBundle, mean: torch.Tensor, images: int, pool: int,
@@ -584,7 +592,7 @@ def find_neighbours(model: AlexNet, bundle: data_module.DataBundle, mean: torch.
             log.warning("Figure 4: %s (of the %d %s; every ReLU off): all images silent at one layer get one "
                         "FC7 output, so they tie at distance 0", silent, len(images.silent), what)
     distances, indices = nearest(queries.features, searched.features, NEIGHBOURS)
-    return Neighbours(queries, searched, distances, indices, len(bundle.train))
+    return Neighbours(queries, searched, distances, indices, len(bundle.train), activation_name(model))
 
 
 def _open_neighbour_data(run: RunFolder, options: ShowOptions, payload: dict):
@@ -648,7 +656,7 @@ def draw_neighbours(run: RunFolder, out: Path, options: ShowOptions) -> Path:
             spine.set_linewidth(2.5)
     searched = len(found.pool.indices)
     title = (f"Validation images (left) and the {columns - 1} training images nearest to each in FC7's output "
-             f"(4096-d, after ReLU; Euclidean), as in the paper's Figure 4\nsearched {searched} of the "
+             f"(4096-d, after {found.activation}; Euclidean), as in the paper's Figure 4\nsearched {searched} of the "
              f"{found.train_images} training images (--neighbour-pool); centre 224 patches; label green when the "
              f"class is the validation image's")
     silent = describe_silent(found.pool.silent)

@@ -410,6 +410,21 @@ def test_images_for_which_a_layer_is_silent_are_marked(reference, tiny_bundle):
     assert show.describe_silent(outputs.silent + [None]) == "conv5's output is all zero for 3"
 
 
+def test_a_tanh_net_is_read_after_its_tanh_and_is_never_silent():
+    """Section 3.1's tanh variant: FC7's features are its tanh (negative values kept), and
+    no layer counts as silent, since a tanh is off nowhere."""
+    model = build_reference(num_classes=10, seed=0, init="scaled", architecture=Architecture(activation="tanh")).eval()
+    features = []
+    model.fc7.register_forward_hook(lambda module, inputs, output: features.append(output))
+    with torch.no_grad():
+        model.conv5.bias[:] = -1e6  # every output of conv5 below zero: silent, were it a ReLU
+        images = torch.randn(3, 3, 224, 224, generator=torch.Generator().manual_seed(0)) * 50
+        outputs = show.hidden_outputs(model, images)
+    assert torch.equal(outputs.fc7, torch.tanh(features[0])) and outputs.fc7.min() < 0
+    assert outputs.silent == [None] * 3
+    assert show.activation_name(model) == "tanh" and show.activation_name(build_reference(10)) == "ReLU"
+
+
 # --------------------------------------------------------------------------- errors
 
 def _bad_run_dir(tmp_path, case):
