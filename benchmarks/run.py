@@ -55,6 +55,7 @@ import numpy as np
 import torch
 
 from launch.cli import add_options, option, quick_exit
+from launch.config import MAX_TIMEOUT_S
 from launch.ranks import RankFailure, cpu_threads_per_rank, raise_interrupt, run_ranks
 from launch.step import AUTOCAST
 from towers import FC8_PLACEMENTS, TOWERS, AlexNet, check_compile_backend
@@ -219,8 +220,11 @@ def resolve(config: BenchConfig, devices: DevicePlan) -> BenchConfig:
             raise ValueError(f"--links takes NAME=GB/s items such as nvlink=300, the GB/s above 0; got {link!r}")
     if not 0 <= config.link_latency_us < math.inf:
         raise ValueError(f"--link-latency-us must be a number of microseconds, 0 or more, got {config.link_latency_us:g}")
-    if not 1 <= config.rank_timeout_s < math.inf:
-        raise ValueError(f"--rank-timeout-s must be a number of seconds, at least 1, got {config.rank_timeout_s:g}")
+    if not 1 <= config.rank_timeout_s <= MAX_TIMEOUT_S:
+        raise ValueError(f"--rank-timeout-s must be a number of seconds from 1 to {MAX_TIMEOUT_S:.0f} (a week), "
+                         f"got {config.rank_timeout_s:g}")
+    if config.out is not None and not config.out.strip():
+        raise ValueError("--out is empty: give a folder, or leave --out out for benchmarks/reports/<machine>-<date>")
     if config.loader_batches < 1 or min(config.loader_workers) < 0:
         raise ValueError(f"--loader-batches must be at least 1 and --loader-workers at least 0, got "
                          f"{config.loader_batches} and {','.join(map(str, config.loader_workers))}")
@@ -629,12 +633,18 @@ class Bench:
     def draw_weights(self, folder: str) -> None:
         """The reference from the seed and its two tower shards, as files in ``folder`` that every run
         loads; left undrawn if the deadline comes first."""
+        timeout_s = self.deadline.timeout(self.config.rank_timeout_s)
+        started = time.monotonic()
         try:
             self.weights = run_ranks(weights_worker, (self.config.seed, self.config.fc8_placement, folder),
-                                     world_size=1, timeout_s=self.deadline.timeout(self.config.rank_timeout_s))[0]
-        except RankFailure:
-            if self.deadline.left() > 0:
-                raise
+                                     world_size=1, timeout_s=timeout_s)[0]
+        except RankFailure as failure:
+            if self.deadline.left() <= 0:
+                return
+            if time.monotonic() - started >= timeout_s:  # every run would time out the same way
+                raise ValueError(f"drawing the reference's weights took longer than --rank-timeout-s "
+                                 f"{self.config.rank_timeout_s:g} ({failure}): give a longer --rank-timeout-s") from None
+            raise
 
     def measure(self, keys: list, folder: str) -> None:
         """Runs the planned runs of ``keys``; the weights every run loads are drawn into ``folder`` first."""
@@ -717,7 +727,7 @@ def main(argv=None) -> Path:
         logger.info("removed the temporary folders of benchmarks killed before they ended: %s",
                     ", ".join(map(str, stale)))
     loader_data = open_loader_data(config.loader_data, config.batch)  # a bad folder fails before anything runs
-    out = Path(config.out) if config.out else default_out(devices)
+    out = Path(config.out).expanduser() if config.out is not None else default_out(devices)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as error:

@@ -104,8 +104,9 @@ def test_a_time_limit_must_be_a_positive_number_of_seconds(tmp_path):
     ("--links", "nvlink=0", "--links takes NAME=GB/s items such as nvlink=300, the GB/s above 0; got 'nvlink=0'"),
     ("--link-latency-us", "-1000", "--link-latency-us must be a number of microseconds, 0 or more, got -1000"),
     ("--link-latency-us", "nan", "--link-latency-us must be a number of microseconds, 0 or more, got nan"),
-    ("--rank-timeout-s", "0", "--rank-timeout-s must be a number of seconds, at least 1, got 0"),
-    ("--rank-timeout-s", "inf", "--rank-timeout-s must be a number of seconds, at least 1, got inf"),
+    ("--rank-timeout-s", "0", "--rank-timeout-s must be a number of seconds from 1 to 604800 (a week), got 0"),
+    ("--rank-timeout-s", "inf", "--rank-timeout-s must be a number of seconds from 1 to 604800 (a week), got inf"),
+    ("--rank-timeout-s", "1e15", "--rank-timeout-s must be a number of seconds from 1 to 604800 (a week), got 1e+15"),
     ("--seed", "-1", "--seed must be an integer from 0 to 4294967295, got -1"),
     ("--seed", "99999999999999999999999", "--seed must be an integer from 0 to 4294967295, got 99999999999999999999999"),
     ("--bf16-slowdown-limit", "nan", "--bf16-slowdown-limit must be a positive number of times fp32's step, got nan"),
@@ -129,6 +130,31 @@ def test_an_out_folder_that_cannot_be_made_is_refused(tiny_data, tmp_path):
     for out, why in ((afile, "File exists"), (afile / "report", "Not a directory")):
         with pytest.raises(ValueError, match=f"--out {out}: cannot make that folder \\({why}\\); give a folder"):
             run.main(["--device", "cpu", "--batch", "2", "--loader-data", str(tiny_data), "--out", str(out)])
+    with pytest.raises(ValueError, match="^--out is empty: give a folder, or leave --out out"):
+        run.main(["--device", "cpu", "--quick", "--out", " "])  # not a folder named " " where it runs
+
+
+def test_an_out_folder_under_home_is_expanded(tiny_data, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(ValueError, match=f"^--out {tmp_path}/a-file/report: cannot make that folder"):
+        run.main(["--device", "cpu", "--batch", "2", "--loader-data", str(tiny_data), "--out", "~/a-file/report"])
+    assert not (tmp_path / "~").exists()
+
+
+def _sleep(rank, *args):
+    time.sleep(30)
+
+
+def test_weights_that_take_longer_than_the_rank_time_limit_name_it(tmp_path, monkeypatch):
+    """Drawing the reference (one process that imports torch) is every run's first step: out
+    of time there, every run would be, so the benchmark stops and names the option."""
+    monkeypatch.setattr(run, "weights_worker", _sleep)
+    with pytest.raises(ValueError, match=r"^drawing the reference's weights took longer than --rank-timeout-s 2 "
+                                         r"\(rank 0 failed: .*\): give a longer --rank-timeout-s$"):
+        run.main(["--device", "cpu", "--quick", "--batch", "2", "--modes", "single", "--rank-timeout-s", "2",
+                  "--out", str(tmp_path)])
 
 
 def test_the_loader_stops_measuring_at_the_deadline(tiny_data):
