@@ -417,8 +417,14 @@ def projection(runs: dict, config: BenchConfig, analytic: dict) -> dict:
     else:
         tower_compute_ms = single["step_ms"]["median"] * max(macs["towers"]) / macs["single"]
         tower_source = "estimated: single step x the busier tower's share of the FLOPs (towers not measured on this device)"
-    if half is not None:
+    if ddp is not None and towers is not None and ddp["devices"] == towers["devices"]:
+        # Like for like: two ranks sharing the devices as the towers' two did, not one process alone.
+        ddp_compute_ms = max(ddp["compute_ms"])
+        ddp_source = "measured: ddp's compute (its steps without the all-reduce), slower rank"
+    elif half is not None:
         ddp_compute_ms, ddp_source = half["step_ms"]["median"], f"measured: single at batch {half['batch']}"
+        if towers is not None:
+            ddp_source += " (one process, alone on its device: the towers' two ranks shared theirs)"
     else:
         ddp_compute_ms, ddp_source = None, "not measured (odd batch or single not run at half the batch)"
     tower_bytes = max(sum(t.values()) for t in analytic["towers_sent_elements_per_image"]) * config.batch * 4

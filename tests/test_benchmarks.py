@@ -497,6 +497,28 @@ def tiny_run(tmp_path_factory, tiny_data):
     return out, json.loads((out / "results.json").read_text())
 
 
+def test_the_projection_takes_ddp_compute_from_ranks_that_share_devices_as_the_towers_did():
+    """Two ranks sharing the machine compute slower than one process alone on it: ddp's
+    projected compute is its own ranks', measured as the towers' were, where it ran."""
+    config = run.BenchConfig(device="cpu", quick=True, batch=16)
+    measured = lambda mode, batch, ms, devices: {"mode": mode, "batch": batch, "devices": devices,
+                                                 "step_ms": {"median": max(ms) + 50}, "compute_ms": ms}
+    runs = {run.RunKey("single", 16, "fp32", "contiguous"): measured("single", 16, [880.0], ["cpu"]),
+            run.RunKey("single", 8, "fp32", "contiguous"): measured("single", 8, [620.0], ["cpu"]),
+            run.RunKey("towers", 16, "fp32", "contiguous"): measured("towers", 16, [810.0, 800.0], ["cpu", "cpu"]),
+            run.RunKey("ddp", 16, "fp32", "contiguous"): dict(measured("ddp", 16, [1000.0, 1020.0], ["cpu", "cpu"]),
+                                                              buckets_per_step=[4.0, 4.0])}
+    analytic = run.analytic_figures(config)
+    shared = run.projection(runs, config, analytic)
+    assert shared["ddp_compute_ms"] == 1020.0 and shared["ddp_compute_source"].startswith("measured: ddp's compute")
+    assert shared["links"][0]["ddp_serial_ms"] > shared["links"][0]["towers_ms"]  # the towers win, as measured
+    del runs[run.RunKey("ddp", 16, "fp32", "contiguous")]
+    alone = run.projection(runs, config, analytic)
+    assert alone["ddp_compute_ms"] == 670.0
+    assert alone["ddp_compute_source"] == ("measured: single at batch 8 (one process, alone on its device: the "
+                                           "towers' two ranks shared theirs)")
+
+
 def _run(results, mode, batch=2, precision="fp32", memory_format="contiguous", compiled=False):
     key = (mode, batch, precision, memory_format, compiled)
     matches = [r for r in results["runs"]
