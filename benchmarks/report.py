@@ -437,8 +437,13 @@ def loader_lines(results) -> list:
     lines += ["", f"- the rest of the augmentation (mean, reflection, colour shift) on {loader['device']}: "
               f"{loader['augment_ms_per_batch']:.1f} ms per batch of {batch}"]
     if towers:
-        lines.append(f"- the towers' training step takes {towers[0]['images_per_s']:.1f} images/s at this batch: "
-                     f"the loader keeps up with it from the fewest workers above that rate")
+        rate = towers[0]["images_per_s"]
+        keeping = [w for w in loader["by_workers"] if w["images_per_s"] >= rate]
+        best = max(loader["by_workers"], key=lambda w: w["images_per_s"])
+        lines.append(f"- the towers' training step takes {rate:.1f} images/s at this batch: " + (
+            f"the loader keeps up with it from {min(w['workers'] for w in keeping)} workers" if keeping else
+            f"no worker count measured keeps up with it (the most: {best['images_per_s']:.1f} images/s from "
+            f"{best['workers']} workers)"))
     lines.append(f"- input crossing from rank 0 to the other tower per image: {loader['input_bytes_per_image']:,} "
                  f"bytes (uint8 crop and label) against {loader['float32_bytes_per_image']:,} as float32 images")
     return lines

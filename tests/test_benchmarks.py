@@ -170,6 +170,21 @@ def test_the_loader_stops_measuring_at_the_deadline(tiny_data):
     assert "| 1 | not measured: the benchmark's --time-limit of 10 s was reached | |" in lines
 
 
+def test_the_loader_section_names_the_workers_that_keep_up_with_the_towers_or_none():
+    by_workers = [{"workers": w, "batch": 16, "batches": 4, "images_per_s": rate, "seconds": 64 / rate}
+                  for w, rate in ((0, 40.0), (2, 90.0), (4, 150.0))]
+    loader = {"data": "DATA", "train_images": 100, "by_workers": by_workers, "device": "cpu",
+              "augment_ms_per_batch": 3.0, "input_bytes_per_image": 150529, "float32_bytes_per_image": 602116}
+
+    def said(towers_rate):
+        towers = {"mode": "towers", "batch": 16, "precision": "fp32", "memory_format": "contiguous",
+                  "images_per_s": towers_rate}
+        lines = report.loader_lines({"loader": loader, "runs": [towers], "config": {"batch": 16}})
+        return next(line for line in lines if line.startswith("- the towers' training step"))
+    assert said(80.0).endswith("80.0 images/s at this batch: the loader keeps up with it from 2 workers")
+    assert said(5000.0).endswith("no worker count measured keeps up with it (the most: 150.0 images/s from 4 workers)")
+
+
 @pytest.mark.parametrize("content", ["[1, 2]", "null", "{}", '{"runs": []}'])
 def test_a_report_is_drawn_only_from_a_results_json(tmp_path, capsys, content):
     (tmp_path / "results.json").write_text(content)
