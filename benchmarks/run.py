@@ -722,6 +722,15 @@ class Bench:
         return self.save()
 
 
+def _written_by_a_benchmark(path: Path) -> bool:
+    try:
+        results = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return (isinstance(results, dict) and {"machine", "config", "runs"} <= results.keys()
+            and str(results.get("command", "")).startswith("python -m benchmarks.run"))
+
+
 def main(argv=None) -> Path:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     config = BenchConfig(**vars(build_parser().parse_args(argv)))
@@ -743,6 +752,9 @@ def main(argv=None) -> Path:
         raise ValueError(f"--out {out}: this folder cannot be written; give another")
     from .report import REPORT_FILES
     earlier = [name for name in REPORT_FILES if (out / name).exists()]
+    if earlier and not _written_by_a_benchmark(out / "results.json"):  # replaced once this one's first run ends
+        raise ValueError(f"--out {out} holds {', '.join(earlier)} that python -m benchmarks.run did not write (no "
+                         f"results.json of its own beside them): give another folder, or move them")
     if earlier:
         logger.info("%s holds an earlier benchmark's %s: kept until this one's first results are written", out,
                     ", ".join(earlier))

@@ -234,6 +234,32 @@ def test_a_full_disk_under_results_json_is_one_line_and_leaves_no_partial_file(t
     assert (tmp_path / "results.json").read_text() == written
 
 
+def _earlier_report(out: Path) -> dict:
+    """The files of an earlier benchmark's report in ``out``, made; name -> text."""
+    out.mkdir()
+    files = dict.fromkeys(report.REPORT_FILES, "an earlier report")
+    files["results.json"] = json.dumps({"machine": {}, "config": {}, "runs": [], "command": "python -m benchmarks.run"})
+    for name, text in files.items():
+        (out / name).write_text(text)
+    return files
+
+
+def test_files_of_the_report_s_names_that_no_benchmark_wrote_are_kept(tiny_data, tmp_path):
+    """A report.md of one's own (and no benchmark's results.json beside it) is not taken for
+    an earlier report, to be removed once the first results are written."""
+    for mine in ({"report.md": "my notes"}, {"results.json": '{"my": "data"}', "report.md": "my notes"}):
+        out = tmp_path / str(len(mine))
+        out.mkdir()
+        for name, text in mine.items():
+            (out / name).write_text(text)
+        with pytest.raises(ValueError) as refused:
+            run.main(["--device", "cpu", "--batch", "2", "--loader-data", str(tiny_data), "--out", str(out)])
+        assert str(refused.value) == (f"--out {out} holds {', '.join(mine)} that python -m benchmarks.run did not "
+                                      f"write (no results.json of its own beside them): give another folder, or "
+                                      f"move them")
+        assert {p.name: p.read_text() for p in out.iterdir()} == mine
+
+
 @pytest.mark.parametrize("stopped", ["before the first results", "after the first results"])
 def test_an_earlier_benchmark_stays_until_the_first_results_replace_it(tiny_data, tmp_path, monkeypatch, caplog,
                                                                        stopped):
@@ -241,9 +267,7 @@ def test_an_earlier_benchmark_stays_until_the_first_results_replace_it(tiny_data
     day), stopped: before it has results, the first's files are as they were; after, its
     results.json stands alone, the first's report gone with the first's results."""
     out = tmp_path / "report"
-    out.mkdir()
-    for name in report.REPORT_FILES:
-        (out / name).write_text("an earlier report")
+    earlier = _earlier_report(out)
 
     def interrupted(bench, loader_data):
         if stopped == "after the first results":
@@ -255,7 +279,7 @@ def test_an_earlier_benchmark_stays_until_the_first_results_replace_it(tiny_data
         run.main(["--device", "cpu", "--quick", "--batch", "2", "--loader-data", str(tiny_data), "--out", str(out)])
     if stopped == "before the first results":
         assert f"stopped before the first run was measured: nothing was written in {out}" in caplog.text
-        assert {p.name: p.read_text() for p in out.iterdir()} == dict.fromkeys(report.REPORT_FILES, "an earlier report")
+        assert {p.name: p.read_text() for p in out.iterdir()} == earlier
     else:
         assert f"stopped: {out / 'results.json'} holds the runs measured so far" in caplog.text
         assert [p.name for p in out.iterdir()] == ["results.json"]
@@ -367,9 +391,7 @@ def test_a_benchmark_stopped_while_the_program_runs_leaves_nothing_running_or_be
     """SIGTERM, as a scheduler or a timeout sends it, while the training program (a child
     process with ranks of its own) runs: everything ends, the temporary folders go."""
     temporary, out = short_temporary(), tmp_path / "report"
-    out.mkdir()
-    for name in report.REPORT_FILES:  # an earlier benchmark's, in the folder that this one writes to
-        (out / name).write_text("an earlier report")
+    _earlier_report(out)  # an earlier benchmark's, in the folder that this one writes to
     log = open(tmp_path / "log", "w+")
     bench = subprocess.Popen([sys.executable, "-m", "benchmarks.run", "--quick", "--device", "cpu", "--batch", "2",
                               "--modes", "single", "--program-modes", "towers", "--loader-workers", "0",
