@@ -377,6 +377,12 @@ def _label_point(ax, x: float, percent: float) -> None:
     ax.annotate(f"{percent:.1f}%", (x, percent), textcoords="offset points", xytext=(5, 5), fontsize=8)
 
 
+def shown(name: str) -> str:
+    """A file or folder name as a picture can show it: bytes that are not UTF-8 (which the
+    name holds as surrogates, and matplotlib refuses) as \\x escapes."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def draw_curves(run: RunFolder, out: Path) -> Path:
     metrics = run.metrics()
     steps = [r["step"] for r in metrics.train]
@@ -384,7 +390,7 @@ def draw_curves(run: RunFolder, out: Path) -> Path:
     plt = _pyplot()
     fig, (loss_ax, error_ax, lr_ax) = plt.subplots(3, 1, figsize=(9, 9.5), sharex=True,
                                                    gridspec_kw={"height_ratios": (3, 3, 2)})
-    fig.suptitle(f"Training of {run.path.resolve().name}: batch {run.config.get('batch_size')}, "
+    fig.suptitle(f"Training of {shown(run.path.resolve().name)}: batch {run.config.get('batch_size')}, "
                  f"layout {run.config.get('layout', 'towers')}", fontsize=12)
 
     loss_ax.plot(steps, [r["loss"] for r in metrics.train], color="C0", marker="." if len(steps) < 60 else None)
@@ -632,7 +638,7 @@ def draw_neighbours(run: RunFolder, out: Path, options: ShowOptions) -> Path:
     model = load_reference(run.path / FILENAME)
     found = find_neighbours(model, bundle, mean, options.images, options.neighbour_pool, options.batch_size,
                             choose_device(options.device))
-    classes = bundle.classes
+    classes = [shown(name) for name in bundle.classes]
     rows, columns = len(found.queries.indices), 1 + found.indices.shape[1]
     plt = _pyplot()
     fig, axes = plt.subplots(rows, columns, figsize=(1.75 * columns, 2.05 * rows + 0.8), squeeze=False)
@@ -762,9 +768,11 @@ def _show(run_dir: str, options: ShowOptions) -> int:
         return 2
     for note in skipped:
         log.warning("skipped %s", note)
+    sys.stdout.flush()
     for name in PICTURES:
-        if name in written:
-            print(written[name], flush=True)
+        if name in written:  # as the name's bytes, which need not be UTF-8
+            sys.stdout.buffer.write(os.fsencode(written[name]) + b"\n")
+    sys.stdout.buffer.flush()
     return 0
 
 

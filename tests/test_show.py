@@ -192,6 +192,17 @@ def test_curves_keep_the_last_record_of_each_step_after_resumes(tmp_path):
     assert [(r["epoch"], r["top1_error"]) for r in metrics.evals] == [(1, 0.9), (2, 0.6)]
 
 
+def test_a_run_folder_whose_name_is_not_utf8_is_drawn_with_the_name_escaped(tmp_path, capsysbinary):
+    """A folder name (or class name) that is not UTF-8 reaches Python as surrogates, which
+    matplotlib refuses: the pictures show those bytes as escapes; the paths printed are the
+    names' own bytes."""
+    run = write_run(tmp_path / os.fsdecode(b"run-\xff"), metrics=[train_record(10, 2.3), train_record(20, 2.2)])
+    assert show.main([str(run), "--only", "curves"]) == 0
+    assert capsysbinary.readouterr().out == os.fsencode(run / "show" / "curves.png") + b"\n"
+    check_png(run / "show" / "curves.png")
+    assert show.shown(os.fsdecode(b"run-\xff")) == "run-\\xff" and show.shown("café") == "café"
+
+
 def test_damaged_lines_and_evaluations_without_their_epoch_are_left_out_of_the_curves(tmp_path, caplog):
     """A line that is not UTF-8 (a damaged disk, a foreign writer) and an evaluation without
     its epoch (hand-edited) are left out; the curves are drawn from the other records."""
