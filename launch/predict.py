@@ -195,6 +195,9 @@ def main(argv=None) -> int:
     except (ValueError, CheckpointError) as exc:  # DataError is a ValueError
         log.error("error: %s", exc)
         return 2
+    except KeyboardInterrupt:  # while the checkpoint or the data's statistics load
+        log.error("interrupted")
+        return 130
     failed = shown = 0
     try:
         for prediction in classifier.classify(paths, options.batch_size, options.ten_crop):

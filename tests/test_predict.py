@@ -306,6 +306,15 @@ def test_bad_checkpoints_and_options_are_refused_with_the_fix(checkpoints, photo
     assert len(errors) == 1 and errors[0].startswith("error: ") and expected in errors[0], errors
 
 
+def test_ctrl_c_while_the_checkpoint_loads_is_one_line(checkpoints, photos, monkeypatch, caplog, capsys):
+    def interrupted(*args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(predict, "open_classifier", interrupted)
+    assert predict.main([str(checkpoints["full"]), str(photos[0])]) == 130
+    assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == ["interrupted"]
+    assert capsys.readouterr().out == ""
+
+
 @pytest.mark.slow  # a real process
 def test_a_reader_that_goes_away_ends_it_quietly(checkpoints, photos):
     """``python -m launch.predict ... | head -1``: the pipe closes under the program."""
