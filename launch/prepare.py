@@ -96,7 +96,7 @@ def _kill_the_rest(others: set) -> None:
 
 def _cannot_write(dst: Path, exc: OSError) -> str:
     fix = ("make it writable" if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS) else
-           "free space on its disk")
+           "make it a folder" if exc.errno in (errno.ENOTDIR, errno.EEXIST) else "free space on its disk")
     return (f"error: cannot write to DST {dst} ({exc.strerror or exc}): {fix}, or give a DST that can be written; "
             f"run again, and the images already written are kept")
 

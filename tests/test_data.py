@@ -824,12 +824,17 @@ def test_prepare_lists_the_unreadable_files_of_its_last_run_by_their_own_bytes(t
     assert prepare.main([str(src), str(dst), "--workers", "1"]) == 2
 
 
-def test_prepare_names_the_fix_of_a_write_that_fails(tmp_path):
+def test_prepare_names_the_fix_of_a_write_that_fails(tiny_data, tmp_path, capfd):
     for code, fix in ((errno.ENOSPC, "free space on its disk"), (errno.EACCES, "make it writable"),
-                      (errno.EROFS, "make it writable")):
+                      (errno.EROFS, "make it writable"), (errno.ENOTDIR, "make it a folder")):
         assert prepare._cannot_write(tmp_path, OSError(code, os.strerror(code))) == (
             f"error: cannot write to DST {tmp_path} ({os.strerror(code)}): {fix}, or give a DST that can be written; "
             f"run again, and the images already written are kept")
+    afile = tmp_path / "a-file"
+    afile.write_text("")
+    assert prepare.main([str(tiny_data), str(afile), "--workers", "1"]) == 2
+    last = capfd.readouterr().err.splitlines()[-1]
+    assert last.startswith(f"error: cannot write to DST {afile} (") and ": make it a folder, or give a DST" in last
 
 
 # launch.prepare where one worker's write never ends, and outlives SIGTERM (as one on a disk
