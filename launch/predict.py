@@ -189,17 +189,14 @@ def main(argv=None) -> int:
     args = vars(build_parser().parse_args(argv))
     checkpoint, paths = args.pop("checkpoint"), args.pop("images")
     options = PredictOptions(**{f.name: args[f.name] for f in fields(PredictOptions)})
-    try:
-        options.validate()
-        classifier = open_classifier(checkpoint, options.data, choose_device(options.device))
-    except (ValueError, CheckpointError) as exc:  # DataError is a ValueError
-        log.error("error: %s", exc)
-        return 2
-    except KeyboardInterrupt:  # while the checkpoint or the data's statistics load
-        log.error("interrupted")
-        return 130
-    failed = shown = 0
-    try:
+    try:  # Ctrl-C while the checkpoint or the data's statistics load, or while the images are classified
+        try:
+            options.validate()
+            classifier = open_classifier(checkpoint, options.data, choose_device(options.device))
+        except (ValueError, CheckpointError) as exc:  # DataError is a ValueError
+            log.error("error: %s", exc)
+            return 2
+        failed = shown = 0
         for prediction in classifier.classify(paths, options.batch_size, options.ten_crop):
             if prediction.error is not None:
                 failed += 1
