@@ -36,7 +36,7 @@ from typing import Optional
 import torch
 
 from launch import data as data_module
-from launch.cli import add_options, option, quick_exit, shell_word, write_whole
+from launch.cli import Parser, add_options, option, quick_exit, shell_word, write_whole
 from launch.config import TrainConfig, parse_config, resolve
 from launch.meter import StepMeter
 from launch.ranks import raise_interrupt
@@ -99,9 +99,9 @@ class AblationError(RuntimeError):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.ablations",
-                                     description="Train the paper's net and its ablations (sections 3.1-3.4) with "
-                                                 "the same seed and budget, and write a report.")
+    parser = Parser(prog="python -m benchmarks.ablations",
+                    description="Train the paper's net and its ablations (sections 3.1-3.4) with "
+                                "the same seed and budget, and write a report.")
     add_options(parser, AblationConfig)
     return parser
 

@@ -5,7 +5,6 @@ benchmark stopped before its end included:
     python -m benchmarks.report FOLDER    # FOLDER/results.json -> FOLDER/report.md and the charts
 """
 
-import argparse
 import json
 from pathlib import Path
 import sys
@@ -13,7 +12,7 @@ import sys
 import numpy as np
 
 from benchmarks.workers import LR
-from launch.cli import quick_exit, write_whole
+from launch.cli import Parser, quick_exit, write_whole
 from launch.step import AUTOCAST
 
 MODE_ORDER = ("single", "towers", "ddp", "hybrid", "torchvision")
@@ -595,8 +594,8 @@ def write_report(results: dict, folder: Path) -> None:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.report",
-                                     description="Redraws report.md and the charts in FOLDER from FOLDER/results.json.")
+    parser = Parser(prog="python -m benchmarks.report",
+                    description="Redraws report.md and the charts in FOLDER from FOLDER/results.json.")
     parser.add_argument("folder", type=Path, help="a folder that python -m benchmarks.run wrote")
     folder = parser.parse_args(argv).folder
     path = folder / "results.json"

@@ -54,7 +54,7 @@ from typing import NamedTuple, Optional
 import numpy as np
 import torch
 
-from launch.cli import add_options, option, quick_exit
+from launch.cli import Parser, add_options, option, quick_exit
 from launch.config import MAX_TIMEOUT_S
 from launch.ranks import RankFailure, cpu_threads_per_rank, raise_interrupt, run_ranks
 from launch.step import AUTOCAST
@@ -152,8 +152,8 @@ DEFAULTS = {  # (device of the single-device modes, --quick) -> defaults for the
 
 def build_parser() -> argparse.ArgumentParser:
     # allow_abbrev=False: .ci/gpu refuses a --time-limit beside its own, which an abbreviation would pass
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__, allow_abbrev=False,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(prog="python -m benchmarks.run", description=__doc__, allow_abbrev=False,
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
     add_options(parser, BenchConfig)
     return parser
 

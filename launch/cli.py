@@ -36,6 +36,14 @@ def comma_list(item_type=str, choices=None):
     return parse
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse's parser whose refusal of a command line is one line naming the fix, as every
+    other error of the programs is (exit code 2), not argparse's usage block above it."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def add_options(parser: argparse.ArgumentParser, config_class) -> None:
     """One option per field of ``config_class``, each defaulting to the field's default."""
     hints = typing.get_type_hints(config_class)

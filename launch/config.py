@@ -16,7 +16,7 @@ from typing import Optional
 from towers import FC8_PLACEMENTS
 from towers.reference import ACTIVATIONS, INIT_SCHEMES, POOLINGS
 
-from .cli import add_options, option
+from .cli import Parser, add_options, option
 from .step import AUTOCAST
 
 MAX_TIMEOUT_S = 7 * 24 * 3600.0  # longer waits are no protection against a hung peer
@@ -301,7 +301,7 @@ def recipe_warnings(config: TrainConfig, train_images: int) -> list:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="python -m launch.two_gpu",
         description="Train the 2012 AlexNet split over two towers (one process each) with the paper's recipe. "
                     "Starts both ranks itself, or runs under 'torchrun --nproc-per-node 2 -m launch.two_gpu'.")

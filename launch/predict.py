@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoint import CheckpointError, check_classes, load_checkpoint, load_reference, resolve_path
-from .cli import add_options, option, quick_exit
+from .cli import Parser, add_options, option, quick_exit
 from .data import DataStats, center_crop, eval_views, open_data
 from .images import DECODE_ERRORS, ImageRejected, load_image
 from .train import IMAGE_SHAPE
@@ -169,15 +169,10 @@ def format_block(path: str, top: list) -> str:
     return "\n".join([path] + [f"{100 * p:7.1f}%  {name}" for name, p in top])
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line naming the fix, as every other user error gets
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python -m launch.predict",
-                     description="Classify images with a trained checkpoint: each image's most probable classes, "
-                                 "computed as the program's evaluation computes them.")
+    parser = Parser(prog="python -m launch.predict",
+                    description="Classify images with a trained checkpoint: each image's most probable classes, "
+                                "computed as the program's evaluation computes them.")
     parser.add_argument("checkpoint", metavar="CHECKPOINT", help="a checkpoint file, or a run folder (its checkpoint.pt)")
     parser.add_argument("images", metavar="IMAGE", nargs="+", help="image files, any format and colour mode PIL reads")
     add_options(parser, PredictOptions)

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from launch.cli import quick_exit, write_whole
+from launch.cli import Parser, quick_exit, write_whole
 from launch.data import DataError, open_data, scan_layout
 from launch.images import DECODE_ERRORS, is_image_name, load_image, skip_reason
 
@@ -157,8 +157,8 @@ def _stray_images(dst: Path, planned: dict) -> list:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m launch.prepare", description=__doc__.split("\n\n", 2)[2],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(prog="python -m launch.prepare", description=__doc__.split("\n\n", 2)[2],
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("src", type=Path, metavar="SRC", help="raw tree with train/CLASS/ and val/CLASS/ folders")
     parser.add_argument("dst", type=Path, metavar="DST", help="where the 256x256 JPEGs go (same layout)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,

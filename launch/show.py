@@ -55,7 +55,7 @@ from towers.reference import LAYERS
 from . import data as data_module
 from .checkpoint import (FILENAME, CheckpointError, check_classes, checkpoint_architecture, load_checkpoint,
                          load_reference)
-from .cli import add_options, option, quick_exit, write_whole
+from .cli import Parser, add_options, option, quick_exit, write_whole
 from .stats import DataStats
 
 log = logging.getLogger(__name__)
@@ -677,8 +677,8 @@ def draw_neighbours(run: RunFolder, out: Path, options: ShowOptions) -> Path:
 # --------------------------------------------------------------------------- command line
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m launch.show", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(prog="python -m launch.show", description=__doc__,
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", metavar="RUN_DIR", help="a run folder (holding config.json, metrics.jsonl, "
                                                            "checkpoint.pt, summary.json)")
     add_options(parser, ShowOptions)

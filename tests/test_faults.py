@@ -526,6 +526,30 @@ def test_bad_options_name_the_option_and_leave_no_run_folder(tiny_data, tmp_path
     assert not (tmp_path / "runs").exists()
 
 
+A_NUMBER_OPTION = {"launch.two_gpu": "--batch-size", "launch.predict": "--batch-size", "launch.prepare": "--workers",
+                   "launch.show": "--batch-size", "benchmarks.run": "--batch", "benchmarks.report": None,
+                   "benchmarks.ablations": "--batch-size"}
+
+
+@pytest.mark.parametrize("program", A_NUMBER_OPTION)
+@pytest.mark.parametrize("refused", ["unknown option", "not a number"])
+def test_a_command_line_argparse_refuses_is_one_line_naming_the_help(program, refused, capsys):
+    """argparse's refusals (an unknown option, a value of the wrong type) end each program as
+    its own checks do: one line and exit code 2, not the usage block above it."""
+    option = A_NUMBER_OPTION[program]
+    if refused == "not a number" and option is None:
+        pytest.skip(f"{program} has no option that takes a number")
+    argv, words = {"unknown option": (["--no-such-option"], "unrecognized arguments: --no-such-option"),
+                   "not a number": ([f"{option}=x"], f"argument {option}: invalid int value: 'x'")}[refused]
+    with pytest.raises(SystemExit) as stopped:
+        __import__(program, fromlist=["main"]).main(argv)
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2 and len(err.splitlines()) == 1, err
+    # a program with a required argument names it first, as argparse checks it first
+    assert err.startswith("error: ") and (words in err or "the following arguments are required" in err), err
+    assert err.endswith(f" (see python -m {program} --help)\n"), err
+
+
 def test_inductor_on_the_cpu_without_a_compiler_is_refused_before_the_run(tiny_data, tmp_path, caplog, monkeypatch):
     """Else the first step fails, after the ranks started and the run folder was made."""
     from torch._inductor import config as inductor_config
