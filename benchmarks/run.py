@@ -36,8 +36,10 @@ if __name__ == "__main__":
     rank_server.start_early(sys.argv)  # imports torch for the ranks while this process imports it for itself
 
 import argparse
+import contextlib
 from dataclasses import asdict, dataclass, replace
 import datetime
+import fcntl
 import json
 import logging
 import math
@@ -731,6 +733,23 @@ def _written_by_a_benchmark(path: Path) -> bool:
             and str(results.get("command", "")).startswith("python -m benchmarks.run"))
 
 
+@contextlib.contextmanager
+def _held(out: Path):
+    """An exclusive lock on the folder ``out`` while the benchmark writes there, released by the
+    system however the process ends: two benchmarks given one --out would each replace the
+    other's results.json and leave one's report beside the other's results."""
+    folder = os.open(out, os.O_RDONLY | os.O_DIRECTORY)  # not inherited by the processes it starts
+    try:
+        try:
+            fcntl.flock(folder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(f"--out {out} is in use by another benchmark: wait for it to end, or give "
+                             f"another --out") from None
+        yield
+    finally:
+        os.close(folder)
+
+
 def main(argv=None) -> Path:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     config = BenchConfig(**vars(build_parser().parse_args(argv)))
@@ -750,32 +769,33 @@ def main(argv=None) -> Path:
             from None
     if not os.access(out, os.W_OK | os.X_OK):
         raise ValueError(f"--out {out}: this folder cannot be written; give another")
-    from .report import REPORT_FILES
-    earlier = [name for name in REPORT_FILES if (out / name).exists()]
-    if earlier and not _written_by_a_benchmark(out / "results.json"):  # replaced once this one's first run ends
-        raise ValueError(f"--out {out} holds {', '.join(earlier)} that python -m benchmarks.run did not write (no "
-                         f"results.json of its own beside them): give another folder, or move them")
-    if earlier:
-        logger.info("%s holds an earlier benchmark's %s: kept until this one's first results are written", out,
-                    ", ".join(earlier))
-    bench = Bench(config, devices, out, argv, deadline)
-    try:
-        results = bench.run(loader_data)
-    except KeyboardInterrupt:
-        if bench.written:
-            logger.error("stopped: %s holds the runs measured so far; python -m benchmarks.report %s draws their "
-                         "report", out / "results.json", out)
-        else:
-            logger.error("stopped before the first run was measured: nothing was written in %s", out)
-        raise
-    from .report import write_report  # matplotlib is imported only here, never in the ranks
-    try:
-        write_report(results, out)
-    except OSError as error:  # each file of the report is whole or not there
-        raise ValueError(f"cannot write the report in {out} ({error.strerror or error}): free space on that disk, "
-                         f"then python -m benchmarks.report {out} draws it from its results.json") from None
-    logger.info("done in %.0f s: %s", time.perf_counter() - bench.started, out / "report.md")
-    return out
+    with _held(out):  # to the end: a second benchmark on the same --out is refused
+        from .report import REPORT_FILES
+        earlier = [name for name in REPORT_FILES if (out / name).exists()]
+        if earlier and not _written_by_a_benchmark(out / "results.json"):  # replaced once this one's first run ends
+            raise ValueError(f"--out {out} holds {', '.join(earlier)} that python -m benchmarks.run did not write (no "
+                             f"results.json of its own beside them): give another folder, or move them")
+        if earlier:
+            logger.info("%s holds an earlier benchmark's %s: kept until this one's first results are written", out,
+                        ", ".join(earlier))
+        bench = Bench(config, devices, out, argv, deadline)
+        try:
+            results = bench.run(loader_data)
+        except KeyboardInterrupt:
+            if bench.written:
+                logger.error("stopped: %s holds the runs measured so far; python -m benchmarks.report %s draws their "
+                             "report", out / "results.json", out)
+            else:
+                logger.error("stopped before the first run was measured: nothing was written in %s", out)
+            raise
+        from .report import write_report  # matplotlib is imported only here, never in the ranks
+        try:
+            write_report(results, out)
+        except OSError as error:  # each file of the report is whole or not there
+            raise ValueError(f"cannot write the report in {out} ({error.strerror or error}): free space on that disk, "
+                             f"then python -m benchmarks.report {out} draws it from its results.json") from None
+        logger.info("done in %.0f s: %s", time.perf_counter() - bench.started, out / "report.md")
+        return out
 
 
 if __name__ == "__main__":

@@ -286,6 +286,31 @@ def test_an_earlier_benchmark_stays_until_the_first_results_replace_it(tiny_data
         assert json.loads((out / "results.json").read_text())["runs"] == []
 
 
+def test_a_second_benchmark_on_the_same_out_is_refused_while_the_first_runs(tiny_data, tmp_path, monkeypatch, caplog):
+    """One --out, one benchmark at a time: the second would replace the first's results.json
+    and leave one's report beside the other's results. The lock goes with the first."""
+    out = tmp_path / "report"
+    earlier = _earlier_report(out)
+    argv = ["--device", "cpu", "--quick", "--batch", "2", "--loader-data", str(tiny_data), "--out", str(out)]
+    second = []
+
+    def first_running(bench, loader_data):  # the second starts while the first measures
+        with pytest.raises(ValueError) as refused:
+            run.main(argv)
+        second.append(str(refused.value))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run.Bench, "run", first_running)
+    with pytest.raises(KeyboardInterrupt):
+        run.main(argv)
+    assert second == [f"--out {out} is in use by another benchmark: wait for it to end, or give another --out"]
+    assert {p.name: p.read_text() for p in out.iterdir()} == earlier
+    monkeypatch.setattr(run.Bench, "run", lambda bench, loader_data: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):  # the first has ended: the folder is free again
+        run.main(argv)
+    assert f"stopped before the first run was measured: nothing was written in {out}" in caplog.text
+
+
 def _table_widths(markdown: str) -> list:
     """The number of cells of each line of each table, table by table."""
     tables, table = [], []
