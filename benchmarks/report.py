@@ -235,11 +235,16 @@ def precision_table(results) -> list:
         combinations = dict.fromkeys(([("fp32", "contiguous", False)] + [(p, f, False) for p, f in swept]
                                       if mode in cfg["precision_modes"] else []) +
                                      ([(p, f, True) for p, f in swept] if mode in compiled_modes else []))
+        # the speed-up's baseline is planned by the main table (--modes) or by the sweep itself
+        baseline_planned = mode in cfg["modes"] or ("fp32", "contiguous") in swept
         for precision, memory_format, compiled in combinations:
             run = _find(results, mode, batch, precision, memory_format, compiled)
             compile_cell = "yes" if compiled else "no"
             if run is None:
-                lines.append(f"| {mode} | {precision} | {memory_format} | {compile_cell} | not measured | | | | |")
+                baseline = (precision, memory_format, compiled) == ("fp32", "contiguous", False)
+                why = ("not measured" if not baseline or baseline_planned else
+                       f"not planned: add {mode} to --modes for the speed-up's baseline")
+                lines.append(f"| {mode} | {precision} | {memory_format} | {compile_cell} | {why} | | | | |")
                 continue
             s = run["step_ms"]
             speedup = f"{base['step_ms']['median'] / s['median']:.2f}x" if base else "—"

@@ -185,6 +185,23 @@ def test_the_loader_section_names_the_workers_that_keep_up_with_the_towers_or_no
     assert said(5000.0).endswith("no worker count measured keeps up with it (the most: 150.0 images/s from 4 workers)")
 
 
+def test_a_precision_baseline_that_was_never_planned_is_not_called_unmeasured():
+    """--precision-modes towers without towers in --modes: no fp32 contiguous towers run was
+    planned, and the report, which ends 'Everything planned was measured', says so in its row."""
+    bf16 = {"mode": "towers", "batch": 2, "precision": "bf16", "memory_format": "channels_last", "images_per_s": 3.0,
+            "step_ms": {"median": 600.0, "p10": 590.0, "p90": 610.0}, "bytes_total": 1e6,
+            "bytes_total_analytic": 1e6, "peak_memory_bytes": [1e9, 1e9]}
+    config = {"batch": 2, "modes": ["single"], "precisions": ["bf16"], "memory_formats": ["channels_last"],
+              "precision_modes": ["towers"], "compile_modes": []}
+    rows = [line for line in report.precision_table({"config": config, "runs": [bf16]}) if line.startswith("| towers")]
+    assert rows[0] == "| towers | fp32 | contiguous | no | not planned: add towers to --modes for the speed-up's " \
+                      "baseline | | | | |"
+    assert rows[1].startswith("| towers | bf16 | channels_last | no | 3.0 | 600.0 [590.0, 610.0] | — |")
+    config["modes"] = ["single", "towers"]  # planned, and not measured (a --time-limit, a failure)
+    rows = [line for line in report.precision_table({"config": config, "runs": [bf16]}) if line.startswith("| towers")]
+    assert rows[0] == "| towers | fp32 | contiguous | no | not measured | | | | |"
+
+
 @pytest.mark.parametrize("content", ["[1, 2]", "null", "{}", '{"runs": []}'])
 def test_a_report_is_drawn_only_from_a_results_json(tmp_path, capsys, content):
     (tmp_path / "results.json").write_text(content)
