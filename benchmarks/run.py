@@ -49,14 +49,13 @@ import platform
 import re
 import shlex
 import socket
-import tempfile
 import time
 from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
 
-from launch.cli import Parser, add_options, option, quick_exit
+from launch.cli import Parser, add_options, option, quick_exit, write_whole
 from launch.config import MAX_TIMEOUT_S
 from launch.ranks import RankFailure, cpu_threads_per_rank, raise_interrupt, run_ranks
 from launch.step import AUTOCAST
@@ -610,15 +609,10 @@ class Bench:
                             mesh_projection=mesh_projection(runs, self.config, self.analytic),
                             elapsed_s=time.perf_counter() - self.started)
         self.results["machine"]["load_average"]["end"] = _load_average()
-        path, partial = self.out / "results.json", None
+        path, text = self.out / "results.json", json.dumps(self.results, indent=1, default=str)
         try:
-            with tempfile.NamedTemporaryFile("w", dir=self.out, prefix=".results.json.", delete=False) as file:
-                partial = Path(file.name)
-                file.write(json.dumps(self.results, indent=1, default=str))
-            os.replace(partial, path)  # whole or not at all, whoever else writes here
+            write_whole(path, lambda partial: partial.write_text(text))  # as the report's files are
         except OSError as error:  # a full disk, or a folder that went or turned read-only
-            if partial is not None:
-                partial.unlink(missing_ok=True)
             kept = (f"; {path.name} there holds the runs measured before" if self.written else
                     f"; {path.name} there is an earlier benchmark's, as it was" if path.exists() else "")
             raise ValueError(f"cannot write {path} ({error.strerror or error}): free space on that disk, or give "

@@ -222,26 +222,23 @@ def test_a_full_disk_under_results_json_is_one_line_and_leaves_no_partial_file(t
     bench = run.Bench(run.resolve(config, devices), devices, tmp_path, [], run.Deadline(None))
     saved = bench.save()
     written = (tmp_path / "results.json").read_text()
-    real = tempfile.NamedTemporaryFile
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert (tmp_path / "results.json").stat().st_mode & 0o777 == 0o666 & ~umask  # as the report's files, not 0600
+    real = Path.write_text
 
-    def full_disk(*args, **kwargs):  # writes part of the file, then the disk is full
-        file = real(*args, **kwargs)
+    def full_disk(path, text, *args, **kwargs):  # writes part of the file, then the disk is full
+        real(path, text[:100], *args, **kwargs)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-        def write(text):
-            file.file.write(text[:100])
-            file.file.flush()
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        file.write = write
-        return file
-
-    monkeypatch.setattr(tempfile, "NamedTemporaryFile", full_disk)
+    monkeypatch.setattr(Path, "write_text", full_disk)
     bench.not_measured.append({"mode": "towers", "reason": "a run measured after the first save"})
     with pytest.raises(ValueError) as refused:
         bench.save()
     assert str(refused.value) == (f"cannot write {tmp_path / 'results.json'} (No space left on device): free space "
                                   f"on that disk, or give --out a folder that can be written; results.json there "
                                   f"holds the runs measured before")
-    assert [p.name for p in tmp_path.iterdir()] == ["results.json"]  # no .results.json.* left
+    assert [p.name for p in tmp_path.iterdir()] == ["results.json"]  # no partial file left
     assert (tmp_path / "results.json").read_text() == written and json.loads(written)["date"] == saved["date"]
     # a benchmark whose first results.json cannot be written: the one there is not its own
     later = run.Bench(bench.config, devices, tmp_path, [], run.Deadline(None))
