@@ -165,7 +165,20 @@ FIELDS = {"train": ("loss", "top1", "lr"), "eval": ("epoch", *ERRORS)}  # and a 
 
 
 def _number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A number a picture can draw: JSON's NaN and Infinity too (a loss that ran away), not an
+    integer beyond a float's range (only a hand edit writes one)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        float(value)
+    except OverflowError:
+        return False
+    return True
+
+
+def _whole(value) -> bool:
+    """A whole number a picture can draw: a step, a count of steps."""
+    return isinstance(value, int) and _number(value)
 
 
 def read_metrics(path: Path) -> Metrics:
@@ -185,7 +198,7 @@ def read_metrics(path: Path) -> Metrics:
         except ValueError:  # UnicodeDecodeError included: a damaged line
             record = None
         event = record.get("event") if isinstance(record, dict) else None
-        if record is None or (event in FIELDS and not (isinstance(record.get("step"), int)
+        if record is None or (event in FIELDS and not (_whole(record.get("step"))
                                                        and all(_number(record.get(k)) for k in FIELDS[event]))):
             unreadable += 1
             continue
@@ -363,7 +376,7 @@ def _final_evaluation(run: RunFolder, evals: list) -> Optional[dict]:
     centre, steps = summary.get("centre"), summary.get("steps")
     if not centre or steps is None:
         return None
-    if not (isinstance(steps, int) and isinstance(centre, dict) and all(_number(centre.get(k)) for k in ERRORS)):
+    if not (_whole(steps) and isinstance(centre, dict) and all(_number(centre.get(k)) for k in ERRORS)):
         log.warning("%s: left out its last evaluation: it needs a whole number of steps and a \"centre\" with "
                     "%s as numbers, as python -m launch.two_gpu writes it", run.path / "summary.json",
                     " and ".join(ERRORS))

@@ -204,11 +204,14 @@ def test_a_run_folder_whose_name_is_not_utf8_is_drawn_with_the_name_escaped(tmp_
 
 
 def test_damaged_lines_and_evaluations_without_their_epoch_are_left_out_of_the_curves(tmp_path, caplog):
-    """A line that is not UTF-8 (a damaged disk, a foreign writer) and an evaluation without
-    its epoch (hand-edited) are left out; the curves are drawn from the other records."""
+    """A line that is not UTF-8 (a damaged disk, a foreign writer), an evaluation without its
+    epoch and numbers beyond a float's range (hand-edited) are left out; the curves are drawn
+    from the other records."""
     lines = [json.dumps(r).encode() + b"\n" for r in METRICS]
     epochless = {k: v for k, v in eval_record(2, 6, 0.75).items() if k != "epoch"}
-    lines[3:3] = [b"\xff\xfe\n", json.dumps(epochless).encode() + b"\n"]
+    beyond_a_float = [{**METRICS[0], "loss": 10 ** 400}, {**METRICS[0], "step": 10 ** 400}]  # hand edits
+    lines[3:3] = [b"\xff\xfe\n", json.dumps(epochless).encode() + b"\n", *(json.dumps(r).encode() + b"\n"
+                                                                          for r in beyond_a_float)]
     run = write_run(tmp_path / "run", summary=SUMMARY)
     (run / "metrics.jsonl").write_bytes(b"".join(lines))
     metrics = show.read_metrics(run / "metrics.jsonl")
@@ -216,7 +219,7 @@ def test_damaged_lines_and_evaluations_without_their_epoch_are_left_out_of_the_c
     assert [(r["epoch"], r["step"]) for r in metrics.evals] == [(1, 4), (2, 8)]
     with caplog.at_level(logging.INFO, logger="launch.show"):
         assert show.main([str(run), "--only", "curves"]) == 0
-    assert f"{run / 'metrics.jsonl'}: left out 2 unreadable line(s)" in caplog.messages
+    assert f"{run / 'metrics.jsonl'}: left out 4 unreadable line(s)" in caplog.messages
     check_png(run / "show" / "curves.png")
 
 
@@ -280,6 +283,7 @@ FOREIGN_SUMMARIES = {  # what a hand-edited summary.json holds, and what show sa
     "centre without top-5": ({"centre": {"top1_error": 0.5}}, LEFT_OUT),
     "centre's error not a number": ({"centre": {"top1_error": "x", "top5_error": 0.1}}, LEFT_OUT),
     "steps not a number": ({"steps": "8"}, LEFT_OUT),
+    "steps beyond a float": ({"steps": 10 ** 400}, LEFT_OUT),
     "exchanges not per tower": ({"exchanges_per_step": {"conv3_input/forward": [1.0]}},
                                 "skipped traffic: summary.json's exchanges_per_step is not as python -m "
                                 "launch.two_gpu writes it"),
