@@ -224,16 +224,17 @@ def _images_in(folder: Path, name: str, owners: dict, seen: set, skipped: Skippe
     return images
 
 
-def scan_layout(root: Union[str, Path]):
+def scan_layout(root: Union[str, Path], builtin_alternative: bool = True):
     """Checks an ImageNet-layout folder and lists it. Returns (classes, {split: [(path,
-    (size, mtime_ns))] per class}, {split: Skipped}); raises DataError naming the fix.
+    (size, mtime_ns))] per class}, {split: Skipped}); raises DataError naming the fix, and
+    where ``builtin_alternative`` (a program whose data option may be left out), the built-in dataset.
 
     Links are followed, but a folder link back into its own class's walk (to a folder
     walked already, or to one holding the class folder) is skipped, and so is an image
     that is listed already in the split (same real path) or whose real path lies in
     another class's real folder (the innermost one, where class folders nest)."""
     try:
-        return _scan_layout(Path(root).expanduser())
+        return _scan_layout(Path(root).expanduser(), builtin_alternative)
     except OSError as exc:  # a folder or file on the way that cannot be read
         where = exc.filename or root
         raise DataError(f"cannot read {where} ({exc.strerror or exc}): make the data folder readable (every "
@@ -244,12 +245,13 @@ def _raise(exc: OSError):
     raise exc
 
 
-def _scan_layout(root: Path):
+def _scan_layout(root: Path, builtin_alternative: bool):
     layout_hint = "expected ROOT/train/CLASS/*.jpg and ROOT/val/CLASS/*.jpg with the same CLASS folders in both"
     if not root.is_dir():
         what = "is not a folder" if root.exists() else "does not exist"
+        builtin = ", or no data folder to use the built-in dataset" if builtin_alternative else ""
         raise DataError(f"data folder {root} {what}: pass the path of a folder that holds train/ and val/ "
-                        f"({layout_hint}), or no data folder to use the built-in dataset")
+                        f"({layout_hint}){builtin}")
     missing = [s for s in ("train", "val") if not (root / s).is_dir()]
     if missing:
         raise DataError(f"{root} has no {' and no '.join(s + '/' for s in missing)} folder: {layout_hint}")

@@ -115,7 +115,7 @@ def plan_jobs(src: Path, dst: Path, quality: int):
     """(jobs still to do, number already done) for every image of SRC. Raises DataError
     where two images of SRC would be written to one file, or where DST holds images that
     no image of SRC becomes."""
-    classes, files, skipped = scan_layout(src)
+    classes, files, skipped = scan_layout(src, builtin_alternative=False)  # SRC is required
     for split in ("train", "val"):
         if skipped[split].describe():
             log.warning("%s/: skipped %s", split, skipped[split].describe())

@@ -705,6 +705,7 @@ def test_prepare_tool_end_to_end(tmp_path):
 
     bad = _prepare(tmp_path / "nowhere", tmp_path / "out")
     assert bad.returncode != 0 and "does not exist" in bad.stderr and "Traceback" not in bad.stderr
+    assert "built-in" not in bad.stderr  # SRC cannot be left out, as training's --data can
     helped = _prepare("--help")
     assert helped.returncode == 0 and "--workers" in helped.stdout and "256" in helped.stdout
 
