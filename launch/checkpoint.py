@@ -172,6 +172,15 @@ def _expected_shapes(num_classes: int, architecture: Architecture) -> dict:
         return {k: tuple(v.shape) for k, v in AlexNet(num_classes, architecture=architecture).state_dict().items()}
 
 
+def _starts_as_a_zip(path: Path) -> bool:
+    """Whether the file begins as a zip archive does (whole or cut short: its index is at its end)."""
+    try:
+        with open(path, "rb") as file:
+            return file.read(4) == b"PK\x03\x04"
+    except OSError:
+        return False
+
+
 def load_checkpoint(path, classes: Optional[list] = None) -> dict:
     """Loads and checks a checkpoint, and that it was trained on ``classes`` (the data's class
     names, in order) if given; raises CheckpointError naming the problem and the fix."""
@@ -184,8 +193,11 @@ def load_checkpoint(path, classes: Optional[list] = None) -> dict:
             f"refusing to load {path}: it holds Python objects other than tensors and plain data, and "
             f"unpickling them could run code ({culprit}). Only checkpoints written by this project load") from None
     except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, OSError) as exc:
-        raise CheckpointError(f"{path} is truncated or not a checkpoint ({type(exc).__name__}: "
-                              f"{str(exc).splitlines()[0][:200]}); resume from an earlier one") from None
+        # not torch's advice for a file that is no zip archive: "torch.save your checkpoint with this option"
+        why = (f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}" if isinstance(exc, OSError)
+               or _starts_as_a_zip(path) else "not a zip archive, as torch.save writes a checkpoint")
+        raise CheckpointError(f"{path} is truncated or not a checkpoint ({why}): give a whole checkpoint that this "
+                              f"program wrote") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a checkpoint of this project (no '{FORMAT}' marker)")
     if payload.get("version") != VERSION:

@@ -676,6 +676,23 @@ def test_a_checkpoint_of_other_classes_is_refused(tiny_data, tmp_path, caplog):
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_file_that_is_no_checkpoint_is_named_as_such_without_torchs_advice(tmp_path):
+    """torch.load's own message for a file that is not a zip archive advises saving it again
+    with an option of torch.save: no help to whoever was handed the file."""
+    legacy, noise, truncated = tmp_path / "legacy.pt", tmp_path / "noise.pt", tmp_path / "truncated.pt"
+    torch.save({"format": FORMAT}, legacy, _use_new_zipfile_serialization=False)  # torch's format before 1.6
+    noise.write_bytes(bytes(range(256)) * 4)
+    save_reference(truncated, build_reference(10))
+    truncated.write_bytes(truncated.read_bytes()[:1 << 20])
+    for path in (legacy, noise, truncated):
+        with pytest.raises(checkpoint.CheckpointError) as refused:
+            load_checkpoint(path)
+        said = str(refused.value)
+        assert said.startswith(f"{path} is truncated or not a checkpoint (") and "torch.save your" not in said, said
+        assert said.endswith("): give a whole checkpoint that this program wrote"), said
+        assert ("not a zip archive" in said) == (path != truncated), said
+
+
 def test_bad_checkpoints_get_clear_errors_and_run_no_code(tiny_data, tmp_path, caplog):
     args = ["--data", tiny_data, "--out", tmp_path / "runs", "--eval-only"]
     good = tmp_path / "good.pt"
