@@ -63,7 +63,7 @@ from towers import FC8_PLACEMENTS, TOWERS, AlexNet, check_compile_backend
 
 from . import flops, traffic
 from .loader import measure_loader, open_loader_data
-from .program import PROGRAM_LAYOUTS, measure_program
+from .program import PROGRAM_LAYOUTS, STOP_GRACE_S, measure_program
 from .scratch import remove_stale_folders, temporary_folder
 from .workers import WORKERS, weights_worker
 
@@ -139,7 +139,10 @@ class BenchConfig:
                                                  "the main table", choices=PROGRAM_MODES, many=True)
     time_limit: Optional[float] = option(None, "seconds the whole benchmark may take: no run starts after them, a "
                                                "run still going then is stopped, and the report holds what was "
-                                               "measured, the rest listed as not measured [no limit]", type=float)
+                                               "measured, the rest listed as not measured. On top come a few seconds "
+                                               "to start and to draw the report, and up to "
+                                               f"{STOP_GRACE_S:.0f} s for a training program that is stopped to end "
+                                               "[no limit]", type=float)
     quick: bool = option(False, "small defaults that finish in under 5 minutes on a 2-core CPU", action="store_true")
 
 
