@@ -179,6 +179,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _say(text: str) -> None:
+    """Lines of the output, at once: an image's name in its own bytes, whatever the output's
+    encoding, a name that is not UTF-8 included (which a strict UTF-8 output would refuse)."""
+    sys.stdout.buffer.write(os.fsencode(text) + b"\n")
+    sys.stdout.buffer.flush()
+
+
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     args = vars(build_parser().parse_args(argv))
@@ -197,14 +204,14 @@ def main(argv=None) -> int:
                 failed += 1
                 log.error("error: %s", prediction.error)
                 if options.json:
-                    print(json.dumps({"image": prediction.path, "error": prediction.error}), flush=True)
+                    _say(json.dumps({"image": prediction.path, "error": prediction.error}))
                 continue
             top = top_classes(prediction.probabilities, classifier.classes, options.top)
             if options.json:
-                print(json.dumps({"image": prediction.path,
-                                  "predictions": [{"class": name, "probability": p} for name, p in top]}), flush=True)
+                _say(json.dumps({"image": prediction.path,
+                                 "predictions": [{"class": name, "probability": p} for name, p in top]}))
             else:
-                print(("\n" if shown else "") + format_block(prediction.path, top), flush=True)
+                _say(("\n" if shown else "") + format_block(prediction.path, top))
                 shown += 1
     except KeyboardInterrupt:
         log.error("interrupted")

@@ -6,8 +6,10 @@ The fast tests call the module in this process on checkpoints saved from the
 reference; the slow ones run the program as a user does (a real process, bounded)."""
 
 import copy
+import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -214,6 +216,19 @@ def test_a_checkpoint_without_mean_or_names_needs_the_data_it_was_trained_on(che
         torch.testing.assert_close(classifier.stats.mean, data_mean, rtol=0, atol=0)
     # With the mean saved in the checkpoint, --data is neither needed nor read.
     assert open_classifier(checkpoints["full"], data="/nonexistent").stats.mean.equal(checkpoints["mean"])
+
+
+def test_an_image_name_that_is_not_utf8_is_printed_as_its_bytes_even_to_a_strict_output(checkpoints, photos,
+                                                                                         tmp_path, monkeypatch):
+    named = tmp_path / os.fsdecode(b"caf\xe9.png")  # Latin-1, as an old camera or archive names it
+    shutil.copy(photos[0], named)
+    output = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", errors="strict")  # PYTHONIOENCODING=utf-8:strict
+    monkeypatch.setattr(sys, "stdout", output)
+    for argv in ([], ["--json"]):
+        assert predict.main([str(checkpoints["full"]), str(named), *argv]) == 0
+    said = output.buffer.getvalue().splitlines()
+    assert said[0] == os.fsencode(named)  # the text block: the name's own bytes first
+    assert json.loads(said[-1])["image"] == str(named)  # JSON: escaped, so the output stays ASCII
 
 
 def test_missing_checkpoint_is_refused(tmp_path):
