@@ -157,9 +157,33 @@ def die_with_parent(parent_pid: int) -> None:
         os._exit(1)
 
 
+# glibc's mallopt parameters (malloc.h)
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+_C_INT_MAX = 2 ** 31 - 1
+
+
+def reuse_freed_memory() -> bool:
+    """Has glibc's malloc keep large freed blocks for the next allocation instead of giving
+    them back to the system. A training step frees and allocates the same large tensors each
+    step (FC6's weight gradient alone is 151 MB; a batch's activations), and blocks over 32 MB
+    are otherwise mapped afresh each time, every page of them faulted in and zeroed by the
+    kernel again. On a 2-core CPU, two towers: at batch 4 that was a quarter of each step
+    (490 -> 364 ms/step) and the run's system time halved, its peak memory per rank 0.74 ->
+    0.84 GiB; at batch 32 the system time halved (6.5 -> 3.6 s in 10 steps) with no step time
+    change that the noise lets one see. A GPU's tensors are not malloc's. Returns whether it
+    was done: not on a C library other than glibc."""
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    # in this order: blocks are never mapped on their own, and the heap is trimmed only past 2 GiB free
+    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, _C_INT_MAX))
+
+
 def _rank_main(rank, world_size, addr, port, backend, collective_timeout_s, threads, fn, args, results, parent_pid,
                caller):
     die_with_parent(parent_pid)
+    reuse_freed_memory()
     rank_server.as_rank(caller)
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                       MASTER_ADDR=addr, MASTER_PORT=str(port))

@@ -44,7 +44,7 @@ from .cli import quick_exit, shell_word
 from .config import (TrainConfig, build_parser, check_schedule_options, describe_recipe, given_options, parse_config,
                      recipe_warnings, resolve)
 from .ranks import (LOOPBACK, RankFailure, choose_placement, cpu_threads_per_rank, init_process_group, raise_interrupt,
-                    run_ranks)
+                    reuse_freed_memory, run_ranks)
 from .train import architecture, describe_evaluation, elsewhere_than, run_rank, setup_logging, usable_cores
 
 log = logging.getLogger("launch.two_gpu")
@@ -562,6 +562,7 @@ def _after_failure(config: Optional[TrainConfig], run_dir: Optional[Path], failu
 def _main_under_torchrun(config: TrainConfig, checkpoint: Optional[dict], placement) -> int:
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     assert world_size == placement.ranks, (world_size, placement)
+    reuse_freed_memory()  # as run_ranks has each rank do
     rank_server.room_for_sockets()  # for the DataLoader workers' (the server is torchrun's business)
     if placement.backend == "gloo":  # share the cores among the ranks on this machine, as run_ranks does
         torch.set_num_threads(cpu_threads_per_rank(int(os.environ.get("LOCAL_WORLD_SIZE", world_size))))

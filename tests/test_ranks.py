@@ -1,5 +1,6 @@
 """launch.ranks on its own: the whole run's deadline, loopback detection, threads per rank."""
 
+import ctypes
 import os
 import subprocess
 import sys
@@ -18,6 +19,38 @@ from conftest import ROOT
 def _sleep(rank, seconds):
     time.sleep(seconds)
     return rank
+
+
+class _Mallinfo2(ctypes.Structure):  # glibc's struct mallinfo2 (malloc.h), every field a size_t
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                      "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def _malloc_of_a_large_tensor(rank=0):
+    """(bytes malloc mapped on their own for a 200 MB tensor, bytes of its heap once the tensor
+    is freed)."""
+    mallinfo2 = ctypes.CDLL("libc.so.6").mallinfo2
+    mallinfo2.restype = _Mallinfo2
+    before = mallinfo2().hblkhd
+    tensor = torch.ones(50_000_000)  # written: every page of it touched, as a gradient's are
+    mapped = mallinfo2().hblkhd - before
+    del tensor
+    return mapped, mallinfo2().arena
+
+
+@pytest.mark.slow
+def test_a_rank_keeps_the_large_blocks_it_frees_for_its_next_step():
+    """launch.ranks.reuse_freed_memory, which every rank runs: a 200 MB tensor comes from
+    malloc's heap, and its memory stays there once it is freed, for the next step's tensors
+    (not mapped afresh, and faulted in and zeroed by the kernel, each step)."""
+    try:
+        _malloc_of_a_large_tensor()
+    except (OSError, AttributeError):
+        pytest.skip("needs glibc 2.33 or later (mallinfo2)")
+    mapped_here, _ = _malloc_of_a_large_tensor()  # this process, as malloc is by default: the check can fail
+    assert mapped_here >= 200_000_000
+    [(mapped, heap)] = run_ranks(_malloc_of_a_large_tensor, (), world_size=1)
+    assert mapped == 0 and heap >= 200_000_000, (mapped, heap)
 
 
 @pytest.mark.slow
