@@ -28,7 +28,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from towers import AlexNet, Architecture, ExchangeLog, Tower, allocate, build_reference, compile_blocks, shard_state_dict
+from towers import (TOWERS, AlexNet, Architecture, ExchangeLog, Tower, allocate, build_reference, compile_blocks,
+                    shard_state_dict)
 
 from . import data as data_module
 from .images import BASE_SIZE, CROP_SIZE
@@ -143,20 +144,44 @@ def architecture(config: TrainConfig) -> Architecture:
 def build_model(config: TrainConfig, num_classes: int, group, device, draw: bool = True) -> torch.nn.Module:
     """The reference built from the seed (``--layout single`` and ``one-tower``), or this
     rank's tower cut out of it: a two-tower run starts from exactly the weights of a
-    single-device run. With ``draw`` False the weights are left undrawn (a draw takes
-    seconds) for a rank that receives them: from a checkpoint, or from another replica."""
+    single-device run. Tower 0 draws the whole net and hands the other tower its half over
+    ``group`` (a draw takes seconds of a core; the half crosses in a fraction of one). With
+    ``draw`` False the weights are left undrawn for a rank that receives them: from a
+    checkpoint, or from another replica."""
     net = architecture(config)
+    towers = config.layout == "towers"
+    tower = dist.get_rank(group) if towers else 0
     reference = (build_reference(num_classes, seed=config.seed, dropout=config.dropout, init=config.init,
-                                 architecture=net) if draw else None)
-    if config.layout != "towers" and reference is not None:
+                                 architecture=net) if draw and tower == 0 else None)
+    if not towers and reference is not None:
         return reference.to(device)
-    with torch.device("meta"):  # storage only, filled below, from a checkpoint or by another replica
-        model = (AlexNet(num_classes, config.dropout, net) if config.layout != "towers" else
+    with torch.device("meta"):  # storage only, filled below, from a checkpoint, by tower 0 or another replica
+        model = (AlexNet(num_classes, config.dropout, net) if not towers else
                  Tower(group, num_classes, config.dropout, config.fc8_placement, net))
     model = allocate(model)
     if reference is not None:
-        model.load_state_dict(shard_state_dict(reference.state_dict(), dist.get_rank(group), config.fc8_placement))
-    return model.to(device)
+        model.load_state_dict(shard_state_dict(reference.state_dict(), tower, config.fc8_placement))
+    model = model.to(device)
+    if towers and draw:
+        _hand_out_the_other_half(model, reference, group, device, config.fc8_placement)
+    return model
+
+
+def _hand_out_the_other_half(model: torch.nn.Module, reference: Optional[torch.nn.Module], group, device,
+                             fc8_placement: str) -> None:
+    """Tower 1's weights, cut by tower 0 out of the ``reference`` it drew, broadcast into
+    tower 1's ``model`` (called by both towers, tower 0 with the reference), tensor by tensor
+    in the order of their names, on the towers' devices (NCCL's tensors are a GPU's)."""
+    assert dist.get_world_size(group) == TOWERS == 2, "one receiving tower"
+    source = dist.get_global_rank(group, 0)
+    if reference is not None:  # tower 0
+        half = shard_state_dict(reference.state_dict(), 1, fc8_placement)
+        for name in sorted(half):
+            dist.broadcast(half[name].to(device), src=source, group=group)
+    else:
+        received = model.state_dict()
+        for name in sorted(received):
+            dist.broadcast(received[name], src=source, group=group)
 
 
 # ---------------------------------------------------------------- evaluation and training

@@ -205,6 +205,31 @@ def test_checkpoints_move_between_towers_and_reference_and_ten_crop_is_the_avera
     assert out["ten"]["top5_error"] == pytest.approx(1 - (top5 == labels[:, None]).any(1).float().mean().item())
 
 
+def _built_tower(rank, config):
+    """(this tower's weights as build_model made them, how many nets this rank drew)."""
+    draws, draw = [], train.build_reference
+    train.build_reference = lambda *args, **kwargs: draws.append(1) or draw(*args, **kwargs)
+    model = train.build_model(config, 10, torch.distributed.group.WORLD, torch.device("cpu"))
+    return model.state_dict(), len(draws)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fc8_placement", ["tower0", "split"])
+def test_each_tower_starts_as_its_half_of_the_reference_drawn_once(fc8_placement):
+    """Tower 0 draws the whole net (seconds of a core) and hands tower 1 its half: each tower
+    holds exactly its shard of the reference that the seed draws, FC8's halves too where it
+    is split, and only tower 0 drew."""
+    config = TrainConfig(seed=5, fc8_placement=fc8_placement, dropout=0.0, init="paper")
+    towers = run_ranks(_built_tower, (config,))
+    assert [draws for _, draws in towers] == [1, 0]
+    reference = build_reference(10, seed=5, dropout=0.0).state_dict()
+    for rank, (state, _) in enumerate(towers):
+        expected = shard_state_dict(reference, rank, fc8_placement)
+        assert state.keys() == expected.keys()
+        for name, tensor in state.items():
+            assert torch.equal(tensor, expected[name]), (rank, name)
+
+
 def test_the_single_layout_trains_the_same_function_and_shares_checkpoints(tiny_data, no_dropout_run, tmp_path):
     """--layout single: the reference in one process, through the same program. Without
     dropout and from the same seed it takes the towers' steps (no_dropout_run), loss for loss."""
