@@ -172,7 +172,7 @@ def live_processes(*, group: Optional[int] = None, session: Optional[int] = None
     return found
 
 
-def _as_foreground_job() -> None:
+def as_foreground_job() -> None:
     # A shell hands a foreground job the default SIGINT, whatever it ignores itself; the
     # suite may run in the background (where SIGINT is ignored and the child inherits that).
     signal.signal(signal.SIGINT, signal.SIG_DFL)
@@ -190,7 +190,7 @@ class Run:
         self.temporary = short_temporary()
         self.proc = subprocess.Popen([sys.executable, "-m", "launch.two_gpu", *map(str, args)], cwd=ROOT,
                                      env=dict(os.environ, TMPDIR=str(self.temporary)), stdout=subprocess.DEVNULL,
-                                     stderr=self.log, start_new_session=True, preexec_fn=_as_foreground_job)
+                                     stderr=self.log, start_new_session=True, preexec_fn=as_foreground_job)
 
     def steps(self) -> int:
         path = self.run_dir / "metrics.jsonl"

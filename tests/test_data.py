@@ -23,6 +23,8 @@ from PIL import Image
 from launch import builtin, data, images, prepare, stats
 from launch.images import DataError
 
+from conftest import as_foreground_job
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -909,7 +911,8 @@ def test_prepare_interrupted_twice_while_its_pool_ends_still_ends_with_its_worke
     the workers, which the backstop still kills."""
     src, dst = _simple_tree(tmp_path / "raw", train=10), tmp_path / "prepared"
     proc = subprocess.Popen([sys.executable, "-c", _STUCK_WORKERS, str(src), str(dst), "--workers", "2"], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=as_foreground_job)  # Ctrl-C reaches it even where the suite runs in the background
     try:
         deadline = time.monotonic() + 60
         while len(_session(proc.pid)) < 3:  # the program and its two workers
@@ -946,7 +949,7 @@ def test_prepare_interrupted_says_so_in_one_line_and_goes_on_when_run_again(tmp_
         shutil.copy(big, src / "train" / "a" / f"big{i}.jpg")
     command = [sys.executable, "-m", "launch.prepare", str(src), str(dst), "--workers", "2"]
     proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=as_foreground_job)
     try:
         deadline = time.monotonic() + 120
         while not list(dst.glob("train/a/big*.jpg")):
