@@ -196,8 +196,14 @@ def _rank_main(rank, world_size, addr, port, backend, collective_timeout_s, thre
         store = dist.TCPStore(addr, port, world_size, is_master=False,
                               timeout=datetime.timedelta(seconds=collective_timeout_s))
         init_process_group(backend, rank, world_size, collective_timeout_s, store=store)
+        try:
+            value = fn(rank, *args)
+        except SystemExit as exc:
+            if exc.code not in (0, None):
+                raise
+            value = None  # sys.exit(0) at the end of the function, as a script for torchrun ends: nothing returned
         # By value: torch's queue would pass tensors as shared-memory handles, which die with this process.
-        value = pickle.dumps(fn(rank, *args))
+        value = pickle.dumps(value)
     except KeyboardInterrupt:
         results.put((rank, "error", "interrupted", None))
         raise SystemExit(130)
@@ -251,9 +257,10 @@ def run_ranks(fn: Callable, args: Sequence = (), world_size: int = 2, backend: s
     import the script). ``timeout_s`` bounds the whole run; ``collective_timeout_s``
     bounds any one collective. ``on_start(processes)`` is called once all ranks have
     started. The rendezvous store listens on ``addr``, the loopback address unless the
-    caller says otherwise. Raises :class:`RankFailure` if any rank fails, after stopping
-    the others; any other exception here (Ctrl-C, or one ``on_start`` raises) stops the
-    ranks before it is raised.
+    caller says otherwise. A rank whose ``fn`` calls ``sys.exit(0)`` (or ``sys.exit()``)
+    returned None; another exit code is its failure. Raises :class:`RankFailure` if any
+    rank fails, after stopping the others; any other exception here (Ctrl-C, or one
+    ``on_start`` raises) stops the ranks before it is raised.
     """
     if not isinstance(world_size, int) or world_size < 1:
         raise ValueError(f"world_size must be a whole number of ranks, at least 1, got {world_size!r}")

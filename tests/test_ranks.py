@@ -21,6 +21,19 @@ def _sleep(rank, seconds):
     return rank
 
 
+def _exit(rank, codes):
+    sys.exit(codes[rank])
+
+
+@pytest.mark.slow
+def test_a_rank_that_exits_with_0_returned_nothing_and_any_other_code_failed():
+    """A function written for torchrun may end with sys.exit(0): a rank that ended well."""
+    assert run_ranks(_exit, ((0, None),)) == [None, None]
+    with pytest.raises(RankFailure) as failed:
+        run_ranks(_exit, ((0, 3),))
+    assert str(failed.value).startswith("rank 1 failed: SystemExit: 3"), str(failed.value)
+
+
 class _Mallinfo2(ctypes.Structure):  # glibc's struct mallinfo2 (malloc.h), every field a size_t
     _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
                                                       "fsmblks", "uordblks", "fordblks", "keepcost")]
