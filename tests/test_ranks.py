@@ -39,31 +39,29 @@ class _Mallinfo2(ctypes.Structure):  # glibc's struct mallinfo2 (malloc.h), ever
                                                       "fsmblks", "uordblks", "fordblks", "keepcost")]
 
 
-def _malloc_of_a_large_tensor(rank=0):
-    """(bytes malloc mapped on their own for a 200 MB tensor, bytes of its heap once the tensor
-    is freed)."""
+def _mapped_for_a_large_tensor(rank=0):
+    """Bytes that malloc mapped on their own for a 200 MB tensor."""
     mallinfo2 = ctypes.CDLL("libc.so.6").mallinfo2
     mallinfo2.restype = _Mallinfo2
     before = mallinfo2().hblkhd
     tensor = torch.ones(50_000_000)  # written: every page of it touched, as a gradient's are
     mapped = mallinfo2().hblkhd - before
     del tensor
-    return mapped, mallinfo2().arena
+    return mapped
 
 
 @pytest.mark.slow
-def test_a_rank_keeps_the_large_blocks_it_frees_for_its_next_step():
+def test_a_rank_takes_its_large_tensors_from_mallocs_heap():
     """launch.ranks.reuse_freed_memory, which every rank runs: a 200 MB tensor comes from
-    malloc's heap, and its memory stays there once it is freed, for the next step's tensors
-    (not mapped afresh, and faulted in and zeroed by the kernel, each step)."""
+    malloc's heap, where its memory is reused once freed, not from a mapping of its own that
+    the kernel faults in and zeroes afresh each step. (That the heap is not trimmed after it,
+    M_TRIM_THRESHOLD, is left unchecked: the heap's size does not tell it apart here.)"""
     try:
-        _malloc_of_a_large_tensor()
+        _mapped_for_a_large_tensor()
     except (OSError, AttributeError):
         pytest.skip("needs glibc 2.33 or later (mallinfo2)")
-    mapped_here, _ = _malloc_of_a_large_tensor()  # this process, as malloc is by default: the check can fail
-    assert mapped_here >= 200_000_000
-    [(mapped, heap)] = run_ranks(_malloc_of_a_large_tensor, (), world_size=1)
-    assert mapped == 0 and heap >= 200_000_000, (mapped, heap)
+    assert _mapped_for_a_large_tensor() >= 200_000_000  # this process, malloc as it is by default: the check can fail
+    assert run_ranks(_mapped_for_a_large_tensor, (), world_size=1) == [0]
 
 
 @pytest.mark.slow
