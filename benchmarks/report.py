@@ -601,7 +601,7 @@ def write_report(results: dict, folder: Path) -> None:
 def main(argv=None) -> None:
     parser = Parser(prog="python -m benchmarks.report",
                     description="Redraws report.md and the charts in FOLDER from FOLDER/results.json.")
-    parser.add_argument("folder", type=Path, help="a folder that python -m benchmarks.run wrote")
+    parser.add_argument("folder", type=Path, metavar="FOLDER", help="a folder that python -m benchmarks.run wrote")
     folder = parser.parse_args(argv).folder
     path = folder / "results.json"
     try:

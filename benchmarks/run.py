@@ -735,13 +735,20 @@ def _held(out: Path):
     """An exclusive lock on the folder ``out`` while the benchmark writes there, released by the
     system however the process ends: two benchmarks given one --out would each replace the
     other's results.json and leave one's report beside the other's results."""
-    folder = os.open(out, os.O_RDONLY | os.O_DIRECTORY)  # not inherited by the processes it starts
+    try:
+        folder = os.open(out, os.O_RDONLY | os.O_DIRECTORY)  # not inherited by the processes it starts
+    except OSError as error:
+        raise ValueError(f"--out {out}: cannot open this folder ({error.strerror}); give one that can be read and "
+                         f"written") from None
     try:
         try:
             fcntl.flock(folder, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise ValueError(f"--out {out} is in use by another benchmark: wait for it to end, or give "
                              f"another --out") from None
+        except OSError as error:  # a file system without locks (some network and FUSE ones)
+            logger.warning("--out %s cannot be locked (%s): nothing stops another benchmark from writing there at "
+                           "the same time", out, error.strerror)
         yield
     finally:
         os.close(folder)

@@ -323,6 +323,11 @@ def test_a_second_benchmark_on_the_same_out_is_refused_while_the_first_runs(tiny
     with pytest.raises(KeyboardInterrupt):  # the first has ended: the folder is free again
         run.main(argv)
     assert f"stopped before the first run was measured: nothing was written in {out}" in caplog.text
+    # a file system that has no locks: said, and the benchmark goes on
+    monkeypatch.setattr(run.fcntl, "flock", lambda *args: (_ for _ in ()).throw(OSError(errno.ENOLCK, "No locks")))
+    with pytest.raises(KeyboardInterrupt):
+        run.main(argv)
+    assert f"--out {out} cannot be locked (No locks): nothing stops another benchmark" in caplog.text
 
 
 def _table_widths(markdown: str) -> list:
