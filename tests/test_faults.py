@@ -5,6 +5,7 @@ group, injects the fault from outside (signals, broken files), and bounds every 
 """
 
 import errno
+import importlib
 import io
 import json
 import os
@@ -542,7 +543,7 @@ def test_a_command_line_argparse_refuses_is_one_line_naming_the_help(program, re
     argv, words = {"unknown option": (["--no-such-option"], "unrecognized arguments: --no-such-option"),
                    "not a number": ([f"{option}=x"], f"argument {option}: invalid int value: 'x'")}[refused]
     with pytest.raises(SystemExit) as stopped:
-        __import__(program, fromlist=["main"]).main(argv)
+        importlib.import_module(program).main(argv)
     err = capsys.readouterr().err
     assert stopped.value.code == 2 and len(err.splitlines()) == 1, err
     # a program with a required argument names it first, as argparse checks it first
