@@ -204,7 +204,8 @@ def _prepare(src: Path, dst: Path, workers: int, quality: int) -> int:
                     log.warning("skipped %s", error)
                 if count % 1000 == 0 or count == len(jobs):
                     rate = count / max(time.monotonic() - start, 1e-9)
-                    log.info("converted %d/%d (%.0f images/s)", count, len(jobs), rate)
+                    log.info("%d/%d done: %d converted, %d skipped (%.0f images/s)", count, len(jobs),
+                             count - len(unreadable), len(unreadable), rate)
             # Done: the workers end by themselves. Ending them with SIGTERM (the block's end) while
             # they wait for work can leave one waiting for good (see _pool).
             pool.close()

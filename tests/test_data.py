@@ -693,6 +693,7 @@ def test_prepare_tool_end_to_end(tmp_path):
     done = _prepare(src, dst, "--workers", "2")
     assert done.returncode == 0, done.stderr
     assert "unreadable" in done.stderr and odd["truncated"] in done.stderr and odd["fake"] in done.stderr
+    assert "17/17 done: 15 converted, 2 skipped" in done.stderr  # the skipped files are not counted as converted
     listed = (dst / "unreadable.txt").read_text()
     assert odd["truncated"] in listed and odd["fake"] in listed
     written = sorted(p.relative_to(dst).as_posix() for p in dst.rglob("*.jpg"))
