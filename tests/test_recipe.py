@@ -145,6 +145,20 @@ def test_help_explains_the_recipes():
     assert exit_info.value.code == 2
 
 
+def test_help_gives_every_options_default():
+    """--help names each option's default (the README says so); a recipe's option gives the
+    paper recipe's value, which the recipe chosen fills in."""
+    actions = [a for a in build_parser()._actions if a.dest != "help"]
+    assert {a.dest for a in actions} == {f.name for f in dataclasses.fields(TrainConfig)}
+    for action in actions:
+        text = " ".join(action.help.split())
+        assert "default" in text.lower() or "(paper: " in text, f"{action.option_strings[0]}: {text}"
+        if action.dest in PAPER_RECIPE:
+            value = PAPER_RECIPE[action.dest]
+            shown = " ".join(map(str, value)) if isinstance(value, tuple) else str(value)
+            assert f"(paper: {shown}" in text, f"{action.option_strings[0]}: {text}"
+
+
 @pytest.mark.parametrize("argv, words", [
     (["--data", "photos", "--lr-milestones", "5"], "--lr-milestones divides the rate at fixed epochs, but this "
                                                    "run's schedule is the paper recipe's plateau: add --schedule fixed"),
