@@ -1,4 +1,4 @@
-"""Benchmark: the same training step run four ways, timed, with its traffic counted.
+"""Benchmark: the same training step run five ways, timed, with its traffic counted.
 
     python -m benchmarks.run --quick     # a small run, under 5 minutes on a 2-core CPU
     python -m benchmarks.run             # the full run: give it an idle machine
@@ -24,8 +24,8 @@ program does (``--one-gpu-two-rank skip`` leaves them out, and the projection th
 estimates a tower's compute from the single-GPU step; ``cpu`` runs them on the CPU).
 
 Each run is a fresh process (or pair) started by ``launch.ranks.run_ranks``. Output:
-``benchmarks/reports/<machine>-<YYYY-MM-DD>/`` (or ``--out``) with report.md,
-results.json and two PNG charts.
+``benchmarks/reports/<host>-<device>-<YYYY-MM-DD>/`` (the device: the GPU's name, or cpu)
+or ``--out``, with report.md, results.json and two PNG charts.
 """
 
 import sys
@@ -126,7 +126,8 @@ class BenchConfig:
                                     type=float)
     rank_timeout_s: float = option(1800.0, "a run still going after this many seconds is stopped and marked failed",
                                    type=float)
-    out: Optional[str] = option(None, "output folder [benchmarks/reports/<machine>-<YYYY-MM-DD>]")
+    out: Optional[str] = option(None, "output folder [benchmarks/reports/<host>-<device>-<YYYY-MM-DD>, "
+                                        "the device being the GPU's name or cpu]")
     loader_workers: Optional[tuple] = option(None, "the data-loader benchmark: numbers of worker processes "
                                                    "[0, 1, 2, 4, ... up to the CPU cores; --quick: 0,1]", type=int,
                                              many=True)
@@ -228,7 +229,7 @@ def resolve(config: BenchConfig, devices: DevicePlan) -> BenchConfig:
         raise ValueError(f"--rank-timeout-s must be a number of seconds from 1 to {MAX_TIMEOUT_S:.0f} (a week), "
                          f"got {config.rank_timeout_s:g}")
     if config.out is not None and not config.out.strip():
-        raise ValueError("--out is empty: give a folder, or leave --out out for benchmarks/reports/<machine>-<date>")
+        raise ValueError("--out is empty: give a folder, or leave --out out for benchmarks/reports/<host>-<device>-<date>")
     if config.loader_batches < 1 or min(config.loader_workers) < 0:
         raise ValueError(f"--loader-batches must be at least 1 and --loader-workers at least 0, got "
                          f"{config.loader_batches} and {','.join(map(str, config.loader_workers))}")
