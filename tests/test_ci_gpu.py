@@ -72,6 +72,19 @@ def test_a_python_that_sees_no_gpu_is_refused(tmp_path):
     assert "GPUs: none" in (tmp_path / "environment.txt").read_text()
 
 
+def test_a_python_without_torch_is_named_as_such(tmp_path):
+    """Not as a Python that sees no GPU: the fix is another PYTHON, not another machine."""
+    no_torch = tmp_path / "python"
+    no_torch.write_text(f"#!/bin/sh\nexec {sys.executable} -S \"$@\"\n")  # -S: no site-packages, so no torch
+    no_torch.chmod(0o755)
+    result = _gpu(tmp_path / "out", "tests", python=no_torch)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (f"error: {no_torch} cannot import torch (environment.txt says "
+                                                      f"why): name the Python that has it, such as "
+                                                      f"PYTHON=.venv/bin/python .ci/gpu OUT")
+    assert "No module named 'torch'" in (tmp_path / "out" / "environment.txt").read_text()
+
+
 def test_a_budget_leaves_the_benchmark_what_the_tests_did_not_use(tmp_path, stand_in):
     result = _gpu(tmp_path, "all", "--batches", "128,256", python=stand_in, GPU_BUDGET_S="300")
     assert result.returncode == 0, result.stderr
