@@ -229,7 +229,8 @@ def resolve(config: BenchConfig, devices: DevicePlan) -> BenchConfig:
         raise ValueError(f"--rank-timeout-s must be a number of seconds from 1 to {MAX_TIMEOUT_S:.0f} (a week), "
                          f"got {config.rank_timeout_s:g}")
     if config.out is not None and not config.out.strip():
-        raise ValueError("--out is empty: give a folder, or leave --out out for benchmarks/reports/<host>-<device>-<date>")
+        raise ValueError("--out is empty: give a folder, or leave --out out for "
+                         "benchmarks/reports/<host>-<device>-<date>")
     if config.loader_batches < 1 or min(config.loader_workers) < 0:
         raise ValueError(f"--loader-batches must be at least 1 and --loader-workers at least 0, got "
                          f"{config.loader_batches} and {','.join(map(str, config.loader_workers))}")

@@ -81,15 +81,18 @@ class TrainConfig:
     weight_decay: float = option(5e-4, "SGD weight decay (paper: 0.0005)")
     schedule: Optional[str] = option(None, "learning-rate schedule: 'plateau' divides by 10 when validation error stops "
                                     "improving (the paper); 'fixed' divides by 10 at --lr-milestones (the authors' "
-                                    "0.01/0.001/0.0001/0.00001 run) (paper: plateau; small: fixed)", choices=("plateau", "fixed"))
+                                    "0.01/0.001/0.0001/0.00001 run) (paper: plateau; small: fixed)",
+                                    choices=("plateau", "fixed"))
     patience: int = option(2, "plateau schedule: epochs without a lower validation error before dividing the rate")
     max_reductions: int = option(3, "plateau schedule: how many times at most the rate is divided by 10 (paper: 3)")
     lr_milestones: Optional[tuple] = option(None, "fixed schedule: epochs at which the rate is divided by 10 "
-                                                "(paper: 30 60 80; small: one, for the last third of the epochs)", nargs="+", type=int)
+                                                "(paper: 30 60 80; small: one, for the last third of the epochs)",
+                                            nargs="+", type=int)
     warmup_steps: Optional[int] = option(None, "steps of linear learning-rate warm-up (paper: 0)")
     init: Optional[str] = option(None, "weight initialisation: 'paper' (N(0, 0.01^2), biases 1 in conv2/4/5 and "
                                      "FC6/7), 'caffe' (biases 0.1, FC6/FC7 std 0.005) or 'scaled' (std 0.6 sqrt(2/fan-in), "
-                                     "FC8 std 0.001, biases 0) (paper: paper; small: scaled)", choices=tuple(INIT_SCHEMES))
+                                     "FC8 std 0.001, biases 0) (paper: paper; small: scaled)",
+                                 choices=tuple(INIT_SCHEMES))
     dropout: float = option(0.5, "dropout probability on the outputs of FC6 and FC7 (paper: 0.5)")
     fc8_placement: str = option("tower0", "'tower0': FC8 whole on tower 0 (the authors' 2012 layout); 'split': 500 + "
                                         "500 neurons, logits gathered for the loss", choices=FC8_PLACEMENTS)
@@ -98,7 +101,7 @@ class TrainConfig:
                                    "section 3.2's one-GPU net, in one process (48/128/192/192 kernels in conv1-conv4, "
                                    "conv5 and the FC layers whole, no groups)",
                          choices=("towers", "single", "one-tower"))
-    lrn: bool = option(True, "response normalisation after conv1 and conv2 (section 3.3; default: on; --no-lrn leaves it out)",
+    lrn: bool = option(True, "response normalisation after conv1 and conv2 (section 3.3; --no-lrn leaves it out)",
                        action=argparse.BooleanOptionalAction)
     pooling: str = option("overlapping", "max-pooling after LRN1, LRN2 and conv5 (section 3.4): 'overlapping' 3x3 "
                                          "windows with stride 2 (the paper), or 'non-overlapping' 2x2 with stride 2 (the "
@@ -117,7 +120,8 @@ class TrainConfig:
     compile: Optional[str] = option(None, "torch.compile the net with this backend ('inductor' generates fused "
                                           "kernels; 'aot_eager' only traces): a tower block by block, its exchanges "
                                           "running between the graphs as written; the single-device nets whole. The "
-                                          "first step and the first evaluation compile (a minute or more) (default: none, eager)",
+                                          "first step and the first evaluation compile (a minute or more) (default: "
+                                          "none, eager)",
                                     metavar="BACKEND")
     seed: int = option(0, "seed of the initial weights, the data order and the augmentation")
     backend: str = option("auto", "'auto': NCCL with rank r on GPU r when every rank has a GPU of its own, else "
@@ -127,17 +131,17 @@ class TrainConfig:
                                         "a quarter of the cores, at most 4)")
     log_every: int = option(10, "steps between log lines")
     checkpoint_every: int = option(0, "steps between checkpoints within an epoch (0: at the end of each epoch only)")
-    max_steps: Optional[int] = option(None, "stop after this many training steps in all, for short trials (default: none, the "
-                                         "whole of --epochs). It holds for this command only: a --resume without "
-                                         "it trains on to the run's --epochs")
+    max_steps: Optional[int] = option(None, "stop after this many training steps in all, for short trials (default: "
+                                            "none, the whole of --epochs). It holds for this command only: a --resume "
+                                            "without it trains on to the run's --epochs")
     val_limit: Optional[int] = option(None, "evaluate on the first N validation images only (default: all)")
-    ten_crop: bool = option(True, "after training, also evaluate with the paper's ten-patch test (default: on)",
+    ten_crop: bool = option(True, "after training, also evaluate with the paper's ten-patch test",
                           action=argparse.BooleanOptionalAction)
     resume: Optional[str] = option(None, "continue from a checkpoint file or a run folder (its checkpoint.pt), in that "
                                          "run's folder (default: none, a new run)")
     eval_only: Optional[str] = option(None, "evaluate this checkpoint (from the towers or the single-device "
-                                          "reference) and exit, writing its log and metrics to a new run folder under --out (default: "
-                                          "none, train)")
+                                          "reference) and exit, writing its log and metrics to a new run folder "
+                                          "under --out (default: none, train)")
     timeout: float = option(300.0, "seconds a rank waits for the other in any one exchange before the run "
                                  "stops with an error naming the rank")
     master_addr: Optional[str] = option(None, "rendezvous address for ranks started by this program (default "
