@@ -17,6 +17,11 @@ towers (tests/test_parity.py checks it for every variant) at a lower cost on a C
 The one-tower net always runs in one process (``--layout one-tower``).
 """
 
+from launch.cli import hold_interrupts  # torch-free
+
+if __name__ == "__main__":
+    hold_interrupts()  # a Ctrl-C during the imports below ends the program in one line
+
 import argparse
 import dataclasses
 import datetime

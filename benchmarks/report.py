@@ -5,6 +5,11 @@ benchmark stopped before its end included:
     python -m benchmarks.report FOLDER    # FOLDER/results.json -> FOLDER/report.md and the charts
 """
 
+from launch.cli import hold_interrupts  # torch-free
+
+if __name__ == "__main__":
+    hold_interrupts()  # a Ctrl-C during the imports below ends the program in one line
+
 import json
 from pathlib import Path
 import sys

@@ -31,8 +31,10 @@ or ``--out``, with report.md, results.json and two PNG charts.
 import sys
 
 from launch import rank_server  # torch-free
+from launch.cli import hold_interrupts  # torch-free
 
 if __name__ == "__main__":
+    hold_interrupts()  # a Ctrl-C during the imports below ends the program in one line
     rank_server.start_early(sys.argv)  # imports torch for the ranks while this process imports it for itself
 
 import argparse

@@ -8,6 +8,7 @@ import contextlib
 import dataclasses
 import os
 import shlex
+import signal
 import sys
 import threading
 import typing
@@ -86,6 +87,36 @@ def write_whole(path: Path, write) -> None:
         partial.unlink(missing_ok=True)
 
 
+_held_interrupts = []
+
+
+def hold_interrupts() -> None:
+    """A program's first lines, before its slow imports (torch's take seconds), under ``if
+    __name__ == "__main__":``: a Ctrl-C during the imports is held rather than raised inside
+    them, where it would print the importers' traceback (or end in a C++ abort), and
+    ``quick_exit`` then ends the program with one line and exit code 130 before it starts.
+    A second Ctrl-C is raised at once, so that an import that hangs can still be stopped. A
+    program started with Ctrl-C ignored (in the background of a script) keeps it ignored."""
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _hold_interrupt)
+
+
+def _hold_interrupt(signum, frame):
+    if _held_interrupts:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        raise KeyboardInterrupt
+    _held_interrupts.append(signum)
+
+
+def _release_interrupts() -> None:
+    """Ctrl-C as Python handles it again; the program's end if one was held (``hold_interrupts``)."""
+    if signal.getsignal(signal.SIGINT) is _hold_interrupt:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if _held_interrupts:
+        print("interrupted while the program started: nothing was done", file=sys.stderr)
+        sys.exit(130)
+
+
 @contextlib.contextmanager
 def quick_exit():
     """The body of a program's ``if __name__ == "__main__":``. Its end, or ``sys.exit(code)``
@@ -95,8 +126,10 @@ def quick_exit():
     freeing of every object is skipped. With torch imported that teardown takes about a
     second on a 2-core CPU, after the program has done its work. Any other exception
     leaves the block as usual. Only for programs that close their files: a buffered file
-    left open would lose what it holds, as it would on SIGKILL."""
+    left open would lose what it holds, as it would on SIGKILL. A Ctrl-C held during the
+    program's imports (``hold_interrupts``) ends it here, without running the body."""
     try:
+        _release_interrupts()
         yield
         code = 0
     except SystemExit as exc:

@@ -19,6 +19,11 @@ cannot be used gets one line on stderr and the others are still classified; the 
 code is then 1. A bad checkpoint or option: one line naming the fix, exit code 2.
 """
 
+from launch.cli import hold_interrupts  # torch-free
+
+if __name__ == "__main__":
+    hold_interrupts()  # a Ctrl-C during the imports below ends the program in one line
+
 import argparse
 import json
 import logging

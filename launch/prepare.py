@@ -17,6 +17,11 @@ written (each one is written atomically) are kept. A DST that cannot be written 
 disk) ends the run with one line naming it, exit code 2, and no part of a file left in it.
 """
 
+from launch.cli import hold_interrupts  # torch-free
+
+if __name__ == "__main__":
+    hold_interrupts()  # a Ctrl-C during the imports below ends the program in one line
+
 import argparse
 import contextlib
 import errno

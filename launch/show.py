@@ -31,6 +31,11 @@ out with a note. Ctrl-C or SIGTERM ends it with one line and status 130: the pic
 finished stay, the one being written goes, and so does a folder made for them left empty.
 """
 
+from launch.cli import hold_interrupts  # torch-free
+
+if __name__ == "__main__":
+    hold_interrupts()  # a Ctrl-C during the imports below ends the program in one line
+
 import argparse
 import dataclasses
 import errno

@@ -28,7 +28,7 @@ from launch.two_gpu import check_room_for_checkpoints, main
 from towers import Architecture, build_reference, check_compile_backend
 
 from conftest import TINY as _TINY
-from conftest import ROOT, TRAINED_RUN, Run, cmdline, launch, live_processes, terminate_when_ready
+from conftest import ROOT, TRAINED_RUN, Run, as_foreground_job, cmdline, launch, live_processes, terminate_when_ready
 
 BOUND_S = 60  # a failure must end the whole run within this long
 TINY = [*_TINY, "--log-every", "1", "--val-limit", "4", "--no-ten-crop"]
@@ -530,6 +530,39 @@ def test_bad_options_name_the_option_and_leave_no_run_folder(tiny_data, tmp_path
 A_NUMBER_OPTION = {"launch.two_gpu": "--batch-size", "launch.predict": "--batch-size", "launch.prepare": "--workers",
                    "launch.show": "--batch-size", "benchmarks.run": "--batch", "benchmarks.report": None,
                    "benchmarks.ablations": "--batch-size"}
+
+
+def _imports_torch(pid: int) -> bool:
+    """Whether the process has torch's library loaded: its import has begun (and goes on for a second or more)."""
+    try:
+        return "libtorch" in Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("program", [pytest.param(p, marks=() if p == "launch.two_gpu" else pytest.mark.slow)
+                                     for p in A_NUMBER_OPTION])
+def test_ctrl_c_while_a_program_imports_torch_ends_it_in_one_line(program):
+    """Ctrl-C in the seconds torch takes to import ends each program as at any later moment:
+    one line and exit code 130, not the traceback of the import it stopped (or, in prepare,
+    a C++ abort); the training program's rank server, which imports torch beside it, ends too.
+    The option is one each program refuses at once: a Ctrl-C that was lost ends in exit code 2."""
+    proc = subprocess.Popen([sys.executable, "-m", program, "--no-such-option"], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True, preexec_fn=as_foreground_job)
+    try:
+        deadline = time.monotonic() + BOUND_S
+        while not _imports_torch(proc.pid) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        os.killpg(proc.pid, signal.SIGINT)  # a terminal's Ctrl-C reaches the whole foreground group
+        err = proc.communicate(timeout=BOUND_S)[1]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert (proc.returncode, err) == (130, "interrupted while the program started: nothing was done\n"), err[-3000:]
+    deadline = time.monotonic() + 10  # the rank server ends when it sees the program gone
+    while live_processes(session=proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not live_processes(session=proc.pid), [cmdline(pid) for pid in live_processes(session=proc.pid)]
 
 
 @pytest.mark.parametrize("program", A_NUMBER_OPTION)
