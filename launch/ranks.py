@@ -196,6 +196,11 @@ def _rank_main(rank, world_size, addr, port, backend, collective_timeout_s, thre
         store = dist.TCPStore(addr, port, world_size, is_master=False,
                               timeout=datetime.timedelta(seconds=collective_timeout_s))
         init_process_group(backend, rank, world_size, collective_timeout_s, store=store)
+        # Every rank's group made before any rank runs fn: gloo's returns on a rank once the rank's own
+        # side of each connection is made, and a fn that ends at once (no collective) would close
+        # them under a peer still making them ("Gloo connectFullMesh failed ... closed by peer").
+        store.set(f"joined/{rank}", "1")
+        store.wait([f"joined/{peer}" for peer in range(world_size)])
         try:
             value = fn(rank, *args)
         except SystemExit as exc:
@@ -203,7 +208,11 @@ def _rank_main(rank, world_size, addr, port, backend, collective_timeout_s, thre
                 raise
             value = None  # sys.exit(0) at the end of the function, as a script for torchrun ends: nothing returned
         # By value: torch's queue would pass tensors as shared-memory handles, which die with this process.
-        value = pickle.dumps(value)
+        try:
+            value = pickle.dumps(value)
+        except Exception as exc:  # Python's words vary ("Can't get local object" in 3.13): say what failed
+            raise TypeError(f"the value the rank's function returned cannot be pickled to send it to the "
+                            f"launcher ({_error_line(exc)})") from exc
     except KeyboardInterrupt:
         results.put((rank, "error", "interrupted", None))
         raise SystemExit(130)
