@@ -4,6 +4,7 @@ Skipped, with the reason, where torch sees no GPU."""
 
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -78,8 +79,12 @@ def test_the_program_trains_on_the_gpu_and_its_checkpoint_evaluates_on_the_cpu(t
     on_cpu = launch("--data", tiny_data, "--out", tmp_path, "--run-name", "cpu", "--eval-only", tmp_path / "gpu",
                     "--backend", "gloo", "--val-limit", "6", "--no-ten-crop", "--workers", "0")
     assert "tower 0 on cpu" in on_cpu.stderr
-    centre = summary["centre"]
-    assert f"top-1 error {100 * centre['top1_error']:.2f}%" in on_cpu.stderr  # the same predictions on the CPU
+    # The same predictions on the CPU, but for one image of the 6: the GPU run evaluated with
+    # cuDNN's TF32 convolutions (torch's default there; 1e-3 relative), the CPU in float32, and
+    # after 3 steps from the paper's initialisation two classes' logits may lie closer than that.
+    on_gpu = summary["centre"]["top1_error"]
+    found = re.search(r"validation top-1 error ([0-9.]+)%", on_cpu.stderr)
+    assert found and abs(float(found[1]) / 100 - on_gpu) <= 1 / 6 + 1e-4, (found and found[0], on_gpu)
     model = load_reference(tmp_path / "gpu").eval()  # and in the single-device reference
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
@@ -95,8 +100,9 @@ def test_the_single_layout_trains_on_the_gpu_in_bf16_compiled_and_goes_on_as_tow
     assert summary["device"].startswith("cuda") and summary["steps"] == 3
     assert (summary["precision"], summary["compile"], summary["layout"]) == ("bf16", "inductor", "single")
     assert summary["compiled_graphs"] >= 1 and summary["graph_breaks"] == 0, summary  # the whole net, unbroken
-    resumed = launch("--resume", tmp_path / "single", "--backend", "gloo", "--max-steps", "4", "--no-ten-crop",
-                     "--workers", "0")
+    # a plain --resume goes on as the run went (single, bf16): the towers and float32 are asked for
+    resumed = launch("--resume", tmp_path / "single", "--layout", "towers", "--precision", "fp32", "--backend", "gloo",
+                     "--max-steps", "4", "--no-ten-crop", "--workers", "0")
     assert "tower 0 on cpu" in resumed.stderr and "arithmetic: float32, eager" in resumed.stderr
     assert json.loads((tmp_path / "single" / "summary.json").read_text())["steps"] == 4
 
