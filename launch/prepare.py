@@ -25,6 +25,7 @@ if __name__ == "__main__":
 import argparse
 import contextlib
 import errno
+import io
 import logging
 import multiprocessing
 import os
@@ -50,8 +51,12 @@ def _convert(job):
         pixels = load_image(source)
     except DECODE_ERRORS as exc:
         return source, skip_reason(source, exc)
-    # a full disk, Ctrl-C, the pool ended: no part of an image is left in DST
-    write_whole(Path(target), lambda partial: Image.fromarray(pixels).save(partial, format="JPEG", quality=quality))
+    jpeg = io.BytesIO()
+    Image.fromarray(pixels).save(jpeg, format="JPEG", quality=quality)
+    # A full disk, Ctrl-C, the pool ended: no part of an image is left in DST. Written by
+    # Python, which raises where a disk takes a part of the bytes (Pillow's own writes to a
+    # file do not: an image cut short would be kept, and counted as done by the next run).
+    write_whole(Path(target), lambda partial: partial.write_bytes(jpeg.getbuffer()))
     return source, None
 
 
@@ -101,7 +106,8 @@ def _kill_the_rest(others: set) -> None:
 
 def _cannot_write(dst: Path, exc: OSError) -> str:
     fix = ("make it writable" if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS) else
-           "make it a folder" if exc.errno in (errno.ENOTDIR, errno.EEXIST) else "free space on its disk")
+           "make it a folder" if exc.errno in (errno.ENOTDIR, errno.EEXIST) else
+           "raise the limit on the size of a file (ulimit -f)" if exc.errno == errno.EFBIG else "free space on its disk")
     return (f"error: cannot write to DST {dst} ({exc.strerror or exc}): {fix}, or give a DST that can be written; "
             f"run again, and the images already written are kept")
 

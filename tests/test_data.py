@@ -8,6 +8,7 @@ import json
 import logging
 import multiprocessing
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -718,15 +719,17 @@ def test_prepare_on_a_full_disk_is_one_line_and_leaves_no_part_of_an_image(tmp_p
     pool is ended. One line naming DST and the fix, exit 2, and no partial file in DST."""
     src, dst, first = _simple_tree(tmp_path / "raw", train=10), tmp_path / "prepared", tmp_path / "first-write"
 
-    def full_disk(image, path, *args, **kwargs):  # in the workers, forked with it
-        Path(path).write_bytes(b"\xff\xd8\xff")  # a part of the JPEG
+    real_write_bytes = Path.write_bytes
+
+    def full_disk(path, data):  # in the workers, forked with it
+        real_write_bytes(path, data[:3])  # a part of the JPEG
         try:
             os.close(os.open(first, os.O_CREAT | os.O_EXCL))
         except FileExistsError:  # every write but the first: the disk is full
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)) from None
         time.sleep(120)  # the first: still writing when the other has failed
 
-    monkeypatch.setattr(Image.Image, "save", full_disk)
+    monkeypatch.setattr(Path, "write_bytes", full_disk)
     # 24 images: two chunks of the pool's 16, one per worker
     assert prepare.main([str(src), str(dst), "--workers", "2"]) == 2
     err = capfd.readouterr().err
@@ -748,6 +751,29 @@ def test_prepare_on_a_full_disk_is_one_line_and_leaves_no_part_of_an_image(tmp_p
     assert prepare.main([str(src), str(dst), "--workers", "1"]) == 2
     assert capfd.readouterr().err.splitlines()[-1].startswith(f"error: cannot write to DST {dst} (No space left")
     assert sorted(p.name for p in dst.rglob("*") if p.is_file()) == sorted(p.name for p in src.rglob("[0-9].jpg"))
+
+
+@pytest.mark.slow  # the tool as a subprocess
+def test_prepare_on_a_disk_that_takes_a_part_of_an_image_keeps_none_of_it(tmp_path):
+    """A disk that fills takes the first bytes of a file and refuses the rest: the write fails
+    then, and the image cut short is not kept in DST (where the next run would count it as done)."""
+    src, dst = _simple_tree(tmp_path / "raw", train=2, val=1), tmp_path / "prepared"
+
+    def small_disk():  # 16 kB a file, less than a converted image of noise: a write past it is cut short
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write then fails (EFBIG) rather than the process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (16 * 1024, resource.RLIM_INFINITY))
+
+    refused = subprocess.run([sys.executable, "-m", "launch.prepare", src, dst, "--workers", "1"], cwd=REPO,
+                             capture_output=True, text=True, timeout=120, preexec_fn=small_disk,
+                             env={**os.environ, "HOME": str(tmp_path)})
+    assert refused.returncode == 2, refused.stderr
+    assert refused.stderr.splitlines()[-1].startswith(f"error: cannot write to DST {dst} (File too large): raise the "
+                                                      f"limit on the size of a file (ulimit -f)"), refused.stderr
+    assert [p for p in dst.rglob("*") if p.is_file()] == []  # neither an image cut short nor a hidden part of one
+    assert _prepare(src, dst, "--workers", "1").returncode == 0  # and, given room, the run goes on
+    for path in dst.rglob("*.jpg"):
+        with Image.open(path) as image:
+            image.load()  # whole
 
 
 def test_prepare_refuses_two_images_with_one_target_and_a_quality_out_of_range(tmp_path, capsys):
