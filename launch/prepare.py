@@ -14,7 +14,8 @@ training-set statistics (mean image, RGB PCA) are computed and cached in DST, as
 the authors did once before training. The training program then decodes small
 JPEGs only, with no resizing. An interrupted run can be restarted: files already
 written (each one is written atomically) are kept. A DST that cannot be written (a full
-disk) ends the run with one line naming it, exit code 2, and no part of a file left in it.
+disk) ends the run with one line naming it, exit code 2, and no part of a file left in it; a
+worker killed (where memory runs out) ends it with one line and exit code 1.
 """
 
 from launch.cli import hold_interrupts  # torch-free
@@ -76,23 +77,63 @@ def _worker_start() -> None:
 WORKER_GRACE_S = 10  # for a worker told to end (SIGTERM) to do so, before it is killed
 
 
+class WorkerEnded(Exception):
+    """A worker of the pool ended before the work was done (killed: the work it had is lost)."""
+
+
 @contextlib.contextmanager
 def _pool(workers: int):
-    """A Pool of ``workers`` processes, ended with the block (told to end, SIGTERM), the block
-    ended however. Its end cannot wait for good: a worker still there WORKER_GRACE_S
-    seconds after being told to end is killed (SIGKILL). A worker waiting for work has
-    been seen to outlive SIGTERM, which left the Pool's end waiting for it."""
+    """(a Pool of ``workers`` processes, those processes), the pool ended with the block (told
+    to end, SIGTERM), the block ended however. Its end cannot wait for good: a worker still
+    there WORKER_GRACE_S seconds after being told to end is killed (SIGKILL). A worker waiting
+    for work has been seen to outlive SIGTERM, which left the Pool's end waiting for it; and
+    the Pool's end waits for good on a lock that a killed worker held: it is given as long,
+    and then left to the program's exit."""
     others = set(multiprocessing.active_children())  # a caller's own processes, never the pool's
     pool = multiprocessing.Pool(workers, initializer=_worker_start)
     try:
-        yield pool
+        yield pool, set(multiprocessing.active_children()) - others
     finally:
         backstop = threading.Timer(WORKER_GRACE_S, _kill_the_rest, [others])
         backstop.daemon = True
         backstop.start()
         # Interrupted (a second Ctrl-C), the backstop stays: the exit's own end of the pool waits on the workers.
-        pool.terminate()
+        ending = threading.Thread(target=pool.terminate, name="pool's end", daemon=True)
+        ending.start()
+        ending.join(2 * WORKER_GRACE_S)
+        if ending.is_alive():
+            log.warning("the worker pool did not end %d s after being told to: left to the program's exit",
+                        2 * WORKER_GRACE_S)
         backstop.cancel()
+
+
+def _convert_all(jobs: list) -> list:
+    return [_convert(job) for job in jobs]
+
+
+def _results(pool, workers: set, jobs: list, chunk: int = 16):
+    """``_convert`` of each job by the ``pool``, ``chunk`` jobs at a time, as they come. Raises
+    WorkerEnded where one of the pool's ``workers`` has ended before the last: the Pool would
+    wait for good for the work it had (it starts another worker, and never gives that work to it)."""
+    results = pool.imap_unordered(_convert_all, [jobs[i:i + chunk] for i in range(0, len(jobs), chunk)])
+    while True:
+        try:
+            yield from results.next(timeout=1)
+        except StopIteration:
+            return
+        except multiprocessing.TimeoutError:
+            ended = sorted((p for p in workers if p.exitcode is not None), key=lambda p: p.pid)
+            if ended:
+                raise WorkerEnded(ended[0]) from None
+
+
+def _worker_ended(process) -> str:
+    code = process.exitcode
+    how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+    return (f"error: a worker (process {process.pid}) ended before the images were converted ({how}: by the system "
+            f"where memory runs out, or by hand), and what it was converting is lost: run the same command again to "
+            f"convert the rest (with fewer --workers where memory is short); the images written so far are kept, "
+            f"each one whole")
 
 
 def _kill_the_rest(others: set) -> None:
@@ -208,8 +249,8 @@ def _prepare(src: Path, dst: Path, workers: int, quality: int) -> int:
     log.info("%d images in %s: %d to convert, %d already in %s", total, src, len(jobs), done, dst)
     unreadable, start = [], time.monotonic()
     try:
-        with _pool(workers) as pool:  # ended before the error is told, so that it is the last line
-            for count, (source, error) in enumerate(pool.imap_unordered(_convert, jobs, chunksize=16), 1):
+        with _pool(workers) as (pool, processes):  # ended before the error is told, so that it is the last line
+            for count, (source, error) in enumerate(_results(pool, processes, jobs), 1):
                 if error is not None:
                     unreadable.append((source, error))
                     log.warning("skipped %s", error)
@@ -218,12 +259,18 @@ def _prepare(src: Path, dst: Path, workers: int, quality: int) -> int:
                     log.info("%d/%d done: %d converted, %d skipped (%.0f images/s)", count, len(jobs),
                              count - len(unreadable), len(unreadable), rate)
             # Done: the workers end by themselves. Ending them with SIGTERM (the block's end) while
-            # they wait for work can leave one waiting for good (see _pool).
-            pool.close()
-            pool.join()
+            # they wait for work can leave one waiting for good (see _pool). But where one was killed
+            # as it waited for work, holding the lock on the work's queue, the others would wait for
+            # that lock for good: the block's end then ends them, within bounds.
+            if all(p.exitcode is None for p in processes):
+                pool.close()
+                pool.join()
     except OSError as exc:  # a write (reads that fail are skipped)
         print(_cannot_write(dst, exc), file=sys.stderr)
         return 2
+    except WorkerEnded as exc:
+        print(_worker_ended(exc.args[0]), file=sys.stderr)
+        return 1
     listing = dst / "unreadable.txt"  # of this run: the files of SRC that are not in DST
     try:
         if unreadable:  # a name as SRC's folder spells it, in whatever bytes

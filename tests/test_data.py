@@ -961,6 +961,118 @@ def test_prepare_interrupted_twice_while_its_pool_ends_still_ends_with_its_worke
     assert not _session(proc.pid), "a worker outlived the program"
 
 
+# launch.prepare where the system kills one worker (SIGKILL, as where memory runs out) as it converts
+# its first image; the other goes on.
+_KILLED_WORKER = """
+import os, signal, sys
+from PIL import Image
+from launch import prepare
+from launch.cli import quick_exit
+real_save = Image.Image.save
+
+def killed_once(image, *args, **kwargs):
+    try:
+        os.close(os.open(sys.argv[-1], os.O_CREAT | os.O_EXCL))
+    except FileExistsError:
+        return real_save(image, *args, **kwargs)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+Image.Image.save = killed_once
+with quick_exit():
+    sys.exit(prepare.main(sys.argv[1:-1]))
+"""
+
+
+@pytest.mark.slow
+def test_prepare_whose_worker_is_killed_says_so_and_goes_on_when_run_again(tmp_path):
+    """The Pool would wait for good for the images of a killed worker: one line, exit 1, no process
+    left, every image written whole; the same command then converts the rest."""
+    src, dst = _simple_tree(tmp_path / "raw", train=20), tmp_path / "prepared"  # 44 images: 3 chunks of 16
+    proc = subprocess.Popen([sys.executable, "-c", _KILLED_WORKER, str(src), str(dst), "--workers", "2",
+                             str(tmp_path / "killed")], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 1 and "Traceback" not in err, err
+    last = err.splitlines()[-1]
+    assert last.startswith("error: a worker (process ") and last.endswith(
+        " ended before the images were converted (killed by SIGKILL: by the system where memory runs out, or by hand), "
+        "and what it was converting is lost: run the same command again to convert the rest (with fewer --workers "
+        "where memory is short); the images written so far are kept, each one whole"), err
+    deadline = time.monotonic() + 10
+    while _session(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _session(proc.pid), "a worker outlived the program"
+    written = [p for p in dst.rglob("*.jpg") if not p.name.startswith(".")]
+    assert 0 < len(written) < 44  # the killed worker's chunk is not
+    for path in written:
+        with Image.open(path) as image:
+            image.load()
+    again = _prepare(src, dst, "--workers", "2")
+    assert again.returncode == 0, again.stderr
+    assert f"44 images in {src}: {44 - len(written)} to convert, {len(written)} already in {dst}" in again.stderr
+
+
+# launch.prepare whose work (12 images, one chunk) goes to one worker, slowly; it writes its process id
+# in the file given last. The other worker waits for work.
+_ONE_WORKER_BUSY = """
+import os, sys, time
+from PIL import Image
+from launch import prepare
+from launch.cli import quick_exit
+prepare.WORKER_GRACE_S = 1
+real_save = Image.Image.save
+
+def slow(image, *args, **kwargs):
+    with open(sys.argv[-1], "a") as f:
+        f.write(f"{os.getpid()}\\n")
+    time.sleep(0.3)
+    return real_save(image, *args, **kwargs)
+
+Image.Image.save = slow
+with quick_exit():
+    sys.exit(prepare.main(sys.argv[1:-1]))
+"""
+
+
+@pytest.mark.slow
+def test_prepare_whose_idle_worker_is_killed_still_ends(tmp_path):
+    """A worker that waits for work holds the lock on the Pool's queue of work: killed, it leaves
+    the others, and the Pool's own end, waiting for that lock for good. The program tells the
+    worker's end in one line (exit 1) within seconds, and leaves no process; run again, it
+    converts the rest."""
+    src, dst, busy = _simple_tree(tmp_path / "raw", train=5, val=1), tmp_path / "prepared", tmp_path / "busy"
+    proc = subprocess.Popen([sys.executable, "-c", _ONE_WORKER_BUSY, str(src), str(dst), "--workers", "2", str(busy)],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not busy.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.05)
+        time.sleep(0.5)  # the other worker, forked with it, is waiting for work by then (the first of 12 writes)
+        converting = int(busy.read_text().split()[0])
+        idle = [pid for pid in _session(proc.pid) if pid not in (proc.pid, converting)
+                and b"resource_tracker" not in Path(f"/proc/{pid}/cmdline").read_bytes()]
+        assert len(idle) == 1, idle
+        os.kill(idle[0], signal.SIGKILL)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 1 and "Traceback" not in err, err
+    assert "the worker pool did not end 2 s after being told to" in err
+    assert err.splitlines()[-1].startswith(f"error: a worker (process {idle[0]}) ended before the images were converted")
+    deadline = time.monotonic() + 10
+    while _session(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _session(proc.pid), "a worker outlived the program"
+    again = _prepare(src, dst, "--workers", "2")
+    assert again.returncode == 0 and len(list(dst.rglob("[0-9].jpg"))) == 12, again.stderr
+
+
 _SLOW_TO_CONVERT = 60  # copies of one large image: seconds of work for one worker
 
 
