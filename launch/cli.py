@@ -16,6 +16,14 @@ from dataclasses import field
 from pathlib import Path
 
 
+MAX_PROCESSES_PER_CORE = 4  # ranks or loaders (--workers): beyond this many per core they only thrash the machine
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on (a container's or taskset's limit, where the OS says)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def option(default, help: str, *, many: bool = False, **argparse_kwargs):
     """A dataclass field that is also the command-line option ``--field-name``.
     ``many``: a comma-separated list (``type`` and ``choices`` then apply to each item).

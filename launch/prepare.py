@@ -38,7 +38,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from launch.cli import Parser, quick_exit, write_whole
+from launch.cli import MAX_PROCESSES_PER_CORE, Parser, quick_exit, usable_cores, write_whole
 from launch.data import DataError, open_data, scan_layout
 from launch.images import DECODE_ERRORS, is_image_name, load_image, skip_reason
 
@@ -74,6 +74,7 @@ def _worker_start() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+CHUNK = 16  # the images a worker is given at a time
 WORKER_GRACE_S = 10  # for a worker told to end (SIGTERM) to do so, before it is killed
 
 
@@ -111,7 +112,7 @@ def _convert_all(jobs: list) -> list:
     return [_convert(job) for job in jobs]
 
 
-def _results(pool, workers: set, jobs: list, chunk: int = 16):
+def _results(pool, workers: set, jobs: list, chunk: int):
     """``_convert`` of each job by the ``pool``, ``chunk`` jobs at a time, as they come. Raises
     WorkerEnded where one of the pool's ``workers`` has ended before the last: the Pool would
     wait for good for the work it had (it starts another worker, and never gives that work to it)."""
@@ -213,13 +214,15 @@ def main(argv=None) -> int:
                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("src", type=Path, metavar="SRC", help="raw tree with train/CLASS/ and val/CLASS/ folders")
     parser.add_argument("dst", type=Path, metavar="DST", help="where the 256x256 JPEGs go (same layout)")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
-                        help="processes that decode and resize (default: one per CPU core)")
+    parser.add_argument("--workers", type=int, default=usable_cores(),
+                        help="processes that decode and resize (default: one per CPU core it may use)")
     parser.add_argument("--quality", type=int, default=95, help="JPEG quality of the written images (default: 95)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if args.workers < 1:
-        parser.error("--workers must be at least 1")
+    cores = usable_cores()
+    if not 1 <= args.workers <= MAX_PROCESSES_PER_CORE * cores:
+        parser.error(f"--workers must be 1 to {MAX_PROCESSES_PER_CORE * cores} ({MAX_PROCESSES_PER_CORE} processes for "
+                     f"each of the {cores} cores it may use: more only thrash the machine), got {args.workers}")
     if not 1 <= args.quality <= 100:  # Pillow would clamp it to 1 or 100, silently
         parser.error(f"--quality must be 1 to 100 (JPEG's scale; default 95), got {args.quality}")
     src, dst = args.src.expanduser().resolve(), args.dst.expanduser().resolve()
@@ -249,8 +252,9 @@ def _prepare(src: Path, dst: Path, workers: int, quality: int) -> int:
     log.info("%d images in %s: %d to convert, %d already in %s", total, src, len(jobs), done, dst)
     unreadable, start = [], time.monotonic()
     try:
-        with _pool(workers) as (pool, processes):  # ended before the error is told, so that it is the last line
-            for count, (source, error) in enumerate(_results(pool, processes, jobs), 1):
+        # no more workers than chunks of work; ended before the error is told, so that it is the last line
+        with _pool(max(1, min(workers, -(-len(jobs) // CHUNK)))) as (pool, processes):
+            for count, (source, error) in enumerate(_results(pool, processes, jobs, CHUNK), 1):
                 if error is not None:
                     unreadable.append((source, error))
                     log.warning("skipped %s", error)

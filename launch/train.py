@@ -34,7 +34,7 @@ from towers import (TOWERS, AlexNet, Architecture, ExchangeLog, Tower, allocate,
 from . import data as data_module
 from .images import BASE_SIZE, CROP_SIZE
 from .checkpoint import FILENAME, load_checkpoint, restore_training_state, save_training_state
-from .cli import shell_word
+from .cli import shell_word, usable_cores
 from .config import TrainConfig
 from .mesh import Mesh, build_mesh
 from .ranks import Placement
@@ -357,11 +357,6 @@ def _replica_data(rank: int, config: TrainConfig, plan: Plan, bundle) -> data_mo
                                     f"{len(bundle.train)} training images) than rank 0 ({len(plan.classes)}, "
                                     f"{plan.train_images}): give every machine the same --data")
     return bundle
-
-
-def usable_cores() -> int:
-    """The CPU cores this process may run on (a container's or taskset's limit, where the OS says)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def default_workers(on_gpu: bool, ranks_here: int, loaders_here: int) -> int:

@@ -42,12 +42,12 @@ from towers import TOWERS, check_compile_backend
 from . import data as data_module
 from .checkpoint import (FILENAME, CheckpointError, check_classes, checkpoint_architecture, load_checkpoint, resolve_path,
                          training_checkpoint_bytes)
-from .cli import quick_exit, shell_word
+from .cli import MAX_PROCESSES_PER_CORE, quick_exit, shell_word, usable_cores
 from .config import (TrainConfig, build_parser, check_schedule_options, describe_recipe, given_options, parse_config,
                      recipe_warnings, resolve)
 from .ranks import (LOOPBACK, RankFailure, choose_placement, cpu_threads_per_rank, init_process_group, raise_interrupt,
                     reuse_freed_memory, run_ranks)
-from .train import architecture, describe_evaluation, elsewhere_than, run_rank, setup_logging, usable_cores
+from .train import architecture, describe_evaluation, elsewhere_than, run_rank, setup_logging
 
 log = logging.getLogger("launch.two_gpu")
 
@@ -65,7 +65,6 @@ KEPT_UNLESS_GIVEN = ("layout", "precision")
 # --data may name the run's images at a new place (the class names and the training-image count are
 # checked against the checkpoint's, and the statistics computed from the images found there).
 CHANGEABLE_ON_RESUME = {"epochs", "lr", "warmup_steps", "data"}
-MAX_PROCESSES_PER_CORE = 4  # ranks (--replicas) or loaders (--workers): beyond this many per core they only thrash the machine
 # Recipe fields that a checkpoint's arch records: --eval-only takes them from the checkpoint.
 ARCHITECTURE_OPTIONS = ("lrn", "pooling", "activation")
 LOCK_NAME = ".lock"  # held by the run using the folder (see lock_run_folder)

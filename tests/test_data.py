@@ -793,6 +793,23 @@ def test_prepare_refuses_two_images_with_one_target_and_a_quality_out_of_range(t
     assert not (tmp_path / "q").exists()
 
 
+def test_prepare_refuses_more_workers_than_its_cores_run_and_starts_no_more_than_its_work_needs(tmp_path, capsys,
+                                                                                                 monkeypatch):
+    src, dst = _simple_tree(tmp_path / "raw"), tmp_path / "prepared"
+    monkeypatch.setattr(prepare, "usable_cores", lambda: 2)
+    for workers in ("0", "9", "100000"):
+        with pytest.raises(SystemExit) as refused:
+            prepare.main([str(src), str(dst), "--workers", workers])
+        assert refused.value.code == 2
+        assert (f"--workers must be 1 to 8 (4 processes for each of the 2 cores it may use: more only thrash the "
+                f"machine), got {workers}") in capsys.readouterr().err
+    assert not dst.exists()
+    started, real = [], prepare._pool
+    monkeypatch.setattr(prepare, "_pool", lambda workers: started.append(workers) or real(workers))
+    assert prepare.main([str(src), str(dst), "--workers", "8"]) == 0  # 10 images, a worker's work at a time
+    assert started == [1] and len(list(dst.rglob("*.jpg"))) == 10
+
+
 def _channel(path: Path) -> int:
     """The colour channel that a one-colour image is: 0 red, 1 green, 2 blue."""
     with Image.open(path) as image:
@@ -1016,14 +1033,15 @@ def test_prepare_whose_worker_is_killed_says_so_and_goes_on_when_run_again(tmp_p
     assert f"44 images in {src}: {44 - len(written)} to convert, {len(written)} already in {dst}" in again.stderr
 
 
-# launch.prepare whose work (12 images, one chunk) goes to one worker, slowly; it writes its process id
-# in the file given last. The other worker waits for work.
+# launch.prepare whose work, 12 images, goes to two workers, 11 to one and 1 to the other, which then
+# waits for work. Each image takes 0.3 s; a worker writes its process id, per image, in the file given last.
 _ONE_WORKER_BUSY = """
 import os, sys, time
 from PIL import Image
 from launch import prepare
 from launch.cli import quick_exit
 prepare.WORKER_GRACE_S = 1
+prepare.CHUNK = 11
 real_save = Image.Image.save
 
 def slow(image, *args, **kwargs):
@@ -1049,14 +1067,12 @@ def test_prepare_whose_idle_worker_is_killed_still_ends(tmp_path):
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         deadline = time.monotonic() + 60
-        while not busy.exists():
+        while not busy.exists() or len(busy.read_text().split()) < 4:  # the one image, and 3 of the 11
             assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
             time.sleep(0.05)
-        time.sleep(0.5)  # the other worker, forked with it, is waiting for work by then (the first of 12 writes)
-        converting = int(busy.read_text().split()[0])
-        idle = [pid for pid in _session(proc.pid) if pid not in (proc.pid, converting)
-                and b"resource_tracker" not in Path(f"/proc/{pid}/cmdline").read_bytes()]
-        assert len(idle) == 1, idle
+        pids = busy.read_text().split()
+        idle = [int(pid) for pid in set(pids) if pids.count(pid) == 1]
+        assert len(set(pids)) == 2 and len(idle) == 1, pids
         os.kill(idle[0], signal.SIGKILL)
         _, err = proc.communicate(timeout=60)
     finally:
