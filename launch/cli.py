@@ -6,9 +6,11 @@ import argparse
 import atexit
 import contextlib
 import dataclasses
+import fcntl
 import os
 import shlex
 import signal
+import socket
 import sys
 import threading
 import typing
@@ -22,6 +24,26 @@ MAX_PROCESSES_PER_CORE = 4  # ranks or loaders (--workers): beyond this many per
 def usable_cores() -> int:
     """The CPU cores this process may run on (a container's or taskset's limit, where the OS says)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def lock_exclusively(path: Path):
+    """An exclusive lock on the file ``path`` (made where missing), held while the returned
+    file stays open and released by the system when this process ends, however it ends. The
+    file names its holder. Raises BlockingIOError, whose message names the holder, where
+    another process holds it; OSError where the file cannot be made."""
+    lock = open(path, "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "another process"
+        lock.close()
+        raise BlockingIOError(holder) from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"process {os.getpid()} on {socket.gethostname()}\n")
+    lock.flush()
+    return lock
 
 
 def option(default, help: str, *, many: bool = False, **argparse_kwargs):

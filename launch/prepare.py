@@ -15,7 +15,8 @@ the authors did once before training. The training program then decodes small
 JPEGs only, with no resizing. An interrupted run can be restarted: files already
 written (each one is written atomically) are kept. A DST that cannot be written (a full
 disk) ends the run with one line naming it, exit code 2, and no part of a file left in it; a
-worker killed (where memory runs out) ends it with one line and exit code 1.
+worker killed (where memory runs out) ends it with one line and exit code 1. A DST that
+another run is writing to is refused.
 """
 
 from launch.cli import hold_interrupts  # torch-free
@@ -38,7 +39,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from launch.cli import MAX_PROCESSES_PER_CORE, Parser, quick_exit, usable_cores, write_whole
+from launch.cli import MAX_PROCESSES_PER_CORE, Parser, lock_exclusively, quick_exit, usable_cores, write_whole
 from launch.data import DataError, open_data, scan_layout
 from launch.images import DECODE_ERRORS, is_image_name, load_image, skip_reason
 
@@ -75,6 +76,7 @@ def _worker_start() -> None:
 
 
 CHUNK = 16  # the images a worker is given at a time
+LOCK_NAME = ".prepare.lock"  # in DST, held by the run writing to it
 WORKER_GRACE_S = 10  # for a worker told to end (SIGTERM) to do so, before it is killed
 
 
@@ -164,10 +166,9 @@ def target_name(relative: Path) -> Path:
     return relative.with_name(f"{relative.name}.jpg")
 
 
-def plan_jobs(src: Path, dst: Path, quality: int):
-    """(jobs still to do, number already done) for every image of SRC. Raises DataError
-    where two images of SRC would be written to one file, or where DST holds images that
-    no image of SRC becomes."""
+def planned_targets(src: Path, dst: Path) -> dict:
+    """{file in DST: image of SRC it is made from} for every image of SRC. Raises DataError
+    where two images of SRC would be written to one file. Reads nothing in DST."""
     classes, files, skipped = scan_layout(src, builtin_alternative=False)  # SRC is required
     for split in ("train", "val"):
         if skipped[split].describe():
@@ -181,6 +182,12 @@ def plan_jobs(src: Path, dst: Path, quality: int):
                     raise DataError(f"{planned[target]} and {path} would both be written to {target}: rename one "
                                     f"of them in SRC")
                 planned[target] = path
+    return planned
+
+
+def plan_jobs(dst: Path, planned: dict, quality: int):
+    """(jobs still to do, number already done) of the ``planned`` targets, their folders made
+    in DST. Raises DataError where DST holds images that no image of SRC becomes."""
     stray = _stray_images(dst, planned)
     if stray:
         raise DataError(f"DST {dst} holds {len(stray)} image(s) that no image of SRC becomes, such as {stray[0]} "
@@ -241,11 +248,31 @@ def main(argv=None) -> int:
 
 def _prepare(src: Path, dst: Path, workers: int, quality: int) -> int:
     try:
-        jobs, done = plan_jobs(src, dst, quality)
+        planned = planned_targets(src, dst)
     except DataError as exc:  # a bad SRC
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except OSError as exc:  # its folders cannot be made in DST (SRC's errors are DataErrors)
+    try:
+        dst.mkdir(parents=True, exist_ok=True)
+        lock = lock_exclusively(dst / LOCK_NAME)
+    except BlockingIOError as exc:
+        print(f"error: DST {dst} is being written by another launch.prepare ({exc}): wait for it to end, or give "
+              f"another DST", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(_cannot_write(dst, exc), file=sys.stderr)
+        return 2
+    with lock:  # what DST holds is then this run's to read and change
+        return _write(src, dst, planned, workers, quality)
+
+
+def _write(src: Path, dst: Path, planned: dict, workers: int, quality: int) -> int:
+    try:
+        jobs, done = plan_jobs(dst, planned, quality)
+    except DataError as exc:  # images in DST that are not SRC's
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # its folders cannot be made in DST
         print(_cannot_write(dst, exc), file=sys.stderr)
         return 2
     total = len(jobs) + done

@@ -23,7 +23,6 @@ if __name__ == "__main__":
 
 import dataclasses
 import datetime
-import fcntl
 import json
 import logging
 import os
@@ -42,7 +41,7 @@ from towers import TOWERS, check_compile_backend
 from . import data as data_module
 from .checkpoint import (FILENAME, CheckpointError, check_classes, checkpoint_architecture, load_checkpoint, resolve_path,
                          training_checkpoint_bytes)
-from .cli import MAX_PROCESSES_PER_CORE, quick_exit, shell_word, usable_cores
+from .cli import MAX_PROCESSES_PER_CORE, lock_exclusively, quick_exit, shell_word, usable_cores
 from .config import (TrainConfig, build_parser, check_schedule_options, describe_recipe, given_options, parse_config,
                      recipe_warnings, resolve)
 from .ranks import (LOOPBACK, RankFailure, choose_placement, cpu_threads_per_rank, init_process_group, raise_interrupt,
@@ -211,24 +210,14 @@ def lock_run_folder(run_dir: Path, resumed: bool = False):
     """An exclusive lock on the run folder, held while the returned file stays open, and
     released by the system when this process ends, however it ends."""
     try:
-        lock = open(run_dir / LOCK_NAME, "a+")
+        return lock_exclusively(run_dir / LOCK_NAME)
+    except BlockingIOError as exc:
+        raise ValueError(f"{run_dir} is in use by another run ({exc}): wait for it to end, or choose "
+                         f"another --run-name") from None
     except OSError as exc:  # a folder of someone else's, a read-only disk
         fix = ("copy the folder to a place you can write and resume the copy" if resumed else
                "give an --out folder you can write")
         raise ValueError(f"cannot write in the run folder {run_dir} ({exc.strerror}): {fix}") from None
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        lock.seek(0)
-        holder = lock.read().strip() or "another process"
-        lock.close()
-        raise ValueError(f"{run_dir} is in use by another run ({holder}): wait for it to end, or choose "
-                         f"another --run-name") from None
-    lock.seek(0)
-    lock.truncate()
-    lock.write(f"process {os.getpid()} on {socket.gethostname()}\n")
-    lock.flush()
-    return lock
 
 
 def new_run_folder(config: TrainConfig) -> Path:

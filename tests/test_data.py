@@ -11,6 +11,7 @@ import os
 import resource
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -736,7 +737,7 @@ def test_prepare_on_a_full_disk_is_one_line_and_leaves_no_part_of_an_image(tmp_p
     assert "Traceback" not in err and err.splitlines()[-1:] == [
         f"error: cannot write to DST {dst} (No space left on device): free space on its disk, or give a DST that can "
         f"be written; run again, and the images already written are kept"]
-    assert first.exists() and [p for p in dst.rglob("*") if p.is_file()] == []
+    assert first.exists() and [p for p in dst.rglob("*") if p.is_file()] == [dst / prepare.LOCK_NAME]
 
     # the list of unreadable files, written once the images are: the images stay, no part of the list
     monkeypatch.undo()
@@ -750,7 +751,8 @@ def test_prepare_on_a_full_disk_is_one_line_and_leaves_no_part_of_an_image(tmp_p
     monkeypatch.setattr(Path, "write_text", full_disk_for_the_list)
     assert prepare.main([str(src), str(dst), "--workers", "1"]) == 2
     assert capfd.readouterr().err.splitlines()[-1].startswith(f"error: cannot write to DST {dst} (No space left")
-    assert sorted(p.name for p in dst.rglob("*") if p.is_file()) == sorted(p.name for p in src.rglob("[0-9].jpg"))
+    assert sorted(p.name for p in dst.rglob("*") if p.is_file() and p.name != prepare.LOCK_NAME) == sorted(
+        p.name for p in src.rglob("[0-9].jpg"))
 
 
 @pytest.mark.slow  # the tool as a subprocess
@@ -769,7 +771,8 @@ def test_prepare_on_a_disk_that_takes_a_part_of_an_image_keeps_none_of_it(tmp_pa
     assert refused.returncode == 2, refused.stderr
     assert refused.stderr.splitlines()[-1].startswith(f"error: cannot write to DST {dst} (File too large): raise the "
                                                       f"limit on the size of a file (ulimit -f)"), refused.stderr
-    assert [p for p in dst.rglob("*") if p.is_file()] == []  # neither an image cut short nor a hidden part of one
+    # neither an image cut short nor a hidden part of one; the lock of the run that writes to DST
+    assert [p for p in dst.rglob("*") if p.is_file()] == [dst / prepare.LOCK_NAME]
     assert _prepare(src, dst, "--workers", "1").returncode == 0  # and, given room, the run goes on
     for path in dst.rglob("*.jpg"):
         with Image.open(path) as image:
@@ -1089,6 +1092,33 @@ def test_prepare_whose_idle_worker_is_killed_still_ends(tmp_path):
     assert again.returncode == 0 and len(list(dst.rglob("[0-9].jpg"))) == 12, again.stderr
 
 
+@pytest.mark.slow
+def test_prepare_refuses_a_dst_that_another_prepare_is_writing_to(tmp_path, capsys):
+    """Else two SRCs would be mixed in one DST, each run having found it without the other's images."""
+    src, dst, busy = _simple_tree(tmp_path / "raw", train=5, val=1), tmp_path / "prepared", tmp_path / "busy"
+    other = _simple_tree(tmp_path / "other", classes=("c", "d"))
+    proc = subprocess.Popen([sys.executable, "-c", _ONE_WORKER_BUSY, str(src), str(dst), "--workers", "2", str(busy)],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not busy.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.05)
+        assert prepare.main([str(other), str(dst), "--workers", "1"]) == 2
+        assert proc.poll() is None  # refused while the other was writing
+        assert capsys.readouterr().err.splitlines()[-1] == (
+            f"error: DST {dst} is being written by another launch.prepare (process {proc.pid} on "
+            f"{socket.gethostname()}): wait for it to end, or give another DST")
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, err
+    assert sorted(p.name for p in (dst / "train").iterdir()) == ["a", "b"]  # SRC's classes alone
+    assert prepare.main([str(other), str(dst), "--workers", "1"]) == 2  # then refused for what DST holds
+    assert "holds 12 image(s) that no image of SRC becomes" in capsys.readouterr().err
+
+
 _SLOW_TO_CONVERT = 60  # copies of one large image: seconds of work for one worker
 
 
@@ -1123,7 +1153,7 @@ def test_prepare_interrupted_says_so_in_one_line_and_goes_on_when_run_again(tmp_
                                     "command again to go on") and "Traceback" not in err, err
     written = list(dst.glob("train/a/big*.jpg"))
     assert 0 < len(written) < _SLOW_TO_CONVERT, "interrupted before the end"
-    assert not [p for p in dst.rglob(".*") if p.is_file()], "a part of an image is left"
+    assert not [p for p in dst.rglob(".*") if p.is_file() and p.name != prepare.LOCK_NAME], "a part of an image is left"
     deadline = time.monotonic() + 10
     while _session(proc.pid) and time.monotonic() < deadline:
         time.sleep(0.1)
