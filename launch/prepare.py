@@ -148,11 +148,14 @@ def _kill_the_rest(others: set) -> None:
                 os.kill(process.pid, signal.SIGKILL)
 
 
+_FIXES = {errno.EACCES: "make it writable", errno.EPERM: "make it writable", errno.EROFS: "make it writable",
+          errno.ENOTDIR: "make it a folder", errno.EEXIST: "make it a folder", errno.ENOSPC: "free space on its disk",
+          errno.EDQUOT: "free space on its disk", errno.EFBIG: "raise the limit on the size of a file (ulimit -f)"}
+
+
 def _cannot_write(dst: Path, exc: OSError) -> str:
-    fix = ("make it writable" if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS) else
-           "make it a folder" if exc.errno in (errno.ENOTDIR, errno.EEXIST) else
-           "raise the limit on the size of a file (ulimit -f)" if exc.errno == errno.EFBIG else "free space on its disk")
-    return (f"error: cannot write to DST {dst} ({exc.strerror or exc}): {fix}, or give a DST that can be written; "
+    fix = f"{_FIXES[exc.errno]}, or give" if exc.errno in _FIXES else "give"  # such as a folder that cannot be made
+    return (f"error: cannot write to DST {dst} ({exc.strerror or exc}): {fix} a DST that can be written; "
             f"run again, and the images already written are kept")
 
 

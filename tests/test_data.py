@@ -880,6 +880,9 @@ def test_prepare_names_the_fix_of_a_write_that_fails(tiny_data, tmp_path, capfd)
         assert prepare._cannot_write(tmp_path, OSError(code, os.strerror(code))) == (
             f"error: cannot write to DST {tmp_path} ({os.strerror(code)}): {fix}, or give a DST that can be written; "
             f"run again, and the images already written are kept")
+    assert prepare._cannot_write(tmp_path, OSError(errno.ENOENT, os.strerror(errno.ENOENT))) == (
+        f"error: cannot write to DST {tmp_path} (No such file or directory): give a DST that can be written; run "
+        f"again, and the images already written are kept")  # no fix named where none is known
     afile = tmp_path / "a-file"
     afile.write_text("")
     assert prepare.main([str(tiny_data), str(afile), "--workers", "1"]) == 2
