@@ -26,12 +26,18 @@ def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def lock_exclusively(path: Path):
+def lock_exclusively(path: Path, read_only: bool = False):
     """An exclusive lock on the file ``path`` (made where missing), held while the returned
     file stays open and released by the system when this process ends, however it ends. The
     file names its holder. Raises BlockingIOError, whose message names the holder, where
-    another process holds it; OSError where the file cannot be made."""
-    lock = open(path, "a+")
+    another process holds it; OSError where the file cannot be made or locked. ``read_only``:
+    a file this process may only read (another user's) is locked too, without its name."""
+    try:
+        lock = open(path, "a+")
+    except PermissionError:
+        if not (read_only and path.is_file()):
+            raise
+        lock = open(path)
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -39,6 +45,11 @@ def lock_exclusively(path: Path):
         holder = lock.read().strip() or "another process"
         lock.close()
         raise BlockingIOError(holder) from None
+    except OSError:
+        lock.close()
+        raise
+    if not lock.writable():
+        return lock
     lock.seek(0)
     lock.truncate()
     lock.write(f"process {os.getpid()} on {socket.gethostname()}\n")

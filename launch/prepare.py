@@ -101,13 +101,19 @@ def _pool(workers: int):
         backstop.daemon = True
         backstop.start()
         # Interrupted (a second Ctrl-C), the backstop stays: the exit's own end of the pool waits on the workers.
-        ending = threading.Thread(target=pool.terminate, name="pool's end", daemon=True)
-        ending.start()
-        ending.join(2 * WORKER_GRACE_S)
-        if ending.is_alive():
+        if not _within(2 * WORKER_GRACE_S, pool.terminate):
             log.warning("the worker pool did not end %d s after being told to: left to the program's exit",
                         2 * WORKER_GRACE_S)
         backstop.cancel()
+
+
+def _within(seconds: float, call) -> bool:
+    """``call()`` in a thread of its own, waited for ``seconds`` at most: whether it returned
+    (if not, it is left to the program's exit)."""
+    thread = threading.Thread(target=call, name=getattr(call, "__name__", None), daemon=True)
+    thread.start()
+    thread.join(seconds)
+    return not thread.is_alive()
 
 
 def _convert_all(jobs: list) -> list:
@@ -255,16 +261,23 @@ def _prepare(src: Path, dst: Path, workers: int, quality: int) -> int:
     except DataError as exc:  # a bad SRC
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    lock = contextlib.nullcontext()
     try:
         dst.mkdir(parents=True, exist_ok=True)
-        lock = lock_exclusively(dst / LOCK_NAME)
+        lock = lock_exclusively(dst / LOCK_NAME, read_only=True)
     except BlockingIOError as exc:
         print(f"error: DST {dst} is being written by another launch.prepare ({exc}): wait for it to end, or give "
               f"another DST", file=sys.stderr)
         return 2
     except OSError as exc:
-        print(_cannot_write(dst, exc), file=sys.stderr)
-        return 2
+        if exc.errno in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP):
+            log.warning("DST %s is on a file system without locks (%s): a second run into it at once would not be "
+                        "refused", dst, exc.strerror)
+        elif exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS) or not dst.is_dir():
+            print(_cannot_write(dst, exc), file=sys.stderr)
+            return 2
+        # else a DST that this run cannot write to, where it has nothing to lock: it may hold every
+        # image already (another user's); a write it needs fails, and says so
     with lock:  # what DST holds is then this run's to read and change
         return _write(src, dst, planned, workers, quality)
 
@@ -280,25 +293,8 @@ def _write(src: Path, dst: Path, planned: dict, workers: int, quality: int) -> i
         return 2
     total = len(jobs) + done
     log.info("%d images in %s: %d to convert, %d already in %s", total, src, len(jobs), done, dst)
-    unreadable, start = [], time.monotonic()
     try:
-        # no more workers than chunks of work; ended before the error is told, so that it is the last line
-        with _pool(max(1, min(workers, -(-len(jobs) // CHUNK)))) as (pool, processes):
-            for count, (source, error) in enumerate(_results(pool, processes, jobs, CHUNK), 1):
-                if error is not None:
-                    unreadable.append((source, error))
-                    log.warning("skipped %s", error)
-                if count % 1000 == 0 or count == len(jobs):
-                    rate = count / max(time.monotonic() - start, 1e-9)
-                    log.info("%d/%d done: %d converted, %d skipped (%.0f images/s)", count, len(jobs),
-                             count - len(unreadable), len(unreadable), rate)
-            # Done: the workers end by themselves. Ending them with SIGTERM (the block's end) while
-            # they wait for work can leave one waiting for good (see _pool). But where one was killed
-            # as it waited for work, holding the lock on the work's queue, the others would wait for
-            # that lock for good: the block's end then ends them, within bounds.
-            if all(p.exitcode is None for p in processes):
-                pool.close()
-                pool.join()
+        unreadable = _convert_jobs(jobs, workers)
     except OSError as exc:  # a write (reads that fail are skipped)
         print(_cannot_write(dst, exc), file=sys.stderr)
         return 2
@@ -325,6 +321,32 @@ def _write(src: Path, dst: Path, planned: dict, workers: int, quality: int) -> i
         return 2
     log.info("%s", bundle.describe())
     return 0
+
+
+
+def _convert_jobs(jobs: list, workers: int) -> list:
+    """Converts the images of ``jobs`` in a pool of at most ``workers`` processes; returns the
+    (source, reason) of those it skipped. Raises OSError (a write) or WorkerEnded, once the
+    pool has ended, so that the error told is the program's last line."""
+    unreadable, start = [], time.monotonic()
+    if not jobs:
+        return unreadable
+    with _pool(min(workers, -(-len(jobs) // CHUNK))) as (pool, processes):  # no more workers than chunks of work
+        for count, (source, error) in enumerate(_results(pool, processes, jobs, CHUNK), 1):
+            if error is not None:
+                unreadable.append((source, error))
+                log.warning("skipped %s", error)
+            if count % 1000 == 0 or count == len(jobs):
+                rate = count / max(time.monotonic() - start, 1e-9)
+                log.info("%d/%d done: %d converted, %d skipped (%.0f images/s)", count, len(jobs),
+                         count - len(unreadable), len(unreadable), rate)
+        # Done: the workers end by themselves. Ending them with SIGTERM (the block's end) while
+        # they wait for work can leave one waiting for good (see _pool). But where one was killed
+        # as it waited for work, holding the lock on the work's queue, the others wait for that
+        # lock for good: the block's end then ends them, within bounds.
+        pool.close()
+        _within(2 * WORKER_GRACE_S, pool.join)
+    return unreadable
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import pytest
 import torch
 from PIL import Image
 
-from launch import builtin, data, images, prepare, stats
+from launch import builtin, cli, data, images, prepare, stats
 from launch.images import DataError
 
 from conftest import as_foreground_job
@@ -987,10 +987,11 @@ def test_prepare_interrupted_twice_while_its_pool_ends_still_ends_with_its_worke
 # launch.prepare where the system kills one worker (SIGKILL, as where memory runs out) as it converts
 # its first image; the other goes on.
 _KILLED_WORKER = """
-import os, signal, sys
+import multiprocessing, os, signal, sys
 from PIL import Image
 from launch import prepare
 from launch.cli import quick_exit
+multiprocessing.set_start_method("fork")  # the workers patched as this process is (3.14 starts them otherwise)
 real_save = Image.Image.save
 
 def killed_once(image, *args, **kwargs):
@@ -1042,10 +1043,11 @@ def test_prepare_whose_worker_is_killed_says_so_and_goes_on_when_run_again(tmp_p
 # launch.prepare whose work, 12 images, goes to two workers, 11 to one and 1 to the other, which then
 # waits for work. Each image takes 0.3 s; a worker writes its process id, per image, in the file given last.
 _ONE_WORKER_BUSY = """
-import os, sys, time
+import multiprocessing, os, sys, time
 from PIL import Image
 from launch import prepare
 from launch.cli import quick_exit
+multiprocessing.set_start_method("fork")  # the workers patched as this process is (3.14 starts them otherwise)
 prepare.WORKER_GRACE_S = 1
 prepare.CHUNK = 11
 real_save = Image.Image.save
@@ -1073,9 +1075,10 @@ def test_prepare_whose_idle_worker_is_killed_still_ends(tmp_path):
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         deadline = time.monotonic() + 60
-        while not busy.exists() or len(busy.read_text().split()) < 4:  # the one image, and 3 of the 11
+        while not busy.exists() or len(busy.read_text().split()) < 6:  # the one image, and 5 of the 11
             assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
             time.sleep(0.05)
+        time.sleep(0.5)  # the one image written by then (0.3 s), its worker waiting for work
         pids = busy.read_text().split()
         idle = [int(pid) for pid in set(pids) if pids.count(pid) == 1]
         assert len(set(pids)) == 2 and len(idle) == 1, pids
@@ -1120,6 +1123,42 @@ def test_prepare_refuses_a_dst_that_another_prepare_is_writing_to(tmp_path, caps
     assert sorted(p.name for p in (dst / "train").iterdir()) == ["a", "b"]  # SRC's classes alone
     assert prepare.main([str(other), str(dst), "--workers", "1"]) == 2  # then refused for what DST holds
     assert "holds 12 image(s) that no image of SRC becomes" in capsys.readouterr().err
+
+
+def test_prepare_goes_on_without_a_lock_where_dst_cannot_hold_one(tmp_path, monkeypatch, caplog):
+    """A DST that this run cannot write to, another user's that holds every image already, is
+    read as before; a file system without locks is told, and used."""
+    src, dst = _simple_tree(tmp_path / "raw"), tmp_path / "prepared"
+    assert prepare.main([str(src), str(dst), "--workers", "1"]) == 0
+    for code in (errno.EACCES, errno.EROFS, errno.ENOLCK):
+        def refused(path, read_only=False):
+            raise OSError(code, os.strerror(code))
+        monkeypatch.setattr(prepare, "lock_exclusively", refused)
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="launch.prepare"):
+            assert prepare.main([str(src), str(dst), "--workers", "1"]) == 0, code
+        assert f"10 images in {src}: 0 to convert, 10 already in {dst}" in caplog.text
+        assert ("is on a file system without locks" in caplog.text) == (code == errno.ENOLCK)
+
+
+def test_a_lock_on_a_file_that_may_only_be_read_holds(tmp_path, monkeypatch):
+    path, real = tmp_path / "lock", open
+    path.write_text("process 1 on elsewhere\n")
+
+    def read_only(file, mode="r", *args, **kwargs):  # as for another user's file
+        if mode != "r":
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(file))
+        return real(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(cli, "open", read_only, raising=False)
+    with pytest.raises(PermissionError):
+        cli.lock_exclusively(path)
+    with cli.lock_exclusively(path, read_only=True):
+        monkeypatch.undo()
+        with pytest.raises(BlockingIOError) as held:  # another open file of it, as another process has
+            cli.lock_exclusively(path)
+        assert str(held.value) == "process 1 on elsewhere"
+    cli.lock_exclusively(path).close()  # released
 
 
 _SLOW_TO_CONVERT = 60  # copies of one large image: seconds of work for one worker
