@@ -919,22 +919,12 @@ sys.exit(code)
 
 def test_prepare_ends_even_where_a_worker_outlives_being_told_to_end(tmp_path):
     src, dst = _simple_tree(tmp_path / "raw", train=10), tmp_path / "prepared"  # 24 images: a chunk per worker
-    proc = subprocess.Popen([sys.executable, "-c", _STUCK_WORKER, str(src), str(dst), "--workers", "2",
-                             str(tmp_path / "first-write")], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+    proc, out, err = _run_script(_STUCK_WORKER, src, dst, "--workers", "2", tmp_path / "first-write")
     assert proc.returncode == 2 and "Traceback" not in err, err
     assert out.split() == ["bystander", "alive"]
     assert err.splitlines()[-1].startswith(f"error: cannot write to DST {dst} (No space left on device)")
     assert "did not end 1 s after being told to: killed" in err
-    deadline = time.monotonic() + 10
-    while _session(proc.pid) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not _session(proc.pid), "a worker outlived the program"
+    _no_process_left(proc.pid)
 
 
 # launch.prepare run as its own __main__ does, every worker's write never ending and outliving SIGTERM.
@@ -978,10 +968,7 @@ def test_prepare_interrupted_twice_while_its_pool_ends_still_ends_with_its_worke
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 130 and "Traceback" not in err, err
     assert "interrupted: the images written so far are kept" in err
-    deadline = time.monotonic() + 10
-    while _session(proc.pid) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not _session(proc.pid), "a worker outlived the program"
+    _no_process_left(proc.pid)
 
 
 # launch.prepare where the system kills one worker (SIGKILL, as where memory runs out) as it converts
@@ -1012,24 +999,14 @@ def test_prepare_whose_worker_is_killed_says_so_and_goes_on_when_run_again(tmp_p
     """The Pool would wait for good for the images of a killed worker: one line, exit 1, no process
     left, every image written whole; the same command then converts the rest."""
     src, dst = _simple_tree(tmp_path / "raw", train=20), tmp_path / "prepared"  # 44 images: 3 chunks of 16
-    proc = subprocess.Popen([sys.executable, "-c", _KILLED_WORKER, str(src), str(dst), "--workers", "2",
-                             str(tmp_path / "killed")], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
-    try:
-        _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+    proc, _, err = _run_script(_KILLED_WORKER, src, dst, "--workers", "2", tmp_path / "killed")
     assert proc.returncode == 1 and "Traceback" not in err, err
     last = err.splitlines()[-1]
     assert last.startswith("error: a worker (process ") and last.endswith(
         " ended before the images were converted (killed by SIGKILL: by the system where memory runs out, or by hand), "
         "and what it was converting is lost: run the same command again to convert the rest (with fewer --workers "
         "where memory is short); the images written so far are kept, each one whole"), err
-    deadline = time.monotonic() + 10
-    while _session(proc.pid) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not _session(proc.pid), "a worker outlived the program"
+    _no_process_left(proc.pid)
     written = [p for p in dst.rglob("*.jpg") if not p.name.startswith(".")]
     assert 0 < len(written) < 44  # the killed worker's chunk is not
     for path in written:
@@ -1090,10 +1067,7 @@ def test_prepare_whose_idle_worker_is_killed_still_ends(tmp_path):
     assert proc.returncode == 1 and "Traceback" not in err, err
     assert "the worker pool did not end 2 s after being told to" in err
     assert err.splitlines()[-1].startswith(f"error: a worker (process {idle[0]}) ended before the images were converted")
-    deadline = time.monotonic() + 10
-    while _session(proc.pid) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not _session(proc.pid), "a worker outlived the program"
+    _no_process_left(proc.pid)
     again = _prepare(src, dst, "--workers", "2")
     assert again.returncode == 0 and len(list(dst.rglob("[0-9].jpg"))) == 12, again.stderr
 
@@ -1196,14 +1170,31 @@ def test_prepare_interrupted_says_so_in_one_line_and_goes_on_when_run_again(tmp_
     written = list(dst.glob("train/a/big*.jpg"))
     assert 0 < len(written) < _SLOW_TO_CONVERT, "interrupted before the end"
     assert not [p for p in dst.rglob(".*") if p.is_file() and p.name != prepare.LOCK_NAME], "a part of an image is left"
-    deadline = time.monotonic() + 10
-    while _session(proc.pid) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not _session(proc.pid), "the workers outlived the program"
+    _no_process_left(proc.pid)
     kept = len(list(dst.rglob("*.jpg")))
     again = _prepare(src, dst, "--workers", "2")
     assert again.returncode == 0 and f"{kept} already in" in again.stderr, again.stderr
     assert len(list(dst.glob("train/a/big*.jpg"))) == _SLOW_TO_CONVERT
+
+
+def _run_script(script: str, *args):
+    """(process, stdout, stderr) of ``python -c script args`` in a session of its own, killed
+    whole where it has not ended in 60 s."""
+    proc = subprocess.Popen([sys.executable, "-c", script, *map(str, args)], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    return proc, out, err
+
+
+def _no_process_left(sid: int) -> None:
+    deadline = time.monotonic() + 10
+    while _session(sid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _session(sid), "a worker outlived the program"
 
 
 def _session(sid: int) -> list:
