@@ -116,15 +116,15 @@ def _within(seconds: float, call) -> bool:
     return not thread.is_alive()
 
 
-def _convert_all(jobs: list) -> list:
+def _convert_chunk(jobs: list) -> list:
     return [_convert(job) for job in jobs]
 
 
-def _results(pool, workers: set, jobs: list, chunk: int):
-    """``_convert`` of each job by the ``pool``, ``chunk`` jobs at a time, as they come. Raises
+def _results(pool, workers: set, jobs: list):
+    """``_convert`` of each job by the ``pool``, CHUNK jobs at a time, as they come. Raises
     WorkerEnded where one of the pool's ``workers`` has ended before the last: the Pool would
     wait for good for the work it had (it starts another worker, and never gives that work to it)."""
-    results = pool.imap_unordered(_convert_all, [jobs[i:i + chunk] for i in range(0, len(jobs), chunk)])
+    results = pool.imap_unordered(_convert_chunk, [jobs[i:i + CHUNK] for i in range(0, len(jobs), CHUNK)])
     while True:
         try:
             yield from results.next(timeout=1)
@@ -323,7 +323,6 @@ def _write(src: Path, dst: Path, planned: dict, workers: int, quality: int) -> i
     return 0
 
 
-
 def _convert_jobs(jobs: list, workers: int) -> list:
     """Converts the images of ``jobs`` in a pool of at most ``workers`` processes; returns the
     (source, reason) of those it skipped. Raises OSError (a write) or WorkerEnded, once the
@@ -332,7 +331,7 @@ def _convert_jobs(jobs: list, workers: int) -> list:
     if not jobs:
         return unreadable
     with _pool(min(workers, -(-len(jobs) // CHUNK))) as (pool, processes):  # no more workers than chunks of work
-        for count, (source, error) in enumerate(_results(pool, processes, jobs, CHUNK), 1):
+        for count, (source, error) in enumerate(_results(pool, processes, jobs), 1):
             if error is not None:
                 unreadable.append((source, error))
                 log.warning("skipped %s", error)
