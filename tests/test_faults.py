@@ -594,7 +594,31 @@ def test_inductor_on_the_cpu_without_a_compiler_is_refused_before_the_run(tiny_d
                 "(no-such-g++ is not on PATH): install g++ (or set CXX to a C++ compiler), or give aot_eager") in err
         assert not (tmp_path / "runs").exists()
         check_compile_backend("aot_eager", "--compile")  # which builds nothing
-        check_compile_backend("inductor", "--compile", "cuda")  # whose kernels are Triton's
+
+
+def test_inductor_on_a_gpu_without_a_c_compiler_is_refused(tmp_path, monkeypatch):
+    """Triton builds each kernel's launcher with $CC, else gcc, else clang: without one the first
+    compiled step fails on the GPU. The check itself needs no GPU."""
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path))  # a folder with no compiler in it
+    with pytest.raises(ValueError) as refused:
+        check_compile_backend("inductor", "--compile", "cuda")
+    assert str(refused.value) == (
+        "--compile inductor: on a GPU it builds the launchers of its Triton kernels with a C compiler, and finds "
+        "none here (gcc or clang is not on PATH): install gcc (or set CC to a C compiler), or give aot_eager, "
+        "which compiles nothing")
+    check_compile_backend("aot_eager", "--compile-backend", "cuda")
+    monkeypatch.setenv("CC", "no-such-cc")
+    with pytest.raises(ValueError, match=r"\(no-such-cc is not on PATH\)"):
+        check_compile_backend("inductor", "--compile", "cuda")
+    cc = tmp_path / "cc"
+    cc.write_text("#!/bin/sh\n")
+    cc.chmod(0o755)
+    monkeypatch.setenv("CC", str(cc))
+    check_compile_backend("inductor", "--compile", "cuda")
+    monkeypatch.delenv("CC")
+    (tmp_path / "clang").symlink_to(cc)
+    check_compile_backend("inductor", "--compile", "cuda:0")
 
 
 def test_options_that_depend_on_the_data_or_the_disk_leave_no_run_folder(tiny_data, tmp_path, caplog):

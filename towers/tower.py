@@ -167,15 +167,26 @@ class Tower(nn.Module):
 
 def check_compile_backend(backend: str, option: str, device: str = "cpu") -> None:
     """Raises ValueError, naming ``option``, if torch.compile has no backend ``backend`` here,
-    or if it is inductor for the CPU (``device``) and finds no C++ compiler to build its
-    kernels with (else the first step would fail). Imports the compiler (a second or more):
-    call it only when compiling."""
+    or if it is inductor and finds no compiler to build its code with for ``device`` (else the
+    first step would fail): a C++ compiler for its kernels on the CPU, a C compiler for the
+    launchers of Triton's kernels on a GPU. Imports the compiler (a second or more): call it
+    only when compiling."""
     import torch._dynamo
     backends = torch._dynamo.list_backends(exclude_tags=())
     if backend not in backends:
         raise ValueError(f"{option} {backend}: torch.compile has no such backend here; give one of "
                          f"{', '.join(b for b in ('inductor', 'aot_eager', 'eager') if b in backends)}")
-    if backend != "inductor" or device != "cpu" or os.getenv("TORCH_INDUCTOR_INSTALL_GXX"):
+    if backend != "inductor":
+        return
+    if device != "cpu":
+        # Triton's own search (triton.runtime.build._find_compiler): $CC, else gcc, else clang
+        candidates = (os.environ["CC"],) if os.getenv("CC") else ("gcc", "clang")
+        if not any(shutil.which(c) for c in candidates):
+            raise ValueError(f"{option} inductor: on a GPU it builds the launchers of its Triton kernels with a C "
+                             f"compiler, and finds none here ({' or '.join(candidates)} is not on PATH): install "
+                             f"gcc (or set CC to a C compiler), or give aot_eager, which compiles nothing")
+        return
+    if os.getenv("TORCH_INDUCTOR_INSTALL_GXX"):
         return
     from torch._inductor import config  # imported with torch._dynamo
     # inductor's own search (torch._inductor.cpp_builder.cpp_compiler_search) runs each candidate
