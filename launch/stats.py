@@ -154,6 +154,8 @@ def load_or_compute_stats(root: Path, train: "ImageFolderSplit", train_files: li
                 for stale in root.glob(".alexnet-stats-*.pt"):
                     if stale.name != name:
                         stale.unlink(missing_ok=True)
+            else:  # where a later run, or the user clearing space, will look for them
+                log.warning("the training-set statistics are cached in %s instead", target)
             break
         except OSError as exc:
             log.warning("could not cache the training-set statistics in %s (%s)", target.parent, exc.strerror or exc)

@@ -458,7 +458,7 @@ def test_builtin_dataset_is_deterministic_and_atomic(tmp_path, monkeypatch):
 
 # --------------------------------------------------------------------------- statistics
 
-def test_stats_are_cached_keyed_and_fall_back_to_cache_dir(tmp_path, monkeypatch):
+def test_stats_are_cached_keyed_and_fall_back_to_cache_dir(tmp_path, monkeypatch, caplog):
     root = _simple_tree(tmp_path / "data")
     cache = tmp_path / "cache"
     first = data.open_data(root, cache_dir=cache).stats
@@ -483,9 +483,13 @@ def test_stats_are_cached_keyed_and_fall_back_to_cache_dir(tmp_path, monkeypatch
         real_save(path, payload)
 
     monkeypatch.setattr(stats, "save_checkpoint", read_only)
+    caplog.clear()
     changed = data.open_data(root, cache_dir=cache).stats
     assert changed.images == 7 and not torch.equal(changed.mean, first.mean)
-    assert len(list((cache / "stats").glob(".alexnet-stats-*.pt"))) == 1
+    [cached] = (cache / "stats").glob(".alexnet-stats-*.pt")
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warned == [f"could not cache the training-set statistics in {root} (read-only: {root / cached.name})",
+                      f"the training-set statistics are cached in {cached} instead"], warned
     monkeypatch.setattr(stats, "compute_stats", no_compute)
     assert torch.equal(data.open_data(root, cache_dir=cache).stats.mean, changed.mean)
 
