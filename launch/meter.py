@@ -19,12 +19,14 @@ class StepMeter:
     def __init__(self, window: int = 20):
         self.window, self.times, self.losses, self.hits, self.images = window, [], [], [], []
         self.last = time.perf_counter()
+        self.seconds = 0.0  # every step's time, not only the window's
 
     def update(self, loss: float, correct: int, images: int) -> None:
         now = time.perf_counter()
         for series, value in ((self.times, now - self.last), (self.losses, loss), (self.hits, correct), (self.images, images)):
             series.append(value)
             del series[:-self.window]
+        self.seconds += now - self.last
         self.last = now
 
     def restart_clock(self) -> None:

@@ -21,7 +21,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Optional
+from typing import Iterable, Iterator, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -235,10 +235,12 @@ def describe_evaluation(result: dict) -> str:
 
 def train_one_epoch(model, optimizer, loader: Optional[data_module.Loader], plan: Plan, config: TrainConfig,
                     progress: Progress, device, mesh: Mesh, run_dir: Optional[Path], metrics: Metrics, bar: ProgressBar,
-                    input_bytes: InputBytes, trainer: Optional[torch.nn.Module] = None) -> bool:
-    """Trains from ``progress.batch`` to the end of the epoch; returns False when
-    ``max_steps`` stopped it early. ``trainer`` is ``model`` as the step runs it (under
-    DistributedDataParallel when there are replicas); ``model`` is what is saved."""
+                    input_bytes: InputBytes, trainer: Optional[torch.nn.Module] = None) -> Tuple[bool, float]:
+    """Trains from ``progress.batch`` to the end of the epoch. Returns whether it got there
+    (False when ``max_steps`` stopped it early) and the seconds its steps took, each from
+    the wait for its batch to its loss: not the step lines, metrics or checkpoints between
+    them. ``trainer`` is ``model`` as the step runs it (under DistributedDataParallel when
+    there are replicas); ``model`` is what is saved."""
     trainer = trainer or model
     share_first, share_size = data_module.share_of_batch(config.batch_size, (mesh.replica, mesh.replicas))
     steps_left = plan.batches_per_epoch - progress.batch
@@ -293,13 +295,23 @@ def train_one_epoch(model, optimizer, loader: Optional[data_module.Loader], plan
                           step_loss=loss, step_ms=1000 * meter.times[-1], input_ms=input_ms, top1=meter.top1,
                           images_per_s=meter.images_per_s, ms_per_step=meter.ms_per_step, lr=lr,
                           peak_memory_bytes=peak_memory(device)[0])
+        # the end of an epoch, and the last step of a run stopped by --max-steps, are saved by the caller
         if config.checkpoint_every and progress.global_step % config.checkpoint_every == 0 \
-                and progress.batch < plan.batches_per_epoch:
-            save_training_state(run_dir / FILENAME if run_dir else None, model, optimizer, progress, config,
-                                plan.classes, plan.train_images, mesh, plan.stats.mean)
+                and progress.batch < plan.batches_per_epoch and progress.global_step < total_steps:
+            bar.clear()
+            save_now(run_dir, model, optimizer, progress, config, plan, mesh)
         meter.restart_clock()  # the step line and checkpoints are not the step's time
     bar.clear()
-    return progress.batch == plan.batches_per_epoch
+    return progress.batch == plan.batches_per_epoch, meter.seconds
+
+
+def save_now(run_dir: Optional[Path], model, optimizer, progress: Progress, config: TrainConfig, plan: Plan,
+             mesh: Mesh) -> None:
+    """save_training_state into the run folder (rank 0's; None elsewhere), logged with its time."""
+    started = time.perf_counter()
+    save_training_state(run_dir / FILENAME if run_dir else None, model, optimizer, progress, config, plan.classes,
+                        plan.train_images, mesh, plan.stats.mean)
+    log.info("checkpoint of step %d saved in %.1f s", progress.global_step, time.perf_counter() - started)
 
 
 def elsewhere_than(run_dir: Path) -> str:
@@ -462,16 +474,16 @@ def run_rank(rank: int, config: TrainConfig, run_dir: Optional[str], placement: 
         train_exchanges = {}  # (name, direction) -> bytes this tower sent while training
         input_bytes = InputBytes()
         last_eval = None
-        while progress.epoch < config.epochs:
-            epoch_started, sent_before = time.time(), _sent_bytes(exchange_log)
-            finished = train_one_epoch(model, optimizer, loader, plan, config, progress, device, mesh, run_dir,
-                                       metrics, bar, input_bytes, trainer)
-            train_seconds += time.time() - epoch_started
+        # to the last epoch, or to --max-steps (which an epoch's end may reach: no epoch of no steps follows)
+        while progress.epoch < config.epochs and progress.global_step < (config.max_steps or math.inf):
+            sent_before = _sent_bytes(exchange_log)
+            finished, seconds = train_one_epoch(model, optimizer, loader, plan, config, progress, device, mesh,
+                                                run_dir, metrics, bar, input_bytes, trainer)
+            train_seconds += seconds
             for key, sent in _sent_bytes(exchange_log).items():
                 train_exchanges[key] = train_exchanges.get(key, 0) + sent - sent_before.get(key, 0)
             if not finished:  # --max-steps reached within the epoch
-                save_training_state(checkpoint, model, optimizer, progress, config, plan.classes, plan.train_images,
-                                    mesh, plan.stats.mean)
+                save_now(run_dir, model, optimizer, progress, config, plan, mesh)
                 last_eval = None
                 break
             last_eval = evaluate_now()
@@ -481,8 +493,7 @@ def run_rank(rank: int, config: TrainConfig, run_dir: Optional[str], placement: 
                      config.epochs, 100 * last_eval["top1_error"], 100 * last_eval["top5_error"],
                      describe_evaluation(last_eval))
             metrics.write(event="eval", epoch=progress.epoch, step=progress.global_step, lr=progress.lr, **last_eval)
-            save_training_state(checkpoint, model, optimizer, progress, config, plan.classes, plan.train_images, mesh,
-                                plan.stats.mean)
+            save_now(run_dir, model, optimizer, progress, config, plan, mesh)
 
         summary["centre"] = last_eval or evaluate_now()
         if config.ten_crop:

@@ -260,7 +260,10 @@ def test_bf16_and_compiled_towers_train_and_resume_in_either_arithmetic(tiny_dat
     a 2-core CPU; tests/test_parity.py traces the towers' backward too, with aot_eager, and
     tests/test_gpu.py trains with inductor on the GPU)."""
     run = launch("--data", tiny_data, "--out", tmp_path, "--run-name", "bf16", *TINY, "--max-steps", "3",
-                 "--val-limit", "4", "--no-ten-crop", "--precision", "bf16", "--compile", "eager")
+                 "--val-limit", "4", "--no-ten-crop", "--precision", "bf16", "--compile", "eager", "--checkpoint-every", "3")
+    # the stop's checkpoint, saved once, on a --checkpoint-every step too
+    saves = [line for line in run.stderr.splitlines() if line.startswith("checkpoint of step ")]
+    assert len(saves) == 1 and saves[0].startswith("checkpoint of step 3 saved in "), run.stderr
     assert ("arithmetic: bf16 autocast, float32 weights, torch.compile with eager (a tower's four blocks "
             "between its exchanges)") in run.stderr
     summary = json.loads((tmp_path / "bf16" / "summary.json").read_text())
@@ -281,6 +284,26 @@ def test_bf16_and_compiled_towers_train_and_resume_in_either_arithmetic(tiny_dat
         config, _, _ = two_gpu._configure([*map(str, ("--resume", tmp_path / "bf16", "--max-steps", "4")), *argv])
         assert (config.precision, config.compile) == arithmetic, argv
         assert config.lr == 0.001 and config.batch_size == 4  # the recipe stays the run's
+
+
+def test_a_stop_at_an_epochs_end_saves_and_evaluates_once_and_the_training_time_is_the_steps_alone(tiny_data,
+                                                                                                  tmp_path):
+    """--max-steps at the end of an epoch (7 steps) ends the run there: one checkpoint and one
+    evaluation, not a second of each after an epoch of no steps. The summary's training time,
+    hence its images/s, is the sum of the steps' own times, without the checkpoints written
+    between them (--checkpoint-every 2)."""
+    run = launch("--data", tiny_data, "--out", tmp_path, "--run-name", "saves", "--epochs", "2", "--max-steps", "7",
+                 "--checkpoint-every", "2", *NO_DROPOUT, "--val-limit", "4")
+    saved = [line.split()[3] for line in run.stderr.splitlines() if line.startswith("checkpoint of step ")]
+    assert saved == ["2", "4", "6", "7"], run.stderr
+    records = [json.loads(line) for line in (tmp_path / "saves" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["event"] == "eval"] == [7]
+    summary = json.loads((tmp_path / "saves" / "summary.json").read_text())
+    assert summary["centre"] == {k: v for k, v in records[-2].items() if k in summary["centre"]}  # that evaluation
+    assert (summary["epochs"], summary["steps"]) == (1, 7)
+    steps_ms = [r["step_ms"] for r in records if r["event"] == "train"]  # --log-every 1
+    assert len(steps_ms) == 7 and summary["train_seconds"] == pytest.approx(sum(steps_ms) / 1000, rel=1e-9)
+    assert summary["images_per_s"] == pytest.approx(7 * 4 / summary["train_seconds"])
 
 
 def test_the_arithmetic_is_named_as_the_device_does_it(monkeypatch):
