@@ -237,6 +237,37 @@ def load_checkpoint(path, classes: Optional[list] = None) -> dict:
     return payload
 
 
+def check_training_state(path, payload: dict) -> None:
+    """Raises CheckpointError, before any rank starts, unless the training state of a loaded
+    checkpoint is as this program writes it: the run's recipe (options it knows, values it
+    accepts), its progress, and momentum of the weights' shapes. A checkpoint of another
+    version of the program (an option added since, say) is named as such."""
+    config, progress, momentum = payload.get("config"), payload.get("progress"), payload.get("momentum_buffer", {})
+    fix = "evaluate it with --eval-only, or resume it with the version of this program that saved it"
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path} records its run's recipe as a {type(config).__name__}, not as this program "
+                              f"writes it: {fix}")
+    unknown = sorted(set(config) - {f.name for f in dataclasses.fields(TrainConfig)})
+    if unknown:
+        raise CheckpointError(f"{path} records options this program does not have ({', '.join(map(str, unknown))}): "
+                              f"another version of it saved the run; {fix}")
+    try:  # a value this program refuses is named with its option where the resumed run's options are checked
+        TrainConfig(**config).validate()
+    except TypeError as exc:  # such as a number saved as a string
+        raise CheckpointError(f"{path} records its run's recipe with values of other types than this program "
+                              f"writes ({exc}): {fix}") from None
+    except ValueError:
+        pass
+    counts = ("epoch", "batch", "global_step")
+    if not (isinstance(progress, dict) and set(progress) <= {f.name for f in dataclasses.fields(Progress)}
+            and all(type(progress.get(name)) is int and progress[name] >= 0 for name in counts)):
+        raise CheckpointError(f"{path} records no progress (epoch, batch and step) as this program writes it: {fix}")
+    shapes = {k: tuple(v.shape) for k, v in payload["model"].items()}
+    if not isinstance(momentum, dict) or any(not isinstance(v, torch.Tensor) or shapes.get(k) != tuple(v.shape)
+                                             for k, v in momentum.items()):
+        raise CheckpointError(f"{path} holds momentum that does not fit its weights: {fix}")
+
+
 def check_classes(payload: dict, path, classes: list) -> None:
     """Raises CheckpointError when the checkpoint at ``path`` was trained on other classes
     than ``classes`` (the data's class names, in order)."""

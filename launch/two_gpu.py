@@ -39,8 +39,8 @@ import torch.distributed as dist
 from towers import TOWERS, check_compile_backend
 
 from . import data as data_module
-from .checkpoint import (FILENAME, CheckpointError, check_classes, checkpoint_architecture, load_checkpoint, resolve_path,
-                         training_checkpoint_bytes)
+from .checkpoint import (FILENAME, CheckpointError, check_classes, check_training_state, checkpoint_architecture,
+                         load_checkpoint, resolve_path, training_checkpoint_bytes)
 from .cli import MAX_PROCESSES_PER_CORE, lock_exclusively, quick_exit, shell_word, usable_cores
 from .config import (TrainConfig, build_parser, check_schedule_options, describe_recipe, given_options, parse_config,
                      recipe_warnings, resolve)
@@ -106,6 +106,7 @@ def resumed_config(config: TrainConfig, payload: dict, given: Optional[set] = No
     if saved is None:
         raise CheckpointError(f"{config.resume} holds weights but no training state (saved from the single-device "
                               f"model?): use it with --eval-only, or start a new run")
+    check_training_state(config.resume, payload)
     # saved before these options existed: the architecture is in the checkpoint's arch record all the same
     saved = {**{name: payload["arch"][name] for name in ARCHITECTURE_OPTIONS}, **saved}
     # saved before --recipe existed: its recipe fields were filled all the same, from the
@@ -141,7 +142,8 @@ def evaluated_config(config: TrainConfig, payload: dict, given: Optional[set] = 
     option of training, which it would ignore. Without --data, on the validation images of
     the data it was trained on (the built-in set too), as a resumed run trains on them."""
     _, given = _given(config, given)
-    trained_on = (payload.get("config") or {}).get("data")
+    saved = payload.get("config")
+    trained_on = saved.get("data") if isinstance(saved, dict) else None  # weights alone carry no data folder
     if "data" not in given and trained_on is not None:
         if not Path(trained_on).expanduser().exists():
             raise ValueError(f"{config.eval_only} was trained on {trained_on}, which is not there now: give the "
@@ -297,8 +299,11 @@ def prepare_run(config: TrainConfig, checkpoint: Optional[dict]):
     if config.data is None:
         log.info("data: the built-in dataset (ten generated texture classes), no download needed")
     elif config.resume and not Path(config.data).expanduser().exists():
-        raise ValueError(f"{config.resume} was trained on {config.data}, which is not there now: give the images' "
-                         f"new place with --data")
+        if config.data == checkpoint["config"].get("data"):
+            raise ValueError(f"{config.resume} was trained on {config.data}, which is not there now: give the "
+                             f"images' new place with --data")
+        raise ValueError(f"--data {config.data} does not exist: give the folder of the images that {config.resume} "
+                         f"was trained on")
     bundle = data_module.open_data(config.data)
     log.info("data: %s (%d classes, %d training and %d validation images)", bundle.root, len(bundle.classes),
              len(bundle.train), len(bundle.val))

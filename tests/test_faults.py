@@ -830,9 +830,30 @@ def test_resume_refuses_a_changed_recipe_and_weights_only_checkpoints(tiny_data,
                                                                                    data=str(tmp_path / "gone"))))
     err = _error_of(["--resume", tmp_path / "moved"], caplog)
     assert f"was trained on {tmp_path / 'gone'}, which is not there now: give the images' new place with --data" in err
+    err = _error_of(["--resume", tmp_path / "moved", "--data", tmp_path / "typo"], caplog)  # not the run's fault
+    assert f"error: --data {tmp_path / 'typo'} does not exist: give the folder of the images that " \
+           f"{tmp_path / 'moved'} was trained on" in err, err
     # accepted: the refusal that comes after every check of the data
     err = _error_of(["--resume", tmp_path / "moved", "--data", tmp_path / "data-new-place", "--max-steps", "1"], caplog)
     assert "has taken 1 steps, as many as --max-steps 1" in err, err
+
+    # A training state this program did not write: of a version with an option more, or damaged.
+    for broken, words in ((dict(payload, config=dict(payload["config"], future_option=1)),
+                           "records options this program does not have (future_option): another version of it saved "
+                           "the run; evaluate it with --eval-only, or resume it with the version of this program"),
+                          (dict(payload, config="text"), "records its run's recipe as a str, not as this program"),
+                          (dict(payload, config=dict(payload["config"], epochs="3")),
+                           "records its run's recipe with values of other types than this program writes"),
+                          ({k: v for k, v in payload.items() if k != "progress"}, "records no progress (epoch, batch"),
+                          (dict(payload, progress=dict(payload["progress"], batch=-1)), "records no progress"),
+                          (dict(payload, momentum_buffer=dict(payload["momentum_buffer"],
+                                                              **{"conv1.weight": torch.zeros(3)})),
+                           "holds momentum that does not fit its weights")):
+        save_checkpoint(tmp_path / "broken" / "checkpoint.pt", broken)
+        err = _error_of(["--resume", tmp_path / "broken"], caplog)
+        assert f"error: {tmp_path / 'broken'} {words}" in err and "Traceback" not in err, err
+    save_checkpoint(tmp_path / "broken" / "checkpoint.pt", dict(payload, config="text"))  # its weights evaluate
+    assert "data folder" in _error_of(["--eval-only", tmp_path / "broken", "--data", tmp_path / "typo"], caplog)
 
     # The same run moved to a copy of its data with fewer training images, or other class names.
     for change in ("shrunk", "renamed"):
