@@ -212,19 +212,19 @@ def _rank_main(rank, world_size, addr, port, backend, collective_timeout_s, thre
             value = pickle.dumps(value)
         except Exception as exc:  # Python's words vary ("Can't get local object" in 3.13): say what failed
             raise TypeError(f"the value the rank's function returned cannot be pickled to send it to the "
-                            f"launcher ({_error_line(exc)})") from exc
+                            f"launcher ({error_line(exc)})") from exc
     except KeyboardInterrupt:
         results.put((rank, "error", "interrupted", None))
         raise SystemExit(130)
     except BaseException as exc:  # reported to the parent, which decides what the run's error is
-        results.put((rank, "error", _error_line(exc), traceback.format_exc()))
+        results.put((rank, "error", error_line(exc), traceback.format_exc()))
         raise SystemExit(1)
     results.put((rank, "ok", value))
     # Leave the group only on success; a failed peer would make this block.
     dist.destroy_process_group()
 
 
-def _error_line(exc: BaseException) -> str:
+def error_line(exc: BaseException) -> str:
     """The exception as its last line of a traceback shows it. An error that a DataLoader
     worker raised arrives with the worker's whole traceback in its message: of that, the
     worker's own last line, and which worker."""

@@ -44,8 +44,8 @@ from .checkpoint import (FILENAME, CheckpointError, check_classes, check_trainin
 from .cli import MAX_PROCESSES_PER_CORE, lock_exclusively, quick_exit, shell_word, usable_cores
 from .config import (TrainConfig, build_parser, check_schedule_options, describe_recipe, given_options, parse_config,
                      recipe_warnings, resolve)
-from .ranks import (LOOPBACK, RankFailure, choose_placement, cpu_threads_per_rank, init_process_group, raise_interrupt,
-                    reuse_freed_memory, run_ranks)
+from .ranks import (LOOPBACK, RankFailure, choose_placement, cpu_threads_per_rank, error_line, init_process_group,
+                    raise_interrupt, reuse_freed_memory, run_ranks)
 from .train import architecture, describe_evaluation, elsewhere_than, run_rank, setup_logging
 
 log = logging.getLogger("launch.two_gpu")
@@ -585,7 +585,12 @@ def _main_under_torchrun(config: TrainConfig, checkpoint: Optional[dict], placem
         if outcome[0] is not None:
             raise ValueError(outcome[0])
         config = outcome[1]
-        summary = run_rank(rank, config, str(run_dir) if run_dir else None, placement, bundle)
+        try:
+            summary = run_rank(rank, config, str(run_dir) if run_dir else None, placement, bundle)
+        except Exception as exc:  # each rank's process ends as run_ranks reports a failed rank: in one line
+            failure = RankFailure({rank: error_line(exc)}, rank)
+            log.error("the run stopped: %s%s", failure, _after_failure(config, run_dir, failure))
+            return 1
     finally:
         if lock is not None:
             lock.close()

@@ -470,6 +470,32 @@ def test_a_rendezvous_that_never_happens_ends_each_rank_in_one_line(tiny_data, t
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.slow
+def test_a_rank_failing_under_torchrun_ends_in_one_line(tiny_data, tmp_path):
+    """Ranks started as torchrun starts them, the loss diverging: each rank ends as a run of
+    launch.two_gpu's own ranks does, in one line (rank 0's with what to do next), not each
+    with its traceback."""
+    port = _free_port()
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "launch.two_gpu", "--data", str(tiny_data), "--out", str(tmp_path), "--run-name", "nan",
+         "--max-steps", "6", "--val-limit", "4", "--no-ten-crop", *TINY, "--lr", "9.9"], cwd=ROOT,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                 MASTER_PORT=str(port)))
+        for rank in range(2)]
+    try:
+        errors = [p.communicate(timeout=BOUND_S)[1] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [1, 1], errors
+    assert not any("Traceback" in err for err in errors), errors
+    first = errors[0].split("the run stopped: rank 0 failed: launch.train.NonFiniteLoss: the loss became ", 1)
+    assert len(first) == 2 and "start again with a lower --lr (such as 0.99)" in first[1], errors[0]
+    assert "[rank 1] the run stopped: rank 1 failed: launch.train.NonFiniteLoss: the loss became " in errors[1], errors[1]
+    assert errors[1].rstrip().endswith("Rank 0 says what to do next"), errors[1]
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
