@@ -30,10 +30,14 @@ PROGRAM_LAYOUTS = {"towers": "towers", "single": "single"}  # benchmark mode -> 
 
 
 def program_command(layout: str, batch: int, steps: int, device: str, data: Optional[str],
-                    workers: Optional[int]) -> list:
-    """``python -m launch.two_gpu`` with the options of a timed run, less where it writes."""
+                    workers: Optional[int], fc8_placement: str) -> list:
+    """``python -m launch.two_gpu`` with the options of a timed run, less where it writes.
+    The towers get the benchmark's FC8 placement: the report holds their rate against the
+    synthetic towers' step, which ran with it (the single-device net has FC8 whole)."""
     command = ["-m", "launch.two_gpu", "--layout", layout, "--batch-size", str(batch), "--max-steps", str(steps),
                "--log-every", "1", "--checkpoint-every", "0", "--val-limit", str(batch), "--no-ten-crop"]
+    if layout == "towers":
+        command += ["--fc8-placement", fc8_placement]
     if device == "cpu":
         command += ["--backend", "gloo"]  # the program's way to keep off a GPU
     if data:
@@ -92,14 +96,15 @@ def paper_training_hours(images_per_s: float) -> float:
 
 
 def measure_program(modes: tuple, batch: int, steps: int, warmup: int, device: str, data: Optional[str],
-                    workers: Optional[int], timeout_s: float, deadline=None) -> list:
+                    workers: Optional[int], fc8_placement: str, timeout_s: float, deadline=None) -> list:
     """One short run of the program per mode of ``modes`` that it can train (towers,
     single); a run that fails is recorded with the reason, not raised. ``deadline``
     (benchmarks.run.Deadline) may stop a run sooner, and leaves the rest not run."""
     results = []
     for mode in (m for m in modes if m in PROGRAM_LAYOUTS):
         with temporary_folder("alexnet-program-") as folder:
-            command = program_command(PROGRAM_LAYOUTS[mode], batch, warmup + steps, device, data, workers)
+            command = program_command(PROGRAM_LAYOUTS[mode], batch, warmup + steps, device, data, workers,
+                                      fc8_placement)
             entry = {"mode": mode, "batch": batch, "command": " ".join(command[1:])}
             if deadline is not None:
                 timeout_s = deadline.timeout(timeout_s)

@@ -718,8 +718,8 @@ class Bench:
                 logger.info("the training program: %s, %d + %d steps of %d", ",".join(config.program_modes),
                             config.warmup, config.steps, config.batch)
             self.results["program"] = measure_program(config.program_modes, config.batch, config.steps, config.warmup,
-                                                      devices.single, config.loader_data, None, config.rank_timeout_s,
-                                                      self.deadline)
+                                                      devices.single, config.loader_data, None, config.fc8_placement,
+                                                      config.rank_timeout_s, self.deadline)
             self.save()
             self.measure([k for k in keys if k not in main], folder)
         return self.save()

@@ -464,7 +464,7 @@ def test_a_benchmark_stopped_while_the_program_runs_leaves_nothing_running_or_be
 PROGRAM_CALLER = """
 import sys
 from benchmarks.program import program_command, run_child
-command = program_command("towers", 2, 100_000, "cpu", sys.argv[1], 0)
+command = program_command("towers", 2, 100_000, "cpu", sys.argv[1], 0, "tower0")
 run_child([sys.executable, *command, "--lr", "0.0001", "--out", sys.argv[2], "--run-name", "run"])
 """
 
@@ -729,6 +729,39 @@ def test_the_steady_rate_leaves_out_the_warm_up():
     with pytest.raises(ValueError, match="no training step after the 5 warm-up steps"):
         program.steady_rate(records, batch=4, warmup=5)
     assert program.paper_training_hours(1_281_167 * 90 / 3600) == pytest.approx(1.0)
+
+
+def test_the_program_s_towers_run_with_the_benchmark_s_fc8_placement(tiny_data, tmp_path, monkeypatch):
+    """The program's towers are held against the synthetic towers, which ran with --fc8-placement:
+    the program gets it too; a program run of another placement (a results.json of a benchmark
+    that did not pass it on) is held against nothing, and no speed goal is checked on it."""
+    started = []
+
+    def refused(argv, timeout_s, **popen):  # the commands, not the runs
+        started.append(" ".join(argv))
+        return subprocess.CompletedProcess(argv, 2, "", "error: not run here\n")
+
+    monkeypatch.setattr(program, "run_child", refused)
+    monkeypatch.setattr(run.Bench, "measure", lambda bench, keys, folder: None)
+    monkeypatch.setattr(run, "measure_loader", lambda *args: {"skipped": "not measured here"})
+    run.main(["--device", "cpu", "--quick", "--batch", "2", "--fc8-placement", "split", "--loader-data",
+              str(tiny_data), "--out", str(tmp_path / "report")])
+    towers, single = started
+    assert "--layout towers" in towers and "--fc8-placement split" in towers
+    assert "--layout single" in single and "--fc8-placement" not in single  # the single net has FC8 whole
+
+    towers_run = {"mode": "towers", "batch": 2, "precision": "fp32", "memory_format": "contiguous",
+                  "images_per_s": 10.0, "peak": None}
+    ran = {"mode": "towers", "batch": 2, "command": "launch.two_gpu --layout towers --batch-size 2", "device": "cpu",
+           "workers": 0, "timed_steps": 2, "images_per_s": 9.0, "mean_images_per_s": 9.0, "median_step_ms": 222.2,
+           "paper_training_hours": 3559.0, "data": "tiny"}
+    results = {"config": {"fc8_placement": "split", "batch": 2}, "runs": [towers_run], "program": [ran],
+               "analytic": {"macs_per_image": {"single": 2, "torchvision": 1}}}
+    why = "the program ran with FC8 tower0, the synthetic towers with FC8 split"
+    assert f"- towers: not held against the synthetic step: {why}" in report.program_lines(results)
+    assert f"- towers: not checked: {why}" in report.speed_goal_lines(results)
+    ran["command"] += " --fc8-placement split"
+    assert "- towers: 90 % (9.0 against 10.0 images/s): met" in report.speed_goal_lines(results)
 
 
 @pytest.mark.slow
