@@ -17,25 +17,36 @@ from launch import data as data_module
 from launch.images import CROP_SIZE
 
 
-def _images_per_s(bundle, batch: int, batches: int, workers: int) -> dict:
+def _stopped(deadline) -> bool:
+    return deadline is not None and deadline.left() <= 0
+
+
+def _images_per_s(bundle, batch: int, batches: int, workers: int, deadline=None) -> dict:
+    """The loader's rate over ``batches`` timed batches after a warm-up one; past the
+    ``deadline`` no further batch is timed (one always is), and ``batches`` says how many were."""
     total = data_module.batches_per_epoch(bundle, batch)
-    batches = min(batches, total - 1)  # one more is the warm-up (workers starting, first decode)
+    planned = min(batches, total - 1)  # one more is the warm-up (workers starting, first decode)
     iterator = iter(data_module.train_batches(bundle, batch, seed=0, epoch=0, workers=workers))
     next(iterator)
-    started = time.perf_counter()
-    for _ in range(batches):
+    started, timed = time.perf_counter(), 0
+    while timed < planned and not (timed and _stopped(deadline)):
         next(iterator)
+        timed += 1
     seconds = time.perf_counter() - started
     del iterator  # stops the workers
-    return {"workers": workers, "batches": batches, "batch": batch, "seconds": seconds,
-            "images_per_s": batches * batch / seconds}
+    return {"workers": workers, "batches": timed, "planned_batches": planned, "batch": batch, "seconds": seconds,
+            "images_per_s": timed * batch / seconds}
 
 
-def _augment_ms(bundle, batch: int, device: torch.device, repeats: int = 5) -> float:
+def _augment_ms(bundle, batch: int, device: torch.device, repeats: int = 5, deadline=None) -> float:
+    """The median of ``repeats`` timed augmentations of a batch after a warm-up one, fewer
+    (one at least) past the ``deadline``."""
     crops = torch.randint(0, 256, (batch, 3, CROP_SIZE, CROP_SIZE), dtype=torch.uint8, device=device)
     choices = data_module.train_augmentation(seed=0, epoch=0, first=0, count=batch)
     times = []
     for _ in range(repeats + 1):  # the first is a warm-up
+        if len(times) > 1 and _stopped(deadline):
+            break
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         started = time.perf_counter()
@@ -43,7 +54,8 @@ def _augment_ms(bundle, batch: int, device: torch.device, repeats: int = 5) -> f
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - started)
-    return 1000 * sorted(times[1:])[repeats // 2]
+    timed = sorted(times[1:])
+    return 1000 * timed[len(timed) // 2]
 
 
 def open_loader_data(data: Optional[str], batch: int) -> data_module.DataBundle:
@@ -60,19 +72,21 @@ def open_loader_data(data: Optional[str], batch: int) -> data_module.DataBundle:
 def measure_loader(workers: tuple, batch: int, batches: int, device: str, bundle: data_module.DataBundle,
                    deadline=None) -> dict:
     """images/s of the loader on ``bundle`` (see open_loader_data) for each number of
-    ``workers``, and the device-side augmentation's ms per batch on ``device``. Past the
-    ``deadline`` (benchmarks.run.Deadline), the numbers of workers left are not measured."""
+    ``workers``, and the device-side augmentation's ms per batch on ``device``. At the
+    ``deadline`` (benchmarks.run.Deadline) the batch being timed is the last (the first
+    number of workers times one at least), and the numbers of workers left are not measured."""
     by_workers, skipped = [], []
     for count in workers:
-        if by_workers and deadline is not None and deadline.left() <= 0:
+        if by_workers and _stopped(deadline):
             skipped.append(count)
         else:
-            by_workers.append(_images_per_s(bundle, batch, batches, count))
+            by_workers.append(_images_per_s(bundle, batch, batches, count, deadline))
+    cut = skipped or any(w["batches"] < w["planned_batches"] for w in by_workers)
     return {
         "data": str(bundle.root), "train_images": len(bundle.train), "device": device,
         "by_workers": by_workers, "not_measured_workers": skipped,
-        "not_measured_reason": deadline.reason if skipped else None,
-        "augment_ms_per_batch": _augment_ms(bundle, batch, torch.device(device)),
+        "not_measured_reason": deadline.reason if cut else None,
+        "augment_ms_per_batch": _augment_ms(bundle, batch, torch.device(device), deadline=deadline),
         # what one rank broadcasts per image: uint8 crop (and an int64 label), against float32 images
         "input_bytes_per_image": 3 * CROP_SIZE * CROP_SIZE + 8, "float32_bytes_per_image": 4 * 3 * CROP_SIZE * CROP_SIZE + 8,
     }

@@ -446,10 +446,17 @@ def loader_lines(results) -> list:
     if not loader or "skipped" in loader:  # a results.json of a benchmark stopped before, or a --time-limit
         why = loader["skipped"] if loader else "not measured: results.json holds no figures of it"
         return [f"{why[0].upper()}{why[1:]}."]
-    batch = loader["by_workers"][0]["batch"]
+    batch, rows = loader["by_workers"][0]["batch"], loader["by_workers"]
+    # fewer than planned where the --time-limit came while they were timed (planned_batches: not in older results)
+    cut = [w for w in rows if w["batches"] < w.get("planned_batches", w["batches"])]
+    timed = (f"{rows[0]['batches']} timed" if len({w["batches"] for w in rows}) == 1 else
+             ", ".join(f"{w['batches']} timed with {w['workers']} workers" for w in rows))
+    if cut:
+        counts = ", ".join(f"{w['batches']} of {w['planned_batches']} with {w['workers']} workers" for w in cut)
+        timed += f" ({counts}: {loader['not_measured_reason'].removeprefix('not measured: ')} while they were timed)"
     lines = [f"The training loader alone (`launch.data.train_batches`: decode, base image, 224 crop, uint8 batch "
              f"of {batch}) on {loader['data']} ({loader['train_images']} training images), by DataLoader worker "
-             f"processes; one warm-up batch, then {loader['by_workers'][0]['batches']} timed.", "",
+             f"processes; one warm-up batch, then {timed}.", "",
              "| workers | images/s | ms per batch |", "|---|---|---|"]
     lines += [f"| {w['workers']} | {w['images_per_s']:.1f} | {1000 * w['seconds'] / w['batches']:.1f} |"
               for w in loader["by_workers"]]

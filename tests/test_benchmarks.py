@@ -170,6 +170,27 @@ def test_the_loader_stops_measuring_at_the_deadline(tiny_data):
     assert "| 1 | not measured: the benchmark's --time-limit of 10 s was reached | |" in lines
 
 
+def test_the_loader_stops_timing_batches_at_the_deadline(tiny_data):
+    """A --time-limit that comes while the first number of workers is timed: no batch is timed
+    after it (--loader-batches 100000 ran a minute past a limit of 22 s), and the report
+    says how many were, of how many planned."""
+    class Near(run.Deadline):
+        calls = 0
+
+        def left(self):  # time for two more checks, then none
+            self.calls += 1
+            return 1.0 if self.calls <= 2 else -1.0
+
+    bundle = run.open_loader_data(str(tiny_data), 2)  # 30 training images: a warm-up batch and up to 14 timed
+    loader = run.measure_loader((0, 1), 2, 100_000, "cpu", bundle, Near(10))
+    measured = loader["by_workers"][0]
+    assert measured["workers"] == 0 and 1 <= measured["batches"] < 14 and measured["planned_batches"] == 14
+    assert len(loader["by_workers"]) == 1 and loader["not_measured_workers"] == [1]
+    lines = report.loader_lines({"loader": loader, "runs": [], "config": {"batch": 2}})
+    assert (f"one warm-up batch, then {measured['batches']} timed ({measured['batches']} of 14 with 0 workers: the "
+            f"benchmark's --time-limit of 10 s was reached while they were timed).") in lines[0]
+
+
 def test_the_loader_section_names_the_workers_that_keep_up_with_the_towers_or_none():
     by_workers = [{"workers": w, "batch": 16, "batches": 4, "images_per_s": rate, "seconds": 64 / rate}
                   for w, rate in ((0, 40.0), (2, 90.0), (4, 150.0))]
