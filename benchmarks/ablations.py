@@ -127,10 +127,11 @@ def run_options(config: AblationConfig, variant: str, runs: Path) -> list:
     return shared_options(config, runs) + ["--run-name", variant] + layout + VARIANTS[variant]
 
 
-def train(config: AblationConfig, variant: str, runs: Path) -> tuple:
-    """Runs the training program for ``variant`` (or, with --reuse, takes its finished run).
-    Returns (run folder, None) or, when the run stopped on its own (a loss that ran away is
-    a result too), (run folder, why); options the program refuses raise AblationError."""
+def train(config: AblationConfig, variant: str, runs: Path, train_images: int) -> tuple:
+    """Runs the training program for ``variant`` (or, with --reuse, takes its finished run, whose
+    recipe is checked against the one the data's ``train_images`` give). Returns (run folder,
+    None) or, when the run stopped on its own (a loss that ran away is a result too), (run
+    folder, why); options the program refuses raise AblationError."""
     run_dir = runs / variant
     options = run_options(config, variant, runs)
     stderr_path = runs / f"{variant}.stderr"
@@ -138,11 +139,11 @@ def train(config: AblationConfig, variant: str, runs: Path) -> tuple:
         raise AblationError(f"{run_dir} already holds a run: add --reuse to read the runs already in --runs "
                             f"{runs} (trained with these options), or give another --runs folder")
     if config.reuse and (run_dir / "summary.json").exists():
-        check_reusable(run_dir, options)
+        check_reusable(run_dir, options, train_images)
         logger.info("%s: reusing the finished run in %s", variant, run_dir)
         return run_dir, None
     if config.reuse and run_dir.exists():  # a run that stopped on its own is a result too, as when it was trained
-        check_reusable(run_dir, options)
+        check_reusable(run_dir, options, train_images)
         why = _stopped(stderr_path)
         if why is None:
             raise AblationError(f"{run_dir} holds a run that neither finished nor stopped on its own (interrupted?): "
@@ -186,17 +187,20 @@ def _stopped(stderr_path: Path) -> Optional[str]:
 # Options of launch.two_gpu that say where and how a run ran, not what it computed.
 NOT_COMPARED_ON_REUSE = {"out", "run_name", "log_every", "workers", "timeout", "backend", "master_addr",
                          "checkpoint_every"}
-# Filled by the program once it knows the training set's size (the small recipe's length),
-# or by where it runs (replicas): compared only where the options give them.
-FILLED_BY_THE_RUN = {"epochs", "lr_milestones", "replicas"}
+# Filled by where the run ran: compared only where the options give them.
+FILLED_BY_THE_RUN = {"replicas"}
 
 
-def check_reusable(run_dir: Path, options: list) -> None:
-    """A run is reused only if its config.json holds what ``options`` would have given it."""
+def check_reusable(run_dir: Path, options: list, train_images: int) -> None:
+    """A run is reused only if its config.json holds what ``options`` would have given it on
+    a training set of ``train_images``: the small recipe's epochs and milestones follow from
+    that size, as the program fills them, and are compared too (runs of other --epochs were
+    taken for one recipe)."""
     if not (run_dir / "config.json").is_file():
         raise AblationError(f"{run_dir} holds no run (no config.json): remove it, or give another --runs folder")
     saved = _read_json(run_dir / "config.json")
-    wanted = json.loads(json.dumps(asdict(resolve(parse_config(options)))))  # tuples as JSON gives them back
+    wanted = resolve(parse_config(options), train_images)
+    wanted = json.loads(json.dumps(asdict(wanted)))  # tuples as JSON gives them back
     # a run saved before an option existed ran as its default does
     saved = {**json.loads(json.dumps(asdict(parse_config([])))), **saved}
     differ = sorted(name for name in wanted if name not in NOT_COMPARED_ON_REUSE and saved.get(name) != wanted[name]
@@ -592,7 +596,7 @@ def main(argv=None) -> Path:
                              f"be written") from None
     results, bundle = {}, data_module.open_data(config.data)
     for variant in config.variants:
-        results[variant] = r = read_run(*train(config, variant, runs))
+        results[variant] = r = read_run(*train(config, variant, runs, len(bundle.train)))
         r["initial_scale"] = initial_activation_scale(Path(r["run_dir"]), bundle)
         if r["failed"]:
             continue

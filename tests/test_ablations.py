@@ -87,19 +87,41 @@ def test_reuse_takes_a_run_that_stopped_and_refuses_one_that_was_interrupted(tmp
     run = runs / "tanh"
     run.mkdir(parents=True)
     options = ablations.run_options(config, "tanh", runs)
-    (run / "config.json").write_text(json.dumps(dataclasses.asdict(resolve(parse_config(options)))))
+    (run / "config.json").write_text(json.dumps(dataclasses.asdict(resolve(parse_config(options), 30))))
     (run / "metrics.jsonl").write_text("")
     stopped = "the run stopped: rank 0 failed: NonFiniteLoss: the loss became nan at epoch 1, step 6"
     (runs / "tanh.stderr").write_text(f"epoch 1/3 step 5/78 loss 9.1\n{stopped}\n")
-    assert ablations.train(config, "tanh", runs) == (run, stopped)
+    assert ablations.train(config, "tanh", runs, 30) == (run, stopped)
 
     (runs / "tanh.stderr").write_text("epoch 1/3 step 5/78 loss 2.1\ninterrupted: both ranks stopped; ...\n")
     with pytest.raises(ablations.AblationError, match="neither finished nor stopped on its own .* --resume"):
-        ablations.train(config, "tanh", runs)
+        ablations.train(config, "tanh", runs, 30)
     with pytest.raises(ablations.AblationError, match="already holds a run: add --reuse"):
-        ablations.train(dataclasses.replace(config, reuse=False), "tanh", runs)
+        ablations.train(dataclasses.replace(config, reuse=False), "tanh", runs, 30)
     with pytest.raises(ablations.AblationError, match="seed = 2, not 3"):
-        ablations.train(dataclasses.replace(config, seed=3), "tanh", runs)
+        ablations.train(dataclasses.replace(config, seed=3), "tanh", runs, 30)
+
+
+def test_reuse_refuses_runs_of_another_length_where_the_recipe_gives_it(tmp_path):
+    """On the built-in data the small recipe's epochs (and milestones) follow from the training
+    set's size, which the options alone do not give: runs of --epochs 1 and --epochs 5 were
+    reused by a command without --epochs, one recipe line claimed for both."""
+    runs, train_images = tmp_path / "runs", 1000  # the small recipe: 7 epochs, the rate divided at the 5th
+    for variant, epochs in (("full", 1), ("no-lrn", 5), ("tanh", None)):
+        run = runs / variant
+        run.mkdir(parents=True)
+        trained = ablations.AblationConfig(variants=(variant,), epochs=epochs, max_steps=2)
+        options = ablations.run_options(trained, variant, runs)
+        (run / "config.json").write_text(json.dumps(dataclasses.asdict(resolve(parse_config(options), train_images))))
+        (run / "summary.json").write_text("{}")
+    config = ablations.AblationConfig(max_steps=2, reuse=True)
+    for variant, epochs in (("full", 1), ("no-lrn", 5)):
+        with pytest.raises(ablations.AblationError, match=f"^{runs / variant} was trained with epochs = {epochs}, not "
+                                                          f"7: give another --runs folder, or leave out --reuse$"):
+            ablations.train(config, variant, runs, train_images)
+    assert ablations.train(config, "tanh", runs, train_images) == (runs / "tanh", None)  # the recipe's 7
+    assert ablations.train(dataclasses.replace(config, epochs=5), "no-lrn", runs, train_images) == \
+        (runs / "no-lrn", None)
 
 
 def test_a_damaged_run_file_a_variant_named_twice_and_a_home_folder_are_told_apart(tmp_path, monkeypatch):
@@ -110,7 +132,7 @@ def test_a_damaged_run_file_a_variant_named_twice_and_a_home_folder_are_told_apa
         ablations.read_run(run)
     (run / "config.json").write_bytes(b"\xff")
     with pytest.raises(ablations.AblationError, match=f"cannot read {run / 'config.json'} "):
-        ablations.check_reusable(run, [])
+        ablations.check_reusable(run, [], 30)
     with pytest.raises(SystemExit):  # argparse: one line, exit 2
         ablations.build_parser().parse_args(["--variants", "full,tanh,full"])
     with pytest.raises(ValueError, match="--runs is empty"):
@@ -201,9 +223,9 @@ def test_reuse_reads_finished_runs_and_refuses_runs_of_other_options(ablation, t
         (older / "config.json").write_text(json.dumps(config))
         if config.get("precision") == "bf16":
             with pytest.raises(ablations.AblationError, match="precision = bf16, not fp32"):
-                ablations.check_reusable(older, options)
+                ablations.check_reusable(older, options, 30)  # the tiny data's training images
         else:
-            ablations.check_reusable(older, options)
+            ablations.check_reusable(older, options, 30)
 
 
 @pytest.mark.slow
