@@ -48,7 +48,7 @@ from launch.ranks import raise_interrupt
 from launch.train import build_model
 
 from .program import run_child
-from .run import REPORTS_DIR, BenchConfig, machine_info, plan_devices
+from .run import REPORTS_DIR, BenchConfig, machine_info, plan_devices, refuse_others_files
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +75,7 @@ PAPER_EFFECTS = {
 }
 PAPER_TANH_SLOWDOWN = 6  # section 3.1, Figure 1: ReLUs reach 25 % training error six times faster than tanh
 CHART = "ablations.png"
+REPORT_FILES = ("results.json", "report.md", CHART)  # what an ablation writes in its --out
 CONDITIONS_SUFFIX = ".conditions.json"  # <runs>/<variant>.conditions.json: how the run went (time, load)
 
 
@@ -588,6 +589,7 @@ def main(argv=None) -> Path:
     # ~ is the home folder here too, as the shell leaves it in --out=~/report
     out = Path(config.out).expanduser() if config.out else REPORTS_DIR / f"ablations-{machine['hostname']}-{today}"
     runs = Path(config.runs).expanduser().resolve() if config.runs else ROOT / "runs" / f"ablations-{today}"
+    refuse_others_files(out, REPORT_FILES, "benchmarks.ablations")  # before the first run, not after the last
     for flag, folder in (("--out", out), ("--runs", runs)):  # before the first run, not after the last
         try:
             folder.mkdir(parents=True, exist_ok=True)

@@ -725,13 +725,30 @@ class Bench:
         return self.save()
 
 
-def _written_by_a_benchmark(path: Path) -> bool:
+def _written_by(path: Path, program: str) -> bool:
+    """Whether ``path`` is a results.json that ``python -m program`` wrote (benchmarks.ablations
+    keeps its machine, config and command under "info")."""
     try:
         results = json.loads(path.read_text())
     except (OSError, ValueError):
         return False
-    return (isinstance(results, dict) and {"machine", "config", "runs"} <= results.keys()
-            and str(results.get("command", "")).startswith("python -m benchmarks.run"))
+    if not isinstance(results, dict) or not isinstance(header := results.get("info", results), dict):
+        return False
+    command = str(header.get("command", ""))
+    return ("runs" in results and {"machine", "config"} <= header.keys()
+            and (command == f"python -m {program}" or command.startswith(f"python -m {program} ")))
+
+
+def refuse_others_files(out: Path, names: tuple, program: str) -> list:
+    """The files of ``names`` (what ``python -m program`` writes in its report folder) that
+    ``out`` holds already: an earlier report of ``program``'s, to be replaced. Where no
+    results.json of ``program`` is beside them they are the user's or another tool's (a
+    benchmark's report under an ablation's, its charts left beside), and ValueError names the fix."""
+    earlier = [name for name in names if (out / name).exists()]
+    if earlier and not _written_by(out / "results.json", program):
+        raise ValueError(f"--out {out} holds {', '.join(earlier)} that python -m {program} did not write (no "
+                         f"results.json of its own beside them): give another folder, or move them")
+    return earlier
 
 
 @contextlib.contextmanager
@@ -779,10 +796,7 @@ def main(argv=None) -> Path:
         raise ValueError(f"--out {out}: this folder cannot be written; give another")
     with _held(out):  # to the end: a second benchmark on the same --out is refused
         from .report import REPORT_FILES
-        earlier = [name for name in REPORT_FILES if (out / name).exists()]
-        if earlier and not _written_by_a_benchmark(out / "results.json"):  # replaced once this one's first run ends
-            raise ValueError(f"--out {out} holds {', '.join(earlier)} that python -m benchmarks.run did not write (no "
-                             f"results.json of its own beside them): give another folder, or move them")
+        earlier = refuse_others_files(out, REPORT_FILES, "benchmarks.run")  # replaced once this one's first run ends
         if earlier:
             logger.info("%s holds an earlier benchmark's %s: kept until this one's first results are written", out,
                         ", ".join(earlier))

@@ -148,6 +148,37 @@ def test_a_damaged_run_file_a_variant_named_twice_and_a_home_folder_are_told_apa
     assert not (tmp_path / "~").exists()
 
 
+def test_an_out_folder_of_another_tool_s_report_is_refused_before_any_run(tmp_path, monkeypatch):
+    """A benchmark's report (its results.json replaced, its charts left beside the ablation's)
+    or files of the user's are refused, one line; an earlier ablation's report is replaced."""
+    def stop(data):  # past the check of --out: the data is opened before the first run
+        raise OSError("stop")
+
+    monkeypatch.setattr(ablations.data_module, "open_data", stop)
+    benchmark = {"results.json": json.dumps({"machine": {}, "config": {}, "runs": [],
+                                             "command": "python -m benchmarks.run --quick"}),
+                 "report.md": "a benchmark's report", "images_per_s_vs_batch.png": "a chart"}
+    for name, files in (("benchmark", benchmark), ("mine", {"report.md": "my notes"})):
+        out = tmp_path / name
+        out.mkdir()
+        for file, text in files.items():
+            (out / file).write_text(text)
+        with pytest.raises(ValueError) as refused:
+            ablations.main(["--out", str(out), "--runs", str(tmp_path / "runs")])
+        shown = ", ".join(f for f in ablations.REPORT_FILES if f in files)
+        assert str(refused.value) == (f"--out {out} holds {shown} that python -m benchmarks.ablations did not write "
+                                      f"(no results.json of its own beside them): give another folder, or move them")
+        assert {p.name: p.read_text() for p in out.iterdir()} == files
+    assert not (tmp_path / "runs").exists()  # refused before anything was made
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    (earlier / "results.json").write_text(json.dumps({"info": {"machine": {}, "config": {}, "command":
+                                                               "python -m benchmarks.ablations --epochs 1"},
+                                                      "noise": {}, "runs": {}}))
+    with pytest.raises(OSError, match="stop"):
+        ablations.main(["--out", str(earlier), "--runs", str(tmp_path / "runs")])
+
+
 # ---------------------------------------------------------------- one tiny ablation, run as a user runs it
 
 @pytest.fixture(scope="module")
