@@ -95,15 +95,16 @@ def paper_training_hours(images_per_s: float) -> float:
     return PAPER_EPOCHS * IMAGENET_TRAIN_IMAGES / images_per_s / 3600
 
 
-def measure_program(modes: tuple, batch: int, steps: int, warmup: int, device: str, data: Optional[str],
+def measure_program(modes: tuple, batch: int, steps: int, warmup: int, devices: dict, data: Optional[str],
                     workers: Optional[int], fc8_placement: str, timeout_s: float, deadline=None) -> list:
     """One short run of the program per mode of ``modes`` that it can train (towers,
-    single); a run that fails is recorded with the reason, not raised. ``deadline``
+    single), on the device of ``devices`` (mode -> "cuda" or "cpu": where the synthetic run
+    of that mode ran); a run that fails is recorded with the reason, not raised. ``deadline``
     (benchmarks.run.Deadline) may stop a run sooner, and leaves the rest not run."""
     results = []
     for mode in (m for m in modes if m in PROGRAM_LAYOUTS):
         with temporary_folder("alexnet-program-") as folder:
-            command = program_command(PROGRAM_LAYOUTS[mode], batch, warmup + steps, device, data, workers,
+            command = program_command(PROGRAM_LAYOUTS[mode], batch, warmup + steps, devices[mode], data, workers,
                                       fc8_placement)
             entry = {"mode": mode, "batch": batch, "command": " ".join(command[1:])}
             if deadline is not None:

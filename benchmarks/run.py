@@ -717,8 +717,10 @@ class Bench:
             if self.deadline.left() > 0:
                 logger.info("the training program: %s, %d + %d steps of %d", ",".join(config.program_modes),
                             config.warmup, config.steps, config.batch)
+            # each layout where its synthetic run was: --one-gpu-two-rank cpu put the towers on the CPU
+            program_devices = {"single": devices.single, "towers": devices.two_rank or devices.single}
             self.results["program"] = measure_program(config.program_modes, config.batch, config.steps, config.warmup,
-                                                      devices.single, config.loader_data, None, config.fc8_placement,
+                                                      program_devices, config.loader_data, None, config.fc8_placement,
                                                       config.rank_timeout_s, self.deadline)
             self.save()
             self.measure([k for k in keys if k not in main], folder)

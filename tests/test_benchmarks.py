@@ -785,6 +785,27 @@ def test_the_program_s_towers_run_with_the_benchmark_s_fc8_placement(tiny_data, 
     assert "- towers: 90 % (9.0 against 10.0 images/s): met" in report.speed_goal_lines(results)
 
 
+def test_the_program_s_towers_run_where_the_synthetic_towers_ran(tiny_data, tmp_path, monkeypatch):
+    """With one GPU and --one-gpu-two-rank cpu the synthetic towers ran on the CPU: the program's
+    towers, held against them, do too (--backend gloo); its single net runs on the GPU, as the
+    synthetic single did."""
+    started = []
+
+    def refused(argv, timeout_s, **popen):  # the commands, not the runs
+        started.append(" ".join(argv))
+        return subprocess.CompletedProcess(argv, 2, "", "error: not run here\n")
+
+    monkeypatch.setattr(program, "run_child", refused)
+    monkeypatch.setattr(run, "plan_devices", lambda config: run.DevicePlan("cuda", "cpu", "gloo", "a GPU", "one GPU"))
+    monkeypatch.setattr(run.Bench, "measure", lambda bench, keys, folder: None)
+    monkeypatch.setattr(run, "measure_loader", lambda *args: {"skipped": "not measured here"})
+    run.main(["--quick", "--batch", "2", "--one-gpu-two-rank", "cpu", "--loader-data", str(tiny_data), "--out",
+              str(tmp_path / "report")])
+    towers, single = started
+    assert "--layout towers" in towers and "--backend gloo" in towers
+    assert "--layout single" in single and "--backend" not in single
+
+
 @pytest.mark.slow
 def test_results_hold_every_run_and_field(tiny_run):
     _, results = tiny_run
