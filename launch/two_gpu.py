@@ -41,7 +41,7 @@ from towers import TOWERS, check_compile_backend
 from . import data as data_module
 from .checkpoint import (FILENAME, CheckpointError, check_classes, check_training_state, checkpoint_architecture,
                          load_checkpoint, resolve_path, training_checkpoint_bytes)
-from .cli import MAX_PROCESSES_PER_CORE, lock_exclusively, quick_exit, shell_word, usable_cores
+from .cli import MAX_PROCESSES_PER_CORE, lock_exclusively, quick_exit, shell_word, usable_cores, write_whole
 from .config import (TrainConfig, build_parser, check_schedule_options, describe_recipe, given_options, parse_config,
                      recipe_warnings, resolve)
 from .ranks import (LOOPBACK, RankFailure, choose_placement, cpu_threads_per_rank, error_line, init_process_group,
@@ -345,6 +345,8 @@ def prepare_run(config: TrainConfig, checkpoint: Optional[dict]):
                 raise ValueError(f"{run_dir} holds other files ({', '.join(others[:4])}): choose another "
                                  f"--run-name (a run starts in a folder of its own)")
             (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
+        else:
+            update_config_json(run_dir, config)
     except BaseException:
         if made_lock and not config.resume:  # a folder refused is left as it was found
             (run_dir / LOCK_NAME).unlink(missing_ok=True)
@@ -352,6 +354,25 @@ def prepare_run(config: TrainConfig, checkpoint: Optional[dict]):
         raise
     log.info("results: %s", run_dir.resolve())
     return config, run_dir, bundle, lock
+
+
+def update_config_json(run_dir: Path, config: TrainConfig) -> None:
+    """A resumed run's options in its config.json, which then holds the options of the run's
+    latest start (an --epochs, --lr or --data given anew, the layout and arithmetic it goes on
+    in), as its checkpoint does; where the run was started (--out, --run-name) stays. A file
+    that cannot be written is warned of: the checkpoint holds the options all the same."""
+    path = run_dir / "config.json"
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):  # removed, or damaged by hand: written anew
+        saved = None
+    now = {name: value for name, value in dataclasses.asdict(config).items() if name not in ("out", "run_name", "resume")}
+    options = {**(saved if isinstance(saved, dict) else {}), **now}
+    try:
+        write_whole(path, lambda partial: partial.write_text(json.dumps(options, indent=2) + "\n"))
+    except OSError as exc:
+        log.warning("warning: could not update %s (%s): it holds the options of an earlier start of the run", path,
+                    exc.strerror or exc)
 
 
 def report(summary: dict) -> None:

@@ -397,6 +397,12 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny
     assert resumed.wait(timeout_s=300) == 0, resumed.stderr()
     assert "learning rate 0.0005" in resumed.stderr()
     assert load_checkpoint(sane)["progress"]["global_step"] == 9
+    # config.json holds the options of the latest start, as the checkpoint does; where the run began stays
+    before, after = (json.loads((run / "config.json").read_text()) for run in (trained_run[0], sane))
+    # (--workers and --log-every as the resumption did not give them: their defaults)
+    assert after == {**before, "lr": 0.0005, "epochs": 3, "max_steps": 9, "ten_crop": False, "workers": None,
+                     "log_every": 10}, after
+    assert before["out"] != "runs" and before["resume"] is None  # the first start's --out, kept
 
 
 # ---------------------------------------------------------------- bad input: a clear error naming the fix
