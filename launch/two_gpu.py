@@ -21,6 +21,7 @@ if __name__ == "__main__":
     hold_interrupts()  # a Ctrl-C during the imports below ends the program in one line
     rank_server.start_early(sys.argv)  # imports torch for the ranks while this process imports it for itself
 
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -332,6 +333,8 @@ def prepare_run(config: TrainConfig, checkpoint: Optional[dict]):
         check_room_for_checkpoints(config, len(bundle.classes))
     if not config.resume:
         check_out_outside_the_images(config, bundle.root)
+    named = Path(config.out).expanduser() / config.run_name if config.run_name else None
+    made_folder = not config.resume and not (named is not None and named.exists())
     run_dir = resolve_path(config.resume).parent if config.resume else new_run_folder(config)
     made_lock = not (run_dir / LOCK_NAME).exists()
     lock = lock_run_folder(run_dir, resumed=bool(config.resume))
@@ -344,12 +347,20 @@ def prepare_run(config: TrainConfig, checkpoint: Optional[dict]):
             if others:
                 raise ValueError(f"{run_dir} holds other files ({', '.join(others[:4])}): choose another "
                                  f"--run-name (a run starts in a folder of its own)")
-            (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
+            options = json.dumps(dataclasses.asdict(config), indent=2) + "\n"
+            try:
+                write_whole(run_dir / "config.json", lambda partial: partial.write_text(options))
+            except OSError as exc:  # a full disk, say (an evaluation checks no room for checkpoints)
+                raise ValueError(f"cannot write {run_dir / 'config.json'} ({exc.strerror or exc}): free space on "
+                                 f"its disk, or give another --out") from None
         else:
             update_config_json(run_dir, config)
     except BaseException:
         if made_lock and not config.resume:  # a folder refused is left as it was found
             (run_dir / LOCK_NAME).unlink(missing_ok=True)
+            if made_folder:  # made above, for this run alone, and empty
+                with contextlib.suppress(OSError):
+                    run_dir.rmdir()
         lock.close()
         raise
     log.info("results: %s", run_dir.resolve())

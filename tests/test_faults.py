@@ -831,6 +831,28 @@ def test_bad_checkpoints_get_clear_errors_and_run_no_code(tiny_data, tmp_path, c
     assert "no checkpoint at" in _error_of([*args, tmp_path / "missing.pt"], caplog)
 
 
+def test_a_run_folder_whose_config_cannot_be_written_is_one_line_and_left_as_found(tiny_data, tmp_path, caplog,
+                                                                                   monkeypatch):
+    """A full disk under --out when config.json is written: an evaluation checks no room for
+    checkpoints beforehand. One line naming the fix; the folder made for the run is removed."""
+    good = tmp_path / "good.pt"
+    save_reference(good, build_reference(10))
+
+    def full(path, write):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(two_gpu, "write_whole", full)
+    for name in (None, "named"):
+        err = _error_of(["--data", tiny_data, "--out", tmp_path / "runs", "--eval-only", good,
+                         *(["--run-name", name] if name else [])], caplog)
+        assert "error: cannot write " in err and "/config.json (No space left on device): free space on its disk, " \
+            "or give another --out" in err, err
+        assert list((tmp_path / "runs").iterdir()) == [], name
+    (tmp_path / "runs" / "mine").mkdir()  # a folder made beforehand, empty, is kept
+    _error_of(["--data", tiny_data, "--out", tmp_path / "runs", "--eval-only", good, "--run-name", "mine"], caplog)
+    assert [p.name for p in (tmp_path / "runs").iterdir()] == ["mine"] and not any((tmp_path / "runs" / "mine").iterdir())
+
+
 @pytest.mark.slow
 def test_resume_refuses_a_changed_recipe_and_weights_only_checkpoints(tiny_data, tmp_path, caplog):
     weights_only = tmp_path / "reference.pt"
