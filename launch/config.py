@@ -192,8 +192,12 @@ class TrainConfig:
         if self.workers is not None and self.workers < 0:
             raise ValueError(f"--workers must not be negative, got {self.workers}")
         if self.replicas is not None and self.batch_size is not None and self.batch_size % self.replicas:
+            # a resumed run keeps its batch size: the number of replicas is what it can change
+            fits = [n for n in range(2 * self.replicas, 0, -1) if self.batch_size % n == 0][:3]  # 1 at the latest
             raise ValueError(f"--batch-size {self.batch_size} does not split evenly over {self.replicas} replicas: "
-                             f"give a batch size divisible by {self.replicas} (each replica trains on an equal share)")
+                             f"give a batch size divisible by {self.replicas}, or a number of replicas that divides "
+                             f"{self.batch_size} ({', '.join(map(str, fits[:-1]))}{' or ' * (len(fits) > 1)}"
+                             f"{fits[-1]}; each replica trains on an equal share)")
         if self.resume and self.eval_only:
             raise ValueError("--resume and --eval-only exclude each other: give one")
         if self.run_name is not None and (os.sep in self.run_name or self.run_name in ("", ".", "..")
