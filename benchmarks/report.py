@@ -123,10 +123,13 @@ def main_table(results) -> list:
                 lines.append(f"| {mode} | not measured (see 'Not measured') |" + " |" * 13)
             continue
         s = run["step_ms"]
+        compute = _ranks(run['compute_ms'], lambda v: f'{v:.1f}')
+        if mode == "hybrid":  # its step without the gradients' all-reduce still holds the towers' exchanges
+            compute += " (the `no_sync` step, exchanges in it)"
         lines.append(
             f"| {mode} | {_devices(run)} | {batch} | {run['images_per_s']:.1f} "
             f"| {s['median']:.1f} [{s['p10']:.1f}, {s['p90']:.1f}] | {_comm(run)} "
-            f"| {_ranks(run['compute_ms'], lambda v: f'{v:.1f}')} "
+            f"| {compute} "
             f"| {_traffic(run)} "
             f"| {_ranks(run['peak_memory_bytes'], _mb)} | {_ranks(run['param_bytes'], _mb)} "
             f"| {run['gflop_per_s']:.1f} | {_share(run)} |")

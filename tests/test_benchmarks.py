@@ -660,6 +660,8 @@ def test_report_has_every_part(tiny_run):
     for mode in ("single", "towers", "ddp", "hybrid", "torchvision"):
         row = next(line for line in main.splitlines() if line.startswith(f"| {mode} |"))
         assert "not measured" not in row, row
+        # the compute column: the step less its exchanges, but for hybrid, whose exchanges are in it
+        assert ("(the `no_sync` step, exchanges in it)" in row) == (mode == "hybrid"), row
     assert "crossover" in report.lower() and "PROJECTION" in report
     for chart in ("images_per_s_vs_batch.png", "bytes_per_step_vs_batch.png"):
         path = out / chart
