@@ -615,6 +615,8 @@ def main(argv=None) -> Path:
     try:
         write_whole(out / "results.json", lambda partial: partial.write_text(
             json.dumps({"info": info, "noise": noise_floor(results), "runs": results}, indent=1)))
+        for name in ("report.md", CHART):  # an earlier report's, of other results: none is better than that
+            (out / name).unlink(missing_ok=True)
         write_report(results, info, out)
     except OSError as error:
         raise _cannot_write(out, error, "--out") from None

@@ -279,6 +279,14 @@ def test_a_full_disk_under_the_report_is_one_line_and_leaves_no_partial_file(abl
                                   f"same command with --reuse makes the report from them")
     assert [p.name for p in out.iterdir()] == ["results.json"]
     assert set(json.loads((out / "results.json").read_text())["runs"]) == set(ablations.VARIANTS)
+    # Into the folder of an earlier report (of every variant): its report and chart, of other
+    # results, do not stay beside the new results.json
+    earlier = tmp_path / "earlier"
+    shutil.copytree(folder / "report", earlier)
+    with pytest.raises(ablations.AblationError):
+        ablations.main([*args, "--reuse", "--out", str(earlier), "--variants", "full"])
+    assert [p.name for p in earlier.iterdir()] == ["results.json"]
+    assert set(json.loads((earlier / "results.json").read_text())["runs"]) == {"full"}
 
 
 @pytest.mark.slow
