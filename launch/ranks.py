@@ -10,6 +10,7 @@ has a collective timeout, and the whole run a deadline if given.
 Tests use the same helper as the launcher.
 """
 
+import contextlib
 import ctypes
 import datetime
 import ipaddress
@@ -132,6 +133,20 @@ def init_process_group(backend: str, rank: int, world_size: int, timeout_s: floa
         dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout)
     else:
         dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
+
+
+@contextlib.contextmanager
+def patient_group(wait_s: float):
+    """A gloo group of every rank whose collectives wait up to ``wait_s`` for one another,
+    whatever the default group's timeout (--timeout, one exchange's bound): for a wait on
+    rank 0's long work, such as its first scan of a large data folder. Every rank enters it
+    together, before that work starts: making a group is itself bounded by the default
+    timeout. The group ends on leaving."""
+    group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=wait_s))
+    try:
+        yield group
+    finally:
+        dist.destroy_process_group(group)
 
 
 def _describe_exit(exitcode: int) -> str:

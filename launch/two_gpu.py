@@ -46,7 +46,7 @@ from .cli import MAX_PROCESSES_PER_CORE, lock_exclusively, quick_exit, shell_wor
 from .config import (TrainConfig, build_parser, check_schedule_options, describe_recipe, given_options, parse_config,
                      recipe_warnings, resolve)
 from .ranks import (LOOPBACK, RankFailure, choose_placement, cpu_threads_per_rank, error_line, init_process_group,
-                    raise_interrupt, reuse_freed_memory, run_ranks)
+                    patient_group, raise_interrupt, reuse_freed_memory, run_ranks)
 from .train import architecture, describe_evaluation, elsewhere_than, run_rank, setup_logging
 
 log = logging.getLogger("launch.two_gpu")
@@ -68,6 +68,7 @@ CHANGEABLE_ON_RESUME = {"epochs", "lr", "warmup_steps", "data"}
 # Recipe fields that a checkpoint's arch records: --eval-only takes them from the checkpoint.
 ARCHITECTURE_OPTIONS = ("lrn", "pooling", "activation")
 LOCK_NAME = ".lock"  # held by the run using the folder (see lock_run_folder)
+PREPARATION_WAIT_S = 2 * 3600  # under torchrun, the other ranks' wait for rank 0 to open the data and the run folder
 # Options that only training reads: --eval-only refuses them rather than ignore them. (--recipe
 # stays: it gives the evaluation's batch size where --batch-size does not.)
 TRAINING_ONLY = ("epochs", "lr", "momentum", "weight_decay", "schedule", "patience", "max_reductions", "lr_milestones",
@@ -607,13 +608,16 @@ def _main_under_torchrun(config: TrainConfig, checkpoint: Optional[dict], placem
     # recipe it sized to the data.
     outcome = [None, None]
     try:
-        if rank == 0:
-            try:
-                config, run_dir, bundle, lock = prepare_run(config, checkpoint)
-                outcome = [None, config]
-            except (ValueError, CheckpointError) as exc:
-                outcome = [str(exc), None]
-        dist.broadcast_object_list(outcome, src=0)
+        # The other ranks wait for it as long as a first scan of ImageNet and its statistics may take on a
+        # slow disk, not --timeout: the launcher does this work before it starts any rank.
+        with patient_group(PREPARATION_WAIT_S) as group:
+            if rank == 0:
+                try:
+                    config, run_dir, bundle, lock = prepare_run(config, checkpoint)
+                    outcome = [None, config]
+                except (ValueError, CheckpointError) as exc:
+                    outcome = [str(exc), None]
+            dist.broadcast_object_list(outcome, src=0, group=group)
         if outcome[0] is not None:
             raise ValueError(outcome[0])
         config = outcome[1]

@@ -8,10 +8,11 @@ import time
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from launch import rank_server
 from launch.images import DataError
-from launch.ranks import RankFailure, choose_placement, cpu_threads_per_rank, is_loopback, run_ranks
+from launch.ranks import RankFailure, choose_placement, cpu_threads_per_rank, is_loopback, patient_group, run_ranks
 
 from conftest import ROOT
 
@@ -90,6 +91,31 @@ def test_a_rank_that_went_silent_is_named_before_those_that_timed_out_on_it(mess
         run_ranks(_hang_or_time_out, (message,), timeout_s=60)
     assert info.value.first == 1 and str(info.value).startswith("rank 1 failed: did not respond")
     assert message in info.value.failures[0]
+
+
+def _wait_for_rank0(rank, work_s, patient):
+    """Rank 0 works for ``work_s`` (a scan of the data, say), then hands its result to the others."""
+    result = [None]
+    if not patient:
+        time.sleep(work_s if rank == 0 else 0)
+        dist.broadcast_object_list(result if rank else [42], src=0)
+        return 42
+    with patient_group(4 * work_s) as group:
+        if rank == 0:
+            time.sleep(work_s)
+            result = [42]
+        dist.broadcast_object_list(result, src=0, group=group)
+    dist.barrier()  # and the default group, with its own timeout, goes on
+    return result[0]
+
+
+@pytest.mark.slow
+def test_a_patient_group_waits_for_rank_0_beyond_the_collective_timeout():
+    """Under torchrun, the other ranks wait for rank 0 to open the data as long as that
+    takes, where the default group (the per-exchange --timeout) gives up."""
+    assert run_ranks(_wait_for_rank0, (4, True), collective_timeout_s=1, timeout_s=60) == [42, 42]
+    with pytest.raises(RankFailure, match="rank 1 failed: .*Timed out"):  # what it spares them
+        run_ranks(_wait_for_rank0, (4, False), collective_timeout_s=1, timeout_s=60)
 
 
 def _same_mistake(rank):
