@@ -244,6 +244,8 @@ def check_training_state(path, payload: dict) -> None:
     version of the program (an option added since, say) is named as such."""
     config, progress, momentum = payload.get("config"), payload.get("progress"), payload.get("momentum_buffer", {})
     fix = "evaluate it with --eval-only, or resume it with the version of this program that saved it"
+    if config is None:  # weights alone, which launch.two_gpu.resumed_config names as such
+        return
     if not isinstance(config, dict):
         raise CheckpointError(f"{path} records its run's recipe as a {type(config).__name__}, not as this program "
                               f"writes it: {fix}")

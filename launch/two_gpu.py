@@ -108,7 +108,6 @@ def resumed_config(config: TrainConfig, payload: dict, given: Optional[set] = No
     if saved is None:
         raise CheckpointError(f"{config.resume} holds weights but no training state (saved from the single-device "
                               f"model?): use it with --eval-only, or start a new run")
-    check_training_state(config.resume, payload)
     # saved before these options existed: the architecture is in the checkpoint's arch record all the same
     saved = {**{name: payload["arch"][name] for name in ARCHITECTURE_OPTIONS}, **saved}
     # saved before --recipe existed: its recipe fields were filled all the same, from the
@@ -454,6 +453,7 @@ def _configure(argv) -> tuple:
     checkpoint = load_checkpoint(config.resume or config.eval_only) if config.resume or config.eval_only else None
     if config.resume:
         check_resumed_file(config.resume)
+        check_training_state(config.resume, checkpoint)
         config = resumed_config(config, checkpoint, given)
     if config.eval_only:
         config = evaluated_config(config, checkpoint, given)
