@@ -102,9 +102,13 @@ def trained_run(tiny_data, tmp_path_factory):
 @pytest.fixture(scope="session")
 def no_dropout_run(tiny_data, tmp_path_factory):
     """The run folder of the towers trained one epoch (7 steps) without dropout, every step
-    logged: the losses that other layouts and replica counts must reproduce. Read only."""
+    logged: the losses that other layouts and replica counts must reproduce. Read only.
+    The first epoch of two, --max-steps ending the run there, saving every 2 steps: the
+    train records, evaluation and weights are those of --epochs 1 (the plateau schedule
+    does not look ahead), and tests/test_launch.py reads how it saved."""
     out = tmp_path_factory.mktemp("no-dropout")
-    launch("--data", tiny_data, "--out", out, "--run-name", "run", "--epochs", "1", *NO_DROPOUT)
+    launch("--data", tiny_data, "--out", out, "--run-name", "run", "--epochs", "2", "--max-steps", "7",
+           "--checkpoint-every", "2", *NO_DROPOUT)
     return out / "run"
 
 

@@ -8,6 +8,7 @@ evaluation. Every subprocess has a timeout, so a hang fails instead of blocking.
 import json
 import math
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -286,19 +287,16 @@ def test_bf16_and_compiled_towers_train_and_resume_in_either_arithmetic(tiny_dat
         assert config.lr == 0.001 and config.batch_size == 4  # the recipe stays the run's
 
 
-def test_a_stop_at_an_epochs_end_saves_and_evaluates_once_and_the_training_time_is_the_steps_alone(tiny_data,
-                                                                                                  tmp_path):
-    """--max-steps at the end of an epoch (7 steps) ends the run there: one checkpoint and one
-    evaluation, not a second of each after an epoch of no steps. The summary's training time,
-    hence its images/s, is the sum of the steps' own times, without the checkpoints written
-    between them (--checkpoint-every 2)."""
-    run = launch("--data", tiny_data, "--out", tmp_path, "--run-name", "saves", "--epochs", "2", "--max-steps", "7",
-                 "--checkpoint-every", "2", *NO_DROPOUT, "--val-limit", "4")
-    saved = [line.split()[3] for line in run.stderr.splitlines() if line.startswith("checkpoint of step ")]
-    assert saved == ["2", "4", "6", "7"], run.stderr
-    records = [json.loads(line) for line in (tmp_path / "saves" / "metrics.jsonl").read_text().splitlines()]
+def test_a_stop_at_an_epochs_end_saves_and_evaluates_once_and_the_training_time_is_the_steps_alone(no_dropout_run):
+    """--max-steps at the end of an epoch (7 steps of --epochs 2) ends the run there: one
+    checkpoint and one evaluation, not a second of each after an epoch of no steps. The
+    summary's training time, hence its images/s, is the sum of the steps' own times, without
+    the checkpoints written between them (--checkpoint-every 2)."""
+    log = (no_dropout_run / "train.log").read_text()  # each line after its time
+    assert re.findall(r" checkpoint of step (\d+) saved in ", log) == ["2", "4", "6", "7"], log
+    records = [json.loads(line) for line in (no_dropout_run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["event"] == "eval"] == [7]
-    summary = json.loads((tmp_path / "saves" / "summary.json").read_text())
+    summary = json.loads((no_dropout_run / "summary.json").read_text())
     assert summary["centre"] == {k: v for k, v in records[-2].items() if k in summary["centre"]}  # that evaluation
     assert (summary["epochs"], summary["steps"]) == (1, 7)
     steps_ms = [r["step_ms"] for r in records if r["event"] == "train"]  # --log-every 1
