@@ -58,6 +58,7 @@ log = logging.getLogger("launch.two_gpu")
 RUN_CONTROL = {"resume", "eval_only", "max_steps", "workers", "log_every", "checkpoint_every", "ten_crop",
                "timeout", "backend", "master_addr", "out", "run_name", "layout", "replicas", "precision", "compile"}
 KEPT_UNLESS_GIVEN = ("layout", "precision")
+HOW_IT_COMPUTES = ("layout", "replicas", "precision", "compile")  # of RUN_CONTROL, what config.json follows on resume
 # The rest is the run's recipe, kept from the checkpoint. Of it, a resumed run may change --epochs (to
 # train longer), and --lr and --warmup-steps (to go on after a loss that diverged; the schedule keeps
 # its reductions, see launch.schedule.base_rate). --val-limit stays: the plateau schedule compares the
@@ -334,7 +335,8 @@ def prepare_run(config: TrainConfig, checkpoint: Optional[dict]):
     if not config.resume:
         check_out_outside_the_images(config, bundle.root)
     named = Path(config.out).expanduser() / config.run_name if config.run_name else None
-    made_folder = not config.resume and not (named is not None and named.exists())
+    # os.path.exists: False, not an error, for a path it cannot look at (new_run_folder names the fault)
+    made_folder = not config.resume and not (named is not None and os.path.exists(named))
     run_dir = resolve_path(config.resume).parent if config.resume else new_run_folder(config)
     made_lock = not (run_dir / LOCK_NAME).exists()
     lock = lock_run_folder(run_dir, resumed=bool(config.resume))
@@ -368,16 +370,18 @@ def prepare_run(config: TrainConfig, checkpoint: Optional[dict]):
 
 
 def update_config_json(run_dir: Path, config: TrainConfig) -> None:
-    """A resumed run's options in its config.json, which then holds the options of the run's
-    latest start (an --epochs, --lr or --data given anew, the layout and arithmetic it goes on
-    in), as its checkpoint does; where the run was started (--out, --run-name) stays. A file
-    that cannot be written is warned of: the checkpoint holds the options all the same."""
+    """A resumed run's recipe and arithmetic in its config.json (an --epochs, --lr or --data given
+    anew, the layout, replicas and precision it goes on in), as its checkpoint holds them; the
+    options of how the first start ran (--out, --run-name, --max-steps, ...) stay. A file that
+    cannot be written is warned of: the checkpoint holds the options all the same."""
     path = run_dir / "config.json"
     try:
         saved = json.loads(path.read_text())
     except (OSError, ValueError):  # removed, or damaged by hand: written anew
         saved = None
-    now = {name: value for name, value in dataclasses.asdict(config).items() if name not in ("out", "run_name", "resume")}
+    # its recipe and how it computes; not how one start was run (--max-steps, --no-ten-crop, --workers, ...)
+    now = {name: value for name, value in dataclasses.asdict(config).items()
+           if name not in RUN_CONTROL or name in HOW_IT_COMPUTES}
     options = {**(saved if isinstance(saved, dict) else {}), **now}
     try:
         write_whole(path, lambda partial: partial.write_text(json.dumps(options, indent=2) + "\n"))
@@ -610,7 +614,7 @@ def _main_under_torchrun(config: TrainConfig, checkpoint: Optional[dict], placem
     try:
         # The other ranks wait for it as long as a first scan of ImageNet and its statistics may take on a
         # slow disk, not --timeout: the launcher does this work before it starts any rank.
-        with patient_group(PREPARATION_WAIT_S) as group:
+        with patient_group(max(PREPARATION_WAIT_S, config.timeout)) as group:
             if rank == 0:
                 try:
                     config, run_dir, bundle, lock = prepare_run(config, checkpoint)
