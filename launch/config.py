@@ -193,7 +193,8 @@ class TrainConfig:
             raise ValueError(f"--workers must not be negative, got {self.workers}")
         if self.replicas is not None and self.batch_size is not None and self.batch_size % self.replicas:
             # a resumed run keeps its batch size: the number of replicas is what it can change
-            fits = [n for n in range(2 * self.replicas, 0, -1) if self.batch_size % n == 0][:3]  # 1 at the latest
+            fits = [n for n in range(min(2 * self.replicas, self.batch_size), 0, -1)
+                    if self.batch_size % n == 0][:3]  # 1 at the latest
             raise ValueError(f"--batch-size {self.batch_size} does not split evenly over {self.replicas} replicas: "
                              f"give a batch size divisible by {self.replicas}, or a number of replicas that divides "
                              f"{self.batch_size} ({', '.join(map(str, fits[:-1]))}{' or ' * (len(fits) > 1)}"

@@ -175,6 +175,7 @@ def test_two_replicas_log_the_losses_of_one_and_resume_across_replica_counts(tin
 @pytest.mark.parametrize("args, message", [
     (["--replicas", "3", "--batch-size", "4"], "--batch-size 4 does not split evenly over 3 replicas: give a batch "
      "size divisible by 3, or a number of replicas that divides 4 (4, 2 or 1;"),  # a resumed run can only do the latter
+    (["--replicas", str(10 ** 12), "--batch-size", "128"], "a number of replicas that divides 128 (128, 64 or 32;"),
     (["--replicas", "0"], "--replicas must be positive, got 0"),
     (["--replicas", "100000"], "--replicas 100000 would start 200000 processes on this machine's"),
 ])
