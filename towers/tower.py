@@ -180,11 +180,12 @@ def check_compile_backend(backend: str, option: str, device: str = "cpu") -> Non
         return
     if device != "cpu":
         # Triton's own search (triton.runtime.build._find_compiler): $CC, else gcc, else clang
-        candidates = (os.environ["CC"],) if os.getenv("CC") else ("gcc", "clang")
-        if not any(shutil.which(c) for c in candidates):
+        candidates = (os.environ["CC"],) if "CC" in os.environ else ("gcc", "clang")  # an empty CC too
+        if not any(c and shutil.which(c) for c in candidates):
+            missing = f"{' or '.join(candidates)} is not on PATH" if any(candidates) else "CC is set, and empty"
             raise ValueError(f"{option} inductor: on a GPU it builds the launchers of its Triton kernels with a C "
-                             f"compiler, and finds none here ({' or '.join(candidates)} is not on PATH): install "
-                             f"gcc (or set CC to a C compiler), or give aot_eager, which compiles nothing")
+                             f"compiler, and finds none here ({missing}): install gcc (or set CC to a C compiler), "
+                             f"or give aot_eager, which compiles nothing")
         return
     if os.getenv("TORCH_INDUCTOR_INSTALL_GXX"):
         return
