@@ -224,8 +224,9 @@ def lock_run_folder(run_dir: Path, resumed: bool = False):
         raise ValueError(f"cannot write in the run folder {run_dir} ({exc.strerror}): {fix}") from None
 
 
-def new_run_folder(config: TrainConfig) -> Path:
-    """--out/--run-name, made if missing; without --run-name, the date and time (made unique)."""
+def new_run_folder(config: TrainConfig) -> tuple:
+    """--out/--run-name, made if missing; without --run-name, the date and time (made unique).
+    Returns the folder and whether this call made it."""
     out = Path(config.out).expanduser()
     try:
         return _new_run_folder(config, out)
@@ -238,7 +239,7 @@ def _cannot_use_out(out, exc: OSError) -> ValueError:
     return ValueError(f"cannot use --out {out} ({exc.strerror or exc}): give an --out folder you can write")
 
 
-def _new_run_folder(config: TrainConfig, out: Path) -> Path:
+def _new_run_folder(config: TrainConfig, out: Path) -> tuple:
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file: give a folder (it is made if missing)")
     if out.is_symlink() and not out.exists():
@@ -249,9 +250,11 @@ def _new_run_folder(config: TrainConfig, out: Path) -> Path:
     for name in names:
         run_dir = out / name
         try:
-            run_dir.mkdir(parents=True, exist_ok=bool(config.run_name))
-            return run_dir
+            run_dir.mkdir(parents=True)
+            return run_dir, True
         except FileExistsError:
+            if config.run_name and run_dir.is_dir():  # made beforehand: the caller looks at what it holds
+                return run_dir, False
             if config.run_name:  # a file of that name
                 raise ValueError(f"{run_dir} is a file: choose another --run-name") from None
         except OSError as exc:
@@ -334,10 +337,7 @@ def prepare_run(config: TrainConfig, checkpoint: Optional[dict]):
         check_room_for_checkpoints(config, len(bundle.classes))
     if not config.resume:
         check_out_outside_the_images(config, bundle.root)
-    named = Path(config.out).expanduser() / config.run_name if config.run_name else None
-    # os.path.exists: False, not an error, for a path it cannot look at (new_run_folder names the fault)
-    made_folder = not config.resume and not (named is not None and os.path.exists(named))
-    run_dir = resolve_path(config.resume).parent if config.resume else new_run_folder(config)
+    run_dir, made_folder = (resolve_path(config.resume).parent, False) if config.resume else new_run_folder(config)
     made_lock = not (run_dir / LOCK_NAME).exists()
     lock = lock_run_folder(run_dir, resumed=bool(config.resume))
     try:
