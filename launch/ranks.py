@@ -135,6 +135,9 @@ def init_process_group(backend: str, rank: int, world_size: int, timeout_s: floa
         dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
 
 
+PREPARATION_WAIT_S = 2 * 3600  # under torchrun, the longest wait for a rank's first scan of the data folder
+
+
 @contextlib.contextmanager
 def patient_group(wait_s: float):
     """A gloo group of every rank whose collectives wait up to ``wait_s`` for one another,

@@ -37,7 +37,7 @@ from .checkpoint import FILENAME, load_checkpoint, restore_training_state, save_
 from .cli import shell_word, usable_cores
 from .config import TrainConfig
 from .mesh import Mesh, build_mesh
-from .ranks import Placement
+from .ranks import PREPARATION_WAIT_S, Placement, error_line, patient_group
 from .meter import Metrics, ProgressBar, StepMeter, duration, peak_memory
 from .schedule import Progress, base_rate, end_of_epoch_schedule, learning_rate
 from .step import AUTOCAST, paper_optimizer, train_step
@@ -359,16 +359,38 @@ def setup_logging(rank: int, run_dir: Optional[Path]) -> None:
         root.addHandler(logfile)
 
 
-def _replica_data(rank: int, config: TrainConfig, plan: Plan, bundle) -> data_module.DataBundle:
-    """The data a replica's first tower loads: the launcher's (``bundle``), or, under
-    torchrun, the folder opened here with rank 0's statistics, checked to be the same set."""
-    if bundle is None:
-        bundle = data_module.open_data(config.data, stats=plan.stats)
-    if list(bundle.classes) != plan.classes or len(bundle.train) != plan.train_images:
-        raise data_module.DataError(f"rank {rank} sees other data at {bundle.root} ({len(bundle.classes)} classes, "
-                                    f"{len(bundle.train)} training images) than rank 0 ({len(plan.classes)}, "
-                                    f"{plan.train_images}): give every machine the same --data")
-    return bundle
+def _replica_data(rank: int, config: TrainConfig, plan: Plan, bundle, mesh: Mesh) -> Optional[data_module.DataBundle]:
+    """The data of a replica's first tower (None on the other ranks): the launcher's
+    (``bundle``), or, under torchrun, the folder opened here with rank 0's statistics,
+    checked to be the same set. With replicas, every rank waits for the others' scans as
+    long as a first scan of a large folder may take (not --timeout, one exchange's bound),
+    and a rank that cannot use the data stops every rank with its one line."""
+    def open_here():
+        opened = bundle if bundle is not None else data_module.open_data(config.data, stats=plan.stats)
+        if list(opened.classes) != plan.classes or len(opened.train) != plan.train_images:
+            raise data_module.DataError(f"rank {rank} sees other data at {opened.root} ({len(opened.classes)} classes, "
+                                        f"{len(opened.train)} training images) than rank 0 ({len(plan.classes)}, "
+                                        f"{plan.train_images}): give every machine the same --data")
+        return opened
+
+    if mesh.replicas == 1:
+        return open_here() if mesh.loads_data else None
+    opened = failure = None
+    with patient_group(max(PREPARATION_WAIT_S, config.timeout)) as group:
+        if mesh.loads_data:
+            try:
+                opened = open_here()
+            except Exception as exc:  # raised below, once every rank knows
+                failure = exc
+        failures = [None] * dist.get_world_size()
+        said = str(failure) if isinstance(failure, data_module.DataError) else error_line(failure) if failure else None
+        dist.all_gather_object(failures, said, group=group)
+    if failure is not None:
+        raise failure
+    for other, line in enumerate(failures):
+        if line is not None:
+            raise data_module.DataError(f"{line} (on rank {other})")
+    return opened
 
 
 def default_workers(on_gpu: bool, ranks_here: int, loaders_here: int) -> int:
@@ -420,7 +442,7 @@ def run_rank(rank: int, config: TrainConfig, run_dir: Optional[str], placement: 
                      len(bundle.train), bundle.stats)]
     dist.broadcast_object_list(plan, src=0)
     plan = plan[0]
-    bundle = _replica_data(rank, config, plan, bundle) if mesh.loads_data else None
+    bundle = _replica_data(rank, config, plan, bundle, mesh)
     # One loader for the whole run: its worker processes start once, not each epoch and evaluation.
     with (data_module.Loader(bundle, workers, pin_memory=device.type == "cuda") if bundle is not None
           else contextlib.nullcontext()) as loader:

@@ -45,8 +45,8 @@ from .checkpoint import (FILENAME, CheckpointError, check_classes, check_trainin
 from .cli import MAX_PROCESSES_PER_CORE, lock_exclusively, quick_exit, shell_word, usable_cores, write_whole
 from .config import (TrainConfig, build_parser, check_schedule_options, describe_recipe, given_options, parse_config,
                      recipe_warnings, resolve)
-from .ranks import (LOOPBACK, RankFailure, choose_placement, cpu_threads_per_rank, error_line, init_process_group,
-                    patient_group, raise_interrupt, reuse_freed_memory, run_ranks)
+from .ranks import (LOOPBACK, PREPARATION_WAIT_S, RankFailure, choose_placement, cpu_threads_per_rank, error_line,
+                    init_process_group, patient_group, raise_interrupt, reuse_freed_memory, run_ranks)
 from .train import architecture, describe_evaluation, elsewhere_than, run_rank, setup_logging
 
 log = logging.getLogger("launch.two_gpu")
@@ -69,7 +69,6 @@ CHANGEABLE_ON_RESUME = {"epochs", "lr", "warmup_steps", "data"}
 # Recipe fields that a checkpoint's arch records: --eval-only takes them from the checkpoint.
 ARCHITECTURE_OPTIONS = ("lrn", "pooling", "activation")
 LOCK_NAME = ".lock"  # held by the run using the folder (see lock_run_folder)
-PREPARATION_WAIT_S = 2 * 3600  # under torchrun, the other ranks' wait for rank 0 to open the data and the run folder
 # Options that only training reads: --eval-only refuses them rather than ignore them. (--recipe
 # stays: it gives the evaluation's batch size where --batch-size does not.)
 TRAINING_ONLY = ("epochs", "lr", "momentum", "weight_decay", "schedule", "patience", "max_reductions", "lr_milestones",

@@ -2,6 +2,7 @@
 
 import ctypes
 import os
+import re
 import subprocess
 import sys
 import time
@@ -116,6 +117,42 @@ def test_a_patient_group_waits_for_rank_0_beyond_the_collective_timeout():
     assert run_ranks(_wait_for_rank0, (4, True), collective_timeout_s=1, timeout_s=60) == [42, 42]
     with pytest.raises(RankFailure, match="rank 1 failed: .*Timed out"):  # what it spares them
         run_ranks(_wait_for_rank0, (4, False), collective_timeout_s=1, timeout_s=60)
+
+
+def _replicas_open_the_data(rank, data, slow_rank, other_data_rank):
+    """Two replicas of two towers as under torchrun: rank 0 holds the data it opened, rank 2
+    (replica 1's first tower) opens it itself, ``slow_rank`` taking 3 s, longer than any one
+    collective may wait (1 s); ``other_data_rank`` is told rank 0 saw one more image."""
+    from launch import data as data_module, train
+    from launch.config import TrainConfig
+    from launch.mesh import build_mesh
+
+    mesh = build_mesh(2, timeout_s=1)
+    seen = data_module.open_data(data)
+    plan = train.Plan(list(seen.classes), 1, 1, len(seen.train) + (rank == other_data_rank), seen.stats)
+    if rank == slow_rank:
+        scan = data_module.open_data
+        data_module.open_data = lambda *args, **kwargs: (time.sleep(3), scan(*args, **kwargs))[1]
+    opened = train._replica_data(rank, TrainConfig(data=str(data), timeout=1), plan, seen if rank == 0 else None, mesh)
+    dist.barrier()  # the run goes on together
+    return None if opened is None else len(opened.train)
+
+
+@pytest.mark.slow
+def test_under_torchrun_the_ranks_wait_for_a_replicas_scan_of_the_data_and_share_its_failure(tiny_data):
+    """Under torchrun each replica's first tower scans the data folder itself: the other ranks
+    wait for it as long as that takes, not --timeout; if it cannot use the data, every rank
+    stops at once with its line, none waiting out a timeout."""
+    assert run_ranks(_replicas_open_the_data, (tiny_data, 2, None), world_size=4, collective_timeout_s=1,
+                     timeout_s=60) == [30, None, 30, None]
+    started = time.monotonic()
+    with pytest.raises(RankFailure) as info:
+        run_ranks(_replicas_open_the_data, (tiny_data, None, 2), world_size=4, collective_timeout_s=1, timeout_s=60)
+    assert set(info.value.failures) == {0, 1, 2, 3} and time.monotonic() - started < 30
+    sees = (r"launch.images.DataError: rank 2 sees other data at \S+ \(10 classes, 30 training images\) than rank 0 "
+            r"\(10, 31\): give every machine the same --data")
+    assert re.fullmatch(sees, info.value.failures[2]), info.value.failures
+    assert all(re.fullmatch(sees + r" \(on rank 2\)", info.value.failures[other]) for other in (0, 1, 3))
 
 
 def _same_mistake(rank):
