@@ -129,7 +129,18 @@ class DataBundle:
 # --------------------------------------------------------------------------- layout
 
 def _class_folders(split_dir: Path) -> list:
-    return sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith("."))
+    """The class folders of a split, sorted: its folders and links to folders, never a hidden
+    one. Raises DataError for a link to nothing, which may be a class whose disk is not there."""
+    names = []
+    for entry in os.scandir(split_dir):
+        if entry.name.startswith("."):
+            continue
+        if entry.is_dir():
+            names.append(entry.name)
+        elif entry.is_symlink() and not os.path.exists(entry.path):
+            raise DataError(f"{entry.path} is a link to {os.readlink(entry.path)}, which does not exist: a class folder "
+                            f"whose disk is not mounted? Make it reachable, or remove the link")
+    return sorted(names)
 
 
 @dataclass

@@ -207,6 +207,16 @@ def test_class_folder_linked_from_another_disk_works(tmp_path, caplog):
     assert bundle.stats.images == 3 and not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
+def test_a_class_folder_linked_to_nothing_is_refused_not_left_out(tmp_path):
+    root = _simple_tree(tmp_path / "data", train=1, val=1)
+    for split in ("train", "val"):
+        os.symlink(tmp_path / "unmounted" / split / "c", root / split / "c")
+    with pytest.raises(DataError, match=f"^{root / 'train' / 'c'} is a link to {tmp_path / 'unmounted'}/train/c, which "
+                                        f"does not exist: a class folder whose disk is not mounted\\? Make it reachable, "
+                                        f"or remove the link$"):
+        data.scan_layout(root)
+
+
 def test_links_count_once_and_only_for_their_own_class(tmp_path):
     root = _simple_tree(tmp_path / "data", train=2, val=1)
     elsewhere = tmp_path / "other_disk"
