@@ -283,13 +283,19 @@ def _scan_layout(root: Path, builtin_alternative: bool):
         raise DataError(f"class folders differ between train/ and val/ of {root} ({'; '.join(parts)}): "
                         f"make both hold the same class folders (add the missing ones or remove the extra ones)")
     names = classes["train"]
-    files, skipped = {}, {}
+    files, skipped, seen = {}, {}, {}
     for split in ("train", "val"):
         owners = {}
         for name in names:  # setdefault: of two class folders that are one folder, the first owns it
             owners.setdefault(os.path.realpath(root / split / name), name)
-        seen, skipped[split] = set(), Skipped()
-        files[split] = [_images_in(root / split / name, name, owners, seen, skipped[split]) for name in names]
+        seen[split], skipped[split] = set(), Skipped()
+        files[split] = [_images_in(root / split / name, name, owners, seen[split], skipped[split]) for name in names]
+    both = seen["train"] & seen["val"]
+    if both:
+        example = next(path for images in files["val"] for path, _ in images if os.path.realpath(path) in both)
+        raise DataError(f"{len(both)} validation image(s) of {root} are training images too (the same file, through a "
+                        f"link), such as {example}, which is {os.path.realpath(example)}: the validation error would "
+                        f"not measure how the net does on images it has not learnt from. Give val/ images of its own")
     if not any(files["train"]) and not any(files["val"]):
         others = skipped["train"].other_files + skipped["val"].other_files
         raise DataError(f"no images found under {root} (looked for {' '.join(IMAGE_EXTENSIONS)}, any case; "

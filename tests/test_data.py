@@ -217,6 +217,20 @@ def test_a_class_folder_linked_to_nothing_is_refused_not_left_out(tmp_path):
         data.scan_layout(root)
 
 
+def test_a_validation_image_that_is_a_training_image_is_refused(tmp_path):
+    root = _simple_tree(tmp_path / "data", train=2, val=1)
+    data.scan_layout(root)  # two linked trees of their own are fine
+    os.symlink(root / "train" / "b" / "1.jpg", root / "val" / "b" / "seen.jpg")
+    with pytest.raises(DataError, match=f"^1 validation image\\(s\\) of {root} are training images too \\(the same file, "
+                                        f"through a link\\), such as {root}/val/b/seen.jpg, which is {root}/train/b/1.jpg"):
+        data.scan_layout(root)
+    os.remove(root / "val" / "b" / "seen.jpg")
+    shutil.rmtree(root / "val" / "a")
+    os.symlink("../train/a", root / "val" / "a")  # a whole class
+    with pytest.raises(DataError, match="^2 validation image"):
+        data.scan_layout(root)
+
+
 def test_links_count_once_and_only_for_their_own_class(tmp_path):
     root = _simple_tree(tmp_path / "data", train=2, val=1)
     elsewhere = tmp_path / "other_disk"
