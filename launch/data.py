@@ -147,6 +147,7 @@ def _class_folders(split_dir: Path) -> list:
 class Skipped:
     """What the scan of one split left out, and why."""
     other_files: int = 0  # files that are not images (by their extension), and hidden ones (macOS's ._x.jpg twins)
+    hidden_folders: int = 0  # in class folders, not walked: thumbnail caches (.thumbs, .@__thumb), a tool's own
     looping_links: list = field(default_factory=list)  # folder links back into their own class's walk
     other_class: list = field(default_factory=list)  # images reached through a link into another class's folder
     duplicates: list = field(default_factory=list)  # images listed already, under another path (same real file)
@@ -189,6 +190,9 @@ def _images_in(folder: Path, name: str, owners: dict, seen: set, skipped: Skippe
         real_dir = real_dirs.pop(dirpath)
         kept = []
         for sub in sorted(dirnames):
+            if sub.startswith("."):
+                skipped.hidden_folders += 1
+                continue
             path = os.path.join(dirpath, sub)
             if os.path.islink(path):
                 real = os.path.realpath(path)
@@ -325,6 +329,9 @@ def open_data(data_dir: Optional[Union[str, Path]], *, cache_dir: Optional[Path]
         if skipped[split].other_files:
             log.info("%s/: ignored %d hidden files or files that are not images (%s)", split,
                      skipped[split].other_files, " ".join(IMAGE_EXTENSIONS))
+        if skipped[split].hidden_folders:
+            log.info("%s/: ignored %d hidden folders in class folders (thumbnail caches and the like)", split,
+                     skipped[split].hidden_folders)
         links = skipped[split].describe()
         if links:
             log.warning("%s/: skipped %s", split, links)

@@ -220,8 +220,10 @@ def _stray_images(dst: Path, planned: dict) -> list:
         if not (dst / split).is_dir():
             continue
         classes = [e.path for e in os.scandir(dst / split) if e.is_dir() and not e.name.startswith(".")]
-        for folder, _, names in (entry for top in classes for entry in os.walk(top)):
-            stray += [Path(folder, n) for n in names if is_image_name(n) and Path(folder, n) not in planned]
+        for top in classes:
+            for folder, folders, names in os.walk(top):
+                folders[:] = [f for f in folders if not f.startswith(".")]  # not read either (data.Skipped)
+                stray += [Path(folder, n) for n in names if is_image_name(n) and Path(folder, n) not in planned]
     return sorted(stray)
 
 

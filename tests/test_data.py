@@ -70,6 +70,7 @@ def _mixed_tree(root: Path) -> dict:
     fake.write_text("this is not an image")
     (train / "b" / "notes.txt").write_text("ignored")
     (train / "a" / "._rgb.jpg").write_bytes(b"\0\5\26\7 macOS's resource fork of rgb.jpg")  # hidden: ignored
+    _save(train / "b" / ".thumbs" / "whole.jpg", _rgb(8, (30, 30)))  # a hidden folder: a viewer's, not data
     _save(train / "b" / "z_last.jpg", _rgb(9))
     for name in ("a", "b"):
         _save(root / "val" / name / "v.jpg", _rgb(20 + len(name)))
@@ -269,7 +270,8 @@ def test_every_mode_becomes_256_rgb(tmp_path):
     paths = {Path(p).name: p for images in files["train"] for p, _ in images}
     assert odd["fake"] in paths.values() and "notes.txt" not in paths  # .jpg by name is kept until decoded
     assert "._rgb.jpg" not in paths  # a hidden file, whatever its name says
-    assert skipped == {"train": data.Skipped(other_files=2), "val": data.Skipped()}
+    assert skipped == {"train": data.Skipped(other_files=2, hidden_folders=1), "val": data.Skipped()}
+    assert not [p for p in paths.values() if ".thumbs" in p]
     for name, path in paths.items():
         if path in odd.values():
             continue
@@ -874,6 +876,7 @@ def test_prepare_names_each_image_by_its_own_name_and_refuses_images_that_src_no
         f"data. Remove them, or give a new DST, and run again")
     (train_a / "x.png.jpg").unlink()
     (train_a / ".x.png.jpg.partial-123").write_bytes(b"\xff\xd8")  # hidden, a write cut short: not data
+    _save(train_a / ".thumbs" / "x.jpg", _rgb(1))  # in a hidden folder: not data either
     assert prepare.main([str(src), str(dst), "--workers", "1"]) == 0
     assert len(data.open_data(dst, cache_dir=tmp_path / "cache").train) == 4  # 0.jpg of a and b, x.jpg, y.jpg
 
