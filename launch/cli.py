@@ -116,11 +116,19 @@ def shell_word(path) -> str:
     return shlex.quote(str(path))
 
 
+NAME_MAX = 255  # bytes in one file name, on the file systems of Linux and macOS
+
+
 def write_whole(path: Path, write) -> None:
     """``write(partial)``, then ``partial`` (a hidden file beside ``path``) renamed over ``path``:
     the file is whole or not there, even where the disk fills up while it is written, or the
-    writer is stopped (the error is raised, and the partial file removed)."""
-    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    writer is stopped (the error is raised, and the partial file removed). The partial file
+    is named after ``path``, shortened where the name would be too long for the folder."""
+    suffix = f".partial-{os.getpid()}"
+    name = f".{path.name}{suffix}"
+    if len(os.fsencode(name)) > NAME_MAX:
+        name = f".{os.fsdecode(os.fsencode(path.name)[:NAME_MAX - 1 - len(suffix)])}{suffix}"
+    partial = path.with_name(name)
     try:
         write(partial)
         os.replace(partial, path)

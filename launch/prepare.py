@@ -39,7 +39,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from launch.cli import MAX_PROCESSES_PER_CORE, Parser, lock_exclusively, quick_exit, usable_cores, write_whole
+from launch.cli import MAX_PROCESSES_PER_CORE, NAME_MAX, Parser, lock_exclusively, quick_exit, usable_cores, write_whole
 from launch.data import DataError, open_data, scan_layout
 from launch.images import DECODE_ERRORS, is_image_name, load_image, skip_reason
 
@@ -187,6 +187,9 @@ def planned_targets(src: Path, dst: Path) -> dict:
         for name, images in zip(classes, files[split]):
             for path, _ in images:
                 target = dst / split / name / target_name(Path(path).relative_to(src / split / name))
+                if len(os.fsencode(target.name)) > NAME_MAX:  # a.png of 252 bytes: a.png.jpg
+                    raise DataError(f"{path}: its base image's name in DST, {target.name}, would be longer than a "
+                                    f"file name can be ({NAME_MAX} bytes): give it a shorter name in SRC")
                 if target in planned:  # such as a.jpg and a.JPEG, or a.png and a.png.jpg
                     raise DataError(f"{planned[target]} and {path} would both be written to {target}: rename one "
                                     f"of them in SRC")

@@ -826,6 +826,24 @@ def test_prepare_refuses_two_images_with_one_target_and_a_quality_out_of_range(t
     assert not (tmp_path / "q").exists()
 
 
+def test_prepare_writes_images_of_the_longest_names_and_refuses_one_whose_base_image_name_would_be_too_long(
+        tmp_path, capsys):
+    src, dst = _simple_tree(tmp_path / "raw", train=1, val=1), tmp_path / "prepared"
+    longest = "x" * 251 + ".jpg"  # 255 bytes: its partial file's name must be shorter than ".NAME.partial-PID"
+    _save(src / "train" / "a" / longest, _rgb(60))
+    png = _save(src / "train" / "b" / ("y" * 248 + ".png"), _rgb(61), format="PNG")  # -> 256 bytes with .jpg
+    assert prepare.main([str(src), str(dst), "--workers", "1"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: {png}: its base image's name in DST, {png.name}.jpg, would be longer than a file name can be (255 "
+        f"bytes): give it a shorter name in SRC")
+    assert not dst.exists()
+    png.unlink()
+    assert prepare.main([str(src), str(dst), "--workers", "1"]) == 0
+    with Image.open(dst / "train" / "a" / longest) as image:
+        assert image.size == (256, 256)
+    assert sorted(p.name for p in (dst / "train" / "a").iterdir()) == ["0.jpg", longest]  # no partial file left
+
+
 def test_prepare_refuses_more_workers_than_its_cores_run_and_starts_no_more_than_its_work_needs(tmp_path, capsys,
                                                                                                  monkeypatch):
     src, dst = _simple_tree(tmp_path / "raw"), tmp_path / "prepared"
