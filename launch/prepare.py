@@ -307,13 +307,14 @@ def _write(src: Path, dst: Path, planned: dict, workers: int, quality: int) -> i
         print(_worker_ended(exc.args[0]), file=sys.stderr)
         return 1
     listing = dst / "unreadable.txt"  # of this run: the files of SRC that are not in DST
+    # A name as SRC's folder spells it, in whatever bytes. A DST that holds this list already
+    # is left as it is: it may be on a disk this run cannot write to (another user's, done).
+    listed = "".join(f"{source}\t{error}\n" for source, error in unreadable).encode("utf-8", "surrogateescape")
     try:
-        if unreadable:  # a name as SRC's folder spells it, in whatever bytes
-            write_whole(listing, lambda partial: partial.write_text(
-                "".join(f"{source}\t{error}\n" for source, error in unreadable), encoding="utf-8",
-                errors="surrogateescape"))
-        else:
-            listing.unlink(missing_ok=True)
+        if unreadable and not (listing.is_file() and listing.read_bytes() == listed):
+            write_whole(listing, lambda partial: partial.write_bytes(listed))
+        elif not unreadable and os.path.lexists(listing):
+            listing.unlink()
     except OSError as exc:
         print(_cannot_write(dst, exc), file=sys.stderr)
         return 2

@@ -923,6 +923,28 @@ def test_prepare_lists_the_unreadable_files_of_its_last_run_by_their_own_bytes(t
     assert prepare.main([str(src), str(dst), "--workers", "1"]) == 2
 
 
+def test_prepare_run_again_on_a_finished_dst_it_cannot_write_to_ends_well(tmp_path, monkeypatch):
+    """A finished DST on a read-only disk (another user's): nothing to write, so nothing fails,
+    with or without a list of unreadable files (which is the same as the last run's)."""
+    src, dst = _simple_tree(tmp_path / "raw", train=1, val=1), tmp_path / "prepared"
+    assert prepare.main([str(src), str(dst), "--workers", "1"]) == 0
+    (src / "train" / "a" / "bad.jpg").write_bytes(b"not an image")
+    assert prepare.main([str(src), str(dst), "--workers", "1"]) == 0
+    listed = (dst / "unreadable.txt").read_bytes()
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+    monkeypatch.setattr(prepare, "write_whole", read_only)
+    monkeypatch.setattr(Path, "unlink", read_only)
+    assert prepare.main([str(src), str(dst), "--workers", "1"]) == 0
+    assert (dst / "unreadable.txt").read_bytes() == listed
+    monkeypatch.undo()
+    (src / "train" / "a" / "bad.jpg").unlink()
+    assert prepare.main([str(src), str(dst), "--workers", "1"]) == 0 and not (dst / "unreadable.txt").exists()
+    monkeypatch.setattr(Path, "unlink", read_only)
+    assert prepare.main([str(src), str(dst), "--workers", "1"]) == 0
+
+
 def test_prepare_names_the_fix_of_a_write_that_fails(tiny_data, tmp_path, capfd):
     for code, fix in ((errno.ENOSPC, "free space on its disk"), (errno.EACCES, "make it writable"),
                       (errno.EROFS, "make it writable"), (errno.ENOTDIR, "make it a folder")):
