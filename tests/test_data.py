@@ -772,13 +772,15 @@ def test_prepare_on_a_full_disk_is_one_line_and_leaves_no_part_of_an_image(tmp_p
     # the list of unreadable files, written once the images are: the images stay, no part of the list
     monkeypatch.undo()
     (src / "train" / "a" / "fake.jpg").write_text("not an image")
-    real = Path.write_text
+    real = Path.write_bytes
 
-    def full_disk_for_the_list(path, text, *args, **kwargs):
-        real(path, text[:10], *args, **kwargs)
+    def full_disk_for_the_list(path, data):
+        if "unreadable" not in path.name:  # an image
+            return real(path, data)
+        real(path, data[:10])
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(Path, "write_text", full_disk_for_the_list)
+    monkeypatch.setattr(Path, "write_bytes", full_disk_for_the_list)
     assert prepare.main([str(src), str(dst), "--workers", "1"]) == 2
     assert capfd.readouterr().err.splitlines()[-1].startswith(f"error: cannot write to DST {dst} (No space left")
     assert sorted(p.name for p in dst.rglob("*") if p.is_file() and p.name != prepare.LOCK_NAME) == sorted(
