@@ -42,6 +42,7 @@ from PIL import Image
 from launch.cli import MAX_PROCESSES_PER_CORE, NAME_MAX, Parser, lock_exclusively, quick_exit, usable_cores, write_whole
 from launch.data import DataError, open_data, scan_layout
 from launch.images import DECODE_ERRORS, is_image_name, load_image, skip_reason
+from launch.ranks import die_with_parent
 
 log = logging.getLogger(__name__)
 
@@ -66,13 +67,15 @@ def _end_quietly(signum, frame):
     raise SystemExit(1)
 
 
-def _worker_start() -> None:
+def _worker_start(program_pid: int) -> None:
     """The pool ends its workers with SIGTERM, the one writing an image too (once one has
     failed, or the program is interrupted): a worker takes it as an exception, so that
     ``_convert`` removes what it wrote. A terminal's Ctrl-C, which reaches the workers too, is
-    left to the program, which ends them so."""
+    left to the program, which ends them so. The program killed (SIGKILL), the kernel sends
+    the workers SIGTERM: none goes on converting, holding the lock on DST it was forked with."""
     signal.signal(signal.SIGTERM, _end_quietly)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    die_with_parent(program_pid)
 
 
 CHUNK = 16  # the images a worker is given at a time
@@ -93,7 +96,7 @@ def _pool(workers: int):
     the Pool's end waits for good on a lock that a killed worker held: it is given as long,
     and then left to the program's exit."""
     others = set(multiprocessing.active_children())  # a caller's own processes, never the pool's
-    pool = multiprocessing.Pool(workers, initializer=_worker_start)
+    pool = multiprocessing.Pool(workers, initializer=_worker_start, initargs=(os.getpid(),))
     try:
         yield pool, set(multiprocessing.active_children()) - others
     finally:

@@ -165,8 +165,8 @@ def die_with_parent(parent_pid: int) -> None:
     however it dies (even by SIGKILL); if the parent is gone already, this process ends now.
     A rank calls it for its parent, the rank server, which ends with the launcher
     (launch.rank_server), so no rank outlives its launcher; a rank's DataLoader workers
-    call it for their rank (launch.data), and the benchmarks' training program for the
-    benchmark (benchmarks.program.run_child)."""
+    call it for their rank (launch.data), the benchmarks' training program for the
+    benchmark (benchmarks.program.run_child), and launch.prepare's workers for it."""
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
     except (OSError, AttributeError):

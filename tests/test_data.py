@@ -1115,6 +1115,30 @@ with quick_exit():
 
 
 @pytest.mark.slow
+def test_prepare_killed_takes_its_workers_with_it(tmp_path):
+    """The program killed (SIGKILL) while its two workers convert: they end with it, each in
+    the image it is at, without a word, and leave the lock on DST to the next run."""
+    src, dst, busy = _simple_tree(tmp_path / "raw", train=10, val=1), tmp_path / "prepared", tmp_path / "busy"
+    script = _ONE_WORKER_BUSY.replace("prepare.CHUNK = 11", "prepare.CHUNK = 11; prepare.WORKER_GRACE_S = 10")
+    proc = subprocess.Popen([sys.executable, "-c", script, str(src), str(dst), "--workers", "2", str(busy)],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not busy.exists() or len(set(busy.read_text().split())) < 2:  # each worker at its first image
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+        _, err = proc.communicate(timeout=60)  # stderr ends when the last worker has
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    _no_process_left(proc.pid)
+    assert len(busy.read_text().split()) <= 4 and "Traceback" not in err, (busy.read_text(), err)  # of 24 images
+    assert not [p for p in dst.rglob("*") if ".partial-" in p.name]
+    assert _prepare(src, dst, "--workers", "2").returncode == 0
+
+
+@pytest.mark.slow
 def test_prepare_whose_idle_worker_is_killed_still_ends(tmp_path):
     """A worker that waits for work holds the lock on the Pool's queue of work: killed, it leaves
     the others, and the Pool's own end, waiting for that lock for good. The program tells the
