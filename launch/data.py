@@ -61,6 +61,11 @@ _ORDER_STREAM, _AUGMENT_STREAM = 0, 1
 
 # --------------------------------------------------------------------------- datasets
 
+# What becomes of an image that cannot be used, as the log says it: in training, in evaluation.
+STANDS_IN = "the next image stands in for it"
+LEFT_OUT = "it is left out"
+
+
 class ImageFolderSplit(Dataset):
     """One split (``train/`` or ``val/``) of an ImageNet-layout folder.
 
@@ -98,17 +103,24 @@ class ImageFolderSplit(Dataset):
                     return None, label, skipped
                 continue
             return torch.from_numpy(pixels).permute(2, 0, 1).contiguous(), label, skipped
-        raise DataError(f"no usable image in {self.split}/: every file failed to decode or was refused")
+        raise DataError(f"no usable image in {self.split}/: each of its {len(self.samples)} files failed to decode or "
+                        f"was refused (see the warnings above): replace them")
 
-    def record_skipped(self, skipped, substituted: bool = True) -> None:
+    def record_skipped(self, skipped, then: str = STANDS_IN) -> None:
         """Adds skipped (index, reason) pairs (reported by ``load``, possibly in a worker)
-        to ``corrupt``, logging each file once with its reason."""
+        to ``corrupt``, logging each file once with its reason and what ``then`` happens."""
         for index, reason in skipped:
             path = self.samples[index][0]
             if path not in self.corrupt:
                 self.corrupt.add(path)
-                log.warning("skipped image %s (%d in %s/ so far); %s", reason, len(self.corrupt), self.split,
-                            "the next image stands in for it" if substituted else "it is left out")
+                log.warning("skipped image %s (%d in %s/ so far); %s", reason, len(self.corrupt), self.split, then)
+
+    def check_usable(self) -> None:
+        """Raises DataError where no image of the split can be used, found by decoding up to
+        the first usable one (one decode, as a rule): before a run, not at its first evaluation."""
+        if self.samples:
+            _, _, skipped = self.load(0)
+            self.record_skipped(skipped, STANDS_IN if self.split == "train" else LEFT_OUT)
 
 
 @dataclass
@@ -335,6 +347,8 @@ def open_data(data_dir: Optional[Union[str, Path]], *, cache_dir: Optional[Path]
         links = skipped[split].describe()
         if links:
             log.warning("%s/: skipped %s", split, links)
+    for split in splits.values():
+        split.check_usable()
     train_files = [f for images in files["train"] for f in images]
     if stats is None:
         stats = load_or_compute_stats(root, splits["train"], train_files, cache_dir)
@@ -472,7 +486,7 @@ class Loader:
         first, size = share_of_batch(batch_size, share)
         keys = ([("train", seed, epoch, batch * batch_size + first + k) for k in range(size)]
                 for batch in range(start_batch, total))
-        return self._batches(keys, total - start_batch, self.bundle.train, substituted=True)  # errors come at the call
+        return self._batches(keys, total - start_batch, self.bundle.train, STANDS_IN)  # errors come at the call
 
     def eval(self, batch_size: int, ten_crop: bool = False, limit: Optional[int] = None,
              share: tuple = (0, 1)) -> Iterator:
@@ -486,18 +500,18 @@ class Loader:
         indices = eval_share(len(self.bundle.val), limit, share)
         keys = ([("val", index, ten_crop) for index in indices[start:start + batch_size]]
                 for start in range(0, len(indices), batch_size))
-        return self._batches(keys, -(-len(indices) // batch_size), self.bundle.val, substituted=False)
+        return self._batches(keys, -(-len(indices) // batch_size), self.bundle.val, LEFT_OUT)
 
-    def _batches(self, keys: Iterator, count: int, split: ImageFolderSplit, substituted: bool) -> Iterator:
+    def _batches(self, keys: Iterator, count: int, split: ImageFolderSplit, then: str) -> Iterator:
         if self._current is not None:
             self._current.close()  # its iteration is over: the DataLoader serves one at a time
         self._requests.keys, self._requests.count = keys, count
-        self._current = self._iterate(split, substituted)
+        self._current = self._iterate(split, then)
         return self._current
 
-    def _iterate(self, split: ImageFolderSplit, substituted: bool) -> Iterator:
+    def _iterate(self, split: ImageFolderSplit, then: str) -> Iterator:
         for images, labels, skipped in self._loader:
-            split.record_skipped(skipped, substituted)  # here, in the calling process, whichever process decoded
+            split.record_skipped(skipped, then)  # here, in the calling process, whichever process decoded
             yield images, labels
 
     def close(self) -> None:

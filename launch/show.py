@@ -551,7 +551,7 @@ def split_features(model: AlexNet, split: data_module.ImageFolderSplit, indices:
         batch, positions = [], []
         for index in indices[first:first + batch_size]:
             image, _, skipped = split.load(index, substitute=False)
-            split.record_skipped(skipped, substituted=False)
+            split.record_skipped(skipped, data_module.LEFT_OUT)
             if image is not None:
                 batch.append(data_module.center_crop(image))
                 positions.append(index)

@@ -91,7 +91,7 @@ def compute_stats(train: "ImageFolderSplit", sample: int = STATS_SAMPLE, use_ima
         try:
             pixels = load_image(path)
         except DECODE_ERRORS as error:
-            train.record_skipped([(index, skip_reason(path, error))])
+            train.record_skipped([(index, skip_reason(path, error))], "it is left out of the statistics, and training puts the next image in its place")
             continue
         pixel_sum += pixels
         flat = pixels.reshape(-1, 3).astype(np.float64)

@@ -511,13 +511,15 @@ def _free_port() -> int:
 def layouts(tmp_path, tiny_data):
     """Broken copies of the tiny dataset."""
     made = {}
-    for name in ("no_val", "other_classes", "empty_class"):
+    for name in ("no_val", "other_classes", "empty_class", "unreadable_val"):
         made[name] = tmp_path / name
         shutil.copytree(tiny_data, made[name])
     shutil.rmtree(made["no_val"] / "val")
     (made["other_classes"] / "val" / sorted(os.listdir(tiny_data / "val"))[0]).rename(made["other_classes"] / "val" / "zebra")
     for f in (made["empty_class"] / "train" / sorted(os.listdir(tiny_data / "train"))[0]).iterdir():
         f.unlink()
+    for f in (made["unreadable_val"] / "val").rglob("*.jpg"):
+        f.write_bytes(b"not a JPEG")
     return made
 
 
@@ -527,6 +529,9 @@ def test_bad_data_and_options_get_clear_errors(tiny_data, layouts, tmp_path, cap
     assert "val" in _error_of(["--data", layouts["no_val"], *out], caplog)
     assert "zebra" in _error_of(["--data", layouts["other_classes"], *out], caplog)
     assert "no images" in _error_of(["--data", layouts["empty_class"], *out], caplog).lower()
+    # found before a rank starts, not at the end of the first epoch
+    assert ("no usable image in val/: each of its 10 files failed to decode or was refused (see the warnings above): "
+            "replace them") in _error_of(["--data", layouts["unreadable_val"], *out, "--batch-size", 4], caplog)
     for option, value, words in [("--batch-size", 0, "must be positive"), ("--lr", -1, "--lr"),
                                  ("--epochs", 0, "must be positive"), ("--dropout", 1.5, "--dropout"),
                                  ("--batch-size", 1000, "larger than the 30 training images"),
