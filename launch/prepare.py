@@ -7,11 +7,12 @@ SRC holds train/CLASS/* and val/CLASS/* in any image format (.jpg .jpeg .png .bm
 its shorter side rescaled to 256 and its central 256x256 patch written as a JPEG
 (quality 95) to the same place under DST: a JPEG under its own name (a.jpeg: a.jpg), any
 other image under its whole name with .jpg added (a.png: a.png.jpg), whatever else its
-folder holds. Unreadable files are skipped and listed, also in DST/unreadable.txt; other
-files are ignored. Images in DST that no file of SRC becomes (SRC changed since, or
-DST holds other images) are refused, as training would read them. Then the
-training-set statistics (mean image, RGB PCA) are computed and cached in DST, as
-the authors did once before training. The training program then decodes small
+folder holds. Unreadable files are skipped and listed, also in DST/unreadable.txt (a line
+per file: its path, a tab, the reason; a backslash, tab or line break within them is
+written as \\\\, \\t, \\n or \\r); other files are ignored. Images in DST that no file
+of SRC becomes (SRC changed since, or DST holds other images) are refused, as training
+would read them. Then the training-set statistics (mean image, RGB PCA) are computed and
+cached in DST, as the authors did once before training. The training program then decodes small
 JPEGs only, with no resizing. An interrupted run can be restarted: files already
 written (each one is written atomically) are kept. A DST that cannot be written (a full
 disk) ends the run with one line naming it, exit code 2, and no part of a file left in it; a
@@ -312,7 +313,8 @@ def _write(src: Path, dst: Path, planned: dict, workers: int, quality: int) -> i
     listing = dst / "unreadable.txt"  # of this run: the files of SRC that are not in DST
     # A name as SRC's folder spells it, in whatever bytes. A DST that holds this list already
     # is left as it is: it may be on a disk this run cannot write to (another user's, done).
-    listed = "".join(f"{source}\t{error}\n" for source, error in unreadable).encode("utf-8", "surrogateescape")
+    listed = "".join(f"{_escaped(source)}\t{_escaped(error)}\n" for source, error in unreadable).encode(
+        "utf-8", "surrogateescape")
     try:
         if unreadable and not (listing.is_file() and listing.read_bytes() == listed):
             write_whole(listing, lambda partial: partial.write_bytes(listed))
@@ -330,6 +332,11 @@ def _write(src: Path, dst: Path, planned: dict, workers: int, quality: int) -> i
         return 2
     log.info("%s", bundle.describe())
     return 0
+
+
+def _escaped(text: str) -> str:
+    """``text`` on one line of unreadable.txt, its fields' separator (a tab) escaped."""
+    return text.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
 
 
 def _convert_jobs(jobs: list, workers: int) -> list:

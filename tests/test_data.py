@@ -917,6 +917,12 @@ def test_prepare_lists_the_unreadable_files_of_its_last_run_by_their_own_bytes(t
         os.unlink(odd)
     listed = (dst / "unreadable.txt").read_bytes()
     assert listed.startswith(odd + b"\t") and listed.count(b"\n") == 1
+    broken = src / "train" / "a" / "two\nlines\tand \\.jpg"
+    broken.write_bytes(b"not an image either")
+    assert prepare.main([str(src), str(dst), "--workers", "1"]) == 0
+    broken.unlink()
+    lines = (dst / "unreadable.txt").read_text().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"{src}/train/a/two\\nlines\\tand \\\\.jpg\t{src}/train/a/two\\n")
     assert prepare.main([str(src), str(dst), "--workers", "1"]) == 0
     assert not (dst / "unreadable.txt").exists()
 
