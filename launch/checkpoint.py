@@ -181,10 +181,29 @@ def _starts_as_a_zip(path: Path) -> bool:
         return False
 
 
+def _damaged_record(path: Path) -> Optional[str]:
+    """The first record of the checkpoint ``path`` whose bytes do not match the CRC-32 that
+    torch.save wrote with them, or None; torch.load itself never checks them, and loads a
+    damaged tensor as it finds it. Read in full, as a load reads the weights anyway. A
+    file that is not a zip archive (or not a regular file, which may never end) is left
+    to torch.load, which names what it is."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError):
+        return None
+
+
 def load_checkpoint(path, classes: Optional[list] = None) -> dict:
     """Loads and checks a checkpoint, and that it was trained on ``classes`` (the data's class
     names, in order) if given; raises CheckpointError naming the problem and the fix."""
     path = resolve_path(path)
+    damaged = _damaged_record(path)
+    if damaged is not None:
+        raise CheckpointError(f"{path} is damaged: its record {damaged} does not match the checksum written with it "
+                              f"(a disk or a copy went wrong): give an undamaged copy, or an earlier checkpoint")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as exc:
@@ -192,7 +211,8 @@ def load_checkpoint(path, classes: Optional[list] = None) -> dict:
         raise CheckpointError(
             f"refusing to load {path}: it holds Python objects other than tensors and plain data, and "
             f"unpickling them could run code ({culprit}). Only checkpoints written by this project load") from None
-    except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, OSError) as exc:
+    except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, OSError,
+            KeyError, IndexError, TypeError, AttributeError) as exc:  # the last four: a pickle edited by hand
         # not torch's advice for a file that is no zip archive: "torch.save your checkpoint with this option"
         why = (f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}" if isinstance(exc, OSError)
                or _starts_as_a_zip(path) else "not a zip archive, as torch.save writes a checkpoint")

@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -788,6 +789,32 @@ def test_a_file_that_is_no_checkpoint_is_named_as_such_without_torchs_advice(tmp
         assert said.startswith(f"{path} is truncated or not a checkpoint (") and "torch.save your" not in said, said
         assert said.endswith("): give a whole checkpoint that this program wrote"), said
         assert ("not a zip archive" in said) == (path != truncated), said
+
+
+def test_a_damaged_checkpoint_is_refused_not_loaded_as_it_is(tmp_path):
+    """Bytes of a tensor changed on the disk or in a copy: torch.load would load them as they
+    are, and the net would predict worse without a word. A pickle edited by hand is refused in
+    one line too, not with the unpickler's traceback."""
+    good, damaged, edited = tmp_path / "good.pt", tmp_path / "damaged.pt", tmp_path / "edited.pt"
+    save_reference(good, build_reference(10))
+    with zipfile.ZipFile(good) as archive:
+        record = next(info for info in archive.infolist() if info.filename.endswith("/data/3"))
+        records = [(info.filename, archive.read(info)) for info in archive.infolist()]
+    start = record.header_offset + 30 + len(record.filename.encode()) + len(record.extra)  # its bytes
+    damaged.write_bytes(good.read_bytes())
+    with open(damaged, "r+b") as f:
+        f.seek(start + 1000)
+        f.write(b"\0\0\0\0")
+    with pytest.raises(checkpoint.CheckpointError, match=(
+            f"^{damaged} is damaged: its record {record.filename} does not match the checksum written with it "
+            f"\\(a disk or a copy went wrong\\): give an undamaged copy, or an earlier checkpoint$")):
+        load_checkpoint(damaged)
+    with zipfile.ZipFile(edited, "w") as archive:  # whole records, whose pickle makes OrderedDict(True)
+        for name, data in records:
+            archive.writestr(name, b"\x80\x02ccollections\nOrderedDict\n\x88\x85R." if name.endswith("data.pkl") else data)
+    with pytest.raises(checkpoint.CheckpointError, match=f"^{edited} is truncated or not a checkpoint \\(TypeError: "):
+        load_checkpoint(edited)
+    assert load_checkpoint(good)["arch"]["num_classes"] == 10
 
 
 def test_bad_checkpoints_get_clear_errors_and_run_no_code(tiny_data, tmp_path, caplog):
