@@ -136,6 +136,25 @@ def write_whole(path: Path, write) -> None:
         partial.unlink(missing_ok=True)
 
 
+class OutputFailed(Exception):
+    """The standard output could not take what was written to it (a full disk, a file too
+    large), where its reader is still there; the message names the fix."""
+
+
+def write_out(data: bytes) -> None:
+    """``data`` written to the standard output, as bytes (a file name need not be UTF-8),
+    and flushed. Raises BrokenPipeError where the reader went away (| head), OutputFailed
+    where the output cannot take it."""
+    try:
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+    except BrokenPipeError:
+        raise
+    except OSError as exc:
+        raise OutputFailed(f"cannot write to the standard output ({exc.strerror or exc}): free space on the disk "
+                           f"it goes to, or send it elsewhere") from None
+
+
 _held_interrupts = []
 
 

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoint import CheckpointError, check_classes, load_checkpoint, load_reference, resolve_path
-from .cli import Parser, add_options, option, quick_exit
+from .cli import OutputFailed, Parser, add_options, option, quick_exit, write_out
 from .data import DataStats, center_crop, eval_views, open_data
 from .images import DECODE_ERRORS, ImageRejected, load_image
 from .train import IMAGE_SHAPE
@@ -187,8 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _say(text: str) -> None:
     """Lines of the output, at once: an image's name in its own bytes, whatever the output's
     encoding, a name that is not UTF-8 included (which a strict UTF-8 output would refuse)."""
-    sys.stdout.buffer.write(os.fsencode(text) + b"\n")
-    sys.stdout.buffer.flush()
+    write_out(os.fsencode(text) + b"\n")
 
 
 def main(argv=None) -> int:
@@ -221,6 +220,9 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         log.error("interrupted")
         return 130
+    except OutputFailed as exc:
+        log.error("error: %s", exc)
+        return 2
     except BrokenPipeError:  # the reader went away (| head): end silently, as a tool killed by SIGPIPE does
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at the exit
         return 141

@@ -60,7 +60,7 @@ from towers.reference import LAYERS
 from . import data as data_module
 from .checkpoint import (FILENAME, CheckpointError, check_classes, checkpoint_architecture, load_checkpoint,
                          load_reference)
-from .cli import Parser, add_options, option, quick_exit, write_whole
+from .cli import OutputFailed, Parser, add_options, option, quick_exit, write_out, write_whole
 from .stats import DataStats
 
 log = logging.getLogger(__name__)
@@ -753,6 +753,9 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:  # what was being written is removed by write_whole and _show
         log.error("interrupted: the pictures written so far are kept, each one whole")
         return 130
+    except OutputFailed as exc:  # the pictures are written: only their list is lost
+        log.error("error: %s", exc)
+        return 2
     except BrokenPipeError:  # the reader went away (| head): end silently, as a tool killed by SIGPIPE does
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at the exit
         return 141
@@ -787,10 +790,7 @@ def _show(run_dir: str, options: ShowOptions) -> int:
     for note in skipped:
         log.warning("skipped %s", note)
     sys.stdout.flush()
-    for name in PICTURES:
-        if name in written:  # as the name's bytes, which need not be UTF-8
-            sys.stdout.buffer.write(os.fsencode(written[name]) + b"\n")
-    sys.stdout.buffer.flush()
+    write_out(b"".join(os.fsencode(written[name]) + b"\n" for name in PICTURES if name in written))
     return 0
 
 

@@ -340,6 +340,19 @@ def test_a_reader_that_goes_away_ends_it_quietly(checkpoints, photos):
     assert proc.returncode == 141 and err == "", err[-3000:]
 
 
+@pytest.mark.slow  # a real process
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full, a device that is always full")
+def test_an_output_that_cannot_be_written_is_one_line_and_exit_2(checkpoints, photos):
+    """``python -m launch.predict ... --json > predictions.jsonl`` on a full disk: not exit 1,
+    which says that an image could not be used."""
+    with open("/dev/full", "w") as full:
+        result = subprocess.run([sys.executable, "-m", "launch.predict", str(checkpoints["full"]), photos[0], "--json"],
+                                cwd=ROOT, stdout=full, stderr=subprocess.PIPE, text=True, timeout=RUN_TIMEOUT_S)
+    assert result.returncode == 2 and result.stderr.splitlines() == [
+        "error: cannot write to the standard output (No space left on device): free space on the disk it goes to, or "
+        "send it elsewhere"], result.stderr[-3000:]
+
+
 @pytest.mark.slow
 def test_a_refusal_is_one_line_and_exit_2_from_the_real_process(checkpoints, photos, tmp_path):
     args, expected = _refusal("not a checkpoint", checkpoints, photos, tmp_path)

@@ -515,7 +515,7 @@ def test_sigterm_while_a_picture_is_written_removes_it_and_the_folder_made(tmp_p
 
 
 @pytest.mark.slow  # a real process
-def test_a_reader_that_goes_away_ends_it_quietly(tmp_path):
+def test_a_reader_that_goes_away_ends_it_quietly_and_a_full_output_in_one_line(tmp_path):
     """``python -m launch.show RUN | true``: no reader is left when it prints the paths."""
     run = write_run(tmp_path / "run", metrics=METRICS, summary=SUMMARY)
     reader, writer = os.pipe()
@@ -527,6 +527,13 @@ def test_a_reader_that_goes_away_ends_it_quietly(tmp_path):
         os.close(writer)
     assert result.returncode == 141 and result.stderr == "", result.stderr[-3000:]
     check_png(run / "show" / "curves.png")
+    if os.path.exists("/dev/full"):  # an output that cannot take the paths (a full disk): one line, exit 2
+        with open("/dev/full", "w") as full:
+            result = subprocess.run([sys.executable, "-m", "launch.show", str(run), "--only", "curves"], cwd=ROOT,
+                                    stdout=full, stderr=subprocess.PIPE, text=True, timeout=RUN_TIMEOUT_S)
+        assert result.returncode == 2 and result.stderr.splitlines() == [
+            "error: cannot write to the standard output (No space left on device): free space on the disk it goes "
+            "to, or send it elsewhere"], result.stderr[-3000:]
 
 
 @pytest.mark.slow
