@@ -20,7 +20,8 @@ From checkpoint.pt and the run's data (or --data):
   neighbours.png  the paper's Figure 4: validation images, each with the six training
                   images nearest to it in FC7's output (4096-d, after its ReLU or tanh)
 
-A picture whose inputs are not there yet is skipped with a note saying why, and the
+A picture whose inputs are not there yet is skipped with a note saying why (and its PNG
+of an earlier show removed, as it would pass for one of the run as it is), and the
 others are drawn: a run in its first epoch has no checkpoint.pt unless it was started
 with --checkpoint-every, and a run that is still going or was stopped has no
 summary.json. When nothing at all can be drawn, RUN_DIR is not a run folder, or a picture
@@ -284,7 +285,13 @@ def _save(fig, path: Path) -> Path:
     """Writes the figure as a PNG atomically (a temporary file renamed over ``path``). A
     folder that fills up or turns read-only meanwhile raises ValueError naming it."""
     try:
-        write_whole(path, lambda partial: fig.savefig(partial, format="png", dpi=DPI))
+        try:
+            write_whole(path, lambda partial: fig.savefig(partial, format="png", dpi=DPI))
+        except FileNotFoundError:  # another show of this run, which made the folder, removed it empty
+            if path.parent.exists():
+                raise
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_whole(path, lambda partial: fig.savefig(partial, format="png", dpi=DPI))
     except OSError as exc:
         raise ValueError(f"cannot write {path.name} in {path.parent} ({exc.strerror or exc}): free space on that "
                          f"disk, or give a folder you can write with --out") from None
@@ -731,6 +738,20 @@ def _output_folder(run: RunFolder, out: Optional[str]) -> tuple:
     return folder, made
 
 
+def _remove_stale(picture: Path) -> str:
+    """Removes ``picture``, drawn by an earlier show of what the run was then, where it
+    cannot be drawn now: it would pass for a picture of the run as it is. What to add to
+    the note of the skipped picture."""
+    try:
+        picture.unlink()
+    except FileNotFoundError:
+        return ""
+    except OSError as exc:
+        return f" (the {picture.name} drawn before, which may not show the run as it is now, cannot be removed: " \
+               f"{exc.strerror})"
+    return f" (the {picture.name} drawn before is removed: it may not show the run as it is now)"
+
+
 def _remove_empty(folders: list) -> None:
     """Removes ``folders`` (each inside the next) while they are empty."""
     for folder in folders:
@@ -779,7 +800,7 @@ def _show(run_dir: str, options: ShowOptions) -> int:
                 try:
                     written[name] = drawers[name](run, out)
                 except Skipped as why:
-                    skipped.append(f"{name}: {why}")
+                    skipped.append(f"{name}: {why}{_remove_stale(out / f'{name}.png')}")
         finally:
             _remove_empty(made)  # when nothing was written into them
         if not written:

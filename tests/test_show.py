@@ -276,6 +276,28 @@ def test_what_cannot_be_drawn_yet_is_skipped_with_the_reason(tiny_data, tmp_path
         assert show.main([str(single), "--only", "curves,traffic"]) == 0
     assert "skipped traffic: a --layout single run has no towers" in caplog.text
 
+    # A picture drawn before that cannot be drawn now is removed: it would pass for the run as it is.
+    assert show.main([str(single), "--only", "curves"]) == 0
+    (single / "show" / "traffic.png").write_bytes((single / "show" / "curves.png").read_bytes())  # as if drawn before
+    (single / "metrics.jsonl").unlink()
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="launch.show"):
+        assert show.main([str(single), "--only", "curves,traffic"]) == 2
+    assert "curves: no metrics.jsonl yet: the run writes its first line after --log-every steps (the curves.png " \
+           "drawn before is removed: it may not show the run as it is now)" in caplog.text
+    assert "(the traffic.png drawn before is removed" in caplog.text
+    assert list((single / "show").iterdir()) == []  # made by an earlier show: it stays
+
+
+def test_a_picture_is_written_where_another_show_removed_the_folder_it_made(tmp_path):
+    """Two shows of one run at once: the first made show/ and, drawing nothing, removes it empty
+    as the second, which found it there, is about to write into it."""
+    plt = show._pyplot()
+    gone = tmp_path / "show"
+    assert show._save(plt.figure(), gone / "curves.png") == gone / "curves.png"
+    with Image.open(gone / "curves.png") as image:
+        assert image.format == "PNG"
+
 
 LEFT_OUT = "summary.json: left out its last evaluation: it needs a whole number of steps and a \"centre\""
 FOREIGN_SUMMARIES = {  # what a hand-edited summary.json holds, and what show says of it
