@@ -634,17 +634,18 @@ def _open_neighbour_data(run: RunFolder, options: ShowOptions, payload: dict):
     if not isinstance(data_dir, (str, type(None))):
         raise Skipped("config.json's \"data\" is not a folder name; give the data the run was trained on with "
                       "--data DIR")
+    mean = payload.get("data_mean")
+    # The checkpoint's mean image is the one used: the data's statistics are not computed (a
+    # pass over 2,000 images, cached in the data folder) for a folder that may be refused.
+    known = None if mean is None else DataStats(mean, torch.zeros(3), torch.eye(3), pca_source="not used")
     try:
-        bundle = data_module.open_data(data_dir)
+        bundle = data_module.open_data(data_dir, stats=known)
         check_classes(payload, run.path / FILENAME, bundle.classes)
     except (data_module.DataError, CheckpointError) as exc:
         if options.data is not None:
             raise ValueError(f"--data: {exc}") from None
         raise Skipped(f"the run's data cannot be used ({exc}); give the data it was trained on with --data DIR") from None
-    mean = payload.get("data_mean")
-    if mean is None:  # checkpoints written before they held the mean image
-        mean = bundle.stats.mean
-    return bundle, mean
+    return bundle, bundle.stats.mean  # a checkpoint written before it held the mean image: the data's
 
 
 def _silent_note(layer: Optional[str]) -> str:

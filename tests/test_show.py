@@ -406,6 +406,14 @@ def test_a_data_folder_that_is_gone_skips_figure_4_and_a_bad_data_option_is_an_e
     shutil.rmtree(run / "show")
     assert show.main([str(run), "--data", str(tmp_path / "elsewhere")]) == 2
     assert not (run / "show").exists()  # the error comes before any picture is drawn
+    other = tmp_path / "other"  # another class in it: refused without computing (and caching) its statistics
+    shutil.copytree(tiny_bundle.root, other, ignore=shutil.ignore_patterns(".alexnet-stats-*"))
+    for split in ("train", "val"):
+        (other / split / tiny_bundle.classes[0]).rename(other / split / "zzz")
+    caplog.clear()
+    assert show.main([str(run), "--only", "neighbours", "--data", str(other)]) == 2
+    assert "trained on other classes" in caplog.text and "statistics" not in caplog.text, caplog.text
+    assert not list(other.glob(".alexnet-stats-*"))
 
 
 # --------------------------------------------------------------------------- Figure 4
