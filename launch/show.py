@@ -61,7 +61,7 @@ from towers.reference import LAYERS
 from . import data as data_module
 from .checkpoint import (FILENAME, CheckpointError, check_classes, checkpoint_architecture, load_checkpoint,
                          load_reference)
-from .cli import OutputFailed, Parser, add_options, option, quick_exit, write_out, write_whole
+from .cli import OutputFailed, Parser, add_options, option, quick_exit, shell_word, write_out, write_whole
 from .stats import DataStats
 
 log = logging.getLogger(__name__)
@@ -119,6 +119,13 @@ class RunFolder:
             what = "has no config.json" if not config.exists() else f"has an unreadable config.json ({exc})"
             raise ValueError(f"{path} is not a run folder: it {what}; give a folder written by "
                              f"python -m launch.two_gpu (--out/--run-name)") from None
+        evaluated = self.config.get("eval_only")
+        if isinstance(evaluated, str) and evaluated:  # its folder never holds a checkpoint or a summary
+            trained = Path(evaluated)
+            trained = trained.parent if trained.name == FILENAME else trained
+            how = f" (python -m launch.show {shell_word(trained)})" if (trained / "config.json").is_file() else ""
+            raise ValueError(f"{path} holds an evaluation (--eval-only) of {evaluated}, which has nothing to draw: "
+                             f"draw the run that trained it{how}")
         self._checkpoint = None
 
     def checkpoint(self) -> dict:

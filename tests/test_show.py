@@ -289,6 +289,22 @@ def test_what_cannot_be_drawn_yet_is_skipped_with_the_reason(tiny_data, tmp_path
     assert list((single / "show").iterdir()) == []  # made by an earlier show: it stays
 
 
+def test_an_evaluation_folder_names_the_run_to_draw(tmp_path, caplog):
+    trained = write_run(tmp_path / "trained run", metrics=METRICS)
+    for evaluated, how in ((trained, f" (python -m launch.show '{trained}')"),
+                           (trained / "checkpoint.pt", f" (python -m launch.show '{trained}')"),
+                           (tmp_path / "alone.pt", "")):
+        evaluation = tmp_path / "evaluation"
+        shutil.rmtree(evaluation, ignore_errors=True)
+        evaluation.mkdir()
+        (evaluation / "config.json").write_text(json.dumps({"eval_only": str(evaluated), "data": None}))
+        caplog.clear()
+        assert show.main([str(evaluation)]) == 2
+        assert caplog.messages == [f"error: {evaluation} holds an evaluation (--eval-only) of {evaluated}, which has "
+                                   f"nothing to draw: draw the run that trained it{how}"]
+        assert not (evaluation / "show").exists()
+
+
 def test_a_picture_is_written_where_another_show_removed_the_folder_it_made(tmp_path):
     """Two shows of one run at once: the first made show/ and, drawing nothing, removes it empty
     as the second, which found it there, is about to write into it."""
