@@ -98,10 +98,15 @@ class Classifier:
             usable = [image for image in decoded if isinstance(image, torch.Tensor)]
             probs = iter(self.probabilities(torch.stack(usable), ten_crop)) if usable else iter(())
             for path, image in zip(chunk, decoded):
-                if isinstance(image, torch.Tensor):
-                    yield Prediction(path, next(probs), None)
-                else:
+                if not isinstance(image, torch.Tensor):
                     yield Prediction(path, None, image)
+                    continue
+                found = next(probs)
+                if torch.isfinite(found).all():
+                    yield Prediction(path, found, None)
+                else:  # never a NaN printed as a probability (nor written into --json, where it is not JSON)
+                    yield Prediction(path, None, f"{path}: the net's output for it is not a number (its weights "
+                                                 f"overflow on this image): use a checkpoint of a run that did not diverge")
 
 
 def decode(path: str):

@@ -204,6 +204,17 @@ def test_unusable_files_are_named_and_the_others_classified(checkpoints, photos,
     assert all(p.probabilities is not None for p in predictions if p.path in photos[:2])
 
 
+def test_an_output_that_is_not_a_number_is_an_error_for_the_image_not_a_probability(checkpoints, photos):
+    classifier = open_classifier(checkpoints["full"])
+    with torch.no_grad():
+        for weights in classifier.model.parameters():
+            weights.mul_(1e38)  # finite, as a checkpoint's weights must be; their products are not
+    [prediction] = _predictions(classifier, photos[:1], batch_size=1)
+    assert prediction.probabilities is None and prediction.error == (
+        f"{photos[0]}: the net's output for it is not a number (its weights overflow on this image): use a "
+        f"checkpoint of a run that did not diverge")
+
+
 def test_a_checkpoint_without_mean_or_names_needs_the_data_it_was_trained_on(checkpoints, tiny_data):
     with pytest.raises(CheckpointError, match=r"no mean image of its training set .*give --data DIR"):
         open_classifier(checkpoints["old"])
