@@ -166,13 +166,20 @@ def die_with_parent(parent_pid: int) -> None:
     A rank calls it for its parent, the rank server, which ends with the launcher
     (launch.rank_server), so no rank outlives its launcher; a rank's DataLoader workers
     call it for their rank (launch.data), the benchmarks' training program for the
-    benchmark (benchmarks.program.run_child), and launch.prepare's workers for it."""
+    benchmark (benchmarks.program.run_child), and launch.prepare's workers for it. A
+    process that multiprocessing's fork server started (the default from Python 3.14) has
+    the server as its parent, which ends with ``parent_pid``: the signal comes then."""
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         return
-    if os.getppid() != parent_pid:  # the parent died before prctl took effect
-        os._exit(1)
+    if os.getppid() != parent_pid:
+        try:
+            os.kill(parent_pid, 0)
+        except ProcessLookupError:  # the parent died before prctl took effect
+            os._exit(1)
+        except PermissionError:  # there, as another user's process with its number
+            pass
 
 
 # glibc's mallopt parameters (malloc.h)

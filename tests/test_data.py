@@ -1120,6 +1120,26 @@ with quick_exit():
 """
 
 
+# launch.prepare, then the training program's loader, their workers started by multiprocessing's fork
+# server (the default from Python 3.14): the workers' parent is the server, not the program.
+_FORK_SERVER = """
+import multiprocessing, sys
+from launch import data, prepare
+if __name__ == "__main__":
+    multiprocessing.set_start_method("forkserver")
+    assert prepare.main([*sys.argv[1:], "--workers", "2"]) == 0
+    with data.Loader(data.open_data(sys.argv[2]), workers=2) as loader:
+        print(sum(len(labels) for _, labels in loader.train(4, seed=0, epoch=0)))
+"""
+
+
+@pytest.mark.slow
+def test_workers_that_a_fork_server_starts_work(tmp_path):
+    src, dst = _simple_tree(tmp_path / "raw", train=4, val=1), tmp_path / "prepared"
+    proc, out, err = _run_script(_FORK_SERVER, src, dst)
+    assert proc.returncode == 0 and out.split() == ["8"], err[-3000:]
+
+
 @pytest.mark.slow
 def test_prepare_killed_takes_its_workers_with_it(tmp_path):
     """The program killed (SIGKILL) while its two workers convert: they end with it, each in
