@@ -184,16 +184,29 @@ def _starts_as_a_zip(path: Path) -> bool:
 def _damaged_record(path: Path) -> Optional[str]:
     """The first record of the checkpoint ``path`` whose bytes do not match the CRC-32 that
     torch.save wrote with them, or None; torch.load itself never checks them, and loads a
-    damaged tensor as it finds it. Read in full, as a load reads the weights anyway. A
-    file that is not a zip archive (or not a regular file, which may never end) is left
-    to torch.load, which names what it is."""
+    damaged tensor as it finds it. Read in full, as a load reads the weights anyway. What
+    torch.save would not have written is left to torch.load, which names what it is: a
+    file that is not a zip archive (or not a regular file, which may never end), a
+    compressed or encrypted record; and a record saved without its checksum
+    (torch.utils.serialization.config.save.compute_crc32 off: a CRC of 0) is not checked."""
     if not os.path.isfile(path):
         return None
     try:
         with zipfile.ZipFile(path) as archive:
-            return archive.testzip()
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError):
+            for record in archive.infolist():
+                if record.compress_type != zipfile.ZIP_STORED or record.flag_bits & 1:
+                    return None
+                if record.CRC == 0 and record.file_size:
+                    continue
+                try:
+                    with archive.open(record) as f:
+                        while f.read(1 << 24):  # the CRC is checked at the end
+                            pass
+                except zipfile.BadZipFile:
+                    return record.filename
+    except Exception:  # anything else wrong with the archive
         return None
+    return None
 
 
 def load_checkpoint(path, classes: Optional[list] = None) -> dict:

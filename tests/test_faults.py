@@ -815,6 +815,28 @@ def test_a_damaged_checkpoint_is_refused_not_loaded_as_it_is(tmp_path):
     with pytest.raises(checkpoint.CheckpointError, match=f"^{edited} is truncated or not a checkpoint \\(TypeError: "):
         load_checkpoint(edited)
     assert load_checkpoint(good)["arch"]["num_classes"] == 10
+    unchecked = tmp_path / "unchecked.pt"  # saved without checksums (CRC 0), as torch may be told to: loads
+    torch.serialization.set_crc32_options(False)
+    try:
+        save_reference(unchecked, build_reference(10))
+    finally:
+        torch.serialization.set_crc32_options(True)
+    assert load_checkpoint(unchecked)["arch"]["num_classes"] == 10
+    # Zip archives torch.save does not write are left to torch.load to name, not checked and not a traceback.
+    for compression in (zipfile.ZIP_DEFLATED, zipfile.ZIP_STORED):
+        packed = tmp_path / f"packed-{compression}.pt"
+        with zipfile.ZipFile(packed, "w", compression=compression) as archive:
+            archive.writestr("archive/data.pkl", b"\x80\x02}q\x00.")  # {}: no marker
+            archive.writestr("archive/notes.txt", b"x" * 1000)
+        if compression == zipfile.ZIP_DEFLATED:  # its compressed bytes damaged: zlib's error, not BadZipFile
+            with zipfile.ZipFile(packed) as archive:
+                where = archive.getinfo("archive/notes.txt").header_offset + 30 + len("archive/notes.txt") + 2
+            with open(packed, "r+b") as f:
+                f.seek(where)
+                f.write(b"\xff\xff\xff")
+        with pytest.raises(checkpoint.CheckpointError, match=f"^{packed} (is truncated or not a checkpoint|is not a "
+                                                             f"checkpoint of this project)"):
+            load_checkpoint(packed)
 
 
 def test_bad_checkpoints_get_clear_errors_and_run_no_code(tiny_data, tmp_path, caplog):
