@@ -20,9 +20,9 @@ From checkpoint.pt and the run's data (or --data):
   neighbours.png  the paper's Figure 4: validation images, each with the six training
                   images nearest to it in FC7's output (4096-d, after its ReLU or tanh)
 
-A picture whose inputs are not there yet is skipped with a note saying why (and its PNG
-of an earlier show removed, as it would pass for one of the run as it is), and the
-others are drawn: a run in its first epoch has no checkpoint.pt unless it was started
+A picture whose inputs are not there yet is skipped with a note saying why (and whether
+its PNG of an earlier show there is older than the run's files it is drawn from), and
+the others are drawn: a run in its first epoch has no checkpoint.pt unless it was started
 with --checkpoint-every, and a run that is still going or was stopped has no
 summary.json. When nothing at all can be drawn, RUN_DIR is not a run folder, or a picture
 cannot be written (a full disk), the program prints one line naming the fix and exits with
@@ -746,18 +746,28 @@ def _output_folder(run: RunFolder, out: Optional[str]) -> tuple:
     return folder, made
 
 
-def _remove_stale(picture: Path) -> str:
-    """Removes ``picture``, drawn by an earlier show of what the run was then, where it
-    cannot be drawn now: it would pass for a picture of the run as it is. What to add to
-    the note of the skipped picture."""
+# The run's files each picture is drawn from: a picture older than one of them no longer shows the run.
+DRAWN_FROM = {"kernels": (FILENAME,), "colour": (FILENAME,), "neighbours": (FILENAME, "config.json"),
+              "curves": ("metrics.jsonl", "summary.json"), "traffic": ("summary.json", "config.json")}
+
+
+def _stale_note(run: RunFolder, out: Path, name: str) -> str:
+    """What the note of a picture that cannot be drawn now adds where its PNG of an earlier
+    show is older than a file of the run it is drawn from, and so would pass for a picture
+    of the run as it is: "" where there is none, or none of them is newer. It is kept: it
+    may be all there is of what it shows (the data gone, a checkpoint deleted)."""
+    picture = out / f"{name}.png"
     try:
-        picture.unlink()
-    except FileNotFoundError:
+        drawn = picture.stat().st_mtime
+    except OSError:
         return ""
-    except OSError as exc:
-        return f" (the {picture.name} drawn before, which may not show the run as it is now, cannot be removed: " \
-               f"{exc.strerror})"
-    return f" (the {picture.name} drawn before is removed: it may not show the run as it is now)"
+    for source in DRAWN_FROM[name]:
+        try:
+            if (run.path / source).stat().st_mtime > drawn:
+                return f"; the {picture.name} there is older than {source}: it does not show the run as it is now"
+        except OSError:
+            continue
+    return ""
 
 
 def _remove_empty(folders: list) -> None:
@@ -808,7 +818,7 @@ def _show(run_dir: str, options: ShowOptions) -> int:
                 try:
                     written[name] = drawers[name](run, out)
                 except Skipped as why:
-                    skipped.append(f"{name}: {why}{_remove_stale(out / f'{name}.png')}")
+                    skipped.append(f"{name}: {why}{_stale_note(run, out, name)}")
         finally:
             _remove_empty(made)  # when nothing was written into them
         if not written:
