@@ -25,8 +25,9 @@ wrapping), which keeps batches full and deterministic; in evaluation it is left 
 that every image counts once. What was skipped, and why, travels back with
 the batch, so the count is right with worker processes too: the batch iterators of
 this module add the skipped paths to ``dataset.corrupt`` in the calling process and
-log each one once, with why. ``open_data`` does not read the images, so that count
-grows as the data is used.
+log each one once, with why. ``open_data`` reads no more of each split than its first
+usable image (a split with none is refused at once), so that count grows as the data is
+used.
 
 Links: the scan follows symbolic links (class folders kept on another disk, files
 linked in from elsewhere) but never loops, never lists one file twice in a split, and
@@ -117,10 +118,18 @@ class ImageFolderSplit(Dataset):
 
     def check_usable(self) -> None:
         """Raises DataError where no image of the split can be used, found by decoding up to
-        the first usable one (one decode, as a rule): before a run, not at its first evaluation."""
-        if self.samples:
-            _, _, skipped = self.load(0)
-            self.record_skipped(skipped, STANDS_IN if self.split == "train" else LEFT_OUT)
+        the first usable one (one decode, as a rule): before a run, not at its first
+        evaluation. The unusable files met on the way are logged where they are used."""
+        first = None
+        for path, _ in self.samples:
+            try:
+                load_image(path)
+                return
+            except DECODE_ERRORS as error:
+                first = first or skip_reason(path, error)
+        if first is not None:
+            raise DataError(f"no usable image in {self.split}/: each of its {len(self.samples)} files failed to "
+                            f"decode or was refused, such as {first}: replace them")
 
 
 @dataclass
