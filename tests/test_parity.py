@@ -288,12 +288,14 @@ def _library_worker(rank, fc8_placement):
         second = "computed"
     except RuntimeError as exc:
         second = str(exc)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # which leaves float64 as it is
+        autocast_float64 = _rel(tower(images), reference(images))
     try:
         init_weights(tower, SEED)
         init = "drawn"
     except ValueError as exc:
         init = str(exc)
-    return {"drawn_after": drawn_after, "input_grad": _rel(*grads), "empty": tuple(tower(images[:0]).shape),
+    return {"drawn_after": drawn_after, "autocast_float64": autocast_float64, "input_grad": _rel(*grads), "empty": tuple(tower(images[:0]).shape),
             "second": second, "init": init, "input_exchange": tower.exchange_log.as_dict()["input/backward"]}
 
 
@@ -313,6 +315,7 @@ def _assert_library_use(placement, ranks):
     for rank, r in enumerate(ranks):
         assert r["input_grad"] < 1e-12, f"{placement}, rank {rank}: the images' gradient is not the whole net's"
         assert r["empty"] == (0, 10)
+        assert r["autocast_float64"] < 1e-12, placement  # float64 under bf16 autocast: float64, as the reference
         assert "marked with @once_differentiable" in r["second"], r["second"]  # refused, never silently zero
         assert "a Tower holds half of one" in r["init"]
         # two backward passes through the images (the second derivative's first): an all-reduce of them each

@@ -71,8 +71,9 @@ def build_fc8(fc8_placement: str, tower_rank: int, in_features: int, num_classes
 
 def as_autocast_dtype(x: torch.Tensor) -> torch.Tensor:
     """Under autocast, the dtype the next layer computes in. LRN and pooling keep fp32,
-    but conv3 would cast its input anyway: casting before the exchange moves half the bytes."""
-    if torch.is_autocast_enabled(x.device.type):
+    but conv3 would cast its input anyway: casting before the exchange moves half the bytes.
+    As autocast itself, it leaves float64 as it is (a float64 net computes in float64)."""
+    if torch.is_autocast_enabled(x.device.type) and x.dtype != torch.float64:
         return x.to(torch.get_autocast_dtype(x.device.type))
     return x
 
