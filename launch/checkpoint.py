@@ -329,7 +329,9 @@ def load_reference(path, dropout: float = 0.5) -> AlexNet:
 
 def save_reference(path, model: AlexNet, **extra) -> None:
     """Saves a reference model as a checkpoint that the towers can evaluate or resume from
-    (the one-tower net's, only in one process)."""
+    (the one-tower net's, only in one process). A model that torch.compile wrapped is saved
+    as the model it wraps, under its own parameter names."""
+    model = getattr(model, "_orig_mod", model)
     save_checkpoint(path, checkpoint_payload(model.state_dict(), num_classes=model.num_classes,
                                              architecture=model.architecture, **extra))
 

@@ -252,6 +252,14 @@ def test_checkpoints_rebuild_the_architecture_they_hold(architecture, tmp_path):
         assert torch.equal(loaded(x), model(x))
 
 
+def test_a_model_that_torch_compile_wrapped_is_saved_as_the_model_it_wraps(tmp_path):
+    model = build_reference(10, seed=4).eval()
+    save_reference(tmp_path / "compiled.pt", torch.compile(model, backend="eager"))  # names _orig_mod.conv1...
+    with torch.no_grad():
+        x = torch.randn(1, 3, 224, 224) * 60
+        assert torch.equal(load_reference(tmp_path / "compiled.pt").eval()(x), model(x))
+
+
 def _placeholder_weights(architecture=Architecture()):
     """Weights of the right shapes that take a few bytes on disk: one zero, expanded."""
     with torch.device("meta"):
