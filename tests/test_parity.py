@@ -323,6 +323,48 @@ def _assert_library_use(placement, ranks):
         assert r["input_exchange"]["sent_bytes"] == 2 * BATCH * 3 * 224 * 224 * 8
 
 
+# Towers built or run unlike, rank 1 the odd one: (what to build with, how to run, the setting named).
+UNLIKE = {
+    "classes": ({"num_classes": 12}, {}, "num_classes (12 here)"),
+    "placement": ({"fc8_placement": "split"}, {}, "fc8_placement (split here)"),
+    "architecture": ({"architecture": Architecture(lrn=False)}, {}, "architecture (Architecture(net='two-tower', "
+                                                                    "lrn=False"),
+    "batch": ({}, {"batch": 3}, "batch size (3 here)"),
+    "mode": ({}, {"eval": True}, "mode (eval here)"),
+    "no_grad": ({}, {"no_grad": True}, "gradients (off here)"),
+    "dtype": ({}, {"dtype": torch.float64}, "images' dtype (torch.float64 here)"),
+}
+
+
+def _unlike_worker(rank):
+    said = {}
+    for case, (built, run, _) in {**UNLIKE, "alike": ({}, {}, None)}.items():
+        built, run = (built, run) if rank == 1 else ({}, {})
+        tower = Tower(None, **{"num_classes": 10, "dropout": 0.0, **built})
+        if run.get("eval"):
+            tower.eval()
+        images = torch.zeros(run.get("batch", 2), 3, 224, 224, dtype=run.get("dtype", torch.float32))
+        try:
+            with torch.no_grad() if run.get("no_grad") else contextlib.nullcontext():
+                said[case] = tuple(tower(images).shape)
+        except ValueError as exc:
+            said[case] = str(exc)
+    return said
+
+
+def test_towers_built_or_run_unlike_are_refused_on_both_naming_the_difference():
+    """Without the check: a SIGABRT inside gloo (batch, dtype, classes), a wait for the
+    timeout (placement, one tower without gradients), or another function without a word."""
+    by_rank = run_ranks(_unlike_worker, timeout_s=TIMEOUT_S)
+    for rank, said in enumerate(by_rank):
+        assert said["alike"] == (2, 10)
+        for case, (_, _, named) in UNLIKE.items():
+            assert said[case].startswith(f"tower {rank}: the two towers differ in "), (case, said[case])
+            assert said[case].endswith(": build both with the same arguments, and run both alike on the same images")
+            if rank == 1:
+                assert named in said[case], (case, said[case])
+
+
 def test_the_readmes_script_runs_and_its_towers_compute_the_references_loss(tmp_path):
     readme = (ROOT / "README.md").read_text()
     section = readme.split("## The towers in your own code", 1)[1]

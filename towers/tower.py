@@ -10,6 +10,7 @@ Every tower returns the full N x K logits, so the loss and everything after it
 
 import os
 import shutil
+import zlib
 
 import torch
 import torch.distributed as dist
@@ -92,7 +93,12 @@ class Tower(nn.Module):
     was, so that the two ranks' streams stay in step (FC8 may be on one tower only). Both
     towers must be given the same images, requiring grad on both or on neither: where they
     do, their gradient is the whole net's on both towers, summed in backward by a
-    collective that both must join.
+    collective that both must join. The first forward checks that the two towers are
+    built alike and run alike (see ``check_peer``), once: one small collective.
+
+    Dropout draws from each rank's own random stream: seed the ranks differently
+    (``torch.manual_seed(seed + rank)``, as the training program does), or both towers
+    drop the same neurons of their halves together, which is not the paper's dropout.
     """
 
     def __init__(self, group, num_classes: int = 1000, dropout: float = 0.5, fc8_placement: str = "tower0",
@@ -110,6 +116,7 @@ class Tower(nn.Module):
         self.group, self.tower_rank = group, dist.get_rank(group)
         self.fc8_placement, self.num_classes, self.architecture = fc8_placement, num_classes, architecture
         self.exchange_log = ExchangeLog()
+        self.peer_checked = False
         cuda = [torch.cuda.current_device()] if torch.cuda.is_initialized() else []
         with torch.random.fork_rng(devices=cuda):
             self._build_layers(group, num_classes, dropout, fc8_placement, architecture)
@@ -137,6 +144,9 @@ class Tower(nn.Module):
     BLOCKS = ("conv1_to_pool2", "conv3_to_pool5", "fc6_block", "fc7_block")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.peer_checked:
+            self.check_peer(x)
+            self.peer_checked = True
         exchange_log, group = self.exchange_log, self.group
         if x.requires_grad:  # an image's gradient sums both towers' (never so in training)
             x = sum_gradients(x, group, exchange_log, "input")
@@ -148,6 +158,34 @@ class Tower(nn.Module):
         x = gather_channels(x, group, exchange_log, "fc7_input")  # exchange: N x 4096
         x = self.fc7_block(x)  # N x 2048
         return self.fc8(x)  # exchanges: FC8's input and the logits (see the FC8 classes)
+
+    def settings(self, x: torch.Tensor) -> dict:
+        """What the two towers must share for a forward with images ``x`` to compute the
+        net's function: how they were built, their mode, the images' form, autocast, and
+        whether a backward will follow (each backward is collectives both must join)."""
+        device = x.device.type
+        return {"num_classes": self.num_classes, "fc8_placement": self.fc8_placement,
+                "architecture": self.architecture, "dropout": self.dropout.p,
+                "mode": "train" if self.training else "eval", "batch size": x.shape[0], "image shape": tuple(x.shape[1:]),
+                "images' dtype": x.dtype, "weights' dtype": self.conv1.weight.dtype,
+                "autocast": torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else "off",
+                "gradients": "on" if torch.is_grad_enabled() and self.conv1.weight.requires_grad else "off",
+                "images require grad": x.requires_grad}
+
+    def check_peer(self, x: torch.Tensor) -> None:
+        """Raises ValueError, on both towers, naming what differs between them (``settings``):
+        two towers built or run unlike would fail deep inside a collective, wait for one
+        until the timeout, or compute another function without a word (other class counts
+        read memory the other tower never wrote). One all-gather of a few numbers."""
+        mine = self.settings(x)
+        coded = [float(v) if isinstance(v, (int, float)) else float(zlib.crc32(repr(v).encode())) for v in mine.values()]
+        gathered = [torch.empty(len(coded), dtype=torch.float64, device=x.device) for _ in range(TOWERS)]
+        dist.all_gather(gathered, torch.tensor(coded, dtype=torch.float64, device=x.device), group=self.group)
+        other = gathered[1 - self.tower_rank].tolist()
+        differ = [f"{name} ({value} here)" for (name, value), a, b in zip(mine.items(), coded, other) if a != b]
+        if differ:
+            raise ValueError(f"tower {self.tower_rank}: the two towers differ in {', '.join(differ)}: build both "
+                             f"with the same arguments, and run both alike on the same images")
 
     def conv1_to_pool2(self, x: torch.Tensor) -> torch.Tensor:
         act = self.activation
