@@ -158,7 +158,8 @@ def _class_folders(split_dir: Path) -> list:
             continue
         if entry.is_dir():
             names.append(entry.name)
-        elif entry.is_symlink() and not os.path.exists(entry.path):
+        elif entry.is_symlink() and not os.path.exists(entry.path) and not os.path.splitext(entry.name)[1]:
+            # (a file's link to nothing, labels.csv say, is as ignored as the file would be)
             raise DataError(f"{entry.path} is a link to {os.readlink(entry.path)}, which does not exist: a class folder "
                             f"whose disk is not mounted? Make it reachable, or remove the link")
     return sorted(names)
@@ -197,12 +198,13 @@ def _owner(real_dir: str, owners: dict):
     return owners[real_dir]
 
 
-def _images_in(folder: Path, name: str, owners: dict, seen: set, skipped: Skipped) -> list:
+def _images_in(folder: Path, name: str, owners: dict, seen: set, skipped: Skipped, files: set) -> list:
     """Sorted [(path, (size in bytes, modification time in ns))] of the images under
     ``folder``, the folder of class ``name``, recursively, following links (a link's size
     and time are its target's). ``owners`` maps the real path of each class
     folder of the split to its class; ``seen`` holds the real paths listed so far in the
-    split. What is left out is counted in ``skipped``."""
+    split. What is left out is counted in ``skipped``; ``files`` receives the (device,
+    inode) of each image listed, which a hard link shares."""
     top = os.path.realpath(folder)
     real_dirs = {str(folder): top}  # walked path -> real path, filled as the walk goes down
     visited = {top}
@@ -256,8 +258,14 @@ def _images_in(folder: Path, name: str, owners: dict, seen: set, skipped: Skippe
                 skipped.not_files.append(path)
             else:
                 seen.add(real)
+                files.add((status.st_dev, status.st_ino))
                 images.append((path, (status.st_size, status.st_mtime_ns)))
     return images
+
+
+def _identity(path: str) -> tuple:
+    status = os.stat(path)
+    return status.st_dev, status.st_ino
 
 
 def scan_layout(root: Union[str, Path], builtin_alternative: bool = True):
@@ -308,19 +316,20 @@ def _scan_layout(root: Path, builtin_alternative: bool):
         raise DataError(f"class folders differ between train/ and val/ of {root} ({'; '.join(parts)}): "
                         f"make both hold the same class folders (add the missing ones or remove the extra ones)")
     names = classes["train"]
-    files, skipped, seen = {}, {}, {}
+    files, skipped, identities = {}, {}, {}
     for split in ("train", "val"):
         owners = {}
         for name in names:  # setdefault: of two class folders that are one folder, the first owns it
             owners.setdefault(os.path.realpath(root / split / name), name)
-        seen[split], skipped[split] = set(), Skipped()
-        files[split] = [_images_in(root / split / name, name, owners, seen[split], skipped[split]) for name in names]
-    both = seen["train"] & seen["val"]
+        seen, skipped[split], identities[split] = set(), Skipped(), set()
+        files[split] = [_images_in(root / split / name, name, owners, seen, skipped[split], identities[split])
+                        for name in names]
+    both = identities["train"] & identities["val"]
     if both:
-        example = next(path for images in files["val"] for path, _ in images if os.path.realpath(path) in both)
+        example = next(path for images in files["val"] for path, _ in images if _identity(path) in both)
         raise DataError(f"{len(both)} validation image(s) of {root} are training images too (the same file, through a "
-                        f"link), such as {example}, which is {os.path.realpath(example)}: the validation error would "
-                        f"not measure how the net does on images it has not learnt from. Give val/ images of its own")
+                        f"link), such as {example}: the validation error would not measure how the net does on "
+                        f"images it has not learnt from. Give val/ images of its own")
     if not any(files["train"]) and not any(files["val"]):
         others = skipped["train"].other_files + skipped["val"].other_files
         raise DataError(f"no images found under {root} (looked for {' '.join(IMAGE_EXTENSIONS)}, any case; "

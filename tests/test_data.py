@@ -223,9 +223,15 @@ def test_a_validation_image_that_is_a_training_image_is_refused(tmp_path):
     data.scan_layout(root)  # two linked trees of their own are fine
     os.symlink(root / "train" / "b" / "1.jpg", root / "val" / "b" / "seen.jpg")
     with pytest.raises(DataError, match=f"^1 validation image\\(s\\) of {root} are training images too \\(the same file, "
-                                        f"through a link\\), such as {root}/val/b/seen.jpg, which is {root}/train/b/1.jpg"):
+                                        f"through a link\\), such as {root}/val/b/seen.jpg: the validation error"):
         data.scan_layout(root)
     os.remove(root / "val" / "b" / "seen.jpg")
+    os.link(root / "train" / "b" / "1.jpg", root / "val" / "b" / "seen.jpg")  # a hard link
+    with pytest.raises(DataError, match="^1 validation image"):
+        data.scan_layout(root)
+    os.remove(root / "val" / "b" / "seen.jpg")
+    os.symlink("/nowhere/labels.csv", root / "train" / "labels.csv")  # a file's link to nothing: ignored, as the file
+    data.scan_layout(root)
     shutil.rmtree(root / "val" / "a")
     os.symlink("../train/a", root / "val" / "a")  # a whole class
     with pytest.raises(DataError, match="^2 validation image"):
