@@ -149,6 +149,16 @@ class DataBundle:
 
 # --------------------------------------------------------------------------- layout
 
+# Names of files found beside the class folders of a split (labels, lists, archives): a link
+# to nothing of such a name is no class folder. A class folder may have a dot in its name.
+DATA_FILE_EXTENSIONS = IMAGE_EXTENSIONS + (".txt", ".csv", ".tsv", ".json", ".xml", ".md", ".mat", ".npy", ".pkl",
+                                           ".pt", ".tar", ".gz", ".tgz", ".zip")
+
+
+def _file_name(name: str) -> bool:
+    return name.lower().endswith(DATA_FILE_EXTENSIONS)
+
+
 def _class_folders(split_dir: Path) -> list:
     """The class folders of a split, sorted: its folders and links to folders, never a hidden
     one. Raises DataError for a link to nothing, which may be a class whose disk is not there."""
@@ -158,7 +168,7 @@ def _class_folders(split_dir: Path) -> list:
             continue
         if entry.is_dir():
             names.append(entry.name)
-        elif entry.is_symlink() and not os.path.exists(entry.path) and not os.path.splitext(entry.name)[1]:
+        elif entry.is_symlink() and not os.path.exists(entry.path) and not _file_name(entry.name):
             # (a file's link to nothing, labels.csv say, is as ignored as the file would be)
             raise DataError(f"{entry.path} is a link to {os.readlink(entry.path)}, which does not exist: a class folder "
                             f"whose disk is not mounted? Make it reachable, or remove the link")

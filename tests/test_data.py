@@ -208,13 +208,14 @@ def test_class_folder_linked_from_another_disk_works(tmp_path, caplog):
     assert bundle.stats.images == 3 and not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
-def test_a_class_folder_linked_to_nothing_is_refused_not_left_out(tmp_path):
+@pytest.mark.parametrize("name", ["c", "St. Bernard", "n02085620.v2"])
+def test_a_class_folder_linked_to_nothing_is_refused_not_left_out(tmp_path, name):
     root = _simple_tree(tmp_path / "data", train=1, val=1)
     for split in ("train", "val"):
-        os.symlink(tmp_path / "unmounted" / split / "c", root / split / "c")
-    with pytest.raises(DataError, match=f"^{root / 'train' / 'c'} is a link to {tmp_path / 'unmounted'}/train/c, which "
-                                        f"does not exist: a class folder whose disk is not mounted\\? Make it reachable, "
-                                        f"or remove the link$"):
+        os.symlink(tmp_path / "unmounted" / split / name, root / split / name)
+    with pytest.raises(DataError, match=f"^{root / 'train' / name} is a link to {tmp_path / 'unmounted'}/train/{name}, "
+                                        f"which does not exist: a class folder whose disk is not mounted\\? Make it "
+                                        f"reachable, or remove the link$"):
         data.scan_layout(root)
 
 
