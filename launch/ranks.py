@@ -168,18 +168,32 @@ def die_with_parent(parent_pid: int) -> None:
     call it for their rank (launch.data), the benchmarks' training program for the
     benchmark (benchmarks.program.run_child), and launch.prepare's workers for it. A
     process that multiprocessing's fork server started (the default from Python 3.14) has
-    the server as its parent, which ends with ``parent_pid``: the signal comes then."""
+    the server as its parent: it lets go of what keeps the server alive (as a rank does,
+    launch.rank_server), so that the server ends with ``parent_pid``, and the signal comes."""
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         return
-    if os.getppid() != parent_pid:
-        try:
-            os.kill(parent_pid, 0)
-        except ProcessLookupError:  # the parent died before prctl took effect
-            os._exit(1)
-        except PermissionError:  # there, as another user's process with its number
-            pass
+    if os.getppid() == parent_pid:
+        return
+    if not _alive(parent_pid):  # the parent died before prctl took effect
+        os._exit(1)
+    # Started by the fork server: each process it starts holds the server's end of the
+    # pipe that tells it its client is alive, and the server lives while one is open.
+    from multiprocessing import forkserver
+    fd = getattr(forkserver._forkserver, "_forkserver_alive_fd", None)
+    if fd is not None:
+        os.close(fd)
+        forkserver._forkserver._forkserver_alive_fd = None
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (Linux: not gone, nor a zombie, dead and not yet reaped)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return False
 
 
 # glibc's mallopt parameters (malloc.h)

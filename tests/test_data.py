@@ -1140,11 +1140,37 @@ if __name__ == "__main__":
 """
 
 
+# The loader's workers started by the fork server, then the program killed (SIGKILL): they, the
+# server and the resource tracker end with it.
+_FORK_SERVER_KILLED = """
+import multiprocessing, sys, time
+from launch import data
+if __name__ == "__main__":
+    multiprocessing.set_start_method("forkserver")
+    with data.Loader(data.open_data(sys.argv[1]), workers=2) as loader:
+        next(iter(loader.train(4, seed=0, epoch=0)))
+        print("ready", flush=True)
+        time.sleep(120)
+"""
+
+
 @pytest.mark.slow
-def test_workers_that_a_fork_server_starts_work(tmp_path):
+def test_workers_that_a_fork_server_starts_work_and_end_with_their_program(tmp_path):
     src, dst = _simple_tree(tmp_path / "raw", train=4, val=1), tmp_path / "prepared"
     proc, out, err = _run_script(_FORK_SERVER, src, dst)
     assert proc.returncode == 0 and out.split() == ["8"], err[-3000:]
+
+    proc = subprocess.Popen([sys.executable, "-c", _FORK_SERVER_KILLED, str(dst)], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert proc.stdout.readline() == "ready\n", proc.communicate()
+        assert len(_session(proc.pid)) >= 4  # the program, the server, two workers
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.communicate(timeout=60)
+        _no_process_left(proc.pid)
+    finally:
+        for pid in _session(proc.pid):
+            os.kill(pid, signal.SIGKILL)
 
 
 @pytest.mark.slow

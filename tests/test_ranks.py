@@ -6,6 +6,7 @@ import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -153,6 +154,23 @@ def test_under_torchrun_the_ranks_wait_for_a_replicas_scan_of_the_data_and_share
             r"\(10, 31\): give every machine the same --data")
     assert re.fullmatch(sees, info.value.failures[2]), info.value.failures
     assert all(re.fullmatch(sees + r" \(on rank 2\)", info.value.failures[other]) for other in (0, 1, 3))
+
+
+def test_a_parent_that_died_but_was_not_yet_reaped_is_not_alive():
+    """die_with_parent's check, for the moment after the parent dies: a zombie until reaped."""
+    from launch.ranks import _alive
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        assert _alive(child.pid) and _alive(os.getpid())
+        child.kill()
+        deadline = time.monotonic() + 10
+        while _alive(child.pid) and time.monotonic() < deadline:  # a zombie: not waited for yet
+            time.sleep(0.05)
+        assert not _alive(child.pid) and Path(f"/proc/{child.pid}").exists()
+    finally:
+        child.kill()
+        child.wait()
+    assert not _alive(child.pid)
 
 
 def _same_mistake(rank):
