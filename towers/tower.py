@@ -162,7 +162,8 @@ class Tower(nn.Module):
     def settings(self, x: torch.Tensor) -> dict:
         """What the two towers must share for a forward with images ``x`` to compute the
         net's function: how they were built, their mode, the images' form, autocast, and
-        whether a backward will follow (each backward is collectives both must join)."""
+        whether gradients are on (each backward is collectives both must join). Checked at
+        the first forward only: a later forward run unlike on the two towers is not caught."""
         device = x.device.type
         return {"num_classes": self.num_classes, "fc8_placement": self.fc8_placement,
                 "architecture": self.architecture, "dropout": self.dropout.p,
