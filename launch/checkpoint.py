@@ -188,7 +188,7 @@ def _damaged_record(path: Path) -> Optional[str]:
     torch.save would not have written is left to torch.load, which names what it is: a
     file that is not a zip archive (or not a regular file, which may never end), a
     compressed or encrypted record; and a record saved without its checksum
-    (torch.utils.serialization.config.save.compute_crc32 off: a CRC of 0) is not checked."""
+    (after torch.serialization.set_crc32_options(False): a CRC of 0) is not checked."""
     if not os.path.isfile(path):
         return None
     try:
