@@ -104,8 +104,9 @@ class ImageFolderSplit(Dataset):
                     return None, label, skipped
                 continue
             return torch.from_numpy(pixels).permute(2, 0, 1).contiguous(), label, skipped
+        such = f", such as {skipped[0][1]}" if skipped else ""
         raise DataError(f"no usable image in {self.split}/: each of its {len(self.samples)} files failed to decode or "
-                        f"was refused (see the warnings above): replace them")
+                        f"was refused{such}: replace them")
 
     def record_skipped(self, skipped, then: str = STANDS_IN) -> None:
         """Adds skipped (index, reason) pairs (reported by ``load``, possibly in a worker)
@@ -120,16 +121,8 @@ class ImageFolderSplit(Dataset):
         """Raises DataError where no image of the split can be used, found by decoding up to
         the first usable one (one decode, as a rule): before a run, not at its first
         evaluation. The unusable files met on the way are logged where they are used."""
-        first = None
-        for path, _ in self.samples:
-            try:
-                load_image(path)
-                return
-            except DECODE_ERRORS as error:
-                first = first or skip_reason(path, error)
-        if first is not None:
-            raise DataError(f"no usable image in {self.split}/: each of its {len(self.samples)} files failed to "
-                            f"decode or was refused, such as {first}: replace them")
+        if self.samples:
+            self.load(0)
 
 
 @dataclass
