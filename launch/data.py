@@ -36,6 +36,7 @@ never lists under one class a file that lies in another class's folder (see
 """
 
 import functools
+import hashlib
 import logging
 import os
 import stat
@@ -133,6 +134,14 @@ class DataBundle:
     val: ImageFolderSplit
     stats: DataStats
     builtin: bool
+
+    def fingerprint(self, split: str) -> str:
+        """A digest of the split's images by name (relative to the split's folder) and
+        class: the same for the same folder moved elsewhere, another for other files."""
+        digest = hashlib.sha256()
+        for path, label in getattr(self, split).samples:
+            digest.update(os.fsencode(os.path.relpath(path, self.root / split)) + b"\0%d\0" % label)
+        return digest.hexdigest()
 
     def describe(self) -> str:
         kind = "built-in dataset" if self.builtin else "data"

@@ -62,6 +62,7 @@ class Plan:
     val_images: int
     train_images: int
     stats: data_module.DataStats  # for the augmentation on each rank's device
+    val_set: Optional[str] = None  # DataBundle.fingerprint("val"): a resumed run checks it evaluates the same images
 
 
 # ---------------------------------------------------------------- data on rank 0, broadcast to rank 1
@@ -310,7 +311,7 @@ def save_now(run_dir: Optional[Path], model, optimizer, progress: Progress, conf
     """save_training_state into the run folder (rank 0's; None elsewhere), logged with its time."""
     started = time.perf_counter()
     save_training_state(run_dir / FILENAME if run_dir else None, model, optimizer, progress, config, plan.classes,
-                        plan.train_images, mesh, plan.stats.mean)
+                        plan.train_images, mesh, plan.stats.mean, val_set=plan.val_set)
     log.info("checkpoint of step %d saved in %.1f s", progress.global_step, time.perf_counter() - started)
 
 
@@ -439,7 +440,7 @@ def run_rank(rank: int, config: TrainConfig, run_dir: Optional[str], placement: 
     if rank == 0:
         val_images = len(bundle.val) if config.val_limit is None else min(config.val_limit, len(bundle.val))
         plan = [Plan(list(bundle.classes), data_module.batches_per_epoch(bundle, config.batch_size), val_images,
-                     len(bundle.train), bundle.stats)]
+                     len(bundle.train), bundle.stats, bundle.fingerprint("val"))]
     dist.broadcast_object_list(plan, src=0)
     plan = plan[0]
     bundle = _replica_data(rank, config, plan, bundle, mesh)

@@ -199,6 +199,12 @@ def check_resumable(config: TrainConfig, payload: dict, bundle) -> None:
             f"the training set changed since {run} was saved: it had {had}, {bundle.root / 'train'} now has "
             f"{train_images} ({batches} batches of {config.batch_size}), so the run cannot continue where it "
             f"stopped: resume with the data it was trained on, or start a new run")
+    saved_val = payload.get("val_set")
+    if saved_val is not None and saved_val != bundle.fingerprint("val"):
+        raise data_module.DataError(
+            f"the validation set changed since {run} was saved: {bundle.root / 'val'} now holds other images (it "
+            f"has {len(bundle.val)}), and the run's evaluations so far (and the plateau schedule's best error) are of "
+            f"the set it began with: resume with the data it was trained on, or start a new run")
     done = progress["epoch"]
     if done >= config.epochs:
         fewer = f", and --epochs {config.epochs} asks for no more" if config.epochs < done else ""

@@ -969,20 +969,25 @@ def test_resume_refuses_a_changed_recipe_and_weights_only_checkpoints(tiny_data,
     save_checkpoint(tmp_path / "broken" / "checkpoint.pt", dict(payload, config="text"))  # its weights evaluate
     assert "data folder" in _error_of(["--eval-only", tmp_path / "broken", "--data", tmp_path / "typo"], caplog)
 
-    # The same run moved to a copy of its data with fewer training images, or other class names.
-    for change in ("shrunk", "renamed"):
+    # The same run moved to a copy of its data with fewer training images, other class names, or
+    # another validation image in place of one (its evaluations so far are of the set it began with).
+    for change in ("shrunk", "renamed", "val-replaced"):
         data = tmp_path / f"data-{change}"
         shutil.copytree(tiny_data, data)
         first = sorted(os.listdir(data / "train"))[0]
         if change == "shrunk":
             next(iter(sorted((data / "train" / first).iterdir()))).unlink()
+        elif change == "val-replaced":
+            image = next(iter(sorted((data / "val" / first).iterdir())))
+            image.rename(image.with_name("other" + image.suffix))
         else:
             for split in ("train", "val"):
                 (data / split / first).rename(data / split / "zzz_other")
         moved = dict(payload, config=dict(payload["config"], data=str(data)))
         save_checkpoint(tmp_path / f"moved-{change}" / "checkpoint.pt", moved)
         err = _error_of(["--resume", tmp_path / f"moved-{change}"], caplog)
-        expected = ("the training set changed since" if change == "shrunk" else "was trained on other classes")
+        expected = {"shrunk": "the training set changed since", "renamed": "was trained on other classes",
+                    "val-replaced": "the validation set changed since"}[change]
         assert expected in err and "Traceback" not in err, err
 
     epochs = payload["config"]["epochs"]
