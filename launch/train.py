@@ -34,7 +34,7 @@ from towers import (TOWERS, AlexNet, Architecture, ExchangeLog, Tower, allocate,
 from . import data as data_module
 from .images import BASE_SIZE, CROP_SIZE
 from .checkpoint import FILENAME, load_checkpoint, restore_training_state, save_training_state
-from .cli import shell_word, usable_cores
+from .cli import shell_word, usable_cores, write_whole
 from .config import TrainConfig
 from .mesh import Mesh, build_mesh
 from .ranks import PREPARATION_WAIT_S, Placement, error_line, patient_group
@@ -538,5 +538,6 @@ def run_rank(rank: int, config: TrainConfig, run_dir: Optional[str], placement: 
                                            for key in sorted(set().union(*by_tower))}, **compile_counts(config))
         if rank == 0:
             metrics.write(event="summary", **summary)
-            (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            write_whole(run_dir / "summary.json",
+                        lambda partial: partial.write_text(json.dumps(summary, indent=2) + "\n"))
         return summary if rank == 0 else None

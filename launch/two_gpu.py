@@ -569,11 +569,29 @@ def main(argv=None) -> int:
 
 def _after_interrupt(config: Optional[TrainConfig], run_dir: Optional[Path]) -> str:
     if config is not None and config.eval_only:
-        return "nothing to resume: run the evaluation again"
+        return f"nothing to resume: run the evaluation again {elsewhere_than(run_dir)}" if run_dir is not None \
+            else "nothing to resume: run the evaluation again"
     if run_dir is not None and (run_dir / FILENAME).exists():
-        return f"resume with --resume {shell_word(run_dir)}"
+        return _from_checkpoint(config, run_dir, f"resume with --resume {shell_word(run_dir)}")
     again = f" {elsewhere_than(run_dir)}" if run_dir is not None else ""
     return f"no checkpoint was written yet, so there is nothing to resume: start the run again{again}"
+
+
+def _from_checkpoint(config: TrainConfig, run_dir: Path, resume: str) -> str:
+    """What to do with the checkpoint of a run that stopped: ``resume``, the advice to resume
+    it, unless it holds the end of the training (the run stopped in its final evaluation, or
+    after it), which a resume would refuse as finished."""
+    try:
+        epoch = torch.load(run_dir / FILENAME, map_location="cpu", weights_only=True, mmap=True)["progress"]["epoch"]
+    except Exception:  # unreadable: the resume says why
+        epoch = None
+    if not isinstance(epoch, int) or epoch < config.epochs:
+        return resume
+    if (run_dir / "summary.json").exists():
+        return f"the run had finished its {epoch} epochs and written its summary: its results are in {run_dir}"
+    return (f"its checkpoint holds the end of its {epoch} epochs of training; only the final evaluation is missing: "
+            f"evaluate it with --eval-only {shell_word(run_dir)} (or train it longer with --resume "
+            f"{shell_word(run_dir)} --epochs N, N > {epoch})")
 
 
 def _after_failure(config: Optional[TrainConfig], run_dir: Optional[Path], failure: RankFailure) -> str:
@@ -590,8 +608,8 @@ def _after_failure(config: Optional[TrainConfig], run_dir: Optional[Path], failu
     if config.eval_only:
         return advice
     if (run_dir / FILENAME).exists():
-        return (f"{advice}\nonce the cause is fixed, go on from the last checkpoint with --resume "
-                f"{shell_word(run_dir)}")
+        return advice + "\n" + _from_checkpoint(config, run_dir, f"once the cause is fixed, go on from the last "
+                                                                 f"checkpoint with --resume {shell_word(run_dir)}")
     return (f"{advice}\nno checkpoint was written yet: once the cause is fixed, start the run again "
             f"{elsewhere_than(run_dir)}")
 

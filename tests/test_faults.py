@@ -87,6 +87,30 @@ def test_ctrl_c_stops_both_ranks(tiny_data, tmp_path):
     _no_leftovers(run)
 
 
+def test_a_run_stopped_after_its_last_epoch_is_told_what_is_left(trained_run, tmp_path):
+    """A stop in the final evaluation, or after the summary is written, leaves a checkpoint at
+    the end of the training: the advice is not the --resume that would be refused as finished."""
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "checkpoint.pt").symlink_to(trained_run[0] / "checkpoint.pt")  # of its 1 epoch
+    failure = two_gpu.RankFailure({1: "killed by SIGKILL"}, 1)
+    ended = parse_config(["--epochs", "1"])
+    for advice in (two_gpu._after_interrupt(ended, folder), two_gpu._after_failure(ended, folder, failure)):
+        assert advice.endswith(f"its checkpoint holds the end of its 1 epochs of training; only the final evaluation "
+                               f"is missing: evaluate it with --eval-only {folder} (or train it longer with --resume "
+                               f"{folder} --epochs N, N > 1)"), advice
+    (folder / "summary.json").write_text("{}")
+    assert two_gpu._after_interrupt(ended, folder) == f"the run had finished its 1 epochs and written its summary: " \
+                                                      f"its results are in {folder}"
+    longer = parse_config(["--epochs", "2"])  # resumed for a second epoch, and stopped in it before a checkpoint
+    assert two_gpu._after_interrupt(longer, folder) == f"resume with --resume {folder}"
+    assert two_gpu._after_failure(longer, folder, failure) == \
+        f"\nonce the cause is fixed, go on from the last checkpoint with --resume {folder}"
+    evaluation = parse_config(["--eval-only", str(folder)])
+    assert two_gpu._after_interrupt(evaluation, tmp_path / "eval") == \
+        f"nothing to resume: run the evaluation again under another --run-name (or after removing {tmp_path / 'eval'})"
+
+
 @pytest.mark.slow
 def test_sigterm_before_the_ranks_start_is_a_clean_stop(tmp_path):
     """While the built-in dataset is made (or a large --data scanned): SIGTERM stops the program
