@@ -125,15 +125,18 @@ def pid() -> int:
 
 class Caller:
     """What a spawned rank would inherit from its caller as the rank starts, handed to the
-    rank (``as_rank``): the environment and the standard output and error. The server's
-    date from its start, and a caller may have changed its own since (pytest redirects
-    each test's output)."""
+    rank (``as_rank``): the environment, the standard output and error, and whether Ctrl-C
+    stops it (``interrupts``; not in the background of a script, where SIGINT is ignored).
+    The server's date from its start, and a caller may have changed its own since (pytest
+    redirects each test's output)."""
 
     def __init__(self):
         self.environ = dict(os.environ)
+        self.interrupts = signal.getsignal(signal.SIGINT) is not signal.SIG_IGN
 
     def __reduce__(self):  # pickled as the rank starts: the descriptors travel with it
-        return _caller_in_rank, (self.environ, *(reduction.DupFd(fd) if _is_open(fd) else None for fd in (1, 2)))
+        return _caller_in_rank, (self.environ, self.interrupts,
+                                 *(reduction.DupFd(fd) if _is_open(fd) else None for fd in (1, 2)))
 
 
 def _is_open(fd: int) -> bool:
@@ -144,18 +147,25 @@ def _is_open(fd: int) -> bool:
         return False
 
 
-def _caller_in_rank(environ, *output):
-    return environ, tuple(None if fd is None else fd.detach() for fd in output)
+def _caller_in_rank(environ, interrupts, *output):
+    return environ, interrupts, tuple(None if fd is None else fd.detach() for fd in output)
+
+
+def _interrupt_once(signum, frame):
+    """A rank's Ctrl-C: the first stops it, and the next (the launcher passing on what the
+    terminal sent the whole process group already) does not interrupt its way out."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise KeyboardInterrupt
 
 
 def as_rank(caller) -> None:
     """First thing in a rank: takes the caller's environment and output (``Caller``) as its
-    own, handles Ctrl-C again, has what it starts itself (DataLoader workers) spawned rather than
+    own, handles Ctrl-C again where the caller does (once: ``_interrupt_once``), has what it starts itself (DataLoader workers) spawned rather than
     forked from a server of its own, which would outlive the rank if it were killed, and
     closes its copy of the launcher's end of the server's liveness pipe (each forked
     process receives one), so that the server sees the launcher's end close when the
     launcher ends."""
-    environ, output = caller
+    environ, interrupts, output = caller
     for name in set(os.environ) - set(environ):
         del os.environ[name]
     os.environ.update(environ)
@@ -163,7 +173,7 @@ def as_rank(caller) -> None:
         if fd is not None:
             os.dup2(fd, target)
             os.close(fd)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGINT, _interrupt_once if interrupts else signal.SIG_IGN)
     import multiprocessing
     multiprocessing.set_start_method("spawn", force=True)
     # Its own temporary folder, as a spawned rank has: the launcher's (inherited with the process

@@ -323,12 +323,12 @@ def run_ranks(fn: Callable, args: Sequence = (), world_size: int = 2, backend: s
     listener.detach()
     rank_server.start()
     ctx = mp.get_context("forkserver")
-    results = ctx.Queue()
+    results, caller = ctx.Queue(), rank_server.Caller()
     # Not daemonic, so that a rank may start DataLoader workers; PR_SET_PDEATHSIG ends a
     # rank whose launcher dies (through the server), and _stop below ends them all otherwise.
     procs = [ctx.Process(target=_rank_main, name=f"rank{rank}",
                          args=(rank, world_size, addr, store.port, backend, collective_timeout_s, threads_per_rank, fn, args,
-                               results, rank_server.pid(), rank_server.Caller()))
+                               results, rank_server.pid(), caller))
              for rank in range(world_size)]
     for rank, p in enumerate(procs):
         try:
@@ -383,8 +383,12 @@ def run_ranks(fn: Callable, args: Sequence = (), world_size: int = 2, backend: s
                         failures.setdefault(rank, f"still running after the run's time limit of {timeout_s:.0f} s")
                 first = first if first is not None else min(failures)
                 break
-    except KeyboardInterrupt:  # the ranks have their own Ctrl-C, or SIGTERM from the rank server
-        _stop(procs, grace_s=_GRACE_S)
+    except KeyboardInterrupt:  # Ctrl-C, which the terminal sent the ranks too, or SIGTERM to this process
+        if caller.interrupts:  # passed on (a rank takes only the first), so that the ranks stop now
+            for p in procs:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(p.pid, signal.SIGINT)
+        _stop(procs, grace_s=_GRACE_S if caller.interrupts else 0.0)  # ranks that ignore it are ended
         raise
     except BaseException:
         _stop(procs, grace_s=0.0)

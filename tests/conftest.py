@@ -182,11 +182,17 @@ def as_foreground_job() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
+def as_background_job() -> None:
+    # A script's job started with & has SIGINT ignored (and the program inherits that)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class Run:
     """The program in the background, in a process group of its own as a shell starts a
-    foreground job, for tests that act on it while it runs."""
+    foreground job (or, with ``job=as_background_job``, a script's background job), for
+    tests that act on it while it runs."""
 
-    def __init__(self, *args, run_dir: Path):
+    def __init__(self, *args, run_dir: Path, job=as_foreground_job):
         self.run_dir = run_dir
         self.log = open(run_dir.parent / f"{run_dir.name}.stderr", "w+")
         # Temporary files in a folder of the test's: a run whose whole group a test kills with
@@ -194,7 +200,7 @@ class Run:
         self.temporary = short_temporary()
         self.proc = subprocess.Popen([sys.executable, "-m", "launch.two_gpu", *map(str, args)], cwd=ROOT,
                                      env=dict(os.environ, TMPDIR=str(self.temporary)), stdout=subprocess.DEVNULL,
-                                     stderr=self.log, start_new_session=True, preexec_fn=as_foreground_job)
+                                     stderr=self.log, start_new_session=True, preexec_fn=job)
 
     def steps(self) -> int:
         path = self.run_dir / "metrics.jsonl"

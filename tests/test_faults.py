@@ -29,7 +29,8 @@ from launch.two_gpu import check_room_for_checkpoints, main
 from towers import Architecture, build_reference, check_compile_backend
 
 from conftest import TINY as _TINY
-from conftest import ROOT, TRAINED_RUN, Run, as_foreground_job, cmdline, launch, live_processes, terminate_when_ready
+from conftest import (ROOT, TRAINED_RUN, Run, as_background_job, as_foreground_job, cmdline, launch, live_processes,
+                      terminate_when_ready)
 
 BOUND_S = 60  # a failure must end the whole run within this long
 TINY = [*_TINY, "--log-every", "1", "--val-limit", "4", "--no-ten-crop"]
@@ -42,9 +43,9 @@ def _no_leftovers(run: Run, timeout_s: float = 10) -> None:
     assert not run.leftovers(), f"processes left behind: {run.leftovers()}"
 
 
-def _start(tiny_data, tmp_path, *extra, name="run"):
+def _start(tiny_data, tmp_path, *extra, name="run", **how):
     return Run("--data", tiny_data, "--out", tmp_path, "--run-name", name, "--epochs", "50", *TINY, *extra,
-               run_dir=tmp_path / name)
+               run_dir=tmp_path / name, **how)
 
 
 # ---------------------------------------------------------------- a dead or hung peer never hangs the other
@@ -109,6 +110,28 @@ def test_a_run_stopped_after_its_last_epoch_is_told_what_is_left(trained_run, tm
     evaluation = parse_config(["--eval-only", str(folder)])
     assert two_gpu._after_interrupt(evaluation, tmp_path / "eval") == \
         f"nothing to resume: run the evaluation again under another --run-name (or after removing {tmp_path / 'eval'})"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("job", [as_foreground_job, as_background_job], ids=["foreground", "background"])
+def test_sigterm_to_the_launcher_alone_stops_the_ranks_at_once(tiny_data, tmp_path, job):
+    """SIGTERM, as a scheduler or `timeout` sends it, to the program's process alone: the ranks
+    stop in the step they are in, not some seconds (and steps, a checkpoint) later. In the
+    background of a script (SIGINT ignored), a SIGINT to the whole group (the script's Ctrl-C)
+    leaves the ranks training, as it leaves their launcher."""
+    run = _start(tiny_data, tmp_path, job=job)
+    run.wait_for_step(2)
+    if job is as_background_job:
+        os.killpg(run.proc.pid, signal.SIGINT)
+        at = run.steps()
+        run.wait_for_step(at + 2)
+    os.kill(run.proc.pid, signal.SIGTERM)
+    at = run.steps()
+    assert run.wait() == 130
+    err = run.stderr()
+    assert run.steps() <= at + 1, err  # the step under way may still be logged
+    assert "interrupted: both ranks stopped" in err and "Traceback" not in err, err
+    _no_leftovers(run)
 
 
 @pytest.mark.slow
