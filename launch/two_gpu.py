@@ -221,8 +221,9 @@ def lock_run_folder(run_dir: Path, resumed: bool = False):
     try:
         return lock_exclusively(run_dir / LOCK_NAME)
     except BlockingIOError as exc:
-        raise ValueError(f"{run_dir} is in use by another run ({exc}): wait for it to end, or choose "
-                         f"another --run-name") from None
+        other = ("" if resumed else  # a resumed run goes on in its own folder, whatever --run-name says
+                 ", or choose another --run-name")
+        raise ValueError(f"{run_dir} is in use by another run ({exc}): wait for it to end{other}") from None
     except OSError as exc:  # a folder of someone else's, a read-only disk
         fix = ("copy the folder to a place you can write and resume the copy" if resumed else
                "give an --out folder you can write")

@@ -792,6 +792,9 @@ def test_a_run_folder_holds_one_run(tiny_data, tmp_path, caplog):
     try:
         err = _error_of(["--data", tiny_data, "--out", tmp_path, "--run-name", "busy", *TINY], caplog)
         assert f"{busy} is in use by another run (process {os.getpid()}" in err
+        assert err.rstrip().endswith("wait for it to end, or choose another --run-name"), err
+        with pytest.raises(ValueError, match=r"in use by another run \(.*\): wait for it to end$"):
+            lock_run_folder(busy, resumed=True)  # which --run-name would not change
     finally:
         lock.close()
 
