@@ -67,7 +67,7 @@ from . import flops, traffic
 from .loader import measure_loader, open_loader_data
 from .program import PROGRAM_LAYOUTS, STOP_GRACE_S, measure_program
 from .scratch import remove_stale_folders, temporary_folder
-from .workers import WORKERS, weights_worker
+from .workers import WORKERS, WeightsNotWritten, weights_worker
 
 logger = logging.getLogger(__name__)
 
@@ -650,6 +650,9 @@ class Bench:
         except RankFailure as failure:
             if self.deadline.left() <= 0:
                 return
+            cause = failure.failures[failure.first]
+            if cause.startswith(f"{WeightsNotWritten.__module__}.{WeightsNotWritten.__name__}: "):
+                raise ValueError(cause.split(": ", 1)[1]) from None
             if time.monotonic() - started >= timeout_s:  # every run would time out the same way
                 raise ValueError(f"drawing the reference's weights took longer than --rank-timeout-s "
                                  f"{self.config.rank_timeout_s:g} ({failure}): give a longer --rank-timeout-s") from None

@@ -106,14 +106,25 @@ def _finish(model, device: torch.device, rss_at_start: int, loss: float) -> dict
     }
 
 
+class WeightsNotWritten(OSError):
+    """The weights could not be written (a full disk); the message names the fix."""
+
+
 def weights_worker(rank: int, seed: int, fc8_placement: str, folder: str) -> dict:
     """Builds the reference from ``seed`` and saves it and both towers' shards of it.
     Runs in a process of its own so that the harness's process stays small."""
     reference = build_reference(seed=seed).state_dict()
     paths = {"reference_path": f"{folder}/reference.pt", "shard_paths": [f"{folder}/tower{r}.pt" for r in range(TOWERS)]}
-    torch.save(reference, paths["reference_path"])
-    for tower_rank, path in enumerate(paths["shard_paths"]):
-        torch.save(shard_state_dict(reference, tower_rank, fc8_placement), path)
+    try:
+        torch.save(reference, paths["reference_path"])
+        for tower_rank, path in enumerate(paths["shard_paths"]):
+            torch.save(shard_state_dict(reference, tower_rank, fc8_placement), path)
+    except (OSError, RuntimeError) as exc:  # torch's writer says "file write failed", and not why
+        size = 2 * sum(t.numel() * t.element_size() for t in reference.values())
+        cause = exc.strerror if isinstance(exc, OSError) and exc.strerror else "the write failed"
+        raise WeightsNotWritten(f"cannot write the reference's weights and its towers' shards ({size / 2**20:.0f} MB) "
+                                f"in the temporary folder {folder} ({cause}): free space on that disk, or set TMPDIR "
+                                f"to a folder with room") from None
     return paths
 
 

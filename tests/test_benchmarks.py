@@ -7,6 +7,7 @@ import errno
 import json
 import math
 import os
+import re
 from pathlib import Path
 import shutil
 import signal
@@ -233,6 +234,22 @@ def test_a_report_is_drawn_only_from_a_results_json(tmp_path, capsys, content):
     assert message.startswith(f"error: {tmp_path / 'results.json'} is not what python -m benchmarks.run writes (")
     assert len(message.strip().splitlines()) == 1
     assert [p.name for p in tmp_path.iterdir()] == ["results.json"]  # nothing drawn
+
+
+def test_a_full_disk_under_the_weights_every_run_loads_is_one_line(tmp_path):
+    """The reference's weights, hundreds of MB in the temporary folder: where they do not fit,
+    the benchmark ends with one line (exit 2) naming the folder and the fix."""
+    config = run.BenchConfig(device="cpu", quick=True, batch=2)
+    devices = run.plan_devices(config)
+    bench = run.Bench(run.resolve(config, devices), devices, tmp_path, [], run.Deadline(None))
+    folder = tmp_path / "weights"
+    folder.mkdir()
+    (folder / "reference.pt").symlink_to("/dev/full")  # every write to it fails, as on a full disk
+    with pytest.raises(ValueError) as refused:
+        bench.draw_weights(str(folder))
+    assert re.fullmatch(rf"cannot write the reference's weights and its towers' shards \(\d+ MB\) in the temporary "
+                        rf"folder {re.escape(str(folder))} \(the write failed\): free space on that disk, or set TMPDIR "
+                        rf"to a folder with room", str(refused.value)), refused.value
 
 
 def test_a_full_disk_under_results_json_is_one_line_and_leaves_no_partial_file(tmp_path, monkeypatch):
