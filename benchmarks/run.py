@@ -57,7 +57,7 @@ from typing import NamedTuple, Optional
 import numpy as np
 import torch
 
-from launch.cli import Parser, add_options, option, quick_exit, write_whole
+from launch.cli import Parser, add_options, option, quick_exit, shell_word, write_whole
 from launch.config import MAX_TIMEOUT_S
 from launch.ranks import RankFailure, cpu_threads_per_rank, raise_interrupt, run_ranks
 from launch.step import AUTOCAST
@@ -811,7 +811,7 @@ def main(argv=None) -> Path:
         except KeyboardInterrupt:
             if bench.written:
                 logger.error("stopped: %s holds the runs measured so far; python -m benchmarks.report %s draws their "
-                             "report", out / "results.json", out)
+                             "report", out / "results.json", shell_word(out))
             else:
                 logger.error("stopped before the first run was measured: nothing was written in %s", out)
             raise
@@ -820,7 +820,7 @@ def main(argv=None) -> Path:
             write_report(results, out)
         except OSError as error:  # each file of the report is whole or not there
             raise ValueError(f"cannot write the report in {out} ({error.strerror or error}): free space on that disk, "
-                             f"then python -m benchmarks.report {out} draws it from its results.json") from None
+                             f"then python -m benchmarks.report {shell_word(out)} draws it from its results.json") from None
         logger.info("done in %.0f s: %s", time.perf_counter() - bench.started, out / "report.md")
         return out
 
