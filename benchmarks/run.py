@@ -57,7 +57,8 @@ from typing import NamedTuple, Optional
 import numpy as np
 import torch
 
-from launch.cli import Parser, add_options, option, quick_exit, shell_word, write_whole
+from launch.cli import (MAX_PROCESSES_PER_CORE, Parser, add_options, option, quick_exit, shell_word, usable_cores,
+                        write_whole)
 from launch.config import MAX_TIMEOUT_S
 from launch.ranks import RankFailure, cpu_threads_per_rank, raise_interrupt, run_ranks
 from launch.step import AUTOCAST
@@ -236,6 +237,10 @@ def resolve(config: BenchConfig, devices: DevicePlan) -> BenchConfig:
     if config.loader_batches < 1 or min(config.loader_workers) < 0:
         raise ValueError(f"--loader-batches must be at least 1 and --loader-workers at least 0, got "
                          f"{config.loader_batches} and {','.join(map(str, config.loader_workers))}")
+    most, cores = MAX_PROCESSES_PER_CORE * usable_cores(), usable_cores()
+    if max(config.loader_workers) > most:  # as the training program's --workers
+        raise ValueError(f"--loader-workers {max(config.loader_workers)} would start that many loading processes on "
+                         f"the {cores} cores this benchmark may use: give at most {most}")
     return config
 
 

@@ -20,6 +20,7 @@ import matplotlib.image
 import pytest
 
 from benchmarks import flops, program, report, run, scratch, traffic
+from launch.cli import usable_cores
 from towers import AlexNet
 
 from conftest import ROOT, cmdline, live_processes, short_temporary, terminate_when_ready
@@ -115,6 +116,8 @@ def test_a_time_limit_must_be_a_positive_number_of_seconds(tmp_path):
     ("--bf16-slowdown-limit", "-2", "--bf16-slowdown-limit must be a positive number of times fp32's step, got -2"),
     ("--loader-batches", "0", "--loader-batches must be at least 1 and --loader-workers at least 0, got 0 and 0,1"),
     ("--loader-workers", "0,-1", "--loader-batches must be at least 1 and --loader-workers at least 0, got 3 and 0,-1"),
+    ("--loader-workers", "0,100000", f"--loader-workers 100000 would start that many loading processes on the "
+                                     f"{usable_cores()} cores this benchmark may use: give at most {4 * usable_cores()}"),
 ])
 def test_numbers_out_of_range_are_refused_before_anything_runs(tmp_path, option, value, message):
     with pytest.raises(ValueError) as refused:  # otherwise they fail after the measuring, or give negative numbers
