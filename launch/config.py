@@ -16,7 +16,7 @@ from typing import Optional
 from towers import FC8_PLACEMENTS
 from towers.reference import ACTIVATIONS, INIT_SCHEMES, POOLINGS
 
-from .cli import Parser, add_options, option
+from .cli import MAX_PROCESSES_PER_CORE, Parser, add_options, option, usable_cores
 from .step import AUTOCAST
 
 MAX_TIMEOUT_S = 7 * 24 * 3600.0  # longer waits are no protection against a hung peer
@@ -191,6 +191,11 @@ class TrainConfig:
             raise ValueError(f"--warmup-steps must not be negative, got {self.warmup_steps}")
         if self.workers is not None and self.workers < 0:
             raise ValueError(f"--workers must not be negative, got {self.workers}")
+        cores = usable_cores()
+        if self.workers is not None and self.workers > MAX_PROCESSES_PER_CORE * cores:
+            raise ValueError(f"--workers {self.workers} would start that many loading processes for each loading rank "
+                             f"on the {cores} cores this program may use: give at most {MAX_PROCESSES_PER_CORE * cores},"
+                             f" or leave --workers out for this machine's default")
         if self.replicas is not None and self.batch_size is not None and self.batch_size % self.replicas:
             # a resumed run keeps its batch size: the number of replicas is what it can change
             fits = [n for n in range(min(2 * self.replicas, self.batch_size), 0, -1)

@@ -42,7 +42,7 @@ from towers import TOWERS, check_compile_backend
 from . import data as data_module
 from .checkpoint import (FILENAME, CheckpointError, check_classes, check_training_state, checkpoint_architecture,
                          load_checkpoint, resolve_path, training_checkpoint_bytes)
-from .cli import MAX_PROCESSES_PER_CORE, lock_exclusively, quick_exit, shell_word, usable_cores, write_whole
+from .cli import MAX_PROCESSES_PER_CORE, lock_exclusively, quick_exit, shell_word, write_whole
 from .config import (TrainConfig, build_parser, check_schedule_options, describe_recipe, given_options, parse_config,
                      recipe_warnings, resolve)
 from .ranks import (LOOPBACK, PREPARATION_WAIT_S, RankFailure, choose_placement, cpu_threads_per_rank, error_line,
@@ -473,11 +473,6 @@ def _configure(argv) -> tuple:
     saved_replicas = checkpoint["config"].get("replicas") if config.resume else None
     config = dataclasses.replace(resolve(config), replicas=_replicas(config, towers, saved_replicas))
     config.validate()
-    cores = usable_cores()
-    if config.workers is not None and config.workers > MAX_PROCESSES_PER_CORE * cores:
-        raise ValueError(f"--workers {config.workers} would start that many loading processes for each loading rank "
-                         f"on the {cores} cores this program may use: give at most {MAX_PROCESSES_PER_CORE * cores}, "
-                         f"or leave --workers out for this machine's default")
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     # torchrun's count of the ranks on this machine; a stray one is no concern of ranks this program starts
     ranks_here = (int(os.environ.get("LOCAL_WORLD_SIZE", 0)) or None) if _torchrun_env() else None

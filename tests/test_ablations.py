@@ -148,6 +148,17 @@ def test_a_damaged_run_file_a_variant_named_twice_and_a_home_folder_are_told_apa
     assert not (tmp_path / "~").exists()
 
 
+@pytest.mark.parametrize("option, value, words", [("--epochs", "0", "--epochs must be positive, got 0"),
+                                                   ("--lr", "nan", "--lr must be a finite number, got nan"),
+                                                   ("--seed", "-5", "--seed must be an integer from 0 to"),
+                                                   ("--workers", "100000", "--workers 100000 would start that many")])
+def test_a_value_the_training_program_refuses_is_refused_before_any_folder_is_made(tmp_path, option, value, words):
+    out, runs = tmp_path / "report", tmp_path / "runs"
+    with pytest.raises(ValueError, match=f"^{re.escape(words)}"):
+        ablations.main([option, value, "--out", str(out), "--runs", str(runs)])
+    assert not any(tmp_path.iterdir())  # no report folder, no run folder, no run's output
+
+
 def test_an_out_folder_of_another_tool_s_report_is_refused_before_any_run(tmp_path, monkeypatch):
     """A benchmark's report (its results.json replaced, its charts left beside the ablation's)
     or files of the user's are refused, one line; an earlier ablation's report is replaced."""
