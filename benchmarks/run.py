@@ -685,7 +685,8 @@ class Bench:
             try:
                 ranks = execute(spec, config, devices, self.deadline.timeout(config.rank_timeout_s))
             except RankFailure as failure:
-                logger.warning("[%d/%d] %s failed: %s", index, len(self.keys), key, failure)
+                logger.warning("[%d/%d] %s batch %d %s %s%s failed: %s", index, len(self.keys), key.mode, key.batch,
+                               key.precision, key.memory_format, " compiled" * key.compiled, failure)
                 why = (f"{self.deadline.reason} while it ran" if self.deadline.left() <= 0 else
                        f"failed: {str(failure).splitlines()[0]}")
                 self.not_measured.append({**key._asdict(), "reason": why})

@@ -255,6 +255,24 @@ def test_a_full_disk_under_the_weights_every_run_loads_is_one_line(tmp_path):
                         rf"to a folder with room", str(refused.value)), refused.value
 
 
+def test_a_run_that_fails_is_named_as_the_table_names_it_and_the_benchmark_goes_on(tmp_path, monkeypatch, caplog):
+    config = run.BenchConfig(device="cpu", quick=True, batch=2)
+    devices = run.plan_devices(config)
+    bench = run.Bench(run.resolve(config, devices), devices, tmp_path, [], run.Deadline(None))
+    bench.weights = {}  # as drawn: no run loads them here
+
+    def fail(spec, *args):
+        raise run.RankFailure({0: "RuntimeError: out of memory"}, 0)
+
+    monkeypatch.setattr(run, "execute", fail)
+    keys = [run.RunKey("single", 2, "fp32", "channels_last"), run.RunKey("towers", 4, "bf16", "contiguous", True)]
+    bench.measure(keys, str(tmp_path))
+    assert "single batch 2 fp32 channels_last failed: rank 0 failed: RuntimeError: out of memory" in caplog.text
+    assert "towers batch 4 bf16 contiguous compiled failed: rank 0 failed" in caplog.text
+    assert "RunKey(" not in caplog.text
+    assert [r["reason"] for r in bench.not_measured] == ["failed: rank 0 failed: RuntimeError: out of memory"] * 2
+
+
 def test_a_full_disk_under_results_json_is_one_line_and_leaves_no_partial_file(tmp_path, monkeypatch):
     """results.json is written anew after every run: a disk that fills meanwhile ends the
     benchmark with one line (exit 2), the last whole results.json kept, no temporary beside it."""
