@@ -198,7 +198,7 @@ def plan_devices(config: BenchConfig) -> DevicePlan:
 def resolve(config: BenchConfig, devices: DevicePlan) -> BenchConfig:
     """Fills the None fields and checks the values."""
     defaults = DEFAULTS[(devices.single, config.quick)]
-    cores = os.cpu_count() or 1
+    cores = usable_cores()  # of this process: a container's or taskset's limit
     defaults = dict(defaults, loader_workers=(0, 1) if config.quick else
                     (0,) + tuple(2 ** i for i in range(cores.bit_length()) if 2 ** i <= cores),
                     loader_batches=3 if config.quick else 20)
@@ -237,7 +237,7 @@ def resolve(config: BenchConfig, devices: DevicePlan) -> BenchConfig:
     if config.loader_batches < 1 or min(config.loader_workers) < 0:
         raise ValueError(f"--loader-batches must be at least 1 and --loader-workers at least 0, got "
                          f"{config.loader_batches} and {','.join(map(str, config.loader_workers))}")
-    most, cores = MAX_PROCESSES_PER_CORE * usable_cores(), usable_cores()
+    most = MAX_PROCESSES_PER_CORE * cores
     if max(config.loader_workers) > most:  # as the training program's --workers
         raise ValueError(f"--loader-workers {max(config.loader_workers)} would start that many loading processes on "
                          f"the {cores} cores this benchmark may use: give at most {most}")

@@ -128,6 +128,15 @@ def test_numbers_out_of_range_are_refused_before_anything_runs(tmp_path, option,
         run.build_parser().parse_args(["--time", "60"])
 
 
+def test_the_default_loader_workers_are_those_of_the_cores_this_process_may_use(monkeypatch):
+    """A 16-core host that lets the benchmark use 2 (taskset, a container's cpuset): the
+    default list stops at 2, within the bound a --loader-workers given is held to."""
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(run, "usable_cores", lambda: 2)
+    config = run.BenchConfig(device="cpu")
+    assert run.resolve(config, run.plan_devices(config)).loader_workers == (0, 1, 2)
+
+
 def test_an_out_folder_that_cannot_be_made_is_refused(tiny_data, tmp_path):
     afile = tmp_path / "a-file"
     afile.write_text("")
