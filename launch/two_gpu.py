@@ -575,19 +575,26 @@ def _after_interrupt(config: Optional[TrainConfig], run_dir: Optional[Path]) -> 
 
 def _from_checkpoint(config: TrainConfig, run_dir: Path, resume: str) -> str:
     """What to do with the checkpoint of a run that stopped: ``resume``, the advice to resume
-    it, unless it holds the end of the training (the run stopped in its final evaluation, or
-    after it), which a resume would refuse as finished."""
+    it, unless it holds the end of the training (its --epochs, or --max-steps: the run stopped
+    in its final evaluation, or after it), which a resume would refuse, or train past."""
     try:
-        epoch = torch.load(run_dir / FILENAME, map_location="cpu", weights_only=True, mmap=True)["progress"]["epoch"]
+        progress = torch.load(run_dir / FILENAME, map_location="cpu", weights_only=True, mmap=True)["progress"]
+        epoch, step = int(progress["epoch"]), int(progress["global_step"])
     except Exception:  # unreadable: the resume says why
-        epoch = None
-    if not isinstance(epoch, int) or epoch < config.epochs:
         return resume
-    if (run_dir / "summary.json").exists():
-        return f"the run had finished its {epoch} epochs and written its summary: its results are in {run_dir}"
-    return (f"its checkpoint holds the end of its {epoch} epochs of training; only the final evaluation is missing: "
-            f"evaluate it with --eval-only {shell_word(run_dir)} (or train it longer with --resume "
-            f"{shell_word(run_dir)} --epochs N, N > {epoch})")
+    all_epochs, max_steps = epoch >= config.epochs, config.max_steps is not None and step >= config.max_steps
+    if not (all_epochs or max_steps):
+        return resume
+    try:  # the summary of this very step, not of the run before it was resumed to train longer
+        summarized = json.loads((run_dir / "summary.json").read_text()).get("steps") == step
+    except (OSError, ValueError, AttributeError):
+        summarized = False
+    if summarized:
+        return f"the run had ended, at step {step}, and written its summary: its results are in {run_dir}"
+    longer = (f"train it longer with --resume {shell_word(run_dir)} --epochs N, N > {epoch}" if all_epochs else
+              f"train on with --resume {shell_word(run_dir)} and a larger --max-steps, or none")
+    return (f"its checkpoint holds the end of its training (step {step}); only the final evaluation is missing: "
+            f"evaluate it with --eval-only {shell_word(run_dir)} (or {longer})")
 
 
 def _after_failure(config: Optional[TrainConfig], run_dir: Optional[Path], failure: RankFailure) -> str:

@@ -96,13 +96,19 @@ def test_a_run_stopped_after_its_last_epoch_is_told_what_is_left(trained_run, tm
     (folder / "checkpoint.pt").symlink_to(trained_run[0] / "checkpoint.pt")  # of its 1 epoch
     failure = two_gpu.RankFailure({1: "killed by SIGKILL"}, 1)
     ended = parse_config(["--epochs", "1"])
+    missing = f"its checkpoint holds the end of its training (step 7); only the final evaluation is missing: " \
+              f"evaluate it with --eval-only {folder} (or "
     for advice in (two_gpu._after_interrupt(ended, folder), two_gpu._after_failure(ended, folder, failure)):
-        assert advice.endswith(f"its checkpoint holds the end of its 1 epochs of training; only the final evaluation "
-                               f"is missing: evaluate it with --eval-only {folder} (or train it longer with --resume "
-                               f"{folder} --epochs N, N > 1)"), advice
-    (folder / "summary.json").write_text("{}")
-    assert two_gpu._after_interrupt(ended, folder) == f"the run had finished its 1 epochs and written its summary: " \
+        assert advice.endswith(f"{missing}train it longer with --resume {folder} --epochs N, N > 1)"), advice
+    (folder / "summary.json").write_text(json.dumps({"steps": 6}))  # of the run before it was resumed
+    assert two_gpu._after_interrupt(ended, folder).startswith(missing)
+    (folder / "summary.json").write_text(json.dumps({"steps": 7}))
+    assert two_gpu._after_interrupt(ended, folder) == f"the run had ended, at step 7, and written its summary: " \
                                                       f"its results are in {folder}"
+    (folder / "summary.json").unlink()
+    steps = parse_config(["--epochs", "2", "--max-steps", "7"])  # ended by --max-steps in its first epoch
+    assert two_gpu._after_interrupt(steps, folder) == \
+        f"{missing}train on with --resume {folder} and a larger --max-steps, or none)"
     longer = parse_config(["--epochs", "2"])  # resumed for a second epoch, and stopped in it before a checkpoint
     assert two_gpu._after_interrupt(longer, folder) == f"resume with --resume {folder}"
     assert two_gpu._after_failure(longer, folder, failure) == \
