@@ -159,6 +159,15 @@ def test_a_value_the_training_program_refuses_is_refused_before_any_folder_is_ma
     assert not any(tmp_path.iterdir())  # no report folder, no run folder, no run's output
 
 
+def test_a_run_reused_is_not_held_to_this_machine_s_bounds(tmp_path, monkeypatch):
+    """--workers is not compared on --reuse: runs trained on a machine of more cores are read here."""
+    (tmp_path / "runs" / "full").mkdir(parents=True)
+    monkeypatch.setattr(ablations.data_module, "open_data", lambda data: (_ for _ in ()).throw(OSError("stop")))
+    with pytest.raises(OSError, match="stop"):  # past the checks of the options, at the data
+        ablations.main(["--variants", "full", "--workers", "100000", "--reuse", "--out", str(tmp_path / "report"),
+                        "--runs", str(tmp_path / "runs")])
+
+
 def test_an_out_folder_of_another_tool_s_report_is_refused_before_any_run(tmp_path, monkeypatch):
     """A benchmark's report (its results.json replaced, its charts left beside the ablation's)
     or files of the user's are refused, one line; an earlier ablation's report is replaced."""
