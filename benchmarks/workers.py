@@ -115,11 +115,12 @@ def weights_worker(rank: int, seed: int, fc8_placement: str, folder: str) -> dic
     Runs in a process of its own so that the harness's process stays small."""
     reference = build_reference(seed=seed).state_dict()
     paths = {"reference_path": f"{folder}/reference.pt", "shard_paths": [f"{folder}/tower{r}.pt" for r in range(TOWERS)]}
+    shards = [shard_state_dict(reference, tower_rank, fc8_placement) for tower_rank in range(TOWERS)]
     try:
         torch.save(reference, paths["reference_path"])
-        for tower_rank, path in enumerate(paths["shard_paths"]):
-            torch.save(shard_state_dict(reference, tower_rank, fc8_placement), path)
-    except (OSError, RuntimeError) as exc:  # torch's writer says "file write failed", and not why
+        for shard, path in zip(shards, paths["shard_paths"]):
+            torch.save(shard, path)
+    except (OSError, RuntimeError) as exc:  # torch's writer does not say why a write failed
         size = 2 * sum(t.numel() * t.element_size() for t in reference.values())
         cause = exc.strerror if isinstance(exc, OSError) and exc.strerror else "the write failed"
         raise WeightsNotWritten(f"cannot write the reference's weights and its towers' shards ({size / 2**20:.0f} MB) "
