@@ -372,6 +372,9 @@ def _replica_data(rank: int, config: TrainConfig, plan: Plan, bundle, mesh: Mesh
             raise data_module.DataError(f"rank {rank} sees other data at {opened.root} ({len(opened.classes)} classes, "
                                         f"{len(opened.train)} training images) than rank 0 ({len(plan.classes)}, "
                                         f"{plan.train_images}): give every machine the same --data")
+        if plan.val_set is not None and opened.fingerprint("val") != plan.val_set:  # each replica evaluates a share
+            raise data_module.DataError(f"rank {rank} sees other validation images at {opened.root / 'val'} than "
+                                        f"rank 0: give every machine the same --data")
         return opened
 
     if mesh.replicas == 1:
