@@ -657,6 +657,9 @@ def _main_under_torchrun(config: TrainConfig, checkpoint: Optional[dict], placem
             failure = RankFailure({rank: error_line(exc)}, rank)
             log.error("the run stopped: %s%s", failure, _after_failure(config, run_dir, failure))
             return 1
+    except KeyboardInterrupt:  # a terminal's Ctrl-C reaches every rank: rank 0 knows the run folder
+        log.error("interrupted: %s", _after_interrupt(config, run_dir) if rank == 0 else "rank 0 says what to do next")
+        return 130
     finally:
         if lock is not None:
             lock.close()

@@ -555,6 +555,36 @@ def test_a_rank_failing_under_torchrun_ends_in_one_line(tiny_data, tmp_path):
     assert errors[1].rstrip().endswith("Rank 0 says what to do next"), errors[1]
 
 
+@pytest.mark.slow
+def test_ctrl_c_under_torchrun_tells_what_to_do_next(tiny_data, tmp_path):
+    """A terminal's Ctrl-C reaches every rank that torchrun started: rank 0, which knows the
+    run folder, says to resume it (not that nothing was written); the others, that rank 0 says."""
+    port, run_dir = _free_port(), tmp_path / "ctrl-c"
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "launch.two_gpu", "--data", str(tiny_data), "--out", str(tmp_path), "--run-name", "ctrl-c",
+         "--epochs", "50", "--checkpoint-every", "1", *TINY], cwd=ROOT, stdout=subprocess.DEVNULL,
+        stderr=open(tmp_path / f"rank{rank}.stderr", "w"), start_new_session=True, preexec_fn=as_foreground_job,
+        env=dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                 MASTER_PORT=str(port)))
+        for rank in range(2)]
+    try:
+        deadline = time.monotonic() + 240
+        while not (run_dir / "checkpoint.pt").exists():
+            assert all(p.poll() is None for p in procs) and time.monotonic() < deadline, \
+                (tmp_path / "rank0.stderr").read_text()
+            time.sleep(0.2)
+        for p in procs:
+            os.killpg(p.pid, signal.SIGINT)
+        codes = [p.wait(timeout=BOUND_S) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    errors = [(tmp_path / f"rank{rank}.stderr").read_text() for rank in range(2)]
+    assert codes[0] == 130 and "Traceback" not in errors[0], errors
+    assert errors[0].rstrip().endswith(f"interrupted: resume with --resume {run_dir}"), errors[0]
+    assert codes[1] == 130 and errors[1].rstrip().endswith("interrupted: rank 0 says what to do next"), errors[1]
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
