@@ -97,7 +97,7 @@ class Tower(nn.Module):
     built alike and run alike (see ``check_peer``), once: one small collective.
 
     Dropout draws from each rank's own random stream: seed the ranks differently
-    (``torch.manual_seed(seed + rank)``, as the training program does), or both towers
+    (``torch.manual_seed(seed + rank)``; the training program uses ``seed + 1 + rank``), or both towers
     drop the same neurons of their halves together, which is not the paper's dropout.
     """
 
