@@ -219,7 +219,7 @@ def _read_json(path: Path, lines: bool = False):
     try:
         text = path.read_text()
         return [json.loads(line) for line in text.splitlines()] if lines else json.loads(text)
-    except (OSError, ValueError) as error:  # ValueError: JSON (or UTF-8) damaged, such as by a hand edit
+    except (OSError, ValueError, RecursionError) as error:  # JSON (or UTF-8) damaged, such as by a hand edit
         raise AblationError(f"cannot read {path} ({getattr(error, 'strerror', None) or error}): remove its run "
                             f"folder to train that variant again") from None
 

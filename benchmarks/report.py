@@ -639,7 +639,7 @@ def main(argv=None) -> None:
     path = folder / "results.json"
     try:
         results = json.loads(path.read_text())
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, RecursionError) as error:  # the last: arrays nested beyond Python's stack
         print(f"error: {path} cannot be read ({error}): give a folder that python -m benchmarks.run wrote",
               file=sys.stderr)
         sys.exit(2)

@@ -741,7 +741,7 @@ def _written_by(path: Path, program: str) -> bool:
     keeps its machine, config and command under "info")."""
     try:
         results = json.loads(path.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # the last: arrays nested beyond Python's stack
         return False
     if not isinstance(results, dict) or not isinstance(header := results.get("info", results), dict):
         return False

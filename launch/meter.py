@@ -102,7 +102,7 @@ class Metrics:
         def kept(line: bytes) -> bool:
             try:
                 value = json.loads(line.decode("utf-8"))
-            except ValueError:  # UnicodeDecodeError too: a damaged line
+            except (ValueError, RecursionError):  # UnicodeDecodeError too: a damaged line
                 return False
             return not isinstance(value, dict) or not isinstance(value.get("step"), int) or value["step"] <= step
 

@@ -115,7 +115,7 @@ class RunFolder:
             self.config = json.loads(config.read_text())
             if not isinstance(self.config, dict):
                 raise ValueError("not a JSON object")
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, RecursionError) as exc:  # the last: arrays nested beyond Python's stack
             what = "has no config.json" if not config.exists() else f"has an unreadable config.json ({exc})"
             raise ValueError(f"{path} is not a run folder: it {what}; give a folder written by "
                              f"python -m launch.two_gpu (--out/--run-name)") from None
@@ -147,7 +147,7 @@ class RunFolder:
                           "draw this again once it has finished")
         try:
             summary = json.loads(path.read_text())
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, RecursionError) as exc:
             raise Skipped(f"summary.json is unreadable ({exc}): the run may be writing it; try again") from None
         if not isinstance(summary, dict):
             raise Skipped("summary.json is not a JSON object: it was not written by python -m launch.two_gpu")
@@ -208,7 +208,7 @@ def read_metrics(path: Path) -> Metrics:
     for line in path.read_bytes().splitlines():
         try:
             record = json.loads(line.decode("utf-8"))
-        except ValueError:  # UnicodeDecodeError included: a damaged line
+        except (ValueError, RecursionError):  # UnicodeDecodeError included: a damaged line
             record = None
         event = record.get("event") if isinstance(record, dict) else None
         if record is None or (event in FIELDS and not (_whole(record.get("step"))

@@ -383,7 +383,7 @@ def update_config_json(run_dir: Path, config: TrainConfig) -> None:
     path = run_dir / "config.json"
     try:
         saved = json.loads(path.read_text())
-    except (OSError, ValueError):  # removed, or damaged by hand: written anew
+    except (OSError, ValueError, RecursionError):  # removed, or damaged by hand: written anew
         saved = None
     # its recipe and how it computes; not how one start was run (--max-steps, --no-ten-crop, --workers, ...)
     now = {name: value for name, value in dataclasses.asdict(config).items()

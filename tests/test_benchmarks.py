@@ -248,6 +248,18 @@ def test_a_report_is_drawn_only_from_a_results_json(tmp_path, capsys, content):
     assert [p.name for p in tmp_path.iterdir()] == ["results.json"]  # nothing drawn
 
 
+def test_json_nested_beyond_python_s_stack_is_one_line(tmp_path, capsys):
+    """A results.json of arrays nested 100,000 deep, which the decoder cannot follow."""
+    (tmp_path / "results.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(SystemExit) as exit:
+        report.main([str(tmp_path)])
+    assert exit.value.code == 2
+    message = capsys.readouterr().err
+    assert message.startswith(f"error: {tmp_path / 'results.json'} cannot be read (maximum recursion depth")
+    assert len(message.strip().splitlines()) == 1
+    assert not run._written_by(tmp_path / "results.json", "benchmarks.run")  # so benchmarks.run refuses the folder
+
+
 def test_a_full_disk_under_the_weights_every_run_loads_is_one_line(tmp_path):
     """The reference's weights, hundreds of MB in the temporary folder: where they do not fit,
     the benchmark ends with one line (exit 2) naming the folder and the fix."""

@@ -500,11 +500,14 @@ def _bad_run_dir(tmp_path, case):
         (run / "config.json").write_text(json.dumps({"data": None, "batch_size": 4, "layout": "towers"}))
     if case == "config.json a pipe":
         os.mkfifo(run / "config.json")  # opened, it would wait for a writer
+    if case == "config.json nested too deep":
+        (run / "config.json").write_text("[" * 100_000 + "]" * 100_000)  # beyond what the decoder can follow
     return run
 
 
 BAD_RUN_DIRS = {"missing": "does not exist", "no config.json": "not a run folder", "nothing to draw": "nothing to draw",
-                "config.json a pipe": "not a run folder: it has an unreadable config.json (not a regular file"}
+                "config.json a pipe": "not a run folder: it has an unreadable config.json (not a regular file",
+                "config.json nested too deep": "not a run folder: it has an unreadable config.json (maximum recursion"}
 
 
 @pytest.mark.parametrize("case", BAD_RUN_DIRS)
