@@ -587,7 +587,7 @@ def _from_checkpoint(config: TrainConfig, run_dir: Path, resume: str) -> str:
         return resume
     try:  # the summary of this very step, not of the run before it was resumed to train longer
         summarized = json.loads((run_dir / "summary.json").read_text()).get("steps") == step
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, RecursionError):
         summarized = False
     if summarized:
         return f"the run had ended, at step {step}, and written its summary: its results are in {run_dir}"
@@ -657,7 +657,7 @@ def _main_under_torchrun(config: TrainConfig, checkpoint: Optional[dict], placem
             failure = RankFailure({rank: error_line(exc)}, rank)
             log.error("the run stopped: %s%s", failure, _after_failure(config, run_dir, failure))
             return 1
-    except KeyboardInterrupt:  # a terminal's Ctrl-C reaches every rank: rank 0 knows the run folder
+    except KeyboardInterrupt:  # torchrun passes its Ctrl-C on to every rank; rank 0 knows the run folder
         log.error("interrupted: %s", _after_interrupt(config, run_dir) if rank == 0 else "rank 0 says what to do next")
         return 130
     finally:

@@ -100,8 +100,9 @@ def test_a_run_stopped_after_its_last_epoch_is_told_what_is_left(trained_run, tm
               f"evaluate it with --eval-only {folder} (or "
     for advice in (two_gpu._after_interrupt(ended, folder), two_gpu._after_failure(ended, folder, failure)):
         assert advice.endswith(f"{missing}train it longer with --resume {folder} --epochs N, N > 1)"), advice
-    (folder / "summary.json").write_text(json.dumps({"steps": 6}))  # of the run before it was resumed
-    assert two_gpu._after_interrupt(ended, folder).startswith(missing)
+    for damaged in (json.dumps({"steps": 6}), "[" * 100_000 + "]" * 100_000):  # of the run before it was resumed;
+        (folder / "summary.json").write_text(damaged)  # nested beyond what the decoder can follow
+        assert two_gpu._after_interrupt(ended, folder).startswith(missing)
     (folder / "summary.json").write_text(json.dumps({"steps": 7}))
     assert two_gpu._after_interrupt(ended, folder) == f"the run had ended, at step 7, and written its summary: " \
                                                       f"its results are in {folder}"
@@ -557,8 +558,9 @@ def test_a_rank_failing_under_torchrun_ends_in_one_line(tiny_data, tmp_path):
 
 @pytest.mark.slow
 def test_ctrl_c_under_torchrun_tells_what_to_do_next(tiny_data, tmp_path):
-    """A terminal's Ctrl-C reaches every rank that torchrun started: rank 0, which knows the
-    run folder, says to resume it (not that nothing was written); the others, that rank 0 says."""
+    """torchrun passes its Ctrl-C on to every rank it started (each in a session of its own):
+    rank 0, which knows the run folder, says to resume it (not that nothing was written); the
+    others, that rank 0 says."""
     port, run_dir = _free_port(), tmp_path / "ctrl-c"
     procs = [subprocess.Popen(
         [sys.executable, "-m", "launch.two_gpu", "--data", str(tiny_data), "--out", str(tmp_path), "--run-name", "ctrl-c",
