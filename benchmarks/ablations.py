@@ -589,9 +589,11 @@ def main(argv=None) -> Path:
     # ~ is the home folder here too, as the shell leaves it in --out=~/report
     out = Path(config.out).expanduser() if config.out else REPORTS_DIR / f"ablations-{machine['hostname']}-{today}"
     runs = Path(config.runs).expanduser().resolve() if config.runs else ROOT / "runs" / f"ablations-{today}"
-    for variant in config.variants:  # values the training program refuses: before any folder is made (a run
-        if not (config.reuse and (runs / variant).exists()):  # reused is checked as such, on any machine)
-            parse_config(run_options(config, variant, runs)).validate()
+    for variant in config.variants:  # values the training program refuses: before any folder is made
+        trainer = parse_config(run_options(config, variant, runs))
+        if config.reuse and (runs / variant).exists():  # --workers is not compared on reuse: nor held to this machine
+            trainer = dataclasses.replace(trainer, workers=None)
+        trainer.validate()
     refuse_others_files(out, REPORT_FILES, "benchmarks.ablations")  # before the first run, not after the last
     for flag, folder in (("--out", out), ("--runs", runs)):  # before the first run, not after the last
         try:

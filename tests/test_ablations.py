@@ -166,6 +166,9 @@ def test_a_run_reused_is_not_held_to_this_machine_s_bounds(tmp_path, monkeypatch
     with pytest.raises(OSError, match="stop"):  # past the checks of the options, at the data
         ablations.main(["--variants", "full", "--workers", "100000", "--reuse", "--out", str(tmp_path / "report"),
                         "--runs", str(tmp_path / "runs")])
+    with pytest.raises(ValueError, match="^--lr must be a positive rate below 10"):  # other values still are checked
+        ablations.main(["--variants", "full", "--lr", "-1", "--reuse", "--out", str(tmp_path / "report"),
+                        "--runs", str(tmp_path / "runs")])
 
 
 def test_an_out_folder_of_another_tool_s_report_is_refused_before_any_run(tmp_path, monkeypatch):
