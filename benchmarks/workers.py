@@ -115,18 +115,22 @@ def weights_worker(rank: int, seed: int, fc8_placement: str, folder: str) -> dic
     Runs in a process of its own so that the harness's process stays small."""
     reference = build_reference(seed=seed).state_dict()
     paths = {"reference_path": f"{folder}/reference.pt", "shard_paths": [f"{folder}/tower{r}.pt" for r in range(TOWERS)]}
-    shards = [shard_state_dict(reference, tower_rank, fc8_placement) for tower_rank in range(TOWERS)]
+    _save(reference, paths["reference_path"], reference, folder)
+    for tower_rank, path in enumerate(paths["shard_paths"]):  # one shard at a time in memory
+        _save(shard_state_dict(reference, tower_rank, fc8_placement), path, reference, folder)
+    return paths
+
+
+def _save(tensors: dict, path: str, reference: dict, folder: str) -> None:
+    """torch.save, whose failure to write (a full disk) raises WeightsNotWritten naming the fix."""
     try:
-        torch.save(reference, paths["reference_path"])
-        for shard, path in zip(shards, paths["shard_paths"]):
-            torch.save(shard, path)
+        torch.save(tensors, path)
     except (OSError, RuntimeError) as exc:  # torch's writer does not say why a write failed
         size = 2 * sum(t.numel() * t.element_size() for t in reference.values())
         cause = exc.strerror if isinstance(exc, OSError) and exc.strerror else "the write failed"
         raise WeightsNotWritten(f"cannot write the reference's weights and its towers' shards ({size / 2**20:.0f} MB) "
                                 f"in the temporary folder {folder} ({cause}): free space on that disk, or set TMPDIR "
                                 f"to a folder with room") from None
-    return paths
 
 
 def single_worker(rank: int, spec: dict) -> dict:

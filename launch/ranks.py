@@ -386,7 +386,7 @@ def run_ranks(fn: Callable, args: Sequence = (), world_size: int = 2, backend: s
     except KeyboardInterrupt:  # Ctrl-C, which the terminal sent the ranks too, or SIGTERM to this process
         if caller.interrupts:  # passed on (a rank takes only the first), so that the ranks stop now
             for p in procs:
-                if p.exitcode is None:  # not one reaped already, whose number another process may have now
+                if p.exitcode is None:  # not one whose end the fork server (which reaps it) has reported
                     with contextlib.suppress(OSError):
                         os.kill(p.pid, signal.SIGINT)
         _stop(procs, grace_s=_GRACE_S if caller.interrupts else 0.0)  # ranks that ignore it are ended
