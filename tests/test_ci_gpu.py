@@ -88,7 +88,7 @@ def test_a_python_without_torch_is_named_as_such(tmp_path):
 def test_a_budget_leaves_the_benchmark_what_the_tests_did_not_use(tmp_path, stand_in):
     result = _gpu(tmp_path, "all", "--batches", "128,256", python=stand_in, GPU_BUDGET_S="300")
     assert result.returncode == 0, result.stderr
-    assert "tests: -m pytest -m gpu " in (tmp_path / "gpu-tests.log").read_text()
+    assert "tests: -m pytest tests/test_gpu.py -m gpu " in (tmp_path / "gpu-tests.log").read_text()
     command = (tmp_path / "benchmark.log").read_text()
     limit = re.search(r"^benchmark: -m benchmarks.run --device cuda --out \S+/report --time-limit (\d+) "
                       r"--batches 128,256$", command, re.M)
