@@ -60,7 +60,7 @@ import torch
 from launch.cli import (MAX_PROCESSES_PER_CORE, Parser, add_options, option, quick_exit, shell_word, usable_cores,
                         write_whole)
 from launch.config import MAX_TIMEOUT_S
-from launch.ranks import RankFailure, cpu_threads_per_rank, raise_interrupt, run_ranks
+from launch.ranks import RankFailure, cpu_threads_per_rank, error_line, raise_interrupt, run_ranks
 from launch.step import AUTOCAST
 from towers import FC8_PLACEMENTS, TOWERS, AlexNet, check_compile_backend
 
@@ -718,8 +718,14 @@ class Bench:
             if self.deadline.left() > 0:
                 logger.info("data loader: %s workers, %d batches of %d", ",".join(map(str, config.loader_workers)),
                             config.loader_batches, config.batch)
-                self.results["loader"] = measure_loader(config.loader_workers, config.batch, config.loader_batches,
-                                                        devices.single, loader_data, self.deadline)
+                try:
+                    self.results["loader"] = measure_loader(config.loader_workers, config.batch,
+                                                            config.loader_batches, devices.single, loader_data,
+                                                            self.deadline)
+                except (RuntimeError, OSError) as error:  # a worker that died (a /dev/shm too small for its
+                    # batches): recorded, as a failed run is, and the rest of the benchmark goes on
+                    logger.warning("data loader: failed: %s", error_line(error))
+                    self.results["loader"] = {"skipped": f"failed: {error_line(error)}"}
             else:
                 self.results["loader"] = {"skipped": self.deadline.reason}
             self.save()

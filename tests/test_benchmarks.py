@@ -294,6 +294,25 @@ def test_a_run_that_fails_is_named_as_the_table_names_it_and_the_benchmark_goes_
     assert [r["reason"] for r in bench.not_measured] == ["failed: rank 0 failed: RuntimeError: out of memory"] * 2
 
 
+def test_a_loader_whose_worker_dies_is_recorded_and_the_benchmark_goes_on(tmp_path, monkeypatch):
+    """A DataLoader worker killed (a /dev/shm too small for its batches: SIGBUS): the loader's
+    section says so, as a failed run's does, and the program's runs and the sweeps still come."""
+    config = run.BenchConfig(device="cpu", quick=True, batch=2)
+    devices = run.plan_devices(config)
+    bench = run.Bench(run.resolve(config, devices), devices, tmp_path, [], run.Deadline(None))
+    measured = []
+    monkeypatch.setattr(run.Bench, "measure", lambda self, keys, folder: measured.append(len(keys)))
+
+    def bus_error(*args):
+        raise RuntimeError("DataLoader worker (pid(s) 123) exited unexpectedly")
+
+    monkeypatch.setattr(run, "measure_loader", bus_error)
+    monkeypatch.setattr(run, "measure_program", lambda *args: {"skipped": "not run in this test"})
+    results = bench.run(None)
+    assert results["loader"] == {"skipped": "failed: RuntimeError: DataLoader worker (pid(s) 123) exited unexpectedly"}
+    assert results["program"] == {"skipped": "not run in this test"} and len(measured) == 2  # the main table, the sweeps
+
+
 def test_a_full_disk_under_results_json_is_one_line_and_leaves_no_partial_file(tmp_path, monkeypatch):
     """results.json is written anew after every run: a disk that fills meanwhile ends the
     benchmark with one line (exit 2), the last whole results.json kept, no temporary beside it."""
