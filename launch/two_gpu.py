@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import shutil
+import shlex
 import signal
 import socket
 import threading
@@ -532,7 +533,7 @@ def main(argv=None) -> int:
         config, checkpoint, placement = _configure(argv)
         if under_torchrun:  # torchrun's SIGTERM ends a rank as it always does, even inside a collective
             started = True
-            return _main_under_torchrun(config, checkpoint, placement)
+            return _main_under_torchrun(config, checkpoint, placement, sys.argv[1:] if argv is None else list(argv))
         if threading.current_thread() is threading.main_thread():  # SIGTERM as Ctrl-C, during the scan of the data too
             previous_sigterm = signal.signal(signal.SIGTERM, raise_interrupt)
         addr = config.master_addr or LOOPBACK
@@ -552,7 +553,7 @@ def main(argv=None) -> int:
         if not started:  # in the checks, or the scan of the data
             log.error("interrupted before the ranks started: nothing was trained or written")
         else:
-            log.error("interrupted: both ranks stopped; %s", _after_interrupt(config, run_dir))
+            log.error("interrupted: every rank stopped; %s", _after_interrupt(config, run_dir))
         return 130
     finally:
         if lock is not None:
@@ -617,7 +618,7 @@ def _after_failure(config: Optional[TrainConfig], run_dir: Optional[Path], failu
             f"{elsewhere_than(run_dir)}")
 
 
-def _main_under_torchrun(config: TrainConfig, checkpoint: Optional[dict], placement) -> int:
+def _main_under_torchrun(config: TrainConfig, checkpoint: Optional[dict], placement, argv: list) -> int:
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     assert world_size == placement.ranks, (world_size, placement)
     reuse_freed_memory()  # as run_ranks has each rank do
@@ -636,18 +637,38 @@ def _main_under_torchrun(config: TrainConfig, checkpoint: Optional[dict], placem
     run_dir = bundle = lock = None
     # Rank 0 tells the other ranks whether the run can start, and if not, why; if so, the
     # recipe it sized to the data.
-    outcome = [None, None]
+    outcome, preparing = [None, None], False
     try:
         # The other ranks wait for it as long as a first scan of ImageNet and its statistics may take on a
         # slow disk, not --timeout: the launcher does this work before it starts any rank.
-        with patient_group(max(PREPARATION_WAIT_S, config.timeout)) as group:
-            if rank == 0:
-                try:
-                    config, run_dir, bundle, lock = prepare_run(config, checkpoint)
-                    outcome = [None, config]
-                except (ValueError, CheckpointError) as exc:
-                    outcome = [str(exc), None]
-            dist.broadcast_object_list(outcome, src=0, group=group)
+        try:
+            with patient_group(max(PREPARATION_WAIT_S, config.timeout)) as group:
+                # Every rank runs rank 0's recipe: one started with other options (by hand) would
+                # silently train on rank 0's data, or build other groups than the others and hang.
+                commands = [None] * world_size
+                dist.all_gather_object(commands, [str(a) for a in argv], group=group)
+                other = next((r for r, command in enumerate(commands) if command != commands[0]), None)
+                if other is not None:
+                    raise ValueError(f"rank {other} was started with other options than rank 0 "
+                                     f"({shlex.join(commands[other]) or 'none'}, against "
+                                     f"{shlex.join(commands[0]) or 'none'}): start every rank with the same "
+                                     f"command line, as torchrun does")
+                if rank == 0:
+                    preparing = True
+                    try:
+                        config, run_dir, bundle, lock = prepare_run(config, checkpoint)
+                        outcome = [None, config]
+                    except (ValueError, CheckpointError) as exc:
+                        outcome = [str(exc), None]
+                    preparing = False
+                dist.broadcast_object_list(outcome, src=0, group=group)
+        except RuntimeError as exc:  # of a collective (gloo's is no DistError): a rank gone, or another run's port
+            if preparing:
+                raise
+            log.error("the run stopped before it trained: rank %d lost the other ranks while rank 0 prepared the "
+                      "run (%s): see the other ranks' output, and start every rank again, each on a port of this "
+                      "run's own", rank, str(exc).strip().splitlines()[0][:300])
+            return 1
         if outcome[0] is not None:
             raise ValueError(outcome[0])
         config = outcome[1]

@@ -93,7 +93,7 @@ def test_reuse_takes_a_run_that_stopped_and_refuses_one_that_was_interrupted(tmp
     (runs / "tanh.stderr").write_text(f"epoch 1/3 step 5/78 loss 9.1\n{stopped}\n")
     assert ablations.train(config, "tanh", runs, 30) == (run, stopped)
 
-    (runs / "tanh.stderr").write_text("epoch 1/3 step 5/78 loss 2.1\ninterrupted: both ranks stopped; ...\n")
+    (runs / "tanh.stderr").write_text("epoch 1/3 step 5/78 loss 2.1\ninterrupted: every rank stopped; ...\n")
     with pytest.raises(ablations.AblationError, match="neither finished nor stopped on its own .* --resume"):
         ablations.train(config, "tanh", runs, 30)
     with pytest.raises(ablations.AblationError, match="already holds a run: add --reuse"):
@@ -395,7 +395,7 @@ def test_an_ablation_stopped_while_a_run_trains_leaves_nothing_running(tiny_data
     text = Path(log.name).read_text()
     assert "interrupted: the run in progress was stopped" in text and "Traceback" not in text, text[-3000:]
     variant_log = next((tmp_path / "runs").glob("full*.stderr")).read_text()
-    assert "interrupted: both ranks stopped" in variant_log, variant_log[-3000:]
+    assert "interrupted: every rank stopped" in variant_log, variant_log[-3000:]
     deadline = time.monotonic() + 20
     while session() and time.monotonic() < deadline:
         time.sleep(0.2)

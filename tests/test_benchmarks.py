@@ -591,7 +591,7 @@ def test_the_program_ends_with_a_benchmark_killed_outright(tiny_data, tmp_path):
         while _session(caller.pid) and time.monotonic() < deadline:
             time.sleep(0.2)
         assert not _session(caller.pid), [cmdline(pid) for pid in _session(caller.pid)]
-        assert "interrupted: both ranks stopped" in Path(log.name).read_text()  # stopped as Ctrl-C stops it
+        assert "interrupted: every rank stopped" in Path(log.name).read_text()  # stopped as Ctrl-C stops it
     finally:
         if _session(caller.pid):
             os.killpg(caller.pid, signal.SIGKILL)

@@ -137,7 +137,7 @@ def test_sigterm_to_the_launcher_alone_stops_the_ranks_at_once(tiny_data, tmp_pa
     assert run.wait() == 130
     err = run.stderr()
     assert run.steps() <= at + 1, err  # the step under way may still be logged
-    assert "interrupted: both ranks stopped" in err and "Traceback" not in err, err
+    assert "interrupted: every rank stopped" in err and "Traceback" not in err, err
     _no_leftovers(run)
 
 
@@ -554,6 +554,32 @@ def test_a_rank_failing_under_torchrun_ends_in_one_line(tiny_data, tmp_path):
     assert len(first) == 2 and "start again with a lower --lr (such as 0.99)" in first[1], errors[0]
     assert "[rank 1] the run stopped: rank 1 failed: launch.train.NonFiniteLoss: the loss became " in errors[1], errors[1]
     assert errors[1].rstrip().endswith("Rank 0 says what to do next"), errors[1]
+
+
+@pytest.mark.slow
+def test_ranks_started_with_other_options_under_torchrun_are_refused(tiny_data, tmp_path):
+    """Ranks started by hand, as torchrun starts them, one of them with an option more: every
+    rank would run rank 0's recipe (its --data, its layout), so each refuses in one line."""
+    port = _free_port()
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "launch.two_gpu", "--data", str(tiny_data), "--out", str(tmp_path), "--run-name", "odd",
+         "--max-steps", "1", *TINY, *(["--layout", "single"] if rank == 1 else [])], cwd=ROOT,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                 MASTER_PORT=str(port)))
+        for rank in range(2)]
+    try:
+        errors = [p.communicate(timeout=BOUND_S)[1] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [2, 2], errors
+    for err in errors:
+        assert "error: rank 1 was started with other options than rank 0 (" in err and "Traceback" not in err, err
+        assert err.rstrip().endswith("--layout single, against " + " ".join(
+            ["--data", str(tiny_data), "--out", str(tmp_path), "--run-name", "odd", "--max-steps", "1", *TINY])
+            + "): start every rank with the same command line, as torchrun does"), err
+    assert not (tmp_path / "odd").exists()  # refused before rank 0 made the run's folder
 
 
 @pytest.mark.slow
