@@ -196,14 +196,16 @@ class TrainConfig:
             raise ValueError(f"--workers {self.workers} would start that many loading processes for each loading rank "
                              f"on the {cores} cores this program may use: give at most {MAX_PROCESSES_PER_CORE * cores},"
                              f" or leave --workers out for this machine's default")
-        if self.replicas is not None and self.batch_size is not None and self.batch_size % self.replicas:
+        if (self.replicas is not None and self.batch_size is not None and self.batch_size % self.replicas
+                and not self.eval_only):  # an evaluation shares out the images, not a training batch
             # a resumed run keeps its batch size: the number of replicas is what it can change
             fits = [n for n in range(min(2 * self.replicas, self.batch_size), 0, -1)
                     if self.batch_size % n == 0][:3]  # 1 at the latest
+            batch = "" if self.resume else f"give a batch size divisible by {self.replicas}, or "
             raise ValueError(f"--batch-size {self.batch_size} does not split evenly over {self.replicas} replicas: "
-                             f"give a batch size divisible by {self.replicas}, or a number of replicas that divides "
-                             f"{self.batch_size} ({', '.join(map(str, fits[:-1]))}{' or ' * (len(fits) > 1)}"
-                             f"{fits[-1]}; each replica trains on an equal share)")
+                             f"{batch}give a number of replicas that divides {self.batch_size} "
+                             f"({', '.join(map(str, fits[:-1]))}{' or ' * (len(fits) > 1)}{fits[-1]}; each replica "
+                             f"trains on an equal share)")
         if self.resume and self.eval_only:
             raise ValueError("--resume and --eval-only exclude each other: give one")
         if self.run_name is not None and (os.sep in self.run_name or self.run_name in ("", ".", "..")

@@ -174,7 +174,7 @@ def test_two_replicas_log_the_losses_of_one_and_resume_across_replica_counts(tin
 
 @pytest.mark.parametrize("args, message", [
     (["--replicas", "3", "--batch-size", "4"], "--batch-size 4 does not split evenly over 3 replicas: give a batch "
-     "size divisible by 3, or a number of replicas that divides 4 (4, 2 or 1;"),  # a resumed run can only do the latter
+     "size divisible by 3, or give a number of replicas that divides 4 (4, 2 or 1;"),
     (["--replicas", str(10 ** 12), "--batch-size", "128"], "a number of replicas that divides 128 (128, 64 or 32;"),
     (["--replicas", "0"], "--replicas must be positive, got 0"),
     (["--replicas", "100000"], "--replicas 100000 would start 200000 processes on this machine's"),
@@ -183,6 +183,17 @@ def test_bad_replica_options_are_refused(tiny_data, tmp_path, caplog, args, mess
     assert two_gpu.main([str(a) for a in ("--data", tiny_data, "--out", tmp_path, "--run-name", "bad", *args)]) == 2
     assert message in caplog.text, caplog.text
     assert not (tmp_path / "bad").exists()
+
+
+def test_a_batch_that_does_not_split_is_told_the_fix_that_applies():
+    """A resumed run keeps its batch size: only the number of replicas is its to change. An
+    evaluation shares out the images, not a training batch: any number of replicas does."""
+    from launch.config import TrainConfig
+    with pytest.raises(ValueError) as refused:
+        TrainConfig(replicas=3, batch_size=4, resume="run").validate()
+    assert str(refused.value) == ("--batch-size 4 does not split evenly over 3 replicas: give a number of replicas "
+                                  "that divides 4 (4, 2 or 1; each replica trains on an equal share)")
+    TrainConfig(replicas=3, batch_size=128, eval_only="run").validate()
 
 
 @pytest.mark.slow
