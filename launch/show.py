@@ -462,6 +462,16 @@ def draw_curves(run: RunFolder, out: Path) -> Path:
     return _save(fig, out / "curves.png")
 
 
+def traffic_title(per_step: dict, summary: dict, config: dict) -> str:
+    """What the traffic picture shows: with replicas, the towers of one replica, on its share
+    of the batch (each replica's towers send as much to each other)."""
+    total, batch, replicas = sum(sum(v) for v in per_step.values()) / MB, config.get("batch_size"), summary.get("replicas")
+    whose = "the towers send each other" if not isinstance(replicas, int) or replicas < 2 else \
+        f"the two towers of one of the {replicas} replicas send each other (on its {batch} / {replicas} images)"
+    return (f"What {whose} per step: {total:.1f} MB in all\nbatch {batch}, FC8 placement "
+            f"{summary.get('fc8_placement', '?')}; left bar forward, right bar (hatched) backward")
+
+
 def draw_traffic(run: RunFolder, out: Path) -> Path:
     if run.config.get("layout") in ("single", "one-tower"):
         raise Skipped(f"a --layout {run.config['layout']} run has no towers, so nothing crosses between them")
@@ -492,10 +502,7 @@ def draw_traffic(run: RunFolder, out: Path) -> Path:
     ax.set_xticks(range(len(names)), names)
     ax.set_xlabel("exchange (the input of the named layer, or the logits for the loss)")
     ax.set_ylabel("MB per training step (10⁶ bytes)")
-    total = sum(sum(v) for v in per_step.values()) / MB
-    ax.set_title(f"What the towers send each other per step: {total:.1f} MB in all\n"
-                 f"batch {run.config.get('batch_size')}, FC8 placement {summary.get('fc8_placement', '?')}; "
-                 f"left bar forward, right bar (hatched) backward", fontsize=10)
+    ax.set_title(traffic_title(per_step, summary, run.config), fontsize=10)
     ax.margins(y=0.12)
     ax.grid(True, axis="y", alpha=0.3)
     ax.legend(fontsize=8)

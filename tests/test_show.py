@@ -492,6 +492,16 @@ def test_a_tanh_net_is_read_after_its_tanh_and_is_never_silent():
 
 # --------------------------------------------------------------------------- errors
 
+def test_the_traffic_of_a_run_of_replicas_is_said_to_be_one_replica_s():
+    """summary.json's exchanges are replica 0's towers' on its share of the batch."""
+    per_step = {"conv3_input/forward": [0.5e6, 0.5e6]}
+    one = show.traffic_title(per_step, {"replicas": 1, "fc8_placement": "split"}, {"batch_size": 8})
+    assert one.startswith("What the towers send each other per step: 1.0 MB in all\nbatch 8, FC8 placement split;")
+    two = show.traffic_title(per_step, {"replicas": 2, "fc8_placement": "split"}, {"batch_size": 8})
+    assert two.startswith("What the two towers of one of the 2 replicas send each other (on its 8 / 2 images) per "
+                          "step: 1.0 MB in all\nbatch 8,")
+
+
 def _bad_run_dir(tmp_path, case):
     run = tmp_path / "run"
     if case != "missing":
