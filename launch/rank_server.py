@@ -160,11 +160,11 @@ def _interrupt_once(signum, frame):
 
 def as_rank(caller) -> None:
     """First thing in a rank: takes the caller's environment and output (``Caller``) as its
-    own, handles Ctrl-C again where the caller does (once: ``_interrupt_once``), has what it starts itself (DataLoader workers) spawned rather than
-    forked from a server of its own, which would outlive the rank if it were killed, and
-    closes its copy of the launcher's end of the server's liveness pipe (each forked
-    process receives one), so that the server sees the launcher's end close when the
-    launcher ends."""
+    own, handles Ctrl-C again where the caller does (once: ``_interrupt_once``), has what it
+    starts itself (DataLoader workers) spawned rather than forked from a server of its own,
+    which would outlive the rank if it were killed, and closes its copy of the launcher's
+    end of the server's liveness pipe (each forked process receives one), so that the
+    server sees the launcher's end close when the launcher ends."""
     environ, interrupts, output = caller
     for name in set(os.environ) - set(environ):
         del os.environ[name]

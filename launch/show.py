@@ -465,7 +465,8 @@ def draw_curves(run: RunFolder, out: Path) -> Path:
 def traffic_title(per_step: dict, summary: dict, config: dict) -> str:
     """What the traffic picture shows: with replicas, the towers of one replica, on its share
     of the batch (each replica's towers send as much to each other)."""
-    total, batch, replicas = sum(sum(v) for v in per_step.values()) / MB, config.get("batch_size"), summary.get("replicas")
+    total = sum(sum(v) for v in per_step.values()) / MB
+    batch, replicas = config.get("batch_size"), summary.get("replicas")
     whose = "the towers send each other" if not isinstance(replicas, int) or replicas < 2 else \
         f"the two towers of one of the {replicas} replicas send each other (on its {batch} / {replicas} images)"
     return (f"What {whose} per step: {total:.1f} MB in all\nbatch {batch}, FC8 placement "

@@ -535,19 +535,9 @@ def test_a_rank_failing_under_torchrun_ends_in_one_line(tiny_data, tmp_path):
     """Ranks started as torchrun starts them, the loss diverging: each rank ends as a run of
     launch.two_gpu's own ranks does, in one line (rank 0's with what to do next), not each
     with its traceback."""
-    port = _free_port()
-    procs = [subprocess.Popen(
-        [sys.executable, "-m", "launch.two_gpu", "--data", str(tiny_data), "--out", str(tmp_path), "--run-name", "nan",
-         "--max-steps", "6", "--val-limit", "4", "--no-ten-crop", *TINY, "--lr", "9.9"], cwd=ROOT,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env=dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                 MASTER_PORT=str(port)))
-        for rank in range(2)]
-    try:
-        errors = [p.communicate(timeout=BOUND_S)[1] for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
+    procs, errors = _as_torchrun_starts(lambda rank: ["--data", tiny_data, "--out", tmp_path, "--run-name", "nan",
+                                                      "--max-steps", "6", "--val-limit", "4", "--no-ten-crop", *TINY,
+                                                      "--lr", "9.9"])
     assert [p.returncode for p in procs] == [1, 1], errors
     assert not any("Traceback" in err for err in errors), errors
     first = errors[0].split("the run stopped: rank 0 failed: launch.train.NonFiniteLoss: the loss became ", 1)
@@ -560,19 +550,9 @@ def test_a_rank_failing_under_torchrun_ends_in_one_line(tiny_data, tmp_path):
 def test_ranks_started_with_other_options_under_torchrun_are_refused(tiny_data, tmp_path):
     """Ranks started by hand, as torchrun starts them, one of them with an option more: every
     rank would run rank 0's recipe (its --data, its layout), so each refuses in one line."""
-    port = _free_port()
-    procs = [subprocess.Popen(
-        [sys.executable, "-m", "launch.two_gpu", "--data", str(tiny_data), "--out", str(tmp_path), "--run-name", "odd",
-         "--max-steps", "1", *TINY, *(["--layout", "single"] if rank == 1 else [])], cwd=ROOT,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env=dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                 MASTER_PORT=str(port)))
-        for rank in range(2)]
-    try:
-        errors = [p.communicate(timeout=BOUND_S)[1] for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
+    procs, errors = _as_torchrun_starts(lambda rank: ["--data", tiny_data, "--out", tmp_path, "--run-name", "odd",
+                                                      "--max-steps", "1", *TINY,
+                                                      *(["--layout", "single"] if rank == 1 else [])])
     assert [p.returncode for p in procs] == [2, 2], errors
     for err in errors:
         assert "error: rank 1 was started with other options than rank 0 (" in err and "Traceback" not in err, err
@@ -611,6 +591,22 @@ def test_ctrl_c_under_torchrun_tells_what_to_do_next(tiny_data, tmp_path):
     assert codes[0] == 130 and "Traceback" not in errors[0], errors
     assert errors[0].rstrip().endswith(f"interrupted: resume with --resume {run_dir}"), errors[0]
     assert codes[1] == 130 and errors[1].rstrip().endswith("interrupted: rank 0 says what to do next"), errors[1]
+
+
+def _as_torchrun_starts(args_of) -> tuple:
+    """(processes, their standard errors) of two ranks of the program started as torchrun starts
+    them, ``args_of(rank)`` each one's options, once both have ended (within BOUND_S)."""
+    port = _free_port()
+    procs = [subprocess.Popen([sys.executable, "-m", "launch.two_gpu", *map(str, args_of(rank))], cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
+                                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)))
+             for rank in range(2)]
+    try:
+        return procs, [p.communicate(timeout=BOUND_S)[1] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
 
 
 def _free_port() -> int:
