@@ -41,7 +41,7 @@ from typing import Optional
 import torch
 
 from launch import data as data_module
-from launch.cli import Parser, add_options, option, quick_exit, shell_word, write_whole
+from launch.cli import JSON_DAMAGE, Parser, add_options, option, quick_exit, shell_word, write_whole
 from launch.config import TrainConfig, parse_config, resolve
 from launch.meter import StepMeter
 from launch.ranks import raise_interrupt
@@ -219,7 +219,7 @@ def _read_json(path: Path, lines: bool = False):
     try:
         text = path.read_text()
         return [json.loads(line) for line in text.splitlines()] if lines else json.loads(text)
-    except (OSError, ValueError, RecursionError) as error:  # JSON (or UTF-8) damaged, such as by a hand edit
+    except (OSError, *JSON_DAMAGE) as error:  # such as by a hand edit
         raise AblationError(f"cannot read {path} ({getattr(error, 'strerror', None) or error}): remove its run "
                             f"folder to train that variant again") from None
 

@@ -18,7 +18,7 @@ from typing import Optional
 import numpy as np
 
 from benchmarks.workers import LR
-from launch.cli import Parser, quick_exit, write_whole
+from launch.cli import JSON_DAMAGE, Parser, quick_exit, write_whole
 from launch.step import AUTOCAST
 
 MODE_ORDER = ("single", "towers", "ddp", "hybrid", "torchvision")
@@ -639,7 +639,7 @@ def main(argv=None) -> None:
     path = folder / "results.json"
     try:
         results = json.loads(path.read_text())
-    except (OSError, ValueError, RecursionError) as error:  # the last: arrays nested beyond Python's stack
+    except (OSError, *JSON_DAMAGE) as error:
         print(f"error: {path} cannot be read ({error}): give a folder that python -m benchmarks.run wrote",
               file=sys.stderr)
         sys.exit(2)

@@ -57,8 +57,8 @@ from typing import NamedTuple, Optional
 import numpy as np
 import torch
 
-from launch.cli import (MAX_PROCESSES_PER_CORE, Parser, add_options, option, quick_exit, shell_word, usable_cores,
-                        write_whole)
+from launch.cli import (JSON_DAMAGE, MAX_PROCESSES_PER_CORE, Parser, add_options, option, quick_exit, shell_word,
+                        usable_cores, write_whole)
 from launch.config import MAX_TIMEOUT_S
 from launch.ranks import RankFailure, cpu_threads_per_rank, error_line, raise_interrupt, run_ranks
 from launch.step import AUTOCAST
@@ -747,7 +747,7 @@ def _written_by(path: Path, program: str) -> bool:
     keeps its machine, config and command under "info")."""
     try:
         results = json.loads(path.read_text())
-    except (OSError, ValueError, RecursionError):  # the last: arrays nested beyond Python's stack
+    except (OSError, *JSON_DAMAGE):
         return False
     if not isinstance(results, dict) or not isinstance(header := results.get("info", results), dict):
         return False

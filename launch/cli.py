@@ -18,6 +18,9 @@ from dataclasses import field
 from pathlib import Path
 
 
+# What json.loads raises for a damaged file or line: text that is not JSON (or not UTF-8: a
+# UnicodeDecodeError), or arrays nested deeper than the decoder can follow.
+JSON_DAMAGE = (ValueError, RecursionError)
 MAX_PROCESSES_PER_CORE = 4  # ranks or loaders (--workers): beyond this many per core they only thrash the machine
 
 

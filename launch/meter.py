@@ -10,7 +10,7 @@ from typing import Optional
 
 import torch
 
-from .cli import write_whole
+from .cli import JSON_DAMAGE, write_whole
 
 
 class StepMeter:
@@ -102,7 +102,7 @@ class Metrics:
         def kept(line: bytes) -> bool:
             try:
                 value = json.loads(line.decode("utf-8"))
-            except (ValueError, RecursionError):  # UnicodeDecodeError too: a damaged line
+            except JSON_DAMAGE:  # a damaged line
                 return False
             return not isinstance(value, dict) or not isinstance(value.get("step"), int) or value["step"] <= step
 

@@ -61,7 +61,7 @@ from towers.reference import LAYERS
 from . import data as data_module
 from .checkpoint import (FILENAME, CheckpointError, check_classes, checkpoint_architecture, load_checkpoint,
                          load_reference)
-from .cli import OutputFailed, Parser, add_options, option, quick_exit, shell_word, write_out, write_whole
+from .cli import JSON_DAMAGE, OutputFailed, Parser, add_options, option, quick_exit, shell_word, write_out, write_whole
 from .stats import DataStats
 
 log = logging.getLogger(__name__)
@@ -115,7 +115,7 @@ class RunFolder:
             self.config = json.loads(config.read_text())
             if not isinstance(self.config, dict):
                 raise ValueError("not a JSON object")
-        except (OSError, ValueError, RecursionError) as exc:  # the last: arrays nested beyond Python's stack
+        except (OSError, *JSON_DAMAGE) as exc:
             what = "has no config.json" if not config.exists() else f"has an unreadable config.json ({exc})"
             raise ValueError(f"{path} is not a run folder: it {what}; give a folder written by "
                              f"python -m launch.two_gpu (--out/--run-name)") from None
@@ -147,7 +147,7 @@ class RunFolder:
                           "draw this again once it has finished")
         try:
             summary = json.loads(path.read_text())
-        except (OSError, ValueError, RecursionError) as exc:
+        except (OSError, *JSON_DAMAGE) as exc:
             raise Skipped(f"summary.json is unreadable ({exc}): the run may be writing it; try again") from None
         if not isinstance(summary, dict):
             raise Skipped("summary.json is not a JSON object: it was not written by python -m launch.two_gpu")
@@ -208,7 +208,7 @@ def read_metrics(path: Path) -> Metrics:
     for line in path.read_bytes().splitlines():
         try:
             record = json.loads(line.decode("utf-8"))
-        except (ValueError, RecursionError):  # UnicodeDecodeError included: a damaged line
+        except JSON_DAMAGE:  # a damaged line
             record = None
         event = record.get("event") if isinstance(record, dict) else None
         if record is None or (event in FIELDS and not (_whole(record.get("step"))

@@ -43,7 +43,7 @@ from towers import TOWERS, check_compile_backend
 from . import data as data_module
 from .checkpoint import (FILENAME, CheckpointError, check_classes, check_training_state, checkpoint_architecture,
                          load_checkpoint, resolve_path, training_checkpoint_bytes)
-from .cli import MAX_PROCESSES_PER_CORE, lock_exclusively, quick_exit, shell_word, write_whole
+from .cli import JSON_DAMAGE, MAX_PROCESSES_PER_CORE, lock_exclusively, quick_exit, shell_word, write_whole
 from .config import (TrainConfig, build_parser, check_schedule_options, describe_recipe, given_options, parse_config,
                      recipe_warnings, resolve)
 from .ranks import (LOOPBACK, PREPARATION_WAIT_S, RankFailure, choose_placement, cpu_threads_per_rank, error_line,
@@ -384,7 +384,7 @@ def update_config_json(run_dir: Path, config: TrainConfig) -> None:
     path = run_dir / "config.json"
     try:
         saved = json.loads(path.read_text())
-    except (OSError, ValueError, RecursionError):  # removed, or damaged by hand: written anew
+    except (OSError, *JSON_DAMAGE):  # removed, or damaged by hand: written anew
         saved = None
     # its recipe and how it computes; not how one start was run (--max-steps, --no-ten-crop, --workers, ...)
     now = {name: value for name, value in dataclasses.asdict(config).items()
@@ -588,7 +588,7 @@ def _from_checkpoint(config: TrainConfig, run_dir: Path, resume: str) -> str:
         return resume
     try:  # the summary of this very step, not of the run before it was resumed to train longer
         summarized = json.loads((run_dir / "summary.json").read_text()).get("steps") == step
-    except (OSError, ValueError, AttributeError, RecursionError):
+    except (OSError, AttributeError, *JSON_DAMAGE):
         summarized = False
     if summarized:
         return f"the run had ended, at step {step}, and written its summary: its results are in {run_dir}"

@@ -248,6 +248,13 @@ def test_a_report_is_drawn_only_from_a_results_json(tmp_path, capsys, content):
     assert [p.name for p in tmp_path.iterdir()] == ["results.json"]  # nothing drawn
 
 
+def _quick_bench(out: Path) -> "run.Bench":
+    """A --quick benchmark on the CPU at batch 2 writing to ``out``, before it has run anything."""
+    config = run.BenchConfig(device="cpu", quick=True, batch=2)
+    devices = run.plan_devices(config)
+    return run.Bench(run.resolve(config, devices), devices, out, [], run.Deadline(None))
+
+
 def test_json_nested_beyond_python_s_stack_is_one_line(tmp_path, capsys):
     """A results.json of arrays nested 100,000 deep, which the decoder cannot follow."""
     (tmp_path / "results.json").write_text("[" * 100_000 + "]" * 100_000)
@@ -263,9 +270,7 @@ def test_json_nested_beyond_python_s_stack_is_one_line(tmp_path, capsys):
 def test_a_full_disk_under_the_weights_every_run_loads_is_one_line(tmp_path):
     """The reference's weights, hundreds of MB in the temporary folder: where they do not fit,
     the benchmark ends with one line (exit 2) naming the folder and the fix."""
-    config = run.BenchConfig(device="cpu", quick=True, batch=2)
-    devices = run.plan_devices(config)
-    bench = run.Bench(run.resolve(config, devices), devices, tmp_path, [], run.Deadline(None))
+    bench = _quick_bench(tmp_path)
     folder = tmp_path / "weights"
     folder.mkdir()
     (folder / "reference.pt").symlink_to("/dev/full")  # every write to it fails, as on a full disk
@@ -277,9 +282,7 @@ def test_a_full_disk_under_the_weights_every_run_loads_is_one_line(tmp_path):
 
 
 def test_a_run_that_fails_is_named_as_the_table_names_it_and_the_benchmark_goes_on(tmp_path, monkeypatch, caplog):
-    config = run.BenchConfig(device="cpu", quick=True, batch=2)
-    devices = run.plan_devices(config)
-    bench = run.Bench(run.resolve(config, devices), devices, tmp_path, [], run.Deadline(None))
+    bench = _quick_bench(tmp_path)
     bench.weights = {}  # as drawn: no run loads them here
 
     def fail(spec, *args):
@@ -297,9 +300,7 @@ def test_a_run_that_fails_is_named_as_the_table_names_it_and_the_benchmark_goes_
 def test_a_loader_whose_worker_dies_is_recorded_and_the_benchmark_goes_on(tmp_path, monkeypatch):
     """A DataLoader worker killed (a /dev/shm too small for its batches: SIGBUS): the loader's
     section says so, as a failed run's does, and the program's runs and the sweeps still come."""
-    config = run.BenchConfig(device="cpu", quick=True, batch=2)
-    devices = run.plan_devices(config)
-    bench = run.Bench(run.resolve(config, devices), devices, tmp_path, [], run.Deadline(None))
+    bench = _quick_bench(tmp_path)
     measured = []
     monkeypatch.setattr(run.Bench, "measure", lambda self, keys, folder: measured.append(len(keys)))
 
@@ -316,9 +317,7 @@ def test_a_loader_whose_worker_dies_is_recorded_and_the_benchmark_goes_on(tmp_pa
 def test_a_full_disk_under_results_json_is_one_line_and_leaves_no_partial_file(tmp_path, monkeypatch):
     """results.json is written anew after every run: a disk that fills meanwhile ends the
     benchmark with one line (exit 2), the last whole results.json kept, no temporary beside it."""
-    config = run.BenchConfig(device="cpu", quick=True, batch=2)
-    devices = run.plan_devices(config)
-    bench = run.Bench(run.resolve(config, devices), devices, tmp_path, [], run.Deadline(None))
+    bench = _quick_bench(tmp_path)
     saved = bench.save()
     written = (tmp_path / "results.json").read_text()
     umask = os.umask(0o022)
@@ -340,7 +339,7 @@ def test_a_full_disk_under_results_json_is_one_line_and_leaves_no_partial_file(t
     assert [p.name for p in tmp_path.iterdir()] == ["results.json"]  # no partial file left
     assert (tmp_path / "results.json").read_text() == written and json.loads(written)["date"] == saved["date"]
     # a benchmark whose first results.json cannot be written: the one there is not its own
-    later = run.Bench(bench.config, devices, tmp_path, [], run.Deadline(None))
+    later = run.Bench(bench.config, bench.devices, tmp_path, [], run.Deadline(None))
     with pytest.raises(ValueError) as refused:
         later.save()
     assert str(refused.value).endswith("; results.json there is an earlier benchmark's, as it was")
