@@ -908,6 +908,48 @@ def test_prepare_names_each_image_by_its_own_name_and_refuses_images_that_src_no
     assert len(data.open_data(dst, cache_dir=tmp_path / "cache").train) == 4  # 0.jpg of a and b, x.jpg, y.jpg
 
 
+def test_prepare_makes_again_what_changed_since_and_refuses_an_image_of_src_in_dst(tmp_path, caplog, capsys):
+    """Run again, prepare converts an image of SRC rewritten under its name, and one of DST
+    changed (cut short), not only those missing; removes the file made of an image that can
+    no longer be read; and refuses a link in SRC into DST, whose images each run would add
+    again to the training set."""
+    caplog.set_level(logging.INFO, logger=prepare.log.name)
+    src, dst = _simple_tree(tmp_path / "raw", train=2, val=1), tmp_path / "prepared"
+    red = _save(src / "train" / "a" / "0.jpg", Image.new("RGB", (300, 300), "red"))
+    assert prepare.main([str(src), str(dst), "--workers", "1"]) == 0
+    made, cut = dst / "train" / "a" / "0.jpg", dst / "train" / "b" / "0.jpg"
+    assert _channel(made) == 0
+    before = {p: p.read_bytes() for p in dst.rglob("*.jpg")}
+
+    caplog.clear()
+    assert prepare.main([str(src), str(dst), "--workers", "1"]) == 0  # nothing has changed: nothing is made
+    assert "6 images in" in caplog.text and "0 to convert, 6 already in" in caplog.text
+
+    _save(red, Image.new("RGB", (300, 300), "blue"))  # the same name, another picture
+    os.utime(red, ns=(red.stat().st_atime_ns, red.stat().st_mtime_ns + 10**9))  # whatever the clock's grain
+    cut.write_bytes(cut.read_bytes()[:100])
+    caplog.clear()
+    assert prepare.main([str(src), str(dst), "--workers", "1"]) == 0
+    assert "2 to convert, 4 already in" in caplog.text and "unreadable" not in caplog.text
+    assert _channel(made) == 2 and cut.read_bytes() == before[cut]  # JPEG encoding is deterministic
+    assert {p: p.read_bytes() for p in dst.rglob("*.jpg") if p != made} == {p: b for p, b in before.items() if p != made}
+
+    gone = src / "train" / "b" / "1.jpg"
+    gone.write_bytes(b"no longer an image")
+    assert prepare.main([str(src), str(dst), "--workers", "1"]) == 0
+    assert not (dst / "train" / "b" / "1.jpg").exists() and str(gone) in (dst / "unreadable.txt").read_text()
+    gone.unlink()
+
+    files = {p: p.read_bytes() for p in dst.rglob("*") if p.is_file()}
+    (src / "train" / "a" / "more").symlink_to(dst / "train" / "b", target_is_directory=True)
+    capsys.readouterr()
+    assert prepare.main([str(src), str(dst), "--workers", "1"]) == 2
+    assert capsys.readouterr().err == (f"error: {src / 'train' / 'a' / 'more' / '0.jpg'} lies in DST {dst} (through "
+                                       f"a link): DST must lie outside SRC; remove the link from SRC, or give another "
+                                       f"DST\n")
+    assert {p: p.read_bytes() for p in dst.rglob("*") if p.is_file()} == files  # nothing written
+
+
 def test_prepare_lists_the_unreadable_files_of_its_last_run_by_their_own_bytes(tmp_path, monkeypatch):
     """A name that is not UTF-8 is listed as its bytes are; a run that finds none unreadable
     leaves no list of an earlier run's; a class with no readable image is refused (exit 2)."""
