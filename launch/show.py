@@ -474,9 +474,17 @@ def traffic_title(per_step: dict, summary: dict, config: dict) -> str:
 
 
 def draw_traffic(run: RunFolder, out: Path) -> Path:
-    if run.config.get("layout") in ("single", "one-tower"):
-        raise Skipped(f"a --layout {run.config['layout']} run has no towers, so nothing crosses between them")
-    summary = run.summary()
+    no_towers = lambda layout: Skipped(f"a --layout {layout} run has no towers, so nothing crosses between them")
+    try:
+        summary = run.summary()
+    except Skipped:
+        if run.config.get("layout") in ("single", "one-tower"):
+            raise no_towers(run.config["layout"]) from None
+        raise
+    # The start that wrote summary.json: config.json already says the layout of a resume that changed it
+    layout = summary.get("layout", run.config.get("layout"))
+    if layout in ("single", "one-tower"):
+        raise no_towers(layout)
     per_step = summary.get("exchanges_per_step")
     if not per_step:
         raise Skipped("summary.json has no exchanges_per_step (written by newer versions of launch.two_gpu)")

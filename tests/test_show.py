@@ -275,6 +275,17 @@ def test_what_cannot_be_drawn_yet_is_skipped_with_the_reason(tiny_data, tmp_path
     with caplog.at_level(logging.INFO, logger="launch.show"):
         assert show.main([str(single), "--only", "curves,traffic"]) == 0
     assert "skipped traffic: a --layout single run has no towers" in caplog.text
+    # A towers run resumed as --layout single and stopped before it wrote its own summary.json
+    resumed = write_run(tmp_path / "resumed", data=tiny_data, layout="single", metrics=METRICS,
+                        summary={**SUMMARY, "layout": "towers"})
+    assert show.main([str(resumed), "--only", "traffic"]) == 0
+    check_png(resumed / "show" / "traffic.png")
+    (resumed / "config.json").write_text(json.dumps({"layout": "towers", "batch_size": 4}))  # and one that ended so
+    (resumed / "summary.json").write_text(json.dumps({**SUMMARY, "layout": "single"}))
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="launch.show"):
+        assert show.main([str(resumed), "--only", "curves,traffic"]) == 0
+    assert "skipped traffic: a --layout single run has no towers" in caplog.text
 
     # A picture drawn before that cannot be drawn now stays, with a note where the run has changed since.
     assert show.main([str(single), "--only", "curves"]) == 0
