@@ -117,8 +117,8 @@ class TrainConfig:
                                     "matrix products in bfloat16; the weights, gradients, optimizer and loss in "
                                     "float32; conv3's input crosses between the towers in bfloat16)",
                             choices=tuple(AUTOCAST))
-    compile: Optional[str] = option(None, "torch.compile the net with this backend ('inductor' generates fused "
-                                          "kernels; 'aot_eager' only traces): a tower block by block, its exchanges "
+    compile: Optional[str] = option(None, "torch.compile the net with this backend: 'inductor' (generates fused "
+                                          "kernels), 'aot_eager' or 'eager' (only trace): a tower block by block, its exchanges "
                                           "running between the graphs as written; the single-device nets whole. The "
                                           "first step and the first evaluation compile (a minute or more) (default: "
                                           "none, eager)",

@@ -811,7 +811,7 @@ def test_compiled_runs_are_timed_and_reported_apart(tiny_run):
 def test_compiled_runs_need_a_warm_up_step_and_a_backend_that_exists(tmp_path):
     with pytest.raises(ValueError, match="--compile-modes needs --warmup 1 or more"):
         run.main(["--device", "cpu", "--compile-modes", "single", "--warmup", "0", "--out", str(tmp_path)])
-    with pytest.raises(ValueError, match="--compile-backend turbo: torch.compile has no such backend"):
+    with pytest.raises(ValueError, match="--compile-backend turbo: torch.compile's backends that this program runs"):
         run.main(["--device", "cpu", "--compile-modes", "single", "--compile-backend", "turbo", "--out", str(tmp_path)])
     from torch._inductor import config as inductor_config
     with inductor_config.patch({"cpp.cxx": (None, "no-such-g++")}), \

@@ -663,7 +663,7 @@ def test_bad_data_and_options_get_clear_errors(tiny_data, layouts, tmp_path, cap
     ("--run-name", "x" * 256, "--run-name must be a plain folder name (printable, at most 255 bytes"),
     ("--master-addr", "192.0.2.1", "--master-addr 192.0.2.1 cannot be listened on"),
     ("--master-addr", "no-such-host.invalid", "--master-addr no-such-host.invalid cannot be listened on"),
-    ("--compile", "turbo", "--compile turbo: torch.compile has no such backend here; give one of inductor"),
+    ("--compile", "turbo", "--compile turbo: torch.compile's backends that this program runs are inductor, aot_eager"),
     ("--workers", "100000", "--workers 100000 would start that many loading processes"),
 ])
 def test_bad_options_name_the_option_and_leave_no_run_folder(tiny_data, tmp_path, caplog, option, value, words):
@@ -739,6 +739,20 @@ def test_inductor_on_the_cpu_without_a_compiler_is_refused_before_the_run(tiny_d
                 "(no-such-g++ is not on PATH): install g++ (or set CXX to a C++ compiler), or give aot_eager") in err
         assert not (tmp_path / "runs").exists()
         check_compile_backend("aot_eager", "--compile")  # which builds nothing
+
+
+@pytest.mark.parametrize("backend, words", [
+    ("tvm", "--compile tvm: torch.compile's backends that this program runs are inductor, aot_eager, eager"),
+    ("relu_runtime_error_TESTING_ONLY", "--compile relu_runtime_error_TESTING_ONLY: torch.compile's backends"),
+    ("", "--compile is empty: the backends that this program runs are inductor, aot_eager, eager"),
+])
+def test_a_compile_backend_the_program_cannot_check_is_refused_before_the_run(tiny_data, tmp_path, caplog, backend,
+                                                                              words):
+    """torch.compile lists backends that need a package (tvm: apache-tvm) or are torch's own
+    tests: only the first step would fail, after the ranks started and the run folder was made."""
+    err = _error_of(["--data", tiny_data, "--out", tmp_path / "runs", "--compile", backend], caplog)
+    assert words in err and err.count("\n") == 1, err
+    assert not (tmp_path / "runs").exists()
 
 
 def test_inductor_on_a_gpu_without_a_c_compiler_is_refused(tmp_path, monkeypatch):

@@ -205,17 +205,21 @@ class Tower(nn.Module):
         return self.dropout(self.activation(self.fc7(x)))
 
 
+COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")  # those check_compile_backend can vouch for
+
+
 def check_compile_backend(backend: str, option: str, device: str = "cpu") -> None:
-    """Raises ValueError, naming ``option``, if torch.compile has no backend ``backend`` here,
-    or if it is inductor and finds no compiler to build its code with for ``device`` (else the
+    """Raises ValueError, naming ``option``, unless ``backend`` is one of COMPILE_BACKENDS, or
+    if it is inductor and finds no compiler to build its code with for ``device`` (else the
     first step would fail): a C++ compiler for its kernels on the CPU, a C compiler for the
-    launchers of Triton's kernels on a GPU. Imports the compiler (a second or more): call it
-    only when compiling."""
-    import torch._dynamo
-    backends = torch._dynamo.list_backends(exclude_tags=())
-    if backend not in backends:
-        raise ValueError(f"{option} {backend}: torch.compile has no such backend here; give one of "
-                         f"{', '.join(b for b in ('inductor', 'aot_eager', 'eager') if b in backends)}")
+    launchers of Triton's kernels on a GPU. torch.compile's other backends (tvm, openxla, ...)
+    need packages or devices that only the first step would find missing. Imports the
+    compiler (a second or more): call it only when compiling."""
+    if backend not in COMPILE_BACKENDS:
+        given = f"{option} {backend}: torch.compile's backends" if backend else f"{option} is empty: the backends"
+        raise ValueError(f"{given} that this program runs are {', '.join(COMPILE_BACKENDS)} ('inductor' generates "
+                         f"fused kernels; 'aot_eager' and 'eager' trace the net and run it as written): give one of "
+                         f"them")
     if backend != "inductor":
         return
     if device != "cpu":
@@ -229,7 +233,7 @@ def check_compile_backend(backend: str, option: str, device: str = "cpu") -> Non
         return
     if os.getenv("TORCH_INDUCTOR_INSTALL_GXX"):
         return
-    from torch._inductor import config  # imported with torch._dynamo
+    from torch._inductor import config
     # inductor's own search (torch._inductor.cpp_builder.cpp_compiler_search) runs each candidate
     # with --version; None stands for a g++ it installs with conda where asked to
     candidates = config.cpp.cxx if isinstance(config.cpp.cxx, (list, tuple)) else (config.cpp.cxx,)
