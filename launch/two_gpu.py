@@ -140,7 +140,8 @@ def resumed_config(config: TrainConfig, payload: dict, given: Optional[set] = No
 
 def evaluated_config(config: TrainConfig, payload: dict, given: Optional[set] = None) -> TrainConfig:
     """--eval-only evaluates the net that the checkpoint holds: its LRN, pooling and
-    activation come from the checkpoint; an option that names another is refused, as is an
+    activation come from the checkpoint, and so does --layout one-tower for the one-tower
+    net (no other layout holds it); an option that names another is refused, as is an
     option of training, which it would ignore. Without --data, on the validation images of
     the data it was trained on (the built-in set too), as a resumed run trains on them."""
     _, given = _given(config, given)
@@ -162,6 +163,8 @@ def evaluated_config(config: TrainConfig, payload: dict, given: Optional[set] = 
         if name in given and value != saved[name]:
             raise ValueError(f"{_as_option(name, value)}: {config.eval_only} holds a net with "
                              f"{_as_option(name, saved[name])}, and is evaluated as it was trained: drop the option")
+    if "layout" not in given and checkpoint_architecture(payload).net == "one-tower":
+        config = dataclasses.replace(config, layout="one-tower")  # the one layout that holds it
     return dataclasses.replace(config, **{name: saved[name] for name in ARCHITECTURE_OPTIONS})
 
 

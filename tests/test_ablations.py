@@ -372,6 +372,11 @@ def test_the_one_tower_layout_keeps_its_net(ablation, tiny_data, tmp_path, caplo
     assert line.endswith("holds the paper's two-tower net, not the one-tower net that --layout one-tower builds: use "
                          "--layout towers or --layout single")
 
+    # --eval-only takes the one layout that holds it, as --resume does (and as the advice to evaluate it words it)
+    launch("--eval-only", run, "--data", tiny_data, "--out", tmp_path, "--run-name", "e", "--no-ten-crop")
+    evaluated = [json.loads(line) for line in (tmp_path / "e" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["event"], r["layout"]) for r in evaluated] == [("eval_only", "one-tower")], evaluated
+    assert evaluated[0]["centre"]["images"] > 0, evaluated
     launch("--resume", run, "--epochs", "2", "--max-steps", "9", "--no-ten-crop")  # in the run's layout, one-tower
     resumed = load_checkpoint(run)
     assert resumed["progress"]["global_step"] == 9 and resumed["arch"]["net"] == "one-tower"
