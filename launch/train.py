@@ -486,8 +486,10 @@ def run_rank(rank: int, config: TrainConfig, run_dir: Optional[str], placement: 
                                               with_training=True) or progress
             progress.lr = base_rate(config, progress)  # --lr may have changed on resume
             metrics.resume_at(progress.global_step, epoch=progress.epoch + 1, checkpoint=str(config.resume))
-            log.info("resumed from %s at epoch %d, step %d, learning rate %g", config.resume, progress.epoch + 1,
-                     progress.global_step, progress.lr)
+            rate = learning_rate(config, progress)  # of the next step: within the warm-up, a part of the base rate
+            warming = f" (warming up to {progress.lr:g})" if rate != progress.lr else ""
+            log.info("resumed from %s at epoch %d, step %d, learning rate %g%s", config.resume, progress.epoch + 1,
+                     progress.global_step, rate, warming)
         checkpoint = run_dir / FILENAME if run_dir else None
         trainer = model
         if mesh.replica_group is not None:

@@ -448,14 +448,16 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny
     assert diverged.wait(timeout_s=300) == 1
     assert "Go on from the last checkpoint (step 7, loss " in diverged.stderr(), diverged.stderr()[-2000:]
     assert f"--resume {sane} --lr 0.5" in diverged.stderr()
-    resumed = Run("--resume", sane, "--epochs", "3", "--lr", "0.0005", "--max-steps", "9", "--no-ten-crop", run_dir=sane)
+    resumed = Run("--resume", sane, "--epochs", "3", "--lr", "0.0005", "--warmup-steps", "10", "--max-steps", "9",
+                  "--no-ten-crop", run_dir=sane)
     assert resumed.wait(timeout_s=300) == 0, resumed.stderr()
-    assert "learning rate 0.0005" in resumed.stderr()
+    # the rate of its next step, the eighth of a 10-step warm-up
+    assert "at epoch 2, step 7, learning rate 0.0004 (warming up to 0.0005)" in resumed.stderr()
     assert load_checkpoint(sane)["progress"]["global_step"] == 9
     # config.json holds the options of the latest start, as the checkpoint does; where the run began stays
     before, after = (json.loads((run / "config.json").read_text()) for run in (trained_run[0], sane))
     # (not --max-steps, --no-ten-crop and the like, options of one start: benchmarks.ablations --reuse compares them)
-    assert after == {**before, "lr": 0.0005, "epochs": 3}, after
+    assert after == {**before, "lr": 0.0005, "epochs": 3, "warmup_steps": 10}, after
     assert before["out"] != "runs" and before["resume"] is None  # the first start's --out, kept
 
 
