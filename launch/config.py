@@ -115,7 +115,7 @@ class TrainConfig:
                                          "WORLD_SIZE / 2)")
     precision: str = option("fp32", "arithmetic of the forward pass: 'fp32', or 'bf16' autocast (convolutions and "
                                     "matrix products in bfloat16; the weights, gradients, optimizer and loss in "
-                                    "float32; conv3's input crosses between the towers in bfloat16)",
+                                    "float32; what the towers exchange, forward and backward, in bfloat16: half the bytes)",
                             choices=tuple(AUTOCAST))
     compile: Optional[str] = option(None, "torch.compile the net with this backend: 'inductor' (generates fused "
                                           "kernels), 'aot_eager' or 'eager' (only trace): a tower block by block, its exchanges "

@@ -272,8 +272,13 @@ def test_bf16_and_compiled_towers_train_and_resume_in_either_arithmetic(tiny_dat
     # compiled: a graph per block at least (evaluation, in eval mode without gradients, makes more), none broken
     assert summary["compiled_graphs"] >= 4 and summary["graph_breaks"] == 0, summary
     assert f"torch.compile (eager) made {summary['compiled_graphs']} graphs on rank 0" in run.stderr
-    # conv3's input crosses in bf16: half the bytes of float32 (4 images of 128 x 13 x 13)
-    assert summary["exchanges_per_step"]["conv3_input/forward"] == [2 * 4 * 128 * 13 * 13] * 2
+    # every exchange carries bf16, forward and backward: 2 bytes a number, for 4 images (FC8 on tower 0)
+    maps, fc, logits = [2 * 4 * 128 * 13 * 13] * 2, [2 * 4 * 128 * 6 * 6] * 2, 2 * 4 * summary["classes"]
+    assert summary["exchanges_per_step"] == {
+        "conv3_input/forward": maps, "conv3_input/backward": maps, "fc6_input/forward": fc, "fc6_input/backward": fc,
+        "fc7_input/forward": [2 * 4 * 2048] * 2, "fc7_input/backward": [2 * 4 * 2048] * 2,
+        "fc8_input/forward": [0, 2 * 4 * 2048], "fc8_input/backward": [2 * 4 * 2048, 0],
+        "logits/forward": [logits, 0]}, summary["exchanges_per_step"]
     records = [json.loads(line) for line in (tmp_path / "bf16" / "metrics.jsonl").read_text().splitlines()]
     assert all(math.isfinite(r["step_loss"]) for r in records if r["event"] == "train")
     # --log-every 2, and the last step of a run that --max-steps ends within an epoch
