@@ -14,10 +14,9 @@ of SRC becomes (SRC changed since, or DST holds other images) are refused, as tr
 would read them. Then the training-set statistics (mean image, RGB PCA) are computed and
 cached in DST, as the authors did once before training. The training program then decodes small
 JPEGs only, with no resizing. An interrupted run can be restarted: files already
-written (each one is written atomically) are kept; a file of DST is made again where its
-image in SRC has changed since (its modification time is not the one the file was made
-from), or where it was changed itself, and removed where that image cannot be read any
-more. An image of SRC that lies in DST (through a link) is refused. A DST that cannot be written (a full
+written (each one is written atomically) are kept, unless their image in SRC is newer
+(rewritten since: converted again, or, no longer readable, its file in DST removed). An
+image of SRC that lies in DST's train/ or val/ (through a link) is refused. A DST that cannot be written (a full
 disk) ends the run with one line naming it, exit code 2, and no part of a file left in it; a
 worker killed (where memory runs out) ends it with one line and exit code 1. A DST that
 another run is writing to is refused.
@@ -53,27 +52,22 @@ log = logging.getLogger(__name__)
 
 
 def _convert(job):
-    """(source, error message or None): writes the base image of ``source`` to ``target``,
-    stamped with the modification time ``source`` had when it was listed (see plan_jobs). A
-    source that cannot be read leaves no base image: one made of it before is removed."""
-    source, target, quality, source_mtime_ns = job
+    """(source, error message or None): writes the base image of ``source`` to ``target``. A
+    source that cannot be read leaves no base image: a file made of it before is removed."""
+    source, target, quality = job
     try:
         pixels = load_image(source)
     except DECODE_ERRORS as exc:
-        if os.path.lexists(target):  # made of what the file held before: not SRC's image any more
-            os.unlink(target)
+        with contextlib.suppress(FileNotFoundError):
+            if not stat.S_ISDIR(os.lstat(target).st_mode):  # made of what the image was: not SRC's image now
+                os.unlink(target)
         return source, skip_reason(source, exc)
     jpeg = io.BytesIO()
     Image.fromarray(pixels).save(jpeg, format="JPEG", quality=quality)
-
-    def write(partial: Path) -> None:
-        partial.write_bytes(jpeg.getbuffer())
-        os.utime(partial, ns=(time.time_ns(), source_mtime_ns))
-
     # A full disk, Ctrl-C, the pool ended: no part of an image is left in DST. Written by
     # Python, which raises where a disk takes a part of the bytes (Pillow's own writes to a
     # file do not: an image cut short would be kept, and counted as done by the next run).
-    write_whole(Path(target), write)
+    write_whole(Path(target), lambda partial: partial.write_bytes(jpeg.getbuffer()))
     return source, None
 
 
@@ -195,13 +189,14 @@ def target_name(relative: Path) -> Path:
 def planned_targets(src: Path, dst: Path) -> dict:
     """{file in DST: (image of SRC it is made from, its modification time in ns)} for every
     image of SRC. Raises DataError where two images of SRC would be written to one file, or
-    where an image of SRC lies in DST (through a link): each run would add copies of DST's
-    images to it. Reads nothing in DST."""
+    where an image of SRC lies in DST's train/ or val/ (through a link): each run would add
+    copies of DST's images to it. Reads nothing in DST."""
     classes, files, skipped = scan_layout(src, builtin_alternative=False)  # SRC is required
     for split in ("train", "val"):
         if skipped[split].describe():
             log.warning("%s/: skipped %s", split, skipped[split].describe())
     planned, real_folders = {}, {}  # target -> (source, mtime); folder -> its real path
+    written = [str(dst / split) for split in ("train", "val")]
     for split in ("train", "val"):
         for name, images in zip(classes, files[split]):
             for path, (_, mtime_ns) in images:
@@ -209,9 +204,9 @@ def planned_targets(src: Path, dst: Path) -> dict:
                 if folder not in real_folders:
                     real_folders[folder] = os.path.realpath(folder)
                 real = os.path.realpath(path) if os.path.islink(path) else os.path.join(real_folders[folder], file_name)
-                if os.path.commonpath([real, dst]) == str(dst):
-                    raise DataError(f"{path} lies in DST {dst} (through a link): DST must lie outside SRC; remove "
-                                    f"the link from SRC, or give another DST")
+                if any(os.path.commonpath([real, folder]) == folder for folder in written):
+                    raise DataError(f"{path} is {real}, an image that this program writes in DST: remove the link "
+                                    f"to it from SRC, or give another DST")
                 target = dst / split / name / target_name(Path(path).relative_to(src / split / name))
                 if len(os.fsencode(target.name)) > NAME_MAX:  # a.png of 252 bytes: a.png.jpg
                     raise DataError(f"{path}: its base image's name in DST, {target.name}, would be longer than a "
@@ -226,8 +221,9 @@ def planned_targets(src: Path, dst: Path) -> dict:
 def plan_jobs(dst: Path, planned: dict, quality: int):
     """(jobs still to do, number already done) of the ``planned`` targets, their folders made
     in DST. Raises DataError where DST holds images that no image of SRC becomes. A target is
-    done where its modification time is the one its source had when it was made (_convert
-    stamps it so): a source changed since, or a target changed (such as cut short), is made again."""
+    done where it is a file (not a link) no older than its source, to the second (as make
+    compares them, and as a disk that keeps whole seconds stores the times): a source
+    rewritten since is converted again."""
     stray = _stray_images(dst, planned)
     if stray:
         raise DataError(f"DST {dst} holds {len(stray)} image(s) that no image of SRC becomes, such as {stray[0]} "
@@ -236,14 +232,14 @@ def plan_jobs(dst: Path, planned: dict, quality: int):
     jobs, done = [], 0
     for target, (path, mtime_ns) in planned.items():
         try:
-            status = target.stat()
+            status = os.lstat(target)
         except FileNotFoundError:
             status = None
-        if status is not None and stat.S_ISREG(status.st_mode) and status.st_mtime_ns == mtime_ns:
+        if status is not None and stat.S_ISREG(status.st_mode) and status.st_mtime_ns // 10**9 >= mtime_ns // 10**9:
             done += 1
         else:
             target.parent.mkdir(parents=True, exist_ok=True)
-            jobs.append((path, str(target), quality, mtime_ns))
+            jobs.append((path, str(target), quality))
     return jobs, done
 
 

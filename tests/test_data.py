@@ -908,16 +908,23 @@ def test_prepare_names_each_image_by_its_own_name_and_refuses_images_that_src_no
     assert len(data.open_data(dst, cache_dir=tmp_path / "cache").train) == 4  # 0.jpg of a and b, x.jpg, y.jpg
 
 
-def test_prepare_makes_again_what_changed_since_and_refuses_an_image_of_src_in_dst(tmp_path, caplog, capsys):
-    """Run again, prepare converts an image of SRC rewritten under its name, and one of DST
-    changed (cut short), not only those missing; removes the file made of an image that can
-    no longer be read; and refuses a link in SRC into DST, whose images each run would add
-    again to the training set."""
+def _age(path: Path, seconds: int = 10) -> None:
+    """``path``'s modification time moved ``seconds`` back: its source rewritten after it was made."""
+    status = os.lstat(path)
+    os.utime(path, ns=(status.st_atime_ns, status.st_mtime_ns - seconds * 10**9), follow_symlinks=False)
+
+
+def test_prepare_makes_again_what_is_older_than_its_image_and_refuses_an_image_of_src_in_dst(tmp_path, caplog,
+                                                                                            capsys):
+    """Run again, prepare converts an image of SRC rewritten under its name since (newer than
+    its file in DST) and an image in DST that is a link, not only those missing; removes the
+    file made of an image that can no longer be read; and refuses a link in SRC into DST's
+    train/ or val/, whose images each run would add again to the training set."""
     caplog.set_level(logging.INFO, logger=prepare.log.name)
     src, dst = _simple_tree(tmp_path / "raw", train=2, val=1), tmp_path / "prepared"
     red = _save(src / "train" / "a" / "0.jpg", Image.new("RGB", (300, 300), "red"))
     assert prepare.main([str(src), str(dst), "--workers", "1"]) == 0
-    made, cut = dst / "train" / "a" / "0.jpg", dst / "train" / "b" / "0.jpg"
+    made, linked = dst / "train" / "a" / "0.jpg", dst / "train" / "b" / "0.jpg"
     assert _channel(made) == 0
     before = {p: p.read_bytes() for p in dst.rglob("*.jpg")}
 
@@ -926,28 +933,36 @@ def test_prepare_makes_again_what_changed_since_and_refuses_an_image_of_src_in_d
     assert "6 images in" in caplog.text and "0 to convert, 6 already in" in caplog.text
 
     _save(red, Image.new("RGB", (300, 300), "blue"))  # the same name, another picture
-    os.utime(red, ns=(red.stat().st_atime_ns, red.stat().st_mtime_ns + 10**9))  # whatever the clock's grain
-    cut.write_bytes(cut.read_bytes()[:100])
+    _age(made)
+    linked.unlink()
+    linked.symlink_to(src / "train" / "b" / "0.jpg")  # as new as its source, but not a base image
     caplog.clear()
     assert prepare.main([str(src), str(dst), "--workers", "1"]) == 0
     assert "2 to convert, 4 already in" in caplog.text and "unreadable" not in caplog.text
-    assert _channel(made) == 2 and cut.read_bytes() == before[cut]  # JPEG encoding is deterministic
+    assert _channel(made) == 2 and not linked.is_symlink() and linked.read_bytes() == before[linked]
     assert {p: p.read_bytes() for p in dst.rglob("*.jpg") if p != made} == {p: b for p, b in before.items() if p != made}
 
     gone = src / "train" / "b" / "1.jpg"
     gone.write_bytes(b"no longer an image")
+    _age(dst / "train" / "b" / "1.jpg")
     assert prepare.main([str(src), str(dst), "--workers", "1"]) == 0
     assert not (dst / "train" / "b" / "1.jpg").exists() and str(gone) in (dst / "unreadable.txt").read_text()
+    (dst / "train" / "b" / "1.jpg").mkdir()  # a folder in its place is not removed, nor is it a reason to stop
+    assert prepare.main([str(src), str(dst), "--workers", "1"]) == 0
+    (dst / "train" / "b" / "1.jpg").rmdir()
     gone.unlink()
 
     files = {p: p.read_bytes() for p in dst.rglob("*") if p.is_file()}
     (src / "train" / "a" / "more").symlink_to(dst / "train" / "b", target_is_directory=True)
     capsys.readouterr()
     assert prepare.main([str(src), str(dst), "--workers", "1"]) == 2
-    assert capsys.readouterr().err == (f"error: {src / 'train' / 'a' / 'more' / '0.jpg'} lies in DST {dst} (through "
-                                       f"a link): DST must lie outside SRC; remove the link from SRC, or give another "
+    assert capsys.readouterr().err == (f"error: {src / 'train' / 'a' / 'more' / '0.jpg'} is {linked}, an image that "
+                                       f"this program writes in DST: remove the link to it from SRC, or give another "
                                        f"DST\n")
     assert {p: p.read_bytes() for p in dst.rglob("*") if p.is_file()} == files  # nothing written
+    (src / "train" / "a" / "more").unlink()
+    shutil.move(src, dst / "raw")  # SRC in DST, beside what it writes there: its images are not DST's
+    assert prepare.main([str(dst / "raw"), str(dst), "--workers", "1"]) == 0
 
 
 def test_prepare_lists_the_unreadable_files_of_its_last_run_by_their_own_bytes(tmp_path, monkeypatch):
