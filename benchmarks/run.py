@@ -110,8 +110,8 @@ class BenchConfig:
                                       "block, its exchanges between the graphs; the others whole) at the main batch, "
                                       "in every precision and memory format of the precision sweep; the first "
                                       "warm-up step compiles", choices=COMPILE_MODES, many=True)
-    compile_backend: str = option("inductor", "torch.compile's backend for --compile-modes ('aot_eager': the tracing "
-                                              "without code generation)")
+    compile_backend: str = option("inductor", "torch.compile's backend for --compile-modes: inductor, aot_eager (the "
+                                              "tracing without code generation) or eager")
     bf16_slowdown_limit: float = option(4.0, "if the first bf16 run is this many times slower than fp32 "
                                              "(bf16 emulated on this device), the other bf16 runs are marked "
                                              "'not measured on this device'", type=float)

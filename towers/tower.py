@@ -213,8 +213,8 @@ def check_compile_backend(backend: str, option: str, device: str = "cpu") -> Non
     if it is inductor and finds no compiler to build its code with for ``device`` (else the
     first step would fail): a C++ compiler for its kernels on the CPU, a C compiler for the
     launchers of Triton's kernels on a GPU. torch.compile's other backends (tvm, openxla, ...)
-    need packages or devices that only the first step would find missing. Imports the
-    compiler (a second or more): call it only when compiling."""
+    need packages or devices that only the first step would find missing. For inductor,
+    imports its configuration (a second or more): call it only when compiling."""
     if backend not in COMPILE_BACKENDS:
         given = f"{option} {backend}: torch.compile's backends" if backend else f"{option} is empty: the backends"
         raise ValueError(f"{given} that this program runs are {', '.join(COMPILE_BACKENDS)} ('inductor' generates "
