@@ -134,6 +134,7 @@ class DataBundle:
     val: ImageFolderSplit
     stats: DataStats
     builtin: bool
+    train_set: str = ""  # a digest of the training images by name, class and size (see open_data)
 
     def fingerprint(self, split: str) -> str:
         """A digest of the split's images by name (relative to the split's folder) and
@@ -382,7 +383,13 @@ def open_data(data_dir: Optional[Union[str, Path]], *, cache_dir: Optional[Path]
     train_files = [f for images in files["train"] for f in images]
     if stats is None:
         stats = load_or_compute_stats(root, splits["train"], train_files, cache_dir)
-    return DataBundle(root, classes, splits["train"], splits["val"], stats, builtin)
+    # By name and class as fingerprint() has them, and by size: class folders of images of
+    # the same names swapped give other sizes (a folder copied or moved keeps them)
+    digest, folder = hashlib.sha256(), str(root / "train")
+    for label, images in enumerate(files["train"]):
+        for path, (size, _) in images:
+            digest.update(os.fsencode(os.path.relpath(path, folder)) + b"\0%d\0%d\0" % (label, size))
+    return DataBundle(root, classes, splits["train"], splits["val"], stats, builtin, digest.hexdigest())
 
 
 # --------------------------------------------------------------------------- batches

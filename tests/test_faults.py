@@ -1095,14 +1095,23 @@ def test_resume_refuses_a_changed_recipe_and_weights_only_checkpoints(tiny_data,
     save_checkpoint(tmp_path / "broken" / "checkpoint.pt", dict(payload, config="text"))  # its weights evaluate
     assert "data folder" in _error_of(["--eval-only", tmp_path / "broken", "--data", tmp_path / "typo"], caplog)
 
-    # The same run moved to a copy of its data with fewer training images, other class names, or
-    # another validation image in place of one (its evaluations so far are of the set it began with).
-    for change in ("shrunk", "renamed", "val-replaced"):
+    # The same run moved to a copy of its data with fewer training images, as many under another
+    # name or with the pictures of two classes swapped, other class names, or another validation
+    # image in place of one (its evaluations so far are of the set it began with).
+    for change in ("shrunk", "train-renamed", "train-swapped", "renamed", "val-replaced"):
         data = tmp_path / f"data-{change}"
         shutil.copytree(tiny_data, data)
-        first = sorted(os.listdir(data / "train"))[0]
+        first, second = sorted(os.listdir(data / "train"))[:2]
         if change == "shrunk":
             next(iter(sorted((data / "train" / first).iterdir()))).unlink()
+        elif change == "train-renamed":
+            image = next(iter(sorted((data / "train" / first).iterdir())))
+            image.rename(image.with_name("zzz" + image.suffix))
+        elif change == "train-swapped":  # every name where it was, the pictures of two classes swapped
+            for x, y in zip(*(sorted((data / "train" / c).iterdir()) for c in (first, second))):
+                pictures = x.read_bytes(), y.read_bytes()
+                assert len(pictures[0]) != len(pictures[1])  # as two JPEGs of other pictures are, as a rule
+                x.write_bytes(pictures[1]), y.write_bytes(pictures[0])
         elif change == "val-replaced":
             image = next(iter(sorted((data / "val" / first).iterdir())))
             image.rename(image.with_name("other" + image.suffix))
@@ -1113,7 +1122,8 @@ def test_resume_refuses_a_changed_recipe_and_weights_only_checkpoints(tiny_data,
         save_checkpoint(tmp_path / f"moved-{change}" / "checkpoint.pt", moved)
         err = _error_of(["--resume", tmp_path / f"moved-{change}"], caplog)
         expected = {"shrunk": "the training set changed since", "renamed": "was trained on other classes",
-                    "val-replaced": "the validation set changed since"}[change]
+                    "val-replaced": "the validation set changed since"}.get(change, "holds as many images, but other "
+                                                                                  "ones (by name, class or size)")
         assert expected in err and "Traceback" not in err, err
 
     epochs = payload["config"]["epochs"]
