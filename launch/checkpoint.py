@@ -181,7 +181,7 @@ def _starts_as_a_zip(path: Path) -> bool:
         return False
 
 
-def _damaged_record(path: Path) -> Optional[str]:
+def damaged_record(path: Path) -> Optional[str]:
     """The first record of the checkpoint ``path`` whose bytes do not match the CRC-32 that
     torch.save wrote with them, or None; torch.load itself never checks them, and loads a
     damaged tensor as it finds it. Read in full, as a load reads the weights anyway. What
@@ -213,7 +213,7 @@ def load_checkpoint(path, classes: Optional[list] = None) -> dict:
     """Loads and checks a checkpoint, and that it was trained on ``classes`` (the data's class
     names, in order) if given; raises CheckpointError naming the problem and the fix."""
     path = resolve_path(path)
-    damaged = _damaged_record(path)
+    damaged = damaged_record(path)
     if damaged is not None:
         raise CheckpointError(f"{path} is damaged: its record {damaged} does not match the checksum written with it "
                               f"(a disk or a copy went wrong): give an undamaged copy, or an earlier checkpoint")

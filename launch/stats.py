@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from .builtin import default_cache_dir
-from .checkpoint import save_checkpoint
+from .checkpoint import damaged_record, save_checkpoint
 from .images import BASE_SIZE, DECODE_ERRORS, DataError, load_image, skip_reason
 
 if TYPE_CHECKING:
@@ -133,11 +133,16 @@ def load_or_compute_stats(root: Path, train: "ImageFolderSplit", train_files: li
     for candidate in (root / name, fallback):
         if candidate.is_file():
             try:
+                damaged = damaged_record(candidate)  # torch.load would load damaged bytes as numbers
+                if damaged is not None:
+                    raise ValueError(f"its record {damaged} does not match its checksum: damaged")
                 saved = torch.load(candidate, weights_only=True)
                 stats = DataStats(saved["mean"], saved["eigval"], saved["eigvec"], int(saved["images"]),
                                   str(saved["pca_source"]))
                 if saved["key"] != key or stats.mean.shape != (3, BASE_SIZE, BASE_SIZE):
                     raise ValueError("written for other data")
+                if not all(torch.isfinite(t).all() for t in (stats.mean, stats.eigval, stats.eigvec)):
+                    raise ValueError("it holds numbers that are not finite")
             except Exception as exc:  # an unreadable or foreign cache is recomputed, never trusted
                 log.warning("ignoring unusable statistics cache %s (%s)", candidate, exc)
                 continue

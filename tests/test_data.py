@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -525,6 +526,35 @@ def test_stats_are_cached_keyed_and_fall_back_to_cache_dir(tmp_path, monkeypatch
                       f"the training-set statistics are cached in {cached} instead"], warned
     monkeypatch.setattr(stats, "compute_stats", no_compute)
     assert torch.equal(data.open_data(root, cache_dir=cache).stats.mean, changed.mean)
+
+
+def test_a_damaged_statistics_cache_is_computed_again(tmp_path, caplog):
+    """Bytes of the cached mean image overwritten (a bad disk, a copy cut short and mended by
+    hand): torch.load reads them as numbers, so the checksums saved with them are checked; a
+    cache whose numbers are not finite is not used either."""
+    root = _simple_tree(tmp_path / "data")
+    first = data.open_data(root, cache_dir=tmp_path / "cache").stats
+    [cache] = root.glob(".alexnet-stats-*.pt")
+    with zipfile.ZipFile(cache) as archive:  # the largest record, the mean image, stored as it is
+        record = max(archive.infolist(), key=lambda r: r.file_size)
+    raw = bytearray(cache.read_bytes())
+    start = record.header_offset + 30 + int.from_bytes(raw[record.header_offset + 26:record.header_offset + 28],
+                                                       "little") + int.from_bytes(
+        raw[record.header_offset + 28:record.header_offset + 30], "little")
+    raw[start + 1000:start + 5000] = b"\x7f" * 4000  # as float32: 3.4e38
+    cache.write_bytes(bytes(raw))
+    caplog.clear()
+    again = data.open_data(root, cache_dir=tmp_path / "cache").stats
+    assert torch.equal(again.mean, first.mean)
+    assert f"ignoring unusable statistics cache {cache} (its record {record.filename} does not match its " \
+           f"checksum: damaged)" in caplog.text
+
+    saved = torch.load(cache, weights_only=True)  # written anew, whole
+    saved["eigval"] = torch.full_like(saved["eigval"], float("nan"))
+    torch.save(saved, cache)
+    caplog.clear()
+    assert torch.equal(data.open_data(root, cache_dir=tmp_path / "cache").stats.eigval, first.eigval)
+    assert "(it holds numbers that are not finite)" in caplog.text
 
 
 def test_stats_follow_an_image_rewritten_in_place_at_the_same_size(tmp_path):
