@@ -342,3 +342,22 @@ def test_both_ranks_train_on_identical_batches_delivered_in_a_quarter_of_the_byt
         assert torch.equal(mine, data_module.augment(in_one_process[index][0], choices, bundle.stats))
     # per batch of 4: the count, the uint8 crops and the labels; float32 images were 4 x 602,112 bytes
     assert ranks[0][1] == ranks[1][1] == 8 + 4 * 3 * 224 * 224 + 4 * 8
+
+
+def test_train_log_takes_a_file_name_that_is_not_utf8(tmp_path, capfd):
+    """A warning naming such a file (an unreadable image in a folder of Latin-1 name) is
+    written to train.log with its odd bytes escaped, as the console shows them, not dropped
+    for a logging error's traceback."""
+    import logging
+    root = logging.getLogger()
+    kept = root.handlers[:], root.level
+    try:
+        train.setup_logging(0, tmp_path)
+        logging.getLogger("launch.data").warning("skipped image %s", os.fsdecode(b"/data/train/caf\xe9/bad.jpg"))
+    finally:
+        for handler in root.handlers:
+            handler.close()
+        root.handlers[:], root.level = kept
+    assert (tmp_path / "train.log").read_text().endswith(" skipped image /data/train/caf\\udce9/bad.jpg\n")
+    err = capfd.readouterr().err
+    assert err.startswith("skipped image /data/train/caf") and "Logging error" not in err, err
