@@ -413,6 +413,8 @@ def report(summary: dict) -> None:
     if "ten_patch" in summary:
         ten = summary["ten_patch"]
         line += f"; ten-patch test: top-1 {100 * ten['top1_error']:.2f}%, top-5 {100 * ten['top5_error']:.2f}%"
+        if (ten["images"], ten["skipped"]) != (centre["images"], centre["skipped"]):  # an image unusable between them
+            line += f" ({ten['images']} images" + (f", {ten['skipped']} unusable left out)" if ten["skipped"] else ")")
     log.info("done: %s", line)
     if summary.get("train_seconds"):
         log.info("trained %d step%s, to step %d, in %.0f s (%.1f images/s); wall time %.0f s; results in %s",

@@ -361,3 +361,15 @@ def test_train_log_takes_a_file_name_that_is_not_utf8(tmp_path, capfd):
     assert (tmp_path / "train.log").read_text().endswith(" skipped image /data/train/caf\\udce9/bad.jpg\n")
     err = capfd.readouterr().err
     assert err.startswith("skipped image /data/train/caf") and "Logging error" not in err, err
+
+
+def test_the_done_line_gives_the_ten_patch_test_s_own_count_where_it_differs(caplog):
+    """A validation image that became unusable between the centre-patch evaluation and the
+    ten-patch test: each result says how many images it is of."""
+    centre = {"test": "centre patch", "top1_error": 0.5, "top5_error": 0.0, "images": 8, "skipped": 0}
+    with caplog.at_level("INFO", logger="launch.two_gpu"):
+        two_gpu.report({"centre": centre, "ten_patch": dict(centre, test="ten-patch", images=8)})
+        two_gpu.report({"centre": centre, "ten_patch": dict(centre, test="ten-patch", images=7, skipped=1)})
+    same, fewer = [m for m in caplog.messages if m.startswith("done: ")]
+    assert same.endswith("(centre patch, 8 images); ten-patch test: top-1 50.00%, top-5 0.00%"), same
+    assert fewer.endswith("; ten-patch test: top-1 50.00%, top-5 0.00% (7 images, 1 unusable left out)"), fewer
