@@ -7,6 +7,8 @@ image (no division by a standard deviation).
 """
 
 import math
+import os
+import stat
 import struct
 import warnings
 from pathlib import Path
@@ -126,6 +128,11 @@ def _check_limits(path: Union[str, Path], width: int, height: int) -> None:
 
 
 def _open(path: Union[str, Path]) -> Image.Image:
+    # A file replaced since the folder was listed (which refuses these) by a named pipe would
+    # be waited on for good, a device read without end
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise OSError(f"{path}: not a regular file (a named pipe, a device, a folder): replace it with the image, or "
+                      f"remove it")
     # PIL checks the size itself on opening: it warns above MAX_IMAGE_PIXELS (the caller
     # refuses those, naming the size) and raises above twice that.
     with warnings.catch_warnings():

@@ -350,6 +350,31 @@ def test_corrupt_files_are_replaced_and_counted(tmp_path):
     assert train.corrupt == {odd["fake"], odd["truncated"]}
 
 
+def test_an_image_replaced_by_a_named_pipe_after_the_scan_is_passed_over_not_waited_on(tmp_path):
+    """The scan refuses what is not a file; one replaced by a named pipe while a run trains
+    would be opened, and waited on for good (a device: read without end)."""
+    root = _simple_tree(tmp_path / "data")
+    bundle = data.open_data(root, cache_dir=tmp_path / "cache")
+    path, _ = bundle.train.samples[0]
+    os.unlink(path)
+    os.mkfifo(path)
+    class Waited(Exception):
+        pass
+
+    def waited(*_):
+        raise Waited("opened the pipe and waited on it")
+
+    previous = signal.signal(signal.SIGALRM, waited)
+    signal.alarm(20)  # a wait for good fails the test
+    try:
+        image, label, skipped = bundle.train.load(0)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert [i for i, _ in skipped] == [0] and "not a regular file (a named pipe" in skipped[0][1]
+    assert torch.equal(image, bundle.train[1][0])  # the next image stands in for it
+
+
 def _resize_then_crop(image: Image.Image, size: int = 256) -> Image.Image:
     """resize_center as it was: the whole image resized, then the central patch cut out."""
     width, height = image.size
