@@ -519,7 +519,11 @@ def run_rank(rank: int, config: TrainConfig, run_dir: Optional[str], placement: 
                 save_now(run_dir, model, optimizer, progress, config, plan, mesh)
                 last_eval = None
                 break
-            last_eval = evaluate_now()
+            try:
+                last_eval = evaluate_now()
+            except data_module.DataError:  # on every rank (the counts are summed): the epoch's training is kept,
+                save_now(run_dir, model, optimizer, progress, config, plan, mesh)  # and a resume evaluates it
+                raise
             progress.epoch, progress.batch = progress.epoch + 1, 0
             end_of_epoch_schedule(config, progress, last_eval["top1_error"])
             log.info("epoch %d/%d: validation top-1 error %.2f%%, top-5 error %.2f%% (%s)", progress.epoch,

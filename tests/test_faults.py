@@ -425,6 +425,37 @@ def test_a_run_killed_anywhere_resumes_to_the_uninterrupted_weights(tiny_data, t
 
 
 @pytest.mark.slow
+def test_validation_images_lost_at_an_epoch_s_end_keep_its_training(tiny_data, tmp_path):
+    """The validation images become unusable while the first epoch trains (their disk gone):
+    its evaluation fails, and the run saves the epoch's training before it stops, which a
+    resume, once the images are back, evaluates and goes on from."""
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    run = Run("--data", data, "--out", tmp_path, "--run-name", "run", "--epochs", "2", "--log-every", "1",
+              "--no-ten-crop", *TINY, run_dir=tmp_path / "run")
+    run.wait_for_step(1)
+    os.killpg(run.proc.pid, signal.SIGSTOP)  # the epoch (7 steps) cannot end before every image is lost
+    images = sorted(p for p in (data / "val").rglob("*") if p.is_file())
+    kept = {p: p.read_bytes() for p in images}
+    for path in images:
+        path.write_bytes(b"no longer an image")
+    os.killpg(run.proc.pid, signal.SIGCONT)
+    assert run.wait(timeout_s=300) == 1
+    err = run.stderr()
+    assert "none of the" in err and "validation images could be used" in err, err[-2000:]
+    assert f"go on from the last checkpoint with --resume {tmp_path / 'run'}" in err, err[-2000:]
+    saved = load_checkpoint(tmp_path / "run")["progress"]
+    assert (saved["epoch"], saved["batch"], saved["global_step"]) == (0, 7, 7)  # the epoch trained, not evaluated
+    for path, picture in kept.items():
+        path.write_bytes(picture)
+    resumed = Run("--resume", tmp_path / "run", "--max-steps", "8", "--no-ten-crop", run_dir=tmp_path / "run")
+    assert resumed.wait(timeout_s=300) == 0, resumed.stderr()[-2000:]
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["epoch"], r["step"]) for r in records if r["event"] == "eval"] == [(1, 7)]  # then a step of epoch 2
+    assert load_checkpoint(tmp_path / "run")["progress"]["global_step"] == 8
+
+
+@pytest.mark.slow
 def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_data, trained_run, tmp_path):
     run = Run("--data", tiny_data, "--out", tmp_path, "--run-name", "nan", "--epochs", "20", "--checkpoint-every", "1",
               *TINY, "--lr", "5", run_dir=tmp_path / "nan")
