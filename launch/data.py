@@ -329,6 +329,9 @@ def _scan_layout(root: Path, builtin_alternative: bool):
         raise DataError(f"class folders differ between train/ and val/ of {root} ({'; '.join(parts)}): "
                         f"make both hold the same class folders (add the missing ones or remove the extra ones)")
     names = classes["train"]
+    if len(names) < 2:  # else refused by the net, after the statistics were computed
+        raise DataError(f"{root} has one class, {names[0]}: a classifier tells classes apart, so add the folders of "
+                        f"the others (two at least) to train/ and val/")
     files, skipped, identities = {}, {}, {}
     for split in ("train", "val"):
         owners = {}
