@@ -20,6 +20,7 @@ import os
 import pickle
 import shutil
 import socket
+import unicodedata
 import zipfile
 from pathlib import Path
 from typing import Optional
@@ -312,10 +313,19 @@ def check_classes(payload: dict, path, classes: list) -> None:
                               f"use the dataset it was trained on, or start a new run")
     saved_names = payload.get("classes")  # absent from a checkpoint saved from the reference
     if saved_names is not None and list(saved_names) != list(classes):
-        changed = [f"{a} -> {b}" for a, b in zip(saved_names, classes) if a != b]
+        changed = [_renamed(a, b) for a, b in zip(saved_names, classes) if a != b]
         raise CheckpointError(f"{path} was trained on other classes than the data's ({len(changed)} differ: "
                               f"{', '.join(changed[:3])}{' ...' if len(changed) > 3 else ''}): use the dataset it "
                               f"was trained on, or start a new run")
+
+
+def _renamed(saved: str, now: str) -> str:
+    """A class name of the checkpoint against the data's, told apart where they print the same:
+    one letter written as one code point or as two (Unicode's NFC and NFD, which macOS and
+    some copies turn folder names into)."""
+    if unicodedata.normalize("NFC", saved) != unicodedata.normalize("NFC", now):
+        return f"{saved} -> {now}"
+    return f"{ascii(saved)} -> {ascii(now)}, the same letters in another Unicode form"
 
 
 def load_reference(path, dropout: float = 0.5) -> AlexNet:

@@ -930,6 +930,10 @@ def test_a_checkpoint_of_other_classes_is_refused(tiny_data, tmp_path, caplog):
     err = _error_of(["--data", renamed, "--out", tmp_path / "runs", "--eval-only", trained], caplog)
     assert "was trained on other classes than the data's" in err and f"{first} -> " in err
     assert not (tmp_path / "runs").exists()
+    # a name that prints as the checkpoint's, its letters written otherwise (é as e and a combining accent)
+    with pytest.raises(checkpoint.CheckpointError) as refused:
+        checkpoint.check_classes({"arch": {"num_classes": 2}, "classes": ["caf\u00e9", "tea"]}, "run", ["cafe\u0301", "tea"])
+    assert "(1 differ: 'caf\\xe9' -> 'cafe\\u0301', the same letters in another Unicode form)" in str(refused.value)
 
 
 def test_a_file_that_is_no_checkpoint_is_named_as_such_without_torchs_advice(tmp_path):
