@@ -329,9 +329,6 @@ def _scan_layout(root: Path, builtin_alternative: bool):
         raise DataError(f"class folders differ between train/ and val/ of {root} ({'; '.join(parts)}): "
                         f"make both hold the same class folders (add the missing ones or remove the extra ones)")
     names = classes["train"]
-    if len(names) < 2:  # else refused by the net, after the statistics were computed
-        raise DataError(f"{root} has one class, {names[0]}: a classifier tells classes apart, so add the folders of "
-                        f"the others (two at least) to train/ and val/")
     files, skipped, identities = {}, {}, {}
     for split in ("train", "val"):
         owners = {}
@@ -356,6 +353,9 @@ def _scan_layout(root: Path, builtin_alternative: bool):
             raise DataError(f"{len(empty)} class folder(s) in {root / split} hold no images ({', '.join(empty[:10])}"
                             f"{' ...' if len(empty) > 10 else ''}): add images to them or remove the class from "
                             f"both train/ and val/")
+    if len(names) < 2:  # else refused by the net, after the statistics were computed
+        raise DataError(f"{root} has one class, {names[0]}: a classifier tells classes apart, so add the folders of "
+                        f"the others (two at least) to train/ and val/")
     return names, files, skipped
 
 

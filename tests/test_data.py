@@ -632,9 +632,10 @@ def test_pca_convention_against_numpy(tmp_path):
     rng = np.random.default_rng(1)
     arrays = [np.clip(rng.multivariate_normal([120, 130, 110], q @ np.diag(variances) @ q.T, (256, 256)), 0, 255)
               .round().astype(np.uint8) for _ in range(3)]
-    for i, pixels in enumerate(arrays):
-        _save(tmp_path / "train" / "x" / f"{i}.png", Image.fromarray(pixels))
-    _save(tmp_path / "val" / "x" / "0.png", Image.fromarray(arrays[0]))
+    for i, pixels in enumerate(arrays):  # in two classes, which the statistics do not tell apart
+        _save(tmp_path / "train" / "xy"[i % 2] / f"{i}.png", Image.fromarray(pixels))
+    for name in "xy":
+        _save(tmp_path / "val" / name / "0.png", Image.fromarray(arrays[0]))
     computed = data.open_data(tmp_path, cache_dir=tmp_path / "cache").stats
     all_pixels = np.concatenate([p.reshape(-1, 3) for p in arrays]).astype(np.float64)
     numpy_variances = np.sort(np.linalg.eigvalsh(np.cov(all_pixels.T, bias=True)))[::-1]
