@@ -158,23 +158,25 @@ def test_under_torchrun_the_ranks_wait_for_a_replicas_scan_of_the_data_and_share
     assert all(re.fullmatch(sees + r" \(on rank 2\)", info.value.failures[other]) for other in (0, 1, 3))
 
 
-def test_a_replica_that_sees_other_validation_images_is_refused(tiny_data, tmp_path):
-    """Under torchrun each replica evaluates its share of the set from its own folder: the same
-    classes and training images, with other validation images, would mix two sets' errors."""
+def test_a_replica_that_sees_other_images_than_rank_0_is_refused(tiny_data, tmp_path):
+    """Under torchrun each replica loads its share of each batch, and evaluates its share of
+    the set, from its own folder: the same classes and as many training images, with one of
+    them or of the validation images another, would train on or mix two sets."""
     from launch import data as data_module, train
     from launch.config import TrainConfig
 
-    other = tmp_path / "data"
-    shutil.copytree(tiny_data, other)
-    image = sorted((other / "val").glob("*/*"))[0]
-    image.rename(image.with_name("other" + image.suffix))
     seen = data_module.open_data(tiny_data)
-    plan = train.Plan(list(seen.classes), 1, 1, len(seen.train), seen.stats, seen.fingerprint("val"))
+    plan = train.Plan(list(seen.classes), 1, 1, len(seen.train), seen.stats, seen.fingerprint("val"), seen.train_set)
     mesh = SimpleNamespace(replicas=1, loads_data=True)  # replica 1's first tower, as far as the data goes
     assert len(train._replica_data(2, TrainConfig(data=str(tiny_data)), plan, None, mesh).val) == len(seen.val)
-    with pytest.raises(data_module.DataError, match=f"^rank 2 sees other validation images at "
-                                                    f"{re.escape(str(other / 'val'))} than rank 0: give every machine"):
-        train._replica_data(2, TrainConfig(data=str(other)), plan, None, mesh)
+    for split, words in (("val", "validation images"), ("train", "training images")):
+        other = tmp_path / split
+        shutil.copytree(tiny_data, other)
+        image = sorted((other / split).glob("*/*"))[0]
+        image.rename(image.with_name("other" + image.suffix))
+        with pytest.raises(data_module.DataError, match=f"^rank 2 sees other {words} at "
+                                                        f"{re.escape(str(other / split))} than rank 0"):
+            train._replica_data(2, TrainConfig(data=str(other)), plan, None, mesh)
 
 
 def test_a_parent_that_died_but_was_not_yet_reaped_is_not_alive():
