@@ -427,13 +427,13 @@ def _set_rng_state(state: dict, device) -> None:
 
 def save_training_state(path: Path, tower: Tower, optimizer, progress: Progress, config: TrainConfig,
                         classes: list, train_images: int, mesh: Mesh, data_mean: Optional[torch.Tensor] = None,
-                        val_set: Optional[str] = None, train_set: Optional[str] = None) -> None:
+                        digests: Optional[dict] = None) -> None:
     """Collective over every rank: replica 0's towers ship their halves to rank 0, which
     writes one unsharded checkpoint (with one rank per replica, ``tower`` is the whole net
     and is saved as it is). The other replicas hold the same weights and momentum (their
     gradients are averaged), so only their random states are gathered, one per rank.
-    ``classes``, ``train_images``, ``train_set`` and ``val_set`` (the sets' fingerprints) let
-    a resumed run check that its data is the same;
+    ``classes``, ``train_images`` and ``digests`` (launch.data.DataBundle's) let a resumed
+    run check that its data is the same;
     ``data_mean`` (3 x 256 x 256, the training set's mean image) lets the checkpoint
     classify new images on its own."""
     rank = dist.get_rank()
@@ -463,10 +463,8 @@ def save_training_state(path: Path, tower: Tower, optimizer, progress: Progress,
         "classes": list(classes),
         "train_images": train_images,
     }
-    if val_set is not None:
-        extra["val_set"] = val_set
-    if train_set is not None:
-        extra["train_set"] = train_set
+    for split, digest in (digests or {}).items():
+        extra[f"{split}_digest"] = digest
     if data_mean is not None:
         extra["data_mean"] = data_mean.detach().to("cpu", torch.float32)
     model = unshard([g["model"] for g in gathered])

@@ -52,7 +52,7 @@ from .builtin import BUILTIN_NAME, builtin_dataset
 from .images import (BASE_SIZE, CROP_SIZE, DECODE_ERRORS, IMAGE_EXTENSIONS, DataError, is_image_name, load_image,
                      skip_reason)
 from .ranks import die_with_parent
-from .stats import DataStats, load_or_compute_stats
+from .stats import DataStats, load_or_compute_stats, relative_path
 
 log = logging.getLogger(__name__)
 
@@ -134,14 +134,17 @@ class DataBundle:
     val: ImageFolderSplit
     stats: DataStats
     builtin: bool
-    train_set: str = ""  # a digest of the training images by name, class and size (see open_data)
+    # {split: a digest of its images by name (relative to the split's folder), class and
+    # size}: the same for the folder copied or moved elsewhere, another where one image is
+    # renamed, or the pictures of two classes of the same file names are swapped
+    digests: dict = field(default_factory=dict)
 
     def fingerprint(self, split: str) -> str:
-        """A digest of the split's images by name (relative to the split's folder) and
-        class: the same for the same folder moved elsewhere, another for other files."""
-        digest = hashlib.sha256()
+        """A digest of the split's images by name and class alone, as checkpoints saved before
+        ``digests`` recorded the validation set's (their "val_set")."""
+        digest, folder = hashlib.sha256(), str(self.root / split)
         for path, label in getattr(self, split).samples:
-            digest.update(os.fsencode(os.path.relpath(path, self.root / split)) + b"\0%d\0" % label)
+            digest.update(os.fsencode(relative_path(path, folder)) + b"\0%d\0" % label)
         return digest.hexdigest()
 
     def describe(self) -> str:
@@ -386,13 +389,14 @@ def open_data(data_dir: Optional[Union[str, Path]], *, cache_dir: Optional[Path]
     train_files = [f for images in files["train"] for f in images]
     if stats is None:
         stats = load_or_compute_stats(root, splits["train"], train_files, cache_dir)
-    # By name and class as fingerprint() has them, and by size: class folders of images of
-    # the same names swapped give other sizes (a folder copied or moved keeps them)
-    digest, folder = hashlib.sha256(), str(root / "train")
-    for label, images in enumerate(files["train"]):
-        for path, (size, _) in images:
-            digest.update(os.fsencode(os.path.relpath(path, folder)) + b"\0%d\0%d\0" % (label, size))
-    return DataBundle(root, classes, splits["train"], splits["val"], stats, builtin, digest.hexdigest())
+    digests = {}
+    for split in ("train", "val"):
+        digest, folder = hashlib.sha256(), str(root / split)
+        for label, images in enumerate(files[split]):
+            for path, (size, _) in images:
+                digest.update(os.fsencode(relative_path(path, folder)) + b"\0%d\0%d\0" % (label, size))
+        digests[split] = digest.hexdigest()
+    return DataBundle(root, classes, splits["train"], splits["val"], stats, builtin, digests)
 
 
 # --------------------------------------------------------------------------- batches

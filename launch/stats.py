@@ -113,11 +113,18 @@ def compute_stats(train: "ImageFolderSplit", sample: int = STATS_SAMPLE, use_ima
                      pca_source="imagenet" if use_imagenet_pca else "computed")
 
 
+def relative_path(path: str, folder: str) -> str:
+    """``os.path.relpath(path, folder)`` for a ``path`` that a walk of ``folder`` joined, a
+    hundred times faster (a million images' names take a second, not minutes of getcwd)."""
+    return path[len(folder) + 1:] if path.startswith(folder + os.sep) else os.path.relpath(path, folder)
+
+
 def _stats_key(root: Path, train_files: list, sample: int, imagenet: bool) -> str:
     digest = hashlib.sha256(f"stats v{STATS_VERSION} sample={sample} imagenet={imagenet}\n".encode())
+    folder = str(root)
     for path, (size, mtime_ns) in train_files:
         # surrogateescape: a file name that is not UTF-8 hashes as its bytes (a UTF-8 one as before)
-        digest.update(f"{os.path.relpath(path, root)}\t{size}\t{mtime_ns}\n".encode("utf-8", "surrogateescape"))
+        digest.update(f"{relative_path(path, folder)}\t{size}\t{mtime_ns}\n".encode("utf-8", "surrogateescape"))
     return digest.hexdigest()[:20]
 
 

@@ -62,8 +62,9 @@ class Plan:
     val_images: int
     train_images: int
     stats: data_module.DataStats  # for the augmentation on each rank's device
-    val_set: Optional[str] = None  # DataBundle.fingerprint("val"): a resumed run checks it evaluates the same images
-    train_set: Optional[str] = None  # and fingerprint("train"): that its epoch goes on over the same images
+    # DataBundle.digests: a resumed run checks that its epoch goes on over the same images, and
+    # that it evaluates the same ones; each replica under torchrun, that it sees rank 0's
+    digests: Optional[dict] = None
 
 
 # ---------------------------------------------------------------- data on rank 0, broadcast to rank 1
@@ -312,7 +313,7 @@ def save_now(run_dir: Optional[Path], model, optimizer, progress: Progress, conf
     """save_training_state into the run folder (rank 0's; None elsewhere), logged with its time."""
     started = time.perf_counter()
     save_training_state(run_dir / FILENAME if run_dir else None, model, optimizer, progress, config, plan.classes,
-                        plan.train_images, mesh, plan.stats.mean, val_set=plan.val_set, train_set=plan.train_set)
+                        plan.train_images, mesh, plan.stats.mean, digests=plan.digests)
     log.info("checkpoint of step %d saved in %.1f s", progress.global_step, time.perf_counter() - started)
 
 
@@ -374,12 +375,10 @@ def _replica_data(rank: int, config: TrainConfig, plan: Plan, bundle, mesh: Mesh
             raise data_module.DataError(f"rank {rank} sees other data at {opened.root} ({len(opened.classes)} classes, "
                                         f"{len(opened.train)} training images) than rank 0 ({len(plan.classes)}, "
                                         f"{plan.train_images}): give every machine the same --data")
-        if plan.train_set is not None and opened.train_set != plan.train_set:
-            raise data_module.DataError(f"rank {rank} sees other training images at {opened.root / 'train'} than "
-                                        f"rank 0 (as many, but other ones by name, class or size): give every machine the same --data")
-        if plan.val_set is not None and opened.fingerprint("val") != plan.val_set:  # each replica evaluates a share
-            raise data_module.DataError(f"rank {rank} sees other validation images at {opened.root / 'val'} than "
-                                        f"rank 0: give every machine the same --data")
+        for split, words in (("train", "training images"), ("val", "validation images")):  # it loads its shares
+            if plan.digests is not None and opened.digests[split] != plan.digests[split]:
+                raise data_module.DataError(f"rank {rank} sees other {words} at {opened.root / split} than rank 0 "
+                                            f"(by name, class or size): give every machine the same --data")
         return opened
 
     if mesh.replicas == 1:
@@ -448,7 +447,7 @@ def run_rank(rank: int, config: TrainConfig, run_dir: Optional[str], placement: 
     if rank == 0:
         val_images = len(bundle.val) if config.val_limit is None else min(config.val_limit, len(bundle.val))
         plan = [Plan(list(bundle.classes), data_module.batches_per_epoch(bundle, config.batch_size), val_images,
-                     len(bundle.train), bundle.stats, bundle.fingerprint("val"), bundle.train_set)]
+                     len(bundle.train), bundle.stats, bundle.digests)]
     dist.broadcast_object_list(plan, src=0)
     plan = plan[0]
     bundle = _replica_data(rank, config, plan, bundle, mesh)

@@ -203,14 +203,17 @@ def check_resumable(config: TrainConfig, payload: dict, bundle) -> None:
             f"the training set changed since {run} was saved: it had {had}, {bundle.root / 'train'} now has "
             f"{train_images} ({batches} batches of {config.batch_size}), so the run cannot continue where it "
             f"stopped: resume with the data it was trained on, or start a new run")
-    saved_train = payload.get("train_set")
-    if saved_train is not None and saved_train != bundle.train_set:
+    saved_train = payload.get("train_digest")
+    if saved_train is not None and saved_train != bundle.digests["train"]:
         raise data_module.DataError(
             f"the training set changed since {run} was saved: {bundle.root / 'train'} holds as many images, but "
             f"other ones (by name, class or size), so the run's epoch would not go on over the images it began "
             f"with: resume with the data it was trained on, or start a new run")
-    saved_val = payload.get("val_set")
-    if saved_val is not None and saved_val != bundle.fingerprint("val"):
+    # by name, class and size; a checkpoint saved before digests, by name and class ("val_set")
+    saved_val, val = payload.get("val_digest"), bundle.digests["val"]
+    if saved_val is None and payload.get("val_set") is not None:
+        saved_val, val = payload["val_set"], bundle.fingerprint("val")
+    if saved_val is not None and saved_val != val:
         raise data_module.DataError(
             f"the validation set changed since {run} was saved: {bundle.root / 'val'} now holds other images (it "
             f"has {len(bundle.val)}), and the run's evaluations so far (and the plateau schedule's best error) are of "

@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from launch import checkpoint, two_gpu
+from launch import data as data_module
 from launch.checkpoint import (FORMAT, checkpoint_payload, load_checkpoint, save_checkpoint, save_reference,
                               training_checkpoint_bytes)
 from launch.config import parse_config
@@ -1132,8 +1133,13 @@ def test_resume_refuses_a_changed_recipe_and_weights_only_checkpoints(tiny_data,
 
     # The same run moved to a copy of its data with fewer training images, as many under another
     # name or with the pictures of two classes swapped, other class names, or another validation
-    # image in place of one (its evaluations so far are of the set it began with).
-    for change in ("shrunk", "train-renamed", "train-swapped", "renamed", "val-replaced"):
+    # image in place of one, or the pictures of two classes swapped there (its evaluations so far
+    # are of the set it began with); "legacy": a checkpoint saved before the sets' digests, whose
+    # validation set is known by its images' names and classes alone.
+    legacy = dict({k: v for k, v in payload.items() if not k.endswith("_digest")},
+                  val_set=data_module.open_data(tiny_data).fingerprint("val"))
+    for change in ("shrunk", "train-renamed", "train-swapped", "renamed", "val-replaced", "val-swapped",
+                   "legacy-val-swapped", "legacy-val-replaced"):
         data = tmp_path / f"data-{change}"
         shutil.copytree(tiny_data, data)
         first, second = sorted(os.listdir(data / "train"))[:2]
@@ -1142,23 +1148,29 @@ def test_resume_refuses_a_changed_recipe_and_weights_only_checkpoints(tiny_data,
         elif change == "train-renamed":
             image = next(iter(sorted((data / "train" / first).iterdir())))
             image.rename(image.with_name("zzz" + image.suffix))
-        elif change == "train-swapped":  # every name where it was, the pictures of two classes swapped
-            for x, y in zip(*(sorted((data / "train" / c).iterdir()) for c in (first, second))):
+        elif change.endswith("-swapped"):  # every name where it was, the pictures of two classes swapped
+            split = "train" if change == "train-swapped" else "val"
+            for x, y in zip(*(sorted((data / split / c).iterdir()) for c in (first, second))):
                 pictures = x.read_bytes(), y.read_bytes()
                 assert len(pictures[0]) != len(pictures[1])  # as two JPEGs of other pictures are, as a rule
                 x.write_bytes(pictures[1]), y.write_bytes(pictures[0])
-        elif change == "val-replaced":
+        elif change.endswith("val-replaced"):
             image = next(iter(sorted((data / "val" / first).iterdir())))
             image.rename(image.with_name("other" + image.suffix))
         else:
             for split in ("train", "val"):
                 (data / split / first).rename(data / split / "zzz_other")
-        moved = dict(payload, config=dict(payload["config"], data=str(data)))
+        saved = legacy if change.startswith("legacy") else payload
+        moved = dict(saved, config=dict(saved["config"], data=str(data)))
         save_checkpoint(tmp_path / f"moved-{change}" / "checkpoint.pt", moved)
+        if change == "legacy-val-swapped":  # what the names and classes cannot tell: resumable, as before
+            config = two_gpu.resumed_config(parse_config(["--resume", str(tmp_path / f"moved-{change}")]), moved)
+            two_gpu.check_resumable(config, moved, data_module.open_data(data))
+            continue
         err = _error_of(["--resume", tmp_path / f"moved-{change}"], caplog)
-        expected = {"shrunk": "the training set changed since", "renamed": "was trained on other classes",
-                    "val-replaced": "the validation set changed since"}.get(change, "holds as many images, but other "
-                                                                                  "ones (by name, class or size)")
+        expected = {"shrunk": "the training set changed since", "renamed": "was trained on other classes"}.get(
+            change, "the validation set changed since" if "val" in change else
+            "holds as many images, but other ones (by name, class or size)")
         assert expected in err and "Traceback" not in err, err
 
     epochs = payload["config"]["epochs"]

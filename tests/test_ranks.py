@@ -166,7 +166,7 @@ def test_a_replica_that_sees_other_images_than_rank_0_is_refused(tiny_data, tmp_
     from launch.config import TrainConfig
 
     seen = data_module.open_data(tiny_data)
-    plan = train.Plan(list(seen.classes), 1, 1, len(seen.train), seen.stats, seen.fingerprint("val"), seen.train_set)
+    plan = train.Plan(list(seen.classes), 1, 1, len(seen.train), seen.stats, seen.digests)
     mesh = SimpleNamespace(replicas=1, loads_data=True)  # replica 1's first tower, as far as the data goes
     assert len(train._replica_data(2, TrainConfig(data=str(tiny_data)), plan, None, mesh).val) == len(seen.val)
     for split, words in (("val", "validation images"), ("train", "training images")):
