@@ -356,9 +356,6 @@ def _scan_layout(root: Path, builtin_alternative: bool):
             raise DataError(f"{len(empty)} class folder(s) in {root / split} hold no images ({', '.join(empty[:10])}"
                             f"{' ...' if len(empty) > 10 else ''}): add images to them or remove the class from "
                             f"both train/ and val/")
-    if len(names) < 2:  # else refused by the net, after the statistics were computed
-        raise DataError(f"{root} has one class, {names[0]}: a classifier tells classes apart, so add the folders of "
-                        f"the others (two at least) to train/ and val/")
     return names, files, skipped
 
 

@@ -331,15 +331,6 @@ def test_resize_center_takes_the_central_patch():
     assert images.resize_center(Image.new("RGB", (50, 30))).size == (256, 256)
 
 
-def test_a_folder_of_one_class_is_refused_before_anything_is_read(tmp_path):
-    root = _simple_tree(tmp_path / "data", classes=("only",))
-    with pytest.raises(DataError) as refused:
-        data.open_data(root, cache_dir=tmp_path / "cache")
-    assert str(refused.value) == (f"{root} has one class, only: a classifier tells classes apart, so add the folders "
-                                  f"of the others (two at least) to train/ and val/")
-    assert not list(root.glob(".alexnet-stats-*"))  # no statistics computed for it
-
-
 def test_corrupt_files_are_replaced_and_counted(tmp_path):
     odd = _mixed_tree(tmp_path)
     bundle = data.open_data(tmp_path, cache_dir=tmp_path / "cache")

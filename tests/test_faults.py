@@ -920,6 +920,19 @@ def test_a_run_folder_that_cannot_be_written_is_named(tiny_data, tmp_path, caplo
     assert f"cannot write in the run folder {folder} (Operation not permitted)" in err and "Traceback" not in err
 
 
+def test_a_data_folder_of_one_class_is_refused_naming_the_fix(tiny_data, tmp_path, caplog):
+    """Not by the net (num_classes must be at least 2), with no fix named; launch.prepare and
+    the loader's benchmark, which train nothing, take such a folder."""
+    one = tmp_path / "one"
+    for split in ("train", "val"):
+        shutil.copytree(tiny_data / split / sorted(os.listdir(tiny_data / "train"))[0], one / split / "only")
+    err = _error_of(["--data", one, "--out", tmp_path / "runs", *TINY], caplog)
+    assert (f"error: {one} has one class, only: a classifier tells classes apart, so add the folders of the others "
+            f"(two at least) to train/ and val/") in err, err
+    assert not (tmp_path / "runs").exists()
+    assert len(data_module.open_data(one).classes) == 1
+
+
 def test_a_checkpoint_of_other_classes_is_refused(tiny_data, tmp_path, caplog):
     renamed = tmp_path / "renamed"
     shutil.copytree(tiny_data, renamed)
