@@ -320,12 +320,15 @@ def check_classes(payload: dict, path, classes: list) -> None:
 
 
 def _renamed(saved: str, now: str) -> str:
-    """A class name of the checkpoint against the data's, told apart where they print the same:
-    one letter written as one code point or as two (Unicode's NFC and NFD, which macOS and
-    some copies turn folder names into)."""
-    if unicodedata.normalize("NFC", saved) != unicodedata.normalize("NFC", now):
+    """A class name of the checkpoint against the data's, escaped where the two would print
+    alike: one letter written as one code point or as two (Unicode's NFC and NFD, which
+    macOS and some copies turn folder names into), a space that is not one, or at an end."""
+    alike = lambda name: " ".join(unicodedata.normalize("NFKC", name).split())
+    if alike(saved) != alike(now):
         return f"{saved} -> {now}"
-    return f"{ascii(saved)} -> {ascii(now)}, the same letters in another Unicode form"
+    how = "in another Unicode form" if unicodedata.normalize("NFC", saved) == unicodedata.normalize("NFC", now) \
+        else "that print alike"
+    return f"{ascii(saved)} -> {ascii(now)}, the same letters {how}"
 
 
 def load_reference(path, dropout: float = 0.5) -> AlexNet:

@@ -131,8 +131,7 @@ def _open(path: Union[str, Path]) -> Image.Image:
     # A file replaced since the folder was listed (which refuses these) by a named pipe would
     # be waited on for good, a device read without end
     if not stat.S_ISREG(os.stat(path).st_mode):
-        raise OSError(f"{path}: not a regular file (a named pipe, a device, a folder): replace it with the image, or "
-                      f"remove it")
+        raise OSError("not a regular file (a named pipe, a device, a folder): replace it with the image, or remove it")
     # PIL checks the size itself on opening: it warns above MAX_IMAGE_PIXELS (the caller
     # refuses those, naming the size) and raises above twice that.
     with warnings.catch_warnings():

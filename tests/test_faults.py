@@ -948,6 +948,10 @@ def test_a_checkpoint_of_other_classes_is_refused(tiny_data, tmp_path, caplog):
     with pytest.raises(checkpoint.CheckpointError) as refused:
         checkpoint.check_classes({"arch": {"num_classes": 2}, "classes": ["caf\u00e9", "tea"]}, "run", ["cafe\u0301", "tea"])
     assert "(1 differ: 'caf\\xe9' -> 'cafe\\u0301', the same letters in another Unicode form)" in str(refused.value)
+    for saved, now, shown in (("tea ", "tea", "'tea ' -> 'tea'"), ("a\u00a0b", "a b", "'a\\xa0b' -> 'a b'")):
+        with pytest.raises(checkpoint.CheckpointError) as refused:
+            checkpoint.check_classes({"arch": {"num_classes": 2}, "classes": [saved, "z"]}, "run", [now, "z"])
+        assert f"(1 differ: {shown}, the same letters that print alike)" in str(refused.value)
 
 
 def test_a_file_that_is_no_checkpoint_is_named_as_such_without_torchs_advice(tmp_path):
