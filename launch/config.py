@@ -115,13 +115,14 @@ class TrainConfig:
                                          "WORLD_SIZE / 2)")
     precision: str = option("fp32", "arithmetic of the forward pass: 'fp32', or 'bf16' autocast (convolutions and "
                                     "matrix products in bfloat16; the weights, gradients, optimizer and loss in "
-                                    "float32; what the towers exchange, forward and backward, in bfloat16: half the bytes)",
+                                    "float32; what the towers exchange, forward and backward, in bfloat16: half "
+                                    "the bytes)",
                             choices=tuple(AUTOCAST))
     compile: Optional[str] = option(None, "torch.compile the net with this backend: 'inductor' (generates fused "
-                                          "kernels), 'aot_eager' or 'eager' (only trace): a tower block by block, its exchanges "
-                                          "running between the graphs as written; the single-device nets whole. The "
-                                          "first step and the first evaluation compile (a minute or more) (default: "
-                                          "none, eager)",
+                                          "kernels), 'aot_eager' or 'eager' (only trace): a tower block by block, its "
+                                          "exchanges running between the graphs as written; the single-device nets "
+                                          "whole. The first step and the first evaluation compile (a minute or more) "
+                                          "(default: none, eager)",
                                     metavar="BACKEND")
     seed: int = option(0, "seed of the initial weights, the data order and the augmentation")
     backend: str = option("auto", "'auto': NCCL with rank r on GPU r when every rank has a GPU of its own, else "
