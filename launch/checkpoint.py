@@ -320,15 +320,15 @@ def check_classes(payload: dict, path, classes: list) -> None:
 
 
 def _renamed(saved: str, now: str) -> str:
-    """A class name of the checkpoint against the data's, escaped where the two would print
+    """A class name of the checkpoint against the data's, escaped where the two may print
     alike: one letter written as one code point or as two (Unicode's NFC and NFD, which
-    macOS and some copies turn folder names into), a space that is not one, or at an end."""
-    alike = lambda name: " ".join(unicodedata.normalize("NFKC", name).split())
-    if alike(saved) != alike(now):
+    macOS and some copies turn folder names into); a character that does not print (a
+    zero-width or no-break space, a soft hyphen), or a space at an end."""
+    if unicodedata.normalize("NFC", saved) == unicodedata.normalize("NFC", now):
+        return f"{ascii(saved)} -> {ascii(now)}, the same letters in another Unicode form"
+    if all(name.isprintable() and name == name.strip() for name in (saved, now)):
         return f"{saved} -> {now}"
-    how = "in another Unicode form" if unicodedata.normalize("NFC", saved) == unicodedata.normalize("NFC", now) \
-        else "that print alike"
-    return f"{ascii(saved)} -> {ascii(now)}, the same letters {how}"
+    return f"{ascii(saved)} -> {ascii(now)}, escaped: characters that do not print, or a space at an end"
 
 
 def load_reference(path, dropout: float = 0.5) -> AlexNet:

@@ -360,14 +360,18 @@ def _scan_layout(root: Path, builtin_alternative: bool):
 
 
 def open_data(data_dir: Optional[Union[str, Path]], *, cache_dir: Optional[Path] = None,
-              stats: Optional[DataStats] = None) -> DataBundle:
+              stats: Optional[DataStats] = None, classify: bool = False) -> DataBundle:
     """Opens an ImageNet-layout folder (``data_dir``) or, for None, the built-in dataset
-    (made in ``cache_dir`` if given, else ``default_cache_dir()``, on first use).
+    (made in ``cache_dir`` if given, else ``default_cache_dir()``, on first use). With
+    ``classify`` (a net is to tell its classes apart), a folder of one class is refused.
     ``stats`` given (by a rank that received them) are used instead of the cache's.
     Raises DataError with the fix when the folder cannot be used."""
     builtin = data_dir is None
     root = builtin_dataset(None if cache_dir is None else Path(cache_dir) / BUILTIN_NAME) if builtin else Path(data_dir).expanduser()
     classes, files, skipped = scan_layout(root)
+    if classify and len(classes) < 2:  # before its statistics are computed: the net would refuse it
+        raise DataError(f"{root} has one class, {classes[0]}: a classifier tells classes apart, so add the folders "
+                        f"of the others (two at least) to train/ and val/")
     splits = {}
     for split in ("train", "val"):
         samples = [(path, label) for label, images in enumerate(files[split]) for path, _ in images]

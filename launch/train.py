@@ -377,8 +377,10 @@ def _replica_data(rank: int, config: TrainConfig, plan: Plan, bundle, mesh: Mesh
                                         f"{plan.train_images}): give every machine the same --data")
         for split, words in (("train", "training images"), ("val", "validation images")):  # it loads its shares
             if plan.digests is not None and opened.digests[split] != plan.digests[split]:
+                # the built-in set, drawn on each machine: as JPEGs of another libjpeg (another Pillow) there
+                fix = "a copy of rank 0's built-in set (--data)" if opened.builtin else "the same --data"
                 raise data_module.DataError(f"rank {rank} sees other {words} at {opened.root / split} than rank 0 "
-                                            f"(by name, class or size): give every machine the same --data")
+                                            f"(by name, class or size): give every machine {fix}")
         return opened
 
     if mesh.replicas == 1:

@@ -328,12 +328,9 @@ def prepare_run(config: TrainConfig, checkpoint: Optional[dict]):
                              f"images' new place with --data")
         raise ValueError(f"--data {config.data} does not exist: give the folder of the images that {config.resume} "
                          f"was trained on")
-    bundle = data_module.open_data(config.data)
+    bundle = data_module.open_data(config.data, classify=True)  # launch.prepare and the loader's benchmark: any
     log.info("data: %s (%d classes, %d training and %d validation images)", bundle.root, len(bundle.classes),
              len(bundle.train), len(bundle.val))
-    if len(bundle.classes) < 2:  # which launch.prepare and the loader's benchmark take
-        raise ValueError(f"{bundle.root} has one class, {bundle.classes[0]}: a classifier tells classes apart, so "
-                         f"add the folders of the others (two at least) to train/ and val/")
     config = resolve(config, train_images=len(bundle.train))
     if not config.eval_only:
         log.info("%s", describe_recipe(config, len(bundle.train)))

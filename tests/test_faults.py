@@ -929,7 +929,7 @@ def test_a_data_folder_of_one_class_is_refused_naming_the_fix(tiny_data, tmp_pat
     err = _error_of(["--data", one, "--out", tmp_path / "runs", *TINY], caplog)
     assert (f"error: {one} has one class, only: a classifier tells classes apart, so add the folders of the others "
             f"(two at least) to train/ and val/") in err, err
-    assert not (tmp_path / "runs").exists()
+    assert not (tmp_path / "runs").exists() and not list(one.glob(".alexnet-stats-*"))  # no statistics computed
     assert len(data_module.open_data(one).classes) == 1
 
 
@@ -948,10 +948,12 @@ def test_a_checkpoint_of_other_classes_is_refused(tiny_data, tmp_path, caplog):
     with pytest.raises(checkpoint.CheckpointError) as refused:
         checkpoint.check_classes({"arch": {"num_classes": 2}, "classes": ["caf\u00e9", "tea"]}, "run", ["cafe\u0301", "tea"])
     assert "(1 differ: 'caf\\xe9' -> 'cafe\\u0301', the same letters in another Unicode form)" in str(refused.value)
-    for saved, now, shown in (("tea ", "tea", "'tea ' -> 'tea'"), ("a\u00a0b", "a b", "'a\\xa0b' -> 'a b'")):
+    for saved, now, shown in (("tea ", "tea", "'tea ' -> 'tea'"), ("a\u00a0b", "a b", "'a\\xa0b' -> 'a b'"),
+                              ("tea\u200b", "tea", "'tea\\u200b' -> 'tea'"), ("te\u00ada", "tea", "'te\\xada' -> 'tea'")):
         with pytest.raises(checkpoint.CheckpointError) as refused:
             checkpoint.check_classes({"arch": {"num_classes": 2}, "classes": [saved, "z"]}, "run", [now, "z"])
-        assert f"(1 differ: {shown}, the same letters that print alike)" in str(refused.value)
+        assert f"(1 differ: {shown}, escaped: characters that do not print, or a space at an end)" in \
+            str(refused.value)
 
 
 def test_a_file_that_is_no_checkpoint_is_named_as_such_without_torchs_advice(tmp_path):
