@@ -114,8 +114,8 @@ def compute_stats(train: "ImageFolderSplit", sample: int = STATS_SAMPLE, use_ima
 
 
 def relative_path(path: str, folder: str) -> str:
-    """``os.path.relpath(path, folder)`` for a ``path`` that a walk of ``folder`` joined, a
-    hundred times faster (a million images' names take a second, not minutes of getcwd)."""
+    """``os.path.relpath(path, folder)`` for a ``path`` that a walk of ``folder`` joined, by
+    a slice: a million images' names in about a second, ten times as fast as relpath."""
     return path[len(folder) + 1:] if path.startswith(folder + os.sep) else os.path.relpath(path, folder)
 
 

@@ -357,7 +357,7 @@ def setup_logging(rank: int, run_dir: Optional[Path]) -> None:
     console.setFormatter(logging.Formatter("%(message)s" if rank == 0 else f"[rank {rank}] %(message)s"))
     root.addHandler(console)
     if run_dir is not None:
-        # a file name need not be UTF-8: its undecodable bytes as \\udcXX, as the console shows them
+        # a file name need not be UTF-8: its undecodable bytes as \udcXX, as the console shows them
         logfile = logging.FileHandler(run_dir / "train.log", encoding="utf-8", errors="backslashreplace")
         logfile.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
         root.addHandler(logfile)

@@ -328,7 +328,7 @@ def prepare_run(config: TrainConfig, checkpoint: Optional[dict]):
                              f"images' new place with --data")
         raise ValueError(f"--data {config.data} does not exist: give the folder of the images that {config.resume} "
                          f"was trained on")
-    bundle = data_module.open_data(config.data, classify=True)  # launch.prepare and the loader's benchmark: any
+    bundle = data_module.open_data(config.data, classify=True)  # one class refused (launch.prepare takes it)
     log.info("data: %s (%d classes, %d training and %d validation images)", bundle.root, len(bundle.classes),
              len(bundle.train), len(bundle.val))
     config = resolve(config, train_images=len(bundle.train))
