@@ -920,6 +920,14 @@ def test_a_run_folder_that_cannot_be_written_is_named(tiny_data, tmp_path, caplo
     assert f"cannot write in the run folder {folder} (Operation not permitted)" in err and "Traceback" not in err
 
 
+def test_fc8_placement_split_is_refused_for_the_one_tower_net(tiny_data, tmp_path, caplog):
+    """It has no towers: the option would be recorded in the run's files, and mean nothing."""
+    err = _error_of(["--data", tiny_data, "--out", tmp_path / "runs", *TINY, "--layout", "one-tower", "--fc8-placement",
+                     "split"], caplog)
+    assert "--fc8-placement split: the one-tower net has no towers to place FC8's neurons on: drop the option" in err
+    assert not (tmp_path / "runs").exists()
+
+
 def test_a_data_folder_of_one_class_is_refused_naming_the_fix(tiny_data, tmp_path, caplog):
     """Not by the net (num_classes must be at least 2), with no fix named; launch.prepare and
     the loader's benchmark, which train nothing, take such a folder."""
