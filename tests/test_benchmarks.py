@@ -236,15 +236,21 @@ def test_a_precision_baseline_that_was_never_planned_is_not_called_unmeasured():
     assert rows[0] == "| towers | fp32 | contiguous | no | not measured | | | | |"
 
 
+def _report_refused(folder: Path, capsys) -> str:
+    """The one line (exit 2) with which ``python -m benchmarks.report FOLDER`` refuses it."""
+    with pytest.raises(SystemExit) as exit:
+        report.main([str(folder)])
+    assert exit.value.code == 2
+    message = capsys.readouterr().err
+    assert len(message.strip().splitlines()) == 1, message
+    return message
+
+
 @pytest.mark.parametrize("content", ["[1, 2]", "null", "{}", '{"runs": []}'])
 def test_a_report_is_drawn_only_from_a_results_json(tmp_path, capsys, content):
     (tmp_path / "results.json").write_text(content)
-    with pytest.raises(SystemExit) as exit:
-        report.main([str(tmp_path)])
-    assert exit.value.code == 2
-    message = capsys.readouterr().err
+    message = _report_refused(tmp_path, capsys)
     assert message.startswith(f"error: {tmp_path / 'results.json'} is not what python -m benchmarks.run writes (")
-    assert len(message.strip().splitlines()) == 1
     assert [p.name for p in tmp_path.iterdir()] == ["results.json"]  # nothing drawn
 
 
@@ -258,12 +264,8 @@ def _quick_bench(out: Path) -> "run.Bench":
 def test_json_nested_beyond_python_s_stack_is_one_line(tmp_path, capsys):
     """A results.json of arrays nested 100,000 deep, which the decoder cannot follow."""
     (tmp_path / "results.json").write_text("[" * 100_000 + "]" * 100_000)
-    with pytest.raises(SystemExit) as exit:
-        report.main([str(tmp_path)])
-    assert exit.value.code == 2
-    message = capsys.readouterr().err
+    message = _report_refused(tmp_path, capsys)
     assert message.startswith(f"error: {tmp_path / 'results.json'} cannot be read (maximum recursion depth")
-    assert len(message.strip().splitlines()) == 1
     assert not run._written_by(tmp_path / "results.json", "benchmarks.run")  # so benchmarks.run refuses the folder
 
 
