@@ -16,10 +16,10 @@ cached in DST, as the authors did once before training. The training program the
 JPEGs only, with no resizing. An interrupted run can be restarted: files already
 written (each one is written atomically) are kept, unless their image in SRC is newer
 (rewritten since: converted again, or, no longer readable, its file in DST removed). An
-image of SRC that lies in DST's train/ or val/ (through a link) is refused. A DST that cannot be written (a full
-disk) ends the run with one line naming it, exit code 2, and no part of a file left in it; a
-worker killed (where memory runs out) ends it with one line and exit code 1. A DST that
-another run is writing to is refused.
+image of SRC that lies in DST's train/ or val/ (through a link) is refused. A DST that
+cannot be written (a full disk) ends the run with one line naming it, exit code 2, and no
+part of a file left in it; a worker killed (where memory runs out) ends it with one line
+and exit code 1. A DST that another run is writing to is refused.
 """
 
 from launch.cli import hold_interrupts  # torch-free
@@ -196,7 +196,7 @@ def planned_targets(src: Path, dst: Path) -> dict:
         if skipped[split].describe():
             log.warning("%s/: skipped %s", split, skipped[split].describe())
     planned, real_folders = {}, {}  # target -> (source, mtime); folder -> its real path
-    written = [str(dst / split) for split in ("train", "val")]
+    writes_in = [str(dst / split) for split in ("train", "val")]
     for split in ("train", "val"):
         for name, images in zip(classes, files[split]):
             for path, (_, mtime_ns) in images:
@@ -204,7 +204,7 @@ def planned_targets(src: Path, dst: Path) -> dict:
                 if folder not in real_folders:
                     real_folders[folder] = os.path.realpath(folder)
                 real = os.path.realpath(path) if os.path.islink(path) else os.path.join(real_folders[folder], file_name)
-                if any(os.path.commonpath([real, folder]) == folder for folder in written):
+                if any(os.path.commonpath([real, place]) == place for place in writes_in):
                     raise DataError(f"{path} is {real}, an image that this program writes in DST: remove the link "
                                     f"to it from SRC, or give another DST")
                 target = dst / split / name / target_name(Path(path).relative_to(src / split / name))
