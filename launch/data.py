@@ -284,17 +284,19 @@ def _identity(path: str) -> tuple:
     return status.st_dev, status.st_ino
 
 
-def scan_layout(root: Union[str, Path], builtin_alternative: bool = True):
+def scan_layout(root: Union[str, Path], builtin_alternative: bool = True, need_train: bool = True):
     """Checks an ImageNet-layout folder and lists it. Returns (classes, {split: [(path,
     (size, mtime_ns))] per class}, {split: Skipped}); raises DataError naming the fix, and
     where ``builtin_alternative`` (a program whose data option may be left out), the built-in dataset.
+    Without ``need_train`` (an evaluation), a folder with no train/ lists val/ alone and
+    an empty training split.
 
     Links are followed, but a folder link back into its own class's walk (to a folder
     walked already, or to one holding the class folder) is skipped, and so is an image
     that is listed already in the split (same real path) or whose real path lies in
     another class's real folder (the innermost one, where class folders nest)."""
     try:
-        return _scan_layout(Path(root).expanduser(), builtin_alternative)
+        return _scan_layout(Path(root).expanduser(), builtin_alternative, need_train)
     except OSError as exc:  # a folder or file on the way that cannot be read
         where = exc.filename or root
         raise DataError(f"cannot read {where} ({exc.strerror or exc}): make the data folder readable (every "
@@ -305,7 +307,7 @@ def _raise(exc: OSError):
     raise exc
 
 
-def _scan_layout(root: Path, builtin_alternative: bool):
+def _scan_layout(root: Path, builtin_alternative: bool, need_train: bool):
     layout_hint = "expected ROOT/train/CLASS/*.jpg and ROOT/val/CLASS/*.jpg with the same CLASS folders in both"
     if not root.is_dir():
         what = "is not a folder" if root.exists() else "does not exist"
@@ -313,9 +315,10 @@ def _scan_layout(root: Path, builtin_alternative: bool):
         raise DataError(f"data folder {root} {what}: pass the path of a folder that holds train/ and val/ "
                         f"({layout_hint}){builtin}")
     missing = [s for s in ("train", "val") if not (root / s).is_dir()]
-    if missing:
+    if missing and not (missing == ["train"] and not need_train and not (root / "train").exists()):
         raise DataError(f"{root} has no {' and no '.join(s + '/' for s in missing)} folder: {layout_hint}")
-    classes = {s: _class_folders(root / s) for s in ("train", "val")}
+    splits = ("train", "val") if not missing else ("val",)
+    classes = {s: _class_folders(root / s) for s in splits}
     for split, names in classes.items():
         if not names:
             loose = sum(1 for e in os.scandir(root / split) if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS))
@@ -323,7 +326,7 @@ def _scan_layout(root: Path, builtin_alternative: bool):
                    + (" (for ILSVRC-2012 val, e.g. with the devkit's labels and a valprep script)" if split == "val" else "")
                    if loose else "put the images of each class in their own folder")
             raise DataError(f"no images found: {root / split} has no class folders; {fix} ({layout_hint})")
-    if classes["train"] != classes["val"]:
+    if classes.get("train", classes["val"]) != classes["val"]:
         only_train = sorted(set(classes["train"]) - set(classes["val"]))
         only_val = sorted(set(classes["val"]) - set(classes["train"]))
         show = lambda names: ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
@@ -331,9 +334,10 @@ def _scan_layout(root: Path, builtin_alternative: bool):
                 ([f"only in val/: {show(only_val)}"] if only_val else [])
         raise DataError(f"class folders differ between train/ and val/ of {root} ({'; '.join(parts)}): "
                         f"make both hold the same class folders (add the missing ones or remove the extra ones)")
-    names = classes["train"]
-    files, skipped, identities = {}, {}, {}
-    for split in ("train", "val"):
+    names = classes["val"]
+    files = {"train": [[] for _ in names]}
+    skipped, identities = {"train": Skipped()}, {"train": set()}
+    for split in splits:
         owners = {}
         for name in names:  # setdefault: of two class folders that are one folder, the first owns it
             owners.setdefault(os.path.realpath(root / split / name), name)
@@ -350,7 +354,7 @@ def _scan_layout(root: Path, builtin_alternative: bool):
         others = skipped["train"].other_files + skipped["val"].other_files
         raise DataError(f"no images found under {root} (looked for {' '.join(IMAGE_EXTENSIONS)}, any case; "
                         f"ignored {others} other files): add images to the class folders")
-    for split in ("train", "val"):
+    for split in splits:
         empty = [name for name, images in zip(names, files[split]) if not images]
         if empty:
             raise DataError(f"{len(empty)} class folder(s) in {root / split} hold no images ({', '.join(empty[:10])}"
@@ -360,15 +364,19 @@ def _scan_layout(root: Path, builtin_alternative: bool):
 
 
 def open_data(data_dir: Optional[Union[str, Path]], *, cache_dir: Optional[Path] = None,
-              stats: Optional[DataStats] = None, classify: bool = False) -> DataBundle:
+              stats: Optional[DataStats] = None, classify: bool = False, need_train: bool = True) -> DataBundle:
     """Opens an ImageNet-layout folder (``data_dir``) or, for None, the built-in dataset
     (made in ``cache_dir`` if given, else ``default_cache_dir()``, on first use). With
     ``classify`` (a net is to tell its classes apart), a folder of one class is refused.
-    ``stats`` given (by a rank that received them) are used instead of the cache's.
+    ``stats`` given (by a rank that received them, or from a checkpoint to evaluate) are
+    used instead of the cache's. Without ``need_train`` (an evaluation, given ``stats``), a
+    folder with no train/ opens with an empty training split.
     Raises DataError with the fix when the folder cannot be used."""
     builtin = data_dir is None
     root = builtin_dataset(None if cache_dir is None else Path(cache_dir) / BUILTIN_NAME) if builtin else Path(data_dir).expanduser()
-    classes, files, skipped = scan_layout(root)
+    if not need_train and stats is None:
+        raise ValueError("open_data: a folder without train/ has no statistics of its own; give them as stats")
+    classes, files, skipped = scan_layout(root, need_train=need_train)
     if classify and len(classes) < 2:  # before its statistics are computed: the net would refuse it
         raise DataError(f"{root} has one class, {classes[0]}: a classifier tells classes apart, so add the folders "
                         f"of the others (two at least) to train/ and val/")

@@ -369,14 +369,16 @@ def _replica_data(rank: int, config: TrainConfig, plan: Plan, bundle, mesh: Mesh
     checked to be the same set. With replicas, every rank waits for the others' scans as
     long as a first scan of a large folder may take (not --timeout, one exchange's bound),
     and a rank that cannot use the data stops every rank with its one line."""
+    splits = ("val",) if config.eval_only else ("train", "val")  # an evaluation reads no training image
     def open_here():
-        opened = bundle if bundle is not None else data_module.open_data(config.data, stats=plan.stats)
-        if list(opened.classes) != plan.classes or len(opened.train) != plan.train_images:
+        opened = bundle if bundle is not None else data_module.open_data(config.data, stats=plan.stats,
+                                                                         need_train="train" in splits)
+        if list(opened.classes) != plan.classes or ("train" in splits and len(opened.train) != plan.train_images):
             raise data_module.DataError(f"rank {rank} sees other data at {opened.root} ({len(opened.classes)} classes, "
                                         f"{len(opened.train)} training images) than rank 0 ({len(plan.classes)}, "
                                         f"{plan.train_images}): give every machine the same --data")
         for split, words in (("train", "training images"), ("val", "validation images")):  # it loads its shares
-            if plan.digests is not None and opened.digests[split] != plan.digests[split]:
+            if split in splits and plan.digests is not None and opened.digests[split] != plan.digests[split]:
                 # the built-in set, drawn on each machine: as JPEGs of another libjpeg (another Pillow) there
                 fix = "a copy of rank 0's built-in set (--data)" if opened.builtin else "the same --data"
                 raise data_module.DataError(f"rank {rank} sees other {words} at {opened.root / split} than rank 0 "

@@ -328,9 +328,21 @@ def prepare_run(config: TrainConfig, checkpoint: Optional[dict]):
                              f"images' new place with --data")
         raise ValueError(f"--data {config.data} does not exist: give the folder of the images that {config.resume} "
                          f"was trained on")
-    bundle = data_module.open_data(config.data, classify=True)  # one class refused (launch.prepare takes it)
-    log.info("data: %s (%d classes, %d training and %d validation images)", bundle.root, len(bundle.classes),
-             len(bundle.train), len(bundle.val))
+    saved_mean = None if checkpoint is None else checkpoint.get("data_mean")
+    # The net goes on seeing its inputs minus the mean image it was trained with, not the
+    # mean of what --data holds now (another set, or the same one grown). An evaluation with
+    # it needs nothing else of the training set: not its statistics, not even its train/.
+    evaluating = bool(config.eval_only) and saved_mean is not None
+    known = data_module.DataStats(saved_mean.to(torch.float32).clone(), torch.zeros(3), torch.eye(3),
+                                  pca_source="not used") if evaluating else None
+    bundle = data_module.open_data(config.data, classify=True, stats=known,  # one class refused (prepare takes it)
+                                   need_train=not evaluating)
+    if bundle.train.samples or not evaluating:
+        log.info("data: %s (%d classes, %d training and %d validation images)", bundle.root, len(bundle.classes),
+                 len(bundle.train), len(bundle.val))
+    else:
+        log.info("data: %s (%d classes, %d validation images; no train/ folder, which an evaluation does not need)",
+                 bundle.root, len(bundle.classes), len(bundle.val))
     config = resolve(config, train_images=len(bundle.train))
     if not config.eval_only:
         log.info("%s", describe_recipe(config, len(bundle.train)))
@@ -341,11 +353,10 @@ def prepare_run(config: TrainConfig, checkpoint: Optional[dict]):
                          f"classes; the data has {len(bundle.classes)}: use --fc8-placement tower0")
     if checkpoint is not None:  # checked here, before any rank starts, so a bad one gets a plain error
         check_classes(checkpoint, resolve_path(config.resume or config.eval_only), bundle.classes)
-        if checkpoint.get("data_mean") is not None:
-            # The net goes on seeing its inputs minus the mean image it was trained with, not
-            # the mean of what --data holds now (another set, or the same one grown).
-            bundle = dataclasses.replace(bundle, stats=dataclasses.replace(
-                bundle.stats, mean=checkpoint["data_mean"].to(torch.float32).clone()))
+        if saved_mean is not None:
+            if not evaluating:
+                bundle = dataclasses.replace(bundle, stats=dataclasses.replace(
+                    bundle.stats, mean=saved_mean.to(torch.float32).clone()))
             log.info("data: the mean image subtracted is the one saved in the checkpoint, its training set's")
     if config.resume:
         check_resumable(config, checkpoint, bundle)

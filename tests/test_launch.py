@@ -73,12 +73,20 @@ def test_short_run_writes_its_results_and_eval_only_agrees(trained_run, tiny_dat
     # their mean is 0): the net is still given its inputs minus the mean image it was
     # trained with, the checkpoint's, and scores as it did.
     other = tmp_path / "other"
-    shutil.copytree(tiny_data, other)
+    shutil.copytree(tiny_data, other, ignore=shutil.ignore_patterns(".alexnet-stats-*"))  # the cache left behind
     for image in (other / "train").rglob("*.jpg"):
         Image.new("RGB", (256, 256)).save(image)
     again = launch("--data", other, "--out", tmp_path, "--run-name", "eval", "--eval-only", run,
                    "--fc8-placement", "tower0", "--workers", "0")
     assert "the mean image subtracted is the one saved in the checkpoint" in again.stderr
+    assert not list(other.glob(".alexnet-stats-*"))  # the training set's statistics were not computed
+    # The validation set alone (ILSVRC-2012's val/ without its 140 GB train/): the same scores.
+    val_only = tmp_path / "ilsvrc-val"
+    shutil.copytree(tiny_data / "val", val_only / "val")
+    alone = launch("--data", val_only, "--out", tmp_path, "--run-name", "val-only", "--eval-only", run,
+                   "--workers", "0")
+    assert "(10 classes, 10 validation images; no train/ folder, which an evaluation does not need)" in alone.stderr
+    assert alone.stderr.split("done: ", 1)[1].splitlines()[0] == again.stderr.split("done: ", 1)[1].splitlines()[0]
     config, checkpoint, _ = two_gpu._configure(["--data", str(other), "--out", str(tmp_path), "--run-name", "look",
                                                 "--eval-only", str(run)])
     _, _, bundle, lock = two_gpu.prepare_run(config, checkpoint)

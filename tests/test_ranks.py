@@ -169,6 +169,12 @@ def test_a_replica_that_sees_other_images_than_rank_0_is_refused(tiny_data, tmp_
     plan = train.Plan(list(seen.classes), 1, 1, len(seen.train), seen.stats, seen.digests)
     mesh = SimpleNamespace(replicas=1, loads_data=True)  # replica 1's first tower, as far as the data goes
     assert len(train._replica_data(2, TrainConfig(data=str(tiny_data)), plan, None, mesh).val) == len(seen.val)
+    # An evaluation reads no training image: a replica may hold val/ alone (its images rank 0's).
+    shutil.copytree(tiny_data / "val", tmp_path / "val-only" / "val")
+    evaluation = TrainConfig(data=str(tmp_path / "val-only"), eval_only=str(tmp_path / "run"))
+    opened = train._replica_data(2, evaluation, plan, None, mesh)
+    assert not opened.train.samples and opened.val.samples == [
+        (str(tmp_path / "val-only" / Path(path).relative_to(tiny_data)), label) for path, label in seen.val.samples]
     for split, words in (("val", "validation images"), ("train", "training images")):
         other = tmp_path / split
         shutil.copytree(tiny_data, other)
