@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import sys
+import unicodedata
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Iterator, List, NamedTuple, Optional
@@ -174,9 +175,21 @@ def top_classes(probabilities: torch.Tensor, classes: list, k: int) -> list:
     return [(classes[i], p) for p, i in zip(best.values.tolist(), best.indices.tolist())]
 
 
+def one_line(name: str) -> str:
+    """``name`` as is, or, where it holds a control character (a newline would break a block
+    into lines that read as others'), in the shell's $'...' quoting, as ls shows such names."""
+    if not any(unicodedata.category(c) == "Cc" for c in name):
+        return name
+    escapes = {"\\": "\\\\", "'": "\\'", "\n": "\\n", "\t": "\\t", "\r": "\\r"}
+    return "$'" + "".join(escapes.get(c) or (c if unicodedata.category(c) != "Cc" else
+                                             f"\\x{ord(c):02x}" if ord(c) < 0x80 else f"\\u{ord(c):04x}")
+                          for c in name) + "'"
+
+
 def format_block(path: str, top: list) -> str:
-    """The image's path, then one line per class: probability in percent, right-aligned, and the name."""
-    return "\n".join([path] + [f"{100 * p:7.1f}%  {name}" for name, p in top])
+    """The image's path, then one line per class: probability in percent, right-aligned, and
+    the name; a path or name with a control character in it is quoted (``one_line``)."""
+    return "\n".join([one_line(path)] + [f"{100 * p:7.1f}%  {one_line(name)}" for name, p in top])
 
 
 def build_parser() -> argparse.ArgumentParser:

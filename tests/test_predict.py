@@ -255,6 +255,14 @@ def test_top_classes_are_ordered_and_all_of_them_when_fewer_than_asked():
     assert top_classes(probabilities, ["a", "b", "c"], 1) == [("b", pytest.approx(0.6))]
     block = format_block("x.jpg", [("dots", 1.0), ("grid", 0.0604)])
     assert block.splitlines() == ["x.jpg", "  100.0%  dots", "    6.0%  grid"]
+    # A name with a newline (or another control character) keeps to its line, quoted as the
+    # shell reads it back; a name without one, even with quotes or odd bytes, is as it is.
+    odd = "new\nline 'it''s' \\ \t\x1b\x85 é\udcff.jpg"
+    block = format_block(odd, [("a\rb", 1.0)])
+    assert len(block.splitlines()) == 2 and block.splitlines()[1] == "  100.0%  $'a\\rb'"
+    read_back = subprocess.run(["bash", "-c", f"printf %s {block.splitlines()[0]}"], capture_output=True, check=True)
+    assert read_back.stdout == os.fsencode(odd)
+    assert format_block("it's é\udcff.jpg", []) == "it's é\udcff.jpg"
 
 
 # ---------------------------------------------------------------- the program, as a user runs it
