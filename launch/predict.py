@@ -177,7 +177,7 @@ def top_classes(probabilities: torch.Tensor, classes: list, k: int) -> list:
 
 def one_line(name: str) -> str:
     """``name`` as is, or, where it holds a control character (a newline would break a block
-    into lines that read as others'), in the shell's $'...' quoting, as ls shows such names."""
+    into lines that read as others'), in the shell's $'...' quoting, which reads back as the name."""
     if not any(unicodedata.category(c) == "Cc" for c in name):
         return name
     escapes = {"\\": "\\\\", "'": "\\'", "\n": "\\n", "\t": "\\t", "\r": "\\r"}
