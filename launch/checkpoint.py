@@ -86,7 +86,10 @@ def save_checkpoint(path: Path, payload: dict) -> None:
     except (OSError, RuntimeError) as exc:
         # A write that failed inside torch.save surfaces as torch's RuntimeError from closing
         # the archive, with the write's OSError as its context: that OSError is the error.
+        # So does a Ctrl-C there: the run is interrupted, not failed.
         cause = exc if isinstance(exc, OSError) else exc.__context__
+        if isinstance(cause, KeyboardInterrupt):
+            raise cause from None
         if not isinstance(cause, OSError):
             raise
         tmp.unlink(missing_ok=True)  # before the free space is measured for the message

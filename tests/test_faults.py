@@ -290,9 +290,13 @@ def test_a_save_clears_only_the_temporary_files_of_killed_saves_on_this_machine(
     assert torch.equal(torch.load(path, weights_only=True)["mean"], torch.ones(3))
 
 
-def test_a_failing_disk_is_reported_as_the_disks_error_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+@pytest.mark.parametrize("error", [OSError(errno.EIO, "Input/output error"), KeyboardInterrupt()],
+                         ids=["disk", "ctrl-c"])
+def test_a_failing_disk_is_reported_as_the_disks_error_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch,
+                                                                                         error):
     """An I/O error in the middle of the write (torch.save reports it as its own RuntimeError
-    from closing the archive): the OSError itself reaches the caller, nothing is left behind."""
+    from closing the archive): the OSError itself reaches the caller, nothing is left behind.
+    So does a Ctrl-C there: the run is interrupted, not failed."""
     path = tmp_path / "checkpoint.pt"
     payload = lambda step: checkpoint_payload(build_reference(10, seed=1).state_dict(), num_classes=10, step=step)
     save_checkpoint(path, payload(1))
@@ -303,13 +307,13 @@ def test_a_failing_disk_is_reported_as_the_disks_error_and_keeps_the_previous_ch
         def write(self, data):
             if self.tell() > 1 << 20 and not Failing.failed:
                 Failing.failed = True
-                raise OSError(errno.EIO, "Input/output error")
+                raise error
             return super().write(data)
 
     monkeypatch.setattr(checkpoint, "open", lambda name, mode: io.BufferedWriter(Failing(name, mode)), raising=False)
-    with pytest.raises(OSError) as info:
+    with pytest.raises(type(error)) as info:
         save_checkpoint(path, payload(2))
-    assert info.value.errno == errno.EIO and not isinstance(info.value, RuntimeError)
+    assert info.value is error and not isinstance(info.value, RuntimeError)
     assert load_checkpoint(path)["step"] == 1 and [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
 
 
