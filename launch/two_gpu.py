@@ -46,8 +46,8 @@ from .checkpoint import (FILENAME, CheckpointError, check_classes, check_trainin
 from .cli import JSON_DAMAGE, MAX_PROCESSES_PER_CORE, lock_exclusively, quick_exit, shell_word, write_whole
 from .config import (TrainConfig, build_parser, check_schedule_options, describe_recipe, given_options, parse_config,
                      recipe_warnings, resolve)
-from .ranks import (LOOPBACK, PREPARATION_WAIT_S, RankFailure, choose_placement, cpu_threads_per_rank, error_line,
-                    init_process_group, patient_group, raise_interrupt, reuse_freed_memory, run_ranks)
+from .ranks import (LOOPBACK, PREPARATION_WAIT_S, RankFailure, choose_placement, cpu_threads_per_rank, die_with_parent,
+                    error_line, init_process_group, patient_group, raise_interrupt, reuse_freed_memory, run_ranks)
 from .train import architecture, describe_evaluation, elsewhere_than, run_rank, setup_logging
 
 log = logging.getLogger("launch.two_gpu")
@@ -649,6 +649,8 @@ def _after_failure(config: Optional[TrainConfig], run_dir: Optional[Path], failu
 def _main_under_torchrun(config: TrainConfig, checkpoint: Optional[dict], placement, argv: list) -> int:
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     assert world_size == placement.ranks, (world_size, placement)
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # torchrun's agent started this rank (from its main thread): it
+        die_with_parent(os.getppid())         # ends with the agent, even one killed by SIGKILL, holding no lock
     reuse_freed_memory()  # as run_ranks has each rank do
     rank_server.room_for_sockets()  # for the DataLoader workers' (the server is torchrun's business)
     if placement.backend == "gloo":  # share the cores among the ranks on this machine, as run_ranks does

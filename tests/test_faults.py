@@ -4,6 +4,7 @@ Each test drives the real program (``python -m launch.two_gpu``) in its own proc
 group, injects the fault from outside (signals, broken files), and bounds every wait.
 """
 
+import contextlib
 import errno
 import importlib
 import io
@@ -26,6 +27,7 @@ from launch import data as data_module
 from launch.checkpoint import (FORMAT, checkpoint_payload, load_checkpoint, save_checkpoint, save_reference,
                               training_checkpoint_bytes)
 from launch.config import parse_config
+from launch.ranks import _alive
 from launch.two_gpu import check_room_for_checkpoints, main
 from towers import Architecture, build_reference, check_compile_backend
 
@@ -629,6 +631,34 @@ def test_ctrl_c_under_torchrun_tells_what_to_do_next(tiny_data, tmp_path):
     assert codes[0] == 130 and "Traceback" not in errors[0], errors
     assert errors[0].rstrip().endswith(f"interrupted: resume with --resume {run_dir}"), errors[0]
     assert codes[1] == 130 and errors[1].rstrip().endswith("interrupted: rank 0 says what to do next"), errors[1]
+
+
+@pytest.mark.slow
+def test_ranks_end_with_a_torchrun_agent_killed_by_sigkill(tiny_data, tmp_path):
+    """torchrun's agent killed (SIGKILL: it can pass nothing on): its ranks end within seconds,
+    as they do with the program's own launcher, rather than train on holding the run's lock."""
+    run_dir = tmp_path / "agent"
+    agent = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
+         "-m", "launch.two_gpu", "--data", str(tiny_data), "--out", str(tmp_path), "--run-name", "agent",
+         "--epochs", "50", "--checkpoint-every", "1", *TINY], cwd=ROOT, stdout=subprocess.DEVNULL,
+        stderr=open(tmp_path / "agent.stderr", "w"), start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not (run_dir / "checkpoint.pt").exists():
+            assert agent.poll() is None and time.monotonic() < deadline, (tmp_path / "agent.stderr").read_text()
+            time.sleep(0.2)
+        ranks = [int(pid) for pid in Path(f"/proc/{agent.pid}/task/{agent.pid}/children").read_text().split()]
+        assert len(ranks) == 2
+        agent.kill()
+        agent.wait()
+        deadline = time.monotonic() + BOUND_S
+        while any(_alive(pid) for pid in ranks) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not any(_alive(pid) for pid in ranks), (tmp_path / "agent.stderr").read_text()[-3000:]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(agent.pid, signal.SIGKILL)  # the session: ranks left behind, if any
 
 
 def _as_torchrun_starts(args_of) -> tuple:
