@@ -127,6 +127,12 @@ def measure_program(modes: tuple, batch: int, steps: int, warmup: int, devices: 
             run = Path(folder) / "run"
             records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
             summary = json.loads((run / "summary.json").read_text())
+            if not any(r.get("event") == "train" and r["step"] > warmup for r in records):
+                # the recipe sized to the data ended the run first (the program's end, not --max-steps)
+                results.append({**entry, "failed": f"it ended after {summary.get('steps')} steps (its recipe's "
+                                                   f"last for this data), within the {warmup} warm-up steps: give "
+                                                   f"a smaller --warmup, or --loader-data with more images"})
+                continue
             rate = steady_rate(records, batch, warmup)
             results.append({**entry, **rate, "warmup_steps": warmup, "device": summary["device"],
                             "data": summary["data"], "workers": summary["workers"],

@@ -834,6 +834,26 @@ def test_the_steady_rate_leaves_out_the_warm_up():
     assert program.paper_training_hours(1_281_167 * 90 / 3600) == pytest.approx(1.0)
 
 
+def test_a_program_run_that_ends_within_the_warm_up_is_recorded_as_failed(monkeypatch):
+    """On a small data set the program's recipe may end the run before --warmup + --steps:
+    that run is recorded as failed, with the fix, and the benchmark goes on."""
+    def ended_early(argv, timeout_s, **popen):
+        run_dir = Path(argv[argv.index("--out") + 1]) / "run"
+        run_dir.mkdir()
+        (run_dir / "metrics.jsonl").write_text("".join(
+            json.dumps({"event": "train", "step": step, "step_ms": 100.0, "input_ms": 1.0}) + "\n" for step in (1, 2, 3)))
+        (run_dir / "summary.json").write_text(json.dumps({"steps": 3, "device": "cpu", "data": "tiny", "workers": 0,
+                                                          "input_bytes_per_step": 8}))
+        return subprocess.CompletedProcess(argv, 0, "", "")
+
+    monkeypatch.setattr(program, "run_child", ended_early)
+    ended, = program.measure_program(("single",), 2, 5, 3, {"single": "cpu"}, None, 0, "tower0", 60)
+    assert ended["failed"] == ("it ended after 3 steps (its recipe's last for this data), within the 3 warm-up steps: "
+                               "give a smaller --warmup, or --loader-data with more images")
+    timed, = program.measure_program(("single",), 2, 5, 2, {"single": "cpu"}, None, 0, "tower0", 60)
+    assert "failed" not in timed and timed["timed_steps"] == 1
+
+
 def test_the_program_s_towers_run_with_the_benchmark_s_fc8_placement(tiny_data, tmp_path, monkeypatch):
     """The program's towers are held against the synthetic towers, which ran with --fc8-placement:
     the program gets it too; a program run of another placement (a results.json of a benchmark
