@@ -40,6 +40,7 @@ from typing import Optional
 
 import torch
 
+from benchmarks.report import REPORT_TEXT
 from launch import data as data_module
 from launch.cli import JSON_DAMAGE, Parser, add_options, option, quick_exit, shell_word, write_whole
 from launch.config import TrainConfig, parse_config, resolve
@@ -535,7 +536,7 @@ def write_report(results: dict, info: dict, out: Path) -> None:
     lines += ["", "## Runs", "", "Each folder holds checkpoint.pt, metrics.jsonl, summary.json and train.log. Other "
               "work on the machine slows a run (its images/s and wall time), never its results.", ""]
     lines += [run_line(variant, r) for variant, r in results.items()]
-    write_whole(out / "report.md", lambda partial: partial.write_text("\n".join(lines) + "\n"))
+    write_whole(out / "report.md", lambda partial: partial.write_text("\n".join(lines) + "\n", **REPORT_TEXT))
 
 
 def run_line(variant: str, r: dict) -> str:

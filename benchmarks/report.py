@@ -25,6 +25,8 @@ MODE_ORDER = ("single", "towers", "ddp", "hybrid", "torchvision")
 IMAGES_CHART = "images_per_s_vs_batch.png"
 BYTES_CHART = "bytes_per_step_vs_batch.png"
 REPORT_FILES = ("results.json", "report.md", IMAGES_CHART, BYTES_CHART)  # what a benchmark writes in its folder
+# report.md's text: a path in it whose name is not UTF-8 (an --out, say) has its odd bytes escaped
+REPORT_TEXT = {"encoding": "utf-8", "errors": "backslashreplace"}
 PRECISION_ORDER = tuple(AUTOCAST)
 SECTIONS = ("Machine and software", "Configuration", "Main table", "How each number is taken",
             "Towers: traffic per exchange", "Batch-size sweep", "Precision and memory format",
@@ -628,7 +630,7 @@ def write_report(results: dict, folder: Path) -> None:
     # the text first, then the files: a results.json that cannot make a report changes none of them
     chart_images_per_s(results, folder / IMAGES_CHART)
     chart_bytes(results, folder / BYTES_CHART)
-    write_whole(folder / "report.md", lambda partial: partial.write_text("\n".join(lines) + "\n"))
+    write_whole(folder / "report.md", lambda partial: partial.write_text("\n".join(lines) + "\n", **REPORT_TEXT))
 
 
 def main(argv=None) -> None:

@@ -446,10 +446,12 @@ def test_a_report_of_nothing_measured_says_so_in_whole_sentences_and_tables(tmp_
     config = run.BenchConfig(device="cpu", quick=True, batch=2, modes=("single",), batches=(4,),
                              sweep_modes=("single",), time_limit=5)
     devices = run.plan_devices(config)
-    bench = run.Bench(run.resolve(config, devices), devices, tmp_path, [], run.Deadline(5))
+    # an --out whose name is not UTF-8, in the command the report names: its odd bytes escaped
+    bench = run.Bench(run.resolve(config, devices), devices, tmp_path, ["--out", "r\udcffport"], run.Deadline(5))
     bench.not_measured = [{**key._asdict(), "reason": bench.deadline.reason} for key in bench.keys]
     report.write_report(bench.save(), tmp_path)
     text = (tmp_path / "report.md").read_text()
+    assert "--out 'r\\udcffport'" in text
     sweep = text.split("## Batch-size sweep\n\n", 1)[1].split("\n## ", 1)[0]
     assert sweep.startswith("Not measured: no fp32, contiguous run (see 'Not measured').\n\nTowers: ")
     assert "- **Memory.** No run was measured (see 'Not measured'). Param memory = " in text
