@@ -830,6 +830,10 @@ def main(argv=None) -> Path:
         from .report import write_report  # matplotlib is imported only here, never in the ranks
         try:
             write_report(results, out)
+        except KeyboardInterrupt:
+            logger.error("stopped while the report was drawn: %s holds every run; python -m benchmarks.report %s "
+                         "draws it", out / "results.json", shell_word(out))
+            raise
         except OSError as error:  # each file of the report is whole or not there
             raise ValueError(f"cannot write the report in {out} ({error.strerror or error}): free space on that disk, "
                              f"then python -m benchmarks.report {shell_word(out)} draws it from its results.json") from None

@@ -374,28 +374,37 @@ def test_files_of_the_report_s_names_that_no_benchmark_wrote_are_kept(tiny_data,
         assert {p.name: p.read_text() for p in out.iterdir()} == mine
 
 
-@pytest.mark.parametrize("stopped", ["before the first results", "after the first results"])
+@pytest.mark.parametrize("stopped", ["before the first results", "after the first results", "in the report"])
 def test_an_earlier_benchmark_stays_until_the_first_results_replace_it(tiny_data, tmp_path, monkeypatch, caplog,
                                                                        stopped):
     """A second benchmark in the folder of a first (the default --out is one per machine and
     day), stopped: before it has results, the first's files are as they were; after, its
-    results.json stands alone, the first's report gone with the first's results."""
+    results.json stands alone, the first's report gone with the first's results; stopped
+    while its report is drawn, it says how to draw it."""
     out = tmp_path / "report"
     earlier = _earlier_report(out)
 
     def interrupted(bench, loader_data):
+        if stopped == "before the first results":
+            raise KeyboardInterrupt
+        results = bench.save()
         if stopped == "after the first results":
-            bench.save()
-        raise KeyboardInterrupt
+            raise KeyboardInterrupt
+        return results
 
     monkeypatch.setattr(run.Bench, "run", interrupted)
+    monkeypatch.setattr(report, "write_report", lambda results, out: (_ for _ in ()).throw(KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):
         run.main(["--device", "cpu", "--quick", "--batch", "2", "--loader-data", str(tiny_data), "--out", str(out)])
     if stopped == "before the first results":
         assert f"stopped before the first run was measured: nothing was written in {out}" in caplog.text
         assert {p.name: p.read_text() for p in out.iterdir()} == earlier
-    else:
+    elif stopped == "after the first results":
         assert f"stopped: {out / 'results.json'} holds the runs measured so far" in caplog.text
+        assert [p.name for p in out.iterdir()] == ["results.json"]
+    else:
+        assert (f"stopped while the report was drawn: {out / 'results.json'} holds every run; python -m "
+                f"benchmarks.report {out} draws it") in caplog.text
         assert [p.name for p in out.iterdir()] == ["results.json"]
         assert json.loads((out / "results.json").read_text())["runs"] == []
 
