@@ -23,6 +23,7 @@ if __name__ == "__main__":
     hold_interrupts()  # a Ctrl-C during the imports below ends the program in one line
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -40,7 +41,6 @@ from typing import Optional
 
 import torch
 
-from benchmarks.report import REPORT_TEXT
 from launch import data as data_module
 from launch.cli import JSON_DAMAGE, Parser, add_options, option, quick_exit, shell_word, write_whole
 from launch.config import TrainConfig, parse_config, resolve
@@ -49,7 +49,8 @@ from launch.ranks import raise_interrupt
 from launch.train import build_model
 
 from .program import run_child
-from .run import REPORTS_DIR, BenchConfig, machine_info, plan_devices, refuse_others_files
+from .report import REPORT_TEXT
+from .run import REPORTS_DIR, BenchConfig, held, machine_info, plan_devices, refuse_others_files
 
 logger = logging.getLogger(__name__)
 
@@ -602,6 +603,14 @@ def main(argv=None) -> Path:
         except OSError as error:
             raise ValueError(f"{flag} {folder}: cannot make that folder ({error.strerror}); give a folder that can "
                              f"be written") from None
+    with contextlib.ExitStack() as locks:  # a second ablation into either folder is refused before it writes
+        for folder, flag in {out.resolve(): "--out", runs: "--runs"}.items():  # one lock where they are one
+            locks.enter_context(held(folder, flag, "benchmarks.ablations"))
+        return _measure(config, out, runs, args, machine, today)
+
+
+def _measure(config: AblationConfig, out: Path, runs: Path, args: list, machine: dict, today: str) -> Path:
+    """main's runs and report, in folders that it made and holds."""
     results, bundle = {}, data_module.open_data(config.data)
     for variant in config.variants:
         results[variant] = r = read_run(*train(config, variant, runs, len(bundle.train)))

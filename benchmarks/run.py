@@ -769,27 +769,28 @@ def refuse_others_files(out: Path, names: tuple, program: str) -> list:
 
 
 @contextlib.contextmanager
-def _held(out: Path):
-    """An exclusive lock on the folder ``out`` while the benchmark writes there, released by the
-    system however the process ends: two benchmarks given one --out would each replace the
-    other's results.json and leave one's report beside the other's results."""
+def held(folder: Path, flag: str, program: str):
+    """An exclusive lock on ``folder`` (given with ``flag``) while ``python -m program`` writes
+    there, released by the system however the process ends: two benchmarks given one --out
+    would each replace the other's results.json and leave one's report beside the other's
+    results; two ablations given one --runs, train into one run folder."""
     try:
-        folder = os.open(out, os.O_RDONLY | os.O_DIRECTORY)  # not inherited by the processes it starts
+        opened = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)  # not inherited by the processes it starts
     except OSError as error:
-        raise ValueError(f"--out {out}: cannot open this folder ({error.strerror}); give one that can be read and "
+        raise ValueError(f"{flag} {folder}: cannot open this folder ({error.strerror}); give one that can be read and "
                          f"written") from None
     try:
         try:
-            fcntl.flock(folder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(opened, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise ValueError(f"--out {out} is in use by another benchmark: wait for it to end, or give "
-                             f"another --out") from None
+            raise ValueError(f"{flag} {folder} is in use by another python -m {program}: wait for it to end, or give "
+                             f"another {flag}") from None
         except OSError as error:  # a file system without locks (some network and FUSE ones)
-            logger.warning("--out %s cannot be locked (%s): nothing stops another benchmark from writing there at "
-                           "the same time", out, error.strerror)
+            logger.warning("%s %s cannot be locked (%s): nothing stops another python -m %s from writing there at "
+                           "the same time", flag, folder, error.strerror, program)
         yield
     finally:
-        os.close(folder)
+        os.close(opened)
 
 
 def main(argv=None) -> Path:
@@ -811,7 +812,7 @@ def main(argv=None) -> Path:
             from None
     if not os.access(out, os.W_OK | os.X_OK):
         raise ValueError(f"--out {out}: this folder cannot be written; give another")
-    with _held(out):  # to the end: a second benchmark on the same --out is refused
+    with held(out, "--out", "benchmarks.run"):  # to the end: a second benchmark on the same --out is refused
         from .report import REPORT_FILES
         earlier = refuse_others_files(out, REPORT_FILES, "benchmarks.run")  # replaced once this one's first run ends
         if earlier:

@@ -171,6 +171,32 @@ def test_a_run_reused_is_not_held_to_this_machine_s_bounds(tmp_path, monkeypatch
                         "--runs", str(tmp_path / "runs")])
 
 
+@pytest.mark.parametrize("shared", ["--out", "--runs", "both in one"])
+def test_a_second_ablation_into_the_same_folders_is_refused_before_it_writes(tmp_path, monkeypatch, shared):
+    """Two ablations given one --runs would train into one run folder, each truncating the
+    other's log; given one --out, interleave their reports. While one runs, the other is refused."""
+    if shared == "both in one":  # one folder for both: one lock
+        first = second = {"--out": tmp_path / "both", "--runs": tmp_path / "both"}
+    else:
+        first = {"--out": tmp_path / "report", "--runs": tmp_path / "runs"}
+        second = {flag: first[flag] if flag == shared else tmp_path / f"second-{flag[2:]}" for flag in first}
+    refused = []
+
+    def first_running(data):  # the second starts while the first is at its data
+        with pytest.raises(ValueError) as error:
+            ablations.main([*(f"{flag}={folder}" for flag, folder in second.items()), "--variants", "full"])
+        refused.append(str(error.value))
+        raise OSError("stop")
+
+    monkeypatch.setattr(ablations.data_module, "open_data", first_running)
+    with pytest.raises(OSError, match="stop"):
+        ablations.main([*(f"{flag}={folder}" for flag, folder in first.items()), "--variants", "full"])
+    flag = "--runs" if shared == "both in one" else shared
+    assert refused == [f"{flag} {first[flag].resolve()} is in use by another python -m benchmarks.ablations: wait for "
+                       f"it to end, or give another {flag}"]
+    assert not any((tmp_path / "both" if shared == "both in one" else first["--runs"]).iterdir())
+
+
 def test_an_out_folder_of_another_tool_s_report_is_refused_before_any_run(tmp_path, monkeypatch):
     """A benchmark's report (its results.json replaced, its charts left beside the ablation's)
     or files of the user's are refused, one line; an earlier ablation's report is replaced."""

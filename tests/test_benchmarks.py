@@ -426,7 +426,8 @@ def test_a_second_benchmark_on_the_same_out_is_refused_while_the_first_runs(tiny
     monkeypatch.setattr(run.Bench, "run", first_running)
     with pytest.raises(KeyboardInterrupt):
         run.main(argv)
-    assert second == [f"--out {out} is in use by another benchmark: wait for it to end, or give another --out"]
+    assert second == [f"--out {out} is in use by another python -m benchmarks.run: wait for it to end, or give "
+                      f"another --out"]
     assert {p.name: p.read_text() for p in out.iterdir()} == earlier
     monkeypatch.setattr(run.Bench, "run", lambda bench, loader_data: (_ for _ in ()).throw(KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):  # the first has ended: the folder is free again
@@ -436,7 +437,7 @@ def test_a_second_benchmark_on_the_same_out_is_refused_while_the_first_runs(tiny
     monkeypatch.setattr(run.fcntl, "flock", lambda *args: (_ for _ in ()).throw(OSError(errno.ENOLCK, "No locks")))
     with pytest.raises(KeyboardInterrupt):
         run.main(argv)
-    assert f"--out {out} cannot be locked (No locks): nothing stops another benchmark" in caplog.text
+    assert f"--out {out} cannot be locked (No locks): nothing stops another python -m benchmarks.run" in caplog.text
 
 
 def _table_widths(markdown: str) -> list:
