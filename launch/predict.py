@@ -210,7 +210,7 @@ def _say(text: str) -> None:
 
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    args = vars(build_parser().parse_args(argv))
+    args = vars(build_parser().parse_intermixed_args(argv))  # images after an option too
     checkpoint, paths = args.pop("checkpoint"), args.pop("images")
     options = PredictOptions(**{f.name: args[f.name] for f in fields(PredictOptions)})
     try:  # Ctrl-C while the checkpoint or the data's statistics load, or while the images are classified

@@ -293,8 +293,8 @@ def test_json_output_equals_the_reference_and_bad_images_exit_1(checkpoints, pho
     folder.mkdir()
     missing = tmp_path / "missing.jpg"
     good = photos[0]
-    result = _predict(checkpoints["full"], missing, text, good, folder, "--json", "--ten-crop", "--top", "10",
-                      "--batch-size", "2", check=1)
+    result = _predict(checkpoints["full"], missing, text, "--json", good, "--ten-crop", "--top", "10", folder,
+                      "--batch-size", "2", check=1)  # images among the options, in their order
     records = [json.loads(line) for line in result.stdout.splitlines()]
     assert [r["image"] for r in records] == [str(missing), str(text), good, str(folder)]
     assert [("error" in r) for r in records] == [True, True, False, True]
