@@ -265,6 +265,11 @@ def load_checkpoint(path, classes: Optional[list] = None) -> dict:
         shape = tuple(mean.shape) if isinstance(mean, torch.Tensor) else type(mean).__name__
         raise CheckpointError(f"{path} holds a mean image of shape {shape}, not {' x '.join(map(str, MEAN_SHAPE))}: "
                               f"it was not saved by this program")
+    names = payload.get("classes")
+    if names is not None and not (isinstance(names, (list, tuple)) and all(type(name) is str for name in names)
+                                  and len(set(names)) == len(names) == saved_classes):
+        raise CheckpointError(f"{path} names its classes otherwise than as {saved_classes} distinct class folder "
+                              f"names: it was not saved by this program")
     numbers = {**model, **({} if mean is None else {"data_mean": mean})}
     broken = [k for k, v in numbers.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if broken:  # a net that diverged: its every output would be NaN

@@ -161,10 +161,7 @@ def open_classifier(checkpoint, data: Optional[str] = None, device="cpu") -> Cla
     if stats is None:
         # eval_views subtracts the mean alone; the PCA is for training's colour shift, not saved.
         stats = DataStats(mean=mean.to(torch.float32), eigval=torch.zeros(3), eigvec=torch.eye(3))
-    classes = [str(name) for name in classes]
-    if len(classes) != payload["arch"]["num_classes"]:
-        raise CheckpointError(f"{path} names {len(classes)} classes but its net has {payload['arch']['num_classes']} "
-                              f"outputs: it was not saved by this program")
+    classes = list(classes)  # distinct names, one per output (load_checkpoint checks a checkpoint's own)
     model = load_reference(path).eval().to(device)  # load_reference rebuilds whatever net the checkpoint records
     return Classifier(model, classes, stats, torch.device(device))
 

@@ -281,3 +281,17 @@ def test_a_checkpoint_without_the_architecture_holds_the_papers_net(tmp_path):
     torch.save(payload, tmp_path / "mislabelled.pt")
     with pytest.raises(CheckpointError, match="conv1.weight"):
         load_checkpoint(tmp_path / "mislabelled.pt")
+
+
+@pytest.mark.parametrize("names", ["abcdefghij", [f"c{i}" for i in range(9)], ["same"] * 10, [b"c"] * 10],
+                         ids=["text", "nine", "repeated", "bytes"])
+def test_a_checkpoint_names_its_classes_as_distinct_folder_names(tmp_path, names):
+    """The class names, as a hand-made file may hold them otherwise: one string, too few, one
+    name twice, or bytes; predict would print them letter by letter, or as b'...'."""
+    payload = checkpoint_payload(_placeholder_weights(), num_classes=10, classes=[f"c{i}" for i in range(10)])
+    for kept in (list, tuple):
+        torch.save(dict(payload, classes=kept(payload["classes"])), tmp_path / "named.pt")
+        assert list(load_checkpoint(tmp_path / "named.pt")["classes"]) == [f"c{i}" for i in range(10)]
+    torch.save(dict(payload, classes=names), tmp_path / "odd.pt")
+    with pytest.raises(CheckpointError, match="names its classes otherwise than as 10 distinct class folder names"):
+        load_checkpoint(tmp_path / "odd.pt")
