@@ -313,7 +313,9 @@ def recipe_warnings(config: TrainConfig, train_images: int) -> list:
                         f"{train_images} (under {PAPER_RECIPE_MIN_IMAGES:,}): it will likely learn nothing here; "
                         f"--recipe small sizes the run to the data")
     beyond = [m for m in config.lr_milestones or () if m >= config.epochs] if config.schedule == "fixed" else []
-    if beyond:
+    # The small recipe's own milestone follows --epochs: beyond them only in a run of one or two
+    # epochs, too short for a last third at a lower rate (its recipe line shows it).
+    if beyond and not (config.recipe == "small" and config.lr_milestones == small_milestones(config.epochs)):
         one = len(beyond) == 1
         warnings.append(f"warning: the rate's milestone{'s' * (not one)} {' '.join(map(str, beyond))} "
                         f"(--lr-milestones) {'is' if one else 'are'} never reached in this run's {config.epochs} "
