@@ -53,13 +53,16 @@ from .train import architecture, describe_evaluation, elsewhere_than, run_rank, 
 log = logging.getLogger("launch.two_gpu")
 
 # Options that steer one invocation: a resumed run takes them from its own command line. Of
-# them, the layout and the arithmetic are kept from the resumed run where the command line does
-# not give them (--replicas too, see _replicas), so that a plain --resume goes on as the run went.
-# (--compile, which has no value for "not compiled", is this command line's.)
+# them, the layout, the arithmetic, how often it logs and saves and whether it ends with the
+# ten-patch test are kept from the resumed run where the command line does not give them
+# (--replicas too, see _replicas), so that a plain --resume goes on as the run went: a run
+# saving every N steps on a machine that may be taken away goes on saving so. (--compile,
+# which has no value for "not compiled", is this command line's; --max-steps, --workers and
+# --timeout, which fit one machine and one sitting, too.)
 RUN_CONTROL = {"resume", "eval_only", "max_steps", "workers", "log_every", "checkpoint_every", "ten_crop",
                "timeout", "backend", "master_addr", "out", "run_name", "layout", "replicas", "precision", "compile"}
-KEPT_UNLESS_GIVEN = ("layout", "precision")
-HOW_IT_COMPUTES = ("layout", "replicas", "precision", "compile")  # of RUN_CONTROL, what config.json follows on resume
+KEPT_UNLESS_GIVEN = ("layout", "precision", "log_every", "checkpoint_every", "ten_crop")
+CONFIG_JSON_FOLLOWS = (*KEPT_UNLESS_GIVEN, "replicas", "compile")  # of RUN_CONTROL, on resume
 # The rest is the run's recipe, kept from the checkpoint. Of it, a resumed run may change --epochs (to
 # train longer), and --lr and --warmup-steps (to go on after a loss that diverged; the schedule keeps
 # its reductions, see launch.schedule.base_rate). --val-limit stays: the plateau schedule compares the
@@ -401,17 +404,18 @@ def prepare_run(config: TrainConfig, checkpoint: Optional[dict]):
 
 def update_config_json(run_dir: Path, config: TrainConfig) -> None:
     """A resumed run's recipe and arithmetic in its config.json (an --epochs, --lr or --data given
-    anew, the layout, replicas and precision it goes on in), as its checkpoint holds them; the
-    options of how the first start ran (--out, --run-name, --max-steps, ...) stay. A file that
+    anew, the layout, replicas and precision it goes on in, how often it logs and saves), as its
+    checkpoint holds them; the options of how the first start ran (--out, --run-name, --max-steps,
+    ...) stay. A file that
     cannot be written is warned of: the checkpoint holds the options all the same."""
     path = run_dir / "config.json"
     try:
         saved = json.loads(path.read_text())
     except (OSError, *JSON_DAMAGE):  # removed, or damaged by hand: written anew
         saved = None
-    # its recipe and how it computes; not how one start was run (--max-steps, --no-ten-crop, --workers, ...)
+    # its recipe and how it goes on; not how one start was run (--max-steps, --workers, --timeout, ...)
     now = {name: value for name, value in dataclasses.asdict(config).items()
-           if name not in RUN_CONTROL or name in HOW_IT_COMPUTES}
+           if name not in RUN_CONTROL or name in CONFIG_JSON_FOLLOWS}
     options = {**(saved if isinstance(saved, dict) else {}), **now}
     try:
         write_whole(path, lambda partial: partial.write_text(json.dumps(options, indent=2) + "\n"))

@@ -494,8 +494,9 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny
     assert load_checkpoint(sane)["progress"]["global_step"] == 9
     # config.json holds the options of the latest start, as the checkpoint does; where the run began stays
     before, after = (json.loads((run / "config.json").read_text()) for run in (trained_run[0], sane))
-    # (not --max-steps, --no-ten-crop and the like, options of one start: benchmarks.ablations --reuse compares them)
-    assert after == {**before, "lr": 0.0005, "epochs": 3, "warmup_steps": 10}, after
+    # (not --max-steps, --workers and the like, options of one start: benchmarks.ablations --reuse compares them;
+    # --no-ten-crop, given, goes on with the run)
+    assert after == {**before, "lr": 0.0005, "epochs": 3, "warmup_steps": 10, "ten_crop": False}, after
     assert before["out"] != "runs" and before["resume"] is None  # the first start's --out, kept
 
 

@@ -235,7 +235,8 @@ def test_options_given_at_their_default_values_count_on_resume():
     """An option typed at its default value is as given as any other: refused where it would
     change the resumed run's recipe. The layout and the arithmetic not given are the run's."""
     saved = dataclasses.replace(_resolved(360, data="photos", recipe="small"), activation="tanh", dropout=0.0,
-                                layout="single", precision="bf16")
+                                layout="single", precision="bf16", checkpoint_every=50, log_every=5, ten_crop=False,
+                                workers=7, timeout=900.0)
     payload = {"config": dataclasses.asdict(saved), "arch": {name: getattr(saved, name) for name in ARCHITECTURE_OPTIONS}}
 
     def resumed(*options):
@@ -251,6 +252,13 @@ def test_options_given_at_their_default_values_count_on_resume():
     assert (resumed().layout, resumed().precision) == ("single", "bf16")
     assert (resumed("--layout", "towers", "--precision", "fp32").layout,
             resumed("--precision", "fp32").precision) == ("towers", "fp32")
+    # how often it saves and logs, and its last test, as the run went (a run saving every 50 steps on a
+    # machine that may be taken away goes on saving so); the machine's own --workers and --timeout, not
+    kept = resumed()
+    assert (kept.checkpoint_every, kept.log_every, kept.ten_crop, kept.workers, kept.timeout) == \
+        (50, 5, False, None, TrainConfig().timeout)
+    given = resumed("--checkpoint-every", "10", "--log-every", "1", "--ten-crop")
+    assert (given.checkpoint_every, given.log_every, given.ten_crop) == (10, 1, True)
 
 
 @pytest.mark.slow
