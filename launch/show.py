@@ -736,8 +736,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _open_run(run_dir: str) -> RunFolder:
     path = Path(run_dir).expanduser()
-    if not path.exists():
-        raise ValueError(f"RUN_DIR {path} does not exist: give a run folder written by python -m launch.two_gpu")
+    try:
+        path.stat()
+    except OSError as exc:  # not there, or a link that loops, or on the way a folder that cannot be searched
+        what = "does not exist" if exc.errno == errno.ENOENT else f"cannot be opened ({exc.strerror})"
+        raise ValueError(f"RUN_DIR {path} {what}: give a run folder written by python -m launch.two_gpu") from None
     if not path.is_dir():
         raise ValueError(f"RUN_DIR {path} is a file: give the run folder that holds it ({path.parent})")
     return RunFolder(path)
@@ -838,7 +841,7 @@ def _show(run_dir: str, options: ShowOptions) -> int:
         finally:
             _remove_empty(made)  # when nothing was written into them
         if not written:
-            raise ValueError(f"nothing to draw in {run.path} yet ({'; '.join(skipped)})")
+            raise ValueError(f"nothing to draw in {run.path} ({'; '.join(skipped)})")  # each says why
     except ValueError as exc:
         log.error("error: %s", exc)
         return 2

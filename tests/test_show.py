@@ -515,7 +515,9 @@ def test_the_traffic_of_a_run_of_replicas_is_said_to_be_one_replica_s():
 
 def _bad_run_dir(tmp_path, case):
     run = tmp_path / "run"
-    if case != "missing":
+    if case == "a link that loops":
+        run.symlink_to(run)
+    elif case != "missing":
         run.mkdir()
     if case == "nothing to draw":
         (run / "config.json").write_text(json.dumps({"data": None, "batch_size": 4, "layout": "towers"}))
@@ -527,6 +529,7 @@ def _bad_run_dir(tmp_path, case):
 
 
 BAD_RUN_DIRS = {"missing": "does not exist", "no config.json": "not a run folder", "nothing to draw": "nothing to draw",
+                "a link that loops": "cannot be opened (Too many levels of symbolic links): give a run folder",
                 "config.json a pipe": "not a run folder: it has an unreadable config.json (not a regular file",
                 "config.json nested too deep": "not a run folder: it has an unreadable config.json (maximum recursion"}
 
