@@ -10,6 +10,7 @@ from launch.cli import hold_interrupts  # torch-free
 if __name__ == "__main__":
     hold_interrupts()  # a Ctrl-C during the imports below ends the program in one line
 
+import contextlib
 import json
 from pathlib import Path
 import sys
@@ -17,6 +18,7 @@ from typing import Optional
 
 import numpy as np
 
+from benchmarks.run import held
 from benchmarks.workers import LR
 from launch.cli import JSON_DAMAGE, Parser, quick_exit, write_whole
 from launch.step import AUTOCAST
@@ -639,6 +641,18 @@ def main(argv=None) -> None:
     parser.add_argument("folder", type=Path, metavar="FOLDER", help="a folder that python -m benchmarks.run wrote")
     folder = parser.parse_args(argv).folder
     path = folder / "results.json"
+    with contextlib.ExitStack() as locked:
+        if folder.is_dir():  # a benchmark writing there now: its results.json is not its last
+            try:
+                locked.enter_context(held(folder, "FOLDER", "benchmarks.run"))
+            except ValueError as error:
+                print(f"error: {error}", file=sys.stderr)
+                sys.exit(2)
+        _redraw(path, folder)
+    print(folder / "report.md")
+
+
+def _redraw(path: Path, folder: Path) -> None:
     try:
         results = json.loads(path.read_text())
     except (OSError, *JSON_DAMAGE) as error:
@@ -655,7 +669,6 @@ def main(argv=None) -> None:
         print(f"error: cannot write the report in {folder} ({error.strerror}): copy {path} to a folder that can "
               f"be written and give that", file=sys.stderr)
         sys.exit(2)
-    print(folder / "report.md")
 
 
 if __name__ == "__main__":

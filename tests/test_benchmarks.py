@@ -409,7 +409,8 @@ def test_an_earlier_benchmark_stays_until_the_first_results_replace_it(tiny_data
         assert json.loads((out / "results.json").read_text())["runs"] == []
 
 
-def test_a_second_benchmark_on_the_same_out_is_refused_while_the_first_runs(tiny_data, tmp_path, monkeypatch, caplog):
+def test_a_second_benchmark_on_the_same_out_is_refused_while_the_first_runs(tiny_data, tmp_path, monkeypatch, caplog,
+                                                                           capsys):
     """One --out, one benchmark at a time: the second would replace the first's results.json
     and leave one's report beside the other's results. The lock goes with the first."""
     out = tmp_path / "report"
@@ -421,14 +422,19 @@ def test_a_second_benchmark_on_the_same_out_is_refused_while_the_first_runs(tiny
         with pytest.raises(ValueError) as refused:
             run.main(argv)
         second.append(str(refused.value))
+        second.append({p.name: p.read_text() for p in out.iterdir()} == earlier)  # refused, it changed nothing
+        bench.save()  # and a redraw of its report, from a results.json that is not its last
+        second.append(_report_refused(out, capsys))
         raise KeyboardInterrupt
 
     monkeypatch.setattr(run.Bench, "run", first_running)
     with pytest.raises(KeyboardInterrupt):
         run.main(argv)
     assert second == [f"--out {out} is in use by another python -m benchmarks.run: wait for it to end, or give "
-                      f"another --out"]
-    assert {p.name: p.read_text() for p in out.iterdir()} == earlier
+                      f"another --out", True,
+                      f"error: FOLDER {out} is in use by another python -m benchmarks.run: wait for it to end, or "
+                      f"give another FOLDER\n"]
+    assert [p.name for p in out.iterdir()] == ["results.json"]  # no report drawn beside it
     monkeypatch.setattr(run.Bench, "run", lambda bench, loader_data: (_ for _ in ()).throw(KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):  # the first has ended: the folder is free again
         run.main(argv)
