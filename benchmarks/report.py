@@ -630,9 +630,15 @@ def write_report(results: dict, folder: Path) -> None:
     if diverged:  # the arithmetic timed is the same, but non-finite values can run slower on some CPUs
         lines += ["", f"Note: the loss became non-finite in {', '.join(diverged)} (random labels at raw-pixel scale)."]
     # the text first, then the files: a results.json that cannot make a report changes none of them
-    chart_images_per_s(results, folder / IMAGES_CHART)
-    chart_bytes(results, folder / BYTES_CHART)
-    write_whole(folder / "report.md", lambda partial: partial.write_text("\n".join(lines) + "\n", **REPORT_TEXT))
+    try:
+        chart_images_per_s(results, folder / IMAGES_CHART)
+        chart_bytes(results, folder / BYTES_CHART)
+        write_whole(folder / "report.md", lambda partial: partial.write_text("\n".join(lines) + "\n", **REPORT_TEXT))
+    except (OSError, KeyboardInterrupt):  # a full disk, a Ctrl-C: no new chart beside an earlier draw's report
+        for name in REPORT_FILES[1:]:
+            with contextlib.suppress(OSError):
+                (folder / name).unlink(missing_ok=True)
+        raise
 
 
 def main(argv=None) -> None:
