@@ -172,13 +172,17 @@ def top_classes(probabilities: torch.Tensor, classes: list, k: int) -> list:
     return [(classes[i], p) for p, i in zip(best.values.tolist(), best.indices.tolist())]
 
 
+LINE_BREAKING = ("Cc", "Zl", "Zp")  # Unicode categories: control characters, line and paragraph separators
+
+
 def one_line(name: str) -> str:
-    """``name`` as is, or, where it holds a control character (a newline would break a block
-    into lines that read as others'), in the shell's $'...' quoting, which reads back as the name."""
-    if not any(unicodedata.category(c) == "Cc" for c in name):
+    """``name`` as is, or, where it holds a control character or a line separator (a newline
+    would break a block into lines that read as others'), in the shell's $'...' quoting, which
+    reads back as the name."""
+    if not any(unicodedata.category(c) in LINE_BREAKING for c in name):
         return name
     escapes = {"\\": "\\\\", "'": "\\'", "\n": "\\n", "\t": "\\t", "\r": "\\r"}
-    return "$'" + "".join(escapes.get(c) or (c if unicodedata.category(c) != "Cc" else
+    return "$'" + "".join(escapes.get(c) or (c if unicodedata.category(c) not in LINE_BREAKING else
                                              f"\\x{ord(c):02x}" if ord(c) < 0x80 else f"\\u{ord(c):04x}")
                           for c in name) + "'"
 
@@ -207,7 +211,10 @@ def _say(text: str) -> None:
 
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    args = vars(build_parser().parse_intermixed_args(argv))  # images after an option too
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    # images after an option too; after a "--" (images named like options), as they come
+    args = vars(parser.parse_args(argv) if "--" in argv else parser.parse_intermixed_args(argv))
     checkpoint, paths = args.pop("checkpoint"), args.pop("images")
     options = PredictOptions(**{f.name: args[f.name] for f in fields(PredictOptions)})
     try:  # Ctrl-C while the checkpoint or the data's statistics load, or while the images are classified
@@ -221,7 +228,7 @@ def main(argv=None) -> int:
         for prediction in classifier.classify(paths, options.batch_size, options.ten_crop):
             if prediction.error is not None:
                 failed += 1
-                log.error("error: %s", prediction.error)
+                log.error("error: %s", one_line(prediction.error))  # one line, the file's name quoted or not
                 if options.json:
                     _say(json.dumps({"image": prediction.path, "error": prediction.error}))
                 continue

@@ -242,6 +242,25 @@ def test_an_image_name_that_is_not_utf8_is_printed_as_its_bytes_even_to_a_strict
     assert json.loads(said[-1])["image"] == str(named)  # JSON: escaped, so the output stays ASCII
 
 
+def test_images_come_after_options_or_after_a_double_dash_and_errors_keep_to_one_line(checkpoints, photos,
+                                                                                        tmp_path, monkeypatch, caplog):
+    """Images among the options; after "--", names that look like options; a missing file whose
+    name holds a newline: its error on one line."""
+    dashed = tmp_path / "-x.png"
+    shutil.copy(photos[0], dashed)
+    output = io.TextIOWrapper(io.BytesIO(), encoding="utf-8")
+    monkeypatch.setattr(sys, "stdout", output)
+    monkeypatch.chdir(tmp_path)
+    assert predict.main([str(checkpoints["full"]), "--json", "--top", "1", photos[0]]) == 0
+    assert predict.main(["--json", "--", str(checkpoints["full"]), "-x.png"]) == 0
+    assert predict.main(["--json", str(checkpoints["full"]), "--", "-x.png", "miss\ning.png"]) == 1
+    said = [json.loads(line) for line in output.buffer.getvalue().splitlines()]
+    assert [record["image"] for record in said] == [photos[0], "-x.png", "-x.png", "miss\ning.png"]
+    assert said[1]["predictions"] == said[2]["predictions"] and "error" in said[3]
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert errors == ["error: $'miss\\ning.png: no such file'"]
+
+
 def test_missing_checkpoint_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match="no checkpoint at"):
         open_classifier(tmp_path / "nothing.pt")
@@ -257,7 +276,7 @@ def test_top_classes_are_ordered_and_all_of_them_when_fewer_than_asked():
     assert block.splitlines() == ["x.jpg", "  100.0%  dots", "    6.0%  grid"]
     # A name with a newline (or another control character) keeps to its line, quoted as the
     # shell reads it back; a name without one, even with quotes or odd bytes, is as it is.
-    odd = "new\nline 'it''s' \\ \t\x1b\x85 é\udcff.jpg"
+    odd = "new\nline 'it''s' \\ \t\x1b\x85\u2028 é\udcff.jpg"
     block = format_block(odd, [("a\rb", 1.0)])
     assert len(block.splitlines()) == 2 and block.splitlines()[1] == "  100.0%  $'a\\rb'"
     read_back = subprocess.run(["bash", "-c", f"printf %s {block.splitlines()[0]}"], capture_output=True, check=True)
