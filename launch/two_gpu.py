@@ -560,6 +560,8 @@ def main(argv=None) -> int:
     try:
         under_torchrun = _torchrun_env()
         if under_torchrun:  # each rank runs this program: rank 0 tells what it does, the others only what goes wrong
+            if "TORCHELASTIC_RUN_ID" in os.environ:  # torchrun's agent started this rank (from its main thread):
+                die_with_parent(os.getppid())  # it ends with the agent, even one killed by SIGKILL, holding no lock
             check_rendezvous_address()
             setup_logging(int(os.environ["RANK"]), None)
         config, checkpoint, placement = _configure(argv)
@@ -653,8 +655,6 @@ def _after_failure(config: Optional[TrainConfig], run_dir: Optional[Path], failu
 def _main_under_torchrun(config: TrainConfig, checkpoint: Optional[dict], placement, argv: list) -> int:
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     assert world_size == placement.ranks, (world_size, placement)
-    if "TORCHELASTIC_RUN_ID" in os.environ:  # torchrun's agent started this rank (from its main thread): it
-        die_with_parent(os.getppid())         # ends with the agent, even one killed by SIGKILL, holding no lock
     reuse_freed_memory()  # as run_ranks has each rank do
     rank_server.room_for_sockets()  # for the DataLoader workers' (the server is torchrun's business)
     if placement.backend == "gloo":  # share the cores among the ranks on this machine, as run_ranks does

@@ -309,7 +309,6 @@ def test_reuse_reads_finished_runs_and_refuses_runs_of_other_options(ablation, t
 
 
 @pytest.mark.slow
-@pytest.mark.slow
 def test_a_report_into_a_folder_whose_name_is_not_utf8_is_written(ablation, tmp_path):
     """The report names its command, --out included: the odd bytes are escaped, not refused."""
     folder, args = ablation
@@ -318,6 +317,7 @@ def test_a_report_into_a_folder_whose_name_is_not_utf8_is_written(ablation, tmp_
     assert "r\\udcffport" in (out / "report.md").read_text()
 
 
+@pytest.mark.slow
 def test_a_full_disk_under_the_report_is_one_line_and_leaves_no_partial_file(ablation, tmp_path, monkeypatch):
     """The disk fills while the chart is written: one line naming the folder, the fix and
     --reuse; the results.json written before it is whole, and no part of the chart is left."""

@@ -4,7 +4,6 @@ Each test drives the real program (``python -m launch.two_gpu``) in its own proc
 group, injects the fault from outside (signals, broken files), and bounds every wait.
 """
 
-import contextlib
 import errno
 import importlib
 import io
@@ -644,12 +643,13 @@ def test_ranks_end_with_a_torchrun_agent_killed_by_sigkill(tiny_data, tmp_path):
          "-m", "launch.two_gpu", "--data", str(tiny_data), "--out", str(tmp_path), "--run-name", "agent",
          "--epochs", "50", "--checkpoint-every", "1", *TINY], cwd=ROOT, stdout=subprocess.DEVNULL,
         stderr=open(tmp_path / "agent.stderr", "w"), start_new_session=True)
+    ranks = []
     try:
         deadline = time.monotonic() + 240
         while not (run_dir / "checkpoint.pt").exists():
             assert agent.poll() is None and time.monotonic() < deadline, (tmp_path / "agent.stderr").read_text()
             time.sleep(0.2)
-        ranks = [int(pid) for pid in Path(f"/proc/{agent.pid}/task/{agent.pid}/children").read_text().split()]
+        ranks += [int(pid) for pid in Path(f"/proc/{agent.pid}/task/{agent.pid}/children").read_text().split()]
         assert len(ranks) == 2
         agent.kill()
         agent.wait()
@@ -658,8 +658,10 @@ def test_ranks_end_with_a_torchrun_agent_killed_by_sigkill(tiny_data, tmp_path):
             time.sleep(0.2)
         assert not any(_alive(pid) for pid in ranks), (tmp_path / "agent.stderr").read_text()[-3000:]
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(agent.pid, signal.SIGKILL)  # the session: ranks left behind, if any
+        agent.kill()
+        for pid in ranks:  # each in a session of its own, as torchrun starts them
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
 
 
 def _as_torchrun_starts(args_of) -> tuple:
