@@ -288,8 +288,8 @@ def scan_layout(root: Union[str, Path], builtin_alternative: bool = True, need_t
     """Checks an ImageNet-layout folder and lists it. Returns (classes, {split: [(path,
     (size, mtime_ns))] per class}, {split: Skipped}); raises DataError naming the fix, and
     where ``builtin_alternative`` (a program whose data option may be left out), the built-in dataset.
-    Without ``need_train`` (an evaluation), a folder with no train/ lists val/ alone and
-    an empty training split.
+    Without ``need_train`` (an evaluation), val/ alone is listed, and train/ is neither read
+    nor needed: the training split is empty.
 
     Links are followed, but a folder link back into its own class's walk (to a folder
     walked already, or to one holding the class folder) is skipped, and so is an image
@@ -314,10 +314,10 @@ def _scan_layout(root: Path, builtin_alternative: bool, need_train: bool):
         builtin = ", or no data folder to use the built-in dataset" if builtin_alternative else ""
         raise DataError(f"data folder {root} {what}: pass the path of a folder that holds train/ and val/ "
                         f"({layout_hint}){builtin}")
-    missing = [s for s in ("train", "val") if not (root / s).is_dir()]
-    if missing and not (missing == ["train"] and not need_train and not (root / "train").exists()):
+    splits = ("train", "val") if need_train else ("val",)
+    missing = [s for s in splits if not (root / s).is_dir()]
+    if missing:
         raise DataError(f"{root} has no {' and no '.join(s + '/' for s in missing)} folder: {layout_hint}")
-    splits = ("train", "val") if not missing else ("val",)
     classes = {s: _class_folders(root / s) for s in splits}
     for split, names in classes.items():
         if not names:
@@ -369,8 +369,8 @@ def open_data(data_dir: Optional[Union[str, Path]], *, cache_dir: Optional[Path]
     (made in ``cache_dir`` if given, else ``default_cache_dir()``, on first use). With
     ``classify`` (a net is to tell its classes apart), a folder of one class is refused.
     ``stats`` given (by a rank that received them, or from a checkpoint to evaluate) are
-    used instead of the cache's. Without ``need_train`` (an evaluation, given ``stats``), a
-    folder with no train/ opens with an empty training split.
+    used instead of the cache's. Without ``need_train`` (an evaluation, given ``stats``),
+    train/ is not read, and the training split is empty.
     Raises DataError with the fix when the folder cannot be used."""
     builtin = data_dir is None
     root = builtin_dataset(None if cache_dir is None else Path(cache_dir) / BUILTIN_NAME) if builtin else Path(data_dir).expanduser()

@@ -336,16 +336,21 @@ def prepare_run(config: TrainConfig, checkpoint: Optional[dict]):
     # mean of what --data holds now (another set, or the same one grown). An evaluation with
     # it needs nothing else of the training set: not its statistics, not even its train/.
     evaluating = bool(config.eval_only) and saved_mean is not None
+    if config.eval_only and saved_mean is None and config.data is not None \
+            and not (Path(config.data).expanduser() / "train").is_dir():
+        raise ValueError(f"{config.eval_only} holds no mean image of its training set (saved by an earlier version, "
+                         f"or from the single-device model without it), so the evaluation computes it from the "
+                         f"training images: give --data a folder that holds the train/ it was trained on too")
     known = data_module.DataStats(saved_mean.to(torch.float32).clone(), torch.zeros(3), torch.eye(3),
                                   pca_source="not used") if evaluating else None
     bundle = data_module.open_data(config.data, classify=True, stats=known,  # one class refused (prepare takes it)
                                    need_train=not evaluating)
-    if bundle.train.samples or not evaluating:
+    if evaluating:
+        log.info("data: %s (%d classes, %d validation images; train/ not read: an evaluation does not need it)",
+                 bundle.root, len(bundle.classes), len(bundle.val))
+    else:
         log.info("data: %s (%d classes, %d training and %d validation images)", bundle.root, len(bundle.classes),
                  len(bundle.train), len(bundle.val))
-    else:
-        log.info("data: %s (%d classes, %d validation images; no train/ folder, which an evaluation does not need)",
-                 bundle.root, len(bundle.classes), len(bundle.val))
     config = resolve(config, train_images=len(bundle.train))
     if not config.eval_only:
         log.info("%s", describe_recipe(config, len(bundle.train)))

@@ -85,8 +85,16 @@ def test_short_run_writes_its_results_and_eval_only_agrees(trained_run, tiny_dat
     shutil.copytree(tiny_data / "val", val_only / "val")
     alone = launch("--data", val_only, "--out", tmp_path, "--run-name", "val-only", "--eval-only", run,
                    "--workers", "0")
-    assert "(10 classes, 10 validation images; no train/ folder, which an evaluation does not need)" in alone.stderr
+    assert "(10 classes, 10 validation images; train/ not read: an evaluation does not need it)" in alone.stderr
     assert alone.stderr.split("done: ", 1)[1].splitlines()[0] == again.stderr.split("done: ", 1)[1].splitlines()[0]
+    # A checkpoint without its mean image (an earlier version's): the evaluation needs train/ for it.
+    older = tmp_path / "older" / "checkpoint.pt"
+    save_checkpoint(older, {k: v for k, v in payload.items() if k != "data_mean"})
+    config, checkpoint, _ = two_gpu._configure(["--data", str(val_only), "--out", str(tmp_path), "--eval-only",
+                                                str(older)])
+    with pytest.raises(ValueError, match=f"^{older} holds no mean image of its training set .* give --data a folder "
+                                         f"that holds the train/ it was trained on too$"):
+        two_gpu.prepare_run(config, checkpoint)
     config, checkpoint, _ = two_gpu._configure(["--data", str(other), "--out", str(tmp_path), "--run-name", "look",
                                                 "--eval-only", str(run)])
     _, _, bundle, lock = two_gpu.prepare_run(config, checkpoint)
