@@ -605,7 +605,7 @@ def main(argv=None) -> Path:
                              f"be written") from None
     with contextlib.ExitStack() as locks:  # a second ablation into either folder is refused before it writes
         for folder, flag in {out.resolve(): "--out", runs: "--runs"}.items():  # one lock where they are one
-            locks.enter_context(held(folder, flag, "benchmarks.ablations"))
+            locks.enter_context(held(folder, flag))
         return _measure(config, out, runs, args, machine, today)
 
 

@@ -650,7 +650,7 @@ def main(argv=None) -> None:
     with contextlib.ExitStack() as locked:
         if folder.is_dir():  # a benchmark writing there now: its results.json is not its last
             try:
-                locked.enter_context(held(folder, "FOLDER", "benchmarks.run"))
+                locked.enter_context(held(folder, "FOLDER"))
             except ValueError as error:
                 print(f"error: {error}", file=sys.stderr)
                 sys.exit(2)

@@ -769,11 +769,13 @@ def refuse_others_files(out: Path, names: tuple, program: str) -> list:
 
 
 @contextlib.contextmanager
-def held(folder: Path, flag: str, program: str):
-    """An exclusive lock on ``folder`` (given with ``flag``) while ``python -m program`` writes
-    there, released by the system however the process ends: two benchmarks given one --out
-    would each replace the other's results.json and leave one's report beside the other's
-    results; two ablations given one --runs, train into one run folder."""
+def held(folder: Path, flag: str):
+    """An exclusive lock on ``folder`` (given with ``flag``) while a benchmark program
+    (benchmarks.run, .ablations or .report) writes there, released by the system however the
+    process ends: two benchmarks given one --out would each replace the other's results.json
+    and leave one's report beside the other's results; two ablations given one --runs, train
+    into one run folder; a report redrawn while its benchmark runs, call its runs to come
+    never started."""
     try:
         opened = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)  # not inherited by the processes it starts
     except OSError as error:
@@ -783,11 +785,12 @@ def held(folder: Path, flag: str, program: str):
         try:
             fcntl.flock(opened, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise ValueError(f"{flag} {folder} is in use by another python -m {program}: wait for it to end, or give "
-                             f"another {flag}") from None
+            other = f", or give another {flag}" if flag.startswith("--") else ""
+            raise ValueError(f"{flag} {folder} is in use by another benchmark program writing there: wait for it to "
+                             f"end{other}") from None
         except OSError as error:  # a file system without locks (some network and FUSE ones)
-            logger.warning("%s %s cannot be locked (%s): nothing stops another python -m %s from writing there at "
-                           "the same time", flag, folder, error.strerror, program)
+            logger.warning("%s %s cannot be locked (%s): nothing stops another benchmark program from writing there "
+                           "at the same time", flag, folder, error.strerror)
         yield
     finally:
         os.close(opened)
@@ -812,7 +815,7 @@ def main(argv=None) -> Path:
             from None
     if not os.access(out, os.W_OK | os.X_OK):
         raise ValueError(f"--out {out}: this folder cannot be written; give another")
-    with held(out, "--out", "benchmarks.run"):  # to the end: a second benchmark on the same --out is refused
+    with held(out, "--out"):  # to the end: a second benchmark on the same --out is refused
         from .report import REPORT_FILES
         earlier = refuse_others_files(out, REPORT_FILES, "benchmarks.run")  # replaced once this one's first run ends
         if earlier:

@@ -192,8 +192,8 @@ def test_a_second_ablation_into_the_same_folders_is_refused_before_it_writes(tmp
     with pytest.raises(OSError, match="stop"):
         ablations.main([*(f"{flag}={folder}" for flag, folder in first.items()), "--variants", "full"])
     flag = "--runs" if shared == "both in one" else shared
-    assert refused == [f"{flag} {first[flag].resolve()} is in use by another python -m benchmarks.ablations: wait for "
-                       f"it to end, or give another {flag}"]
+    assert refused == [f"{flag} {first[flag].resolve()} is in use by another benchmark program writing there: wait "
+                       f"for it to end, or give another {flag}"]
     assert not any((tmp_path / "both" if shared == "both in one" else first["--runs"]).iterdir())
 
 

@@ -430,10 +430,10 @@ def test_a_second_benchmark_on_the_same_out_is_refused_while_the_first_runs(tiny
     monkeypatch.setattr(run.Bench, "run", first_running)
     with pytest.raises(KeyboardInterrupt):
         run.main(argv)
-    assert second == [f"--out {out} is in use by another python -m benchmarks.run: wait for it to end, or give "
-                      f"another --out", True,
-                      f"error: FOLDER {out} is in use by another python -m benchmarks.run: wait for it to end, or "
-                      f"give another FOLDER\n"]
+    assert second == [f"--out {out} is in use by another benchmark program writing there: wait for it to end, or "
+                      f"give another --out", True,
+                      f"error: FOLDER {out} is in use by another benchmark program writing there: wait for it to "
+                      f"end\n"]
     assert [p.name for p in out.iterdir()] == ["results.json"]  # no report drawn beside it
     monkeypatch.setattr(run.Bench, "run", lambda bench, loader_data: (_ for _ in ()).throw(KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):  # the first has ended: the folder is free again
@@ -443,7 +443,7 @@ def test_a_second_benchmark_on_the_same_out_is_refused_while_the_first_runs(tiny
     monkeypatch.setattr(run.fcntl, "flock", lambda *args: (_ for _ in ()).throw(OSError(errno.ENOLCK, "No locks")))
     with pytest.raises(KeyboardInterrupt):
         run.main(argv)
-    assert f"--out {out} cannot be locked (No locks): nothing stops another python -m benchmarks.run" in caplog.text
+    assert f"--out {out} cannot be locked (No locks): nothing stops another benchmark program" in caplog.text
 
 
 def _table_widths(markdown: str) -> list:
