@@ -304,18 +304,19 @@ def describe_recipe(config: TrainConfig, train_images: int) -> str:
     return line
 
 
-def recipe_warnings(config: TrainConfig, train_images: int) -> list:
+def recipe_warnings(config: TrainConfig, train_images: int, milestones_given: bool = True) -> list:
     """Warnings: the paper's recipe meets a training set far smaller than ImageNet's; the
-    fixed schedule's milestones lie beyond the run's epochs."""
+    fixed schedule's milestones lie beyond the run's epochs, where they were given
+    (``milestones_given``): the small recipe's own follows --epochs, and lies beyond them only
+    in a run of one or two epochs, too short for a last third at a lower rate (its recipe
+    line shows it)."""
     warnings = []
     if config.recipe == "paper" and train_images < PAPER_RECIPE_MIN_IMAGES:
         warnings.append(f"warning: the paper's recipe is made for 1.2 million training images and this set has "
                         f"{train_images} (under {PAPER_RECIPE_MIN_IMAGES:,}): it will likely learn nothing here; "
                         f"--recipe small sizes the run to the data")
     beyond = [m for m in config.lr_milestones or () if m >= config.epochs] if config.schedule == "fixed" else []
-    # The small recipe's own milestone follows --epochs: beyond them only in a run of one or two
-    # epochs, too short for a last third at a lower rate (its recipe line shows it).
-    if beyond and not (config.recipe == "small" and config.lr_milestones == small_milestones(config.epochs)):
+    if beyond and milestones_given:
         one = len(beyond) == 1
         warnings.append(f"warning: the rate's milestone{'s' * (not one)} {' '.join(map(str, beyond))} "
                         f"(--lr-milestones) {'is' if one else 'are'} never reached in this run's {config.epochs} "

@@ -351,10 +351,11 @@ def prepare_run(config: TrainConfig, checkpoint: Optional[dict]):
     else:
         log.info("data: %s (%d classes, %d training and %d validation images)", bundle.root, len(bundle.classes),
                  len(bundle.train), len(bundle.val))
+    milestones_given = config.lr_milestones is not None  # or the recipe's, which follow --epochs
     config = resolve(config, train_images=len(bundle.train))
     if not config.eval_only:
         log.info("%s", describe_recipe(config, len(bundle.train)))
-        for warning in recipe_warnings(config, len(bundle.train)):
+        for warning in recipe_warnings(config, len(bundle.train), milestones_given):
             log.warning("%s", warning)
     if config.fc8_placement == "split" and len(bundle.classes) % TOWERS:
         raise ValueError(f"--fc8-placement split gives each tower half of FC8's neurons and needs an even number of "

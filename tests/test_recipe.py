@@ -126,9 +126,10 @@ def test_milestones_the_run_never_reaches_are_warned_of_and_an_epoch_named_twice
     assert "milestone 10 (--lr-milestones) is never reached" in warning
     assert recipe_warnings(_resolved(at, data="photos", epochs=10), at) == []  # plateau: no milestones
     for epochs in (1, 2, 3):  # the small recipe's own milestone, beyond a run of one or two epochs: no warning
-        assert recipe_warnings(_resolved(330, recipe="small", epochs=epochs), 330) == []
-    (warning,) = recipe_warnings(_resolved(330, recipe="small", epochs=2, lr_milestones=(1, 2)), 330)
-    assert "milestone 2 (--lr-milestones) is never reached in this run's 2 epochs" in warning  # given: warned of
+        assert recipe_warnings(_resolved(330, recipe="small", epochs=epochs), 330, milestones_given=False) == []
+    for given in ((1, 2), (2,)):  # given, the same as the recipe's or not: warned of
+        (warning,) = recipe_warnings(_resolved(330, recipe="small", epochs=2, lr_milestones=given), 330)
+        assert "milestone 2 (--lr-milestones) is never reached in this run's 2 epochs" in warning
     small_set = recipe_warnings(_resolved(500, data="photos", schedule="fixed", epochs=10), 500)
     assert len(small_set) == 2 and "has 500" in small_set[0] and small_set[1] == never  # one does not hide the other
     with pytest.raises(ValueError, match="--lr-milestones 2 2 names an epoch twice"):
