@@ -307,6 +307,11 @@ def _raise(exc: OSError):
     raise exc
 
 
+# In the DST of a python -m launch.prepare until it has written every image: a tree that it was
+# stopped in, or is still writing, lacks some (the last classes of val/, say) and is refused.
+UNFINISHED_NAME = ".prepare-unfinished"
+
+
 def _scan_layout(root: Path, builtin_alternative: bool, need_train: bool):
     layout_hint = "expected ROOT/train/CLASS/*.jpg and ROOT/val/CLASS/*.jpg with the same CLASS folders in both"
     if not root.is_dir():
@@ -314,6 +319,10 @@ def _scan_layout(root: Path, builtin_alternative: bool, need_train: bool):
         builtin = ", or no data folder to use the built-in dataset" if builtin_alternative else ""
         raise DataError(f"data folder {root} {what}: pass the path of a folder that holds train/ and val/ "
                         f"({layout_hint}){builtin}")
+    if os.path.lexists(root / UNFINISHED_NAME):
+        raise DataError(f"{root} is the DST of a python -m launch.prepare that has not finished (stopped, or still "
+                        f"running), and lacks some of its images: run that command again to its end (it goes on "
+                        f"where it stopped)")
     splits = ("train", "val") if need_train else ("val",)
     missing = [s for s in splits if not (root / s).is_dir()]
     if missing:

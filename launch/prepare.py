@@ -13,7 +13,8 @@ written as \\\\, \\t, \\n or \\r); other files are ignored. Images in DST that n
 of SRC becomes (SRC changed since, or DST holds other images) are refused, as training
 would read them. Then the training-set statistics (mean image, RGB PCA) are computed and
 cached in DST, as the authors did once before training. The training program then decodes small
-JPEGs only, with no resizing. An interrupted run can be restarted: files already
+JPEGs only, with no resizing. An interrupted run can be restarted (the training program refuses
+DST until a run has written every image): files already
 written (each one is written atomically) are kept, unless their image in SRC is newer
 (rewritten since: converted again, or, no longer readable, its file in DST removed). An
 image of SRC that lies in DST's train/ or val/ (through a link) is refused. A DST that
@@ -44,7 +45,7 @@ from pathlib import Path
 from PIL import Image
 
 from launch.cli import MAX_PROCESSES_PER_CORE, NAME_MAX, Parser, lock_exclusively, quick_exit, usable_cores, write_whole
-from launch.data import DataError, open_data, scan_layout
+from launch.data import UNFINISHED_NAME, DataError, open_data, scan_layout
 from launch.images import DECODE_ERRORS, is_image_name, load_image, skip_reason
 from launch.ranks import die_with_parent
 
@@ -326,6 +327,10 @@ def _write(src: Path, dst: Path, planned: dict, workers: int, quality: int) -> i
         return 2
     total = len(jobs) + done
     log.info("%d images in %s: %d to convert, %d already in %s", total, src, len(jobs), done, dst)
+    unfinished = dst / UNFINISHED_NAME  # the training program refuses DST while it is there
+    if jobs:
+        with contextlib.suppress(OSError):  # a DST that cannot be written: its writes fail, and say so
+            unfinished.touch()
     try:
         unreadable = _convert_jobs(jobs, workers)
     except OSError as exc:  # a write (reads that fail are skipped)
@@ -344,6 +349,8 @@ def _write(src: Path, dst: Path, planned: dict, workers: int, quality: int) -> i
             write_whole(listing, lambda partial: partial.write_bytes(listed))
         elif not unreadable and os.path.lexists(listing):
             listing.unlink()
+        if os.path.lexists(unfinished):  # every image written (a run stopped after that has nothing left to do)
+            unfinished.unlink()
     except OSError as exc:
         print(_cannot_write(dst, exc), file=sys.stderr)
         return 2

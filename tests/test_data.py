@@ -853,7 +853,8 @@ def test_prepare_on_a_full_disk_is_one_line_and_leaves_no_part_of_an_image(tmp_p
     assert "Traceback" not in err and err.splitlines()[-1:] == [
         f"error: cannot write to DST {dst} (No space left on device): free space on its disk, or give a DST that can "
         f"be written; run again, and the images already written are kept"]
-    assert first.exists() and [p for p in dst.rglob("*") if p.is_file()] == [dst / prepare.LOCK_NAME]
+    assert first.exists() and sorted(p.name for p in dst.rglob("*") if p.is_file()) == sorted(
+        [prepare.LOCK_NAME, data.UNFINISHED_NAME])  # no image, and the tree refused to training as unfinished
 
     # the list of unreadable files, written once the images are: the images stay, no part of the list
     monkeypatch.undo()
@@ -870,7 +871,7 @@ def test_prepare_on_a_full_disk_is_one_line_and_leaves_no_part_of_an_image(tmp_p
     assert prepare.main([str(src), str(dst), "--workers", "1"]) == 2
     assert capfd.readouterr().err.splitlines()[-1].startswith(f"error: cannot write to DST {dst} (No space left")
     assert sorted(p.name for p in dst.rglob("*") if p.is_file() and p.name != prepare.LOCK_NAME) == sorted(
-        p.name for p in src.rglob("[0-9].jpg"))
+        [*(p.name for p in src.rglob("[0-9].jpg")), data.UNFINISHED_NAME])
 
 
 @pytest.mark.slow  # the tool as a subprocess
@@ -890,8 +891,9 @@ def test_prepare_on_a_disk_that_takes_a_part_of_an_image_keeps_none_of_it(tmp_pa
     assert refused.stderr.splitlines()[-1].startswith(f"error: cannot write to DST {dst} (File too large): raise the "
                                                       f"limit on the size of a file (ulimit -f)"), refused.stderr
     # neither an image cut short nor a hidden part of one; the lock of the run that writes to DST
-    assert [p for p in dst.rglob("*") if p.is_file()] == [dst / prepare.LOCK_NAME]
+    assert sorted(p.name for p in dst.rglob("*") if p.is_file()) == sorted([prepare.LOCK_NAME, data.UNFINISHED_NAME])
     assert _prepare(src, dst, "--workers", "1").returncode == 0  # and, given room, the run goes on
+    assert not (dst / data.UNFINISHED_NAME).exists()
     for path in dst.rglob("*.jpg"):
         with Image.open(path) as image:
             image.load()  # whole
@@ -1087,12 +1089,14 @@ def test_prepare_run_again_on_a_finished_dst_it_cannot_write_to_ends_well(tmp_pa
         raise OSError(errno.EROFS, os.strerror(errno.EROFS))
     monkeypatch.setattr(prepare, "write_whole", read_only)
     monkeypatch.setattr(Path, "unlink", read_only)
+    monkeypatch.setattr(Path, "touch", read_only)
     assert prepare.main([str(src), str(dst), "--workers", "1"]) == 0
     assert (dst / "unreadable.txt").read_bytes() == listed
     monkeypatch.undo()
     (src / "train" / "a" / "bad.jpg").unlink()
     assert prepare.main([str(src), str(dst), "--workers", "1"]) == 0 and not (dst / "unreadable.txt").exists()
     monkeypatch.setattr(Path, "unlink", read_only)
+    monkeypatch.setattr(Path, "touch", read_only)
     assert prepare.main([str(src), str(dst), "--workers", "1"]) == 0
 
 
@@ -1461,12 +1465,17 @@ def test_prepare_interrupted_says_so_in_one_line_and_goes_on_when_run_again(tmp_
                                     "command again to go on") and "Traceback" not in err, err
     written = list(dst.glob("train/a/big*.jpg"))
     assert 0 < len(written) < _SLOW_TO_CONVERT, "interrupted before the end"
-    assert not [p for p in dst.rglob(".*") if p.is_file() and p.name != prepare.LOCK_NAME], "a part of an image is left"
+    assert not [p for p in dst.rglob(".*") if p.is_file() and p.name not in (prepare.LOCK_NAME, data.UNFINISHED_NAME)], \
+        "a part of an image is left"
     _no_process_left(proc.pid)
+    # The tree lacks images (val/ entirely): training on it is refused, naming the fix.
+    with pytest.raises(DataError, match=f"^{dst} is the DST of a python -m launch.prepare that has not finished"):
+        data.open_data(dst, cache_dir=tmp_path / "cache")
     kept = len(list(dst.rglob("*.jpg")))
     again = _prepare(src, dst, "--workers", "2")
     assert again.returncode == 0 and f"{kept} already in" in again.stderr, again.stderr
     assert len(list(dst.glob("train/a/big*.jpg"))) == _SLOW_TO_CONVERT
+    assert not (dst / data.UNFINISHED_NAME).exists() and len(data.open_data(dst).val) == 2
 
 
 def _run_script(script: str, *args):
