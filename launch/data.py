@@ -37,6 +37,7 @@ never lists under one class a file that lies in another class's folder (see
 
 import functools
 import hashlib
+import itertools
 import logging
 import os
 import stat
@@ -118,12 +119,30 @@ class ImageFolderSplit(Dataset):
                 self.corrupt.add(path)
                 log.warning("skipped image %s (%d in %s/ so far); %s", reason, len(self.corrupt), self.split, then)
 
-    def check_usable(self) -> None:
-        """Raises DataError where no image of the split can be used, found by decoding up to
-        the first usable one (one decode, as a rule): before a run, not at its first
-        evaluation. The unusable files met on the way are logged where they are used."""
-        if self.samples:
-            self.load(0)
+    def check_usable(self, each_class: bool = False) -> None:
+        """Raises DataError where no image of the split can be used or, with ``each_class``
+        (training, where the next image stands in for one that cannot be used: another
+        class's, for every image of a class of none), no image of one of its classes. Found
+        by decoding up to the first usable one (one decode, or one a class, as a rule): before
+        a run, not at its first evaluation. The unusable files met on the way are logged
+        where they are used."""
+        if not each_class:
+            if self.samples:
+                self.load(0)
+            return
+        for label, members in itertools.groupby(range(len(self.samples)), key=lambda i: self.samples[i][1]):
+            members, reasons = list(members), []
+            for index in members:
+                path = self.samples[index][0]
+                try:
+                    load_image(path)
+                    break
+                except DECODE_ERRORS as error:
+                    reasons.append(skip_reason(path, error))
+            else:
+                raise DataError(f"no usable image of class {self.classes[label]} in {self.split}/: each of its "
+                                f"{len(members)} files failed to decode or was refused, such as {reasons[0]}: replace "
+                                f"them, or remove the class from both train/ and val/")
 
 
 @dataclass
@@ -403,7 +422,7 @@ def open_data(data_dir: Optional[Union[str, Path]], *, cache_dir: Optional[Path]
         if links:
             log.warning("%s/: skipped %s", split, links)
     for split in splits.values():
-        split.check_usable()
+        split.check_usable(each_class=split.split == "train")
     train_files = [f for images in files["train"] for f in images]
     if stats is None:
         stats = load_or_compute_stats(root, splits["train"], train_files, cache_dir)

@@ -373,6 +373,25 @@ def test_corrupt_files_are_replaced_and_counted(tmp_path):
     assert train.corrupt == {odd["fake"], odd["truncated"]}
 
 
+def test_a_class_of_no_usable_training_image_is_refused_naming_it(tmp_path):
+    """Every training image of class b unreadable (pictures of another format under .jpg, say):
+    each would have the next usable image, class c's, stand in for it, and the net would learn
+    b as c. Refused before a run, naming the class; val/ may lack a class's images (fewer are
+    evaluated, and the evaluation says how many)."""
+    root = _simple_tree(tmp_path / "data", classes=("a", "b", "c"))
+    for image in (root / "train" / "b").iterdir():
+        image.write_bytes(b"HEIC, not a JPEG")
+    with pytest.raises(DataError) as refused:
+        data.open_data(root, cache_dir=tmp_path / "cache")
+    assert str(refused.value).startswith(f"no usable image of class b in train/: each of its 3 files failed to decode "
+                                         f"or was refused, such as {root / 'train' / 'b' / '0.jpg'}: unreadable (")
+    assert str(refused.value).endswith(": replace them, or remove the class from both train/ and val/")
+    (root / "train" / "b" / "1.jpg").write_bytes((root / "train" / "a" / "1.jpg").read_bytes())  # one usable: enough
+    for image in (root / "val" / "b").iterdir():
+        image.write_bytes(b"HEIC, not a JPEG")
+    assert len(data.open_data(root, cache_dir=tmp_path / "cache").train) == 9
+
+
 def test_an_image_replaced_by_a_named_pipe_after_the_scan_is_passed_over_not_waited_on(tmp_path):
     """The scan refuses what is not a file; one replaced by a named pipe while a run trains
     would be opened, and waited on for good (a device: read without end)."""
