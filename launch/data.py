@@ -184,12 +184,23 @@ def _file_name(name: str) -> bool:
     return name.lower().endswith(DATA_FILE_EXTENSIONS)
 
 
+# Folders that systems and tools make beside the pictures, not of them: a Synology NAS's
+# thumbnails (@eaDir, in every folder it indexes) and recycle bin, macOS's zip leftovers,
+# Windows' drive folders. Skipped as hidden folders are.
+SYSTEM_FOLDERS = frozenset({"@eaDir", "#recycle", "#snapshot", "__MACOSX", "$RECYCLE.BIN", "System Volume Information"})
+
+
+def _not_data(name: str) -> bool:
+    return name.startswith(".") or name in SYSTEM_FOLDERS
+
+
 def _class_folders(split_dir: Path) -> list:
     """The class folders of a split, sorted: its folders and links to folders, never a hidden
-    one. Raises DataError for a link to nothing, which may be a class whose disk is not there."""
+    or system one. Raises DataError for a link to nothing, which may be a class whose disk is
+    not there."""
     names = []
     for entry in os.scandir(split_dir):
-        if entry.name.startswith("."):
+        if _not_data(entry.name):
             continue
         if entry.is_dir():
             names.append(entry.name)
@@ -204,7 +215,7 @@ def _class_folders(split_dir: Path) -> list:
 class Skipped:
     """What the scan of one split left out, and why."""
     other_files: int = 0  # files that are not images (by their extension), and hidden ones (macOS's ._x.jpg twins)
-    hidden_folders: int = 0  # in class folders, not walked: thumbnail caches (.thumbs, .@__thumb), a tool's own
+    hidden_folders: int = 0  # in class folders, not walked: thumbnail caches (.thumbs, @eaDir), a tool's own
     looping_links: list = field(default_factory=list)  # folder links back into their own class's walk
     other_class: list = field(default_factory=list)  # images reached through a link into another class's folder
     duplicates: list = field(default_factory=list)  # images listed already, under another path (same real file)
@@ -248,7 +259,7 @@ def _images_in(folder: Path, name: str, owners: dict, seen: set, skipped: Skippe
         real_dir = real_dirs.pop(dirpath)
         kept = []
         for sub in sorted(dirnames):
-            if sub.startswith("."):
+            if _not_data(sub):
                 skipped.hidden_folders += 1
                 continue
             path = os.path.join(dirpath, sub)
@@ -416,7 +427,7 @@ def open_data(data_dir: Optional[Union[str, Path]], *, cache_dir: Optional[Path]
             log.info("%s/: ignored %d hidden files or files that are not images (%s)", split,
                      skipped[split].other_files, " ".join(IMAGE_EXTENSIONS))
         if skipped[split].hidden_folders:
-            log.info("%s/: ignored %d hidden folders in class folders (thumbnail caches and the like)", split,
+            log.info("%s/: ignored %d hidden or system folders in class folders (thumbnail caches and the like)", split,
                      skipped[split].hidden_folders)
         links = skipped[split].describe()
         if links:

@@ -72,6 +72,8 @@ def _mixed_tree(root: Path) -> dict:
     (train / "b" / "notes.txt").write_text("ignored")
     (train / "a" / "._rgb.jpg").write_bytes(b"\0\5\26\7 macOS's resource fork of rgb.jpg")  # hidden: ignored
     _save(train / "b" / ".thumbs" / "whole.jpg", _rgb(8, (30, 30)))  # a hidden folder: a viewer's, not data
+    for folder in (train / "b", train, root / "val"):  # a Synology NAS's thumbnails, in every folder it indexes
+        _save(folder / "@eaDir" / "whole.jpg" / "SYNOPHOTO_THUMB_M.jpg", _rgb(8, (30, 30)))
     _save(train / "b" / "z_last.jpg", _rgb(9))
     for name in ("a", "b"):
         _save(root / "val" / name / "v.jpg", _rgb(20 + len(name)))
@@ -301,8 +303,9 @@ def test_every_mode_becomes_256_rgb(tmp_path):
     paths = {Path(p).name: p for images in files["train"] for p, _ in images}
     assert odd["fake"] in paths.values() and "notes.txt" not in paths  # .jpg by name is kept until decoded
     assert "._rgb.jpg" not in paths  # a hidden file, whatever its name says
-    assert skipped == {"train": data.Skipped(other_files=2, hidden_folders=1), "val": data.Skipped()}
-    assert not [p for p in paths.values() if ".thumbs" in p]
+    assert classes == ["a", "b"]  # not @eaDir
+    assert skipped == {"train": data.Skipped(other_files=2, hidden_folders=2), "val": data.Skipped()}
+    assert not [p for p in paths.values() if ".thumbs" in p or "@eaDir" in p]
     for name, path in paths.items():
         if path in odd.values():
             continue
