@@ -41,6 +41,7 @@ import itertools
 import logging
 import os
 import stat
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, NamedTuple, Optional, Union
@@ -192,6 +193,14 @@ SYSTEM_FOLDERS = frozenset({"@eaDir", "#recycle", "#snapshot", "__MACOSX", "$REC
 
 def _not_data(name: str) -> bool:
     return name.startswith(".") or name in SYSTEM_FOLDERS
+
+
+def _as_shown(name: str) -> str:
+    """A folder name as is, or escaped where it may print as another does: not in Unicode's
+    composed form (NFD, as macOS and some copies write names), a character that does not
+    print, or a space at an end. (café in NFC and in NFD print alike, and differ.)"""
+    plain = name.isprintable() and name == name.strip() and name == unicodedata.normalize("NFC", name)
+    return name if plain else ascii(name)
 
 
 def _class_folders(split_dir: Path) -> list:
@@ -368,7 +377,8 @@ def _scan_layout(root: Path, builtin_alternative: bool, need_train: bool):
     if classes.get("train", classes["val"]) != classes["val"]:
         only_train = sorted(set(classes["train"]) - set(classes["val"]))
         only_val = sorted(set(classes["val"]) - set(classes["train"]))
-        show = lambda names: ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
+        show = lambda names: ", ".join(map(_as_shown, names[:10])) + (f" and {len(names) - 10} more"
+                                                                     if len(names) > 10 else "")
         parts = ([f"only in train/: {show(only_train)}"] if only_train else []) + \
                 ([f"only in val/: {show(only_val)}"] if only_val else [])
         raise DataError(f"class folders differ between train/ and val/ of {root} ({'; '.join(parts)}): "

@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+import unicodedata
 import zipfile
 from pathlib import Path
 
@@ -88,8 +89,9 @@ def _no_train(root):
 
 
 def _differing_classes(root):
-    _simple_tree(root, classes=("a", "b", "only_train"))
+    _simple_tree(root, classes=("a", "b", "only_train", "café"))
     os.rename(root / "val" / "only_train", root / "val" / "only_val")
+    os.rename(root / "val" / "café", root / "val" / unicodedata.normalize("NFD", "café"))  # prints alike
 
 
 def _empty_class(root):
@@ -115,7 +117,8 @@ def _flat_val(root):
 @pytest.mark.parametrize("make, expected", [
     (None, ["does not exist", "train/ and val/", "built-in"]),
     (_no_train, ["no train/", "ROOT/train/CLASS"]),
-    (_differing_classes, ["only in train/: only_train", "only in val/: only_val", "same class folders"]),
+    (_differing_classes, ["only in train/: café, only_train", "only in val/: 'cafe\\u0301', only_val",
+                          "same class folders"]),
     (_empty_class, ["hold no images (empty)", "add images"]),
     (_no_images, ["no images found", "ignored 2 other files", "add images"]),
     (_flat_val, ["no class folders", "4 images directly", "sort them into val/CLASS/"]),
