@@ -14,10 +14,12 @@ or ``~/.cache/alexnet-towers`` (:func:`default_cache_dir`).
 
 import colorsys
 import functools
+import glob
 import logging
 import math
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import Optional
@@ -25,6 +27,7 @@ from typing import Optional
 import numpy as np
 from PIL import Image
 
+from .cli import abandoned
 from .images import BASE_SIZE, DataError
 
 log = logging.getLogger(__name__)
@@ -142,9 +145,13 @@ def builtin_dataset(root: Optional[Path] = None, *, train_per_class: int = BUILT
     root = Path(root) if root is not None else default_cache_dir() / BUILTIN_NAME
     if root.is_dir():
         return root
+    partial = f".{root.name}.partial-"  # then HOST-PID-, and mkdtemp's letters
     try:
         root.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.partial-", dir=root.parent))
+        for stale in root.parent.glob(f"{glob.escape(partial)}*"):  # a generation killed (50 MB each)
+            if abandoned(stale.name[len(partial):].rpartition("-")[0]):
+                shutil.rmtree(stale, ignore_errors=True)
+        staging = Path(tempfile.mkdtemp(prefix=f"{partial}{socket.gethostname()}-{os.getpid()}-", dir=root.parent))
     except OSError as exc:  # a read-only or full cache folder
         raise DataError(_cannot_make(root, exc)) from None
     staging.chmod(0o755)  # mkdtemp makes it private; the dataset is not

@@ -30,6 +30,7 @@ import torch.distributed as dist
 
 from towers import AlexNet, Architecture, Tower, shard_state_dict, unshard_state_dicts
 
+from .cli import abandoned
 from .config import TrainConfig
 from .images import BASE_SIZE
 from .mesh import Mesh
@@ -71,7 +72,7 @@ def save_checkpoint(path: Path, payload: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     prefix = f".{path.name}.tmp-"
     for stale in path.parent.glob(f"{prefix}*"):
-        if _abandoned(stale.name[len(prefix):]):
+        if abandoned(stale.name[len(prefix):]):
             stale.unlink(missing_ok=True)
     needed = _saved_bytes(payload)
     if needed > shutil.disk_usage(path.parent).free:
@@ -103,26 +104,6 @@ def save_checkpoint(path: Path, payload: dict) -> None:
         os.fsync(dir_fd)  # the rename itself survives a power cut
     finally:
         os.close(dir_fd)
-
-
-def _abandoned(owner: str) -> bool:
-    """Whether the temporary file of the save named by ``owner`` ("HOST-PID", or "PID" as
-    earlier versions named it) was left by a save that was killed: one on this machine whose
-    process has ended (or has this process's id, whose own save reuses the name). Another
-    live process's save, such as that of a run caching the same statistics, is left alone,
-    and so is any made on another machine."""
-    host, dash, pid = owner.rpartition("-")
-    if (dash and host != socket.gethostname()) or not pid.isdigit():
-        return False
-    if int(pid) == os.getpid():
-        return True
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except (OSError, OverflowError):  # such as EPERM: another user's live process
-        pass
-    return False
 
 
 def _saved_bytes(payload) -> int:

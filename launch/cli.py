@@ -119,6 +119,26 @@ def shell_word(path) -> str:
     return shlex.quote(str(path))
 
 
+def abandoned(owner: str) -> bool:
+    """Whether the temporary file or folder of the work named by ``owner`` ("HOST-PID", or
+    "PID" as earlier versions named a checkpoint's) was left by work that was killed: on this
+    machine, by a process that has ended (or has this process's id, whose own work reuses
+    the name). Another live process's, such as that of a run caching the same statistics,
+    is left alone, and so is any made on another machine."""
+    host, dash, pid = owner.rpartition("-")
+    if (dash and host != socket.gethostname()) or not pid.isdigit():
+        return False
+    if int(pid) == os.getpid():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except (OSError, OverflowError):  # such as EPERM: another user's live process
+        pass
+    return False
+
+
 NAME_MAX = 255  # bytes in one file name, on the file systems of Linux and macOS
 
 

@@ -529,9 +529,14 @@ def test_builtin_dataset_is_deterministic_and_atomic(tmp_path, monkeypatch):
     assert bundle.classes == sorted(builtin.BUILTIN_CLASSES)
     assert builtin.builtin_dataset(first) == first  # made once, then reused
 
-    # A pre-existing staging folder of a killed run does not count as the dataset.
-    target = tmp_path / "three"
-    (tmp_path / ".three.partial-killed" / "train" / "circle").mkdir(parents=True)
+    # A pre-existing staging folder of a killed run does not count as the dataset; one left by a
+    # process that has ended here is removed (50 MB each), one of a process that runs is not.
+    target, host = tmp_path / "three", socket.gethostname()
+    (tmp_path / ".three.partial-killed" / "train" / "circle").mkdir(parents=True)  # an earlier version's name
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    (tmp_path / f".three.partial-{host}-{ended.pid}-x1y2z3" / "train").mkdir(parents=True)
+    (tmp_path / f".three.partial-{host}-1-a1b2c3" / "train").mkdir(parents=True)  # init's: it runs
     real_draw, calls = builtin.draw_builtin, []
 
     def failing_draw(*args, **kwargs):
@@ -544,7 +549,8 @@ def test_builtin_dataset_is_deterministic_and_atomic(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         builtin.builtin_dataset(target, train_per_class=2, val_per_class=1)
     assert not target.exists()
-    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".three")) == [".three.partial-killed"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".three")) == sorted([
+        f".three.partial-{host}-1-a1b2c3", ".three.partial-killed"])
     monkeypatch.setattr(builtin, "draw_builtin", real_draw)
     assert _files(builtin.builtin_dataset(target, train_per_class=2, val_per_class=1)) == files
 
