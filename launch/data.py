@@ -425,7 +425,13 @@ def open_data(data_dir: Optional[Union[str, Path]], *, cache_dir: Optional[Path]
     root = builtin_dataset(None if cache_dir is None else Path(cache_dir) / BUILTIN_NAME) if builtin else Path(data_dir).expanduser()
     if not need_train and stats is None:
         raise ValueError("open_data: a folder without train/ has no statistics of its own; give them as stats")
-    classes, files, skipped = scan_layout(root, need_train=need_train)
+    try:
+        classes, files, skipped = scan_layout(root, need_train=need_train)
+    except DataError as exc:
+        if not builtin:
+            raise
+        raise DataError(f"the built-in dataset's folder is damaged ({exc}): delete {root}, and the next run makes it "
+                        f"again") from None
     if classify and len(classes) < 2:  # before its statistics are computed: the net would refuse it
         raise DataError(f"{root} has one class, {classes[0]}: a classifier tells classes apart, so add the folders "
                         f"of the others (two at least) to train/ and val/")

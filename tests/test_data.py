@@ -553,6 +553,12 @@ def test_builtin_dataset_is_deterministic_and_atomic(tmp_path, monkeypatch):
         f".three.partial-{host}-1-a1b2c3", ".three.partial-killed"])
     monkeypatch.setattr(builtin, "draw_builtin", real_draw)
     assert _files(builtin.builtin_dataset(target, train_per_class=2, val_per_class=1)) == files
+    # Damaged since (a part of it deleted by hand): the fix is to delete it whole.
+    damaged = builtin.builtin_dataset(tmp_path / "cache" / builtin.BUILTIN_NAME, train_per_class=2, val_per_class=1)
+    shutil.rmtree(damaged / "val")
+    with pytest.raises(DataError, match=f"^the built-in dataset's folder is damaged \\({damaged} has no val/ folder: "
+                                        f".*\\): delete {damaged}, and the next run makes it again$"):
+        data.open_data(None, cache_dir=tmp_path / "cache")
 
     # A cache folder that cannot be made, or a disk error halfway: one line naming the fix, nothing left.
     (tmp_path / "a-file").write_text("")
