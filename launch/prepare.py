@@ -216,6 +216,16 @@ def planned_targets(src: Path, dst: Path) -> dict:
                     raise DataError(f"{planned[target][0]} and {path} would both be written to {target}: rename "
                                     f"one of them in SRC")
                 planned[target] = path, mtime_ns
+    folders = {}  # a file of DST that is also a folder of others: a.jpeg (as a.jpg) beside a folder a.jpg/
+    for target, (path, _) in planned.items():
+        for folder in target.parents:
+            if folder == dst:
+                break
+            folders.setdefault(folder, path)
+    for target, (path, _) in planned.items():
+        if target in folders:
+            raise DataError(f"{path} would be written to {target}, which {folders[target]} needs as a folder: rename "
+                            f"one of them in SRC")
     return planned
 
 

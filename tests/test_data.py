@@ -945,6 +945,16 @@ def test_prepare_refuses_two_images_with_one_target_and_a_quality_out_of_range(t
     assert error == (f"error: {src / 'train/a/0.png'} and {src / 'train/a/0.png.jpg'} would both be written to "
                      f"{tmp_path / 'prepared/train/a/0.png.jpg'}: rename one of them in SRC")
     assert not (tmp_path / "prepared").exists()  # refused before writing anything
+    # A file whose base image takes the name of a folder beside it: 1.jpeg is written as 1.jpg
+    (src / "train" / "a" / "0.png").unlink()
+    (src / "train" / "a" / "1.jpg").unlink()
+    _save(src / "train" / "a" / "1.jpg" / "inner.jpg", _rgb(51))  # a folder named like an image
+    _save(src / "train" / "a" / "1.jpeg", _rgb(52))
+    assert prepare.main([str(src), str(tmp_path / "prepared")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error == (f"error: {src / 'train/a/1.jpeg'} would be written to {tmp_path / 'prepared/train/a/1.jpg'}, "
+                     f"which {src / 'train/a/1.jpg/inner.jpg'} needs as a folder: rename one of them in SRC")
+    assert not (tmp_path / "prepared").exists()
     for quality in ("0", "-5", "101"):
         with pytest.raises(SystemExit) as refused:
             prepare.main([str(src), str(tmp_path / "q"), "--quality", quality])
