@@ -26,8 +26,8 @@ that every image counts once. What was skipped, and why, travels back with
 the batch, so the count is right with worker processes too: the batch iterators of
 this module add the skipped paths to ``dataset.corrupt`` in the calling process and
 log each one once, with why. ``open_data`` reads no more of each split than its first
-usable image (a split with none is refused at once), so that count grows as the data is
-used.
+usable image (a split with none is refused at once; for training, of each class of
+train/), so that count grows as the data is used.
 
 Links: the scan follows symbolic links (class folders kept on another disk, files
 linked in from elsewhere) but never loops, never lists one file twice in a split, and
@@ -191,14 +191,15 @@ def _file_name(name: str) -> bool:
 SYSTEM_FOLDERS = frozenset({"@eaDir", "#recycle", "#snapshot", "__MACOSX", "$RECYCLE.BIN", "System Volume Information"})
 
 
-def _not_data(name: str) -> bool:
+def not_data(name: str) -> bool:
     return name.startswith(".") or name in SYSTEM_FOLDERS
 
 
 def _as_shown(name: str) -> str:
-    """A folder name as is, or escaped where it may print as another does: not in Unicode's
-    composed form (NFD, as macOS and some copies write names), a character that does not
-    print, or a space at an end. (café in NFC and in NFD print alike, and differ.)"""
+    """A folder name as is, or escaped where it is not in Unicode's composed form (NFD, as
+    macOS and some copies write names: café in NFC and in NFD print alike, and differ), or
+    holds a character that does not print, or a space at an end. (Letters of other scripts
+    that look alike, such as a Cyrillic а, are not told apart.)"""
     plain = name.isprintable() and name == name.strip() and name == unicodedata.normalize("NFC", name)
     return name if plain else ascii(name)
 
@@ -209,7 +210,7 @@ def _class_folders(split_dir: Path) -> list:
     not there."""
     names = []
     for entry in os.scandir(split_dir):
-        if _not_data(entry.name):
+        if not_data(entry.name):
             continue
         if entry.is_dir():
             names.append(entry.name)
@@ -268,7 +269,7 @@ def _images_in(folder: Path, name: str, owners: dict, seen: set, skipped: Skippe
         real_dir = real_dirs.pop(dirpath)
         kept = []
         for sub in sorted(dirnames):
-            if _not_data(sub):
+            if not_data(sub):
                 skipped.hidden_folders += 1
                 continue
             path = os.path.join(dirpath, sub)
@@ -416,7 +417,9 @@ def open_data(data_dir: Optional[Union[str, Path]], *, cache_dir: Optional[Path]
               stats: Optional[DataStats] = None, classify: bool = False, need_train: bool = True) -> DataBundle:
     """Opens an ImageNet-layout folder (``data_dir``) or, for None, the built-in dataset
     (made in ``cache_dir`` if given, else ``default_cache_dir()``, on first use). With
-    ``classify`` (a net is to tell its classes apart), a folder of one class is refused.
+    ``classify`` (a net is to be trained to tell its classes apart), a folder of one class is
+    refused, and so is a class none of whose training images can be used (the next image, of
+    another class, would stand in for each).
     ``stats`` given (by a rank that received them, or from a checkpoint to evaluate) are
     used instead of the cache's. Without ``need_train`` (an evaluation, given ``stats``),
     train/ is not read, and the training split is empty.
@@ -449,7 +452,7 @@ def open_data(data_dir: Optional[Union[str, Path]], *, cache_dir: Optional[Path]
         if links:
             log.warning("%s/: skipped %s", split, links)
     for split in splits.values():
-        split.check_usable(each_class=split.split == "train")
+        split.check_usable(each_class=classify and split.split == "train")
     train_files = [f for images in files["train"] for f in images]
     if stats is None:
         stats = load_or_compute_stats(root, splits["train"], train_files, cache_dir)

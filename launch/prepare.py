@@ -45,7 +45,7 @@ from pathlib import Path
 from PIL import Image
 
 from launch.cli import MAX_PROCESSES_PER_CORE, NAME_MAX, Parser, lock_exclusively, quick_exit, usable_cores, write_whole
-from launch.data import UNFINISHED_NAME, DataError, open_data, scan_layout
+from launch.data import UNFINISHED_NAME, DataError, not_data, open_data, scan_layout
 from launch.images import DECODE_ERRORS, is_image_name, load_image, skip_reason
 from launch.ranks import die_with_parent
 
@@ -261,10 +261,10 @@ def _stray_images(dst: Path, planned: dict) -> list:
     for split in ("train", "val"):
         if not (dst / split).is_dir():
             continue
-        classes = [e.path for e in os.scandir(dst / split) if e.is_dir() and not e.name.startswith(".")]
+        classes = [e.path for e in os.scandir(dst / split) if e.is_dir() and not not_data(e.name)]
         for top in classes:
             for folder, folders, names in os.walk(top):
-                folders[:] = [f for f in folders if not f.startswith(".")]  # not read either (data.Skipped)
+                folders[:] = [f for f in folders if not not_data(f)]  # not read either (data.Skipped)
                 stray += [Path(folder, n) for n in names if is_image_name(n) and Path(folder, n) not in planned]
     return sorted(stray)
 

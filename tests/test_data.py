@@ -387,15 +387,16 @@ def test_a_class_of_no_usable_training_image_is_refused_naming_it(tmp_path):
     root = _simple_tree(tmp_path / "data", classes=("a", "b", "c"))
     for image in (root / "train" / "b").iterdir():
         image.write_bytes(b"HEIC, not a JPEG")
+    assert len(data.open_data(root, cache_dir=tmp_path / "cache").train) == 9  # a tool that trains nothing: as it is
     with pytest.raises(DataError) as refused:
-        data.open_data(root, cache_dir=tmp_path / "cache")
+        data.open_data(root, cache_dir=tmp_path / "cache", classify=True)
     assert str(refused.value).startswith(f"no usable image of class b in train/: each of its 3 files failed to decode "
                                          f"or was refused, such as {root / 'train' / 'b' / '0.jpg'}: unreadable (")
     assert str(refused.value).endswith(": replace them, or remove the class from both train/ and val/")
     (root / "train" / "b" / "1.jpg").write_bytes((root / "train" / "a" / "1.jpg").read_bytes())  # one usable: enough
     for image in (root / "val" / "b").iterdir():
         image.write_bytes(b"HEIC, not a JPEG")
-    assert len(data.open_data(root, cache_dir=tmp_path / "cache").train) == 9
+    assert len(data.open_data(root, cache_dir=tmp_path / "cache", classify=True).train) == 9
 
 
 def test_an_image_replaced_by_a_named_pipe_after_the_scan_is_passed_over_not_waited_on(tmp_path):
@@ -1032,6 +1033,8 @@ def test_prepare_names_each_image_by_its_own_name_and_refuses_images_that_src_no
     (train_a / "x.png.jpg").unlink()
     (train_a / ".x.png.jpg.partial-123").write_bytes(b"\xff\xd8")  # hidden, a write cut short: not data
     _save(train_a / ".thumbs" / "x.jpg", _rgb(1))  # in a hidden folder: not data either
+    for folder in (train_a, dst / "train"):  # nor in the thumbnails of a NAS that indexes DST
+        _save(folder / "@eaDir" / "x.jpg" / "SYNOPHOTO_THUMB_M.jpg", _rgb(1))
     assert prepare.main([str(src), str(dst), "--workers", "1"]) == 0
     assert len(data.open_data(dst, cache_dir=tmp_path / "cache").train) == 4  # 0.jpg of a and b, x.jpg, y.jpg
 
