@@ -209,12 +209,25 @@ def _say(text: str) -> None:
     write_out(os.fsencode(text) + b"\n")
 
 
+def _parse(parser: argparse.ArgumentParser, argv: list) -> argparse.Namespace:
+    """The command line, images among the options too, and after a "--" as they come (names
+    like options): argparse's intermixed parsing loses what follows a "--", so that part is
+    added to the positional arguments of the rest, in which a stand-in for each of the two
+    required ones (a NUL, which no argument holds) keeps argparse from asking for them."""
+    if "--" not in argv:
+        return parser.parse_intermixed_args(argv)
+    cut = argv.index("--")
+    args = parser.parse_intermixed_args(argv[:cut] + ["\0", "\0"])
+    given = [a for a in [args.checkpoint, *args.images] if a != "\0"] + argv[cut + 1:]
+    if len(given) < 2:
+        parser.error("the following arguments are required: " + ("IMAGE" if given else "CHECKPOINT, IMAGE"))
+    args.checkpoint, args.images = given[0], given[1:]
+    return args
+
+
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    argv = sys.argv[1:] if argv is None else list(argv)
-    parser = build_parser()
-    # images after an option too; after a "--" (images named like options), as they come
-    args = vars(parser.parse_args(argv) if "--" in argv else parser.parse_intermixed_args(argv))
+    args = vars(_parse(build_parser(), sys.argv[1:] if argv is None else list(argv)))
     checkpoint, paths = args.pop("checkpoint"), args.pop("images")
     options = PredictOptions(**{f.name: args[f.name] for f in fields(PredictOptions)})
     try:  # Ctrl-C while the checkpoint or the data's statistics load, or while the images are classified

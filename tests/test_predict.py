@@ -242,8 +242,8 @@ def test_an_image_name_that_is_not_utf8_is_printed_as_its_bytes_even_to_a_strict
     assert json.loads(said[-1])["image"] == str(named)  # JSON: escaped, so the output stays ASCII
 
 
-def test_images_come_after_options_or_after_a_double_dash_and_errors_keep_to_one_line(checkpoints, photos,
-                                                                                        tmp_path, monkeypatch, caplog):
+def test_images_come_after_options_or_after_a_double_dash_and_errors_keep_to_one_line(checkpoints, photos, tmp_path,
+                                                                                        monkeypatch, caplog, capsys):
     """Images among the options; after "--", names that look like options; a missing file whose
     name holds a newline: its error on one line."""
     dashed = tmp_path / "-x.png"
@@ -254,9 +254,18 @@ def test_images_come_after_options_or_after_a_double_dash_and_errors_keep_to_one
     assert predict.main([str(checkpoints["full"]), "--json", "--top", "1", photos[0]]) == 0
     assert predict.main(["--json", "--", str(checkpoints["full"]), "-x.png"]) == 0
     assert predict.main(["--json", str(checkpoints["full"]), "--", "-x.png", "miss\ning.png"]) == 1
+    assert predict.main([str(checkpoints["full"]), photos[1], "--json", "--", "-x.png"]) == 0  # one before the options
     said = [json.loads(line) for line in output.buffer.getvalue().splitlines()]
-    assert [record["image"] for record in said] == [photos[0], "-x.png", "-x.png", "miss\ning.png"]
+    assert [record["image"] for record in said] == [photos[0], "-x.png", "-x.png", "miss\ning.png", photos[1],
+                                                    "-x.png"]
     assert said[1]["predictions"] == said[2]["predictions"] and "error" in said[3]
+    classes = lambda record: [p["class"] for p in record["predictions"]]
+    assert classes(said[5]) == classes(said[1])  # (in a batch of two: the same to float32 rounding)
+    for argv, missing in ((["--", str(checkpoints["full"])], "IMAGE"), (["--json", "--"], "CHECKPOINT, IMAGE")):
+        with pytest.raises(SystemExit) as refused:
+            predict.main(argv)
+        assert refused.value.code == 2 and capsys.readouterr().err.startswith(
+            f"error: the following arguments are required: {missing}")
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert errors == ["error: $'miss\\ning.png: no such file'"]
 
