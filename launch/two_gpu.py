@@ -351,7 +351,8 @@ def prepare_run(config: TrainConfig, checkpoint: Optional[dict]):
     else:
         log.info("data: %s (%d classes, %d training and %d validation images)", bundle.root, len(bundle.classes),
                  len(bundle.train), len(bundle.val))
-    milestones_given = config.lr_milestones is not None  # or the recipe's, which follow --epochs
+    # given by the user, not filled by the recipe (a resumed run's, either, and it cannot change them)
+    milestones_given = config.lr_milestones is not None and not config.resume
     config = resolve(config, train_images=len(bundle.train))
     if not config.eval_only:
         log.info("%s", describe_recipe(config, len(bundle.train)))

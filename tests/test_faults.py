@@ -243,8 +243,8 @@ def test_a_hung_rank_is_found_by_the_timeout(tiny_data, tmp_path):
     os.kill(run.ranks()[1], signal.SIGSTOP)  # alive but silent
     assert run.wait() == 1
     err = run.stderr()
-    assert "rank 1 failed: did not respond" in err and "timed out" in err.lower()
-    assert "a rank waits at most --timeout 5 s for the other in an exchange: if the other was busy" in err
+    assert "rank 1 failed: did not respond" in err and "timed out" in err.lower(), err
+    assert "a rank waits at most --timeout 5 s for the other in an exchange: if the other was busy" in err, err
     _no_leftovers(run)
 
 

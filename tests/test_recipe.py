@@ -280,6 +280,11 @@ def test_a_small_run_and_its_resumption_keep_the_recipe_sized_at_the_start(tiny_
     assert (saved["config"]["recipe"], saved["config"]["epochs"], saved["config"]["lr_milestones"]) == \
         ("small", 40, [20])
     assert "recipe: small (kept from the resumed run" in resumed.stderr
+    # A run of two epochs: the recipe's milestone lies beyond them, given by nobody, warned of never.
+    short = launch("--data", tiny_data, "--out", tmp_path, "--run-name", "short", "--recipe", "small", "--epochs", "2",
+                   "--max-steps", "1", "--no-ten-crop", "--val-limit", "4", *TINY)
+    again = launch("--resume", tmp_path / "short", "--max-steps", "2")
+    assert "warning" not in short.stderr + again.stderr, again.stderr
     assert main(["--resume", str(run), "--max-steps", "3", "--recipe", "paper"]) == 2  # stops before any rank starts
     assert "--recipe paper differs from the resumed run's small" in caplog.text
 
