@@ -30,7 +30,7 @@ import torch.distributed as dist
 
 from towers import AlexNet, Architecture, Tower, shard_state_dict, unshard_state_dicts
 
-from .cli import abandoned
+from .cli import abandoned, prints_plainly
 from .config import TrainConfig
 from .images import BASE_SIZE
 from .mesh import Mesh
@@ -315,7 +315,7 @@ def _renamed(saved: str, now: str) -> str:
     zero-width or no-break space, a soft hyphen), or a space at an end."""
     if unicodedata.normalize("NFC", saved) == unicodedata.normalize("NFC", now):
         return f"{ascii(saved)} -> {ascii(now)}, the same letters in another Unicode form"
-    if all(name.isprintable() and name == name.strip() for name in (saved, now)):
+    if prints_plainly(saved) and prints_plainly(now):
         return f"{saved} -> {now}"
     return f"{ascii(saved)} -> {ascii(now)}, escaped: characters that do not print, or a space at an end"
 

@@ -119,6 +119,12 @@ def shell_word(path) -> str:
     return shlex.quote(str(path))
 
 
+def prints_plainly(name: str) -> bool:
+    """Whether ``name`` shows as what it is: every character prints (no zero-width or
+    no-break space, no soft hyphen), and no space at an end."""
+    return name.isprintable() and name == name.strip()
+
+
 def abandoned(owner: str) -> bool:
     """Whether the temporary file or folder of the work named by ``owner`` ("HOST-PID", or
     "PID" as earlier versions named a checkpoint's) was left by work that was killed: on this

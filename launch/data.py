@@ -51,6 +51,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .builtin import BUILTIN_NAME, builtin_dataset
+from .cli import prints_plainly
 from .images import (BASE_SIZE, CROP_SIZE, DECODE_ERRORS, IMAGE_EXTENSIONS, DataError, is_image_name, load_image,
                      skip_reason)
 from .ranks import die_with_parent
@@ -132,18 +133,16 @@ class ImageFolderSplit(Dataset):
                 self.load(0)
             return
         for label, members in itertools.groupby(range(len(self.samples)), key=lambda i: self.samples[i][1]):
-            members, reasons = list(members), []
+            members, skipped = list(members), []
             for index in members:
-                path = self.samples[index][0]
-                try:
-                    load_image(path)
+                image, _, passed_over = self.load(index, substitute=False)
+                if image is not None:
                     break
-                except DECODE_ERRORS as error:
-                    reasons.append(skip_reason(path, error))
+                skipped += passed_over
             else:
                 raise DataError(f"no usable image of class {self.classes[label]} in {self.split}/: each of its "
-                                f"{len(members)} files failed to decode or was refused, such as {reasons[0]}: replace "
-                                f"them, or remove the class from both train/ and val/")
+                                f"{len(members)} files failed to decode or was refused, such as {skipped[0][1]}: "
+                                f"replace them, or remove the class from both train/ and val/")
 
 
 @dataclass
@@ -200,8 +199,7 @@ def _as_shown(name: str) -> str:
     macOS and some copies write names: café in NFC and in NFD print alike, and differ), or
     holds a character that does not print, or a space at an end. (Letters of other scripts
     that look alike, such as a Cyrillic а, are not told apart.)"""
-    plain = name.isprintable() and name == name.strip() and name == unicodedata.normalize("NFC", name)
-    return name if plain else ascii(name)
+    return name if prints_plainly(name) and name == unicodedata.normalize("NFC", name) else ascii(name)
 
 
 def _class_folders(split_dir: Path) -> list:

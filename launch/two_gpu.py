@@ -332,6 +332,8 @@ def prepare_run(config: TrainConfig, checkpoint: Optional[dict]):
         raise ValueError(f"--data {config.data} does not exist: give the folder of the images that {config.resume} "
                          f"was trained on")
     saved_mean = None if checkpoint is None else checkpoint.get("data_mean")
+    if saved_mean is not None:
+        saved_mean = saved_mean.to(torch.float32).clone()
     # The net goes on seeing its inputs minus the mean image it was trained with, not the
     # mean of what --data holds now (another set, or the same one grown). An evaluation with
     # it needs nothing else of the training set: not its statistics, not even its train/.
@@ -341,8 +343,8 @@ def prepare_run(config: TrainConfig, checkpoint: Optional[dict]):
         raise ValueError(f"{config.eval_only} holds no mean image of its training set (saved by an earlier version, "
                          f"or from the single-device model without it), so the evaluation computes it from the "
                          f"training images: give --data a folder that holds the train/ it was trained on too")
-    known = data_module.DataStats(saved_mean.to(torch.float32).clone(), torch.zeros(3), torch.eye(3),
-                                  pca_source="not used") if evaluating else None
+    known = data_module.DataStats(saved_mean, torch.zeros(3), torch.eye(3), pca_source="not used") if evaluating \
+        else None
     bundle = data_module.open_data(config.data, classify=True, stats=known,  # one class refused (prepare takes it)
                                    need_train=not evaluating)
     if evaluating:
@@ -365,8 +367,7 @@ def prepare_run(config: TrainConfig, checkpoint: Optional[dict]):
         check_classes(checkpoint, resolve_path(config.resume or config.eval_only), bundle.classes)
         if saved_mean is not None:
             if not evaluating:
-                bundle = dataclasses.replace(bundle, stats=dataclasses.replace(
-                    bundle.stats, mean=saved_mean.to(torch.float32).clone()))
+                bundle = dataclasses.replace(bundle, stats=dataclasses.replace(bundle.stats, mean=saved_mean))
             log.info("data: the mean image subtracted is the one saved in the checkpoint, its training set's")
     if config.resume:
         check_resumable(config, checkpoint, bundle)
