@@ -9,6 +9,7 @@ and see identical inputs; the rank returns error magnitudes and the parent asser
 
 import ast
 import contextlib
+import copy
 import os
 import subprocess
 import sys
@@ -268,7 +269,8 @@ def test_the_towers_in_channels_last_match_the_reference(parity):
 
 def _library_worker(rank, fc8_placement):
     """The towers as a user's own script uses them: built with the default group, loaded with
-    the reference's halves, given images that require grad, an empty batch, a second derivative."""
+    the reference's halves, given images that require grad, an empty batch, a second derivative,
+    FC8 trained alone (the layers before it frozen), copied by copy.deepcopy (as EMA and SWA copy)."""
     torch.manual_seed(SEED)
     tower = Tower(None, 10, dropout=0.0, fc8_placement=fc8_placement).double()  # None: the default group
     drawn_after = torch.rand(4)  # the same on both ranks: building a tower leaves the stream as it was
@@ -295,7 +297,28 @@ def _library_worker(rank, fc8_placement):
         init = "drawn"
     except ValueError as exc:
         init = str(exc)
-    return {"drawn_after": drawn_after, "autocast_float64": autocast_float64, "input_grad": _rel(*grads), "empty": tuple(tower(images[:0]).shape),
+    fc8_grads = []
+    for net in (tower, reference):  # a new classifier for frozen features: tower 1 holds none of it
+        net.zero_grad()
+        for name, parameter in net.named_parameters():
+            parameter.requires_grad_(name.startswith("fc8"))
+        F.cross_entropy(net(images), labels).backward()  # on both towers, as every step's
+        fc8_grads.append(dict(net.named_parameters())["fc8.weight"].grad if hasattr(net, "fc8") and
+                         hasattr(net.fc8, "weight") else None)
+    tower.requires_grad_(True)
+    fc8_only = "no FC8 here" if fc8_grads[0] is None else _rel(fc8_grads[0], reference.fc8.weight.grad[
+        slice(None) if fc8_placement == "tower0" else slice(rank * 5, rank * 5 + 5)])
+    clone = copy.deepcopy(tower)  # the group shared, everything else copied
+    same = torch.equal(clone(images), tower(images))
+    with torch.no_grad():
+        clone.fc6.weight.zero_()
+    own_weights = not torch.equal(clone(images), tower(images)) and tower.fc6.weight.any().item()
+    compile_blocks(tower, backend="eager")
+    compiled_clone = copy.deepcopy(tower)  # runs uncompiled: compiled blocks would use the original's weights
+    with torch.no_grad():
+        compiled_clone.fc7.weight.zero_()
+    compiled_own = not torch.equal(compiled_clone(images), tower(images))
+    return {"fc8_only": fc8_only, "copy": (same, own_weights, compiled_own), "drawn_after": drawn_after, "autocast_float64": autocast_float64, "input_grad": _rel(*grads), "empty": tuple(tower(images[:0]).shape),
             "second": second, "init": init, "input_exchange": tower.exchange_log.as_dict()["input/backward"]}
 
 
@@ -321,6 +344,11 @@ def _assert_library_use(placement, ranks):
         # two backward passes through the images (the second derivative's first): an all-reduce of them each
         assert r["input_exchange"]["calls"] == 2
         assert r["input_exchange"]["sent_bytes"] == 2 * BATCH * 3 * 224 * 224 * 8
+        if placement == "tower0" and rank == 1:
+            assert r["fc8_only"] == "no FC8 here"  # and its backward ran: it raised before, with no graph
+        else:
+            assert r["fc8_only"] < 1e-12, (placement, rank)
+        assert r["copy"] == (True, True, True), (placement, rank)  # same function, own weights, compiled too
 
 
 # Towers built or run unlike, rank 1 the odd one: (what to build with, how to run, the setting named).
@@ -333,6 +361,8 @@ UNLIKE = {
     "mode": ({}, {"eval": True}, "mode (eval here)"),
     "no_grad": ({}, {"no_grad": True}, "gradients (off here)"),
     "dtype": ({}, {"dtype": torch.float64}, "images' dtype (torch.float64 here)"),
+    # other images, as where each rank draws its augmentation from its own stream
+    "images": ({}, {"fill": 1.0}, "images (CRC-32 "),
 }
 
 
@@ -343,7 +373,7 @@ def _unlike_worker(rank):
         tower = Tower(None, **{"num_classes": 10, "dropout": 0.0, **built})
         if run.get("eval"):
             tower.eval()
-        images = torch.zeros(run.get("batch", 2), 3, 224, 224, dtype=run.get("dtype", torch.float32))
+        images = torch.full((run.get("batch", 2), 3, 224, 224), run.get("fill", 0.0), dtype=run.get("dtype", torch.float32))
         try:
             with torch.no_grad() if run.get("no_grad") else contextlib.nullcontext():
                 said[case] = tuple(tower(images).shape)

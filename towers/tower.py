@@ -8,6 +8,7 @@ Every tower returns the full N x K logits, so the loss and everything after it
 (accuracy, the optimizer step) are written once for every mode.
 """
 
+import copy
 import os
 import shutil
 import zlib
@@ -23,7 +24,23 @@ from .reference import (ACTIVATIONS, CONV_CHANNELS, FC_FEATURES, POOL5_SHAPE, TO
 from .sharding import check_placement
 
 
-class FC8OnTower0(nn.Linear):
+class SharesGroup:
+    """For a module that holds a process group: ``copy.deepcopy`` (as ``AveragedModel``'s EMA and
+    SWA do) shares the group, which cannot be copied, and copies everything else; the copy
+    exchanges over the group with the other tower's copy. A copy of a tower compiled by
+    ``compile_blocks`` runs uncompiled, as torch's copy of a module compiled by ``Module.compile`` does:
+    its compiled blocks would compute with the original's weights."""
+
+    def __deepcopy__(self, memo):
+        memo.setdefault(id(self.group), self.group)
+        clone = type(self).__new__(type(self))
+        memo[id(self)] = clone
+        state = {k: v for k, v in self.__getstate__().items() if k not in Tower.BLOCKS}
+        clone.__setstate__(copy.deepcopy(state, memo))
+        return clone
+
+
+class FC8OnTower0(SharesGroup, nn.Linear):
     """Tower 0's FC8 when the layer is whole on tower 0 (the authors' 2012 layout),
     fed by both towers' FC7 outputs; the logits go back to tower 1 for its copy of the loss."""
 
@@ -36,7 +53,7 @@ class FC8OnTower0(nn.Linear):
         return broadcast_from_first(super().forward(x), self.out_features, self.group, self.exchange_log, "logits")  # exchange: N x K to tower 1
 
 
-class FC8OnOtherTower(nn.Module):
+class FC8OnOtherTower(SharesGroup, nn.Module):
     """Tower 1's side of ``FC8OnTower0``: no parameters; sends its FC7 output, receives the logits."""
 
     def __init__(self, num_classes: int, group, exchange_log: ExchangeLog):
@@ -45,10 +62,14 @@ class FC8OnOtherTower(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         placeholder = gather_to_first(x, self.group, self.exchange_log, "fc8_input")  # exchange: N x 2048 to tower 0
+        if torch.is_grad_enabled() and not placeholder.requires_grad:
+            # FC8 trained alone (the layers before it frozen): the logits' gradient is tower 0's
+            # business, but this tower's loss.backward() must run, as a no-op, as tower 0's does
+            placeholder.requires_grad_()
         return broadcast_from_first(placeholder, self.num_classes, self.group, self.exchange_log, "logits")  # exchange: N x K from tower 0
 
 
-class FC8Split(nn.Linear):
+class FC8Split(SharesGroup, nn.Linear):
     """Half of FC8's neurons (500 of 1000) on each tower; the logits are gathered for the loss."""
 
     def __init__(self, in_features: int, num_classes: int, group, exchange_log: ExchangeLog):
@@ -71,15 +92,16 @@ def build_fc8(fc8_placement: str, tower_rank: int, in_features: int, num_classes
 
 
 def as_autocast_dtype(x: torch.Tensor) -> torch.Tensor:
-    """Under autocast, the dtype the next layer computes in. LRN and pooling keep fp32,
-    but conv3 would cast its input anyway: casting before the exchange moves half the bytes.
+    """Under autocast, the dtype the next layer computes in. LRN may hand on fp32 (CUDA's autocast
+    computes its power in fp32, the CPU's does not), but conv3 would cast its input anyway:
+    casting before the exchange moves half the bytes.
     As autocast itself, it leaves float64 as it is (a float64 net computes in float64)."""
     if torch.is_autocast_enabled(x.device.type) and x.dtype != torch.float64:
         return x.to(torch.get_autocast_dtype(x.device.type))
     return x
 
 
-class Tower(nn.Module):
+class Tower(SharesGroup, nn.Module):
     """This rank's tower. ``group`` is the two-rank process group (None: the default
     group); the tower's index in it (``dist.get_rank(group)``) decides which half it holds.
 
@@ -98,7 +120,8 @@ class Tower(nn.Module):
 
     Dropout draws from each rank's own random stream: seed the ranks differently
     (``torch.manual_seed(seed + rank)``; the training program uses ``seed + 1 + rank``), or both towers
-    drop the same neurons of their halves together, which is not the paper's dropout.
+    drop the same neurons of their halves together, which is not the paper's dropout. The images'
+    randomness (augmentation, shuffling) must then come from a stream seeded alike on both.
     """
 
     def __init__(self, group, num_classes: int = 1000, dropout: float = 0.5, fc8_placement: str = "tower0",
@@ -161,17 +184,19 @@ class Tower(nn.Module):
 
     def settings(self, x: torch.Tensor) -> dict:
         """What the two towers must share for a forward with images ``x`` to compute the
-        net's function: how they were built, their mode, the images' form, autocast, and
-        whether gradients are on (each backward is collectives both must join). Checked at
-        the first forward only: a later forward run unlike on the two towers is not caught."""
+        net's function: how they were built, their mode, the images (their form, and their
+        bytes' CRC-32), autocast, and whether gradients are on (each backward is collectives
+        both must join). Checked at the first forward only: a later forward run unlike on the
+        two towers is not caught."""
         device = x.device.type
+        data = x.detach().contiguous().view(-1).view(torch.uint8).cpu().numpy()  # a copy once, for the CRC
         return {"num_classes": self.num_classes, "fc8_placement": self.fc8_placement,
                 "architecture": self.architecture, "dropout": self.dropout.p,
                 "mode": "train" if self.training else "eval", "batch size": x.shape[0], "image shape": tuple(x.shape[1:]),
                 "images' dtype": x.dtype, "weights' dtype": self.conv1.weight.dtype,
                 "autocast": torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else "off",
                 "gradients": "on" if torch.is_grad_enabled() and self.conv1.weight.requires_grad else "off",
-                "images require grad": x.requires_grad}
+                "images require grad": x.requires_grad, "images": f"CRC-32 {zlib.crc32(data):08x}"}
 
     def check_peer(self, x: torch.Tensor) -> None:
         """Raises ValueError, on both towers, naming what differs between them (``settings``):
