@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import sysconfig
 import time
 import zipfile
 from pathlib import Path
@@ -826,7 +827,7 @@ def test_a_compile_backend_the_program_cannot_check_is_refused_before_the_run(ti
     assert not (tmp_path / "runs").exists()
 
 
-def test_inductor_on_a_gpu_without_a_c_compiler_is_refused(tmp_path, monkeypatch):
+def test_inductor_on_a_gpu_without_a_c_compiler_or_pythons_headers_is_refused(tmp_path, monkeypatch):
     """Triton builds each kernel's launcher with $CC, else gcc, else clang: without one the first
     compiled step fails on the GPU. The check itself needs no GPU."""
     monkeypatch.delenv("CC", raising=False)
@@ -852,6 +853,14 @@ def test_inductor_on_a_gpu_without_a_c_compiler_is_refused(tmp_path, monkeypatch
     monkeypatch.delenv("CC")
     (tmp_path / "clang").symlink_to(cc)
     check_compile_backend("inductor", "--compile", "cuda:0")
+    # Triton builds them as Python extensions: a Python without its C headers fails at the first step too
+    monkeypatch.setattr(sysconfig, "get_paths", lambda scheme=None: {"include": str(tmp_path / "include")})
+    with pytest.raises(ValueError) as refused:
+        check_compile_backend("inductor", "--compile", "cuda")
+    assert str(refused.value) == (
+        f"--compile inductor: on a GPU it builds the launchers of its Triton kernels as Python extensions, which need "
+        f"Python's C headers, and finds no Python.h in {tmp_path / 'include'}: install them (the python3-dev package "
+        f"of this Python), or give aot_eager, which compiles nothing")
 
 
 def test_options_that_depend_on_the_data_or_the_disk_leave_no_run_folder(tiny_data, tmp_path, caplog):

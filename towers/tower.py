@@ -11,6 +11,7 @@ Every tower returns the full N x K logits, so the loss and everything after it
 import copy
 import os
 import shutil
+import sysconfig
 import zlib
 
 import torch
@@ -255,6 +256,11 @@ def check_compile_backend(backend: str, option: str, device: str = "cpu") -> Non
             raise ValueError(f"{option} inductor: on a GPU it builds the launchers of its Triton kernels with a C "
                              f"compiler, and finds none here ({missing}): install gcc (or set CC to a C compiler), "
                              f"or give aot_eager, which compiles nothing")
+        headers = python_headers()
+        if not os.path.isfile(os.path.join(headers, "Python.h")):
+            raise ValueError(f"{option} inductor: on a GPU it builds the launchers of its Triton kernels as Python "
+                             f"extensions, which need Python's C headers, and finds no Python.h in {headers}: install "
+                             f"them (the python3-dev package of this Python), or give aot_eager, which compiles nothing")
         return
     if os.getenv("TORCH_INDUCTOR_INSTALL_GXX"):
         return
@@ -266,6 +272,12 @@ def check_compile_backend(backend: str, option: str, device: str = "cpu") -> Non
         raise ValueError(f"{option} inductor: on the CPU it builds its kernels with a C++ compiler, and finds none "
                          f"here ({', '.join(c for c in candidates if c is not None)} is not on PATH): install g++ "
                          f"(or set CXX to a C++ compiler), or give aot_eager, which compiles nothing")
+
+
+def python_headers() -> str:
+    """The folder where Triton looks for Python.h to build its launchers (triton.runtime.build)."""
+    scheme = sysconfig.get_default_scheme()
+    return sysconfig.get_paths(scheme="posix_prefix" if scheme == "posix_local" else scheme)["include"]
 
 
 def compile_blocks(model: nn.Module, **options) -> nn.Module:
