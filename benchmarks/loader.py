@@ -15,6 +15,7 @@ import torch
 
 from launch import data as data_module
 from launch.images import CROP_SIZE
+from launch.ranks import error_line
 
 
 def _stopped(deadline) -> bool:
@@ -74,17 +75,25 @@ def measure_loader(workers: tuple, batch: int, batches: int, device: str, bundle
     """images/s of the loader on ``bundle`` (see open_loader_data) for each number of
     ``workers``, and the device-side augmentation's ms per batch on ``device``. At the
     ``deadline`` (benchmarks.run.Deadline) the batch being timed is the last (the first
-    number of workers times one at least), and the numbers of workers left are not measured."""
-    by_workers, skipped = [], []
+    number of workers times one at least), and the numbers of workers left are not measured.
+    A number of workers whose worker dies (a /dev/shm too small for their batches) is recorded
+    as failed, and the others are measured; where every one fails, its error is raised."""
+    by_workers, skipped, failed, errors = [], [], [], []
     for count in workers:
-        if by_workers and _stopped(deadline):
+        if (by_workers or failed) and _stopped(deadline):
             skipped.append(count)
-        else:
+            continue
+        try:
             by_workers.append(_images_per_s(bundle, batch, batches, count, deadline))
+        except (RuntimeError, OSError) as error:
+            failed.append({"workers": count, "reason": f"failed: {error_line(error)}"})
+            errors.append(error)
+    if not by_workers:
+        raise errors[0]
     cut = skipped or any(w["batches"] < w["planned_batches"] for w in by_workers)
     return {
         "data": str(bundle.root), "train_images": len(bundle.train), "device": device,
-        "by_workers": by_workers, "not_measured_workers": skipped,
+        "by_workers": by_workers, "failed_workers": failed, "not_measured_workers": skipped,
         "not_measured_reason": deadline.reason if cut else None,
         "augment_ms_per_batch": _augment_ms(bundle, batch, torch.device(device), deadline=deadline),
         # what one rank broadcasts per image: uint8 crop (and an int64 label), against float32 images

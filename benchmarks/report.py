@@ -467,6 +467,7 @@ def loader_lines(results) -> list:
              "| workers | images/s | ms per batch |", "|---|---|---|"]
     lines += [f"| {w['workers']} | {w['images_per_s']:.1f} | {1000 * w['seconds'] / w['batches']:.1f} |"
               for w in loader["by_workers"]]
+    lines += [f"| {w['workers']} | {w['reason']} | |" for w in loader.get("failed_workers", ())]
     lines += [f"| {w} | {loader['not_measured_reason']} | |" for w in loader.get("not_measured_workers", ())]
     towers = [r for r in results["runs"] if r["mode"] == "towers" and r["batch"] == results["config"]["batch"]
               and _plain(r)]

@@ -183,6 +183,30 @@ def test_the_loader_stops_measuring_at_the_deadline(tiny_data):
     assert "| 1 | not measured: the benchmark's --time-limit of 10 s was reached | |" in lines
 
 
+def test_a_number_of_workers_that_fails_is_recorded_and_the_others_are_measured(tiny_data, monkeypatch):
+    """A worker killed at 16 workers (a /dev/shm too small for their batches: SIGBUS) leaves the
+    figures of 0 and 1 worker, and the report names the failure; where every count fails, its error
+    ends the loader's section (as a failed run is recorded)."""
+    from benchmarks import loader as loader_module
+    measure = loader_module._images_per_s
+
+    def dies_from_two(bundle, batch, batches, workers, deadline=None):
+        if workers >= 2:
+            raise RuntimeError(f"DataLoader worker (pid(s) 12{workers}) exited unexpectedly")
+        return measure(bundle, batch, batches, workers, deadline)
+
+    monkeypatch.setattr(loader_module, "_images_per_s", dies_from_two)
+    bundle = run.open_loader_data(str(tiny_data), 2)
+    loader = run.measure_loader((0, 2, 1), 2, 1, "cpu", bundle)
+    assert [w["workers"] for w in loader["by_workers"]] == [0, 1]
+    assert loader["failed_workers"] == [
+        {"workers": 2, "reason": "failed: RuntimeError: DataLoader worker (pid(s) 122) exited unexpectedly"}]
+    lines = report.loader_lines({"loader": loader, "runs": [], "config": {"batch": 2}})
+    assert "| 2 | failed: RuntimeError: DataLoader worker (pid(s) 122) exited unexpectedly | |" in lines
+    with pytest.raises(RuntimeError, match=r"pid\(s\) 122"):
+        run.measure_loader((2, 4), 2, 1, "cpu", bundle)
+
+
 def test_the_loader_stops_timing_batches_at_the_deadline(tiny_data):
     """A --time-limit that comes while the first number of workers is timed: no batch is timed
     after it (--loader-batches 100000 ran a minute past a limit of 22 s), and the report
