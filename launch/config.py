@@ -129,7 +129,8 @@ class TrainConfig:
                                   "gloo (the ranks sharing the GPUs, or on the CPU)", choices=("auto", "nccl", "gloo"))
     workers: Optional[int] = option(None, "data-loading processes of each replica's first tower (default: on a GPU, "
                                         "the CPU cores the ranks leave, shared by the replicas, 1 to 16; on the CPU, "
-                                        "a quarter of the cores, at most 4)")
+                                        "a quarter of the cores, at most 4; fewer where their batches would not fit "
+                                        "in half of /dev/shm's free space)")
     log_every: int = option(10, "steps between log lines")
     checkpoint_every: int = option(0, "steps between checkpoints within an epoch (0: at the end of each epoch only)")
     max_steps: Optional[int] = option(None, "stop after this many training steps in all, for short trials (default: "

@@ -48,7 +48,7 @@ from typing import Iterator, NamedTuple, Optional, Union
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from .builtin import BUILTIN_NAME, builtin_dataset
 from .cli import prints_plainly
@@ -472,6 +472,11 @@ def _collate(items):
     kept = [(image, label) for image, label, _ in items if image is not None]
     images = torch.stack([image for image, _ in kept]) if kept else torch.empty(0)
     labels = torch.tensor([label for _, label in kept], dtype=torch.int64)
+    if kept and get_worker_info() is not None:
+        # Into shared memory here, where the batch goes to the rank: where /dev/shm has no room
+        # this raises, and the rank gets the error. Left to the worker's queue, the failure comes
+        # in the queue's own thread, which drops the batch, and the rank waits for it for good.
+        images, labels = images.share_memory_(), labels.share_memory_()
     return images, labels, [i for _, _, skipped in items for i in skipped]
 
 
@@ -556,6 +561,25 @@ def share_of_batch(batch_size: int, share: tuple) -> tuple:
     return index * size, size
 
 
+SHARED_MEMORY = "/dev/shm"  # where a DataLoader worker's batches wait for the rank (torch's shared memory)
+WORKER_PREFETCH = 2  # DataLoader's prefetch_factor: the batches each worker keeps ready
+
+
+def worker_bytes(batch_size: int) -> int:
+    """The most one DataLoader worker holds in SHARED_MEMORY: its WORKER_PREFETCH batches of
+    ``batch_size`` images, each at most a 256 x 256 base image (the ten-patch test's) and a label."""
+    return WORKER_PREFETCH * batch_size * (3 * BASE_SIZE * BASE_SIZE + 8)
+
+
+def shared_memory_free(folder: str = SHARED_MEMORY) -> Optional[int]:
+    """Bytes free in ``folder``; None where there is no such folder."""
+    try:
+        status = os.statvfs(folder)
+    except OSError:
+        return None
+    return status.f_bavail * status.f_frsize
+
+
 class Loader:
     """A rank's batches, for training and evaluation, from one DataLoader whose ``workers``
     worker processes start with the first batch and live until :meth:`close` (or the end of
@@ -573,6 +597,7 @@ class Loader:
         # Pinned memory lets the copy to a GPU run while the GPU computes.
         self._loader = DataLoader(_Items(bundle.train, bundle.val), batch_sampler=self._requests,
                                   num_workers=workers, collate_fn=_collate, persistent_workers=workers > 0,
+                                  prefetch_factor=WORKER_PREFETCH if workers else None,
                                   generator=torch.Generator().manual_seed(0), pin_memory=pin_memory,
                                   worker_init_fn=functools.partial(_end_with, os.getpid()))
 
@@ -619,9 +644,18 @@ class Loader:
         return self._current
 
     def _iterate(self, split: ImageFolderSplit, then: str) -> Iterator:
-        for images, labels, skipped in self._loader:
-            split.record_skipped(skipped, then)  # here, in the calling process, whichever process decoded
-            yield images, labels
+        try:
+            for images, labels, skipped in self._loader:
+                split.record_skipped(skipped, then)  # here, in the calling process, whichever process decoded
+                yield images, labels
+        except RuntimeError as exc:  # raised in a worker by _collate
+            if "unable to allocate shared memory" not in str(exc):
+                raise
+            free = shared_memory_free()
+            raise RuntimeError(f"the batches of {self._loader.num_workers} DataLoader workers found no room in "
+                               f"{SHARED_MEMORY} ({'?' if free is None else free // 10**6} MB free; each worker holds "
+                               f"up to {WORKER_PREFETCH} batches there): give fewer workers (--workers), or "
+                               f"{SHARED_MEMORY} more room (docker run --shm-size=2g)") from exc
 
     def close(self) -> None:
         """Ends the worker processes (waiting for them); the loader is not used after."""

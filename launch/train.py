@@ -416,6 +416,33 @@ def default_workers(on_gpu: bool, ranks_here: int, loaders_here: int) -> int:
     return min(4, cores // 4)
 
 
+def fit_shared_memory(workers: int, config: TrainConfig, loaders_here: int, say: bool) -> int:
+    """``workers``, or fewer where their batches would not fit in half of /dev/shm's free space
+    (the rest for the batches the rank holds, and for other programs): a batch that finds no room
+    there stops the run, as in a container's 64 MB /dev/shm. A default is lowered, a --workers
+    given is kept; either is said where ``say`` (once for each machine)."""
+    free = data_module.shared_memory_free()
+    each = data_module.worker_bytes(config.batch_size)
+    room = None if free is None else free // 2 // (loaders_here * each)
+    if room is None or workers <= room:
+        return workers
+    shm = data_module.SHARED_MEMORY
+    larger = math.ceil(2 * workers * loaders_here * each / 2**30)
+    fix = f"give {shm} {larger} GB or more (docker run --shm-size={larger}g)"
+    if config.workers is None:
+        if say:
+            log.warning("data: %s has %d MB free, room for the batches of %d DataLoader worker(s) of each rank that loads "
+                        "(each holds %d batches of %d images there, %d MB), not of this machine's default %d: %d; %s "
+                        "to load faster", shm, free // 10**6, room, data_module.WORKER_PREFETCH, config.batch_size,
+                        each // 10**6, workers, room, fix)
+        return room
+    if say:
+        log.warning("data: --workers %d: their batches (%d MB each worker) may not fit in %s, which has %d MB free: "
+                    "give --workers %s, or %s", workers, each // 10**6, shm, free // 10**6,
+                    f"{room} or fewer" if room else "0", fix)
+    return workers
+
+
 def compile_counts(config: TrainConfig) -> dict:
     """What torch.compile made in this process: graphs (recompilations included) and breaks."""
     if not config.compile:
@@ -442,8 +469,10 @@ def run_rank(rank: int, config: TrainConfig, run_dir: Optional[str], placement: 
     setup_logging(rank, run_dir)
     torch.manual_seed(config.seed + 1 + rank)  # each tower its own dropout masks, as on two GPUs
     ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size()))
+    loaders_here = max(1, ranks_here // mesh.towers)
     workers = config.workers if config.workers is not None else \
-        default_workers(device.type == "cuda", ranks_here, max(1, ranks_here // mesh.towers))
+        default_workers(device.type == "cuda", ranks_here, loaders_here)
+    workers = fit_shared_memory(workers, config, loaders_here, say=int(os.environ.get("LOCAL_RANK", rank)) == 0)
     log.info("data: %d DataLoader worker processes for each rank that loads%s", workers,
              "" if config.workers is not None else " (the default on this machine; --workers sets it)")
 

@@ -9,12 +9,14 @@ import importlib
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import sysconfig
+import tempfile
 import time
 import zipfile
 from pathlib import Path
@@ -49,6 +51,65 @@ def _no_leftovers(run: Run, timeout_s: float = 10) -> None:
 def _start(tiny_data, tmp_path, *extra, name="run", **how):
     return Run("--data", tiny_data, "--out", tmp_path, "--run-name", name, "--epochs", "50", *TINY, *extra,
                run_dir=tmp_path / name, **how)
+
+
+# ---------------------------------------------------------------- a /dev/shm too small for the workers' batches
+
+def _small_dev_shm() -> list:
+    """A command prefix that runs a command with a 2 MB /dev/shm of its own (a mount namespace),
+    or [] where this machine does not allow one (no unshare, or no right to mount)."""
+    prefix = ["unshare", "-m", "sh", "-c", 'mount -t tmpfs -o size=2m tmpfs /dev/shm && exec "$@"', "sh"]
+    try:
+        return prefix if subprocess.run([*prefix, "true"], capture_output=True, timeout=30).returncode == 0 else []
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+
+
+SMALL_DEV_SHM = _small_dev_shm()
+
+
+@pytest.mark.skipif(not SMALL_DEV_SHM, reason="needs unshare -m and the right to mount a tmpfs in it")
+def test_batches_that_find_no_room_in_dev_shm_stop_the_run_naming_the_fix(tiny_data):
+    """A container's /dev/shm (64 MB unless given more) too small for the workers' batches: the run
+    stops within seconds, saying what to do, where before a worker's batch was dropped in its queue's
+    thread and the ranks waited for it for good. Its data and folders lie outside /dev/shm, which
+    the small one hides."""
+    with tempfile.TemporaryDirectory(dir="/var/tmp" if os.path.isdir("/var/tmp") else None) as folder:
+        data = shutil.copytree(tiny_data, Path(folder, "data"))
+        started = time.monotonic()
+        result = subprocess.run([*SMALL_DEV_SHM, sys.executable, "-m", "launch.two_gpu", "--data", data, "--out",
+                                 Path(folder, "runs"), "--max-steps", "2", *TINY, "--batch-size", "16",
+                                 "--workers", "1"],
+                                cwd=ROOT, capture_output=True, text=True, timeout=BOUND_S + 60)
+    assert result.returncode == 1 and time.monotonic() - started < BOUND_S, result.stderr[-3000:]
+    # a batch of 16 crops is 2.4 MB; the worker's share of /dev/shm is reckoned at 2 batches of 16 base images
+    assert re.search(r"data: --workers 1: their batches \(6 MB each worker\) may not fit in /dev/shm, which has [0-2] MB "
+                     r"free: give --workers 0, or give /dev/shm 1 GB or more \(docker run --shm-size=1g\)",
+                     result.stderr), result.stderr
+    assert ("rank 0 failed: RuntimeError: the batches of 1 DataLoader workers found no room in /dev/shm (") in result.stderr
+    assert "give fewer workers (--workers), or /dev/shm more room (docker run --shm-size=2g)" in result.stderr
+
+
+def test_the_default_workers_are_as_many_as_dev_shm_holds(monkeypatch, caplog):
+    from launch.train import fit_shared_memory
+    each = data_module.worker_bytes(128)  # 2 batches of 128 base images: 50 MB
+    assert each == 2 * 128 * (3 * 256 * 256 + 8)
+    monkeypatch.setattr(data_module, "shared_memory_free", lambda: 4 * each + 1)  # half: 2 workers' batches
+    config = parse_config(["--batch-size", "128"])
+    assert fit_shared_memory(14, config, loaders_here=1, say=True) == 2
+    assert ("data: /dev/shm has 201 MB free, room for the batches of 2 DataLoader worker(s) of each rank that loads "
+            "(each holds 2 batches of 128 images there, 50 MB), not of this machine's default 14: 2; give /dev/shm "
+            "2 GB or more (docker run --shm-size=2g) to load faster") in caplog.text
+    assert fit_shared_memory(14, config, loaders_here=2, say=False) == 1  # two loading ranks share it
+    assert fit_shared_memory(2, config, loaders_here=1, say=True) == 2  # fits
+    monkeypatch.setattr(data_module, "shared_memory_free", lambda: None)  # no /dev/shm: nothing to fit
+    assert fit_shared_memory(14, config, loaders_here=1, say=True) == 14
+    monkeypatch.setattr(data_module, "shared_memory_free", lambda: 4 * each + 1)
+    caplog.clear()
+    given = parse_config(["--batch-size", "128", "--workers", "3"])
+    assert fit_shared_memory(3, given, loaders_here=1, say=True) == 3  # kept, and warned of
+    assert "data: --workers 3: their batches (50 MB each worker) may not fit in /dev/shm, which has 201 MB free: " \
+           "give --workers 2 or fewer" in caplog.text
 
 
 # ---------------------------------------------------------------- a dead or hung peer never hangs the other
