@@ -80,7 +80,7 @@ def measure_loader(workers: tuple, batch: int, batches: int, device: str, bundle
     as failed, and the others are measured; where every one fails, its error is raised."""
     by_workers, skipped, failed, errors = [], [], [], []
     for count in workers:
-        if (by_workers or failed) and _stopped(deadline):
+        if by_workers and _stopped(deadline):  # one measured at least, past failures
             skipped.append(count)
             continue
         try:

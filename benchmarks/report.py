@@ -465,9 +465,10 @@ def loader_lines(results) -> list:
              f"of {batch}) on {loader['data']} ({loader['train_images']} training images), by DataLoader worker "
              f"processes; one warm-up batch, then {timed}.", "",
              "| workers | images/s | ms per batch |", "|---|---|---|"]
-    lines += [f"| {w['workers']} | {w['images_per_s']:.1f} | {1000 * w['seconds'] / w['batches']:.1f} |"
-              for w in loader["by_workers"]]
-    lines += [f"| {w['workers']} | {w['reason']} | |" for w in loader.get("failed_workers", ())]
+    measured = [(w["workers"], f"| {w['workers']} | {w['images_per_s']:.1f} | {1000 * w['seconds'] / w['batches']:.1f} |")
+                for w in loader["by_workers"]]
+    failed = [(w["workers"], f"| {w['workers']} | {w['reason']} | |") for w in loader.get("failed_workers", ())]
+    lines += [line for _, line in sorted(measured + failed, key=lambda row: row[0])]
     lines += [f"| {w} | {loader['not_measured_reason']} | |" for w in loader.get("not_measured_workers", ())]
     towers = [r for r in results["runs"] if r["mode"] == "towers" and r["batch"] == results["config"]["batch"]
               and _plain(r)]

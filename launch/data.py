@@ -655,7 +655,7 @@ class Loader:
             raise RuntimeError(f"the batches of {self._loader.num_workers} DataLoader workers found no room in "
                                f"{SHARED_MEMORY} ({'?' if free is None else free // 10**6} MB free; each worker holds "
                                f"up to {WORKER_PREFETCH} batches there): give fewer workers (--workers), or "
-                               f"{SHARED_MEMORY} more room (docker run --shm-size=2g)") from exc
+                               f"{SHARED_MEMORY} more room (docker run --shm-size)") from exc
 
     def close(self) -> None:
         """Ends the worker processes (waiting for them); the loader is not used after."""

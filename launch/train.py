@@ -427,7 +427,7 @@ def fit_shared_memory(workers: int, config: TrainConfig, loaders_here: int, say:
     if room is None or workers <= room:
         return workers
     shm = data_module.SHARED_MEMORY
-    larger = math.ceil(2 * workers * loaders_here * each / 2**30)
+    larger = math.ceil(2 * workers * loaders_here * each / 10**9)  # GB; docker's g is a GiB, larger
     fix = f"give {shm} {larger} GB or more (docker run --shm-size={larger}g)"
     if config.workers is None:
         if say:

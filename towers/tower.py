@@ -65,7 +65,9 @@ class FC8OnOtherTower(SharesGroup, nn.Module):
         placeholder = gather_to_first(x, self.group, self.exchange_log, "fc8_input")  # exchange: N x 2048 to tower 0
         if torch.is_grad_enabled() and not placeholder.requires_grad:
             # FC8 trained alone (the layers before it frozen): the logits' gradient is tower 0's
-            # business, but this tower's loss.backward() must run, as a no-op, as tower 0's does
+            # business, but this tower's loss.backward() must run, as a no-op, as tower 0's does.
+            # This tower cannot see whether tower 0's FC8 trains: its logits require grad whenever
+            # gradients are on (detach them to read them, as one would on tower 0 when it trains).
             placeholder.requires_grad_()
         return broadcast_from_first(placeholder, self.num_classes, self.group, self.exchange_log, "logits")  # exchange: N x K from tower 0
 
@@ -238,9 +240,10 @@ def check_compile_backend(backend: str, option: str, device: str = "cpu") -> Non
     """Raises ValueError, naming ``option``, unless ``backend`` is one of COMPILE_BACKENDS, or
     if it is inductor and finds no compiler to build its code with for ``device`` (else the
     first step would fail): a C++ compiler for its kernels on the CPU, a C compiler for the
-    launchers of Triton's kernels on a GPU. torch.compile's other backends (tvm, openxla, ...)
-    need packages or devices that only the first step would find missing. For inductor,
-    imports its configuration (a second or more): call it only when compiling."""
+    launchers of Triton's kernels on a GPU, and Python's C headers for either (both are built
+    as Python extensions). torch.compile's other backends (tvm, openxla, ...) need packages or
+    devices that only the first step would find missing. For inductor, imports its
+    configuration (a second or more): call it only when compiling."""
     if backend not in COMPILE_BACKENDS:
         given = f"{option} {backend}: torch.compile's backends" if backend else f"{option} is empty: the backends"
         raise ValueError(f"{given} that this program runs are {', '.join(COMPILE_BACKENDS)} ('inductor' generates "
@@ -248,34 +251,33 @@ def check_compile_backend(backend: str, option: str, device: str = "cpu") -> Non
                          f"them")
     if backend != "inductor":
         return
+    where = "on the CPU it builds its kernels" if device == "cpu" else "on a GPU it builds the launchers of its Triton kernels"
     if device != "cpu":
         # Triton's own search (triton.runtime.build._find_compiler): $CC, else gcc, else clang
         candidates = (os.environ["CC"],) if "CC" in os.environ else ("gcc", "clang")  # an empty CC too
         if not any(c and shutil.which(c) for c in candidates):
             missing = f"{' or '.join(candidates)} is not on PATH" if any(candidates) else "CC is set, and empty"
-            raise ValueError(f"{option} inductor: on a GPU it builds the launchers of its Triton kernels with a C "
-                             f"compiler, and finds none here ({missing}): install gcc (or set CC to a C compiler), "
-                             f"or give aot_eager, which compiles nothing")
-        headers = python_headers()
-        if not os.path.isfile(os.path.join(headers, "Python.h")):
-            raise ValueError(f"{option} inductor: on a GPU it builds the launchers of its Triton kernels as Python "
-                             f"extensions, which need Python's C headers, and finds no Python.h in {headers}: install "
-                             f"them (the python3-dev package of this Python), or give aot_eager, which compiles nothing")
-        return
-    if os.getenv("TORCH_INDUCTOR_INSTALL_GXX"):
-        return
-    from torch._inductor import config
-    # inductor's own search (torch._inductor.cpp_builder.cpp_compiler_search) runs each candidate
-    # with --version; None stands for a g++ it installs with conda where asked to
-    candidates = config.cpp.cxx if isinstance(config.cpp.cxx, (list, tuple)) else (config.cpp.cxx,)
-    if not any(c is not None and shutil.which(c) for c in candidates):
-        raise ValueError(f"{option} inductor: on the CPU it builds its kernels with a C++ compiler, and finds none "
-                         f"here ({', '.join(c for c in candidates if c is not None)} is not on PATH): install g++ "
-                         f"(or set CXX to a C++ compiler), or give aot_eager, which compiles nothing")
+            raise ValueError(f"{option} inductor: {where} with a C compiler, and finds none here ({missing}): install "
+                             f"gcc (or set CC to a C compiler), or give aot_eager, which compiles nothing")
+    elif not os.getenv("TORCH_INDUCTOR_INSTALL_GXX"):
+        from torch._inductor import config
+        # inductor's own search (torch._inductor.cpp_builder.cpp_compiler_search) runs each candidate
+        # with --version; None stands for a g++ it installs with conda where asked to
+        candidates = config.cpp.cxx if isinstance(config.cpp.cxx, (list, tuple)) else (config.cpp.cxx,)
+        if not any(c is not None and shutil.which(c) for c in candidates):
+            raise ValueError(f"{option} inductor: {where} with a C++ compiler, and finds none here "
+                             f"({', '.join(c for c in candidates if c is not None)} is not on PATH): install g++ "
+                             f"(or set CXX to a C++ compiler), or give aot_eager, which compiles nothing")
+    headers = python_headers()
+    if not os.path.isfile(os.path.join(headers, "Python.h")):
+        raise ValueError(f"{option} inductor: {where} as Python extensions, which need Python's C headers, and finds "
+                         f"no Python.h in {headers}: install them (the python3-dev package of this Python), or give "
+                         f"aot_eager, which compiles nothing")
 
 
 def python_headers() -> str:
-    """The folder where Triton looks for Python.h to build its launchers (triton.runtime.build)."""
+    """The folder where Triton looks for Python.h to build its launchers (triton.runtime.build),
+    and one of those where inductor looks for it to build its CPU kernels (its cpp_builder)."""
     scheme = sysconfig.get_default_scheme()
     return sysconfig.get_paths(scheme="posix_prefix" if scheme == "posix_local" else scheme)["include"]
 
