@@ -270,7 +270,8 @@ def test_the_towers_in_channels_last_match_the_reference(parity):
 def _library_worker(rank, fc8_placement):
     """The towers as a user's own script uses them: built with the default group, loaded with
     the reference's halves, given images that require grad, an empty batch, a second derivative,
-    FC8 trained alone (the layers before it frozen), copied by copy.deepcopy (as EMA and SWA copy)."""
+    FC8 trained alone (the layers before it frozen), activation checkpointing, copied by
+    copy.deepcopy (as EMA and SWA copy)."""
     torch.manual_seed(SEED)
     tower = Tower(None, 10, dropout=0.0, fc8_placement=fc8_placement).double()  # None: the default group
     drawn_after = torch.rand(4)  # the same on both ranks: building a tower leaves the stream as it was
@@ -297,6 +298,7 @@ def _library_worker(rank, fc8_placement):
         init = "drawn"
     except ValueError as exc:
         init = str(exc)
+    input_exchange = tower.exchange_log.as_dict()["input/backward"]  # of the passes above
     fc8_grads = []
     for net in (tower, reference):  # a new classifier for frozen features: tower 1 holds none of it
         net.zero_grad()
@@ -306,8 +308,20 @@ def _library_worker(rank, fc8_placement):
         fc8_grads.append(dict(net.named_parameters())["fc8.weight"].grad if hasattr(net, "fc8") and
                          hasattr(net.fc8, "weight") else None)
     tower.requires_grad_(True)
+    reference.requires_grad_(True)
     fc8_only = "no FC8 here" if fc8_grads[0] is None else _rel(fc8_grads[0], reference.fc8.weight.grad[
         slice(None) if fc8_placement == "tower0" else slice(rank * 5, rank * 5 + 5)])
+    # Activation checkpointing as the README says it works: reentrant (given images that require
+    # grad, as torch's reentrant checkpoint needs), and non-reentrant with FC8 split
+    checkpointed = {}
+    for reentrant in (True, False) if fc8_placement == "split" else (True,):
+        for net in (tower, reference):
+            net.zero_grad()
+        x = images.clone().requires_grad_()
+        F.cross_entropy(torch.utils.checkpoint.checkpoint(tower, x, use_reentrant=reentrant), labels).backward()
+        F.cross_entropy(reference(images), labels).backward()
+        expected = shard_state_dict({k: p.grad for k, p in reference.named_parameters()}, rank, fc8_placement)
+        checkpointed[reentrant] = max(_rel(p.grad, expected[k]) for k, p in tower.named_parameters())
     clone = copy.deepcopy(tower)  # the group shared, everything else copied
     same = torch.equal(clone(images), tower(images))
     with torch.no_grad():
@@ -318,8 +332,8 @@ def _library_worker(rank, fc8_placement):
     with torch.no_grad():
         compiled_clone.fc7.weight.zero_()
     compiled_own = not torch.equal(compiled_clone(images), tower(images))
-    return {"fc8_only": fc8_only, "copy": (same, own_weights, compiled_own), "drawn_after": drawn_after, "autocast_float64": autocast_float64, "input_grad": _rel(*grads), "empty": tuple(tower(images[:0]).shape),
-            "second": second, "init": init, "input_exchange": tower.exchange_log.as_dict()["input/backward"]}
+    return {"fc8_only": fc8_only, "checkpointed": checkpointed, "copy": (same, own_weights, compiled_own), "drawn_after": drawn_after, "autocast_float64": autocast_float64, "input_grad": _rel(*grads), "empty": tuple(tower(images[:0]).shape),
+            "second": second, "init": init, "input_exchange": input_exchange}
 
 
 def _library_cases(rank, placements):
@@ -349,6 +363,8 @@ def _assert_library_use(placement, ranks):
         else:
             assert r["fc8_only"] < 1e-12, (placement, rank)
         assert r["copy"] == (True, True, True), (placement, rank)  # same function, own weights, compiled too
+        assert list(r["checkpointed"]) == ([True, False] if placement == "split" else [True])
+        assert max(r["checkpointed"].values()) < 1e-12, (placement, rank, r["checkpointed"])
 
 
 # Towers built or run unlike, rank 1 the odd one: (what to build with, how to run, the setting named).
