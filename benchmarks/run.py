@@ -685,10 +685,11 @@ class Bench:
             try:
                 ranks = execute(spec, config, devices, self.deadline.timeout(config.rank_timeout_s))
             except RankFailure as failure:
-                logger.warning("[%d/%d] %s batch %d %s %s%s failed: %s", index, len(self.keys), key.mode, key.batch,
-                               key.precision, key.memory_format, " compiled" * key.compiled, failure)
-                why = (f"{self.deadline.reason} while it ran" if self.deadline.left() <= 0 else
-                       f"failed: {str(failure).splitlines()[0]}")
+                stopped = self.deadline.left() <= 0  # by the --time-limit, not a failure of its own
+                why = f"{self.deadline.reason} while it ran" if stopped else f"failed: {str(failure).splitlines()[0]}"
+                logger.warning("[%d/%d] %s batch %d %s %s%s %s", index, len(self.keys), key.mode, key.batch,
+                               key.precision, key.memory_format, " compiled" * key.compiled,
+                               why if stopped else f"failed: {failure}")
                 self.not_measured.append({**key._asdict(), "reason": why})
                 self.save()
                 continue

@@ -333,6 +333,24 @@ def test_a_run_that_fails_is_named_as_the_table_names_it_and_the_benchmark_goes_
     assert [r["reason"] for r in bench.not_measured] == ["failed: rank 0 failed: RuntimeError: out of memory"] * 2
 
 
+def test_a_run_stopped_by_the_time_limit_is_not_called_failed(tmp_path, monkeypatch, caplog):
+    """The run that the --time-limit stops: the line and the report say so, not that it failed (its
+    ranks were stopped at the limit's last seconds: "within 0 s")."""
+    bench = _quick_bench(tmp_path)
+    bench.weights = {}
+    bench.deadline = run.Deadline(60)
+
+    def stopped(spec, *args):
+        bench.deadline.left = lambda: -1.0  # the limit came while it ran
+        raise run.RankFailure({0: "did not finish within 0 s"}, 0)
+
+    monkeypatch.setattr(run, "execute", stopped)
+    bench.measure([run.RunKey("single", 2, "fp32", "contiguous")], str(tmp_path))
+    said = "not measured: the benchmark's --time-limit of 60 s was reached while it ran"
+    assert f"single batch 2 fp32 contiguous {said}" in caplog.text and "failed" not in caplog.text, caplog.text
+    assert [r["reason"] for r in bench.not_measured] == [said]
+
+
 def test_a_loader_whose_worker_dies_is_recorded_and_the_benchmark_goes_on(tmp_path, monkeypatch):
     """A DataLoader worker killed (a /dev/shm too small for its batches: SIGBUS): the loader's
     section says so, as a failed run's does, and the program's runs and the sweeps still come."""
