@@ -575,12 +575,16 @@ def main(argv=None) -> int:
         config, checkpoint, placement = _configure(argv)
         if under_torchrun:  # torchrun's SIGTERM ends a rank as it always does, even inside a collective
             started = True
-            return _main_under_torchrun(config, checkpoint, placement, sys.argv[1:] if argv is None else list(argv))
+            held, checkpoint = [checkpoint], None  # let go of by the rank once used (as below)
+            return _main_under_torchrun(config, held, placement, sys.argv[1:] if argv is None else list(argv))
         if threading.current_thread() is threading.main_thread():  # SIGTERM as Ctrl-C, during the scan of the data too
             previous_sigterm = signal.signal(signal.SIGTERM, raise_interrupt)
         addr = config.master_addr or LOOPBACK
         check_master_addr(addr)
         config, run_dir, bundle, lock = prepare_run(config, checkpoint)
+        # Read with mmap: held, the checkpoint the run's first save replaces would keep its disk space
+        # until the run ended, and the third checkpoint's room that needs is not what was checked.
+        checkpoint = None
         started = True
         summary = run_ranks(run_rank, (config, str(run_dir), placement, bundle), world_size=placement.ranks,
                             backend=placement.backend,
@@ -660,7 +664,9 @@ def _after_failure(config: Optional[TrainConfig], run_dir: Optional[Path], failu
             f"{elsewhere_than(run_dir)}")
 
 
-def _main_under_torchrun(config: TrainConfig, checkpoint: Optional[dict], placement, argv: list) -> int:
+def _main_under_torchrun(config: TrainConfig, held: list, placement, argv: list) -> int:
+    """``held``: [the checkpoint loaded, or None], which rank 0 takes out for prepare_run and no
+    rank keeps (mmap'd, it would hold the disk space of the checkpoint the run replaces)."""
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     assert world_size == placement.ranks, (world_size, placement)
     reuse_freed_memory()  # as run_ranks has each rank do
@@ -698,7 +704,7 @@ def _main_under_torchrun(config: TrainConfig, checkpoint: Optional[dict], placem
                 if rank == 0:
                     preparing = True
                     try:
-                        config, run_dir, bundle, lock = prepare_run(config, checkpoint)
+                        config, run_dir, bundle, lock = prepare_run(config, held.pop())
                         outcome = [None, config]
                     except (ValueError, CheckpointError) as exc:
                         outcome = [str(exc), None]
@@ -714,6 +720,7 @@ def _main_under_torchrun(config: TrainConfig, checkpoint: Optional[dict], placem
         if outcome[0] is not None:
             raise ValueError(outcome[0])
         config = outcome[1]
+        held.clear()  # the ranks but rank 0 loaded it too, to check their options
         try:
             summary = run_rank(rank, config, str(run_dir) if run_dir else None, placement, bundle)
         except Exception as exc:  # each rank's process ends as run_ranks reports a failed rank: in one line

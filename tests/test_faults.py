@@ -4,6 +4,7 @@ Each test drives the real program (``python -m launch.two_gpu``) in its own proc
 group, injects the fault from outside (signals, broken files), and bounds every wait.
 """
 
+import contextlib
 import errno
 import importlib
 import io
@@ -422,6 +423,26 @@ print(json.dumps(out))
 
 
 @pytest.mark.slow
+@pytest.mark.slow
+def test_a_resumed_run_holds_no_checkpoint_it_replaced(tiny_data, tmp_path):
+    """The checkpoint a resumed run started from, read with mmap, held by the launcher for the
+    whole run: the file its first save replaces kept its disk space (a third checkpoint's, where
+    the run checked room for two) until the run ended."""
+    launch("--data", tiny_data, "--out", tmp_path, "--run-name", "run", "--max-steps", "2", *TINY)
+    run = Run("--resume", tmp_path / "run", "--max-steps", "200", "--checkpoint-every", "1", run_dir=tmp_path / "run")
+    try:
+        run.wait_for_step(5)  # three saves after the resume: the first checkpoint replaced long since
+        held = {}
+        for pid in [run.proc.pid, *run.ranks()]:
+            with contextlib.suppress(FileNotFoundError):
+                held[pid] = [line for line in Path(f"/proc/{pid}/maps").read_text().splitlines()
+                             if "checkpoint.pt" in line and "(deleted)" in line]
+        assert not any(held.values()), held
+    finally:
+        run.proc.send_signal(signal.SIGINT)
+        run.wait()
+
+
 def test_a_full_disk_is_named_and_loses_nothing(tmp_path):
     """A real full disk: small tmpfs mounts in a mount namespace of the test's own."""
     big, small, program = tmp_path / "big", tmp_path / "small", tmp_path / "full_disk.py"
