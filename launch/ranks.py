@@ -279,6 +279,22 @@ def raise_interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
 
 
+@contextlib.contextmanager
+def _interrupts_ignored():
+    """SIGINT and SIGTERM ignored within (in the main thread, where handlers can be set): the stop
+    they asked for is bounded (_stop), and then the program ends."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            if handler is not None:  # None: not set from Python, and not to be set back from it
+                signal.signal(number, handler)
+
+
 def _stop(procs, grace_s: float) -> None:
     deadline = time.monotonic() + grace_s
     for p in procs:
@@ -384,12 +400,13 @@ def run_ranks(fn: Callable, args: Sequence = (), world_size: int = 2, backend: s
                 first = first if first is not None else min(failures)
                 break
     except KeyboardInterrupt:  # Ctrl-C, which the terminal sent the ranks too, or SIGTERM to this process
-        if caller.interrupts:  # passed on (a rank takes only the first), so that the ranks stop now
-            for p in procs:
-                if p.exitcode is None:  # not one whose end the fork server (which reaps it) has reported
-                    with contextlib.suppress(OSError):
-                        os.kill(p.pid, signal.SIGINT)
-        _stop(procs, grace_s=_GRACE_S if caller.interrupts else 0.0)  # ranks that ignore it are ended
+        with _interrupts_ignored():  # a second Ctrl-C would cut the ranks' stop short, in a save perhaps
+            if caller.interrupts:  # passed on (a rank takes only the first), so that the ranks stop now
+                for p in procs:
+                    if p.exitcode is None:  # not one whose end the fork server (which reaps it) has reported
+                        with contextlib.suppress(OSError):
+                            os.kill(p.pid, signal.SIGINT)
+            _stop(procs, grace_s=_GRACE_S if caller.interrupts else 0.0)  # ranks that ignore it are ended
         raise
     except BaseException:
         _stop(procs, grace_s=0.0)

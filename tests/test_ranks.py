@@ -4,6 +4,7 @@ import ctypes
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -345,6 +346,58 @@ def test_a_script_can_run_ranks_of_a_function_it_defines(tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip() == "['hello from rank 0', 'hello from rank 1']"
+
+
+_SLOW_TO_STOP = """
+import os, signal, sys, time
+from pathlib import Path
+from launch import rank_server
+from launch.cli import quick_exit
+from launch.ranks import run_ranks
+
+def rank_slow_to_stop(rank, folder):
+    Path(folder, f"started-{rank}").touch()
+    try:
+        time.sleep(120)
+    except KeyboardInterrupt:  # as a rank in a save: a second or two to leave it whole
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # it takes only the first, as the program's ranks do
+        time.sleep(1.5)
+        Path(folder, f"stopped-{rank}").touch()
+        raise
+
+if __name__ == "__main__":  # as the training program ends: its rank server stopped, then at once
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    with quick_exit():
+        try:
+            run_ranks(rank_slow_to_stop, (sys.argv[1],), timeout_s=120)
+        except KeyboardInterrupt:
+            sys.exit(130)
+        finally:
+            rank_server.stop()
+"""
+
+
+@pytest.mark.slow
+def test_ctrl_c_twice_waits_for_the_ranks_to_stop(tmp_path):
+    """The second Ctrl-C of an impatient user ended the launcher at once, and its ranks with it
+    in the middle of their stop (a checkpoint's save, left half-written)."""
+    script = tmp_path / "script.py"
+    script.write_text(_SLOW_TO_STOP)
+    proc = subprocess.Popen([sys.executable, str(script), str(tmp_path)], cwd=tmp_path, start_new_session=True,
+                            env=dict(os.environ, PYTHONPATH=str(ROOT)), stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not all((tmp_path / f"started-{rank}").exists() for rank in (0, 1)):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGINT)  # a terminal's Ctrl-C, twice
+        time.sleep(0.1)
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(timeout=60) == 130
+        assert all((tmp_path / f"stopped-{rank}").exists() for rank in (0, 1)), proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
 
 
 @pytest.mark.parametrize("addr, expected", [("127.0.0.1", True), ("localhost", True), ("::1", True),
