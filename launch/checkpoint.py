@@ -15,6 +15,7 @@ does this for all of them.
 
 import dataclasses
 import errno
+import glob
 import math
 import os
 import pickle
@@ -70,10 +71,8 @@ def save_checkpoint(path: Path, payload: dict) -> None:
     first into memory, which would hold a second copy of the weights and momentum."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_abandoned_saves(path)
     prefix = f".{path.name}.tmp-"
-    for stale in path.parent.glob(f"{prefix}*"):
-        if abandoned(stale.name[len(prefix):]):
-            stale.unlink(missing_ok=True)
     needed = _saved_bytes(payload)
     if needed > shutil.disk_usage(path.parent).free:
         raise _disk_full(path, needed)
@@ -104,6 +103,15 @@ def save_checkpoint(path: Path, payload: dict) -> None:
         os.fsync(dir_fd)  # the rename itself survives a power cut
     finally:
         os.close(dir_fd)
+
+
+def remove_abandoned_saves(path: Path) -> None:
+    """Removes the partial files of saves of ``path`` by processes that were killed in them
+    (``save_checkpoint`` writes each to a temporary file named by its host and process)."""
+    prefix = f".{path.name}.tmp-"
+    for stale in path.parent.glob(f"{glob.escape(prefix)}*"):
+        if abandoned(stale.name[len(prefix):]):
+            stale.unlink(missing_ok=True)
 
 
 def _saved_bytes(payload) -> int:

@@ -42,7 +42,7 @@ from towers import TOWERS, check_compile_backend
 
 from . import data as data_module
 from .checkpoint import (FILENAME, CheckpointError, check_classes, check_training_state, checkpoint_architecture,
-                         load_checkpoint, resolve_path, training_checkpoint_bytes)
+                         load_checkpoint, remove_abandoned_saves, resolve_path, training_checkpoint_bytes)
 from .cli import JSON_DAMAGE, MAX_PROCESSES_PER_CORE, lock_exclusively, quick_exit, shell_word, write_whole
 from .config import (TrainConfig, build_parser, check_schedule_options, describe_recipe, given_options, parse_config,
                      recipe_warnings, resolve)
@@ -308,6 +308,9 @@ def check_room_for_checkpoints(config: TrainConfig, num_classes: int) -> None:
             folder = folder.parent
     except OSError as exc:
         raise _cannot_use_out(config.out, exc) from None
+    if config.resume:  # a save cut short by a kill (SIGTERM to the whole group) left its partial file
+        with contextlib.suppress(OSError):  # a folder that cannot be written is refused later, saying so
+            remove_abandoned_saves(resolve_path(config.resume))
     size = training_checkpoint_bytes(num_classes, architecture(config))
     needed = size if config.resume else 2 * size
     free = shutil.disk_usage(folder).free

@@ -1006,6 +1006,18 @@ def test_a_disk_too_small_for_the_checkpoints_is_found_before_training(tiny_data
     monkeypatch.setattr(shutil, "disk_usage", lambda path: real(path)._replace(free=size - 1))
     with pytest.raises(ValueError, match="free some space there, or move the run folder to a larger disk"):
         check_room_for_checkpoints(resumed, 10)
+    # A save killed in its write (SIGTERM to the whole group) left its partial file, hundreds of MB:
+    # gone before the room is measured. Another run's save under way (a live process) is left alone.
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    host = socket.gethostname()
+    killed = tmp_path / "saved" / f".checkpoint.pt.tmp-{host}-{ended.pid}"
+    live = tmp_path / "saved" / f".checkpoint.pt.tmp-{host}-{os.getppid()}"
+    for partial in (killed, live):
+        partial.write_bytes(b"partial")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: real(path)._replace(free=size))
+    check_room_for_checkpoints(resumed, 10)
+    assert not killed.exists() and live.exists()
 
 
 def test_a_run_folder_holds_one_run(tiny_data, tmp_path, caplog):
