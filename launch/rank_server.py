@@ -19,6 +19,7 @@ import logging
 import multiprocessing.forkserver as forkserver
 import os
 import signal
+import sys
 import tempfile
 import threading
 from multiprocessing import reduction, util
@@ -75,6 +76,12 @@ def start_early(argv: list) -> None:
     """``start`` for a program's first lines, before it imports torch, unless it was asked
     only for its help or runs under torchrun (which starts the ranks itself). The program
     calls ``stop`` as it ends."""
+    try:
+        os.getcwd()  # which the server's start reads, as the ranks' would
+    except FileNotFoundError:
+        print("error: the current folder no longer exists (removed since the shell entered it): cd to one that "
+              "does, and run the command again", file=sys.stderr)
+        raise SystemExit(2) from None
     if not ({"-h", "--help"} & set(argv) or "RANK" in os.environ):
         start()
 

@@ -1020,6 +1020,17 @@ def test_a_disk_too_small_for_the_checkpoints_is_found_before_training(tiny_data
     assert not killed.exists() and live.exists()
 
 
+def test_a_current_folder_that_was_removed_is_one_line(tmp_path):
+    """The ranks' start reads it: a traceback from multiprocessing, before, whatever --out said."""
+    result = subprocess.run(["sh", "-c", 'mkdir gone && cd gone && rmdir ../gone && exec "$@"', "sh", sys.executable,
+                             "-m", "launch.two_gpu", "--out", str(tmp_path / "runs")], cwd=tmp_path,
+                            env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr == (
+        "error: the current folder no longer exists (removed since the shell entered it): cd to one that does, and "
+        "run the command again\n"), result.stderr
+    assert not (tmp_path / "runs").exists()
+
+
 def test_a_run_folder_holds_one_run(tiny_data, tmp_path, caplog):
     from launch.two_gpu import lock_run_folder
     earlier = tmp_path / "earlier"
