@@ -187,13 +187,34 @@ def write_out(data: bytes) -> None:
 _held_interrupts = []
 
 
+def standard_streams() -> None:
+    """Opens /dev/null on each standard descriptor that is closed (``>&-``), and gives Python a
+    stdout and stderr where it has none: else the next file the program opens (a run folder's
+    lock) would take the number, and what is written to the stream (by the ranks too) would
+    go into that file, and a write to ``sys.stderr`` would fail on None."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            opened = os.open(os.devnull, os.O_RDWR)
+            if opened != fd:
+                os.dup2(opened, fd)
+                os.close(opened)
+    if sys.stdout is None:
+        sys.stdout = open(1, "w", buffering=1, errors="backslashreplace", closefd=False)
+    if sys.stderr is None:
+        sys.stderr = open(2, "w", buffering=1, errors="backslashreplace", closefd=False)
+
+
 def hold_interrupts() -> None:
     """A program's first lines, before its slow imports (torch's take seconds), under ``if
     __name__ == "__main__":``: a Ctrl-C during the imports is held rather than raised inside
     them, where it would print the importers' traceback (or end in a C++ abort), and
     ``quick_exit`` then ends the program with one line and exit code 130 before it starts.
     A second Ctrl-C is raised at once, so that an import that hangs can still be stopped. A
-    program started with Ctrl-C ignored (in the background of a script) keeps it ignored."""
+    program started with Ctrl-C ignored (in the background of a script) keeps it ignored.
+    First, the standard streams are made whole (``standard_streams``)."""
+    standard_streams()
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
         signal.signal(signal.SIGINT, _hold_interrupt)
 

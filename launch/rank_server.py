@@ -24,6 +24,8 @@ import tempfile
 import threading
 from multiprocessing import reduction, util
 
+from launch.cli import standard_streams  # torch-free
+
 # launch.train imports launch.ranks, towers and torch, which a rank of any caller needs. Each rank
 # then imports the caller's main module itself, as a spawned process does (multiprocessing's
 # preparation), finding whatever a script defines; the modules it imports are there already.
@@ -180,6 +182,7 @@ def as_rank(caller) -> None:
         if fd is not None:
             os.dup2(fd, target)
             os.close(fd)
+    standard_streams()  # a server started with either closed has None for it, and so its ranks
     signal.signal(signal.SIGINT, _interrupt_once if interrupts else signal.SIG_IGN)
     import multiprocessing
     multiprocessing.set_start_method("spawn", force=True)

@@ -35,8 +35,8 @@ from launch.two_gpu import check_room_for_checkpoints, main
 from towers import Architecture, build_reference, check_compile_backend
 
 from conftest import TINY as _TINY
-from conftest import (ROOT, TRAINED_RUN, Run, as_background_job, as_foreground_job, cmdline, launch, live_processes,
-                      terminate_when_ready)
+from conftest import (ROOT, RUN_TIMEOUT_S, TRAINED_RUN, Run, as_background_job, as_foreground_job, cmdline, launch,
+                      live_processes, terminate_when_ready)
 
 BOUND_S = 60  # a failure must end the whole run within this long
 TINY = [*_TINY, "--log-every", "1", "--val-limit", "4", "--no-ten-crop"]
@@ -1018,6 +1018,20 @@ def test_a_disk_too_small_for_the_checkpoints_is_found_before_training(tiny_data
     monkeypatch.setattr(shutil, "disk_usage", lambda path: real(path)._replace(free=size))
     check_room_for_checkpoints(resumed, 10)
     assert not killed.exists() and live.exists()
+
+
+@pytest.mark.slow
+def test_a_run_with_its_output_closed_trains_and_writes_its_files(tiny_data, tmp_path):
+    """Started with stdout and stderr closed (``>&- 2>&-``): before, the run folder's lock took the
+    number 2, the ranks' lines went into it, and rank 0 failed on a sys.stderr of None, saying so
+    to no one (exit 1)."""
+    result = subprocess.run(["sh", "-c", 'exec "$@" >&- 2>&-', "sh", sys.executable, "-m", "launch.two_gpu", "--data",
+                             str(tiny_data), "--out", str(tmp_path), "--run-name", "run", "--max-steps", "2", *TINY],
+                            cwd=ROOT, timeout=RUN_TIMEOUT_S)
+    assert result.returncode == 0
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 2
+    assert "step 2/" in (tmp_path / "run" / "train.log").read_text()
+    assert (tmp_path / "run" / ".lock").read_text().count("\n") <= 1  # its owner, and no log line
 
 
 def test_a_current_folder_that_was_removed_is_one_line(tmp_path):
