@@ -667,6 +667,14 @@ def _after_failure(config: Optional[TrainConfig], run_dir: Optional[Path], failu
             f"{elsewhere_than(run_dir)}")
 
 
+def _lost_a_peer(error: str) -> bool:
+    """Whether a rank's error (one line) is a collective's that another rank failed: its connection
+    closed or reset (the other rank gone), or a wait for it that timed out (it hung)."""
+    error = error.lower()
+    return any(words in error for words in ("closed by peer", "reset by peer", "connection closed", "broken pipe",
+                                            "timed out", "timeout"))
+
+
 def _main_under_torchrun(config: TrainConfig, held: list, placement, argv: list) -> int:
     """``held``: [the checkpoint loaded, or None], which rank 0 takes out for prepare_run and no
     rank keeps (mmap'd, it would hold the disk space of the checkpoint the run replaces)."""
@@ -728,7 +736,12 @@ def _main_under_torchrun(config: TrainConfig, held: list, placement, argv: list)
             summary = run_rank(rank, config, str(run_dir) if run_dir else None, placement, bundle)
         except Exception as exc:  # each rank's process ends as run_ranks reports a failed rank: in one line
             failure = RankFailure({rank: error_line(exc)}, rank)
-            log.error("the run stopped: %s%s", failure, _after_failure(config, run_dir, failure))
+            if _lost_a_peer(failure.failures[rank]):  # not this rank's failure, which it cannot tell apart
+                log.error("the run stopped: rank %d lost another rank: %s; the rank that failed or stopped "
+                          "responding says why in its own lines (torchrun's report names it)%s", rank,
+                          failure.failures[rank], _after_failure(config, run_dir, failure))
+            else:
+                log.error("the run stopped: %s%s", failure, _after_failure(config, run_dir, failure))
             return 1
     except KeyboardInterrupt:  # torchrun passes its Ctrl-C on to every rank; rank 0 knows the run folder
         log.error("interrupted: %s", _after_interrupt(config, run_dir) if rank == 0 else "rank 0 says what to do next")

@@ -670,6 +670,32 @@ def test_a_rank_failing_under_torchrun_ends_in_one_line(tiny_data, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_rank_that_loses_its_peer_under_torchrun_does_not_call_itself_failed(tiny_data, tmp_path):
+    """Rank 1 killed (SIGKILL, as the out-of-memory killer does) while the ranks train: rank 0
+    said "rank 0 failed: ... Connection closed by peer", naming itself, where torchrun names rank 1."""
+    port, logs = _free_port(), [tmp_path / f"rank{rank}.err" for rank in range(2)]
+    procs = [subprocess.Popen([sys.executable, "-m", "launch.two_gpu", "--data", str(tiny_data), "--out", str(tmp_path),
+                               "--run-name", "run", "--epochs", "50", *map(str, TINY)], cwd=ROOT,
+                              stdout=subprocess.DEVNULL, stderr=open(log, "w"),
+                              env=dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
+                                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)))
+             for rank, log in enumerate(logs)]
+    try:
+        metrics, deadline = tmp_path / "run" / "metrics.jsonl", time.monotonic() + BOUND_S
+        while not (metrics.exists() and '"train"' in metrics.read_text()):
+            assert all(p.poll() is None for p in procs) and time.monotonic() < deadline, logs[0].read_text()
+            time.sleep(0.1)
+        procs[1].kill()
+        assert procs[0].wait(timeout=BOUND_S) == 1
+    finally:
+        for p in procs:
+            p.kill()
+    err = logs[0].read_text()
+    assert "the run stopped: rank 0 lost another rank: " in err and "rank 0 failed" not in err, err
+    assert "the rank that failed or stopped responding says why in its own lines (torchrun's report names it)" in err
+
+
+@pytest.mark.slow
 def test_ranks_started_with_other_options_under_torchrun_are_refused(tiny_data, tmp_path):
     """Ranks started by hand, as torchrun starts them, one of them with an option more: every
     rank would run rank 0's recipe (its --data, its layout), so each refuses in one line."""
