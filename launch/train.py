@@ -357,10 +357,15 @@ def setup_logging(rank: int, run_dir: Optional[Path]) -> None:
     console.setFormatter(logging.Formatter("%(message)s" if rank == 0 else f"[rank {rank}] %(message)s"))
     root.addHandler(console)
     if run_dir is not None:
-        # a file name need not be UTF-8: its undecodable bytes as \udcXX, as the console shows them
-        logfile = logging.FileHandler(run_dir / "train.log", encoding="utf-8", errors="backslashreplace")
-        logfile.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
-        root.addHandler(logfile)
+        root.addHandler(log_file(run_dir / "train.log"))
+
+
+def log_file(path: Path) -> logging.Handler:
+    """A handler that appends to ``path`` (train.log), each line after its time."""
+    # a file name need not be UTF-8: its undecodable bytes as \udcXX, as the console shows them
+    logfile = logging.FileHandler(path, encoding="utf-8", errors="backslashreplace")
+    logfile.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    return logfile
 
 
 def _replica_data(rank: int, config: TrainConfig, plan: Plan, bundle, mesh: Mesh) -> Optional[data_module.DataBundle]:

@@ -48,7 +48,7 @@ from .config import (TrainConfig, build_parser, check_schedule_options, describe
                      recipe_warnings, resolve)
 from .ranks import (LOOPBACK, PREPARATION_WAIT_S, RankFailure, choose_placement, cpu_threads_per_rank, die_with_parent,
                     error_line, init_process_group, patient_group, raise_interrupt, reuse_freed_memory, run_ranks)
-from .train import architecture, describe_evaluation, elsewhere_than, run_rank, setup_logging
+from .train import architecture, describe_evaluation, elsewhere_than, log_file, run_rank, setup_logging
 
 log = logging.getLogger("launch.two_gpu")
 
@@ -566,7 +566,7 @@ def _replicas(config: TrainConfig, towers: int, resumed: Optional[int] = None) -
 
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    run_dir = lock = config = previous_sigterm = None
+    run_dir = lock = config = previous_sigterm = logfile = None
     started = False  # the ranks
     try:
         under_torchrun = _torchrun_env()
@@ -585,6 +585,7 @@ def main(argv=None) -> int:
         addr = config.master_addr or LOOPBACK
         check_master_addr(addr)
         config, run_dir, bundle, lock = prepare_run(config, checkpoint)
+        logfile = _log_also_to(run_dir / "train.log")  # how the run ended, beside rank 0's lines
         # Read with mmap: held, the checkpoint the run's first save replaces would keep its disk space
         # until the run ended, and the third checkpoint's room that needs is not what was checked.
         checkpoint = None
@@ -604,13 +605,25 @@ def main(argv=None) -> int:
         else:
             log.error("interrupted: every rank stopped; %s", _after_interrupt(config, run_dir))
         return 130
+    else:
+        report(summary)
+        return 0
     finally:
         if lock is not None:
             lock.close()
         if previous_sigterm is not None:
             signal.signal(signal.SIGTERM, previous_sigterm)
-    report(summary)
-    return 0
+        if logfile is not None:
+            logging.getLogger().removeHandler(logfile)
+            logfile.close()
+
+
+def _log_also_to(path: Path) -> logging.Handler:
+    """The launcher's lines from now on (how the run ends: its results, or why it stopped and what
+    to do next) also in ``path``, the run's train.log, as rank 0 writes its own there."""
+    logfile = log_file(path)
+    logging.getLogger().addHandler(logfile)
+    return logfile
 
 
 def _after_interrupt(config: Optional[TrainConfig], run_dir: Optional[Path]) -> str:

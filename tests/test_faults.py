@@ -151,6 +151,7 @@ def test_ctrl_c_stops_both_ranks(tiny_data, tmp_path):
     assert f"nothing to resume: start the run again under another --run-name (or after removing {run.run_dir})" \
         in run.stderr()
     _no_leftovers(run)
+    assert " interrupted: every rank stopped; no checkpoint was written yet" in (run.run_dir / "train.log").read_text()
 
 
 def test_a_run_stopped_after_its_last_epoch_is_told_what_is_left(trained_run, tmp_path):

@@ -45,6 +45,8 @@ pytestmark = pytest.mark.slow  # every test here runs the program or two ranks
 def test_short_run_writes_its_results_and_eval_only_agrees(trained_run, tiny_data, tmp_path):
     run, result = trained_run  # FC8 split, --epochs 1 --log-every 2, the tiny options
     assert {"config.json", "metrics.jsonl", "summary.json", "checkpoint.pt", "train.log"} <= {p.name for p in run.iterdir()}
+    log = (run / "train.log").read_text()  # the launcher's last lines too: how the run ended
+    assert re.search(r" done: validation top-1 error [0-9.]+%, top-5 error [0-9.]+% \(centre patch, ", log), log
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     train_lines = [r for r in records if r["event"] == "train"]
     assert [r["step"] for r in train_lines] == [2, 4, 6, 7]
