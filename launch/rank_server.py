@@ -97,7 +97,12 @@ def stop() -> None:
         return
     try:
         os.kill(server._forkserver_pid, signal.SIGKILL)
-        os.waitpid(server._forkserver_pid, 0)
+        while True:  # a Ctrl-C here, the program's last moment, would end it in a traceback
+            try:
+                os.waitpid(server._forkserver_pid, 0)
+                break
+            except KeyboardInterrupt:
+                continue
     except (ProcessLookupError, ChildProcessError):  # gone already, or reaped for us (SIGCHLD ignored)
         pass
     os.close(server._forkserver_alive_fd)

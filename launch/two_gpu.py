@@ -310,7 +310,9 @@ def check_room_for_checkpoints(config: TrainConfig, num_classes: int) -> None:
         raise _cannot_use_out(config.out, exc) from None
     if config.resume:  # a save cut short by a kill (SIGTERM to the whole group) left its partial file
         with contextlib.suppress(OSError):  # a folder that cannot be written is refused later, saying so
-            remove_abandoned_saves(resolve_path(config.resume))
+            given = resolve_path(config.resume)
+            for path in {given, given.parent / FILENAME}:  # the run saves to the latter, whatever it resumed
+                remove_abandoned_saves(path)
     size = training_checkpoint_bytes(num_classes, architecture(config))
     needed = size if config.resume else 2 * size
     free = shutil.disk_usage(folder).free
@@ -618,10 +620,14 @@ def main(argv=None) -> int:
             logfile.close()
 
 
-def _log_also_to(path: Path) -> logging.Handler:
+def _log_also_to(path: Path) -> Optional[logging.Handler]:
     """The launcher's lines from now on (how the run ends: its results, or why it stopped and what
-    to do next) also in ``path``, the run's train.log, as rank 0 writes its own there."""
-    logfile = log_file(path)
+    to do next) also in ``path``, the run's train.log, as rank 0 writes its own there. Where it
+    cannot be opened, rank 0 says why, as it fails to open it too; None."""
+    try:
+        logfile = log_file(path)
+    except OSError:
+        return None
     logging.getLogger().addHandler(logfile)
     return logfile
 
@@ -680,12 +686,16 @@ def _after_failure(config: Optional[TrainConfig], run_dir: Optional[Path], failu
             f"{elsewhere_than(run_dir)}")
 
 
-def _lost_a_peer(error: str) -> bool:
-    """Whether a rank's error (one line) is a collective's that another rank failed: its connection
-    closed or reset (the other rank gone), or a wait for it that timed out (it hung)."""
-    error = error.lower()
-    return any(words in error for words in ("closed by peer", "reset by peer", "connection closed", "broken pipe",
-                                            "timed out", "timeout"))
+def _lost_a_peer(exc: Exception) -> bool:
+    """Whether a rank's error is a collective's that another rank failed, in the words of gloo or
+    NCCL (torch.distributed raises them as RuntimeError): its connection closed or reset (the
+    other rank gone), or a wait for it that timed out (it hung). Not an error of the rank's own,
+    whatever its message quotes (a path such as runs/timeout-300)."""
+    if not isinstance(exc, RuntimeError):
+        return False
+    error = str(exc).lower()
+    return any(words in error for words in ("closed by peer", "reset by peer", "timed out waiting", "pair closure",
+                                            "collective operation timeout", "remote process", "ncclremoteerror"))
 
 
 def _main_under_torchrun(config: TrainConfig, held: list, placement, argv: list) -> int:
@@ -749,7 +759,7 @@ def _main_under_torchrun(config: TrainConfig, held: list, placement, argv: list)
             summary = run_rank(rank, config, str(run_dir) if run_dir else None, placement, bundle)
         except Exception as exc:  # each rank's process ends as run_ranks reports a failed rank: in one line
             failure = RankFailure({rank: error_line(exc)}, rank)
-            if _lost_a_peer(failure.failures[rank]):  # not this rank's failure, which it cannot tell apart
+            if _lost_a_peer(exc):  # not this rank's failure, which it cannot tell apart
                 log.error("the run stopped: rank %d lost another rank: %s; the rank that failed or stopped "
                           "responding says why in its own lines (torchrun's report names it)%s", rank,
                           failure.failures[rank], _after_failure(config, run_dir, failure))

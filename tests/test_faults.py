@@ -424,7 +424,6 @@ print(json.dumps(out))
 
 
 @pytest.mark.slow
-@pytest.mark.slow
 def test_a_resumed_run_holds_no_checkpoint_it_replaced(tiny_data, tmp_path):
     """The checkpoint a resumed run started from, read with mmap, held by the launcher for the
     whole run: the file its first save replaces kept its disk space (a third checkpoint's, where
@@ -444,6 +443,7 @@ def test_a_resumed_run_holds_no_checkpoint_it_replaced(tiny_data, tmp_path):
         run.wait()
 
 
+@pytest.mark.slow
 def test_a_full_disk_is_named_and_loses_nothing(tmp_path):
     """A real full disk: small tmpfs mounts in a mount namespace of the test's own."""
     big, small, program = tmp_path / "big", tmp_path / "small", tmp_path / "full_disk.py"
@@ -694,6 +694,10 @@ def test_a_rank_that_loses_its_peer_under_torchrun_does_not_call_itself_failed(t
     err = logs[0].read_text()
     assert "the run stopped: rank 0 lost another rank: " in err and "rank 0 failed" not in err, err
     assert "the rank that failed or stopped responding says why in its own lines (torchrun's report names it)" in err
+    # a rank's own error is its own, whatever its message quotes (an --out named after a timeout sweep)
+    assert not two_gpu._lost_a_peer(IsADirectoryError(21, "Is a directory", "runs/timed out waiting/train.log"))
+    assert not two_gpu._lost_a_peer(ValueError("reset by peer"))
+    assert two_gpu._lost_a_peer(RuntimeError("[gloo/transport/tcp/pair.cc:561] Connection closed by peer [::1]:5"))
 
 
 @pytest.mark.slow
@@ -1045,6 +1049,10 @@ def test_a_disk_too_small_for_the_checkpoints_is_found_before_training(tiny_data
     monkeypatch.setattr(shutil, "disk_usage", lambda path: real(path)._replace(free=size))
     check_room_for_checkpoints(resumed, 10)
     assert not killed.exists() and live.exists()
+    (tmp_path / "saved" / "kept.pt").write_bytes(b"")  # resumed from another name: the run saves as checkpoint.pt
+    killed.write_bytes(b"partial")
+    check_room_for_checkpoints(parse_config(["--resume", str(tmp_path / "saved" / "kept.pt")]), 10)
+    assert not killed.exists()
 
 
 @pytest.mark.slow
@@ -1059,6 +1067,18 @@ def test_a_run_with_its_output_closed_trains_and_writes_its_files(tiny_data, tmp
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 2
     assert "step 2/" in (tmp_path / "run" / "train.log").read_text()
     assert (tmp_path / "run" / ".lock").read_text().count("\n") <= 1  # its owner, and no log line
+
+
+@pytest.mark.slow
+def test_a_train_log_that_cannot_be_opened_ends_the_run_in_one_line(tiny_data, tmp_path):
+    """The launcher keeps its last lines in train.log too: a train.log it cannot open (a folder
+    in its place) ends the run as rank 0's failure to open it does, in one line, not a traceback."""
+    launch("--data", tiny_data, "--out", tmp_path, "--run-name", "run", "--max-steps", "2", *TINY)
+    (tmp_path / "run" / "train.log").unlink()
+    (tmp_path / "run" / "train.log").mkdir()
+    result = launch("--resume", tmp_path / "run", "--max-steps", "3", check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "the run stopped: rank 0 failed: IsADirectoryError: " in result.stderr, result.stderr
 
 
 def test_a_current_folder_that_was_removed_is_one_line(tmp_path):
