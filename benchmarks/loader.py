@@ -78,7 +78,7 @@ def measure_loader(workers: tuple, batch: int, batches: int, device: str, bundle
     number of workers times one at least), and the numbers of workers left are not measured.
     A number of workers whose worker dies (a /dev/shm too small for their batches) is recorded
     as failed, and the others are measured; where every one fails, its error is raised."""
-    by_workers, skipped, failed, errors = [], [], [], []
+    by_workers, skipped, failed, first_error = [], [], [], None
     for count in workers:
         if by_workers and _stopped(deadline):  # one measured at least, past failures
             skipped.append(count)
@@ -87,9 +87,9 @@ def measure_loader(workers: tuple, batch: int, batches: int, device: str, bundle
             by_workers.append(_images_per_s(bundle, batch, batches, count, deadline))
         except (RuntimeError, OSError) as error:
             failed.append({"workers": count, "reason": f"failed: {error_line(error)}"})
-            errors.append(error)
+            first_error = first_error or error
     if not by_workers:
-        raise errors[0]
+        raise first_error
     cut = skipped or any(w["batches"] < w["planned_batches"] for w in by_workers)
     return {
         "data": str(bundle.root), "train_images": len(bundle.train), "device": device,

@@ -14,7 +14,6 @@ or ``~/.cache/alexnet-towers`` (:func:`default_cache_dir`).
 
 import colorsys
 import functools
-import glob
 import logging
 import math
 import os
@@ -27,7 +26,7 @@ from typing import Optional
 import numpy as np
 from PIL import Image
 
-from .cli import abandoned
+from .cli import remove_abandoned
 from .images import BASE_SIZE, DataError
 
 log = logging.getLogger(__name__)
@@ -148,9 +147,7 @@ def builtin_dataset(root: Optional[Path] = None, *, train_per_class: int = BUILT
     partial = f".{root.name}.partial-"  # then HOST-PID-, and mkdtemp's letters
     try:
         root.parent.mkdir(parents=True, exist_ok=True)
-        for stale in root.parent.glob(f"{glob.escape(partial)}*"):  # a generation killed (50 MB each)
-            if abandoned(stale.name[len(partial):].rpartition("-")[0]):
-                shutil.rmtree(stale, ignore_errors=True)
+        remove_abandoned(root.parent, partial, suffixed=True)  # generations killed (50 MB each)
         staging = Path(tempfile.mkdtemp(prefix=f"{partial}{socket.gethostname()}-{os.getpid()}-", dir=root.parent))
     except OSError as exc:  # a read-only or full cache folder
         raise DataError(_cannot_make(root, exc)) from None

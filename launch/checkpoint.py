@@ -15,7 +15,6 @@ does this for all of them.
 
 import dataclasses
 import errno
-import glob
 import math
 import os
 import pickle
@@ -31,7 +30,7 @@ import torch.distributed as dist
 
 from towers import AlexNet, Architecture, Tower, shard_state_dict, unshard_state_dicts
 
-from .cli import abandoned, prints_plainly
+from .cli import prints_plainly, remove_abandoned
 from .config import TrainConfig
 from .images import BASE_SIZE
 from .mesh import Mesh
@@ -72,11 +71,10 @@ def save_checkpoint(path: Path, payload: dict) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_abandoned_saves(path)
-    prefix = f".{path.name}.tmp-"
     needed = _saved_bytes(payload)
     if needed > shutil.disk_usage(path.parent).free:
         raise _disk_full(path, needed)
-    tmp = path.with_name(f"{prefix}{socket.gethostname()}-{os.getpid()}")
+    tmp = path.with_name(f"{_save_prefix(path)}{socket.gethostname()}-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
             torch.save(payload, f)
@@ -105,13 +103,15 @@ def save_checkpoint(path: Path, payload: dict) -> None:
         os.close(dir_fd)
 
 
+def _save_prefix(path: Path) -> str:
+    """The name of a save of ``path`` in progress, less its host and process."""
+    return f".{path.name}.tmp-"
+
+
 def remove_abandoned_saves(path: Path) -> None:
     """Removes the partial files of saves of ``path`` by processes that were killed in them
     (``save_checkpoint`` writes each to a temporary file named by its host and process)."""
-    prefix = f".{path.name}.tmp-"
-    for stale in path.parent.glob(f"{glob.escape(prefix)}*"):
-        if abandoned(stale.name[len(prefix):]):
-            stale.unlink(missing_ok=True)
+    remove_abandoned(path.parent, _save_prefix(path))
 
 
 def _saved_bytes(payload) -> int:

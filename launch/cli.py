@@ -7,8 +7,10 @@ import atexit
 import contextlib
 import dataclasses
 import fcntl
+import glob
 import os
 import shlex
+import shutil
 import signal
 import socket
 import sys
@@ -185,6 +187,19 @@ def write_out(data: bytes) -> None:
 
 
 _held_interrupts = []
+
+
+def remove_abandoned(folder: Path, prefix: str, suffixed: bool = False) -> None:
+    """Removes the temporary files and folders in ``folder`` of work that was killed
+    (``abandoned``): those named ``prefix`` and "HOST-PID", then, where ``suffixed``, a "-" and
+    anything (mkdtemp's letters)."""
+    for stale in folder.glob(f"{glob.escape(prefix)}*"):
+        owner = stale.name[len(prefix):]
+        if abandoned(owner.rpartition("-")[0] if suffixed else owner):
+            if stale.is_dir() and not stale.is_symlink():
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                stale.unlink(missing_ok=True)
 
 
 def standard_streams() -> None:
