@@ -18,6 +18,7 @@ import errno
 import math
 import os
 import pickle
+import re
 import shutil
 import socket
 import unicodedata
@@ -299,6 +300,19 @@ def check_training_state(path, payload: dict) -> None:
     if not isinstance(momentum, dict) or any(not isinstance(v, torch.Tensor) or shapes.get(k) != tuple(v.shape)
                                              for k, v in momentum.items()):
         raise CheckpointError(f"{path} holds momentum that does not fit its weights: {fix}")
+    rng = payload.get("rng", {})  # a rank's random states, set as they are (torch checks their sizes only then)
+    if not isinstance(rng, dict) or not all(
+            re.fullmatch(r"rank\d+", str(rank)) and isinstance(state, dict) and state.get("cpu") is not None
+            and set(state) <= {"cpu", "cuda"} and all(_is_state(t, device) for device, t in state.items())
+            for rank, state in rng.items()):
+        raise CheckpointError(f"{path} holds random states that are not as this program writes them: {fix}")
+
+
+def _is_state(value, device: str) -> bool:
+    """Whether ``value`` can be a random generator's state: bytes, as many as the CPU's own
+    generator has (its state is of one size); a CUDA generator's state is checked where it is set."""
+    return (isinstance(value, torch.Tensor) and value.dtype == torch.uint8 and value.dim() == 1
+            and (device == "cuda" or value.shape == torch.get_rng_state().shape))
 
 
 def check_classes(payload: dict, path, classes: list) -> None:

@@ -135,6 +135,8 @@ def init_process_group(backend: str, rank: int, world_size: int, timeout_s: floa
         dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
 
 
+# How a rank other than 0 ends an error that rank 0 has too, and tells with advice from its files.
+ADVICE_FROM_RANK0 = "Rank 0 says what to do next"
 PREPARATION_WAIT_S = 2 * 3600  # under torchrun, the longest wait for a rank's first scan of the data folder
 
 
@@ -419,6 +421,9 @@ def run_ranks(fn: Callable, args: Sequence = (), world_size: int = 2, backend: s
     if failures:
         # Ranks that stopped on the same error (a mistake each found for itself): the lowest is named first
         first = min(rank for rank, why in failures.items() if why == failures[first])
+        kind = failures[first].split(":", 1)[0]
+        if failures[first].endswith(ADVICE_FROM_RANK0) and failures.get(0, "").split(":", 1)[0] == kind:
+            first = 0  # the same error, in rank 0's words: with what to do next
         error = RankFailure(failures, first, tracebacks)
         if first in tracebacks:
             raise error from RankTraceback(tracebacks[first])

@@ -37,7 +37,7 @@ from .checkpoint import FILENAME, load_checkpoint, restore_training_state, save_
 from .cli import shell_word, usable_cores, write_whole
 from .config import TrainConfig
 from .mesh import Mesh, build_mesh
-from .ranks import PREPARATION_WAIT_S, Placement, error_line, patient_group
+from .ranks import ADVICE_FROM_RANK0, PREPARATION_WAIT_S, Placement, error_line, patient_group
 from .meter import Metrics, ProgressBar, StepMeter, duration, peak_memory
 from .schedule import Progress, base_rate, end_of_epoch_schedule, learning_rate
 from .step import AUTOCAST, paper_optimizer, train_step
@@ -52,6 +52,11 @@ DIVERGED_LOSS_FACTOR = 10
 
 class NonFiniteLoss(RuntimeError):
     pass
+
+
+class NonFiniteOutputs(NonFiniteLoss):
+    """The net's outputs for validation images are not finite numbers: weights that ran away
+    after the last finite loss. Their top-k would be arbitrary classes, scored as guesses."""
 
 
 @dataclass
@@ -207,7 +212,7 @@ def evaluate(model: torch.nn.Module, loader: Optional[data_module.Loader], plan:
     item_shape = (3, BASE_SIZE, BASE_SIZE) if ten_crop else IMAGE_SHAPE  # the ten views are cut on the device
     was_training = model.training
     model.eval()
-    top1 = top5 = seen = 0
+    top1 = top5 = seen = broken = 0
     for images, labels in shared_batches(source, math.ceil(images_here / batch_size), item_shape, device,
                                          mesh.tower_group):
         if not len(labels):
@@ -217,16 +222,20 @@ def evaluate(model: torch.nn.Module, loader: Optional[data_module.Loader], plan:
             logits = model(inputs)
         probs = F.softmax(logits.float(), dim=1)
         probs = probs.view(len(labels), views, -1).mean(dim=1)
+        broken += (~torch.isfinite(probs).all(dim=1)).sum().item()
         best = probs.topk(min(5, probs.shape[1]), dim=1).indices
         top1 += (best[:, 0] == labels).sum().item()
         top5 += (best == labels[:, None]).any(dim=1).sum().item()
         seen += len(labels)
     model.train(was_training)
-    counts = mesh.replica_sum(torch.tensor([top1, top5, seen], dtype=torch.int64, device=device))
-    top1, top5, seen = counts.tolist()
+    counts = mesh.replica_sum(torch.tensor([top1, top5, seen, broken], dtype=torch.int64, device=device))
+    top1, top5, seen, broken = counts.tolist()
     if seen == 0:
         raise data_module.DataError(f"none of the {plan.val_images} validation images could be used (each one "
                                     f"skipped is logged above): replace them")
+    if broken:  # on every rank (the counts are summed)
+        raise NonFiniteOutputs(f"the net's outputs for {broken} of the {seen} validation images are not finite "
+                               f"numbers (NaN or infinite)")
     return {"top1_error": 1 - top1 / seen, "top5_error": 1 - top5 / seen, "images": seen,
             "skipped": plan.val_images - seen, "test": "ten-patch" if ten_crop else "centre patch"}
 
@@ -323,17 +332,23 @@ def elsewhere_than(run_dir: Path) -> str:
     return f"under another --run-name (or after removing {run_dir})"
 
 
-def _after_divergence(config: TrainConfig, run_dir: Optional[Path], num_classes: int) -> str:
+def _after_divergence(config: TrainConfig, run_dir: Optional[Path], num_classes: int,
+                      weights_of: Optional[int] = None) -> str:
     """Advice that works. A resumed run may lower --lr, but only a checkpoint saved before
     the loss ran away is worth resuming: its loss is compared with that of guessing
-    uniformly, ln(classes). Given by rank 0, which writes the checkpoints."""
+    uniformly, ln(classes), and where the weights of step ``weights_of`` ran away (their
+    outputs), a checkpoint of that step or later holds them. Given by rank 0, which writes
+    the checkpoints."""
     if run_dir is None:
-        return "Rank 0 says what to do next"
+        return ADVICE_FROM_RANK0
     lower = f"{config.lr / 10:g}"
     start_again = f"start again with a lower --lr (such as {lower}) or a longer --warmup-steps"
     if not (run_dir / FILENAME).exists():
         return f"No checkpoint was written yet: {start_again}, {elsewhere_than(run_dir)}"
     saved = load_checkpoint(run_dir / FILENAME)["progress"]
+    if weights_of is not None and saved["global_step"] >= weights_of:
+        return (f"The last checkpoint (step {saved['global_step']}) holds these weights, so resuming it would not "
+                f"help: {start_again}")
     if not saved.get("loss", 0.0) < DIVERGED_LOSS_FACTOR * math.log(num_classes):  # older checkpoints hold no loss
         return (f"The loss had already run away by the last checkpoint (step {saved['global_step']}, loss "
                 f"{saved['loss']:.3g}), so resuming it would not help: {start_again}")
@@ -505,8 +520,20 @@ def run_rank(rank: int, config: TrainConfig, run_dir: Optional[str], placement: 
                                     weight_decay=config.weight_decay)
         metrics = Metrics(run_dir / "metrics.jsonl" if run_dir else None)
         bar = ProgressBar(enabled=rank == 0)
-        evaluate_now = lambda ten_crop=False: evaluate(model, loader, plan, config.batch_size, device, mesh,
-                                                       ten_crop, AUTOCAST[config.precision])
+
+        def evaluate_now(ten_crop=False):
+            try:
+                return evaluate(model, loader, plan, config.batch_size, device, mesh, ten_crop,
+                                AUTOCAST[config.precision])
+            except NonFiniteOutputs as exc:  # never top-k errors of NaN outputs: what to do instead
+                if config.eval_only:
+                    advice = (f": {shell_word(config.eval_only)} holds the weights of a run that diverged: "
+                              f"evaluate a checkpoint saved before they ran away")
+                else:
+                    advice = (f" at epoch {progress.epoch + 1}, step {progress.global_step}: the weights ran away; "
+                              f"the run stops. "
+                              f"{_after_divergence(config, run_dir, len(plan.classes), progress.global_step)}")
+                raise NonFiniteOutputs(f"{exc}{advice}") from None
         summary = {"run_dir": str(run_dir) if run_dir else None, "backend": placement.backend, "device": str(device),
                    "layout": config.layout, "replicas": mesh.replicas, "fc8_placement": config.fc8_placement,
                    "precision": config.precision, "compile": config.compile, "workers": workers,

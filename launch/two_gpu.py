@@ -669,8 +669,9 @@ def _from_checkpoint(config: TrainConfig, run_dir: Path, resume: str) -> str:
 def _after_failure(config: Optional[TrainConfig], run_dir: Optional[Path], failure: RankFailure) -> str:
     """What to do once the cause of a rank's failure is fixed (a rank killed by the
     out-of-memory killer, a hung peer, unusable data): go on from the last checkpoint, or
-    start again. A diverged loss's failure says itself what to do, from its loss."""
-    if config is None or run_dir is None or "NonFiniteLoss:" in failure.failures[failure.first]:
+    start again. A diverged loss's failure, or its outputs', says itself what to do."""
+    first = failure.failures[failure.first]
+    if config is None or run_dir is None or "NonFiniteLoss:" in first or "NonFiniteOutputs:" in first:
         return ""
     advice = ""
     if any(word in str(failure).lower() for word in ("timed out", "timeout")):

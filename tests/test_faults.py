@@ -545,6 +545,25 @@ def test_validation_images_lost_at_an_epoch_s_end_keep_its_training(tiny_data, t
     assert load_checkpoint(tmp_path / "run")["progress"]["global_step"] == 8
 
 
+def test_outputs_that_are_not_numbers_are_never_scored(trained_run, tmp_path):
+    """Weights that ran away after the last finite loss: finite, but the net's outputs overflow
+    (NaN after the softmax). Their top-k picks arbitrary classes, which the evaluation scored as
+    guesses (87.5 % top-1 error, exit 0); it says instead what happened and what to do."""
+    payload = load_checkpoint(trained_run[0])
+    model = dict(payload["model"])
+    fc8 = model["fc8.weight"].clone()
+    fc8[0], fc8[1] = 3e38, -3e38  # logits of +inf and -inf: the softmax's NaN
+    save_checkpoint(tmp_path / "ran-away.pt", dict(payload, model=dict(model, **{"fc8.weight": fc8})))
+    result = launch("--eval-only", tmp_path / "ran-away.pt", "--out", tmp_path, "--run-name", "eval",
+                    "--val-limit", "4", "--workers", "0", check=False)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "the run stopped: rank 0 failed: launch.train.NonFiniteOutputs: the net's outputs for 4 of the 4 " \
+           "validation images are not finite numbers (NaN or infinite): " in result.stderr, result.stderr[-2000:]
+    assert f"{tmp_path / 'ran-away.pt'} holds the weights of a run that diverged: evaluate a checkpoint saved " \
+           f"before they ran away" in result.stderr
+    assert "top-1 error" not in result.stderr and not (tmp_path / "eval" / "summary.json").exists()
+
+
 @pytest.mark.slow
 def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_data, trained_run, tmp_path):
     run = Run("--data", tiny_data, "--out", tmp_path, "--run-name", "nan", "--epochs", "20", "--checkpoint-every", "1",
@@ -1367,7 +1386,13 @@ def test_resume_refuses_a_changed_recipe_and_weights_only_checkpoints(tiny_data,
                           (dict(payload, progress=dict(payload["progress"], batch=-1)), "records no progress"),
                           (dict(payload, momentum_buffer=dict(payload["momentum_buffer"],
                                                               **{"conv1.weight": torch.zeros(3)})),
-                           "holds momentum that does not fit its weights")):
+                           "holds momentum that does not fit its weights"),
+                          (dict(payload, rng={"rank0": {"cpu": torch.zeros(3, dtype=torch.uint8)}}),
+                           "holds random states that are not as this program writes them"),
+                          (dict(payload, rng={"rank0": {"cpu": torch.get_rng_state().float()}}),
+                           "holds random states that are not as this program writes them"),
+                          (dict(payload, rng=dict(payload["rng"], rank1="text")), "holds random states that are"),
+                          (dict(payload, rng=[]), "holds random states that are")):
         save_checkpoint(tmp_path / "broken" / "checkpoint.pt", broken)
         err = _error_of(["--resume", tmp_path / "broken"], caplog)
         assert f"error: {tmp_path / 'broken'} {words}" in err and "Traceback" not in err, err
