@@ -640,6 +640,11 @@ def find_neighbours(model: AlexNet, bundle: data_module.DataBundle, mean: torch.
     queries = split_features(model, bundle.val, query_indices, stats, batch_size, device, keep_crops=True)
     searched = split_features(model, bundle.train, pool_indices, stats, batch_size, device, keep_crops=False)
     log.info("Figure 4: features in %.0f s", time.perf_counter() - started)
+    broken = sum(int((~torch.isfinite(images.features).all(dim=1)).sum()) for images in (queries, searched))
+    if broken:  # weights that ran away: their distances are NaN, and the order of the neighbours means nothing
+        raise Skipped(f"FC7's outputs for {broken} of the {len(queries.indices) + len(searched.indices)} images are "
+                      f"not finite numbers (NaN or infinite): the checkpoint's weights ran away; draw a run that did "
+                      f"not diverge")
     for images, what in ((queries, "validation images shown"), (searched, "training images searched")):
         silent = describe_silent(images.silent)
         if silent:

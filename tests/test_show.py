@@ -472,6 +472,19 @@ def test_a_validation_image_that_is_also_a_training_image_is_its_own_nearest_nei
         assert found.distances[row, 0] <= 1e-4 * found.distances[row, 1]
 
 
+def test_weights_that_ran_away_skip_figure_4_with_the_reason(reference, tiny_bundle, tmp_path, caplog, capsys):
+    """FC7 outputs that are not numbers: every distance NaN, drawn as neighbours without a word."""
+    state = dict(reference.state_dict(), **{"fc6.weight": reference.fc6.weight.detach() * 3e38})
+    run = write_run(tmp_path / "run", state, bundle=tiny_bundle, data=tiny_bundle.root)
+    with caplog.at_level(logging.INFO, logger="launch.show"):
+        assert show.main([str(run), "--only", "colour,neighbours", "--images", "2", "--neighbour-pool", "10"]) == 0
+    assert "skipped neighbours: FC7's outputs for 12 of the 12 images are not finite numbers (NaN or infinite): " \
+           "the checkpoint's weights ran away; draw a run that did not diverge" in caplog.text, caplog.text
+    assert not (run / "show" / "neighbours.png").exists() and capsys.readouterr().out.endswith("colour.png\n")
+    with caplog.at_level(logging.INFO, logger="launch.show"):
+        assert show.main([str(run), "--only", "neighbours", "--images", "2", "--neighbour-pool", "10"]) == 2
+
+
 def test_images_for_which_a_layer_is_silent_are_marked(reference, tiny_bundle):
     model = copy.deepcopy(reference).eval()
     with torch.no_grad():
