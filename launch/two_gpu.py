@@ -402,6 +402,7 @@ def prepare_run(config: TrainConfig, checkpoint: Optional[dict]):
                 raise ValueError(f"cannot write {run_dir / 'config.json'} ({exc.strerror or exc}): free space on "
                                  f"its disk, or give another --out") from None
         else:
+            check_run_files(run_dir)
             update_config_json(run_dir, config)
     except BaseException:
         if made_lock and not config.resume:  # a folder refused is left as it was found
@@ -413,6 +414,21 @@ def prepare_run(config: TrainConfig, checkpoint: Optional[dict]):
         raise
     log.info("results: %s", run_dir.resolve())
     return config, run_dir, bundle, lock
+
+
+RUN_FILES = ("config.json", "metrics.jsonl", "train.log", "summary.json")  # read, appended or replaced on resume
+
+
+def check_run_files(run_dir: Path) -> None:
+    """Raises ValueError, before any rank starts, where one of a resumed run's files is there and
+    is not a file: reading a FIFO waits for a writer for good, and a folder fails a rank at its
+    first line (or the run at its last, summary.json)."""
+    for name in RUN_FILES:
+        path = run_dir / name
+        if path.exists() and not path.is_file():
+            what = "a folder" if path.is_dir() else "not a regular file (a FIFO, a socket or a device)"
+            raise ValueError(f"{path} is {what}, where the run keeps its {name}: remove or rename it, and resume "
+                             f"again")
 
 
 def update_config_json(run_dir: Path, config: TrainConfig) -> None:

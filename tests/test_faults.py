@@ -1088,16 +1088,22 @@ def test_a_run_with_its_output_closed_trains_and_writes_its_files(tiny_data, tmp
     assert (tmp_path / "run" / ".lock").read_text().count("\n") <= 1  # its owner, and no log line
 
 
-@pytest.mark.slow
-def test_a_train_log_that_cannot_be_opened_ends_the_run_in_one_line(tiny_data, tmp_path):
-    """The launcher keeps its last lines in train.log too: a train.log it cannot open (a folder
-    in its place) ends the run as rank 0's failure to open it does, in one line, not a traceback."""
-    launch("--data", tiny_data, "--out", tmp_path, "--run-name", "run", "--max-steps", "2", *TINY)
-    (tmp_path / "run" / "train.log").unlink()
-    (tmp_path / "run" / "train.log").mkdir()
-    result = launch("--resume", tmp_path / "run", "--max-steps", "3", check=False)
-    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
-    assert "the run stopped: rank 0 failed: IsADirectoryError: " in result.stderr, result.stderr
+def test_a_run_file_that_is_not_a_file_is_refused_before_the_ranks_start(trained_run, tmp_path, caplog):
+    """A resumed run's config.json, metrics.jsonl or train.log a FIFO: the run waited for a writer
+    for good; a folder: a rank failed at its first line (summary.json: at the run's end, after
+    training), with advice to resume that failed the same way."""
+    run = tmp_path / "run"
+    for name in two_gpu.RUN_FILES:
+        for kind in ("folder", "fifo"):
+            shutil.rmtree(run, ignore_errors=True)
+            shutil.copytree(trained_run[0], run)
+            (run / name).unlink()
+            (run / name).mkdir() if kind == "folder" else os.mkfifo(run / name)
+            err = _error_of(["--resume", run, "--epochs", "2", "--max-steps", "9"], caplog)
+            what = "a folder" if kind == "folder" else "not a regular file (a FIFO, a socket or a device)"
+            assert f"error: {run / name} is {what}, where the run keeps its {name}: remove or rename it, and " \
+                   f"resume again" in err, err
+            assert sorted(p.name for p in run.iterdir()) == sorted(p.name for p in trained_run[0].iterdir())
 
 
 def test_a_current_folder_that_was_removed_is_one_line(tmp_path):
