@@ -221,7 +221,10 @@ def load_checkpoint(path, classes: Optional[list] = None) -> dict:
     except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, OSError,
             KeyError, IndexError, TypeError, AttributeError) as exc:  # the last four: a pickle edited by hand
         # not torch's advice for a file that is no zip archive: "torch.save your checkpoint with this option"
-        why = (f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}" if isinstance(exc, OSError)
+        first = (str(exc).splitlines() or [""])[0]
+        if len(first) > 200:  # torch's long advice, cut at a word and said to be cut
+            first = first[:200].rsplit(" ", 1)[0] + " ..."
+        why = (f"{type(exc).__name__}: {first}" if isinstance(exc, OSError)
                or _starts_as_a_zip(path) else "not a zip archive, as torch.save writes a checkpoint")
         raise CheckpointError(f"{path} is truncated or not a checkpoint ({why}): give a whole checkpoint that this "
                               f"program wrote") from None
@@ -261,6 +264,10 @@ def load_checkpoint(path, classes: Optional[list] = None) -> dict:
         raise CheckpointError(f"{path} names its classes otherwise than as {saved_classes} distinct class folder "
                               f"names: it was not saved by this program")
     numbers = {**model, **({} if mean is None else {"data_mean": mean})}
+    integral = [f"{k} as {str(v.dtype).removeprefix('torch.')}" for k, v in numbers.items() if not v.is_floating_point()]
+    if integral:  # loaded into the net's float weights, they would compute another function without a word
+        raise CheckpointError(f"{path} holds values that are not floating-point numbers ({', '.join(integral[:4])}"
+                              f"{' ...' if len(integral) > 4 else ''}): it was not saved by this program")
     broken = [k for k, v in numbers.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if broken:  # a net that diverged: its every output would be NaN
         raise CheckpointError(f"{path} holds values that are not finite numbers (NaN or infinite) in "

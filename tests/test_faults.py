@@ -1220,6 +1220,10 @@ def test_a_file_that_is_no_checkpoint_is_named_as_such_without_torchs_advice(tmp
         assert said.startswith(f"{path} is truncated or not a checkpoint (") and "torch.save your" not in said, said
         assert said.endswith("): give a whole checkpoint that this program wrote"), said
         assert ("not a zip archive" in said) == (path != truncated), said
+    with pytest.raises(RuntimeError) as torchs:
+        torch.load(truncated, weights_only=True)
+    first = str(torchs.value).splitlines()[0]  # its first line: cut at a word, and said to be, where it is long
+    assert (f"(RuntimeError: {first[:200].rsplit(' ', 1)[0]} ...): " if len(first) > 200 else first) in said, said
 
 
 def test_a_damaged_checkpoint_is_refused_not_loaded_as_it_is(tmp_path):
@@ -1301,6 +1305,11 @@ def test_bad_checkpoints_get_clear_errors_and_run_no_code(tiny_data, tmp_path, c
     assert f"error: {tmp_path / 'diverged.pt'} holds values that are not finite numbers (NaN or infinite) in " \
            f"fc8.weight: the run diverged before it was saved; use an earlier checkpoint" in _error_of(
                [*args, tmp_path / "diverged.pt"], caplog)
+    integral = build_reference(10).state_dict()
+    integral["conv1.weight"] = integral["conv1.weight"].to(torch.int64)  # all 0: another function, silently
+    save_checkpoint(tmp_path / "integral.pt", checkpoint_payload(integral, num_classes=10))
+    assert f"error: {tmp_path / 'integral.pt'} holds values that are not floating-point numbers (conv1.weight as " \
+           f"int64): it was not saved by this program" in _error_of([*args, tmp_path / "integral.pt"], caplog)
     payload = load_checkpoint(good)
     for name, broken in (("arch", dict(payload, arch=[1, 2])),
                          ("model", {k: v for k, v in payload.items() if k != "model"}),
