@@ -24,7 +24,7 @@ A picture whose inputs are not there yet is skipped with a note saying why (and 
 its PNG of an earlier show there is older than the run's files it is drawn from), and
 the others are drawn: a run in its first epoch has no checkpoint.pt unless it was started
 with --checkpoint-every, and a run that is still going or was stopped has no
-summary.json. When nothing at all can be drawn, RUN_DIR is not a run folder, or a picture
+summary.json (or an earlier start's, if it was resumed). When nothing at all can be drawn, RUN_DIR is not a run folder, or a picture
 cannot be written (a full disk), the program prints one line naming the fix and exits with
 status 2; each picture is written whole or not at all. Records of metrics.jsonl and
 summary.json that lack what a picture draws (a damaged line, a hand-edited file) are left
@@ -385,9 +385,11 @@ def draw_colour(run: RunFolder, out: Path) -> Path:
 
 # --------------------------------------------------------------------------- curves and traffic
 
-def _final_evaluation(run: RunFolder, evals: list) -> Optional[dict]:
+def _final_evaluation(run: RunFolder, evals: list, last_step: Optional[int]) -> Optional[dict]:
     """summary.json's last centre-patch evaluation when it is not an end-of-epoch one
-    (a run stopped by --max-steps evaluates where it stopped)."""
+    (a run stopped by --max-steps evaluates where it stopped), with its legend: where the
+    run stopped, or, before ``last_step`` (the last step trained), where an earlier start of
+    it ended (a resumed run writes its own summary.json only when it ends)."""
     try:
         summary = run.summary()
     except Skipped:
@@ -402,7 +404,9 @@ def _final_evaluation(run: RunFolder, evals: list) -> Optional[dict]:
         return None
     if any(r["step"] == steps for r in evals):
         return None
-    return {"step": steps, **centre}
+    where = "where the run stopped" if last_step is None or steps >= last_step else \
+        "where an earlier start of the run ended"
+    return {"step": steps, **centre, "where": where}
 
 
 def _label_point(ax, x: float, percent: float) -> None:
@@ -418,7 +422,7 @@ def shown(name: str) -> str:
 def draw_curves(run: RunFolder, out: Path) -> Path:
     metrics = run.metrics()
     steps = [r["step"] for r in metrics.train]
-    final = _final_evaluation(run, metrics.evals)
+    final = _final_evaluation(run, metrics.evals, max(steps, default=None))
     plt = _pyplot()
     fig, (loss_ax, error_ax, lr_ax) = plt.subplots(3, 1, figsize=(9, 9.5), sharex=True,
                                                    gridspec_kw={"height_ratios": (3, 3, 2)})
@@ -444,7 +448,7 @@ def draw_curves(run: RunFolder, out: Path) -> Path:
     if final is not None:
         for key, colour, name in (("top1_error", "C3", "top-1"), ("top5_error", "C1", "top-5")):
             error_ax.scatter([final["step"]], [100 * final[key]], facecolor="none", edgecolor=colour, s=60,
-                             linewidth=1.5, zorder=3, label=f"validation {name} where the run stopped (summary.json)")
+                             linewidth=1.5, zorder=3, label=f"validation {name} {final['where']} (summary.json)")
             _label_point(error_ax, final["step"], 100 * final[key])
     error_ax.set_ylim(0, 100)
     error_ax.set_ylabel("error (%)")

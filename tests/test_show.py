@@ -192,6 +192,20 @@ def test_curves_keep_the_last_record_of_each_step_after_resumes(tmp_path):
     assert [(r["epoch"], r["top1_error"]) for r in metrics.evals] == [(1, 0.9), (2, 0.6)]
 
 
+def test_the_summary_of_an_earlier_start_is_not_said_to_be_where_the_run_stopped(tmp_path):
+    """A run stopped by --max-steps 4 (its summary.json evaluated at step 4), resumed and stopped
+    at step 8: the evaluation of step 4 is that start's end, not where the run stopped."""
+    records = [train_record(2, 2.3), train_record(4, 2.2)]
+    summary = {**SUMMARY, "steps": 4}
+    run = show._open_run(str(write_run(tmp_path / "ended", metrics=records, summary=summary)))
+    assert show._final_evaluation(run, [], 4)["where"] == "where the run stopped"
+    run = show._open_run(str(write_run(tmp_path / "resumed", metrics=records + [train_record(8, 2.0)],
+                                       summary=summary)))
+    assert show._final_evaluation(run, [], 8) == {"step": 4, "top1_error": 0.7, "top5_error": 0.35,
+                                                  "where": "where an earlier start of the run ended"}
+    assert show.main([str(run.path), "--only", "curves"]) == 0
+
+
 def test_a_run_folder_whose_name_is_not_utf8_is_drawn_with_the_name_escaped(tmp_path, capsysbinary):
     """A folder name (or class name) that is not UTF-8 reaches Python as surrogates, which
     matplotlib refuses: the pictures show those bytes as escapes; the paths printed are the
