@@ -93,8 +93,14 @@ class ShowOptions:
         for name in ("images", "neighbour_pool", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.images > MAX_IMAGES:
+            raise ValueError(f"--images must be at most {MAX_IMAGES} (a row of the picture each, 205 pixels high; a "
+                             f"taller PNG is more than image viewers open), got {self.images}: draw fewer")
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("--device cuda: no GPU is visible here; use --device cpu or auto")
+
+
+MAX_IMAGES = 100  # rows of the neighbours picture: 20,500 pixels high
 
 
 class Skipped(Exception):

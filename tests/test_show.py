@@ -561,6 +561,17 @@ BAD_RUN_DIRS = {"missing": "does not exist", "no config.json": "not a run folder
                 "config.json nested too deep": "not a run folder: it has an unreadable config.json (maximum recursion"}
 
 
+@pytest.mark.parametrize("args, words", [
+    (["--images", "0"], "--images must be at least 1, got 0"),
+    (["--neighbour-pool", "-1"], "--neighbour-pool must be at least 1, got -1"),
+    # a row of the picture each: 500 made a PNG of 1225 x 102580 pixels, more than PIL opens by default
+    (["--images", "101"], "--images must be at most 100 (a row of the picture each, 205 pixels high; a taller PNG is "
+                          "more than image viewers open), got 101: draw fewer")])
+def test_bad_options_are_one_line_before_anything_is_read(tmp_path, args, words, caplog, capsys):
+    assert show.main([str(tmp_path / "no-such-run"), *args]) == 2 and capsys.readouterr().out == ""
+    assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == [f"error: {words}"]
+
+
 @pytest.mark.parametrize("case", BAD_RUN_DIRS)
 def test_a_bad_run_dir_is_refused_naming_it(tmp_path, case, caplog, capsys):
     """In this process (the program's log goes to caplog); the real process: the test below."""
