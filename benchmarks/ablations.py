@@ -30,6 +30,7 @@ import json
 import logging
 import math
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -42,6 +43,7 @@ from typing import Optional
 import torch
 
 from launch import data as data_module
+from launch.checkpoint import FILENAME
 from launch.cli import JSON_DAMAGE, Parser, add_options, option, quick_exit, shell_word, write_whole
 from launch.config import TrainConfig, parse_config, resolve
 from launch.meter import StepMeter
@@ -106,6 +108,10 @@ class AblationError(RuntimeError):
     pass
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C (or SIGTERM) while a variant's run trained; its message says how to finish that run."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="python -m benchmarks.ablations",
                     description="Train the paper's net and its ablations (sections 3.1-3.4) with "
@@ -130,11 +136,11 @@ def run_options(config: AblationConfig, variant: str, runs: Path) -> list:
     return shared_options(config, runs) + ["--run-name", variant] + layout + VARIANTS[variant]
 
 
-def train(config: AblationConfig, variant: str, runs: Path, train_images: int) -> tuple:
+def train(config: AblationConfig, variant: str, runs: Path, bundle) -> tuple:
     """Runs the training program for ``variant`` (or, with --reuse, takes its finished run, whose
-    recipe is checked against the one the data's ``train_images`` give). Returns (run folder,
-    None) or, when the run stopped on its own (a loss that ran away is a result too), (run
-    folder, why); options the program refuses raise AblationError."""
+    recipe, data and steps are checked against those that ``bundle``, the data opened now, and the
+    options give). Returns (run folder, None) or, when the run stopped on its own (a loss that ran
+    away is a result too), (run folder, why); options the program refuses raise AblationError."""
     run_dir = runs / variant
     options = run_options(config, variant, runs)
     stderr_path = runs / f"{variant}.stderr"
@@ -142,23 +148,29 @@ def train(config: AblationConfig, variant: str, runs: Path, train_images: int) -
         raise AblationError(f"{run_dir} already holds a run: add --reuse to read the runs already in --runs "
                             f"{runs} (trained with these options), or give another --runs folder")
     if config.reuse and (run_dir / "summary.json").exists():
-        check_reusable(run_dir, options, train_images)
+        check_reusable(run_dir, options, len(bundle.train))
+        check_same_data(run_dir, bundle, stderr_path)
+        check_steps(run_dir, options, bundle)
         logger.info("%s: reusing the finished run in %s", variant, run_dir)
         return run_dir, None
     if config.reuse and run_dir.exists():  # a run that stopped on its own is a result too, as when it was trained
-        check_reusable(run_dir, options, train_images)
+        check_reusable(run_dir, options, len(bundle.train))
         why = _stopped(stderr_path)
         if why is None:
             raise AblationError(f"{run_dir} holds a run that neither finished nor stopped on its own (interrupted?): "
-                                f"resume it with python -m launch.two_gpu --resume {shell_word(run_dir)}, or remove it")
+                                f"{finish_advice(config, run_dir)}")
+        check_same_data(run_dir, bundle, stderr_path)
         logger.info("%s: reusing the run in %s, which stopped: %s", variant, run_dir, why)
         return run_dir, why
     command = [sys.executable, "-m", "launch.two_gpu", *options]
     logger.info("%s: %s", variant, shlex.join(["python", *command[1:]]))
     runs.mkdir(parents=True, exist_ok=True)
     started, load_at_start = time.perf_counter(), os.getloadavg()
-    with open(stderr_path, "w") as stderr:
-        returncode = run_child(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=stderr).returncode
+    try:
+        with open(stderr_path, "w") as stderr:
+            returncode = run_child(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=stderr).returncode
+    except KeyboardInterrupt:  # the run was stopped (run_child): say how to finish this one
+        raise Interrupted(f"the {variant} run was stopped: {finish_advice(config, run_dir)}") from None
     # beside the run folder, for a report made later from the same runs (--reuse)
     conditions = {"command": shlex.join(["python", *command[1:]]), "wall_s": time.perf_counter() - started,
                   "load_average": {"start": load_at_start, "end": os.getloadavg()}}
@@ -178,6 +190,68 @@ def train(config: AblationConfig, variant: str, runs: Path, train_images: int) -
         return run_dir, why
     logger.info("%s: done in %.0f s", variant, time.perf_counter() - started)
     return run_dir, None
+
+
+def finish_advice(config: AblationConfig, run_dir: Path) -> str:
+    """How to finish a variant's run that was interrupted, so that --reuse reads it: a resume
+    with the ablation's --max-steps again (a resume keeps the recipe's epochs but not
+    --max-steps, and would train to the last epoch), or, before its first checkpoint, a new
+    run in its place."""
+    if not (run_dir / FILENAME).exists():
+        return (f"it wrote no checkpoint yet, so remove {shell_word(run_dir)} and run the ablation again with --reuse, "
+                f"which trains it anew")
+    resume = ["python", "-m", "launch.two_gpu", "--resume", shell_word(run_dir)]
+    if config.max_steps is not None:
+        resume += ["--max-steps", str(config.max_steps)]
+    return (f"finish it with {' '.join(resume)}, then run the ablation again with --reuse (or remove "
+            f"{shell_word(run_dir)} to train it anew)")
+
+
+# The line of a run's output that gives its data (launch.two_gpu's prepare_run)
+DATA_LINE = re.compile(r"^data: .* \((\d+) classes, (\d+) training and (\d+) validation images\)$", re.MULTILINE)
+
+
+def check_same_data(run_dir: Path, bundle, stderr_path: Path) -> None:
+    """A run is reused only if it was trained and evaluated on the images that --data holds
+    now (config.json names the folder alone, whose images may have changed since): by its
+    checkpoint's digests of train/ and val/ (names, classes, sizes), or, for a run that stopped
+    before its first checkpoint, by the numbers of images its output gave."""
+    checkpoint = run_dir / FILENAME
+    if checkpoint.exists():
+        try:
+            payload = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
+            trained = {"classes": payload.get("classes"), "train": payload.get("train_digest"),
+                       "val": payload.get("val_digest")}
+        except Exception as error:  # damaged, or not a checkpoint: whatever torch says
+            raise AblationError(f"cannot read {checkpoint} ({type(error).__name__}): remove its run folder to train "
+                                f"that variant again") from None
+        now = {"classes": list(bundle.classes), **bundle.digests}
+    else:
+        logged = DATA_LINE.search(stderr_path.read_text(errors="replace")) if stderr_path.exists() else None
+        if logged is None:
+            raise AblationError(f"{run_dir} holds no checkpoint and {stderr_path} no line of its data, so the images it "
+                                f"was trained on cannot be checked: remove {run_dir} to train that variant again")
+        trained = dict(zip(("classes", "train", "val"), map(int, logged.groups())))
+        now = {"classes": len(bundle.classes), "train": len(bundle.train), "val": len(bundle.val)}
+    differ = [name for name in now if trained[name] != now[name]]
+    if differ:
+        what = "class names" if differ[0] == "classes" else f"{differ[0]}/ images"
+        raise AblationError(f"{run_dir} was trained on other data: its {what} differ from those in {bundle.root} now "
+                            f"({len(bundle.train)} training and {len(bundle.val)} validation images): remove "
+                            f"{run_dir} to train that variant again on them, or give another --runs folder")
+
+
+def check_steps(run_dir: Path, options: list, bundle) -> None:
+    """A finished run is reused only if it trained the steps the options give: config.json
+    keeps the first start's --max-steps, where a resume without it trained to the last epoch."""
+    wanted = resolve(parse_config(options), len(bundle.train))
+    steps = wanted.epochs * data_module.batches_per_epoch(bundle, wanted.batch_size)
+    steps = min(steps, wanted.max_steps or steps)
+    trained = _read_json(run_dir / "summary.json").get("steps")
+    if trained != steps:
+        raise AblationError(f"{run_dir} trained {trained} steps, not the {steps} that these options give (resumed "
+                            f"without --max-steps?): remove {run_dir} to train that variant again, or give another "
+                            f"--runs folder")
 
 
 def _stopped(stderr_path: Path) -> Optional[str]:
@@ -257,7 +331,7 @@ def read_run(run_dir: Path, failure: Optional[str] = None) -> dict:
         return {**numbers, "steps": curve[-1]["step"] if curve else 0}
     summary = _read_json(run_dir / "summary.json")
     return {**numbers, "steps": summary["steps"], "classes": summary["classes"], "centre": summary["centre"],
-            "ten_patch": summary.get("ten_patch"),
+            "ten_patch": summary.get("ten_patch"), "steps_this_run": summary.get("steps_this_run", summary["steps"]),
             "images_per_s": summary["images_per_s"], "train_seconds": summary["train_seconds"],
             "device": summary["device"], "layout": summary["layout"],
             "evals": [r for r in records if r["event"] == "eval"]}
@@ -543,8 +617,11 @@ def write_report(results: dict, info: dict, out: Path) -> None:
 def run_line(variant: str, r: dict) -> str:
     line = f"- {variant}: `{r['run_dir']}`"
     if not r["failed"]:
-        line += (f"; {r['steps']} steps trained in {r['train_seconds'] / 60:.1f} min ({r['images_per_s']:.1f} images/s) "
-                 f"on {r['device']}, --layout {r['layout']}")
+        # summary.json times the last start of a resumed run alone
+        sitting = "" if r["steps_this_run"] == r["steps"] else \
+            f", resumed: the last start's {r['steps_this_run']} steps"
+        line += (f"; {r['steps']} steps{sitting} trained in {r['train_seconds'] / 60:.1f} min ({r['images_per_s']:.1f} "
+                 f"images/s) on {r['device']}, --layout {r['layout']}")
     conditions = r["conditions"]
     if conditions is not None:
         load = conditions["load_average"]
@@ -613,7 +690,7 @@ def _measure(config: AblationConfig, out: Path, runs: Path, args: list, machine:
     """main's runs and report, in folders that it made and holds."""
     results, bundle = {}, data_module.open_data(config.data)
     for variant in config.variants:
-        results[variant] = r = read_run(*train(config, variant, runs, len(bundle.train)))
+        results[variant] = r = read_run(*train(config, variant, runs, bundle))
         r["initial_scale"] = initial_activation_scale(Path(r["run_dir"]), bundle)
         if r["failed"]:
             continue
@@ -647,7 +724,7 @@ if __name__ == "__main__":
         except (ValueError, AblationError) as error:  # options refused here or by a run, a --reuse that does not fit
             print(f"error: {error}", file=sys.stderr)
             sys.exit(2)
-        except KeyboardInterrupt:
-            print("interrupted: the run in progress was stopped (resume it with python -m launch.two_gpu --resume "
-                  "RUN_DIR, or remove it); the finished runs stay in --runs, read again with --reuse", file=sys.stderr)
+        except KeyboardInterrupt as interrupt:
+            stopped = f"{interrupt}; " if isinstance(interrupt, Interrupted) else ""
+            print(f"interrupted: {stopped}the finished runs stay in --runs, read again with --reuse", file=sys.stderr)
             sys.exit(130)

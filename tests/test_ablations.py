@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import matplotlib.image
 import pytest
@@ -76,6 +77,30 @@ def test_tanh_that_never_gets_there_gives_a_lower_bound():
     assert "To 50 % training error: ReLU at step 10, tanh at step 30: ReLU 3.0x faster" in to_50
 
 
+def _data(train=30, val=10, classes=10, digests=("train images", "val images")):
+    """What train() reads of the data opened now (launch.data.DataBundle's fields)."""
+    return SimpleNamespace(root=Path("/data"), classes=[f"class{i}" for i in range(classes)], train=range(train),
+                           val=range(val), digests=dict(zip(("train", "val"), digests)))
+
+
+def _finished_run(runs, config, variant, data, steps, checkpoint=True):
+    """A run folder as launch.two_gpu leaves a finished run, trained with ``config``'s options on
+    ``data``: its config.json, summary.json (``steps``) and checkpoint's record of the data."""
+    run = runs / variant
+    run.mkdir(parents=True)
+    options = ablations.run_options(config, variant, runs)
+    (run / "config.json").write_text(json.dumps(dataclasses.asdict(resolve(parse_config(options), len(data.train)))))
+    (run / "summary.json").write_text(json.dumps({"steps": steps, "steps_this_run": steps}))
+    if checkpoint:
+        torch.save({"classes": data.classes, "train_digest": data.digests["train"], "val_digest": data.digests["val"],
+                    "progress": {"global_step": steps}}, run / "checkpoint.pt")
+    return run
+
+
+def _data_line(data) -> str:
+    return f"data: /data ({len(data.classes)} classes, {len(data.train)} training and {len(data.val)} validation images)"
+
+
 def test_reuse_takes_a_run_that_stopped_and_refuses_one_that_was_interrupted(tmp_path, monkeypatch):
     """A run that stopped on its own (its loss ran away) is a result, read again by --reuse; one
     that was interrupted is not; and without --reuse an existing run folder is never trained over."""
@@ -90,38 +115,131 @@ def test_reuse_takes_a_run_that_stopped_and_refuses_one_that_was_interrupted(tmp
     (run / "config.json").write_text(json.dumps(dataclasses.asdict(resolve(parse_config(options), 30))))
     (run / "metrics.jsonl").write_text("")
     stopped = "the run stopped: rank 0 failed: NonFiniteLoss: the loss became nan at epoch 1, step 6"
-    (runs / "tanh.stderr").write_text(f"epoch 1/3 step 5/78 loss 9.1\n{stopped}\n")
-    assert ablations.train(config, "tanh", runs, 30) == (run, stopped)
+    data = _data()
+    (runs / "tanh.stderr").write_text(f"{_data_line(data)}\nepoch 1/3 step 5/78 loss 9.1\n{stopped}\n")
+    assert ablations.train(config, "tanh", runs, data) == (run, stopped)
 
     (runs / "tanh.stderr").write_text("epoch 1/3 step 5/78 loss 2.1\ninterrupted: every rank stopped; ...\n")
-    with pytest.raises(ablations.AblationError, match="neither finished nor stopped on its own .* --resume"):
-        ablations.train(config, "tanh", runs, 30)
+    with pytest.raises(ablations.AblationError, match="neither finished nor stopped on its own .* remove"):
+        ablations.train(config, "tanh", runs, data)
     with pytest.raises(ablations.AblationError, match="already holds a run: add --reuse"):
-        ablations.train(dataclasses.replace(config, reuse=False), "tanh", runs, 30)
+        ablations.train(dataclasses.replace(config, reuse=False), "tanh", runs, data)
     with pytest.raises(ablations.AblationError, match="seed = 2, not 3"):
-        ablations.train(dataclasses.replace(config, seed=3), "tanh", runs, 30)
+        ablations.train(dataclasses.replace(config, seed=3), "tanh", runs, data)
 
 
 def test_reuse_refuses_runs_of_another_length_where_the_recipe_gives_it(tmp_path):
     """On the built-in data the small recipe's epochs (and milestones) follow from the training
     set's size, which the options alone do not give: runs of --epochs 1 and --epochs 5 were
     reused by a command without --epochs, one recipe line claimed for both."""
-    runs, train_images = tmp_path / "runs", 1000  # the small recipe: 7 epochs, the rate divided at the 5th
+    runs, data = tmp_path / "runs", _data(train=1000)  # the small recipe: 7 epochs, the rate divided at the 5th
     for variant, epochs in (("full", 1), ("no-lrn", 5), ("tanh", None)):
-        run = runs / variant
-        run.mkdir(parents=True)
-        trained = ablations.AblationConfig(variants=(variant,), epochs=epochs, max_steps=2)
-        options = ablations.run_options(trained, variant, runs)
-        (run / "config.json").write_text(json.dumps(dataclasses.asdict(resolve(parse_config(options), train_images))))
-        (run / "summary.json").write_text("{}")
+        _finished_run(runs, ablations.AblationConfig(variants=(variant,), epochs=epochs, max_steps=2), variant, data,
+                      steps=2)
     config = ablations.AblationConfig(max_steps=2, reuse=True)
     for variant, epochs in (("full", 1), ("no-lrn", 5)):
         with pytest.raises(ablations.AblationError, match=f"^{runs / variant} was trained with epochs = {epochs}, not "
                                                           f"7: give another --runs folder, or leave out --reuse$"):
-            ablations.train(config, variant, runs, train_images)
-    assert ablations.train(config, "tanh", runs, train_images) == (runs / "tanh", None)  # the recipe's 7
-    assert ablations.train(dataclasses.replace(config, epochs=5), "no-lrn", runs, train_images) == \
-        (runs / "no-lrn", None)
+            ablations.train(config, variant, runs, data)
+    assert ablations.train(config, "tanh", runs, data) == (runs / "tanh", None)  # the recipe's 7
+    assert ablations.train(dataclasses.replace(config, epochs=5), "no-lrn", runs, data) == (runs / "no-lrn", None)
+
+
+def _reuse(runs, data, monkeypatch, *options):
+    """``python -m benchmarks.ablations --reuse`` on ``data`` (opened as it is now)."""
+    monkeypatch.setattr(ablations.data_module, "open_data", lambda folder: data)
+    return ablations.main(["--reuse", "--runs", str(runs), "--out", str(runs.parent / "report"), *options])
+
+
+@pytest.mark.parametrize("changed", ["a validation image removed", "other training images", "a class renamed"])
+def test_reuse_refuses_a_finished_run_trained_on_other_data(tmp_path, monkeypatch, changed):
+    """config.json names the data's folder, not its images: a run evaluated on 74 validation images
+    was reported as one of the 44 left there."""
+    runs, trained_on = tmp_path / "runs", _data(train=1000, val=74, digests=("train", "val of 74"))
+    _finished_run(runs, ablations.AblationConfig(max_steps=3), "full", trained_on, steps=3)
+    now = {"a validation image removed": _data(train=1000, val=73, digests=("train", "val of 73")),
+           "other training images": _data(train=1000, val=74, digests=("other train", "val of 74")),
+           "a class renamed": SimpleNamespace(**{**vars(trained_on), "classes": trained_on.classes[:-1] + ["renamed"]})}
+    with pytest.raises(ablations.AblationError, match=rf"^{runs / 'full'} was trained on other data: its "
+                                                      rf"(val/ images|train/ images|class names) differ .*: remove "
+                                                      rf"{runs / 'full'} to train that variant again"):
+        _reuse(runs, now[changed], monkeypatch, "--variants", "full", "--max-steps", "3")
+    assert ablations.train(ablations.AblationConfig(max_steps=3, reuse=True), "full", runs, trained_on) == \
+        (runs / "full", None)  # the same images: reused
+
+
+def test_reuse_refuses_a_run_that_stopped_on_other_data_before_its_first_checkpoint(tmp_path, monkeypatch):
+    """Without a checkpoint, the numbers of images that the run's output gave are compared."""
+    runs, trained_on = tmp_path / "runs", _data(val=74)
+    run = runs / "tanh"
+    run.mkdir(parents=True)
+    options = ablations.run_options(ablations.AblationConfig(), "tanh", runs)
+    (run / "config.json").write_text(json.dumps(dataclasses.asdict(resolve(parse_config(options), 30))))
+    (runs / "tanh.stderr").write_text(f"{_data_line(trained_on)}\nthe run stopped: rank 0 failed: NonFiniteLoss: "
+                                      f"the loss became nan at epoch 1, step 3\n")
+    with pytest.raises(ablations.AblationError, match=rf"^{run} was trained on other data: its val/ images differ"):
+        _reuse(runs, _data(val=44), monkeypatch, "--variants", "tanh")
+
+
+def test_reuse_refuses_a_run_resumed_past_the_ablation_s_max_steps(tmp_path, monkeypatch):
+    """A resume does not keep --max-steps: resumed without it, the run trained to its last
+    epoch, while its config.json still said --max-steps 21."""
+    runs, data = tmp_path / "runs", _data(train=1000)
+    all_steps = resolve(parse_config(["--batch-size", "4"]), 1000).epochs * 250  # the recipe's epochs of 250 steps
+    _finished_run(runs, ablations.AblationConfig(max_steps=21, batch_size=4), "full", data, steps=all_steps)
+    with pytest.raises(ablations.AblationError, match=rf"^{runs / 'full'} trained {all_steps} steps, not the 21 that "
+                                                      rf"these options give \(resumed without --max-steps\?\): remove"):
+        _reuse(runs, data, monkeypatch, "--variants", "full", "--max-steps", "21", "--batch-size", "4")
+    _finished_run(runs, ablations.AblationConfig(batch_size=4), "tanh", data, steps=21)
+    with pytest.raises(ablations.AblationError, match=rf"^{runs / 'tanh'} trained 21 steps, not the {all_steps} "):
+        _reuse(runs, data, monkeypatch, "--variants", "tanh", "--batch-size", "4")
+
+
+def test_an_interrupted_run_is_finished_with_the_ablation_s_max_steps(tmp_path, monkeypatch):
+    """The advice, when the ablation is interrupted and when --reuse finds the run unfinished,
+    resumes with --max-steps again (a resume does not keep it), or, with no checkpoint to resume,
+    trains the run anew."""
+    def interrupted(*args, **kwargs):  # Ctrl-C while the run trains: run_child stops it and raises
+        (runs / "full").mkdir(exist_ok=True)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ablations, "run_child", interrupted)
+    runs, data = tmp_path / "runs", _data()
+    config = ablations.AblationConfig(max_steps=21)
+    run = runs / "full"
+    with pytest.raises(ablations.Interrupted) as stopped:
+        ablations.train(config, "full", runs, data)
+    assert str(stopped.value) == (f"the full run was stopped: it wrote no checkpoint yet, so remove {run} and run the "
+                                  f"ablation again with --reuse, which trains it anew")
+    options = ablations.run_options(config, "full", runs)
+    (run / "config.json").write_text(json.dumps(dataclasses.asdict(resolve(parse_config(options), 30))))
+    torch.save({"progress": {"global_step": 19}}, run / "checkpoint.pt")
+    resume = f"finish it with python -m launch.two_gpu --resume {run} --max-steps 21, then run the ablation again " \
+             f"with --reuse (or remove {run} to train it anew)"
+    with pytest.raises(ablations.AblationError) as unfinished:
+        ablations.train(dataclasses.replace(config, reuse=True), "full", runs, data)
+    assert str(unfinished.value) == f"{run} holds a run that neither finished nor stopped on its own (interrupted?): " \
+                                    f"{resume}"
+    shutil.rmtree(run)
+    with pytest.raises(ablations.Interrupted) as stopped:
+        ablations.train(config, "full", runs, data)
+    assert str(stopped.value).startswith("the full run was stopped: it wrote no checkpoint yet")
+
+
+def test_a_resumed_run_s_time_is_said_to_be_its_last_start_s(tmp_path):
+    """summary.json times the steps of the start that wrote it: a run resumed for its last 2
+    of 21 steps did not train 21 steps in that time."""
+    run = tmp_path / "full"
+    run.mkdir()
+    _written_curve(run, [[0.5] * 21])
+    summary = {"steps": 21, "steps_this_run": 2, "classes": 10, "centre": {"top1_error": 0.5, "top5_error": 0.1,
+                                                                           "images": 10},
+               "images_per_s": 80.0, "train_seconds": 6.0, "device": "cpu", "layout": "single"}
+    (run / "summary.json").write_text(json.dumps(summary))
+    line = ablations.run_line("full", ablations.read_run(run))
+    assert "; 21 steps, resumed: the last start's 2 steps trained in 0.1 min (80.0 images/s)" in line
+    (run / "summary.json").write_text(json.dumps({**summary, "steps_this_run": 21}))
+    assert "; 21 steps trained in 0.1 min" in ablations.run_line("full", ablations.read_run(run))
 
 
 def test_a_damaged_run_file_a_variant_named_twice_and_a_home_folder_are_told_apart(tmp_path, monkeypatch):
@@ -433,7 +551,7 @@ def test_an_ablation_stopped_while_a_run_trains_leaves_nothing_running(tiny_data
     # once the program's rank server and its two ranks run
     assert terminate_when_ready(ablation, lambda: len(session("forkserver")) >= 3, log.name) == 130
     text = Path(log.name).read_text()
-    assert "interrupted: the run in progress was stopped" in text and "Traceback" not in text, text[-3000:]
+    assert "interrupted: the full run was stopped: " in text and "Traceback" not in text, text[-3000:]
     variant_log = next((tmp_path / "runs").glob("full*.stderr")).read_text()
     assert "interrupted: every rank stopped" in variant_log, variant_log[-3000:]
     deadline = time.monotonic() + 20
