@@ -242,6 +242,26 @@ def test_a_resumed_run_s_time_is_said_to_be_its_last_start_s(tmp_path):
     assert "; 21 steps trained in 0.1 min" in ablations.run_line("full", ablations.read_run(run))
 
 
+def test_a_run_whose_loss_became_nan_stopped_at_that_step(tmp_path):
+    """The step whose loss was NaN wrote no record: the run stopped at the step after the last one."""
+    _written_curve(tmp_path, [[0.9, 0.9]])
+    failure = ("the run stopped: rank 0 failed: launch.train.NonFiniteLoss: the loss became nan at epoch 1, step 3; "
+               "the run stops.")
+    assert ablations.read_run(tmp_path, failure)["steps"] == 3
+    assert ablations.read_run(tmp_path, "the run stopped: rank 1 failed: killed by SIGKILL")["steps"] == 2
+
+
+@pytest.mark.parametrize("classes, line", [
+    (10, "- **Top-5 error** on 10 classes counts a miss only when the true class is among the 5 least likely: a "
+         "uniform guess misses 50 % of the time (99.5 % on ILSVRC-2012's 1000)."),
+    (40, "- **Top-5 error** on 40 classes counts a miss only when the true class is among the 35 least likely: a "
+         "uniform guess misses 88 % of the time (99.5 % on ILSVRC-2012's 1000)."),
+    (5, None), (2, None)])
+def test_the_top5_sentence_follows_the_number_of_classes(classes, line):
+    results = {"full": {"failed": "the run stopped: ..."}, "tanh": {"failed": None, "classes": classes}}
+    assert ablations.top5_lines(results) == ([line] if line else [])
+
+
 def test_a_damaged_run_file_a_variant_named_twice_and_a_home_folder_are_told_apart(tmp_path, monkeypatch):
     run = tmp_path / "runs" / "tanh"
     run.mkdir(parents=True)
