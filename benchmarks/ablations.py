@@ -196,10 +196,20 @@ def finish_advice(config: AblationConfig, run_dir: Path) -> str:
     """How to finish a variant's run that was interrupted, so that --reuse reads it: a resume
     with the ablation's --max-steps again (a resume keeps the recipe's epochs but not
     --max-steps, and would train to the last epoch), or, before its first checkpoint, a new
-    run in its place."""
+    run in its place, as for a checkpoint of the end of the training (stopped in the final
+    evaluation), which a resume refuses and an --eval-only evaluates into another folder."""
     if not (run_dir / FILENAME).exists():
         return (f"it wrote no checkpoint yet, so remove {shell_word(run_dir)} and run the ablation again with --reuse, "
                 f"which trains it anew")
+    try:
+        progress = torch.load(run_dir / FILENAME, map_location="cpu", weights_only=True, mmap=True)["progress"]
+        epochs = _read_json(run_dir / "config.json")["epochs"]  # the recipe's, resolved by the run
+        ended = progress["global_step"] >= (config.max_steps or math.inf) or progress["epoch"] >= epochs
+    except Exception:  # unreadable: the resume says why
+        ended = False
+    if ended:
+        return (f"its checkpoint holds the end of its training, but it stopped before its summary, so remove "
+                f"{shell_word(run_dir)} and run the ablation again with --reuse, which trains it anew")
     resume = ["python", "-m", "launch.two_gpu", "--resume", shell_word(run_dir)]
     if config.max_steps is not None:
         resume += ["--max-steps", str(config.max_steps)]

@@ -213,13 +213,18 @@ def test_an_interrupted_run_is_finished_with_the_ablation_s_max_steps(tmp_path, 
                                   f"ablation again with --reuse, which trains it anew")
     options = ablations.run_options(config, "full", runs)
     (run / "config.json").write_text(json.dumps(dataclasses.asdict(resolve(parse_config(options), 30))))
-    torch.save({"progress": {"global_step": 19}}, run / "checkpoint.pt")
+    torch.save({"progress": {"global_step": 19, "epoch": 0}}, run / "checkpoint.pt")
     resume = f"finish it with python -m launch.two_gpu --resume {run} --max-steps 21, then run the ablation again " \
              f"with --reuse (or remove {run} to train it anew)"
     with pytest.raises(ablations.AblationError) as unfinished:
         ablations.train(dataclasses.replace(config, reuse=True), "full", runs, data)
     assert str(unfinished.value) == f"{run} holds a run that neither finished nor stopped on its own (interrupted?): " \
                                     f"{resume}"
+    # stopped in its final evaluation: a resume would refuse a checkpoint of the end of the training
+    torch.save({"progress": {"global_step": 21, "epoch": 0}}, run / "checkpoint.pt")
+    with pytest.raises(ablations.AblationError, match=f"its checkpoint holds the end of its training, but it stopped "
+                                                      f"before its summary, so remove {run} and run the ablation"):
+        ablations.train(dataclasses.replace(config, reuse=True), "full", runs, data)
     shutil.rmtree(run)
     with pytest.raises(ablations.Interrupted) as stopped:
         ablations.train(config, "full", runs, data)
