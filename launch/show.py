@@ -305,6 +305,9 @@ def _save(fig, path: Path) -> Path:
                 raise
             path.parent.mkdir(parents=True, exist_ok=True)
             write_whole(path, lambda partial: fig.savefig(partial, format="png", dpi=DPI))
+    except IsADirectoryError:  # the rename onto a folder of the picture's name
+        raise ValueError(f"cannot write {path}: a folder of that name is there; remove or rename it, or give "
+                         f"another folder with --out") from None
     except OSError as exc:
         raise ValueError(f"cannot write {path.name} in {path.parent} ({exc.strerror or exc}): free space on that "
                          f"disk, or give a folder you can write with --out") from None

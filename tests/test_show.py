@@ -442,6 +442,17 @@ def test_a_full_disk_is_one_line_and_leaves_no_partial_picture(tmp_path, capsys,
     check_png(run / "show" / "curves.png")
 
 
+def test_a_folder_in_a_picture_s_place_is_named_with_its_fix(tmp_path, capsys, caplog):
+    """Not "free space on that disk": a folder named curves.png is in the way."""
+    run = write_run(tmp_path / "run", metrics=METRICS, summary=SUMMARY)
+    (run / "show" / "curves.png").mkdir(parents=True)
+    with caplog.at_level(logging.INFO, logger="launch.show"):
+        assert show.main([str(run), "--only", "curves"]) == 2
+    assert caplog.messages[-1] == (f"error: cannot write {run / 'show' / 'curves.png'}: a folder of that name is "
+                                   f"there; remove or rename it, or give another folder with --out")
+    assert capsys.readouterr().out == "" and [p.name for p in (run / "show").iterdir()] == ["curves.png"]
+
+
 def test_a_data_folder_that_is_gone_skips_figure_4_and_a_bad_data_option_is_an_error(reference, tiny_bundle,
                                                                                      tmp_path, caplog):
     run = write_run(tmp_path / "run", reference.state_dict(), bundle=tiny_bundle, data=tmp_path / "gone")
