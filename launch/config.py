@@ -136,7 +136,8 @@ class TrainConfig:
     max_steps: Optional[int] = option(None, "stop after this many training steps in all, for short trials (default: "
                                             "none, the whole of --epochs). It holds for this command only: a --resume "
                                             "without it trains on to the run's --epochs")
-    val_limit: Optional[int] = option(None, "evaluate on the first N validation images only (default: all)")
+    val_limit: Optional[int] = option(None, "evaluate on N validation images only, spread evenly over the classes "
+                                            "(default: all)")
     ten_crop: bool = option(True, "after training, also evaluate with the paper's ten-patch test",
                           action=argparse.BooleanOptionalAction)
     resume: Optional[str] = option(None, "continue from a checkpoint file or a run folder (its checkpoint.pt), in that "
