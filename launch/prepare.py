@@ -15,9 +15,13 @@ would read them. Then the training-set statistics (mean image, RGB PCA) are comp
 cached in DST, as the authors did once before training. The training program then decodes small
 JPEGs only, with no resizing. An interrupted run can be restarted (the training program refuses
 DST until a run has written every image): files already
-written (each one is written atomically) are kept, unless their image in SRC is newer
-(rewritten since: converted again, or, no longer readable, its file in DST removed). An
-image of SRC that lies in DST's train/ or val/ (through a link) is refused. A DST that
+written (each one is written atomically) are kept, unless their image in SRC has changed
+(another size or modification time, older or newer, than the image it was made from) or
+--quality is another: converted again, or, no longer readable, its file in DST removed.
+DST records what each file was made from (in DST/.prepare-record*); a DST without it
+(written by an earlier version) has each image converted again. An image of SRC that lies
+in DST's train/ or val/, or a train/ or val/ of DST that lies in SRC (through a link), is
+refused. A DST that
 cannot be written (a full disk) ends the run with one line naming it, exit code 2, and no
 part of a file left in it; a worker killed (where memory runs out) ends it with one line
 and exit code 1. A DST that another run is writing to is refused.
@@ -31,7 +35,9 @@ if __name__ == "__main__":
 import argparse
 import contextlib
 import errno
+import glob
 import io
+import json
 import logging
 import multiprocessing
 import os
@@ -53,9 +59,10 @@ log = logging.getLogger(__name__)
 
 
 def _convert(job):
-    """(source, error message or None): writes the base image of ``source`` to ``target``. A
+    """(source, error message or None): writes the base image of ``source`` to ``target``, then
+    adds what it was made from to this worker's part of DST's record (see read_record). A
     source that cannot be read leaves no base image: a file made of it before is removed."""
-    source, target, quality = job
+    source, target, quality, (dst, key, made_from) = job
     try:
         pixels = load_image(source)
     except DECODE_ERRORS as exc:
@@ -69,6 +76,10 @@ def _convert(job):
     # Python, which raises where a disk takes a part of the bytes (Pillow's own writes to a
     # file do not: an image cut short would be kept, and counted as done by the next run).
     write_whole(Path(target), lambda partial: partial.write_bytes(jpeg.getbuffer()))
+    # Recorded here, as it is written (not by the program, which hears of a CHUNK at a time):
+    # an interrupted run's images are kept. Stopped before this line, the image is made again.
+    with open(Path(dst, f"{RECORD_NAME}-{os.getpid()}"), "a") as record:
+        record.write(json.dumps([key, *made_from]) + "\n")
     return source, None
 
 
@@ -89,6 +100,7 @@ def _worker_start(program_pid: int) -> None:
 
 CHUNK = 16  # the images a worker is given at a time
 LOCK_NAME = ".prepare.lock"  # in DST, held by the run writing to it
+RECORD_NAME = ".prepare-record"  # in DST: what each of its images was made from (and -PID: a worker's part)
 WORKER_GRACE_S = 10  # for a worker told to end (SIGTERM) to do so, before it is killed
 
 
@@ -188,19 +200,24 @@ def target_name(relative: Path) -> Path:
 
 
 def planned_targets(src: Path, dst: Path) -> dict:
-    """{file in DST: (image of SRC it is made from, its modification time in ns)} for every
-    image of SRC. Raises DataError where two images of SRC would be written to one file, or
-    where an image of SRC lies in DST's train/ or val/ (through a link): each run would add
-    copies of DST's images to it. Reads nothing in DST."""
+    """{file in DST: (image of SRC it is made from, (its size, its modification time in ns))}
+    for every image of SRC. Raises DataError where two images of SRC would be written to one
+    file, where an image of SRC lies in DST's train/ or val/ (through a link): each run would
+    add copies of DST's images to it, or where DST's train/ or val/ lies in SRC (a link):
+    the images would be written into SRC. Reads nothing in DST but where its train/ and val/ lead."""
     classes, files, skipped = scan_layout(src, builtin_alternative=False)  # SRC is required
     for split in ("train", "val"):
         if skipped[split].describe():
             log.warning("%s/: skipped %s", split, skipped[split].describe())
-    planned, real_folders = {}, {}  # target -> (source, mtime); folder -> its real path
-    writes_in = [str(dst / split) for split in ("train", "val")]
+    planned, real_folders = {}, {}  # target -> (source, (size, mtime)); folder -> its real path
+    writes_in = [os.path.realpath(dst / split) for split in ("train", "val")]
+    for split, place in zip(("train", "val"), writes_in):
+        if os.path.commonpath([place, src]) == str(src):
+            raise DataError(f"DST's {split}/ {dst / split} is {place}, in SRC {src}: the images would be written "
+                            f"into SRC. Remove that link, or give another DST")
     for split in ("train", "val"):
         for name, images in zip(classes, files[split]):
-            for path, (_, mtime_ns) in images:
+            for path, size_mtime in images:
                 folder, file_name = os.path.split(path)
                 if folder not in real_folders:
                     real_folders[folder] = os.path.realpath(folder)
@@ -215,7 +232,7 @@ def planned_targets(src: Path, dst: Path) -> dict:
                 if target in planned:  # such as a.jpg and a.JPEG, or a.png and a.png.jpg
                     raise DataError(f"{planned[target][0]} and {path} would both be written to {target}: rename "
                                     f"one of them in SRC")
-                planned[target] = path, mtime_ns
+                planned[target] = path, tuple(size_mtime)
     folders = {}  # a file of DST that is also a folder of others: a.jpeg (as a.jpg) beside a folder a.jpg/
     for target, (path, _) in planned.items():
         for folder in target.parents:
@@ -229,29 +246,59 @@ def planned_targets(src: Path, dst: Path) -> dict:
     return planned
 
 
-def plan_jobs(dst: Path, planned: dict, quality: int):
-    """(jobs still to do, number already done) of the ``planned`` targets, their folders made
-    in DST. Raises DataError where DST holds images that no image of SRC becomes. A target is
-    done where it is a file (not a link) no older than its source, to the second (as make
-    compares them, and as a disk that keeps whole seconds stores the times): a source
-    rewritten since is converted again."""
+def plan_jobs(dst: Path, planned: dict, quality: int, made_from: dict):
+    """(jobs still to do, the records of those already done) of the ``planned`` targets, their
+    folders made in DST. Raises DataError where DST holds images that no image of SRC becomes. A target is
+    done where it is a file (not a link) that ``made_from`` (read_record) says was made from
+    its source as it is now (size and modification time: a source replaced by another of any
+    date, a copy's older one too, is converted again; not its content, as make does not) and
+    at this ``quality``. A job is (source, target, quality, (DST, its record's key and value))."""
     stray = _stray_images(dst, planned)
     if stray:
         raise DataError(f"DST {dst} holds {len(stray)} image(s) that no image of SRC becomes, such as {stray[0]} "
                         f"(SRC has changed since they were written, or DST holds other images): the training "
                         f"program would read them as data. Remove them, or give a new DST, and run again")
-    jobs, done = [], 0
-    for target, (path, mtime_ns) in planned.items():
+    jobs, done = [], {}
+    for target, (path, size_mtime) in planned.items():
+        key, value = target.relative_to(dst).as_posix(), [os.path.basename(path), *size_mtime, quality]
         try:
             status = os.lstat(target)
         except FileNotFoundError:
             status = None
-        if status is not None and stat.S_ISREG(status.st_mode) and status.st_mtime_ns // 10**9 >= mtime_ns // 10**9:
-            done += 1
+        if status is not None and stat.S_ISREG(status.st_mode) and made_from.get(key) == value:
+            done[key] = value
         else:
             target.parent.mkdir(parents=True, exist_ok=True)
-            jobs.append((path, str(target), quality))
+            jobs.append((path, str(target), quality, (str(dst), key, value)))
     return jobs, done
+
+
+def read_record(dst: Path):
+    """({file of DST relative to it: [name of its source, its size, its modification time in
+    ns, quality]}, the files of DST's record, or [] where there is none). The record is a JSON
+    array a line, in DST/RECORD_NAME and in a file of each worker that wrote images since it
+    was last rewritten (RECORD_NAME-PID, a line added once its image is whole: its own, as
+    two processes' writes to one file may mix); each run (holding DST's lock) that converts
+    rewrites it whole, first and last. A line cut short (the program killed as it wrote it) is
+    skipped: its image is converted again. No record: a new DST, or an earlier version's."""
+    parts = sorted(dst.glob(f"{glob.escape(RECORD_NAME)}-*"))  # all written since DST/RECORD_NAME was
+    parts = [dst / RECORD_NAME, *parts] if (dst / RECORD_NAME).exists() else parts
+    made_from = {}
+    for part in parts:
+        for line in part.read_bytes().split(b"\n"):
+            with contextlib.suppress(ValueError, TypeError):
+                key, *value = json.loads(line)
+                made_from[key] = value
+    return made_from, parts
+
+
+def _rewrite_record(dst: Path, made_from: dict, parts: list) -> None:
+    """DST's record rewritten whole to hold ``made_from`` alone, in one file: its ``parts`` merged."""
+    lines = "".join(json.dumps([key, *value]) + "\n" for key, value in made_from.items())
+    write_whole(dst / RECORD_NAME, lambda partial: partial.write_text(lines))
+    for part in parts:
+        if part.name != RECORD_NAME:
+            part.unlink()
 
 
 def _stray_images(dst: Path, planned: dict) -> list:
@@ -272,11 +319,14 @@ def _stray_images(dst: Path, planned: dict) -> list:
 def main(argv=None) -> int:
     parser = Parser(prog="python -m launch.prepare", description=__doc__.split("\n\n", 2)[2],
                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("src", type=Path, metavar="SRC", help="raw tree with train/CLASS/ and val/CLASS/ folders")
-    parser.add_argument("dst", type=Path, metavar="DST", help="where the 256x256 JPEGs go (same layout)")
+    # Not type=Path, which makes "" the current folder: an empty variable ($DST unset) would write there.
+    parser.add_argument("src", metavar="SRC", help="raw tree with train/CLASS/ and val/CLASS/ folders")
+    parser.add_argument("dst", metavar="DST", help="where the 256x256 JPEGs go (same layout)")
     parser.add_argument("--workers", type=int, default=usable_cores(),
                         help="processes that decode and resize (default: one per CPU core it may use)")
-    parser.add_argument("--quality", type=int, default=95, help="JPEG quality of the written images (default: 95)")
+    parser.add_argument("--quality", type=int, default=95,
+                        help="JPEG quality of the written images (default: 95); run again with another, the images "
+                             "of DST made at the last one are converted again")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     cores = usable_cores()
@@ -285,7 +335,10 @@ def main(argv=None) -> int:
                      f"each of the {cores} cores it may use: more only thrash the machine), got {args.workers}")
     if not 1 <= args.quality <= 100:  # Pillow would clamp it to 1 or 100, silently
         parser.error(f"--quality must be 1 to 100 (JPEG's scale; default 95), got {args.quality}")
-    src, dst = args.src.expanduser().resolve(), args.dst.expanduser().resolve()
+    for name, given in (("SRC", args.src), ("DST", args.dst)):
+        if not given:
+            parser.error(f"{name} is empty: give a folder's path (. for the current folder)")
+    src, dst = Path(args.src).expanduser().resolve(), Path(args.dst).expanduser().resolve()
     if dst == src or src in dst.parents:
         parser.error(f"DST {dst} must lie outside SRC {src}")
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # as Ctrl-C
@@ -328,21 +381,41 @@ def _prepare(src: Path, dst: Path, workers: int, quality: int) -> int:
 
 def _write(src: Path, dst: Path, planned: dict, workers: int, quality: int) -> int:
     try:
-        jobs, done = plan_jobs(dst, planned, quality)
+        made_from, parts = read_record(dst)
+        jobs, kept = plan_jobs(dst, planned, quality, made_from)
+        done = len(kept)
     except DataError as exc:  # images in DST that are not SRC's
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except OSError as exc:  # its folders cannot be made in DST
+    except OSError as exc:  # its folders (or its record) cannot be made (or read) in DST
         print(_cannot_write(dst, exc), file=sys.stderr)
         return 2
     total = len(jobs) + done
     log.info("%d images in %s: %d to convert, %d already in %s", total, src, len(jobs), done, dst)
+    if not parts and any(os.path.lexists(job[1]) for job in jobs):
+        # An earlier version's DST, which kept no record: whether an image there was made
+        # from SRC's image as it is now, and at this --quality, is unknown (its date tells
+        # neither), so it is made again rather than trusted.
+        log.warning("DST %s holds no record of what its images were made from (an earlier version wrote them): "
+                    "each one is converted again", dst)
+    requality = sum(key in made_from and made_from[key][:3] == value[:3] and made_from[key][3:] != value[3:]
+                    for *_, (_, key, value) in jobs)
+    if requality:
+        log.warning("%d images in DST were made at another --quality: converted again at %d", requality, quality)
     unfinished = dst / UNFINISHED_NAME  # the training program refuses DST while it is there
     if jobs:
         with contextlib.suppress(OSError):  # a DST that cannot be written: its writes fail, and say so
             unfinished.touch()
     try:
+        # The record of the images to be made again goes before they are: a run stopped
+        # between an image's write and its record's never takes the image for the one before.
+        # A finished DST (no jobs, or unreadable files alone: nothing to change in the record)
+        # is read alone: it may be on a disk this run cannot write to.
+        if jobs and (len(parts) > 1 or kept != made_from):
+            _rewrite_record(dst, kept, parts)
         unreadable = _convert_jobs(jobs, workers)
+        if jobs and len(unreadable) < len(jobs):  # the workers' parts merged: the next run reads one file
+            _rewrite_record(dst, *read_record(dst))
     except OSError as exc:  # a write (reads that fail are skipped)
         print(_cannot_write(dst, exc), file=sys.stderr)
         return 2
@@ -382,8 +455,9 @@ def _escaped(text: str) -> str:
 
 def _convert_jobs(jobs: list, workers: int) -> list:
     """Converts the images of ``jobs`` in a pool of at most ``workers`` processes; returns the
-    (source, reason) of those it skipped. Raises OSError (a write) or WorkerEnded, once the
-    pool has ended, so that the error told is the program's last line."""
+    (source, reason) of those it skipped, sorted: the pool's order is chance, and a run again
+    lists them as the last did, byte for byte. Raises OSError (a write) or WorkerEnded, once
+    the pool has ended, so that the error told is the program's last line."""
     unreadable, start = [], time.monotonic()
     if not jobs:
         return unreadable
@@ -402,7 +476,7 @@ def _convert_jobs(jobs: list, workers: int) -> list:
         # lock for good: the block's end then ends them, within bounds.
         pool.close()
         _within(2 * WORKER_GRACE_S, pool.join)
-    return unreadable
+    return sorted(unreadable)
 
 
 if __name__ == "__main__":

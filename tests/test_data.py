@@ -909,7 +909,7 @@ def test_prepare_on_a_full_disk_is_one_line_and_leaves_no_part_of_an_image(tmp_p
     assert prepare.main([str(src), str(dst), "--workers", "1"]) == 2
     assert capfd.readouterr().err.splitlines()[-1].startswith(f"error: cannot write to DST {dst} (No space left")
     assert sorted(p.name for p in dst.rglob("*") if p.is_file() and p.name != prepare.LOCK_NAME) == sorted(
-        [*(p.name for p in src.rglob("[0-9].jpg")), data.UNFINISHED_NAME])
+        [*(p.name for p in src.rglob("[0-9].jpg")), data.UNFINISHED_NAME, prepare.RECORD_NAME])
 
 
 @pytest.mark.slow  # the tool as a subprocess
@@ -1148,6 +1148,112 @@ def test_prepare_run_again_on_a_finished_dst_it_cannot_write_to_ends_well(tmp_pa
     monkeypatch.setattr(Path, "unlink", read_only)
     monkeypatch.setattr(Path, "touch", read_only)
     assert prepare.main([str(src), str(dst), "--workers", "1"]) == 0
+
+
+def test_prepare_makes_again_an_image_whose_source_was_replaced_by_an_older_one(tmp_path, caplog):
+    """What an image was made from is recorded, not guessed from dates: a source replaced by
+    another with an older date (tar, cp -p, rsync -t) is made again, one dated in the future
+    once; a DST of an earlier version (no record) is made again, a record cut short in part."""
+    caplog.set_level(logging.INFO, logger=prepare.log.name)
+    src, dst = _simple_tree(tmp_path / "raw", train=2, val=1), tmp_path / "prepared"
+    red = _save(src / "train" / "a" / "0.jpg", Image.new("RGB", (300, 300), "red"))
+    made = dst / "train" / "a" / "0.jpg"
+    assert prepare.main([str(src), str(dst), "--workers", "1"]) == 0 and _channel(made) == 0
+
+    _save(red, Image.new("RGB", (300, 300), "blue"))  # another picture, from a copy made a day before
+    _age(red, 24 * 3600)
+    caplog.clear()
+    assert prepare.main([str(src), str(dst), "--workers", "1"]) == 0
+    assert "1 to convert, 5 already in" in caplog.text and _channel(made) == 2
+
+    future = time.time_ns() + 24 * 3600 * 10**9  # a clock set wrong: made once, not on every run
+    os.utime(red, ns=(future, future))
+    assert prepare.main([str(src), str(dst), "--workers", "1"]) == 0
+    caplog.clear()
+    assert prepare.main([str(src), str(dst), "--workers", "1"]) == 0
+    assert "0 to convert, 6 already in" in caplog.text
+
+    records = sorted(dst.glob(f"{prepare.RECORD_NAME}*"))
+    assert records == [dst / prepare.RECORD_NAME]  # the workers' parts merged into one file
+    with open(records[0], "a") as record:  # the program killed as it wrote a line
+        record.write('["train/a/1.jpg", "1.jpg", 12')
+    (dst / "train" / "a" / "1.jpg").unlink()
+    caplog.clear()
+    assert prepare.main([str(src), str(dst), "--workers", "1"]) == 0
+    assert "1 to convert, 5 already in" in caplog.text
+    assert prepare.read_record(dst)[0]["train/a/1.jpg"][0] == "1.jpg"
+
+    records[0].unlink()  # a DST written by an earlier version: whether its images are SRC's is unknown
+    caplog.clear()
+    assert prepare.main([str(src), str(dst), "--workers", "1"]) == 0
+    assert "6 to convert, 0 already in" in caplog.text and "holds no record of what its images were made" in caplog.text
+
+
+def test_prepare_run_again_at_another_quality_makes_every_image_again(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger=prepare.log.name)
+    src, dst = _simple_tree(tmp_path / "raw", train=2, val=1), tmp_path / "prepared"
+    assert prepare.main([str(src), str(dst), "--workers", "1"]) == 0
+    before = {p: p.read_bytes() for p in dst.rglob("*.jpg")}
+    caplog.clear()
+    assert prepare.main([str(src), str(dst), "--workers", "1", "--quality", "30"]) == 0
+    assert "6 to convert, 0 already in" in caplog.text
+    assert "6 images in DST were made at another --quality: converted again at 30" in caplog.text
+    assert all(len(p.read_bytes()) < len(b) for p, b in before.items())
+    caplog.clear()
+    assert prepare.main([str(src), str(dst), "--workers", "1", "--quality", "30"]) == 0
+    assert "0 to convert, 6 already in" in caplog.text
+
+
+def test_prepare_refuses_an_empty_src_or_dst(tmp_path, monkeypatch, capsys):
+    """An empty argument ($DST unset) would be the current folder: one line, exit 2, nothing written."""
+    src = _simple_tree(tmp_path / "raw", train=1, val=1)
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    for args in ([str(src), ""], ["", str(tmp_path / "prepared")]):
+        with pytest.raises(SystemExit) as refused:
+            prepare.main([*args, "--workers", "1"])
+        name = "DST" if args[0] else "SRC"
+        assert refused.value.code == 2 and capsys.readouterr().err == (
+            f"error: {name} is empty: give a folder's path (. for the current folder) (see python -m launch.prepare "
+            f"--help)\n")
+    assert not list(here.iterdir()) and not (tmp_path / "prepared").exists()
+
+
+def test_prepare_refuses_a_dst_whose_train_or_val_is_in_src(tmp_path, capsys):
+    """A train/ or val/ of DST that is a link into SRC: the images would be written into SRC."""
+    src = _simple_tree(tmp_path / "raw", train=1, val=1)
+    files = sorted(src.rglob("*"))
+    for split, into in (("train", src / "train"), ("val", src / "val" / "a")):
+        dst = tmp_path / f"linked-{split}"
+        dst.mkdir()
+        (dst / split).symlink_to(into, target_is_directory=True)
+        assert prepare.main([str(src), str(dst), "--workers", "1"]) == 2
+        assert capsys.readouterr().err == (f"error: DST's {split}/ {dst / split} is {into}, in SRC {src}: the images "
+                                           f"would be written into SRC. Remove that link, or give another DST\n")
+        assert sorted(src.rglob("*")) == files and sorted(p.name for p in dst.iterdir()) == [split]
+
+
+def test_prepare_lists_the_unreadable_files_in_one_order_whatever_order_the_workers_end_in(tmp_path, monkeypatch):
+    """unreadable.txt is sorted: run again, the list is the same, byte for byte, so that a
+    finished DST on a disk that cannot be written to is left as it is (exit 0)."""
+    src, dst = _simple_tree(tmp_path / "raw", train=1, val=1), tmp_path / "prepared"
+    for i in range(5):
+        (src / "train" / "a" / f"bad{i}.jpg").write_bytes(b"not an image")
+    assert prepare.main([str(src), str(dst), "--workers", "1"]) == 0
+    listed = (dst / "unreadable.txt").read_bytes()
+    assert [line.split(b"\t")[0] for line in listed.splitlines()] == [
+        os.fsencode(src / "train" / "a" / f"bad{i}.jpg") for i in range(5)]
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+    real = prepare._results  # the pool's results come back in any order: here, the other way round
+    monkeypatch.setattr(prepare, "_results", lambda *args: reversed(list(real(*args))))
+    monkeypatch.setattr(prepare, "write_whole", read_only)
+    monkeypatch.setattr(Path, "unlink", read_only)
+    monkeypatch.setattr(Path, "touch", read_only)
+    assert prepare.main([str(src), str(dst), "--workers", "1"]) == 0
+    assert (dst / "unreadable.txt").read_bytes() == listed
 
 
 def test_prepare_names_the_fix_of_a_write_that_fails(tiny_data, tmp_path, capfd):
@@ -1515,8 +1621,8 @@ def test_prepare_interrupted_says_so_in_one_line_and_goes_on_when_run_again(tmp_
                                     "command again to go on") and "Traceback" not in err, err
     written = list(dst.glob("train/a/big*.jpg"))
     assert 0 < len(written) < _SLOW_TO_CONVERT, "interrupted before the end"
-    assert not [p for p in dst.rglob(".*") if p.is_file() and p.name not in (prepare.LOCK_NAME, data.UNFINISHED_NAME)], \
-        "a part of an image is left"
+    assert not [p for p in dst.rglob(".*") if p.is_file() and p.name not in (prepare.LOCK_NAME, data.UNFINISHED_NAME)
+                and not p.name.startswith(f"{prepare.RECORD_NAME}-")], "a part of an image is left"  # a worker's record
     _no_process_left(proc.pid)
     # The tree lacks images (val/ entirely): training on it is refused, naming the fix.
     with pytest.raises(DataError, match=f"^{dst} is the DST of a python -m launch.prepare that has not finished"):
