@@ -16,6 +16,7 @@ import socket
 import sys
 import threading
 import typing
+import unicodedata
 from dataclasses import field
 from pathlib import Path
 
@@ -119,6 +120,21 @@ def add_options(parser: argparse.ArgumentParser, config_class) -> None:
 def shell_word(path) -> str:
     """``path`` as a shell reads it back, for a command that a message suggests."""
     return shlex.quote(str(path))
+
+
+LINE_BREAKING = ("Cc", "Zl", "Zp")  # Unicode categories: control characters, line and paragraph separators
+
+
+def one_line(name: str) -> str:
+    """``name`` as is, or, where it holds a control character or a line separator (a newline
+    would break a block into lines that read as others'), in the shell's $'...' quoting, which
+    reads back as the name."""
+    if not any(unicodedata.category(c) in LINE_BREAKING for c in name):
+        return name
+    escapes = {"\\": "\\\\", "'": "\\'", "\n": "\\n", "\t": "\\t", "\r": "\\r"}
+    return "$'" + "".join(escapes.get(c) or (c if unicodedata.category(c) not in LINE_BREAKING else
+                                             f"\\x{ord(c):02x}" if ord(c) < 0x80 else f"\\u{ord(c):04x}")
+                          for c in name) + "'"
 
 
 def prints_plainly(name: str) -> bool:

@@ -29,7 +29,6 @@ import json
 import logging
 import os
 import sys
-import unicodedata
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Iterator, List, NamedTuple, Optional
@@ -38,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoint import CheckpointError, check_classes, load_checkpoint, load_reference, resolve_path
-from .cli import OutputFailed, Parser, add_options, option, quick_exit, write_out
+from .cli import OutputFailed, Parser, add_options, one_line, option, quick_exit, write_out
 from .data import DataStats, center_crop, eval_views, open_data
 from .images import DECODE_ERRORS, ImageRejected, load_image
 from .train import IMAGE_SHAPE
@@ -170,21 +169,6 @@ def top_classes(probabilities: torch.Tensor, classes: list, k: int) -> list:
     """[(class name, probability)] of the ``k`` most probable classes, most probable first."""
     best = probabilities.topk(min(k, len(classes)))
     return [(classes[i], p) for p, i in zip(best.values.tolist(), best.indices.tolist())]
-
-
-LINE_BREAKING = ("Cc", "Zl", "Zp")  # Unicode categories: control characters, line and paragraph separators
-
-
-def one_line(name: str) -> str:
-    """``name`` as is, or, where it holds a control character or a line separator (a newline
-    would break a block into lines that read as others'), in the shell's $'...' quoting, which
-    reads back as the name."""
-    if not any(unicodedata.category(c) in LINE_BREAKING for c in name):
-        return name
-    escapes = {"\\": "\\\\", "'": "\\'", "\n": "\\n", "\t": "\\t", "\r": "\\r"}
-    return "$'" + "".join(escapes.get(c) or (c if unicodedata.category(c) not in LINE_BREAKING else
-                                             f"\\x{ord(c):02x}" if ord(c) < 0x80 else f"\\u{ord(c):04x}")
-                          for c in name) + "'"
 
 
 def format_block(path: str, top: list) -> str:

@@ -61,7 +61,8 @@ from towers.reference import LAYERS
 from . import data as data_module
 from .checkpoint import (FILENAME, CheckpointError, check_classes, checkpoint_architecture, load_checkpoint,
                          load_reference)
-from .cli import JSON_DAMAGE, OutputFailed, Parser, add_options, option, quick_exit, shell_word, write_out, write_whole
+from .cli import (JSON_DAMAGE, OutputFailed, Parser, add_options, one_line, option, quick_exit, shell_word,
+                  write_out, write_whole)
 from .stats import DataStats
 
 log = logging.getLogger(__name__)
@@ -866,7 +867,8 @@ def _show(run_dir: str, options: ShowOptions) -> int:
     for note in skipped:
         log.warning("skipped %s", note)
     sys.stdout.flush()
-    write_out(b"".join(os.fsencode(written[name]) + b"\n" for name in PICTURES if name in written))
+    # a path with a newline in it quoted, as the shell reads it back: one per line
+    write_out(b"".join(os.fsencode(one_line(str(written[name]))) + b"\n" for name in PICTURES if name in written))
     return 0
 
 

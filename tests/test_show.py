@@ -215,6 +215,11 @@ def test_a_run_folder_whose_name_is_not_utf8_is_drawn_with_the_name_escaped(tmp_
     assert capsysbinary.readouterr().out == os.fsencode(run / "show" / "curves.png") + b"\n"
     check_png(run / "show" / "curves.png")
     assert show.shown(os.fsdecode(b"run-\xff")) == "run-\\xff" and show.shown("café") == "café"
+    # a newline in the name: quoted as the shell reads it back, one path a line all the same
+    run = write_run(tmp_path / "odd\nname", metrics=[train_record(10, 2.3), train_record(20, 2.2)])
+    assert show.main([str(run), "--only", "curves"]) == 0
+    assert capsysbinary.readouterr().out == f"$'{tmp_path}/odd\\nname/show/curves.png'\n".encode()
+    check_png(run / "show" / "curves.png")
 
 
 def test_damaged_lines_and_evaluations_without_their_epoch_are_left_out_of_the_curves(tmp_path, caplog):
