@@ -295,7 +295,7 @@ def check_reusable(run_dir: Path, options: list, train_images: int) -> None:
     if differ:
         name = differ[0]
         raise AblationError(f"{run_dir} was trained with {name} = {saved.get(name)}, not {wanted[name]}: give "
-                            f"another --runs folder, or leave out --reuse")
+                            f"another --runs folder, or remove {run_dir} to train that variant again with these options")
 
 
 # ---------------------------------------------------------------- reading the runs

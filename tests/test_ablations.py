@@ -139,7 +139,9 @@ def test_reuse_refuses_runs_of_another_length_where_the_recipe_gives_it(tmp_path
     config = ablations.AblationConfig(max_steps=2, reuse=True)
     for variant, epochs in (("full", 1), ("no-lrn", 5)):
         with pytest.raises(ablations.AblationError, match=f"^{runs / variant} was trained with epochs = {epochs}, not "
-                                                          f"7: give another --runs folder, or leave out --reuse$"):
+                                                          f"7: give another --runs folder, or remove "
+                                                          f"{runs / variant} to train that variant again with these "
+                                                          f"options$"):
             ablations.train(config, variant, runs, data)
     assert ablations.train(config, "tanh", runs, data) == (runs / "tanh", None)  # the recipe's 7
     assert ablations.train(dataclasses.replace(config, epochs=5), "no-lrn", runs, data) == (runs / "no-lrn", None)
