@@ -226,6 +226,10 @@ def resolve(config: BenchConfig, devices: DevicePlan) -> BenchConfig:
         name, _, gb_s = link.partition("=")
         if not name or not re.fullmatch(r"\d+(\.\d+)?", gb_s) or float(gb_s) == 0:
             raise ValueError(f"--links takes NAME=GB/s items such as nvlink=300, the GB/s above 0; got {link!r}")
+    names = [link.partition("=")[0] for link in config.links]
+    twice = next((name for i, name in enumerate(names) if name in names[:i]), None)
+    if twice is not None:  # two rows of one name in the projection, and its chart's bars one behind the other
+        raise ValueError(f"--links names {twice} twice: give each link once")
     if not 0 <= config.link_latency_us < math.inf:
         raise ValueError(f"--link-latency-us must be a number of microseconds, 0 or more, got {config.link_latency_us:g}")
     if not 1 <= config.rank_timeout_s <= MAX_TIMEOUT_S:

@@ -104,6 +104,7 @@ def test_a_time_limit_must_be_a_positive_number_of_seconds(tmp_path):
 
 @pytest.mark.parametrize("option, value, message", [
     ("--links", "nvlink=0", "--links takes NAME=GB/s items such as nvlink=300, the GB/s above 0; got 'nvlink=0'"),
+    ("--links", "nvlink=300,nvlink=25", "--links names nvlink twice: give each link once"),
     ("--link-latency-us", "-1000", "--link-latency-us must be a number of microseconds, 0 or more, got -1000"),
     ("--link-latency-us", "nan", "--link-latency-us must be a number of microseconds, 0 or more, got nan"),
     ("--rank-timeout-s", "0", "--rank-timeout-s must be a number of seconds from 1 to 604800 (a week), got 0"),
