@@ -24,8 +24,9 @@ program does (``--one-gpu-two-rank skip`` leaves them out, and the projection th
 estimates a tower's compute from the single-GPU step; ``cpu`` runs them on the CPU).
 
 Each run is a fresh process (or pair) started by ``launch.ranks.run_ranks``. Output:
-``benchmarks/reports/<host>-<device>-<YYYY-MM-DD>/`` (the device: the GPU's name, or cpu)
-or ``--out``, with report.md, results.json and two PNG charts.
+``benchmarks/reports/<host>-<device>-<YYYY-MM-DD>/`` (the device: the GPU's name, or cpu;
+``-quick`` added for --quick, which never replaces the full run's report of the day) or
+``--out``, with report.md, results.json and two PNG charts.
 """
 
 import sys
@@ -130,7 +131,7 @@ class BenchConfig:
     rank_timeout_s: float = option(1800.0, "a run still going after this many seconds is stopped and marked failed",
                                    type=float)
     out: Optional[str] = option(None, "output folder [benchmarks/reports/<host>-<device>-<YYYY-MM-DD>, "
-                                        "the device being the GPU's name or cpu]")
+                                        "the device being the GPU's name or cpu; -quick added for --quick]")
     loader_workers: Optional[tuple] = option(None, "the data-loader benchmark: numbers of worker processes "
                                                    "[0, 1, 2, 4, ... up to the CPU cores; --quick: 0,1]", type=int,
                                              many=True)
@@ -565,9 +566,10 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
-def default_out(devices: DevicePlan) -> Path:
+def default_out(devices: DevicePlan, quick: bool = False) -> Path:
+    """The report's folder: a --quick run's is its own, never the full run's of the same day."""
     machine = _slug(socket.gethostname() + "-" + (devices.gpu_name or "cpu"))
-    return REPORTS_DIR / f"{machine}-{datetime.date.today().isoformat()}"
+    return REPORTS_DIR / f"{machine}-{datetime.date.today().isoformat()}{'-quick' if quick else ''}"
 
 
 def _bf16_unsupported(key: RunKey, devices: DevicePlan) -> Optional[str]:
@@ -812,7 +814,7 @@ def main(argv=None) -> Path:
         logger.info("removed the temporary folders of benchmarks killed before they ended: %s",
                     ", ".join(map(str, stale)))
     loader_data = open_loader_data(config.loader_data, config.batch)  # a bad folder fails before anything runs
-    out = Path(config.out).expanduser() if config.out is not None else default_out(devices)
+    out = Path(config.out).expanduser() if config.out is not None else default_out(devices, config.quick)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as error:

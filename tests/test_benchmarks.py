@@ -3,6 +3,7 @@ run of ``python -m benchmarks.run`` in a tiny configuration, checked for the rep
 structure and for traffic counted exactly as the layer shapes say. Speed is never asserted.
 """
 
+import datetime
 import errno
 import json
 import math
@@ -93,6 +94,17 @@ def test_loader_data_too_small_for_the_batch_fails_before_anything_runs(tiny_dat
         f"error: the data-loader benchmark needs two batches of 16 training images (a warm-up and a timed one) and "
         f"{tiny_data} has 30: give a larger --loader-data or a smaller --batch")
     assert not out.exists()
+
+
+def test_a_quick_run_never_takes_the_full_run_s_folder_of_the_day(monkeypatch):
+    """Both by default in benchmarks/reports/<host>-<device>-<date>: a --quick run replaced the
+    day's full report (a committed one too), with a log line alone to say so."""
+    monkeypatch.setattr(run.socket, "gethostname", lambda: "Lab Box")
+    plan = run.DevicePlan("cuda", "cuda", "gloo", "NVIDIA H100 80GB HBM3", "one GPU")
+    full, quick = run.default_out(plan), run.default_out(plan, quick=True)
+    assert full.parent == quick.parent == run.REPORTS_DIR
+    assert full.name == f"lab-box-nvidia-h100-80gb-hbm3-{datetime.date.today().isoformat()}"
+    assert quick.name == f"{full.name}-quick"
 
 
 def test_a_time_limit_must_be_a_positive_number_of_seconds(tmp_path):
