@@ -33,7 +33,7 @@ from towers import (TOWERS, AlexNet, Architecture, ExchangeLog, Tower, allocate,
 
 from . import data as data_module
 from .images import BASE_SIZE, CROP_SIZE
-from .checkpoint import FILENAME, load_checkpoint, restore_training_state, save_training_state
+from .checkpoint import FILENAME, restore_training_state, save_training_state
 from .cli import shell_word, usable_cores, write_whole
 from .config import TrainConfig
 from .mesh import Mesh, build_mesh
@@ -345,10 +345,16 @@ def _after_divergence(config: TrainConfig, run_dir: Optional[Path], num_classes:
     start_again = f"start again with a lower --lr (such as {lower}) or a longer --warmup-steps"
     if not (run_dir / FILENAME).exists():
         return f"No checkpoint was written yet: {start_again}, {elsewhere_than(run_dir)}"
-    saved = load_checkpoint(run_dir / FILENAME)["progress"]
-    if weights_of is not None and saved["global_step"] >= weights_of:
-        return (f"The last checkpoint (step {saved['global_step']}) holds these weights, so resuming it would not "
-                f"help: {start_again}")
+    try:  # read as it is: load_checkpoint refuses the weights that ran away which this advice is about
+        payload = torch.load(run_dir / FILENAME, map_location="cpu", weights_only=True, mmap=True)
+        saved = payload["progress"]
+        finite = all(torch.isfinite(v).all() for v in payload["model"].values() if v.is_floating_point())
+    except Exception:  # damaged since it was written: not worth resuming either
+        return f"The last checkpoint cannot be read: {start_again}"
+    if not finite or (weights_of is not None and saved["global_step"] >= weights_of):
+        what = "these weights" if finite else "weights that are not finite numbers"
+        return (f"The last checkpoint (step {saved['global_step']}) holds {what}, so resuming it would not help: "
+                f"{start_again}")
     if not saved.get("loss", 0.0) < DIVERGED_LOSS_FACTOR * math.log(num_classes):  # older checkpoints hold no loss
         return (f"The loss had already run away by the last checkpoint (step {saved['global_step']}, loss "
                 f"{saved['loss']:.3g}), so resuming it would not help: {start_again}")

@@ -564,6 +564,29 @@ def test_outputs_that_are_not_numbers_are_never_scored(trained_run, tmp_path):
     assert "top-1 error" not in result.stderr and not (tmp_path / "eval" / "summary.json").exists()
 
 
+def test_the_advice_after_a_divergence_reads_the_checkpoint_that_load_checkpoint_refuses(tmp_path):
+    """--max-steps saves the last update's weights before the final evaluation: infinite ones, the
+    advice failed on load_checkpoint's refusal of them (a CheckpointError, whose own advice, an
+    earlier checkpoint, there was none of)."""
+    from launch.train import _after_divergence
+    config = parse_config(["--lr", "0.5"])
+    state = build_reference(10).state_dict()
+    payload = checkpoint_payload(state, num_classes=10, progress={"global_step": 5, "loss": 2.0})
+    save_checkpoint(tmp_path / "checkpoint.pt", payload)
+    assert _after_divergence(config, tmp_path, 10).startswith("Go on from the last checkpoint (step 5, loss 2)")
+    assert _after_divergence(config, tmp_path, 10, weights_of=5) == (
+        "The last checkpoint (step 5) holds these weights, so resuming it would not help: start again with a lower "
+        "--lr (such as 0.05) or a longer --warmup-steps")
+    state["fc8.weight"] = state["fc8.weight"].clone()
+    state["fc8.weight"][0, 0] = float("inf")
+    save_checkpoint(tmp_path / "checkpoint.pt", dict(payload, model=state))
+    assert _after_divergence(config, tmp_path, 10, weights_of=6) == (
+        "The last checkpoint (step 5) holds weights that are not finite numbers, so resuming it would not help: start "
+        "again with a lower --lr (such as 0.05) or a longer --warmup-steps")
+    (tmp_path / "checkpoint.pt").write_bytes(b"damaged")
+    assert _after_divergence(config, tmp_path, 10).startswith("The last checkpoint cannot be read: start again")
+
+
 @pytest.mark.slow
 def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_data, trained_run, tmp_path):
     run = Run("--data", tiny_data, "--out", tmp_path, "--run-name", "nan", "--epochs", "20", "--checkpoint-every", "1",
