@@ -18,10 +18,10 @@ DST until a run has written every image): files already
 written (each one is written atomically) are kept, unless their image in SRC has changed
 (another size or modification time, older or newer, than the image it was made from) or
 --quality is another: converted again, or, no longer readable, its file in DST removed.
-DST records what each file was made from (in DST/.prepare-record*); a DST without it
-(written by an earlier version) has each image converted again. An image of SRC that lies
-in DST's train/ or val/, or a train/ or val/ of DST that lies in SRC (through a link), is
-refused. A DST that
+DST records what each file was made from (in DST/.prepare-record*); of a DST without it
+(written by an earlier version) the files no older than their images in SRC are kept, as
+that version decided. An image of SRC that lies in DST's train/ or val/, or a folder of DST
+that lies in SRC (through a link), is refused. A DST that
 cannot be written (a full disk) ends the run with one line naming it, exit code 2, and no
 part of a file left in it; a worker killed (where memory runs out) ends it with one line
 and exit code 1. A DST that another run is writing to is refused.
@@ -47,6 +47,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Optional
 
 from PIL import Image
 
@@ -78,9 +79,14 @@ def _convert(job):
     write_whole(Path(target), lambda partial: partial.write_bytes(jpeg.getbuffer()))
     # Recorded here, as it is written (not by the program, which hears of a CHUNK at a time):
     # an interrupted run's images are kept. Stopped before this line, the image is made again.
-    with open(Path(dst, f"{RECORD_NAME}-{os.getpid()}"), "a") as record:
-        record.write(json.dumps([key, *made_from]) + "\n")
+    global _record_part
+    if _record_part is None:  # opened once, each line handed to the system as it is written
+        _record_part = open(Path(dst, f"{RECORD_NAME}-{os.getpid()}"), "a", buffering=1)
+    _record_part.write(json.dumps([key, *made_from]) + "\n")
     return source, None
+
+
+_record_part = None  # in a worker: its own part of DST's record (see read_record), open for its life
 
 
 def _end_quietly(signum, frame):
@@ -243,34 +249,58 @@ def planned_targets(src: Path, dst: Path) -> dict:
         if target in folders:
             raise DataError(f"{path} would be written to {target}, which {folders[target]} needs as a folder: rename "
                             f"one of them in SRC")
+    for folder in folders:  # a class folder of DST that is a link into SRC: its images written over SRC's
+        real = os.path.realpath(folder)
+        if os.path.commonpath([real, src]) == str(src):
+            raise DataError(f"{folder} in DST is {real}, in SRC {src}: the images would be written over SRC's. "
+                            f"Remove that link, or give another DST")
     return planned
 
 
-def plan_jobs(dst: Path, planned: dict, quality: int, made_from: dict):
+def plan_jobs(dst: Path, planned: dict, quality: int, made_from: Optional[dict]):
     """(jobs still to do, the records of those already done) of the ``planned`` targets, their
     folders made in DST. Raises DataError where DST holds images that no image of SRC becomes. A target is
     done where it is a file (not a link) that ``made_from`` (read_record) says was made from
-    its source as it is now (size and modification time: a source replaced by another of any
-    date, a copy's older one too, is converted again; not its content, as make does not) and
-    at this ``quality``. A job is (source, target, quality, (DST, its record's key and value))."""
+    its source as it is now (size and modification time, see _same_source: a source replaced
+    by another of any date, a copy's older one too, is converted again; not its content, as
+    make does not) and at this ``quality``. ``made_from`` None (a DST of an
+    earlier version, which kept no record): done where no older than its source, to the second,
+    as that version decided. A job is (source, target, quality, (DST, its record's key and value))."""
     stray = _stray_images(dst, planned)
     if stray:
         raise DataError(f"DST {dst} holds {len(stray)} image(s) that no image of SRC becomes, such as {stray[0]} "
                         f"(SRC has changed since they were written, or DST holds other images): the training "
                         f"program would read them as data. Remove them, or give a new DST, and run again")
-    jobs, done = [], {}
-    for target, (path, size_mtime) in planned.items():
-        key, value = target.relative_to(dst).as_posix(), [os.path.basename(path), *size_mtime, quality]
+    jobs, done, dst_text = [], {}, str(dst)
+    for target, (path, (size, mtime_ns)) in planned.items():
+        key, value = target.relative_to(dst).as_posix(), (os.path.basename(path), size, mtime_ns, quality)
         try:
             status = os.lstat(target)
         except FileNotFoundError:
             status = None
-        if status is not None and stat.S_ISREG(status.st_mode) and made_from.get(key) == value:
+        made = status is not None and stat.S_ISREG(status.st_mode)
+        if made and (_same_source(made_from.get(key), value) if made_from is not None
+                     else status.st_mtime_ns // 10**9 >= mtime_ns // 10**9):
             done[key] = value
         else:
             target.parent.mkdir(parents=True, exist_ok=True)
-            jobs.append((path, str(target), quality, (str(dst), key, value)))
+            jobs.append((path, str(target), quality, (dst_text, key, value)))
     return jobs, done
+
+
+def _same_source(recorded: Optional[tuple], now: tuple) -> bool:
+    """Whether the record of an image of DST, (its source's name, size, modification time in
+    ns, quality), is of its source as it is ``now``: a time that lost its fraction of a second
+    (a copy by tar, which keeps whole seconds, or onto a disk that does) is compared to the
+    second, so that an unchanged tree copied so is not converted again."""
+    if recorded is None or len(recorded) != len(now):
+        return False
+    (name, size, ns, quality), (name_now, size_now, ns_now, quality_now) = recorded, now
+    if type(ns) is not int:  # a line edited by hand
+        return False
+    whole = ns % 10**9 == 0 or ns_now % 10**9 == 0
+    return (name, size, quality) == (name_now, size_now, quality_now) and \
+        (ns // 10**9 == ns_now // 10**9 if whole else ns == ns_now)
 
 
 def read_record(dst: Path):
@@ -288,14 +318,17 @@ def read_record(dst: Path):
         for line in part.read_bytes().split(b"\n"):
             with contextlib.suppress(ValueError, TypeError):
                 key, *value = json.loads(line)
-                made_from[key] = value
+                made_from[key] = tuple(value)
     return made_from, parts
 
 
 def _rewrite_record(dst: Path, made_from: dict, parts: list) -> None:
     """DST's record rewritten whole to hold ``made_from`` alone, in one file: its ``parts`` merged."""
-    lines = "".join(json.dumps([key, *value]) + "\n" for key, value in made_from.items())
-    write_whole(dst / RECORD_NAME, lambda partial: partial.write_text(lines))
+    def write(partial: Path) -> None:
+        with open(partial, "w") as record:  # a line at a time: ImageNet's is 1.3 million of them
+            record.writelines(json.dumps([key, *value]) + "\n" for key, value in made_from.items())
+
+    write_whole(dst / RECORD_NAME, write)
     for part in parts:
         if part.name != RECORD_NAME:
             part.unlink()
@@ -382,7 +415,7 @@ def _prepare(src: Path, dst: Path, workers: int, quality: int) -> int:
 def _write(src: Path, dst: Path, planned: dict, workers: int, quality: int) -> int:
     try:
         made_from, parts = read_record(dst)
-        jobs, kept = plan_jobs(dst, planned, quality, made_from)
+        jobs, kept = plan_jobs(dst, planned, quality, made_from if parts else None)
         done = len(kept)
     except DataError as exc:  # images in DST that are not SRC's
         print(f"error: {exc}", file=sys.stderr)
@@ -392,12 +425,13 @@ def _write(src: Path, dst: Path, planned: dict, workers: int, quality: int) -> i
         return 2
     total = len(jobs) + done
     log.info("%d images in %s: %d to convert, %d already in %s", total, src, len(jobs), done, dst)
-    if not parts and any(os.path.lexists(job[1]) for job in jobs):
-        # An earlier version's DST, which kept no record: whether an image there was made
-        # from SRC's image as it is now, and at this --quality, is unknown (its date tells
-        # neither), so it is made again rather than trusted.
+    if not parts and kept:
+        # An earlier version's DST, which kept no record: its images are taken as that version
+        # took them (by date), not all made again (hours for ImageNet), and recorded so.
         log.warning("DST %s holds no record of what its images were made from (an earlier version wrote them): "
-                    "each one is converted again", dst)
+                    "the %d no older than their images in SRC are kept, as that version decided; if SRC's images "
+                    "were replaced by older ones since, or --quality was another, remove DST and run again", dst,
+                    len(kept))
     requality = sum(key in made_from and made_from[key][:3] == value[:3] and made_from[key][3:] != value[3:]
                     for *_, (_, key, value) in jobs)
     if requality:
@@ -411,7 +445,7 @@ def _write(src: Path, dst: Path, planned: dict, workers: int, quality: int) -> i
         # between an image's write and its record's never takes the image for the one before.
         # A finished DST (no jobs, or unreadable files alone: nothing to change in the record)
         # is read alone: it may be on a disk this run cannot write to.
-        if jobs and (len(parts) > 1 or kept != made_from):
+        if jobs and kept != made_from:
             _rewrite_record(dst, kept, parts)
         unreadable = _convert_jobs(jobs, workers)
         if jobs and len(unreadable) < len(jobs):  # the workers' parts merged: the next run reads one file

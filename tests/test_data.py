@@ -1153,7 +1153,8 @@ def test_prepare_run_again_on_a_finished_dst_it_cannot_write_to_ends_well(tmp_pa
 def test_prepare_makes_again_an_image_whose_source_was_replaced_by_an_older_one(tmp_path, caplog):
     """What an image was made from is recorded, not guessed from dates: a source replaced by
     another with an older date (tar, cp -p, rsync -t) is made again, one dated in the future
-    once; a DST of an earlier version (no record) is made again, a record cut short in part."""
+    once, one whose time lost its fraction of a second not; an image whose record line was cut
+    short is made again; a DST of an earlier version (no record) is taken as it took itself."""
     caplog.set_level(logging.INFO, logger=prepare.log.name)
     src, dst = _simple_tree(tmp_path / "raw", train=2, val=1), tmp_path / "prepared"
     red = _save(src / "train" / "a" / "0.jpg", Image.new("RGB", (300, 300), "red"))
@@ -1173,20 +1174,37 @@ def test_prepare_makes_again_an_image_whose_source_was_replaced_by_an_older_one(
     assert prepare.main([str(src), str(dst), "--workers", "1"]) == 0
     assert "0 to convert, 6 already in" in caplog.text
 
+    # The same tree copied by a tool that keeps whole seconds (tar's ustar format, FAT): not changed.
+    whole = red.stat().st_mtime_ns // 10**9 * 10**9
+    os.utime(red, ns=(whole, whole))
+    caplog.clear()
+    assert prepare.main([str(src), str(dst), "--workers", "1"]) == 0
+    assert "0 to convert, 6 already in" in caplog.text
+
     records = sorted(dst.glob(f"{prepare.RECORD_NAME}*"))
     assert records == [dst / prepare.RECORD_NAME]  # the workers' parts merged into one file
-    with open(records[0], "a") as record:  # the program killed as it wrote a line
-        record.write('["train/a/1.jpg", "1.jpg", 12')
-    (dst / "train" / "a" / "1.jpg").unlink()
+    # The program killed as it wrote the line of an image written whole: the image is made again.
+    lines = [l for l in records[0].read_text().splitlines() if not l.startswith('["train/a/1.jpg"')]
+    records[0].write_text("".join(l + "\n" for l in lines) + '["train/a/1.jpg", "1.jpg", 12')
+    assert (dst / "train" / "a" / "1.jpg").is_file()
     caplog.clear()
     assert prepare.main([str(src), str(dst), "--workers", "1"]) == 0
     assert "1 to convert, 5 already in" in caplog.text
     assert prepare.read_record(dst)[0]["train/a/1.jpg"][0] == "1.jpg"
 
-    records[0].unlink()  # a DST written by an earlier version: whether its images are SRC's is unknown
+    # A DST written by an earlier version, which kept no record: its images are taken as that
+    # version took them, by date (not all made again: hours for ImageNet), and recorded.
+    records[0].unlink()
+    an_hour_ago = time.time_ns() - 3600 * 10**9
+    os.utime(red, ns=(an_hour_ago, an_hour_ago))  # its date no longer in the future
+    _age(dst / "train" / "a" / "1.jpg", 24 * 3600)  # older than its source: made again
     caplog.clear()
     assert prepare.main([str(src), str(dst), "--workers", "1"]) == 0
-    assert "6 to convert, 0 already in" in caplog.text and "holds no record of what its images were made" in caplog.text
+    assert "1 to convert, 5 already in" in caplog.text and "holds no record of what its images were made from (an " \
+        "earlier version wrote them): the 5 no older than their images in SRC are kept" in caplog.text
+    caplog.clear()
+    assert prepare.main([str(src), str(dst), "--workers", "1"]) == 0
+    assert "0 to convert, 6 already in" in caplog.text and "no record" not in caplog.text
 
 
 def test_prepare_run_again_at_another_quality_makes_every_image_again(tmp_path, caplog):
@@ -1232,6 +1250,16 @@ def test_prepare_refuses_a_dst_whose_train_or_val_is_in_src(tmp_path, capsys):
         assert capsys.readouterr().err == (f"error: DST's {split}/ {dst / split} is {into}, in SRC {src}: the images "
                                            f"would be written into SRC. Remove that link, or give another DST\n")
         assert sorted(src.rglob("*")) == files and sorted(p.name for p in dst.iterdir()) == [split]
+    # A class folder of DST that is a link to SRC's: its images were written over SRC's own.
+    originals = {p: p.read_bytes() for p in files if p.is_file()}
+    dst = tmp_path / "linked-class"
+    (dst / "train").mkdir(parents=True)
+    (dst / "train" / "a").symlink_to(src / "train" / "a", target_is_directory=True)
+    assert prepare.main([str(src), str(dst), "--workers", "1"]) == 2
+    assert capsys.readouterr().err == (f"error: {dst / 'train' / 'a'} in DST is {src / 'train' / 'a'}, in SRC {src}: "
+                                       f"the images would be written over SRC's. Remove that link, or give another "
+                                       f"DST\n")
+    assert {p: p.read_bytes() for p in originals} == originals and sorted(src.rglob("*")) == files
 
 
 def test_prepare_lists_the_unreadable_files_in_one_order_whatever_order_the_workers_end_in(tmp_path, monkeypatch):
