@@ -1129,6 +1129,20 @@ def test_a_run_file_that_is_not_a_file_is_refused_before_the_ranks_start(trained
             assert sorted(p.name for p in run.iterdir()) == sorted(p.name for p in trained_run[0].iterdir())
 
 
+@pytest.mark.slow
+def test_a_train_log_that_cannot_be_opened_ends_the_run_in_one_line(trained_run, tmp_path):
+    """The launcher keeps its last lines in train.log too: one it cannot open, though it is not
+    there as something else (a link into a folder that is gone), ends the run as rank 0's failure
+    to open it does, in one line, not a traceback."""
+    run = tmp_path / "run"
+    shutil.copytree(trained_run[0], run)
+    (run / "train.log").unlink()
+    (run / "train.log").symlink_to(tmp_path / "gone" / "train.log")
+    result = launch("--resume", run, "--epochs", "2", "--max-steps", "8", check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "the run stopped: rank 0 failed: FileNotFoundError: " in result.stderr, result.stderr
+
+
 def test_a_current_folder_that_was_removed_is_one_line(tmp_path):
     """The ranks' start reads it: a traceback from multiprocessing, before, whatever --out said."""
     result = subprocess.run(["sh", "-c", 'mkdir gone && cd gone && rmdir ../gone && exec "$@"', "sh", sys.executable,
