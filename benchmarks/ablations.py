@@ -243,9 +243,13 @@ def check_same_data(run_dir: Path, bundle, stderr_path: Path) -> None:
                                 f"was trained on cannot be checked: remove {run_dir} to train that variant again")
         trained = dict(zip(("classes", "train", "val"), map(int, logged.groups())))
         now = {"classes": len(bundle.classes), "train": len(bundle.train), "val": len(bundle.val)}
+    if None in trained.values():  # saved before the checkpoints held their data's digests
+        raise AblationError(f"{checkpoint} holds no record of the images it was trained on (an earlier version saved "
+                            f"it), so they cannot be checked: remove {run_dir} to train that variant again")
     differ = [name for name in now if trained[name] != now[name]]
     if differ:
-        what = "class names" if differ[0] == "classes" else f"{differ[0]}/ images"
+        what = f"{differ[0]}/ images" if differ[0] != "classes" else \
+            "class names" if checkpoint.exists() else "number of classes"
         raise AblationError(f"{run_dir} was trained on other data: its {what} differ from those in {bundle.root} now "
                             f"({len(bundle.train)} training and {len(bundle.val)} validation images): remove "
                             f"{run_dir} to train that variant again on them, or give another --runs folder")

@@ -168,6 +168,13 @@ def test_reuse_refuses_a_finished_run_trained_on_other_data(tmp_path, monkeypatc
         _reuse(runs, now[changed], monkeypatch, "--variants", "full", "--max-steps", "3")
     assert ablations.train(ablations.AblationConfig(max_steps=3, reuse=True), "full", runs, trained_on) == \
         (runs / "full", None)  # the same images: reused
+    # saved before the checkpoints held their data's digests: not said to be of other images
+    payload = torch.load(runs / "full" / "checkpoint.pt")
+    torch.save({k: v for k, v in payload.items() if not k.endswith("_digest")}, runs / "full" / "checkpoint.pt")
+    with pytest.raises(ablations.AblationError, match=rf"^{runs / 'full' / 'checkpoint.pt'} holds no record of the "
+                                                      rf"images it was trained on \(an earlier version saved it\), so "
+                                                      rf"they cannot be checked: remove {runs / 'full'} to train"):
+        ablations.train(ablations.AblationConfig(max_steps=3, reuse=True), "full", runs, trained_on)
 
 
 def test_reuse_refuses_a_run_that_stopped_on_other_data_before_its_first_checkpoint(tmp_path, monkeypatch):
@@ -181,6 +188,9 @@ def test_reuse_refuses_a_run_that_stopped_on_other_data_before_its_first_checkpo
                                       f"the loss became nan at epoch 1, step 3\n")
     with pytest.raises(ablations.AblationError, match=rf"^{run} was trained on other data: its val/ images differ"):
         _reuse(runs, _data(val=44), monkeypatch, "--variants", "tanh")
+    with pytest.raises(ablations.AblationError, match=rf"^{run} was trained on other data: its number of classes "):
+        _reuse(runs, SimpleNamespace(**{**vars(trained_on), "classes": trained_on.classes[:-1]}), monkeypatch,
+               "--variants", "tanh")
 
 
 def test_reuse_refuses_a_run_resumed_past_the_ablation_s_max_steps(tmp_path, monkeypatch):
