@@ -209,8 +209,9 @@ def planned_targets(src: Path, dst: Path) -> dict:
     """{file in DST: (image of SRC it is made from, (its size, its modification time in ns))}
     for every image of SRC. Raises DataError where two images of SRC would be written to one
     file, where an image of SRC lies in DST's train/ or val/ (through a link): each run would
-    add copies of DST's images to it, or where DST's train/ or val/ lies in SRC (a link):
-    the images would be written into SRC. Reads nothing in DST but where its train/ and val/ lead."""
+    add copies of DST's images to it, or where a folder of DST lies in SRC, or is (or holds)
+    a folder that SRC's images really are in (through links): the images would be written over
+    SRC's. Reads nothing in DST but where its folders lead."""
     classes, files, skipped = scan_layout(src, builtin_alternative=False)  # SRC is required
     for split in ("train", "val"):
         if skipped[split].describe():
@@ -249,10 +250,16 @@ def planned_targets(src: Path, dst: Path) -> dict:
         if target in folders:
             raise DataError(f"{path} would be written to {target}, which {folders[target]} needs as a folder: rename "
                             f"one of them in SRC")
-    for folder in folders:  # a class folder of DST that is a link into SRC: its images written over SRC's
+    # A class folder of DST that is a link into SRC, or to where SRC's (linked) class folders
+    # lead, such as /data/train/a for both: its images would be written over SRC's own.
+    sources = set(real_folders.values()) | {os.path.dirname(os.path.realpath(path)) for path, _ in planned.values()
+                                            if os.path.islink(path)}
+    holding = {str(up) for folder in sources for up in (Path(folder), *Path(folder).parents)}
+    for folder in folders:
         real = os.path.realpath(folder)
-        if os.path.commonpath([real, src]) == str(src):
-            raise DataError(f"{folder} in DST is {real}, in SRC {src}: the images would be written over SRC's. "
+        if os.path.commonpath([real, src]) == str(src) or real in holding \
+                or any(str(up) in sources for up in Path(real).parents):
+            raise DataError(f"{folder} in DST is {real}, where SRC's images are: they would be written over. "
                             f"Remove that link, or give another DST")
     return planned
 
@@ -291,8 +298,9 @@ def plan_jobs(dst: Path, planned: dict, quality: int, made_from: Optional[dict])
 def _same_source(recorded: Optional[tuple], now: tuple) -> bool:
     """Whether the record of an image of DST, (its source's name, size, modification time in
     ns, quality), is of its source as it is ``now``: a time that lost its fraction of a second
-    (a copy by tar, which keeps whole seconds, or onto a disk that does) is compared to the
-    second, so that an unchanged tree copied so is not converted again."""
+    (a copy by tar, which keeps whole seconds) is compared to the second, so that an unchanged
+    tree copied so is not converted again. (A copy onto FAT, which keeps even seconds, or one
+    that keeps microseconds is converted again: slower, never wrong.)"""
     if recorded is None or len(recorded) != len(now):
         return False
     (name, size, ns, quality), (name_now, size_now, ns_now, quality_now) = recorded, now
@@ -432,8 +440,8 @@ def _write(src: Path, dst: Path, planned: dict, workers: int, quality: int) -> i
                     "the %d no older than their images in SRC are kept, as that version decided; if SRC's images "
                     "were replaced by older ones since, or --quality was another, remove DST and run again", dst,
                     len(kept))
-    requality = sum(key in made_from and made_from[key][:3] == value[:3] and made_from[key][3:] != value[3:]
-                    for *_, (_, key, value) in jobs)
+    requality = sum(key in made_from and made_from[key][3:] != value[3:]
+                    and _same_source(made_from[key][:3] + value[3:], value) for *_, (_, key, value) in jobs)
     if requality:
         log.warning("%d images in DST were made at another --quality: converted again at %d", requality, quality)
     unfinished = dst / UNFINISHED_NAME  # the training program refuses DST while it is there
@@ -447,6 +455,9 @@ def _write(src: Path, dst: Path, planned: dict, workers: int, quality: int) -> i
         # is read alone: it may be on a disk this run cannot write to.
         if jobs and kept != made_from:
             _rewrite_record(dst, kept, parts)
+        elif not parts and kept:  # an earlier version's finished DST: recorded, where it can be written
+            with contextlib.suppress(OSError):
+                _rewrite_record(dst, kept, parts)
         unreadable = _convert_jobs(jobs, workers)
         if jobs and len(unreadable) < len(jobs):  # the workers' parts merged: the next run reads one file
             _rewrite_record(dst, *read_record(dst))

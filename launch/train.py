@@ -33,7 +33,7 @@ from towers import (TOWERS, AlexNet, Architecture, ExchangeLog, Tower, allocate,
 
 from . import data as data_module
 from .images import BASE_SIZE, CROP_SIZE
-from .checkpoint import FILENAME, restore_training_state, save_training_state
+from .checkpoint import FILENAME, damaged_record, restore_training_state, save_training_state
 from .cli import shell_word, usable_cores, write_whole
 from .config import TrainConfig
 from .mesh import Mesh, build_mesh
@@ -346,6 +346,8 @@ def _after_divergence(config: TrainConfig, run_dir: Optional[Path], num_classes:
     if not (run_dir / FILENAME).exists():
         return f"No checkpoint was written yet: {start_again}, {elsewhere_than(run_dir)}"
     try:  # read as it is: load_checkpoint refuses the weights that ran away which this advice is about
+        if damaged_record(run_dir / FILENAME) is not None:
+            raise ValueError("its checksum does not match")
         payload = torch.load(run_dir / FILENAME, map_location="cpu", weights_only=True, mmap=True)
         saved = payload["progress"]
         finite = all(torch.isfinite(v).all() for v in payload["model"].values() if v.is_floating_point())
@@ -355,11 +357,13 @@ def _after_divergence(config: TrainConfig, run_dir: Optional[Path], num_classes:
         what = "these weights" if finite else "weights that are not finite numbers"
         return (f"The last checkpoint (step {saved['global_step']}) holds {what}, so resuming it would not help: "
                 f"{start_again}")
-    if not saved.get("loss", 0.0) < DIVERGED_LOSS_FACTOR * math.log(num_classes):  # older checkpoints hold no loss
+    loss = saved.get("loss")  # older checkpoints hold none
+    if loss is not None and not loss < DIVERGED_LOSS_FACTOR * math.log(num_classes):
         return (f"The loss had already run away by the last checkpoint (step {saved['global_step']}, loss "
-                f"{saved['loss']:.3g}), so resuming it would not help: {start_again}")
-    return (f"Go on from the last checkpoint (step {saved['global_step']}, loss {saved['loss']:.3g}) at a lower rate: "
-            f"--resume {shell_word(run_dir)} --lr {lower} (or a longer --warmup-steps)")
+                f"{loss:.3g}), so resuming it would not help: {start_again}")
+    at = f"step {saved['global_step']}" + (f", loss {loss:.3g}" if loss is not None else "")
+    return (f"Go on from the last checkpoint ({at}) at a lower rate: --resume {shell_word(run_dir)} --lr {lower} (or a "
+            f"longer --warmup-steps)")
 
 
 # ---------------------------------------------------------------- one rank's whole run

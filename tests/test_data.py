@@ -1205,6 +1205,14 @@ def test_prepare_makes_again_an_image_whose_source_was_replaced_by_an_older_one(
     caplog.clear()
     assert prepare.main([str(src), str(dst), "--workers", "1"]) == 0
     assert "0 to convert, 6 already in" in caplog.text and "no record" not in caplog.text
+    records[0].unlink()  # and one that it finished: recorded too, though nothing is converted
+    caplog.clear()
+    assert prepare.main([str(src), str(dst), "--workers", "1"]) == 0
+    assert "0 to convert, 6 already in" in caplog.text and "holds no record" in caplog.text
+    assert len(prepare.read_record(dst)[0]) == 6
+    caplog.clear()
+    assert prepare.main([str(src), str(dst), "--workers", "1"]) == 0
+    assert "0 to convert, 6 already in" in caplog.text and "no record" not in caplog.text
 
 
 def test_prepare_run_again_at_another_quality_makes_every_image_again(tmp_path, caplog):
@@ -1256,10 +1264,30 @@ def test_prepare_refuses_a_dst_whose_train_or_val_is_in_src(tmp_path, capsys):
     (dst / "train").mkdir(parents=True)
     (dst / "train" / "a").symlink_to(src / "train" / "a", target_is_directory=True)
     assert prepare.main([str(src), str(dst), "--workers", "1"]) == 2
-    assert capsys.readouterr().err == (f"error: {dst / 'train' / 'a'} in DST is {src / 'train' / 'a'}, in SRC {src}: "
-                                       f"the images would be written over SRC's. Remove that link, or give another "
+    assert capsys.readouterr().err == (f"error: {dst / 'train' / 'a'} in DST is {src / 'train' / 'a'}, where SRC's "
+                                       f"images are: they would be written over. Remove that link, or give another "
                                        f"DST\n")
     assert {p: p.read_bytes() for p in originals} == originals and sorted(src.rglob("*")) == files
+    # SRC's class folders links to where the images are (as ImageNet is often laid out), and a
+    # class folder of DST a link to the same place: outside SRC's own tree, written over all the same.
+    store, linked_src = _simple_tree(tmp_path / "store", train=1, val=1), tmp_path / "linked-src"
+    for split in ("train", "val"):
+        for name in ("a", "b"):
+            (linked_src / split).mkdir(parents=True, exist_ok=True)
+            (linked_src / split / name).symlink_to(store / split / name, target_is_directory=True)
+    originals = {p: p.read_bytes() for p in store.rglob("*.jpg")}
+    dst = tmp_path / "linked-to-the-store"
+    (dst / "train").mkdir(parents=True)
+    (dst / "train" / "a").symlink_to(store / "train" / "a", target_is_directory=True)
+    assert prepare.main([str(linked_src), str(dst), "--workers", "1"]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {dst / 'train' / 'a'} in DST is {store / 'train' / 'a'}, "
+                                              f"where SRC's images are")
+    (dst / "train" / "a").unlink()
+    (dst / "train").rmdir()
+    (dst / "train").symlink_to(store / "train", target_is_directory=True)  # a folder holding them
+    assert prepare.main([str(linked_src), str(dst), "--workers", "1"]) == 2
+    assert "an image that this program writes in DST" in capsys.readouterr().err  # the check of SRC's images
+    assert {p: p.read_bytes() for p in originals} == originals
 
 
 def test_prepare_lists_the_unreadable_files_in_one_order_whatever_order_the_workers_end_in(tmp_path, monkeypatch):

@@ -585,6 +585,12 @@ def test_the_advice_after_a_divergence_reads_the_checkpoint_that_load_checkpoint
         "again with a lower --lr (such as 0.05) or a longer --warmup-steps")
     (tmp_path / "checkpoint.pt").write_bytes(b"damaged")
     assert _after_divergence(config, tmp_path, 10).startswith("The last checkpoint cannot be read: start again")
+    save_checkpoint(tmp_path / "checkpoint.pt", dict(payload, progress={"global_step": 5}))  # older: no loss
+    assert _after_divergence(config, tmp_path, 10).startswith("Go on from the last checkpoint (step 5) at a lower rate")
+    data = bytearray((tmp_path / "checkpoint.pt").read_bytes())  # a weight's bit changed, its checksum kept:
+    data[len(data) // 2] ^= 1  # torch.load reads it without a word (the file is almost all weights)
+    (tmp_path / "checkpoint.pt").write_bytes(bytes(data))
+    assert _after_divergence(config, tmp_path, 10).startswith("The last checkpoint cannot be read: start again")
 
 
 @pytest.mark.slow
