@@ -51,7 +51,8 @@ from typing import Optional
 
 from PIL import Image
 
-from launch.cli import MAX_PROCESSES_PER_CORE, NAME_MAX, Parser, lock_exclusively, quick_exit, usable_cores, write_whole
+from launch.cli import (MAX_PROCESSES_PER_CORE, NAME_MAX, Parser, lock_exclusively, quick_exit, remove_abandoned,
+                        usable_cores, write_whole)
 from launch.data import UNFINISHED_NAME, DataError, not_data, open_data, scan_layout
 from launch.images import DECODE_ERRORS, is_image_name, load_image, skip_reason
 from launch.ranks import die_with_parent
@@ -101,7 +102,11 @@ def _worker_start(program_pid: int) -> None:
     the workers SIGTERM: none goes on converting, holding the lock on DST it was forked with."""
     signal.signal(signal.SIGTERM, _end_quietly)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOPPING)  # held by _pool while it forked this worker
     die_with_parent(program_pid)
+
+
+STOPPING = {signal.SIGINT, signal.SIGTERM}
 
 
 CHUNK = 16  # the images a worker is given at a time
@@ -123,9 +128,20 @@ def _pool(workers: int):
     the Pool's end waits for good on a lock that a killed worker held: it is given as long,
     and then left to the program's exit."""
     others = set(multiprocessing.active_children())  # a caller's own processes, never the pool's
-    pool = multiprocessing.Pool(workers, initializer=_worker_start, initargs=(os.getpid(),))
+    # Ctrl-C and SIGTERM held while the pool forks its workers: one that came then reached this
+    # process inside a fork's callback (logging's), where Python ignores it (a traceback, and
+    # the run went on to exit 0), or a worker before it had its handlers. Each worker takes
+    # them again once it has (_worker_start); this process, with the pool made, below.
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOPPING)
     try:
-        yield pool, set(multiprocessing.active_children()) - others
+        pool = multiprocessing.Pool(workers, initializer=_worker_start, initargs=(os.getpid(),))
+    except BaseException:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        raise
+    try:
+        processes = set(multiprocessing.active_children()) - others
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # a Ctrl-C held meanwhile is raised here: the pool ends
+        yield pool, processes
     finally:
         backstop = threading.Timer(WORKER_GRACE_S, _kill_the_rest, [others])
         backstop.daemon = True
@@ -323,8 +339,11 @@ def read_record(dst: Path):
     parts = [dst / RECORD_NAME, *parts] if (dst / RECORD_NAME).exists() else parts
     made_from = {}
     for part in parts:
+        if not stat.S_ISREG(os.lstat(part).st_mode):  # a FIFO would be waited on for good
+            raise DataError(f"{part} is not a file, where DST keeps its record of what its images were made from: "
+                            f"remove it, and run again")
         for line in part.read_bytes().split(b"\n"):
-            with contextlib.suppress(ValueError, TypeError):
+            with contextlib.suppress(ValueError, TypeError, RecursionError):  # a line damaged or edited by hand
                 key, *value = json.loads(line)
                 made_from[key] = tuple(value)
     return made_from, parts
@@ -422,10 +441,11 @@ def _prepare(src: Path, dst: Path, workers: int, quality: int) -> int:
 
 def _write(src: Path, dst: Path, planned: dict, workers: int, quality: int) -> int:
     try:
+        remove_abandoned(dst, f".{RECORD_NAME}.partial-")  # a rewrite of the record killed (ImageNet's: 100 MB)
         made_from, parts = read_record(dst)
         jobs, kept = plan_jobs(dst, planned, quality, made_from if parts else None)
         done = len(kept)
-    except DataError as exc:  # images in DST that are not SRC's
+    except DataError as exc:  # images in DST that are not SRC's, a record that is not a file
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # its folders (or its record) cannot be made (or read) in DST
@@ -453,8 +473,8 @@ def _write(src: Path, dst: Path, planned: dict, workers: int, quality: int) -> i
         # between an image's write and its record's never takes the image for the one before.
         # A finished DST (no jobs, or unreadable files alone: nothing to change in the record)
         # is read alone: it may be on a disk this run cannot write to.
-        if jobs and kept != made_from:
-            _rewrite_record(dst, kept, parts)
+        if jobs and (kept != made_from or not parts):  # a new DST too: a record, even empty, says it is this
+            _rewrite_record(dst, kept, parts)  # version's (killed before its first line, it is not taken for older)
         elif not parts and kept:  # an earlier version's finished DST: recorded, where it can be written
             with contextlib.suppress(OSError):
                 _rewrite_record(dst, kept, parts)

@@ -891,8 +891,9 @@ def test_prepare_on_a_full_disk_is_one_line_and_leaves_no_part_of_an_image(tmp_p
     assert "Traceback" not in err and err.splitlines()[-1:] == [
         f"error: cannot write to DST {dst} (No space left on device): free space on its disk, or give a DST that can "
         f"be written; run again, and the images already written are kept"]
+    # no image (the record, empty, says this version's DST), and the tree refused to training as unfinished
     assert first.exists() and sorted(p.name for p in dst.rglob("*") if p.is_file()) == sorted(
-        [prepare.LOCK_NAME, data.UNFINISHED_NAME])  # no image, and the tree refused to training as unfinished
+        [prepare.LOCK_NAME, data.UNFINISHED_NAME, prepare.RECORD_NAME])
 
     # the list of unreadable files, written once the images are: the images stay, no part of the list
     monkeypatch.undo()
@@ -929,7 +930,8 @@ def test_prepare_on_a_disk_that_takes_a_part_of_an_image_keeps_none_of_it(tmp_pa
     assert refused.stderr.splitlines()[-1].startswith(f"error: cannot write to DST {dst} (File too large): raise the "
                                                       f"limit on the size of a file (ulimit -f)"), refused.stderr
     # neither an image cut short nor a hidden part of one; the lock of the run that writes to DST
-    assert sorted(p.name for p in dst.rglob("*") if p.is_file()) == sorted([prepare.LOCK_NAME, data.UNFINISHED_NAME])
+    assert sorted(p.name for p in dst.rglob("*") if p.is_file()) == sorted([prepare.LOCK_NAME, data.UNFINISHED_NAME,
+                                                                           prepare.RECORD_NAME])
     assert _prepare(src, dst, "--workers", "1").returncode == 0  # and, given room, the run goes on
     assert not (dst / data.UNFINISHED_NAME).exists()
     for path in dst.rglob("*.jpg"):
@@ -1213,6 +1215,71 @@ def test_prepare_makes_again_an_image_whose_source_was_replaced_by_an_older_one(
     caplog.clear()
     assert prepare.main([str(src), str(dst), "--workers", "1"]) == 0
     assert "0 to convert, 6 already in" in caplog.text and "no record" not in caplog.text
+
+
+def test_prepare_reads_only_what_a_record_can_be(tmp_path, capsys, caplog):
+    """The record's files as they could be found: a FIFO in a part's name (read, it was waited on
+    for good), a folder in the record's, a line nested too deep (a RecursionError traceback), a
+    rewrite killed (its partial file, 100 MB for ImageNet, was left for good); and a first run
+    killed before its first line, whose DST was then taken for an earlier version's."""
+    caplog.set_level(logging.INFO, logger=prepare.log.name)
+    src, dst = _simple_tree(tmp_path / "raw", train=2, val=1), tmp_path / "prepared"
+    assert prepare.main([str(src), str(dst), "--workers", "1"]) == 0
+    capsys.readouterr()
+    for odd, make in ((dst / f"{prepare.RECORD_NAME}-123", os.mkfifo), (dst / prepare.RECORD_NAME, os.mkdir)):
+        kept = odd.with_name("kept")
+        if odd.exists():
+            odd.rename(kept)
+        make(odd)
+        assert prepare.main([str(src), str(dst), "--workers", "1"]) == 2
+        assert capsys.readouterr().err == (f"error: {odd} is not a file, where DST keeps its record of what its images "
+                                           f"were made from: remove it, and run again\n")
+        odd.rmdir() if odd.is_dir() else odd.unlink()
+        if kept.exists():
+            kept.rename(odd)
+    with open(dst / prepare.RECORD_NAME, "a") as record:
+        record.write("[" * 100_000 + "\n")
+    abandoned = dst / f".{prepare.RECORD_NAME}.partial-{2**22 + 1}"  # of a process that is not there
+    abandoned.write_text("a rewrite killed")
+    caplog.clear()
+    assert prepare.main([str(src), str(dst), "--workers", "1"]) == 0
+    assert "0 to convert, 6 already in" in caplog.text and not abandoned.exists()
+
+    # killed after its first image, before its first line: the empty record says this version's DST
+    fresh = tmp_path / "fresh"
+    real = prepare._convert_jobs
+
+    def killed_after_one(jobs, workers):
+        real(jobs[:1], workers)
+        for part in fresh.glob(f"{prepare.RECORD_NAME}-*"):
+            part.unlink()  # its line never written
+        raise KeyboardInterrupt
+
+    prepare._convert_jobs = killed_after_one
+    try:
+        assert prepare.main([str(src), str(fresh), "--workers", "1", "--quality", "95"]) == 130
+    finally:
+        prepare._convert_jobs = real
+    caplog.clear()
+    assert prepare.main([str(src), str(fresh), "--workers", "1", "--quality", "50"]) == 0
+    assert "6 to convert, 0 already in" in caplog.text and "no record" not in caplog.text
+
+
+def test_prepare_s_workers_take_ctrl_c_and_sigterm_again_once_they_can(monkeypatch):
+    """Held while the pool forks (a Ctrl-C then was ignored in a fork's callback, and the run went
+    on to exit 0): each worker takes them again once it has its handlers, and so does the program."""
+    before, real, forking = signal.pthread_sigmask(signal.SIG_BLOCK, []), multiprocessing.Pool, []
+
+    def pool(*args, **kwargs):
+        forking.append(signal.pthread_sigmask(signal.SIG_BLOCK, []))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(prepare.multiprocessing, "Pool", pool)
+    with prepare._pool(2) as (pool, processes):
+        assert forking and {signal.SIGINT, signal.SIGTERM} <= forking[0], forking
+        held = [pool.apply(signal.pthread_sigmask, (signal.SIG_BLOCK, [])) for _ in range(4)]
+        assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == before
+    assert len(processes) == 2 and not any({signal.SIGINT, signal.SIGTERM} & mask for mask in held), held
 
 
 def test_prepare_run_again_at_another_quality_makes_every_image_again(tmp_path, caplog):
@@ -1678,7 +1745,7 @@ def test_prepare_interrupted_says_so_in_one_line_and_goes_on_when_run_again(tmp_
     written = list(dst.glob("train/a/big*.jpg"))
     assert 0 < len(written) < _SLOW_TO_CONVERT, "interrupted before the end"
     assert not [p for p in dst.rglob(".*") if p.is_file() and p.name not in (prepare.LOCK_NAME, data.UNFINISHED_NAME)
-                and not p.name.startswith(f"{prepare.RECORD_NAME}-")], "a part of an image is left"  # a worker's record
+                and not p.name.startswith(prepare.RECORD_NAME)], "a part of an image is left"  # the record, its parts
     _no_process_left(proc.pid)
     # The tree lacks images (val/ entirely): training on it is refused, naming the fix.
     with pytest.raises(DataError, match=f"^{dst} is the DST of a python -m launch.prepare that has not finished"):
