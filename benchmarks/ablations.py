@@ -43,7 +43,7 @@ from typing import Optional
 import torch
 
 from launch import data as data_module
-from launch.checkpoint import FILENAME
+from launch.checkpoint import FILENAME, read_as_saved
 from launch.cli import JSON_DAMAGE, Parser, add_options, option, quick_exit, shell_word, write_whole
 from launch.config import TrainConfig, parse_config, resolve
 from launch.meter import StepMeter
@@ -202,7 +202,7 @@ def finish_advice(config: AblationConfig, run_dir: Path) -> str:
         return (f"it wrote no checkpoint yet, so remove {shell_word(run_dir)} and run the ablation again with --reuse, "
                 f"which trains it anew")
     try:
-        progress = torch.load(run_dir / FILENAME, map_location="cpu", weights_only=True, mmap=True)["progress"]
+        progress = read_as_saved(run_dir / FILENAME)["progress"]
         epochs = _read_json(run_dir / "config.json")["epochs"]  # the recipe's, resolved by the run
         ended = progress["global_step"] >= (config.max_steps or math.inf) or progress["epoch"] >= epochs
     except Exception:  # unreadable: the resume says why
@@ -229,7 +229,7 @@ def check_same_data(run_dir: Path, bundle, stderr_path: Path) -> None:
     checkpoint = run_dir / FILENAME
     if checkpoint.exists():
         try:
-            payload = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
+            payload = read_as_saved(checkpoint)
             trained = {"classes": payload.get("classes"), "train": payload.get("train_digest"),
                        "val": payload.get("val_digest")}
         except Exception as error:  # damaged, or not a checkpoint: whatever torch says

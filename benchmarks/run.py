@@ -58,8 +58,8 @@ from typing import NamedTuple, Optional
 import numpy as np
 import torch
 
-from launch.cli import (JSON_DAMAGE, MAX_PROCESSES_PER_CORE, Parser, add_options, option, quick_exit, shell_word,
-                        usable_cores, write_whole)
+from launch.cli import (JSON_DAMAGE, MAX_PROCESSES_PER_CORE, Parser, add_options, option, quick_exit, repeated,
+                        shell_word, usable_cores, write_whole)
 from launch.config import MAX_TIMEOUT_S
 from launch.ranks import RankFailure, cpu_threads_per_rank, error_line, raise_interrupt, run_ranks
 from launch.step import AUTOCAST
@@ -227,8 +227,7 @@ def resolve(config: BenchConfig, devices: DevicePlan) -> BenchConfig:
         name, _, gb_s = link.partition("=")
         if not name or not re.fullmatch(r"\d+(\.\d+)?", gb_s) or float(gb_s) == 0:
             raise ValueError(f"--links takes NAME=GB/s items such as nvlink=300, the GB/s above 0; got {link!r}")
-    names = [link.partition("=")[0] for link in config.links]
-    twice = next((name for i, name in enumerate(names) if name in names[:i]), None)
+    twice = repeated([link.partition("=")[0] for link in config.links])
     if twice is not None:  # two rows of one name in the projection, and its chart's bars one behind the other
         raise ValueError(f"--links names {twice} twice: give each link once")
     if not 0 <= config.link_latency_us < math.inf:

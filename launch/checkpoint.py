@@ -203,6 +203,13 @@ def damaged_record(path: Path) -> Optional[str]:
     return None
 
 
+def read_as_saved(path) -> dict:
+    """A checkpoint's contents as torch.load gives them, unchecked and mmap'd (nothing read until
+    used): what load_checkpoint checks, and what advice about a checkpoint that it may refuse
+    (weights that ran away) reads. Raises what torch.load raises."""
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+
+
 def load_checkpoint(path, classes: Optional[list] = None) -> dict:
     """Loads and checks a checkpoint, and that it was trained on ``classes`` (the data's class
     names, in order) if given; raises CheckpointError naming the problem and the fix."""
@@ -212,7 +219,7 @@ def load_checkpoint(path, classes: Optional[list] = None) -> dict:
         raise CheckpointError(f"{path} is damaged: its record {damaged} does not match the checksum written with it "
                               f"(a disk or a copy went wrong): give an undamaged copy, or an earlier checkpoint")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        payload = read_as_saved(path)
     except pickle.UnpicklingError as exc:
         culprit = next((line.strip() for line in str(exc).splitlines() if "GLOBAL" in line), "an unsupported object")
         raise CheckpointError(

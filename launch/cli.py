@@ -70,6 +70,11 @@ def option(default, help: str, *, many: bool = False, **argparse_kwargs):
     return field(default=default, metadata={"help": help, "many": many, **argparse_kwargs})
 
 
+def repeated(values: list):
+    """The first of ``values`` that an earlier one equals, or None."""
+    return next((v for i, v in enumerate(values) if v in values[:i]), None)
+
+
 def comma_list(item_type=str, choices=None):
     """An argparse type: 'a,b,c' -> a tuple of ``item_type``, each once, each one of ``choices`` if given."""
     def parse(text):
@@ -77,7 +82,7 @@ def comma_list(item_type=str, choices=None):
         if not values or any(choices and v not in choices for v in values):
             raise argparse.ArgumentTypeError(f"expected a comma-separated list of "
                                              f"{', '.join(map(str, choices or ['values']))}; got {text!r}")
-        twice = next((v for i, v in enumerate(values) if v in values[:i]), None)
+        twice = repeated(values)
         if twice is not None:
             raise argparse.ArgumentTypeError(f"{text!r} names {twice} twice: give each once")
         return tuple(values)

@@ -24,12 +24,13 @@ A picture whose inputs are not there yet is skipped with a note saying why (and 
 its PNG of an earlier show there is older than the run's files it is drawn from), and
 the others are drawn: a run in its first epoch has no checkpoint.pt unless it was started
 with --checkpoint-every, and a run that is still going or was stopped has no
-summary.json (or an earlier start's, if it was resumed). When nothing at all can be drawn, RUN_DIR is not a run folder, or a picture
-cannot be written (a full disk), the program prints one line naming the fix and exits with
-status 2; each picture is written whole or not at all. Records of metrics.jsonl and
-summary.json that lack what a picture draws (a damaged line, a hand-edited file) are left
-out with a note. Ctrl-C or SIGTERM ends it with one line and status 130: the pictures
-finished stay, the one being written goes, and so does a folder made for them left empty.
+summary.json (or an earlier start's, if it was resumed). When nothing at all can be
+drawn, RUN_DIR is not a run folder, or a picture cannot be written (a full disk), the
+program prints one line naming the fix and exits with status 2; each picture is written
+whole or not at all. Records of metrics.jsonl and summary.json that lack what a picture
+draws (a damaged line, a hand-edited file) are left out with a note. Ctrl-C or SIGTERM
+ends it with one line and status 130: the pictures finished stay, the one being written
+goes, and so does a folder made for them left empty.
 """
 
 from launch.cli import hold_interrupts  # torch-free

@@ -33,7 +33,7 @@ from towers import (TOWERS, AlexNet, Architecture, ExchangeLog, Tower, allocate,
 
 from . import data as data_module
 from .images import BASE_SIZE, CROP_SIZE
-from .checkpoint import FILENAME, damaged_record, restore_training_state, save_training_state
+from .checkpoint import FILENAME, damaged_record, read_as_saved, restore_training_state, save_training_state
 from .cli import shell_word, usable_cores, write_whole
 from .config import TrainConfig
 from .mesh import Mesh, build_mesh
@@ -348,7 +348,7 @@ def _after_divergence(config: TrainConfig, run_dir: Optional[Path], num_classes:
     try:  # read as it is: load_checkpoint refuses the weights that ran away which this advice is about
         if damaged_record(run_dir / FILENAME) is not None:
             raise ValueError("its checksum does not match")
-        payload = torch.load(run_dir / FILENAME, map_location="cpu", weights_only=True, mmap=True)
+        payload = read_as_saved(run_dir / FILENAME)
         saved = payload["progress"]
         finite = all(torch.isfinite(v).all() for v in payload["model"].values() if v.is_floating_point())
     except Exception:  # damaged since it was written: not worth resuming either

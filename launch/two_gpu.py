@@ -42,7 +42,8 @@ from towers import TOWERS, check_compile_backend
 
 from . import data as data_module
 from .checkpoint import (FILENAME, CheckpointError, check_classes, check_training_state, checkpoint_architecture,
-                         load_checkpoint, remove_abandoned_saves, resolve_path, training_checkpoint_bytes)
+                         load_checkpoint, read_as_saved, remove_abandoned_saves, resolve_path,
+                         training_checkpoint_bytes)
 from .cli import JSON_DAMAGE, MAX_PROCESSES_PER_CORE, lock_exclusively, quick_exit, shell_word, write_whole
 from .config import (TrainConfig, build_parser, check_schedule_options, describe_recipe, given_options, parse_config,
                      recipe_warnings, resolve)
@@ -663,7 +664,7 @@ def _from_checkpoint(config: TrainConfig, run_dir: Path, resume: str) -> str:
     it, unless it holds the end of the training (its --epochs, or --max-steps: the run stopped
     in its final evaluation, or after it), which a resume would refuse, or train past."""
     try:
-        progress = torch.load(run_dir / FILENAME, map_location="cpu", weights_only=True, mmap=True)["progress"]
+        progress = read_as_saved(run_dir / FILENAME)["progress"]
         epoch, step = int(progress["epoch"]), int(progress["global_step"])
     except Exception:  # unreadable: the resume says why
         return resume
