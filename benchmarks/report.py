@@ -661,6 +661,9 @@ def main(argv=None) -> None:
 
 
 def _redraw(path: Path, folder: Path) -> None:
+    if path.exists() and not path.is_file():  # a FIFO would wait for a writer for good, a device be read for good
+        print(f"error: {path} is not a file: give a folder that python -m benchmarks.run wrote", file=sys.stderr)
+        sys.exit(2)
     try:
         results = json.loads(path.read_text())
     except (OSError, *JSON_DAMAGE) as error:

@@ -751,6 +751,8 @@ class Bench:
 def _written_by(path: Path, program: str) -> bool:
     """Whether ``path`` is a results.json that ``python -m program`` wrote (benchmarks.ablations
     keeps its machine, config and command under "info")."""
+    if not path.is_file():  # not a FIFO, which would wait for a writer for good
+        return False
     try:
         results = json.loads(path.read_text())
     except (OSError, *JSON_DAMAGE):

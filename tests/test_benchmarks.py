@@ -301,6 +301,17 @@ def test_a_report_is_drawn_only_from_a_results_json(tmp_path, capsys, content):
     assert [p.name for p in tmp_path.iterdir()] == ["results.json"]  # nothing drawn
 
 
+def test_a_results_json_that_is_not_a_file_is_refused_not_waited_on(tmp_path, capsys):
+    """A FIFO would be waited on for a writer for good, by benchmarks.report and by benchmarks.run
+    asking whether the folder's files are its own."""
+    os.mkfifo(tmp_path / "results.json")
+    message = _report_refused(tmp_path, capsys)
+    assert message == (f"error: {tmp_path / 'results.json'} is not a file: give a folder that python -m benchmarks.run "
+                       f"wrote\n")
+    with pytest.raises(ValueError, match="did not write"):
+        run.refuse_others_files(tmp_path, ("results.json", "report.md"), "benchmarks.run")
+
+
 def _quick_bench(out: Path) -> "run.Bench":
     """A --quick benchmark on the CPU at batch 2 writing to ``out``, before it has run anything."""
     config = run.BenchConfig(device="cpu", quick=True, batch=2)
