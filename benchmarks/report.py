@@ -660,6 +660,35 @@ def main(argv=None) -> None:
     print(folder / "report.md")
 
 
+def check_numbers(value, where: str = "") -> None:
+    """ValueError naming the first number in ``value`` (a results.json as read) that no benchmark
+    writes: one not finite, below zero, or too large for a float; a final loss, which a run whose
+    loss diverged leaves not finite (null), excepted."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if key != "final_loss":
+                check_numbers(item, f"{where}.{key}" if where else key)
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            check_numbers(item, f"{where}[{index}]")
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        if isinstance(value, int) and abs(value) > 1e300:
+            raise ValueError(f"{where} is an integer of {len(str(abs(value)))} digits, not a number a benchmark "
+                             f"measures")
+        if value < 0 or abs(value) > 1e300 or value != value:
+            raise ValueError(f"{where} is {value:.6g}, not a number a benchmark measures")
+
+
+def check_names(results: dict) -> None:
+    """ValueError naming a run whose mode, precision or memory format the report does not know
+    (its row would say the run was not measured, and 'Not measured' that everything was)."""
+    for index, r in enumerate(results["runs"]):
+        for key, known in (("mode", MODE_ORDER), ("precision", PRECISION_ORDER),
+                           ("memory_format", ("contiguous", "channels_last"))):
+            if r[key] not in known:
+                raise ValueError(f"runs[{index}].{key} is {r[key]!r}, not one of {', '.join(known)}")
+
+
 def _redraw(path: Path, folder: Path) -> None:
     if path.exists() and not path.is_file():  # a FIFO would wait for a writer for good, a device be read for good
         print(f"error: {path} is not a file: give a folder that python -m benchmarks.run wrote", file=sys.stderr)
@@ -671,8 +700,10 @@ def _redraw(path: Path, folder: Path) -> None:
               file=sys.stderr)
         sys.exit(2)
     try:
+        check_numbers(results)
+        check_names(results)
         write_report(results, folder)
-    except (KeyError, TypeError, AttributeError, IndexError, ValueError, ZeroDivisionError) as error:
+    except (KeyError, TypeError, AttributeError, IndexError, ValueError, ZeroDivisionError, OverflowError) as error:
         print(f"error: {path} is not what python -m benchmarks.run writes ({type(error).__name__}: {error}): "
               f"give a folder that it wrote", file=sys.stderr)
         sys.exit(2)

@@ -626,7 +626,9 @@ class Bench:
                             mesh_projection=mesh_projection(runs, self.config, self.analytic),
                             elapsed_s=time.perf_counter() - self.started)
         self.results["machine"]["load_average"]["end"] = _load_average()
-        path, text = self.out / "results.json", json.dumps(self.results, indent=1, default=str)
+        # strict JSON: a loss that diverged (NaN, infinite) is written null, as benchmarks.report reads it
+        path, text = self.out / "results.json", json.dumps(_finite(self.results), indent=1, default=str,
+                                                            allow_nan=False)
         try:
             write_whole(path, lambda partial: partial.write_text(text))  # as the report's files are
         except OSError as error:  # a full disk, or a folder that went or turned read-only
@@ -746,6 +748,15 @@ class Bench:
             self.save()
             self.measure([k for k in keys if k not in main], folder)
         return self.save()
+
+
+def _finite(value):
+    """``value`` with each float that is not finite replaced by None."""
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(item) for item in value]
+    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 def _written_by(path: Path, program: str) -> bool:

@@ -392,6 +392,19 @@ def test_a_loader_whose_worker_dies_is_recorded_and_the_benchmark_goes_on(tmp_pa
     assert results["program"] == {"skipped": "not run in this test"} and len(measured) == 2  # the main table, the sweeps
 
 
+def test_results_json_is_strict_json_a_diverged_loss_written_null(tmp_path):
+    """Python's json writes NaN, which is not JSON: other readers (jq, a browser's) refuse the file."""
+    bench = _quick_bench(tmp_path)
+    bench.results["program"] = [{"mode": "towers", "final_loss": [float("nan"), float("inf"), 2.5]}]
+    bench.save()
+
+    def refuse(constant):
+        raise AssertionError(f"{constant} in results.json")
+
+    saved = json.loads((tmp_path / "results.json").read_text(), parse_constant=refuse)
+    assert saved["program"] == [{"mode": "towers", "final_loss": [None, None, 2.5]}]
+
+
 def test_a_full_disk_under_results_json_is_one_line_and_leaves_no_partial_file(tmp_path, monkeypatch):
     """results.json is written anew after every run: a disk that fills meanwhile ends the
     benchmark with one line (exit 2), the last whole results.json kept, no temporary beside it."""
@@ -804,19 +817,39 @@ def _run(results, mode, batch=2, precision="fp32", memory_format="contiguous", c
 
 
 @pytest.mark.slow  # the real results
-@pytest.mark.parametrize("edit", ["a word for a number", "a zero count"])
-def test_a_hand_edited_results_json_is_refused_in_one_line(tiny_run, tmp_path, capsys, edit):
+@pytest.mark.parametrize("edit, why", [
+    ("a word for a number", ""), ("a zero count", ""),
+    ("a NaN step", "ValueError: runs[0].step_ms.median is nan, not a number a benchmark measures"),
+    ("an infinite rate", "ValueError: runs[0].images_per_s is inf, not a number a benchmark measures"),
+    ("a negative rate", "ValueError: runs[0].images_per_s is -5, not a number a benchmark measures"),
+    ("a batch too large for a float", "ValueError: runs[0].batch is an integer of 401 digits, not a number a "
+                                      "benchmark measures"),
+    ("an unknown mode", "ValueError: runs[0].mode is 'bogus', not one of single, towers, ddp, hybrid, torchvision")])
+def test_a_hand_edited_results_json_is_refused_in_one_line(tiny_run, tmp_path, capsys, edit, why):
+    """Not drawn as it stands: a NaN, infinite or negative number printed as measured (a traceback from the
+    charts for one too large), a run of an unknown mode shown as not measured where 'Not measured' said
+    everything was."""
     results = json.loads((tiny_run[0] / "results.json").read_text())
+    run0 = results["runs"][0]
     if edit == "a word for a number":
-        results["runs"][0]["images_per_s"] = "fast"
-    else:
+        run0["images_per_s"] = "fast"
+    elif edit == "a zero count":
         results["loader"]["by_workers"][0]["batches"] = 0
+    elif edit == "a NaN step":
+        run0["step_ms"]["median"] = float("nan")
+    elif edit in ("an infinite rate", "a negative rate"):
+        run0["images_per_s"] = float("inf") if edit == "an infinite rate" else -5.0
+    elif edit == "a batch too large for a float":
+        run0["batch"] = 10 ** 400
+    else:
+        run0["mode"] = "bogus"
     (tmp_path / "results.json").write_text(json.dumps(results))
     with pytest.raises(SystemExit) as exit:
         report.main([str(tmp_path)])
     message = capsys.readouterr().err
     assert exit.value.code == 2 and len(message.strip().splitlines()) == 1, message
     assert message.startswith(f"error: {tmp_path / 'results.json'} is not what python -m benchmarks.run writes (")
+    assert why in message and [p.name for p in tmp_path.iterdir()] == ["results.json"], message
 
 
 @pytest.mark.slow
