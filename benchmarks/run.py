@@ -225,8 +225,12 @@ def resolve(config: BenchConfig, devices: DevicePlan) -> BenchConfig:
         raise ValueError(f"--time-limit must be a positive number of seconds, got {config.time_limit:g}")
     for link in config.links:
         name, _, gb_s = link.partition("=")
-        if not name or not re.fullmatch(r"\d+(\.\d+)?", gb_s) or float(gb_s) == 0:
-            raise ValueError(f"--links takes NAME=GB/s items such as nvlink=300, the GB/s above 0; got {link!r}")
+        if not re.fullmatch(r"\d+(\.\d+)?", gb_s) or float(gb_s) == 0:
+            raise ValueError(f"--links takes NAME=GB/s items such as nvlink=300, the GB/s a decimal number above 0; "
+                             f"got {link!r}")
+        if not re.fullmatch(r"\w([\w .+/()-]*[\w.+)])?", name):  # a cell of the report's tables, on one line
+            raise ValueError(f"--links names a link in letters, digits, spaces and . + - / ( ), starting with a "
+                             f"letter or digit, such as nvlink or 'PCIe 4.0': got {name!r}")
     twice = repeated([link.partition("=")[0] for link in config.links])
     if twice is not None:  # two rows of one name in the projection, and its chart's bars one behind the other
         raise ValueError(f"--links names {twice} twice: give each link once")

@@ -107,6 +107,11 @@ def test_a_quick_run_never_takes_the_full_run_s_folder_of_the_day(monkeypatch):
     assert quick.name == f"{full.name}-quick"
 
 
+def test_links_may_be_named_as_their_makers_do():
+    config = run.BenchConfig(device="cpu", quick=True, links=("PCIe 4.0 x16=25", "nvlink-4=450", "IB (NDR)=50"))
+    assert run.resolve(config, run.plan_devices(config)).links == config.links
+
+
 def test_a_time_limit_must_be_a_positive_number_of_seconds(tmp_path):
     for limit in ("0", "-5", "nan", "inf"):
         with pytest.raises(ValueError, match=f"--time-limit must be a positive number of seconds, got {limit}"):
@@ -115,7 +120,12 @@ def test_a_time_limit_must_be_a_positive_number_of_seconds(tmp_path):
 
 
 @pytest.mark.parametrize("option, value, message", [
-    ("--links", "nvlink=0", "--links takes NAME=GB/s items such as nvlink=300, the GB/s above 0; got 'nvlink=0'"),
+    ("--links", "nvlink=0", "--links takes NAME=GB/s items such as nvlink=300, the GB/s a decimal number above 0; "
+                            "got 'nvlink=0'"),
+    # a name that would break the report's tables (a cell too many, a row on two lines) or leave one empty
+    *[("--links", f"{name}=25", f"--links names a link in letters, digits, spaces and . + - / ( ), starting with a "
+                                f"letter or digit, such as nvlink or 'PCIe 4.0': got {name!r}")
+      for name in ("nv|link", "pc\nie", "", "pcie ", "`x`")],
     ("--links", "nvlink=300,nvlink=25", "--links names nvlink twice: give each link once"),
     ("--link-latency-us", "-1000", "--link-latency-us must be a number of microseconds, 0 or more, got -1000"),
     ("--link-latency-us", "nan", "--link-latency-us must be a number of microseconds, 0 or more, got nan"),
