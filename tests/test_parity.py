@@ -376,6 +376,9 @@ UNLIKE = {
     "batch": ({}, {"batch": 3}, "batch size (3 here)"),
     "mode": ({}, {"eval": True}, "mode (eval here)"),
     "no_grad": ({}, {"no_grad": True}, "gradients (off here)"),
+    # fine-tuning: the convolutions frozen on both, FC6 and FC7 on one only (its backward stopped short)
+    "frozen": ({}, {"frozen": "conv1 conv2 conv3 conv4 conv5 fc6 fc7"},
+               "gradients (on, conv1 conv2 conv3 conv4 conv5 fc6 fc7 frozen here)"),
     "dtype": ({}, {"dtype": torch.float64}, "images' dtype (torch.float64 here)"),
     # other images, as where each rank draws its augmentation from its own stream
     "images": ({}, {"fill": 1.0}, "images (CRC-32 "),
@@ -389,6 +392,8 @@ def _unlike_worker(rank):
         tower = Tower(None, **{"num_classes": 10, "dropout": 0.0, **built})
         if run.get("eval"):
             tower.eval()
+        for name in run.get("frozen", "conv1 conv2 conv3 conv4 conv5" if case == "frozen" else "").split():
+            getattr(tower, name).requires_grad_(False)
         images = torch.full((run.get("batch", 2), 3, 224, 224), run.get("fill", 0.0), dtype=run.get("dtype", torch.float32))
         try:
             with torch.no_grad() if run.get("no_grad") else contextlib.nullcontext():

@@ -188,8 +188,8 @@ class Tower(SharesGroup, nn.Module):
     def settings(self, x: torch.Tensor) -> dict:
         """What the two towers must share for a forward with images ``x`` to compute the
         net's function: how they were built, their mode, the images (their form, and their
-        bytes' CRC-32), autocast, and whether gradients are on (each backward is collectives
-        both must join). Checked at the first forward only: a later forward run unlike on the
+        bytes' CRC-32), autocast, and whether gradients are on and the layers they skip (each
+        backward is collectives both must join). Checked at the first forward only: a later forward run unlike on the
         two towers is not caught."""
         device = x.device.type
         data = x.detach().contiguous().view(-1).view(torch.uint8).cpu().numpy()  # a copy once, for the CRC
@@ -198,8 +198,19 @@ class Tower(SharesGroup, nn.Module):
                 "mode": "train" if self.training else "eval", "batch size": x.shape[0], "image shape": tuple(x.shape[1:]),
                 "images' dtype": x.dtype, "weights' dtype": self.conv1.weight.dtype,
                 "autocast": torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else "off",
-                "gradients": "on" if torch.is_grad_enabled() and self.conv1.weight.requires_grad else "off",
+                "gradients": self._gradients(),
                 "images require grad": x.requires_grad, "images": f"CRC-32 {zlib.crc32(data):08x}"}
+
+    def _gradients(self) -> str:
+        """Whether gradients are on, and the layers frozen (no parameter requiring grad): which of
+        the backward's exchanges a tower joins follows from them. Of FC8 whole on tower 0, tower 1
+        holds no weights: not compared."""
+        if not torch.is_grad_enabled():
+            return "off"
+        layers = [(name, list(module.parameters())) for name, module in self.named_children()
+                  if not (name == "fc8" and self.fc8_placement == "tower0")]
+        frozen = [name for name, parameters in layers if parameters and not any(p.requires_grad for p in parameters)]
+        return f"on, {' '.join(frozen)} frozen" if frozen else "on"
 
     def check_peer(self, x: torch.Tensor) -> None:
         """Raises ValueError, on both towers, naming what differs between them (``settings``):
