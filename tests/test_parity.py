@@ -20,7 +20,8 @@ import torch.nn.functional as F
 
 from launch.ranks import run_ranks
 from launch.step import paper_optimizer
-from towers import Architecture, Tower, build_reference, compile_blocks, init_weights, shard_state_dict
+from towers import (Architecture, ExchangeLog, FC8_PLACEMENTS, Tower, build_reference, compile_blocks, init_weights,
+                    shard_state_dict)
 
 from conftest import ROOT, reference_from_seed
 
@@ -365,6 +366,24 @@ def _assert_library_use(placement, ranks):
         assert r["copy"] == (True, True, True), (placement, rank)  # same function, own weights, compiled too
         assert list(r["checkpointed"]) == ([True, False] if placement == "split" else [True])
         assert max(r["checkpointed"].values()) < 1e-12, (placement, rank, r["checkpointed"])
+
+
+def _exchanges_in_a_log_put_in_place(rank):
+    counted = {}
+    for placement in FC8_PLACEMENTS:
+        tower = Tower(None, num_classes=10, dropout=0.0, fc8_placement=placement)
+        built_with = tower.exchange_log
+        tower.exchange_log = ExchangeLog(synchronize=True)
+        F.cross_entropy(tower(torch.zeros(2, 3, 224, 224)), torch.tensor([0, 1])).backward()
+        counted[placement] = (len(built_with.stats), sorted({name for name, _ in tower.exchange_log.stats}))
+    return counted
+
+
+def test_an_exchange_log_put_in_a_towers_place_counts_every_exchange():
+    """FC8's exchanges too: its module kept the log the tower was built with."""
+    for counted in run_ranks(_exchanges_in_a_log_put_in_place, timeout_s=TIMEOUT_S):
+        for placement in FC8_PLACEMENTS:
+            assert counted[placement] == (0, ["conv3_input", "fc6_input", "fc7_input", "fc8_input", "logits"])
 
 
 # Towers built or run unlike, rank 1 the odd one: (what to build with, how to run, the setting named).

@@ -201,6 +201,18 @@ class Tower(SharesGroup, nn.Module):
                 "gradients": self._gradients(),
                 "images require grad": x.requires_grad, "images": f"CRC-32 {zlib.crc32(data):08x}"}
 
+    @property
+    def exchange_log(self) -> ExchangeLog:
+        """This tower's traffic to the other, per exchange (FC8's too). Another ExchangeLog put in
+        its place (one that synchronizes, say) counts every exchange from then on."""
+        return self._exchange_log
+
+    @exchange_log.setter
+    def exchange_log(self, log: ExchangeLog) -> None:
+        self._exchange_log = log
+        if "fc8" in self._modules:  # built after the log: FC8's exchanges are its own module's
+            self.fc8.exchange_log = log
+
     def _gradients(self) -> str:
         """Whether gradients are on, and the layers frozen (no parameter requiring grad): which of
         the backward's exchanges a tower joins follows from them. Of FC8 whole on tower 0, tower 1
