@@ -392,7 +392,12 @@ def prepare_run(config: TrainConfig, checkpoint: Optional[dict]):
             if (run_dir / FILENAME).exists():
                 raise ValueError(f"{run_dir} already holds a run: resume it with --resume {shell_word(run_dir)}, "
                                  f"or choose another --run-name")
+            remove_abandoned_saves(run_dir / FILENAME)  # of an earlier start killed in its first save
             others = sorted(p.name for p in run_dir.iterdir() if p.name != LOCK_NAME)
+            if is_a_start_of_a_run(run_dir):
+                raise ValueError(f"{run_dir} holds an earlier start of a run that saved no checkpoint "
+                                 f"({', '.join(others[:4])}): remove that folder (rm -r {shell_word(run_dir)}), or "
+                                 f"choose another --run-name")
             if others:
                 raise ValueError(f"{run_dir} holds other files ({', '.join(others[:4])}): choose another "
                                  f"--run-name (a run starts in a folder of its own)")
@@ -512,6 +517,33 @@ def check_rendezvous_address() -> None:
                          f"torchrun, or without these variables to have it start its own ranks") from None
 
 
+def is_a_start_of_a_run(folder: Path) -> bool:
+    """Whether ``folder`` holds the config.json this program writes as a run starts (a user's own
+    config.json is no sign of a run)."""
+    path = folder / "config.json"
+    try:
+        saved = json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, *JSON_DAMAGE):
+        return False
+    return isinstance(saved, dict) and {"layout", "batch_size", "run_name", "out"} <= saved.keys()
+
+
+def check_saved_one(folder: Path) -> None:
+    """A run folder of this program's (its config.json there) without a checkpoint has nothing
+    to resume: its run saved none, and the partial file of a save that was killed is removed
+    (some 300 MB). ValueError says how to start the run again."""
+    try:
+        started = is_a_start_of_a_run(folder) and not (folder / FILENAME).exists()
+        if started:
+            remove_abandoned_saves(folder / FILENAME)
+    except OSError:  # a folder that cannot be read: load_checkpoint says so
+        return
+    if started:
+        raise ValueError(f"{folder} holds no checkpoint to resume: its run saved none (it stopped before its first "
+                         f"save ended, or has not reached it yet); start it again with the options in its config.json, "
+                         f"after removing that folder (rm -r {shell_word(folder)}) or with another --run-name")
+
+
 def _configure(argv) -> tuple:
     """(config, checkpoint payload or None, placement) from the command line; raises ValueError."""
     config, given = parse_config(argv), given_options(argv)
@@ -520,6 +552,8 @@ def _configure(argv) -> tuple:
         raise ValueError("--master-addr is where the ranks that this program starts meet; torchrun's ranks meet where "
                          "torchrun says (its --master-addr or --rdzv-endpoint): drop --master-addr under torchrun")
     check_schedule_options(config)
+    if config.resume:
+        check_saved_one(Path(config.resume).expanduser())
     checkpoint = load_checkpoint(config.resume or config.eval_only) if config.resume or config.eval_only else None
     if config.resume:
         check_resumed_file(config.resume)

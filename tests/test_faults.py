@@ -5,6 +5,7 @@ group, injects the fault from outside (signals, broken files), and bounds every 
 """
 
 import contextlib
+import dataclasses
 import errno
 import importlib
 import io
@@ -1158,6 +1159,36 @@ def test_a_current_folder_that_was_removed_is_one_line(tmp_path):
         "error: the current folder no longer exists (removed since the shell entered it): cd to one that does, and "
         "run the command again\n"), result.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_start_of_a_run_killed_in_its_first_save_is_named_and_its_partial_file_removed(tiny_data, tmp_path,
+                                                                                         caplog):
+    """Killed in its first save: the folder holds the run's config.json, its log and a partial
+    checkpoint of some 300 MB that nothing removed. --resume said 'no checkpoint at', a new start
+    of the same --run-name 'holds other files'; neither said what to do, and the file stayed."""
+    folder = tmp_path / "r"
+    folder.mkdir()
+    config = dataclasses.asdict(parse_config(["--data", str(tiny_data), "--out", str(tmp_path), "--run-name", "r"]))
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "train.log").write_text("epoch 1 step 9 ...\n")
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    partial = folder / f".checkpoint.pt.tmp-{socket.gethostname()}-{ended.pid}"
+    partial.write_bytes(b"partial")
+    err = _error_of(["--resume", folder], caplog)
+    assert (f"error: {folder} holds no checkpoint to resume: its run saved none (it stopped before its first save "
+            f"ended, or has not reached it yet); start it again with the options in its config.json, after removing "
+            f"that folder (rm -r {folder}) or with another --run-name") in err, err
+    assert not partial.exists()
+    partial.write_bytes(b"partial")
+    err = _error_of(["--data", tiny_data, "--out", tmp_path, "--run-name", "r", *TINY], caplog)
+    assert (f"error: {folder} holds an earlier start of a run that saved no checkpoint (config.json, train.log): "
+            f"remove that folder (rm -r {folder}), or choose another --run-name") in err, err
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "train.log"]
+    (folder / "config.json").write_text('{"name": "a file of the user\'s own"}')  # no sign of a run: not removed
+    assert "holds other files (config.json, train.log): choose another --run-name" in _error_of(
+        ["--data", tiny_data, "--out", tmp_path, "--run-name", "r", *TINY], caplog)
+    assert "no checkpoint at" in _error_of(["--resume", folder], caplog)
 
 
 def test_a_run_folder_holds_one_run(tiny_data, tmp_path, caplog):
