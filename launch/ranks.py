@@ -20,6 +20,7 @@ import queue as queue_module
 import re
 import signal
 import socket
+import sys
 import threading
 import time
 import traceback
@@ -311,6 +312,22 @@ def _stop(procs, grace_s: float) -> None:
             p.join()
 
 
+def check_importable(fn: Callable) -> None:
+    """ValueError where the ranks could not import ``fn`` by its name: a lambda, a function
+    defined inside another, or one of an interactive session (``python -c``, standard input,
+    a notebook), which the ranks cannot import (each rank failed 'without reporting an error')."""
+    try:
+        pickle.dumps(fn)
+    except (pickle.PicklingError, AttributeError, TypeError) as exc:
+        raise ValueError(f"the ranks cannot import {fn!r} by its name ({exc}): give a function defined at the "
+                         f"top level of a module or script") from None
+    main = sys.modules.get("__main__")
+    if getattr(fn, "__module__", None) == "__main__" and not os.path.isfile(getattr(main, "__file__", None) or ""):
+        raise ValueError(f"the ranks cannot import {fn!r}: it was defined in an interactive session (python -c, "
+                         f"standard input, a notebook), which they do not run; define it in a .py file, and import it "
+                         f"or run that file")
+
+
 def run_ranks(fn: Callable, args: Sequence = (), world_size: int = 2, backend: str = "gloo",
               timeout_s: Optional[float] = None, collective_timeout_s: float = DEFAULT_COLLECTIVE_TIMEOUT_S,
               threads_per_rank: Optional[int] = None, on_start: Optional[Callable] = None,
@@ -330,6 +347,7 @@ def run_ranks(fn: Callable, args: Sequence = (), world_size: int = 2, backend: s
     """
     if not isinstance(world_size, int) or world_size < 1:
         raise ValueError(f"world_size must be a whole number of ranks, at least 1, got {world_size!r}")
+    check_importable(fn)
     if threads_per_rank is None and backend == "gloo":
         threads_per_rank = cpu_threads_per_rank(world_size)
     # TCPStore on its own would listen on every interface; hand it a socket bound to ``addr``.

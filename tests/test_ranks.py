@@ -237,6 +237,24 @@ def test_an_error_from_a_dataloader_worker_is_its_own_line_not_the_workers_trace
 
 
 @pytest.mark.slow
+def test_a_function_the_ranks_cannot_import_is_refused_before_they_start():
+    """Each rank failed 'without reporting an error' (the cause only in its stderr) for a function of
+    ``python -c``, standard input or a notebook; a lambda's pickling error was a traceback."""
+    def nested(rank):
+        return rank
+
+    with pytest.raises(ValueError, match=r"^the ranks cannot import <function .*nested.* by its name \(Can't "):
+        run_ranks(nested)
+    script = "from launch.ranks import run_ranks\ndef f(rank):\n    return rank\nrun_ranks(f, timeout_s=60)\n"
+    for command in ([sys.executable, "-c", script], [sys.executable, "-"]):
+        done = subprocess.run(command, input=script, cwd=ROOT, capture_output=True, text=True, timeout=120,
+                              env=dict(os.environ, PYTHONPATH=str(ROOT)))
+        last = done.stderr.strip().splitlines()[-1]
+        assert done.returncode == 1 and last.startswith("ValueError: the ranks cannot import <function f at "), last
+        assert last.endswith("it was defined in an interactive session (python -c, standard input, a notebook), "
+                             "which they do not run; define it in a .py file, and import it or run that file"), last
+
+
 def test_ranks_within_the_deadline_return_in_rank_order():
     assert run_ranks(_sleep, (0,), timeout_s=60) == [0, 1]
 
