@@ -223,6 +223,9 @@ def remove_abandoned(folder: Path, prefix: str, suffixed: bool = False) -> None:
                 stale.unlink(missing_ok=True)
 
 
+CLOSED_AT_START = set()  # the standard descriptors that standard_streams found closed
+
+
 def standard_streams() -> None:
     """Opens /dev/null on each standard descriptor that is closed (``>&-``), and gives Python a
     stdout and stderr where it has none: else the next file the program opens (a run folder's
@@ -232,6 +235,7 @@ def standard_streams() -> None:
         try:
             os.fstat(fd)
         except OSError:
+            CLOSED_AT_START.add(fd)
             opened = os.open(os.devnull, os.O_RDWR)
             if opened != fd:
                 os.dup2(opened, fd)

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoint import CheckpointError, check_classes, load_checkpoint, load_reference, resolve_path
-from .cli import OutputFailed, Parser, add_options, one_line, option, quick_exit, write_out
+from .cli import CLOSED_AT_START, OutputFailed, Parser, add_options, one_line, option, quick_exit, write_out
 from .data import DataStats, center_crop, eval_views, open_data
 from .images import DECODE_ERRORS, ImageRejected, load_image
 from .train import IMAGE_SHAPE
@@ -216,6 +216,9 @@ def main(argv=None) -> int:
     options = PredictOptions(**{f.name: args[f.name] for f in fields(PredictOptions)})
     try:  # Ctrl-C while the checkpoint or the data's statistics load, or while the images are classified
         try:
+            if sys.stdout.fileno() in CLOSED_AT_START:  # given /dev/null, the predictions would be lost, exit 0
+                raise ValueError("the standard output is closed (>&-), where the predictions are written: leave it "
+                                 "open, or send it to a file (> predictions.txt)")
             options.validate()
             classifier = open_classifier(checkpoint, options.data, choose_device(options.device))
         except (ValueError, CheckpointError) as exc:  # DataError is a ValueError

@@ -400,6 +400,18 @@ def test_an_output_that_cannot_be_written_is_one_line_and_exit_2(checkpoints, ph
         "send it elsewhere"], result.stderr[-3000:]
 
 
+@pytest.mark.slow  # a real process
+def test_a_closed_output_is_one_line_and_exit_2(checkpoints, photos):
+    """``python -m launch.predict ... >&-``: the predictions went to /dev/null, put there for the
+    program's sake, and it exited 0."""
+    result = subprocess.run(["sh", "-c", 'exec "$@" >&-', "sh", sys.executable, "-m", "launch.predict",
+                             str(checkpoints["full"]), photos[0]], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, timeout=RUN_TIMEOUT_S)
+    assert result.returncode == 2 and result.stderr.splitlines() == [
+        "error: the standard output is closed (>&-), where the predictions are written: leave it open, or send it "
+        "to a file (> predictions.txt)"], result.stderr[-3000:]
+
+
 @pytest.mark.slow
 def test_a_refusal_is_one_line_and_exit_2_from_the_real_process(checkpoints, photos, tmp_path):
     args, expected = _refusal("not a checkpoint", checkpoints, photos, tmp_path)
