@@ -1,5 +1,8 @@
 """Sharding is data: pure functions between the reference's state_dict and the towers'."""
 
+import re
+
+import numpy as np
 import pytest
 import torch
 
@@ -56,8 +59,14 @@ def test_bad_arguments_are_refused(reference_state):
         shard_state_dict(reference_state, 2)
     with pytest.raises(ValueError, match="expected 2"):
         unshard_state_dicts([shard_state_dict(reference_state, 0)])
-    with pytest.raises(ValueError, match="tower_rank"):
-        shard_state_dict(reference_state, 1.0)
+    for rank in (1.0, True, "1", torch.tensor([0, 1])):
+        with pytest.raises(ValueError, match=f"tower_rank must be an integer in range\\(2\\), got {re.escape(repr(rank))}$"):
+            shard_state_dict(reference_state, rank)
+    # a rank as numpy or torch give it (a loop's index, dist.get_rank's tensor): its value
+    expected = shard_state_dict(reference_state, 1)
+    for rank in (np.int64(1), torch.tensor(1)):
+        shard = shard_state_dict(reference_state, rank)
+        assert shard.keys() == expected.keys() and all(torch.equal(shard[k], expected[k]) for k in shard)
     with pytest.raises(ValueError, match="unexpected parameter 'features.0.weight'"):  # torchvision's names
         shard_state_dict({"features.0.weight": torch.zeros(64, 3, 11, 11)}, 0)
     with pytest.raises(ValueError, match="'_orig_mod.'"):

@@ -7,6 +7,7 @@ sees only its own tower's maps, and conv3 and the FC layers see everything.
 FC8 is the one layer whose place is a choice (``FC8_PLACEMENTS``).
 """
 
+import operator
 from typing import Mapping, Sequence
 
 import torch
@@ -36,9 +37,14 @@ def _is_halved(key: str, fc8_placement: str) -> bool:
 
 def shard_state_dict(reference: Mapping[str, torch.Tensor], tower_rank: int, fc8_placement: str = "tower0") -> dict:
     """The state_dict of tower ``tower_rank`` cut out of a reference state_dict."""
+    given = tower_rank
     check_placement(fc8_placement)
-    if not isinstance(tower_rank, int) or tower_rank not in range(TOWERS):
-        raise ValueError(f"tower_rank must lie in range({TOWERS}), got {tower_rank}")
+    try:  # an integer of numpy's or a tensor of one element stands for its value; True for no rank
+        tower_rank = None if isinstance(tower_rank, bool) else operator.index(tower_rank)
+    except TypeError:
+        tower_rank = None
+    if tower_rank not in range(TOWERS):
+        raise ValueError(f"tower_rank must be an integer in range({TOWERS}), got {given!r}")
     tower = {}
     for key, value in reference.items():
         if _is_halved(key, fc8_placement):
