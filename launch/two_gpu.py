@@ -395,9 +395,9 @@ def prepare_run(config: TrainConfig, checkpoint: Optional[dict]):
             remove_abandoned_saves(run_dir / FILENAME)  # of an earlier start killed in its first save
             others = sorted(p.name for p in run_dir.iterdir() if p.name != LOCK_NAME)
             if is_a_start_of_a_run(run_dir):
-                raise ValueError(f"{run_dir} holds an earlier start of a run that saved no checkpoint "
-                                 f"({', '.join(others[:4])}): remove that folder (rm -r {shell_word(run_dir)}), or "
-                                 f"choose another --run-name")
+                raise ValueError(f"{run_dir} holds an earlier start of a run, without a checkpoint "
+                                 f"({', '.join(others[:4])}): choose another --run-name, or remove that folder "
+                                 f"(rm -r {shell_word(run_dir)})")
             if others:
                 raise ValueError(f"{run_dir} holds other files ({', '.join(others[:4])}): choose another "
                                  f"--run-name (a run starts in a folder of its own)")
@@ -518,30 +518,41 @@ def check_rendezvous_address() -> None:
 
 
 def is_a_start_of_a_run(folder: Path) -> bool:
-    """Whether ``folder`` holds the config.json this program writes as a run starts (a user's own
-    config.json is no sign of a run)."""
+    """Whether ``folder`` holds a start of a training run that ended before anything to keep: the
+    config.json this program writes as a run starts (a user's own is no sign of one), not an
+    evaluation's, and no summary.json (a run that finished, its checkpoint removed since)."""
     path = folder / "config.json"
     try:
         saved = json.loads(path.read_text()) if path.is_file() else None
+        finished = (folder / "summary.json").exists()
     except (OSError, *JSON_DAMAGE):
         return False
-    return isinstance(saved, dict) and {"layout", "batch_size", "run_name", "out"} <= saved.keys()
+    return (isinstance(saved, dict) and {"layout", "batch_size", "run_name", "out"} <= saved.keys()
+            and not saved.get("eval_only") and not finished)
 
 
-def check_saved_one(folder: Path) -> None:
-    """A run folder of this program's (its config.json there) without a checkpoint has nothing
-    to resume: its run saved none, and the partial file of a save that was killed is removed
-    (some 300 MB). ValueError says how to start the run again."""
+def check_saved_one(resume: Path) -> None:
+    """--resume of a start of a run (``is_a_start_of_a_run``) without a checkpoint, given as the
+    folder or as its checkpoint.pt: nothing to resume. The partial file of its save that was
+    killed (some 300 MB) is removed; ValueError says how to start the run again. A run at work
+    there now (its lock held) is named as such."""
+    folder = resume if resume.is_dir() or resume.name != FILENAME else resume.parent
     try:
         started = is_a_start_of_a_run(folder) and not (folder / FILENAME).exists()
-        if started:
-            remove_abandoned_saves(folder / FILENAME)
     except OSError:  # a folder that cannot be read: load_checkpoint says so
         return
-    if started:
-        raise ValueError(f"{folder} holds no checkpoint to resume: its run saved none (it stopped before its first "
-                         f"save ended, or has not reached it yet); start it again with the options in its config.json, "
-                         f"after removing that folder (rm -r {shell_word(folder)}) or with another --run-name")
+    if not started:
+        return
+    lock = lock_run_folder(folder, resumed=True)  # a run still before its first save: "in use by another run"
+    try:
+        remove_abandoned_saves(folder / FILENAME)
+    except OSError:
+        pass
+    finally:
+        lock.close()
+    raise ValueError(f"{folder} holds no checkpoint to resume (its run stopped before its first save ended, or the "
+                     f"checkpoint was removed): start the run again with the options in its config.json, with another "
+                     f"--run-name or after removing that folder (rm -r {shell_word(folder)})")
 
 
 def _configure(argv) -> tuple:

@@ -1166,6 +1166,7 @@ def test_a_start_of_a_run_killed_in_its_first_save_is_named_and_its_partial_file
     """Killed in its first save: the folder holds the run's config.json, its log and a partial
     checkpoint of some 300 MB that nothing removed. --resume said 'no checkpoint at', a new start
     of the same --run-name 'holds other files'; neither said what to do, and the file stayed."""
+    from launch.two_gpu import lock_run_folder
     folder = tmp_path / "r"
     folder.mkdir()
     config = dataclasses.asdict(parse_config(["--data", str(tiny_data), "--out", str(tmp_path), "--run-name", "r"]))
@@ -1174,21 +1175,31 @@ def test_a_start_of_a_run_killed_in_its_first_save_is_named_and_its_partial_file
     ended = subprocess.Popen(["true"])
     ended.wait()
     partial = folder / f".checkpoint.pt.tmp-{socket.gethostname()}-{ended.pid}"
+    resumed = (f"error: {folder} holds no checkpoint to resume (its run stopped before its first save ended, or the "
+               f"checkpoint was removed): start the run again with the options in its config.json, with another "
+               f"--run-name or after removing that folder (rm -r {folder})")
+    for given in (folder, folder / "checkpoint.pt"):
+        partial.write_bytes(b"partial")
+        err = _error_of(["--resume", given], caplog)
+        assert resumed in err, err
+        assert not partial.exists()
+    with lock_run_folder(folder):  # a run there now, before its first save: not to be removed
+        assert f"error: {folder} is in use by another run (" in _error_of(["--resume", folder], caplog)
     partial.write_bytes(b"partial")
-    err = _error_of(["--resume", folder], caplog)
-    assert (f"error: {folder} holds no checkpoint to resume: its run saved none (it stopped before its first save "
-            f"ended, or has not reached it yet); start it again with the options in its config.json, after removing "
-            f"that folder (rm -r {folder}) or with another --run-name") in err, err
-    assert not partial.exists()
-    partial.write_bytes(b"partial")
-    err = _error_of(["--data", tiny_data, "--out", tmp_path, "--run-name", "r", *TINY], caplog)
-    assert (f"error: {folder} holds an earlier start of a run that saved no checkpoint (config.json, train.log): "
-            f"remove that folder (rm -r {folder}), or choose another --run-name") in err, err
-    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "train.log"]
-    (folder / "config.json").write_text('{"name": "a file of the user\'s own"}')  # no sign of a run: not removed
-    assert "holds other files (config.json, train.log): choose another --run-name" in _error_of(
-        ["--data", tiny_data, "--out", tmp_path, "--run-name", "r", *TINY], caplog)
-    assert "no checkpoint at" in _error_of(["--resume", folder], caplog)
+    restart = ["--data", tiny_data, "--out", tmp_path, "--run-name", "r", *TINY]
+    err = _error_of(restart, caplog)
+    assert (f"error: {folder} holds an earlier start of a run, without a checkpoint (config.json, train.log): "
+            f"choose another --run-name, or remove that folder (rm -r {folder})") in err, err
+    assert sorted(p.name for p in folder.iterdir()) == [".lock", "config.json", "train.log"]
+    # what is no start of a run cut short: no word of one, nothing removed
+    for name, content in (("config.json", '{"name": "a file of the user\'s own"}'),
+                          ("config.json", json.dumps({**config, "eval_only": str(folder)})),  # an evaluation's
+                          ("summary.json", "{}")):  # a run that finished, its checkpoint removed since
+        (folder / "config.json").write_text(json.dumps(config))
+        (folder / name).write_text(content)
+        assert "holds other files (" in _error_of(restart, caplog)
+        assert f"no checkpoint at {folder / 'checkpoint.pt'}" in _error_of(["--resume", folder], caplog)
+        (folder / "summary.json").unlink(missing_ok=True)
 
 
 def test_a_run_folder_holds_one_run(tiny_data, tmp_path, caplog):
