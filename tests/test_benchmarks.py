@@ -841,7 +841,8 @@ def _run(results, mode, batch=2, precision="fp32", memory_format="contiguous", c
     ("a negative rate", "ValueError: runs[0].images_per_s is -5, not a number a benchmark measures"),
     ("a batch too large for a float", "ValueError: runs[0].batch is an integer of 401 digits, not a number a "
                                       "benchmark measures"),
-    ("an unknown mode", "ValueError: runs[0].mode is 'bogus', not one of single, towers, ddp, hybrid, torchvision")])
+    ("an unknown mode", "ValueError: runs[0].mode is 'bogus', not one of single, towers, ddp, hybrid, torchvision"),
+    ("an infinite all-reduce", "ValueError: runs[0].comm_ms[0] is inf, not a number a benchmark measures")])
 def test_a_hand_edited_results_json_is_refused_in_one_line(tiny_run, tmp_path, capsys, edit, why):
     """Not drawn as it stands: a NaN, infinite or negative number printed as measured (a traceback from the
     charts for one too large), a run of an unknown mode shown as not measured where 'Not measured' said
@@ -858,6 +859,8 @@ def test_a_hand_edited_results_json_is_refused_in_one_line(tiny_run, tmp_path, c
         run0["images_per_s"] = float("inf") if edit == "an infinite rate" else -5.0
     elif edit == "a batch too large for a float":
         run0["batch"] = 10 ** 400
+    elif edit == "an infinite all-reduce":
+        run0["comm_ms"] = [float("inf")]
     else:
         run0["mode"] = "bogus"
     (tmp_path / "results.json").write_text(json.dumps(results))
@@ -867,6 +870,17 @@ def test_a_hand_edited_results_json_is_refused_in_one_line(tiny_run, tmp_path, c
     assert exit.value.code == 2 and len(message.strip().splitlines()) == 1, message
     assert message.startswith(f"error: {tmp_path / 'results.json'} is not what python -m benchmarks.run writes (")
     assert why in message and [p.name for p in tmp_path.iterdir()] == ["results.json"], message
+
+
+@pytest.mark.slow  # the real results
+def test_a_ddp_all_reduce_that_added_less_than_nothing_is_drawn(tiny_run, tmp_path):
+    """DDP's all-reduce hidden in the backward: the step's median less the compute's falls below
+    zero by noise, as benchmarks.run writes it."""
+    results = json.loads((tiny_run[0] / "results.json").read_text())
+    next(r for r in results["runs"] if r["mode"] == "ddp")["comm_ms"] = [-0.4, 0.3]
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    report.main([str(tmp_path)])
+    assert "-0.4" in (tmp_path / "report.md").read_text()
 
 
 @pytest.mark.slow
