@@ -13,6 +13,7 @@ Tests use the same helper as the launcher.
 import contextlib
 import ctypes
 import datetime
+import functools
 import ipaddress
 import os
 import pickle
@@ -313,17 +314,21 @@ def _stop(procs, grace_s: float) -> None:
 
 
 def check_importable(fn: Callable) -> None:
-    """ValueError where the ranks could not import ``fn`` by its name: a lambda, a function
-    defined inside another, or one of an interactive session (``python -c``, standard input,
-    a notebook), which the ranks cannot import (each rank failed 'without reporting an error')."""
-    try:
-        pickle.dumps(fn)
-    except (pickle.PicklingError, AttributeError, TypeError) as exc:
-        raise ValueError(f"the ranks cannot import {fn!r} by its name ({exc}): give a function defined at the "
-                         f"top level of a module or script") from None
+    """ValueError where the ranks could not import ``fn`` (or the function a ``functools.partial``
+    or a bound method holds) by its name: a lambda, a function defined inside another, or one of
+    an interactive session (``python -c``, standard input, a notebook), which the ranks do not
+    run (each rank failed 'without reporting an error', or the start raised a pickling error)."""
+    target = fn
+    while isinstance(target, functools.partial):
+        target = target.func
+    target = getattr(target, "__func__", target)  # a bound method's function
+    name = getattr(target, "__qualname__", "")
+    if "<lambda>" in name or "<locals>" in name:
+        raise ValueError(f"the ranks cannot import {target!r} by its name: give a function defined at the top level "
+                         f"of a module or script")
     main = sys.modules.get("__main__")
-    if getattr(fn, "__module__", None) == "__main__" and not os.path.isfile(getattr(main, "__file__", None) or ""):
-        raise ValueError(f"the ranks cannot import {fn!r}: it was defined in an interactive session (python -c, "
+    if getattr(target, "__module__", None) == "__main__" and not os.path.isfile(getattr(main, "__file__", None) or ""):
+        raise ValueError(f"the ranks cannot import {target!r}: it was defined in an interactive session (python -c, "
                          f"standard input, a notebook), which they do not run; define it in a .py file, and import it "
                          f"or run that file")
 

@@ -1,6 +1,7 @@
 """launch.ranks on its own: the whole run's deadline, loopback detection, threads per rank."""
 
 import ctypes
+import functools
 import multiprocessing.queues
 import os
 import re
@@ -237,22 +238,39 @@ def test_an_error_from_a_dataloader_worker_is_its_own_line_not_the_workers_trace
 
 
 @pytest.mark.slow
+def _is_set(rank, event):
+    return event.is_set()
+
+
 def test_a_function_the_ranks_cannot_import_is_refused_before_they_start():
     """Each rank failed 'without reporting an error' (the cause only in its stderr) for a function of
-    ``python -c``, standard input or a notebook; a lambda's pickling error was a traceback."""
+    ``python -c``, standard input or a notebook, bare or in a functools.partial; a lambda's or a
+    nested function's pickling error was a traceback."""
     def nested(rank):
         return rank
 
-    with pytest.raises(ValueError, match=r"^the ranks cannot import <function .*nested.* by its name \(Can't "):
-        run_ranks(nested)
-    script = "from launch.ranks import run_ranks\ndef f(rank):\n    return rank\nrun_ranks(f, timeout_s=60)\n"
-    for command in ([sys.executable, "-c", script], [sys.executable, "-"]):
-        done = subprocess.run(command, input=script, cwd=ROOT, capture_output=True, text=True, timeout=120,
-                              env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    for fn in (nested, lambda rank: rank, functools.partial(nested)):
+        with pytest.raises(ValueError, match=r"^the ranks cannot import <function .*(nested|lambda).* by its name: "
+                                             r"give a function defined at the top level of a module or script$"):
+            run_ranks(fn)
+    script = ("import functools\nfrom launch.ranks import run_ranks\ndef f(rank):\n    return rank\n"
+              "run_ranks(F, timeout_s=60)\n")
+    for command, fn in (([sys.executable, "-c"], "f"), ([sys.executable, "-"], "f"),
+                        ([sys.executable, "-c"], "functools.partial(f)")):
+        text = script.replace("F", fn)
+        done = subprocess.run([*command, text] if command[-1] == "-c" else command, input=text, cwd=ROOT,
+                              capture_output=True, text=True, timeout=120, env=dict(os.environ, PYTHONPATH=str(ROOT)))
         last = done.stderr.strip().splitlines()[-1]
         assert done.returncode == 1 and last.startswith("ValueError: the ranks cannot import <function f at "), last
         assert last.endswith("it was defined in an interactive session (python -c, standard input, a notebook), "
                              "which they do not run; define it in a .py file, and import it or run that file"), last
+
+
+def test_a_partial_holding_what_only_a_rank_start_may_pickle_runs():
+    """A multiprocessing Event goes to a rank as it starts, not through pickle.dumps."""
+    event = multiprocessing.get_context("forkserver").Event()
+    event.set()
+    assert run_ranks(functools.partial(_is_set, event=event), timeout_s=60) == [True, True]
 
 
 def test_ranks_within_the_deadline_return_in_rank_order():
