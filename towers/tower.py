@@ -86,6 +86,10 @@ class FC8Split(SharesGroup, nn.Linear):
         return gather_replicated(super().forward(x), self.group, self.exchange_log, "logits")  # exchange: N x K/2 from each
 
 
+# The layers between one exchange and the next (conv3's input, FC6's, FC7's, FC8's, the logits).
+STRETCHES = (("conv1", "conv2"), ("conv3", "conv4", "conv5"), ("fc6",), ("fc7",), ("fc8",))
+
+
 def build_fc8(fc8_placement: str, tower_rank: int, in_features: int, num_classes: int, group, exchange_log: ExchangeLog) -> nn.Module:
     if fc8_placement == "split":
         return FC8Split(in_features, num_classes, group, exchange_log)
@@ -188,7 +192,7 @@ class Tower(SharesGroup, nn.Module):
     def settings(self, x: torch.Tensor) -> dict:
         """What the two towers must share for a forward with images ``x`` to compute the
         net's function: how they were built, their mode, the images (their form, and their
-        bytes' CRC-32), autocast, and whether gradients are on and the layers they skip (each
+        bytes' CRC-32), autocast, and whether gradients are on and where the backward stops (each
         backward is collectives both must join). Checked at the first forward only: a later forward run unlike on the
         two towers is not caught."""
         device = x.device.type
@@ -214,15 +218,17 @@ class Tower(SharesGroup, nn.Module):
             self.fc8.exchange_log = log
 
     def _gradients(self) -> str:
-        """Whether gradients are on, and the layers frozen (no parameter requiring grad): which of
-        the backward's exchanges a tower joins follows from them. Of FC8 whole on tower 0, tower 1
-        holds no weights: not compared."""
+        """Whether gradients are on, and where the backward pass stops: a tower joins the backward
+        of each exchange whose input requires grad, which it does from the first stretch between
+        exchanges holding a parameter that requires grad (``STRETCHES``). FC8 whole on tower 0 is
+        left out: tower 1 holds none of it, and joins the logits' backward whenever gradients are on."""
         if not torch.is_grad_enabled():
             return "off"
-        layers = [(name, list(module.parameters())) for name, module in self.named_children()
-                  if not (name == "fc8" and self.fc8_placement == "tower0")]
-        frozen = [name for name, parameters in layers if parameters and not any(p.requires_grad for p in parameters)]
-        return f"on, {' '.join(frozen)} frozen" if frozen else "on"
+        stretches = STRETCHES if self.fc8_placement == "split" else STRETCHES[:-1]
+        for index, layers in enumerate(stretches):
+            if any(p.requires_grad for name in layers for p in getattr(self, name).parameters()):
+                return "on" if index == 0 else f"on, frozen before {layers[0]}"
+        return f"on, frozen before {'fc8' if len(stretches) < len(STRETCHES) else 'the logits'}"
 
     def check_peer(self, x: torch.Tensor) -> None:
         """Raises ValueError, on both towers, naming what differs between them (``settings``):
