@@ -584,8 +584,9 @@ def write_report(results: dict, folder: Path) -> None:
     two_rank_threads = sorted({t for r in results["runs"] if r["ranks"] > 1 for t in r["threads"]})
     one_rank_threads = sorted({t for r in results["runs"] if r["ranks"] == 1 for t in r["threads"]})
     never = results.get("planned_runs", 0) - len(results["runs"]) - len(results["not_measured"])
-    stopped = ([f"**Stopped before its end**: {never} of the {results['planned_runs']} planned runs never started "
-                f"(see 'Not measured'); the rest is what was measured before.", ""] if never > 0 else [])
+    stopped = ([f"**Not finished**: {never} of the {results['planned_runs']} planned runs had not started when "
+                f"results.json was written (the benchmark was stopped, or was still running); what follows is what "
+                f"was measured before.", ""] if never > 0 else [])
     lines = [
         f"# AlexNet: one device, two towers, data parallel — {m['hostname']}, {results['date']}", "", *stopped,
         f"## {SECTIONS[0]}", "",
@@ -608,7 +609,7 @@ def write_report(results: dict, folder: Path) -> None:
         f"sweep: {', '.join(cfg['precisions'])} x {', '.join(cfg['memory_formats'])} over "
         f"{', '.join(cfg['precision_modes'])}; compiled (torch.compile, backend "
         f"{cfg.get('compile_backend', 'inductor')}): {', '.join(cfg.get('compile_modes', ())) or 'none'}",
-        (f"- the runs measured here took {results['elapsed_s']:.0f} s; it was stopped after them" if never > 0 else
+        (f"- the runs measured here took {results['elapsed_s']:.0f} s; the benchmark had not finished" if never > 0 else
          f"- the whole run took {results['elapsed_s']:.0f} s"), "",
         f"## {SECTIONS[2]}", "", *main_table(results), "",
         f"## {SECTIONS[3]}", "", *methods(results), "",
@@ -627,7 +628,7 @@ def write_report(results: dict, folder: Path) -> None:
     ]
     lines += [f"- {n['mode']}, batch {n['batch']}, {_variant(n)}: {n['reason']}" for n in results["not_measured"]]
     if never > 0:  # a results.json of a benchmark stopped from outside
-        lines.append(f"- {never} more planned runs never started: the benchmark was stopped before them")
+        lines.append(f"- {never} more planned runs had not started: the benchmark was stopped, or was still running")
     elif not results["not_measured"]:
         lines.append("Everything planned was measured.")
     diverged = [f"{r['mode']} (batch {r['batch']}, {_variant(r)})" for r in results["runs"]
