@@ -75,8 +75,9 @@ class TrainConfig:
                                        "prints the recipe it chose, and warns when 'paper' meets fewer than "
                                        f"{PAPER_RECIPE_MIN_IMAGES:,} training images", choices=tuple(RECIPES))
     epochs: Optional[int] = option(None, "epochs to train (paper: 90; small: scaled to the training set)")
-    batch_size: Optional[int] = option(None, "images per step, seen by both towers (paper: 128)")
-    lr: Optional[float] = option(None, "initial learning rate (paper: 0.01)")
+    batch_size: Optional[int] = option(None, "images per step, seen by both towers (paper: 128; small: "
+                                             f"{SMALL_RECIPE['batch_size']})")
+    lr: Optional[float] = option(None, f"initial learning rate (paper: 0.01; small: {SMALL_RECIPE['lr']})")
     momentum: float = option(0.9, "SGD momentum (paper: 0.9)")
     weight_decay: float = option(5e-4, "SGD weight decay (paper: 0.0005)")
     schedule: Optional[str] = option(None, "learning-rate schedule: 'plateau' divides by 10 when validation error stops "
@@ -86,9 +87,10 @@ class TrainConfig:
     patience: int = option(2, "plateau schedule: epochs without a lower validation error before dividing the rate")
     max_reductions: int = option(3, "plateau schedule: how many times at most the rate is divided by 10 (paper: 3)")
     lr_milestones: Optional[tuple] = option(None, "fixed schedule: epochs at which the rate is divided by 10 "
-                                                "(paper: 30 60 80; small: one, for the last third of the epochs)",
+                                                "(paper: 30 60 80; small: one, for the last third of the epochs; none in a run of one or two)",
                                             nargs="+", type=int)
-    warmup_steps: Optional[int] = option(None, "steps of linear learning-rate warm-up (paper: 0)")
+    warmup_steps: Optional[int] = option(None, f"steps of linear learning-rate warm-up (paper: 0; small: "
+                                               f"{SMALL_RECIPE['warmup_steps']})")
     init: Optional[str] = option(None, "weight initialisation: 'paper' (N(0, 0.01^2), biases 1 in conv2/4/5 and "
                                      "FC6/7), 'caffe' (biases 0.1, FC6/FC7 std 0.005) or 'scaled' (std 0.6 sqrt(2/fan-in), "
                                      "FC8 std 0.001, biases 0) (paper: paper; small: scaled)",
@@ -299,6 +301,9 @@ def describe_recipe(config: TrainConfig, train_images: int) -> str:
         why = (f"{recipe['epochs']} epochs of {steps} steps for {train_images} training images at batch "
                f"{config.batch_size}: at least {SMALL_MIN_STEPS} steps and {SMALL_MIN_EPOCHS} epochs, the rate "
                f"divided by 10 for the last third")
+        own = config.schedule == "fixed" and tuple(config.lr_milestones or ()) == tuple(recipe["lr_milestones"])
+        if own and all(m >= config.epochs for m in recipe["lr_milestones"]):  # --epochs 1 or 2
+            why += f"; {config.epochs} epoch{'s' * (config.epochs > 1)} leave no last third: the rate is not divided"
     line = f"recipe: {config.recipe} ({origin}; {why}): {_as_options({k: getattr(config, k) for k in fields})}"
     given = {k: getattr(config, k) for k in fields if getattr(config, k) != recipe[k]}
     if given and not config.resume:  # a resumed run's values are its own, whatever --epochs it goes on to

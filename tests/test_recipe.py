@@ -106,6 +106,12 @@ def test_the_recipe_line_says_what_was_chosen_and_why():
     assert line.startswith("recipe: paper (the default with --data; section 5")
     assert "--epochs 90 --batch-size 128 --lr 0.01 --schedule plateau" in line
     assert "--lr-milestones" not in line  # the plateau schedule has none
+    # one or two epochs: the small recipe's milestone lies at their end, and the line said the rate was divided
+    for epochs in (1, 2, 3):
+        line = describe_recipe(_resolved(2_500, epochs=epochs), 2_500)
+        said = f"; {epochs} epoch{'s' * (epochs > 1)} leave no last third: the rate is not divided): "
+        assert (said in line) == (epochs < 3), line
+    assert "leave no last third" not in describe_recipe(_resolved(2_500, epochs=2, lr_milestones=(1,)), 2_500)
 
 
 def test_the_papers_recipe_warns_below_its_threshold_only():
