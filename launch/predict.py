@@ -177,6 +177,15 @@ def format_block(path: str, top: list) -> str:
     return "\n".join([one_line(path)] + [f"{100 * p:7.1f}%  {one_line(name)}" for name, p in top])
 
 
+def error_line(prediction: Prediction) -> str:
+    """Why an image could not be used, on one line: its name quoted where it must be (as the
+    shell reads it back), then the reason."""
+    named = f"{prediction.path}: "
+    if not prediction.error.startswith(named):
+        return one_line(prediction.error)
+    return f"{one_line(prediction.path)}: {one_line(prediction.error[len(named):])}"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="python -m launch.predict",
                     description="Classify images with a trained checkpoint: each image's most probable classes, "
@@ -228,7 +237,7 @@ def main(argv=None) -> int:
         for prediction in classifier.classify(paths, options.batch_size, options.ten_crop):
             if prediction.error is not None:
                 failed += 1
-                log.error("error: %s", one_line(prediction.error))  # one line, the file's name quoted or not
+                log.error("error: %s", error_line(prediction))
                 if options.json:
                     _say(json.dumps({"image": prediction.path, "error": prediction.error}))
                 continue

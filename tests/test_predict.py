@@ -267,7 +267,7 @@ def test_images_come_after_options_or_after_a_double_dash_and_errors_keep_to_one
         assert refused.value.code == 2 and capsys.readouterr().err.startswith(
             f"error: the following arguments are required: {missing}")
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
-    assert errors == ["error: $'miss\\ning.png: no such file'"]
+    assert errors == ["error: $'miss\\ning.png': no such file"]  # the name as the shell reads it back, then why
 
 
 def test_missing_checkpoint_is_refused(tmp_path):
