@@ -535,7 +535,7 @@ def check_saved_one(resume: Path) -> None:
     """--resume of a start of a run (``is_a_start_of_a_run``) without a checkpoint, given as the
     folder or as its checkpoint.pt: nothing to resume. The partial file of its save that was
     killed (some 300 MB) is removed; ValueError says how to start the run again. A run at work
-    there now (its lock held) is named as such."""
+    there now (its lock held) is named as such; under torchrun, by rank 0, which alone locks."""
     folder = resume if resume.is_dir() or resume.name != FILENAME else resume.parent
     try:
         started = is_a_start_of_a_run(folder) and not (folder / FILENAME).exists()
@@ -543,13 +543,14 @@ def check_saved_one(resume: Path) -> None:
         return
     if not started:
         return
-    lock = lock_run_folder(folder, resumed=True)  # a run still before its first save: "in use by another run"
-    try:
-        remove_abandoned_saves(folder / FILENAME)
-    except OSError:
-        pass
-    finally:
-        lock.close()
+    if not _torchrun_env() or int(os.environ["RANK"]) == 0:  # under torchrun, each rank checks: one locks
+        lock = lock_run_folder(folder, resumed=True)  # a run still before its first save: "in use by another run"
+        try:
+            remove_abandoned_saves(folder / FILENAME)
+        except OSError:
+            pass
+        finally:
+            lock.close()
     raise ValueError(f"{folder} holds no checkpoint to resume (its run stopped before its first save ended, or the "
                      f"checkpoint was removed): start the run again with the options in its config.json, with another "
                      f"--run-name or after removing that folder (rm -r {shell_word(folder)})")

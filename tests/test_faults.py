@@ -1166,7 +1166,7 @@ def test_a_start_of_a_run_killed_in_its_first_save_is_named_and_its_partial_file
     """Killed in its first save: the folder holds the run's config.json, its log and a partial
     checkpoint of some 300 MB that nothing removed. --resume said 'no checkpoint at', a new start
     of the same --run-name 'holds other files'; neither said what to do, and the file stayed."""
-    from launch.two_gpu import lock_run_folder
+    from launch.two_gpu import check_saved_one, lock_run_folder
     folder = tmp_path / "r"
     folder.mkdir()
     config = dataclasses.asdict(parse_config(["--data", str(tiny_data), "--out", str(tmp_path), "--run-name", "r"]))
@@ -1185,6 +1185,12 @@ def test_a_start_of_a_run_killed_in_its_first_save_is_named_and_its_partial_file
         assert not partial.exists()
     with lock_run_folder(folder):  # a run there now, before its first save: not to be removed
         assert f"error: {folder} is in use by another run (" in _error_of(["--resume", folder], caplog)
+        # under torchrun each rank checks, and rank 0 alone locks: rank 1 did not take rank 0's lock for another run's
+        with pytest.MonkeyPatch.context() as env:
+            for name, value in (("RANK", "1"), ("WORLD_SIZE", "2"), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29500")):
+                env.setenv(name, value)
+            with pytest.raises(ValueError, match="holds no checkpoint to resume"):
+                check_saved_one(folder)
     partial.write_bytes(b"partial")
     restart = ["--data", tiny_data, "--out", tmp_path, "--run-name", "r", *TINY]
     err = _error_of(restart, caplog)
