@@ -396,7 +396,9 @@ UNLIKE = {
     "mode": ({}, {"eval": True}, "mode (eval here)"),
     "no_grad": ({}, {"no_grad": True}, "gradients (off here)"),
     # fine-tuning: the convolutions frozen on both, FC6 and FC7 on one only (its backward stopped short)
-    "frozen": ({}, {"frozen": "conv1 conv2 conv3 conv4 conv5 fc6 fc7"}, "gradients (on, frozen before fc8 here)"),
+    "frozen": ({}, {"frozen": "conv1 conv2 conv3 conv4 conv5 fc6 fc7"}, "backward stops at (fc8 here)"),
+    # the same under no_grad on both, as torch's reentrant checkpointing runs the first forward
+    "frozen, no gradients": ({}, {"frozen": "conv1 conv2 conv3 conv4 conv5 fc6 fc7"}, "backward stops at (fc8 here)"),
     "dtype": ({}, {"dtype": torch.float64}, "images' dtype (torch.float64 here)"),
     # other images, as where each rank draws its augmentation from its own stream
     "images": ({}, {"fill": 1.0}, "images (CRC-32 "),
@@ -414,7 +416,8 @@ def _unlike_worker(rank):
             getattr(tower, name).requires_grad_(False)
         images = torch.full((run.get("batch", 2), 3, 224, 224), run.get("fill", 0.0), dtype=run.get("dtype", torch.float32))
         try:
-            with torch.no_grad() if run.get("no_grad") else contextlib.nullcontext():
+            no_grad = run.get("no_grad") or case == "frozen, no gradients"
+            with torch.no_grad() if no_grad else contextlib.nullcontext():
                 said[case] = tuple(tower(images).shape)
         except ValueError as exc:
             said[case] = str(exc)
@@ -424,17 +427,19 @@ def _unlike_worker(rank):
 def _frozen_unlike_but_joining_the_same_backward(rank):
     """Layers frozen on one tower only, where the exchanges' backward runs on both all the same."""
     done = []
-    for placement, frozen in (("tower0", "conv1"), ("split", "fc8"), ("split", "conv3 conv4")):
+    for placement, frozen in (("tower0", "conv1"), ("split", "fc8"), ("split", "conv3 conv4"),
+                              ("split", "conv1 conv2 conv3 conv4 conv5 images")):  # every exchange for the images
         tower = Tower(None, num_classes=10, dropout=0.0, fc8_placement=placement)
-        for name in frozen.split() if rank == 1 else ():
+        for name in frozen.split()[:5] if rank == 1 else ():
             getattr(tower, name).requires_grad_(False)
-        F.cross_entropy(tower(torch.zeros(2, 3, 224, 224)), torch.tensor([0, 1])).backward()
+        images = torch.zeros(2, 3, 224, 224, requires_grad=frozen.endswith("images"))
+        F.cross_entropy(tower(images), torch.tensor([0, 1])).backward()
         done.append(tower.fc7.weight.grad is not None)
     return done
 
 
 def test_towers_frozen_unlike_where_their_backward_is_alike_run():
-    assert run_ranks(_frozen_unlike_but_joining_the_same_backward, timeout_s=TIMEOUT_S) == [[True] * 3] * 2
+    assert run_ranks(_frozen_unlike_but_joining_the_same_backward, timeout_s=TIMEOUT_S) == [[True] * 4] * 2
 
 
 def test_towers_built_or_run_unlike_are_refused_on_both_naming_the_difference():

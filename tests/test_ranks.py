@@ -237,11 +237,11 @@ def test_an_error_from_a_dataloader_worker_is_its_own_line_not_the_workers_trace
                                       "decode (in DataLoader worker process 0)")
 
 
-@pytest.mark.slow
 def _is_set(rank, event):
     return event.is_set()
 
 
+@pytest.mark.slow  # real processes
 def test_a_function_the_ranks_cannot_import_is_refused_before_they_start():
     """Each rank failed 'without reporting an error' (the cause only in its stderr) for a function of
     ``python -c``, standard input or a notebook, bare or in a functools.partial; a lambda's or a
@@ -266,6 +266,7 @@ def test_a_function_the_ranks_cannot_import_is_refused_before_they_start():
                              "which they do not run; define it in a .py file, and import it or run that file"), last
 
 
+@pytest.mark.slow
 def test_a_partial_holding_what_only_a_rank_start_may_pickle_runs():
     """A multiprocessing Event goes to a rank as it starts, not through pickle.dumps."""
     event = multiprocessing.get_context("forkserver").Event()
@@ -273,10 +274,12 @@ def test_a_partial_holding_what_only_a_rank_start_may_pickle_runs():
     assert run_ranks(functools.partial(_is_set, event=event), timeout_s=60) == [True, True]
 
 
+@pytest.mark.slow
 def test_ranks_within_the_deadline_return_in_rank_order():
     assert run_ranks(_sleep, (0,), timeout_s=60) == [0, 1]
 
 
+@pytest.mark.slow
 def test_ranks_whose_values_arrive_as_the_deadline_passes_returned(monkeypatch):
     """The clock jumps past the deadline as the launcher takes the last rank's value off the queue:
     the value came in time, and the run returns (it failed with min() of no failures)."""

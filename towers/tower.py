@@ -192,7 +192,7 @@ class Tower(SharesGroup, nn.Module):
     def settings(self, x: torch.Tensor) -> dict:
         """What the two towers must share for a forward with images ``x`` to compute the
         net's function: how they were built, their mode, the images (their form, and their
-        bytes' CRC-32), autocast, and whether gradients are on and where the backward stops (each
+        bytes' CRC-32), autocast, whether gradients are on, and where a backward pass stops (each
         backward is collectives both must join). Checked at the first forward only: a later forward run unlike on the
         two towers is not caught."""
         device = x.device.type
@@ -202,7 +202,7 @@ class Tower(SharesGroup, nn.Module):
                 "mode": "train" if self.training else "eval", "batch size": x.shape[0], "image shape": tuple(x.shape[1:]),
                 "images' dtype": x.dtype, "weights' dtype": self.conv1.weight.dtype,
                 "autocast": torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else "off",
-                "gradients": self._gradients(),
+                "gradients": "on" if torch.is_grad_enabled() else "off", "backward stops at": self._stops_at(x),
                 "images require grad": x.requires_grad, "images": f"CRC-32 {zlib.crc32(data):08x}"}
 
     @property
@@ -217,18 +217,20 @@ class Tower(SharesGroup, nn.Module):
         if "fc8" in self._modules:  # built after the log: FC8's exchanges are its own module's
             self.fc8.exchange_log = log
 
-    def _gradients(self) -> str:
-        """Whether gradients are on, and where the backward pass stops: a tower joins the backward
-        of each exchange whose input requires grad, which it does from the first stretch between
-        exchanges holding a parameter that requires grad (``STRETCHES``). FC8 whole on tower 0 is
-        left out: tower 1 holds none of it, and joins the logits' backward whenever gradients are on."""
-        if not torch.is_grad_enabled():
-            return "off"
+    def _stops_at(self, x: torch.Tensor) -> str:
+        """Where a backward pass would stop, whether or not gradients are on now (torch's reentrant
+        checkpointing runs the first forward without them): a tower joins the backward of each
+        exchange whose input requires grad, which it does from the images, where they require
+        grad, or else from the first stretch between exchanges holding a parameter that requires
+        grad (``STRETCHES``). FC8 whole on tower 0 is left out: tower 1 holds none of it, and
+        joins the logits' backward whenever gradients are on."""
+        if x.requires_grad:
+            return "the images"
         stretches = STRETCHES if self.fc8_placement == "split" else STRETCHES[:-1]
-        for index, layers in enumerate(stretches):
+        for layers in stretches:
             if any(p.requires_grad for name in layers for p in getattr(self, name).parameters()):
-                return "on" if index == 0 else f"on, frozen before {layers[0]}"
-        return f"on, frozen before {'fc8' if len(stretches) < len(STRETCHES) else 'the logits'}"
+                return layers[0]
+        return "fc8" if len(stretches) < len(STRETCHES) else "the logits"
 
     def check_peer(self, x: torch.Tensor) -> None:
         """Raises ValueError, on both towers, naming what differs between them (``settings``):
