@@ -232,15 +232,20 @@ def check_resumable(config: TrainConfig, payload: dict, bundle) -> None:
                          f"give a larger --max-steps, or none")
 
 
+def in_use(run_dir: Path, holder: BlockingIOError, resumed: bool) -> ValueError:
+    """What to do where another run holds ``run_dir``'s lock (``holder`` names it)."""
+    other = ("" if resumed else  # a resumed run goes on in its own folder, whatever --run-name says
+             ", or choose another --run-name")
+    return ValueError(f"{run_dir} is in use by another run ({holder}): wait for it to end{other}")
+
+
 def lock_run_folder(run_dir: Path, resumed: bool = False):
     """An exclusive lock on the run folder, held while the returned file stays open, and
     released by the system when this process ends, however it ends."""
     try:
         return lock_exclusively(run_dir / LOCK_NAME)
     except BlockingIOError as exc:
-        other = ("" if resumed else  # a resumed run goes on in its own folder, whatever --run-name says
-                 ", or choose another --run-name")
-        raise ValueError(f"{run_dir} is in use by another run ({exc}): wait for it to end{other}") from None
+        raise in_use(run_dir, exc, resumed) from None
     except OSError as exc:  # a folder of someone else's, a read-only disk
         fix = ("copy the folder to a place you can write and resume the copy" if resumed else
                "give an --out folder you can write")
@@ -536,21 +541,23 @@ def check_saved_one(resume: Path) -> None:
     folder or as its checkpoint.pt: nothing to resume. The partial file of its save that was
     killed (some 300 MB) is removed; ValueError says how to start the run again. A run at work
     there now (its lock held) is named as such; under torchrun, by rank 0, which alone locks."""
-    folder = resume if resume.is_dir() or resume.name != FILENAME else resume.parent
     try:
+        folder = resume if resume.is_dir() or resume.name != FILENAME else resume.parent
         started = is_a_start_of_a_run(folder) and not (folder / FILENAME).exists()
     except OSError:  # a folder that cannot be read: load_checkpoint says so
         return
     if not started:
         return
     if not _torchrun_env() or int(os.environ["RANK"]) == 0:  # under torchrun, each rank checks: one locks
-        lock = lock_run_folder(folder, resumed=True)  # a run still before its first save: "in use by another run"
         try:
-            remove_abandoned_saves(folder / FILENAME)
-        except OSError:
-            pass
-        finally:
-            lock.close()
+            lock = lock_exclusively(folder / LOCK_NAME)
+        except BlockingIOError as exc:  # a run still before its first save
+            raise in_use(folder, exc, resumed=True) from None
+        except OSError:  # a folder this user cannot write, a colleague's: nothing of it to remove
+            lock = None
+        if lock is not None:
+            with lock, contextlib.suppress(OSError):
+                remove_abandoned_saves(folder / FILENAME)
     raise ValueError(f"{folder} holds no checkpoint to resume (its run stopped before its first save ended, or the "
                      f"checkpoint was removed): start the run again with the options in its config.json, with another "
                      f"--run-name or after removing that folder (rm -r {shell_word(folder)})")

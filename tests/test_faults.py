@@ -1183,6 +1183,14 @@ def test_a_start_of_a_run_killed_in_its_first_save_is_named_and_its_partial_file
         err = _error_of(["--resume", given], caplog)
         assert resumed in err, err
         assert not partial.exists()
+    def read_only(path):  # a colleague's folder, which this user may read only
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+
+    partial.write_bytes(b"partial")
+    with pytest.MonkeyPatch.context() as patched:
+        patched.setattr("launch.two_gpu.lock_exclusively", read_only)
+        err = _error_of(["--resume", folder], caplog)
+    assert resumed in err and partial.exists(), err  # not "copy the folder to a place you can write"
     with lock_run_folder(folder):  # a run there now, before its first save: not to be removed
         assert f"error: {folder} is in use by another run (" in _error_of(["--resume", folder], caplog)
         # under torchrun each rank checks, and rank 0 alone locks: rank 1 did not take rank 0's lock for another run's
