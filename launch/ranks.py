@@ -313,13 +313,15 @@ def _stop(procs, grace_s: float) -> None:
             p.join()
 
 
-def check_importable(fn: Callable) -> None:
-    """ValueError where the ranks could not import ``fn`` (or the function a ``functools.partial``
-    or a bound method holds) by its name: a lambda, a function defined inside another, or one of
-    an interactive session (``python -c``, standard input, a notebook), which the ranks do not
-    run (each rank failed 'without reporting an error', or the start raised a pickling error)."""
-    target = fn
+def check_importable(fn: Callable, args: Sequence = ()) -> None:
+    """ValueError where the ranks could not be given ``fn``: a lambda or a function defined inside
+    another (by the name of the function a ``functools.partial`` or a bound method holds), what
+    an interactive session (``python -c``, standard input, a notebook) defined, which the ranks
+    do not run, be it ``fn``, what its partial holds or one of ``args``, or anything else pickle
+    refuses. Each rank failed 'without reporting an error', or the start raised a pickling error."""
+    target, held = fn, []
     while isinstance(target, functools.partial):
+        held += [*target.args, *target.keywords.values()]
         target = target.func
     target = getattr(target, "__func__", target)  # a bound method's function
     name = getattr(target, "__qualname__", "")
@@ -327,10 +329,19 @@ def check_importable(fn: Callable) -> None:
         raise ValueError(f"the ranks cannot import {target!r} by its name: give a function defined at the top level "
                          f"of a module or script")
     main = sys.modules.get("__main__")
-    if getattr(target, "__module__", None) == "__main__" and not os.path.isfile(getattr(main, "__file__", None) or ""):
-        raise ValueError(f"the ranks cannot import {target!r}: it was defined in an interactive session (python -c, "
-                         f"standard input, a notebook), which they do not run; define it in a .py file, and import it "
-                         f"or run that file")
+    if not os.path.isfile(getattr(main, "__file__", None) or ""):
+        for item in (target, *held, *args):
+            if "__main__" in (getattr(item, "__module__", None), type(item).__module__):
+                raise ValueError(f"the ranks cannot import {item!r}: it was defined in an interactive session "
+                                 f"(python -c, standard input, a notebook), which they do not run; define it in a .py "
+                                 f"file, and import it or run that file")
+    try:
+        pickle.dumps(fn)
+    except RuntimeError:  # a multiprocessing object (an Event, a Queue), which a process's start alone may pickle
+        pass
+    except (pickle.PicklingError, AttributeError, TypeError) as exc:
+        raise ValueError(f"the ranks cannot be given {fn!r}: it does not pickle ({exc}); give a function defined at "
+                         f"the top level of a module or script, and arguments that pickle") from None
 
 
 def run_ranks(fn: Callable, args: Sequence = (), world_size: int = 2, backend: str = "gloo",
@@ -352,7 +363,7 @@ def run_ranks(fn: Callable, args: Sequence = (), world_size: int = 2, backend: s
     """
     if not isinstance(world_size, int) or world_size < 1:
         raise ValueError(f"world_size must be a whole number of ranks, at least 1, got {world_size!r}")
-    check_importable(fn)
+    check_importable(fn, args)
     if threads_per_rank is None and backend == "gloo":
         threads_per_rank = cpu_threads_per_rank(world_size)
     # TCPStore on its own would listen on every interface; hand it a socket bound to ``addr``.

@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -249,19 +250,30 @@ def test_a_function_the_ranks_cannot_import_is_refused_before_they_start():
     def nested(rank):
         return rank
 
+    class Local:
+        def __call__(self, rank):
+            return rank
+
     for fn in (nested, lambda rank: rank, functools.partial(nested)):
         with pytest.raises(ValueError, match=r"^the ranks cannot import <function .*(nested|lambda).* by its name: "
                                              r"give a function defined at the top level of a module or script$"):
             run_ranks(fn)
-    script = ("import functools\nfrom launch.ranks import run_ranks\ndef f(rank):\n    return rank\n"
-              "run_ranks(F, timeout_s=60)\n")
-    for command, fn in (([sys.executable, "-c"], "f"), ([sys.executable, "-"], "f"),
-                        ([sys.executable, "-c"], "functools.partial(f)")):
-        text = script.replace("F", fn)
+    for fn in (Local(), functools.partial(_sleep, seconds=threading.Lock())):
+        with pytest.raises(ValueError, match=r"^the ranks cannot be given .*: it does not pickle \(.*\); give a "
+                                             r"function defined at the top level of a module or script, and "
+                                             r"arguments that pickle$"):
+            run_ranks(fn)
+    script = ("import functools, operator\nfrom launch.ranks import run_ranks\ndef f(rank):\n    return rank\n"
+              "class Flag:\n    pass\nrun_ranks(F, timeout_s=60)\n")
+    function, flag = "<function f at ", "<__main__.Flag object"  # the function, what a partial holds
+    for command, fn, named in (([sys.executable, "-c"], "f", function), ([sys.executable, "-"], "f", function),
+                               ([sys.executable, "-c"], "functools.partial(f)", function),
+                               ([sys.executable, "-c"], "functools.partial(operator.eq, Flag())", flag)):
+        text = script.replace("run_ranks(F", f"run_ranks({fn}")
         done = subprocess.run([*command, text] if command[-1] == "-c" else command, input=text, cwd=ROOT,
                               capture_output=True, text=True, timeout=120, env=dict(os.environ, PYTHONPATH=str(ROOT)))
         last = done.stderr.strip().splitlines()[-1]
-        assert done.returncode == 1 and last.startswith("ValueError: the ranks cannot import <function f at "), last
+        assert done.returncode == 1 and last.startswith(f"ValueError: the ranks cannot import {named}"), last
         assert last.endswith("it was defined in an interactive session (python -c, standard input, a notebook), "
                              "which they do not run; define it in a .py file, and import it or run that file"), last
 
