@@ -87,7 +87,8 @@ class TrainConfig:
     patience: int = option(2, "plateau schedule: epochs without a lower validation error before dividing the rate")
     max_reductions: int = option(3, "plateau schedule: how many times at most the rate is divided by 10 (paper: 3)")
     lr_milestones: Optional[tuple] = option(None, "fixed schedule: epochs at which the rate is divided by 10 "
-                                                "(paper: 30 60 80; small: one, for the last third of the epochs; none in a run of one or two)",
+                                                "(paper: 30 60 80; small: one, for the last third of the epochs, "
+                                                "at the end of a run of one or two)",
                                             nargs="+", type=int)
     warmup_steps: Optional[int] = option(None, f"steps of linear learning-rate warm-up (paper: 0; small: "
                                                f"{SMALL_RECIPE['warmup_steps']})")
@@ -303,7 +304,8 @@ def describe_recipe(config: TrainConfig, train_images: int) -> str:
                f"divided by 10 for the last third")
         own = config.schedule == "fixed" and tuple(config.lr_milestones or ()) == tuple(recipe["lr_milestones"])
         if own and all(m >= config.epochs for m in recipe["lr_milestones"]):  # --epochs 1 or 2
-            why += f"; {config.epochs} epoch{'s' * (config.epochs > 1)} leave no last third: the rate is not divided"
+            why += (f"; {config.epochs} epoch{'s leave' if config.epochs > 1 else ' leaves'} no last third: the rate "
+                    f"is not divided")
     line = f"recipe: {config.recipe} ({origin}; {why}): {_as_options({k: getattr(config, k) for k in fields})}"
     given = {k: getattr(config, k) for k in fields if getattr(config, k) != recipe[k]}
     if given and not config.resume:  # a resumed run's values are its own, whatever --epochs it goes on to

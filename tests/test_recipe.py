@@ -109,7 +109,7 @@ def test_the_recipe_line_says_what_was_chosen_and_why():
     # one or two epochs: the small recipe's milestone lies at their end, and the line said the rate was divided
     for epochs in (1, 2, 3):
         line = describe_recipe(_resolved(2_500, epochs=epochs), 2_500)
-        said = f"; {epochs} epoch{'s' * (epochs > 1)} leave no last third: the rate is not divided): "
+        said = f"; {epochs} epoch{'s leave' if epochs > 1 else ' leaves'} no last third: the rate is not divided): "
         assert (said in line) == (epochs < 3), line
     assert "leave no last third" not in describe_recipe(_resolved(2_500, epochs=2, lr_milestones=(1,)), 2_500)
 
