@@ -293,8 +293,9 @@ def describe_recipe(config: TrainConfig, train_images: int) -> str:
     fields = [k for k in PAPER_RECIPE if k != "lr_milestones" or config.schedule == "fixed"]
     origin = f"the default {'with --data' if config.data is not None else 'for the built-in dataset'}" \
         if config.recipe == default_recipe(config) else f"--recipe {config.recipe}"
-    if config.resume:
-        origin = "kept from the resumed run"
+    if config.resume:  # its values are the run's own, a milestone where its first start put it
+        return (f"recipe: {config.recipe} (kept from the resumed run, but for --epochs, --lr, --warmup-steps and "
+                f"--lr-milestones given anew): {_as_options({k: getattr(config, k) for k in fields})}")
     if config.recipe == "paper":
         why = "section 5, made for ImageNet's 1.2 million training images"
     else:
@@ -308,7 +309,7 @@ def describe_recipe(config: TrainConfig, train_images: int) -> str:
                     f"is not divided")
     line = f"recipe: {config.recipe} ({origin}; {why}): {_as_options({k: getattr(config, k) for k in fields})}"
     given = {k: getattr(config, k) for k in fields if getattr(config, k) != recipe[k]}
-    if given and not config.resume:  # a resumed run's values are its own, whatever --epochs it goes on to
+    if given:
         line += "; of these, given as options: " + _as_options(given)
     return line
 

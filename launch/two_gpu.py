@@ -65,12 +65,13 @@ RUN_CONTROL = {"resume", "eval_only", "max_steps", "workers", "log_every", "chec
 KEPT_UNLESS_GIVEN = ("layout", "precision", "log_every", "checkpoint_every", "ten_crop")
 CONFIG_JSON_FOLLOWS = (*KEPT_UNLESS_GIVEN, "replicas", "compile")  # of RUN_CONTROL, on resume
 # The rest is the run's recipe, kept from the checkpoint. Of it, a resumed run may change --epochs (to
-# train longer), and --lr and --warmup-steps (to go on after a loss that diverged; the schedule keeps
-# its reductions, see launch.schedule.base_rate). --val-limit stays: the plateau schedule compares the
+# train longer) and, for the fixed schedule, --lr-milestones (which stay where the run's first start
+# put them unless given: a run trained longer moves them), and --lr and --warmup-steps (to go on after
+# a loss that diverged; the schedule keeps its reductions, see launch.schedule.base_rate). --val-limit stays: the plateau schedule compares the
 # evaluations of one fixed set of images.
 # --data may name the run's images at a new place (the class names and the training-image count are
 # checked against the checkpoint's, and the statistics computed from the images found there).
-CHANGEABLE_ON_RESUME = {"epochs", "lr", "warmup_steps", "data"}
+CHANGEABLE_ON_RESUME = {"epochs", "lr", "warmup_steps", "data", "lr_milestones"}
 # Recipe fields that a checkpoint's arch records: --eval-only takes them from the checkpoint.
 ARCHITECTURE_OPTIONS = ("lrn", "pooling", "activation")
 LOCK_NAME = ".lock"  # held by the run using the folder (see lock_run_folder)
@@ -139,6 +140,9 @@ def resumed_config(config: TrainConfig, payload: dict, given: Optional[set] = No
             had = _as_option(name, merged[name]) if isinstance(value, bool) else merged[name]
             raise ValueError(f"{_as_option(name, value)} differs from the resumed run's {had}: "
                              f"a resumed run keeps its recipe, so drop the option (or start a new run)")
+    if "lr_milestones" in given and merged["schedule"] != "fixed":
+        raise ValueError(f"--lr-milestones divides the rate at fixed epochs, but the resumed run's schedule is "
+                         f"{merged['schedule']}: drop --lr-milestones")
     return TrainConfig(**merged)
 
 

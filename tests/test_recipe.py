@@ -230,6 +230,17 @@ def test_a_resumed_run_keeps_its_recipe():
     assert resumed_config(TrainConfig(resume="run", recipe="small"), payload).recipe == "small"
     with pytest.raises(ValueError, match="--recipe paper differs from the resumed run's small"):
         resumed_config(TrainConfig(resume="run", recipe="paper"), payload)
+    # trained longer: the milestone stays where the first start put it (13 of 19), unless given anew
+    longer = resumed_config(TrainConfig(resume="run", epochs=30), payload)
+    assert (longer.epochs, longer.lr_milestones) == (30, (13,))
+    assert "recipe: small (kept from the resumed run, but for --epochs, --lr, --warmup-steps and --lr-milestones " \
+           "given anew): --epochs 30 " in describe_recipe(longer, 360)
+    moved = resumed_config(TrainConfig(resume="run", epochs=30, lr_milestones=(20,)), payload)
+    assert (moved.epochs, moved.lr_milestones) == (30, (20,))
+    plateau = {**payload, "config": {**payload["config"], "schedule": "plateau"}}
+    with pytest.raises(ValueError, match="^--lr-milestones divides the rate at fixed epochs, but the resumed run's "
+                                         "schedule is plateau: drop --lr-milestones$"):
+        resumed_config(TrainConfig(resume="run", lr_milestones=(20,)), plateau)
     # saved before --recipe existed: the recipe that was the dataset's default, its values kept
     for data, recipe in (("photos", "paper"), (None, "small")):
         old = dataclasses.asdict(dataclasses.replace(saved, data=data))
