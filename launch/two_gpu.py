@@ -61,8 +61,9 @@ log = logging.getLogger("launch.two_gpu")
 # which has no value for "not compiled", is this command line's; --max-steps, --workers and
 # --timeout, which fit one machine and one sitting, too.)
 RUN_CONTROL = {"resume", "eval_only", "max_steps", "workers", "log_every", "checkpoint_every", "ten_crop",
-               "timeout", "backend", "master_addr", "out", "run_name", "layout", "replicas", "precision", "compile"}
-KEPT_UNLESS_GIVEN = ("layout", "precision", "log_every", "checkpoint_every", "ten_crop")
+               "timeout", "backend", "master_addr", "out", "run_name", "layout", "replicas", "precision", "compile",
+               "fc8_placement"}  # a checkpoint holds the whole net, whatever the placement: a resume may change it
+KEPT_UNLESS_GIVEN = ("layout", "precision", "log_every", "checkpoint_every", "ten_crop", "fc8_placement")
 CONFIG_JSON_FOLLOWS = (*KEPT_UNLESS_GIVEN, "replicas", "compile")  # of RUN_CONTROL, on resume
 # The rest is the run's recipe, kept from the checkpoint. Of it, a resumed run may change --epochs (to
 # train longer) and, for the fixed schedule, --lr-milestones (which stay where the run's first start
@@ -232,8 +233,8 @@ def check_resumable(config: TrainConfig, payload: dict, bundle) -> None:
         raise ValueError(f"{run} has finished its {done} epochs{fewer}: train it longer with --resume "
                          f"{shell_word(run)} --epochs N (N > {done}), or evaluate it with --eval-only {shell_word(run)}")
     if config.max_steps is not None and progress["global_step"] >= config.max_steps:
-        raise ValueError(f"{run} has taken {progress['global_step']} steps, as many as --max-steps {config.max_steps}: "
-                         f"give a larger --max-steps, or none")
+        raise ValueError(f"{run} has taken {progress['global_step']} steps, --max-steps {config.max_steps} no more than "
+                         f"that: give a larger --max-steps, or none")
 
 
 def in_use(run_dir: Path, holder: BlockingIOError, resumed: bool) -> ValueError:

@@ -237,6 +237,10 @@ def test_a_resumed_run_keeps_its_recipe():
            "given anew): --epochs 30 " in describe_recipe(longer, 360)
     moved = resumed_config(TrainConfig(resume="run", epochs=30, lr_milestones=(20,)), payload)
     assert (moved.epochs, moved.lr_milestones) == (30, (20,))
+    # FC8's place is how the towers run, not the recipe: the checkpoint holds the whole net
+    assert resumed_config(TrainConfig(resume="run", fc8_placement="split"), payload).fc8_placement == "split"
+    split = {**payload, "config": {**payload["config"], "fc8_placement": "split"}}
+    assert resumed_config(TrainConfig(resume="run"), split).fc8_placement == "split"  # kept unless given
     plateau = {**payload, "config": {**payload["config"], "schedule": "plateau"}}
     with pytest.raises(ValueError, match="^--lr-milestones divides the rate at fixed epochs, but the resumed run's "
                                          "schedule is plateau: drop --lr-milestones$"):
