@@ -68,8 +68,8 @@ CONFIG_JSON_FOLLOWS = (*KEPT_UNLESS_GIVEN, "replicas", "compile")  # of RUN_CONT
 # The rest is the run's recipe, kept from the checkpoint. Of it, a resumed run may change --epochs (to
 # train longer) and, for the fixed schedule, --lr-milestones (which stay where the run's first start
 # put them unless given: a run trained longer moves them), and --lr and --warmup-steps (to go on after
-# a loss that diverged; the schedule keeps its reductions, see launch.schedule.base_rate). --val-limit stays: the plateau schedule compares the
-# evaluations of one fixed set of images.
+# a loss that diverged; the schedule keeps its reductions, see launch.schedule.base_rate). --val-limit
+# stays: the plateau schedule compares the evaluations of one fixed set of images.
 # --data may name the run's images at a new place (the class names and the training-image count are
 # checked against the checkpoint's, and the statistics computed from the images found there).
 CHANGEABLE_ON_RESUME = {"epochs", "lr", "warmup_steps", "data", "lr_milestones"}

@@ -193,8 +193,8 @@ class Tower(SharesGroup, nn.Module):
         """What the two towers must share for a forward with images ``x`` to compute the
         net's function: how they were built, their mode, the images (their form, and their
         bytes' CRC-32), autocast, whether gradients are on, and where a backward pass stops (each
-        backward is collectives both must join). Checked at the first forward only: a later forward run unlike on the
-        two towers is not caught."""
+        backward is collectives both must join). Checked at the first forward only: a later
+        forward run unlike on the two towers is not caught."""
         device = x.device.type
         data = x.detach().contiguous().view(-1).view(torch.uint8).cpu().numpy()  # a copy once, for the CRC
         return {"num_classes": self.num_classes, "fc8_placement": self.fc8_placement,
