@@ -8,15 +8,18 @@ by ``small_epochs`` and ``small_milestones``; the default for the built-in datas
 
 import argparse
 import dataclasses
+import json
+import logging
 import math
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 from towers import FC8_PLACEMENTS
 from towers.reference import ACTIVATIONS, INIT_SCHEMES, POOLINGS
 
-from .cli import MAX_PROCESSES_PER_CORE, Parser, add_options, option, usable_cores
+from .cli import JSON_DAMAGE, MAX_PROCESSES_PER_CORE, Parser, add_options, option, usable_cores, write_whole
 from .step import AUTOCAST
 
 MAX_TIMEOUT_S = 7 * 24 * 3600.0  # longer waits are no protection against a hung peer
@@ -242,6 +245,42 @@ def check_schedule_options(config: TrainConfig) -> None:
         raise ValueError(f"{' and '.join(unused)} act{'s' * (len(unused) == 1)} on the plateau schedule, but this "
                          f"run's schedule is {origin} fixed: add --schedule plateau, or drop "
                          f"{'it' if len(unused) == 1 else 'them'}")
+
+
+# Options that steer one invocation: a resumed run takes them from its own command line. Of
+# them, the layout, the arithmetic, how often it logs and saves and whether it ends with the
+# ten-patch test are kept from the resumed run where the command line does not give them
+# (--replicas too, see _replicas), so that a plain --resume goes on as the run went: a run
+# saving every N steps on a machine that may be taken away goes on saving so. (--compile,
+# which has no value for "not compiled", is this command line's; --max-steps, --workers and
+# --timeout, which fit one machine and one sitting, too.)
+RUN_CONTROL = {"resume", "eval_only", "max_steps", "workers", "log_every", "checkpoint_every", "ten_crop",
+               "timeout", "backend", "master_addr", "out", "run_name", "layout", "replicas", "precision", "compile",
+               "fc8_placement"}  # a checkpoint holds the whole net, whatever the placement: a resume may change it
+KEPT_UNLESS_GIVEN = ("layout", "precision", "log_every", "checkpoint_every", "ten_crop", "fc8_placement")
+CONFIG_JSON_FOLLOWS = (*KEPT_UNLESS_GIVEN, "replicas", "compile")  # of RUN_CONTROL, on resume
+
+
+def update_config_json(run_dir: Path, config: TrainConfig) -> None:
+    """A resumed run's recipe and arithmetic in its config.json (an --epochs, --lr or --data given
+    anew, the layout, replicas and precision it goes on in, how often it logs and saves), written
+    as a checkpoint is saved with them: a resume that stops before it leaves the file as the last
+    checkpoint has it. The options of how the first start ran (--out, --run-name, --max-steps, ...)
+    stay. A file that cannot be written is warned of: the checkpoint holds the options all the same."""
+    path = run_dir / "config.json"
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, *JSON_DAMAGE):  # removed, or damaged by hand: written anew
+        saved = None
+    # its recipe and how it goes on; not how one start was run (--max-steps, --workers, --timeout, ...)
+    now = {name: value for name, value in dataclasses.asdict(config).items()
+           if name not in RUN_CONTROL or name in CONFIG_JSON_FOLLOWS}
+    options = {**(saved if isinstance(saved, dict) else {}), **now}
+    try:
+        write_whole(path, lambda partial: partial.write_text(json.dumps(options, indent=2) + "\n"))
+    except OSError as exc:
+        logging.getLogger(__name__).warning("warning: could not update %s (%s): it holds the options of an earlier start of the run", path,
+                    exc.strerror or exc)
 
 
 def small_epochs(train_images: int, batch_size: int) -> int:

@@ -35,7 +35,7 @@ from . import data as data_module
 from .images import BASE_SIZE, CROP_SIZE
 from .checkpoint import FILENAME, damaged_record, read_as_saved, restore_training_state, save_training_state
 from .cli import shell_word, usable_cores, write_whole
-from .config import TrainConfig
+from .config import TrainConfig, update_config_json
 from .mesh import Mesh, build_mesh
 from .ranks import ADVICE_FROM_RANK0, PREPARATION_WAIT_S, Placement, error_line, patient_group
 from .meter import Metrics, ProgressBar, StepMeter, duration, peak_memory
@@ -323,6 +323,8 @@ def save_now(run_dir: Optional[Path], model, optimizer, progress: Progress, conf
     started = time.perf_counter()
     save_training_state(run_dir / FILENAME if run_dir else None, model, optimizer, progress, config, plan.classes,
                         plan.train_images, mesh, plan.stats.mean, digests=plan.digests)
+    if run_dir is not None and config.resume:
+        update_config_json(run_dir, config)
     log.info("checkpoint of step %d saved in %.1f s", progress.global_step, time.perf_counter() - started)
 
 

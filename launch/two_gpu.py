@@ -45,26 +45,14 @@ from .checkpoint import (FILENAME, CheckpointError, check_classes, check_trainin
                          load_checkpoint, read_as_saved, remove_abandoned_saves, resolve_path,
                          training_checkpoint_bytes)
 from .cli import JSON_DAMAGE, MAX_PROCESSES_PER_CORE, lock_exclusively, quick_exit, shell_word, write_whole
-from .config import (TrainConfig, build_parser, check_schedule_options, describe_recipe, given_options, parse_config,
-                     recipe_warnings, resolve)
+from .config import (KEPT_UNLESS_GIVEN, RUN_CONTROL, TrainConfig, build_parser, check_schedule_options, describe_recipe,
+                     given_options, parse_config, recipe_warnings, resolve)
 from .ranks import (LOOPBACK, PREPARATION_WAIT_S, RankFailure, choose_placement, cpu_threads_per_rank, die_with_parent,
                     error_line, init_process_group, patient_group, raise_interrupt, reuse_freed_memory, run_ranks)
 from .train import architecture, describe_evaluation, elsewhere_than, log_file, run_rank, setup_logging
 
 log = logging.getLogger("launch.two_gpu")
 
-# Options that steer one invocation: a resumed run takes them from its own command line. Of
-# them, the layout, the arithmetic, how often it logs and saves and whether it ends with the
-# ten-patch test are kept from the resumed run where the command line does not give them
-# (--replicas too, see _replicas), so that a plain --resume goes on as the run went: a run
-# saving every N steps on a machine that may be taken away goes on saving so. (--compile,
-# which has no value for "not compiled", is this command line's; --max-steps, --workers and
-# --timeout, which fit one machine and one sitting, too.)
-RUN_CONTROL = {"resume", "eval_only", "max_steps", "workers", "log_every", "checkpoint_every", "ten_crop",
-               "timeout", "backend", "master_addr", "out", "run_name", "layout", "replicas", "precision", "compile",
-               "fc8_placement"}  # a checkpoint holds the whole net, whatever the placement: a resume may change it
-KEPT_UNLESS_GIVEN = ("layout", "precision", "log_every", "checkpoint_every", "ten_crop", "fc8_placement")
-CONFIG_JSON_FOLLOWS = (*KEPT_UNLESS_GIVEN, "replicas", "compile")  # of RUN_CONTROL, on resume
 # The rest is the run's recipe, kept from the checkpoint. Of it, a resumed run may change --epochs (to
 # train longer) and, for the fixed schedule, --lr-milestones (which stay where the run's first start
 # put them unless given: a run trained longer moves them), and --lr and --warmup-steps (to go on after
@@ -418,8 +406,7 @@ def prepare_run(config: TrainConfig, checkpoint: Optional[dict]):
                 raise ValueError(f"cannot write {run_dir / 'config.json'} ({exc.strerror or exc}): free space on "
                                  f"its disk, or give another --out") from None
         else:
-            check_run_files(run_dir)
-            update_config_json(run_dir, config)
+            check_run_files(run_dir)  # config.json follows the options at the run's first save (train.save_now)
     except BaseException:
         if made_lock and not config.resume:  # a folder refused is left as it was found
             (run_dir / LOCK_NAME).unlink(missing_ok=True)
@@ -445,28 +432,6 @@ def check_run_files(run_dir: Path) -> None:
             what = "a folder" if path.is_dir() else "not a regular file (a FIFO, a socket or a device)"
             raise ValueError(f"{path} is {what}, where the run keeps its {name}: remove or rename it, and resume "
                              f"again")
-
-
-def update_config_json(run_dir: Path, config: TrainConfig) -> None:
-    """A resumed run's recipe and arithmetic in its config.json (an --epochs, --lr or --data given
-    anew, the layout, replicas and precision it goes on in, how often it logs and saves), as its
-    checkpoint holds them; the options of how the first start ran (--out, --run-name, --max-steps,
-    ...) stay. A file that
-    cannot be written is warned of: the checkpoint holds the options all the same."""
-    path = run_dir / "config.json"
-    try:
-        saved = json.loads(path.read_text())
-    except (OSError, *JSON_DAMAGE):  # removed, or damaged by hand: written anew
-        saved = None
-    # its recipe and how it goes on; not how one start was run (--max-steps, --workers, --timeout, ...)
-    now = {name: value for name, value in dataclasses.asdict(config).items()
-           if name not in RUN_CONTROL or name in CONFIG_JSON_FOLLOWS}
-    options = {**(saved if isinstance(saved, dict) else {}), **now}
-    try:
-        write_whole(path, lambda partial: partial.write_text(json.dumps(options, indent=2) + "\n"))
-    except OSError as exc:
-        log.warning("warning: could not update %s (%s): it holds the options of an earlier start of the run", path,
-                    exc.strerror or exc)
 
 
 def report(summary: dict) -> None:

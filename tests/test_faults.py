@@ -618,6 +618,8 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny
     assert diverged.wait(timeout_s=300) == 1
     assert "Go on from the last checkpoint (step 7, loss " in diverged.stderr(), diverged.stderr()[-2000:]
     assert f"--resume {sane} --lr 0.5" in diverged.stderr()
+    # stopped before a save: config.json as the checkpoint has it (it said --lr 5, which a plain --resume would not take)
+    assert (sane / "config.json").read_text() == (trained_run[0] / "config.json").read_text()
     resumed = Run("--resume", sane, "--epochs", "3", "--lr", "0.0005", "--warmup-steps", "10", "--max-steps", "9",
                   "--no-ten-crop", run_dir=sane)
     assert resumed.wait(timeout_s=300) == 0, resumed.stderr()
