@@ -18,7 +18,7 @@ from typing import Optional
 
 import numpy as np
 
-from benchmarks.run import held
+from benchmarks.run import MEMORY_FORMATS, held
 from benchmarks.workers import LR
 from launch.cli import JSON_DAMAGE, Parser, quick_exit, write_whole
 from launch.step import AUTOCAST
@@ -693,7 +693,7 @@ def check_names(results: dict) -> None:
     (its row would say the run was not measured, and 'Not measured' that everything was)."""
     for index, r in enumerate(results["runs"]):
         for key, known in (("mode", MODE_ORDER), ("precision", PRECISION_ORDER),
-                           ("memory_format", ("contiguous", "channels_last"))):
+                           ("memory_format", MEMORY_FORMATS)):
             if r[key] not in known:
                 raise ValueError(f"runs[{index}].{key} is {r[key]!r}, not one of {', '.join(known)}")
 

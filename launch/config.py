@@ -22,6 +22,8 @@ from towers.reference import ACTIVATIONS, INIT_SCHEMES, POOLINGS
 from .cli import JSON_DAMAGE, MAX_PROCESSES_PER_CORE, Parser, add_options, option, usable_cores, write_whole
 from .step import AUTOCAST
 
+log = logging.getLogger(__name__)
+
 MAX_TIMEOUT_S = 7 * 24 * 3600.0  # longer waits are no protection against a hung peer
 
 
@@ -250,7 +252,7 @@ def check_schedule_options(config: TrainConfig) -> None:
 # Options that steer one invocation: a resumed run takes them from its own command line. Of
 # them, the layout, the arithmetic, how often it logs and saves and whether it ends with the
 # ten-patch test are kept from the resumed run where the command line does not give them
-# (--replicas too, see _replicas), so that a plain --resume goes on as the run went: a run
+# (--replicas too, see launch.two_gpu._replicas), so that a plain --resume goes on as the run went: a run
 # saving every N steps on a machine that may be taken away goes on saving so. (--compile,
 # which has no value for "not compiled", is this command line's; --max-steps, --workers and
 # --timeout, which fit one machine and one sitting, too.)
@@ -279,7 +281,7 @@ def update_config_json(run_dir: Path, config: TrainConfig) -> None:
     try:
         write_whole(path, lambda partial: partial.write_text(json.dumps(options, indent=2) + "\n"))
     except OSError as exc:
-        logging.getLogger(__name__).warning("warning: could not update %s (%s): it holds the options of an earlier start of the run", path,
+        log.warning("warning: could not update %s (%s): it holds the options of an earlier start of the run", path,
                     exc.strerror or exc)
 
 
