@@ -241,6 +241,17 @@ class Skipped:
                                   "on or never end")]
         return "; ".join(f"{what}: {len(paths)}, e.g. {paths[0]}" for paths, what in kinds if paths)
 
+    def report(self, split: str) -> None:
+        """Logs what was left out of ``split``, each kind on a line of its own."""
+        if self.other_files:
+            log.info("%s/: ignored %d hidden files or files that are not images (%s)", split, self.other_files,
+                     " ".join(IMAGE_EXTENSIONS))
+        if self.hidden_folders:
+            log.info("%s/: ignored %d hidden or system folders in class folders (thumbnail caches and the like)", split,
+                     self.hidden_folders)
+        if self.describe():
+            log.warning("%s/: skipped %s", split, self.describe())
+
 
 def _owner(real_dir: str, owners: dict):
     """The class whose (real) folder holds the real path ``real_dir``, or None."""
@@ -440,15 +451,7 @@ def open_data(data_dir: Optional[Union[str, Path]], *, cache_dir: Optional[Path]
     for split in ("train", "val"):
         samples = [(path, label) for label, images in enumerate(files[split]) for path, _ in images]
         splits[split] = ImageFolderSplit(split, classes, samples, skipped[split].other_files)
-        if skipped[split].other_files:
-            log.info("%s/: ignored %d hidden files or files that are not images (%s)", split,
-                     skipped[split].other_files, " ".join(IMAGE_EXTENSIONS))
-        if skipped[split].hidden_folders:
-            log.info("%s/: ignored %d hidden or system folders in class folders (thumbnail caches and the like)", split,
-                     skipped[split].hidden_folders)
-        links = skipped[split].describe()
-        if links:
-            log.warning("%s/: skipped %s", split, links)
+        skipped[split].report(split)
     for split in splits.values():
         split.check_usable(each_class=classify and split.split == "train")
     train_files = [f for images in files["train"] for f in images]

@@ -230,8 +230,7 @@ def planned_targets(src: Path, dst: Path) -> dict:
     SRC's. Reads nothing in DST but where its folders lead."""
     classes, files, skipped = scan_layout(src, builtin_alternative=False)  # SRC is required
     for split in ("train", "val"):
-        if skipped[split].describe():
-            log.warning("%s/: skipped %s", split, skipped[split].describe())
+        skipped[split].report(split)  # what is not converted
     planned, real_folders = {}, {}  # target -> (source, (size, mtime)); folder -> its real path
     writes_in = [os.path.realpath(dst / split) for split in ("train", "val")]
     for split, place in zip(("train", "val"), writes_in):

@@ -1041,6 +1041,21 @@ def test_prepare_names_each_image_by_its_own_name_and_refuses_images_that_src_no
     assert len(data.open_data(dst, cache_dir=tmp_path / "cache").train) == 4  # 0.jpg of a and b, x.jpg, y.jpg
 
 
+def test_prepare_says_how_many_files_it_leaves_out_as_not_images(tmp_path, caplog):
+    """A file whose name is not an image's (a JPEG named .jfif, a name without extension) is
+    not converted, as the training program would not read it: said, with the names it reads."""
+    src = _simple_tree(tmp_path / "raw", train=1, val=1)
+    jpeg = (src / "train" / "a" / "0.jpg").read_bytes()
+    for name in ("photo.jfif", "noext", ".hidden.jpg"):
+        (src / "train" / "a" / name).write_bytes(jpeg)
+    caplog.set_level(logging.INFO)
+    assert prepare.main([str(src), str(tmp_path / "prepared"), "--workers", "1"]) == 0
+    said = [r.getMessage() for r in caplog.records]
+    assert "train/: ignored 3 hidden files or files that are not images (.jpg .jpeg .png .bmp .gif .webp .tif " \
+           ".tiff)" in said
+    assert not any(line.startswith("val/: ignored") for line in said)
+
+
 def _age(path: Path, seconds: int = 10) -> None:
     """``path``'s modification time moved ``seconds`` back: its source rewritten after it was made."""
     status = os.lstat(path)
