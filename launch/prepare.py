@@ -51,8 +51,8 @@ from typing import Optional
 
 from PIL import Image
 
-from launch.cli import (MAX_PROCESSES_PER_CORE, NAME_MAX, Parser, lock_exclusively, quick_exit, remove_abandoned,
-                        usable_cores, write_whole)
+from launch.cli import (MAX_PROCESSES_PER_CORE, NAME_MAX, Parser, abandoned, lock_exclusively, quick_exit,
+                        remove_abandoned, usable_cores, write_whole)
 from launch.data import UNFINISHED_NAME, DataError, not_data, open_data, scan_layout
 from launch.images import DECODE_ERRORS, is_image_name, load_image, skip_reason
 from launch.ranks import die_with_parent
@@ -362,16 +362,38 @@ def _rewrite_record(dst: Path, made_from: dict, parts: list) -> None:
 
 def _stray_images(dst: Path, planned: dict) -> list:
     """The images in DST's class folders that are not in ``planned``, sorted: those that the
-    training program would read (not a hidden write cut short by SIGKILL)."""
-    stray = []
+    training program would read, found as it finds them (following links to folders, each
+    folder once). An image that is a planned one's file, reached through a link, is not one:
+    the training program skips it. Removes, as it goes, the hidden partial images of the
+    workers of a run that was killed (SIGKILL leaves one for each image being written)."""
+    stray, planned_real = [], None
     for split in ("train", "val"):
         if not (dst / split).is_dir():
             continue
         classes = [e.path for e in os.scandir(dst / split) if e.is_dir() and not not_data(e.name)]
         for top in classes:
-            for folder, folders, names in os.walk(top):
-                folders[:] = [f for f in folders if not not_data(f)]  # not read either (data.Skipped)
-                stray += [Path(folder, n) for n in names if is_image_name(n) and Path(folder, n) not in planned]
+            top_real = os.path.realpath(top)
+            visited = {top_real}
+            for folder, folders, names in os.walk(top, followlinks=True):
+                kept = []
+                for sub in folders:  # as data._images_in walks them: not hidden ones, nor a link that loops
+                    real = os.path.realpath(os.path.join(folder, sub))
+                    if not_data(sub) or (os.path.islink(os.path.join(folder, sub))
+                                         and (real in visited or os.path.commonpath([real, top_real]) == real)):
+                        continue
+                    visited.add(real)
+                    kept.append(sub)
+                folders[:] = kept
+                for name in names:
+                    path = Path(folder, name)
+                    if is_image_name(name):
+                        if path not in planned:
+                            if planned_real is None:
+                                planned_real = {os.path.realpath(target) for target in planned}
+                            if os.path.realpath(path) not in planned_real:
+                                stray.append(path)
+                    elif name.startswith(".") and ".partial-" in name and abandoned(name.rpartition(".partial-")[2]):
+                        path.unlink(missing_ok=True)
     return sorted(stray)
 
 
