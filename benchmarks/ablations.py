@@ -186,6 +186,11 @@ def train(config: AblationConfig, variant: str, runs: Path, bundle) -> tuple:
         if returncode == 2 or not (run_dir / "metrics.jsonl").exists():  # refused, or stopped before training
             raise AblationError(f"the {variant} run failed (exit {returncode}): {why.removeprefix('error: ')} (its "
                                 f"output: {stderr_path})")
+        if returncode == 130 or returncode < 0:  # stopped from outside (SIGTERM, the kernel's SIGKILL)
+            how = "interrupted" if returncode == 130 else f"killed by {signal.Signals(-returncode).name}"
+            raise Interrupted(f"the {variant} run was stopped ({how}): {finish_advice(config, run_dir)}")
+        if _stopped(stderr_path) is None:  # not a result, which --reuse would refuse
+            raise AblationError(f"the {variant} run failed (exit {returncode}): {why} (its output: {stderr_path})")
         logger.warning("%s: the run stopped after %.0f s: %s", variant, time.perf_counter() - started, why)
         return run_dir, why
     logger.info("%s: done in %.0f s", variant, time.perf_counter() - started)

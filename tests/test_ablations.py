@@ -243,6 +243,34 @@ def test_an_interrupted_run_is_finished_with_the_ablation_s_max_steps(tmp_path, 
     assert str(stopped.value).startswith("the full run was stopped: it wrote no checkpoint yet")
 
 
+@pytest.mark.parametrize("returncode", [130, -signal.SIGKILL, 1])
+def test_a_run_stopped_from_outside_is_not_taken_for_a_result(tmp_path, monkeypatch, returncode):
+    """A run whose program was stopped by a SIGTERM of its own (exit 130) or killed (the
+    out-of-memory killer) after it began training is unfinished, as when the ablation is
+    interrupted, not a run that stopped on its own: it was reported as a result, and the next
+    variants compared with it, while --reuse refused the same folder. A run that failed
+    without saying it stopped (a traceback) is no result either."""
+    def stopped(command, stdout, stderr, **kwargs):
+        (runs / "full").mkdir(parents=True, exist_ok=True)
+        (runs / "full" / "metrics.jsonl").write_text("")
+        stderr.write("epoch 1/3 step 5/78 loss 2.1\n" + ("interrupted: every rank stopped; resume with ...\n"
+                                                         if returncode == 130 else ""))
+        return subprocess.CompletedProcess(command, returncode)
+
+    monkeypatch.setattr(ablations, "run_child", stopped)
+    runs, config = tmp_path / "runs", ablations.AblationConfig(max_steps=21)
+    if returncode == 1:
+        with pytest.raises(ablations.AblationError, match=r"^the full run failed \(exit 1\): epoch 1/3 step 5/78 loss "
+                                                          r"2.1 \(its output: "):
+            ablations.train(config, "full", runs, _data())
+        return
+    with pytest.raises(ablations.Interrupted) as interrupted:
+        ablations.train(config, "full", runs, _data())
+    how = "interrupted" if returncode == 130 else "killed by SIGKILL"
+    assert str(interrupted.value) == (f"the full run was stopped ({how}): it wrote no checkpoint yet, so remove "
+                                      f"{runs / 'full'} and run the ablation again with --reuse, which trains it anew")
+
+
 def test_a_resumed_run_s_time_is_said_to_be_its_last_start_s(tmp_path):
     """summary.json times the steps of the start that wrote it: a run resumed for its last 2
     of 21 steps did not train 21 steps in that time."""
