@@ -357,8 +357,9 @@ def prepare_run(config: TrainConfig, checkpoint: Optional[dict]):
     else:
         log.info("data: %s (%d classes, %d training and %d validation images)", bundle.root, len(bundle.classes),
                  len(bundle.train), len(bundle.val))
-    # given by the user, not filled by the recipe (a resumed run's, either, and it cannot change them)
-    milestones_given = config.lr_milestones is not None and not config.resume
+    # given by the user, not filled by the recipe; for a resumed run, given anew (not its own)
+    milestones_given = config.lr_milestones is not None and (
+        not config.resume or tuple(config.lr_milestones) != tuple(checkpoint["config"].get("lr_milestones") or ()))
     config = resolve(config, train_images=len(bundle.train))
     if not config.eval_only:
         log.info("%s", describe_recipe(config, len(bundle.train)))

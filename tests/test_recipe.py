@@ -140,8 +140,13 @@ def test_milestones_the_run_never_reaches_are_warned_of_and_an_epoch_named_twice
     assert len(small_set) == 2 and "has 500" in small_set[0] and small_set[1] == never  # one does not hide the other
     with pytest.raises(ValueError, match="--lr-milestones 2 2 names an epoch twice"):
         check_schedule_options(TrainConfig(schedule="fixed", lr_milestones=(2, 2)))
+    with pytest.raises(ValueError, match="--lr-milestones 2 2 names an epoch twice"):  # given anew to a resumed run
+        check_schedule_options(TrainConfig(resume="run", lr_milestones=(2, 2)))
     # a run saved with such milestones (before they were refused) resumes as it was saved
-    check_schedule_options(TrainConfig(resume="run", lr_milestones=(2, 2)))
+    saved = _resolved(360, data="photos", recipe="small", lr_milestones=(2, 2))
+    payload = {"config": dataclasses.asdict(saved), "arch": {name: getattr(saved, name) for name in ARCHITECTURE_OPTIONS}}
+    check_schedule_options(TrainConfig(resume="run"))
+    assert resumed_config(TrainConfig(resume="run"), payload).lr_milestones == (2, 2)
 
 
 def test_help_explains_the_recipes():
@@ -306,6 +311,10 @@ def test_a_small_run_and_its_resumption_keep_the_recipe_sized_at_the_start(tiny_
                    "--max-steps", "1", "--no-ten-crop", "--val-limit", "4", *TINY)
     again = launch("--resume", tmp_path / "short", "--max-steps", "2")
     assert "warning" not in short.stderr + again.stderr, again.stderr
+    # given anew to the resumed run, beyond its epochs: warned of, as a new run's are; not at its next start
+    moved = launch("--resume", tmp_path / "short", "--max-steps", "3", "--lr-milestones", "5")
+    assert "warning: the rate's milestone 5 (--lr-milestones) is never reached in this run's 2 epochs" in moved.stderr
+    assert "warning" not in launch("--resume", tmp_path / "short", "--max-steps", "4").stderr
     assert main(["--resume", str(run), "--max-steps", "3", "--recipe", "paper"]) == 2  # stops before any rank starts
     assert "--recipe paper differs from the resumed run's small" in caplog.text
 
