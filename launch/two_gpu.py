@@ -553,8 +553,9 @@ def _configure(argv) -> tuple:
         config = evaluated_config(config, checkpoint, given)
     if checkpoint is not None:
         check_layout_holds(config, checkpoint)
-    if config.layout == "one-tower" and "fc8_placement" in given and config.fc8_placement != "tower0":
-        raise ValueError(f"--fc8-placement {config.fc8_placement}: the one-tower net has no towers to place FC8's "
+    if config.layout != "towers" and "fc8_placement" in given and config.fc8_placement != "tower0":
+        net = "one-tower net" if config.layout == "one-tower" else "single-device reference"
+        raise ValueError(f"--fc8-placement {config.fc8_placement}: the {net} has no towers to place FC8's "
                          f"neurons on: drop the option")
     towers = TOWERS if config.layout == "towers" else 1
     saved_replicas = checkpoint["config"].get("replicas") if config.resume else None

@@ -1266,11 +1266,14 @@ def test_a_run_folder_that_cannot_be_written_is_named(tiny_data, tmp_path, caplo
     assert f"cannot write in the run folder {folder} (Operation not permitted)" in err and "Traceback" not in err
 
 
-def test_fc8_placement_split_is_refused_for_the_one_tower_net(tiny_data, tmp_path, caplog):
-    """It has no towers: the option would be recorded in the run's files, and mean nothing."""
-    err = _error_of(["--data", tiny_data, "--out", tmp_path / "runs", *TINY, "--layout", "one-tower", "--fc8-placement",
+@pytest.mark.parametrize("layout, net", [("one-tower", "one-tower net"), ("single", "single-device reference")])
+def test_fc8_placement_split_is_refused_for_a_net_without_towers(tiny_data, tmp_path, caplog, layout, net):
+    """It has no towers: the option would be recorded in the run's files, and mean nothing.
+    (A towers run's placement that a resume as single keeps, not given, is kept for its next
+    resume as towers.)"""
+    err = _error_of(["--data", tiny_data, "--out", tmp_path / "runs", *TINY, "--layout", layout, "--fc8-placement",
                      "split"], caplog)
-    assert "--fc8-placement split: the one-tower net has no towers to place FC8's neurons on: drop the option" in err
+    assert f"--fc8-placement split: the {net} has no towers to place FC8's neurons on: drop the option" in err
     assert not (tmp_path / "runs").exists()
 
 
