@@ -32,6 +32,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from . import rank_server
+from .cli import usable_cores
 
 LOOPBACK = "127.0.0.1"
 DEFAULT_COLLECTIVE_TIMEOUT_S = 300.0
@@ -113,8 +114,9 @@ def choose_placement(requested_backend: str, gpus: int, ranks: int = 2, towers: 
 
 
 def cpu_threads_per_rank(ranks_here: int) -> int:
-    """CPU threads for each of ``ranks_here`` ranks sharing this machine's cores."""
-    return max(1, (os.cpu_count() or 1) // ranks_here)
+    """CPU threads for each of ``ranks_here`` ranks sharing the cores this process may use
+    (a container's or taskset's, not the machine's all)."""
+    return max(1, usable_cores() // ranks_here)
 
 
 def is_loopback(addr: str) -> bool:

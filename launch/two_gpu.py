@@ -44,7 +44,8 @@ from . import data as data_module
 from .checkpoint import (FILENAME, CheckpointError, check_classes, check_training_state, checkpoint_architecture,
                          load_checkpoint, read_as_saved, remove_abandoned_saves, resolve_path,
                          training_checkpoint_bytes)
-from .cli import JSON_DAMAGE, MAX_PROCESSES_PER_CORE, lock_exclusively, quick_exit, shell_word, write_whole
+from .cli import (JSON_DAMAGE, MAX_PROCESSES_PER_CORE, lock_exclusively, quick_exit, shell_word, usable_cores,
+                  write_whole)
 from .config import (KEPT_UNLESS_GIVEN, RUN_CONTROL, TrainConfig, build_parser, check_schedule_options, describe_recipe,
                      given_options, parse_config, recipe_warnings, resolve)
 from .ranks import (LOOPBACK, PREPARATION_WAIT_S, RankFailure, choose_placement, cpu_threads_per_rank, die_with_parent,
@@ -592,10 +593,11 @@ def _replicas(config: TrainConfig, towers: int, resumed: Optional[int] = None) -
     number its ranks make."""
     if not _torchrun_env():
         replicas = config.replicas or resumed or 1
-        most = MAX_PROCESSES_PER_CORE * (os.cpu_count() or 1) // towers
+        cores = usable_cores()
+        most = MAX_PROCESSES_PER_CORE * cores // towers
         if replicas > most:
-            raise ValueError(f"--replicas {replicas} would start {replicas * towers} processes on this machine's "
-                             f"{os.cpu_count()} cores: use at most {most} here, or torchrun across machines")
+            raise ValueError(f"--replicas {replicas} would start {replicas * towers} processes on the {cores} cores "
+                             f"this program may use: use at most {most} here, or torchrun across machines")
         return replicas
     world_size = int(os.environ["WORLD_SIZE"])
     net = f"--layout {config.layout}"

@@ -177,12 +177,21 @@ def test_two_replicas_log_the_losses_of_one_and_resume_across_replica_counts(tin
      "size divisible by 3, or give a number of replicas that divides 4 (4, 2 or 1;"),
     (["--replicas", str(10 ** 12), "--batch-size", "128"], "a number of replicas that divides 128 (128, 64 or 32;"),
     (["--replicas", "0"], "--replicas must be positive, got 0"),
-    (["--replicas", "100000"], "--replicas 100000 would start 200000 processes on this machine's"),
+    (["--replicas", "100000"], "--replicas 100000 would start 200000 processes on the "),
 ])
 def test_bad_replica_options_are_refused(tiny_data, tmp_path, caplog, args, message):
     assert two_gpu.main([str(a) for a in ("--data", tiny_data, "--out", tmp_path, "--run-name", "bad", *args)]) == 2
     assert message in caplog.text, caplog.text
     assert not (tmp_path / "bad").exists()
+
+
+def test_replicas_are_limited_by_the_cores_this_program_may_use(tiny_data, tmp_path, caplog, monkeypatch):
+    """On one core of the machine's (taskset, a container's CPU set), not its all: 4 replicas
+    of the towers would start 8 processes there."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    args = ("--data", tiny_data, "--out", tmp_path, "--run-name", "bad", "--replicas", "4", "--batch-size", "4")
+    assert two_gpu.main([str(a) for a in args]) == 2
+    assert "--replicas 4 would start 8 processes on the 1 cores this program may use: use at most 2 here" in caplog.text
 
 
 def test_a_batch_that_does_not_split_is_told_the_fix_that_applies():

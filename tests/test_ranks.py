@@ -476,11 +476,13 @@ def test_loopback_addresses_are_recognised_by_any_name(addr, expected):
     assert is_loopback(addr) is expected
 
 
-def test_threads_share_the_cores():
-    cores = os.cpu_count() or 1
+def test_threads_share_the_cores(monkeypatch):
+    cores = len(os.sched_getaffinity(0))
     assert cpu_threads_per_rank(1) == cores
     assert cpu_threads_per_rank(2) == max(1, cores // 2)
     assert cpu_threads_per_rank(4 * cores) == 1  # never zero
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2})  # taskset -c 0-2: the cores it may use
+    assert (cpu_threads_per_rank(1), cpu_threads_per_rank(2)) == (3, 1)
 
 
 def test_placement_follows_the_gpus_visible():
