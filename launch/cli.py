@@ -32,6 +32,17 @@ def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def refuse_empty(**paths) -> None:
+    """Raises ValueError naming the fix for a path given as "" (an unset "$VARIABLE"), which
+    Path takes for the current folder, where the program would read or write. ``paths``: an
+    option's by its field name (out: --out), a positional argument's by its name in capitals."""
+    for name, value in paths.items():
+        if value == "" and name.isupper():
+            raise ValueError(f"{name} is empty: give a path (. for the current folder)")
+        if value == "":
+            raise ValueError(f"--{name.replace('_', '-')} is empty: give a value, or leave the option out")
+
+
 def lock_exclusively(path: Path, read_only: bool = False):
     """An exclusive lock on the file ``path`` (made where missing), held while the returned
     file stays open and released by the system when this process ends, however it ends. The

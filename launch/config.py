@@ -19,7 +19,8 @@ from typing import Optional
 from towers import FC8_PLACEMENTS
 from towers.reference import ACTIVATIONS, INIT_SCHEMES, POOLINGS
 
-from .cli import JSON_DAMAGE, MAX_PROCESSES_PER_CORE, Parser, add_options, option, usable_cores, write_whole
+from .cli import (JSON_DAMAGE, MAX_PROCESSES_PER_CORE, Parser, add_options, option, refuse_empty, usable_cores,
+                  write_whole)
 from .step import AUTOCAST
 
 log = logging.getLogger(__name__)
@@ -166,9 +167,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raises ValueError naming the fix for an impossible value."""
-        for name in ("data", "out", "resume", "eval_only", "master_addr"):  # such as an unset "$VARIABLE"
-            if getattr(self, name) == "":
-                raise ValueError(f"--{name.replace('_', '-')} is empty: give a value, or leave the option out")
+        refuse_empty(**{name: getattr(self, name) for name in ("data", "out", "resume", "eval_only", "master_addr")})
         for name in ("lr", "momentum", "weight_decay", "dropout", "timeout"):
             value = getattr(self, name)
             if value is not None and not math.isfinite(value):

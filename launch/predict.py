@@ -37,7 +37,8 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoint import CheckpointError, check_classes, load_checkpoint, load_reference, resolve_path
-from .cli import CLOSED_AT_START, OutputFailed, Parser, add_options, one_line, option, quick_exit, write_out
+from .cli import (CLOSED_AT_START, OutputFailed, Parser, add_options, one_line, option, quick_exit, refuse_empty,
+                  write_out)
 from .data import DataStats, center_crop, eval_views, open_data
 from .images import DECODE_ERRORS, ImageRejected, load_image
 from .train import IMAGE_SHAPE
@@ -61,6 +62,7 @@ class PredictOptions:
 
     def validate(self) -> None:
         """Raises ValueError naming the fix for an impossible value."""
+        refuse_empty(data=self.data)
         for name in ("top", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
@@ -229,6 +231,7 @@ def main(argv=None) -> int:
                 raise ValueError("the standard output is closed (>&-), where the predictions are written: leave it "
                                  "open, or send it to a file (> predictions.txt)")
             options.validate()
+            refuse_empty(CHECKPOINT=checkpoint)
             classifier = open_classifier(checkpoint, options.data, choose_device(options.device))
         except (ValueError, CheckpointError) as exc:  # DataError is a ValueError
             log.error("error: %s", exc)

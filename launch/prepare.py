@@ -52,7 +52,7 @@ from typing import Optional
 from PIL import Image
 
 from launch.cli import (MAX_PROCESSES_PER_CORE, NAME_MAX, Parser, abandoned, lock_exclusively, quick_exit,
-                        remove_abandoned, usable_cores, write_whole)
+                        refuse_empty, remove_abandoned, usable_cores, write_whole)
 from launch.data import UNFINISHED_NAME, DataError, not_data, open_data, scan_layout
 from launch.images import DECODE_ERRORS, is_image_name, load_image, skip_reason
 from launch.ranks import die_with_parent
@@ -416,9 +416,10 @@ def main(argv=None) -> int:
                      f"each of the {cores} cores it may use: more only thrash the machine), got {args.workers}")
     if not 1 <= args.quality <= 100:  # Pillow would clamp it to 1 or 100, silently
         parser.error(f"--quality must be 1 to 100 (JPEG's scale; default 95), got {args.quality}")
-    for name, given in (("SRC", args.src), ("DST", args.dst)):
-        if not given:
-            parser.error(f"{name} is empty: give a folder's path (. for the current folder)")
+    try:
+        refuse_empty(SRC=args.src, DST=args.dst)
+    except ValueError as exc:
+        parser.error(str(exc))
     src, dst = Path(args.src).expanduser().resolve(), Path(args.dst).expanduser().resolve()
     if dst == src or src in dst.parents:
         parser.error(f"DST {dst} must lie outside SRC {src}")

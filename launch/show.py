@@ -62,8 +62,8 @@ from towers.reference import LAYERS
 from . import data as data_module
 from .checkpoint import (FILENAME, CheckpointError, check_classes, checkpoint_architecture, load_checkpoint,
                          load_reference)
-from .cli import (JSON_DAMAGE, OutputFailed, Parser, add_options, one_line, option, quick_exit, shell_word,
-                  write_out, write_whole)
+from .cli import (JSON_DAMAGE, OutputFailed, Parser, add_options, one_line, option, quick_exit, refuse_empty,
+                  shell_word, write_out, write_whole)
 from .stats import DataStats
 
 log = logging.getLogger(__name__)
@@ -92,6 +92,7 @@ class ShowOptions:
                          choices=("auto", "cpu", "cuda"))
 
     def validate(self) -> None:
+        refuse_empty(out=self.out, data=self.data)
         for name in ("images", "neighbour_pool", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
@@ -755,6 +756,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _open_run(run_dir: str) -> RunFolder:
+    refuse_empty(RUN_DIR=run_dir)
     path = Path(run_dir).expanduser()
     try:
         path.stat()

@@ -1350,7 +1350,7 @@ def test_prepare_refuses_an_empty_src_or_dst(tmp_path, monkeypatch, capsys):
             prepare.main([*args, "--workers", "1"])
         name = "DST" if args[0] else "SRC"
         assert refused.value.code == 2 and capsys.readouterr().err == (
-            f"error: {name} is empty: give a folder's path (. for the current folder) (see python -m launch.prepare "
+            f"error: {name} is empty: give a path (. for the current folder) (see python -m launch.prepare "
             f"--help)\n")
     assert not list(here.iterdir()) and not (tmp_path / "prepared").exists()
 

@@ -351,10 +351,14 @@ def _refusal(case, checkpoints, photos, tmp_path):
         "not a checkpoint": ([not_checkpoint, photos[0]], "truncated or not a checkpoint"),
         "bad option": ([checkpoints["full"], photos[0], "--batch-size", "0"], "--batch-size must be at least 1"),
         "no image": ([checkpoints["full"]], "required: IMAGE"),
+        # an unset "$VARIABLE": not the current folder's checkpoint.pt, nor the current folder as the data
+        "empty checkpoint": (["", photos[0]], "error: CHECKPOINT is empty: give a path (. for the current folder)"),
+        "empty data": ([checkpoints["full"], photos[0], "--data", ""], "error: --data is empty: give a value"),
     }[case]
 
 
-@pytest.mark.parametrize("case", ["missing checkpoint", "no mean", "not a checkpoint", "bad option", "no image"])
+@pytest.mark.parametrize("case", ["missing checkpoint", "no mean", "not a checkpoint", "bad option", "no image",
+                                  "empty checkpoint", "empty data"])
 def test_bad_checkpoints_and_options_are_refused_with_the_fix(checkpoints, photos, tmp_path, case, caplog, capsys):
     """In this process (the program's log goes to caplog); the real process: the test below."""
     args, expected = _refusal(case, checkpoints, photos, tmp_path)

@@ -582,10 +582,21 @@ BAD_RUN_DIRS = {"missing": "does not exist", "no config.json": "not a run folder
     (["--neighbour-pool", "-1"], "--neighbour-pool must be at least 1, got -1"),
     # a row of the picture each: 500 made a PNG of 1225 x 102580 pixels, more than PIL opens by default
     (["--images", "101"], "--images must be at most 100 (a row of the picture each, 205 pixels high; a taller PNG is "
-                          "more than image viewers open), got 101: draw fewer")])
+                          "more than image viewers open), got 101: draw fewer"),
+    # an unset "$VARIABLE": the current folder, where the pictures were written (or the data read)
+    (["--out", ""], "--out is empty: give a value, or leave the option out"),
+    (["--data", ""], "--data is empty: give a value, or leave the option out")])
 def test_bad_options_are_one_line_before_anything_is_read(tmp_path, args, words, caplog, capsys):
     assert show.main([str(tmp_path / "no-such-run"), *args]) == 2 and capsys.readouterr().out == ""
     assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == [f"error: {words}"]
+
+
+def test_an_empty_run_dir_is_refused_not_taken_for_the_current_folder(tmp_path, monkeypatch, caplog, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert show.main([""]) == 2 and capsys.readouterr().out == ""
+    assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == [
+        "error: RUN_DIR is empty: give a path (. for the current folder)"]
+    assert not list(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize("case", BAD_RUN_DIRS)
