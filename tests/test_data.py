@@ -574,6 +574,13 @@ def test_builtin_dataset_is_deterministic_and_atomic(tmp_path, monkeypatch):
     with pytest.raises(DataError, match="\\(No space left on device\\): set XDG_CACHE_HOME to a folder with 70 MB"):
         builtin.builtin_dataset(tmp_path / "five", train_per_class=2, val_per_class=1)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith((".five", "five"))]
+    # A file (or a link to nothing) where the dataset's folder goes: named, before any image is drawn
+    (tmp_path / "six").write_text("")
+    (tmp_path / "seven").symlink_to(tmp_path / "nothing")
+    for name in ("six", "seven"):
+        with pytest.raises(DataError, match=f"^{tmp_path / name}, where the built-in dataset goes, is not a folder: "
+                                            f"remove it, and the next run makes the dataset there$"):
+            builtin.builtin_dataset(tmp_path / name, train_per_class=2, val_per_class=1)
 
 
 # --------------------------------------------------------------------------- statistics
