@@ -206,8 +206,16 @@ _FIXES = {errno.EACCES: "make it writable", errno.EPERM: "make it writable", err
 
 
 def _cannot_write(dst: Path, exc: OSError) -> str:
+    """The error line of a write in DST that failed: what is in the way (a file where a class
+    folder goes, a folder that is read-only) named where it is not DST itself."""
     fix = f"{_FIXES[exc.errno]}, or give" if exc.errno in _FIXES else "give"  # such as a folder that cannot be made
-    return (f"error: cannot write to DST {dst} ({exc.strerror or exc}): {fix} a DST that can be written; "
+    path = exc.filename
+    if exc.errno == errno.ENOTDIR and path:  # a path through a file: that file is in the way
+        path = next((p for p in Path(path).parents if os.path.lexists(p) and not p.is_dir()), path)
+    elif path and not os.path.lexists(path):  # a file not made (a partial image): the folder it goes in
+        path = os.path.dirname(path)
+    where = f"{path} in DST {dst}" if path and Path(path) != dst else f"to DST {dst}"
+    return (f"error: cannot write {where} ({exc.strerror or exc}): {fix} a DST that can be written; "
             f"run again, and the images already written are kept")
 
 
