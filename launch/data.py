@@ -41,6 +41,7 @@ import itertools
 import logging
 import os
 import stat
+import sys
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -253,6 +254,11 @@ class Skipped:
             log.warning("%s/: skipped %s", split, self.describe())
 
 
+def too_deep(folder: Path) -> DataError:
+    return DataError(f"{folder} holds folders nested too deep for this Python to walk (about "
+                     f"{sys.getrecursionlimit()} levels): move the images fewer folders down")
+
+
 def _owner(real_dir: str, owners: dict):
     """The class whose (real) folder holds the real path ``real_dir``, or None."""
     while real_dir not in owners:
@@ -401,8 +407,11 @@ def _scan_layout(root: Path, builtin_alternative: bool, need_train: bool):
         for name in names:  # setdefault: of two class folders that are one folder, the first owns it
             owners.setdefault(os.path.realpath(root / split / name), name)
         seen, skipped[split], identities[split] = set(), Skipped(), set()
-        files[split] = [_images_in(root / split / name, name, owners, seen, skipped[split], identities[split])
-                        for name in names]
+        try:
+            files[split] = [_images_in(root / split / name, name, owners, seen, skipped[split], identities[split])
+                            for name in names]
+        except RecursionError:  # os.walk recurses, before Python 3.12
+            raise too_deep(root / split) from None
     both = identities["train"] & identities["val"]
     if both:
         example = next(path for images in files["val"] for path, _ in images if _identity(path) in both)

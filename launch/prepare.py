@@ -53,7 +53,7 @@ from PIL import Image
 
 from launch.cli import (MAX_PROCESSES_PER_CORE, NAME_MAX, Parser, abandoned, lock_exclusively, quick_exit,
                         refuse_empty, remove_abandoned, usable_cores, write_whole)
-from launch.data import UNFINISHED_NAME, DataError, not_data, open_data, scan_layout
+from launch.data import UNFINISHED_NAME, DataError, not_data, open_data, scan_layout, too_deep
 from launch.images import DECODE_ERRORS, is_image_name, load_image, skip_reason
 from launch.ranks import die_with_parent
 
@@ -296,7 +296,10 @@ def plan_jobs(dst: Path, planned: dict, quality: int, made_from: Optional[dict])
     make does not) and at this ``quality``. ``made_from`` None (a DST of an
     earlier version, which kept no record): done where no older than its source, to the second,
     as that version decided. A job is (source, target, quality, (DST, its record's key and value))."""
-    stray = _stray_images(dst, planned)
+    try:
+        stray = _stray_images(dst, planned)
+    except RecursionError:  # os.walk recurses, before Python 3.12
+        raise too_deep(dst) from None
     if stray:
         raise DataError(f"DST {dst} holds {len(stray)} image(s) that no image of SRC becomes, such as {stray[0]} "
                         f"(SRC has changed since they were written, or DST holds other images): the training "

@@ -4,6 +4,7 @@ deterministic batches, ten-crop, and the prepare tool as a real subprocess.
 Everything is made in tmp_path."""
 
 import errno
+import inspect
 import json
 import logging
 import multiprocessing
@@ -1046,6 +1047,39 @@ def test_prepare_names_each_image_by_its_own_name_and_refuses_images_that_src_no
         _save(folder / "@eaDir" / "x.jpg" / "SYNOPHOTO_THUMB_M.jpg", _rgb(1))
     assert prepare.main([str(src), str(dst), "--workers", "1"]) == 0
     assert len(data.open_data(dst, cache_dir=tmp_path / "cache").train) == 4  # 0.jpg of a and b, x.jpg, y.jpg
+
+
+def test_folders_nested_deeper_than_python_walks_are_refused_in_one_line(tmp_path, capsys):
+    """os.walk recurses before Python 3.12: a class folder nested about a recursion limit deep
+    (1,000 folders) gave a traceback, in the training program and in launch.prepare alike. The
+    limit is lowered here to what a test's folders reach; from Python 3.12 they are walked."""
+    src, dst = _simple_tree(tmp_path / "raw", train=1, val=1), tmp_path / "prepared"
+    assert prepare.main([str(src), str(dst), "--workers", "1"]) == 0
+    for root in (tmp_path / "deep", dst):
+        _simple_tree(root, train=1, val=1)
+        deep = root / "train" / "a" / Path(*["d"] * 200)
+        deep.mkdir(parents=True)
+        _save(deep / "x.jpg", _rgb(1))
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(len(inspect.stack()) + 100)  # deep enough for the program, not for a walk of 200
+    try:
+        try:
+            data.open_data(tmp_path / "deep", cache_dir=tmp_path / "cache")
+            walked = True
+        except DataError as exc:
+            walked = False
+            assert str(exc) == (f"{tmp_path / 'deep' / 'train'} holds folders nested too deep for this Python to "
+                                f"walk (about {sys.getrecursionlimit()} levels): move the images fewer folders down")
+        code = prepare.main([str(src), str(dst), "--workers", "1"])
+    finally:
+        sys.setrecursionlimit(limit)
+    assert walked == (sys.version_info >= (3, 12))
+    if walked:  # DST's deep image is not one that SRC makes
+        assert code == 2 and "holds 1 image(s) that no image of SRC becomes" in capsys.readouterr().err
+    else:
+        assert code == 2 and capsys.readouterr().err.splitlines()[-1] == (
+            f"error: {dst} holds folders nested too deep for this Python to walk (about "
+            f"{len(inspect.stack()) + 100} levels): move the images fewer folders down")
 
 
 def test_prepare_says_how_many_files_it_leaves_out_as_not_images(tmp_path, caplog):
