@@ -101,6 +101,13 @@ def _empty_class(root):
     _save(root / "val" / "empty" / "v.jpg", _rgb(0))
 
 
+def _empty_class_of_a_two_line_name(root):
+    """A name that would print as a line of its own, read as another error's."""
+    _simple_tree(root)
+    (root / "train" / "x\nerror: other").mkdir()
+    _save(root / "val" / "x\nerror: other" / "v.jpg", _rgb(0))
+
+
 def _no_images(root):
     for split in ("train", "val"):
         (root / split / "a").mkdir(parents=True)
@@ -121,15 +128,18 @@ def _flat_val(root):
     (_differing_classes, ["only in train/: café, only_train", "only in val/: 'cafe\\u0301', only_val",
                           "same class folders"]),
     (_empty_class, ["hold no images (empty)", "add images"]),
+    (_empty_class_of_a_two_line_name, ["hold no images ('x\\nerror: other')"]),
     (_no_images, ["no images found", "ignored 2 other files", "add images"]),
     (_flat_val, ["no class folders", "4 images directly", "sort them into val/CLASS/"]),
-], ids=["missing", "no-train", "differing-classes", "empty-class", "no-images", "flat-val"])
+], ids=["missing", "no-train", "differing-classes", "empty-class", "empty-class-of-a-two-line-name", "no-images",
+        "flat-val"])
 def test_layout_errors_name_the_fix(tmp_path, make, expected):
     root = tmp_path / "data"
     if make is not None:
         make(root)
     with pytest.raises(DataError) as info:
         data.open_data(root, cache_dir=tmp_path / "cache")
+    assert "\n" not in str(info.value)  # one line
     for fragment in expected:
         assert fragment in str(info.value), str(info.value)
 
