@@ -51,6 +51,7 @@ from .config import (KEPT_UNLESS_GIVEN, RUN_CONTROL, TrainConfig, build_parser, 
 from .ranks import (LOOPBACK, PREPARATION_WAIT_S, RankFailure, choose_placement, cpu_threads_per_rank, die_with_parent,
                     error_line, init_process_group, patient_group, raise_interrupt, reuse_freed_memory, run_ranks)
 from .train import architecture, describe_evaluation, elsewhere_than, log_file, run_rank, setup_logging
+from .step import AUTOCAST
 
 log = logging.getLogger("launch.two_gpu")
 
@@ -141,10 +142,14 @@ def evaluated_config(config: TrainConfig, payload: dict, given: Optional[set] = 
     activation come from the checkpoint, and so does --layout one-tower for the one-tower
     net (no other layout holds it); an option that names another is refused, as is an
     option of training, which it would ignore. Without --data, on the validation images of
-    the data it was trained on (the built-in set too), as a resumed run trains on them."""
+    the data it was trained on (the built-in set too), as a resumed run trains on them; without
+    --precision, in the run's arithmetic, as the run evaluated it (its summary's numbers)."""
     _, given = _given(config, given)
     saved = payload.get("config")
     trained_on = saved.get("data") if isinstance(saved, dict) else None  # weights alone carry no data folder
+    trained_in = saved.get("precision") if isinstance(saved, dict) else None
+    if "precision" not in given and trained_in in AUTOCAST:
+        config = dataclasses.replace(config, precision=trained_in)
     if "data" not in given and trained_on is not None:
         if not Path(trained_on).expanduser().exists():
             raise ValueError(f"{config.eval_only} was trained on {trained_on}, which is not there now: give the "

@@ -14,7 +14,8 @@ from launch.checkpoint import load_checkpoint
 from launch.config import (PAPER_RECIPE, PAPER_RECIPE_MIN_IMAGES, SMALL_MIN_EPOCHS, SMALL_MIN_STEPS, TrainConfig,
                            build_parser, check_schedule_options, describe_recipe, given_options, parse_config,
                            recipe_warnings, resolve)
-from launch.two_gpu import ARCHITECTURE_OPTIONS, main, resumed_config
+from launch.two_gpu import ARCHITECTURE_OPTIONS, evaluated_config, main, resumed_config
+from launch.train import architecture
 
 from conftest import TINY, launch
 
@@ -256,6 +257,22 @@ def test_a_resumed_run_keeps_its_recipe():
         del old["recipe"]
         resumed = resumed_config(TrainConfig(resume="run"), {"config": old, "arch": arch})
         assert resumed.recipe == recipe and _recipe(resumed) == _recipe(saved)
+
+
+def test_an_evaluation_computes_in_the_arithmetic_the_run_trained_in_unless_given():
+    """As the run's own evaluations did (its summary's numbers): a bf16 run's --eval-only ran
+    in float32, and gave other numbers, saying only "arithmetic: float32"."""
+    saved = dataclasses.replace(_resolved(360, recipe="small"), precision="bf16")
+    arch = {**{name: getattr(saved, name) for name in ARCHITECTURE_OPTIONS}, **dataclasses.asdict(architecture(saved))}
+    payload = {"config": dataclasses.asdict(saved), "arch": arch}
+
+    def evaluated(*options):
+        argv = ["--eval-only", "run", *options]
+        return evaluated_config(parse_config(argv), payload, given_options(argv)).precision
+
+    assert (evaluated(), evaluated("--precision", "fp32"), evaluated("--precision", "bf16")) == ("bf16", "fp32", "bf16")
+    del payload["config"]["precision"]  # saved before --precision: in float32, as it trained
+    assert evaluated() == "fp32"
 
 
 def test_options_given_at_their_default_values_count_on_resume():
