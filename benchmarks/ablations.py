@@ -322,14 +322,18 @@ def _read_json(path: Path, lines: bool = False):
 def training_curve(records: list) -> list:
     """Per training step (metrics.jsonl written with --log-every 1): the step line's
     training error and loss, which cover the last ``StepMeter().window`` steps of the
-    epoch, fewer in an epoch's first steps (``full_window`` False there)."""
-    train_records = [r for r in records if r["event"] == "train"]
-    first_step = {}  # epoch -> its first step
-    for r in train_records:
-        first_step.setdefault(r["epoch"], r["step"])
-    window = StepMeter().window
-    return [{"step": r["step"], "train_error": 1 - r["top1"], "loss": r["loss"],
-             "full_window": r["step"] - first_step[r["epoch"]] + 1 >= window} for r in train_records]
+    epoch, fewer in an epoch's first steps and in the first steps after a resume (whose
+    StepMeter starts afresh): ``full_window`` False there."""
+    window, curve, start, epoch = StepMeter().window, [], None, None
+    for r in records:
+        if r["event"] == "resume":
+            start = None
+        elif r["event"] == "train":
+            if start is None or r["epoch"] != epoch:
+                start, epoch = r["step"], r["epoch"]
+            curve.append({"step": r["step"], "train_error": 1 - r["top1"], "loss": r["loss"],
+                          "full_window": r["step"] - start + 1 >= window})
+    return curve
 
 
 def steps_to_error(curve: list, error: float) -> Optional[int]:

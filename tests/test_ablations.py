@@ -68,6 +68,25 @@ def test_steps_to_25_percent_count_only_full_windows(tmp_path):
     assert (low, high) == (per_epoch + window, per_epoch + window + 5) and rise == pytest.approx(0.1)
 
 
+def test_a_resume_within_an_epoch_starts_the_window_again(tmp_path):
+    """The resumed start's StepMeter holds its own steps alone: its first ones are no full
+    window, though far into their epoch (they were taken for one, and a single lucky batch
+    could reach a target)."""
+    window = StepMeter().window
+    records = _written_curve(tmp_path, [[0.5] * (3 * window)])
+    resumed_at = window + 3
+    records = records[:resumed_at] + [{"event": "resume", "step": resumed_at, "epoch": 1}]
+    meter = StepMeter()
+    for step in range(resumed_at + 1, 3 * window + 1):
+        meter.update(1.0, 10, 10)  # no error: alone in the window at first
+        records.append({"event": "train", "epoch": 1, "step": step, "loss": meter.loss, "top1": meter.top1})
+    curve = ablations.training_curve(records)
+    assert [p["step"] for p in curve] == list(range(1, 3 * window + 1))
+    assert [p["step"] for p in curve if p["full_window"]] == \
+        list(range(window, resumed_at + 1)) + list(range(resumed_at + window, 3 * window + 1))
+    assert ablations.steps_to_error(curve, 0.25) == resumed_at + window
+
+
 def test_tanh_that_never_gets_there_gives_a_lower_bound():
     results = {"full": {"steps_to": {"25 %": 40, "50 %": 10}, "steps": 200, "failed": None, "curve": []},
                "tanh": {"steps_to": {"25 %": None, "50 %": 30}, "steps": 200, "failed": None, "curve": []}}
