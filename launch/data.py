@@ -224,6 +224,7 @@ def _class_folders(split_dir: Path) -> list:
 class Skipped:
     """What the scan of one split left out, and why."""
     other_files: int = 0  # files that are not images (by their extension), and hidden ones (macOS's ._x.jpg twins)
+    loose_images: int = 0  # images directly in train/ or val/, beside the class folders: of no class
     hidden_folders: int = 0  # in class folders, not walked: thumbnail caches (.thumbs, @eaDir), a tool's own
     looping_links: list = field(default_factory=list)  # folder links back into their own class's walk
     other_class: list = field(default_factory=list)  # images reached through a link into another class's folder
@@ -247,6 +248,9 @@ class Skipped:
         if self.other_files:
             log.info("%s/: ignored %d hidden files or files that are not images (%s)", split, self.other_files,
                      " ".join(IMAGE_EXTENSIONS))
+        if self.loose_images:
+            log.warning("%s/: ignored %d images directly in it, beside the class folders: they belong to no class "
+                        "(move each into its class's folder)", split, self.loose_images)
         if self.hidden_folders:
             log.info("%s/: ignored %d hidden or system folders in class folders (thumbnail caches and the like)", split,
                      self.hidden_folders)
@@ -407,6 +411,8 @@ def _scan_layout(root: Path, builtin_alternative: bool, need_train: bool):
         for name in names:  # setdefault: of two class folders that are one folder, the first owns it
             owners.setdefault(os.path.realpath(root / split / name), name)
         seen, skipped[split], identities[split] = set(), Skipped(), set()
+        skipped[split].loose_images = sum(1 for e in os.scandir(root / split)
+                                          if is_image_name(e.name) and not e.is_dir())
         try:
             files[split] = [_images_in(root / split / name, name, owners, seen, skipped[split], identities[split])
                             for name in names]

@@ -1094,17 +1094,21 @@ def test_folders_nested_deeper_than_python_walks_are_refused_in_one_line(tmp_pat
 
 def test_prepare_says_how_many_files_it_leaves_out_as_not_images(tmp_path, caplog):
     """A file whose name is not an image's (a JPEG named .jfif, a name without extension) is
-    not converted, as the training program would not read it: said, with the names it reads."""
+    not converted, as the training program would not read it: said, with the names it reads;
+    and so is an image outside the class folders, as the training program says too."""
     src = _simple_tree(tmp_path / "raw", train=1, val=1)
     jpeg = (src / "train" / "a" / "0.jpg").read_bytes()
     for name in ("photo.jfif", "noext", ".hidden.jpg"):
         (src / "train" / "a" / name).write_bytes(jpeg)
+    (src / "val" / "loose.jpg").write_bytes(jpeg)  # beside the class folders: of no class
     caplog.set_level(logging.INFO)
     assert prepare.main([str(src), str(tmp_path / "prepared"), "--workers", "1"]) == 0
     said = [r.getMessage() for r in caplog.records]
     assert "train/: ignored 3 hidden files or files that are not images (.jpg .jpeg .png .bmp .gif .webp .tif " \
            ".tiff)" in said
-    assert not any(line.startswith("val/: ignored") for line in said)
+    assert "val/: ignored 1 images directly in it, beside the class folders: they belong to no class (move each " \
+           "into its class's folder)" in said
+    assert not any(line.startswith(("val/: ignored 1 hidden", "train/: ignored 1 images")) for line in said)
 
 
 def test_prepare_finds_the_images_that_a_link_in_dst_adds_and_removes_the_partial_images_of_a_killed_run(tmp_path,
