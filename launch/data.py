@@ -273,7 +273,7 @@ def _owner(real_dir: str, owners: dict):
     return owners[real_dir]
 
 
-def _images_in(folder: Path, name: str, owners: dict, seen: set, skipped: Skipped, files: set) -> list:
+def images_in(folder: Path, name: str, owners: dict, seen: set, skipped: Skipped, files: set) -> list:
     """Sorted [(path, (size in bytes, modification time in ns))] of the images under
     ``folder``, the folder of class ``name``, recursively, following links (a link's size
     and time are its target's). ``owners`` maps the real path of each class
@@ -414,7 +414,7 @@ def _scan_layout(root: Path, builtin_alternative: bool, need_train: bool):
         skipped[split].loose_images = sum(1 for e in os.scandir(root / split)
                                           if is_image_name(e.name) and not e.is_dir())
         try:
-            files[split] = [_images_in(root / split / name, name, owners, seen, skipped[split], identities[split])
+            files[split] = [images_in(root / split / name, name, owners, seen, skipped[split], identities[split])
                             for name in names]
         except RecursionError:  # os.walk recurses, before Python 3.12
             raise too_deep(root / split) from None

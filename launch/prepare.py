@@ -53,7 +53,7 @@ from PIL import Image
 
 from launch.cli import (MAX_PROCESSES_PER_CORE, NAME_MAX, Parser, abandoned, lock_exclusively, quick_exit,
                         refuse_empty, remove_abandoned, usable_cores, write_whole)
-from launch.data import UNFINISHED_NAME, DataError, not_data, open_data, scan_layout, too_deep
+from launch.data import UNFINISHED_NAME, DataError, Skipped, images_in, not_data, open_data, scan_layout, too_deep
 from launch.images import DECODE_ERRORS, is_image_name, load_image, skip_reason
 from launch.ranks import die_with_parent
 
@@ -297,6 +297,7 @@ def plan_jobs(dst: Path, planned: dict, quality: int, made_from: Optional[dict])
     earlier version, which kept no record): done where no older than its source, to the second,
     as that version decided. A job is (source, target, quality, (DST, its record's key and value))."""
     try:
+        _remove_abandoned_partials(dst)
         stray = _stray_images(dst, planned)
     except RecursionError:  # os.walk recurses, before Python 3.12
         raise too_deep(dst) from None
@@ -373,39 +374,39 @@ def _rewrite_record(dst: Path, made_from: dict, parts: list) -> None:
 
 def _stray_images(dst: Path, planned: dict) -> list:
     """The images in DST's class folders that are not in ``planned``, sorted: those that the
-    training program would read, found as it finds them (following links to folders, each
-    folder once). An image that is a planned one's file, reached through a link, is not one:
-    the training program skips it. Removes, as it goes, the hidden partial images of the
-    workers of a run that was killed (SIGKILL leaves one for each image being written)."""
-    stray, planned_real = [], None
+    training program would read, found as it finds them (data.images_in: through folder
+    links, each real file once, none reached in another class's folder). One that is an
+    image planned in its split under another path (through a link) is not one."""
+    stray = []
     for split in ("train", "val"):
         if not (dst / split).is_dir():
             continue
-        classes = [e.path for e in os.scandir(dst / split) if e.is_dir() and not not_data(e.name)]
-        for top in classes:
-            top_real = os.path.realpath(top)
-            visited = {top_real}
-            for folder, folders, names in os.walk(top, followlinks=True):
-                kept = []
-                for sub in folders:  # as data._images_in walks them: not hidden ones, nor a link that loops
-                    real = os.path.realpath(os.path.join(folder, sub))
-                    if not_data(sub) or (os.path.islink(os.path.join(folder, sub))
-                                         and (real in visited or os.path.commonpath([real, top_real]) == real)):
-                        continue
-                    visited.add(real)
-                    kept.append(sub)
-                folders[:] = kept
-                for name in names:
-                    path = Path(folder, name)
-                    if is_image_name(name):
-                        if path not in planned:
-                            if planned_real is None:
-                                planned_real = {os.path.realpath(target) for target in planned}
-                            if os.path.realpath(path) not in planned_real:
-                                stray.append(path)
-                    elif name.startswith(".") and ".partial-" in name and abandoned(name.rpartition(".partial-")[2]):
-                        path.unlink(missing_ok=True)
+        names = sorted(e.name for e in os.scandir(dst / split) if e.is_dir() and not not_data(e.name))
+        owners, seen, planned_real = {}, set(), None
+        for name in names:  # setdefault: of two class folders that are one folder, the first owns it
+            owners.setdefault(os.path.realpath(dst / split / name), name)
+        for name in names:
+            for path, _ in images_in(dst / split / name, name, owners, seen, Skipped(), set()):
+                if Path(path) in planned:
+                    continue
+                if planned_real is None:
+                    planned_real = {os.path.realpath(t) for t in planned if t.parts[len(dst.parts)] == split}
+                if os.path.realpath(path) not in planned_real:
+                    stray.append(Path(path))
     return sorted(stray)
+
+
+def _remove_abandoned_partials(dst: Path) -> None:
+    """Removes the hidden partial images (write_whole's ".NAME.jpg.partial-PID") that the
+    workers of a run that was killed left in DST's own folders (not those reached through a
+    link), where it can."""
+    for split in ("train", "val"):
+        for folder, _, names in os.walk(dst / split):
+            for name in names:
+                base, partial, pid = name.rpartition(".partial-")
+                if partial and base.startswith(".") and is_image_name(base[1:]) and abandoned(pid):
+                    with contextlib.suppress(OSError):  # a DST this run cannot write: it is read as it is
+                        os.unlink(os.path.join(folder, name))
 
 
 def main(argv=None) -> int:

@@ -1111,31 +1111,47 @@ def test_prepare_says_how_many_files_it_leaves_out_as_not_images(tmp_path, caplo
     assert not any(line.startswith(("val/: ignored 1 hidden", "train/: ignored 1 images")) for line in said)
 
 
-def test_prepare_finds_the_images_that_a_link_in_dst_adds_and_removes_the_partial_images_of_a_killed_run(tmp_path,
-                                                                                                       capsys):
+def test_prepare_finds_the_images_that_a_link_in_dst_adds_and_removes_the_partial_images_of_a_killed_run(
+        tmp_path, capsys, monkeypatch):
     """An image that a folder link in DST's class folder adds is one that no image of SRC
-    becomes, which the training program would read: refused, as one in a real folder is. A
-    link to another class's folder of DST adds none (the training program skips what it
-    reaches). The hidden partial image of a worker that was killed is removed; one of a
-    process that lives is not."""
+    becomes, which the training program would read: refused, as one in a real folder is, and
+    counted once however many links reach it. A link to another class's folder of DST adds
+    none (the training program skips what it reaches); a link from val/ to a training image
+    adds one to val/ (refused before any image is converted). The hidden partial image of a
+    worker that was killed is removed from DST's own folders, where it can be; one of a
+    process that lives is not, nor a file of that name reached through a link."""
     src, dst = _simple_tree(tmp_path / "raw", train=1, val=1), tmp_path / "prepared"
     assert prepare.main([str(src), str(dst), "--workers", "1"]) == 0
     train_a = dst / "train" / "a"
     (train_a / "to-b").symlink_to(dst / "train" / "b")
     (train_a / "loop").symlink_to(train_a)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (dst / "train" / "b" / "notes").symlink_to(elsewhere)
     ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead, alive = train_a / f".0.jpg.partial-{int(ended.stdout)}", train_a / f".1.jpg.partial-{os.getppid()}"
-    for partial in (dead, alive):
+    not_ours = elsewhere / f".0.jpg.partial-{int(ended.stdout)}"
+    for partial in (dead, alive, not_ours):
         partial.write_bytes(b"\xff\xd8")
+    with monkeypatch.context() as m:  # a DST this run cannot write: read as it is
+        m.setattr(os, "unlink", lambda path, *args, **kwargs: (_ for _ in ()).throw(PermissionError(13, "denied")))
+        assert prepare.main([str(src), str(dst), "--workers", "1"]) == 0
+    assert dead.exists()
     assert prepare.main([str(src), str(dst), "--workers", "1"]) == 0
-    assert not dead.exists() and alive.exists()
+    assert not dead.exists() and alive.exists() and not_ours.exists()
 
     other = _simple_tree(tmp_path / "other", train=1, val=1)
     (train_a / "more").symlink_to(other / "train" / "b")
+    (dst / "train" / "b" / "to-a").symlink_to(train_a)  # reaches a's stray image too: the training program skips it
     capsys.readouterr()
     assert prepare.main([str(src), str(dst), "--workers", "1"]) == 2
     assert capsys.readouterr().err.strip().startswith(
         f"error: DST {dst} holds 1 image(s) that no image of SRC becomes, such as {train_a / 'more' / '0.jpg'} (")
+    (train_a / "more").unlink()
+    (dst / "val" / "a" / "leak.jpg").symlink_to(train_a / "0.jpg")
+    assert prepare.main([str(src), str(dst), "--workers", "1"]) == 2
+    assert capsys.readouterr().err.strip().startswith(
+        f"error: DST {dst} holds 1 image(s) that no image of SRC becomes, such as {dst / 'val' / 'a' / 'leak.jpg'} (")
 
 
 def _age(path: Path, seconds: int = 10) -> None:
