@@ -229,11 +229,13 @@ def check_schedule_options(config: TrainConfig) -> None:
     would otherwise ignore: --lr-milestones under 'plateau', --patience and --max-reductions
     under 'fixed' (given other than their defaults), and milestones that name an epoch twice,
     given to a resumed run too. ``config``: as parsed, before resolve."""
+    if config.eval_only:  # an evaluation has no schedule (its options refused as training's)
+        return
     milestones = config.lr_milestones or ()
     if len(set(milestones)) < len(milestones):
         raise ValueError(f"--lr-milestones {' '.join(map(str, milestones))} names an epoch twice (the rate would be "
                          f"divided by 100 there): give each epoch once")
-    if config.resume or config.eval_only:  # a resumed run keeps its schedule; an evaluation has none
+    if config.resume:  # a resumed run keeps its schedule
         return
     recipe = config.recipe or default_recipe(config)
     schedule = config.schedule or RECIPES[recipe]["schedule"]

@@ -363,10 +363,12 @@ def prepare_run(config: TrainConfig, checkpoint: Optional[dict]):
     else:
         log.info("data: %s (%d classes, %d training and %d validation images)", bundle.root, len(bundle.classes),
                  len(bundle.train), len(bundle.val))
-    # given by the user, not filled by the recipe; for a resumed run, given anew (not its own)
-    milestones_given = config.lr_milestones is not None and (
-        not config.resume or tuple(config.lr_milestones) != tuple(checkpoint["config"].get("lr_milestones") or ()))
+    milestones_given = config.lr_milestones is not None  # by the user, not filled by the recipe
     config = resolve(config, train_images=len(bundle.train))
+    if config.resume:  # warned of at its start, if given; again where this resume moves them or its end
+        saved = checkpoint["config"]
+        milestones_given = (tuple(config.lr_milestones or ()), config.epochs) != \
+            (tuple(saved.get("lr_milestones") or ()), saved.get("epochs"))
     if not config.eval_only:
         log.info("%s", describe_recipe(config, len(bundle.train)))
         for warning in recipe_warnings(config, len(bundle.train), milestones_given):

@@ -143,6 +143,7 @@ def test_milestones_the_run_never_reaches_are_warned_of_and_an_epoch_named_twice
         check_schedule_options(TrainConfig(schedule="fixed", lr_milestones=(2, 2)))
     with pytest.raises(ValueError, match="--lr-milestones 2 2 names an epoch twice"):  # given anew to a resumed run
         check_schedule_options(TrainConfig(resume="run", lr_milestones=(2, 2)))
+    check_schedule_options(TrainConfig(eval_only="run", lr_milestones=(2, 2)))  # refused as a training option
     # a run saved with such milestones (before they were refused) resumes as it was saved
     saved = _resolved(360, data="photos", recipe="small", lr_milestones=(2, 2))
     payload = {"config": dataclasses.asdict(saved), "arch": {name: getattr(saved, name) for name in ARCHITECTURE_OPTIONS}}
@@ -332,6 +333,10 @@ def test_a_small_run_and_its_resumption_keep_the_recipe_sized_at_the_start(tiny_
     moved = launch("--resume", tmp_path / "short", "--max-steps", "3", "--lr-milestones", "5")
     assert "warning: the rate's milestone 5 (--lr-milestones) is never reached in this run's 2 epochs" in moved.stderr
     assert "warning" not in launch("--resume", tmp_path / "short", "--max-steps", "4").stderr
+    # the saved milestone, left beyond a run shortened to it (or given again with --epochs): warned of
+    for steps, options in ((5, ["--epochs", "3"]), (6, ["--epochs", "4", "--lr-milestones", "5"])):
+        shorter = launch("--resume", tmp_path / "short", "--max-steps", str(steps), *options)
+        assert f"milestone 5 (--lr-milestones) is never reached in this run's {options[1]} epochs" in shorter.stderr
     assert main(["--resume", str(run), "--max-steps", "3", "--recipe", "paper"]) == 2  # stops before any rank starts
     assert "--recipe paper differs from the resumed run's small" in caplog.text
 
