@@ -171,6 +171,9 @@ def train(config: AblationConfig, variant: str, runs: Path, bundle) -> tuple:
             returncode = run_child(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=stderr).returncode
     except KeyboardInterrupt:  # the run was stopped (run_child): say how to finish this one
         raise Interrupted(f"the {variant} run was stopped: {finish_advice(config, run_dir)}") from None
+    if returncode == 130 or returncode < 0:  # stopped from outside (SIGTERM, the kernel's SIGKILL): as Ctrl-C here
+        how = "interrupted" if returncode == 130 else f"killed by {_signal_name(-returncode)}"
+        raise Interrupted(f"the {variant} run was stopped ({how}): {finish_advice(config, run_dir)}")
     # beside the run folder, for a report made later from the same runs (--reuse)
     conditions = {"command": shlex.join(["python", *command[1:]]), "wall_s": time.perf_counter() - started,
                   "load_average": {"start": load_at_start, "end": os.getloadavg()}}
@@ -186,15 +189,19 @@ def train(config: AblationConfig, variant: str, runs: Path, bundle) -> tuple:
         if returncode == 2 or not (run_dir / "metrics.jsonl").exists():  # refused, or stopped before training
             raise AblationError(f"the {variant} run failed (exit {returncode}): {why.removeprefix('error: ')} (its "
                                 f"output: {stderr_path})")
-        if returncode == 130 or returncode < 0:  # stopped from outside (SIGTERM, the kernel's SIGKILL)
-            how = "interrupted" if returncode == 130 else f"killed by {signal.Signals(-returncode).name}"
-            raise Interrupted(f"the {variant} run was stopped ({how}): {finish_advice(config, run_dir)}")
         if _stopped(stderr_path) is None:  # not a result, which --reuse would refuse
             raise AblationError(f"the {variant} run failed (exit {returncode}): {why} (its output: {stderr_path})")
         logger.warning("%s: the run stopped after %.0f s: %s", variant, time.perf_counter() - started, why)
         return run_dir, why
     logger.info("%s: done in %.0f s", variant, time.perf_counter() - started)
     return run_dir, None
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:  # a real-time signal, which has no name of its own
+        return f"signal {number}"
 
 
 def finish_advice(config: AblationConfig, run_dir: Path) -> str:

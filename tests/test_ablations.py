@@ -262,7 +262,7 @@ def test_an_interrupted_run_is_finished_with_the_ablation_s_max_steps(tmp_path, 
     assert str(stopped.value).startswith("the full run was stopped: it wrote no checkpoint yet")
 
 
-@pytest.mark.parametrize("returncode", [130, -signal.SIGKILL, 1])
+@pytest.mark.parametrize("returncode", [130, -signal.SIGKILL, -signal.SIGRTMIN - 5, 1])
 def test_a_run_stopped_from_outside_is_not_taken_for_a_result(tmp_path, monkeypatch, returncode):
     """A run whose program was stopped by a SIGTERM of its own (exit 130) or killed (the
     out-of-memory killer) after it began training is unfinished, as when the ablation is
@@ -285,9 +285,11 @@ def test_a_run_stopped_from_outside_is_not_taken_for_a_result(tmp_path, monkeypa
         return
     with pytest.raises(ablations.Interrupted) as interrupted:
         ablations.train(config, "full", runs, _data())
-    how = "interrupted" if returncode == 130 else "killed by SIGKILL"
+    how = {130: "interrupted", -signal.SIGKILL: "killed by SIGKILL"}.get(returncode, f"killed by signal {-returncode}")
     assert str(interrupted.value) == (f"the full run was stopped ({how}): it wrote no checkpoint yet, so remove "
                                       f"{runs / 'full'} and run the ablation again with --reuse, which trains it anew")
+    # no record of its conditions: a --reuse of the run, once finished, would report this start's time
+    assert not (runs / f"full{ablations.CONDITIONS_SUFFIX}").exists()
 
 
 def test_a_resumed_run_s_time_is_said_to_be_its_last_start_s(tmp_path):
