@@ -51,7 +51,7 @@ from launch.ranks import raise_interrupt
 from launch.train import build_model
 
 from .program import run_child
-from .report import REPORT_TEXT
+from .report import REPORT_TEXT, usable_cores_note
 from .run import REPORTS_DIR, BenchConfig, held, machine_info, plan_devices, refuse_others_files
 
 logger = logging.getLogger(__name__)
@@ -597,7 +597,7 @@ def write_report(results: dict, info: dict, out: Path) -> None:
         "",
         "## Machine and configuration", "",
         f"- host `{info['machine']['hostname']}`, {info['machine']['cpu_model']}, {info['machine']['cpu_count']} "
-        f"logical cores, GPUs: {', '.join(info['machine']['gpus']) or 'none'}; torch {info['machine']['torch']}",
+        f"logical cores{usable_cores_note(info['machine'])}, GPUs: {', '.join(info['machine']['gpus']) or 'none'}; torch {info['machine']['torch']}",
         f"- command: `{info['command']}`" + (" (runs already finished in --runs were read, not trained again: "
                                              "each was trained by this command without --reuse, with the "
                                              "options checked against its config.json)"

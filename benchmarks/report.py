@@ -577,6 +577,14 @@ def speed_goal_lines(results) -> list:
     return lines
 
 
+def usable_cores_note(machine: dict) -> str:
+    """", N of them usable by the benchmark" where a taskset or container gave it fewer cores
+    than the machine has (its threads were sized to those); "" otherwise, and for a results.json
+    that did not record them."""
+    usable = machine.get("usable_cores")
+    return f" ({usable} of them usable by the benchmark)" if usable not in (None, machine.get("cpu_count")) else ""
+
+
 def write_report(results: dict, folder: Path) -> None:
     folder = Path(folder)
     m, cfg = results["machine"], results["config"]
@@ -591,7 +599,7 @@ def write_report(results: dict, folder: Path) -> None:
         f"# AlexNet: one device, two towers, data parallel — {m['hostname']}, {results['date']}", "", *stopped,
         f"## {SECTIONS[0]}", "",
         f"- host `{m['hostname']}`, {m['platform']}, Python {m['python']}",
-        f"- CPU: {m['cpu_model']}, {m['cpu_count']} logical cores",
+        f"- CPU: {m['cpu_model']}, {m['cpu_count']} logical cores{usable_cores_note(m)}",
         f"- GPUs: {', '.join(m['gpus']) or 'none'}",
         f"- torch {m['torch']} (CUDA {m['cuda']}), torchvision {m['torchvision']}",
         f"- devices: {plan['note']}; two-rank backend: {plan['backend'] or '—'}",

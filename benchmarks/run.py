@@ -17,8 +17,9 @@ random labels; warm-up steps are not timed.
   torchvision  torchvision.models.alexnet(num_classes=1000) on one device
 
 Devices: with two GPUs the two-rank modes use NCCL, rank r on cuda:r (hybrid needs four); without a GPU
-everything runs on the CPU, two-rank modes over gloo with cpu_count // 2 threads per
-rank and single-device modes with all threads. With one GPU (which cannot host two
+everything runs on the CPU, two-rank modes over gloo with half the cores this process may use
+(a taskset's or container's, the report says how many) as threads per rank and single-device
+modes with all of them. With one GPU (which cannot host two
 NCCL ranks) the two-rank modes share it, one process each, over gloo, as the training
 program does (``--one-gpu-two-rank skip`` leaves them out, and the projection then
 estimates a tower's compute from the single-GPU step; ``cpu`` runs them on the CPU).
@@ -553,7 +554,7 @@ def machine_info(devices: DevicePlan) -> dict:
         pass
     return {
         "hostname": socket.gethostname(), "platform": platform.platform(), "python": platform.python_version(),
-        "cpu_model": cpu_model, "cpu_count": os.cpu_count(),
+        "cpu_model": cpu_model, "cpu_count": os.cpu_count(), "usable_cores": usable_cores(),
         "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if devices.gpu_name else [],
         "torch": torch.__version__, "torchvision": torchvision.__version__, "cuda": torch.version.cuda,
         "device_plan": devices._asdict(),

@@ -160,6 +160,18 @@ def test_the_default_loader_workers_are_those_of_the_cores_this_process_may_use(
     assert run.resolve(config, run.plan_devices(config)).loader_workers == (0, 1, 2)
 
 
+def test_the_report_says_how_many_of_the_machine_s_cores_the_benchmark_could_use(monkeypatch):
+    """Its threads are sized to those (half each for two ranks): a report that said 16 logical
+    cores of a run on 2 explained its numbers wrong."""
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(run, "usable_cores", lambda: 2)
+    machine = run.machine_info(run.plan_devices(run.BenchConfig(device="cpu")))
+    assert (machine["cpu_count"], machine["usable_cores"]) == (16, 2)
+    assert report.usable_cores_note(machine) == " (2 of them usable by the benchmark)"
+    assert report.usable_cores_note({**machine, "usable_cores": 16}) == ""
+    assert report.usable_cores_note({"cpu_count": 16}) == ""  # a results.json that did not record them
+
+
 def test_an_out_folder_that_cannot_be_made_is_refused(tiny_data, tmp_path):
     afile = tmp_path / "a-file"
     afile.write_text("")
