@@ -12,6 +12,8 @@ if __name__ == "__main__":
 
 import contextlib
 import json
+import os
+import signal
 from pathlib import Path
 import sys
 from typing import Optional
@@ -20,7 +22,8 @@ import numpy as np
 
 from benchmarks.run import MEMORY_FORMATS, held
 from benchmarks.workers import LR
-from launch.cli import JSON_DAMAGE, Parser, quick_exit, write_whole
+from launch.cli import JSON_DAMAGE, Parser, quick_exit, remove_abandoned, write_whole
+from launch.ranks import raise_interrupt
 from launch.step import AUTOCAST
 
 MODE_ORDER = ("single", "towers", "ddp", "hybrid", "torchvision")
@@ -592,9 +595,14 @@ def write_report(results: dict, folder: Path) -> None:
     two_rank_threads = sorted({t for r in results["runs"] if r["ranks"] > 1 for t in r["threads"]})
     one_rank_threads = sorted({t for r in results["runs"] if r["ranks"] == 1 for t in r["threads"]})
     never = results.get("planned_runs", 0) - len(results["runs"]) - len(results["not_measured"])
-    stopped = ([f"**Not finished**: {never} of the {results['planned_runs']} planned runs had not started when "
-                f"results.json was written (the benchmark was stopped, or was still running); what follows is what "
-                f"was measured before.", ""] if never > 0 else [])
+    # None until measured (a results.json of a version before them lacks the keys: it had finished)
+    stages = [what for key, what in (("loader", "the data loader"), ("program", "the training program"))
+              if key in results and results[key] is None]
+    unstarted = ([f"{never} of the {results['planned_runs']} planned runs"] if never > 0 else []) + stages
+    unstarted = [", ".join(unstarted[:-1]) + " and " + unstarted[-1]] if len(unstarted) > 1 else unstarted
+    stopped = ([f"**Not finished**: {unstarted[0]} had not started when results.json was written (the "
+                f"benchmark was stopped, or was still running); what follows is what was measured before.", ""]
+               if unstarted else [])
     lines = [
         f"# AlexNet: one device, two towers, data parallel — {m['hostname']}, {results['date']}", "", *stopped,
         f"## {SECTIONS[0]}", "",
@@ -617,7 +625,7 @@ def write_report(results: dict, folder: Path) -> None:
         f"sweep: {', '.join(cfg['precisions'])} x {', '.join(cfg['memory_formats'])} over "
         f"{', '.join(cfg['precision_modes'])}; compiled (torch.compile, backend "
         f"{cfg.get('compile_backend', 'inductor')}): {', '.join(cfg.get('compile_modes', ())) or 'none'}",
-        (f"- the runs measured here took {results['elapsed_s']:.0f} s; the benchmark had not finished" if never > 0 else
+        (f"- the runs measured here took {results['elapsed_s']:.0f} s; the benchmark had not finished" if unstarted else
          f"- the whole run took {results['elapsed_s']:.0f} s"), "",
         f"## {SECTIONS[2]}", "", *main_table(results), "",
         f"## {SECTIONS[3]}", "", *methods(results), "",
@@ -635,24 +643,30 @@ def write_report(results: dict, folder: Path) -> None:
         f"## {SECTIONS[13]}", "",
     ]
     lines += [f"- {n['mode']}, batch {n['batch']}, {_variant(n)}: {n['reason']}" for n in results["not_measured"]]
-    if never > 0:  # a results.json of a benchmark stopped from outside
-        lines.append(f"- {never} more planned runs had not started: the benchmark was stopped, or was still running")
+    if unstarted:  # a results.json of a benchmark stopped from outside
+        lines.append(f"- {unstarted[0]} had not started: the benchmark was stopped, or was still running")
     elif not results["not_measured"]:
         lines.append("Everything planned was measured.")
     diverged = [f"{r['mode']} (batch {r['batch']}, {_variant(r)})" for r in results["runs"]
                 if not all(loss is not None and np.isfinite(loss) for loss in r["final_loss"])]
     if diverged:  # the arithmetic timed is the same, but non-finite values can run slower on some CPUs
         lines += ["", f"Note: the loss became non-finite in {', '.join(diverged)} (random labels at raw-pixel scale)."]
-    # the text first, then the files: a results.json that cannot make a report changes none of them
+    # The text first, then the files, each drawn beside its place and all put in place at the
+    # end: a results.json that cannot make a report, a full disk or a Ctrl-C changes none of an
+    # earlier draw's (no new chart beside its report).
+    staged = {name: folder / f".{name}.partial-{os.getpid()}" for name in REPORT_FILES[1:]}
     try:
-        chart_images_per_s(results, folder / IMAGES_CHART)
-        chart_bytes(results, folder / BYTES_CHART)
-        write_whole(folder / "report.md", lambda partial: partial.write_text("\n".join(lines) + "\n", **REPORT_TEXT))
-    except (OSError, KeyboardInterrupt):  # a full disk, a Ctrl-C: no new chart beside an earlier draw's report
         for name in REPORT_FILES[1:]:
+            remove_abandoned(folder, f".{name}.partial-")  # of a draw that was killed
+        chart_images_per_s(results, staged[IMAGES_CHART])
+        chart_bytes(results, staged[BYTES_CHART])
+        write_whole(staged["report.md"], lambda partial: partial.write_text("\n".join(lines) + "\n", **REPORT_TEXT))
+        for name, path in staged.items():
+            os.replace(path, folder / name)
+    finally:
+        for path in staged.values():
             with contextlib.suppress(OSError):
-                (folder / name).unlink(missing_ok=True)
-        raise
+                path.unlink(missing_ok=True)
 
 
 def main(argv=None) -> None:
@@ -731,5 +745,11 @@ def _redraw(path: Path, folder: Path) -> None:
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, raise_interrupt)  # as Ctrl-C: the drawing stops, the earlier report stays
     with quick_exit():
-        main()
+        try:
+            main()
+        except KeyboardInterrupt:
+            print("interrupted: the report was not redrawn, and the folder's earlier files are as they were",
+                  file=sys.stderr)
+            sys.exit(130)

@@ -590,8 +590,8 @@ def test_a_report_of_nothing_measured_says_so_in_whole_sentences_and_tables(tmp_
 
 def test_a_full_disk_under_the_report_is_one_line_and_leaves_no_partial_file(tiny_data, tmp_path, monkeypatch):
     """The disk fills while the second chart is written, by benchmarks.run and by benchmarks.report:
-    one line naming the folder and the fix (a command to paste: the name quoted), and no file
-    of the report left, whole or not: not a new chart beside an earlier draw's report."""
+    one line naming the folder and the fix (a command to paste: the name quoted), no partial
+    file, and an earlier draw's report as it was: not a new chart beside it."""
     import matplotlib.figure
     out, real = tmp_path / "the report", matplotlib.figure.Figure.savefig
 
@@ -613,7 +613,52 @@ def test_a_full_disk_under_the_report_is_one_line_and_leaves_no_partial_file(tin
     with pytest.raises(SystemExit) as stopped:
         report.main([str(out)])
     assert stopped.value.code == 2
-    assert [p.name for p in out.iterdir()] == ["results.json"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(report.REPORT_FILES)
+    assert all((out / name).read_text() == "earlier" for name in report.REPORT_FILES[1:])
+
+
+@pytest.mark.slow  # real processes
+@pytest.mark.parametrize("stop", ["a results.json it cannot draw", "SIGTERM", "SIGINT"])
+def test_a_redraw_that_fails_or_is_stopped_leaves_the_earlier_report_as_it_was(tmp_path, stop):
+    """All of the report or none of it: a redraw stopped while it drew the charts (or failing
+    at the second) left the first chart new beside the earlier report.md, and a Ctrl-C printed
+    a traceback."""
+    committed = sorted((ROOT / "benchmarks" / "reports").glob("*/results.json"))[-1].parent
+    folder = tmp_path / "report"
+    shutil.copytree(committed, folder)
+    earlier = {name: f"an earlier draw's {name}".encode() for name in report.REPORT_FILES[1:]}  # not a redraw's
+    for name, content in earlier.items():
+        (folder / name).write_bytes(content)
+    if stop == "a results.json it cannot draw":  # found while the second chart is drawn, after the first
+        results = json.loads((folder / "results.json").read_text())
+        results["runs"][0]["batch"] = 10 ** 299  # drawn as one point of the first chart, beyond the second's axis
+        (folder / "results.json").write_text(json.dumps(results))
+        result = subprocess.run([sys.executable, "-m", "benchmarks.report", str(folder)], cwd=ROOT,
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 2 and result.stderr.splitlines()[-1].startswith("error: "), result.stderr[-3000:]
+    else:  # while the first chart is drawn: after the imports, the lock and the checks
+        proc = subprocess.Popen([sys.executable, "-c", _STOPPED_WHILE_DRAWING, str(folder)], cwd=ROOT,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert proc.stdout.readline() == "drawing\n"
+        proc.send_signal(getattr(signal, stop))
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 130 and err.splitlines() == [
+            "interrupted: the report was not redrawn, and the folder's earlier files are as they were"], err[-3000:]
+    assert {name: (folder / name).read_bytes() for name in report.REPORT_FILES[1:]} == earlier
+    assert sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in committed.iterdir())
+
+
+# benchmarks.report as python -m runs it, its first chart's drawing held until the test stops it
+_STOPPED_WHILE_DRAWING = """
+import runpy, sys, time
+import matplotlib.figure
+def held(fig, path, **kwargs):
+    print("drawing", flush=True)
+    time.sleep(120)
+matplotlib.figure.Figure.savefig = held
+sys.argv = ["benchmarks.report", sys.argv[1]]
+runpy.run_module("benchmarks.report", run_name="__main__", alter_sys=True)
+"""
 
 
 @pytest.mark.slow
@@ -653,16 +698,25 @@ def test_a_benchmark_cut_short_by_its_time_limit_reports_what_it_measured(tiny_d
     assert result.returncode == 0, result.stderr[-3000:]
     report = (stopped_here / "report.md").read_text()
     assert "| single | 1 x cpu" in report and "| towers | not measured" in report
-    assert f"- {len(results['not_measured'])} more planned runs had not started: the benchmark was stopped" in report
+    unstarted = f"{len(results['not_measured'])} of the {len(results['not_measured']) + 1} planned runs, the data " \
+                f"loader and the training program"
+    assert f"- {unstarted} had not started: the benchmark was stopped" in report
     # said at the top too, not only in the last section: the report of a stopped benchmark
     title, said = report.split("\n\n")[:2]
     assert title.startswith("# AlexNet") and said == (
-        f"**Not finished**: {len(results['not_measured'])} of the {len(results['not_measured']) + 1} planned runs had "
-        f"not started when results.json was written (the benchmark was stopped, or was still running); what follows "
-        f"is what was measured before.")
+        f"**Not finished**: {unstarted} had not started when results.json was written (the benchmark was stopped, or "
+        f"was still running); what follows is what was measured before.")
     assert re.search(r"\n- the runs measured here took \d+ s; the benchmark had not finished\n", report)
     assert "Not finished" not in (out / "report.md").read_text()  # the run that went on to its time limit
     assert "## Data loader\n\nNot measured: results.json holds no figures of it.\n" in report
+    # every run measured (or cut by the time limit), the training program not reached: not finished either
+    (stopped_here / "results.json").write_text(json.dumps({**results, "program": None}))
+    assert subprocess.run([sys.executable, "-m", "benchmarks.report", str(stopped_here)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120).returncode == 0
+    report = (stopped_here / "report.md").read_text()
+    assert report.split("\n\n")[1].startswith("**Not finished**: the training program had not started when")
+    assert "- the training program had not started: the benchmark was stopped" in report
+    assert "Everything planned was measured." not in report
     result = subprocess.run([sys.executable, "-m", "benchmarks.report", str(tmp_path)], cwd=ROOT,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and result.stderr.startswith(f"error: {tmp_path / 'results.json'} cannot be read")
