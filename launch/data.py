@@ -357,9 +357,13 @@ def scan_layout(root: Union[str, Path], builtin_alternative: bool = True, need_t
     try:
         return _scan_layout(Path(root).expanduser(), builtin_alternative, need_train)
     except OSError as exc:  # a folder or file on the way that cannot be read
-        where = exc.filename or root
-        raise DataError(f"cannot read {where} ({exc.strerror or exc}): make the data folder readable (every "
-                        f"folder in it), or pass another data folder") from None
+        raise cannot_read(exc, root) from None
+
+
+def cannot_read(exc: OSError, root) -> DataError:
+    """The error of a scan of the data folder ``root`` that met ``exc``."""
+    return DataError(f"cannot read {exc.filename or root} ({exc.strerror or exc}): make the data folder readable "
+                     f"(every folder in it), or pass another data folder")
 
 
 def _raise(exc: OSError):

@@ -53,8 +53,9 @@ from PIL import Image
 
 from launch.cli import (MAX_PROCESSES_PER_CORE, NAME_MAX, Parser, abandoned, lock_exclusively, quick_exit,
                         refuse_empty, remove_abandoned, usable_cores, write_whole)
-from launch.data import UNFINISHED_NAME, DataError, Skipped, images_in, not_data, open_data, scan_layout, too_deep
-from launch.images import DECODE_ERRORS, is_image_name, load_image, skip_reason
+from launch.data import (UNFINISHED_NAME, DataError, Skipped, cannot_read, images_in, not_data, open_data,
+                         scan_layout, too_deep)
+from launch.images import DECODE_ERRORS, load_image, skip_reason
 from launch.ranks import die_with_parent
 
 log = logging.getLogger(__name__)
@@ -214,7 +215,8 @@ def _cannot_write(dst: Path, exc: OSError) -> str:
         path = next((p for p in Path(path).parents if os.path.lexists(p) and not p.is_dir()), path)
     elif path and not os.path.lexists(path):  # a file not made (a partial image): the folder it goes in
         path = os.path.dirname(path)
-    where = f"{path} in DST {dst}" if path and Path(path) != dst else f"to DST {dst}"
+    where = f"to DST {dst}" if not path or Path(path) == dst else \
+        f"{path} on the way to DST {dst}" if Path(path) in dst.parents else f"{path} in DST {dst}"
     return (f"error: cannot write {where} ({exc.strerror or exc}): {fix} a DST that can be written; "
             f"run again, and the images already written are kept")
 
@@ -296,11 +298,13 @@ def plan_jobs(dst: Path, planned: dict, quality: int, made_from: Optional[dict])
     make does not) and at this ``quality``. ``made_from`` None (a DST of an
     earlier version, which kept no record): done where no older than its source, to the second,
     as that version decided. A job is (source, target, quality, (DST, its record's key and value))."""
+    _remove_abandoned_partials(planned)
     try:
-        _remove_abandoned_partials(dst)
         stray = _stray_images(dst, planned)
     except RecursionError:  # os.walk recurses, before Python 3.12
         raise too_deep(dst) from None
+    except OSError as exc:  # a folder of DST that cannot be read: not one that cannot be written
+        raise cannot_read(exc, dst) from None
     if stray:
         raise DataError(f"DST {dst} holds {len(stray)} image(s) that no image of SRC becomes, such as {stray[0]} "
                         f"(SRC has changed since they were written, or DST holds other images): the training "
@@ -396,17 +400,19 @@ def _stray_images(dst: Path, planned: dict) -> list:
     return sorted(stray)
 
 
-def _remove_abandoned_partials(dst: Path) -> None:
-    """Removes the hidden partial images (write_whole's ".NAME.jpg.partial-PID") that the
-    workers of a run that was killed left in DST's own folders (not those reached through a
-    link), where it can."""
-    for split in ("train", "val"):
-        for folder, _, names in os.walk(dst / split):
-            for name in names:
-                base, partial, pid = name.rpartition(".partial-")
-                if partial and base.startswith(".") and is_image_name(base[1:]) and abandoned(pid):
-                    with contextlib.suppress(OSError):  # a DST this run cannot write: it is read as it is
-                        os.unlink(os.path.join(folder, name))
+def _remove_abandoned_partials(planned: dict) -> None:
+    """Removes the hidden partial images (write_whole's ".NAME.partial-PID") that the workers
+    of a run that was killed left in the folders that images are written to, where it can."""
+    for folder in {target.parent for target in planned}:
+        try:
+            names = [e.name for e in os.scandir(folder) if e.name.startswith(".")]
+        except OSError:  # not made yet, or not readable: the scan of DST says so
+            continue
+        for name in names:
+            base, partial, pid = name.rpartition(".partial-")
+            if partial and pid.isdigit() and abandoned(pid):
+                with contextlib.suppress(OSError):  # a DST this run cannot write: it is read as it is
+                    os.unlink(os.path.join(folder, name))
 
 
 def main(argv=None) -> int:

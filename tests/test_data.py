@@ -1119,7 +1119,8 @@ def test_prepare_finds_the_images_that_a_link_in_dst_adds_and_removes_the_partia
     none (the training program skips what it reaches); a link from val/ to a training image
     adds one to val/ (refused before any image is converted). The hidden partial image of a
     worker that was killed is removed from DST's own folders, where it can be; one of a
-    process that lives is not, nor a file of that name reached through a link."""
+    process that lives is not, nor a file of that name reached through a link that DST's
+    images are not written through."""
     src, dst = _simple_tree(tmp_path / "raw", train=1, val=1), tmp_path / "prepared"
     assert prepare.main([str(src), str(dst), "--workers", "1"]) == 0
     train_a = dst / "train" / "a"
@@ -1139,6 +1140,16 @@ def test_prepare_finds_the_images_that_a_link_in_dst_adds_and_removes_the_partia
     assert dead.exists()
     assert prepare.main([str(src), str(dst), "--workers", "1"]) == 0
     assert not dead.exists() and alive.exists() and not_ours.exists()
+    # a DST folder that cannot be read: named, with that fix, not the fix of one that cannot be written
+    unreadable, real_scandir = dst / "train" / "b", os.scandir
+    with monkeypatch.context() as m:
+        m.setattr(os, "scandir", lambda path=".": (_ for _ in ()).throw(PermissionError(
+            errno.EACCES, os.strerror(errno.EACCES), str(path))) if Path(path) == unreadable else real_scandir(path))
+        capsys.readouterr()
+        assert prepare.main([str(src), str(dst), "--workers", "1"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"error: cannot read {unreadable} (Permission denied): make the data folder readable (every folder in it), "
+        f"or pass another data folder")
 
     other = _simple_tree(tmp_path / "other", train=1, val=1)
     (train_a / "more").symlink_to(other / "train" / "b")
@@ -1501,6 +1512,13 @@ def test_prepare_names_the_fix_of_a_write_that_fails(tiny_data, tmp_path, capfd)
     assert prepare._cannot_write(tmp_path, OSError(errno.ENOENT, os.strerror(errno.ENOENT))) == (
         f"error: cannot write to DST {tmp_path} (No such file or directory): give a DST that can be written; run "
         f"again, and the images already written are kept")  # no fix named where none is known
+    afile = tmp_path / "a-file"  # a file where a folder above DST goes
+    afile.write_text("")
+    assert prepare._cannot_write(afile / "dst", NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR),
+                                                                   str(afile / "dst"))) == (
+        f"error: cannot write {afile} on the way to DST {afile / 'dst'} (Not a directory): make it a folder, or give a "
+        f"DST that can be written; run again, and the images already written are kept")
+    afile.unlink()
     partial = tmp_path / "train" / "a" / ".0.jpg.partial-7"  # an image's write refused: its folder is named
     assert prepare._cannot_write(tmp_path, PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(partial))) == (
         f"error: cannot write {partial.parent} in DST {tmp_path} (Permission denied): make it writable, or give a DST "
