@@ -44,7 +44,7 @@ import torch
 
 from launch import data as data_module
 from launch.checkpoint import FILENAME, read_as_saved
-from launch.cli import JSON_DAMAGE, Parser, add_options, option, quick_exit, shell_word, write_whole
+from launch.cli import JSON_DAMAGE, Parser, add_options, option, quick_exit, shell_word, signal_name, write_whole
 from launch.config import TrainConfig, parse_config, resolve
 from launch.meter import StepMeter
 from launch.ranks import raise_interrupt
@@ -171,9 +171,10 @@ def train(config: AblationConfig, variant: str, runs: Path, bundle) -> tuple:
             returncode = run_child(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=stderr).returncode
     except KeyboardInterrupt:  # the run was stopped (run_child): say how to finish this one
         raise Interrupted(f"the {variant} run was stopped: {finish_advice(config, run_dir)}") from None
-    if returncode == 130 or returncode < 0:  # stopped from outside (SIGTERM, the kernel's SIGKILL): as Ctrl-C here
-        how = "interrupted" if returncode == 130 else f"killed by {_signal_name(-returncode)}"
-        raise Interrupted(f"the {variant} run was stopped ({how}): {finish_advice(config, run_dir)}")
+    if returncode == 130 or -returncode in STOPPED_BY:  # from outside (SIGTERM, the kernel's SIGKILL): as Ctrl-C here
+        how = "interrupted" if returncode == 130 else f"killed by {signal_name(-returncode)}"
+        raise Interrupted(f"the {variant} run was stopped ({how}; its output: {stderr_path}): "
+                          f"{finish_advice(config, run_dir)}")
     # beside the run folder, for a report made later from the same runs (--reuse)
     conditions = {"command": shlex.join(["python", *command[1:]]), "wall_s": time.perf_counter() - started,
                   "load_average": {"start": load_at_start, "end": os.getloadavg()}}
@@ -197,11 +198,9 @@ def train(config: AblationConfig, variant: str, runs: Path, bundle) -> tuple:
     return run_dir, None
 
 
-def _signal_name(number: int) -> str:
-    try:
-        return signal.Signals(number).name
-    except ValueError:  # a real-time signal, which has no name of its own
-        return f"signal {number}"
+# Signals that stop a run from outside (a user, a scheduler, the out-of-memory killer), which a
+# resume goes on from; any other that ends it (SIGSEGV, SIGABRT) is the program's failure.
+STOPPED_BY = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGKILL}
 
 
 def finish_advice(config: AblationConfig, run_dir: Path) -> str:
@@ -210,6 +209,8 @@ def finish_advice(config: AblationConfig, run_dir: Path) -> str:
     --max-steps, and would train to the last epoch), or, before its first checkpoint, a new
     run in its place, as for a checkpoint of the end of the training (stopped in the final
     evaluation), which a resume refuses and an --eval-only evaluates into another folder."""
+    if not run_dir.exists():
+        return "it had not begun, so run the ablation again with --reuse, which trains it"
     if not (run_dir / FILENAME).exists():
         return (f"it wrote no checkpoint yet, so remove {shell_word(run_dir)} and run the ablation again with --reuse, "
                 f"which trains it anew")

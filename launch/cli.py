@@ -32,6 +32,14 @@ def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def signal_name(number: int) -> str:
+    """"SIGKILL" for 9; "signal 40" for a real-time signal, which has no name of its own."""
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
 def refuse_empty(**paths) -> None:
     """Raises ValueError naming the fix for a path given as "" (an unset "$VARIABLE"), which
     Path takes for the current folder, where the program would read or write. ``paths``: an

@@ -52,7 +52,7 @@ from typing import Optional
 from PIL import Image
 
 from launch.cli import (MAX_PROCESSES_PER_CORE, NAME_MAX, Parser, abandoned, lock_exclusively, quick_exit,
-                        refuse_empty, remove_abandoned, usable_cores, write_whole)
+                        refuse_empty, remove_abandoned, signal_name, usable_cores, write_whole)
 from launch.data import (UNFINISHED_NAME, DataError, Skipped, cannot_read, images_in, not_data, open_data,
                          scan_layout, too_deep)
 from launch.images import DECODE_ERRORS, load_image, skip_reason
@@ -185,7 +185,7 @@ def _results(pool, workers: set, jobs: list):
 
 def _worker_ended(process) -> str:
     code = process.exitcode
-    how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+    how = f"killed by {signal_name(-code)}" if code < 0 else f"exit code {code}"
     return (f"error: a worker (process {process.pid}) ended before the images were converted ({how}: by the system "
             f"where memory runs out, or by hand), and what it was converting is lost: run the same command again to "
             f"convert the rest (with fewer --workers where memory is short); the images written so far are kept, "

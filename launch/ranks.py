@@ -32,7 +32,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from . import rank_server
-from .cli import usable_cores
+from .cli import signal_name, usable_cores
 
 LOOPBACK = "127.0.0.1"
 DEFAULT_COLLECTIVE_TIMEOUT_S = 300.0
@@ -160,7 +160,7 @@ def patient_group(wait_s: float):
 
 def _describe_exit(exitcode: int) -> str:
     if exitcode < 0:
-        name = signal.Signals(-exitcode).name
+        name = signal_name(-exitcode)
         hint = " (the out-of-memory killer sends this)" if name == "SIGKILL" else ""
         return f"killed by {name}{hint}"
     return f"exited with code {exitcode} without reporting an error"

@@ -262,32 +262,38 @@ def test_an_interrupted_run_is_finished_with_the_ablation_s_max_steps(tmp_path, 
     assert str(stopped.value).startswith("the full run was stopped: it wrote no checkpoint yet")
 
 
-@pytest.mark.parametrize("returncode", [130, -signal.SIGKILL, -signal.SIGRTMIN - 5, 1])
-def test_a_run_stopped_from_outside_is_not_taken_for_a_result(tmp_path, monkeypatch, returncode):
+@pytest.mark.parametrize("returncode, began", [(130, True), (-signal.SIGKILL, True), (-signal.SIGKILL, False),
+                                               (-signal.SIGSEGV, True), (-signal.SIGRTMIN - 5, True), (1, True)])
+def test_a_run_stopped_from_outside_is_not_taken_for_a_result(tmp_path, monkeypatch, returncode, began):
     """A run whose program was stopped by a SIGTERM of its own (exit 130) or killed (the
     out-of-memory killer) after it began training is unfinished, as when the ablation is
     interrupted, not a run that stopped on its own: it was reported as a result, and the next
-    variants compared with it, while --reuse refused the same folder. A run that failed
-    without saying it stopped (a traceback) is no result either."""
+    variants compared with it, while --reuse refused the same folder. A run that crashed
+    (SIGSEGV, a real-time signal, a traceback) without saying it stopped is a failure, named
+    with its output."""
     def stopped(command, stdout, stderr, **kwargs):
-        (runs / "full").mkdir(parents=True, exist_ok=True)
-        (runs / "full" / "metrics.jsonl").write_text("")
+        if began:
+            (runs / "full").mkdir(parents=True, exist_ok=True)
+            (runs / "full" / "metrics.jsonl").write_text("")
         stderr.write("epoch 1/3 step 5/78 loss 2.1\n" + ("interrupted: every rank stopped; resume with ...\n"
                                                          if returncode == 130 else ""))
         return subprocess.CompletedProcess(command, returncode)
 
     monkeypatch.setattr(ablations, "run_child", stopped)
     runs, config = tmp_path / "runs", ablations.AblationConfig(max_steps=21)
-    if returncode == 1:
-        with pytest.raises(ablations.AblationError, match=r"^the full run failed \(exit 1\): epoch 1/3 step 5/78 loss "
-                                                          r"2.1 \(its output: "):
+    output = runs / "full.stderr"
+    if returncode not in (130, -signal.SIGKILL):
+        with pytest.raises(ablations.AblationError) as failed:
             ablations.train(config, "full", runs, _data())
+        assert str(failed.value) == f"the full run failed (exit {returncode}): epoch 1/3 step 5/78 loss 2.1 (its " \
+                                    f"output: {output})"
         return
     with pytest.raises(ablations.Interrupted) as interrupted:
         ablations.train(config, "full", runs, _data())
-    how = {130: "interrupted", -signal.SIGKILL: "killed by SIGKILL"}.get(returncode, f"killed by signal {-returncode}")
-    assert str(interrupted.value) == (f"the full run was stopped ({how}): it wrote no checkpoint yet, so remove "
-                                      f"{runs / 'full'} and run the ablation again with --reuse, which trains it anew")
+    how = {130: "interrupted", -signal.SIGKILL: "killed by SIGKILL"}[returncode]
+    advice = (f"it wrote no checkpoint yet, so remove {runs / 'full'} and run the ablation again with --reuse, which "
+              f"trains it anew" if began else "it had not begun, so run the ablation again with --reuse, which trains it")
+    assert str(interrupted.value) == f"the full run was stopped ({how}; its output: {output}): {advice}"
     # no record of its conditions: a --reuse of the run, once finished, would report this start's time
     assert not (runs / f"full{ablations.CONDITIONS_SUFFIX}").exists()
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from launch import rank_server
+from launch import rank_server, ranks
 from launch.cli import usable_cores
 from launch.images import DataError
 from launch.ranks import RankFailure, choose_placement, cpu_threads_per_rank, is_loopback, patient_group, run_ranks
@@ -421,7 +421,7 @@ def test_a_script_can_run_ranks_of_a_function_it_defines(tmp_path):
 _SLOW_TO_STOP = """
 import os, signal, sys, time
 from pathlib import Path
-from launch import rank_server
+from launch import rank_server, ranks
 from launch.cli import quick_exit
 from launch.ranks import run_ranks
 
@@ -484,6 +484,13 @@ def test_threads_share_the_cores(monkeypatch):
     assert cpu_threads_per_rank(4 * cores) == 1  # never zero
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)  # taskset -c 0-2
     assert (cpu_threads_per_rank(1), cpu_threads_per_rank(2)) == (3, 1)
+
+
+def test_a_rank_killed_by_a_real_time_signal_is_said_to_be_so():
+    """signal.Signals has no name for one (SIGRTMIN + n): the launcher's report of the failure raised ValueError."""
+    real_time = signal.SIGRTMIN + 5
+    assert ranks._describe_exit(-real_time) == f"killed by signal {int(real_time)}"
+    assert ranks._describe_exit(-signal.SIGKILL) == "killed by SIGKILL (the out-of-memory killer sends this)"
 
 
 def test_placement_follows_the_gpus_visible():
