@@ -149,6 +149,15 @@ def shell_word(path) -> str:
 LINE_BREAKING = ("Cc", "Zl", "Zp")  # Unicode categories: control characters, line and paragraph separators
 
 
+def without_line_breaks(text: str) -> str:
+    """``text`` with each character that would break it into lines (a control character, a
+    line or paragraph separator: in a name within it) escaped as Python writes it ("\\n")."""
+    if not any(unicodedata.category(c) in LINE_BREAKING for c in text):
+        return text
+    return "".join(c.encode("unicode_escape").decode("ascii") if unicodedata.category(c) in LINE_BREAKING else c
+                   for c in text)
+
+
 def one_line(name: str) -> str:
     """``name`` as is, or, where it holds a control character or a line separator (a newline
     would break a block into lines that read as others'), in the shell's $'...' quoting, which

@@ -17,6 +17,8 @@ from typing import Union
 import numpy as np
 from PIL import Image
 
+from .cli import without_line_breaks
+
 BASE_SIZE = 256  # section 2: shorter side rescaled to 256, central 256x256 patch
 CROP_SIZE = 224  # section 4.1: the network's input
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -43,7 +45,11 @@ DECODE_ERRORS = (OSError, ValueError, TypeError, SyntaxError, EOFError, struct.e
 
 
 class DataError(ValueError):
-    """The data folder cannot be used as it is; the message names the fix."""
+    """The data folder cannot be used as it is; the message names the fix, on one line
+    however the names of the folders and files in it are written."""
+
+    def __str__(self) -> str:
+        return without_line_breaks(super().__str__())
 
 
 class ImageRejected(ValueError):

@@ -144,6 +144,19 @@ def test_layout_errors_name_the_fix(tmp_path, make, expected):
         assert fragment in str(info.value), str(info.value)
 
 
+def test_a_data_error_is_one_line_whatever_its_folders_are_named(tmp_path):
+    """A class folder named with a newline, whose images cannot be used: its name and its
+    images' paths in the error broke it into lines, the next read as another error."""
+    root = _simple_tree(tmp_path / "data", classes=("a", "x\nerror: other"))
+    for image in (root / "train" / "x\nerror: other").iterdir():
+        image.write_bytes(b"HEIC, not a JPEG")
+    with pytest.raises(DataError) as refused:
+        data.open_data(root, cache_dir=tmp_path / "cache", classify=True)
+    said = str(refused.value)
+    assert "\n" not in said and said.startswith("no usable image of class 'x\\nerror: other' in train/: ")
+    assert f"such as {tmp_path}/data/train/x\\nerror: other/0.jpg: unreadable (" in said
+
+
 def test_an_evaluation_opens_a_folder_without_train(tmp_path):
     """Given the statistics (a checkpoint's mean image), an evaluation reads val/ alone: a
     train/ that is not there, or that could not be trained on, does not matter."""
