@@ -577,7 +577,8 @@ def _configure(argv) -> tuple:
     if config.compile is not None:
         check_compile_backend(config.compile, "--compile", placement.device)
     if config.precision == "bf16" and placement.device == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ValueError(f"--precision bf16: {torch.cuda.get_device_name(0)} has no bfloat16 arithmetic; use "
+        kept = "" if "precision" in given else f" (the arithmetic {config.resume or config.eval_only} was trained in)"
+        raise ValueError(f"--precision bf16{kept}: {torch.cuda.get_device_name(0)} has no bfloat16 arithmetic; add "
                          f"--precision fp32")
     log.info("placement: %s", placement.describe())
     log.info("architecture: %s", architecture(config).describe())

@@ -271,7 +271,7 @@ def test_the_single_layout_trains_the_same_function_and_shares_checkpoints(tiny_
     assert f"top-1 error {100 * summary['centre']['top1_error']:.2f}%" in again.stderr
 
 
-def test_bf16_and_compiled_towers_train_and_resume_in_either_arithmetic(tiny_data, tmp_path):
+def test_bf16_and_compiled_towers_train_and_resume_in_either_arithmetic(tiny_data, tmp_path, monkeypatch):
     """--precision and --compile choose how a run computes, not what it trains: the checkpoint
     holds float32 weights. A resumed run keeps its precision unless its command line gives
     another, and compiles as its command line says. The
@@ -308,6 +308,14 @@ def test_bf16_and_compiled_towers_train_and_resume_in_either_arithmetic(tiny_dat
         config, _, _ = two_gpu._configure([*map(str, ("--resume", tmp_path / "bf16", "--max-steps", "4")), *argv])
         assert (config.precision, config.compile) == arithmetic, argv
         assert config.lr == 0.001 and config.batch_size == 4  # the recipe stays the run's
+    # on GPUs without bfloat16, the arithmetic that an evaluation keeps from the checkpoint is named as such
+    for name, value in (("is_available", lambda: True), ("device_count", lambda: 2),
+                        ("is_bf16_supported", lambda *args, **kwargs: False), ("get_device_name", lambda *args: "GPU-X")):
+        monkeypatch.setattr(torch.cuda, name, value)
+    for argv, said in (([], f" (the arithmetic {tmp_path / 'bf16'} was trained in)"), (["--precision", "bf16"], "")):
+        with pytest.raises(ValueError) as refused:
+            two_gpu._configure([*map(str, ("--eval-only", tmp_path / "bf16")), *argv])
+        assert str(refused.value) == f"--precision bf16{said}: GPU-X has no bfloat16 arithmetic; add --precision fp32"
 
 
 def test_a_stop_at_an_epochs_end_saves_and_evaluates_once_and_the_training_time_is_the_steps_alone(no_dropout_run):
