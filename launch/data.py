@@ -203,6 +203,11 @@ def _as_shown(name: str) -> str:
     return name if prints_plainly(name) and name == unicodedata.normalize("NFC", name) else ascii(name)
 
 
+def _loose_images(split_dir: Path) -> int:
+    """The images directly in a split's folder, beside its class folders: of no class."""
+    return sum(1 for e in os.scandir(split_dir) if is_image_name(e.name) and not e.is_dir())
+
+
 def _class_folders(split_dir: Path) -> list:
     """The class folders of a split, sorted: its folders and links to folders, never a hidden
     or system one. Raises DataError for a link to nothing, which may be a class whose disk is
@@ -393,7 +398,7 @@ def _scan_layout(root: Path, builtin_alternative: bool, need_train: bool):
     classes = {s: _class_folders(root / s) for s in splits}
     for split, names in classes.items():
         if not names:
-            loose = sum(1 for e in os.scandir(root / split) if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS))
+            loose = _loose_images(root / split)
             fix = (f"it holds {loose} images directly: sort them into {split}/CLASS/ folders"
                    + (" (for ILSVRC-2012 val, e.g. with the devkit's labels and a valprep script)" if split == "val" else "")
                    if loose else "put the images of each class in their own folder")
@@ -415,8 +420,7 @@ def _scan_layout(root: Path, builtin_alternative: bool, need_train: bool):
         for name in names:  # setdefault: of two class folders that are one folder, the first owns it
             owners.setdefault(os.path.realpath(root / split / name), name)
         seen, skipped[split], identities[split] = set(), Skipped(), set()
-        skipped[split].loose_images = sum(1 for e in os.scandir(root / split)
-                                          if is_image_name(e.name) and not e.is_dir())
+        skipped[split].loose_images = _loose_images(root / split)
         try:
             files[split] = [images_in(root / split / name, name, owners, seen, skipped[split], identities[split])
                             for name in names]
