@@ -73,16 +73,22 @@ def test_a_python_that_sees_no_gpu_is_refused(tmp_path):
 
 
 def test_a_python_without_torch_is_named_as_such(tmp_path):
-    """Not as a Python that sees no GPU: the fix is another PYTHON, not another machine."""
+    """Not as a Python that sees no GPU: the fix is another PYTHON, not another machine. The
+    results of an earlier invocation in the folder stay: they were removed before the refusal."""
     no_torch = tmp_path / "python"
     no_torch.write_text(f"#!/bin/sh\nexec {sys.executable} -S \"$@\"\n")  # -S: no site-packages, so no torch
     no_torch.chmod(0o755)
-    result = _gpu(tmp_path / "out", "tests", python=no_torch)
+    earlier = {"gpu-tests.log": "earlier", "benchmark.log": "earlier", "report/report.md": "earlier"}
+    for name, text in earlier.items():
+        (tmp_path / "out" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "out" / name).write_text(text)
+    result = _gpu(tmp_path / "out", "all", python=no_torch)
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip().splitlines()[-1] == (f"error: {no_torch} cannot import torch (environment.txt says "
                                                       f"why): name the Python that has it, such as "
                                                       f"PYTHON=.venv/bin/python .ci/gpu OUT")
     assert "No module named 'torch'" in (tmp_path / "out" / "environment.txt").read_text()
+    assert {name: (tmp_path / "out" / name).read_text() for name in earlier} == earlier
 
 
 def test_a_budget_leaves_the_benchmark_what_the_tests_did_not_use(tmp_path, stand_in):
