@@ -823,6 +823,19 @@ def held(folder: Path, flag: str):
 def main(argv=None) -> Path:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     config = BenchConfig(**vars(build_parser().parse_args(argv)))
+    try:
+        return _main(config, argv)
+    except KeyboardInterrupt as interrupt:
+        if not isinstance(interrupt, Said):
+            logger.error("interrupted before the first run was measured: nothing was written")
+        raise
+
+
+class Said(KeyboardInterrupt):
+    """A Ctrl-C (or SIGTERM) whose consequences main has logged already."""
+
+
+def _main(config: BenchConfig, argv) -> Path:
     devices = plan_devices(config)
     config = resolve(config, devices)
     deadline = Deadline(config.time_limit)  # from here: the built-in data may be made first, and CUDA started
@@ -845,23 +858,24 @@ def main(argv=None) -> Path:
         if earlier:
             logger.info("%s holds an earlier benchmark's %s: kept until this one's first results are written", out,
                         ", ".join(earlier))
-        bench = Bench(config, devices, out, argv, deadline)
+        bench = None
         try:
+            bench = Bench(config, devices, out, argv, deadline)
             results = bench.run(loader_data)
         except KeyboardInterrupt:
-            if bench.written:
+            if bench is not None and bench.written:
                 logger.error("stopped: %s holds the runs measured so far; python -m benchmarks.report %s draws their "
                              "report", out / "results.json", shell_word(out))
             else:
                 logger.error("stopped before the first run was measured: nothing was written in %s", out)
-            raise
+            raise Said from None
         from .report import write_report  # matplotlib is imported only here, never in the ranks
         try:
             write_report(results, out)
         except KeyboardInterrupt:
             logger.error("stopped while the report was drawn: %s holds every run; python -m benchmarks.report %s "
                          "draws it", out / "results.json", shell_word(out))
-            raise
+            raise Said from None
         except OSError as error:  # each file of the report is whole or not there
             raise ValueError(f"cannot write the report in {out} ({error.strerror or error}): free space on that disk, "
                              f"then python -m benchmarks.report {shell_word(out)} draws it from its results.json") from None

@@ -557,6 +557,19 @@ def test_a_second_benchmark_on_the_same_out_is_refused_while_the_first_runs(tiny
     assert f"--out {out} cannot be locked (No locks): nothing stops another benchmark program" in caplog.text
 
 
+@pytest.mark.parametrize("where", ["open_loader_data", "Bench"])
+def test_a_benchmark_stopped_while_it_sets_up_says_so_in_one_line(tiny_data, tmp_path, monkeypatch, caplog, where):
+    """Ctrl-C while the data is opened or the benchmark prepared (seconds: torchvision's
+    imports) ended it with exit 130 and no word."""
+    monkeypatch.setattr(run, where, lambda *args: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        run.main(["--device", "cpu", "--quick", "--batch", "2", "--loader-data", str(tiny_data), "--out",
+                  str(tmp_path / "report")])
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert errors == ["interrupted before the first run was measured: nothing was written" if where != "Bench" else
+                      f"stopped before the first run was measured: nothing was written in {tmp_path / 'report'}"]
+
+
 def _table_widths(markdown: str) -> list:
     """The number of cells of each line of each table, table by table."""
     tables, table = [], []
