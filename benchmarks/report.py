@@ -327,6 +327,8 @@ def projection_lines(results) -> list:
 def hybrid_lines(results) -> list:
     run = _find(results, "hybrid", results["config"]["batch"])
     if run is None:
+        if "hybrid" not in results["config"].get("modes", ("hybrid",)):
+            return ["Not run (--modes)."]
         return ["hybrid was not measured at the main batch (see 'Not measured')."]
     per_rank = lambda key, fmt=lambda v: f"{v:.1f}": _ranks(run[key], fmt)
     hidden = _ranks(run["hidden_share"], lambda v: "—" if v is None else f"{100 * v:.0f} %")

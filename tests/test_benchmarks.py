@@ -570,6 +570,17 @@ def test_a_benchmark_stopped_while_it_sets_up_says_so_in_one_line(tiny_data, tmp
                       f"stopped before the first run was measured: nothing was written in {tmp_path / 'report'}"]
 
 
+def test_hybrid_left_out_of_the_modes_is_said_to_be_not_run():
+    """Not "not measured (see 'Not measured')", where that section said everything planned was."""
+    committed = sorted((ROOT / "benchmarks" / "reports").glob("*/results.json"))[-1]
+    results = json.loads(committed.read_text())
+    assert report.hybrid_lines(results)[0].startswith("2 replicas of the two towers on 4 ranks")
+    results["runs"] = [r for r in results["runs"] if r["mode"] != "hybrid"]
+    assert report.hybrid_lines(results) == ["hybrid was not measured at the main batch (see 'Not measured')."]
+    results["config"]["modes"] = [m for m in results["config"]["modes"] if m != "hybrid"]
+    assert report.hybrid_lines(results) == ["Not run (--modes)."]
+
+
 def _table_widths(markdown: str) -> list:
     """The number of cells of each line of each table, table by table."""
     tables, table = [], []
