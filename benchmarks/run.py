@@ -181,7 +181,8 @@ def plan_devices(config: BenchConfig) -> DevicePlan:
     if config.device == "cuda" and gpus == 0:
         raise ValueError("--device cuda, but torch sees no CUDA device; use --device cpu or auto")
     if gpus == 0:
-        return DevicePlan("cpu", "cpu", "gloo", None, "no GPU: every mode on the CPU, two-rank modes over gloo")
+        why = "--device cpu" if config.device == "cpu" and torch.cuda.is_available() else "no GPU"
+        return DevicePlan("cpu", "cpu", "gloo", None, f"{why}: every mode on the CPU, two-rank modes over gloo")
     name = torch.cuda.get_device_name(0)
     if gpus >= 2:
         return DevicePlan("cuda", "cuda", "nccl", name, f"{gpus} GPUs: two-rank modes over NCCL, rank r on cuda:r")
@@ -555,7 +556,9 @@ def machine_info(devices: DevicePlan) -> dict:
     return {
         "hostname": socket.gethostname(), "platform": platform.platform(), "python": platform.python_version(),
         "cpu_model": cpu_model, "cpu_count": os.cpu_count(), "usable_cores": usable_cores(),
-        "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if devices.gpu_name else [],
+        # those the machine has, used or not (--device cpu)
+        "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        if torch.cuda.is_available() else [],
         "torch": torch.__version__, "torchvision": torchvision.__version__, "cuda": torch.version.cuda,
         "device_plan": devices._asdict(),
     }

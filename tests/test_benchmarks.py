@@ -19,6 +19,7 @@ import time
 
 import matplotlib.image
 import pytest
+import torch
 
 from benchmarks import flops, program, report, run, scratch, traffic
 from launch.cli import usable_cores
@@ -170,6 +171,17 @@ def test_the_report_says_how_many_of_the_machine_s_cores_the_benchmark_could_use
     assert report.usable_cores_note(machine) == " (2 of them usable by the benchmark)"
     assert report.usable_cores_note({**machine, "usable_cores": 16}) == ""
     assert report.usable_cores_note({"cpu_count": 16}) == ""  # a results.json that did not record them
+
+
+def test_a_benchmark_kept_on_the_cpu_of_a_gpu_machine_says_so(monkeypatch):
+    """--device cpu where there is a GPU: the report said "GPUs: none" and "no GPU"."""
+    for name, value in (("is_available", lambda: True), ("device_count", lambda: 1),
+                        ("get_device_name", lambda *args: "GPU-X")):
+        monkeypatch.setattr(torch.cuda, name, value)
+    plan = run.plan_devices(run.BenchConfig(device="cpu"))
+    assert (plan.single, plan.two_rank) == ("cpu", "cpu")
+    assert plan.note == "--device cpu: every mode on the CPU, two-rank modes over gloo"
+    assert run.machine_info(plan)["gpus"] == ["GPU-X"]
 
 
 def test_an_out_folder_that_cannot_be_made_is_refused(tiny_data, tmp_path):
