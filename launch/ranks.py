@@ -273,11 +273,11 @@ def error_line(exc: BaseException) -> str:
     """The exception as its last line of a traceback shows it. An error that a DataLoader
     worker raised arrives with the worker's whole traceback in its message: of that, the
     worker's own last line, and which worker."""
-    detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
-    worker = re.match(r"[\w.]+: Caught \w+ (in DataLoader worker process \d+)\.\nOriginal Traceback", detail)
+    raw = BaseException.__str__(exc)  # as raised, not as a subclass shows it (DataError: on one line)
+    worker = re.match(r"Caught \w+ (in DataLoader worker process \d+)\.\nOriginal Traceback", raw)
     if worker:
-        detail = f"{detail.splitlines()[-1]} ({worker.group(1)})"
-    return detail
+        return f"{raw.splitlines()[-1]} ({worker.group(1)})"
+    return "".join(traceback.format_exception_only(type(exc), exc)).strip()
 
 
 def raise_interrupt(signum, frame):
