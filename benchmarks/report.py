@@ -22,7 +22,7 @@ import numpy as np
 
 from benchmarks.run import MEMORY_FORMATS, held
 from benchmarks.workers import LR
-from launch.cli import JSON_DAMAGE, Parser, quick_exit, remove_abandoned, write_whole
+from launch.cli import JSON_DAMAGE, Parser, quick_exit, remove_abandoned
 from launch.ranks import raise_interrupt
 from launch.step import AUTOCAST
 
@@ -414,7 +414,7 @@ def chart_images_per_s(results, path: Path) -> None:
         ax.legend()
     fig.tight_layout()
     try:
-        write_whole(path, lambda partial: fig.savefig(partial, dpi=120, format="png"))
+        fig.savefig(path, dpi=120, format="png")  # a staged file (write_report)
     finally:
         plt.close(fig)
 
@@ -448,7 +448,7 @@ def chart_bytes(results, path: Path) -> None:
     ax.legend(fontsize=8)
     fig.tight_layout()
     try:
-        write_whole(path, lambda partial: fig.savefig(partial, dpi=120, format="png"))
+        fig.savefig(path, dpi=120, format="png")  # a staged file (write_report)
     finally:
         plt.close(fig)
 
@@ -662,7 +662,7 @@ def write_report(results: dict, folder: Path) -> None:
             remove_abandoned(folder, f".{name}.partial-")  # of a draw that was killed
         chart_images_per_s(results, staged[IMAGES_CHART])
         chart_bytes(results, staged[BYTES_CHART])
-        write_whole(staged["report.md"], lambda partial: partial.write_text("\n".join(lines) + "\n", **REPORT_TEXT))
+        staged["report.md"].write_text("\n".join(lines) + "\n", **REPORT_TEXT)
         for name, path in staged.items():
             os.replace(path, folder / name)
     finally:

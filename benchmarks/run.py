@@ -545,6 +545,15 @@ def mesh_projection(runs: dict, config: BenchConfig, analytic: dict) -> dict:
             "rows": rows, "changes": changes, "faster_at_the_largest": previous}
 
 
+def _gpu_names() -> list:
+    """The GPUs the machine has, used or not (--device cpu); none where the driver does not answer."""
+    try:
+        return [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() \
+            else []
+    except RuntimeError:  # a driver that fails, which --device cpu is there to avoid
+        return []
+
+
 def machine_info(devices: DevicePlan) -> dict:
     import torchvision
     cpu_model = platform.processor() or platform.machine()
@@ -556,9 +565,7 @@ def machine_info(devices: DevicePlan) -> dict:
     return {
         "hostname": socket.gethostname(), "platform": platform.platform(), "python": platform.python_version(),
         "cpu_model": cpu_model, "cpu_count": os.cpu_count(), "usable_cores": usable_cores(),
-        # those the machine has, used or not (--device cpu)
-        "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-        if torch.cuda.is_available() else [],
+        "gpus": _gpu_names(),
         "torch": torch.__version__, "torchvision": torchvision.__version__, "cuda": torch.version.cuda,
         "device_plan": devices._asdict(),
     }

@@ -182,6 +182,8 @@ def test_a_benchmark_kept_on_the_cpu_of_a_gpu_machine_says_so(monkeypatch):
     assert (plan.single, plan.two_rank) == ("cpu", "cpu")
     assert plan.note == "--device cpu: every mode on the CPU, two-rank modes over gloo"
     assert run.machine_info(plan)["gpus"] == ["GPU-X"]
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *args: (_ for _ in ()).throw(RuntimeError("driver")))
+    assert run.machine_info(plan)["gpus"] == []  # a driver that fails, which --device cpu is there to avoid
 
 
 def test_an_out_folder_that_cannot_be_made_is_refused(tiny_data, tmp_path):
@@ -684,7 +686,39 @@ def test_a_redraw_that_fails_or_is_stopped_leaves_the_earlier_report_as_it_was(t
     assert sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in committed.iterdir())
 
 
+
+@pytest.mark.slow  # real processes
+def test_a_redraw_killed_while_it_draws_leaves_nothing_that_the_next_does_not_remove(tmp_path):
+    """SIGKILL (the out-of-memory killer) in the middle of a chart: its part stays, hidden, and
+    the next redraw removes it (a part written through write_whole had a name it never did)."""
+    committed = sorted((ROOT / "benchmarks" / "reports").glob("*/results.json"))[-1].parent
+    folder = tmp_path / "report"
+    shutil.copytree(committed, folder)
+    killed = subprocess.run([sys.executable, "-c", _KILLED_WHILE_DRAWING, str(folder)], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert [p.name for p in folder.iterdir() if p.name.startswith(".")]  # the part it left
+    result = subprocess.run([sys.executable, "-m", "benchmarks.report", str(folder)], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in committed.iterdir())
+
+
 # benchmarks.report as python -m runs it, its first chart's drawing held until the test stops it
+# ... and killed while it draws its first chart, having written a part of it
+_KILLED_WHILE_DRAWING = """
+import os, runpy, signal, sys
+import matplotlib.figure
+def killed(fig, path, **kwargs):
+    with open(path, "wb") as f:
+        f.write(b"\\x89PNG")
+    os.kill(os.getpid(), signal.SIGKILL)
+matplotlib.figure.Figure.savefig = killed
+sys.argv = ["benchmarks.report", sys.argv[1]]
+runpy.run_module("benchmarks.report", run_name="__main__", alter_sys=True)
+"""
+
+
 _STOPPED_WHILE_DRAWING = """
 import runpy, sys, time
 import matplotlib.figure
