@@ -401,16 +401,21 @@ def _stray_images(dst: Path, planned: dict) -> list:
 
 
 def _remove_abandoned_partials(planned: dict) -> None:
-    """Removes the hidden partial images (write_whole's ".NAME.partial-PID") that the workers
-    of a run that was killed left in the folders that images are written to, where it can."""
-    for folder in {target.parent for target in planned}:
+    """Removes the hidden partial images that the workers of a run that was killed left beside
+    the images planned (write_whole's ".NAME.partial-PID", NAME shortened where the whole name
+    would be too long), where it can; no other file."""
+    targets = {}  # folder -> the names of the images planned in it
+    for target in planned:
+        targets.setdefault(target.parent, set()).add(target.name)
+    for folder, names in targets.items():
         try:
-            names = [e.name for e in os.scandir(folder) if e.name.startswith(".")]
+            hidden = [e.name for e in os.scandir(folder) if e.name.startswith(".") and ".partial-" in e.name]
         except OSError:  # not made yet, or not readable: the scan of DST says so
             continue
-        for name in names:
-            base, partial, pid = name.rpartition(".partial-")
-            if partial and pid.isdigit() and abandoned(pid):
+        for name in hidden:
+            base, _, pid = name[1:].rpartition(".partial-")
+            ours = base in names or (len(os.fsencode(name)) == NAME_MAX and any(n.startswith(base) for n in names))
+            if ours and pid.isdigit() and abandoned(pid):
                 with contextlib.suppress(OSError):  # a DST this run cannot write: it is read as it is
                     os.unlink(os.path.join(folder, name))
 

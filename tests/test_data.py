@@ -1013,6 +1013,12 @@ def test_prepare_writes_images_of_the_longest_names_and_refuses_one_whose_base_i
     with Image.open(dst / "train" / "a" / longest) as image:
         assert image.size == (256, 256)
     assert sorted(p.name for p in (dst / "train" / "a").iterdir()) == ["0.jpg", longest]  # no partial file left
+    # a killed worker's partial file of it, its name shortened to fit (cli.write_whole): removed by the next run
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    suffix = f".partial-{int(ended.stdout)}"
+    left = dst / "train" / "a" / f".{longest[:255 - 1 - len(suffix)]}{suffix}"
+    left.write_bytes(b"\xff\xd8")
+    assert prepare.main([str(src), str(dst), "--workers", "1"]) == 0 and not left.exists()
 
 
 def test_prepare_refuses_more_workers_than_its_cores_run_and_starts_no_more_than_its_work_needs(tmp_path, capsys,
@@ -1145,14 +1151,15 @@ def test_prepare_finds_the_images_that_a_link_in_dst_adds_and_removes_the_partia
     ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead, alive = train_a / f".0.jpg.partial-{int(ended.stdout)}", train_a / f".1.jpg.partial-{os.getppid()}"
     not_ours = elsewhere / f".0.jpg.partial-{int(ended.stdout)}"
-    for partial in (dead, alive, not_ours):
+    no_image_s = train_a / f".notes.partial-{int(ended.stdout)}"  # a partial file of no image planned: not ours
+    for partial in (dead, alive, not_ours, no_image_s):
         partial.write_bytes(b"\xff\xd8")
     with monkeypatch.context() as m:  # a DST this run cannot write: read as it is
         m.setattr(os, "unlink", lambda path, *args, **kwargs: (_ for _ in ()).throw(PermissionError(13, "denied")))
         assert prepare.main([str(src), str(dst), "--workers", "1"]) == 0
     assert dead.exists()
     assert prepare.main([str(src), str(dst), "--workers", "1"]) == 0
-    assert not dead.exists() and alive.exists() and not_ours.exists()
+    assert not dead.exists() and alive.exists() and not_ours.exists() and no_image_s.exists()
     # a DST folder that cannot be read: named, with that fix, not the fix of one that cannot be written
     unreadable, real_scandir = dst / "train" / "b", os.scandir
     with monkeypatch.context() as m:
