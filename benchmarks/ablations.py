@@ -187,11 +187,12 @@ def train(config: AblationConfig, variant: str, runs: Path, bundle) -> tuple:
         lines = stderr_path.read_text().strip().splitlines()
         why = next((line for line in reversed(lines) if line.startswith(("error:", "the run stopped:"))),
                    lines[-1] if lines else f"exit {returncode}")
+        how = f"killed by {signal_name(-returncode)}" if returncode < 0 else f"exit {returncode}"  # a crash (SIGSEGV)
         if returncode == 2 or not (run_dir / "metrics.jsonl").exists():  # refused, or stopped before training
-            raise AblationError(f"the {variant} run failed (exit {returncode}): {why.removeprefix('error: ')} (its "
+            raise AblationError(f"the {variant} run failed ({how}): {why.removeprefix('error: ')} (its "
                                 f"output: {stderr_path})")
         if _stopped(stderr_path) is None:  # not a result, which --reuse would refuse
-            raise AblationError(f"the {variant} run failed (exit {returncode}): {why} (its output: {stderr_path})")
+            raise AblationError(f"the {variant} run failed ({how}): {why} (its output: {stderr_path})")
         logger.warning("%s: the run stopped after %.0f s: %s", variant, time.perf_counter() - started, why)
         return run_dir, why
     logger.info("%s: done in %.0f s", variant, time.perf_counter() - started)

@@ -144,9 +144,9 @@ def builtin_dataset(root: Optional[Path] = None, *, train_per_class: int = BUILT
     root = Path(root) if root is not None else default_cache_dir() / BUILTIN_NAME
     if root.is_dir():
         return root
-    # A file, or a link to nothing, that the finished folder would be renamed onto (asked again
-    # whether it is a folder: another run may have just made it)
-    if os.path.lexists(root) and not root.is_dir():
+    if os.path.lexists(root):  # a file, or a link to nothing, that the finished folder would be renamed onto
+        if root.is_dir():  # or another run's folder, made since it was first asked
+            return root
         raise DataError(f"{root}, where the built-in dataset goes, is not a folder: remove it, and the next run makes "
                         f"the dataset there")
     partial = f".{root.name}.partial-"  # then HOST-PID-, and mkdtemp's letters

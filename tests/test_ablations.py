@@ -285,8 +285,8 @@ def test_a_run_stopped_from_outside_is_not_taken_for_a_result(tmp_path, monkeypa
     if returncode not in (130, -signal.SIGKILL):
         with pytest.raises(ablations.AblationError) as failed:
             ablations.train(config, "full", runs, _data())
-        assert str(failed.value) == f"the full run failed (exit {returncode}): epoch 1/3 step 5/78 loss 2.1 (its " \
-                                    f"output: {output})"
+        how = {-signal.SIGSEGV: "killed by SIGSEGV", 1: "exit 1"}.get(returncode, f"killed by signal {-returncode}")
+        assert str(failed.value) == f"the full run failed ({how}): epoch 1/3 step 5/78 loss 2.1 (its output: {output})"
         return
     with pytest.raises(ablations.Interrupted) as interrupted:
         ablations.train(config, "full", runs, _data())

@@ -421,7 +421,7 @@ def test_a_script_can_run_ranks_of_a_function_it_defines(tmp_path):
 _SLOW_TO_STOP = """
 import os, signal, sys, time
 from pathlib import Path
-from launch import rank_server, ranks
+from launch import rank_server
 from launch.cli import quick_exit
 from launch.ranks import run_ranks
 
