@@ -599,7 +599,8 @@ def write_report(results: dict, info: dict, out: Path) -> None:
         "",
         "## Machine and configuration", "",
         f"- host `{info['machine']['hostname']}`, {info['machine']['cpu_model']}, {info['machine']['cpu_count']} "
-        f"logical cores{usable_cores_note(info['machine'])}, GPUs: {', '.join(info['machine']['gpus']) or 'none'}; torch {info['machine']['torch']}",
+        f"logical cores{usable_cores_note(info['machine'])}, GPUs: {', '.join(info['machine']['gpus']) or 'none'}; "
+        f"torch {info['machine']['torch']}",
         f"- command: `{info['command']}`" + (" (runs already finished in --runs were read, not trained again: "
                                              "each was trained by this command without --reuse, with the "
                                              "options checked against its config.json)"

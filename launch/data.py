@@ -141,9 +141,9 @@ class ImageFolderSplit(Dataset):
                     break
                 skipped += passed_over
             else:
-                raise DataError(f"no usable image of class {_as_shown(self.classes[label])} in {self.split}/: each of its "
-                                f"{len(members)} files failed to decode or was refused, such as {skipped[0][1]}: "
-                                f"replace them, or remove the class from both train/ and val/")
+                raise DataError(f"no usable image of class {_as_shown(self.classes[label])} in {self.split}/: each "
+                                f"of its {len(members)} files failed to decode or was refused, such as "
+                                f"{skipped[0][1]}: replace them, or remove the class from both train/ and val/")
 
 
 @dataclass
@@ -439,9 +439,9 @@ def _scan_layout(root: Path, builtin_alternative: bool, need_train: bool):
     for split in splits:
         empty = [name for name, images in zip(names, files[split]) if not images]
         if empty:
-            raise DataError(f"{len(empty)} class folder(s) in {root / split} hold no images ({', '.join(map(_as_shown, empty[:10]))}"
-                            f"{' ...' if len(empty) > 10 else ''}): add images to them or remove the class from "
-                            f"both train/ and val/")
+            raise DataError(f"{len(empty)} class folder(s) in {root / split} hold no images "
+                            f"({', '.join(map(_as_shown, empty[:10]))}{' ...' if len(empty) > 10 else ''}): add "
+                            f"images to them or remove the class from both train/ and val/")
     return names, files, skipped
 
 
@@ -468,8 +468,8 @@ def open_data(data_dir: Optional[Union[str, Path]], *, cache_dir: Optional[Path]
         raise DataError(f"the built-in dataset's folder is damaged ({exc}): delete {root}, and the next run makes it "
                         f"again") from None
     if classify and len(classes) < 2:  # before its statistics are computed: the net would refuse it
-        raise DataError(f"{root} has one class, {_as_shown(classes[0])}: a classifier tells classes apart, so add the folders "
-                        f"of the others (two at least) to train/ and val/")
+        raise DataError(f"{root} has one class, {_as_shown(classes[0])}: a classifier tells classes apart, so add "
+                        f"the folders of the others (two at least) to train/ and val/")
     splits = {}
     for split in ("train", "val"):
         samples = [(path, label) for label, images in enumerate(files[split]) for path, _ in images]

@@ -292,7 +292,8 @@ def test_a_run_stopped_from_outside_is_not_taken_for_a_result(tmp_path, monkeypa
         ablations.train(config, "full", runs, _data())
     how = {130: "interrupted", -signal.SIGKILL: "killed by SIGKILL"}[returncode]
     advice = (f"it wrote no checkpoint yet, so remove {runs / 'full'} and run the ablation again with --reuse, which "
-              f"trains it anew" if began else "it had not begun, so run the ablation again with --reuse, which trains it")
+              f"trains it anew" if began else
+              "it had not begun, so run the ablation again with --reuse, which trains it")
     assert str(interrupted.value) == f"the full run was stopped ({how}; its output: {output}): {advice}"
     # no record of its conditions: a --reuse of the run, once finished, would report this start's time
     assert not (runs / f"full{ablations.CONDITIONS_SUFFIX}").exists()

@@ -1548,13 +1548,13 @@ def test_prepare_names_the_fix_of_a_write_that_fails(tiny_data, tmp_path, capfd)
     assert prepare.main([str(tiny_data), str(afile), "--workers", "1"]) == 2
     last = capfd.readouterr().err.splitlines()[-1]
     assert last.startswith(f"error: cannot write to DST {afile} (") and ": make it a folder, or give a DST" in last
-    in_the_way = tmp_path / "prepared" / "train" / sorted(builtin.BUILTIN_CLASSES)[0]  # a file where a class folder goes
+    in_the_way = tmp_path / "prepared" / "train" / sorted(builtin.BUILTIN_CLASSES)[0]  # where a class folder goes
     in_the_way.parent.mkdir(parents=True)
     in_the_way.write_text("")
     assert prepare.main([str(tiny_data), str(tmp_path / "prepared"), "--workers", "1"]) == 2
     assert capfd.readouterr().err.splitlines()[-1] == (
-        f"error: cannot write {in_the_way} in DST {tmp_path / 'prepared'} (Not a directory): make it a folder, or give a "
-        f"DST that can be written; run again, and the images already written are kept")
+        f"error: cannot write {in_the_way} in DST {tmp_path / 'prepared'} (Not a directory): make it a folder, or "
+        f"give a DST that can be written; run again, and the images already written are kept")
 
 
 # launch.prepare where one worker's write never ends, and outlives SIGTERM (as one on a disk

@@ -310,7 +310,8 @@ def test_bf16_and_compiled_towers_train_and_resume_in_either_arithmetic(tiny_dat
         assert config.lr == 0.001 and config.batch_size == 4  # the recipe stays the run's
     # on GPUs without bfloat16, the arithmetic that an evaluation keeps from the checkpoint is named as such
     for name, value in (("is_available", lambda: True), ("device_count", lambda: 2),
-                        ("is_bf16_supported", lambda *args, **kwargs: False), ("get_device_name", lambda *args: "GPU-X")):
+                        ("is_bf16_supported", lambda *args, **kwargs: False),
+                        ("get_device_name", lambda *args: "GPU-X")):
         monkeypatch.setattr(torch.cuda, name, value)
     for argv, said in (([], f" (the arithmetic {tmp_path / 'bf16'} was trained in)"), (["--precision", "bf16"], "")):
         with pytest.raises(ValueError) as refused:

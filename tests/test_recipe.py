@@ -146,7 +146,8 @@ def test_milestones_the_run_never_reaches_are_warned_of_and_an_epoch_named_twice
     check_schedule_options(TrainConfig(eval_only="run", lr_milestones=(2, 2)))  # refused as a training option
     # a run saved with such milestones (before they were refused) resumes as it was saved
     saved = _resolved(360, data="photos", recipe="small", lr_milestones=(2, 2))
-    payload = {"config": dataclasses.asdict(saved), "arch": {name: getattr(saved, name) for name in ARCHITECTURE_OPTIONS}}
+    arch = {name: getattr(saved, name) for name in ARCHITECTURE_OPTIONS}
+    payload = {"config": dataclasses.asdict(saved), "arch": arch}
     check_schedule_options(TrainConfig(resume="run"))
     assert resumed_config(TrainConfig(resume="run"), payload).lr_milestones == (2, 2)
 
