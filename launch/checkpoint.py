@@ -368,8 +368,12 @@ def load_reference(path, dropout: float = 0.5) -> AlexNet:
 def save_reference(path, model: AlexNet, **extra) -> None:
     """Saves a reference model as a checkpoint that the towers can evaluate or resume from
     (the one-tower net's, only in one process). A model that torch.compile wrapped is saved
-    as the model it wraps, under its own parameter names."""
+    as the model it wraps, under its own parameter names. Raises TypeError for anything else,
+    such as one tower (half the net, which nothing would load)."""
     model = getattr(model, "_orig_mod", model)
+    if not isinstance(model, AlexNet):
+        raise TypeError(f"save_reference saves the single-device AlexNet, not a {type(model).__name__}: put the towers' "
+                        f"halves together first (towers.unshard_state_dicts, into an AlexNet's load_state_dict)")
     save_checkpoint(path, checkpoint_payload(model.state_dict(), num_classes=model.num_classes,
                                              architecture=model.architecture, **extra))
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from launch.checkpoint import save_reference
 from towers import build_reference, shard_state_dict, unshard_state_dicts
 
 HALF_CONV1_TO_FC7 = 28_434_112  # each tower holds exactly half of conv1-FC7 (Figure 2)
@@ -91,3 +92,18 @@ def test_unsharding_with_another_placement_than_the_sharding_is_refused(referenc
     towers[1]["conv1.bias"] = torch.zeros(3)
     with pytest.raises(ValueError, match=r"halves of conv1.bias differ in shape \(\(48,\) and \(3,\)\)"):
         unshard_state_dicts(towers, sharded)
+
+
+def test_save_reference_refuses_anything_but_the_single_device_net(tmp_path):
+    """One tower saved so (half the net, in a script of one's own) made a checkpoint that every
+    loader refused as holding other weights, without saying it was half a net."""
+    class Tower(torch.nn.Module):  # as towers.Tower is named, which needs a process group to be built
+        pass
+
+    with pytest.raises(TypeError, match=r"^save_reference saves the single-device AlexNet, not a Tower: put the "
+                                        r"towers' halves together first \(towers.unshard_state_dicts"):
+        save_reference(tmp_path / "half.pt", Tower())
+    assert not (tmp_path / "half.pt").exists()
+    save_reference(tmp_path / "whole.pt", build_reference(10))
+    assert (tmp_path / "whole.pt").is_file()
+
