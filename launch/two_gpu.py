@@ -72,6 +72,19 @@ TRAINING_ONLY = ("epochs", "lr", "momentum", "weight_decay", "schedule", "patien
                  "warmup_steps", "init", "dropout", "seed", "log_every", "checkpoint_every", "max_steps")
 
 
+def check_gloo_interface() -> None:
+    """GLOO_SOCKET_IFNAME, where set, must name this machine's network interfaces (a list of
+    them, comma-separated): else every rank fails in gloo's C++ as it starts, with a traceback."""
+    given = os.environ.get("GLOO_SOCKET_IFNAME")
+    if not given:
+        return
+    here = sorted(name for _, name in socket.if_nameindex())
+    missing = [name for name in given.split(",") if name not in here]
+    if missing:
+        raise ValueError(f"GLOO_SOCKET_IFNAME={given} names {', '.join(missing)}, which this machine has no network "
+                         f"interface of (it has {', '.join(here)}): unset it, or name one of those")
+
+
 def check_master_addr(addr: str) -> None:
     """The rendezvous listens on ``addr``: it must name an address of this machine."""
     try:
@@ -580,6 +593,8 @@ def _configure(argv) -> tuple:
         kept = "" if "precision" in given else f" (the arithmetic {config.resume or config.eval_only} was trained in)"
         raise ValueError(f"--precision bf16{kept}: {torch.cuda.get_device_name(0)} has no bfloat16 arithmetic; add "
                          f"--precision fp32")
+    if placement.backend == "gloo":
+        check_gloo_interface()
     log.info("placement: %s", placement.describe())
     log.info("architecture: %s", architecture(config).describe())
     log.info("arithmetic: %s", describe_arithmetic(config, placement.device))
@@ -762,7 +777,7 @@ def _main_under_torchrun(config: TrainConfig, held: list, placement, argv: list)
         torch.set_num_threads(cpu_threads_per_rank(int(os.environ.get("LOCAL_WORLD_SIZE", world_size))))
     try:
         init_process_group(placement.backend, rank, world_size, config.timeout)
-    except (dist.DistNetworkError, dist.DistStoreError) as exc:  # no rendezvous: a peer missing, a port taken
+    except RuntimeError as exc:  # no rendezvous: a peer missing, a port taken, gloo's mesh not made (a restart)
         where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
         log.error("error: rank %d could not meet the other ranks at %s (%s): start all %d ranks within --timeout "
                   "%g s of each other, each with this MASTER_ADDR and MASTER_PORT (an address that every machine "

@@ -678,6 +678,30 @@ def test_a_launcher_environment_that_does_not_fit_is_named(tiny_data, tmp_path, 
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_rank_whose_gloo_cannot_connect_ends_in_one_line(tiny_data, tmp_path, monkeypatch, caplog, capfd):
+    """Under torchrun: a GLOO_SOCKET_IFNAME of no interface here is refused before the ranks
+    meet; gloo failing to connect its mesh (a peer gone, as at a torchrun restart) raised a
+    RuntimeError of its C++, printed as a traceback by every rank."""
+    for name, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="2", LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                            MASTER_PORT="29999").items():
+        monkeypatch.setenv(name, value)
+    args = ["--data", str(tiny_data), "--out", str(tmp_path / "runs"), *TINY]
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "nosuch")
+    assert two_gpu.main(args) == 2
+    said = caplog.text + capfd.readouterr().err
+    assert "error: GLOO_SOCKET_IFNAME=nosuch names nosuch, which this machine has no network interface of (it has " \
+           in said, said
+    monkeypatch.delenv("GLOO_SOCKET_IFNAME")
+    mesh = "Gloo connectFullMesh failed with [../third_party/gloo/gloo/transport/tcp/pair.cc:144] no error"
+    monkeypatch.setattr(two_gpu, "init_process_group", lambda *args: (_ for _ in ()).throw(RuntimeError(mesh)))
+    assert two_gpu.main(args) == 1
+    assert capfd.readouterr().err.strip().splitlines()[-1] == (
+        f"error: rank 0 could not meet the other ranks at 127.0.0.1:29999 ({mesh}): start all 2 ranks within "
+        f"--timeout 300 s of each other, each with this MASTER_ADDR and MASTER_PORT (an address that every machine "
+        f"reaches, a port free on its machine), as torchrun does")
+    assert not (tmp_path / "runs").exists()
+
+
 @pytest.mark.slow
 def test_a_rendezvous_that_never_happens_ends_each_rank_in_one_line(tiny_data, tmp_path):
     """Ranks started by hand with the torchrun environment, their peers missing: rank 0 waits
