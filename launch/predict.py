@@ -68,6 +68,8 @@ class PredictOptions:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
 
 
+PATCHES_PER_FORWARD = 160  # through the net at once (--batch-size 300 --ten-crop, 3,000 at once, took 18 GB)
+
 class Prediction(NamedTuple):
     path: str
     probabilities: Optional[torch.Tensor]  # num_classes float32, on the CPU; None when the image failed
@@ -88,7 +90,9 @@ class Classifier:
         base_images = base_images.to(self.device)
         images = base_images if ten_crop else center_crop(base_images)
         inputs = eval_views(images, self.stats, ten_crop).reshape(-1, *IMAGE_SHAPE)
-        probs = F.softmax(self.model(inputs).float(), dim=1)
+        # at most PATCHES_PER_FORWARD through the net at once, whatever --batch-size (and --ten-crop) make
+        logits = torch.cat([self.model(part) for part in inputs.split(PATCHES_PER_FORWARD)])
+        probs = F.softmax(logits.float(), dim=1)
         return probs.view(len(base_images), TEN_PATCHES if ten_crop else 1, -1).mean(dim=1).cpu()
 
     def classify(self, paths: List[str], batch_size: int, ten_crop: bool = False) -> Iterator[Prediction]:

@@ -145,6 +145,26 @@ def test_predictions_are_the_reference_softmax_of_the_evaluation_patches(checkpo
     assert probabilities.max(dim=1).values.min() > 2 / len(CLASSES)
 
 
+def test_the_net_takes_a_bounded_number_of_patches_at_once(checkpoints, photos, monkeypatch):
+    """--batch-size 300 --ten-crop sent 3,000 patches through the net at once: 18 GB, then the
+    out-of-memory killer, without a word. The same probabilities, in parts of at most
+    PATCHES_PER_FORWARD."""
+    classifier = open_classifier(checkpoints["full"])
+    whole = [p.probabilities for p in classifier.classify(photos[:2], batch_size=2, ten_crop=True)]
+    sizes, forward = [], classifier.model.forward
+
+    def counted(inputs):
+        sizes.append(len(inputs))
+        return forward(inputs)
+
+    monkeypatch.setattr(predict, "PATCHES_PER_FORWARD", 7)
+    monkeypatch.setattr(classifier.model, "forward", counted)
+    parts = [p.probabilities for p in classifier.classify(photos[:2], batch_size=2, ten_crop=True)]
+    assert sizes == [7, 7, 6]  # 20 patches
+    for a, b in zip(whole, parts):
+        torch.testing.assert_close(a, b, **PROB_TOL)
+
+
 def test_ten_patches_differ_from_the_centre_patch(checkpoints, photos):
     classifier = open_classifier(checkpoints["full"])
     centre = _predictions(classifier, photos[:1])[0].probabilities
