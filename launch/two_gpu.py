@@ -75,11 +75,15 @@ TRAINING_ONLY = ("epochs", "lr", "momentum", "weight_decay", "schedule", "patien
 def check_gloo_interface() -> None:
     """GLOO_SOCKET_IFNAME, where set, must name this machine's network interfaces (a list of
     them, comma-separated): else every rank fails in gloo's C++ as it starts, with a traceback."""
-    given = os.environ.get("GLOO_SOCKET_IFNAME")
-    if not given:
+    given = os.environ.get("GLOO_SOCKET_IFNAME", "")
+    if len(given) <= 1:  # gloo reads none shorter
         return
-    here = sorted(name for _, name in socket.if_nameindex())
-    missing = [name for name in given.split(",") if name not in here]
+    try:
+        here = sorted(name for _, name in socket.if_nameindex())
+    except (OSError, AttributeError):  # not asked where the system does not say
+        return
+    names = given.split(",")[:-1] if given.endswith(",") else given.split(",")
+    missing = [name for name in names if name.split(":")[0] not in here]  # eth0:1, an alias of eth0
     if missing:
         raise ValueError(f"GLOO_SOCKET_IFNAME={given} names {', '.join(missing)}, which this machine has no network "
                          f"interface of (it has {', '.join(here)}): unset it, or name one of those")
@@ -593,8 +597,7 @@ def _configure(argv) -> tuple:
         kept = "" if "precision" in given else f" (the arithmetic {config.resume or config.eval_only} was trained in)"
         raise ValueError(f"--precision bf16{kept}: {torch.cuda.get_device_name(0)} has no bfloat16 arithmetic; add "
                          f"--precision fp32")
-    if placement.backend == "gloo":
-        check_gloo_interface()
+    check_gloo_interface()  # gloo carries the ranks' own talk under NCCL too (patient_group), a lone rank's too
     log.info("placement: %s", placement.describe())
     log.info("architecture: %s", architecture(config).describe())
     log.info("arithmetic: %s", describe_arithmetic(config, placement.device))
@@ -778,6 +781,8 @@ def _main_under_torchrun(config: TrainConfig, held: list, placement, argv: list)
     try:
         init_process_group(placement.backend, rank, world_size, config.timeout)
     except RuntimeError as exc:  # no rendezvous: a peer missing, a port taken, gloo's mesh not made (a restart)
+        if not isinstance(exc, dist.DistError) and "connectFullMesh" not in str(exc):
+            raise  # another fault (CUDA's, a device's): its own traceback, not this advice
         where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
         log.error("error: rank %d could not meet the other ranks at %s (%s): start all %d ranks within --timeout "
                   "%g s of each other, each with this MASTER_ADDR and MASTER_PORT (an address that every machine "

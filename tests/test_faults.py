@@ -700,6 +700,24 @@ def test_a_rank_whose_gloo_cannot_connect_ends_in_one_line(tiny_data, tmp_path, 
         f"--timeout 300 s of each other, each with this MASTER_ADDR and MASTER_PORT (an address that every machine "
         f"reaches, a port free on its machine), as torchrun does")
     assert not (tmp_path / "runs").exists()
+    # another fault as the rank joins (CUDA's): its own traceback, not the advice of a rendezvous
+    monkeypatch.setattr(two_gpu, "init_process_group",
+                        lambda *args: (_ for _ in ()).throw(RuntimeError("CUDA error: out of memory")))
+    with pytest.raises(RuntimeError, match="CUDA error: out of memory"):
+        two_gpu.main(args)
+
+
+@pytest.mark.parametrize("value, refused", [("nosuch", True), ("lo,nosuch", True), (",lo", True), ("lo", False),
+                                            ("lo,", False), ("lo:1", False), ("x", False), ("", False)])
+def test_gloo_socket_ifname_is_checked_as_gloo_reads_it(monkeypatch, value, refused):
+    """A list of this machine's interfaces (a trailing comma dropped, an alias eth0:1 of eth0);
+    one character or none is not read at all."""
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", value)
+    if refused:
+        with pytest.raises(ValueError, match=f"^GLOO_SOCKET_IFNAME={value} names "):
+            two_gpu.check_gloo_interface()
+    else:
+        two_gpu.check_gloo_interface()
 
 
 @pytest.mark.slow
