@@ -273,11 +273,13 @@ def error_line(exc: BaseException) -> str:
     """The exception as its last line of a traceback shows it. An error that a DataLoader
     worker raised arrives with the worker's whole traceback in its message: of that, the
     worker's own last line, and which worker."""
-    raw = BaseException.__str__(exc)  # as raised, not as a subclass shows it (DataError: on one line)
-    worker = re.match(r"Caught \w+ (in DataLoader worker process \d+)\.\nOriginal Traceback", raw)
-    if worker:
-        return f"{raw.splitlines()[-1]} ({worker.group(1)})"
-    return "".join(traceback.format_exception_only(type(exc), exc)).strip()
+    detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+    # as raised, not as a subclass shows it (DataError: on one line); or as shown (raised with message=)
+    for text in (BaseException.__str__(exc), detail.partition(": ")[2]):
+        worker = re.match(r"Caught \w+ (in DataLoader worker process \d+)\.\nOriginal Traceback", text)
+        if worker:
+            return f"{text.splitlines()[-1]} ({worker.group(1)})"
+    return detail
 
 
 def raise_interrupt(signum, frame):

@@ -486,6 +486,23 @@ def test_threads_share_the_cores(monkeypatch):
     assert (cpu_threads_per_rank(1), cpu_threads_per_rank(2)) == (3, 1)
 
 
+def test_a_dataloader_worker_s_error_is_its_last_line_however_it_was_raised_again():
+    """torch raises a worker's error again as ``type(message=...)`` where the type takes one: its
+    args are then empty, and only its str holds the worker's traceback."""
+    class Msg(Exception):
+        def __init__(self, message):
+            super().__init__()
+            self.message = message
+
+        def __str__(self):
+            return self.message
+
+    worker = "Caught Msg in DataLoader worker process 3.\nOriginal Traceback (most recent call last):\n  File x\nMsg: m"
+    assert ranks.error_line(Msg(message=worker)) == "Msg: m (in DataLoader worker process 3)"
+    assert ranks.error_line(ValueError(worker)) == "Msg: m (in DataLoader worker process 3)"
+    assert ranks.error_line(ValueError("plain")) == "ValueError: plain"
+
+
 def test_a_rank_killed_by_a_real_time_signal_is_said_to_be_so():
     """signal.Signals has no name for one (SIGRTMIN + n): the launcher's report of the failure raised ValueError."""
     real_time = signal.SIGRTMIN + 5
