@@ -5,8 +5,10 @@ asked to run; the stages themselves are tested elsewhere (tests/test_gpu.py, tes
 
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -119,3 +121,23 @@ def test_tests_that_outrun_the_budget_are_stopped(tmp_path, stand_in):
     log = (tmp_path / "gpu-tests.log").read_text()
     assert re.fullmatch(r"error: the GPU tests were stopped after their [123] s of GPU_BUDGET_S=3",
                         log.strip().splitlines()[-1]), log
+
+
+@pytest.mark.parametrize("signal_name", ["SIGINT", "SIGTERM"])
+def test_a_stop_while_it_reports_the_environment_leaves_no_partial_file(tmp_path, signal_name):
+    """Ctrl-C while torch is imported for the environment's report: its hidden partial file,
+    named after the script's process, stayed in OUT for good."""
+    slow = tmp_path / "python"
+    slow.write_text("#!/bin/sh\nsleep 60\n")
+    slow.chmod(0o755)
+    out = tmp_path / "out"
+    proc = subprocess.Popen(["bash", str(SCRIPT), str(out), "tests"], cwd=ROOT, env=dict(os.environ, PYTHON=str(slow)),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 30
+    while not list(out.glob(".environment.txt.partial-*")) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert list(out.glob(".environment.txt.partial-*"))
+    os.killpg(proc.pid, getattr(signal, signal_name))
+    proc.wait(timeout=60)
+    assert list(out.iterdir()) == []
+
