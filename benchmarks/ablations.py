@@ -185,9 +185,9 @@ def train(config: AblationConfig, variant: str, runs: Path, bundle) -> tuple:
         raise _cannot_write(runs, error, "--runs") from None
     if returncode != 0:
         lines = stderr_path.read_text().strip().splitlines()
-        why = next((line for line in reversed(lines) if line.startswith(("error:", "the run stopped:"))),
-                   lines[-1] if lines else f"exit {returncode}")
         how = f"killed by {signal_name(-returncode)}" if returncode < 0 else f"exit {returncode}"  # a crash (SIGSEGV)
+        why = next((line for line in reversed(lines) if line.startswith(("error:", "the run stopped:"))),
+                   lines[-1] if lines else "it said nothing")
         if returncode == 2 or not (run_dir / "metrics.jsonl").exists():  # refused, or stopped before training
             raise AblationError(f"the {variant} run failed ({how}): {why.removeprefix('error: ')} (its "
                                 f"output: {stderr_path})")

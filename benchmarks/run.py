@@ -550,7 +550,7 @@ def _gpu_names() -> list:
     try:
         return [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() \
             else []
-    except RuntimeError:  # a driver that fails, which --device cpu is there to avoid
+    except Exception:  # a driver that fails (DeferredCudaCallError is no RuntimeError), which --device cpu avoids
         return []
 
 

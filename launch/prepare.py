@@ -414,7 +414,8 @@ def _remove_abandoned_partials(planned: dict) -> None:
             continue
         for name in hidden:
             base, _, pid = name[1:].rpartition(".partial-")
-            ours = base in names or (len(os.fsencode(name)) == NAME_MAX and any(n.startswith(base) for n in names))
+            ours = base in names or (len(os.fsencode(name)) == NAME_MAX  # cut by bytes, within a character perhaps
+                                     and any(os.fsencode(n).startswith(os.fsencode(base)) for n in names))
             if ours and pid.isdigit() and abandoned(pid):
                 with contextlib.suppress(OSError):  # a DST this run cannot write: it is read as it is
                     os.unlink(os.path.join(folder, name))

@@ -1021,6 +1021,23 @@ def test_prepare_writes_images_of_the_longest_names_and_refuses_one_whose_base_i
     assert prepare.main([str(src), str(dst), "--workers", "1"]) == 0 and not left.exists()
 
 
+def test_a_partial_image_whose_name_was_cut_within_a_character_is_removed(tmp_path):
+    """cli.write_whole cuts a long name by bytes, perhaps within a character: compared as text,
+    its partial file was not found to be the image's."""
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    suffix = f".partial-{int(ended.stdout)}"
+    kept = 255 - 1 - len(suffix)  # bytes of the name in its partial file's: within an é after an odd number of c's
+    target = tmp_path / "train" / "a" / ("c" * (1 + kept % 2) + "é" * 120 + ".jpg")
+    target.parent.mkdir(parents=True)
+    cut = os.fsdecode(b"." + os.fsencode(target.name)[:255 - 1 - len(suffix)] + suffix.encode())
+    assert len(os.fsencode(cut)) == 255
+    (target.parent / cut).write_bytes(b"\xff\xd8")
+    other = target.parent / f".other.jpg{suffix}"  # of no image planned
+    other.write_bytes(b"\xff\xd8")
+    prepare._remove_abandoned_partials({target: None})
+    assert [p.name for p in target.parent.iterdir()] == [other.name]
+
+
 def test_prepare_refuses_more_workers_than_its_cores_run_and_starts_no_more_than_its_work_needs(tmp_path, capsys,
                                                                                                  monkeypatch):
     src, dst = _simple_tree(tmp_path / "raw"), tmp_path / "prepared"
