@@ -47,6 +47,15 @@ def pytest_configure(config):
         os.environ["PYTEST_DEBUG_TEMPROOT"] = str(MEMORY_TEMP_ROOT)
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_logreport(report):
+    """A pytest-xdist worker sends each report, its captured output and log included, to the
+    controller as UTF-8: a captured line that names a file whose name is not UTF-8 (which
+    Python holds as surrogates) ended the whole run in an INTERNALERROR. Escaped here, first."""
+    report.sections = [(title, text.encode("utf-8", "backslashreplace").decode("utf-8"))
+                       for title, text in report.sections]
+
+
 _TEMPORARY_ROOT = []  # the folder that short_temporary makes its folders in, once made
 
 

@@ -3,6 +3,7 @@ its refusals, and how GPU_BUDGET_S shares a lent machine's time between the two 
 Here a stand-in for Python answers the script's GPU check and records what each stage was
 asked to run; the stages themselves are tested elsewhere (tests/test_gpu.py, test_benchmarks.py)."""
 
+import contextlib
 import os
 import re
 import signal
@@ -133,11 +134,15 @@ def test_a_stop_while_it_reports_the_environment_leaves_no_partial_file(tmp_path
     out = tmp_path / "out"
     proc = subprocess.Popen(["bash", str(SCRIPT), str(out), "tests"], cwd=ROOT, env=dict(os.environ, PYTHON=str(slow)),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + 30
-    while not list(out.glob(".environment.txt.partial-*")) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert list(out.glob(".environment.txt.partial-*"))
-    os.killpg(proc.pid, getattr(signal, signal_name))
-    proc.wait(timeout=60)
+    try:
+        deadline = time.monotonic() + 30
+        while not list(out.glob(".environment.txt.partial-*")) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert list(out.glob(".environment.txt.partial-*"))
+        os.killpg(proc.pid, getattr(signal, signal_name))
+        proc.wait(timeout=60)
+    finally:  # its own session: nothing of it left, whatever failed
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
     assert list(out.iterdir()) == []
 
