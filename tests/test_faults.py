@@ -10,6 +10,7 @@ import errno
 import importlib
 import io
 import json
+import logging
 import os
 import re
 import shutil
@@ -685,6 +686,9 @@ def test_a_rank_whose_gloo_cannot_connect_ends_in_one_line(tiny_data, tmp_path, 
     for name, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="2", LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                             MASTER_PORT="29999").items():
         monkeypatch.setenv(name, value)
+    root = logging.getLogger()  # as it was after: the rank's setup_logging replaces its handlers with its own
+    monkeypatch.setattr(root, "handlers", list(root.handlers))
+    monkeypatch.setattr(root, "level", root.level)
     args = ["--data", str(tiny_data), "--out", str(tmp_path / "runs"), *TINY]
     monkeypatch.setenv("GLOO_SOCKET_IFNAME", "nosuch")
     assert two_gpu.main(args) == 2
