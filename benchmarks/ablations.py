@@ -171,8 +171,9 @@ def train(config: AblationConfig, variant: str, runs: Path, bundle) -> tuple:
             returncode = run_child(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=stderr).returncode
     except KeyboardInterrupt:  # the run was stopped (run_child): say how to finish this one
         raise Interrupted(f"the {variant} run was stopped: {finish_advice(config, run_dir)}") from None
+    how = "interrupted" if returncode == 130 else \
+        f"killed by {signal_name(-returncode)}" if returncode < 0 else f"exit {returncode}"
     if returncode == 130 or -returncode in STOPPED_BY:  # from outside (SIGTERM, the kernel's SIGKILL): as Ctrl-C here
-        how = "interrupted" if returncode == 130 else f"killed by {signal_name(-returncode)}"
         raise Interrupted(f"the {variant} run was stopped ({how}; its output: {stderr_path}): "
                           f"{finish_advice(config, run_dir)}")
     # beside the run folder, for a report made later from the same runs (--reuse)
@@ -185,7 +186,6 @@ def train(config: AblationConfig, variant: str, runs: Path, bundle) -> tuple:
         raise _cannot_write(runs, error, "--runs") from None
     if returncode != 0:
         lines = stderr_path.read_text().strip().splitlines()
-        how = f"killed by {signal_name(-returncode)}" if returncode < 0 else f"exit {returncode}"  # a crash (SIGSEGV)
         why = next((line for line in reversed(lines) if line.startswith(("error:", "the run stopped:"))),
                    lines[-1] if lines else "it said nothing")
         if returncode == 2 or not (run_dir / "metrics.jsonl").exists():  # refused, or stopped before training

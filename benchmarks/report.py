@@ -600,9 +600,9 @@ def write_report(results: dict, folder: Path) -> None:
     # None until measured (a results.json of a version before them lacks the keys: it had finished)
     stages = [what for key, what in (("loader", "the data loader"), ("program", "the training program"))
               if key in results and results[key] is None]
-    unstarted = ([f"{never} of the {results['planned_runs']} planned runs"] if never > 0 else []) + stages
-    unstarted = [", ".join(unstarted[:-1]) + " and " + unstarted[-1]] if len(unstarted) > 1 else unstarted
-    stopped = ([f"**Not finished**: {unstarted[0]} had not started when results.json was written (the "
+    parts = ([f"{never} of the {results['planned_runs']} planned runs"] if never > 0 else []) + stages
+    unstarted = ", ".join(parts[:-1]) + " and " + parts[-1] if len(parts) > 1 else "".join(parts)  # "" if none
+    stopped = ([f"**Not finished**: {unstarted} had not started when results.json was written (the "
                 f"benchmark was stopped, or was still running); what follows is what was measured before.", ""]
                if unstarted else [])
     lines = [
@@ -646,7 +646,7 @@ def write_report(results: dict, folder: Path) -> None:
     ]
     lines += [f"- {n['mode']}, batch {n['batch']}, {_variant(n)}: {n['reason']}" for n in results["not_measured"]]
     if unstarted:  # a results.json of a benchmark stopped from outside
-        lines.append(f"- {unstarted[0]} had not started: the benchmark was stopped, or was still running")
+        lines.append(f"- {unstarted} had not started: the benchmark was stopped, or was still running")
     elif not results["not_measured"]:
         lines.append("Everything planned was measured.")
     diverged = [f"{r['mode']} (batch {r['batch']}, {_variant(r)})" for r in results["runs"]

@@ -45,10 +45,11 @@ def refuse_empty(**paths) -> None:
     Path takes for the current folder, where the program would read or write. ``paths``: an
     option's by its field name (out: --out), a positional argument's by its name in capitals."""
     for name, value in paths.items():
-        if value == "" and name.isupper():
+        if value != "":
+            continue
+        if name.isupper():
             raise ValueError(f"{name} is empty: give a path (. for the current folder)")
-        if value == "":
-            raise ValueError(f"--{name.replace('_', '-')} is empty: give a value, or leave the option out")
+        raise ValueError(f"--{name.replace('_', '-')} is empty: give a value, or leave the option out")
 
 
 def lock_exclusively(path: Path, read_only: bool = False):

@@ -268,6 +268,15 @@ def too_deep(folder: Path) -> DataError:
                      f"{sys.getrecursionlimit()} levels): move the images fewer folders down")
 
 
+def class_owners(split_dir: Path, names: list) -> dict:
+    """{real path of a class folder of the split: its class}, as images_in takes them; of two
+    class folders that are one folder, the first owns it."""
+    owners = {}
+    for name in names:
+        owners.setdefault(os.path.realpath(split_dir / name), name)
+    return owners
+
+
 def _owner(real_dir: str, owners: dict):
     """The class whose (real) folder holds the real path ``real_dir``, or None."""
     while real_dir not in owners:
@@ -416,9 +425,7 @@ def _scan_layout(root: Path, builtin_alternative: bool, need_train: bool):
     files = {"train": [[] for _ in names]}
     skipped, identities = {"train": Skipped()}, {"train": set()}
     for split in splits:
-        owners = {}
-        for name in names:  # setdefault: of two class folders that are one folder, the first owns it
-            owners.setdefault(os.path.realpath(root / split / name), name)
+        owners = class_owners(root / split, names)
         seen, skipped[split], identities[split] = set(), Skipped(), set()
         skipped[split].loose_images = _loose_images(root / split)
         try:

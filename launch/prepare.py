@@ -53,8 +53,8 @@ from PIL import Image
 
 from launch.cli import (MAX_PROCESSES_PER_CORE, NAME_MAX, Parser, abandoned, lock_exclusively, quick_exit,
                         refuse_empty, remove_abandoned, signal_name, usable_cores, write_whole)
-from launch.data import (UNFINISHED_NAME, DataError, Skipped, cannot_read, images_in, not_data, open_data,
-                         scan_layout, too_deep)
+from launch.data import (UNFINISHED_NAME, DataError, Skipped, cannot_read, class_owners, images_in, not_data,
+                         open_data, scan_layout, too_deep)
 from launch.images import DECODE_ERRORS, load_image, skip_reason
 from launch.ranks import die_with_parent
 
@@ -386,9 +386,7 @@ def _stray_images(dst: Path, planned: dict) -> list:
         if not (dst / split).is_dir():
             continue
         names = sorted(e.name for e in os.scandir(dst / split) if e.is_dir() and not not_data(e.name))
-        owners, seen, planned_real = {}, set(), None
-        for name in names:  # setdefault: of two class folders that are one folder, the first owns it
-            owners.setdefault(os.path.realpath(dst / split / name), name)
+        owners, seen, planned_real = class_owners(dst / split, names), set(), None
         for name in names:
             for path, _ in images_in(dst / split / name, name, owners, seen, Skipped(), set()):
                 if Path(path) in planned:
