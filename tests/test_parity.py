@@ -10,18 +10,22 @@ and see identical inputs; the rank returns error magnitudes and the parent asser
 import ast
 import contextlib
 import copy
+import io
 import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from launch.ranks import run_ranks
 from launch.step import paper_optimizer
 from towers import (Architecture, ExchangeLog, FC8_PLACEMENTS, Tower, build_reference, compile_blocks, init_weights,
                     shard_state_dict)
+from towers.sharding import half_of
 
 from conftest import ROOT, reference_from_seed
 
@@ -272,12 +276,25 @@ def _library_worker(rank, fc8_placement):
     """The towers as a user's own script uses them: built with the default group, loaded with
     the reference's halves, given images that require grad, an empty batch, a second derivative,
     FC8 trained alone (the layers before it frozen), activation checkpointing, copied by
-    copy.deepcopy (as EMA and SWA copy)."""
+    copy.deepcopy (as EMA and SWA copy); given the other tower's half, or a group it is not in."""
     torch.manual_seed(SEED)
     tower = Tower(None, 10, dropout=0.0, fc8_placement=fc8_placement).double()  # None: the default group
     drawn_after = torch.rand(4)  # the same on both ranks: building a tower leaves the stream as it was
     reference = build_reference(10, seed=SEED, dropout=0.0, init="scaled").double()
+    try:  # the files of the two towers' halves swapped
+        tower.load_state_dict(shard_state_dict(reference.state_dict(), 1 - rank, fc8_placement))
+        other_half = "loaded"
+    except RuntimeError as exc:
+        other_half = str(exc)
     tower.load_state_dict(shard_state_dict(reference.state_dict(), rank, fc8_placement))
+    saved = io.BytesIO()
+    torch.save(tower.state_dict(), saved)  # the tower's own state_dict, through a file, names its half
+    own_half = half_of(torch.load(io.BytesIO(saved.getvalue()), weights_only=True))
+    rank_0_only = dist.new_group([0])  # called on both ranks; rank 1 is not in it
+    try:
+        Tower(rank_0_only, 10)
+    except ValueError as exc:
+        group_refused = str(exc)
     images, labels = _inputs(torch.float64)
     labels = labels % 10
     grads = []
@@ -333,7 +350,8 @@ def _library_worker(rank, fc8_placement):
     with torch.no_grad():
         compiled_clone.fc7.weight.zero_()
     compiled_own = not torch.equal(compiled_clone(images), tower(images))
-    return {"fc8_only": fc8_only, "checkpointed": checkpointed, "copy": (same, own_weights, compiled_own), "drawn_after": drawn_after, "autocast_float64": autocast_float64, "input_grad": _rel(*grads), "empty": tuple(tower(images[:0]).shape),
+    return {"other_half": other_half, "own_half": own_half, "group_refused": group_refused,
+            "fc8_only": fc8_only, "checkpointed": checkpointed, "copy": (same, own_weights, compiled_own), "drawn_after": drawn_after, "autocast_float64": autocast_float64, "input_grad": _rel(*grads), "empty": tuple(tower(images[:0]).shape),
             "second": second, "init": init, "input_exchange": input_exchange}
 
 
@@ -350,7 +368,12 @@ def test_a_users_own_script_gets_the_references_function():
 
 def _assert_library_use(placement, ranks):
     assert torch.equal(ranks[0]["drawn_after"], ranks[1]["drawn_after"]), placement
+    assert "exactly 2 ranks, got 1" in ranks[0]["group_refused"]
+    assert "this rank is not in the process group given" in ranks[1]["group_refused"]
     for rank, r in enumerate(ranks):
+        assert (f"it holds tower {1 - rank}'s half of the net, and this is tower {rank}: load each tower its own half"
+                in r["other_half"]), (placement, rank, r["other_half"])
+        assert r["own_half"] == rank
         assert r["input_grad"] < 1e-12, f"{placement}, rank {rank}: the images' gradient is not the whole net's"
         assert r["empty"] == (0, 10)
         assert r["autocast_float64"] < 1e-12, placement  # float64 under bf16 autocast: float64, as the reference
@@ -403,11 +426,13 @@ UNLIKE = {
     # other images, as where each rank draws its augmentation from its own stream
     "images": ({}, {"fill": 1.0}, "images (CRC-32 "),
 }
+# rank 1's differ in type only
+ALIKE = {"alike": ({}, {}), "alike, numpy's integer": ({"num_classes": np.int64(10)}, {})}
 
 
 def _unlike_worker(rank):
     said = {}
-    for case, (built, run, _) in {**UNLIKE, "alike": ({}, {}, None)}.items():
+    for case, (built, run, *_) in {**UNLIKE, **ALIKE}.items():
         built, run = (built, run) if rank == 1 else ({}, {})
         tower = Tower(None, **{"num_classes": 10, "dropout": 0.0, **built})
         if run.get("eval"):
@@ -447,7 +472,7 @@ def test_towers_built_or_run_unlike_are_refused_on_both_naming_the_difference():
     timeout (placement, one tower without gradients), or another function without a word."""
     by_rank = run_ranks(_unlike_worker, timeout_s=TIMEOUT_S)
     for rank, said in enumerate(by_rank):
-        assert said["alike"] == (2, 10)
+        assert [said[case] for case in ALIKE] == [(2, 10)] * len(ALIKE)
         for case, (_, _, named) in UNLIKE.items():
             assert said[case].startswith(f"tower {rank}: the two towers differ in "), (case, said[case])
             assert said[case].endswith(": build both with the same arguments, and run both alike on the same images")

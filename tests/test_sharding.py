@@ -8,6 +8,7 @@ import torch
 
 from launch.checkpoint import save_reference
 from towers import build_reference, shard_state_dict, unshard_state_dicts
+from towers.sharding import half_of
 
 HALF_CONV1_TO_FC7 = 28_434_112  # each tower holds exactly half of conv1-FC7 (Figure 2)
 FC8 = 4_097_000
@@ -60,7 +61,7 @@ def test_bad_arguments_are_refused(reference_state):
         shard_state_dict(reference_state, 2)
     with pytest.raises(ValueError, match="expected 2"):
         unshard_state_dicts([shard_state_dict(reference_state, 0)])
-    for rank in (1.0, True, "1", torch.tensor([0, 1])):
+    for rank in (1.0, True, torch.tensor(True), "1", torch.tensor([0, 1])):
         with pytest.raises(ValueError, match=f"tower_rank must be an integer in range\\(2\\), got {re.escape(repr(rank))}$"):
             shard_state_dict(reference_state, rank)
     # a rank as numpy or torch give it (a loop's index, dist.get_rank's tensor): its value
@@ -79,10 +80,9 @@ def test_unsharding_with_another_placement_than_the_sharding_is_refused(referenc
     towers = [shard_state_dict(reference_state, rank, sharded) for rank in range(2)]
     with pytest.raises(ValueError, match=f"FC8, as fc8_placement='{sharded}' shards it, not '{told}'"):
         unshard_state_dicts(towers, told)
-    if sharded == "tower0":  # (split's halves swapped cannot be told from the right order)
-        for placement in ("tower0", "split"):
-            with pytest.raises(ValueError, match="pass them in tower order, tower 0's first"):
-                unshard_state_dicts(towers[::-1], placement)
+    for placement in ("tower0", "split"):
+        with pytest.raises(ValueError, match="pass them in tower order, tower 0's first"):
+            unshard_state_dicts(towers[::-1], placement)
     towers[1]["junk"] = torch.zeros(1)
     with pytest.raises(ValueError, match="unexpected parameter 'junk'"):
         unshard_state_dicts(towers, sharded)
@@ -92,6 +92,31 @@ def test_unsharding_with_another_placement_than_the_sharding_is_refused(referenc
     towers[1]["conv1.bias"] = torch.zeros(3)
     with pytest.raises(ValueError, match=r"halves of conv1.bias differ in shape \(\(48,\) and \(3,\)\)"):
         unshard_state_dicts(towers, sharded)
+
+
+@pytest.mark.parametrize("placement", ["tower0", "split"])
+def test_a_shard_names_its_tower_through_a_file_and_unsharding_refuses_halves_out_of_place(
+        reference_state, placement, tmp_path):
+    """Split FC8's two halves have the same shapes: both towers' state_dicts saved to one file,
+    or the files swapped, gave a net of one tower's half twice, or halves swapped, without a word."""
+    shards = []
+    for rank in range(2):
+        torch.save(shard_state_dict(reference_state, rank, placement), tmp_path / f"tower{rank}.pt")
+        shards.append(torch.load(tmp_path / f"tower{rank}.pt", weights_only=True))
+    assert [half_of(shard) for shard in shards] == [0, 1]
+    assert all(torch.equal(v, reference_state[k]) for k, v in unshard_state_dicts(shards, placement).items())
+    for rank in range(2):
+        with pytest.raises(ValueError, match=rf"^both state_dicts hold tower {rank}'s half \(saved to one file by "
+                                             rf"both towers\?\): pass tower 0's, then tower 1's$"):
+            unshard_state_dicts([shards[rank]] * 2, placement)
+    with pytest.raises(ValueError, match="passed as tower 0's holds tower 1's half: pass them in tower order"):
+        unshard_state_dicts([shards[1], dict(shards[0])], placement)  # one named, one a plain dict
+    plain = [dict(shard) for shard in shards]  # no name: put together as given
+    assert half_of(plain[0]) is None and unshard_state_dicts(plain, placement).keys() == reference_state.keys()
+    if placement == "tower0":  # tower 1's twice, unnamed: neither holds FC8
+        for told in ("tower0", "split"):
+            with pytest.raises(ValueError, match=r"^neither state_dict holds FC8, which tower 0's always does"):
+                unshard_state_dicts([plain[1]] * 2, told)
 
 
 def test_save_reference_refuses_anything_but_the_single_device_net(tmp_path):

@@ -5,16 +5,30 @@ tower 0 holding the first half. Input dimensions never need slicing: conv2,
 conv4 and conv5 are grouped in the reference, so each group's weight already
 sees only its own tower's maps, and conv3 and the FC layers see everything.
 FC8 is the one layer whose place is a choice (``FC8_PLACEMENTS``).
+
+A tower's state_dict names the tower whose half it holds, in the metadata that
+``state_dict()`` and ``torch.save`` keep (``HALF``): ``Tower.load_state_dict``
+refuses another tower's half, and ``unshard_state_dicts`` halves out of order. The
+two halves of split FC8 have the same shapes: without the name, tower 1's weights
+loaded into tower 0 without a word.
 """
 
 import operator
-from typing import Mapping, Sequence
+from collections import OrderedDict
+from typing import Mapping, Optional, Sequence
 
 import torch
 
 from .reference import LAYERS, TOWERS
 
 FC8_PLACEMENTS = ("tower0", "split")  # whole on tower 0 (the authors' 2012 layout) | 500 + 500
+HALF = "tower"  # the key, in a tower state_dict's own metadata, of the tower whose half it holds
+
+
+def half_of(state: Mapping) -> Optional[int]:
+    """The tower whose half a tower's state_dict holds, as it names it; None for a state_dict
+    that does not (a plain dict, one rebuilt key by key)."""
+    return getattr(state, "_metadata", {}).get("", {}).get(HALF)
 
 
 def check_placement(fc8_placement: str) -> None:
@@ -36,16 +50,20 @@ def _is_halved(key: str, fc8_placement: str) -> bool:
 
 
 def shard_state_dict(reference: Mapping[str, torch.Tensor], tower_rank: int, fc8_placement: str = "tower0") -> dict:
-    """The state_dict of tower ``tower_rank`` cut out of a reference state_dict."""
+    """The state_dict of tower ``tower_rank`` cut out of a reference state_dict, naming that
+    tower as a tower's own state_dict does (``HALF``)."""
     given = tower_rank
     check_placement(fc8_placement)
     try:  # an integer of numpy's or a tensor of one element stands for its value; True for no rank
-        tower_rank = None if isinstance(tower_rank, bool) else operator.index(tower_rank)
+        boolean = isinstance(tower_rank, bool) or (isinstance(tower_rank, torch.Tensor)
+                                                   and tower_rank.dtype == torch.bool)
+        tower_rank = None if boolean else operator.index(tower_rank)
     except TypeError:
         tower_rank = None
     if tower_rank not in range(TOWERS):
         raise ValueError(f"tower_rank must be an integer in range({TOWERS}), got {given!r}")
-    tower = {}
+    tower = OrderedDict()
+    tower._metadata = OrderedDict({"": {HALF: tower_rank}})
     for key, value in reference.items():
         if _is_halved(key, fc8_placement):
             if value.shape[0] % TOWERS:
@@ -62,7 +80,18 @@ def unshard_state_dicts(towers: Sequence[Mapping[str, torch.Tensor]], fc8_placem
     check_placement(fc8_placement)
     if len(towers) != TOWERS:
         raise ValueError(f"expected {TOWERS} tower state_dicts, got {len(towers)}")
+    halves = [half_of(tower) for tower in towers]
+    if halves[0] is not None and halves[0] == halves[1]:
+        raise ValueError(f"both state_dicts hold tower {halves[0]}'s half (saved to one file by both towers?): pass "
+                         f"tower 0's, then tower 1's")
+    for place, half in enumerate(halves):
+        if half not in (None, place):
+            raise ValueError(f"the state_dict passed as tower {place}'s holds tower {half}'s half: pass them in tower "
+                             f"order, tower 0's first")
     has_fc8 = ["fc8" in [_layer(key) for key in tower] for tower in towers]  # every key checked
+    if not any(has_fc8):
+        raise ValueError("neither state_dict holds FC8, which tower 0's always does (whole, or its half with "
+                         "fc8_placement='split'): pass tower 0's, then tower 1's")
     if has_fc8 == [False, True]:
         raise ValueError("tower 1's state_dict holds FC8 and tower 0's does not: pass them in tower order, tower 0's "
                          "first")

@@ -9,6 +9,7 @@ Every tower returns the full N x K logits, so the loss and everything after it
 """
 
 import copy
+import numbers
 import os
 import shutil
 import sysconfig
@@ -22,7 +23,7 @@ from .exchange import (ExchangeLog, broadcast_from_first, gather_channels, gathe
                        sum_gradients)
 from .reference import (ACTIVATIONS, CONV_CHANNELS, FC_FEATURES, POOL5_SHAPE, TOWERS, Architecture, LocalResponseNorm,
                         max_pool)
-from .sharding import check_placement
+from .sharding import HALF, check_placement
 
 
 class SharesGroup:
@@ -118,7 +119,8 @@ class Tower(SharesGroup, nn.Module):
 
     A new tower's weights are torch's default ones, placeholders: load this tower's half
     of a reference, ``tower.load_state_dict(shard_state_dict(reference.state_dict(),
-    tower.tower_rank, tower.fc8_placement))``. Building it leaves the random stream as it
+    tower.tower_rank, tower.fc8_placement))``; its state_dict names its half, and another
+    tower's is refused (``towers.sharding.HALF``). Building it leaves the random stream as it
     was, so that the two ranks' streams stay in step (FC8 may be on one tower only). Both
     towers must be given the same images, requiring grad on both or on neither: where they
     do, their gradient is the whole net's on both towers, summed in backward by a
@@ -140,6 +142,9 @@ class Tower(SharesGroup, nn.Module):
                              f"as the reference AlexNet on one device")
         if num_classes < 2:  # as the reference
             raise ValueError(f"num_classes must be at least 2, got {num_classes}")
+        if dist.get_world_size(group) < 0:  # what torch says of a group this rank is not in
+            raise ValueError("this rank is not in the process group given: build each rank's tower on a group it is in "
+                             "(dist.new_group, called on every rank, returns one that a rank outside it cannot use)")
         if dist.get_world_size(group) != TOWERS:
             raise ValueError(f"a tower needs a process group of exactly {TOWERS} ranks, got {dist.get_world_size(group)}")
         group = dist.group.WORLD if group is None else group
@@ -150,6 +155,8 @@ class Tower(SharesGroup, nn.Module):
         cuda = [torch.cuda.current_device()] if torch.cuda.is_initialized() else []
         with torch.random.fork_rng(devices=cuda):
             self._build_layers(group, num_classes, dropout, fc8_placement, architecture)
+        self.register_state_dict_post_hook(_name_half)
+        self.register_load_state_dict_pre_hook(_refuse_another_half)
 
     def _build_layers(self, group, num_classes, dropout, fc8_placement, architecture):
         c1, c2, c3, c4, c5 = (c // TOWERS for c in CONV_CHANNELS)
@@ -238,7 +245,8 @@ class Tower(SharesGroup, nn.Module):
         until the timeout, or compute another function without a word (other class counts
         read memory the other tower never wrote). One all-gather of a few numbers."""
         mine = self.settings(x)
-        coded = [float(v) if isinstance(v, (int, float)) else float(zlib.crc32(repr(v).encode())) for v in mine.values()]
+        coded = [float(v) if isinstance(v, numbers.Real) else float(zlib.crc32(repr(v).encode()))
+                 for v in mine.values()]
         gathered = [torch.empty(len(coded), dtype=torch.float64, device=x.device) for _ in range(TOWERS)]
         dist.all_gather(gathered, torch.tensor(coded, dtype=torch.float64, device=x.device), group=self.group)
         other = gathered[1 - self.tower_rank].tolist()
@@ -265,6 +273,21 @@ class Tower(SharesGroup, nn.Module):
 
 
 COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")  # those check_compile_backend can vouch for
+
+
+def _name_half(tower: Tower, state_dict, prefix, local_metadata) -> None:
+    """``state_dict``'s hook: the tower's metadata names its half (``towers.sharding.HALF``)."""
+    local_metadata[HALF] = tower.tower_rank
+
+
+def _refuse_another_half(tower: Tower, state_dict, prefix, local_metadata, strict, missing, unexpected,
+                         error_msgs) -> None:
+    """``load_state_dict``'s hook: a state_dict that names the other tower's half is refused."""
+    half = local_metadata.get(HALF)
+    if half is not None and half != tower.tower_rank:
+        error_msgs.append(f"it holds tower {half}'s half of the net, and this is tower {tower.tower_rank}: load each "
+                          f"tower its own half (shard_state_dict(state, tower.tower_rank, tower.fc8_placement), or "
+                          f"the state_dict that tower saved)")
 
 
 def check_compile_backend(backend: str, option: str, device: str = "cpu") -> None:
