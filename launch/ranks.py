@@ -15,6 +15,8 @@ import ctypes
 import datetime
 import functools
 import ipaddress
+import math
+import numbers
 import os
 import pickle
 import queue as queue_module
@@ -365,8 +367,13 @@ def run_ranks(fn: Callable, args: Sequence = (), world_size: int = 2, backend: s
     rank fails, after stopping the others; any other exception here (Ctrl-C, or one
     ``on_start`` raises) stops the ranks before it is raised.
     """
-    if not isinstance(world_size, int) or world_size < 1:
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
         raise ValueError(f"world_size must be a whole number of ranks, at least 1, got {world_size!r}")
+    for name, seconds in (("timeout_s", timeout_s), ("collective_timeout_s", collective_timeout_s)):
+        if not (seconds is None and name == "timeout_s" or isinstance(seconds, numbers.Real)
+                and not isinstance(seconds, bool) and 0 < seconds < math.inf):
+            no_limit = " (or None: no limit)" if name == "timeout_s" else ""
+            raise ValueError(f"{name} must be a number of seconds above 0{no_limit}, got {seconds!r}")
     check_importable(fn, args)
     if threads_per_rank is None and backend == "gloo":
         threads_per_rank = cpu_threads_per_rank(world_size)

@@ -344,10 +344,20 @@ def test_an_error_of_on_start_stops_the_ranks():
     assert len(started) == 2 and not any(p.is_alive() for p in started)
 
 
-@pytest.mark.parametrize("world_size", [0, -1, 2.0])
+@pytest.mark.parametrize("world_size", [0, -1, 2.0, True])
 def test_a_world_size_that_is_no_number_of_ranks_is_refused(world_size):
     with pytest.raises(ValueError, match="world_size must be a whole number of ranks, at least 1"):
         run_ranks(_sleep, (0,), world_size=world_size)
+
+
+@pytest.mark.parametrize("seconds", [0, -1, float("nan"), float("inf"), True, "60"])
+@pytest.mark.parametrize("name", ["timeout_s", "collective_timeout_s"])
+def test_a_time_limit_that_is_no_number_of_seconds_is_refused(name, seconds):
+    """NaN was no limit at all; 0 or less a limit already passed, named as such; a collective's
+    limit of 0 or less gloo's socket error."""
+    with pytest.raises(ValueError, match=rf"^{name} must be a number of seconds above 0.*, got "
+                                         rf"{re.escape(repr(seconds))}$"):
+        run_ranks(_sleep, (0,), **{name: seconds})
 
 
 def _environment_and_parent(rank, names):
