@@ -31,7 +31,7 @@ import torch.distributed as dist
 
 from towers import AlexNet, Architecture, Tower, shard_state_dict, unshard_state_dicts
 
-from .cli import prints_plainly, remove_abandoned
+from .cli import prints_plainly, remove_abandoned, values_refused
 from .config import TrainConfig
 from .images import BASE_SIZE
 from .mesh import Mesh
@@ -286,8 +286,9 @@ def load_checkpoint(path, classes: Optional[list] = None) -> dict:
 def check_training_state(path, payload: dict) -> None:
     """Raises CheckpointError, before any rank starts, unless the training state of a loaded
     checkpoint is as this program writes it: the run's recipe (options it knows, values it
-    accepts), its progress, and momentum of the weights' shapes. A checkpoint of another
-    version of the program (an option added since, say) is named as such."""
+    accepts, and the architecture its weights record), its progress, momentum for every
+    weight or none, and random states that can be set. A checkpoint of another version of
+    the program (an option added since, say) is named as such."""
     config, progress, momentum = payload.get("config"), payload.get("progress"), payload.get("momentum_buffer", {})
     fix = "evaluate it with --eval-only, or resume it with the version of this program that saved it"
     if config is None:  # weights alone, which launch.two_gpu.resumed_config names as such
@@ -306,14 +307,39 @@ def check_training_state(path, payload: dict) -> None:
                               f"writes ({exc}): {fix}") from None
     except ValueError:
         pass
+    refused = values_refused(config, TrainConfig)
+    if refused:  # a value no option takes would fail inside a rank, or pass for another without a word
+        raise CheckpointError(f"{path} records its run's recipe with values that this program does not write "
+                              f"({', '.join(refused[:4])}): {fix}")
+    unlike = [f"{name} {config[name]!r} against {payload['arch'][name]!r}"
+              for name in sorted(set(config) & set(payload["arch"])) if config[name] != payload["arch"][name]]
+    if unlike:  # --eval-only would build the net its weights record, --resume the one its recipe names
+        raise CheckpointError(f"{path} records its net otherwise in its recipe than with its weights "
+                              f"({', '.join(unlike)}): {fix}")
     counts = ("epoch", "batch", "global_step")
     if not (isinstance(progress, dict) and set(progress) <= {f.name for f in dataclasses.fields(Progress)}
             and all(type(progress.get(name)) is int and progress[name] >= 0 for name in counts)):
         raise CheckpointError(f"{path} records no progress (epoch, batch and step) as this program writes it: {fix}")
-    shapes = {k: tuple(v.shape) for k, v in payload["model"].items()}
-    if not isinstance(momentum, dict) or any(not isinstance(v, torch.Tensor) or shapes.get(k) != tuple(v.shape)
-                                             for k, v in momentum.items()):
-        raise CheckpointError(f"{path} holds momentum that does not fit its weights: {fix}")
+    refused = values_refused(progress, Progress) + [
+        f"{name}={value!r}" for name, value in progress.items()
+        if name in ("bad_epochs", "reductions", "best_error", "lr") and isinstance(value, (int, float))
+        and not (value >= 0 and (name == "best_error" or math.isfinite(value)))]
+    if refused:
+        raise CheckpointError(f"{path} records its progress with values that this program does not write "
+                              f"({', '.join(refused[:4])}): {fix}")
+    weights = payload["model"]
+    if not isinstance(momentum, dict) or any(
+            not isinstance(v, torch.Tensor) or k not in weights or v.shape != weights[k].shape
+            or v.dtype != weights[k].dtype or not torch.isfinite(v).all() for k, v in momentum.items()):
+        raise CheckpointError(f"{path} holds momentum that does not fit its weights (of their shapes and types, "
+                              f"finite): {fix}")
+    # Every weight's, or none before the first step or without momentum: a weight's momentum
+    # missing would start again from nothing, and the run not go on as it was.
+    stepped = progress["global_step"] > 0 and config.get("momentum", 0) > 0
+    if set(momentum) != (set(weights) if momentum or stepped else set()):
+        missing = sorted(set(weights) - set(momentum))
+        raise CheckpointError(f"{path} lacks the momentum of {', '.join(missing[:4])}{' ...' * (len(missing) > 4)} "
+                              f"(after {progress['global_step']} steps): {fix}")
     rng = payload.get("rng", {})  # a rank's random states, set as they are (torch checks their sizes only then)
     if not isinstance(rng, dict) or not all(
             re.fullmatch(r"rank\d+", str(rank)) and isinstance(state, dict) and state.get("cpu") is not None
@@ -323,10 +349,17 @@ def check_training_state(path, payload: dict) -> None:
 
 
 def _is_state(value, device: str) -> bool:
-    """Whether ``value`` can be a random generator's state: bytes, as many as the CPU's own
-    generator has (its state is of one size); a CUDA generator's state is checked where it is set."""
-    return (isinstance(value, torch.Tensor) and value.dtype == torch.uint8 and value.dim() == 1
-            and (device == "cuda" or value.shape == torch.get_rng_state().shape))
+    """Whether ``value`` can be a random generator's state: bytes, which the CPU's own generator
+    takes; a CUDA generator's state is checked where it is set."""
+    if not (isinstance(value, torch.Tensor) and value.dtype == torch.uint8 and value.dim() == 1):
+        return False
+    if device == "cuda":
+        return True
+    try:
+        torch.Generator().set_state(value)  # its size, and its Mersenne Twister's state
+    except RuntimeError:
+        return False
+    return True
 
 
 def check_classes(payload: dict, path, classes: list) -> None:

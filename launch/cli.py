@@ -142,6 +142,27 @@ def add_options(parser: argparse.ArgumentParser, config_class) -> None:
         parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=f.default, **kwargs)
 
 
+def _of_kind(value, hint) -> bool:
+    """Whether ``value``, as JSON or torch.save keeps it, is of the type ``hint`` (a float may be saved as an int)."""
+    if typing.get_origin(hint) is typing.Union:
+        return any(_of_kind(value, a) for a in typing.get_args(hint))
+    if hint is float:
+        return type(value) in (int, float)
+    if hint is tuple:  # lists of whole numbers, as the options that take several give them
+        return isinstance(value, (list, tuple)) and all(type(v) is int for v in value)
+    return type(value) is hint
+
+
+def values_refused(record: dict, config_class) -> list:
+    """What a record of ``config_class``'s fields, read back from a file, holds that no
+    instance would: a value of another type than its field's, or outside its choices, each
+    as 'name=value'. Fields the class lacks are left to the caller."""
+    hints = typing.get_type_hints(config_class)
+    choices = {f.name: f.metadata.get("choices") for f in dataclasses.fields(config_class)}
+    return [f"{name}={value!r}" for name, value in record.items() if name in hints and not (
+            _of_kind(value, hints[name]) and (value is None or choices[name] is None or value in choices[name]))]
+
+
 def shell_word(path) -> str:
     """``path`` as a shell reads it back, for a command that a message suggests."""
     return shlex.quote(str(path))

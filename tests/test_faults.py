@@ -11,6 +11,7 @@ import importlib
 import io
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -1561,7 +1562,36 @@ def test_resume_refuses_a_changed_recipe_and_weights_only_checkpoints(tiny_data,
                           (dict(payload, rng={"rank0": {"cpu": torch.get_rng_state().float()}}),
                            "holds random states that are not as this program writes them"),
                           (dict(payload, rng=dict(payload["rng"], rank1="text")), "holds random states that are"),
-                          (dict(payload, rng=[]), "holds random states that are")):
+                          (dict(payload, rng=[]), "holds random states that are"),
+                          # of the right size, but no Mersenne Twister's state: it failed in the rank
+                          (dict(payload, rng={"rank0": {"cpu": torch.zeros_like(torch.get_rng_state())}}),
+                           "holds random states that are not as this program writes them"),
+                          # values no option takes: a traceback, a failure in a rank, or another run without a word
+                          *((dict(payload, config=dict(payload["config"], **{name: value})),
+                             f"records its run's recipe with values that this program does not write ({name}="
+                             f"{value!r}): evaluate it with --eval-only")
+                            for name, value in (("recipe", "zzz"), ("precision", "zzz"), ("layout", "zzz"),
+                                                ("schedule", "zzz"), ("epochs", 2.5), ("fc8_placement", None))),
+                          (dict(payload, config=dict(payload["config"], pooling="non-overlapping")),
+                           "records its net otherwise in its recipe than with its weights (pooling 'non-overlapping' "
+                           "against 'overlapping')"),
+                          *((dict(payload, progress=dict(payload["progress"], **{name: value})),
+                             f"records its progress with values that this program does not write ({name}={value!r})")
+                            for name, value in (("reductions", -5), ("best_error", "x"), ("best_error", math.nan),
+                                                ("lr", math.inf), ("loss", None))),
+                          # momentum that trained on wrong (NaN: saved over the checkpoint as NaN weights)
+                          *((dict(payload, momentum_buffer=dict(payload["momentum_buffer"],
+                                                                **{"conv1.weight": change(momentum)})),
+                             "holds momentum that does not fit its weights (of their shapes and types, finite)")
+                            for momentum in [payload["momentum_buffer"]["conv1.weight"]]
+                            for change in (lambda m: m.to(torch.int32), lambda m: m.half(),
+                                           lambda m: torch.full_like(m, math.nan))),
+                          # momentum missing, which the run started again from nothing without a word
+                          (dict(payload, momentum_buffer={k: v for k, v in payload["momentum_buffer"].items()
+                                                          if k != "conv1.weight"}),
+                           "lacks the momentum of conv1.weight (after 1 steps)"),
+                          ({k: v for k, v in payload.items() if k != "momentum_buffer"},
+                           "lacks the momentum of conv1.bias, conv1.weight, conv2.bias, conv2.weight ... (after 1 ")):
         save_checkpoint(tmp_path / "broken" / "checkpoint.pt", broken)
         err = _error_of(["--resume", tmp_path / "broken"], caplog)
         assert f"error: {tmp_path / 'broken'} {words}" in err and "Traceback" not in err, err
