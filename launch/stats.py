@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 STATS_SAMPLE = 2000  # training images read for the mean image and the RGB covariance
 STATS_VERSION = 1  # part of the cache key: bump when the computation changes
+CACHED_SHAPES = {"mean": (3, BASE_SIZE, BASE_SIZE), "eigval": (3,), "eigvec": (3, 3)}  # each float32
 
 # The PCA of ImageNet's RGB pixels as published with fb.resnet.torch and used by most
 # reproductions, on the 0-1 scale. Although called eigenvalues, these numbers are the
@@ -146,10 +147,16 @@ def load_or_compute_stats(root: Path, train: "ImageFolderSplit", train_files: li
                 saved = torch.load(candidate, weights_only=True)
                 stats = DataStats(saved["mean"], saved["eigval"], saved["eigvec"], int(saved["images"]),
                                   str(saved["pca_source"]))
-                if saved["key"] != key or stats.mean.shape != (3, BASE_SIZE, BASE_SIZE):
+                if saved["key"] != key:
                     raise ValueError("written for other data")
+                odd = [name for name, shape in CACHED_SHAPES.items() if not (isinstance(saved[name], torch.Tensor)
+                       and saved[name].dtype == torch.float32 and tuple(saved[name].shape) == shape)]
+                if odd:  # each failed in a rank, every run again
+                    raise ValueError(f"its {' and '.join(odd)} not of the shape and type this program writes")
                 if not all(torch.isfinite(t).all() for t in (stats.mean, stats.eigval, stats.eigvec)):
                     raise ValueError("it holds numbers that are not finite")
+                if (stats.eigval < 0).any():
+                    raise ValueError("it holds standard deviations below 0")
             except Exception as exc:  # an unreadable or foreign cache is recomputed, never trusted
                 log.warning("ignoring unusable statistics cache %s (%s)", candidate, exc)
                 continue

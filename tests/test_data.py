@@ -672,6 +672,17 @@ def test_a_damaged_statistics_cache_is_computed_again(tmp_path, caplog):
     caplog.clear()
     assert torch.equal(data.open_data(root, cache_dir=tmp_path / "cache").stats.eigval, first.eigval)
     assert "(it holds numbers that are not finite)" in caplog.text
+    # of other shapes or types, each of which failed in a rank, every run again; a negative deviation
+    for name, odd, said in (("eigval", torch.ones(4), "its eigval not of the shape and type"),
+                            ("eigvec", torch.ones(2, 2), "its eigvec not of the shape and type"),
+                            ("mean", first.mean.double(), "its mean not of the shape and type"),
+                            ("mean", first.mean.to(torch.uint8), "its mean not of the shape and type"),
+                            ("eigval", -first.eigval, "it holds standard deviations below 0")):
+        torch.save(dict(torch.load(cache, weights_only=True), **{name: odd}), cache)
+        caplog.clear()
+        again = data.open_data(root, cache_dir=tmp_path / "cache").stats
+        assert all(torch.equal(getattr(again, k), getattr(first, k)) for k in ("mean", "eigval", "eigvec")), name
+        assert f"ignoring unusable statistics cache {cache} ({said}" in caplog.text, caplog.text
 
 
 def test_stats_follow_an_image_rewritten_in_place_at_the_same_size(tmp_path):
