@@ -31,6 +31,7 @@ import shutil
 import shlex
 import signal
 import socket
+import tempfile
 import threading
 from pathlib import Path
 from typing import Optional
@@ -257,15 +258,22 @@ def in_use(run_dir: Path, holder: BlockingIOError, resumed: bool) -> ValueError:
 
 def lock_run_folder(run_dir: Path, resumed: bool = False):
     """An exclusive lock on the run folder, held while the returned file stays open, and
-    released by the system when this process ends, however it ends."""
+    released by the system when this process ends, however it ends. Refuses a folder that
+    takes no new file, where the run could write none of its own."""
+    fix = ("copy the folder to a place you can write and resume the copy" if resumed else
+           "give an --out folder you can write")
     try:
-        return lock_exclusively(run_dir / LOCK_NAME)
+        lock = lock_exclusively(run_dir / LOCK_NAME)
     except BlockingIOError as exc:
         raise in_use(run_dir, exc, resumed) from None
     except OSError as exc:  # a folder of someone else's, a read-only disk
-        fix = ("copy the folder to a place you can write and resume the copy" if resumed else
-               "give an --out folder you can write")
         raise ValueError(f"cannot write in the run folder {run_dir} ({exc.strerror}): {fix}") from None
+    try:  # the lock file of an earlier run opens in a folder that takes no file beside it (read-only, immutable)
+        tempfile.TemporaryFile(dir=run_dir).close()
+    except OSError as exc:
+        lock.close()
+        raise ValueError(f"cannot write in the run folder {run_dir} ({exc.strerror}): {fix}") from None
+    return lock
 
 
 def new_run_folder(config: TrainConfig) -> tuple:

@@ -1311,6 +1311,17 @@ def test_a_run_folder_that_cannot_be_written_is_named(tiny_data, tmp_path, caplo
     finally:
         subprocess.run(["chattr", "-i", folder], check=True)
     assert f"cannot write in the run folder {folder} (Operation not permitted)" in err and "Traceback" not in err
+    # a run's folder made immutable after it ran: its lock file opens all the same (a failure in a rank, before)
+    from launch.two_gpu import LOCK_NAME, lock_run_folder
+    (folder / LOCK_NAME).write_text("")
+    subprocess.run(["chattr", "+i", folder], check=True)
+    try:
+        with pytest.raises(ValueError, match=rf"^cannot write in the run folder {re.escape(str(folder))} \(Operation "
+                                             rf"not permitted\): copy the folder to a place you can write"):
+            lock_run_folder(folder, resumed=True)
+    finally:
+        subprocess.run(["chattr", "-i", folder], check=True)
+    assert sorted(os.listdir(folder)) == [LOCK_NAME]
 
 
 @pytest.mark.parametrize("layout, net", [("one-tower", "one-tower net"), ("single", "single-device reference")])
