@@ -327,6 +327,10 @@ def check_training_state(path, payload: dict) -> None:
     if refused:
         raise CheckpointError(f"{path} records its progress with values that this program does not write "
                               f"({', '.join(refused[:4])}): {fix}")
+    images = payload.get("train_images")
+    if images is not None and not (type(images) is int and images > 0):
+        raise CheckpointError(f"{path} records its training set's size as {images!r}, not as this program writes it: "
+                              f"{fix}")
     weights = payload["model"]
     if not isinstance(momentum, dict) or any(
             not isinstance(v, torch.Tensor) or k not in weights or v.shape != weights[k].shape

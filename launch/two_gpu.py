@@ -218,12 +218,17 @@ def check_resumable(config: TrainConfig, payload: dict, bundle) -> None:
     run, progress = resolve_path(config.resume).parent, payload["progress"]
     saved_images, train_images = payload.get("train_images"), len(bundle.train)
     batches = data_module.batches_per_epoch(bundle, config.batch_size)
-    if (saved_images is not None and saved_images != train_images) or progress["batch"] > batches:
+    if (saved_images is not None and saved_images != train_images) or (saved_images is None
+                                                                        and progress["batch"] > batches):
         had = f"{saved_images} training images" if saved_images is not None else f"at least {progress['batch']} batches"
         raise data_module.DataError(
             f"the training set changed since {run} was saved: it had {had}, {bundle.root / 'train'} now has "
             f"{train_images} ({batches} batches of {config.batch_size}), so the run cannot continue where it "
             f"stopped: resume with the data it was trained on, or start a new run")
+    if progress["batch"] > batches:  # as many images as it had: the checkpoint is at fault, not the data
+        raise CheckpointError(f"{config.resume} records batch {progress['batch']} of an epoch of {batches} batches "
+                              f"({train_images} training images in batches of {config.batch_size}): it was not "
+                              f"saved by this program; evaluate it with --eval-only, or start a new run")
     saved_train = payload.get("train_digest")
     if saved_train is not None and saved_train != bundle.digests["train"]:
         raise data_module.DataError(

@@ -1601,6 +1601,11 @@ def test_resume_refuses_a_changed_recipe_and_weights_only_checkpoints(tiny_data,
                           (dict(payload, momentum_buffer={k: v for k, v in payload["momentum_buffer"].items()
                                                           if k != "conv1.weight"}),
                            "lacks the momentum of conv1.weight (after 1 steps)"),
+                          (dict(payload, train_images="30"), "records its training set's size as '30', not as"),
+                          # the checkpoint at fault, not the data: it said the set of 30 images "now has 30"
+                          (dict(payload, progress=dict(payload["progress"], batch=500)),
+                           "records batch 500 of an epoch of 7 batches (30 training images in batches of 4): it was "
+                           "not saved by this program"),
                           ({k: v for k, v in payload.items() if k != "momentum_buffer"},
                            "lacks the momentum of conv1.bias, conv1.weight, conv2.bias, conv2.weight ... (after 1 ")):
         save_checkpoint(tmp_path / "broken" / "checkpoint.pt", broken)
