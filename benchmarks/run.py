@@ -670,6 +670,8 @@ class Bench:
         """The reference from the seed and its two tower shards, as files in ``folder`` that every run
         loads; left undrawn if the deadline comes first."""
         timeout_s = self.deadline.timeout(self.config.rank_timeout_s)
+        if timeout_s <= 0:  # passed since the caller looked
+            return
         started = time.monotonic()
         try:
             self.weights = run_ranks(weights_worker, (self.config.seed, self.config.fc8_placement, folder),
@@ -698,14 +700,15 @@ class Bench:
                           f"shows {torch.cuda.device_count()} GPUs")
             if not reason and self.weights is None and self.deadline.left() > 0:
                 self.draw_weights(folder)
-            if not reason and self.deadline.left() <= 0:
+            timeout_s = self.deadline.timeout(config.rank_timeout_s)  # one look: it may pass between two
+            if not reason and timeout_s <= 0:
                 reason = self.deadline.reason
             if reason:
                 self.not_measured.append({**key._asdict(), "reason": reason})
                 continue
             spec = run_spec(key, config, devices, self.weights)
             try:
-                ranks = execute(spec, config, devices, self.deadline.timeout(config.rank_timeout_s))
+                ranks = execute(spec, config, devices, timeout_s)
             except RankFailure as failure:
                 stopped = self.deadline.left() <= 0  # by the --time-limit, not a failure of its own
                 why = f"{self.deadline.reason} while it ran" if stopped else f"failed: {str(failure).splitlines()[0]}"

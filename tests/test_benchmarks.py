@@ -412,6 +412,37 @@ def test_a_run_stopped_by_the_time_limit_is_not_called_failed(tmp_path, monkeypa
     assert [r["reason"] for r in bench.not_measured] == [said]
 
 
+@pytest.mark.parametrize("looks", [1, 2, 3])
+def test_a_time_limit_that_passes_between_two_looks_at_it_stops_the_runs(tmp_path, monkeypatch, looks):
+    """The deadline seen ahead (``looks`` times) and passed a moment later: a run was handed a time
+    limit below 0, which run_ranks refuses as no time limit at all (the benchmark ended in an error)."""
+    class Passing(run.Deadline):
+        seen = 0
+
+        def left(self):
+            self.seen += 1
+            return 1.0 if self.seen <= looks else -1.0
+
+    handed = []
+
+    def draw(*args, timeout_s, **kwargs):
+        handed.append(timeout_s)
+        return [{"reference_path": "reference.pt", "shard_paths": ["tower0.pt", "tower1.pt"]}]
+
+    def execute(spec, config, devices, timeout_s):
+        handed.append(timeout_s)
+        raise run.RankFailure({0: "did not finish"}, 0)
+
+    monkeypatch.setattr(run, "run_ranks", draw)
+    monkeypatch.setattr(run, "execute", execute)
+    bench = _quick_bench(tmp_path)
+    bench.deadline = Passing(60)
+    bench.measure([run.RunKey("single", 2, "fp32", "contiguous")], str(tmp_path))
+    assert all(limit > 0 for limit in handed), handed
+    assert [r["reason"] for r in bench.not_measured] in ([bench.deadline.reason],
+                                                          [f"{bench.deadline.reason} while it ran"])
+
+
 def test_a_loader_whose_worker_dies_is_recorded_and_the_benchmark_goes_on(tmp_path, monkeypatch):
     """A DataLoader worker killed (a /dev/shm too small for its batches: SIGBUS): the loader's
     section says so, as a failed run's does, and the program's runs and the sweeps still come."""
