@@ -282,12 +282,14 @@ def _name_half(tower: Tower, state_dict, prefix, local_metadata) -> None:
 
 def _refuse_another_half(tower: Tower, state_dict, prefix, local_metadata, strict, missing, unexpected,
                          error_msgs) -> None:
-    """``load_state_dict``'s hook: a state_dict that names the other tower's half is refused."""
+    """``load_state_dict``'s hook: a state_dict that names the other tower's half is refused,
+    before any of it is copied (raised here: torch raises ``error_msgs`` after the copies)."""
     half = local_metadata.get(HALF)
     if half is not None and half != tower.tower_rank:
-        error_msgs.append(f"it holds tower {half}'s half of the net, and this is tower {tower.tower_rank}: load each "
-                          f"tower its own half (shard_state_dict(state, tower.tower_rank, tower.fc8_placement), or "
-                          f"the state_dict that tower saved)")
+        raise RuntimeError(f"Error(s) in loading state_dict for {type(tower).__name__}: it holds tower {half}'s half "
+                           f"of the net, and this is tower {tower.tower_rank}: load each tower its own half "
+                           f"(shard_state_dict(state, tower.tower_rank, tower.fc8_placement), or the state_dict that "
+                           f"tower saved)")
 
 
 def check_compile_backend(backend: str, option: str, device: str = "cpu") -> None:
