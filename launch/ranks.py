@@ -374,6 +374,8 @@ def run_ranks(fn: Callable, args: Sequence = (), world_size: int = 2, backend: s
                 and not isinstance(seconds, bool) and 0 < seconds < math.inf):
             no_limit = " (or None: no limit)" if name == "timeout_s" else ""
             raise ValueError(f"{name} must be a number of seconds above 0{no_limit}, got {seconds!r}")
+    timeout_s = None if timeout_s is None else float(timeout_s)  # numpy's, a Fraction: as datetime takes them
+    collective_timeout_s = float(collective_timeout_s)
     check_importable(fn, args)
     if threads_per_rank is None and backend == "gloo":
         threads_per_rank = cpu_threads_per_rank(world_size)

@@ -11,9 +11,11 @@ import subprocess
 import sys
 import threading
 import time
+from fractions import Fraction
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -358,6 +360,11 @@ def test_a_time_limit_that_is_no_number_of_seconds_is_refused(name, seconds):
     with pytest.raises(ValueError, match=rf"^{name} must be a number of seconds above 0.*, got "
                                          rf"{re.escape(repr(seconds))}$"):
         run_ranks(_sleep, (0,), **{name: seconds})
+
+
+def test_time_limits_of_numpy_s_and_fractions_are_seconds():
+    """As the check takes them: datetime's timedelta, which the store's limit is made into, did not."""
+    assert run_ranks(_sleep, (0,), timeout_s=np.float64(120), collective_timeout_s=Fraction(60)) == [0, 1]
 
 
 def _environment_and_parent(rank, names):
