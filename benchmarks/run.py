@@ -96,7 +96,7 @@ class BenchConfig:
     modes: tuple = option(MODES, "modes of the main table", choices=MODES, many=True)
     batch: Optional[int] = option(None, "global batch of the main table and the precision sweep "
                                         "[GPU 128, CPU 16, --quick: GPU 64, CPU 8]", type=int)
-    warmup: Optional[int] = option(None, "untimed steps before the timed ones [GPU 10, CPU 2, --quick 1]", type=int)
+    warmup: Optional[int] = option(None, "untimed steps before the timed ones [GPU 10, CPU 2, --quick: GPU 3, CPU 1]", type=int)
     steps: Optional[int] = option(None, "timed steps per run [GPU 50, CPU 20, --quick: GPU 10, CPU 3]", type=int)
     batches: Optional[tuple] = option(None, "global batches of the batch-size sweep "
                                             "[GPU 32,64,128,256,512; CPU 4,8,16,32; --quick: GPU 16,128, CPU 16]",
@@ -107,7 +107,7 @@ class BenchConfig:
     memory_formats: tuple = option(MEMORY_FORMATS, "memory-format sweep: images and conv weights contiguous "
                                                    "(NCHW) or channels_last (NHWC)", choices=MEMORY_FORMATS, many=True)
     precision_modes: Optional[tuple] = option(None, "modes of the precision/memory-format sweep "
-                                                    "[all; --quick on CPU: towers]", choices=MODES, many=True)
+                                                    f"[{','.join(SWEEP_MODES)}; --quick on CPU: towers]", choices=MODES, many=True)
     compile_modes: tuple = option((), "modes also timed under torch.compile (towers.compile_blocks: a tower block by "
                                       "block, its exchanges between the graphs; the others whole) at the main batch, "
                                       "in every precision and memory format of the precision sweep; the first "

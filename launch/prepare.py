@@ -11,11 +11,11 @@ folder holds. Unreadable files are skipped and listed, also in DST/unreadable.tx
 per file: its path, a tab, the reason; a backslash, tab or line break within them is
 written as \\\\, \\t, \\n or \\r); other files are ignored. Images in DST that no file
 of SRC becomes (SRC changed since, or DST holds other images) are refused, as training
-would read them. Then the training-set statistics (mean image, RGB PCA) are computed and
-cached in DST, as the authors did once before training. The training program then decodes small
-JPEGs only, with no resizing. An interrupted run can be restarted (the training program refuses
-DST until a run has written every image): files already
-written (each one is written atomically) are kept, unless their image in SRC has changed
+would read them. Then the training-set statistics (mean image, RGB PCA; for ImageNet's 1,000
+WordNet classes the published PCA) are computed and cached in DST, as the authors did once before
+training. The training program then decodes small JPEGs only, with no resizing. An interrupted
+run can be restarted (the training program refuses DST until a run has written every image): files
+already written (each one is written atomically) are kept, unless their image in SRC has changed
 (another size or modification time, older or newer, than the image it was made from) or
 --quality is another: converted again, or, no longer readable, its file in DST removed.
 DST records what each file was made from (in DST/.prepare-record*); of a DST without it
