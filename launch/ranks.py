@@ -15,7 +15,6 @@ import ctypes
 import datetime
 import functools
 import ipaddress
-import math
 import numbers
 import os
 import pickle
@@ -350,6 +349,9 @@ def check_importable(fn: Callable, args: Sequence = ()) -> None:
                          f"the top level of a module or script, and arguments that pickle") from None
 
 
+_LONGEST_S = datetime.timedelta.max.total_seconds()  # the longest time limit a process group's store takes
+
+
 def run_ranks(fn: Callable, args: Sequence = (), world_size: int = 2, backend: str = "gloo",
               timeout_s: Optional[float] = None, collective_timeout_s: float = DEFAULT_COLLECTIVE_TIMEOUT_S,
               threads_per_rank: Optional[int] = None, on_start: Optional[Callable] = None,
@@ -371,9 +373,10 @@ def run_ranks(fn: Callable, args: Sequence = (), world_size: int = 2, backend: s
         raise ValueError(f"world_size must be a whole number of ranks, at least 1, got {world_size!r}")
     for name, seconds in (("timeout_s", timeout_s), ("collective_timeout_s", collective_timeout_s)):
         if not (seconds is None and name == "timeout_s" or isinstance(seconds, numbers.Real)
-                and not isinstance(seconds, bool) and 0 < seconds < math.inf):
+                and not isinstance(seconds, bool) and 0 < seconds <= _LONGEST_S):
             no_limit = " (or None: no limit)" if name == "timeout_s" else ""
-            raise ValueError(f"{name} must be a number of seconds above 0{no_limit}, got {seconds!r}")
+            raise ValueError(f"{name} must be a number of seconds above 0 and at most {_LONGEST_S:.4g}{no_limit}, "
+                             f"got {seconds!r}")
     timeout_s = None if timeout_s is None else float(timeout_s)  # numpy's, a Fraction: as datetime takes them
     collective_timeout_s = float(collective_timeout_s)
     check_importable(fn, args)

@@ -352,7 +352,7 @@ def test_a_world_size_that_is_no_number_of_ranks_is_refused(world_size):
         run_ranks(_sleep, (0,), world_size=world_size)
 
 
-@pytest.mark.parametrize("seconds", [0, -1, float("nan"), float("inf"), True, "60"])
+@pytest.mark.parametrize("seconds", [0, -1, float("nan"), float("inf"), True, "60", 1e15, 10**400, Fraction(10**400)])
 @pytest.mark.parametrize("name", ["timeout_s", "collective_timeout_s"])
 def test_a_time_limit_that_is_no_number_of_seconds_is_refused(name, seconds):
     """NaN was no limit at all; 0 or less a limit already passed, named as such; a collective's
