@@ -1611,6 +1611,10 @@ def test_resume_refuses_a_changed_recipe_and_weights_only_checkpoints(tiny_data,
         save_checkpoint(tmp_path / "broken" / "checkpoint.pt", broken)
         err = _error_of(["--resume", tmp_path / "broken"], caplog)
         assert f"error: {tmp_path / 'broken'} {words}" in err and "Traceback" not in err, err
+    # no momentum after steps, as a run with --momentum 0 saves: its own (and any weights' before a step)
+    without = {k: v for k, v in payload.items() if k != "momentum_buffer"}
+    checkpoint.check_training_state("no-momentum", dict(without, config=dict(payload["config"], momentum=0.0)))
+    checkpoint.check_training_state("step-0", dict(without, progress=dict(payload["progress"], global_step=0)))
     save_checkpoint(tmp_path / "broken" / "checkpoint.pt", dict(payload, config="text"))  # its weights evaluate
     assert "data folder" in _error_of(["--eval-only", tmp_path / "broken", "--data", tmp_path / "typo"], caplog)
 
