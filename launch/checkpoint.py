@@ -350,6 +350,12 @@ def check_training_state(path, payload: dict) -> None:
             and set(state) <= {"cpu", "cuda"} and all(_is_state(t, device) for device, t in state.items())
             for rank, state in rng.items()):
         raise CheckpointError(f"{path} holds random states that are not as this program writes them: {fix}")
+    replicas, layout = config.get("replicas"), config.get("layout")
+    if rng and type(replicas) is int and layout is not None:  # one state per rank of the run that saved it
+        ranks = replicas * (2 if layout == "towers" else 1)
+        if set(rng) != {f"rank{r}" for r in range(ranks)}:  # a rank without its own would go on from its seed
+            raise CheckpointError(f"{path} holds the random states of {len(rng)} ranks, and its run ({layout}, "
+                                  f"{replicas} {'replica' if replicas == 1 else 'replicas'}) had {ranks}: {fix}")
 
 
 def _is_state(value, device: str) -> bool:

@@ -1574,6 +1574,9 @@ def test_resume_refuses_a_changed_recipe_and_weights_only_checkpoints(tiny_data,
                            "holds random states that are not as this program writes them"),
                           (dict(payload, rng=dict(payload["rng"], rank1="text")), "holds random states that are"),
                           (dict(payload, rng=[]), "holds random states that are"),
+                          # one rank's missing: it went on from its seed, and the run not as it was
+                          (dict(payload, rng={"rank0": payload["rng"]["rank0"]}),
+                           "holds the random states of 1 ranks, and its run (towers, 1 replica) had 2"),
                           # of the right size, but no Mersenne Twister's state: it failed in the rank
                           (dict(payload, rng={"rank0": {"cpu": torch.zeros_like(torch.get_rng_state())}}),
                            "holds random states that are not as this program writes them"),
