@@ -441,11 +441,12 @@ def draw_curves(run: RunFolder, out: Path) -> Path:
     fig.suptitle(f"Training of {shown(run.path.resolve().name)}: batch {run.config.get('batch_size')}, "
                  f"layout {run.config.get('layout', 'towers')}", fontsize=12)
 
-    loss_ax.plot(steps, [r["loss"] for r in metrics.train], color="C0", marker="." if len(steps) < 60 else None)
+    dots = "." if len(steps) < 60 else None  # a few records: each seen (one, or one between NaNs, draws no line)
+    loss_ax.plot(steps, [r["loss"] for r in metrics.train], color="C0", marker=dots)
     loss_ax.set_ylabel("training loss\n(cross-entropy)")
     loss_ax.set_title("Training loss (mean over the recent steps, as the step line shows it)", fontsize=10)
 
-    error_ax.plot(steps, [100 * (1 - r["top1"]) for r in metrics.train], color="C0", alpha=0.8,
+    error_ax.plot(steps, [100 * (1 - r["top1"]) for r in metrics.train], color="C0", alpha=0.8, marker=dots,
                   label="training top-1 (recent steps; dropout and augmentation on)")
     if metrics.evals:
         eval_steps = [r["step"] for r in metrics.evals]
@@ -467,7 +468,7 @@ def draw_curves(run: RunFolder, out: Path) -> Path:
     error_ax.set_title("Top-1 and top-5 error (100% minus accuracy)", fontsize=10)
     error_ax.legend(fontsize=8, loc="lower left")
 
-    lr_ax.plot(steps, [r["lr"] for r in metrics.train], color="C2", marker="." if len(steps) < 60 else None)
+    lr_ax.plot(steps, [r["lr"] for r in metrics.train], color="C2", marker=dots)
     lr_ax.set_yscale("log")
     lr_ax.set_ylabel("learning rate")
     lr_ax.set_xlabel("training step")

@@ -192,6 +192,18 @@ def test_curves_keep_the_last_record_of_each_step_after_resumes(tmp_path):
     assert [(r["epoch"], r["top1_error"]) for r in metrics.evals] == [(1, 0.9), (2, 0.6)]
 
 
+def test_a_run_of_one_step_line_has_each_of_its_curves_drawn(tmp_path, monkeypatch):
+    """A line through one point draws nothing: the training top-1 error of a run stopped at its
+    first step line was missing from the picture, its legend drawn all the same."""
+    drawn = []
+    monkeypatch.setattr(show, "_save", lambda fig, path: drawn.append(fig) or path)
+    run = show._open_run(str(write_run(tmp_path / "short", metrics=[train_record(4, 2.2)])))
+    show.draw_curves(run, tmp_path)
+    lines = [line for ax in drawn[0].axes for line in ax.get_lines() if list(line.get_xdata()) == [4]]
+    assert len(lines) == 3 and all(line.get_marker() not in (None, "None", "") for line in lines), \
+        [(line.get_label(), line.get_marker()) for line in lines]
+
+
 def test_the_summary_of_an_earlier_start_is_not_said_to_be_where_the_run_stopped(tmp_path):
     """A run stopped by --max-steps 4 (its summary.json evaluated at step 4), resumed and stopped
     at step 8: the evaluation of step 4 is that start's end, not where the run stopped."""
