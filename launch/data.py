@@ -45,7 +45,7 @@ import sys
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, NamedTuple, Optional, Union
+from typing import Callable, Iterator, NamedTuple, Optional, Union
 
 import numpy as np
 import torch
@@ -453,7 +453,8 @@ def _scan_layout(root: Path, builtin_alternative: bool, need_train: bool):
 
 
 def open_data(data_dir: Optional[Union[str, Path]], *, cache_dir: Optional[Path] = None,
-              stats: Optional[DataStats] = None, classify: bool = False, need_train: bool = True) -> DataBundle:
+              stats: Optional[DataStats] = None, classify: bool = False, need_train: bool = True,
+              before_stats: Optional[Callable[[DataBundle], None]] = None) -> DataBundle:
     """Opens an ImageNet-layout folder (``data_dir``) or, for None, the built-in dataset
     (made in ``cache_dir`` if given, else ``default_cache_dir()``, on first use). With
     ``classify`` (a net is to be trained to tell its classes apart), a folder of one class is
@@ -461,7 +462,9 @@ def open_data(data_dir: Optional[Union[str, Path]], *, cache_dir: Optional[Path]
     another class, would stand in for each).
     ``stats`` given (by a rank that received them, or from a checkpoint to evaluate) are
     used instead of the cache's. Without ``need_train`` (an evaluation, given ``stats``),
-    train/ is not read, and the training split is empty.
+    train/ is not read, and the training split is empty. ``before_stats(bundle)``, the bundle
+    without its statistics, is called before they are computed or cached (a resume's check that
+    the data is the run's, which writes nothing, nor decodes 2,000 images, where it refuses).
     Raises DataError with the fix when the folder cannot be used."""
     builtin = data_dir is None
     root = builtin_dataset(None if cache_dir is None else Path(cache_dir) / BUILTIN_NAME) if builtin else Path(data_dir).expanduser()
@@ -484,9 +487,6 @@ def open_data(data_dir: Optional[Union[str, Path]], *, cache_dir: Optional[Path]
         skipped[split].report(split)
     for split in splits.values():
         split.check_usable(each_class=classify and split.split == "train")
-    train_files = [f for images in files["train"] for f in images]
-    if stats is None:
-        stats = load_or_compute_stats(root, splits["train"], train_files, cache_dir)
     digests = {}
     for split in ("train", "val"):
         digest, folder = hashlib.sha256(), str(root / split)
@@ -494,7 +494,13 @@ def open_data(data_dir: Optional[Union[str, Path]], *, cache_dir: Optional[Path]
             for path, (size, _) in images:
                 digest.update(os.fsencode(relative_path(path, folder)) + b"\0%d\0%d\0" % (label, size))
         digests[split] = digest.hexdigest()
-    return DataBundle(root, classes, splits["train"], splits["val"], stats, builtin, digests)
+    bundle = DataBundle(root, classes, splits["train"], splits["val"], stats, builtin, digests)
+    if before_stats is not None:
+        before_stats(bundle)
+    if stats is None:
+        train_files = [f for images in files["train"] for f in images]
+        bundle.stats = load_or_compute_stats(root, splits["train"], train_files, cache_dir)
+    return bundle
 
 
 # --------------------------------------------------------------------------- batches

@@ -385,8 +385,13 @@ def prepare_run(config: TrainConfig, checkpoint: Optional[dict]):
                          f"training images: give --data a folder that holds the train/ it was trained on too")
     known = data_module.DataStats(saved_mean, torch.zeros(3), torch.eye(3), pca_source="not used") if evaluating \
         else None
+    def the_runs_data(bundle) -> None:  # a resume refused for other data computes, caches and removes nothing
+        check_classes(checkpoint, resolve_path(config.resume), bundle.classes)
+        if config.epochs is not None and config.batch_size is not None:  # the run's, as a resume has them
+            check_resumable(config, checkpoint, bundle)
+
     bundle = data_module.open_data(config.data, classify=True, stats=known,  # one class refused (prepare takes it)
-                                   need_train=not evaluating)
+                                   need_train=not evaluating, before_stats=the_runs_data if config.resume else None)
     if evaluating:
         log.info("data: %s (%d classes, %d validation images; train/ not read: an evaluation does not need it)",
                  bundle.root, len(bundle.classes), len(bundle.val))

@@ -1668,11 +1668,15 @@ def test_resume_refuses_a_changed_recipe_and_weights_only_checkpoints(tiny_data,
             config = two_gpu.resumed_config(parse_config(["--resume", str(tmp_path / f"moved-{change}")]), moved)
             two_gpu.check_resumable(config, moved, data_module.open_data(data))
             continue
+        cached = sorted(p.name for p in data.glob(".alexnet-stats-*"))
         err = _error_of(["--resume", tmp_path / f"moved-{change}"], caplog)
         expected = {"shrunk": "the training set changed since", "renamed": "was trained on other classes"}.get(
             change, "the validation set changed since" if "val" in change else
             "holds as many images, but other ones (by name, class or size)")
         assert expected in err and "Traceback" not in err, err
+        # refused before the changed set's statistics were computed (2,000 images decoded), cached in its folder,
+        # and the cache of the set it was trained on removed from there
+        assert sorted(p.name for p in data.glob(".alexnet-stats-*")) == cached and "computing" not in err, change
 
     epochs = payload["config"]["epochs"]
     finished = dict(payload, progress=dict(payload["progress"], epoch=epochs, batch=0))  # as after its last epoch
