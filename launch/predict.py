@@ -86,14 +86,18 @@ class Classifier:
     @torch.no_grad()
     def probabilities(self, base_images: torch.Tensor, ten_crop: bool) -> torch.Tensor:
         """N x 3 x 256 x 256 uint8 base images -> N x num_classes softmax, as the
-        program's evaluation computes it (launch.train.evaluate)."""
-        base_images = base_images.to(self.device)
-        images = base_images if ten_crop else center_crop(base_images)
-        inputs = eval_views(images, self.stats, ten_crop).reshape(-1, *IMAGE_SHAPE)
-        # at most PATCHES_PER_FORWARD through the net at once, whatever --batch-size (and --ten-crop) make
-        logits = torch.cat([self.model(part) for part in inputs.split(PATCHES_PER_FORWARD)])
-        probs = F.softmax(logits.float(), dim=1)
-        return probs.view(len(base_images), TEN_PATCHES if ten_crop else 1, -1).mean(dim=1).cpu()
+        program's evaluation computes it (launch.train.evaluate). At most PATCHES_PER_FORWARD
+        patches through the net at once, and made at once (or one image's ten), whatever
+        --batch-size and --ten-crop make: all of a batch's, made first, took 5 GB at 400."""
+        views = TEN_PATCHES if ten_crop else 1
+        probs = []
+        for group in base_images.split(max(1, PATCHES_PER_FORWARD // views)):
+            group = group.to(self.device)
+            patches = eval_views(group if ten_crop else center_crop(group), self.stats, ten_crop)
+            inputs = patches.reshape(-1, *IMAGE_SHAPE)
+            logits = torch.cat([self.model(part) for part in inputs.split(PATCHES_PER_FORWARD)])
+            probs.append(F.softmax(logits.float(), dim=1).view(len(group), views, -1).mean(dim=1).cpu())
+        return torch.cat(probs)
 
     def classify(self, paths: List[str], batch_size: int, ten_crop: bool = False) -> Iterator[Prediction]:
         """A Prediction per path, in order; the usable images of every ``batch_size`` paths go

@@ -151,18 +151,31 @@ def test_the_net_takes_a_bounded_number_of_patches_at_once(checkpoints, photos, 
     PATCHES_PER_FORWARD."""
     classifier = open_classifier(checkpoints["full"])
     whole = [p.probabilities for p in classifier.classify(photos[:2], batch_size=2, ten_crop=True)]
-    sizes, forward = [], classifier.model.forward
+    sizes, made, forward, views = [], [], classifier.model.forward, predict.eval_views
 
     def counted(inputs):
         sizes.append(len(inputs))
         return forward(inputs)
 
+    def made_at_once(images, stats, ten_crop):  # all of a batch's patches were made before the first forward
+        made.append(len(images) * (10 if ten_crop else 1))
+        return views(images, stats, ten_crop)
+
     monkeypatch.setattr(predict, "PATCHES_PER_FORWARD", 7)
+    monkeypatch.setattr(predict, "eval_views", made_at_once)
     monkeypatch.setattr(classifier.model, "forward", counted)
     parts = [p.probabilities for p in classifier.classify(photos[:2], batch_size=2, ten_crop=True)]
-    assert sizes == [7, 7, 6]  # 20 patches
+    assert sizes == [7, 3, 7, 3] and made == [10, 10]  # 20 patches, an image's ten made at once
     for a, b in zip(whole, parts):
         torch.testing.assert_close(a, b, **PROB_TOL)
+    sizes.clear(), made.clear()
+    centre = [p.probabilities for p in classifier.classify(photos[:3], batch_size=3)]
+    assert sizes == [3] and made == [3]
+    monkeypatch.setattr(predict, "PATCHES_PER_FORWARD", 2)
+    sizes.clear(), made.clear()
+    in_parts = [p.probabilities for p in classifier.classify(photos[:3], batch_size=3)]
+    assert sizes == [2, 1] and made == [2, 1]
+    torch.testing.assert_close(torch.stack(centre), torch.stack(in_parts), **PROB_TOL)
 
 
 def test_ten_patches_differ_from_the_centre_patch(checkpoints, photos):
