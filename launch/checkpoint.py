@@ -344,7 +344,7 @@ def check_training_state(path, payload: dict) -> None:
         missing = sorted(set(weights) - set(momentum))
         raise CheckpointError(f"{path} lacks the momentum of {', '.join(missing[:4])}{' ...' * (len(missing) > 4)} "
                               f"(after {progress['global_step']} steps): {fix}")
-    rng = payload.get("rng", {})  # a rank's random states, set as they are (torch checks their sizes only then)
+    rng = payload.get("rng", {})  # a rank's random states, each one a generator takes (a CUDA one's: where set)
     if not isinstance(rng, dict) or not all(
             re.fullmatch(r"rank\d+", str(rank)) and isinstance(state, dict) and state.get("cpu") is not None
             and set(state) <= {"cpu", "cuda"} and all(_is_state(t, device) for device, t in state.items())

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from .builtin import default_cache_dir
-from .checkpoint import damaged_record, save_checkpoint
+from .checkpoint import MEAN_SHAPE, damaged_record, save_checkpoint
 from .images import BASE_SIZE, DECODE_ERRORS, DataError, load_image, skip_reason
 
 if TYPE_CHECKING:
@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 STATS_SAMPLE = 2000  # training images read for the mean image and the RGB covariance
 STATS_VERSION = 1  # part of the cache key: bump when the computation changes
-CACHED_SHAPES = {"mean": (3, BASE_SIZE, BASE_SIZE), "eigval": (3,), "eigvec": (3, 3)}  # each float32
+CACHED_SHAPES = {"mean": MEAN_SHAPE, "eigval": (3,), "eigvec": (3, 3)}  # each float32
 
 # The PCA of ImageNet's RGB pixels as published with fb.resnet.torch and used by most
 # reproductions, on the 0-1 scale. Although called eigenvalues, these numbers are the

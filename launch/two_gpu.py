@@ -387,8 +387,7 @@ def prepare_run(config: TrainConfig, checkpoint: Optional[dict]):
         else None
     def the_runs_data(bundle) -> None:  # a resume refused for other data computes, caches and removes nothing
         check_classes(checkpoint, resolve_path(config.resume), bundle.classes)
-        if config.epochs is not None and config.batch_size is not None:  # the run's, as a resume has them
-            check_resumable(config, checkpoint, bundle)
+        check_resumable(resolve(config, train_images=len(bundle.train)), checkpoint, bundle)
 
     bundle = data_module.open_data(config.data, classify=True, stats=known,  # one class refused (prepare takes it)
                                    need_train=not evaluating, before_stats=the_runs_data if config.resume else None)
@@ -417,8 +416,6 @@ def prepare_run(config: TrainConfig, checkpoint: Optional[dict]):
             if not evaluating:
                 bundle = dataclasses.replace(bundle, stats=dataclasses.replace(bundle.stats, mean=saved_mean))
             log.info("data: the mean image subtracted is the one saved in the checkpoint, its training set's")
-    if config.resume:
-        check_resumable(config, checkpoint, bundle)
     if not config.eval_only and data_module.batches_per_epoch(bundle, config.batch_size) == 0:
         raise ValueError(f"--batch-size {config.batch_size} is larger than the {len(bundle.train)} training images: "
                          f"choose a smaller one")
