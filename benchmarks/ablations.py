@@ -44,7 +44,8 @@ import torch
 
 from launch import data as data_module
 from launch.checkpoint import FILENAME, read_as_saved
-from launch.cli import JSON_DAMAGE, Parser, add_options, option, quick_exit, shell_word, signal_name, write_whole
+from launch.cli import (JSON_DAMAGE, Parser, add_options, home_path, option, quick_exit, real_path, shell_word,
+                        signal_name, write_whole)
 from launch.config import TrainConfig, parse_config, resolve
 from launch.meter import StepMeter
 from launch.ranks import raise_interrupt
@@ -706,12 +707,12 @@ def main(argv=None) -> Path:
         if getattr(config, name) == "":
             raise ValueError(f"--{name} is empty: give a folder, or leave the option out")
     if config.data is not None:  # the runs start in the repository's root
-        config = dataclasses.replace(config, data=str(Path(config.data).expanduser().resolve()))
+        config = dataclasses.replace(config, data=str(real_path(config.data)))
     today = datetime.date.today().isoformat()
     machine = machine_info(plan_devices(BenchConfig()))
     # ~ is the home folder here too, as the shell leaves it in --out=~/report
-    out = Path(config.out).expanduser() if config.out else REPORTS_DIR / f"ablations-{machine['hostname']}-{today}"
-    runs = Path(config.runs).expanduser().resolve() if config.runs else ROOT / "runs" / f"ablations-{today}"
+    out = home_path(config.out) if config.out else REPORTS_DIR / f"ablations-{machine['hostname']}-{today}"
+    runs = real_path(config.runs) if config.runs else ROOT / "runs" / f"ablations-{today}"
     for variant in config.variants:  # values the training program refuses: before any folder is made
         trainer = parse_config(run_options(config, variant, runs))
         if config.reuse and (runs / variant).exists():  # --workers is not compared on reuse: nor held to this machine
@@ -725,7 +726,7 @@ def main(argv=None) -> Path:
             raise ValueError(f"{flag} {folder}: cannot make that folder ({error.strerror}); give a folder that can "
                              f"be written") from None
     with contextlib.ExitStack() as locks:  # a second ablation into either folder is refused before it writes
-        for folder, flag in {out.resolve(): "--out", runs: "--runs"}.items():  # one lock where they are one
+        for folder, flag in {real_path(out): "--out", runs: "--runs"}.items():  # one lock where they are one
             locks.enter_context(held(folder, flag))
         return _measure(config, out, runs, args, machine, today)
 

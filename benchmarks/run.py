@@ -59,8 +59,8 @@ from typing import NamedTuple, Optional
 import numpy as np
 import torch
 
-from launch.cli import (JSON_DAMAGE, MAX_PROCESSES_PER_CORE, Parser, add_options, option, quick_exit, repeated,
-                        shell_word, usable_cores, write_whole)
+from launch.cli import (JSON_DAMAGE, MAX_PROCESSES_PER_CORE, Parser, add_options, home_path, option, quick_exit,
+                        repeated, shell_word, usable_cores, write_whole)
 from launch.config import MAX_TIMEOUT_S
 from launch.ranks import RankFailure, cpu_threads_per_rank, error_line, raise_interrupt, run_ranks
 from launch.step import AUTOCAST
@@ -857,7 +857,7 @@ def _main(config: BenchConfig, argv) -> Path:
         logger.info("removed the temporary folders of benchmarks killed before they ended: %s",
                     ", ".join(map(str, stale)))
     loader_data = open_loader_data(config.loader_data, config.batch)  # a bad folder fails before anything runs
-    out = Path(config.out).expanduser() if config.out is not None else default_out(devices, config.quick)
+    out = home_path(config.out) if config.out is not None else default_out(devices, config.quick)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as error:

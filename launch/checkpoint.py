@@ -31,7 +31,7 @@ import torch.distributed as dist
 
 from towers import AlexNet, Architecture, Tower, shard_state_dict, unshard_state_dicts
 
-from .cli import prints_plainly, remove_abandoned, values_refused
+from .cli import home_path, prints_plainly, remove_abandoned, values_refused
 from .config import TrainConfig
 from .images import BASE_SIZE
 from .mesh import Mesh
@@ -148,7 +148,7 @@ def _disk_full(path: Path, needed: int) -> OSError:
 def resolve_path(path) -> Path:
     """A checkpoint file, or a run folder holding one (``~`` is the home folder, as the shell
     leaves it in ``--resume=~/run``)."""
-    path = Path(path).expanduser()
+    path = home_path(path)
     try:
         if path.is_dir():
             path = path / FILENAME

@@ -52,6 +52,20 @@ def refuse_empty(**paths) -> None:
         raise ValueError(f"--{name.replace('_', '-')} is empty: give a value, or leave the option out")
 
 
+def home_path(text) -> Path:
+    """A path given by the user, its ``~`` or ``~user`` the home folder as the shell expands it;
+    a ``~user`` that names no user is kept as written, as the shell keeps it (Path.expanduser
+    raises RuntimeError)."""
+    return Path(os.path.expanduser(text))
+
+
+def real_path(text) -> Path:
+    """``home_path(text)`` made absolute, with its symbolic links followed as far as they lead:
+    a loop of links is left for the first use to refuse (Path.resolve raises RuntimeError for
+    it before Python 3.13)."""
+    return Path(os.path.realpath(home_path(text)))
+
+
 def lock_exclusively(path: Path, read_only: bool = False):
     """An exclusive lock on the file ``path`` (made where missing), held while the returned
     file stays open and released by the system when this process ends, however it ends. The

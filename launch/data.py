@@ -52,7 +52,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from .builtin import BUILTIN_NAME, builtin_dataset
-from .cli import prints_plainly
+from .cli import home_path, prints_plainly
 from .images import (BASE_SIZE, CROP_SIZE, DECODE_ERRORS, IMAGE_EXTENSIONS, DataError, is_image_name, load_image,
                      skip_reason)
 from .ranks import die_with_parent
@@ -369,7 +369,7 @@ def scan_layout(root: Union[str, Path], builtin_alternative: bool = True, need_t
     that is listed already in the split (same real path) or whose real path lies in
     another class's real folder (the innermost one, where class folders nest)."""
     try:
-        return _scan_layout(Path(root).expanduser(), builtin_alternative, need_train)
+        return _scan_layout(home_path(root), builtin_alternative, need_train)
     except OSError as exc:  # a folder or file on the way that cannot be read
         raise cannot_read(exc, root) from None
 
@@ -467,7 +467,8 @@ def open_data(data_dir: Optional[Union[str, Path]], *, cache_dir: Optional[Path]
     the data is the run's, which writes nothing, nor decodes 2,000 images, where it refuses).
     Raises DataError with the fix when the folder cannot be used."""
     builtin = data_dir is None
-    root = builtin_dataset(None if cache_dir is None else Path(cache_dir) / BUILTIN_NAME) if builtin else Path(data_dir).expanduser()
+    root = (builtin_dataset(None if cache_dir is None else Path(cache_dir) / BUILTIN_NAME) if builtin
+            else home_path(data_dir))
     if not need_train and stats is None:
         raise ValueError("open_data: a folder without train/ has no statistics of its own; give them as stats")
     try:

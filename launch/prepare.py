@@ -52,7 +52,7 @@ from typing import Optional
 from PIL import Image
 
 from launch.cli import (MAX_PROCESSES_PER_CORE, NAME_MAX, Parser, abandoned, lock_exclusively, quick_exit,
-                        refuse_empty, remove_abandoned, signal_name, usable_cores, write_whole)
+                        real_path, refuse_empty, remove_abandoned, signal_name, usable_cores, write_whole)
 from launch.data import (UNFINISHED_NAME, DataError, Skipped, cannot_read, class_owners, images_in, not_data,
                          open_data, scan_layout, too_deep)
 from launch.images import DECODE_ERRORS, load_image, skip_reason
@@ -442,7 +442,7 @@ def main(argv=None) -> int:
         refuse_empty(SRC=args.src, DST=args.dst)
     except ValueError as exc:
         parser.error(str(exc))
-    src, dst = Path(args.src).expanduser().resolve(), Path(args.dst).expanduser().resolve()
+    src, dst = real_path(args.src), real_path(args.dst)
     if dst == src or src in dst.parents:
         parser.error(f"DST {dst} must lie outside SRC {src}")
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # as Ctrl-C

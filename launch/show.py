@@ -62,7 +62,7 @@ from towers.reference import LAYERS
 from . import data as data_module
 from .checkpoint import (FILENAME, CheckpointError, check_classes, checkpoint_architecture, load_checkpoint,
                          load_reference)
-from .cli import (JSON_DAMAGE, OutputFailed, Parser, add_options, one_line, option, quick_exit, refuse_empty,
+from .cli import (JSON_DAMAGE, OutputFailed, Parser, add_options, home_path, one_line, option, quick_exit, refuse_empty,
                   shell_word, write_out, write_whole)
 from .stats import DataStats
 
@@ -758,7 +758,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _open_run(run_dir: str) -> RunFolder:
     refuse_empty(RUN_DIR=run_dir)
-    path = Path(run_dir).expanduser()
+    path = home_path(run_dir)
     try:
         path.stat()
     except OSError as exc:  # not there, or a link that loops, or on the way a folder that cannot be searched
@@ -772,7 +772,7 @@ def _open_run(run_dir: str) -> RunFolder:
 def _output_folder(run: RunFolder, out: Optional[str]) -> tuple:
     """(the folder for the PNGs, the folders made here for it, deepest first), made before
     anything is drawn so that a folder that cannot be written fails at once."""
-    folder = Path(out).expanduser() if out is not None else run.path / SHOW_FOLDER
+    folder = home_path(out) if out is not None else run.path / SHOW_FOLDER
     made, missing = [], folder
     while not missing.exists() and missing != missing.parent:
         made.append(missing)

@@ -45,8 +45,8 @@ from . import data as data_module
 from .checkpoint import (FILENAME, CheckpointError, check_classes, check_training_state, checkpoint_architecture,
                          load_checkpoint, read_as_saved, remove_abandoned_saves, resolve_path,
                          training_checkpoint_bytes)
-from .cli import (JSON_DAMAGE, MAX_PROCESSES_PER_CORE, lock_exclusively, quick_exit, shell_word, usable_cores,
-                  write_whole)
+from .cli import (JSON_DAMAGE, MAX_PROCESSES_PER_CORE, home_path, lock_exclusively, quick_exit, real_path, shell_word,
+                  usable_cores, write_whole)
 from .config import (KEPT_UNLESS_GIVEN, RUN_CONTROL, TrainConfig, build_parser, check_schedule_options, describe_recipe,
                      given_options, parse_config, recipe_warnings, resolve)
 from .ranks import (LOOPBACK, PREPARATION_WAIT_S, RankFailure, choose_placement, cpu_threads_per_rank, die_with_parent,
@@ -169,7 +169,7 @@ def evaluated_config(config: TrainConfig, payload: dict, given: Optional[set] = 
     if "precision" not in given and trained_in in AUTOCAST:
         config = dataclasses.replace(config, precision=trained_in)
     if "data" not in given and trained_on is not None:
-        if not Path(trained_on).expanduser().exists():
+        if not home_path(trained_on).exists():
             raise ValueError(f"{config.eval_only} was trained on {trained_on}, which is not there now: give the "
                              f"images to evaluate it on with --data")
         config = dataclasses.replace(config, data=trained_on)
@@ -284,7 +284,7 @@ def lock_run_folder(run_dir: Path, resumed: bool = False):
 def new_run_folder(config: TrainConfig) -> tuple:
     """--out/--run-name, made if missing; without --run-name, the date and time (made unique).
     Returns the folder and whether this call made it."""
-    out = Path(config.out).expanduser()
+    out = home_path(config.out)
     try:
         return _new_run_folder(config, out)
     except OSError as exc:
@@ -300,6 +300,8 @@ def _new_run_folder(config: TrainConfig, out: Path) -> tuple:
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file: give a folder (it is made if missing)")
     if out.is_symlink() and not out.exists():
+        if not os.path.exists(os.path.realpath(out)) and os.path.islink(os.path.realpath(out)):  # where links loop
+            raise ValueError(f"--out {out} is a symbolic link in a loop of links: give another --out")
         raise ValueError(f"--out {out} is a symbolic link to {os.readlink(out)}, which is not there: make that "
                          f"folder, or give another --out")
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -324,11 +326,11 @@ def check_out_outside_the_images(config: TrainConfig, root: Path) -> None:
     """A run folder in the data's train/ or val/ would be read as a class of its own by every
     later scan of that data, this run's --resume included."""
     try:
-        out = Path(config.out).expanduser().resolve()
+        out = real_path(config.out)
     except (OSError, RuntimeError):  # a link loop, a name too long: new_run_folder names the fault
         return
     for split in ("train", "val"):
-        images = (root / split).resolve()
+        images = real_path(root / split)
         if out == images or images in out.parents:
             raise ValueError(f"--out {config.out} lies in the data's {split}/ ({images}), where a run folder would "
                              f"be taken for a class of images: give an --out outside {images}")
@@ -337,7 +339,7 @@ def check_out_outside_the_images(config: TrainConfig, root: Path) -> None:
 def check_room_for_checkpoints(config: TrainConfig, num_classes: int) -> None:
     """A disk that cannot hold the run's checkpoints is found now, not after the first epoch:
     each save writes its file beside the one it replaces (a resumed run's is there already)."""
-    folder = resolve_path(config.resume).parent if config.resume else Path(config.out).expanduser().absolute()
+    folder = resolve_path(config.resume).parent if config.resume else home_path(config.out).absolute()
     try:
         while not folder.exists() and folder != folder.parent:  # --out is made later: the disk that will hold it
             folder = folder.parent
@@ -365,7 +367,7 @@ def prepare_run(config: TrainConfig, checkpoint: Optional[dict]):
     bundle, lock)."""
     if config.data is None:
         log.info("data: the built-in dataset (ten generated texture classes), no download needed")
-    elif config.resume and not Path(config.data).expanduser().exists():
+    elif config.resume and not home_path(config.data).exists():
         if config.data == checkpoint["config"].get("data"):
             raise ValueError(f"{config.resume} was trained on {config.data}, which is not there now: give the "
                              f"images' new place with --data")
@@ -379,7 +381,7 @@ def prepare_run(config: TrainConfig, checkpoint: Optional[dict]):
     # it needs nothing else of the training set: not its statistics, not even its train/.
     evaluating = bool(config.eval_only) and saved_mean is not None
     if config.eval_only and saved_mean is None and config.data is not None \
-            and not (Path(config.data).expanduser() / "train").is_dir():
+            and not (home_path(config.data) / "train").is_dir():
         raise ValueError(f"{config.eval_only} holds no mean image of its training set (saved by an earlier version, "
                          f"or from the single-device model without it), so the evaluation computes it from the "
                          f"training images: give --data a folder that holds the train/ it was trained on too")
@@ -583,7 +585,7 @@ def _configure(argv) -> tuple:
                          "torchrun says (its --master-addr or --rdzv-endpoint): drop --master-addr under torchrun")
     check_schedule_options(config)
     if config.resume:
-        check_saved_one(Path(config.resume).expanduser())
+        check_saved_one(home_path(config.resume))
     checkpoint = load_checkpoint(config.resume or config.eval_only) if config.resume or config.eval_only else None
     if config.resume:
         check_resumed_file(config.resume)

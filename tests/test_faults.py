@@ -997,6 +997,27 @@ def test_ctrl_c_while_a_program_imports_torch_ends_it_in_one_line(program):
     assert not live_processes(session=proc.pid), [cmdline(pid) for pid in live_processes(session=proc.pid)]
 
 
+@pytest.mark.parametrize("program, argv, words", [
+    ("launch.prepare", ["loop", "made"], "data folder {tmp}/loop does not exist"),
+    ("launch.two_gpu", ["--out", "loop"], "--out loop is a symbolic link in a loop of links: give another --out"),
+    ("launch.two_gpu", ["--resume", "~no-such-user-0/run"], "no checkpoint at ~no-such-user-0/run"),
+    ("launch.predict", ["~no-such-user-0/run", "loop"], "no checkpoint at ~no-such-user-0/run"),
+    ("launch.show", ["~no-such-user-0/run"], "RUN_DIR ~no-such-user-0/run does not exist"),
+])
+def test_a_path_through_a_loop_of_links_or_a_user_with_no_home_is_one_line(program, argv, words, tmp_path, capsys,
+                                                                              caplog, monkeypatch):
+    """Python's Path raises RuntimeError where os.path does not: resolve() for a loop of links
+    (before Python 3.13) and expanduser() for ~user naming no user. Such paths are taken as
+    the shell takes them (~user kept as written), and refused as paths that are not there."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "loop").symlink_to("link")
+    (tmp_path / "link").symlink_to("loop")
+    assert importlib.import_module(program).main(argv) == 2
+    err = capsys.readouterr().err + caplog.text  # printed, or logged where the program logs its errors
+    assert f"error: {words.format(tmp=tmp_path)}" in err and "Traceback" not in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "loop"]  # nothing made
+
+
 @pytest.mark.parametrize("program", A_NUMBER_OPTION)
 @pytest.mark.parametrize("refused", ["unknown option", "not a number"])
 def test_a_command_line_argparse_refuses_is_one_line_naming_the_help(program, refused, capsys):
