@@ -35,6 +35,7 @@ never lists under one class a file that lies in another class's folder (see
 :func:`scan_layout`).
 """
 
+import fcntl
 import functools
 import hashlib
 import itertools
@@ -387,6 +388,35 @@ def _raise(exc: OSError):
 # In the DST of a python -m launch.prepare until it has written every image: a tree that it was
 # stopped in, or is still writing, lacks some (the last classes of val/, say) and is refused.
 UNFINISHED_NAME = ".prepare-unfinished"
+# In the DST of a python -m launch.prepare: locked by it (exclusively) while it writes there, and
+# by a training run reading the folder (shared): each refuses the other.
+PREPARE_LOCK_NAME = ".prepare.lock"
+
+
+def hold_for_reading(root: Path):
+    """A shared lock on the data folder ``root`` where a python -m launch.prepare made it (it
+    holds PREPARE_LOCK_NAME), held while the returned file stays open: a launch.prepare into
+    ``root`` is refused meanwhile. None where there is nothing to lock (a folder made otherwise,
+    a file system without locks). Raises DataError where a launch.prepare writes there now."""
+    try:  # read-only (the data may be another user's), and not waiting for a writer where it is a pipe
+        fd = os.open(root / PREPARE_LOCK_NAME, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    lock = os.fdopen(fd)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            lock.close()
+            return None
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = lock.read(200).strip() or "another process"
+        lock.close()
+        raise DataError(f"{root} is being written by a python -m launch.prepare ({holder}): wait for it to end, then "
+                        f"start again") from None
+    except OSError:
+        lock.close()
+        return None
+    return lock
 
 
 def _scan_layout(root: Path, builtin_alternative: bool, need_train: bool):

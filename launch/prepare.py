@@ -53,8 +53,8 @@ from PIL import Image
 
 from launch.cli import (MAX_PROCESSES_PER_CORE, NAME_MAX, Parser, abandoned, lock_exclusively, quick_exit,
                         real_path, refuse_empty, remove_abandoned, signal_name, usable_cores, write_whole)
-from launch.data import (UNFINISHED_NAME, DataError, Skipped, cannot_read, class_owners, images_in, not_data,
-                         open_data, scan_layout, too_deep)
+from launch.data import (PREPARE_LOCK_NAME, UNFINISHED_NAME, DataError, Skipped, cannot_read, class_owners,
+                         hold_for_reading, images_in, not_data, open_data, scan_layout, too_deep)
 from launch.images import DECODE_ERRORS, load_image, skip_reason
 from launch.ranks import die_with_parent
 
@@ -111,7 +111,6 @@ STOPPING = {signal.SIGINT, signal.SIGTERM}
 
 
 CHUNK = 16  # the images a worker is given at a time
-LOCK_NAME = ".prepare.lock"  # in DST, held by the run writing to it
 RECORD_NAME = ".prepare-record"  # in DST: what each of its images was made from (and -PID: a worker's part)
 WORKER_GRACE_S = 10  # for a worker told to end (SIGTERM) to do so, before it is killed
 
@@ -465,10 +464,19 @@ def _prepare(src: Path, dst: Path, workers: int, quality: int) -> int:
     lock = contextlib.nullcontext()
     try:
         dst.mkdir(parents=True, exist_ok=True)
-        lock = lock_exclusively(dst / LOCK_NAME, read_only=True)
+        lock = lock_exclusively(dst / PREPARE_LOCK_NAME, read_only=True)
     except BlockingIOError as exc:
-        print(f"error: DST {dst} is being written by another launch.prepare ({exc}): wait for it to end, or give "
-              f"another DST", file=sys.stderr)
+        try:  # a shared lock is taken where the holders are training runs reading DST
+            reading = hold_for_reading(dst)
+        except DataError:
+            reading = None
+        if reading is not None:
+            reading.close()
+            print(f"error: DST {dst} is being read by a training run (python -m launch.two_gpu): wait for it to end, "
+                  f"or give another DST", file=sys.stderr)
+        else:
+            print(f"error: DST {dst} is being written by another launch.prepare ({exc}): wait for it to end, or give "
+                  f"another DST", file=sys.stderr)
         return 2
     except OSError as exc:
         if exc.errno in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP):

@@ -364,7 +364,24 @@ def prepare_run(config: TrainConfig, checkpoint: Optional[dict]):
     """On rank 0 (or the launching process): open the data (the one scan of it), size the
     recipe to it, check it against the options and the checkpoint, then lock the run folder
     and write its config.json. Returns (config with its recipe complete, run folder, data
-    bundle, lock)."""
+    bundle, locks): the run folder's, and a shared one on a data folder made by launch.prepare
+    (which a launch.prepare into it waits for: the run's images are not rewritten under it),
+    held until ``locks.close()``."""
+    locks = contextlib.ExitStack()
+    try:
+        if config.data is not None:
+            reading = data_module.hold_for_reading(home_path(config.data))
+            if reading is not None:
+                locks.enter_context(reading)
+        config, run_dir, bundle, lock = _prepare_run(config, checkpoint)
+        locks.enter_context(lock)
+    except BaseException:
+        locks.close()
+        raise
+    return config, run_dir, bundle, locks
+
+
+def _prepare_run(config: TrainConfig, checkpoint: Optional[dict]):
     if config.data is None:
         log.info("data: the built-in dataset (ten generated texture classes), no download needed")
     elif config.resume and not home_path(config.data).exists():

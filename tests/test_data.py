@@ -25,7 +25,8 @@ import pytest
 import torch
 from PIL import Image
 
-from launch import builtin, cli, data, images, prepare, stats
+from launch import builtin, cli, data, images, prepare, stats, two_gpu
+from launch.config import parse_config
 from launch.images import DataError
 
 from conftest import as_foreground_job
@@ -935,7 +936,7 @@ def test_prepare_on_a_full_disk_is_one_line_and_leaves_no_part_of_an_image(tmp_p
         f"be written; run again, and the images already written are kept"]
     # no image (the record, empty, says this version's DST), and the tree refused to training as unfinished
     assert first.exists() and sorted(p.name for p in dst.rglob("*") if p.is_file()) == sorted(
-        [prepare.LOCK_NAME, data.UNFINISHED_NAME, prepare.RECORD_NAME])
+        [data.PREPARE_LOCK_NAME, data.UNFINISHED_NAME, prepare.RECORD_NAME])
 
     # the list of unreadable files, written once the images are: the images stay, no part of the list
     monkeypatch.undo()
@@ -951,7 +952,7 @@ def test_prepare_on_a_full_disk_is_one_line_and_leaves_no_part_of_an_image(tmp_p
     monkeypatch.setattr(Path, "write_bytes", full_disk_for_the_list)
     assert prepare.main([str(src), str(dst), "--workers", "1"]) == 2
     assert capfd.readouterr().err.splitlines()[-1].startswith(f"error: cannot write to DST {dst} (No space left")
-    assert sorted(p.name for p in dst.rglob("*") if p.is_file() and p.name != prepare.LOCK_NAME) == sorted(
+    assert sorted(p.name for p in dst.rglob("*") if p.is_file() and p.name != data.PREPARE_LOCK_NAME) == sorted(
         [*(p.name for p in src.rglob("[0-9].jpg")), data.UNFINISHED_NAME, prepare.RECORD_NAME])
 
 
@@ -972,8 +973,8 @@ def test_prepare_on_a_disk_that_takes_a_part_of_an_image_keeps_none_of_it(tmp_pa
     assert refused.stderr.splitlines()[-1].startswith(f"error: cannot write to DST {dst} (File too large): raise the "
                                                       f"limit on the size of a file (ulimit -f)"), refused.stderr
     # neither an image cut short nor a hidden part of one; the lock of the run that writes to DST
-    assert sorted(p.name for p in dst.rglob("*") if p.is_file()) == sorted([prepare.LOCK_NAME, data.UNFINISHED_NAME,
-                                                                           prepare.RECORD_NAME])
+    assert sorted(p.name for p in dst.rglob("*") if p.is_file()) == sorted(
+        [data.PREPARE_LOCK_NAME, data.UNFINISHED_NAME, prepare.RECORD_NAME])
     assert _prepare(src, dst, "--workers", "1").returncode == 0  # and, given room, the run goes on
     assert not (dst / data.UNFINISHED_NAME).exists()
     for path in dst.rglob("*.jpg"):
@@ -1838,8 +1839,10 @@ def test_prepare_whose_idle_worker_is_killed_still_ends(tmp_path):
 
 
 @pytest.mark.slow
-def test_prepare_refuses_a_dst_that_another_prepare_is_writing_to(tmp_path, capsys):
-    """Else two SRCs would be mixed in one DST, each run having found it without the other's images."""
+def test_prepare_refuses_a_dst_that_another_prepare_is_writing_to(tmp_path, capsys, caplog):
+    """Else two SRCs would be mixed in one DST, each run having found it without the other's
+    images. A training run is refused it too, and refuses a prepare while it reads it: the images
+    it trains on would be rewritten under it, and the run could not be resumed."""
     src, dst, busy = _simple_tree(tmp_path / "raw", train=5, val=1), tmp_path / "prepared", tmp_path / "busy"
     other = _simple_tree(tmp_path / "other", classes=("c", "d"))
     proc = subprocess.Popen([sys.executable, "-c", _ONE_WORKER_BUSY, str(src), str(dst), "--workers", "2", str(busy)],
@@ -1854,11 +1857,22 @@ def test_prepare_refuses_a_dst_that_another_prepare_is_writing_to(tmp_path, caps
         assert capsys.readouterr().err.splitlines()[-1] == (
             f"error: DST {dst} is being written by another launch.prepare (process {proc.pid} on "
             f"{socket.gethostname()}): wait for it to end, or give another DST")
+        assert two_gpu.main(["--data", str(dst), "--out", str(tmp_path / "runs")]) == 2
+        assert caplog.messages[-1] == (f"error: {dst} is being written by a python -m launch.prepare (process "
+                                       f"{proc.pid} on {socket.gethostname()}): wait for it to end, then start again")
         _, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 0, err
+    config = parse_config(["--data", str(dst), "--out", str(tmp_path / "runs"), "--batch-size", "2"])
+    *_, locks = two_gpu.prepare_run(config, None)  # as a training run holds them, to its end
+    with locks:
+        assert prepare.main([str(src), str(dst), "--workers", "1"]) == 2
+        assert capsys.readouterr().err.splitlines()[-1] == (
+            f"error: DST {dst} is being read by a training run (python -m launch.two_gpu): wait for it to end, or "
+            f"give another DST")
+    assert prepare.main([str(src), str(dst), "--workers", "1"]) == 0  # once the run has ended
     assert sorted(p.name for p in (dst / "train").iterdir()) == ["a", "b"]  # SRC's classes alone
     assert prepare.main([str(other), str(dst), "--workers", "1"]) == 2  # then refused for what DST holds
     assert "holds 12 image(s) that no image of SRC becomes" in capsys.readouterr().err
@@ -1934,7 +1948,8 @@ def test_prepare_interrupted_says_so_in_one_line_and_goes_on_when_run_again(tmp_
                                     "command again to go on") and "Traceback" not in err, err
     written = list(dst.glob("train/a/big*.jpg"))
     assert 0 < len(written) < _SLOW_TO_CONVERT, "interrupted before the end"
-    assert not [p for p in dst.rglob(".*") if p.is_file() and p.name not in (prepare.LOCK_NAME, data.UNFINISHED_NAME)
+    assert not [p for p in dst.rglob(".*")
+                if p.is_file() and p.name not in (data.PREPARE_LOCK_NAME, data.UNFINISHED_NAME)
                 and not p.name.startswith(prepare.RECORD_NAME)], "a part of an image is left"  # the record, its parts
     _no_process_left(proc.pid)
     # The tree lacks images (val/ entirely): training on it is refused, naming the fix.
