@@ -123,18 +123,20 @@ class ImageFolderSplit(Dataset):
                 self.corrupt.add(path)
                 log.warning("skipped image %s (%d in %s/ so far); %s", reason, len(self.corrupt), self.split, then)
 
-    def check_usable(self, each_class: bool = False) -> None:
+    def check_usable(self, each_class: bool = False, labels: Optional[set] = None) -> None:
         """Raises DataError where no image of the split can be used or, with ``each_class``
         (training, where the next image stands in for one that cannot be used: another
-        class's, for every image of a class of none), no image of one of its classes. Found
-        by decoding up to the first usable one (one decode, or one a class, as a rule): before
-        a run, not at its first evaluation. The unusable files met on the way are logged
-        where they are used."""
+        class's, for every image of a class of none), no image of one of its classes (of
+        ``labels`` alone, if given). Found by decoding up to the first usable one (one decode,
+        or one a class, as a rule): before a run, not at its first evaluation. The unusable
+        files met on the way are logged where they are used."""
         if not each_class:
             if self.samples:
                 self.load(0)
             return
         for label, members in itertools.groupby(range(len(self.samples)), key=lambda i: self.samples[i][1]):
+            if labels is not None and label not in labels:
+                continue
             members, skipped = list(members), []
             for index in members:
                 image, _, passed_over = self.load(index, substitute=False)

@@ -48,7 +48,8 @@ class RankFailure(RuntimeError):
     def __init__(self, failures: dict, first: int, tracebacks: Optional[dict] = None):
         self.failures, self.first, self.tracebacks = failures, first, tracebacks or {}
         lines = [f"rank {first} failed: {failures[first]}"]
-        lines += [f"rank {r} then stopped: {why}" for r, why in sorted(failures.items()) if r != first]
+        lines += [f"rank {r} then stopped: {'the same error' if why == failures[first] else why}"
+                  for r, why in sorted(failures.items()) if r != first]
         super().__init__("\n".join(lines))
 
 

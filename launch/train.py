@@ -13,6 +13,7 @@ classification reference.
 """
 
 import contextlib
+import itertools
 import json
 import logging
 import math
@@ -98,7 +99,7 @@ class InputBytes:
 
 
 def shared_batches(source: Optional[Iterable], batches: int, item_shape: tuple, device, group,
-                   counter: Optional[InputBytes] = None) -> Iterator:
+                   counter: Optional[InputBytes] = None, stopped: Optional[list] = None) -> Iterator:
     """Yields ``batches`` (uint8 images, labels) on ``device`` on both ranks: rank 0 draws
     them from ``source`` and broadcasts each batch's number of items, then the batch;
     the other rank passes ``source=None`` and receives. Items are ``item_shape`` uint8
@@ -107,7 +108,11 @@ def shared_batches(source: Optional[Iterable], batches: int, item_shape: tuple, 
     is then copied to the device without waiting; over NCCL it crosses on the device.
     The next batch starts crossing, without waiting, before a batch is yielded: the
     hand-over runs while the caller computes on the batch (both ranks start the same
-    collectives in the same order, so they pair up whatever runs between them)."""
+    collectives in the same order, so they pair up whatever runs between them).
+    With ``stopped`` (a list), a DataError of ``source`` (no image left to load: the folder
+    gone) ends the batches on both ranks, after the one already crossing: each appends to
+    ``stopped`` the error's line (None on a rank that does not load), which the caller sees
+    before the step of that last batch ends. Without it, the error is raised."""
     src = dist.get_global_rank(group, 0)
     via = device if dist.get_backend(group) == dist.Backend.NCCL else torch.device("cpu")
     pinned = via.type == "cpu" and device.type == "cuda"
@@ -115,13 +120,24 @@ def shared_batches(source: Optional[Iterable], batches: int, item_shape: tuple, 
 
     def start_next() -> tuple:
         """(images, labels, their broadcasts under way) of the next batch; its size crosses first."""
-        count = torch.zeros(1, dtype=torch.int64, device=via)
+        count, failed = torch.zeros(1, dtype=torch.int64, device=via), None
         if iterator is not None:
-            item = _next_quietly(iterator)
-            assert item is not None, "the data ran out before the plan of batches"
-            count += len(item[1])
+            try:
+                item = _next_quietly(iterator)
+            except data_module.DataError as exc:
+                if stopped is None:
+                    raise
+                failed = exc
+                count -= 1  # no batch: the batches end here, on both ranks
+            else:
+                assert item is not None, "the data ran out before the plan of batches"
+                count += len(item[1])
         dist.broadcast(count, src=src, group=group)
         size = int(count.item())
+        if size < 0:
+            line = error_line(failed) if failed is not None else None  # the worker's, where one loaded it
+            stopped.append(line.partition("DataError: ")[2] or line if line else None)
+            return None
         if iterator is not None:
             images, labels = item[0].to(via, non_blocking=True), item[1].to(via, non_blocking=True)
         else:
@@ -133,6 +149,8 @@ def shared_batches(source: Optional[Iterable], batches: int, item_shape: tuple, 
 
     following = start_next() if batches > 0 else None
     for index in range(batches):
+        if following is None:  # stopped
+            return
         images, labels, crossing = following
         for work in crossing:
             work.wait()
@@ -258,16 +276,22 @@ def train_one_epoch(model, optimizer, loader: Optional[data_module.Loader], plan
     steps_left = plan.batches_per_epoch - progress.batch
     if config.max_steps is not None:
         steps_left = min(steps_left, config.max_steps - progress.global_step)
-    source = None
+    source = skipped_before = None
     if mesh.loads_data:
         source = loader.train(config.batch_size, config.seed, progress.epoch, start_batch=progress.batch,
                               share=(mesh.replica, mesh.replicas))
+        skipped_before = set(loader.bundle.train.corrupt)
     meter = StepMeter()
     total_steps = config.epochs * plan.batches_per_epoch
     if config.max_steps is not None:
         total_steps = min(total_steps, config.max_steps)
     model.train()
-    for crops, labels in shared_batches(source, steps_left, IMAGE_SHAPE, device, mesh.tower_group, input_bytes):
+    stopped = []  # by the data, gone while the run trains (see shared_batches)
+    batches = shared_batches(source, steps_left, IMAGE_SHAPE, device, mesh.tower_group, input_bytes, stopped)
+    first = next(batches, None)  # a replica whose first batch cannot be loaded takes no step, nor do the others
+    if mesh.replica_sum(torch.tensor([float(bool(stopped))], dtype=torch.float64, device=device)).item():
+        first = None
+    for crops, labels in itertools.chain([first], batches) if first is not None else ():
         # The wait for this batch (loading, the hand-over between ranks, its copy queued to the device):
         # on a GPU, time in which the device has nothing to do, as each step ends by reading its loss.
         input_ms = 1000 * (time.perf_counter() - meter.last)
@@ -280,9 +304,12 @@ def train_one_epoch(model, optimizer, loader: Optional[data_module.Loader], plan
             param_group["lr"] = lr
         result = train_step(trainer, optimizer, images, labels, autocast_dtype=AUTOCAST[config.precision])
         # The whole batch's loss and hits: summed over the replicas' shares (a no-op for one).
+        # With whether a replica's next batch could not be loaded: then every replica stops after this step.
         totals = mesh.replica_sum(torch.stack([result.loss.double() * len(labels), result.correct.double(),
-                                               torch.tensor(len(labels), dtype=torch.float64, device=device)]))
-        loss_sum, correct, images_seen = totals.tolist()
+                                               torch.tensor(len(labels), dtype=torch.float64, device=device),
+                                               torch.tensor(float(bool(stopped)), dtype=torch.float64,
+                                                            device=device)]))
+        loss_sum, correct, images_seen, stopping = totals.tolist()
         loss = loss_sum / images_seen
         progress.batch += 1
         progress.global_step += 1
@@ -313,8 +340,36 @@ def train_one_epoch(model, optimizer, loader: Optional[data_module.Loader], plan
             bar.clear()
             save_now(run_dir, model, optimizer, progress, config, plan, mesh)
         meter.restart_clock()  # the step line and checkpoints are not the step's time
+        if stopping:
+            break
     bar.clear()
+    said = [None] * dist.get_world_size()
+    dist.all_gather_object(said, _data_lost(loader, stopped, skipped_before))  # a rank's reason stops every rank
+    reason = next((line for line in said if line is not None), None)
+    if reason is not None:  # the steps taken are kept, as where the validation images are gone
+        save_now(run_dir, model, optimizer, progress, config, plan, mesh)
+        raise data_module.DataError(reason)  # the same on each rank: named once (run_ranks)
     return progress.batch == plan.batches_per_epoch, meter.seconds
+
+
+def _data_lost(loader: Optional[data_module.Loader], stopped: list, skipped_before: Optional[set]) -> Optional[str]:
+    """On a rank that loads, why the training cannot go on with the images as they are now:
+    the error that ended its batches (``stopped``: the training folder gone), or a class none
+    of whose training images can be used any longer (another class's would stand in for each
+    of them: a class folder gone), checked where the epoch skipped images of it. Else None."""
+    if loader is None:
+        return None
+    if stopped:
+        return stopped[0]
+    split = loader.bundle.train
+    skipped = split.corrupt - skipped_before
+    if not skipped:
+        return None
+    try:
+        split.check_usable(each_class=True, labels={label for path, label in split.samples if path in skipped})
+    except data_module.DataError as exc:
+        return str(exc)
+    return None
 
 
 def save_now(run_dir: Optional[Path], model, optimizer, progress: Progress, config: TrainConfig, plan: Plan,

@@ -552,6 +552,46 @@ def test_validation_images_lost_at_an_epoch_s_end_keep_its_training(tiny_data, t
     assert load_checkpoint(tmp_path / "run")["progress"]["global_step"] == 8
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("lost", ["train/", "a class"])
+def test_training_images_lost_while_the_run_trains_stop_it_keeping_its_steps(tiny_data, tmp_path, lost):
+    """The training images become unusable while the first epoch trains: all of them (their
+    disk gone) stops both ranks at once, none of a class (its folder gone, each image another
+    class's stand-in) at the epoch's end. Either way the run saves the steps it took, says why
+    in one line (not a rank's lost connection), and a resume, once the images are back, goes
+    on. Else the class was never learnt (exit 0), or the epoch's steps were lost."""
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    run = Run("--data", data, "--out", tmp_path, "--run-name", "run", "--epochs", "2", "--log-every", "1",
+              "--no-ten-crop", *TINY, "--batch-size", "2", run_dir=tmp_path / "run")
+    run.wait_for_step(1)
+    os.killpg(run.proc.pid, signal.SIGSTOP)  # the epoch (15 steps) cannot end before the images are lost
+    images = sorted(p for p in (data / "train").rglob("*") if p.is_file())
+    if lost == "a class":
+        images = [p for p in images if p.parent.name == images[-1].parent.name]
+    kept = {p: p.read_bytes() for p in images}
+    for path in images:
+        path.write_bytes(b"no longer an image")
+    os.killpg(run.proc.pid, signal.SIGCONT)
+    assert run.wait(timeout_s=300) == 1
+    err = run.stderr()
+    assert "Connection closed" not in err and "lost another rank" not in err, err[-3000:]
+    assert "\nrank 1 then stopped: the same error\n" in err, err[-3000:]
+    assert f"go on from the last checkpoint with --resume {tmp_path / 'run'}" in err, err[-2000:]
+    saved = load_checkpoint(tmp_path / "run")["progress"]
+    if lost == "train/":
+        assert "DataError: no usable image in train/: each of its 30 files failed" in err, err[-2000:]
+        assert saved["epoch"] == 0 and 1 <= saved["batch"] == saved["global_step"] < 15, saved
+    else:
+        assert f"DataError: no usable image of class {images[0].parent.name} in train/: each of its 3 files" in err
+        assert (saved["epoch"], saved["batch"], saved["global_step"]) == (0, 15, 15)  # trained, not evaluated
+    for path, picture in kept.items():
+        path.write_bytes(picture)
+    resumed = Run("--resume", tmp_path / "run", "--max-steps", "16", "--no-ten-crop", run_dir=tmp_path / "run")
+    assert resumed.wait(timeout_s=300) == 0, resumed.stderr()[-2000:]
+    assert load_checkpoint(tmp_path / "run")["progress"]["global_step"] == 16
+
+
 def test_outputs_that_are_not_numbers_are_never_scored(trained_run, tmp_path):
     """Weights that ran away after the last finite loss: finite, but the net's outputs overflow
     (NaN after the softmax). Their top-k picks arbitrary classes, which the evaluation scored as
