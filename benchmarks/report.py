@@ -674,8 +674,11 @@ def write_report(results: dict, folder: Path) -> None:
 def main(argv=None) -> None:
     parser = Parser(prog="python -m benchmarks.report",
                     description="Redraws report.md and the charts in FOLDER from FOLDER/results.json.")
-    parser.add_argument("folder", type=Path, metavar="FOLDER", help="a folder that python -m benchmarks.run wrote")
+    parser.add_argument("folder", metavar="FOLDER", help="a folder that python -m benchmarks.run wrote")
     folder = parser.parse_args(argv).folder
+    if folder == "":  # which Path takes for the current folder
+        parser.error("FOLDER is empty: give a folder that python -m benchmarks.run wrote (. for the current one)")
+    folder = Path(folder)
     path = folder / "results.json"
     with contextlib.ExitStack() as locked:
         if folder.is_dir():  # a benchmark writing there now: its results.json is not its last

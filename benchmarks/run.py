@@ -60,7 +60,7 @@ import numpy as np
 import torch
 
 from launch.cli import (JSON_DAMAGE, MAX_PROCESSES_PER_CORE, Parser, add_options, home_path, option, quick_exit,
-                        repeated, shell_word, usable_cores, write_whole)
+                        refuse_empty, repeated, shell_word, usable_cores, write_whole)
 from launch.config import MAX_TIMEOUT_S
 from launch.ranks import RankFailure, cpu_threads_per_rank, error_line, raise_interrupt, run_ranks
 from launch.step import AUTOCAST
@@ -227,9 +227,9 @@ def resolve(config: BenchConfig, devices: DevicePlan) -> BenchConfig:
         raise ValueError(f"--time-limit must be a positive number of seconds, got {config.time_limit:g}")
     for link in config.links:
         name, _, gb_s = link.partition("=")
-        if not re.fullmatch(r"\d+(\.\d+)?", gb_s) or float(gb_s) == 0:
-            raise ValueError(f"--links takes NAME=GB/s items such as nvlink=300, the GB/s a decimal number above 0; "
-                             f"got {link!r}")
+        if not re.fullmatch(r"\d+(\.\d+)?", gb_s) or not 0 < float(gb_s) < math.inf:  # 10^400: inf
+            raise ValueError(f"--links takes NAME=GB/s items such as nvlink=300, the GB/s a finite decimal number "
+                             f"above 0; got {link!r}")
         if not re.fullmatch(r"\w([\w .+/()-]*[\w.+)])?", name):  # a cell of the report's tables, on one line
             raise ValueError(f"--links names a link in letters, digits, spaces and . + - / ( ), starting with a "
                              f"letter or digit, such as nvlink or 'PCIe 4.0': got {name!r}")
@@ -244,6 +244,7 @@ def resolve(config: BenchConfig, devices: DevicePlan) -> BenchConfig:
     if config.out is not None and not config.out.strip():
         raise ValueError("--out is empty: give a folder, or leave --out out for "
                          "benchmarks/reports/<host>-<device>-<date>")
+    refuse_empty(loader_data=config.loader_data)  # else the current folder, and the program on the built-in set
     if config.loader_batches < 1 or min(config.loader_workers) < 0:
         raise ValueError(f"--loader-batches must be at least 1 and --loader-workers at least 0, got "
                          f"{config.loader_batches} and {','.join(map(str, config.loader_workers))}")

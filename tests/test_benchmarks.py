@@ -121,8 +121,10 @@ def test_a_time_limit_must_be_a_positive_number_of_seconds(tmp_path):
 
 
 @pytest.mark.parametrize("option, value, message", [
-    ("--links", "nvlink=0", "--links takes NAME=GB/s items such as nvlink=300, the GB/s a decimal number above 0; "
-                            "got 'nvlink=0'"),
+    *[("--links", f"nvlink={gb_s}", f"--links takes NAME=GB/s items such as nvlink=300, the GB/s a finite decimal "
+                                   f"number above 0; got 'nvlink={gb_s}'")
+      for gb_s in ("0", "9" * 400)],  # 10^400 GB/s: inf, which the report shows and results.json holds as null
+    ("--loader-data", "", "--loader-data is empty: give a value, or leave the option out"),  # not the current folder
     # a name that would break the report's tables (a cell too many, a row on two lines) or leave one empty
     *[("--links", f"{name}=25", f"--links names a link in letters, digits, spaces and . + - / ( ), starting with a "
                                 f"letter or digit, such as nvlink or 'PCIe 4.0': got {name!r}")
@@ -1039,6 +1041,16 @@ def test_a_hand_edited_results_json_is_refused_in_one_line(tiny_run, tmp_path, c
     assert exit.value.code == 2 and len(message.strip().splitlines()) == 1, message
     assert message.startswith(f"error: {tmp_path / 'results.json'} is not what python -m benchmarks.run writes (")
     assert why in message and [p.name for p in tmp_path.iterdir()] == ["results.json"], message
+
+
+def test_report_refuses_an_empty_folder_name(tmp_path, monkeypatch, capsys):
+    """"" (an unset variable) read the current folder's results.json, and wrote the report there."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "results.json").write_text("{}")
+    with pytest.raises(SystemExit) as exit:
+        report.main([""])
+    assert exit.value.code == 2 and capsys.readouterr().err.startswith("error: FOLDER is empty: give a folder")
+    assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
 
 
 @pytest.mark.slow  # the real results
