@@ -453,6 +453,15 @@ def chart_bytes(results, path: Path) -> None:
         plt.close(fig)
 
 
+def _no_program_goal(results, done: list) -> str:
+    """Why the training program's goal has no verdict: no program run finished, or none has a
+    synthetic run of its layout and batch to be set against."""
+    failed = [f"{p['mode']}: {p['failed']}" for p in results.get("program") or [] if "failed" in p]
+    if not done and failed:
+        return f"no run of the training program finished ({'; '.join(failed)})"
+    return "no program run beside a synthetic run of its layout and batch"
+
+
 def loader_lines(results) -> list:
     loader = results.get("loader")
     if not loader or "skipped" in loader:  # a results.json of a benchmark stopped before, or a --time-limit
@@ -568,7 +577,7 @@ def speed_goal_lines(results) -> list:
     lines += [f"- {p['mode']}: {100 * p['images_per_s'] / s['images_per_s']:.0f} % ({p['images_per_s']:.1f} against "
               f"{s['images_per_s']:.1f} images/s): "
               f"{verdict(p['images_per_s'] >= GOAL_PROGRAM_SHARE * s['images_per_s'])}" for p, s in checked] + \
-        differing or ["- not measured: no program run beside a synthetic run of its layout and batch"]
+        differing or [f"- not measured: {_no_program_goal(results, done)}"]
     lines += ["", "**3. The share of the GPU's dense bf16 peak reached** (training FLOPs as in 'How each number is "
                   "taken', per GPU):", ""]
     bf16 = [r for r in results["runs"] if r["peak"] and r["peak"]["math"] == "bf16"]
@@ -644,10 +653,20 @@ def write_report(results: dict, folder: Path) -> None:
         f"## {SECTIONS[12]}", "", *speed_goal_lines(results), "",
         f"## {SECTIONS[13]}", "",
     ]
-    lines += [f"- {n['mode']}, batch {n['batch']}, {_variant(n)}: {n['reason']}" for n in results["not_measured"]]
+    missing = [f"- {n['mode']}, batch {n['batch']}, {_variant(n)}: {n['reason']}" for n in results["not_measured"]]
+    loader = results.get("loader") or {}
+    if loader.get("skipped"):
+        missing.append(f"- the data loader: {loader['skipped']}")
+    missing += [f"- the data loader with {w['workers']} workers: {w['reason']}"
+                for w in loader.get("failed_workers", ())]
+    missing += [f"- the data loader with {w} workers: {loader['not_measured_reason']}"
+                for w in loader.get("not_measured_workers", ())]
+    missing += [f"- the training program, {p['mode']}: {p['failed']}" for p in results.get("program") or []
+                if "failed" in p]
+    lines += missing
     if unstarted:  # a results.json of a benchmark stopped from outside
         lines.append(f"- {unstarted} had not started: the benchmark was stopped, or was still running")
-    elif not results["not_measured"]:
+    elif not missing:
         lines.append("Everything planned was measured.")
     diverged = [f"{r['mode']} (batch {r['batch']}, {_variant(r)})" for r in results["runs"]
                 if not all(loss is not None and np.isfinite(loss) for loss in r["final_loss"])]

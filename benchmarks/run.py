@@ -617,8 +617,9 @@ class Bench:
     """One benchmark's runs, in fresh processes each, and its results.json, written anew after
     every run (so that a benchmark stopped from outside leaves what it measured, from which
     ``report.write_report`` can draw the report). An earlier benchmark's files in the folder
-    stay until this one's first results.json replaces theirs; its report goes then, not to
-    stand beside another benchmark's results."""
+    stay until this one's first results.json replaces theirs, once it holds a figure or a
+    failure; its report goes then, not to stand beside another benchmark's results. A
+    benchmark whose --time-limit passed before either writes nothing."""
 
     def __init__(self, config: BenchConfig, devices: DevicePlan, out: Path, argv, deadline: Deadline):
         self.config, self.devices, self.out = config, devices, out
@@ -626,6 +627,7 @@ class Bench:
         self.analytic = analytic_figures(config)
         self.keys = plan_runs(config)
         self.runs, self.not_measured, self.bf16_reason, self.weights = {}, [], None, None
+        self.weights_failed = None  # why the weights every run loads could not be drawn
         self.written = False  # whether results.json in ``out`` is this benchmark's
         self.results = {
             "machine": {**machine_info(devices), "load_average": {"start": _load_average(), "end": None}},
@@ -642,6 +644,8 @@ class Bench:
                             mesh_projection=mesh_projection(runs, self.config, self.analytic),
                             elapsed_s=time.perf_counter() - self.started)
         self.results["machine"]["load_average"]["end"] = _load_average()
+        if not self.written and not self.has_news():  # an earlier report stays, whole
+            return self.results
         # strict JSON: a loss that diverged (NaN, infinite) is written null, as benchmarks.report reads it
         path, text = self.out / "results.json", json.dumps(_finite(self.results), indent=1, default=str,
                                                             allow_nan=False)
@@ -656,6 +660,17 @@ class Bench:
             self.written = True
             self.remove_earlier_report()
         return self.results
+
+    def has_news(self) -> bool:
+        """Whether a run, the data loader or the training program has given a figure, or a reason
+        of its own not to (a failure, a mode this machine cannot run): not the --time-limit's."""
+        loader, program = self.results["loader"] or {}, self.results["program"] or []
+        reasons = [entry["reason"] for entry in self.not_measured] + [loader.get("skipped") or ""] + \
+            [entry["failed"] for entry in program if "failed" in entry]
+        cut = self.deadline.reason if self.deadline.seconds is not None else None
+        return bool(self.runs or loader.get("by_workers") or loader.get("failed_workers")
+                    or any("failed" not in entry for entry in program)
+                    or any(reason and not (cut and reason.startswith(cut)) for reason in reasons))
 
     def remove_earlier_report(self) -> None:
         """The files of an earlier benchmark's report, which must not stand beside this one's results."""
@@ -686,7 +701,9 @@ class Bench:
             if time.monotonic() - started >= timeout_s:  # every run would time out the same way
                 raise ValueError(f"drawing the reference's weights took longer than --rank-timeout-s "
                                  f"{self.config.rank_timeout_s:g} ({failure}): give a longer --rank-timeout-s") from None
-            raise
+            # its process killed (the out-of-memory killer): no run can start; the loader and program can
+            self.weights_failed = f"failed: the weights every run loads could not be drawn ({failure})"
+            logger.warning("%s", self.weights_failed)
 
     def measure(self, keys: list, folder: str) -> None:
         """Runs the planned runs of ``keys``; the weights every run loads are drawn into ``folder`` first."""
@@ -699,8 +716,10 @@ class Bench:
             elif key.mode == "hybrid" and devices.backend == "nccl" and torch.cuda.device_count() < RANKS["hybrid"]:
                 reason = (f"skipped: NCCL needs one GPU per rank and hybrid has {RANKS['hybrid']} ranks; this machine "
                           f"shows {torch.cuda.device_count()} GPUs")
-            if not reason and self.weights is None and self.deadline.left() > 0:
+            if not reason and self.weights is None and self.weights_failed is None and self.deadline.left() > 0:
                 self.draw_weights(folder)
+            if not reason and self.weights is None and self.weights_failed is not None:
+                reason = self.weights_failed
             timeout_s = self.deadline.timeout(config.rank_timeout_s)  # one look: it may pass between two
             if not reason and timeout_s <= 0:
                 reason = self.deadline.reason
@@ -766,7 +785,11 @@ class Bench:
                                                       config.rank_timeout_s, self.deadline)
             self.save()
             self.measure([k for k in keys if k not in main], folder)
-        return self.save()
+        results = self.save()
+        if not self.written:
+            raise ValueError(f"the --time-limit of {self.config.time_limit:g} s passed before anything was measured: "
+                             f"give a longer one; nothing was written in {self.out}")
+        return results
 
 
 def _finite(value):

@@ -351,6 +351,12 @@ def test_a_results_json_that_is_not_a_file_is_refused_not_waited_on(tmp_path, ca
         run.refuse_others_files(tmp_path, ("results.json", "report.md"), "benchmarks.run")
 
 
+def _first_results(bench: "run.Bench") -> dict:
+    """``bench.save()`` once a run has something to report (a failure): with nothing, it writes nothing."""
+    bench.not_measured.append({**run.RunKey("single", 2, "fp32", "contiguous")._asdict(), "reason": "failed: here"})
+    return bench.save()
+
+
 def _quick_bench(out: Path) -> "run.Bench":
     """A --quick benchmark on the CPU at batch 2 writing to ``out``, before it has run anything."""
     config = run.BenchConfig(device="cpu", quick=True, batch=2)
@@ -378,6 +384,30 @@ def test_a_full_disk_under_the_weights_every_run_loads_is_one_line(tmp_path):
     assert re.fullmatch(rf"cannot write the reference's weights and its towers' shards \(\d+ MB\) in the temporary "
                         rf"folder {re.escape(str(folder))} \(the write failed\): free space on that disk, or set TMPDIR "
                         rf"to a folder with room", str(refused.value)), refused.value
+
+
+def test_weights_whose_process_is_killed_leave_every_run_not_measured_saying_why(tmp_path, monkeypatch, caplog):
+    """The process drawing the reference killed (the out-of-memory killer): the benchmark ended
+    in a traceback (exit 1). No run can start without the weights; the loader and the program
+    need none, and are measured."""
+    drawn = []
+
+    def killed(*args, **kwargs):
+        drawn.append(args)
+        raise run.RankFailure({0: "killed by SIGKILL (the out-of-memory killer sends this)"}, 0)
+
+    def execute(*args):
+        raise AssertionError("a run started without its weights")
+
+    monkeypatch.setattr(run, "run_ranks", killed)
+    monkeypatch.setattr(run, "execute", execute)
+    bench = _quick_bench(tmp_path)
+    bench.measure([run.RunKey("single", 2, "fp32", "contiguous"), run.RunKey("towers", 2, "fp32", "contiguous")],
+                  str(tmp_path))
+    why = ("failed: the weights every run loads could not be drawn (rank 0 failed: killed by SIGKILL (the "
+           "out-of-memory killer sends this))")
+    assert len(drawn) == 1 and [r["reason"] for r in bench.not_measured] == [why, why]
+    assert why in caplog.text
 
 
 def test_a_run_that_fails_is_named_as_the_table_names_it_and_the_benchmark_goes_on(tmp_path, monkeypatch, caplog):
@@ -479,7 +509,7 @@ def test_a_full_disk_under_results_json_is_one_line_and_leaves_no_partial_file(t
     """results.json is written anew after every run: a disk that fills meanwhile ends the
     benchmark with one line (exit 2), the last whole results.json kept, no temporary beside it."""
     bench = _quick_bench(tmp_path)
-    saved = bench.save()
+    saved = _first_results(bench)
     written = (tmp_path / "results.json").read_text()
     umask = os.umask(0o022)
     os.umask(umask)
@@ -502,7 +532,7 @@ def test_a_full_disk_under_results_json_is_one_line_and_leaves_no_partial_file(t
     # a benchmark whose first results.json cannot be written: the one there is not its own
     later = run.Bench(bench.config, bench.devices, tmp_path, [], run.Deadline(None))
     with pytest.raises(ValueError) as refused:
-        later.save()
+        _first_results(later)
     assert str(refused.value).endswith("; results.json there is an earlier benchmark's, as it was")
     assert (tmp_path / "results.json").read_text() == written
 
@@ -546,7 +576,7 @@ def test_an_earlier_benchmark_stays_until_the_first_results_replace_it(tiny_data
     def interrupted(bench, loader_data):
         if stopped == "before the first results":
             raise KeyboardInterrupt
-        results = bench.save()
+        results = _first_results(bench)
         if stopped == "after the first results":
             raise KeyboardInterrupt
         return results
@@ -582,7 +612,7 @@ def test_a_second_benchmark_on_the_same_out_is_refused_while_the_first_runs(tiny
             run.main(argv)
         second.append(str(refused.value))
         second.append({p.name: p.read_text() for p in out.iterdir()} == earlier)  # refused, it changed nothing
-        bench.save()  # and a redraw of its report, from a results.json that is not its last
+        _first_results(bench)  # and a redraw of its report, from a results.json that is not its last
         second.append(_report_refused(out, capsys))
         raise KeyboardInterrupt
 
@@ -674,7 +704,7 @@ def test_a_full_disk_under_the_report_is_one_line_and_leaves_no_partial_file(tin
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(matplotlib.figure.Figure, "savefig", full_disk)
-    monkeypatch.setattr(run.Bench, "run", lambda bench, loader_data: bench.save())  # nothing measured
+    monkeypatch.setattr(run.Bench, "run", lambda bench, loader_data: _first_results(bench))  # a run that failed
     with pytest.raises(ValueError) as refused:
         run.main(["--device", "cpu", "--quick", "--batch", "2", "--loader-data", str(tiny_data), "--out", str(out)])
     assert str(refused.value) == (f"cannot write the report in {out} (No space left on device): free space on that "
@@ -765,6 +795,31 @@ runpy.run_module("benchmarks.report", run_name="__main__", alter_sys=True)
 """
 
 
+def test_a_benchmark_that_measured_nothing_keeps_the_earlier_report(tiny_data, tmp_path, monkeypatch):
+    """A --time-limit that runs out before the first figure (on a new machine, while the built-in
+    data is made): the earlier benchmark's report was removed for one of "not measured" rows
+    alone, and the benchmark ended with exit 0."""
+    out = tmp_path / "report"
+    out.mkdir()
+    earlier = {"results.json": json.dumps({"machine": {}, "config": {}, "runs": [],
+                                           "command": "python -m benchmarks.run --batch 128"}),
+               "report.md": "# the earlier report\n", "images_per_s_vs_batch.png": "a chart"}
+    for name, text in earlier.items():
+        (out / name).write_text(text)
+
+    class Passed(run.Deadline):
+        def left(self):
+            return -1.0
+
+    monkeypatch.setattr(run, "Deadline", Passed)
+    with pytest.raises(ValueError) as refused:
+        run.main(["--device", "cpu", "--quick", "--batch", "2", "--loader-data", str(tiny_data), "--time-limit", "60",
+                  "--out", str(out)])
+    assert str(refused.value) == (f"the --time-limit of 60 s passed before anything was measured: give a longer "
+                                  f"one; nothing was written in {out}")
+    assert {p.name: p.read_text() for p in out.iterdir()} == earlier
+
+
 @pytest.mark.slow
 def test_a_benchmark_cut_short_by_its_time_limit_reports_what_it_measured(tiny_data, tmp_path, monkeypatch):
     """results.json is written anew after every run, and the deadline is checked before each:
@@ -794,6 +849,10 @@ def test_a_benchmark_cut_short_by_its_time_limit_reports_what_it_measured(tiny_d
     report = (out / "report.md").read_text()
     assert "## Data loader\n\nNot measured: the benchmark's --time-limit of 60 s was reached.\n" in report
     assert f"- towers, batch 2, fp32, contiguous: {reason}" in report
+    # the loader and the program in 'Not measured' too, which said "Everything planned was measured." without them
+    assert f"\n- the data loader: {reason}\n- the training program, towers: {reason}\n" \
+           f"- the training program, single: {reason}\n" in report
+    assert f"- not measured: no run of the training program finished (towers: {reason}; single: {reason})" in report
     assert sorted(p.name for p in out.iterdir()) == ["bytes_per_step_vs_batch.png", "images_per_s_vs_batch.png",
                                                      "report.md", "results.json"]  # no partial file left
     # the report of a benchmark stopped from outside, drawn from the results.json it left
