@@ -67,7 +67,7 @@ def skip_reason(path: Union[str, Path], error: Exception) -> str:
 
 def _to_rgb(image: Image.Image) -> Image.Image:
     """Any PIL mode to 8-bit RGB. Transparency is composited on mid-grey; 16-bit
-    greyscale (modes I;16* and I, as PNG and TIFF open) is scaled 65535 -> 255 rather
+    greyscale (modes I;16* and I, as PNG, TIFF and PGM open) is scaled 65535 -> 255 rather
     than clipped, which is what PIL's own convert would do. Floating-point greyscale
     (mode F, as TIFF opens) is scaled 1 -> 255 when every value lies in 0-1, the usual
     range of float images, and taken as 0-255 otherwise (PIL would clip 0-1 to black)."""
@@ -155,6 +155,11 @@ def load_image(path: Union[str, Path], size: int = BASE_SIZE) -> np.ndarray:
     file (see ``DECODE_ERRORS``)."""
     with _open(path) as image:
         _check_limits(path, *image.size)
+        if image.mode == "I" and image.format == "TIFF" and 32 in tuple(image.tag_v2.get(258, ())):  # BitsPerSample
+            # (a 16-bit PGM opens as mode I too, scaled to 0-65535 by PIL): any scale to 8 bits would be a guess,
+            # and this one (65535 -> 255) made the 0-255 values of such a file black
+            raise ImageRejected(f"{path}: 32-bit integer greyscale, whose range of values the file does not say: "
+                                f"convert it to 8 or 16 bits, or leave it out")
         # JPEG only: let libjpeg decode at 1/2, 1/4 or 1/8 scale while both sides stay
         # >= size. Deterministic, and several times faster on large photographs.
         image.draft(image.mode, (size, size))

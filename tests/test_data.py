@@ -347,6 +347,24 @@ def test_every_mode_becomes_256_rgb(tmp_path):
     assert np.allclose(cmyk, Image.new("CMYK", (1, 1), (10, 20, 30, 40)).convert("RGB").getpixel((0, 0)), atol=3)
 
 
+def test_32_bit_integer_greyscale_is_refused_not_made_black(tmp_path):
+    """A TIFF of 32-bit integers (mode I, as a 16-bit PGM also opens) has no range of its own:
+    scaled as 16-bit, its 0-255 values became a black image that trained and was classified.
+    16-bit PGM (PIL scales its maximum to 65535) is read as before."""
+    grey = np.arange(256, dtype=np.int32).repeat(256).reshape(256, 256)
+    Image.fromarray(grey).save(tmp_path / "int32.tif")
+    with Image.open(tmp_path / "int32.tif") as image:
+        assert image.mode == "I"
+    with pytest.raises(images.ImageRejected, match=r"int32.tif: 32-bit integer greyscale, whose range of values the "
+                                                   r"file does not say: convert it to 8 or 16 bits, or leave it out$"):
+        images.load_image(tmp_path / "int32.tif")
+    (tmp_path / "deep.pgm").write_bytes(b"P5\n2 1\n4095\n\x0f\xff\x08\x00")  # white, and about half
+    with Image.open(tmp_path / "deep.pgm") as image:
+        assert image.mode == "I"
+    pixels = images.load_image(tmp_path / "deep.pgm")
+    assert pixels[0, 0, 0] == 255 and pixels[0, -1, 0] == 128
+
+
 def test_float_images_keep_their_brightness(tmp_path):
     """Mode F (TIFF's 32-bit float greyscale): 0-1 scaled to 0-255, not clipped to black;
     values beyond 1 read on the 0-255 scale; NaN as 0."""
