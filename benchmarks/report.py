@@ -11,6 +11,7 @@ if __name__ == "__main__":
     hold_interrupts()  # a Ctrl-C during the imports below ends the program in one line
 
 import contextlib
+import errno
 import json
 import os
 import signal
@@ -682,6 +683,9 @@ def write_report(results: dict, folder: Path) -> None:
         chart_images_per_s(results, staged[IMAGES_CHART])
         chart_bytes(results, staged[BYTES_CHART])
         staged["report.md"].write_text("\n".join(lines) + "\n", **REPORT_TEXT)
+        for name in staged:  # which a rename fails on: before the first, not after it
+            if (folder / name).is_dir() and not (folder / name).is_symlink():
+                raise IsADirectoryError(errno.EISDIR, f"{name} there is a folder", str(folder / name))
         for name, path in staged.items():
             os.replace(path, folder / name)
     finally:

@@ -822,6 +822,10 @@ def refuse_others_files(out: Path, names: tuple, program: str) -> list:
     ``out`` holds already: an earlier report of ``program``'s, to be replaced. Where no
     results.json of ``program`` is beside them they are the user's or another tool's (a
     benchmark's report under an ablation's, its charts left beside), and ValueError names the fix."""
+    folders = [name for name in names if (out / name).is_dir()]
+    if folders:  # which a report can neither replace nor remove
+        raise ValueError(f"--out {out} holds a folder named {folders[0]}, where python -m {program} writes a file: "
+                         f"give another folder, or move it")
     earlier = [name for name in names if (out / name).exists()]
     if earlier and not _written_by(out / "results.json", program):
         raise ValueError(f"--out {out} holds {', '.join(earlier)} that python -m {program} did not write (no "

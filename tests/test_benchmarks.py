@@ -492,6 +492,26 @@ def test_a_loader_whose_worker_dies_is_recorded_and_the_benchmark_goes_on(tmp_pa
     assert results["program"] == {"skipped": "not run in this test"} and len(measured) == 2  # the main table, the sweeps
 
 
+def test_a_report_file_that_is_a_folder_is_refused_before_any_file_is_replaced(tmp_path, capsys):
+    """A chart's name taken by a folder: benchmarks.report replaced report.md and the other chart,
+    then failed on it (exit 2, a new report beside an old chart's place); benchmarks.run ended in
+    a traceback, its results.json beside the earlier report."""
+    _first_results(_quick_bench(tmp_path))
+    (tmp_path / "report.md").write_text("# the earlier report\n")
+    (tmp_path / report.IMAGES_CHART).write_text("the earlier chart")
+    (tmp_path / report.BYTES_CHART).mkdir()
+    message = _report_refused(tmp_path, capsys)
+    assert message.startswith(f"error: cannot write the report in {tmp_path} ({report.BYTES_CHART} there is a "
+                              f"folder)"), message
+    assert (tmp_path / "report.md").read_text() == "# the earlier report\n"
+    assert (tmp_path / report.IMAGES_CHART).read_text() == "the earlier chart"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(report.REPORT_FILES)  # no partial file left
+    with pytest.raises(ValueError) as refused:
+        run.main(["--device", "cpu", "--quick", "--out", str(tmp_path)])
+    assert str(refused.value) == (f"--out {tmp_path} holds a folder named {report.BYTES_CHART}, where python -m "
+                                  f"benchmarks.run writes a file: give another folder, or move it")
+
+
 def test_results_json_is_strict_json_a_diverged_loss_written_null(tmp_path):
     """Python's json writes NaN, which is not JSON: other readers (jq, a browser's) refuse the file."""
     bench = _quick_bench(tmp_path)
