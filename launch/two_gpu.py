@@ -682,12 +682,14 @@ def main(argv=None) -> int:
             check_rendezvous_address()
             setup_logging(int(os.environ["RANK"]), None)
         config, checkpoint, placement = _configure(argv)
-        if under_torchrun:  # torchrun's SIGTERM ends a rank as it always does, even inside a collective
+        if threading.current_thread() is threading.main_thread():  # SIGTERM as Ctrl-C, during the scan of the data too
+            # (under torchrun, its agent's SIGTERM, as a batch system stops a job: rank 0 then says how to resume,
+            # not nothing; within a collective it is seen once the collective returns, or the agent's SIGKILL ends it)
+            previous_sigterm = signal.signal(signal.SIGTERM, raise_interrupt)
+        if under_torchrun:
             started = True
             held, checkpoint = [checkpoint], None  # let go of by the rank once used (as below)
             return _main_under_torchrun(config, held, placement, sys.argv[1:] if argv is None else list(argv))
-        if threading.current_thread() is threading.main_thread():  # SIGTERM as Ctrl-C, during the scan of the data too
-            previous_sigterm = signal.signal(signal.SIGTERM, raise_interrupt)
         addr = config.master_addr or LOOPBACK
         check_master_addr(addr)
         config, run_dir, bundle, lock = prepare_run(config, checkpoint)

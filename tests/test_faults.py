@@ -859,10 +859,12 @@ def test_ranks_started_with_other_options_under_torchrun_are_refused(tiny_data, 
 
 
 @pytest.mark.slow
-def test_ctrl_c_under_torchrun_tells_what_to_do_next(tiny_data, tmp_path):
-    """torchrun passes its Ctrl-C on to every rank it started (each in a session of its own):
-    rank 0, which knows the run folder, says to resume it (not that nothing was written); the
-    others, that rank 0 says."""
+@pytest.mark.parametrize("sent", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_under_torchrun_tells_what_to_do_next(tiny_data, tmp_path, sent):
+    """torchrun passes its Ctrl-C, and its SIGTERM (a batch system stopping the job), on to every
+    rank it started (each in a session of its own): rank 0, which knows the run folder, says to
+    resume it (not that nothing was written; SIGTERM ended the ranks without a word); the others,
+    that rank 0 says."""
     port, run_dir = _free_port(), tmp_path / "ctrl-c"
     procs = [subprocess.Popen(
         [sys.executable, "-m", "launch.two_gpu", "--data", str(tiny_data), "--out", str(tmp_path), "--run-name", "ctrl-c",
@@ -878,7 +880,7 @@ def test_ctrl_c_under_torchrun_tells_what_to_do_next(tiny_data, tmp_path):
                 (tmp_path / "rank0.stderr").read_text()
             time.sleep(0.2)
         for p in procs:
-            os.killpg(p.pid, signal.SIGINT)
+            os.killpg(p.pid, sent)
         codes = [p.wait(timeout=BOUND_S) for p in procs]
     finally:
         for p in procs:
