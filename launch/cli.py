@@ -6,6 +6,7 @@ import argparse
 import atexit
 import contextlib
 import dataclasses
+import errno
 import fcntl
 import glob
 import os
@@ -13,6 +14,7 @@ import shlex
 import shutil
 import signal
 import socket
+import stat
 import sys
 import threading
 import typing
@@ -72,12 +74,17 @@ def lock_exclusively(path: Path, read_only: bool = False):
     file names its holder. Raises BlockingIOError, whose message names the holder, where
     another process holds it; OSError where the file cannot be made or locked. ``read_only``:
     a file this process may only read (another user's) is locked too, without its name."""
+    # not open(): on a pipe it waits for a writer ("r") or fails without a strerror ("a+")
     try:
-        lock = open(path, "a+")
+        fd, mode = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NONBLOCK, 0o666), "r+"
     except PermissionError:
         if not (read_only and path.is_file()):
             raise
-        lock = open(path)
+        fd, mode = os.open(path, os.O_RDONLY | os.O_NONBLOCK), "r"
+    if not stat.S_ISREG(os.fstat(fd).st_mode):  # nothing to lock, nor to name the holder in
+        os.close(fd)
+        raise OSError(errno.EINVAL, f"{path.name} there is not a file but a pipe, a device or a socket", str(path))
+    lock = open(fd, mode)
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -1913,15 +1913,15 @@ def test_prepare_goes_on_without_a_lock_where_dst_cannot_hold_one(tmp_path, monk
 
 
 def test_a_lock_on_a_file_that_may_only_be_read_holds(tmp_path, monkeypatch):
-    path, real = tmp_path / "lock", open
+    path, real = tmp_path / "lock", os.open
     path.write_text("process 1 on elsewhere\n")
 
-    def read_only(file, mode="r", *args, **kwargs):  # as for another user's file
-        if mode != "r":
+    def read_only(file, flags, *args, **kwargs):  # as for another user's file
+        if flags & (os.O_RDWR | os.O_WRONLY):
             raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(file))
-        return real(file, mode, *args, **kwargs)
+        return real(file, flags, *args, **kwargs)
 
-    monkeypatch.setattr(cli, "open", read_only, raising=False)
+    monkeypatch.setattr(cli.os, "open", read_only)
     with pytest.raises(PermissionError):
         cli.lock_exclusively(path)
     with cli.lock_exclusively(path, read_only=True):

@@ -1387,6 +1387,28 @@ def test_a_run_folder_that_cannot_be_written_is_named(tiny_data, tmp_path, caplo
     assert sorted(os.listdir(folder)) == [LOCK_NAME]
 
 
+def test_a_lock_file_that_is_a_pipe_is_named(tmp_path, capsys):
+    """A run folder's .lock, or a DST's .prepare.lock, made a named pipe: the refusal said
+    "(None)" (io's error has no strerror), and prepare's did not name the file."""
+    from launch import builtin, prepare
+    from launch.two_gpu import LOCK_NAME, lock_run_folder
+    folder = tmp_path / "run"
+    folder.mkdir()
+    os.mkfifo(folder / LOCK_NAME)
+    with pytest.raises(ValueError) as refused:
+        lock_run_folder(folder, resumed=True)
+    assert str(refused.value).startswith(f"cannot write in the run folder {folder} (.lock there is not a file but a "
+                                         f"pipe, a device or a socket): "), refused.value
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    dst.mkdir()
+    os.mkfifo(dst / data_module.PREPARE_LOCK_NAME)
+    shutil.copytree(builtin.builtin_dataset(tmp_path / "tiny", train_per_class=1, val_per_class=1), src)
+    assert prepare.main([str(src), str(dst), "--workers", "1"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"error: cannot write {dst / '.prepare.lock'} in DST {dst} (.prepare.lock there is not a file but a pipe, a "
+        f"device or a socket): give a DST that can be written; run again, and the images already written are kept")
+
+
 @pytest.mark.parametrize("layout, net", [("one-tower", "one-tower net"), ("single", "single-device reference")])
 def test_fc8_placement_split_is_refused_for_a_net_without_towers(tiny_data, tmp_path, caplog, layout, net):
     """It has no towers: the option would be recorded in the run's files, and mean nothing.
