@@ -55,10 +55,15 @@ def refuse_empty(**paths) -> None:
 
 
 def home_path(text) -> Path:
-    """A path given by the user, its ``~`` or ``~user`` the home folder as the shell expands it;
-    a ``~user`` that names no user is kept as written, as the shell keeps it (Path.expanduser
-    raises RuntimeError)."""
-    return Path(os.path.expanduser(text))
+    """A path given by the user, its ``~`` or ``~user`` the home folder as the shell expands it.
+    Raises ValueError for a ``~user`` that names no user here (Path.expanduser raises
+    RuntimeError; the shell keeps it as written, and a folder of that name would be made)."""
+    expanded = os.path.expanduser(text)
+    if os.fspath(text).startswith("~") and expanded == os.fspath(text):
+        user = os.fspath(text)[1:].partition("/")[0]
+        raise ValueError(f"{os.fspath(text)}: {'~' + user if user else '~'} names no home folder here (no such user"
+                         f"{'' if user else ', and HOME is not set'}): give the path in full")
+    return Path(expanded)
 
 
 def real_path(text) -> Path:

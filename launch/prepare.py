@@ -439,9 +439,9 @@ def main(argv=None) -> int:
         parser.error(f"--quality must be 1 to 100 (JPEG's scale; default 95), got {args.quality}")
     try:
         refuse_empty(SRC=args.src, DST=args.dst)
+        src, dst = real_path(args.src), real_path(args.dst)
     except ValueError as exc:
         parser.error(str(exc))
-    src, dst = real_path(args.src), real_path(args.dst)
     if dst == src or src in dst.parents:
         parser.error(f"DST {dst} must lie outside SRC {src}")
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # as Ctrl-C
