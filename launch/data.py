@@ -404,11 +404,11 @@ def hold_for_reading(root: Path):
         fd = os.open(root / PREPARE_LOCK_NAME, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
         return None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):  # a folder of that name, a pipe: no launch.prepare's
+        os.close(fd)
+        return None
     lock = os.fdopen(fd)
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            lock.close()
-            return None
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BlockingIOError:
         holder = lock.read(200).strip() or "another process"

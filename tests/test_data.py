@@ -1891,6 +1891,10 @@ def test_prepare_refuses_a_dst_that_another_prepare_is_writing_to(tmp_path, caps
             f"error: DST {dst} is being read by a training run (python -m launch.two_gpu): wait for it to end, or "
             f"give another DST")
     assert prepare.main([str(src), str(dst), "--workers", "1"]) == 0  # once the run has ended
+    for odd in (tmp_path / "folder", tmp_path / "pipe"):  # the lock's name taken by what no prepare makes: no lock
+        odd.mkdir()
+        (odd / data.PREPARE_LOCK_NAME).mkdir() if odd.name == "folder" else os.mkfifo(odd / data.PREPARE_LOCK_NAME)
+        assert data.hold_for_reading(odd) is None  # a folder of that name: IsADirectoryError, the descriptor left open
     assert sorted(p.name for p in (dst / "train").iterdir()) == ["a", "b"]  # SRC's classes alone
     assert prepare.main([str(other), str(dst), "--workers", "1"]) == 2  # then refused for what DST holds
     assert "holds 12 image(s) that no image of SRC becomes" in capsys.readouterr().err
