@@ -37,7 +37,7 @@ from .images import BASE_SIZE, CROP_SIZE
 from .checkpoint import FILENAME, damaged_record, read_as_saved, restore_training_state, save_training_state
 from .cli import shell_word, usable_cores, write_whole
 from .config import TrainConfig, update_config_json
-from .mesh import Mesh, build_mesh
+from .mesh import Mesh, build_mesh, coordinates
 from .ranks import ADVICE_FROM_RANK0, PREPARATION_WAIT_S, Placement, error_line, patient_group
 from .meter import Metrics, ProgressBar, StepMeter, duration, peak_memory
 from .schedule import Progress, base_rate, end_of_epoch_schedule, learning_rate
@@ -345,10 +345,12 @@ def train_one_epoch(model, optimizer, loader: Optional[data_module.Loader], plan
     bar.clear()
     said = [None] * dist.get_world_size()
     dist.all_gather_object(said, _data_lost(loader, stopped, skipped_before))  # a rank's reason stops every rank
-    reason = next((line for line in said if line is not None), None)
-    if reason is not None:  # the steps taken are kept, as where the validation images are gone
-        save_now(run_dir, model, optimizer, progress, config, plan, mesh)
-        raise data_module.DataError(reason)  # the same on each rank: named once (run_ranks)
+    found = next((rank for rank, line in enumerate(said) if line is not None), None)
+    if found is not None:  # the steps taken are kept, as where the validation images are gone
+        save_before_stopping(run_dir, model, optimizer, progress, config, plan, mesh)
+        where = f" (on rank {found}, which loads replica {coordinates(found, mesh.towers)[0]}'s images)" \
+            if mesh.replicas > 1 else ""  # each replica loads its own share, from its own machine's copy
+        raise data_module.DataError(said[found] + where)  # the same on each rank: named once (run_ranks)
     return progress.batch == plan.batches_per_epoch, meter.seconds
 
 
@@ -370,6 +372,15 @@ def _data_lost(loader: Optional[data_module.Loader], stopped: list, skipped_befo
     except data_module.DataError as exc:
         return str(exc)
     return None
+
+
+def save_before_stopping(run_dir: Optional[Path], model, optimizer, progress: Progress, config: TrainConfig,
+                         plan: Plan, mesh: Mesh) -> None:
+    """save_now, by a run that then stops on every rank: the ranks wait for rank 0's file to be
+    written (a save is collective only to the hand-over of the halves), as a launcher ends the
+    ranks still running once one has ended (this program's after seconds, torchrun's at once)."""
+    save_now(run_dir, model, optimizer, progress, config, plan, mesh)
+    dist.barrier()
 
 
 def save_now(run_dir: Optional[Path], model, optimizer, progress: Progress, config: TrainConfig, plan: Plan,
@@ -653,7 +664,7 @@ def run_rank(rank: int, config: TrainConfig, run_dir: Optional[str], placement: 
             try:
                 last_eval = evaluate_now()
             except data_module.DataError:  # on every rank (the counts are summed): the epoch's training is kept,
-                save_now(run_dir, model, optimizer, progress, config, plan, mesh)  # and a resume evaluates it
+                save_before_stopping(run_dir, model, optimizer, progress, config, plan, mesh)  # a resume evaluates it
                 raise
             progress.epoch, progress.batch = progress.epoch + 1, 0
             end_of_epoch_schedule(config, progress, last_eval["top1_error"])

@@ -13,6 +13,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -369,6 +370,26 @@ def test_both_ranks_train_on_identical_batches_delivered_in_a_quarter_of_the_byt
         assert torch.equal(mine, data_module.augment(in_one_process[index][0], choices, bundle.stats))
     # per batch of 4: the count, the uint8 crops and the labels; float32 images were 4 x 602,112 bytes
     assert ranks[0][1] == ranks[1][1] == 8 + 4 * 3 * 224 * 224 + 4 * 8
+
+
+def _stopping_worker(rank, folder):
+    """save_before_stopping with a save that takes rank 0 a second (a large checkpoint on a slow
+    disk): whether rank 0's file is there when each rank goes on to stop."""
+    from launch import train
+
+    def slow_save(*args):  # save_now: collective to the hand-over of the halves, then rank 0 alone writes
+        if rank == 0:
+            time.sleep(1.0)
+            (Path(folder) / "checkpoint.pt").write_text("saved")
+    train.save_now = slow_save
+    train.save_before_stopping(None, None, None, None, None, None, None)
+    return (Path(folder) / "checkpoint.pt").exists()
+
+
+def test_ranks_that_stop_after_a_save_wait_for_rank_0_s_file(tmp_path):
+    """A rank that ended first had its launcher end rank 0 in its write (5 s later, or at once
+    under torchrun): the checkpoint promised by a stop for lost images was not written."""
+    assert run_ranks(_stopping_worker, (str(tmp_path),), timeout_s=RUN_TIMEOUT_S) == [True, True]
 
 
 def test_train_log_takes_a_file_name_that_is_not_utf8(tmp_path, capfd):
