@@ -535,6 +535,9 @@ def _torchrun_env() -> bool:
         raise ValueError(f"MASTER_PORT={values['MASTER_PORT']} is not a port (1-65535): {fix}")
     if values.get("LOCAL_WORLD_SIZE", 1) < 1:
         raise ValueError(f"LOCAL_WORLD_SIZE={values['LOCAL_WORLD_SIZE']} must be at least 1: {fix}")
+    if not 0 <= values.get("LOCAL_RANK", 0) < values.get("LOCAL_WORLD_SIZE", values["WORLD_SIZE"]):
+        raise ValueError(f"LOCAL_RANK={values['LOCAL_RANK']}: a rank's number on its machine lies in 0 ... "
+                         f"{'LOCAL_WORLD_SIZE' if 'LOCAL_WORLD_SIZE' in values else 'WORLD_SIZE'} - 1: {fix}")
     missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(name)]
     if missing:
         raise ValueError(f"RANK and WORLD_SIZE are set but {' and '.join(missing)} not: {fix}")

@@ -693,6 +693,10 @@ def _error_of(argv, caplog) -> str:
     ({"RANK": "5", "WORLD_SIZE": "2"}, "RANK=5 and WORLD_SIZE=2: a rank lies in 0 ... WORLD_SIZE - 1"),
     ({"RANK": "0", "WORLD_SIZE": "0"}, "RANK=0 and WORLD_SIZE=0: a rank lies in 0 ... WORLD_SIZE - 1"),
     ({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "0"}, "LOCAL_WORLD_SIZE=0 must be at least 1"),
+    ({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "5", "LOCAL_WORLD_SIZE": "2"},  # its GPU: LOCAL_RANK's modulo
+     "LOCAL_RANK=5: a rank's number on its machine lies in 0 ... LOCAL_WORLD_SIZE - 1"),
+    ({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "-1"},
+     "LOCAL_RANK=-1: a rank's number on its machine lies in 0 ... WORLD_SIZE - 1"),
     ({"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "x"}, "MASTER_PORT='x' is not"),
     ({"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "99999"},
      "MASTER_PORT=99999 is not a port (1-65535)"),
@@ -702,7 +706,8 @@ def _error_of(argv, caplog) -> str:
     ({"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"},  # with --master-addr
      "torchrun's ranks meet where torchrun says (its --master-addr or --rdzv-endpoint): drop --master-addr under "
      "torchrun"),
-], ids=["not-a-number", "rank-too-large", "no-ranks", "no-local-ranks", "port", "port-too-large", "no-rendezvous",
+], ids=["not-a-number", "rank-too-large", "no-ranks", "no-local-ranks", "local-rank-too-large", "local-rank-below-0",
+        "port", "port-too-large", "no-rendezvous",
         "no-such-host", "master-addr-option"])
 def test_a_launcher_environment_that_does_not_fit_is_named(tiny_data, tmp_path, caplog, monkeypatch, env, words):
     """What torchrun sets, set wrong by hand, or an option of the ranks the program starts
