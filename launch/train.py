@@ -379,8 +379,10 @@ def save_before_stopping(run_dir: Optional[Path], model, optimizer, progress: Pr
     """save_now, by a run that then stops on every rank: the ranks wait for rank 0's file to be
     written (a save is collective only to the hand-over of the halves), as a launcher ends the
     ranks still running once one has ended (this program's after seconds, torchrun's at once)."""
-    save_now(run_dir, model, optimizer, progress, config, plan, mesh)
-    dist.barrier()
+    try:
+        save_now(run_dir, model, optimizer, progress, config, plan, mesh)
+    finally:  # reached by every rank, rank 0's write failed or not: each then raises its own error
+        dist.barrier()
 
 
 def save_now(run_dir: Optional[Path], model, optimizer, progress: Progress, config: TrainConfig, plan: Plan,

@@ -5,6 +5,7 @@ everything a long run does: both ranks, the data pipeline on rank 0, checkpoints
 evaluation. Every subprocess has a timeout, so a hang fails instead of blocking.
 """
 
+import errno
 import json
 import math
 import os
@@ -28,7 +29,7 @@ from launch import train, two_gpu
 from launch.checkpoint import (load_checkpoint, load_reference, restore_training_state, save_checkpoint, save_reference,
                               save_training_state)
 from launch.mesh import build_mesh
-from launch.ranks import run_ranks
+from launch.ranks import RankFailure, run_ranks
 from launch.train import IMAGE_SHAPE, InputBytes, Plan, default_workers, evaluate, shared_batches
 from launch.config import TrainConfig
 from launch.schedule import Progress
@@ -372,24 +373,35 @@ def test_both_ranks_train_on_identical_batches_delivered_in_a_quarter_of_the_byt
     assert ranks[0][1] == ranks[1][1] == 8 + 4 * 3 * 224 * 224 + 4 * 8
 
 
-def _stopping_worker(rank, folder):
+def _stopping_worker(rank, folder, disk_full):
     """save_before_stopping with a save that takes rank 0 a second (a large checkpoint on a slow
-    disk): whether rank 0's file is there when each rank goes on to stop."""
+    disk), or fails there (``disk_full``): whether rank 0's file is there when each rank goes on
+    to stop, as a run stopped for lost images then raises their error."""
     from launch import train
 
     def slow_save(*args):  # save_now: collective to the hand-over of the halves, then rank 0 alone writes
         if rank == 0:
             time.sleep(1.0)
+            if disk_full:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
             (Path(folder) / "checkpoint.pt").write_text("saved")
     train.save_now = slow_save
     train.save_before_stopping(None, None, None, None, None, None, None)
+    if disk_full:
+        raise data_module.DataError("the images are gone")
     return (Path(folder) / "checkpoint.pt").exists()
 
 
 def test_ranks_that_stop_after_a_save_wait_for_rank_0_s_file(tmp_path):
     """A rank that ended first had its launcher end rank 0 in its write (5 s later, or at once
-    under torchrun): the checkpoint promised by a stop for lost images was not written."""
-    assert run_ranks(_stopping_worker, (str(tmp_path),), timeout_s=RUN_TIMEOUT_S) == [True, True]
+    under torchrun): the checkpoint promised by a stop for lost images was not written. Where
+    the write fails, the other ranks still stop on the images' error, which the run reports
+    beside the disk's (they waited for rank 0 until its connection closed, and said that)."""
+    assert run_ranks(_stopping_worker, (str(tmp_path), False), timeout_s=RUN_TIMEOUT_S) == [True, True]
+    with pytest.raises(RankFailure) as stopped:
+        run_ranks(_stopping_worker, (str(tmp_path / "full"), True), timeout_s=RUN_TIMEOUT_S)
+    assert stopped.value.failures == {0: "OSError: [Errno 28] No space left on device",
+                                      1: "launch.images.DataError: the images are gone"}
 
 
 def test_train_log_takes_a_file_name_that_is_not_utf8(tmp_path, capfd):
