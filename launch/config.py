@@ -19,8 +19,8 @@ from typing import Optional
 from towers import FC8_PLACEMENTS
 from towers.reference import ACTIVATIONS, INIT_SCHEMES, POOLINGS
 
-from .cli import (JSON_DAMAGE, MAX_PROCESSES_PER_CORE, Parser, add_options, option, refuse_empty, usable_cores,
-                  write_whole)
+from .cli import (JSON_DAMAGE, MAX_PROCESSES_PER_CORE, Parser, add_options, home_path, option, refuse_empty,
+                  usable_cores, write_whole)
 from .step import AUTOCAST
 
 log = logging.getLogger(__name__)
@@ -163,7 +163,7 @@ class TrainConfig:
         if self.lr_milestones is not None:  # argparse and JSON give lists
             self.lr_milestones = tuple(self.lr_milestones)
         if self.data:  # as config.json and the checkpoint keep it: found from any working folder ("": validate)
-            self.data = os.path.abspath(os.path.expanduser(self.data))
+            self.data = os.path.abspath(home_path(self.data))
 
     def validate(self) -> None:
         """Raises ValueError naming the fix for an impossible value."""

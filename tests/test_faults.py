@@ -1050,6 +1050,7 @@ def test_ctrl_c_while_a_program_imports_torch_ends_it_in_one_line(program):
     *[(program, argv, "~no-such-user-0/run: ~no-such-user-0 names no home folder here (no such user): give the path "
                       "in full") for program, argv in (("launch.two_gpu", ["--resume", "~no-such-user-0/run"]),
                                                        ("launch.two_gpu", ["--out", "~no-such-user-0/run"]),
+                                                       ("launch.two_gpu", ["--data", "~no-such-user-0/run"]),
                                                        ("launch.predict", ["~no-such-user-0/run", "loop"]),
                                                        ("launch.show", ["~no-such-user-0/run"]),
                                                        ("launch.prepare", ["loop", "~no-such-user-0/run"]))],
