@@ -227,9 +227,10 @@ def resolve(config: BenchConfig, devices: DevicePlan) -> BenchConfig:
         raise ValueError(f"--time-limit must be a positive number of seconds, got {config.time_limit:g}")
     for link in config.links:
         name, _, gb_s = link.partition("=")
-        if not re.fullmatch(r"\d+(\.\d+)?", gb_s) or not 0 < float(gb_s) < math.inf:  # 10^400: inf
-            raise ValueError(f"--links takes NAME=GB/s items such as nvlink=300, the GB/s a finite decimal number "
-                             f"above 0; got {link!r}")
+        # bounded, so that a transfer's time is a number: 10^400 GB/s is inf, 10^-311 makes the time inf
+        if not re.fullmatch(r"\d+(\.\d+)?", gb_s) or not 1e-6 <= float(gb_s) <= 1e300:
+            raise ValueError(f"--links takes NAME=GB/s items such as nvlink=300, the GB/s a decimal number from "
+                             f"0.000001 to 10^300; got {link!r}")
         if not re.fullmatch(r"\w([\w .+/()-]*[\w.+)])?", name):  # a cell of the report's tables, on one line
             raise ValueError(f"--links names a link in letters, digits, spaces and . + - / ( ), starting with a "
                              f"letter or digit, such as nvlink or 'PCIe 4.0': got {name!r}")

@@ -121,9 +121,10 @@ def test_a_time_limit_must_be_a_positive_number_of_seconds(tmp_path):
 
 
 @pytest.mark.parametrize("option, value, message", [
-    *[("--links", f"nvlink={gb_s}", f"--links takes NAME=GB/s items such as nvlink=300, the GB/s a finite decimal "
-                                   f"number above 0; got 'nvlink={gb_s}'")
-      for gb_s in ("0", "9" * 400)],  # 10^400 GB/s: inf, which the report shows and results.json holds as null
+    *[("--links", f"nvlink={gb_s}", f"--links takes NAME=GB/s items such as nvlink=300, the GB/s a decimal number "
+                                   f"from 0.000001 to 10^300; got 'nvlink={gb_s}'")
+      # 10^400 GB/s is inf, and 10^-311 makes a transfer's time inf: the report showed inf, results.json null
+      for gb_s in ("0", "9" * 400, "0." + "0" * 310 + "1")],
     ("--loader-data", "", "--loader-data is empty: give a value, or leave the option out"),  # not the current folder
     # a name that would break the report's tables (a cell too many, a row on two lines) or leave one empty
     *[("--links", f"{name}=25", f"--links names a link in letters, digits, spaces and . + - / ( ), starting with a "
