@@ -67,16 +67,18 @@ def skip_reason(path: Union[str, Path], error: Exception) -> str:
 
 def _to_rgb(image: Image.Image) -> Image.Image:
     """Any PIL mode to 8-bit RGB. Transparency is composited on mid-grey; 16-bit
-    greyscale (modes I;16* and I, as PNG, TIFF and PGM open) is scaled 65535 -> 255 rather
-    than clipped, which is what PIL's own convert would do. Floating-point greyscale
-    (mode F, as TIFF opens) is scaled 1 -> 255 when every value lies in 0-1, the usual
-    range of float images, and taken as 0-255 otherwise (PIL would clip 0-1 to black)."""
+    greyscale (modes I;16* and I, as PNG, TIFF and PGM open) is scaled 65535 -> 255 (a
+    TIFF's 2^bits - 1, where it holds fewer bits) rather than clipped, which is what PIL's
+    own convert would do. Floating-point greyscale (mode F, as TIFF opens) is scaled 1 -> 255
+    when every value lies in 0-1, the usual range of float images, and taken as 0-255
+    otherwise (PIL would clip 0-1 to black)."""
     if image.mode == "RGB" and "transparency" not in image.info:
         return image
     if image.mode.startswith("I;16") or image.mode in ("I", "F"):
         grey = np.nan_to_num(np.asarray(image, dtype=np.float64))
-        if image.mode != "F":
-            grey *= 255.0 / 65535.0
+        if image.mode != "F":  # a TIFF of 10, 12 or 14 bits opens as 16, its values as stored: 2^bits - 1 is white
+            bits = tuple(image.tag_v2.get(258, ())) if image.format == "TIFF" else ()
+            grey *= 255.0 / (2.0 ** bits[0] - 1 if bits and 8 < bits[0] < 16 else 65535.0)
         elif grey.size and 0 <= grey.min() and grey.max() <= 1:
             grey *= 255.0
         image = Image.fromarray(np.clip(np.rint(grey), 0, 255).astype(np.uint8), mode="L")

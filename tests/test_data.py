@@ -13,6 +13,7 @@ import resource
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -347,7 +348,7 @@ def test_every_mode_becomes_256_rgb(tmp_path):
     assert np.allclose(cmyk, Image.new("CMYK", (1, 1), (10, 20, 30, 40)).convert("RGB").getpixel((0, 0)), atol=3)
 
 
-def test_32_bit_integer_greyscale_is_refused_not_made_black(tmp_path):
+def test_integer_greyscale_of_other_depths_is_refused_or_scaled_not_made_black(tmp_path):
     """A TIFF of 32-bit integers (mode I, as a 16-bit PGM also opens) has no range of its own:
     scaled as 16-bit, its 0-255 values became a black image that trained and was classified.
     16-bit PGM (PIL scales its maximum to 65535) is read as before."""
@@ -362,6 +363,17 @@ def test_32_bit_integer_greyscale_is_refused_not_made_black(tmp_path):
     with Image.open(tmp_path / "deep.pgm") as image:
         assert image.mode == "I"
     pixels = images.load_image(tmp_path / "deep.pgm")
+    assert pixels[0, 0, 0] == 255 and pixels[0, -1, 0] == 128
+    # a 12-bit TIFF (a scientific camera's) opens as 16-bit with its 12-bit values: white was 16 of 255
+    bits = "".join(f"{value:012b}" for value in (4095, 2048)) + "0000"
+    packed = bytes(int(bits[i:i + 8], 2) for i in range(0, len(bits), 8))
+    tags = [(256, 3, 1, 2), (257, 3, 1, 1), (258, 3, 1, 12), (259, 3, 1, 1), (262, 3, 1, 1), (273, 4, 1, 8),
+            (277, 3, 1, 1), (278, 3, 1, 1), (279, 4, 1, len(packed))]  # 2 x 1, uncompressed, grey
+    directory = struct.pack("<H", len(tags)) + b"".join(struct.pack("<HHII", *t) for t in tags) + struct.pack("<I", 0)
+    (tmp_path / "deep.tif").write_bytes(b"II*\x00" + struct.pack("<I", 8 + len(packed)) + packed + directory)
+    with Image.open(tmp_path / "deep.tif") as image:
+        assert image.mode == "I;16" and np.asarray(image).tolist() == [[4095, 2048]]
+    pixels = images.load_image(tmp_path / "deep.tif")
     assert pixels[0, 0, 0] == 255 and pixels[0, -1, 0] == 128
 
 
