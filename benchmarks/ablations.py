@@ -32,6 +32,7 @@ import math
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -195,8 +196,10 @@ def train(config: AblationConfig, variant: str, runs: Path, bundle) -> tuple:
         if _stopped(stderr_path) is None:  # not a result, which --reuse would refuse
             raise AblationError(f"the {variant} run failed ({how}): {why} (its output: {stderr_path})")
         logger.warning("%s: the run stopped after %.0f s: %s", variant, time.perf_counter() - started, why)
+        check_same_data(run_dir, bundle, stderr_path)  # the images changed while it trained: not comparable
         return run_dir, why
     logger.info("%s: done in %.0f s", variant, time.perf_counter() - started)
+    check_same_data(run_dir, bundle, stderr_path)  # the report gives one data line for every run
     return run_dir, None
 
 
@@ -276,6 +279,11 @@ def check_steps(run_dir: Path, options: list, bundle) -> None:
     wanted = resolve(parse_config(options), len(bundle.train))
     steps = wanted.epochs * data_module.batches_per_epoch(bundle, wanted.batch_size)
     steps = min(steps, wanted.max_steps or steps)
+    records = _read_json(run_dir / "metrics.jsonl", lines=True)
+    if not records or not isinstance(records[-1], dict) or records[-1].get("event") != "summary":
+        raise AblationError(f"{run_dir} was started again after its summary.json was written (its metrics.jsonl "
+                            f"goes on after the summary), so that no longer gives its numbers: remove {run_dir} to "
+                            f"train that variant again, or give another --runs folder")
     trained = _read_json(run_dir / "summary.json").get("steps")
     if trained != steps:
         raise AblationError(f"{run_dir} trained {trained} steps, not the {steps} that these options give (resumed "
@@ -353,7 +361,21 @@ def steps_to_error(curve: list, error: float) -> Optional[int]:
 
 def read_run(run_dir: Path, failure: Optional[str] = None) -> dict:
     """A run's numbers: validation errors (summary.json) and the training curve (metrics.jsonl);
-    of a run that stopped (``failure``), the curve only."""
+    of a run that stopped (``failure``), the curve only. AblationError names a file that is not
+    as launch.two_gpu writes it (a hand edit: a record without its fields, a number as text)."""
+    try:
+        return _read_run(run_dir, failure)
+    except (KeyError, TypeError, IndexError, AttributeError) as error:
+        raise _not_as_written(run_dir, error) from None
+
+
+def _not_as_written(run_dir: Path, error: Exception) -> AblationError:
+    return AblationError(f"{run_dir} holds a metrics.jsonl, summary.json or config.json that is not as "
+                         f"python -m launch.two_gpu writes it ({type(error).__name__}: {error}): remove {run_dir} to "
+                         f"train that variant again")
+
+
+def _read_run(run_dir: Path, failure: Optional[str]) -> dict:
     records = _read_json(run_dir / "metrics.jsonl", lines=True)
     curve = training_curve(records)
     conditions = run_dir.parent / f"{run_dir.name}{CONDITIONS_SUFFIX}"
@@ -588,6 +610,9 @@ def scale_line(floor: dict) -> str:
     return f"- **Scale.** {paper}; this validation set resolves differences of that size."
 
 
+STAGING = ".report.partial-"  # the folder in --out where a report is made, then moved out of
+
+
 def write_report(results: dict, info: dict, out: Path) -> None:
     floor = noise_floor(results)
     chart(results, floor, out / CHART)
@@ -736,7 +761,10 @@ def _measure(config: AblationConfig, out: Path, runs: Path, args: list, machine:
     results, bundle = {}, data_module.open_data(config.data)
     for variant in config.variants:
         results[variant] = r = read_run(*train(config, variant, runs, bundle))
-        r["initial_scale"] = initial_activation_scale(Path(r["run_dir"]), bundle)
+        try:
+            r["initial_scale"] = initial_activation_scale(Path(r["run_dir"]), bundle)
+        except (KeyError, TypeError, AttributeError, *JSON_DAMAGE) as error:  # its config.json edited
+            raise _not_as_written(Path(r["run_dir"]), error) from None
         if r["failed"]:
             continue
         logger.info("%s: validation top-1 error %.1f %%, top-5 %.1f %%; first step at each training error: %s",
@@ -749,14 +777,22 @@ def _measure(config: AblationConfig, out: Path, runs: Path, args: list, machine:
         "recipe": _recipe(first), "data": _data_description(config, bundle),
     }
     out.mkdir(parents=True, exist_ok=True)
+    # Made beside the earlier report and put in its place once all three files are made: results
+    # that cannot make a report, a full disk or a Ctrl-C leave the earlier one as it was.
+    for stale in out.glob(f"{STAGING}*"):  # of an ablation killed while it wrote (--out is this one's now)
+        shutil.rmtree(stale, ignore_errors=True)
+    staging = out / f"{STAGING}{os.getpid()}"
     try:
-        write_whole(out / "results.json", lambda partial: partial.write_text(
-            json.dumps({"info": info, "noise": noise_floor(results), "runs": results}, indent=1)))
-        for name in ("report.md", CHART):  # an earlier report's, of other results: none is better than that
-            (out / name).unlink(missing_ok=True)
-        write_report(results, info, out)
+        staging.mkdir()
+        (staging / "results.json").write_text(json.dumps({"info": info, "noise": noise_floor(results),
+                                                          "runs": results}, indent=1))
+        write_report(results, info, staging)
+        for name in ("results.json", "report.md", CHART):
+            os.replace(staging / name, out / name)
     except OSError as error:
         raise _cannot_write(out, error, "--out") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     logger.info("report: %s", out / "report.md")
     return out
 

@@ -110,6 +110,7 @@ def _finished_run(runs, config, variant, data, steps, checkpoint=True):
     options = ablations.run_options(config, variant, runs)
     (run / "config.json").write_text(json.dumps(dataclasses.asdict(resolve(parse_config(options), len(data.train)))))
     (run / "summary.json").write_text(json.dumps({"steps": steps, "steps_this_run": steps}))
+    (run / "metrics.jsonl").write_text(json.dumps({"event": "summary", "steps": steps}) + "\n")
     if checkpoint:
         torch.save({"classes": data.classes, "train_digest": data.digests["train"], "val_digest": data.digests["val"],
                     "progress": {"global_step": steps}}, run / "checkpoint.pt")
@@ -226,6 +227,18 @@ def test_reuse_refuses_a_run_resumed_past_the_ablation_s_max_steps(tmp_path, mon
         _reuse(runs, data, monkeypatch, "--variants", "tanh", "--batch-size", "4")
 
 
+def test_reuse_refuses_a_run_started_again_after_its_summary(tmp_path, monkeypatch):
+    """A resume stopped before its end leaves the last start's summary.json: the report gave its
+    steps beside a curve and evaluations of the later start."""
+    runs, data = tmp_path / "runs", _data(train=1000)
+    run = _finished_run(runs, ablations.AblationConfig(max_steps=3), "full", data, steps=3)
+    with (run / "metrics.jsonl").open("a") as metrics:
+        metrics.write(json.dumps({"event": "resume", "step": 3}) + "\n")
+    with pytest.raises(ablations.AblationError, match=rf"^{run} was started again after its summary.json was written "
+                                                      rf"\(its metrics.jsonl goes on after the summary\)"):
+        _reuse(runs, data, monkeypatch, "--variants", "full", "--max-steps", "3")
+
+
 def test_an_interrupted_run_is_finished_with_the_ablation_s_max_steps(tmp_path, monkeypatch):
     """The advice, when the ablation is interrupted and when --reuse finds the run unfinished,
     resumes with --max-steps again (a resume does not keep it), or, with no checkpoint to resume,
@@ -260,6 +273,45 @@ def test_an_interrupted_run_is_finished_with_the_ablation_s_max_steps(tmp_path, 
     with pytest.raises(ablations.Interrupted) as stopped:
         ablations.train(config, "full", runs, data)
     assert str(stopped.value).startswith("the full run was stopped: it wrote no checkpoint yet")
+
+
+def test_a_run_that_trained_on_images_changed_under_it_is_refused(tmp_path, monkeypatch):
+    """Images added to --data while the ablation's first variant trained: the next variants
+    trained on another set, and the report gave one data line for every run, comparing them."""
+    runs, opened, changed = tmp_path / "runs", _data(), _data(train=38, digests=("38 train images", "val images"))
+
+    def trained(command, stdout, stderr, **kwargs):  # on the images as they were when it started
+        _finished_run(runs, ablations.AblationConfig(max_steps=3), "full", changed, steps=3)
+        stderr.write(f"{_data_line(changed)}\n")
+        return subprocess.CompletedProcess(command, 0)
+
+    monkeypatch.setattr(ablations, "run_child", trained)
+    with pytest.raises(ablations.AblationError, match=rf"^{runs / 'full'} was trained on other data: its train/ "
+                                                      rf"images differ from those in /data now"):
+        ablations.train(ablations.AblationConfig(max_steps=3), "full", runs, opened)
+
+
+@pytest.mark.parametrize("damage", ["a record without its event", "a number as text", "a summary that is a list",
+                                    "a summary without its rate"])
+def test_run_files_edited_by_hand_are_named_not_a_traceback(tmp_path, damage):
+    run = tmp_path / "full"
+    run.mkdir()
+    records = [{"event": "train", "epoch": 1, "step": 1, "top1": 0.5, "loss": 2.0}, {"event": "summary"}]
+    summary = {"steps": 1, "classes": 10, "centre": {}, "images_per_s": 1.0, "train_seconds": 1.0, "device": "cpu",
+               "layout": "towers"}
+    if damage == "a record without its event":
+        del records[0]["event"]
+    elif damage == "a number as text":
+        records[0]["top1"] = "x"
+    elif damage == "a summary that is a list":
+        summary = []
+    else:
+        del summary["images_per_s"]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (run / "summary.json").write_text(json.dumps(summary))
+    with pytest.raises(ablations.AblationError, match=rf"^{run} holds a metrics.jsonl, summary.json or config.json "
+                                                      rf"that is not as python -m launch.two_gpu writes it \("):
+        ablations.read_run(run)
 
 
 @pytest.mark.parametrize("returncode, began", [(130, True), (-signal.SIGKILL, True), (-signal.SIGKILL, False),
@@ -546,16 +598,15 @@ def test_a_full_disk_under_the_report_is_one_line_and_leaves_no_partial_file(abl
     assert str(refused.value) == (f"cannot write {out} (No space left on device): free space on that disk, or give "
                                   f"--out a folder that can be written; the finished runs stay in --runs, and the "
                                   f"same command with --reuse makes the report from them")
-    assert [p.name for p in out.iterdir()] == ["results.json"]
-    assert set(json.loads((out / "results.json").read_text())["runs"]) == set(ablations.VARIANTS)
-    # Into the folder of an earlier report (of every variant): its report and chart, of other
-    # results, do not stay beside the new results.json
+    assert list(out.iterdir()) == []  # the report's files are put in place together, once all are made
+    # Into the folder of an earlier report (of every variant): it stays as it was, whole, not
+    # mixed with the new results (its results.json was replaced and its report removed)
     earlier = tmp_path / "earlier"
     shutil.copytree(folder / "report", earlier)
+    before = {p.name: p.read_bytes() for p in earlier.iterdir()}
     with pytest.raises(ablations.AblationError):
         ablations.main([*args, "--reuse", "--out", str(earlier), "--variants", "full"])
-    assert [p.name for p in earlier.iterdir()] == ["results.json"]
-    assert set(json.loads((earlier / "results.json").read_text())["runs"]) == {"full"}
+    assert {p.name: p.read_bytes() for p in earlier.iterdir()} == before
 
 
 @pytest.mark.slow
