@@ -542,8 +542,9 @@ def table(results: dict, floor: dict) -> list:
             if variant in PAPER_EFFECTS:
                 p1, p5, _ = PAPER_EFFECTS[variant]
                 paper = f"+{p1} / +{p5}"
-                direction = (_direction(d1, floor["difference_floor_points"]) if learned(r) else
-                             "did not learn (see below)")
+                direction = (_direction(d1, floor["difference_floor_points"]) if learned(r) and learned(full) else
+                             "did not learn (see below)" if not learned(r) else
+                             "none: the full net did not learn (see below)")
             else:
                 paper, direction = f"ReLU about {PAPER_TANH_SLOWDOWN}x faster to 25 % (errors not given)", "see below"
         by_epoch = " / ".join(_points(e["top1_error"]) for e in r["evals"]) or "—"

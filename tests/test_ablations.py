@@ -9,6 +9,7 @@ single-device reference.
 import dataclasses
 import errno
 import json
+import math
 import os
 import re
 import shutil
@@ -94,6 +95,22 @@ def test_tanh_that_never_gets_there_gives_a_lower_bound():
     assert "To 25 % training error: ReLU at step 40, tanh not within 200 steps, so ReLU was at least 5.0x faster " \
            "(a lower bound" in to_25
     assert "To 50 % training error: ReLU at step 10, tanh at step 30: ReLU 3.0x faster" in to_50
+
+
+def test_no_direction_is_read_against_a_full_net_that_did_not_learn():
+    """The table called a variant's difference with a full net at chance a direction, where the
+    list below it says that such a run compares nothing."""
+    def run(loss, top1):
+        return {"steps_to": {"25 %": None, "50 %": None}, "steps": 20, "failed": None, "classes": 10,
+                "curve": [{"loss": loss}], "centre": {"top1_error": top1, "top5_error": top1 / 2}, "ten_patch": None,
+                "evals": [], "initial_scale": 1.0, "images_per_s": 5.0}
+    results = {"full": run(math.log(10), 0.9), "no-lrn": run(1.0, 0.4)}  # the full net at chance
+    floor = {"difference_floor_points": 5.0}
+    row = next(line for line in ablations.table(results, floor) if line.startswith("| no-lrn"))
+    assert "| none: the full net did not learn (see below) |" in row, row
+    results["full"] = run(1.2, 0.5)
+    row = next(line for line in ablations.table(results, floor) if line.startswith("| no-lrn"))
+    assert "| none: the full net did not learn" not in row and "did not learn (see below)" not in row, row
 
 
 def _data(train=30, val=10, classes=10, digests=("train images", "val images")):
