@@ -722,7 +722,7 @@ def draw_neighbours(run: RunFolder, out: Path, options: ShowOptions) -> Path:
             label = bundle.train.samples[index][1]
             colour = "darkgreen" if label == query_label else "firebrick"
             image = bundle.train.load(index, substitute=False)[0]  # decoded again: only the few shown
-            cells.append((data_module.center_crop(image), f"{classes[label]}\ndistance {distance:.1f}"
+            cells.append((data_module.center_crop(image), f"{classes[label]}\ndistance {distance:.3g}"
                           + _silent_note(found.pool.silent[pool_row]), colour))
         for ax, (crop, title, colour) in zip(axes[row], cells):
             ax.imshow(crop.permute(1, 2, 0).numpy())

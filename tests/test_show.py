@@ -527,6 +527,21 @@ def test_weights_that_ran_away_skip_figure_4_with_the_reason(reference, tiny_bun
         assert show.main([str(run), "--only", "neighbours", "--images", "2", "--neighbour-pool", "10"]) == 2
 
 
+def test_small_distances_are_written_to_three_figures(reference, tiny_bundle, tmp_path, monkeypatch):
+    """Features of a small scale (tanh, the paper's initialisation): every distance read
+    "distance 0.0", which the picture calls a tie, while they differed."""
+    with torch.no_grad():
+        state = dict(reference.state_dict(), **{"fc7.weight": reference.fc7.weight * 1e-4,
+                                                "fc7.bias": reference.fc7.bias * 1e-4})
+    run = write_run(tmp_path / "run", state, bundle=tiny_bundle, data=tiny_bundle.root)
+    drawn = []
+    monkeypatch.setattr(show, "_save", lambda fig, path: drawn.append(fig) or path)
+    assert show.main([str(run), "--only", "neighbours", "--images", "2", "--neighbour-pool", "10"]) == 0
+    distances = [float(title.split("distance ")[1].split()[0]) for ax in drawn[0].axes
+                 if "distance " in (title := ax.get_title())]
+    assert distances and 0 < min(distances) < 0.05 and len(set(distances)) > 1, distances
+
+
 def test_images_for_which_a_layer_is_silent_are_marked(reference, tiny_bundle):
     model = copy.deepcopy(reference).eval()
     with torch.no_grad():
