@@ -213,7 +213,7 @@ def read_metrics(path: Path) -> Metrics:
     last record of each step is kept, and nothing survives from an attempt that went past
     the checkpoint it was later resumed from. Unreadable lines (the last one of a run that
     is writing it, a damaged one, one that lacks what the curves draw) are left out."""
-    train, evals, unreadable = [], [], 0
+    train, evals, unreadable, replaced = [], [], 0, []
     for line in path.read_bytes().splitlines():
         try:
             record = json.loads(line.decode("utf-8"))
@@ -226,13 +226,19 @@ def read_metrics(path: Path) -> Metrics:
             continue
         if event == "train":
             if train and record["step"] <= train[-1]["step"]:
-                train = [r for r in train if r["step"] < record["step"]]
-                evals = [r for r in evals if r["step"] < record["step"]]
+                kept = [r for r in train if r["step"] < record["step"]]
+                replaced.append((record["step"], len(train) - len(kept)))
+                train, evals = kept, [r for r in evals if r["step"] < record["step"]]
             train.append(record)
         elif event == "eval":
             evals = [r for r in evals if r["step"] < record["step"]] + [record]
     if unreadable:
         log.warning("%s: left out %d unreadable line(s)", path, unreadable)
+    if replaced:  # as a resume from an earlier checkpoint; else an edit or a join of two runs' files
+        log.warning("%s: %s: the records after each such step were left out", path, "; ".join(
+            f"a record of step {step} follows later ones, which start the history again there ({count} training "
+            f"record(s) dropped)" for step, count in replaced[:3]) + (f"; and {len(replaced) - 3} more such"
+                                                                     if len(replaced) > 3 else ""))
     return Metrics(train, evals)
 
 

@@ -168,7 +168,7 @@ def test_the_one_tower_net_is_drawn_as_one_group_of_kernels(reference, tiny_bund
 
 # --------------------------------------------------------------------------- metrics.jsonl
 
-def test_curves_keep_the_last_record_of_each_step_after_resumes(tmp_path):
+def test_curves_keep_the_last_record_of_each_step_after_resumes(tmp_path, caplog):
     records = [train_record(10, 2.3), train_record(20, 2.2), train_record(30, 2.1), eval_record(1, 30, 0.9),
                train_record(40, 2.0, 2), train_record(50, 1.9, 2),
                # resumed from the end of epoch 1 (step 30): steps 40 and 50 again, then further
@@ -181,9 +181,14 @@ def test_curves_keep_the_last_record_of_each_step_after_resumes(tmp_path):
     odd = ('null\n[1, 2]\n{"event": "train", "loss": 2.0}\n{"event": "train", "step": 5, "top1": 0.5, "lr": 0.01}\n'
            '{"event": "eval", "step": 5, "top1_error": "high", "top5_error": 0.5}\n')
     path.write_text(odd + "".join(json.dumps(r) + "\n" for r in records) + '{"event": "train", "st')
-    metrics = show.read_metrics(path)
+    with caplog.at_level(logging.WARNING, logger="launch.show"):
+        metrics = show.read_metrics(path)
     assert [(r["step"], r["loss"]) for r in metrics.train] == [(10, 2.3), (20, 2.2), (30, 2.05), (40, 1.45)]
     assert [(r["epoch"], r["top1_error"]) for r in metrics.evals] == [(1, 0.85)]
+    # said, not silent: one record out of place (an edit, two runs' files joined) drops what follows it
+    assert f"{path}: a record of step 40 follows later ones, which start the history again there (2 training " \
+           f"record(s) dropped); a record of step 30 follows later ones, which start the history again there (4 " \
+           f"training record(s) dropped): the records after each such step were left out" in caplog.text, caplog.text
 
     path.write_text("".join(json.dumps(r) + "\n" for r in records[:10]))
     metrics = show.read_metrics(path)
