@@ -465,10 +465,22 @@ def _percent(error: float) -> str:
     return f"{100 * error:.0f} %"
 
 
+def unmeasurable(r: dict) -> Optional[str]:
+    """Why a run's steps to a training error cannot be read: none of its steps has a whole
+    window of the step line's error behind it (its epochs are shorter). None if they can."""
+    if not r["curve"] or any(p["full_window"] for p in r["curve"]):
+        return None
+    return (f"not measurable: no epoch reached the {StepMeter().window} steps that the step line's training error "
+            f"covers (a larger training set or a smaller --batch-size makes longer epochs)")
+
+
 def tanh_lines(results: dict) -> list:
     """ReLU (the full net) against tanh: steps to each of TRAIN_ERROR_TARGETS, and their ratio."""
     if "full" not in results or "tanh" not in results:
         return ["ReLU against tanh needs both the full and the tanh runs."]
+    why = unmeasurable(results["full"]) or unmeasurable(results["tanh"])
+    if why:  # "neither got there" would be read as a result
+        return [f"ReLU against tanh, steps to a training error: {why}."]
     lines = []
     for target in map(_percent, TRAIN_ERROR_TARGETS):
         relu, tanh = results["full"]["steps_to"][target], results["tanh"]["steps_to"][target]
@@ -522,8 +534,8 @@ def table(results: dict, floor: dict) -> list:
                     "non-overlapping": "2x2 pooling windows, stride 2 (not 3x3)", "tanh": "tanh for every ReLU",
                     "one-tower": "one-GPU net: 48/128/192/192/256 kernels, no groups"}
     for variant, r in results.items():
-        reached = " / ".join(str(step) if step is not None else f"not within {r['steps']}"
-                             for step in r["steps_to"].values())
+        reached = unmeasurable(r) or " / ".join(str(step) if step is not None else f"not within {r['steps']}"
+                                                for step in r["steps_to"].values())
         if r["failed"]:
             lines.append(f"| {variant} | {descriptions[variant]} | stopped at step {r['steps']}: {r['failed']} | — | — "
                          f"| — | — | — | {reached} | {r['initial_scale']:.2f} | — |")
