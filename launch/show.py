@@ -41,6 +41,7 @@ if __name__ == "__main__":
 import argparse
 import dataclasses
 import errno
+import fcntl
 import json
 import logging
 import math
@@ -850,6 +851,31 @@ def main(argv=None) -> int:
         signal.signal(signal.SIGTERM, previous)
 
 
+_HELD = {}  # the folders being drawn into, by path: their open descriptors, which hold the lock
+
+
+def _hold(out: Path) -> None:
+    """An exclusive lock on the pictures' folder while they are drawn, released by the system
+    however this process ends: two shows into one folder mixed two runs' pictures."""
+    fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ValueError(f"{out} is in use by another python -m launch.show drawing there: wait for it to end, or "
+                         f"give another --out") from None
+    except OSError:  # a file system without locks: drawn as before
+        os.close(fd)
+        return
+    _HELD[out] = fd
+
+
+def _let_go(out: Path) -> None:
+    fd = _HELD.pop(out, None)
+    if fd is not None:
+        os.close(fd)
+
+
 def _show(run_dir: str, options: ShowOptions) -> int:
     drawers = {"kernels": draw_kernels, "colour": draw_colour, "curves": draw_curves, "traffic": draw_traffic,
                "neighbours": lambda run, out: draw_neighbours(run, out, options)}
@@ -862,12 +888,14 @@ def _show(run_dir: str, options: ShowOptions) -> int:
         out, made = _output_folder(run, options.out)
         written, skipped = {}, []
         try:
+            _hold(out)
             for name in (name for name in order if name in options.only):
                 try:
                     written[name] = drawers[name](run, out)
                 except Skipped as why:
                     skipped.append(f"{name}: {why}{_stale_note(run, out, name)}")
         finally:
+            _let_go(out)
             _remove_empty(made)  # when nothing was written into them
         if not written:
             raise ValueError(f"nothing to draw in {run.path} ({'; '.join(skipped)})")  # each says why

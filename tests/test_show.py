@@ -4,6 +4,7 @@ nearest neighbours of Figure 4, and its errors as a user meets them."""
 
 import copy
 import errno
+import fcntl
 import json
 import logging
 import os
@@ -398,6 +399,23 @@ def test_a_hand_edited_data_folder_in_config_json_skips_figure_4(reference, tiny
         assert show.main([str(run), "--only", "colour,neighbours"]) == 0
     assert "skipped neighbours: config.json's \"data\" is not a folder name" in caplog.text
     check_png(run / "show" / "colour.png")
+
+
+def test_a_second_show_into_the_same_folder_is_refused_while_the_first_draws(tmp_path, caplog):
+    """Two shows of two runs into one --out mixed their pictures, most of which do not name their run."""
+    run, out = write_run(tmp_path / "run", metrics=METRICS, summary=SUMMARY), tmp_path / "pictures"
+    out.mkdir()
+    first = os.open(out, os.O_RDONLY | os.O_DIRECTORY)  # as the show drawing there holds it
+    try:
+        fcntl.flock(first, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert show.main([str(run), "--only", "curves", "--out", str(out)]) == 2
+    finally:
+        os.close(first)
+    assert caplog.messages[-1] == (f"error: {out} is in use by another python -m launch.show drawing there: wait for "
+                                   f"it to end, or give another --out")
+    assert list(out.iterdir()) == []
+    assert show.main([str(run), "--only", "curves", "--out", str(out)]) == 0  # the first has ended
+    assert [p.name for p in out.iterdir()] == ["curves.png"]
 
 
 def _main_until_interrupted(args) -> object:
