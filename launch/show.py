@@ -113,6 +113,10 @@ class Skipped(Exception):
 
 # --------------------------------------------------------------------------- the run folder
 
+# What a checkpoint and its folder's config.json must agree on to be of one net (a resume keeps them).
+SAME_NET = ("layout", "lrn", "pooling", "activation", "fc8_placement")
+
+
 class RunFolder:
     """The files of one run folder, read when first needed."""
 
@@ -145,9 +149,18 @@ class RunFolder:
                 raise Skipped(f"no {FILENAME} yet: a run writes it at the end of each epoch (and every "
                               f"--checkpoint-every steps, and when --max-steps stops it)")
             try:
-                self._checkpoint = load_checkpoint(self.path)
+                payload = load_checkpoint(self.path)
             except CheckpointError as exc:
                 raise Skipped(str(exc)) from None
+            saved = payload.get("config") if isinstance(payload.get("config"), dict) else {}
+            differ = [name for name in SAME_NET if name in saved and name in self.config
+                      and saved[name] != self.config[name]]
+            if differ:  # copied from another run's folder: its pictures would be drawn as this run's
+                name = differ[0]
+                raise Skipped(f"{FILENAME} is another run's: it was saved with --{name.replace('_', '-')} "
+                              f"{saved[name]}, and config.json says {self.config[name]}; put the run's own "
+                              f"checkpoint back, or draw the folder it came from")
+            self._checkpoint = payload
         return self._checkpoint
 
     def summary(self) -> dict:

@@ -418,6 +418,21 @@ def test_a_second_show_into_the_same_folder_is_refused_while_the_first_draws(tmp
     assert [p.name for p in out.iterdir()] == ["curves.png"]
 
 
+@pytest.mark.slow  # a real run's checkpoint, which records its options
+def test_a_checkpoint_of_another_net_than_the_folder_s_is_not_drawn_as_its_own(trained_run, tmp_path, caplog):
+    """A checkpoint copied from another run's folder: its kernels were drawn and titled as this
+    run's net (section 3.2's one-GPU net in a folder of the towers, or the other way)."""
+    run = tmp_path / "run"
+    shutil.copytree(trained_run[0], run)
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**config, "layout": "one-tower"}))  # the folder of another net
+    with caplog.at_level(logging.INFO, logger="launch.show"):
+        assert show.main([str(run), "--only", "kernels,curves"]) == 0
+    assert "skipped kernels: checkpoint.pt is another run's: it was saved with --layout towers, and config.json " \
+           "says one-tower; put the run's own checkpoint back, or draw the folder it came from" in caplog.text
+    assert not (run / "show" / "kernels.png").exists() and (run / "show" / "curves.png").exists()
+
+
 def _main_until_interrupted(args) -> object:
     """show.main's exit code, or what escaped it: a KeyboardInterrupt let through would
     otherwise stop the whole test session as the user's Ctrl-C does."""
