@@ -285,6 +285,10 @@ def check_steps(run_dir: Path, options: list, bundle) -> None:
                             f"goes on after the summary), so that no longer gives its numbers: remove {run_dir} to "
                             f"train that variant again, or give another --runs folder")
     trained = _read_json(run_dir / "summary.json").get("steps")
+    if records[-1].get("steps") != trained:  # a later start stopped between its summary record and summary.json
+        raise AblationError(f"{run_dir}'s summary.json and the summary at the end of its metrics.jsonl differ (a "
+                            f"later start of the run stopped as it wrote them): remove {run_dir} to train that "
+                            f"variant again, or give another --runs folder")
     if trained != steps:
         raise AblationError(f"{run_dir} trained {trained} steps, not the {steps} that these options give (resumed "
                             f"without --max-steps?): remove {run_dir} to train that variant again, or give another "

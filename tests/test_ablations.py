@@ -268,6 +268,11 @@ def test_reuse_refuses_a_run_started_again_after_its_summary(tmp_path, monkeypat
     with pytest.raises(ablations.AblationError, match=rf"^{run} was started again after its summary.json was written "
                                                       rf"\(its metrics.jsonl goes on after the summary\)"):
         _reuse(runs, data, monkeypatch, "--variants", "full", "--max-steps", "3")
+    with (run / "metrics.jsonl").open("a") as metrics:  # its summary record written, summary.json not yet
+        metrics.write(json.dumps({"event": "summary", "steps": 5}) + "\n")
+    with pytest.raises(ablations.AblationError, match=rf"^{run}'s summary.json and the summary at the end of its "
+                                                      rf"metrics.jsonl differ"):
+        _reuse(runs, data, monkeypatch, "--variants", "full", "--max-steps", "3")
 
 
 def test_an_interrupted_run_is_finished_with_the_ablation_s_max_steps(tmp_path, monkeypatch):
