@@ -113,10 +113,6 @@ class Skipped(Exception):
 
 # --------------------------------------------------------------------------- the run folder
 
-# What a checkpoint and its folder's config.json must agree on to be of one net (a resume keeps them).
-SAME_NET = ("layout", "lrn", "pooling", "activation", "fc8_placement")
-
-
 class RunFolder:
     """The files of one run folder, read when first needed."""
 
@@ -152,14 +148,15 @@ class RunFolder:
                 payload = load_checkpoint(self.path)
             except CheckpointError as exc:
                 raise Skipped(str(exc)) from None
-            saved = payload.get("config") if isinstance(payload.get("config"), dict) else {}
-            differ = [name for name in SAME_NET if name in saved and name in self.config
-                      and saved[name] != self.config[name]]
-            if differ:  # copied from another run's folder: its pictures would be drawn as this run's
+            # Its net against the folder's (towers and single are one net, which a resume may switch)
+            net = dataclasses.asdict(checkpoint_architecture(payload))
+            expected = {"net": "one-tower" if self.config.get("layout") == "one-tower" else "two-tower",
+                        **{name: self.config[name] for name in net if name != "net" and name in self.config}}
+            differ = [name for name in expected if expected[name] != net[name]]
+            if differ and "layout" in self.config:  # copied from another run's folder: drawn as this run's
                 name = differ[0]
-                raise Skipped(f"{FILENAME} is another run's: it was saved with --{name.replace('_', '-')} "
-                              f"{saved[name]}, and config.json says {self.config[name]}; put the run's own "
-                              f"checkpoint back, or draw the folder it came from")
+                raise Skipped(f"{FILENAME} is another run's: its {name} is {net[name]}, config.json's "
+                              f"{expected[name]}; put the run's own checkpoint back, or draw the folder it came from")
             self._checkpoint = payload
         return self._checkpoint
 
@@ -870,13 +867,16 @@ _HELD = {}  # the folders being drawn into, by path: their open descriptors, whi
 def _hold(out: Path) -> None:
     """An exclusive lock on the pictures' folder while they are drawn, released by the system
     however this process ends: two shows into one folder mixed two runs' pictures."""
-    fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:  # a folder that may be written, not read: drawn into as before, unlocked
+        return
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise ValueError(f"{out} is in use by another python -m launch.show drawing there: wait for it to end, or "
-                         f"give another --out") from None
+        raise ValueError(f"{out} is in use by another program writing there (a launch.show, or a benchmark): wait "
+                         f"for it to end, or give another --out") from None
     except OSError:  # a file system without locks: drawn as before
         os.close(fd)
         return
@@ -908,8 +908,8 @@ def _show(run_dir: str, options: ShowOptions) -> int:
                 except Skipped as why:
                     skipped.append(f"{name}: {why}{_stale_note(run, out, name)}")
         finally:
+            _remove_empty(made)  # when nothing was written into them (before another show may take it)
             _let_go(out)
-            _remove_empty(made)  # when nothing was written into them
         if not written:
             raise ValueError(f"nothing to draw in {run.path} ({'; '.join(skipped)})")  # each says why
     except ValueError as exc:

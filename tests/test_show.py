@@ -411,8 +411,8 @@ def test_a_second_show_into_the_same_folder_is_refused_while_the_first_draws(tmp
         assert show.main([str(run), "--only", "curves", "--out", str(out)]) == 2
     finally:
         os.close(first)
-    assert caplog.messages[-1] == (f"error: {out} is in use by another python -m launch.show drawing there: wait for "
-                                   f"it to end, or give another --out")
+    assert caplog.messages[-1] == (f"error: {out} is in use by another program writing there (a launch.show, or a "
+                                   f"benchmark): wait for it to end, or give another --out")
     assert list(out.iterdir()) == []
     assert show.main([str(run), "--only", "curves", "--out", str(out)]) == 0  # the first has ended
     assert [p.name for p in out.iterdir()] == ["curves.png"]
@@ -428,9 +428,13 @@ def test_a_checkpoint_of_another_net_than_the_folder_s_is_not_drawn_as_its_own(t
     (run / "config.json").write_text(json.dumps({**config, "layout": "one-tower"}))  # the folder of another net
     with caplog.at_level(logging.INFO, logger="launch.show"):
         assert show.main([str(run), "--only", "kernels,curves"]) == 0
-    assert "skipped kernels: checkpoint.pt is another run's: it was saved with --layout towers, and config.json " \
-           "says one-tower; put the run's own checkpoint back, or draw the folder it came from" in caplog.text
+    assert "skipped kernels: checkpoint.pt is another run's: its net is two-tower, config.json's one-tower; put the " \
+           "run's own checkpoint back, or draw the folder it came from" in caplog.text
     assert not (run / "show" / "kernels.png").exists() and (run / "show" / "curves.png").exists()
+    # --layout single and --fc8-placement split, which a resume may switch to: the same net, drawn
+    (run / "config.json").write_text(json.dumps({**config, "layout": "single", "fc8_placement": "split"}))
+    shutil.rmtree(run / "show")
+    assert show.main([str(run), "--only", "kernels"]) == 0 and (run / "show" / "kernels.png").exists()
 
 
 def _main_until_interrupted(args) -> object:
