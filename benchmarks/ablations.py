@@ -470,12 +470,13 @@ def _percent(error: float) -> str:
 
 
 def unmeasurable(r: dict) -> Optional[str]:
-    """Why a run's steps to a training error cannot be read: none of its steps has a whole
-    window of the step line's error behind it (its epochs are shorter). None if they can."""
-    if not r["curve"] or any(p["full_window"] for p in r["curve"]):
+    """Why a finished run's steps to a training error cannot be read: none of its steps has a
+    whole window of the step line's error behind it (its epochs are shorter). None if they can,
+    and for a run that stopped (its own line says where)."""
+    if r["failed"] or not r["curve"] or any(p["full_window"] for p in r["curve"]):
         return None
-    return (f"not measurable: no epoch reached the {StepMeter().window} steps that the step line's training error "
-            f"covers (a larger training set or a smaller --batch-size makes longer epochs)")
+    return (f"not measurable: no epoch of the run reached the {StepMeter().window} steps that the step line's "
+            f"training error covers (a larger training set or a smaller --batch-size makes longer epochs)")
 
 
 def tanh_lines(results: dict) -> list:
@@ -483,10 +484,8 @@ def tanh_lines(results: dict) -> list:
     if "full" not in results or "tanh" not in results:
         return ["ReLU against tanh needs both the full and the tanh runs."]
     why = unmeasurable(results["full"]) or unmeasurable(results["tanh"])
-    if why:  # "neither got there" would be read as a result
-        return [f"ReLU against tanh, steps to a training error: {why}."]
-    lines = []
-    for target in map(_percent, TRAIN_ERROR_TARGETS):
+    lines = [f"ReLU against tanh, steps to a training error: {why}."] if why else []  # not "neither got there"
+    for target in map(_percent, TRAIN_ERROR_TARGETS) if not why else ():
         relu, tanh = results["full"]["steps_to"][target], results["tanh"]["steps_to"][target]
         relu_budget, tanh_budget = results["full"]["steps"], results["tanh"]["steps"]
         if relu is None and tanh is None:

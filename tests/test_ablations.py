@@ -75,9 +75,15 @@ def test_epochs_shorter_than_the_window_give_no_steps_to_an_error_rather_than_no
     records = _written_curve(tmp_path, [[0.01] * 10] * 3)
     curve = ablations.training_curve(records)
     run = {"curve": curve, "steps": 30, "failed": None, "steps_to": {"25 %": None, "50 %": None}}
-    assert ablations.unmeasurable(run).startswith(f"not measurable: no epoch reached the {StepMeter().window} steps")
+    assert ablations.unmeasurable(run).startswith(f"not measurable: no epoch of the run reached the "
+                                                  f"{StepMeter().window} steps")
     lines = ablations.tanh_lines({"full": run, "tanh": run})
     assert lines == [f"ReLU against tanh, steps to a training error: {ablations.unmeasurable(run)}."]
+    # a run that stopped early says so itself, not that its epochs were short
+    stopped = dict(run, failed="its loss ran away", steps=6)
+    assert ablations.unmeasurable(stopped) is None
+    lines = ablations.tanh_lines({"full": run, "tanh": stopped})
+    assert "(The tanh run stopped at step 6: its loss ran away.)" in lines
     (tmp_path / "longer").mkdir()
     longer = dict(run, curve=ablations.training_curve(_written_curve(tmp_path / "longer", [[0.01] * 30])))
     assert ablations.unmeasurable(longer) is None
