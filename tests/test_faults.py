@@ -521,24 +521,29 @@ def test_a_run_killed_anywhere_resumes_to_the_uninterrupted_weights(tiny_data, t
         == {step: uninterrupted[step] for step in steps if step in uninterrupted}
 
 
+def _images_lost_while_it_trains(tiny_data, tmp_path, which, *options) -> tuple:
+    """(the output, the images' bytes) of a run on a copy of tiny_data whose images ``which(data)``
+    become unusable after its first step (their disk gone), which ends it (exit 1)."""
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    run = Run("--data", data, "--out", tmp_path, "--run-name", "run", "--epochs", "2", "--log-every", "1",
+              "--no-ten-crop", *TINY, *options, run_dir=tmp_path / "run")
+    run.wait_for_step(1)
+    os.killpg(run.proc.pid, signal.SIGSTOP)  # the epoch cannot end before every image is lost
+    kept = {p: p.read_bytes() for p in sorted(which(data)) if p.is_file()}
+    for path in kept:
+        path.write_bytes(b"no longer an image")
+    os.killpg(run.proc.pid, signal.SIGCONT)
+    assert run.wait(timeout_s=300) == 1
+    return run.stderr(), kept
+
+
 @pytest.mark.slow
 def test_validation_images_lost_at_an_epoch_s_end_keep_its_training(tiny_data, tmp_path):
     """The validation images become unusable while the first epoch trains (their disk gone):
     its evaluation fails, and the run saves the epoch's training before it stops, which a
     resume, once the images are back, evaluates and goes on from."""
-    data = tmp_path / "data"
-    shutil.copytree(tiny_data, data)
-    run = Run("--data", data, "--out", tmp_path, "--run-name", "run", "--epochs", "2", "--log-every", "1",
-              "--no-ten-crop", *TINY, run_dir=tmp_path / "run")
-    run.wait_for_step(1)
-    os.killpg(run.proc.pid, signal.SIGSTOP)  # the epoch (7 steps) cannot end before every image is lost
-    images = sorted(p for p in (data / "val").rglob("*") if p.is_file())
-    kept = {p: p.read_bytes() for p in images}
-    for path in images:
-        path.write_bytes(b"no longer an image")
-    os.killpg(run.proc.pid, signal.SIGCONT)
-    assert run.wait(timeout_s=300) == 1
-    err = run.stderr()
+    err, kept = _images_lost_while_it_trains(tiny_data, tmp_path, lambda data: (data / "val").rglob("*"))
     assert "none of the" in err and "validation images could be used" in err, err[-2000:]
     assert f"go on from the last checkpoint with --resume {tmp_path / 'run'}" in err, err[-2000:]
     saved = load_checkpoint(tmp_path / "run")["progress"]
@@ -560,21 +565,12 @@ def test_training_images_lost_while_the_run_trains_stop_it_keeping_its_steps(tin
     class's stand-in) at the epoch's end. Either way the run saves the steps it took, says why
     in one line (not a rank's lost connection), and a resume, once the images are back, goes
     on. Else the class was never learnt (exit 0), or the epoch's steps were lost."""
-    data = tmp_path / "data"
-    shutil.copytree(tiny_data, data)
-    run = Run("--data", data, "--out", tmp_path, "--run-name", "run", "--epochs", "2", "--log-every", "1",
-              "--no-ten-crop", *TINY, "--batch-size", "2", run_dir=tmp_path / "run")
-    run.wait_for_step(1)
-    os.killpg(run.proc.pid, signal.SIGSTOP)  # the epoch (15 steps) cannot end before the images are lost
-    images = sorted(p for p in (data / "train").rglob("*") if p.is_file())
-    if lost == "a class":
-        images = [p for p in images if p.parent.name == images[-1].parent.name]
-    kept = {p: p.read_bytes() for p in images}
-    for path in images:
-        path.write_bytes(b"no longer an image")
-    os.killpg(run.proc.pid, signal.SIGCONT)
-    assert run.wait(timeout_s=300) == 1
-    err = run.stderr()
+    def lost_images(data):
+        images = sorted(p for p in (data / "train").rglob("*") if p.is_file())
+        return [p for p in images if p.parent.name == images[-1].parent.name] if lost == "a class" else images
+
+    err, kept = _images_lost_while_it_trains(tiny_data, tmp_path, lost_images, "--batch-size", "2")  # 15 steps
+    images = sorted(kept)
     assert "Connection closed" not in err and "lost another rank" not in err, err[-3000:]
     assert "\nrank 1 then stopped: the same error\n" in err, err[-3000:]
     assert f"go on from the last checkpoint with --resume {tmp_path / 'run'}" in err, err[-2000:]
