@@ -43,7 +43,6 @@ import argparse
 import contextlib
 from dataclasses import asdict, dataclass, replace
 import datetime
-import fcntl
 import json
 import logging
 import math
@@ -59,8 +58,8 @@ from typing import NamedTuple, Optional
 import numpy as np
 import torch
 
-from launch.cli import (JSON_DAMAGE, MAX_PROCESSES_PER_CORE, Parser, add_options, home_path, option, quick_exit,
-                        refuse_empty, repeated, shell_word, usable_cores, write_whole)
+from launch.cli import (JSON_DAMAGE, MAX_PROCESSES_PER_CORE, Parser, add_options, home_path, lock_folder, option,
+                        quick_exit, refuse_empty, repeated, shell_word, usable_cores, write_whole)
 from launch.config import MAX_TIMEOUT_S
 from launch.ranks import RankFailure, cpu_threads_per_rank, error_line, raise_interrupt, run_ranks
 from launch.step import AUTOCAST
@@ -843,20 +842,18 @@ def held(folder: Path, flag: str):
     into one run folder; a report redrawn while its benchmark runs, call its runs to come
     never started."""
     try:
-        opened = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)  # not inherited by the processes it starts
+        opened, unlocked = lock_folder(folder)
+    except BlockingIOError:
+        other = f", or give another {flag}" if flag.startswith("--") else ""
+        raise ValueError(f"{flag} {folder} is in use by another benchmark program writing there: wait for it to "
+                         f"end{other}") from None
     except OSError as error:
         raise ValueError(f"{flag} {folder}: cannot open this folder ({error.strerror}); give one that can be read and "
                          f"written") from None
     try:
-        try:
-            fcntl.flock(opened, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            other = f", or give another {flag}" if flag.startswith("--") else ""
-            raise ValueError(f"{flag} {folder} is in use by another benchmark program writing there: wait for it to "
-                             f"end{other}") from None
-        except OSError as error:  # a file system without locks (some network and FUSE ones)
+        if unlocked is not None:
             logger.warning("%s %s cannot be locked (%s): nothing stops another benchmark program from writing there "
-                           "at the same time", flag, folder, error.strerror)
+                           "at the same time", flag, folder, unlocked.strerror)
         yield
     finally:
         os.close(opened)

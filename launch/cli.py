@@ -73,22 +73,45 @@ def real_path(text) -> Path:
     return Path(os.path.realpath(home_path(text)))
 
 
+def lock_folder(folder: Path) -> tuple:
+    """(descriptor, None), or (descriptor, the OSError) on a file system without locks: an
+    exclusive lock on ``folder`` itself (no file is made in it) until the descriptor is closed,
+    released by the system however the process ends; not inherited by the processes it starts.
+    Raises BlockingIOError where another process holds it, OSError where it cannot be opened."""
+    opened = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(opened, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(opened)
+        raise
+    except OSError as error:  # some network and FUSE file systems
+        return opened, error
+    return opened, None
+
+
+def open_lock_file(path: Path, flags: int) -> int:
+    """The descriptor of the lock file ``path``, opened with ``flags`` without waiting (not
+    open(): on a pipe it waits for a writer, or fails without a strerror); OSError where it is
+    not a file, with nothing to lock nor to name the holder in."""
+    fd = os.open(path, flags | os.O_NONBLOCK | os.O_CLOEXEC, 0o666)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, f"{path.name} there is not a file but a pipe, a device or a socket", str(path))
+    return fd
+
+
 def lock_exclusively(path: Path, read_only: bool = False):
     """An exclusive lock on the file ``path`` (made where missing), held while the returned
     file stays open and released by the system when this process ends, however it ends. The
     file names its holder. Raises BlockingIOError, whose message names the holder, where
     another process holds it; OSError where the file cannot be made or locked. ``read_only``:
     a file this process may only read (another user's) is locked too, without its name."""
-    # not open(): on a pipe it waits for a writer ("r") or fails without a strerror ("a+")
     try:
-        fd, mode = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NONBLOCK, 0o666), "r+"
+        fd, mode = open_lock_file(path, os.O_RDWR | os.O_CREAT), "r+"
     except PermissionError:
         if not (read_only and path.is_file()):
             raise
-        fd, mode = os.open(path, os.O_RDONLY | os.O_NONBLOCK), "r"
-    if not stat.S_ISREG(os.fstat(fd).st_mode):  # nothing to lock, nor to name the holder in
-        os.close(fd)
-        raise OSError(errno.EINVAL, f"{path.name} there is not a file but a pipe, a device or a socket", str(path))
+        fd, mode = open_lock_file(path, os.O_RDONLY), "r"
     lock = open(fd, mode)
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)

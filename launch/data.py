@@ -53,7 +53,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from .builtin import BUILTIN_NAME, builtin_dataset
-from .cli import home_path, prints_plainly
+from .cli import home_path, open_lock_file, prints_plainly
 from .images import (BASE_SIZE, CROP_SIZE, DECODE_ERRORS, IMAGE_EXTENSIONS, DataError, is_image_name, load_image,
                      skip_reason)
 from .ranks import die_with_parent
@@ -400,12 +400,9 @@ def hold_for_reading(root: Path):
     holds PREPARE_LOCK_NAME), held while the returned file stays open: a launch.prepare into
     ``root`` is refused meanwhile. None where there is nothing to lock (a folder made otherwise,
     a file system without locks). Raises DataError where a launch.prepare writes there now."""
-    try:  # read-only (the data may be another user's), and not waiting for a writer where it is a pipe
-        fd = os.open(root / PREPARE_LOCK_NAME, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:  # read-only (the data may be another user's); a folder or a pipe of that name is no launch.prepare's
+        fd = open_lock_file(root / PREPARE_LOCK_NAME, os.O_RDONLY)
     except OSError:
-        return None
-    if not stat.S_ISREG(os.fstat(fd).st_mode):  # a folder of that name, a pipe: no launch.prepare's
-        os.close(fd)
         return None
     lock = os.fdopen(fd)
     try:

@@ -41,7 +41,6 @@ if __name__ == "__main__":
 import argparse
 import dataclasses
 import errno
-import fcntl
 import json
 import logging
 import math
@@ -63,8 +62,8 @@ from towers.reference import LAYERS
 from . import data as data_module
 from .checkpoint import (FILENAME, CheckpointError, check_classes, checkpoint_architecture, load_checkpoint,
                          load_reference)
-from .cli import (JSON_DAMAGE, OutputFailed, Parser, add_options, home_path, one_line, option, quick_exit, refuse_empty,
-                  shell_word, write_out, write_whole)
+from .cli import (JSON_DAMAGE, OutputFailed, Parser, add_options, home_path, lock_folder, one_line, option, quick_exit,
+                  refuse_empty, shell_word, write_out, write_whole)
 from .stats import DataStats
 
 log = logging.getLogger(__name__)
@@ -861,34 +860,6 @@ def main(argv=None) -> int:
         signal.signal(signal.SIGTERM, previous)
 
 
-_HELD = {}  # the folders being drawn into, by path: their open descriptors, which hold the lock
-
-
-def _hold(out: Path) -> None:
-    """An exclusive lock on the pictures' folder while they are drawn, released by the system
-    however this process ends: two shows into one folder mixed two runs' pictures."""
-    try:
-        fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:  # a folder that may be written, not read: drawn into as before, unlocked
-        return
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise ValueError(f"{out} is in use by another program writing there (a launch.show, or a benchmark): wait "
-                         f"for it to end, or give another --out") from None
-    except OSError:  # a file system without locks: drawn as before
-        os.close(fd)
-        return
-    _HELD[out] = fd
-
-
-def _let_go(out: Path) -> None:
-    fd = _HELD.pop(out, None)
-    if fd is not None:
-        os.close(fd)
-
-
 def _show(run_dir: str, options: ShowOptions) -> int:
     drawers = {"kernels": draw_kernels, "colour": draw_colour, "curves": draw_curves, "traffic": draw_traffic,
                "neighbours": lambda run, out: draw_neighbours(run, out, options)}
@@ -899,9 +870,15 @@ def _show(run_dir: str, options: ShowOptions) -> int:
         options.validate()
         run = _open_run(run_dir)
         out, made = _output_folder(run, options.out)
-        written, skipped = {}, []
+        written, skipped, held = {}, [], None
         try:
-            _hold(out)
+            try:  # the pictures' folder, while they are drawn: two shows into one mixed two runs' pictures
+                held = lock_folder(out)[0]
+            except BlockingIOError:
+                raise ValueError(f"{out} is in use by another program writing there (a launch.show, or a benchmark): "
+                                 f"wait for it to end, or give another --out") from None
+            except OSError:  # a folder that may be written, not read: drawn into as before, unlocked
+                pass
             for name in (name for name in order if name in options.only):
                 try:
                     written[name] = drawers[name](run, out)
@@ -909,7 +886,8 @@ def _show(run_dir: str, options: ShowOptions) -> int:
                     skipped.append(f"{name}: {why}{_stale_note(run, out, name)}")
         finally:
             _remove_empty(made)  # when nothing was written into them (before another show may take it)
-            _let_go(out)
+            if held is not None:
+                os.close(held)
         if not written:
             raise ValueError(f"nothing to draw in {run.path} ({'; '.join(skipped)})")  # each says why
     except ValueError as exc:

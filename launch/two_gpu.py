@@ -327,7 +327,7 @@ def check_out_outside_the_images(config: TrainConfig, root: Path) -> None:
     later scan of that data, this run's --resume included."""
     try:
         out = real_path(config.out)
-    except (OSError, RuntimeError):  # a link loop, a name too long: new_run_folder names the fault
+    except OSError:  # a name too long: new_run_folder names the fault
         return
     for split in ("train", "val"):
         images = real_path(root / split)

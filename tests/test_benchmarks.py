@@ -650,7 +650,7 @@ def test_a_second_benchmark_on_the_same_out_is_refused_while_the_first_runs(tiny
         run.main(argv)
     assert f"stopped before the first run was measured: nothing was written in {out}" in caplog.text
     # a file system that has no locks: said, and the benchmark goes on
-    monkeypatch.setattr(run.fcntl, "flock", lambda *args: (_ for _ in ()).throw(OSError(errno.ENOLCK, "No locks")))
+    monkeypatch.setattr("fcntl.flock", lambda *args: (_ for _ in ()).throw(OSError(errno.ENOLCK, "No locks")))
     with pytest.raises(KeyboardInterrupt):
         run.main(argv)
     assert f"--out {out} cannot be locked (No locks): nothing stops another benchmark program" in caplog.text
