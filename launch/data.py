@@ -79,13 +79,15 @@ class ImageFolderSplit(Dataset):
     ``dataset[i]`` is (3 x 256 x 256 uint8 base image, class index); a corrupt or
     refused file is replaced as described in the module docstring. ``samples`` is the
     sorted list of (path, class index); ``ignored_files`` counts the non-image files
-    found; ``corrupt`` holds the paths skipped so far in this process.
+    found; ``corrupt`` holds the paths skipped so far in this process, ``replaced`` those of
+    them that a batch met, each with the next image in its place (not the statistics' sample).
     """
 
     def __init__(self, split: str, classes: list, samples: list, ignored_files: int = 0):
         self.split, self.classes, self.samples = split, classes, samples
         self.ignored_files = ignored_files
         self.corrupt: set = set()
+        self.replaced: set = set()
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -119,6 +121,8 @@ class ImageFolderSplit(Dataset):
         to ``corrupt``, logging each file once with its reason and what ``then`` happens."""
         for index, reason in skipped:
             path = self.samples[index][0]
+            if then == STANDS_IN:
+                self.replaced.add(path)
             if path not in self.corrupt:
                 self.corrupt.add(path)
                 log.warning("skipped image %s (%d in %s/ so far); %s", reason, len(self.corrupt), self.split, then)

@@ -354,6 +354,14 @@ def train_one_epoch(model, optimizer, loader: Optional[data_module.Loader], plan
     return progress.batch == plan.batches_per_epoch, meter.seconds
 
 
+def _passed_over(loader: Optional[data_module.Loader]) -> set:
+    """The training images, by name in train/, that this rank's batches met and could not use."""
+    if loader is None:
+        return set()
+    folder = str(loader.bundle.root / "train")
+    return {data_module.relative_path(path, folder) for path in loader.bundle.train.replaced}
+
+
 def _data_lost(loader: Optional[data_module.Loader], stopped: list, skipped_before: Optional[set]) -> Optional[str]:
     """On a rank that loads, why the training cannot go on with the images as they are now:
     the error that ended its batches (``stopped``: the training folder gone), or a class none
@@ -683,8 +691,12 @@ def run_rank(rank: int, config: TrainConfig, run_dir: Optional[str], placement: 
         by_tower = [None] * dist.get_world_size(group)
         dist.all_gather_object(by_tower, {key: sent / max(1, steps) for key, sent in train_exchanges.items()},
                                group=group)
+        passed_over = [None] * dist.get_world_size()  # by each rank that loads: a replica its own share
+        dist.all_gather_object(passed_over, _passed_over(loader))
         summary.update(epochs=progress.epoch, steps=progress.global_step, steps_this_run=steps,
                        checkpoint=str(checkpoint) if checkpoint else None,
+                       # training images this run's batches met and could not use, each replaced by the next usable
+                       train_skipped=len(set().union(*passed_over)),
                        train_seconds=train_seconds, wall_seconds=time.time() - started,
                        images_per_s=steps * config.batch_size / max(train_seconds, 1e-9),
                        exchanged_bytes_sent=exchange_log.sent_bytes,

@@ -508,6 +508,11 @@ def report(summary: dict) -> None:
         log.info("trained %d step%s, to step %d, in %.0f s (%.1f images/s); wall time %.0f s; results in %s",
                  summary["steps_this_run"], "s" * (summary["steps_this_run"] != 1), summary["steps"],
                  summary["train_seconds"], summary["images_per_s"], summary["wall_seconds"], summary["run_dir"])
+    if summary.get("train_skipped"):
+        many = summary["train_skipped"] != 1
+        log.warning("%d training image%s could not be used in this run; the next usable image stood in for %s "
+                    "(named in the log above): replace %s", summary["train_skipped"], "s" * many,
+                    "each" if many else "it", "them" if many else "it")
     if summary.get("compile"):
         log.info("torch.compile (%s) made %d graphs on rank 0, recompilations included, with %d graph breaks",
                  summary["compile"], summary["compiled_graphs"], summary["graph_breaks"])
