@@ -754,12 +754,15 @@ def main(argv=None) -> Path:
     # ~ is the home folder here too, as the shell leaves it in --out=~/report
     out = home_path(config.out) if config.out else REPORTS_DIR / f"ablations-{machine['hostname']}-{today}"
     runs = real_path(config.runs) if config.runs else ROOT / "runs" / f"ablations-{today}"
-    for variant in config.variants:  # values the training program refuses: before any folder is made
-        trainer = parse_config(run_options(config, variant, runs))
+    trainers = [parse_config(run_options(config, variant, runs)) for variant in config.variants]
+    for variant, trainer in zip(config.variants, trainers):  # values the program refuses: before any folder is made
         if config.reuse and (runs / variant).exists():  # --workers is not compared on reuse: nor held to this machine
             trainer = dataclasses.replace(trainer, workers=None)
         trainer.validate()
     refuse_others_files(out, REPORT_FILES, "benchmarks.ablations")  # before the first run, not after the last
+    bundle = data_module.open_data(config.data)
+    for trainer in trainers:  # and those that the data refuses
+        data_module.check_batch_size(bundle, resolve(trainer, train_images=len(bundle.train)).batch_size)
     for flag, folder in (("--out", out), ("--runs", runs)):  # before the first run, not after the last
         try:
             folder.mkdir(parents=True, exist_ok=True)
@@ -769,12 +772,12 @@ def main(argv=None) -> Path:
     with contextlib.ExitStack() as locks:  # a second ablation into either folder is refused before it writes
         for folder, flag in {real_path(out): "--out", runs: "--runs"}.items():  # one lock where they are one
             locks.enter_context(held(folder, flag))
-        return _measure(config, out, runs, args, machine, today)
+        return _measure(config, out, runs, args, machine, today, bundle)
 
 
-def _measure(config: AblationConfig, out: Path, runs: Path, args: list, machine: dict, today: str) -> Path:
-    """main's runs and report, in folders that it made and holds."""
-    results, bundle = {}, data_module.open_data(config.data)
+def _measure(config: AblationConfig, out: Path, runs: Path, args: list, machine: dict, today: str, bundle) -> Path:
+    """main's runs and report, in folders that it made and holds, of the data opened (``bundle``)."""
+    results = {}
     for variant in config.variants:
         results[variant] = r = read_run(*train(config, variant, runs, bundle))
         try:

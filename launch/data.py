@@ -619,6 +619,13 @@ def batches_per_epoch(bundle: DataBundle, batch_size: int) -> int:
     return len(bundle.train) // batch_size  # drop_last: a partial batch would change the step's statistics
 
 
+def check_batch_size(bundle: DataBundle, batch_size: int) -> None:
+    """Raises ValueError naming the fix where not one batch of ``batch_size`` fits the training images."""
+    if batches_per_epoch(bundle, batch_size) == 0:
+        raise ValueError(f"--batch-size {batch_size} is larger than the {len(bundle.train)} training images: "
+                         f"choose a smaller one")
+
+
 def _end_with(parent_pid: int, worker_id: int) -> None:
     """A worker ends with the process that started it. DataLoader's own check is not enough:
     a worker whose parent was killed while the worker was still starting watches its new

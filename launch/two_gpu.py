@@ -435,10 +435,8 @@ def _prepare_run(config: TrainConfig, checkpoint: Optional[dict]):
             if not evaluating:
                 bundle = dataclasses.replace(bundle, stats=dataclasses.replace(bundle.stats, mean=saved_mean))
             log.info("data: the mean image subtracted is the one saved in the checkpoint, its training set's")
-    if not config.eval_only and data_module.batches_per_epoch(bundle, config.batch_size) == 0:
-        raise ValueError(f"--batch-size {config.batch_size} is larger than the {len(bundle.train)} training images: "
-                         f"choose a smaller one")
     if not config.eval_only:
+        data_module.check_batch_size(bundle, config.batch_size)
         check_room_for_checkpoints(config, len(bundle.classes))
     if not config.resume:
         check_out_outside_the_images(config, bundle.root)

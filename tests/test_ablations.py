@@ -204,6 +204,17 @@ def test_reuse_refuses_runs_of_another_length_where_the_recipe_gives_it(tmp_path
     assert ablations.train(dataclasses.replace(config, epochs=5), "no-lrn", runs, data) == (runs / "no-lrn", None)
 
 
+def _stop_at_the_runs(monkeypatch, first_run=None):
+    """ablations.main stops with OSError("stop") where its runs would start, past its checks,
+    once it has called ``first_run()``; the data it opens holds as many training images as any batch needs."""
+    def stop(*args):
+        if first_run is not None:
+            first_run()
+        raise OSError("stop")
+    monkeypatch.setattr(ablations.data_module, "open_data", lambda data: SimpleNamespace(train=range(10**6)))
+    monkeypatch.setattr(ablations, "_measure", stop)
+
+
 def _reuse(runs, data, monkeypatch, *options):
     """``python -m benchmarks.ablations --reuse`` on ``data`` (opened as it is now)."""
     monkeypatch.setattr(ablations.data_module, "open_data", lambda folder: data)
@@ -236,15 +247,15 @@ def test_reuse_refuses_a_finished_run_trained_on_other_data(tmp_path, monkeypatc
 
 def test_reuse_refuses_a_run_that_stopped_on_other_data_before_its_first_checkpoint(tmp_path, monkeypatch):
     """Without a checkpoint, the numbers of images that the run's output gave are compared."""
-    runs, trained_on = tmp_path / "runs", _data(val=74)
+    runs, trained_on = tmp_path / "runs", _data(train=64, val=74)  # two batches of the recipe's 32
     run = runs / "tanh"
     run.mkdir(parents=True)
     options = ablations.run_options(ablations.AblationConfig(), "tanh", runs)
-    (run / "config.json").write_text(json.dumps(dataclasses.asdict(resolve(parse_config(options), 30))))
+    (run / "config.json").write_text(json.dumps(dataclasses.asdict(resolve(parse_config(options), 64))))
     (runs / "tanh.stderr").write_text(f"{_data_line(trained_on)}\nthe run stopped: rank 0 failed: NonFiniteLoss: "
                                       f"the loss became nan at epoch 1, step 3\n")
     with pytest.raises(ablations.AblationError, match=rf"^{run} was trained on other data: its val/ images differ"):
-        _reuse(runs, _data(val=44), monkeypatch, "--variants", "tanh")
+        _reuse(runs, _data(train=64, val=44), monkeypatch, "--variants", "tanh")
     with pytest.raises(ablations.AblationError, match=rf"^{run} was trained on other data: its number of classes "):
         _reuse(runs, SimpleNamespace(**{**vars(trained_on), "classes": trained_on.classes[:-1]}), monkeypatch,
                "--variants", "tanh")
@@ -446,7 +457,7 @@ def test_a_damaged_run_file_a_variant_named_twice_and_a_home_folder_are_told_apa
     # --out=~/x: no shell expands that ~
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(ablations.data_module, "open_data", lambda data: (_ for _ in ()).throw(OSError("stop")))
+    _stop_at_the_runs(monkeypatch)
     with pytest.raises(OSError, match="stop"):
         ablations.main(["--out=~/report", "--runs=~/runs"])
     assert (tmp_path / "home" / "report").is_dir() and (tmp_path / "home" / "runs").is_dir()
@@ -464,11 +475,19 @@ def test_a_value_the_training_program_refuses_is_refused_before_any_folder_is_ma
     assert not any(tmp_path.iterdir())  # no report folder, no run folder, no run's output
 
 
+def test_a_batch_larger_than_the_training_set_is_refused_before_any_folder_is_made(tiny_data, tmp_path):
+    """Found in the data before the first run, not by it after the folders are made."""
+    with pytest.raises(ValueError, match="^--batch-size 31 is larger than the 30 training images: choose a smaller"):
+        ablations.main(["--data", str(tiny_data), "--batch-size", "31", "--out", str(tmp_path / "report"),
+                        "--runs", str(tmp_path / "runs")])
+    assert not any(tmp_path.iterdir())
+
+
 def test_a_run_reused_is_not_held_to_this_machine_s_bounds(tmp_path, monkeypatch):
     """--workers is not compared on --reuse: runs trained on a machine of more cores are read here."""
     (tmp_path / "runs" / "full").mkdir(parents=True)
-    monkeypatch.setattr(ablations.data_module, "open_data", lambda data: (_ for _ in ()).throw(OSError("stop")))
-    with pytest.raises(OSError, match="stop"):  # past the checks of the options, at the data
+    _stop_at_the_runs(monkeypatch)
+    with pytest.raises(OSError, match="stop"):  # past the checks of the options, at the runs
         ablations.main(["--variants", "full", "--workers", "100000", "--reuse", "--out", str(tmp_path / "report"),
                         "--runs", str(tmp_path / "runs")])
     with pytest.raises(ValueError, match="^--lr must be a positive rate below 10"):  # other values still are checked
@@ -487,13 +506,12 @@ def test_a_second_ablation_into_the_same_folders_is_refused_before_it_writes(tmp
         second = {flag: first[flag] if flag == shared else tmp_path / f"second-{flag[2:]}" for flag in first}
     refused = []
 
-    def first_running(data):  # the second starts while the first is at its data
+    def first_running():  # the second starts while the first starts its runs
         with pytest.raises(ValueError) as error:
             ablations.main([*(f"{flag}={folder}" for flag, folder in second.items()), "--variants", "full"])
         refused.append(str(error.value))
-        raise OSError("stop")
 
-    monkeypatch.setattr(ablations.data_module, "open_data", first_running)
+    _stop_at_the_runs(monkeypatch, first_running)
     with pytest.raises(OSError, match="stop"):
         ablations.main([*(f"{flag}={folder}" for flag, folder in first.items()), "--variants", "full"])
     flag = "--runs" if shared == "both in one" else shared
@@ -505,10 +523,7 @@ def test_a_second_ablation_into_the_same_folders_is_refused_before_it_writes(tmp
 def test_an_out_folder_of_another_tool_s_report_is_refused_before_any_run(tmp_path, monkeypatch):
     """A benchmark's report (its results.json replaced, its charts left beside the ablation's)
     or files of the user's are refused, one line; an earlier ablation's report is replaced."""
-    def stop(data):  # past the check of --out: the data is opened before the first run
-        raise OSError("stop")
-
-    monkeypatch.setattr(ablations.data_module, "open_data", stop)
+    _stop_at_the_runs(monkeypatch)  # past the check of --out
     benchmark = {"results.json": json.dumps({"machine": {}, "config": {}, "runs": [],
                                              "command": "python -m benchmarks.run --quick"}),
                  "report.md": "a benchmark's report", "images_per_s_vs_batch.png": "a chart"}
