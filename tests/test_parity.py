@@ -351,7 +351,13 @@ def _library_worker(rank, fc8_placement):
     with torch.no_grad():
         compiled_clone.fc7.weight.zero_()
     compiled_own = not torch.equal(compiled_clone(images), tower(images))
-    return {"other_half": other_half, "own_half": own_half, "group_refused": group_refused,
+    bad_images = []
+    for x in (images[0], images[:, :, :256 - 60, :]):  # one image, not a batch; a size FC6 cannot take
+        try:
+            tower(x)
+        except ValueError as exc:
+            bad_images.append(str(exc))
+    return {"bad_images": bad_images, "other_half": other_half, "own_half": own_half, "group_refused": group_refused,
             "fc8_only": fc8_only, "checkpointed": checkpointed, "copy": (same, own_weights, compiled_own), "drawn_after": drawn_after, "autocast_float64": autocast_float64, "input_grad": _rel(*grads), "empty": tuple(tower(images[:0]).shape),
             "second": second, "init": init, "input_exchange": input_exchange}
 
@@ -389,6 +395,10 @@ def _assert_library_use(placement, ranks):
             assert r["fc8_only"] < 1e-12, (placement, rank)
         assert r["copy"] == (True, True, True), (placement, rank)  # same function, own weights, compiled too
         assert list(r["checkpointed"]) == ([True, False] if placement == "split" else [True])
+        assert r["bad_images"] == ["the net takes a batch of images, N x 3 x H x W; got a tensor of shape "
+                                   "(3, 224, 224) (one image: give it as a batch of one, x[None])",
+                                   "images of 196 x 224 pixels pool to conv5 maps of 5 x 6, not the 6 x 6 that FC6 "
+                                   "takes: give 224 x 224 images, the paper's crops"], r["bad_images"]
         assert max(r["checkpointed"].values()) < 1e-12, (placement, rank, r["checkpointed"])
 
 

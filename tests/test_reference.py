@@ -11,7 +11,7 @@ from torch.overrides import TorchFunctionMode
 
 from launch.checkpoint import CheckpointError, checkpoint_payload, load_checkpoint, load_reference, save_reference
 from towers import AlexNet, Architecture, LocalResponseNorm, Tower, build_reference
-from towers.reference import POOLINGS
+from towers.reference import POOLINGS, check_images
 
 # Sizes that follow from the layer shapes of section 3.5 and Figure 2 of the paper.
 LAYER_PARAMS = {"conv1": 34_944, "conv2": 307_456, "conv3": 885_120, "conv4": 663_936, "conv5": 442_624,
@@ -166,6 +166,33 @@ def test_spatial_sizes_of_every_variant(variant):
     assert [tuple(shapes[f"conv{i + 1}"]) for i in range(5)] == [
         (channels[0], 55, 55), (channels[1], 27, 27), (channels[2], 13, 13), (channels[3], 13, 13), (channels[4], 13, 13)]
     assert tuple(shapes["pool5"]) == (256 * 6 * 6,)  # conv5 keeps 256 kernels in the one-tower net too
+
+
+@pytest.mark.parametrize("pooling", ["overlapping", "non-overlapping"])
+def test_images_are_refused_in_one_line_where_the_layers_cannot_take_them(pooling):
+    """The sizes check_images lets through are those whose pool5 maps the layers make 6 x 6
+    (FC6's input), found here by running the layers; others, and a tensor that is not a batch
+    of 3-channel images, are refused naming what the net takes, not by a matmul's shapes."""
+    model = AlexNet(10, architecture=Architecture(pooling=pooling)).eval()
+    for height, width in [(side, side) for side in range(190, 260, 3)] + [(224, 256), (256, 224), (227, 200)]:
+        x = torch.zeros(1, 3, height, width)
+        with torch.no_grad():
+            for name in ("conv1", "pool", "conv2", "pool", "conv3", "conv4", "conv5", "pool"):
+                x = getattr(model, name)(x)
+        try:
+            check_images(torch.zeros(1, 3, height, width), model.conv1, model.pool)
+        except ValueError as refused:
+            assert tuple(x.shape[2:]) != (6, 6), (height, width)
+            assert str(refused) == (f"images of {height} x {width} pixels pool to conv5 maps of {x.shape[2]} x "
+                                    f"{x.shape[3]}, not the 6 x 6 that FC6 takes: give 224 x 224 images, the "
+                                    f"paper's crops")
+        else:
+            assert tuple(x.shape[2:]) == (6, 6), (height, width)
+            assert model(torch.zeros(1, 3, height, width)).shape == (1, 10)
+    for shape in [(3, 224, 224), (2, 1, 224, 224), (224, 224), (1, 1, 3, 224, 224)]:
+        with pytest.raises(ValueError, match=r"^the net takes a batch of images, N x 3 x H x W; got a tensor of "
+                                             rf"shape \({', '.join(map(str, shape))},?\)"):
+            model(torch.zeros(shape))
 
 
 def test_non_overlapping_pooling_leaves_the_last_row_and_column_unseen():

@@ -115,6 +115,30 @@ def max_pool(pooling: str):
     return nn.MaxPool2d(kernel_size=window, stride=stride)
 
 
+def check_images(x: torch.Tensor, conv1: nn.Conv2d, pool: nn.MaxPool2d) -> None:
+    """Raises ValueError naming the fix for images that the net, of this ``conv1`` and
+    ``pool``, cannot take: anything but a batch N x 3 x H x W, or a size whose conv5 maps
+    pool to other than POOL5_SHAPE's (which FC6 takes); torch's own errors would say neither."""
+    if x.dim() != 4 or x.shape[1] != conv1.in_channels:
+        one = " (one image: give it as a batch of one, x[None])" if x.dim() == 3 else ""
+        raise ValueError(f"the net takes a batch of images, N x {conv1.in_channels} x H x W; got a tensor of shape "
+                         f"{tuple(x.shape)}{one}")
+    pooled = []
+    for axis, side in enumerate(x.shape[2:]):
+        side = (side + 2 * conv1.padding[axis] - conv1.kernel_size[axis]) // conv1.stride[axis] + 1
+        for _ in range(3):  # after LRN1, LRN2 and conv5; the other convolutions keep the size
+            side = (side - _pair(pool.kernel_size)[axis]) // _pair(pool.stride)[axis] + 1
+        pooled.append(side)
+    if tuple(pooled) != POOL5_SHAPE[1:]:
+        raise ValueError(f"images of {x.shape[2]} x {x.shape[3]} pixels pool to conv5 maps of "
+                         f"{' x '.join(map(str, pooled))}, not the {POOL5_SHAPE[1]} x {POOL5_SHAPE[2]} that FC6 takes: "
+                         f"give {INPUT_SIZE} x {INPUT_SIZE} images, the paper's crops")
+
+
+def _pair(value) -> tuple:
+    return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
+
+
 class AlexNet(nn.Module):
     """The paper's net on one device (or a variant: ``architecture``). Input:
     N x 3 x 224 x 224; output: N x num_classes logits.
@@ -138,7 +162,7 @@ class AlexNet(nn.Module):
         self.conv5 = nn.Conv2d(c4, c5, kernel_size=3, padding=1, groups=groups)
         self.pool = max_pool(architecture.pooling)
         self.activation = ACTIVATIONS[architecture.activation]
-        self.fc6 = nn.Linear(c5 * 6 * 6, FC_FEATURES[0])
+        self.fc6 = nn.Linear(c5 * POOL5_SHAPE[1] * POOL5_SHAPE[2], FC_FEATURES[0])
         self.fc7 = nn.Linear(FC_FEATURES[0], FC_FEATURES[1])
         self.fc8 = nn.Linear(FC_FEATURES[1], num_classes)
         self.dropout = nn.Dropout(dropout)
@@ -148,6 +172,7 @@ class AlexNet(nn.Module):
         return self.fc8.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_images(x, self.conv1, self.pool)
         act = self.activation
         x = self.pool(self.lrn1(act(self.conv1(x))))  # N x 96 x 27 x 27
         x = self.pool(self.lrn2(act(self.conv2(x))))  # N x 256 x 13 x 13

@@ -22,7 +22,7 @@ from torch import nn
 from .exchange import (ExchangeLog, broadcast_from_first, gather_channels, gather_replicated, gather_to_first,
                        sum_gradients)
 from .reference import (ACTIVATIONS, CONV_CHANNELS, FC_FEATURES, POOL5_SHAPE, TOWERS, Architecture, LocalResponseNorm,
-                        max_pool)
+                        check_images, max_pool)
 from .sharding import HALF, check_placement
 
 
@@ -184,6 +184,7 @@ class Tower(SharesGroup, nn.Module):
         if not self.peer_checked:
             self.check_peer(x)
             self.peer_checked = True
+        check_images(x, self.conv1, self.pool)  # after the check of the peer's: on both towers, or neither
         exchange_log, group = self.exchange_log, self.group
         if x.requires_grad:  # an image's gradient sums both towers' (never so in training)
             x = sum_gradients(x, group, exchange_log, "input")
