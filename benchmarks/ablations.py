@@ -763,16 +763,23 @@ def main(argv=None) -> Path:
     bundle = data_module.open_data(config.data)
     for trainer in trainers:  # and those that the data refuses
         data_module.check_batch_size(bundle, resolve(trainer, train_images=len(bundle.train)).batch_size)
-    for flag, folder in (("--out", out), ("--runs", runs)):  # before the first run, not after the last
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as error:
-            raise ValueError(f"{flag} {folder}: cannot make that folder ({error.strerror}); give a folder that can "
-                             f"be written") from None
-    with contextlib.ExitStack() as locks:  # a second ablation into either folder is refused before it writes
-        for folder, flag in {real_path(out): "--out", runs: "--runs"}.items():  # one lock where they are one
-            locks.enter_context(held(folder, flag))
-        return _measure(config, out, runs, args, machine, today, bundle)
+    made = [folder for given in (out, runs) for folder in (given, *given.parents) if not folder.exists()]
+    try:
+        for flag, folder in (("--out", out), ("--runs", runs)):  # before the first run, not after the last
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+            except OSError as error:
+                raise ValueError(f"{flag} {folder}: cannot make that folder ({error.strerror}); give a folder that "
+                                 f"can be written") from None
+        with contextlib.ExitStack() as locks:  # a second ablation into either folder is refused before it writes
+            for folder, flag in {real_path(out): "--out", runs: "--runs"}.items():  # one lock where they are one
+                locks.enter_context(held(folder, flag))
+            return _measure(config, out, runs, args, machine, today, bundle)
+    except BaseException:  # a run refused or stopped, Ctrl-C: the folders made for nothing are not left
+        for folder in made:  # each before its parents
+            with contextlib.suppress(OSError):  # one that holds something (a run's output) stays, and so its parents
+                folder.rmdir()
+        raise
 
 
 def _measure(config: AblationConfig, out: Path, runs: Path, args: list, machine: dict, today: str, bundle) -> Path:

@@ -457,11 +457,31 @@ def test_a_damaged_run_file_a_variant_named_twice_and_a_home_folder_are_told_apa
     # --out=~/x: no shell expands that ~
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.chdir(tmp_path)
-    _stop_at_the_runs(monkeypatch)
+    made, home = [], tmp_path / "home"
+    _stop_at_the_runs(monkeypatch, lambda: made.extend(p.relative_to(home) for p in sorted(home.rglob("*"))))
     with pytest.raises(OSError, match="stop"):
         ablations.main(["--out=~/report", "--runs=~/runs"])
-    assert (tmp_path / "home" / "report").is_dir() and (tmp_path / "home" / "runs").is_dir()
-    assert not (tmp_path / "~").exists()
+    assert made == [Path("report"), Path("runs")] and not (tmp_path / "~").exists()  # as the runs start
+    assert not home.exists()  # and none left by an ablation that stopped before writing in them
+
+
+def test_an_ablation_that_stops_leaves_no_folder_it_made_for_nothing(tmp_path, monkeypatch):
+    """A run refused or stopped: the folders made for the report and the runs are removed where
+    nothing was written in them, with the parents made for them; what holds anything stays."""
+    kept = tmp_path / "new" / "runs" / "full.stderr"
+
+    def a_run_wrote():
+        kept.write_text("the run's output")
+    _stop_at_the_runs(monkeypatch, a_run_wrote)
+    for given in ("new/report", "new/runs/report"):  # beside the runs, in them
+        with pytest.raises(OSError, match="stop"):
+            ablations.main(["--out", str(tmp_path / given), "--runs", str(tmp_path / "new" / "runs")])
+        assert sorted(tmp_path.rglob("*")) == [tmp_path / "new", tmp_path / "new" / "runs", kept]
+    kept.unlink()
+    _stop_at_the_runs(monkeypatch)
+    with pytest.raises(OSError, match="stop"):
+        ablations.main(["--out", str(tmp_path / "new" / "a" / "report"), "--runs", str(tmp_path / "new" / "runs")])
+    assert sorted(tmp_path.rglob("*")) == [tmp_path / "new", tmp_path / "new" / "runs"]  # it was there before
 
 
 @pytest.mark.parametrize("option, value, words", [("--epochs", "0", "--epochs must be positive, got 0"),
@@ -504,12 +524,13 @@ def test_a_second_ablation_into_the_same_folders_is_refused_before_it_writes(tmp
     else:
         first = {"--out": tmp_path / "report", "--runs": tmp_path / "runs"}
         second = {flag: first[flag] if flag == shared else tmp_path / f"second-{flag[2:]}" for flag in first}
-    refused = []
+    refused, written = [], []
 
     def first_running():  # the second starts while the first starts its runs
         with pytest.raises(ValueError) as error:
             ablations.main([*(f"{flag}={folder}" for flag, folder in second.items()), "--variants", "full"])
         refused.append(str(error.value))
+        written.extend(p for folder in set(first.values()) for p in folder.iterdir())
 
     _stop_at_the_runs(monkeypatch, first_running)
     with pytest.raises(OSError, match="stop"):
@@ -517,7 +538,8 @@ def test_a_second_ablation_into_the_same_folders_is_refused_before_it_writes(tmp
     flag = "--runs" if shared == "both in one" else shared
     assert refused == [f"{flag} {first[flag].resolve()} is in use by another benchmark program writing there: wait "
                        f"for it to end, or give another {flag}"]
-    assert not any((tmp_path / "both" if shared == "both in one" else first["--runs"]).iterdir())
+    assert written == []  # by the second in the first's folders
+    assert not any(tmp_path.iterdir())  # the folders each made for nothing are gone
 
 
 def test_an_out_folder_of_another_tool_s_report_is_refused_before_any_run(tmp_path, monkeypatch):
@@ -656,7 +678,8 @@ def test_a_full_disk_under_the_report_is_one_line_and_leaves_no_partial_file(abl
     assert str(refused.value) == (f"cannot write {out} (No space left on device): free space on that disk, or give "
                                   f"--out a folder that can be written; the finished runs stay in --runs, and the "
                                   f"same command with --reuse makes the report from them")
-    assert list(out.iterdir()) == []  # the report's files are put in place together, once all are made
+    # the report's files are put in place together, once all are made: none is, and the folder made for them goes
+    assert not out.exists()
     # Into the folder of an earlier report (of every variant): it stays as it was, whole, not
     # mixed with the new results (its results.json was replaced and its report removed)
     earlier = tmp_path / "earlier"
