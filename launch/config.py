@@ -337,8 +337,8 @@ def describe_recipe(config: TrainConfig, train_images: int) -> str:
     origin = f"the default {'with --data' if config.data is not None else 'for the built-in dataset'}" \
         if config.recipe == default_recipe(config) else f"--recipe {config.recipe}"
     if config.resume:  # its values are the run's own, a milestone where its first start put it
-        return (f"recipe: {config.recipe} (kept from the resumed run, but for --epochs, --lr, --warmup-steps and "
-                f"--lr-milestones given anew): {_as_options({k: getattr(config, k) for k in fields})}")
+        return (f"recipe: {config.recipe} (the resumed run's, which a resume may change by --epochs, --lr, "
+                f"--warmup-steps and --lr-milestones): {_as_options({k: getattr(config, k) for k in fields})}")
     if config.recipe == "paper":
         why = "section 5, made for ImageNet's 1.2 million training images"
     else:

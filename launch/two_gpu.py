@@ -146,8 +146,9 @@ def resumed_config(config: TrainConfig, payload: dict, given: Optional[set] = No
         if name in RUN_CONTROL or (name in CHANGEABLE_ON_RESUME and name in given):
             merged[name] = value
         elif name in given and value != merged[name]:
-            had = _as_option(name, merged[name]) if isinstance(value, bool) else merged[name]
-            raise ValueError(f"{_as_option(name, value)} differs from the resumed run's {had}: "
+            had = f"'s {_as_option(name, merged[name]) if isinstance(value, bool) else merged[name]}" \
+                if merged[name] is not None else f", which ran without --{name.replace('_', '-')}"
+            raise ValueError(f"{_as_option(name, value)} differs from the resumed run{had}: "
                              f"a resumed run keeps its recipe, so drop the option (or start a new run)")
     if "lr_milestones" in given and merged["schedule"] != "fixed":
         raise ValueError(f"--lr-milestones divides the rate at fixed epochs, but the resumed run's schedule is "
@@ -194,7 +195,7 @@ def check_layout_holds(config: TrainConfig, payload: dict) -> None:
     path, saved_net = config.resume or config.eval_only, checkpoint_architecture(payload).net
     if saved_net == "one-tower" and config.layout != "one-tower":
         raise ValueError(f"{path} holds the one-tower net of section 3.2 (half the kernels in conv1-conv4), which "
-                         f"--layout {config.layout} cannot hold: add --layout one-tower")
+                         f"--layout {config.layout} cannot hold: use --layout one-tower")
     if saved_net != "one-tower" and config.layout == "one-tower":
         raise ValueError(f"{path} holds the paper's two-tower net, not the one-tower net that --layout one-tower "
                          f"builds: use --layout towers or --layout single")
@@ -206,11 +207,19 @@ def check_resumed_file(resume: str) -> None:
     the run would write over (a copy kept of an earlier step, in its run's folder)."""
     path = resolve_path(resume)
     own = path.parent / FILENAME
-    if path.name != FILENAME and own.exists() and not own.samefile(path):
-        raise ValueError(f"--resume {path}: a resumed run goes on in that file's folder and saves as its {FILENAME}, "
-                         f"and {own} is another checkpoint, which it would write over: copy {path.name} into a "
-                         f"folder of its own as {FILENAME} (with the run's other files, if it should go on with "
-                         f"them), and resume that folder")
+    if path.name == FILENAME:
+        return
+    if own.exists() and not own.samefile(path):
+        why = f"and {own} is another checkpoint, which it would write over"
+    elif not own.exists() and any((path.parent / name).exists() for name in RUN_FILES):
+        # whose run, nothing tells: another's records would be taken up, and replaced where they pass its step
+        held = ", ".join(name for name in RUN_FILES if (path.parent / name).exists())
+        why = f"and {path.parent} holds a run's files ({held}) but no {FILENAME}, which may be another run's"
+    else:
+        return
+    raise ValueError(f"--resume {path}: a resumed run goes on in that file's folder and saves as its {FILENAME}, "
+                     f"{why}: copy {path.name} into a folder of its own as {FILENAME} (with the run's other files, "
+                     f"if it should go on with them), and resume that folder")
 
 
 def check_resumable(config: TrainConfig, payload: dict, bundle) -> None:
@@ -244,14 +253,17 @@ def check_resumable(config: TrainConfig, payload: dict, bundle) -> None:
             f"the validation set changed since {run} was saved: {bundle.root / 'val'} now holds other images (it "
             f"has {len(bundle.val)}), and the run's evaluations so far (and the plateau schedule's best error) are of "
             f"the set it began with: resume with the data it was trained on, or start a new run")
-    done = progress["epoch"]
+    done, given = progress["epoch"], run if resolve_path(config.resume).name == FILENAME else config.resume
     if done >= config.epochs:
+        epochs = f"{done} epoch{'s' * (done != 1)}"
+        trained = f"has finished its {epochs}" if not progress["batch"] else \
+            f"has trained {epochs} and {progress['batch']} step{'s' * (progress['batch'] != 1)} of the next"
         fewer = f", and --epochs {config.epochs} asks for no more" if config.epochs < done else ""
-        raise ValueError(f"{run} has finished its {done} epochs{fewer}: train it longer with --resume "
-                         f"{shell_word(run)} --epochs N (N > {done}), or evaluate it with --eval-only {shell_word(run)}")
+        raise ValueError(f"{given} {trained}{fewer}: train it longer with --resume {shell_word(given)} --epochs N "
+                         f"(N > {done}), or evaluate it with --eval-only {shell_word(given)}")
     if config.max_steps is not None and progress["global_step"] >= config.max_steps:
-        raise ValueError(f"{run} has taken {progress['global_step']} steps, --max-steps {config.max_steps} no more than "
-                         f"that: give a larger --max-steps, or none")
+        raise ValueError(f"{given} has taken {progress['global_step']} steps, --max-steps {config.max_steps} no more "
+                         f"than that: give a larger --max-steps, or none")
 
 
 def in_use(run_dir: Path, holder: BlockingIOError, resumed: bool) -> ValueError:

@@ -739,9 +739,9 @@ def test_the_one_tower_layout_keeps_its_net(ablation, tiny_data, tmp_path, caplo
         line = _error_line(["--data", tiny_data, "--out", tmp_path, "--run-name", "e", "--eval-only", run,
                             "--layout", layout], caplog)
         assert re.fullmatch(rf"error: {re.escape(str(run))} holds the one-tower net .* --layout {layout} cannot "
-                            rf"hold: add --layout one-tower", line), line
+                            rf"hold: use --layout one-tower", line), line
     line = _error_line(["--resume", run, "--max-steps", "3", "--layout", "towers"], caplog)
-    assert line.endswith("--layout towers cannot hold: add --layout one-tower")
+    assert line.endswith("--layout towers cannot hold: use --layout one-tower")
     line = _error_line(["--resume", run, "--layout", "one-tower", "--activation", "tanh"], caplog)
     assert "--activation tanh differs from the resumed run's relu" in line
     # and a two-tower checkpoint is never loaded into the one-tower net

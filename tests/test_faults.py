@@ -1643,6 +1643,20 @@ def test_resume_refuses_a_changed_recipe_and_weights_only_checkpoints(tiny_data,
     err = _error_of(["--resume", tmp_path / "real" / "backup.pt"], caplog)
     assert f"and {tmp_path / 'real' / 'checkpoint.pt'} is another checkpoint, which it would write over: copy " \
            f"backup.pt into a folder of its own as checkpoint.pt" in err, err
+    # beside another run's files, no checkpoint of theirs: its records (a run stopped before its first save)
+    # would be taken up as the resumed run's, and the config.json rewritten
+    (tmp_path / "stopped").mkdir()
+    (tmp_path / "stopped" / "config.json").write_text("{}")
+    shutil.copy(tmp_path / "real" / "checkpoint.pt", tmp_path / "stopped" / "other.pt")
+    err = _error_of(["--resume", tmp_path / "stopped" / "other.pt"], caplog)
+    assert f"--resume {tmp_path / 'stopped' / 'other.pt'}: a resumed run goes on in that file's folder and saves as " \
+           f"its checkpoint.pt, and {tmp_path / 'stopped'} holds a run's files (config.json) but no checkpoint.pt, " \
+           f"which may be another run's: copy other.pt into a folder of its own" in err, err
+    assert (tmp_path / "stopped" / "config.json").read_text() == "{}"
+    payload = load_checkpoint(tmp_path / "real")  # a run that evaluated all the validation images
+    save_checkpoint(tmp_path / "all" / "checkpoint.pt", dict(payload, config=dict(payload["config"], val_limit=None)))
+    err = _error_of(["--resume", tmp_path / "all", "--val-limit", "8"], caplog)
+    assert "--val-limit 8 differs from the resumed run, which ran without --val-limit: a resumed run keeps" in err
     for option in (["--out", tmp_path / "branch"], ["--run-name", "branch"], ["--out", "runs"]):  # never silently
         # the old folder (--out at its default value too)
         err = _error_of(["--resume", tmp_path / "real", *option], caplog)
@@ -1787,6 +1801,16 @@ def test_resume_refuses_a_changed_recipe_and_weights_only_checkpoints(tiny_data,
     assert f"has finished its {epochs + 2} epochs, and --epochs {epochs + 1} asks for no more: train it longer " \
            f"with --resume {tmp_path / 'longer'} --epochs N (N > {epochs + 2})" in err, err
     assert (tmp_path / "finished" / "summary.json").read_text() == "{}"  # not rewritten
+    save_checkpoint(tmp_path / "kept" / "step.pt", finished)  # a file of another name: named itself, as resumable
+    err = _error_of(["--resume", tmp_path / "kept" / "step.pt"], caplog)
+    assert f"{tmp_path / 'kept' / 'step.pt'} has finished its {epochs} epochs: train it longer with --resume " \
+           f"{tmp_path / 'kept' / 'step.pt'} --epochs N (N > {epochs}), or evaluate it with --eval-only " \
+           f"{tmp_path / 'kept' / 'step.pt'}" in err, err
+    midway = dict(longer, progress=dict(longer["progress"], batch=2))
+    save_checkpoint(tmp_path / "midway" / "checkpoint.pt", midway)
+    err = _error_of(["--resume", tmp_path / "midway", "--epochs", epochs + 1], caplog)
+    assert f"{tmp_path / 'midway'} has trained {epochs + 2} epochs and 2 steps of the next, and --epochs " \
+           f"{epochs + 1} asks for no more" in err, err
 
 
 class _RunsCommand:

@@ -241,8 +241,8 @@ def test_a_resumed_run_keeps_its_recipe():
     # trained longer: the milestone stays where the first start put it (13 of 19), unless given anew
     longer = resumed_config(TrainConfig(resume="run", epochs=30), payload)
     assert (longer.epochs, longer.lr_milestones) == (30, (13,))
-    assert "recipe: small (kept from the resumed run, but for --epochs, --lr, --warmup-steps and --lr-milestones " \
-           "given anew): --epochs 30 " in describe_recipe(longer, 360)
+    assert "recipe: small (the resumed run's, which a resume may change by --epochs, --lr, --warmup-steps and " \
+           "--lr-milestones): --epochs 30 " in describe_recipe(longer, 360)
     moved = resumed_config(TrainConfig(resume="run", epochs=30, lr_milestones=(20,)), payload)
     assert (moved.epochs, moved.lr_milestones) == (30, (20,))
     # FC8's place is how the towers run, not the recipe: the checkpoint holds the whole net
@@ -324,7 +324,7 @@ def test_a_small_run_and_its_resumption_keep_the_recipe_sized_at_the_start(tiny_
     # --epochs may grow on resume; the milestone stays where the run's recipe put it
     assert (saved["config"]["recipe"], saved["config"]["epochs"], saved["config"]["lr_milestones"]) == \
         ("small", 40, [20])
-    assert "recipe: small (kept from the resumed run" in resumed.stderr
+    assert "recipe: small (the resumed run's, which a resume may change" in resumed.stderr
     # A run of two epochs: the recipe's milestone lies beyond them, given by nobody, warned of never.
     short = launch("--data", tiny_data, "--out", tmp_path, "--run-name", "short", "--recipe", "small", "--epochs", "2",
                    "--max-steps", "1", "--no-ten-crop", "--val-limit", "4", *TINY)
