@@ -760,26 +760,26 @@ def main(argv=None) -> Path:
             trainer = dataclasses.replace(trainer, workers=None)
         trainer.validate()
     refuse_others_files(out, REPORT_FILES, "benchmarks.ablations")  # before the first run, not after the last
-    bundle = data_module.open_data(config.data)
-    for trainer in trainers:  # and those that the data refuses
-        data_module.check_batch_size(bundle, resolve(trainer, train_images=len(bundle.train)).batch_size)
     made = [folder for given in (out, runs) for folder in (given, *given.parents) if not folder.exists()]
-    try:
-        for flag, folder in (("--out", out), ("--runs", runs)):  # before the first run, not after the last
-            try:
-                folder.mkdir(parents=True, exist_ok=True)
-            except OSError as error:
-                raise ValueError(f"{flag} {folder}: cannot make that folder ({error.strerror}); give a folder that "
-                                 f"can be written") from None
-        with contextlib.ExitStack() as locks:  # a second ablation into either folder is refused before it writes
+    with contextlib.ExitStack() as locks:  # a second ablation into either folder is refused before it writes
+        try:
+            for flag, folder in (("--out", out), ("--runs", runs)):  # before the first run, not after the last
+                try:
+                    folder.mkdir(parents=True, exist_ok=True)
+                except OSError as error:
+                    raise ValueError(f"{flag} {folder}: cannot make that folder ({error.strerror}); give a folder "
+                                     f"that can be written") from None
             for folder, flag in {real_path(out): "--out", runs: "--runs"}.items():  # one lock where they are one
                 locks.enter_context(held(folder, flag))
+            bundle = data_module.open_data(config.data)  # once the folders are sure: it may compute statistics
+            for trainer in trainers:  # values the data refuses: before the first run, not by it
+                data_module.check_batch_size(bundle, resolve(trainer, train_images=len(bundle.train)).batch_size)
             return _measure(config, out, runs, args, machine, today, bundle)
-    except BaseException:  # a run refused or stopped, Ctrl-C: the folders made for nothing are not left
-        for folder in made:  # each before its parents
-            with contextlib.suppress(OSError):  # one that holds something (a run's output) stays, and so its parents
-                folder.rmdir()
-        raise
+        except BaseException:  # a run refused or stopped, Ctrl-C: the folders made for nothing are not left
+            for folder in made:  # each before its parents, while they are held
+                with contextlib.suppress(OSError):  # one that holds something (a run's output) stays, and its parents
+                    folder.rmdir()
+            raise
 
 
 def _measure(config: AblationConfig, out: Path, runs: Path, args: list, machine: dict, today: str, bundle) -> Path:

@@ -206,13 +206,17 @@ def test_reuse_refuses_runs_of_another_length_where_the_recipe_gives_it(tmp_path
 
 def _stop_at_the_runs(monkeypatch, first_run=None):
     """ablations.main stops with OSError("stop") where its runs would start, past its checks,
-    once it has called ``first_run()``; the data it opens holds as many training images as any batch needs."""
+    once it has called ``first_run()``; the data it opens holds as many training images as any
+    batch needs. Returns the list of the data folders opened, each time one is."""
     def stop(*args):
         if first_run is not None:
             first_run()
         raise OSError("stop")
-    monkeypatch.setattr(ablations.data_module, "open_data", lambda data: SimpleNamespace(train=range(10**6)))
+    opened = []  # the data, each time it is opened
+    monkeypatch.setattr(ablations.data_module, "open_data",
+                        lambda data: opened.append(data) or SimpleNamespace(train=range(10**6)))
     monkeypatch.setattr(ablations, "_measure", stop)
+    return opened
 
 
 def _reuse(runs, data, monkeypatch, *options):
@@ -495,8 +499,8 @@ def test_a_value_the_training_program_refuses_is_refused_before_any_folder_is_ma
     assert not any(tmp_path.iterdir())  # no report folder, no run folder, no run's output
 
 
-def test_a_batch_larger_than_the_training_set_is_refused_before_any_folder_is_made(tiny_data, tmp_path):
-    """Found in the data before the first run, not by it after the folders are made."""
+def test_a_batch_larger_than_the_training_set_is_refused_before_the_first_run(tiny_data, tmp_path):
+    """Found in the data before the first run, not by it; the folders made for it are not left."""
     with pytest.raises(ValueError, match="^--batch-size 31 is larger than the 30 training images: choose a smaller"):
         ablations.main(["--data", str(tiny_data), "--batch-size", "31", "--out", str(tmp_path / "report"),
                         "--runs", str(tmp_path / "runs")])
@@ -532,9 +536,10 @@ def test_a_second_ablation_into_the_same_folders_is_refused_before_it_writes(tmp
         refused.append(str(error.value))
         written.extend(p for folder in set(first.values()) for p in folder.iterdir())
 
-    _stop_at_the_runs(monkeypatch, first_running)
+    opened = _stop_at_the_runs(monkeypatch, first_running)
     with pytest.raises(OSError, match="stop"):
         ablations.main([*(f"{flag}={folder}" for flag, folder in first.items()), "--variants", "full"])
+    assert opened == [None]  # by the first: the second was refused before its data (the statistics computed)
     flag = "--runs" if shared == "both in one" else shared
     assert refused == [f"{flag} {first[flag].resolve()} is in use by another benchmark program writing there: wait "
                        f"for it to end, or give another {flag}"]
