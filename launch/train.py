@@ -35,7 +35,7 @@ from towers import (TOWERS, AlexNet, Architecture, ExchangeLog, Tower, allocate,
 from . import data as data_module
 from .images import BASE_SIZE, CROP_SIZE
 from .checkpoint import FILENAME, damaged_record, read_as_saved, restore_training_state, save_training_state
-from .cli import shell_word, usable_cores, write_whole
+from .cli import home_path, shell_word, usable_cores, write_whole
 from .config import TrainConfig, update_config_json
 from .mesh import Mesh, build_mesh, coordinates
 from .ranks import ADVICE_FROM_RANK0, PREPARATION_WAIT_S, Placement, error_line, patient_group
@@ -471,14 +471,20 @@ def log_file(path: Path) -> logging.Handler:
     return logfile
 
 
-def _replica_data(rank: int, config: TrainConfig, plan: Plan, bundle, mesh: Mesh) -> Optional[data_module.DataBundle]:
+def _replica_data(rank: int, config: TrainConfig, plan: Plan, bundle, mesh: Mesh,
+                  reading: Optional[contextlib.ExitStack] = None) -> Optional[data_module.DataBundle]:
     """The data of a replica's first tower (None on the other ranks): the launcher's
     (``bundle``), or, under torchrun, the folder opened here with rank 0's statistics,
-    checked to be the same set. With replicas, every rank waits for the others' scans as
-    long as a first scan of a large folder may take (not --timeout, one exchange's bound),
-    and a rank that cannot use the data stops every rank with its one line."""
+    checked to be the same set, and held against a launch.prepare into it in ``reading``
+    (as the launcher, and rank 0, hold theirs). With replicas, every rank waits for the
+    others' scans as long as a first scan of a large folder may take (not --timeout, one
+    exchange's bound), and a rank that cannot use the data stops every rank with its one line."""
     splits = ("val",) if config.eval_only else ("train", "val")  # an evaluation reads no training image
     def open_here():
+        if bundle is None and config.data is not None and reading is not None:
+            held = data_module.hold_for_reading(home_path(config.data))  # a DataError where a prepare writes
+            if held is not None:
+                reading.enter_context(held)
         opened = bundle if bundle is not None else data_module.open_data(config.data, stats=plan.stats,
                                                                          need_train="train" in splits)
         if list(opened.classes) != plan.classes or ("train" in splits and len(opened.train) != plan.train_images):
@@ -591,10 +597,11 @@ def run_rank(rank: int, config: TrainConfig, run_dir: Optional[str], placement: 
                      len(bundle.train), bundle.stats, bundle.digests)]
     dist.broadcast_object_list(plan, src=0)
     plan = plan[0]
-    bundle = _replica_data(rank, config, plan, bundle, mesh)
+    reading = contextlib.ExitStack()  # the data folder, against a launch.prepare into it, while the run reads it
+    bundle = _replica_data(rank, config, plan, bundle, mesh, reading)
     # One loader for the whole run: its worker processes start once, not each epoch and evaluation.
-    with (data_module.Loader(bundle, workers, pin_memory=device.type == "cuda") if bundle is not None
-          else contextlib.nullcontext()) as loader:
+    with reading, (data_module.Loader(bundle, workers, pin_memory=device.type == "cuda") if bundle is not None
+                   else contextlib.nullcontext()) as loader:
 
         # A resumed or evaluated run loads every weight; replicas after the first receive replica
         # 0's when DistributedDataParallel is built below (it broadcasts them).

@@ -1,5 +1,6 @@
 """launch.ranks on its own: the whole run's deadline, loopback detection, threads per rank."""
 
+import contextlib
 import ctypes
 import functools
 import multiprocessing.queues
@@ -190,6 +191,40 @@ def test_a_replica_that_sees_other_images_than_rank_0_is_refused(tiny_data, tmp_
         with pytest.raises(data_module.DataError, match=f"^rank 2 sees other {words} at "
                                                         f"{re.escape(str(other / split))} than rank 0"):
             train._replica_data(2, TrainConfig(data=str(other)), plan, None, mesh)
+
+
+def test_a_replica_holds_its_data_folder_against_a_prepare_while_the_run_reads_it(tiny_data, tmp_path):
+    """Under torchrun a replica's first tower opens the data itself, on its own machine's copy:
+    it holds that folder's prepare lock as rank 0 holds its own, so that a launch.prepare into
+    it is refused while the run reads it, and it is refused a folder that one is writing."""
+    import fcntl
+    from launch import data as data_module, train
+    from launch.config import TrainConfig
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    (data / data_module.PREPARE_LOCK_NAME).write_text("python -m launch.prepare (pid 1)\n")
+    seen = data_module.open_data(data)
+    plan = train.Plan(list(seen.classes), 1, 1, len(seen.train), seen.stats, seen.digests)
+    mesh = SimpleNamespace(replicas=1, loads_data=True)  # replica 1's first tower, as far as the data goes
+
+    def prepare_may_write() -> bool:
+        with open(data / data_module.PREPARE_LOCK_NAME) as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False
+            return True
+
+    with contextlib.ExitStack() as reading:
+        assert len(train._replica_data(2, TrainConfig(data=str(data)), plan, None, mesh, reading).train) == 30
+        assert not prepare_may_write()
+    assert prepare_may_write()  # the run over
+    with open(data / data_module.PREPARE_LOCK_NAME) as writing, contextlib.ExitStack() as reading:
+        fcntl.flock(writing, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(data_module.DataError, match=f"^{re.escape(str(data))} is being written by a python -m "
+                                                        f"launch.prepare \\(python -m launch.prepare \\(pid 1\\)\\)"):
+            train._replica_data(2, TrainConfig(data=str(data)), plan, None, mesh, reading)
 
 
 def test_a_parent_that_died_but_was_not_yet_reaped_is_not_alive():
