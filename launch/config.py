@@ -162,8 +162,9 @@ class TrainConfig:
     def __post_init__(self):
         if self.lr_milestones is not None:  # argparse and JSON give lists
             self.lr_milestones = tuple(self.lr_milestones)
-        if self.data:  # as config.json and the checkpoint keep it: found from any working folder ("": validate)
-            self.data = os.path.abspath(home_path(self.data))
+        for name in ("data", "eval_only"):  # as config.json and the checkpoint keep them: found from any working
+            if getattr(self, name):  # folder, as launch.show finds the run an evaluation's folder names ("": validate)
+                setattr(self, name, os.path.abspath(home_path(getattr(self, name))))
 
     def validate(self) -> None:
         """Raises ValueError naming the fix for an impossible value."""

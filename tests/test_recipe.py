@@ -342,13 +342,17 @@ def test_a_small_run_and_its_resumption_keep_the_recipe_sized_at_the_start(tiny_
     assert "--recipe paper differs from the resumed run's small" in caplog.text
 
 
-def test_the_data_folder_is_kept_as_an_absolute_path(tmp_path, monkeypatch):
+def test_the_data_folder_and_the_checkpoint_evaluated_are_kept_as_absolute_paths(tmp_path, monkeypatch):
     """config.json and checkpoints keep --data: a run resumed, or drawn by launch.show, from
-    another working folder must find the same data."""
+    another working folder must find the same data; an evaluation's config.json, the run it
+    evaluated, which launch.show, given the evaluation's folder, names to draw instead."""
     monkeypatch.chdir(tmp_path)
-    assert parse_config(["--data", "images"]).data == str(tmp_path / "images")
-    assert parse_config(["--data", "~/images"]).data == os.path.expanduser("~/images")
-    assert parse_config([]).data is None  # the built-in dataset
+    for option, name in (("--data", "data"), ("--eval-only", "eval_only")):
+        assert getattr(parse_config([option, "images"]), name) == str(tmp_path / "images")
+        assert getattr(parse_config([option, "~/images"]), name) == os.path.expanduser("~/images")
+        assert getattr(parse_config([]), name) is None  # the built-in dataset; a training run
+        with pytest.raises(ValueError, match=f"^{option} is empty"):  # not the working folder
+            parse_config([option, ""]).validate()
 
 
 # ---------------------------------------------------------------- the update rule
