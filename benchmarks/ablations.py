@@ -43,6 +43,7 @@ from typing import Optional
 
 import torch
 
+from launch import builtin
 from launch import data as data_module
 from launch.checkpoint import FILENAME, read_as_saved
 from launch.cli import (JSON_DAMAGE, Parser, add_options, home_path, option, quick_exit, real_path, shell_word,
@@ -752,7 +753,8 @@ def main(argv=None) -> Path:
     today = datetime.date.today().isoformat()
     machine = machine_info(plan_devices(BenchConfig()))
     # ~ is the home folder here too, as the shell leaves it in --out=~/report
-    out = home_path(config.out) if config.out else REPORTS_DIR / f"ablations-{machine['hostname']}-{today}"
+    out = Path(os.path.abspath(home_path(config.out))) if config.out else \
+        REPORTS_DIR / f"ablations-{machine['hostname']}-{today}"
     runs = real_path(config.runs) if config.runs else ROOT / "runs" / f"ablations-{today}"
     trainers = [parse_config(run_options(config, variant, runs)) for variant in config.variants]
     for variant, trainer in zip(config.variants, trainers):  # values the program refuses: before any folder is made
@@ -760,12 +762,15 @@ def main(argv=None) -> Path:
             trainer = dataclasses.replace(trainer, workers=None)
         trainer.validate()
     refuse_others_files(out, REPORT_FILES, "benchmarks.ablations")  # before the first run, not after the last
-    made = [folder for given in (out, runs) for folder in (given, *given.parents) if not folder.exists()]
+    data = Path(config.data) if config.data is not None else builtin.default_cache_dir() / builtin.BUILTIN_NAME
+    for flag, folder in (("--out", out), ("--runs", runs)):  # a run folder there: a class of images to the scans
+        data_module.check_outside_the_images(flag, str(folder), data)
+    made = []  # the folders this ablation made, each after its parent
     with contextlib.ExitStack() as locks:  # a second ablation into either folder is refused before it writes
         try:
             for flag, folder in (("--out", out), ("--runs", runs)):  # before the first run, not after the last
                 try:
-                    folder.mkdir(parents=True, exist_ok=True)
+                    made += make_folder(folder)
                 except OSError as error:
                     raise ValueError(f"{flag} {folder}: cannot make that folder ({error.strerror}); give a folder "
                                      f"that can be written") from None
@@ -776,10 +781,24 @@ def main(argv=None) -> Path:
                 data_module.check_batch_size(bundle, resolve(trainer, train_images=len(bundle.train)).batch_size)
             return _measure(config, out, runs, args, machine, today, bundle)
         except BaseException:  # a run refused or stopped, Ctrl-C: the folders made for nothing are not left
-            for folder in made:  # each before its parents, while they are held
+            for folder in reversed(made):  # each before its parent, while they are held
                 with contextlib.suppress(OSError):  # one that holds something (a run's output) stays, and its parents
                     folder.rmdir()
             raise
+
+
+def make_folder(folder: Path) -> list:
+    """Makes ``folder`` and the parents it lacks; returns those this call made, parents first
+    (not one that another process made meanwhile)."""
+    made = []
+    for level in reversed((folder, *folder.parents)):
+        if not level.exists():
+            try:
+                level.mkdir()
+            except FileExistsError:  # made meanwhile
+                continue
+            made.append(level)
+    return made
 
 
 def _measure(config: AblationConfig, out: Path, runs: Path, args: list, machine: dict, today: str, bundle) -> Path:

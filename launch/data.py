@@ -53,7 +53,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from .builtin import BUILTIN_NAME, builtin_dataset
-from .cli import home_path, open_lock_file, prints_plainly
+from .cli import home_path, open_lock_file, prints_plainly, real_path
 from .images import (BASE_SIZE, CROP_SIZE, DECODE_ERRORS, IMAGE_EXTENSIONS, DataError, is_image_name, load_image,
                      skip_reason)
 from .ranks import die_with_parent
@@ -617,6 +617,21 @@ def batches_per_epoch(bundle: DataBundle, batch_size: int) -> int:
     if batch_size < 1:
         raise ValueError(f"batch size must be at least 1, got {batch_size}")
     return len(bundle.train) // batch_size  # drop_last: a partial batch would change the step's statistics
+
+
+def check_outside_the_images(flag: str, given: str, root: Path) -> None:
+    """Raises ValueError naming the fix where the folder ``given`` (with ``flag``) lies in the
+    data's train/ or val/ (``root``'s): a run folder there would be read as a class of its own
+    by every later scan of that data, a resume's included."""
+    try:
+        folder = real_path(given)
+    except OSError:  # a name too long: its making names the fault
+        return
+    for split in ("train", "val"):
+        images = real_path(root / split)
+        if folder == images or images in folder.parents:
+            raise ValueError(f"{flag} {given} lies in the data's {split}/ ({images}), where a run folder would be "
+                             f"taken for a class of images: give {flag} outside {images}")
 
 
 def check_batch_size(bundle: DataBundle, batch_size: int) -> None:

@@ -404,9 +404,12 @@ def save_now(run_dir: Optional[Path], model, optimizer, progress: Progress, conf
     log.info("checkpoint of step %d saved in %.1f s", progress.global_step, time.perf_counter() - started)
 
 
-def elsewhere_than(run_dir: Path) -> str:
+def elsewhere_than(run_dir: Path, config: Optional[TrainConfig] = None) -> str:
     """Where a run that stopped before its first checkpoint starts again: its folder keeps the
-    stopped run's log and metrics, and a new run never writes over another's files."""
+    stopped run's log and metrics, and a new run never writes over another's files. A resume
+    (of a checkpoint of another name, in a folder without its own yet) from that checkpoint."""
+    if config is not None and config.resume:
+        return f"from the checkpoint it resumed (--resume {shell_word(config.resume)})"
     return f"under another --run-name (or after removing {run_dir})"
 
 
@@ -422,7 +425,7 @@ def _after_divergence(config: TrainConfig, run_dir: Optional[Path], num_classes:
     lower = f"{config.lr / 10:g}"
     start_again = f"start again with a lower --lr (such as {lower}) or a longer --warmup-steps"
     if not (run_dir / FILENAME).exists():
-        return f"No checkpoint was written yet: {start_again}, {elsewhere_than(run_dir)}"
+        return f"No checkpoint was written yet: {start_again}, {elsewhere_than(run_dir, config)}"
     try:  # read as it is: load_checkpoint refuses the weights that ran away which this advice is about
         if damaged_record(run_dir / FILENAME) is not None:
             raise ValueError("its checksum does not match")

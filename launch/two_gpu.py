@@ -45,7 +45,7 @@ from . import data as data_module
 from .checkpoint import (FILENAME, CheckpointError, check_classes, check_training_state, checkpoint_architecture,
                          load_checkpoint, read_as_saved, remove_abandoned_saves, resolve_path,
                          training_checkpoint_bytes)
-from .cli import (JSON_DAMAGE, MAX_PROCESSES_PER_CORE, home_path, lock_exclusively, quick_exit, real_path, shell_word,
+from .cli import (JSON_DAMAGE, MAX_PROCESSES_PER_CORE, home_path, lock_exclusively, quick_exit, shell_word,
                   usable_cores, write_whole)
 from .config import (KEPT_UNLESS_GIVEN, RUN_CONTROL, TrainConfig, build_parser, check_schedule_options, describe_recipe,
                      given_options, parse_config, recipe_warnings, resolve)
@@ -211,9 +211,9 @@ def check_resumed_file(resume: str) -> None:
         return
     if own.exists() and not own.samefile(path):
         why = f"and {own} is another checkpoint, which it would write over"
-    elif not own.exists() and any((path.parent / name).exists() for name in RUN_FILES):
+    elif not own.exists() and any((path.parent / name).exists() for name in STARTED_RUN_FILES):
         # whose run, nothing tells: another's records would be taken up, and replaced where they pass its step
-        held = ", ".join(name for name in RUN_FILES if (path.parent / name).exists())
+        held = ", ".join(name for name in STARTED_RUN_FILES if (path.parent / name).exists())
         why = f"and {path.parent} holds a run's files ({held}) but no {FILENAME}, which may be another run's"
     else:
         return
@@ -334,20 +334,6 @@ def _new_run_folder(config: TrainConfig, out: Path) -> tuple:
     raise ValueError(f"{out} already holds runs named {stamp}*: give a --run-name")
 
 
-def check_out_outside_the_images(config: TrainConfig, root: Path) -> None:
-    """A run folder in the data's train/ or val/ would be read as a class of its own by every
-    later scan of that data, this run's --resume included."""
-    try:
-        out = real_path(config.out)
-    except OSError:  # a name too long: new_run_folder names the fault
-        return
-    for split in ("train", "val"):
-        images = real_path(root / split)
-        if out == images or images in out.parents:
-            raise ValueError(f"--out {config.out} lies in the data's {split}/ ({images}), where a run folder would "
-                             f"be taken for a class of images: give an --out outside {images}")
-
-
 def check_room_for_checkpoints(config: TrainConfig, num_classes: int) -> None:
     """A disk that cannot hold the run's checkpoints is found now, not after the first epoch:
     each save writes its file beside the one it replaces (a resumed run's is there already)."""
@@ -451,7 +437,7 @@ def _prepare_run(config: TrainConfig, checkpoint: Optional[dict]):
         data_module.check_batch_size(bundle, config.batch_size)
         check_room_for_checkpoints(config, len(bundle.classes))
     if not config.resume:
-        check_out_outside_the_images(config, bundle.root)
+        data_module.check_outside_the_images("--out", config.out, bundle.root)
     run_dir, made_folder = (resolve_path(config.resume).parent, False) if config.resume else new_run_folder(config)
     made_lock = not (run_dir / LOCK_NAME).exists()
     lock = lock_run_folder(run_dir, resumed=bool(config.resume))
@@ -490,6 +476,9 @@ def _prepare_run(config: TrainConfig, checkpoint: Optional[dict]):
 
 
 RUN_FILES = ("config.json", "metrics.jsonl", "train.log", "summary.json")  # read, appended or replaced on resume
+# Written by a run's first start, or at its end, and by a resume only with a checkpoint: a folder that holds
+# one but no checkpoint.pt holds another run (a resume of a checkpoint there, stopped before its save, none)
+STARTED_RUN_FILES = ("config.json", "summary.json")
 
 
 def check_run_files(run_dir: Path) -> None:
@@ -764,7 +753,9 @@ def _after_interrupt(config: Optional[TrainConfig], run_dir: Optional[Path]) -> 
             else "nothing to resume: run the evaluation again"
     if run_dir is not None and (run_dir / FILENAME).exists():
         return _from_checkpoint(config, run_dir, f"resume with --resume {shell_word(run_dir)}")
-    again = f" {elsewhere_than(run_dir)}" if run_dir is not None else ""
+    again = f" {elsewhere_than(run_dir, config)}" if run_dir is not None else ""
+    if config is not None and config.resume:  # a checkpoint of another name, in a folder without its own yet
+        return f"no checkpoint was written since it resumed: start it again{again}"
     return f"no checkpoint was written yet, so there is nothing to resume: start the run again{again}"
 
 
@@ -810,7 +801,7 @@ def _after_failure(config: Optional[TrainConfig], run_dir: Optional[Path], failu
         return advice + "\n" + _from_checkpoint(config, run_dir, f"once the cause is fixed, go on from the last "
                                                                  f"checkpoint with --resume {shell_word(run_dir)}")
     return (f"{advice}\nno checkpoint was written yet: once the cause is fixed, start the run again "
-            f"{elsewhere_than(run_dir)}")
+            f"{elsewhere_than(run_dir, config)}")
 
 
 def _lost_a_peer(exc: Exception) -> bool:

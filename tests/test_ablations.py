@@ -486,6 +486,36 @@ def test_an_ablation_that_stops_leaves_no_folder_it_made_for_nothing(tmp_path, m
     with pytest.raises(OSError, match="stop"):
         ablations.main(["--out", str(tmp_path / "new" / "a" / "report"), "--runs", str(tmp_path / "new" / "runs")])
     assert sorted(tmp_path.rglob("*")) == [tmp_path / "new", tmp_path / "new" / "runs"]  # it was there before
+    with pytest.raises(OSError, match="stop"):  # through a folder that is not there: the same folder
+        ablations.main(["--out", str(tmp_path / "none" / ".." / "new" / "runs"), "--runs", str(tmp_path / "r")])
+    assert sorted(tmp_path.rglob("*")) == [tmp_path / "new", tmp_path / "new" / "runs"]
+    real_mkdir = Path.mkdir
+
+    def another_made_it_first(folder, *args, **kwargs):  # another ablation, between the look and the making
+        real_mkdir(folder, *args, **kwargs)
+        if folder.name == "report":
+            raise FileExistsError(17, "File exists", str(folder))
+    monkeypatch.setattr(Path, "mkdir", another_made_it_first)
+    with pytest.raises(OSError, match="stop"):
+        ablations.main(["--out", str(tmp_path / "new" / "report"), "--runs", str(tmp_path / "new" / "runs")])
+    assert sorted(tmp_path.rglob("*")) == [tmp_path / "new", tmp_path / "new" / "report", tmp_path / "new" / "runs"]
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_report_and_run_folders_in_the_data_s_images_are_refused_before_they_are_made(tiny_data, tmp_path, split):
+    """A folder there would be a class of images to the runs' scans of the data: named as such,
+    not as classes that differ between train/ and val/."""
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    for flag in ("--out", "--runs"):
+        inside = data / split / "ablation"
+        folders = {"--out": tmp_path / "report", "--runs": tmp_path / "runs", flag: inside}
+        with pytest.raises(ValueError) as refused:
+            ablations.main(["--data", str(data), *(f"{f}={folder}" for f, folder in folders.items())])
+        assert str(refused.value) == (f"{flag} {inside} lies in the data's {split}/ ({data / split}), where a run "
+                                      f"folder would be taken for a class of images: give {flag} outside "
+                                      f"{data / split}")
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["data"] and not inside.exists()
 
 
 @pytest.mark.parametrize("option, value, words", [("--epochs", "0", "--epochs must be positive, got 0"),

@@ -1653,6 +1653,16 @@ def test_resume_refuses_a_changed_recipe_and_weights_only_checkpoints(tiny_data,
            f"its checkpoint.pt, and {tmp_path / 'stopped'} holds a run's files (config.json) but no checkpoint.pt, " \
            f"which may be another run's: copy other.pt into a folder of its own" in err, err
     assert (tmp_path / "stopped" / "config.json").read_text() == "{}"
+    # a folder of its own, where a resume of it stopped before its first save: resumed again, as it says
+    downloaded = tmp_path / "downloaded" / "alexnet.pt"
+    downloaded.parent.mkdir()
+    shutil.copy(tmp_path / "real" / "checkpoint.pt", downloaded)
+    for name in ("train.log", "metrics.jsonl"):
+        (downloaded.parent / name).write_text("")
+    two_gpu.check_resumed_file(str(downloaded))
+    assert two_gpu._after_interrupt(two_gpu.parse_config(["--resume", str(downloaded)]), downloaded.parent) == (
+        f"no checkpoint was written since it resumed: start it again from the checkpoint it resumed (--resume "
+        f"{downloaded})")
     payload = load_checkpoint(tmp_path / "real")  # a run that evaluated all the validation images
     save_checkpoint(tmp_path / "all" / "checkpoint.pt", dict(payload, config=dict(payload["config"], val_limit=None)))
     err = _error_of(["--resume", tmp_path / "all", "--val-limit", "8"], caplog)
