@@ -753,8 +753,7 @@ def main(argv=None) -> Path:
     today = datetime.date.today().isoformat()
     machine = machine_info(plan_devices(BenchConfig()))
     # ~ is the home folder here too, as the shell leaves it in --out=~/report
-    out = Path(os.path.abspath(home_path(config.out))) if config.out else \
-        REPORTS_DIR / f"ablations-{machine['hostname']}-{today}"
+    out = home_path(config.out).absolute() if config.out else REPORTS_DIR / f"ablations-{machine['hostname']}-{today}"
     runs = real_path(config.runs) if config.runs else ROOT / "runs" / f"ablations-{today}"
     trainers = [parse_config(run_options(config, variant, runs)) for variant in config.variants]
     for variant, trainer in zip(config.variants, trainers):  # values the program refuses: before any folder is made

@@ -164,7 +164,7 @@ class TrainConfig:
             self.lr_milestones = tuple(self.lr_milestones)
         for name in ("data", "eval_only"):  # as config.json and the checkpoint keep them: found from any working
             if getattr(self, name):  # folder, as launch.show finds the run an evaluation's folder names ("": validate)
-                setattr(self, name, os.path.abspath(home_path(getattr(self, name))))
+                setattr(self, name, str(home_path(getattr(self, name)).absolute()))  # '..' after a link, as the OS
 
     def validate(self) -> None:
         """Raises ValueError naming the fix for an impossible value."""

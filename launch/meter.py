@@ -95,8 +95,12 @@ class Metrics:
         """A resumed run goes on from its checkpoint's ``step``: the records of later steps,
         written before the run stopped and redone now, are dropped, as is a line cut short by
         the stop; a 'resume' record marks the place. So each step is in the file once, as
-        the net in the checkpoint took it. The file is rewritten whole or left as it was."""
-        if self.path is None or not self.path.exists():
+        the net in the checkpoint took it. The file is rewritten whole or left as it was; one
+        not there yet (a checkpoint resumed in a folder of its own) is begun by the record."""
+        if self.path is None:
+            return
+        if not self.path.exists():
+            self.write(event="resume", step=step, **record)
             return
 
         def kept(line: bytes) -> bool:

@@ -34,7 +34,8 @@ from towers import (TOWERS, AlexNet, Architecture, ExchangeLog, Tower, allocate,
 
 from . import data as data_module
 from .images import BASE_SIZE, CROP_SIZE
-from .checkpoint import FILENAME, damaged_record, read_as_saved, restore_training_state, save_training_state
+from .checkpoint import (FILENAME, damaged_record, read_as_saved, resolve_path, restore_training_state,
+                         save_training_state)
 from .cli import home_path, shell_word, usable_cores, write_whole
 from .config import TrainConfig, update_config_json
 from .mesh import Mesh, build_mesh, coordinates
@@ -601,7 +602,11 @@ def run_rank(rank: int, config: TrainConfig, run_dir: Optional[str], placement: 
     dist.broadcast_object_list(plan, src=0)
     plan = plan[0]
     reading = contextlib.ExitStack()  # the data folder, against a launch.prepare into it, while the run reads it
-    bundle = _replica_data(rank, config, plan, bundle, mesh, reading)
+    try:
+        bundle = _replica_data(rank, config, plan, bundle, mesh, reading)
+    except BaseException:  # a folder held, then refused
+        reading.close()
+        raise
     # One loader for the whole run: its worker processes start once, not each epoch and evaluation.
     with reading, (data_module.Loader(bundle, workers, pin_memory=device.type == "cuda") if bundle is not None
                    else contextlib.nullcontext()) as loader:
@@ -652,7 +657,9 @@ def run_rank(rank: int, config: TrainConfig, run_dir: Optional[str], placement: 
             progress = restore_training_state(config.resume, model, optimizer, plan.classes, mesh,
                                               with_training=True) or progress
             progress.lr = base_rate(config, progress)  # --lr may have changed on resume
-            metrics.resume_at(progress.global_step, epoch=progress.epoch + 1, checkpoint=str(config.resume))
+            # the file resumed, as launch.two_gpu's check_resumed_file reads it back
+            metrics.resume_at(progress.global_step, epoch=progress.epoch + 1,
+                              checkpoint=str(resolve_path(config.resume).absolute()))
             rate = learning_rate(config, progress)  # of the next step: within the warm-up, a part of the base rate
             warming = f" (warming up to {progress.lr:g})" if rate != progress.lr else ""
             log.info("resumed from %s at epoch %d, step %d, learning rate %g%s", config.resume, progress.epoch + 1,

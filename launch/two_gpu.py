@@ -215,11 +215,36 @@ def check_resumed_file(resume: str) -> None:
         # whose run, nothing tells: another's records would be taken up, and replaced where they pass its step
         held = ", ".join(name for name in STARTED_RUN_FILES if (path.parent / name).exists())
         why = f"and {path.parent} holds a run's files ({held}) but no {FILENAME}, which may be another run's"
+    elif not own.exists() and (path.parent / "metrics.jsonl").exists() and \
+            not _resumed_last(path.parent / "metrics.jsonl", path):
+        why = (f"and {path.parent} holds records (metrics.jsonl) but no {FILENAME}, and the last resume they record "
+               f"is not of this file (or none is): they may be another run's")
     else:
         return
     raise ValueError(f"--resume {path}: a resumed run goes on in that file's folder and saves as its {FILENAME}, "
                      f"{why}: copy {path.name} into a folder of its own as {FILENAME} (with the run's other files, "
                      f"if it should go on with them), and resume that folder")
+
+
+def _resumed_last(metrics: Path, checkpoint: Path) -> bool:
+    """Whether the last 'resume' record of ``metrics`` names the file ``checkpoint``, however
+    either path is written: as a resume of that file in a folder of its own, stopped before
+    its first save, left it."""
+    try:
+        lines = metrics.read_bytes().splitlines()
+    except OSError:
+        return False
+    for line in reversed(lines):
+        try:
+            record = json.loads(line.decode("utf-8"))
+        except JSON_DAMAGE:
+            continue
+        if isinstance(record, dict) and record.get("event") == "resume":
+            try:
+                return os.path.samefile(record["checkpoint"], checkpoint)
+            except (KeyError, TypeError, ValueError, OSError):  # none recorded, not a path, not there
+                return False
+    return False
 
 
 def check_resumable(config: TrainConfig, payload: dict, bundle) -> None:
@@ -477,7 +502,8 @@ def _prepare_run(config: TrainConfig, checkpoint: Optional[dict]):
 
 RUN_FILES = ("config.json", "metrics.jsonl", "train.log", "summary.json")  # read, appended or replaced on resume
 # Written by a run's first start, or at its end, and by a resume only with a checkpoint: a folder that holds
-# one but no checkpoint.pt holds another run (a resume of a checkpoint there, stopped before its save, none)
+# one but no checkpoint.pt holds another run (a resume of a checkpoint there, stopped before its save, none;
+# its metrics.jsonl begins with a 'resume' record naming that checkpoint)
 STARTED_RUN_FILES = ("config.json", "summary.json")
 
 

@@ -1653,16 +1653,32 @@ def test_resume_refuses_a_changed_recipe_and_weights_only_checkpoints(tiny_data,
            f"its checkpoint.pt, and {tmp_path / 'stopped'} holds a run's files (config.json) but no checkpoint.pt, " \
            f"which may be another run's: copy other.pt into a folder of its own" in err, err
     assert (tmp_path / "stopped" / "config.json").read_text() == "{}"
-    # a folder of its own, where a resume of it stopped before its first save: resumed again, as it says
+    # a folder of its own, where a resume of it stopped before its first save: resumed again, as it says;
+    # another checkpoint there is refused, its records not those of the last resume (nor of none)
     downloaded = tmp_path / "downloaded" / "alexnet.pt"
     downloaded.parent.mkdir()
     shutil.copy(tmp_path / "real" / "checkpoint.pt", downloaded)
-    for name in ("train.log", "metrics.jsonl"):
-        (downloaded.parent / name).write_text("")
-    two_gpu.check_resumed_file(str(downloaded))
+    shutil.copy(downloaded, downloaded.parent / "other.pt")
+    (downloaded.parent / "train.log").write_text("")
+    two_gpu.check_resumed_file(str(downloaded))  # nothing taken up
+    metrics = downloaded.parent / "metrics.jsonl"
+    for records in ([{"event": "train", "step": 2}], [{"event": "resume", "step": 1, "checkpoint": str(downloaded)},
+                                                      {"event": "train", "step": 2}]):
+        metrics.write_text("".join(json.dumps(r) + "\n" for r in records))
+        with pytest.raises(ValueError, match=f"and {re.escape(str(downloaded.parent))} holds records "
+                                             f"\\(metrics.jsonl\\) but no checkpoint.pt, and the last resume they "
+                                             f"record is not of this file \\(or none is\\)"):
+            two_gpu.check_resumed_file(str(downloaded.parent / "other.pt"))
+    (tmp_path / "link").symlink_to(downloaded.parent)
+    for name in (downloaded, tmp_path / "link" / "alexnet.pt", downloaded.parent / ".." / "downloaded" / "alexnet.pt"):
+        two_gpu.check_resumed_file(str(name))  # the records of its own last resume, however the file is named
     assert two_gpu._after_interrupt(two_gpu.parse_config(["--resume", str(downloaded)]), downloaded.parent) == (
         f"no checkpoint was written since it resumed: start it again from the checkpoint it resumed (--resume "
         f"{downloaded})")
+    metrics.unlink()  # as the program writes them, the first resume beginning the file
+    assert main(["--resume", str(downloaded), "--max-steps", "2", "--workers", "0"]) == 0
+    first = json.loads(metrics.read_text().splitlines()[0])
+    assert (first["event"], first["checkpoint"]) == ("resume", str(downloaded)), first
     payload = load_checkpoint(tmp_path / "real")  # a run that evaluated all the validation images
     save_checkpoint(tmp_path / "all" / "checkpoint.pt", dict(payload, config=dict(payload["config"], val_limit=None)))
     err = _error_of(["--resume", tmp_path / "all", "--val-limit", "8"], caplog)

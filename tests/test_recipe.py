@@ -353,6 +353,11 @@ def test_the_data_folder_and_the_checkpoint_evaluated_are_kept_as_absolute_paths
         assert getattr(parse_config([]), name) is None  # the built-in dataset; a training run
         with pytest.raises(ValueError, match=f"^{option} is empty"):  # not the working folder
             parse_config([option, ""]).validate()
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(tmp_path / "a" / "b")
+    for option, name in (("--data", "data"), ("--eval-only", "eval_only")):  # '..' after a link: as the OS takes it
+        kept = getattr(parse_config([option, "link/../c"]), name)
+        assert kept == str(tmp_path / "link" / ".." / "c") and os.path.realpath(kept) == str(tmp_path / "a" / "c")
 
 
 # ---------------------------------------------------------------- the update rule

@@ -278,8 +278,11 @@ def test_a_resumed_run_drops_the_records_it_redoes(tmp_path):
     Metrics(path).write(**train_record(40, 1.5, 2))
     assert [(r["step"], r["loss"]) for r in show.read_metrics(path).train] == [(10, 2.3), (20, 2.2), (30, 2.1),
                                                                                (40, 1.5)]
-    Metrics(tmp_path / "none.jsonl").resume_at(30)  # a run folder without metrics yet: nothing to drop, no file
-    assert not (tmp_path / "none.jsonl").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]
+    # a folder without metrics yet (a checkpoint resumed in a folder of its own): nothing to drop, the record begins it
+    Metrics(tmp_path / "none.jsonl").resume_at(30, checkpoint="/x/step.pt")
+    assert [{k: v for k, v in json.loads(line).items() if k != "time"} for line in
+            (tmp_path / "none.jsonl").read_text().splitlines()] == [{"event": "resume", "step": 30,
+                                                                      "checkpoint": "/x/step.pt"}]
 
 
 # --------------------------------------------------------------------------- the pictures
