@@ -769,7 +769,7 @@ def main(argv=None) -> Path:
         try:
             for flag, folder in (("--out", out), ("--runs", runs)):  # before the first run, not after the last
                 try:
-                    made += make_folder(folder)
+                    make_folder(folder, made)
                 except OSError as error:
                     raise ValueError(f"{flag} {folder}: cannot make that folder ({error.strerror}); give a folder "
                                      f"that can be written") from None
@@ -786,10 +786,9 @@ def main(argv=None) -> Path:
             raise
 
 
-def make_folder(folder: Path) -> list:
-    """Makes ``folder`` and the parents it lacks; returns those this call made, parents first
-    (not one that another process made meanwhile)."""
-    made = []
+def make_folder(folder: Path, made: list) -> None:
+    """Makes ``folder`` and the parents it lacks, adding to ``made`` each that this call made,
+    parents first (not one that another process made meanwhile), those made before an OSError too."""
     for level in reversed((folder, *folder.parents)):
         if not level.exists():
             try:
@@ -797,7 +796,6 @@ def make_folder(folder: Path) -> list:
             except FileExistsError:  # made meanwhile
                 continue
             made.append(level)
-    return made
 
 
 def _measure(config: AblationConfig, out: Path, runs: Path, args: list, machine: dict, today: str, bundle) -> Path:

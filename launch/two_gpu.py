@@ -204,17 +204,21 @@ def check_layout_holds(config: TrainConfig, payload: dict) -> None:
 def check_resumed_file(resume: str) -> None:
     """A resumed run goes on in the folder of the checkpoint it resumes, saving as its
     checkpoint.pt: a checkpoint file named otherwise must not lie beside another one, which
-    the run would write over (a copy kept of an earlier step, in its run's folder)."""
+    the run would write over (a copy kept of an earlier step, in its run's folder), nor, in a
+    folder without one, beside another run's files, whose records it would take up as its own:
+    a run's config.json or summary.json, or records whose last resume is not of this file."""
     path = resolve_path(resume)
     own = path.parent / FILENAME
     if path.name == FILENAME:
         return
+    started = [name for name, found in (("config.json", _run_config(path.parent) is not None),
+                                        ("summary.json", (path.parent / "summary.json").exists())) if found]
     if own.exists() and not own.samefile(path):
         why = f"and {own} is another checkpoint, which it would write over"
-    elif not own.exists() and any((path.parent / name).exists() for name in STARTED_RUN_FILES):
+    elif not own.exists() and started:
         # whose run, nothing tells: another's records would be taken up, and replaced where they pass its step
-        held = ", ".join(name for name in STARTED_RUN_FILES if (path.parent / name).exists())
-        why = f"and {path.parent} holds a run's files ({held}) but no {FILENAME}, which may be another run's"
+        why = (f"and {path.parent} holds a run's files ({', '.join(started)}) but no {FILENAME}, which may be "
+               f"another run's")
     elif not own.exists() and (path.parent / "metrics.jsonl").exists() and \
             not _resumed_last(path.parent / "metrics.jsonl", path):
         why = (f"and {path.parent} holds records (metrics.jsonl) but no {FILENAME}, and the last resume they record "
@@ -501,10 +505,18 @@ def _prepare_run(config: TrainConfig, checkpoint: Optional[dict]):
 
 
 RUN_FILES = ("config.json", "metrics.jsonl", "train.log", "summary.json")  # read, appended or replaced on resume
-# Written by a run's first start, or at its end, and by a resume only with a checkpoint: a folder that holds
-# one but no checkpoint.pt holds another run (a resume of a checkpoint there, stopped before its save, none;
-# its metrics.jsonl begins with a 'resume' record naming that checkpoint)
-STARTED_RUN_FILES = ("config.json", "summary.json")
+RUN_CONFIG_KEYS = {"layout", "batch_size", "run_name", "out"}  # of the config.json this program writes
+
+
+def _run_config(folder: Path) -> Optional[dict]:
+    """The config.json this program wrote in ``folder`` (at a run's first start, or with a
+    resume's checkpoint), or None: none, or a user's own."""
+    path = folder / "config.json"
+    try:
+        saved = json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, *JSON_DAMAGE):
+        return None
+    return saved if isinstance(saved, dict) and RUN_CONFIG_KEYS <= saved.keys() else None
 
 
 def check_run_files(run_dir: Path) -> None:
@@ -589,14 +601,12 @@ def is_a_start_of_a_run(folder: Path) -> bool:
     """Whether ``folder`` holds a start of a training run that ended before anything to keep: the
     config.json this program writes as a run starts (a user's own is no sign of one), not an
     evaluation's, and no summary.json (a run that finished, its checkpoint removed since)."""
-    path = folder / "config.json"
+    saved = _run_config(folder)
     try:
-        saved = json.loads(path.read_text()) if path.is_file() else None
         finished = (folder / "summary.json").exists()
-    except (OSError, *JSON_DAMAGE):
+    except OSError:
         return False
-    return (isinstance(saved, dict) and {"layout", "batch_size", "run_name", "out"} <= saved.keys()
-            and not saved.get("eval_only") and not finished)
+    return saved is not None and not saved.get("eval_only") and not finished
 
 
 def check_saved_one(resume: Path) -> None:

@@ -499,6 +499,11 @@ def test_an_ablation_that_stops_leaves_no_folder_it_made_for_nothing(tmp_path, m
     with pytest.raises(OSError, match="stop"):
         ablations.main(["--out", str(tmp_path / "new" / "report"), "--runs", str(tmp_path / "new" / "runs")])
     assert sorted(tmp_path.rglob("*")) == [tmp_path / "new", tmp_path / "new" / "report", tmp_path / "new" / "runs"]
+    monkeypatch.undo()
+    made = []  # parents made before a level that cannot be
+    with pytest.raises(OSError):
+        ablations.make_folder(tmp_path / "a" / "b" / ("x" * 300), made)
+    assert made == [tmp_path / "a", tmp_path / "a" / "b"]
 
 
 @pytest.mark.parametrize("split", ["train", "val"])

@@ -1646,13 +1646,13 @@ def test_resume_refuses_a_changed_recipe_and_weights_only_checkpoints(tiny_data,
     # beside another run's files, no checkpoint of theirs: its records (a run stopped before its first save)
     # would be taken up as the resumed run's, and the config.json rewritten
     (tmp_path / "stopped").mkdir()
-    (tmp_path / "stopped" / "config.json").write_text("{}")
+    shutil.copy(tmp_path / "real" / "config.json", tmp_path / "stopped" / "config.json")  # the program's
     shutil.copy(tmp_path / "real" / "checkpoint.pt", tmp_path / "stopped" / "other.pt")
     err = _error_of(["--resume", tmp_path / "stopped" / "other.pt"], caplog)
     assert f"--resume {tmp_path / 'stopped' / 'other.pt'}: a resumed run goes on in that file's folder and saves as " \
            f"its checkpoint.pt, and {tmp_path / 'stopped'} holds a run's files (config.json) but no checkpoint.pt, " \
            f"which may be another run's: copy other.pt into a folder of its own" in err, err
-    assert (tmp_path / "stopped" / "config.json").read_text() == "{}"
+    assert (tmp_path / "stopped" / "config.json").read_bytes() == (tmp_path / "real" / "config.json").read_bytes()
     # a folder of its own, where a resume of it stopped before its first save: resumed again, as it says;
     # another checkpoint there is refused, its records not those of the last resume (nor of none)
     downloaded = tmp_path / "downloaded" / "alexnet.pt"
@@ -1660,7 +1660,9 @@ def test_resume_refuses_a_changed_recipe_and_weights_only_checkpoints(tiny_data,
     shutil.copy(tmp_path / "real" / "checkpoint.pt", downloaded)
     shutil.copy(downloaded, downloaded.parent / "other.pt")
     (downloaded.parent / "train.log").write_text("")
+    (downloaded.parent / "config.json").write_text('{"model": "alexnet"}')  # a user's own, downloaded with it
     two_gpu.check_resumed_file(str(downloaded))  # nothing taken up
+    (downloaded.parent / "config.json").unlink()
     metrics = downloaded.parent / "metrics.jsonl"
     for records in ([{"event": "train", "step": 2}], [{"event": "resume", "step": 1, "checkpoint": str(downloaded)},
                                                       {"event": "train", "step": 2}]):

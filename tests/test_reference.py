@@ -189,6 +189,10 @@ def test_images_are_refused_in_one_line_where_the_layers_cannot_take_them(poolin
         else:
             assert tuple(x.shape[2:]) == (6, 6), (height, width)
             assert model(torch.zeros(1, 3, height, width)).shape == (1, 10)
+    for side in (1, 10, 30):  # where the layers' maps come to nothing
+        with pytest.raises(ValueError, match=f"^images of {side} x {side} pixels are too small for the net's layers: "
+                                             f"give 224 x 224 images"):
+            model(torch.zeros(1, 3, side, side))
     for shape in [(3, 224, 224), (2, 1, 224, 224), (224, 224), (1, 1, 3, 224, 224)]:
         with pytest.raises(ValueError, match=r"^the net takes a batch of images, N x 3 x H x W; got a tensor of "
                                              rf"shape \({', '.join(map(str, shape))},?\)"):

@@ -127,8 +127,11 @@ def check_images(x: torch.Tensor, conv1: nn.Conv2d, pool: nn.MaxPool2d) -> None:
     for axis, side in enumerate(x.shape[2:]):
         side = (side + 2 * conv1.padding[axis] - conv1.kernel_size[axis]) // conv1.stride[axis] + 1
         for _ in range(3):  # after LRN1, LRN2 and conv5; the other convolutions keep the size
-            side = (side - _pair(pool.kernel_size)[axis]) // _pair(pool.stride)[axis] + 1
+            side = max(0, (side - _pair(pool.kernel_size)[axis]) // _pair(pool.stride)[axis] + 1)
         pooled.append(side)
+    if min(pooled) == 0:
+        raise ValueError(f"images of {x.shape[2]} x {x.shape[3]} pixels are too small for the net's layers: give "
+                         f"{INPUT_SIZE} x {INPUT_SIZE} images, the paper's crops")
     if tuple(pooled) != POOL5_SHAPE[1:]:
         raise ValueError(f"images of {x.shape[2]} x {x.shape[3]} pixels pool to conv5 maps of "
                          f"{' x '.join(map(str, pooled))}, not the {POOL5_SHAPE[1]} x {POOL5_SHAPE[2]} that FC6 takes: "
