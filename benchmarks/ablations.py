@@ -761,7 +761,7 @@ def main(argv=None) -> Path:
             trainer = dataclasses.replace(trainer, workers=None)
         trainer.validate()
     refuse_others_files(out, REPORT_FILES, "benchmarks.ablations")  # before the first run, not after the last
-    data = Path(config.data) if config.data is not None else builtin.default_cache_dir() / builtin.BUILTIN_NAME
+    data = Path(config.data) if config.data is not None else builtin.default_root()
     for flag, folder in (("--out", out), ("--runs", runs)):  # a run folder there: a class of images to the scans
         data_module.check_outside_the_images(flag, str(folder), data)
     made = []  # the folders this ablation made, each after its parent
@@ -818,7 +818,6 @@ def _measure(config: AblationConfig, out: Path, runs: Path, args: list, machine:
         "common_options": shared_options(config, runs),
         "recipe": _recipe(first), "data": _data_description(config, bundle),
     }
-    out.mkdir(parents=True, exist_ok=True)
     # Made beside the earlier report and put in its place once all three files are made: results
     # that cannot make a report, a full disk or a Ctrl-C leave the earlier one as it was.
     for stale in out.glob(f"{STAGING}*"):  # of an ablation killed while it wrote (--out is this one's now)

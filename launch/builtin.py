@@ -37,6 +37,10 @@ def default_cache_dir() -> Path:
     return Path(base) / "alexnet-towers"
 
 
+def default_root() -> Path:
+    """Where the built-in dataset lives when no folder is given: ``<cache>/<BUILTIN_NAME>``."""
+    return default_cache_dir() / BUILTIN_NAME
+
 
 BUILTIN_NAME = "textures10-v2"  # change the version whenever the generator's output changes
 BUILTIN_SEED = 20120101
@@ -141,7 +145,7 @@ def builtin_dataset(root: Optional[Path] = None, *, train_per_class: int = BUILT
     classes (BUILTIN_CLASSES), 256x256 JPEGs in the ImageNet layout, identical on every
     machine. Made in a temporary sibling folder and renamed into place, so an
     interrupted generation never leaves a folder that looks complete."""
-    root = Path(root) if root is not None else default_cache_dir() / BUILTIN_NAME
+    root = Path(root) if root is not None else default_root()
     if root.is_dir():
         return root
     if os.path.lexists(root):  # a file, or a link to nothing, that the finished folder would be renamed onto

@@ -208,23 +208,24 @@ def check_resumed_file(resume: str) -> None:
     folder without one, beside another run's files, whose records it would take up as its own:
     a run's config.json or summary.json, or records whose last resume is not of this file."""
     path = resolve_path(resume)
-    own = path.parent / FILENAME
+    folder, own = path.parent, path.parent / FILENAME
     if path.name == FILENAME:
         return
-    started = [name for name, found in (("config.json", _run_config(path.parent) is not None),
-                                        ("summary.json", (path.parent / "summary.json").exists())) if found]
-    if own.exists() and not own.samefile(path):
+    if own.exists():
+        if own.samefile(path):
+            return
         why = f"and {own} is another checkpoint, which it would write over"
-    elif not own.exists() and started:
-        # whose run, nothing tells: another's records would be taken up, and replaced where they pass its step
-        why = (f"and {path.parent} holds a run's files ({', '.join(started)}) but no {FILENAME}, which may be "
-               f"another run's")
-    elif not own.exists() and (path.parent / "metrics.jsonl").exists() and \
-            not _resumed_last(path.parent / "metrics.jsonl", path):
-        why = (f"and {path.parent} holds records (metrics.jsonl) but no {FILENAME}, and the last resume they record "
-               f"is not of this file (or none is): they may be another run's")
-    else:
-        return
+    else:  # whose run, nothing tells: another's records would be taken up, and replaced where they pass its step
+        started = [name for name, found in (("config.json", _run_config(folder) is not None),
+                                            ("summary.json", (folder / "summary.json").exists())) if found]
+        if started:
+            why = (f"and {folder} holds a run's files ({', '.join(started)}) but no {FILENAME}, which may be "
+                   f"another run's")
+        elif (folder / "metrics.jsonl").exists() and not _resumed_last(folder / "metrics.jsonl", path):
+            why = (f"and {folder} holds records (metrics.jsonl) but no {FILENAME}, and the last resume they record is "
+                   f"not of this file (or none is): they may be another run's")
+        else:
+            return
     raise ValueError(f"--resume {path}: a resumed run goes on in that file's folder and saves as its {FILENAME}, "
                      f"{why}: copy {path.name} into a folder of its own as {FILENAME} (with the run's other files, "
                      f"if it should go on with them), and resume that folder")
