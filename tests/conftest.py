@@ -121,20 +121,21 @@ def no_dropout_run(tiny_data, tmp_path_factory):
     return out / "run"
 
 
-@functools.lru_cache(maxsize=None)
-def _initial_weights(classes: int, seed: int) -> dict:
-    return build_reference(classes, seed=seed, dropout=0.0).state_dict()
+@functools.lru_cache(maxsize=3)  # 0.25 GB each: a worker runs many files
+def _initial_weights(classes: int, seed: int, init: str, net: str) -> dict:
+    return build_reference(classes, seed=seed, dropout=0.0, init=init, architecture=Architecture(net=net)).state_dict()
 
 
 def reference_from_seed(classes: int, seed: int, dtype=torch.float32, device="cpu",
-                        architecture: Architecture = Architecture()) -> AlexNet:
-    """build_reference(classes, seed, dropout=0) in ``dtype`` on ``device``, with its weights
-    drawn once per process (a draw takes seconds; tests that start several nets from one
-    seed copy it). Every variant of the architecture has the paper's shapes, so the same
-    weights serve them all."""
+                        architecture: Architecture = Architecture(), init: str = "paper") -> AlexNet:
+    """build_reference(classes, seed, dropout=0, init, architecture) in ``dtype`` on ``device``,
+    its weights a copy of those drawn once per process (a draw takes 1.5 s; tests that start
+    several nets from one seed copy it). The variants of one net (two towers or one) have the
+    same shapes, and so the same weights from a seed."""
     with torch.device("meta"):  # no initialisation of its own: it takes the drawn weights
         reference = AlexNet(classes, dropout=0.0, architecture=architecture)
-    weights = {k: v.to(device, dtype, copy=True) for k, v in _initial_weights(classes, seed).items()}
+    weights = {k: v.to(device, dtype, copy=True)
+               for k, v in _initial_weights(classes, seed, init, architecture.net).items()}
     reference.load_state_dict(weights, assign=True)
     assert all(p.requires_grad for p in reference.parameters())
     return reference

@@ -35,11 +35,11 @@ from launch.checkpoint import (FORMAT, checkpoint_payload, load_checkpoint, save
 from launch.config import parse_config
 from launch.ranks import _alive
 from launch.two_gpu import check_room_for_checkpoints, main
-from towers import Architecture, build_reference, check_compile_backend
+from towers import Architecture, check_compile_backend
 
 from conftest import TINY as _TINY
 from conftest import (ROOT, RUN_TIMEOUT_S, TRAINED_RUN, Run, as_background_job, as_foreground_job, cmdline, launch,
-                      live_processes, terminate_when_ready)
+                      live_processes, reference_from_seed, terminate_when_ready)
 
 BOUND_S = 60  # a failure must end the whole run within this long
 TINY = [*_TINY, "--log-every", "1", "--val-limit", "4", "--no-ten-crop"]
@@ -324,7 +324,7 @@ def test_a_hung_rank_is_found_by_the_timeout(tiny_data, tmp_path):
 @pytest.mark.slow
 def test_a_save_killed_midway_leaves_the_previous_checkpoint(tmp_path):
     path = tmp_path / "checkpoint.pt"
-    save_checkpoint(path, checkpoint_payload(build_reference(10, seed=1).state_dict(), num_classes=10, step=1))
+    save_checkpoint(path, checkpoint_payload(reference_from_seed(10, 1).state_dict(), num_classes=10, step=1))
     writer = subprocess.Popen([sys.executable, "-c", (
         "import sys; from launch.checkpoint import *; from towers import build_reference\n"
         "save_checkpoint(sys.argv[1], checkpoint_payload(build_reference(1000, seed=2).state_dict(), num_classes=1000))"),
@@ -337,8 +337,8 @@ def test_a_save_killed_midway_leaves_the_previous_checkpoint(tmp_path):
     writer.wait()
     payload = load_checkpoint(path)
     assert payload["step"] == 1 and payload["arch"]["num_classes"] == 10
-    assert torch.equal(payload["model"]["conv1.weight"], build_reference(10, seed=1).conv1.weight)
-    save_checkpoint(path, checkpoint_payload(build_reference(10, seed=1).state_dict(), num_classes=10, step=2))
+    assert torch.equal(payload["model"]["conv1.weight"], reference_from_seed(10, 1).conv1.weight)
+    save_checkpoint(path, checkpoint_payload(reference_from_seed(10, 1).state_dict(), num_classes=10, step=2))
     assert not list(tmp_path.glob(".checkpoint.pt.tmp-*")), "the killed save's temporary file was not cleared"
 
 
@@ -370,7 +370,7 @@ def test_a_failing_disk_is_reported_as_the_disks_error_and_keeps_the_previous_ch
     from closing the archive): the OSError itself reaches the caller, nothing is left behind.
     So does a Ctrl-C there: the run is interrupted, not failed."""
     path = tmp_path / "checkpoint.pt"
-    payload = lambda step: checkpoint_payload(build_reference(10, seed=1).state_dict(), num_classes=10, step=step)
+    payload = lambda step: checkpoint_payload(reference_from_seed(10, 1).state_dict(), num_classes=10, step=step)
     save_checkpoint(path, payload(1))
 
     class Failing(io.FileIO):  # one write past the first MB fails, as a bad sector would
@@ -399,16 +399,17 @@ from towers import build_reference
 logging.basicConfig(level=logging.WARNING, format="%(message)s")
 big, small = Path(sys.argv[1]), Path(sys.argv[2])
 path = big / "run" / "checkpoint.pt"
-save_checkpoint(path, checkpoint_payload(build_reference(10, seed=1).state_dict(), num_classes=10, step=1))
+weights = build_reference(10).state_dict()  # one draw: each checkpoint takes the same room
+save_checkpoint(path, checkpoint_payload(weights, num_classes=10, step=1))
 out = {}
 try:  # a second one does not fit beside the first (it is written beside it, then renamed over it)
-    save_checkpoint(path, checkpoint_payload(build_reference(10, seed=2).state_dict(), num_classes=10, step=2))
+    save_checkpoint(path, checkpoint_payload(weights, num_classes=10, step=2))
 except OSError as exc:
     out["error"] = str(exc)
 real_usage = checkpoint.shutil.disk_usage  # the space taken after the check: the write itself fails
 checkpoint.shutil.disk_usage = lambda folder: real_usage(folder)._replace(free=1 << 40)
 try:
-    save_checkpoint(path, checkpoint_payload(build_reference(10, seed=3).state_dict(), num_classes=10, step=3))
+    save_checkpoint(path, checkpoint_payload(weights, num_classes=10, step=3))
 except OSError as exc:
     out["error_while_writing"] = str(exc)
 checkpoint.shutil.disk_usage = real_usage
@@ -613,7 +614,7 @@ def test_the_advice_after_a_divergence_reads_the_checkpoint_that_load_checkpoint
     earlier checkpoint, there was none of)."""
     from launch.train import _after_divergence
     config = parse_config(["--lr", "0.5"])
-    state = build_reference(10).state_dict()
+    state = reference_from_seed(10, 0).state_dict()
     payload = checkpoint_payload(state, num_classes=10, progress={"global_step": 5, "loss": 2.0})
     save_checkpoint(tmp_path / "checkpoint.pt", payload)
     assert _after_divergence(config, tmp_path, 10).startswith("Go on from the last checkpoint (step 5, loss 2)")
@@ -1450,7 +1451,7 @@ def test_a_checkpoint_of_other_classes_is_refused(tiny_data, tmp_path, caplog):
     for split in ("train", "val"):  # same number of classes, one of them another
         (renamed / split / first).rename(renamed / split / "zzz_other")
     trained = tmp_path / "trained.pt"
-    save_reference(trained, build_reference(10), classes=sorted(os.listdir(tiny_data / "train")))
+    save_reference(trained, reference_from_seed(10, 0), classes=sorted(os.listdir(tiny_data / "train")))
     err = _error_of(["--data", renamed, "--out", tmp_path / "runs", "--eval-only", trained], caplog)
     assert "was trained on other classes than the data's" in err and f"{first} -> " in err
     assert not (tmp_path / "runs").exists()
@@ -1472,7 +1473,7 @@ def test_a_file_that_is_no_checkpoint_is_named_as_such_without_torchs_advice(tmp
     legacy, noise, truncated = tmp_path / "legacy.pt", tmp_path / "noise.pt", tmp_path / "truncated.pt"
     torch.save({"format": FORMAT}, legacy, _use_new_zipfile_serialization=False)  # torch's format before 1.6
     noise.write_bytes(bytes(range(256)) * 4)
-    save_reference(truncated, build_reference(10))
+    save_reference(truncated, reference_from_seed(10, 0))
     truncated.write_bytes(truncated.read_bytes()[:1 << 20])
     for path in (legacy, noise, truncated):
         with pytest.raises(checkpoint.CheckpointError) as refused:
@@ -1492,7 +1493,7 @@ def test_a_damaged_checkpoint_is_refused_not_loaded_as_it_is(tmp_path):
     are, and the net would predict worse without a word. A pickle edited by hand is refused in
     one line too, not with the unpickler's traceback."""
     good, damaged, edited = tmp_path / "good.pt", tmp_path / "damaged.pt", tmp_path / "edited.pt"
-    save_reference(good, build_reference(10))
+    save_reference(good, reference_from_seed(10, 0))
     with zipfile.ZipFile(good) as archive:
         record = next(info for info in archive.infolist() if info.filename.endswith("/data/3"))
         records = [(info.filename, archive.read(info)) for info in archive.infolist()]
@@ -1514,7 +1515,7 @@ def test_a_damaged_checkpoint_is_refused_not_loaded_as_it_is(tmp_path):
     unchecked = tmp_path / "unchecked.pt"  # saved without checksums (CRC 0), as torch may be told to: loads
     torch.serialization.set_crc32_options(False)
     try:
-        save_reference(unchecked, build_reference(10))
+        save_reference(unchecked, reference_from_seed(10, 0))
     finally:
         torch.serialization.set_crc32_options(True)
     assert load_checkpoint(unchecked)["arch"]["num_classes"] == 10
@@ -1538,7 +1539,7 @@ def test_a_damaged_checkpoint_is_refused_not_loaded_as_it_is(tmp_path):
 def test_bad_checkpoints_get_clear_errors_and_run_no_code(tiny_data, tmp_path, caplog):
     args = ["--data", tiny_data, "--out", tmp_path / "runs", "--eval-only"]
     good = tmp_path / "good.pt"
-    save_reference(good, build_reference(10))
+    save_reference(good, reference_from_seed(10, 0))
     assert "trained for 10 classes but the data has 5" in _error_of(
         ["--data", _five_classes(tiny_data, tmp_path), "--out", tmp_path / "runs", "--eval-only", good], caplog)
 
@@ -1549,24 +1550,24 @@ def test_bad_checkpoints_get_clear_errors_and_run_no_code(tiny_data, tmp_path, c
     other_arch = tmp_path / "other.pt"
     torch.save(checkpoint_payload(torch.nn.Linear(3, 10).state_dict(), num_classes=10), other_arch)
     assert "does not hold the 2012 AlexNet" in _error_of([*args, other_arch], caplog)
-    torch.save(build_reference(10).state_dict(), tmp_path / "plain.pt")
+    torch.save(reference_from_seed(10, 0).state_dict(), tmp_path / "plain.pt")
     assert "not a checkpoint of this project" in _error_of([*args, tmp_path / "plain.pt"], caplog)
     # the options of training, which an evaluation would ignore; at their default values too
     assert f"error: --lr --seed: --eval-only evaluates {good} and trains nothing, so these options do nothing: drop them" \
         in _error_of([*args, good, "--lr", "0.1", "--seed", "0", "--batch-size", "8"], caplog)
     assert "so this option does nothing: drop it\n" in _error_of([*args, good, "--max-steps", "3"], caplog)
-    save_reference(tmp_path / "odd-mean.pt", build_reference(10), data_mean=torch.zeros(3, 224, 224))
+    save_reference(tmp_path / "odd-mean.pt", reference_from_seed(10, 0), data_mean=torch.zeros(3, 224, 224))
     assert "holds a mean image of shape (3, 224, 224), not 3 x 256 x 256" in _error_of(
         [*args, tmp_path / "odd-mean.pt"], caplog)
 
-    diverged = build_reference(10)
+    diverged = reference_from_seed(10, 0)
     with torch.no_grad():
         diverged.fc8.weight[3, 7] = float("nan")
     save_reference(tmp_path / "diverged.pt", diverged)
     assert f"error: {tmp_path / 'diverged.pt'} holds values that are not finite numbers (NaN or infinite) in " \
            f"fc8.weight: the run diverged before it was saved; use an earlier checkpoint" in _error_of(
                [*args, tmp_path / "diverged.pt"], caplog)
-    integral = build_reference(10).state_dict()
+    integral = reference_from_seed(10, 0).state_dict()
     integral["conv1.weight"] = integral["conv1.weight"].to(torch.int64)  # all 0: another function, silently
     save_checkpoint(tmp_path / "integral.pt", checkpoint_payload(integral, num_classes=10))
     assert f"error: {tmp_path / 'integral.pt'} holds values that are not floating-point numbers (conv1.weight as " \
@@ -1593,7 +1594,7 @@ def test_a_run_folder_whose_config_cannot_be_written_is_one_line_and_left_as_fou
     """A full disk under --out when config.json is written: an evaluation checks no room for
     checkpoints beforehand. One line naming the fix; the folder made for the run is removed."""
     good = tmp_path / "good.pt"
-    save_reference(good, build_reference(10))
+    save_reference(good, reference_from_seed(10, 0))
 
     def full(path, write):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -1618,7 +1619,7 @@ def test_a_refusal_logs_its_text_and_keeps_nothing_it_loaded(tmp_path, caplog):
     loaded: a handler that keeps records (pytest's) kept every refused checkpoint in memory (0.45 GB
     each, mapped from /dev/shm: one test of 40 refusals held 17 GB, and was killed for memory)."""
     weights_only = tmp_path / "reference.pt"
-    save_reference(weights_only, build_reference(10))
+    save_reference(weights_only, reference_from_seed(10, 0))
     assert "holds weights but no training state" in _error_of(["--resume", weights_only], caplog)
     kept = [arg for record in caplog.records for arg in (record.args or ()) if isinstance(arg, BaseException)]
     assert kept == [], kept
@@ -1627,7 +1628,7 @@ def test_a_refusal_logs_its_text_and_keeps_nothing_it_loaded(tmp_path, caplog):
 @pytest.mark.slow
 def test_resume_refuses_a_changed_recipe_and_weights_only_checkpoints(tiny_data, tmp_path, caplog):
     weights_only = tmp_path / "reference.pt"
-    save_reference(weights_only, build_reference(10))
+    save_reference(weights_only, reference_from_seed(10, 0))
     assert "holds weights but no training state" in _error_of(["--resume", weights_only], caplog)
     full = Run("--data", tiny_data, "--out", tmp_path, "--run-name", "real", "--max-steps", "1", *TINY,
                run_dir=tmp_path / "real")

@@ -13,6 +13,8 @@ from launch.checkpoint import CheckpointError, checkpoint_payload, load_checkpoi
 from towers import AlexNet, Architecture, LocalResponseNorm, Tower, build_reference
 from towers.reference import POOLINGS, check_images
 
+from conftest import reference_from_seed
+
 # Sizes that follow from the layer shapes of section 3.5 and Figure 2 of the paper.
 LAYER_PARAMS = {"conv1": 34_944, "conv2": 307_456, "conv3": 885_120, "conv4": 663_936, "conv5": 442_624,
                 "fc6": 37_752_832, "fc7": 16_781_312, "fc8": 4_097_000}
@@ -252,8 +254,8 @@ def test_tanh_replaces_every_relu(variant):
 
 
 def test_no_lrn_is_the_reference_with_identity_for_lrn():
-    without = build_reference(10, seed=2, architecture=VARIANTS["no-lrn"]).eval()
-    reference = build_reference(10, seed=2).eval()
+    without = reference_from_seed(10, 2, architecture=VARIANTS["no-lrn"]).eval()
+    reference = reference_from_seed(10, 2).eval()
     x = torch.randn(2, 3, 224, 224) * 60
     with torch.no_grad():
         with_lrn = reference(x)
@@ -272,7 +274,7 @@ def test_unknown_choices_are_refused():
                                           Architecture(lrn=False, pooling="non-overlapping", activation="tanh")],
                          ids=["one-tower", "no-lrn-non-overlapping-tanh"])
 def test_checkpoints_rebuild_the_architecture_they_hold(architecture, tmp_path):
-    model = build_reference(10, seed=4, architecture=architecture).eval()
+    model = reference_from_seed(10, 4, architecture=architecture).eval()
     save_reference(tmp_path / "model.pt", model)
     payload = load_checkpoint(tmp_path / "model.pt")
     assert {k: payload["arch"][k] for k in ("net", "lrn", "pooling", "activation")} == vars(architecture)
@@ -284,7 +286,7 @@ def test_checkpoints_rebuild_the_architecture_they_hold(architecture, tmp_path):
 
 
 def test_a_model_that_torch_compile_wrapped_is_saved_as_the_model_it_wraps(tmp_path):
-    model = build_reference(10, seed=4).eval()
+    model = reference_from_seed(10, 4).eval()
     save_reference(tmp_path / "compiled.pt", torch.compile(model, backend="eager"))  # names _orig_mod.conv1...
     with torch.no_grad():
         x = torch.randn(1, 3, 224, 224) * 60

@@ -23,9 +23,9 @@ from launch import show
 from launch.checkpoint import checkpoint_payload, save_checkpoint
 from launch.data import open_data
 from launch.meter import Metrics
-from towers import Architecture, build_reference
+from towers import Architecture
 
-from conftest import ROOT, RUN_TIMEOUT_S, terminate_when_ready
+from conftest import ROOT, RUN_TIMEOUT_S, reference_from_seed, terminate_when_ready
 
 KERNEL_SHAPE = (3, 11, 11)
 
@@ -43,7 +43,7 @@ def chroma_kernels(count: int, seed: int = 1) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def reference():
-    return build_reference(num_classes=10, seed=0, init="scaled")
+    return reference_from_seed(10, 0, init="scaled")
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +123,7 @@ def test_colour_share_is_0_for_grey_1_for_pure_colour_and_the_colour_energy_shar
 
 @pytest.mark.parametrize("init", ["paper", "scaled"])
 def test_a_freshly_initialised_net_gives_about_two_thirds_for_both_towers(init):
-    weight = build_reference(num_classes=10, seed=3, init=init).conv1.weight
+    weight = reference_from_seed(10, 3, init=init).conv1.weight
     shares = [show.colour_share(kernels) for kernels in show.tower_kernels(weight)]
     assert [len(s) for s in shares] == [48, 48]
     # Each kernel's share is Beta(121, 60.5)-distributed about 242/362 (std 0.035), so a mean of 48 lies
@@ -153,7 +153,7 @@ def test_tower_rows_come_from_the_right_halves(reference, tiny_bundle, tmp_path,
 
 def test_the_one_tower_net_is_drawn_as_one_group_of_kernels(reference, tiny_bundle, tmp_path, caplog, capsys):
     """Section 3.2's one-GPU net has no towers: its 48 kernels are one group, and nothing crosses."""
-    state = build_reference(num_classes=10, seed=0, architecture=Architecture(net="one-tower")).state_dict()
+    state = reference_from_seed(10, 0, architecture=Architecture(net="one-tower")).state_dict()
     run = write_run(tmp_path / "run", state, bundle=tiny_bundle, layout="one-tower", summary=SUMMARY)
     with caplog.at_level(logging.INFO, logger="launch.show"):
         assert show.main([str(run), "--only", "kernels,colour,traffic"]) == 0
@@ -604,7 +604,7 @@ def test_images_for_which_a_layer_is_silent_are_marked(reference, tiny_bundle):
 def test_a_tanh_net_is_read_after_its_tanh_and_is_never_silent():
     """Section 3.1's tanh variant: FC7's features are its tanh (negative values kept), and
     no layer counts as silent, since a tanh is off nowhere."""
-    model = build_reference(num_classes=10, seed=0, init="scaled", architecture=Architecture(activation="tanh")).eval()
+    model = reference_from_seed(10, 0, init="scaled", architecture=Architecture(activation="tanh")).eval()
     features = []
     model.fc7.register_forward_hook(lambda module, inputs, output: features.append(output))
     with torch.no_grad():
@@ -613,7 +613,7 @@ def test_a_tanh_net_is_read_after_its_tanh_and_is_never_silent():
         outputs = show.hidden_outputs(model, images)
     assert torch.equal(outputs.fc7, torch.tanh(features[0])) and outputs.fc7.min() < 0
     assert outputs.silent == [None] * 3
-    assert show.activation_name(model) == "tanh" and show.activation_name(build_reference(10)) == "ReLU"
+    assert show.activation_name(model) == "tanh" and show.activation_name(reference_from_seed(10, 0)) == "ReLU"
 
 
 # --------------------------------------------------------------------------- errors
