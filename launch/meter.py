@@ -92,9 +92,10 @@ class Metrics:
         self.path = path
 
     def resume_at(self, step: int, **record) -> None:
-        """A resumed run goes on from its checkpoint's ``step``: the records of later steps,
-        written before the run stopped and redone now, are dropped, as is a line cut short by
-        the stop; a 'resume' record marks the place. So each step is in the file once, as
+        """A resumed run goes on from its checkpoint's ``step``: the records of later steps
+        (a summary's: of the step it ended at), written before the run stopped or by a run
+        that went on past the checkpoint resumed, and redone now, are dropped, as is a line
+        cut short by the stop; a 'resume' record marks the place. So each step is in the file once, as
         the net in the checkpoint took it. The file is rewritten whole or left as it was; one
         not there yet (a checkpoint resumed in a folder of its own) is begun by the record."""
         if self.path is None:
@@ -108,7 +109,8 @@ class Metrics:
                 value = json.loads(line.decode("utf-8"))
             except JSON_DAMAGE:  # a damaged line
                 return False
-            return not isinstance(value, dict) or not isinstance(value.get("step"), int) or value["step"] <= step
+            at = value.get("step", value.get("steps")) if isinstance(value, dict) else None
+            return type(at) is not int or at <= step
 
         lines = [line.decode("utf-8") + "\n" for line in self.path.read_bytes().splitlines() if kept(line)]
         lines.append(json.dumps({"time": time.time(), "event": "resume", "step": step, **record}) + "\n")

@@ -262,17 +262,19 @@ def test_damaged_lines_and_evaluations_without_their_epoch_are_left_out_of_the_c
 
 def test_a_resumed_run_drops_the_records_it_redoes(tmp_path):
     """launch.meter.Metrics.resume_at, as a run resumed from its checkpoint at step 30 calls it:
-    the records of later steps go, as do the line a kill cut short and a damaged one (not UTF-8);
+    the records of later steps go (a summary's, of the step it ended at: of a run that went on
+    past the checkpoint resumed), as do the line a kill cut short and a damaged one (not UTF-8);
     the others stay as they were."""
     path = tmp_path / "metrics.jsonl"
     kept = [train_record(10, 2.3), train_record(20, 2.2), train_record(30, 2.1), eval_record(1, 30, 0.9),
-            {"event": "summary", "centre": {}}]
-    lines = [json.dumps(r) + "\n" for r in [*kept, train_record(40, 2.0, 2), eval_record(2, 40, 0.8)]]
+            {"event": "summary", "steps": 30, "centre": {}}, {"event": "summary", "centre": {}}]
+    later = [train_record(40, 2.0, 2), eval_record(2, 40, 0.8), {"event": "summary", "steps": 40, "centre": {}}]
+    lines = [json.dumps(r) + "\n" for r in [*kept, *later]]
     damaged = b"\x00\xff a damaged line\n"
-    path.write_bytes(("".join(lines[:6])).encode() + damaged + (lines[6] + '{"event": "train", "st').encode())
+    path.write_bytes(("".join(lines[:7])).encode() + damaged + ("".join(lines[7:]) + '{"event": "train", "st').encode())
     Metrics(path).resume_at(30, epoch=2, checkpoint="run/checkpoint.pt")
     written = [json.loads(line) for line in path.read_text().splitlines()]
-    assert written[:-1] == kept and path.read_text().startswith("".join(lines[:5]))
+    assert written[:-1] == kept and path.read_text().startswith("".join(lines[:6]))
     assert {k: v for k, v in written[-1].items() if k != "time"} == {"event": "resume", "step": 30, "epoch": 2,
                                                                       "checkpoint": "run/checkpoint.pt"}
     Metrics(path).write(**train_record(40, 1.5, 2))
