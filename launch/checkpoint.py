@@ -35,6 +35,7 @@ from .cli import home_path, prints_plainly, remove_abandoned, values_refused
 from .config import TrainConfig
 from .images import BASE_SIZE
 from .mesh import Mesh
+from .meter import check_run_folder
 from .schedule import Progress
 
 FORMAT = "alexnet-towers/checkpoint"
@@ -543,6 +544,7 @@ def save_training_state(path: Path, tower: Tower, optimizer, progress: Progress,
     if data_mean is not None:
         extra["data_mean"] = data_mean.detach().to("cpu", torch.float32)
     model = unshard([g["model"] for g in gathered])
+    check_run_folder(path.parent)  # which save_checkpoint would make again
     save_checkpoint(path, checkpoint_payload(model, num_classes=len(classes), architecture=tower.architecture, **extra))
 
 

@@ -85,6 +85,21 @@ class ProgressBar:
             self.shown = False
 
 
+class RunFolderGone(RuntimeError):
+    """The run folder was moved or removed while the run trained: a save or a record would
+    make it again, holding half a run and no lock, and the run stops instead."""
+
+    def __init__(self, folder: Path):
+        super().__init__(f"{folder} is gone: it was moved or removed while the run trained. The run stops rather than "
+                         f"make it again, which would split the run between two folders; a folder moved goes on from "
+                         f"its last checkpoint with --resume and its new place")
+
+
+def check_run_folder(folder: Path) -> None:
+    if not folder.is_dir():
+        raise RunFolderGone(folder)
+
+
 class Metrics:
     """metrics.jsonl: one JSON object per line, appended (a resumed run continues the file)."""
 
@@ -118,5 +133,6 @@ class Metrics:
 
     def write(self, **record) -> None:
         if self.path is not None:
+            check_run_folder(self.path.parent)
             with open(self.path, "a") as f:
                 f.write(json.dumps({"time": time.time(), **record}) + "\n")

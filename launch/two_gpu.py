@@ -823,9 +823,11 @@ def _from_checkpoint(config: TrainConfig, run_dir: Path, resume: str) -> str:
 def _after_failure(config: Optional[TrainConfig], run_dir: Optional[Path], failure: RankFailure) -> str:
     """What to do once the cause of a rank's failure is fixed (a rank killed by the
     out-of-memory killer, a hung peer, unusable data): go on from the last checkpoint, or
-    start again. A diverged loss's failure, or its outputs', says itself what to do."""
+    start again. A diverged loss's failure, or its outputs', says itself what to do, as does a
+    run folder gone."""
     first = failure.failures[failure.first]
-    if config is None or run_dir is None or "NonFiniteLoss:" in first or "NonFiniteOutputs:" in first:
+    if config is None or run_dir is None or any(f"{error}:" in first
+                                                for error in ("NonFiniteLoss", "NonFiniteOutputs", "RunFolderGone")):
         return ""
     advice = ""
     if any(word in str(failure).lower() for word in ("timed out", "timeout")):

@@ -33,6 +33,7 @@ from launch import data as data_module
 from launch.checkpoint import (FORMAT, checkpoint_payload, load_checkpoint, save_checkpoint, save_reference,
                               training_checkpoint_bytes)
 from launch.config import parse_config
+from launch.meter import Metrics, RunFolderGone
 from launch.ranks import _alive
 from launch.two_gpu import check_room_for_checkpoints, main
 from towers import Architecture, check_compile_backend
@@ -587,6 +588,33 @@ def test_training_images_lost_while_the_run_trains_stop_it_keeping_its_steps(tin
     resumed = Run("--resume", tmp_path / "run", "--max-steps", "16", "--no-ten-crop", run_dir=tmp_path / "run")
     assert resumed.wait(timeout_s=300) == 0, resumed.stderr()[-2000:]
     assert load_checkpoint(tmp_path / "run")["progress"]["global_step"] == 16
+
+
+@pytest.mark.slow
+def test_a_run_folder_moved_while_the_run_trains_is_not_made_again(tiny_data, tmp_path):
+    """The run folder renamed after a checkpoint: the next save made it again, unlocked, and
+    the run went on in it (exit 0), its log and first checkpoint in the other. The run stops
+    at the save, saying so, and the folder where it was moved goes on from its checkpoint."""
+    run, deadline = _start(tiny_data, tmp_path, "--checkpoint-every", "2", "--log-every", "50"), time.monotonic() + 240
+    while not (tmp_path / "run" / "checkpoint.pt").exists():
+        assert run.proc.poll() is None and time.monotonic() < deadline, run.stderr()[-2000:]
+        time.sleep(0.05)
+    (tmp_path / "run").rename(tmp_path / "moved")
+    assert run.wait(timeout_s=120) == 1
+    err = run.stderr()
+    assert f"RunFolderGone: {tmp_path / 'run'} is gone: it was moved or removed while the run trained. The run " \
+           f"stops rather than make it again, which would split the run between two folders; a folder moved goes " \
+           f"on from its last checkpoint with --resume and its new place" in err, err[-2000:]
+    assert "no checkpoint was written" not in err and "start the run again" not in err, err[-2000:]
+    assert not (tmp_path / "run").exists()
+    assert load_checkpoint(tmp_path / "moved")["progress"]["global_step"] == 2
+    # the records of a run with --log-every 1: the first written after the move stops it too
+    metrics = Metrics(tmp_path / "moved" / "metrics.jsonl")
+    metrics.write(event="train", step=1)
+    (tmp_path / "moved").rename(tmp_path / "again")
+    with pytest.raises(RunFolderGone):
+        metrics.write(event="train", step=2)
+    assert not (tmp_path / "moved").exists()
 
 
 def test_outputs_that_are_not_numbers_are_never_scored(trained_run, tmp_path):
