@@ -272,6 +272,83 @@ def test_the_towers_in_channels_last_match_the_reference(parity):
     _assert_parity(parity[CHANNELS_LAST], TOLERANCES[torch.float32], sgd_steps=0)
 
 
+class _Recorded(torch.nn.Dropout):
+    """A tower's dropout, keeping what it kept of each input (the output is 0 where the input
+    is, kept or not), and the share it dropped of the units it had a value for."""
+
+    def __init__(self, p: float):
+        super().__init__(p)
+        self.kept, self.dropped = [], []
+
+    def forward(self, x):
+        out = super().forward(x)
+        self.kept.append((out != 0).to(x.dtype))
+        self.dropped.append((out[x != 0] == 0).double().mean().item())
+        return out
+
+
+class _Replayed(torch.nn.Module):
+    """The reference's dropout, keeping the units that ``masks`` keep, in turn (FC6's, then FC7's)."""
+
+    def __init__(self, p: float, masks: list):
+        super().__init__()
+        self.p, self.masks = p, list(masks)
+
+    def forward(self, x):
+        return x * self.masks.pop(0) / (1 - self.p)
+
+
+def _dropout_worker(rank, p):
+    """The towers training with dropout ``p``, each drawing its masks from its own stream, and
+    the reference given the units they kept: the same function, on the reference's whole layers."""
+    torch.manual_seed(SEED + rank)
+    reference = reference_from_seed(CLASSES, SEED, torch.float64)
+    tower = Tower(torch.distributed.group.WORLD, CLASSES, dropout=p).to(torch.float64)
+    tower.load_state_dict(shard_state_dict(reference.state_dict(), rank, "tower0"))
+    built = type(tower.dropout) is torch.nn.Dropout and tower.dropout.p == p  # the module recorded in its place
+    tower.dropout = _Recorded(p)
+    images, labels = _inputs(torch.float64)
+    logits = tower(images)
+    F.cross_entropy(logits, labels).backward()
+    masks = []
+    for layer, kept in zip(("fc6", "fc7"), tower.dropout.kept):  # each tower's units, at their places in the layer
+        features = torch.arange(reference.get_parameter(f"{layer}.bias").numel(), dtype=torch.float64)
+        units = [torch.empty(features.numel() // 2, dtype=torch.float64) for _ in range(2)]
+        dist.all_gather(units, shard_state_dict({**reference.state_dict(), f"{layer}.bias": features}, rank,
+                                                "tower0")[f"{layer}.bias"])
+        halves = [torch.empty_like(kept) for _ in range(2)]
+        dist.all_gather(halves, kept)
+        whole = torch.empty(kept.shape[0], features.numel(), dtype=torch.float64)
+        for half, where in zip(halves, units):
+            whole[:, where.long()] = half
+        masks.append(whole)
+    reference.dropout = _Replayed(p, masks)
+    ref_logits = reference(images)
+    ref_loss = F.cross_entropy(ref_logits, labels)
+    ref_loss.backward()
+    ref_grads = shard_state_dict({k: q.grad for k, q in reference.named_parameters()}, rank, "tower0")
+    return {"logits": _rel(logits, ref_logits), "grads": {k: _rel(q.grad, ref_grads[k]) for k, q in
+                                                          tower.named_parameters()},
+            "built": built, "dropped": tower.dropout.dropped, "replayed": not reference.dropout.masks,
+            "masks": [m.sum().item() for m in masks]}
+
+
+def test_the_towers_dropout_is_the_references_given_the_same_units():
+    """Dropout after FC6 and FC7, as section 4.2 has it: each tower drops units of its own half of
+    the layer, scales the rest by 1 / (1 - p), and the exchange carries what it kept. Given the
+    units the towers kept, the reference computes the same logits and gradients (float64)."""
+    by_rank = run_ranks(_dropout_worker, (0.5,), timeout_s=TIMEOUT_S)
+    for rank, r in enumerate(by_rank):
+        assert r["logits"] < TOLERANCES[torch.float64], f"rank {rank} logits"
+        worst = max(r["grads"], key=r["grads"].get)
+        assert r["grads"][worst] < 10 * TOLERANCES[torch.float64], f"rank {rank} gradient of {worst}"
+        assert r["built"] and r["replayed"], "the tower's dropout is not nn.Dropout(0.5), or the reference did " \
+                                             "not take both layers' masks"
+        # half of 2 x 2048 units dropped by each layer on each tower: within 0.05 of 0.5 (7 sigma)
+        assert len(r["dropped"]) == 2 and all(abs(share - 0.5) < 0.05 for share in r["dropped"]), r["dropped"]
+    assert by_rank[0]["masks"] == by_rank[1]["masks"]  # both put the same whole masks together
+
+
 def _library_worker(rank, fc8_placement):
     """The towers as a user's own script uses them: built with the default group, loaded with
     the reference's halves, given images that require grad, an empty batch, a second derivative,
