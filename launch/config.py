@@ -120,8 +120,9 @@ class TrainConfig:
                                      "(section 3.1, Figure 1)", choices=tuple(ACTIVATIONS))
     replicas: Optional[int] = option(None, "replicas of the net trained data-parallel, a D x 2 mesh of ranks for the "
                                          "towers: each replica trains on its D-th of every --batch-size batch and each "
-                                         "tower's gradients are averaged over the replicas (default 1; under torchrun, "
-                                         "WORLD_SIZE / 2)")
+                                         "tower's gradients are averaged over the replicas; with --layout single or one-tower, "
+                                         "one rank each (default 1; under torchrun, WORLD_SIZE / 2, or WORLD_SIZE "
+                                         "with a whole net a rank)")
     precision: str = option("fp32", "arithmetic of the forward pass: 'fp32', or 'bf16' autocast (convolutions and "
                                     "matrix products in bfloat16; the weights, gradients, optimizer and loss in "
                                     "float32; what the towers exchange, forward and backward, in bfloat16: half "
