@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from launch.checkpoint import save_reference
-from towers import build_reference, shard_state_dict, unshard_state_dicts
+from towers import AlexNet, Architecture, build_reference, shard_state_dict, unshard_state_dicts
 from towers.sharding import half_of
 
 HALF_CONV1_TO_FC7 = 28_434_112  # each tower holds exactly half of conv1-FC7 (Figure 2)
@@ -73,6 +73,14 @@ def test_bad_arguments_are_refused(reference_state):
         shard_state_dict({"features.0.weight": torch.zeros(64, 3, 11, 11)}, 0)
     with pytest.raises(ValueError, match="'_orig_mod.'"):
         shard_state_dict({"_orig_mod.conv1.weight": torch.zeros(96, 3, 11, 11)}, 0)
+    # section 3.2's one-tower net: its halves fitted no tower, which refused them as torch's size mismatch
+    with torch.device("meta"):
+        one_tower = AlexNet(10, architecture=Architecture(net="one-tower")).state_dict()
+    with pytest.raises(ValueError, match=r"^conv1.weight has 48 rows, not the 96 of the paper's two-tower net: it is "
+                                         r"section 3.2's one-tower net, which has no towers to shard into"):
+        shard_state_dict(one_tower, 0)
+    with pytest.raises(ValueError, match=r"^fc7.bias has 4095 rows, not the 4096 of the paper's two-tower net$"):
+        shard_state_dict({"fc7.bias": torch.zeros(4095)}, 1)
 
 
 @pytest.mark.parametrize("sharded, told", [("split", "tower0"), ("tower0", "split")])

@@ -19,10 +19,11 @@ from typing import Mapping, Optional, Sequence
 
 import torch
 
-from .reference import LAYERS, TOWERS
+from .reference import CONV_CHANNELS, FC_FEATURES, LAYERS, ONE_TOWER_CONV_CHANNELS, TOWERS
 
 FC8_PLACEMENTS = ("tower0", "split")  # whole on tower 0 (the authors' 2012 layout) | 500 + 500
 HALF = "tower"  # the key, in a tower state_dict's own metadata, of the tower whose half it holds
+WHOLE_ROWS = dict(zip(LAYERS, (*CONV_CHANNELS, *FC_FEATURES)))  # kernels or neurons of each layer but FC8
 
 
 def half_of(state: Mapping) -> Optional[int]:
@@ -65,6 +66,12 @@ def shard_state_dict(reference: Mapping[str, torch.Tensor], tower_rank: int, fc8
     tower = OrderedDict()
     tower._metadata = OrderedDict({"": {HALF: tower_rank}})
     for key, value in reference.items():
+        rows = WHOLE_ROWS.get(_layer(key))
+        if rows is not None and value.shape[0] != rows:
+            one_tower = value.shape[0] == dict(zip(LAYERS, ONE_TOWER_CONV_CHANNELS)).get(_layer(key))
+            raise ValueError(f"{key} has {value.shape[0]} rows, not the {rows} of the paper's two-tower net" + (
+                ": it is section 3.2's one-tower net, which has no towers to shard into (towers.AlexNet with "
+                "Architecture(net='one-tower') holds it whole)" if one_tower else ""))
         if _is_halved(key, fc8_placement):
             if value.shape[0] % TOWERS:
                 raise ValueError(f"{key} has {value.shape[0]} rows, which do not split into two towers")
