@@ -63,15 +63,17 @@ def checkpoint_architecture(payload: dict) -> Architecture:
     return Architecture(**{f.name: payload["arch"][f.name] for f in dataclasses.fields(Architecture)})
 
 
-def save_checkpoint(path: Path, payload: dict) -> None:
+def save_checkpoint(path: Path, payload: dict, make_folder: bool = True) -> None:
     """Writes ``payload`` with torch.save atomically: a temporary file, synced, renamed over ``path``.
 
     Its size is known before the disk is touched (its tensors' bytes, and a margin for the
     rest): a disk too full for it raises ``OSError(ENOSPC)`` saying how much is needed, and
     the previous file at ``path`` stays whole. It is serialised straight into the file, not
-    first into memory, which would hold a second copy of the weights and momentum."""
+    first into memory, which would hold a second copy of the weights and momentum. Its folder
+    is made where there is none, unless ``make_folder`` is False (FileNotFoundError then)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if make_folder:
+        path.parent.mkdir(parents=True, exist_ok=True)
     remove_abandoned_saves(path)
     needed = _saved_bytes(payload)
     if needed > shutil.disk_usage(path.parent).free:
@@ -544,8 +546,13 @@ def save_training_state(path: Path, tower: Tower, optimizer, progress: Progress,
     if data_mean is not None:
         extra["data_mean"] = data_mean.detach().to("cpu", torch.float32)
     model = unshard([g["model"] for g in gathered])
-    check_run_folder(path.parent)  # which save_checkpoint would make again
-    save_checkpoint(path, checkpoint_payload(model, num_classes=len(classes), architecture=tower.architecture, **extra))
+    check_run_folder(path.parent)  # the run's folder, as it began: not another made or put there since
+    try:
+        save_checkpoint(path, checkpoint_payload(model, num_classes=len(classes), architecture=tower.architecture,
+                                                 **extra), make_folder=False)
+    except FileNotFoundError:
+        check_run_folder(path.parent)  # gone since the check: said so
+        raise
 
 
 def restore_training_state(path, tower: Tower, optimizer, classes: list, mesh: Mesh,

@@ -2,7 +2,9 @@
 progress bar on a terminal, metrics.jsonl, and peak memory."""
 
 import json
+import os
 import resource
+import stat
 import sys
 import time
 from pathlib import Path
@@ -86,17 +88,33 @@ class ProgressBar:
 
 
 class RunFolderGone(RuntimeError):
-    """The run folder was moved or removed while the run trained: a save or a record would
-    make it again, holding half a run and no lock, and the run stops instead."""
+    """The run folder was moved, removed or replaced while the run trained: a save or a
+    record would make it again, or write into another run's, holding half a run and no
+    lock, and the run stops instead."""
 
     def __init__(self, folder: Path):
-        super().__init__(f"{folder} is gone: it was moved or removed while the run trained. The run stops rather than "
-                         f"make it again, which would split the run between two folders; a folder moved goes on from "
-                         f"its last checkpoint with --resume and its new place")
+        super().__init__(f"{folder} is gone: it was moved, removed or replaced while the run trained. The run stops "
+                         f"rather than write elsewhere than where it began, which would split it between two folders: "
+                         f"where it was moved, --resume with its new place goes on from its last checkpoint (or says "
+                         f"what to do instead); if it was removed, start the run again")
+
+
+_RUN_FOLDERS = {}  # run folder -> its (device, inode) when its run's Metrics was made, in this process
+
+
+def _identity(folder: Path) -> Optional[tuple]:
+    try:
+        found = os.stat(folder)
+    except OSError:
+        return None
+    return (found.st_dev, found.st_ino) if stat.S_ISDIR(found.st_mode) else None
 
 
 def check_run_folder(folder: Path) -> None:
-    if not folder.is_dir():
+    """Raises RunFolderGone unless ``folder`` is the very folder it was when its run's Metrics
+    was made (any folder, for one no Metrics was made for)."""
+    now = _identity(folder)
+    if now is None or _RUN_FOLDERS.get(folder, now) != now:
         raise RunFolderGone(folder)
 
 
@@ -105,6 +123,8 @@ class Metrics:
 
     def __init__(self, path: Optional[Path]):
         self.path = path
+        if path is not None:  # the folder it writes in, and the run's checkpoints are saved in (check_run_folder)
+            _RUN_FOLDERS[path.parent] = _identity(path.parent)
 
     def resume_at(self, step: int, **record) -> None:
         """A resumed run goes on from its checkpoint's ``step``: the records of later steps
@@ -112,7 +132,8 @@ class Metrics:
         that went on past the checkpoint resumed, and redone now, are dropped, as is a line
         cut short by the stop; a 'resume' record marks the place. So each step is in the file once, as
         the net in the checkpoint took it. The file is rewritten whole or left as it was; one
-        not there yet (a checkpoint resumed in a folder of its own) is begun by the record."""
+        not there yet (a checkpoint resumed in a folder of its own) is begun by the record.
+        A summary.json of a later step, the copy of a summary record dropped, is removed."""
         if self.path is None:
             return
         if not self.path.exists():
@@ -130,6 +151,13 @@ class Metrics:
         lines = [line.decode("utf-8") + "\n" for line in self.path.read_bytes().splitlines() if kept(line)]
         lines.append(json.dumps({"time": time.time(), "event": "resume", "step": step, **record}) + "\n")
         write_whole(self.path, lambda partial: partial.write_text("".join(lines)))
+        summary = self.path.with_name("summary.json")  # a copy of the last summary record: gone with it
+        try:
+            ended = json.loads(summary.read_bytes()).get("steps")
+        except (OSError, AttributeError, *JSON_DAMAGE):
+            ended = None
+        if type(ended) is int and ended > step:
+            summary.unlink(missing_ok=True)
 
     def write(self, **record) -> None:
         if self.path is not None:

@@ -40,7 +40,7 @@ from .cli import home_path, shell_word, usable_cores, write_whole
 from .config import TrainConfig, update_config_json
 from .mesh import Mesh, build_mesh, coordinates
 from .ranks import ADVICE_FROM_RANK0, PREPARATION_WAIT_S, Placement, error_line, patient_group
-from .meter import Metrics, ProgressBar, StepMeter, duration, peak_memory
+from .meter import Metrics, ProgressBar, RunFolderGone, StepMeter, duration, peak_memory
 from .schedule import Progress, base_rate, end_of_epoch_schedule, learning_rate
 from .step import AUTOCAST, paper_optimizer, train_step
 
@@ -649,7 +649,11 @@ def run_rank(rank: int, config: TrainConfig, run_dir: Optional[str], placement: 
             if config.ten_crop:
                 summary["ten_patch"] = evaluate_now(ten_crop=True)
             summary.update(compile_counts(config))
-            metrics.write(event="eval_only", **summary)
+            try:
+                metrics.write(event="eval_only", **summary)
+            except RunFolderGone:  # nothing else of the evaluation is lost
+                log.warning("%s is gone (moved, removed or replaced while it evaluated): its metrics.jsonl does not "
+                            "have this evaluation, which follows", run_dir)
             return summary if rank == 0 else None
 
         progress = Progress(lr=config.lr)

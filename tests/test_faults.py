@@ -591,23 +591,30 @@ def test_training_images_lost_while_the_run_trains_stop_it_keeping_its_steps(tin
 
 
 @pytest.mark.slow
-def test_a_run_folder_moved_while_the_run_trains_is_not_made_again(tiny_data, tmp_path):
-    """The run folder renamed after a checkpoint: the next save made it again, unlocked, and
-    the run went on in it (exit 0), its log and first checkpoint in the other. The run stops
-    at the save, saying so, and the folder where it was moved goes on from its checkpoint."""
+@pytest.mark.parametrize("then", ["moved", "replaced"])
+def test_a_run_folder_moved_while_the_run_trains_is_not_written_in_again(tiny_data, tmp_path, then):
+    """The run folder renamed after a checkpoint (and another folder made in its place): the
+    next save made it again (or wrote into the other), unlocked, and the run went on there
+    (exit 0), its log and first checkpoint in the folder moved. The run stops at the save,
+    saying so, and the folder where it was moved goes on from its checkpoint."""
     run, deadline = _start(tiny_data, tmp_path, "--checkpoint-every", "2", "--log-every", "50"), time.monotonic() + 240
     while not (tmp_path / "run" / "checkpoint.pt").exists():
         assert run.proc.poll() is None and time.monotonic() < deadline, run.stderr()[-2000:]
         time.sleep(0.05)
     (tmp_path / "run").rename(tmp_path / "moved")
+    if then == "replaced":
+        (tmp_path / "run").mkdir()
     assert run.wait(timeout_s=120) == 1
     err = run.stderr()
-    assert f"RunFolderGone: {tmp_path / 'run'} is gone: it was moved or removed while the run trained. The run " \
-           f"stops rather than make it again, which would split the run between two folders; a folder moved goes " \
-           f"on from its last checkpoint with --resume and its new place" in err, err[-2000:]
-    assert "no checkpoint was written" not in err and "start the run again" not in err, err[-2000:]
-    assert not (tmp_path / "run").exists()
+    assert f"RunFolderGone: {tmp_path / 'run'} is gone: it was moved, removed or replaced while the run trained. " \
+           f"The run stops rather than write elsewhere than where it began, which would split it between two " \
+           f"folders: where it was moved, --resume with its new place goes on from its last checkpoint (or says " \
+           f"what to do instead); if it was removed, start the run again" in err, err[-2000:]
+    assert "no checkpoint was written" not in err and "start the run again with" not in err, err[-2000:]
+    assert not (tmp_path / "run").exists() if then == "moved" else not any((tmp_path / "run").iterdir())
     assert load_checkpoint(tmp_path / "moved")["progress"]["global_step"] == 2
+    if then == "replaced":
+        return
     # the records of a run with --log-every 1: the first written after the move stops it too
     metrics = Metrics(tmp_path / "moved" / "metrics.jsonl")
     metrics.write(event="train", step=1)

@@ -263,8 +263,8 @@ def test_damaged_lines_and_evaluations_without_their_epoch_are_left_out_of_the_c
 def test_a_resumed_run_drops_the_records_it_redoes(tmp_path):
     """launch.meter.Metrics.resume_at, as a run resumed from its checkpoint at step 30 calls it:
     the records of later steps go (a summary's, of the step it ended at: of a run that went on
-    past the checkpoint resumed), as do the line a kill cut short and a damaged one (not UTF-8);
-    the others stay as they were."""
+    past the checkpoint resumed, and summary.json with it), as do the line a kill cut short and
+    a damaged one (not UTF-8); the others stay as they were."""
     path = tmp_path / "metrics.jsonl"
     kept = [train_record(10, 2.3), train_record(20, 2.2), train_record(30, 2.1), eval_record(1, 30, 0.9),
             {"event": "summary", "steps": 30, "centre": {}}, {"event": "summary", "centre": {}}]
@@ -272,7 +272,9 @@ def test_a_resumed_run_drops_the_records_it_redoes(tmp_path):
     lines = [json.dumps(r) + "\n" for r in [*kept, *later]]
     damaged = b"\x00\xff a damaged line\n"
     path.write_bytes(("".join(lines[:7])).encode() + damaged + ("".join(lines[7:]) + '{"event": "train", "st').encode())
+    (tmp_path / "summary.json").write_text(json.dumps(later[-1], indent=2))  # the copy of the last record
     Metrics(path).resume_at(30, epoch=2, checkpoint="run/checkpoint.pt")
+    assert not (tmp_path / "summary.json").exists()
     written = [json.loads(line) for line in path.read_text().splitlines()]
     assert written[:-1] == kept and path.read_text().startswith("".join(lines[:6]))
     assert {k: v for k, v in written[-1].items() if k != "time"} == {"event": "resume", "step": 30, "epoch": 2,
@@ -280,6 +282,9 @@ def test_a_resumed_run_drops_the_records_it_redoes(tmp_path):
     Metrics(path).write(**train_record(40, 1.5, 2))
     assert [(r["step"], r["loss"]) for r in show.read_metrics(path).train] == [(10, 2.3), (20, 2.2), (30, 2.1),
                                                                                (40, 1.5)]
+    (tmp_path / "summary.json").write_text(json.dumps(kept[4]))  # of the step resumed: kept, as its record
+    Metrics(path).resume_at(30, epoch=2, checkpoint="run/checkpoint.pt")
+    assert json.loads((tmp_path / "summary.json").read_text()) == kept[4]
     # a folder without metrics yet (a checkpoint resumed in a folder of its own): nothing to drop, the record begins it
     Metrics(tmp_path / "none.jsonl").resume_at(30, checkpoint="/x/step.pt")
     assert [{k: v for k, v in json.loads(line).items() if k != "time"} for line in
