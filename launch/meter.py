@@ -99,23 +99,31 @@ class RunFolderGone(RuntimeError):
                          f"what to do instead); if it was removed, start the run again")
 
 
-_RUN_FOLDERS = {}  # run folder -> its (device, inode) when its run's Metrics was made, in this process
-
-
-def _identity(folder: Path) -> Optional[tuple]:
-    try:
-        found = os.stat(folder)
-    except OSError:
-        return None
-    return (found.st_dev, found.st_ino) if stat.S_ISDIR(found.st_mode) else None
+_RUN_FOLDERS = {}  # run folder -> a descriptor of it, opened when its run's Metrics was made, in this process
 
 
 def check_run_folder(folder: Path) -> None:
     """Raises RunFolderGone unless ``folder`` is the very folder it was when its run's Metrics
-    was made (any folder, for one no Metrics was made for)."""
-    now = _identity(folder)
-    if now is None or _RUN_FOLDERS.get(folder, now) != now:
+    was made (any folder, for one no Metrics was made for). That one is held open, so that no
+    folder made in its place can take its inode number."""
+    try:
+        now = os.stat(folder)
+    except OSError:
+        raise RunFolderGone(folder) from None
+    held = _RUN_FOLDERS.get(folder)
+    if not stat.S_ISDIR(now.st_mode) or (held is not None and not os.path.samestat(os.fstat(held), now)):
         raise RunFolderGone(folder)
+
+
+def _hold_run_folder(folder: Path) -> None:
+    try:
+        held = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:  # none yet: any folder there will do
+        return
+    previous = _RUN_FOLDERS.pop(folder, None)
+    if previous is not None:
+        os.close(previous)
+    _RUN_FOLDERS[folder] = held
 
 
 class Metrics:
@@ -124,7 +132,7 @@ class Metrics:
     def __init__(self, path: Optional[Path]):
         self.path = path
         if path is not None:  # the folder it writes in, and the run's checkpoints are saved in (check_run_folder)
-            _RUN_FOLDERS[path.parent] = _identity(path.parent)
+            _hold_run_folder(path.parent)
 
     def resume_at(self, step: int, **record) -> None:
         """A resumed run goes on from its checkpoint's ``step``: the records of later steps
@@ -136,6 +144,13 @@ class Metrics:
         A summary.json of a later step, the copy of a summary record dropped, is removed."""
         if self.path is None:
             return
+        summary = self.path.with_name("summary.json")  # a copy of the last summary record: gone with it
+        try:
+            ended = json.loads(summary.read_bytes()).get("steps")
+        except (OSError, AttributeError, *JSON_DAMAGE):
+            ended = None
+        if type(ended) is int and ended > step:
+            summary.unlink(missing_ok=True)
         if not self.path.exists():
             self.write(event="resume", step=step, **record)
             return
@@ -151,13 +166,6 @@ class Metrics:
         lines = [line.decode("utf-8") + "\n" for line in self.path.read_bytes().splitlines() if kept(line)]
         lines.append(json.dumps({"time": time.time(), "event": "resume", "step": step, **record}) + "\n")
         write_whole(self.path, lambda partial: partial.write_text("".join(lines)))
-        summary = self.path.with_name("summary.json")  # a copy of the last summary record: gone with it
-        try:
-            ended = json.loads(summary.read_bytes()).get("steps")
-        except (OSError, AttributeError, *JSON_DAMAGE):
-            ended = None
-        if type(ended) is int and ended > step:
-            summary.unlink(missing_ok=True)
 
     def write(self, **record) -> None:
         if self.path is not None:

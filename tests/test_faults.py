@@ -622,6 +622,18 @@ def test_a_run_folder_moved_while_the_run_trains_is_not_written_in_again(tiny_da
     with pytest.raises(RunFolderGone):
         metrics.write(event="train", step=2)
     assert not (tmp_path / "moved").exists()
+    # removed and made again: the new folder would take the old one's inode number, were that not held
+    for _ in range(5):
+        metrics = Metrics(tmp_path / "again" / "metrics.jsonl")
+        shutil.rmtree(tmp_path / "again")
+        (tmp_path / "again").mkdir()
+        with pytest.raises(RunFolderGone):
+            metrics.write(event="train", step=3)
+    # a Metrics made before its folder takes the folder made after it
+    metrics = Metrics(tmp_path / "later" / "metrics.jsonl")
+    (tmp_path / "later").mkdir()
+    metrics.write(event="train", step=1)
+    assert (tmp_path / "later" / "metrics.jsonl").exists()
 
 
 def test_outputs_that_are_not_numbers_are_never_scored(trained_run, tmp_path):

@@ -298,19 +298,19 @@ class _Replayed(torch.nn.Module):
         return x * self.masks.pop(0) / (1 - self.p)
 
 
-def _dropout_worker(rank, p):
+def _dropout_worker(rank, p, architecture):
     """The towers training with dropout ``p``, each drawing its masks from its own stream, and
     the reference given the units they kept: the same function, on the reference's whole layers."""
     torch.manual_seed(SEED + rank)
-    reference = reference_from_seed(CLASSES, SEED, torch.float64)
-    tower = Tower(torch.distributed.group.WORLD, CLASSES, dropout=p).to(torch.float64)
+    reference = reference_from_seed(CLASSES, SEED, torch.float64, architecture=architecture)
+    tower = Tower(torch.distributed.group.WORLD, CLASSES, dropout=p, architecture=architecture).to(torch.float64)
     tower.load_state_dict(shard_state_dict(reference.state_dict(), rank, "tower0"))
     built = type(tower.dropout) is torch.nn.Dropout and tower.dropout.p == p  # the module recorded in its place
     tower.dropout = _Recorded(p)
     images, labels = _inputs(torch.float64)
     logits = tower(images)
     F.cross_entropy(logits, labels).backward()
-    masks = []
+    masks, alike = [], []
     for layer, kept in zip(("fc6", "fc7"), tower.dropout.kept):  # each tower's units, at their places in the layer
         features = torch.arange(reference.get_parameter(f"{layer}.bias").numel(), dtype=torch.float64)
         units = [torch.empty(features.numel() // 2, dtype=torch.float64) for _ in range(2)]
@@ -318,6 +318,7 @@ def _dropout_worker(rank, p):
                                                 "tower0")[f"{layer}.bias"])
         halves = [torch.empty_like(kept) for _ in range(2)]
         dist.all_gather(halves, kept)
+        alike.append(torch.equal(*halves))
         whole = torch.empty(kept.shape[0], features.numel(), dtype=torch.float64)
         for half, where in zip(halves, units):
             whole[:, where.long()] = half
@@ -329,24 +330,31 @@ def _dropout_worker(rank, p):
     ref_grads = shard_state_dict({k: q.grad for k, q in reference.named_parameters()}, rank, "tower0")
     return {"logits": _rel(logits, ref_logits), "grads": {k: _rel(q.grad, ref_grads[k]) for k, q in
                                                           tower.named_parameters()},
-            "built": built, "dropped": tower.dropout.dropped, "replayed": not reference.dropout.masks,
-            "masks": [m.sum().item() for m in masks]}
+            "built": built, "dropped": tower.dropout.dropped, "replayed": not reference.dropout.masks, "alike": alike}
+
+
+def _dropout_cases(rank, p):
+    return [_dropout_worker(rank, p, Architecture(activation=activation)) for activation in ("relu", "tanh")]
 
 
 def test_the_towers_dropout_is_the_references_given_the_same_units():
     """Dropout after FC6 and FC7, as section 4.2 has it: each tower drops units of its own half of
     the layer, scales the rest by 1 / (1 - p), and the exchange carries what it kept. Given the
-    units the towers kept, the reference computes the same logits and gradients (float64)."""
-    by_rank = run_ranks(_dropout_worker, (0.5,), timeout_s=TIMEOUT_S)
-    for rank, r in enumerate(by_rank):
-        assert r["logits"] < TOLERANCES[torch.float64], f"rank {rank} logits"
-        worst = max(r["grads"], key=r["grads"].get)
-        assert r["grads"][worst] < 10 * TOLERANCES[torch.float64], f"rank {rank} gradient of {worst}"
-        assert r["built"] and r["replayed"], "the tower's dropout is not nn.Dropout(0.5), or the reference did " \
-                                             "not take both layers' masks"
-        # half of 2 x 2048 units dropped by each layer on each tower: within 0.05 of 0.5 (7 sigma)
-        assert len(r["dropped"]) == 2 and all(abs(share - 0.5) < 0.05 for share in r["dropped"]), r["dropped"]
-    assert by_rank[0]["masks"] == by_rank[1]["masks"]  # both put the same whole masks together
+    units the towers kept, the reference computes the same logits and gradients (float64). With
+    ReLU and with tanh, after which dropout placed before the nonlinearity would differ."""
+    by_rank = run_ranks(_dropout_cases, (0.5,), timeout_s=2 * TIMEOUT_S)
+    for rank, cases in enumerate(by_rank):
+        for activation, r in zip(("relu", "tanh"), cases):
+            where = f"rank {rank}, {activation}"
+            assert r["logits"] < TOLERANCES[torch.float64], f"{where}: logits"
+            worst = max(r["grads"], key=r["grads"].get)
+            assert r["grads"][worst] < 10 * TOLERANCES[torch.float64], f"{where}: gradient of {worst}"
+            assert r["built"] and r["replayed"], f"{where}: the tower's dropout is not nn.Dropout(0.5), or the " \
+                                                 f"reference did not take both layers' masks"
+            # half the units that have a value dropped by each layer on each tower (about 3,200 of the 2 x 2048
+            # after ReLU, all of them after tanh): within 0.05 of 0.5, more than 5.5 sigma
+            assert len(r["dropped"]) == 2 and all(abs(share - 0.5) < 0.05 for share in r["dropped"]), where
+            assert r["alike"] == [False, False], f"{where}: both towers dropped the same units of their halves"
 
 
 def _library_worker(rank, fc8_placement):
