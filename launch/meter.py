@@ -116,14 +116,13 @@ def check_run_folder(folder: Path) -> None:
 
 
 def _hold_run_folder(folder: Path) -> None:
-    try:
-        held = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:  # none yet: any folder there will do
-        return
-    previous = _RUN_FOLDERS.pop(folder, None)
+    previous = _RUN_FOLDERS.pop(folder, None)  # an earlier run's there, in this process
     if previous is not None:
         os.close(previous)
-    _RUN_FOLDERS[folder] = held
+    try:
+        _RUN_FOLDERS[folder] = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:  # none yet: any folder there will do
+        pass
 
 
 class Metrics:

@@ -401,7 +401,7 @@ def save_now(run_dir: Optional[Path], model, optimizer, progress: Progress, conf
     save_training_state(run_dir / FILENAME if run_dir else None, model, optimizer, progress, config, plan.classes,
                         plan.train_images, mesh, plan.stats.mean, digests=plan.digests)
     if run_dir is not None and config.resume:
-        check_run_folder(run_dir)  # as it was before the save, which took seconds
+        check_run_folder(run_dir)  # still the run's own folder after the save, which took seconds
         update_config_json(run_dir, config)
     log.info("checkpoint of step %d saved in %.1f s", progress.global_step, time.perf_counter() - started)
 
@@ -731,9 +731,14 @@ def run_rank(rank: int, config: TrainConfig, run_dir: Optional[str], placement: 
         if rank == 0:
             try:
                 metrics.write(event="summary", **summary)
-                write_whole(run_dir / "summary.json",
-                            lambda partial: partial.write_text(json.dumps(summary, indent=2) + "\n"))
+                try:
+                    write_whole(run_dir / "summary.json",
+                                lambda partial: partial.write_text(json.dumps(summary, indent=2) + "\n"))
+                except FileNotFoundError:
+                    check_run_folder(run_dir)  # gone since the record: said so
+                    raise
             except RunFolderGone:  # the run trained to its end, saved: its results follow
                 log.warning("%s is gone (moved, removed or replaced after its last checkpoint): the run's summary is "
                             "not written there, and follows", run_dir)
+                summary["run_dir"] = None
         return summary if rank == 0 else None

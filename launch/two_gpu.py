@@ -543,9 +543,10 @@ def report(summary: dict) -> None:
             line += f" ({ten['images']} images" + (f", {ten['skipped']} unusable left out)" if ten["skipped"] else ")")
     log.info("done: %s", line)
     if summary.get("train_seconds"):
-        log.info("trained %d step%s, to step %d, in %.0f s (%.1f images/s); wall time %.0f s; results in %s",
+        log.info("trained %d step%s, to step %d, in %.0f s (%.1f images/s); wall time %.0f s; %s",
                  summary["steps_this_run"], "s" * (summary["steps_this_run"] != 1), summary["steps"],
-                 summary["train_seconds"], summary["images_per_s"], summary["wall_seconds"], summary["run_dir"])
+                 summary["train_seconds"], summary["images_per_s"], summary["wall_seconds"],
+                 f"results in {summary['run_dir']}" if summary["run_dir"] else "its run folder is gone")
     if summary.get("train_skipped"):
         many = summary["train_skipped"] != 1
         log.warning("%d training image%s could not be used in this run; the next usable image stood in for %s "

@@ -354,7 +354,8 @@ def test_the_towers_dropout_is_the_references_given_the_same_units():
             # half the units that have a value dropped by each layer on each tower (about 3,200 of the 2 x 2048
             # after ReLU, all of them after tanh): within 0.05 of 0.5, more than 5.5 sigma
             assert len(r["dropped"]) == 2 and all(abs(share - 0.5) < 0.05 for share in r["dropped"]), where
-            assert r["alike"] == [False, False], f"{where}: both towers dropped the same units of their halves"
+            if activation == "tanh":  # after ReLU, the units kept show each tower's own zeros too: not the masks
+                assert r["alike"] == [False, False], f"{where}: both towers dropped the same units of their halves"
 
 
 def _library_worker(rank, fc8_placement):
