@@ -220,15 +220,16 @@ def _class_folders(split_dir: Path) -> list:
     or system one. Raises DataError for a link to nothing, which may be a class whose disk is
     not there."""
     names = []
-    for entry in os.scandir(split_dir):
-        if not_data(entry.name):
-            continue
-        if entry.is_dir():
-            names.append(entry.name)
-        elif entry.is_symlink() and not os.path.exists(entry.path) and not _file_name(entry.name):
-            # (a file's link to nothing, labels.csv say, is as ignored as the file would be)
-            raise DataError(f"{entry.path} is a link to {os.readlink(entry.path)}, which does not exist: a class folder "
-                            f"whose disk is not mounted? Make it reachable, or remove the link")
+    with os.scandir(split_dir) as entries:  # closed by the error below too
+        for entry in entries:
+            if not_data(entry.name):
+                continue
+            if entry.is_dir():
+                names.append(entry.name)
+            elif entry.is_symlink() and not os.path.exists(entry.path) and not _file_name(entry.name):
+                # (a file's link to nothing, labels.csv say, is as ignored as the file would be)
+                raise DataError(f"{entry.path} is a link to {os.readlink(entry.path)}, which does not exist: a class "
+                                f"folder whose disk is not mounted? Make it reachable, or remove the link")
     return sorted(names)
 
 

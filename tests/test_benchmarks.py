@@ -996,6 +996,8 @@ def test_the_temporary_folders_of_a_killed_benchmark_are_removed_by_the_next(tmp
         left.append(Path(holder.stdout.readline().strip()))
         holder.kill()
         assert holder.wait(timeout=60) == -9 and (left[-1] / "weights.pt").exists()
+        holder.stdin.close()
+        holder.stdout.close()
     dead_pid = left[0].name.split("-")[2]
     elsewhere = tmp_path / f"alexnet-program-{dead_pid}-abcdefgh"  # a process of another PID namespace
     elsewhere.mkdir()
