@@ -35,7 +35,7 @@ from .cli import home_path, prints_plainly, remove_abandoned, values_refused
 from .config import TrainConfig
 from .images import BASE_SIZE
 from .mesh import Mesh
-from .meter import check_run_folder
+from .meter import writing_in_run_folder
 from .schedule import Progress
 
 FORMAT = "alexnet-towers/checkpoint"
@@ -546,13 +546,9 @@ def save_training_state(path: Path, tower: Tower, optimizer, progress: Progress,
     if data_mean is not None:
         extra["data_mean"] = data_mean.detach().to("cpu", torch.float32)
     model = unshard([g["model"] for g in gathered])
-    check_run_folder(path.parent)  # the run's folder, as it began: not another made or put there since
-    try:
+    with writing_in_run_folder(path.parent):  # as it began: not another made or put there since
         save_checkpoint(path, checkpoint_payload(model, num_classes=len(classes), architecture=tower.architecture,
                                                  **extra), make_folder=False)
-    except FileNotFoundError:
-        check_run_folder(path.parent)  # gone since the check: said so
-        raise
 
 
 def restore_training_state(path, tower: Tower, optimizer, classes: list, mesh: Mesh,

@@ -1,6 +1,7 @@
 """What rank 0 shows and writes while training: the step line's rolling numbers, a
 progress bar on a terminal, metrics.jsonl, and peak memory."""
 
+import contextlib
 import json
 import os
 import resource
@@ -115,6 +116,27 @@ def check_run_folder(folder: Path) -> None:
         raise RunFolderGone(folder)
 
 
+@contextlib.contextmanager
+def writing_in_run_folder(folder: Path):
+    """A write into ``folder``, the run's: checked to be the run's own before it
+    (check_run_folder), and an error of a folder gone meanwhile named as such."""
+    check_run_folder(folder)
+    try:
+        yield
+    except FileNotFoundError:
+        check_run_folder(folder)
+        raise
+
+
+def summary_steps(folder: Path) -> Optional[int]:
+    """The step at which the run whose summary.json ``folder`` holds ended, or None (none, or not as written)."""
+    try:
+        steps = json.loads((folder / "summary.json").read_bytes()).get("steps")
+    except (OSError, AttributeError, *JSON_DAMAGE):
+        return None
+    return steps if type(steps) is int else None
+
+
 def _hold_run_folder(folder: Path) -> None:
     previous = _RUN_FOLDERS.pop(folder, None)  # an earlier run's there, in this process
     if previous is not None:
@@ -143,13 +165,9 @@ class Metrics:
         A summary.json of a later step, the copy of a summary record dropped, is removed."""
         if self.path is None:
             return
-        summary = self.path.with_name("summary.json")  # a copy of the last summary record: gone with it
-        try:
-            ended = json.loads(summary.read_bytes()).get("steps")
-        except (OSError, AttributeError, *JSON_DAMAGE):
-            ended = None
-        if type(ended) is int and ended > step:
-            summary.unlink(missing_ok=True)
+        ended = summary_steps(self.path.parent)  # summary.json, a copy of the last summary record: gone with it
+        if ended is not None and ended > step:
+            self.path.with_name("summary.json").unlink(missing_ok=True)
         if not self.path.exists():
             self.write(event="resume", step=step, **record)
             return
@@ -168,6 +186,5 @@ class Metrics:
 
     def write(self, **record) -> None:
         if self.path is not None:
-            check_run_folder(self.path.parent)
-            with open(self.path, "a") as f:
+            with writing_in_run_folder(self.path.parent), open(self.path, "a") as f:
                 f.write(json.dumps({"time": time.time(), **record}) + "\n")

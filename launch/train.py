@@ -40,7 +40,7 @@ from .cli import home_path, shell_word, usable_cores, write_whole
 from .config import TrainConfig, update_config_json
 from .mesh import Mesh, build_mesh, coordinates
 from .ranks import ADVICE_FROM_RANK0, PREPARATION_WAIT_S, Placement, error_line, patient_group
-from .meter import Metrics, ProgressBar, RunFolderGone, StepMeter, check_run_folder, duration, peak_memory
+from .meter import Metrics, ProgressBar, RunFolderGone, StepMeter, duration, peak_memory, writing_in_run_folder
 from .schedule import Progress, base_rate, end_of_epoch_schedule, learning_rate
 from .step import AUTOCAST, paper_optimizer, train_step
 
@@ -401,8 +401,8 @@ def save_now(run_dir: Optional[Path], model, optimizer, progress: Progress, conf
     save_training_state(run_dir / FILENAME if run_dir else None, model, optimizer, progress, config, plan.classes,
                         plan.train_images, mesh, plan.stats.mean, digests=plan.digests)
     if run_dir is not None and config.resume:
-        check_run_folder(run_dir)  # still the run's own folder after the save, which took seconds
-        update_config_json(run_dir, config)
+        with writing_in_run_folder(run_dir):  # still the run's own after the save, which took seconds
+            update_config_json(run_dir, config)
     log.info("checkpoint of step %d saved in %.1f s", progress.global_step, time.perf_counter() - started)
 
 
@@ -731,12 +731,9 @@ def run_rank(rank: int, config: TrainConfig, run_dir: Optional[str], placement: 
         if rank == 0:
             try:
                 metrics.write(event="summary", **summary)
-                try:
+                with writing_in_run_folder(run_dir):
                     write_whole(run_dir / "summary.json",
                                 lambda partial: partial.write_text(json.dumps(summary, indent=2) + "\n"))
-                except FileNotFoundError:
-                    check_run_folder(run_dir)  # gone since the record: said so
-                    raise
             except RunFolderGone:  # the run trained to its end, saved: its results follow
                 log.warning("%s is gone (moved, removed or replaced after its last checkpoint): the run's summary is "
                             "not written there, and follows", run_dir)

@@ -49,6 +49,7 @@ from .cli import (JSON_DAMAGE, MAX_PROCESSES_PER_CORE, home_path, lock_exclusive
                   usable_cores, write_whole)
 from .config import (KEPT_UNLESS_GIVEN, RUN_CONTROL, TrainConfig, build_parser, check_schedule_options, describe_recipe,
                      given_options, parse_config, recipe_warnings, resolve)
+from .meter import summary_steps
 from .ranks import (LOOPBACK, PREPARATION_WAIT_S, RankFailure, choose_placement, cpu_threads_per_rank, die_with_parent,
                     error_line, init_process_group, patient_group, raise_interrupt, reuse_freed_memory, run_ranks)
 from .train import architecture, describe_evaluation, elsewhere_than, log_file, run_rank, setup_logging
@@ -809,11 +810,8 @@ def _from_checkpoint(config: TrainConfig, run_dir: Path, resume: str) -> str:
     all_epochs, max_steps = epoch >= config.epochs, config.max_steps is not None and step >= config.max_steps
     if not (all_epochs or max_steps):
         return resume
-    try:  # the summary of this very step, not of the run before it was resumed to train longer
-        summarized = json.loads((run_dir / "summary.json").read_text()).get("steps") == step
-    except (OSError, AttributeError, *JSON_DAMAGE):
-        summarized = False
-    if summarized:
+    # the summary of this very step, not of the run before it was resumed to train longer
+    if summary_steps(run_dir) == step:
         return f"the run had ended, at step {step}, and written its summary: its results are in {run_dir}"
     longer = (f"train it longer with --resume {shell_word(run_dir)} --epochs N, N > {epoch}" if all_epochs else
               f"train on with --resume {shell_word(run_dir)} and a larger --max-steps, or none")
