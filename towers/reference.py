@@ -201,7 +201,7 @@ def _scaled_init(name: str, layer: nn.Module):
     """0.6 x He et al.'s std, sqrt(2 / fan_in) (fan_in per group), FC8 std 0.001, biases 0:
     every layer starts with activations of about the same size, so the output depends on
     the input from the first step (with the paper's scheme, on raw 0-255 pixels, the
-    between-image spread of the logits starts near 0.004)."""
+    spread of each logit over images starts near 0.01)."""
     if name == "fc8":
         return 0.001, 0.0
     return 0.6 * math.sqrt(2.0 / layer.weight[0].numel()), 0.0
