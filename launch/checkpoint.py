@@ -170,12 +170,10 @@ def _expected_shapes(num_classes: int, architecture: Architecture) -> dict:
 
 
 def _starts_as_a_zip(path: Path) -> bool:
-    """Whether the file begins as a zip archive does (whole or cut short: its index is at its end)."""
-    try:
-        with open(path, "rb") as file:
-            return file.read(4) == b"PK\x03\x04"
-    except OSError:
-        return False
+    """Whether the file begins as a zip archive does (whole or cut short: its index is at its
+    end). Raises the OSError of a file that cannot be read."""
+    with open(path, "rb") as file:
+        return file.read(4) == b"PK\x03\x04"
 
 
 def damaged_record(path: Path) -> Optional[str]:
@@ -206,23 +204,29 @@ def damaged_record(path: Path) -> Optional[str]:
     return None
 
 
-def read_as_saved(path) -> dict:
-    """A checkpoint's contents as torch.load gives them, unchecked and mmap'd (nothing read until
-    used): what load_checkpoint checks, and what advice about a checkpoint that it may refuse
-    (weights that ran away) reads. Raises what torch.load raises."""
-    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+def read_as_saved(path, mmap: bool = True) -> dict:
+    """A checkpoint's contents as torch.load gives them, unchecked and, with ``mmap``, mapped
+    (nothing read until used): what load_checkpoint checks, and what advice about a checkpoint
+    that it may refuse (weights that ran away) reads. Raises what torch.load raises."""
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
 
 
-def load_checkpoint(path, classes: Optional[list] = None) -> dict:
+def load_checkpoint(path, classes: Optional[list] = None, mmap: bool = True) -> dict:
     """Loads and checks a checkpoint, and that it was trained on ``classes`` (the data's class
-    names, in order) if given; raises CheckpointError naming the problem and the fix."""
+    names, in order) if given; raises CheckpointError naming the problem and the fix. Its
+    mean image comes float32, in memory. ``mmap=False`` reads the rest into memory too, for a
+    reader that holds it while the file may be written over (launch.predict, launch.show):
+    a mapped file cut short under a reader ends it with SIGBUS."""
     path = resolve_path(path)
     damaged = damaged_record(path)
     if damaged is not None:
         raise CheckpointError(f"{path} is damaged: its record {damaged} does not match the checksum written with it "
                               f"(a disk or a copy went wrong): give an undamaged copy, or an earlier checkpoint")
+    not_whole = f"{path} is truncated or not a checkpoint ({{}}): give a whole checkpoint that this program wrote"
     try:
-        payload = read_as_saved(path)
+        if not _starts_as_a_zip(path):  # unmapped, torch.load would read its legacy format unchecked
+            raise CheckpointError(not_whole.format("not a zip archive, as torch.save writes a checkpoint"))
+        payload = read_as_saved(path, mmap)
     except pickle.UnpicklingError as exc:
         culprit = next((line.strip() for line in str(exc).splitlines() if "GLOBAL" in line), "an unsupported object")
         raise CheckpointError(
@@ -230,14 +234,10 @@ def load_checkpoint(path, classes: Optional[list] = None) -> dict:
             f"unpickling them could run code ({culprit}). Only checkpoints written by this project load") from None
     except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, OSError,
             KeyError, IndexError, TypeError, AttributeError) as exc:  # the last four: a pickle edited by hand
-        # not torch's advice for a file that is no zip archive: "torch.save your checkpoint with this option"
         first = (str(exc).splitlines() or [""])[0]
         if len(first) > 200:  # torch's long advice, cut at a word and said to be cut
             first = first[:200].rsplit(" ", 1)[0] + " ..."
-        why = (f"{type(exc).__name__}: {first}" if isinstance(exc, OSError)
-               or _starts_as_a_zip(path) else "not a zip archive, as torch.save writes a checkpoint")
-        raise CheckpointError(f"{path} is truncated or not a checkpoint ({why}): give a whole checkpoint that this "
-                              f"program wrote") from None
+        raise CheckpointError(not_whole.format(f"{type(exc).__name__}: {first}")) from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a checkpoint of this project (no '{FORMAT}' marker)")
     if payload.get("version") != VERSION:
@@ -283,6 +283,8 @@ def load_checkpoint(path, classes: Optional[list] = None) -> dict:
         raise CheckpointError(f"{path} holds values that are not finite numbers (NaN or infinite) in "
                               f"{', '.join(broken[:4])}{' ...' if len(broken) > 4 else ''}: the run diverged before "
                               f"it was saved; use an earlier checkpoint, or train again with a lower --lr")
+    if mean is not None:
+        payload["data_mean"] = mean.to(torch.float32, copy=True)
     return payload
 
 
@@ -405,7 +407,11 @@ def _renamed(saved: str, now: str) -> str:
 def load_reference(path, dropout: float = 0.5) -> AlexNet:
     """The single-device net with a checkpoint's weights (from the towers or from a single
     process), built with the architecture the checkpoint records (``model.architecture``)."""
-    payload = load_checkpoint(path)
+    return reference_from(load_checkpoint(path), dropout)
+
+
+def reference_from(payload: dict, dropout: float = 0.5) -> AlexNet:
+    """load_reference of a checkpoint loaded already (load_checkpoint's payload)."""
     model = AlexNet(payload["arch"]["num_classes"], dropout, checkpoint_architecture(payload))
     model.load_state_dict(payload["model"])
     return model

@@ -7,7 +7,7 @@ format and colour mode PIL reads, the same refusals), brought to the 256 base im
 the training set's mean image subtracted, then the centre 224 patch or, with
 --ten-crop, the paper's ten patches with their softmaxes averaged
 (:func:`launch.data.eval_views`). The net is the single-device reference rebuilt by
-:func:`launch.checkpoint.load_reference`, in eval mode.
+:func:`launch.checkpoint.reference_from`, in eval mode.
 
 The mean image and the class names come from the checkpoint. An older checkpoint
 without the mean image (or one saved from the reference without class names) needs
@@ -36,7 +36,7 @@ from typing import Iterator, List, NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import CheckpointError, check_classes, load_checkpoint, load_reference, resolve_path
+from .checkpoint import CheckpointError, check_classes, load_checkpoint, reference_from, resolve_path
 from .cli import (CLOSED_AT_START, OutputFailed, Parser, add_options, one_line, option, quick_exit, refuse_empty,
                   write_out)
 from .data import DataStats, center_crop, eval_views, open_data
@@ -46,6 +46,7 @@ from .train import IMAGE_SHAPE
 log = logging.getLogger("launch.predict")
 
 TEN_PATCHES = 10  # four corners, the centre, and their reflections (section 4.1)
+PATCHES_PER_FORWARD = 160  # through the net at once (--batch-size 300 --ten-crop, 3,000 at once, took 18 GB)
 
 
 @dataclass
@@ -53,7 +54,8 @@ class PredictOptions:
     ten_crop: bool = option(False, "average the softmax over the paper's ten patches (four corners, centre and "
                                    "their reflections) instead of taking the centre patch", action="store_true")
     top: int = option(5, "classes shown per image (all of them when the net has fewer)")
-    batch_size: int = option(16, "images per forward pass (ten patches each with --ten-crop)")
+    batch_size: int = option(16, f"images decoded and held at once, their patches through the net "
+                                  f"{PATCHES_PER_FORWARD} at a time (memory grows with it)")
     device: str = option("auto", "'auto': the GPU when there is one, else the CPU", choices=("auto", "cpu", "cuda"))
     data: Optional[str] = option(None, "the ImageNet-layout folder the checkpoint was trained on; needed only for "
                                        "a checkpoint that holds no mean image or no class names (older ones)")
@@ -67,8 +69,6 @@ class PredictOptions:
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
 
-
-PATCHES_PER_FORWARD = 160  # through the net at once (--batch-size 300 --ten-crop, 3,000 at once, took 18 GB)
 
 class Prediction(NamedTuple):
     path: str
@@ -152,26 +152,24 @@ def open_classifier(checkpoint, data: Optional[str] = None, device="cpu") -> Cla
     mean image of its training set, taken from the checkpoint or, where it lacks them,
     from ``data``. Raises CheckpointError or ValueError (DataError) naming the fix."""
     path = resolve_path(checkpoint)
-    payload = load_checkpoint(path)
+    payload = load_checkpoint(path, mmap=False)  # read whole: the file may be written over while the images go
     classes, mean = payload.get("classes"), payload.get("data_mean")
     missing = [what for what, value in (("class names", classes), ("mean image of its training set", mean))
                if value is None]
     if missing and data is None:
         raise CheckpointError(f"{path} holds no {' and no '.join(missing)} (saved by an older version, or from the "
                               f"single-device model without them): give --data DIR, the data it was trained on")
-    stats = None
+    # eval_views subtracts the mean alone; the PCA is for training's colour shift, not saved.
+    stats = None if mean is None else DataStats.of_mean(mean)
     if missing:
-        bundle = open_data(data)
+        bundle = open_data(data, stats=stats)  # statistics computed only for a checkpoint without its mean
         check_classes(payload, path, bundle.classes)  # the data it was trained on, or its mean would be wrong
         classes = classes if classes is not None else bundle.classes
-        stats = bundle.stats if mean is None else None
+        stats = bundle.stats
     elif data is not None:
         log.info("%s holds its class names and mean image: --data is not needed and not read", path)
-    if stats is None:
-        # eval_views subtracts the mean alone; the PCA is for training's colour shift, not saved.
-        stats = DataStats(mean=mean.to(torch.float32), eigval=torch.zeros(3), eigvec=torch.eye(3))
     classes = list(classes)  # distinct names, one per output (load_checkpoint checks a checkpoint's own)
-    model = load_reference(path).eval().to(device)  # load_reference rebuilds whatever net the checkpoint records
+    model = reference_from(payload).eval().to(device)  # whatever net the checkpoint records
     return Classifier(model, classes, stats, torch.device(device))
 
 
@@ -240,6 +238,9 @@ def main(argv=None) -> int:
                                  "open, or send it to a file (> predictions.txt)")
             options.validate()
             refuse_empty(CHECKPOINT=checkpoint)
+            if "" in paths:  # not the current folder, which Path("") is
+                raise ValueError(f"IMAGE number {paths.index('') + 1} is empty (an unset variable?): give an "
+                                 f"image's path")
             classifier = open_classifier(checkpoint, options.data, choose_device(options.device))
         except (ValueError, CheckpointError) as exc:  # DataError is a ValueError
             log.error("error: %s", exc)

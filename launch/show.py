@@ -61,7 +61,7 @@ from towers.reference import LAYERS
 
 from . import data as data_module
 from .checkpoint import (FILENAME, CheckpointError, check_classes, checkpoint_architecture, load_checkpoint,
-                         load_reference)
+                         reference_from)
 from .cli import (JSON_DAMAGE, OutputFailed, Parser, add_options, home_path, lock_folder, one_line, option, quick_exit,
                   refuse_empty, shell_word, write_out, write_whole)
 from .stats import DataStats
@@ -138,13 +138,14 @@ class RunFolder:
         self._checkpoint = None
 
     def checkpoint(self) -> dict:
-        """The loaded checkpoint.pt (memory-mapped), or Skipped saying why not."""
+        """The loaded checkpoint.pt (read into memory: the file may be written over while the
+        pictures are drawn), or Skipped saying why not."""
         if self._checkpoint is None:
             if not (self.path / FILENAME).is_file():
                 raise Skipped(f"no {FILENAME} yet: a run writes it at the end of each epoch (and every "
                               f"--checkpoint-every steps, and when --max-steps stops it)")
             try:
-                payload = load_checkpoint(self.path)
+                payload = load_checkpoint(self.path, mmap=False)
             except CheckpointError as exc:
                 raise Skipped(str(exc)) from None
             # Its net against the folder's (towers and single are one net, which a resume may switch)
@@ -156,6 +157,7 @@ class RunFolder:
                 name = differ[0]
                 raise Skipped(f"{FILENAME} is another run's: its {name} is {net[name]}, config.json's "
                               f"{expected[name]}; put the run's own checkpoint back, or draw the folder it came from")
+            payload.pop("momentum_buffer", None)  # as large as the weights, and not drawn
             self._checkpoint = payload
         return self._checkpoint
 
@@ -692,17 +694,17 @@ def _open_neighbour_data(run: RunFolder, options: ShowOptions, payload: dict):
     --data that cannot be used is the user's error (ValueError); the run's own folder
     gone or changed skips the picture."""
     data_dir = options.data if options.data is not None else run.config.get("data")
-    if not isinstance(data_dir, (str, type(None))):
+    if not isinstance(data_dir, (str, type(None))) or data_dir == "":  # "" would be the current folder
         raise Skipped("config.json's \"data\" is not a folder name; give the data the run was trained on with "
                       "--data DIR")
     mean = payload.get("data_mean")
     # The checkpoint's mean image is the one used: the data's statistics are not computed (a
     # pass over 2,000 images, cached in the data folder) for a folder that may be refused.
-    known = None if mean is None else DataStats(mean, torch.zeros(3), torch.eye(3), pca_source="not used")
+    known = None if mean is None else DataStats.of_mean(mean)
     try:
         bundle = data_module.open_data(data_dir, stats=known)
         check_classes(payload, run.path / FILENAME, bundle.classes)
-    except (data_module.DataError, CheckpointError) as exc:
+    except (ValueError, CheckpointError) as exc:  # DataError, and a path such as ~user of no user
         if options.data is not None:
             raise ValueError(f"--data: {exc}") from None
         raise Skipped(f"the run's data cannot be used ({exc}); give the data it was trained on with --data DIR") from None
@@ -722,7 +724,7 @@ def choose_device(name: str) -> torch.device:
 def draw_neighbours(run: RunFolder, out: Path, options: ShowOptions) -> Path:
     payload = run.checkpoint()
     bundle, mean = _open_neighbour_data(run, options, payload)
-    model = load_reference(run.path / FILENAME)
+    model = reference_from(payload)
     found = find_neighbours(model, bundle, mean, options.images, options.neighbour_pool, options.batch_size,
                             choose_device(options.device))
     classes = [shown(name) for name in bundle.classes]
@@ -796,7 +798,8 @@ def _output_folder(run: RunFolder, out: Optional[str]) -> tuple:
     try:
         folder.mkdir(parents=True, exist_ok=True)
         if not os.access(folder, os.W_OK):
-            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+            code = errno.EROFS if os.statvfs(folder).f_flag & os.ST_RDONLY else errno.EACCES
+            raise OSError(code, os.strerror(code))
     except OSError as exc:
         _remove_empty(made)
         raise ValueError(f"cannot write the pictures to {folder} ({exc.strerror}): give a folder you can write "

@@ -58,9 +58,13 @@ class DataStats:
     eigval: torch.Tensor  # 3, float32, std along each principal component, decreasing
     eigvec: torch.Tensor  # 3 x 3 float32, columns are the principal components
     images: int = 0  # how many training images the statistics were computed from
-    pca_source: str = "computed"  # or "imagenet": the published ImageNet PCA
+    pca_source: str = "computed"  # or "imagenet": the published ImageNet PCA; "not used": a mean alone (of_mean)
 
-
+    @classmethod
+    def of_mean(cls, mean: torch.Tensor) -> "DataStats":
+        """A checkpoint's mean image as statistics, for an evaluation: it subtracts the mean
+        and shifts no colour, so no PCA (nor pass over the training images) is needed."""
+        return cls(mean, torch.zeros(3), torch.eye(3), pca_source="not used")
 
 
 def pca_from_covariance(covariance: np.ndarray):

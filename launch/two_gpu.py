@@ -419,9 +419,7 @@ def _prepare_run(config: TrainConfig, checkpoint: Optional[dict]):
                              f"images' new place with --data")
         raise ValueError(f"--data {config.data} does not exist: give the folder of the images that {config.resume} "
                          f"was trained on")
-    saved_mean = None if checkpoint is None else checkpoint.get("data_mean")
-    if saved_mean is not None:
-        saved_mean = saved_mean.to(torch.float32).clone()
+    saved_mean = None if checkpoint is None else checkpoint.get("data_mean")  # in memory (load_checkpoint)
     # The net goes on seeing its inputs minus the mean image it was trained with, not the
     # mean of what --data holds now (another set, or the same one grown). An evaluation with
     # it needs nothing else of the training set: not its statistics, not even its train/.
@@ -431,8 +429,7 @@ def _prepare_run(config: TrainConfig, checkpoint: Optional[dict]):
         raise ValueError(f"{config.eval_only} holds no mean image of its training set (saved by an earlier version, "
                          f"or from the single-device model without it), so the evaluation computes it from the "
                          f"training images: give --data a folder that holds the train/ it was trained on too")
-    known = data_module.DataStats(saved_mean, torch.zeros(3), torch.eye(3), pca_source="not used") if evaluating \
-        else None
+    known = data_module.DataStats.of_mean(saved_mean) if evaluating else None
     def the_runs_data(bundle) -> None:  # a resume refused for other data computes, caches and removes nothing
         check_classes(checkpoint, resolve_path(config.resume), bundle.classes)
         check_resumable(resolve(config, train_images=len(bundle.train)), checkpoint, bundle)

@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import re
 import shutil
 import signal
@@ -22,6 +23,7 @@ import sys
 import sysconfig
 import tempfile
 import time
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -383,7 +385,8 @@ def test_a_failing_disk_is_reported_as_the_disks_error_and_keeps_the_previous_ch
                 raise error
             return super().write(data)
 
-    monkeypatch.setattr(checkpoint, "open", lambda name, mode: io.BufferedWriter(Failing(name, mode)), raising=False)
+    monkeypatch.setattr(checkpoint, "open", lambda name, mode: io.BufferedWriter(Failing(name, mode)) if "w" in mode
+                        else io.open(name, mode), raising=False)  # the save's; a load's reads as it does
     with pytest.raises(type(error)) as info:
         save_checkpoint(path, payload(2))
     assert info.value is error and not isinstance(info.value, RuntimeError)
@@ -1518,19 +1521,26 @@ def test_a_checkpoint_of_other_classes_is_refused(tiny_data, tmp_path, caplog):
 
 def test_a_file_that_is_no_checkpoint_is_named_as_such_without_torchs_advice(tmp_path):
     """torch.load's own message for a file that is not a zip archive advises saving it again
-    with an option of torch.save: no help to whoever was handed the file."""
+    with an option of torch.save: no help to whoever was handed the file. Read whole, not
+    mapped (launch.predict, launch.show), torch.load reads its legacy format, a checkpoint in
+    it too (with no checksums to check), and warns of a plain pickle before refusing it."""
     legacy, noise, truncated = tmp_path / "legacy.pt", tmp_path / "noise.pt", tmp_path / "truncated.pt"
+    plain, saved_legacy = tmp_path / "plain.pt", tmp_path / "saved-legacy.pt"
     torch.save({"format": FORMAT}, legacy, _use_new_zipfile_serialization=False)  # torch's format before 1.6
     noise.write_bytes(bytes(range(256)) * 4)
+    plain.write_bytes(pickle.dumps({"format": FORMAT}, protocol=4))
     save_reference(truncated, reference_from_seed(10, 0))
+    torch.save(load_checkpoint(truncated), saved_legacy, _use_new_zipfile_serialization=False)
     truncated.write_bytes(truncated.read_bytes()[:1 << 20])
-    for path in (legacy, noise, truncated):
-        with pytest.raises(checkpoint.CheckpointError) as refused:
-            load_checkpoint(path)
-        said = str(refused.value)
-        assert said.startswith(f"{path} is truncated or not a checkpoint (") and "torch.save your" not in said, said
-        assert said.endswith("): give a whole checkpoint that this program wrote"), said
-        assert ("not a zip archive" in said) == (path != truncated), said
+    for path in (legacy, noise, plain, saved_legacy, truncated):
+        for mmap in (True, False):
+            with pytest.raises(checkpoint.CheckpointError) as refused, warnings.catch_warnings():
+                warnings.simplefilter("error")  # nothing said before the refusal's one line
+                load_checkpoint(path, mmap=mmap)
+            said = str(refused.value)
+            assert said.startswith(f"{path} is truncated or not a checkpoint (") and "torch.save your" not in said, said
+            assert said.endswith("): give a whole checkpoint that this program wrote"), said
+            assert ("not a zip archive" in said) == (path != truncated), said
     with pytest.raises(RuntimeError) as torchs:
         torch.load(truncated, weights_only=True)
     first = str(torchs.value).splitlines()[0]  # its first line: cut at a word, and said to be, where it is long

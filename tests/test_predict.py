@@ -262,6 +262,34 @@ def test_a_checkpoint_without_mean_or_names_needs_the_data_it_was_trained_on(che
     assert open_classifier(checkpoints["full"], data="/nonexistent").stats.mean.equal(checkpoints["mean"])
 
 
+def test_a_checkpoint_with_its_mean_and_without_names_reads_only_the_names_from_the_data(checkpoints, tiny_data,
+                                                                                        tmp_path, monkeypatch):
+    """No pass over the training images for statistics the checkpoint holds (nor their cache
+    file written into the data folder)."""
+    nameless = tmp_path / "nameless.pt"
+    _save(nameless, load_reference(checkpoints["full"]), data_mean=checkpoints["mean"])
+
+    def computed(*args, **kwargs):
+        raise AssertionError("the training set's statistics were computed")
+    monkeypatch.setattr("launch.data.load_or_compute_stats", computed)
+    classifier = open_classifier(nameless, data=str(tiny_data))
+    assert classifier.classes == CLASSES and classifier.stats.mean.equal(checkpoints["mean"])
+
+
+def test_the_checkpoint_is_read_whole_so_that_it_may_be_written_over_while_the_images_go(checkpoints, photos,
+                                                                                         tmp_path):
+    """Mapped, a checkpoint cut short (a cp of another over it) ended the program with SIGBUS
+    at the next batch, the mean image read from the mapping."""
+    copied = tmp_path / "copied.pt"
+    shutil.copyfile(checkpoints["full"], copied)
+    classifier = open_classifier(copied)
+    assert os.path.realpath(copied) not in open("/proc/self/maps").read()
+    before = _predictions(classifier, photos[:2])
+    copied.write_bytes(b"")
+    after = _predictions(classifier, photos[:2])
+    assert all(a.probabilities.equal(b.probabilities) for a, b in zip(after, before))
+
+
 def test_an_image_name_that_is_not_utf8_is_printed_as_its_bytes_even_to_a_strict_output(checkpoints, photos,
                                                                                          tmp_path, monkeypatch):
     named = tmp_path / os.fsdecode(b"caf\xe9.png")  # Latin-1, as an old camera or archive names it
@@ -387,11 +415,12 @@ def _refusal(case, checkpoints, photos, tmp_path):
         # an unset "$VARIABLE": not the current folder's checkpoint.pt, nor the current folder as the data
         "empty checkpoint": (["", photos[0]], "error: CHECKPOINT is empty: give a path (. for the current folder)"),
         "empty data": ([checkpoints["full"], photos[0], "--data", ""], "error: --data is empty: give a value"),
+        "empty image": ([checkpoints["full"], photos[0], ""], "error: IMAGE number 2 is empty (an unset variable?)"),
     }[case]
 
 
 @pytest.mark.parametrize("case", ["missing checkpoint", "no mean", "not a checkpoint", "bad option", "no image",
-                                  "empty checkpoint", "empty data"])
+                                  "empty checkpoint", "empty data", "empty image"])
 def test_bad_checkpoints_and_options_are_refused_with_the_fix(checkpoints, photos, tmp_path, case, caplog, capsys):
     """In this process (the program's log goes to caplog); the real process: the test below."""
     args, expected = _refusal(case, checkpoints, photos, tmp_path)

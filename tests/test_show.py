@@ -401,14 +401,38 @@ def test_what_a_hand_edited_summary_lacks_is_left_out_with_a_note(tmp_path, case
     check_png(run / "show" / "curves.png")
 
 
-def test_a_hand_edited_data_folder_in_config_json_skips_figure_4(reference, tiny_bundle, tmp_path, caplog):
+@pytest.mark.parametrize("data, why", [
+    (5, "config.json's \"data\" is not a folder name"),
+    ("", "config.json's \"data\" is not a folder name"),  # not the current folder
+    ("~no-such-user-here/data", "the run's data cannot be used (~no-such-user-here"),  # not the whole show refused
+], ids=["number", "empty", "no such user"])
+def test_a_hand_edited_data_folder_in_config_json_skips_figure_4(reference, tiny_bundle, tmp_path, caplog, data, why):
     run = write_run(tmp_path / "run", reference.state_dict(), bundle=tiny_bundle)
     config = json.loads((run / "config.json").read_text())
-    (run / "config.json").write_text(json.dumps({**config, "data": 5}))
+    (run / "config.json").write_text(json.dumps({**config, "data": data}))
     with caplog.at_level(logging.INFO, logger="launch.show"):
         assert show.main([str(run), "--only", "colour,neighbours"]) == 0
-    assert "skipped neighbours: config.json's \"data\" is not a folder name" in caplog.text
+    assert f"skipped neighbours: {why}" in caplog.text, caplog.text
     check_png(run / "show" / "colour.png")
+
+
+def test_the_checkpoint_is_read_whole_so_that_it_may_be_written_over_while_the_pictures_are_drawn(
+        reference, tiny_bundle, tiny_data, tmp_path):
+    """Mapped, a checkpoint cut short (a cp of another over it) ended the drawing with SIGBUS.
+    A mean image saved in float64 (a hand-made checkpoint; the program saves float32) is drawn
+    with too: it stopped Figure 4 with a traceback."""
+    run = write_run(tmp_path / "run", None, bundle=tiny_bundle, data=tiny_data)
+    save_checkpoint(run / "checkpoint.pt", checkpoint_payload(
+        reference.state_dict(), num_classes=len(tiny_bundle.classes), classes=list(tiny_bundle.classes),
+        data_mean=tiny_bundle.stats.mean.double()))
+    folder = show.RunFolder(run)
+    folder.checkpoint()
+    assert os.path.realpath(run / "checkpoint.pt") not in Path("/proc/self/maps").read_text()
+    (run / "checkpoint.pt").write_bytes(b"")
+    options = show.ShowOptions(images=2, neighbour_pool=10)
+    (run / "show").mkdir()
+    for picture in (show.draw_kernels(folder, run / "show"), show.draw_neighbours(folder, run / "show", options)):
+        check_png(picture)
 
 
 def test_a_second_show_into_the_same_folder_is_refused_while_the_first_draws(tmp_path, caplog):
@@ -698,6 +722,26 @@ def test_a_bad_run_dir_gives_one_line_and_exit_2(tmp_path):
     assert len(lines) == 1 and lines[0].startswith("error: ") and str(run) in lines[0], result.stderr
     assert BAD_RUN_DIRS["nothing to draw"] in lines[0]
     assert not (run / "show").exists()
+
+
+@pytest.mark.slow  # a real process, in a mount namespace of its own
+def test_a_read_only_disk_for_the_pictures_is_named_as_such(tmp_path):
+    """Not "Permission denied", which sends the user to the folder's permissions."""
+    run = write_run(tmp_path / "run", metrics=METRICS, summary=SUMMARY)
+    read_only = tmp_path / "read-only"
+    read_only.mkdir()
+    script = (f"mount -t tmpfs -o ro tmpfs {read_only} && "
+              f"exec {sys.executable} -m launch.show {run} --only curves --out {read_only}")
+    try:
+        result = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script], cwd=ROOT,
+                                capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+    except FileNotFoundError:
+        pytest.skip("no unshare command: cannot mount a read-only disk without touching the machine's mounts")
+    if result.returncode != 0 and "mount" in result.stderr and "error: " not in result.stderr:
+        pytest.skip(f"cannot mount a read-only disk here: {result.stderr.strip()[:200]}")
+    assert (result.returncode, result.stdout) == (2, ""), result.stderr
+    assert result.stderr.splitlines() == [f"error: cannot write the pictures to {read_only} (Read-only file system): "
+                                          f"give a folder you can write with --out"]
 
 
 # --------------------------------------------------------------------------- the real program
