@@ -22,7 +22,7 @@ import signal
 import sys
 import tempfile
 import threading
-from multiprocessing import reduction, util
+from multiprocessing import reduction, resource_tracker, util
 
 from launch.cli import standard_streams  # torch-free
 
@@ -58,11 +58,32 @@ def room_for_sockets() -> None:
         SOCKET_PATH_MAX, usable)
 
 
+# multiprocessing's resource tracker removes the semaphores of a process killed while it held
+# them (a rank's DataLoader queues), and says so in a warning as it ends: after the program's
+# last line, which says what to do next.
+QUIET_TRACKER = "ignore::UserWarning:multiprocessing.resource_tracker"
+
+
+def _start_resource_tracker() -> None:
+    """Starts multiprocessing's resource tracker (the fork server, its ranks and their workers
+    share this process's) with ``QUIET_TRACKER`` among its warning filters."""
+    given = os.environ.get("PYTHONWARNINGS")
+    os.environ["PYTHONWARNINGS"] = f"{given},{QUIET_TRACKER}" if given else QUIET_TRACKER  # for the tracker alone
+    try:
+        resource_tracker.ensure_running()
+    finally:
+        if given is None:
+            del os.environ["PYTHONWARNINGS"]
+        else:
+            os.environ["PYTHONWARNINGS"] = given
+
+
 def start() -> None:
     """Starts the server if it is not running (at most once per process; later calls return at once).
     It starts with SIGINT ignored, so that a Ctrl-C during its imports does not print its
     traceback beside the launcher's; the ranks handle SIGINT again (``as_rank``)."""
     room_for_sockets()
+    _start_resource_tracker()
     forkserver.set_forkserver_preload(PRELOAD)
     if threading.current_thread() is not threading.main_thread():  # only the main thread sets handlers
         forkserver.ensure_running()
