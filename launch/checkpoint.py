@@ -35,6 +35,7 @@ from .cli import home_path, prints_plainly, remove_abandoned, values_refused
 from .config import TrainConfig
 from .images import BASE_SIZE
 from .mesh import Mesh
+from .ranks import sigterm_as_interrupt
 from .meter import writing_in_run_folder
 from .schedule import Progress
 
@@ -80,7 +81,8 @@ def save_checkpoint(path: Path, payload: dict, make_folder: bool = True) -> None
         raise _disk_full(path, needed)
     tmp = path.with_name(f"{_save_prefix(path)}{socket.gethostname()}-{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
+        # SIGTERM (a batch system ending the job, a rank's launcher gone) removes the part written, as Ctrl-C does
+        with sigterm_as_interrupt(), open(tmp, "wb") as f:
             torch.save(payload, f)
             f.flush()
             os.fsync(f.fileno())

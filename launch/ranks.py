@@ -290,6 +290,23 @@ def raise_interrupt(signum, frame):
 
 
 @contextlib.contextmanager
+def sigterm_as_interrupt():
+    """SIGTERM stops the program as Ctrl-C does within (in the main thread, where handlers can be
+    set), so that what cleans up after a Ctrl-C runs: where SIGTERM kills at once (a rank's
+    default), only around work that never waits on another process, which would hold the
+    handler back as long."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, raise_interrupt)
+    try:
+        yield
+    finally:
+        if previous is not None:  # None: a handler set outside Python, which cannot be set back
+            signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
 def _interrupts_ignored():
     """SIGINT and SIGTERM ignored within (in the main thread, where handlers can be set): the stop
     they asked for is bounded (_stop), and then the program ends."""

@@ -762,6 +762,9 @@ def main(argv=None) -> int:
         report(summary)
         return 0
     finally:
+        if started and run_dir is not None:  # the ranks have ended: a save one was killed in left its part
+            with contextlib.suppress(OSError):
+                remove_abandoned_saves(run_dir / FILENAME)
         if lock is not None:
             lock.close()
         if previous_sigterm is not None:

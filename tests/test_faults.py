@@ -148,6 +148,51 @@ def test_a_killed_rank_ends_the_run_naming_it(tiny_data, tmp_path, rank):
     assert "Traceback" not in err
 
 
+# Imported by every Python process the run starts (on PYTHONPATH): a save of a checkpoint stops
+# before its sync, its whole temporary file written, until the process is killed.
+_STOPS_IN_A_SAVE = """
+import os, signal
+_fsync = os.fsync
+def fsync(fd):
+    try:
+        name = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        name = ""
+    while ".checkpoint.pt.tmp-" in name:
+        signal.pause()
+    return _fsync(fd)
+os.fsync = fsync
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stop", ["rank 0 killed", "SIGTERM to the group"])
+def test_a_save_cut_short_leaves_no_partial_file(tiny_data, tmp_path, monkeypatch, stop):
+    """Rank 0 killed in a save (SIGKILL), or the whole group told to end (SIGTERM, as a batch
+    system or docker stop ends a job): the ranks die at once, and the launcher removes the
+    save's temporary file (of some 200 MB), which was left until a resume."""
+    (tmp_path / "hook").mkdir()
+    (tmp_path / "hook" / "sitecustomize.py").write_text(_STOPS_IN_A_SAVE)
+    monkeypatch.setenv("PYTHONPATH", f"{tmp_path / 'hook'}{os.pathsep}{ROOT}")
+    run = _start(tiny_data, tmp_path, "--checkpoint-every", "1")
+    deadline = time.monotonic() + BOUND_S
+    while not list(run.run_dir.glob(".checkpoint.pt.tmp-*")):
+        assert run.proc.poll() is None and time.monotonic() < deadline, run.stderr()
+        time.sleep(0.05)
+    if stop == "rank 0 killed":
+        os.kill(run.ranks()[0], signal.SIGKILL)
+    else:
+        os.killpg(run.proc.pid, signal.SIGTERM)
+    assert run.wait() == (1 if stop == "rank 0 killed" else 130), run.stderr()
+    _no_leftovers(run)
+    assert not list(run.run_dir.glob(".checkpoint.pt.tmp-*")) and not (run.run_dir / "checkpoint.pt").exists()
+    assert run.stderr().endswith(f"no checkpoint was written yet, so there is nothing to resume: start the run "
+                                 f"again under another --run-name (or after removing {run.run_dir})\n"
+                                 if stop != "rank 0 killed" else
+                                 f"no checkpoint was written yet: once the cause is fixed, start the run again under "
+                                 f"another --run-name (or after removing {run.run_dir})\n"), run.stderr()
+
+
 @pytest.mark.slow
 def test_ctrl_c_stops_both_ranks(tiny_data, tmp_path):
     run = _start(tiny_data, tmp_path)
