@@ -263,8 +263,17 @@ def abandoned(owner: str) -> bool:
     except ProcessLookupError:
         return True
     except (OSError, OverflowError):  # such as EPERM: another user's live process
-        pass
-    return False
+        return False
+    return os.path.isdir(f"/proc/{pid}") and not alive(int(pid))  # Linux: a zombie has ended
+
+
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (Linux: not gone, nor a zombie, dead and not yet reaped)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return False
 
 
 NAME_MAX = 255  # bytes in one file name, on the file systems of Linux and macOS

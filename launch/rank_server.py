@@ -60,22 +60,19 @@ def room_for_sockets() -> None:
 
 # multiprocessing's resource tracker removes the semaphores of a process killed while it held
 # them (a rank's DataLoader queues), and says so in a warning as it ends: after the program's
-# last line, which says what to do next.
+# last line, which says what to do next. (Its other warnings, of a removal that failed, go too.)
 QUIET_TRACKER = "ignore::UserWarning:multiprocessing.resource_tracker"
 
 
 def _start_resource_tracker() -> None:
     """Starts multiprocessing's resource tracker (the fork server, its ranks and their workers
-    share this process's) with ``QUIET_TRACKER`` among its warning filters."""
-    given = os.environ.get("PYTHONWARNINGS")
-    os.environ["PYTHONWARNINGS"] = f"{given},{QUIET_TRACKER}" if given else QUIET_TRACKER  # for the tracker alone
+    share this process's) with ``QUIET_TRACKER`` among its warning filters: the last of the
+    -W options it is given, this program's own (sys.warnoptions), so that it holds over them."""
+    sys.warnoptions.append(QUIET_TRACKER)  # read at start-up: this process's own filters stay as they are
     try:
         resource_tracker.ensure_running()
     finally:
-        if given is None:
-            del os.environ["PYTHONWARNINGS"]
-        else:
-            os.environ["PYTHONWARNINGS"] = given
+        sys.warnoptions.remove(QUIET_TRACKER)
 
 
 def start() -> None:

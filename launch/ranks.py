@@ -33,7 +33,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from . import rank_server
-from .cli import signal_name, usable_cores
+from .cli import alive, signal_name, usable_cores
 
 LOOPBACK = "127.0.0.1"
 DEFAULT_COLLECTIVE_TIMEOUT_S = 300.0
@@ -184,7 +184,7 @@ def die_with_parent(parent_pid: int) -> None:
         return
     if os.getppid() == parent_pid:
         return
-    if not _alive(parent_pid):  # the parent died before prctl took effect
+    if not alive(parent_pid):  # the parent died before prctl took effect
         os._exit(1)
     # Started by the fork server: each process it starts holds the server's end of the
     # pipe that tells it its client is alive, and the server lives while one is open.
@@ -193,15 +193,6 @@ def die_with_parent(parent_pid: int) -> None:
     if fd is not None:
         os.close(fd)
         forkserver._forkserver._forkserver_alive_fd = None
-
-
-def _alive(pid: int) -> bool:
-    """Whether process ``pid`` runs (Linux: not gone, nor a zombie, dead and not yet reaped)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except (OSError, IndexError):
-        return False
 
 
 # glibc's mallopt parameters (malloc.h)
@@ -260,8 +251,8 @@ def _rank_main(rank, world_size, addr, port, backend, collective_timeout_s, thre
         except Exception as exc:  # Python's words vary ("Can't get local object" in 3.13): say what failed
             raise TypeError(f"the value the rank's function returned cannot be pickled to send it to the "
                             f"launcher ({error_line(exc)})") from exc
-    except KeyboardInterrupt:
-        results.put((rank, "error", "interrupted", None))
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM where it stops as Ctrl-C does (raise_interrupt)
+        results.put((rank, "error", str(exc).replace("signal ", "stopped by ", 1) or "interrupted", None))
         raise SystemExit(130)
     except BaseException as exc:  # reported to the parent, which decides what the run's error is
         results.put((rank, "error", error_line(exc), traceback.format_exc()))
@@ -295,15 +286,15 @@ def sigterm_as_interrupt():
     set), so that what cleans up after a Ctrl-C runs: where SIGTERM kills at once (a rank's
     default), only around work that never waits on another process, which would hold the
     handler back as long."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
+    previous = signal.getsignal(signal.SIGTERM)
+    if threading.current_thread() is not threading.main_thread() or previous is None:  # None: set outside Python,
+        yield  # which could not be set back
         return
-    previous = signal.signal(signal.SIGTERM, raise_interrupt)
+    signal.signal(signal.SIGTERM, raise_interrupt)
     try:
         yield
     finally:
-        if previous is not None:  # None: a handler set outside Python, which cannot be set back
-            signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGTERM, previous)
 
 
 @contextlib.contextmanager

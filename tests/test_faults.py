@@ -36,7 +36,7 @@ from launch.checkpoint import (FORMAT, checkpoint_payload, load_checkpoint, save
                               training_checkpoint_bytes)
 from launch.config import parse_config
 from launch.meter import Metrics, RunFolderGone
-from launch.ranks import _alive
+from launch.cli import alive as _alive
 from launch.two_gpu import check_room_for_checkpoints, main
 from towers import Architecture, check_compile_backend
 
@@ -166,11 +166,12 @@ os.fsync = fsync
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stop", ["rank 0 killed", "SIGTERM to the group"])
+@pytest.mark.parametrize("stop", ["rank 0 killed", "SIGTERM to the group", "SIGTERM to rank 0"])
 def test_a_save_cut_short_leaves_no_partial_file(tiny_data, tmp_path, monkeypatch, stop):
-    """Rank 0 killed in a save (SIGKILL), or the whole group told to end (SIGTERM, as a batch
-    system or docker stop ends a job): the ranks die at once, and the launcher removes the
-    save's temporary file (of some 200 MB), which was left until a resume."""
+    """Rank 0 killed in a save (SIGKILL): the launcher removes the save's temporary file (of
+    some 200 MB), which was left until a resume. The whole group told to end (SIGTERM, as a
+    batch system or docker stop ends a job), or rank 0 alone: rank 0 stops its save as Ctrl-C
+    does, removing it, and says so."""
     (tmp_path / "hook").mkdir()
     (tmp_path / "hook" / "sitecustomize.py").write_text(_STOPS_IN_A_SAVE)
     monkeypatch.setenv("PYTHONPATH", f"{tmp_path / 'hook'}{os.pathsep}{ROOT}")
@@ -179,18 +180,19 @@ def test_a_save_cut_short_leaves_no_partial_file(tiny_data, tmp_path, monkeypatc
     while not list(run.run_dir.glob(".checkpoint.pt.tmp-*")):
         assert run.proc.poll() is None and time.monotonic() < deadline, run.stderr()
         time.sleep(0.05)
-    if stop == "rank 0 killed":
-        os.kill(run.ranks()[0], signal.SIGKILL)
-    else:
+    if stop == "SIGTERM to the group":
         os.killpg(run.proc.pid, signal.SIGTERM)
-    assert run.wait() == (1 if stop == "rank 0 killed" else 130), run.stderr()
+    else:
+        os.kill(run.ranks()[0], signal.SIGKILL if stop == "rank 0 killed" else signal.SIGTERM)
+    assert run.wait() == (130 if stop == "SIGTERM to the group" else 1), run.stderr()
     _no_leftovers(run)
     assert not list(run.run_dir.glob(".checkpoint.pt.tmp-*")) and not (run.run_dir / "checkpoint.pt").exists()
-    assert run.stderr().endswith(f"no checkpoint was written yet, so there is nothing to resume: start the run "
-                                 f"again under another --run-name (or after removing {run.run_dir})\n"
-                                 if stop != "rank 0 killed" else
-                                 f"no checkpoint was written yet: once the cause is fixed, start the run again under "
-                                 f"another --run-name (or after removing {run.run_dir})\n"), run.stderr()
+    err = run.stderr()
+    assert err.endswith(f"no checkpoint was written yet, so there is nothing to resume: start the run again under "
+                        f"another --run-name (or after removing {run.run_dir})\n" if stop == "SIGTERM to the group"
+                        else f"no checkpoint was written yet: once the cause is fixed, start the run again under "
+                             f"another --run-name (or after removing {run.run_dir})\n"), err
+    assert stop != "SIGTERM to rank 0" or "rank 0 failed: stopped by SIGTERM" in err, err
 
 
 @pytest.mark.slow
@@ -397,17 +399,21 @@ def test_a_save_clears_only_the_temporary_files_of_killed_saves_on_this_machine(
     path, host = tmp_path / "stats.pt", socket.gethostname()
     ended = subprocess.Popen([sys.executable, "-c", "pass"])
     ended.wait()
+    zombie = subprocess.Popen(["true"])  # ended, not yet reaped by its parent (as a rank whose fork server was killed)
+    while _alive(zombie.pid):
+        time.sleep(0.01)
     alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
     try:
         kept = [f".stats.pt.tmp-{host}-{alive.pid}", f".stats.pt.tmp-another-host-{ended.pid}"]
         cleared = [f".stats.pt.tmp-{host}-{ended.pid}", f".stats.pt.tmp-{ended.pid}",  # the older name: this machine's
-                   f".stats.pt.tmp-{host}-{os.getpid()}"]
+                   f".stats.pt.tmp-{host}-{os.getpid()}", f".stats.pt.tmp-{host}-{zombie.pid}"]
         for name in kept + cleared:
             (tmp_path / name).write_bytes(b"half a file")
         save_checkpoint(path, {"mean": torch.ones(3)})
     finally:
         alive.kill()
         alive.wait()
+        zombie.wait()
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept + ["stats.pt"])
     assert torch.equal(torch.load(path, weights_only=True)["mean"], torch.ones(3))
 

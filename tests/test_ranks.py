@@ -229,19 +229,19 @@ def test_a_replica_holds_its_data_folder_against_a_prepare_while_the_run_reads_i
 
 def test_a_parent_that_died_but_was_not_yet_reaped_is_not_alive():
     """die_with_parent's check, for the moment after the parent dies: a zombie until reaped."""
-    from launch.ranks import _alive
+    from launch.cli import alive
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        assert _alive(child.pid) and _alive(os.getpid())
+        assert alive(child.pid) and alive(os.getpid())
         child.kill()
         deadline = time.monotonic() + 10
-        while _alive(child.pid) and time.monotonic() < deadline:  # a zombie: not waited for yet
+        while alive(child.pid) and time.monotonic() < deadline:  # a zombie: not waited for yet
             time.sleep(0.05)
-        assert not _alive(child.pid) and Path(f"/proc/{child.pid}").exists()
+        assert not alive(child.pid) and Path(f"/proc/{child.pid}").exists()
     finally:
         child.kill()
         child.wait()
-    assert not _alive(child.pid)
+    assert not alive(child.pid)
 
 
 def _same_mistake(rank):
