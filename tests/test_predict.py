@@ -283,7 +283,8 @@ def test_the_checkpoint_is_read_whole_so_that_it_may_be_written_over_while_the_i
     copied = tmp_path / "copied.pt"
     shutil.copyfile(checkpoints["full"], copied)
     classifier = open_classifier(copied)
-    assert os.path.realpath(copied) not in open("/proc/self/maps").read()
+    with open("/proc/self/maps") as maps:
+        assert os.path.realpath(copied) not in maps.read()
     before = _predictions(classifier, photos[:2])
     copied.write_bytes(b"")
     after = _predictions(classifier, photos[:2])
