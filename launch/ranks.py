@@ -413,10 +413,8 @@ def run_ranks(fn: Callable, args: Sequence = (), world_size: int = 2, backend: s
         except (OSError, EOFError) as exc:  # the server died (killed) before it forked this rank
             _stop(procs[:rank], grace_s=0.0)
             raise RankFailure({rank: f"could not be started: the rank server ended ({exc!r})"}, rank) from None
-    # SIGTERM to the launcher stops the ranks as Ctrl-C does (then the launcher exits).
-    previous_sigterm = None
-    if threading.current_thread() is threading.main_thread():
-        previous_sigterm = signal.signal(signal.SIGTERM, raise_interrupt)
+    sigterm = contextlib.ExitStack()
+    sigterm.enter_context(sigterm_as_interrupt())  # SIGTERM to the launcher stops the ranks (then the launcher exits)
     values, failures, tracebacks, first = {}, {}, {}, None
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     failed_at = None
@@ -473,8 +471,7 @@ def run_ranks(fn: Callable, args: Sequence = (), world_size: int = 2, backend: s
         _stop(procs, grace_s=0.0)
         raise
     finally:
-        if previous_sigterm is not None:
-            signal.signal(signal.SIGTERM, previous_sigterm)
+        sigterm.close()
         del store  # closes the listener now, not when a traceback holding this frame is dropped
     _stop(procs, grace_s=0.0 if failures else _GRACE_S)
     if failures:

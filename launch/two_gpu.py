@@ -29,10 +29,8 @@ import logging
 import os
 import shutil
 import shlex
-import signal
 import socket
 import tempfile
-import threading
 from pathlib import Path
 from typing import Optional
 
@@ -51,7 +49,7 @@ from .config import (KEPT_UNLESS_GIVEN, RUN_CONTROL, TrainConfig, build_parser, 
                      given_options, parse_config, recipe_warnings, resolve)
 from .meter import summary_steps
 from .ranks import (LOOPBACK, PREPARATION_WAIT_S, RankFailure, choose_placement, cpu_threads_per_rank, die_with_parent,
-                    error_line, init_process_group, patient_group, raise_interrupt, reuse_freed_memory, run_ranks)
+                    error_line, init_process_group, patient_group, reuse_freed_memory, run_ranks, sigterm_as_interrupt)
 from .train import architecture, describe_evaluation, elsewhere_than, log_file, run_rank, setup_logging
 from .step import AUTOCAST
 
@@ -715,7 +713,8 @@ def _replicas(config: TrainConfig, towers: int, resumed: Optional[int] = None) -
 
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    run_dir = lock = config = previous_sigterm = logfile = None
+    run_dir = lock = config = logfile = None
+    sigterm = contextlib.ExitStack()
     started = False  # the ranks
     try:
         under_torchrun = _torchrun_env()
@@ -725,10 +724,10 @@ def main(argv=None) -> int:
             check_rendezvous_address()
             setup_logging(int(os.environ["RANK"]), None)
         config, checkpoint, placement = _configure(argv)
-        if threading.current_thread() is threading.main_thread():  # SIGTERM as Ctrl-C, during the scan of the data too
-            # (under torchrun, its agent's SIGTERM, as a batch system stops a job: rank 0 then says how to resume,
-            # not nothing; within a collective it is seen once the collective returns, or the agent's SIGKILL ends it)
-            previous_sigterm = signal.signal(signal.SIGTERM, raise_interrupt)
+        # SIGTERM as Ctrl-C, during the scan of the data too (under torchrun, its agent's SIGTERM, as a batch system
+        # stops a job: rank 0 then says how to resume, not nothing; within a collective it is seen once the
+        # collective returns, or the agent's SIGKILL ends it)
+        sigterm.enter_context(sigterm_as_interrupt())
         if under_torchrun:
             started = True
             held, checkpoint = [checkpoint], None  # let go of by the rank once used (as below)
@@ -767,8 +766,7 @@ def main(argv=None) -> int:
                 remove_abandoned_saves(run_dir / FILENAME)
         if lock is not None:
             lock.close()
-        if previous_sigterm is not None:
-            signal.signal(signal.SIGTERM, previous_sigterm)
+        sigterm.close()
         if logfile is not None:
             logging.getLogger().removeHandler(logfile)
             logfile.close()
