@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from towers import FC8_PLACEMENTS
+from towers import FC8_PLACEMENTS, TOWERS
 from towers.reference import ACTIVATIONS, INIT_SCHEMES, POOLINGS
 
 from .cli import (JSON_DAMAGE, MAX_PROCESSES_PER_CORE, Parser, add_options, home_path, option, refuse_empty,
@@ -65,6 +65,11 @@ _PAPER_SUMMARY = (f"{PAPER_RECIPE['epochs']} epochs, batch {PAPER_RECIPE['batch_
 _SMALL_SUMMARY = (f"batch {SMALL_RECIPE['batch_size']}, lr {SMALL_RECIPE['lr']} after a {SMALL_RECIPE['warmup_steps']}-"
                   f"step warm-up, --init {SMALL_RECIPE['init']}, as many epochs as make at least {SMALL_MIN_STEPS} "
                   f"steps and at least {SMALL_MIN_EPOCHS} epochs, the rate divided by 10 for the last third")
+
+
+def _listed(numbers) -> str:
+    """Numbers as a sentence lists them: 4, 2 or 1."""
+    return f"{', '.join(map(str, numbers[:-1]))}{' or ' * (len(numbers) > 1)}{numbers[-1]}"
 
 
 @dataclass
@@ -167,8 +172,9 @@ class TrainConfig:
             if getattr(self, name):  # folder, as launch.show finds the run an evaluation's folder names ("": validate)
                 setattr(self, name, str(home_path(getattr(self, name)).absolute()))  # '..' after a link, as the OS
 
-    def validate(self) -> None:
-        """Raises ValueError naming the fix for an impossible value."""
+    def validate(self, torchrun: bool = False) -> None:
+        """Raises ValueError naming the fix for an impossible value; ``torchrun``: the replicas
+        are those its ranks make, which its options change, not --replicas."""
         refuse_empty(**{name: getattr(self, name) for name in ("data", "out", "resume", "eval_only", "master_addr")})
         for name in ("lr", "momentum", "weight_decay", "dropout", "timeout"):
             value = getattr(self, name)
@@ -214,10 +220,16 @@ class TrainConfig:
             fits = [n for n in range(min(2 * self.replicas, self.batch_size), 0, -1)
                     if self.batch_size % n == 0][:3]  # 1 at the latest
             batch = "" if self.resume else f"give a batch size divisible by {self.replicas}, or "
+            if torchrun:  # its ranks make the replicas
+                ranks = TOWERS if self.layout == "towers" else 1  # a replica's
+                raise ValueError(f"--batch-size {self.batch_size} does not split evenly over the {self.replicas} "
+                                 f"replicas of torchrun's {self.replicas * ranks} ranks: {batch}start torchrun with "
+                                 f"ranks for a number of replicas that divides {self.batch_size} "
+                                 f"({_listed([n * ranks for n in fits])} ranks: --nproc-per-node times --nnodes, "
+                                 f"{ranks} per replica; each replica trains on an equal share)")
             raise ValueError(f"--batch-size {self.batch_size} does not split evenly over {self.replicas} replicas: "
-                             f"{batch}give a number of replicas that divides {self.batch_size} "
-                             f"({', '.join(map(str, fits[:-1]))}{' or ' * (len(fits) > 1)}{fits[-1]}; each replica "
-                             f"trains on an equal share)")
+                             f"{batch}give a number of replicas that divides {self.batch_size} ({_listed(fits)}; each "
+                             f"replica trains on an equal share)")
         if self.resume and self.eval_only:
             raise ValueError("--resume and --eval-only exclude each other: give one")
         if self.run_name is not None and (os.sep in self.run_name or self.run_name in ("", ".", "..")

@@ -637,7 +637,8 @@ def check_saved_one(resume: Path) -> None:
 def _configure(argv) -> tuple:
     """(config, checkpoint payload or None, placement) from the command line; raises ValueError."""
     config, given = parse_config(argv), given_options(argv)
-    config.validate()
+    # under torchrun, a --replicas must first agree with its ranks (_replicas) before a batch is split over them
+    (dataclasses.replace(config, replicas=None) if _torchrun_env() else config).validate()
     if "master_addr" in given and _torchrun_env():
         raise ValueError("--master-addr is where the ranks that this program starts meet; torchrun's ranks meet where "
                          "torchrun says (its --master-addr or --rdzv-endpoint): drop --master-addr under torchrun")
@@ -660,7 +661,7 @@ def _configure(argv) -> tuple:
     towers = TOWERS if config.layout == "towers" else 1
     saved_replicas = checkpoint["config"].get("replicas") if config.resume else None
     config = dataclasses.replace(resolve(config), replicas=_replicas(config, towers, saved_replicas))
-    config.validate()
+    config.validate(torchrun=_torchrun_env())
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     # torchrun's count of the ranks on this machine; a stray one is no concern of ranks this program starts
     ranks_here = (int(os.environ.get("LOCAL_WORLD_SIZE", 0)) or None) if _torchrun_env() else None

@@ -205,6 +205,29 @@ def test_a_batch_that_does_not_split_is_told_the_fix_that_applies():
     TrainConfig(replicas=3, batch_size=128, eval_only="run").validate()
 
 
+
+@pytest.mark.parametrize("world_size, args, message", [
+    (6, [], "--batch-size 4 does not split evenly over the 3 replicas of torchrun's 6 ranks: give a batch size "
+     "divisible by 3, or start torchrun with ranks for a number of replicas that divides 4 (8, 4 or 2 ranks: "
+     "--nproc-per-node times --nnodes, 2 per replica; each replica trains on an equal share)"),
+    (3, ["--layout", "single"], "over the 3 replicas of torchrun's 3 ranks: give a batch size divisible by 3, or "
+     "start torchrun with ranks for a number of replicas that divides 4 (4, 2 or 1 ranks: --nproc-per-node times "
+     "--nnodes, 1 per replica;"),
+    # --replicas disagreeing with torchrun's ranks is named before a batch split over it
+    (4, ["--replicas", "3"], "--replicas 3 needs 6 ranks and torchrun gave 4: drop --replicas under torchrun"),
+    (4, ["--replicas", "0"], "--replicas 0 needs 0 ranks and torchrun gave 4: drop --replicas under torchrun"),
+])
+def test_a_batch_that_does_not_split_under_torchrun_is_told_torchruns_fix(tiny_data, tmp_path, monkeypatch,
+                                                                        world_size, args, message):
+    """Under torchrun the ranks make the replicas: --replicas is refused there, so it is not the fix."""
+    for name, value in dict(RANK=0, WORLD_SIZE=world_size, LOCAL_RANK=0, LOCAL_WORLD_SIZE=world_size,
+                            MASTER_ADDR="127.0.0.1", MASTER_PORT=29500).items():
+        monkeypatch.setenv(name, str(value))
+    with pytest.raises(ValueError) as refused:
+        two_gpu._configure([str(a) for a in ("--data", tiny_data, "--out", tmp_path, *TINY, *args)])
+    assert message in str(refused.value)
+
+
 @pytest.mark.slow
 def test_a_killed_rank_of_another_replica_ends_the_run_naming_it(tiny_data, tmp_path):
     """A hung rank is found as with one replica (tests/test_faults.py): every group has the timeout."""
