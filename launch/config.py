@@ -67,6 +67,20 @@ _SMALL_SUMMARY = (f"batch {SMALL_RECIPE['batch_size']}, lr {SMALL_RECIPE['lr']} 
                   f"steps and at least {SMALL_MIN_EPOCHS} epochs, the rate divided by 10 for the last third")
 
 
+def check_workers(workers: Optional[int], loaders_here: int = 1) -> None:
+    """Refuses a --workers that would start more loading processes on this machine, where
+    ``loaders_here`` ranks load (the replicas' first towers, or each rank of one-rank replicas),
+    than its usable cores can run."""
+    cores = usable_cores()
+    most = MAX_PROCESSES_PER_CORE * cores
+    if workers is not None and workers * loaders_here > most:
+        each = "for each loading rank" if loaders_here == 1 else \
+            f"for each of the {loaders_here} ranks that load on this machine, {workers * loaders_here} in all,"
+        raise ValueError(f"--workers {workers} would start that many loading processes {each} on the {cores} cores "
+                         f"this program may use: give at most {most // loaders_here}, or leave --workers out for this "
+                         f"machine's default")
+
+
 def _listed(numbers) -> str:
     """Numbers as a sentence lists them: 4, 2 or 1."""
     return f"{', '.join(map(str, numbers[:-1]))}{' or ' * (len(numbers) > 1)}{numbers[-1]}"
@@ -209,11 +223,7 @@ class TrainConfig:
             raise ValueError(f"--warmup-steps must not be negative, got {self.warmup_steps}")
         if self.workers is not None and self.workers < 0:
             raise ValueError(f"--workers must not be negative, got {self.workers}")
-        cores = usable_cores()
-        if self.workers is not None and self.workers > MAX_PROCESSES_PER_CORE * cores:
-            raise ValueError(f"--workers {self.workers} would start that many loading processes for each loading rank "
-                             f"on the {cores} cores this program may use: give at most {MAX_PROCESSES_PER_CORE * cores},"
-                             f" or leave --workers out for this machine's default")
+        check_workers(self.workers, 1 if torchrun else self.replicas or 1)  # torchrun's: those of its machine
         if (self.replicas is not None and self.batch_size is not None and self.batch_size % self.replicas
                 and not self.eval_only):  # an evaluation shares out the images, not a training batch
             # a resumed run keeps its batch size: the number of replicas is what it can change

@@ -45,8 +45,8 @@ from .checkpoint import (FILENAME, CheckpointError, check_classes, check_trainin
                          training_checkpoint_bytes)
 from .cli import (JSON_DAMAGE, MAX_PROCESSES_PER_CORE, home_path, lock_exclusively, quick_exit, shell_word,
                   usable_cores, write_whole)
-from .config import (KEPT_UNLESS_GIVEN, RUN_CONTROL, TrainConfig, build_parser, check_schedule_options, describe_recipe,
-                     given_options, parse_config, recipe_warnings, resolve)
+from .config import (KEPT_UNLESS_GIVEN, RUN_CONTROL, TrainConfig, build_parser, check_schedule_options, check_workers,
+                     describe_recipe, given_options, parse_config, recipe_warnings, resolve)
 from .meter import summary_steps
 from .ranks import (LOOPBACK, PREPARATION_WAIT_S, RankFailure, choose_placement, cpu_threads_per_rank, die_with_parent,
                     error_line, init_process_group, patient_group, reuse_freed_memory, run_ranks, sigterm_as_interrupt)
@@ -667,6 +667,8 @@ def _configure(argv) -> tuple:
     ranks_here = (int(os.environ.get("LOCAL_WORLD_SIZE", 0)) or None) if _torchrun_env() else None
     placement = choose_placement(config.backend, gpus, ranks=towers * config.replicas, towers=towers,
                                  ranks_here=ranks_here)
+    if ranks_here:  # what validate cannot know: the ranks that load on this machine of torchrun's
+        check_workers(config.workers, loaders_here=max(1, ranks_here // towers))
     if config.compile is not None:
         check_compile_backend(config.compile, "--compile", placement.device)
     if config.precision == "bf16" and placement.device == "cuda" and not torch.cuda.is_bf16_supported():

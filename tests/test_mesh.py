@@ -194,6 +194,29 @@ def test_replicas_are_limited_by_the_cores_this_program_may_use(tiny_data, tmp_p
     assert "--replicas 4 would start 8 processes on the 1 cores this program may use: use at most 2 here" in caplog.text
 
 
+
+@pytest.mark.parametrize("torchrun, args", [
+    (False, ["--replicas", "2"]), (False, ["--replicas", "2", "--layout", "single"]),
+    (True, []), (True, ["--layout", "single"])])
+def test_workers_are_limited_by_the_cores_for_all_ranks_that_load_together(tiny_data, tmp_path, monkeypatch,
+                                                                           torchrun, args):
+    """Two ranks that load here (the replicas' first towers, or two one-rank replicas), each
+    with --workers 3, would start 6 loading processes on one core, where 4 is the most."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    if torchrun:
+        ranks = 4 if "single" not in args else 2
+        for name, value in dict(RANK=0, WORLD_SIZE=2 * ranks, LOCAL_RANK=0, LOCAL_WORLD_SIZE=ranks,  # two machines
+                                MASTER_ADDR="127.0.0.1", MASTER_PORT=29500).items():
+            monkeypatch.setenv(name, str(value))
+    options = [str(a) for a in ("--data", tiny_data, "--out", tmp_path, *TINY, *args)]
+    with pytest.raises(ValueError) as refused:
+        two_gpu._configure([*options, "--workers", "3"])
+    assert str(refused.value) == ("--workers 3 would start that many loading processes for each of the 2 ranks that "
+                                  "load on this machine, 6 in all, on the 1 cores this program may use: give at most "
+                                  "2, or leave --workers out for this machine's default")
+    two_gpu._configure([*options, "--workers", "2"])
+
+
 def test_a_batch_that_does_not_split_is_told_the_fix_that_applies():
     """A resumed run keeps its batch size: only the number of replicas is its to change. An
     evaluation shares out the images, not a training batch: any number of replicas does."""
