@@ -84,6 +84,23 @@ def test_lrn_never_crosses_the_halves():
     assert (LocalResponseNorm(groups=1)(a) - halves).abs().max() > 1e-3
 
 
+
+def test_lrn_takes_keywords_only_where_torchs_takes_size_first():
+    """torch.nn.LocalResponseNorm(5, ...) ported as it is would give 5 groups, and an alpha
+    five times the intended one: refused, not run."""
+    with pytest.raises(TypeError):
+        LocalResponseNorm(5, 1e-4, 0.75, 2.0)
+
+
+def test_allocate_refuses_a_model_that_holds_weights():
+    """It would replace them with uninitialised memory, and the optimizer's with new tensors."""
+    from towers import allocate
+    model = AlexNet(10)
+    before = model.conv1.weight.detach().clone()
+    with pytest.raises(ValueError, match="this model holds weights already: use it as it is"):
+        allocate(model)
+    assert torch.equal(model.conv1.weight, before)
+
 def test_grouped_convolutions_see_only_their_half():
     model = build_reference(seed=0).eval()
     x = torch.randn(1, 96, 27, 27)

@@ -54,12 +54,13 @@ class LocalResponseNorm(nn.Module):
     (1e-4), multiplying the plain sum. (``torch.nn.functional.local_response_norm``,
     like Caffe and the authors' cuda-convnet, divides its alpha by ``size``.)
     ``groups=2`` reproduces the two-GPU net, where the neighbourhood never reaches
-    the other GPU's maps. The windowed sum is ``size`` shifted slices of the
+    the other GPU's maps. Its arguments are keywords only: ``torch.nn.LocalResponseNorm``'s
+    first one is ``size``, and its alpha is this one's times ``size``. The windowed sum is ``size`` shifted slices of the
     zero-padded squares: on the CPU, forward and backward take about 60 % of the
     time of ``local_response_norm``'s average pooling.
     """
 
-    def __init__(self, groups: int = 1, size: int = 5, alpha: float = 1e-4, beta: float = 0.75, k: float = 2.0):
+    def __init__(self, *, groups: int = 1, size: int = 5, alpha: float = 1e-4, beta: float = 0.75, k: float = 2.0):
         super().__init__()
         self.groups, self.size, self.alpha, self.beta, self.k = groups, size, alpha, beta, k
 
@@ -244,6 +245,9 @@ def allocate(model: nn.Module) -> nn.Module:
     """Storage on the CPU, left as it is, for every parameter of a model built on the meta
     device: for weights about to be drawn or loaded. (``Module.to_empty`` does the same,
     but imports sympy on the way: 0.4 s.)"""
+    if not all(p.is_meta for p in model.parameters()):  # it would replace weights with whatever memory held
+        raise ValueError("allocate gives storage to the parameters of a model built on the meta device (in a "
+                         "'with torch.device(\"meta\"):' block); this model holds weights already: use it as it is")
     for module in model.modules():
         for name, p in list(module.named_parameters(recurse=False)):
             setattr(module, name, nn.Parameter(torch.empty(p.shape, dtype=p.dtype), requires_grad=p.requires_grad))
