@@ -4,8 +4,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from towers import ExchangeLog, LocalResponseNorm, Tower
-from towers.tower import FC8Split
+from towers import LocalResponseNorm, Tower
 
 
 @pytest.fixture(scope="module")
@@ -25,10 +24,9 @@ def test_an_unknown_fc8_placement_is_refused(group_of_one):
         Tower(group_of_one, 10, fc8_placement="middle")
 
 
-def test_split_fc8_needs_an_even_class_count():
+def test_split_fc8_needs_an_even_class_count(group_of_one):
     with pytest.raises(ValueError, match="even number of classes, got 7; use 'tower0'"):
-        FC8Split(4096, 7, group=None, exchange_log=ExchangeLog())
-    assert FC8Split(4096, 8, group=None, exchange_log=ExchangeLog()).out_features == 4  # half on each tower
+        Tower(group_of_one, 7, fc8_placement="split")
 
 
 def test_a_tower_needs_two_classes_as_the_reference_does(group_of_one):

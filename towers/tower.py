@@ -26,77 +26,8 @@ from .reference import (ACTIVATIONS, CONV_CHANNELS, FC_FEATURES, POOL5_SHAPE, TO
 from .sharding import HALF, check_placement
 
 
-class SharesGroup:
-    """For a module that holds a process group: ``copy.deepcopy`` (as ``AveragedModel``'s EMA and
-    SWA do) shares the group, which cannot be copied, and copies everything else; the copy
-    exchanges over the group with the other tower's copy. A copy of a tower compiled by
-    ``compile_blocks`` runs uncompiled, as torch's copy of a module compiled by ``Module.compile`` does:
-    its compiled blocks would compute with the original's weights."""
-
-    def __deepcopy__(self, memo):
-        memo.setdefault(id(self.group), self.group)
-        clone = type(self).__new__(type(self))
-        memo[id(self)] = clone
-        state = {k: v for k, v in self.__getstate__().items() if k not in Tower.BLOCKS}
-        clone.__setstate__(copy.deepcopy(state, memo))
-        return clone
-
-
-class FC8OnTower0(SharesGroup, nn.Linear):
-    """Tower 0's FC8 when the layer is whole on tower 0 (the authors' 2012 layout),
-    fed by both towers' FC7 outputs; the logits go back to tower 1 for its copy of the loss."""
-
-    def __init__(self, in_features: int, num_classes: int, group, exchange_log: ExchangeLog):
-        super().__init__(in_features, num_classes)
-        self.group, self.exchange_log = group, exchange_log
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = gather_to_first(x, self.group, self.exchange_log, "fc8_input")  # exchange: N x 2048 from tower 1
-        return broadcast_from_first(super().forward(x), self.out_features, self.group, self.exchange_log, "logits")  # exchange: N x K to tower 1
-
-
-class FC8OnOtherTower(SharesGroup, nn.Module):
-    """Tower 1's side of ``FC8OnTower0``: no parameters; sends its FC7 output, receives the logits."""
-
-    def __init__(self, num_classes: int, group, exchange_log: ExchangeLog):
-        super().__init__()
-        self.num_classes, self.group, self.exchange_log = num_classes, group, exchange_log
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        placeholder = gather_to_first(x, self.group, self.exchange_log, "fc8_input")  # exchange: N x 2048 to tower 0
-        if torch.is_grad_enabled() and not placeholder.requires_grad:
-            # FC8 trained alone (the layers before it frozen): the logits' gradient is tower 0's
-            # business, but this tower's loss.backward() must run, as a no-op, as tower 0's does.
-            # This tower cannot see whether tower 0's FC8 trains: its logits require grad whenever
-            # gradients are on (detach them to read them, as one would on tower 0 when it trains).
-            placeholder.requires_grad_()
-        return broadcast_from_first(placeholder, self.num_classes, self.group, self.exchange_log, "logits")  # exchange: N x K from tower 0
-
-
-class FC8Split(SharesGroup, nn.Linear):
-    """Half of FC8's neurons (500 of 1000) on each tower; the logits are gathered for the loss."""
-
-    def __init__(self, in_features: int, num_classes: int, group, exchange_log: ExchangeLog):
-        if num_classes % TOWERS:
-            raise ValueError(f"fc8_placement='split' needs an even number of classes, got {num_classes}; use 'tower0'")
-        super().__init__(in_features, num_classes // TOWERS)
-        self.group, self.exchange_log = group, exchange_log
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = gather_channels(x, self.group, self.exchange_log, "fc8_input")  # exchange: N x 2048 from each
-        return gather_replicated(super().forward(x), self.group, self.exchange_log, "logits")  # exchange: N x K/2 from each
-
-
 # The layers between one exchange and the next (conv3's input, FC6's, FC7's, FC8's, the logits).
 STRETCHES = (("conv1", "conv2"), ("conv3", "conv4", "conv5"), ("fc6",), ("fc7",), ("fc8",))
-
-
-def build_fc8(fc8_placement: str, tower_rank: int, in_features: int, num_classes: int, group, exchange_log: ExchangeLog) -> nn.Module:
-    if fc8_placement == "split":
-        return FC8Split(in_features, num_classes, group, exchange_log)
-    if tower_rank == 0:
-        return FC8OnTower0(in_features, num_classes, group, exchange_log)
-    return FC8OnOtherTower(num_classes, group, exchange_log)
 
 
 def as_autocast_dtype(x: torch.Tensor) -> torch.Tensor:
@@ -109,7 +40,7 @@ def as_autocast_dtype(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-class Tower(SharesGroup, nn.Module):
+class Tower(nn.Module):
     """This rank's tower. ``group`` is the two-rank process group (None: the default
     group); the tower's index in it (``dist.get_rank(group)``) decides which half it holds.
 
@@ -142,6 +73,8 @@ class Tower(SharesGroup, nn.Module):
                              f"as the reference AlexNet on one device")
         if num_classes < 2:  # as the reference
             raise ValueError(f"num_classes must be at least 2, got {num_classes}")
+        if fc8_placement == "split" and num_classes % TOWERS:
+            raise ValueError(f"fc8_placement='split' needs an even number of classes, got {num_classes}; use 'tower0'")
         if dist.get_world_size(group) < 0:  # what torch says of a group this rank is not in
             raise ValueError("this rank is not in the process group given: build each rank's tower on a group it is in "
                              "(dist.new_group, called on every rank, returns one that a rank outside it cannot use)")
@@ -150,15 +83,17 @@ class Tower(SharesGroup, nn.Module):
         group = dist.group.WORLD if group is None else group
         self.group, self.tower_rank = group, dist.get_rank(group)
         self.fc8_placement, self.num_classes, self.architecture = fc8_placement, num_classes, architecture
+        # This tower's traffic to the other, per exchange; another ExchangeLog put in its place
+        # (one that synchronizes, say) counts every exchange from then on.
         self.exchange_log = ExchangeLog()
         self.peer_checked = False
         cuda = [torch.cuda.current_device()] if torch.cuda.is_initialized() else []
         with torch.random.fork_rng(devices=cuda):
-            self._build_layers(group, num_classes, dropout, fc8_placement, architecture)
+            self._build_layers(num_classes, dropout, fc8_placement, architecture)
         self.register_state_dict_post_hook(_name_half)
         self.register_load_state_dict_pre_hook(_refuse_another_half)
 
-    def _build_layers(self, group, num_classes, dropout, fc8_placement, architecture):
+    def _build_layers(self, num_classes, dropout, fc8_placement, architecture):
         c1, c2, c3, c4, c5 = (c // TOWERS for c in CONV_CHANNELS)
         f6, f7 = (f // TOWERS for f in FC_FEATURES)
         pool5_features = POOL5_SHAPE[0] * POOL5_SHAPE[1] * POOL5_SHAPE[2]
@@ -173,7 +108,11 @@ class Tower(SharesGroup, nn.Module):
         self.activation = ACTIVATIONS[architecture.activation]
         self.fc6 = nn.Linear(pool5_features, f6)
         self.fc7 = nn.Linear(TOWERS * f6, f7)
-        self.fc8 = build_fc8(fc8_placement, self.tower_rank, TOWERS * f7, num_classes, group, self.exchange_log)
+        if fc8_placement == "split":
+            self.fc8 = nn.Linear(TOWERS * f7, num_classes // TOWERS)  # half of FC8's neurons, fed by both towers
+        elif self.tower_rank == 0:
+            self.fc8 = nn.Linear(TOWERS * f7, num_classes)  # the whole layer (the authors' 2012 layout)
+        # else tower 1 holds none of FC8
         self.dropout = nn.Dropout(dropout)
 
     # The runs of layers between two exchanges, in the order forward calls them: what
@@ -195,7 +134,32 @@ class Tower(SharesGroup, nn.Module):
         x = self.fc6_block(x)  # N x 2048
         x = gather_channels(x, group, exchange_log, "fc7_input")  # exchange: N x 4096
         x = self.fc7_block(x)  # N x 2048
-        return self.fc8(x)  # exchanges: FC8's input and the logits (see the FC8 classes)
+        if self.fc8_placement == "split":
+            x = gather_channels(x, group, exchange_log, "fc8_input")  # exchange: N x 4096
+            return gather_replicated(self.fc8(x), group, exchange_log, "logits")  # exchange: N x K/2 from each
+        x = gather_to_first(x, group, exchange_log, "fc8_input")  # exchange: N x 2048 to tower 0, which gets N x 4096
+        if self.tower_rank == 0:
+            x = self.fc8(x)
+        elif torch.is_grad_enabled() and not x.requires_grad:  # x: a placeholder for the logits
+            # FC8 trained alone (the layers before it frozen): the logits' gradient is tower 0's
+            # business, but this tower's loss.backward() must run, as a no-op, as tower 0's does.
+            # This tower cannot see whether tower 0's FC8 trains: its logits require grad whenever
+            # gradients are on (detach them to read them, as one would on tower 0 when it trains).
+            x.requires_grad_()
+        return broadcast_from_first(x, self.num_classes, group, exchange_log, "logits")  # exchange: N x K to tower 1
+
+    def __deepcopy__(self, memo):
+        """``copy.deepcopy`` (as ``AveragedModel``'s EMA and SWA do) shares the process group,
+        which cannot be copied, and copies everything else: the copy exchanges over the group
+        with the other tower's copy. A copy of a tower compiled by ``compile_blocks`` runs
+        uncompiled, as torch's copy of a module compiled by ``Module.compile`` does: its compiled
+        blocks would compute with the original's weights."""
+        memo.setdefault(id(self.group), self.group)
+        clone = type(self).__new__(type(self))
+        memo[id(self)] = clone
+        state = {k: v for k, v in self.__getstate__().items() if k not in self.BLOCKS}
+        clone.__setstate__(copy.deepcopy(state, memo))
+        return clone
 
     def settings(self, x: torch.Tensor) -> dict:
         """What the two towers must share for a forward with images ``x`` to compute the
@@ -212,18 +176,6 @@ class Tower(SharesGroup, nn.Module):
                 "autocast": torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else "off",
                 "gradients": "on" if torch.is_grad_enabled() else "off", "backward stops at": self._stops_at(x),
                 "images require grad": x.requires_grad, "images": f"CRC-32 {zlib.crc32(data):08x}"}
-
-    @property
-    def exchange_log(self) -> ExchangeLog:
-        """This tower's traffic to the other, per exchange (FC8's too). Another ExchangeLog put in
-        its place (one that synchronizes, say) counts every exchange from then on."""
-        return self._exchange_log
-
-    @exchange_log.setter
-    def exchange_log(self, log: ExchangeLog) -> None:
-        self._exchange_log = log
-        if "fc8" in self._modules:  # built after the log: FC8's exchanges are its own module's
-            self.fc8.exchange_log = log
 
     def _stops_at(self, x: torch.Tensor) -> str:
         """Where a backward pass would stop, whether or not gradients are on now (torch's reentrant
