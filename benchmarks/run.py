@@ -58,12 +58,12 @@ from typing import NamedTuple, Optional
 import numpy as np
 import torch
 
-from launch.cli import (JSON_DAMAGE, MAX_PROCESSES_PER_CORE, Parser, add_options, home_path, lock_folder, option,
-                        quick_exit, refuse_empty, repeated, shell_word, usable_cores, write_whole)
+from launch.cli import (JSON_DAMAGE, MAX_PROCESSES_PER_CORE, Parser, add_options, check_compile_backend, home_path,
+                        lock_folder, option, quick_exit, refuse_empty, repeated, shell_word, usable_cores, write_whole)
 from launch.config import MAX_TIMEOUT_S
 from launch.ranks import RankFailure, cpu_threads_per_rank, error_line, raise_interrupt, run_ranks
 from launch.step import AUTOCAST
-from towers import FC8_PLACEMENTS, TOWERS, AlexNet, check_compile_backend
+from towers import FC8_PLACEMENTS, TOWERS, AlexNet
 
 from . import flops, traffic
 from .loader import measure_loader, open_loader_data

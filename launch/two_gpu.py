@@ -37,14 +37,14 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from towers import TOWERS, check_compile_backend
+from towers import TOWERS
 
 from . import data as data_module
 from .checkpoint import (FILENAME, CheckpointError, check_classes, check_training_state, checkpoint_architecture,
                          load_checkpoint, read_as_saved, remove_abandoned_saves, resolve_path,
                          training_checkpoint_bytes)
-from .cli import (JSON_DAMAGE, MAX_PROCESSES_PER_CORE, home_path, lock_exclusively, quick_exit, shell_word,
-                  usable_cores, write_whole)
+from .cli import (JSON_DAMAGE, MAX_PROCESSES_PER_CORE, check_compile_backend, home_path, lock_exclusively, quick_exit,
+                  shell_word, usable_cores, write_whole)
 from .config import (KEPT_UNLESS_GIVEN, RUN_CONTROL, TrainConfig, build_parser, check_schedule_options, check_workers,
                      describe_recipe, given_options, parse_config, recipe_warnings, resolve)
 from .meter import summary_steps

@@ -37,8 +37,9 @@ from launch.checkpoint import (FORMAT, checkpoint_payload, load_checkpoint, save
 from launch.config import parse_config
 from launch.meter import Metrics, RunFolderGone
 from launch.cli import alive as _alive
+from launch.cli import check_compile_backend
 from launch.two_gpu import check_room_for_checkpoints, main
-from towers import Architecture, check_compile_backend
+from towers import Architecture
 
 from conftest import TINY as _TINY
 from conftest import (ROOT, RUN_TIMEOUT_S, TRAINED_RUN, Run, as_background_job, as_foreground_job, cmdline, launch,

@@ -11,8 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from launch.checkpoint import load_reference
+from launch.cli import check_compile_backend
 from launch.ranks import run_ranks
-from towers import Architecture, Tower, check_compile_backend
+from towers import Architecture, Tower
 
 from conftest import TINY, launch, reference_from_seed
 from test_parity import BATCH, CLASSES, SEED, _inputs, _parity_worker, _rel

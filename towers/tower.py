@@ -10,9 +10,6 @@ Every tower returns the full N x K logits, so the loss and everything after it
 
 import copy
 import numbers
-import os
-import shutil
-import sysconfig
 import zlib
 
 import torch
@@ -225,9 +222,6 @@ class Tower(nn.Module):
         return self.dropout(self.activation(self.fc7(x)))
 
 
-COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")  # those check_compile_backend can vouch for
-
-
 def _name_half(tower: Tower, state_dict, prefix, local_metadata) -> None:
     """``state_dict``'s hook: the tower's metadata names its half (``towers.sharding.HALF``)."""
     local_metadata[HALF] = tower.tower_rank
@@ -243,52 +237,6 @@ def _refuse_another_half(tower: Tower, state_dict, prefix, local_metadata, stric
                            f"of the net, and this is tower {tower.tower_rank}: load each tower its own half "
                            f"(shard_state_dict(state, tower.tower_rank, tower.fc8_placement), or the state_dict that "
                            f"tower saved)")
-
-
-def check_compile_backend(backend: str, option: str, device: str = "cpu") -> None:
-    """Raises ValueError, naming ``option``, unless ``backend`` is one of COMPILE_BACKENDS, or
-    if it is inductor and finds no compiler to build its code with for ``device`` (else the
-    first step would fail): a C++ compiler for its kernels on the CPU, a C compiler for the
-    launchers of Triton's kernels on a GPU, and Python's C headers for either (both are built
-    as Python extensions). torch.compile's other backends (tvm, openxla, ...) need packages or
-    devices that only the first step would find missing. For inductor, imports its
-    configuration (a second or more): call it only when compiling."""
-    if backend not in COMPILE_BACKENDS:
-        given = f"{option} {backend}: torch.compile's backends" if backend else f"{option} is empty: the backends"
-        raise ValueError(f"{given} that this program runs are {', '.join(COMPILE_BACKENDS)} ('inductor' generates "
-                         f"fused kernels; 'aot_eager' and 'eager' trace the net and run it as written): give one of "
-                         f"them")
-    if backend != "inductor":
-        return
-    where = "on the CPU it builds its kernels" if device == "cpu" else "on a GPU it builds the launchers of its Triton kernels"
-    if device != "cpu":
-        # Triton's own search (triton.runtime.build._find_compiler): $CC, else gcc, else clang
-        candidates = (os.environ["CC"],) if "CC" in os.environ else ("gcc", "clang")  # an empty CC too
-        if not any(c and shutil.which(c) for c in candidates):
-            missing = f"{' or '.join(candidates)} is not on PATH" if any(candidates) else "CC is set, and empty"
-            raise ValueError(f"{option} inductor: {where} with a C compiler, and finds none here ({missing}): install "
-                             f"gcc (or set CC to a C compiler), or give aot_eager, which compiles nothing")
-    elif not os.getenv("TORCH_INDUCTOR_INSTALL_GXX"):
-        from torch._inductor import config
-        # inductor's own search (torch._inductor.cpp_builder.cpp_compiler_search) runs each candidate
-        # with --version; None stands for a g++ it installs with conda where asked to
-        candidates = config.cpp.cxx if isinstance(config.cpp.cxx, (list, tuple)) else (config.cpp.cxx,)
-        if not any(c is not None and shutil.which(c) for c in candidates):
-            raise ValueError(f"{option} inductor: {where} with a C++ compiler, and finds none here "
-                             f"({', '.join(c for c in candidates if c is not None)} is not on PATH): install g++ "
-                             f"(or set CXX to a C++ compiler), or give aot_eager, which compiles nothing")
-    headers = python_headers()
-    if not os.path.isfile(os.path.join(headers, "Python.h")):
-        raise ValueError(f"{option} inductor: {where} as Python extensions, which need Python's C headers, and finds "
-                         f"no Python.h in {headers}: install them (the python3-dev package of this Python), or give "
-                         f"aot_eager, which compiles nothing")
-
-
-def python_headers() -> str:
-    """The folder where Triton looks for Python.h to build its launchers (triton.runtime.build),
-    and one of those where inductor looks for it to build its CPU kernels (its cpp_builder)."""
-    scheme = sysconfig.get_default_scheme()
-    return sysconfig.get_paths(scheme="posix_prefix" if scheme == "posix_local" else scheme)["include"]
 
 
 def compile_blocks(model: nn.Module, **options) -> nn.Module:
