@@ -4,6 +4,9 @@ A tower holds 48/128/192/192/128 kernels and 2048/2048 FC neurons. It talks to
 the other tower only where the paper's Figure 2 draws a crossing: the input of
 conv3, FC6, FC7 and FC8, and the logits for the loss. Each crossing is a call
 in ``forward``; everything else is the reference's arithmetic on half the maps.
+(Two more calls serve a user's code, not the paper: where the images require grad,
+their gradient is summed over both towers; and the first forward checks, in one
+small collective, that both towers were built and run alike.)
 Every tower returns the full N x K logits, so the loss and everything after it
 (accuracy, the optimizer step) are written once for every mode.
 """
@@ -41,8 +44,9 @@ class Tower(nn.Module):
     """This rank's tower. ``group`` is the two-rank process group (None: the default
     group); the tower's index in it (``dist.get_rank(group)``) decides which half it holds.
 
-    Parameter names match the reference's (``conv1.weight``, ..., ``fc8.weight``),
-    so :mod:`towers.sharding` maps between them by name alone. ``architecture``'s LRN,
+    Parameter names match the reference's (``conv1.weight``, ..., ``fc8.weight``; tower 1
+    holds no ``fc8`` where FC8 is whole on tower 0), so :mod:`towers.sharding` maps between
+    them by name alone. ``architecture``'s LRN,
     pooling and activation are the reference's; its net must be the two-tower one.
 
     A new tower's weights are torch's default ones, placeholders: load this tower's half
