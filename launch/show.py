@@ -99,6 +99,9 @@ class ShowOptions:
         if self.images > MAX_IMAGES:
             raise ValueError(f"--images must be at most {MAX_IMAGES} (a row of the picture each, 205 pixels high; a "
                              f"taller PNG is more than image viewers open), got {self.images}: draw fewer")
+        if self.data is not None and "neighbours" not in self.only:
+            raise ValueError("--data is the neighbours picture's, which --only leaves out: add neighbours to --only, "
+                             "or drop --data")
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("--device cuda: no GPU is visible here; use --device cpu or auto")
 

@@ -688,7 +688,9 @@ BAD_RUN_DIRS = {"missing": "does not exist", "no config.json": "not a run folder
                           "more than image viewers open), got 101: draw fewer"),
     # an unset "$VARIABLE": the current folder, where the pictures were written (or the data read)
     (["--out", ""], "--out is empty: give a value, or leave the option out"),
-    (["--data", ""], "--data is empty: give a value, or leave the option out")])
+    (["--data", ""], "--data is empty: give a value, or leave the option out"),
+    (["--only", "curves,kernels", "--data", "somewhere"], "--data is the neighbours picture's, which --only leaves "
+                                                          "out: add neighbours to --only, or drop --data")])
 def test_bad_options_are_one_line_before_anything_is_read(tmp_path, args, words, caplog, capsys):
     assert show.main([str(tmp_path / "no-such-run"), *args]) == 2 and capsys.readouterr().out == ""
     assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == [f"error: {words}"]
