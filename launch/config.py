@@ -186,9 +186,8 @@ class TrainConfig:
             if getattr(self, name):  # folder, as launch.show finds the run an evaluation's folder names ("": validate)
                 setattr(self, name, str(home_path(getattr(self, name)).absolute()))  # '..' after a link, as the OS
 
-    def validate(self, torchrun: bool = False) -> None:
-        """Raises ValueError naming the fix for an impossible value; ``torchrun``: the replicas
-        are those its ranks make, which its options change, not --replicas."""
+    def validate(self) -> None:
+        """Raises ValueError naming the fix for an impossible value."""
         refuse_empty(**{name: getattr(self, name) for name in ("data", "out", "resume", "eval_only", "master_addr")})
         for name in ("lr", "momentum", "weight_decay", "dropout", "timeout"):
             value = getattr(self, name)
@@ -223,7 +222,18 @@ class TrainConfig:
             raise ValueError(f"--warmup-steps must not be negative, got {self.warmup_steps}")
         if self.workers is not None and self.workers < 0:
             raise ValueError(f"--workers must not be negative, got {self.workers}")
-        check_workers(self.workers, 1 if torchrun else self.replicas or 1)  # torchrun's: those of its machine
+        check_workers(self.workers)  # for one rank that loads: launch.two_gpu counts those of this machine
+        if self.resume and self.eval_only:
+            raise ValueError("--resume and --eval-only exclude each other: give one")
+        if self.run_name is not None and (os.sep in self.run_name or self.run_name in ("", ".", "..")
+                                          or not self.run_name.isprintable() or len(os.fsencode(self.run_name)) > 255):
+            raise ValueError(f"--run-name must be a plain folder name (printable, at most 255 bytes, no {os.sep}), "
+                             f"got {self.run_name!r}")
+
+    def check_batch_split(self, torchrun: bool = False) -> None:
+        """Raises ValueError where the batch does not split evenly over the replicas (once they
+        are known); ``torchrun``: they are those its ranks make, which its options change, not
+        --replicas."""
         if (self.replicas is not None and self.batch_size is not None and self.batch_size % self.replicas
                 and not self.eval_only):  # an evaluation shares out the images, not a training batch
             # a resumed run keeps its batch size: the number of replicas is what it can change
@@ -240,12 +250,6 @@ class TrainConfig:
             raise ValueError(f"--batch-size {self.batch_size} does not split evenly over {self.replicas} replicas: "
                              f"{batch}give a number of replicas that divides {self.batch_size} ({_listed(fits)}; each "
                              f"replica trains on an equal share)")
-        if self.resume and self.eval_only:
-            raise ValueError("--resume and --eval-only exclude each other: give one")
-        if self.run_name is not None and (os.sep in self.run_name or self.run_name in ("", ".", "..")
-                                          or not self.run_name.isprintable() or len(os.fsencode(self.run_name)) > 255):
-            raise ValueError(f"--run-name must be a plain folder name (printable, at most 255 bytes, no {os.sep}), "
-                             f"got {self.run_name!r}")
 
 
 def check_schedule_options(config: TrainConfig) -> None:

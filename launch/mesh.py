@@ -55,6 +55,12 @@ def coordinates(rank: int, towers: int) -> tuple:
     return divmod(rank, towers)
 
 
+def loading_ranks(first: int, count: int, towers: int) -> int:
+    """How many of the ranks ``first`` .. ``first + count - 1`` (one machine's) load data: those
+    that are their replica's first tower (ranks 0 and 2 of a machine's 0, 1, 2, with T = 2)."""
+    return len(range(first + (-first) % towers, first + count, towers))
+
+
 def build_mesh(towers: int, timeout_s: float) -> Mesh:
     """The mesh of the default process group, whose size must be a multiple of ``towers``.
     Collective: every rank calls it, in the same order."""

@@ -48,6 +48,7 @@ from .cli import (JSON_DAMAGE, MAX_PROCESSES_PER_CORE, check_compile_backend, ho
 from .config import (KEPT_UNLESS_GIVEN, RUN_CONTROL, TrainConfig, build_parser, check_schedule_options, check_workers,
                      describe_recipe, given_options, parse_config, recipe_warnings, resolve)
 from .meter import summary_steps
+from .mesh import loading_ranks
 from .ranks import (LOOPBACK, PREPARATION_WAIT_S, RankFailure, choose_placement, cpu_threads_per_rank, die_with_parent,
                     error_line, init_process_group, patient_group, reuse_freed_memory, run_ranks, sigterm_as_interrupt)
 from .train import architecture, describe_evaluation, elsewhere_than, log_file, run_rank, setup_logging
@@ -637,8 +638,7 @@ def check_saved_one(resume: Path) -> None:
 def _configure(argv) -> tuple:
     """(config, checkpoint payload or None, placement) from the command line; raises ValueError."""
     config, given = parse_config(argv), given_options(argv)
-    # under torchrun, a --replicas must first agree with its ranks (_replicas) before a batch is split over them
-    (dataclasses.replace(config, replicas=None) if _torchrun_env() else config).validate()
+    config.validate()
     if "master_addr" in given and _torchrun_env():
         raise ValueError("--master-addr is where the ranks that this program starts meet; torchrun's ranks meet where "
                          "torchrun says (its --master-addr or --rdzv-endpoint): drop --master-addr under torchrun")
@@ -661,14 +661,15 @@ def _configure(argv) -> tuple:
     towers = TOWERS if config.layout == "towers" else 1
     saved_replicas = checkpoint["config"].get("replicas") if config.resume else None
     config = dataclasses.replace(resolve(config), replicas=_replicas(config, towers, saved_replicas))
-    config.validate(torchrun=_torchrun_env())
+    config.validate()
+    config.check_batch_split(torchrun=_torchrun_env())
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     # torchrun's count of the ranks on this machine; a stray one is no concern of ranks this program starts
     ranks_here = (int(os.environ.get("LOCAL_WORLD_SIZE", 0)) or None) if _torchrun_env() else None
     placement = choose_placement(config.backend, gpus, ranks=towers * config.replicas, towers=towers,
                                  ranks_here=ranks_here)
-    if ranks_here:  # what validate cannot know: the ranks that load on this machine of torchrun's
-        check_workers(config.workers, loaders_here=max(1, ranks_here // towers))
+    first_here = int(os.environ["RANK"]) - int(os.environ.get("LOCAL_RANK", os.environ["RANK"])) if ranks_here else 0
+    check_workers(config.workers, loading_ranks(first_here, ranks_here or towers * config.replicas, towers))
     if config.compile is not None:
         check_compile_backend(config.compile, "--compile", placement.device)
     if config.precision == "bf16" and placement.device == "cuda" and not torch.cuda.is_bf16_supported():

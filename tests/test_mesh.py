@@ -175,7 +175,8 @@ def test_two_replicas_log_the_losses_of_one_and_resume_across_replica_counts(tin
 @pytest.mark.parametrize("args, message", [
     (["--replicas", "3", "--batch-size", "4"], "--batch-size 4 does not split evenly over 3 replicas: give a batch "
      "size divisible by 3, or give a number of replicas that divides 4 (4, 2 or 1;"),
-    (["--replicas", str(10 ** 12), "--batch-size", "128"], "a number of replicas that divides 128 (128, 64 or 32;"),
+    (["--replicas", str(10 ** 12), "--batch-size", "128"], f"--replicas {10 ** 12} would start {2 * 10 ** 12} "
+     "processes on the "),
     (["--replicas", "0"], "--replicas must be positive, got 0"),
     (["--replicas", "100000"], "--replicas 100000 would start 200000 processes on the "),
 ])
@@ -196,19 +197,27 @@ def test_replicas_are_limited_by_the_cores_this_program_may_use(tiny_data, tmp_p
 
 
 @pytest.mark.parametrize("torchrun, args", [
-    (False, ["--replicas", "2"]), (False, ["--replicas", "2", "--layout", "single"]),
-    (True, []), (True, ["--layout", "single"])])
+    (None, ["--replicas", "2"]), (None, ["--replicas", "2", "--layout", "single"]),
+    (dict(RANK=0, WORLD_SIZE=8, LOCAL_RANK=0, LOCAL_WORLD_SIZE=4), []),  # machine 0 of two: ranks 0 and 2 load
+    (dict(RANK=0, WORLD_SIZE=4, LOCAL_RANK=0, LOCAL_WORLD_SIZE=2), ["--layout", "single"]),
+    (dict(RANK=0, WORLD_SIZE=6, LOCAL_RANK=0, LOCAL_WORLD_SIZE=3), []),  # ranks 0, 1, 2 here: 0 and 2 load
+    (dict(RANK=4, WORLD_SIZE=6, LOCAL_RANK=1, LOCAL_WORLD_SIZE=3), [])])  # ranks 3, 4, 5 here: 4 loads, and...
 def test_workers_are_limited_by_the_cores_for_all_ranks_that_load_together(tiny_data, tmp_path, monkeypatch,
                                                                            torchrun, args):
     """Two ranks that load here (the replicas' first towers, or two one-rank replicas), each
     with --workers 3, would start 6 loading processes on one core, where 4 is the most."""
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
     if torchrun:
-        ranks = 4 if "single" not in args else 2
-        for name, value in dict(RANK=0, WORLD_SIZE=2 * ranks, LOCAL_RANK=0, LOCAL_WORLD_SIZE=ranks,  # two machines
-                                MASTER_ADDR="127.0.0.1", MASTER_PORT=29500).items():
+        for name, value in dict(torchrun, MASTER_ADDR="127.0.0.1", MASTER_PORT=29500).items():
             monkeypatch.setenv(name, str(value))
-    options = [str(a) for a in ("--data", tiny_data, "--out", tmp_path, *TINY, *args)]
+    batch = ["--batch-size", "6"] if torchrun and torchrun["WORLD_SIZE"] == 6 else []
+    options = [str(a) for a in ("--data", tiny_data, "--out", tmp_path, *TINY, *batch, *args)]
+    if torchrun and torchrun["RANK"] == 4:  # ... one loader: 3 workers fit, 5 do not
+        two_gpu._configure([*options, "--workers", "3"])
+        with pytest.raises(ValueError, match="--workers 5 would start that many loading processes for each loading "
+                                             "rank on the 1 cores this program may use: give at most 4,"):
+            two_gpu._configure([*options, "--workers", "5"])
+        return
     with pytest.raises(ValueError) as refused:
         two_gpu._configure([*options, "--workers", "3"])
     assert str(refused.value) == ("--workers 3 would start that many loading processes for each of the 2 ranks that "
@@ -217,15 +226,31 @@ def test_workers_are_limited_by_the_cores_for_all_ranks_that_load_together(tiny_
     two_gpu._configure([*options, "--workers", "2"])
 
 
+
+def test_too_many_replicas_are_named_before_their_workers(tiny_data, tmp_path, monkeypatch):
+    """Fewer workers would not be the fix: 5 replicas of the towers are 10 processes on 2 cores."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    with pytest.raises(ValueError, match="--replicas 5 would start 10 processes on the 2 cores this program may use"):
+        two_gpu._configure([str(a) for a in ("--data", tiny_data, "--out", tmp_path, *TINY, "--batch-size", "10",
+                                             "--replicas", "5", "--workers", "2")])
+
+
+def test_the_ranks_that_load_are_each_replicas_first_tower():
+    from launch.mesh import loading_ranks
+    assert [loading_ranks(first, 3, 2) for first in (0, 3)] == [2, 1]  # ranks 0, 2 | 4
+    assert loading_ranks(0, 8, 2) == 4 and loading_ranks(4, 4, 2) == 2 and loading_ranks(0, 5, 1) == 5
+
 def test_a_batch_that_does_not_split_is_told_the_fix_that_applies():
     """A resumed run keeps its batch size: only the number of replicas is its to change. An
     evaluation shares out the images, not a training batch: any number of replicas does."""
     from launch.config import TrainConfig
     with pytest.raises(ValueError) as refused:
-        TrainConfig(replicas=3, batch_size=4, resume="run").validate()
+        TrainConfig(replicas=3, batch_size=4, resume="run").check_batch_split()
     assert str(refused.value) == ("--batch-size 4 does not split evenly over 3 replicas: give a number of replicas "
                                   "that divides 4 (4, 2 or 1; each replica trains on an equal share)")
-    TrainConfig(replicas=3, batch_size=128, eval_only="run").validate()
+    TrainConfig(replicas=3, batch_size=128, eval_only="run").check_batch_split()
+    with pytest.raises(ValueError, match=r"that divides 128 \(128, 64 or 32;"):  # found without counting to 10 ** 12
+        TrainConfig(replicas=10 ** 12, batch_size=128).check_batch_split()
 
 
 
@@ -238,7 +263,7 @@ def test_a_batch_that_does_not_split_is_told_the_fix_that_applies():
      "--nnodes, 1 per replica;"),
     # --replicas disagreeing with torchrun's ranks is named before a batch split over it
     (4, ["--replicas", "3"], "--replicas 3 needs 6 ranks and torchrun gave 4: drop --replicas under torchrun"),
-    (4, ["--replicas", "0"], "--replicas 0 needs 0 ranks and torchrun gave 4: drop --replicas under torchrun"),
+    (4, ["--replicas", "0"], "--replicas must be positive, got 0"),
 ])
 def test_a_batch_that_does_not_split_under_torchrun_is_told_torchruns_fix(tiny_data, tmp_path, monkeypatch,
                                                                         world_size, args, message):

@@ -500,7 +500,7 @@ def _exchanges_in_a_log_put_in_place(rank):
 
 
 def test_an_exchange_log_put_in_a_towers_place_counts_every_exchange():
-    """FC8's exchanges too: its module kept the log the tower was built with."""
+    """FC8's exchanges too, where a log held by a module of FC8's own would be the first one."""
     for counted in run_ranks(_exchanges_in_a_log_put_in_place, timeout_s=TIMEOUT_S):
         for placement in FC8_PLACEMENTS:
             assert counted[placement] == (0, ["conv3_input", "fc6_input", "fc7_input", "fc8_input", "logits"])
