@@ -357,6 +357,13 @@ def summarize(spec: dict, ranks: list, analytic: dict, devices: DevicePlan) -> d
         "rss_at_start_bytes": [r["rss_at_start_bytes"] for r in ranks],
         "param_bytes": [r["param_bytes"] for r in ranks], "final_loss": [r["final_loss"] for r in ranks],
     }
+    if mode in ("ddp", "hybrid"):
+        run["compute_ms"] = [_percentiles(r["compute_only_s"])["median"] for r in ranks]
+        run["allreduce_alone_ms"] = [_percentiles(r["allreduce_alone_s"])["median"] for r in ranks]
+        run["payload_bytes_per_rank"] = [r["payload_bytes"] / steps for r in ranks]
+        run["buckets_per_step"] = [r["buckets"] / steps for r in ranks]
+        # what the gradient all-reduce added to the step: DDP overlaps it with the backward pass
+        run["comm_ms"] = [_percentiles(r["step_s"])["median"] - c for r, c in zip(ranks, run["compute_ms"])]
     if mode == "towers":
         element_size = ELEMENT_SIZE[spec["precision"]]
         run["comm_ms"] = [_percentiles(r["comm_s"])["median"] for r in ranks]
@@ -381,17 +388,11 @@ def summarize(spec: dict, ranks: list, analytic: dict, devices: DevicePlan) -> d
         towers = [r["tower"] for r in ranks]
         run["replicas"] = replicas
         run["exchange_ms"] = [_percentiles(r["comm_s"])["median"] for r in ranks]
-        run["compute_ms"] = [_percentiles(r["compute_only_s"])["median"] for r in ranks]
-        # what the gradient all-reduce added to the step: DDP overlaps it with the backward pass
-        run["comm_ms"] = [_percentiles(r["step_s"])["median"] - c for r, c in zip(ranks, run["compute_ms"])]
-        run["allreduce_alone_ms"] = [_percentiles(r["allreduce_alone_s"])["median"] for r in ranks]
         run["hidden_share"] = [max(0.0, min(1.0, 1 - c / a)) if a > 0 else None
                                for c, a in zip(run["comm_ms"], run["allreduce_alone_ms"])]
         assert all(r["sent_bytes"] % steps == 0 for r in ranks), "exchange traffic differs between steps"
         run["exchange_bytes_per_rank"] = [r["sent_bytes"] // steps for r in ranks]
         run["exchange_bytes_per_rank_analytic"] = [figures["exchange"][t] for t in towers]
-        run["payload_bytes_per_rank"] = [r["payload_bytes"] / steps for r in ranks]
-        run["buckets_per_step"] = [r["buckets"] / steps for r in ranks]
         run["gradient_bytes_per_rank"] = [_exact(traffic.ring_factor(replicas) * r["payload_bytes"] / steps)
                                           for r in ranks]
         run["gradient_bytes_per_rank_analytic"] = [_exact(figures["gradients"][t]) for t in towers]
@@ -399,11 +400,6 @@ def summarize(spec: dict, ranks: list, analytic: dict, devices: DevicePlan) -> d
         run["bytes_per_rank_analytic"] = [e + g for e, g in zip(run["exchange_bytes_per_rank_analytic"],
                                                                 run["gradient_bytes_per_rank_analytic"])]
     elif mode == "ddp":
-        run["comm_ms"] = [_percentiles(r["step_s"])["median"] - _percentiles(r["compute_only_s"])["median"] for r in ranks]
-        run["compute_ms"] = [_percentiles(r["compute_only_s"])["median"] for r in ranks]
-        run["allreduce_alone_ms"] = [_percentiles(r["allreduce_alone_s"])["median"] for r in ranks]
-        run["payload_bytes_per_rank"] = [r["payload_bytes"] / steps for r in ranks]
-        run["buckets_per_step"] = [r["buckets"] / steps for r in ranks]
         run["bytes_per_rank"] = [_exact(analytic["ring_factor"] * r["payload_bytes"] / steps) for r in ranks]
         run["bytes_per_rank_analytic"] = [_exact(analytic["ddp_bytes_per_rank"])] * len(ranks)
     else:
@@ -512,9 +508,9 @@ def mesh_projection(runs: dict, config: BenchConfig, analytic: dict) -> dict:
     replicas = PROJECTED_GPUS // TOWERS
     tower_share = max(macs["towers"]) / macs["single"]
     reference = flops.reference_layers()
-    hybrid_grad_bytes = traffic.ring_factor(replicas) * max(analytic["tower_params"]) * 4
-    ddp_grad_bytes = traffic.ring_factor(PROJECTED_GPUS) * analytic["num_params"] * 4
-    buckets = lambda params: math.ceil(params * 4 / DDP_BUCKET_CAP_BYTES)
+    hybrid_grad_bytes = traffic.ddp_bytes_per_rank(max(analytic["tower_params"]), replicas)
+    ddp_grad_bytes = traffic.ddp_bytes_per_rank(analytic["num_params"], PROJECTED_GPUS)
+    buckets = lambda params: math.ceil(traffic.ddp_payload_bytes(params) / DDP_BUCKET_CAP_BYTES)
     link = lambda nbytes, calls: traffic.link_time_s(nbytes, calls, gb_s, config.link_latency_us) * 1e3
 
     def step_ms(batch: int) -> tuple:

@@ -90,4 +90,4 @@ def hybrid_bytes_per_rank(reference: Dict[str, Layer], fc8_placement: str, batch
     step: its exchanges with the other tower on its replica's ``batch / replicas`` images,
     and its ring all-reduce of its tower's gradients over the replicas."""
     return {"exchange": towers_bytes_per_rank(reference, fc8_placement, batch // replicas, element_size),
-            "gradients": [ring_factor(replicas) * params * grad_element_size for params in tower_params]}
+            "gradients": [ddp_bytes_per_rank(params, replicas, grad_element_size) for params in tower_params]}
