@@ -304,6 +304,13 @@ class OutputFailed(Exception):
     large), where its reader is still there; the message names the fix."""
 
 
+def reader_gone() -> int:
+    """After a BrokenPipeError of the standard output (the reader went away: | head): the exit
+    code of a tool killed by SIGPIPE, which ends silently, nothing left to flush at the exit."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 141
+
+
 def write_out(data: bytes) -> None:
     """``data`` written to the standard output, as bytes (a file name need not be UTF-8),
     and flushed. Raises BrokenPipeError where the reader went away (| head), OutputFailed

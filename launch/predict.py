@@ -37,8 +37,8 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoint import CheckpointError, check_classes, load_checkpoint, reference_from, resolve_path
-from .cli import (CLOSED_AT_START, OutputFailed, Parser, add_options, one_line, option, quick_exit, refuse_empty,
-                  write_out)
+from .cli import (CLOSED_AT_START, OutputFailed, Parser, add_options, one_line, option, quick_exit, reader_gone,
+                  refuse_empty, write_out)
 from .data import DataStats, center_crop, eval_views, open_data
 from .images import DECODE_ERRORS, ImageRejected, load_image
 from .train import IMAGE_SHAPE
@@ -266,9 +266,8 @@ def main(argv=None) -> int:
     except OutputFailed as exc:
         log.error("error: %s", exc)
         return 2
-    except BrokenPipeError:  # the reader went away (| head): end silently, as a tool killed by SIGPIPE does
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at the exit
-        return 141
+    except BrokenPipeError:
+        return reader_gone()
     return 1 if failed else 0
 
 

@@ -63,7 +63,7 @@ from . import data as data_module
 from .checkpoint import (FILENAME, CheckpointError, check_classes, checkpoint_architecture, load_checkpoint,
                          reference_from)
 from .cli import (JSON_DAMAGE, OutputFailed, Parser, add_options, home_path, lock_folder, one_line, option, quick_exit,
-                  refuse_empty, shell_word, write_out, write_whole)
+                  reader_gone, refuse_empty, shell_word, write_out, write_whole)
 from .stats import DataStats
 
 log = logging.getLogger(__name__)
@@ -859,9 +859,8 @@ def main(argv=None) -> int:
     except OutputFailed as exc:  # the pictures are written: only their list is lost
         log.error("error: %s", exc)
         return 2
-    except BrokenPipeError:  # the reader went away (| head): end silently, as a tool killed by SIGPIPE does
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at the exit
-        return 141
+    except BrokenPipeError:
+        return reader_gone()
     finally:
         signal.signal(signal.SIGTERM, previous)
 
