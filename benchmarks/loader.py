@@ -14,8 +14,8 @@ from typing import Optional
 import torch
 
 from launch import data as data_module
-from launch.images import CROP_SIZE
 from launch.ranks import error_line
+from towers.reference import INPUT_SIZE
 
 
 def _stopped(deadline) -> bool:
@@ -42,7 +42,7 @@ def _images_per_s(bundle, batch: int, batches: int, workers: int, deadline=None)
 def _augment_ms(bundle, batch: int, device: torch.device, repeats: int = 5, deadline=None) -> float:
     """The median of ``repeats`` timed augmentations of a batch after a warm-up one, fewer
     (one at least) past the ``deadline``."""
-    crops = torch.randint(0, 256, (batch, 3, CROP_SIZE, CROP_SIZE), dtype=torch.uint8, device=device)
+    crops = torch.randint(0, 256, (batch, 3, INPUT_SIZE, INPUT_SIZE), dtype=torch.uint8, device=device)
     choices = data_module.train_augmentation(seed=0, epoch=0, first=0, count=batch)
     times = []
     for _ in range(repeats + 1):  # the first is a warm-up
@@ -97,5 +97,6 @@ def measure_loader(workers: tuple, batch: int, batches: int, device: str, bundle
         "not_measured_reason": deadline.reason if cut else None,
         "augment_ms_per_batch": _augment_ms(bundle, batch, torch.device(device), deadline=deadline),
         # what one rank broadcasts per image: uint8 crop (and an int64 label), against float32 images
-        "input_bytes_per_image": 3 * CROP_SIZE * CROP_SIZE + 8, "float32_bytes_per_image": 4 * 3 * CROP_SIZE * CROP_SIZE + 8,
+        "input_bytes_per_image": 3 * INPUT_SIZE * INPUT_SIZE + 8,
+        "float32_bytes_per_image": 4 * 3 * INPUT_SIZE * INPUT_SIZE + 8,
     }

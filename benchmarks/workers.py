@@ -24,6 +24,7 @@ from launch.mesh import build_mesh
 from launch.meter import peak_memory
 from launch.step import AUTOCAST, paper_optimizer, train_step
 from towers import TOWERS, AlexNet, Tower, build_reference, compile_blocks, shard_state_dict
+from towers.reference import INPUT_SIZE
 
 NUM_CLASSES = 1000
 MEMORY_FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
@@ -39,7 +40,7 @@ def synthetic_batch(batch: int, seed: int, device: torch.device, memory_format: 
     """N x 3 x 224 x 224 float32 images at raw-pixel scale (0..255 less a mean of 120)
     and random labels, drawn on the CPU so every rank gets the identical batch."""
     generator = torch.Generator().manual_seed(seed + 1)
-    images = torch.rand(batch, 3, 224, 224, generator=generator) * 255 - 120
+    images = torch.rand(batch, 3, INPUT_SIZE, INPUT_SIZE, generator=generator) * 255 - 120
     labels = torch.randint(0, NUM_CLASSES, (batch,), generator=generator)
     return images.to(device, memory_format=MEMORY_FORMATS[memory_format]), labels.to(device)
 

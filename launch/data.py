@@ -52,10 +52,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
+from towers.reference import INPUT_SIZE
+
 from .builtin import BUILTIN_NAME, builtin_dataset
 from .cli import home_path, open_lock_file, prints_plainly, real_path
-from .images import (BASE_SIZE, CROP_SIZE, DECODE_ERRORS, IMAGE_EXTENSIONS, DataError, is_image_name, load_image,
-                     skip_reason)
+from .images import BASE_SIZE, DECODE_ERRORS, IMAGE_EXTENSIONS, DataError, is_image_name, load_image, skip_reason
 from .ranks import die_with_parent
 from .stats import DataStats, load_or_compute_stats, relative_path
 
@@ -565,7 +566,7 @@ def _draw_block(seed: int, epoch: int, block: int) -> tuple:
     """Read-only (corners DRAW_BLOCK x 2 int64 (top, left), flips DRAW_BLOCK bool, alphas
     DRAW_BLOCK x 3 float64) of positions block * DRAW_BLOCK onwards of epoch ``epoch``."""
     rng = np.random.default_rng([_AUGMENT_STREAM, seed, epoch, block])
-    draws = (rng.integers(0, BASE_SIZE - CROP_SIZE + 1, size=(DRAW_BLOCK, 2)), rng.random(DRAW_BLOCK) < 0.5,
+    draws = (rng.integers(0, BASE_SIZE - INPUT_SIZE + 1, size=(DRAW_BLOCK, 2)), rng.random(DRAW_BLOCK) < 0.5,
              rng.normal(0.0, PCA_ALPHA_STD, size=(DRAW_BLOCK, 3)))
     for array in draws:
         array.flags.writeable = False
@@ -600,7 +601,7 @@ def augment(crops: torch.Tensor, choices: Augmentation, stats: DataStats) -> tor
     the colour shift eigvec @ (alpha * eigval) added to every pixel. N x 3 x 224 x 224 float32."""
     device = crops.device
     choices = choices.to(device)
-    offsets = torch.arange(CROP_SIZE, device=device)
+    offsets = torch.arange(INPUT_SIZE, device=device)
     rows, cols = choices.top[:, None] + offsets, choices.left[:, None] + offsets  # N x 224 each
     mean = stats.mean.to(device)[:, rows[:, :, None], cols[:, None, :]].transpose(0, 1)  # N x 3 x 224 x 224
     x = crops.float() - mean
@@ -609,9 +610,13 @@ def augment(crops: torch.Tensor, choices: Augmentation, stats: DataStats) -> tor
     return x + shift[:, :, None, None]
 
 
+@functools.lru_cache(maxsize=2)  # the epoch being loaded (and the one before, as a new one starts)
 def epoch_order(num_images: int, seed: int, epoch: int) -> np.ndarray:
-    """The shuffled order of epoch ``epoch``, seeded by (seed, epoch) alone."""
-    return np.random.default_rng([_ORDER_STREAM, seed, epoch]).permutation(num_images)
+    """The shuffled order of epoch ``epoch``, seeded by (seed, epoch) alone; read-only, as
+    every caller of the same epoch shares it."""
+    order = np.random.default_rng([_ORDER_STREAM, seed, epoch]).permutation(num_images)
+    order.flags.writeable = False
+    return order
 
 
 def batches_per_epoch(bundle: DataBundle, batch_size: int) -> int:
@@ -802,29 +807,17 @@ class _Items(Dataset):
                 return image, label, skipped
             return center_crop(image), label, skipped
         _, seed, epoch, position = key
-        image, label, skipped = self.train.load(int(_epoch_order(len(self.train), seed, epoch)[position]))
+        image, label, skipped = self.train.load(int(epoch_order(len(self.train), seed, epoch)[position]))
         block, offset = divmod(position, DRAW_BLOCK)
         top, left = _draw_block(seed, epoch, block)[0][offset].tolist()
-        return image[:, top:top + CROP_SIZE, left:left + CROP_SIZE].contiguous(), label, skipped
-
-
-@functools.lru_cache(maxsize=2)  # the epoch being loaded (and the one before, as a new one starts)
-def _epoch_order(num_images: int, seed: int, epoch: int) -> np.ndarray:
-    return epoch_order(num_images, seed, epoch)
+        return image[:, top:top + INPUT_SIZE, left:left + INPUT_SIZE].contiguous(), label, skipped
 
 
 def train_batches(bundle: DataBundle, batch_size: int, seed: int, epoch: int, start_batch: int = 0,
-                  workers: int = 0, pin_memory: bool = False, share: tuple = (0, 1)) -> Iterator:
+                  workers: int = 0) -> Iterator:
     """:meth:`Loader.train` from a loader of its own, whose workers end with the epoch."""
-    loader = Loader(bundle, workers, pin_memory)
-    return _closing(loader.train(batch_size, seed, epoch, start_batch, share), loader)
-
-
-def eval_batches(bundle: DataBundle, batch_size: int, ten_crop: bool = False, workers: int = 0,
-                 limit: Optional[int] = None, pin_memory: bool = False, share: tuple = (0, 1)) -> Iterator:
-    """:meth:`Loader.eval` from a loader of its own, whose workers end with the evaluation."""
-    loader = Loader(bundle, workers, pin_memory)
-    return _closing(loader.eval(batch_size, ten_crop, limit, share), loader)
+    loader = Loader(bundle, workers)
+    return _closing(loader.train(batch_size, seed, epoch, start_batch), loader)
 
 
 def _closing(batches: Iterator, loader: Loader) -> Iterator:
@@ -833,12 +826,12 @@ def _closing(batches: Iterator, loader: Loader) -> Iterator:
 
 
 def _ten_crop_corners():
-    edge = BASE_SIZE - CROP_SIZE
+    edge = BASE_SIZE - INPUT_SIZE
     return ((0, 0), (0, edge), (edge, 0), (edge, edge), (edge // 2, edge // 2))  # (top, left): TL TR BL BR centre
 
 
 def eval_views(images: torch.Tensor, stats: DataStats, ten_crop: bool) -> torch.Tensor:
-    """The network's input from ``eval_batches``' uint8 images, on their device: the centre
+    """The network's input from ``Loader.eval``'s uint8 images, on their device: the centre
     crops minus the mean's centre (N x 3 x 224 x 224 float32), or for the ten-patch test
     N x 10 x 3 x 224 x 224, views 0-4 the top-left, top-right, bottom-left, bottom-right
     and centre patches, 5-9 their horizontal reflections."""
@@ -846,13 +839,13 @@ def eval_views(images: torch.Tensor, stats: DataStats, ten_crop: bool) -> torch.
     if not ten_crop:
         return images.float() - center_crop(mean)
     centred = images.float() - mean  # N x 3 x 256 x 256
-    views = [centred[..., t:t + CROP_SIZE, l:l + CROP_SIZE] for t, l in _ten_crop_corners()]
+    views = [centred[..., t:t + INPUT_SIZE, l:l + INPUT_SIZE] for t, l in _ten_crop_corners()]
     return torch.stack(views + [v.flip(-1) for v in views], dim=1)
 
 
 def center_crop(x: torch.Tensor) -> torch.Tensor:
-    offset = (BASE_SIZE - CROP_SIZE) // 2
-    return x[..., offset:offset + CROP_SIZE, offset:offset + CROP_SIZE].contiguous()
+    offset = (BASE_SIZE - INPUT_SIZE) // 2
+    return x[..., offset:offset + INPUT_SIZE, offset:offset + INPUT_SIZE].contiguous()
 
 
 def eval_indices(num_images: int, limit: Optional[int]) -> list:

@@ -20,7 +20,6 @@ from PIL import Image
 from .cli import without_line_breaks
 
 BASE_SIZE = 256  # section 2: shorter side rescaled to 256, central 256x256 patch
-CROP_SIZE = 224  # section 4.1: the network's input
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 

@@ -31,9 +31,10 @@ from torch.nn.parallel import DistributedDataParallel
 
 from towers import (TOWERS, AlexNet, Architecture, ExchangeLog, Tower, allocate, build_reference, compile_blocks,
                     shard_state_dict)
+from towers.reference import INPUT_SIZE
 
 from . import data as data_module
-from .images import BASE_SIZE, CROP_SIZE
+from .images import BASE_SIZE
 from .checkpoint import (FILENAME, damaged_record, read_as_saved, resolve_path, restore_training_state,
                          save_training_state)
 from .cli import home_path, shell_word, usable_cores, write_whole
@@ -45,7 +46,7 @@ from .schedule import Progress, base_rate, end_of_epoch_schedule, learning_rate
 from .step import AUTOCAST, paper_optimizer, train_step
 
 log = logging.getLogger(__name__)
-IMAGE_SHAPE = (3, CROP_SIZE, CROP_SIZE)
+IMAGE_SHAPE = (3, INPUT_SIZE, INPUT_SIZE)
 
 
 # A training loss this many times ln(classes) (the loss of a uniform guess) has run away.

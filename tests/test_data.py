@@ -808,7 +808,7 @@ def test_one_loader_serves_every_epoch_and_evaluation_from_the_same_workers(smal
     once; an iteration left midway (--max-steps, or a save and an evaluation) leaves nothing
     in the batches asked for next, and closing it ends the workers."""
     expected = {epoch: list(data.train_batches(small_bundle, 6, seed=3, epoch=epoch)) for epoch in (0, 1)}
-    centre, ten = list(data.eval_batches(small_bundle, 4)), list(data.eval_batches(small_bundle, 2, ten_crop=True))
+    centre, ten = list(data.Loader(small_bundle).eval(4)), list(data.Loader(small_bundle).eval(2, ten_crop=True))
     before = set(multiprocessing.active_children())
     with data.Loader(small_bundle, workers=2) as loader:
         left = loader.train(6, seed=3, epoch=0)
@@ -892,19 +892,19 @@ def test_the_batched_augmentation_is_the_per_image_one(small_bundle, monkeypatch
 
 def test_eval_batches_and_ten_crop(small_bundle):
     centre = [(data.eval_views(images, small_bundle.stats, ten_crop=False), labels)
-              for images, labels in data.eval_batches(small_bundle, batch_size=4)]
+              for images, labels in data.Loader(small_bundle).eval(batch_size=4)]
     assert [len(labels) for _, labels in centre] == [4, 4, 2]  # in order, last partial batch kept
     labels = torch.cat([l for _, l in centre])
     assert torch.equal(labels, torch.tensor([label for _, label in small_bundle.val.samples]))
     ten = [(data.eval_views(images, small_bundle.stats, ten_crop=True), labels)
-           for images, labels in data.eval_batches(small_bundle, batch_size=4, ten_crop=True)]
+           for images, labels in data.Loader(small_bundle).eval(batch_size=4, ten_crop=True)]
     views = torch.cat([images for images, _ in ten])
     assert views.shape == (10, 10, 3, 224, 224)
     assert torch.equal(views[:, 4], torch.cat([images for images, _ in centre]))
     assert torch.equal(views[:, 5:], views[:, :5].flip(-1))
     image = small_bundle.val[0][0].float() - small_bundle.stats.mean
     assert torch.equal(views[0, 0], image[:, :224, :224]) and torch.equal(views[0, 3], image[:, 32:, 32:])
-    limited = torch.cat([l for _, l in data.eval_batches(small_bundle, batch_size=4, limit=5)])
+    limited = torch.cat([l for _, l in data.Loader(small_bundle).eval(batch_size=4, limit=5)])
     assert len(limited) == 5 and len(set(limited.tolist())) == 5  # spread over the classes
 
 
@@ -2033,7 +2033,7 @@ def test_evaluation_counts_each_usable_image_once(tmp_path, caplog):
     (root / "val" / "a" / "1.jpg").write_bytes(b"not a jpeg")  # the middle one of class a
     bundle = data.open_data(root, cache_dir=tmp_path / "cache")
     for ten_crop in (False, True):
-        batches = list(data.eval_batches(bundle, batch_size=2, ten_crop=ten_crop))
+        batches = list(data.Loader(bundle).eval(batch_size=2, ten_crop=ten_crop))
         # Left out, not replaced by its neighbour (which would count twice): 5 of 6, in order.
         assert torch.cat([labels for _, labels in batches]).tolist() == [0, 0, 1, 1, 1]
         assert [len(labels) for _, labels in batches] == [1, 2, 2]  # the first batch lost one

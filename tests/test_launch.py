@@ -214,7 +214,7 @@ def test_checkpoints_move_between_towers_and_reference_and_ten_crop_is_the_avera
     bundle = data_module.open_data(tiny_data)
     probs, labels = [], []
     with torch.no_grad():
-        for images, batch_labels in data_module.eval_batches(bundle, 4, ten_crop=True):
+        for images, batch_labels in data_module.Loader(bundle).eval(4, ten_crop=True):
             views = data_module.eval_views(images, bundle.stats, ten_crop=True)
             per_view = [F.softmax(loaded(views[:, v]), dim=1) for v in range(10)]
             probs.append(torch.stack(per_view).mean(dim=0))

@@ -26,7 +26,7 @@ TOWERS = 2
 CONV_CHANNELS = (96, 256, 384, 384, 256)
 FC_FEATURES = (4096, 4096)
 POOL5_SHAPE = (256, 6, 6)  # channels, height, width after the last max-pool
-INPUT_SIZE = 224
+INPUT_SIZE = 224  # section 4.1: the net takes 224 x 224 crops of the 256 x 256 images
 
 # Section 3.2's one-GPU net, by its footnote: half the kernels in conv1-conv4, but conv5
 # (and so pool5's 256 x 6 x 6) and the FC layers as in the two-tower net; no groups.
