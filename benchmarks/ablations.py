@@ -47,7 +47,7 @@ from launch import builtin
 from launch import data as data_module
 from launch.checkpoint import FILENAME, read_as_saved
 from launch.cli import (JSON_DAMAGE, Parser, add_options, home_path, option, quick_exit, real_path, shell_word,
-                        signal_name, write_whole)
+                        signal_name, temporary_folder, write_whole)
 from launch.config import TrainConfig, parse_config, resolve
 from launch.meter import StepMeter
 from launch.ranks import raise_interrupt
@@ -748,6 +748,7 @@ def main(argv=None) -> Path:
     for name in ("data", "out", "runs"):  # such as an unset "$VARIABLE"
         if getattr(config, name) == "":
             raise ValueError(f"--{name} is empty: give a folder, or leave the option out")
+    temporary_folder()  # which torchvision's import (machine_info) and the runs need
     if config.data is not None:  # the runs start in the repository's root
         config = dataclasses.replace(config, data=str(real_path(config.data)))
     today = datetime.date.today().isoformat()

@@ -18,6 +18,7 @@ import socket
 import stat
 import sys
 import sysconfig
+import tempfile
 import threading
 import typing
 import unicodedata
@@ -30,6 +31,17 @@ from pathlib import Path
 JSON_DAMAGE = (ValueError, RecursionError)
 MAX_PROCESSES_PER_CORE = 4  # ranks or loaders (--workers): beyond this many per core they only thrash the machine
 COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")  # those check_compile_backend can vouch for
+
+
+def temporary_folder() -> str:
+    """``tempfile.gettempdir()``, or ValueError naming the fix where no folder it tries can be
+    written (a read-only container: the processes' sockets, matplotlib and torch need one)."""
+    try:
+        return tempfile.gettempdir()
+    except FileNotFoundError:  # TMPDIR, TEMP, TMP, /tmp, /var/tmp, /usr/tmp and the current folder: none writable
+        raise ValueError("no temporary folder can be written here (TMPDIR, /tmp, /var/tmp, /usr/tmp and the current "
+                         "folder were tried): set TMPDIR to a folder this user can write (in a read-only container, "
+                         "a writable volume)") from None
 
 
 def usable_cores() -> int:

@@ -24,7 +24,7 @@ import tempfile
 import threading
 from multiprocessing import reduction, resource_tracker, util
 
-from launch.cli import standard_streams  # torch-free
+from launch.cli import standard_streams, temporary_folder  # torch-free
 
 # launch.train imports launch.ranks, towers and torch, which a rank of any caller needs. Each rank
 # then imports the caller's main module itself, as a spawned process does (multiprocessing's
@@ -44,13 +44,16 @@ def room_for_sockets() -> None:
     """Points TMPDIR, for this process and all it starts, at the first of ``SHORT_TEMPORARY``
     that it can write in where the temporary folder's path is too long to hold
     multiprocessing's sockets, whose creation would fail ("AF_UNIX path too long"); says so
-    in a warning. Elsewhere nothing."""
-    current = tempfile.gettempdir()
+    in a warning. Elsewhere nothing. Raises ValueError naming the fix where there is no
+    temporary folder to use."""
+    current = temporary_folder()
     if len(os.fsencode(current)) + SOCKET_NAME <= SOCKET_PATH_MAX:
         return
     usable = next((p for p in SHORT_TEMPORARY if os.path.isdir(p) and os.access(p, os.W_OK | os.X_OK)), None)
-    if usable is None:  # nothing better: the socket's creation names the problem
-        return
+    if usable is None:
+        raise ValueError(f"the temporary folder {current} is too long a path for the local sockets that the processes "
+                         f"use ({SOCKET_PATH_MAX} bytes at most, with their names), and none of "
+                         f"{', '.join(SHORT_TEMPORARY)} can be written: set TMPDIR to a shorter path")
     os.environ["TMPDIR"] = tempfile.tempdir = usable
     logging.getLogger(__name__).warning(
         "warning: the temporary folder %s is too long a path for the local sockets that the processes use "
@@ -103,7 +106,11 @@ def start_early(argv: list) -> None:
               "does, and run the command again", file=sys.stderr)
         raise SystemExit(2) from None
     if not ({"-h", "--help"} & set(argv) or "RANK" in os.environ):
-        start()
+        try:
+            start()
+        except ValueError as exc:  # no temporary folder to use
+            print(f"error: {exc}", file=sys.stderr)
+            raise SystemExit(2) from None
 
 
 def stop() -> None:

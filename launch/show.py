@@ -312,7 +312,10 @@ def kernel_grid(kernels: torch.Tensor, columns: int = 16, scale: int = 6, gap: i
 
 
 def _pyplot():
-    import matplotlib
+    try:
+        import matplotlib
+    except OSError as exc:  # no folder to keep its cache in, a temporary one either: its message names the fix
+        raise ValueError(exc) from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt

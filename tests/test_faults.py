@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from launch import checkpoint, two_gpu
+from launch import checkpoint, rank_server, two_gpu
 from launch import data as data_module
 from launch.checkpoint import (FORMAT, checkpoint_payload, load_checkpoint, save_checkpoint, save_reference,
                               training_checkpoint_bytes)
@@ -2034,6 +2034,42 @@ def test_a_temporary_folder_too_long_for_a_socket_is_replaced(tiny_data, tmp_pat
     assert "1 DataLoader worker processes" in result.stderr and "Traceback" not in result.stderr
     assert load_checkpoint(tmp_path / "run")["progress"]["global_step"] == 2 and not any(long.iterdir())
 
+
+def test_a_temporary_folder_too_long_with_none_shorter_to_use_is_one_line(monkeypatch):
+    """Where none of /tmp, /var/tmp, /usr/tmp can be written: the sockets' creation failed in a
+    traceback ("AF_UNIX path too long")."""
+    monkeypatch.setattr(tempfile, "tempdir", "/" + "t" * 100)
+    monkeypatch.setattr(rank_server, "SHORT_TEMPORARY", ("/no/such/folder",))
+    with pytest.raises(ValueError) as refused:
+        rank_server.room_for_sockets()
+    assert str(refused.value) == (f"the temporary folder /{'t' * 100} is too long a path for the local sockets that "
+                                  f"the processes use (107 bytes at most, with their names), and none of "
+                                  f"/no/such/folder can be written: set TMPDIR to a shorter path")
+
+
+@pytest.mark.slow  # real processes, in a mount namespace of their own
+@pytest.mark.parametrize("program", ["launch.two_gpu", "benchmarks.run", "benchmarks.ablations"])
+def test_no_temporary_folder_to_write_is_one_line(tmp_path, program):
+    """A read-only container: /tmp and /var/tmp read-only, TMPDIR unset, the current folder
+    read-only too (where Python looks last). Tracebacks before, from the rank server's start
+    or torchvision's import; nothing is written."""
+    script = ("mount --rbind /tmp /tmp && mount -o remount,bind,ro /tmp && mount --rbind /var/tmp /var/tmp && "
+              "mount -o remount,bind,ro /var/tmp && cd /tmp && "
+              f"exec env -u TMPDIR -u TEMP -u TMP {sys.executable} -m {program} --out {tmp_path / 'out'}")
+    try:
+        result = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script],
+                                env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True,
+                                timeout=300)
+    except FileNotFoundError:
+        pytest.skip("no unshare command: cannot make /tmp read-only without touching the machine's mounts")
+    if result.returncode != 0 and "mount" in result.stderr and "error: " not in result.stderr:
+        pytest.skip(f"cannot make /tmp read-only here: {result.stderr.strip()[:200]}")
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines()[-1].endswith(
+        "error: no temporary folder can be written here (TMPDIR, /tmp, /var/tmp, /usr/tmp and the current folder "
+        "were tried): set TMPDIR to a folder this user can write (in a read-only container, a writable volume)"), \
+        result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
 
 @pytest.mark.slow
 @pytest.mark.parametrize("master_addr", [None, "localhost"])

@@ -746,6 +746,30 @@ def test_a_read_only_disk_for_the_pictures_is_named_as_such(tmp_path):
                                           f"give a folder you can write with --out"]
 
 
+@pytest.mark.slow  # a real process, in a mount namespace of its own
+def test_no_folder_for_matplotlibs_cache_is_one_line(tmp_path):
+    """A read-only container: matplotlib finds no folder to keep its cache in, a temporary one
+    either, and raised OSError through the program, a traceback."""
+    run = write_run(tmp_path / "run", metrics=METRICS, summary=SUMMARY)
+    pictures = tmp_path / "pictures"
+    pictures.mkdir()
+    script = ("mount --rbind /tmp /tmp && mount -o remount,bind,ro /tmp && mount --rbind /var/tmp /var/tmp && "
+              f"mount -o remount,bind,ro /var/tmp && mount -t tmpfs tmpfs {pictures} && cd /tmp && "
+              f"exec env -u TMPDIR -u TEMP -u TMP MPLCONFIGDIR=/tmp/matplotlib {sys.executable} -m launch.show {run} "
+              f"--only curves --out {pictures}")
+    try:
+        result = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script], cwd=ROOT,
+                                capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+    except FileNotFoundError:
+        pytest.skip("no unshare command: cannot make /tmp read-only without touching the machine's mounts")
+    if result.returncode != 0 and "mount" in result.stderr and "error: " not in result.stderr:
+        pytest.skip(f"cannot make /tmp read-only here: {result.stderr.strip()[:200]}")
+    assert (result.returncode, result.stdout) == (2, ""), result.stderr
+    last = result.stderr.splitlines()[-1]
+    assert last.startswith("error: Matplotlib requires access to a writable cache directory") and \
+        last.endswith("set the MPLCONFIGDIR environment variable to a writable directory"), result.stderr
+    assert "Traceback" not in result.stderr
+
 # --------------------------------------------------------------------------- the real program
 
 # The program as python -m launch.show runs it, but each picture's writer stops after the first
