@@ -27,6 +27,7 @@ import datetime
 import json
 import logging
 import os
+import resource
 import shutil
 import shlex
 import socket
@@ -379,6 +380,10 @@ def check_room_for_checkpoints(config: TrainConfig, num_classes: int) -> None:
             for path in {given, given.parent / FILENAME}:  # the run saves to the latter, whatever it resumed
                 remove_abandoned_saves(path)
     size = training_checkpoint_bytes(num_classes, architecture(config))
+    largest = resource.getrlimit(resource.RLIMIT_FSIZE)[0]  # for this process and the ranks it starts
+    if largest != resource.RLIM_INFINITY and largest < size:
+        raise ValueError(f"this run's checkpoint is {size / 1e6:.1f} MB and the largest file this program may write is "
+                         f"{largest / 1e6:.1f} MB: raise the limit on the size of a file (ulimit -f)")
     needed = size if config.resume else 2 * size
     free = shutil.disk_usage(folder).free
     if free < needed:

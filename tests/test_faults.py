@@ -1299,6 +1299,21 @@ def test_a_count_of_ranks_per_machine_left_in_the_environment_is_torchruns_alone
     assert (placement.backend, placement.device) == ("gloo", "cpu")
 
 
+def test_a_limit_on_file_sizes_below_the_checkpoints_is_found_before_training(tiny_data, tmp_path, caplog,
+                                                                               monkeypatch):
+    """ulimit -f (a batch system's limit): the first save failed after the first epoch ("File too large")."""
+    import resource
+    size = training_checkpoint_bytes(10, Architecture())
+    real = resource.getrlimit
+    limit = lambda largest: lambda which: (largest, largest) if which == resource.RLIMIT_FSIZE else real(which)
+    monkeypatch.setattr(resource, "getrlimit", limit(size - 1))
+    err = _error_of(["--data", tiny_data, "--out", tmp_path / "runs", *TINY], caplog)
+    assert (f"error: this run's checkpoint is {size / 1e6:.1f} MB and the largest file this program may write is "
+            f"{(size - 1) / 1e6:.1f} MB: raise the limit on the size of a file (ulimit -f)") in err, err
+    assert not (tmp_path / "runs").exists()
+    monkeypatch.setattr(resource, "getrlimit", limit(size))
+    check_room_for_checkpoints(parse_config(["--out", str(tmp_path / "runs")]), 10)
+
 def test_a_disk_too_small_for_the_checkpoints_is_found_before_training(tiny_data, tmp_path, caplog, monkeypatch):
     """Not after the first epoch (hours on ImageNet): a new run needs room for two checkpoints
     (the second written beside the first), a resumed one for one more."""
