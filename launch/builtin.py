@@ -17,6 +17,7 @@ import functools
 import logging
 import math
 import os
+import pwd
 import shutil
 import socket
 import tempfile
@@ -33,8 +34,24 @@ log = logging.getLogger(__name__)
 
 
 def default_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "alexnet-towers"
+    """``$XDG_CACHE_HOME/alexnet-towers`` where that is an absolute path (the XDG specification
+    ignores a relative one), else ``~/.cache/alexnet-towers``: the home folder of HOME where that
+    is absolute (an empty one would be the root folder), else of the password database.
+    Raises DataError where neither has one."""
+    base = os.environ.get("XDG_CACHE_HOME", "")
+    if os.path.isabs(base):
+        return Path(base) / "alexnet-towers"
+    home = os.environ.get("HOME", "")
+    if not os.path.isabs(home):
+        try:
+            home = pwd.getpwuid(os.getuid()).pw_dir
+        except KeyError:  # a container's user that /etc/passwd does not list
+            home = ""
+    if not os.path.isabs(home):
+        raise DataError("no folder to keep the built-in dataset and other cached files in: HOME is not set to a "
+                        "folder, and this user has no home folder here; set XDG_CACHE_HOME to a folder you can "
+                        "write, or give --data")
+    return Path(home) / ".cache" / "alexnet-towers"
 
 
 def default_root() -> Path:

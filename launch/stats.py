@@ -9,6 +9,7 @@ files so that a changed dataset (an image added, removed, renamed or rewritten) 
 gets stale statistics.
 """
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -141,8 +142,10 @@ def load_or_compute_stats(root: Path, train: "ImageFolderSplit", train_files: li
     imagenet = _is_imagenet(train.classes)
     key = _stats_key(root, train_files, sample, imagenet)
     name = f".alexnet-stats-{key}.pt"
-    fallback = Path(cache_dir or default_cache_dir()) / "stats" / name
-    for candidate in (root / name, fallback):
+    places = [root / name]  # and the cache folder's, where there is one
+    with contextlib.suppress(ValueError):
+        places.append(Path(cache_dir or default_cache_dir()) / "stats" / name)
+    for candidate in places:
         if candidate.is_file():
             try:
                 damaged = damaged_record(candidate)  # torch.load would load damaged bytes as numbers
@@ -170,7 +173,7 @@ def load_or_compute_stats(root: Path, train: "ImageFolderSplit", train_files: li
     stats = compute_stats(train, sample, use_imagenet_pca=imagenet)
     payload = {"key": key, "mean": stats.mean, "eigval": stats.eigval, "eigvec": stats.eigvec,
                "images": stats.images, "pca_source": stats.pca_source}
-    for target in (root / name, fallback):  # the data folder may be read-only or full
+    for target in places:  # the data folder may be read-only or full
         try:
             save_checkpoint(target, payload)
             if target.parent == root:  # the statistics of the training images as they were: never read again

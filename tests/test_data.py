@@ -640,6 +640,37 @@ def test_builtin_dataset_is_deterministic_and_atomic(tmp_path, monkeypatch):
 
 # --------------------------------------------------------------------------- statistics
 
+def test_the_cache_folder_is_never_the_root_or_the_current_folder(tmp_path, monkeypatch):
+    """An empty HOME (an unset variable in a script) made the built-in dataset in /.cache; a
+    relative XDG_CACHE_HOME in the current folder, which the XDG specification rules out."""
+    import pwd
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert builtin.default_cache_dir() == tmp_path / "xdg" / "alexnet-towers"
+    for relative in ("", "cache"):
+        monkeypatch.setenv("XDG_CACHE_HOME", relative)
+        assert builtin.default_cache_dir() == tmp_path / "home" / ".cache" / "alexnet-towers"
+    for home in ("", "home"):  # from the password database instead
+        monkeypatch.setenv("HOME", home)
+        assert builtin.default_cache_dir() == Path(pwd.getpwuid(os.getuid()).pw_dir) / ".cache" / "alexnet-towers"
+
+    def no_such_user(uid):
+        raise KeyError(uid)
+
+    monkeypatch.setattr(pwd, "getpwuid", no_such_user)  # a container's user, not in /etc/passwd
+    with pytest.raises(DataError, match="^no folder to keep the built-in dataset and other cached files in: HOME is "
+                                        "not set to a folder, and this user has no home folder here; set "
+                                        "XDG_CACHE_HOME to a folder you can write, or give --data$"):
+        data.open_data(None)
+    # Where a data folder is given, its statistics are cached beside it alone.
+    root = tmp_path / "data"
+    for split, count in (("train", 2), ("val", 1)):
+        for label in ("a", "b"):
+            (root / split / label).mkdir(parents=True)
+            for i in range(count):
+                Image.new("RGB", (256, 256), (40 * i, 90, 200)).save(root / split / label / f"{i}.jpg")
+    assert data.open_data(root).stats.images == 4 and list(root.glob(".alexnet-stats-*.pt"))
+
 def test_stats_are_cached_keyed_and_fall_back_to_cache_dir(tmp_path, monkeypatch, caplog):
     root = _simple_tree(tmp_path / "data")
     cache = tmp_path / "cache"
