@@ -48,7 +48,7 @@ from launch import data as data_module
 from launch.checkpoint import FILENAME, read_as_saved
 from launch.cli import (JSON_DAMAGE, Parser, add_options, home_path, option, quick_exit, real_path, shell_word,
                         signal_name, temporary_folder, write_whole)
-from launch.config import TrainConfig, parse_config, resolve
+from launch.config import TrainConfig, check_workers, parse_config, resolve
 from launch.meter import StepMeter
 from launch.ranks import raise_interrupt
 from launch.train import build_model
@@ -761,6 +761,7 @@ def main(argv=None) -> Path:
         if config.reuse and (runs / variant).exists():  # --workers is not compared on reuse: nor held to this machine
             trainer = dataclasses.replace(trainer, workers=None)
         trainer.validate()
+        check_workers(trainer.workers)  # each run's one loading rank
     refuse_others_files(out, REPORT_FILES, "benchmarks.ablations")  # before the first run, not after the last
     data = Path(config.data) if config.data is not None else builtin.default_root()
     for flag, folder in (("--out", out), ("--runs", runs)):  # a run folder there: a class of images to the scans

@@ -222,7 +222,6 @@ class TrainConfig:
             raise ValueError(f"--warmup-steps must not be negative, got {self.warmup_steps}")
         if self.workers is not None and self.workers < 0:
             raise ValueError(f"--workers must not be negative, got {self.workers}")
-        check_workers(self.workers)  # for one rank that loads: launch.two_gpu counts those of this machine
         if self.resume and self.eval_only:
             raise ValueError("--resume and --eval-only exclude each other: give one")
         if self.run_name is not None and (os.sep in self.run_name or self.run_name in ("", ".", "..")

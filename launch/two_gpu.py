@@ -673,8 +673,14 @@ def _configure(argv) -> tuple:
     ranks_here = (int(os.environ.get("LOCAL_WORLD_SIZE", 0)) or None) if _torchrun_env() else None
     placement = choose_placement(config.backend, gpus, ranks=towers * config.replicas, towers=towers,
                                  ranks_here=ranks_here)
-    first_here = int(os.environ["RANK"]) - int(os.environ.get("LOCAL_RANK", os.environ["RANK"])) if ranks_here else 0
-    check_workers(config.workers, loading_ranks(first_here, ranks_here or towers * config.replicas, towers))
+    if not _torchrun_env():  # every rank is this machine's
+        loaders_here = loading_ranks(0, towers * config.replicas, towers)
+    elif ranks_here:  # a machine of torchrun's: ranks RANK - LOCAL_RANK on
+        first_here = int(os.environ["RANK"]) - int(os.environ.get("LOCAL_RANK", os.environ["RANK"]))
+        loaders_here = loading_ranks(first_here, ranks_here, towers)
+    else:  # a launcher that does not say how many ranks this machine holds: this one, as far as it knows
+        loaders_here = 1
+    check_workers(config.workers, max(1, loaders_here))  # one, the same on every rank, where none of its loads
     if config.compile is not None:
         check_compile_backend(config.compile, "--compile", placement.device)
     if config.precision == "bf16" and placement.device == "cuda" and not torch.cuda.is_bf16_supported():

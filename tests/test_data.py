@@ -921,7 +921,7 @@ def test_the_batched_augmentation_is_the_per_image_one(small_bundle, monkeypatch
         torch.testing.assert_close(batched[k], x, rtol=0, atol=1e-5)
 
 
-def test_eval_batches_and_ten_crop(small_bundle):
+def test_evaluation_batches_and_ten_crop(small_bundle):
     centre = [(data.eval_views(images, small_bundle.stats, ten_crop=False), labels)
               for images, labels in data.Loader(small_bundle).eval(batch_size=4)]
     assert [len(labels) for _, labels in centre] == [4, 4, 2]  # in order, last partial batch kept

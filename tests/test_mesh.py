@@ -227,12 +227,36 @@ def test_workers_are_limited_by_the_cores_for_all_ranks_that_load_together(tiny_
 
 
 
-def test_too_many_replicas_are_named_before_their_workers(tiny_data, tmp_path, monkeypatch):
+@pytest.mark.parametrize("workers", ["2", "9"])
+def test_too_many_replicas_are_named_before_their_workers(tiny_data, tmp_path, monkeypatch, workers):
     """Fewer workers would not be the fix: 5 replicas of the towers are 10 processes on 2 cores."""
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
     with pytest.raises(ValueError, match="--replicas 5 would start 10 processes on the 2 cores this program may use"):
         two_gpu._configure([str(a) for a in ("--data", tiny_data, "--out", tmp_path, *TINY, "--batch-size", "10",
-                                             "--replicas", "5", "--workers", "2")])
+                                             "--replicas", "5", "--workers", workers)])
+
+
+def test_too_many_workers_are_told_the_most_for_all_the_ranks_that_load_at_once(tiny_data, tmp_path, monkeypatch):
+    """Not first the most for one rank (8 on 2 cores), then, given that, the most for two."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    with pytest.raises(ValueError, match="give at most 4, or leave --workers out"):
+        two_gpu._configure([str(a) for a in ("--data", tiny_data, "--out", tmp_path, *TINY, "--replicas", "2",
+                                             "--workers", "100")])
+
+
+def test_a_launcher_that_does_not_say_how_many_ranks_a_machine_holds_counts_one_that_loads(tiny_data, tmp_path,
+                                                                                           monkeypatch):
+    """RANK and WORLD_SIZE without LOCAL_WORLD_SIZE (one process per container, say): not all 8
+    replicas' first towers on this machine."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    for name, value in dict(RANK=3, WORLD_SIZE=16, MASTER_ADDR="127.0.0.1", MASTER_PORT=29500).items():
+        monkeypatch.setenv(name, str(value))
+    options = [str(a) for a in ("--data", tiny_data, "--out", tmp_path, *TINY, "--batch-size", "8")]
+    two_gpu._configure([*options, "--workers", "4"])
+    with pytest.raises(ValueError, match="--workers 5 would start that many loading processes for each loading rank"):
+        two_gpu._configure([*options, "--workers", "5"])
 
 
 def test_the_ranks_that_load_are_each_replicas_first_tower():
