@@ -54,7 +54,7 @@ from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from towers.reference import INPUT_SIZE
 
-from .builtin import BUILTIN_NAME, builtin_dataset
+from .builtin import BUILTIN_CLASSES, BUILTIN_NAME, builtin_dataset
 from .cli import home_path, open_lock_file, prints_plainly, real_path
 from .images import BASE_SIZE, DECODE_ERRORS, IMAGE_EXTENSIONS, DataError, is_image_name, load_image, skip_reason
 from .ranks import die_with_parent
@@ -508,6 +508,13 @@ def open_data(data_dir: Optional[Union[str, Path]], *, cache_dir: Optional[Path]
         raise ValueError("open_data: a folder without train/ has no statistics of its own; give them as stats")
     try:
         classes, files, skipped = scan_layout(root, need_train=need_train)
+        if builtin:  # as generated: its ten classes, as many images in each as in the others of its split
+            if tuple(classes) != BUILTIN_CLASSES:
+                raise DataError(f"its classes are {', '.join(map(_as_shown, classes))}, not the ten generated")
+            for split, images in files.items():
+                if len({len(of_class) for of_class in images}) > 1:
+                    raise DataError(f"the classes of its {split}/ hold {', '.join(str(len(i)) for i in images)} "
+                                    f"images, where each holds as many as the others")
     except DataError as exc:
         if not builtin:
             raise

@@ -615,6 +615,19 @@ def test_builtin_dataset_is_deterministic_and_atomic(tmp_path, monkeypatch):
     with pytest.raises(DataError, match=f"^the built-in dataset's folder is damaged \\({damaged} has no val/ folder: "
                                         f".*\\): delete {damaged}, and the next run makes it again$"):
         data.open_data(None, cache_dir=tmp_path / "cache")
+    shutil.rmtree(damaged)
+    damaged = builtin.builtin_dataset(damaged, train_per_class=2, val_per_class=1)
+    for split in ("train", "val"):  # a class gone whole: it trained on nine without a word
+        shutil.rmtree(damaged / split / "rings")
+    with pytest.raises(DataError, match="damaged \\(its classes are blotches, checkerboard, dots, gradient, grid, "
+                                        "solid, stripes_d, stripes_h, stripes_v, not the ten generated\\)"):
+        data.open_data(None, cache_dir=tmp_path / "cache")
+    shutil.rmtree(damaged)
+    damaged = builtin.builtin_dataset(damaged, train_per_class=2, val_per_class=1)
+    next((damaged / "train" / "dots").iterdir()).unlink()
+    with pytest.raises(DataError, match="damaged \\(the classes of its train/ hold 2, 2, 1, 2, 2, 2, 2, 2, 2, 2 "
+                                        "images, where each holds as many as the others\\)"):
+        data.open_data(None, cache_dir=tmp_path / "cache")
 
     # A cache folder that cannot be made, or a disk error halfway: one line naming the fix, nothing left.
     (tmp_path / "a-file").write_text("")
