@@ -18,6 +18,7 @@ import atexit
 import logging
 import multiprocessing.forkserver as forkserver
 import os
+import resource
 import signal
 import sys
 import tempfile
@@ -61,6 +62,29 @@ def room_for_sockets() -> None:
         SOCKET_PATH_MAX, usable)
 
 
+# Files a process may hold open at once (ulimit -n): the ranks' sockets, pipes and queues, and the shared
+# memory of their DataLoader workers' batches. 64 sufficed for a run with 2 workers on the CPU; below
+# 32 the rendezvous itself aborted without a word, or waited out --timeout.
+OPEN_FILES = 1024  # raised to, where the hard limit lets it
+MIN_OPEN_FILES = 128  # refused below
+
+
+def room_for_open_files() -> None:
+    """Raises this process's limit on open files (its soft limit: for it and all it starts) to
+    ``OPEN_FILES``, or as far as its hard limit lets it; raises ValueError naming the fix where
+    that is below ``MIN_OPEN_FILES``."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= OPEN_FILES:
+        return
+    wanted = OPEN_FILES if hard == resource.RLIM_INFINITY else min(hard, OPEN_FILES)
+    if wanted > soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    if wanted < MIN_OPEN_FILES:
+        raise ValueError(f"this program may hold {wanted} files open at once (ulimit -n), fewer than the "
+                         f"{MIN_OPEN_FILES} it asks for (its sockets, pipes and DataLoader workers' batches take "
+                         f"dozens): raise the limit (ulimit -n {OPEN_FILES})")
+
+
 # multiprocessing's resource tracker removes the semaphores of a process killed while it held
 # them (a rank's DataLoader queues), and says so in a warning as it ends: after the program's
 # last line, which says what to do next. (Its other warnings, of a removal that failed, go too.)
@@ -97,20 +121,23 @@ def start() -> None:
 
 def start_early(argv: list) -> None:
     """``start`` for a program's first lines, before it imports torch, unless it was asked
-    only for its help or runs under torchrun (which starts the ranks itself). The program
-    calls ``stop`` as it ends."""
+    only for its help or runs under torchrun (which starts the ranks itself), after
+    ``room_for_open_files`` (under torchrun too). The program calls ``stop`` as it ends."""
     try:
         os.getcwd()  # which the server's start reads, as the ranks' would
     except FileNotFoundError:
         print("error: the current folder no longer exists (removed since the shell entered it): cd to one that "
               "does, and run the command again", file=sys.stderr)
         raise SystemExit(2) from None
-    if not ({"-h", "--help"} & set(argv) or "RANK" in os.environ):
-        try:
+    if {"-h", "--help"} & set(argv):
+        return
+    try:
+        room_for_open_files()  # under torchrun too
+        if "RANK" not in os.environ:
             start()
-        except ValueError as exc:  # no temporary folder to use
-            print(f"error: {exc}", file=sys.stderr)
-            raise SystemExit(2) from None
+    except ValueError as exc:  # too few open files, or no temporary folder to use
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def stop() -> None:

@@ -2050,6 +2050,31 @@ def test_a_temporary_folder_too_long_for_a_socket_is_replaced(tiny_data, tmp_pat
     assert load_checkpoint(tmp_path / "run")["progress"]["global_step"] == 2 and not any(long.iterdir())
 
 
+def test_too_few_open_files_are_raised_as_far_as_the_hard_limit_lets_them(monkeypatch):
+    """ulimit -Sn 40 (a soft limit): raised; below 32 the rendezvous aborted without a word."""
+    import resource
+    limits = {"now": (40, 100000)}
+    monkeypatch.setattr(resource, "getrlimit", lambda which: limits["now"])
+    monkeypatch.setattr(resource, "setrlimit", lambda which, values: limits.update(now=values))
+    rank_server.room_for_open_files()
+    assert limits["now"] == (1024, 100000)
+    limits["now"] = (40, 600)
+    rank_server.room_for_open_files()
+    assert limits["now"] == (600, 600)
+
+
+@pytest.mark.parametrize("program", ["launch.two_gpu", "benchmarks.run"])
+def test_too_few_open_files_are_one_line(tmp_path, program):
+    """ulimit -n 20 (soft and hard): an abort without a word (SIGABRT), a wait of --timeout, or a
+    traceback, each with a run folder to remove by hand."""
+    result = subprocess.run(["sh", "-c", 'ulimit -n 20 && exec "$@"', "sh", sys.executable, "-m", program,
+                             "--out", str(tmp_path / "out")], env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                            capture_output=True, text=True, timeout=120)
+    assert (result.returncode, result.stderr) == (2, (
+        "error: this program may hold 20 files open at once (ulimit -n), fewer than the 128 it asks for (its sockets, "
+        "pipes and DataLoader workers' batches take dozens): raise the limit (ulimit -n 1024)\n")), result.stderr
+    assert not (tmp_path / "out").exists()
+
 def test_a_temporary_folder_too_long_with_none_shorter_to_use_is_one_line(monkeypatch):
     """Where none of /tmp, /var/tmp, /usr/tmp can be written: the sockets' creation failed in a
     traceback ("AF_UNIX path too long")."""
