@@ -92,12 +92,20 @@ def check_gloo_interface() -> None:
 
 
 def check_master_addr(addr: str) -> None:
-    """The rendezvous listens on ``addr``: it must name an address of this machine."""
+    """The rendezvous listens on ``addr``, and the ranks connect to it there: it must name an
+    address of this machine that its own processes can reach."""
     try:
-        socket.create_server((addr, 0), family=socket.getaddrinfo(addr, 0)[0][0]).close()
+        server = socket.create_server((addr, 0), family=socket.getaddrinfo(addr, 0)[0][0])
     except OSError as exc:  # socket.gaierror too: a name that does not resolve
         raise ValueError(f"--master-addr {addr} cannot be listened on here ({exc.strerror or exc}): give an address "
                          f"of this machine, such as {LOOPBACK} (the default)") from None
+    with server:
+        try:
+            socket.create_connection(server.getsockname()[:2], timeout=10).close()
+        except OSError as exc:  # the loopback interface down (a network namespace of its own): they waited --timeout
+            raise ValueError(f"--master-addr {addr} can be listened on here but not reached ({exc.strerror or exc}): "
+                             f"bring its network interface up (ip link set lo up, for {LOOPBACK}), or give another "
+                             f"address of this machine") from None
 
 
 def _as_option(name: str, value) -> str:

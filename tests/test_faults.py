@@ -2111,6 +2111,25 @@ def test_no_temporary_folder_to_write_is_one_line(tmp_path, program):
         result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
 
+def test_a_loopback_interface_that_is_down_is_one_line(tmp_path):
+    """A network namespace of its own, its loopback interface down (unshare -n): the ranks'
+    rendezvous was listened on but never reached, and the run waited out --timeout (300 s)
+    before a traceback, leaving a run folder."""
+    try:
+        result = subprocess.run(["unshare", "--user", "--map-root-user", "--net", sys.executable, "-m",
+                                 "launch.two_gpu", "--out", str(tmp_path / "out")],
+                                env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True,
+                                timeout=120)
+    except FileNotFoundError:
+        pytest.skip("no unshare command: cannot take the network away without touching the machine's")
+    if result.returncode != 0 and "unshare" in result.stderr and "error: " not in result.stderr:
+        pytest.skip(f"cannot make a network namespace here: {result.stderr.strip()[:200]}")
+    assert (result.returncode, result.stderr.splitlines()[-1]) == (2, (
+        "error: --master-addr 127.0.0.1 can be listened on here but not reached (Network is unreachable): bring its "
+        "network interface up (ip link set lo up, for 127.0.0.1), or give another address of this machine")), \
+        result.stderr
+    assert not (tmp_path / "out").exists()
+
 @pytest.mark.slow
 @pytest.mark.parametrize("master_addr", [None, "localhost"])
 def test_the_run_listens_on_the_loopback_address_only(tiny_data, tmp_path, master_addr):
