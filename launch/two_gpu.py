@@ -890,10 +890,14 @@ def _main_under_torchrun(config: TrainConfig, held: list, placement, argv: list)
         if not isinstance(exc, dist.DistError) and "connectFullMesh" not in str(exc):
             raise  # another fault (CUDA's, a device's): its own traceback, not this advice
         where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
+        # torchrun's agent sets TORCHELASTIC_RUN_ID; without it, the variables may be another tool's
+        leftover = "" if "TORCHELASTIC_RUN_ID" in os.environ else (
+            " (if no launcher started this one, RANK and WORLD_SIZE are left over from another program: unset them, "
+            "and this program starts its own ranks)")
         log.error("error: rank %d could not meet the other ranks at %s (%s): start all %d ranks within --timeout "
                   "%g s of each other, each with this MASTER_ADDR and MASTER_PORT (an address that every machine "
-                  "reaches, a port free on its machine), as torchrun does", rank, where,
-                  str(exc).strip().splitlines()[0], world_size, config.timeout)
+                  "reaches, a port free on its machine), as torchrun does%s", rank, where,
+                  str(exc).strip().splitlines()[0], world_size, config.timeout, leftover)
         return 1
     run_dir = bundle = lock = None
     # Rank 0 tells the other ranks whether the run can start, and if not, why; if so, the
