@@ -50,7 +50,7 @@ def default_cache_dir() -> Path:
     if not os.path.isabs(home):
         raise DataError("no folder to keep the built-in dataset and other cached files in: HOME is not set to a "
                         "folder, and this user has no home folder here; set XDG_CACHE_HOME to a folder you can "
-                        "write, or give --data")
+                        "write, or give a data folder of your own")
     return Path(home) / ".cache" / "alexnet-towers"
 
 

@@ -63,10 +63,11 @@ def room_for_sockets() -> None:
 
 
 # Files a process may hold open at once (ulimit -n): the ranks' sockets, pipes and queues, and the shared
-# memory of their DataLoader workers' batches. 64 sufficed for a run with 2 workers on the CPU; below
-# 32 the rendezvous itself aborted without a word, or waited out --timeout.
+# memory of their DataLoader workers' batches. On a 2-core CPU 40 sufficed for a run with 2 workers and
+# 64 for one with 8 (48 did not); below 32 the rendezvous itself aborted without a word, or waited out
+# --timeout.
 OPEN_FILES = 1024  # raised to, where the hard limit lets it
-MIN_OPEN_FILES = 128  # refused below
+MIN_OPEN_FILES = 64  # refused below
 
 
 def room_for_open_files() -> None:
@@ -80,9 +81,10 @@ def room_for_open_files() -> None:
     if wanted > soft:
         resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
     if wanted < MIN_OPEN_FILES:
-        raise ValueError(f"this program may hold {wanted} files open at once (ulimit -n), fewer than the "
-                         f"{MIN_OPEN_FILES} it asks for (its sockets, pipes and DataLoader workers' batches take "
-                         f"dozens): raise the limit (ulimit -n {OPEN_FILES})")
+        raise ValueError(f"this program may hold {wanted} files open at once (the hard limit, ulimit -Hn), fewer "
+                         f"than the {MIN_OPEN_FILES} it asks for (its sockets, pipes and DataLoader workers' batches "
+                         f"take dozens): raise the hard limit to {OPEN_FILES} (as root, or with docker run --ulimit "
+                         f"nofile={OPEN_FILES}, systemd's LimitNOFILE or /etc/security/limits.conf)")
 
 
 # multiprocessing's resource tracker removes the semaphores of a process killed while it held
@@ -129,7 +131,7 @@ def start_early(argv: list) -> None:
         print("error: the current folder no longer exists (removed since the shell entered it): cd to one that "
               "does, and run the command again", file=sys.stderr)
         raise SystemExit(2) from None
-    if {"-h", "--help"} & set(argv):
+    if any(a == "-h" or (len(a) > 2 and "--help".startswith(a)) for a in argv[1:]):  # argparse takes --he too
         return
     try:
         room_for_open_files()  # under torchrun too

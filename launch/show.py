@@ -312,10 +312,15 @@ def kernel_grid(kernels: torch.Tensor, columns: int = 16, scale: int = 6, gap: i
 
 
 def _pyplot():
+    said = logging.getLogger("matplotlib")  # its warnings of each folder it tried, before the error that sums them up
+    level = said.level
+    said.setLevel(logging.ERROR)
     try:
         import matplotlib
     except OSError as exc:  # no folder to keep its cache in, a temporary one either: its message names the fix
         raise ValueError(exc) from None
+    finally:
+        said.setLevel(level)
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt
@@ -876,6 +881,7 @@ def _show(run_dir: str, options: ShowOptions) -> int:
     order = ["neighbours"] + [name for name in PICTURES if name != "neighbours"]
     try:
         options.validate()
+        _pyplot()  # where matplotlib cannot start, before the neighbours' minutes of forward passes
         run = _open_run(run_dir)
         out, made = _output_folder(run, options.out)
         written, skipped, held = {}, [], None

@@ -166,6 +166,19 @@ def terminate_when_ready(proc: subprocess.Popen, ready, log: Path, timeout_s: fl
             os.killpg(proc.pid, signal.SIGKILL)
 
 
+def skip_without_namespaces(*flags: str, setup: str = "true") -> None:
+    """Skips the test where this machine does not let it run ``setup`` in namespaces of its own
+    (``unshare --user --map-root-user FLAGS``): no unshare command, user namespaces forbidden
+    (docker's default seccomp profile), or no right to mount there."""
+    try:
+        allowed = subprocess.run(["unshare", "--user", "--map-root-user", *flags, "sh", "-c", setup],
+                                 capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        allowed = False
+    if not allowed:
+        pytest.skip(f"needs namespaces of its own (unshare --user {' '.join(flags)}) and the right to run: {setup}")
+
+
 def cmdline(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()

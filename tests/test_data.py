@@ -657,15 +657,19 @@ def test_the_cache_folder_is_never_the_root_or_the_current_folder(tmp_path, monk
     """An empty HOME (an unset variable in a script) made the built-in dataset in /.cache; a
     relative XDG_CACHE_HOME in the current folder, which the XDG specification rules out."""
     import pwd
+    try:
+        home = pwd.getpwuid(os.getuid()).pw_dir
+    except KeyError:
+        pytest.skip("this user has no entry in the password database")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert builtin.default_cache_dir() == tmp_path / "xdg" / "alexnet-towers"
     for relative in ("", "cache"):
         monkeypatch.setenv("XDG_CACHE_HOME", relative)
         assert builtin.default_cache_dir() == tmp_path / "home" / ".cache" / "alexnet-towers"
-    for home in ("", "home"):  # from the password database instead
-        monkeypatch.setenv("HOME", home)
-        assert builtin.default_cache_dir() == Path(pwd.getpwuid(os.getuid()).pw_dir) / ".cache" / "alexnet-towers"
+    for unusable in ("", "home"):  # from the password database instead
+        monkeypatch.setenv("HOME", unusable)
+        assert builtin.default_cache_dir() == Path(home) / ".cache" / "alexnet-towers"
 
     def no_such_user(uid):
         raise KeyError(uid)
@@ -673,7 +677,8 @@ def test_the_cache_folder_is_never_the_root_or_the_current_folder(tmp_path, monk
     monkeypatch.setattr(pwd, "getpwuid", no_such_user)  # a container's user, not in /etc/passwd
     with pytest.raises(DataError, match="^no folder to keep the built-in dataset and other cached files in: HOME is "
                                         "not set to a folder, and this user has no home folder here; set "
-                                        "XDG_CACHE_HOME to a folder you can write, or give --data$"):
+                                        "XDG_CACHE_HOME to a folder you can write, or give a data folder of "
+                                        "your own$"):
         data.open_data(None)
     # Where a data folder is given, its statistics are cached beside it alone.
     root = tmp_path / "data"

@@ -43,7 +43,7 @@ from towers import Architecture
 
 from conftest import TINY as _TINY
 from conftest import (ROOT, RUN_TIMEOUT_S, TRAINED_RUN, Run, as_background_job, as_foreground_job, cmdline, launch,
-                      live_processes, reference_from_seed, terminate_when_ready)
+                      live_processes, reference_from_seed, skip_without_namespaces, terminate_when_ready)
 
 BOUND_S = 60  # a failure must end the whole run within this long
 TINY = [*_TINY, "--log-every", "1", "--val-limit", "4", "--no-ten-crop"]
@@ -1314,6 +1314,8 @@ def test_a_limit_on_file_sizes_below_the_checkpoints_is_found_before_training(ti
             f"{(size - 1) / 1e6:.1f} MB: raise the limit on the size of a file (ulimit -f)") in err, err
     assert not (tmp_path / "runs").exists()
     monkeypatch.setattr(resource, "getrlimit", limit(size))
+    room = shutil.disk_usage(tmp_path)._replace(free=4 * size)  # for two checkpoints, on any disk the tests use
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: room)
     check_room_for_checkpoints(parse_config(["--out", str(tmp_path / "runs")]), 10)
 
 def test_a_disk_too_small_for_the_checkpoints_is_found_before_training(tiny_data, tmp_path, caplog, monkeypatch):
@@ -2073,8 +2075,10 @@ def test_too_few_open_files_are_one_line(tmp_path, program):
                              "--out", str(tmp_path / "out")], env=dict(os.environ, PYTHONPATH=str(ROOT)),
                             capture_output=True, text=True, timeout=120)
     assert (result.returncode, result.stderr) == (2, (
-        "error: this program may hold 20 files open at once (ulimit -n), fewer than the 128 it asks for (its sockets, "
-        "pipes and DataLoader workers' batches take dozens): raise the limit (ulimit -n 1024)\n")), result.stderr
+        "error: this program may hold 20 files open at once (the hard limit, ulimit -Hn), fewer than the 64 it asks "
+        "for (its sockets, pipes and DataLoader workers' batches take dozens): raise the hard limit to 1024 (as root, "
+        "or with docker run --ulimit nofile=1024, systemd's LimitNOFILE or /etc/security/limits.conf)\n")), \
+        result.stderr
     assert not (tmp_path / "out").exists()
 
 def test_a_temporary_folder_too_long_with_none_shorter_to_use_is_one_line(monkeypatch):
@@ -2095,17 +2099,13 @@ def test_no_temporary_folder_to_write_is_one_line(tmp_path, program):
     """A read-only container: /tmp and /var/tmp read-only, TMPDIR unset, the current folder
     read-only too (where Python looks last). Tracebacks before, from the rank server's start
     or torchvision's import; nothing is written."""
-    script = ("mount --rbind /tmp /tmp && mount -o remount,bind,ro /tmp && mount --rbind /var/tmp /var/tmp && "
-              "mount -o remount,bind,ro /var/tmp && cd /tmp && "
-              f"exec env -u TMPDIR -u TEMP -u TMP {sys.executable} -m {program} --out {tmp_path / 'out'}")
-    try:
-        result = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script],
-                                env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True,
-                                timeout=300)
-    except FileNotFoundError:
-        pytest.skip("no unshare command: cannot make /tmp read-only without touching the machine's mounts")
-    if result.returncode != 0 and "mount" in result.stderr and "error: " not in result.stderr:
-        pytest.skip(f"cannot make /tmp read-only here: {result.stderr.strip()[:200]}")
+    read_only = ("mount --rbind /tmp /tmp && mount -o remount,bind,ro /tmp && mount --rbind /var/tmp /var/tmp && "
+                 "mount -o remount,bind,ro /var/tmp")
+    skip_without_namespaces("--mount", setup=read_only)
+    script = f"{read_only} && cd /tmp && exec env -u TMPDIR -u TEMP -u TMP {sys.executable} -m {program} --out " \
+             f"{tmp_path / 'out'}"
+    result = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script],
+                            env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=300)
     assert result.returncode == 2, result.stderr
     assert result.stderr.splitlines()[-1].endswith(
         "error: no temporary folder can be written here (TMPDIR, /tmp, /var/tmp, /usr/tmp and the current folder "
@@ -2117,15 +2117,10 @@ def test_a_loopback_interface_that_is_down_is_one_line(tmp_path):
     """A network namespace of its own, its loopback interface down (unshare -n): the ranks'
     rendezvous was listened on but never reached, and the run waited out --timeout (300 s)
     before a traceback, leaving a run folder."""
-    try:
-        result = subprocess.run(["unshare", "--user", "--map-root-user", "--net", sys.executable, "-m",
-                                 "launch.two_gpu", "--out", str(tmp_path / "out")],
-                                env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True,
-                                timeout=120)
-    except FileNotFoundError:
-        pytest.skip("no unshare command: cannot take the network away without touching the machine's")
-    if result.returncode != 0 and "unshare" in result.stderr and "error: " not in result.stderr:
-        pytest.skip(f"cannot make a network namespace here: {result.stderr.strip()[:200]}")
+    skip_without_namespaces("--net")
+    result = subprocess.run(["unshare", "--user", "--map-root-user", "--net", sys.executable, "-m", "launch.two_gpu",
+                             "--out", str(tmp_path / "out")], env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                            capture_output=True, text=True, timeout=120)
     assert (result.returncode, result.stderr.splitlines()[-1]) == (2, (
         "error: --master-addr 127.0.0.1 can be listened on here but not reached (Network is unreachable): bring its "
         "network interface up (ip link set lo up, for 127.0.0.1), or give another address of this machine")), \
