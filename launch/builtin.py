@@ -198,4 +198,4 @@ def builtin_dataset(root: Optional[Path] = None, *, train_per_class: int = BUILT
 
 def _cannot_make(root: Path, exc: OSError) -> str:
     return (f"cannot make the built-in dataset in {root.parent} ({exc.strerror or exc}): set XDG_CACHE_HOME to a "
-            f"folder with 70 MB free that you can write, or give --data")
+            f"folder with 70 MB free that you can write, or give a data folder of your own")

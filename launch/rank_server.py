@@ -67,7 +67,7 @@ def room_for_sockets() -> None:
 # 64 for one with 8 (48 did not); below 32 the rendezvous itself aborted without a word, or waited out
 # --timeout.
 OPEN_FILES = 1024  # raised to, where the hard limit lets it
-MIN_OPEN_FILES = 64  # refused below
+MIN_OPEN_FILES = 128  # refused below: a GPU's default of 16 workers takes more than 8 do
 
 
 def room_for_open_files() -> None:
@@ -82,9 +82,10 @@ def room_for_open_files() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
     if wanted < MIN_OPEN_FILES:
         raise ValueError(f"this program may hold {wanted} files open at once (the hard limit, ulimit -Hn), fewer "
-                         f"than the {MIN_OPEN_FILES} it asks for (its sockets, pipes and DataLoader workers' batches "
-                         f"take dozens): raise the hard limit to {OPEN_FILES} (as root, or with docker run --ulimit "
-                         f"nofile={OPEN_FILES}, systemd's LimitNOFILE or /etc/security/limits.conf)")
+                         f"than the {MIN_OPEN_FILES} it asks for (its sockets and pipes take dozens, and its "
+                         f"DataLoader workers a few more each): raise the hard limit to {OPEN_FILES} (as root, or with "
+                         f"docker run --ulimit nofile={OPEN_FILES}, systemd's LimitNOFILE or "
+                         f"/etc/security/limits.conf)")
 
 
 # multiprocessing's resource tracker removes the semaphores of a process killed while it held

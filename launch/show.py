@@ -312,15 +312,24 @@ def kernel_grid(kernels: torch.Tensor, columns: int = 16, scale: int = 6, gap: i
 
 
 def _pyplot():
-    said = logging.getLogger("matplotlib")  # its warnings of each folder it tried, before the error that sums them up
-    level = said.level
-    said.setLevel(logging.ERROR)
+    # matplotlib's warnings as it starts, held back: where it cannot start, each folder it tried
+    # comes before the error that sums them up, which alone is said
+    held = []
+    said = logging.getLogger("matplotlib")
+
+    def hold(record) -> bool:  # a filter that lets nothing through
+        held.append(record)
+        return False
+
+    said.addFilter(hold)
     try:
         import matplotlib
     except OSError as exc:  # no folder to keep its cache in, a temporary one either: its message names the fix
         raise ValueError(exc) from None
     finally:
-        said.setLevel(level)
+        said.removeFilter(hold)
+    for record in held:
+        said.handle(record)
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt
@@ -881,8 +890,8 @@ def _show(run_dir: str, options: ShowOptions) -> int:
     order = ["neighbours"] + [name for name in PICTURES if name != "neighbours"]
     try:
         options.validate()
-        _pyplot()  # where matplotlib cannot start, before the neighbours' minutes of forward passes
         run = _open_run(run_dir)
+        _pyplot()  # where matplotlib cannot start, before the neighbours' minutes of forward passes
         out, made = _output_folder(run, options.out)
         written, skipped, held = {}, [], None
         try:

@@ -2075,9 +2075,10 @@ def test_too_few_open_files_are_one_line(tmp_path, program):
                              "--out", str(tmp_path / "out")], env=dict(os.environ, PYTHONPATH=str(ROOT)),
                             capture_output=True, text=True, timeout=120)
     assert (result.returncode, result.stderr) == (2, (
-        "error: this program may hold 20 files open at once (the hard limit, ulimit -Hn), fewer than the 64 it asks "
-        "for (its sockets, pipes and DataLoader workers' batches take dozens): raise the hard limit to 1024 (as root, "
-        "or with docker run --ulimit nofile=1024, systemd's LimitNOFILE or /etc/security/limits.conf)\n")), \
+        "error: this program may hold 20 files open at once (the hard limit, ulimit -Hn), fewer than the 128 it asks "
+        "for (its sockets and pipes take dozens, and its DataLoader workers a few more each): raise the hard limit to "
+        "1024 (as root, or with docker run --ulimit nofile=1024, systemd's LimitNOFILE or /etc/security/limits.conf)"
+        "\n")), \
         result.stderr
     assert not (tmp_path / "out").exists()
 
