@@ -43,6 +43,7 @@ import dataclasses
 import errno
 import json
 import logging
+import logging.handlers
 import math
 import os
 import signal
@@ -312,24 +313,22 @@ def kernel_grid(kernels: torch.Tensor, columns: int = 16, scale: int = 6, gap: i
 
 
 def _pyplot():
-    # matplotlib's warnings as it starts, held back: where it cannot start, each folder it tried
-    # comes before the error that sums them up, which alone is said
-    held = []
+    # matplotlib's warnings as it starts (its modules' too), held back: where it cannot start, each
+    # folder it tried comes before the error that sums them up, which alone is said
     said = logging.getLogger("matplotlib")
-
-    def hold(record) -> bool:  # a filter that lets nothing through
-        held.append(record)
-        return False
-
-    said.addFilter(hold)
+    handlers, propagate = said.handlers, said.propagate
+    held = logging.handlers.BufferingHandler(capacity=10_000)
+    said.handlers, said.propagate = [held], False
+    cannot_start = False
     try:
         import matplotlib
     except OSError as exc:  # no folder to keep its cache in, a temporary one either: its message names the fix
+        cannot_start = True
         raise ValueError(exc) from None
     finally:
-        said.removeFilter(hold)
-    for record in held:
-        said.handle(record)
+        said.handlers, said.propagate = handlers, propagate
+        for record in held.buffer if not cannot_start else ():
+            said.callHandlers(record)
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt

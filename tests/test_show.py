@@ -746,16 +746,18 @@ def test_a_read_only_disk_for_the_pictures_is_named_as_such(tmp_path):
                                           f"give a folder you can write with --out"]
 
 
+@pytest.mark.slow  # a real process
 def test_matplotlibs_warnings_as_it_starts_are_said_where_it_starts(tmp_path):
     """Held back only to be dropped where it cannot start (below): a cache in a temporary
     folder, rebuilt on every run, is said, with matplotlib's advice."""
     (tmp_path / "a-file").write_text("")  # no folder can be made under it
     program = ("import logging; logging.basicConfig(level=logging.INFO, format='%(message)s'); "
                "from launch import show; show._pyplot()")
-    result = subprocess.run([sys.executable, "-c", program], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                            env=dict(os.environ, MPLCONFIGDIR=str(tmp_path / "a-file" / "matplotlib")))
+    result = subprocess.run([sys.executable, "-c", program], cwd=ROOT, capture_output=True, text=True,
+                            timeout=RUN_TIMEOUT_S, env=dict(os.environ, MPLCONFIGDIR=str(tmp_path / "a-file" / "mpl")))
     assert result.returncode == 0, result.stderr
     assert "Matplotlib created a temporary cache directory" in result.stderr, result.stderr
+
 
 @pytest.mark.slow  # a real process, in a mount namespace of its own
 def test_no_folder_for_matplotlibs_cache_is_one_line(tmp_path):
