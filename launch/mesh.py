@@ -24,6 +24,7 @@ For D = 2, T = 2:
 """
 
 import datetime
+import os
 from typing import NamedTuple, Optional
 
 import torch
@@ -55,10 +56,20 @@ def coordinates(rank: int, towers: int) -> tuple:
     return divmod(rank, towers)
 
 
-def loading_ranks(first: int, count: int, towers: int) -> int:
-    """How many of the ranks ``first`` .. ``first + count - 1`` (one machine's) load data: those
-    that are their replica's first tower (ranks 0 and 2 of a machine's 0, 1, 2, with T = 2)."""
-    return len(range(first + (-first) % towers, first + count, towers))
+def machine_ranks(rank: int) -> range:
+    """The ranks on ``rank``'s machine, as its launcher says: torchrun's LOCAL_RANK and
+    LOCAL_WORLD_SIZE (``launch.two_gpu`` sets both for the ranks it starts). A launcher that
+    does not say (one process per container, say): this rank, as far as it knows."""
+    if "LOCAL_WORLD_SIZE" not in os.environ:
+        return range(rank, rank + 1)
+    first = rank - int(os.environ.get("LOCAL_RANK", rank))
+    return range(first, first + int(os.environ["LOCAL_WORLD_SIZE"]))
+
+
+def loading_ranks(ranks: range, towers: int) -> int:
+    """How many of one machine's ``ranks`` load data: those that are their replica's first
+    tower (ranks 0 and 2 of a machine's 0, 1, 2, with T = 2); at least one."""
+    return max(1, len(range(ranks.start + (-ranks.start) % towers, ranks.stop, towers)))
 
 
 def build_mesh(towers: int, timeout_s: float) -> Mesh:

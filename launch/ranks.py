@@ -223,8 +223,8 @@ def _rank_main(rank, world_size, addr, port, backend, collective_timeout_s, thre
     die_with_parent(parent_pid)
     reuse_freed_memory()
     rank_server.as_rank(caller)
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
-                      MASTER_ADDR=addr, MASTER_PORT=str(port))
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),  # as torchrun's, not
+                      LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR=addr, MASTER_PORT=str(port))  # the caller's
     if is_loopback(addr):  # gloo and NCCL would otherwise listen on the host's outward interface
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
         os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")

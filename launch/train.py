@@ -39,7 +39,7 @@ from .checkpoint import (FILENAME, damaged_record, read_as_saved, resolve_path, 
                          save_training_state)
 from .cli import home_path, shell_word, usable_cores, write_whole
 from .config import TrainConfig, update_config_json
-from .mesh import Mesh, build_mesh, coordinates, loading_ranks
+from .mesh import Mesh, build_mesh, coordinates, loading_ranks, machine_ranks
 from .ranks import ADVICE_FROM_RANK0, PREPARATION_WAIT_S, Placement, error_line, patient_group
 from .meter import Metrics, ProgressBar, RunFolderGone, StepMeter, duration, peak_memory, writing_in_run_folder
 from .schedule import Progress, base_rate, end_of_epoch_schedule, learning_rate
@@ -588,9 +588,8 @@ def run_rank(rank: int, config: TrainConfig, run_dir: Optional[str], placement: 
     run_dir = Path(run_dir) if run_dir is not None and rank == 0 else None
     setup_logging(rank, run_dir)
     torch.manual_seed(config.seed + 1 + rank)  # each tower its own dropout masks, as on two GPUs
-    ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size()))
-    first_here = rank - int(os.environ.get("LOCAL_RANK", rank))
-    loaders_here = max(1, loading_ranks(first_here, ranks_here, mesh.towers))
+    here = machine_ranks(rank)
+    ranks_here, loaders_here = len(here), loading_ranks(here, mesh.towers)
     workers = config.workers if config.workers is not None else \
         default_workers(device.type == "cuda", ranks_here, loaders_here)
     workers = fit_shared_memory(workers, config, loaders_here, say=int(os.environ.get("LOCAL_RANK", rank)) == 0)

@@ -49,7 +49,7 @@ from .cli import (JSON_DAMAGE, MAX_PROCESSES_PER_CORE, check_compile_backend, ho
 from .config import (KEPT_UNLESS_GIVEN, RUN_CONTROL, TrainConfig, build_parser, check_schedule_options, check_workers,
                      describe_recipe, given_options, parse_config, recipe_warnings, resolve)
 from .meter import summary_steps
-from .mesh import loading_ranks
+from .mesh import loading_ranks, machine_ranks
 from .ranks import (LOOPBACK, PREPARATION_WAIT_S, RankFailure, choose_placement, cpu_threads_per_rank, die_with_parent,
                     error_line, init_process_group, patient_group, reuse_freed_memory, run_ranks, sigterm_as_interrupt)
 from .train import architecture, describe_evaluation, elsewhere_than, log_file, run_rank, setup_logging
@@ -681,14 +681,8 @@ def _configure(argv) -> tuple:
     ranks_here = (int(os.environ.get("LOCAL_WORLD_SIZE", 0)) or None) if _torchrun_env() else None
     placement = choose_placement(config.backend, gpus, ranks=towers * config.replicas, towers=towers,
                                  ranks_here=ranks_here)
-    if not _torchrun_env():  # every rank is this machine's
-        loaders_here = loading_ranks(0, towers * config.replicas, towers)
-    elif ranks_here:  # a machine of torchrun's: ranks RANK - LOCAL_RANK on
-        first_here = int(os.environ["RANK"]) - int(os.environ.get("LOCAL_RANK", os.environ["RANK"]))
-        loaders_here = loading_ranks(first_here, ranks_here, towers)
-    else:  # a launcher that does not say how many ranks this machine holds: this one, as far as it knows
-        loaders_here = 1
-    check_workers(config.workers, max(1, loaders_here))  # one, the same on every rank, where none of its loads
+    here = machine_ranks(int(os.environ["RANK"])) if _torchrun_env() else range(towers * config.replicas)  # all ours
+    check_workers(config.workers, loading_ranks(here, towers))  # one, the same on every rank, where none of its loads
     if config.compile is not None:
         check_compile_backend(config.compile, "--compile", placement.device)
     if config.precision == "bf16" and placement.device == "cuda" and not torch.cuda.is_bf16_supported():

@@ -261,8 +261,23 @@ def test_a_launcher_that_does_not_say_how_many_ranks_a_machine_holds_counts_one_
 
 def test_the_ranks_that_load_are_each_replicas_first_tower():
     from launch.mesh import loading_ranks
-    assert [loading_ranks(first, 3, 2) for first in (0, 3)] == [2, 1]  # ranks 0, 2 | 4
-    assert loading_ranks(0, 8, 2) == 4 and loading_ranks(4, 4, 2) == 2 and loading_ranks(0, 5, 1) == 5
+    assert [loading_ranks(range(first, first + 3), 2) for first in (0, 3)] == [2, 1]  # ranks 0, 2 | 4
+    assert loading_ranks(range(8), 2) == 4 and loading_ranks(range(4, 8), 2) == 2 and loading_ranks(range(5), 1) == 5
+    assert loading_ranks(range(3, 4), 2) == 1  # a machine of second towers alone: its rank counts one, as if it loaded
+
+
+@pytest.mark.parametrize("env, rank, ranks", [
+    (dict(LOCAL_RANK=1, LOCAL_WORLD_SIZE=3), 4, range(3, 6)),  # torchrun's second machine of three ranks
+    (dict(LOCAL_WORLD_SIZE=2), 0, range(0, 2)),
+    (dict(LOCAL_RANK=3), 3, range(3, 4)),  # no count: this rank alone
+    ({}, 5, range(5, 6))])
+def test_a_machines_ranks_are_those_its_launcher_names(monkeypatch, env, rank, ranks):
+    from launch.mesh import machine_ranks
+    for name in ("LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, str(value))
+    assert machine_ranks(rank) == ranks
 
 def test_a_batch_that_does_not_split_is_told_the_fix_that_applies():
     """A resumed run keeps its batch size: only the number of replicas is its to change. An

@@ -47,6 +47,19 @@ def test_a_rank_that_exits_with_0_returned_nothing_and_any_other_code_failed():
     assert str(failed.value).startswith("rank 1 failed: SystemExit: 3"), str(failed.value)
 
 
+def _machine(rank):
+    return {name: os.environ.get(name) for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
+
+
+@pytest.mark.slow
+def test_the_ranks_started_here_are_told_their_machine_as_torchrun_tells_its(monkeypatch):
+    """Not a LOCAL_WORLD_SIZE left in the caller's environment (a shell that ran torchrun): a
+    rank counts the ranks beside it from it (its default DataLoader workers, its share of /dev/shm)."""
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert run_ranks(_machine) == [dict(RANK=str(r), WORLD_SIZE="2", LOCAL_RANK=str(r), LOCAL_WORLD_SIZE="2")
+                                   for r in range(2)]
+
+
 class _Mallinfo2(ctypes.Structure):  # glibc's struct mallinfo2 (malloc.h), every field a size_t
     _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
                                                       "fsmblks", "uordblks", "fordblks", "keepcost")]
