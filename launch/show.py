@@ -100,9 +100,12 @@ class ShowOptions:
         if self.images > MAX_IMAGES:
             raise ValueError(f"--images must be at most {MAX_IMAGES} (a row of the picture each, 205 pixels high; a "
                              f"taller PNG is more than image viewers open), got {self.images}: draw fewer")
-        if self.data is not None and "neighbours" not in self.only:
-            raise ValueError("--data is the neighbours picture's, which --only leaves out: add neighbours to --only, "
-                             "or drop --data")
+        unused = [f"--{field.name.replace('_', '-')}" for field in dataclasses.fields(self) if field.name not in
+                  ("only", "out") and getattr(self, field.name) != field.default and "neighbours" not in self.only]
+        if unused:  # options that would change nothing
+            names = " and ".join((", ".join(unused[:-1]), unused[-1])) if len(unused) > 1 else unused[0]
+            raise ValueError(f"{names} {'are' if len(unused) > 1 else 'is'} the neighbours picture's, which --only "
+                             f"leaves out: add neighbours to --only, or drop {'them' if len(unused) > 1 else names}")
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("--device cuda: no GPU is visible here; use --device cpu or auto")
 

@@ -690,7 +690,13 @@ BAD_RUN_DIRS = {"missing": "does not exist", "no config.json": "not a run folder
     (["--out", ""], "--out is empty: give a value, or leave the option out"),
     (["--data", ""], "--data is empty: give a value, or leave the option out"),
     (["--only", "curves,kernels", "--data", "somewhere"], "--data is the neighbours picture's, which --only leaves "
-                                                          "out: add neighbours to --only, or drop --data")])
+                                                          "out: add neighbours to --only, or drop --data"),
+    # they changed nothing, said nothing
+    (["--only", "kernels", "--images", "3"], "--images is the neighbours picture's, which --only leaves out: add "
+                                             "neighbours to --only, or drop --images"),
+    (["--only", "curves", "--device", "cpu", "--batch-size", "8", "--neighbour-pool", "9"],
+     "--neighbour-pool, --batch-size and --device are the neighbours picture's, which --only leaves out: add "
+     "neighbours to --only, or drop them")])
 def test_bad_options_are_one_line_before_anything_is_read(tmp_path, args, words, caplog, capsys):
     assert show.main([str(tmp_path / "no-such-run"), *args]) == 2 and capsys.readouterr().out == ""
     assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == [f"error: {words}"]
