@@ -6,6 +6,7 @@ evaluation. Every subprocess has a timeout, so a hang fails instead of blocking.
 """
 
 import errno
+import io
 import json
 import math
 import os
@@ -116,6 +117,32 @@ def test_short_run_writes_its_results_and_eval_only_agrees(trained_run, tiny_dat
     top1 = f"top-1 error {100 * summary['centre']['top1_error']:.2f}%"
     ten = f"ten-patch test: top-1 {100 * summary['ten_patch']['top1_error']:.2f}%"
     assert top1 in evaluated and ten in evaluated  # the checkpoint loads under the other FC8 placement too
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+@pytest.mark.parametrize("term", ["xterm-256color", "dumb"])
+def test_the_progress_bar_uses_escape_codes_only_where_the_terminal_takes_them(monkeypatch, term):
+    """TERM=dumb (an editor's shell) printed ESC[K as it stands: the bar's shorter line is
+    blanked with spaces there."""
+    from launch.meter import ProgressBar
+    monkeypatch.setenv("TERM", term)
+    monkeypatch.setattr(sys, "stderr", _Terminal())
+    bar = ProgressBar(enabled=True)
+    bar.show(1, 10, "loss 6.907 (long words)")
+    bar.show(2, 10, "loss 6.9")
+    bar.clear()
+    written = sys.stderr.getvalue()
+    if term == "dumb":
+        first = "[##......................] 1/10 loss 6.907 (long words)"
+        second = "[####....................] 2/10 loss 6.9"
+        assert written == (f"\r{first}\r{second}{' ' * (len(first) - len(second))}\r{second}"
+                           f"\r{' ' * len(second)}\r")
+    else:
+        assert written.count("\r\033[K") == 3 and written.endswith("2/10 loss 6.9\r\033[K")
 
 
 def test_default_workers_feed_a_gpu_and_leave_the_cpu_to_compute(monkeypatch):
