@@ -265,6 +265,15 @@ def describe_evaluation(result: dict) -> str:
     return f"{result['test']}, {result['images']} images{skipped}"
 
 
+def first_batch(batches: Iterator, mesh: Mesh, device) -> Optional[tuple]:
+    """The first of ``batches``, or None where a replica has none (it could not be loaded):
+    then no replica takes a step. (Where the batch after it cannot be loaded, the step on it
+    is taken, and every replica stops after it, as after any step.) Collective."""
+    first = next(batches, None)
+    lacking = mesh.replica_sum(torch.tensor([float(first is None)], dtype=torch.float64, device=device)).item()
+    return None if lacking else first
+
+
 def train_one_epoch(model, optimizer, loader: Optional[data_module.Loader], plan: Plan, config: TrainConfig,
                     progress: Progress, device, mesh: Mesh, run_dir: Optional[Path], metrics: Metrics, bar: ProgressBar,
                     input_bytes: InputBytes, trainer: Optional[torch.nn.Module] = None) -> Tuple[bool, float]:
@@ -290,9 +299,7 @@ def train_one_epoch(model, optimizer, loader: Optional[data_module.Loader], plan
     model.train()
     stopped = []  # by the data, gone while the run trains (see shared_batches)
     batches = shared_batches(source, steps_left, IMAGE_SHAPE, device, mesh.tower_group, input_bytes, stopped)
-    first = next(batches, None)  # a replica whose first batch cannot be loaded takes no step, nor do the others
-    if mesh.replica_sum(torch.tensor([float(bool(stopped))], dtype=torch.float64, device=device)).item():
-        first = None
+    first = first_batch(batches, mesh, device)
     for crops, labels in itertools.chain([first], batches) if first is not None else ():
         # The wait for this batch (loading, the hand-over between ranks, its copy queued to the device):
         # on a GPU, time in which the device has nothing to do, as each step ends by reading its loss.

@@ -400,6 +400,34 @@ def test_both_ranks_train_on_identical_batches_delivered_in_a_quarter_of_the_byt
     assert ranks[0][1] == ranks[1][1] == 8 + 4 * 3 * 224 * 224 + 4 * 8
 
 
+def _first_batch_worker(rank):
+    """Two replicas of one rank each: whether each takes a step on its first batch, and what
+    it found stopped, where a replica's second batch, then its first, cannot be loaded."""
+    from launch.train import first_batch
+    mesh = build_mesh(1, timeout_s=60)
+
+    def source(lost_at):
+        for index in range(3):
+            if index == lost_at:
+                raise data_module.DataError("no usable image in train/")
+            yield torch.zeros((1, 3, 2, 2), dtype=torch.uint8), torch.zeros(1, dtype=torch.int64)
+    found = []
+    for lost_at in ((1, None), (None, 0)):
+        stopped = []
+        batches = shared_batches(source(lost_at[rank]), 3, (3, 2, 2), torch.device("cpu"), mesh.tower_group,
+                                 stopped=stopped)
+        found.append((first_batch(batches, mesh, torch.device("cpu")) is not None, stopped))
+    return found
+
+
+def test_a_replica_whose_first_batch_is_lost_stops_every_replica_before_a_step_but_a_lost_second_one_after_it():
+    """Rank 0's second batch lost as its first was handed over: the step on the first was not
+    taken (its loss then came to nothing, as if the first batch were lost too)."""
+    lost = ["no usable image in train/"]
+    assert run_ranks(_first_batch_worker, (), timeout_s=RUN_TIMEOUT_S) == [[(True, lost), (False, [])],
+                                                                           [(True, []), (False, lost)]]
+
+
 def _stopping_worker(rank, folder, disk_full):
     """save_before_stopping with a save that takes rank 0 a second (a large checkpoint on a slow
     disk), or fails there (``disk_full``): whether rank 0's file is there when each rank goes on
