@@ -357,6 +357,8 @@ def test_a_stop_at_an_epochs_end_saves_and_evaluates_once_and_the_training_time_
     assert re.findall(r" checkpoint of step (\d+) saved in ", log) == ["2", "4", "6", "7"], log
     records = [json.loads(line) for line in (no_dropout_run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["event"] == "eval"] == [7]
+    # the rate the epochs after it start from, as the checkpoint has it (not "lr", a step's rate in a step's record)
+    assert records[-2]["next_lr"] == load_checkpoint(no_dropout_run)["progress"]["lr"] and "lr" not in records[-2]
     summary = json.loads((no_dropout_run / "summary.json").read_text())
     assert summary["centre"] == {k: v for k, v in records[-2].items() if k in summary["centre"]}  # that evaluation
     assert (summary["epochs"], summary["steps"]) == (1, 7)
