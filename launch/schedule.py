@@ -1,4 +1,5 @@
-"""The learning-rate schedule of section 5, as pure functions of the run's progress.
+"""The learning-rate schedule of section 5, as functions of the run's progress (which
+``end_of_epoch_schedule`` updates).
 
 The rate starts at ``--lr`` (after an optional linear warm-up) and is divided by 10
 when the validation error stops improving ('plateau', the paper's text), or at fixed

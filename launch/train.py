@@ -8,8 +8,8 @@ augmentation and no image is decoded twice. Each tower's gradients are averaged
 over the replicas by DistributedDataParallel on the replica group, bucket by bucket
 while the backward pass goes on; the step line and evaluations sum over replicas.
 Rank 0 alone writes files; the other tower of replica 0 ships its half of the state to it.
-The functions ``train_one_epoch``, ``evaluate`` and ``main`` follow torchvision's
-classification reference.
+The functions ``train_one_epoch``, ``evaluate`` and ``run_rank`` follow torchvision's
+classification reference (its ``main``).
 """
 
 import contextlib
@@ -75,12 +75,13 @@ class Plan:
     digests: Optional[dict] = None
 
 
-# ---------------------------------------------------------------- data on rank 0, broadcast to rank 1
+# ---------------------------------------------------- data on a replica's first tower, broadcast to the other
 
 def _next_quietly(iterator: Iterator):
-    """next() that leaves the global RNG alone (a DataLoader draws its seed from it), so
-    that dropout masks depend only on the training steps taken, and a resumed run
-    matches an uninterrupted one exactly."""
+    """next() that leaves the global RNG alone, so that dropout masks depend only on the
+    training steps taken, and a resumed run matches an uninterrupted one exactly: a
+    DataLoader without a generator of its own draws its seed from it (``data.Loader``'s
+    has one; a source of batches other than it may not)."""
     with torch.random.fork_rng(devices=[]):
         return next(iterator, None)
 
@@ -102,9 +103,9 @@ class InputBytes:
 
 def shared_batches(source: Optional[Iterable], batches: int, item_shape: tuple, device, group,
                    counter: Optional[InputBytes] = None, stopped: Optional[list] = None) -> Iterator:
-    """Yields ``batches`` (uint8 images, labels) on ``device`` on both ranks: rank 0 draws
-    them from ``source`` and broadcasts each batch's number of items, then the batch;
-    the other rank passes ``source=None`` and receives. Items are ``item_shape`` uint8
+    """Yields ``batches`` (uint8 images, labels) on ``device`` on every rank of ``group``: its
+    first rank draws them from ``source`` and broadcasts each batch's number of items, then
+    the batch; the others pass ``source=None`` and receive. Items are ``item_shape`` uint8
     images. A batch may be short, even empty (evaluation leaves out unusable images).
     Over gloo the batch crosses in host memory (pinned where a GPU is to receive it) and
     is then copied to the device without waiting; over NCCL it crosses on the device.
@@ -138,7 +139,7 @@ def shared_batches(source: Optional[Iterable], batches: int, item_shape: tuple, 
         size = int(count.item())
         if size < 0:
             line = error_line(failed) if failed is not None else None  # the worker's, where one loaded it
-            stopped.append(line.partition("DataError: ")[2] or line if line else None)
+            stopped.append((line.partition("DataError: ")[2] or line) if line else None)
             return None
         if iterator is not None:
             images, labels = item[0].to(via, non_blocking=True), item[1].to(via, non_blocking=True)
@@ -223,7 +224,7 @@ def evaluate(model: torch.nn.Module, loader: Optional[data_module.Loader], plan:
     the ranks that load (None on the others)."""
     views = 10 if ten_crop else 1
     if ten_crop:
-        batch_size = max(1, batch_size // 4)  # ten images per item
+        batch_size = max(1, batch_size // 4)  # ten views of each item: a forward pass of 2.5 batches' images
     share = (mesh.replica, mesh.replicas)
     images_here = len(data_module.eval_share(plan.val_images, None, share))
     source = None
@@ -276,13 +277,12 @@ def first_batch(batches: Iterator, mesh: Mesh, device) -> Optional[tuple]:
 
 def train_one_epoch(model, optimizer, loader: Optional[data_module.Loader], plan: Plan, config: TrainConfig,
                     progress: Progress, device, mesh: Mesh, run_dir: Optional[Path], metrics: Metrics, bar: ProgressBar,
-                    input_bytes: InputBytes, trainer: Optional[torch.nn.Module] = None) -> Tuple[bool, float]:
+                    input_bytes: InputBytes, trainer: torch.nn.Module) -> Tuple[bool, float]:
     """Trains from ``progress.batch`` to the end of the epoch. Returns whether it got there
     (False when ``max_steps`` stopped it early) and the seconds its steps took, each from
     the wait for its batch to its loss: not the step lines, metrics or checkpoints between
     them. ``trainer`` is ``model`` as the step runs it (under DistributedDataParallel when
     there are replicas); ``model`` is what is saved."""
-    trainer = trainer or model
     share_first, share_size = data_module.share_of_batch(config.batch_size, (mesh.replica, mesh.replicas))
     steps_left = plan.batches_per_epoch - progress.batch
     if config.max_steps is not None:
@@ -301,8 +301,9 @@ def train_one_epoch(model, optimizer, loader: Optional[data_module.Loader], plan
     batches = shared_batches(source, steps_left, IMAGE_SHAPE, device, mesh.tower_group, input_bytes, stopped)
     first = first_batch(batches, mesh, device)
     for crops, labels in itertools.chain([first], batches) if first is not None else ():
-        # The wait for this batch (loading, the hand-over between ranks, its copy queued to the device):
-        # on a GPU, time in which the device has nothing to do, as each step ends by reading its loss.
+        # The wait for this batch (loading, the hand-over between ranks, its copy queued to the device, and
+        # the next batch's taking from the loader and its size's hand-over, which begin before this one is
+        # yielded): on a GPU, time in which the device has nothing to do, as each step ends by reading its loss.
         input_ms = 1000 * (time.perf_counter() - meter.last)
         # Both towers draw the same choices for the batch's positions: nothing more crosses.
         choices = data_module.train_augmentation(config.seed, progress.epoch,
@@ -465,7 +466,7 @@ def _sent_bytes(exchange_log: ExchangeLog) -> dict:
 
 
 def setup_logging(rank: int, run_dir: Optional[Path]) -> None:
-    """Rank 0 prints the step lines and keeps train.log; the other rank reports only warnings."""
+    """Rank 0 prints the step lines and keeps train.log; the other ranks report only warnings."""
     root = logging.getLogger()
     root.handlers.clear()
     root.setLevel(logging.INFO if rank == 0 else logging.WARNING)
@@ -620,8 +621,9 @@ def run_rank(rank: int, config: TrainConfig, run_dir: Optional[str], placement: 
     with reading, (data_module.Loader(bundle, workers, pin_memory=device.type == "cuda") if bundle is not None
                    else contextlib.nullcontext()) as loader:
 
-        # A resumed or evaluated run loads every weight; replicas after the first receive replica
-        # 0's when DistributedDataParallel is built below (it broadcasts them).
+        # A resumed or evaluated run loads every weight below (restore_training_state: replica 0's are sent on
+        # to the others); a new run's replicas after the first receive replica 0's drawn weights when
+        # DistributedDataParallel is built below (it broadcasts them).
         model = build_model(config, len(plan.classes), group, device,
                             draw=mesh.replica == 0 and not (config.resume or config.eval_only))
         # the reference: nothing crosses
@@ -668,7 +670,7 @@ def run_rank(rank: int, config: TrainConfig, run_dir: Optional[str], placement: 
         progress = Progress(lr=config.lr)
         if config.resume:
             progress = restore_training_state(config.resume, model, optimizer, plan.classes, mesh,
-                                              with_training=True) or progress
+                                              with_training=True)  # a checkpoint to resume holds its progress
             progress.lr = base_rate(config, progress)  # --lr may have changed on resume
             # the file resumed, as launch.two_gpu's check_resumed_file reads it back
             metrics.resume_at(progress.global_step, epoch=progress.epoch + 1,

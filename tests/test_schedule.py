@@ -1,4 +1,4 @@
-"""The learning-rate schedule of section 5 as pure functions: warm-up, the plateau rule, the
+"""The learning-rate schedule of section 5: warm-up, the plateau rule, the
 fixed milestones, and the rate a resumed run derives from --lr and its progress."""
 
 import dataclasses
