@@ -25,7 +25,7 @@ from benchmarks.run import MEMORY_FORMATS, held
 from benchmarks.workers import LR
 from launch.cli import JSON_DAMAGE, Parser, quick_exit, remove_abandoned
 from launch.ranks import raise_interrupt
-from launch.step import AUTOCAST
+from launch.step import AUTOCAST, PAPER_MOMENTUM, PAPER_WEIGHT_DECAY
 
 MODE_ORDER = ("single", "towers", "ddp", "hybrid", "torchvision")
 IMAGES_CHART = "images_per_s_vs_batch.png"
@@ -152,7 +152,8 @@ def methods(results) -> list:
     return [
         f"- **Timing.** Each run is a fresh process (one per rank) started by `launch.ranks.run_ranks`; it runs "
         f"{cfg['warmup']} untimed warm-up step(s), then {cfg['steps']} timed calls of `launch.step.train_step` "
-        f"(forward, cross-entropy, backward, SGD with momentum 0.9 and weight decay 5e-4 at learning rate "
+        f"(forward, cross-entropy, backward, SGD with momentum {PAPER_MOMENTUM:g} and weight decay "
+        f"{PAPER_WEIGHT_DECAY:g} at learning rate "
         f"{LR:g}, small enough that the loss stays finite on the repeated batch), each between two "
         "`torch.cuda.synchronize` on a GPU. A step of a two-rank mode lasts as long as its slower rank's. "
         "ms/step is the median with the 10th and 90th percentiles; images/s = global batch / median step.",

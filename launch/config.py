@@ -21,7 +21,7 @@ from towers.reference import ACTIVATIONS, INIT_SCHEMES, POOLINGS
 
 from .cli import (JSON_DAMAGE, MAX_PROCESSES_PER_CORE, Parser, add_options, home_path, option, refuse_empty,
                   usable_cores, write_whole)
-from .step import AUTOCAST
+from .step import AUTOCAST, PAPER_MOMENTUM, PAPER_WEIGHT_DECAY
 
 log = logging.getLogger(__name__)
 
@@ -99,12 +99,14 @@ class TrainConfig:
                                        "Default: 'paper' with --data, 'small' for the built-in dataset. The run "
                                        "prints the recipe it chose, and warns when 'paper' meets fewer than "
                                        f"{PAPER_RECIPE_MIN_IMAGES:,} training images", choices=tuple(RECIPES))
-    epochs: Optional[int] = option(None, "epochs to train (paper: 90; small: scaled to the training set)")
-    batch_size: Optional[int] = option(None, "images per step, seen by both towers (paper: 128; small: "
-                                             f"{SMALL_RECIPE['batch_size']})")
-    lr: Optional[float] = option(None, f"initial learning rate (paper: 0.01; small: {SMALL_RECIPE['lr']})")
-    momentum: float = option(0.9, "SGD momentum (paper: 0.9)")
-    weight_decay: float = option(5e-4, "SGD weight decay (paper: 0.0005)")
+    epochs: Optional[int] = option(None, f"epochs to train (paper: {PAPER_RECIPE['epochs']}; small: scaled to the "
+                                         "training set)")
+    batch_size: Optional[int] = option(None, f"images per step, seen by both towers (paper: "
+                                             f"{PAPER_RECIPE['batch_size']}; small: {SMALL_RECIPE['batch_size']})")
+    lr: Optional[float] = option(None, f"initial learning rate (paper: {PAPER_RECIPE['lr']}; small: "
+                                       f"{SMALL_RECIPE['lr']})")
+    momentum: float = option(PAPER_MOMENTUM, f"SGD momentum (paper: {PAPER_MOMENTUM})")
+    weight_decay: float = option(PAPER_WEIGHT_DECAY, f"SGD weight decay (paper: {PAPER_WEIGHT_DECAY:.4f})")
     schedule: Optional[str] = option(None, "learning-rate schedule: 'plateau' divides by 10 when validation error stops "
                                     "improving (the paper); 'fixed' divides by 10 at --lr-milestones (the authors' "
                                     "0.01/0.001/0.0001/0.00001 run) (paper: plateau; small: fixed)",
@@ -112,10 +114,12 @@ class TrainConfig:
     patience: int = option(2, "plateau schedule: epochs without a lower validation error before dividing the rate")
     max_reductions: int = option(3, "plateau schedule: how many times at most the rate is divided by 10 (paper: 3)")
     lr_milestones: Optional[tuple] = option(None, "fixed schedule: epochs at which the rate is divided by 10 "
-                                                "(paper: 30 60 80; small: one, for the last third of the epochs, "
+                                                f"(paper: {' '.join(map(str, PAPER_RECIPE['lr_milestones']))}; small: "
+                                                "one, for the last third of the epochs, "
                                                 "at the end of a run of one or two)",
                                             nargs="+", type=int)
-    warmup_steps: Optional[int] = option(None, f"steps of linear learning-rate warm-up (paper: 0; small: "
+    warmup_steps: Optional[int] = option(None, f"steps of linear learning-rate warm-up (paper: "
+                                               f"{PAPER_RECIPE['warmup_steps']}; small: "
                                                f"{SMALL_RECIPE['warmup_steps']})")
     init: Optional[str] = option(None, "weight initialisation: 'paper' (N(0, 0.01^2), biases 1 in conv2/4/5 and "
                                      "FC6/7), 'caffe' (biases 0.1, FC6/FC7 std 0.005) or 'scaled' (std 0.6 sqrt(2/fan-in), "

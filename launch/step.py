@@ -84,6 +84,10 @@ class PaperSGD:
             torch._foreach_add_(params, steps, alpha=-group["lr"])
 
 
-def paper_optimizer(params, lr: float = 0.01, momentum: float = 0.9, weight_decay: float = 5e-4) -> PaperSGD:
-    """Section 5: SGD, momentum 0.9, weight decay 0.0005. Each tower has its own."""
+PAPER_MOMENTUM, PAPER_WEIGHT_DECAY = 0.9, 5e-4  # section 5
+
+
+def paper_optimizer(params, lr: float, momentum: float = PAPER_MOMENTUM,
+                    weight_decay: float = PAPER_WEIGHT_DECAY) -> PaperSGD:
+    """Section 5: SGD with momentum and weight decay (0.9 and 0.0005). Each tower has its own."""
     return PaperSGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)

@@ -208,7 +208,7 @@ def _checkpoint_worker(rank, data_root, tmp):
     plan = Plan([str(i) for i in range(10)], 7, 10, 30, opened.stats)
     tower = Tower(group, 10, dropout=0.5)
     tower.load_state_dict(shard_state_dict(build_reference(10, seed=5, init="caffe").state_dict(), rank))
-    optimizer = paper_optimizer(tower.parameters())
+    optimizer = paper_optimizer(tower.parameters(), lr=0.01)
     images = torch.randn(4, 3, 224, 224, generator=torch.Generator().manual_seed(9)) * 60
     labels = torch.arange(4)
     for _ in range(2):
