@@ -1,6 +1,7 @@
 """What the tests share: the repository root, a tiny generated dataset, and the
 program run as a user runs it (a real process, every wait bounded)."""
 
+import contextlib
 import functools
 import json
 import os
@@ -184,6 +185,16 @@ def cmdline(pid: int) -> str:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
     except OSError:
         return ""
+
+
+def kill_all_but_the_resource_tracker(group: int) -> None:
+    """SIGKILL to every process of a process group but multiprocessing's resource tracker, which
+    then removes the named semaphores in /dev/shm that the killed processes held (none else
+    would: a whole group killed left them there for good), and ends."""
+    for pid in live_processes(group=group):
+        if "multiprocessing.resource_tracker" not in cmdline(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 def live_processes(*, group: Optional[int] = None, session: Optional[int] = None) -> list:

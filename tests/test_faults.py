@@ -42,8 +42,9 @@ from launch.two_gpu import check_room_for_checkpoints, main
 from towers import Architecture
 
 from conftest import TINY as _TINY
-from conftest import (ROOT, RUN_TIMEOUT_S, TRAINED_RUN, Run, as_background_job, as_foreground_job, cmdline, launch,
-                      live_processes, reference_from_seed, skip_without_namespaces, terminate_when_ready)
+from conftest import (ROOT, RUN_TIMEOUT_S, TRAINED_RUN, Run, as_background_job, as_foreground_job, cmdline,
+                      kill_all_but_the_resource_tracker, launch, live_processes, reference_from_seed,
+                      skip_without_namespaces, terminate_when_ready)
 
 BOUND_S = 60  # a failure must end the whole run within this long
 TINY = [*_TINY, "--log-every", "1", "--val-limit", "4", "--no-ten-crop"]
@@ -136,6 +137,8 @@ def test_a_killed_rank_ends_the_run_naming_it(tiny_data, tmp_path, rank):
     os.kill(run.ranks()[rank], signal.SIGKILL)  # what the out-of-memory killer does
     assert run.wait() == 1
     _no_leftovers(run)
+    # nor files: rank 0's workers, ended by its death, left their multiprocessing folders in TMPDIR
+    assert not any(run.temporary.rglob("*")), sorted(run.temporary.rglob("*"))
     # The advice is the last line, after what ends after the launcher too: multiprocessing's resource
     # tracker removes the semaphores of the workers' queues that rank 0 held, without a warning.
     err = run.stderr()
@@ -285,11 +288,11 @@ def test_sigterm_before_the_ranks_start_is_a_clean_stop(tmp_path):
 
 @pytest.mark.slow
 def test_ranks_do_not_outlive_a_killed_launcher(tiny_data, tmp_path):
-    run = _start(tiny_data, tmp_path)
+    run = _start(tiny_data, tmp_path, "--workers", "2")
     temporary = run.temporary  # the launcher's: multiprocessing's folder, with the rank server's socket
     run.wait_for_step(1)
     ranks = run.ranks()
-    assert [p.name[:5] for p in temporary.iterdir()] == ["pymp-"]
+    assert {p.name[:5] for p in temporary.iterdir()} == {"pymp-"}  # the launcher's, and one of each worker's
     os.kill(run.proc.pid, signal.SIGKILL)
     run.wait()
     deadline = time.monotonic() + 20
@@ -299,7 +302,8 @@ def test_ranks_do_not_outlive_a_killed_launcher(tiny_data, tmp_path):
     alive = [pid for pid in ranks if Path(f"/proc/{pid}/stat").exists()
              and Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"]
     assert not alive, f"ranks {alive} outlived their launcher"
-    # A launcher killed so cannot remove its temporary folder; the rank server, ending after it, does.
+    # A launcher killed so cannot remove its temporary folder; the rank server, ending after it, does, and
+    # rank 0's DataLoader workers, ended by its end, theirs.
     while any(temporary.iterdir()) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not any(temporary.rglob("*")), sorted(temporary.rglob("*"))
@@ -543,12 +547,12 @@ def test_a_full_disk_is_named_and_loses_nothing(tmp_path):
 @pytest.mark.slow
 def test_a_run_killed_anywhere_resumes_to_the_uninterrupted_weights(tiny_data, trained_run, tmp_path):
     """trained_run again (FC8 split, whose 5 + 5 neurons shard otherwise than the default;
-    dropout on), saving every 3 steps, its whole process group killed with SIGKILL, then
-    resumed: it ends with exactly the uninterrupted run's weights and momentum."""
+    dropout on), saving every 3 steps, its processes killed with SIGKILL, then resumed: it
+    ends with exactly the uninterrupted run's weights and momentum."""
     common = ["--data", tiny_data, "--out", tmp_path, "--run-name", "parts", *TRAINED_RUN, "--no-ten-crop"]
     parts = Run(*common, "--checkpoint-every", "3", run_dir=tmp_path / "parts")  # saving only, not training
     parts.wait_for_step(4)  # a checkpoint exists at step 3; the kill may land inside the save of step 6
-    os.killpg(parts.proc.pid, signal.SIGKILL)
+    kill_all_but_the_resource_tracker(parts.proc.pid)
     parts.wait()
     killed = load_checkpoint(tmp_path / "parts")
     assert 3 <= killed["progress"]["global_step"] < 7 and set(killed["rng"]) == {"rank0", "rank1"}
@@ -1008,6 +1012,7 @@ def test_ranks_end_with_a_torchrun_agent_killed_by_sigkill(tiny_data, tmp_path):
     run_dir = tmp_path / "agent"
     agent = subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
+         "--log-dir", str(tmp_path / "torchrun"),  # not a folder of its own in TMPDIR, which it leaves there
          "-m", "launch.two_gpu", "--data", str(tiny_data), "--out", str(tmp_path), "--run-name", "agent",
          "--epochs", "50", "--checkpoint-every", "1", *TINY], cwd=ROOT, stdout=subprocess.DEVNULL,
         stderr=open(tmp_path / "agent.stderr", "w"), start_new_session=True)
