@@ -66,33 +66,28 @@ def duration(seconds: float) -> str:
 
 
 class ProgressBar:
-    """A one-line bar on a terminal (rank 0 only); nothing when stderr is not a terminal. A
-    terminal that takes no escape codes (TERM=dumb: an editor's shell) has the bar's last
-    line blanked with spaces instead."""
+    """A one-line bar on a terminal (rank 0 only); nothing when stderr is not a terminal, or
+    is one that takes no escape codes (TERM=dumb: an editor's shell), where the step lines
+    alone say how far the run is."""
 
     def __init__(self, enabled: bool):
-        self.enabled = enabled and sys.stderr.isatty()
-        self.dumb = os.environ.get("TERM") == "dumb"
-        self.shown = 0  # the length of the line on the terminal
-
-    def _line(self, line: str) -> None:
-        if self.dumb:  # the cursor left at the line's end
-            blank = " " * max(0, self.shown - len(line))
-            sys.stderr.write(f"\r{line}{blank}" + (f"\r{line}" if blank else ""))
-        else:
-            sys.stderr.write(f"\r\033[K{line}")
-        sys.stderr.flush()
-        self.shown = len(line)
+        self.enabled = enabled and sys.stderr.isatty() and os.environ.get("TERM") != "dumb"
+        self.shown = False
 
     def show(self, done: int, total: int, text: str) -> None:
-        if self.enabled:
-            width = 24
-            filled = int(width * done / max(1, total))
-            self._line(f"[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {text}")
+        if not self.enabled:
+            return
+        width = 24
+        filled = int(width * done / max(1, total))
+        sys.stderr.write(f"\r\033[K[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {text}")
+        sys.stderr.flush()
+        self.shown = True
 
     def clear(self) -> None:
         if self.shown:
-            self._line("")
+            sys.stderr.write("\r\033[K")
+            sys.stderr.flush()
+            self.shown = False
 
 
 class RunFolderGone(RuntimeError):
