@@ -40,10 +40,7 @@ import functools
 import hashlib
 import itertools
 import logging
-import multiprocessing.util
 import os
-import shutil
-import signal
 import stat
 import sys
 import unicodedata
@@ -660,20 +657,11 @@ def check_batch_size(bundle: DataBundle, batch_size: int) -> None:
 def _end_with(parent_pid: int, worker_id: int) -> None:
     """A worker ends with the process that started it. DataLoader's own check is not enough:
     a worker whose parent was killed while the worker was still starting watches its new
-    parent instead, and waits for batches forever. It ends by SIGTERM (see ``_end_on_sigterm``)."""
-    signal.signal(signal.SIGTERM, _end_on_sigterm)
+    parent instead, and waits for batches forever. (It ends by torch's own handler of SIGTERM,
+    at once, whatever it is doing; its multiprocessing folder in TMPDIR, with the socket it
+    hands its batches over through, then stays there. A handler of Python's that removed it
+    would run only once the worker came back from C, which one stuck there never does.)"""
     die_with_parent(parent_pid)
-
-
-def _end_on_sigterm(signum, frame) -> None:
-    """A worker told to end (its rank gone: die_with_parent's signal; or torchrun's SIGTERM to a
-    rank's process group) removes the temporary folder multiprocessing made for it, with the
-    socket through which it hands over its batches' shared memory, which the signal's default
-    end left in TMPDIR; then ends by the signal, as before (its exit runs no finalizers: they
-    could wait for a rank that reads no more)."""
-    shutil.rmtree(multiprocessing.util.get_temp_dir(), ignore_errors=True)
-    signal.signal(signum, signal.SIG_DFL)
-    os.kill(os.getpid(), signum)
 
 
 def share_of_batch(batch_size: int, share: tuple) -> tuple:

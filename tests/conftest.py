@@ -190,11 +190,16 @@ def cmdline(pid: int) -> str:
 def kill_all_but_the_resource_tracker(group: int) -> None:
     """SIGKILL to every process of a process group but multiprocessing's resource tracker, which
     then removes the named semaphores in /dev/shm that the killed processes held (none else
-    would: a whole group killed left them there for good), and ends."""
+    would: a whole group killed left them there for good), and ends. The group is stopped
+    first, so that none of them sees another end, or starts one more, before it is killed."""
+    os.killpg(group, signal.SIGSTOP)
+    tracker = [pid for pid in live_processes(group=group) if "multiprocessing.resource_tracker" in cmdline(pid)]
     for pid in live_processes(group=group):
-        if "multiprocessing.resource_tracker" not in cmdline(pid):
+        if pid not in tracker:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+    for pid in tracker:
+        os.kill(pid, signal.SIGCONT)
 
 
 def live_processes(*, group: Optional[int] = None, session: Optional[int] = None) -> list:
