@@ -46,8 +46,8 @@ import torch
 from launch import builtin
 from launch import data as data_module
 from launch.checkpoint import FILENAME, read_as_saved
-from launch.cli import (JSON_DAMAGE, Parser, add_options, home_path, option, quick_exit, real_path, shell_word,
-                        signal_name, temporary_folder, write_whole)
+from launch.cli import (JSON_DAMAGE, Parser, add_options, home_path, option, pyplot, quick_exit, real_path,
+                        shell_word, signal_name, temporary_folder, write_whole)
 from launch.config import TrainConfig, check_workers, parse_config, resolve
 from launch.meter import StepMeter
 from launch.ranks import raise_interrupt
@@ -570,9 +570,7 @@ def table(results: dict, floor: dict) -> list:
 
 
 def chart(results: dict, floor: dict, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     fig, (curves, bars) = plt.subplots(1, 2, figsize=(13, 5.5))
     for variant, r in results.items():  # gaps where the window holds fewer steps (an epoch's first steps)
         steps = [p["step"] for p in r["curve"]]
@@ -749,6 +747,7 @@ def main(argv=None) -> Path:
         if getattr(config, name) == "":
             raise ValueError(f"--{name} is empty: give a folder, or leave the option out")
     temporary_folder()  # which torchvision's import (machine_info) and the runs need
+    pyplot()  # where matplotlib cannot start, before the runs, not after them
     if config.data is not None:  # the runs start in the repository's root
         config = dataclasses.replace(config, data=str(real_path(config.data)))
     today = datetime.date.today().isoformat()

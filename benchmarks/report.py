@@ -23,7 +23,7 @@ import numpy as np
 
 from benchmarks.run import MEMORY_FORMATS, held
 from benchmarks.workers import LR
-from launch.cli import JSON_DAMAGE, Parser, quick_exit, remove_abandoned
+from launch.cli import JSON_DAMAGE, Parser, pyplot, quick_exit, remove_abandoned
 from launch.ranks import raise_interrupt
 from launch.step import AUTOCAST, PAPER_MOMENTUM, PAPER_WEIGHT_DECAY
 
@@ -77,6 +77,13 @@ def _program_differs(results, program) -> Optional[str]:
     ran = words[words.index("--fc8-placement") + 1] if "--fc8-placement" in words else "tower0"
     synthetic = results["config"]["fc8_placement"]
     return None if ran == synthetic else f"the program ran with FC8 {ran}, the synthetic towers with FC8 {synthetic}"
+
+
+def _not_held(results, program) -> Optional[str]:
+    """Why a run of the training program is not held against a synthetic run, in words, or None."""
+    if _find(results, program["mode"], program["batch"]) is None:
+        return f"no synthetic {program['mode']} run at batch {program['batch']} in the main table (--modes)"
+    return _program_differs(results, program)
 
 
 def _plain(run) -> bool:
@@ -227,8 +234,14 @@ def crossover_lines(results) -> list:
     ]
 
 
+def _swept(results) -> set:
+    """The batches of the main table and the sweep (not the half batch that the projection's
+    data-parallel compute is taken at, where the sweep leaves it out)."""
+    return {results["config"]["batch"], *results["config"]["batches"]}
+
+
 def sweep_tables(results) -> list:
-    batches = sorted({r["batch"] for r in results["runs"] if _plain(r)})
+    batches = sorted({r["batch"] for r in results["runs"] if _plain(r)} & _swept(results))
     if not batches:
         return ["Not measured: no fp32, contiguous run (see 'Not measured')."]
     modes = [m for m in MODE_ORDER if any(_find(results, m, b) for b in batches)]
@@ -400,12 +413,11 @@ def _batch_axis(ax) -> None:
 
 
 def chart_images_per_s(results, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for mode in MODE_ORDER:
-        runs = sorted((r for r in results["runs"] if r["mode"] == mode and _plain(r)), key=lambda r: r["batch"])
+        runs = sorted((r for r in results["runs"] if r["mode"] == mode and _plain(r) and r["batch"] in _swept(results)),
+                      key=lambda r: r["batch"])
         if runs:
             ax.plot([r["batch"] for r in runs], [r["images_per_s"] for r in runs], marker="o", label=mode)
     _batch_axis(ax)
@@ -422,9 +434,7 @@ def chart_images_per_s(results, path: Path) -> None:
 
 
 def chart_bytes(results, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     a, placement = results["analytic"], results["config"]["fc8_placement"]
     crossover = a["crossover_batch"]["fp32"][placement]
     towers_per_image = 4 * sum(sum(t.values()) for t in a["towers_sent_elements_per_image"])
@@ -455,13 +465,11 @@ def chart_bytes(results, path: Path) -> None:
         plt.close(fig)
 
 
-def _no_program_goal(results, done: list) -> str:
-    """Why the training program's goal has no verdict: no program run finished, or none has a
-    synthetic run of its layout and batch to be set against."""
+def _no_program_goal(results) -> str:
+    """Why the training program's goal has no verdict where no program run finished."""
     failed = [f"{p['mode']}: {p['failed']}" for p in results.get("program") or [] if "failed" in p]
-    if not done and failed:
-        return f"no run of the training program finished ({'; '.join(failed)})"
-    return "no program run beside a synthetic run of its layout and batch"
+    return f"no run of the training program finished ({'; '.join(failed)})" if failed else \
+        "the training program was not run"
 
 
 def loader_lines(results) -> list:
@@ -524,7 +532,7 @@ def program_lines(results) -> list:
              "| program / synthetic | 90 ImageNet epochs at this rate |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for p in done:
-        synthetic = None if _program_differs(results, p) else _find(results, p["mode"], p["batch"])
+        synthetic = None if _not_held(results, p) else _find(results, p["mode"], p["batch"])
         rate = f"{synthetic['images_per_s']:.1f}" if synthetic else "—"
         ratio = f"{100 * p['images_per_s'] / synthetic['images_per_s']:.0f} %" if synthetic else "—"
         hours = p["paper_training_hours"]
@@ -537,7 +545,7 @@ def program_lines(results) -> list:
               "- 90 epochs: 90 x 1,281,167 ImageNet training images at the program's median-step rate, "
               "evaluations and checkpoints left out (the paper: five to six days on two GTX 580s)"]
     lines += [f"- {p['mode']}: not held against the synthetic step: {why}" for p in done
-              if (why := _program_differs(results, p))]
+              if (why := _not_held(results, p))]
     return lines + failed
 
 
@@ -573,13 +581,12 @@ def speed_goal_lines(results) -> list:
     lines += ["", f"**2. The training program at {100 * GOAL_PROGRAM_SHARE:.0f} % or more of the synthetic step "
                   "rate** of the same layout and batch (fp32, contiguous; the section above):", ""]
     done = [p for p in results.get("program") or [] if "failed" not in p]
-    differing = [f"- {p['mode']}: not checked: {why}" for p in done if (why := _program_differs(results, p))]
-    checked = [(p, _find(results, p["mode"], p["batch"])) for p in done if not _program_differs(results, p)]
-    checked = [(p, synthetic) for p, synthetic in checked if synthetic]
+    differing = [f"- {p['mode']}: not checked: {why}" for p in done if (why := _not_held(results, p))]
+    checked = [(p, _find(results, p["mode"], p["batch"])) for p in done if not _not_held(results, p)]
     lines += [f"- {p['mode']}: {100 * p['images_per_s'] / s['images_per_s']:.0f} % ({p['images_per_s']:.1f} against "
               f"{s['images_per_s']:.1f} images/s): "
               f"{verdict(p['images_per_s'] >= GOAL_PROGRAM_SHARE * s['images_per_s'])}" for p, s in checked] + \
-        differing or [f"- not measured: {_no_program_goal(results, done)}"]
+        differing or [f"- not measured: {_no_program_goal(results)}"]
     lines += ["", "**3. The share of the GPU's dense bf16 peak reached** (training FLOPs as in 'How each number is "
                   "taken', per GPU):", ""]
     bf16 = [r for r in results["runs"] if r["peak"] and r["peak"]["math"] == "bf16"]
@@ -705,7 +712,13 @@ def main(argv=None) -> None:
     folder = Path(folder)
     path = folder / "results.json"
     with contextlib.ExitStack() as locked:
-        if folder.is_dir():  # a benchmark writing there now: its results.json is not its last
+        try:
+            is_folder = folder.is_dir()
+        except OSError as error:  # a name too long
+            print(f"error: FOLDER {folder}: {error.strerror}: give a folder that python -m benchmarks.run wrote",
+                  file=sys.stderr)
+            sys.exit(2)
+        if is_folder:  # a benchmark writing there now: its results.json is not its last
             try:
                 locked.enter_context(held(folder, "FOLDER"))
             except ValueError as error:
@@ -762,14 +775,24 @@ def _redraw(path: Path, folder: Path) -> None:
     try:
         check_numbers(results)
         check_names(results)
+    except (KeyError, TypeError, AttributeError, IndexError, ValueError, ZeroDivisionError, OverflowError) as error:
+        print(f"error: {path} is not what python -m benchmarks.run writes ({type(error).__name__}: {error}): "
+              f"give a folder that it wrote", file=sys.stderr)
+        sys.exit(2)
+    try:
+        pyplot()
+    except ValueError as error:  # no folder for matplotlib's cache: its message names the fix
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    try:
         write_report(results, folder)
     except (KeyError, TypeError, AttributeError, IndexError, ValueError, ZeroDivisionError, OverflowError) as error:
         print(f"error: {path} is not what python -m benchmarks.run writes ({type(error).__name__}: {error}): "
               f"give a folder that it wrote", file=sys.stderr)
         sys.exit(2)
     except OSError as error:
-        print(f"error: cannot write the report in {folder} ({error.strerror}): copy {path} to a folder that can "
-              f"be written and give that", file=sys.stderr)
+        print(f"error: cannot write the report in {folder} ({error.strerror or error}): copy {path} to a folder "
+              f"that can be written and give that", file=sys.stderr)
         sys.exit(2)
 
 

@@ -59,7 +59,9 @@ import numpy as np
 import torch
 
 from launch.cli import (JSON_DAMAGE, MAX_PROCESSES_PER_CORE, Parser, add_options, check_compile_backend, home_path,
-                        lock_folder, option, quick_exit, refuse_empty, repeated, shell_word, usable_cores, write_whole)
+                        lock_folder, option, pyplot, quick_exit, refuse_empty, repeated, shell_word, usable_cores,
+                        write_whole)
+from launch import data as data_module
 from launch.config import MAX_TIMEOUT_S
 from launch.ranks import RankFailure, cpu_threads_per_rank, error_line, raise_interrupt, run_ranks
 from launch.step import AUTOCAST
@@ -82,6 +84,7 @@ COMPILE_MODES = ("single", "towers", "torchvision")
 PROGRAM_MODES = tuple(PROGRAM_LAYOUTS)
 PRECISIONS = tuple(AUTOCAST)
 MEMORY_FORMATS = ("contiguous", "channels_last")
+MAX_STEPS = 1_000_000  # of --steps, and of --warmup: more would end at --rank-timeout-s, each run
 ELEMENT_SIZE = {"fp32": 4, "bf16": 2}  # bytes of an exchanged activation, as the analytic figure assumes
 DDP_BUCKET_CAP_BYTES = 25 * 2**20  # DistributedDataParallel's default bucket_cap_mb
 REPORTS_DIR = Path(__file__).resolve().parent / "reports"
@@ -205,8 +208,9 @@ def resolve(config: BenchConfig, devices: DevicePlan) -> BenchConfig:
                     (0,) + tuple(2 ** i for i in range(cores.bit_length()) if 2 ** i <= cores),
                     loader_batches=3 if config.quick else 20)
     config = replace(config, **{k: v for k, v in defaults.items() if getattr(config, k) is None})
-    if config.steps < 1 or config.warmup < 0:
-        raise ValueError(f"--steps must be at least 1 and --warmup at least 0, got {config.steps} and {config.warmup}")
+    if not (1 <= config.steps <= MAX_STEPS and 0 <= config.warmup <= MAX_STEPS):
+        raise ValueError(f"--steps must be from 1 and --warmup from 0, each to {MAX_STEPS:,}, got {config.steps} and "
+                         f"{config.warmup}")
     if config.compile_modes and config.warmup < 1:
         raise ValueError("--compile-modes needs --warmup 1 or more: the first step compiles, and is not to be timed")
     if config.compile_modes:
@@ -219,11 +223,12 @@ def resolve(config: BenchConfig, devices: DevicePlan) -> BenchConfig:
                          f"batch): --batch {config.batch} --batches {','.join(map(str, config.batches))}")
     if not 0 <= config.seed < 2**32:
         raise ValueError(f"--seed must be an integer from 0 to {2**32 - 1}, got {config.seed}")
-    if not 0 < config.bf16_slowdown_limit < math.inf:
+    if not 0 < config.bf16_slowdown_limit <= 1e300:  # a number the report can be redrawn from
         raise ValueError(f"--bf16-slowdown-limit must be a positive number of times fp32's step, "
                          f"got {config.bf16_slowdown_limit:g}")
-    if config.time_limit is not None and not 0 < config.time_limit < math.inf:
-        raise ValueError(f"--time-limit must be a positive number of seconds, got {config.time_limit:g}")
+    if config.time_limit is not None and not 0 < config.time_limit <= MAX_TIMEOUT_S:
+        raise ValueError(f"--time-limit must be a positive number of seconds, at most {MAX_TIMEOUT_S:.0f} (a week), "
+                         f"got {config.time_limit:g}")
     for link in config.links:
         name, _, gb_s = link.partition("=")
         # bounded, so that a transfer's time is a number: 10^400 GB/s is inf, 10^-311 makes the time inf
@@ -236,8 +241,9 @@ def resolve(config: BenchConfig, devices: DevicePlan) -> BenchConfig:
     twice = repeated([link.partition("=")[0] for link in config.links])
     if twice is not None:  # two rows of one name in the projection, and its chart's bars one behind the other
         raise ValueError(f"--links names {twice} twice: give each link once")
-    if not 0 <= config.link_latency_us < math.inf:
-        raise ValueError(f"--link-latency-us must be a number of microseconds, 0 or more, got {config.link_latency_us:g}")
+    if not 0 <= config.link_latency_us <= 1e6:
+        raise ValueError(f"--link-latency-us must be a number of microseconds from 0 to 1,000,000 (a second), got "
+                         f"{config.link_latency_us:g}")
     if not 1 <= config.rank_timeout_s <= MAX_TIMEOUT_S:
         raise ValueError(f"--rank-timeout-s must be a number of seconds from 1 to {MAX_TIMEOUT_S:.0f} (a week), "
                          f"got {config.rank_timeout_s:g}")
@@ -818,11 +824,14 @@ def refuse_others_files(out: Path, names: tuple, program: str) -> list:
     ``out`` holds already: an earlier report of ``program``'s, to be replaced. Where no
     results.json of ``program`` is beside them they are the user's or another tool's (a
     benchmark's report under an ablation's, its charts left beside), and ValueError names the fix."""
-    folders = [name for name in names if (out / name).is_dir()]
+    try:
+        folders = [name for name in names if (out / name).is_dir()]
+        earlier = [name for name in names if (out / name).exists()]
+    except OSError as error:  # a name too long
+        raise ValueError(f"--out {out}: {error.strerror}: give another folder") from None
     if folders:  # which a report can neither replace nor remove
         raise ValueError(f"--out {out} holds a folder named {folders[0]}, where python -m {program} writes a file: "
                          f"give another folder, or move it")
-    earlier = [name for name in names if (out / name).exists()]
     if earlier and not _written_by(out / "results.json", program):
         raise ValueError(f"--out {out} holds {', '.join(earlier)} that python -m {program} did not write (no "
                          f"results.json of its own beside them): give another folder, or move them")
@@ -880,6 +889,8 @@ def _main(config: BenchConfig, argv) -> Path:
                     ", ".join(map(str, stale)))
     loader_data = open_loader_data(config.loader_data, config.batch)  # a bad folder fails before anything runs
     out = home_path(config.out) if config.out is not None else default_out(devices, config.quick)
+    data_module.check_outside_the_images("--out", str(out), loader_data.root)  # the program trains on that data
+    pyplot()  # where matplotlib cannot start, before the runs, not after them
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -904,7 +915,7 @@ def _main(config: BenchConfig, argv) -> Path:
             else:
                 logger.error("stopped before the first run was measured: nothing was written in %s", out)
             raise Said from None
-        from .report import write_report  # matplotlib is imported only here, never in the ranks
+        from .report import write_report  # the ranks, started by the rank server, never import matplotlib
         try:
             write_report(results, out)
         except KeyboardInterrupt:

@@ -439,6 +439,33 @@ def quick_exit():
     os._exit(code or 0)
 
 
+def pyplot():
+    """matplotlib.pyplot, drawing with Agg (into files) whatever MPLBACKEND says (a name it does
+    not know stopped its import). Raises ValueError with its own message, which names the fix,
+    where it cannot start (no folder to keep its cache in, a temporary one either); its
+    warnings as it starts (its modules' too) are held back till then, and said where it starts."""
+    import logging.handlers
+    said = logging.getLogger("matplotlib")
+    handlers, propagate = said.handlers, said.propagate
+    held = logging.handlers.BufferingHandler(capacity=10_000)
+    said.handlers, said.propagate = [held], False
+    backend, no_folder = os.environ.pop("MPLBACKEND", None), False  # read as it is imported, not after
+    try:
+        import matplotlib
+    except OSError as exc:  # each folder it tried comes before the error that sums them up, which alone is said
+        no_folder = True
+        raise ValueError(exc) from None
+    finally:
+        if backend is not None:
+            os.environ["MPLBACKEND"] = backend
+        said.handlers, said.propagate = handlers, propagate
+        for record in held.buffer if not no_folder else ():
+            said.callHandlers(record)
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
 def check_compile_backend(backend: str, option: str, device: str = "cpu") -> None:
     """Raises ValueError, naming ``option``, unless ``backend`` is one of COMPILE_BACKENDS, or
     if it is inductor and finds no compiler to build its code with for ``device`` (else the

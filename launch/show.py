@@ -43,7 +43,6 @@ import dataclasses
 import errno
 import json
 import logging
-import logging.handlers
 import math
 import os
 import signal
@@ -63,8 +62,8 @@ from towers.reference import LAYERS
 from . import data as data_module
 from .checkpoint import (FILENAME, CheckpointError, check_classes, checkpoint_architecture, load_checkpoint,
                          reference_from)
-from .cli import (JSON_DAMAGE, OutputFailed, Parser, add_options, home_path, lock_folder, one_line, option, quick_exit,
-                  reader_gone, refuse_empty, shell_word, write_out, write_whole)
+from .cli import (JSON_DAMAGE, OutputFailed, Parser, add_options, home_path, lock_folder, one_line, option, pyplot,
+                  quick_exit, reader_gone, refuse_empty, shell_word, write_out, write_whole)
 from .stats import DataStats
 
 log = logging.getLogger(__name__)
@@ -315,28 +314,6 @@ def kernel_grid(kernels: torch.Tensor, columns: int = 16, scale: int = 6, gap: i
     return grid
 
 
-def _pyplot():
-    # matplotlib's warnings as it starts (its modules' too), held back: where it cannot start, each
-    # folder it tried comes before the error that sums them up, which alone is said
-    said = logging.getLogger("matplotlib")
-    handlers, propagate = said.handlers, said.propagate
-    held = logging.handlers.BufferingHandler(capacity=10_000)
-    said.handlers, said.propagate = [held], False
-    cannot_start = False
-    try:
-        import matplotlib
-    except OSError as exc:  # no folder to keep its cache in, a temporary one either: its message names the fix
-        cannot_start = True
-        raise ValueError(exc) from None
-    finally:
-        said.handlers, said.propagate = handlers, propagate
-        for record in held.buffer if not cannot_start else ():
-            said.callHandlers(record)
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
 def _save(fig, path: Path) -> Path:
     """Writes the figure as a PNG atomically (a temporary file renamed over ``path``). A
     folder that fills up or turns read-only meanwhile raises ValueError naming it."""
@@ -355,7 +332,7 @@ def _save(fig, path: Path) -> Path:
         raise ValueError(f"cannot write {path.name} in {path.parent} ({exc.strerror or exc}): free space on that "
                          f"disk, or give a folder you can write with --out") from None
     finally:
-        _pyplot().close(fig)
+        pyplot().close(fig)
     return path
 
 
@@ -387,7 +364,7 @@ def draw_kernels(run: RunFolder, out: Path) -> Path:
     margin, title_h, label_h, between = 20, 56, 28, 18
     rows = len(groups)
     width, height = grid_w + 2 * margin, title_h + rows * (label_h + grid_h) + (rows - 1) * between + margin
-    fig = _pyplot().figure(figsize=(width / DPI, height / DPI), dpi=DPI)
+    fig = pyplot().figure(figsize=(width / DPI, height / DPI), dpi=DPI)
     split = ("which tower turns colour-specific is chance" if rows > 1 else
              "section 3.2's one-GPU net: half the paper's kernels, on one device")
     fig.suptitle(f"conv1's {sum(len(k) for _, k in groups)} kernels (11 x 11 x 3), each scaled to its own range, as "
@@ -410,7 +387,7 @@ def draw_colour(run: RunFolder, out: Path) -> Path:
     for name, values in zip(names, shares):
         log.info("conv1 colour share, %s: mean %.3f, median %.3f (%d kernels)", name, values.mean(),
                  median(values), len(values))
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(9, 3.8 if len(groups) > 1 else 2.6))
     jitter = np.random.default_rng(0).uniform(-0.18, 0.18, size=max(len(s) for s in shares))
     for row, (name, values) in enumerate(zip(names, shares)):
@@ -475,7 +452,7 @@ def draw_curves(run: RunFolder, out: Path) -> Path:
     metrics = run.metrics()
     steps = [r["step"] for r in metrics.train]
     final = _final_evaluation(run, metrics.evals, max(steps, default=None))
-    plt = _pyplot()
+    plt = pyplot()
     fig, (loss_ax, error_ax, lr_ax) = plt.subplots(3, 1, figsize=(9, 9.5), sharex=True,
                                                    gridspec_kw={"height_ratios": (3, 3, 2)})
     fig.suptitle(f"Training of {shown(run.path.resolve().name)}: batch {run.config.get('batch_size')}, "
@@ -551,7 +528,7 @@ def draw_traffic(run: RunFolder, out: Path) -> Path:
                       f"exchange, the bytes each of the {TOWERS} towers sends)")
     # Keys are "name/direction"; sorted by name they come in the order of the network.
     names = sorted({key.split("/")[0] for key in per_step})
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(9, 5))
     width = 0.38
     for offset, direction, hatch in ((-width / 2, "forward", None), (width / 2, "backward", "//")):
@@ -751,7 +728,7 @@ def draw_neighbours(run: RunFolder, out: Path, options: ShowOptions) -> Path:
                             choose_device(options.device))
     classes = [shown(name) for name in bundle.classes]
     rows, columns = len(found.queries.indices), 1 + found.indices.shape[1]
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(rows, columns, figsize=(1.75 * columns, 2.05 * rows + 0.8), squeeze=False)
     for row, query in enumerate(found.queries.indices):
         query_label = bundle.val.samples[query][1]
@@ -893,7 +870,7 @@ def _show(run_dir: str, options: ShowOptions) -> int:
     try:
         options.validate()
         run = _open_run(run_dir)
-        _pyplot()  # where matplotlib cannot start, before the neighbours' minutes of forward passes
+        pyplot()  # where matplotlib cannot start, before the neighbours' minutes of forward passes
         out, made = _output_folder(run, options.out)
         written, skipped, held = {}, [], None
         try:

@@ -25,7 +25,7 @@ from benchmarks import flops, program, report, run, scratch, traffic
 from launch.cli import usable_cores
 from towers import AlexNet
 
-from conftest import ROOT, cmdline, live_processes, short_temporary, terminate_when_ready
+from conftest import ROOT, cmdline, live_processes, short_temporary, skip_without_namespaces, terminate_when_ready
 
 PARAMS = 60_965_224  # parameters of the whole net: the layer shapes of section 3.5 and Figure 2
 # Elements one tower sends per image, from the paper's Figure 2 (the partition table in the README):
@@ -114,9 +114,11 @@ def test_links_may_be_named_as_their_makers_do():
 
 
 def test_a_time_limit_must_be_a_positive_number_of_seconds(tmp_path):
-    for limit in ("0", "-5", "nan", "inf"):
-        with pytest.raises(ValueError, match=f"--time-limit must be a positive number of seconds, got {limit}"):
+    for limit in ("0", "-5", "nan", "inf", "1e+306"):  # the last more than a redraw takes (1e300), and a week
+        with pytest.raises(ValueError) as refused:
             run.main(["--device", "cpu", "--time-limit", limit, "--out", str(tmp_path)])
+        assert str(refused.value) == f"--time-limit must be a positive number of seconds, at most 604800 (a week), " \
+                                     f"got {limit}"
     assert not any(tmp_path.iterdir())
 
 
@@ -131,8 +133,12 @@ def test_a_time_limit_must_be_a_positive_number_of_seconds(tmp_path):
                                 f"letter or digit, such as nvlink or 'PCIe 4.0': got {name!r}")
       for name in ("nv|link", "pc\nie", "", "pcie ", "`x`")],
     ("--links", "nvlink=300,nvlink=25", "--links names nvlink twice: give each link once"),
-    ("--link-latency-us", "-1000", "--link-latency-us must be a number of microseconds, 0 or more, got -1000"),
-    ("--link-latency-us", "nan", "--link-latency-us must be a number of microseconds, 0 or more, got nan"),
+    *[("--link-latency-us", value, f"--link-latency-us must be a number of microseconds from 0 to 1,000,000 (a "
+                                   f"second), got {value}")
+      for value in ("-1000", "nan", "1e+306")],  # the last: a report that its redraw refused, as not a number measured
+    # each run would have gone on to --rank-timeout-s (--quick on the CPU: 3 steps after 1)
+    *[(option, "1" + "0" * 20, f"--steps must be from 1 and --warmup from 0, each to 1,000,000, got {got}")
+      for option, got in (("--steps", f"1{'0' * 20} and 1"), ("--warmup", f"3 and 1{'0' * 20}"))],
     ("--rank-timeout-s", "0", "--rank-timeout-s must be a number of seconds from 1 to 604800 (a week), got 0"),
     ("--rank-timeout-s", "inf", "--rank-timeout-s must be a number of seconds from 1 to 604800 (a week), got inf"),
     ("--rank-timeout-s", "1e15", "--rank-timeout-s must be a number of seconds from 1 to 604800 (a week), got 1e+15"),
@@ -141,6 +147,8 @@ def test_a_time_limit_must_be_a_positive_number_of_seconds(tmp_path):
     ("--bf16-slowdown-limit", "nan", "--bf16-slowdown-limit must be a positive number of times fp32's step, got nan"),
     ("--bf16-slowdown-limit", "0", "--bf16-slowdown-limit must be a positive number of times fp32's step, got 0"),
     ("--bf16-slowdown-limit", "-2", "--bf16-slowdown-limit must be a positive number of times fp32's step, got -2"),
+    ("--bf16-slowdown-limit", "1e301", "--bf16-slowdown-limit must be a positive number of times fp32's step, got "
+                                       "1e+301"),
     ("--loader-batches", "0", "--loader-batches must be at least 1 and --loader-workers at least 0, got 0 and 0,1"),
     ("--loader-workers", "0,-1", "--loader-batches must be at least 1 and --loader-workers at least 0, got 3 and 0,-1"),
     ("--loader-workers", "0,100000", f"--loader-workers 100000 would start that many loading processes on the "
@@ -153,6 +161,31 @@ def test_numbers_out_of_range_are_refused_before_anything_runs(tmp_path, option,
     assert not any(tmp_path.iterdir())
     with pytest.raises(SystemExit):  # no abbreviations: .ci/gpu refuses a --time-limit beside its own
         run.build_parser().parse_args(["--time", "60"])
+
+
+def test_an_out_in_the_datas_images_is_refused_before_anything_is_written(tiny_data, tmp_path):
+    """--out in --loader-data's train/: the report's folder was taken for a class of images by
+    the training program the benchmark runs on that data (which failed), and every later scan."""
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    out = data / "train" / "report"
+    with pytest.raises(ValueError) as refused:
+        run.main(["--device", "cpu", "--quick", "--loader-data", str(data), "--out", str(out)])
+    assert str(refused.value) == (f"--out {out} lies in the data's train/ ({data / 'train'}), where a run folder would "
+                                  f"be taken for a class of images: give --out outside {data / 'train'}")
+    assert not out.exists()
+
+
+def test_a_name_too_long_for_the_system_is_one_line(tmp_path, capsys):
+    """benchmarks.report's FOLDER and an ablation's --out (refuse_others_files): a traceback."""
+    long = tmp_path / ("x" * 300)
+    with pytest.raises(SystemExit) as stopped:
+        report.main([str(long)])
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err == (f"error: FOLDER {long}: File name too long: give a folder that python -m "
+                                       f"benchmarks.run wrote\n")
+    with pytest.raises(ValueError, match=f"--out {long}: File name too long: give another folder"):
+        run.refuse_others_files(long, report.REPORT_FILES, "benchmarks.ablations")
 
 
 def test_the_default_loader_workers_are_those_of_the_cores_this_process_may_use(monkeypatch):
@@ -773,6 +806,33 @@ def test_a_redraw_that_fails_or_is_stopped_leaves_the_earlier_report_as_it_was(t
 
 
 @pytest.mark.slow  # real processes
+def test_a_redraw_draws_with_agg_whatever_mplbackend_names_and_where_matplotlib_cannot_start_says_so_in_a_line(
+        tmp_path):
+    """MPLBACKEND naming a backend that matplotlib does not know stopped its import (the
+    reports are drawn with Agg, into files), after a whole benchmark's runs, or with the
+    redraw blaming results.json. A read-only container, where matplotlib finds no folder for
+    its cache: two lines, the second with "(None)" and another fix than matplotlib's."""
+    committed = sorted((ROOT / "benchmarks" / "reports").glob("*/results.json"))[-1].parent
+    folder = tmp_path / "report"
+    shutil.copytree(committed, folder)
+    result = subprocess.run([sys.executable, "-m", "benchmarks.report", str(folder)], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120, env=dict(os.environ, MPLBACKEND="bogus"))
+    assert (result.returncode, result.stderr) == (0, ""), result.stderr[-3000:]
+    assert (folder / "report.md").stat().st_mtime > (folder / "results.json").stat().st_mtime  # drawn anew
+    read_only = ("mount --rbind /tmp /tmp && mount -o remount,bind,ro /tmp && mount --rbind /var/tmp /var/tmp && "
+                 "mount -o remount,bind,ro /var/tmp")
+    skip_without_namespaces("--mount", setup=read_only)
+    script = (f"{read_only} && cd /tmp && exec env -u TMPDIR -u TEMP -u TMP MPLCONFIGDIR=/tmp/matplotlib "
+              f"PYTHONPATH={ROOT} {sys.executable} -m benchmarks.report {folder}")  # the current folder read-only too
+    result = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    lines = result.stderr.splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr[-3000:]
+    assert lines[0].startswith("error: Matplotlib requires access to a writable cache directory") and \
+        lines[0].endswith("set the MPLCONFIGDIR environment variable to a writable directory"), result.stderr
+
+
+@pytest.mark.slow  # real processes
 def test_a_redraw_killed_while_it_draws_leaves_nothing_that_the_next_does_not_remove(tmp_path):
     """SIGKILL (the out-of-memory killer) in the middle of a chart: its part stays, hidden, and
     the next redraw removes it (a part written through write_whole had a name it never did)."""
@@ -1306,6 +1366,22 @@ def test_the_program_s_towers_run_with_the_benchmark_s_fc8_placement(tiny_data, 
     assert f"- towers: not checked: {why}" in report.speed_goal_lines(results)
     ran["command"] += " --fc8-placement split"
     assert "- towers: 90 % (9.0 against 10.0 images/s): met" in report.speed_goal_lines(results)
+    # a layout that --modes left out of the main table: said so, not left out without a word
+    results["program"].append({**ran, "mode": "single", "command": "launch.two_gpu --layout single --batch-size 2"})
+    why = "no synthetic single run at batch 2 in the main table (--modes)"
+    assert f"- single: not held against the synthetic step: {why}" in report.program_lines(results)
+    assert f"- single: not checked: {why}" in report.speed_goal_lines(results)
+
+
+def test_the_batch_sweep_shows_the_batches_asked_for_not_the_projections_half_batch():
+    """--batch 4 --batches 4: the single net's run at batch 2, which the projection takes its
+    data-parallel compute from, was a row of the sweep and a point of its chart."""
+    runs = [{"mode": mode, "batch": batch, "precision": "fp32", "memory_format": "contiguous", "images_per_s": 5.0,
+             "step_ms": {"median": 400.0}, "bytes_total": 1e6, "bytes_total_analytic": 1e6}
+            for mode, batch in (("single", 2), ("single", 4), ("towers", 4))]
+    lines = report.sweep_tables({"config": {"batch": 4, "batches": [4]}, "runs": runs})
+    rows = [line.split(" |")[0] for line in lines if line.startswith("| ") and line[2].isdigit()]
+    assert rows == ["| 4"] * 2  # images/s, bytes
 
 
 def test_the_program_s_towers_run_where_the_synthetic_towers_ran(tiny_data, tmp_path, monkeypatch):

@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from launch import show
+from launch.cli import pyplot
 from launch.checkpoint import checkpoint_payload, save_checkpoint
 from launch.data import open_data
 from launch.meter import Metrics
@@ -370,7 +371,7 @@ def test_an_evaluation_folder_names_the_run_to_draw(tmp_path, caplog):
 def test_a_picture_is_written_where_another_show_removed_the_folder_it_made(tmp_path):
     """Two shows of one run at once: the first made show/ and, drawing nothing, removes it empty
     as the second, which found it there, is about to write into it."""
-    plt = show._pyplot()
+    plt = pyplot()
     gone = tmp_path / "show"
     assert show._save(plt.figure(), gone / "curves.png") == gone / "curves.png"
     with Image.open(gone / "curves.png") as image:
@@ -758,7 +759,7 @@ def test_matplotlibs_warnings_as_it_starts_are_said_where_it_starts(tmp_path):
     folder, rebuilt on every run, is said, with matplotlib's advice."""
     (tmp_path / "a-file").write_text("")  # no folder can be made under it
     program = ("import logging; logging.basicConfig(level=logging.INFO, format='%(message)s'); "
-               "from launch import show; show._pyplot()")
+               "from launch.cli import pyplot; pyplot()")
     result = subprocess.run([sys.executable, "-c", program], cwd=ROOT, capture_output=True, text=True,
                             timeout=RUN_TIMEOUT_S, env=dict(os.environ, MPLCONFIGDIR=str(tmp_path / "a-file" / "mpl")))
     assert result.returncode == 0, result.stderr
