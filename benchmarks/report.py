@@ -620,7 +620,7 @@ def write_report(results: dict, folder: Path) -> None:
               if key in results and results[key] is None]
     parts = ([f"{never} of the {results['planned_runs']} planned runs"] if never > 0 else []) + stages
     unstarted = ", ".join(parts[:-1]) + " and " + parts[-1] if len(parts) > 1 else "".join(parts)  # "" if none
-    stopped = ([f"**Not finished**: {unstarted} had not started when results.json was written (the "
+    stopped = ([f"**Not finished**: {unstarted} had not been measured when results.json was written (the "
                 f"benchmark was stopped, or was still running); what follows is what was measured before.", ""]
                if unstarted else [])
     lines = [
@@ -674,7 +674,7 @@ def write_report(results: dict, folder: Path) -> None:
                 if "failed" in p]
     lines += missing
     if unstarted:  # a results.json of a benchmark stopped from outside
-        lines.append(f"- {unstarted} had not started: the benchmark was stopped, or was still running")
+        lines.append(f"- {unstarted} had not been measured: the benchmark was stopped, or was still running")
     elif not missing:
         lines.append("Everything planned was measured.")
     diverged = [f"{r['mode']} (batch {r['batch']}, {_variant(r)})" for r in results["runs"]

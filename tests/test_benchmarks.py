@@ -944,12 +944,12 @@ def test_a_benchmark_cut_short_by_its_time_limit_reports_what_it_measured(tiny_d
     assert "| single | 1 x cpu" in report and "| towers | not measured" in report
     unstarted = f"{len(results['not_measured'])} of the {len(results['not_measured']) + 1} planned runs, the data " \
                 f"loader and the training program"
-    assert f"- {unstarted} had not started: the benchmark was stopped" in report
+    assert f"- {unstarted} had not been measured: the benchmark was stopped" in report
     # said at the top too, not only in the last section: the report of a stopped benchmark
     title, said = report.split("\n\n")[:2]
     assert title.startswith("# AlexNet") and said == (
-        f"**Not finished**: {unstarted} had not started when results.json was written (the benchmark was stopped, or "
-        f"was still running); what follows is what was measured before.")
+        f"**Not finished**: {unstarted} had not been measured when results.json was written (the benchmark was "
+        f"stopped, or was still running); what follows is what was measured before.")
     assert re.search(r"\n- the runs measured here took \d+ s; the benchmark had not finished\n", report)
     assert "Not finished" not in (out / "report.md").read_text()  # the run that went on to its time limit
     assert "## Data loader\n\nNot measured: results.json holds no figures of it.\n" in report
@@ -958,8 +958,8 @@ def test_a_benchmark_cut_short_by_its_time_limit_reports_what_it_measured(tiny_d
     assert subprocess.run([sys.executable, "-m", "benchmarks.report", str(stopped_here)], cwd=ROOT,
                           capture_output=True, text=True, timeout=120).returncode == 0
     report = (stopped_here / "report.md").read_text()
-    assert report.split("\n\n")[1].startswith("**Not finished**: the training program had not started when")
-    assert "- the training program had not started: the benchmark was stopped" in report
+    assert report.split("\n\n")[1].startswith("**Not finished**: the training program had not been measured when")
+    assert "- the training program had not been measured: the benchmark was stopped" in report
     assert "Everything planned was measured." not in report
     result = subprocess.run([sys.executable, "-m", "benchmarks.report", str(tmp_path)], cwd=ROOT,
                             capture_output=True, text=True, timeout=120)

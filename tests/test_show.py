@@ -78,7 +78,7 @@ def train_record(step: int, loss: float, epoch: int = 1) -> dict:
 
 def eval_record(epoch: int, step: int, top1_error: float) -> dict:
     return {"event": "eval", "epoch": epoch, "step": step, "top1_error": top1_error, "top5_error": top1_error / 2,
-            "lr": 0.01}
+            "next_lr": 0.01}
 
 
 METRICS = [train_record(2, 2.3), train_record(4, 2.2), eval_record(1, 4, 0.8), train_record(6, 2.0, epoch=2),
