@@ -1138,6 +1138,33 @@ def test_the_projection_takes_ddp_compute_from_ranks_that_share_devices_as_the_t
                                            "towers' two ranks shared theirs)")
 
 
+def test_the_projection_takes_no_compute_from_ranks_that_took_turns_on_one_gpu():
+    """Two ranks on one GPU (over gloo) take turns on it: each one's compute held the other's
+    kernels, about twice a tower's own on a GPU of its own, and the two-GPU projection showed
+    the towers and ddp that much slower. Two GPUs: their ranks' own compute, as measured."""
+    config = run.BenchConfig(device="cpu", quick=True, batch=16)
+    measured = lambda mode, batch, ms, devices: {"mode": mode, "batch": batch, "devices": devices,
+                                                 "step_ms": {"median": max(ms) + 5}, "compute_ms": ms}
+    analytic = run.analytic_figures(config)
+    for gpus in (["cuda:0", "cuda:0"], ["cuda:0", "cuda:1"]):
+        runs = {run.RunKey("single", 16, "fp32", "contiguous"): measured("single", 16, [10.0], ["cuda:0"]),
+                run.RunKey("single", 8, "fp32", "contiguous"): measured("single", 8, [6.0], ["cuda:0"]),
+                run.RunKey("towers", 16, "fp32", "contiguous"): measured("towers", 16, [11.0, 10.5], gpus),
+                run.RunKey("ddp", 16, "fp32", "contiguous"): dict(measured("ddp", 16, [12.0, 12.5], gpus),
+                                                                  buckets_per_step=[4.0, 4.0])}
+        projected = run.projection(runs, config, analytic)
+        if gpus[0] == gpus[1]:
+            share = max(analytic["macs_per_image"]["towers"]) / analytic["macs_per_image"]["single"]
+            assert projected["tower_compute_ms"] == pytest.approx(15.0 * share)
+            assert projected["tower_compute_source"] == ("estimated: single step x the busier tower's share of the "
+                                                         "FLOPs (the towers' ranks shared one GPU, each slowed by the "
+                                                         "other's kernels)")
+            assert projected["ddp_compute_ms"] == 11.0 and projected["ddp_compute_source"].startswith(
+                "measured: single at batch 8")
+        else:
+            assert (projected["tower_compute_ms"], projected["ddp_compute_ms"]) == (11.0, 12.5)
+
+
 def _run(results, mode, batch=2, precision="fp32", memory_format="contiguous", compiled=False):
     key = (mode, batch, precision, memory_format, compiled)
     matches = [r for r in results["runs"]
