@@ -73,6 +73,7 @@ def test_a_python_that_sees_no_gpu_is_refused(tmp_path):
     assert result.returncode == 2, result.stderr
     assert "sees no CUDA GPU here (the environment above says what it found)" in result.stderr
     assert "GPUs: none" in result.stdout and not (tmp_path / "environment.txt").exists()
+    assert "Python.h (Triton builds its kernels' launchers with it): " in result.stdout, result.stdout  # looked for
 
 
 def test_a_python_without_torch_is_named_as_such(tmp_path):
