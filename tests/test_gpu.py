@@ -109,7 +109,9 @@ def _towers_over_nccl_with_a_host_id_each(rank, *args):
     # program never runs NCCL this way. NCCL reads the id when the first collective
     # creates its communicator, which is after this line.
     os.environ["NCCL_HOSTID"] = f"tower-{rank}"
-    os.environ["NCCL_IB_DISABLE"] = "1"  # between "hosts", the socket transport even where InfiniBand is
+    os.environ["NCCL_IB_DISABLE"] = "1"  # between "hosts", the socket transport even where InfiniBand is,
+    os.environ["NCCL_NET"] = "Socket"  # not a network plugin of the machine's (AWS-OFI, SHARP) either,
+    os.environ["NCCL_MNNVL_ENABLE"] = "0"  # nor NVLink across hosts, on a machine of an NVLink fabric
     return _parity_worker(rank, *args)
 
 
