@@ -76,6 +76,7 @@ def test_known_gpus_have_peaks():
     assert flops.gpu_peak("NVIDIA H100 PCIe")[0] == "H100 PCIe"
     assert flops.gpu_peak("NVIDIA A100-SXM4-40GB")[0] == "A100"
     assert flops.gpu_peak("NVIDIA H200")[0] == "H200"
+    assert flops.gpu_peak("NVIDIA H200 NVL")[0] == "H200 NVL"  # not the SXM part's peak, 18 % above its own
     assert flops.gpu_peak("NVIDIA GeForce GTX 580") is None
 
 
