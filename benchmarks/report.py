@@ -82,7 +82,8 @@ def _program_differs(results, program) -> Optional[str]:
 def _not_held(results, program) -> Optional[str]:
     """Why a run of the training program is not held against a synthetic run, in words, or None."""
     if _find(results, program["mode"], program["batch"]) is None:
-        return f"no synthetic {program['mode']} run at batch {program['batch']} in the main table (--modes)"
+        why = "--modes" if program["mode"] not in results["config"]["modes"] else "see 'Not measured'"
+        return f"no synthetic {program['mode']} run at batch {program['batch']} in the main table ({why})"
     return _program_differs(results, program)
 
 

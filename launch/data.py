@@ -643,7 +643,7 @@ def check_outside_the_images(flag: str, given: str, root: Path) -> None:
     for split in ("train", "val"):
         images = real_path(root / split)
         if folder == images or images in folder.parents:
-            raise ValueError(f"{flag} {given} lies in the data's {split}/ ({images}), where a run folder would be "
+            raise ValueError(f"{flag} {given} lies in the data's {split}/ ({images}), where a folder would be "
                              f"taken for a class of images: give {flag} outside {images}")
 
 

@@ -517,7 +517,7 @@ def test_report_and_run_folders_in_the_data_s_images_are_refused_before_they_are
         folders = {"--out": tmp_path / "report", "--runs": tmp_path / "runs", flag: inside}
         with pytest.raises(ValueError) as refused:
             ablations.main(["--data", str(data), *(f"{f}={folder}" for f, folder in folders.items())])
-        assert str(refused.value) == (f"{flag} {inside} lies in the data's {split}/ ({data / split}), where a run "
+        assert str(refused.value) == (f"{flag} {inside} lies in the data's {split}/ ({data / split}), where a "
                                       f"folder would be taken for a class of images: give {flag} outside "
                                       f"{data / split}")
         assert sorted(p.name for p in tmp_path.iterdir()) == ["data"] and not inside.exists()

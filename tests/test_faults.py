@@ -1278,8 +1278,8 @@ def test_options_that_depend_on_the_data_or_the_disk_leave_no_run_folder(tiny_da
         ["--data", tiny_data, "--out", tmp_path, "--run-name", "a-file", *TINY], caplog)
     for split in ("train", "val"):  # a run folder there would be a class of images to every later scan
         inside = tiny_data / split / "runs"
-        assert (f"--out {inside} lies in the data's {split}/ ({tiny_data.resolve() / split}), where a run folder would be "
-                f"taken for a class of images") in _error_of(["--data", tiny_data, "--out", inside, *TINY], caplog)
+        assert (f"--out {inside} lies in the data's {split}/ ({tiny_data.resolve() / split}), where a folder would "
+                f"be taken for a class of images") in _error_of(["--data", tiny_data, "--out", inside, *TINY], caplog)
         assert not inside.exists()
     too_long = tmp_path / ("a" * 300)
     err = _error_of(["--data", tiny_data, "--out", too_long, *TINY], caplog)
