@@ -149,6 +149,13 @@ def main_table(results) -> list:
             f"| {_traffic(run)} "
             f"| {_ranks(run['peak_memory_bytes'], _mb)} | {_ranks(run['param_bytes'], _mb)} "
             f"| {run['gflop_per_s']:.1f} | {_share(run)} |")
+    machine = results["machine"]
+    cores = machine.get("usable_cores") or machine.get("cpu_count")  # not in older results: all of the machine's
+    crowded = [run for mode in MODE_ORDER if (run := _find(results, mode, batch)) and cores
+               and all(d == "cpu" for d in run["devices"]) and run["ranks"] > cores]
+    lines += [""] * bool(crowded) + [
+        f"- {run['mode']}: its {run['ranks']} ranks took turns on {cores} cores (more processes than cores, a "
+        f"thread each): its figures hold that as well as the mode's own cost" for run in crowded]
     return lines
 
 
@@ -166,9 +173,12 @@ def methods(results) -> list:
         "`torch.cuda.synchronize` on a GPU. A step of a two-rank mode lasts as long as its slower rank's. "
         "ms/step is the median with the 10th and 90th percentiles; images/s = global batch / median step.",
         "- **Exchange (towers).** Wall time inside the collectives, from `Tower.exchange_log` (`seconds` per "
-        "exchange; `synchronize = True` on a GPU so that it waits for the device before and after each). It "
-        "includes waiting for the other tower (tower 0 computes FC8 and the loss alone, so tower 1 waits in the "
-        "logits broadcast). Compute = step minus exchange, per step, median per rank.",
+        "exchange). On a GPU it is taken in as many steps again, after the timed ones, with `synchronize = True`, "
+        "which waits for the device before and after each collective (in the timed steps those waits would stall "
+        "the queue of kernels, as no other mode's steps are). It includes waiting for the other tower"
+        + (" (tower 0 computes FC8 and the loss alone, so tower 1 waits in the logits' exchange)"
+           if cfg["fc8_placement"] == "tower0" else "") +
+        ". Compute = step minus exchange, per step of those that time the exchanges, median per rank.",
         "- **All-reduce (ddp).** Not timed inside the hook, because DDP overlaps it with the backward pass: the "
         "same number of steps is also timed under `no_sync()` (nothing all-reduced: compute only), and "
         "all-reduce ms = median step - median `no_sync` step, per rank: the all-reduce time *not* hidden "
@@ -196,7 +206,8 @@ def methods(results) -> list:
         f"torchvision's AlexNet {a['macs_per_image']['torchvision'] / 1e6:.1f} M. GFLOP/s = training FLOPs of the "
         "global batch / median step. % of peak only on a GPU in `benchmarks.flops.GPU_PEAK_TFLOPS` (dense "
         "figures), against the peak of the math used (fp32 convolutions run as TF32 on cuDNN by default) times "
-        "the number of GPUs.",
+        "the number of GPUs. In fp32 the fully connected layers (8 % of the multiply-adds) run in plain fp32 "
+        "(torch leaves cuBLAS's TF32 off), below the TF32 peak they are held to: the share is a little low.",
     ]
 
 

@@ -297,7 +297,9 @@ def run_spec(key: RunKey, config: BenchConfig, devices: DevicePlan, weights: dic
             "fc8_placement": config.fc8_placement, "compile_backend": config.compile_backend,
             "device": devices.two_rank if two_rank else devices.single,
             "backend": devices.backend if two_rank else "none (one process)",
-            "collective_timeout_s": config.rank_timeout_s, **weights}
+            "collective_timeout_s": config.rank_timeout_s,
+            # where a collective's time needs the device waited for: steps of their own (workers._exchange_steps)
+            "exchange_steps": two_rank and devices.two_rank == "cuda", **weights}
 
 
 def execute(spec: dict, config: BenchConfig, devices: DevicePlan, timeout_s: float) -> list:
@@ -373,7 +375,8 @@ def summarize(spec: dict, ranks: list, analytic: dict, devices: DevicePlan) -> d
     if mode == "towers":
         element_size = ELEMENT_SIZE[spec["precision"]]
         run["comm_ms"] = [_percentiles(r["comm_s"])["median"] for r in ranks]
-        run["compute_ms"] = [_percentiles([s - c for s, c in zip(r["step_s"], r["comm_s"])])["median"] for r in ranks]
+        run["compute_ms"] = [_percentiles([s - c for s, c in zip(r["comm_step_s"], r["comm_s"])])["median"]
+                             for r in ranks]
         assert all(r["sent_bytes"] % steps == 0 for r in ranks), "exchange traffic differs between steps"
         run["bytes_per_rank"] = [r["sent_bytes"] // steps for r in ranks]
         run["bytes_per_rank_analytic"] = [n * batch * element_size

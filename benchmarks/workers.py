@@ -96,6 +96,23 @@ def _run_steps(model, optimizer, images, labels, spec: dict, steps: int, counter
     return step_s, counted_s, None if loss is None else loss.item()
 
 
+def _exchange_steps(model, optimizer, images, labels, spec: dict, exchange_log, context=nullcontext) -> tuple:
+    """(step seconds, exchange seconds) of ``spec["steps"]`` steps of their own that time the
+    exchanges where they need the device waited for before and after each collective
+    (``spec["exchange_steps"]``, a GPU's; ExchangeLog.synchronize): in the steps whose time is
+    reported, those waits would stall the queue of kernels, which no other mode has. Else
+    (None, None): the CPU's collectives block, and the timed steps time them as they are."""
+    if not spec["exchange_steps"]:
+        return None, None
+    exchange_log.synchronize = True
+    try:
+        step_s, exchange_s, _ = _run_steps(model, optimizer, images, labels, spec, spec["steps"],
+                                           counter=lambda: exchange_log.seconds, context=context)
+    finally:
+        exchange_log.synchronize = False
+    return step_s, exchange_s
+
+
 def _finish(model, device: torch.device, rss_at_start: int, loss: float) -> dict:
     peak, kind = peak_memory(device)
     return {
@@ -153,24 +170,28 @@ def single_worker(rank: int, spec: dict) -> dict:
 
 def towers_worker(rank: int, spec: dict) -> dict:
     """One tower; both towers get the whole global batch. Exchange time and bytes come
-    from the tower's ExchangeLog, reset after the warm-up."""
+    from the tower's ExchangeLog, reset after the warm-up (and, on a GPU, the time from
+    steps of their own: _exchange_steps)."""
     device, rss_at_start = _start(spec, rank)
     group = dist.group.WORLD
     tower = _load(lambda: Tower(group, NUM_CLASSES, fc8_placement=spec["fc8_placement"]),
                   spec["shard_paths"][rank], device, spec["memory_format"])
     exchange_log = tower.exchange_log
-    exchange_log.synchronize = device.type == "cuda"  # time the collective, not the kernel launches queued before it
     if spec["compiled"]:  # block by block: the exchanges stay between the graphs, timed and counted as ever
         compile_blocks(tower, backend=spec["compile_backend"])
     optimizer = paper_optimizer(tower.parameters(), lr=LR)
     images, labels = synthetic_batch(spec["batch"], spec["seed"], device, spec["memory_format"])
     _run_steps(tower, optimizer, images, labels, spec, spec["warmup"])
     exchange_log.reset()
-    step_s, exchange_s, loss = _run_steps(tower, optimizer, images, labels, spec, spec["steps"], counter=lambda: exchange_log.seconds)
-    exchanges = exchange_log.as_dict()
+    step_s, exchange_s, loss = _run_steps(tower, optimizer, images, labels, spec, spec["steps"],
+                                          counter=lambda: exchange_log.seconds)
+    exchanges, sent_bytes, received_bytes = exchange_log.as_dict(), exchange_log.sent_bytes, exchange_log.received_bytes
+    # on a GPU, compute is a waited-for step less its exchanges, both from the steps that time them
+    exchange_log.reset()
+    waited_s, waited_exchange_s = _exchange_steps(tower, optimizer, images, labels, spec, exchange_log)
     return {
-        "step_s": step_s, "comm_s": exchange_s,
-        "sent_bytes": exchange_log.sent_bytes, "received_bytes": exchange_log.received_bytes,
+        "step_s": step_s, "comm_s": waited_exchange_s or exchange_s, "comm_step_s": waited_s or step_s,
+        "sent_bytes": sent_bytes, "received_bytes": received_bytes,
         "calls": sum(e["calls"] for e in exchanges.values()), "exchanges": exchanges,
         **_finish(tower, device, rss_at_start, loss),
     }
@@ -224,13 +245,13 @@ def hybrid_worker(rank: int, spec: dict) -> dict:
     gradients averaged over the replica group by DistributedDataParallel, each replica
     on its D-th of the global batch. Timed like ``ddp``: normal steps (exchange time
     from the ExchangeLog, all-reduce bytes from the hook), then steps under ``no_sync()``
-    (compute and exchanges, nothing all-reduced), then the all-reduce alone."""
+    (compute and exchanges, nothing all-reduced), then, on a GPU, steps under ``no_sync()``
+    that time the exchanges (_exchange_steps), then the all-reduce alone."""
     device, rss_at_start = _start(spec, rank)
     mesh = build_mesh(TOWERS, timeout_s=spec["collective_timeout_s"])
     tower = _load(lambda: Tower(mesh.tower_group, NUM_CLASSES, fc8_placement=spec["fc8_placement"]),
                   spec["shard_paths"][mesh.tower], device, spec["memory_format"])
     exchange_log = tower.exchange_log
-    exchange_log.synchronize = device.type == "cuda"
     model = DistributedDataParallel(tower, device_ids=[device.index] if device.type == "cuda" else None,
                                     process_group=mesh.replica_group)
     counter = AllReduceCounter(mesh.replica_group)
@@ -246,9 +267,10 @@ def hybrid_worker(rank: int, spec: dict) -> dict:
     payload_bytes, buckets, sent_bytes = counter.payload_bytes, counter.buckets, exchange_log.sent_bytes
     _run_steps(model, optimizer, images, labels, spec, min(spec["warmup"], 1), context=model.no_sync)
     compute_s, _, _ = _run_steps(model, optimizer, images, labels, spec, spec["steps"], context=model.no_sync)
+    _, waited_exchange_s = _exchange_steps(model, optimizer, images, labels, spec, exchange_log, model.no_sync)
     finished = _finish(tower, device, rss_at_start, loss)
     return {
-        "step_s": step_s, "comm_s": exchange_s, "compute_only_s": compute_s,
+        "step_s": step_s, "comm_s": waited_exchange_s or exchange_s, "compute_only_s": compute_s,
         "allreduce_alone_s": _time_allreduce(tower, spec["steps"], mesh.replica_group),
         "payload_bytes": payload_bytes, "buckets": buckets, "sent_bytes": sent_bytes, "replicas": mesh.replicas,
         "tower": mesh.tower, **finished,

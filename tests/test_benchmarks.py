@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -1139,6 +1140,30 @@ def test_the_projection_takes_ddp_compute_from_ranks_that_share_devices_as_the_t
                                            "towers' two ranks shared theirs)")
 
 
+@pytest.mark.slow  # two real ranks of the full net
+def test_the_exchanges_are_timed_in_steps_of_their_own_where_the_device_must_be_waited_for(tmp_path):
+    """On a GPU, waiting for the device around each of the towers' collectives stalled the
+    timed steps' queue of kernels, which the other modes' steps are not: the exchanges are
+    timed in as many steps again, and the compute is taken from those (here on the CPU, as
+    a GPU's run would)."""
+    from benchmarks.workers import weights_worker
+    config = run.resolve(run.BenchConfig(device="cpu", quick=True, batch=2, steps=2, warmup=1),
+                         run.plan_devices(run.BenchConfig(device="cpu")))
+    devices = run.plan_devices(config)
+    weights = weights_worker(0, config.seed, config.fc8_placement, str(tmp_path))
+    spec = run.run_spec(run.RunKey("towers", 2, "fp32", "contiguous"), config, devices, weights)
+    assert spec["exchange_steps"] is False  # the CPU's collectives block: the timed steps time them as they are
+    ranks = run.execute({**spec, "exchange_steps": True}, config, devices, timeout_s=300)
+    for r in ranks:
+        assert len(r["step_s"]) == len(r["comm_step_s"]) == len(r["comm_s"]) == 2 and r["comm_step_s"] != r["step_s"]
+        assert all(0 < c < s for c, s in zip(r["comm_s"], r["comm_step_s"]))
+    summary = run.summarize(spec, ranks, run.analytic_figures(config), devices)
+    assert summary["compute_ms"] == pytest.approx([1e3 * statistics.median(s - c for s, c in zip(r["comm_step_s"],
+                                                                                                r["comm_s"]))
+                                                   for r in ranks])
+    assert summary["bytes_per_rank"] == summary["bytes_per_rank_analytic"]  # the timed steps' traffic, counted once
+
+
 def test_the_projection_takes_no_compute_from_ranks_that_took_turns_on_one_gpu():
     """Two ranks on one GPU (over gloo) take turns on it: each one's compute held the other's
     kernels, about twice a tower's own on a GPU of its own, and the two-GPU projection showed
@@ -1403,6 +1428,19 @@ def test_the_program_s_towers_run_with_the_benchmark_s_fc8_placement(tiny_data, 
     results["config"]["modes"].append("single")  # asked for, and not measured (skipped, failed, cut short)
     assert "- single: not checked: no synthetic single run at batch 2 in the main table (see 'Not measured')" \
         in report.speed_goal_lines(results)
+
+
+def test_the_main_table_says_where_a_modes_ranks_took_turns_on_fewer_cores():
+    """Hybrid's 4 ranks on a 2-core CPU: its figures (the all-reduce adding more than it takes
+    alone, none of it hidden) were the ranks taking turns, unsaid beside '1 / 1 / 1 / 1 threads'."""
+    committed = sorted((ROOT / "benchmarks" / "reports").glob("vm-cpu-*/results.json"))[-1]
+    results = json.loads(committed.read_text())
+    assert results["machine"]["cpu_count"] == 2 and "usable_cores" not in results["machine"]  # an older results.json
+    note = ("- hybrid: its 4 ranks took turns on 2 cores (more processes than cores, a thread each): its figures "
+            "hold that as well as the mode's own cost")
+    assert [line for line in report.main_table(results) if line.startswith("- ")] == [note]
+    results["machine"]["usable_cores"] = 4
+    assert not [line for line in report.main_table(results) if line.startswith("- ")]
 
 
 def test_the_batch_sweep_shows_the_batches_asked_for_not_the_projections_half_batch():
