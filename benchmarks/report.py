@@ -206,8 +206,11 @@ def methods(results) -> list:
         f"torchvision's AlexNet {a['macs_per_image']['torchvision'] / 1e6:.1f} M. GFLOP/s = training FLOPs of the "
         "global batch / median step. % of peak only on a GPU in `benchmarks.flops.GPU_PEAK_TFLOPS` (dense "
         "figures), against the peak of the math used (fp32 convolutions run as TF32 on cuDNN by default) times "
-        "the number of GPUs. In fp32 the fully connected layers (8 % of the multiply-adds) run in plain fp32 "
-        "(torch leaves cuBLAS's TF32 off), below the TF32 peak they are held to: the share is a little low.",
+        "the number of GPUs." + (
+            " In fp32 the fully connected layers (8 % of the multiply-adds) run in plain fp32 (torch leaves "
+            "cuBLAS's TF32 off), far below the TF32 peak they are held to: an H100 SXM running both kinds of "
+            "layer at their peaks would reach about two thirds of it." if any(r["peak"] and r["peak"]["math"] == "tf32" for r in results["runs"])
+            else ""),
     ]
 
 
@@ -377,7 +380,8 @@ def hybrid_lines(results) -> list:
         "in every replica) and all-reduces its gradients in buckets, each started as soon as its gradients are "
         "ready, so the all-reduce runs while the backward pass (and the towers' backward exchanges, on the other "
         "group) goes on. Measured as in ddp: all-reduce added = median step - median `no_sync` step; hidden = "
-        "1 - added / alone. Exchanges: from the tower's `ExchangeLog`; all-reduce bytes: the counting comm hook "
+        "1 - added / alone. Exchanges: from the tower's `ExchangeLog` (on a GPU, in as many `no_sync` steps again, "
+        "with `synchronize = True` and no all-reduce beside them); all-reduce bytes: the counting comm hook "
         f"({_ranks(run['buckets_per_step'], lambda v: f'{v:g}')} buckets per step), x the ring factor; analytic: "
         "`benchmarks.traffic.hybrid_bytes_per_rank` (each tower's exchanges on its replica's images, and "
         "`benchmarks.flops.tower_param_counts` x 4 bytes).",

@@ -21,8 +21,9 @@ everything runs on the CPU, two-rank modes over gloo with half the cores this pr
 (a taskset's or container's, the report says how many) as threads per rank and single-device
 modes with all of them. With one GPU (which cannot host two
 NCCL ranks) the two-rank modes share it, one process each, over gloo, as the training
-program does (``--one-gpu-two-rank skip`` leaves them out, and the projection then
-estimates a tower's compute from the single-GPU step; ``cpu`` runs them on the CPU).
+program does (``--one-gpu-two-rank skip`` leaves them out; ``cpu`` runs them on the CPU).
+Either way the projection to two GPUs estimates a tower's compute from the single-GPU step
+(two ranks taking turns on one GPU time each other's kernels too).
 
 Each run is a fresh process (or pair) started by ``launch.ranks.run_ranks``. Output:
 ``benchmarks/reports/<host>-<device>-<YYYY-MM-DD>/`` (the device: the GPU's name, or cpu;

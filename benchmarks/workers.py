@@ -100,8 +100,9 @@ def _exchange_steps(model, optimizer, images, labels, spec: dict, exchange_log, 
     """(step seconds, exchange seconds) of ``spec["steps"]`` steps of their own that time the
     exchanges where they need the device waited for before and after each collective
     (``spec["exchange_steps"]``, a GPU's; ExchangeLog.synchronize): in the steps whose time is
-    reported, those waits would stall the queue of kernels, which no other mode has. Else
-    (None, None): the CPU's collectives block, and the timed steps time them as they are."""
+    reported, those waits would stall the queue of kernels (NCCL's collectives are queued on
+    the device; gloo's on a GPU wait for it anyway), which no other mode has. Else (None,
+    None): the CPU's collectives block, and the timed steps time them as they are."""
     if not spec["exchange_steps"]:
         return None, None
     exchange_log.synchronize = True

@@ -1153,6 +1153,10 @@ def test_the_exchanges_are_timed_in_steps_of_their_own_where_the_device_must_be_
     weights = weights_worker(0, config.seed, config.fc8_placement, str(tmp_path))
     spec = run.run_spec(run.RunKey("towers", 2, "fp32", "contiguous"), config, devices, weights)
     assert spec["exchange_steps"] is False  # the CPU's collectives block: the timed steps time them as they are
+    key, one_gpu = run.RunKey("towers", 2, "fp32", "contiguous"), run.DevicePlan("cuda", "cuda", "gloo", "a GPU", "")
+    assert run.run_spec(key, config, one_gpu, weights)["exchange_steps"] is True
+    assert run.run_spec(key, config, one_gpu._replace(two_rank="cpu"), weights)["exchange_steps"] is False
+    assert run.run_spec(key._replace(mode="single"), config, one_gpu, weights)["exchange_steps"] is False
     ranks = run.execute({**spec, "exchange_steps": True}, config, devices, timeout_s=300)
     for r in ranks:
         assert len(r["step_s"]) == len(r["comm_step_s"]) == len(r["comm_s"]) == 2 and r["comm_step_s"] != r["step_s"]

@@ -106,6 +106,13 @@ def test_a_budget_leaves_the_benchmark_what_the_tests_did_not_use(tmp_path, stan
     assert limit and 260 <= int(limit[1]) <= 270, command  # 300 s, less 30 for the report, less the seconds spent
 
 
+def test_a_budget_beyond_a_week_gives_the_benchmark_the_week_it_takes_at_most(tmp_path, stand_in):
+    """benchmarks.run refuses a --time-limit beyond a week: one the user never gave."""
+    result = _gpu(tmp_path, "bench", python=stand_in, GPU_BUDGET_S="999999")
+    assert result.returncode == 0, result.stderr
+    assert " --time-limit 604800" in (tmp_path / "benchmark.log").read_text()
+
+
 def test_without_a_budget_nothing_is_bounded(tmp_path, stand_in):
     (tmp_path / "report").mkdir()
     (tmp_path / "report" / "report.md").write_text("an earlier benchmark's")
