@@ -21,13 +21,13 @@ from typing import Optional
 
 import numpy as np
 
-from benchmarks.run import MEMORY_FORMATS, held
+from benchmarks.run import MEMORY_FORMATS, MODES, held
 from benchmarks.workers import LR
 from launch.cli import JSON_DAMAGE, Parser, pyplot, quick_exit, remove_abandoned
 from launch.ranks import raise_interrupt
 from launch.step import AUTOCAST, PAPER_MOMENTUM, PAPER_WEIGHT_DECAY
 
-MODE_ORDER = ("single", "towers", "ddp", "hybrid", "torchvision")
+MODE_ORDER = MODES  # the order of the report's rows
 IMAGES_CHART = "images_per_s_vs_batch.png"
 BYTES_CHART = "bytes_per_step_vs_batch.png"
 REPORT_FILES = ("results.json", "report.md", IMAGES_CHART, BYTES_CHART)  # what a benchmark writes in its folder

@@ -79,7 +79,6 @@ logger = logging.getLogger(__name__)
 MODES = ("single", "towers", "ddp", "hybrid", "torchvision")
 RANKS = {"towers": TOWERS, "ddp": 2, "hybrid": 2 * TOWERS}  # the rest: one
 MULTI_RANK_MODES = tuple(RANKS)
-HYBRID_REPLICAS = RANKS["hybrid"] // TOWERS
 SWEEP_MODES = ("single", "towers", "ddp", "torchvision")
 COMPILE_MODES = ("single", "towers", "torchvision")
 PROGRAM_MODES = tuple(PROGRAM_LAYOUTS)
@@ -337,7 +336,6 @@ def analytic_figures(config: BenchConfig) -> dict:
         "ddp_bytes_per_rank": traffic.ddp_bytes_per_rank(num_params),
         "crossover_batch": crossover,
         "tower_params": tower_params,
-        "hybrid_replicas": HYBRID_REPLICAS,
         "training_flops_per_mac": flops.TRAINING_FLOPS_PER_MAC,
     }
 
