@@ -74,16 +74,27 @@ def torchvision_layers(num_classes: int = 1000) -> Dict[str, Layer]:
     return layer_table(lambda: torchvision.models.alexnet(num_classes=num_classes))
 
 
-def count_params(build: Callable[[], nn.Module]) -> int:
+def param_sizes(build: Callable[[], nn.Module]) -> list:
+    """The net's parameters, as numbers of elements in its order, on the meta device."""
     with torch.device("meta"):
-        return sum(p.numel() for p in build().parameters())
+        return [p.numel() for p in build().parameters()]
+
+
+def count_params(build: Callable[[], nn.Module]) -> int:
+    return sum(param_sizes(build))
+
+
+def tower_param_sizes(fc8_placement: str, num_classes: int = 1000) -> list:
+    """Each tower's parameters, as numbers of elements in the tower's order: its shard of the
+    reference (towers.sharding), on the meta device."""
+    with torch.device("meta"):
+        reference = AlexNet(num_classes).state_dict()
+    return [[v.numel() for v in shard_state_dict(reference, r, fc8_placement).values()] for r in range(TOWERS)]
 
 
 def tower_param_counts(fc8_placement: str, num_classes: int = 1000) -> list:
-    """Parameters each tower holds: its shard of the reference (towers.sharding), counted on the meta device."""
-    with torch.device("meta"):
-        reference = AlexNet(num_classes).state_dict()
-    return [sum(v.numel() for v in shard_state_dict(reference, r, fc8_placement).values()) for r in range(TOWERS)]
+    """Parameters each tower holds."""
+    return [sum(sizes) for sizes in tower_param_sizes(fc8_placement, num_classes)]
 
 
 def tower_macs(reference: Dict[str, Layer], tower_rank: int, fc8_placement: str) -> int:

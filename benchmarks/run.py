@@ -86,7 +86,6 @@ PRECISIONS = tuple(AUTOCAST)
 MEMORY_FORMATS = ("contiguous", "channels_last")
 MAX_STEPS = 1_000_000  # of --steps, and of --warmup: more would end at --rank-timeout-s, each run
 ELEMENT_SIZE = {"fp32": 4, "bf16": 2}  # bytes of an exchanged activation, as the analytic figure assumes
-DDP_BUCKET_CAP_BYTES = 25 * 2**20  # DistributedDataParallel's default bucket_cap_mb
 REPORTS_DIR = Path(__file__).resolve().parent / "reports"
 
 
@@ -317,7 +316,8 @@ def analytic_figures(config: BenchConfig) -> dict:
     num_params = flops.count_params(AlexNet)
     crossover = {p: {placement: traffic.crossover_batch(reference, placement, num_params, ELEMENT_SIZE[p])
                      for placement in FC8_PLACEMENTS} for p in PRECISIONS}
-    tower_params = flops.tower_param_counts(config.fc8_placement)
+    tower_sizes = flops.tower_param_sizes(config.fc8_placement)
+    tower_params = [sum(sizes) for sizes in tower_sizes]
     return {
         "reference_layers": {k: asdict(v) for k, v in reference.items()},
         "torchvision_layers": {k: asdict(v) for k, v in tv.items()},
@@ -336,6 +336,8 @@ def analytic_figures(config: BenchConfig) -> dict:
         "ddp_bytes_per_rank": traffic.ddp_bytes_per_rank(num_params),
         "crossover_batch": crossover,
         "tower_params": tower_params,
+        "ddp_buckets": traffic.ddp_buckets(flops.param_sizes(AlexNet)),  # all-reduces per step, where not measured
+        "tower_buckets": [traffic.ddp_buckets(sizes) for sizes in tower_sizes],
         "training_flops_per_mac": flops.TRAINING_FLOPS_PER_MAC,
     }
 
@@ -463,8 +465,7 @@ def projection(runs: dict, config: BenchConfig, analytic: dict) -> dict:
         ddp_compute_ms, ddp_source = None, "not measured (odd batch or single not run at half the batch)"
     tower_bytes = max(sum(t.values()) for t in analytic["towers_sent_elements_per_image"]) * config.batch * 4
     ddp_bytes = analytic["ddp_bytes_per_rank"]
-    ddp_calls = (ddp["buckets_per_step"][0] if ddp else
-                 math.ceil(analytic["ddp_payload_bytes_per_rank"] / DDP_BUCKET_CAP_BYTES))
+    ddp_calls = ddp["buckets_per_step"][0] if ddp else analytic["ddp_buckets"]
     links = []
     for link in config.links:
         name, _, gb_s = link.partition("=")
@@ -524,17 +525,16 @@ def mesh_projection(runs: dict, config: BenchConfig, analytic: dict) -> dict:
     reference = flops.reference_layers()
     hybrid_grad_bytes = traffic.ddp_bytes_per_rank(max(analytic["tower_params"]), replicas)
     ddp_grad_bytes = traffic.ddp_bytes_per_rank(analytic["num_params"], PROJECTED_GPUS)
-    buckets = lambda params: math.ceil(traffic.ddp_payload_bytes(params) / DDP_BUCKET_CAP_BYTES)
     link = lambda nbytes, calls: traffic.link_time_s(nbytes, calls, gb_s, config.link_latency_us) * 1e3
 
     def step_ms(batch: int) -> tuple:
         compute = per_image_ms * tower_share * batch / replicas
         exchange = link(max(traffic.towers_bytes_per_rank(reference, config.fc8_placement, batch / replicas,
                                                           element_size)), analytic["towers_calls_per_step"])
-        grad = link(hybrid_grad_bytes, buckets(max(analytic["tower_params"])))
+        grad = link(hybrid_grad_bytes, max(analytic["tower_buckets"]))
         hybrid = compute + exchange + max(0.0, grad - BACKWARD_SHARE * compute)
         ddp_compute = per_image_ms * batch / PROJECTED_GPUS
-        ddp_grad = link(ddp_grad_bytes, buckets(analytic["num_params"]))
+        ddp_grad = link(ddp_grad_bytes, analytic["ddp_buckets"])
         ddp = ddp_compute + max(0.0, ddp_grad - BACKWARD_SHARE * ddp_compute)
         return {"batch": batch, "hybrid_compute_ms": compute, "hybrid_exchange_ms": exchange,
                 "hybrid_allreduce_ms": grad, "hybrid_ms": hybrid, "ddp_compute_ms": ddp_compute,

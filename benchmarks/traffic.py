@@ -65,6 +65,22 @@ def ddp_payload_bytes(num_params: int, grad_element_size: int = 4) -> int:
     return num_params * grad_element_size
 
 
+DDP_FIRST_BUCKET_BYTES, DDP_BUCKET_CAP_BYTES = 2**20, 25 * 2**20  # DistributedDataParallel's defaults
+
+
+def ddp_buckets(param_sizes: list, element_size: int = 4) -> int:
+    """How many all-reduces DistributedDataParallel makes of a step's gradients, of parameters
+    of ``param_sizes`` elements (in the module's order): it fills buckets in the reverse order,
+    each closed once it holds its limit (the first 1 MiB, the others 25 MiB), a layer too large
+    for one filling one of its own (AlexNet's FC6 and FC7: four buckets in all, not ten)."""
+    buckets, filled, limit = 0, 0, DDP_FIRST_BUCKET_BYTES
+    for size in reversed(param_sizes):
+        filled += size * element_size
+        if filled >= limit:
+            buckets, filled, limit = buckets + 1, 0, DDP_BUCKET_CAP_BYTES
+    return buckets + (filled > 0)
+
+
 def ddp_bytes_per_rank(num_params: int, world_size: int = TOWERS, grad_element_size: int = 4) -> float:
     """Bytes one rank sends per step in a ring all-reduce of all gradients."""
     return ring_factor(world_size) * ddp_payload_bytes(num_params, grad_element_size)

@@ -24,7 +24,8 @@ import torch
 
 from benchmarks import flops, program, report, run, scratch, traffic
 from launch.cli import usable_cores
-from towers import AlexNet
+from towers import FC8_PLACEMENTS, AlexNet
+from towers.sharding import shard_state_dict
 
 from conftest import ROOT, cmdline, live_processes, short_temporary, skip_without_namespaces, terminate_when_ready
 
@@ -1518,12 +1519,29 @@ def test_towers_traffic_is_exactly_the_analytic_figure(tiny_run, batch):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("placement", FC8_PLACEMENTS)
+def test_the_all_reduces_of_a_step_are_ddps_own_buckets(placement):
+    """As DistributedDataParallel assigns the gradients to buckets (its own function, on meta
+    tensors): the reference's and each tower's, whose FC6 and FC7 fill one each."""
+    with torch.device("meta"):
+        reference = AlexNet(1000)
+    shards = [shard_state_dict(reference.state_dict(), r, placement).values() for r in range(2)]
+    for params in ([p for p in reference.parameters()], *map(list, shards)):
+        buckets, _ = torch.distributed._compute_bucket_assignment_by_size(
+            list(reversed(params)), [traffic.DDP_FIRST_BUCKET_BYTES, traffic.DDP_BUCKET_CAP_BYTES])
+        assert traffic.ddp_buckets([p.numel() for p in params]) == len(buckets)
+
+
 def test_ddp_traffic_is_every_gradient_once(tiny_run):
     _, results = tiny_run
     ddp = _run(results, "ddp")
     assert ddp["payload_bytes_per_rank"] == [PARAMS * 4] * 2  # counted by the comm hook
     assert len(ddp["allreduce_alone_ms"]) == 2 and min(ddp["allreduce_alone_ms"]) > 0
     assert ddp["bytes_per_rank"] == ddp["bytes_per_rank_analytic"] == [PARAMS * 4] * 2  # x 2(n-1)/n = 1
+    # the all-reduces the projections count where none was measured (ceil(244 MB / 25 MiB) said 10)
+    assert ddp["buckets_per_step"] == [results["analytic"]["ddp_buckets"]] * 2 == [4, 4]
+    hybrid = _run(results, "hybrid")  # ranks 0, 1, 2, 3: towers 0, 1, 0, 1
+    assert hybrid["buckets_per_step"] == results["analytic"]["tower_buckets"] * 2
 
 
 @pytest.mark.slow
