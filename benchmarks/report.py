@@ -209,8 +209,8 @@ def methods(results) -> list:
         "the number of GPUs." + (
             " In fp32 the fully connected layers (8 % of the multiply-adds) run in plain fp32 (torch leaves "
             "cuBLAS's TF32 off), far below the TF32 peak they are held to: an H100 SXM running both kinds of "
-            "layer at their peaks would reach about two thirds of it." if any(r["peak"] and r["peak"]["math"] == "tf32" for r in results["runs"])
-            else ""),
+            "layer at their peaks would reach about two thirds of it."
+            if any(r["peak"] and r["peak"]["math"] == "tf32" for r in results["runs"]) else ""),
     ]
 
 

@@ -69,10 +69,12 @@ DDP_FIRST_BUCKET_BYTES, DDP_BUCKET_CAP_BYTES = 2**20, 25 * 2**20  # DistributedD
 
 
 def ddp_buckets(param_sizes: list, element_size: int = 4) -> int:
-    """How many all-reduces DistributedDataParallel makes of a step's gradients, of parameters
-    of ``param_sizes`` elements (in the module's order): it fills buckets in the reverse order,
-    each closed once it holds its limit (the first 1 MiB, the others 25 MiB), a layer too large
-    for one filling one of its own (AlexNet's FC6 and FC7: four buckets in all, not ten)."""
+    """How many all-reduces DistributedDataParallel makes of a step's gradients, after its first
+    (one bucket), of parameters of ``param_sizes`` elements in the module's order: it rebuilds
+    its buckets in the order the gradients became ready (about the reverse of the module's; a
+    layer's weight and bias in either order give these counts), each closed once it holds its
+    limit (the first 1 MiB, with the default bucket_cap_mb; the others 25 MiB), a layer too
+    large for one filling one of its own (AlexNet's FC6 and FC7: four buckets in all, not ten)."""
     buckets, filled, limit = 0, 0, DDP_FIRST_BUCKET_BYTES
     for size in reversed(param_sizes):
         filled += size * element_size

@@ -1518,11 +1518,11 @@ def test_towers_traffic_is_exactly_the_analytic_figure(tiny_run, batch):
             assert e["calls_per_step"] == 1, key
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("placement", FC8_PLACEMENTS)
 def test_the_all_reduces_of_a_step_are_ddps_own_buckets(placement):
     """As DistributedDataParallel assigns the gradients to buckets (its own function, on meta
     tensors): the reference's and each tower's, whose FC6 and FC7 fill one each."""
+    assert traffic.DDP_FIRST_BUCKET_BYTES == torch.distributed._DEFAULT_FIRST_BUCKET_BYTES  # DDP's, as it reads it
     with torch.device("meta"):
         reference = AlexNet(1000)
     shards = [shard_state_dict(reference.state_dict(), r, placement).values() for r in range(2)]
@@ -1532,6 +1532,7 @@ def test_the_all_reduces_of_a_step_are_ddps_own_buckets(placement):
         assert traffic.ddp_buckets([p.numel() for p in params]) == len(buckets)
 
 
+@pytest.mark.slow
 def test_ddp_traffic_is_every_gradient_once(tiny_run):
     _, results = tiny_run
     ddp = _run(results, "ddp")
