@@ -30,7 +30,7 @@ from launch import builtin, cli, data, images, prepare, stats, two_gpu
 from launch.config import parse_config
 from launch.images import DataError
 
-from conftest import as_foreground_job
+from conftest import as_foreground_job, short_temporary
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -1850,7 +1850,8 @@ def test_workers_that_a_fork_server_starts_work_and_end_with_their_program(tmp_p
     assert proc.returncode == 0 and out.split() == ["8"], err[-3000:]
 
     proc = subprocess.Popen([sys.executable, "-c", _FORK_SERVER_KILLED, str(dst)], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env=dict(os.environ, TMPDIR=str(short_temporary())))  # what a killed program leaves
     try:
         assert proc.stdout.readline() == "ready\n", proc.communicate()
         assert len(_session(proc.pid)) >= 4  # the program, the server, two workers
