@@ -313,11 +313,12 @@ def execute(spec: dict, config: BenchConfig, devices: DevicePlan, timeout_s: flo
 def analytic_figures(config: BenchConfig) -> dict:
     reference = flops.reference_layers()
     tv = flops.torchvision_layers()
-    num_params = flops.count_params(AlexNet)
+    sizes = flops.param_sizes(AlexNet)
+    num_params = sum(sizes)
     crossover = {p: {placement: traffic.crossover_batch(reference, placement, num_params, ELEMENT_SIZE[p])
                      for placement in FC8_PLACEMENTS} for p in PRECISIONS}
     tower_sizes = flops.tower_param_sizes(config.fc8_placement)
-    tower_params = [sum(sizes) for sizes in tower_sizes]
+    tower_params = [sum(tower) for tower in tower_sizes]
     return {
         "reference_layers": {k: asdict(v) for k, v in reference.items()},
         "torchvision_layers": {k: asdict(v) for k, v in tv.items()},
@@ -336,7 +337,7 @@ def analytic_figures(config: BenchConfig) -> dict:
         "ddp_bytes_per_rank": traffic.ddp_bytes_per_rank(num_params),
         "crossover_batch": crossover,
         "tower_params": tower_params,
-        "ddp_buckets": traffic.ddp_buckets(flops.param_sizes(AlexNet)),  # all-reduces per step, where not measured
+        "ddp_buckets": traffic.ddp_buckets(sizes),  # all-reduces per step, where not measured
         "tower_buckets": [traffic.ddp_buckets(sizes) for sizes in tower_sizes],
         "training_flops_per_mac": flops.TRAINING_FLOPS_PER_MAC,
     }

@@ -188,7 +188,6 @@ def towers_worker(rank: int, spec: dict) -> dict:
                                           counter=lambda: exchange_log.seconds)
     exchanges, sent_bytes, received_bytes = exchange_log.as_dict(), exchange_log.sent_bytes, exchange_log.received_bytes
     # on a GPU, compute is a waited-for step less its exchanges, both from the steps that time them
-    exchange_log.reset()
     waited_s, waited_exchange_s = _exchange_steps(tower, optimizer, images, labels, spec, exchange_log)
     return {
         "step_s": step_s, "comm_s": waited_exchange_s or exchange_s, "comm_step_s": waited_s or step_s,
