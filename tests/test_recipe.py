@@ -393,3 +393,46 @@ def test_the_papers_sgd_is_torchs_sgd_bit_for_bit():
             assert torch.equal(mine.state[a]["momentum_buffer"], torchs.state[b]["momentum_buffer"]), step
     assert "momentum_buffer" not in mine.state[ours[-1]] and torch.equal(ours[-1], initial[-1])
     assert not any(torch.equal(p, p0) for p, p0 in zip(ours[:-1], initial))  # the comparison is not vacuous
+
+
+def test_a_step_is_section_5s_update_on_the_batchs_mean_cross_entropy():
+    """train_step with paper_optimizer at its defaults (the benchmarks'), against section 5's
+    rule written out with the paper's numbers: v <- 0.9 v - 0.0005 lr w - lr dL/dw, w <- w + v,
+    where L is the mean cross-entropy over the batch (a sum would scale the step by the batch
+    size); and it counts the batch's top-1 hits."""
+    import torch
+    import torch.nn.functional as F
+
+    from launch.step import paper_optimizer, train_step
+
+    lr = 0.1
+    model = torch.nn.Linear(6, 4)
+    with torch.no_grad():
+        model.weight.copy_(torch.randn(4, 6, generator=torch.Generator().manual_seed(0)))
+    weights = [p.detach().clone() for p in model.parameters()]
+    velocity = [torch.zeros_like(w) for w in weights]
+    images = torch.randn(8, 6, generator=torch.Generator().manual_seed(1))
+    labels = model(images).argmax(dim=1).detach()
+    labels[:3] = (labels[:3] + 1) % 4  # five of the eight right at first
+    optimizer = paper_optimizer(model.parameters(), lr=lr)
+    for step in range(3):
+        params = [w.clone().requires_grad_() for w in weights]
+        logits = F.linear(images, *params)
+        loss = -logits.log_softmax(dim=1)[torch.arange(8), labels].mean()
+        grads = torch.autograd.grad(loss, params)
+        result = train_step(model, optimizer, images, labels)
+        assert result.loss.item() == pytest.approx(loss.item(), rel=1e-6), step
+        assert result.correct.item() == (logits.argmax(dim=1) == labels).sum().item(), step
+        assert step > 0 or result.correct.item() == 5
+        for v, w, g in zip(velocity, weights, grads):
+            v.mul_(0.9).sub_(0.0005 * lr * w + lr * g)
+            w.add_(v)
+        for p, w in zip(model.parameters(), weights):
+            torch.testing.assert_close(p.detach(), w, rtol=1e-5, atol=1e-6)  # float32, another order of sums
+
+
+def test_the_programs_defaults_are_section_5s():
+    """The program's momentum 0.9 and weight decay 0.0005, and the rate "reduced three times
+    prior to termination", as the paper gives them (the recipe's values are checked above)."""
+    config = TrainConfig()
+    assert (config.momentum, config.weight_decay, config.max_reductions) == (0.9, 0.0005, 3)

@@ -1,0 +1,137 @@
+"""The training loop's parts in one process (a process group of one rank, as `--layout single`
+has): the augmentation each step's crops get, the evaluation's counts and its ten-patch
+average, and the progress a checkpoint keeps for the schedule."""
+
+import dataclasses
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from launch import builtin, data
+from launch.checkpoint import restore_training_state, save_training_state
+from launch.config import TrainConfig
+from launch.mesh import Mesh
+from launch.meter import Metrics, ProgressBar
+from launch.schedule import Progress
+from launch.step import paper_optimizer
+from launch import train
+from towers import build_reference
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def mesh_of_one():
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield Mesh(replicas=1, towers=1, replica=0, tower=0, tower_group=dist.group.WORLD, replica_group=None)
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    root = tmp_path_factory.mktemp("builtin") / "shapes"
+    builtin.builtin_dataset(root, train_per_class=2, val_per_class=1)  # 20 training images, 10 validation
+    return data.open_data(root, cache_dir=root.parent / "cache")
+
+
+def _plan(bundle, batch_size: int) -> train.Plan:
+    return train.Plan(bundle.classes, data.batches_per_epoch(bundle, batch_size), len(bundle.val), len(bundle.train),
+                      bundle.stats)
+
+
+class _Recorder(torch.nn.Module):
+    """Keeps every batch it is given; its logits are a learnable bias, the same for every image."""
+
+    def __init__(self, num_classes: int):
+        super().__init__()
+        self.bias = torch.nn.Parameter(torch.zeros(num_classes))
+        self.seen = []
+
+    def forward(self, images):
+        self.seen.append(images.detach().clone())
+        return self.bias.expand(len(images), -1)
+
+
+def test_each_step_gets_its_own_crops_augmented_where_they_were_cut(mesh_of_one, bundle):
+    """The mean image, the reflection and the colour shift are those drawn for the crops' own
+    positions in the epoch: a shift by a batch would still give images of the right shape and
+    statistics, silently."""
+    batch, seed, epoch = 6, 3, 1
+    model = _Recorder(len(bundle.classes))
+    config = TrainConfig(batch_size=batch, seed=seed, epochs=2, lr=0.01, warmup_steps=0, log_every=100)
+    plan = _plan(bundle, batch)
+    with data.Loader(bundle) as loader:
+        finished, _ = train.train_one_epoch(model, paper_optimizer(model.parameters(), lr=0.01), loader, plan, config,
+                                            Progress(epoch=epoch, lr=0.01), CPU, mesh_of_one, None, Metrics(None),
+                                            ProgressBar(False), train.InputBytes(), model)
+    crops = [c for c, _ in data.train_batches(bundle, batch, seed, epoch)]
+    assert finished and len(model.seen) == len(crops) == plan.batches_per_epoch == 3
+    for b, (given, cut) in enumerate(zip(model.seen, crops)):
+        choices = data.train_augmentation(seed, epoch, b * batch, batch)
+        assert torch.equal(given, data.augment(cut, choices, bundle.stats)), b
+        # the same crops with another batch's choices differ: the comparison tells positions apart
+        other = data.train_augmentation(seed, epoch, ((b + 1) % 3) * batch, batch)
+        assert not torch.equal(given, data.augment(cut, other, bundle.stats)), b
+
+
+class _FixedLogits(torch.nn.Module):
+    """Gives ``logits`` whatever the images (as many rows as it is given images)."""
+
+    def __init__(self, logits: torch.Tensor):
+        super().__init__()
+        self.logits = logits
+
+    def forward(self, images):
+        assert len(images) == len(self.logits)
+        return self.logits
+
+
+def test_evaluation_counts_top1_and_top5_hits_and_averages_the_ten_views_probabilities(mesh_of_one, bundle):
+    labels = torch.tensor([label for _, label in bundle.val.samples])
+    n, k = len(labels), len(bundle.classes)
+    plan = _plan(bundle, 4)
+    # the true class ranked 1st for images 0-1, 5th for 2-4, 6th for the rest
+    logits = torch.zeros(n, k)
+    for i, y in enumerate(labels.tolist()):
+        rank = 0 if i < 2 else 4 if i < 5 else 5
+        others = [c for c in range(k) if c != y]
+        logits[i, others[:rank] + [y] + others[rank:]] = torch.arange(k, 0, -1, dtype=torch.float32)
+    with data.Loader(bundle) as loader:
+        centre = train.evaluate(_FixedLogits(logits), loader, plan, n, CPU, mesh_of_one)
+    assert centre == {"top1_error": pytest.approx(1 - 2 / n), "top5_error": pytest.approx(1 - 5 / n), "images": n,
+                      "skipped": 0, "test": "centre patch"}
+    # Ten views: one sure of the next class, nine leaning a little to the true one. The mean of the
+    # softmax (section 4.1: "averaging the predictions") picks the true class; the mean logit would not.
+    views = torch.zeros(n, 10, k)
+    for i, y in enumerate(labels.tolist()):
+        views[i, 0, (y + 1) % k] = 10.0
+        views[i, 1:, y] = 1.0
+    assert not torch.equal(views.mean(dim=1).argmax(dim=1), labels)
+    with data.Loader(bundle) as loader:  # the ten-patch test evaluates a quarter of the batch at a time
+        ten = train.evaluate(_FixedLogits(views.view(n * 10, k)), loader, plan, 4 * n, CPU, mesh_of_one,
+                             ten_crop=True)
+    assert (ten["top1_error"], ten["images"], ten["test"]) == (0.0, n, "ten-patch")
+
+
+def test_a_checkpoint_keeps_the_whole_progress_and_the_momentum(mesh_of_one, tmp_path, bundle):
+    """Every field of the progress, the plateau rule's count of epochs without improvement
+    among them: a resumed plateau run that lost it would divide its rate an epoch late."""
+    model = build_reference(len(bundle.classes), seed=0, dropout=0.0)
+    optimizer = paper_optimizer(model.parameters(), lr=0.01)
+    model(torch.randn(2, 3, 224, 224)).sum().backward()
+    optimizer.step()
+    progress = Progress(epoch=7, batch=2, global_step=23, lr=0.001, best_error=0.375, bad_epochs=1, reductions=1,
+                        loss=1.25)
+    assert all(getattr(progress, f.name) != f.default for f in dataclasses.fields(Progress))
+    config = TrainConfig(layout="single", schedule="plateau")
+    save_training_state(tmp_path / "checkpoint.pt", model, optimizer, progress, config, bundle.classes,
+                        len(bundle.train), mesh_of_one)
+    fresh = build_reference(len(bundle.classes), seed=1, dropout=0.0)
+    fresh_optimizer = paper_optimizer(fresh.parameters(), lr=0.01)
+    restored = restore_training_state(tmp_path / "checkpoint.pt", fresh, fresh_optimizer, bundle.classes, mesh_of_one,
+                                      with_training=True)
+    assert restored == progress
+    for (name, p), q in zip(model.named_parameters(), fresh.parameters()):
+        assert torch.equal(p, q), name
+        assert torch.equal(optimizer.state[p]["momentum_buffer"], fresh_optimizer.state[q]["momentum_buffer"]), name
