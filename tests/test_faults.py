@@ -2037,7 +2037,7 @@ def test_two_runs_cannot_share_a_run_folder(tiny_data, tmp_path, caplog):
         assert f"{tmp_path / 'shared'} is in use by another run" in second
         assert _error_of(["--resume", tmp_path / "shared"], caplog)  # no checkpoint yet: refused all the same
     finally:
-        os.killpg(first.proc.pid, signal.SIGKILL)
+        kill_all_but_the_resource_tracker(first.proc.pid)  # which removes the launcher's queue's semaphores
         first.wait()
 
 
@@ -2138,7 +2138,7 @@ def test_the_run_listens_on_the_loopback_address_only(tiny_data, tmp_path, maste
         run.wait_for_step(1)
         addresses = _listening_addresses([run.proc.pid, *run.ranks()])
     finally:
-        os.killpg(run.proc.pid, signal.SIGKILL)
+        kill_all_but_the_resource_tracker(run.proc.pid)  # as above
         run.wait()
     loopback = {"0100007F", "00000000000000000000000001000000", "0000000000000000FFFF00000100007F"}
     assert addresses, "found no listening socket: the check would be vacuous"
