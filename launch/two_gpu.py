@@ -924,9 +924,10 @@ def _main_under_torchrun(config: TrainConfig, held: list, placement, argv: list)
         except RuntimeError as exc:  # of a collective (gloo's is no DistError): a rank gone, or another run's port
             if preparing:
                 raise
+            again = f" {elsewhere_than(run_dir, config)}" if run_dir is not None else ""  # rank 0 made its folder
             log.error("the run stopped before it trained: rank %d lost the other ranks while rank 0 prepared the "
-                      "run (%s): see the other ranks' output, and start every rank again, each on a port of this "
-                      "run's own", rank, str(exc).strip().splitlines()[0][:300])
+                      "run (%s): see the other ranks' output, and start every rank again%s, each on a port of this "
+                      "run's own", rank, str(exc).strip().splitlines()[0][:300], again)
             return 1
         if outcome[0] is not None:
             raise ValueError(outcome[0])

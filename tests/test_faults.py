@@ -954,6 +954,36 @@ def test_a_rank_that_loses_its_peer_under_torchrun_does_not_call_itself_failed(t
 
 
 @pytest.mark.slow
+def test_a_rank_lost_while_rank_0_prepares_the_run_is_told_with_the_folder_it_made(tmp_path):
+    """Rank 1 killed while rank 0 draws the built-in set (a fresh cache, some 20 s): rank 0 made
+    the run's folder, which a restart under the same name is refused for: its line names it."""
+    port, logs = _free_port(), [tmp_path / f"rank{rank}.err" for rank in range(2)]
+    procs = [subprocess.Popen([sys.executable, "-m", "launch.two_gpu", "--out", str(tmp_path), "--run-name", "run",
+                               "--max-steps", "1", *map(str, TINY)], cwd=ROOT,
+                              stdout=subprocess.DEVNULL, stderr=open(log, "w"),
+                              env=dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
+                                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                                       XDG_CACHE_HOME=str(tmp_path / "cache")))
+             for rank, log in enumerate(logs)]
+    try:
+        deadline = time.monotonic() + BOUND_S
+        while not (tmp_path / "cache" / "alexnet-towers").exists():  # rank 0 draws the set, in its preparation
+            assert all(p.poll() is None for p in procs) and time.monotonic() < deadline, logs[0].read_text()
+            time.sleep(0.1)
+        procs[1].kill()
+        assert procs[0].wait(timeout=2 * BOUND_S) == 1
+    finally:
+        for p in procs:
+            p.kill()
+    said = logs[0].read_text().strip().splitlines()[-1]
+    assert said.startswith("the run stopped before it trained: rank 0 lost the other ranks while rank 0 prepared the "
+                           "run ("), said
+    assert said.endswith(f"start every rank again under another --run-name (or after removing {tmp_path / 'run'}), "
+                         f"each on a port of this run's own"), said
+    assert (tmp_path / "run" / "config.json").is_file()  # the start of a run, which that name is refused for
+
+
+@pytest.mark.slow
 def test_ranks_started_with_other_options_under_torchrun_are_refused(tiny_data, tmp_path):
     """Ranks started by hand, as torchrun starts them, one of them with an option more: every
     rank would run rank 0's recipe (its --data, its layout), so each refuses in one line."""
