@@ -888,10 +888,11 @@ def _main_under_torchrun(config: TrainConfig, held: list, placement, argv: list)
         leftover = "" if "TORCHELASTIC_RUN_ID" in os.environ else (
             " (if no launcher started this one, RANK and WORLD_SIZE are left over from another program: unset them, "
             "and this program starts its own ranks)")
-        log.error("error: rank %d could not meet the other ranks at %s (%s): start all %d ranks within --timeout "
-                  "%g s of each other, each with this MASTER_ADDR and MASTER_PORT (an address that every machine "
-                  "reaches, a port free on its machine), as torchrun does%s", rank, where,
-                  str(exc).strip().splitlines()[0], world_size, config.timeout, leftover)
+        log.error("error: rank %d could not meet the other ranks at %s (%s): a rank that stopped on its own "
+                  "machine never comes (its output there says why: a check of its options, its files or its network "
+                  "there); else start all %d ranks within --timeout %g s of each other, each with this MASTER_ADDR "
+                  "and MASTER_PORT (an address that every machine reaches, a port free on its machine), as torchrun "
+                  "does%s", rank, where, str(exc).strip().splitlines()[0], world_size, config.timeout, leftover)
         return 1
     run_dir = bundle = lock = None
     # Rank 0 tells the other ranks whether the run can start, and if not, why; if so, the

@@ -850,10 +850,12 @@ def test_a_rank_whose_gloo_cannot_connect_ends_in_one_line(tiny_data, tmp_path, 
     monkeypatch.setattr(two_gpu, "init_process_group", lambda *args: (_ for _ in ()).throw(RuntimeError(mesh)))
     assert two_gpu.main(args) == 1
     assert capfd.readouterr().err.strip().splitlines()[-1] == (
-        f"error: rank 0 could not meet the other ranks at 127.0.0.1:29999 ({mesh}): start all 2 ranks within "
-        f"--timeout 300 s of each other, each with this MASTER_ADDR and MASTER_PORT (an address that every machine "
-        f"reaches, a port free on its machine), as torchrun does (if no launcher started this one, RANK and "
-        f"WORLD_SIZE are left over from another program: unset them, and this program starts its own ranks)")
+        f"error: rank 0 could not meet the other ranks at 127.0.0.1:29999 ({mesh}): a rank that stopped on its own "
+        f"machine never comes (its output there says why: a check of its options, its files or its network there); "
+        f"else start all 2 ranks within --timeout 300 s of each other, each with this MASTER_ADDR and MASTER_PORT (an "
+        f"address that every machine reaches, a port free on its machine), as torchrun does (if no launcher started "
+        f"this one, RANK and WORLD_SIZE are left over from another program: unset them, and this program starts its "
+        f"own ranks)")
     assert not (tmp_path / "runs").exists()
     # another fault as the rank joins (CUDA's): its own traceback, not the advice of a rendezvous
     monkeypatch.setattr(two_gpu, "init_process_group",
