@@ -778,6 +778,10 @@ def check_names(results: dict) -> None:
                 raise ValueError(f"runs[{index}].{key} is {r[key]!r}, not one of {', '.join(known)}")
 
 
+# What a results.json that python -m benchmarks.run did not write raises as the report reads it.
+NOT_RESULTS = (KeyError, TypeError, AttributeError, IndexError, ValueError, ZeroDivisionError, OverflowError)
+
+
 def _redraw(path: Path, folder: Path) -> None:
     if path.exists() and not path.is_file():  # a FIFO would wait for a writer for good, a device be read for good
         print(f"error: {path} is not a file: give a folder that python -m benchmarks.run wrote", file=sys.stderr)
@@ -788,13 +792,16 @@ def _redraw(path: Path, folder: Path) -> None:
         print(f"error: {path} cannot be read ({error}): give a folder that python -m benchmarks.run wrote",
               file=sys.stderr)
         sys.exit(2)
-    try:
-        check_numbers(results)
-        check_names(results)
-    except (KeyError, TypeError, AttributeError, IndexError, ValueError, ZeroDivisionError, OverflowError) as error:
+    def not_results(error: Exception):
         print(f"error: {path} is not what python -m benchmarks.run writes ({type(error).__name__}: {error}): "
               f"give a folder that it wrote", file=sys.stderr)
         sys.exit(2)
+
+    try:
+        check_numbers(results)
+        check_names(results)
+    except NOT_RESULTS as error:
+        not_results(error)
     try:
         pyplot()
     except ValueError as error:  # no folder for matplotlib's cache: its message names the fix
@@ -802,10 +809,8 @@ def _redraw(path: Path, folder: Path) -> None:
         sys.exit(2)
     try:
         write_report(results, folder)
-    except (KeyError, TypeError, AttributeError, IndexError, ValueError, ZeroDivisionError, OverflowError) as error:
-        print(f"error: {path} is not what python -m benchmarks.run writes ({type(error).__name__}: {error}): "
-              f"give a folder that it wrote", file=sys.stderr)
-        sys.exit(2)
+    except NOT_RESULTS as error:
+        not_results(error)
     except OSError as error:
         print(f"error: cannot write the report in {folder} ({error.strerror or error}): copy {path} to a folder "
               f"that can be written and give that", file=sys.stderr)

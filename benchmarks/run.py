@@ -338,7 +338,7 @@ def analytic_figures(config: BenchConfig) -> dict:
         "crossover_batch": crossover,
         "tower_params": tower_params,
         "ddp_buckets": traffic.ddp_buckets(sizes),  # all-reduces per step, where not measured
-        "tower_buckets": [traffic.ddp_buckets(sizes) for sizes in tower_sizes],
+        "tower_buckets": [traffic.ddp_buckets(tower) for tower in tower_sizes],
         "training_flops_per_mac": flops.TRAINING_FLOPS_PER_MAC,
     }
 

@@ -99,6 +99,24 @@ def tiny_data(tmp_path_factory):
     return builtin.builtin_dataset(tmp_path_factory.mktemp("data") / "tiny", train_per_class=3, val_per_class=1)
 
 
+@pytest.fixture(scope="module")
+def small_bundle(tmp_path_factory):
+    """The built-in set of 2 training and 1 validation image per class (20 and 10), opened."""
+    from launch import data
+    root = tmp_path_factory.mktemp("builtin") / "shapes"
+    builtin.builtin_dataset(root, train_per_class=2, val_per_class=1)
+    return data.open_data(root, cache_dir=root.parent / "cache")
+
+
+@pytest.fixture(scope="module")
+def group_of_one():
+    """The default process group, of this process alone (gloo), for a module's tests."""
+    import torch.distributed as dist
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield dist.group.WORLD
+    dist.destroy_process_group()
+
+
 @pytest.fixture(scope="session")
 def trained_run(tiny_data, tmp_path_factory):
     """(run folder, the program's output) of one finished run of the towers on the tiny dataset:

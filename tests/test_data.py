@@ -824,13 +824,6 @@ def test_pca_convention_against_numpy(tmp_path):
 
 # --------------------------------------------------------------------------- batches
 
-@pytest.fixture(scope="module")
-def small_bundle(tmp_path_factory):
-    root = tmp_path_factory.mktemp("builtin") / "shapes"
-    builtin.builtin_dataset(root, train_per_class=2, val_per_class=1)
-    return data.open_data(root, cache_dir=root.parent / "cache")
-
-
 def test_train_batches_are_a_pure_function_of_seed_epoch_position(small_bundle):
     rng_state = torch.get_rng_state()
     full = list(data.train_batches(small_bundle, batch_size=6, seed=3, epoch=0))

@@ -2,16 +2,8 @@
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from towers import LocalResponseNorm, Tower
-
-
-@pytest.fixture(scope="module")
-def group_of_one():
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    yield dist.group.WORLD
-    dist.destroy_process_group()
 
 
 def test_a_tower_needs_a_group_of_two(group_of_one):

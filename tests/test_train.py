@@ -6,9 +6,8 @@ import dataclasses
 
 import pytest
 import torch
-import torch.distributed as dist
 
-from launch import builtin, data
+from launch import data
 from launch.checkpoint import restore_training_state, save_training_state
 from launch.config import TrainConfig
 from launch.mesh import Mesh
@@ -22,17 +21,8 @@ CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
-def mesh_of_one():
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    yield Mesh(replicas=1, towers=1, replica=0, tower=0, tower_group=dist.group.WORLD, replica_group=None)
-    dist.destroy_process_group()
-
-
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
-    root = tmp_path_factory.mktemp("builtin") / "shapes"
-    builtin.builtin_dataset(root, train_per_class=2, val_per_class=1)  # 20 training images, 10 validation
-    return data.open_data(root, cache_dir=root.parent / "cache")
+def mesh_of_one(group_of_one):
+    return Mesh(replicas=1, towers=1, replica=0, tower=0, tower_group=group_of_one, replica_group=None)
 
 
 def _plan(bundle, batch_size: int) -> train.Plan:
@@ -53,26 +43,26 @@ class _Recorder(torch.nn.Module):
         return self.bias.expand(len(images), -1)
 
 
-def test_each_step_gets_its_own_crops_augmented_where_they_were_cut(mesh_of_one, bundle):
+def test_each_step_gets_its_own_crops_augmented_where_they_were_cut(mesh_of_one, small_bundle):
     """The mean image, the reflection and the colour shift are those drawn for the crops' own
     positions in the epoch: a shift by a batch would still give images of the right shape and
     statistics, silently."""
     batch, seed, epoch = 6, 3, 1
-    model = _Recorder(len(bundle.classes))
+    model = _Recorder(len(small_bundle.classes))
     config = TrainConfig(batch_size=batch, seed=seed, epochs=2, lr=0.01, warmup_steps=0, log_every=100)
-    plan = _plan(bundle, batch)
-    with data.Loader(bundle) as loader:
+    plan = _plan(small_bundle, batch)
+    with data.Loader(small_bundle) as loader:
         finished, _ = train.train_one_epoch(model, paper_optimizer(model.parameters(), lr=0.01), loader, plan, config,
                                             Progress(epoch=epoch, lr=0.01), CPU, mesh_of_one, None, Metrics(None),
                                             ProgressBar(False), train.InputBytes(), model)
-    crops = [c for c, _ in data.train_batches(bundle, batch, seed, epoch)]
+    crops = [c for c, _ in data.train_batches(small_bundle, batch, seed, epoch)]
     assert finished and len(model.seen) == len(crops) == plan.batches_per_epoch == 3
     for b, (given, cut) in enumerate(zip(model.seen, crops)):
         choices = data.train_augmentation(seed, epoch, b * batch, batch)
-        assert torch.equal(given, data.augment(cut, choices, bundle.stats)), b
+        assert torch.equal(given, data.augment(cut, choices, small_bundle.stats)), b
         # the same crops with another batch's choices differ: the comparison tells positions apart
         other = data.train_augmentation(seed, epoch, ((b + 1) % 3) * batch, batch)
-        assert not torch.equal(given, data.augment(cut, other, bundle.stats)), b
+        assert not torch.equal(given, data.augment(cut, other, small_bundle.stats)), b
 
 
 class _FixedLogits(torch.nn.Module):
@@ -87,17 +77,17 @@ class _FixedLogits(torch.nn.Module):
         return self.logits
 
 
-def test_evaluation_counts_top1_and_top5_hits_and_averages_the_ten_views_probabilities(mesh_of_one, bundle):
-    labels = torch.tensor([label for _, label in bundle.val.samples])
-    n, k = len(labels), len(bundle.classes)
-    plan = _plan(bundle, 4)
+def test_evaluation_counts_top1_and_top5_hits_and_averages_the_ten_views_probabilities(mesh_of_one, small_bundle):
+    labels = torch.tensor([label for _, label in small_bundle.val.samples])
+    n, k = len(labels), len(small_bundle.classes)
+    plan = _plan(small_bundle, 4)
     # the true class ranked 1st for images 0-1, 5th for 2-4, 6th for the rest
     logits = torch.zeros(n, k)
     for i, y in enumerate(labels.tolist()):
         rank = 0 if i < 2 else 4 if i < 5 else 5
         others = [c for c in range(k) if c != y]
         logits[i, others[:rank] + [y] + others[rank:]] = torch.arange(k, 0, -1, dtype=torch.float32)
-    with data.Loader(bundle) as loader:
+    with data.Loader(small_bundle) as loader:
         centre = train.evaluate(_FixedLogits(logits), loader, plan, n, CPU, mesh_of_one)
     assert centre == {"top1_error": pytest.approx(1 - 2 / n), "top5_error": pytest.approx(1 - 5 / n), "images": n,
                       "skipped": 0, "test": "centre patch"}
@@ -108,16 +98,16 @@ def test_evaluation_counts_top1_and_top5_hits_and_averages_the_ten_views_probabi
         views[i, 0, (y + 1) % k] = 10.0
         views[i, 1:, y] = 1.0
     assert not torch.equal(views.mean(dim=1).argmax(dim=1), labels)
-    with data.Loader(bundle) as loader:  # the ten-patch test evaluates a quarter of the batch at a time
+    with data.Loader(small_bundle) as loader:  # the ten-patch test evaluates a quarter of the batch at a time
         ten = train.evaluate(_FixedLogits(views.view(n * 10, k)), loader, plan, 4 * n, CPU, mesh_of_one,
                              ten_crop=True)
     assert (ten["top1_error"], ten["images"], ten["test"]) == (0.0, n, "ten-patch")
 
 
-def test_a_checkpoint_keeps_the_whole_progress_and_the_momentum(mesh_of_one, tmp_path, bundle):
+def test_a_checkpoint_keeps_the_whole_progress_and_the_momentum(mesh_of_one, tmp_path, small_bundle):
     """Every field of the progress, the plateau rule's count of epochs without improvement
     among them: a resumed plateau run that lost it would divide its rate an epoch late."""
-    model = build_reference(len(bundle.classes), seed=0, dropout=0.0)
+    model = build_reference(len(small_bundle.classes), seed=0, dropout=0.0)
     optimizer = paper_optimizer(model.parameters(), lr=0.01)
     model(torch.randn(2, 3, 224, 224)).sum().backward()
     optimizer.step()
@@ -125,12 +115,12 @@ def test_a_checkpoint_keeps_the_whole_progress_and_the_momentum(mesh_of_one, tmp
                         loss=1.25)
     assert all(getattr(progress, f.name) != f.default for f in dataclasses.fields(Progress))
     config = TrainConfig(layout="single", schedule="plateau")
-    save_training_state(tmp_path / "checkpoint.pt", model, optimizer, progress, config, bundle.classes,
-                        len(bundle.train), mesh_of_one)
-    fresh = build_reference(len(bundle.classes), seed=1, dropout=0.0)
+    save_training_state(tmp_path / "checkpoint.pt", model, optimizer, progress, config, small_bundle.classes,
+                        len(small_bundle.train), mesh_of_one)
+    fresh = build_reference(len(small_bundle.classes), seed=1, dropout=0.0)
     fresh_optimizer = paper_optimizer(fresh.parameters(), lr=0.01)
-    restored = restore_training_state(tmp_path / "checkpoint.pt", fresh, fresh_optimizer, bundle.classes, mesh_of_one,
-                                      with_training=True)
+    restored = restore_training_state(tmp_path / "checkpoint.pt", fresh, fresh_optimizer, small_bundle.classes,
+                                      mesh_of_one, with_training=True)
     assert restored == progress
     for (name, p), q in zip(model.named_parameters(), fresh.parameters()):
         assert torch.equal(p, q), name
