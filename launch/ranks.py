@@ -146,18 +146,31 @@ ADVICE_FROM_RANK0 = "Rank 0 says what to do next"
 PREPARATION_WAIT_S = 2 * 3600  # under torchrun, the longest wait for a rank's first scan of the data folder
 
 
+class MissingRank(RuntimeError):
+    """A rank that did not come to a meeting of every rank within its bound."""
+
+
 @contextlib.contextmanager
-def patient_group(wait_s: float):
+def patient_group(wait_s: float, meet_s: float):
     """A gloo group of every rank whose collectives wait up to ``wait_s`` for one another,
     whatever the default group's timeout (--timeout, one exchange's bound): for a wait on
     rank 0's long work, such as its first scan of a large data folder. Every rank enters it
-    together, before that work starts: making a group is itself bounded by the default
-    timeout. The group ends on leaving."""
-    group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=wait_s))
+    together, before that work starts, and they meet there within ``meet_s`` (--timeout), or
+    MissingRank is raised: a rank that never comes (one that stopped on its own machine, which
+    a default group that meets lazily, NCCL's, did not notice) is found then, not after
+    ``wait_s``. The group ends on leaving."""
+    group = None
     try:
+        try:
+            group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=meet_s))
+            dist.barrier(group=group)  # where gloo connects lazily (TORCH_GLOO_LAZY_INIT=1), it connects here
+        except RuntimeError as exc:  # a DistStoreError of the store's wait, or gloo's
+            raise MissingRank(str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)) from exc
+        group.set_timeout(datetime.timedelta(seconds=wait_s))
         yield group
     finally:
-        dist.destroy_process_group(group)
+        if group is not None:
+            dist.destroy_process_group(group)
 
 
 def _describe_exit(exitcode: int) -> str:

@@ -516,7 +516,7 @@ def _replica_data(rank: int, config: TrainConfig, plan: Plan, bundle, mesh: Mesh
     if mesh.replicas == 1:
         return open_here() if mesh.loads_data else None
     opened = failure = None
-    with patient_group(max(PREPARATION_WAIT_S, config.timeout)) as group:
+    with patient_group(max(PREPARATION_WAIT_S, config.timeout), config.timeout) as group:
         if mesh.loads_data:
             try:
                 opened = open_here()

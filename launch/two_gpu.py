@@ -50,8 +50,9 @@ from .config import (KEPT_UNLESS_GIVEN, RUN_CONTROL, TrainConfig, build_parser, 
                      describe_recipe, given_options, parse_config, recipe_warnings, resolve)
 from .meter import summary_steps
 from .mesh import loading_ranks, machine_ranks
-from .ranks import (LOOPBACK, PREPARATION_WAIT_S, RankFailure, choose_placement, cpu_threads_per_rank, die_with_parent,
-                    error_line, init_process_group, patient_group, reuse_freed_memory, run_ranks, sigterm_as_interrupt)
+from .ranks import (LOOPBACK, PREPARATION_WAIT_S, MissingRank, RankFailure, choose_placement, cpu_threads_per_rank,
+                    die_with_parent, error_line, init_process_group, patient_group, reuse_freed_memory, run_ranks,
+                    sigterm_as_interrupt)
 from .train import architecture, describe_evaluation, elsewhere_than, log_file, run_rank, setup_logging
 from .step import AUTOCAST
 
@@ -864,9 +865,24 @@ def _lost_a_peer(exc: Exception) -> bool:
     whatever its message quotes (a path such as runs/timeout-300)."""
     if not isinstance(exc, RuntimeError):
         return False
+    if isinstance(exc, MissingRank):  # a rank did not come to a meeting (such as a replica's first scan)
+        return True
     error = str(exc).lower()
     return any(words in error for words in ("closed by peer", "reset by peer", "timed out waiting", "pair closure",
                                             "collective operation timeout", "remote process", "ncclremoteerror"))
+
+
+def _not_met(rank: int, world_size: int, exc: Exception, config: TrainConfig) -> None:
+    where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
+    # torchrun's agent sets TORCHELASTIC_RUN_ID; without it, the variables may be another tool's
+    leftover = "" if "TORCHELASTIC_RUN_ID" in os.environ else (
+        " (if no launcher started this one, RANK and WORLD_SIZE are left over from another program: unset them, "
+        "and this program starts its own ranks)")
+    log.error("error: rank %d could not meet the other ranks at %s (%s): a rank that stopped on its own "
+              "machine never comes (its output there says why: a check of its options, its files or its network "
+              "there); else start all %d ranks within --timeout %g s of each other, each with this MASTER_ADDR "
+              "and MASTER_PORT (an address that every machine reaches, a port free on its machine), as torchrun "
+              "does%s", rank, where, str(exc).strip().splitlines()[0], world_size, config.timeout, leftover)
 
 
 def _main_under_torchrun(config: TrainConfig, held: list, placement, argv: list) -> int:
@@ -883,16 +899,7 @@ def _main_under_torchrun(config: TrainConfig, held: list, placement, argv: list)
     except RuntimeError as exc:  # no rendezvous: a peer missing, a port taken, gloo's mesh not made (a restart)
         if not isinstance(exc, dist.DistError) and "connectFullMesh" not in str(exc):
             raise  # another fault (CUDA's, a device's): its own traceback, not this advice
-        where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
-        # torchrun's agent sets TORCHELASTIC_RUN_ID; without it, the variables may be another tool's
-        leftover = "" if "TORCHELASTIC_RUN_ID" in os.environ else (
-            " (if no launcher started this one, RANK and WORLD_SIZE are left over from another program: unset them, "
-            "and this program starts its own ranks)")
-        log.error("error: rank %d could not meet the other ranks at %s (%s): a rank that stopped on its own "
-                  "machine never comes (its output there says why: a check of its options, its files or its network "
-                  "there); else start all %d ranks within --timeout %g s of each other, each with this MASTER_ADDR "
-                  "and MASTER_PORT (an address that every machine reaches, a port free on its machine), as torchrun "
-                  "does%s", rank, where, str(exc).strip().splitlines()[0], world_size, config.timeout, leftover)
+        _not_met(rank, world_size, exc, config)
         return 1
     run_dir = bundle = lock = None
     # Rank 0 tells the other ranks whether the run can start, and if not, why; if so, the
@@ -902,7 +909,7 @@ def _main_under_torchrun(config: TrainConfig, held: list, placement, argv: list)
         # The other ranks wait for it as long as a first scan of ImageNet and its statistics may take on a
         # slow disk, not --timeout: the launcher does this work before it starts any rank.
         try:
-            with patient_group(max(PREPARATION_WAIT_S, config.timeout)) as group:
+            with patient_group(max(PREPARATION_WAIT_S, config.timeout), config.timeout) as group:
                 # Every rank runs rank 0's recipe: one started with other options (by hand) would
                 # silently train on rank 0's data, or build other groups than the others and hang.
                 commands = [None] * world_size
@@ -925,6 +932,9 @@ def _main_under_torchrun(config: TrainConfig, held: list, placement, argv: list)
         except RuntimeError as exc:  # of a collective (gloo's is no DistError): a rank gone, or another run's port
             if preparing:
                 raise
+            if isinstance(exc, MissingRank):  # NCCL's group meets lazily: a rank missing is seen here
+                _not_met(rank, world_size, exc, config)
+                return 1
             again = f" {elsewhere_than(run_dir, config)}" if run_dir is not None else ""  # rank 0 made its folder
             log.error("the run stopped before it trained: rank %d lost the other ranks while rank 0 prepared the "
                       "run (%s): see the other ranks' output, and start every rank again%s, each on a port of this "

@@ -36,6 +36,7 @@ from launch.checkpoint import (FORMAT, checkpoint_payload, load_checkpoint, save
                               training_checkpoint_bytes)
 from launch.config import parse_config
 from launch.meter import Metrics, RunFolderGone
+from launch.ranks import MissingRank
 from launch.cli import alive as _alive
 from launch.cli import check_compile_backend
 from launch.two_gpu import check_room_for_checkpoints, main
@@ -953,6 +954,7 @@ def test_a_rank_that_loses_its_peer_under_torchrun_does_not_call_itself_failed(t
     assert not two_gpu._lost_a_peer(IsADirectoryError(21, "Is a directory", "runs/timed out waiting/train.log"))
     assert not two_gpu._lost_a_peer(ValueError("reset by peer"))
     assert two_gpu._lost_a_peer(RuntimeError("[gloo/transport/tcp/pair.cc:561] Connection closed by peer [::1]:5"))
+    assert two_gpu._lost_a_peer(MissingRank("wait timeout after 5000ms, keys: /default_pg/0//1//cpu//0/1"))
 
 
 @pytest.mark.slow
@@ -1064,6 +1066,36 @@ def test_ranks_end_with_a_torchrun_agent_killed_by_sigkill(tiny_data, tmp_path):
         for pid in ranks:  # each in a session of its own, as torchrun starts them
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_under_torchrun_a_rank_that_never_comes_stops_the_others_within_the_timeout(tiny_data, tmp_path):
+    """Two machines under torchrun, the second's rank refusing before the ranks meet (its
+    GLOO_SOCKET_IFNAME names no interface there). NCCL's default group does not meet the ranks
+    as it is made; gloo's does not either under TORCH_GLOO_LAZY_INIT=1, which stands for it
+    here: the first meeting was the wait for rank 0's preparation, two hours long, and rank 0
+    waited that out. It ends within --timeout, in the line of a rendezvous that never happens."""
+    port, procs = _free_port(), []
+    for node, interface in enumerate(("lo", "nosuch")):
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(node),
+             "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", str(port),
+             "--log-dir", str(tmp_path / f"torchrun{node}"), "-m", "launch.two_gpu", "--data", str(tiny_data),
+             "--out", str(tmp_path / "runs"), "--timeout", "5", *TINY], cwd=ROOT, stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE, text=True, start_new_session=True,
+            env=dict(os.environ, GLOO_SOCKET_IFNAME=interface, TORCH_GLOO_LAZY_INIT="1")))
+    try:
+        errors = [p.communicate(timeout=BOUND_S)[1] for p in procs]
+    finally:
+        for p in procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGKILL)
+    assert "[rank 1] error: GLOO_SOCKET_IFNAME=nosuch names nosuch, which this machine has no network interface" \
+        in errors[1], errors[1]
+    assert f"error: rank 0 could not meet the other ranks at 127.0.0.1:{port} (" in errors[0], errors[0]
+    assert "a rank that stopped on its own machine never comes" in errors[0], errors[0]
+    assert [p.returncode for p in procs] == [1, 1]
+    assert not (tmp_path / "runs").exists()
 
 
 def _as_torchrun_starts(args_of) -> tuple:

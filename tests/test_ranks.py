@@ -125,7 +125,7 @@ def _wait_for_rank0(rank, work_s, patient):
         time.sleep(work_s if rank == 0 else 0)
         dist.broadcast_object_list(result if rank else [42], src=0)
         return 42
-    with patient_group(4 * work_s) as group:
+    with patient_group(4 * work_s, 10) as group:
         if rank == 0:
             time.sleep(work_s)
             result = [42]
