@@ -371,7 +371,7 @@ def summarize(spec: dict, ranks: list, analytic: dict, devices: DevicePlan) -> d
         run["compute_ms"] = [_percentiles(r["compute_only_s"])["median"] for r in ranks]
         run["allreduce_alone_ms"] = [_percentiles(r["allreduce_alone_s"])["median"] for r in ranks]
         run["payload_bytes_per_rank"] = [r["payload_bytes"] / steps for r in ranks]
-        run["buckets_per_step"] = [r["buckets"] / steps for r in ranks]
+        run["buckets_per_step"] = [r["buckets"] for r in ranks]  # the last step's
         # what the gradient all-reduce added to the step: DDP overlaps it with the backward pass
         run["comm_ms"] = [_percentiles(r["step_s"])["median"] - c for r, c in zip(ranks, run["compute_ms"])]
     if mode == "towers":

@@ -198,7 +198,9 @@ def towers_worker(rank: int, spec: dict) -> dict:
 
 
 class AllReduceCounter:
-    """State of :func:`counting_allreduce_hook`: what this rank handed to all-reduce over ``group``."""
+    """State of :func:`counting_allreduce_hook`: the bytes this rank handed to all-reduce over
+    ``group``, and how many buckets its latest step had (its first step's are DDP's first
+    guess, which it rebuilds after that step in the order the gradients became ready)."""
 
     def __init__(self, group=None):
         self.payload_bytes, self.buckets, self.group = 0, 0, group
@@ -208,7 +210,8 @@ def counting_allreduce_hook(counter: AllReduceCounter, bucket: dist.GradBucket) 
     """DDP's default all-reduce, counting each bucket's bytes on the way."""
     buffer = bucket.buffer()
     counter.payload_bytes += buffer.numel() * buffer.element_size()
-    counter.buckets += 1
+    if bucket.is_last():
+        counter.buckets = bucket.index() + 1
     return default_hooks.allreduce_hook(counter.group, bucket)
 
 

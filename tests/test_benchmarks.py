@@ -1532,6 +1532,24 @@ def test_the_all_reduces_of_a_step_are_ddps_own_buckets(placement):
         assert traffic.ddp_buckets([p.numel() for p in params]) == len(buckets)
 
 
+def test_a_ddp_step_counts_its_own_buckets_not_ddps_first_guess(group_of_one):
+    """DDP all-reduces its first step in the buckets of its first guess and rebuilds them after
+    it, as the gradients became ready: the harness counts the buckets of the latest step, so a
+    run timed from the first step (--warmup 0) reports the steady count, not a fraction."""
+    from torch.nn.parallel import DistributedDataParallel
+    from benchmarks.workers import AllReduceCounter, counting_allreduce_hook
+    torch.manual_seed(0)
+    model = DistributedDataParallel(AlexNet(10))
+    counter = AllReduceCounter()
+    model.register_comm_hook(counter, counting_allreduce_hook)
+    counts = []
+    for _ in range(3):
+        model(torch.randn(1, 3, 224, 224)).sum().backward()
+        counts.append(counter.buckets)
+    assert counts[0] != counts[1] == counts[2] == traffic.ddp_buckets([p.numel() for p in model.parameters()]), counts
+    assert counter.payload_bytes == 3 * 4 * sum(p.numel() for p in model.parameters())  # every gradient, each step
+
+
 @pytest.mark.slow
 def test_ddp_traffic_is_every_gradient_once(tiny_run):
     _, results = tiny_run
