@@ -873,6 +873,7 @@ def _lost_a_peer(exc: Exception) -> bool:
 
 
 def _not_met(rank: int, world_size: int, exc: Exception, config: TrainConfig) -> None:
+    """Says that this rank could not meet the others (``exc``: the store's words or gloo's), and why that happens."""
     where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
     # torchrun's agent sets TORCHELASTIC_RUN_ID; without it, the variables may be another tool's
     leftover = "" if "TORCHELASTIC_RUN_ID" in os.environ else (
@@ -883,6 +884,35 @@ def _not_met(rank: int, world_size: int, exc: Exception, config: TrainConfig) ->
               "there); else start all %d ranks within --timeout %g s of each other, each with this MASTER_ADDR "
               "and MASTER_PORT (an address that every machine reaches, a port free on its machine), as torchrun "
               "does%s", rank, where, str(exc).strip().splitlines()[0], world_size, config.timeout, leftover)
+
+
+# Settings that each machine resolves against its own working folder (the command lines are compared as given)
+MACHINE_PATHS = ("data", "out", "resume", "eval_only")
+
+
+def _unlike_rank_0(found: list) -> Optional[str]:
+    """Why the ranks cannot run together, from each rank's (command line, settings) in rank
+    order; None if they can. With one command line, settings differ where a rank read them
+    from another file at the same path: the checkpoint at --resume's or --eval-only's."""
+    for rank, (command, settings) in enumerate(found):
+        if command != found[0][0]:
+            return (f"rank {rank} was started with other options than rank 0 ({shlex.join(command) or 'none'}, "
+                    f"against {shlex.join(found[0][0]) or 'none'}): start every rank with the same command line, "
+                    f"as torchrun does")
+        differ = [name for name in {**found[0][1], **settings}
+                  if name not in MACHINE_PATHS and settings.get(name) != found[0][1].get(name)]
+        if differ:
+            def shown(values):
+                return " ".join(_as_option(name, values.get(name)) for name in differ)
+            path = settings.get("resume") or settings.get("eval_only")
+            if not path:  # none known: a rank of another version of this program, say
+                return (f"rank {rank} set the run up otherwise than rank 0 ({shown(settings)}, against "
+                        f"{shown(found[0][1])}): start every rank with the same program, as torchrun does")
+            option = "--resume" if settings.get("resume") else "--eval-only"
+            return (f"rank {rank} read other settings than rank 0 from {option} {shell_word(path)} on its machine "
+                    f"({shown(settings)}, against {shown(found[0][1])}): give every machine the same checkpoint "
+                    f"at that path (a copy of rank 0's), or a path that every machine shares")
+    return None
 
 
 def _main_under_torchrun(config: TrainConfig, held: list, placement, argv: list) -> int:
@@ -910,16 +940,14 @@ def _main_under_torchrun(config: TrainConfig, held: list, placement, argv: list)
         # slow disk, not --timeout: the launcher does this work before it starts any rank.
         try:
             with patient_group(max(PREPARATION_WAIT_S, config.timeout), config.timeout) as group:
-                # Every rank runs rank 0's recipe: one started with other options (by hand) would
-                # silently train on rank 0's data, or build other groups than the others and hang.
-                commands = [None] * world_size
-                dist.all_gather_object(commands, [str(a) for a in argv], group=group)
-                other = next((r for r, command in enumerate(commands) if command != commands[0]), None)
-                if other is not None:
-                    raise ValueError(f"rank {other} was started with other options than rank 0 "
-                                     f"({shlex.join(commands[other]) or 'none'}, against "
-                                     f"{shlex.join(commands[0]) or 'none'}): start every rank with the same "
-                                     f"command line, as torchrun does")
+                # Every rank runs rank 0's recipe: one started with other options (by hand), or that read
+                # other settings from its own files, would silently train on rank 0's data, or build other
+                # groups than the others and hang.
+                found = [None] * world_size
+                dist.all_gather_object(found, ([str(a) for a in argv], dataclasses.asdict(config)), group=group)
+                unlike = _unlike_rank_0(found)
+                if unlike is not None:
+                    raise ValueError(unlike)
                 if rank == 0:
                     preparing = True
                     try:

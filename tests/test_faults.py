@@ -40,7 +40,7 @@ from launch.ranks import MissingRank
 from launch.cli import alive as _alive
 from launch.cli import check_compile_backend
 from launch.two_gpu import check_room_for_checkpoints, main
-from towers import Architecture
+from towers import AlexNet, Architecture
 
 from conftest import TINY as _TINY
 from conftest import (ROOT, RUN_TIMEOUT_S, TRAINED_RUN, Run, as_background_job, as_foreground_job, cmdline,
@@ -1004,6 +1004,29 @@ def test_ranks_started_with_other_options_under_torchrun_are_refused(tiny_data, 
 
 
 @pytest.mark.slow
+def test_ranks_that_read_other_checkpoints_at_one_path_are_refused(tiny_data, tmp_path):
+    """Ranks started as torchrun starts them, each on a machine of its own (here, a working
+    folder of its own), with one command line whose --eval-only path holds the paper's net on
+    rank 0's machine and section 3.2's one-tower net on rank 1's: they set up other groups and
+    waited out --timeout, then blamed each other. Each refuses in one line naming what differs."""
+    from launch.checkpoint import save_reference
+    for rank, net in enumerate(("two-tower", "one-tower")):
+        (tmp_path / f"machine{rank}").mkdir()
+        save_reference(tmp_path / f"machine{rank}" / "net.pt", AlexNet(10, architecture=Architecture(net=net)))
+    procs, errors = _as_torchrun_starts(
+        lambda rank: ["--eval-only", "net.pt", "--data", tiny_data, "--out", tmp_path, "--workers", "0",
+                      "--timeout", "5"], cwd_of=lambda rank: tmp_path / f"machine{rank}")
+    assert [p.returncode for p in procs] == [2, 2], errors
+    for rank, err in enumerate(errors):
+        assert "Traceback" not in err, err
+        assert err.rstrip().endswith(
+            f"{'[rank 1] ' * rank}error: rank 1 read other settings than rank 0 from --eval-only "
+            f"{tmp_path / 'machine1' / 'net.pt'} on its machine (--layout one-tower --replicas 2, against --layout "
+            f"towers --replicas 1): give every machine the same checkpoint at that path (a copy of rank 0's), or a "
+            f"path that every machine shares"), err
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("sent", [signal.SIGINT, signal.SIGTERM])
 def test_ctrl_c_under_torchrun_tells_what_to_do_next(tiny_data, tmp_path, sent):
     """torchrun passes its Ctrl-C, and its SIGTERM (a batch system stopping the job), on to every
@@ -1098,14 +1121,17 @@ def test_under_torchrun_a_rank_that_never_comes_stops_the_others_within_the_time
     assert not (tmp_path / "runs").exists()
 
 
-def _as_torchrun_starts(args_of) -> tuple:
+def _as_torchrun_starts(args_of, cwd_of=lambda rank: ROOT) -> tuple:
     """(processes, their standard errors) of two ranks of the program started as torchrun starts
-    them, ``args_of(rank)`` each one's options, once both have ended (within BOUND_S)."""
+    them, ``args_of(rank)`` each one's options, ``cwd_of(rank)`` its working folder, once both
+    have ended (within BOUND_S)."""
     port = _free_port()
-    procs = [subprocess.Popen([sys.executable, "-m", "launch.two_gpu", *map(str, args_of(rank))], cwd=ROOT,
+    procs = [subprocess.Popen([sys.executable, "-m", "launch.two_gpu", *map(str, args_of(rank))], cwd=cwd_of(rank),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               env=dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
-                                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)))
+                                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                                       PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT),
+                                                                                os.environ.get("PYTHONPATH")]))))
              for rank in range(2)]
     try:
         return procs, [p.communicate(timeout=BOUND_S)[1] for p in procs]
