@@ -121,6 +121,10 @@ def test_paper_initialisation_from_a_seed():
         assert abs(layer.weight.std().item() - 0.01) < 0.01 * 0.05, name  # N(0, 0.01^2); many draws per layer
         expected_bias = 1.0 if name in ("conv2", "conv4", "conv5", "fc6", "fc7") else 0.0
         assert torch.all(layer.bias == expected_bias), name
+    # one stream of draws for the whole net: a generator seeded again for each layer would start
+    # every layer with the same numbers (the layers' weights correlated, not independent draws)
+    firsts = [getattr(a, name).weight.flatten()[:16] for name in LAYER_PARAMS]
+    assert not any(torch.equal(x, y) for i, x in enumerate(firsts) for y in firsts[i + 1:])
 
 
 def test_caffe_initialisation_differs_where_documented():
