@@ -150,6 +150,17 @@ class MissingRank(RuntimeError):
     """A rank that did not come to a meeting of every rank within its bound."""
 
 
+def failed_to_meet(exc: RuntimeError) -> bool:
+    """Whether an error of making a group (or of its first collective, where gloo connects
+    lazily) is the ranks not meeting: the store's wait for a rank ran out (a DistError), or
+    gloo's connection to a peer failed. Not a fault of this rank's own, such as a network
+    interface with no address, or CUDA's."""
+    said = str(exc).lower()
+    return isinstance(exc, dist.DistError) or any(words in said for words in (
+        "connectfullmesh", "connect timeout", "timed out waiting", "closed by peer", "reset by peer",
+        "connection refused"))
+
+
 @contextlib.contextmanager
 def patient_group(wait_s: float, meet_s: float):
     """A gloo group of every rank whose collectives wait up to ``wait_s`` for one another,
@@ -164,7 +175,9 @@ def patient_group(wait_s: float, meet_s: float):
         try:
             group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=meet_s))
             dist.barrier(group=group)  # where gloo connects lazily (TORCH_GLOO_LAZY_INIT=1), it connects here
-        except RuntimeError as exc:  # a DistStoreError of the store's wait, or gloo's
+        except RuntimeError as exc:
+            if not failed_to_meet(exc):
+                raise
             raise MissingRank(str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)) from exc
         group.set_timeout(datetime.timedelta(seconds=wait_s))
         yield group

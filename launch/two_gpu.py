@@ -51,8 +51,8 @@ from .config import (KEPT_UNLESS_GIVEN, RUN_CONTROL, TrainConfig, build_parser, 
 from .meter import summary_steps
 from .mesh import loading_ranks, machine_ranks
 from .ranks import (LOOPBACK, PREPARATION_WAIT_S, MissingRank, RankFailure, choose_placement, cpu_threads_per_rank,
-                    die_with_parent, error_line, init_process_group, patient_group, reuse_freed_memory, run_ranks,
-                    sigterm_as_interrupt)
+                    die_with_parent, error_line, failed_to_meet, init_process_group, patient_group, reuse_freed_memory,
+                    run_ranks, sigterm_as_interrupt)
 from .train import architecture, describe_evaluation, elsewhere_than, log_file, run_rank, setup_logging
 from .step import AUTOCAST
 
@@ -927,7 +927,7 @@ def _main_under_torchrun(config: TrainConfig, held: list, placement, argv: list)
     try:
         init_process_group(placement.backend, rank, world_size, config.timeout)
     except RuntimeError as exc:  # no rendezvous: a peer missing, a port taken, gloo's mesh not made (a restart)
-        if not isinstance(exc, dist.DistError) and "connectFullMesh" not in str(exc):
+        if not failed_to_meet(exc):
             raise  # another fault (CUDA's, a device's): its own traceback, not this advice
         _not_met(rank, world_size, exc, config)
         return 1

@@ -24,7 +24,8 @@ import torch.distributed as dist
 from launch import rank_server, ranks
 from launch.cli import usable_cores
 from launch.images import DataError
-from launch.ranks import RankFailure, choose_placement, cpu_threads_per_rank, is_loopback, patient_group, run_ranks
+from launch.ranks import (RankFailure, choose_placement, cpu_threads_per_rank, failed_to_meet, is_loopback,
+                          patient_group, run_ranks)
 
 from conftest import ROOT
 
@@ -141,6 +142,30 @@ def test_a_patient_group_waits_for_rank_0_beyond_the_collective_timeout():
     assert run_ranks(_wait_for_rank0, (4, True), collective_timeout_s=1, timeout_s=60) == [42, 42]
     with pytest.raises(RankFailure, match="rank 1 failed: .*Timed out"):  # what it spares them
         run_ranks(_wait_for_rank0, (4, False), collective_timeout_s=1, timeout_s=60)
+
+
+def _meet_with_no_interface(rank):
+    os.environ["GLOO_SOCKET_IFNAME"] = "nosuch"  # read as gloo makes the group, as under NCCL's default group
+    with patient_group(60, 5):
+        pass
+
+
+def test_only_a_meeting_that_failed_is_told_as_a_rank_missing():
+    """A group's making (or its first collective, where gloo connects lazily) failing for want of
+    a rank, in the store's words or gloo's, is the ranks not meeting; a fault of this rank's own,
+    such as an interface with no address for gloo, keeps its own words (and traceback)."""
+    for met_not in (dist.DistStoreError("wait timeout after 5000ms, keys: /default_pg/0//1//cpu//0/1"),
+                    RuntimeError("Gloo connectFullMesh failed with [../third_party/gloo/gloo/transport/tcp/pair.cc:144]"
+                                 " no error"),
+                    RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:332] Connect timeout [127.0.0.1]:3"),
+                    RuntimeError("[gloo/transport/tcp/pair.cc:561] Connection closed by peer [127.0.0.1]:5")):
+        assert failed_to_meet(met_not), met_not
+    for own in (RuntimeError("[enforce fail at ../third_party/gloo/gloo/transport/tcp/device.cc:84] ifa != nullptr. "
+                             "Unable to find address for: ifb0"), RuntimeError("CUDA error: out of memory")):
+        assert not failed_to_meet(own), own
+    with pytest.raises(RankFailure, match=r"^rank 0 failed: RuntimeError: \[enforce fail at .*Unable to find address "
+                                          r"for: nosuch"):
+        run_ranks(_meet_with_no_interface, timeout_s=60)
 
 
 def _replicas_open_the_data(rank, data, slow_rank, other_data_rank):
