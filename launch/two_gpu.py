@@ -903,15 +903,19 @@ def _unlike_rank_0(found: list) -> Optional[str]:
                   if name not in MACHINE_PATHS and settings.get(name) != found[0][1].get(name)]
         if differ:
             def shown(values):
-                return " ".join(_as_option(name, values.get(name)) for name in differ)
+                return " ".join(f"--{name.replace('_', '-')} unset" if values.get(name) is None else
+                                _as_option(name, " ".join(map(str, values[name]))
+                                           if isinstance(values[name], (list, tuple)) else values[name])
+                                for name in differ)
             path = settings.get("resume") or settings.get("eval_only")
             if not path:  # none known: a rank of another version of this program, say
                 return (f"rank {rank} set the run up otherwise than rank 0 ({shown(settings)}, against "
                         f"{shown(found[0][1])}): start every rank with the same program, as torchrun does")
-            option = "--resume" if settings.get("resume") else "--eval-only"
-            return (f"rank {rank} read other settings than rank 0 from {option} {shell_word(path)} on its machine "
-                    f"({shown(settings)}, against {shown(found[0][1])}): give every machine the same checkpoint "
-                    f"at that path (a copy of rank 0's), or a path that every machine shares")
+            option = "resume" if settings.get("resume") else "eval_only"
+            return (f"rank 0 and rank {rank} read other settings from the checkpoint at --{option.replace('_', '-')}'s "
+                    f"path on their machines (rank 0 from {shell_word(found[0][1].get(option))}: {shown(found[0][1])}; "
+                    f"rank {rank} from {shell_word(path)}: {shown(settings)}): give every machine the same checkpoint "
+                    f"at that path, or a path that every machine shares")
     return None
 
 
@@ -934,12 +938,13 @@ def _main_under_torchrun(config: TrainConfig, held: list, placement, argv: list)
     run_dir = bundle = lock = None
     # Rank 0 tells the other ranks whether the run can start, and if not, why; if so, the
     # recipe it sized to the data.
-    outcome, preparing = [None, None], False
+    outcome, preparing, met = [None, None], False, False
     try:
         # The other ranks wait for it as long as a first scan of ImageNet and its statistics may take on a
         # slow disk, not --timeout: the launcher does this work before it starts any rank.
         try:
             with patient_group(max(PREPARATION_WAIT_S, config.timeout), config.timeout) as group:
+                met = True
                 # Every rank runs rank 0's recipe: one started with other options (by hand), or that read
                 # other settings from its own files, would silently train on rank 0's data, or build other
                 # groups than the others and hang.
@@ -958,8 +963,8 @@ def _main_under_torchrun(config: TrainConfig, held: list, placement, argv: list)
                     preparing = False
                 dist.broadcast_object_list(outcome, src=0, group=group)
         except RuntimeError as exc:  # of a collective (gloo's is no DistError): a rank gone, or another run's port
-            if preparing:
-                raise
+            if preparing or not (met or isinstance(exc, MissingRank)):
+                raise  # rank 0's own work, or a fault of this rank's own in making the group: its traceback
             if isinstance(exc, MissingRank):  # NCCL's group meets lazily: a rank missing is seen here
                 _not_met(rank, world_size, exc, config)
                 return 1

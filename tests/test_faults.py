@@ -29,6 +29,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from launch import checkpoint, rank_server, two_gpu
 from launch import data as data_module
@@ -863,6 +864,18 @@ def test_a_rank_whose_gloo_cannot_connect_ends_in_one_line(tiny_data, tmp_path, 
                         lambda *args: (_ for _ in ()).throw(RuntimeError("CUDA error: out of memory")))
     with pytest.raises(RuntimeError, match="CUDA error: out of memory"):
         two_gpu.main(args)
+    # the same fault where gloo first makes a group after the default one (NCCL's): not a rank lost, nor missing
+
+    def join_then_lose_the_interface(*args):
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        monkeypatch.setenv("GLOO_SOCKET_IFNAME", "nosuch")  # unchecked, and read as gloo makes the next group
+    monkeypatch.setattr(two_gpu, "init_process_group", join_then_lose_the_interface)
+    try:
+        with pytest.raises(RuntimeError, match="Unable to find address for: nosuch"):
+            two_gpu.main(args)
+    finally:
+        dist.destroy_process_group()
+    assert "lost the other ranks" not in capfd.readouterr().err
 
 
 @pytest.mark.parametrize("value, refused", [("nosuch", True), ("lo,nosuch", True), (",lo", True), ("lo", False),
@@ -1020,10 +1033,10 @@ def test_ranks_that_read_other_checkpoints_at_one_path_are_refused(tiny_data, tm
     for rank, err in enumerate(errors):
         assert "Traceback" not in err, err
         assert err.rstrip().endswith(
-            f"{'[rank 1] ' * rank}error: rank 1 read other settings than rank 0 from --eval-only "
-            f"{tmp_path / 'machine1' / 'net.pt'} on its machine (--layout one-tower --replicas 2, against --layout "
-            f"towers --replicas 1): give every machine the same checkpoint at that path (a copy of rank 0's), or a "
-            f"path that every machine shares"), err
+            f"{'[rank 1] ' * rank}error: rank 0 and rank 1 read other settings from the checkpoint at --eval-only's "
+            f"path on their machines (rank 0 from {tmp_path / 'machine0' / 'net.pt'}: --layout towers --replicas 1; "
+            f"rank 1 from {tmp_path / 'machine1' / 'net.pt'}: --layout one-tower --replicas 2): give every machine "
+            f"the same checkpoint at that path, or a path that every machine shares"), err
 
 
 @pytest.mark.slow
