@@ -581,6 +581,11 @@ def test_a_run_killed_anywhere_resumes_to_the_uninterrupted_weights(tiny_data, t
                      if r["event"] == "train"}
     assert {r["step"]: r["step_loss"] for r in records if r["event"] == "train" and r["step"] in uninterrupted} \
         == {step: uninterrupted[step] for step in steps if step in uninterrupted}
+    # what the resumed start sent per step: per step of its own, as the uninterrupted run's
+    whole, part = (json.loads((run / "summary.json").read_text()) for run in (trained_run[0], tmp_path / "parts"))
+    assert part["steps_this_run"] == 7 - killed["progress"]["global_step"]
+    assert part["exchange_bytes_per_step"] == whole["exchange_bytes_per_step"] > 0
+    assert part["exchanges_per_step"] == whole["exchanges_per_step"]
 
 
 def _images_lost_while_it_trains(tiny_data, tmp_path, which, *options) -> tuple:

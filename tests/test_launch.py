@@ -482,3 +482,11 @@ def test_the_done_line_gives_the_ten_patch_test_s_own_count_where_it_differs(cap
     same, fewer = [m for m in caplog.messages if m.startswith("done: ")]
     assert same.endswith("(centre patch, 8 images); ten-patch test: top-1 50.00%, top-5 0.00%"), same
     assert fewer.endswith("; ten-patch test: top-1 50.00%, top-5 0.00% (7 images, 1 unusable left out)"), fewer
+
+
+def test_a_duration_reads_as_a_clock():
+    """How the progress lines print an ETA or a wall time: minutes and seconds under an hour,
+    beyond it hours and the minutes past the hour (the paper's 90 epochs take days)."""
+    from launch.meter import duration
+    assert [duration(s) for s in (-1, 0, 59, 61, 3599, 3600, 3661, 90061, 5 * 24 * 3600 + 59 * 60)] == [
+        "0m00s", "0m00s", "0m59s", "1m01s", "59m59s", "1h00m", "1h01m", "25h01m", "120h59m"]
