@@ -159,6 +159,8 @@ def test_two_replicas_log_the_losses_of_one_and_resume_across_replica_counts(tin
     summary = json.loads((run / "summary.json").read_text())
     assert summary["replicas"] == 2 and summary["centre"]["images"] == 10
     assert summary["input_bytes_per_step"] == 8 + 2 * 3 * 224 * 224 + 2 * 8  # each replica loads 2 of the 4
+    # the rate of the run, all replicas' images (the global batch of 4), not one replica's
+    assert summary["images_per_s"] == pytest.approx(summary["steps_this_run"] * 4 / summary["train_seconds"], rel=1e-2)
     assert set(load_checkpoint(run)["rng"]) == {"rank0", "rank1", "rank2", "rank3"}
     weights, initial = load_checkpoint(run)["model"], build_reference(CLASSES, seed=0).state_dict()
     for key, value in load_checkpoint(one)["model"].items():
