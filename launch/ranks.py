@@ -158,7 +158,7 @@ def failed_to_meet(exc: RuntimeError) -> bool:
     said = str(exc).lower()
     return isinstance(exc, dist.DistError) or any(words in said for words in (
         "connectfullmesh", "connect timeout", "timed out waiting", "closed by peer", "reset by peer",
-        "connection refused", "no route to host", "network is unreachable"))
+        "connection refused", "connection timed out", "broken pipe", "no route to host", "network is unreachable"))
 
 
 @contextlib.contextmanager

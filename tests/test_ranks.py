@@ -158,7 +158,8 @@ def test_only_a_meeting_that_failed_is_told_as_a_rank_missing():
                     RuntimeError("Gloo connectFullMesh failed with [../third_party/gloo/gloo/transport/tcp/pair.cc:144]"
                                  " no error"),
                     RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:332] Connect timeout [127.0.0.1]:3"),
-                    RuntimeError("[gloo/transport/tcp/pair.cc:561] Connection closed by peer [127.0.0.1]:5")):
+                    RuntimeError("[gloo/transport/tcp/pair.cc:561] Connection closed by peer [127.0.0.1]:5"),
+                    RuntimeError("[gloo/transport/tcp/pair.cc:598] writev [127.0.0.1]:5: Broken pipe")):
         assert failed_to_meet(met_not), met_not
     for own in (RuntimeError("[enforce fail at ../third_party/gloo/gloo/transport/tcp/device.cc:84] ifa != nullptr. "
                              "Unable to find address for: ifb0"), RuntimeError("CUDA error: out of memory")):
