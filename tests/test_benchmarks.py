@@ -56,6 +56,9 @@ def test_flop_table_follows_the_layer_shapes():
     assert flops.count_params(AlexNet) == PARAMS
     for placement in ("tower0", "split"):  # the towers together do exactly the reference's work
         assert sum(flops.tower_macs(layers, r, placement) for r in range(2)) == sum(expected_macs.values())
+    # FC8 whole on tower 0: its work on tower 0 alone, the other layers halved
+    assert flops.tower_macs(layers, 0, "tower0") - flops.tower_macs(layers, 1, "tower0") == expected_macs["fc8"]
+    assert traffic.link_time_s(0, 10, 1, 5) == pytest.approx(50e-6)  # ten calls of 5 us start-up each
     assert flops.training_flops(10, 3) == 10 * 3 * 2 * 3  # 2 FLOPs per MAC, training = 3 x forward
 
 
@@ -1530,6 +1533,12 @@ def test_the_all_reduces_of_a_step_are_ddps_own_buckets(placement):
         buckets, _ = torch.distributed._compute_bucket_assignment_by_size(
             list(reversed(params)), [traffic.DDP_FIRST_BUCKET_BYTES, traffic.DDP_BUCKET_CAP_BYTES])
         assert traffic.ddp_buckets([p.numel() for p in params]) == len(buckets)
+    for sizes in ([1, 2 ** 18], [2 ** 18 - 1, 1, 2 ** 18]):  # a bucket filled exactly to its limit closes
+        with torch.device("meta"):
+            params = [torch.empty(n) for n in sizes]
+        buckets, _ = torch.distributed._compute_bucket_assignment_by_size(
+            list(reversed(params)), [traffic.DDP_FIRST_BUCKET_BYTES, traffic.DDP_BUCKET_CAP_BYTES])
+        assert traffic.ddp_buckets(sizes) == len(buckets), sizes
 
 
 def test_a_ddp_step_counts_its_own_buckets_not_ddps_first_guess(group_of_one):

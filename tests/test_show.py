@@ -852,3 +852,8 @@ def test_a_real_run_is_drawn(trained_run, tmp_path):
     for path in result.stdout.splitlines():
         check_png(Path(path))
     assert "conv1 colour share, tower 0: mean" in result.stderr and "skipped" not in result.stderr
+
+
+def test_a_median_of_an_even_count_is_halfway_between_the_middle_two():
+    """As the colour-share figures report the 48 kernels of a tower (torch.median takes the lower)."""
+    assert show.median(torch.tensor([0.0, 1.0, 3.0, 10.0])) == 2.0 and show.median(torch.tensor([1.0, 5.0, 2.0])) == 2.0
