@@ -146,6 +146,10 @@ ADVICE_FROM_RANK0 = "Rank 0 says what to do next"
 PREPARATION_WAIT_S = 2 * 3600  # under torchrun, the longest wait for a rank's first scan of the data folder
 
 
+# gloo's words for a peer whose connection ended, or that never answered
+PEER_GONE = ("closed by peer", "reset by peer", "timed out waiting")
+
+
 class MissingRank(RuntimeError):
     """A rank that did not come to a meeting of every rank within its bound."""
 
@@ -157,8 +161,8 @@ def failed_to_meet(exc: RuntimeError) -> bool:
     interface with no address, or CUDA's."""
     said = str(exc).lower()
     return isinstance(exc, dist.DistError) or any(words in said for words in (
-        "connectfullmesh", "connect timeout", "timed out waiting", "closed by peer", "reset by peer",
-        "connection refused", "connection timed out", "broken pipe", "no route to host", "network is unreachable"))
+        *PEER_GONE, "connectfullmesh", "connect timeout", "connection refused", "connection timed out", "broken pipe",
+        "no route to host", "network is unreachable"))
 
 
 @contextlib.contextmanager

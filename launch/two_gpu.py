@@ -50,9 +50,9 @@ from .config import (KEPT_UNLESS_GIVEN, RUN_CONTROL, TrainConfig, build_parser, 
                      describe_recipe, given_options, parse_config, recipe_warnings, resolve)
 from .meter import summary_steps
 from .mesh import loading_ranks, machine_ranks
-from .ranks import (LOOPBACK, PREPARATION_WAIT_S, MissingRank, RankFailure, choose_placement, cpu_threads_per_rank,
-                    die_with_parent, error_line, failed_to_meet, init_process_group, patient_group, reuse_freed_memory,
-                    run_ranks, sigterm_as_interrupt)
+from .ranks import (LOOPBACK, PEER_GONE, PREPARATION_WAIT_S, MissingRank, RankFailure, choose_placement,
+                    cpu_threads_per_rank, die_with_parent, error_line, failed_to_meet, init_process_group,
+                    patient_group, reuse_freed_memory, run_ranks, sigterm_as_interrupt)
 from .train import architecture, describe_evaluation, elsewhere_than, log_file, run_rank, setup_logging
 from .step import AUTOCAST
 
@@ -868,8 +868,8 @@ def _lost_a_peer(exc: Exception) -> bool:
     if isinstance(exc, MissingRank):  # a rank did not come to a meeting (such as a replica's first scan)
         return True
     error = str(exc).lower()
-    return any(words in error for words in ("closed by peer", "reset by peer", "timed out waiting", "pair closure",
-                                            "collective operation timeout", "remote process", "ncclremoteerror"))
+    return any(words in error for words in (*PEER_GONE, "pair closure", "collective operation timeout",
+                                            "remote process", "ncclremoteerror"))
 
 
 def _not_met(rank: int, world_size: int, exc: Exception, config: TrainConfig) -> None:
@@ -963,11 +963,11 @@ def _main_under_torchrun(config: TrainConfig, held: list, placement, argv: list)
                     preparing = False
                 dist.broadcast_object_list(outcome, src=0, group=group)
         except RuntimeError as exc:  # of a collective (gloo's is no DistError): a rank gone, or another run's port
-            if preparing or not (met or isinstance(exc, MissingRank)):
-                raise  # rank 0's own work, or a fault of this rank's own in making the group: its traceback
             if isinstance(exc, MissingRank):  # NCCL's group meets lazily: a rank missing is seen here
                 _not_met(rank, world_size, exc, config)
                 return 1
+            if preparing or not met:
+                raise  # rank 0's own work, or a fault of this rank's own in making the group: its traceback
             again = f" {elsewhere_than(run_dir, config)}" if run_dir is not None else ""  # rank 0 made its folder
             log.error("the run stopped before it trained: rank %d lost the other ranks while rank 0 prepared the "
                       "run (%s): see the other ranks' output, and start every rank again%s, each on a port of this "
