@@ -427,6 +427,13 @@ def test_corrupt_files_are_replaced_and_counted(tmp_path):
         assert skipped[0][1].startswith(f"{odd[name]}: unreadable (")
         assert torch.equal(image, train[index[odd[name]] + 1][0]) and label == train.samples[index[odd[name]] + 1][1]
     assert train.corrupt == {odd["fake"], odd["truncated"]}  # the statistics read every training image
+    # ... and left the two out of them: the mean and the colours are the usable images' alone.
+    usable = np.stack([images.load_image(path) for path, _ in train.samples if path not in train.corrupt])
+    assert bundle.stats.images == len(usable) == len(train) - 2
+    assert np.allclose(bundle.stats.mean.numpy(), usable.mean(axis=0).transpose(2, 0, 1), atol=1e-3)
+    pixels = usable.reshape(-1, 3).astype(np.float64)
+    variances = np.sort(np.linalg.eigvalsh(np.cov(pixels.T, bias=True)))[::-1]
+    assert np.allclose(bundle.stats.eigval.double().numpy() ** 2, variances, rtol=1e-4)
     # The batch iterators count too, also when worker processes decode.
     train.corrupt = set()
     batches = list(data.train_batches(bundle, batch_size=len(train), seed=0, epoch=0, workers=2))
