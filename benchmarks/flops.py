@@ -135,10 +135,3 @@ def gpu_peak(device_name: str) -> Optional[tuple]:
             return key, peaks
     return None
 
-
-def fp32_math() -> str:
-    """What an fp32 convolution runs as on a GPU: cuDNN uses TF32 tensor cores unless told not to."""
-    conv = getattr(getattr(torch.backends.cudnn, "conv", None), "fp32_precision", None)
-    if conv is not None:
-        return "tf32" if conv == "tf32" else "fp32"
-    return "tf32" if torch.backends.cudnn.allow_tf32 else "fp32"

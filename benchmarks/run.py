@@ -65,7 +65,7 @@ from launch.cli import (JSON_DAMAGE, MAX_PROCESSES_PER_CORE, Parser, add_options
 from launch import data as data_module
 from launch.config import MAX_TIMEOUT_S
 from launch.ranks import RankFailure, cpu_threads_per_rank, error_line, raise_interrupt, run_ranks
-from launch.step import AUTOCAST
+from launch.step import AUTOCAST, convolution_math
 from towers import FC8_PLACEMENTS, TOWERS, AlexNet
 
 from . import flops, traffic
@@ -426,7 +426,7 @@ def summarize(spec: dict, ranks: list, analytic: dict, devices: DevicePlan) -> d
     run["peak"] = None
     known = devices.gpu_name and flops.gpu_peak(devices.gpu_name)
     if spec["device"] == "cuda" and known:
-        math_mode = "bf16" if spec["precision"] == "bf16" else flops.fp32_math()
+        math_mode = "bf16" if spec["precision"] == "bf16" else convolution_math()
         tflops = known[1][math_mode]
         gpus = len({r["device"] for r in ranks})  # over gloo on one GPU, two ranks share it
         run["peak"] = {"gpu": known[0], "math": math_mode, "tflop_per_s_per_device": tflops, "devices": gpus,

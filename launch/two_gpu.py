@@ -54,7 +54,7 @@ from .ranks import (LOOPBACK, PEER_GONE, PREPARATION_WAIT_S, MissingRank, RankFa
                     cpu_threads_per_rank, die_with_parent, error_line, failed_to_meet, init_process_group,
                     patient_group, reuse_freed_memory, run_ranks, sigterm_as_interrupt)
 from .train import architecture, describe_evaluation, elsewhere_than, log_file, run_rank, setup_logging
-from .step import AUTOCAST
+from .step import AUTOCAST, convolution_math
 
 log = logging.getLogger("launch.two_gpu")
 
@@ -699,7 +699,7 @@ def _configure(argv) -> tuple:
 
 def describe_arithmetic(config: TrainConfig, device: str = "cpu") -> str:
     precision = "bf16 autocast, float32 weights" if config.precision == "bf16" else "float32"
-    if device == "cuda" and config.precision != "bf16" and torch.backends.cudnn.allow_tf32:
+    if device == "cuda" and config.precision != "bf16" and convolution_math() == "tf32":
         precision += " (convolutions in TF32, cuDNN's default on a GPU)"
     if config.compile is None:
         return f"{precision}, eager"

@@ -34,7 +34,7 @@ from launch.ranks import RankFailure, run_ranks
 from launch.train import IMAGE_SHAPE, InputBytes, Plan, default_workers, evaluate, shared_batches
 from launch.config import TrainConfig
 from launch.schedule import Progress
-from launch.step import paper_optimizer, train_step
+from launch.step import convolution_math, paper_optimizer, train_step
 from towers import Tower, build_reference, shard_state_dict
 
 from conftest import NO_DROPOUT, ROOT, RUN_TIMEOUT_S, launch
@@ -367,6 +367,9 @@ def test_the_arithmetic_is_named_as_the_device_does_it(monkeypatch):
     assert two_gpu.describe_arithmetic(TrainConfig(precision="bf16"), "cuda") == "bf16 autocast, float32 weights, eager"
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     assert two_gpu.describe_arithmetic(TrainConfig(), "cuda") == "float32, eager"
+    assert convolution_math() == "fp32"  # the benchmark's peak is then fp32's, 7 times below TF32's on an H100
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    assert convolution_math() == "tf32"
 
 
 def _delivery_worker(rank, data_root):
