@@ -650,6 +650,23 @@ def test_a_tanh_net_is_read_after_its_tanh_and_is_never_silent():
 
 # --------------------------------------------------------------------------- errors
 
+def test_the_traffic_bars_stack_what_each_tower_sent(tmp_path, monkeypatch):
+    """Per exchange and direction, tower 0's bytes at the bottom, tower 1's on top: with FC8 on
+    tower 0 the two send different amounts, so a bar drawn from the wrong tower shows."""
+    drawn = []
+    monkeypatch.setattr(show, "_save", lambda fig, path: drawn.append(fig) or path)
+    run = show.RunFolder(write_run(tmp_path / "run", summary=SUMMARY))
+    show.draw_traffic(run, tmp_path)
+    names = sorted({key.split("/")[0] for key in EXCHANGES})
+    bars = {container.get_label(): [patch.get_height() for patch in container.patches]
+            for container in drawn[0].axes[0].containers}
+    for direction in ("forward", "backward"):
+        for rank in (0, 1):
+            sent = [EXCHANGES.get(f"{name}/{direction}", [0.0, 0.0])[rank] / 1e6 for name in names]
+            assert bars[f"{direction}, sent by tower {rank}"] == pytest.approx(sent, abs=1e-12), (direction, rank)
+    show.pyplot().close(drawn[0])
+
+
 def test_the_traffic_of_a_run_of_replicas_is_said_to_be_one_replica_s():
     """summary.json's exchanges are replica 0's towers' on its share of the batch."""
     per_step = {"conv3_input/forward": [0.5e6, 0.5e6]}
