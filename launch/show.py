@@ -253,10 +253,10 @@ def read_metrics(path: Path) -> Metrics:
     if unreadable:
         log.warning("%s: left out %d unreadable line(s)", path, unreadable)
     if replaced:  # as a resume from an earlier checkpoint; else an edit or a join of two runs' files
-        log.warning("%s: %s: the records after each such step were left out", path, "; ".join(
-            f"a record of step {step} follows later ones, which start the history again there ({count} training "
-            f"record(s) dropped)" for step, count in replaced[:3]) + (f"; and {len(replaced) - 3} more such"
-                                                                     if len(replaced) > 3 else ""))
+        more = f"; and {len(replaced) - 3} more such" if len(replaced) > 3 else ""
+        log.warning("%s: %s%s: the records after each such step were left out", path, "; ".join(
+            f"a record of step {step} follows records of that step or later and starts the history again there "
+            f"({count} training record(s) dropped)" for step, count in replaced[:3]), more)
     return Metrics(train, evals)
 
 

@@ -188,9 +188,15 @@ def test_curves_keep_the_last_record_of_each_step_after_resumes(tmp_path, caplog
     assert [(r["step"], r["loss"]) for r in metrics.train] == [(10, 2.3), (20, 2.2), (30, 2.05), (40, 1.45)]
     assert [(r["epoch"], r["top1_error"]) for r in metrics.evals] == [(1, 0.85)]
     # said, not silent: one record out of place (an edit, two runs' files joined) drops what follows it
-    assert f"{path}: a record of step 40 follows later ones, which start the history again there (2 training " \
-           f"record(s) dropped); a record of step 30 follows later ones, which start the history again there (4 " \
+    again = "follows records of that step or later and starts the history again there"
+    assert f"{path}: a record of step 40 {again} (2 training record(s) dropped); a record of step 30 {again} (4 " \
            f"training record(s) dropped): the records after each such step were left out" in caplog.text, caplog.text
+    # A step written twice (two copies of a run's file joined): its later record alone is drawn.
+    twice = records[:3] + [train_record(30, 2.0), eval_record(1, 30, 0.8)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in twice))
+    metrics = show.read_metrics(path)
+    assert [(r["step"], r["loss"]) for r in metrics.train] == [(10, 2.3), (20, 2.2), (30, 2.0)]
+    assert [(r["step"], r["top1_error"]) for r in metrics.evals] == [(30, 0.8)]
 
     path.write_text("".join(json.dumps(r) + "\n" for r in records[:10]))
     metrics = show.read_metrics(path)
