@@ -2261,19 +2261,20 @@ def test_a_checkpoint_given_as_tilde_slash_is_in_the_home_folder(tmp_path, monke
     assert checkpoint.resolve_path("~/run") == tmp_path / "run" / "checkpoint.pt"
 
 
-def test_training_images_that_cannot_be_used_are_counted_in_the_summary(tiny_data, tmp_path):
+@pytest.mark.parametrize("layout", [[], ["--layout", "one-tower", "--replicas", "2"]], ids=["towers", "replicas"])
+def test_training_images_that_cannot_be_used_are_counted_in_the_summary(tiny_data, tmp_path, layout):
     """Two unreadable training images, one in the run's one batch: the next image stands in for
     it, and the run, which ends well, says so on its last line and in summary.json,
     not only in a warning among the step lines; the other, met by the statistics alone, is not
-    counted."""
+    counted. The one met is the batch's last: with replicas, in the share that rank 1 loads."""
     data = tmp_path / "data"
     shutil.copytree(tiny_data, data)
     samples = data_module.open_data(data).train.samples  # in the program's order
     batch = data_module.epoch_order(len(samples), 0, 0)[:4].tolist()  # the first batch of seed 0
-    not_met = next(i for i in range(len(samples)) if i not in batch and i - 1 != batch[0])
-    for index in (batch[0], not_met):
+    not_met = next(i for i in range(len(samples)) if i not in batch and i - 1 != batch[-1])
+    for index in (batch[-1], not_met):
         Path(samples[index][0]).write_bytes(b"not an image")
-    result = launch("--data", data, "--out", tmp_path, "--run-name", "run", "--max-steps", "1", *TINY)
+    result = launch("--data", data, "--out", tmp_path, "--run-name", "run", "--max-steps", "1", *TINY, *layout)
     assert "left out of the statistics" in result.stderr  # both: each image of the 30 is in their sample
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["train_skipped"] == 1
     assert "1 training image could not be used in this run; the next usable image stood in for it" in \
