@@ -50,7 +50,7 @@ from .config import (KEPT_UNLESS_GIVEN, RUN_CONTROL, TrainConfig, build_parser, 
                      describe_recipe, given_options, parse_config, recipe_warnings, resolve)
 from .meter import summary_steps
 from .mesh import loading_ranks, machine_ranks
-from .ranks import (LOOPBACK, PEER_GONE, PREPARATION_WAIT_S, MissingRank, RankFailure, choose_placement,
+from .ranks import (LOOPBACK, PEER_GONE, PREPARATION_WAIT_S, MissingRank, Placement, RankFailure, choose_placement,
                     cpu_threads_per_rank, die_with_parent, error_line, failed_to_meet, init_process_group,
                     patient_group, reuse_freed_memory, run_ranks, sigterm_as_interrupt)
 from .train import architecture, describe_evaluation, elsewhere_than, log_file, run_rank, setup_logging
@@ -872,18 +872,26 @@ def _lost_a_peer(exc: Exception) -> bool:
                                             "remote process", "ncclremoteerror"))
 
 
-def _not_met(rank: int, world_size: int, exc: Exception, config: TrainConfig) -> None:
+def _not_met(rank: int, world_size: int, exc: Exception, config: TrainConfig, placement: Placement) -> None:
     """Says that this rank could not meet the others (``exc``: the store's words or gloo's), and why that happens."""
     where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
     # torchrun's agent sets TORCHELASTIC_RUN_ID; without it, the variables may be another tool's
     leftover = "" if "TORCHELASTIC_RUN_ID" in os.environ else (
         " (if no launcher started this one, RANK and WORLD_SIZE are left over from another program: unset them, "
         "and this program starts its own ranks)")
+    backends, here = "", os.environ.get("LOCAL_WORLD_SIZE", "")  # torchrun's: the ranks of this machine
+    if config.backend == "auto" and here.isdigit() and int(here) < world_size:  # the others' machines may differ
+        other = ("gloo", "fewer GPUs than ranks") if placement.backend == "nccl" else ("NCCL", "a GPU for each rank")
+        backends = (f"; and under --backend auto each machine picks its own backend, this one {placement.backend} "
+                    f"({placement.why.split(':')[0]}) where a machine with {other[1]} picks {other[0]}, and ranks "
+                    f"of two backends never meet: give every rank --backend gloo, or every machine a GPU for each "
+                    f"of its ranks")
     log.error("error: rank %d could not meet the other ranks at %s (%s): a rank that stopped on its own "
               "machine never comes (its output there says why: a check of its options, its files or its network "
               "there); else start all %d ranks within --timeout %g s of each other, each with this MASTER_ADDR "
               "and MASTER_PORT (an address that every machine reaches, a port free on its machine), as torchrun "
-              "does%s", rank, where, str(exc).strip().splitlines()[0], world_size, config.timeout, leftover)
+              "does%s%s", rank, where, str(exc).strip().splitlines()[0], world_size, config.timeout, leftover,
+              backends)
 
 
 # Settings that each machine resolves against its own working folder (the command lines are compared as given)
@@ -933,7 +941,7 @@ def _main_under_torchrun(config: TrainConfig, held: list, placement, argv: list)
     except RuntimeError as exc:  # no rendezvous: a peer missing, a port taken, gloo's mesh not made (a restart)
         if not failed_to_meet(exc):
             raise  # another fault (CUDA's, a device's): its own traceback, not this advice
-        _not_met(rank, world_size, exc, config)
+        _not_met(rank, world_size, exc, config, placement)
         return 1
     run_dir = bundle = lock = None
     # Rank 0 tells the other ranks whether the run can start, and if not, why; if so, the
@@ -964,7 +972,7 @@ def _main_under_torchrun(config: TrainConfig, held: list, placement, argv: list)
                 dist.broadcast_object_list(outcome, src=0, group=group)
         except RuntimeError as exc:  # of a collective (gloo's is no DistError): a rank gone, or another run's port
             if isinstance(exc, MissingRank):  # NCCL's group meets lazily: a rank missing is seen here
-                _not_met(rank, world_size, exc, config)
+                _not_met(rank, world_size, exc, config, placement)
                 return 1
             if preparing or not met:
                 raise  # rank 0's own work, or a fault of this rank's own in making the group: its traceback

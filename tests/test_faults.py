@@ -37,7 +37,7 @@ from launch.checkpoint import (FORMAT, checkpoint_payload, load_checkpoint, save
                               training_checkpoint_bytes)
 from launch.config import parse_config
 from launch.meter import Metrics, RunFolderGone
-from launch.ranks import MissingRank
+from launch.ranks import MissingRank, choose_placement
 from launch.cli import alive as _alive
 from launch.cli import check_compile_backend
 from launch.two_gpu import check_room_for_checkpoints, main
@@ -1135,8 +1135,40 @@ def test_under_torchrun_a_rank_that_never_comes_stops_the_others_within_the_time
         in errors[1], errors[1]
     assert f"error: rank 0 could not meet the other ranks at 127.0.0.1:{port} (" in errors[0], errors[0]
     assert "a rank that stopped on its own machine never comes" in errors[0], errors[0]
+    # machines that pick other backends never meet either: said beside the other causes
+    line = next(line for line in errors[0].splitlines() if "could not meet the other ranks" in line)
+    assert line.endswith(
+        "; and under --backend auto each machine picks its own backend, this one gloo (no GPU visible) where a machine "
+        "with a GPU for each rank picks NCCL, and ranks of two backends never meet: give every rank --backend gloo, "
+        "or every machine a GPU for each of its ranks"), errors[0]
     assert [p.returncode for p in procs] == [1, 1]
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_rank_that_could_not_meet_names_the_backends_that_machines_pick(monkeypatch, caplog):
+    """Under torchrun on machines of their own, a machine with a GPU per rank picks NCCL and one
+    without gloo: their ranks never meet, and each says so beside the other causes. Not where
+    every rank is on this machine, nor with --backend given."""
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29999")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    config = parse_config(["--out", "/nowhere"])
+    gpus = choose_placement("auto", gpus=2, ranks=4, ranks_here=2)
+    cpus = choose_placement("auto", gpus=0, ranks=4, ranks_here=2)
+    shared = choose_placement("auto", gpus=1, ranks=4, ranks_here=2)
+    for placement, said in ((gpus, "this one nccl (2 GPUs visible, one per rank) where a machine with fewer GPUs "
+                                   "than ranks picks gloo, and ranks of two backends never meet"),
+                            (cpus, "this one gloo (no GPU visible) where a machine with a GPU for each rank picks "
+                                   "NCCL"),
+                            (shared, "this one gloo (1 GPU(s) visible for 2 ranks) where a machine")):
+        caplog.clear()
+        two_gpu._not_met(0, 4, RuntimeError("timed out"), config, placement)
+        assert said in caplog.text, caplog.text
+    for local, backend in (("4", "auto"), ("2", "gloo")):
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", local)
+        caplog.clear()
+        two_gpu._not_met(0, 4, RuntimeError("timed out"), parse_config(["--backend", backend]), cpus)
+        assert "could not meet the other ranks" in caplog.text and "backend" not in caplog.text, caplog.text
 
 
 def _as_torchrun_starts(args_of, cwd_of=lambda rank: ROOT) -> tuple:
