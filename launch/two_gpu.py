@@ -75,9 +75,28 @@ TRAINING_ONLY = ("epochs", "lr", "momentum", "weight_decay", "schedule", "patien
                  "warmup_steps", "init", "dropout", "seed", "log_every", "checkpoint_every", "max_steps")
 
 
+def _has_address(name: str) -> Optional[bool]:
+    """Whether the network interface ``name`` (an alias such as eth0:1 too) has an IPv4 or IPv6
+    address, as gloo looks one up for it; None where not known (not Linux)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import fcntl
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:  # SIOCGIFADDR: the IPv4 address of an interface, or of an alias by its label
+            fcntl.ioctl(probe.fileno(), 0x8915, name.encode()[:15].ljust(40, b"\0"))
+            return True
+        except OSError:
+            pass
+    try:  # the IPv6 addresses, each with its interface's name last (IPv6 has no aliases)
+        return any(line.split()[-1:] == [name] for line in Path("/proc/net/if_inet6").read_text().splitlines())
+    except OSError:  # IPv6 off
+        return False
+
+
 def check_gloo_interface() -> None:
     """GLOO_SOCKET_IFNAME, where set, must name this machine's network interfaces (a list of
-    them, comma-separated): else every rank fails in gloo's C++ as it starts, with a traceback."""
+    them, comma-separated), each with an address: else every rank fails in gloo's C++ as it
+    starts ("Unable to find address for"), after the run folder is made."""
     given = os.environ.get("GLOO_SOCKET_IFNAME", "")
     if len(given) <= 1:  # gloo reads none shorter
         return
@@ -90,6 +109,13 @@ def check_gloo_interface() -> None:
     if missing:
         raise ValueError(f"GLOO_SOCKET_IFNAME={given} names {', '.join(missing)}, which this machine has no network "
                          f"interface of (it has {', '.join(here)}): unset it, or name one of those")
+    bare = [name for name in names if _has_address(name) is False]
+    if bare:
+        usable = [name for name in here if _has_address(name)]
+        has = "has" if len(bare) == 1 else "have"
+        raise ValueError(f"GLOO_SOCKET_IFNAME={given} names {', '.join(bare)}, which {has} no IP address here, and "
+                         f"gloo needs one: unset it, or name an interface with an address "
+                         f"({', '.join(usable) or 'none here has one'})")
 
 
 def check_master_addr(addr: str) -> None:

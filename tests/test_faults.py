@@ -883,17 +883,32 @@ def test_a_rank_whose_gloo_cannot_connect_ends_in_one_line(tiny_data, tmp_path, 
     assert "lost the other ranks" not in capfd.readouterr().err
 
 
-@pytest.mark.parametrize("value, refused", [("nosuch", True), ("lo,nosuch", True), (",lo", True), ("lo", False),
-                                            ("lo,", False), ("lo:1", False), ("x", False), ("", False)])
+@pytest.mark.parametrize("value, refused", [("nosuch", "no network interface"), ("lo,nosuch", "no network interface"),
+                                            (",lo", "no network interface"), ("lo", None), ("lo,", None),
+                                            ("lo:1", "no IP address"), ("bare0", "no IP address"),
+                                            ("lo,bare0,bare1", "bare0, bare1, which have no IP address"),
+                                            ("x", None), ("", None)])
 def test_gloo_socket_ifname_is_checked_as_gloo_reads_it(monkeypatch, value, refused):
-    """A list of this machine's interfaces (a trailing comma dropped, an alias eth0:1 of eth0);
-    one character or none is not read at all."""
+    """A list of this machine's interfaces (a trailing comma dropped), each with an address, as
+    gloo looks one up: an alias eth0:1 of eth0 has its own, or none (lo:1 here); one character
+    or none is not read at all. bare0 and bare1 stand for interfaces without an address (a
+    bridge's port, one that is down)."""
+    listed = socket.if_nameindex()
+    monkeypatch.setattr(socket, "if_nameindex", lambda: [*listed, (900, "bare0"), (901, "bare1")])
     monkeypatch.setenv("GLOO_SOCKET_IFNAME", value)
     if refused:
-        with pytest.raises(ValueError, match=f"^GLOO_SOCKET_IFNAME={value} names "):
+        with pytest.raises(ValueError, match=f"^GLOO_SOCKET_IFNAME={value} names .*{refused}"):
             two_gpu.check_gloo_interface()
     else:
         two_gpu.check_gloo_interface()
+
+
+def test_gloo_itself_stops_at_an_interface_without_an_address(monkeypatch):
+    """What the check above spares a run: gloo's C++ error as a rank starts, after the run folder is made."""
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo:1")  # an alias that lo does not have
+    with pytest.raises(RuntimeError, match="Unable to find address for: lo:1"):
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    assert not dist.is_initialized()
 
 
 @pytest.mark.slow
