@@ -192,7 +192,7 @@ def test_curves_keep_the_last_record_of_each_step_after_resumes(tmp_path, caplog
     assert f"{path}: a record of step 40 {again} (2 training record(s) dropped); a record of step 30 {again} (4 " \
            f"training record(s) dropped): the records after each such step were left out" in caplog.text, caplog.text
     # A step written twice (two copies of a run's file joined): its later record alone is drawn.
-    twice = records[:3] + [train_record(30, 2.0), eval_record(1, 30, 0.8)]
+    twice = records[:4] + [train_record(30, 2.0), eval_record(1, 30, 0.8)]
     path.write_text("".join(json.dumps(r) + "\n" for r in twice))
     metrics = show.read_metrics(path)
     assert [(r["step"], r["loss"]) for r in metrics.train] == [(10, 2.3), (20, 2.2), (30, 2.0)]
@@ -664,12 +664,15 @@ def test_the_traffic_bars_stack_what_each_tower_sent(tmp_path, monkeypatch):
     run = show.RunFolder(write_run(tmp_path / "run", summary=SUMMARY))
     show.draw_traffic(run, tmp_path)
     names = sorted({key.split("/")[0] for key in EXCHANGES})
-    bars = {container.get_label(): [patch.get_height() for patch in container.patches]
-            for container in drawn[0].axes[0].containers}
+    bars = {container.get_label(): container.patches for container in drawn[0].axes[0].containers}
     for direction in ("forward", "backward"):
+        bottom = [0.0] * len(names)
         for rank in (0, 1):
             sent = [EXCHANGES.get(f"{name}/{direction}", [0.0, 0.0])[rank] / 1e6 for name in names]
-            assert bars[f"{direction}, sent by tower {rank}"] == pytest.approx(sent, abs=1e-12), (direction, rank)
+            patches = bars[f"{direction}, sent by tower {rank}"]
+            assert [p.get_height() for p in patches] == pytest.approx(sent, abs=1e-12), (direction, rank)
+            assert [p.get_y() for p in patches] == pytest.approx(bottom, abs=1e-12), (direction, rank)
+            bottom = [b + m for b, m in zip(bottom, sent)]
     show.pyplot().close(drawn[0])
 
 
