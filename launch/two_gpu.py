@@ -75,28 +75,20 @@ TRAINING_ONLY = ("epochs", "lr", "momentum", "weight_decay", "schedule", "patien
                  "warmup_steps", "init", "dropout", "seed", "log_every", "checkpoint_every", "max_steps")
 
 
-def _has_address(name: str) -> Optional[bool]:
-    """Whether the network interface ``name`` (an alias such as eth0:1 too) has an IPv4 or IPv6
-    address, as gloo looks one up for it; None where not known (not Linux)."""
-    if not sys.platform.startswith("linux"):
-        return None
-    import fcntl
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        try:  # SIOCGIFADDR: the IPv4 address of an interface, or of an alias by its label
-            fcntl.ioctl(probe.fileno(), 0x8915, name.encode()[:15].ljust(40, b"\0"))
-            return True
-        except OSError:
-            pass
-    try:  # the IPv6 addresses, each with its interface's name last (IPv6 has no aliases)
-        return any(line.split()[-1:] == [name] for line in Path("/proc/net/if_inet6").read_text().splitlines())
-    except OSError:  # IPv6 off
+def _gloo_finds_address(name: str) -> bool:
+    """Whether gloo finds an IPv4 or IPv6 address under the network interface name ``name`` (an
+    alias's label such as eth0:1 too), asked of gloo itself: the lookup a rank's group makes."""
+    gloo = getattr(dist, "ProcessGroupGloo", None)  # a torch built without gloo fails elsewhere, in its own words
+    try:
+        return gloo is None or gloo.create_device(interface=name) is not None
+    except RuntimeError:  # "Unable to find address for: NAME"
         return False
 
 
 def check_gloo_interface() -> None:
     """GLOO_SOCKET_IFNAME, where set, must name this machine's network interfaces (a list of
-    them, comma-separated), each with an address: else every rank fails in gloo's C++ as it
-    starts ("Unable to find address for"), after the run folder is made."""
+    them, comma-separated), each with an address that gloo finds: else every rank fails in
+    gloo's C++ as it starts ("Unable to find address for"), after the run folder is made."""
     given = os.environ.get("GLOO_SOCKET_IFNAME", "")
     if len(given) <= 1:  # gloo reads none shorter
         return
@@ -109,13 +101,12 @@ def check_gloo_interface() -> None:
     if missing:
         raise ValueError(f"GLOO_SOCKET_IFNAME={given} names {', '.join(missing)}, which this machine has no network "
                          f"interface of (it has {', '.join(here)}): unset it, or name one of those")
-    bare = [name for name in names if _has_address(name) is False]
+    bare = [name for name in names if not _gloo_finds_address(name)]
     if bare:
-        usable = [name for name in here if _has_address(name)]
-        has = "has" if len(bare) == 1 else "have"
-        raise ValueError(f"GLOO_SOCKET_IFNAME={given} names {', '.join(bare)}, which {has} no IP address here, and "
-                         f"gloo needs one: unset it, or name an interface with an address "
-                         f"({', '.join(usable) or 'none here has one'})")
+        usable = [name for name in here if _gloo_finds_address(name)]
+        raise ValueError(f"GLOO_SOCKET_IFNAME={given} names {', '.join(bare)}, under which gloo finds no IP address "
+                         f"here (an address added under a label, such as eth0:1, is found under that label alone): "
+                         f"unset it, or name one under which it finds one ({', '.join(usable) or 'none here'})")
 
 
 def check_master_addr(addr: str) -> None:
@@ -907,9 +898,10 @@ def _not_met(rank: int, world_size: int, exc: Exception, config: TrainConfig, pl
         "and this program starts its own ranks)")
     backends, here = "", os.environ.get("LOCAL_WORLD_SIZE", "")  # torchrun's: the ranks of this machine
     if config.backend == "auto" and here.isdigit() and int(here) < world_size:  # the others' machines may differ
-        other = ("gloo", "fewer GPUs than ranks") if placement.backend == "nccl" else ("NCCL", "a GPU for each rank")
-        backends = (f"; and under --backend auto each machine picks its own backend, this one {placement.backend} "
-                    f"({placement.why.split(':')[0]}) where a machine with {other[1]} picks {other[0]}, and ranks "
+        this, other = ("NCCL", ("gloo", "fewer GPUs than ranks")) if placement.backend == "nccl" else \
+            ("gloo", ("NCCL", "a GPU for each rank"))
+        backends = (f"; and under --backend auto each machine picks its own backend: this one picks {this} "
+                    f"({placement.why.split(':')[0]}), whereas a machine with {other[1]} picks {other[0]}, and ranks "
                     f"of two backends never meet: give every rank --backend gloo, or every machine a GPU for each "
                     f"of its ranks")
     log.error("error: rank %d could not meet the other ranks at %s (%s): a rank that stopped on its own "

@@ -886,13 +886,13 @@ def test_a_rank_whose_gloo_cannot_connect_ends_in_one_line(tiny_data, tmp_path, 
 @pytest.mark.parametrize("value, refused", [("nosuch", "no network interface"), ("lo,nosuch", "no network interface"),
                                             (",lo", "no network interface"), ("lo", None), ("lo,", None),
                                             ("lo:1", "no IP address"), ("bare0", "no IP address"),
-                                            ("lo,bare0,bare1", "bare0, bare1, which have no IP address"),
-                                            ("x", None), ("", None)])
+                                            ("lo,bare0,bare1", "bare0, bare1, under which gloo finds no IP address"),
+                                            ("lo:" + "x" * 13, "no IP address"), ("x", None), ("", None)])
 def test_gloo_socket_ifname_is_checked_as_gloo_reads_it(monkeypatch, value, refused):
-    """A list of this machine's interfaces (a trailing comma dropped), each with an address, as
-    gloo looks one up: an alias eth0:1 of eth0 has its own, or none (lo:1 here); one character
-    or none is not read at all. bare0 and bare1 stand for interfaces without an address (a
-    bridge's port, one that is down)."""
+    """A list of this machine's interfaces (a trailing comma dropped), each with an address that
+    gloo finds: an alias eth0:1 of eth0 has its own, or none (lo:1 here; nor one of a name too
+    long for any); one character or none is not read at all. bare0 and bare1 stand for
+    interfaces without an address (a bridge's port, say)."""
     listed = socket.if_nameindex()
     monkeypatch.setattr(socket, "if_nameindex", lambda: [*listed, (900, "bare0"), (901, "bare1")])
     monkeypatch.setenv("GLOO_SOCKET_IFNAME", value)
@@ -1153,9 +1153,9 @@ def test_under_torchrun_a_rank_that_never_comes_stops_the_others_within_the_time
     # machines that pick other backends never meet either: said beside the other causes
     line = next(line for line in errors[0].splitlines() if "could not meet the other ranks" in line)
     assert line.endswith(
-        "; and under --backend auto each machine picks its own backend, this one gloo (no GPU visible) where a machine "
-        "with a GPU for each rank picks NCCL, and ranks of two backends never meet: give every rank --backend gloo, "
-        "or every machine a GPU for each of its ranks"), errors[0]
+        "; and under --backend auto each machine picks its own backend: this one picks gloo (no GPU visible), whereas "
+        "a machine with a GPU for each rank picks NCCL, and ranks of two backends never meet: give every rank "
+        "--backend gloo, or every machine a GPU for each of its ranks"), errors[0]
     assert [p.returncode for p in procs] == [1, 1]
     assert not (tmp_path / "runs").exists()
 
@@ -1171,11 +1171,11 @@ def test_a_rank_that_could_not_meet_names_the_backends_that_machines_pick(monkey
     gpus = choose_placement("auto", gpus=2, ranks=4, ranks_here=2)
     cpus = choose_placement("auto", gpus=0, ranks=4, ranks_here=2)
     shared = choose_placement("auto", gpus=1, ranks=4, ranks_here=2)
-    for placement, said in ((gpus, "this one nccl (2 GPUs visible, one per rank) where a machine with fewer GPUs "
-                                   "than ranks picks gloo, and ranks of two backends never meet"),
-                            (cpus, "this one gloo (no GPU visible) where a machine with a GPU for each rank picks "
-                                   "NCCL"),
-                            (shared, "this one gloo (1 GPU(s) visible for 2 ranks) where a machine")):
+    for placement, said in ((gpus, "this one picks NCCL (2 GPUs visible, one per rank), whereas a machine with "
+                                   "fewer GPUs than ranks picks gloo, and ranks of two backends never meet"),
+                            (cpus, "this one picks gloo (no GPU visible), whereas a machine with a GPU for each rank "
+                                   "picks NCCL"),
+                            (shared, "this one picks gloo (1 GPU(s) visible for 2 ranks), whereas a machine")):
         caplog.clear()
         two_gpu._not_met(0, 4, RuntimeError("timed out"), config, placement)
         assert said in caplog.text, caplog.text
