@@ -5,17 +5,24 @@ The loader is the one training uses (``launch.data.train_batches``): decode the 
 bring it to the 256 base image, cut the 224 crop, collate uint8 batches. The rest of
 section 4.1 (mean, reflection, colour shift) runs on the rank's device
 (``launch.data.augment``) and is timed there on its own. Default data: the built-in
-set, pre-resized 256x256 JPEGs as ``launch.prepare`` makes of ImageNet.
+set, pre-resized 256x256 JPEGs as ``launch.prepare`` makes of ImageNet. On a GPU the
+same batches are also made by torchvision's JPEG decoder on the GPU (nvJPEG), to tell
+whether decoding there would feed a step that the worker processes cannot.
 """
 
 import time
+from pathlib import Path
 from typing import Optional
 
 import torch
 
 from launch import data as data_module
+from launch.images import BASE_SIZE
 from launch.ranks import error_line
 from towers.reference import INPUT_SIZE
+
+
+NO_GPU_DECODING = "not measured: no GPU"
 
 
 def _stopped(deadline) -> bool:
@@ -37,6 +44,55 @@ def _images_per_s(bundle, batch: int, batches: int, workers: int, deadline=None)
     del iterator  # stops the workers
     return {"workers": workers, "batches": timed, "planned_batches": planned, "batch": batch, "seconds": seconds,
             "images_per_s": timed * batch / seconds}
+
+
+def decoded_batch(bundle, batch: int, index: int, device: torch.device) -> torch.Tensor:
+    """Training batch ``index`` of epoch 0 (seed 0), the uint8 crops the loader hands out, made
+    instead by torchvision on ``device`` (nvJPEG on a GPU): each file's bytes read on this
+    thread, the batch decoded in one call, the crops cut on the device. For pre-resized 256x256
+    JPEGs (the built-in set's, launch.prepare's), which need no resize; raises ValueError for
+    another size, and torchvision's RuntimeError for a file it cannot decode (where the loader
+    puts the next usable image in its place)."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+    first = index * batch
+    order = data_module.epoch_order(len(bundle.train), 0, 0)[first:first + batch]
+    paths = [bundle.train.samples[i][0] for i in order.tolist()]
+    encoded = [torch.frombuffer(bytearray(Path(path).read_bytes()), dtype=torch.uint8) for path in paths]
+    images = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
+    odd = next((path for path, image in zip(paths, images) if tuple(image.shape) != (3, BASE_SIZE, BASE_SIZE)), None)
+    if odd is not None:
+        raise ValueError(f"{odd} is not a {BASE_SIZE}x{BASE_SIZE} image, which decoding on the device is measured "
+                         f"on (the pre-resized JPEGs of launch.prepare)")
+    choices = data_module.train_augmentation(seed=0, epoch=0, first=first, count=batch)
+    return torch.stack([image[:, top:top + INPUT_SIZE, left:left + INPUT_SIZE]  # one copy on the device
+                        for image, top, left in zip(images, choices.top.tolist(), choices.left.tolist())])
+
+
+def _decoded_images_per_s(bundle, batch: int, batches: int, device: torch.device, deadline=None) -> dict:
+    """The rate of ``decoded_batch`` over the batches ``_images_per_s`` times, after a warm-up one."""
+    planned = min(batches, data_module.batches_per_epoch(bundle, batch) - 1)
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda device: None
+    decoded_batch(bundle, batch, 0, device)
+    sync(device)
+    started, timed = time.perf_counter(), 0
+    while timed < planned and not (timed and _stopped(deadline)):
+        decoded_batch(bundle, batch, 1 + timed, device)
+        timed += 1
+    sync(device)
+    seconds = time.perf_counter() - started
+    return {"device": str(device), "batches": timed, "planned_batches": planned, "batch": batch, "seconds": seconds,
+            "images_per_s": timed * batch / seconds}
+
+
+def decoding(bundle, batch: int, batches: int, device: torch.device, deadline=None) -> dict:
+    """``_decoded_images_per_s``, or why it was not measured: the --time-limit reached, or the
+    failure (whatever torchvision's decoding raises, the loader's own figures stand)."""
+    if _stopped(deadline):
+        return {"reason": deadline.reason}
+    try:
+        return _decoded_images_per_s(bundle, batch, batches, device, deadline)
+    except Exception as error:  # nvJPEG's own errors too
+        return {"reason": f"failed: {error_line(error)}"}
 
 
 def _augment_ms(bundle, batch: int, device: torch.device, repeats: int = 5, deadline=None) -> float:
@@ -91,11 +147,14 @@ def measure_loader(workers: tuple, batch: int, batches: int, device: str, bundle
     if not by_workers:
         raise first_error
     cut = skipped or any(w["batches"] < w["planned_batches"] for w in by_workers)
+    on_gpu = torch.device(device).type == "cuda"
+    decoded = decoding(bundle, batch, batches, torch.device(device), deadline) if on_gpu else {"reason": NO_GPU_DECODING}
     return {
         "data": str(bundle.root), "train_images": len(bundle.train), "device": device,
         "by_workers": by_workers, "failed_workers": failed, "not_measured_workers": skipped,
         "not_measured_reason": deadline.reason if cut else None,
         "augment_ms_per_batch": _augment_ms(bundle, batch, torch.device(device), deadline=deadline),
+        "decoded_on_device": decoded,  # the loader's batches decoded by torchvision on the GPU instead
         # what one rank broadcasts per image: uint8 crop (and an int64 label), against float32 images
         "input_bytes_per_image": 3 * INPUT_SIZE * INPUT_SIZE + 8,
         "float32_bytes_per_image": 4 * 3 * INPUT_SIZE * INPUT_SIZE + 8,

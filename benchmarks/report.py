@@ -21,6 +21,7 @@ from typing import Optional
 
 import numpy as np
 
+from benchmarks.loader import NO_GPU_DECODING
 from benchmarks.run import MEMORY_FORMATS, MODES, held
 from benchmarks.workers import LR
 from launch.cli import JSON_DAMAGE, Parser, pyplot, quick_exit, remove_abandoned
@@ -514,6 +515,15 @@ def loader_lines(results) -> list:
               and _plain(r)]
     lines += ["", f"- the rest of the augmentation (mean, reflection, colour shift) on {loader['device']}: "
               f"{loader['augment_ms_per_batch']:.1f} ms per batch of {batch}"]
+    decoded = loader.get("decoded_on_device")  # not in older results
+    if decoded and "reason" in decoded:
+        lines.append(f"- the same batches decoded on the GPU by torchvision (nvJPEG): {decoded['reason']}")
+    elif decoded:
+        keeps = "" if not towers else ", which keeps up with the towers' step" if \
+            decoded["images_per_s"] >= towers[0]["images_per_s"] else ", short of the towers' step"
+        lines.append(f"- the same batches decoded on {decoded['device']} by torchvision (nvJPEG, one call per batch; "
+                     f"each file read on one thread, the crops cut on the GPU): {decoded['images_per_s']:.1f} images/s "
+                     f"over {decoded['batches']} timed batches{keeps}")
     if towers:
         rate = towers[0]["images_per_s"]
         keeping = [w for w in loader["by_workers"] if w["images_per_s"] >= rate]
@@ -686,6 +696,9 @@ def write_report(results: dict, folder: Path) -> None:
                 for w in loader.get("failed_workers", ())]
     missing += [f"- the data loader with {w} workers: {loader['not_measured_reason']}"
                 for w in loader.get("not_measured_workers", ())]
+    decoded = loader.get("decoded_on_device") or {}
+    if decoded.get("reason", NO_GPU_DECODING) != NO_GPU_DECODING:  # failed, or the --time-limit reached
+        missing.append(f"- the loader's batches decoded on the GPU: {decoded['reason']}")
     missing += [f"- the training program, {p['mode']}: {p['failed']}" for p in results.get("program") or []
                 if "failed" in p]
     lines += missing

@@ -21,8 +21,10 @@ import time
 import matplotlib.image
 import pytest
 import torch
+from PIL import Image
 
 from benchmarks import flops, program, report, run, scratch, traffic
+from launch import data as data_module
 from launch.cli import usable_cores
 from towers import FC8_PLACEMENTS, AlexNet
 from towers.sharding import shard_state_dict
@@ -330,6 +332,38 @@ def test_the_loader_stops_timing_batches_at_the_deadline(tiny_data):
             f"benchmark's --time-limit of 10 s was reached while they were timed).") in lines[0]
 
 
+@pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")  # torchvision 0.29's, for torchcodec
+def test_batches_decoded_by_torchvision_are_the_loader_s(tiny_data, tmp_path):
+    """What the GPU decodes in the loader's section is the loader's own batches: shown on the
+    CPU, where torchvision's decoder (libjpeg-turbo, as Pillow's) gives the same pixels. On a GPU
+    nvJPEG may round some pixels otherwise; its speed, not its pixels, is what is measured."""
+    from benchmarks import loader as loader_module
+    bundle = run.open_loader_data(str(tiny_data), 4)
+    batches = data_module.train_batches(bundle, 4, seed=0, epoch=0)
+    for index in range(3):
+        crops = next(batches)[0]
+        decoded = loader_module.decoded_batch(bundle, 4, index, torch.device("cpu"))
+        assert decoded.dtype == torch.uint8 and torch.equal(decoded, crops), index
+    rate = loader_module.decoding(bundle, 4, 3, torch.device("cpu"))
+    assert (rate["batches"], rate["planned_batches"], rate["device"]) == (3, 3, "cpu") and rate["images_per_s"] > 0
+    # a file it cannot decode, or not of the base size, is the measurement's failure, said
+    order = data_module.epoch_order(len(bundle.train), 0, 0)
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    bundle = run.open_loader_data(str(data), 4)
+    Path(bundle.train.samples[order[1]][0]).write_bytes(b"not a JPEG")
+    assert loader_module.decoding(bundle, 4, 3, torch.device("cpu"))["reason"].startswith("failed: RuntimeError: ")
+    Image.new("RGB", (300, 256)).save(bundle.train.samples[order[1]][0], format="JPEG")
+    assert loader_module.decoding(bundle, 4, 3, torch.device("cpu"))["reason"] == (
+        f"failed: ValueError: {bundle.train.samples[order[1]][0]} is not a 256x256 image, which decoding on the "
+        f"device is measured on (the pre-resized JPEGs of launch.prepare)")
+    # on the CPU the loader's section says that there was no GPU, and the report does not count it missing
+    loader = run.measure_loader((0,), 4, 1, "cpu", run.open_loader_data(str(tiny_data), 4))
+    assert loader["decoded_on_device"] == {"reason": loader_module.NO_GPU_DECODING}
+    lines = report.loader_lines({"loader": loader, "runs": [], "config": {"batch": 4}})
+    assert f"- the same batches decoded on the GPU by torchvision (nvJPEG): {loader_module.NO_GPU_DECODING}" in lines
+
+
 def test_the_loader_section_names_the_workers_that_keep_up_with_the_towers_or_none():
     by_workers = [{"workers": w, "batch": 16, "batches": 4, "images_per_s": rate, "seconds": 64 / rate}
                   for w, rate in ((0, 40.0), (2, 90.0), (4, 150.0))]
@@ -343,6 +377,15 @@ def test_the_loader_section_names_the_workers_that_keep_up_with_the_towers_or_no
         return next(line for line in lines if line.startswith("- the towers' training step"))
     assert said(80.0).endswith("80.0 images/s at this batch: the loader keeps up with it from 2 workers")
     assert said(5000.0).endswith("no worker count measured keeps up with it (the most: 150.0 images/s from 4 workers)")
+    # and the same batches decoded on the GPU, where they were
+    loader["decoded_on_device"] = {"device": "cuda", "batches": 4, "planned_batches": 4, "batch": 16, "seconds": 0.2,
+                                   "images_per_s": 320.0}
+    for rate, verdict in ((80.0, "which keeps up with the towers' step"), (5000.0, "short of the towers' step")):
+        towers = {"mode": "towers", "batch": 16, "precision": "fp32", "memory_format": "contiguous",
+                  "images_per_s": rate}
+        lines = report.loader_lines({"loader": loader, "runs": [towers], "config": {"batch": 16}})
+        assert ("- the same batches decoded on cuda by torchvision (nvJPEG, one call per batch; each file read on one "
+                f"thread, the crops cut on the GPU): 320.0 images/s over 4 timed batches, {verdict}") in lines, lines
 
 
 def test_a_precision_baseline_that_was_never_planned_is_not_called_unmeasured():
