@@ -1,5 +1,6 @@
-"""On a CUDA GPU: the reference against the CPU, the two towers sharing one GPU against the
-reference, and the program training on the GPU with checkpoints that move to the CPU.
+"""On a CUDA GPU: the reference against the CPU, the benchmark's JPEG decoding there against
+the loader, the two towers sharing one GPU against the reference, and the program training
+on the GPU with checkpoints that move to the CPU.
 Skipped, with the reason, where torch sees no GPU."""
 
 import json
@@ -45,6 +46,23 @@ def test_the_reference_on_the_gpu_computes_what_it_computes_on_the_cpu():
     assert _rel(results["cuda"][0], results["cpu"][0]) < 1e-10, _rel(results["cuda"][0], results["cpu"][0])
     for key, grad in results["cpu"][1].items():
         assert _rel(results["cuda"][1][key], grad) < 1e-9, (key, _rel(results["cuda"][1][key], grad))  # longer chains of sums: 10x
+
+
+@pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")  # torchvision 0.29's, for torchcodec
+def test_batches_decoded_by_nvjpeg_are_close_to_the_loader_s(tiny_data):
+    """The benchmark's decoding on the GPU (benchmarks.loader.decoded_batch) makes the loader's
+    batches: nvJPEG's inverse DCT and chroma upsampling are not libjpeg-turbo's, so pixels may
+    differ by a few levels (an edge in colour by more), not on average."""
+    from benchmarks.loader import decoded_batch
+    from launch import data
+    bundle = data.open_data(tiny_data)
+    batches = data.train_batches(bundle, 4, seed=0, epoch=0)
+    for index in range(3):
+        crops = next(batches)[0]
+        decoded = decoded_batch(bundle, 4, index, torch.device("cuda"))
+        assert decoded.device.type == "cuda" and decoded.dtype == torch.uint8 and decoded.shape == crops.shape
+        difference = (decoded.cpu().float() - crops.float()).abs().mean().item()
+        assert difference < 2.0, (index, difference)
 
 
 @pytest.mark.parametrize("autocast", [False, True], ids=["float32", "bf16-autocast"])
