@@ -6,8 +6,9 @@ bring it to the 256 base image, cut the 224 crop, collate uint8 batches. The res
 section 4.1 (mean, reflection, colour shift) runs on the rank's device
 (``launch.data.augment``) and is timed there on its own. Default data: the built-in
 set, pre-resized 256x256 JPEGs as ``launch.prepare`` makes of ImageNet. On a GPU the
-same batches are also made by torchvision's JPEG decoder on the GPU (nvJPEG), to tell
-whether decoding there would feed a step that the worker processes cannot.
+same batches are also made by torchvision's JPEG decoder there (nvJPEG), alone on the
+GPU: what decoding on the GPU could deliver, against the worker processes, before it
+would share the GPU with the training step.
 """
 
 import time
@@ -22,7 +23,7 @@ from launch.ranks import error_line
 from towers.reference import INPUT_SIZE
 
 
-NO_GPU_DECODING = "not measured: no GPU"
+NO_GPU_DECODING = "not measured: the loader's device is the CPU"
 
 
 def _stopped(deadline) -> bool:
@@ -80,8 +81,9 @@ def _decoded_images_per_s(bundle, batch: int, batches: int, device: torch.device
         timed += 1
     sync(device)
     seconds = time.perf_counter() - started
+    cut = deadline.reason if deadline is not None and timed < planned else None  # the --time-limit, while timing
     return {"device": str(device), "batches": timed, "planned_batches": planned, "batch": batch, "seconds": seconds,
-            "images_per_s": timed * batch / seconds}
+            "images_per_s": timed * batch / seconds, "cut": cut}
 
 
 def decoding(bundle, batch: int, batches: int, device: torch.device, deadline=None) -> dict:
@@ -93,6 +95,9 @@ def decoding(bundle, batch: int, batches: int, device: torch.device, deadline=No
         return _decoded_images_per_s(bundle, batch, batches, device, deadline)
     except Exception as error:  # nvJPEG's own errors too
         return {"reason": f"failed: {error_line(error)}"}
+    finally:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # its batches' memory, cached, back to the GPU for the runs after it
 
 
 def _augment_ms(bundle, batch: int, device: torch.device, repeats: int = 5, deadline=None) -> float:
@@ -147,13 +152,14 @@ def measure_loader(workers: tuple, batch: int, batches: int, device: str, bundle
     if not by_workers:
         raise first_error
     cut = skipped or any(w["batches"] < w["planned_batches"] for w in by_workers)
-    on_gpu = torch.device(device).type == "cuda"
+    augment_ms = _augment_ms(bundle, batch, torch.device(device), deadline=deadline)
+    on_gpu = torch.device(device).type == "cuda"  # last: a fault of the GPU's decoder must not cost the figures above
     decoded = decoding(bundle, batch, batches, torch.device(device), deadline) if on_gpu else {"reason": NO_GPU_DECODING}
     return {
         "data": str(bundle.root), "train_images": len(bundle.train), "device": device,
         "by_workers": by_workers, "failed_workers": failed, "not_measured_workers": skipped,
         "not_measured_reason": deadline.reason if cut else None,
-        "augment_ms_per_batch": _augment_ms(bundle, batch, torch.device(device), deadline=deadline),
+        "augment_ms_per_batch": augment_ms,
         "decoded_on_device": decoded,  # the loader's batches decoded by torchvision on the GPU instead
         # what one rank broadcasts per image: uint8 crop (and an int64 label), against float32 images
         "input_bytes_per_image": 3 * INPUT_SIZE * INPUT_SIZE + 8,

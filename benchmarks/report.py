@@ -519,11 +519,13 @@ def loader_lines(results) -> list:
     if decoded and "reason" in decoded:
         lines.append(f"- the same batches decoded on the GPU by torchvision (nvJPEG): {decoded['reason']}")
     elif decoded:
-        keeps = "" if not towers else ", which keeps up with the towers' step" if \
-            decoded["images_per_s"] >= towers[0]["images_per_s"] else ", short of the towers' step"
+        cut = f" ({decoded['cut'].removeprefix('not measured: ')} while they were timed)" if decoded.get("cut") else ""
+        against = (f", against the towers' step's {towers[0]['images_per_s']:.1f} (in training, decoding would share "
+                   f"the GPU with it)") if towers else ""
+        timed = f"{decoded['batches']} of {decoded['planned_batches']}"
         lines.append(f"- the same batches decoded on {decoded['device']} by torchvision (nvJPEG, one call per batch; "
-                     f"each file read on one thread, the crops cut on the GPU): {decoded['images_per_s']:.1f} images/s "
-                     f"over {decoded['batches']} timed batches{keeps}")
+                     f"each file read on one thread, the crops cut on the GPU), alone on the GPU: "
+                     f"{decoded['images_per_s']:.1f} images/s over {timed} timed batches{cut}{against}")
     if towers:
         rate = towers[0]["images_per_s"]
         keeping = [w for w in loader["by_workers"] if w["images_per_s"] >= rate]
@@ -535,6 +537,18 @@ def loader_lines(results) -> list:
     lines.append(f"- input crossing from rank 0 to the other tower per image: {loader['input_bytes_per_image']:,} "
                  f"bytes (uint8 crop and label) against {loader['float32_bytes_per_image']:,} as float32 images")
     return lines
+
+
+def loader_decoding_missing(loader: dict) -> list:
+    """The report's lines of what the decoding on the GPU planned and did not measure: none on
+    the CPU, where it is not planned."""
+    decoded = loader.get("decoded_on_device") or {}
+    if decoded.get("reason", NO_GPU_DECODING) != NO_GPU_DECODING:  # failed, or the --time-limit reached first
+        return [f"- the loader's batches decoded on the GPU: {decoded['reason']}"]
+    if decoded.get("cut"):
+        return [f"- the loader's batches decoded on the GPU, {decoded['planned_batches'] - decoded['batches']} of "
+                f"{decoded['planned_batches']} batches: {decoded['cut']}"]
+    return []
 
 
 def program_lines(results) -> list:
@@ -696,9 +710,7 @@ def write_report(results: dict, folder: Path) -> None:
                 for w in loader.get("failed_workers", ())]
     missing += [f"- the data loader with {w} workers: {loader['not_measured_reason']}"
                 for w in loader.get("not_measured_workers", ())]
-    decoded = loader.get("decoded_on_device") or {}
-    if decoded.get("reason", NO_GPU_DECODING) != NO_GPU_DECODING:  # failed, or the --time-limit reached
-        missing.append(f"- the loader's batches decoded on the GPU: {decoded['reason']}")
+    missing += loader_decoding_missing(loader)
     missing += [f"- the training program, {p['mode']}: {p['failed']}" for p in results.get("program") or []
                 if "failed" in p]
     lines += missing

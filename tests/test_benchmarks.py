@@ -336,7 +336,8 @@ def test_the_loader_stops_timing_batches_at_the_deadline(tiny_data):
 def test_batches_decoded_by_torchvision_are_the_loader_s(tiny_data, tmp_path):
     """What the GPU decodes in the loader's section is the loader's own batches: shown on the
     CPU, where torchvision's decoder (libjpeg-turbo, as Pillow's) gives the same pixels. On a GPU
-    nvJPEG may round some pixels otherwise; its speed, not its pixels, is what is measured."""
+    nvJPEG repeats each colour sample where libjpeg interpolates them (tests/test_gpu.py); its
+    speed, not its pixels, is what is measured."""
     from benchmarks import loader as loader_module
     bundle = run.open_loader_data(str(tiny_data), 4)
     batches = data_module.train_batches(bundle, 4, seed=0, epoch=0)
@@ -346,6 +347,19 @@ def test_batches_decoded_by_torchvision_are_the_loader_s(tiny_data, tmp_path):
         assert decoded.dtype == torch.uint8 and torch.equal(decoded, crops), index
     rate = loader_module.decoding(bundle, 4, 3, torch.device("cpu"))
     assert (rate["batches"], rate["planned_batches"], rate["device"]) == (3, 3, "cpu") and rate["images_per_s"] > 0
+    assert rate["cut"] is None and report.loader_decoding_missing({"decoded_on_device": rate}) == []
+
+    class Near(run.Deadline):  # the --time-limit reached after the first timed batch
+        calls = 0
+
+        def left(self):
+            self.calls += 1
+            return 1.0 if self.calls <= 1 else -1.0
+    cut = loader_module.decoding(bundle, 4, 3, torch.device("cpu"), Near(10))
+    assert (cut["batches"], cut["cut"]) == (1, "not measured: the benchmark's --time-limit of 10 s was reached")
+    assert report.loader_decoding_missing({"decoded_on_device": cut}) == [
+        "- the loader's batches decoded on the GPU, 2 of 3 batches: not measured: the benchmark's --time-limit of 10 s "
+        "was reached"]
     # a file it cannot decode, or not of the base size, is the measurement's failure, said
     order = data_module.epoch_order(len(bundle.train), 0, 0)
     data = tmp_path / "data"
@@ -362,6 +376,10 @@ def test_batches_decoded_by_torchvision_are_the_loader_s(tiny_data, tmp_path):
     assert loader["decoded_on_device"] == {"reason": loader_module.NO_GPU_DECODING}
     lines = report.loader_lines({"loader": loader, "runs": [], "config": {"batch": 4}})
     assert f"- the same batches decoded on the GPU by torchvision (nvJPEG): {loader_module.NO_GPU_DECODING}" in lines
+    assert report.loader_decoding_missing(loader) == []
+    failed = {"decoded_on_device": {"reason": "failed: RuntimeError: nvjpeg"}}
+    assert report.loader_decoding_missing(failed) == ["- the loader's batches decoded on the GPU: failed: RuntimeError: "
+                                                      "nvjpeg"]
 
 
 def test_the_loader_section_names_the_workers_that_keep_up_with_the_towers_or_none():
@@ -379,13 +397,16 @@ def test_the_loader_section_names_the_workers_that_keep_up_with_the_towers_or_no
     assert said(5000.0).endswith("no worker count measured keeps up with it (the most: 150.0 images/s from 4 workers)")
     # and the same batches decoded on the GPU, where they were
     loader["decoded_on_device"] = {"device": "cuda", "batches": 4, "planned_batches": 4, "batch": 16, "seconds": 0.2,
-                                   "images_per_s": 320.0}
-    for rate, verdict in ((80.0, "which keeps up with the towers' step"), (5000.0, "short of the towers' step")):
-        towers = {"mode": "towers", "batch": 16, "precision": "fp32", "memory_format": "contiguous",
-                  "images_per_s": rate}
-        lines = report.loader_lines({"loader": loader, "runs": [towers], "config": {"batch": 16}})
-        assert ("- the same batches decoded on cuda by torchvision (nvJPEG, one call per batch; each file read on one "
-                f"thread, the crops cut on the GPU): 320.0 images/s over 4 timed batches, {verdict}") in lines, lines
+                                   "images_per_s": 320.0, "cut": None}
+    towers = {"mode": "towers", "batch": 16, "precision": "fp32", "memory_format": "contiguous", "images_per_s": 80.0}
+    decoded = ("- the same batches decoded on cuda by torchvision (nvJPEG, one call per batch; each file read on one "
+               "thread, the crops cut on the GPU), alone on the GPU: 320.0 images/s over 4 of 4 timed batches")
+    lines = report.loader_lines({"loader": loader, "runs": [towers], "config": {"batch": 16}})
+    assert f"{decoded}, against the towers' step's 80.0 (in training, decoding would share the GPU with it)" in lines
+    loader["decoded_on_device"].update(batches=2, cut="not measured: the benchmark's --time-limit of 9 s was reached")
+    lines = report.loader_lines({"loader": loader, "runs": [], "config": {"batch": 16}})
+    assert decoded.replace("4 of 4", "2 of 4") + (" (the benchmark's --time-limit of 9 s was reached while they were "
+                                                  "timed)") in lines, lines
 
 
 def test_a_precision_baseline_that_was_never_planned_is_not_called_unmeasured():

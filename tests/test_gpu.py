@@ -49,20 +49,29 @@ def test_the_reference_on_the_gpu_computes_what_it_computes_on_the_cpu():
 
 
 @pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")  # torchvision 0.29's, for torchcodec
-def test_batches_decoded_by_nvjpeg_are_close_to_the_loader_s(tiny_data):
-    """The benchmark's decoding on the GPU (benchmarks.loader.decoded_batch) makes the loader's
-    batches: nvJPEG's inverse DCT and chroma upsampling are not libjpeg-turbo's, so pixels may
-    differ by a few levels (an edge in colour by more), not on average."""
-    from benchmarks.loader import decoded_batch
+def test_batches_decoded_by_nvjpeg_are_the_loader_s(tiny_data):
+    """The benchmark's decoding on the GPU (benchmarks.loader) makes the loader's batches.
+    torchvision asks nvJPEG for no interpolated upsampling of the colour samples, which
+    libjpeg (the loader's, through Pillow) interpolates: at the built-in set's sharp colour
+    edges pixels differ by a few levels in colour (simulated on the CPU: 2.2 to 2.7 on average
+    in RGB), hardly in brightness (0.15 to 0.18), while the crop one pixel off differs by
+    about 7 and another image by about 55. Its speed, not its pixels, is what is measured."""
+    from benchmarks.loader import decoded_batch, decoding
     from launch import data
     bundle = data.open_data(tiny_data)
     batches = data.train_batches(bundle, 4, seed=0, epoch=0)
+    luma = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
     for index in range(3):
-        crops = next(batches)[0]
+        crops = next(batches)[0].float()
         decoded = decoded_batch(bundle, 4, index, torch.device("cuda"))
         assert decoded.device.type == "cuda" and decoded.dtype == torch.uint8 and decoded.shape == crops.shape
-        difference = (decoded.cpu().float() - crops.float()).abs().mean().item()
-        assert difference < 2.0, (index, difference)
+        decoded = decoded.cpu().float()
+        brightness = ((decoded - crops) * luma).sum(1).abs().mean().item()
+        colour = (decoded - crops).abs().mean().item()
+        shifted = ((decoded[..., 1:] - crops[..., :-1]) * luma).sum(1).abs().mean().item()
+        assert brightness < 1.0 and colour < 5.0 and shifted > 3 * brightness, (index, brightness, colour, shifted)
+    rate = decoding(bundle, 4, 3, torch.device("cuda"))  # as the benchmark times it
+    assert "reason" not in rate and rate["batches"] == 3 and rate["images_per_s"] > 0, rate
 
 
 @pytest.mark.parametrize("autocast", [False, True], ids=["float32", "bf16-autocast"])
