@@ -19,7 +19,7 @@ import torch
 
 from launch import data as data_module
 from launch.images import BASE_SIZE
-from launch.ranks import error_line
+from launch.ranks import RankFailure, error_line, run_ranks
 from towers.reference import INPUT_SIZE
 
 
@@ -47,57 +47,68 @@ def _images_per_s(bundle, batch: int, batches: int, workers: int, deadline=None)
             "images_per_s": timed * batch / seconds}
 
 
-def decoded_batch(bundle, batch: int, index: int, device: torch.device) -> torch.Tensor:
-    """Training batch ``index`` of epoch 0 (seed 0), the uint8 crops the loader hands out, made
-    instead by torchvision on ``device`` (nvJPEG on a GPU): each file's bytes read on this
-    thread, the batch decoded in one call, the crops cut on the device. For pre-resized 256x256
-    JPEGs (the built-in set's, launch.prepare's), which need no resize; raises ValueError for
-    another size, and torchvision's RuntimeError for a file it cannot decode (where the loader
-    puts the next usable image in its place)."""
+DECODING_TIMEOUT_S = 300.0  # the most its process may take where no --time-limit comes sooner
+
+
+def batch_paths(bundle, batch: int, count: int) -> list:
+    """The files of the first ``count`` training batches of epoch 0 (seed 0), in the loader's order."""
+    order = data_module.epoch_order(len(bundle.train), 0, 0)
+    return [[bundle.train.samples[i][0] for i in order[b * batch:(b + 1) * batch].tolist()] for b in range(count)]
+
+
+def decoded_batch(paths: list, first: int, device: torch.device) -> torch.Tensor:
+    """The uint8 crops that the loader hands out for the training samples at positions
+    ``first`` onwards of epoch 0 (seed 0), of the files ``paths``, made instead by torchvision
+    on ``device`` (nvJPEG on a GPU): each file's bytes read on this thread, the batch decoded
+    in one call, the crops cut on the device. For pre-resized 256x256 JPEGs (the built-in
+    set's, launch.prepare's), which need no resize; raises ValueError for another size, and
+    torchvision's RuntimeError for a file it cannot decode (where the loader puts the next
+    usable image in its place)."""
     from torchvision.io import ImageReadMode, decode_jpeg
-    first = index * batch
-    order = data_module.epoch_order(len(bundle.train), 0, 0)[first:first + batch]
-    paths = [bundle.train.samples[i][0] for i in order.tolist()]
     encoded = [torch.frombuffer(bytearray(Path(path).read_bytes()), dtype=torch.uint8) for path in paths]
     images = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
     odd = next((path for path, image in zip(paths, images) if tuple(image.shape) != (3, BASE_SIZE, BASE_SIZE)), None)
     if odd is not None:
         raise ValueError(f"{odd} is not a {BASE_SIZE}x{BASE_SIZE} image, which decoding on the device is measured "
                          f"on (the pre-resized JPEGs of launch.prepare)")
-    choices = data_module.train_augmentation(seed=0, epoch=0, first=first, count=batch)
+    choices = data_module.train_augmentation(seed=0, epoch=0, first=first, count=len(paths))
     return torch.stack([image[:, top:top + INPUT_SIZE, left:left + INPUT_SIZE]  # one copy on the device
                         for image, top, left in zip(images, choices.top.tolist(), choices.left.tolist())])
 
 
-def _decoded_images_per_s(bundle, batch: int, batches: int, device: torch.device, deadline=None) -> dict:
-    """The rate of ``decoded_batch`` over the batches ``_images_per_s`` times, after a warm-up one."""
-    planned = min(batches, data_module.batches_per_epoch(bundle, batch) - 1)
+def decoding_worker(rank: int, batches: list, device: str, seconds: Optional[float]) -> dict:
+    """In a process of its own: the rate of ``decoded_batch`` over ``batches`` (lists of files)
+    after the first, a warm-up; past ``seconds`` no further batch is timed (one always is)."""
+    device = torch.device(device)
     sync = torch.cuda.synchronize if device.type == "cuda" else lambda device: None
-    decoded_batch(bundle, batch, 0, device)
+    end = None if seconds is None else time.monotonic() + seconds
+    decoded_batch(batches[0], 0, device)
     sync(device)
-    started, timed = time.perf_counter(), 0
-    while timed < planned and not (timed and _stopped(deadline)):
-        decoded_batch(bundle, batch, 1 + timed, device)
+    started, timed, planned = time.perf_counter(), 0, len(batches) - 1
+    while timed < planned and not (timed and end is not None and time.monotonic() >= end):
+        decoded_batch(batches[1 + timed], (1 + timed) * len(batches[0]), device)
         timed += 1
     sync(device)
     seconds = time.perf_counter() - started
-    cut = deadline.reason if deadline is not None and timed < planned else None  # the --time-limit, while timing
-    return {"device": str(device), "batches": timed, "planned_batches": planned, "batch": batch, "seconds": seconds,
-            "images_per_s": timed * batch / seconds, "cut": cut}
+    return {"device": str(device), "batches": timed, "planned_batches": planned, "batch": len(batches[0]),
+            "seconds": seconds, "images_per_s": timed * len(batches[0]) / seconds, "stopped": timed < planned}
 
 
 def decoding(bundle, batch: int, batches: int, device: torch.device, deadline=None) -> dict:
-    """``_decoded_images_per_s``, or why it was not measured: the --time-limit reached, or the
-    failure (whatever torchvision's decoding raises, the loader's own figures stand)."""
+    """``decoding_worker``'s figures over the batches ``_images_per_s`` times, in a process of
+    its own (the GPU's decoder is native code: a fault or a hang of it costs none of the
+    benchmark's figures), or why it was not measured: the --time-limit reached, or its failure."""
     if _stopped(deadline):
         return {"reason": deadline.reason}
+    paths = batch_paths(bundle, batch, 1 + min(batches, data_module.batches_per_epoch(bundle, batch) - 1))
+    left = None if deadline is None else max(0.0, deadline.left())
+    bound = DECODING_TIMEOUT_S if left is None else min(DECODING_TIMEOUT_S, left + 60.0)  # 60 s: its start
     try:
-        return _decoded_images_per_s(bundle, batch, batches, device, deadline)
-    except Exception as error:  # nvJPEG's own errors too
-        return {"reason": f"failed: {error_line(error)}"}
-    finally:
-        if device.type == "cuda":
-            torch.cuda.empty_cache()  # its batches' memory, cached, back to the GPU for the runs after it
+        [result] = run_ranks(decoding_worker, (paths, str(device), left), world_size=1, timeout_s=bound)
+    except RankFailure as failure:
+        return {"reason": f"failed: {failure.failures[failure.first]}"}
+    result["cut"] = deadline.reason if result.pop("stopped") else None
+    return result
 
 
 def _augment_ms(bundle, batch: int, device: torch.device, repeats: int = 5, deadline=None) -> float:

@@ -333,7 +333,7 @@ def test_the_loader_stops_timing_batches_at_the_deadline(tiny_data):
 
 
 @pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")  # torchvision 0.29's, for torchcodec
-def test_batches_decoded_by_torchvision_are_the_loader_s(tiny_data, tmp_path):
+def test_batches_decoded_by_torchvision_are_the_loader_s(tiny_data, tmp_path, monkeypatch):
     """What the GPU decodes in the loader's section is the loader's own batches: shown on the
     CPU, where torchvision's decoder (libjpeg-turbo, as Pillow's) gives the same pixels. On a GPU
     nvJPEG repeats each colour sample where libjpeg interpolates them (tests/test_gpu.py); its
@@ -341,36 +341,41 @@ def test_batches_decoded_by_torchvision_are_the_loader_s(tiny_data, tmp_path):
     from benchmarks import loader as loader_module
     bundle = run.open_loader_data(str(tiny_data), 4)
     batches = data_module.train_batches(bundle, 4, seed=0, epoch=0)
-    for index in range(3):
+    for index, paths in enumerate(loader_module.batch_paths(bundle, 4, 3)):
         crops = next(batches)[0]
-        decoded = loader_module.decoded_batch(bundle, 4, index, torch.device("cpu"))
+        decoded = loader_module.decoded_batch(paths, 4 * index, torch.device("cpu"))
         assert decoded.dtype == torch.uint8 and torch.equal(decoded, crops), index
-    rate = loader_module.decoding(bundle, 4, 3, torch.device("cpu"))
+    rate = loader_module.decoding(bundle, 4, 3, torch.device("cpu"))  # in a process of its own
     assert (rate["batches"], rate["planned_batches"], rate["device"]) == (3, 3, "cpu") and rate["images_per_s"] > 0
     assert rate["cut"] is None and report.loader_decoding_missing({"decoded_on_device": rate}) == []
 
-    class Near(run.Deadline):  # the --time-limit reached after the first timed batch
-        calls = 0
-
+    class Near(run.Deadline):  # the --time-limit reached as the first batch is timed
         def left(self):
-            self.calls += 1
-            return 1.0 if self.calls <= 1 else -1.0
+            return 1e-9
     cut = loader_module.decoding(bundle, 4, 3, torch.device("cpu"), Near(10))
     assert (cut["batches"], cut["cut"]) == (1, "not measured: the benchmark's --time-limit of 10 s was reached")
     assert report.loader_decoding_missing({"decoded_on_device": cut}) == [
         "- the loader's batches decoded on the GPU, 2 of 3 batches: not measured: the benchmark's --time-limit of 10 s "
         "was reached"]
-    # a file it cannot decode, or not of the base size, is the measurement's failure, said
+    # a file it cannot decode, or not of the base size, is the measurement's failure, said; a hang is bounded
     order = data_module.epoch_order(len(bundle.train), 0, 0)
     data = tmp_path / "data"
     shutil.copytree(tiny_data, data)
     bundle = run.open_loader_data(str(data), 4)
-    Path(bundle.train.samples[order[1]][0]).write_bytes(b"not a JPEG")
+    odd = Path(bundle.train.samples[order[1]][0])
+    odd.write_bytes(b"not a JPEG")
     assert loader_module.decoding(bundle, 4, 3, torch.device("cpu"))["reason"].startswith("failed: RuntimeError: ")
-    Image.new("RGB", (300, 256)).save(bundle.train.samples[order[1]][0], format="JPEG")
+    Image.new("RGB", (300, 256)).save(odd, format="JPEG")
     assert loader_module.decoding(bundle, 4, 3, torch.device("cpu"))["reason"] == (
-        f"failed: ValueError: {bundle.train.samples[order[1]][0]} is not a 256x256 image, which decoding on the "
-        f"device is measured on (the pre-resized JPEGs of launch.prepare)")
+        f"failed: ValueError: {odd} is not a 256x256 image, which decoding on the device is measured on (the "
+        f"pre-resized JPEGs of launch.prepare)")
+    odd.unlink()
+    os.mkfifo(odd)  # read, it waits for a writer for good, as a hung decoder would
+    monkeypatch.setattr(loader_module, "DECODING_TIMEOUT_S", 10.0)
+    started = time.monotonic()
+    hung = loader_module.decoding(bundle, 4, 3, torch.device("cpu"))
+    assert hung == {"reason": "failed: still running after the run's time limit of 10 s"}
+    assert time.monotonic() - started < 60
     # on the CPU the loader's section says that there was no GPU, and the report does not count it missing
     loader = run.measure_loader((0,), 4, 1, "cpu", run.open_loader_data(str(tiny_data), 4))
     assert loader["decoded_on_device"] == {"reason": loader_module.NO_GPU_DECODING}
