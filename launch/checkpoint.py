@@ -246,9 +246,9 @@ def load_checkpoint(path, classes: Optional[list] = None, mmap: bool = True) -> 
         raise CheckpointError(f"{path} has checkpoint version {payload.get('version')}; this program reads version {VERSION}")
     arch, model = payload.get("arch", {}), payload.get("model")
     if not (isinstance(arch, dict) and isinstance(model, dict) and all(isinstance(v, torch.Tensor) for v in model.values())
-            and type(arch.get("num_classes")) is int):
+            and type(arch.get("num_classes")) is int and arch["num_classes"] >= 2):
         raise CheckpointError(f"{path} is not laid out as this program writes a checkpoint (an 'arch' record with its "
-                              f"num_classes, a 'model' of tensors): it was not saved by this program")
+                              f"num_classes, at least 2, a 'model' of tensors): it was not saved by this program")
     if arch.get("name") != ARCH:
         raise CheckpointError(f"{path} holds architecture {arch.get('name')!r}, not {ARCH!r}")
     try:  # a checkpoint saved before the architecture was recorded holds the paper's net: the defaults

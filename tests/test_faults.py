@@ -1849,13 +1849,14 @@ def test_bad_checkpoints_get_clear_errors_and_run_no_code(tiny_data, tmp_path, c
     assert "holds a mean image of shape (3, 224, 224), not 3 x 256 x 256" in _error_of(
         [*args, tmp_path / "odd-mean.pt"], caplog)
 
-    diverged = reference_from_seed(10, 0)
-    with torch.no_grad():
-        diverged.fc8.weight[3, 7] = float("nan")
-    save_reference(tmp_path / "diverged.pt", diverged)
-    assert f"error: {tmp_path / 'diverged.pt'} holds values that are not finite numbers (NaN or infinite) in " \
-           f"fc8.weight: the run diverged before it was saved; use an earlier checkpoint" in _error_of(
-               [*args, tmp_path / "diverged.pt"], caplog)
+    for value in (float("nan"), float("inf")):
+        diverged = reference_from_seed(10, 0)
+        with torch.no_grad():
+            diverged.fc8.weight[3, 7] = value
+        save_reference(tmp_path / "diverged.pt", diverged)
+        assert f"error: {tmp_path / 'diverged.pt'} holds values that are not finite numbers (NaN or infinite) in " \
+               f"fc8.weight: the run diverged before it was saved; use an earlier checkpoint" in _error_of(
+                   [*args, tmp_path / "diverged.pt"], caplog), value
     integral = reference_from_seed(10, 0).state_dict()
     integral["conv1.weight"] = integral["conv1.weight"].to(torch.int64)  # all 0: another function, silently
     save_checkpoint(tmp_path / "integral.pt", checkpoint_payload(integral, num_classes=10))
@@ -1865,10 +1866,16 @@ def test_bad_checkpoints_get_clear_errors_and_run_no_code(tiny_data, tmp_path, c
     for name, broken in (("arch", dict(payload, arch=[1, 2])),
                          ("model", {k: v for k, v in payload.items() if k != "model"}),
                          ("a weight", dict(payload, model=dict(payload["model"], **{"fc8.bias": "text"}))),
-                         ("num_classes", dict(payload, arch=dict(payload["arch"], num_classes="10")))):
+                         ("num_classes", dict(payload, arch=dict(payload["arch"], num_classes="10"))),
+                         ("num_classes below 2", dict(payload, arch=dict(payload["arch"], num_classes=-1)))):
         torch.save(broken, tmp_path / "broken.pt")
         assert f"{tmp_path / 'broken.pt'} is not laid out as this program writes a checkpoint" in _error_of(
             [*args, tmp_path / "broken.pt"], caplog), name
+    for broken, said in ((dict(payload, version=2), "has checkpoint version 2; this program reads version 1"),
+                         (dict(payload, arch=dict(payload["arch"], name="alexnet-2014")),
+                          "holds architecture 'alexnet-2014', not 'alexnet-2012'")):
+        torch.save(broken, tmp_path / "broken.pt")
+        assert f"error: {tmp_path / 'broken.pt'} {said}" in _error_of([*args, tmp_path / "broken.pt"], caplog), said
 
     marker = tmp_path / "code-ran"
     crafted = tmp_path / "crafted.pt"
