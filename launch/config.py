@@ -217,8 +217,9 @@ class TrainConfig:
             raise ValueError(f"--dropout must lie in [0, 1), got {self.dropout}")
         if not 0 <= self.seed < 2**32:
             raise ValueError(f"--seed must be an integer from 0 to {2**32 - 1}, got {self.seed}")
-        if self.lr_milestones is not None and min(self.lr_milestones) < 1:
-            raise ValueError(f"--lr-milestones must be epochs from 1 on, got {' '.join(map(str, self.lr_milestones))}")
+        if self.lr_milestones is not None and min(self.lr_milestones, default=0) < 1:  # none: a config.json's []
+            raise ValueError(f"--lr-milestones must be epochs from 1 on, got "
+                             f"{' '.join(map(str, self.lr_milestones)) or 'none'}")
         for name in ("patience", "max_reductions", "checkpoint_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must not be negative, got {getattr(self, name)}")

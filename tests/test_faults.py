@@ -1251,6 +1251,10 @@ def test_bad_data_and_options_get_clear_errors(tiny_data, layouts, tmp_path, cap
     ("--weight-decay", "nan", "--weight-decay must be a finite"),
     ("--weight-decay", "inf", "--weight-decay must be a finite"), ("--seed", "-1", "--seed must be an integer"),
     ("--lr-milestones", "0", "--lr-milestones must be epochs from 1 on"),
+    # the ends of each range: a rate of 0 or a dropout of 1 would train nothing without a word
+    ("--lr", "0", "--lr must be a positive rate below 10, got 0.0"), ("--lr", "10", "--lr must be a positive rate"),
+    ("--momentum", "1", "--momentum must lie in [0, 1), got 1.0"), ("--dropout", "1", "--dropout must lie in [0, 1)"),
+    ("--seed", str(2**32), "--seed must be an integer from 0 to 4294967295, got 4294967296"),
     # an unset "$VARIABLE": never the option left out (a new run, the current folder)
     ("--eval-only", "", "--eval-only is empty: give a value"), ("--resume", "", "--resume is empty: give a value"),
     ("--out", "", "--out is empty: give a value"), ("--data", "", "--data is empty: give a value"),

@@ -141,6 +141,8 @@ def test_milestones_the_run_never_reaches_are_warned_of_and_an_epoch_named_twice
     assert len(small_set) == 2 and "has 500" in small_set[0] and small_set[1] == never  # one does not hide the other
     with pytest.raises(ValueError, match="--lr-milestones 2 2 names an epoch twice"):
         check_schedule_options(TrainConfig(schedule="fixed", lr_milestones=(2, 2)))
+    with pytest.raises(ValueError, match=r"^--lr-milestones must be epochs from 1 on, got none$"):  # a config.json's []
+        TrainConfig(schedule="fixed", lr_milestones=[]).validate()
     with pytest.raises(ValueError, match="--lr-milestones 2 2 names an epoch twice"):  # given anew to a resumed run
         check_schedule_options(TrainConfig(resume="run", lr_milestones=(2, 2)))
     check_schedule_options(TrainConfig(eval_only="run", lr_milestones=(2, 2)))  # refused as a training option
