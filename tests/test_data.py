@@ -13,6 +13,7 @@ import resource
 import shutil
 import signal
 import socket
+import stat
 import struct
 import subprocess
 import sys
@@ -588,7 +589,12 @@ def test_builtin_dataset_is_deterministic_and_atomic(tmp_path, monkeypatch):
     files = _files(first)
     assert files == _files(second)
     assert len([f for f in files if f.endswith(".jpg")]) == 30
+    # every image drawn anew: a validation image no copy of a training one, nor two of a class alike
+    pictures = [path.read_bytes() for path in sorted(first.rglob("*.jpg"))]
+    assert len(set(pictures)) == len(pictures) == 30
     bundle = data.open_data(first, cache_dir=tmp_path / "cache")
+    # readable by the other users of a shared cache, not private as the staging folder it was made in
+    assert stat.S_IMODE(first.stat().st_mode) == 0o755
     assert bundle.classes == sorted(builtin.BUILTIN_CLASSES)
     assert builtin.builtin_dataset(first) == first  # made once, then reused
 
