@@ -18,6 +18,7 @@ import re
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import sysconfig
@@ -31,7 +32,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from launch import checkpoint, rank_server, two_gpu
+from launch import checkpoint, cli, rank_server, two_gpu
 from launch import data as data_module
 from launch.checkpoint import (FORMAT, checkpoint_payload, load_checkpoint, save_checkpoint, save_reference,
                               training_checkpoint_bytes)
@@ -513,6 +514,48 @@ def test_a_resumed_run_holds_no_checkpoint_it_replaced(tiny_data, tmp_path):
 
 
 @pytest.mark.slow
+def test_the_temporary_files_of_another_user_s_live_process_are_not_taken_for_abandoned(monkeypatch):
+    """A shared cache (the statistics, the built-in set): another user's process that runs cannot
+    be signalled (EPERM), and its work in progress is not removed; an ended one's is."""
+    host = socket.gethostname()
+
+    def kill_raising(error):
+        def kill(pid, signal):
+            raise error
+        return kill
+    monkeypatch.setattr(os, "kill", kill_raising(PermissionError(errno.EPERM, "Operation not permitted")))
+    assert not cli.abandoned(f"{host}-12345")
+    monkeypatch.setattr(os, "kill", kill_raising(ProcessLookupError(errno.ESRCH, "No such process")))
+    assert cli.abandoned(f"{host}-12345") and not cli.abandoned("another-host-12345")
+
+
+def test_a_save_measures_its_room_before_it_writes_and_syncs_the_file_and_its_folder(tmp_path, monkeypatch):
+    """The room a checkpoint needs counts each storage once (a one-rank save holds views of one
+    vector: counted per view, a save would be refused on a disk with room); a disk without that
+    room is refused before a byte is written (else the disk fills for every other writer); a
+    save that is made is synced, the file before its rename and the folder after it (a power
+    cut keeps the previous file or the new one, whole)."""
+    vector = torch.zeros(1000)
+    assert checkpoint._saved_bytes({"a": vector[:10], "b": [vector[10:]]}) == 4000 + 256 + (1 << 20)
+    assert checkpoint._saved_bytes({"a": vector, "b": torch.zeros(10)}) == 4040 + 2 * 256 + (1 << 20)
+    real_usage, real_open = checkpoint.shutil.disk_usage, open
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda folder: real_usage(folder)._replace(free=1 << 20))
+    monkeypatch.setattr(checkpoint, "open", lambda *args: pytest.fail(f"opened {args[0]} to write"), raising=False)
+    with pytest.raises(OSError, match="it needs") as refused:
+        save_checkpoint(tmp_path / "run" / "checkpoint.pt", {"weights": torch.zeros(1 << 20)})
+    assert refused.value.errno == errno.ENOSPC and list((tmp_path / "run").iterdir()) == []
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", real_usage)
+    monkeypatch.setattr(checkpoint, "open", real_open, raising=False)
+    synced = []
+
+    def fsync(fd):
+        synced.append(("folder" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file",
+                       (tmp_path / "run" / "checkpoint.pt").exists()))
+    monkeypatch.setattr(checkpoint.os, "fsync", fsync)
+    save_checkpoint(tmp_path / "run" / "checkpoint.pt", {"weights": torch.zeros(10)})
+    assert synced == [("file", False), ("folder", True)]
+
+
 def test_a_full_disk_is_named_and_loses_nothing(tmp_path):
     """A real full disk: small tmpfs mounts in a mount namespace of the test's own."""
     big, small, program = tmp_path / "big", tmp_path / "small", tmp_path / "full_disk.py"
@@ -2054,6 +2097,9 @@ def test_resume_refuses_a_changed_recipe_and_weights_only_checkpoints(tiny_data,
                                                           if k != "conv1.weight"}),
                            "lacks the momentum of conv1.weight (after 1 steps)"),
                           (dict(payload, train_images="30"), "records its training set's size as '30', not as"),
+                          # a field this program does not know: a traceback in every rank as the progress is built
+                          (dict(payload, progress=dict(payload["progress"], future=1)),
+                           "records no progress (epoch, batch and step) as this program writes it"),
                           # the checkpoint at fault, not the data: it said the set of 30 images "now has 30"
                           (dict(payload, progress=dict(payload["progress"], batch=500)),
                            "records batch 500 of an epoch of 7 batches (30 training images in batches of 4): it was "

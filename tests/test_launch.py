@@ -290,6 +290,11 @@ def test_the_single_layout_trains_the_same_function_and_shares_checkpoints(tiny_
     again = launch("--data", tiny_data, "--out", tmp_path, "--run-name", "eval", "--eval-only", tmp_path / "single",
                    "--val-limit", "6", "--no-ten-crop", "--workers", "0")
     assert f"top-1 error {100 * summary['centre']['top1_error']:.2f}%" in again.stderr
+    # It resumes as it was saved: one process, its one rank's random state
+    assert set(load_checkpoint(tmp_path / "single")["rng"]) == {"rank0"}
+    launch("--resume", tmp_path / "single", "--max-steps", "5")
+    summary = json.loads((tmp_path / "single" / "summary.json").read_text())
+    assert (summary["layout"], summary["steps"], summary["steps_this_run"]) == ("single", 5, 1)
 
 
 def test_bf16_and_compiled_towers_train_and_resume_in_either_arithmetic(tiny_data, tmp_path, monkeypatch):

@@ -13,7 +13,7 @@ from launch import builtin
 from launch.checkpoint import load_checkpoint
 from launch.config import (PAPER_RECIPE, PAPER_RECIPE_MIN_IMAGES, SMALL_MIN_EPOCHS, SMALL_MIN_STEPS, TrainConfig,
                            build_parser, check_schedule_options, describe_recipe, given_options, parse_config,
-                           recipe_warnings, resolve)
+                           recipe_warnings, resolve, update_config_json)
 from launch.two_gpu import ARCHITECTURE_OPTIONS, evaluated_config, main, resumed_config
 from launch.train import architecture
 
@@ -121,6 +121,20 @@ def test_the_papers_recipe_warns_below_its_threshold_only():
     assert f"has {below}" in warning and "--recipe small" in warning
     assert recipe_warnings(_resolved(at, data="photos"), at) == []
     assert recipe_warnings(_resolved(330, data="photos", recipe="small"), 330) == []
+
+
+def test_a_resume_writes_its_recipe_and_how_it_goes_on_into_config_json(tmp_path):
+    """What the run goes on with follows (the layout, precision, logging, an --lr given anew); how
+    one start was run (--max-steps, --workers, where it wrote) stays as the first start wrote it."""
+    first = TrainConfig(out="runs", run_name="a", max_steps=3, workers=2, log_every=1, lr=0.01)
+    (tmp_path / "config.json").write_text(json.dumps(dataclasses.asdict(first)))
+    update_config_json(tmp_path, TrainConfig(out="elsewhere", max_steps=9, workers=0, layout="single",
+                                             precision="bf16", log_every=3, replicas=2, lr=0.001))
+    written = json.loads((tmp_path / "config.json").read_text())
+    assert {k: written[k] for k in ("layout", "precision", "log_every", "replicas", "lr")} == {
+        "layout": "single", "precision": "bf16", "log_every": 3, "replicas": 2, "lr": 0.001}
+    assert {k: written[k] for k in ("out", "run_name", "max_steps", "workers")} == {
+        "out": "runs", "run_name": "a", "max_steps": 3, "workers": 2}
 
 
 def test_milestones_the_run_never_reaches_are_warned_of_and_an_epoch_named_twice_is_refused():

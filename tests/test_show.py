@@ -2,9 +2,9 @@
 crafted here (a reference's checkpoint, hand-written metrics, summary and config), the
 nearest neighbours of Figure 4, and its errors as a user meets them."""
 
+import argparse
 import copy
 import errno
-import fcntl
 import json
 import logging
 import os
@@ -19,7 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
-from launch import show
+from launch import cli, show
 from launch.cli import pyplot
 from launch.checkpoint import checkpoint_payload, save_checkpoint
 from launch.data import open_data
@@ -446,9 +446,9 @@ def test_a_second_show_into_the_same_folder_is_refused_while_the_first_draws(tmp
     """Two shows of two runs into one --out mixed their pictures, most of which do not name their run."""
     run, out = write_run(tmp_path / "run", metrics=METRICS, summary=SUMMARY), tmp_path / "pictures"
     out.mkdir()
-    first = os.open(out, os.O_RDONLY | os.O_DIRECTORY)  # as the show drawing there holds it
+    first, unlockable = cli.lock_folder(out)  # as the show drawing there holds it
     try:
-        fcntl.flock(first, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert unlockable is None
         assert show.main([str(run), "--only", "curves", "--out", str(out)]) == 2
     finally:
         os.close(first)
@@ -457,6 +457,9 @@ def test_a_second_show_into_the_same_folder_is_refused_while_the_first_draws(tmp
     assert list(out.iterdir()) == []
     assert show.main([str(run), "--only", "curves", "--out", str(out)]) == 0  # the first has ended
     assert [p.name for p in out.iterdir()] == ["curves.png"]
+    # a picture named twice is refused, as in every comma-separated list of the tools
+    with pytest.raises(argparse.ArgumentTypeError, match="^'a,b,a' names a twice: give each once$"):
+        cli.comma_list(str, ("a", "b"))("a,b,a")
 
 
 @pytest.mark.slow  # a real run's checkpoint, which records its options
