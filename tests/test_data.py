@@ -583,6 +583,18 @@ def _files(root: Path) -> dict:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
+def test_a_built_in_set_that_cannot_be_put_in_place_is_said_and_leaves_nothing(tmp_path, monkeypatch):
+    """The rename of the generated set into place failing for another reason than another process
+    finishing first (a cache folder that turned read-only): said, with the fix, and the staging
+    folder removed; not a path to a folder that is not there."""
+    def refused(source, target):
+        raise PermissionError(errno.EACCES, "Permission denied")
+    monkeypatch.setattr(builtin.os, "rename", refused)
+    with pytest.raises(DataError, match=r"^cannot make the built-in dataset in .* \(Permission denied\): set "):
+        builtin.builtin_dataset(tmp_path / "set", train_per_class=1, val_per_class=1)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_builtin_dataset_is_deterministic_and_atomic(tmp_path, monkeypatch):
     first = builtin.builtin_dataset(tmp_path / "one", train_per_class=2, val_per_class=1)
     second = builtin.builtin_dataset(tmp_path / "two", train_per_class=2, val_per_class=1)
