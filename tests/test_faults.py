@@ -2097,6 +2097,7 @@ def test_resume_refuses_a_changed_recipe_and_weights_only_checkpoints(tiny_data,
                                                           if k != "conv1.weight"}),
                            "lacks the momentum of conv1.weight (after 1 steps)"),
                           (dict(payload, train_images="30"), "records its training set's size as '30', not as"),
+                          (dict(payload, train_images=0), "records its training set's size as 0, not as"),
                           # a field this program does not know: a traceback in every rank as the progress is built
                           (dict(payload, progress=dict(payload["progress"], future=1)),
                            "records no progress (epoch, batch and step) as this program writes it"),

@@ -115,13 +115,18 @@ def test_a_checkpoint_keeps_the_whole_progress_and_the_momentum(mesh_of_one, tmp
                         loss=1.25)
     assert all(getattr(progress, f.name) != f.default for f in dataclasses.fields(Progress))
     config = TrainConfig(layout="single", schedule="plateau")
+    saved_rng = torch.get_rng_state()
     save_training_state(tmp_path / "checkpoint.pt", model, optimizer, progress, config, small_bundle.classes,
                         len(small_bundle.train), mesh_of_one)
+    # what a resume checks its data against: the class folders and the training set's size
+    payload = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert (payload["classes"], payload["train_images"]) == (list(small_bundle.classes), len(small_bundle.train))
     fresh = build_reference(len(small_bundle.classes), seed=1, dropout=0.0)
     fresh_optimizer = paper_optimizer(fresh.parameters(), lr=0.01)
+    torch.manual_seed(12345)  # elsewhere: the resumed rank's dropout goes on from where it was saved
     restored = restore_training_state(tmp_path / "checkpoint.pt", fresh, fresh_optimizer, small_bundle.classes,
                                       mesh_of_one, with_training=True)
-    assert restored == progress
+    assert restored == progress and torch.equal(torch.get_rng_state(), saved_rng)
     for (name, p), q in zip(model.named_parameters(), fresh.parameters()):
         assert torch.equal(p, q), name
         assert torch.equal(optimizer.state[p]["momentum_buffer"], fresh_optimizer.state[q]["momentum_buffer"]), name
