@@ -513,7 +513,6 @@ def test_a_resumed_run_holds_no_checkpoint_it_replaced(tiny_data, tmp_path):
         run.wait()
 
 
-@pytest.mark.slow
 def test_the_temporary_files_of_another_user_s_live_process_are_not_taken_for_abandoned(monkeypatch):
     """A shared cache (the statistics, the built-in set): another user's process that runs cannot
     be signalled (EPERM), and its work in progress is not removed; an ended one's is."""
@@ -524,9 +523,10 @@ def test_the_temporary_files_of_another_user_s_live_process_are_not_taken_for_ab
             raise error
         return kill
     monkeypatch.setattr(os, "kill", kill_raising(PermissionError(errno.EPERM, "Operation not permitted")))
-    assert not cli.abandoned(f"{host}-12345")
+    other = os.getpid() + 1  # not this process, whose own work is its to remove
+    assert not cli.abandoned(f"{host}-{other}")
     monkeypatch.setattr(os, "kill", kill_raising(ProcessLookupError(errno.ESRCH, "No such process")))
-    assert cli.abandoned(f"{host}-12345") and not cli.abandoned("another-host-12345")
+    assert cli.abandoned(f"{host}-{other}") and not cli.abandoned(f"another-host-{other}")
 
 
 def test_a_save_measures_its_room_before_it_writes_and_syncs_the_file_and_its_folder(tmp_path, monkeypatch):
@@ -556,6 +556,7 @@ def test_a_save_measures_its_room_before_it_writes_and_syncs_the_file_and_its_fo
     assert synced == [("file", False), ("folder", True)]
 
 
+@pytest.mark.slow
 def test_a_full_disk_is_named_and_loses_nothing(tmp_path):
     """A real full disk: small tmpfs mounts in a mount namespace of the test's own."""
     big, small, program = tmp_path / "big", tmp_path / "small", tmp_path / "full_disk.py"
@@ -1914,7 +1915,8 @@ def test_bad_checkpoints_get_clear_errors_and_run_no_code(tiny_data, tmp_path, c
                          ("model", {k: v for k, v in payload.items() if k != "model"}),
                          ("a weight", dict(payload, model=dict(payload["model"], **{"fc8.bias": "text"}))),
                          ("num_classes", dict(payload, arch=dict(payload["arch"], num_classes="10"))),
-                         ("num_classes below 2", dict(payload, arch=dict(payload["arch"], num_classes=-1)))):
+                         *((f"num_classes {n}", dict(payload, arch=dict(payload["arch"], num_classes=n)))
+                           for n in (1, -1))):
         torch.save(broken, tmp_path / "broken.pt")
         assert f"{tmp_path / 'broken.pt'} is not laid out as this program writes a checkpoint" in _error_of(
             [*args, tmp_path / "broken.pt"], caplog), name
