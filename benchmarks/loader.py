@@ -48,6 +48,7 @@ def _images_per_s(bundle, batch: int, batches: int, workers: int, deadline=None)
 
 
 DECODING_TIMEOUT_S = 300.0  # the most its process may take where no --time-limit comes sooner
+DECODING_START_S = 60.0  # of which its start (a process, CUDA, torchvision) and its warm-up batch may take
 
 
 def batch_paths(bundle, batch: int, count: int) -> list:
@@ -76,16 +77,16 @@ def decoded_batch(paths: list, first: int, device: torch.device) -> torch.Tensor
                         for image, top, left in zip(images, choices.top.tolist(), choices.left.tolist())])
 
 
-def decoding_worker(rank: int, batches: list, device: str, seconds: Optional[float]) -> dict:
+def decoding_worker(rank: int, batches: list, device: str, end: float) -> dict:
     """In a process of its own: the rate of ``decoded_batch`` over ``batches`` (lists of files)
-    after the first, a warm-up; past ``seconds`` no further batch is timed (one always is)."""
+    after the first, a warm-up; past ``end`` (time.monotonic's, which every process of the
+    machine shares) no further batch is timed (one always is)."""
     device = torch.device(device)
     sync = torch.cuda.synchronize if device.type == "cuda" else lambda device: None
-    end = None if seconds is None else time.monotonic() + seconds
     decoded_batch(batches[0], 0, device)
     sync(device)
     started, timed, planned = time.perf_counter(), 0, len(batches) - 1
-    while timed < planned and not (timed and end is not None and time.monotonic() >= end):
+    while timed < planned and not (timed and time.monotonic() >= end):
         decoded_batch(batches[1 + timed], (1 + timed) * len(batches[0]), device)
         timed += 1
     sync(device)
@@ -101,14 +102,25 @@ def decoding(bundle, batch: int, batches: int, device: torch.device, deadline=No
     if _stopped(deadline):
         return {"reason": deadline.reason}
     paths = batch_paths(bundle, batch, 1 + min(batches, data_module.batches_per_epoch(bundle, batch) - 1))
-    left = None if deadline is None else max(0.0, deadline.left())
-    bound = DECODING_TIMEOUT_S if left is None else min(DECODING_TIMEOUT_S, left + 60.0)  # 60 s: its start
+    most = max(0.0, DECODING_TIMEOUT_S - DECODING_START_S)  # the longest it is timed
+    by_deadline = deadline is not None and deadline.left() < most
+    left = max(0.0, deadline.left()) if by_deadline else most
     try:
-        [result] = run_ranks(decoding_worker, (paths, str(device), left), world_size=1, timeout_s=bound)
-    except RankFailure as failure:
-        return {"reason": f"failed: {failure.failures[failure.first]}"}
-    result["cut"] = deadline.reason if result.pop("stopped") else None
+        [result] = run_ranks(decoding_worker, (paths, str(device), time.monotonic() + left), world_size=1,
+                             timeout_s=min(DECODING_TIMEOUT_S, left + DECODING_START_S))
+    except Exception as error:  # its process's failure (RankFailure, a timeout among them), or starting it
+        if by_deadline and _stopped(deadline):
+            return {"reason": deadline.reason}
+        return {"reason": f"failed: {failure_line(error)}"}
+    stopped = result.pop("stopped")
+    result["cut"] = None if not stopped else deadline.reason if by_deadline else \
+        f"not measured: past the {most:g} s that decoding is timed at most"
     return result
+
+
+def failure_line(error: Exception) -> str:
+    """A failure in one line: a rank's own words for a RankFailure, else the error's."""
+    return error.failures[error.first] if isinstance(error, RankFailure) else error_line(error)
 
 
 def _augment_ms(bundle, batch: int, device: torch.device, repeats: int = 5, deadline=None) -> float:
@@ -165,6 +177,8 @@ def measure_loader(workers: tuple, batch: int, batches: int, device: str, bundle
     cut = skipped or any(w["batches"] < w["planned_batches"] for w in by_workers)
     augment_ms = _augment_ms(bundle, batch, torch.device(device), deadline=deadline)
     on_gpu = torch.device(device).type == "cuda"  # last: a fault of the GPU's decoder must not cost the figures above
+    if on_gpu:
+        torch.cuda.empty_cache()  # the augmentation's batches, cached here, back to the GPU for the runs after it
     decoded = decoding(bundle, batch, batches, torch.device(device), deadline) if on_gpu else {"reason": NO_GPU_DECODING}
     return {
         "data": str(bundle.root), "train_images": len(bundle.train), "device": device,

@@ -357,6 +357,11 @@ def test_batches_decoded_by_torchvision_are_the_loader_s(tiny_data, tmp_path, mo
     assert report.loader_decoding_missing({"decoded_on_device": cut}) == [
         "- the loader's batches decoded on the GPU, 2 of 3 batches: not measured: the benchmark's --time-limit of 10 s "
         "was reached"]
+    # timed for DECODING_TIMEOUT_S less its start at most, without a --time-limit too: said so
+    with monkeypatch.context() as patched:
+        patched.setattr(loader_module, "DECODING_TIMEOUT_S", loader_module.DECODING_START_S + 1e-6)
+        capped = loader_module.decoding(bundle, 4, 3, torch.device("cpu"))
+    assert (capped["batches"], capped["cut"]) == (1, "not measured: past the 1e-06 s that decoding is timed at most")
     # a file it cannot decode, or not of the base size, is the measurement's failure, said; a hang is bounded
     order = data_module.epoch_order(len(bundle.train), 0, 0)
     data = tmp_path / "data"
