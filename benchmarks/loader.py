@@ -11,6 +11,7 @@ GPU: what decoding on the GPU could deliver, against the worker processes, befor
 would share the GPU with the training step.
 """
 
+import math
 import time
 from pathlib import Path
 from typing import Optional
@@ -24,6 +25,8 @@ from towers.reference import INPUT_SIZE
 
 
 NO_GPU_DECODING = "not measured: the loader's device is the CPU"
+DECODING_TIMEOUT_S = 300.0  # the most its process may take where no --time-limit comes sooner
+DECODING_START_S = 60.0  # of which its start (a process, CUDA, torchvision) and its warm-up batch may take
 
 
 def _stopped(deadline) -> bool:
@@ -45,10 +48,6 @@ def _images_per_s(bundle, batch: int, batches: int, workers: int, deadline=None)
     del iterator  # stops the workers
     return {"workers": workers, "batches": timed, "planned_batches": planned, "batch": batch, "seconds": seconds,
             "images_per_s": timed * batch / seconds}
-
-
-DECODING_TIMEOUT_S = 300.0  # the most its process may take where no --time-limit comes sooner
-DECODING_START_S = 60.0  # of which its start (a process, CUDA, torchvision) and its warm-up batch may take
 
 
 def batch_paths(bundle, batch: int, count: int) -> list:
@@ -103,18 +102,17 @@ def decoding(bundle, batch: int, batches: int, device: torch.device, deadline=No
         return {"reason": deadline.reason}
     paths = batch_paths(bundle, batch, 1 + min(batches, data_module.batches_per_epoch(bundle, batch) - 1))
     most = max(0.0, DECODING_TIMEOUT_S - DECODING_START_S)  # the longest it is timed
-    by_deadline = deadline is not None and deadline.left() < most
-    left = max(0.0, deadline.left()) if by_deadline else most
+    left = math.inf if deadline is None else deadline.left()
+    by_deadline = left < most
+    left = max(0.0, left) if by_deadline else most
     try:
         [result] = run_ranks(decoding_worker, (paths, str(device), time.monotonic() + left), world_size=1,
                              timeout_s=min(DECODING_TIMEOUT_S, left + DECODING_START_S))
     except Exception as error:  # its process's failure (RankFailure, a timeout among them), or starting it
-        if by_deadline and _stopped(deadline):
-            return {"reason": deadline.reason}
         return {"reason": f"failed: {failure_line(error)}"}
     stopped = result.pop("stopped")
     result["cut"] = None if not stopped else deadline.reason if by_deadline else \
-        f"not measured: past the {most:g} s that decoding is timed at most"
+        f"not measured: the {most:g} s that decoding is timed at most were over"
     return result
 
 

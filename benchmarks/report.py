@@ -519,7 +519,7 @@ def loader_lines(results) -> list:
     if decoded and "reason" in decoded:
         lines.append(f"- the same batches decoded on the GPU by torchvision (nvJPEG): {decoded['reason']}")
     elif decoded:
-        cut = f" ({decoded['cut'].removeprefix('not measured: ')} while they were timed)" if decoded.get("cut") else ""
+        cut = f" ({decoded['cut'].removeprefix('not measured: ')})" if decoded.get("cut") else ""
         against = (f", against the towers' step's {towers[0]['images_per_s']:.1f} (in training, decoding would share "
                    f"the GPU with it)") if towers else ""
         timed = f"{decoded['batches']} of {decoded['planned_batches']}"
