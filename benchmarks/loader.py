@@ -108,17 +108,14 @@ def decoding(bundle, batch: int, batches: int, device: torch.device, deadline=No
     try:
         [result] = run_ranks(decoding_worker, (paths, str(device), time.monotonic() + left), world_size=1,
                              timeout_s=min(DECODING_TIMEOUT_S, left + DECODING_START_S))
-    except Exception as error:  # its process's failure (RankFailure, a timeout among them), or starting it
-        return {"reason": f"failed: {failure_line(error)}"}
+    except RankFailure as failure:  # its process failed, or ran past its bound
+        return {"reason": f"failed: {failure.failures[failure.first]}"}
+    except Exception as error:  # its process could not be started
+        return {"reason": f"failed: {error_line(error)}"}
     stopped = result.pop("stopped")
     result["cut"] = None if not stopped else deadline.reason if by_deadline else \
         f"not measured: the {most:g} s that decoding is timed at most were over"
     return result
-
-
-def failure_line(error: Exception) -> str:
-    """A failure in one line: a rank's own words for a RankFailure, else the error's."""
-    return error.failures[error.first] if isinstance(error, RankFailure) else error_line(error)
 
 
 def _augment_ms(bundle, batch: int, device: torch.device, repeats: int = 5, deadline=None) -> float:

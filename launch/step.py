@@ -19,11 +19,8 @@ AUTOCAST = {"fp32": None, "bf16": torch.bfloat16}
 
 def convolution_math() -> str:
     """What a float32 convolution runs as on a GPU, "tf32" or "fp32": cuDNN uses TF32 tensor
-    cores unless told not to (torch's newer setting, where it has one, else allow_tf32)."""
-    conv = getattr(getattr(torch.backends.cudnn, "conv", None), "fp32_precision", None)
-    if conv is not None:
-        return "tf32" if conv == "tf32" else "fp32"
-    return "tf32" if torch.backends.cudnn.allow_tf32 else "fp32"
+    cores unless told not to (torch's setting since 2.9, which allow_tf32 sets too)."""
+    return "tf32" if torch.backends.cudnn.conv.fp32_precision == "tf32" else "fp32"
 
 
 class StepResult(NamedTuple):

@@ -898,10 +898,10 @@ def _not_met(rank: int, world_size: int, exc: Exception, config: TrainConfig, pl
         "and this program starts its own ranks)")
     backends, here = "", os.environ.get("LOCAL_WORLD_SIZE", "")  # torchrun's: the ranks of this machine
     if config.backend == "auto" and here.isdigit() and int(here) < world_size:  # the others' machines may differ
-        this, other = ("NCCL", ("gloo", "fewer GPUs than ranks")) if placement.backend == "nccl" else \
-            ("gloo", ("NCCL", "a GPU for each rank"))
+        this, other, whose = ("NCCL", "gloo", "fewer GPUs than ranks") if placement.backend == "nccl" else \
+            ("gloo", "NCCL", "a GPU for each rank")
         backends = (f"; and under --backend auto each machine picks its own backend: this one picks {this} "
-                    f"({placement.why.split(':')[0]}), whereas a machine with {other[1]} picks {other[0]}, and ranks "
+                    f"({placement.why.split(':')[0]}), whereas a machine with {whose} picks {other}, and ranks "
                     f"of two backends never meet: give every rank --backend gloo, or every machine a GPU for each "
                     f"of its ranks")
     log.error("error: rank %d could not meet the other ranks at %s (%s): a rank that stopped on its own "
