@@ -282,14 +282,24 @@ def _rank_main(rank, world_size, addr, port, backend, collective_timeout_s, thre
             raise TypeError(f"the value the rank's function returned cannot be pickled to send it to the "
                             f"launcher ({error_line(exc)})") from exc
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM where it stops as Ctrl-C does (raise_interrupt)
+        _ending()
         results.put((rank, "error", str(exc).replace("signal ", "stopped by ", 1) or "interrupted", None))
         raise SystemExit(130)
     except BaseException as exc:  # reported to the parent, which decides what the run's error is
+        _ending()
         results.put((rank, "error", error_line(exc), traceback.format_exc()))
         raise SystemExit(1)
     results.put((rank, "ok", value))
     # Leave the group only on success; a failed peer would make this block.
     dist.destroy_process_group()
+
+
+def _ending() -> None:
+    """A rank that ends on an error or a stop: the launcher's Ctrl-C, passed on as it stops the
+    ranks (beside a SIGTERM that stopped this one, say), is not raised in the rank's exit, and a
+    later SIGTERM (the launcher's terminate, or the kernel's as the rank server ends) kills it,
+    as outside a save."""
+    set_handlers({signal.SIGINT: signal.SIG_IGN, signal.SIGTERM: signal.SIG_DFL})
 
 
 def error_line(exc: BaseException) -> str:
@@ -306,8 +316,24 @@ def error_line(exc: BaseException) -> str:
 
 
 def raise_interrupt(signum, frame):
-    """A signal handler: the signal stops the program as Ctrl-C does."""
+    """A signal handler: the signal stops the program as Ctrl-C does, once: the process ignores
+    it from then on, as it stops (a SIGTERM to a process group reaches a rank twice: sent to it,
+    and sent by the kernel as its parent, the rank server, ends). Only this signal is ignored:
+    the other handlers (Ctrl-C's) stay as they are."""
+    set_handlers({signum: signal.SIG_IGN})
     raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+
+def set_handlers(handlers: dict) -> None:
+    """Sets the signal handlers {signal number: handler (a function, signal.SIG_IGN or SIG_DFL)},
+    whatever signals are pending: CPython runs a pending signal's handler before it sets one,
+    and a KeyboardInterrupt which that handler raises is dropped here (its process is stopping
+    already, which is when this is called)."""
+    for signum, handler in handlers.items():
+        handler = signal.Handlers(handler) if isinstance(handler, int) else handler  # as getsignal gives it
+        while signal.getsignal(signum) is not handler:
+            with contextlib.suppress(KeyboardInterrupt):
+                signal.signal(signum, handler)
 
 
 @contextlib.contextmanager
@@ -315,7 +341,8 @@ def sigterm_as_interrupt():
     """SIGTERM stops the program as Ctrl-C does within (in the main thread, where handlers can be
     set), so that what cleans up after a Ctrl-C runs: where SIGTERM kills at once (a rank's
     default), only around work that never waits on another process, which would hold the
-    handler back as long."""
+    handler back as long. A SIGTERM that stopped the program leaves it ignored, also once the
+    block is left (``raise_interrupt``); a rank that ends sets it back (``_ending``)."""
     previous = signal.getsignal(signal.SIGTERM)
     if threading.current_thread() is not threading.main_thread() or previous is None:  # None: set outside Python,
         yield  # which could not be set back
@@ -324,7 +351,10 @@ def sigterm_as_interrupt():
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if signal.getsignal(signal.SIGTERM) is raise_interrupt:  # still this block's: no SIGTERM stopped it
+            # one pending as the block ends (beside a Ctrl-C) raises before or in the setting back, which
+            # raise_interrupt then leaves ignored
+            signal.signal(signal.SIGTERM, previous)
 
 
 @contextlib.contextmanager

@@ -561,6 +561,70 @@ def test_ctrl_c_twice_waits_for_the_ranks_to_stop(tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
 
 
+_SIGTERM_BESIDE_CTRL_C = """
+import os, signal, threading
+from launch.ranks import sigterm_as_interrupt
+with sigterm_as_interrupt():
+    pass
+print("set back:", signal.getsignal(signal.SIGTERM) is signal.SIG_DFL)
+signal.signal(signal.SIGINT, signal.default_int_handler)
+both, main = {signal.SIGINT, signal.SIGTERM}, threading.get_ident()
+try:
+    with sigterm_as_interrupt():
+        signal.pthread_sigmask(signal.SIG_BLOCK, both)
+        signal.pthread_kill(main, signal.SIGTERM)  # a process group's SIGTERM
+        signal.pthread_kill(main, signal.SIGINT)  # and the launcher's Ctrl-C, passed on
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, both)  # handled by number: SIGINT's (2) before SIGTERM's (15)
+except KeyboardInterrupt as exc:
+    stopped = exc  # held as a rank holds it while it stops
+    print("stopped")
+signal.pthread_kill(main, signal.SIGTERM)  # the kernel's, as the rank's parent ends
+print("still stopping, SIGTERM ignored:", signal.getsignal(signal.SIGTERM) is signal.SIG_IGN)
+"""
+
+
+def test_a_sigterm_beside_a_ctrl_c_stops_a_save_once():
+    """A rank's save stopped by a SIGTERM to the whole group, beside which its launcher passes a
+    Ctrl-C on, and the kernel sends a SIGTERM again as the rank server ends: the SIGTERM, raised
+    after the Ctrl-C as the block ended, left its handler in place, and the last SIGTERM raised
+    again in the rank's exit, a traceback after the launcher's last line."""
+    done = subprocess.run([sys.executable, "-c", _SIGTERM_BESIDE_CTRL_C], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert (done.returncode, done.stderr) == (0, ""), done.stderr
+    assert done.stdout.splitlines() == ["set back: True", "stopped", "still stopping, SIGTERM ignored: True"]
+
+
+def _stopped_in_a_save_then_passed_a_ctrl_c(rank, then_failed, record):
+    if rank == 1:  # still running: the launcher waits seconds for it, not ending rank 0 at once
+        time.sleep(60)
+    from multiprocessing import util
+
+    def ending():  # last as the rank ends, its error sent: the launcher's Ctrl-C, passed on as it stops too
+        Path(record).write_text(str(signal.getsignal(signal.SIGTERM) is signal.SIG_DFL))
+        os.kill(os.getpid(), signal.SIGINT)
+    util.Finalize(None, ending, exitpriority=-100)
+    try:
+        with ranks.sigterm_as_interrupt():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(60)
+    finally:
+        if then_failed:  # as a barrier after a save fails once the group's SIGTERM has ended a peer
+            raise RuntimeError("a peer is gone")
+
+
+@pytest.mark.parametrize("then_failed", [False, True], ids=["stopped", "failed as it stopped"])
+def test_a_rank_stopped_by_sigterm_takes_no_second_ctrl_c(capfd, tmp_path, then_failed):
+    """A rank stopped by the SIGTERM of its process group gets its first Ctrl-C from the launcher,
+    which passes it on: raised in the rank's exit, it printed a traceback. Ending, the rank is
+    killed by a SIGTERM again, as outside a save (the launcher's terminate ends it)."""
+    with pytest.raises(RankFailure) as info:
+        run_ranks(_stopped_in_a_save_then_passed_a_ctrl_c, (then_failed, str(tmp_path / "sigterm")), timeout_s=60)
+    assert info.value.failures[0] == ("RuntimeError: a peer is gone" if then_failed else "stopped by SIGTERM")
+    err = capfd.readouterr().err
+    assert "Process rank0" not in err and "KeyboardInterrupt" not in err, err
+    assert (tmp_path / "sigterm").read_text() == "True"
+
+
 @pytest.mark.parametrize("addr, expected", [("127.0.0.1", True), ("localhost", True), ("::1", True),
                                             ("127.0.0.2", True), ("0.0.0.0", False), ("192.0.2.1", False),
                                             ("no-such-host.invalid", False)])
