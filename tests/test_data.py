@@ -971,6 +971,7 @@ def test_evaluation_batches_and_ten_crop(small_bundle):
     assert torch.equal(views[:, 5:], views[:, :5].flip(-1))
     image = small_bundle.val[0][0].float() - small_bundle.stats.mean
     assert torch.equal(views[0, 0], image[:, :224, :224]) and torch.equal(views[0, 3], image[:, 32:, 32:])
+    assert torch.equal(views[0, 1], image[:, :224, 32:]) and torch.equal(views[0, 2], image[:, 32:, :224])
     limited = torch.cat([l for _, l in data.Loader(small_bundle).eval(batch_size=4, limit=5)])
     assert len(limited) == 5 and len(set(limited.tolist())) == 5  # spread over the classes
     assert data.eval_indices(11, 4) == [0, 3, 7, 10]  # evenly spread: 0, 3.3, 6.7 and 10, each to the nearest

@@ -776,6 +776,10 @@ def test_the_advice_after_a_divergence_reads_the_checkpoint_that_load_checkpoint
     payload = checkpoint_payload(state, num_classes=10, progress={"global_step": 5, "loss": 2.0})
     save_checkpoint(tmp_path / "checkpoint.pt", payload)
     assert _after_divergence(config, tmp_path, 10).startswith("Go on from the last checkpoint (step 5, loss 2)")
+    for loss, advice in ((20.0, "Go on from the last checkpoint"), (50.0, "The loss had already run away")):
+        save_checkpoint(tmp_path / "checkpoint.pt", dict(payload, progress={"global_step": 5, "loss": loss}))
+        assert _after_divergence(config, tmp_path, 10).startswith(advice), loss  # ten times ln 10 (23) between
+    save_checkpoint(tmp_path / "checkpoint.pt", payload)
     assert _after_divergence(config, tmp_path, 10, weights_of=5) == (
         "The last checkpoint (step 5) holds these weights, so resuming it would not help: start again with a lower "
         "--lr (such as 0.05) or a longer --warmup-steps")
@@ -1480,10 +1484,12 @@ def test_options_that_depend_on_the_data_or_the_disk_leave_no_run_folder(tiny_da
     assert "is a file: choose another --run-name" in _error_of(
         ["--data", tiny_data, "--out", tmp_path, "--run-name", "a-file", *TINY], caplog)
     for split in ("train", "val"):  # a run folder there would be a class of images to every later scan
-        inside = tiny_data / split / "runs"
-        assert (f"--out {inside} lies in the data's {split}/ ({tiny_data.resolve() / split}), where a folder would "
-                f"be taken for a class of images") in _error_of(["--data", tiny_data, "--out", inside, *TINY], caplog)
-        assert not inside.exists()
+        classes = sorted(os.listdir(tiny_data / split))
+        for inside in (tiny_data / split / "runs", tiny_data / split):
+            assert (f"--out {inside} lies in the data's {split}/ ({tiny_data.resolve() / split}), where a folder "
+                    f"would be taken for a class of images") in _error_of(
+                ["--data", tiny_data, "--out", inside, "--max-steps", "1", *TINY], caplog)  # not refused: a step
+        assert sorted(os.listdir(tiny_data / split)) == classes
     too_long = tmp_path / ("a" * 300)
     err = _error_of(["--data", tiny_data, "--out", too_long, *TINY], caplog)
     assert f"cannot use --out {too_long} (File name too long)" in err and "Traceback" not in err
@@ -2162,7 +2168,8 @@ def test_resume_refuses_a_changed_recipe_and_weights_only_checkpoints(tiny_data,
             two_gpu.check_resumable(config, moved, data_module.open_data(data))
             continue
         cached = sorted(p.name for p in data.glob(".alexnet-stats-*"))
-        err = _error_of(["--resume", tmp_path / f"moved-{change}"], caplog)
+        # --max-steps: a change not refused fails at once on the steps taken, not after training 90 epochs
+        err = _error_of(["--resume", tmp_path / f"moved-{change}", "--max-steps", "1"], caplog)
         expected = {"shrunk": "the training set changed since", "renamed": "was trained on other classes"}.get(
             change, "the validation set changed since" if "val" in change else
             "holds as many images, but other ones (by name, class or size)")

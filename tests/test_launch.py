@@ -72,6 +72,8 @@ def test_short_run_writes_its_results_and_eval_only_agrees(trained_run, tiny_dat
     assert "[rank 1]" not in result.stderr  # only rank 0 prints
     payload = load_checkpoint(run)
     assert payload["progress"]["global_step"] == 7 and set(payload["rng"]) == {"rank0", "rank1"}
+    # each tower its own dropout masks, as on two GPUs: seeded apart
+    assert not torch.equal(payload["rng"]["rank0"]["cpu"], payload["rng"]["rank1"]["cpu"])
     assert payload["data_mean"].shape == (3, 256, 256) and 0 < payload["data_mean"].mean() < 255
 
     # Evaluated on the same validation images beside other training images (all black, so
@@ -171,7 +173,7 @@ def test_torchrun_environment_is_honoured(tiny_data, tmp_path, world_size):
                    LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), TMPDIR=str(long))
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "launch.two_gpu", "--data", str(tiny_data), "--out", str(tmp_path), "--run-name",
-             "tr", "--max-steps", "2", "--val-limit", "4", "--no-ten-crop", "--recipe", "small", *TINY],
+             "tr", "--max-steps", "2", "--val-limit", "100", "--no-ten-crop", "--recipe", "small", *TINY],
             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     try:
         outputs = [p.communicate(timeout=RUN_TIMEOUT_S) for p in procs]
@@ -186,7 +188,9 @@ def test_torchrun_environment_is_honoured(tiny_data, tmp_path, world_size):
     payload = load_checkpoint(tmp_path / "tr")
     assert payload["progress"]["global_step"] == 2 and len(payload["rng"]) == world_size
     assert payload["config"]["epochs"] == 29  # 7 steps of 4 an epoch: 29 epochs make 200 steps
-    assert json.loads((tmp_path / "tr" / "summary.json").read_text())["replicas"] == world_size // 2
+    summary = json.loads((tmp_path / "tr" / "summary.json").read_text())
+    assert summary["replicas"] == world_size // 2
+    assert summary["centre"]["images"] == 10  # --val-limit beyond the set: the set, shared among the replicas
 
 
 def _checkpoint_worker(rank, data_root, tmp):

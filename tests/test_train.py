@@ -3,6 +3,7 @@ has): the augmentation each step's crops get, the evaluation's counts and its te
 average, and the progress a checkpoint keeps for the schedule."""
 
 import dataclasses
+import shutil
 
 import pytest
 import torch
@@ -63,6 +64,46 @@ def test_each_step_gets_its_own_crops_augmented_where_they_were_cut(mesh_of_one,
         # the same crops with another batch's choices differ: the comparison tells positions apart
         other = data.train_augmentation(seed, epoch, ((b + 1) % 3) * batch, batch)
         assert not torch.equal(given, data.augment(cut, other, small_bundle.stats)), b
+
+
+def test_each_step_trains_at_the_schedule_s_rate(mesh_of_one, small_bundle):
+    """The rate the schedule gives a step (here the warm-up's) is the one its update takes, not the
+    optimizer's own: the step lines and metrics would say the schedule's while the run took another."""
+    batch = 6
+    model = _Recorder(len(small_bundle.classes))
+    optimizer = paper_optimizer(model.parameters(), lr=1.0)  # a rate no step may take
+    rates = []
+    model.register_forward_pre_hook(lambda module, args: rates.append(optimizer.param_groups[0]["lr"]))
+    config = TrainConfig(batch_size=batch, seed=3, epochs=2, lr=0.03, warmup_steps=2, log_every=100)
+    with data.Loader(small_bundle) as loader:
+        finished, _ = train.train_one_epoch(model, optimizer, loader, _plan(small_bundle, batch), config,
+                                            Progress(epoch=0, lr=0.03), CPU, mesh_of_one, None, Metrics(None),
+                                            ProgressBar(False), train.InputBytes(), model)
+    assert finished and rates == pytest.approx([0.015, 0.03, 0.03])
+
+
+def test_an_evaluation_of_part_of_the_set_spreads_over_it_and_counts_the_images_left_out(mesh_of_one, small_bundle,
+                                                                                        tmp_path):
+    """--val-limit N evaluates N images spread over the set (sorted by class), not its first N; an
+    image that cannot be used is left out and counted (the summary's and the step line's words)."""
+    model = _Recorder(len(small_bundle.classes))
+    plan = dataclasses.replace(_plan(small_bundle, 4), val_images=5)
+    with data.Loader(small_bundle) as loader:
+        result = train.evaluate(model, loader, plan, 4, CPU, mesh_of_one)
+    chosen = data.eval_indices(len(small_bundle.val), 5)
+    assert chosen == [0, 2, 4, 7, 9]
+    expected = data.eval_views(torch.stack([data.center_crop(small_bundle.val[i][0]) for i in chosen]),
+                               small_bundle.stats, ten_crop=False)
+    assert torch.equal(torch.cat(model.seen), expected)
+    assert (result["images"], result["skipped"]) == (5, 0)
+    root = tmp_path / "shapes"
+    shutil.copytree(small_bundle.root, root)
+    broken = sorted((root / "val").rglob("*.*"))[3]
+    broken.write_bytes(b"not a jpeg")
+    damaged = data.open_data(root, cache_dir=tmp_path / "cache")
+    with data.Loader(damaged) as loader:
+        result = train.evaluate(_Recorder(len(damaged.classes)), loader, _plan(damaged, 4), 4, CPU, mesh_of_one)
+    assert (result["images"], result["skipped"]) == (len(damaged.val) - 1, 1)
 
 
 class _FixedLogits(torch.nn.Module):
