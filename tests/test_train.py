@@ -3,6 +3,7 @@ has): the augmentation each step's crops get, the evaluation's counts and its te
 average, and the progress a checkpoint keeps for the schedule."""
 
 import dataclasses
+import json
 import shutil
 
 import pytest
@@ -80,6 +81,21 @@ def test_each_step_trains_at_the_schedule_s_rate(mesh_of_one, small_bundle):
                                             Progress(epoch=0, lr=0.03), CPU, mesh_of_one, None, Metrics(None),
                                             ProgressBar(False), train.InputBytes(), model)
     assert finished and rates == pytest.approx([0.015, 0.03, 0.03])
+
+
+def test_step_lines_follow_the_run_s_steps_in_a_later_epoch(mesh_of_one, small_bundle, tmp_path):
+    """--log-every counts the run's steps, not the epoch's batches: the metrics.jsonl records that
+    the ablations and benchmarks read (and the step lines) come every N steps after an epoch or a
+    resume too, and at the epoch's end."""
+    batch = 6  # 3 steps an epoch: the second epoch's are the run's steps 4 to 6
+    model = _Recorder(len(small_bundle.classes))
+    config = TrainConfig(batch_size=batch, seed=3, epochs=2, lr=0.01, warmup_steps=0, log_every=2)
+    with data.Loader(small_bundle) as loader:
+        train.train_one_epoch(model, paper_optimizer(model.parameters(), lr=0.01), loader, _plan(small_bundle, batch),
+                              config, Progress(epoch=1, global_step=3, lr=0.01), CPU, mesh_of_one, None,
+                              Metrics(tmp_path / "metrics.jsonl"), ProgressBar(False), train.InputBytes(), model)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["epoch"], r["step"]) for r in records if r["event"] == "train"] == [(2, 4), (2, 6)]
 
 
 def test_an_evaluation_of_part_of_the_set_spreads_over_it_and_counts_the_images_left_out(mesh_of_one, small_bundle,
