@@ -1,6 +1,7 @@
 """The training loop's parts in one process (a process group of one rank, as `--layout single`
-has): the augmentation each step's crops get, the evaluation's counts and its ten-patch
-average, and the progress a checkpoint keeps for the schedule."""
+has): the augmentation each step's crops get, the rate each step takes and when its line is
+written, the evaluation's counts, the images it takes and its ten-patch average, and the
+progress a checkpoint keeps for the schedule."""
 
 import dataclasses
 import json
@@ -68,28 +69,29 @@ def test_each_step_gets_its_own_crops_augmented_where_they_were_cut(mesh_of_one,
 
 
 def test_each_step_trains_at_the_schedule_s_rate(mesh_of_one, small_bundle):
-    """The rate the schedule gives a step (here the warm-up's) is the one its update takes, not the
-    optimizer's own: the step lines and metrics would say the schedule's while the run took another."""
+    """The rate the schedule gives a step (here the warm-up's, of a rate divided once) is the one
+    the step takes, not the optimizer's own nor --lr: the step lines and metrics would say the
+    schedule's while the run took another."""
     batch = 6
     model = _Recorder(len(small_bundle.classes))
     optimizer = paper_optimizer(model.parameters(), lr=1.0)  # a rate no step may take
     rates = []
     model.register_forward_pre_hook(lambda module, args: rates.append(optimizer.param_groups[0]["lr"]))
-    config = TrainConfig(batch_size=batch, seed=3, epochs=2, lr=0.03, warmup_steps=2, log_every=100)
+    config = TrainConfig(batch_size=batch, seed=3, epochs=2, lr=0.03, warmup_steps=3, log_every=100)
     with data.Loader(small_bundle) as loader:
         finished, _ = train.train_one_epoch(model, optimizer, loader, _plan(small_bundle, batch), config,
-                                            Progress(epoch=0, lr=0.03), CPU, mesh_of_one, None, Metrics(None),
+                                            Progress(epoch=0, lr=0.003), CPU, mesh_of_one, None, Metrics(None),
                                             ProgressBar(False), train.InputBytes(), model)
-    assert finished and rates == pytest.approx([0.015, 0.03, 0.03])
+    assert finished and rates == pytest.approx([0.001, 0.002, 0.003])
 
 
 def test_step_lines_follow_the_run_s_steps_in_a_later_epoch(mesh_of_one, small_bundle, tmp_path):
     """--log-every counts the run's steps, not the epoch's batches: the metrics.jsonl records that
-    the ablations and benchmarks read (and the step lines) come every N steps after an epoch or a
-    resume too, and at the epoch's end."""
-    batch = 6  # 3 steps an epoch: the second epoch's are the run's steps 4 to 6
+    the ablations and benchmarks read (written with the step lines) come every N steps after an
+    epoch or a resume too, and at the epoch's end."""
+    batch = 6  # 3 steps an epoch: the second epoch's are the run's steps 4 to 6, of 9
     model = _Recorder(len(small_bundle.classes))
-    config = TrainConfig(batch_size=batch, seed=3, epochs=2, lr=0.01, warmup_steps=0, log_every=2)
+    config = TrainConfig(batch_size=batch, seed=3, epochs=3, lr=0.01, warmup_steps=0, log_every=4)
     with data.Loader(small_bundle) as loader:
         train.train_one_epoch(model, paper_optimizer(model.parameters(), lr=0.01), loader, _plan(small_bundle, batch),
                               config, Progress(epoch=1, global_step=3, lr=0.01), CPU, mesh_of_one, None,
@@ -101,7 +103,7 @@ def test_step_lines_follow_the_run_s_steps_in_a_later_epoch(mesh_of_one, small_b
 def test_an_evaluation_of_part_of_the_set_spreads_over_it_and_counts_the_images_left_out(mesh_of_one, small_bundle,
                                                                                         tmp_path):
     """--val-limit N evaluates N images spread over the set (sorted by class), not its first N; an
-    image that cannot be used is left out and counted (the summary's and the step line's words)."""
+    image that cannot be used is left out and counted."""
     model = _Recorder(len(small_bundle.classes))
     plan = dataclasses.replace(_plan(small_bundle, 4), val_images=5)
     with data.Loader(small_bundle) as loader:
