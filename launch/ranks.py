@@ -330,7 +330,6 @@ def set_handlers(handlers: dict) -> None:
     and a KeyboardInterrupt which that handler raises is dropped here (its process is stopping
     already, which is when this is called)."""
     for signum, handler in handlers.items():
-        handler = signal.Handlers(handler) if isinstance(handler, int) else handler  # as getsignal gives it
         while signal.getsignal(signum) is not handler:
             with contextlib.suppress(KeyboardInterrupt):
                 signal.signal(signum, handler)

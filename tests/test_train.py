@@ -46,6 +46,16 @@ class _Recorder(torch.nn.Module):
         return self.bias.expand(len(images), -1)
 
 
+def _train_one_epoch(model, optimizer, bundle, config, progress, mesh, metrics=None) -> bool:
+    """train.train_one_epoch over ``bundle`` in this process, with no step lines on the terminal;
+    whether it reached the epoch's end."""
+    with data.Loader(bundle) as loader:
+        finished, _ = train.train_one_epoch(model, optimizer, loader, _plan(bundle, config.batch_size), config,
+                                            progress, CPU, mesh, None, metrics or Metrics(None), ProgressBar(False),
+                                            train.InputBytes(), model)
+    return finished
+
+
 def test_each_step_gets_its_own_crops_augmented_where_they_were_cut(mesh_of_one, small_bundle):
     """The mean image, the reflection and the colour shift are those drawn for the crops' own
     positions in the epoch: a shift by a batch would still give images of the right shape and
@@ -54,10 +64,8 @@ def test_each_step_gets_its_own_crops_augmented_where_they_were_cut(mesh_of_one,
     model = _Recorder(len(small_bundle.classes))
     config = TrainConfig(batch_size=batch, seed=seed, epochs=2, lr=0.01, warmup_steps=0, log_every=100)
     plan = _plan(small_bundle, batch)
-    with data.Loader(small_bundle) as loader:
-        finished, _ = train.train_one_epoch(model, paper_optimizer(model.parameters(), lr=0.01), loader, plan, config,
-                                            Progress(epoch=epoch, lr=0.01), CPU, mesh_of_one, None, Metrics(None),
-                                            ProgressBar(False), train.InputBytes(), model)
+    finished = _train_one_epoch(model, paper_optimizer(model.parameters(), lr=0.01), small_bundle, config,
+                                Progress(epoch=epoch, lr=0.01), mesh_of_one)
     crops = [c for c, _ in data.train_batches(small_bundle, batch, seed, epoch)]
     assert finished and len(model.seen) == len(crops) == plan.batches_per_epoch == 3
     for b, (given, cut) in enumerate(zip(model.seen, crops)):
@@ -78,10 +86,7 @@ def test_each_step_trains_at_the_schedule_s_rate(mesh_of_one, small_bundle):
     rates = []
     model.register_forward_pre_hook(lambda module, args: rates.append(optimizer.param_groups[0]["lr"]))
     config = TrainConfig(batch_size=batch, seed=3, epochs=2, lr=0.03, warmup_steps=3, log_every=100)
-    with data.Loader(small_bundle) as loader:
-        finished, _ = train.train_one_epoch(model, optimizer, loader, _plan(small_bundle, batch), config,
-                                            Progress(epoch=0, lr=0.003), CPU, mesh_of_one, None, Metrics(None),
-                                            ProgressBar(False), train.InputBytes(), model)
+    finished = _train_one_epoch(model, optimizer, small_bundle, config, Progress(epoch=0, lr=0.003), mesh_of_one)
     assert finished and rates == pytest.approx([0.001, 0.002, 0.003])
 
 
@@ -92,10 +97,8 @@ def test_step_lines_follow_the_run_s_steps_in_a_later_epoch(mesh_of_one, small_b
     batch = 6  # 3 steps an epoch: the second epoch's are the run's steps 4 to 6, of 9
     model = _Recorder(len(small_bundle.classes))
     config = TrainConfig(batch_size=batch, seed=3, epochs=3, lr=0.01, warmup_steps=0, log_every=4)
-    with data.Loader(small_bundle) as loader:
-        train.train_one_epoch(model, paper_optimizer(model.parameters(), lr=0.01), loader, _plan(small_bundle, batch),
-                              config, Progress(epoch=1, global_step=3, lr=0.01), CPU, mesh_of_one, None,
-                              Metrics(tmp_path / "metrics.jsonl"), ProgressBar(False), train.InputBytes(), model)
+    _train_one_epoch(model, paper_optimizer(model.parameters(), lr=0.01), small_bundle, config,
+                     Progress(epoch=1, global_step=3, lr=0.01), mesh_of_one, Metrics(tmp_path / "metrics.jsonl"))
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [(r["epoch"], r["step"]) for r in records if r["event"] == "train"] == [(2, 4), (2, 6)]
 
