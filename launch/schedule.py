@@ -44,12 +44,14 @@ def learning_rate(config: TrainConfig, progress: Progress) -> float:
     return progress.lr
 
 
-def end_of_epoch_schedule(config: TrainConfig, progress: Progress, val_error: float) -> None:
-    """Section 5: divide the rate by 10 when the validation error stops improving
-    ('plateau'), or at fixed epochs ('fixed', the authors' released run)."""
+def end_of_epoch_schedule(config: TrainConfig, progress: Progress, evaluation: dict) -> None:
+    """Section 5: divide the rate by 10 when the validation error rate stops improving
+    ('plateau'), or at fixed epochs ('fixed', the authors' released run). The paper does not
+    say which error rate; this program compares the evaluation's top-1 error, not its top-5."""
     if config.schedule == "fixed":
         progress.lr = base_rate(config, progress)
         return
+    val_error = evaluation["top1_error"]
     if val_error < progress.best_error:
         progress.best_error, progress.bad_epochs = val_error, 0
         return

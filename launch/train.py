@@ -712,7 +712,7 @@ def run_rank(rank: int, config: TrainConfig, run_dir: Optional[str], placement: 
             log.info("epoch %d/%d: validation top-1 error %.2f%%, top-5 error %.2f%% (%s)", progress.epoch,
                      config.epochs, 100 * last_eval["top1_error"], 100 * last_eval["top5_error"],
                      describe_evaluation(last_eval))
-            end_of_epoch_schedule(config, progress, last_eval["top1_error"])  # the rate of the epochs after it
+            end_of_epoch_schedule(config, progress, last_eval)  # the rate of the epochs after it
             metrics.write(event="eval", epoch=progress.epoch, step=progress.global_step, next_lr=progress.lr,
                           **last_eval)
             save_now(run_dir, model, optimizer, progress, config, plan, mesh)

@@ -28,7 +28,8 @@ def test_plateau_divides_after_patience_epochs_without_improvement_at_most_max_t
     rates = []
     for epoch, error in enumerate(errors):
         progress.epoch = epoch + 1
-        end_of_epoch_schedule(config, progress, error)
+        # the top-5 error, improving every epoch, is not the rule's
+        end_of_epoch_schedule(config, progress, {"top1_error": error, "top5_error": 0.5 - epoch / 100})
         rates.append(progress.lr)
     # Improvements at 0.8 and 0.7; 0.8 after 0.8 is no improvement (strictly lower is).
     # Two bad epochs (patience 2) divide by 10, then the count starts again; at most three times.
@@ -41,7 +42,7 @@ def test_fixed_schedule_divides_at_the_milestones():
     rates = []
     for epoch in range(1, 6):
         progress.epoch = epoch
-        end_of_epoch_schedule(config, progress, val_error=0.5)
+        end_of_epoch_schedule(config, progress, {"top1_error": 0.5, "top5_error": 0.1})
         rates.append(progress.lr)
     assert rates == pytest.approx([0.01, 1e-3, 1e-3, 1e-4, 1e-4])
 
