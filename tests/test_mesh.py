@@ -12,10 +12,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from launch import two_gpu
+from launch import data, train, two_gpu
 from launch.checkpoint import load_checkpoint
+from launch.config import TrainConfig
 from launch.mesh import build_mesh, coordinates
+from launch.meter import Metrics, ProgressBar
 from launch.ranks import run_ranks
+from launch.schedule import Progress
 from launch.step import paper_optimizer
 from towers import FC8_PLACEMENTS, TOWERS, Tower, build_reference, shard_state_dict
 
@@ -125,6 +128,66 @@ def test_two_replicas_of_the_towers_match_the_reference_on_the_global_batch(hybr
         assert r["moved"] > 1e-6, "SGD did not change the weights: the comparison would be vacuous"
         # Replica 1's tower of the same index took exactly the same steps: the averaged gradients are the same.
         assert results[rank + TOWERS]["fingerprint"] == r["fingerprint"]
+
+
+class _Bias(torch.nn.Module):
+    """Logits that are a learnable bias, the same for every image."""
+
+    def __init__(self, num_classes: int):
+        super().__init__()
+        self.bias = torch.nn.Parameter(torch.zeros(num_classes))
+
+    def forward(self, images):
+        return self.bias.expand(len(images), -1)
+
+
+def _images_lost_worker(rank, root, lost_after):
+    """Two replicas, of one rank each, each loading its share of every batch (as machines do from
+    their own copies of the data), train an epoch, once for each of ``lost_after``: replica 1's
+    images are gone after that many of its batches. (steps taken, the error, the steps saved)
+    of each epoch."""
+    mesh = build_mesh(1, timeout_s=60)
+    bundle = data.open_data(root, cache_dir=root.parent / "cache")
+    config = TrainConfig(batch_size=4, epochs=1, lr=0.01, warmup_steps=0, log_every=100)
+    plan = train.Plan(bundle.classes, data.batches_per_epoch(bundle, 4), len(bundle.val), len(bundle.train),
+                      bundle.stats)
+    model = _Bias(len(bundle.classes))
+    trainer = DistributedDataParallel(model, process_group=mesh.replica_group)
+    optimizer = paper_optimizer(model.parameters(), lr=0.01)
+    saved = []  # a checkpoint of this stand-in for the net is not what is tested
+    train.save_before_stopping = lambda run_dir, model, optimizer, progress, *rest: saved.append(progress.global_step)
+    results = []
+    for count in lost_after:
+        progress, saved[:], error = Progress(lr=0.01), [], None
+        with data.Loader(bundle) as loader:
+            if mesh.replica == 1:
+                whole = loader.train
+
+                def then_lost(*args, **kwargs):
+                    batches = whole(*args, **kwargs)
+                    for _ in range(count):
+                        yield next(batches)
+                    raise data.DataError("no usable image in train/: it is gone")
+                loader.train = then_lost
+            try:
+                train.train_one_epoch(model, optimizer, loader, plan, config, progress, torch.device("cpu"), mesh,
+                                      None, Metrics(None), ProgressBar(False), train.InputBytes(), trainer)
+            except data.DataError as exc:
+                error = str(exc)
+        results.append((progress.global_step, error, list(saved)))
+    return results
+
+
+@pytest.mark.slow
+def test_a_replica_whose_images_are_lost_stops_every_replica_after_the_same_step(small_bundle):
+    """Each replica loads its own share: where only one's images are gone, every replica stops
+    after the same step (none of them waits out the timeout for the others' next step, which
+    never comes), saves it, and names the replica. Lost at its first batch, no step is taken."""
+    assert data.batches_per_epoch(small_bundle, 4) == 5
+    by_rank = run_ranks(_images_lost_worker, (small_bundle.root, (0, 2)), world_size=2, timeout_s=TIMEOUT_S)
+    error = "no usable image in train/: it is gone (on rank 1, which loads replica 1's images)"
+    # Lost after two batches: the second step is taken as its share of the third fails to load.
+    assert by_rank == [[(0, error, [0]), (2, error, [2])]] * 2
 
 
 # ---------------------------------------------------------------- the program with --replicas
