@@ -128,15 +128,18 @@ def test_an_evaluation_of_part_of_the_set_spreads_over_it_and_counts_the_images_
 
 
 class _FixedLogits(torch.nn.Module):
-    """Gives ``logits`` whatever the images (as many rows as it is given images)."""
+    """Gives the next rows of ``logits`` whatever the images (as many rows as it is given
+    images), and keeps how many it was given at each forward pass."""
 
     def __init__(self, logits: torch.Tensor):
         super().__init__()
-        self.logits = logits
+        self.logits, self.sizes = logits, []
 
     def forward(self, images):
-        assert len(images) == len(self.logits)
-        return self.logits
+        given = sum(self.sizes)
+        self.sizes.append(len(images))
+        assert given + len(images) <= len(self.logits)
+        return self.logits[given:given + len(images)]
 
 
 def test_evaluation_counts_top1_and_top5_hits_and_averages_the_ten_views_probabilities(mesh_of_one, small_bundle):
@@ -160,10 +163,11 @@ def test_evaluation_counts_top1_and_top5_hits_and_averages_the_ten_views_probabi
         views[i, 0, (y + 1) % k] = 10.0
         views[i, 1:, y] = 1.0
     assert not torch.equal(views.mean(dim=1).argmax(dim=1), labels)
+    model = _FixedLogits(views.view(n * 10, k))
     with data.Loader(small_bundle) as loader:  # the ten-patch test evaluates a quarter of the batch at a time
-        ten = train.evaluate(_FixedLogits(views.view(n * 10, k)), loader, plan, 4 * n, CPU, mesh_of_one,
-                             ten_crop=True)
+        ten = train.evaluate(model, loader, plan, 8, CPU, mesh_of_one, ten_crop=True)
     assert (ten["top1_error"], ten["images"], ten["test"]) == (0.0, n, "ten-patch")
+    assert n == 10 and model.sizes == [20] * 5  # each pass: a quarter of the batch of 8, ten views each
 
 
 def test_a_checkpoint_keeps_the_whole_progress_and_the_momentum(mesh_of_one, tmp_path, small_bundle):
