@@ -332,6 +332,7 @@ def test_the_loader_stops_timing_batches_at_the_deadline(tiny_data):
             f"benchmark's --time-limit of 10 s was reached while they were timed).") in lines[0]
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")  # torchvision 0.29's, for torchcodec
 def test_batches_decoded_by_torchvision_are_the_loader_s(tiny_data, tmp_path, monkeypatch):
     """What the GPU decodes in the loader's section is the loader's own batches: shown on the

@@ -80,6 +80,7 @@ def _small_dev_shm() -> list:
 SMALL_DEV_SHM = _small_dev_shm()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not SMALL_DEV_SHM, reason="needs unshare -m and the right to mount a tmpfs in it")
 def test_batches_that_find_no_room_in_dev_shm_stop_the_run_naming_the_fix(tiny_data):
     """A container's /dev/shm (64 MB unless given more) too small for the workers' batches: the run
@@ -214,6 +215,7 @@ def test_ctrl_c_stops_both_ranks(tiny_data, tmp_path):
     assert " interrupted: every rank stopped; no checkpoint was written yet" in (run.run_dir / "train.log").read_text()
 
 
+@pytest.mark.slow
 def test_a_run_stopped_after_its_last_epoch_is_told_what_is_left(trained_run, tmp_path):
     """A stop in the final evaluation, or after the summary is written, leaves a checkpoint at
     the end of the training: the advice is not the --resume that would be refused as finished."""
@@ -747,6 +749,7 @@ def test_a_run_folder_moved_while_the_run_trains_is_not_written_in_again(tiny_da
         shutil.rmtree(tmp_path / "later")
 
 
+@pytest.mark.slow
 def test_outputs_that_are_not_numbers_are_never_scored(trained_run, tmp_path):
     """Weights that ran away after the last finite loss: finite, but the net's outputs overflow
     (NaN after the softmax). Their top-k picks arbitrary classes, which the evaluation scored as
@@ -766,6 +769,7 @@ def test_outputs_that_are_not_numbers_are_never_scored(trained_run, tmp_path):
     assert "top-1 error" not in result.stderr and not (tmp_path / "eval" / "summary.json").exists()
 
 
+@pytest.mark.slow
 def test_the_advice_after_a_divergence_reads_the_checkpoint_that_load_checkpoint_refuses(tmp_path):
     """--max-steps saves the last update's weights before the final evaluation: infinite ones, the
     advice failed on load_checkpoint's refusal of them (a CheckpointError, whose own advice, an
@@ -1585,6 +1589,7 @@ def test_a_run_with_its_output_closed_trains_and_writes_its_files(tiny_data, tmp
     assert (tmp_path / "run" / ".lock").read_text().count("\n") <= 1  # its owner, and no log line
 
 
+@pytest.mark.slow
 def test_a_run_file_that_is_not_a_file_is_refused_before_the_ranks_start(trained_run, tmp_path, caplog):
     """A resumed run's config.json, metrics.jsonl or train.log a FIFO: the run waited for a writer
     for good; a folder: a rank failed at its first line (summary.json: at the run's end, after
@@ -1883,6 +1888,7 @@ def test_a_damaged_checkpoint_is_refused_not_loaded_as_it_is(tmp_path):
             load_checkpoint(packed)
 
 
+@pytest.mark.slow
 def test_bad_checkpoints_get_clear_errors_and_run_no_code(tiny_data, tmp_path, caplog):
     args = ["--data", tiny_data, "--out", tmp_path / "runs", "--eval-only"]
     good = tmp_path / "good.pt"
@@ -2385,6 +2391,7 @@ def test_a_checkpoint_given_as_tilde_slash_is_in_the_home_folder(tmp_path, monke
     assert checkpoint.resolve_path("~/run") == tmp_path / "run" / "checkpoint.pt"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", [[], ["--layout", "one-tower", "--replicas", "2"]], ids=["towers", "replicas"])
 def test_training_images_that_cannot_be_used_are_counted_in_the_summary(tiny_data, tmp_path, layout):
     """Two unreadable training images, one in the run's one batch: the next image stands in for

@@ -170,6 +170,7 @@ def test_evaluation_counts_top1_and_top5_hits_and_averages_the_ten_views_probabi
     assert n == 10 and model.sizes == [20] * 5  # each pass: a quarter of the batch of 8, ten views each
 
 
+@pytest.mark.slow
 def test_a_checkpoint_keeps_the_whole_progress_and_the_momentum(mesh_of_one, tmp_path, small_bundle):
     """Every field of the progress, the plateau rule's count of epochs without improvement
     among them: a resumed plateau run that lost it would divide its rate an epoch late."""
