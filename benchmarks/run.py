@@ -115,9 +115,9 @@ class BenchConfig:
                                       "warm-up step compiles", choices=COMPILE_MODES, many=True)
     compile_backend: str = option("inductor", "torch.compile's backend for --compile-modes: inductor, aot_eager (the "
                                               "tracing without code generation) or eager")
-    bf16_slowdown_limit: float = option(4.0, "if the first bf16 run is this many times slower than fp32 "
-                                             "(bf16 emulated on this device), the other bf16 runs are marked "
-                                             "'not measured on this device'", type=float)
+    bf16_slowdown_limit: float = option(4.0, "once a bf16 run on a device is this many times slower than its "
+                                             "fp32 run (bf16 emulated there), that device's later bf16 runs are "
+                                             "marked 'not measured on this device'", type=float)
     fc8_placement: str = option("tower0", "towers' FC8: whole on tower 0 (the authors' layout) or split 500+500",
                                 choices=FC8_PLACEMENTS)
     seed: int = option(0, "seed of the reference's weights, the synthetic batch and dropout", type=int)
@@ -290,11 +290,16 @@ def plan_runs(config: BenchConfig) -> list:
     return list(dict.fromkeys(main + sweep_pf + half + sweep + compiled))
 
 
+def device_of(key: RunKey, devices: DevicePlan) -> Optional[str]:
+    """Where a run's ranks compute: with --one-gpu-two-rank cpu, the multi-rank modes on another device."""
+    return devices.two_rank if key.mode in MULTI_RANK_MODES else devices.single
+
+
 def run_spec(key: RunKey, config: BenchConfig, devices: DevicePlan, weights: dict) -> dict:
     two_rank = key.mode in MULTI_RANK_MODES
     return {**key._asdict(), "warmup": config.warmup, "steps": config.steps, "seed": config.seed,
             "fc8_placement": config.fc8_placement, "compile_backend": config.compile_backend,
-            "device": devices.two_rank if two_rank else devices.single,
+            "device": device_of(key, devices),
             "backend": devices.backend if two_rank else "none (one process)",
             "collective_timeout_s": config.rank_timeout_s,
             # where a collective's time needs the device waited for: steps of their own (workers._exchange_steps)
@@ -599,8 +604,7 @@ def default_out(devices: DevicePlan, quick: bool = False) -> Path:
 
 
 def _bf16_unsupported(key: RunKey, devices: DevicePlan) -> Optional[str]:
-    device = devices.two_rank if key.mode in MULTI_RANK_MODES else devices.single
-    if key.precision == "bf16" and device == "cuda" and not torch.cuda.is_bf16_supported():
+    if key.precision == "bf16" and device_of(key, devices) == "cuda" and not torch.cuda.is_bf16_supported():
         return "not measured on this device: the GPU has no bf16 support"
     return None
 
@@ -637,7 +641,8 @@ class Bench:
         self.deadline, self.started = deadline, time.perf_counter()
         self.analytic = analytic_figures(config)
         self.keys = plan_runs(config)
-        self.runs, self.not_measured, self.bf16_reason, self.weights = {}, [], None, None
+        self.runs, self.not_measured, self.weights = {}, [], None
+        self.bf16_reasons = {}  # device -> why its bf16 runs are not measured (--bf16-slowdown-limit)
         self.weights_failed = None  # why the weights every run loads could not be drawn
         self.written = False  # whether results.json in ``out`` is this benchmark's
         self.results = {
@@ -721,7 +726,8 @@ class Bench:
         config, devices = self.config, self.devices
         for key in keys:
             index = len(self.runs) + len(self.not_measured) + 1
-            reason = _bf16_unsupported(key, devices) or (self.bf16_reason if key.precision == "bf16" else None)
+            reason = _bf16_unsupported(key, devices) or \
+                (self.bf16_reasons.get(device_of(key, devices)) if key.precision == "bf16" else None)
             if key.mode in MULTI_RANK_MODES and devices.two_rank is None:
                 reason = f"skipped: {devices.note}"
             elif key.mode == "hybrid" and devices.backend == "nccl" and torch.cuda.device_count() < RANKS["hybrid"]:
@@ -758,11 +764,12 @@ class Bench:
             self.save()
             fp32 = (self.runs.get(key._replace(precision="fp32"))
                     or self.runs.get(key._replace(precision="fp32", memory_format="contiguous")))
-            if key.precision == "bf16" and self.bf16_reason is None and fp32 is not None:
+            if key.precision == "bf16" and run["device"] not in self.bf16_reasons and fp32 is not None:
                 slowdown = run["step_ms"]["median"] / fp32["step_ms"]["median"]
                 if slowdown > config.bf16_slowdown_limit:
-                    self.bf16_reason = (f"not measured on this device: bf16 autocast ran {slowdown:.1f}x slower than "
-                                        f"fp32 in {key.mode} (limit --bf16-slowdown-limit {config.bf16_slowdown_limit})")
+                    self.bf16_reasons[run["device"]] = (
+                        f"not measured on this device ({run['device']}): bf16 autocast ran {slowdown:.1f}x slower "
+                        f"than fp32 in {key.mode} (limit --bf16-slowdown-limit {config.bf16_slowdown_limit})")
 
     def run(self, loader_data) -> dict:
         """The main table first, then the data loader and the training program (measured against the

@@ -3,6 +3,7 @@ run of ``python -m benchmarks.run`` in a tiny configuration, checked for the rep
 structure and for traffic counted exactly as the layer shapes say. Speed is never asserted.
 """
 
+import dataclasses
 import datetime
 import errno
 import json
@@ -147,6 +148,7 @@ def test_a_time_limit_must_be_a_positive_number_of_seconds(tmp_path):
     # each run would have gone on to --rank-timeout-s (--quick on the CPU: 3 steps after 1)
     *[(option, "1" + "0" * 20, f"--steps must be from 1 and --warmup from 0, each to 1,000,000, got {got}")
       for option, got in (("--steps", f"1{'0' * 20} and 1"), ("--warmup", f"3 and 1{'0' * 20}"))],
+    ("--steps", "0", "--steps must be from 1 and --warmup from 0, each to 1,000,000, got 0 and 1"),
     ("--rank-timeout-s", "0", "--rank-timeout-s must be a number of seconds from 1 to 604800 (a week), got 0"),
     ("--rank-timeout-s", "inf", "--rank-timeout-s must be a number of seconds from 1 to 604800 (a week), got inf"),
     ("--rank-timeout-s", "1e15", "--rank-timeout-s must be a number of seconds from 1 to 604800 (a week), got 1e+15"),
@@ -169,6 +171,26 @@ def test_numbers_out_of_range_are_refused_before_anything_runs(tmp_path, option,
     assert not any(tmp_path.iterdir())
     with pytest.raises(SystemExit):  # no abbreviations: .ci/gpu refuses a --time-limit beside its own
         run.build_parser().parse_args(["--time", "60"])
+
+
+@pytest.mark.parametrize("changes, refused", [
+    (dict(modes=("ddp",), batch=3), "--batch 3 --batches 16"),
+    (dict(modes=("single",), batch=3, precision_modes=("hybrid",)), "--batch 3 --batches 16"),  # its sweep at --batch
+    (dict(modes=("single",), sweep_modes=("ddp",), batches=(2, 3)), "--batch 8 --batches 2,3"),
+    (dict(modes=("single",), batch=0), "--batch 0 --batches 16"),
+    (dict(modes=("single", "towers"), sweep_modes=("towers",), batch=3, batches=(3,)), None),  # no batch is halved
+])
+def test_batches_that_a_mode_would_halve_unevenly_are_refused_before_anything_runs(changes, refused):
+    """ddp and hybrid give each of 2 replicas half the global batch: an odd one trained one image
+    fewer than the report credits them with, wherever the mode runs at it."""
+    config = dataclasses.replace(run.BenchConfig(device="cpu", quick=True), **changes)
+    if refused is None:
+        run.resolve(config, run.plan_devices(config))
+        return
+    with pytest.raises(ValueError) as said:
+        run.resolve(config, run.plan_devices(config))
+    assert str(said.value) == (f"batches must be positive, and even where ddp or hybrid runs (they halve the global "
+                               f"batch): {refused}")
 
 
 def test_an_out_in_the_datas_images_is_refused_before_anything_is_written(tiny_data, tmp_path):
@@ -561,6 +583,40 @@ def test_a_run_stopped_by_the_time_limit_is_not_called_failed(tmp_path, monkeypa
     said = "not measured: the benchmark's --time-limit of 60 s was reached while it ran"
     assert f"single batch 2 fp32 contiguous {said}" in caplog.text and "failed" not in caplog.text, caplog.text
     assert [r["reason"] for r in bench.not_measured] == [said]
+
+
+def test_bf16_runs_far_slower_than_fp32_skip_the_later_bf16_runs_of_their_own_device_alone(tmp_path, monkeypatch):
+    """--bf16-slowdown-limit: bf16 emulated on the CPU towers of --one-gpu-two-rank cpu (10 times
+    fp32's step) leaves the CPU's later bf16 runs unmeasured, not the GPU's."""
+    bench = _quick_bench(tmp_path)
+    bench.weights = {}
+    bench.devices = bench.devices._replace(single="cuda", two_rank="cpu", backend="gloo")
+    bench.save = lambda: None
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    step_ms = {("towers", "fp32"): 10, ("towers", "bf16"): 100, ("single", "fp32"): 10, ("single", "bf16"): 50}
+    measured = []
+
+    def execute(spec, *args):
+        measured.append((spec["mode"], spec["precision"], spec["device"]))
+        return []
+
+    def summarize(spec, *args):
+        ms = step_ms.get((spec["mode"], spec["precision"]), 10)
+        return {"device": spec["device"], "images_per_s": 1.0, "step_ms": {"median": ms, "p10": ms, "p90": ms}}
+
+    monkeypatch.setattr(run, "execute", execute)
+    monkeypatch.setattr(run, "summarize", summarize)
+    bench.measure([run.RunKey(mode, 2, precision, "contiguous") for mode, precision in (
+        ("towers", "fp32"), ("towers", "bf16"), ("single", "fp32"), ("single", "bf16"), ("ddp", "bf16"),
+        ("torchvision", "bf16"))], str(tmp_path))
+    # single's bf16 at 5 times fp32's step, on the GPU: its own device's first, which skips the GPU's later ones
+    assert measured == [("towers", "fp32", "cpu"), ("towers", "bf16", "cpu"), ("single", "fp32", "cuda"),
+                        ("single", "bf16", "cuda")]
+    assert [(r["mode"], r["reason"]) for r in bench.not_measured] == [
+        ("ddp", "not measured on this device (cpu): bf16 autocast ran 10.0x slower than fp32 in towers (limit "
+                "--bf16-slowdown-limit 4.0)"),
+        ("torchvision", "not measured on this device (cuda): bf16 autocast ran 5.0x slower than fp32 in single (limit "
+                        "--bf16-slowdown-limit 4.0)")]
 
 
 @pytest.mark.parametrize("looks", [1, 2, 3])
