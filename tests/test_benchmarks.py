@@ -1634,9 +1634,14 @@ def test_results_hold_every_run_and_field(tiny_run):
         assert r["step_ms"]["p10"] <= r["step_ms"]["median"] <= r["step_ms"]["p90"]
         assert all(m > 0 for m in r["peak_memory_bytes"])
         assert all(math.isfinite(c) for c in r["compute_ms"])
+        assert r["images_per_s"] == pytest.approx(r["batch"] / (r["step_ms"]["median"] / 1e3)), mode  # the median's
+        # the ranks of a run share the cores this benchmark may use: a single-device run has them all
+        ranks = {"towers": 2, "ddp": 2, "hybrid": 4}.get(mode, 1)
+        assert r["threads"] == [max(1, usable_cores() // ranks)] * ranks, mode
     assert _run(results, "towers", 4)["batch"] == 4 and _run(results, "towers", 2, "bf16", "channels_last")
     # the towers hold the reference's parameters between them, tower 0 with FC8
     single, towers = _run(results, "single"), _run(results, "towers")
+    assert single["batch"] == towers["batch"] and single["flops_per_step"] == towers["flops_per_step"]  # both towers'
     assert single["param_bytes"] == [PARAMS * 4] and sum(towers["param_bytes"]) == PARAMS * 4
     assert towers["param_bytes"][0] - towers["param_bytes"][1] == (4096 * 1000 + 1000) * 4
     assert {link["link"] for link in results["projection"]["links"]} == {"nvlink", "pcie4"}
