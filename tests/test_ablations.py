@@ -117,6 +117,31 @@ def test_tanh_that_never_gets_there_gives_a_lower_bound():
     assert "To 50 % training error: ReLU at step 10, tanh at step 30: ReLU 3.0x faster" in to_50
 
 
+def test_a_difference_is_read_by_its_sign_and_its_size_against_the_noise_floor():
+    """A variant's error minus the full net's, in points: above the floor, a higher error without
+    the feature is the paper's direction (the feature helped); within it, noise."""
+    assert ablations._direction(3.0, 1.0) == "the paper's"
+    assert ablations._direction(-3.0, 1.0) == "the opposite"
+    assert ablations._direction(-0.5, 1.0) == "within noise (±1.0)"
+    assert ablations._verdict(3.0, 1.0, 2.0) == "the paper's direction"
+    assert ablations._verdict(-3.0, 1.0, 2.0) == "the opposite of the paper's direction"
+    assert ablations._verdict(-0.5, 1.0, 2.0) == "not resolved: -0.5 lies within the noise floor of ±1.0"
+    assert ablations._verdict(0.5, 1.0, 0.4) == ("not resolved: +0.5 lies within the noise floor of ±1.0, and the "
+                                                 "paper's +0.4 is far smaller than that floor")
+    # 50 % error of 100 images: a standard error of 5 points; a difference of two, sqrt(2) times it, twice over
+    def run(top1, loss):
+        return {"failed": None, "classes": 10, "centre": {"images": 100, "top1_error": top1}, "curve": [{"loss": loss}]}
+    floor = ablations.noise_floor({"full": run(0.5, 1.0)})
+    assert (floor["standard_error_points"], floor["granularity_points"]) == (pytest.approx(5.0), 1.0)
+    assert floor["difference_floor_points"] == pytest.approx(2 * math.sqrt(2) * 5.0)
+    assert ablations.noise_floor({"full": run(0.5, 1.0), "tanh": run(0.9, math.log(10))}) == floor  # at chance
+    # ReLU there first: the paper's direction; tanh first: not
+    both = lambda relu, tanh: {v: {"steps_to": {"25 %": s, "50 %": s}, "steps": 200, "failed": None, "curve": []}
+                               for v, s in (("full", relu), ("tanh", tanh))}
+    assert ablations.tanh_lines(both(10, 30))[0].endswith("; the paper's direction.")
+    assert ablations.tanh_lines(both(30, 10))[0].endswith("; not the paper's direction.")
+
+
 def test_no_direction_is_read_against_a_full_net_that_did_not_learn():
     """The table called a variant's difference with a full net at chance a direction, where the
     list below it says that such a run compares nothing."""
