@@ -1417,6 +1417,9 @@ def test_report_has_every_part(tiny_run):
     for mode in ("single", "towers", "ddp", "hybrid", "torchvision"):
         row = next(line for line in main.splitlines() if line.startswith(f"| {mode} |"))
         assert "not measured" not in row, row
+        r = _run(results, mode)
+        assert f" | {r['images_per_s']:.1f} | {r['step_ms']['median']:.1f} [{r['step_ms']['p10']:.1f}, " \
+               f"{r['step_ms']['p90']:.1f}] | " in row, row  # the median step, its 10th and 90th percentiles
         # the compute column: the step less its exchanges, but for hybrid, whose exchanges are in it
         assert ("(the `no_sync` step, exchanges in it)" in row) == (mode == "hybrid"), row
     assert "crossover" in report.lower() and "PROJECTION" in report
