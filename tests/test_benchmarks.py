@@ -333,10 +333,12 @@ def test_a_number_of_workers_that_fails_is_recorded_and_the_others_are_measured(
         run.measure_loader((2, 4), 2, 1, "cpu", bundle)
 
 
-def test_the_loader_stops_timing_batches_at_the_deadline(tiny_data):
+@pytest.mark.parametrize("workers", [(0, 1), (0,)])
+def test_the_loader_stops_timing_batches_at_the_deadline(tiny_data, workers):
     """A --time-limit that comes while the first number of workers is timed: no batch is timed
     after it (--loader-batches 100000 ran a minute past a limit of 22 s), and the report
-    says how many were, of how many planned."""
+    says how many were, of how many planned (also where 0 workers was the only count to time, so
+    that no other count is left untimed)."""
     class Near(run.Deadline):
         calls = 0
 
@@ -345,10 +347,10 @@ def test_the_loader_stops_timing_batches_at_the_deadline(tiny_data):
             return 1.0 if self.calls <= 2 else -1.0
 
     bundle = run.open_loader_data(str(tiny_data), 2)  # 30 training images: a warm-up batch and up to 14 timed
-    loader = run.measure_loader((0, 1), 2, 100_000, "cpu", bundle, Near(10))
+    loader = run.measure_loader(workers, 2, 100_000, "cpu", bundle, Near(10))
     measured = loader["by_workers"][0]
     assert measured["workers"] == 0 and 1 <= measured["batches"] < 14 and measured["planned_batches"] == 14
-    assert len(loader["by_workers"]) == 1 and loader["not_measured_workers"] == [1]
+    assert len(loader["by_workers"]) == 1 and loader["not_measured_workers"] == list(workers[1:])
     lines = report.loader_lines({"loader": loader, "runs": [], "config": {"batch": 2}})
     assert (f"one warm-up batch, then {measured['batches']} timed ({measured['batches']} of 14 with 0 workers: the "
             f"benchmark's --time-limit of 10 s was reached while they were timed).") in lines[0]
