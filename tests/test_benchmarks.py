@@ -24,7 +24,7 @@ import pytest
 import torch
 from PIL import Image
 
-from benchmarks import flops, program, report, run, scratch, traffic
+from benchmarks import flops, program, report, run, scratch, traffic, workers
 from launch import data as data_module
 from launch.cli import usable_cores
 from towers import FC8_PLACEMENTS, AlexNet
@@ -1664,6 +1664,15 @@ def test_towers_traffic_is_exactly_the_analytic_figure(tiny_run, batch):
         for key, e in exchanges.items():
             assert e["sent_bytes_per_step"] == e["sent_bytes_per_step_analytic"], key
             assert e["calls_per_step"] == 1, key
+
+
+def test_a_data_parallel_rank_takes_its_own_part_of_the_global_batch():
+    """ddp's and hybrid's replicas each train on their part of the global batch: together, the whole."""
+    images, labels = torch.rand(4, 3, 8, 8), torch.arange(4)
+    parts = [workers._share(images, labels, index, 2, "channels_last") for index in range(2)]
+    assert [part_labels.tolist() for _, part_labels in parts] == [[0, 1], [2, 3]]
+    assert torch.equal(torch.cat([part for part, _ in parts]), images)
+    assert all(part.is_contiguous(memory_format=torch.channels_last) for part, _ in parts)
 
 
 @pytest.mark.parametrize("placement", FC8_PLACEMENTS)
