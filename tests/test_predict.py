@@ -186,6 +186,7 @@ def test_ten_patches_differ_from_the_centre_patch(checkpoints, photos):
     torch.testing.assert_close(ten.sum(), torch.tensor(1.0))
 
 
+@pytest.mark.slow
 def test_every_colour_mode_classifies_and_grey_equals_its_rgb_copy(checkpoints, tmp_path):
     rgb = Image.fromarray(_texture(240, 320, seed=11))
     grey = rgb.convert("L")
@@ -248,6 +249,7 @@ def test_an_output_that_is_not_a_number_is_an_error_for_the_image_not_a_probabil
         f"checkpoint of a run that did not diverge")
 
 
+@pytest.mark.slow
 def test_a_checkpoint_without_mean_or_names_needs_the_data_it_was_trained_on(checkpoints, tiny_data):
     with pytest.raises(CheckpointError, match=r"no mean image of its training set .*give --data DIR"):
         open_classifier(checkpoints["old"])

@@ -152,6 +152,7 @@ def test_tower_rows_come_from_the_right_halves(reference, tiny_bundle, tmp_path,
     assert (saturation[:half] > 40).sum() == 0 and (saturation[half:] > 40).sum() > 50_000
 
 
+@pytest.mark.slow
 def test_the_one_tower_net_is_drawn_as_one_group_of_kernels(reference, tiny_bundle, tmp_path, caplog, capsys):
     """Section 3.2's one-GPU net has no towers: its 48 kernels are one group, and nothing crosses."""
     state = reference_from_seed(10, 0, architecture=Architecture(net="one-tower")).state_dict()
@@ -301,6 +302,7 @@ def test_a_resumed_run_drops_the_records_it_redoes(tmp_path):
 
 # --------------------------------------------------------------------------- the pictures
 
+@pytest.mark.slow
 def test_every_picture_is_written_from_a_run_folder(reference, tiny_data, tiny_bundle, tmp_path, capsys, caplog):
     run = write_run(tmp_path / "run", reference.state_dict(), bundle=tiny_bundle, data=tiny_data, metrics=METRICS,
                     summary=SUMMARY)
@@ -314,6 +316,7 @@ def test_every_picture_is_written_from_a_run_folder(reference, tiny_data, tiny_b
     assert not list((run / "show").glob(".*"))  # no temporary files left
 
 
+@pytest.mark.slow
 def test_what_cannot_be_drawn_yet_is_skipped_with_the_reason(tiny_data, tmp_path, capsys, caplog):
     run = write_run(tmp_path / "run", data=tiny_data, metrics=METRICS[:2])  # a run in its first epoch
     with caplog.at_level(logging.INFO, logger="launch.show"):
@@ -423,6 +426,7 @@ def test_a_hand_edited_data_folder_in_config_json_skips_figure_4(reference, tiny
     check_png(run / "show" / "colour.png")
 
 
+@pytest.mark.slow
 def test_the_checkpoint_is_read_whole_so_that_it_may_be_written_over_while_the_pictures_are_drawn(
         reference, tiny_bundle, tiny_data, tmp_path):
     """Mapped, a checkpoint cut short (a cp of another over it) ended the drawing with SIGBUS.
@@ -600,6 +604,7 @@ def test_a_validation_image_that_is_also_a_training_image_is_its_own_nearest_nei
         assert found.distances[row, 0] <= 1e-4 * found.distances[row, 1]
 
 
+@pytest.mark.slow
 def test_weights_that_ran_away_skip_figure_4_with_the_reason(reference, tiny_bundle, tmp_path, caplog, capsys):
     """FC7 outputs that are not numbers: every distance NaN, drawn as neighbours without a word."""
     state = dict(reference.state_dict(), **{"fc6.weight": reference.fc6.weight.detach() * 3e38})
@@ -613,6 +618,7 @@ def test_weights_that_ran_away_skip_figure_4_with_the_reason(reference, tiny_bun
         assert show.main([str(run), "--only", "neighbours", "--images", "2", "--neighbour-pool", "10"]) == 2
 
 
+@pytest.mark.slow
 def test_small_distances_are_written_to_three_figures(reference, tiny_bundle, tmp_path, monkeypatch):
     """Features of a small scale (tanh, the paper's initialisation): every distance read
     "distance 0.0", which the picture calls a tie, while they differed."""
