@@ -10,10 +10,10 @@ import os
 import pytest
 
 from launch import builtin
-from launch.checkpoint import load_checkpoint
-from launch.config import (PAPER_RECIPE, PAPER_RECIPE_MIN_IMAGES, SMALL_MIN_EPOCHS, SMALL_MIN_STEPS, TrainConfig,
-                           build_parser, check_schedule_options, describe_recipe, given_options, parse_config,
-                           recipe_warnings, resolve, update_config_json)
+from launch.checkpoint import CheckpointError, load_checkpoint
+from launch.config import (PAPER_RECIPE, PAPER_RECIPE_MIN_IMAGES, RUN_CONTROL, SMALL_MIN_EPOCHS, SMALL_MIN_STEPS,
+                           TrainConfig, build_parser, check_schedule_options, describe_recipe, given_options,
+                           parse_config, recipe_warnings, resolve, update_config_json)
 from launch.two_gpu import ARCHITECTURE_OPTIONS, evaluated_config, main, resumed_config
 from launch.train import architecture
 
@@ -321,6 +321,56 @@ def test_options_given_at_their_default_values_count_on_resume():
         (50, 5, False, None, TrainConfig().timeout)
     given = resumed("--checkpoint-every", "10", "--log-every", "1", "--ten-crop")
     assert (given.checkpoint_every, given.log_every, given.ten_crop) == (10, 1, True)
+
+
+# What a resume may change, besides RUN_CONTROL (how this invocation runs): every other option is
+# the run's recipe, refused where given otherwise than the run trained.
+CHANGED_ON_RESUME = {"--epochs": "30", "--lr": "0.001", "--warmup-steps": "5", "--lr-milestones": "15",
+                     "--data": "photos-moved"}
+KEPT_ON_RESUME = {"--recipe": ("paper", "small"), "--batch-size": ("64", "32"), "--momentum": ("0.8", "0.9"),
+                  "--weight-decay": ("0.001", "0.0005"), "--schedule": ("plateau", "fixed"),
+                  "--patience": ("3", "2"), "--max-reductions": ("2", "3"), "--init": ("paper", "scaled"),
+                  "--dropout": ("0.3", "0.5"), "--pooling": ("non-overlapping", "overlapping"),
+                  "--activation": ("tanh", "relu"), "--seed": ("7", "0"), "--no-lrn": (None, "--lrn"),
+                  "--val-limit": ("8", None)}
+
+
+def test_a_resume_changes_only_the_options_it_may_and_refuses_the_rest_of_the_recipe():
+    saved = _resolved(360, data="photos", recipe="small")
+    arch = {name: getattr(saved, name) for name in ARCHITECTURE_OPTIONS}
+    payload = {"config": dataclasses.asdict(saved), "arch": arch}
+    named = {flag.replace("--no-", "--")[2:].replace("-", "_") for flag in (*CHANGED_ON_RESUME, *KEPT_ON_RESUME)}
+    assert named == {field.name for field in dataclasses.fields(TrainConfig)} - RUN_CONTROL  # a new one placed too
+
+    def resumed(*options):
+        argv = ["--resume", "run", *options]
+        return resumed_config(parse_config(argv), payload, given_options(argv))
+
+    for flag, value in CHANGED_ON_RESUME.items():
+        name = flag[2:].replace("-", "_")
+        assert getattr(resumed(flag, value), name) == getattr(parse_config([flag, value]), name) != getattr(saved, name)
+    for flag, (value, had) in KEPT_ON_RESUME.items():
+        given = [flag] if value is None else [flag, value]
+        said = f"'s {had}" if had is not None else f", which ran without {flag}"
+        with pytest.raises(ValueError, match=f"^{' '.join(given)} differs from the resumed run{said}: a resumed run "
+                                             f"keeps its recipe, so drop the option \\(or start a new run\\)$"):
+            resumed(*given)
+
+
+def test_a_checkpoint_that_lacks_parts_of_its_recipe_is_not_resumed():
+    """A recipe option missing (a checkpoint another program or a hand wrote) would be filled by this
+    command line's value: another run than the one saved, without a word."""
+    saved = dataclasses.asdict(_resolved(360, data="photos", recipe="small"))
+    arch = {name: saved[name] for name in ARCHITECTURE_OPTIONS}
+    for missing in (("momentum",), ("seed", "weight_decay")):
+        lacking = {name: value for name, value in saved.items() if name not in missing}
+        with pytest.raises(CheckpointError, match=f"^run lacks parts of its run's recipe \\({', '.join(missing)}\\), "
+                                                  f"so it cannot be resumed: evaluate it with --eval-only, or "
+                                                  f"train afresh$"):
+            resumed_config(TrainConfig(resume="run"), {"config": lacking, "arch": arch})
+    for name, value in (("max_steps", 7), ("workers", 3)):  # this invocation's own: filled by its command line
+        without = {"config": {k: v for k, v in saved.items() if k != name}, "arch": arch}
+        assert getattr(resumed_config(TrainConfig(resume="run", **{name: value}), without), name) == value
 
 
 @pytest.mark.slow
