@@ -5,6 +5,7 @@ everything a long run does: both ranks, the data pipeline on rank 0, checkpoints
 evaluation. Every subprocess has a timeout, so a hang fails instead of blocking.
 """
 
+import dataclasses
 import errno
 import io
 import json
@@ -495,6 +496,40 @@ def test_the_done_line_gives_the_ten_patch_test_s_own_count_where_it_differs(cap
     same, fewer = [m for m in caplog.messages if m.startswith("done: ")]
     assert same.endswith("(centre patch, 8 images); ten-patch test: top-1 50.00%, top-5 0.00%"), same
     assert fewer.endswith("; ten-patch test: top-1 50.00%, top-5 0.00% (7 images, 1 unusable left out)"), fewer
+
+
+def test_the_last_lines_give_each_score_and_what_this_run_trained(caplog):
+    centre = {"test": "centre patch", "top1_error": 0.625, "top5_error": 0.125, "images": 8, "skipped": 0}
+    summary = {"centre": centre, "ten_patch": dict(centre, test="ten-patch", top1_error=0.5, top5_error=0.25),
+               "train_seconds": 40.4, "steps_this_run": 5, "steps": 12, "images_per_s": 3.96, "wall_seconds": 61.7,
+               "run_dir": "runs/a"}
+    with caplog.at_level("INFO", logger="launch.two_gpu"):
+        two_gpu.report(summary)
+        two_gpu.report(dict(summary, steps_this_run=1, steps=1, run_dir=None))
+    assert caplog.messages == [
+        "done: validation top-1 error 62.50%, top-5 error 12.50% (centre patch, 8 images); ten-patch test: top-1 "
+        "50.00%, top-5 25.00%",
+        "trained 5 steps, to step 12, in 40 s (4.0 images/s); wall time 62 s; results in runs/a",
+        "done: validation top-1 error 62.50%, top-5 error 12.50% (centre patch, 8 images); ten-patch test: top-1 "
+        "50.00%, top-5 25.00%",
+        "trained 1 step, to step 1, in 40 s (4.0 images/s); wall time 62 s; its run folder is gone"]
+
+
+def test_a_resumed_run_subtracts_the_mean_image_it_trained_with(tiny_data, tmp_path):
+    """Not the mean of what --data holds now (the same set grown, or moved and changed): the net goes
+    on seeing its inputs as it learnt them."""
+    options = ["--data", str(tiny_data), "--out", str(tmp_path), "--run-name", "run", *TINY]
+    config, run, bundle, locks = two_gpu.prepare_run(two_gpu.parse_config(options), None)
+    locks.close()
+    (run / "checkpoint.pt").touch()  # its file, not read again here: the dict below is its content
+    saved = {"config": dataclasses.asdict(config), "arch": {"num_classes": 10}, "classes": bundle.classes,
+             "progress": {"epoch": 0, "batch": 3, "global_step": 3}, "train_images": len(bundle.train),
+             "data_mean": bundle.stats.mean + 0.25}
+    resumed = dataclasses.replace(config, resume=str(run / "checkpoint.pt"))
+    _, again, resumed_bundle, locks = two_gpu.prepare_run(resumed, saved)
+    locks.close()
+    assert again == run and torch.equal(resumed_bundle.stats.mean, saved["data_mean"])
+    assert torch.equal(resumed_bundle.stats.eigvec, bundle.stats.eigvec)  # the colour shift's, of the data
 
 
 def test_a_duration_reads_as_a_clock():
