@@ -16,7 +16,7 @@ from launch.config import TrainConfig
 from launch.mesh import Mesh
 from launch.meter import Metrics, ProgressBar
 from launch.schedule import Progress
-from launch.step import paper_optimizer
+from launch.step import AUTOCAST, paper_optimizer
 from launch import train
 from towers import build_reference
 
@@ -168,6 +168,35 @@ def test_evaluation_counts_top1_and_top5_hits_and_averages_the_ten_views_probabi
         ten = train.evaluate(model, loader, plan, 8, CPU, mesh_of_one, ten_crop=True)
     assert (ten["top1_error"], ten["images"], ten["test"]) == (0.0, n, "ten-patch")
     assert n == 10 and model.sizes == [20] * 5  # each pass: a quarter of the batch of 8, ten views each
+
+
+class _MeanColour(torch.nn.Module):
+    """Logits from each image's mean colour through one linear layer; keeps the type of each pass's logits."""
+
+    def __init__(self, num_classes: int):
+        super().__init__()
+        self.fc = torch.nn.Linear(3, num_classes)
+        self.types = []
+
+    def forward(self, images):
+        logits = self.fc(images.mean(dim=(2, 3)))
+        self.types.append(logits.dtype)
+        return logits
+
+
+def test_each_precision_trains_in_its_own_arithmetic_and_an_evaluation_computes_in_the_one_given(mesh_of_one,
+                                                                                                   small_bundle):
+    """--precision bf16 multiplies in bfloat16 (float16 would round otherwise and overflow past
+    65504), fp32 in float32; the weights stay float32 either way."""
+    for precision, computed in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        model = _MeanColour(len(small_bundle.classes))
+        config = TrainConfig(batch_size=6, seed=3, epochs=2, lr=0.01, warmup_steps=0, log_every=100,
+                             precision=precision)
+        assert _train_one_epoch(model, paper_optimizer(model.parameters(), lr=0.01), small_bundle, config,
+                                Progress(epoch=0, lr=0.01), mesh_of_one)
+        with data.Loader(small_bundle) as loader:
+            train.evaluate(model, loader, _plan(small_bundle, 6), 6, CPU, mesh_of_one, False, AUTOCAST[precision])
+        assert model.types == [computed] * (3 + 2) and model.fc.weight.dtype == torch.float32, precision
 
 
 @pytest.mark.slow
