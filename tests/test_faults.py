@@ -864,6 +864,8 @@ def _error_of(argv, caplog) -> str:
     ({"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "x"}, "MASTER_PORT='x' is not"),
     ({"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "99999"},
      "MASTER_PORT=99999 is not a port (1-65535)"),
+    ({"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "0"},  # a port of the system's choice
+     "MASTER_PORT=0 is not a port (1-65535)"),
     ({"RANK": "0", "WORLD_SIZE": "2"}, "RANK and WORLD_SIZE are set but MASTER_ADDR and MASTER_PORT not"),
     ({"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "rank0.invalid", "MASTER_PORT": "29500"},  # .invalid: never a host
      "MASTER_ADDR='rank0.invalid' is not an address, nor a name that resolves"),
@@ -871,7 +873,7 @@ def _error_of(argv, caplog) -> str:
      "torchrun's ranks meet where torchrun says (its --master-addr or --rdzv-endpoint): drop --master-addr under "
      "torchrun"),
 ], ids=["not-a-number", "rank-too-large", "no-ranks", "no-local-ranks", "local-rank-too-large", "local-rank-below-0",
-        "port", "port-too-large", "no-rendezvous",
+        "port", "port-too-large", "port-0", "no-rendezvous",
         "no-such-host", "master-addr-option"])
 def test_a_launcher_environment_that_does_not_fit_is_named(tiny_data, tmp_path, caplog, monkeypatch, env, words):
     """What torchrun sets, set wrong by hand, or an option of the ranks the program starts

@@ -358,6 +358,22 @@ def test_a_batch_that_does_not_split_is_told_the_fix_that_applies():
 
 
 
+def test_a_resumed_run_keeps_its_replicas_unless_given_others(monkeypatch):
+    """A plain --resume goes on as the run went: two replicas resumed as one would halve the
+    cores used and double each replica's share of the batch, without a word."""
+    for name in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(two_gpu, "usable_cores", lambda: 2)
+    towers = TrainConfig(resume="run")
+    assert [two_gpu._replicas(towers, TOWERS, resumed) for resumed in (None, 1, 2)] == [1, 1, 2]
+    assert two_gpu._replicas(TrainConfig(), TOWERS) == 1
+    assert [two_gpu._replicas(TrainConfig(resume="run", replicas=given), TOWERS, 2) for given in (1, 3)] == [1, 3]
+    with pytest.raises(ValueError, match="^--replicas 5 would start 10 processes on the 2 cores this program may use: "
+                                         "use at most 4 here, or torchrun across machines$"):
+        two_gpu._replicas(towers, TOWERS, 5)  # the resumed run's, on a smaller machine
+
+
+
 @pytest.mark.parametrize("world_size, args, message", [
     (6, [], "--batch-size 4 does not split evenly over the 3 replicas of torchrun's 6 ranks: give a batch size "
      "divisible by 3, or start torchrun with ranks for a number of replicas that divides 4 (8, 4 or 2 ranks: "
@@ -368,6 +384,9 @@ def test_a_batch_that_does_not_split_is_told_the_fix_that_applies():
     # --replicas disagreeing with torchrun's ranks is named before a batch split over it
     (4, ["--replicas", "3"], "--replicas 3 needs 6 ranks and torchrun gave 4: drop --replicas under torchrun"),
     (4, ["--replicas", "0"], "--replicas must be positive, got 0"),
+    # ranks that make no whole replicas of the towers, named before a batch split over them
+    (3, [], "torchrun gave 3 ranks and --layout towers needs 2 per replica: use an even --nproc-per-node (and "
+     "--nnodes)"),
 ])
 def test_a_batch_that_does_not_split_under_torchrun_is_told_torchruns_fix(tiny_data, tmp_path, monkeypatch,
                                                                         world_size, args, message):
