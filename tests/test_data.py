@@ -349,6 +349,21 @@ def test_every_mode_becomes_256_rgb(tmp_path):
     assert np.allclose(cmyk, Image.new("CMYK", (1, 1), (10, 20, 30, 40)).convert("RGB").getpixel((0, 0)), atol=3)
 
 
+def test_a_transparent_colour_of_a_palette_or_an_rgb_image_shows_the_background(tmp_path):
+    """Transparency without an alpha channel: a GIF's transparent palette entry, a PNG's colour key
+    (tRNS). Converted as they are, the hidden pixels showed the colour stored under them."""
+    palette = Image.new("P", (300, 260), 1)
+    palette.putpalette([200, 10, 10, 10, 200, 10] + [0] * 762)
+    palette.paste(0, (0, 0, 150, 260))  # the left half in entry 0, which is transparent
+    keyed = Image.new("RGB", (300, 260), (10, 200, 10))
+    keyed.paste((200, 10, 10), (0, 0, 150, 260))  # the left half in the keyed colour
+    for path in (_save(tmp_path / "palette.gif", palette, transparency=0),
+                 _save(tmp_path / "keyed.png", keyed, transparency=(200, 10, 10))):
+        pixels = images.load_image(path)  # 300 x 260 -> 295 x 256, the central 256 columns from 19 on
+        assert (pixels[:, :100] == images.TRANSPARENT_BACKGROUND).all(), path.name
+        assert (pixels[:, -100:] == (10, 200, 10)).all(), path.name
+
+
 def test_integer_greyscale_of_other_depths_is_refused_or_scaled_not_made_black(tmp_path):
     """A TIFF of 32-bit integers (mode I, as a 16-bit PGM also opens) has no range of its own:
     scaled as 16-bit, its 0-255 values became a black image that trained and was classified.
