@@ -1977,6 +1977,29 @@ def test_a_run_folder_whose_config_cannot_be_written_is_one_line_and_left_as_fou
     assert [p.name for p in (tmp_path / "runs").iterdir()] == ["mine"] and not any((tmp_path / "runs" / "mine").iterdir())
 
 
+def test_a_resume_is_refused_where_the_checkpoint_s_place_in_the_epoch_is_not_in_the_data(small_bundle, tmp_path):
+    """20 training images, 5 batches of 4: a checkpoint may stand at batch 5 (its epoch ended), never at 6.
+    Where the count of images changed, the data is at fault and named so; where it did not, the checkpoint."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoint.pt").touch()  # its content: the dicts below
+    config = parse_config(["--resume", str(run / "checkpoint.pt"), "--batch-size", "4", "--epochs", "3"])
+    saved = {"train_images": 20, "progress": {"epoch": 1, "batch": 5, "global_step": 10}}
+    two_gpu.check_resumable(config, saved, small_bundle)
+    beyond = dict(saved, progress=dict(saved["progress"], batch=6))
+    with pytest.raises(checkpoint.CheckpointError, match=re.escape(
+            f"{config.resume} records batch 6 of an epoch of 5 batches (20 training images in batches of 4): it was "
+            f"not saved by this program; evaluate it with --eval-only, or start a new run")):
+        two_gpu.check_resumable(config, beyond, small_bundle)
+    for had, payload in (("21 training images", dict(saved, train_images=21)),
+                         ("at least 6 batches", {"progress": beyond["progress"]})):  # saved before it kept the count
+        with pytest.raises(data_module.DataError, match="^" + re.escape(
+                f"the training set changed since {run} was saved: it had {had}, {small_bundle.root / 'train'} now "
+                f"has 20 (5 batches of 4), so the run cannot continue where it stopped: resume with the data it "
+                f"was trained on, or start a new run") + "$"):
+            two_gpu.check_resumable(config, payload, small_bundle)
+
+
 def test_a_refusal_logs_its_text_and_keeps_nothing_it_loaded(tmp_path, caplog):
     """A log record that held the error held its traceback's frames and the checkpoint they had
     loaded: a handler that keeps records (pytest's) kept every refused checkpoint in memory (0.45 GB
