@@ -2000,6 +2000,30 @@ def test_a_resume_is_refused_where_the_checkpoint_s_place_in_the_epoch_is_not_in
             two_gpu.check_resumable(config, payload, small_bundle)
 
 
+def test_a_checkpoint_named_otherwise_is_resumed_where_its_folder_s_records_are_its_own(tmp_path):
+    """A hard link to the run's own checkpoint.pt is that checkpoint; in a folder without one,
+    records whose last resume is of another file are refused, whatever resumes came before."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoint.pt").write_bytes(b"saved")
+    os.link(run / "checkpoint.pt", run / "linked.pt")
+    two_gpu.check_resumed_file(str(run / "linked.pt"))  # the same file: nothing written over
+    (run / "copy.pt").write_bytes(b"saved")
+    with pytest.raises(ValueError, match=f"and {run / 'checkpoint.pt'} is another checkpoint, which it would write "):
+        two_gpu.check_resumed_file(str(run / "copy.pt"))
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    for name in ("a.pt", "b.pt"):
+        (alone / name).write_bytes(b"saved")
+    metrics = alone / "metrics.jsonl"
+    resumes = [{"event": "resume", "step": 1, "checkpoint": str(alone / "a.pt")}, {"event": "train", "step": 2},
+               {"event": "resume", "step": 2, "checkpoint": str(alone / "b.pt")}, {"event": "train", "step": 3}]
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in resumes))
+    two_gpu.check_resumed_file(str(alone / "b.pt"))  # resumed last: it goes on with its own records
+    with pytest.raises(ValueError, match="and the last resume they record is not of this file"):
+        two_gpu.check_resumed_file(str(alone / "a.pt"))
+
+
 def test_a_refusal_logs_its_text_and_keeps_nothing_it_loaded(tmp_path, caplog):
     """A log record that held the error held its traceback's frames and the checkpoint they had
     loaded: a handler that keeps records (pytest's) kept every refused checkpoint in memory (0.45 GB
