@@ -1336,6 +1336,44 @@ def test_the_projection_takes_no_compute_from_ranks_that_took_turns_on_one_gpu()
             assert (projected["tower_compute_ms"], projected["ddp_compute_ms"]) == (11.0, 12.5)
 
 
+def _rank_result(**measured) -> dict:
+    """A rank's result as a worker returns it: ``measured`` and the fields every worker adds (workers._finish)."""
+    return {"device": "cpu", "threads": 1, "param_bytes": 8, "peak_memory_bytes": 16, "memory_kind": "RSS",
+            "rss_at_start_bytes": 4, "final_loss": 6.9, **measured}
+
+
+def _summary_spec(mode: str, batch: int, precision: str = "fp32", steps: int = 3) -> dict:
+    """The fields of run_spec that summarize reads."""
+    return {"mode": mode, "batch": batch, "precision": precision, "memory_format": "contiguous", "compiled": False,
+            "device": "cpu", "backend": "gloo", "warmup": 1, "steps": steps, "fc8_placement": "tower0"}
+
+
+CPU_PLAN = run.DevicePlan("cpu", "cpu", "gloo", None, "no GPU")
+
+
+def test_a_ddp_run_is_as_slow_as_its_slower_rank_and_its_compute_is_the_no_sync_steps():
+    """Per step the slower rank's time; per rank, the compute is the median no_sync step and the
+    all-reduce the median step less it; its bytes the hook's count per step x the ring factor."""
+    ranks = [_rank_result(step_s=[0.100, 0.300, 0.200], compute_only_s=[0.050, 0.070, 0.060],
+                          allreduce_alone_s=[0.030, 0.010, 0.020], payload_bytes=3 * 1000, buckets=4),
+             _rank_result(step_s=[0.150, 0.250, 0.260], compute_only_s=[0.080, 0.090, 0.100],
+                          allreduce_alone_s=[0.040, 0.050, 0.045], payload_bytes=3 * 1000, buckets=4)]
+    analytic = {"ring_factor": 1.0, "ddp_bytes_per_rank": 1200.0, "macs_per_image": {"ddp": 10}}
+    summary = run.summarize(_summary_spec("ddp", 26), ranks, analytic, CPU_PLAN)
+    # the slower rank's steps: 150, 300, 260 ms; sorted 150, 260, 300
+    assert summary["step_ms_raw"] == pytest.approx([150.0, 300.0, 260.0])
+    assert summary["step_ms"] == pytest.approx({"median": 260.0, "p10": 150 + 0.2 * 110, "p90": 260 + 0.8 * 40})
+    assert summary["images_per_s"] == pytest.approx(26 / 0.260)  # 100
+    assert summary["compute_ms"] == pytest.approx([60.0, 90.0])  # the no_sync steps' medians
+    # each rank's own median step (200, 250 ms) less its compute
+    assert summary["comm_ms"] == pytest.approx([200.0 - 60.0, 250.0 - 90.0])
+    assert summary["allreduce_alone_ms"] == pytest.approx([20.0, 45.0])
+    assert summary["payload_bytes_per_rank"] == [1000.0, 1000.0]  # 3000 bytes over 3 steps
+    assert summary["bytes_per_rank"] == [1000, 1000] and summary["bytes_total"] == 2000  # x 2(n-1)/n = 1
+    assert summary["bytes_per_rank_analytic"] == [1200, 1200] and summary["bytes_total_analytic"] == 2400
+    assert summary["gflop_per_s"] == pytest.approx(6 * 10 * 26 / 0.260 / 1e9)  # 6 FLOPs per MAC per image
+
+
 def _run(results, mode, batch=2, precision="fp32", memory_format="contiguous", compiled=False):
     key = (mode, batch, precision, memory_format, compiled)
     matches = [r for r in results["runs"]
