@@ -1374,6 +1374,38 @@ def test_a_ddp_run_is_as_slow_as_its_slower_rank_and_its_compute_is_the_no_sync_
     assert summary["gflop_per_s"] == pytest.approx(6 * 10 * 26 / 0.260 / 1e9)  # 6 FLOPs per MAC per image
 
 
+@pytest.mark.parametrize("precision, element_size", [("fp32", 4), ("bf16", 2)])
+def test_a_hybrid_run_hides_what_its_all_reduce_did_not_add_and_counts_its_activations_in_its_precision(
+        precision, element_size):
+    """hybrid's 4 ranks (towers 0, 1, 0, 1 of 2 replicas): all-reduce added = median step - median
+    no_sync step, hidden = 1 - added / alone within [0, 1]; the exchanges' analytic bytes are the
+    tower's Figure 2 elements on its replica's half of the batch at the precision's element size."""
+    steps, batch = 3, 8
+    tower_params = [PARAMS - TOWER1_PARAMS, TOWER1_PARAMS]
+    # per rank: the no_sync step (ms) and the all-reduce alone (ms); every step takes 200 ms
+    timings = [(100, 400), (210, 100), (50, 100), (100, 0)]
+    ranks = [_rank_result(step_s=[0.2] * steps, compute_only_s=[compute / 1e3] * steps, comm_s=[0.01, 0.03, 0.02],
+                          allreduce_alone_s=[alone / 1e3] * steps, buckets=4,
+                          payload_bytes=steps * 4 * tower_params[rank % 2],  # every fp32 gradient each step
+                          sent_bytes=steps * (batch // 2) * element_size * SENT_PER_IMAGE["tower0"][rank % 2],
+                          replicas=2, tower=rank % 2)
+             for rank, (compute, alone) in enumerate(timings)]
+    analytic = {"tower_params": tower_params, "macs_per_image": {"hybrid": [6, 4]}}
+    summary = run.summarize(_summary_spec("hybrid", batch, precision, steps), ranks, analytic, CPU_PLAN)
+    assert summary["replicas"] == 2
+    assert summary["compute_ms"] == pytest.approx([100.0, 210.0, 50.0, 100.0])
+    assert summary["exchange_ms"] == pytest.approx([20.0] * 4)  # the median of the exchanges' 10, 30, 20 ms
+    assert summary["comm_ms"] == pytest.approx([100.0, -10.0, 150.0, 100.0])  # 200 ms less the no_sync step
+    # 1 - 100/400; 1 - (-10)/100 = 1.1 held to 1; 1 - 150/100 = -0.5 held to 0; nothing alone to hide: none
+    assert summary["hidden_share"][:3] == pytest.approx([0.75, 1.0, 0.0]) and summary["hidden_share"][3] is None
+    exchange = [(batch // 2) * element_size * n for n in SENT_PER_IMAGE["tower0"]] * 2  # 4 images per replica
+    assert summary["exchange_bytes_per_rank_analytic"] == exchange == summary["exchange_bytes_per_rank"]
+    gradients = [4 * n for n in tower_params] * 2  # a ring over 2 replicas: 2(n-1)/n = 1 x the fp32 gradients
+    assert summary["gradient_bytes_per_rank_analytic"] == gradients == summary["gradient_bytes_per_rank"]
+    assert summary["bytes_per_rank_analytic"] == [e + g for e, g in zip(exchange, gradients)]
+    assert summary["bytes_total_analytic"] == sum(exchange) + sum(gradients) == summary["bytes_total"]
+
+
 def _run(results, mode, batch=2, precision="fp32", memory_format="contiguous", compiled=False):
     key = (mode, batch, precision, memory_format, compiled)
     matches = [r for r in results["runs"]
