@@ -1406,6 +1406,46 @@ def test_a_hybrid_run_hides_what_its_all_reduce_did_not_add_and_counts_its_activ
     assert summary["bytes_total_analytic"] == sum(exchange) + sum(gradients) == summary["bytes_total"]
 
 
+def test_a_towers_run_s_compute_is_each_step_less_its_exchanges_and_its_bytes_are_per_step_in_its_precision():
+    """towers: compute = the median of (a step that times the exchanges - its exchanges), exchange
+    = their median; bytes and calls per step from the ExchangeLog, analytic ones from the elements
+    each tower sends per image x batch x 2 bytes in bf16 (an exchange autocast left in fp32: 4)."""
+    steps, batch = 3, 4
+    sent_per_image = [{"conv3_input/forward": 10, "logits/forward": 5}, {"conv3_input/forward": 10,
+                                                                         "fc8_input/forward": 3}]
+
+    def log(sent, received, size):  # an exchange's ExchangeLog entry: elements per image, bytes per element
+        return {"calls": steps, "sent_bytes": steps * batch * sent * size,
+                "received_bytes": steps * batch * received * size,
+                "sent_elements": steps * batch * sent, "received_elements": steps * batch * received}
+    exchanges = [{"conv3_input/forward": log(10, 10, 2), "logits/forward": log(5, 0, 4)},  # logits left in fp32
+                 {"conv3_input/forward": log(10, 10, 2), "logits/forward": log(0, 5, 4),
+                  "fc8_input/forward": log(3, 0, 2)}]
+    ranks = [_rank_result(step_s=[0.5] * steps, comm_step_s=[0.30, 0.40, 0.35], comm_s=[0.10, 0.05, 0.20],
+                          sent_bytes=sum(e["sent_bytes"] for e in exchanges[0].values()), calls=6,
+                          exchanges=exchanges[0]),
+             _rank_result(step_s=[0.5] * steps, comm_step_s=[0.30, 0.30, 0.30], comm_s=[0.01, 0.02, 0.03],
+                          sent_bytes=sum(e["sent_bytes"] for e in exchanges[1].values()), calls=9,
+                          exchanges=exchanges[1])]
+    analytic = {"towers_sent_elements_per_image": sent_per_image, "macs_per_image": {"towers": [6, 4]}}
+    summary = run.summarize(_summary_spec("towers", batch, "bf16", steps), ranks, analytic, CPU_PLAN)
+    # rank 0: 300-100, 400-50, 350-200 ms: 200, 350, 150; rank 1: 290, 280, 270 ms
+    assert summary["compute_ms"] == pytest.approx([200.0, 280.0])
+    assert summary["comm_ms"] == pytest.approx([100.0, 20.0])  # the median exchange
+    # rank 0: 10 x 4 x 2 + 5 x 4 x 4 bytes; rank 1: 10 x 4 x 2 + 3 x 4 x 2
+    assert summary["bytes_per_rank"] == [80 + 80, 80 + 24] and summary["bytes_total"] == 264
+    assert summary["bytes_per_rank_analytic"] == [(10 + 5) * 4 * 2, (10 + 3) * 4 * 2]
+    assert summary["bytes_total_analytic"] == 120 + 104
+    assert summary["calls_per_step"] == [2.0, 3.0]  # 6 and 9 calls in 3 steps
+    assert summary["exchanges"][0]["logits/forward"] == {
+        "calls_per_step": 1.0, "sent_bytes_per_step": 80.0, "received_bytes_per_step": 0.0, "bytes_per_element": 4.0,
+        "sent_bytes_per_step_analytic": 5 * 4 * 2}
+    # tower 1 receives the logits and sends none: 4 bytes an element of those it received, none by the analytic table
+    assert summary["exchanges"][1]["logits/forward"]["bytes_per_element"] == 4.0
+    assert summary["exchanges"][1]["logits/forward"]["sent_bytes_per_step_analytic"] == 0
+    assert summary["exchanges"][1]["fc8_input/forward"]["sent_bytes_per_step_analytic"] == 3 * 4 * 2
+
+
 def _run(results, mode, batch=2, precision="fp32", memory_format="contiguous", compiled=False):
     key = (mode, batch, precision, memory_format, compiled)
     matches = [r for r in results["runs"]
