@@ -1446,6 +1446,40 @@ def test_a_towers_run_s_compute_is_each_step_less_its_exchanges_and_its_bytes_ar
     assert summary["exchanges"][1]["fc8_input/forward"]["sent_bytes_per_step_analytic"] == 3 * 4 * 2
 
 
+def test_the_two_gpu_projection_sends_the_busier_tower_s_bytes_and_overlaps_ddp_at_best_fully():
+    """Per link: towers = the slower tower's compute + the busier tower's bytes / bandwidth + a
+    start-up per collective; ddp serial = compute + all-reduce, overlapped = the larger of the two.
+    The report's row: images/s and 'vs single' (single's step / the towers' step) from those."""
+    config = run.BenchConfig(batch=16, links=("slow=0.001", "fast=1"), link_latency_us=100.0)
+    measured = lambda batch, ms, compute, devices: {"batch": batch, "devices": devices, "step_ms": {"median": ms},
+                                                    "compute_ms": compute}
+    runs = {run.RunKey("single", 16, "fp32", "contiguous"): measured(16, 50.0, [50.0], ["cpu"]),
+            run.RunKey("towers", 16, "fp32", "contiguous"): measured(16, 45.0, [30.0, 32.0], ["cpu", "cpu"]),
+            run.RunKey("ddp", 16, "fp32", "contiguous"): dict(measured(16, 60.0, [25.0, 24.0], ["cpu", "cpu"]),
+                                                              buckets_per_step=[3, 3])}
+    analytic = {"macs_per_image": {"single": 10, "towers": [6, 4]}, "towers_calls_per_step": 9, "ddp_buckets": 5,
+                "towers_sent_elements_per_image": [{"a/forward": 100}, {"a/forward": 60, "b/backward": 50}],
+                "ddp_bytes_per_rank": 40_000.0}
+    projected = run.projection(runs, config, analytic)
+    assert projected["towers_bytes_per_direction"] == 110 * 16 * 4  # tower 1's 60 + 50 elements, 16 images, fp32
+    assert (projected["tower_compute_ms"], projected["ddp_compute_ms"]) == (32.0, 25.0)  # the slower rank's
+    assert projected["ddp_calls"] == 3  # ddp's own buckets, not the analytic 5
+    slow, fast = projected["links"]
+    # 0.001 GB/s = 10^6 bytes/s: 7040 bytes in 7.04 ms, 9 collectives of 0.1 ms; ddp: 40 ms + 3 x 0.1 ms
+    assert slow["towers_link_ms"] == pytest.approx(7.04 + 0.9) and slow["towers_ms"] == pytest.approx(32 + 7.94)
+    assert slow["ddp_link_ms"] == pytest.approx(40.3) and slow["ddp_serial_ms"] == pytest.approx(25 + 40.3)
+    assert slow["ddp_overlapped_ms"] == pytest.approx(40.3)  # the all-reduce outlasts the compute
+    # 1 GB/s: 7040 bytes in 0.00704 ms; ddp 0.04 ms + 0.3 ms, well inside its 25 ms of compute
+    assert fast["towers_ms"] == pytest.approx(32 + 0.00704 + 0.9) and fast["ddp_link_ms"] == pytest.approx(0.34)
+    assert fast["ddp_overlapped_ms"] == pytest.approx(25.0)
+    rows = [line for line in report.projection_lines({"projection": projected}) if line.startswith("| slow")
+            or line.startswith("| fast")]
+    # towers: 16 images / 39.94 ms = 400.6 images/s, single's 50 ms / 39.94 ms = 1.25x; ddp: 16 / 65.3 ms = 245.0
+    assert rows[0] == "| slow | 0.001 | 7.94 | 39.9 | 400.6 | 1.25x | 40.30 | 65.3 / 40.3 | 245.0 |"
+    # towers: 16 / 32.90704 ms = 486.2 images/s, 50 / 32.90704 = 1.52x; ddp: 16 / 25.34 ms = 631.4
+    assert rows[1] == "| fast | 1 | 0.91 | 32.9 | 486.2 | 1.52x | 0.34 | 25.3 / 25.0 | 631.4 |"
+
+
 def _run(results, mode, batch=2, precision="fp32", memory_format="contiguous", compiled=False):
     key = (mode, batch, precision, memory_format, compiled)
     matches = [r for r in results["runs"]
