@@ -1480,6 +1480,60 @@ def test_the_two_gpu_projection_sends_the_busier_tower_s_bytes_and_overlaps_ddp_
     assert rows[1] == "| fast | 1 | 0.91 | 32.9 | 486.2 | 1.52x | 0.34 | 25.3 / 25.0 | 631.4 |"
 
 
+def test_the_eight_gpu_projection_hides_each_all_reduce_behind_two_thirds_of_its_compute_and_names_the_faster():
+    """4 replicas of the towers against 8 data-parallel ranks: compute per image from the single
+    net's GPU step, a tower's share of it on a quarter of the batch, its exchanges on that quarter,
+    and what each all-reduce takes beyond 2/3 of its compute (the backward); the faster by row."""
+    config = run.BenchConfig(batch=32, links=("link=1", "other=9"), link_latency_us=10.0)  # 10^6 bytes per ms
+    single = {"device": "cuda", "devices": ["cuda:0"], "step_ms": {"median": 64.0}}  # 2 ms per image
+    analytic = {"macs_per_image": {"single": 1000, "towers": [600, 400]}, "num_params": 4_000_000,
+                "tower_params": [1_500_000, 500_000], "towers_calls_per_step": 9, "tower_buckets": [2, 1],
+                "ddp_buckets": 3}
+    projected = run.mesh_projection({run.RunKey("single", 32, "fp32", "contiguous"): single}, config, analytic)
+    assert (projected["link"], projected["per_image_ms"], projected["element_size"]) == ("link", 2.0, 4)
+    assert projected["compute_source"] == "measured: the single mode's fp32 step on cuda:0, per image"
+    # ring all-reduces: 2 x 3/4 x 4 bytes x the larger tower's 1.5 M; 2 x 7/8 x 4 bytes x 4 M
+    assert projected["hybrid_gradient_bytes_per_rank"] == 9_000_000
+    assert projected["ddp_gradient_bytes_per_rank"] == 28_000_000
+    exchange_ms = lambda images: SENT_PER_IMAGE["tower0"][0] * images * 4 / 1e6 + 9 * 0.01  # tower 0 sends more
+    rows = {row["batch"]: row for row in projected["rows"]}
+    assert list(rows) == [32, 64, 128, 256, 512, 1024, 2048, 4096, 8192]
+    # batch 32: a tower's 0.6 of 2 ms x 8 images; 9 ms + 2 buckets x 0.01 ms all-reduce, 6.4 ms of it hidden
+    assert rows[32] == pytest.approx({
+        "batch": 32, "hybrid_compute_ms": 9.6, "hybrid_exchange_ms": exchange_ms(8), "hybrid_allreduce_ms": 9.02,
+        "hybrid_ms": 9.6 + exchange_ms(8) + (9.02 - 6.4), "ddp_compute_ms": 8.0, "ddp_allreduce_ms": 28.03,
+        "ddp_ms": 8.0 + 28.03 - 2 / 3 * 8.0})
+    # batch 64: the tower's all-reduce wholly behind 2/3 of its 19.2 ms
+    assert rows[64]["hybrid_ms"] == pytest.approx(19.2 + exchange_ms(16))
+    assert rows[8192]["ddp_ms"] == pytest.approx(2 * 8192 / 8)  # wholly hidden: compute alone
+    # hybrid 0.3 b + 0.0596 b + 0.09 ms against ddp b / 12 + 28.03 ms: at 96, 34.61 against 36.03 ms; at 104,
+    # 37.49 against 36.70
+    assert projected["changes"] == [{"batch": 104, "from": "hybrid", "to": "ddp"}]
+    assert projected["faster_at_the_largest"] == "ddp"
+    lines = report.mesh_projection_lines({"mesh_projection": projected})
+    assert "| 32 | 9.60 / 2.00 / 9.02 | 14.22 | 8.00 / 28.03 | 30.70 | hybrid |" in lines
+    assert "| 8192 | 2457.60 / 488.53 / 9.02 | 2946.13 | 2048.00 / 28.03 | 2048.00 | data parallel |" in lines
+    assert lines[-1] == "- From a global batch of **104** on, data parallel is faster (hybrid below it)."
+
+
+@pytest.mark.parametrize("device", ["cpu", None])
+def test_the_eight_gpu_projection_assumes_an_h100_s_bf16_where_no_gpu_was_measured(device):
+    """A single step on the CPU (or none) says nothing of a GPU's: 40 % of an H100's dense bf16
+    peak (989.4 TFLOP/s) per image, and the exchanges in bf16, 2 bytes an element."""
+    config = run.BenchConfig(batch=32, links=("link=1",), link_latency_us=0.0)
+    runs = {} if device is None else {
+        run.RunKey("single", 32, "fp32", "contiguous"): {"device": device, "devices": [device],
+                                                         "step_ms": {"median": 64.0}}}
+    analytic = {"macs_per_image": {"single": 1000, "towers": [600, 400]}, "num_params": 4, "tower_params": [3, 1],
+                "towers_calls_per_step": 9, "tower_buckets": [2, 1], "ddp_buckets": 3}
+    projected = run.mesh_projection(runs, config, analytic)
+    per_image_ms = 6 * 1000 / (989.4e12 * 0.4) * 1e3  # 6 training FLOPs per MAC
+    assert projected["per_image_ms"] == pytest.approx(per_image_ms) and projected["element_size"] == 2
+    assert projected["compute_source"] == ("assumed, no GPU measured: H100 at 40 % of its dense bf16 peak "
+                                           "(989.4 TFLOP/s), bf16 activations")
+    assert projected["rows"][0]["hybrid_exchange_ms"] == pytest.approx(SENT_PER_IMAGE["tower0"][0] * 8 * 2 / 1e6)
+
+
 def _run(results, mode, batch=2, precision="fp32", memory_format="contiguous", compiled=False):
     key = (mode, batch, precision, memory_format, compiled)
     matches = [r for r in results["runs"]
