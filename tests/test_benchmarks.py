@@ -1789,6 +1789,28 @@ def test_the_main_table_says_where_a_modes_ranks_took_turns_on_fewer_cores():
     assert not [line for line in report.main_table(results) if line.startswith("- ")]
 
 
+def test_runs_are_planned_fp32_before_bf16_with_the_single_net_at_half_the_batch_before_the_sweep():
+    """The bf16 slowdown check holds a bf16 run against its fp32 one, measured first whatever
+    order --precisions gives; the projection's ddp compute is the single net at half the batch,
+    planned after the precision sweep and before the batch sweep; a run planned twice runs once."""
+    config = run.BenchConfig(modes=("single", "towers"), batch=8, batches=(16, 2), sweep_modes=("single", "towers"),
+                             precisions=("bf16", "fp32"), memory_formats=("contiguous", "channels_last"),
+                             precision_modes=("towers",), compile_modes=("single",))
+    key = lambda mode, batch, precision="fp32", memory_format="contiguous", compiled=False: run.RunKey(
+        mode, batch, precision, memory_format, compiled)
+    assert run.plan_runs(config) == [
+        key("single", 8), key("towers", 8),  # the main table
+        key("towers", 8, "fp32", "channels_last"), key("towers", 8, "bf16"), key("towers", 8, "bf16", "channels_last"),
+        key("single", 4),  # half of batch 8
+        key("single", 2), key("towers", 2), key("single", 16), key("towers", 16),  # the sweep, smaller batch first
+        key("single", 8, compiled=True), key("single", 8, "fp32", "channels_last", True),
+        key("single", 8, "bf16", compiled=True), key("single", 8, "bf16", "channels_last", True)]
+    # no half batch without the single net in the main table, nor of an odd batch
+    assert key("single", 4) not in run.plan_runs(dataclasses.replace(config, modes=("towers",)))
+    odd = run.plan_runs(dataclasses.replace(config, batch=9, batches=(16,)))
+    assert [k for k in odd if k.mode == "single" and not k.compiled] == [key("single", 9), key("single", 16)]
+
+
 def test_the_batch_sweep_shows_the_batches_asked_for_not_the_projections_half_batch():
     """--batch 4 --batches 4: the single net's run at batch 2, which the projection takes its
     data-parallel compute from, was a row of the sweep and a point of its chart."""
