@@ -465,6 +465,80 @@ def test_a_precision_baseline_that_was_never_planned_is_not_called_unmeasured():
     assert rows[0] == "| towers | fp32 | contiguous | no | not measured | | | | |"
 
 
+def test_the_precision_table_s_speed_up_is_the_fp32_step_over_the_variant_s():
+    run_of = lambda precision, ms, rate: {
+        "mode": "towers", "batch": 2, "precision": precision, "memory_format": "contiguous", "images_per_s": rate,
+        "step_ms": {"median": ms, "p10": ms - 10, "p90": ms + 10}, "bytes_total": 1e6, "bytes_total_analytic": 5e5,
+        "peak_memory_bytes": [1e9, 2e9]}
+    config = {"batch": 2, "modes": ["towers"], "precisions": ["fp32", "bf16"], "memory_formats": ["contiguous"],
+              "precision_modes": ["towers"], "compile_modes": []}
+    runs = [run_of("fp32", 600.0, 3.3), run_of("bf16", 200.0, 10.0)]
+    rows = [line for line in report.precision_table({"config": config, "runs": runs}) if line.startswith("| towers")]
+    assert rows == [  # 600 ms / 600 ms; 600 ms / 200 ms
+        "| towers | fp32 | contiguous | no | 3.3 | 600.0 [590.0, 610.0] | 1.00x | 1.00 / 0.50 | 1000.00 / 2000.00 |",
+        "| towers | bf16 | contiguous | no | 10.0 | 200.0 [190.0, 210.0] | 3.00x | 1.00 / 0.50 | 1000.00 / 2000.00 |"]
+
+
+def test_the_loader_table_gives_the_milliseconds_of_a_batch_of_each_number_of_workers():
+    by_workers = [{"workers": 0, "batch": 16, "batches": 4, "images_per_s": 128.0, "seconds": 0.5},
+                  {"workers": 2, "batch": 16, "batches": 5, "images_per_s": 320.0, "seconds": 0.25}]
+    loader = {"data": "DATA", "train_images": 100, "by_workers": by_workers, "device": "cpu",
+              "augment_ms_per_batch": 3.0, "input_bytes_per_image": 150529, "float32_bytes_per_image": 602116}
+    lines = report.loader_lines({"loader": loader, "runs": [], "config": {"batch": 16}})
+    # 500 ms over 4 batches; 250 ms over 5
+    assert [line for line in lines if line.startswith("| ") and line[2].isdigit()] == ["| 0 | 128.0 | 125.0 |",
+                                                                                     "| 2 | 320.0 | 50.0 |"]
+
+
+def _speed_goal_run(mode, batch, precision, memory_format, images_per_s, peak=None, gflop_per_s=1.0):
+    return {"mode": mode, "batch": batch, "precision": precision, "memory_format": memory_format,
+            "images_per_s": images_per_s, "peak": peak, "gflop_per_s": gflop_per_s}
+
+
+def test_the_speed_goals_name_the_fastest_variant_of_each_net_and_the_largest_share_of_the_bf16_peak():
+    """Goal 1: the fastest single and the fastest torchvision at the main batch, each its own
+    variant, in each precision with more than one pair; goal 3: the bf16 run nearest the peak."""
+    h100 = lambda math, share, gpus: {"gpu": "H100", "math": math, "tflop_per_s_per_device": 989.4,
+                                      "devices": gpus, "share": share}
+    runs = [_speed_goal_run("single", 16, "fp32", "contiguous", 10.0),
+            _speed_goal_run("torchvision", 16, "fp32", "contiguous", 12.0),
+            _speed_goal_run("single", 16, "fp32", "channels_last", 15.0),
+            _speed_goal_run("torchvision", 16, "fp32", "channels_last", 11.0),
+            _speed_goal_run("single", 8, "fp32", "contiguous", 90.0),  # faster, at another batch
+            _speed_goal_run("torchvision", 8, "fp32", "contiguous", 99.0),
+            _speed_goal_run("single", 16, "bf16", "contiguous", 20.0, h100("bf16", 0.2, 1)),  # one pair in bf16
+            _speed_goal_run("torchvision", 16, "bf16", "contiguous", 30.0),
+            # 35 % of 2 x 989.4 TFLOP/s: 692.58 TFLOP/s
+            _speed_goal_run("towers", 16, "bf16", "channels_last", 25.0, h100("bf16", 0.35, 2), 692_580.0),
+            _speed_goal_run("towers", 16, "fp32", "contiguous", 25.0, h100("tf32", 0.9, 2))]
+    results = {"config": {"batch": 16, "modes": ["single", "torchvision"]}, "runs": runs, "program": [],
+               "analytic": {"macs_per_image": {"single": 2, "torchvision": 1}}}
+    lines = report.speed_goal_lines(results)
+    assert [line for line in lines if line.startswith("- fastest")] == [
+        "- fastest of each at batch 16 in fp32: single 15.0 images/s (fp32, channels_last), torchvision 12.0 "
+        "(fp32, contiguous)"]
+    assert "- at most 35.0 % of the H100's 989.4 TFLOP/s: towers, batch 16, bf16, channels_last, 692.6 TFLOP/s " \
+           "over 2 GPU(s)" in lines
+
+
+def test_a_report_notes_each_run_whose_loss_became_non_finite(tmp_path, monkeypatch):
+    """A loss that diverged: None as results.json holds it, NaN or infinite as the benchmark hands it over."""
+    committed = sorted((ROOT / "benchmarks" / "reports").glob("vm-cpu-*/results.json"))[-1]
+    results = json.loads(committed.read_text())
+    for chart in ("chart_images_per_s", "chart_bytes"):  # the text alone
+        monkeypatch.setattr(report, chart, lambda results, path: path.write_bytes(b""))
+    report.write_report(results, tmp_path)
+    assert "Note: the loss" not in (tmp_path / "report.md").read_text()
+    losses = {("towers", 16, "fp32", "contiguous"): [3.1, None], ("single", 16, "bf16", "channels_last"): [math.nan],
+              ("ddp", 4, "fp32", "contiguous"): [3.2, math.inf]}
+    for r in results["runs"]:
+        r["final_loss"] = losses.get((r["mode"], r["batch"], r["precision"], r["memory_format"]), r["final_loss"])
+    report.write_report(results, tmp_path)
+    assert "\nNote: the loss became non-finite in towers (batch 16, fp32, contiguous), single (batch 16, bf16, " \
+           "channels_last), ddp (batch 4, fp32, contiguous) (random labels at raw-pixel scale).\n" in \
+           (tmp_path / "report.md").read_text()
+
+
 def _report_refused(folder: Path, capsys) -> str:
     """The one line (exit 2) with which ``python -m benchmarks.report FOLDER`` refuses it."""
     with pytest.raises(SystemExit) as exit:
