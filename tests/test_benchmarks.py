@@ -539,6 +539,66 @@ def test_a_report_notes_each_run_whose_loss_became_non_finite(tmp_path, monkeypa
            (tmp_path / "report.md").read_text()
 
 
+class _Drawing:
+    """pyplot, a figure and its axes at once, recording what is drawn on them (a chart's data, no pixels)."""
+
+    def __init__(self):
+        self.drawn = []  # (what, args, kwargs)
+
+    def subplots(self, *args, **kwargs):
+        return self, self
+
+    @property
+    def xaxis(self):
+        return self
+
+    def get_legend_handles_labels(self):
+        return [], []
+
+    def __getattr__(self, what):
+        return lambda *args, **kwargs: self.drawn.append((what, args, kwargs))
+
+    def series(self, what: str) -> dict:
+        """The label of each plot or scatter drawn, and its x and y."""
+        return {kwargs["label"]: (list(args[0]), list(args[1])) for drawn, args, kwargs in self.drawn
+                if drawn == what}
+
+
+def _chart_run(mode, batch, precision="fp32", memory_format="contiguous", compiled=False, **figures):
+    return {"mode": mode, "batch": batch, "precision": precision, "memory_format": memory_format,
+            "compiled": compiled, **figures}
+
+
+def test_the_throughput_chart_draws_the_fp32_eager_contiguous_runs_of_the_swept_batches_in_batch_order(
+        tmp_path, monkeypatch):
+    drawing = _Drawing()
+    monkeypatch.setattr(report, "pyplot", lambda: drawing)
+    runs = [_chart_run("single", 8, images_per_s=80.0), _chart_run("single", 4, images_per_s=40.0),
+            _chart_run("single", 2, images_per_s=20.0),  # the projection's half batch, not swept
+            _chart_run("single", 8, "bf16", images_per_s=1.0),
+            _chart_run("single", 8, "fp32", "channels_last", images_per_s=2.0),
+            _chart_run("single", 8, compiled=True, images_per_s=3.0), _chart_run("towers", 8, images_per_s=70.0)]
+    results = {"config": {"batch": 8, "batches": [4]}, "runs": runs, "machine": {"hostname": "box"}}
+    report.chart_images_per_s(results, tmp_path / "chart.png")
+    assert drawing.series("plot") == {"single": ([4, 8], [40.0, 80.0]), "towers": ([8], [70.0])}
+
+
+def test_the_bytes_chart_draws_ddp_s_gradients_of_both_ranks_and_the_fp32_runs_measured(tmp_path, monkeypatch):
+    drawing = _Drawing()
+    monkeypatch.setattr(report, "pyplot", lambda: drawing)
+    runs = [_chart_run("towers", 8, bytes_total=2e6), _chart_run("ddp", 8, bytes_total=6e6),
+            _chart_run("ddp", 8, "bf16", bytes_total=1.0), _chart_run("single", 8, bytes_total=0)]
+    results = {"config": {"fc8_placement": "tower0"}, "runs": runs,
+               "analytic": {"crossover_batch": {"fp32": {"tower0": 100.0}}, "ddp_bytes_per_rank": 3e6,
+                            "towers_sent_elements_per_image": [{"a/forward": 10}, {"a/forward": 5}]}}
+    report.chart_bytes(results, tmp_path / "chart.png")
+    lines = drawing.series("plot")
+    batches, towers = lines["towers, analytic (activations)"]
+    assert towers == pytest.approx([4 * (10 + 5) * n / 1e6 for n in batches])  # both towers' elements in fp32
+    assert set(lines["ddp, analytic (gradients, ring)"][1]) == {2 * 3e6 / 1e6}  # each of the 2 ranks sends 3 MB
+    assert drawing.series("scatter") == {"towers, measured": ([8], [2.0]), "ddp, measured": ([8], [6.0])}
+
+
 def _report_refused(folder: Path, capsys) -> str:
     """The one line (exit 2) with which ``python -m benchmarks.report FOLDER`` refuses it."""
     with pytest.raises(SystemExit) as exit:
