@@ -451,21 +451,22 @@ def projection(runs: dict, config: BenchConfig, analytic: dict) -> dict:
     # Ranks sharing a GPU take turns on it (each CUDA context its own time slices): one's compute
     # holds the other's kernels too, not what a GPU of its own would take. CPU ranks have their cores.
     one_gpu = lambda r: r is not None and r["devices"][0].startswith("cuda") and len(set(r["devices"])) == 1
-    if towers is not None and towers["devices"][0].split(":")[0] == single["devices"][0].split(":")[0] \
-            and not one_gpu(towers):
+    towers_measured = towers is not None and not one_gpu(towers) \
+        and towers["devices"][0].split(":")[0] == single["devices"][0].split(":")[0]
+    if towers_measured:
         tower_compute_ms, tower_source = max(towers["compute_ms"]), "measured: towers' compute (step minus exchange), slower rank"
     else:
         tower_compute_ms = single["step_ms"]["median"] * max(macs["towers"]) / macs["single"]
         tower_source = "estimated: single step x the busier tower's share of the FLOPs " + (
             "(the towers' ranks shared one GPU, each slowed by the other's kernels)" if one_gpu(towers) else
             "(towers not measured on this device)")
-    if ddp is not None and towers is not None and ddp["devices"] == towers["devices"] and not one_gpu(ddp):
+    if towers_measured and ddp is not None and ddp["devices"] == towers["devices"] and not one_gpu(ddp):
         # Like for like: two ranks sharing the devices as the towers' two did, not one process alone.
         ddp_compute_ms = max(ddp["compute_ms"])
         ddp_source = "measured: ddp's compute (its steps without the all-reduce), slower rank"
-    elif half is not None:
+    elif half is not None:  # one process at half the batch, on single's device (as the towers' estimate is)
         ddp_compute_ms, ddp_source = half["step_ms"]["median"], f"measured: single at batch {half['batch']}"
-        if towers is not None:
+        if towers_measured:
             ddp_source += " (one process, alone on its device: the towers' two ranks shared theirs)"
     else:
         ddp_compute_ms, ddp_source = None, "not measured (odd batch or single not run at half the batch)"
