@@ -490,11 +490,18 @@ def tanh_lines(results: dict) -> list:
         relu, tanh = results["full"]["steps_to"][target], results["tanh"]["steps_to"][target]
         relu_budget, tanh_budget = results["full"]["steps"], results["tanh"]["steps"]
         if relu is None and tanh is None:
-            lines.append(f"To {target} training error: neither ReLU nor tanh got there within {tanh_budget} steps; "
-                         f"no ratio measured.")
+            within = f"within {tanh_budget} steps" if relu_budget == tanh_budget else \
+                f"(ReLU within its {relu_budget} steps, tanh within its {tanh_budget})"
+            lines.append(f"To {target} training error: neither ReLU nor tanh got there {within}; no ratio measured.")
+        elif relu is None and relu_budget < tanh:  # ReLU stopped before the step at which tanh got there
+            lines.append(f"To {target} training error: tanh at step {tanh}, ReLU not within the {relu_budget} steps "
+                         f"it ran: not resolved.")
         elif relu is None:
             lines.append(f"To {target} training error: tanh at step {tanh}, ReLU not within {relu_budget} steps: "
                          f"the opposite of the paper's direction.")
+        elif tanh is None and tanh_budget < relu:
+            lines.append(f"To {target} training error: ReLU at step {relu}, tanh not within the {tanh_budget} steps "
+                         f"it ran: not resolved.")
         elif tanh is None:
             lines.append(f"To {target} training error: ReLU at step {relu}, tanh not within {tanh_budget} steps, so "
                          f"ReLU was at least {tanh_budget / relu:.1f}x faster (a lower bound; the paper: about "

@@ -117,6 +117,33 @@ def test_tanh_that_never_gets_there_gives_a_lower_bound():
     assert "To 50 % training error: ReLU at step 10, tanh at step 30: ReLU 3.0x faster" in to_50
 
 
+def test_runs_of_other_lengths_are_read_only_as_far_as_both_went():
+    """A run that stopped early (its loss ran away) is no evidence past its last step: not 'the
+    opposite of the paper's direction' for a ReLU that stopped before tanh got there, nor a lower
+    bound under 1x for a tanh that stopped before ReLU did."""
+    def runs(relu, relu_steps, tanh, tanh_steps):
+        stopped = lambda steps: "its loss ran away" if steps < 200 else None  # each run's budget is 200 steps
+        return {v: {"steps_to": {"25 %": s, "50 %": s}, "steps": n, "failed": stopped(n), "curve": []}
+                for v, s, n in (("full", relu, relu_steps), ("tanh", tanh, tanh_steps))}
+    first = lambda *args: ablations.tanh_lines(runs(*args))[0]
+    lines = ablations.tanh_lines(runs(None, 50, 120, 200))
+    assert lines[0] == "To 25 % training error: tanh at step 120, ReLU not within the 50 steps it ran: not resolved."
+    assert "(The full run stopped at step 50: its loss ran away.)" in lines
+    # a ReLU run to tanh's very step, without getting there: slower, however it ended
+    assert first(None, 120, 120, 200) == ("To 25 % training error: tanh at step 120, ReLU not within 120 steps: the "
+                                          "opposite of the paper's direction.")
+    assert first(None, 200, 120, 200) == ("To 25 % training error: tanh at step 120, ReLU not within 200 steps: the "
+                                          "opposite of the paper's direction.")
+    assert first(80, 200, None, 60) == ("To 25 % training error: ReLU at step 80, tanh not within the 60 steps it "
+                                        "ran: not resolved.")
+    assert first(40, 200, None, 60).startswith("To 25 % training error: ReLU at step 40, tanh not within 60 steps, so "
+                                               "ReLU was at least 1.5x faster (a lower bound;")
+    assert first(None, 50, None, 200) == ("To 25 % training error: neither ReLU nor tanh got there (ReLU within its 50 "
+                                          "steps, tanh within its 200); no ratio measured.")
+    assert first(None, 200, None, 200) == ("To 25 % training error: neither ReLU nor tanh got there within 200 steps; "
+                                           "no ratio measured.")
+
+
 def test_a_difference_is_read_by_its_sign_and_its_size_against_the_noise_floor():
     """A variant's error minus the full net's, in points: above the floor, a higher error without
     the feature is the paper's direction (the feature helped); within it, noise."""
