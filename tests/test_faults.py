@@ -6,6 +6,7 @@ group, injects the fault from outside (signals, broken files), and bounds every 
 
 import contextlib
 import dataclasses
+import datetime
 import errno
 import importlib
 import io
@@ -24,6 +25,7 @@ import sys
 import sysconfig
 import tempfile
 import time
+import types
 import warnings
 import zipfile
 from pathlib import Path
@@ -2022,6 +2024,25 @@ def test_a_checkpoint_named_otherwise_is_resumed_where_its_folder_s_records_are_
     two_gpu.check_resumed_file(str(alone / "b.pt"))  # resumed last: it goes on with its own records
     with pytest.raises(ValueError, match="and the last resume they record is not of this file"):
         two_gpu.check_resumed_file(str(alone / "a.pt"))
+
+
+def test_runs_started_in_the_same_second_get_folders_of_their_own(tmp_path, monkeypatch):
+    """Without --run-name a run's folder is named by the second it starts: a second run in that
+    second (a script starting several) takes the next free suffix, never the first one's folder."""
+    class Frozen(datetime.datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return cls(2026, 12, 7, 9, 30, 5)
+    monkeypatch.setattr(two_gpu, "datetime", types.SimpleNamespace(datetime=Frozen))
+    config = parse_config(["--out", str(tmp_path / "runs")])
+    made = [two_gpu.new_run_folder(config) for _ in range(3)]
+    assert made == [(tmp_path / "runs" / name, True) for name in ("20261207-093005", "20261207-093005-2",
+                                                                 "20261207-093005-3")]
+    for i in range(4, 100):
+        (tmp_path / "runs" / f"20261207-093005-{i}").mkdir()
+    with pytest.raises(ValueError, match=f"^{tmp_path / 'runs'} already holds runs named 20261207-093005\\*: give a "
+                                         f"--run-name$"):
+        two_gpu.new_run_folder(config)
 
 
 def test_a_refusal_logs_its_text_and_keeps_nothing_it_loaded(tmp_path, caplog):
