@@ -547,6 +547,10 @@ def test_thin_image_is_refused_and_resizing_it_costs_the_output_only(tmp_path):
     with pytest.raises(images.ImageRejected, match=r"aspect ratio 20000\.0:1 \(1 x 20000 pixels\) above 20:1") as info:
         images.load_image(path)
     assert str(info.value).startswith(f"{path}: ")
+    at_the_limit = _save(tmp_path / "strip.png", Image.new("RGB", (400, 20), (9, 9, 9)))  # 20:1 exactly: taken
+    assert (images.load_image(at_the_limit) == 9).all()
+    with pytest.raises(images.ImageRejected, match=r"aspect ratio 20\.1:1 \(402 x 20 pixels\) above 20:1"):
+        images.load_image(_save(tmp_path / "beyond.png", Image.new("RGB", (402, 20), (9, 9, 9))))
     done = subprocess.run([sys.executable, "-c", _THIN_RESIZE], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and done.stdout.strip() == "(256, 256)", done.stderr
 
