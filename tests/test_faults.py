@@ -249,6 +249,29 @@ def test_a_run_stopped_after_its_last_epoch_is_told_what_is_left(trained_run, tm
         f"nothing to resume: run the evaluation again under another --run-name (or after removing {tmp_path / 'eval'})"
 
 
+def test_a_failed_run_is_told_how_to_go_on_once_the_cause_is_fixed(tmp_path):
+    """A wait that timed out (gloo's words or NCCL's watchdog) names --timeout; a run without a
+    checkpoint starts again, an evaluation has nothing to resume, and a failure whose own line
+    says what to do (outputs that are not numbers) gets nothing more."""
+    run = tmp_path / "run"
+    run.mkdir()
+    config = parse_config(["--timeout", "90"])
+    nccl = two_gpu.RankFailure({1: "RuntimeError: [Rank 1] Watchdog caught collective operation timeout: WorkNCCL("
+                                   "SeqNum=7, OpType=ALLGATHER) ran for 90000 milliseconds before timing out"}, 1)
+    killed = two_gpu.RankFailure({0: "killed by SIGKILL"}, 0)
+    timeout = ("\na rank waits at most --timeout 90 s for the other in an exchange: if the other was busy rather than "
+               "stuck (a checkpoint written to a slow disk, a long evaluation), give a larger --timeout")
+    again = f"\nno checkpoint was written yet: once the cause is fixed, start the run again under another --run-name " \
+            f"(or after removing {run})"
+    assert two_gpu._after_failure(config, run, nccl) == timeout + again
+    assert two_gpu._after_failure(config, run, killed) == again
+    evaluation = parse_config(["--eval-only", str(run), "--timeout", "90"])
+    assert (two_gpu._after_failure(evaluation, run, nccl), two_gpu._after_failure(evaluation, run, killed)) == \
+        (timeout, "")
+    outputs = two_gpu.RankFailure({0: "NonFiniteOutputs: the net's outputs at step 3 are not all numbers: ..."}, 0)
+    assert two_gpu._after_failure(config, run, outputs) == ""
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("job", [as_foreground_job, as_background_job], ids=["foreground", "background"])
 def test_sigterm_to_the_launcher_alone_stops_the_ranks_at_once(tiny_data, tmp_path, job):
