@@ -474,6 +474,11 @@ def test_a_resumed_run_s_time_is_said_to_be_its_last_start_s(tmp_path):
     assert "; 21 steps, resumed: the last start's 2 steps trained in 0.1 min (80.0 images/s)" in line
     (run / "summary.json").write_text(json.dumps({**summary, "steps_this_run": 21}))
     assert "; 21 steps trained in 0.1 min" in ablations.run_line("full", ablations.read_run(run))
+    # how the machine was loaded: the 1-minute averages (the first of os.getloadavg's three)
+    conditions = {"wall_s": 90.0, "load_average": {"start": [1.5, 2.0, 3.0], "end": [0.5, 5.0, 6.0]}, "command": "x"}
+    (tmp_path / f"full{ablations.CONDITIONS_SUFFIX}").write_text(json.dumps(conditions))
+    assert ablations.run_line("full", ablations.read_run(run)).endswith(
+        "; wall time 1.5 min; load average (1 min) 1.5 at its start, 0.5 at its end; command `x`")
 
 
 def test_a_run_whose_loss_became_nan_stopped_at_that_step(tmp_path):
