@@ -140,6 +140,27 @@ def no_dropout_run(tiny_data, tmp_path_factory):
     return out / "run"
 
 
+def plan_of(bundle, batch_size: int):
+    """launch.train's Plan for ``bundle`` (as launch.data.open_data opens it) in batches of ``batch_size``."""
+    from launch import data, train
+    return train.Plan(bundle.classes, data.batches_per_epoch(bundle, batch_size), len(bundle.val), len(bundle.train),
+                      bundle.stats)
+
+
+class Recorder(torch.nn.Module):
+    """A stand-in for the net: its logits are a learnable bias, the same for every image; keeps
+    every batch it is given."""
+
+    def __init__(self, num_classes: int):
+        super().__init__()
+        self.bias = torch.nn.Parameter(torch.zeros(num_classes))
+        self.seen = []
+
+    def forward(self, images):
+        self.seen.append(images.detach().clone())
+        return self.bias.expand(len(images), -1)
+
+
 @functools.lru_cache(maxsize=3)  # 0.25 GB each: a worker runs many files
 def _initial_weights(classes: int, seed: int, init: str, net: str) -> dict:
     return build_reference(classes, seed=seed, dropout=0.0, init=init, architecture=Architecture(net=net)).state_dict()

@@ -22,7 +22,7 @@ from launch.schedule import Progress
 from launch.step import paper_optimizer
 from towers import FC8_PLACEMENTS, TOWERS, Tower, build_reference, shard_state_dict
 
-from conftest import NO_DROPOUT, TINY, Run, launch, reference_from_seed
+from conftest import NO_DROPOUT, TINY, Recorder, Run, launch, plan_of, reference_from_seed
 
 SEED, CLASSES, REPLICAS = 11, 10, 2
 GLOBAL_BATCH = 4  # 2 images per replica
@@ -130,17 +130,6 @@ def test_two_replicas_of_the_towers_match_the_reference_on_the_global_batch(hybr
         assert results[rank + TOWERS]["fingerprint"] == r["fingerprint"]
 
 
-class _Bias(torch.nn.Module):
-    """Logits that are a learnable bias, the same for every image."""
-
-    def __init__(self, num_classes: int):
-        super().__init__()
-        self.bias = torch.nn.Parameter(torch.zeros(num_classes))
-
-    def forward(self, images):
-        return self.bias.expand(len(images), -1)
-
-
 def _images_lost_worker(rank, root, lost_after):
     """Two replicas, of one rank each, each loading its share of every batch (as machines do from
     their own copies of the data), train an epoch, once for each of ``lost_after``: replica 1's
@@ -149,9 +138,8 @@ def _images_lost_worker(rank, root, lost_after):
     mesh = build_mesh(1, timeout_s=60)
     bundle = data.open_data(root, cache_dir=root.parent / "cache")
     config = TrainConfig(batch_size=4, epochs=1, lr=0.01, warmup_steps=0, log_every=100)
-    plan = train.Plan(bundle.classes, data.batches_per_epoch(bundle, 4), len(bundle.val), len(bundle.train),
-                      bundle.stats)
-    model = _Bias(len(bundle.classes))
+    plan = plan_of(bundle, 4)
+    model = Recorder(len(bundle.classes))
     trainer = DistributedDataParallel(model, process_group=mesh.replica_group)
     optimizer = paper_optimizer(model.parameters(), lr=0.01)
     saved = []  # a checkpoint of this stand-in for the net is not what is tested

@@ -20,6 +20,8 @@ from launch.step import AUTOCAST, paper_optimizer
 from launch import train
 from towers import build_reference
 
+from conftest import Recorder, plan_of
+
 CPU = torch.device("cpu")
 
 
@@ -28,29 +30,11 @@ def mesh_of_one(group_of_one):
     return Mesh(replicas=1, towers=1, replica=0, tower=0, tower_group=group_of_one, replica_group=None)
 
 
-def _plan(bundle, batch_size: int) -> train.Plan:
-    return train.Plan(bundle.classes, data.batches_per_epoch(bundle, batch_size), len(bundle.val), len(bundle.train),
-                      bundle.stats)
-
-
-class _Recorder(torch.nn.Module):
-    """Keeps every batch it is given; its logits are a learnable bias, the same for every image."""
-
-    def __init__(self, num_classes: int):
-        super().__init__()
-        self.bias = torch.nn.Parameter(torch.zeros(num_classes))
-        self.seen = []
-
-    def forward(self, images):
-        self.seen.append(images.detach().clone())
-        return self.bias.expand(len(images), -1)
-
-
 def _train_one_epoch(model, optimizer, bundle, config, progress, mesh, metrics=None) -> bool:
     """train.train_one_epoch over ``bundle`` in this process, with no step lines on the terminal;
     whether it reached the epoch's end."""
     with data.Loader(bundle) as loader:
-        finished, _ = train.train_one_epoch(model, optimizer, loader, _plan(bundle, config.batch_size), config,
+        finished, _ = train.train_one_epoch(model, optimizer, loader, plan_of(bundle, config.batch_size), config,
                                             progress, CPU, mesh, None, metrics or Metrics(None), ProgressBar(False),
                                             train.InputBytes(), model)
     return finished
@@ -61,9 +45,9 @@ def test_each_step_gets_its_own_crops_augmented_where_they_were_cut(mesh_of_one,
     positions in the epoch: a shift by a batch would still give images of the right shape and
     statistics, silently."""
     batch, seed, epoch = 6, 3, 1
-    model = _Recorder(len(small_bundle.classes))
+    model = Recorder(len(small_bundle.classes))
     config = TrainConfig(batch_size=batch, seed=seed, epochs=2, lr=0.01, warmup_steps=0, log_every=100)
-    plan = _plan(small_bundle, batch)
+    plan = plan_of(small_bundle, batch)
     finished = _train_one_epoch(model, paper_optimizer(model.parameters(), lr=0.01), small_bundle, config,
                                 Progress(epoch=epoch, lr=0.01), mesh_of_one)
     crops = [c for c, _ in data.train_batches(small_bundle, batch, seed, epoch)]
@@ -81,7 +65,7 @@ def test_each_step_trains_at_the_schedule_s_rate(mesh_of_one, small_bundle):
     the step takes, not the optimizer's own nor --lr: the step lines and metrics would say the
     schedule's while the run took another."""
     batch = 6
-    model = _Recorder(len(small_bundle.classes))
+    model = Recorder(len(small_bundle.classes))
     optimizer = paper_optimizer(model.parameters(), lr=1.0)  # a rate no step may take
     rates = []
     model.register_forward_pre_hook(lambda module, args: rates.append(optimizer.param_groups[0]["lr"]))
@@ -95,7 +79,7 @@ def test_step_lines_follow_the_run_s_steps_in_a_later_epoch(mesh_of_one, small_b
     the ablations and benchmarks read (written with the step lines) come every N steps after an
     epoch or a resume too, and at the epoch's end."""
     batch = 6  # 3 steps an epoch: the second epoch's are the run's steps 4 to 6, of 9
-    model = _Recorder(len(small_bundle.classes))
+    model = Recorder(len(small_bundle.classes))
     config = TrainConfig(batch_size=batch, seed=3, epochs=3, lr=0.01, warmup_steps=0, log_every=4)
     _train_one_epoch(model, paper_optimizer(model.parameters(), lr=0.01), small_bundle, config,
                      Progress(epoch=1, global_step=3, lr=0.01), mesh_of_one, Metrics(tmp_path / "metrics.jsonl"))
@@ -107,8 +91,8 @@ def test_an_evaluation_of_part_of_the_set_spreads_over_it_and_counts_the_images_
                                                                                         tmp_path):
     """--val-limit N evaluates N images spread over the set (sorted by class), not its first N; an
     image that cannot be used is left out and counted."""
-    model = _Recorder(len(small_bundle.classes))
-    plan = dataclasses.replace(_plan(small_bundle, 4), val_images=5)
+    model = Recorder(len(small_bundle.classes))
+    plan = dataclasses.replace(plan_of(small_bundle, 4), val_images=5)
     with data.Loader(small_bundle) as loader:
         result = train.evaluate(model, loader, plan, 4, CPU, mesh_of_one)
     chosen = data.eval_indices(len(small_bundle.val), 5)
@@ -123,7 +107,7 @@ def test_an_evaluation_of_part_of_the_set_spreads_over_it_and_counts_the_images_
     broken.write_bytes(b"not a jpeg")
     damaged = data.open_data(root, cache_dir=tmp_path / "cache")
     with data.Loader(damaged) as loader:
-        result = train.evaluate(_Recorder(len(damaged.classes)), loader, _plan(damaged, 4), 4, CPU, mesh_of_one)
+        result = train.evaluate(Recorder(len(damaged.classes)), loader, plan_of(damaged, 4), 4, CPU, mesh_of_one)
     assert (result["images"], result["skipped"]) == (len(damaged.val) - 1, 1)
 
 
@@ -145,7 +129,7 @@ class _FixedLogits(torch.nn.Module):
 def test_evaluation_counts_top1_and_top5_hits_and_averages_the_ten_views_probabilities(mesh_of_one, small_bundle):
     labels = torch.tensor([label for _, label in small_bundle.val.samples])
     n, k = len(labels), len(small_bundle.classes)
-    plan = _plan(small_bundle, 4)
+    plan = plan_of(small_bundle, 4)
     # the true class ranked 1st for images 0-1, 5th for 2-4, 6th for the rest
     logits = torch.zeros(n, k)
     for i, y in enumerate(labels.tolist()):
@@ -195,7 +179,7 @@ def test_each_precision_trains_in_its_own_arithmetic_and_an_evaluation_computes_
         assert _train_one_epoch(model, paper_optimizer(model.parameters(), lr=0.01), small_bundle, config,
                                 Progress(epoch=0, lr=0.01), mesh_of_one)
         with data.Loader(small_bundle) as loader:
-            train.evaluate(model, loader, _plan(small_bundle, 6), 6, CPU, mesh_of_one, False, AUTOCAST[precision])
+            train.evaluate(model, loader, plan_of(small_bundle, 6), 6, CPU, mesh_of_one, False, AUTOCAST[precision])
         assert model.types == [computed] * (3 + 2) and model.fc.weight.dtype == torch.float32, precision
 
 
