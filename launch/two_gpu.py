@@ -499,6 +499,7 @@ def _prepare_run(config: TrainConfig, checkpoint: Optional[dict]):
     run_dir, made_folder = (resolve_path(config.resume).parent, False) if config.resume else new_run_folder(config)
     made_lock = not (run_dir / LOCK_NAME).exists()
     lock = lock_run_folder(run_dir, resumed=bool(config.resume))
+    written = None  # the config.json of a new run, removed where this start stops before its folder is whole
     try:
         if not config.resume:
             if (run_dir / FILENAME).exists():
@@ -514,14 +515,18 @@ def _prepare_run(config: TrainConfig, checkpoint: Optional[dict]):
                 raise ValueError(f"{run_dir} holds other files ({', '.join(others[:4])}): choose another "
                                  f"--run-name (a run starts in a folder of its own)")
             options = json.dumps(dataclasses.asdict(config), indent=2) + "\n"
+            written = run_dir / "config.json"  # none was there (others, above)
             try:
-                write_whole(run_dir / "config.json", lambda partial: partial.write_text(options))
+                write_whole(written, lambda partial: partial.write_text(options))
             except OSError as exc:  # a full disk, say (an evaluation checks no room for checkpoints)
                 raise ValueError(f"cannot write {run_dir / 'config.json'} ({exc.strerror or exc}): free space on "
                                  f"its disk, or give another --out") from None
         else:
             check_run_files(run_dir)  # config.json follows the options at the run's first save (train.save_now)
-    except BaseException:
+        log.info("results: %s", run_dir.resolve())
+    except BaseException:  # a Ctrl-C too
+        if written is not None:
+            written.unlink(missing_ok=True)
         if made_lock and not config.resume:  # a folder refused is left as it was found
             (run_dir / LOCK_NAME).unlink(missing_ok=True)
             if made_folder:  # made above, for this run alone, and empty
@@ -529,7 +534,6 @@ def _prepare_run(config: TrainConfig, checkpoint: Optional[dict]):
                     run_dir.rmdir()
         lock.close()
         raise
-    log.info("results: %s", run_dir.resolve())
     return config, run_dir, bundle, lock
 
 
@@ -787,8 +791,11 @@ def main(argv=None) -> int:
         log.error("the run stopped: %s%s", str(exc), _after_failure(config, run_dir, exc))
         return 1
     except KeyboardInterrupt:
-        if not started:  # in the checks, or the scan of the data
+        if not started and run_dir is None:  # in the checks, or the scan of the data
             log.error("interrupted before the ranks started: nothing was trained or written")
+        elif not started:  # the run's folder is whole: what it holds decides the advice
+            log.error("interrupted before the ranks started: nothing was trained; %s",
+                      _after_interrupt(config, run_dir))
         else:
             log.error("interrupted: every rank stopped; %s", _after_interrupt(config, run_dir))
         return 130

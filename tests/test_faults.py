@@ -314,6 +314,30 @@ def test_sigterm_before_the_ranks_start_is_a_clean_stop(tmp_path):
     assert not live_processes(session=proc.pid), [cmdline(pid) for pid in live_processes(session=proc.pid)]
 
 
+def test_a_ctrl_c_as_the_run_folder_is_made_leaves_none_or_says_what_it_holds(tiny_data, tmp_path, monkeypatch, caplog):
+    """Interrupted as its config.json is written, a new run leaves no folder (a next start under
+    that --run-name was refused as "an earlier start of a run"); interrupted once the folder is
+    whole, before the ranks start, it keeps it and says how to start again, not that nothing
+    was written."""
+    options = ["--data", str(tiny_data), "--out", str(tmp_path / "runs"), "--run-name", "run", *_TINY]
+    real = two_gpu.write_whole
+
+    def written_then_interrupted(path, write):
+        real(path, write)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(two_gpu, "write_whole", written_then_interrupted)
+    assert main(options) == 130
+    assert caplog.messages[-1] == "interrupted before the ranks started: nothing was trained or written"
+    assert list((tmp_path / "runs").iterdir()) == []
+    monkeypatch.setattr(two_gpu, "write_whole", real)
+    monkeypatch.setattr(two_gpu, "_log_also_to", lambda path: (_ for _ in ()).throw(KeyboardInterrupt))
+    assert main(options) == 130
+    assert caplog.messages[-1] == (f"interrupted before the ranks started: nothing was trained; no checkpoint was "
+                                   f"written yet, so there is nothing to resume: start the run again under another "
+                                   f"--run-name (or after removing {tmp_path / 'runs' / 'run'})")
+    assert sorted(p.name for p in (tmp_path / "runs" / "run").iterdir()) == [".lock", "config.json"]
+
+
 @pytest.mark.slow
 def test_ranks_do_not_outlive_a_killed_launcher(tiny_data, tmp_path):
     run = _start(tiny_data, tmp_path)
