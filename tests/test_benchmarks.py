@@ -27,7 +27,10 @@ from PIL import Image
 from benchmarks import flops, program, report, run, scratch, traffic, workers
 from launch import data as data_module
 from launch.cli import usable_cores
+from launch.step import StepResult
 from towers import FC8_PLACEMENTS, AlexNet
+from towers import exchange as exchange_module
+from towers.exchange import ExchangeLog
 from towers.sharding import shard_state_dict
 
 from conftest import ROOT, cmdline, live_processes, short_temporary, skip_without_namespaces, terminate_when_ready
@@ -2069,6 +2072,70 @@ def test_a_ddp_step_counts_its_own_buckets_not_ddps_first_guess(group_of_one):
         counts.append(counter.buckets)
     assert counts[0] != counts[1] == counts[2] == traffic.ddp_buckets([p.numel() for p in model.parameters()]), counts
     assert counter.payload_bytes == 3 * 4 * sum(p.numel() for p in model.parameters())  # every gradient, each step
+
+
+class _FakeClock:
+    """time.perf_counter for the workers and the ExchangeLog: it moves only when a stub step moves it."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
+class _StubTower(torch.nn.Module):
+    """A tower's stand-in for the workers: one small layer and a real ExchangeLog."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(4, 3)
+        self.exchange_log = ExchangeLog()
+
+    def forward(self, images):
+        return self.linear(images)
+
+
+def _stub_steps(monkeypatch, model, step) -> list:
+    """A worker's steps on ``model`` (4 inputs, 3 classes), on a fake clock: train_step calls
+    ``step(call, model, images, clock)`` (call counts from 1) and appends what it returns to
+    the list returned, in the order of the calls; its loss is the call's number."""
+    clock, timeline = _FakeClock(), []
+    fake_time = type("FakeTime", (), {"perf_counter": staticmethod(clock.perf_counter)})
+    monkeypatch.setattr(workers, "time", fake_time)
+    monkeypatch.setattr(exchange_module, "time", fake_time)  # the ExchangeLog's own clock
+    monkeypatch.setattr(workers, "_load", lambda *args: model)
+    monkeypatch.setattr(workers, "synthetic_batch",
+                        lambda batch, *args: (torch.rand(batch, 4), torch.randint(0, 3, (batch,))))
+
+    def train_step(model, optimizer, images, labels, autocast_dtype=None):
+        timeline.append(step(len(timeline) + 1, model, images, clock))
+        return StepResult(torch.tensor(float(len(timeline))), torch.tensor(0))
+    monkeypatch.setattr(workers, "train_step", train_step)
+    return timeline
+
+
+def _worker_spec(mode: str, warmup: int, steps: int, **changes) -> dict:
+    """run_spec's spec of a CPU run of ``mode`` at batch 4 (weights never read: _load is stubbed)."""
+    config = run.BenchConfig(device="cpu", warmup=warmup, steps=steps)
+    weights = {"reference_path": "unused", "shard_paths": ["unused", "unused"]}
+    return {**run.run_spec(run.RunKey(mode, 4, "fp32", "contiguous"), config, CPU_PLAN, weights), **changes}
+
+
+def _advance(call, model, images, clock):
+    """A step that takes ``call`` seconds."""
+    clock.now += call
+    return call
+
+
+@pytest.mark.parametrize("warmup, timed_calls", [(2, [3, 4, 5]), (0, [1, 2, 3])])
+def test_a_single_run_times_its_steps_after_its_untimed_warmup_steps(monkeypatch, warmup, timed_calls):
+    """--warmup steps run first and untimed; then --steps steps, each timed on its own."""
+    calls = _stub_steps(monkeypatch, torch.nn.Linear(4, 3), _advance)
+    result = workers.single_worker(0, _worker_spec("single", warmup, steps=3))
+    assert calls == list(range(1, warmup + 4))  # warm-up and timed steps, nothing else
+    assert result["step_s"] == timed_calls  # call k takes k seconds: the calls after the warm-up's
+    assert result["final_loss"] == warmup + 3  # the last timed step's
 
 
 @pytest.mark.slow
