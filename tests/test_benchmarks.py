@@ -2138,6 +2138,39 @@ def test_a_single_run_times_its_steps_after_its_untimed_warmup_steps(monkeypatch
     assert result["final_loss"] == warmup + 3  # the last timed step's
 
 
+def _count_all_reduces(monkeypatch) -> list:
+    """Wraps the all-reduce that workers.counting_allreduce_hook hands each bucket to; returns
+    the list it appends each bucket's size to."""
+    all_reduced, allreduce_hook = [], workers.default_hooks.allreduce_hook
+
+    def counted(group, bucket):
+        all_reduced.append(bucket.buffer().numel())
+        return allreduce_hook(group, bucket)
+    monkeypatch.setattr(workers, "default_hooks", type("Hooks", (), {"allreduce_hook": staticmethod(counted)}))
+    return all_reduced
+
+
+def test_ddp_times_its_no_sync_steps_apart_after_the_timed_steps_and_all_reduces_nothing_in_them(
+        monkeypatch, group_of_one):
+    """ddp: --warmup untimed steps, --steps timed steps that all-reduce, then one untimed and
+    --steps timed steps under no_sync() (compute only): nothing all-reduced in those."""
+    all_reduced = _count_all_reduces(monkeypatch)
+
+    def step(call, model, images, clock):  # a real backward through DDP; call k takes k seconds
+        before = len(all_reduced)
+        model(images).sum().backward()
+        clock.now += call
+        return call, model.require_backward_grad_sync, len(all_reduced) - before
+    calls = _stub_steps(monkeypatch, torch.nn.Linear(4, 3), step)
+    result = workers.ddp_worker(0, _worker_spec("ddp", warmup=2, steps=3))
+    # 2 warm-ups, 3 timed, 1 no_sync warm-up, 3 no_sync timed; the Linear's 15 gradients fill one bucket
+    assert calls == [(k, True, 1) for k in range(1, 6)] + [(k, False, 0) for k in range(6, 10)]
+    assert result["step_s"] == [3, 4, 5] and result["compute_only_s"] == [7, 8, 9]  # call k takes k seconds
+    assert result["payload_bytes"] == 3 * 15 * 4 and result["buckets"] == 1  # the timed steps' fp32 gradients
+    assert result["final_loss"] == 5  # the last timed step's, not a no_sync step's
+    assert len(result["allreduce_alone_s"]) == 3
+
+
 @pytest.mark.slow
 def test_ddp_traffic_is_every_gradient_once(tiny_run):
     _, results = tiny_run
