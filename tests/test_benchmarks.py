@@ -2171,6 +2171,49 @@ def test_ddp_times_its_no_sync_steps_apart_after_the_timed_steps_and_all_reduces
     assert len(result["allreduce_alone_s"]) == 3
 
 
+def _exchanging_step(call, model, images, clock):
+    """A tower's step on the fake clock: call k computes for k seconds, then sends 2 fp32 elements
+    in an exchange of k/4 seconds, recorded by the tower's ExchangeLog as the towers' collectives are."""
+    tower = getattr(model, "module", model)  # under DistributedDataParallel in hybrid
+    clock.now += call
+    sent = torch.zeros(2)
+    started = tower.exchange_log.clock(sent)
+    clock.now += call / 4
+    tower.exchange_log.record("conv3_input", "forward", sent, None, started)
+    return call, tower.exchange_log.synchronize
+
+
+def test_a_towers_run_on_the_cpu_times_its_exchanges_within_its_timed_steps_after_the_warmup(
+        monkeypatch, group_of_one):
+    """towers where the collectives block (the CPU's): comm_s is what each timed step's exchanges
+    took, by the ExchangeLog, comm_step_s the timed steps themselves; the bytes and calls are the
+    timed steps' alone, not the warm-up's."""
+    tower = _StubTower()
+    calls = _stub_steps(monkeypatch, tower, _exchanging_step)
+    result = workers.towers_worker(0, _worker_spec("towers", warmup=2, steps=3))
+    assert calls == [(k, False) for k in range(1, 6)]  # 2 warm-ups, 3 timed steps, none that waits on the device
+    assert result["step_s"] == result["comm_step_s"] == [3.75, 5.0, 6.25]  # calls 3 to 5: k + k/4 seconds
+    assert result["comm_s"] == [0.75, 1.0, 1.25]  # their exchanges: k/4 seconds
+    assert (result["sent_bytes"], result["received_bytes"], result["calls"]) == (3 * 2 * 4, 0, 3)
+    assert result["exchanges"]["conv3_input/forward"]["calls"] == 3 and result["final_loss"] == 5
+
+
+def test_a_towers_run_whose_exchanges_need_the_device_waited_for_times_them_in_steps_of_their_own(
+        monkeypatch, group_of_one):
+    """With spec["exchange_steps"] (a GPU's), the exchanges are timed in --steps further steps with
+    the ExchangeLog waiting for the device (synchronize), which it stops doing after them: comm_s and
+    comm_step_s come from those, step_s, the bytes and the loss from the timed steps before them."""
+    tower = _StubTower()
+    calls = _stub_steps(monkeypatch, tower, _exchanging_step)
+    result = workers.towers_worker(0, _worker_spec("towers", warmup=2, steps=3, exchange_steps=True))
+    # 2 warm-ups and 3 timed steps as on the CPU, then 3 steps that wait on the device around each exchange
+    assert calls == [(k, False) for k in range(1, 6)] + [(k, True) for k in range(6, 9)]
+    assert tower.exchange_log.synchronize is False
+    assert result["step_s"] == [3.75, 5.0, 6.25]  # calls 3 to 5: k + k/4 seconds
+    assert result["comm_step_s"] == [7.5, 8.75, 10.0] and result["comm_s"] == [1.5, 1.75, 2.0]  # calls 6 to 8
+    assert (result["sent_bytes"], result["calls"], result["final_loss"]) == (3 * 2 * 4, 3, 5)
+
+
 @pytest.mark.slow
 def test_ddp_traffic_is_every_gradient_once(tiny_run):
     _, results = tiny_run
