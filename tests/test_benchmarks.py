@@ -27,6 +27,7 @@ from PIL import Image
 from benchmarks import flops, program, report, run, scratch, traffic, workers
 from launch import data as data_module
 from launch.cli import usable_cores
+from launch.mesh import Mesh
 from launch.step import StepResult
 from towers import FC8_PLACEMENTS, AlexNet
 from towers import exchange as exchange_module
@@ -2212,6 +2213,36 @@ def test_a_towers_run_whose_exchanges_need_the_device_waited_for_times_them_in_s
     assert result["step_s"] == [3.75, 5.0, 6.25]  # calls 3 to 5: k + k/4 seconds
     assert result["comm_step_s"] == [7.5, 8.75, 10.0] and result["comm_s"] == [1.5, 1.75, 2.0]  # calls 6 to 8
     assert (result["sent_bytes"], result["calls"], result["final_loss"]) == (3 * 2 * 4, 3, 5)
+
+
+@pytest.mark.parametrize("exchange_steps, waited_calls, comm_s", [
+    (False, [], [0.75, 1.0, 1.25]),  # the timed steps' exchanges (calls 3 to 5: k/4 seconds)
+    (True, [10, 11, 12], [2.5, 2.75, 3.0]),  # those of 3 no_sync steps after the compute's, waiting on the device
+])
+def test_a_hybrid_run_times_its_exchanges_and_its_no_sync_compute_apart_from_its_all_reducing_steps(
+        monkeypatch, group_of_one, exchange_steps, waited_calls, comm_s):
+    """hybrid (one replica of the towers, here): --warmup untimed steps, --steps timed steps that
+    all-reduce and exchange, then one untimed and --steps timed no_sync steps (nothing all-reduced);
+    with spec["exchange_steps"], --steps no_sync steps more that time the exchanges."""
+    all_reduced = _count_all_reduces(monkeypatch)
+    monkeypatch.setattr(workers, "build_mesh", lambda towers, timeout_s: Mesh(1, towers, 0, 0, group_of_one,
+                                                                              group_of_one))
+
+    def step(call, model, images, clock):  # a real backward through DDP, then _exchanging_step's
+        before = len(all_reduced)
+        model(images).sum().backward()
+        _, synchronize = _exchanging_step(call, model, images, clock)
+        return call, model.require_backward_grad_sync, len(all_reduced) - before, synchronize
+    calls = _stub_steps(monkeypatch, _StubTower(), step)
+    result = workers.hybrid_worker(0, _worker_spec("hybrid", warmup=2, steps=3, exchange_steps=exchange_steps))
+    # 2 warm-ups and 3 timed steps all-reduce the Linear's 15 gradients in one bucket; 1 + 3 no_sync steps do not
+    assert calls == [(k, True, 1, False) for k in range(1, 6)] + [(k, False, 0, False) for k in range(6, 10)] + [
+        (k, False, 0, True) for k in waited_calls]
+    assert result["step_s"] == [3.75, 5.0, 6.25] and result["compute_only_s"] == [8.75, 10.0, 11.25]  # k + k/4 s
+    assert result["comm_s"] == comm_s
+    # the timed steps' alone: 3 x the fp32 gradients, 3 x 2 fp32 elements sent
+    assert (result["payload_bytes"], result["buckets"], result["sent_bytes"]) == (3 * 15 * 4, 1, 3 * 2 * 4)
+    assert result["final_loss"] == 5 and len(result["allreduce_alone_s"]) == 3
 
 
 @pytest.mark.slow
