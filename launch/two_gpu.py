@@ -874,7 +874,7 @@ def _after_failure(config: Optional[TrainConfig], run_dir: Optional[Path], failu
                   f"was busy rather than stuck (a checkpoint written to a slow disk, a long evaluation), give a "
                   f"larger --timeout")
     if config.eval_only:
-        return advice
+        return f"{advice}\nonce the cause is fixed, run the evaluation again {elsewhere_than(run_dir)}"
     if (run_dir / FILENAME).exists():
         return advice + "\n" + _from_checkpoint(config, run_dir, f"once the cause is fixed, go on from the last "
                                                                  f"checkpoint with --resume {shell_word(run_dir)}")

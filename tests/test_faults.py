@@ -251,8 +251,8 @@ def test_a_run_stopped_after_its_last_epoch_is_told_what_is_left(trained_run, tm
 
 def test_a_failed_run_is_told_how_to_go_on_once_the_cause_is_fixed(tmp_path):
     """A wait that timed out (gloo's words or NCCL's watchdog) names --timeout; a run without a
-    checkpoint starts again, an evaluation has nothing to resume, and a failure whose own line
-    says what to do (outputs that are not numbers) gets nothing more."""
+    checkpoint, or an evaluation, starts again; a failure whose own line says what to do (outputs
+    that are not numbers) gets nothing more."""
     run = tmp_path / "run"
     run.mkdir()
     config = parse_config(["--timeout", "90"])
@@ -266,8 +266,10 @@ def test_a_failed_run_is_told_how_to_go_on_once_the_cause_is_fixed(tmp_path):
     assert two_gpu._after_failure(config, run, nccl) == timeout + again
     assert two_gpu._after_failure(config, run, killed) == again
     evaluation = parse_config(["--eval-only", str(run), "--timeout", "90"])
+    evaluate_again = f"\nonce the cause is fixed, run the evaluation again under another --run-name (or after " \
+                     f"removing {run})"
     assert (two_gpu._after_failure(evaluation, run, nccl), two_gpu._after_failure(evaluation, run, killed)) == \
-        (timeout, "")
+        (timeout + evaluate_again, evaluate_again)
     outputs = two_gpu.RankFailure({0: "NonFiniteOutputs: the net's outputs at step 3 are not all numbers: ..."}, 0)
     assert two_gpu._after_failure(config, run, outputs) == ""
 
