@@ -218,6 +218,53 @@ def test_a_run_of_one_step_line_has_each_of_its_curves_drawn(tmp_path, monkeypat
         [(line.get_label(), line.get_marker()) for line in lines]
 
 
+def test_the_curves_plot_the_training_error_and_each_validation_error_as_percent(tmp_path, monkeypatch):
+    """The training line is the error (1 - top-1 of the recent steps), not the accuracy; the
+    validation lines are the top-1 and top-5 errors each."""
+    drawn = []
+    monkeypatch.setattr(show, "_save", lambda fig, path: drawn.append(fig) or path)
+    records = [dict(train_record(4, 2.2), top1=0.8), dict(eval_record(1, 4, 0.6), top5_error=0.25)]
+    show.draw_curves(show._open_run(str(write_run(tmp_path / "run", metrics=records))), tmp_path)
+    lines = {line.get_label(): list(line.get_ydata()) for ax in drawn[0].axes for line in ax.get_lines()}
+    assert lines["training top-1 (recent steps; dropout and augmentation on)"] == pytest.approx([20.0])
+    assert lines["validation top-1 (centre patch, end of each epoch)"] == pytest.approx([60.0])
+    assert lines["validation top-5"] == pytest.approx([25.0])
+
+
+def test_the_run_s_last_evaluation_is_drawn_where_no_epoch_s_evaluation_is_at_its_step(tmp_path):
+    run = show._open_run(str(write_run(tmp_path / "run", summary={**SUMMARY, "steps": 10})))
+    assert show._final_evaluation(run, [eval_record(1, 4, 0.8)], 10)["step"] == 10  # --max-steps 10, in epoch 2
+    assert show._final_evaluation(run, [eval_record(1, 4, 0.8), eval_record(2, 10, 0.7)], 10) is None  # drawn
+
+
+def test_the_nearest_rows_are_as_many_as_the_pool_holds_nearest_first():
+    """A --neighbour-pool (or a training set) below the picture's six neighbours: all of it."""
+    pool = torch.tensor([[3.0], [0.0], [1.0]])
+    distances, indices = show.nearest(torch.tensor([[0.0], [2.9]]), pool, show.NEIGHBOURS)
+    assert indices.tolist() == [[1, 2, 0], [0, 2, 1]]
+    assert torch.allclose(distances, torch.tensor([[0.0, 1.0, 3.0], [0.1, 1.9, 2.9]], dtype=torch.float64))
+
+
+def test_a_resume_from_an_earlier_step_drops_the_later_evaluations_and_the_last_of_one_step_wins(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    records = [train_record(10, 2.3), train_record(20, 2.2), eval_record(1, 20, 0.8), train_record(30, 2.1),
+               eval_record(2, 30, 0.7), train_record(20, 2.25)]  # resumed from step 10's checkpoint
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    metrics = show.read_metrics(path)
+    assert [r["step"] for r in metrics.train] == [10, 20] and metrics.evals == []
+    again = [train_record(10, 2.3), eval_record(1, 10, 0.9), eval_record(1, 10, 0.8)]  # an evaluation taken twice
+    path.write_text("".join(json.dumps(r) + "\n" for r in again))
+    assert [(r["step"], r["top1_error"]) for r in show.read_metrics(path).evals] == [(10, 0.8)]
+
+
+def test_the_most_images_the_neighbours_picture_draws_are_allowed_and_the_kernels_are_numbered_from_the_first():
+    show.ShowOptions(images=show.MAX_IMAGES).validate()
+    with pytest.raises(ValueError, match=f"--images must be at most {show.MAX_IMAGES} "):
+        show.ShowOptions(images=show.MAX_IMAGES + 1).validate()
+    assert show._group_label("tower 0", 0, torch.zeros(48)).startswith("tower 0 (kernels 0-47): ")
+    assert show._group_label("tower 1", 48, torch.zeros(48)).startswith("tower 1 (kernels 48-95): ")
+
+
 def test_the_summary_of_an_earlier_start_is_not_said_to_be_where_the_run_stopped(tmp_path):
     """A run stopped by --max-steps 4 (its summary.json evaluated at step 4), resumed and stopped
     at step 8: the evaluation of step 4 is that start's end, not where the run stopped."""
@@ -632,6 +679,33 @@ def test_small_distances_are_written_to_three_figures(reference, tiny_bundle, tm
     distances = [float(title.split("distance ")[1].split()[0]) for ax in drawn[0].axes
                  if "distance " in (title := ax.get_title())]
     assert distances and 0 < min(distances) < 0.05 and len(set(distances)) > 1, distances
+
+
+@pytest.mark.slow
+def test_figure_4_names_and_colours_each_image_by_its_own_class(reference, tiny_bundle, tmp_path, monkeypatch):
+    """A pool of 10 of the 30 training images: each neighbour is named as the training image at
+    its row of the pool (not that row of the set), each validation image as itself, and a
+    neighbour is green exactly where its class is the validation image's."""
+    run = write_run(tmp_path / "run", reference.state_dict(), bundle=tiny_bundle, data=tiny_bundle.root)
+    drawn, found = [], []
+    monkeypatch.setattr(show, "_save", lambda fig, path: drawn.append(fig) or path)
+    searched = show.find_neighbours
+    monkeypatch.setattr(show, "find_neighbours", lambda *args, **kwargs: found.append(searched(*args, **kwargs))
+                        or found[-1])
+    assert show.main([str(run), "--only", "neighbours", "--images", "3", "--neighbour-pool", "10"]) == 0
+    (neighbours,), classes, columns = found, tiny_bundle.classes, 1 + show.NEIGHBOURS
+    assert neighbours.pool.indices != list(range(10)) and neighbours.queries.indices != [0, 1, 2]  # told apart
+    colours = []
+    for row, query in enumerate(neighbours.queries.indices):
+        cells = drawn[0].axes[row * columns:(row + 1) * columns]
+        query_class = tiny_bundle.val.samples[query][1]
+        assert cells[0].get_title().split("\n")[:2] == ["validation", classes[query_class]]
+        for ax, pool_row in zip(cells[1:], neighbours.indices[row].tolist()):
+            label = tiny_bundle.train.samples[neighbours.pool.indices[pool_row]][1]
+            assert ax.get_title().split("\n")[0] == classes[label]
+            colours.append(ax.title.get_color())
+            assert colours[-1] == ("darkgreen" if label == query_class else "firebrick")
+    assert set(colours) == {"darkgreen", "firebrick"}  # both kinds drawn: the rule is seen both ways
 
 
 def test_images_for_which_a_layer_is_silent_are_marked(reference, tiny_bundle):
