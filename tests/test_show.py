@@ -708,6 +708,27 @@ def test_figure_4_names_and_colours_each_image_by_its_own_class(reference, tiny_
     assert set(colours) == {"darkgreen", "firebrick"}  # both kinds drawn: the rule is seen both ways
 
 
+def test_a_kernel_is_drawn_upright_and_scaled_over_its_three_channels_together():
+    """Row by row as its weights lie (a kernel bright in its top row is drawn bright on top), in
+    one range for R, G and B, so that its hue stays: a kernel twice as strong in red stays red."""
+    kernel = torch.zeros(1, *KERNEL_SHAPE)
+    kernel[0, :, 0, :] = torch.tensor([2.0, 1.0, 1.0]).view(3, 1)  # its top row, red twice green and blue
+    grid = show.kernel_grid(kernel, columns=1, scale=1, gap=0)
+    assert grid.shape == (KERNEL_SHAPE[1], KERNEL_SHAPE[2], 3)
+    assert grid[0].tolist() == [[1.0, 0.5, 0.5]] * KERNEL_SHAPE[2] and (grid[1:] == 0).all()
+
+
+def test_features_with_one_unit_that_is_not_a_number_skip_figure_4(reference, tiny_bundle):
+    """One of FC7's 4096 outputs infinite is enough: its distances are infinite or NaN, and the
+    order of the neighbours means nothing."""
+    model = copy.deepcopy(reference).eval()
+    with torch.no_grad():
+        model.fc7.weight[0] = 3e38  # unit 0 overflows for every image; the other 4095 stay finite
+    with pytest.raises(show.Skipped, match="FC7's outputs for 12 of the 12 images are not finite numbers"):
+        show.find_neighbours(model, tiny_bundle, tiny_bundle.stats.mean, images=2, pool=10, batch_size=8,
+                             device=torch.device("cpu"))
+
+
 def test_images_for_which_a_layer_is_silent_are_marked(reference, tiny_bundle):
     model = copy.deepcopy(reference).eval()
     with torch.no_grad():
