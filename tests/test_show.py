@@ -265,6 +265,27 @@ def test_the_most_images_the_neighbours_picture_draws_are_allowed_and_the_kernel
     assert show._group_label("tower 1", 48, torch.zeros(48)).startswith("tower 1 (kernels 48-95): ")
 
 
+def test_a_step_that_is_not_a_whole_number_is_left_out_and_three_resumes_are_named_alone(tmp_path, caplog):
+    path = tmp_path / "metrics.jsonl"
+    records = [train_record(10, 2.3), {**train_record(20, 2.2), "step": 20.5}]  # edited by hand
+    for step in (10, 20, 30):  # three resumes, each from the step before it
+        records += [train_record(step + 10, 2.1), train_record(step, 2.0)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    with caplog.at_level(logging.WARNING, logger="launch.show"):
+        metrics = show.read_metrics(path)
+    assert [r["step"] for r in metrics.train] == [10, 20, 30]
+    assert f"{path}: left out 1 unreadable line(s)" in caplog.messages
+    assert sum("starts the history again there" in m for m in caplog.messages) == 1
+    assert "more such" not in caplog.text  # the three named, none left unsaid
+
+
+def test_a_gpu_asked_for_where_none_is_visible_is_one_line(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="^--device cuda: no GPU is visible here; use --device cpu or auto$"):
+        show.ShowOptions(device="cuda").validate()
+    show.ShowOptions(device="cpu").validate()
+
+
 def test_the_summary_of_an_earlier_start_is_not_said_to_be_where_the_run_stopped(tmp_path):
     """A run stopped by --max-steps 4 (its summary.json evaluated at step 4), resumed and stopped
     at step 8: the evaluation of step 4 is that start's end, not where the run stopped."""
