@@ -798,6 +798,8 @@ def test_the_traffic_bars_stack_what_each_tower_sent(tmp_path, monkeypatch):
             assert [p.get_height() for p in patches] == pytest.approx(sent, abs=1e-12), (direction, rank)
             assert [p.get_y() for p in patches] == pytest.approx(bottom, abs=1e-12), (direction, rank)
             bottom = [b + m for b, m in zip(bottom, sent)]
+    labels = [text.get_text() for text in drawn[0].axes[0].texts]
+    assert "0.2 kB" in labels and "0.69" in labels  # the logits' 160 bytes; conv3's input, 2 x 346,112 bytes
     show.pyplot().close(drawn[0])
 
 
