@@ -133,6 +133,24 @@ def test_a_freshly_initialised_net_gives_about_two_thirds_for_both_towers(init):
         assert abs(values.mean().item() - 242 / 362) < 0.02 and 0.5 < values.min() and values.max() < 0.85
 
 
+def test_each_tower_s_colour_dots_lie_beside_its_own_label(tmp_path, monkeypatch):
+    """Tower 0 grey (shares 0), tower 1 coloured (shares 1): each row's dots at the height of the
+    tick that names it, tower 0 on top as in the kernels picture."""
+    drawn = []
+    monkeypatch.setattr(show, "_save", lambda fig, path: drawn.append(fig) or path)
+    monkeypatch.setattr(show, "conv1_groups", lambda payload: [("tower 0", grey_kernels(48)),
+                                                              ("tower 1", chroma_kernels(48))])
+    run = show.RunFolder(write_run(tmp_path / "run"))
+    monkeypatch.setattr(run, "checkpoint", lambda: {})
+    show.draw_colour(run, tmp_path)
+    ax = drawn[0].axes[0]
+    ticks = {label.get_text().split("\n")[0]: y for y, label in zip(ax.get_yticks(), ax.get_yticklabels())}
+    assert ticks == {"tower 0": 1, "tower 1": 0}
+    rows = {dots.get_label().removesuffix(": one dot per kernel"): dots.get_offsets() for dots in ax.collections}
+    for name, y in ticks.items():  # the jitter: within 0.18 of the row
+        assert np.allclose(rows[name][:, 0], float(name[-1])) and abs(rows[name][:, 1] - y).max() < 0.2, name
+
+
 def test_tower_rows_come_from_the_right_halves(reference, tiny_bundle, tmp_path, caplog):
     state = dict(reference.state_dict())
     state["conv1.weight"] = torch.cat([grey_kernels(48), chroma_kernels(48)])  # tower 0 grey, tower 1 coloured
