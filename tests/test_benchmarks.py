@@ -1397,17 +1397,20 @@ def tiny_run(tmp_path_factory, tiny_data):
     return out, json.loads((out / "results.json").read_text())
 
 
+def _measured(batch: int, step_ms: float, compute_ms: list, devices: list, **more) -> dict:
+    """A run's summary, as far as the two-GPU projection reads it: its median step, each rank's compute."""
+    return {"batch": batch, "devices": devices, "step_ms": {"median": step_ms}, "compute_ms": compute_ms, **more}
+
+
 def test_the_projection_takes_ddp_compute_from_ranks_that_share_devices_as_the_towers_did():
     """Two ranks sharing the machine compute slower than one process alone on it: ddp's
     projected compute is its own ranks', measured as the towers' were, where it ran."""
     config = run.BenchConfig(device="cpu", quick=True, batch=16)
-    measured = lambda mode, batch, ms, devices: {"mode": mode, "batch": batch, "devices": devices,
-                                                 "step_ms": {"median": max(ms) + 50}, "compute_ms": ms}
-    runs = {run.RunKey("single", 16, "fp32", "contiguous"): measured("single", 16, [880.0], ["cpu"]),
-            run.RunKey("single", 8, "fp32", "contiguous"): measured("single", 8, [620.0], ["cpu"]),
-            run.RunKey("towers", 16, "fp32", "contiguous"): measured("towers", 16, [810.0, 800.0], ["cpu", "cpu"]),
-            run.RunKey("ddp", 16, "fp32", "contiguous"): dict(measured("ddp", 16, [1000.0, 1020.0], ["cpu", "cpu"]),
-                                                              buckets_per_step=[4.0, 4.0])}
+    runs = {run.RunKey("single", 16, "fp32", "contiguous"): _measured(16, 930.0, [880.0], ["cpu"]),
+            run.RunKey("single", 8, "fp32", "contiguous"): _measured(8, 670.0, [620.0], ["cpu"]),
+            run.RunKey("towers", 16, "fp32", "contiguous"): _measured(16, 860.0, [810.0, 800.0], ["cpu", "cpu"]),
+            run.RunKey("ddp", 16, "fp32", "contiguous"): _measured(16, 1070.0, [1000.0, 1020.0], ["cpu", "cpu"],
+                                                                   buckets_per_step=[4.0, 4.0])}
     analytic = run.analytic_figures(config)
     shared = run.projection(runs, config, analytic)
     assert shared["ddp_compute_ms"] == 1020.0 and shared["ddp_compute_source"].startswith("measured: ddp's compute")
@@ -1454,15 +1457,13 @@ def test_the_projection_takes_no_compute_from_ranks_that_took_turns_on_one_gpu_o
     on the CPU beside the GPU's single net (--one-gpu-two-rank cpu): both from the GPU's single
     steps, where ddp's came from its CPU ranks against the towers' from the GPU."""
     config = run.BenchConfig(device="cpu", quick=True, batch=16)
-    measured = lambda mode, batch, ms, devices: {"mode": mode, "batch": batch, "devices": devices,
-                                                 "step_ms": {"median": max(ms) + 5}, "compute_ms": ms}
     analytic = run.analytic_figures(config)
     for gpus in (["cuda:0", "cuda:0"], ["cuda:0", "cuda:1"], ["cpu", "cpu"]):
-        runs = {run.RunKey("single", 16, "fp32", "contiguous"): measured("single", 16, [10.0], ["cuda:0"]),
-                run.RunKey("single", 8, "fp32", "contiguous"): measured("single", 8, [6.0], ["cuda:0"]),
-                run.RunKey("towers", 16, "fp32", "contiguous"): measured("towers", 16, [11.0, 10.5], gpus),
-                run.RunKey("ddp", 16, "fp32", "contiguous"): dict(measured("ddp", 16, [12.0, 12.5], gpus),
-                                                                  buckets_per_step=[4.0, 4.0])}
+        runs = {run.RunKey("single", 16, "fp32", "contiguous"): _measured(16, 15.0, [10.0], ["cuda:0"]),
+                run.RunKey("single", 8, "fp32", "contiguous"): _measured(8, 11.0, [6.0], ["cuda:0"]),
+                run.RunKey("towers", 16, "fp32", "contiguous"): _measured(16, 16.0, [11.0, 10.5], gpus),
+                run.RunKey("ddp", 16, "fp32", "contiguous"): _measured(16, 17.5, [12.0, 12.5], gpus,
+                                                                       buckets_per_step=[4.0, 4.0])}
         projected = run.projection(runs, config, analytic)
         if gpus[0] == gpus[1]:
             share = max(analytic["macs_per_image"]["towers"]) / analytic["macs_per_image"]["single"]
@@ -1593,12 +1594,10 @@ def test_the_two_gpu_projection_sends_the_busier_tower_s_bytes_and_overlaps_ddp_
     start-up per collective; ddp serial = compute + all-reduce, overlapped = the larger of the two.
     The report's row: images/s and 'vs single' (single's step / the towers' step) from those."""
     config = run.BenchConfig(batch=16, links=("slow=0.001", "fast=1"), link_latency_us=100.0)
-    measured = lambda batch, ms, compute, devices: {"batch": batch, "devices": devices, "step_ms": {"median": ms},
-                                                    "compute_ms": compute}
-    runs = {run.RunKey("single", 16, "fp32", "contiguous"): measured(16, 50.0, [50.0], ["cpu"]),
-            run.RunKey("towers", 16, "fp32", "contiguous"): measured(16, 45.0, [30.0, 32.0], ["cpu", "cpu"]),
-            run.RunKey("ddp", 16, "fp32", "contiguous"): dict(measured(16, 60.0, [25.0, 24.0], ["cpu", "cpu"]),
-                                                              buckets_per_step=[3, 3])}
+    runs = {run.RunKey("single", 16, "fp32", "contiguous"): _measured(16, 50.0, [50.0], ["cpu"]),
+            run.RunKey("towers", 16, "fp32", "contiguous"): _measured(16, 45.0, [30.0, 32.0], ["cpu", "cpu"]),
+            run.RunKey("ddp", 16, "fp32", "contiguous"): _measured(16, 60.0, [25.0, 24.0], ["cpu", "cpu"],
+                                                                   buckets_per_step=[3, 3])}
     analytic = {"macs_per_image": {"single": 10, "towers": [6, 4]}, "towers_calls_per_step": 9, "ddp_buckets": 5,
                 "towers_sent_elements_per_image": [{"a/forward": 100}, {"a/forward": 60, "b/backward": 50}],
                 "ddp_bytes_per_rank": 40_000.0}
