@@ -519,7 +519,7 @@ def _prepare_run(config: TrainConfig, checkpoint: Optional[dict]):
             try:
                 write_whole(written, lambda partial: partial.write_text(options))
             except OSError as exc:  # a full disk, say (an evaluation checks no room for checkpoints)
-                raise ValueError(f"cannot write {run_dir / 'config.json'} ({exc.strerror or exc}): free space on "
+                raise ValueError(f"cannot write {written} ({exc.strerror or exc}): free space on "
                                  f"its disk, or give another --out") from None
         else:
             check_run_files(run_dir)  # config.json follows the options at the run's first save (train.save_now)
