@@ -330,6 +330,8 @@ def projection_lines(results) -> list:
                      f"+ ring all-reduce bytes per rank ({_mb(p['ddp_bytes_per_direction'])} MB) / bandwidth + "
                      f"{p['ddp_calls']:g} buckets x {p['latency_us']:g} us (serial); overlapped = the larger of the two "
                      "(DDP's best case, all-reduce hidden behind the backward).")
+    else:
+        lines.append(f"- ddp: {p['ddp_compute_source']}.")
     lines += [
         "- Assumptions: full-duplex link at the stated bandwidth each way, both directions busy at once; "
         "the towers' exchanges block the next layer (no overlap with compute); both towers equally fast, "

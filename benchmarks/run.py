@@ -444,7 +444,8 @@ def projection(runs: dict, config: BenchConfig, analytic: dict) -> dict:
     single = runs.get(RunKey("single", config.batch, "fp32", "contiguous"))
     towers = runs.get(RunKey("towers", config.batch, "fp32", "contiguous"))
     ddp = runs.get(RunKey("ddp", config.batch, "fp32", "contiguous"))
-    half = runs.get(RunKey("single", config.batch // 2, "fp32", "contiguous"))
+    # ddp's two ranks take half the batch each: an odd batch has no such half (and no ddp run)
+    half = runs.get(RunKey("single", config.batch // 2, "fp32", "contiguous")) if config.batch % 2 == 0 else None
     if single is None:
         return {"skipped": "the single mode was not measured at the main batch, so there is no compute time to project from"}
     macs = analytic["macs_per_image"]
@@ -469,7 +470,12 @@ def projection(runs: dict, config: BenchConfig, analytic: dict) -> dict:
         if towers_measured:
             ddp_source += " (one process, alone on its device: the towers' two ranks shared theirs)"
     else:
-        ddp_compute_ms, ddp_source = None, "not measured (odd batch or single not run at half the batch)"
+        own = f"ddp was not run at batch {config.batch}" if ddp is None else (
+            "ddp's own compute counts only where the towers' was measured on single's kind of device, with ddp's "
+            "ranks on the same devices as the towers', neither sharing one GPU")
+        ddp_compute_ms, ddp_source = None, (
+            f"not projected: the batch, {config.batch}, is odd, which two data-parallel ranks cannot split"
+            if config.batch % 2 else f"not projected: single was not run at batch {config.batch // 2}, and {own}")
     tower_bytes = max(sum(t.values()) for t in analytic["towers_sent_elements_per_image"]) * config.batch * 4
     ddp_bytes = analytic["ddp_bytes_per_rank"]
     ddp_calls = ddp["buckets_per_step"][0] if ddp else analytic["ddp_buckets"]

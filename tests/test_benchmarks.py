@@ -1422,6 +1422,30 @@ def test_the_projection_takes_ddp_compute_from_ranks_that_share_devices_as_the_t
                                            "towers' two ranks shared theirs)")
 
 
+def test_a_ddp_left_unprojected_is_said_why_in_the_report():
+    """Without the single net at half the batch (an odd batch has no half: not even one run in
+    the batch sweep) and without ddp's own ranks to count, the projection's ddp columns are
+    dashes: the report says why under them."""
+    on_one_gpu = _measured(16, 17.5, [12.0, 12.5], ["cuda:0", "cuda:0"], buckets_per_step=[4.0, 4.0])
+    for batch, ddp, why in (
+            (16, None, "single was not run at batch 8, and ddp was not run at batch 16"),
+            (16, on_one_gpu, "single was not run at batch 8, and ddp's own compute counts only where the towers' was "
+                             "measured on single's kind of device, with ddp's ranks on the same devices as the "
+                             "towers', neither sharing one GPU"),
+            (15, None, "the batch, 15, is odd, which two data-parallel ranks cannot split")):
+        config = run.BenchConfig(device="cpu", quick=True, batch=batch)
+        runs = {run.RunKey("single", batch, "fp32", "contiguous"): _measured(batch, 15.0, [10.0], ["cuda:0"]),
+                run.RunKey("single", 7, "fp32", "contiguous"): _measured(7, 9.0, [6.0], ["cuda:0"])}
+        if ddp is not None:
+            runs[run.RunKey("ddp", batch, "fp32", "contiguous")] = ddp
+        projected = run.projection(runs, config, run.analytic_figures(config))
+        assert projected["ddp_compute_ms"] is None and "ddp_serial_ms" not in projected["links"][0]
+        lines = report.projection_lines({"projection": projected})
+        assert f"- ddp: not projected: {why}." in lines
+        assert all(line.endswith("| — | — | — |") for line in lines if line.startswith("| ") and line[2].isalpha()
+                   and not line.startswith("| link"))
+
+
 @pytest.mark.slow  # two real ranks of the full net
 def test_the_exchanges_are_timed_in_steps_of_their_own_where_the_device_must_be_waited_for(tmp_path):
     """On a GPU, waiting for the device around each of the towers' collectives stalled the
