@@ -58,10 +58,15 @@ def test_tower_halves_are_the_reference_rows(reference_state):
     assert torch.equal(t1["fc8.bias"], reference_state["fc8.bias"][500:])
 
 
-def test_shards_are_copies(reference_state):
-    t0 = shard_state_dict(reference_state, 0)
-    t0["conv1.weight"].zero_()
-    assert reference_state["conv1.weight"].abs().sum() > 0
+@pytest.mark.parametrize("placement", ["tower0", "split"])
+def test_shards_are_copies(reference_state, placement):
+    """Every tensor of either tower's shard is its own copy: writing to a shard (loading it, an
+    optimizer step on it) leaves the reference's state_dict exactly as it was, in both halves."""
+    reference = {k: v.clone() for k, v in reference_state.items()}  # the module's fixture left untouched
+    for rank in range(2):
+        for value in shard_state_dict(reference, rank, placement).values():
+            value.fill_(7.0)
+    assert all(torch.equal(v, reference_state[k]) for k, v in reference.items())
 
 
 def test_bad_arguments_are_refused(reference_state):
@@ -91,6 +96,7 @@ def test_bad_arguments_are_refused(reference_state):
         shard_state_dict(one_tower, 0)
     with pytest.raises(ValueError, match=r"^fc7.bias has 4095 rows, not the 4096 of the paper's two-tower net$"):
         shard_state_dict({"fc7.bias": torch.zeros(4095)}, 1)
+
 
 
 @pytest.mark.parametrize("sharded, told", [("split", "tower0"), ("tower0", "split")])
