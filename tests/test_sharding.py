@@ -141,6 +141,10 @@ def test_a_shard_names_its_tower_through_a_file_and_unsharding_refuses_halves_ou
         for told in ("tower0", "split"):
             with pytest.raises(ValueError, match=r"^neither state_dict holds FC8, which tower 0's always does"):
                 unshard_state_dicts([plain[1]] * 2, told)
+            # unnamed and swapped: FC8 whole on the one passed second tells the order, whatever the placement told
+            with pytest.raises(ValueError, match=r"^tower 1's state_dict holds FC8 and tower 0's does not: pass them "
+                                                 r"in tower order, tower 0's first$"):
+                unshard_state_dicts(plain[::-1], told)
 
 
 def test_save_reference_refuses_anything_but_the_single_device_net(tmp_path):
