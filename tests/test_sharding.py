@@ -98,6 +98,16 @@ def test_bad_arguments_are_refused(reference_state):
         shard_state_dict({"fc7.bias": torch.zeros(4095)}, 1)
 
 
+def test_split_fc8_of_an_odd_class_count_is_refused_not_cut_unevenly():
+    """FC8 of 7 classes split between the towers would be chunked into halves of 4 and 3 rows,
+    neither of which a tower (of 7 // 2 classes) holds: refused; whole on tower 0 it is fine."""
+    fc8 = {"fc8.weight": torch.zeros(7, 4096), "fc8.bias": torch.zeros(7)}
+    for rank in range(2):
+        with pytest.raises(ValueError, match=r"^fc8.weight has 7 rows, which do not split into two towers$"):
+            shard_state_dict(fc8, rank, "split")
+    assert shard_state_dict(fc8, 0, "tower0")["fc8.weight"].shape == (7, 4096)
+    assert shard_state_dict(fc8, 1, "tower0") == {}
+
 
 @pytest.mark.parametrize("sharded, told", [("split", "tower0"), ("tower0", "split")])
 def test_unsharding_with_another_placement_than_the_sharding_is_refused(reference_state, sharded, told):
