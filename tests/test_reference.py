@@ -85,6 +85,15 @@ def test_lrn_never_crosses_the_halves():
 
 
 
+@pytest.mark.parametrize("size", [3, 4, 5, 6])
+def test_lrn_window_of_any_size_is_torchs_with_alpha_times_size(size):
+    """The window of ``size`` maps, odd or even, lies where torch's lies (size // 2 maps before
+    channel i, (size - 1) // 2 after): only the alpha convention differs, by the factor size."""
+    a = torch.randn(2, 12, 3, 3, dtype=torch.float64) * 30
+    expected = F.local_response_norm(a, size, alpha=1e-4 * size, beta=0.75, k=2.0)
+    torch.testing.assert_close(LocalResponseNorm(size=size)(a), expected, rtol=1e-12, atol=0)
+
+
 def test_lrn_takes_keywords_only_where_torchs_takes_size_first():
     """torch.nn.LocalResponseNorm(5, ...) ported as it is would give 5 groups, and an alpha
     five times the intended one: refused, not run."""
