@@ -110,6 +110,19 @@ def test_allocate_refuses_a_model_that_holds_weights():
         allocate(model)
     assert torch.equal(model.conv1.weight, before)
 
+
+def test_allocate_keeps_which_parameters_are_frozen():
+    """A net built on the meta device with some layers frozen keeps them frozen through allocate,
+    and the rest trainable: the optimizer and the towers' backward (which stops where nothing
+    requires grad) see the net as it was built."""
+    from towers import allocate
+    with torch.device("meta"):
+        model = AlexNet(10)
+    model.conv1.requires_grad_(False)
+    model = allocate(model)
+    assert {name for name, p in model.named_parameters() if not p.requires_grad} == {"conv1.weight", "conv1.bias"}
+    assert all(not p.is_meta for p in model.parameters())
+
 def test_grouped_convolutions_see_only_their_half():
     model = build_reference(seed=0).eval()
     x = torch.randn(1, 96, 27, 27)
