@@ -522,6 +522,15 @@ UNLIKE = {
     "dtype": ({}, {"dtype": torch.float64}, "images' dtype (torch.float64 here)"),
     # other images, as where each rank draws its augmentation from its own stream
     "images": ({}, {"fill": 1.0}, "images (CRC-32 "),
+    # dropout of another p on one tower: the same function nowhere, and no collective to fail
+    "dropout": ({"dropout": 0.3}, {}, "dropout (0.3 here)"),
+    # one tower's weights in float64 (a .double() on one rank only): its conv1 refused its images alone
+    "weights": ({}, {"weights": torch.float64}, "weights' dtype (torch.float64 here)"),
+    # one tower under autocast: it sent bf16 to a gather of float32
+    "autocast": ({}, {"autocast": torch.bfloat16}, "autocast (torch.bfloat16 here)"),
+    # images that one tower's layers cannot take (the other's can): refused on both, not on one while
+    # the other waits in the check's collective
+    "image size": ({}, {"height": 196}, "image shape ((3, 196, 224) here)"),
 }
 # rank 1's differ in type only
 ALIKE = {"alike": ({}, {}), "alike, numpy's integer": ({"num_classes": np.int64(10)}, {})}
@@ -534,12 +543,15 @@ def _unlike_worker(rank):
         tower = Tower(None, **{"num_classes": 10, "dropout": 0.0, **built})
         if run.get("eval"):
             tower.eval()
+        tower.to(run.get("weights", torch.float32))
         for name in run.get("frozen", "conv1 conv2 conv3 conv4 conv5" if case == "frozen" else "").split():
             getattr(tower, name).requires_grad_(False)
-        images = torch.full((run.get("batch", 2), 3, 224, 224), run.get("fill", 0.0), dtype=run.get("dtype", torch.float32))
+        images = torch.full((run.get("batch", 2), 3, run.get("height", 224), 224), run.get("fill", 0.0),
+                            dtype=run.get("dtype", torch.float32))
         try:
             no_grad = run.get("no_grad") or case == "frozen, no gradients"
-            with torch.no_grad() if no_grad else contextlib.nullcontext():
+            compute = torch.autocast("cpu", dtype=run["autocast"]) if "autocast" in run else contextlib.nullcontext()
+            with torch.no_grad() if no_grad else contextlib.nullcontext(), compute:
                 said[case] = tuple(tower(images).shape)
         except ValueError as exc:
             said[case] = str(exc)
