@@ -572,6 +572,22 @@ def _frozen_unlike_but_joining_the_same_backward(rank):
     return done
 
 
+def _checks_of_the_peer(rank):
+    """Three training steps, the last on a batch of another size: how many times the tower checked its peer."""
+    tower = Tower(None, num_classes=10, dropout=0.0)
+    checked, settings = [], tower.settings
+    tower.settings = lambda x: checked.append(x.shape[0]) or settings(x)
+    for batch in (2, 2, 3):
+        F.cross_entropy(tower(torch.zeros(batch, 3, 224, 224)), torch.zeros(batch, dtype=torch.long)).backward()
+    return checked
+
+
+def test_the_towers_check_each_other_at_the_first_forward_only():
+    """The check of the peer (a CRC-32 of the images and an all-gather) runs once, at the first
+    forward, as documented: not again at every step of a run."""
+    assert run_ranks(_checks_of_the_peer, timeout_s=TIMEOUT_S) == [[2], [2]]
+
+
 def test_towers_frozen_unlike_where_their_backward_is_alike_run():
     assert run_ranks(_frozen_unlike_but_joining_the_same_backward, timeout_s=TIMEOUT_S) == [[True] * 4] * 2
 
