@@ -76,6 +76,10 @@ def test_bad_arguments_are_refused(reference_state):
         shard_state_dict(reference_state, 2)
     with pytest.raises(ValueError, match="expected 2"):
         unshard_state_dicts([shard_state_dict(reference_state, 0)])
+    # an unknown placement is refused by unsharding as by sharding (not read as FC8 whole on tower 0)
+    towers = [shard_state_dict(reference_state, rank) for rank in range(2)]
+    with pytest.raises(ValueError, match=r"^fc8_placement must be one of \('tower0', 'split'\), got 'gpu1'$"):
+        unshard_state_dicts(towers, "gpu1")
     for rank in (1.0, True, torch.tensor(True), "1", torch.tensor([0, 1])):
         with pytest.raises(ValueError, match=f"tower_rank must be an integer in range\\(2\\), got {re.escape(repr(rank))}$"):
             shard_state_dict(reference_state, rank)
