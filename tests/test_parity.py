@@ -373,7 +373,8 @@ def _library_worker(rank, fc8_placement):
         other_half = "loaded"
     except RuntimeError as exc:
         other_half = str(exc) if all(torch.equal(v, before[k]) for k, v in tower.state_dict().items()) else "copied"
-    tower.load_state_dict(shard_state_dict(reference.state_dict(), rank, fc8_placement))
+    # its own half unnamed (a plain dict, rebuilt key by key as a rank that receives it does): loaded as given
+    tower.load_state_dict(dict(shard_state_dict(reference.state_dict(), rank, fc8_placement)))
     saved = io.BytesIO()
     torch.save(tower.state_dict(), saved)  # the tower's own state_dict, through a file, names its half
     own_half = half_of(torch.load(io.BytesIO(saved.getvalue()), weights_only=True))
