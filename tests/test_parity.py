@@ -520,6 +520,9 @@ UNLIKE = {
     "frozen": ({}, {"frozen": "conv1 conv2 conv3 conv4 conv5 fc6 fc7"}, "backward stops at (fc8 here)"),
     # the same under no_grad on both, as torch's reentrant checkpointing runs the first forward
     "frozen, no gradients": ({}, {"frozen": "conv1 conv2 conv3 conv4 conv5 fc6 fc7"}, "backward stops at (fc8 here)"),
+    # FC8 split, trained on tower 0 alone (the layers before it frozen on both): tower 1 would skip FC8's backward
+    "frozen, FC8 split": ({}, {"frozen": "conv1 conv2 conv3 conv4 conv5 fc6 fc7 fc8"},
+                          "backward stops at (the logits here)"),
     "dtype": ({}, {"dtype": torch.float64}, "images' dtype (torch.float64 here)"),
     # other images, as where each rank draws its augmentation from its own stream
     "images": ({}, {"fill": 1.0}, "images (CRC-32 "),
@@ -541,11 +544,14 @@ def _unlike_worker(rank):
     said = {}
     for case, (built, run, *_) in {**UNLIKE, **ALIKE}.items():
         built, run = (built, run) if rank == 1 else ({}, {})
-        tower = Tower(None, **{"num_classes": 10, "dropout": 0.0, **built})
+        split = {"fc8_placement": "split"} if "FC8 split" in case else {}
+        tower = Tower(None, **{"num_classes": 10, "dropout": 0.0, **split, **built})
         if run.get("eval"):
             tower.eval()
         tower.to(run.get("weights", torch.float32))
-        for name in run.get("frozen", "conv1 conv2 conv3 conv4 conv5" if case == "frozen" else "").split():
+        frozen_on_0 = {"frozen": "conv1 conv2 conv3 conv4 conv5",
+                       "frozen, FC8 split": "conv1 conv2 conv3 conv4 conv5 fc6 fc7"}
+        for name in run.get("frozen", frozen_on_0.get(case, "")).split():
             getattr(tower, name).requires_grad_(False)
         images = torch.full((run.get("batch", 2), 3, run.get("height", 224), 224), run.get("fill", 0.0),
                             dtype=run.get("dtype", torch.float32))
