@@ -149,6 +149,16 @@ def test_paper_initialisation_from_a_seed():
     assert not any(torch.equal(x, y) for i, x in enumerate(firsts) for y in firsts[i + 1:])
 
 
+def test_conv1_is_the_first_float64_draw_of_the_seeds_stream():
+    """conv1's kernels are the first draws of the seeded stream, in float64 rounded to the weights'
+    dtype: the same seed gives the same net on any machine and in any version of this package
+    (a checkpoint's seed names its initial weights), not merely some net of the right spread."""
+    model = build_reference(seed=3)
+    g = torch.Generator().manual_seed(3)
+    first = torch.randn(model.conv1.weight.shape, generator=g, dtype=torch.float64).mul_(0.01)
+    assert torch.equal(model.conv1.weight, first.to(model.conv1.weight.dtype))
+
+
 def test_caffe_initialisation_differs_where_documented():
     model = build_reference(seed=0, init="caffe")
     assert abs(model.fc6.weight.std().item() - 0.005) < 0.005 * 0.05
