@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from towers import LocalResponseNorm, Tower
+from towers import AlexNet, LocalResponseNorm, Tower
 
 
 def test_a_tower_needs_a_group_of_two(group_of_one):
@@ -22,8 +22,11 @@ def test_split_fc8_needs_an_even_class_count(group_of_one):
 
 
 def test_a_tower_needs_two_classes_as_the_reference_does(group_of_one):
+    """Both nets refuse one class in the same words (the reference's FC8 of one neuron trained to nothing)."""
     with pytest.raises(ValueError, match="num_classes must be at least 2, got 1"):
         Tower(group_of_one, 1)
+    with pytest.raises(ValueError, match="^num_classes must be at least 2, got 1$"):
+        AlexNet(1)
 
 
 def test_lrn_refuses_channels_that_do_not_split_into_its_groups():
