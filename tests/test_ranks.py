@@ -540,9 +540,11 @@ if __name__ == "__main__":  # as the training program ends: its rank server stop
 
 
 @pytest.mark.slow
-def test_ctrl_c_twice_waits_for_the_ranks_to_stop(tmp_path):
+@pytest.mark.parametrize("then", ["ctrl-c", "sigterm"])
+def test_ctrl_c_twice_waits_for_the_ranks_to_stop(tmp_path, then):
     """The second Ctrl-C of an impatient user ended the launcher at once, and its ranks with it
-    in the middle of their stop (a checkpoint's save, left half-written)."""
+    in the middle of their stop (a checkpoint's save, left half-written). So would a SIGTERM to
+    the launcher alone after the Ctrl-C (a scheduler's, docker stop's)."""
     script = tmp_path / "script.py"
     script.write_text(_SLOW_TO_STOP)
     proc = subprocess.Popen([sys.executable, str(script), str(tmp_path)], cwd=tmp_path, start_new_session=True,
@@ -554,7 +556,10 @@ def test_ctrl_c_twice_waits_for_the_ranks_to_stop(tmp_path):
             time.sleep(0.05)
         os.killpg(proc.pid, signal.SIGINT)  # a terminal's Ctrl-C, twice
         time.sleep(0.1)
-        os.killpg(proc.pid, signal.SIGINT)
+        if then == "ctrl-c":
+            os.killpg(proc.pid, signal.SIGINT)
+        else:
+            os.kill(proc.pid, signal.SIGTERM)
         assert proc.wait(timeout=60) == 130
         assert all((tmp_path / f"stopped-{rank}").exists() for rank in (0, 1)), proc.stderr.read()
     finally:
