@@ -738,3 +738,17 @@ def test_a_program_ending_quickly_ends_as_sys_exit_would_less_the_teardown(how, 
         assert result.stdout.splitlines()[-1] == "exit handler ran"
     if closed != 2:
         assert result.stderr == ("a message\n" if how == "a message" else "")
+
+
+def test_a_process_whose_parent_died_before_it_asked_to_die_with_it_ends():
+    """die_with_parent for a parent already gone (ended before prctl took effect): the process ends
+    at once, with code 1, instead of living on with no one to end it. A parent that lives but is not
+    the process's own (as with a fork server's child) lets it go on."""
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # reaped: its pid names no process
+    code = ("import os, sys\nfrom launch.ranks import die_with_parent\ndie_with_parent(int(sys.argv[1]))\n"
+            "print('went on')\n")
+    for parent, returncode, out in ((gone.pid, 1, ""), (os.getpid(), 0, "went on\n")):
+        done = subprocess.run([sys.executable, "-c", code, str(parent)], cwd=ROOT, capture_output=True, text=True,
+                              timeout=120, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+        assert (done.returncode, done.stdout) == (returncode, out), (parent, done.stderr[-2000:])
