@@ -752,3 +752,20 @@ def test_a_process_whose_parent_died_before_it_asked_to_die_with_it_ends():
         done = subprocess.run([sys.executable, "-c", code, str(parent)], cwd=ROOT, capture_output=True, text=True,
                               timeout=120, env=dict(os.environ, PYTHONPATH=str(ROOT)))
         assert (done.returncode, done.stdout) == (returncode, out), (parent, done.stderr[-2000:])
+
+
+def _set_up_as(rank):
+    import multiprocessing
+    return (torch.get_num_threads(), os.environ.get("GLOO_SOCKET_IFNAME"), os.environ.get("NCCL_SOCKET_IFNAME"),
+            multiprocessing.get_start_method())
+
+
+@pytest.mark.slow
+def test_a_rank_takes_its_share_of_the_cores_the_loopback_interface_and_spawns_its_workers(monkeypatch):
+    """Each gloo rank computes on its share of the cores (not every core, two ranks fighting over
+    them); on a loopback address gloo and NCCL are pointed at lo (not the interface the host name
+    resolves to) unless the caller named one; and what a rank starts (DataLoader workers) is spawned."""
+    monkeypatch.delenv("GLOO_SOCKET_IFNAME", raising=False)
+    monkeypatch.setenv("NCCL_SOCKET_IFNAME", "eth9")  # the caller's choice, read by NCCL alone
+    expected = (cpu_threads_per_rank(2), "lo", "eth9", "spawn")
+    assert run_ranks(_set_up_as, timeout_s=60) == [expected, expected]
