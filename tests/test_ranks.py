@@ -769,3 +769,26 @@ def test_a_rank_takes_its_share_of_the_cores_the_loopback_interface_and_spawns_i
     monkeypatch.setenv("NCCL_SOCKET_IFNAME", "eth9")  # the caller's choice, read by NCCL alone
     expected = (cpu_threads_per_rank(2), "lo", "eth9", "spawn")
     assert run_ranks(_set_up_as, timeout_s=60) == [expected, expected]
+
+
+@pytest.mark.slow
+def test_a_rank_that_could_not_be_started_stops_those_that_were(monkeypatch):
+    """The rank server gone as rank 1 starts: rank 0, started already, is stopped, not left waiting
+    for its peer (its rendezvous waits up to the collective timeout), and rank 1 is named."""
+    started, start = [], multiprocessing.context.ForkServerProcess.start
+
+    def start_or_fail(self):
+        if started:
+            raise OSError("the server is gone")
+        start(self)
+        started.append(self)
+    monkeypatch.setattr(multiprocessing.context.ForkServerProcess, "start", start_or_fail)
+    try:
+        with pytest.raises(RankFailure, match=r"^rank 1 failed: could not be started: the rank server ended "
+                                              r"\(OSError\('the server is gone'\)\)$"):
+            run_ranks(_sleep, (0,), timeout_s=60)
+        assert len(started) == 1 and not started[0].is_alive()
+    finally:
+        for p in started:
+            p.kill()
+            p.join(10)
