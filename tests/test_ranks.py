@@ -792,3 +792,24 @@ def test_a_rank_that_could_not_be_started_stops_those_that_were(monkeypatch):
         for p in started:
             p.kill()
             p.join(10)
+
+
+def _ignore_sigterm_and_sleep():
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    time.sleep(120)
+
+
+def test_a_rank_that_ignores_sigterm_is_killed_when_the_ranks_are_stopped():
+    """launch.ranks._stop on a process that ignores SIGTERM (as a rank does once a SIGTERM stopped it)
+    ends it within seconds: it is killed, not waited for as long as it runs."""
+    process = multiprocessing.get_context("fork").Process(target=_ignore_sigterm_and_sleep)
+    process.start()
+    try:
+        time.sleep(0.5)  # its handler set
+        stopping = threading.Thread(target=ranks._stop, args=([process], 0.0), daemon=True)
+        stopping.start()
+        stopping.join(20)
+        assert not stopping.is_alive() and process.exitcode == -signal.SIGKILL
+    finally:
+        process.kill()
+        process.join(10)
