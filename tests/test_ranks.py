@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -813,3 +814,25 @@ def test_a_rank_that_ignores_sigterm_is_killed_when_the_ranks_are_stopped():
     finally:
         process.kill()
         process.join(10)
+
+
+def _fail(rank, message):
+    raise ValueError(message)
+
+
+@pytest.mark.slow
+def test_a_failed_run_does_not_keep_its_rendezvous_listening_while_its_error_is_held(monkeypatch):
+    """The store's listener closes as the run ends, not when the RankFailure (whose traceback holds
+    run_ranks's frame, and so the store) is dropped: pytest, a notebook or a retry loop keeps it."""
+    ports, store = [], dist.TCPStore
+
+    def store_of_port_told(*args, **kwargs):
+        made = store(*args, **kwargs)
+        ports.append(made.port)  # the number alone: the store itself is not held here
+        return made
+    monkeypatch.setattr(dist, "TCPStore", store_of_port_told)  # the launcher's; the ranks' are made elsewhere
+    with pytest.raises(RankFailure) as info:
+        run_ranks(_fail, ("a mistake",), timeout_s=60)
+    assert info.value.__traceback__ is not None and len(ports) == 1
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", ports[0]), timeout=10).close()
