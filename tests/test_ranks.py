@@ -836,3 +836,35 @@ def test_a_failed_run_does_not_keep_its_rendezvous_listening_while_its_error_is_
     assert info.value.__traceback__ is not None and len(ports) == 1
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", ports[0]), timeout=10).close()
+
+
+def _fail_or_return(rank, killed):
+    if rank == 1:
+        if killed:
+            os.kill(os.getpid(), signal.SIGKILL)  # as the out-of-memory killer ends it
+        raise ValueError("rank 1's own words")
+    if killed:
+        dist.barrier()  # fails as its peer is gone
+    return rank
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("killed", [False, True], ids=["raised", "killed"])
+def test_ranks_that_ended_before_their_messages_were_read_are_told_by_them(monkeypatch, killed):
+    """The launcher reads the queue only once every rank has ended: a rank whose message waits there
+    is told by it, not as 'exited ... without reporting an error'; a rank killed without a word is
+    named first, before the error its peer then met, whichever the launcher saw first."""
+    procs, get = [], multiprocessing.queues.Queue.get
+
+    def get_once_all_ended(self, *args, **kwargs):
+        deadline = time.monotonic() + 60
+        while procs and any(p.exitcode is None for p in procs) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return get(self, *args, **kwargs)
+    monkeypatch.setattr(multiprocessing.queues.Queue, "get", get_once_all_ended)
+    with pytest.raises(RankFailure) as info:
+        run_ranks(_fail_or_return, (killed,), timeout_s=60, on_start=procs.extend)
+    if killed:
+        assert info.value.first == 1 and str(info.value).startswith("rank 1 failed: killed by SIGKILL"), info.value
+    else:
+        assert info.value.failures == {1: "ValueError: rank 1's own words"}, info.value.failures
