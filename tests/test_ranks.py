@@ -868,3 +868,14 @@ def test_ranks_that_ended_before_their_messages_were_read_are_told_by_them(monke
         assert info.value.first == 1 and str(info.value).startswith("rank 1 failed: killed by SIGKILL"), info.value
     else:
         assert info.value.failures == {1: "ValueError: rank 1's own words"}, info.value.failures
+
+
+@pytest.mark.slow
+def test_the_launcher_does_not_wait_out_the_grace_once_every_rank_has_reported(monkeypatch):
+    """The grace the other ranks get to stop by themselves once one failed ends as soon as each
+    has answered: a run whose ranks all failed at once is told at once, not after the grace."""
+    monkeypatch.setattr(ranks, "_GRACE_S", 120.0)
+    started = time.monotonic()
+    with pytest.raises(RankFailure):
+        run_ranks(_same_mistake, timeout_s=30)  # the grace waited out: the run's time limit
+    assert time.monotonic() - started < 20
