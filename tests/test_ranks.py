@@ -879,3 +879,18 @@ def test_the_launcher_does_not_wait_out_the_grace_once_every_rank_has_reported(m
     with pytest.raises(RankFailure):
         run_ranks(_same_mistake, timeout_s=30)  # the grace waited out: the run's time limit
     assert time.monotonic() - started < 20
+
+
+def _rank_0_advises(rank):
+    time.sleep(0.5 * (1 - rank))  # rank 1 reports first
+    if rank == 0:
+        raise ValueError("the data moved: run again with --data at its new place")
+    raise ValueError(f"the data moved. {ranks.ADVICE_FROM_RANK0}")
+
+
+@pytest.mark.slow
+def test_an_error_that_rank_0_tells_with_advice_is_named_in_its_words():
+    """Rank 1's error, which says rank 0 tells what to do, reported first: the run names rank 0's."""
+    with pytest.raises(RankFailure) as info:
+        run_ranks(_rank_0_advises, timeout_s=60)
+    assert str(info.value).startswith("rank 0 failed: ValueError: the data moved: run again with --data"), info.value
