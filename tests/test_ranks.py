@@ -894,3 +894,22 @@ def test_an_error_that_rank_0_tells_with_advice_is_named_in_its_words():
     with pytest.raises(RankFailure) as info:
         run_ranks(_rank_0_advises, timeout_s=60)
     assert str(info.value).startswith("rank 0 failed: ValueError: the data moved: run again with --data"), info.value
+
+
+def test_the_rank_server_starts_early_unless_torchrun_started_the_ranks(monkeypatch):
+    """launch.rank_server.start_early: the server starts in a program's first lines (its imports
+    then overlap the program's), but not under torchrun (RANK set), which starts the ranks itself
+    (a server there would be a process per rank doing nothing), nor for --help; the limit on open
+    files is raised under torchrun too."""
+    calls = []
+    monkeypatch.setattr(rank_server, "start", lambda: calls.append("start"))
+    monkeypatch.setattr(rank_server, "room_for_open_files", lambda: calls.append("files"))
+    monkeypatch.delenv("RANK", raising=False)
+    rank_server.start_early(["prog", "--epochs", "1"])
+    assert calls == ["files", "start"]
+    calls.clear()
+    rank_server.start_early(["prog", "--he"])
+    assert calls == []
+    monkeypatch.setenv("RANK", "0")
+    rank_server.start_early(["prog"])
+    assert calls == ["files"]
