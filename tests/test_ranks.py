@@ -525,8 +525,7 @@ def rank_slow_to_stop(rank, folder):
     try:
         time.sleep(120)
     except KeyboardInterrupt:  # as a rank in a save: a second or two to leave it whole
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # it takes only the first, as the program's ranks do
-        time.sleep(1.5)
+        time.sleep(1.5)  # not cut short by the next Ctrl-C: a rank takes only the first (rank_server.as_rank)
         Path(folder, f"stopped-{rank}").touch()
         raise
 
