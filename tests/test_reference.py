@@ -84,7 +84,6 @@ def test_lrn_never_crosses_the_halves():
     assert (LocalResponseNorm(groups=1)(a) - halves).abs().max() > 1e-3
 
 
-
 @pytest.mark.parametrize("size", [3, 4, 5, 6])
 def test_lrn_window_of_any_size_is_torchs_with_alpha_times_size(size):
     """The window of ``size`` maps, odd or even, lies where torch's lies (size // 2 maps before
@@ -122,6 +121,7 @@ def test_allocate_keeps_which_parameters_are_frozen():
     model = allocate(model)
     assert {name for name, p in model.named_parameters() if not p.requires_grad} == {"conv1.weight", "conv1.bias"}
     assert all(not p.is_meta for p in model.parameters())
+
 
 def test_grouped_convolutions_see_only_their_half():
     model = build_reference(seed=0).eval()
