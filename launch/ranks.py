@@ -363,13 +363,26 @@ def _interrupts_ignored():
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    set_handlers({s: signal.SIG_IGN for s in previous})  # one pending now asked for the stop under way
     try:
         yield
     finally:
         for number, handler in previous.items():
             if handler is not None:  # None: not set from Python, and not to be set back from it
                 signal.signal(number, handler)
+
+
+def _stop_interrupted(procs, caller) -> None:
+    """The ranks stopped after an interrupt of the launcher, within a bound, whatever interrupts
+    come meanwhile: a second Ctrl-C would cut the ranks' stop short, in a save perhaps."""
+    with _interrupts_ignored():
+        if caller.interrupts:  # passed on (a rank takes only the first), so that the ranks stop now
+            for p in procs:
+                if p.exitcode is None:  # not one whose end the fork server (which reaps it) has reported
+                    with contextlib.suppress(OSError):
+                        os.kill(p.pid, signal.SIGINT)
+        _stop(procs, grace_s=_GRACE_S if caller.interrupts else 0.0)  # ranks that ignore it are ended
 
 
 def _stop(procs, grace_s: float) -> None:
@@ -518,13 +531,12 @@ def run_ranks(fn: Callable, args: Sequence = (), world_size: int = 2, backend: s
                 first = first if first is not None else min(failures)
                 break
     except KeyboardInterrupt:  # Ctrl-C, which the terminal sent the ranks too, or SIGTERM to this process
-        with _interrupts_ignored():  # a second Ctrl-C would cut the ranks' stop short, in a save perhaps
-            if caller.interrupts:  # passed on (a rank takes only the first), so that the ranks stop now
-                for p in procs:
-                    if p.exitcode is None:  # not one whose end the fork server (which reaps it) has reported
-                        with contextlib.suppress(OSError):
-                            os.kill(p.pid, signal.SIGINT)
-            _stop(procs, grace_s=_GRACE_S if caller.interrupts else 0.0)  # ranks that ignore it are ended
+        while True:
+            try:
+                _stop_interrupted(procs, caller)
+                break
+            except KeyboardInterrupt:  # a signal that came with the first (a SIGTERM beside a Ctrl-C): its
+                continue  # handler runs as the stop starts, which it asked for too
         raise
     except BaseException:
         _stop(procs, grace_s=0.0)

@@ -521,7 +521,7 @@ def test_a_script_can_run_ranks_of_a_function_it_defines(tmp_path):
 
 
 _SLOW_TO_STOP = """
-import os, signal, sys, time
+import os, signal, sys, threading, time
 from pathlib import Path
 from launch import rank_server
 from launch.cli import quick_exit
@@ -536,11 +536,23 @@ def rank_slow_to_stop(rank, folder):
         Path(folder, f"stopped-{rank}").touch()
         raise
 
+def at_once(procs):  # a Ctrl-C to the ranks, and to the launcher with a SIGTERM beside it (a scheduler's),
+    # both pending at once: handled by number, SIGINT's first, SIGTERM's at the next chance
+    while not all(Path(sys.argv[1], f"started-{rank}").exists() for rank in range(2)):
+        time.sleep(0.05)
+    for p in procs:
+        os.kill(p.pid, signal.SIGINT)
+    both, main = {signal.SIGINT, signal.SIGTERM}, threading.get_ident()
+    signal.pthread_sigmask(signal.SIG_BLOCK, both)
+    signal.pthread_kill(main, signal.SIGTERM)
+    signal.pthread_kill(main, signal.SIGINT)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, both)
+
 if __name__ == "__main__":  # as the training program ends: its rank server stopped, then at once
     signal.signal(signal.SIGINT, signal.default_int_handler)
     with quick_exit():
         try:
-            run_ranks(rank_slow_to_stop, (sys.argv[1],), timeout_s=120)
+            run_ranks(rank_slow_to_stop, (sys.argv[1],), timeout_s=120, on_start=at_once if sys.argv[2:] else None)
         except KeyboardInterrupt:
             sys.exit(130)
         finally:
@@ -549,25 +561,28 @@ if __name__ == "__main__":  # as the training program ends: its rank server stop
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("then", ["ctrl-c", "sigterm"])
+@pytest.mark.parametrize("then", ["ctrl-c", "sigterm", "sigterm at once"])
 def test_ctrl_c_twice_waits_for_the_ranks_to_stop(tmp_path, then):
     """The second Ctrl-C of an impatient user ended the launcher at once, and its ranks with it
     in the middle of their stop (a checkpoint's save, left half-written). So would a SIGTERM to
-    the launcher alone after the Ctrl-C (a scheduler's, docker stop's)."""
+    the launcher alone after the Ctrl-C (a scheduler's, docker stop's), also one that came with
+    the Ctrl-C, both pending at once: its handler ran as the stop began, and cut it short."""
     script = tmp_path / "script.py"
     script.write_text(_SLOW_TO_STOP)
-    proc = subprocess.Popen([sys.executable, str(script), str(tmp_path)], cwd=tmp_path, start_new_session=True,
-                            env=dict(os.environ, PYTHONPATH=str(ROOT)), stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, str(script), str(tmp_path), *(["at-once"] if "at once" in then else [])],
+                            cwd=tmp_path, start_new_session=True, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                            stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120
         while not all((tmp_path / f"started-{rank}").exists() for rank in (0, 1)):
             assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
             time.sleep(0.05)
-        os.killpg(proc.pid, signal.SIGINT)  # a terminal's Ctrl-C, twice
-        time.sleep(0.1)
+        if then != "sigterm at once":  # else sent by the launcher itself (at_once)
+            os.killpg(proc.pid, signal.SIGINT)  # a terminal's Ctrl-C, twice
+            time.sleep(0.1)
         if then == "ctrl-c":
             os.killpg(proc.pid, signal.SIGINT)
-        else:
+        elif then == "sigterm":
             os.kill(proc.pid, signal.SIGTERM)
         assert proc.wait(timeout=60) == 130
         assert all((tmp_path / f"stopped-{rank}").exists() for rank in (0, 1)), proc.stderr.read()
