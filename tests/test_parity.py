@@ -25,7 +25,7 @@ from launch.ranks import run_ranks
 from launch.step import paper_optimizer
 from towers import (Architecture, ExchangeLog, FC8_PLACEMENTS, Tower, build_reference, compile_blocks, init_weights,
                     shard_state_dict)
-from towers.exchange import gather_channels, gather_replicated, gather_to_first, sum_gradients
+from towers.exchange import broadcast_from_first, gather_channels, gather_replicated, gather_to_first, sum_gradients
 from towers.sharding import half_of
 
 from conftest import ROOT, reference_from_seed
@@ -493,14 +493,18 @@ def _assert_library_use(placement, ranks):
 def _second_derivatives_through_each_exchange(rank):
     """Per exchange, on its own: a second derivative of its output's squares, refused or computed."""
     group, log, said = dist.group.WORLD, ExchangeLog(), {}
-    for through in (gather_channels, gather_to_first, gather_replicated, sum_gradients):
+    exchanges = {through.__name__: through for through in (gather_channels, gather_to_first, gather_replicated,
+                                                            sum_gradients)}
+    # tower 0's N x K, tower 1's N x 0 placeholder
+    exchanges["broadcast_from_first"] = lambda x, *named: broadcast_from_first(x if rank == 0 else x[:, :0], 3, *named)
+    for name, through in exchanges.items():
         x = torch.arange(1.0, 7.0, dtype=torch.float64).view(2, 3).requires_grad_()
         (first,) = torch.autograd.grad(through(x, group, log, "x").square().sum(), x, create_graph=True)
         try:
             first.sum().backward()
-            said[through.__name__] = "computed"
+            said[name] = "computed"
         except RuntimeError as exc:
-            said[through.__name__] = "refused" if "marked with @once_differentiable" in str(exc) else str(exc)
+            said[name] = "refused" if "marked with @once_differentiable" in str(exc) else str(exc)
     return said
 
 
@@ -508,7 +512,8 @@ def test_each_exchange_refuses_a_second_derivative_through_it_on_its_own():
     """Every exchange's backward is once_differentiable by itself, not only where another exchange
     of the net lies on the same path: a second derivative through the images' all-reduce alone
     came out without the other tower's term, silently."""
-    refused = {name: "refused" for name in ("gather_channels", "gather_to_first", "gather_replicated", "sum_gradients")}
+    refused = {name: "refused" for name in ("gather_channels", "gather_to_first", "gather_replicated", "sum_gradients",
+                                            "broadcast_from_first")}
     assert run_ranks(_second_derivatives_through_each_exchange, timeout_s=TIMEOUT_S) == [refused, refused]
 
 

@@ -766,16 +766,21 @@ def test_a_program_ending_quickly_ends_as_sys_exit_would_less_the_teardown(how, 
 
 def test_a_process_whose_parent_died_before_it_asked_to_die_with_it_ends():
     """die_with_parent for a parent already gone (ended before prctl took effect): the process ends
-    at once, with code 1, instead of living on with no one to end it. A parent that lives but is not
-    the process's own (as with a fork server's child) lets it go on."""
+    at once, with code 1, instead of living on with no one to end it. Its own parent, or one that
+    lives but is not its own (as with a fork server's child: here a process beside it), lets it go on."""
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()  # reaped: its pid names no process
+    beside = subprocess.Popen(["sleep", "120"])
     code = ("import os, sys\nfrom launch.ranks import die_with_parent\ndie_with_parent(int(sys.argv[1]))\n"
             "print('went on')\n")
-    for parent, returncode, out in ((gone.pid, 1, ""), (os.getpid(), 0, "went on\n")):
-        done = subprocess.run([sys.executable, "-c", code, str(parent)], cwd=ROOT, capture_output=True, text=True,
-                              timeout=120, env=dict(os.environ, PYTHONPATH=str(ROOT)))
-        assert (done.returncode, done.stdout) == (returncode, out), (parent, done.stderr[-2000:])
+    try:
+        for parent, returncode, out in ((gone.pid, 1, ""), (os.getpid(), 0, "went on\n"), (beside.pid, 0, "went on\n")):
+            done = subprocess.run([sys.executable, "-c", code, str(parent)], cwd=ROOT, capture_output=True, text=True,
+                                  timeout=120, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+            assert (done.returncode, done.stdout) == (returncode, out), (parent, done.stderr[-2000:])
+    finally:
+        beside.kill()
+        beside.wait()
 
 
 def _set_up_as(rank):
@@ -818,18 +823,21 @@ def test_a_rank_that_could_not_be_started_stops_those_that_were(monkeypatch):
             p.join(10)
 
 
-def _ignore_sigterm_and_sleep():
+def _ignore_sigterm_and_sleep(ready):
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    ready.set()
     time.sleep(120)
 
 
 def test_a_rank_that_ignores_sigterm_is_killed_when_the_ranks_are_stopped():
     """launch.ranks._stop on a process that ignores SIGTERM (as a rank does once a SIGTERM stopped it)
     ends it within seconds: it is killed, not waited for as long as it runs."""
-    process = multiprocessing.get_context("fork").Process(target=_ignore_sigterm_and_sleep)
+    context = multiprocessing.get_context("spawn")
+    ready = context.Event()
+    process = context.Process(target=_ignore_sigterm_and_sleep, args=(ready,))
     process.start()
     try:
-        time.sleep(0.5)  # its handler set
+        assert ready.wait(60)  # its handler set
         stopping = threading.Thread(target=ranks._stop, args=([process], 0.0), daemon=True)
         stopping.start()
         stopping.join(20)
@@ -856,7 +864,7 @@ def test_a_failed_run_does_not_keep_its_rendezvous_listening_while_its_error_is_
     monkeypatch.setattr(dist, "TCPStore", store_of_port_told)  # the launcher's; the ranks' are made elsewhere
     with pytest.raises(RankFailure) as info:
         run_ranks(_fail, ("a mistake",), timeout_s=60)
-    assert info.value.__traceback__ is not None and len(ports) == 1
+    assert set(info.value.failures) == {0, 1} and len(ports) == 1  # info holds run_ranks's frame in its traceback
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", ports[0]), timeout=10).close()
 
@@ -874,8 +882,8 @@ def _fail_or_return(rank, killed):
 @pytest.mark.slow
 @pytest.mark.parametrize("killed", [False, True], ids=["raised", "killed"])
 def test_ranks_that_ended_before_their_messages_were_read_are_told_by_them(monkeypatch, killed):
-    """The launcher reads the queue only once every rank has ended: a rank whose message waits there
-    is told by it, not as 'exited ... without reporting an error'; a rank killed without a word is
+    """With the launcher made to read the queue only once every rank has ended: a rank whose message
+    waits there is told by it, not as 'exited ... without reporting an error'; a rank killed without a word is
     named first, before the error its peer then met, whichever the launcher saw first."""
     procs, get = [], multiprocessing.queues.Queue.get
 
@@ -898,24 +906,29 @@ def test_the_launcher_does_not_wait_out_the_grace_once_every_rank_has_reported(m
     """The grace the other ranks get to stop by themselves once one failed ends as soon as each
     has answered: a run whose ranks all failed at once is told at once, not after the grace."""
     monkeypatch.setattr(ranks, "_GRACE_S", 120.0)
-    started = time.monotonic()
+    started = []
     with pytest.raises(RankFailure):
-        run_ranks(_same_mistake, timeout_s=30)  # the grace waited out: the run's time limit
-    assert time.monotonic() - started < 20
+        run_ranks(_same_mistake, timeout_s=30, on_start=lambda procs: started.append(time.monotonic()))
+    assert time.monotonic() - started[0] < 20  # the grace waited out: the run's time limit, 30 s
 
 
-def _rank_0_advises(rank):
-    time.sleep(0.5 * (1 - rank))  # rank 1 reports first
-    if rank == 0:
-        raise ValueError("the data moved: run again with --data at its new place")
-    raise ValueError(f"the data moved. {ranks.ADVICE_FROM_RANK0}")
+def _rank_0_advises(rank, folder):
+    said = Path(folder, "rank 1 said")
+    if rank == 1:
+        said.touch()
+        raise ValueError(f"the data moved. {ranks.ADVICE_FROM_RANK0}")
+    deadline = time.monotonic() + 60
+    while not said.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)  # rank 1 reports first
+    raise ValueError("the data moved: run again with --data at its new place")
 
 
 @pytest.mark.slow
-def test_an_error_that_rank_0_tells_with_advice_is_named_in_its_words():
+def test_an_error_that_rank_0_tells_with_advice_is_named_in_its_words(tmp_path):
     """Rank 1's error, which says rank 0 tells what to do, reported first: the run names rank 0's."""
     with pytest.raises(RankFailure) as info:
-        run_ranks(_rank_0_advises, timeout_s=60)
+        run_ranks(_rank_0_advises, (str(tmp_path),), timeout_s=60)
     assert str(info.value).startswith("rank 0 failed: ValueError: the data moved: run again with --data"), info.value
 
 
