@@ -54,3 +54,14 @@ def test_a_resumed_run_keeps_its_place_in_the_schedule_at_a_new_rate(schedule):
     # --lr 0.001 on resume: the same number of divisions by 10, from the new rate
     assert base_rate(_config(schedule=schedule, lr=1e-3), progress) == pytest.approx(1e-5)
     assert not math.isclose(base_rate(_config(schedule=schedule, lr=1e-3), progress), progress.lr)
+
+
+def test_an_improvement_starts_the_count_of_epochs_without_one_again():
+    """--patience counts epochs without improvement in a row: a bad epoch, a better one, then a
+    bad one again is one bad epoch, not two, and the rate stays (the plateau rule divided it an
+    epoch early where an improvement kept the count)."""
+    config, progress = _config(), Progress(lr=0.01)
+    for epoch, error in enumerate([0.5, 0.6, 0.4, 0.45], start=1):
+        progress.epoch = epoch
+        end_of_epoch_schedule(config, progress, {"top1_error": error, "top5_error": 0.1})
+    assert (progress.lr, progress.reductions, progress.bad_epochs, progress.best_error) == (0.01, 0, 1, 0.4)
