@@ -111,6 +111,22 @@ def test_an_evaluation_of_part_of_the_set_spreads_over_it_and_counts_the_images_
     assert (result["images"], result["skipped"]) == (len(damaged.val) - 1, 1)
 
 
+def test_max_steps_counts_the_run_s_steps_in_a_later_epoch_and_a_resumed_one(mesh_of_one, small_bundle):
+    """--max-steps N stops at the run's step N, not at the epoch's batch N: in the second epoch
+    (3 steps an epoch, 3 taken before it) and from a resumed batch within it, and says the
+    epoch was not finished, so that its end is neither evaluated nor saved as an epoch's."""
+    batch = 6
+    for progress, steps in ((Progress(epoch=1, global_step=3, lr=0.01), 2),
+                            (Progress(epoch=1, batch=1, global_step=4, lr=0.01), 1)):
+        model = Recorder(len(small_bundle.classes))
+        config = TrainConfig(batch_size=batch, seed=3, epochs=3, lr=0.01, warmup_steps=0, log_every=100, max_steps=5)
+        started = progress.batch
+        finished = _train_one_epoch(model, paper_optimizer(model.parameters(), lr=0.01), small_bundle, config,
+                                    progress, mesh_of_one)
+        assert not finished and len(model.seen) == steps
+        assert (progress.global_step, progress.batch) == (5, started + steps)
+
+
 class _FixedLogits(torch.nn.Module):
     """Gives the next rows of ``logits`` whatever the images (as many rows as it is given
     images), and keeps how many it was given at each forward pass."""
