@@ -127,6 +127,19 @@ def test_max_steps_counts_the_run_s_steps_in_a_later_epoch_and_a_resumed_one(mes
         assert (progress.global_step, progress.batch) == (5, started + steps)
 
 
+def test_checkpoints_come_every_n_steps_of_the_run_in_a_later_epoch(mesh_of_one, small_bundle, monkeypatch):
+    """--checkpoint-every N saves at the run's steps N, 2N, ..., not at the epoch's batches: in the
+    second epoch (3 steps an epoch) at step 4 of the run; the epoch's end (step 6) is left to the caller."""
+    saved = []
+    monkeypatch.setattr(train, "save_now", lambda run_dir, model, optimizer, progress, *rest:
+                        saved.append((progress.global_step, progress.batch)))
+    model = Recorder(len(small_bundle.classes))
+    config = TrainConfig(batch_size=6, seed=3, epochs=3, lr=0.01, warmup_steps=0, log_every=100, checkpoint_every=2)
+    assert _train_one_epoch(model, paper_optimizer(model.parameters(), lr=0.01), small_bundle, config,
+                            Progress(epoch=1, global_step=3, lr=0.01), mesh_of_one)
+    assert saved == [(4, 1)]
+
+
 class _FixedLogits(torch.nn.Module):
     """Gives the next rows of ``logits`` whatever the images (as many rows as it is given
     images), and keeps how many it was given at each forward pass."""
