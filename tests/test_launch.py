@@ -408,6 +408,18 @@ def test_both_ranks_train_on_identical_batches_delivered_in_a_quarter_of_the_byt
     assert ranks[0][1] == ranks[1][1] == 8 + 4 * 3 * 224 * 224 + 4 * 8
 
 
+def test_a_milestone_divides_the_rate_of_the_epochs_after_it_from_their_first_step(tiny_data, tmp_path):
+    """--schedule fixed --lr-milestones 1: the second epoch trains at a tenth of --lr from its
+    first step (the run's 8th, of 7-step epochs), as the first epoch's evaluation says it will;
+    a milestone counted against the epoch just ended would leave the second at the full rate."""
+    launch("--data", tiny_data, "--out", tmp_path, "--run-name", "run", "--layout", "single", "--epochs", "2",
+           "--max-steps", "8", "--schedule", "fixed", "--lr-milestones", "1", "--warmup-steps", "0",
+           "--val-limit", "4", *NO_DROPOUT)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in records if r["event"] == "train"] == pytest.approx([1e-3] * 7 + [1e-4])
+    assert [(r["epoch"], r["next_lr"]) for r in records if r["event"] == "eval"] == [(1, pytest.approx(1e-4))]
+
+
 def _first_batch_worker(rank):
     """Two replicas of one rank each: whether each takes a step on its first batch, and what
     it found stopped, where a replica's second batch, then its first, cannot be loaded."""
