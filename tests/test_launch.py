@@ -188,6 +188,10 @@ def test_torchrun_environment_is_honoured(tiny_data, tmp_path, world_size):
         assert f"{f'[rank {rank}] ' if rank else ''}warning: the temporary folder {long} is too long" in err, err
     payload = load_checkpoint(tmp_path / "tr")
     assert payload["progress"]["global_step"] == 2 and len(payload["rng"]) == world_size
+    # each rank its own dropout masks: the same tower of two replicas too (a replica's draws a copy of another's
+    # would drop the same units of the k-th image of each share), after the same two steps of the same draws
+    states = [payload["rng"][f"rank{r}"]["cpu"] for r in range(world_size)]
+    assert not any(torch.equal(a, b) for i, a in enumerate(states) for b in states[i + 1:])
     assert payload["config"]["epochs"] == 29  # 7 steps of 4 an epoch: 29 epochs make 200 steps
     summary = json.loads((tmp_path / "tr" / "summary.json").read_text())
     assert summary["replicas"] == world_size // 2
