@@ -5,6 +5,7 @@ progress a checkpoint keeps for the schedule."""
 
 import dataclasses
 import json
+import logging
 import shutil
 
 import pytest
@@ -74,10 +75,11 @@ def test_each_step_trains_at_the_schedule_s_rate(mesh_of_one, small_bundle):
     assert finished and rates == pytest.approx([0.001, 0.002, 0.003])
 
 
-def test_step_lines_follow_the_run_s_steps_in_a_later_epoch(mesh_of_one, small_bundle, tmp_path):
+def test_step_lines_follow_the_run_s_steps_in_a_later_epoch(mesh_of_one, small_bundle, tmp_path, caplog):
     """--log-every counts the run's steps, not the epoch's batches: the metrics.jsonl records that
     the ablations and benchmarks read (written with the step lines) come every N steps after an
-    epoch or a resume too, and at the epoch's end."""
+    epoch or a resume too, and at the epoch's end. The lines themselves count the epoch's batches."""
+    caplog.set_level(logging.INFO, logger=train.log.name)
     batch = 6  # 3 steps an epoch: the second epoch's are the run's steps 4 to 6, of 9
     model = Recorder(len(small_bundle.classes))
     config = TrainConfig(batch_size=batch, seed=3, epochs=3, lr=0.01, warmup_steps=0, log_every=4)
@@ -85,6 +87,8 @@ def test_step_lines_follow_the_run_s_steps_in_a_later_epoch(mesh_of_one, small_b
                      Progress(epoch=1, global_step=3, lr=0.01), mesh_of_one, Metrics(tmp_path / "metrics.jsonl"))
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [(r["epoch"], r["step"]) for r in records if r["event"] == "train"] == [(2, 4), (2, 6)]
+    lines = [r.getMessage() for r in caplog.records if r.name == train.log.name and " loss " in r.getMessage()]
+    assert [line.split(" loss ")[0] for line in lines] == ["epoch 2/3 step 1/3", "epoch 2/3 step 3/3"], lines
 
 
 def test_an_evaluation_of_part_of_the_set_spreads_over_it_and_counts_the_images_left_out(mesh_of_one, small_bundle,
