@@ -187,6 +187,30 @@ def test_evaluation_counts_top1_and_top5_hits_and_averages_the_ten_views_probabi
     assert n == 10 and model.sizes == [20] * 5  # each pass: a quarter of the batch of 8, ten views each
 
 
+class _Modes(Recorder):
+    """A Recorder that keeps whether it was in training mode at each forward pass."""
+
+    def __init__(self, num_classes: int):
+        super().__init__(num_classes)
+        self.modes = []
+
+    def forward(self, images):
+        self.modes.append(self.training)
+        return super().forward(images)
+
+
+def test_an_evaluation_runs_the_net_in_inference_mode_and_hands_back_the_mode_it_found(mesh_of_one, small_bundle):
+    """Section 4.2: at test time dropout keeps every neuron (torch's eval mode), so that an evaluation
+    is the net's and not a random draw of masks; the evaluation between epochs gives the training
+    its mode back."""
+    for training in (True, False):
+        model = _Modes(len(small_bundle.classes)).train(training)
+        with data.Loader(small_bundle) as loader:
+            for ten_crop in (False, True):
+                train.evaluate(model, loader, plan_of(small_bundle, 4), 4, CPU, mesh_of_one, ten_crop=ten_crop)
+        assert model.modes and not any(model.modes) and model.training == training
+
+
 class _MeanColour(torch.nn.Module):
     """Logits from each image's mean colour through one linear layer; keeps the type of each pass's logits."""
 
