@@ -444,8 +444,7 @@ def projection(runs: dict, config: BenchConfig, analytic: dict) -> dict:
     single = runs.get(RunKey("single", config.batch, "fp32", "contiguous"))
     towers = runs.get(RunKey("towers", config.batch, "fp32", "contiguous"))
     ddp = runs.get(RunKey("ddp", config.batch, "fp32", "contiguous"))
-    # ddp's two ranks take half the batch each: an odd batch has no such half (and no ddp run)
-    half = runs.get(RunKey("single", config.batch // 2, "fp32", "contiguous")) if config.batch % 2 == 0 else None
+    half = runs.get(RunKey("single", config.batch // 2, "fp32", "contiguous"))
     if single is None:
         return {"skipped": "the single mode was not measured at the main batch, so there is no compute time to project from"}
     macs = analytic["macs_per_image"]
@@ -465,6 +464,9 @@ def projection(runs: dict, config: BenchConfig, analytic: dict) -> dict:
         # Like for like: two ranks sharing the devices as the towers' two did, not one process alone.
         ddp_compute_ms = max(ddp["compute_ms"])
         ddp_source = "measured: ddp's compute (its steps without the all-reduce), slower rank"
+    elif config.batch % 2:  # ddp's two ranks take half the batch each: an odd batch has no half (and no ddp run)
+        ddp_compute_ms, ddp_source = None, (f"not projected: the batch, {config.batch}, is odd, which two "
+                                            f"data-parallel ranks cannot split")
     elif half is not None:  # one process at half the batch, on single's device (as the towers' estimate is)
         ddp_compute_ms, ddp_source = half["step_ms"]["median"], f"measured: single at batch {half['batch']}"
         if towers_measured:
@@ -473,9 +475,7 @@ def projection(runs: dict, config: BenchConfig, analytic: dict) -> dict:
         own = f"ddp was not run at batch {config.batch}" if ddp is None else (
             "ddp's own compute counts only where the towers' was measured on single's kind of device, with ddp's "
             "ranks on the same devices as the towers', neither sharing one GPU")
-        ddp_compute_ms, ddp_source = None, (
-            f"not projected: the batch, {config.batch}, is odd, which two data-parallel ranks cannot split"
-            if config.batch % 2 else f"not projected: single was not run at batch {config.batch // 2}, and {own}")
+        ddp_compute_ms, ddp_source = None, f"not projected: single was not run at batch {config.batch // 2}, and {own}"
     tower_bytes = max(sum(t.values()) for t in analytic["towers_sent_elements_per_image"]) * config.batch * 4
     ddp_bytes = analytic["ddp_bytes_per_rank"]
     ddp_calls = ddp["buckets_per_step"][0] if ddp else analytic["ddp_buckets"]

@@ -402,17 +402,14 @@ def test_a_killed_rank_of_another_replica_ends_the_run_naming_it(tiny_data, tmp_
     assert not run.leftovers(), f"processes left behind: {run.leftovers()}"
 
 
-def _replica_of_one_rank_worker(rank, root, metrics_dir):
-    """One of two replicas of one rank each (the towers apart, a replica's share as it is
-    given out): trains an epoch of a Recorder and evaluates it, as train_one_epoch and evaluate
-    do in the program. Its training images, its evaluation's images, metrics and result."""
-    mesh = build_mesh(1, timeout_s=60)
-    bundle = data.open_data(root, cache_dir=root.parent / "cache")
+def _an_epoch_and_its_evaluation(bundle, mesh, metrics, replicated: bool):
+    """An epoch of a Recorder trained and evaluated, as train_one_epoch and evaluate do in the
+    program (through DDP over the replicas where ``replicated``): its training images, its
+    evaluation's images, its step records, the evaluation and the weights it ends with."""
     config = TrainConfig(batch_size=4, seed=5, epochs=2, lr=0.5, warmup_steps=0, log_every=1)
     model = Recorder(len(bundle.classes))
-    trainer = DistributedDataParallel(model, process_group=mesh.replica_group)
+    trainer = DistributedDataParallel(model, process_group=mesh.replica_group) if replicated else model
     optimizer = paper_optimizer(model.parameters(), lr=config.lr, weight_decay=0.0)
-    metrics = metrics_dir / f"rank{rank}.jsonl"
     with data.Loader(bundle) as loader:
         train.train_one_epoch(model, optimizer, loader, plan_of(bundle, 4), config, Progress(epoch=1, lr=config.lr),
                               torch.device("cpu"), mesh, None, Metrics(metrics), ProgressBar(False),
@@ -420,6 +417,13 @@ def _replica_of_one_rank_worker(rank, root, metrics_dir):
         trained, model.seen = model.seen, []
         result = train.evaluate(model, loader, plan_of(bundle, 4), 4, torch.device("cpu"), mesh)
     return trained, model.seen, _train_records(metrics), result, model.bias.detach()
+
+
+def _replica_of_one_rank_worker(rank, root, metrics_dir):
+    """One of two replicas of one rank each (the towers apart, a replica's share as it is given out)."""
+    bundle = data.open_data(root, cache_dir=root.parent / "cache")
+    return _an_epoch_and_its_evaluation(bundle, build_mesh(1, timeout_s=60), metrics_dir / f"rank{rank}.jsonl",
+                                        replicated=True)
 
 
 def _train_records(metrics) -> list:
@@ -436,27 +440,19 @@ def test_two_replicas_train_and_evaluate_the_images_of_one_and_log_its_numbers(s
     averaged gradients take the single run's steps."""
     one_mesh = Mesh(replicas=1, towers=1, replica=0, tower=0, tower_group=group_of_one, replica_group=None)
     by_rank = run_ranks(_replica_of_one_rank_worker, (small_bundle.root, tmp_path), world_size=2, timeout_s=TIMEOUT_S)
-    config = TrainConfig(batch_size=4, seed=5, epochs=2, lr=0.5, warmup_steps=0, log_every=1)
-    model = Recorder(len(small_bundle.classes))
-    optimizer = paper_optimizer(model.parameters(), lr=config.lr, weight_decay=0.0)
-    with data.Loader(small_bundle) as loader:
-        train.train_one_epoch(model, optimizer, loader, plan_of(small_bundle, 4), config,
-                              Progress(epoch=1, lr=config.lr), torch.device("cpu"), one_mesh, None,
-                              Metrics(tmp_path / "one.jsonl"), ProgressBar(False), train.InputBytes(), model)
-        trained, model.seen = model.seen, []
-        result = train.evaluate(model, loader, plan_of(small_bundle, 4), 4, torch.device("cpu"), one_mesh)
+    trained, seen, records, result, bias = _an_epoch_and_its_evaluation(small_bundle, one_mesh, tmp_path / "one.jsonl",
+                                                                        replicated=False)
     assert len(trained) == 5
     for step, whole in enumerate(trained):
         assert torch.equal(torch.cat([r[0][step] for r in by_rank]), whole), step
-    evaluated = torch.cat(model.seen)
+    evaluated = torch.cat(seen)
     assert len(evaluated) == 10
     for replica, r in enumerate(by_rank):  # every second image, from the replica's own
         assert torch.equal(torch.cat(r[1]), evaluated[replica::2]), replica
-    records = _train_records(tmp_path / "one.jsonl")
     assert len(records) == 5 and any(r["top1"] > 0 for r in records)  # some hits: the top-1 is compared
     for r in by_rank:
         assert [rec["step"] for rec in r[2]] == [rec["step"] for rec in records]
         for mine, single in zip(r[2], records):
             assert mine == pytest.approx(single, rel=1e-5), mine["step"]
         assert r[3] == result
-        torch.testing.assert_close(r[4], model.bias.detach(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(r[4], bias, rtol=1e-5, atol=1e-6)
