@@ -3,8 +3,10 @@ progress bar on a terminal, metrics.jsonl, and peak memory."""
 
 import contextlib
 import json
+import logging
 import os
 import resource
+import shutil
 import stat
 import sys
 import time
@@ -65,27 +67,67 @@ def duration(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
+CLEAR_LINE = "\r\033[K"  # back to the line's start, and erase it
+
+
+def takes_escape_codes(stream) -> bool:
+    """Whether ``stream`` is a terminal that takes escape codes: not TERM=dumb (an editor's shell)."""
+    return stream.isatty() and os.environ.get("TERM") != "dumb"
+
+
+def terminal_columns() -> int:
+    """The width of standard error's terminal, in characters, as it is now (a window resized
+    since counts); else $COLUMNS, or 80."""
+    try:
+        columns = os.get_terminal_size(sys.stderr.fileno()).columns
+    except (AttributeError, ValueError, OSError):  # no terminal's descriptor (io.UnsupportedOperation too)
+        columns = 0
+    return columns or shutil.get_terminal_size().columns
+
+
+class _ConsoleFormatter(logging.Formatter):
+    def __init__(self, fmt: str, erase: bool):
+        super().__init__(fmt)
+        self.erase = erase
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        return CLEAR_LINE + line if self.erase else line
+
+
+def console_handler(fmt: str = "%(message)s") -> logging.Handler:
+    """The handler of a program's lines on standard error. On a terminal each line first
+    erases the one it is written on: there, rank 0's progress bar, drawn without a line
+    break, is replaced by any line that comes (a skipped image, another rank's warning, the
+    launcher's error), not run into by it."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_ConsoleFormatter(fmt, erase=takes_escape_codes(sys.stderr)))
+    return handler
+
+
 class ProgressBar:
     """A one-line bar on a terminal (rank 0 only); nothing when stderr is not a terminal, or
     is one that takes no escape codes (TERM=dumb: an editor's shell), where the step lines
-    alone say how far the run is."""
+    alone say how far the run is. The line is cut to the terminal's width: one that wrapped
+    left a row behind at each step, as the bar is redrawn on its last row alone."""
 
     def __init__(self, enabled: bool):
-        self.enabled = enabled and sys.stderr.isatty() and os.environ.get("TERM") != "dumb"
+        self.enabled = enabled and takes_escape_codes(sys.stderr)
         self.shown = False
 
     def show(self, done: int, total: int, text: str) -> None:
         if not self.enabled:
             return
         width = 24
-        filled = int(width * done / max(1, total))
-        sys.stderr.write(f"\r\033[K[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {text}")
+        filled = min(width, int(width * done / max(1, total)))
+        line = f"[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {text}"
+        sys.stderr.write(CLEAR_LINE + line[:max(0, terminal_columns() - 1)])  # some terminals wrap at the last column
         sys.stderr.flush()
         self.shown = True
 
     def clear(self) -> None:
         if self.shown:
-            sys.stderr.write("\r\033[K")
+            sys.stderr.write(CLEAR_LINE)
             sys.stderr.flush()
             self.shown = False
 
@@ -167,24 +209,25 @@ class Metrics:
         A summary.json of a later step, the copy of a summary record dropped, is removed."""
         if self.path is None:
             return
-        ended = summary_steps(self.path.parent)  # summary.json, a copy of the last summary record: gone with it
-        if ended is not None and ended > step:
-            self.path.with_name("summary.json").unlink(missing_ok=True)
-        if not self.path.exists():
-            self.write(event="resume", step=step, **record)
-            return
+        with writing_in_run_folder(self.path.parent):  # the run's own: not another's, in its place since
+            ended = summary_steps(self.path.parent)  # summary.json, a copy of the last summary record: gone with it
+            if ended is not None and ended > step:
+                self.path.with_name("summary.json").unlink(missing_ok=True)
+            if not self.path.exists():
+                self.write(event="resume", step=step, **record)
+                return
 
-        def kept(line: bytes) -> bool:
-            try:
-                value = json.loads(line.decode("utf-8"))
-            except JSON_DAMAGE:  # a damaged line
-                return False
-            at = value.get("step", value.get("steps")) if isinstance(value, dict) else None
-            return type(at) is not int or at <= step
+            def kept(line: bytes) -> bool:
+                try:
+                    value = json.loads(line.decode("utf-8"))
+                except JSON_DAMAGE:  # a damaged line
+                    return False
+                at = value.get("step", value.get("steps")) if isinstance(value, dict) else None
+                return type(at) is not int or at <= step
 
-        lines = [line.decode("utf-8") + "\n" for line in self.path.read_bytes().splitlines() if kept(line)]
-        lines.append(json.dumps({"time": time.time(), "event": "resume", "step": step, **record}) + "\n")
-        write_whole(self.path, lambda partial: partial.write_text("".join(lines)))
+            lines = [line.decode("utf-8") + "\n" for line in self.path.read_bytes().splitlines() if kept(line)]
+            lines.append(json.dumps({"time": time.time(), "event": "resume", "step": step, **record}) + "\n")
+            write_whole(self.path, lambda partial: partial.write_text("".join(lines)))
 
     def write(self, **record) -> None:
         if self.path is not None:

@@ -18,7 +18,6 @@ import json
 import logging
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +40,8 @@ from .cli import home_path, shell_word, usable_cores, write_whole
 from .config import TrainConfig, update_config_json
 from .mesh import Mesh, build_mesh, coordinates, loading_ranks, machine_ranks
 from .ranks import ADVICE_FROM_RANK0, PREPARATION_WAIT_S, Placement, error_line, patient_group
-from .meter import Metrics, ProgressBar, RunFolderGone, StepMeter, duration, peak_memory, writing_in_run_folder
+from .meter import (Metrics, ProgressBar, RunFolderGone, StepMeter, console_handler, duration, peak_memory,
+                    writing_in_run_folder)
 from .schedule import Progress, base_rate, end_of_epoch_schedule, learning_rate
 from .step import AUTOCAST, paper_optimizer, train_step
 
@@ -470,9 +470,7 @@ def setup_logging(rank: int, run_dir: Optional[Path]) -> None:
     root = logging.getLogger()
     root.handlers.clear()
     root.setLevel(logging.INFO if rank == 0 else logging.WARNING)
-    console = logging.StreamHandler(sys.stderr)
-    console.setFormatter(logging.Formatter("%(message)s" if rank == 0 else f"[rank {rank}] %(message)s"))
-    root.addHandler(console)
+    root.addHandler(console_handler("%(message)s" if rank == 0 else f"[rank {rank}] %(message)s"))
     if run_dir is not None:
         root.addHandler(log_file(run_dir / "train.log"))
 

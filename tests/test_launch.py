@@ -9,6 +9,7 @@ import dataclasses
 import errno
 import io
 import json
+import logging
 import math
 import os
 import re
@@ -140,6 +141,27 @@ def test_the_progress_bar_is_drawn_only_where_the_terminal_takes_escape_codes(mo
                                      "\r\033[K[##......................] 1/10 loss 6.907\r\033[K")
 
 
+def test_the_progress_bar_fits_the_terminal_and_the_lines_logged_meanwhile_replace_it(monkeypatch):
+    """A bar wider than the terminal wrapped, and each redraw, on its last row, left a row
+    behind; a warning logged while the bar was shown (a skipped image, another rank's) went on
+    the bar's line, after it. On a pipe the lines are as logged."""
+    from launch.meter import ProgressBar, console_handler
+    monkeypatch.setenv("TERM", "xterm")
+    monkeypatch.setenv("COLUMNS", "40")  # the fake terminal has no descriptor to ask
+    monkeypatch.setattr(sys, "stderr", _Terminal())
+    bar, log = ProgressBar(enabled=True), logging.getLogger("test_progress_bar")
+    log.propagate = False
+    monkeypatch.setattr(log, "handlers", [console_handler("[rank 1] %(message)s")])
+    bar.show(12, 10, "epoch 1/1 step 12/10 loss 2.3026 top-1 10.0%")  # past its total: the bar full, no more
+    log.warning("skipped image a.jpg")
+    assert sys.stderr.getvalue() == ("\r\033[K[########################] 12/10 epoch "  # 39 characters
+                                     "\r\033[K[rank 1] skipped image a.jpg\n")
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    monkeypatch.setattr(log, "handlers", [console_handler()])
+    log.warning("skipped image a.jpg")
+    assert sys.stderr.getvalue() == "skipped image a.jpg\n"
+
+
 def test_default_workers_feed_a_gpu_and_leave_the_cpu_to_compute(monkeypatch):
     monkeypatch.setattr(train, "usable_cores", lambda: 16)
     assert default_workers(on_gpu=True, ranks_here=2, loaders_here=1) == 14  # two towers on one GPU
@@ -152,6 +174,7 @@ def test_default_workers_feed_a_gpu_and_leave_the_cpu_to_compute(monkeypatch):
     assert default_workers(on_gpu=True, ranks_here=2, loaders_here=1) == 1
     assert default_workers(on_gpu=False, ranks_here=2, loaders_here=1) == 0
     assert 1 <= train.usable_cores() <= os.cpu_count()
+
 
 def _free_port():
     with socket.socket() as s:
