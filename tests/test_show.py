@@ -23,7 +23,7 @@ from launch import cli, show
 from launch.cli import pyplot
 from launch.checkpoint import checkpoint_payload, save_checkpoint
 from launch.data import open_data
-from launch.meter import Metrics
+from launch.meter import Metrics, RunFolderGone
 from towers import Architecture
 
 from conftest import ROOT, RUN_TIMEOUT_S, reference_from_seed, skip_without_namespaces, terminate_when_ready
@@ -384,6 +384,24 @@ def test_a_resumed_run_drops_the_records_it_redoes(tmp_path):
     assert [{k: v for k, v in json.loads(line).items() if k != "time"} for line in
             (tmp_path / "none.jsonl").read_text().splitlines()] == [{"event": "resume", "step": 30,
                                                                       "checkpoint": "/x/step.pt"}]
+
+
+def test_a_resume_leaves_the_records_of_a_run_that_took_its_folder_s_place_as_they_are(tmp_path):
+    """The run folder replaced between the run's start and its resume of metrics.jsonl (moved
+    away, another run's made there): the resume stops, as a write of a record does, and the
+    other run's metrics.jsonl and summary.json stay whole."""
+    folder = tmp_path / "run"
+    folder.mkdir()
+    metrics = Metrics(folder / "metrics.jsonl")
+    folder.rename(tmp_path / "moved")
+    folder.mkdir()
+    others = json.dumps(train_record(90, 1.0)) + "\n"
+    (folder / "metrics.jsonl").write_text(others)
+    (folder / "summary.json").write_text(json.dumps({"event": "summary", "steps": 90, "centre": {}}))
+    with pytest.raises(RunFolderGone):
+        metrics.resume_at(30, epoch=2, checkpoint="run/checkpoint.pt")
+    assert (folder / "metrics.jsonl").read_text() == others
+    assert json.loads((folder / "summary.json").read_text())["steps"] == 90
 
 
 # --------------------------------------------------------------------------- the pictures
