@@ -65,21 +65,25 @@ def skip_reason(path: Union[str, Path], error: Exception) -> str:
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
-    """Any PIL mode to 8-bit RGB. Transparency is composited on mid-grey; 16-bit
-    greyscale (modes I;16* and I, as PNG, TIFF and PGM open) is scaled 65535 -> 255 (a
-    TIFF's 2^bits - 1, where it holds fewer bits) rather than clipped, which is what PIL's
-    own convert would do. Floating-point greyscale (mode F, as TIFF opens) is scaled 1 -> 255
-    when every value lies in 0-1, the usual range of float images, and taken as 0-255
-    otherwise (PIL would clip 0-1 to black)."""
+    """Any PIL mode to 8-bit RGB. Transparency is composited on mid-grey (a 16-bit PNG's
+    transparent grey too); 16-bit greyscale (modes I;16* and I, as PNG, TIFF and PGM open)
+    is scaled 65535 -> 255 (a TIFF's 2^bits - 1, where it holds fewer bits) rather than
+    clipped, which is what PIL's own convert would do. Floating-point greyscale (mode F, as
+    TIFF opens) is scaled 1 -> 255 when every value lies in 0-1, the usual range of float
+    images, and taken as 0-255 otherwise (PIL would clip 0-1 to black)."""
     if image.mode == "RGB" and "transparency" not in image.info:
         return image
     if image.mode.startswith("I;16") or image.mode in ("I", "F"):
         grey = np.nan_to_num(np.asarray(image, dtype=np.float64))
+        key = image.info.get("transparency")  # a PNG's transparent grey (tRNS), as stored
+        keyed = grey == key if type(key) is int else None
         if image.mode != "F":  # a TIFF of 10, 12 or 14 bits opens as 16, its values as stored: 2^bits - 1 is white
             bits = tuple(image.tag_v2.get(258, ())) if image.format == "TIFF" else ()
             grey *= 255.0 / (2.0 ** bits[0] - 1 if bits and 8 < bits[0] < 16 else 65535.0)
         elif grey.size and 0 <= grey.min() and grey.max() <= 1:
             grey *= 255.0
+        if keyed is not None:
+            grey[keyed] = TRANSPARENT_BACKGROUND[0]
         image = Image.fromarray(np.clip(np.rint(grey), 0, 255).astype(np.uint8), mode="L")
         return image.convert("RGB")
     if image.mode in ("RGBA", "RGBa", "LA", "La", "PA") or image.has_transparency_data:
@@ -130,8 +134,11 @@ def _check_limits(path: Union[str, Path], width: int, height: int) -> None:
         raise ImageRejected(f"{path}: too large: {width} x {height} pixels, above the limit of "
                             f"{Image.MAX_IMAGE_PIXELS} pixels (PIL.Image.MAX_IMAGE_PIXELS): shrink it or leave it out")
     if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
-        raise ImageRejected(f"{path}: aspect ratio {max(width, height) / min(width, height):.1f}:1 ({width} x {height} "
-                            f"pixels) above {MAX_ASPECT_RATIO}:1 (MAX_ASPECT_RATIO): crop it or leave it out")
+        ratio, places = max(width, height) / min(width, height), 1
+        while round(ratio, places) <= MAX_ASPECT_RATIO and places < 6:  # 4001 x 200: 20.005, not 20.0, above 20
+            places += 1
+        raise ImageRejected(f"{path}: aspect ratio {ratio:.{places}f}:1 ({width} x {height} pixels) above "
+                            f"{MAX_ASPECT_RATIO}:1 (MAX_ASPECT_RATIO): crop it or leave it out")
 
 
 def _open(path: Union[str, Path]) -> Image.Image:

@@ -351,17 +351,21 @@ def test_every_mode_becomes_256_rgb(tmp_path):
 
 def test_a_transparent_colour_of_a_palette_or_an_rgb_image_shows_the_background(tmp_path):
     """Transparency without an alpha channel: a GIF's transparent palette entry, a PNG's colour key
-    (tRNS). Converted as they are, the hidden pixels showed the colour stored under them."""
+    (tRNS), of RGB or of 16-bit grey. Converted as they are, the hidden pixels showed the colour
+    stored under them."""
     palette = Image.new("P", (300, 260), 1)
     palette.putpalette([200, 10, 10, 10, 200, 10] + [0] * 762)
     palette.paste(0, (0, 0, 150, 260))  # the left half in entry 0, which is transparent
     keyed = Image.new("RGB", (300, 260), (10, 200, 10))
     keyed.paste((200, 10, 10), (0, 0, 150, 260))  # the left half in the keyed colour
-    for path in (_save(tmp_path / "palette.gif", palette, transparency=0),
-                 _save(tmp_path / "keyed.png", keyed, transparency=(200, 10, 10))):
+    grey = np.full((260, 300), 200 * 257, dtype=np.uint16)
+    grey[:, :150] = 7 * 257  # the left half in the keyed grey
+    for path, shown in ((_save(tmp_path / "palette.gif", palette, transparency=0), (10, 200, 10)),
+                        (_save(tmp_path / "keyed.png", keyed, transparency=(200, 10, 10)), (10, 200, 10)),
+                        (_save(tmp_path / "deep.png", Image.fromarray(grey), transparency=7 * 257), (200,) * 3)):
         pixels = images.load_image(path)  # 300 x 260 -> 295 x 256, the central 256 columns from 19 on
         assert (pixels[:, :100] == images.TRANSPARENT_BACKGROUND).all(), path.name
-        assert (pixels[:, -100:] == (10, 200, 10)).all(), path.name
+        assert (pixels[:, -100:] == shown).all(), path.name
 
 
 def test_integer_greyscale_of_other_depths_is_refused_or_scaled_not_made_black(tmp_path):
@@ -551,6 +555,8 @@ def test_thin_image_is_refused_and_resizing_it_costs_the_output_only(tmp_path):
     assert (images.load_image(at_the_limit) == 9).all()
     with pytest.raises(images.ImageRejected, match=r"aspect ratio 20\.1:1 \(402 x 20 pixels\) above 20:1"):
         images.load_image(_save(tmp_path / "beyond.png", Image.new("RGB", (402, 20), (9, 9, 9))))
+    with pytest.raises(images.ImageRejected, match=r"aspect ratio 20\.005:1 \(200 x 4001 pixels\) above 20:1"):
+        images.load_image(_save(tmp_path / "just.png", Image.new("RGB", (200, 4001), (9, 9, 9))))  # not 20.0:1
     done = subprocess.run([sys.executable, "-c", _THIN_RESIZE], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and done.stdout.strip() == "(256, 256)", done.stderr
 
