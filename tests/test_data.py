@@ -1542,6 +1542,13 @@ def test_prepare_reads_only_what_a_record_can_be(tmp_path, capsys, caplog):
     caplog.clear()
     assert prepare.main([str(src), str(dst), "--workers", "1"]) == 0
     assert "0 to convert, 6 already in" in caplog.text and not abandoned.exists()
+    # two lines edited by hand, the last word on their images: a time made text, a field left out; made again
+    first, second = (json.loads(line) for line in (dst / prepare.RECORD_NAME).read_text().splitlines()[:2])
+    with open(dst / prepare.RECORD_NAME, "a") as record:
+        record.write(f"{json.dumps([*first[:3], str(first[3]), *first[4:]])}\n{json.dumps(second[:-1])}\n")
+    caplog.clear()
+    assert prepare.main([str(src), str(dst), "--workers", "1"]) == 0
+    assert "2 to convert, 4 already in" in caplog.text
 
     # killed after its first image, before its first line: the empty record says this version's DST
     fresh = tmp_path / "fresh"
