@@ -84,7 +84,8 @@ def _is_imagenet(classes) -> bool:
 
 def compute_stats(train: "ImageFolderSplit", sample: int = STATS_SAMPLE, use_imagenet_pca: bool = False) -> DataStats:
     """Mean base image and RGB PCA from ``sample`` training images spread evenly over the
-    (class-sorted) list, so that every class contributes. Unreadable and refused files
+    (class-sorted) list, so that each class contributes in proportion to its images (one
+    that holds less than a ``sample``-th of them may contribute none). Unreadable and refused files
     (see ``load_image``) are skipped."""
     picks = np.unique(np.linspace(0, len(train) - 1, min(sample, len(train))).round().astype(np.int64))
     # numpy, in float64: sums of uint8 values stay exact here (< 2^53), and torch's
