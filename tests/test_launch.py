@@ -577,3 +577,22 @@ def test_a_duration_reads_as_a_clock():
     from launch.meter import duration
     assert [duration(s) for s in (-1, 0, 59, 61, 3599, 3600, 3661, 90061, 5 * 24 * 3600 + 59 * 60)] == [
         "0m00s", "0m00s", "0m59s", "1m01s", "59m59s", "1h00m", "1h01m", "25h01m", "120h59m"]
+
+
+def test_the_step_line_s_rates_are_of_its_window_of_steps_and_leave_out_what_came_between_them(monkeypatch):
+    """StepMeter: ms/step, images/s, loss and top-1 over the last ``window`` steps, each step's
+    time from the end of the one before (restart_clock: the step line's printing, a checkpoint,
+    an evaluation left out); ``seconds`` the time of every step."""
+    from launch import meter as meter_module
+    clock = [100.0]
+    monkeypatch.setattr(meter_module.time, "perf_counter", lambda: clock[0])
+    meter = meter_module.StepMeter(window=3)
+    for seconds, loss, correct in ((1.0, 4.0, 0), (2.0, 3.0, 8), (3.0, 2.0, 16), (4.0, 1.0, 32)):
+        clock[0] += seconds
+        meter.update(loss, correct, 32)
+        clock[0] += 50  # a checkpoint saved after the step
+        meter.restart_clock()
+    assert meter.ms_per_step == pytest.approx(3000)  # steps 2-4: 9 s in 3 steps
+    assert meter.images_per_s == pytest.approx(96 / 9)
+    assert (meter.loss, meter.top1) == (pytest.approx(2.0), pytest.approx(56 / 96))
+    assert meter.seconds == pytest.approx(10)
