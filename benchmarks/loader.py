@@ -1,7 +1,7 @@
 """The data path alone: how many training images per second the loader hands out, by
 number of DataLoader worker processes, and what the device-side augmentation costs.
 
-The loader is the one training uses (``launch.data.train_batches``): decode the JPEG,
+The loader is the one training uses (``launch.data.Loader``): decode the JPEG,
 bring it to the 256 base image, cut the 224 crop, collate uint8 batches. The rest of
 section 4.1 (mean, reflection, colour shift) runs on the rank's device
 (``launch.data.augment``) and is timed there on its own. Default data: the built-in
@@ -34,18 +34,28 @@ def _stopped(deadline) -> bool:
 
 
 def _images_per_s(bundle, batch: int, batches: int, workers: int, deadline=None) -> dict:
-    """The loader's rate over ``batches`` timed batches after a warm-up one; past the
-    ``deadline`` no further batch is timed (one always is), and ``batches`` says how many were."""
+    """The loader's rate over ``batches`` timed batches of epoch 0 (with more than ``workers``
+    worker processes, the most that gives each worker as many), taken as training takes them:
+    from one Loader, whose workers have each made a batch of epoch 1 (a warm-up) and wait.
+    The clock starts as the timed batches are asked for and stops as the last arrives: every
+    decode it times began within it. (Started at the batch after a warm-up one, it counted the
+    batches that the other workers made alongside the warm-up as made in no time: with 2
+    workers over 5 batches, up to 25 % too fast.) Past the ``deadline`` no further batch is timed
+    (one always is), and ``batches`` says how many were."""
     total = data_module.batches_per_epoch(bundle, batch)
-    planned = min(batches, total - 1)  # one more is the warm-up (workers starting, first decode)
-    iterator = iter(data_module.train_batches(bundle, batch, seed=0, epoch=0, workers=workers))
-    next(iterator)
-    started, timed = time.perf_counter(), 0
-    while timed < planned and not (timed and _stopped(deadline)):
-        next(iterator)
-        timed += 1
-    seconds = time.perf_counter() - started
-    del iterator  # stops the workers
+    planned = min(batches, total)
+    if 0 < workers < planned:
+        planned -= planned % workers  # each worker makes as many: none waits at the end while the clock runs
+    with data_module.Loader(bundle, workers) as loader:
+        warm_up = min(total, max(1, workers))  # one each, then nothing left asked for
+        for _ in loader.train(batch, seed=0, epoch=1, start_batch=total - warm_up):
+            pass
+        started, timed = time.perf_counter(), 0
+        for _ in loader.train(batch, seed=0, epoch=0):
+            timed += 1
+            if timed == planned or _stopped(deadline):
+                break
+        seconds = time.perf_counter() - started
     return {"workers": workers, "batches": timed, "planned_batches": planned, "batch": batch, "seconds": seconds,
             "images_per_s": timed * batch / seconds}
 
@@ -95,7 +105,7 @@ def decoding_worker(rank: int, batches: list, device: str, end: float) -> dict:
 
 
 def decoding(bundle, batch: int, batches: int, device: torch.device, deadline=None) -> dict:
-    """``decoding_worker``'s figures over the batches ``_images_per_s`` times, in a process of
+    """``decoding_worker``'s figures over the loader's first batches of epoch 0, in a process of
     its own (the GPU's decoder is native code: a fault or a hang of it costs none of the
     benchmark's figures), or why it was not measured: the --time-limit reached, or its failure."""
     if _stopped(deadline):

@@ -504,9 +504,10 @@ def loader_lines(results) -> list:
     if cut:
         counts = ", ".join(f"{w['batches']} of {w['planned_batches']} with {w['workers']} workers" for w in cut)
         timed += f" ({counts}: {loader['not_measured_reason'].removeprefix('not measured: ')} while they were timed)"
-    lines = [f"The training loader alone (`launch.data.train_batches`: decode, base image, 224 crop, uint8 batch "
+    lines = [f"The training loader alone (`launch.data.Loader`: decode, base image, 224 crop, uint8 batch "
              f"of {batch}) on {loader['data']} ({loader['train_images']} training images), by DataLoader worker "
-             f"processes; one warm-up batch, then {timed}.", "",
+             f"processes; a warm-up batch for each worker, then {timed} (as many for each worker), timed from "
+             f"when they are asked for.", "",
              "| workers | images/s | ms per batch |", "|---|---|---|"]
     measured = [(w["workers"], f"| {w['workers']} | {w['images_per_s']:.1f} | {1000 * w['seconds'] / w['batches']:.1f} |")
                 for w in loader["by_workers"]]

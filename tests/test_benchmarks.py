@@ -350,14 +350,36 @@ def test_the_loader_stops_timing_batches_at_the_deadline(tiny_data, workers):
             self.calls += 1
             return 1.0 if self.calls <= 2 else -1.0
 
-    bundle = run.open_loader_data(str(tiny_data), 2)  # 30 training images: a warm-up batch and up to 14 timed
+    bundle = run.open_loader_data(str(tiny_data), 2)  # 30 training images: up to 15 batches timed
     loader = run.measure_loader(workers, 2, 100_000, "cpu", bundle, Near(10))
     measured = loader["by_workers"][0]
-    assert measured["workers"] == 0 and 1 <= measured["batches"] < 14 and measured["planned_batches"] == 14
+    assert measured["workers"] == 0 and 1 <= measured["batches"] < 15 and measured["planned_batches"] == 15
     assert len(loader["by_workers"]) == 1 and loader["not_measured_workers"] == list(workers[1:])
     lines = report.loader_lines({"loader": loader, "runs": [], "config": {"batch": 2}})
-    assert (f"one warm-up batch, then {measured['batches']} timed ({measured['batches']} of 14 with 0 workers: the "
-            f"benchmark's --time-limit of 10 s was reached while they were timed).") in lines[0]
+    assert (f"a warm-up batch for each worker, then {measured['batches']} timed ({measured['batches']} of 15 with 0 "
+            f"workers: the benchmark's --time-limit of 10 s was reached while they were timed) (as many for each "
+            f"worker), timed from when they are asked for.") in lines[0]
+
+
+def test_the_loader_s_rate_is_that_of_its_workers_kept_busy(tiny_data, monkeypatch):
+    """Each image made to take 50 ms more (a sleep, which no other process on a busy CPU makes
+    shorter): 2 workers make at most 40 images/s, and the benchmark says no more than that.
+    Timed from the batch after a warm-up one, over 5 batches of 2, it said 42 to 47 on a busy
+    2-core CPU (50 at most): the batch that the second worker made alongside the warm-up
+    counted as made in no time."""
+    from benchmarks import loader as loader_module
+    load = data_module.ImageFolderSplit.load
+
+    def slow(split, index, substitute=True):
+        time.sleep(0.05)
+        return load(split, index, substitute)
+
+    monkeypatch.setattr(data_module.ImageFolderSplit, "load", slow)  # in the workers too: they are forked
+    bundle = run.open_loader_data(str(tiny_data), 2)
+    for count, most in ((2, 40), (0, 20)):
+        rate = loader_module._images_per_s(bundle, 2, 5, count)
+        assert (rate["batches"], rate["planned_batches"]) == ((4, 4) if count else (5, 5))  # 2 each, for 2 workers
+        assert 0.25 * most < rate["images_per_s"] <= 1.02 * most, rate  # the clock's and the sleep's grain
 
 
 @pytest.mark.slow
