@@ -1289,7 +1289,8 @@ def test_prepare_finds_the_images_that_a_link_in_dst_adds_and_removes_the_partia
     """An image that a folder link in DST's class folder adds is one that no image of SRC
     becomes, which the training program would read: refused, as one in a real folder is, and
     counted once however many links reach it. A link to another class's folder of DST adds
-    none (the training program skips what it reaches); a link from val/ to a training image
+    none (the training program skips what it reaches), nor does a link to a planned image
+    beside it; a link from val/ to a training image
     adds one to val/ (refused before any image is converted). The hidden partial image of a
     worker that was killed is removed from DST's own folders, where it can be; one of a
     process that lives is not, nor a file of that name reached through a link that DST's
@@ -1303,7 +1304,7 @@ def test_prepare_finds_the_images_that_a_link_in_dst_adds_and_removes_the_partia
     elsewhere.mkdir()
     (dst / "train" / "b" / "notes").symlink_to(elsewhere)
     ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    dead, alive = train_a / f".0.jpg.partial-{int(ended.stdout)}", train_a / f".1.jpg.partial-{os.getppid()}"
+    dead, alive = train_a / f".0.jpg.partial-{int(ended.stdout)}", train_a / f".0.jpg.partial-{os.getppid()}"
     not_ours = elsewhere / f".0.jpg.partial-{int(ended.stdout)}"
     no_image_s = train_a / f".notes.partial-{int(ended.stdout)}"  # a partial file of no image planned: not ours
     for partial in (dead, alive, not_ours, no_image_s):
@@ -1314,6 +1315,10 @@ def test_prepare_finds_the_images_that_a_link_in_dst_adds_and_removes_the_partia
     assert dead.exists()
     assert prepare.main([str(src), str(dst), "--workers", "1"]) == 0
     assert not dead.exists() and alive.exists() and not_ours.exists() and no_image_s.exists()
+    # a link in a class folder to an image planned there, met first by the walk, is that image: none added
+    (train_a / "0-alias.jpg").symlink_to(train_a / "0.jpg")
+    assert prepare.main([str(src), str(dst), "--workers", "1"]) == 0
+    (train_a / "0-alias.jpg").unlink()
     # a DST folder that cannot be read: named, with that fix, not the fix of one that cannot be written
     unreadable, real_scandir = dst / "train" / "b", os.scandir
     with monkeypatch.context() as m:
