@@ -1624,9 +1624,17 @@ def test_prepare_refuses_an_empty_src_or_dst(tmp_path, monkeypatch, capsys):
 
 
 def test_prepare_refuses_a_dst_whose_train_or_val_is_in_src(tmp_path, capsys):
-    """A train/ or val/ of DST that is a link into SRC: the images would be written into SRC."""
+    """A train/ or val/ of DST that is a link into SRC: the images would be written into SRC.
+    DST in SRC itself, or SRC, is refused as an option, before SRC is read."""
     src = _simple_tree(tmp_path / "raw", train=1, val=1)
     files = sorted(src.rglob("*"))
+    for inside in (src / "prepared", src):
+        with pytest.raises(SystemExit) as ended:
+            prepare.main([str(src), str(inside), "--workers", "1"])
+        assert ended.value.code == 2
+        assert capsys.readouterr().err == (f"error: DST {inside} must lie outside SRC {src} (see python -m "
+                                           f"launch.prepare --help)\n")
+    assert sorted(src.rglob("*")) == files
     for split, into in (("train", src / "train"), ("val", src / "val" / "a")):
         dst = tmp_path / f"linked-{split}"
         dst.mkdir()
