@@ -12,6 +12,7 @@ would share the GPU with the training step.
 """
 
 import math
+import statistics
 import time
 from pathlib import Path
 from typing import Optional
@@ -144,8 +145,7 @@ def _augment_ms(bundle, batch: int, device: torch.device, repeats: int = 5, dead
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - started)
-    timed = sorted(times[1:])
-    return 1000 * timed[len(timed) // 2]
+    return 1000 * statistics.median(times[1:])
 
 
 def open_loader_data(data: Optional[str], batch: int) -> data_module.DataBundle:

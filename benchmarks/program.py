@@ -1,8 +1,9 @@
 """The training program as a user runs it, against the synthetic step of the same layout.
 
 ``python -m launch.two_gpu`` trains on real JPEGs (the built-in set unless ``--loader-data``)
-at the main table's batch, fp32, with checkpoints only at the end: the loader, the
-input hand-over and the device-side augmentation are all in its steps. Its rate is
+at the main table's batch, fp32, with no checkpoint within an epoch (each epoch's end, and
+the last step, evaluate and save, between the steps timed): the loader, the input hand-over
+and the device-side augmentation are all in its steps. Its rate is
 taken from ``metrics.jsonl`` (``--log-every 1``), where each step records ``step_ms``,
 its own time including the wait for its batch (``input_ms``); the first steps of the run are its
 warm-up and are left out. From that rate follows how long the paper's 90 epochs of
@@ -12,6 +13,7 @@ ImageNet's training set would take.
 import functools
 import json
 import os
+import shlex
 import signal
 import statistics
 import subprocess
@@ -106,7 +108,7 @@ def measure_program(modes: tuple, batch: int, steps: int, warmup: int, devices: 
         with temporary_folder("alexnet-program-") as folder:
             command = program_command(PROGRAM_LAYOUTS[mode], batch, warmup + steps, devices[mode], data, workers,
                                       fc8_placement)
-            entry = {"mode": mode, "batch": batch, "command": " ".join(command[1:])}
+            entry = {"mode": mode, "batch": batch, "command": shlex.join(command[1:])}  # a --data of any name
             if deadline is not None:
                 timeout_s = deadline.timeout(timeout_s)
                 if timeout_s <= 0:

@@ -147,7 +147,7 @@ def _save(tensors: dict, path: str, reference: dict, folder: str) -> None:
     except (OSError, RuntimeError) as exc:  # torch's writer does not say why a write failed
         size = 2 * sum(t.numel() * t.element_size() for t in reference.values())
         cause = exc.strerror if isinstance(exc, OSError) and exc.strerror else "the write failed"
-        raise WeightsNotWritten(f"cannot write the reference's weights and its towers' shards ({size / 2**20:.0f} MB) "
+        raise WeightsNotWritten(f"cannot write the reference's weights and its towers' shards ({size / 1e6:.0f} MB) "
                                 f"in the temporary folder {folder} ({cause}): free space on that disk, or set TMPDIR "
                                 f"to a folder with room") from None
 

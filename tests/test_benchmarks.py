@@ -11,6 +11,7 @@ import math
 import os
 import re
 from pathlib import Path
+import shlex
 import shutil
 import signal
 import statistics
@@ -677,14 +678,16 @@ def test_json_nested_beyond_python_s_stack_is_one_line(tmp_path, capsys):
 
 def test_a_full_disk_under_the_weights_every_run_loads_is_one_line(tmp_path):
     """The reference's weights, hundreds of MB in the temporary folder: where they do not fit,
-    the benchmark ends with one line (exit 2) naming the folder and the fix."""
+    the benchmark ends with one line (exit 2) naming the folder and the fix, and their size:
+    the reference's 60,965,224 float32 weights and as many in its shards, in MB of 10^6 bytes,
+    as the reports count them (MiB were said to be MB)."""
     bench = _quick_bench(tmp_path)
     folder = tmp_path / "weights"
     folder.mkdir()
     (folder / "reference.pt").symlink_to("/dev/full")  # every write to it fails, as on a full disk
     with pytest.raises(ValueError) as refused:
         bench.draw_weights(str(folder))
-    assert re.fullmatch(rf"cannot write the reference's weights and its towers' shards \(\d+ MB\) in the temporary "
+    assert re.fullmatch(rf"cannot write the reference's weights and its towers' shards \(488 MB\) in the temporary "
                         rf"folder {re.escape(str(folder))} \(the write failed\): free space on that disk, or set TMPDIR "
                         rf"to a folder with room", str(refused.value)), refused.value
 
@@ -1899,6 +1902,33 @@ def test_the_steady_rate_leaves_out_the_warm_up():
     with pytest.raises(ValueError, match="no training step after the 5 warm-up steps"):
         program.steady_rate(records, batch=4, warmup=5)
     assert program.paper_training_hours(1_281_167 * 90 / 3600) == pytest.approx(1.0)
+
+
+def test_a_program_run_s_command_is_one_to_paste_into_a_shell(monkeypatch):
+    """The command of a program run, which the report prints to be run again: a --data whose
+    name holds a space is quoted (it was joined as two words), and read back as one."""
+    monkeypatch.setattr(program, "run_child", lambda argv, timeout_s, **popen: subprocess.CompletedProcess(
+        argv, 2, "", "error: not run here\n"))
+    refused, = program.measure_program(("towers",), 2, 5, 2, {"towers": "cpu"}, "/data/my images", None, "split", 60)
+    assert refused["failed"] == "exit 2: error: not run here"
+    words = shlex.split(refused["command"])
+    assert words[0] == "launch.two_gpu" and words[words.index("--data") + 1] == "/data/my images"
+    results = {"config": {"fc8_placement": "split"}}
+    assert report._program_differs(results, refused) is None
+    results["config"]["fc8_placement"] = "tower0"
+    assert report._program_differs(results, refused) == ("the program ran with FC8 split, the synthetic towers with "
+                                                         "FC8 tower0")
+
+
+def test_the_augmentation_s_time_is_the_median_of_its_timed_repeats(monkeypatch):
+    """Cut to an even number of repeats by the --time-limit, the median is halfway between the
+    middle two (it was the upper one)."""
+    from types import SimpleNamespace
+    from benchmarks import loader as loader_module
+    ticks = iter([0.0, 5.0, 10.0, 11.0, 20.0, 23.0])  # the warm-up's 5 s, then repeats of 1 s and 3 s
+    monkeypatch.setattr(loader_module.time, "perf_counter", lambda: next(ticks))
+    monkeypatch.setattr(data_module, "augment", lambda crops, choices, stats: crops)
+    assert loader_module._augment_ms(SimpleNamespace(stats=None), 2, torch.device("cpu"), repeats=2) == 2000.0
 
 
 def test_a_program_run_that_ends_within_the_warm_up_is_recorded_as_failed(monkeypatch):
