@@ -453,7 +453,7 @@ def test_the_loader_section_names_the_workers_that_keep_up_with_the_towers_or_no
     by_workers = [{"workers": w, "batch": 16, "batches": 4, "images_per_s": rate, "seconds": 64 / rate}
                   for w, rate in ((0, 40.0), (2, 90.0), (4, 150.0))]
     loader = {"data": "DATA", "train_images": 100, "by_workers": by_workers, "device": "cpu",
-              "augment_ms_per_batch": 3.0, "input_bytes_per_image": 150529, "float32_bytes_per_image": 602116}
+              "augment_ms_per_batch": 3.0, "input_bytes_per_image": 150536, "float32_bytes_per_image": 602120}
 
     def said(towers_rate):
         towers = {"mode": "towers", "batch": 16, "precision": "fp32", "memory_format": "contiguous",
@@ -510,7 +510,7 @@ def test_the_loader_table_gives_the_milliseconds_of_a_batch_of_each_number_of_wo
     by_workers = [{"workers": 0, "batch": 16, "batches": 4, "images_per_s": 128.0, "seconds": 0.5},
                   {"workers": 2, "batch": 16, "batches": 5, "images_per_s": 320.0, "seconds": 0.25}]
     loader = {"data": "DATA", "train_images": 100, "by_workers": by_workers, "device": "cpu",
-              "augment_ms_per_batch": 3.0, "input_bytes_per_image": 150529, "float32_bytes_per_image": 602116}
+              "augment_ms_per_batch": 3.0, "input_bytes_per_image": 150536, "float32_bytes_per_image": 602120}
     lines = report.loader_lines({"loader": loader, "runs": [], "config": {"batch": 16}})
     # 500 ms over 4 batches; 250 ms over 5
     assert [line for line in lines if line.startswith("| ") and line[2].isdigit()] == ["| 0 | 128.0 | 125.0 |",
