@@ -137,6 +137,24 @@ def test_a_resume_writes_its_recipe_and_how_it_goes_on_into_config_json(tmp_path
         "out": "runs", "run_name": "a", "max_steps": 3, "workers": 2}
 
 
+def test_a_config_json_that_is_not_an_object_or_cannot_be_written_is_handled(tmp_path, caplog):
+    """A config.json damaged into JSON that is no object (a list) is written anew with the
+    resumed run's options; one that cannot be written (a folder in its place) is warned of,
+    and the resume goes on: the checkpoint holds the options all the same."""
+    (tmp_path / "config.json").write_text("[1, 2]\n")
+    update_config_json(tmp_path, TrainConfig(lr=0.001))
+    written = json.loads((tmp_path / "config.json").read_text())
+    assert written["lr"] == 0.001 and written["layout"] == "towers"
+    assert "max_steps" not in written  # how this start ran is not the run's to keep
+    blocked = tmp_path / "blocked"
+    (blocked / "config.json").mkdir(parents=True)
+    with caplog.at_level(logging.WARNING):
+        update_config_json(blocked, TrainConfig(lr=0.001))
+    assert f"warning: could not update {blocked / 'config.json'} (" in caplog.text
+    assert "it holds the options of an earlier start of the run" in caplog.text
+    assert [p.name for p in blocked.iterdir()] == ["config.json"]  # no partial file left beside it
+
+
 def test_milestones_the_run_never_reaches_are_warned_of_and_an_epoch_named_twice_is_refused():
     at = PAPER_RECIPE_MIN_IMAGES
     never = ("warning: the rate's milestones 30 60 80 (--lr-milestones) are never reached in this run's 10 epochs: "
