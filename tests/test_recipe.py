@@ -444,6 +444,13 @@ def test_the_data_folder_and_the_checkpoint_evaluated_are_kept_as_absolute_paths
         assert kept == str(tmp_path / "link" / ".." / "c") and os.path.realpath(kept) == str(tmp_path / "a" / "c")
 
 
+def test_milestones_read_as_lists_are_kept_as_a_tuple():
+    """argparse and a config.json give the milestones as a list: the config keeps them as the
+    tuple the recipes hold, so that the same milestones compare equal however they came."""
+    assert parse_config(["--lr-milestones", "30", "60", "80"]).lr_milestones == PAPER_RECIPE["lr_milestones"]
+    assert TrainConfig(**json.loads('{"lr_milestones": [2]}')).lr_milestones == (2,)
+
+
 # ---------------------------------------------------------------- the update rule
 
 def test_the_papers_sgd_is_torchs_sgd_bit_for_bit():
