@@ -38,7 +38,7 @@ from launch import checkpoint, cli, rank_server, two_gpu
 from launch import data as data_module
 from launch.checkpoint import (FORMAT, checkpoint_payload, load_checkpoint, save_checkpoint, save_reference,
                               training_checkpoint_bytes)
-from launch.config import parse_config
+from launch.config import TrainConfig, parse_config
 from launch.meter import Metrics, RunFolderGone
 from launch.ranks import MissingRank, choose_placement
 from launch.cli import alive as _alive
@@ -1371,11 +1371,27 @@ def test_bad_data_and_options_get_clear_errors(tiny_data, layouts, tmp_path, cap
     ("--master-addr", "no-such-host.invalid", "--master-addr no-such-host.invalid cannot be listened on"),
     ("--compile", "turbo", "--compile turbo: torch.compile's backends that this program runs are inductor, aot_eager"),
     ("--workers", "100000", "--workers 100000 would start that many loading processes"),
+    ("--weight-decay", "-0.1", "--weight-decay must not be negative, got -0.1"),
+    ("--patience", "-1", "--patience must not be negative, got -1"),
+    ("--warmup-steps", "-1", "--warmup-steps must not be negative, got -1"),
+    ("--workers", "-1", "--workers must not be negative, got -1"),
+    ("--run-name", "..", "--run-name must be a plain folder name"), ("--run-name", "a/b", "--run-name must be a plain"),
 ])
 def test_bad_options_name_the_option_and_leave_no_run_folder(tiny_data, tmp_path, caplog, option, value, words):
     err = _error_of(["--data", tiny_data, "--out", tmp_path / "runs", option, value], caplog)
     assert words in err and "Traceback" not in err
     assert not (tmp_path / "runs").exists()
+
+
+def test_the_ends_of_each_range_are_accepted():
+    """Each option's range holds its ends: a timeout of a second or of a week, plain SGD (no
+    momentum, no weight decay), no dropout, the first and last seed, no warm-up, no workers
+    (loading in the rank), a run name of 255 bytes (the longest a folder name may be)."""
+    ends = [("timeout", 1.0), ("timeout", 7 * 24 * 3600.0), ("momentum", 0.0), ("weight_decay", 0.0),
+            ("dropout", 0.0), ("seed", 0), ("seed", 2**32 - 1), ("patience", 0), ("max_reductions", 0),
+            ("checkpoint_every", 0), ("warmup_steps", 0), ("workers", 0), ("run_name", "x" * 255)]
+    for name, value in ends:
+        TrainConfig(**{name: value}).validate()
 
 
 A_NUMBER_OPTION = {"launch.two_gpu": "--batch-size", "launch.predict": "--batch-size", "launch.prepare": "--workers",
