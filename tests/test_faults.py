@@ -1394,6 +1394,12 @@ def test_the_ends_of_each_range_are_accepted():
         TrainConfig(**{name: value}).validate()
 
 
+def test_resume_and_eval_only_together_are_refused():
+    """A run either goes on training or evaluates a checkpoint: given both, neither is guessed."""
+    with pytest.raises(ValueError, match="^--resume and --eval-only exclude each other: give one$"):
+        TrainConfig(resume="run", eval_only="run/checkpoint.pt").validate()
+
+
 A_NUMBER_OPTION = {"launch.two_gpu": "--batch-size", "launch.predict": "--batch-size", "launch.prepare": "--workers",
                    "launch.show": "--batch-size", "benchmarks.run": "--batch", "benchmarks.report": None,
                    "benchmarks.ablations": "--batch-size"}
