@@ -343,6 +343,8 @@ def test_a_batch_that_does_not_split_is_told_the_fix_that_applies():
     TrainConfig(replicas=3, batch_size=128, eval_only="run").check_batch_split()
     with pytest.raises(ValueError, match=r"that divides 128 \(128, 64 or 32;"):  # found without counting to 10 ** 12
         TrainConfig(replicas=10 ** 12, batch_size=128).check_batch_split()
+    with pytest.raises(ValueError, match=r"that divides 1 \(1; each replica"):  # the one number that fits, alone
+        TrainConfig(replicas=2, batch_size=1).check_batch_split()
 
 
 
