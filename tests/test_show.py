@@ -570,6 +570,15 @@ def test_a_second_show_into_the_same_folder_is_refused_while_the_first_draws(tmp
         cli.comma_list(str, ("a", "b"))("a,b,a")
 
 
+def test_a_comma_separated_list_takes_spaces_and_a_trailing_comma_but_not_an_empty_list():
+    """As a shell user types it: spaces around the items and an empty item (a trailing comma)
+    are passed over; a list with no item at all is refused, naming the choices."""
+    pictures = cli.comma_list(str, ("a", "b"))
+    assert pictures(" a, b,") == ("a", "b") and pictures("b,,a") == ("b", "a")
+    with pytest.raises(argparse.ArgumentTypeError, match="^expected a comma-separated list of a, b; got ','$"):
+        pictures(",")
+
+
 @pytest.mark.slow  # a real run's checkpoint, which records its options
 def test_a_checkpoint_of_another_net_than_the_folder_s_is_not_drawn_as_its_own(trained_run, tmp_path, caplog):
     """A checkpoint copied from another run's folder: its kernels were drawn and titled as this
