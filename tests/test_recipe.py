@@ -210,6 +210,8 @@ def test_help_gives_every_options_default():
             value = PAPER_RECIPE[action.dest]
             shown = " ".join(map(str, value)) if isinstance(value, tuple) else str(value)
             assert f"(paper: {shown}" in text, f"{action.option_strings[0]}: {text}"
+    switches = {a.dest: " ".join(a.help.split()) for a in actions if a.dest in ("lrn", "ten_crop")}
+    assert all(text.endswith("(default: on)") for text in switches.values()), switches  # both on unless --no-...
 
 
 @pytest.mark.parametrize("argv, words", [
