@@ -178,6 +178,13 @@ def test_numbers_out_of_range_are_refused_before_anything_runs(tmp_path, option,
         run.build_parser().parse_args(["--time", "60"])
 
 
+def test_help_gives_a_list_s_default_as_it_is_typed_and_an_empty_one_as_none():
+    """A list option's default reads as the value to type (comma-separated); an empty one as none."""
+    helps = {a.dest: " ".join(a.help.split()) for a in run.build_parser()._actions}
+    assert helps["links"].endswith("(default: nvlink=300,pcie4=25)"), helps["links"]
+    assert helps["compile_modes"].endswith("(default: none)"), helps["compile_modes"]
+
+
 @pytest.mark.parametrize("changes, refused", [
     (dict(modes=("ddp",), batch=3), "--batch 3 --batches 16"),
     (dict(modes=("single",), batch=3, precision_modes=("hybrid",)), "--batch 3 --batches 16"),  # its sweep at --batch
