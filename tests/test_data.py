@@ -160,6 +160,16 @@ def test_a_data_error_is_one_line_whatever_its_folders_are_named(tmp_path):
     assert f"such as {tmp_path}/data/train/x\\nerror: other/0.jpg: unreadable (" in said
 
 
+def test_a_name_holding_a_line_separator_is_kept_on_one_line():
+    """U+2028 and U+2029 end a line in editors and many terminals as a newline does: a name
+    holding one is escaped in messages, and quoted as the shell reads it back where a name
+    is printed alone; a name of other characters, accented ones too, is left as it is."""
+    for separator, escaped in (("\u2028", "\\u2028"), ("\u2029", "\\u2029")):
+        assert cli.without_line_breaks(f"a{separator}b.jpg") == f"a{escaped}b.jpg"
+        assert cli.one_line(f"a{separator}b.jpg") == f"$'a{escaped}b.jpg'"
+    assert cli.without_line_breaks("café.jpg") == cli.one_line("café.jpg") == "café.jpg"
+
+
 def test_an_evaluation_opens_a_folder_without_train(tmp_path):
     """Given the statistics (a checkpoint's mean image), an evaluation reads val/ alone: a
     train/ that is not there, or that could not be trained on, does not matter."""
