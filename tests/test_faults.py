@@ -1915,6 +1915,17 @@ def test_a_file_that_is_no_checkpoint_is_named_as_such_without_torchs_advice(tmp
     assert (f"(RuntimeError: {first[:200].rsplit(' ', 1)[0]} ...): " if len(first) > 200 else first) in said, said
 
 
+def test_saved_options_of_another_type_or_outside_their_choices_are_named():
+    """What JSON and torch.save keep of the options: a whole number for a float field (300 for
+    300.0), a list for a tuple, None for an option left to the recipe are the options' own; a
+    list holding other than whole numbers, a float for an int, a value outside the choices
+    are named as they were saved. A field the options lack is left to the caller."""
+    own = {"timeout": 300, "lr": 1, "lr_milestones": [30, 60], "epochs": None, "recipe": None, "schedule": "fixed"}
+    assert cli.values_refused(own, TrainConfig) == []
+    saved = {"lr_milestones": [30, "60"], "epochs": 2.0, "schedule": "weekly", "no_such_option": 1}
+    assert cli.values_refused(saved, TrainConfig) == ["lr_milestones=[30, '60']", "epochs=2.0", "schedule='weekly'"]
+
+
 def test_a_damaged_checkpoint_is_refused_not_loaded_as_it_is(tmp_path):
     """Bytes of a tensor changed on the disk or in a copy: torch.load would load them as they
     are, and the net would predict worse without a word. A pickle edited by hand is refused in
