@@ -764,6 +764,22 @@ def test_a_program_ending_quickly_ends_as_sys_exit_would_less_the_teardown(how, 
         assert result.stderr == ("a message\n" if how == "a message" else "")
 
 
+def test_a_program_whose_output_s_reader_went_away_ends_with_the_interpreter_s_code_for_it():
+    """Output that cannot be flushed at the end, its reader gone (a closed pipe), ends the
+    program with the code the interpreter gives that (120), unless it ended with a code of
+    its own; nothing is said of it."""
+    buffered = {name: value for name, value in os.environ.items() if name != "PYTHONUNBUFFERED"}
+    for how, exit_code in (("end", 120), ("3", 3)):
+        read, write = os.pipe()
+        os.close(read)
+        try:
+            result = subprocess.run([sys.executable, "-c", _ENDING, how], cwd=ROOT, env=buffered, stdout=write,
+                                    stderr=subprocess.PIPE, text=True, timeout=60)
+        finally:
+            os.close(write)
+        assert (result.returncode, result.stderr) == (exit_code, ""), result.stderr
+
+
 def test_a_process_whose_parent_died_before_it_asked_to_die_with_it_ends():
     """die_with_parent for a parent already gone (ended before prctl took effect): the process ends
     at once, with code 1, instead of living on with no one to end it. Its own parent, or one that
