@@ -2066,6 +2066,8 @@ def test_a_lock_on_a_file_that_may_only_be_read_holds(tmp_path, monkeypatch):
     monkeypatch.setattr(cli.os, "open", read_only)
     with pytest.raises(PermissionError):
         cli.lock_exclusively(path)
+    with pytest.raises(PermissionError):  # one that is not there: it cannot be made, nor read instead
+        cli.lock_exclusively(tmp_path / "missing", read_only=True)
     with cli.lock_exclusively(path, read_only=True):
         monkeypatch.undo()
         with pytest.raises(BlockingIOError) as held:  # another open file of it, as another process has
