@@ -582,6 +582,16 @@ def test_the_temporary_files_of_another_user_s_live_process_are_not_taken_for_ab
     assert cli.abandoned(f"{host}-{other}") and not cli.abandoned(f"another-host-{other}")
 
 
+def test_temporary_files_are_taken_for_abandoned_by_their_owner_s_name_on_this_machine():
+    """"HOST-PID" or "PID": a process of this machine that has ended, or this process itself
+    (whose own work reuses the name), left it; a live process's, another machine's and a name
+    that is no process's are left alone."""
+    host, ended = socket.gethostname(), 2**22 + 1  # beyond the largest process id Linux gives
+    assert cli.abandoned(f"{host}-{ended}") and cli.abandoned(str(ended)) and cli.abandoned(f"{host}-{os.getpid()}")
+    assert not cli.abandoned(f"{host}-{os.getppid()}") and not cli.abandoned(f"another-host-{ended}")
+    assert not cli.abandoned(f"{host}-x{ended}") and not cli.abandoned("partial")
+
+
 def test_a_save_measures_its_room_before_it_writes_and_syncs_the_file_and_its_folder(tmp_path, monkeypatch):
     """The room a checkpoint needs counts each storage once (a one-rank save holds views of one
     vector: counted per view, a save would be refused on a disk with room); a disk without that
