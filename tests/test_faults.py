@@ -1478,6 +1478,21 @@ def test_a_path_through_a_loop_of_links_or_a_user_with_no_home_is_one_line(progr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "loop"]  # nothing made
 
 
+def test_a_tilde_with_no_home_to_expand_is_refused_naming_why(monkeypatch):
+    """~ where HOME is not set and the user has no entry among the system's users (a container
+    started with an arbitrary user id): said so, not a folder "~" made where the program runs."""
+    import pwd
+
+    def no_such_user(uid):
+        raise KeyError(f"getpwuid(): uid not found: {uid}")
+    monkeypatch.delenv("HOME", raising=False)
+    monkeypatch.setattr(pwd, "getpwuid", no_such_user)
+    with pytest.raises(ValueError) as refused:
+        cli.home_path("~/runs")
+    assert str(refused.value) == ("~/runs: ~ names no home folder here (no such user, and HOME is not set): give the "
+                                  "path in full")
+
+
 @pytest.mark.parametrize("program", A_NUMBER_OPTION)
 @pytest.mark.parametrize("refused", ["unknown option", "not a number"])
 def test_a_command_line_argparse_refuses_is_one_line_naming_the_help(program, refused, capsys):
