@@ -137,14 +137,15 @@ def test_a_resume_writes_its_recipe_and_how_it_goes_on_into_config_json(tmp_path
         "out": "runs", "run_name": "a", "max_steps": 3, "workers": 2}
 
 
-def test_a_config_json_that_is_not_an_object_or_cannot_be_written_is_handled(tmp_path, caplog):
-    """A config.json damaged into JSON that is no object (a list) is written anew with the
-    resumed run's options; one that cannot be written (a folder in its place) is warned of,
+def test_a_damaged_config_json_is_written_anew_and_one_that_cannot_be_written_is_warned_of(tmp_path, caplog):
+    """A config.json damaged (JSON that is no object, or text cut short) is written anew with
+    the resumed run's options; one that cannot be written (a folder in its place) is warned of,
     and the resume goes on: the checkpoint holds the options all the same."""
-    (tmp_path / "config.json").write_text("[1, 2]\n")
-    update_config_json(tmp_path, TrainConfig(lr=0.001))
-    written = json.loads((tmp_path / "config.json").read_text())
-    assert written["lr"] == 0.001 and written["layout"] == "towers"
+    for damaged in ("[1, 2]\n", '{"lr": 0.0'):  # not an object; cut short
+        (tmp_path / "config.json").write_text(damaged)
+        update_config_json(tmp_path, TrainConfig(lr=0.001))
+        written = json.loads((tmp_path / "config.json").read_text())
+        assert written["lr"] == 0.001 and written["layout"] == "towers"
     assert "max_steps" not in written  # how this start ran is not the run's to keep
     blocked = tmp_path / "blocked"
     (blocked / "config.json").mkdir(parents=True)
