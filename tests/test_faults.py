@@ -1598,6 +1598,11 @@ def test_options_that_depend_on_the_data_or_the_disk_leave_no_run_folder(tiny_da
                     f"would be taken for a class of images") in _error_of(
                 ["--data", data, "--out", inside, "--max-steps", "1", *TINY], caplog)
         assert sorted(os.listdir(data / split)) == classes
+    (tmp_path / "shortcut").symlink_to(data / "train")  # the same folder by other names: a link, and '..'
+    for inside in (tmp_path / "shortcut" / "runs", data / "val" / ".." / "train" / "runs"):
+        assert f"--out {inside} lies in the data's train/ ({data.resolve() / 'train'}), where a folder" in _error_of(
+            ["--data", data, "--out", inside, "--max-steps", "1", *TINY], caplog)
+    assert not (data / "train" / "runs").exists()
     too_long = tmp_path / ("a" * 300)
     err = _error_of(["--data", tiny_data, "--out", too_long, *TINY], caplog)
     assert f"cannot use --out {too_long} (File name too long)" in err and "Traceback" not in err
