@@ -1381,6 +1381,7 @@ def test_bad_data_and_options_get_clear_errors(tiny_data, layouts, tmp_path, cap
     ("--master-addr", "no-such-host.invalid", "--master-addr no-such-host.invalid cannot be listened on"),
     ("--compile", "turbo", "--compile turbo: torch.compile's backends that this program runs are inductor, aot_eager"),
     ("--workers", "100000", "--workers 100000 would start that many loading processes"),
+    ("--val-limit", "0", "--val-limit must be positive, got 0"), ("--max-steps", "0", "--max-steps must be positive"),
     ("--weight-decay", "-0.1", "--weight-decay must not be negative, got -0.1"),
     ("--patience", "-1", "--patience must not be negative, got -1"),
     ("--warmup-steps", "-1", "--warmup-steps must not be negative, got -1"),
