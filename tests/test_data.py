@@ -1156,6 +1156,10 @@ def test_prepare_writes_images_of_the_longest_names_and_refuses_one_whose_base_i
         f"bytes): give it a shorter name in SRC")
     assert not dst.exists()
     png.unlink()
+    wide = _save(src / "train" / "b" / ("é" * 124 + ".png"), _rgb(62), format="PNG")  # 132 characters, 256 bytes
+    assert prepare.main([str(src), str(dst), "--workers", "1"]) == 2
+    assert f"{wide.name}.jpg, would be longer than a file name can be (255 bytes)" in capsys.readouterr().err
+    wide.unlink()
     assert prepare.main([str(src), str(dst), "--workers", "1"]) == 0
     with Image.open(dst / "train" / "a" / longest) as image:
         assert image.size == (256, 256)
@@ -1412,8 +1416,9 @@ def test_prepare_makes_again_what_is_older_than_its_image_and_refuses_an_image_o
 
 
 def test_prepare_lists_the_unreadable_files_of_its_last_run_by_their_own_bytes(tmp_path, monkeypatch):
-    """A name that is not UTF-8 is listed as its bytes are; a run that finds none unreadable
-    leaves no list of an earlier run's; a class with no readable image is refused (exit 2)."""
+    """A name that is not UTF-8 is listed as its bytes are, one holding a line break, a carriage
+    return, a tab or a backslash on one line, escaped; a run that finds none unreadable leaves
+    no list of an earlier run's; a class with no readable image is refused (exit 2)."""
     # The name is logged too: kept out of the test's report, which pytest-xdist's workers send as UTF-8.
     monkeypatch.setattr(prepare.log, "handlers", [logging.NullHandler()])
     monkeypatch.setattr(prepare.log, "propagate", False)
@@ -1427,12 +1432,12 @@ def test_prepare_lists_the_unreadable_files_of_its_last_run_by_their_own_bytes(t
         os.unlink(odd)
     listed = (dst / "unreadable.txt").read_bytes()
     assert listed.startswith(odd + b"\t") and listed.count(b"\n") == 1
-    broken = src / "train" / "a" / "two\nlines\tand \\.jpg"
+    broken = src / "train" / "a" / "two\nlines\tand \\\r.jpg"
     broken.write_bytes(b"not an image either")
     assert prepare.main([str(src), str(dst), "--workers", "1"]) == 0
     broken.unlink()
     lines = (dst / "unreadable.txt").read_text().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"{src}/train/a/two\\nlines\\tand \\\\.jpg\t{src}/train/a/two\\n")
+    assert len(lines) == 1 and lines[0].startswith(f"{src}/train/a/two\\nlines\\tand \\\\\\r.jpg\t{src}/train/a/two\\n")
     assert prepare.main([str(src), str(dst), "--workers", "1"]) == 0
     assert not (dst / "unreadable.txt").exists()
 
