@@ -226,9 +226,9 @@ def load_checkpoint(path, classes: Optional[list] = None, mmap: bool = True) -> 
                               f"(a disk or a copy went wrong): give an undamaged copy, or an earlier checkpoint")
     not_whole = f"{path} is truncated or not a checkpoint ({{}}): give a whole checkpoint that this program wrote"
     try:
-        if not _starts_as_a_zip(path):  # unmapped, torch.load would read its legacy format unchecked
-            raise CheckpointError(not_whole.format("not a zip archive, as torch.save writes a checkpoint"))
-        payload = read_as_saved(path, mmap)
+        zipped = _starts_as_a_zip(path)
+        if zipped:  # unmapped, torch.load would read its legacy format unchecked
+            payload = read_as_saved(path, mmap)
     except pickle.UnpicklingError as exc:
         culprit = next((line.strip() for line in str(exc).splitlines() if "GLOBAL" in line), "an unsupported object")
         raise CheckpointError(
@@ -240,6 +240,8 @@ def load_checkpoint(path, classes: Optional[list] = None, mmap: bool = True) -> 
         if len(first) > 200:  # torch's long advice, cut at a word and said to be cut
             first = first[:200].rsplit(" ", 1)[0] + " ..."
         raise CheckpointError(not_whole.format(f"{type(exc).__name__}: {first}")) from None
+    if not zipped:
+        raise CheckpointError(not_whole.format("not a zip archive, as torch.save writes a checkpoint"))
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a checkpoint of this project (no '{FORMAT}' marker)")
     if payload.get("version") != VERSION:
