@@ -214,11 +214,12 @@ def _parse(parser: argparse.ArgumentParser, argv: list) -> argparse.Namespace:
     """The command line, images among the options too, and after a "--" as they come (names
     like options): argparse's intermixed parsing loses what follows a "--", so that part is
     added to the positional arguments of the rest, in which a stand-in for each of the two
-    required ones (a NUL, which no argument holds) keeps argparse from asking for them."""
+    required ones (a NUL, which no argument holds), put first, keeps argparse from asking for
+    them (last, an option that lacks its value before "--" took one as its value)."""
     if "--" not in argv:
         return parser.parse_intermixed_args(argv)
     cut = argv.index("--")
-    args = parser.parse_intermixed_args(argv[:cut] + ["\0", "\0"])
+    args = parser.parse_intermixed_args(["\0", "\0"] + argv[:cut])
     given = [a for a in [args.checkpoint, *args.images] if a != "\0"] + argv[cut + 1:]
     if len(given) < 2:
         parser.error("the following arguments are required: " + ("IMAGE" if given else "CHECKPOINT, IMAGE"))

@@ -330,6 +330,11 @@ def test_images_come_after_options_or_after_a_double_dash_and_errors_keep_to_one
             predict.main(argv)
         assert refused.value.code == 2 and capsys.readouterr().err.startswith(
             f"error: the following arguments are required: {missing}")
+    for option in ("--top", "--device"):  # its value left out before "--": said so, not a stand-in taken for it
+        with pytest.raises(SystemExit) as refused:
+            predict.main([str(checkpoints["full"]), option, "--", photos[0]])
+        assert refused.value.code == 2 and capsys.readouterr().err.startswith(
+            f"error: argument {option}: expected one argument")
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert errors == ["error: $'miss\\ning.png': no such file"]  # the name as the shell reads it back, then why
 
