@@ -220,7 +220,10 @@ class TrainConfig:
         if self.lr_milestones is not None and min(self.lr_milestones, default=0) < 1:  # none: a config.json's []
             raise ValueError(f"--lr-milestones must be epochs from 1 on, got "
                              f"{' '.join(map(str, self.lr_milestones)) or 'none'}")
-        for name in ("patience", "max_reductions", "checkpoint_every"):
+        if self.patience < 1:  # 0 would divide at the first epoch without a lower error, as 1 does
+            raise ValueError(f"--patience must be at least 1 (the epochs without a lower validation error before the "
+                             f"rate is divided), got {self.patience}")
+        for name in ("max_reductions", "checkpoint_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must not be negative, got {getattr(self, name)}")
         if self.warmup_steps is not None and self.warmup_steps < 0:

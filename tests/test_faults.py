@@ -1383,7 +1383,8 @@ def test_bad_data_and_options_get_clear_errors(tiny_data, layouts, tmp_path, cap
     ("--workers", "100000", "--workers 100000 would start that many loading processes"),
     ("--val-limit", "0", "--val-limit must be positive, got 0"), ("--max-steps", "0", "--max-steps must be positive"),
     ("--weight-decay", "-0.1", "--weight-decay must not be negative, got -0.1"),
-    ("--patience", "-1", "--patience must not be negative, got -1"),
+    ("--patience", "0", "--patience must be at least 1 (the epochs without a lower validation error before the "
+                        "rate is divided), got 0"),
     ("--warmup-steps", "-1", "--warmup-steps must not be negative, got -1"),
     ("--workers", "-1", "--workers must not be negative, got -1"),
     ("--run-name", "..", "--run-name must be a plain folder name"), ("--run-name", "a/b", "--run-name must be a plain"),
@@ -1399,7 +1400,7 @@ def test_the_ends_of_each_range_are_accepted():
     momentum, no weight decay), no dropout, the first and last seed, no warm-up, no workers
     (loading in the rank), a run name of 255 bytes (the longest a folder name may be)."""
     ends = [("timeout", 1.0), ("timeout", 7 * 24 * 3600.0), ("momentum", 0.0), ("weight_decay", 0.0),
-            ("dropout", 0.0), ("seed", 0), ("seed", 2**32 - 1), ("patience", 0), ("max_reductions", 0),
+            ("dropout", 0.0), ("seed", 0), ("seed", 2**32 - 1), ("patience", 1), ("max_reductions", 0),
             ("checkpoint_every", 0), ("warmup_steps", 0), ("workers", 0), ("run_name", "x" * 255)]
     for name, value in ends:
         TrainConfig(**{name: value}).validate()
