@@ -454,8 +454,8 @@ def _after_divergence(config: TrainConfig, run_dir: Optional[Path], num_classes:
         return (f"The loss had already run away by the last checkpoint (step {saved['global_step']}, loss "
                 f"{loss:.3g}), so resuming it would not help: {start_again}")
     at = f"step {saved['global_step']}" + (f", loss {loss:.3g}" if loss is not None else "")
-    return (f"Go on from the last checkpoint ({at}) at a lower rate: --resume {shell_word(run_dir)} --lr {lower} (or a "
-            f"longer --warmup-steps)")
+    # (not a longer --warmup-steps: the warm-up counts from the run's first step, which the checkpoint is past)
+    return f"Go on from the last checkpoint ({at}) at a lower rate: --resume {shell_word(run_dir)} --lr {lower}"
 
 
 # ---------------------------------------------------------------- one rank's whole run

@@ -840,7 +840,8 @@ def test_the_advice_after_a_divergence_reads_the_checkpoint_that_load_checkpoint
     state = reference_from_seed(10, 0).state_dict()
     payload = checkpoint_payload(state, num_classes=10, progress={"global_step": 5, "loss": 2.0})
     save_checkpoint(tmp_path / "checkpoint.pt", payload)
-    assert _after_divergence(config, tmp_path, 10).startswith("Go on from the last checkpoint (step 5, loss 2)")
+    assert _after_divergence(config, tmp_path, 10) == (f"Go on from the last checkpoint (step 5, loss 2) at a lower "
+                                                       f"rate: --resume {tmp_path} --lr 0.05")
     # the threshold, 10 x ln(10 classes) = 23.03, lies between them
     for loss, advice in ((23.0, "Go on from the last checkpoint"), (23.1, "The loss had already run away")):
         save_checkpoint(tmp_path / "checkpoint.pt", dict(payload, progress={"global_step": 5, "loss": loss}))
