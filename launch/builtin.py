@@ -177,9 +177,11 @@ def builtin_dataset(root: Optional[Path] = None, *, train_per_class: int = BUILT
         staging = Path(tempfile.mkdtemp(prefix=f"{partial}{socket.gethostname()}-{os.getpid()}-", dir=root.parent))
     except OSError as exc:  # a read-only or full cache folder
         raise DataError(_cannot_make(root, exc)) from None
-    staging.chmod(0o755)  # mkdtemp makes it private; the dataset is not
     log.info("generating the built-in dataset in %s", root)
     try:
+        umask = os.umask(0o022)
+        os.umask(umask)
+        staging.chmod(0o777 & ~umask)  # mkdtemp makes it private; the dataset is as any folder made here is
         _generate_builtin(staging, train_per_class, val_per_class)
         try:
             os.rename(staging, root)

@@ -641,8 +641,15 @@ def test_builtin_dataset_is_deterministic_and_atomic(tmp_path, monkeypatch):
     pictures = [path.read_bytes() for path in sorted(first.rglob("*.jpg"))]
     assert len(set(pictures)) == len(pictures) == 30
     bundle = data.open_data(first, cache_dir=tmp_path / "cache")
-    # readable by the other users of a shared cache, not private as the staging folder it was made in
-    assert stat.S_IMODE(first.stat().st_mode) == 0o755
+    # readable by the other users of a shared cache, not private as the staging folder it was made in: as the
+    # folders in it are, by the umask
+    assert stat.S_IMODE(first.stat().st_mode) == stat.S_IMODE((first / "train").stat().st_mode) == 0o755
+    private = os.umask(0o077)
+    try:
+        kept = builtin.builtin_dataset(tmp_path / "private", train_per_class=1, val_per_class=1)
+    finally:
+        os.umask(private)
+    assert stat.S_IMODE(kept.stat().st_mode) == stat.S_IMODE((kept / "train").stat().st_mode) == 0o700
     assert bundle.classes == sorted(builtin.BUILTIN_CLASSES)
     assert builtin.builtin_dataset(first) == first  # made once, then reused
 
