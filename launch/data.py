@@ -489,7 +489,8 @@ def _scan_layout(root: Path, builtin_alternative: bool, need_train: bool):
 
 def open_data(data_dir: Optional[Union[str, Path]], *, cache_dir: Optional[Path] = None,
               stats: Optional[DataStats] = None, classify: bool = False, need_train: bool = True,
-              before_stats: Optional[Callable[[DataBundle], None]] = None) -> DataBundle:
+              before_stats: Optional[Callable[[DataBundle], None]] = None,
+              builtin_alternative: bool = True) -> DataBundle:
     """Opens an ImageNet-layout folder (``data_dir``) or, for None, the built-in dataset
     (made in ``cache_dir`` if given, else ``default_cache_dir()``, on first use). With
     ``classify`` (a net is to be trained to tell its classes apart), a folder of one class is
@@ -500,6 +501,8 @@ def open_data(data_dir: Optional[Union[str, Path]], *, cache_dir: Optional[Path]
     train/ is not read, and the training split is empty. ``before_stats(bundle)``, the bundle
     without its statistics, is called before they are computed or cached (a resume's check that
     the data is the run's, which writes nothing, nor decodes 2,000 images, where it refuses).
+    Without ``builtin_alternative`` (a program where no data folder means another thing than
+    the built-in dataset), a folder that cannot be used is not said to be one to leave out.
     Raises DataError with the fix when the folder cannot be used."""
     builtin = data_dir is None
     root = (builtin_dataset(None if cache_dir is None else Path(cache_dir) / BUILTIN_NAME) if builtin
@@ -507,7 +510,7 @@ def open_data(data_dir: Optional[Union[str, Path]], *, cache_dir: Optional[Path]
     if not need_train and stats is None:
         raise ValueError("open_data: a folder without train/ has no statistics of its own; give them as stats")
     try:
-        classes, files, skipped = scan_layout(root, need_train=need_train)
+        classes, files, skipped = scan_layout(root, builtin_alternative, need_train)
         if builtin:  # as generated: its ten classes, as many images in each as in the others of its split
             if tuple(classes) != BUILTIN_CLASSES:
                 raise DataError(f"its classes are {', '.join(map(_as_shown, classes))}, not the ten generated")

@@ -162,7 +162,8 @@ def open_classifier(checkpoint, data: Optional[str] = None, device="cpu") -> Cla
     # eval_views subtracts the mean alone; the PCA is for training's colour shift, not saved.
     stats = None if mean is None else DataStats.of_mean(mean)
     if missing:
-        bundle = open_data(data, stats=stats)  # statistics computed only for a checkpoint without its mean
+        # statistics computed only for a checkpoint without its mean
+        bundle = open_data(data, stats=stats, builtin_alternative=False)
         check_classes(payload, path, bundle.classes)  # the data it was trained on, or its mean would be wrong
         classes = classes if classes is not None else bundle.classes
         stats = bundle.stats

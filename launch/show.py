@@ -701,7 +701,7 @@ def _open_neighbour_data(run: RunFolder, options: ShowOptions, payload: dict):
     # pass over 2,000 images, cached in the data folder) for a folder that may be refused.
     known = None if mean is None else DataStats.of_mean(mean)
     try:
-        bundle = data_module.open_data(data_dir, stats=known)
+        bundle = data_module.open_data(data_dir, stats=known, builtin_alternative=False)  # none: the run's own
         check_classes(payload, run.path / FILENAME, bundle.classes)
     except (ValueError, CheckpointError) as exc:  # DataError, and a path such as ~user of no user
         if options.data is not None:

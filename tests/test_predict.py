@@ -262,6 +262,10 @@ def test_a_checkpoint_without_mean_or_names_needs_the_data_it_was_trained_on(che
         torch.testing.assert_close(classifier.stats.mean, data_mean, rtol=0, atol=0)
     # With the mean saved in the checkpoint, --data is neither needed nor read.
     assert open_classifier(checkpoints["full"], data="/nonexistent").stats.mean.equal(checkpoints["mean"])
+    # a --data that is not there is named, without the built-in dataset for advice (left out, no data is read)
+    with pytest.raises(ValueError, match=r"^data folder /nonexistent does not exist: pass the path of a folder that "
+                                         r"holds train/ and val/ \([^)]*\)$"):
+        open_classifier(checkpoints["old"], data="/nonexistent")
 
 
 def test_a_checkpoint_with_its_mean_and_without_names_reads_only_the_names_from_the_data(checkpoints, tiny_data,

@@ -679,6 +679,7 @@ def test_a_data_folder_that_is_gone_skips_figure_4_and_a_bad_data_option_is_an_e
     with caplog.at_level(logging.INFO, logger="launch.show"):
         assert show.main([str(run), "--only", "colour,neighbours"]) == 0
     assert "skipped neighbours: the run's data cannot be used" in caplog.text and "--data DIR" in caplog.text
+    assert "built-in" not in caplog.text  # without --data, the run's own data is drawn, not the built-in set
     shutil.rmtree(run / "show")
     assert show.main([str(run), "--data", str(tmp_path / "elsewhere")]) == 2
     assert not (run / "show").exists()  # the error comes before any picture is drawn
