@@ -295,6 +295,12 @@ def test_a_step_that_is_not_a_whole_number_is_left_out_and_three_resumes_are_nam
     assert f"{path}: left out 1 unreadable line(s)" in caplog.messages
     assert sum("starts the history again there" in m for m in caplog.messages) == 1
     assert "more such" not in caplog.text  # the three named, none left unsaid
+    path.write_text("".join(json.dumps(r) + "\n" for r in records + [train_record(50, 2.1), train_record(40, 2.0)]))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="launch.show"):
+        show.read_metrics(path)  # a fourth: three named, and the fourth counted
+    assert caplog.messages[-1].count("starts the history again there") == 3
+    assert caplog.messages[-1].endswith("; and 1 more such: the records after each such step were left out")
 
 
 def test_a_gpu_asked_for_where_none_is_visible_is_one_line(monkeypatch):
@@ -336,11 +342,12 @@ def test_a_run_folder_whose_name_is_not_utf8_is_drawn_with_the_name_escaped(tmp_
 
 def test_damaged_lines_and_evaluations_without_their_epoch_are_left_out_of_the_curves(tmp_path, caplog):
     """A line that is not UTF-8 (a damaged disk, a foreign writer), an evaluation without its
-    epoch and numbers beyond a float's range (hand-edited) are left out; the curves are drawn
-    from the other records."""
+    epoch, numbers beyond a float's range and a loss of true (hand-edited) are left out; the
+    curves are drawn from the other records."""
     lines = [json.dumps(r).encode() + b"\n" for r in METRICS]
     epochless = {k: v for k, v in eval_record(2, 6, 0.75).items() if k != "epoch"}
-    beyond_a_float = [{**METRICS[0], "loss": 10 ** 400}, {**METRICS[0], "step": 10 ** 400}]  # hand edits
+    beyond_a_float = [{**METRICS[0], "loss": 10 ** 400}, {**METRICS[0], "step": 10 ** 400},  # hand edits
+                      {**METRICS[0], "loss": True}]  # JSON's true, which Python counts as 1
     lines[3:3] = [b"\xff\xfe\n", json.dumps(epochless).encode() + b"\n", *(json.dumps(r).encode() + b"\n"
                                                                           for r in beyond_a_float)]
     run = write_run(tmp_path / "run", summary=SUMMARY)
@@ -350,7 +357,7 @@ def test_damaged_lines_and_evaluations_without_their_epoch_are_left_out_of_the_c
     assert [(r["epoch"], r["step"]) for r in metrics.evals] == [(1, 4), (2, 8)]
     with caplog.at_level(logging.INFO, logger="launch.show"):
         assert show.main([str(run), "--only", "curves"]) == 0
-    assert f"{run / 'metrics.jsonl'}: left out 4 unreadable line(s)" in caplog.messages
+    assert f"{run / 'metrics.jsonl'}: left out 5 unreadable line(s)" in caplog.messages
     check_png(run / "show" / "curves.png")
 
 
