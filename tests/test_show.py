@@ -792,6 +792,21 @@ def test_a_kernel_is_drawn_upright_and_scaled_over_its_three_channels_together()
     assert grid[0].tolist() == [[1.0, 0.5, 0.5]] * KERNEL_SHAPE[2] and (grid[1:] == 0).all()
 
 
+def test_kernels_are_laid_out_in_rows_with_white_gaps_and_a_constant_one_is_mid_grey():
+    """Three kernels in rows of two, each enlarged twice, a white gap of one pixel between
+    them, the rest of the last row white; a kernel of one value has no range to scale to, and
+    is drawn mid-grey."""
+    kernels = torch.zeros(3, *KERNEL_SHAPE)
+    kernels[0, :, 0, 0] = 1.0  # its top-left pixel white, the rest black
+    kernels[2] = 7.0  # constant
+    grid = show.kernel_grid(kernels, columns=2, scale=2, gap=1)
+    size = 2 * KERNEL_SHAPE[1]
+    assert grid.shape == (2 * size + 1, 2 * size + 1, 3)
+    assert (grid[:2, :2] == 1).all() and (grid[2:size, :size] == 0).all()  # the first kernel
+    assert (grid[size] == 1).all() and (grid[:, size] == 1).all()  # the gaps
+    assert (grid[size + 1:, :size] == 0.5).all() and (grid[size + 1:, size + 1:] == 1).all()
+
+
 def test_features_with_one_unit_that_is_not_a_number_skip_figure_4(reference, tiny_bundle):
     """One of FC7's 4096 outputs infinite is enough: its distances are infinite or NaN, and the
     order of the neighbours means nothing."""
