@@ -157,10 +157,13 @@ def resolve_path(path) -> Path:
     try:
         if path.is_dir():
             path = path / FILENAME
-        found = path.is_file()
+        found, there = path.is_file(), path.exists()
     except OSError as exc:  # a name too long, a folder on the way that cannot be read, ...
         raise CheckpointError(f"cannot look for a checkpoint at {path} ({exc.strerror or exc}): give a checkpoint "
                               f"file or a run folder you can read") from None
+    if there and not found:  # read, a named pipe would be waited on for good
+        raise CheckpointError(f"{path} is not a file (a named pipe, a device): give a checkpoint file or a run "
+                              f"folder that holds {FILENAME}")
     if not found:
         raise CheckpointError(f"no checkpoint at {path}: give a checkpoint file or a run folder that holds {FILENAME}")
     return path

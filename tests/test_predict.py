@@ -346,6 +346,9 @@ def test_images_come_after_options_or_after_a_double_dash_and_errors_keep_to_one
 def test_missing_checkpoint_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match="no checkpoint at"):
         open_classifier(tmp_path / "nothing.pt")
+    os.mkfifo(tmp_path / "pipe.pt")  # something there, which is no checkpoint: said so
+    with pytest.raises(CheckpointError, match=rf"^{tmp_path / 'pipe.pt'} is not a file \(a named pipe, a device\): "):
+        open_classifier(tmp_path / "pipe.pt")
 
 
 def test_top_classes_are_ordered_and_all_of_them_when_fewer_than_asked():
