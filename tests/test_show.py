@@ -807,6 +807,21 @@ def test_kernels_are_laid_out_in_rows_with_white_gaps_and_a_constant_one_is_mid_
     assert (grid[size + 1:, :size] == 0.5).all() and (grid[size + 1:, size + 1:] == 1).all()
 
 
+def test_an_image_that_cannot_be_decoded_is_left_out_of_figure_4(reference, tiny_data, tmp_path):
+    """A validation image, and a training image searched, that cannot be decoded: neither shown
+    nor searched, and counted among the split's unreadable files; the others are."""
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    bundle = open_data(data)
+    for split in (bundle.val, bundle.train):
+        Path(split.samples[1][0]).write_bytes(b"not an image")
+    found = show.find_neighbours(copy.deepcopy(reference), bundle, bundle.stats.mean, images=10, pool=30,
+                                 batch_size=4, device=torch.device("cpu"))
+    assert 1 not in found.queries.indices and 1 not in found.pool.indices
+    assert len(found.queries.indices) == 9 and len(found.pool.indices) == 29 and found.indices.shape == (9, 6)
+    assert [len(split.corrupt) for split in (bundle.val, bundle.train)] == [1, 1]
+
+
 def test_features_with_one_unit_that_is_not_a_number_skip_figure_4(reference, tiny_bundle):
     """One of FC7's 4096 outputs infinite is enough: its distances are infinite or NaN, and the
     order of the neighbours means nothing."""
@@ -885,6 +900,8 @@ def _bad_run_dir(tmp_path, case):
     run = tmp_path / "run"
     if case == "a link that loops":
         run.symlink_to(run)
+    elif case == "a file":  # such as the run's checkpoint.pt given for its folder
+        run.write_bytes(b"PK")
     elif case != "missing":
         run.mkdir()
     if case == "nothing to draw":
@@ -898,6 +915,7 @@ def _bad_run_dir(tmp_path, case):
 
 BAD_RUN_DIRS = {"missing": "does not exist", "no config.json": "not a run folder", "nothing to draw": "nothing to draw",
                 "a link that loops": "cannot be opened (Too many levels of symbolic links): give a run folder",
+                "a file": "is a file: give the run folder that holds it (",
                 "config.json a pipe": "not a run folder: it has an unreadable config.json (not a regular file",
                 "config.json nested too deep": "not a run folder: it has an unreadable config.json (maximum recursion"}
 
