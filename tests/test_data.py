@@ -395,16 +395,21 @@ def test_integer_greyscale_of_other_depths_is_refused_or_scaled_not_made_black(t
     pixels = images.load_image(tmp_path / "deep.pgm")
     assert pixels[0, 0, 0] == 255 and pixels[0, -1, 0] == 128
     # a 12-bit TIFF (a scientific camera's) opens as 16-bit with its 12-bit values: white was 16 of 255
-    bits = "".join(f"{value:012b}" for value in (4095, 2048)) + "0000"
-    packed = bytes(int(bits[i:i + 8], 2) for i in range(0, len(bits), 8))
-    tags = [(256, 3, 1, 2), (257, 3, 1, 1), (258, 3, 1, 12), (259, 3, 1, 1), (262, 3, 1, 1), (273, 4, 1, 8),
-            (277, 3, 1, 1), (278, 3, 1, 1), (279, 4, 1, len(packed))]  # 2 x 1, uncompressed, grey
-    directory = struct.pack("<H", len(tags)) + b"".join(struct.pack("<HHII", *t) for t in tags) + struct.pack("<I", 0)
-    (tmp_path / "deep.tif").write_bytes(b"II*\x00" + struct.pack("<I", 8 + len(packed)) + packed + directory)
-    with Image.open(tmp_path / "deep.tif") as image:
-        assert image.mode == "I;16" and np.asarray(image).tolist() == [[4095, 2048]]
-    pixels = images.load_image(tmp_path / "deep.tif")
+    def twelve_bit_tiff(values) -> Path:
+        bits = "".join(f"{value:012b}" for value in values) + "0000"
+        packed = bytes(int(bits[i:i + 8], 2) for i in range(0, len(bits), 8))
+        tags = [(256, 3, 1, 2), (257, 3, 1, 1), (258, 3, 1, 12), (259, 3, 1, 1), (262, 3, 1, 1), (273, 4, 1, 8),
+                (277, 3, 1, 1), (278, 3, 1, 1), (279, 4, 1, len(packed))]  # 2 x 1, uncompressed, grey
+        directory = (struct.pack("<H", len(tags)) + b"".join(struct.pack("<HHII", *t) for t in tags)
+                     + struct.pack("<I", 0))
+        (tmp_path / "deep.tif").write_bytes(b"II*\x00" + struct.pack("<I", 8 + len(packed)) + packed + directory)
+        with Image.open(tmp_path / "deep.tif") as image:
+            assert image.mode == "I;16" and np.asarray(image).tolist() == [list(values)]
+        return tmp_path / "deep.tif"
+    pixels = images.load_image(twelve_bit_tiff((4095, 2048)))
     assert pixels[0, 0, 0] == 255 and pixels[0, -1, 0] == 128
+    # scaled by 255 / 4095 (white is 2^12 - 1, not 2^12): 265 is 16.502, so 17 (265 / 4096 * 255 would give 16)
+    assert (images.load_image(twelve_bit_tiff((265, 265))) == 17).all()
 
 
 def test_float_images_keep_their_brightness(tmp_path):
