@@ -351,6 +351,7 @@ def test_every_mode_becomes_256_rgb(tmp_path):
             continue
         pixels = images.load_image(path)
         assert pixels.shape == (256, 256, 3) and pixels.dtype == np.uint8, name
+        assert pixels.flags.writeable, name  # torch.from_numpy warns of a read-only array
     # Uniform images keep their value through the resize, so the conversions can be checked exactly.
     assert (images.load_image(paths["grey.png"]) == 77).all()
     assert (images.load_image(paths["clear.png"]) == images.TRANSPARENT_BACKGROUND).all()  # alpha 0: background only
