@@ -379,6 +379,17 @@ def test_a_transparent_colour_of_a_palette_or_an_rgb_image_shows_the_background(
         assert (pixels[:, -100:] == shown).all(), path.name
 
 
+def test_a_half_transparent_pixel_is_mixed_with_the_background(tmp_path):
+    """Alpha between 0 and 255 (an anti-aliased edge, a soft shadow): the colour shows in
+    proportion to its alpha over the mid-grey background, as it would on a grey page."""
+    for path, colour, alpha in ((_save(tmp_path / "half.png", Image.new("RGBA", (256, 256), (200, 10, 10, 128))),
+                                 (200, 10, 10), 128),
+                                (_save(tmp_path / "grey.png", Image.new("LA", (256, 256), (0, 64))), (0, 0, 0), 64)):
+        background = images.TRANSPARENT_BACKGROUND
+        expected = [c * alpha / 255 + grey * (255 - alpha) / 255 for c, grey in zip(colour, background)]
+        assert np.abs(images.load_image(path) - np.array(expected)).max() <= 1, path.name  # rounding: one level
+
+
 def test_integer_greyscale_of_other_depths_is_refused_or_scaled_not_made_black(tmp_path):
     """A TIFF of 32-bit integers (mode I, as a 16-bit PGM also opens) has no range of its own:
     scaled as 16-bit, its 0-255 values became a black image that trained and was classified.
