@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 import unicodedata
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -592,8 +593,10 @@ def test_thin_image_is_refused_and_resizing_it_costs_the_output_only(tmp_path):
 def test_image_above_the_pixel_limit_is_refused_as_too_large(tmp_path, monkeypatch, size):
     path = _save(tmp_path / "big.png", _rgb(0, size))
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)  # read at each call
-    with pytest.raises(images.ImageRejected) as info:
+    with warnings.catch_warnings(record=True) as warned, pytest.raises(images.ImageRejected) as info:
+        warnings.simplefilter("always")
         images.load_image(path)
+    assert not warned  # refused, and said once: not also by PIL's DecompressionBombWarning
     message = str(info.value)
     assert message.startswith(f"{path}: too large: ") and "10000" in message, message
     if size == (150, 100):  # PIL opens it (only above twice the limit it refuses), so its size is known
