@@ -603,6 +603,15 @@ def test_image_above_the_pixel_limit_is_refused_as_too_large(tmp_path, monkeypat
         assert "150 x 100 pixels" in message
 
 
+def test_an_image_of_as_many_pixels_as_the_limit_is_taken_and_no_limit_takes_any(tmp_path, monkeypatch):
+    """The limit is PIL's Image.MAX_IMAGE_PIXELS: an image of exactly that many pixels is taken,
+    and None, PIL's way to turn the check off, takes an image of any size."""
+    path = _save(tmp_path / "big.png", Image.new("RGB", (150, 100), (9, 9, 9)))
+    for limit in (150 * 100, None):
+        monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", limit)
+        assert (images.load_image(path) == 9).all(), limit
+
+
 def test_skipped_images_are_logged_with_their_reason(tmp_path, monkeypatch, caplog):
     root = _simple_tree(tmp_path / "data", train=2, val=1)
     big = _save(root / "train" / "a" / "big.png", _rgb(1, (300, 250)))
