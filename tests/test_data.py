@@ -612,6 +612,18 @@ def test_an_image_of_as_many_pixels_as_the_limit_is_taken_and_no_limit_takes_any
         assert (images.load_image(path) == 9).all(), limit
 
 
+def test_a_large_jpeg_is_decoded_at_the_smallest_scale_that_keeps_256_pixels(tmp_path):
+    """libjpeg decodes a large JPEG at 1/2, 1/4 or 1/8 scale while both sides stay at least
+    256: a 1024 x 1024 checkerboard of 4 x 4 squares comes out at 1/4 as a checkerboard of
+    single pixels, not at 1/8 as a flat grey enlarged."""
+    rows, columns = np.indices((1024, 1024))
+    squares = ((rows // 4 + columns // 4) % 2 * 255).astype(np.uint8)
+    path = _save(tmp_path / "squares.jpg", Image.fromarray(squares).convert("RGB"), quality=95)
+    pixels = images.load_image(path)[..., 0]
+    white = np.indices((256, 256)).sum(axis=0) % 2 == 1
+    assert (pixels[white] > 128 + 20).all() and (pixels[~white] < 128 - 20).all()
+
+
 def test_skipped_images_are_logged_with_their_reason(tmp_path, monkeypatch, caplog):
     root = _simple_tree(tmp_path / "data", train=2, val=1)
     big = _save(root / "train" / "a" / "big.png", _rgb(1, (300, 250)))
