@@ -834,6 +834,56 @@ def test_stats_are_cached_keyed_and_fall_back_to_cache_dir(tmp_path, monkeypatch
     assert torch.equal(data.open_data(root, cache_dir=cache).stats.mean, changed.mean)
 
 
+def test_the_statistics_cache_follows_the_sample_size_and_a_file_rewritten_at_another_size(tmp_path):
+    """A file rewritten at another size with its modification time kept (cp -p, rsync -t of
+    another version), or statistics asked of another sample size: computed anew, not read
+    from the cache of the files as they were."""
+    root = _simple_tree(tmp_path / "data")
+    first = data.open_data(root, cache_dir=tmp_path / "cache").stats
+    image = root / "train" / "a" / "0.jpg"
+    before = image.stat()
+    _save(image, _rgb(99, (90, 70)))
+    os.utime(image, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert image.stat().st_size != before.st_size
+    bundle = data.open_data(root, cache_dir=tmp_path / "cache")
+    assert torch.equal(bundle.stats.mean, stats.compute_stats(bundle.train).mean)
+    assert not torch.equal(bundle.stats.mean, first.mean)
+    _, files, _ = data.scan_layout(root)
+    train_files = [f for images in files["train"] for f in images]
+    assert stats.load_or_compute_stats(root, bundle.train, train_files, tmp_path / "cache", sample=2).images == 2
+
+
+def test_statistics_cached_beside_the_data_stay_valid_when_the_folder_moves(tmp_path, monkeypatch):
+    """The cache's key holds the training files' names relative to the data folder: moved or
+    renamed (another disk, another mount point), the folder keeps its statistics."""
+    root = _simple_tree(tmp_path / "data")
+    first = data.open_data(root, cache_dir=tmp_path / "cache").stats
+    moved = root.rename(tmp_path / "moved")
+
+    def no_compute(*args, **kwargs):
+        raise AssertionError("statistics recomputed although cached")
+
+    monkeypatch.setattr(stats, "compute_stats", no_compute)
+    assert torch.equal(data.open_data(moved, cache_dir=tmp_path / "cache").stats.mean, first.mean)
+
+
+def test_statistics_that_cannot_be_cached_anywhere_are_used_and_said_to_be_so(tmp_path, monkeypatch, caplog):
+    """Neither the data folder nor the cache folder writable (full, read-only): the statistics
+    are used all the same, and the log says that the next run computes them again."""
+    root = _simple_tree(tmp_path / "data")
+
+    def full_disk(path, payload):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(stats, "save_checkpoint", full_disk)
+    caplog.set_level(logging.WARNING, logger="launch.stats")
+    assert data.open_data(root, cache_dir=tmp_path / "cache").stats.images == 6
+    assert [r.getMessage() for r in caplog.records if r.name == "launch.stats"] == [
+        f"could not cache the training-set statistics in {root} (No space left on device)",
+        f"could not cache the training-set statistics in {tmp_path / 'cache' / 'stats'} (No space left on device)",
+        "the statistics are not cached: they will be computed again next time"]
+
+
 def test_a_damaged_statistics_cache_is_computed_again(tmp_path, caplog):
     """Bytes of the cached mean image overwritten (a bad disk, a copy cut short and mended by
     hand): torch.load reads them as numbers, so the checksums saved with them are checked; a
