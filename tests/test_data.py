@@ -884,6 +884,36 @@ def test_statistics_that_cannot_be_cached_anywhere_are_used_and_said_to_be_so(tm
         "the statistics are not cached: they will be computed again next time"]
 
 
+def test_the_statistics_sample_is_spread_evenly_over_the_classes(tmp_path):
+    """``sample`` images from the whole class-sorted list, its first and last among them: each
+    class contributes, not only the first class's images."""
+    colours = {"a": (30, 0, 0), "b": (0, 60, 0), "c": (0, 0, 90)}
+    for name, colour in colours.items():
+        for i in range(3):
+            _save(tmp_path / "train" / name / f"{i}.png", Image.new("RGB", (256, 256), colour))
+            _save(tmp_path / "val" / name / f"{i}.png", Image.new("RGB", (256, 256), colour))
+    train = data.open_data(tmp_path, cache_dir=tmp_path / "cache").train
+    for sample, picked in ((3, "abc"), (2, "ac")):  # indices 0, 4, 8; 0, 8
+        computed = stats.compute_stats(train, sample=sample)
+        expected = np.mean([colours[name] for name in picked], axis=0)
+        assert computed.images == sample
+        expected_mean = torch.tensor(expected, dtype=torch.float32)[:, None, None].expand(3, 256, 256)
+        assert torch.equal(computed.mean, expected_mean)
+
+
+def test_statistics_of_a_sample_of_no_usable_image_are_refused(tmp_path):
+    """Every training image sampled unreadable (damaged since the folder was opened): refused in
+    one line naming the fix, rather than statistics divided by no image (not a number), which
+    would train a net of NaN."""
+    train = data.open_data(_simple_tree(tmp_path / "data"), cache_dir=tmp_path / "cache").train
+    for index in (0, len(train) - 1):  # the sample of two: the first image and the last
+        Path(train.samples[index][0]).write_bytes(b"HEIC, not a JPEG")
+    with pytest.raises(DataError, match=r"^none of the 2 training images sampled for the statistics could be used "
+                                        r"\(each was unreadable or refused; see the warnings above\): replace or "
+                                        r"remove them$"):
+        stats.compute_stats(train, sample=2)
+
+
 def test_a_damaged_statistics_cache_is_computed_again(tmp_path, caplog):
     """Bytes of the cached mean image overwritten (a bad disk, a copy cut short and mended by
     hand): torch.load reads them as numbers, so the checksums saved with them are checked; a
