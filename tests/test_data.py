@@ -914,6 +914,21 @@ def test_statistics_of_a_sample_of_no_usable_image_are_refused(tmp_path):
         stats.compute_stats(train, sample=2)
 
 
+def test_a_training_set_of_imagenet_s_classes_gets_the_published_pca(tmp_path):
+    """Classes that are ImageNet's 1000 WordNet ids: the colour shift uses the published ImageNet
+    PCA (on the 0-255 scale, the eigenvectors as columns), the mean image the set's own."""
+    classes = [f"n{i:08d}" for i in range(1000)]
+    paths = [_save(tmp_path / "train" / classes[label] / "0.png", Image.new("RGB", (256, 256), (10, 20, label // 9)))
+             for label in (0, 999)]
+    train = data.ImageFolderSplit("train", classes, [(str(path), label) for path, label in zip(paths, (0, 999))])
+    files = [(str(path), (path.stat().st_size, path.stat().st_mtime_ns)) for path in paths]
+    computed = stats.load_or_compute_stats(tmp_path, train, files, tmp_path / "cache")
+    assert computed.pca_source == "imagenet" and computed.images == 2
+    assert torch.allclose(computed.eigval, torch.tensor(stats.IMAGENET_EIGVAL) * 255)
+    assert torch.equal(computed.eigvec, torch.tensor(stats.IMAGENET_EIGVEC))
+    assert torch.equal(computed.mean[:, 0, 0], torch.tensor([10.0, 20.0, 111 / 2]))
+
+
 def test_a_damaged_statistics_cache_is_computed_again(tmp_path, caplog):
     """Bytes of the cached mean image overwritten (a bad disk, a copy cut short and mended by
     hand): torch.load reads them as numbers, so the checksums saved with them are checked; a
@@ -990,6 +1005,14 @@ def test_pca_convention_against_numpy(tmp_path):
     assert np.allclose(eigval, np.sqrt(variances))
     assert np.allclose(np.abs(eigvec.T @ q), np.eye(3), atol=1e-9)  # the same axes, up to sign
     assert np.allclose(eigvec @ np.diag(eigval ** 2) @ eigvec.T, q @ np.diag(variances) @ q.T)
+    for seed in range(5):  # numpy's signs are arbitrary: each axis is signed so that its largest entry is positive
+        pixels = np.random.default_rng(seed).normal(size=(100, 3)) @ q
+        _, signed = stats.pca_from_covariance(np.cov(pixels.T))
+        assert (signed[np.abs(signed).argmax(axis=0), np.arange(3)] > 0).all(), seed
+    # Greyscale pixels (R = G = B) have a covariance of rank one, whose two other eigenvalues come out
+    # of the decomposition a rounding error either side of 0: a standard deviation of 0, not NaN.
+    eigval, _ = stats.pca_from_covariance(q @ np.diag([400.0, 1e-9, -1e-9]) @ q.T)
+    assert np.isfinite(eigval).all() and np.allclose(eigval, [20, 0, 0], atol=1e-4)
 
     # End to end on lossless 256x256 images: against numpy's covariance of the same pixels.
     rng = np.random.default_rng(1)
@@ -1009,6 +1032,7 @@ def test_pca_convention_against_numpy(tmp_path):
     imagenet = stats.compute_stats(data.open_data(tmp_path, cache_dir=tmp_path / "cache").train, use_imagenet_pca=True)
     assert torch.allclose(imagenet.eigval, torch.tensor(stats.IMAGENET_EIGVAL) * 255)
     assert stats._is_imagenet([f"n{i:08d}" for i in range(1000)]) and not stats._is_imagenet(["a"] * 1000)
+    assert not stats._is_imagenet([f"n{i:08d}_tench" for i in range(1000)])  # the ids themselves, whole
 
 
 # --------------------------------------------------------------------------- batches
