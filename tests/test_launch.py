@@ -7,16 +7,20 @@ evaluation. Every subprocess has a timeout, so a hang fails instead of blocking.
 
 import dataclasses
 import errno
+import fcntl
 import io
 import json
 import logging
 import math
 import os
+import pty
 import re
 import shutil
 import socket
+import struct
 import subprocess
 import sys
+import termios
 import time
 from pathlib import Path
 
@@ -130,15 +134,38 @@ class _Terminal(io.StringIO):
 
 @pytest.mark.parametrize("term", ["xterm-256color", "dumb"])
 def test_the_progress_bar_is_drawn_only_where_the_terminal_takes_escape_codes(monkeypatch, term):
-    """TERM=dumb (an editor's shell) printed ESC[K as it stands: no bar there."""
+    """TERM=dumb (an editor's shell) printed ESC[K as it stands: no bar there. Nor from the ranks
+    other than rank 0 (enabled=False); a bar cleared is erased once; one of no steps is empty."""
     from launch.meter import ProgressBar
     monkeypatch.setenv("TERM", term)
     monkeypatch.setattr(sys, "stderr", _Terminal())
+    ProgressBar(enabled=False).show(1, 10, "loss 6.907")
     bar = ProgressBar(enabled=True)
     bar.show(1, 10, "loss 6.907")
     bar.clear()
+    bar.clear()
+    bar.show(0, 0, "none")
     assert sys.stderr.getvalue() == ("" if term == "dumb" else
-                                     "\r\033[K[##......................] 1/10 loss 6.907\r\033[K")
+                                     "\r\033[K[##......................] 1/10 loss 6.907\r\033[K"
+                                     "\r\033[K[........................] 0/0 none")
+
+
+def test_the_terminal_s_width_is_asked_of_the_terminal_as_it_is_now(monkeypatch):
+    """The progress bar's width is standard error's terminal's at each draw (a window resized
+    since counts), before $COLUMNS, which a shell sets once and does not change on a resize."""
+    from launch.meter import terminal_columns
+    leader, follower = pty.openpty()
+    terminal = os.fdopen(follower, "w")
+    try:
+        with monkeypatch.context() as patched:
+            patched.setenv("COLUMNS", "40")
+            patched.setattr(sys, "stderr", terminal)
+            for columns in (60, 100):
+                fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
+                assert terminal_columns() == columns
+    finally:
+        terminal.close()
+        os.close(leader)
 
 
 def test_the_progress_bar_fits_the_terminal_and_the_lines_logged_meanwhile_replace_it(monkeypatch):
