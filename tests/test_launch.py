@@ -623,3 +623,18 @@ def test_the_step_line_s_rates_are_of_its_window_of_steps_and_leave_out_what_cam
     assert meter.images_per_s == pytest.approx(96 / 9)
     assert (meter.loss, meter.top1) == (pytest.approx(2.0), pytest.approx(56 / 96))
     assert meter.seconds == pytest.approx(10)
+
+
+def test_the_step_line_s_numbers_read_0_before_a_step_and_time_steps_taken_back_to_back(monkeypatch):
+    """A meter of no step yet reads 0 throughout, not a division by zero; without restart_clock
+    between them, each step's time runs from the end of the one before."""
+    from launch import meter as meter_module
+    clock = [100.0]
+    monkeypatch.setattr(meter_module.time, "perf_counter", lambda: clock[0])
+    meter = meter_module.StepMeter(window=3)
+    assert (meter.ms_per_step, meter.images_per_s, meter.loss, meter.top1, meter.seconds) == (0, 0, 0, 0, 0)
+    for seconds in (1.0, 2.0):
+        clock[0] += seconds
+        meter.update(2.0, 16, 32)
+    assert meter.times == [1.0, 2.0] and meter.seconds == 3.0 and meter.images_per_s == pytest.approx(64 / 3)
+
