@@ -638,3 +638,13 @@ def test_the_step_line_s_numbers_read_0_before_a_step_and_time_steps_taken_back_
         meter.update(2.0, 16, 32)
     assert meter.times == [1.0, 2.0] and meter.seconds == 3.0 and meter.images_per_s == pytest.approx(64 / 3)
 
+
+def test_peak_memory_on_a_cpu_is_the_process_s_peak_resident_set_in_bytes():
+    """On a CPU, this process's peak RSS in bytes (Linux's getrusage counts KiB): about what it
+    holds now, or more."""
+    from launch.meter import peak_memory
+    measured, what = peak_memory(torch.device("cpu"))
+    with open("/proc/self/statm") as statm:
+        resident = int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    # Linux updates the peak lazily: it may lag what is held now by a few pages, never by a factor of 1024
+    assert measured >= resident / 2 and what == "peak RSS of the rank process (getrusage)"
