@@ -411,9 +411,28 @@ def test_a_resume_leaves_the_records_of_a_run_that_took_its_folder_s_place_as_th
     assert json.loads((folder / "summary.json").read_text())["steps"] == 90
 
 
-# --------------------------------------------------------------------------- the pictures
+def test_a_resume_keeps_the_lines_it_cannot_place_and_a_rewrite_cut_short_changes_nothing(tmp_path, monkeypatch):
+    """Lines of no step of their own (JSON other than an object, a hand-edited step that is not a
+    whole number) are kept as they are, not compared; and a rewrite that fails halfway (a full
+    disk) leaves metrics.jsonl as it was, not cut short."""
+    path = tmp_path / "metrics.jsonl"
+    odd = [[1, 2], "a note", {"event": "train", "step": "forty"}, {"event": "train", "step": 40.0}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in [train_record(30, 2.1), *odd, train_record(40, 2.0)]))
+    Metrics(path).resume_at(30)
+    assert [json.loads(line) for line in path.read_text().splitlines()][:-1] == [train_record(30, 2.1), *odd]
+    before = path.read_bytes()
 
-@pytest.mark.slow
+    def half_written(self, text, *args, **kwargs):
+        with open(self, "w") as partial:
+            partial.write(text[:len(text) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", half_written)
+    with pytest.raises(OSError, match="No space left on device"):
+        Metrics(path).resume_at(10)
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]
+
+
 def test_every_picture_is_written_from_a_run_folder(reference, tiny_data, tiny_bundle, tmp_path, capsys, caplog):
     run = write_run(tmp_path / "run", reference.state_dict(), bundle=tiny_bundle, data=tiny_data, metrics=METRICS,
                     summary=SUMMARY)
