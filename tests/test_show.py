@@ -23,7 +23,7 @@ from launch import cli, show
 from launch.cli import pyplot
 from launch.checkpoint import checkpoint_payload, save_checkpoint
 from launch.data import open_data
-from launch.meter import Metrics, RunFolderGone
+from launch.meter import Metrics, RunFolderGone, summary_steps
 from towers import Architecture
 
 from conftest import ROOT, RUN_TIMEOUT_S, reference_from_seed, skip_without_namespaces, terminate_when_ready
@@ -431,6 +431,16 @@ def test_a_resume_keeps_the_lines_it_cannot_place_and_a_rewrite_cut_short_change
     with pytest.raises(OSError, match="No space left on device"):
         Metrics(path).resume_at(10)
     assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]
+
+
+def test_the_step_a_run_ended_at_is_read_from_its_summary_only_as_written(tmp_path):
+    """summary.json's ``steps``, a whole number as the run writes it; anything else (no file, not
+    JSON, not an object, a number of another type) is no step, not one compared with a step."""
+    assert summary_steps(tmp_path) is None
+    for text, steps in (('{"steps": 40}', 40), ("{not json", None), ("[40]", None), ('{"steps": "40"}', None),
+                        ('{"steps": 40.0}', None), ('{"steps": true}', None), ('{"centre": {}}', None)):
+        (tmp_path / "summary.json").write_text(text)
+        assert summary_steps(tmp_path) == steps and type(summary_steps(tmp_path)) is type(steps), text
 
 
 def test_every_picture_is_written_from_a_run_folder(reference, tiny_data, tiny_bundle, tmp_path, capsys, caplog):
