@@ -443,6 +443,15 @@ def test_the_step_a_run_ended_at_is_read_from_its_summary_only_as_written(tmp_pa
         assert summary_steps(tmp_path) == steps and type(summary_steps(tmp_path)) is type(steps), text
 
 
+def test_metrics_without_a_file_write_nothing(tmp_path, monkeypatch):
+    """Metrics(None), as the ranks other than rank 0 make it: records and a resume are no-ops."""
+    monkeypatch.chdir(tmp_path)
+    metrics = Metrics(None)
+    metrics.resume_at(30, checkpoint="run/checkpoint.pt")
+    metrics.write(**train_record(40, 2.0))
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_every_picture_is_written_from_a_run_folder(reference, tiny_data, tiny_bundle, tmp_path, capsys, caplog):
     run = write_run(tmp_path / "run", reference.state_dict(), bundle=tiny_bundle, data=tiny_data, metrics=METRICS,
                     summary=SUMMARY)
