@@ -23,7 +23,7 @@ from launch import cli, show
 from launch.cli import pyplot
 from launch.checkpoint import checkpoint_payload, save_checkpoint
 from launch.data import open_data
-from launch.meter import Metrics, RunFolderGone, summary_steps
+from launch.meter import Metrics, RunFolderGone, check_run_folder, summary_steps, writing_in_run_folder
 from towers import Architecture
 
 from conftest import ROOT, RUN_TIMEOUT_S, reference_from_seed, skip_without_namespaces, terminate_when_ready
@@ -452,6 +452,33 @@ def test_metrics_without_a_file_write_nothing(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_the_run_folder_is_checked_before_a_write_and_named_when_it_went_during_one(tmp_path):
+    """A run folder is one while it is a folder (a file in its place is not); a write into it that
+    finds it gone meanwhile is said as the folder gone, not as a file not found. Metrics may be
+    made before its folder is (any folder made there then will do), and hold one descriptor of
+    its folder however many times it is made there."""
+    folder = tmp_path / "run"
+    metrics = Metrics(folder / "metrics.jsonl")  # not made yet
+    folder.mkdir()
+    check_run_folder(folder)
+    metrics.write(**train_record(10, 2.3))
+    assert [json.loads(line)["step"] for line in (folder / "metrics.jsonl").read_text().splitlines()] == [10]
+    with pytest.raises(RunFolderGone), writing_in_run_folder(folder):
+        shutil.rmtree(folder)
+        (folder / "metrics.jsonl").write_text("")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(RunFolderGone):
+        check_run_folder(tmp_path / "file")
+    folder.mkdir()
+    descriptors = len(os.listdir("/proc/self/fd"))
+    for _ in range(3):
+        Metrics(folder / "metrics.jsonl")
+    assert len(os.listdir("/proc/self/fd")) == descriptors + 1
+
+
+# --------------------------------------------------------------------------- the pictures
+
+@pytest.mark.slow
 def test_every_picture_is_written_from_a_run_folder(reference, tiny_data, tiny_bundle, tmp_path, capsys, caplog):
     run = write_run(tmp_path / "run", reference.state_dict(), bundle=tiny_bundle, data=tiny_data, metrics=METRICS,
                     summary=SUMMARY)
