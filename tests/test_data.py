@@ -956,8 +956,10 @@ def test_a_damaged_statistics_cache_is_computed_again(tmp_path, caplog):
     caplog.clear()
     assert torch.equal(data.open_data(root, cache_dir=tmp_path / "cache").stats.eigval, first.eigval)
     assert "(it holds numbers that are not finite)" in caplog.text
-    # of other shapes or types, each of which failed in a rank, every run again; a negative deviation
-    for name, odd, said in (("eigval", torch.ones(4), "its eigval not of the shape and type"),
+    # of other shapes or types, each of which failed in a rank, every run again; a negative deviation;
+    # another data set's statistics under this one's name (copied by hand)
+    for name, odd, said in (("key", "0" * 20, "written for other data"),
+                            ("eigval", torch.ones(4), "its eigval not of the shape and type"),
                             ("eigvec", torch.ones(2, 2), "its eigvec not of the shape and type"),
                             ("mean", first.mean.double(), "its mean not of the shape and type"),
                             ("mean", first.mean.to(torch.uint8), "its mean not of the shape and type"),
