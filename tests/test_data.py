@@ -634,7 +634,7 @@ def test_skipped_images_are_logged_with_their_reason(tmp_path, monkeypatch, capl
     # is refused. DataLoader workers are forked, so they see the limit as well.
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 70_000)
     reasons = {str(big): "too large: 300 x 250 pixels, above the limit of 70000 pixels",
-               str(thin): "aspect ratio 30.0:1", str(fake): "unreadable ("}
+               str(thin): "aspect ratio 30.0:1", str(fake): "unreadable (UnidentifiedImageError: cannot identify "}
     caplog.set_level(logging.WARNING, logger="launch.data")
 
     def check_log(bundle, when):
@@ -648,6 +648,9 @@ def test_skipped_images_are_logged_with_their_reason(tmp_path, monkeypatch, capl
     bundle = data.open_data(root, cache_dir=tmp_path / "cache")  # the statistics read every training image
     assert bundle.stats.images == 4
     check_log(bundle, "statistics")
+    assert all(r.getMessage().endswith("; it is left out of the statistics, and training puts the next image in its "
+                                       "place") for r in caplog.records if r.getMessage().startswith("skipped image"))
+    assert bundle.train.replaced == set()  # none stood in for another: that is for the images of a batch
     caplog.clear()
     bundle.train.corrupt = set()
     assert len(list(data.train_batches(bundle, batch_size=len(bundle.train), seed=0, epoch=0, workers=2))) == 1
