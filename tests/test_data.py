@@ -815,6 +815,7 @@ def test_stats_are_cached_keyed_and_fall_back_to_cache_dir(tmp_path, monkeypatch
         m.setattr(stats, "compute_stats", no_compute)
         again = data.open_data(root, cache_dir=cache).stats
     assert torch.equal(again.mean, first.mean) and torch.equal(again.eigvec, first.eigvec)
+    assert (again.images, again.pca_source) == (6, "computed")  # as computed, the count of images too
 
     # A changed training set gets new statistics; a read-only data folder caches in cache_dir.
     _save(root / "train" / "a" / "new.jpg", _rgb(99))
