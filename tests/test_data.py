@@ -995,6 +995,13 @@ def test_stats_follow_an_image_rewritten_in_place_at_the_same_size(tmp_path):
     assert [p.name for p in root.glob(".alexnet-stats-*.pt")] == [f".alexnet-stats-{key}.pt"]  # the old one gone
 
 
+def test_a_file_s_name_relative_to_the_data_folder_is_the_one_relpath_gives():
+    """The names the statistics' key and the checks of the data hold, relative to the data folder:
+    cut from the path where it lies in the folder, as os.path.relpath has it for any other."""
+    for path, folder in (("/data/train/a/0.jpg", "/data"), ("/train/a/0.jpg", "/"), ("/data/../x/0.jpg", "/data/..")):
+        assert stats.relative_path(path, folder) == os.path.relpath(path, folder), (path, folder)
+
+
 def test_a_file_name_that_is_not_utf8_is_read(tmp_path):
     root = _simple_tree(tmp_path / "data")
     latin1 = root / "train" / "a" / os.fsdecode(b"lat\xe9.jpg")  # a name written on a Latin-1 system
