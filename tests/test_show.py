@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -431,6 +432,19 @@ def test_a_resume_keeps_the_lines_it_cannot_place_and_a_rewrite_cut_short_change
     with pytest.raises(OSError, match="No space left on device"):
         Metrics(path).resume_at(10)
     assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]
+
+
+def test_each_record_carries_the_time_it_was_written(tmp_path):
+    """metrics.jsonl's records, a resume's too, each begin with the time they were written, in
+    seconds since the epoch: what a reader of the file has to tell how long a run took."""
+    path = tmp_path / "metrics.jsonl"
+    before = time.time()
+    Metrics(path).write(**train_record(10, 2.3))
+    Metrics(path).resume_at(10, checkpoint="run/checkpoint.pt")
+    Metrics(path).write(**train_record(20, 2.2))
+    after = time.time()
+    for line in path.read_text().splitlines():
+        assert next(iter(json.loads(line))) == "time" and before <= json.loads(line)["time"] <= after, line
 
 
 def test_the_step_a_run_ended_at_is_read_from_its_summary_only_as_written(tmp_path):
