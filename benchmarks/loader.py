@@ -35,9 +35,10 @@ def _stopped(deadline) -> bool:
 
 
 def _images_per_s(bundle, batch: int, batches: int, workers: int, deadline=None) -> dict:
-    """The loader's rate over ``batches`` timed batches of epoch 0 (with more than ``workers``
-    worker processes, the most that gives each worker as many), taken as training takes them:
-    from one Loader, whose workers have each made a batch of epoch 1 (a warm-up) and wait.
+    """The loader's rate over ``batches`` timed batches of epoch 0 (where they are more than
+    the ``workers`` worker processes, the most that gives each worker as many), taken as
+    training takes them: from one Loader, whose workers have each made a batch of epoch 1 (a
+    warm-up) and wait.
     The clock starts as the timed batches are asked for and stops as the last arrives: every
     decode it times began within it. (Started at the batch after a warm-up one, it counted the
     batches that the other workers made alongside the warm-up as made in no time: with 2

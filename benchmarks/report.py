@@ -506,8 +506,8 @@ def loader_lines(results) -> list:
         timed += f" ({counts}: {loader['not_measured_reason'].removeprefix('not measured: ')} while they were timed)"
     lines = [f"The training loader alone (`launch.data.Loader`: decode, base image, 224 crop, uint8 batch "
              f"of {batch}) on {loader['data']} ({loader['train_images']} training images), by DataLoader worker "
-             f"processes; a warm-up batch for each worker, then {timed} (as many for each worker), timed from "
-             f"when they are asked for.", "",
+             f"processes; a warm-up batch for each worker, then {timed} (as many for each worker where they are "
+             f"more), timed from when they are asked for.", "",
              "| workers | images/s | ms per batch |", "|---|---|---|"]
     measured = [(w["workers"], f"| {w['workers']} | {w['images_per_s']:.1f} | {1000 * w['seconds'] / w['batches']:.1f} |")
                 for w in loader["by_workers"]]
@@ -520,14 +520,14 @@ def loader_lines(results) -> list:
               f"{loader['augment_ms_per_batch']:.1f} ms per batch of {batch}"]
     decoded = loader.get("decoded_on_device")  # not in older results
     if decoded and "reason" in decoded:
-        lines.append(f"- the same batches decoded on the GPU by torchvision (nvJPEG): {decoded['reason']}")
+        lines.append(f"- the loader's first batches decoded on the GPU by torchvision (nvJPEG): {decoded['reason']}")
     elif decoded:
         cut = f" ({decoded['cut'].removeprefix('not measured: ')})" if decoded.get("cut") else ""
         against = (f", against the towers' step's {towers[0]['images_per_s']:.1f} (in training, decoding would share "
                    f"the GPU with it)") if towers else ""
         timed = f"{decoded['batches']} of {decoded['planned_batches']}"
-        lines.append(f"- the same batches decoded on {decoded['device']} by torchvision (nvJPEG, one call per batch; "
-                     f"each file read on one thread, the crops cut on the GPU), alone on the GPU: "
+        lines.append(f"- the loader's first batches decoded on {decoded['device']} by torchvision (nvJPEG, one call "
+                     f"per batch; each file read on one thread, the crops cut on the GPU), alone on the GPU: "
                      f"{decoded['images_per_s']:.1f} images/s over {timed} timed batches{cut}{against}")
     if towers:
         rate = towers[0]["images_per_s"]

@@ -162,8 +162,8 @@ def resolve_path(path) -> Path:
         raise CheckpointError(f"cannot look for a checkpoint at {path} ({exc.strerror or exc}): give a checkpoint "
                               f"file or a run folder you can read") from None
     if there and not found:  # read, a named pipe would be waited on for good
-        raise CheckpointError(f"{path} is not a file (a named pipe, a device): give a checkpoint file or a run "
-                              f"folder that holds {FILENAME}")
+        raise CheckpointError(f"{path} is not a file (a folder, a named pipe, a device): give a checkpoint file or a "
+                              f"run folder that holds {FILENAME}")
     if not found:
         raise CheckpointError(f"no checkpoint at {path}: give a checkpoint file or a run folder that holds {FILENAME}")
     return path

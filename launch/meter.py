@@ -77,7 +77,7 @@ def takes_escape_codes(stream) -> bool:
 
 def terminal_columns() -> int:
     """The width of standard error's terminal, in characters, as it is now (a window resized
-    since counts); else $COLUMNS, or 80."""
+    since counts); else shutil.get_terminal_size's ($COLUMNS, standard output's terminal, 80)."""
     try:
         columns = os.get_terminal_size(sys.stderr.fileno()).columns
     except (AttributeError, ValueError, OSError):  # no terminal's descriptor (io.UnsupportedOperation too)
@@ -206,7 +206,8 @@ class Metrics:
         cut short by the stop; a 'resume' record marks the place. So each step is in the file once, as
         the net in the checkpoint took it. The file is rewritten whole or left as it was; one
         not there yet (a checkpoint resumed in a folder of its own) is begun by the record.
-        A summary.json of a later step, the copy of a summary record dropped, is removed."""
+        A summary.json of a later step, the copy of a summary record dropped, is removed. Raises
+        RunFolderGone where the run folder is no longer the run's own (see check_run_folder)."""
         if self.path is None:
             return
         with writing_in_run_folder(self.path.parent):  # the run's own: not another's, in its place since

@@ -557,7 +557,7 @@ def _write(src: Path, dst: Path, planned: dict, workers: int, quality: int) -> i
     if unreadable:
         log.warning("%d files skipped (unreadable or refused); listed in %s", len(unreadable), listing)
     try:
-        bundle = open_data(dst)
+        bundle = open_data(dst, builtin_alternative=False)
     except DataError as exc:  # such as a class whose every image is unreadable
         print(f"error: the prepared tree cannot be used: {exc}", file=sys.stderr)
         return 2

@@ -60,8 +60,9 @@ log = logging.getLogger("launch.two_gpu")
 
 # The rest is the run's recipe, kept from the checkpoint. Of it, a resumed run may change --epochs (to
 # train longer) and, for the fixed schedule, --lr-milestones (which stay where the run's first start
-# put them unless given: a run trained longer moves them), and --lr and --warmup-steps (to go on after
-# a loss that diverged; the schedule keeps its reductions, see launch.schedule.base_rate). --val-limit
+# put them unless given: a run trained longer moves them), --lr (to go on after a loss that diverged;
+# the schedule keeps its reductions, see launch.schedule.base_rate) and --warmup-steps (counted from the
+# run's first step, so a warm-up again only where longer than the steps trained). --val-limit
 # stays: the plateau schedule compares the evaluations of one fixed set of images.
 # --data may name the run's images at a new place (the class names and the training-image count are
 # checked against the checkpoint's, and the statistics computed from the images found there).
@@ -155,6 +156,8 @@ def resumed_config(config: TrainConfig, payload: dict, given: Optional[set] = No
     # saved before --recipe existed: its recipe fields were filled all the same, from the
     # recipe that was then the dataset's default
     saved = {"recipe": "paper" if saved.get("data") is not None else "small", **saved}
+    if saved.get("patience") == 0:  # saved before --patience 0 was refused: it divided the rate as 1 does
+        saved["patience"] = 1
     defaults, given = _given(config, given)
     for name in ("out", "run_name"):  # in RUN_CONTROL, but a resumed run goes on in its own folder
         if name in given:
@@ -465,7 +468,8 @@ def _prepare_run(config: TrainConfig, checkpoint: Optional[dict]):
         check_resumable(resolve(config, train_images=len(bundle.train)), checkpoint, bundle)
 
     bundle = data_module.open_data(config.data, classify=True, stats=known,  # one class refused (prepare takes it)
-                                   need_train=not evaluating, before_stats=the_runs_data if config.resume else None)
+                                   need_train=not evaluating, before_stats=the_runs_data if config.resume else None,
+                                   builtin_alternative=not (config.resume or config.eval_only))  # else: the run's
     if evaluating:
         log.info("data: %s (%d classes, %d validation images; train/ not read: an evaluation does not need it)",
                  bundle.root, len(bundle.classes), len(bundle.val))

@@ -366,7 +366,7 @@ def test_the_loader_stops_timing_batches_at_the_deadline(tiny_data, workers):
     lines = report.loader_lines({"loader": loader, "runs": [], "config": {"batch": 2}})
     assert (f"a warm-up batch for each worker, then {measured['batches']} timed ({measured['batches']} of 15 with 0 "
             f"workers: the benchmark's --time-limit of 10 s was reached while they were timed) (as many for each "
-            f"worker), timed from when they are asked for.") in lines[0]
+            f"worker where they are more), timed from when they are asked for.") in lines[0]
 
 
 def test_the_loader_s_rate_is_that_of_its_workers_kept_busy(tiny_data, monkeypatch):
@@ -449,7 +449,8 @@ def test_batches_decoded_by_torchvision_are_the_loader_s(tiny_data, tmp_path, mo
     loader = run.measure_loader((0,), 4, 1, "cpu", run.open_loader_data(str(tiny_data), 4))
     assert loader["decoded_on_device"] == {"reason": loader_module.NO_GPU_DECODING}
     lines = report.loader_lines({"loader": loader, "runs": [], "config": {"batch": 4}})
-    assert f"- the same batches decoded on the GPU by torchvision (nvJPEG): {loader_module.NO_GPU_DECODING}" in lines
+    assert f"- the loader's first batches decoded on the GPU by torchvision (nvJPEG): {loader_module.NO_GPU_DECODING}" \
+        in lines
     assert report.loader_decoding_missing(loader) == []
     failed = {"decoded_on_device": {"reason": "failed: RuntimeError: nvjpeg"}}
     assert report.loader_decoding_missing(failed) == ["- the loader's batches decoded on the GPU: failed: RuntimeError: "
@@ -469,12 +470,13 @@ def test_the_loader_section_names_the_workers_that_keep_up_with_the_towers_or_no
         return next(line for line in lines if line.startswith("- the towers' training step"))
     assert said(80.0).endswith("80.0 images/s at this batch: the loader keeps up with it from 2 workers")
     assert said(5000.0).endswith("no worker count measured keeps up with it (the most: 150.0 images/s from 4 workers)")
-    # and the same batches decoded on the GPU, where they were
+    # and the loader's first batches decoded on the GPU, where they were
     loader["decoded_on_device"] = {"device": "cuda", "batches": 4, "planned_batches": 4, "batch": 16, "seconds": 0.2,
                                    "images_per_s": 320.0, "cut": None}
     towers = {"mode": "towers", "batch": 16, "precision": "fp32", "memory_format": "contiguous", "images_per_s": 80.0}
-    decoded = ("- the same batches decoded on cuda by torchvision (nvJPEG, one call per batch; each file read on one "
-               "thread, the crops cut on the GPU), alone on the GPU: 320.0 images/s over 4 of 4 timed batches")
+    decoded = ("- the loader's first batches decoded on cuda by torchvision (nvJPEG, one call per batch; each file "
+               "read on one thread, the crops cut on the GPU), alone on the GPU: 320.0 images/s over 4 of 4 timed "
+               "batches")
     lines = report.loader_lines({"loader": loader, "runs": [towers], "config": {"batch": 16}})
     assert f"{decoded}, against the towers' step's 80.0 (in training, decoding would share the GPU with it)" in lines
     loader["decoded_on_device"].update(batches=2, cut="not measured: the benchmark's --time-limit of 9 s was reached")

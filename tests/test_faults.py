@@ -2014,6 +2014,11 @@ def test_bad_checkpoints_get_clear_errors_and_run_no_code(tiny_data, tmp_path, c
     save_reference(good, reference_from_seed(10, 0))
     assert "trained for 10 classes but the data has 5" in _error_of(
         ["--data", _five_classes(tiny_data, tmp_path), "--out", tmp_path / "runs", "--eval-only", good], caplog)
+    # a --data that is no folder: named, without the built-in dataset for advice (left out, the run's data is read)
+    meaned = tmp_path / "meaned.pt"
+    save_reference(meaned, reference_from_seed(10, 0), data_mean=torch.zeros(3, 256, 256))
+    err = _error_of(["--data", good, "--out", tmp_path / "runs", "--eval-only", meaned], caplog)
+    assert f"data folder {good} is not a folder: pass the path of" in err and "built-in" not in err, err
 
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])

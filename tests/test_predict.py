@@ -347,7 +347,8 @@ def test_missing_checkpoint_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match="no checkpoint at"):
         open_classifier(tmp_path / "nothing.pt")
     os.mkfifo(tmp_path / "pipe.pt")  # something there, which is no checkpoint: said so
-    with pytest.raises(CheckpointError, match=rf"^{tmp_path / 'pipe.pt'} is not a file \(a named pipe, a device\): "):
+    with pytest.raises(CheckpointError, match=rf"^{tmp_path / 'pipe.pt'} is not a file \(a folder, a named pipe, "
+                                              rf"a device\): "):
         open_classifier(tmp_path / "pipe.pt")
 
 

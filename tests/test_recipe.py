@@ -290,6 +290,12 @@ def test_a_resumed_run_keeps_its_recipe():
     with pytest.raises(ValueError, match="^--lr-milestones divides the rate at fixed epochs, but the resumed run's "
                                          "schedule is plateau: drop --lr-milestones$"):
         resumed_config(TrainConfig(resume="run", lr_milestones=(20,)), plateau)
+    # saved with --patience 0 before it was refused: resumed as 1, which it acted as, --patience 1 not refused
+    zero = {**plateau, "config": {**plateau["config"], "patience": 0}}
+    for given in ({}, {"patience": 1}):
+        resumed = resumed_config(TrainConfig(resume="run", **given), zero)
+        resumed.validate()
+        assert resumed.patience == 1
     # saved before --recipe existed: the recipe that was the dataset's default, its values kept
     for data, recipe in (("photos", "paper"), (None, "small")):
         old = dataclasses.asdict(dataclasses.replace(saved, data=data))
