@@ -85,23 +85,13 @@ def terminal_columns() -> int:
     return columns or shutil.get_terminal_size().columns
 
 
-class _ConsoleFormatter(logging.Formatter):
-    def __init__(self, fmt: str, erase: bool):
-        super().__init__(fmt)
-        self.erase = erase
-
-    def format(self, record: logging.LogRecord) -> str:
-        line = super().format(record)
-        return CLEAR_LINE + line if self.erase else line
-
-
 def console_handler(fmt: str = "%(message)s") -> logging.Handler:
     """The handler of a program's lines on standard error. On a terminal each line first
     erases the one it is written on: there, rank 0's progress bar, drawn without a line
     break, is replaced by any line that comes (a skipped image, another rank's warning, the
     launcher's error), not run into by it."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_ConsoleFormatter(fmt, erase=takes_escape_codes(sys.stderr)))
+    handler.setFormatter(logging.Formatter(CLEAR_LINE + fmt if takes_escape_codes(sys.stderr) else fmt))
     return handler
 
 
