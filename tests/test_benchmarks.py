@@ -35,7 +35,8 @@ from towers import exchange as exchange_module
 from towers.exchange import ExchangeLog
 from towers.sharding import shard_state_dict
 
-from conftest import ROOT, cmdline, live_processes, short_temporary, skip_without_namespaces, terminate_when_ready
+from conftest import (ROOT, as_foreground_job, cmdline, live_processes, short_temporary, skip_without_namespaces,
+                      terminate_when_ready)
 
 PARAMS = 60_965_224  # parameters of the whole net: the layer shapes of section 3.5 and Figure 2
 # Elements one tower sends per image, from the paper's Figure 2 (the partition table in the README):
@@ -1109,7 +1110,8 @@ def test_a_redraw_that_fails_or_is_stopped_leaves_the_earlier_report_as_it_was(t
         assert result.returncode == 2 and result.stderr.splitlines()[-1].startswith("error: "), result.stderr[-3000:]
     else:  # while the first chart is drawn: after the imports, the lock and the checks
         proc = subprocess.Popen([sys.executable, "-c", _STOPPED_WHILE_DRAWING, str(folder)], cwd=ROOT,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                preexec_fn=as_foreground_job)  # as a terminal's job, the suite's own aside
         assert proc.stdout.readline() == "drawing\n"
         proc.send_signal(getattr(signal, stop))
         _, err = proc.communicate(timeout=120)
