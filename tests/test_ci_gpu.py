@@ -6,6 +6,7 @@ asked to run; the stages themselves are tested elsewhere (tests/test_gpu.py, tes
 import contextlib
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, as_foreground_job
 
 SCRIPT = ROOT / ".ci" / "gpu"
 # A Python with a GPU, as far as .ci/gpu can tell: the environment report and the GPU check
@@ -80,7 +81,8 @@ def test_a_python_without_torch_is_named_as_such(tmp_path):
     """Not as a Python that sees no GPU: the fix is another PYTHON, not another machine. The
     results of an earlier invocation in the folder stay: they were removed before the refusal."""
     no_torch = tmp_path / "python"
-    no_torch.write_text(f"#!/bin/sh\nexec {sys.executable} -S \"$@\"\n")  # -S: no site-packages, so no torch
+    # -S: no site-packages, so no torch
+    no_torch.write_text(f"#!/bin/sh\nexec {shlex.quote(sys.executable)} -S \"$@\"\n")
     no_torch.chmod(0o755)
     earlier = {"gpu-tests.log": "earlier", "benchmark.log": "earlier", "report/report.md": "earlier"}
     for name, text in earlier.items():
@@ -141,7 +143,8 @@ def test_a_stop_while_it_reports_the_environment_leaves_no_partial_file(tmp_path
     slow.chmod(0o755)
     out = tmp_path / "out"
     proc = subprocess.Popen(["bash", str(SCRIPT), str(out), "tests"], cwd=ROOT, env=dict(os.environ, PYTHON=str(slow)),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                            preexec_fn=as_foreground_job)  # as a terminal's job, the suite's own aside
     try:
         deadline = time.monotonic() + 30
         while not list(out.glob(".environment.txt.partial-*")) and time.monotonic() < deadline:

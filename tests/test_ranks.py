@@ -647,8 +647,13 @@ def test_a_rank_stopped_by_sigterm_takes_no_second_ctrl_c(capfd, tmp_path, then_
     """A rank stopped by the SIGTERM of its process group gets its first Ctrl-C from the launcher,
     which passes it on: raised in the rank's exit, it printed a traceback. Ending, the rank is
     killed by a SIGTERM again, as outside a save (the launcher's terminate ends it)."""
-    with pytest.raises(RankFailure) as info:
-        run_ranks(_stopped_in_a_save_then_passed_a_ctrl_c, (then_failed, str(tmp_path / "sigterm")), timeout_s=60)
+    interactive = signal.signal(signal.SIGINT, signal.default_int_handler)  # else the ranks ignore Ctrl-C anyway
+    try:
+        with pytest.raises(RankFailure) as info:
+            run_ranks(_stopped_in_a_save_then_passed_a_ctrl_c, (then_failed, str(tmp_path / "sigterm")),
+                      timeout_s=60)
+    finally:
+        signal.signal(signal.SIGINT, interactive)
     assert info.value.failures[0] == ("RuntimeError: a peer is gone" if then_failed else "stopped by SIGTERM")
     err = capfd.readouterr().err
     assert "Process rank0" not in err and "KeyboardInterrupt" not in err, err
