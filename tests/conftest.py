@@ -35,7 +35,12 @@ def pytest_configure(config):
     """The tests' temporary folders in memory, on a tmpfs, where the machine has one with
     room to spare: the program syncs every checkpoint it writes (hundreds of MB) to the
     disk, which on a disk took 1.5 s of each save. A --basetemp or pytest's own
-    PYTEST_DEBUG_TEMPROOT given by the caller wins; elsewhere the system's temporary folder."""
+    PYTEST_DEBUG_TEMPROOT given by the caller wins; elsewhere the system's temporary folder.
+    A job's torchrun variables (a suite run as a rank of a cluster's job) are dropped: with them,
+    every launch of the program would run as that rank under torchrun."""
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                 "TORCHELASTIC_RUN_ID"):
+        os.environ.pop(name, None)
     if config.option.basetemp or "PYTEST_DEBUG_TEMPROOT" in os.environ:
         return
     try:

@@ -676,8 +676,12 @@ def test_a_built_in_set_that_cannot_be_put_in_place_is_said_and_leaves_nothing(t
 
 
 def test_builtin_dataset_is_deterministic_and_atomic(tmp_path, monkeypatch):
-    first = builtin.builtin_dataset(tmp_path / "one", train_per_class=2, val_per_class=1)
-    second = builtin.builtin_dataset(tmp_path / "two", train_per_class=2, val_per_class=1)
+    shared = os.umask(0o002)  # the folders' modes follow the umask, whatever the suite's
+    try:
+        first = builtin.builtin_dataset(tmp_path / "one", train_per_class=2, val_per_class=1)
+        second = builtin.builtin_dataset(tmp_path / "two", train_per_class=2, val_per_class=1)
+    finally:
+        os.umask(shared)
     files = _files(first)
     assert files == _files(second)
     assert len([f for f in files if f.endswith(".jpg")]) == 30
@@ -687,7 +691,7 @@ def test_builtin_dataset_is_deterministic_and_atomic(tmp_path, monkeypatch):
     bundle = data.open_data(first, cache_dir=tmp_path / "cache")
     # readable by the other users of a shared cache, not private as the staging folder it was made in: as the
     # folders in it are, by the umask
-    assert stat.S_IMODE(first.stat().st_mode) == stat.S_IMODE((first / "train").stat().st_mode) == 0o755
+    assert stat.S_IMODE(first.stat().st_mode) == stat.S_IMODE((first / "train").stat().st_mode) == 0o775
     private = os.umask(0o077)
     try:
         kept = builtin.builtin_dataset(tmp_path / "private", train_per_class=1, val_per_class=1)

@@ -16,6 +16,7 @@ import math
 import os
 import pickle
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -626,7 +627,7 @@ def test_a_full_disk_is_named_and_loses_nothing(tmp_path):
     big.mkdir(), small.mkdir()
     program.write_text(_FULL_DISK)
     script = (f"mount -t tmpfs -o size=300m tmpfs {big} && mount -t tmpfs -o size=3m tmpfs {small} && "
-              f"exec {sys.executable} {program} {big} {small}")
+              f"exec {shlex.quote(sys.executable)} {program} {big} {small}")
     try:
         result = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script], cwd=ROOT,
                                 capture_output=True, text=True, timeout=BOUND_S * 3)
@@ -2533,8 +2534,8 @@ def test_no_temporary_folder_to_write_is_one_line(tmp_path, program):
     read_only = ("mount --rbind /tmp /tmp && mount -o remount,bind,ro /tmp && mount --rbind /var/tmp /var/tmp && "
                  "mount -o remount,bind,ro /var/tmp")
     skip_without_namespaces("--mount", setup=read_only)
-    script = f"{read_only} && cd /tmp && exec env -u TMPDIR -u TEMP -u TMP {sys.executable} -m {program} --out " \
-             f"{tmp_path / 'out'}"
+    script = (f"{read_only} && cd /tmp && exec env -u TMPDIR -u TEMP -u TMP {shlex.quote(sys.executable)} -m {program} "
+              f"--out {tmp_path / 'out'}")
     result = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script],
                             env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=300)
     assert result.returncode == 2, result.stderr

@@ -8,6 +8,7 @@ import errno
 import json
 import logging
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -1058,7 +1059,7 @@ def test_a_read_only_disk_for_the_pictures_is_named_as_such(tmp_path):
     read_only = tmp_path / "read-only"
     read_only.mkdir()
     script = (f"mount -t tmpfs -o ro tmpfs {read_only} && "
-              f"exec {sys.executable} -m launch.show {run} --only curves --out {read_only}")
+              f"exec {shlex.quote(sys.executable)} -m launch.show {run} --only curves --out {read_only}")
     try:
         result = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script], cwd=ROOT,
                                 capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
@@ -1095,7 +1096,7 @@ def test_no_folder_for_matplotlibs_cache_is_one_line(tmp_path):
                  f"mount -o remount,bind,ro /var/tmp && mount -t tmpfs tmpfs {pictures}")
     skip_without_namespaces("--mount", setup=read_only)
     script = (f"{read_only} && cd /tmp && exec env -u TMPDIR -u TEMP -u TMP MPLCONFIGDIR=/tmp/matplotlib "
-              f"{sys.executable} -m launch.show {run} --only curves --out {pictures}")
+              f"{shlex.quote(sys.executable)} -m launch.show {run} --only curves --out {pictures}")
     result = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script], cwd=ROOT,
                             capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
     assert (result.returncode, result.stdout) == (2, ""), result.stderr
