@@ -37,9 +37,10 @@ MAX_ASPECT_RATIO = 20
 # call so that setting it applies here too.
 
 # Errors PIL raises for a file that is not a readable image (truncated, corrupt,
-# unidentified, an absurd size; TypeError for a TIFF tag of the wrong type), and
-# ImageRejected (a ValueError); anything else is a bug and propagates.
-DECODE_ERRORS = (OSError, ValueError, TypeError, SyntaxError, EOFError, struct.error, IndexError,
+# unidentified, an absurd size; TypeError for a TIFF tag of the wrong type;
+# NotImplementedError for a format it knows in a variant it cannot decode, such as a DDS
+# pixel format), and ImageRejected (a ValueError); anything else is a bug and propagates.
+DECODE_ERRORS = (OSError, ValueError, TypeError, SyntaxError, EOFError, struct.error, IndexError, NotImplementedError,
                   Image.DecompressionBombError)
 
 

@@ -5,6 +5,7 @@ Everything is made in tmp_path."""
 
 import errno
 import inspect
+import io
 import json
 import logging
 import multiprocessing
@@ -451,6 +452,21 @@ def test_a_tiff_with_a_damaged_tag_is_unreadable(tmp_path):
     strip_offsets = next(e for e in entries if int.from_bytes(damaged[e:e + 2], "little") == 273)
     damaged[strip_offsets + 2] = 5  # the entry's type: 4 (LONG) becomes 5 (RATIONAL)
     path.write_bytes(bytes(damaged))
+    with pytest.raises(images.DECODE_ERRORS):
+        images.load_image(path)
+
+
+def test_a_format_pil_knows_in_a_variant_it_cannot_decode_is_unreadable(tmp_path):
+    """A DDS of a pixel format PIL does not decode (whatever the file's name: PIL goes by its
+    bytes) makes it raise NotImplementedError: an unreadable image, not a crash."""
+    buffer = io.BytesIO()
+    Image.new("RGBA", (8, 8)).save(buffer, "DDS")
+    odd = bytearray(buffer.getvalue())
+    odd[80:84] = struct.pack("<I", 1)  # the pixel format's flags: none PIL knows
+    path = tmp_path / "odd.jpg"
+    path.write_bytes(bytes(odd))
+    with pytest.raises(NotImplementedError):
+        Image.open(path).load()
     with pytest.raises(images.DECODE_ERRORS):
         images.load_image(path)
 

@@ -10,6 +10,7 @@ import io
 import json
 import os
 import shutil
+import struct
 import subprocess
 import sys
 
@@ -223,11 +224,17 @@ def test_unusable_files_are_named_and_the_others_classified(checkpoints, photos,
     too_long = tmp_path / ("x" * 300 + ".jpg")  # the system refuses the name (ENAMETOOLONG) before any read
     pipe = tmp_path / "pipe.jpg"
     os.mkfifo(pipe)  # opened, it would wait for a writer
-    paths = [tmp_path / "missing.png", text, photos[0], folder, strip, too_long, pipe, photos[1]]
+    dds = io.BytesIO()
+    Image.new("RGBA", (8, 8)).save(dds, "DDS")
+    odd = tmp_path / "odd.jpg"  # a DDS of a pixel format PIL cannot decode: NotImplementedError
+    odd.write_bytes(dds.getvalue()[:80] + struct.pack("<I", 1) + dds.getvalue()[84:])
+    paths = [tmp_path / "missing.png", text, photos[0], folder, strip, too_long, pipe, odd, photos[1]]
     predictions = _predictions(open_classifier(checkpoints["full"]), paths, batch_size=4)
     assert [p.path for p in predictions] == [str(p) for p in paths]
     errors = {p.path: p.error for p in predictions if p.error is not None}
-    assert set(errors) == {str(tmp_path / "missing.png"), str(text), str(folder), str(strip), str(too_long), str(pipe)}
+    assert set(errors) == {str(tmp_path / "missing.png"), str(text), str(folder), str(strip), str(too_long), str(pipe),
+                           str(odd)}
+    assert errors[str(odd)].startswith(f"{odd}: not a readable image (NotImplementedError: ")
     assert errors[str(pipe)].endswith(": not a regular file (a pipe, a device or a socket), not an image")
     assert "File name too long" in errors[str(too_long)]
     assert errors[str(tmp_path / "missing.png")].endswith(": no such file")
