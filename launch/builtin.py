@@ -163,8 +163,11 @@ def builtin_dataset(root: Optional[Path] = None, *, train_per_class: int = BUILT
     machine. Made in a temporary sibling folder and renamed into place, so an
     interrupted generation never leaves a folder that looks complete."""
     root = Path(root) if root is not None else default_root()
-    if root.is_dir():
-        return root
+    try:
+        if root.is_dir():
+            return root
+    except OSError as exc:  # PermissionError: in a folder this user cannot enter, such as another's home
+        raise DataError(_cannot_make(root, exc)) from None
     if os.path.lexists(root):  # a file, or a link to nothing, that the finished folder would be renamed onto
         if root.is_dir():  # or another run's folder, made since it was first asked
             return root

@@ -147,7 +147,7 @@ def load_or_compute_stats(root: Path, train: "ImageFolderSplit", train_files: li
     with contextlib.suppress(ValueError):
         places.append(Path(cache_dir or default_cache_dir()) / "stats" / name)
     for candidate in places:
-        if candidate.is_file():
+        if os.path.isfile(candidate):  # False, not PermissionError, in a folder this user cannot enter
             try:
                 damaged = damaged_record(candidate)  # torch.load would load damaged bytes as numbers
                 if damaged is not None:

@@ -821,6 +821,22 @@ def test_the_cache_folder_is_never_the_root_or_the_current_folder(tmp_path, monk
                 Image.new("RGB", (256, 256), (40 * i, 90, 200)).save(root / split / label / f"{i}.jpg")
     assert data.open_data(root).stats.images == 4 and list(root.glob(".alexnet-stats-*.pt"))
 
+
+def test_a_cache_folder_that_cannot_be_looked_in_is_passed_over_or_said(tmp_path):
+    """Path.is_file and is_dir raise, not answer False, for a path in a folder this user cannot
+    enter (PermissionError: another user's home, named by an inherited XDG_CACHE_HOME), or one
+    with a name too long for the system (which root meets too): the statistics' cached copy
+    there, looked for, and the built-in dataset, were a traceback."""
+    unusable = tmp_path / ("x" * 300)
+    root = _simple_tree(tmp_path / "data")
+    assert data.open_data(root, cache_dir=unusable).stats.images == 6  # computed
+    assert len(list(root.glob(".alexnet-stats-*.pt"))) == 1  # and kept beside the data
+    with pytest.raises(DataError, match=r"^cannot make the built-in dataset in .*x \(File name too long\): set "
+                                        r"XDG_CACHE_HOME to a folder"):
+        builtin.builtin_dataset(unusable / "set", train_per_class=1, val_per_class=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
+
+
 def test_stats_are_cached_keyed_and_fall_back_to_cache_dir(tmp_path, monkeypatch, caplog):
     root = _simple_tree(tmp_path / "data")
     cache = tmp_path / "cache"
