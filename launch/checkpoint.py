@@ -237,6 +237,9 @@ def load_checkpoint(path, classes: Optional[list] = None, mmap: bool = True) -> 
         raise CheckpointError(
             f"refusing to load {path}: it holds Python objects other than tensors and plain data, and "
             f"unpickling them could run code ({culprit}). Only checkpoints written by this project load") from None
+    except PermissionError as exc:  # whole, maybe, but not this user's to read
+        raise CheckpointError(f"cannot read {path} ({exc.strerror}): give a checkpoint that this user can read, or "
+                              f"let it be read (chmod)") from None
     except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, OSError,
             KeyError, IndexError, TypeError, AttributeError) as exc:  # the last four: a pickle edited by hand
         first = (str(exc).splitlines() or [""])[0]
@@ -246,16 +249,19 @@ def load_checkpoint(path, classes: Optional[list] = None, mmap: bool = True) -> 
     if not zipped:
         raise CheckpointError(not_whole.format("not a zip archive, as torch.save writes a checkpoint"))
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a checkpoint of this project (no '{FORMAT}' marker)")
+        raise CheckpointError(f"{path} is not a checkpoint of this project (no '{FORMAT}' marker): give one that "
+                              f"launch.two_gpu or launch.checkpoint.save_reference wrote")
     if payload.get("version") != VERSION:
-        raise CheckpointError(f"{path} has checkpoint version {payload.get('version')}; this program reads version {VERSION}")
+        raise CheckpointError(f"{path} has checkpoint version {payload.get('version')}; this program reads version "
+                              f"{VERSION}: read it with the version of this program that wrote it")
     arch, model = payload.get("arch", {}), payload.get("model")
     if not (isinstance(arch, dict) and isinstance(model, dict) and all(isinstance(v, torch.Tensor) for v in model.values())
             and type(arch.get("num_classes")) is int and arch["num_classes"] >= 2):
         raise CheckpointError(f"{path} is not laid out as this program writes a checkpoint (an 'arch' record with its "
                               f"num_classes, at least 2, a 'model' of tensors): it was not saved by this program")
     if arch.get("name") != ARCH:
-        raise CheckpointError(f"{path} holds architecture {arch.get('name')!r}, not {ARCH!r}")
+        raise CheckpointError(f"{path} holds architecture {arch.get('name')!r}, not {ARCH!r}: it was not saved by this "
+                              f"program")
     try:  # a checkpoint saved before the architecture was recorded holds the paper's net: the defaults
         architecture = Architecture(**{f.name: arch.get(f.name, f.default) for f in dataclasses.fields(Architecture)})
     except (ValueError, TypeError) as exc:

@@ -1960,6 +1960,21 @@ def test_saved_options_of_another_type_or_outside_their_choices_are_named():
     assert cli.values_refused(saved, TrainConfig) == ["lr_milestones=[30, '60']", "epochs=2.0", "schedule='weekly'"]
 
 
+def test_a_checkpoint_this_user_cannot_read_is_said_so_not_called_truncated(tmp_path, monkeypatch):
+    """A whole checkpoint of another user's, private: "truncated or not a checkpoint" sent the
+    user to look for another copy. (Simulated: the tests may run as root, who reads any file.)"""
+    private = tmp_path / "private.pt"
+    save_reference(private, reference_from_seed(10, 0))
+
+    def refused(path, *args, **kwargs):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+
+    monkeypatch.setattr(checkpoint, "open", refused, raising=False)  # the checkpoint module's reads
+    with pytest.raises(checkpoint.CheckpointError, match=f"^cannot read {private} \\(Permission denied\\): give a "
+                                                         f"checkpoint that this user can read, or let it be read"):
+        load_checkpoint(private)
+
+
 def test_a_damaged_checkpoint_is_refused_not_loaded_as_it_is(tmp_path):
     """Bytes of a tensor changed on the disk or in a copy: torch.load would load them as they
     are, and the net would predict worse without a word. A pickle edited by hand is refused in
@@ -2029,7 +2044,8 @@ def test_bad_checkpoints_get_clear_errors_and_run_no_code(tiny_data, tmp_path, c
     torch.save(checkpoint_payload(torch.nn.Linear(3, 10).state_dict(), num_classes=10), other_arch)
     assert "does not hold the 2012 AlexNet" in _error_of([*args, other_arch], caplog)
     torch.save(reference_from_seed(10, 0).state_dict(), tmp_path / "plain.pt")
-    assert "not a checkpoint of this project" in _error_of([*args, tmp_path / "plain.pt"], caplog)
+    assert "not a checkpoint of this project (no 'alexnet-towers/checkpoint' marker): give one that launch.two_gpu " \
+           "or launch.checkpoint.save_reference wrote\n" in _error_of([*args, tmp_path / "plain.pt"], caplog)
     # the options of training, which an evaluation would ignore; at their default values too
     assert f"error: --lr --seed: --eval-only evaluates {good} and trains nothing, so these options do nothing: drop them" \
         in _error_of([*args, good, "--lr", "0.1", "--seed", "0", "--batch-size", "8"], caplog)
@@ -2061,11 +2077,12 @@ def test_bad_checkpoints_get_clear_errors_and_run_no_code(tiny_data, tmp_path, c
         torch.save(broken, tmp_path / "broken.pt")
         assert f"{tmp_path / 'broken.pt'} is not laid out as this program writes a checkpoint" in _error_of(
             [*args, tmp_path / "broken.pt"], caplog), name
-    for broken, said in ((dict(payload, version=2), "has checkpoint version 2; this program reads version 1"),
+    for broken, said in ((dict(payload, version=2), "has checkpoint version 2; this program reads version 1: read it "
+                                                    "with the version of this program that wrote it"),
                          (dict(payload, arch=dict(payload["arch"], name="alexnet-2014")),
-                          "holds architecture 'alexnet-2014', not 'alexnet-2012'")):
+                          "holds architecture 'alexnet-2014', not 'alexnet-2012': it was not saved by this program")):
         torch.save(broken, tmp_path / "broken.pt")
-        assert f"error: {tmp_path / 'broken.pt'} {said}" in _error_of([*args, tmp_path / "broken.pt"], caplog), said
+        assert f"error: {tmp_path / 'broken.pt'} {said}\n" in _error_of([*args, tmp_path / "broken.pt"], caplog), said
 
     marker = tmp_path / "code-ran"
     crafted = tmp_path / "crafted.pt"
