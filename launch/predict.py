@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import sys
+import warnings
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Iterator, List, NamedTuple, Optional
@@ -121,13 +122,19 @@ class Classifier:
 
 def decode(path: str):
     """The 3 x 256 x 256 uint8 base image of ``path``, as training decodes it, or the
-    reason it cannot be used (a str naming the file)."""
+    reason it cannot be used (a str naming the file). A warning PIL gives about an image it
+    still reads (a damaged TIFF tag) is logged in a line naming the image (left to Python, it
+    names PIL's source line, not the image)."""
     try:
         if Path(path).is_dir():
             return f"{path}: a folder, not an image"
         if Path(path).exists() and not Path(path).is_file():  # a FIFO would wait for a writer forever
             return f"{path}: not a regular file (a pipe, a device or a socket), not an image"
-        pixels = load_image(path)
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always", UserWarning)  # PIL's about the image, not a deprecation
+            pixels = load_image(path)
+        for warning in said:
+            log.warning("warning: %s: %s", one_line(path), one_line(str(warning.message)))
     except ImageRejected as error:  # its message names the file, the limit and the fix
         return str(error)
     except FileNotFoundError:

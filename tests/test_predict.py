@@ -9,6 +9,7 @@ import copy
 import io
 import json
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -423,6 +424,27 @@ def test_json_output_equals_the_reference_and_bad_images_exit_1(checkpoints, pho
     text_output = _predict(checkpoints["full"], missing, good, check=1)
     assert text_output.stdout.splitlines()[0] == good and len(text_output.stdout.splitlines()) == 6
     assert text_output.stderr.splitlines() == [f"error: {missing}: no such file"]
+
+
+@pytest.mark.slow  # a process
+def test_a_warning_about_an_image_it_still_reads_names_the_image_each_time(checkpoints, tmp_path):
+    """PIL warns of a TIFF tag that holds more values than it should, and reads the image: the
+    warning came as PIL's own two lines, naming its source line, not the image, and for the
+    first such image alone."""
+    damaged = [tmp_path / "one.tif", tmp_path / "two.tif"]
+    for path in damaged:
+        Image.new("RGB", (32, 32), (200, 10, 10)).save(path)
+        tiff = bytearray(path.read_bytes())
+        ifd = int.from_bytes(tiff[4:8], "little")
+        entries = [ifd + 2 + 12 * i for i in range(int.from_bytes(tiff[ifd:ifd + 2], "little"))]
+        rows_per_strip = next(e for e in entries if int.from_bytes(tiff[e:e + 2], "little") == 278)
+        tiff[rows_per_strip + 4:rows_per_strip + 8] = (2).to_bytes(4, "little")  # two values, of one
+        path.write_bytes(bytes(tiff))
+    result = _predict(checkpoints["full"], *damaged, "--json", check=0)
+    assert [json.loads(line)["image"] for line in result.stdout.splitlines()] == [str(p) for p in damaged]
+    lines = result.stderr.splitlines()
+    assert len(lines) == 2 and all(re.fullmatch(f"warning: {re.escape(str(path))}: .*tag 278 .*", line)
+                                   for line, path in zip(lines, damaged)), lines
 
 
 def _refusal(case, checkpoints, photos, tmp_path):
