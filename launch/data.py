@@ -57,6 +57,7 @@ from towers.reference import INPUT_SIZE
 from .builtin import BUILTIN_CLASSES, BUILTIN_NAME, builtin_dataset
 from .cli import home_path, open_lock_file, prints_plainly, real_path
 from .images import BASE_SIZE, DECODE_ERRORS, IMAGE_EXTENSIONS, DataError, is_image_name, load_image, skip_reason
+from .meter import console_handler, log_warnings
 from .ranks import die_with_parent
 from .stats import DataStats, load_or_compute_stats, relative_path
 
@@ -663,8 +664,12 @@ def _end_with(parent_pid: int, worker_id: int) -> None:
     parent instead, and waits for batches forever. (It ends by torch's own handler of SIGTERM,
     at once, whatever it is doing; its multiprocessing folder in TMPDIR, with the socket it
     hands its batches over through, then stays there. A handler of Python's that removed it
-    would run only once the worker came back from C, which one stuck there never does.)"""
+    would run only once the worker came back from C, which one stuck there never does.)
+    A library's warning (PIL's about an image it decodes) is a line of the console, as the
+    rank's are (:func:`launch.meter.log_warnings`): a spawned worker has neither."""
     die_with_parent(parent_pid)
+    logging.basicConfig(level=logging.WARNING, handlers=[console_handler()])
+    log_warnings()
 
 
 def share_of_batch(batch_size: int, share: tuple) -> tuple:

@@ -10,6 +10,7 @@ import shutil
 import stat
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -93,6 +94,17 @@ def console_handler(fmt: str = "%(message)s") -> logging.Handler:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter(CLEAR_LINE + fmt if takes_escape_codes(sys.stderr) else fmt))
     return handler
+
+
+def log_warnings() -> None:
+    """A library's warning (PIL's about an image it still reads, torch's) as a line of the
+    log, as the program's own are: on a terminal it replaces the progress bar, not runs into
+    it, and it is in train.log (a DataLoader worker's, on the console alone). Python's filters
+    still decide which are shown."""
+    def show(message, category, filename, lineno, file=None, line=None):
+        logging.getLogger("py.warnings").warning("warning: %s (%s, %s:%d)", message, category.__name__, filename,
+                                                 lineno)
+    warnings.showwarning = show
 
 
 class ProgressBar:

@@ -40,8 +40,8 @@ from .cli import home_path, shell_word, usable_cores, write_whole
 from .config import TrainConfig, update_config_json
 from .mesh import Mesh, build_mesh, coordinates, loading_ranks, machine_ranks
 from .ranks import ADVICE_FROM_RANK0, PREPARATION_WAIT_S, Placement, error_line, patient_group
-from .meter import (Metrics, ProgressBar, RunFolderGone, StepMeter, console_handler, duration, peak_memory,
-                    writing_in_run_folder)
+from .meter import (Metrics, ProgressBar, RunFolderGone, StepMeter, console_handler, duration, log_warnings,
+                    peak_memory, writing_in_run_folder)
 from .schedule import Progress, base_rate, end_of_epoch_schedule, learning_rate
 from .step import AUTOCAST, paper_optimizer, train_step
 
@@ -473,6 +473,7 @@ def setup_logging(rank: int, run_dir: Optional[Path]) -> None:
     root.addHandler(console_handler("%(message)s" if rank == 0 else f"[rank {rank}] %(message)s"))
     if run_dir is not None:
         root.addHandler(log_file(run_dir / "train.log"))
+    log_warnings()
 
 
 def log_file(path: Path) -> logging.Handler:

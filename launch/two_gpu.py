@@ -48,7 +48,7 @@ from .cli import (JSON_DAMAGE, MAX_PROCESSES_PER_CORE, check_compile_backend, ho
                   shell_word, usable_cores, write_whole)
 from .config import (KEPT_UNLESS_GIVEN, RUN_CONTROL, TrainConfig, build_parser, check_schedule_options, check_workers,
                      describe_recipe, given_options, parse_config, recipe_warnings, resolve)
-from .meter import console_handler, summary_steps
+from .meter import console_handler, log_warnings, summary_steps
 from .mesh import loading_ranks, machine_ranks
 from .ranks import (LOOPBACK, PEER_GONE, PREPARATION_WAIT_S, MissingRank, Placement, RankFailure, choose_placement,
                     cpu_threads_per_rank, die_with_parent, error_line, failed_to_meet, init_process_group,
@@ -756,6 +756,7 @@ def _replicas(config: TrainConfig, towers: int, resumed: Optional[int] = None) -
 
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, handlers=[console_handler()])
+    log_warnings()
     run_dir = lock = config = logfile = None
     sigterm = contextlib.ExitStack()
     started = False  # the ranks
