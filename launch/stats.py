@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 STATS_SAMPLE = 2000  # training images read for the mean image and the RGB covariance
-STATS_VERSION = 1  # part of the cache key: bump when the computation changes
+STATS_VERSION = 2  # part of the cache key: bump when the computation or the decoding of an image changes
 CACHED_SHAPES = {"mean": MEAN_SHAPE, "eigval": (3,), "eigvec": (3, 3)}  # each float32
 
 # The PCA of ImageNet's RGB pixels as published with fb.resnet.torch and used by most
