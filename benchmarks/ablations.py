@@ -8,8 +8,9 @@ Trains the paper's net ("full") and each variant (no LRN, non-overlapping poolin
 tanh for ReLU, the one-tower net of section 3.2) with ``python -m launch.two_gpu``,
 one run after the other, with the same data, seed, recipe and budget; then reads
 each run's metrics.jsonl and summary.json and writes report.md, results.json and
-ablations.png into the report folder. The run folders (checkpoints of about 240 MB
-each) go to --runs, outside the repository by default.
+ablations.png into the report folder. The run folders (checkpoints of about 450 MB
+each: the weights and their momentum) go to --runs, by default the repository's
+git-ignored runs/ablations-<date>/.
 
 The variants of the two-tower net run as the single-device reference (``--layout
 single``) unless --layout towers is given: it computes the same function as the
