@@ -6,6 +6,7 @@ The fast tests call the module in this process on checkpoints saved from the
 reference; the slow ones run the program as a user does (a real process, bounded)."""
 
 import copy
+import errno
 import io
 import json
 import os
@@ -244,6 +245,19 @@ def test_unusable_files_are_named_and_the_others_classified(checkpoints, photos,
     assert "aspect ratio 21.0:1" in errors[str(strip)]
     assert all(error.startswith(path) for path, error in errors.items())
     assert all(p.probabilities is not None for p in predictions if p.path in photos[:2])
+
+
+def test_an_image_this_user_cannot_read_is_said_so(tmp_path, monkeypatch):
+    """Not "no such file", which sends the user to look for it. (Simulated: the tests may run
+    as root, who reads any file.)"""
+    private = tmp_path / "private.jpg"
+    Image.new("RGB", (8, 8)).save(private)
+
+    def refused(path):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+
+    monkeypatch.setattr(predict, "load_image", refused)
+    assert predict.decode(str(private)) == f"{private}: permission denied"
 
 
 def test_an_output_that_is_not_a_number_is_an_error_for_the_image_not_a_probability(checkpoints, photos):
