@@ -9,6 +9,7 @@ import copy
 import errno
 import io
 import json
+import logging
 import os
 import re
 import shutil
@@ -272,7 +273,8 @@ def test_an_output_that_is_not_a_number_is_an_error_for_the_image_not_a_probabil
 
 
 @pytest.mark.slow
-def test_a_checkpoint_without_mean_or_names_needs_the_data_it_was_trained_on(checkpoints, tiny_data):
+def test_a_checkpoint_without_mean_or_names_needs_the_data_it_was_trained_on(checkpoints, tiny_data, tmp_path,
+                                                                            caplog):
     with pytest.raises(CheckpointError, match=r"no mean image of its training set .*give --data DIR"):
         open_classifier(checkpoints["old"])
     with pytest.raises(CheckpointError, match=r"no class names and no mean image .*give --data DIR"):
@@ -282,8 +284,23 @@ def test_a_checkpoint_without_mean_or_names_needs_the_data_it_was_trained_on(che
         classifier = open_classifier(checkpoints[kind], data=str(tiny_data))
         assert classifier.classes == CLASSES
         torch.testing.assert_close(classifier.stats.mean, data_mean, rtol=0, atol=0)
+    # and not other data, whose mean would be wrong: other classes, or another number of them
+    renamed, fewer = tmp_path / "renamed", tmp_path / "fewer"
+    for folder in (renamed, fewer):
+        shutil.copytree(tiny_data, folder)
+    for split in ("train", "val"):
+        (renamed / split / "stripes_v").rename(renamed / split / "stripes_w")  # still the last
+        shutil.rmtree(fewer / split / "dots")
+    with pytest.raises(CheckpointError, match=r"was trained on other classes than the data's \(1 differ: stripes_v -> "
+                                                r"stripes_w\): use the dataset"):
+        open_classifier(checkpoints["old"], data=str(renamed))
+    with pytest.raises(CheckpointError, match=r"was trained for 10 classes but the data has 9: use the dataset"):
+        open_classifier(checkpoints["bare"], data=str(fewer))
     # With the mean saved in the checkpoint, --data is neither needed nor read.
-    assert open_classifier(checkpoints["full"], data="/nonexistent").stats.mean.equal(checkpoints["mean"])
+    with caplog.at_level(logging.INFO, logger="launch.predict"):
+        assert open_classifier(checkpoints["full"], data="/nonexistent").stats.mean.equal(checkpoints["mean"])
+    assert f"{checkpoints['full']} holds its class names and mean image: --data is not needed and not read" \
+        in caplog.messages
     # a --data that is not there is named, without the built-in dataset for advice (left out, no data is read)
     with pytest.raises(ValueError, match=r"^data folder /nonexistent does not exist: pass the path of a folder that "
                                          r"holds train/ and val/ \([^)]*\)$"):
