@@ -35,9 +35,9 @@ STATS_VERSION = 2  # part of the cache key: bump when the computation or the dec
 CACHED_SHAPES = {"mean": MEAN_SHAPE, "eigval": (3,), "eigvec": (3, 3)}  # each float32
 
 # The PCA of ImageNet's RGB pixels as published with fb.resnet.torch and used by most
-# reproductions, on the 0-1 scale. Although called eigenvalues, these numbers are the
-# standard deviations along the principal components (their squares would be the
-# covariance's eigenvalues); see DataStats for the convention used throughout.
+# reproductions: the eigenvalues of the covariance of pixels on the 0-1 scale (as a
+# photograph's are: about 90 %, 8 % and 2 % of the variance; as standard deviations they
+# would leave the third component 0.04 % of it). See DataStats for the scale used here.
 IMAGENET_EIGVAL = (0.2175, 0.0188, 0.0045)
 IMAGENET_EIGVEC = ((-0.5675, 0.7192, 0.4009),
                    (-0.5808, -0.0045, -0.8140),
@@ -49,14 +49,15 @@ _WORDNET_ID = re.compile(r"n\d{8}")
 class DataStats:
     """Training-set statistics on the 0-255 scale.
 
-    Convention for the PCA: ``eigval[i]`` is the standard deviation of the pixels along
-    the principal component ``eigvec[:, i]``, i.e. the square root of the i-th eigenvalue
-    of the RGB covariance, in decreasing order. This puts computed statistics on the
-    same footing as the widely used ImageNet numbers (IMAGENET_EIGVAL), which behave as
-    standard deviations. The colour shift of section 4.1 is eigvec @ (alpha * eigval).
+    Convention for the PCA: ``eigval[i]`` is the paper's lambda_i, the i-th eigenvalue of the
+    RGB covariance, in decreasing order, of the pixels on the 0-1 scale, times 255 (the scale
+    of the pixels it shifts): the scale of fb.resnet.torch's published ImageNet numbers
+    (IMAGENET_EIGVAL), which most reproductions use. (On the 0-255 scale itself an eigenvalue
+    is some 3,000, and an alpha of 0.1 would move a pixel 300 levels.) ``eigvec[:, i]`` is its
+    principal component. The colour shift of section 4.1 is eigvec @ (alpha * eigval).
     """
     mean: torch.Tensor  # 3 x 256 x 256 float32, the per-pixel mean base image
-    eigval: torch.Tensor  # 3, float32, std along each principal component, decreasing
+    eigval: torch.Tensor  # 3, float32, the covariance's eigenvalues on the 0-1 scale times 255, decreasing
     eigvec: torch.Tensor  # 3 x 3 float32, columns are the principal components
     images: int = 0  # how many training images the statistics were computed from
     pca_source: str = "computed"  # or "imagenet": the published ImageNet PCA; "not used": a mean alone (of_mean)
@@ -69,13 +70,14 @@ class DataStats:
 
 
 def pca_from_covariance(covariance: np.ndarray):
-    """(eigval, eigvec) in the DataStats convention: sqrt of the covariance's eigenvalues,
-    decreasing, with the eigenvectors as columns, each signed so its largest entry is positive."""
+    """(eigval, eigvec) in the DataStats convention from the covariance of 0-255 pixels: its
+    eigenvalues on the 0-1 scale times 255 (divided by 255), decreasing, with the eigenvectors
+    as columns, each signed so its largest entry is positive."""
     values, vectors = np.linalg.eigh(np.asarray(covariance, dtype=np.float64))
     order = np.argsort(values)[::-1]
     values, vectors = values[order], vectors[:, order]
     signs = np.sign(vectors[np.abs(vectors).argmax(axis=0), np.arange(3)])
-    return np.sqrt(np.clip(values, 0.0, None)), vectors * signs
+    return np.clip(values, 0.0, None) / 255.0, vectors * signs
 
 
 def _is_imagenet(classes) -> bool:
@@ -164,7 +166,7 @@ def load_or_compute_stats(root: Path, train: "ImageFolderSplit", train_files: li
                 if not all(torch.isfinite(t).all() for t in (stats.mean, stats.eigval, stats.eigvec)):
                     raise ValueError("it holds numbers that are not finite")
                 if (stats.eigval < 0).any():
-                    raise ValueError("it holds standard deviations below 0")
+                    raise ValueError("it holds eigenvalues below 0")
             except Exception as exc:  # an unreadable or foreign cache is recomputed, never trusted
                 log.warning("ignoring unusable statistics cache %s (%s)", candidate, exc)
                 continue
