@@ -103,6 +103,8 @@ def draw_builtin(class_name: str, rng: np.random.Generator, size: int = _BUILTIN
     """One size x size x 3 uint8 image of a class of the built-in dataset: a texture in
     two colours (a hint at the class, see _class_colours) with random scale, phase and
     rotation, plus pixel noise. A few milliseconds per image."""
+    if class_name not in BUILTIN_CLASSES:
+        raise ValueError(f"unknown built-in class {class_name!r}")
     background, foreground = _class_colours(class_name, rng)
     y, x = _pixel_centres(size)
     spread = math.radians(15)  # how far oriented classes turn away from their axis
@@ -132,10 +134,8 @@ def draw_builtin(class_name: str, rng: np.random.Generator, size: int = _BUILTIN
         grid = int(rng.integers(4, 13))
         coarse = rng.uniform(0, 255, (grid, grid, 3)).astype(np.uint8)
         image = np.asarray(Image.fromarray(coarse).resize((size, size), Image.BILINEAR), dtype=np.float32)
-    elif class_name == "solid":
+    else:  # solid
         image = np.broadcast_to(background, (size, size, 3))
-    else:
-        raise ValueError(f"unknown built-in class {class_name!r}")
     if class_name not in ("blotches", "solid"):
         image = background + blend.astype(np.float32)[..., None] * (foreground - background)
     image = image + rng.standard_normal((size, size, 3), dtype=np.float32) * np.float32(rng.uniform(*_BUILTIN_NOISE_STD))

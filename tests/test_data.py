@@ -4,6 +4,7 @@ deterministic batches, ten-crop, and the prepare tool as a real subprocess.
 Everything is made in tmp_path."""
 
 import errno
+import hashlib
 import inspect
 import io
 import json
@@ -19,6 +20,7 @@ import struct
 import subprocess
 import sys
 import time
+import types
 import unicodedata
 import warnings
 import zipfile
@@ -691,6 +693,35 @@ def test_a_built_in_set_that_cannot_be_put_in_place_is_said_and_leaves_nothing(t
     assert list(tmp_path.iterdir()) == []
 
 
+def test_the_built_in_images_are_pinned():
+    """The generator's pixels, pinned: a cached set is used as it is under its name
+    (BUILTIN_NAME), so a change to what it draws must come with a new name, and a new digest
+    here. (No transcendental function of numpy's, whose results may differ from CPU to CPU;
+    another version of numpy's generators or of Pillow's resize may change the pixels, which
+    is then a new set, to be named anew.)"""
+    digest = hashlib.sha256()
+    for class_id, name in enumerate(builtin.BUILTIN_CLASSES):
+        rng = np.random.default_rng([builtin.BUILTIN_SEED, 0, class_id, 0])  # each class's first training image
+        digest.update(builtin.draw_builtin(name, rng).tobytes())
+    assert (builtin.BUILTIN_NAME, digest.hexdigest()) == (
+        "textures10-v2", "e0a3e552ec2161221c691de55c015ebd1b44e75b4943c0f680b634af1e0c5ffd")
+    with pytest.raises(ValueError, match="^unknown built-in class 'spirals'$"):
+        builtin.draw_builtin("spirals", np.random.default_rng(0))
+
+
+def test_a_built_in_set_put_in_place_by_another_process_first_is_used(tmp_path, monkeypatch):
+    """Two runs making the set at once: the second's rename fails onto the first's folder,
+    which is the set: used, and the second's staging folder removed."""
+    root = tmp_path / "set"
+
+    def another_first(source, target):
+        Path(target).mkdir()
+        raise OSError(errno.ENOTEMPTY, os.strerror(errno.ENOTEMPTY))
+    monkeypatch.setattr(builtin.os, "rename", another_first)
+    assert builtin.builtin_dataset(root, train_per_class=1, val_per_class=1) == root
+    assert list(tmp_path.iterdir()) == [root]
+
+
 def test_builtin_dataset_is_deterministic_and_atomic(tmp_path, monkeypatch):
     shared = os.umask(0o002)  # the folders' modes follow the umask, whatever the suite's
     try:
@@ -806,6 +837,9 @@ def test_the_cache_folder_is_never_the_root_or_the_current_folder(tmp_path, monk
     def no_such_user(uid):
         raise KeyError(uid)
 
+    monkeypatch.setattr(pwd, "getpwuid", lambda uid: types.SimpleNamespace(pw_dir="home"))  # not a folder's path
+    with pytest.raises(DataError, match="^no folder to keep the built-in dataset"):
+        builtin.default_cache_dir()
     monkeypatch.setattr(pwd, "getpwuid", no_such_user)  # a container's user, not in /etc/passwd
     with pytest.raises(DataError, match="^no folder to keep the built-in dataset and other cached files in: HOME is "
                                         "not set to a folder, and this user has no home folder here; set "
