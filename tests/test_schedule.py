@@ -2,6 +2,7 @@
 fixed milestones, and the rate a resumed run derives from --lr and its progress."""
 
 import dataclasses
+import logging
 import math
 
 import pytest
@@ -22,7 +23,8 @@ def test_warmup_rises_linearly_then_holds():
     assert learning_rate(_config(), Progress(global_step=0, lr=0.01)) == 0.01  # no warm-up: the rate at once
 
 
-def test_plateau_divides_after_patience_epochs_without_improvement_at_most_max_times():
+def test_plateau_divides_after_patience_epochs_without_improvement_at_most_max_times(caplog):
+    caplog.set_level(logging.INFO, logger="launch.schedule")
     config, progress = _config(), Progress(lr=0.01)
     errors = [0.9, 0.8, 0.85, 0.8, 0.7, 0.75, 0.75, 0.75, 0.75, 0.75, 0.75, 0.75, 0.75, 0.75]
     rates = []
@@ -35,6 +37,8 @@ def test_plateau_divides_after_patience_epochs_without_improvement_at_most_max_t
     # Two bad epochs (patience 2) divide by 10, then the count starts again; at most three times.
     assert rates == pytest.approx([0.01, 0.01, 0.01, 1e-3, 1e-3, 1e-3, 1e-4, 1e-4, 1e-5, 1e-5, 1e-5, 1e-5, 1e-5, 1e-5])
     assert progress.reductions == 3 and progress.best_error == 0.7
+    assert caplog.messages == [f"validation error stopped improving: learning rate now {rate}"
+                               for rate in ("0.001", "0.0001", "1e-05")]  # said at each division alone
 
 
 def test_fixed_schedule_divides_at_the_milestones():
