@@ -739,7 +739,8 @@ class Loader:
         first, size = share_of_batch(batch_size, share)
         keys = ([("train", seed, epoch, batch * batch_size + first + k) for k in range(size)]
                 for batch in range(start_batch, total))
-        return self._batches(keys, total - start_batch, self.bundle.train, STANDS_IN)  # errors come at the call
+        # the errors above come at the call, not at the first batch
+        return self._batches(keys, total - start_batch, self.bundle.train, STANDS_IN, INPUT_SIZE)
 
     def eval(self, batch_size: int, ten_crop: bool = False, limit: Optional[int] = None,
              share: tuple = (0, 1)) -> Iterator:
@@ -753,19 +754,22 @@ class Loader:
         indices = eval_share(len(self.bundle.val), limit, share)
         keys = ([("val", index, ten_crop) for index in indices[start:start + batch_size]]
                 for start in range(0, len(indices), batch_size))
-        return self._batches(keys, -(-len(indices) // batch_size), self.bundle.val, LEFT_OUT)
+        return self._batches(keys, -(-len(indices) // batch_size), self.bundle.val, LEFT_OUT,
+                             BASE_SIZE if ten_crop else INPUT_SIZE)
 
-    def _batches(self, keys: Iterator, count: int, split: ImageFolderSplit, then: str) -> Iterator:
+    def _batches(self, keys: Iterator, count: int, split: ImageFolderSplit, then: str, side: int) -> Iterator:
         if self._current is not None:
             self._current.close()  # its iteration is over: the DataLoader serves one at a time
         self._requests.keys, self._requests.count = keys, count
-        self._current = self._iterate(split, then)
+        self._current = self._iterate(split, then, side)
         return self._current
 
-    def _iterate(self, split: ImageFolderSplit, then: str) -> Iterator:
+    def _iterate(self, split: ImageFolderSplit, then: str, side: int) -> Iterator:
         try:
             for images, labels, skipped in self._loader:
                 split.record_skipped(skipped, then)  # here, in the calling process, whichever process decoded
+                if not len(labels):  # every image of the batch left out: empty, but of the batches' shape and type
+                    images = torch.empty((0, 3, side, side), dtype=torch.uint8)
                 yield images, labels
         except RuntimeError as exc:  # raised in a worker by _collate
             if "unable to allocate shared memory" not in str(exc):

@@ -2420,10 +2420,13 @@ def test_evaluation_counts_each_usable_image_once(tmp_path, caplog):
     (root / "val" / "a" / "1.jpg").write_bytes(b"not a jpeg")  # the middle one of class a
     bundle = data.open_data(root, cache_dir=tmp_path / "cache")
     for ten_crop in (False, True):
-        batches = list(data.Loader(bundle).eval(batch_size=2, ten_crop=ten_crop))
-        # Left out, not replaced by its neighbour (which would count twice): 5 of 6, in order.
-        assert torch.cat([labels for _, labels in batches]).tolist() == [0, 0, 1, 1, 1]
-        assert [len(labels) for _, labels in batches] == [1, 2, 2]  # the first batch lost one
-        size = 256 if ten_crop else 224  # uint8 base images or centre crops: the views are cut on the device
-        assert all(images.shape == (len(labels), 3, size, size) for images, labels in batches)
+        for batch_size, lengths in ((2, [1, 2, 2]), (1, [1, 0, 1, 1, 1, 1])):  # the first batch lost one; all of it
+            batches = list(data.Loader(bundle).eval(batch_size=batch_size, ten_crop=ten_crop))
+            # Left out, not replaced by its neighbour (which would count twice): 5 of 6, in order.
+            assert torch.cat([labels for _, labels in batches]).tolist() == [0, 0, 1, 1, 1]
+            assert [len(labels) for _, labels in batches] == lengths
+            size = 256 if ten_crop else 224  # uint8 base images or centre crops: the views are cut on the device
+            # an empty batch too: the other tower receives it into a buffer of that shape and type
+            assert all(images.shape == (len(labels), 3, size, size) and images.dtype == torch.uint8
+                       for images, labels in batches), [(images.shape, images.dtype) for images, _ in batches]
     assert "1.jpg: unreadable" in caplog.text and "it is left out" in caplog.text  # logged once, with what it means
