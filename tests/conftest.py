@@ -3,10 +3,12 @@ program run as a user runs it (a real process, every wait bounded)."""
 
 import contextlib
 import functools
+import io
 import json
 import os
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import tempfile
@@ -16,6 +18,7 @@ from typing import Optional
 
 import pytest
 import torch
+from PIL import Image
 
 from launch import builtin
 from towers import AlexNet, Architecture, build_reference
@@ -257,6 +260,34 @@ def live_processes(*, group: Optional[int] = None, session: Optional[int] = None
         if fields and fields[0] != "Z" and group in (None, int(fields[2])) and session in (None, int(fields[3])):
             found.append(int(entry.name))
     return found
+
+
+def damaged_tiff(path: Path, tag: int, at: int, value: bytes) -> Path:
+    """A 32x32 RGB TIFF at ``path`` with ``value`` written ``at`` bytes into the entry of
+    ``tag`` (an entry: 2 bytes of tag, 2 of type, 4 of count, 4 of value or offset)."""
+    Image.new("RGB", (32, 32), (200, 10, 10)).save(path)
+    tiff = bytearray(path.read_bytes())
+    ifd = int.from_bytes(tiff[4:8], "little")
+    entries = [ifd + 2 + 12 * i for i in range(int.from_bytes(tiff[ifd:ifd + 2], "little"))]
+    entry = next(e for e in entries if int.from_bytes(tiff[e:e + 2], "little") == tag)
+    tiff[entry + at:entry + at + len(value)] = value
+    path.write_bytes(bytes(tiff))
+    return path
+
+
+def warned_of_tiff(path: Path) -> Path:
+    """A TIFF that PIL reads with a warning: its rows-per-strip tag holds two values, of one."""
+    return damaged_tiff(path, 278, 4, (2).to_bytes(4, "little"))
+
+
+def undecodable_dds(path: Path) -> Path:
+    """A DDS (whatever the name) of a pixel format PIL knows none of: it raises NotImplementedError."""
+    buffer = io.BytesIO()
+    Image.new("RGBA", (8, 8)).save(buffer, "DDS")
+    dds = bytearray(buffer.getvalue())
+    dds[80:84] = struct.pack("<I", 1)  # the pixel format's flags
+    path.write_bytes(bytes(dds))
+    return path
 
 
 def as_foreground_job() -> None:

@@ -6,7 +6,6 @@ Everything is made in tmp_path."""
 import errno
 import hashlib
 import inspect
-import io
 import json
 import logging
 import multiprocessing
@@ -35,7 +34,7 @@ from launch import builtin, cli, data, images, prepare, stats, two_gpu
 from launch.config import parse_config
 from launch.images import DataError
 
-from conftest import as_foreground_job, short_temporary
+from conftest import as_foreground_job, damaged_tiff, short_temporary, undecodable_dds
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -446,14 +445,7 @@ def test_a_tiff_with_a_damaged_tag_is_unreadable(tmp_path):
     """A TIFF whose strip offsets are of the wrong type (RATIONAL, not LONG) makes PIL
     raise TypeError: the file is unreadable like any damaged image, not a crash of the
     program reading it."""
-    path = tmp_path / "damaged.tif"
-    Image.new("RGB", (32, 32), (200, 10, 10)).save(path)
-    damaged = bytearray(path.read_bytes())
-    ifd = int.from_bytes(damaged[4:8], "little")
-    entries = [ifd + 2 + 12 * i for i in range(int.from_bytes(damaged[ifd:ifd + 2], "little"))]
-    strip_offsets = next(e for e in entries if int.from_bytes(damaged[e:e + 2], "little") == 273)
-    damaged[strip_offsets + 2] = 5  # the entry's type: 4 (LONG) becomes 5 (RATIONAL)
-    path.write_bytes(bytes(damaged))
+    path = damaged_tiff(tmp_path / "damaged.tif", 273, 2, bytes([5]))  # the type of the strip offsets: 4 (LONG) to 5
     with pytest.raises(images.DECODE_ERRORS):
         images.load_image(path)
 
@@ -461,12 +453,7 @@ def test_a_tiff_with_a_damaged_tag_is_unreadable(tmp_path):
 def test_a_format_pil_knows_in_a_variant_it_cannot_decode_is_unreadable(tmp_path):
     """A DDS of a pixel format PIL does not decode (whatever the file's name: PIL goes by its
     bytes) makes it raise NotImplementedError: an unreadable image, not a crash."""
-    buffer = io.BytesIO()
-    Image.new("RGBA", (8, 8)).save(buffer, "DDS")
-    odd = bytearray(buffer.getvalue())
-    odd[80:84] = struct.pack("<I", 1)  # the pixel format's flags: none PIL knows
-    path = tmp_path / "odd.jpg"
-    path.write_bytes(bytes(odd))
+    path = undecodable_dds(tmp_path / "odd.jpg")
     with pytest.raises(NotImplementedError):
         Image.open(path).load()
     with pytest.raises(images.DECODE_ERRORS):

@@ -43,7 +43,7 @@ from launch.schedule import Progress
 from launch.step import convolution_math, paper_optimizer, train_step
 from towers import Tower, build_reference, shard_state_dict
 
-from conftest import NO_DROPOUT, ROOT, RUN_TIMEOUT_S, launch
+from conftest import NO_DROPOUT, ROOT, RUN_TIMEOUT_S, launch, warned_of_tiff
 from conftest import TINY as _TINY
 
 TINY = [*_TINY, "--log-every", "2"]
@@ -189,17 +189,6 @@ def test_the_progress_bar_fits_the_terminal_and_the_lines_logged_meanwhile_repla
     assert sys.stderr.getvalue() == "skipped image a.jpg\n"
 
 
-def _warned_of_tiff(path: Path) -> None:
-    """A TIFF that PIL reads with a warning: its rows-per-strip tag holds two values, not one."""
-    Image.new("RGB", (32, 32), (200, 10, 10)).save(path)
-    tiff = bytearray(path.read_bytes())
-    ifd = int.from_bytes(tiff[4:8], "little")
-    entries = [ifd + 2 + 12 * i for i in range(int.from_bytes(tiff[ifd:ifd + 2], "little"))]
-    rows_per_strip = next(e for e in entries if int.from_bytes(tiff[e:e + 2], "little") == 278)
-    tiff[rows_per_strip + 4:rows_per_strip + 8] = (2).to_bytes(4, "little")
-    path.write_bytes(bytes(tiff))
-
-
 @pytest.mark.slow  # a run
 @pytest.mark.parametrize("workers", ["0", "1"])  # the images decoded by the rank, or by a worker it spawned
 def test_a_librarys_warning_is_a_line_of_the_log_and_in_train_log(tiny_data, tmp_path, workers):
@@ -208,7 +197,7 @@ def test_a_librarys_warning_is_a_line_of_the_log_and_in_train_log(tiny_data, tmp
     folder = tmp_path / "data"
     shutil.copytree(tiny_data, folder)
     for split in ("train", "val"):
-        _warned_of_tiff(folder / split / "dots" / "odd.tif")
+        warned_of_tiff(folder / split / "dots" / "odd.tif")
     result = launch("--data", folder, "--out", tmp_path / "runs", "--run-name", "run", "--max-steps", "2",
                     "--no-ten-crop", *TINY, "--workers", workers)
     said = re.compile(r"(\[rank \d\] )?warning: .*tag 278 .* \(UserWarning, .+TiffImagePlugin\.py:\d+\)")

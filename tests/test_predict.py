@@ -13,7 +13,6 @@ import logging
 import os
 import re
 import shutil
-import struct
 import subprocess
 import sys
 
@@ -31,7 +30,7 @@ from launch.images import load_image
 from launch.predict import format_block, open_classifier, top_classes
 from towers import build_reference
 
-from conftest import ROOT, RUN_TIMEOUT_S
+from conftest import ROOT, RUN_TIMEOUT_S, undecodable_dds, warned_of_tiff
 
 CLASSES = list(BUILTIN_CLASSES)  # the tiny data's classes, so that --data can stand in for what a checkpoint lacks
 PREFERRED = 6  # the class the biased checkpoint is made to prefer
@@ -227,10 +226,7 @@ def test_unusable_files_are_named_and_the_others_classified(checkpoints, photos,
     too_long = tmp_path / ("x" * 300 + ".jpg")  # the system refuses the name (ENAMETOOLONG) before any read
     pipe = tmp_path / "pipe.jpg"
     os.mkfifo(pipe)  # opened, it would wait for a writer
-    dds = io.BytesIO()
-    Image.new("RGBA", (8, 8)).save(dds, "DDS")
-    odd = tmp_path / "odd.jpg"  # a DDS of a pixel format PIL cannot decode: NotImplementedError
-    odd.write_bytes(dds.getvalue()[:80] + struct.pack("<I", 1) + dds.getvalue()[84:])
+    odd = undecodable_dds(tmp_path / "odd.jpg")
     paths = [tmp_path / "missing.png", text, photos[0], folder, strip, too_long, pipe, odd, photos[1]]
     predictions = _predictions(open_classifier(checkpoints["full"]), paths, batch_size=4)
     assert [p.path for p in predictions] == [str(p) for p in paths]
@@ -460,17 +456,8 @@ def test_json_output_equals_the_reference_and_bad_images_exit_1(checkpoints, pho
 @pytest.mark.slow  # a process
 def test_a_warning_about_an_image_it_still_reads_names_the_image_each_time(checkpoints, tmp_path):
     """PIL warns of a TIFF tag that holds more values than it should, and reads the image: the
-    warning came as PIL's own two lines, naming its source line, not the image, and for the
-    first such image alone."""
-    damaged = [tmp_path / "one.tif", tmp_path / "two.tif"]
-    for path in damaged:
-        Image.new("RGB", (32, 32), (200, 10, 10)).save(path)
-        tiff = bytearray(path.read_bytes())
-        ifd = int.from_bytes(tiff[4:8], "little")
-        entries = [ifd + 2 + 12 * i for i in range(int.from_bytes(tiff[ifd:ifd + 2], "little"))]
-        rows_per_strip = next(e for e in entries if int.from_bytes(tiff[e:e + 2], "little") == 278)
-        tiff[rows_per_strip + 4:rows_per_strip + 8] = (2).to_bytes(4, "little")  # two values, of one
-        path.write_bytes(bytes(tiff))
+    warning came as PIL's own two lines, naming its source line, not the image."""
+    damaged = [warned_of_tiff(tmp_path / "one.tif"), warned_of_tiff(tmp_path / "two.tif")]
     result = _predict(checkpoints["full"], *damaged, "--json", check=0)
     assert [json.loads(line)["image"] for line in result.stdout.splitlines()] == [str(p) for p in damaged]
     lines = result.stderr.splitlines()
