@@ -75,6 +75,22 @@ class Plan:
     digests: Optional[dict] = None
 
 
+@dataclass
+class TimeBeyondSteps:
+    """What a run spends outside its training steps, as last measured (none until the first
+    epoch's end): for the ETA, whose steps alone would leave it out."""
+    epoch_end_s: float = 0.0  # an epoch's end: its centre evaluation, metrics and checkpoint
+    evaluation_s: float = 0.0  # a centre evaluation alone (the ten-patch test evaluates ten patches an image)
+
+    def ahead(self, step: int, last_step: int, batches_per_epoch: int, ten_patch: bool) -> float:
+        """The seconds after training step ``step`` that are not steps, to ``last_step``: each
+        epoch end from ``step``'s on; a run stopped by --max-steps within an epoch also saves
+        and evaluates after its last step; and the final ten-patch test."""
+        ends = last_step // batches_per_epoch - (step - 1) // batches_per_epoch
+        ends += last_step % batches_per_epoch > 0
+        return ends * self.epoch_end_s + (10 * self.evaluation_s if ten_patch else 0.0)
+
+
 # ---------------------------------------------------- data on a replica's first tower, broadcast to the other
 
 def _next_quietly(iterator: Iterator):
@@ -277,12 +293,13 @@ def first_batch(batches: Iterator, mesh: Mesh, device) -> Optional[tuple]:
 
 def train_one_epoch(model, optimizer, loader: Optional[data_module.Loader], plan: Plan, config: TrainConfig,
                     progress: Progress, device, mesh: Mesh, run_dir: Optional[Path], metrics: Metrics, bar: ProgressBar,
-                    input_bytes: InputBytes, trainer: torch.nn.Module) -> Tuple[bool, float]:
+                    input_bytes: InputBytes, trainer: torch.nn.Module,
+                    beyond: Optional[TimeBeyondSteps] = None) -> Tuple[bool, float]:
     """Trains from ``progress.batch`` to the end of the epoch. Returns whether it got there
     (False when ``max_steps`` stopped it early) and the seconds its steps took, each from
     the wait for its batch to its loss: not the step lines, metrics or checkpoints between
     them. ``trainer`` is ``model`` as the step runs it (under DistributedDataParallel when
-    there are replicas); ``model`` is what is saved."""
+    there are replicas); ``model`` is what is saved. The ETA adds ``beyond``'s time ahead."""
     share_first, share_size = data_module.share_of_batch(config.batch_size, (mesh.replica, mesh.replicas))
     steps_left = plan.batches_per_epoch - progress.batch
     if config.max_steps is not None:
@@ -292,7 +309,7 @@ def train_one_epoch(model, optimizer, loader: Optional[data_module.Loader], plan
         source = loader.train(config.batch_size, config.seed, progress.epoch, start_batch=progress.batch,
                               share=(mesh.replica, mesh.replicas))
         skipped_before = set(loader.bundle.train.corrupt)
-    meter = StepMeter()
+    meter, beyond = StepMeter(), beyond or TimeBeyondSteps()
     total_steps = config.epochs * plan.batches_per_epoch
     if config.max_steps is not None:
         total_steps = min(total_steps, config.max_steps)
@@ -328,7 +345,8 @@ def train_one_epoch(model, optimizer, loader: Optional[data_module.Loader], plan
             raise NonFiniteLoss(f"the loss became {loss} at epoch {progress.epoch + 1}, step {progress.global_step}; "
                                 f"the run stops. {_after_divergence(config, run_dir, len(plan.classes))}")
         meter.update(loss, int(correct), int(images_seen))
-        eta = (total_steps - progress.global_step) * meter.ms_per_step / 1000
+        eta = (total_steps - progress.global_step) * meter.ms_per_step / 1000 + beyond.ahead(
+            progress.global_step, total_steps, plan.batches_per_epoch, config.ten_crop)
         line = (f"epoch {progress.epoch + 1}/{config.epochs} step {progress.batch}/{plan.batches_per_epoch} "
                 f"loss {meter.loss:.4f} top-1 {100 * meter.top1:5.1f}% | {meter.images_per_s:6.1f} img/s "
                 f"{meter.ms_per_step:7.0f} ms/step lr {lr:.2g} mem {peak_memory(device)[0] / 2**30:.2f} GiB "
@@ -690,11 +708,12 @@ def run_rank(rank: int, config: TrainConfig, run_dir: Optional[str], placement: 
         train_exchanges = {}  # (name, direction) -> bytes this tower sent while training
         input_bytes = InputBytes()
         last_eval = None
+        beyond = TimeBeyondSteps()
         # to the last epoch, or to --max-steps (which an epoch's end may reach: no epoch of no steps follows)
         while progress.epoch < config.epochs and progress.global_step < (config.max_steps or math.inf):
             sent_before = _sent_bytes(exchange_log)
             finished, seconds = train_one_epoch(model, optimizer, loader, plan, config, progress, device, mesh,
-                                                run_dir, metrics, bar, input_bytes, trainer)
+                                                run_dir, metrics, bar, input_bytes, trainer, beyond)
             train_seconds += seconds
             for key, sent in _sent_bytes(exchange_log).items():
                 train_exchanges[key] = train_exchanges.get(key, 0) + sent - sent_before.get(key, 0)
@@ -702,11 +721,13 @@ def run_rank(rank: int, config: TrainConfig, run_dir: Optional[str], placement: 
                 save_now(run_dir, model, optimizer, progress, config, plan, mesh)
                 last_eval = None
                 break
+            ended = time.perf_counter()
             try:
                 last_eval = evaluate_now()
             except data_module.DataError:  # on every rank (the counts are summed): the epoch's training is kept,
                 save_before_stopping(run_dir, model, optimizer, progress, config, plan, mesh)  # a resume evaluates it
                 raise
+            beyond.evaluation_s = time.perf_counter() - ended
             progress.epoch, progress.batch = progress.epoch + 1, 0
             log.info("epoch %d/%d: validation top-1 error %.2f%%, top-5 error %.2f%% (%s)", progress.epoch,
                      config.epochs, 100 * last_eval["top1_error"], 100 * last_eval["top5_error"],
@@ -715,6 +736,7 @@ def run_rank(rank: int, config: TrainConfig, run_dir: Optional[str], placement: 
             metrics.write(event="eval", epoch=progress.epoch, step=progress.global_step, next_lr=progress.lr,
                           **last_eval)
             save_now(run_dir, model, optimizer, progress, config, plan, mesh)
+            beyond.epoch_end_s = time.perf_counter() - ended
 
         summary["centre"] = last_eval or evaluate_now()
         if config.ten_crop:

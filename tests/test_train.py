@@ -31,13 +31,13 @@ def mesh_of_one(group_of_one):
     return Mesh(replicas=1, towers=1, replica=0, tower=0, tower_group=group_of_one, replica_group=None)
 
 
-def _train_one_epoch(model, optimizer, bundle, config, progress, mesh, metrics=None) -> bool:
+def _train_one_epoch(model, optimizer, bundle, config, progress, mesh, metrics=None, beyond=None) -> bool:
     """train.train_one_epoch over ``bundle`` in this process, with no step lines on the terminal;
     whether it reached the epoch's end."""
     with data.Loader(bundle) as loader:
         finished, _ = train.train_one_epoch(model, optimizer, loader, plan_of(bundle, config.batch_size), config,
                                             progress, CPU, mesh, None, metrics or Metrics(None), ProgressBar(False),
-                                            train.InputBytes(), model)
+                                            train.InputBytes(), model, beyond)
     return finished
 
 
@@ -89,6 +89,36 @@ def test_step_lines_follow_the_run_s_steps_in_a_later_epoch(mesh_of_one, small_b
     assert [(r["epoch"], r["step"]) for r in records if r["event"] == "train"] == [(2, 4), (2, 6)]
     lines = [r.getMessage() for r in caplog.records if r.name == train.log.name and " loss " in r.getMessage()]
     assert [line.split(" loss ")[0] for line in lines] == ["epoch 2/3 step 1/3", "epoch 2/3 step 3/3"], lines
+
+
+def test_the_eta_counts_the_epoch_ends_and_the_ten_patch_test_ahead(mesh_of_one, small_bundle, caplog):
+    """The step line's ETA adds to the steps left the time of each epoch end still ahead (the
+    current epoch's from its first step to its last) and of the final ten-patch test, as last
+    measured: the steps alone leave out minutes an epoch."""
+    caplog.set_level(logging.INFO, logger=train.log.name)
+    model = Recorder(len(small_bundle.classes))
+    beyond = train.TimeBeyondSteps(epoch_end_s=600, evaluation_s=90)  # each step: far under a minute
+    for ten_crop, expected in ((True, 2 * 600 + 10 * 90), (False, 2 * 600)):  # epochs 2 and 3 end ahead
+        caplog.clear()
+        config = TrainConfig(batch_size=6, seed=3, epochs=3, lr=0.01, warmup_steps=0, log_every=1, ten_crop=ten_crop)
+        _train_one_epoch(model, paper_optimizer(model.parameters(), lr=0.01), small_bundle, config,
+                         Progress(epoch=1, global_step=3, lr=0.01), mesh_of_one, beyond=beyond)
+        etas = [r.getMessage().split("| ETA ")[1] for r in caplog.records if "| ETA " in r.getMessage()]
+        assert len(etas) == 3, etas
+        for eta in etas:
+            minutes, seconds = map(int, eta.rstrip("s").split("m"))
+            assert expected <= 60 * minutes + seconds < expected + 60, (eta, ten_crop)
+
+
+@pytest.mark.parametrize("step, last_step, ends", [
+    (1, 9, 3), (3, 9, 3), (4, 9, 2), (9, 9, 1),  # 3 steps an epoch: ends after steps 3, 6 and 9
+    (4, 7, 2),  # --max-steps 7: epoch 2's end, and the save and evaluation after step 7
+    (7, 7, 1), (6, 6, 1)])
+def test_the_time_beyond_the_steps_counts_each_end_ahead_once(step, last_step, ends):
+    beyond = train.TimeBeyondSteps(epoch_end_s=10.0, evaluation_s=1.0)
+    assert beyond.ahead(step, last_step, 3, ten_patch=False) == 10.0 * ends
+    assert beyond.ahead(step, last_step, 3, ten_patch=True) == 10.0 * ends + 10.0
+    assert train.TimeBeyondSteps().ahead(step, last_step, 3, ten_patch=True) == 0.0  # none measured yet
 
 
 def test_an_evaluation_of_part_of_the_set_spreads_over_it_and_counts_the_images_left_out(mesh_of_one, small_bundle,
