@@ -20,6 +20,7 @@ import os
 import pwd
 import shutil
 import socket
+import stat
 import tempfile
 from pathlib import Path
 from typing import Optional
@@ -182,10 +183,9 @@ def builtin_dataset(root: Optional[Path] = None, *, train_per_class: int = BUILT
         raise DataError(_cannot_make(root, exc)) from None
     log.info("generating the built-in dataset in %s", root)
     try:
-        umask = os.umask(0o022)
-        os.umask(umask)
-        staging.chmod(0o777 & ~umask)  # mkdtemp makes it private; the dataset is as any folder made here is
         _generate_builtin(staging, train_per_class, val_per_class)
+        # mkdtemp makes it private; the dataset is as any folder made here is: as its subfolders, by the umask
+        staging.chmod(stat.S_IMODE((staging / "train").stat().st_mode))
         try:
             os.rename(staging, root)
         except OSError:
