@@ -47,8 +47,8 @@ import torch
 from launch import builtin
 from launch import data as data_module
 from launch.checkpoint import FILENAME, read_as_saved
-from launch.cli import (JSON_DAMAGE, Parser, add_options, home_path, option, pyplot, quick_exit, real_path,
-                        shell_word, signal_name, temporary_folder, write_whole)
+from launch.cli import (JSON_DAMAGE, Parser, add_options, home_path, make_folder, option, pyplot, quick_exit, real_path,
+                        remove_made, shell_word, signal_name, temporary_folder, write_whole)
 from launch.config import TrainConfig, check_workers, parse_config, resolve
 from launch.meter import StepMeter
 from launch.ranks import raise_interrupt
@@ -789,22 +789,8 @@ def main(argv=None) -> Path:
                 data_module.check_batch_size(bundle, resolve(trainer, train_images=len(bundle.train)).batch_size)
             return _measure(config, out, runs, args, machine, today, bundle)
         except BaseException:  # a run refused or stopped, Ctrl-C: the folders made for nothing are not left
-            for folder in reversed(made):  # each before its parent, while they are held
-                with contextlib.suppress(OSError):  # one that holds something (a run's output) stays, and its parents
-                    folder.rmdir()
+            remove_made(made)  # while they are held
             raise
-
-
-def make_folder(folder: Path, made: list) -> None:
-    """Makes ``folder`` and the parents it lacks, adding to ``made`` each that this call made,
-    parents first (not one that another process made meanwhile), those made before an OSError too."""
-    for level in reversed((folder, *folder.parents)):
-        if not level.exists():
-            try:
-                level.mkdir()
-            except FileExistsError:  # made meanwhile
-                continue
-            made.append(level)
 
 
 def _measure(config: AblationConfig, out: Path, runs: Path, args: list, machine: dict, today: str, bundle) -> Path:

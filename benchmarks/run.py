@@ -60,8 +60,8 @@ import numpy as np
 import torch
 
 from launch.cli import (JSON_DAMAGE, MAX_PROCESSES_PER_CORE, Parser, add_options, check_compile_backend, home_path,
-                        lock_folder, option, pyplot, quick_exit, refuse_empty, repeated, shell_word, usable_cores,
-                        write_whole)
+                        lock_folder, make_folder, option, pyplot, quick_exit, refuse_empty, remove_made, repeated,
+                        shell_word, usable_cores, write_whole)
 from launch import data as data_module
 from launch.config import MAX_TIMEOUT_S
 from launch.ranks import RankFailure, cpu_threads_per_rank, error_line, raise_interrupt, run_ranks
@@ -914,42 +914,54 @@ def _main(config: BenchConfig, argv) -> Path:
     out = home_path(config.out) if config.out is not None else default_out(devices, config.quick)
     data_module.check_outside_the_images("--out", str(out), loader_data.root)  # the program trains on that data
     pyplot()  # where matplotlib cannot start, before the runs, not after them
+    made = []  # the folders made for --out, parents first: not left behind by a benchmark that wrote nothing there
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        make_folder(out, made)
     except OSError as error:
+        remove_made(made)
         raise ValueError(f"--out {out}: cannot make that folder ({error.strerror}); give a folder that can be written") \
             from None
     if not os.access(out, os.W_OK | os.X_OK):
+        remove_made(made)
         raise ValueError(f"--out {out}: this folder cannot be written; give another")
     with held(out, "--out"):  # to the end: a second benchmark on the same --out is refused
-        from .report import REPORT_FILES
-        earlier = refuse_others_files(out, REPORT_FILES, "benchmarks.run")  # replaced once this one's first run ends
-        if earlier:
-            logger.info("%s holds an earlier benchmark's %s: kept until this one's first results are written", out,
-                        ", ".join(earlier))
-        bench = None
         try:
-            bench = Bench(config, devices, out, argv, deadline)
-            results = bench.run(loader_data)
-        except KeyboardInterrupt:
-            if bench is not None and bench.written:
-                logger.error("stopped: %s holds the runs measured so far; python -m benchmarks.report %s draws their "
-                             "report", out / "results.json", shell_word(out))
-            else:
-                logger.error("stopped before the first run was measured: nothing was written in %s", out)
-            raise Said from None
-        from .report import write_report  # the ranks, started by the rank server, never import matplotlib
-        try:
-            write_report(results, out)
-        except KeyboardInterrupt:
-            logger.error("stopped while the report was drawn: %s holds every run; python -m benchmarks.report %s "
-                         "draws it", out / "results.json", shell_word(out))
-            raise Said from None
-        except OSError as error:  # each file of the report is whole or not there
-            raise ValueError(f"cannot write the report in {out} ({error.strerror or error}): free space on that disk, "
-                             f"then python -m benchmarks.report {shell_word(out)} draws it from its results.json") from None
-        logger.info("done in %.0f s: %s", time.perf_counter() - bench.started, out / "report.md")
-        return out
+            return _bench_in(out, config, devices, argv, deadline, loader_data)
+        except BaseException:  # refused or stopped: a folder made for it stays only where something is in it
+            remove_made(made)
+            raise
+
+
+def _bench_in(out: Path, config: BenchConfig, devices, argv, deadline, loader_data) -> Path:
+    """_main's runs and report, in ``out``, which it holds."""
+    from .report import REPORT_FILES
+    earlier = refuse_others_files(out, REPORT_FILES, "benchmarks.run")  # replaced once this one's first run ends
+    if earlier:
+        logger.info("%s holds an earlier benchmark's %s: kept until this one's first results are written", out,
+                    ", ".join(earlier))
+    bench = None
+    try:
+        bench = Bench(config, devices, out, argv, deadline)
+        results = bench.run(loader_data)
+    except KeyboardInterrupt:
+        if bench is not None and bench.written:
+            logger.error("stopped: %s holds the runs measured so far; python -m benchmarks.report %s draws their "
+                         "report", out / "results.json", shell_word(out))
+        else:
+            logger.error("stopped before the first run was measured: nothing was written in %s", out)
+        raise Said from None
+    from .report import write_report  # the ranks, started by the rank server, never import matplotlib
+    try:
+        write_report(results, out)
+    except KeyboardInterrupt:
+        logger.error("stopped while the report was drawn: %s holds every run; python -m benchmarks.report %s "
+                     "draws it", out / "results.json", shell_word(out))
+        raise Said from None
+    except OSError as error:  # each file of the report is whole or not there
+        raise ValueError(f"cannot write the report in {out} ({error.strerror or error}): free space on that disk, "
+                         f"then python -m benchmarks.report {shell_word(out)} draws it from its results.json") from None
+    logger.info("done in %.0f s: %s", time.perf_counter() - bench.started, out / "report.md")
+    return out
 
 
 if __name__ == "__main__":

@@ -311,6 +311,29 @@ def write_whole(path: Path, write) -> None:
         partial.unlink(missing_ok=True)
 
 
+def make_folder(folder: Path, made: list) -> None:
+    """Makes ``folder`` and the parents it lacks, adding to ``made`` each that this call made,
+    parents first (not one that another process made meanwhile), those made before an OSError
+    too; an OSError also where ``folder`` is there but not a folder."""
+    for level in reversed((folder, *folder.parents)):
+        if not os.path.lexists(level):
+            try:
+                level.mkdir()
+            except FileExistsError:  # made meanwhile
+                continue
+            made.append(level)
+    if not os.path.isdir(folder):  # a file in its place
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(folder))
+
+
+def remove_made(made: list) -> None:
+    """Removes the folders that make_folder made (``made``, for one folder or more), each before
+    its parent, where they are empty: one that holds something stays, and so do its parents."""
+    for folder in reversed(made):
+        with contextlib.suppress(OSError):  # gone, or not empty
+            folder.rmdir()
+
+
 class OutputFailed(Exception):
     """The standard output could not take what was written to it (a full disk, a file too
     large), where its reader is still there; the message names the fix."""

@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from benchmarks import ablations
-from launch import two_gpu
+from launch import cli, two_gpu
 from launch.checkpoint import load_checkpoint, load_reference
 from launch.config import parse_config, resolve
 from launch.meter import Metrics, StepMeter
@@ -559,7 +559,7 @@ def test_an_ablation_that_stops_leaves_no_folder_it_made_for_nothing(tmp_path, m
     monkeypatch.undo()
     made = []  # parents made before a level that cannot be
     with pytest.raises(OSError):
-        ablations.make_folder(tmp_path / "a" / "b" / ("x" * 300), made)
+        cli.make_folder(tmp_path / "a" / "b" / ("x" * 300), made)
     assert made == [tmp_path / "a", tmp_path / "a" / "b"]
 
 

@@ -1217,6 +1217,11 @@ def test_a_benchmark_that_measured_nothing_keeps_the_earlier_report(tiny_data, t
     assert str(refused.value) == (f"the --time-limit of 60 s passed before anything was measured: give a longer "
                                   f"one; nothing was written in {out}")
     assert {p.name: p.read_text() for p in out.iterdir()} == earlier
+    new = tmp_path / "new" / "report"  # and the folders made for it are not left behind, empty
+    with pytest.raises(ValueError, match="nothing was written in"):
+        run.main(["--device", "cpu", "--quick", "--batch", "2", "--loader-data", str(tiny_data), "--time-limit", "60",
+                  "--out", str(new)])
+    assert sorted(tmp_path.iterdir()) == [out]
 
 
 @pytest.mark.slow
