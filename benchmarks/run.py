@@ -459,7 +459,8 @@ def projection(runs: dict, config: BenchConfig, analytic: dict) -> dict:
         tower_compute_ms = single["step_ms"]["median"] * max(macs["towers"]) / macs["single"]
         tower_source = "estimated: single step x the busier tower's share of the FLOPs " + (
             "(the towers' ranks shared one GPU, each slowed by the other's kernels)" if one_gpu(towers) else
-            "(towers not measured on this device)")
+            "(towers not measured: see 'Not measured')" if towers is None else
+            f"(the towers ran on {towers['devices'][0].split(':')[0]}, not on single's device)")
     if towers_measured and ddp is not None and ddp["devices"] == towers["devices"] and not one_gpu(ddp):
         # Like for like: two ranks sharing the devices as the towers' two did, not one process alone.
         ddp_compute_ms = max(ddp["compute_ms"])

@@ -1535,7 +1535,7 @@ def test_the_projection_takes_no_compute_from_ranks_that_took_turns_on_one_gpu_o
             share = max(analytic["macs_per_image"]["towers"]) / analytic["macs_per_image"]["single"]
             assert projected["tower_compute_ms"] == pytest.approx(15.0 * share)
             why = "(the towers' ranks shared one GPU, each slowed by the other's kernels)" if gpus[0] == "cuda:0" \
-                else "(towers not measured on this device)"
+                else "(the towers ran on cpu, not on single's device)"
             assert projected["tower_compute_source"] == f"estimated: single step x the busier tower's share of the " \
                                                         f"FLOPs {why}"
             # both from the single net's steps, with nothing said of the towers' ranks
@@ -1543,6 +1543,9 @@ def test_the_projection_takes_no_compute_from_ranks_that_took_turns_on_one_gpu_o
                 (11.0, "measured: single at batch 8")
         else:
             assert (projected["tower_compute_ms"], projected["ddp_compute_ms"]) == (11.0, 12.5)
+    del runs[run.RunKey("towers", 16, "fp32", "contiguous")]  # failed, left out, out of time: not "another device"
+    assert run.projection(runs, config, analytic)["tower_compute_source"].endswith(
+        "(towers not measured: see 'Not measured')")
 
 
 def _rank_result(**measured) -> dict:
