@@ -46,6 +46,7 @@ import logging
 import math
 import os
 import signal
+import stat
 import sys
 import time
 from dataclasses import dataclass
@@ -62,8 +63,8 @@ from towers.reference import LAYERS
 from . import data as data_module
 from .checkpoint import (FILENAME, CheckpointError, check_classes, checkpoint_architecture, load_checkpoint,
                          reference_from)
-from .cli import (JSON_DAMAGE, OutputFailed, Parser, add_options, home_path, lock_folder, one_line, option, pyplot,
-                  quick_exit, reader_gone, refuse_empty, shell_word, write_out, write_whole)
+from .cli import (JSON_DAMAGE, OutputFailed, Parser, add_options, home_path, lock_folder, make_folder, one_line, option,
+                  pyplot, quick_exit, reader_gone, refuse_empty, remove_made, shell_word, write_out, write_whole)
 from .stats import DataStats
 
 log = logging.getLogger(__name__)
@@ -118,22 +119,47 @@ class Skipped(Exception):
 
 # --------------------------------------------------------------------------- the run folder
 
+def unreadable(name: str, exc: OSError) -> str:
+    """Why the run's file ``name`` cannot be read, and the fix."""
+    if isinstance(exc, PermissionError):
+        return (f"{name} cannot be read by this user ({exc.strerror}): draw as a user who can, or let this one read "
+                f"the run folder (chmod)")
+    return f"{name} cannot be read ({exc.strerror or exc})"
+
+
+def regular_file(path: Path, missing: str) -> Path:
+    """``path``, a regular file; else Skipped saying ``missing`` where it is not there, or why
+    it cannot be read (a folder in its place; a FIFO, read, would wait for a writer for good)."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise Skipped(missing) from None
+    except OSError as exc:  # a folder on the way that cannot be entered, a link that loops
+        raise Skipped(unreadable(path.name, exc)) from None
+    if not stat.S_ISREG(mode):
+        raise Skipped(f"its {path.name} is not a regular file but a pipe, a device, a folder or a socket")
+    return path
+
+
 class RunFolder:
     """The files of one run folder, read when first needed."""
 
     def __init__(self, path: Path):
         self.path = path
-        config = path / "config.json"
         try:
-            if config.exists() and not config.is_file():  # a FIFO would wait for a writer forever
-                raise ValueError("not a regular file but a pipe, a device, a folder or a socket")
+            config = regular_file(path / "config.json", "it has no config.json")
             self.config = json.loads(config.read_text())
-            if not isinstance(self.config, dict):
-                raise ValueError("not a JSON object")
-        except (OSError, *JSON_DAMAGE) as exc:
-            what = "has no config.json" if not config.exists() else f"has an unreadable config.json ({exc})"
-            raise ValueError(f"{path} is not a run folder: it {what}; give a folder written by "
-                             f"python -m launch.two_gpu (--out/--run-name)") from None
+        except Skipped as exc:
+            why = str(exc)
+        except OSError as exc:
+            why = unreadable("config.json", exc)
+        except JSON_DAMAGE as exc:
+            why = f"its config.json is unreadable ({exc})"
+        else:
+            why = None if isinstance(self.config, dict) else "its config.json is not a JSON object"
+        if why is not None:
+            raise ValueError(f"{path} is not a run folder: {why}; give a folder written by "
+                             f"python -m launch.two_gpu (--out/--run-name)")
         evaluated = self.config.get("eval_only")
         if isinstance(evaluated, str) and evaluated:  # its folder never holds a checkpoint or a summary
             trained = Path(evaluated)
@@ -147,9 +173,8 @@ class RunFolder:
         """The loaded checkpoint.pt (read into memory: the file may be written over while the
         pictures are drawn), or Skipped saying why not."""
         if self._checkpoint is None:
-            if not (self.path / FILENAME).is_file():
-                raise Skipped(f"no {FILENAME} yet: a run writes it at the end of each epoch (and every "
-                              f"--checkpoint-every steps, and when --max-steps stops it)")
+            regular_file(self.path / FILENAME, f"no {FILENAME} yet: a run writes it at the end of each epoch (and "
+                                               f"every --checkpoint-every steps, and when --max-steps stops it)")
             try:
                 payload = load_checkpoint(self.path, mmap=False)
             except CheckpointError as exc:
@@ -168,12 +193,12 @@ class RunFolder:
         return self._checkpoint
 
     def summary(self) -> dict:
-        path = self.path / "summary.json"
-        if not path.is_file():
-            raise Skipped("no summary.json: the run writes it when it ends, so it is still going or was stopped; "
-                          "draw this again once it has finished")
+        path = regular_file(self.path / "summary.json", "no summary.json: the run writes it when it ends, so it is "
+                                                         "still going or was stopped; draw this again once it has finished")
         try:
             summary = json.loads(path.read_text())
+        except PermissionError as exc:
+            raise Skipped(unreadable(path.name, exc)) from None
         except (OSError, *JSON_DAMAGE) as exc:
             raise Skipped(f"summary.json is unreadable ({exc}): the run may be writing it; try again") from None
         if not isinstance(summary, dict):
@@ -181,13 +206,12 @@ class RunFolder:
         return summary
 
     def metrics(self) -> "Metrics":
-        path = self.path / "metrics.jsonl"
-        if not path.is_file():
-            raise Skipped("no metrics.jsonl yet: the run writes its first line after --log-every steps")
+        path = regular_file(self.path / "metrics.jsonl",
+                            "no metrics.jsonl yet: the run writes its first line after --log-every steps")
         try:
             metrics = read_metrics(path)
         except OSError as exc:
-            raise Skipped(f"metrics.jsonl cannot be read ({exc.strerror})") from None
+            raise Skipped(unreadable(path.name, exc)) from None
         if not metrics.train:
             raise Skipped("metrics.jsonl has no training records yet")
         return metrics
@@ -534,7 +558,8 @@ def draw_traffic(run: RunFolder, out: Path) -> Path:
     for offset, direction, hatch in ((-width / 2, "forward", None), (width / 2, "backward", "//")):
         bottom = np.zeros(len(names))
         for rank in range(TOWERS):
-            sent = np.array([per_step.get(f"{name}/{direction}", [0.0] * TOWERS)[rank] for name in names]) / MB
+            sent = np.array([per_step.get(f"{name}/{direction}", [0.0] * TOWERS)[rank] for name in names],
+                            dtype=float) / MB
             ax.bar(np.arange(len(names)) + offset, sent, width, bottom=bottom, color=f"C{rank}", hatch=hatch,
                    edgecolor="white", label=f"{direction}, sent by tower {rank}")
             bottom += sent
@@ -787,20 +812,17 @@ def _open_run(run_dir: str) -> RunFolder:
 
 
 def _output_folder(run: RunFolder, out: Optional[str]) -> tuple:
-    """(the folder for the PNGs, the folders made here for it, deepest first), made before
+    """(the folder for the PNGs, the folders made here for it, parents first), made before
     anything is drawn so that a folder that cannot be written fails at once."""
     folder = home_path(out) if out is not None else run.path / SHOW_FOLDER
-    made, missing = [], folder
-    while not missing.exists() and missing != missing.parent:
-        made.append(missing)
-        missing = missing.parent
+    made = []
     try:
-        folder.mkdir(parents=True, exist_ok=True)
+        make_folder(folder, made)
         if not os.access(folder, os.W_OK):
             code = errno.EROFS if os.statvfs(folder).f_flag & os.ST_RDONLY else errno.EACCES
             raise OSError(code, os.strerror(code))
     except OSError as exc:
-        _remove_empty(made)
+        remove_made(made)
         raise ValueError(f"cannot write the pictures to {folder} ({exc.strerror}): give a folder you can write "
                          f"with --out") from None
     return folder, made
@@ -828,17 +850,6 @@ def _stale_note(run: RunFolder, out: Path, name: str) -> str:
         except OSError:
             continue
     return ""
-
-
-def _remove_empty(folders: list) -> None:
-    """Removes ``folders`` (each inside the next) while they are empty."""
-    for folder in folders:
-        try:
-            folder.rmdir()
-        except FileNotFoundError:
-            continue
-        except OSError:  # it holds a picture: it and the folders around it stay
-            return
 
 
 def main(argv=None) -> int:
@@ -887,7 +898,7 @@ def _show(run_dir: str, options: ShowOptions) -> int:
                 except Skipped as why:
                     skipped.append(f"{name}: {why}{_stale_note(run, out, name)}")
         finally:
-            _remove_empty(made)  # when nothing was written into them (before another show may take it)
+            remove_made(made)  # when nothing was written into them (before another show may take it)
             if held is not None:
                 os.close(held)
         if not written:

@@ -602,6 +602,15 @@ def test_what_a_hand_edited_summary_lacks_is_left_out_with_a_note(tmp_path, case
     check_png(run / "show" / "curves.png")
 
 
+def test_a_count_of_bytes_beyond_2_to_the_64_is_drawn_as_the_float_it_is(tmp_path, capsys):
+    """A whole number that numpy would keep as a Python object (and then fail to add to a float)."""
+    run = write_run(tmp_path / "run", summary={**SUMMARY, "exchanges_per_step": {**EXCHANGES,
+                                                                                "fc6_input/forward": [2 ** 64, 0]}})
+    assert show.main([str(run), "--only", "traffic"]) == 0
+    assert capsys.readouterr().out == f"{run / 'show' / 'traffic.png'}\n"
+    check_png(run / "show" / "traffic.png")
+
+
 @pytest.mark.parametrize("data, why", [
     (5, "config.json's \"data\" is not a folder name"),
     ("", "config.json's \"data\" is not a folder name"),  # not the current folder
@@ -747,6 +756,64 @@ def test_a_full_disk_is_one_line_and_leaves_no_partial_picture(tmp_path, capsys,
     assert capsys.readouterr().out == ""
     assert [p.name for p in (run / "show").iterdir()] == ["curves.png"]
     check_png(run / "show" / "curves.png")
+
+
+def _denied(monkeypatch, refused, *methods) -> None:
+    """Path's ``methods`` raise PermissionError for each path that ``refused(path)`` is true of, as
+    for a file this user may not read, or in another user's folder that this one may list but not
+    enter (the suite may run as root, whom the permission bits do not stop)."""
+    for method in methods:
+        def denied(path, *args, _real=getattr(Path, method), **kwargs):
+            if refused(path):
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+            return _real(path, *args, **kwargs)
+        monkeypatch.setattr(Path, method, denied)
+
+
+def test_a_run_folder_that_cannot_be_entered_is_one_line(tmp_path, capsys, caplog, monkeypatch):
+    run = write_run(tmp_path / "run", metrics=METRICS, summary=SUMMARY)
+    _denied(monkeypatch, lambda path: run in path.parents, "stat", "read_text", "open")
+    with caplog.at_level(logging.INFO, logger="launch.show"):
+        assert show.main([str(run)]) == 2
+    assert caplog.messages[-1] == (f"error: {run} is not a run folder: config.json cannot be read by this user "
+                                   f"(Permission denied): draw as a user who can, or let this one read the run folder "
+                                   f"(chmod); give a folder written by python -m launch.two_gpu (--out/--run-name)")
+    assert capsys.readouterr().out == "" and sorted(p.name for p in run.iterdir()) == [
+        "config.json", "metrics.jsonl", "summary.json"]
+
+
+def test_an_out_folder_inside_one_that_cannot_be_entered_is_one_line(tmp_path, capsys, caplog, monkeypatch):
+    run = write_run(tmp_path / "run", metrics=METRICS, summary=SUMMARY)
+    blocked = tmp_path / "blocked"
+    blocked.mkdir()
+    _denied(monkeypatch, lambda path: blocked in path.parents, "stat", "lstat", "mkdir")
+    with caplog.at_level(logging.INFO, logger="launch.show"):
+        assert show.main([str(run), "--only", "curves", "--out", str(blocked / "a" / "b")]) == 2
+    assert caplog.messages[-1] == (f"error: cannot write the pictures to {blocked / 'a' / 'b'} (Permission denied): "
+                                   f"give a folder you can write with --out")
+    assert capsys.readouterr().out == "" and not list(blocked.iterdir())
+
+
+@pytest.mark.parametrize("name, picture", [("metrics.jsonl", "curves"), ("summary.json", "traffic"),
+                                           ("checkpoint.pt", "kernels")])
+def test_a_run_s_file_that_is_a_folder_or_cannot_be_read_is_named_as_such_not_as_missing(tmp_path, caplog,
+                                                                                         monkeypatch, name, picture):
+    """Not "no metrics.jsonl yet", whose fix is to wait; the other pictures are drawn."""
+    run = write_run(tmp_path / "run", metrics=METRICS, summary=SUMMARY)
+    (run / name).unlink(missing_ok=True)
+    (run / name).mkdir()
+    with caplog.at_level(logging.INFO, logger="launch.show"):
+        assert show.main([str(run), "--only", picture]) == 2
+    assert (f"{picture}: its {name} is not a regular file but a pipe, a device, a folder or a socket"
+            in caplog.text), caplog.text
+    (run / name).rmdir()
+    (run / name).write_text("{}")
+    caplog.clear()
+    _denied(monkeypatch, lambda path: path == run / name, "stat" if name == "checkpoint.pt" else "read_text", "read_bytes")
+    with caplog.at_level(logging.INFO, logger="launch.show"):
+        assert show.main([str(run), "--only", picture]) == 2
+    assert (f"{picture}: {name} cannot be read by this user (Permission denied): draw as a user who can, or let "
+            f"this one read the run folder (chmod)") in caplog.text, caplog.text
 
 
 def test_a_folder_in_a_picture_s_place_is_named_with_its_fix(tmp_path, capsys, caplog):
@@ -990,14 +1057,17 @@ def _bad_run_dir(tmp_path, case):
         os.mkfifo(run / "config.json")  # opened, it would wait for a writer
     if case == "config.json nested too deep":
         (run / "config.json").write_text("[" * 100_000 + "]" * 100_000)  # beyond what the decoder can follow
+    if case == "config.json a list":
+        (run / "config.json").write_text("[1]")
     return run
 
 
 BAD_RUN_DIRS = {"missing": "does not exist", "no config.json": "not a run folder", "nothing to draw": "nothing to draw",
                 "a link that loops": "cannot be opened (Too many levels of symbolic links): give a run folder",
                 "a file": "is a file: give the run folder that holds it (",
-                "config.json a pipe": "not a run folder: it has an unreadable config.json (not a regular file",
-                "config.json nested too deep": "not a run folder: it has an unreadable config.json (maximum recursion"}
+                "config.json a pipe": "not a run folder: its config.json is not a regular file but a pipe",
+                "config.json nested too deep": "not a run folder: its config.json is unreadable (maximum recursion",
+                "config.json a list": "not a run folder: its config.json is not a JSON object; give a folder written"}
 
 
 @pytest.mark.parametrize("args, words", [
