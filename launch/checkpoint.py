@@ -31,7 +31,7 @@ import torch.distributed as dist
 
 from towers import AlexNet, Architecture, Tower, shard_state_dict, unshard_state_dicts
 
-from .cli import home_path, prints_plainly, remove_abandoned, values_refused
+from .cli import home_path, not_there, prints_plainly, remove_abandoned, values_refused
 from .config import TrainConfig
 from .images import BASE_SIZE
 from .mesh import Mesh
@@ -164,6 +164,8 @@ def resolve_path(path) -> Path:
     if there and not found:  # read, a named pipe would be waited on for good
         raise CheckpointError(f"{path} is not a file (a folder, a named pipe, a device): give a checkpoint file or a "
                               f"run folder that holds {FILENAME}")
+    if not found and os.path.lexists(path):  # a link that loops or leads nowhere
+        raise CheckpointError(f"{path} {not_there(path)}: give a checkpoint file or a run folder that holds {FILENAME}")
     if not found:
         raise CheckpointError(f"no checkpoint at {path}: give a checkpoint file or a run folder that holds {FILENAME}")
     return path
@@ -593,7 +595,8 @@ def restore_training_state(path, tower: Tower, optimizer, classes: list, mesh: M
         tower.load_state_dict({k.split("/", 1)[1]: v for k, v in received.items() if k.startswith("model/")})
         for name, p in tower.named_parameters():
             if f"momentum/{name}" in received:
-                optimizer.state[p]["momentum_buffer"] = received[f"momentum/{name}"]
+                # in the weights' type (float32), whatever the file's: a checkpoint made smaller by hand
+                optimizer.state[p]["momentum_buffer"] = received[f"momentum/{name}"].to(p.dtype)
     states = None
     if rank == 0:
         saved_rng = payload.get("rng", {}) if with_training else {}

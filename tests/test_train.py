@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from launch import data
-from launch.checkpoint import restore_training_state, save_training_state
+from launch.checkpoint import restore_training_state, save_checkpoint, save_training_state
 from launch.config import TrainConfig
 from launch.mesh import Mesh
 from launch.meter import Metrics, ProgressBar
@@ -297,3 +297,14 @@ def test_a_checkpoint_keeps_the_whole_progress_and_the_momentum(mesh_of_one, tmp
     for (name, p), q in zip(model.named_parameters(), fresh.parameters()):
         assert torch.equal(p, q), name
         assert torch.equal(optimizer.state[p]["momentum_buffer"], fresh_optimizer.state[q]["momentum_buffer"]), name
+    # A checkpoint made smaller by hand, in float16: the momentum goes on in float32, as the weights, and the
+    # checkpoints the resumed run saves hold float32 (its own resume refused float16 momentum beside them)
+    for part in ("model", "momentum_buffer"):
+        payload[part] = {k: v.half() for k, v in payload[part].items()}
+    save_checkpoint(tmp_path / "half.pt", payload)
+    restore_training_state(tmp_path / "half.pt", fresh, fresh_optimizer, small_bundle.classes, mesh_of_one,
+                           with_training=True)
+    for (name, p), q in zip(model.named_parameters(), fresh.parameters()):
+        momentum = fresh_optimizer.state[q]["momentum_buffer"]
+        assert q.dtype == momentum.dtype == torch.float32, name
+        assert torch.equal(momentum, optimizer.state[p]["momentum_buffer"].half().float()), name
