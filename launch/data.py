@@ -55,7 +55,7 @@ from torch.utils.data import DataLoader, Dataset, get_worker_info
 from towers.reference import INPUT_SIZE
 
 from .builtin import BUILTIN_CLASSES, BUILTIN_NAME, builtin_dataset
-from .cli import home_path, open_lock_file, prints_plainly, real_path
+from .cli import home_path, not_there, open_lock_file, prints_plainly, real_path
 from .images import BASE_SIZE, DECODE_ERRORS, IMAGE_EXTENSIONS, DataError, is_image_name, load_image, skip_reason
 from .meter import console_handler, log_warnings
 from .ranks import die_with_parent
@@ -428,7 +428,7 @@ def hold_for_reading(root: Path):
 def _scan_layout(root: Path, builtin_alternative: bool, need_train: bool):
     layout_hint = "expected ROOT/train/CLASS/*.jpg and ROOT/val/CLASS/*.jpg with the same CLASS folders in both"
     if not root.is_dir():
-        what = "is not a folder" if root.exists() else "does not exist"
+        what = "is not a folder" if root.exists() else not_there(root)
         builtin = ", or no data folder to use the built-in dataset" if builtin_alternative else ""
         raise DataError(f"data folder {root} {what}: pass the path of a folder that holds train/ and val/ "
                         f"({layout_hint}){builtin}")

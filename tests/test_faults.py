@@ -1453,7 +1453,9 @@ def test_ctrl_c_while_a_program_imports_torch_ends_it_in_one_line(program):
 
 
 @pytest.mark.parametrize("program, argv, words", [
-    ("launch.prepare", ["loop", "made"], "data folder {tmp}/loop does not exist"),
+    ("launch.prepare", ["loop", "made"], "data folder {tmp}/loop cannot be opened (Too many levels of symbolic links)"),
+    ("launch.two_gpu", ["--resume", "loop"], "loop cannot be opened (Too many levels of symbolic links): give a "
+                                             "checkpoint file"),  # not "no checkpoint at loop", which ls lists
     ("launch.two_gpu", ["--out", "loop"], "--out loop is a symbolic link in a loop of links: give another --out"),
     *[(program, argv, "~no-such-user-0/run: ~no-such-user-0 names no home folder here (no such user): give the path "
                       "in full") for program, argv in (("launch.two_gpu", ["--resume", "~no-such-user-0/run"]),
