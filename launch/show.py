@@ -748,6 +748,11 @@ def choose_device(name: str) -> torch.device:
 def draw_neighbours(run: RunFolder, out: Path, options: ShowOptions) -> Path:
     payload = run.checkpoint()
     bundle, mean = _open_neighbour_data(run, options, payload)
+    saved = payload.get("train_digest")  # of the images the run trained on (by name, class and size)
+    others = saved is not None and saved != bundle.digests.get("train")
+    if others:
+        log.warning("Figure 4: %s holds other images than the run trained on (by name, class or size): the "
+                    "neighbours are searched among them", bundle.root / "train")
     model = reference_from(payload)
     found = find_neighbours(model, bundle, mean, options.images, options.neighbour_pool, options.batch_size,
                             choose_device(options.device))
@@ -778,6 +783,8 @@ def draw_neighbours(run: RunFolder, out: Path, options: ShowOptions) -> Path:
              f"(4096-d, after {found.activation}; Euclidean), as in the paper's Figure 4\nsearched {searched} of the "
              f"{found.train_images} training images (--neighbour-pool); centre 224 patches; label green when the "
              f"class is the validation image's")
+    if others:
+        title += f"\nthe training images of {one_line(str(bundle.root))}, not those the run trained on"
     silent = describe_silent(found.pool.silent)
     if silent:
         title += (f"\n{silent} (of the training images searched; every ReLU off): those get one FC7 output and "

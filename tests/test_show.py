@@ -929,6 +929,23 @@ def test_figure_4_names_and_colours_each_image_by_its_own_class(reference, tiny_
     assert set(colours) == {"darkgreen", "firebrick"}  # both kinds drawn: the rule is seen both ways
 
 
+def test_figure_4_of_other_training_images_than_the_run_s_says_so(reference, tiny_bundle, tmp_path, monkeypatch,
+                                                                    caplog):
+    """--data with the run's classes but other images: searched, and said to be others, in the
+    title and on the terminal (not "training images" of the run, silently)."""
+    run = write_run(tmp_path / "run", reference.state_dict(), bundle=tiny_bundle, data=tiny_bundle.root)
+    payload = torch.load(run / "checkpoint.pt", weights_only=True)
+    titles = []
+    monkeypatch.setattr(show, "_save", lambda fig, path: titles.append(fig._suptitle.get_text()) or path)
+    for digest, said in ((tiny_bundle.digests["train"], False), ("0" * 64, True)):
+        save_checkpoint(run / "checkpoint.pt", {**payload, "train_digest": digest})
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="launch.show"):
+            assert show.main([str(run), "--only", "neighbours", "--images", "2", "--neighbour-pool", "6"]) == 0
+        assert ("not those the run trained on" in titles[-1]) == said, titles[-1]
+        assert ("holds other images than the run trained on" in caplog.text) == said, caplog.text
+
+
 def test_a_kernel_is_drawn_upright_and_scaled_over_its_three_channels_together():
     """Row by row as its weights lie (a kernel bright in its top row is drawn bright on top), in
     one range for R, G and B, so that its hue stays: a kernel twice as strong in red stays red."""
