@@ -171,26 +171,35 @@ class RunFolder:
 
     def checkpoint(self) -> dict:
         """The loaded checkpoint.pt (read into memory: the file may be written over while the
-        pictures are drawn), or Skipped saying why not."""
+        pictures are drawn), or Skipped saying why not: read once for all the pictures drawn
+        from it, as is the reason it cannot be."""
         if self._checkpoint is None:
-            regular_file(self.path / FILENAME, f"no {FILENAME} yet: a run writes it at the end of each epoch (and "
-                                               f"every --checkpoint-every steps, and when --max-steps stops it)")
             try:
-                payload = load_checkpoint(self.path, mmap=False)
-            except CheckpointError as exc:
-                raise Skipped(str(exc)) from None
-            # Its net against the folder's (towers and single are one net, which a resume may switch)
-            net = dataclasses.asdict(checkpoint_architecture(payload))
-            expected = {"net": "one-tower" if self.config.get("layout") == "one-tower" else "two-tower",
-                        **{name: self.config[name] for name in net if name != "net" and name in self.config}}
-            differ = [name for name in expected if expected[name] != net[name]]
-            if differ and "layout" in self.config:  # copied from another run's folder: drawn as this run's
-                name = differ[0]
-                raise Skipped(f"{FILENAME} is another run's: its {name} is {net[name]}, config.json's "
-                              f"{expected[name]}; put the run's own checkpoint back, or draw the folder it came from")
-            payload.pop("momentum_buffer", None)  # as large as the weights, and not drawn
-            self._checkpoint = payload
+                self._checkpoint = self._read_checkpoint()
+            except Skipped as why:
+                self._checkpoint = why
+        if isinstance(self._checkpoint, Skipped):
+            raise Skipped(str(self._checkpoint))
         return self._checkpoint
+
+    def _read_checkpoint(self) -> dict:
+        regular_file(self.path / FILENAME, f"no {FILENAME} yet: a run writes it at the end of each epoch (and "
+                                           f"every --checkpoint-every steps, and when --max-steps stops it)")
+        try:
+            payload = load_checkpoint(self.path, mmap=False)
+        except CheckpointError as exc:
+            raise Skipped(str(exc)) from None
+        # Its net against the folder's (towers and single are one net, which a resume may switch)
+        net = dataclasses.asdict(checkpoint_architecture(payload))
+        expected = {"net": "one-tower" if self.config.get("layout") == "one-tower" else "two-tower",
+                    **{name: self.config[name] for name in net if name != "net" and name in self.config}}
+        differ = [name for name in expected if expected[name] != net[name]]
+        if differ and "layout" in self.config:  # copied from another run's folder: drawn as this run's
+            name = differ[0]
+            raise Skipped(f"{FILENAME} is another run's: its {name} is {net[name]}, config.json's "
+                          f"{expected[name]}; put the run's own checkpoint back, or draw the folder it came from")
+        payload.pop("momentum_buffer", None)  # as large as the weights, and not drawn
+        return payload
 
     def summary(self) -> dict:
         path = regular_file(self.path / "summary.json", "no summary.json: the run writes it when it ends, so it is "

@@ -816,6 +816,21 @@ def test_a_run_s_file_that_is_a_folder_or_cannot_be_read_is_named_as_such_not_as
             f"this one read the run folder (chmod)") in caplog.text, caplog.text
 
 
+def test_a_checkpoint_that_cannot_be_loaded_is_read_once_for_the_three_pictures_drawn_from_it(tmp_path, caplog,
+                                                                                               monkeypatch):
+    """Not a 0.5 GB file read again, checked and refused, for each picture."""
+    run = write_run(tmp_path / "run", metrics=METRICS, summary=SUMMARY)
+    (run / "checkpoint.pt").write_bytes(b"damaged")
+    reads = []
+    monkeypatch.setattr(show, "load_checkpoint", lambda *args, **kwargs: reads.append(args) or (_ for _ in ()).throw(
+        show.CheckpointError("checkpoint.pt is damaged")))
+    with caplog.at_level(logging.INFO, logger="launch.show"):
+        assert show.main([str(run), "--only", "kernels,colour,neighbours,curves"]) == 0
+    assert len(reads) == 1
+    for name in ("kernels", "colour", "neighbours"):
+        assert f"skipped {name}: checkpoint.pt is damaged" in caplog.text, caplog.text
+
+
 def test_a_folder_in_a_picture_s_place_is_named_with_its_fix(tmp_path, capsys, caplog):
     """Not "free space on that disk": a folder named curves.png is in the way."""
     run = write_run(tmp_path / "run", metrics=METRICS, summary=SUMMARY)
