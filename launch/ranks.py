@@ -2,7 +2,8 @@
 
 ``run_ranks`` starts one process per rank on this machine (forked from
 launch.rank_server, with torch already imported), rendezvouses them through a
-TCPStore that the parent owns on the loopback address, and watches them: when
+TCPStore that the parent owns (on the loopback address unless the caller gives
+another: launch.two_gpu's --master-addr), and watches them: when
 one rank fails (an exception, a signal, the out-of-memory killer) the others
 are stopped, and the caller gets a :class:`RankFailure` naming the rank and the
 cause. Nothing is left running, and nothing waits forever: every process group

@@ -1,10 +1,10 @@
 """python -m launch.two_gpu: train the 2012 AlexNet split over two towers.
 
 With no launcher it starts both ranks itself (rendezvous on 127.0.0.1), or 2·D ranks
-for ``--replicas D``; under ``torchrun --nproc-per-node N -m launch.two_gpu`` (N even)
-it uses the ranks torchrun gives, N / 2 replicas of the towers (launch.mesh). NCCL with
-rank r on GPU r when every rank has a GPU of its own, gloo otherwise. Run with --help
-for every option.
+for ``--replicas D``; under ``torchrun --nproc-per-node N -m launch.two_gpu`` (N even for
+--layout towers) it uses the ranks torchrun gives, N / 2 replicas of the towers
+(launch.mesh). NCCL with rank r on GPU r when every rank has a GPU of its own, gloo
+otherwise. Run with --help for every option.
 
 Everything a user can get wrong is checked here, in the launching process, before
 any rank starts and before a run folder is made: the options, the data, a
@@ -728,7 +728,8 @@ def describe_arithmetic(config: TrainConfig, device: str = "cpu") -> str:
         precision += " (convolutions in TF32, cuDNN's default on a GPU)"
     if config.compile is None:
         return f"{precision}, eager"
-    what = "a tower's four blocks between its exchanges" if config.layout == "towers" else "the whole net"
+    what = "a tower's first four blocks between its exchanges; FC8 eager" if config.layout == "towers" \
+        else "the whole net"
     return f"{precision}, torch.compile with {config.compile} ({what})"
 
 

@@ -388,8 +388,8 @@ def test_bf16_and_compiled_towers_train_and_resume_in_either_arithmetic(tiny_dat
     # the stop's checkpoint, saved once, on a --checkpoint-every step too
     saves = [line for line in run.stderr.splitlines() if line.startswith("checkpoint of step ")]
     assert len(saves) == 1 and saves[0].startswith("checkpoint of step 3 saved in "), run.stderr
-    assert ("arithmetic: bf16 autocast, float32 weights, torch.compile with eager (a tower's four blocks "
-            "between its exchanges)") in run.stderr
+    assert ("arithmetic: bf16 autocast, float32 weights, torch.compile with eager (a tower's first four blocks "
+            "between its exchanges; FC8 eager)") in run.stderr
     summary = json.loads((tmp_path / "bf16" / "summary.json").read_text())
     assert summary["precision"] == "bf16" and summary["compile"] == "eager" and summary["steps"] == 3
     # compiled: a graph per block at least (evaluation, in eval mode without gradients, makes more), none broken

@@ -8,7 +8,7 @@ boundary between the two halves of the channels.
 
 The same module builds the variants of the paper's experiments (sections 3.1-3.4),
 chosen by an :class:`Architecture`: tanh for ReLU, no LRN, non-overlapping pooling,
-and the one-GPU net with half the kernels.
+and the one-GPU net with half the kernels of conv1-conv4 (conv5 and the FC layers whole).
 """
 
 import math
