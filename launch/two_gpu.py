@@ -527,6 +527,7 @@ def _prepare_run(config: TrainConfig, checkpoint: Optional[dict]):
                                  f"its disk, or give another --out") from None
         else:
             check_run_files(run_dir)  # config.json follows the options at the run's first save (train.save_now)
+            check_still_as_read(config.resume, checkpoint)
         log.info("results: %s", run_dir.resolve())
     except BaseException:  # a Ctrl-C too
         if written is not None:
@@ -539,6 +540,29 @@ def _prepare_run(config: TrainConfig, checkpoint: Optional[dict]):
         lock.close()
         raise
     return config, run_dir, bundle, lock
+
+
+READ_AS = "read_as"  # a loaded checkpoint's key (in memory alone): which file it was read from, _file_identity's
+
+
+def _file_identity(path: Path) -> Optional[tuple]:
+    """What tells a file from another that took its name since (a save writes a new file and
+    renames it over the old one); None where it cannot be looked at."""
+    try:
+        found = os.stat(path)
+    except OSError:
+        return None
+    return found.st_dev, found.st_ino, found.st_size, found.st_mtime_ns
+
+
+def check_still_as_read(resume: str, checkpoint: dict) -> None:
+    """Raises ValueError where the checkpoint to resume is not the file read and checked
+    before its run folder was locked: another run, which held the folder, saved a later one
+    there (and ended) meanwhile; the ranks would resume that one, unchecked (--max-steps).
+    A checkpoint loaded otherwise than by _configure (which records READ_AS) is taken as it is."""
+    if READ_AS in checkpoint and checkpoint[READ_AS] != _file_identity(resolve_path(resume)):
+        raise ValueError(f"{resume} was saved again, by another run of its folder, while this one started: start "
+                         f"this one again to resume from it as it is now")
 
 
 RUN_FILES = ("config.json", "metrics.jsonl", "train.log", "summary.json")  # read, appended or replaced on resume
@@ -684,8 +708,11 @@ def _configure(argv) -> tuple:
     check_schedule_options(config)
     if config.resume:
         check_saved_one(home_path(config.resume))
+    # looked at first: a file that took its place while it was read would be taken for the one read
+    read_as = _file_identity(resolve_path(config.resume)) if config.resume else None
     checkpoint = load_checkpoint(config.resume or config.eval_only) if config.resume or config.eval_only else None
     if config.resume:
+        checkpoint[READ_AS] = read_as
         check_resumed_file(config.resume)
         check_training_state(config.resume, checkpoint)
         config = resumed_config(config, checkpoint, given)

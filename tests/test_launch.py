@@ -127,6 +127,26 @@ def test_short_run_writes_its_results_and_eval_only_agrees(trained_run, tiny_dat
     assert top1 in evaluated and ten in evaluated  # the checkpoint loads under the other FC8 placement too
 
 
+@pytest.mark.slow
+def test_a_resume_whose_checkpoint_another_run_saves_again_while_it_starts_is_refused(trained_run, tmp_path):
+    """The checkpoint is read and checked (--max-steps, --epochs, the data) before the run folder
+    is locked: another run of the folder, holding it, may save a later one and end meanwhile.
+    The ranks would then resume that one, unchecked: refused, as the start begun over reads it."""
+    run = tmp_path / "run"
+    shutil.copytree(trained_run[0], run)
+    options = ["--resume", str(run), "--epochs", "2"]
+    config, checkpoint, _ = two_gpu._configure(options)
+    two_gpu.prepare_run(config, checkpoint)[3].close()  # the file as read: resumed
+    config, checkpoint, _ = two_gpu._configure(options)
+    shutil.copy(run / "checkpoint.pt", tmp_path / "saved.pt")  # another run's save: a new file renamed over it
+    os.replace(tmp_path / "saved.pt", run / "checkpoint.pt")
+    with pytest.raises(ValueError, match=f"^{run} was saved again, by another run of its folder, while this one "
+                                         f"started: start this one again to resume from it as it is now$"):
+        two_gpu.prepare_run(config, checkpoint)
+    config, checkpoint, _ = two_gpu._configure(options)  # begun over: the folder free, the file as it is now
+    two_gpu.prepare_run(config, checkpoint)[3].close()
+
+
 class _Terminal(io.StringIO):
     def isatty(self):
         return True
