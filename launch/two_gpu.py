@@ -871,6 +871,14 @@ def _after_interrupt(config: Optional[TrainConfig], run_dir: Optional[Path]) -> 
     return f"no checkpoint was written yet, so there is nothing to resume: start the run again{again}"
 
 
+def _unless_rank_0_said(folder: Optional[str], after) -> str:
+    """What a rank other than 0 of torchrun's says to do next: rank 0 says it, unless it was
+    stopped first (killed), which this rank cannot tell; then, where this machine sees rank 0's
+    run ``folder``, what rank 0 would have said of it (``after(Path(folder))``)."""
+    said = after(Path(folder)) if folder is not None and os.path.isdir(folder) else ""
+    return f"rank 0 says what to do next; if it was stopped first: {said}" if said else "rank 0 says what to do next"
+
+
 def _from_checkpoint(config: TrainConfig, run_dir: Path, resume: str) -> str:
     """What to do with the checkpoint of a run that stopped: ``resume``, the advice to resume
     it, unless it holds the end of the training (its --epochs, or --max-steps: the run stopped
@@ -1003,8 +1011,8 @@ def _main_under_torchrun(config: TrainConfig, held: list, placement, argv: list)
         return 1
     run_dir = bundle = lock = None
     # Rank 0 tells the other ranks whether the run can start, and if not, why; if so, the
-    # recipe it sized to the data.
-    outcome, preparing, met = [None, None], False, False
+    # recipe it sized to the data, and the run's folder (theirs to name, where rank 0 is stopped first).
+    outcome, preparing, met = [None, None, None], False, False
     try:
         # The other ranks wait for it as long as a first scan of ImageNet and its statistics may take on a
         # slow disk, not --timeout: the launcher does this work before it starts any rank.
@@ -1023,9 +1031,9 @@ def _main_under_torchrun(config: TrainConfig, held: list, placement, argv: list)
                     preparing = True
                     try:
                         config, run_dir, bundle, lock = prepare_run(config, held.pop())
-                        outcome = [None, config]
+                        outcome = [None, config, str(run_dir)]
                     except (ValueError, CheckpointError) as exc:
-                        outcome = [str(exc), None]
+                        outcome = [str(exc), None, None]
                     preparing = False
                 dist.broadcast_object_list(outcome, src=0, group=group)
         except RuntimeError as exc:  # of a collective (gloo's is no DistError): a rank gone, or another run's port
@@ -1048,14 +1056,17 @@ def _main_under_torchrun(config: TrainConfig, held: list, placement, argv: list)
         except Exception as exc:  # each rank's process ends as run_ranks reports a failed rank: in one line
             failure = RankFailure({rank: error_line(exc)}, rank)
             if _lost_a_peer(exc):  # not this rank's failure, which it cannot tell apart
+                after = _after_failure(config, run_dir, failure) if rank == 0 else "\n" + _unless_rank_0_said(
+                    outcome[2], lambda folder: _after_failure(config, folder, failure).strip())
                 log.error("the run stopped: rank %d lost another rank: %s; the rank that failed or stopped "
                           "responding says why in its own lines (torchrun's report names it)%s", rank,
-                          failure.failures[rank], _after_failure(config, run_dir, failure))
+                          failure.failures[rank], after)
             else:
                 log.error("the run stopped: %s%s", failure, _after_failure(config, run_dir, failure))
             return 1
     except KeyboardInterrupt:  # torchrun passes its Ctrl-C on to every rank; rank 0 knows the run folder
-        log.error("interrupted: %s", _after_interrupt(config, run_dir) if rank == 0 else "rank 0 says what to do next")
+        log.error("interrupted: %s", _after_interrupt(config, run_dir) if rank == 0 else _unless_rank_0_said(
+            outcome[2], lambda folder: _after_interrupt(config, folder)))
         return 130
     finally:
         if lock is not None:

@@ -1078,9 +1078,11 @@ def test_a_rank_failing_under_torchrun_ends_in_one_line(tiny_data, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_rank_that_loses_its_peer_under_torchrun_does_not_call_itself_failed(tiny_data, tmp_path):
+@pytest.mark.parametrize("killed", [1, 0])
+def test_a_rank_that_loses_its_peer_under_torchrun_does_not_call_itself_failed(tiny_data, tmp_path, killed):
     """Rank 1 killed (SIGKILL, as the out-of-memory killer does) while the ranks train: rank 0
-    said "rank 0 failed: ... Connection closed by peer", naming itself, where torchrun names rank 1."""
+    said "rank 0 failed: ... Connection closed by peer", naming itself, where torchrun names rank 1.
+    Rank 0 killed: rank 1 said that rank 0 says what to do next, which it never did."""
     port, logs = _free_port(), [tmp_path / f"rank{rank}.err" for rank in range(2)]
     procs = [subprocess.Popen([sys.executable, "-m", "launch.two_gpu", "--data", str(tiny_data), "--out", str(tmp_path),
                                "--run-name", "run", "--epochs", "50", *map(str, TINY)], cwd=ROOT,
@@ -1093,14 +1095,18 @@ def test_a_rank_that_loses_its_peer_under_torchrun_does_not_call_itself_failed(t
         while not (metrics.exists() and '"train"' in metrics.read_text()):
             assert all(p.poll() is None for p in procs) and time.monotonic() < deadline, logs[0].read_text()
             time.sleep(0.1)
-        procs[1].kill()
-        assert procs[0].wait(timeout=BOUND_S) == 1
+        procs[killed].kill()
+        assert procs[1 - killed].wait(timeout=BOUND_S) == 1
     finally:
         for p in procs:
             p.kill()
-    err = logs[0].read_text()
-    assert "the run stopped: rank 0 lost another rank: " in err and "rank 0 failed" not in err, err
+    err, left = logs[1 - killed].read_text(), 1 - killed
+    assert f"the run stopped: rank {left} lost another rank: " in err and f"rank {left} failed" not in err, err
     assert "the rank that failed or stopped responding says why in its own lines (torchrun's report names it)" in err
+    if killed == 0:  # what rank 0 would have said of its folder, which this machine sees
+        assert "rank 0 says what to do next; if it was stopped first: " in err, err
+        assert f"--resume {tmp_path / 'run'}" in err or f"under another --run-name (or after removing " \
+                                                         f"{tmp_path / 'run'})" in err, err
     # a rank's own error is its own, whatever its message quotes (an --out named after a timeout sweep)
     assert not two_gpu._lost_a_peer(IsADirectoryError(21, "Is a directory", "runs/timed out waiting/train.log"))
     assert not two_gpu._lost_a_peer(ValueError("reset by peer"))
@@ -1207,7 +1213,8 @@ def test_ctrl_c_under_torchrun_tells_what_to_do_next(tiny_data, tmp_path, sent):
     errors = [(tmp_path / f"rank{rank}.stderr").read_text() for rank in range(2)]
     assert codes[0] == 130 and "Traceback" not in errors[0], errors
     assert errors[0].rstrip().endswith(f"interrupted: resume with --resume {run_dir}"), errors[0]
-    assert codes[1] == 130 and errors[1].rstrip().endswith("interrupted: rank 0 says what to do next"), errors[1]
+    assert codes[1] == 130 and errors[1].rstrip().endswith(  # where rank 0 was stopped first (killed), its advice
+        f"interrupted: rank 0 says what to do next; if it was stopped first: resume with --resume {run_dir}"), errors[1]
 
 
 @pytest.mark.slow
