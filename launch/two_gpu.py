@@ -772,13 +772,16 @@ def _replicas(config: TrainConfig, towers: int, resumed: Optional[int] = None) -
                              f"this program may use: use at most {most} here, or torchrun across machines")
         return replicas
     world_size = int(os.environ["WORLD_SIZE"])
-    net = f"--layout {config.layout}"
+    net, gave = f"--layout {config.layout}", f"torchrun gave {world_size} rank{'s' * (world_size != 1)}"
+    leftover = "" if "TORCHELASTIC_RUN_ID" in os.environ else (  # torchrun's agent sets it: see _not_met
+        f" (if no launcher started this one, RANK and WORLD_SIZE={world_size} are left over from another program: "
+        f"unset them, and this program starts its own ranks)")
     if world_size % towers:
-        raise ValueError(f"torchrun gave {world_size} ranks and {net} needs {towers} per replica: use an even "
-                         f"--nproc-per-node (and --nnodes)")
+        raise ValueError(f"{gave} and {net} needs {towers} per replica: use an even --nproc-per-node (and "
+                         f"--nnodes){leftover}")
     if config.replicas is not None and config.replicas * towers != world_size:
-        raise ValueError(f"--replicas {config.replicas} needs {config.replicas * towers} ranks and torchrun gave "
-                         f"{world_size}: drop --replicas under torchrun (the ranks decide it)")
+        raise ValueError(f"--replicas {config.replicas} needs {config.replicas * towers} ranks and {gave}: drop "
+                         f"--replicas under torchrun (the ranks decide it){leftover}")
     return world_size // towers
 
 

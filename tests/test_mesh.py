@@ -372,11 +372,15 @@ def test_a_resumed_run_keeps_its_replicas_unless_given_others(monkeypatch):
      "start torchrun with ranks for a number of replicas that divides 4 (4, 2 or 1 ranks: --nproc-per-node times "
      "--nnodes, 1 per replica;"),
     # --replicas disagreeing with torchrun's ranks is named before a batch split over it
-    (4, ["--replicas", "3"], "--replicas 3 needs 6 ranks and torchrun gave 4: drop --replicas under torchrun"),
+    (4, ["--replicas", "3"], "--replicas 3 needs 6 ranks and torchrun gave 4 ranks: drop --replicas under torchrun"),
     (4, ["--replicas", "0"], "--replicas must be positive, got 0"),
     # ranks that make no whole replicas of the towers, named before a batch split over them
     (3, [], "torchrun gave 3 ranks and --layout towers needs 2 per replica: use an even --nproc-per-node (and "
      "--nnodes)"),
+    # where no torchrun agent set TORCHELASTIC_RUN_ID, the variables may be another program's
+    (1, [], "torchrun gave 1 rank and --layout towers needs 2 per replica: use an even --nproc-per-node (and "
+     "--nnodes) (if no launcher started this one, RANK and WORLD_SIZE=1 are left over from another program: unset "
+     "them, and this program starts its own ranks)"),
 ])
 def test_a_batch_that_does_not_split_under_torchrun_is_told_torchruns_fix(tiny_data, tmp_path, monkeypatch,
                                                                         world_size, args, message):
