@@ -468,6 +468,28 @@ def test_resize_center_takes_the_central_patch():
     assert images.resize_center(Image.new("RGB", (50, 30))).size == (256, 256)
 
 
+def test_a_base_image_is_channels_then_rows_then_columns_as_the_picture_shows(tmp_path):
+    """The dataset's 3 x 256 x 256 image is the picture upright: its rows top to bottom, its
+    columns left to right, its channels red, green, blue (a square picture transposed would
+    keep the shape, and the crops and mean would be cut from a picture on its side)."""
+    pixels = np.zeros((256, 256, 3), dtype=np.uint8)
+    pixels[:, :128, 0] = 200  # the left half red
+    pixels[:128, :, 1] = 150  # the top half green
+    pixels[:, :, 2] = np.arange(256, dtype=np.uint8)[None, :]  # blue growing to the right
+    root = tmp_path / "data"
+    for split in ("train", "val"):
+        for name in ("a", "b"):
+            _save(root / split / name / "0.png", Image.fromarray(pixels))
+    bundle = data.open_data(root, cache_dir=tmp_path / "cache")
+    image = bundle.train[0][0]
+    assert image.shape == (3, 256, 256) and image.dtype == torch.uint8
+    assert (image[0, :, :128] == 200).all() and (image[0, :, 128:] == 0).all()
+    assert (image[1, :128] == 150).all() and (image[1, 128:] == 0).all()
+    assert torch.equal(image[2], torch.arange(256, dtype=torch.uint8).expand(256, 256))
+    (crop, _), = list(data.Loader(bundle).eval(batch_size=1, limit=1))  # the centre crop: rows and columns 16..239
+    assert torch.equal(crop[0], image[:, 16:240, 16:240])
+
+
 def test_corrupt_files_are_replaced_and_counted(tmp_path):
     odd = _mixed_tree(tmp_path)
     bundle = data.open_data(tmp_path, cache_dir=tmp_path / "cache")
