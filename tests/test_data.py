@@ -516,6 +516,23 @@ def test_corrupt_files_are_replaced_and_counted(tmp_path):
     assert train.corrupt == {odd["fake"], odd["truncated"]}
 
 
+def test_the_image_standing_in_is_looked_for_past_the_end_of_the_split_from_its_start(tmp_path):
+    """The next usable image wraps: where every image from the one asked for to the last is
+    unusable, the first one stands in, even where it is the only one left to try."""
+    root = _simple_tree(tmp_path / "data", classes=("a",), train=3, val=1)
+    samples = [(str(root / "train" / "a" / f"{i}.jpg"), 0) for i in range(3)]
+    for path, _ in samples[1:]:
+        Path(path).write_bytes(b"not a jpeg")
+    split = data.ImageFolderSplit("train", ["a"], samples)
+    for index in (1, 2):
+        image, label, skipped = split.load(index)
+        assert [i for i, _ in skipped] == list(range(index, 3)) and label == 0
+        assert torch.equal(image, torch.from_numpy(images.load_image(samples[0][0])).permute(2, 0, 1))
+    Path(samples[0][0]).write_bytes(b"not a jpeg")
+    with pytest.raises(DataError, match="no usable image in train/: each of its 3 files failed to decode"):
+        split.load(1)
+
+
 def test_a_class_of_no_usable_training_image_is_refused_naming_it(tmp_path):
     """Every training image of class b unreadable (pictures of another format under .jpg, say):
     each would have the next usable image, class c's, stand in for it, and the net would learn
