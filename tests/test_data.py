@@ -701,6 +701,28 @@ def test_skipped_images_are_logged_with_their_reason(tmp_path, monkeypatch, capl
     check_log(bundle, "batches decoded in worker processes")
 
 
+def test_an_unusable_image_is_logged_once_however_often_met_and_stands_in_only_in_training(tmp_path, caplog):
+    """Each epoch and each evaluation meets the same unusable files again: each is logged the
+    first time alone. ``replaced`` lists the training images a batch met, for which the next one
+    stood in; a validation image is left out, never replaced."""
+    root = _simple_tree(tmp_path / "data", train=3, val=2)
+    bad_train, bad_val = root / "train" / "a" / "1.jpg", root / "val" / "b" / "0.jpg"
+    bad_train.write_bytes(b"not a jpeg")
+    bad_val.write_bytes(b"not a jpeg")
+    caplog.set_level(logging.WARNING, logger="launch.data")
+    bundle = data.open_data(root, cache_dir=tmp_path / "cache")  # the statistics meet the training image
+    assert bundle.train.replaced == set()
+    with data.Loader(bundle) as loader:
+        for epoch in range(3):
+            assert len(list(loader.train(batch_size=6, seed=0, epoch=epoch))) == 1
+            assert sum(len(labels) for _, labels in loader.eval(batch_size=2)) == 3
+    for path in (bad_train, bad_val):
+        said = [r.getMessage() for r in caplog.records if r.getMessage().startswith(f"skipped image {path}: ")]
+        assert len(said) == 1, said
+    assert bundle.train.corrupt == bundle.train.replaced == {str(bad_train)}
+    assert bundle.val.corrupt == {str(bad_val)} and bundle.val.replaced == set()
+
+
 # --------------------------------------------------------------------------- built-in dataset
 
 def _files(root: Path) -> dict:
