@@ -553,6 +553,36 @@ def test_a_class_of_no_usable_training_image_is_refused_naming_it(tmp_path):
     assert len(data.open_data(root, cache_dir=tmp_path / "cache", classify=True).train) == 9
 
 
+def test_the_check_of_classes_of_no_usable_image_looks_at_the_classes_asked_for_alone(tmp_path):
+    """What a run checks where an epoch skipped images of some classes: those classes, and
+    only those, are refused where none of their training images can be used any longer."""
+    root = _simple_tree(tmp_path / "data", classes=("a", "b", "c"))
+    bundle = data.open_data(root, cache_dir=tmp_path / "cache", classify=True)
+    for image in (root / "train" / "b").iterdir():
+        image.write_bytes(b"not a jpeg")  # class b's folder emptied of usable images while the run trains
+    bundle.train.check_usable(each_class=True, labels={0, 2})
+    bundle.train.check_usable(each_class=True, labels=set())
+    for labels in ({1}, {0, 1}, None):
+        with pytest.raises(DataError, match="^no usable image of class b in train/: each of its 3 files"):
+            bundle.train.check_usable(each_class=True, labels=labels)
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_a_split_of_no_usable_image_is_refused_when_opened(tmp_path, split):
+    """Every image of val/ (or of train/, for a tool that trains nothing) unreadable: refused at
+    once, not at the first evaluation; one usable image, even the last, is enough."""
+    root = _simple_tree(tmp_path / "data")
+    paths = sorted((root / split).rglob("*.jpg"))
+    for path in paths:
+        path.write_bytes(b"not a jpeg")
+    # (for train/, the statistics are not reached: the check comes before them)
+    with pytest.raises(DataError, match=f"^no usable image in {split}/: each of its {len(paths)} files failed to "
+                                        f"decode or was refused, such as {paths[0]}: unreadable"):
+        data.open_data(root, cache_dir=tmp_path / "cache")
+    _save(paths[-1], _rgb(1))
+    assert len(getattr(data.open_data(root, cache_dir=tmp_path / "cache"), split)) == len(paths)
+
+
 def test_an_image_replaced_by_a_named_pipe_after_the_scan_is_passed_over_not_waited_on(tmp_path):
     """The scan refuses what is not a file; one replaced by a named pipe while a run trains
     would be opened, and waited on for good (a device: read without end)."""
