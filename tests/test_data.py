@@ -338,6 +338,39 @@ def test_links_count_once_and_only_for_their_own_class(tmp_path):
            f"e.g. {train / 'b' / 'pipe.jpg'}" in skipped["train"].describe()
 
 
+def test_a_split_s_digest_follows_its_images_names_classes_and_sizes_not_its_place(tmp_path):
+    """What a resume compares: the same for the folder copied elsewhere; another where an image
+    is renamed, moved into a subfolder of its class, rewritten at another size, or where the
+    pictures of two classes of the same file names are swapped (their sizes then swapped)."""
+    root = _simple_tree(tmp_path / "data")
+    _save(root / "train" / "a" / "0.jpg", _rgb(1, (90, 70)))  # of another size than class b's 0.jpg
+    digests = lambda folder: data.open_data(folder, cache_dir=tmp_path / "cache").digests
+    original = digests(root)
+    assert original["train"] != original["val"]
+    shutil.copytree(root, tmp_path / "copy")
+    assert digests(tmp_path / "copy") == original
+
+    def changed(change) -> dict:
+        shutil.rmtree(tmp_path / "changed", ignore_errors=True)
+        shutil.copytree(root, tmp_path / "changed")
+        change(tmp_path / "changed" / "train")
+        return digests(tmp_path / "changed")
+
+    def swap(train):
+        os.rename(train / "a" / "0.jpg", train / "0.jpg")
+        os.rename(train / "b" / "0.jpg", train / "a" / "0.jpg")
+        os.rename(train / "0.jpg", train / "b" / "0.jpg")
+
+    def into_a_subfolder(train):
+        (train / "a" / "more").mkdir()
+        os.rename(train / "a" / "2.jpg", train / "a" / "more" / "2.jpg")
+
+    for change in (lambda train: os.rename(train / "a" / "2.jpg", train / "a" / "9.jpg"), into_a_subfolder,
+                   lambda train: _save(train / "b" / "1.jpg", _rgb(2, (60, 60))), swap):
+        got = changed(change)
+        assert got["train"] != original["train"] and got["val"] == original["val"]
+
+
 # --------------------------------------------------------------------------- decoding
 
 def test_every_mode_becomes_256_rgb(tmp_path):
