@@ -1266,6 +1266,28 @@ def test_train_batches_are_a_pure_function_of_seed_epoch_position(small_bundle):
     assert not torch.equal(torch.cat([b[1] for b in full]), torch.cat([b[1] for b in epoch1]))
 
 
+def test_the_loader_refuses_what_has_no_batches_at_the_call_and_a_resume_at_the_epoch_end_has_none(small_bundle):
+    """Bad arguments are refused when the batches are asked for, naming the value, not at the
+    first batch (nor with a ZeroDivisionError or NumPy's error in a worker); a run resumed
+    at the end of an epoch (start_batch = the epoch's batches) gets an empty epoch."""
+    loader = data.Loader(small_bundle)
+    assert list(loader.train(6, seed=3, epoch=0, start_batch=3)) == []  # 20 images: 3 batches of 6
+    refusals = [(lambda: loader.train(6, seed=3, epoch=0, start_batch=4), "start_batch 4 is outside the epoch's 3"),
+                (lambda: loader.train(6, seed=3, epoch=0, start_batch=-1), "start_batch -1 is outside"),
+                (lambda: loader.train(6, seed=3, epoch=-1), "seed and epoch must be non-negative, got seed=3, "
+                                                            "epoch=-1"),
+                (lambda: loader.train(6, seed=-2, epoch=0), "seed and epoch must be non-negative, got seed=-2"),
+                (lambda: loader.train(21, seed=3, epoch=0), "batch size 21 is larger than the training set (20"),
+                (lambda: loader.train(0, seed=3, epoch=0), "batch size must be at least 1, got 0"),
+                (lambda: data.batches_per_epoch(small_bundle, 0), "batch size must be at least 1, got 0"),
+                (lambda: loader.eval(0), "batch size must be at least 1, got 0"),
+                (lambda: loader.eval(4, limit=0), "limit must be at least 1, got 0")]
+    for call, message in refusals:
+        with pytest.raises(ValueError) as refused:
+            call()
+        assert str(refused.value).startswith(message), (message, str(refused.value))
+
+
 def _equal(batches, others) -> bool:
     return len(batches) == len(others) and all(torch.equal(a, c) and torch.equal(b, d)
                                                for (a, b), (c, d) in zip(batches, others))
