@@ -1315,6 +1315,26 @@ def test_one_loader_serves_every_epoch_and_evaluation_from_the_same_workers(smal
     assert not set(multiprocessing.active_children()) & workers
 
 
+def test_the_shares_of_a_batch_are_its_images_in_order_and_of_the_validation_set_every_nth(small_bundle):
+    """What each data-parallel replica loads: share (i, n) of every training batch is its i-th
+    n-th, the same images, crops and labels that a single loader puts there; of the validation
+    set every n-th image from the i-th, so that the shares together evaluate each image once."""
+    loader = data.Loader(small_bundle)
+    whole = list(loader.train(8, seed=5, epoch=1, start_batch=1))  # 20 images: batch 1 alone
+    for shares in (2, 4):
+        parts = [list(loader.train(8, seed=5, epoch=1, start_batch=1, share=(i, shares))) for i in range(shares)]
+        assert all(len(part) == 1 and len(part[0][1]) == 8 // shares for part in parts)
+        assert torch.equal(torch.cat([part[0][0] for part in parts]), whole[0][0])
+        assert torch.equal(torch.cat([part[0][1] for part in parts]), whole[0][1])
+    assert data.share_of_batch(12, (2, 3)) == (8, 4)
+    labels = torch.cat([labels for _, labels in loader.eval(4)])  # 10 images, one of each class
+    for shares in (2, 3):
+        assert data.eval_share(10, None, (shares - 1, shares)) == list(range(shares - 1, 10, shares))
+        parts = [torch.cat([b for _, b in loader.eval(4, share=(i, shares))]) for i in range(shares)]
+        assert sorted(torch.cat(parts).tolist()) == sorted(labels.tolist())
+        assert all(torch.equal(part, labels[i::shares]) for i, part in enumerate(parts))
+
+
 def test_augmentation_changes_with_epoch_and_follows_the_paper(small_bundle):
     data_stats = small_bundle.stats
     choices = [data.train_augmentation(seed=0, epoch=epoch, first=0, count=20) for epoch in (0, 1)]
