@@ -1372,6 +1372,16 @@ def test_each_position_has_its_choices_whatever_the_range_drawn():
     assert not torch.equal(many.alpha[:data.DRAW_BLOCK], many.alpha[data.DRAW_BLOCK:2 * data.DRAW_BLOCK])
 
 
+@pytest.mark.parametrize("first", [0, 5, data.DRAW_BLOCK])
+def test_no_positions_have_no_choices_of_the_choices_types(first):
+    """An empty range (a share of no images) gets empty choices of the types a batch's are, at a
+    block's start too, where it lies in no block."""
+    none, one = (data.train_augmentation(seed=1, epoch=0, first=first, count=count) for count in (0, 1))
+    assert all(len(choice) == 0 for choice in none)
+    assert [c.dtype for c in none] == [c.dtype for c in one] == [torch.int64, torch.int64, torch.bool, torch.float32]
+    assert none.alpha.shape == (0, 3)
+
+
 @pytest.mark.parametrize("block", [None, 7], ids=["one block", "blocks of 7"])
 def test_the_batched_augmentation_is_the_per_image_one(small_bundle, monkeypatch, request, block):
     """What the loader used to hand out (float32, augmented image by image on the CPU)
