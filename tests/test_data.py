@@ -1335,6 +1335,39 @@ def test_the_shares_of_a_batch_are_its_images_in_order_and_of_the_validation_set
         assert all(torch.equal(part, labels[i::shares]) for i, part in enumerate(parts))
 
 
+def test_a_batch_that_finds_no_room_in_shared_memory_names_the_fix_and_other_errors_pass_as_they_are(small_bundle,
+                                                                                                       monkeypatch):
+    """The error a worker raises where /dev/shm is full becomes one that says what to do (fewer
+    workers, or a larger /dev/shm); any other error of a batch reaches the caller unchanged."""
+    def collate(error):
+        def failing(items):
+            raise RuntimeError(error)
+        return failing
+
+    full = "unable to allocate shared memory(shm) for file </torch_1_2_3>: Success (28)"
+    monkeypatch.setattr(data, "shared_memory_free", lambda folder=data.SHARED_MEMORY: 12 * 10**6)
+    monkeypatch.setattr(data, "_collate", collate(full))
+    with pytest.raises(RuntimeError) as refused:
+        next(data.Loader(small_bundle).train(6, seed=0, epoch=0))
+    assert str(refused.value).startswith("the batches of 0 DataLoader workers found no room in /dev/shm (12 MB free; ")
+    assert str(refused.value).endswith("give fewer workers (--workers), or /dev/shm more room (docker run --shm-size)")
+    assert str(refused.value.__cause__) == full
+    monkeypatch.setattr(data, "_collate", collate("stack expects each tensor to be equal size"))
+    with pytest.raises(RuntimeError, match="^stack expects each tensor to be equal size$"):
+        next(data.Loader(small_bundle).eval(4))
+
+
+def test_the_room_in_shared_memory_is_what_this_user_may_fill(tmp_path, monkeypatch):
+    """The blocks free to an unprivileged process (a file system keeps some for root), in
+    bytes of the file system's fragments; None where there is no such folder."""
+    fields = dict(zip(("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files", "f_ffree", "f_favail",
+                       "f_flag", "f_namemax"), (8192, 2048, 1000, 700, 600, 100, 50, 40, 0, 255)))
+    monkeypatch.setattr(os, "statvfs", lambda folder: types.SimpleNamespace(**fields))
+    assert data.shared_memory_free(str(tmp_path)) == 600 * 2048
+    monkeypatch.undo()
+    assert data.shared_memory_free(str(tmp_path / "missing")) is None
+
+
 def test_augmentation_changes_with_epoch_and_follows_the_paper(small_bundle):
     data_stats = small_bundle.stats
     choices = [data.train_augmentation(seed=0, epoch=epoch, first=0, count=20) for epoch in (0, 1)]
