@@ -4,6 +4,7 @@ deterministic batches, ten-crop, and the prepare tool as a real subprocess.
 Everything is made in tmp_path."""
 
 import errno
+import gc
 import hashlib
 import inspect
 import json
@@ -1286,6 +1287,26 @@ def test_the_loader_refuses_what_has_no_batches_at_the_call_and_a_resume_at_the_
         with pytest.raises(ValueError) as refused:
             call()
         assert str(refused.value).startswith(message), (message, str(refused.value))
+
+
+def test_the_workers_of_train_batches_end_with_its_epoch_or_its_error(tmp_path):
+    """train_batches' loader is its own: its worker processes end as the epoch's last batch is
+    taken, and as an error ends the batches, before the error reaches the caller (whose
+    traceback, held while it is reported, would otherwise keep the loader and its workers)."""
+    root = _simple_tree(tmp_path / "data", train=3, val=1)
+    bundle = data.open_data(root, cache_dir=tmp_path / "cache")
+    before = set(multiprocessing.active_children())
+    gc.disable()  # no collection of the loader meanwhile
+    try:
+        assert len(list(data.train_batches(bundle, 6, seed=0, epoch=0, workers=2))) == 1
+        assert not set(multiprocessing.active_children()) - before
+        for path, _ in bundle.train.samples:
+            Path(path).write_bytes(b"not a jpeg")  # the training images gone bad while a run trains
+        with pytest.raises(DataError, match="no usable image in train/") as stopped:  # in a worker
+            list(data.train_batches(bundle, 6, seed=0, epoch=1, workers=2))
+        assert stopped.traceback and not set(multiprocessing.active_children()) - before
+    finally:
+        gc.enable()
 
 
 def _equal(batches, others) -> bool:
