@@ -289,6 +289,17 @@ def test_a_class_folder_linked_to_nothing_is_refused_not_left_out(tmp_path, name
         data.scan_layout(root)
 
 
+def test_of_two_class_folders_that_are_one_folder_the_first_owns_its_images(tmp_path):
+    """b a link to a: the images are a's (the first class by name), and b is a class of none."""
+    root = _simple_tree(tmp_path / "data", classes=("a", "c"))
+    for split in ("train", "val"):
+        (root / split / "b").symlink_to(root / split / "a")
+    assert data.class_owners(root / "train", ["a", "b", "c"]) == {str((root / "train" / name).resolve()): name
+                                                                 for name in ("a", "c")}
+    with pytest.raises(DataError, match=r"^1 class folder\(s\) in \S+/train hold no images \(b\)"):
+        data.scan_layout(root)
+
+
 def test_a_validation_image_that_is_a_training_image_is_refused(tmp_path):
     root = _simple_tree(tmp_path / "data", train=2, val=1)
     data.scan_layout(root)  # two linked trees of their own are fine
