@@ -300,6 +300,16 @@ def test_of_two_class_folders_that_are_one_folder_the_first_owns_its_images(tmp_
         data.scan_layout(root)
 
 
+def test_a_class_folder_named_as_an_image_is_a_class_not_a_loose_image(tmp_path):
+    """Only files directly in train/ are images of no class: a class folder whose name ends in
+    .jpg is a class like any other."""
+    root = _simple_tree(tmp_path / "data", classes=("a", "b.jpg"))
+    _save(root / "train" / "loose.jpg", _rgb(9))
+    classes, files, skipped = data.scan_layout(root)
+    assert classes == ["a", "b.jpg"] and [len(images) for images in files["train"]] == [3, 3]
+    assert skipped["train"].loose_images == 1 and skipped["val"].loose_images == 0
+
+
 def test_a_validation_image_that_is_a_training_image_is_refused(tmp_path):
     root = _simple_tree(tmp_path / "data", train=2, val=1)
     data.scan_layout(root)  # two linked trees of their own are fine
