@@ -2573,6 +2573,28 @@ def test_a_lock_on_a_file_that_may_only_be_read_holds(tmp_path, monkeypatch):
     cli.lock_exclusively(path).close()  # released
 
 
+def test_a_training_run_reads_a_prepared_folder_where_it_cannot_be_locked(tmp_path, monkeypatch):
+    """A file system without locks (some network ones: ENOLCK) holds no lock for the run, which
+    goes on reading the folder; one that a launch.prepare holds is refused."""
+    root = _simple_tree(tmp_path / "data")
+    (root / data.PREPARE_LOCK_NAME).write_text("python -m launch.prepare (pid 1)\n")
+    real, lock_file, tried = data.fcntl.flock, str(root / data.PREPARE_LOCK_NAME), []
+
+    def no_locks(fd, operation):
+        tried.append(fd)
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(data.fcntl, "flock", no_locks)
+    assert data.hold_for_reading(root) is None and tried  # tried, and gone on without
+    monkeypatch.setattr(data.fcntl, "flock", real)
+    with open(lock_file) as writing:
+        real(writing, data.fcntl.LOCK_EX | data.fcntl.LOCK_NB)
+        with pytest.raises(DataError, match="is being written by a python -m launch.prepare"):
+            data.hold_for_reading(root)
+    with data.hold_for_reading(root) as held:
+        assert held is not None
+
+
 _SLOW_TO_CONVERT = 60  # copies of one large image: seconds of work for one worker
 
 
