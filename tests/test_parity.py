@@ -374,6 +374,20 @@ def _library_worker(rank, fc8_placement):
         other_half = "loaded"
     except RuntimeError as exc:
         other_half = str(exc) if all(torch.equal(v, before[k]) for k, v in tower.state_dict().items()) else "copied"
+    refused = {}  # the whole net's state_dict, and a half sharded for the other FC8 placement: named, nothing copied
+    other = "split" if fc8_placement == "tower0" else "tower0"
+    for name, state in (("whole", reference.state_dict()), ("placement", shard_state_dict(reference.state_dict(), rank,
+                                                                                         other))):
+        try:
+            tower.load_state_dict(state)
+            refused[name] = "loaded"
+        except RuntimeError as exc:
+            refused[name] = str(exc) if all(torch.equal(v, before[k]) for k, v in tower.state_dict().items()) \
+                else "copied"
+    try:
+        Tower(None, 10.0)  # on both towers alike, though tower 1 may build no FC8 of that many neurons
+    except TypeError as exc:
+        refused["classes"] = str(exc)
     # its own half unnamed (a plain dict, rebuilt key by key as a rank that receives it does): loaded as given
     tower.load_state_dict(dict(shard_state_dict(reference.state_dict(), rank, fc8_placement)))
     saved = io.BytesIO()
@@ -386,6 +400,9 @@ def _library_worker(rank, fc8_placement):
         group_refused = str(exc)
     images, labels = _inputs(torch.float64)
     labels = labels % 10
+    dropped = copy.deepcopy(tower)
+    dropped.dropout = torch.nn.Identity()  # dropout taken out by hand: a setting the towers compare, as the others
+    refused["settings"] = [dropped.settings(images)["dropout"], tower.settings(torch.tensor(1.0))["batch size"]]
     grads = []
     for net in (tower, reference):
         x = images.clone().requires_grad_()
@@ -446,6 +463,7 @@ def _library_worker(rank, fc8_placement):
         except ValueError as exc:
             bad_images.append(str(exc))
     return {"bad_images": bad_images, "other_half": other_half, "own_half": own_half, "group_refused": group_refused,
+            "refused": refused,
             "fc8_only": fc8_only, "checkpointed": checkpointed, "copy": (same, own_weights, compiled_own), "drawn_after": drawn_after, "autocast_float64": autocast_float64, "input_grad": _rel(*grads), "empty": tuple(tower(images[:0]).shape),
             "second": second, "init": init, "input_exchange": input_exchange}
 
@@ -469,6 +487,16 @@ def _assert_library_use(placement, ranks):
         assert (f"it holds tower {1 - rank}'s half of the net, and this is tower {rank}: load each tower its own half"
                 in r["other_half"]), (placement, rank, r["other_half"])
         assert r["own_half"] == rank
+        fix = "(shard_state_dict(state, tower.tower_rank, tower.fc8_placement), or the state_dict that tower saved)"
+        assert r["refused"]["whole"].endswith(f"it holds the whole net (conv1's 96 kernels), and a tower holds half "
+                                              f"of it: load each tower its own half {fix}"), r["refused"]
+        rows = {"tower0": 10 if rank == 0 else 0, "split": 5}[placement]
+        given = 5 if placement == "tower0" else 10 if rank == 0 else 0  # none in tower 1's half of FC8 on tower 0
+        assert r["refused"]["placement"].endswith(
+            f"it holds {given} of FC8's neurons, and this tower holds {rows} (fc8_placement={placement!r}, 10 "
+            f"classes): load it a half sharded with its placement, of a net of its classes {fix}"), r["refused"]
+        assert r["refused"]["classes"] == "num_classes must be a whole number, got 10.0"
+        assert r["refused"]["settings"] == ["Identity()", None]
         assert r["input_grad"] < 1e-12, f"{placement}, rank {rank}: the images' gradient is not the whole net's"
         assert r["empty"] == (0, 10)
         assert r["autocast_float64"] < 1e-12, placement  # float64 under bf16 autocast: float64, as the reference

@@ -100,6 +100,10 @@ def test_bad_arguments_are_refused(reference_state):
         shard_state_dict(one_tower, 0)
     with pytest.raises(ValueError, match=r"^fc7.bias has 4095 rows, not the 4096 of the paper's two-tower net$"):
         shard_state_dict({"fc7.bias": torch.zeros(4095)}, 1)
+    for placement in ("tower0", "split"):  # FC8's, whose rows no layer fixes, too
+        with pytest.raises(ValueError, match=r"^fc8.bias is a single number \(a tensor of no dimensions\), not a "
+                                             r"layer's weights or biases$"):
+            shard_state_dict({**reference_state, "fc8.bias": torch.tensor(1.0)}, 0, placement)
 
 
 def test_split_fc8_of_an_odd_class_count_is_refused_not_cut_unevenly():

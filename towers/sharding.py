@@ -66,6 +66,8 @@ def shard_state_dict(reference: Mapping[str, torch.Tensor], tower_rank: int, fc8
     tower = OrderedDict()
     tower._metadata = OrderedDict({"": {HALF: tower_rank}})
     for key, value in reference.items():
+        if isinstance(value, torch.Tensor) and value.dim() == 0:
+            raise ValueError(f"{key} is a single number (a tensor of no dimensions), not a layer's weights or biases")
         rows = WHOLE_ROWS.get(_layer(key))
         if rows is not None and value.shape[0] != rows:
             one_tower = value.shape[0] == dict(zip(LAYERS, ONE_TOWER_CONV_CHANNELS)).get(_layer(key))

@@ -72,6 +72,8 @@ class Tower(nn.Module):
         if architecture.net != "two-tower":
             raise ValueError(f"the towers hold the two-tower net only, not the {architecture.net} net: build that one "
                              f"as the reference AlexNet on one device")
+        if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral):  # on both towers alike
+            raise TypeError(f"num_classes must be a whole number, got {num_classes!r}")  # (tower 1 may build no FC8)
         if num_classes < 2:  # as the reference
             raise ValueError(f"num_classes must be at least 2, got {num_classes}")
         if fc8_placement == "split" and num_classes % TOWERS:
@@ -171,8 +173,10 @@ class Tower(nn.Module):
         device = x.device.type
         data = x.detach().contiguous().view(-1).view(torch.uint8).cpu().numpy()  # a copy once, for the CRC
         return {"num_classes": self.num_classes, "fc8_placement": self.fc8_placement,
-                "architecture": self.architecture, "dropout": self.dropout.p,
-                "mode": "train" if self.training else "eval", "batch size": x.shape[0], "image shape": tuple(x.shape[1:]),
+                "architecture": self.architecture,
+                "dropout": getattr(self.dropout, "p", repr(self.dropout)),  # or the module put in its place
+                "mode": "train" if self.training else "eval", "batch size": x.shape[0] if x.dim() else None,
+                "image shape": tuple(x.shape[1:]),
                 "images' dtype": x.dtype, "weights' dtype": self.conv1.weight.dtype,
                 "autocast": torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else "off",
                 "gradients": "on" if torch.is_grad_enabled() else "off", "backward stops at": self._stops_at(x),
@@ -236,11 +240,25 @@ def _refuse_another_half(tower: Tower, state_dict, prefix, local_metadata, stric
     """``load_state_dict``'s hook: a state_dict that names the other tower's half is refused,
     before any of it is copied (raised here: torch raises ``error_msgs`` after the copies)."""
     half = local_metadata.get(HALF)
+    fix = "(shard_state_dict(state, tower.tower_rank, tower.fc8_placement), or the state_dict that tower saved)"
+    said = f"Error(s) in loading state_dict for {type(tower).__name__}: it holds"
     if half is not None and half != tower.tower_rank:
-        raise RuntimeError(f"Error(s) in loading state_dict for {type(tower).__name__}: it holds tower {half}'s half "
-                           f"of the net, and this is tower {tower.tower_rank}: load each tower its own half "
-                           f"(shard_state_dict(state, tower.tower_rank, tower.fc8_placement), or the state_dict that "
-                           f"tower saved)")
+        raise RuntimeError(f"{said} tower {half}'s half of the net, and this is tower {tower.tower_rank}: load each "
+                           f"tower its own half {fix}")
+    conv1 = state_dict.get(prefix + "conv1.weight")
+    if isinstance(conv1, torch.Tensor) and conv1.dim() and conv1.shape[0] == CONV_CHANNELS[0]:
+        raise RuntimeError(f"{said} the whole net (conv1's {CONV_CHANNELS[0]} kernels), and a tower holds half of "
+                           f"it: load each tower its own half {fix}")
+    fc8, here = state_dict.get(prefix + "fc8.weight"), getattr(tower, "fc8", None)
+    rows = here.weight.shape[0] if isinstance(here, nn.Linear) else 0
+    if isinstance(fc8, torch.Tensor) and fc8.dim():
+        given = fc8.shape[0]
+    else:  # none in a whole half (tower 1's, of FC8 whole on tower 0): torch's strict loading would copy the rest first
+        given = 0 if strict and fc8 is None and prefix + "conv1.weight" in state_dict else rows
+    if given != rows:
+        raise RuntimeError(f"{said} {given} of FC8's neurons, and this tower holds {rows} "
+                           f"(fc8_placement={tower.fc8_placement!r}, {tower.num_classes} classes): load it a half "
+                           f"sharded with its placement, of a net of its classes {fix}")
 
 
 def compile_blocks(model: nn.Module, **options) -> nn.Module:
