@@ -316,6 +316,8 @@ def test_ranks_that_stop_on_the_same_error_are_named_from_the_lowest():
     with pytest.raises(RankFailure) as info:
         run_ranks(_same_mistake, timeout_s=60)
     assert info.value.first == 0 and set(info.value.failures) == {0, 1}
+    assert str(info.value) == ("rank 0 failed: ValueError: the folder holds no images\n"
+                               "rank 1 then stopped: the same error")
 
 
 @pytest.mark.slow
@@ -970,3 +972,105 @@ def test_the_rank_server_starts_early_unless_torchrun_started_the_ranks(monkeypa
     monkeypatch.setenv("RANK", "0")
     rank_server.start_early(["prog"])
     assert calls == ["files"]
+
+
+def _exit_without_a_word(rank):
+    os._exit(0)  # as a library that ends the process itself would: no error raised, nothing returned
+
+
+@pytest.mark.slow
+def test_a_rank_that_exits_with_0_without_returning_is_said_to_have_exited_not_killed():
+    """Code 0 from a rank that never reported: not "killed by signal 0"."""
+    with pytest.raises(RankFailure) as info:
+        run_ranks(_exit_without_a_word, timeout_s=60)
+    assert info.value.failures == {rank: "exited with code 0 without reporting an error" for rank in (0, 1)}
+
+
+def _return_in_reverse(rank, folder):
+    returned = Path(folder, "rank 1 returned")
+    if rank == 1:
+        returned.touch()
+        return rank
+    deadline = time.monotonic() + 60
+    while not returned.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)  # rank 1's value reaches the launcher first
+    return rank
+
+
+@pytest.mark.slow
+def test_ranks_return_their_values_in_rank_order_whichever_returns_first(tmp_path):
+    assert run_ranks(_return_in_reverse, (str(tmp_path),), timeout_s=60) == [0, 1]
+
+
+def _fail_then_other_error(rank, folder, first_words):
+    said = Path(folder, "rank 1 said")
+    if rank == 1:
+        said.touch()
+        raise ValueError(first_words)
+    deadline = time.monotonic() + 60
+    while not said.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)  # rank 1 reports first
+    raise RuntimeError("a peer is gone")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("first_words", ["the data moved", f"the data moved. {ranks.ADVICE_FROM_RANK0}"],
+                         ids=["plain", "rank 0 advises"])
+def test_the_rank_that_failed_first_is_named_before_one_that_failed_otherwise_after_it(tmp_path, first_words):
+    """Rank 0's later error is another one (its peer gone): rank 1's is the cause, also where rank 1
+    says that rank 0 tells what to do next, as rank 0 says nothing of the kind."""
+    with pytest.raises(RankFailure) as info:
+        run_ranks(_fail_then_other_error, (str(tmp_path), first_words), timeout_s=60)
+    assert info.value.first == 1 and str(info.value).startswith(f"rank 1 failed: ValueError: {first_words}\n"
+                                                                f"rank 0 then stopped: RuntimeError: a peer is gone")
+
+
+def _fail_or_run_on(rank):
+    if rank == 1:
+        raise ValueError("rank 1's own words")
+    time.sleep(120)
+
+
+@pytest.mark.slow
+def test_a_rank_that_failed_before_the_deadline_is_named_before_those_still_running_at_it(monkeypatch):
+    """The run's time limit passes while the launcher gives the other ranks their grace to stop:
+    the rank that failed is the cause, not the first of those that were still running."""
+    monkeypatch.setattr(ranks, "_GRACE_S", 120.0)
+    with pytest.raises(RankFailure) as info:
+        run_ranks(_fail_or_run_on, timeout_s=10)
+    assert info.value.first == 1 and info.value.failures == {
+        1: "ValueError: rank 1's own words", 0: "still running after the run's time limit of 10 s"}
+
+
+def _fail_at_once_or_hang(rank, folder):
+    if rank == 1:
+        time.sleep(120)  # hung: it never answers
+    Path(folder, "failed at").write_text(str(time.time()))
+    raise ValueError("rank 0's own words")
+
+
+@pytest.mark.slow
+def test_a_rank_that_does_not_answer_after_a_failure_is_ended_after_the_grace(tmp_path):
+    """Not at the run's time limit, nor some graces later: within seconds of the other rank's failure."""
+    with pytest.raises(RankFailure) as info:
+        run_ranks(_fail_at_once_or_hang, (str(tmp_path),), timeout_s=120)
+    assert time.time() - float((tmp_path / "failed at").read_text()) < ranks._GRACE_S + 4
+    assert info.value.failures[1] == "did not respond (hung or stopped); ended by the launcher"
+
+
+def _clean_up_as_it_ends(rank, folder):
+    from multiprocessing import util
+    util.Finalize(None, lambda: (time.sleep(0.5), Path(folder, f"cleaned up {rank}").touch()), exitpriority=0)
+    return rank
+
+
+@pytest.mark.slow
+def test_ranks_that_returned_end_by_themselves_their_exit_handlers_run(tmp_path):
+    """A run that went well waits for its ranks to end (their exit handlers: a log flushed, a
+    temporary file removed), rather than terminating them as soon as their values arrive."""
+    procs = []
+    assert run_ranks(_clean_up_as_it_ends, (str(tmp_path),), timeout_s=60, on_start=procs.extend) == [0, 1]
+    assert [p.exitcode for p in procs] == [0, 0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cleaned up 0", "cleaned up 1"]
