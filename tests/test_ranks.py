@@ -877,8 +877,9 @@ def _fail(rank, message):
 @pytest.mark.slow
 def test_a_failed_run_does_not_keep_its_rendezvous_listening_while_its_error_is_held(monkeypatch):
     """The store's listener closes as the run ends, not when the RankFailure (whose traceback holds
-    run_ranks's frame, and so the store) is dropped: pytest, a notebook or a retry loop keeps it."""
-    ports, store = [], dist.TCPStore
+    run_ranks's frame, and so the store) is dropped: pytest, a notebook or a retry loop keeps it.
+    Nor does the launcher's SIGTERM stop it as a Ctrl-C does meanwhile: its handler is set back."""
+    ports, store, before = [], dist.TCPStore, signal.getsignal(signal.SIGTERM)
 
     def store_of_port_told(*args, **kwargs):
         made = store(*args, **kwargs)
@@ -890,6 +891,7 @@ def test_a_failed_run_does_not_keep_its_rendezvous_listening_while_its_error_is_
     assert set(info.value.failures) == {0, 1} and len(ports) == 1  # info holds run_ranks's frame in its traceback
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", ports[0]), timeout=10).close()
+    assert signal.getsignal(signal.SIGTERM) is before
 
 
 def _fail_or_return(rank, killed):
@@ -1074,3 +1076,106 @@ def test_ranks_that_returned_end_by_themselves_their_exit_handlers_run(tmp_path)
     assert run_ranks(_clean_up_as_it_ends, (str(tmp_path),), timeout_s=60, on_start=procs.extend) == [0, 1]
     assert [p.exitcode for p in procs] == [0, 0]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cleaned up 0", "cleaned up 1"]
+
+
+def _ignore_ctrl_c_and_sleep(rank, folder):
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # as a rank in a save that ignores it would
+    Path(folder, f"started {rank}").touch()
+    time.sleep(120)
+
+
+def _stop_on_ctrl_c(rank, folder):
+    try:
+        Path(folder, f"started {rank}").touch()
+        time.sleep(120)
+    except KeyboardInterrupt:
+        Path(folder, f"interrupted {rank}").touch()
+        raise
+
+
+def _interrupt_once_started(folder, interrupted):
+    """on_start: a Ctrl-C of the launcher alone (not of its process group), once each rank runs its function."""
+    deadline = time.monotonic() + 60
+    while not all(Path(folder, f"started {rank}").exists() for rank in (0, 1)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    interrupted.append(time.monotonic())
+    raise KeyboardInterrupt
+
+
+@pytest.mark.slow
+def test_a_ctrl_c_stops_ranks_that_ignore_it_within_one_grace_and_leaves_the_launchers_handlers(tmp_path):
+    """The grace the ranks get to stop after a Ctrl-C is one for them all, not one each; then the
+    launcher's own handlers of SIGINT and SIGTERM are as they were before the run, not ignored."""
+    interactive = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        procs, interrupted, before = [], [], signal.getsignal(signal.SIGTERM)
+        with pytest.raises(KeyboardInterrupt):
+            run_ranks(_ignore_ctrl_c_and_sleep, (str(tmp_path),), timeout_s=60,
+                      on_start=lambda p: (procs.extend(p), _interrupt_once_started(tmp_path, interrupted)))
+        assert time.monotonic() - interrupted[0] < ranks._GRACE_S + 3.5  # one grace, then the terminate
+        assert [p.exitcode for p in procs] == [-signal.SIGTERM] * 2
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        assert signal.getsignal(signal.SIGTERM) is before
+    finally:
+        signal.signal(signal.SIGINT, interactive)
+
+
+@pytest.mark.slow
+def test_a_ctrl_c_of_the_launcher_alone_is_passed_on_to_the_ranks(tmp_path):
+    """A Ctrl-C that reached the launcher alone (or a SIGTERM to it alone): each rank gets one and
+    stops as on a Ctrl-C of its own, ending with Ctrl-C's code (130), not terminated after the grace."""
+    interactive = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        procs, interrupted = [], []
+        with pytest.raises(KeyboardInterrupt):
+            run_ranks(_stop_on_ctrl_c, (str(tmp_path),), timeout_s=60,
+                      on_start=lambda p: (procs.extend(p), _interrupt_once_started(tmp_path, interrupted)))
+    finally:
+        signal.signal(signal.SIGINT, interactive)
+    assert [p.exitcode for p in procs] == [130, 130]
+    assert {"interrupted 0", "interrupted 1"} <= {p.name for p in tmp_path.iterdir()}
+
+
+def _handlers(rank):
+    return signal.getsignal(signal.SIGINT) is rank_server._interrupt_once, signal.getsignal(signal.SIGTERM)
+
+
+@pytest.mark.slow
+def test_ranks_take_ctrl_c_as_their_launcher_does_and_leave_sigterm_to_it():
+    """A launcher in the background of a script ignores SIGINT, and so do its ranks; one that takes
+    Ctrl-C has ranks that take it (once). After the run, the launcher's SIGTERM is its own again."""
+    interactive = signal.getsignal(signal.SIGINT)
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        for launcher, in_rank in ((signal.SIG_IGN, False), (signal.default_int_handler, True)):
+            signal.signal(signal.SIGINT, launcher)
+            assert run_ranks(_handlers, timeout_s=60) == [(in_rank, signal.SIG_DFL)] * 2
+            assert signal.getsignal(signal.SIGTERM) is before and signal.getsignal(signal.SIGINT) is launcher
+    finally:
+        signal.signal(signal.SIGINT, interactive)
+
+
+_IN_A_THREAD = """
+import threading
+from launch.ranks import run_ranks
+
+def rank_of_a_thread(rank):
+    return rank
+
+if __name__ == "__main__":
+    values = []
+    thread = threading.Thread(target=lambda: values.append(run_ranks(rank_of_a_thread, timeout_s=60)))
+    thread.start()
+    thread.join()
+    print(values)
+"""
+
+
+@pytest.mark.slow
+def test_ranks_can_be_run_from_a_thread_other_than_the_main_one(tmp_path):
+    """Where signal handlers cannot be set (the rank server's start, the launcher's SIGTERM): left as they are."""
+    script = tmp_path / "script.py"
+    script.write_text(_IN_A_THREAD)
+    result = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                            capture_output=True, text=True, timeout=120)
+    assert (result.returncode, result.stdout) == (0, "[[0, 1]]\n"), result.stderr[-3000:]
