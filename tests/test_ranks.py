@@ -813,13 +813,18 @@ def _set_up_as(rank):
 
 
 @pytest.mark.slow
-def test_a_rank_takes_its_share_of_the_cores_the_loopback_interface_and_spawns_its_workers(monkeypatch):
+@pytest.mark.parametrize("gloo", [None, "lo,lo"], ids=["gloo-unset", "gloo-named"])
+def test_a_rank_takes_its_share_of_the_cores_the_loopback_interface_and_spawns_its_workers(monkeypatch, gloo):
     """Each gloo rank computes on its share of the cores (not every core, two ranks fighting over
     them); on a loopback address gloo and NCCL are pointed at lo (not the interface the host name
-    resolves to) unless the caller named one; and what a rank starts (DataLoader workers) is spawned."""
-    monkeypatch.delenv("GLOO_SOCKET_IFNAME", raising=False)
+    resolves to) unless the caller named one (for gloo here lo twice, a list of interfaces it
+    uses); and what a rank starts (DataLoader workers) is spawned."""
+    if gloo is None:
+        monkeypatch.delenv("GLOO_SOCKET_IFNAME", raising=False)
+    else:
+        monkeypatch.setenv("GLOO_SOCKET_IFNAME", gloo)
     monkeypatch.setenv("NCCL_SOCKET_IFNAME", "eth9")  # the caller's choice, read by NCCL alone
-    expected = (cpu_threads_per_rank(2), "lo", "eth9", "spawn")
+    expected = (cpu_threads_per_rank(2), gloo or "lo", "eth9", "spawn")
     assert run_ranks(_set_up_as, timeout_s=60) == [expected, expected]
 
 
@@ -1179,3 +1184,41 @@ def test_ranks_can_be_run_from_a_thread_other_than_the_main_one(tmp_path):
     result = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(ROOT)),
                             capture_output=True, text=True, timeout=120)
     assert (result.returncode, result.stdout) == (0, "[[0, 1]]\n"), result.stderr[-3000:]
+
+
+def _output_of_a_rank(rank):
+    print(f"out from rank {rank}", flush=True)
+    print(f"err from rank {rank}", file=sys.stderr, flush=True)
+    def target(fd):
+        try:
+            return os.readlink(f"/proc/self/fd/{fd}")
+        except FileNotFoundError:  # the listing's own, closed since
+            return None
+    same = {target(1), target(2)}
+    return sorted(int(fd) for fd in os.listdir("/proc/self/fd") if target(fd) in same)
+
+
+@pytest.mark.slow
+def test_a_rank_writes_its_output_and_errors_where_the_caller_s_go_and_holds_them_once(capfd):
+    """Each to its own (not the output to the errors), the caller's descriptors taken as the rank's
+    1 and 2, no copy of them left open besides."""
+    assert run_ranks(_output_of_a_rank, timeout_s=60) == [[1, 2], [1, 2]]
+    out, err = capfd.readouterr()
+    for rank in (0, 1):
+        assert f"out from rank {rank}" in out and f"out from rank {rank}" not in err, (out, err)
+        assert f"err from rank {rank}" in err and f"err from rank {rank}" not in out, (out, err)
+
+
+def _temporary_folder(rank):
+    from multiprocessing import util
+    return util.get_temp_dir()
+
+
+@pytest.mark.slow
+def test_a_rank_keeps_its_temporary_files_in_a_folder_of_its_own():
+    """Not the launcher's multiprocessing folder, which goes as the launcher exits, under a rank's
+    DataLoader workers still using it."""
+    from multiprocessing import util
+    launchers = util.get_temp_dir()
+    folders = run_ranks(_temporary_folder, timeout_s=60)
+    assert launchers not in folders and len(set(folders)) == 2, (launchers, folders)
