@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from fractions import Fraction
@@ -163,7 +164,10 @@ def test_only_a_meeting_that_failed_is_told_as_a_rank_missing():
                                  " no error"),
                     RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:332] Connect timeout [127.0.0.1]:3"),
                     RuntimeError("[gloo/transport/tcp/pair.cc:561] Connection closed by peer [127.0.0.1]:5"),
-                    RuntimeError("[gloo/transport/tcp/pair.cc:598] writev [127.0.0.1]:5: Broken pipe")):
+                    RuntimeError("[gloo/transport/tcp/pair.cc:598] writev [127.0.0.1]:5: Broken pipe"),
+                    RuntimeError("[gloo/transport/tcp/pair.cc:534] Read error [127.0.0.1]:5: Connection reset by peer"),
+                    RuntimeError("[gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting 5000ms for recv "
+                                 "operation to complete")):
         assert failed_to_meet(met_not), met_not
     for own in (RuntimeError("[enforce fail at ../third_party/gloo/gloo/transport/tcp/device.cc:84] ifa != nullptr. "
                              "Unable to find address for: ifb0"), RuntimeError("CUDA error: out of memory")):
@@ -829,20 +833,22 @@ def test_a_rank_takes_its_share_of_the_cores_the_loopback_interface_and_spawns_i
 
 
 @pytest.mark.slow
-def test_a_rank_that_could_not_be_started_stops_those_that_were(monkeypatch):
-    """The rank server gone as rank 1 starts: rank 0, started already, is stopped, not left waiting
-    for its peer (its rendezvous waits up to the collective timeout), and rank 1 is named."""
+@pytest.mark.parametrize("error", [OSError("the server is gone"), EOFError()], ids=["refused", "closed"])
+def test_a_rank_that_could_not_be_started_stops_those_that_were(monkeypatch, error):
+    """The rank server gone as rank 1 starts (its socket refused, or closed before it answered):
+    rank 0, started already, is stopped, not left waiting for its peer (its rendezvous waits up
+    to the collective timeout), and rank 1 is named."""
     started, start = [], multiprocessing.context.ForkServerProcess.start
 
     def start_or_fail(self):
         if started:
-            raise OSError("the server is gone")
+            raise error
         start(self)
         started.append(self)
     monkeypatch.setattr(multiprocessing.context.ForkServerProcess, "start", start_or_fail)
     try:
-        with pytest.raises(RankFailure, match=r"^rank 1 failed: could not be started: the rank server ended "
-                                              r"\(OSError\('the server is gone'\)\)$"):
+        with pytest.raises(RankFailure, match=rf"^rank 1 failed: could not be started: the rank server ended "
+                                              rf"\({re.escape(repr(error))}\)$"):
             run_ranks(_sleep, (0,), timeout_s=60)
         assert len(started) == 1 and not started[0].is_alive()
     finally:
@@ -976,6 +982,9 @@ def test_the_rank_server_starts_early_unless_torchrun_started_the_ranks(monkeypa
     calls.clear()
     rank_server.start_early(["prog", "--he"])
     assert calls == []
+    rank_server.start_early(["prog", "--", "--epochs"])  # "--": what follows are arguments, not options
+    assert calls == ["files", "start"]
+    calls.clear()
     monkeypatch.setenv("RANK", "0")
     rank_server.start_early(["prog"])
     assert calls == ["files"]
@@ -1222,3 +1231,64 @@ def test_a_rank_keeps_its_temporary_files_in_a_folder_of_its_own():
     launchers = util.get_temp_dir()
     folders = run_ranks(_temporary_folder, timeout_s=60)
     assert launchers not in folders and len(set(folders)) == 2, (launchers, folders)
+
+
+def test_a_name_that_resolves_to_loopback_and_other_addresses_is_not_loopback(monkeypatch):
+    """A host name in /etc/hosts as 127.0.1.1 and in DNS as the machine's outward address: gloo
+    would be pointed at lo for ranks that must reach the other machines."""
+    resolved = [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.1.1", 0)),
+                (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("192.0.2.7", 0))]
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *args, **kwargs: resolved)
+    assert not is_loopback("host")
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *args, **kwargs: resolved[:1])
+    assert is_loopback("host")
+
+
+def test_a_temporary_folder_whose_sockets_just_fit_is_kept(monkeypatch):
+    """The sockets' addresses hold 107 bytes: a folder that leaves exactly that room is used as it is."""
+    monkeypatch.setenv("TMPDIR", "/tmp")  # so that the TMPDIR set below is undone, there before or not
+    monkeypatch.delenv("TMPDIR")
+    fitting = "/" + "t" * (rank_server.SOCKET_PATH_MAX - rank_server.SOCKET_NAME - 1)
+    monkeypatch.setattr(tempfile, "tempdir", fitting)
+    rank_server.room_for_sockets()
+    assert tempfile.tempdir == fitting and "TMPDIR" not in os.environ
+    monkeypatch.setattr(tempfile, "tempdir", fitting + "t")
+    rank_server.room_for_sockets()
+    assert tempfile.gettempdir() == os.environ["TMPDIR"] != fitting + "t"
+
+
+_STOPPED_TWICE = """
+import os
+from launch import rank_server
+from launch.ranks import run_ranks
+
+def rank_after_a_restart(rank):
+    return rank
+
+if __name__ == "__main__":
+    from multiprocessing import forkserver
+    rank_server.start()
+    first, alive_fd = rank_server.pid(), forkserver._forkserver._forkserver_alive_fd
+    socket_path = forkserver._forkserver._forkserver_address
+    rank_server.stop()
+    try:
+        os.fstat(alive_fd)
+        print("liveness pipe left open")
+    except OSError:
+        pass
+    print("socket left" if os.path.exists(socket_path) else "socket removed")
+    rank_server.stop()  # no server: nothing to do
+    print(run_ranks(rank_after_a_restart, timeout_s=60), rank_server.pid() != first)
+    rank_server.stop()
+"""
+
+
+@pytest.mark.slow
+def test_a_stopped_rank_server_leaves_nothing_open_and_a_later_run_starts_another(tmp_path):
+    """A program that stops the server (its options refused, its ranks ended) and then runs ranks
+    again (a notebook, a loop of runs) gets a new server; the old one's pipe and socket are gone."""
+    script = tmp_path / "script.py"
+    script.write_text(_STOPPED_TWICE)
+    result = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                            capture_output=True, text=True, timeout=120)
+    assert (result.returncode, result.stdout) == (0, "socket removed\n[0, 1] True\n"), result.stderr[-3000:]
