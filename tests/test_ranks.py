@@ -1072,7 +1072,7 @@ def test_a_rank_that_does_not_answer_after_a_failure_is_ended_after_the_grace(tm
     """Not at the run's time limit, nor some graces later: within seconds of the other rank's failure."""
     with pytest.raises(RankFailure) as info:
         run_ranks(_fail_at_once_or_hang, (str(tmp_path),), timeout_s=120)
-    assert time.time() - float((tmp_path / "failed at").read_text()) < ranks._GRACE_S + 4
+    assert time.time() - float((tmp_path / "failed at").read_text()) < 2 * ranks._GRACE_S  # one grace, and room
     assert info.value.failures[1] == "did not respond (hung or stopped); ended by the launcher"
 
 
@@ -1126,7 +1126,8 @@ def test_a_ctrl_c_stops_ranks_that_ignore_it_within_one_grace_and_leaves_the_lau
         with pytest.raises(KeyboardInterrupt):
             run_ranks(_ignore_ctrl_c_and_sleep, (str(tmp_path),), timeout_s=60,
                       on_start=lambda p: (procs.extend(p), _interrupt_once_started(tmp_path, interrupted)))
-        assert time.monotonic() - interrupted[0] < ranks._GRACE_S + 3.5  # one grace, then the terminate
+        # one grace, then the terminate (a grace each would take two): room for a loaded machine
+        assert time.monotonic() - interrupted[0] < 2 * ranks._GRACE_S - 0.5
         assert [p.exitcode for p in procs] == [-signal.SIGTERM] * 2
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
         assert signal.getsignal(signal.SIGTERM) is before
