@@ -516,12 +516,17 @@ if __name__ == "__main__":
 """
 
 
+def _run_script(folder: Path, text: str) -> subprocess.CompletedProcess:
+    """``text`` run as a user's script of its own, in ``folder``, this checkout importable."""
+    script = folder / "script.py"
+    script.write_text(text)
+    return subprocess.run([sys.executable, str(script)], cwd=folder, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                          capture_output=True, text=True, timeout=120)
+
+
 @pytest.mark.slow
 def test_a_script_can_run_ranks_of_a_function_it_defines(tmp_path):
-    script = tmp_path / "script.py"
-    script.write_text(_SCRIPT)
-    result = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(ROOT)),
-                            capture_output=True, text=True, timeout=120)
+    result = _run_script(tmp_path, _SCRIPT)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip() == "['hello from rank 0', 'hello from rank 1']"
 
@@ -948,23 +953,32 @@ def test_the_launcher_does_not_wait_out_the_grace_once_every_rank_has_reported(m
     assert time.monotonic() - started[0] < 20  # the grace waited out: the run's time limit, 30 s
 
 
-def _rank_0_advises(rank, folder):
-    said = Path(folder, "rank 1 said")
+def _rank_1_first(rank, folder) -> None:
+    """Rank 1 goes on at once, marking it; rank 0 once rank 1 has, and its report has had time
+    to reach the launcher."""
+    went_on = Path(folder, "rank 1 went on")
     if rank == 1:
-        said.touch()
-        raise ValueError(f"the data moved. {ranks.ADVICE_FROM_RANK0}")
+        went_on.touch()
+        return
     deadline = time.monotonic() + 60
-    while not said.exists() and time.monotonic() < deadline:
+    while not went_on.exists() and time.monotonic() < deadline:
         time.sleep(0.05)
-    time.sleep(0.5)  # rank 1 reports first
-    raise ValueError("the data moved: run again with --data at its new place")
+    time.sleep(0.5)
+
+
+def _rank_1_fails_first(rank, folder, first: Exception, then: Exception):
+    """Rank 1 raises ``first``, then rank 0 ``then``."""
+    _rank_1_first(rank, folder)
+    raise first if rank == 1 else then
 
 
 @pytest.mark.slow
 def test_an_error_that_rank_0_tells_with_advice_is_named_in_its_words(tmp_path):
     """Rank 1's error, which says rank 0 tells what to do, reported first: the run names rank 0's."""
     with pytest.raises(RankFailure) as info:
-        run_ranks(_rank_0_advises, (str(tmp_path),), timeout_s=60)
+        run_ranks(_rank_1_fails_first, (str(tmp_path), ValueError(f"the data moved. {ranks.ADVICE_FROM_RANK0}"),
+                                        ValueError("the data moved: run again with --data at its new place")),
+                  timeout_s=60)
     assert str(info.value).startswith("rank 0 failed: ValueError: the data moved: run again with --data"), info.value
 
 
@@ -1003,32 +1017,13 @@ def test_a_rank_that_exits_with_0_without_returning_is_said_to_have_exited_not_k
 
 
 def _return_in_reverse(rank, folder):
-    returned = Path(folder, "rank 1 returned")
-    if rank == 1:
-        returned.touch()
-        return rank
-    deadline = time.monotonic() + 60
-    while not returned.exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    time.sleep(0.5)  # rank 1's value reaches the launcher first
+    _rank_1_first(rank, folder)  # rank 1's value reaches the launcher first
     return rank
 
 
 @pytest.mark.slow
 def test_ranks_return_their_values_in_rank_order_whichever_returns_first(tmp_path):
     assert run_ranks(_return_in_reverse, (str(tmp_path),), timeout_s=60) == [0, 1]
-
-
-def _fail_then_other_error(rank, folder, first_words):
-    said = Path(folder, "rank 1 said")
-    if rank == 1:
-        said.touch()
-        raise ValueError(first_words)
-    deadline = time.monotonic() + 60
-    while not said.exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    time.sleep(0.5)  # rank 1 reports first
-    raise RuntimeError("a peer is gone")
 
 
 @pytest.mark.slow
@@ -1038,7 +1033,8 @@ def test_the_rank_that_failed_first_is_named_before_one_that_failed_otherwise_af
     """Rank 0's later error is another one (its peer gone): rank 1's is the cause, also where rank 1
     says that rank 0 tells what to do next, as rank 0 says nothing of the kind."""
     with pytest.raises(RankFailure) as info:
-        run_ranks(_fail_then_other_error, (str(tmp_path), first_words), timeout_s=60)
+        run_ranks(_rank_1_fails_first, (str(tmp_path), ValueError(first_words), RuntimeError("a peer is gone")),
+                  timeout_s=60)
     assert info.value.first == 1 and str(info.value).startswith(f"rank 1 failed: ValueError: {first_words}\n"
                                                                 f"rank 0 then stopped: RuntimeError: a peer is gone")
 
@@ -1189,10 +1185,7 @@ if __name__ == "__main__":
 @pytest.mark.slow
 def test_ranks_can_be_run_from_a_thread_other_than_the_main_one(tmp_path):
     """Where signal handlers cannot be set (the rank server's start, the launcher's SIGTERM): left as they are."""
-    script = tmp_path / "script.py"
-    script.write_text(_IN_A_THREAD)
-    result = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(ROOT)),
-                            capture_output=True, text=True, timeout=120)
+    result = _run_script(tmp_path, _IN_A_THREAD)
     assert (result.returncode, result.stdout) == (0, "[[0, 1]]\n"), result.stderr[-3000:]
 
 
