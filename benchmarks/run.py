@@ -917,20 +917,18 @@ def _main(config: BenchConfig, argv) -> Path:
     pyplot()  # where matplotlib cannot start, before the runs, not after them
     made = []  # the folders made for --out, parents first: not left behind by a benchmark that wrote nothing there
     try:
-        make_folder(out, made)
-    except OSError as error:
-        remove_made(made)
-        raise ValueError(f"--out {out}: cannot make that folder ({error.strerror}); give a folder that can be written") \
-            from None
-    if not os.access(out, os.W_OK | os.X_OK):
-        remove_made(made)
-        raise ValueError(f"--out {out}: this folder cannot be written; give another")
-    with held(out, "--out"):  # to the end: a second benchmark on the same --out is refused
         try:
+            make_folder(out, made)
+        except OSError as error:
+            raise ValueError(f"--out {out}: cannot make that folder ({error.strerror}); give a folder that can be "
+                             f"written") from None
+        if not os.access(out, os.W_OK | os.X_OK):
+            raise ValueError(f"--out {out}: this folder cannot be written; give another")
+        with held(out, "--out"):  # to the end: a second benchmark on the same --out is refused
             return _bench_in(out, config, devices, argv, deadline, loader_data)
-        except BaseException:  # refused or stopped: a folder made for it stays only where something is in it
-            remove_made(made)
-            raise
+    except BaseException:  # refused or stopped: a folder made for it stays only where something is in it
+        remove_made(made)
+        raise
 
 
 def _bench_in(out: Path, config: BenchConfig, devices, argv, deadline, loader_data) -> Path:

@@ -165,7 +165,8 @@ def resolve_path(path) -> Path:
         raise CheckpointError(f"{path} is not a file (a folder, a named pipe, a device): give a checkpoint file or a "
                               f"run folder that holds {FILENAME}")
     if not found and os.path.lexists(path):  # a link that loops or leads nowhere
-        raise CheckpointError(f"{path} {not_there(path)}: give a checkpoint file or a run folder that holds {FILENAME}")
+        raise CheckpointError(f"{path} {not_there(path) or 'is not a file'}: give a checkpoint file or a run folder "
+                              f"that holds {FILENAME}")
     if not found:
         raise CheckpointError(f"no checkpoint at {path}: give a checkpoint file or a run folder that holds {FILENAME}")
     return path

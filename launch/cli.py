@@ -311,16 +311,16 @@ def write_whole(path: Path, write) -> None:
         partial.unlink(missing_ok=True)
 
 
-def not_there(path) -> str:
-    """Why ``path``, which is not there to be used, is not: "does not exist", or what stands in
-    the way (a link to nothing, a link that loops, a folder on the way that cannot be entered)."""
+def not_there(path) -> typing.Optional[str]:
+    """Why ``path`` is not there to be used: "does not exist", or what stands in the way (a link
+    to nothing, a link that loops, a folder on the way that cannot be entered); None where it is."""
     try:
         os.stat(path)
     except FileNotFoundError:
         return "is a link to nothing" if os.path.islink(path) else "does not exist"
     except OSError as exc:
         return f"cannot be opened ({exc.strerror})"
-    return "is there"
+    return None
 
 
 def make_folder(folder: Path, made: list) -> None:

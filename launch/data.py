@@ -428,7 +428,7 @@ def hold_for_reading(root: Path):
 def _scan_layout(root: Path, builtin_alternative: bool, need_train: bool):
     layout_hint = "expected ROOT/train/CLASS/*.jpg and ROOT/val/CLASS/*.jpg with the same CLASS folders in both"
     if not root.is_dir():
-        what = "is not a folder" if root.exists() else not_there(root)
+        what = not_there(root) or "is not a folder"
         builtin = ", or no data folder to use the built-in dataset" if builtin_alternative else ""
         raise DataError(f"data folder {root} {what}: pass the path of a folder that holds train/ and val/ "
                         f"({layout_hint}){builtin}")

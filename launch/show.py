@@ -63,8 +63,9 @@ from towers.reference import LAYERS
 from . import data as data_module
 from .checkpoint import (FILENAME, CheckpointError, check_classes, checkpoint_architecture, load_checkpoint,
                          reference_from)
-from .cli import (JSON_DAMAGE, OutputFailed, Parser, add_options, home_path, lock_folder, make_folder, one_line, option,
-                  pyplot, quick_exit, reader_gone, refuse_empty, remove_made, shell_word, write_out, write_whole)
+from .cli import (JSON_DAMAGE, OutputFailed, Parser, add_options, home_path, lock_folder, make_folder, not_there,
+                  one_line, option, pyplot, quick_exit, reader_gone, refuse_empty, remove_made, shell_word, write_out,
+                  write_whole)
 from .stats import DataStats
 
 log = logging.getLogger(__name__)
@@ -817,11 +818,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _open_run(run_dir: str) -> RunFolder:
     refuse_empty(RUN_DIR=run_dir)
     path = home_path(run_dir)
-    try:
-        path.stat()
-    except OSError as exc:  # not there, or a link that loops, or on the way a folder that cannot be searched
-        what = "does not exist" if exc.errno == errno.ENOENT else f"cannot be opened ({exc.strerror})"
-        raise ValueError(f"RUN_DIR {path} {what}: give a run folder written by python -m launch.two_gpu") from None
+    what = not_there(path)  # or a link that loops, or on the way a folder that cannot be searched
+    if what is not None:
+        raise ValueError(f"RUN_DIR {path} {what}: give a run folder written by python -m launch.two_gpu")
     if not path.is_dir():
         raise ValueError(f"RUN_DIR {path} is a file: give the run folder that holds it ({path.parent})")
     return RunFolder(path)

@@ -94,7 +94,7 @@ class Tower(nn.Module):
         with torch.random.fork_rng(devices=cuda):
             self._build_layers(num_classes, dropout, fc8_placement, architecture)
         self.register_state_dict_post_hook(_name_half)
-        self.register_load_state_dict_pre_hook(_refuse_another_half)
+        self.register_load_state_dict_pre_hook(_refuse_what_is_not_its_half)
 
     def _build_layers(self, num_classes, dropout, fc8_placement, architecture):
         c1, c2, c3, c4, c5 = (c // TOWERS for c in CONV_CHANNELS)
@@ -235,10 +235,11 @@ def _name_half(tower: Tower, state_dict, prefix, local_metadata) -> None:
     local_metadata[HALF] = tower.tower_rank
 
 
-def _refuse_another_half(tower: Tower, state_dict, prefix, local_metadata, strict, missing, unexpected,
-                         error_msgs) -> None:
-    """``load_state_dict``'s hook: a state_dict that names the other tower's half is refused,
-    before any of it is copied (raised here: torch raises ``error_msgs`` after the copies)."""
+def _refuse_what_is_not_its_half(tower: Tower, state_dict, prefix, local_metadata, strict, missing, unexpected,
+                                 error_msgs) -> None:
+    """``load_state_dict``'s hook: a state_dict that names the other tower's half, holds the whole
+    net, or an FC8 of another placement or class count, is refused before any of it is copied
+    (raised here: torch raises ``error_msgs`` after the copies)."""
     half = local_metadata.get(HALF)
     fix = "(shard_state_dict(state, tower.tower_rank, tower.fc8_placement), or the state_dict that tower saved)"
     said = f"Error(s) in loading state_dict for {type(tower).__name__}: it holds"
