@@ -34,7 +34,7 @@ from towers.reference import INPUT_SIZE
 
 from . import data as data_module
 from .images import BASE_SIZE
-from .checkpoint import (FILENAME, damaged_record, read_as_saved, resolve_path, restore_training_state,
+from .checkpoint import (FILENAME, damaged_record, finite, read_as_saved, resolve_path, restore_training_state,
                          save_training_state)
 from .cli import home_path, shell_word, usable_cores, write_whole
 from .config import TrainConfig, update_config_json
@@ -460,11 +460,11 @@ def _after_divergence(config: TrainConfig, run_dir: Optional[Path], num_classes:
             raise ValueError("its checksum does not match")
         payload = read_as_saved(run_dir / FILENAME)
         saved = payload["progress"]
-        finite = all(torch.isfinite(v).all() for v in payload["model"].values() if v.is_floating_point())
+        weights_finite = all(finite(v) for v in payload["model"].values() if v.is_floating_point())
     except Exception:  # damaged since it was written: not worth resuming either
         return f"The last checkpoint cannot be read: {start_again}"
-    if not finite or (weights_of is not None and saved["global_step"] >= weights_of):
-        what = "these weights" if finite else "weights that are not finite numbers"
+    if not weights_finite or (weights_of is not None and saved["global_step"] >= weights_of):
+        what = "these weights" if weights_finite else "weights that are not finite numbers"
         return (f"The last checkpoint (step {saved['global_step']}) holds {what}, so resuming it would not help: "
                 f"{start_again}")
     loss = saved.get("loss")  # older checkpoints hold none

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from launch import data
-from launch.checkpoint import restore_training_state, save_checkpoint, save_training_state
+from launch.checkpoint import finite, restore_training_state, save_checkpoint, save_training_state
 from launch.config import TrainConfig
 from launch.mesh import Mesh
 from launch.meter import Metrics, ProgressBar
@@ -308,3 +308,18 @@ def test_a_checkpoint_keeps_the_whole_progress_and_the_momentum(mesh_of_one, tmp
         momentum = fresh_optimizer.state[q]["momentum_buffer"]
         assert q.dtype == momentum.dtype == torch.float32, name
         assert torch.equal(momentum, optimizer.state[p]["momentum_buffer"].half().float()), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_finite_finds_any_value_that_is_not_a_number(dtype):
+    """checkpoint.finite, which checks every checkpoint's weights and momentum, against
+    torch.isfinite: one NaN or infinity anywhere in a tensor, whatever its shape and layout."""
+    for shape in [(), (1,), (7,), (3, 5), (64, 9, 11)]:
+        assert finite(torch.randn(shape).to(dtype)), shape
+        for at in {0, torch.Size(shape).numel() // 2, torch.Size(shape).numel() - 1}:
+            for value in (float("nan"), float("inf"), float("-inf")):
+                tensor = torch.randn(shape).to(dtype)
+                tensor.view(-1)[at] = value
+                assert not finite(tensor) and not finite(tensor.mT if tensor.dim() >= 2 else tensor), (shape, at, value)
+    assert finite(torch.empty(0, 4, dtype=dtype))
+    assert finite(torch.full((5,), torch.finfo(dtype).max, dtype=dtype))  # the largest finite value, not infinity
