@@ -222,7 +222,16 @@ def finite(tensor: torch.Tensor) -> bool:
 def read_as_saved(path, mmap: bool = True) -> dict:
     """A checkpoint's contents as torch.load gives them, unchecked and, with ``mmap``, mapped
     (nothing read until used): what load_checkpoint checks, and what advice about a checkpoint
-    that it may refuse (weights that ran away) reads. Raises what torch.load raises."""
+    that it may refuse (weights that ran away) reads. Raises what torch.load raises. torch.load
+    hands a mapped file's name to C++ as UTF-8: a name that is not (bytes that Python holds as
+    surrogates) is mapped through its descriptor's name in /proc, or else read whole."""
+    try:
+        os.fspath(path).encode()
+    except UnicodeEncodeError:
+        with open(path, "rb") as file:
+            if mmap and os.path.isdir("/proc/self/fd"):  # the mapping outlives the descriptor
+                return torch.load(f"/proc/self/fd/{file.fileno()}", map_location="cpu", weights_only=True, mmap=True)
+            return torch.load(file, map_location="cpu", weights_only=True)
     return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
 
 

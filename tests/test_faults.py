@@ -1984,6 +1984,20 @@ def test_a_checkpoint_this_user_cannot_read_is_said_so_not_called_truncated(tmp_
         load_checkpoint(private)
 
 
+def test_a_checkpoint_in_a_folder_whose_name_is_not_utf8_is_read(tmp_path):
+    """A run folder named in bytes that are not UTF-8 (Python holds them as surrogates): the
+    program saves its checkpoint there, and --resume, --eval-only, launch.predict and launch.show
+    read it back, mapped or read whole (torch.load maps a file by a UTF-8 name only)."""
+    from launch.checkpoint import read_as_saved
+    folder = tmp_path / os.fsdecode(b"run-\xff")
+    model = reference_from_seed(10, 0)
+    save_reference(folder / "checkpoint.pt", model)
+    for mmap in (True, False):
+        loaded = load_checkpoint(folder, mmap=mmap)
+        assert all(torch.equal(loaded["model"][k], v) for k, v in model.state_dict().items()), mmap
+    assert torch.equal(read_as_saved(folder / "checkpoint.pt")["model"]["fc8.bias"], model.fc8.bias)
+
+
 def test_a_damaged_checkpoint_is_refused_not_loaded_as_it_is(tmp_path):
     """Bytes of a tensor changed on the disk or in a copy: torch.load would load them as they
     are, and the net would predict worse without a word. A pickle edited by hand is refused in
