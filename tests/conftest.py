@@ -26,10 +26,11 @@ from towers import AlexNet, Architecture, build_reference
 ROOT = Path(__file__).resolve().parents[1]
 RUN_TIMEOUT_S = 300  # any one run of the program; a hang fails instead of blocking the suite
 # Options that make a run of the program tiny: batch 4 of the 30 training images, the
-# loader inside the rank.
-TINY = ["--batch-size", "4", "--lr", "0.001", "--workers", "0"]
-TRAINED_RUN = ["--epochs", "1", "--log-every", "2", "--fc8-placement", "split", *TINY]  # the options of trained_run
-NO_DROPOUT = [*TINY, "--dropout", "0", "--log-every", "1", "--no-ten-crop"]  # with --epochs 1: no_dropout_run's
+# loader inside the rank, no ten-patch test at the end (a fifth of a tiny run's CPU time:
+# a run that a test needs it of says --ten-crop).
+TINY = ["--batch-size", "4", "--lr", "0.001", "--workers", "0", "--no-ten-crop"]
+TRAINED_RUN = ["--epochs", "1", "--log-every", "2", "--fc8-placement", "split", *TINY, "--ten-crop"]  # trained_run's
+NO_DROPOUT = [*TINY, "--dropout", "0", "--log-every", "1"]  # with --epochs 1: no_dropout_run's
 MEMORY_TEMP_ROOT = Path("/dev/shm")
 MEMORY_TEMP_MIN_FREE = 16 << 30  # the suite's folders took up to 4.6 GB at once (measured on the whole suite)
 

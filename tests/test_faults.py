@@ -53,7 +53,7 @@ from conftest import (ROOT, RUN_TIMEOUT_S, TRAINED_RUN, Run, as_background_job, 
                       skip_without_namespaces, terminate_when_ready)
 
 BOUND_S = 60  # a failure must end the whole run within this long
-TINY = [*_TINY, "--log-every", "1", "--val-limit", "4", "--no-ten-crop"]
+TINY = [*_TINY, "--log-every", "1", "--val-limit", "4"]
 
 
 def _no_leftovers(run: Run, timeout_s: float = 10) -> None:
@@ -702,7 +702,7 @@ def _images_lost_while_it_trains(tiny_data, tmp_path, which, *options) -> tuple:
     data = tmp_path / "data"
     shutil.copytree(tiny_data, data)
     run = Run("--data", data, "--out", tmp_path, "--run-name", "run", "--epochs", "2", "--log-every", "1",
-              "--no-ten-crop", *TINY, *options, run_dir=tmp_path / "run")
+              *TINY, *options, run_dir=tmp_path / "run")
     run.wait_for_step(1)
     os.killpg(run.proc.pid, signal.SIGSTOP)  # the epoch cannot end before every image is lost
     kept = {p: p.read_bytes() for p in sorted(which(data)) if p.is_file()}
@@ -1067,7 +1067,7 @@ def test_a_rank_failing_under_torchrun_ends_in_one_line(tiny_data, tmp_path):
     launch.two_gpu's own ranks does, in one line (rank 0's with what to do next), not each
     with its traceback."""
     procs, errors = _as_torchrun_starts(lambda rank: ["--data", tiny_data, "--out", tmp_path, "--run-name", "nan",
-                                                      "--max-steps", "6", "--val-limit", "4", "--no-ten-crop", *TINY,
+                                                      "--max-steps", "6", "--val-limit", "4", *TINY,
                                                       "--lr", "9.9"])
     assert [p.returncode for p in procs] == [1, 1], errors
     assert not any("Traceback" in err for err in errors), errors

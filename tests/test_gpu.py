@@ -112,7 +112,7 @@ def _assert_towers_sharing_one_gpu_match(autocast, compile_backend=None):
 
 def test_the_program_trains_on_the_gpu_and_its_checkpoint_evaluates_on_the_cpu(tiny_data, tmp_path):
     run = launch("--data", tiny_data, "--out", tmp_path, "--run-name", "gpu", "--max-steps", "3", "--val-limit", "6",
-                 "--no-ten-crop", *TINY)
+                 *TINY)
     assert "tower 0 on cuda:0, tower 1 on cuda:0" in run.stderr or "tower 0 on cuda:0, tower 1 on cuda:1" in run.stderr
     summary = json.loads((tmp_path / "gpu" / "summary.json").read_text())
     assert summary["device"].startswith("cuda") and summary["steps"] == 3
@@ -166,7 +166,7 @@ def test_the_single_layout_trains_on_the_gpu_in_bf16_compiled_and_goes_on_as_tow
     _needs_inductor()
     # --val-limit 4: one batch of 4 to evaluate, one compilation (a last batch of 2 would make another)
     run = launch("--data", tiny_data, "--out", tmp_path, "--run-name", "single", "--layout", "single", "--max-steps", "3",
-                 "--val-limit", "4", "--no-ten-crop", "--precision", "bf16", "--compile", "inductor", *TINY)
+                 "--val-limit", "4", "--precision", "bf16", "--compile", "inductor", *TINY)
     assert "the whole net on cuda:0, one process" in run.stderr
     summary = json.loads((tmp_path / "single" / "summary.json").read_text())
     assert summary["device"].startswith("cuda") and summary["steps"] == 3

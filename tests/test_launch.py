@@ -219,7 +219,7 @@ def test_a_librarys_warning_is_a_line_of_the_log_and_in_train_log(tiny_data, tmp
     for split in ("train", "val"):
         warned_of_tiff(folder / split / "dots" / "odd.tif")
     result = launch("--data", folder, "--out", tmp_path / "runs", "--run-name", "run", "--max-steps", "2",
-                    "--no-ten-crop", *TINY, "--workers", workers)
+                    *TINY, "--workers", workers)
     said = re.compile(r"(\[rank \d\] )?warning: .*tag 278 .* \(UserWarning, .+TiffImagePlugin\.py:\d+\)")
     assert any(said.fullmatch(line) for line in result.stderr.splitlines()), result.stderr[-3000:]
     assert "warnings.warn" not in result.stderr and "UserWarning:" not in result.stderr, result.stderr[-3000:]
@@ -263,7 +263,7 @@ def test_torchrun_environment_is_honoured(tiny_data, tmp_path, world_size):
                    LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), TMPDIR=str(long))
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "launch.two_gpu", "--data", str(tiny_data), "--out", str(tmp_path), "--run-name",
-             "tr", "--max-steps", "2", "--val-limit", "100", "--no-ten-crop", "--recipe", "small", *TINY],
+             "tr", "--max-steps", "2", "--val-limit", "100", "--recipe", "small", *TINY],
             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     try:
         outputs = [p.communicate(timeout=RUN_TIMEOUT_S) for p in procs]

@@ -397,7 +397,7 @@ def test_a_batch_that_does_not_split_under_torchrun_is_told_torchruns_fix(tiny_d
 def test_a_killed_rank_of_another_replica_ends_the_run_naming_it(tiny_data, tmp_path):
     """A hung rank is found as with one replica (tests/test_faults.py): every group has the timeout."""
     run = Run("--data", tiny_data, "--out", tmp_path, "--run-name", "run", "--epochs", "50", "--replicas", "2",
-              "--timeout", "10", *TINY, "--log-every", "1", "--no-ten-crop", run_dir=tmp_path / "run")
+              "--timeout", "10", *TINY, "--log-every", "1", run_dir=tmp_path / "run")
     run.wait_for_step(1)
     os.kill(run.ranks(count=4)[3], signal.SIGKILL)  # tower 1 of replica 1, away from rank 0 that writes
     assert run.wait(timeout_s=90) == 1

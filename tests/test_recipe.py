@@ -404,7 +404,7 @@ def test_a_checkpoint_that_lacks_parts_of_its_recipe_is_not_resumed():
 def test_a_small_run_and_its_resumption_keep_the_recipe_sized_at_the_start(tiny_data, tmp_path, caplog):
     # 30 training images at batch 4: 7 steps an epoch, so 29 epochs make 200 steps
     started = launch("--data", tiny_data, "--out", tmp_path, "--run-name", "run", "--recipe", "small",
-                     "--max-steps", "1", "--no-ten-crop", "--val-limit", "4", *TINY)
+                     "--max-steps", "1", "--val-limit", "4", *TINY)
     run = tmp_path / "run"
     config = json.loads((run / "config.json").read_text())
     assert (config["recipe"], config["epochs"], config["lr_milestones"]) == ("small", 29, [20])
@@ -420,7 +420,7 @@ def test_a_small_run_and_its_resumption_keep_the_recipe_sized_at_the_start(tiny_
     assert "recipe: small (the resumed run's, which a resume may change" in resumed.stderr
     # A run of two epochs: the recipe's milestone lies beyond them, given by nobody, warned of never.
     short = launch("--data", tiny_data, "--out", tmp_path, "--run-name", "short", "--recipe", "small", "--epochs", "2",
-                   "--max-steps", "1", "--no-ten-crop", "--val-limit", "4", *TINY)
+                   "--max-steps", "1", "--val-limit", "4", *TINY)
     again = launch("--resume", tmp_path / "short", "--max-steps", "2")
     assert "warning" not in short.stderr + again.stderr, again.stderr
     # given anew to the resumed run, beyond its epochs: warned of, as a new run's are; not at its next start
