@@ -286,7 +286,8 @@ def check_steps(run_dir: Path, options: list, bundle) -> None:
         raise AblationError(f"{run_dir} was started again after its summary.json was written (its metrics.jsonl "
                             f"goes on after the summary), so that no longer gives its numbers: remove {run_dir} to "
                             f"train that variant again, or give another --runs folder")
-    trained = _read_json(run_dir / "summary.json").get("steps")
+    trained = _checked(_read_json(run_dir / "summary.json"), {"steps": COUNT}, run_dir / "summary.json",
+                       run_dir)["steps"]
     if records[-1].get("steps") != trained:  # a later start stopped between its summary record and summary.json
         raise AblationError(f"{run_dir}'s summary.json and the summary at the end of its metrics.jsonl differ (a "
                             f"later start of the run stopped as it wrote them): remove {run_dir} to train that "
@@ -343,6 +344,82 @@ def _read_json(path: Path, lines: bool = False):
                             f"folder to train that variant again") from None
 
 
+# What the report reads of a run's files, and what each value must be: ERROR a proportion, COUNT a
+# whole number above 0, AMOUNT a finite number of at least 0 (a time, a rate, a loss), TEXT a string;
+# {key: kind} an object (a key ending in "?" may be absent or null), [kind] a list of one or more.
+ERROR, COUNT, AMOUNT, TEXT = "a number from 0 to 1", "a whole number above 0", "a finite number of at least 0", \
+    "a string"
+EVALUATION = {"top1_error": ERROR, "top5_error": ERROR, "images": COUNT}
+SUMMARY = {"steps": COUNT, "steps_this_run?": AMOUNT, "classes": COUNT, "centre": EVALUATION, "ten_patch?": EVALUATION,
+           "images_per_s": AMOUNT, "train_seconds": AMOUNT, "device": TEXT, "layout": TEXT}
+RECORDS = {"train": {"epoch": COUNT, "step": COUNT, "loss": AMOUNT, "top1": ERROR}, "eval": {"top1_error": ERROR},
+           "resume": {"step": AMOUNT}}
+CONDITIONS = {"command": TEXT, "wall_s": AMOUNT, "load_average": {"start": [AMOUNT], "end": [AMOUNT]}}
+
+
+def _fits(value, kind: str) -> bool:
+    if kind == TEXT:
+        return isinstance(value, str)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        return False
+    if kind == ERROR:
+        return value <= 1
+    return kind != COUNT or (isinstance(value, int) and value > 0)
+
+
+def _shape_of(value, shape, where: str, whole: str = "the file") -> Optional[str]:
+    """What in ``value`` (read from a JSON file: ``whole``) differs from ``shape``, or None."""
+    if isinstance(shape, dict):
+        if not isinstance(value, dict):
+            shown = "a list" if isinstance(value, list) else json.dumps(value)[:60]
+            return f"{where or whole} is {shown}, not an object"
+        for key, inner in shape.items():
+            name = f"{where}.{key.rstrip('?')}" if where else key.rstrip("?")
+            if value.get(key.rstrip("?")) is None:
+                if key.endswith("?"):
+                    continue
+                return f"{name} is missing" if key not in value else f"{name} is null"
+            wrong = _shape_of(value[key.rstrip("?")], inner, name)
+            if wrong:
+                return wrong
+        return None
+    if isinstance(shape, list):
+        if not isinstance(value, list) or not value:
+            return f"{where} is {json.dumps(value)[:60]}, not a list of {shape[0]}s"
+        return next(filter(None, (_shape_of(item, shape[0], f"{where}[{i}]") for i, item in enumerate(value))), None)
+    return None if _fits(value, shape) else f"{where} is {json.dumps(value)[:60]}, not {shape}"
+
+
+def _checked(value, shape, path: Path, run_dir: Path, writer: str = "python -m launch.two_gpu"):
+    """``value``, read from ``path``, if it has ``shape``; else AblationError naming what differs."""
+    wrong = _shape_of(value, shape, "")
+    if wrong:
+        raise _damaged(path, run_dir, wrong, writer)
+    return value
+
+
+def _damaged(path: Path, run_dir: Path, wrong: str, writer: str = "python -m launch.two_gpu") -> AblationError:
+    return AblationError(f"{path} is not as {writer} writes it: {wrong}: remove {run_dir} to train that variant again")
+
+
+def _read_summary(run_dir: Path) -> dict:
+    return _checked(_read_json(run_dir / "summary.json"), SUMMARY, run_dir / "summary.json", run_dir)
+
+
+def _read_records(run_dir: Path, finished: bool) -> list:
+    """metrics.jsonl's records, those the report reads checked; a finished run's holds its steps."""
+    path = run_dir / "metrics.jsonl"
+    records = _read_json(path, lines=True)
+    for line, record in enumerate(records, 1):
+        wrong = _shape_of(record, {"event": TEXT}, "", "the record") or \
+            _shape_of(record, RECORDS.get(record["event"], {}), "")
+        if wrong:
+            raise _damaged(path, run_dir, f"line {line}: {wrong}")
+    if finished and not any(r["event"] == "train" for r in records):
+        raise _damaged(path, run_dir, "no record of a training step, where summary.json says the run finished")
+    return records
+
+
 def training_curve(records: list) -> list:
     """Per training step (metrics.jsonl written with --log-every 1): the step line's
     training error and loss, which cover the last ``StepMeter().window`` steps of the
@@ -382,17 +459,18 @@ def _not_as_written(run_dir: Path, error: Exception) -> AblationError:
 
 
 def _read_run(run_dir: Path, failure: Optional[str]) -> dict:
-    records = _read_json(run_dir / "metrics.jsonl", lines=True)
+    records = _read_records(run_dir, finished=failure is None)
     curve = training_curve(records)
     conditions = run_dir.parent / f"{run_dir.name}{CONDITIONS_SUFFIX}"
     numbers = {"run_dir": str(run_dir), "failed": failure, "curve": curve,
                "steps_to": {_percent(target): steps_to_error(curve, target) for target in TRAIN_ERROR_TARGETS},
-               "conditions": _read_json(conditions) if conditions.exists() else None}
+               "conditions": _checked(_read_json(conditions), CONDITIONS, conditions, run_dir,
+                                      "python -m benchmarks.ablations") if conditions.exists() else None}
     if failure is not None:
         # a loss that became NaN names its step, which wrote no record: one past the last one
         diverged = re.search(r"the loss became \S+ at epoch \d+, step (\d+)", failure)
         return {**numbers, "steps": int(diverged[1]) if diverged else curve[-1]["step"] if curve else 0}
-    summary = _read_json(run_dir / "summary.json")
+    summary = _read_summary(run_dir)
     return {**numbers, "steps": summary["steps"], "classes": summary["classes"], "centre": summary["centre"],
             "ten_patch": summary.get("ten_patch"), "steps_this_run": summary.get("steps_this_run", summary["steps"]),
             "images_per_s": summary["images_per_s"], "train_seconds": summary["train_seconds"],
@@ -821,7 +899,7 @@ def _measure(config: AblationConfig, out: Path, runs: Path, args: list, machine:
     try:
         staging.mkdir()
         (staging / "results.json").write_text(json.dumps({"info": info, "noise": noise_floor(results),
-                                                          "runs": results}, indent=1))
+                                                          "runs": results}, indent=1, allow_nan=False))
         write_report(results, info, staging)
         for name in ("results.json", "report.md", CHART):
             os.replace(staging / name, out / name)

@@ -400,14 +400,17 @@ def test_a_run_that_trained_on_images_changed_under_it_is_refused(tmp_path, monk
         ablations.train(ablations.AblationConfig(max_steps=3), "full", runs, opened)
 
 
-@pytest.mark.parametrize("damage", ["a record without its event", "a number as text", "a summary that is a list",
-                                    "a summary without its rate"])
-def test_run_files_edited_by_hand_are_named_not_a_traceback(tmp_path, damage):
+@pytest.mark.parametrize("damage, file, wrong", [
+    ("a record without its event", "metrics.jsonl", "line 1: event is missing"),
+    ("a number as text", "metrics.jsonl", 'line 1: top1 is "x", not a number from 0 to 1'),
+    ("a summary that is a list", "summary.json", "the file is a list, not an object"),
+    ("a summary without its rate", "summary.json", "images_per_s is missing")])
+def test_run_files_edited_by_hand_are_named_not_a_traceback(tmp_path, damage, file, wrong):
     run = tmp_path / "full"
     run.mkdir()
     records = [{"event": "train", "epoch": 1, "step": 1, "top1": 0.5, "loss": 2.0}, {"event": "summary"}]
-    summary = {"steps": 1, "classes": 10, "centre": {}, "images_per_s": 1.0, "train_seconds": 1.0, "device": "cpu",
-               "layout": "towers"}
+    summary = {"steps": 1, "classes": 10, "centre": {"top1_error": 0.5, "top5_error": 0.1, "images": 10},
+               "images_per_s": 1.0, "train_seconds": 1.0, "device": "cpu", "layout": "towers"}
     if damage == "a record without its event":
         del records[0]["event"]
     elif damage == "a number as text":
@@ -418,9 +421,125 @@ def test_run_files_edited_by_hand_are_named_not_a_traceback(tmp_path, damage):
         del summary["images_per_s"]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     (run / "summary.json").write_text(json.dumps(summary))
-    with pytest.raises(ablations.AblationError, match=rf"^{run} holds a metrics.jsonl, summary.json or config.json "
-                                                      rf"that is not as python -m launch.two_gpu writes it \("):
+    with pytest.raises(ablations.AblationError) as refused:
         ablations.read_run(run)
+    assert str(refused.value) == (f"{run / file} is not as python -m launch.two_gpu writes it: {wrong}: remove {run} "
+                                  f"to train that variant again")
+
+
+def _reusable_run(runs, data, steps=3, config=None):
+    """A finished full run of ``--max-steps steps`` (and ``config``'s options) as launch.two_gpu and
+    the ablation leave it, on ``data``: every file that the report reads, metrics.jsonl with a
+    record per step."""
+    config = config or ablations.AblationConfig(max_steps=steps)
+    run = _finished_run(runs, config, "full", data, steps=steps)
+    (run / "metrics.jsonl").unlink()
+    _written_curve(run, [[0.5] * steps])
+    centre = {"top1_error": 0.4, "top5_error": 0.1, "images": len(data.val)}
+    summary = {"steps": steps, "steps_this_run": steps, "classes": len(data.classes), "centre": centre,
+               "images_per_s": 8.0, "train_seconds": 1.5, "device": "cpu", "layout": "single"}
+    with (run / "metrics.jsonl").open("a") as metrics:
+        metrics.write(json.dumps({"event": "eval", "epoch": 1, "step": steps, **centre}) + "\n")
+        metrics.write(json.dumps({"event": "summary", **summary}) + "\n")
+    (run / "summary.json").write_text(json.dumps(summary))
+    conditions = {"command": "python -m launch.two_gpu", "wall_s": 9.0,
+                  "load_average": {"start": [1.0, 1.0, 1.0], "end": [2.0, 1.0, 1.0]}}
+    (runs / f"full{ablations.CONDITIONS_SUFFIX}").write_text(json.dumps(conditions))
+    return run
+
+
+def _edit_json(path, change, lines=False):
+    """``change`` applied to the JSON file ``path`` (``lines``: to its list of records), or what
+    it returns in its place."""
+    text = path.read_text()
+    value = [json.loads(line) for line in text.splitlines()] if lines else json.loads(text)
+    value = change(value) or value
+    path.write_text("".join(json.dumps(r) + "\n" for r in value) if lines else json.dumps(value))
+
+
+def _train_records(change):
+    return lambda records: [change(r) or r if r["event"] == "train" else r for r in records]
+
+
+@pytest.mark.parametrize("file, change, wrong", [
+    ("conditions", lambda c: c.__delitem__("load_average"), "load_average is missing"),
+    ("conditions", lambda c: c.update(wall_s="9.0"), 'wall_s is "9.0", not a finite number of at least 0'),
+    ("conditions", lambda c: c.update(wall_s=math.nan), "wall_s is NaN, not a finite number of at least 0"),
+    ("conditions", lambda c: [c], "the file is a list, not an object"),
+    ("summary", lambda s: s["centre"].update(top1_error="0.4"), 'centre.top1_error is "0.4", not a number from 0 to 1'),
+    ("summary", lambda s: s["centre"].update(top1_error=math.nan),
+     "centre.top1_error is NaN, not a number from 0 to 1"),
+    ("summary", lambda s: s["centre"].update(top1_error=-3), "centre.top1_error is -3, not a number from 0 to 1"),
+    ("summary", lambda s: s["centre"].update(images=0), "centre.images is 0, not a whole number above 0"),
+    ("summary", lambda s: s.update(images_per_s=None), "images_per_s is null"),
+    ("summary", lambda s: s.update(classes=0), "classes is 0, not a whole number above 0"),
+    ("metrics", _train_records(lambda r: r.update(loss="2.3")),
+     'line 1: loss is "2.3", not a finite number of at least 0'),
+    ("metrics", _train_records(lambda r: r.update(loss=math.nan)),
+     "line 1: loss is NaN, not a finite number of at least 0"),
+    ("metrics", lambda records: [r for r in records if r["event"] != "train"],
+     "no record of a training step, where summary.json says the run finished")])
+def test_reuse_refuses_a_run_whose_numbers_are_not_as_written_in_one_line(tmp_path, monkeypatch, file, change, wrong):
+    """Values that the report computes with: a string, a missing key, a count of 0 broke it with
+    a traceback; a NaN or a negative error went into report.md, the chart and results.json (as a
+    bare NaN, which is no JSON). Refused as they are read, naming the file and the fix."""
+    monkeypatch.setattr(ablations, "initial_activation_scale", lambda run_dir, bundle: 1.0)  # of no real images here
+    runs, data = tmp_path / "runs", _data(train=1000, val=50)
+    run = _reusable_run(runs, data)
+    out = _reuse(runs, data, monkeypatch, "--variants", "full", "--max-steps", "3")  # as written: reported
+    assert json.loads((out / "results.json").read_text())["runs"]["full"]["centre"]["top1_error"] == 0.4
+    shutil.rmtree(out)
+    path = {"conditions": runs / f"full{ablations.CONDITIONS_SUFFIX}", "summary": run / "summary.json",
+            "metrics": run / "metrics.jsonl"}[file]
+    _edit_json(path, change, lines=file == "metrics")
+    if file == "summary":  # as the summary that ends metrics.jsonl, which --reuse compares with it
+        summary = json.loads(path.read_text())
+        _edit_json(run / "metrics.jsonl", lambda records: records[:-1] + [{"event": "summary", **summary}], lines=True)
+    report = tmp_path / "report"
+    with pytest.raises(ablations.AblationError) as refused:
+        _reuse(runs, data, monkeypatch, "--variants", "full", "--max-steps", "3")
+    writer = "python -m benchmarks.ablations" if file == "conditions" else "python -m launch.two_gpu"
+    assert str(refused.value) == (f"{path} is not as {writer} writes it: {wrong}: remove {run} to train that variant "
+                                  f"again")
+    assert not report.exists()  # no report of it, nor the folder made for one
+
+
+@pytest.mark.slow
+def test_a_damaged_run_reused_ends_the_ablation_in_one_line_with_exit_code_2(tiny_data, tmp_path):
+    """The command as a user runs it, on a run of the tiny data whose files were edited: one line
+    naming the file, exit code 2, no traceback and no report; the run as written is reported."""
+    from launch import data as data_module
+    data = data_module.open_data(tiny_data, cache_dir=tmp_path / "cache")
+    options = ["--data", str(cli.real_path(tiny_data)), "--batch-size", "4", "--max-steps", "3"]
+    config = ablations.AblationConfig(**vars(ablations.build_parser().parse_args(options)))
+    written = tmp_path / "written"
+    _reusable_run(written, data, config=config)
+    damages = {"full.conditions.json": (lambda c: [c], "the file is a list, not an object"),
+               "full/summary.json": (lambda s: s["centre"].update(images=0),
+                                     "centre.images is 0, not a whole number above 0"),
+               "full/metrics.jsonl": (_train_records(lambda r: r.update(loss=math.nan)),
+                                      "line 1: loss is NaN, not a finite number of at least 0")}
+    for damaged, (change, wrong) in (None, (None, None)), *damages.items():
+        runs, out = tmp_path / "runs", tmp_path / "report"
+        shutil.rmtree(runs, ignore_errors=True)
+        shutil.copytree(written, runs)
+        if damaged:
+            _edit_json(runs / damaged, change, lines=damaged.endswith(".jsonl"))
+        ablation = subprocess.run([sys.executable, "-m", "benchmarks.ablations", *options, "--variants", "full",
+                                   "--reuse", "--runs", str(runs), "--out", str(out)], cwd=ROOT, capture_output=True,
+                                  text=True, timeout=RUN_TIMEOUT_S)
+        if damaged is None:  # as written: reported
+            assert ablation.returncode == 0, ablation.stderr[-3000:]
+            assert (out / "report.md").exists()
+            shutil.rmtree(out)
+            continue
+        assert ablation.returncode == 2 and "Traceback" not in ablation.stderr, ablation.stderr[-3000:]
+        writer = "python -m benchmarks.ablations" if damaged.endswith("conditions.json") else "python -m launch.two_gpu"
+        line = (f"error: {runs / damaged} is not as {writer} writes it: {wrong}: remove {runs / 'full'} to train that "
+                f"variant again")
+        assert ablation.stderr.splitlines()[-1] == line, ablation.stderr[-3000:]
+        assert [x for x in ablation.stderr.splitlines() if x.startswith("error:")] == [line]
+        assert not out.exists()
 
 
 @pytest.mark.parametrize("returncode, began", [(130, True), (-signal.SIGKILL, True), (-signal.SIGKILL, False),
