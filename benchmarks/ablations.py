@@ -197,7 +197,7 @@ def train(config: AblationConfig, variant: str, runs: Path, bundle) -> tuple:
                                 f"output: {stderr_path})")
         if _stopped(stderr_path) is None:  # not a result, which --reuse would refuse
             raise AblationError(f"the {variant} run failed ({how}): {why} (its output: {stderr_path})")
-        logger.warning("%s: the run stopped after %.0f s: %s", variant, time.perf_counter() - started, why)
+        logger.warning("%s: the run stopped after %.0f s: %s", variant, time.perf_counter() - started, cause(why))
         check_same_data(run_dir, bundle, stderr_path)  # the images changed while it trained: not comparable
         return run_dir, why
     logger.info("%s: done in %.0f s", variant, time.perf_counter() - started)
@@ -444,12 +444,32 @@ def steps_to_error(curve: list, error: float) -> Optional[int]:
 
 def read_run(run_dir: Path, failure: Optional[str] = None) -> dict:
     """A run's numbers: validation errors (summary.json) and the training curve (metrics.jsonl);
-    of a run that stopped (``failure``), the curve only. AblationError names a file that is not
-    as launch.two_gpu writes it (a hand edit: a record without its fields, a number as text)."""
+    of a run that stopped (``failure``, its line of the program's output), the curve, its cause
+    and the files it left. AblationError names a file that is not as launch.two_gpu writes it
+    (a hand edit: a record without its fields, a number as text)."""
     try:
-        return _read_run(run_dir, failure)
+        return _read_run(run_dir, failure and cause(failure))
     except (KeyError, TypeError, IndexError, AttributeError) as error:
         raise _not_as_written(run_dir, error) from None
+
+
+# How the program ends the line of a run whose weights ran away, before its advice to start that run
+# again (in its options, which are not the ablation's)
+RAN_AWAY = "; the run stops."
+
+
+def cause(failure: str) -> str:
+    """The line of a run that stopped on its own, less the program's advice after its cause."""
+    return failure.split(RAN_AWAY, 1)[0]
+
+
+def stopped_advice(r: dict) -> str:
+    """What to do about a variant's run that stopped, in the ablation's options."""
+    if "NonFinite" in r["failed"]:  # it ran away: at the same seed and rate, it would again
+        return ("it ran away at the ablation's --lr, the rate of every variant: to compare them at a lower one, run "
+                "the ablation again with a lower --lr and another --runs folder")
+    return (f"once the cause is fixed, remove {shell_word(r['run_dir'])} and run the ablation again with --reuse, "
+            f"which trains it anew and reads the other runs")
 
 
 def _not_as_written(run_dir: Path, error: Exception) -> AblationError:
@@ -469,7 +489,8 @@ def _read_run(run_dir: Path, failure: Optional[str]) -> dict:
     if failure is not None:
         # a loss that became NaN names its step, which wrote no record: one past the last one
         diverged = re.search(r"the loss became \S+ at epoch \d+, step (\d+)", failure)
-        return {**numbers, "steps": int(diverged[1]) if diverged else curve[-1]["step"] if curve else 0}
+        return {**numbers, "steps": int(diverged[1]) if diverged else curve[-1]["step"] if curve else 0,
+                "files": sorted(p.name for p in run_dir.iterdir() if p.is_file() and not p.name.startswith("."))}
     summary = _read_summary(run_dir)
     return {**numbers, "steps": summary["steps"], "classes": summary["classes"], "centre": summary["centre"],
             "ten_patch": summary.get("ten_patch"), "steps_this_run": summary.get("steps_this_run", summary["steps"]),
@@ -769,8 +790,9 @@ def write_report(results: dict, info: dict, out: Path) -> None:
                          f"{verdict}.")
     lines.append("- **ReLU against tanh** (section 3.1, Figure 1, measured there on CIFAR-10 with a four-layer net): "
                  + " ".join(tanh_lines(results)))
-    lines += ["", "## Runs", "", "Each folder holds checkpoint.pt, metrics.jsonl, summary.json and train.log. Other "
-              "work on the machine slows a run (its images/s and wall time), never its results.", ""]
+    lines += ["", "## Runs", "", "The folder of each finished run holds checkpoint.pt, metrics.jsonl, summary.json and "
+              "train.log; that of a run that stopped, the files its line lists. Other work on the machine slows a "
+              "run (its images/s and wall time), never its results.", ""]
     lines += [run_line(variant, r) for variant, r in results.items()]
     write_whole(out / "report.md", lambda partial: partial.write_text("\n".join(lines) + "\n", **REPORT_TEXT))
 
@@ -787,7 +809,10 @@ def top5_lines(results: dict) -> list:
 
 def run_line(variant: str, r: dict) -> str:
     line = f"- {variant}: `{r['run_dir']}`"
-    if not r["failed"]:
+    if r["failed"]:
+        line += (f"; stopped at step {r['steps']}, its folder holds {', '.join(r['files']) or 'no file'} (no "
+                 f"summary.json: it did not finish)")
+    else:
         # summary.json times the last start of a resumed run alone
         sitting = "" if r["steps_this_run"] == r["steps"] else \
             f", resumed: the last start's {r['steps_this_run']} steps"
@@ -798,6 +823,9 @@ def run_line(variant: str, r: dict) -> str:
         load = conditions["load_average"]
         line += (f"; wall time {conditions['wall_s'] / 60:.1f} min; load average (1 min) {load['start'][0]:.1f} at "
                  f"its start, {load['end'][0]:.1f} at its end; command `{conditions['command']}`")
+    if r["failed"]:
+        advice = stopped_advice(r)
+        line += f". {advice[0].upper()}{advice[1:]}."
     return line
 
 

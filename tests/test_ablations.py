@@ -504,6 +504,45 @@ def test_reuse_refuses_a_run_whose_numbers_are_not_as_written_in_one_line(tmp_pa
     assert not report.exists()  # no report of it, nor the folder made for one
 
 
+@pytest.mark.parametrize("stopped, advice", [
+    ("launch.train.NonFiniteLoss: the loss became nan at epoch 1, step 3; the run stops. No checkpoint was written "
+     "yet: start again with a lower --lr (such as 0.00025) or a longer --warmup-steps, under another --run-name (or "
+     "after removing RUN)",
+     "It ran away at the ablation's --lr, the rate of every variant: to compare them at a lower one, run the ablation "
+     "again with a lower --lr and another --runs folder."),
+    ("killed by SIGKILL\nno checkpoint was written yet: once the cause is fixed, start the run again under another "
+     "--run-name (or after removing RUN)",
+     "Once the cause is fixed, remove RUN and run the ablation again with --reuse, which trains it anew and reads the "
+     "other runs.")])
+def test_a_run_that_stopped_is_reported_with_the_ablation_s_advice_and_its_files(tmp_path, monkeypatch, stopped,
+                                                                                  advice):
+    """The program's advice after the cause of a run that stopped names its own options (--run-name,
+    --warmup-steps), which the ablation does not have; and the folder of a run that stopped holds
+    no summary.json (nor, before its first save, checkpoint.pt), which the report said each did."""
+    monkeypatch.setattr(ablations, "initial_activation_scale", lambda run_dir, bundle: 1.0)  # of no real images here
+    runs, data = tmp_path / "runs", _data(train=1000, val=50)
+    _reusable_run(runs, data)
+    run = runs / "tanh"
+    run.mkdir()
+    options = ablations.run_options(ablations.AblationConfig(max_steps=3), "tanh", runs)
+    (run / "config.json").write_text(json.dumps(dataclasses.asdict(resolve(parse_config(options), 1000))))
+    _written_curve(run, [[0.9, 0.9]])
+    (run / "train.log").write_text("epoch 1/1 step 2/250 loss 2.3\n")
+    stopped = stopped.replace("RUN", str(run))
+    (runs / "tanh.stderr").write_text(f"{_data_line(data)}\nthe run stopped: rank 0 failed: {stopped}\n")
+    out = _reuse(runs, data, monkeypatch, "--variants", "full,tanh", "--max-steps", "3")
+    report = (out / "report.md").read_text()
+    assert "--run-name" not in report and "--warmup-steps" not in report, report
+    cause = f"the run stopped: rank 0 failed: {stopped.split('; the run stops.')[0].splitlines()[0]}"
+    assert json.loads((out / "results.json").read_text())["runs"]["tanh"]["failed"] == cause
+    assert f"| tanh | tanh for every ReLU | stopped at step {3 if 'nan' in cause else 2}: {cause} |" in report
+    line = next(line for line in report.splitlines() if line.startswith("- tanh: "))
+    assert line == (f"- tanh: `{run}`; stopped at step {3 if 'nan' in cause else 2}, its folder holds config.json, "
+                    f"metrics.jsonl, train.log (no summary.json: it did not finish). {advice.replace('RUN', str(run))}")
+    assert "The folder of each finished run holds checkpoint.pt, metrics.jsonl, summary.json and train.log; that of " \
+           "a run that stopped, the files its line lists." in report
+
+
 @pytest.mark.slow
 def test_a_damaged_run_reused_ends_the_ablation_in_one_line_with_exit_code_2(tiny_data, tmp_path):
     """The command as a user runs it, on a run of the tiny data whose files were edited: one line
