@@ -525,7 +525,7 @@ def noise_floor(results: dict) -> dict:
     if not finished:
         raise AblationError("no run finished, so there is nothing to compare: see each run's .stderr file")
     n = min(r["centre"]["images"] for r in finished)
-    typical = [r for r in finished if learned(r)] or finished  # a run at chance would inflate the floor
+    typical = [r for r in finished if learned(r) is not False] or finished  # a run at chance would inflate it
     p = sum(r["centre"]["top1_error"] for r in typical) / len(typical)
     p = min(max(p, 1 / n), 1 - 1 / n)
     standard_error = math.sqrt(p * (1 - p) / n)
@@ -537,19 +537,38 @@ def _points(error: float) -> str:
     return f"{100 * error:.1f}"
 
 
-def learned(r: dict) -> bool:
-    """False for a run whose training loss ended at that of a uniform guess, ln(classes)
-    (within 1 %): it fell to chance and stayed there."""
-    return abs(r["curve"][-1]["loss"] - math.log(r["classes"])) > 0.01 * math.log(r["classes"])
+def learned(r: dict) -> Optional[bool]:
+    """False for a run whose training loss (its last step's with a full window of the step line)
+    ended at that of a uniform guess, ln(classes) (within 1 %): it fell to chance and stayed
+    there. None for a run too short to tell: no step of it has a full window."""
+    last = next((p for p in reversed(r["curve"]) if p["full_window"]), None)
+    if last is None:
+        return None
+    return abs(last["loss"] - math.log(r["classes"])) > 0.01 * math.log(r["classes"])
 
 
 def not_learned_line(variant: str, r: dict) -> str:
-    peak = max(r["curve"], key=lambda p: p["loss"])
+    full = [p for p in r["curve"] if p["full_window"]]
+    peak, last = max(full, key=lambda p: p["loss"]), full[-1]
+    ended = f"ended at {last['loss']:.3f}," if last is r["curve"][-1] else \
+        f"was {last['loss']:.3f} at step {last['step']}, its last with a full window,"
     return (f"- **{variant} did not learn.** Its training loss (mean of the last {StepMeter().window} steps) peaked "
-            f"at {peak['loss']:.2f} at step {peak['step']} and ended at {r['curve'][-1]['loss']:.3f}, the loss of a "
-            f"uniform guess over {r['classes']} classes (ln {r['classes']} = {math.log(r['classes']):.3f}); its "
-            f"validation error, {_points(r['centre']['top1_error'])} %, is chance. A failure to train under this "
-            f"recipe, one seed: not the effect on generalisation that the paper measured.")
+            f"at {peak['loss']:.2f} at step {peak['step']} and {ended} the loss of a uniform guess over "
+            f"{r['classes']} classes (ln {r['classes']} = {math.log(r['classes']):.3f}); its validation error, "
+            f"{_points(r['centre']['top1_error'])} %, is chance. A failure to train under this recipe, one seed: not "
+            f"the effect on generalisation that the paper measured.")
+
+
+def too_short_line(results: dict) -> list:
+    """The finished runs of which no step has a full window: whether they learned is not known."""
+    short = [variant for variant, r in results.items() if not r["failed"] and learned(r) is None]
+    if not short:
+        return []
+    return [f"- **Too short to tell whether {'it' if len(short) == 1 else 'they'} learned: {', '.join(short)}.** "
+            f"The step line's training loss is a mean over the last {StepMeter().window} steps of an epoch, and no "
+            f"step of {'this run' if len(short) == 1 else 'these runs'} had that many behind it: "
+            f"{'its loss does' if len(short) == 1 else 'their losses do'} not say whether "
+            f"{'it' if len(short) == 1 else 'they'} fell to chance."]
 
 
 def _direction(delta: float, floor: float) -> str:
@@ -571,12 +590,18 @@ def _percent(error: float) -> str:
 
 
 def unmeasurable(r: dict) -> Optional[str]:
-    """Why a finished run's steps to a training error cannot be read: none of its steps has a
-    whole window of the step line's error behind it (its epochs are shorter). None if they can,
-    and for a run that stopped (its own line says where)."""
-    if r["failed"] or not r["curve"] or any(p["full_window"] for p in r["curve"]):
+    """Why a run's steps to a training error cannot be read: none of its steps has a whole
+    window of the step line's error behind it (it stopped first, or its epochs are shorter).
+    None if they can."""
+    window = StepMeter().window
+    if any(p["full_window"] for p in r["curve"]):
         return None
-    return (f"not measurable: no epoch of the run reached the {StepMeter().window} steps that the step line's "
+    if r["failed"] and r["steps"] < window:  # not that its epochs were short
+        return (f"not measurable: the run stopped at step {r['steps']}, before the {window} steps that the step "
+                f"line's training error covers")
+    if not r["curve"]:
+        return None
+    return (f"not measurable: no epoch of the run reached the {window} steps that the step line's "
             f"training error covers (a larger training set or a smaller --batch-size makes longer epochs)")
 
 
@@ -665,8 +690,9 @@ def table(results: dict, floor: dict) -> list:
             if variant in PAPER_EFFECTS:
                 p1, p5, _ = PAPER_EFFECTS[variant]
                 paper = f"+{p1} / +{p5}"
-                direction = (_direction(d1, floor["difference_floor_points"]) if learned(r) and learned(full) else
-                             "did not learn (see below)" if not learned(r) else
+                direction = (_direction(d1, floor["difference_floor_points"])
+                             if learned(r) is not False and learned(full) is not False else
+                             "did not learn (see below)" if learned(r) is False else
                              "none: the full net did not learn (see below)")
             else:
                 paper, direction = f"ReLU about {PAPER_TANH_SLOWDOWN}x faster to 25 % (errors not given)", "see below"
@@ -779,12 +805,15 @@ def write_report(results: dict, info: dict, out: Path) -> None:
         scale_line(floor),
         *top5_lines(results),
     ]
-    lines += [not_learned_line(variant, r) for variant, r in results.items() if not r["failed"] and not learned(r)]
+    lines += [not_learned_line(variant, r) for variant, r in results.items()
+              if not r["failed"] and learned(r) is False]
+    lines += too_short_line(results)
     for variant, (p1, p5, source) in PAPER_EFFECTS.items():
         if variant in results and full is not None and not results[variant]["failed"]:
             r = results[variant]
             d1 = 100 * (r["centre"]["top1_error"] - full["centre"]["top1_error"])
-            verdict = (_verdict(d1, floor["difference_floor_points"], p1) if learned(r) and learned(full) else
+            verdict = (_verdict(d1, floor["difference_floor_points"], p1)
+                       if learned(r) is not False and learned(full) is not False else
                        "a run that did not learn compares nothing about generalisation")
             lines.append(f"- **{variant}** ({source}): here {d1:+.1f} points of top-1 error against the full net; "
                          f"{verdict}.")

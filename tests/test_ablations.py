@@ -81,7 +81,8 @@ def test_epochs_shorter_than_the_window_give_no_steps_to_an_error_rather_than_no
     assert lines == [f"ReLU against tanh, steps to a training error: {ablations.unmeasurable(run)}."]
     # a run that stopped early says so itself, not that its epochs were short
     stopped = dict(run, failed="its loss ran away", steps=6)
-    assert ablations.unmeasurable(stopped) is None
+    assert ablations.unmeasurable(stopped) == ("not measurable: the run stopped at step 6, before the "
+                                               f"{StepMeter().window} steps that the step line's training error covers")
     lines = ablations.tanh_lines({"full": run, "tanh": stopped})
     assert "(The tanh run stopped at step 6: its loss ran away.)" in lines
     (tmp_path / "longer").mkdir()
@@ -157,7 +158,8 @@ def test_a_difference_is_read_by_its_sign_and_its_size_against_the_noise_floor()
                                                  "paper's +0.4 is far smaller than that floor")
     # 50 % error of 100 images: a standard error of 5 points; a difference of two, sqrt(2) times it, twice over
     def run(top1, loss):
-        return {"failed": None, "classes": 10, "centre": {"images": 100, "top1_error": top1}, "curve": [{"loss": loss}]}
+        return {"failed": None, "classes": 10, "centre": {"images": 100, "top1_error": top1},
+                "curve": [{"loss": loss, "full_window": True}]}
     floor = ablations.noise_floor({"full": run(0.5, 1.0)})
     assert (floor["standard_error_points"], floor["granularity_points"]) == (pytest.approx(5.0), 1.0)
     assert floor["difference_floor_points"] == pytest.approx(2 * math.sqrt(2) * 5.0)
@@ -183,6 +185,54 @@ def test_no_direction_is_read_against_a_full_net_that_did_not_learn():
     results["full"] = run(1.2, 0.5)
     row = next(line for line in ablations.table(results, floor) if line.startswith("| no-lrn"))
     assert "| none: the full net did not learn" not in row and "did not learn (see below)" not in row, row
+
+
+def test_a_run_too_short_for_a_full_window_is_not_said_to_have_failed_to_learn(tmp_path, monkeypatch):
+    """One step of ten classes ends at a loss near ln 10 (the mean of that one step, not of 20):
+    the report said the run did not learn, 'a failure to train'. And a stopped run's steps to an
+    error cell said 'not within 4' of a run that never had a full window."""
+    monkeypatch.setattr(ablations, "initial_activation_scale", lambda run_dir, bundle: 1.0)  # of no real images here
+    runs, data = tmp_path / "runs", _data(train=1000, val=50)
+    run = _reusable_run(runs, data, steps=1)
+    _edit_json(run / "metrics.jsonl", _train_records(lambda r: r.update(loss=math.log(10))), lines=True)
+    tanh = runs / "tanh"
+    tanh.mkdir()
+    options = ablations.run_options(ablations.AblationConfig(max_steps=1), "tanh", runs)
+    (tanh / "config.json").write_text(json.dumps(dataclasses.asdict(resolve(parse_config(options), 1000))))
+    (tanh / "metrics.jsonl").write_text("")  # its loss ran away at its first step
+    (runs / "tanh.stderr").write_text(f"{_data_line(data)}\nthe run stopped: rank 0 failed: "
+                                      f"launch.train.NonFiniteLoss: the loss became nan at epoch 1, step 1; the run "
+                                      f"stops.\n")
+    report = (_reuse(runs, data, monkeypatch, "--variants", "full,tanh", "--max-steps", "1") / "report.md").read_text()
+    assert "did not learn" not in report and "failure to train" not in report, report
+    window = StepMeter().window
+    assert (f"- **Too short to tell whether it learned: full.** The step line's training loss is a mean over the last "
+            f"{window} steps of an epoch, and no step of this run had that many behind it: its loss does not say "
+            f"whether it fell to chance.") in report
+    rows = _table_rows(report)
+    assert rows["tanh"]["steps to 25 % / 50 % training error"] == (f"not measurable: the run stopped at step 1, before "
+                                                                  f"the {window} steps that the step line's training "
+                                                                  f"error covers")
+
+
+def test_whether_a_run_learned_is_read_at_its_last_full_window():
+    """A run at chance for a whole epoch, then 3 steps into the next at a lower loss: the mean of
+    3 steps is no 20-step mean, and the run had not learned at its last full window."""
+    window = StepMeter().window
+    records = [{"event": "train", "epoch": 1, "step": step, "loss": math.log(10), "top1": 0.1}
+               for step in range(1, window + 6)]
+    records += [{"event": "train", "epoch": 2, "step": window + 5 + step, "loss": 1.0, "top1": 0.6}
+                for step in (1, 2, 3)]
+    run = {"failed": None, "classes": 10, "curve": ablations.training_curve(records), "centre": {"top1_error": 0.9}}
+    assert ablations.learned(run) is False
+    assert ablations.not_learned_line("tanh", run).startswith(
+        f"- **tanh did not learn.** Its training loss (mean of the last {window} steps) peaked at 2.30 at step "
+        f"{window} and was 2.303 at step {window + 5}, its last with a full window, the loss of a uniform guess over "
+        f"10 classes")
+    assert ablations.not_learned_line("tanh", dict(run, curve=run["curve"][:window + 5])).startswith(
+        f"- **tanh did not learn.** Its training loss (mean of the last {window} steps) peaked at 2.30 at step "
+        f"{window} and ended at 2.303, the loss of a uniform guess over 10 classes")
+    assert ablations.learned(dict(run, curve=run["curve"][:window - 1])) is None  # no full window: not known
 
 
 def _data(train=30, val=10, classes=10, digests=("train images", "val images")):
