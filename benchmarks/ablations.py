@@ -775,10 +775,10 @@ def write_report(results: dict, info: dict, out: Path) -> None:
         f"- host `{info['machine']['hostname']}`, {info['machine']['cpu_model']}, {info['machine']['cpu_count']} "
         f"logical cores{usable_cores_note(info['machine'])}, GPUs: {', '.join(info['machine']['gpus']) or 'none'}; "
         f"torch {info['machine']['torch']}",
-        f"- command: `{info['command']}`" + (" (runs already finished in --runs were read, not trained again: "
-                                             "each was trained by this command without --reuse, with the "
-                                             "options checked against its config.json)"
-                                             if info["config"]["reuse"] else ""),
+        f"- command: `{info['command']}`" + (f" (the runs of {', '.join(info['reused'])} were already in --runs and "
+                                             f"were read, not trained again: trained by this command without "
+                                             f"--reuse, with the options checked against their config.json)"
+                                             if info["reused"] else ""),
         f"- each run: `python -m launch.two_gpu {' '.join(info['common_options'])}` plus the variant's options "
         f"(each run's own command, wall time and the machine's load are listed under Runs)",
         f"- data: {info['data']}",
@@ -930,8 +930,10 @@ def main(argv=None) -> Path:
 
 def _measure(config: AblationConfig, out: Path, runs: Path, args: list, machine: dict, today: str, bundle) -> Path:
     """main's runs and report, in folders that it made and holds, of the data opened (``bundle``)."""
-    results = {}
+    results, reused = {}, []
     for variant in config.variants:
+        if config.reuse and (runs / variant).exists():  # read by train(), or refused
+            reused.append(variant)
         results[variant] = r = read_run(*train(config, variant, runs, bundle))
         try:
             r["initial_scale"] = initial_activation_scale(Path(r["run_dir"]), bundle)
@@ -946,7 +948,7 @@ def _measure(config: AblationConfig, out: Path, runs: Path, args: list, machine:
         "machine": machine, "date": today, "config": asdict(config),
         "command": shlex.join(["python", "-m", "benchmarks.ablations", *args]),
         "common_options": shared_options(config, runs),
-        "recipe": _recipe(first), "data": _data_description(config, bundle),
+        "recipe": _recipe(first), "data": _data_description(config, bundle), "reused": reused,
     }
     # Made beside the earlier report and put in its place once all three files are made: results
     # that cannot make a report, a full disk or a Ctrl-C leave the earlier one as it was.

@@ -477,12 +477,12 @@ def test_run_files_edited_by_hand_are_named_not_a_traceback(tmp_path, damage, fi
                                   f"to train that variant again")
 
 
-def _reusable_run(runs, data, steps=3, config=None):
-    """A finished full run of ``--max-steps steps`` (and ``config``'s options) as launch.two_gpu and
-    the ablation leave it, on ``data``: every file that the report reads, metrics.jsonl with a
-    record per step."""
+def _reusable_run(runs, data, steps=3, config=None, variant="full"):
+    """A finished run of ``variant``, ``--max-steps steps`` (and ``config``'s options) as
+    launch.two_gpu and the ablation leave it, on ``data``: every file that the report reads,
+    metrics.jsonl with a record per step."""
     config = config or ablations.AblationConfig(max_steps=steps)
-    run = _finished_run(runs, config, "full", data, steps=steps)
+    run = _finished_run(runs, config, variant, data, steps=steps)
     (run / "metrics.jsonl").unlink()
     _written_curve(run, [[0.5] * steps])
     centre = {"top1_error": 0.4, "top5_error": 0.1, "images": len(data.val)}
@@ -494,7 +494,7 @@ def _reusable_run(runs, data, steps=3, config=None):
     (run / "summary.json").write_text(json.dumps(summary))
     conditions = {"command": "python -m launch.two_gpu", "wall_s": 9.0,
                   "load_average": {"start": [1.0, 1.0, 1.0], "end": [2.0, 1.0, 1.0]}}
-    (runs / f"full{ablations.CONDITIONS_SUFFIX}").write_text(json.dumps(conditions))
+    (runs / f"{variant}{ablations.CONDITIONS_SUFFIX}").write_text(json.dumps(conditions))
     return run
 
 
@@ -552,6 +552,36 @@ def test_reuse_refuses_a_run_whose_numbers_are_not_as_written_in_one_line(tmp_pa
     assert str(refused.value) == (f"{path} is not as {writer} writes it: {wrong}: remove {run} to train that variant "
                                   f"again")
     assert not report.exists()  # no report of it, nor the folder made for one
+
+
+def test_the_report_says_which_runs_reuse_read(tmp_path, monkeypatch):
+    """--reuse where no run was in --runs yet: every run was trained, while the report said that
+    runs already finished in --runs had been read. It names those that were."""
+    def trained(command, stdout, stderr, **kwargs):
+        variant = command[command.index("--run-name") + 1]
+        _reusable_run(runs, data, variant=variant)
+        stderr.write(f"{_data_line(data)}\n")
+        started.append(variant)
+        return subprocess.CompletedProcess(command, 0)
+
+    monkeypatch.setattr(ablations, "run_child", trained)
+    monkeypatch.setattr(ablations, "initial_activation_scale", lambda run_dir, bundle: 1.0)  # of no real images here
+    runs, data, started = tmp_path / "runs", _data(train=1000, val=50), []
+
+    def command_line(*variants):
+        out = _reuse(runs, data, monkeypatch, "--variants", ",".join(variants), "--max-steps", "3")
+        reused = json.loads((out / "results.json").read_text())["info"].get("reused")
+        line = next(line for line in (out / "report.md").read_text().splitlines() if line.startswith("- command: "))
+        shutil.rmtree(out)
+        return reused, line
+
+    reused, line = command_line("full", "tanh")
+    assert line.endswith("--max-steps 3`") and started == ["full", "tanh"] and reused == [], line
+    reused, line = command_line("full", "tanh", "no-lrn")
+    assert started == ["full", "tanh", "no-lrn"] and reused == ["full", "tanh"]
+    assert line.endswith("--max-steps 3` (the runs of full, tanh were already in --runs and were read, not trained "
+                         "again: trained by this command without --reuse, with the options checked against their "
+                         "config.json)"), line
 
 
 @pytest.mark.parametrize("stopped, advice", [
