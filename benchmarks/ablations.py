@@ -908,6 +908,10 @@ def main(argv=None) -> Path:
     data = Path(config.data) if config.data is not None else builtin.default_root()
     for flag, folder in (("--out", out), ("--runs", runs)):  # a run folder there: a class of images to the scans
         data_module.check_outside_the_images(flag, str(folder), data)
+    for variant in VARIANTS:  # the report's folder taken for a run, or a run trained into the report's
+        if real_path(out).is_relative_to(runs / variant):
+            raise ValueError(f"--out {out} lies in {runs / variant}, the run folder of the {variant} variant: give "
+                             f"--out outside it")
     made = []  # the folders this ablation made, each after its parent
     with contextlib.ExitStack() as locks:  # a second ablation into either folder is refused before it writes
         try:

@@ -818,6 +818,25 @@ def test_report_and_run_folders_in_the_data_s_images_are_refused_before_they_are
         assert sorted(p.name for p in tmp_path.iterdir()) == ["data"] and not inside.exists()
 
 
+@pytest.mark.parametrize("inside, variant", [("full", "full"), ("tanh/report", "tanh"),
+                                             ("no-lrn/../one-tower", "one-tower")])
+def test_a_report_folder_in_a_variant_s_run_folder_is_refused_before_it_is_made(tmp_path, monkeypatch, inside,
+                                                                                 variant):
+    """--out R/full with --runs R: the report's folder, made first, was taken for the full run's
+    ('already holds a run'; with --reuse, 'holds no run', again each time it was removed)."""
+    _stop_at_the_runs(monkeypatch)  # past the checks of the options
+    runs = tmp_path / "runs"
+    with pytest.raises(ValueError) as refused:
+        ablations.main(["--runs", str(runs), "--out", str(runs / inside), "--reuse"])
+    assert str(refused.value) == (f"--out {runs / inside} lies in {runs / variant}, the run folder of the {variant} "
+                                  f"variant: give --out outside it")
+    assert not any(tmp_path.iterdir())
+    with pytest.raises(OSError, match="stop"):  # beside the run folders, or in --runs itself: taken
+        ablations.main(["--runs", str(runs), "--out", str(runs / "full-report")])
+    with pytest.raises(OSError, match="stop"):
+        ablations.main(["--runs", str(runs), "--out", str(runs)])
+
+
 @pytest.mark.parametrize("option, value, words", [("--epochs", "0", "--epochs must be positive, got 0"),
                                                    ("--lr", "nan", "--lr must be a finite number, got nan"),
                                                    ("--seed", "-5", "--seed must be an integer from 0 to"),
