@@ -319,7 +319,7 @@ def check_reusable(run_dir: Path, options: list, train_images: int) -> None:
     taken for one recipe)."""
     if not (run_dir / "config.json").is_file():
         raise AblationError(f"{run_dir} holds no run (no config.json): remove it, or give another --runs folder")
-    saved = _read_json(run_dir / "config.json")
+    saved = _checked(_read_json(run_dir / "config.json"), {}, run_dir / "config.json", run_dir)
     wanted = resolve(parse_config(options), train_images)
     wanted = json.loads(json.dumps(asdict(wanted)))  # tuples as JSON gives them back
     # a run saved before an option existed ran as its default does

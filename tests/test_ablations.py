@@ -748,6 +748,11 @@ def test_a_damaged_run_file_a_variant_named_twice_and_a_home_folder_are_told_apa
     (run / "config.json").write_bytes(b"\xff")
     with pytest.raises(ablations.AblationError, match=f"cannot read {run / 'config.json'} "):
         ablations.check_reusable(run, [], 30)
+    (run / "config.json").write_text("[]")
+    with pytest.raises(ablations.AblationError) as refused:
+        ablations.check_reusable(run, [], 30)
+    assert str(refused.value) == (f"{run / 'config.json'} is not as python -m launch.two_gpu writes it: the file is a "
+                                  f"list, not an object: remove {run} to train that variant again")
     with pytest.raises(SystemExit):  # argparse: one line, exit 2
         ablations.build_parser().parse_args(["--variants", "full,tanh,full"])
     with pytest.raises(ValueError, match="--runs is empty"):
