@@ -162,7 +162,7 @@ def train(config: AblationConfig, variant: str, runs: Path, bundle) -> tuple:
         why = _stopped(stderr_path)
         if why is None:
             raise AblationError(f"{run_dir} holds a run that neither finished nor stopped on its own (interrupted?): "
-                                f"{finish_advice(config, run_dir)}")
+                                f"{finish_advice(config.max_steps, run_dir)}")
         check_same_data(run_dir, bundle, stderr_path)
         logger.info("%s: reusing the run in %s, which stopped: %s", variant, run_dir, why)
         return run_dir, why
@@ -174,12 +174,12 @@ def train(config: AblationConfig, variant: str, runs: Path, bundle) -> tuple:
         with open(stderr_path, "w") as stderr:
             returncode = run_child(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=stderr).returncode
     except KeyboardInterrupt:  # the run was stopped (run_child): say how to finish this one
-        raise Interrupted(f"the {variant} run was stopped: {finish_advice(config, run_dir)}") from None
+        raise Interrupted(f"the {variant} run was stopped: {finish_advice(config.max_steps, run_dir)}") from None
     how = "interrupted" if returncode == 130 else \
         f"killed by {signal_name(-returncode)}" if returncode < 0 else f"exit {returncode}"
     if returncode == 130 or -returncode in STOPPED_BY:  # from outside (SIGTERM, the kernel's SIGKILL): as Ctrl-C here
         raise Interrupted(f"the {variant} run was stopped ({how}; its output: {stderr_path}): "
-                          f"{finish_advice(config, run_dir)}")
+                          f"{finish_advice(config.max_steps, run_dir)}")
     # beside the run folder, for a report made later from the same runs (--reuse)
     conditions = {"command": shlex.join(["python", *command[1:]]), "wall_s": time.perf_counter() - started,
                   "load_average": {"start": load_at_start, "end": os.getloadavg()}}
@@ -210,9 +210,9 @@ def train(config: AblationConfig, variant: str, runs: Path, bundle) -> tuple:
 STOPPED_BY = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGKILL}
 
 
-def finish_advice(config: AblationConfig, run_dir: Path) -> str:
-    """How to finish a variant's run that was interrupted, so that --reuse reads it: a resume
-    with the ablation's --max-steps again (a resume keeps the recipe's epochs but not
+def finish_advice(max_steps: Optional[int], run_dir: Path) -> str:
+    """How to finish a variant's run that was interrupted or stopped, so that --reuse reads
+    it: a resume with the ablation's --max-steps (``max_steps``) again (a resume keeps the recipe's epochs but not
     --max-steps, and would train to the last epoch), or, before its first checkpoint, a new
     run in its place, as for a checkpoint of the end of the training (stopped in the final
     evaluation), which a resume refuses and an --eval-only evaluates into another folder."""
@@ -224,15 +224,15 @@ def finish_advice(config: AblationConfig, run_dir: Path) -> str:
     try:
         progress = read_as_saved(run_dir / FILENAME)["progress"]
         epochs = _read_json(run_dir / "config.json")["epochs"]  # the recipe's, resolved by the run
-        ended = progress["global_step"] >= (config.max_steps or math.inf) or progress["epoch"] >= epochs
+        ended = progress["global_step"] >= (max_steps or math.inf) or progress["epoch"] >= epochs
     except Exception:  # unreadable: the resume says why
         ended = False
     if ended:
         return (f"its checkpoint holds the end of its training, but it stopped before its summary, so remove "
                 f"{shell_word(run_dir)} and run the ablation again with --reuse, which trains it anew")
     resume = ["python", "-m", "launch.two_gpu", "--resume", shell_word(run_dir)]
-    if config.max_steps is not None:
-        resume += ["--max-steps", str(config.max_steps)]
+    if max_steps is not None:
+        resume += ["--max-steps", str(max_steps)]
     return (f"finish it with {' '.join(resume)}, then run the ablation again with --reuse (or remove "
             f"{shell_word(run_dir)} to train it anew)")
 
@@ -468,6 +468,10 @@ def stopped_advice(r: dict) -> str:
     if "NonFinite" in r["failed"]:  # it ran away: at the same seed and rate, it would again
         return ("it ran away at the ablation's --lr, the rate of every variant: to compare them at a lower one, run "
                 "the ablation again with a lower --lr and another --runs folder")
+    if FILENAME in r["files"]:  # a rank killed, a disk that filled: it goes on from its last checkpoint
+        run_dir = Path(r["run_dir"])
+        max_steps = _read_json(run_dir / "config.json").get("max_steps")
+        return f"once the cause is fixed, {finish_advice(max_steps, run_dir)}"
     return (f"once the cause is fixed, remove {shell_word(r['run_dir'])} and run the ablation again with --reuse, "
             f"which trains it anew and reads the other runs")
 
@@ -537,22 +541,31 @@ def _points(error: float) -> str:
     return f"{100 * error:.1f}"
 
 
+def _judged(r: dict) -> list:
+    """The points of a run's curve that say whether it learned: those with a full window of the
+    step line; in a run whose epochs are all shorter than the window, every point (each the mean
+    of its epoch so far); none in a run of fewer steps than the window."""
+    full = [p for p in r["curve"] if p["full_window"]]
+    return full or (r["curve"] if len(r["curve"]) >= StepMeter().window else [])
+
+
 def learned(r: dict) -> Optional[bool]:
-    """False for a run whose training loss (its last step's with a full window of the step line)
-    ended at that of a uniform guess, ln(classes) (within 1 %): it fell to chance and stayed
-    there. None for a run too short to tell: no step of it has a full window."""
-    last = next((p for p in reversed(r["curve"]) if p["full_window"]), None)
-    if last is None:
+    """False for a run whose training loss (its last judged step's: see _judged) ended at that of
+    a uniform guess, ln(classes) (within 1 %): it fell to chance and stayed there. None for a
+    run too short to tell: fewer steps than the step line's window."""
+    judged = _judged(r)
+    if not judged:
         return None
-    return abs(last["loss"] - math.log(r["classes"])) > 0.01 * math.log(r["classes"])
+    return abs(judged[-1]["loss"] - math.log(r["classes"])) > 0.01 * math.log(r["classes"])
 
 
 def not_learned_line(variant: str, r: dict) -> str:
-    full = [p for p in r["curve"] if p["full_window"]]
-    peak, last = max(full, key=lambda p: p["loss"]), full[-1]
+    judged = _judged(r)
+    peak, last = max(judged, key=lambda p: p["loss"]), judged[-1]
     ended = f"ended at {last['loss']:.3f}," if last is r["curve"][-1] else \
         f"was {last['loss']:.3f} at step {last['step']}, its last with a full window,"
-    return (f"- **{variant} did not learn.** Its training loss (mean of the last {StepMeter().window} steps) peaked "
+    return (f"- **{variant} did not learn.** Its training loss (the step line's mean over the last "
+            f"{StepMeter().window} steps of an epoch, or over its steps so far) peaked "
             f"at {peak['loss']:.2f} at step {peak['step']} and {ended} the loss of a uniform guess over "
             f"{r['classes']} classes (ln {r['classes']} = {math.log(r['classes']):.3f}); its validation error, "
             f"{_points(r['centre']['top1_error'])} %, is chance. A failure to train under this recipe, one seed: not "
@@ -560,13 +573,13 @@ def not_learned_line(variant: str, r: dict) -> str:
 
 
 def too_short_line(results: dict) -> list:
-    """The finished runs of which no step has a full window: whether they learned is not known."""
+    """The finished runs of fewer steps than the step line's window: whether they learned is not known."""
     short = [variant for variant, r in results.items() if not r["failed"] and learned(r) is None]
     if not short:
         return []
     return [f"- **Too short to tell whether {'it' if len(short) == 1 else 'they'} learned: {', '.join(short)}.** "
-            f"The step line's training loss is a mean over the last {StepMeter().window} steps of an epoch, and no "
-            f"step of {'this run' if len(short) == 1 else 'these runs'} had that many behind it: "
+            f"The step line's training loss is a mean over the last {StepMeter().window} steps of an epoch, and "
+            f"{'this run' if len(short) == 1 else 'these runs'} trained fewer steps than that: "
             f"{'its loss does' if len(short) == 1 else 'their losses do'} not say whether "
             f"{'it' if len(short) == 1 else 'they'} fell to chance."]
 
@@ -909,7 +922,7 @@ def main(argv=None) -> Path:
     for flag, folder in (("--out", out), ("--runs", runs)):  # a run folder there: a class of images to the scans
         data_module.check_outside_the_images(flag, str(folder), data)
     for variant in VARIANTS:  # the report's folder taken for a run, or a run trained into the report's
-        if real_path(out).is_relative_to(runs / variant):
+        if real_path(out).is_relative_to(real_path(runs / variant)):
             raise ValueError(f"--out {out} lies in {runs / variant}, the run folder of the {variant} variant: give "
                              f"--out outside it")
     made = []  # the folders this ablation made, each after its parent

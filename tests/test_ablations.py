@@ -7,6 +7,7 @@ single-device reference.
 """
 
 import dataclasses
+import datetime
 import errno
 import json
 import math
@@ -207,12 +208,28 @@ def test_a_run_too_short_for_a_full_window_is_not_said_to_have_failed_to_learn(t
     assert "did not learn" not in report and "failure to train" not in report, report
     window = StepMeter().window
     assert (f"- **Too short to tell whether it learned: full.** The step line's training loss is a mean over the last "
-            f"{window} steps of an epoch, and no step of this run had that many behind it: its loss does not say "
-            f"whether it fell to chance.") in report
+            f"{window} steps of an epoch, and this run trained fewer steps than that: its loss does not say whether "
+            f"it fell to chance.") in report
     rows = _table_rows(report)
     assert rows["tanh"]["steps to 25 % / 50 % training error"] == (f"not measurable: the run stopped at step 1, before "
                                                                   f"the {window} steps that the step line's training "
                                                                   f"error covers")
+
+
+def test_a_stopped_run_that_left_a_checkpoint_is_told_to_finish_from_it(tmp_path):
+    """A run stopped by what was not its training (a rank killed, a full disk) after a save: the
+    advice is to resume it to the ablation's --max-steps and --reuse it, not to train it anew."""
+    run = tmp_path / "runs" / "tanh"
+    run.mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"max_steps": 40}))
+    (run / "checkpoint.pt").write_bytes(b"")
+    r = {"failed": "the run stopped: rank 1 failed: killed by SIGKILL", "run_dir": str(run),
+         "files": ["checkpoint.pt", "config.json"]}
+    assert ablations.stopped_advice(r) == (f"once the cause is fixed, finish it with python -m launch.two_gpu --resume "
+                                           f"{run} --max-steps 40, then run the ablation again with --reuse (or "
+                                           f"remove {run} to train it anew)")
+    without = ablations.stopped_advice(dict(r, files=["config.json"]))
+    assert without.startswith(f"once the cause is fixed, remove {run} "), without
 
 
 def test_whether_a_run_learned_is_read_at_its_last_full_window():
@@ -226,13 +243,23 @@ def test_whether_a_run_learned_is_read_at_its_last_full_window():
     run = {"failed": None, "classes": 10, "curve": ablations.training_curve(records), "centre": {"top1_error": 0.9}}
     assert ablations.learned(run) is False
     assert ablations.not_learned_line("tanh", run).startswith(
-        f"- **tanh did not learn.** Its training loss (mean of the last {window} steps) peaked at 2.30 at step "
+        f"- **tanh did not learn.** Its training loss (the step line's mean over the last {window} steps of an "
+        f"epoch, or over its steps so far) peaked at 2.30 at step "
         f"{window} and was 2.303 at step {window + 5}, its last with a full window, the loss of a uniform guess over "
         f"10 classes")
     assert ablations.not_learned_line("tanh", dict(run, curve=run["curve"][:window + 5])).startswith(
-        f"- **tanh did not learn.** Its training loss (mean of the last {window} steps) peaked at 2.30 at step "
+        f"- **tanh did not learn.** Its training loss (the step line's mean over the last {window} steps of an "
+        f"epoch, or over its steps so far) peaked at 2.30 at step "
         f"{window} and ended at 2.303, the loss of a uniform guess over 10 classes")
-    assert ablations.learned(dict(run, curve=run["curve"][:window - 1])) is None  # no full window: not known
+    assert ablations.learned(dict(run, curve=run["curve"][:window - 1])) is None  # fewer steps than a window: not known
+    # epochs shorter than the window (a few hundred images at batch 32), the run far longer: at chance all along
+    short_epochs = [{"event": "train", "epoch": 1 + i // 12, "step": 1 + i, "loss": math.log(10), "top1": 0.1}
+                    for i in range(17 * 12)]
+    at_chance = dict(run, curve=ablations.training_curve(short_epochs))
+    assert not any(p["full_window"] for p in at_chance["curve"]) and ablations.learned(at_chance) is False
+    assert "peaked at 2.30 at step 1 and ended at 2.303, the loss of a uniform guess" in ablations.not_learned_line(
+        "tanh", at_chance)
+    assert ablations.learned(dict(at_chance, curve=[dict(p, loss=1.0) for p in at_chance["curve"]])) is True
 
 
 def _data(train=30, val=10, classes=10, digests=("train images", "val images")):
@@ -840,6 +867,13 @@ def test_a_report_folder_in_a_variant_s_run_folder_is_refused_before_it_is_made(
         ablations.main(["--runs", str(runs), "--out", str(runs / "full-report")])
     with pytest.raises(OSError, match="stop"):
         ablations.main(["--runs", str(runs), "--out", str(runs)])
+    # --runs left at its default, in a repository whose runs/ is a link to a roomier disk
+    (tmp_path / "repo").mkdir()
+    (tmp_path / "repo" / "runs").symlink_to(tmp_path / "disk", target_is_directory=True)
+    monkeypatch.setattr(ablations, "ROOT", tmp_path / "repo")
+    default = tmp_path / "repo" / "runs" / f"ablations-{datetime.date.today().isoformat()}"
+    with pytest.raises(ValueError, match=f"^--out {re.escape(str(default / inside))} lies in "):
+        ablations.main(["--out", str(default / inside)])
 
 
 @pytest.mark.parametrize("option, value, words", [("--epochs", "0", "--epochs must be positive, got 0"),
