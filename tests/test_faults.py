@@ -1985,9 +1985,10 @@ def test_a_checkpoint_this_user_cannot_read_is_said_so_not_called_truncated(tmp_
 
 
 def test_a_checkpoint_in_a_folder_whose_name_is_not_utf8_is_read(tmp_path):
-    """A run folder named in bytes that are not UTF-8 (Python holds them as surrogates): the
-    program saves its checkpoint there, and --resume, --eval-only, launch.predict and launch.show
-    read it back, mapped or read whole (torch.load maps a file by a UTF-8 name only)."""
+    """A run folder named in bytes that are not UTF-8 (Python holds them as surrogates): a
+    checkpoint saved there is read back by load_checkpoint (which --resume, --eval-only,
+    launch.predict and launch.show read through), mapped or read whole: torch.load maps a file
+    by a UTF-8 name only."""
     from launch.checkpoint import read_as_saved
     folder = tmp_path / os.fsdecode(b"run-\xff")
     model = reference_from_seed(10, 0)

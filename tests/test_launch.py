@@ -404,7 +404,7 @@ def test_bf16_and_compiled_towers_train_and_resume_in_either_arithmetic(tiny_dat
     a 2-core CPU; tests/test_parity.py traces the towers' backward too, with aot_eager, and
     tests/test_gpu.py trains with inductor on the GPU)."""
     run = launch("--data", tiny_data, "--out", tmp_path, "--run-name", "bf16", *TINY, "--max-steps", "3",
-                 "--val-limit", "4", "--no-ten-crop", "--precision", "bf16", "--compile", "eager", "--checkpoint-every", "3")
+                 "--val-limit", "4", "--precision", "bf16", "--compile", "eager", "--checkpoint-every", "3")
     # the stop's checkpoint, saved once, on a --checkpoint-every step too
     saves = [line for line in run.stderr.splitlines() if line.startswith("checkpoint of step ")]
     assert len(saves) == 1 and saves[0].startswith("checkpoint of step 3 saved in "), run.stderr
