@@ -622,8 +622,9 @@ def tanh_lines(results: dict) -> list:
     """ReLU (the full net) against tanh: steps to each of TRAIN_ERROR_TARGETS, and their ratio."""
     if "full" not in results or "tanh" not in results:
         return ["ReLU against tanh needs both the full and the tanh runs."]
-    why = unmeasurable(results["full"]) or unmeasurable(results["tanh"])
-    lines = [f"ReLU against tanh, steps to a training error: {why}."] if why else []  # not "neither got there"
+    why = next((f"{name}'s ({variant} run): {unmeasurable(results[variant])}" for name, variant in
+                (("ReLU", "full"), ("tanh", "tanh")) if unmeasurable(results[variant])), None)
+    lines = [f"ReLU against tanh, steps to a training error, {why}."] if why else []  # not "neither got there"
     for target in map(_percent, TRAIN_ERROR_TARGETS) if not why else ():
         relu, tanh = results["full"]["steps_to"][target], results["tanh"]["steps_to"][target]
         relu_budget, tanh_budget = results["full"]["steps"], results["tanh"]["steps"]
@@ -872,7 +873,8 @@ def run_line(variant: str, r: dict) -> str:
 
 
 def _recipe(run_dir: Path) -> str:
-    saved = _read_json(run_dir / "config.json")
+    # a run saved before an option existed ran as its default does (check_reusable)
+    saved = {**json.loads(json.dumps(asdict(parse_config([])))), **_read_json(run_dir / "config.json")}
     return (f"{saved['epochs']} epochs, batch {saved['batch_size']}, lr {saved['lr']} ({saved['schedule']} schedule"
             + (f", divided by 10 at epochs {', '.join(map(str, saved['lr_milestones']))}"
                if saved["schedule"] == "fixed" else "") +

@@ -79,7 +79,11 @@ def test_epochs_shorter_than_the_window_give_no_steps_to_an_error_rather_than_no
     assert ablations.unmeasurable(run).startswith(f"not measurable: no epoch of the run reached the "
                                                   f"{StepMeter().window} steps")
     lines = ablations.tanh_lines({"full": run, "tanh": run})
-    assert lines == [f"ReLU against tanh, steps to a training error: {ablations.unmeasurable(run)}."]
+    assert lines == [f"ReLU against tanh, steps to a training error, ReLU's (full run): {ablations.unmeasurable(run)}."]
+    # the run that could not be measured is named: here tanh's alone
+    measured = dict(run, curve=[dict(p, full_window=True) for p in curve])
+    assert ablations.tanh_lines({"full": measured, "tanh": run})[0] == (
+        f"ReLU against tanh, steps to a training error, tanh's (tanh run): {ablations.unmeasurable(run)}.")
     # a run that stopped early says so itself, not that its epochs were short
     stopped = dict(run, failed="its loss ran away", steps=6)
     assert ablations.unmeasurable(stopped) == ("not measurable: the run stopped at step 6, before the "
@@ -1176,3 +1180,12 @@ def test_an_ablation_stopped_while_a_run_trains_leaves_nothing_running(tiny_data
     while session() and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not session(), [cmdline(pid) for pid in session()]
+
+
+def test_the_recipe_of_a_run_saved_before_an_option_existed_is_told_with_its_default(tmp_path):
+    """A config.json of a run saved before an option existed: --reuse takes it (it ran as the
+    default does), and the report's line of its recipe says that default, not a KeyError."""
+    saved = json.loads(json.dumps(dataclasses.asdict(parse_config([]))))
+    default = saved.pop("warmup_steps")
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    assert f"{default} warm-up steps" in ablations._recipe(tmp_path)
