@@ -322,8 +322,7 @@ def check_reusable(run_dir: Path, options: list, train_images: int) -> None:
     saved = _checked(_read_json(run_dir / "config.json"), {}, run_dir / "config.json", run_dir)
     wanted = resolve(parse_config(options), train_images)
     wanted = json.loads(json.dumps(asdict(wanted)))  # tuples as JSON gives them back
-    # a run saved before an option existed ran as its default does
-    saved = {**json.loads(json.dumps(asdict(parse_config([])))), **saved}
+    saved = _with_defaults(saved)
     differ = sorted(name for name in wanted if name not in NOT_COMPARED_ON_REUSE and saved.get(name) != wanted[name]
                     and not (name in FILLED_BY_THE_RUN and wanted[name] is None))
     if differ:
@@ -622,8 +621,8 @@ def tanh_lines(results: dict) -> list:
     """ReLU (the full net) against tanh: steps to each of TRAIN_ERROR_TARGETS, and their ratio."""
     if "full" not in results or "tanh" not in results:
         return ["ReLU against tanh needs both the full and the tanh runs."]
-    why = next((f"{name}'s ({variant} run): {unmeasurable(results[variant])}" for name, variant in
-                (("ReLU", "full"), ("tanh", "tanh")) if unmeasurable(results[variant])), None)
+    why = next((f"{name}'s ({variant} run): {reason}" for name, variant in (("ReLU", "full"), ("tanh", "tanh"))
+                if (reason := unmeasurable(results[variant]))), None)
     lines = [f"ReLU against tanh, steps to a training error, {why}."] if why else []  # not "neither got there"
     for target in map(_percent, TRAIN_ERROR_TARGETS) if not why else ():
         relu, tanh = results["full"]["steps_to"][target], results["tanh"]["steps_to"][target]
@@ -872,9 +871,14 @@ def run_line(variant: str, r: dict) -> str:
     return line
 
 
+def _with_defaults(saved: dict) -> dict:
+    """A run's config.json, with the default of each option added since it was saved: the run
+    ran as that default does."""
+    return {**json.loads(json.dumps(asdict(parse_config([])))), **saved}
+
+
 def _recipe(run_dir: Path) -> str:
-    # a run saved before an option existed ran as its default does (check_reusable)
-    saved = {**json.loads(json.dumps(asdict(parse_config([])))), **_read_json(run_dir / "config.json")}
+    saved = _with_defaults(_read_json(run_dir / "config.json"))
     return (f"{saved['epochs']} epochs, batch {saved['batch_size']}, lr {saved['lr']} ({saved['schedule']} schedule"
             + (f", divided by 10 at epochs {', '.join(map(str, saved['lr_milestones']))}"
                if saved["schedule"] == "fixed" else "") +
