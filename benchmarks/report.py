@@ -24,7 +24,7 @@ import numpy as np
 from benchmarks.loader import NO_GPU_DECODING
 from benchmarks.run import MEMORY_FORMATS, MODES, held
 from benchmarks.workers import LR
-from launch.cli import JSON_DAMAGE, Parser, pyplot, quick_exit, remove_abandoned
+from launch.cli import JSON_DAMAGE, Parser, pyplot, quick_exit, remove_abandoned, shell_word
 from launch.ranks import raise_interrupt
 from launch.step import AUTOCAST, PAPER_MOMENTUM, PAPER_WEIGHT_DECAY
 
@@ -810,6 +810,20 @@ def check_names(results: dict) -> None:
 NOT_RESULTS = (KeyError, TypeError, AttributeError, IndexError, ValueError, ZeroDivisionError, OverflowError)
 
 
+def _ablation_redraw(results, folder: Path) -> Optional[str]:
+    """Where ``results`` is an ablation's (python -m benchmarks.ablations keeps its command under
+    "info", and its runs by variant), its command with --reuse and the folders it wrote; else None."""
+    info = results.get("info") if isinstance(results, dict) else None
+    command = info.get("command") if isinstance(info, dict) else None
+    if not (isinstance(command, str) and command.startswith("python -m benchmarks.ablations")):
+        return None
+    runs = results.get("runs")
+    folders = {str(Path(r["run_dir"]).parent) for r in runs.values() if isinstance(r, dict)
+               and isinstance(r.get("run_dir"), str)} if isinstance(runs, dict) else set()
+    return " ".join([command, "--reuse", "--out", shell_word(folder),
+                     *(["--runs", shell_word(folders.pop())] if len(folders) == 1 else [])])
+
+
 def _redraw(path: Path, folder: Path) -> None:
     if path.exists() and not path.is_file():  # a FIFO would wait for a writer for good, a device be read for good
         print(f"error: {path} is not a file: give a folder that python -m benchmarks.run wrote", file=sys.stderr)
@@ -820,6 +834,12 @@ def _redraw(path: Path, folder: Path) -> None:
         print(f"error: {path} cannot be read ({error}): give a folder that python -m benchmarks.run wrote",
               file=sys.stderr)
         sys.exit(2)
+    again = _ablation_redraw(results, folder)
+    if again:
+        print(f"error: {path} is an ablation's, not a benchmark's: its report is redrawn, its runs read again, by "
+              f"{again} (from the folder where it ran)", file=sys.stderr)
+        sys.exit(2)
+
     def not_results(error: Exception):
         print(f"error: {path} is not what python -m benchmarks.run writes ({type(error).__name__}: {error}): "
               f"give a folder that it wrote", file=sys.stderr)

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -26,6 +27,7 @@ import pytest
 import torch
 
 from benchmarks import ablations
+from benchmarks import report as benchmark_report
 from launch import cli, two_gpu
 from launch.checkpoint import load_checkpoint, load_reference
 from launch.config import parse_config, resolve
@@ -1046,6 +1048,37 @@ def test_reuse_reads_finished_runs_and_refuses_runs_of_other_options(ablation, t
                 ablations.check_reusable(older, options, 30)  # the tiny data's training images
         else:
             ablations.check_reusable(older, options, 30)
+
+
+@pytest.mark.slow
+def test_benchmarks_report_given_an_ablation_s_folder_names_the_command_that_redraws_it(ablation, tmp_path, capsys,
+                                                                                         monkeypatch):
+    """The report moved elsewhere, its command's --runs (left to its default) dropped: benchmarks.report
+    refuses it in one line, leaving it as it was, and names the ablation's command with the folders
+    it wrote; that command reads the runs, trains none, and redraws the report where it now is."""
+    folder, args = ablation
+    moved = tmp_path / "moved report"
+    shutil.copytree(folder / "report", moved)
+    saved = json.loads((moved / "results.json").read_text())
+    runs_at = args.index("--runs")
+    saved["info"]["command"] = shlex.join(["python", "-m", "benchmarks.ablations", *args[:runs_at],
+                                           *args[runs_at + 2:]])
+    (moved / "results.json").write_text(json.dumps(saved))
+    before = {p.name: p.read_bytes() for p in moved.iterdir()}
+    with pytest.raises(SystemExit) as refused:
+        benchmark_report.main([str(moved)])
+    assert refused.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"error: {moved / 'results.json'} is an ablation's, not a benchmark's" in err
+    assert {p.name: p.read_bytes() for p in moved.iterdir()} == before
+    words = shlex.split(err.split(" by ", 1)[1].rsplit(" (from the folder where it ran)", 1)[0])
+    assert words[:3] == ["python", "-m", "benchmarks.ablations"]
+    monkeypatch.chdir(tmp_path)  # where a default --runs would be made
+    checkpoint = folder / "runs" / "tanh" / "checkpoint.pt"
+    trained_at = checkpoint.stat().st_mtime_ns
+    assert ablations.main(words[3:]) == moved
+    assert checkpoint.stat().st_mtime_ns == trained_at  # read, not trained again
+    assert _table_rows((moved / "report.md").read_text()) == _table_rows((folder / "report" / "report.md").read_text())
 
 
 @pytest.mark.slow
