@@ -169,9 +169,10 @@ def open_classifier(checkpoint, data: Optional[str] = None, device="cpu") -> Cla
     # eval_views subtracts the mean alone; the PCA is for training's colour shift, not saved.
     stats = None if mean is None else DataStats.of_mean(mean)
     if missing:
-        # statistics computed only for a checkpoint without its mean
-        bundle = open_data(data, stats=stats, builtin_alternative=False)
-        check_classes(payload, path, bundle.classes)  # the data it was trained on, or its mean would be wrong
+        # statistics computed only for a checkpoint without its mean, and only of the data it was trained
+        # on (its mean would be wrong): checked before any image is decoded or statistics written
+        bundle = open_data(data, stats=stats, builtin_alternative=False,
+                           before_stats=lambda opened: check_classes(payload, path, opened.classes))
         classes = classes if classes is not None else bundle.classes
         stats = bundle.stats
     elif data is not None:

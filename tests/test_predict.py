@@ -287,11 +287,14 @@ def test_a_checkpoint_without_mean_or_names_needs_the_data_it_was_trained_on(che
     for split in ("train", "val"):
         (renamed / split / "stripes_v").rename(renamed / split / "stripes_w")  # still the last
         shutil.rmtree(fewer / split / "dots")
+    copied = {folder: sorted(p.name for p in folder.iterdir()) for folder in (renamed, fewer)}
     with pytest.raises(CheckpointError, match=r"was trained on other classes than the data's \(1 differ: stripes_v -> "
                                                 r"stripes_w\): use the dataset"):
         open_classifier(checkpoints["old"], data=str(renamed))
     with pytest.raises(CheckpointError, match=r"was trained for 10 classes but the data has 9: use the dataset"):
         open_classifier(checkpoints["bare"], data=str(fewer))
+    # refused before their statistics are computed: no 2,000 images decoded, no cache file written
+    assert {folder: sorted(p.name for p in folder.iterdir()) for folder in (renamed, fewer)} == copied
     # With the mean saved in the checkpoint, --data is neither needed nor read.
     with caplog.at_level(logging.INFO, logger="launch.predict"):
         assert open_classifier(checkpoints["full"], data="/nonexistent").stats.mean.equal(checkpoints["mean"])
