@@ -3,10 +3,10 @@ PCA of the RGB pixel values, computed once from a sample of the training images 
 cached.
 
 The cache file is stored next to the data as ``.alexnet-stats-<key>.pt``, or in
-``<cache>/stats`` (``launch.builtin.default_cache_dir()``) when the data folder
-cannot be written, keyed by the names, sizes and modification times of the training
-files so that a changed dataset (an image added, removed, renamed or rewritten) never
-gets stale statistics.
+``<cache>/stats`` (``launch.builtin.default_cache_dir()``), named after the data folder
+too, when the data folder cannot be written; keyed by the names, sizes and modification
+times of the training files so that a changed dataset (an image added, removed, renamed
+or rewritten) never gets stale statistics.
 """
 
 import contextlib
@@ -147,8 +147,12 @@ def load_or_compute_stats(root: Path, train: "ImageFolderSplit", train_files: li
     key = _stats_key(root, train_files, sample, imagenet)
     name = f".alexnet-stats-{key}.pt"
     places = [root / name]  # and the cache folder's, where there is one
+    # The cache folder's is named after the data folder too: folders whose training files have the
+    # same names, sizes and times (images of one size in an uncompressed format, times set alike)
+    # get each their own statistics there, where beside the data each has its own file anyway.
+    of_folder = f".alexnet-stats-{hashlib.sha256(os.fsencode(os.path.realpath(root))).hexdigest()[:12]}-"
     with contextlib.suppress(ValueError):
-        places.append(Path(cache_dir or default_cache_dir()) / "stats" / name)
+        places.append(Path(cache_dir or default_cache_dir()) / "stats" / f"{of_folder}{key}.pt")
     for candidate in places:
         if os.path.isfile(candidate):  # False, not PermissionError, in a folder this user cannot enter
             try:
@@ -180,11 +184,11 @@ def load_or_compute_stats(root: Path, train: "ImageFolderSplit", train_files: li
     for target in places:  # the data folder may be read-only or full
         try:
             save_checkpoint(target, payload)
-            if target.parent == root:  # the statistics of the training images as they were: never read again
-                for stale in root.glob(".alexnet-stats-*.pt"):
-                    if stale.name != name:
-                        stale.unlink(missing_ok=True)
-            else:  # where a later run, or the user clearing space, will look for them
+            # the statistics of the training images as they were: never read again
+            for stale in target.parent.glob(".alexnet-stats-*.pt" if target.parent == root else f"{of_folder}*.pt"):
+                if stale != target:
+                    stale.unlink(missing_ok=True)
+            if target.parent != root:  # where a later run, or the user clearing space, will look for them
                 log.warning("the training-set statistics are cached in %s instead", target)
             break
         except OSError as exc:

@@ -7,6 +7,7 @@ import errno
 import gc
 import hashlib
 import inspect
+import itertools
 import json
 import logging
 import multiprocessing
@@ -1035,10 +1036,51 @@ def test_stats_are_cached_keyed_and_fall_back_to_cache_dir(tmp_path, monkeypatch
     assert changed.images == 7 and not torch.equal(changed.mean, first.mean)
     [cached] = (cache / "stats").glob(".alexnet-stats-*.pt")
     warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
-    assert warned == [f"could not cache the training-set statistics in {root} (read-only: {root / cached.name})",
+    beside = root / f".alexnet-stats-{cached.name.rsplit('-', 1)[1]}"  # the cache folder's named after root too
+    assert warned == [f"could not cache the training-set statistics in {root} (read-only: {beside})",
                       f"the training-set statistics are cached in {cached} instead"], warned
     monkeypatch.setattr(stats, "compute_stats", no_compute)
     assert torch.equal(data.open_data(root, cache_dir=cache).stats.mean, changed.mean)
+
+
+def test_read_only_folders_of_the_same_names_sizes_and_times_get_each_its_own_statistics(tmp_path, monkeypatch):
+    """Images of one size in an uncompressed format, their times set alike: two such folders
+    that cannot be written, cached in the one cache folder, are not taken for each other; there,
+    a folder's statistics of its images as they were are removed when it changes, not another's."""
+    folders = [tmp_path / "these", tmp_path / "inverted"]
+    for split, i in itertools.product(("train", "val"), range(3)):
+        image = np.random.default_rng(i).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+        for folder, pixels in zip(folders, (image, 255 - image)):
+            path = _save(folder / split / "ab"[i % 2] / f"{i}.bmp", Image.fromarray(pixels))
+            os.utime(path, ns=(10**18, 10**18))
+    real_save, real_compute = stats.save_checkpoint, stats.compute_stats
+
+    def read_only(path, payload):
+        if path.parent in folders:
+            raise PermissionError(f"read-only: {path}")
+        real_save(path, payload)
+
+    def no_compute(*args, **kwargs):
+        raise AssertionError("statistics recomputed although cached")
+
+    monkeypatch.setattr(stats, "save_checkpoint", read_only)
+    cache = tmp_path / "cache"
+    opened = [data.open_data(folder, cache_dir=cache) for folder in folders]
+    for bundle in opened:
+        assert torch.equal(bundle.stats.mean, real_compute(bundle.train).mean)
+    assert (opened[0].stats.mean - opened[1].stats.mean).abs().mean() > 10  # one the other's negative
+    assert len(list((cache / "stats").iterdir())) == 2
+    monkeypatch.setattr(stats, "compute_stats", no_compute)
+    for folder, bundle in zip(folders, opened):
+        assert torch.equal(data.open_data(folder, cache_dir=cache).stats.mean, bundle.stats.mean)
+    kept = {p.name: p.read_bytes() for p in (cache / "stats").iterdir()}
+    monkeypatch.setattr(stats, "compute_stats", real_compute)
+    _save(folders[0] / "train" / "a" / "new.bmp", Image.fromarray(np.zeros((48, 64, 3), dtype=np.uint8)))
+    changed = data.open_data(folders[0], cache_dir=cache).stats
+    assert not torch.equal(changed.mean, opened[0].stats.mean)
+    now = {p.name: p.read_bytes() for p in (cache / "stats").iterdir()}
+    assert len(now) == 2 and len(set(now) & set(kept)) == 1  # the other folder's kept, this one's replaced
+    assert [now[name] == kept[name] for name in set(now) & set(kept)] == [True]
 
 
 def test_the_statistics_cache_follows_the_sample_size_and_a_file_rewritten_at_another_size(tmp_path):
