@@ -52,7 +52,8 @@ from typing import Optional
 from PIL import Image
 
 from launch.cli import (MAX_PROCESSES_PER_CORE, NAME_MAX, Parser, abandoned, lock_exclusively, quick_exit,
-                        real_path, refuse_empty, remove_abandoned, signal_name, usable_cores, write_whole)
+                        real_path, refuse_empty, remove_abandoned, signal_name, usable_cores, without_line_breaks,
+                        write_whole)
 from launch.data import (PREPARE_LOCK_NAME, UNFINISHED_NAME, DataError, Skipped, cannot_read, class_owners,
                          hold_for_reading, images_in, not_data, open_data, scan_layout, too_deep)
 from launch.images import DECODE_ERRORS, load_image, skip_reason
@@ -582,7 +583,7 @@ def _convert_jobs(jobs: list, workers: int) -> list:
         for count, (source, error) in enumerate(_results(pool, processes, jobs), 1):
             if error is not None:
                 unreadable.append((source, error))
-                log.warning("skipped %s", error)
+                log.warning("skipped %s", without_line_breaks(error))  # a name's newline would start a line
             if count % 1000 == 0 or count == len(jobs):
                 rate = count / max(time.monotonic() - start, 1e-9)
                 log.info("%d/%d done: %d converted, %d skipped (%.0f images/s)", count, len(jobs),

@@ -1954,7 +1954,10 @@ def test_prepare_lists_the_unreadable_files_of_its_last_run_by_their_own_bytes(t
     return, a tab or a backslash on one line, escaped; a run that finds none unreadable leaves
     no list of an earlier run's; a class with no readable image is refused (exit 2)."""
     # The name is logged too: kept out of the test's report, which pytest-xdist's workers send as UTF-8.
-    monkeypatch.setattr(prepare.log, "handlers", [logging.NullHandler()])
+    logged = []
+    kept = logging.Handler()
+    kept.emit = lambda record: logged.append(record.getMessage())
+    monkeypatch.setattr(prepare.log, "handlers", [kept])
     monkeypatch.setattr(prepare.log, "propagate", False)
     src, dst = _simple_tree(tmp_path / "raw", train=1, val=1), tmp_path / "prepared"
     odd = os.path.join(os.fsencode(src / "train" / "a"), b"bad\xfe.png")
@@ -1972,6 +1975,8 @@ def test_prepare_lists_the_unreadable_files_of_its_last_run_by_their_own_bytes(t
     broken.unlink()
     lines = (dst / "unreadable.txt").read_text().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"{src}/train/a/two\\nlines\\tand \\\\\\r.jpg\t{src}/train/a/two\\n")
+    [skipped] = [m for m in logged if m.startswith(f"skipped {src}/train/a/two")]  # on one line in the log too
+    assert skipped.startswith(f"skipped {src}/train/a/two\\nlines\\tand ") and not set("\n\t\r") & set(skipped)
     assert prepare.main([str(src), str(dst), "--workers", "1"]) == 0
     assert not (dst / "unreadable.txt").exists()
 
