@@ -2276,6 +2276,11 @@ def test_prepare_names_the_fix_of_a_write_that_fails(tiny_data, tmp_path, capfd)
     assert prepare.main([str(tiny_data), str(afile), "--workers", "1"]) == 2
     last = capfd.readouterr().err.splitlines()[-1]
     assert last.startswith(f"error: cannot write to DST {afile} (") and ": make it a folder, or give a DST" in last
+    for long, name in ((tmp_path / ("d" * 256), "d" * 24), (tmp_path / ("é" * 128) / "dst", "é" * 24)):
+        assert prepare.main([str(tiny_data), str(long), "--workers", "1"]) == 2  # 256 bytes: one more than a name's
+        assert capfd.readouterr().err.splitlines()[-1] == (
+            f"error: cannot write DST {long}: its name {name}... is longer than a file name can be (255 bytes): "
+            f"give a DST of shorter names")
     in_the_way = tmp_path / "prepared" / "train" / sorted(builtin.BUILTIN_CLASSES)[0]  # where a class folder goes
     in_the_way.parent.mkdir(parents=True)
     in_the_way.write_text("")
