@@ -244,7 +244,7 @@ class Skipped:
     looping_links: list = field(default_factory=list)  # folder links back into their own class's walk
     other_class: list = field(default_factory=list)  # images reached through a link into another class's folder
     duplicates: list = field(default_factory=list)  # images listed already, under another path (same real file)
-    broken_links: list = field(default_factory=list)  # image names that link to nothing
+    broken_links: list = field(default_factory=list)  # image names that link to nothing, or in a loop
     not_files: list = field(default_factory=list)  # image names of something else: a pipe, a device, a socket
 
     def describe(self) -> str:
@@ -253,7 +253,7 @@ class Skipped:
                                       "holding their class folder)"),
                  (self.other_class, "images reached through a link into another class's folder"),
                  (self.duplicates, "images listed already under another path (the same file through a link)"),
-                 (self.broken_links, "links to images that do not exist"),
+                 (self.broken_links, "links that lead to no image (to nothing, or round in a loop)"),
                  (self.not_files, "image names of what is not a file (a pipe, a device), which a read would wait "
                                   "on or never end")]
         return "; ".join(f"{what}: {len(paths)}, e.g. {paths[0]}" for paths, what in kinds if paths)

@@ -343,6 +343,8 @@ def test_links_count_once_and_only_for_their_own_class(tmp_path):
     os.symlink("../b/0.jpg", train / "a" / "stolen.jpg")  # another class's image
     os.symlink("0.jpg", train / "a" / "again.jpg")  # the same image under a second name
     os.symlink("gone.jpg", train / "a" / "dangling.jpg")  # a link to nothing
+    os.symlink("y.jpg", train / "a" / "x.jpg")  # and two that link to each other
+    os.symlink("x.jpg", train / "a" / "y.jpg")
     os.mkfifo(train / "b" / "pipe.jpg")  # a read would wait for a writer forever
     os.symlink("pipe.jpg", train / "b" / "to_pipe.jpg")
     classes, files, skipped = data.scan_layout(root)
@@ -354,11 +356,14 @@ def test_links_count_once_and_only_for_their_own_class(tmp_path):
     b_too = [str(train / "a" / "b_too" / name) for name in ("0.jpg", "1.jpg", "linked.jpg", "pipe.jpg", "to_pipe.jpg")]
     assert skipped["train"] == data.Skipped(other_class=[str(train / "a" / "stolen.jpg"), *b_too],
                                             duplicates=[str(train / "a" / "again.jpg")],
-                                            broken_links=[str(train / "a" / "dangling.jpg")],
+                                            broken_links=[str(train / "a" / name) for name in
+                                                          ("dangling.jpg", "x.jpg", "y.jpg")],
                                             not_files=[str(train / "b" / name) for name in ("pipe.jpg", "to_pipe.jpg")])
     assert skipped["val"] == data.Skipped()
     assert "image names of what is not a file (a pipe, a device), which a read would wait on or never end: 2, " \
            f"e.g. {train / 'b' / 'pipe.jpg'}" in skipped["train"].describe()
+    assert f"links that lead to no image (to nothing, or round in a loop): 3, e.g. {train / 'a' / 'dangling.jpg'}" \
+        in skipped["train"].describe()
 
 
 def test_a_split_s_digest_follows_its_images_names_classes_and_sizes_not_its_place(tmp_path):
