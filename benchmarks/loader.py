@@ -99,8 +99,10 @@ def decoding_worker(rank: int, batches: list, device: str, end: float) -> dict:
     started, timed, planned = time.perf_counter(), 0, len(batches) - 1
     while timed < planned and not (timed and time.monotonic() >= end):
         decoded_batch(batches[1 + timed], (1 + timed) * len(batches[0]), device)
+        # nvJPEG decodes on a stream of its own, into memory that the last batch's crops, still
+        # queued on this one, may have just given back: each batch's work ends before the next
+        sync(device)
         timed += 1
-    sync(device)
     seconds = time.perf_counter() - started
     return {"device": str(device), "batches": timed, "planned_batches": planned, "batch": len(batches[0]),
             "seconds": seconds, "images_per_s": timed * len(batches[0]) / seconds, "stopped": timed < planned}
