@@ -738,7 +738,8 @@ def _configure(argv) -> tuple:
     check_workers(config.workers, loading_ranks(here, towers))  # one, the same on every rank, where none of its loads
     if config.compile is not None:
         check_compile_backend(config.compile, "--compile", placement.device)
-    if config.precision == "bf16" and placement.device == "cuda" and not torch.cuda.is_bf16_supported():
+    if (config.precision == "bf16" and placement.device == "cuda"
+            and not torch.cuda.is_bf16_supported(including_emulation=False)):  # emulated: slower than fp32
         kept = "" if "precision" in given else f" (the arithmetic {config.resume or config.eval_only} was trained in)"
         raise ValueError(f"--precision bf16{kept}: {torch.cuda.get_device_name(0)} has no bfloat16 arithmetic; add "
                          f"--precision fp32")
