@@ -23,8 +23,8 @@ import torch.nn.functional as F
 
 from launch.ranks import run_ranks
 from launch.step import paper_optimizer
-from towers import (Architecture, ExchangeLog, FC8_PLACEMENTS, Tower, build_reference, compile_blocks, init_weights,
-                    shard_state_dict)
+from towers import (Architecture, ExchangeLog, FC8_PLACEMENTS, LocalResponseNorm, Tower, build_reference,
+                    compile_blocks, init_weights, shard_state_dict)
 from towers.exchange import broadcast_from_first, gather_channels, gather_replicated, gather_to_first, sum_gradients
 from towers.sharding import half_of
 
@@ -680,3 +680,29 @@ def test_the_readmes_script_runs_and_its_towers_compute_the_references_loss(tmp_
     assert len(per_rank) == 2
     for towers_loss, reference_loss in per_rank:
         assert towers_loss == pytest.approx(reference_loss, rel=1e-5)  # float32: sums in another order
+
+
+class _Float32LRN(torch.nn.Module):
+    """The paper's LRN handing on float32 under autocast, as CUDA's autocast does (it computes the
+    power in float32); the CPU's hands on bfloat16."""
+
+    def __init__(self):
+        super().__init__()
+        self.lrn = LocalResponseNorm(groups=1)
+
+    def forward(self, x):
+        return self.lrn(x.float())
+
+
+def _conv3_input_bytes_from_a_float32_lrn(rank):
+    tower = Tower(None, 10, dropout=0.0)
+    tower.lrn2 = _Float32LRN()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        tower(torch.zeros(BATCH, 3, 224, 224))
+    return tower.exchange_log.as_dict()["conv3_input/forward"]["sent_bytes"]
+
+
+def test_conv3s_input_crosses_in_the_autocast_dtype_where_lrn_hands_on_float32():
+    """Under autocast, conv3 computes in bfloat16 whatever LRN2 hands on: its input is cast before the
+    exchange, which moves half the bytes of float32."""
+    assert run_ranks(_conv3_input_bytes_from_a_float32_lrn, timeout_s=TIMEOUT_S) == [2 * BATCH * 128 * 13 * 13] * 2

@@ -178,3 +178,15 @@ def test_save_reference_refuses_anything_but_the_single_device_net(tmp_path):
     save_reference(tmp_path / "whole.pt", build_reference(10))
     assert (tmp_path / "whole.pt").is_file()
 
+
+def test_each_towers_half_of_a_caffe_initialised_net_holds_the_schemes_weights():
+    """Both towers' halves of every layer, FC8's split too, are drawn as the Caffe reference draws
+    them: FC6 and FC7 of std 0.005, the others 0.01; biases 0.1 where the paper's are 1, else 0."""
+    reference = build_reference(10, seed=0, init="caffe").state_dict()
+    schemes = {"conv1": (0.01, 0.0), "conv2": (0.01, 0.1), "conv3": (0.01, 0.0), "conv4": (0.01, 0.1),
+               "conv5": (0.01, 0.1), "fc6": (0.005, 0.1), "fc7": (0.005, 0.1), "fc8": (0.01, 0.0)}
+    for rank in range(2):
+        half = shard_state_dict(reference, rank, "split")
+        for name, (std, bias) in schemes.items():
+            assert abs(half[f"{name}.weight"].std().item() - std) < std * 0.05, (rank, name)
+            assert torch.all(half[f"{name}.bias"] == bias), (rank, name)
