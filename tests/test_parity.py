@@ -706,3 +706,30 @@ def test_conv3s_input_crosses_in_the_autocast_dtype_where_lrn_hands_on_float32()
     """Under autocast, conv3 computes in bfloat16 whatever LRN2 hands on: its input is cast before the
     exchange, which moves half the bytes of float32."""
     assert run_ranks(_conv3_input_bytes_from_a_float32_lrn, timeout_s=TIMEOUT_S) == [2 * BATCH * 128 * 13 * 13] * 2
+
+
+def _features_loaded_without_fc8(rank):
+    """Per placement: a tower given its half of the reference's conv1-FC7 alone (strict=False, as
+    for a new classifier on pretrained features): (its features are the reference's, its FC8 is as
+    built, the keys said missing)."""
+    state = reference_from_seed(10, SEED).state_dict()
+    loaded = {}
+    for placement in FC8_PLACEMENTS:
+        tower = Tower(None, 10, dropout=0.0, fc8_placement=placement)
+        features = {k: v for k, v in shard_state_dict(state, rank, placement).items() if not k.startswith("fc8.")}
+        built = {k: v.clone() for k, v in tower.state_dict().items() if k.startswith("fc8.")}
+        missing = tower.load_state_dict(features, strict=False).missing_keys
+        now = tower.state_dict()
+        loaded[placement] = (all(torch.equal(now[k], v) for k, v in features.items()),
+                             all(torch.equal(now[k], v) for k, v in built.items()), sorted(missing))
+    return loaded
+
+
+def test_a_tower_loads_its_half_of_the_features_alone_leaving_its_fc8_as_built():
+    """Not strict, a half without FC8 loads into a tower that holds FC8 (whole or half): the
+    features are copied and FC8 is left as it was, named missing, as torch's loading does."""
+    for rank, loaded in enumerate(run_ranks(_features_loaded_without_fc8, timeout_s=TIMEOUT_S)):
+        for placement in FC8_PLACEMENTS:
+            holds_fc8 = placement == "split" or rank == 0
+            assert loaded[placement] == (True, True, ["fc8.bias", "fc8.weight"] if holds_fc8 else []), \
+                (rank, placement, loaded[placement])

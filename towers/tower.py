@@ -96,6 +96,16 @@ class Tower(nn.Module):
         self.register_state_dict_post_hook(_name_half)
         self.register_load_state_dict_pre_hook(_refuse_what_is_not_its_half)
 
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """torch's; a half without FC8 (the features, under a new classifier) is loaded with
+        ``strict=False``, FC8 left as it was and named missing, and refused before anything is
+        copied where strict. (torch tells the hooks of a load ``strict=True`` either way.)"""
+        self._strict_load = strict
+        try:
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        finally:
+            del self._strict_load
+
     def _build_layers(self, num_classes, dropout, fc8_placement, architecture):
         c1, c2, c3, c4, c5 = (c // TOWERS for c in CONV_CHANNELS)
         f6, f7 = (f // TOWERS for f in FC_FEATURES)
@@ -255,6 +265,7 @@ def _refuse_what_is_not_its_half(tower: Tower, state_dict, prefix, local_metadat
     if isinstance(fc8, torch.Tensor) and fc8.dim():
         given = fc8.shape[0]
     else:  # none in a whole half (tower 1's, of FC8 whole on tower 0): torch's strict loading would copy the rest first
+        strict = getattr(tower, "_strict_load", True)  # as this tower was asked, or (in a module loaded) strict
         given = 0 if strict and fc8 is None and prefix + "conv1.weight" in state_dict else rows
     if given != rows:
         raise RuntimeError(f"{said} {given} of FC8's neurons, and this tower holds {rows} "
