@@ -4,22 +4,27 @@ written, the evaluation's counts, the images it takes and its ten-patch average,
 progress a checkpoint keeps for the schedule."""
 
 import dataclasses
+import errno
+import io
 import json
 import logging
+import os
+import re
 import shutil
 
 import pytest
 import torch
 
-from launch import data
-from launch.checkpoint import finite, restore_training_state, save_checkpoint, save_training_state
+from launch import checkpoint, data
+from launch.checkpoint import (CheckpointError, checkpoint_payload, finite, load_checkpoint, restore_training_state,
+                               save_checkpoint, save_training_state)
 from launch.config import TrainConfig
 from launch.mesh import Mesh
 from launch.meter import Metrics, ProgressBar
 from launch.schedule import Progress
 from launch.step import AUTOCAST, paper_optimizer
 from launch import train
-from towers import build_reference
+from towers import AlexNet, build_reference
 
 from conftest import Recorder, plan_of
 
@@ -323,3 +328,120 @@ def test_finite_finds_any_value_that_is_not_a_number(dtype):
                 assert not finite(tensor) and not finite(tensor.mT if tensor.dim() >= 2 else tensor), (shape, at, value)
     assert finite(torch.empty(0, 4, dtype=dtype))
     assert finite(torch.full((5,), torch.finfo(dtype).max, dtype=dtype))  # the largest finite value, not infinity
+
+
+class _Filling(io.FileIO):
+    """A file on a disk that takes the first write and then has no room: ``code`` is the error it raises."""
+    code = errno.ENOSPC
+
+    def write(self, data):
+        if self.tell():
+            raise OSError(self.code, os.strerror(self.code))
+        return super().write(data)
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT], ids=["disk", "quota"])
+def test_a_save_that_runs_out_of_room_as_it_writes_says_what_it_needs_and_what_it_kept(tmp_path, monkeypatch, code):
+    """The disk filled by another writer after save_checkpoint measured it, or the user's quota
+    reached (which the free space does not show): either is a disk too full, named with the room
+    the checkpoint needs and whether the previous one is whole; no part of the new one is left."""
+    path = tmp_path / "run" / "checkpoint.pt"
+    monkeypatch.setattr(_Filling, "code", code)
+    for previous, kept in ((None, "nothing was written"), (torch.ones(10), "the previous one is whole")):
+        if previous is not None:
+            save_checkpoint(path, {"weights": previous})
+        with monkeypatch.context() as patch:
+            patch.setattr(checkpoint, "open", _Filling, raising=False)
+            with pytest.raises(OSError) as refused:
+                save_checkpoint(path, {"weights": torch.zeros(1 << 16)})
+        assert refused.value.errno == errno.ENOSPC, refused.value
+        assert f"no space left for {path}: it needs " in str(refused.value)
+        assert f"({kept}); free some space there" in str(refused.value), refused.value
+        assert sorted(p.name for p in path.parent.iterdir()) == ([] if previous is None else ["checkpoint.pt"])
+    assert torch.equal(torch.load(path, weights_only=True)["weights"], torch.ones(10))
+
+
+def _placeholder_weights(num_classes: int = 10) -> dict:
+    """The net's weights in their shapes, each one zero expanded: a checkpoint of a few bytes."""
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in AlexNet(num_classes).state_dict().items()}
+    return {k: torch.zeros(()).expand(shape) for k, shape in shapes.items()}
+
+
+def test_a_checkpoint_that_does_not_name_its_version_or_its_net_is_refused(tmp_path):
+    """A file laid out as a checkpoint whose version or architecture's name is missing (written by
+    another program, or edited by hand) is not read as one of this version's, of the 2012 net."""
+    payload = checkpoint_payload(_placeholder_weights(), num_classes=10)
+    save_checkpoint(tmp_path / "whole.pt", payload)
+    assert load_checkpoint(tmp_path / "whole.pt")["version"] == payload["version"]
+    arch = {k: v for k, v in payload["arch"].items() if k != "name"}
+    for broken, said in (({k: v for k, v in payload.items() if k != "version"},
+                          "has checkpoint version None; this program reads version"),
+                         (dict(payload, arch=arch), "holds architecture None, not 'alexnet-2012'")):
+        save_checkpoint(tmp_path / "broken.pt", broken)
+        with pytest.raises(CheckpointError, match=re.escape(f"{tmp_path / 'broken.pt'} {said}")):
+            load_checkpoint(tmp_path / "broken.pt")
+
+
+def test_a_checkpoint_s_mean_image_loads_in_float32_and_one_of_whole_numbers_is_refused(tmp_path):
+    """The mean image that each image is centred with comes in float32 whatever type it was saved
+    in (a checkpoint made smaller by hand: float16); one of whole numbers is refused, as weights of
+    them are: it would centre the images on another mean without a word."""
+    mean = torch.rand(3, 256, 256)
+    save_checkpoint(tmp_path / "half.pt", checkpoint_payload(_placeholder_weights(), num_classes=10,
+                                                             data_mean=mean.half()))
+    loaded = load_checkpoint(tmp_path / "half.pt")["data_mean"]
+    assert loaded.dtype == torch.float32 and torch.equal(loaded, mean.half().float())
+    save_checkpoint(tmp_path / "integral.pt", checkpoint_payload(_placeholder_weights(), num_classes=10,
+                                                                 data_mean=(mean * 255).to(torch.uint8)))
+    with pytest.raises(CheckpointError, match=r"holds values that are not floating-point numbers \(data_mean as uint8"):
+        load_checkpoint(tmp_path / "integral.pt")
+
+
+@pytest.mark.parametrize("layout, replicas, ranks", [("single", 1, 1), ("single", 3, 3), ("one-tower", 2, 2),
+                                                     ("towers", 1, 2), ("towers", 2, 4)])
+def test_a_training_state_holds_one_random_state_for_each_rank_of_its_run(layout, replicas, ranks):
+    """The single and one-tower layouts run one rank per replica, the towers two: a checkpoint
+    with a random state for each is resumed, and one with a state more or less is refused (a rank
+    without its own would go on from its seed)."""
+    config = {k: list(v) if isinstance(v, tuple) else v
+              for k, v in dataclasses.asdict(TrainConfig(layout=layout, replicas=replicas)).items()}
+    payload = checkpoint_payload({"fc8.bias": torch.zeros(10)}, num_classes=10, config=config,
+                                 progress=dataclasses.asdict(Progress()), momentum_buffer={})
+    state = {"cpu": torch.get_rng_state(), "cuda": torch.zeros(16, dtype=torch.uint8)}  # a GPU's: checked as it is set
+    for count in [n for n in (ranks - 1, ranks, ranks + 1) if n]:  # none at all: not checked
+        states = dict(payload, rng={f"rank{r}": state for r in range(count)})
+        if count == ranks:
+            checkpoint.check_training_state("run", states)
+            continue
+        with pytest.raises(CheckpointError, match=f"holds the random states of {count} ranks, and its run \\({layout}, "
+                                                  f"{replicas} replicas?\\) had {ranks}:"):
+            checkpoint.check_training_state("run", states)
+
+
+def test_an_evaluation_takes_the_weights_alone_and_a_resume_the_training_state_too(mesh_of_one, tmp_path):
+    """restore_training_state without the training (--eval-only) loads the checkpoint's weights and
+    nothing else: no momentum, no progress, and the process's random state left as it was; with it
+    (--resume), all of them as saved."""
+    classes = [f"c{i}" for i in range(10)]
+    weights, momentum = _placeholder_weights(), {k: v + 0.25 for k, v in _placeholder_weights().items()}
+    progress = Progress(epoch=3, batch=1, global_step=10, lr=0.001, best_error=0.5, bad_epochs=1, loss=2.5)
+    saved_rng = torch.manual_seed(1).get_state()
+    save_checkpoint(tmp_path / "checkpoint.pt", checkpoint_payload(
+        {k: v + 0.5 for k, v in weights.items()}, num_classes=10, classes=classes, momentum_buffer=momentum,
+        progress=dataclasses.asdict(progress), rng={"rank0": {"cpu": saved_rng}}))
+    for with_training in (False, True):
+        with torch.device("meta"):
+            model = AlexNet(10)
+        model.to_empty(device=CPU)
+        optimizer = paper_optimizer(model.parameters(), lr=0.01)
+        own_rng = torch.manual_seed(2).get_state()
+        restored = restore_training_state(tmp_path / "checkpoint.pt", model, optimizer, classes, mesh_of_one,
+                                          with_training=with_training)
+        assert all(torch.equal(p, torch.full_like(p, 0.5)) for p in model.parameters())
+        buffers = [optimizer.state[p].get("momentum_buffer") for p in model.parameters()]
+        if with_training:
+            assert restored == progress and torch.equal(torch.get_rng_state(), saved_rng)
+            assert all(torch.equal(b, torch.full_like(b, 0.25)) for b in buffers)
+        else:
+            assert restored is None and torch.equal(torch.get_rng_state(), own_rng) and buffers == [None] * 16
