@@ -445,3 +445,38 @@ def test_an_evaluation_takes_the_weights_alone_and_a_resume_the_training_state_t
             assert all(torch.equal(b, torch.full_like(b, 0.25)) for b in buffers)
         else:
             assert restored is None and torch.equal(torch.get_rng_state(), own_rng) and buffers == [None] * 16
+
+
+def test_a_training_checkpoint_keeps_each_split_s_digest_and_the_mean_image_as_a_resume_reads_them(mesh_of_one,
+                                                                                                   tmp_path):
+    """The digests of the data a run trained on are saved under the names a resume (and launch.show)
+    reads them by, train_digest and val_digest, so that a resume on other images is refused; the
+    mean image in float32, whatever type the statistics were computed in."""
+    with torch.device("meta"):
+        model = AlexNet(10)
+    model.to_empty(device=CPU)
+    mean = torch.rand(3, 256, 256, dtype=torch.float64)
+    save_training_state(tmp_path / "checkpoint.pt", model, paper_optimizer(model.parameters(), lr=0.01),
+                        Progress(), TrainConfig(layout="single"), [f"c{i}" for i in range(10)], 20, mesh_of_one,
+                        data_mean=mean, digests={"train": "digest of train", "val": "digest of val"})
+    payload = torch.load(tmp_path / "checkpoint.pt", weights_only=True, mmap=True)
+    assert (payload["train_digest"], payload["val_digest"]) == ("digest of train", "digest of val")
+    assert payload["data_mean"].dtype == torch.float32 and torch.equal(payload["data_mean"], mean.float())
+
+
+def test_a_checkpoint_of_other_class_names_names_three_of_them_and_says_when_there_are_more():
+    """The refusal of a checkpoint trained on other class names lists the first three that differ,
+    and says that more do only where there are more than three."""
+    saved = [f"n{i:08d}" for i in range(5)]
+    for changed, listed in ((3, "n00000000 -> a0, n00000001 -> a1, n00000002 -> a2)"),
+                            (4, "n00000000 -> a0, n00000001 -> a1, n00000002 -> a2 ...)")):
+        now = [f"a{i}" for i in range(changed)] + saved[changed:]
+        with pytest.raises(CheckpointError) as refused:
+            checkpoint.check_classes({"arch": {"num_classes": 5}, "classes": saved}, "run", now)
+        assert f"on other classes than the data's ({changed} differ: {listed}: use the dataset" in str(refused.value)
+
+
+def test_a_save_counts_the_tensors_held_in_tuples_as_in_lists():
+    """What a save measures before it writes takes every tensor of the payload, in a tuple as in a list."""
+    vector = torch.zeros(1000)
+    assert checkpoint._saved_bytes({"a": (vector,)}) == checkpoint._saved_bytes({"a": [vector]}) > (1 << 20) + 4000
