@@ -480,3 +480,13 @@ def test_a_save_counts_the_tensors_held_in_tuples_as_in_lists():
     """What a save measures before it writes takes every tensor of the payload, in a tuple as in a list."""
     vector = torch.zeros(1000)
     assert checkpoint._saved_bytes({"a": (vector,)}) == checkpoint._saved_bytes({"a": [vector]}) > (1 << 20) + 4000
+
+
+def test_a_run_folder_whose_checkpoint_is_a_folder_is_named_as_no_file(tmp_path):
+    """A run folder whose checkpoint.pt is itself a folder (a copy gone wrong): it is named as not a
+    file, with what else it may be, not as a checkpoint missing."""
+    (tmp_path / "run" / "checkpoint.pt").mkdir(parents=True)
+    with pytest.raises(CheckpointError) as refused:
+        checkpoint.resolve_path(tmp_path / "run")
+    assert str(refused.value).startswith(f"{tmp_path / 'run' / 'checkpoint.pt'} is not a file (a folder, a named pipe, "
+                                         f"a device): give a checkpoint file or a run folder"), refused.value
