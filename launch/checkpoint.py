@@ -216,6 +216,8 @@ def finite(tensor: torch.Tensor) -> bool:
     """Whether every value of the floating-point ``tensor`` is a finite number: its least and
     greatest value, which are NaN where any value is. A tenth of the time of
     ``torch.isfinite(tensor).all()`` on the CPU, which writes a flag for every value first."""
+    if tensor.element_size() == 1:  # a float8, which aminmax does not take: each value is a float32's too
+        tensor = tensor.float()
     return tensor.numel() == 0 or bool(torch.isfinite(torch.stack(torch.aminmax(tensor))).all())
 
 

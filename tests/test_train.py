@@ -315,7 +315,7 @@ def test_a_checkpoint_keeps_the_whole_progress_and_the_momentum(mesh_of_one, tmp
         assert torch.equal(momentum, optimizer.state[p]["momentum_buffer"].half().float()), name
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.float8_e5m2])
 def test_finite_finds_any_value_that_is_not_a_number(dtype):
     """checkpoint.finite, which checks every checkpoint's weights and momentum, against
     torch.isfinite: one NaN or infinity anywhere in a tensor, whatever its shape and layout."""
