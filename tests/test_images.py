@@ -58,3 +58,15 @@ def test_a_large_jpeg_is_the_image_libjpeg_decodes_at_a_quarter_scale(tmp_path):
         whole = np.asarray(image.convert("RGB").resize((256, 256), Image.BILINEAR))
     assert not np.array_equal(quarter, whole)
     assert np.array_equal(images.load_image(path), quarter)
+
+
+def test_float_grey_in_0_to_1_is_scaled_so_that_each_level_over_255_is_that_level(tmp_path):
+    """A 32-bit float TIFF of values 0-1 is scaled 1 -> 255: the value k / 255 is 8-bit level k,
+    for every k from 0 to 255 (one 256-pixel column each, so nothing is resized)."""
+    levels = np.arange(256)
+    path = tmp_path / "float.tif"
+    Image.fromarray(np.tile((levels / 255).astype(np.float32), (256, 1)), mode="F").save(path)
+    with Image.open(path) as image:
+        assert image.mode == "F"
+    pixels = images.load_image(path)
+    assert (pixels == levels[None, :, None]).all()
