@@ -69,3 +69,13 @@ def test_an_improvement_starts_the_count_of_epochs_without_one_again():
         progress.epoch = epoch
         end_of_epoch_schedule(config, progress, {"top1_error": error, "top5_error": 0.1})
     assert (progress.lr, progress.reductions, progress.bad_epochs, progress.best_error) == (0.01, 0, 1, 0.4)
+
+
+def test_after_the_warm_up_a_step_takes_the_rate_the_schedule_has_divided():
+    """Past the warm-up, or without one, a step's rate is the progress's base rate, which each
+    division by 10 has lowered (--lr 0.01 divided twice: 0.0001), not --lr that the run began at;
+    within the warm-up it is the same rate's part."""
+    progress = Progress(global_step=10, lr=0.01 * 0.1 ** 2, reductions=2)
+    for warmup in (0, 4, 10):
+        assert learning_rate(_config(warmup_steps=warmup), progress) == pytest.approx(1e-4), warmup
+    assert learning_rate(_config(warmup_steps=20), progress) == pytest.approx(1e-4 * 11 / 20)
