@@ -14,6 +14,7 @@ import contextlib
 import errno
 import json
 import os
+import shlex
 import signal
 from pathlib import Path
 import sys
@@ -820,7 +821,11 @@ def _ablation_redraw(results, folder: Path) -> Optional[str]:
     runs = results.get("runs")
     folders = {str(Path(r["run_dir"]).parent) for r in runs.values() if isinstance(r, dict)
                and isinstance(r.get("run_dir"), str)} if isinstance(runs, dict) else set()
-    return " ".join([command, "--reuse", "--out", shell_word(folder),
+    try:
+        reused = "--reuse" in shlex.split(command)
+    except ValueError:  # edited by hand
+        reused = False
+    return " ".join([command, *([] if reused else ["--reuse"]), "--out", shell_word(folder.absolute()),
                      *(["--runs", shell_word(folders.pop())] if len(folders) == 1 else [])])
 
 

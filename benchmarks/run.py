@@ -614,7 +614,7 @@ def default_out(devices: DevicePlan, quick: bool = False) -> Path:
 def _bf16_unsupported(key: RunKey, devices: DevicePlan) -> Optional[str]:
     if (key.precision == "bf16" and device_of(key, devices) == "cuda"
             and not torch.cuda.is_bf16_supported(including_emulation=False)):  # emulated: slower than fp32
-        return "not measured on this device: the GPU has no bf16 support"
+        return "not measured on this device: the GPU has no bf16 arithmetic of its own (an emulation, slower than fp32)"
     return None
 
 

@@ -212,6 +212,10 @@ def damaged_record(path: Path) -> Optional[str]:
     return None
 
 
+# floating-point types of two numbers a byte, which nothing but a cast of their bytes computes with
+PACKED = tuple(getattr(torch, name) for name in ("float4_e2m1fn_x2",) if hasattr(torch, name))
+
+
 def finite(tensor: torch.Tensor) -> bool:
     """Whether every value of the floating-point ``tensor`` is a finite number: its least and
     greatest value, which are NaN where any value is. A tenth of the time of
@@ -308,7 +312,8 @@ def load_checkpoint(path, classes: Optional[list] = None, mmap: bool = True) -> 
         raise CheckpointError(f"{path} names its classes otherwise than as {saved_classes} distinct class folder "
                               f"names: it was not saved by this program")
     numbers = {**model, **({} if mean is None else {"data_mean": mean})}
-    integral = [f"{k} as {str(v.dtype).removeprefix('torch.')}" for k, v in numbers.items() if not v.is_floating_point()]
+    integral = [f"{k} as {str(v.dtype).removeprefix('torch.')}" for k, v in numbers.items()
+                if not v.is_floating_point() or v.dtype in PACKED]
     if integral:  # loaded into the net's float weights, they would compute another function without a word
         raise CheckpointError(f"{path} holds values that are not floating-point numbers ({', '.join(integral[:4])}"
                               f"{' ...' if len(integral) > 4 else ''}): it was not saved by this program")

@@ -211,7 +211,7 @@ def _cannot_write(dst: Path, exc: OSError) -> str:
     folder goes, a folder that is read-only) named where it is not DST itself."""
     long = next((part for part in dst.parts if len(os.fsencode(part)) > NAME_MAX), None)
     if exc.errno == errno.ENAMETOOLONG and long is not None:  # not the folder above it, where it was to be made
-        return (f"error: cannot write DST {dst}: its name {long[:24]}... is longer than a file name can be "
+        return (f"error: cannot write DST {dst}: a name in it, {long[:24]}..., is longer than a file name can be "
                 f"({NAME_MAX} bytes): give a DST of shorter names")
     fix = f"{_FIXES[exc.errno]}, or give" if exc.errno in _FIXES else "give"  # such as a folder that cannot be made
     path = exc.filename

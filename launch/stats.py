@@ -138,6 +138,21 @@ def _stats_key(root: Path, train_files: list, sample: int, imagenet: bool) -> st
     return digest.hexdigest()[:20]
 
 
+def _remove_stale(places: list, target: Path, of_folder: str) -> None:
+    """Removes the statistics that are never read again, beside ``target`` just written: those of
+    the training images as they were, beside the data or of its folder in the cache folder, and
+    the cache folder's named before they were named after their data folder."""
+    beside, *cache = (place.parent for place in places)
+    stale = list(beside.glob(".alexnet-stats-*.pt"))
+    for folder in cache:
+        stale += [p for p in folder.glob(".alexnet-stats-*.pt") if p.name.startswith(of_folder)
+                  or re.fullmatch(r"\.alexnet-stats-[0-9a-f]{20}\.pt", p.name)]
+    for path in stale:
+        if path != target:
+            with contextlib.suppress(OSError):  # a folder that cannot be written keeps them
+                path.unlink()
+
+
 def load_or_compute_stats(root: Path, train: "ImageFolderSplit", train_files: list, cache_dir: Optional[Path] = None,
                           sample: int = STATS_SAMPLE) -> DataStats:
     """The DataStats of a training set, from its cache file if one matches the current
@@ -184,10 +199,7 @@ def load_or_compute_stats(root: Path, train: "ImageFolderSplit", train_files: li
     for target in places:  # the data folder may be read-only or full
         try:
             save_checkpoint(target, payload)
-            # the statistics of the training images as they were: never read again
-            for stale in target.parent.glob(".alexnet-stats-*.pt" if target.parent == root else f"{of_folder}*.pt"):
-                if stale != target:
-                    stale.unlink(missing_ok=True)
+            _remove_stale(places, target, of_folder)
             if target.parent != root:  # where a later run, or the user clearing space, will look for them
                 log.warning("the training-set statistics are cached in %s instead", target)
             break

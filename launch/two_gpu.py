@@ -741,8 +741,8 @@ def _configure(argv) -> tuple:
     if (config.precision == "bf16" and placement.device == "cuda"
             and not torch.cuda.is_bf16_supported(including_emulation=False)):  # emulated: slower than fp32
         kept = "" if "precision" in given else f" (the arithmetic {config.resume or config.eval_only} was trained in)"
-        raise ValueError(f"--precision bf16{kept}: {torch.cuda.get_device_name(0)} has no bfloat16 arithmetic; add "
-                         f"--precision fp32")
+        raise ValueError(f"--precision bf16{kept}: {torch.cuda.get_device_name(0)} has no bfloat16 arithmetic of its "
+                         f"own (an emulation, slower than fp32); add --precision fp32")
     check_gloo_interface()  # gloo carries the ranks' own talk under NCCL too (patient_group), a lone rank's too
     log.info("placement: %s", placement.describe())
     log.info("architecture: %s", architecture(config).describe())

@@ -1065,15 +1065,17 @@ def test_benchmarks_report_given_an_ablation_s_folder_names_the_command_that_red
                                            *args[runs_at + 2:]])
     (moved / "results.json").write_text(json.dumps(saved))
     before = {p.name: p.read_bytes() for p in moved.iterdir()}
+    monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as refused:
-        benchmark_report.main([str(moved)])
+        benchmark_report.main([moved.name])  # named from here
     assert refused.value.code == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and f"error: {moved / 'results.json'} is an ablation's, not a benchmark's" in err
+    assert err.count("\n") == 1 and f"error: {moved.name}/results.json is an ablation's, not a benchmark's" in err
     assert {p.name: p.read_bytes() for p in moved.iterdir()} == before
     words = shlex.split(err.split(" by ", 1)[1].rsplit(" (from the folder where it ran)", 1)[0])
-    assert words[:3] == ["python", "-m", "benchmarks.ablations"]
-    monkeypatch.chdir(tmp_path)  # where a default --runs would be made
+    assert words[:3] == ["python", "-m", "benchmarks.ablations"] and words.count("--reuse") == 1
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")  # where a default --runs, or --out named from tmp_path, would be
     checkpoint = folder / "runs" / "tanh" / "checkpoint.pt"
     trained_at = checkpoint.stat().st_mtime_ns
     assert ablations.main(words[3:]) == moved

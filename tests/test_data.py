@@ -1086,6 +1086,14 @@ def test_read_only_folders_of_the_same_names_sizes_and_times_get_each_its_own_st
     now = {p.name: p.read_bytes() for p in (cache / "stats").iterdir()}
     assert len(now) == 2 and len(set(now) & set(kept)) == 1  # the other folder's kept, this one's replaced
     assert [now[name] == kept[name] for name in set(now) & set(kept)] == [True]
+    # Writable again, and changed: cached beside it, and its own in the cache folder removed, with
+    # those named before they were named after their folder (read for no folder any more).
+    (cache / "stats" / f".alexnet-stats-{'0' * 20}.pt").write_bytes(b"")
+    monkeypatch.setattr(stats, "save_checkpoint", real_save)
+    _save(folders[0] / "train" / "b" / "new.bmp", Image.fromarray(np.zeros((48, 64, 3), dtype=np.uint8)))
+    data.open_data(folders[0], cache_dir=cache)
+    assert len(list(folders[0].glob(".alexnet-stats-*.pt"))) == 1
+    assert sorted(p.name for p in (cache / "stats").iterdir()) == sorted(set(now) & set(kept))
 
 
 def test_the_statistics_cache_follows_the_sample_size_and_a_file_rewritten_at_another_size(tmp_path):
@@ -2284,8 +2292,8 @@ def test_prepare_names_the_fix_of_a_write_that_fails(tiny_data, tmp_path, capfd)
     for long, name in ((tmp_path / ("d" * 256), "d" * 24), (tmp_path / ("é" * 128) / "dst", "é" * 24)):
         assert prepare.main([str(tiny_data), str(long), "--workers", "1"]) == 2  # 256 bytes: one more than a name's
         assert capfd.readouterr().err.splitlines()[-1] == (
-            f"error: cannot write DST {long}: its name {name}... is longer than a file name can be (255 bytes): "
-            f"give a DST of shorter names")
+            f"error: cannot write DST {long}: a name in it, {name}..., is longer than a file name can be (255 "
+            f"bytes): give a DST of shorter names")
     in_the_way = tmp_path / "prepared" / "train" / sorted(builtin.BUILTIN_CLASSES)[0]  # where a class folder goes
     in_the_way.parent.mkdir(parents=True)
     in_the_way.write_text("")

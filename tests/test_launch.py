@@ -435,13 +435,14 @@ def test_bf16_and_compiled_towers_train_and_resume_in_either_arithmetic(tiny_dat
         assert config.lr == 0.001 and config.batch_size == 4  # the recipe stays the run's
     # on GPUs without bfloat16, the arithmetic that an evaluation keeps from the checkpoint is named as such
     for name, value in (("is_available", lambda: True), ("device_count", lambda: 2),
-                        ("is_bf16_supported", lambda *args, **kwargs: False),
+                        ("is_bf16_supported", lambda including_emulation=True: including_emulation),  # emulated
                         ("get_device_name", lambda *args: "GPU-X")):
         monkeypatch.setattr(torch.cuda, name, value)
     for argv, said in (([], f" (the arithmetic {tmp_path / 'bf16'} was trained in)"), (["--precision", "bf16"], "")):
         with pytest.raises(ValueError) as refused:
             two_gpu._configure([*map(str, ("--eval-only", tmp_path / "bf16")), *argv])
-        assert str(refused.value) == f"--precision bf16{said}: GPU-X has no bfloat16 arithmetic; add --precision fp32"
+        assert str(refused.value) == (f"--precision bf16{said}: GPU-X has no bfloat16 arithmetic of its own (an "
+                                      f"emulation, slower than fp32); add --precision fp32")
 
 
 def test_a_stop_at_an_epochs_end_saves_and_evaluates_once_and_the_training_time_is_the_steps_alone(no_dropout_run):

@@ -494,7 +494,8 @@ def _assert_library_use(placement, ranks):
         given = 5 if placement == "tower0" else 10 if rank == 0 else 0  # none in tower 1's half of FC8 on tower 0
         assert r["refused"]["placement"].endswith(
             f"it holds {given} of FC8's neurons, and this tower holds {rows} (fc8_placement={placement!r}, 10 "
-            f"classes): load it a half sharded with its placement, of a net of its classes {fix}"), r["refused"]
+            f"classes): load it a half sharded with its placement, of a net of its classes {fix}"
+            f"{'; or, for its features alone, strict=False' if given == 0 else ''}"), r["refused"]
         assert r["refused"]["classes"] == "num_classes must be a whole number, got 10.0"
         assert r["refused"]["settings"] == ["Identity()", None]
         assert r["input_grad"] < 1e-12, f"{placement}, rank {rank}: the images' gradient is not the whole net's"
@@ -722,6 +723,11 @@ def _features_loaded_without_fc8(rank):
         now = tower.state_dict()
         loaded[placement] = (all(torch.equal(now[k], v) for k, v in features.items()),
                              all(torch.equal(now[k], v) for k, v in built.items()), sorted(missing))
+        # within a module of the user's, loaded not strict: the same
+        wrapper = torch.nn.ModuleDict({"tower": Tower(None, 10, dropout=0.0, fc8_placement=placement)})
+        missing = wrapper.load_state_dict({f"tower.{k}": v for k, v in features.items()}, strict=False).missing_keys
+        assert sorted(missing) == [f"tower.{k}" for k in loaded[placement][2]], (placement, missing)
+        assert all(torch.equal(wrapper["tower"].state_dict()[k], v) for k, v in features.items())
     return loaded
 
 

@@ -396,6 +396,11 @@ def test_a_checkpoint_s_mean_image_loads_in_float32_and_one_of_whole_numbers_is_
                                                                  data_mean=(mean * 255).to(torch.uint8)))
     with pytest.raises(CheckpointError, match=r"holds values that are not floating-point numbers \(data_mean as uint8"):
         load_checkpoint(tmp_path / "integral.pt")
+    for packed in checkpoint.PACKED:  # two 4-bit numbers a byte, which the net cannot take
+        weights = dict(_placeholder_weights(), **{"fc8.bias": torch.zeros(10, dtype=torch.uint8).view(packed)})
+        save_checkpoint(tmp_path / "packed.pt", checkpoint_payload(weights, num_classes=10))
+        with pytest.raises(CheckpointError, match=rf"not floating-point numbers \(fc8.bias as {str(packed)[6:]}\)"):
+            load_checkpoint(tmp_path / "packed.pt")
 
 
 @pytest.mark.parametrize("layout, replicas, ranks", [("single", 1, 1), ("single", 3, 3), ("one-tower", 2, 2),

@@ -99,7 +99,8 @@ class Tower(nn.Module):
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """torch's; a half without FC8 (the features, under a new classifier) is loaded with
         ``strict=False``, FC8 left as it was and named missing, and refused before anything is
-        copied where strict. (torch tells the hooks of a load ``strict=True`` either way.)"""
+        copied where strict. (torch tells the hooks of a load ``strict=True`` either way: within
+        another module loaded, the tower leaves a missing FC8 to torch's own strict check.)"""
         self._strict_load = strict
         try:
             return super().load_state_dict(state_dict, strict=strict, assign=assign)
@@ -265,12 +266,14 @@ def _refuse_what_is_not_its_half(tower: Tower, state_dict, prefix, local_metadat
     if isinstance(fc8, torch.Tensor) and fc8.dim():
         given = fc8.shape[0]
     else:  # none in a whole half (tower 1's, of FC8 whole on tower 0): torch's strict loading would copy the rest first
-        strict = getattr(tower, "_strict_load", True)  # as this tower was asked, or (in a module loaded) strict
+        # as this tower was asked; within another module, whose strictness no hook sees: torch's own check
+        strict = getattr(tower, "_strict_load", False)
         given = 0 if strict and fc8 is None and prefix + "conv1.weight" in state_dict else rows
     if given != rows:
+        alone = "; or, for its features alone, strict=False" if given == 0 else ""
         raise RuntimeError(f"{said} {given} of FC8's neurons, and this tower holds {rows} "
                            f"(fc8_placement={tower.fc8_placement!r}, {tower.num_classes} classes): load it a half "
-                           f"sharded with its placement, of a net of its classes {fix}")
+                           f"sharded with its placement, of a net of its classes {fix}{alone}")
 
 
 def compile_blocks(model: nn.Module, **options) -> nn.Module:
