@@ -191,8 +191,7 @@ def add_options(parser: argparse.ArgumentParser, config_class) -> None:
         if typing.get_origin(hint) is typing.Union:  # Optional[X] -> X
             hint = next(a for a in typing.get_args(hint) if a is not type(None))
         if kwargs.get("action") is argparse.BooleanOptionalAction:
-            if sys.version_info >= (3, 11):  # before 3.11 the action adds "(default: True)" itself
-                kwargs["help"] += f" (default: {'on' if f.default else 'off'})"
+            kwargs["help"] += f" (default: {'on' if f.default else 'off'})"
         elif "action" not in kwargs:
             if f.default is not None:
                 shown = ("," if many else " ").join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
