@@ -65,7 +65,7 @@ from launch.cli import (JSON_DAMAGE, MAX_PROCESSES_PER_CORE, Parser, add_options
 from launch import data as data_module
 from launch.config import MAX_TIMEOUT_S
 from launch.ranks import RankFailure, cpu_threads_per_rank, error_line, raise_interrupt, run_ranks
-from launch.step import AUTOCAST, convolution_math
+from launch.step import AUTOCAST, NO_NATIVE_BF16, convolution_math, native_bf16
 from towers import FC8_PLACEMENTS, TOWERS, AlexNet
 
 from . import flops, traffic
@@ -612,9 +612,8 @@ def default_out(devices: DevicePlan, quick: bool = False) -> Path:
 
 
 def _bf16_unsupported(key: RunKey, devices: DevicePlan) -> Optional[str]:
-    if (key.precision == "bf16" and device_of(key, devices) == "cuda"
-            and not torch.cuda.is_bf16_supported(including_emulation=False)):  # emulated: slower than fp32
-        return "not measured on this device: the GPU has no bf16 arithmetic of its own (an emulation, slower than fp32)"
+    if key.precision == "bf16" and device_of(key, devices) == "cuda" and not native_bf16():
+        return f"not measured on this device: the GPU has {NO_NATIVE_BF16}"
     return None
 
 

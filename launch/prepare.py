@@ -209,8 +209,8 @@ _FIXES = {errno.EACCES: "make it writable", errno.EPERM: "make it writable", err
 def _cannot_write(dst: Path, exc: OSError) -> str:
     """The error line of a write in DST that failed: what is in the way (a file where a class
     folder goes, a folder that is read-only) named where it is not DST itself."""
-    long = next((part for part in dst.parts if len(os.fsencode(part)) > NAME_MAX), None)
-    if exc.errno == errno.ENAMETOOLONG and long is not None:  # not the folder above it, where it was to be made
+    long = exc.errno == errno.ENAMETOOLONG and next((p for p in dst.parts if len(os.fsencode(p)) > NAME_MAX), None)
+    if long:  # a name of DST's own too long: not the folder above it, where it was to be made
         return (f"error: cannot write DST {dst}: a name in it, {long[:24]}..., is longer than a file name can be "
                 f"({NAME_MAX} bytes): give a DST of shorter names")
     fix = f"{_FIXES[exc.errno]}, or give" if exc.errno in _FIXES else "give"  # such as a folder that cannot be made

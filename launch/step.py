@@ -17,6 +17,16 @@ import torch.nn.functional as F
 AUTOCAST = {"fp32": None, "bf16": torch.bfloat16}
 
 
+# Said of a GPU for which native_bf16() is False.
+NO_NATIVE_BF16 = "no bfloat16 arithmetic of its own (an emulation, slower than fp32)"
+
+
+def native_bf16() -> bool:
+    """Whether the GPU computes in bfloat16 itself (torch.cuda.is_bf16_supported() alone also says
+    so of one that emulates it, more slowly than float32)."""
+    return torch.cuda.is_bf16_supported(including_emulation=False)
+
+
 def convolution_math() -> str:
     """What a float32 convolution runs as on a GPU, "tf32" or "fp32": cuDNN uses TF32 tensor
     cores unless told not to (torch's setting since 2.9, which allow_tf32 sets too)."""

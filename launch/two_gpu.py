@@ -54,7 +54,7 @@ from .ranks import (LOOPBACK, PEER_GONE, PREPARATION_WAIT_S, MissingRank, Placem
                     cpu_threads_per_rank, die_with_parent, error_line, failed_to_meet, init_process_group,
                     patient_group, reuse_freed_memory, run_ranks, sigterm_as_interrupt)
 from .train import architecture, describe_evaluation, elsewhere_than, log_file, run_rank, setup_logging
-from .step import AUTOCAST, convolution_math
+from .step import AUTOCAST, NO_NATIVE_BF16, convolution_math, native_bf16
 
 log = logging.getLogger("launch.two_gpu")
 
@@ -738,11 +738,10 @@ def _configure(argv) -> tuple:
     check_workers(config.workers, loading_ranks(here, towers))  # one, the same on every rank, where none of its loads
     if config.compile is not None:
         check_compile_backend(config.compile, "--compile", placement.device)
-    if (config.precision == "bf16" and placement.device == "cuda"
-            and not torch.cuda.is_bf16_supported(including_emulation=False)):  # emulated: slower than fp32
+    if config.precision == "bf16" and placement.device == "cuda" and not native_bf16():
         kept = "" if "precision" in given else f" (the arithmetic {config.resume or config.eval_only} was trained in)"
-        raise ValueError(f"--precision bf16{kept}: {torch.cuda.get_device_name(0)} has no bfloat16 arithmetic of its "
-                         f"own (an emulation, slower than fp32); add --precision fp32")
+        raise ValueError(f"--precision bf16{kept}: {torch.cuda.get_device_name(0)} has {NO_NATIVE_BF16}; add "
+                         f"--precision fp32")
     check_gloo_interface()  # gloo carries the ranks' own talk under NCCL too (patient_group), a lone rank's too
     log.info("placement: %s", placement.describe())
     log.info("architecture: %s", architecture(config).describe())

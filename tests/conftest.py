@@ -149,6 +149,25 @@ def no_dropout_run(tiny_data, tmp_path_factory):
     return out / "run"
 
 
+@pytest.fixture(scope="module")
+def mesh_of_one(group_of_one):
+    """The mesh of a run of one rank: one replica of one tower, in this process."""
+    from launch.mesh import Mesh
+    return Mesh(replicas=1, towers=1, replica=0, tower=0, tower_group=group_of_one, replica_group=None)
+
+
+def train_epoch(model, optimizer, bundle, config, progress, mesh, metrics=None, beyond=None) -> bool:
+    """launch.train.train_one_epoch over ``bundle`` in this process, on the CPU, with no step lines
+    on the terminal; whether it reached the epoch's end."""
+    from launch import data, train
+    from launch.meter import Metrics, ProgressBar
+    with data.Loader(bundle) as loader:
+        finished, _ = train.train_one_epoch(model, optimizer, loader, plan_of(bundle, config.batch_size), config,
+                                            progress, torch.device("cpu"), mesh, None, metrics or Metrics(None),
+                                            ProgressBar(False), train.InputBytes(), model, beyond)
+    return finished
+
+
 def plan_of(bundle, batch_size: int):
     """launch.train's Plan for ``bundle`` (as launch.data.open_data opens it) in batches of ``batch_size``."""
     from launch import data, train

@@ -15,7 +15,7 @@ from torch.nn.parallel import DistributedDataParallel
 from launch import data, train, two_gpu
 from launch.checkpoint import load_checkpoint
 from launch.config import TrainConfig
-from launch.mesh import Mesh, build_mesh, coordinates
+from launch.mesh import build_mesh, coordinates
 from launch.meter import Metrics, ProgressBar
 from launch.ranks import run_ranks
 from launch.schedule import Progress
@@ -438,16 +438,15 @@ def _train_records(metrics) -> list:
 
 
 @pytest.mark.slow
-def test_two_replicas_train_and_evaluate_the_images_of_one_and_log_its_numbers(small_bundle, group_of_one, tmp_path):
+def test_two_replicas_train_and_evaluate_the_images_of_one_and_log_its_numbers(small_bundle, mesh_of_one, tmp_path):
     """Each replica gets its own half of every batch, cut and augmented where the single run cuts
     and augments it (not the first half twice, nor another position's augmentation), and every
     second validation image; their step lines carry the whole batch's loss and top-1 (summed over
     the replicas, divided by the whole batch), the evaluation the whole set's counts, and the
     averaged gradients take the single run's steps."""
-    one_mesh = Mesh(replicas=1, towers=1, replica=0, tower=0, tower_group=group_of_one, replica_group=None)
     by_rank = run_ranks(_replica_of_one_rank_worker, (small_bundle.root, tmp_path), world_size=2, timeout_s=TIMEOUT_S)
-    trained, seen, records, result, bias = _an_epoch_and_its_evaluation(small_bundle, one_mesh, tmp_path / "one.jsonl",
-                                                                        replicated=False)
+    trained, seen, records, result, bias = _an_epoch_and_its_evaluation(small_bundle, mesh_of_one,
+                                                                        tmp_path / "one.jsonl", replicated=False)
     assert len(trained) == 5
     for step, whole in enumerate(trained):
         assert torch.equal(torch.cat([r[0][step] for r in by_rank]), whole), step

@@ -11,30 +11,19 @@ import torch
 
 from launch import data, train
 from launch.config import TrainConfig
-from launch.mesh import Mesh
-from launch.meter import Metrics, ProgressBar
+from launch.meter import Metrics
 from launch.schedule import Progress
 from launch.step import paper_optimizer
 
-from conftest import Recorder, plan_of
+from conftest import Recorder, plan_of, train_epoch
 
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(scope="module")
-def mesh_of_one(group_of_one):
-    return Mesh(replicas=1, towers=1, replica=0, tower=0, tower_group=group_of_one, replica_group=None)
-
-
 def _train_one_epoch(model, bundle, config, progress, mesh, metrics=None) -> bool:
-    """train.train_one_epoch over ``bundle`` in this process at the progress's rate, with no step
-    lines on the terminal; whether it reached the epoch's end."""
-    optimizer = paper_optimizer(model.parameters(), lr=progress.lr)
-    with data.Loader(bundle) as loader:
-        finished, _ = train.train_one_epoch(model, optimizer, loader, plan_of(bundle, config.batch_size), config,
-                                            progress, CPU, mesh, None, metrics or Metrics(None), ProgressBar(False),
-                                            train.InputBytes(), model)
-    return finished
+    """conftest.train_epoch at the progress's rate."""
+    return train_epoch(model, paper_optimizer(model.parameters(), lr=progress.lr), bundle, config, progress, mesh,
+                       metrics)
 
 
 def _records(path) -> list:

@@ -19,31 +19,15 @@ from launch import checkpoint, data
 from launch.checkpoint import (CheckpointError, checkpoint_payload, finite, load_checkpoint, restore_training_state,
                                save_checkpoint, save_training_state)
 from launch.config import TrainConfig
-from launch.mesh import Mesh
-from launch.meter import Metrics, ProgressBar
+from launch.meter import Metrics
 from launch.schedule import Progress
 from launch.step import AUTOCAST, paper_optimizer
 from launch import train
 from towers import AlexNet, build_reference
 
-from conftest import Recorder, plan_of
+from conftest import Recorder, plan_of, train_epoch
 
 CPU = torch.device("cpu")
-
-
-@pytest.fixture(scope="module")
-def mesh_of_one(group_of_one):
-    return Mesh(replicas=1, towers=1, replica=0, tower=0, tower_group=group_of_one, replica_group=None)
-
-
-def _train_one_epoch(model, optimizer, bundle, config, progress, mesh, metrics=None, beyond=None) -> bool:
-    """train.train_one_epoch over ``bundle`` in this process, with no step lines on the terminal;
-    whether it reached the epoch's end."""
-    with data.Loader(bundle) as loader:
-        finished, _ = train.train_one_epoch(model, optimizer, loader, plan_of(bundle, config.batch_size), config,
-                                            progress, CPU, mesh, None, metrics or Metrics(None), ProgressBar(False),
-                                            train.InputBytes(), model, beyond)
-    return finished
 
 
 def test_each_step_gets_its_own_crops_augmented_where_they_were_cut(mesh_of_one, small_bundle):
@@ -54,7 +38,7 @@ def test_each_step_gets_its_own_crops_augmented_where_they_were_cut(mesh_of_one,
     model = Recorder(len(small_bundle.classes))
     config = TrainConfig(batch_size=batch, seed=seed, epochs=2, lr=0.01, warmup_steps=0, log_every=100)
     plan = plan_of(small_bundle, batch)
-    finished = _train_one_epoch(model, paper_optimizer(model.parameters(), lr=0.01), small_bundle, config,
+    finished = train_epoch(model, paper_optimizer(model.parameters(), lr=0.01), small_bundle, config,
                                 Progress(epoch=epoch, lr=0.01), mesh_of_one)
     crops = [c for c, _ in data.train_batches(small_bundle, batch, seed, epoch)]
     assert finished and len(model.seen) == len(crops) == plan.batches_per_epoch == 3
@@ -76,7 +60,7 @@ def test_each_step_trains_at_the_schedule_s_rate(mesh_of_one, small_bundle):
     rates = []
     model.register_forward_pre_hook(lambda module, args: rates.append(optimizer.param_groups[0]["lr"]))
     config = TrainConfig(batch_size=batch, seed=3, epochs=2, lr=0.03, warmup_steps=3, log_every=100)
-    finished = _train_one_epoch(model, optimizer, small_bundle, config, Progress(epoch=0, lr=0.003), mesh_of_one)
+    finished = train_epoch(model, optimizer, small_bundle, config, Progress(epoch=0, lr=0.003), mesh_of_one)
     assert finished and rates == pytest.approx([0.001, 0.002, 0.003])
 
 
@@ -88,7 +72,7 @@ def test_step_lines_follow_the_run_s_steps_in_a_later_epoch(mesh_of_one, small_b
     batch = 6  # 3 steps an epoch: the second epoch's are the run's steps 4 to 6, of 9
     model = Recorder(len(small_bundle.classes))
     config = TrainConfig(batch_size=batch, seed=3, epochs=3, lr=0.01, warmup_steps=0, log_every=4)
-    _train_one_epoch(model, paper_optimizer(model.parameters(), lr=0.01), small_bundle, config,
+    train_epoch(model, paper_optimizer(model.parameters(), lr=0.01), small_bundle, config,
                      Progress(epoch=1, global_step=3, lr=0.01), mesh_of_one, Metrics(tmp_path / "metrics.jsonl"))
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [(r["epoch"], r["step"]) for r in records if r["event"] == "train"] == [(2, 4), (2, 6)]
@@ -106,7 +90,7 @@ def test_the_eta_counts_the_epoch_ends_and_the_ten_patch_test_ahead(mesh_of_one,
     for ten_crop, expected in ((True, 2 * 600 + 10 * 90), (False, 2 * 600)):  # epochs 2 and 3 end ahead
         caplog.clear()
         config = TrainConfig(batch_size=6, seed=3, epochs=3, lr=0.01, warmup_steps=0, log_every=1, ten_crop=ten_crop)
-        _train_one_epoch(model, paper_optimizer(model.parameters(), lr=0.01), small_bundle, config,
+        train_epoch(model, paper_optimizer(model.parameters(), lr=0.01), small_bundle, config,
                          Progress(epoch=1, global_step=3, lr=0.01), mesh_of_one, beyond=beyond)
         etas = [r.getMessage().split("| ETA ")[1] for r in caplog.records if "| ETA " in r.getMessage()]
         assert len(etas) == 3, etas
@@ -160,7 +144,7 @@ def test_max_steps_counts_the_run_s_steps_in_a_later_epoch_and_a_resumed_one(mes
         model = Recorder(len(small_bundle.classes))
         config = TrainConfig(batch_size=batch, seed=3, epochs=3, lr=0.01, warmup_steps=0, log_every=100, max_steps=5)
         started = progress.batch
-        finished = _train_one_epoch(model, paper_optimizer(model.parameters(), lr=0.01), small_bundle, config,
+        finished = train_epoch(model, paper_optimizer(model.parameters(), lr=0.01), small_bundle, config,
                                     progress, mesh_of_one)
         assert not finished and len(model.seen) == steps
         assert (progress.global_step, progress.batch) == (5, started + steps)
@@ -174,7 +158,7 @@ def test_checkpoints_come_every_n_steps_of_the_run_in_a_later_epoch(mesh_of_one,
                         saved.append((progress.global_step, progress.batch)))
     model = Recorder(len(small_bundle.classes))
     config = TrainConfig(batch_size=6, seed=3, epochs=3, lr=0.01, warmup_steps=0, log_every=100, checkpoint_every=2)
-    assert _train_one_epoch(model, paper_optimizer(model.parameters(), lr=0.01), small_bundle, config,
+    assert train_epoch(model, paper_optimizer(model.parameters(), lr=0.01), small_bundle, config,
                             Progress(epoch=1, global_step=3, lr=0.01), mesh_of_one)
     assert saved == [(4, 1)]
 
@@ -268,7 +252,7 @@ def test_each_precision_trains_in_its_own_arithmetic_and_an_evaluation_computes_
         model = _MeanColour(len(small_bundle.classes))
         config = TrainConfig(batch_size=6, seed=3, epochs=2, lr=0.01, warmup_steps=0, log_every=100,
                              precision=precision)
-        assert _train_one_epoch(model, paper_optimizer(model.parameters(), lr=0.01), small_bundle, config,
+        assert train_epoch(model, paper_optimizer(model.parameters(), lr=0.01), small_bundle, config,
                                 Progress(epoch=0, lr=0.01), mesh_of_one)
         with data.Loader(small_bundle) as loader:
             train.evaluate(model, loader, plan_of(small_bundle, 6), 6, CPU, mesh_of_one, False, AUTOCAST[precision])
