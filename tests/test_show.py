@@ -3,7 +3,9 @@ crafted here (a reference's checkpoint, hand-written metrics, summary and config
 nearest neighbours of Figure 4, and its errors as a user meets them."""
 
 import argparse
+import contextlib
 import copy
+import dataclasses
 import errno
 import json
 import logging
@@ -24,9 +26,9 @@ from PIL import Image
 from launch import cli, show
 from launch.cli import pyplot
 from launch.checkpoint import checkpoint_payload, save_checkpoint
-from launch.data import open_data
+from launch.data import eval_views, open_data
 from launch.meter import Metrics, RunFolderGone, check_run_folder, summary_steps, writing_in_run_folder
-from towers import Architecture
+from towers import AlexNet, Architecture
 
 from conftest import ROOT, RUN_TIMEOUT_S, reference_from_seed, skip_without_namespaces, terminate_when_ready
 
@@ -135,15 +137,22 @@ def test_a_freshly_initialised_net_gives_about_two_thirds_for_both_towers(init):
         assert abs(values.mean().item() - 242 / 362) < 0.02 and 0.5 < values.min() and values.max() < 0.85
 
 
-def test_each_tower_s_colour_dots_lie_beside_its_own_label(tmp_path, monkeypatch):
-    """Tower 0 grey (shares 0), tower 1 coloured (shares 1): each row's dots at the height of the
-    tick that names it, tower 0 on top as in the kernels picture."""
+def _grey_tower_0_coloured_tower_1(tmp_path, monkeypatch) -> tuple:
+    """A run whose conv1 kernels are grey on tower 0 and pure colour on tower 1, and the list its
+    pictures are drawn into (not saved)."""
     drawn = []
     monkeypatch.setattr(show, "_save", lambda fig, path: drawn.append(fig) or path)
     monkeypatch.setattr(show, "conv1_groups", lambda payload: [("tower 0", grey_kernels(48)),
                                                               ("tower 1", chroma_kernels(48))])
     run = show.RunFolder(write_run(tmp_path / "run"))
     monkeypatch.setattr(run, "checkpoint", lambda: {})
+    return run, drawn
+
+
+def test_each_tower_s_colour_dots_lie_beside_its_own_label(tmp_path, monkeypatch):
+    """Tower 0 grey (shares 0), tower 1 coloured (shares 1): each row's dots at the height of the
+    tick that names it, tower 0 on top as in the kernels picture."""
+    run, drawn = _grey_tower_0_coloured_tower_1(tmp_path, monkeypatch)
     show.draw_colour(run, tmp_path)
     ax = drawn[0].axes[0]
     ticks = {label.get_text().split("\n")[0]: y for y, label in zip(ax.get_yticks(), ax.get_yticklabels())}
@@ -952,11 +961,12 @@ def test_figure_4_of_other_training_images_than_the_run_s_says_so(reference, tin
     payload = torch.load(run / "checkpoint.pt", weights_only=True)
     titles = []
     monkeypatch.setattr(show, "_save", lambda fig, path: titles.append(fig._suptitle.get_text()) or path)
-    for digest, said in ((tiny_bundle.digests["train"], False), ("0" * 64, True)):
-        save_checkpoint(run / "checkpoint.pt", {**payload, "train_digest": digest})
+    assert "train_digest" not in payload  # a checkpoint written before it held one: nothing known, nothing said
+    for digest, said in ((None, False), (tiny_bundle.digests["train"], False), ("0" * 64, True)):
+        save_checkpoint(run / "checkpoint.pt", payload if digest is None else {**payload, "train_digest": digest})
         caplog.clear()
         with caplog.at_level(logging.INFO, logger="launch.show"):
-            assert show.main([str(run), "--only", "neighbours", "--images", "2", "--neighbour-pool", "6"]) == 0
+            assert show.main([str(run), "--only", "neighbours", "--images", "1", "--neighbour-pool", "2"]) == 0
         assert ("not those the run trained on" in titles[-1]) == said, titles[-1]
         assert ("holds other images than the run trained on" in caplog.text) == said, caplog.text
 
@@ -1060,6 +1070,10 @@ def test_the_traffic_bars_stack_what_each_tower_sent(tmp_path, monkeypatch):
             assert [p.get_height() for p in patches] == pytest.approx(sent, abs=1e-12), (direction, rank)
             assert [p.get_y() for p in patches] == pytest.approx(bottom, abs=1e-12), (direction, rank)
             bottom = [b + m for b, m in zip(bottom, sent)]
+    for rank in (0, 1):  # "left bar forward, right bar (hatched) backward", as the title says
+        forward, backward = bars[f"forward, sent by tower {rank}"], bars[f"backward, sent by tower {rank}"]
+        assert [(f.get_x() < b.get_x(), f.get_hatch(), b.get_hatch()) for f, b in zip(forward, backward)] == [
+            (True, None, "//")] * len(forward)
     labels = [text.get_text() for text in drawn[0].axes[0].texts]
     assert "0.2 kB" in labels and "0.69" in labels  # the logits' 160 bytes; conv3's input, 2 x 346,112 bytes
     show.pyplot().close(drawn[0])
@@ -1278,3 +1292,172 @@ def test_a_real_run_is_drawn(trained_run, tmp_path):
 def test_a_median_of_an_even_count_is_halfway_between_the_middle_two():
     """As the colour-share figures report the 48 kernels of a tower (torch.median takes the lower)."""
     assert show.median(torch.tensor([0.0, 1.0, 3.0, 10.0])) == 2.0 and show.median(torch.tensor([1.0, 5.0, 2.0])) == 2.0
+
+
+# --------------------------------------------------------------------------- what each picture is drawn from
+
+def _filled(architecture: Architecture = Architecture(), classes: int = 10) -> dict:
+    """A reference-layout state_dict of ``architecture`` with every weight 0.01 (no draw of weights)."""
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in AlexNet(classes, architecture=architecture).state_dict().items()}
+    return {k: torch.full(shape, 0.01) for k, shape in shapes.items()}
+
+
+def test_a_checkpoint_of_the_other_net_than_the_folder_s_is_refused_and_its_own_net_is_read(tiny_bundle, tmp_path):
+    """The towers' checkpoint in a one-tower run's folder is another run's; the one-tower run's own
+    checkpoint there is read, and its kernels are one group of 48."""
+    one_tower = Architecture(net="one-tower")
+    folder = write_run(tmp_path / "run", _filled(one_tower, len(tiny_bundle.classes)), bundle=tiny_bundle,
+                       layout="one-tower")
+    groups = show.conv1_groups(show.RunFolder(folder).checkpoint())
+    assert [(name, tuple(kernels.shape)) for name, kernels in groups] == [("one-tower net", (48, *KERNEL_SHAPE))]
+    save_checkpoint(folder / "checkpoint.pt", checkpoint_payload(_filled(classes=len(tiny_bundle.classes)),
+                                                                 num_classes=len(tiny_bundle.classes)))
+    with pytest.raises(show.Skipped, match="^checkpoint.pt is another run's: its net is two-tower, config.json's "
+                                           "one-tower; put the run's own checkpoint back"):
+        show.RunFolder(folder).checkpoint()
+
+
+def test_a_summary_that_is_no_object_and_metrics_without_a_training_record_are_each_named(tmp_path, caplog):
+    """Nothing to draw: a run stopped before its first step line (an evaluation alone in its
+    metrics.jsonl) and a summary.json that is JSON but not an object, each with why."""
+    run = write_run(tmp_path / "run", metrics=[eval_record(1, 4, 0.8)])
+    (run / "summary.json").write_text("[8]")
+    assert show.main([str(run), "--only", "curves,traffic"]) == 2
+    assert caplog.messages[-1] == (f"error: nothing to draw in {run} (curves: metrics.jsonl has no training records "
+                                   f"yet; traffic: summary.json is not a JSON object: it was not written by python -m "
+                                   f"launch.two_gpu)")
+    assert not (run / "show").exists()
+
+
+def test_an_evaluation_s_summary_without_steps_adds_no_point_and_no_note(tmp_path, caplog):
+    """An --eval-only summary.json holds a "centre" and no step: it is no evaluation of this run's
+    training, and says nothing wrong with the file."""
+    run = show.RunFolder(write_run(tmp_path / "run", summary={"centre": {"top1_error": 0.5, "top5_error": 0.25}}))
+    with caplog.at_level(logging.INFO, logger="launch.show"):
+        assert show._final_evaluation(run, [], 8) is None
+    assert caplog.messages == []
+
+
+def test_the_run_s_last_evaluation_is_drawn_with_its_own_errors_where_its_start_ended(tmp_path, monkeypatch):
+    """summary.json of a start stopped at step 4, the run resumed to step 8: top-1 and top-5 each
+    drawn at step 4, said to be where an earlier start ended (the last step trained is 8)."""
+    drawn = []
+    monkeypatch.setattr(show, "_save", lambda fig, path: drawn.append(fig) or path)
+    summary = {**SUMMARY, "steps": 4, "centre": {"top1_error": 0.5, "top5_error": 0.25}}
+    folder = write_run(tmp_path / "run", metrics=[train_record(2, 2.3), train_record(4, 2.2), train_record(8, 2.0)],
+                       summary=summary)
+    show.draw_curves(show.RunFolder(folder), tmp_path)
+    points = {dots.get_label(): dots.get_offsets().tolist() for ax in drawn[0].axes for dots in ax.collections}
+    where = "where an earlier start of the run ended (summary.json)"
+    assert points == {f"validation top-1 {where}": [[4, 50]], f"validation top-5 {where}": [[4, 25]]}
+    show.pyplot().close(drawn[0])
+
+
+def test_traffic_follows_the_layout_of_the_start_that_wrote_the_summary(tmp_path, monkeypatch):
+    """A --layout single run stopped before its summary.json: no towers, not "wait for the end";
+    a towers start's summary.json in a folder resumed as --layout single: its traffic is drawn."""
+    drawn = []
+    monkeypatch.setattr(show, "_save", lambda fig, path: drawn.append(fig) or path)
+    single = show.RunFolder(write_run(tmp_path / "single", layout="single"))
+    with pytest.raises(show.Skipped, match="^a --layout single run has no towers, so nothing crosses between them$"):
+        show.draw_traffic(single, tmp_path)
+    resumed = show.RunFolder(write_run(tmp_path / "resumed", layout="single", summary={**SUMMARY, "layout": "towers"}))
+    assert show.draw_traffic(resumed, tmp_path) == tmp_path / "traffic.png" and len(drawn) == 1
+    show.pyplot().close(drawn[0])
+
+
+def test_the_first_silent_layer_is_named_an_output_of_exactly_zero_being_off(reference):
+    """conv2 of zero weights and biases: exactly 0 before its ReLU, off. conv3, fed zeros, is off
+    too (its biases negative), as may be later ones: the first, conv2, is the one named."""
+    model = copy.deepcopy(reference).eval()
+    with torch.no_grad():
+        model.conv2.weight.zero_()
+        model.conv2.bias.zero_()
+        model.conv3.bias.fill_(-1.0)
+        images = torch.randn(3, 3, 224, 224, generator=torch.Generator().manual_seed(0)) * 50
+        assert show.hidden_outputs(model, images).silent == ["conv2"] * 3
+
+
+def test_figure_4_s_features_are_taken_with_the_checkpoint_s_mean_image(reference, tiny_bundle):
+    """The mean image the network was trained with (the checkpoint's), not the data's own."""
+    model = copy.deepcopy(reference)
+    shifted = tiny_bundle.stats.mean + 40.0
+    found = show.find_neighbours(model, tiny_bundle, shifted, images=2, pool=2, batch_size=8,
+                                 device=torch.device("cpu"))
+    inputs = eval_views(found.queries.crops, dataclasses.replace(tiny_bundle.stats, mean=shifted), ten_crop=False)
+    torch.testing.assert_close(found.queries.features, show.hidden_outputs(model.eval(), inputs).fc7)
+
+
+def test_an_out_folder_that_cannot_be_written_is_one_line_and_the_folders_made_for_it_go(tmp_path, caplog, capsys,
+                                                                                         monkeypatch):
+    """Made, then found not writable (this user's permissions; the suite may run as root)."""
+    run, out = write_run(tmp_path / "run", metrics=METRICS), tmp_path / "made" / "for" / "it"
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode, **kwargs: Path(path) != out and real(path, mode, **kwargs))
+    assert show.main([str(run), "--only", "curves", "--out", str(out)]) == 2
+    assert caplog.messages[-1] == (f"error: cannot write the pictures to {out} (Permission denied): give a folder "
+                                   f"you can write with --out")
+    assert capsys.readouterr().out == "" and sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_a_picture_of_an_earlier_show_is_said_to_be_older_than_the_run_s_file_changed_since(tmp_path):
+    """curves.png drawn before summary.json was written, and metrics.jsonl gone: older than
+    summary.json; drawn after it, nothing to say; no picture there, nothing either."""
+    run = show.RunFolder(write_run(tmp_path / "run", summary=SUMMARY))
+    (tmp_path / "curves.png").write_bytes(b"")
+    os.utime(tmp_path / "curves.png", (1e9, 1e9))  # in 2001
+    assert show._stale_note(run, tmp_path, "curves") == ("; the curves.png there is older than summary.json: it does "
+                                                         "not show the run as it is now")
+    os.utime(tmp_path / "curves.png")
+    assert show._stale_note(run, tmp_path, "curves") == "" and show._stale_note(run, tmp_path, "traffic") == ""
+
+
+def test_an_output_that_cannot_take_the_paths_is_one_line_and_exit_2(tmp_path, caplog, monkeypatch):
+    """The pictures are written; only their list is lost (a full disk for the standard output)."""
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full here")
+    run = write_run(tmp_path / "run", metrics=METRICS)
+    full = open("/dev/full", "w")
+    try:
+        with monkeypatch.context() as patched:
+            patched.setattr(sys, "stdout", full)
+            assert show.main([str(run), "--only", "curves"]) == 2
+    finally:
+        with contextlib.suppress(OSError):  # what it could not write is still in its buffer
+            full.close()
+    assert caplog.messages[-1] == ("error: cannot write to the standard output (No space left on device): free space "
+                                   "on the disk it goes to, or send it elsewhere")
+    check_png(run / "show" / "curves.png")
+
+
+def test_the_pictures_folder_is_free_for_another_show_and_no_figure_is_left_open_once_it_ends(tmp_path):
+    run = write_run(tmp_path / "run", metrics=METRICS, summary=SUMMARY)
+    figures = pyplot().get_fignums()
+    assert show.main([str(run), "--only", "curves,traffic"]) == 0
+    assert pyplot().get_fignums() == figures
+    held, _ = cli.lock_folder(run / "show")  # BlockingIOError while the show's lock is held
+    os.close(held)
+
+
+def test_tower_1_s_kernels_are_numbered_after_tower_0_s(tmp_path, monkeypatch):
+    run, drawn = _grey_tower_0_coloured_tower_1(tmp_path, monkeypatch)
+    show.draw_kernels(run, tmp_path)
+    assert [ax.get_title(loc="left") for ax in drawn[0].axes] == [
+        "tower 0 (kernels 0-47): colour share mean 0.00, median 0.00",
+        "tower 1 (kernels 48-95): colour share mean 1.00, median 1.00"]
+    show.pyplot().close(drawn[0])
+
+
+def test_the_paths_are_printed_in_the_order_of_the_pictures_not_the_order_drawn(tmp_path, monkeypatch, capsys):
+    """The neighbours are drawn first (a --data that cannot be used is refused before anything
+    is written), and printed last."""
+    run, drawn = write_run(tmp_path / "run", metrics=METRICS), []
+    real = show.draw_curves
+    monkeypatch.setattr(show, "draw_curves", lambda run, out: drawn.append("curves") or real(run, out))
+    monkeypatch.setattr(show, "draw_neighbours", lambda run, out, options: drawn.append("neighbours")
+                        or out / "neighbours.png")
+    assert show.main([str(run), "--only", "neighbours,curves"]) == 0
+    assert drawn == ["neighbours", "curves"]
+    assert capsys.readouterr().out.splitlines() == [str(run / "show" / name) for name in ("curves.png",
+                                                                                          "neighbours.png")]
