@@ -2382,3 +2382,387 @@ def test_towers_hold_the_references_parameters_between_them():
         counts = flops.tower_param_counts(placement)
         assert sum(counts) == PARAMS
     assert flops.tower_param_counts("tower0") == [PARAMS - TOWER1_PARAMS, TOWER1_PARAMS]
+
+
+def test_a_run_s_flops_are_all_its_ranks_work_and_its_share_of_the_peak_is_over_the_gpus_its_ranks_used(
+        monkeypatch):
+    """Training FLOPs per step: 6 x the MACs of both towers' work x the batch; the share of the peak
+    against the peak of the math used (bf16 under bf16 autocast, else what the convolutions run as)
+    times the GPUs the ranks ran on (two ranks over gloo on one GPU: one). A run on the CPU has no
+    share, whatever GPU the machine has; a single-device run's compute is its median step."""
+    monkeypatch.setattr(run, "convolution_math", lambda: "tf32")
+    plan = run.DevicePlan("cuda", "cuda", "nccl", "NVIDIA H100 80GB HBM3", "2 GPUs")
+    analytic = {"macs_per_image": {"towers": [6e9, 4e9], "single": 10e9},
+                "towers_sent_elements_per_image": [{}, {}]}
+
+    def towers(devices, precision):
+        ranks = [_rank_result(device=device, step_s=[0.5] * 3, comm_step_s=[0.5] * 3, comm_s=[0.1] * 3, sent_bytes=0,
+                              calls=0, exchanges={}) for device in devices]
+        return run.summarize({**_summary_spec("towers", 8, precision), "device": "cuda"}, ranks, analytic, plan)
+    flop_per_s = 6 * 10e9 * 8 / 0.5  # both towers' MACs, 8 images in a 500 ms step
+    for devices, precision, peak_tflops, gpus in ((["cuda:0", "cuda:1"], "bf16", 989.4, 2),
+                                                  (["cuda:0", "cuda:1"], "fp32", 494.7, 2),
+                                                  (["cuda:0", "cuda:0"], "fp32", 494.7, 1)):
+        summary = towers(devices, precision)
+        assert summary["gflop_per_s"] == pytest.approx(flop_per_s / 1e9)
+        assert summary["peak"] == pytest.approx({"gpu": "H100", "math": "bf16" if precision == "bf16" else "tf32",
+                                                 "tflop_per_s_per_device": peak_tflops, "devices": gpus,
+                                                 "share": flop_per_s / (peak_tflops * 1e12 * gpus)})
+    single = run.summarize(_summary_spec("single", 8), [_rank_result(step_s=[0.1, 0.3, 0.2])], analytic, plan)
+    assert single["peak"] is None  # on the CPU beside the GPU (--device cpu)
+    assert single["compute_ms"] == pytest.approx([200.0]) and single["comm_ms"] is None
+    assert single["bytes_per_rank"] == single["bytes_per_rank_analytic"] == [0]
+
+
+def test_a_rank_computes_on_its_own_gpu_over_nccl_and_on_the_one_gpu_the_ranks_share_over_gloo():
+    assert workers._device({"device": "cuda", "backend": "nccl"}, 1) == torch.device("cuda", 1)
+    assert workers._device({"device": "cuda", "backend": "gloo"}, 1) == torch.device("cuda", 0)
+    assert workers._device({"device": "cpu", "backend": "gloo"}, 1) == torch.device("cpu")
+
+
+def test_each_tower_loads_its_own_shard_and_a_hybrid_rank_its_replica_s_part_of_the_batch_all_reduced_over_its_replicas(
+        monkeypatch, group_of_one):
+    """towers: rank r loads tower r's shard. hybrid: a rank loads the shard of its tower in its
+    replica, trains on its replica's part of the global batch, and all-reduces (in the steps and
+    alone) over its replica group only, never over every rank."""
+    import torch.distributed as dist
+    loaded, seen, groups = [], [], []
+    all_reduce = dist.all_reduce
+
+    def counted(tensor, *args, group=None, **kwargs):
+        groups.append(group)
+        return all_reduce(tensor, *args, group=group, **kwargs)
+    monkeypatch.setattr(dist, "all_reduce", counted)
+
+    def step(call, model, images, clock):  # the images the rank trains on, and a real backward through DDP
+        seen.append(images[:, 0].tolist())
+        model(images).sum().backward()
+        return _exchanging_step(call, model, images, clock)
+    tower = _StubTower()
+    _stub_steps(monkeypatch, tower, step)
+    monkeypatch.setattr(workers, "_load", lambda build, path, *args: loaded.append(path) or tower)
+    monkeypatch.setattr(workers, "synthetic_batch", lambda batch, *args: (
+        torch.arange(batch * 4.0).reshape(batch, 4), torch.arange(batch) % 3))
+    weights = {"shard_paths": ["tower0.pt", "tower1.pt"]}
+    workers.towers_worker(1, _worker_spec("towers", warmup=0, steps=1, **weights))
+    assert loaded == ["tower1.pt"] and seen == [[0.0, 4.0, 8.0, 12.0]]  # the whole batch of 4
+    replica_group = dist.new_group([0])  # stands for the 2 ranks of tower 0 in 2 replicas: not the default group
+    monkeypatch.setattr(workers, "build_mesh", lambda towers, timeout_s: Mesh(2, towers, 1, 0, group_of_one,
+                                                                              replica_group))
+    loaded.clear(), seen.clear()
+    workers.hybrid_worker(0, _worker_spec("hybrid", warmup=0, steps=1, **weights))
+    assert loaded == ["tower0.pt"]  # tower 0 of replica 1
+    assert seen and all(images == [8.0, 12.0] for images in seen)  # replica 1's half: images 2 and 3
+    assert groups and all(group is replica_group for group in groups)
+
+
+def test_the_bounds_of_each_number_are_accepted_and_a_step_beyond_them_refused(monkeypatch):
+    """Each option's range as its message gives it, both ends included."""
+    monkeypatch.setattr(run, "usable_cores", lambda: 2)
+    config = run.BenchConfig(device="cpu", quick=True, seed=2**32 - 1, link_latency_us=1e6, rank_timeout_s=1.0,
+                             loader_workers=(0, 8), steps=run.MAX_STEPS, warmup=run.MAX_STEPS)
+    run.resolve(config, run.plan_devices(config))
+    for change, message in ((dict(seed=2**32), "--seed must be an integer from 0 to 4294967295, got 4294967296"),
+                            (dict(link_latency_us=1.000001e6), "--link-latency-us must be a number of microseconds "
+                                                               "from 0 to 1,000,000 (a second), got 1e+06"),
+                            (dict(rank_timeout_s=0.5), "--rank-timeout-s must be a number of seconds from 1 to "
+                                                       "604800 (a week), got 0.5"),
+                            (dict(loader_workers=(0, 9)), "--loader-workers 9 would start that many loading processes "
+                                                          "on the 2 cores this benchmark may use: give at most 8")):
+        with pytest.raises(ValueError) as refused:
+            run.resolve(dataclasses.replace(config, **change), run.plan_devices(config))
+        assert str(refused.value) == message
+
+
+def test_the_defaults_are_those_the_help_gives_for_each_device_and_quick():
+    """--help's brackets name the defaults chosen by device and --quick: the run takes those."""
+    helps = {a.dest: " ".join(a.help.split()) for a in run.build_parser()._actions}
+    numbers = lambda text: tuple(int(n) for n in text.split(","))
+    documented = {}
+    for field in ("batch", "warmup", "steps"):
+        gpu, cpu, quick_gpu, quick_cpu = re.search(r"\[GPU (\d+), CPU (\d+), --quick: GPU (\d+), CPU (\d+)\]",
+                                                   helps[field]).groups()
+        documented[field] = {("cuda", False): int(gpu), ("cpu", False): int(cpu), ("cuda", True): int(quick_gpu),
+                             ("cpu", True): int(quick_cpu)}
+    gpu, cpu, quick_gpu, quick_cpu = re.search(r"\[GPU ([\d,]+); CPU ([\d,]+); --quick: GPU ([\d,]+), CPU ([\d,]+)\]",
+                                               helps["batches"]).groups()
+    documented["batches"] = {("cuda", False): numbers(gpu), ("cpu", False): numbers(cpu),
+                             ("cuda", True): numbers(quick_gpu), ("cpu", True): numbers(quick_cpu)}
+    full, quick = re.search(r"\[(\d+), --quick (\d+)\]", helps["loader_batches"]).groups()
+    for device in ("cuda", "cpu"):
+        for quick_run in (False, True):
+            plan = run.DevicePlan(device, device, "gloo", None, "")
+            resolved = run.resolve(run.BenchConfig(quick=quick_run), plan)
+            for field, by_plan in documented.items():
+                assert getattr(resolved, field) == by_plan[(device, quick_run)], (field, device, quick_run)
+            assert resolved.loader_batches == int(quick if quick_run else full)
+
+
+def test_a_run_s_spec_and_its_ranks_follow_its_mode_and_the_devices(monkeypatch):
+    """run_spec: the exchanges timed in steps of their own only where a multi-rank mode computes on
+    a GPU, and each collective bounded by --rank-timeout-s; execute: each mode on as many ranks as
+    it has (hybrid 4, towers and ddp 2, the single-device modes 1), over the plan's backend."""
+    config = run.BenchConfig(device="cpu", rank_timeout_s=60.0, warmup=1, steps=2)
+    one_gpu = run.DevicePlan("cuda", "cuda", "gloo", "a GPU", "one GPU")
+    key = run.RunKey("towers", 2, "fp32", "contiguous")
+    weights = {"reference_path": "reference.pt", "shard_paths": ["tower0.pt", "tower1.pt"]}
+    spec = run.run_spec(key, config, one_gpu, weights)
+    assert (spec["exchange_steps"], spec["device"], spec["collective_timeout_s"]) == (True, "cuda", 60.0)
+    on_the_cpu = run.run_spec(key, config, one_gpu._replace(two_rank="cpu"), weights)  # --one-gpu-two-rank cpu
+    assert (on_the_cpu["exchange_steps"], on_the_cpu["device"]) == (False, "cpu")
+    single = run.run_spec(key._replace(mode="single"), config, one_gpu, weights)
+    assert (single["exchange_steps"], single["device"], single["backend"]) == (False, "cuda", "none (one process)")
+    started = []
+    monkeypatch.setattr(run, "run_ranks", lambda worker, args, world_size, backend, timeout_s, **kwargs:
+                        started.append((worker, world_size, backend, timeout_s)) or [])
+    for mode in run.MODES:
+        run.execute({**spec, "mode": mode}, config, one_gpu._replace(backend="nccl"), 5.0)
+    assert started == [(workers.single_worker, 1, "gloo", 5.0), (workers.towers_worker, 2, "nccl", 5.0),
+                       (workers.ddp_worker, 2, "nccl", 5.0), (workers.hybrid_worker, 4, "nccl", 5.0),
+                       (workers.single_worker, 1, "gloo", 5.0)]
+
+
+def test_a_bf16_run_is_held_against_fp32_in_its_memory_format_or_else_contiguous_up_to_the_limit_itself(
+        tmp_path, monkeypatch):
+    """A channels_last bf16 run without an fp32 channels_last one is held against fp32 contiguous;
+    a bf16 run exactly --bf16-slowdown-limit times slower than fp32 leaves the later ones measured."""
+    measured = []
+
+    def measure(step_ms: dict, keys: list) -> "run.Bench":
+        bench = _quick_bench(tmp_path)
+        bench.weights, bench.save = {}, lambda: None
+        monkeypatch.setattr(run, "execute", lambda spec, *args: measured.append(
+            (spec["mode"], spec["precision"], spec["memory_format"])) or [])
+        monkeypatch.setattr(run, "summarize", lambda spec, *args: {
+            "device": spec["device"], "images_per_s": 1.0,
+            "step_ms": dict.fromkeys(("median", "p10", "p90"), step_ms[(spec["precision"], spec["memory_format"])])})
+        bench.measure([run.RunKey(mode, 2, precision, memory_format) for mode, precision, memory_format in keys],
+                      str(tmp_path))
+        return bench
+    keys = [("single", "fp32", "contiguous"), ("single", "bf16", "channels_last"), ("towers", "bf16", "contiguous")]
+    bench = measure({("fp32", "contiguous"): 10.0, ("bf16", "channels_last"): 50.0}, keys)
+    assert measured == keys[:2]
+    assert [r["reason"] for r in bench.not_measured] == [
+        "not measured on this device (cpu): bf16 autocast ran 5.0x slower than fp32 in single (limit "
+        "--bf16-slowdown-limit 4.0)"]
+    measured.clear()
+    bench = measure({("fp32", "contiguous"): 10.0, ("bf16", "channels_last"): 40.0, ("bf16", "contiguous"): 40.0},
+                    keys)
+    assert measured == keys and not bench.not_measured
+
+
+def test_multi_rank_modes_are_skipped_where_the_devices_cannot_host_their_ranks(tmp_path, monkeypatch):
+    """Every multi-rank mode, hybrid too, where the plan leaves them out (one GPU, --one-gpu-two-rank
+    skip); hybrid under NCCL where fewer GPUs than its 4 ranks show."""
+    monkeypatch.setattr(run, "execute", lambda *args: pytest.fail("a run started that cannot run here"))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
+    hybrid = run.RunKey("hybrid", 2, "fp32", "contiguous")
+    for devices, reason in (
+            (run.DevicePlan("cuda", None, None, "a GPU", "one GPU: skipped"), "skipped: one GPU: skipped"),
+            (run.DevicePlan("cuda", "cuda", "nccl", "a GPU", "3 GPUs"), "skipped: NCCL needs one GPU per rank and "
+                                                                          "hybrid has 4 ranks; this machine shows 3 "
+                                                                          "GPUs")):
+        bench = _quick_bench(tmp_path)
+        bench.weights, bench.devices, bench.save = {}, devices, lambda: None
+        bench.measure([hybrid], str(tmp_path))
+        assert [r["reason"] for r in bench.not_measured] == [reason]
+
+
+def test_the_eight_gpu_projection_names_where_the_faster_way_changes_beyond_its_table_s_largest_batch():
+    """The faster way is sought up to twice the table's largest batch: with 400 M parameters, data
+    parallel's all-reduce (2.8 s) outweighs hybrid's extra compute and exchanges up to 10,136 images,
+    past the 8,192 of the last row, and that change is named though every row says hybrid."""
+    config = run.BenchConfig(batch=32, links=("link=1",), link_latency_us=10.0)  # 10^6 bytes per ms
+    single = {"device": "cuda", "devices": ["cuda:0"], "step_ms": {"median": 64.0}}  # 2 ms per image
+    analytic = {"macs_per_image": {"single": 1000, "towers": [600, 400]}, "num_params": 400_000_000,
+                "tower_params": [1_500_000, 500_000], "towers_calls_per_step": 9, "tower_buckets": [2, 1],
+                "ddp_buckets": 3}
+    projected = run.mesh_projection({run.RunKey("single", 32, "fp32", "contiguous"): single}, config, analytic)
+    assert all(row["hybrid_ms"] < row["ddp_ms"] for row in projected["rows"])
+    # hybrid 0.3 b + 0.0596 b + 0.09 ms against ddp b / 12 + 2800.03 ms: equal at 10,133.6 images
+    assert projected["changes"] == [{"batch": 10136, "from": "hybrid", "to": "ddp"}]
+    assert projected["faster_at_the_largest"] == "ddp"
+
+
+def test_a_results_json_of_another_program_whose_name_begins_alike_is_not_the_benchmark_s(tmp_path):
+    """refuse_others_files replaces only a report of ``python -m benchmarks.run`` itself."""
+    header = {"runs": [], "machine": {}, "config": {}}
+    for command, ours in (("python -m benchmarks.run", True), ("python -m benchmarks.run --quick", True),
+                          ("python -m benchmarks.runner --quick", False), ("python -m benchmarks.run_all", False)):
+        (tmp_path / "results.json").write_text(json.dumps({**header, "command": command}))
+        assert run._written_by(tmp_path / "results.json", "benchmarks.run") is ours, command
+
+
+def test_the_program_is_timed_with_the_benchmark_s_warmup_and_steps_where_the_synthetic_runs_ran(
+        tiny_data, tmp_path, monkeypatch):
+    """The training program runs --warmup + --steps steps and is timed after its --warmup, on the
+    devices of the synthetic runs it is held against."""
+    handed = []
+    monkeypatch.setattr(run.Bench, "measure", lambda bench, keys, folder: None)
+    monkeypatch.setattr(run, "measure_loader", lambda *args: {"skipped": "not measured here"})
+    monkeypatch.setattr(run, "measure_program", lambda modes, batch, steps, warmup, devices, *args: handed.append(
+        (modes, batch, steps, warmup, devices)) or [])
+    run.main(["--device", "cpu", "--quick", "--batch", "2", "--warmup", "2", "--steps", "5", "--loader-data",
+              str(tiny_data), "--out", str(tmp_path / "report")])
+    assert handed == [(("towers", "single"), 2, 5, 2, {"single": "cpu", "towers": "cpu"})]
+
+
+def test_the_all_reduce_alone_is_timed_after_one_untimed_call_that_sets_up_the_transport(monkeypatch, group_of_one):
+    """_time_allreduce: one all-reduce of a buffer as large as all the gradients, untimed, then
+    ``repeats`` timed ones, each on its own (here call k takes k seconds)."""
+    clock, sizes = _FakeClock(), []
+
+    def all_reduce(tensor, group=None):
+        sizes.append(tensor.numel())
+        clock.now += len(sizes)
+    monkeypatch.setattr(workers, "time", type("FakeTime", (), {"perf_counter": staticmethod(clock.perf_counter)}))
+    monkeypatch.setattr(workers.dist, "all_reduce", all_reduce)
+    assert workers._time_allreduce(torch.nn.Linear(4, 3), 3) == [2, 3, 4]
+    assert sizes == [15] * 4  # the Linear's 12 weights and 3 biases
+
+
+def test_the_weights_every_run_loads_are_sharded_with_the_benchmark_s_fc8_placement(tmp_path, monkeypatch):
+    """weights_worker: the reference of the seed, and each tower's shard of it as towers.shard_state_dict
+    cuts it for --fc8-placement (split: 500 of FC8's outputs on each tower)."""
+    saved = {}
+
+    def build_reference(seed):
+        with torch.device("meta"):  # the shapes alone
+            return AlexNet(1000)
+    monkeypatch.setattr(workers, "build_reference", build_reference)
+    monkeypatch.setattr(workers, "_save", lambda tensors, path, *args: saved.update({path: tensors}))
+    paths = workers.weights_worker(0, 0, "split", str(tmp_path))
+    assert paths == {"reference_path": f"{tmp_path}/reference.pt",
+                     "shard_paths": [f"{tmp_path}/tower0.pt", f"{tmp_path}/tower1.pt"]}
+    reference = build_reference(0).state_dict()
+    assert {k: v.shape for k, v in saved[paths["reference_path"]].items()} == {k: v.shape for k, v in reference.items()}
+    for tower_rank, path in enumerate(paths["shard_paths"]):
+        expected = shard_state_dict(reference, tower_rank, "split")
+        assert {k: v.shape for k, v in saved[path].items()} == {k: v.shape for k, v in expected.items()}
+        assert sum(v.numel() for v in saved[path].values()) == PARAMS / 2  # split: each tower half of every layer
+
+
+def test_a_rank_draws_its_dropout_from_the_seed_and_loads_its_weights_in_the_memory_format(tmp_path):
+    """_start seeds torch from --seed (a rank's dropout masks are those of any run of the seed);
+    _load puts the loaded weights in the run's memory format."""
+    for rank in (0, 1):
+        drawn = []
+        for seed in (5, 5, 6):
+            torch.manual_seed(100 + len(drawn))  # whatever the process drew before
+            workers._start({"seed": seed, "device": "cpu", "backend": "gloo"}, rank)
+            drawn.append(torch.rand(4))
+        assert torch.equal(drawn[0], drawn[1]) and not torch.equal(drawn[1], drawn[2]), rank
+    build = lambda: torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3))
+    torch.save(build().state_dict(), tmp_path / "weights.pt")
+    for memory_format in ("contiguous", "channels_last"):
+        model = workers._load(build, str(tmp_path / "weights.pt"), torch.device("cpu"), memory_format)
+        assert model[0].weight.is_contiguous(memory_format=workers.MEMORY_FORMATS[memory_format]), memory_format
+
+
+def test_the_report_s_cells_are_the_results_in_the_units_they_name():
+    """From the committed CPU results: a one-device row moves no bytes (torchvision's too), the runtime's
+    RSS is a span of MB, hybrid's images per replica, the eight-GPU projection's compute per image in
+    microseconds, the program against the synthetic step in % and its 90 epochs in hours and days."""
+    committed = sorted((ROOT / "benchmarks" / "reports").glob("vm-cpu-*/results.json"))[-1]
+    results = json.loads(committed.read_text())
+    rows = {line.split(" | ")[0]: line for line in report.main_table(results) if line.startswith("| ")}
+    for mode in ("single", "torchvision"):
+        assert "| 0 (one device) | 0 | 0 | 0 |" in rows[f"| {mode}"], rows[f"| {mode}"]
+    for measured in results["runs"]:
+        measured["rss_at_start_bytes"] = [300.4e6] * measured["ranks"]
+    assert "the Python/torch runtime alone held 300 MB when the worker started" in " ".join(report.methods(results))
+    results["runs"][1]["rss_at_start_bytes"][0] = 420.4e6
+    assert "the Python/torch runtime alone held 300-420 MB when the worker started" in " ".join(
+        report.methods(results))
+    single = _run(results, "single", 16)
+    single.update(gflop_per_s=83.34, peak={"share": 0.1234, "math": "tf32"})
+    row = next(line for line in report.main_table(results) if line.startswith("| single |"))
+    assert row.endswith("| 83.3 | 12.3 % of tf32 |"), row
+    hybrid = _run(results, "hybrid", 16)
+    assert hybrid["replicas"] == 2 and "Global batch 16, 8 images per replica" in report.hybrid_lines(results)[0]
+    older = {**results, "config": {k: v for k, v in results["config"].items() if k != "modes"},
+             "runs": [r for r in results["runs"] if r["mode"] != "hybrid"]}  # a results.json before --modes
+    assert report.hybrid_lines(older) == ["hybrid was not measured at the main batch (see 'Not measured')."]
+    results["mesh_projection"]["per_image_ms"] = 0.5
+    assert any(line.startswith("- compute per image (whole net, training): 500.00 us, ")
+               for line in report.mesh_projection_lines(results))
+    _run(results, "towers", 16)["images_per_s"] = 30.0
+    towers = results["program"][0]
+    assert towers["mode"] == "towers" and towers["batch"] == 16
+    towers.update(images_per_s=27.0, paper_training_hours=1146.7)
+    row = next(line for line in report.program_lines(results) if line.startswith("| towers"))
+    assert row.endswith("| 30.0 | 90 % | 1,147 h (47.8 days) |"), row
+
+
+def test_a_goal_reached_exactly_is_met():
+    """The reference exactly as fast as torchvision's AlexNet; the program at exactly 80 % of the synthetic rate."""
+    runs = [_speed_goal_run("single", 16, "fp32", "contiguous", 10.0),
+            _speed_goal_run("torchvision", 16, "fp32", "contiguous", 10.0),
+            _speed_goal_run("towers", 16, "fp32", "contiguous", 10.0)]
+    ran = {"mode": "towers", "batch": 16, "command": "launch.two_gpu --layout towers", "images_per_s": 8.0}
+    results = {"config": {"batch": 16, "modes": ["single", "torchvision", "towers"], "fc8_placement": "tower0"},
+               "runs": runs, "program": [ran], "analytic": {"macs_per_image": {"single": 2, "torchvision": 1}}}
+    lines = report.speed_goal_lines(results)
+    assert "| 16 | fp32, contiguous | 10.0 | 10.0 | 1.00 | met |" in lines
+    assert "- towers: 80 % (8.0 against 10.0 images/s): met" in lines
+
+
+def test_the_loader_keeps_up_from_the_first_number_of_workers_as_fast_as_the_towers():
+    by_workers = [{"workers": w, "batch": 16, "batches": 4, "images_per_s": rate, "seconds": 64 / rate}
+                  for w, rate in ((0, 40.0), (2, 90.0), (4, 150.0))]
+    loader = {"data": "DATA", "train_images": 100, "by_workers": by_workers, "device": "cpu",
+              "augment_ms_per_batch": 3.0, "input_bytes_per_image": 150536, "float32_bytes_per_image": 602120}
+    towers = {"mode": "towers", "batch": 16, "precision": "fp32", "memory_format": "contiguous", "images_per_s": 90.0}
+    lines = report.loader_lines({"loader": loader, "runs": [towers], "config": {"batch": 16}})
+    assert "- the towers' training step takes 90.0 images/s at this batch: the loader keeps up with it from 2 " \
+           "workers" in lines
+
+
+def test_a_report_counts_the_runs_not_measured_as_done_and_says_everything_was_measured_only_then(
+        tmp_path, monkeypatch):
+    committed = sorted((ROOT / "benchmarks" / "reports").glob("vm-cpu-*/results.json"))[-1]
+    results = json.loads(committed.read_text())
+    for chart in ("chart_images_per_s", "chart_bytes"):  # the text alone
+        monkeypatch.setattr(report, chart, lambda results, path: path.write_bytes(b""))
+    assert results["planned_runs"] == len(results["runs"]) and not results["not_measured"]
+    report.write_report(results, tmp_path)
+    text = (tmp_path / "report.md").read_text()
+    assert "Not finished" not in text and text.endswith("\nEverything planned was measured.\n")
+    results["planned_runs"] += 1
+    results["not_measured"].append({"mode": "hybrid", "batch": 32, "precision": "fp32", "memory_format": "contiguous",
+                                    "compiled": False, "reason": "failed: here"})
+    report.write_report(results, tmp_path)
+    text = (tmp_path / "report.md").read_text()
+    assert "Not finished" not in text and "Everything planned was measured." not in text
+    assert text.endswith("\n- hybrid, batch 32, fp32, contiguous: failed: here\n")
+    # data parallel's bytes per step, both ranks: 2 x 2(n-1)/n x the parameters x 4 bytes
+    assert "Data parallel: 2 ranks x 2(n-1)/n x 60,965,224 x 4 bytes = 487.7 MB per step, whatever the batch." in text
+
+
+def test_a_redraw_takes_a_negative_all_reduce_time_and_refuses_a_run_of_an_unknown_memory_format():
+    """Only comm_ms may be negative (DDP's all-reduce hidden: a difference of two medians); each
+    run's mode, precision and memory format must be ones the report knows."""
+    report.check_numbers({"runs": [{"comm_ms": [-3.0, 2.0], "step_ms": {"median": 5.0}}]})
+    with pytest.raises(ValueError, match=r"^runs\[0\]\.batch is an integer of 401 digits, not a number"):
+        report.check_numbers({"runs": [{"batch": 10**400}]})  # too large for a float to format
+    with pytest.raises(ValueError, match=r"^runs\[0\]\.compute_ms\[0\] is -3, not a number a benchmark measures$"):
+        report.check_numbers({"runs": [{"compute_ms": [-3.0]}]})
+    known = {"mode": "single", "precision": "fp32", "memory_format": "contiguous"}
+    report.check_names({"runs": [known]})
+    for key, value, names in (("mode", "tower", "single, towers, ddp, hybrid, torchvision"),
+                              ("precision", "fp16", "fp32, bf16"),
+                              ("memory_format", "nhwc", "contiguous, channels_last")):
+        with pytest.raises(ValueError) as refused:
+            report.check_names({"runs": [known, {**known, key: value}]})
+        assert str(refused.value) == f"runs[1].{key} is {value!r}, not one of {names}"
+
+
+def test_an_ablation_s_results_name_its_command_with_reuse_once_and_the_folders_it_wrote():
+    runs = {"full": {"run_dir": "/data/runs/full"}, "tanh": {"run_dir": "/data/runs/tanh"}}
+    for command, again in (("python -m benchmarks.ablations --variants full,tanh",
+                            "python -m benchmarks.ablations --variants full,tanh --reuse"),
+                           ("python -m benchmarks.ablations --reuse --variants full,tanh",
+                            "python -m benchmarks.ablations --reuse --variants full,tanh")):
+        assert report._ablation_redraw({"info": {"command": command}, "runs": runs}, Path("/reports/moved")) == \
+            f"{again} --out /reports/moved --runs /data/runs"
+    assert report._ablation_redraw({"command": "python -m benchmarks.run", "runs": []}, Path("/reports")) is None
