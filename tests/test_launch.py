@@ -48,9 +48,8 @@ from conftest import TINY as _TINY
 
 TINY = [*_TINY, "--log-every", "2"]
 
-pytestmark = pytest.mark.slow  # every test here runs the program or two ranks
 
-
+@pytest.mark.slow  # a run of the program
 def test_short_run_writes_its_results_and_eval_only_agrees(trained_run, tiny_data, tmp_path):
     run, result = trained_run  # FC8 split, --epochs 1 --log-every 2, the tiny options
     assert {"config.json", "metrics.jsonl", "summary.json", "checkpoint.pt", "train.log"} <= {p.name for p in run.iterdir()}
@@ -197,7 +196,7 @@ def test_the_progress_bar_fits_the_terminal_and_the_lines_logged_meanwhile_repla
     monkeypatch.setenv("COLUMNS", "40")  # the fake terminal has no descriptor to ask
     monkeypatch.setattr(sys, "stderr", _Terminal())
     bar, log = ProgressBar(enabled=True), logging.getLogger("test_progress_bar")
-    log.propagate = False
+    monkeypatch.setattr(log, "propagate", False)
     monkeypatch.setattr(log, "handlers", [console_handler("[rank 1] %(message)s")])
     bar.show(12, 10, "epoch 1/1 step 12/10 loss 2.3026 top-1 10.0%")  # past its total: the bar full, no more
     log.warning("skipped image a.jpg")
@@ -229,6 +228,7 @@ def test_a_librarys_warning_is_a_line_of_the_log_and_in_train_log(tiny_data, tmp
 
 
 def test_default_workers_feed_a_gpu_and_leave_the_cpu_to_compute(monkeypatch):
+    assert 1 <= train.usable_cores() <= os.cpu_count()
     monkeypatch.setattr(train, "usable_cores", lambda: 16)
     assert default_workers(on_gpu=True, ranks_here=2, loaders_here=1) == 14  # two towers on one GPU
     assert default_workers(on_gpu=True, ranks_here=1, loaders_here=1) == 15  # --layout single
@@ -239,7 +239,6 @@ def test_default_workers_feed_a_gpu_and_leave_the_cpu_to_compute(monkeypatch):
     monkeypatch.setattr(train, "usable_cores", lambda: 2)
     assert default_workers(on_gpu=True, ranks_here=2, loaders_here=1) == 1
     assert default_workers(on_gpu=False, ranks_here=2, loaders_here=1) == 0
-    assert 1 <= train.usable_cores() <= os.cpu_count()
 
 
 def _free_port():
@@ -248,6 +247,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # the program's ranks as torchrun starts them
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_torchrun_environment_is_honoured(tiny_data, tmp_path, world_size):
     """As torchrun starts the program: 2 ranks are the towers, 4 are two replicas of them
@@ -316,6 +316,7 @@ def _checkpoint_worker(rank, data_root, tmp):
     return {"saved_logits": saved_logits, "ten": ten, "loaded_logits": loaded_logits, "images": images}
 
 
+@pytest.mark.slow  # two ranks
 def test_checkpoints_move_between_towers_and_reference_and_ten_crop_is_the_average(tiny_data, tmp_path):
     reference = build_reference(10, seed=8, init="caffe")
     save_reference(tmp_path / "reference.pt", reference)
@@ -369,6 +370,7 @@ def test_each_tower_starts_as_its_half_of_the_reference_drawn_once(fc8_placement
             assert torch.equal(tensor, expected[name]), (rank, name)
 
 
+@pytest.mark.slow  # a run of the program
 def test_the_single_layout_trains_the_same_function_and_shares_checkpoints(tiny_data, no_dropout_run, tmp_path):
     """--layout single: the reference in one process, through the same program. Without
     dropout and from the same seed it takes the towers' steps (no_dropout_run), loss for loss."""
@@ -396,6 +398,7 @@ def test_the_single_layout_trains_the_same_function_and_shares_checkpoints(tiny_
     assert (summary["layout"], summary["steps"], summary["steps_this_run"]) == ("single", 5, 1)
 
 
+@pytest.mark.slow  # a run of the program
 def test_bf16_and_compiled_towers_train_and_resume_in_either_arithmetic(tiny_data, tmp_path, monkeypatch):
     """--precision and --compile choose how a run computes, not what it trains: the checkpoint
     holds float32 weights. A resumed run keeps its precision unless its command line gives
@@ -445,6 +448,7 @@ def test_bf16_and_compiled_towers_train_and_resume_in_either_arithmetic(tiny_dat
                                       f"emulation, slower than fp32); add --precision fp32")
 
 
+@pytest.mark.slow  # a run of the program
 def test_a_stop_at_an_epochs_end_saves_and_evaluates_once_and_the_training_time_is_the_steps_alone(no_dropout_run):
     """--max-steps at the end of an epoch (7 steps of --epochs 2) ends the run there: one
     checkpoint and one evaluation, not a second of each after an epoch of no steps. The
@@ -490,6 +494,7 @@ def _delivery_worker(rank, data_root):
     return batches, counter.per_batch
 
 
+@pytest.mark.slow  # two ranks
 def test_both_ranks_train_on_identical_batches_delivered_in_a_quarter_of_the_bytes(tiny_data):
     ranks = run_ranks(_delivery_worker, (str(tiny_data),), timeout_s=RUN_TIMEOUT_S)
     bundle = data_module.open_data(tiny_data)
@@ -502,6 +507,7 @@ def test_both_ranks_train_on_identical_batches_delivered_in_a_quarter_of_the_byt
     assert ranks[0][1] == ranks[1][1] == 8 + 4 * 3 * 224 * 224 + 4 * 8
 
 
+@pytest.mark.slow  # a run of the program
 def test_a_milestone_divides_the_rate_of_the_epochs_after_it_from_their_first_step(tiny_data, tmp_path):
     """--schedule fixed --lr-milestones 1: the second epoch trains at a tenth of --lr from its
     first step (the run's 8th, of 7-step epochs), as the first epoch's evaluation says it will;
@@ -534,6 +540,7 @@ def _first_batch_worker(rank):
     return found
 
 
+@pytest.mark.slow  # two ranks
 def test_a_replica_whose_first_batch_is_lost_stops_every_replica_before_a_step_but_a_lost_second_one_after_it():
     """Rank 0's second batch lost as its first was handed over: the step on the first was not
     taken (its loss then came to nothing, as if the first batch were lost too)."""
@@ -561,6 +568,7 @@ def _stopping_worker(rank, folder, disk_full):
     return (Path(folder) / "checkpoint.pt").exists()
 
 
+@pytest.mark.slow  # two ranks
 def test_ranks_that_stop_after_a_save_wait_for_rank_0_s_file(tmp_path):
     """A rank that ended first had its launcher end rank 0 in its write (5 s later, or at once
     under torchrun): the checkpoint promised by a stop for lost images was not written. Where
