@@ -32,13 +32,13 @@ from PIL import Image
 from benchmarks.flops import reference_layers
 from benchmarks.traffic import tower_sent_elements
 from launch import data as data_module
-from launch import train, two_gpu
+from launch import cli, train, two_gpu
 from launch.checkpoint import (load_checkpoint, load_reference, restore_training_state, save_checkpoint, save_reference,
                               save_training_state)
 from launch.mesh import build_mesh
-from launch.ranks import RankFailure, run_ranks
+from launch.ranks import MissingRank, RankFailure, run_ranks
 from launch.train import IMAGE_SHAPE, InputBytes, Plan, default_workers, evaluate, shared_batches
-from launch.config import TrainConfig
+from launch.config import TrainConfig, given_options, parse_config, resolve
 from launch.schedule import Progress
 from launch.step import convolution_math, paper_optimizer, train_step
 from towers import Tower, build_reference, shard_state_dict
@@ -696,3 +696,239 @@ def test_peak_memory_on_a_cpu_is_the_process_s_peak_resident_set_in_bytes():
         resident = int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     # Linux updates the peak lazily: it may lag what is held now by a few pages, never by a factor of 1024
     assert measured >= resident / 2 and what == "peak RSS of the rank process (getrusage)"
+
+
+def test_a_file_written_whole_is_all_there_or_as_it_was_and_leaves_no_partial_file(tmp_path):
+    """cli.write_whole (a new run's config.json): a write that fails part-way (a full disk) leaves
+    the file as it was, or not there, and no partial file beside it; a name of 255 bytes, the
+    most a folder takes, gets a partial file named to fit."""
+    def half_written(partial):
+        partial.write_text('{"layout": ')
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    target = tmp_path / "config.json"
+    with pytest.raises(OSError, match="No space left on device"):
+        cli.write_whole(target, half_written)
+    assert list(tmp_path.iterdir()) == []
+    target.write_text("as it was\n")
+    with pytest.raises(OSError, match="No space left on device"):
+        cli.write_whole(target, half_written)
+    assert [p.name for p in tmp_path.iterdir()] == ["config.json"] and target.read_text() == "as it was\n"
+    longest = tmp_path / ("x" * 255)
+    cli.write_whole(longest, lambda partial: partial.write_text("whole\n"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", longest.name]
+    assert longest.read_text() == "whole\n"
+
+
+def test_the_folders_made_for_a_run_are_removed_each_before_its_parent_and_one_holding_a_file_stays(tmp_path):
+    """cli.make_folder and cli.remove_made: the folders made, parents first; removed deepest
+    first, so that a parent is empty when its turn comes. A folder there before is not touched."""
+    made = []
+    cli.make_folder(tmp_path / "a" / "b" / "c", made)
+    assert made == [tmp_path / "a", tmp_path / "a" / "b", tmp_path / "a" / "b" / "c"]
+    cli.remove_made(made)
+    assert list(tmp_path.iterdir()) == []
+    made = []
+    cli.make_folder(tmp_path / "a" / "b", made)
+    (tmp_path / "a" / "kept.txt").write_text("")
+    cli.remove_made(made)
+    assert [p.name for p in tmp_path.rglob("*")] == ["a", "kept.txt"]
+    made = []
+    cli.make_folder(tmp_path / "a" / "new", made)  # a/ was there
+    assert made == [tmp_path / "a" / "new"]
+    cli.remove_made(made)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["a", "kept.txt"]
+
+
+def _payload(net: str = "two-tower") -> dict:
+    """A checkpoint as load_checkpoint returns it, less its tensors: the small recipe of a run on 360
+    images, and the net it holds."""
+    saved = resolve(resolve(TrainConfig(data="photos", recipe="small")), train_images=360)
+    arch = {name: getattr(saved, name) for name in two_gpu.ARCHITECTURE_OPTIONS}
+    return {"config": dataclasses.asdict(saved), "arch": {**arch, "net": net}}
+
+
+def test_a_resumed_run_refuses_another_run_name_or_out_folder_and_takes_more_epochs(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "checkpoint.pt").touch()  # its content: _payload()
+    for option in (["--run-name", "branch"], ["--out", "elsewhere"]):
+        argv = ["--resume", str(tmp_path / "run"), *option]
+        with pytest.raises(ValueError, match="^" + re.escape(
+                f"{' '.join(option)}: a resumed run goes on in its own folder, {tmp_path / 'run'}; drop the option (to "
+                f"branch the run, copy that folder and resume the copy)") + "$"):
+            two_gpu.resumed_config(parse_config(argv), _payload(), given_options(argv))
+    argv = ["--resume", str(tmp_path / "run"), "--epochs", "40"]
+    assert two_gpu.resumed_config(parse_config(argv), _payload(), given_options(argv)).epochs == 40
+
+
+def _evaluated(net: Path, payload: dict, *options) -> TrainConfig:
+    """--eval-only of weights alone (no training state: the single-device model's save, say)."""
+    argv = ["--eval-only", str(net), *options]
+    config = two_gpu.evaluated_config(parse_config(argv), {"arch": payload["arch"]}, given_options(argv))
+    two_gpu.check_layout_holds(config, payload)
+    return config
+
+
+def test_an_evaluation_takes_the_one_tower_layout_of_its_net_and_refuses_a_layout_that_cannot_hold_it(tmp_path):
+    net = tmp_path / "net.pt"
+    assert _evaluated(net, _payload("one-tower")).layout == "one-tower"
+    assert _evaluated(net, _payload("one-tower"), "--layout", "one-tower").layout == "one-tower"
+    for layout in ("towers", "single"):
+        with pytest.raises(ValueError, match=f"^{net} holds the one-tower net of section 3.2 \\(half the kernels in "
+                                             f"conv1-conv4\\), which --layout {layout} cannot hold: use --layout "
+                                             f"one-tower$"):
+            _evaluated(net, _payload("one-tower"), "--layout", layout)
+        assert _evaluated(net, _payload(), "--layout", layout).layout == layout
+    with pytest.raises(ValueError, match=f"^{net} holds the paper's two-tower net, not the one-tower net that --layout "
+                                         f"one-tower builds: use --layout towers or --layout single$"):
+        _evaluated(net, _payload(), "--layout", "one-tower")
+
+
+def test_an_evaluation_refuses_the_options_of_training_naming_each(tmp_path):
+    net = tmp_path / "net.pt"
+    for option in (["--max-steps", "5"], ["--epochs", "3"], ["--lr", "0.1"], ["--seed", "3"], ["--dropout", "0"],
+                   ["--checkpoint-every", "2"], ["--log-every", "2"], ["--warmup-steps", "0"]):
+        with pytest.raises(ValueError, match=f"^{option[0]}: --eval-only evaluates {net} and trains nothing, so this "
+                                             f"option does nothing: drop it$"):
+            _evaluated(net, _payload(), *option)
+    with pytest.raises(ValueError, match=f"^--lr --max-steps: --eval-only evaluates {net} and trains nothing, so these "
+                                         f"options do nothing: drop them$"):
+        _evaluated(net, _payload(), "--max-steps", "5", "--lr", "0.1")
+    assert _evaluated(net, _payload(), "--batch-size", "8", "--val-limit", "4").batch_size == 8  # the evaluation's
+
+
+def test_a_resume_is_refused_where_its_run_has_trained_the_epochs_or_the_steps_asked_for(tiny_data, tmp_path):
+    """Nothing left to train: its epochs done (--epochs no more than those), or --max-steps reached."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoint.pt").touch()  # its content: the dict below
+    bundle = data_module.open_data(tiny_data)  # 30 training images: 7 batches of 4
+    saved = {"train_images": 30, "progress": {"epoch": 2, "batch": 0, "global_step": 14}}
+
+    def check(*options):
+        two_gpu.check_resumable(parse_config(["--resume", str(run), "--batch-size", "4", *options]), saved, bundle)
+    check("--epochs", "3")
+    check("--epochs", "3", "--max-steps", "15")
+    advice = f"train it longer with --resume {run} --epochs N (N > 2), or evaluate it with --eval-only {run}"
+    for epochs, more in (("2", ""), ("1", ", and --epochs 1 asks for no more")):
+        with pytest.raises(ValueError, match="^" + re.escape(f"{run} has finished its 2 epochs{more}: {advice}") + "$"):
+            check("--epochs", epochs)
+    with pytest.raises(ValueError, match="^" + re.escape(f"{run} has taken 14 steps, --max-steps 14 no more than "
+                                                         f"that: give a larger --max-steps, or none") + "$"):
+        check("--epochs", "3", "--max-steps", "14")
+
+
+def test_a_resumed_run_s_file_that_is_a_fifo_or_a_folder_is_refused_before_any_rank_starts(tmp_path):
+    """A rank would wait for good on a FIFO's writer, and fail on a folder at its first line."""
+    two_gpu.check_run_files(tmp_path)  # none there yet: each is made as the run goes
+    for name in ("config.json", "metrics.jsonl", "train.log", "summary.json"):
+        (tmp_path / name).write_text("")
+    two_gpu.check_run_files(tmp_path)
+    (tmp_path / "metrics.jsonl").unlink()
+    os.mkfifo(tmp_path / "metrics.jsonl")
+    with pytest.raises(ValueError, match="^" + re.escape(
+            f"{tmp_path / 'metrics.jsonl'} is not a regular file (a FIFO, a socket or a device), where the run keeps "
+            f"its metrics.jsonl: remove or rename it, and resume again") + "$"):
+        two_gpu.check_run_files(tmp_path)
+    (tmp_path / "metrics.jsonl").unlink()
+    (tmp_path / "summary.json").unlink()
+    (tmp_path / "summary.json").mkdir()
+    with pytest.raises(ValueError, match=f"^{tmp_path / 'summary.json'} is a folder, where the run keeps its "
+                                         f"summary.json: "):
+        two_gpu.check_run_files(tmp_path)
+
+
+def _torchrun_variables(monkeypatch, **variables):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+
+
+def test_torchrun_s_variables_are_taken_where_they_fit_and_the_ports_run_to_65535(monkeypatch):
+    _torchrun_variables(monkeypatch, RANK="1")  # WORLD_SIZE not set: not torchrun's
+    assert not two_gpu._torchrun_env()
+    for port in ("1", "29500", "65535"):
+        _torchrun_variables(monkeypatch, RANK="1", WORLD_SIZE="2", LOCAL_RANK="1", LOCAL_WORLD_SIZE="2",
+                            MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        assert two_gpu._torchrun_env()
+    for port in ("0", "65536"):
+        monkeypatch.setenv("MASTER_PORT", port)
+        with pytest.raises(ValueError, match=f"^MASTER_PORT={port} is not a port \\(1-65535\\): start the program "
+                                             f"with torchrun, or without these variables"):
+            two_gpu._torchrun_env()
+
+
+@pytest.mark.parametrize("layout, ranks, compiled", [("towers", 2, "a tower's first four blocks between its exchanges; "
+                                                                   "FC8 eager"),
+                                                     ("single", 1, "the whole net"), ("one-tower", 1, "the whole net")])
+def test_each_layout_starts_its_ranks_on_the_cpu_with_gloo_and_names_them_at_the_start(tmp_path, caplog, layout, ranks,
+                                                                                       compiled):
+    """Two processes for the towers, one for a net without towers; no GPU here: gloo, on the
+    CPU, in bf16 too (no GPU to lack native bfloat16). The start-up lines name the placement,
+    the net and the arithmetic, in that order."""
+    with caplog.at_level("INFO", logger="launch.two_gpu"):
+        config, checkpoint, placement = two_gpu._configure(["--out", str(tmp_path), "--layout", layout, "--precision",
+                                                            "bf16", "--compile", "eager"])
+    assert checkpoint is None and (config.layout, config.replicas) == (layout, 1)
+    assert (placement.ranks, placement.backend, placement.device) == (ranks, "gloo", "cpu")
+    assert [message.split(": ", 1)[0] for message in caplog.messages] == ["placement", "architecture", "arithmetic"]
+    assert ("the one-GPU net of section 3.2" in caplog.messages[1]) == (layout == "one-tower")
+    assert caplog.messages[2] == f"arithmetic: bf16 autocast, float32 weights, torch.compile with eager ({compiled})"
+    assert not list(tmp_path.iterdir())  # the run folder is prepare_run's to make
+
+
+def test_gpus_enough_for_a_rank_each_take_nccl_and_inductor_there_needs_a_c_compiler(tmp_path, monkeypatch):
+    """Two GPUs: a tower on each, over NCCL; one: the towers share it over gloo; the single net
+    takes the first GPU, one process. --compile inductor on a GPU needs a C compiler for the
+    launchers of Triton's kernels (not the C++ compiler of its CPU kernels)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for gpus, layout, placed in ((2, "towers", (2, "nccl", "cuda")), (1, "towers", (2, "gloo", "cuda")),
+                                 (2, "single", (1, "gloo", "cuda"))):
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+        _, _, placement = two_gpu._configure(["--out", str(tmp_path), "--layout", layout])
+        assert (placement.ranks, placement.backend, placement.device) == placed, (gpus, layout)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("CC", "no-such-cc")
+    with pytest.raises(ValueError, match="^--compile inductor: on a GPU it builds the launchers of its Triton kernels "
+                                         "with a C compiler, and finds none here \\(no-such-cc is not on PATH\\)"):
+        two_gpu._configure(["--out", str(tmp_path), "--compile", "inductor"])
+
+
+def test_a_stop_at_the_end_of_the_training_is_told_to_evaluate_not_to_resume(tmp_path):
+    """Its checkpoint at --epochs (the final evaluation was cut short): a resume would be refused."""
+    torch.save({"progress": {"epoch": 2, "global_step": 14}}, tmp_path / "checkpoint.pt")
+    assert two_gpu._after_interrupt(parse_config(["--epochs", "2"]), tmp_path) == (
+        f"its checkpoint holds the end of its training (step 14); only the final evaluation is missing: evaluate it "
+        f"with --eval-only {tmp_path} (or train it longer with --resume {tmp_path} --epochs N, N > 2)")
+    assert two_gpu._after_interrupt(parse_config(["--epochs", "3"]), tmp_path) == f"resume with --resume {tmp_path}"
+
+
+def test_a_rank_missing_from_a_meeting_is_another_rank_lost_whatever_the_store_said():
+    said = "wait timeout after 600000ms, keys: /scan/1"
+    assert two_gpu._lost_a_peer(MissingRank(said)) and not two_gpu._lost_a_peer(RuntimeError(said))
+
+
+def test_ranks_may_find_their_files_at_other_paths_but_may_not_run_other_settings():
+    """Each machine resolves --data, --out and --resume in its own folders; the rest must be rank 0's."""
+    command = ["--data", "images", "--resume", "run"]
+    mine = {"data": "/a/images", "out": "/a/runs", "resume": "/a/run", "eval_only": None, "lr": 0.01}
+    theirs = dict(mine, data="/b/images", out="/b/runs", resume="/b/run")
+    assert two_gpu._unlike_rank_0([(command, mine), (command, theirs)]) is None
+    assert two_gpu._unlike_rank_0([(command, mine), (command, dict(theirs, lr=0.02))]) == (
+        "rank 0 and rank 1 read other settings from the checkpoint at --resume's path on their machines (rank 0 from "
+        "/a/run: --lr 0.01; rank 1 from /b/run: --lr 0.02): give every machine the same checkpoint at that path, or a "
+        "path that every machine shares")
+
+
+def test_a_resume_whose_images_are_not_there_is_told_to_name_their_new_place(tmp_path):
+    gone, mistyped = str(tmp_path / "images"), str(tmp_path / "imagse")
+    trained = {"config": {"data": gone}}
+    config = parse_config(["--resume", str(tmp_path / "run"), "--data", gone])
+    with pytest.raises(ValueError, match=f"^{config.resume} was trained on {gone}, which is not there now: give the "
+                                         f"images' new place with --data$"):
+        two_gpu.prepare_run(config, trained)
+    config = parse_config(["--resume", str(tmp_path / "run"), "--data", mistyped])
+    with pytest.raises(ValueError, match=f"^--data {mistyped} does not exist: give the folder of the images that "
+                                         f"{config.resume} was trained on$"):
+        two_gpu.prepare_run(config, trained)
+    assert not list(tmp_path.iterdir())
