@@ -224,10 +224,10 @@ def resolve(config: BenchConfig, devices: DevicePlan) -> BenchConfig:
         raise ValueError(f"--seed must be an integer from 0 to {2**32 - 1}, got {config.seed}")
     if not 0 < config.bf16_slowdown_limit <= 1e300:  # a number the report can be redrawn from
         raise ValueError(f"--bf16-slowdown-limit must be a positive number of times fp32's step, "
-                         f"got {config.bf16_slowdown_limit:g}")
+                         f"got {config.bf16_slowdown_limit:.15g}")
     if config.time_limit is not None and not 0 < config.time_limit <= MAX_TIMEOUT_S:
         raise ValueError(f"--time-limit must be a positive number of seconds, at most {MAX_TIMEOUT_S:.0f} (a week), "
-                         f"got {config.time_limit:g}")
+                         f"got {config.time_limit:.15g}")
     for link in config.links:
         name, _, gb_s = link.partition("=")
         # bounded, so that a transfer's time is a number: 10^400 GB/s is inf, 10^-311 makes the time inf
@@ -242,10 +242,10 @@ def resolve(config: BenchConfig, devices: DevicePlan) -> BenchConfig:
         raise ValueError(f"--links names {twice} twice: give each link once")
     if not 0 <= config.link_latency_us <= 1e6:
         raise ValueError(f"--link-latency-us must be a number of microseconds from 0 to 1,000,000 (a second), got "
-                         f"{config.link_latency_us:g}")
+                         f"{config.link_latency_us:.15g}")
     if not 1 <= config.rank_timeout_s <= MAX_TIMEOUT_S:
         raise ValueError(f"--rank-timeout-s must be a number of seconds from 1 to {MAX_TIMEOUT_S:.0f} (a week), "
-                         f"got {config.rank_timeout_s:g}")
+                         f"got {config.rank_timeout_s:.15g}")
     if config.out is not None and not config.out.strip():
         raise ValueError("--out is empty: give a folder, or leave --out out for "
                          "benchmarks/reports/<host>-<device>-<date>")
@@ -633,7 +633,7 @@ class Deadline:
 
     @property
     def reason(self) -> str:
-        return f"not measured: the benchmark's --time-limit of {self.seconds:g} s was reached"
+        return f"not measured: the benchmark's --time-limit of {self.seconds:.15g} s was reached"
 
 
 class Bench:
@@ -724,7 +724,8 @@ class Bench:
                 raise ValueError(cause.split(": ", 1)[1]) from None
             if time.monotonic() - started >= timeout_s:  # every run would time out the same way
                 raise ValueError(f"drawing the reference's weights took longer than --rank-timeout-s "
-                                 f"{self.config.rank_timeout_s:g} ({failure}): give a longer --rank-timeout-s") from None
+                                 f"{self.config.rank_timeout_s:.15g} ({failure}): give a longer "
+                                 f"--rank-timeout-s") from None
             # its process killed (the out-of-memory killer): no run can start; the loader and program can
             self.weights_failed = f"failed: the weights every run loads could not be drawn ({failure})"
             logger.warning("%s", self.weights_failed)
@@ -813,8 +814,8 @@ class Bench:
             self.measure([k for k in keys if k not in main], folder)
         results = self.save()
         if not self.written:
-            raise ValueError(f"the --time-limit of {self.config.time_limit:g} s passed before anything was measured: "
-                             f"give a longer one; nothing was written in {self.out}")
+            raise ValueError(f"the --time-limit of {self.config.time_limit:.15g} s passed before anything was "
+                             f"measured: give a longer one; nothing was written in {self.out}")
         return results
 
 

@@ -204,9 +204,9 @@ class TrainConfig:
             if value is not None and value <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
         if self.timeout > MAX_TIMEOUT_S:
-            raise ValueError(f"--timeout must be at most {MAX_TIMEOUT_S:.0f} seconds (a week), got {self.timeout}")
+            raise ValueError(f"--timeout must be at most {MAX_TIMEOUT_S:.0f} seconds (a week), got {self.timeout:.15g}")
         if self.timeout < 1:  # below a second the ranks' first meeting itself times out
-            raise ValueError(f"--timeout must be at least 1 second, got {self.timeout:g}")
+            raise ValueError(f"--timeout must be at least 1 second, got {self.timeout:.15g}")
         if self.lr is not None and not 0 < self.lr < 10:
             raise ValueError(f"--lr must be a positive rate below 10, got {self.lr}")
         if not 0 <= self.momentum < 1:

@@ -914,9 +914,9 @@ def _after_failure(config: Optional[TrainConfig], run_dir: Optional[Path], failu
         return ""
     advice = ""
     if any(word in str(failure).lower() for word in ("timed out", "timeout")):
-        advice = (f"\na rank waits at most --timeout {config.timeout:g} s for the other in an exchange: if the other "
-                  f"was busy rather than stuck (a checkpoint written to a slow disk, a long evaluation), give a "
-                  f"larger --timeout")
+        advice = (f"\na rank waits at most --timeout {config.timeout:.15g} s for the other in an exchange: if the "
+                  f"other was busy rather than stuck (a checkpoint written to a slow disk, a long evaluation), give "
+                  f"a larger --timeout")
     if config.eval_only:
         return f"{advice}\nonce the cause is fixed, run the evaluation again {elsewhere_than(run_dir)}"
     if (run_dir / FILENAME).exists():

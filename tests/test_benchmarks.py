@@ -50,6 +50,8 @@ SENT_PER_IMAGE = {  # per FC8 placement: (tower 0, tower 1)
 # Tower 1 with FC8 whole on tower 0: half of conv1-FC7 (the paper-spec's per-tower figure).
 TOWER1_PARAMS = 28_434_112
 RUN_TIMEOUT_S = 900  # bound on the harness subprocess; a failure never hangs the suite
+# A committed report of every mode, measured whole on the CPU (the tests read its shape: batch 16, hybrid, ...)
+CPU_REPORT = ROOT / "benchmarks" / "reports" / "vm-cpu-2026-12-05"
 
 
 def test_flop_table_follows_the_layer_shapes():
@@ -560,7 +562,7 @@ def test_the_speed_goals_name_the_fastest_variant_of_each_net_and_the_largest_sh
 
 def test_a_report_notes_each_run_whose_loss_became_non_finite(tmp_path, monkeypatch):
     """A loss that diverged: None as results.json holds it, NaN or infinite as the benchmark hands it over."""
-    committed = sorted((ROOT / "benchmarks" / "reports").glob("vm-cpu-*/results.json"))[-1]
+    committed = CPU_REPORT / "results.json"
     results = json.loads(committed.read_text())
     for chart in ("chart_images_per_s", "chart_bytes"):  # the text alone
         monkeypatch.setattr(report, chart, lambda results, path: path.write_bytes(b""))
@@ -1020,7 +1022,7 @@ def test_a_benchmark_stopped_while_it_sets_up_says_so_in_one_line(tiny_data, tmp
 
 def test_hybrid_left_out_of_the_modes_is_said_to_be_not_run():
     """Not "not measured (see 'Not measured')", where that section said everything planned was."""
-    committed = sorted((ROOT / "benchmarks" / "reports").glob("*/results.json"))[-1]
+    committed = CPU_REPORT / "results.json"
     results = json.loads(committed.read_text())
     assert report.hybrid_lines(results)[0].startswith("2 replicas of the two towers on 4 ranks")
     results["runs"] = [r for r in results["runs"] if r["mode"] != "hybrid"]
@@ -1095,7 +1097,7 @@ def test_a_redraw_that_fails_or_is_stopped_leaves_the_earlier_report_as_it_was(t
     """All of the report or none of it: a redraw stopped while it drew the charts (or failing
     at the second) left the first chart new beside the earlier report.md, and a Ctrl-C printed
     a traceback."""
-    committed = sorted((ROOT / "benchmarks" / "reports").glob("*/results.json"))[-1].parent
+    committed = CPU_REPORT
     folder = tmp_path / "report"
     shutil.copytree(committed, folder)
     earlier = {name: f"an earlier draw's {name}".encode() for name in report.REPORT_FILES[1:]}  # not a redraw's
@@ -1129,7 +1131,7 @@ def test_a_redraw_draws_with_agg_whatever_mplbackend_names_and_where_matplotlib_
     reports are drawn with Agg, into files), after a whole benchmark's runs, or with the
     redraw blaming results.json. A read-only container, where matplotlib finds no folder for
     its cache: two lines, the second with "(None)" and another fix than matplotlib's."""
-    committed = sorted((ROOT / "benchmarks" / "reports").glob("*/results.json"))[-1].parent
+    committed = CPU_REPORT
     folder = tmp_path / "report"
     shutil.copytree(committed, folder)
     result = subprocess.run([sys.executable, "-m", "benchmarks.report", str(folder)], cwd=ROOT, capture_output=True,
@@ -1154,7 +1156,7 @@ def test_a_redraw_draws_with_agg_whatever_mplbackend_names_and_where_matplotlib_
 def test_a_redraw_killed_while_it_draws_leaves_nothing_that_the_next_does_not_remove(tmp_path):
     """SIGKILL (the out-of-memory killer) in the middle of a chart: its part stays, hidden, and
     the next redraw removes it (a part written through write_whole had a name it never did)."""
-    committed = sorted((ROOT / "benchmarks" / "reports").glob("*/results.json"))[-1].parent
+    committed = CPU_REPORT
     folder = tmp_path / "report"
     shutil.copytree(committed, folder)
     killed = subprocess.run([sys.executable, "-c", _KILLED_WHILE_DRAWING, str(folder)], cwd=ROOT, capture_output=True,
@@ -2016,7 +2018,7 @@ def test_the_program_s_towers_run_with_the_benchmark_s_fc8_placement(tiny_data, 
 def test_the_main_table_says_where_a_modes_ranks_took_turns_on_fewer_cores():
     """Hybrid's 4 ranks on a 2-core CPU: its figures (the all-reduce adding more than it takes
     alone, none of it hidden) were the ranks taking turns, unsaid beside '1 / 1 / 1 / 1 threads'."""
-    committed = sorted((ROOT / "benchmarks" / "reports").glob("vm-cpu-*/results.json"))[-1]
+    committed = CPU_REPORT / "results.json"
     results = json.loads(committed.read_text())
     assert results["machine"]["cpu_count"] == 2 and "usable_cores" not in results["machine"]  # an older results.json
     note = ("- hybrid: its 4 ranks took turns on 2 cores (more processes than cores, a thread each): its figures "
@@ -2464,9 +2466,11 @@ def test_the_bounds_of_each_number_are_accepted_and_a_step_beyond_them_refused(m
     run.resolve(config, run.plan_devices(config))
     for change, message in ((dict(seed=2**32), "--seed must be an integer from 0 to 4294967295, got 4294967296"),
                             (dict(link_latency_us=1.000001e6), "--link-latency-us must be a number of microseconds "
-                                                               "from 0 to 1,000,000 (a second), got 1e+06"),
+                                                               "from 0 to 1,000,000 (a second), got 1000001"),
                             (dict(rank_timeout_s=0.5), "--rank-timeout-s must be a number of seconds from 1 to "
                                                        "604800 (a week), got 0.5"),
+                            (dict(rank_timeout_s=604800.5), "--rank-timeout-s must be a number of seconds from 1 "
+                                                            "to 604800 (a week), got 604800.5"),
                             (dict(loader_workers=(0, 9)), "--loader-workers 9 would start that many loading processes "
                                                           "on the 2 cores this benchmark may use: give at most 8")):
         with pytest.raises(ValueError) as refused:
@@ -2623,7 +2627,8 @@ def test_the_all_reduce_alone_is_timed_after_one_untimed_call_that_sets_up_the_t
 
 def test_the_weights_every_run_loads_are_sharded_with_the_benchmark_s_fc8_placement(tmp_path, monkeypatch):
     """weights_worker: the reference of the seed, and each tower's shard of it as towers.shard_state_dict
-    cuts it for --fc8-placement (split: 500 of FC8's outputs on each tower)."""
+    cuts it for --fc8-placement (split: 500 of FC8's outputs on each tower; tower0: FC8 on tower 0),
+    each in its tower's file."""
     saved = {}
 
     def build_reference(seed):
@@ -2631,27 +2636,32 @@ def test_the_weights_every_run_loads_are_sharded_with_the_benchmark_s_fc8_placem
             return AlexNet(1000)
     monkeypatch.setattr(workers, "build_reference", build_reference)
     monkeypatch.setattr(workers, "_save", lambda tensors, path, *args: saved.update({path: tensors}))
-    paths = workers.weights_worker(0, 0, "split", str(tmp_path))
-    assert paths == {"reference_path": f"{tmp_path}/reference.pt",
-                     "shard_paths": [f"{tmp_path}/tower0.pt", f"{tmp_path}/tower1.pt"]}
     reference = build_reference(0).state_dict()
-    assert {k: v.shape for k, v in saved[paths["reference_path"]].items()} == {k: v.shape for k, v in reference.items()}
-    for tower_rank, path in enumerate(paths["shard_paths"]):
-        expected = shard_state_dict(reference, tower_rank, "split")
-        assert {k: v.shape for k, v in saved[path].items()} == {k: v.shape for k, v in expected.items()}
-        assert sum(v.numel() for v in saved[path].values()) == PARAMS / 2  # split: each tower half of every layer
+    fc8 = 4096 * 1000 + 1000
+    for placement, sizes in (("split", [PARAMS / 2] * 2), ("tower0", [(PARAMS + fc8) / 2, (PARAMS - fc8) / 2])):
+        saved.clear()
+        paths = workers.weights_worker(0, 0, placement, str(tmp_path))
+        assert paths == {"reference_path": f"{tmp_path}/reference.pt",
+                         "shard_paths": [f"{tmp_path}/tower0.pt", f"{tmp_path}/tower1.pt"]}
+        assert {k: v.shape for k, v in saved[paths["reference_path"]].items()} == {
+            k: v.shape for k, v in reference.items()}
+        for tower_rank, path in enumerate(paths["shard_paths"]):
+            expected = shard_state_dict(reference, tower_rank, placement)
+            assert {k: v.shape for k, v in saved[path].items()} == {k: v.shape for k, v in expected.items()}
+            assert sum(v.numel() for v in saved[path].values()) == sizes[tower_rank], (placement, tower_rank)
 
 
 def test_a_rank_draws_its_dropout_from_the_seed_and_loads_its_weights_in_the_memory_format(tmp_path):
     """_start seeds torch from --seed (a rank's dropout masks are those of any run of the seed);
     _load puts the loaded weights in the run's memory format."""
-    for rank in (0, 1):
-        drawn = []
-        for seed in (5, 5, 6):
-            torch.manual_seed(100 + len(drawn))  # whatever the process drew before
-            workers._start({"seed": seed, "device": "cpu", "backend": "gloo"}, rank)
-            drawn.append(torch.rand(4))
-        assert torch.equal(drawn[0], drawn[1]) and not torch.equal(drawn[1], drawn[2]), rank
+    with torch.random.fork_rng():  # the process's own streams as they were, afterwards
+        for rank in (0, 1):
+            drawn = []
+            for seed in (5, 5, 6):
+                torch.manual_seed(100 + len(drawn))  # whatever the process drew before
+                workers._start({"seed": seed, "device": "cpu", "backend": "gloo"}, rank)
+                drawn.append(torch.rand(4))
+            assert torch.equal(drawn[0], drawn[1]) and not torch.equal(drawn[1], drawn[2]), rank
     build = lambda: torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3))
     torch.save(build().state_dict(), tmp_path / "weights.pt")
     for memory_format in ("contiguous", "channels_last"):
@@ -2663,7 +2673,7 @@ def test_the_report_s_cells_are_the_results_in_the_units_they_name():
     """From the committed CPU results: a one-device row moves no bytes (torchvision's too), the runtime's
     RSS is a span of MB, hybrid's images per replica, the eight-GPU projection's compute per image in
     microseconds, the program against the synthetic step in % and its 90 epochs in hours and days."""
-    committed = sorted((ROOT / "benchmarks" / "reports").glob("vm-cpu-*/results.json"))[-1]
+    committed = CPU_REPORT / "results.json"
     results = json.loads(committed.read_text())
     rows = {line.split(" | ")[0]: line for line in report.main_table(results) if line.startswith("| ")}
     for mode in ("single", "torchvision"):
@@ -2720,11 +2730,11 @@ def test_the_loader_keeps_up_from_the_first_number_of_workers_as_fast_as_the_tow
 
 def test_a_report_counts_the_runs_not_measured_as_done_and_says_everything_was_measured_only_then(
         tmp_path, monkeypatch):
-    committed = sorted((ROOT / "benchmarks" / "reports").glob("vm-cpu-*/results.json"))[-1]
+    committed = CPU_REPORT / "results.json"
     results = json.loads(committed.read_text())
     for chart in ("chart_images_per_s", "chart_bytes"):  # the text alone
         monkeypatch.setattr(report, chart, lambda results, path: path.write_bytes(b""))
-    assert results["planned_runs"] == len(results["runs"]) and not results["not_measured"]
+    results["planned_runs"], results["not_measured"] = len(results["runs"]), []
     report.write_report(results, tmp_path)
     text = (tmp_path / "report.md").read_text()
     assert "Not finished" not in text and text.endswith("\nEverything planned was measured.\n")

@@ -861,11 +861,13 @@ def test_torchrun_s_variables_are_taken_where_they_fit_and_the_ports_run_to_6553
 @pytest.mark.parametrize("layout, ranks, compiled", [("towers", 2, "a tower's first four blocks between its exchanges; "
                                                                    "FC8 eager"),
                                                      ("single", 1, "the whole net"), ("one-tower", 1, "the whole net")])
-def test_each_layout_starts_its_ranks_on_the_cpu_with_gloo_and_names_them_at_the_start(tmp_path, caplog, layout, ranks,
-                                                                                       compiled):
-    """Two processes for the towers, one for a net without towers; no GPU here: gloo, on the
-    CPU, in bf16 too (no GPU to lack native bfloat16). The start-up lines name the placement,
-    the net and the arithmetic, in that order."""
+def test_each_layout_starts_its_ranks_on_the_cpu_with_gloo_and_names_them_at_the_start(tmp_path, caplog, monkeypatch,
+                                                                                       layout, ranks, compiled):
+    """Two processes for the towers, one for a net without towers; no GPU: gloo, on the CPU, in
+    bf16 too (no GPU to lack native bfloat16). The start-up lines name the placement, the net
+    and the arithmetic, in that order."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on a machine without one
+    monkeypatch.delenv("GLOO_SOCKET_IFNAME", raising=False)
     with caplog.at_level("INFO", logger="launch.two_gpu"):
         config, checkpoint, placement = two_gpu._configure(["--out", str(tmp_path), "--layout", layout, "--precision",
                                                             "bf16", "--compile", "eager"])
