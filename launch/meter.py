@@ -26,6 +26,7 @@ class StepMeter:
         self.window, self.times, self.losses, self.hits, self.images = window, [], [], [], []
         self.last = time.perf_counter()
         self.seconds = 0.0  # every step's time, not only the window's
+        self.steps = 0
 
     def update(self, loss: float, correct: int, images: int) -> None:
         now = time.perf_counter()
@@ -34,17 +35,28 @@ class StepMeter:
             del series[:-self.window]
         self.seconds += now - self.last
         self.last = now
+        self.steps += 1
+
+    def _timed(self) -> tuple:
+        """The window's step times and images for the rates, less this meter's first step once
+        others are there: the step that compiles the net (--compile: a minute, where later steps
+        take milliseconds) and waits for the epoch's first batch, which would otherwise make the
+        rate and the ETA of the next 20 steps many times too slow."""
+        skip = int(1 < len(self.times) and self.steps <= self.window)
+        return self.times[skip:], self.images[skip:]
 
     def restart_clock(self) -> None:
         self.last = time.perf_counter()
 
     @property
     def ms_per_step(self) -> float:
-        return 1000 * sum(self.times) / max(1, len(self.times))
+        times, _ = self._timed()
+        return 1000 * sum(times) / max(1, len(times))
 
     @property
     def images_per_s(self) -> float:
-        return sum(self.images) / max(1e-9, sum(self.times))
+        times, images = self._timed()
+        return sum(images) / max(1e-9, sum(times))
 
     @property
     def loss(self) -> float:

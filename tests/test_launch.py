@@ -684,7 +684,28 @@ def test_the_step_line_s_numbers_read_0_before_a_step_and_time_steps_taken_back_
     for seconds in (1.0, 2.0):
         clock[0] += seconds
         meter.update(2.0, 16, 32)
-    assert meter.times == [1.0, 2.0] and meter.seconds == 3.0 and meter.images_per_s == pytest.approx(64 / 3)
+    assert meter.times == [1.0, 2.0] and meter.seconds == 3.0 and meter.images_per_s == 16.0  # the first left out
+
+
+def test_the_step_rate_leaves_out_a_meter_s_first_step_once_others_are_measured(monkeypatch):
+    """A compiled net's first step takes a minute, later ones 100 ms: the rate and ETA say 100 ms
+    from the second step on, the first counted alone only until then; the loss and top-1 are
+    every step's, and the first leaves the rates when the window moves past it."""
+    from launch import meter as meter_module
+    clock = iter([0.0, 60.0, 60.1, 60.2, 60.4, 60.7])
+    monkeypatch.setattr(meter_module.time, "perf_counter", lambda: next(clock))
+    meter = meter_module.StepMeter(window=3)
+    meter.update(4.0, 1, 8)
+    assert (meter.ms_per_step, meter.images_per_s) == (60_000.0, 8 / 60)
+    meter.update(2.0, 3, 8)
+    assert (meter.ms_per_step, meter.images_per_s, meter.loss, meter.top1) == (
+        pytest.approx(100.0), pytest.approx(80.0), 3.0, 4 / 16)
+    meter.update(2.0, 4, 8)
+    assert meter.ms_per_step == pytest.approx(100.0) and meter.times == pytest.approx([60.0, 0.1, 0.1])
+    for mean_ms in (400 / 3, 200.0):  # steps of 200 and 300 ms: the window of 3 past the first step, all of it
+        meter.update(2.0, 4, 8)
+        assert meter.ms_per_step == pytest.approx(mean_ms) and len(meter.times) == 3
+    assert meter.seconds == pytest.approx(60.7)
 
 
 def test_peak_memory_on_a_cpu_is_the_process_s_peak_resident_set_in_bytes():
