@@ -6,6 +6,7 @@ import functools
 import multiprocessing.queues
 import os
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -1286,3 +1287,239 @@ def test_a_stopped_rank_server_leaves_nothing_open_and_a_later_run_starts_anothe
     result = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(ROOT)),
                             capture_output=True, text=True, timeout=120)
     assert (result.returncode, result.stdout) == (0, "socket removed\n[0, 1] True\n"), result.stderr[-3000:]
+
+
+def test_a_failure_names_its_first_rank_and_says_which_others_stopped_on_the_same_error():
+    failure = RankFailure({2: "ValueError: a", 0: "ValueError: a", 1: "RuntimeError: a peer is gone"}, 2)
+    assert str(failure) == ("rank 2 failed: ValueError: a\nrank 0 then stopped: the same error\n"
+                            "rank 1 then stopped: RuntimeError: a peer is gone")
+
+
+def test_a_rank_that_exited_without_a_word_is_told_by_its_code_and_one_killed_by_its_signal():
+    assert ranks._describe_exit(0) == "exited with code 0 without reporting an error"  # not "killed by signal 0"
+    assert ranks._describe_exit(3) == "exited with code 3 without reporting an error"
+    assert ranks._describe_exit(-signal.SIGTERM) == "killed by SIGTERM"
+
+
+class _Group:
+    def __init__(self, timeout):
+        self.timeouts = [timeout.total_seconds()]
+
+    def set_timeout(self, timeout):
+        self.timeouts.append(timeout.total_seconds())
+
+
+@pytest.mark.parametrize("barrier_error", [None, RuntimeError("[gloo/transport/tcp/pair.cc:561] Connection closed by "
+                                                              "peer [127.0.0.1]:5"), RuntimeError("CUDA error")],
+                         ids=["met", "a rank missing", "its own fault"])
+def test_a_patient_group_meets_within_one_bound_waits_the_other_and_always_ends(monkeypatch, barrier_error):
+    """Made with the meeting's bound, then given the long wait's; destroyed on leaving, also where
+    the meeting failed (a rank missing: MissingRank; this rank's own fault: its own error)."""
+    made, destroyed = [], []
+
+    def barrier(group):
+        if barrier_error is not None:
+            raise barrier_error
+    monkeypatch.setattr(dist, "new_group", lambda backend, timeout: made.append(_Group(timeout)) or made[-1])
+    monkeypatch.setattr(dist, "barrier", barrier)
+    monkeypatch.setattr(dist, "destroy_process_group", destroyed.append)
+    if barrier_error is None:
+        expected = contextlib.nullcontext()
+    elif "CUDA" in str(barrier_error):
+        expected = pytest.raises(RuntimeError, match="^CUDA error$")
+    else:
+        expected = pytest.raises(ranks.MissingRank, match="Connection closed by peer")
+    with expected:
+        with patient_group(600, 5) as group:
+            assert group is made[0]
+    assert made[0].timeouts == ([5, 600] if barrier_error is None else [5]) and destroyed == made
+
+
+def _nested_function(rank):
+    def nested(rank):
+        return rank
+    return nested
+
+
+def _named_partial(fn):
+    """A partial given its function's name, which functools.partial does not flatten into a partial of it."""
+    return functools.update_wrapper(functools.partial(fn), fn)
+
+
+@pytest.mark.parametrize("wrap", [lambda fn: fn, functools.partial, lambda fn: functools.partial(_named_partial(fn))],
+                         ids=["bare", "partial", "partial of a named partial"])
+def test_a_nested_function_is_refused_by_its_name_however_deeply_a_partial_holds_it(wrap):
+    """Not after pickle's own error (a local object), nor as a function the ranks could import."""
+    with pytest.raises(ValueError, match=r"^the ranks cannot import <function _nested_function.<locals>.nested at "
+                                         r"\w+> by its name: give a function defined at the top level"):
+        ranks.check_importable(wrap(_nested_function(0)))
+    ranks.check_importable(functools.partial(_named_partial(_sleep), seconds=0))
+
+
+@pytest.mark.parametrize("soft, hard, raised_to", [(256, 4096, 1024), (256, resource.RLIM_INFINITY, 1024),
+                                                   (64, 128, 128), (64, 100, 100), (2048, 4096, None),
+                                                   (1024, 1024, None)])
+def test_the_open_files_limit_is_raised_as_far_as_the_hard_limit_lets_it(monkeypatch, soft, hard, raised_to):
+    """To 1024, or the hard limit below that; refused below 128, naming the limit it got."""
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (soft, hard))
+    set_to = []
+    monkeypatch.setattr(resource, "setrlimit", lambda which, limits: set_to.append(limits))
+    if raised_to is not None and raised_to < rank_server.MIN_OPEN_FILES:
+        with pytest.raises(ValueError, match=rf"^this program may hold {raised_to} files open at once \(the hard "
+                                             rf"limit, ulimit -Hn\), fewer than the 128"):
+            rank_server.room_for_open_files()
+    else:
+        rank_server.room_for_open_files()
+    assert set_to == ([] if raised_to is None else [(raised_to, hard)])
+
+
+@pytest.mark.parametrize("fails", [False, True], ids=["started", "failed"])
+def test_the_resource_tracker_starts_quiet_and_leaves_the_warning_options_as_they_were(monkeypatch, fails):
+    from multiprocessing import resource_tracker
+    seen = []
+
+    def ensure_running():
+        seen.append(list(sys.warnoptions))
+        if fails:
+            raise OSError("no tracker")
+    monkeypatch.setattr(resource_tracker, "ensure_running", ensure_running)
+    monkeypatch.setattr(sys, "warnoptions", ["error::DeprecationWarning"])
+    with pytest.raises(OSError) if fails else contextlib.nullcontext():
+        rank_server._start_resource_tracker()
+    assert seen == [["error::DeprecationWarning", rank_server.QUIET_TRACKER]]
+    assert sys.warnoptions == ["error::DeprecationWarning"]
+
+
+def test_the_rank_server_starts_with_ctrl_c_ignored_and_leaves_the_caller_s_handler(monkeypatch):
+    import multiprocessing.forkserver as forkserver
+    seen = []
+    monkeypatch.setattr(rank_server, "room_for_sockets", lambda: None)
+    monkeypatch.setattr(rank_server, "_start_resource_tracker", lambda: None)
+    monkeypatch.setattr(forkserver, "set_forkserver_preload", lambda modules: None)
+    monkeypatch.setattr(forkserver, "ensure_running", lambda: seen.append(signal.getsignal(signal.SIGINT)))
+    interactive = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        rank_server.start()
+        assert seen == [signal.SIG_IGN] and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, interactive)
+
+
+def _fake_server(monkeypatch, pid, alive_fd, address):
+    import multiprocessing.forkserver as forkserver
+    for name, value in (("_forkserver_pid", pid), ("_forkserver_alive_fd", alive_fd),
+                        ("_forkserver_address", address)):
+        monkeypatch.setattr(forkserver._forkserver, name, value)
+    return forkserver._forkserver
+
+
+def test_a_stopped_rank_server_is_killed_and_its_pipe_and_socket_go(monkeypatch, tmp_path):
+    """launch.rank_server.stop, in this process, of a server stood in for by a process of its own."""
+    server = subprocess.Popen(["sleep", "120"])
+    read, write = os.pipe()
+    os.set_blocking(read, False)  # a writing end left open: BlockingIOError, not a wait
+    address = tmp_path / "listener-1"
+    address.touch()
+    try:
+        fake = _fake_server(monkeypatch, server.pid, write, str(address))
+        rank_server.stop()
+        assert (fake._forkserver_pid, fake._forkserver_alive_fd, fake._forkserver_address) == (None, None, None)
+        assert not address.exists() and os.read(read, 1) == b""  # the writing end closed: the reader sees its end
+        with pytest.raises(ProcessLookupError):
+            os.kill(server.pid, 0)  # killed and reaped
+    finally:
+        os.close(read)
+        with contextlib.suppress(ProcessLookupError):
+            server.kill()
+
+
+@pytest.mark.parametrize("folder, pid, left", [("pymp-abc", None, []), ("other", None, ["other"]),
+                                               ("pymp-abc", 12345, ["pymp-abc", "pymp-abc/listener-1"])],
+                         ids=["server", "not multiprocessing's folder", "the launcher"])
+def test_a_rank_server_ending_removes_its_socket_and_its_launcher_s_emptied_folder(monkeypatch, tmp_path, folder,
+                                                                                    pid, left):
+    """In the server (no pid of a server of its own) its socket goes, and the folder that held it if
+    that is multiprocessing's; in a launcher (the server's pid set) nothing."""
+    (tmp_path / folder).mkdir()
+    (tmp_path / folder / "listener-1").touch()
+    _fake_server(monkeypatch, pid, None, str(tmp_path / folder / "listener-1"))
+    rank_server._remove_the_socket_as_the_server_ends()
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == left
+
+
+_AS_RANK = """
+import multiprocessing, os, signal, sys
+from multiprocessing import forkserver
+from launch import rank_server
+read, write = os.pipe()
+os.set_blocking(read, False)  # a writing end left open: BlockingIOError, not a wait
+forkserver._forkserver._forkserver_alive_fd = write  # the launcher's end of the server's liveness pipe
+multiprocessing.current_process()._config["tempdir"] = "/the/launcher/s"
+os.environ["ALEXNET_SERVER_S"] = "the server's"
+rank_server.as_rank(({"ALEXNET_CALLER_S": "the caller's"}, sys.argv[1] == "interrupts", (None, None)))
+print(sorted(name for name in os.environ if name.startswith("ALEXNET_")), os.read(read, 1),
+      forkserver._forkserver._forkserver_alive_fd, signal.getsignal(signal.SIGINT) is rank_server._interrupt_once,
+      multiprocessing.get_start_method(), "tempdir" in multiprocessing.current_process()._config)
+"""
+
+
+@pytest.mark.parametrize("interrupts", [True, False], ids=["interrupts", "ignores-ctrl-c"])
+def test_a_rank_takes_its_callers_environment_and_ctrl_c_and_lets_go_of_the_servers_pipe(interrupts):
+    """launch.rank_server.as_rank in a process of its own (torch-free): the caller's environment alone
+    (not the server's), Ctrl-C as the caller takes it, the launcher's end of the liveness pipe closed
+    (else the server outlives the launcher), its workers spawned, no temporary folder of the launcher's."""
+    done = subprocess.run([sys.executable, "-c", _AS_RANK, "interrupts" if interrupts else "-"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert (done.returncode, done.stdout) == (0, f"['ALEXNET_CALLER_S'] b'' None {interrupts} spawn False\n"), \
+        done.stderr[-2000:]
+
+
+_DIES_WITH_ITS_PARENT = """
+import os, signal, sys, time
+from multiprocessing import forkserver
+from launch.ranks import die_with_parent
+folder, beside = sys.argv[1], int(sys.argv[2])
+read, write = os.pipe()
+os.set_blocking(read, False)
+forkserver._forkserver._forkserver_alive_fd = write  # as in a process the fork server started
+die_with_parent(beside)  # alive, but not its parent: as the server's child
+print(os.read(read, 1), forkserver._forkserver._forkserver_alive_fd, flush=True)
+ready_read, ready_write = os.pipe()
+if os.fork() == 0:  # the child, whose parent ends once it is set up
+    signal.signal(signal.SIGTERM, lambda *args: (open(os.path.join(folder, "SIGTERM"), "w").close(), os._exit(0)))
+    die_with_parent(os.getppid())
+    os.write(ready_write, b"1")
+    time.sleep(60)
+    os._exit(1)
+os.read(ready_read, 1)
+os._exit(0)
+"""
+
+
+def test_a_process_that_dies_with_its_parent_gets_sigterm_and_lets_go_of_a_fork_servers_pipe(tmp_path):
+    """die_with_parent: a SIGTERM (which a rank may handle to clean up) as the parent ends, not a SIGKILL;
+    and a process the fork server started (its parent alive but another) closes the server's liveness pipe."""
+    beside = subprocess.Popen(["sleep", "120"])
+    try:
+        done = subprocess.run([sys.executable, "-c", _DIES_WITH_ITS_PARENT, str(tmp_path), str(beside.pid)], cwd=ROOT,
+                              capture_output=True, text=True, timeout=60, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+        assert (done.returncode, done.stdout) == (0, "b'' None\n"), done.stderr[-2000:]
+        deadline = time.monotonic() + 30
+        while not (tmp_path / "SIGTERM").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert (tmp_path / "SIGTERM").exists()
+    finally:
+        beside.kill()
+        beside.wait()
+
+
+def test_the_ranks_of_a_caller_that_ignores_ctrl_c_ignore_it_too():
+    """launch.rank_server.Caller: a launcher in the background of a script (SIGINT ignored) is not
+    stopped by Ctrl-C, nor are its ranks; an interactive one's are."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        assert not rank_server.Caller().interrupts
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        assert rank_server.Caller().interrupts
+    finally:
+        signal.signal(signal.SIGINT, previous)
