@@ -60,6 +60,18 @@ def _simple_tree(root: Path, classes=("a", "b"), train=3, val=2) -> Path:
     return root
 
 
+def _data_folders_read_only(monkeypatch, *folders: Path) -> None:
+    """Statistics cannot be saved beside the data of ``folders`` (as where they cannot be written):
+    only in the cache folder."""
+    real_save = stats.save_checkpoint
+
+    def read_only(path, payload):
+        if path.parent in folders:
+            raise PermissionError(f"read-only: {path}")
+        real_save(path, payload)
+    monkeypatch.setattr(stats, "save_checkpoint", read_only)
+
+
 def _mixed_tree(root: Path) -> dict:
     """Two classes with every kind of file the loader must cope with; returns the odd ones."""
     train = root / "train"
@@ -1032,14 +1044,7 @@ def test_stats_are_cached_keyed_and_fall_back_to_cache_dir(tmp_path, monkeypatch
 
     # A changed training set gets new statistics; a read-only data folder caches in cache_dir.
     _save(root / "train" / "a" / "new.jpg", _rgb(99))
-    real_save = stats.save_checkpoint
-
-    def read_only(path, payload):
-        if path.parent == root:
-            raise PermissionError(f"read-only: {path}")
-        real_save(path, payload)
-
-    monkeypatch.setattr(stats, "save_checkpoint", read_only)
+    _data_folders_read_only(monkeypatch, root)
     caplog.clear()
     changed = data.open_data(root, cache_dir=cache).stats
     assert changed.images == 7 and not torch.equal(changed.mean, first.mean)
@@ -1064,15 +1069,10 @@ def test_read_only_folders_of_the_same_names_sizes_and_times_get_each_its_own_st
             os.utime(path, ns=(10**18, 10**18))
     real_save, real_compute = stats.save_checkpoint, stats.compute_stats
 
-    def read_only(path, payload):
-        if path.parent in folders:
-            raise PermissionError(f"read-only: {path}")
-        real_save(path, payload)
-
     def no_compute(*args, **kwargs):
         raise AssertionError("statistics recomputed although cached")
 
-    monkeypatch.setattr(stats, "save_checkpoint", read_only)
+    _data_folders_read_only(monkeypatch, *folders)
     cache = tmp_path / "cache"
     opened = [data.open_data(folder, cache_dir=cache) for folder in folders]
     for bundle in opened:
@@ -1327,6 +1327,107 @@ def test_a_photographs_colour_pca_is_on_the_scale_of_the_published_imagenet_numb
     computed = data.open_data(tmp_path, cache_dir=tmp_path / "cache").stats.eigval.double().numpy()
     ratios = computed / (np.array(stats.IMAGENET_EIGVAL) * 255)
     assert ((1 / 4 < ratios) & (ratios < 4)).all(), ratios
+
+
+def test_statistics_cached_by_an_earlier_version_of_their_computation_are_computed_anew(tmp_path, monkeypatch):
+    """STATS_VERSION is part of the cache's key: bumped when the computation or the decoding
+    changes, the files' statistics as it was are not read, and their cache is replaced."""
+    root = _simple_tree(tmp_path / "data")
+    first = data.open_data(root, cache_dir=tmp_path / "cache").stats
+    [old] = root.glob(".alexnet-stats-*.pt")
+    real_compute, computed = stats.compute_stats, []
+
+    def counted(*args, **kwargs):
+        computed.append(1)
+        return real_compute(*args, **kwargs)
+
+    monkeypatch.setattr(stats, "compute_stats", counted)
+    monkeypatch.setattr(stats, "STATS_VERSION", stats.STATS_VERSION + 1)
+    again = data.open_data(root, cache_dir=tmp_path / "cache").stats
+    assert computed == [1] and torch.equal(again.mean, first.mean)
+    [new] = root.glob(".alexnet-stats-*.pt")
+    assert new != old
+
+
+def test_a_cache_with_one_eigenvalue_below_0_or_one_number_not_finite_is_computed_again(tmp_path, caplog):
+    """Each number checked, not only a cache whose numbers are all wrong."""
+    root = _simple_tree(tmp_path / "data")
+    first = data.open_data(root, cache_dir=tmp_path / "cache").stats
+    [cache] = root.glob(".alexnet-stats-*.pt")
+    saved = torch.load(cache, weights_only=True)
+    one_below, one_nan = saved["eigval"].clone(), saved["mean"].clone()
+    one_below[2] = -1.0
+    one_nan[1, 100, 100] = float("nan")
+    for name, odd, said in (("eigval", one_below, "it holds eigenvalues below 0"),
+                            ("mean", one_nan, "it holds numbers that are not finite")):
+        torch.save(dict(saved, **{name: odd}), cache)
+        caplog.clear()
+        again = data.open_data(root, cache_dir=tmp_path / "cache").stats
+        assert all(torch.equal(getattr(again, k), getattr(first, k)) for k in ("mean", "eigval", "eigvec")), name
+        assert f"ignoring unusable statistics cache {cache} ({said})" in caplog.text, caplog.text
+
+
+def test_a_damaged_copy_beside_the_data_does_not_hide_the_cache_folder_s(tmp_path, monkeypatch, caplog):
+    """A data folder that cannot be written, holding a damaged statistics file under the current
+    key (copied in with the data): passed over for the cache folder's, not computed every run."""
+    root = _simple_tree(tmp_path / "data")
+    _data_folders_read_only(monkeypatch, root)
+    first = data.open_data(root, cache_dir=tmp_path / "cache").stats
+    [cached] = (tmp_path / "cache" / "stats").glob(".alexnet-stats-*.pt")
+    beside = root / f".alexnet-stats-{cached.name.rsplit('-', 1)[1]}"
+    beside.write_bytes(b"PK\x03\x04 cut short")
+
+    def no_compute(*args, **kwargs):
+        raise AssertionError("statistics recomputed although cached")
+
+    monkeypatch.setattr(stats, "compute_stats", no_compute)
+    caplog.set_level(logging.INFO, logger="launch.stats")
+    caplog.clear()
+    assert torch.equal(data.open_data(root, cache_dir=tmp_path / "cache").stats.mean, first.mean)
+    assert f"ignoring unusable statistics cache {beside} (" in caplog.text
+    assert f"training-set statistics from {cached}" in caplog.text
+
+
+def test_the_built_in_images_are_stored_at_the_quality_pinned_with_their_name(tmp_path):
+    """The JPEG quality is part of what a cached set under BUILTIN_NAME holds, as the pixels are
+    (test_the_built_in_images_are_pinned): its quantisation tables, pinned with the name."""
+    root = builtin.builtin_dataset(tmp_path / "set", train_per_class=1, val_per_class=1)
+    quality_90 = _save(tmp_path / "quality-90.jpg", Image.new("RGB", (16, 16)), quality=90)
+    with Image.open(quality_90) as pinned, Image.open(next(root.rglob("*.jpg"))) as drawn:
+        assert (builtin.BUILTIN_NAME, drawn.quantization) == ("textures10-v2", pinned.quantization)
+    # beside the images, what made them, and that the folder is safe to delete (a cache's)
+    assert sorted(p.name for p in root.iterdir()) == ["ABOUT.txt", "train", "val"]
+    assert "Safe to delete." in (root / "ABOUT.txt").read_text()
+
+
+def test_a_built_in_set_put_in_place_by_another_process_while_it_looks_is_used(tmp_path, monkeypatch):
+    """Another run's rename landing between the first look (no folder) and the look for a file
+    in the way: its folder is the set, used, not taken for a file where the set goes."""
+    root = tmp_path / "set"
+    real_lexists = builtin.os.path.lexists
+
+    def another_finishes(path):
+        if Path(path) == root:
+            root.mkdir(exist_ok=True)
+        return real_lexists(path)
+
+    monkeypatch.setattr(builtin.os.path, "lexists", another_finishes)
+    assert builtin.builtin_dataset(root, train_per_class=1, val_per_class=1) == root
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["set"] and not list(root.iterdir())
+
+
+def test_the_built_in_set_holds_250_training_and_20_validation_images_per_class(tmp_path, monkeypatch):
+    """Its size is part of what its name pins (a cached set is used as it is): 2,500 training
+    images, on which test_recipe's schedule is set, and 200 for validation."""
+    made = []
+
+    def recorded(target, train_per_class, val_per_class):
+        made.append((train_per_class, val_per_class))
+        (target / "train").mkdir()
+
+    monkeypatch.setattr(builtin, "_generate_builtin", recorded)
+    builtin.builtin_dataset(tmp_path / "set")
+    assert (builtin.BUILTIN_NAME, made) == ("textures10-v2", [(250, 20)])
 
 
 # --------------------------------------------------------------------------- batches

@@ -409,6 +409,45 @@ def test_top_classes_are_ordered_and_all_of_them_when_fewer_than_asked():
     assert format_block("it's é\udcff.jpg", []) == "it's é\udcff.jpg"
 
 
+def test_the_text_output_is_a_block_per_image_of_its_five_most_probable_classes(checkpoints, photos, monkeypatch):
+    """Without --top, five classes per image (of ten), most probable first, as the reference has
+    them; the images' blocks one blank line apart, none before the first."""
+    output = io.TextIOWrapper(io.BytesIO(), encoding="utf-8")
+    monkeypatch.setattr(sys, "stdout", output)
+    assert predict.main([str(checkpoints["full"]), *photos[:2], "--device", "cpu"]) == 0  # float32, as the reference
+    said = output.buffer.getvalue().decode()
+    assert said.endswith("\n") and not said.startswith("\n")
+    blocks = [block.split("\n") for block in said[:-1].split("\n\n")]
+    assert [block[0] for block in blocks] == photos[:2]
+    model = load_reference(checkpoints["full"])
+    for block in blocks:
+        expected = _by_hand(model, checkpoints["mean"], block[0], ten_crop=False)
+        best = expected.argsort(descending=True)[:5].tolist()
+        assert [line.split("%  ")[1] for line in block[1:]] == [CLASSES[i] for i in best]
+        # shown to 0.1 %: within half of that of the reference's probability
+        shown = [float(line.split("%")[0]) for line in block[1:]]
+        assert shown == pytest.approx([100 * expected[i].item() for i in best], abs=0.051)
+
+
+def test_a_warning_about_an_image_it_still_reads_is_logged_naming_the_image(tmp_path, caplog):
+    """In this process (the real one: the slow test above): the image classified, its warning one
+    line naming it, each time it is read."""
+    damaged = warned_of_tiff(tmp_path / "one.tif")
+    with caplog.at_level(logging.WARNING, logger="launch.predict"):
+        for _ in range(2):
+            assert predict.decode(str(damaged)).shape == (3, 256, 256)
+    said = [r.getMessage() for r in caplog.records if r.name == "launch.predict"]
+    assert len(said) == 2 and all(re.fullmatch(f"warning: {re.escape(str(damaged))}: .*tag 278 .*", line)
+                                  for line in said), said
+
+
+def test_the_top_classes_of_ten_are_the_five_most_probable_most_probable_first():
+    probabilities = torch.tensor([0.02, 0.2, 0.05, 0.15, 0.01, 0.25, 0.03, 0.12, 0.1, 0.07])
+    top = top_classes(probabilities, [f"c{i}" for i in range(10)], 5)
+    assert top == [(name, pytest.approx(p)) for name, p in
+                   (("c5", 0.25), ("c1", 0.2), ("c3", 0.15), ("c7", 0.12), ("c8", 0.1))]
+
+
 # ---------------------------------------------------------------- the program, as a user runs it
 
 @pytest.mark.slow
@@ -478,6 +517,7 @@ def _refusal(case, checkpoints, photos, tmp_path):
         "no mean": ([checkpoints["old"], photos[0]], "give --data DIR"),
         "not a checkpoint": ([not_checkpoint, photos[0]], "truncated or not a checkpoint"),
         "bad option": ([checkpoints["full"], photos[0], "--batch-size", "0"], "--batch-size must be at least 1"),
+        "no class shown": ([checkpoints["full"], photos[0], "--top", "0"], "--top must be at least 1"),
         "no image": ([checkpoints["full"]], "required: IMAGE"),
         # an unset "$VARIABLE": not the current folder's checkpoint.pt, nor the current folder as the data
         "empty checkpoint": (["", photos[0]], "error: CHECKPOINT is empty: give a path (. for the current folder)"),
@@ -486,8 +526,8 @@ def _refusal(case, checkpoints, photos, tmp_path):
     }[case]
 
 
-@pytest.mark.parametrize("case", ["missing checkpoint", "no mean", "not a checkpoint", "bad option", "no image",
-                                  "empty checkpoint", "empty data", "empty image"])
+@pytest.mark.parametrize("case", ["missing checkpoint", "no mean", "not a checkpoint", "bad option", "no class shown",
+                                  "no image", "empty checkpoint", "empty data", "empty image"])
 def test_bad_checkpoints_and_options_are_refused_with_the_fix(checkpoints, photos, tmp_path, case, caplog, capsys):
     """In this process (the program's log goes to caplog); the real process: the test below."""
     args, expected = _refusal(case, checkpoints, photos, tmp_path)
