@@ -1123,7 +1123,6 @@ def test_a_redraw_that_fails_or_is_stopped_leaves_the_earlier_report_as_it_was(t
     assert sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in committed.iterdir())
 
 
-
 @pytest.mark.slow  # real processes
 def test_a_redraw_draws_with_agg_whatever_mplbackend_names_and_where_matplotlib_cannot_start_says_so_in_a_line(
         tmp_path):

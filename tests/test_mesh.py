@@ -248,7 +248,6 @@ def test_replicas_are_limited_by_the_cores_this_program_may_use(tiny_data, tmp_p
     assert "--replicas 4 would start 8 processes on the 1 cores this program may use: use at most 2 here" in caplog.text
 
 
-
 @pytest.mark.parametrize("torchrun, args", [
     (None, ["--replicas", "2"]), (None, ["--replicas", "2", "--layout", "single"]),
     (dict(RANK=0, WORLD_SIZE=8, LOCAL_RANK=0, LOCAL_WORLD_SIZE=4), []),  # machine 0 of two: ranks 0 and 2 load
@@ -277,7 +276,6 @@ def test_workers_are_limited_by_the_cores_for_all_ranks_that_load_together(tiny_
                                   "load on this machine, 6 in all, on the 1 cores this program may use: give at most "
                                   "2, or leave --workers out for this machine's default")
     two_gpu._configure([*options, "--workers", "2"])
-
 
 
 @pytest.mark.parametrize("workers", ["2", "9"])
@@ -347,7 +345,6 @@ def test_a_batch_that_does_not_split_is_told_the_fix_that_applies():
         TrainConfig(replicas=2, batch_size=1).check_batch_split()
 
 
-
 def test_a_resumed_run_keeps_its_replicas_unless_given_others(monkeypatch):
     """A plain --resume goes on as the run went: two replicas resumed as one would halve the
     cores used and double each replica's share of the batch, without a word."""
@@ -361,7 +358,6 @@ def test_a_resumed_run_keeps_its_replicas_unless_given_others(monkeypatch):
     with pytest.raises(ValueError, match="^--replicas 5 would start 10 processes on the 2 cores this program may use: "
                                          "use at most 4 here, or torchrun across machines$"):
         two_gpu._replicas(towers, TOWERS, 5)  # the resumed run's, on a smaller machine
-
 
 
 @pytest.mark.parametrize("world_size, args, message", [
