@@ -32,14 +32,16 @@ TINY = ["--batch-size", "4", "--lr", "0.001", "--workers", "0", "--no-ten-crop"]
 TRAINED_RUN = ["--epochs", "1", "--log-every", "2", "--fc8-placement", "split", *TINY, "--ten-crop"]  # trained_run's
 NO_DROPOUT = [*TINY, "--dropout", "0", "--log-every", "1"]  # with --epochs 1: no_dropout_run's
 MEMORY_TEMP_ROOT = Path("/dev/shm")
-MEMORY_TEMP_MIN_FREE = 16 << 30  # the suite's folders took up to 4.6 GB at once (measured on the whole suite)
+MEMORY_TEMP_MIN_FREE = 16 << 30  # the suite's folders took up to 9.6 GB at once (measured on the whole suite)
+PROCESSES_RAM = 12 << 30  # the suite's processes beside them: 16.7 GB were in use at once, folders included
 
 
 def pytest_configure(config):
     """The tests' temporary folders in memory, on a tmpfs, where the machine has one with
-    room to spare: the program syncs every checkpoint it writes (hundreds of MB) to the
-    disk, which on a disk took 1.5 s of each save. A --basetemp or pytest's own
-    PYTEST_DEBUG_TEMPROOT given by the caller wins; elsewhere the system's temporary folder.
+    room to spare, and the RAM for it beside the tests' processes: the program syncs every
+    checkpoint it writes (hundreds of MB) to the disk, which on a disk took 1.5 s of each save.
+    A --basetemp or pytest's own PYTEST_DEBUG_TEMPROOT given by the caller wins; elsewhere the
+    system's temporary folder.
     A job's torchrun variables (a suite run as a rank of a cluster's job) are dropped: with them,
     every launch of the program would run as that rank under torchrun."""
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
@@ -50,10 +52,14 @@ def pytest_configure(config):
     try:
         mounts = [line.split() for line in Path("/proc/mounts").read_text().splitlines()]
         free = shutil.disk_usage(MEMORY_TEMP_ROOT).free
+        # A tmpfs holds its files in RAM: the folders and the processes must fit in it together.
+        available = next((int(line.split()[1]) << 10 for line in Path("/proc/meminfo").read_text().splitlines()
+                          if line.startswith("MemAvailable:")), 0)
     except OSError:
         return
     tmpfs = any(fields[1:3] == [str(MEMORY_TEMP_ROOT), "tmpfs"] for fields in mounts)
-    if tmpfs and free >= MEMORY_TEMP_MIN_FREE and os.access(MEMORY_TEMP_ROOT, os.W_OK | os.X_OK):
+    if tmpfs and free >= MEMORY_TEMP_MIN_FREE and available >= MEMORY_TEMP_MIN_FREE + PROCESSES_RAM \
+            and os.access(MEMORY_TEMP_ROOT, os.W_OK | os.X_OK):
         os.environ["PYTEST_DEBUG_TEMPROOT"] = str(MEMORY_TEMP_ROOT)
 
 
